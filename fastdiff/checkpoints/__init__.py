@@ -1,0 +1,1 @@
+"""Checkpoint formats: detection, safe reading and one converter per foreign layout."""

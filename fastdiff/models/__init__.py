@@ -1,0 +1,1 @@
+"""fastdiff native models: UNet (diffusers UNet2D / UNet2DCondition layouts) and DiT."""

@@ -1,0 +1,201 @@
+"""Shared building blocks whose hot ops have a fused path.
+
+Each fused op keeps a plain-torch ``forward_native`` (the CPU path and the test oracle) and picks its
+implementation ONCE, when the layer is built or when ``set_backend`` walks the model: never per call,
+never by patching module globals (vLLM's CustomOp idea).
+
+Backends: ``"native"`` (plain torch) and ``"triton"`` (fastdiff.kernels). ``"auto"`` means triton on a
+CUDA device when Triton imports, native otherwise; an explicit ``"triton"`` that cannot run fails loudly.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import BackendUnavailableError, BadArgumentError
+
+BACKENDS = ("native", "triton")
+
+
+def triton_available() -> tuple[bool, str]:
+    """(usable, reason): Triton imports and either a CUDA device or the CPU interpreter is there."""
+    try:
+        import triton  # noqa: F401
+    except Exception as e:  # pragma: no cover - depends on the machine
+        return False, f"triton not importable ({e.__class__.__name__}: {e})"
+    import os
+
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+        return True, "ok"
+    return False, "no CUDA device (set TRITON_INTERPRET=1 to run Triton kernels on the CPU)"
+
+
+def resolve_backend(backend: str, device: Optional[torch.device] = None) -> str:
+    """Turn a requested backend into the one used: explicit requests fail loudly, ``auto`` falls back."""
+    if backend == "auto":
+        on_cuda = device is not None and torch.device(device).type == "cuda"
+        return "triton" if on_cuda and triton_available()[0] else "native"
+    if backend not in BACKENDS:
+        raise BadArgumentError(f"unknown kernel backend {backend!r}; expected one of {BACKENDS + ('auto',)}")
+    if backend == "triton":
+        ok, why = triton_available()
+        if not ok:
+            raise BackendUnavailableError(f"backend 'triton' was requested but {why}")
+    return backend
+
+
+class FusedOp(nn.Module):
+    """Base of layers with a native and a fused implementation; ``backend`` is set at build time."""
+
+    backend: str = "native"
+
+    def set_backend(self, backend: str) -> None:
+        self.backend = backend
+
+    def forward(self, *args, **kwargs):
+        if self.backend == "triton":
+            return self.forward_triton(*args, **kwargs)
+        return self.forward_native(*args, **kwargs)
+
+    def forward_native(self, *args, **kwargs):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward_triton(self, *args, **kwargs):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def set_backend(model: nn.Module, backend: str = "auto") -> str:
+    """Choose the implementation of every fused op in ``model``; returns the backend used."""
+    try:
+        device = next(model.parameters()).device
+    except StopIteration:
+        device = None
+    chosen = resolve_backend(backend, device)
+    for m in model.modules():
+        if isinstance(m, FusedOp):
+            m.set_backend(chosen)
+    return chosen
+
+
+def op_backends(model: nn.Module) -> dict[str, str]:
+    """Which path each fused op type uses, for ``fastdiff info`` and logs."""
+    out: dict[str, str] = {}
+    for m in model.modules():
+        if isinstance(m, FusedOp):
+            out.setdefault(type(m).__name__, m.backend)
+    return out
+
+
+class GroupNorm(FusedOp):
+    """GroupNorm with statistics in float32, optional fused SiLU and scale-shift modulation.
+
+    forward(x, scale=None, shift=None): x (B, C, *spatial); scale / shift (B, C) give
+    ``norm(x) * (1 + scale) + shift`` (applied before the activation, as diffusers' scale_shift and
+    guided-diffusion's use_scale_shift_norm do).
+    """
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
+                 activation: Optional[str] = None):
+        super().__init__()
+        if num_channels % num_groups:
+            raise BadArgumentError(f"GroupNorm: {num_channels} channels not divisible by {num_groups} groups")
+        if activation not in (None, "silu"):
+            raise BadArgumentError(f"GroupNorm activation must be None or 'silu', found {activation!r}")
+        self.num_groups, self.num_channels, self.eps, self.activation = num_groups, num_channels, eps, activation
+        if affine:
+            self.weight = nn.Parameter(torch.ones(num_channels))
+            self.bias = nn.Parameter(torch.zeros(num_channels))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+
+    def forward_native(self, x, scale=None, shift=None):
+        h = F.group_norm(x.float(), self.num_groups,
+                         None if self.weight is None else self.weight.float(),
+                         None if self.bias is None else self.bias.float(), self.eps)
+        if scale is not None or shift is not None:
+            view = (x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2)
+            if scale is not None:
+                h = h * (1 + scale.float().reshape(view))
+            if shift is not None:
+                h = h + shift.float().reshape(view)
+        if self.activation == "silu":
+            h = F.silu(h)
+        return h.to(x.dtype)
+
+    def forward_triton(self, x, scale=None, shift=None):
+        from fastdiff.kernels import group_norm
+
+        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps,
+                          activation=self.activation, scale=scale, shift=shift)
+
+    def extra_repr(self):
+        return f"{self.num_groups}, {self.num_channels}, eps={self.eps}, activation={self.activation}"
+
+
+class Attention(FusedOp):
+    """Scaled dot-product attention core on (B, H, N, D) tensors, softmax in float32 on the fused path."""
+
+    def forward_native(self, q, k, v, scale: Optional[float] = None):
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+    def forward_triton(self, q, k, v, scale: Optional[float] = None):
+        from fastdiff.kernels import attention
+
+        return attention(q, k, v, scale=scale)
+
+
+class ModulatedLayerNorm(FusedOp):
+    """LayerNorm without affine, then ``x * (1 + scale) + shift`` (DiT's adaLN ``modulate``).
+
+    forward(x (B, T, D), shift (B, D), scale (B, D)) -> (B, T, D)
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.dim, self.eps = dim, eps
+
+    def forward_native(self, x, shift, scale):
+        h = F.layer_norm(x, (self.dim,), eps=self.eps)
+        return h * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+    def forward_triton(self, x, shift, scale):
+        from fastdiff.kernels import adaln_modulate
+
+        return adaln_modulate(x, shift, scale, eps=self.eps)
+
+
+class GatedResidual(FusedOp):
+    """``x + gate * y`` with gate (B, D) broadcast over tokens (DiT's gated residual)."""
+
+    def forward_native(self, x, gate, y):
+        return x + gate.unsqueeze(1) * y
+
+    def forward_triton(self, x, gate, y):
+        from fastdiff.kernels import gated_residual
+
+        return gated_residual(x, gate, y)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, *, flip_sin_to_cos: bool = True, freq_shift: float = 0.0,
+                       max_period: float = 10000.0, scale: float = 1.0) -> torch.Tensor:
+    """Sinusoidal embedding of (B,) timesteps -> (B, dim) float32.
+
+    ``flip_sin_to_cos=True`` gives [cos, sin] (DiT, guided-diffusion, SD); ``freq_shift`` is diffusers'
+    ``downscale_freq_shift`` (frequencies exp(-ln(max_period) * i / (half - freq_shift))).
+    """
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device)
+    freqs = torch.exp(exponent / (half - freq_shift))
+    args = scale * t.float()[:, None] * freqs[None]  # (B, half)
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
+    if flip_sin_to_cos:
+        emb = torch.cat([emb[:, half:], emb[:, :half]], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb

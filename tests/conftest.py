@@ -1,0 +1,32 @@
+"""Test-wide setup.
+
+TRITON_INTERPRET must be set before any Triton kernel module is imported, so the kernels run on the
+CPU through Triton's interpreter.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")
+FIXTURES = os.path.abspath(os.environ.get("FASTDIFF_FIXTURES", os.path.join(SHARED, "fixtures")))
+
+
+def fixture_path(*parts: str) -> str:
+    """Path under ../shared/fixtures; skips the test (with the reason) when that folder is absent."""
+    p = os.path.join(FIXTURES, *parts)
+    if not os.path.exists(p):
+        pytest.skip(f"reference fixture {p} not present (set FASTDIFF_FIXTURES)")
+    return p
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
