@@ -1,0 +1,76 @@
+"""fastdiff.kernels: fused Triton kernels, one op per file.
+
+``group_norm``, ``attention``, ``adaln_modulate`` and ``gated_residual`` are the launchers the layers in
+``fastdiff.models.layers`` call from their ``forward_triton`` paths. Importing this package never
+imports Triton: the kernel module is loaded on the first call, and a machine without Triton gets a
+``BackendUnavailableError`` then, not an ``ImportError`` at import time.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from ..errors import BackendUnavailableError
+
+__all__ = ["group_norm", "attention", "adaln_modulate", "gated_residual", "triton_importable"]
+
+# launcher name -> module (relative to this package) that defines it
+_LAUNCHERS = {
+    "group_norm": ".group_norm",
+    "attention": ".attention",
+    "adaln_modulate": ".adaln",
+    "gated_residual": ".adaln",
+}
+
+
+def triton_importable() -> tuple[bool, str]:
+    """(ok, reason): whether ``import triton`` works here."""
+    try:
+        import triton  # noqa: F401
+    except Exception as e:  # pragma: no cover - depends on the machine
+        return False, f"{e.__class__.__name__}: {e}"
+    return True, "ok"
+
+
+_resolved: dict = {}
+
+
+def _load(name: str):
+    fn = _resolved.get(name)
+    if fn is not None:
+        return fn
+    ok, why = triton_importable()
+    if not ok:
+        raise BackendUnavailableError(
+            f"fastdiff.kernels.{name} needs Triton (pip install 'triton>=3.2'), but triton is not importable: {why}")
+    fn = getattr(importlib.import_module(_LAUNCHERS[name], __name__), name)
+    # Importing the submodule ``fastdiff.kernels.group_norm`` binds the package attribute of the same name
+    # to the module; put the public functions back so ``fastdiff.kernels.group_norm`` stays callable.
+    globals().update(_PUBLIC)
+    _resolved[name] = fn
+    return fn
+
+
+def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, activation=None, scale=None, shift=None, **kw):
+    """GroupNorm (+ scale-shift, + SiLU) fused; see ``fastdiff.kernels.group_norm.group_norm``."""
+    return _load("group_norm")(x, num_groups, weight, bias, eps, activation=activation, scale=scale,
+                               shift=shift, **kw)
+
+
+def attention(q, k, v, scale=None, **kw):
+    """Flash attention forward on (B, H, N, D); see ``fastdiff.kernels.attention.attention``."""
+    return _load("attention")(q, k, v, scale=scale, **kw)
+
+
+def adaln_modulate(x, shift, scale, eps=1e-6, **kw):
+    """LayerNorm (no affine) then ``*(1+scale)+shift``; see ``fastdiff.kernels.adaln.adaln_modulate``."""
+    return _load("adaln_modulate")(x, shift, scale, eps=eps, **kw)
+
+
+def gated_residual(x, gate, y, **kw):
+    """``x + gate[:, None] * y``; see ``fastdiff.kernels.adaln.gated_residual``."""
+    return _load("gated_residual")(x, gate, y, **kw)
+
+
+_PUBLIC = {"group_norm": group_norm, "attention": attention, "adaln_modulate": adaln_modulate,
+           "gated_residual": gated_residual}

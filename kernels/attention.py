@@ -1,0 +1,162 @@
+"""Scaled dot-product attention forward (flash attention: online softmax, never materialising N x N).
+
+q (B, H, Nq, D), k / v (B, H, Nk, D) like ``F.scaled_dot_product_attention`` (non-causal, no mask);
+self and cross attention (Nk = 77 text tokens), any strides. The head dim is padded to the next power of
+two with masked loads (D = 40 / 72 / 80 run as 64 / 128 / 128). Scores and the softmax are float32, the
+``P @ V`` product takes P in the input dtype (as FlashAttention does), the accumulator is float32.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from fastdiff.errors import BadArgumentError
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _attention_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr,
+    H, NQ, NK, D,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_on, stride_od,
+    qk_scale,  # softmax scale * log2(e): the softmax runs in base 2
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    q_base = q_ptr + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    k_base = k_ptr + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+    v_base = v_ptr + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    o_base = o_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < NQ
+    mask_d = offs_d < D
+
+    q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+                mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    if DOT_FP32:
+        q = q.to(tl.float32)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, NK, BLOCK_N):
+        cols = start_n + offs_n
+        mask_n = cols < NK
+        kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                     mask=mask_n[None, :] & mask_d[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
+        if DOT_FP32:
+            kt = kt.to(tl.float32)
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), base-2 logits
+        if not EVEN_N:
+            s = tl.where(mask_n[None, :], s, float("-inf"))
+        # online softmax: rescale what was accumulated so far to the new running maximum
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
+        if DOT_FP32:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v_ptr.dtype.element_ty).to(tl.float32), v.to(tl.float32),
+                                                input_precision=DOT_PRECISION)
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    acc = acc / l_i[:, None]
+    tl.store(o_base + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od,
+             acc.to(o_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def launch_config(nq: int, nk: int, d: int, dtype: torch.dtype, device_type: str = "cuda") -> dict:
+    """Block sizes and warps for one attention problem; shared with ``fastdiff.kernels.aot``."""
+    block_d = max(16, triton.next_power_of_2(d))
+    if device_type == "cuda":
+        block_m = 128 if block_d <= 64 else 64
+        block_n = 64 if block_d <= 64 or dtype != torch.float32 else 32
+        num_warps = 4 if block_d <= 64 else 8
+        num_stages = 3 if block_d <= 64 else 2
+    else:  # the interpreter: few, large programs
+        block_m, block_n, num_warps, num_stages = 64, 64, 4, 1
+    # no wider than the problem (tl.dot needs >= 16)
+    block_m = max(16, min(block_m, triton.next_power_of_2(nq)))
+    block_n = max(16, min(block_n, triton.next_power_of_2(nk)))
+    return dict(block_m=block_m, block_n=block_n, block_d=block_d, num_warps=num_warps, num_stages=num_stages,
+                even_n=nk % block_n == 0, dot_precision="ieee" if dtype == torch.float32 else "tf32")
+
+
+def _check(q, k, v, out):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            found = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise BadArgumentError(f"attention: expected {name} of shape (B, H, N, D), found {found}")
+        if t.dtype not in _DTYPES:
+            raise BadArgumentError(f"attention: expected {name} dtype in {_DTYPES}, found {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise BadArgumentError(f"attention: expected q, k, v of one dtype, found {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise BadArgumentError(f"attention: expected q, k, v on one device, found {q.device}, {k.device}, {v.device}")
+    B, H, NQ, D = q.shape
+    if tuple(k.shape[:2]) != (B, H) or k.shape[3] != D:
+        raise BadArgumentError(f"attention: expected k of shape ({B}, {H}, Nk, {D}), found {tuple(k.shape)}")
+    if tuple(v.shape) != tuple(k.shape):
+        raise BadArgumentError(f"attention: expected v of shape {tuple(k.shape)} (as k), found {tuple(v.shape)}")
+    if D > 256:
+        raise BadArgumentError(f"attention: expected head dim <= 256, found {D}")
+    if k.shape[2] == 0:
+        raise BadArgumentError("attention: expected at least one key/value token, found Nk = 0")
+    if out is not None and (tuple(out.shape) != tuple(q.shape) or out.dtype != q.dtype or out.device != q.device):
+        raise BadArgumentError(f"attention: expected out of shape {tuple(q.shape)}, dtype {q.dtype} on {q.device}, "
+                               f"found {tuple(out.shape)} {out.dtype} on {out.device}")
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None, *,
+              out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """softmax(q k^T * scale) v for q (B, H, Nq, D), k / v (B, H, Nk, D); scale defaults to 1/sqrt(D).
+
+    Inputs may be non-contiguous (they are read through their strides). Returns (B, H, Nq, D) in q's
+    dtype, contiguous, or writes ``out`` (any strides).
+    """
+    _check(q, k, v, out)
+    B, H, NQ, D = q.shape
+    NK = k.shape[2]
+    if out is None:
+        out = torch.empty((B, H, NQ, D), device=q.device, dtype=q.dtype)
+    if out.numel() == 0:
+        return out
+    sm_scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    cfg = launch_config(NQ, NK, D, q.dtype, q.device.type)
+    grid = (triton.cdiv(NQ, cfg["block_m"]), B * H)
+    _attention_kernel[grid](
+        q, k, v, out, H, NQ, NK, D,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        sm_scale * _LOG2E,
+        BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_D=cfg["block_d"], EVEN_N=cfg["even_n"],
+        DOT_PRECISION=cfg["dot_precision"],
+        # Triton 3.9's interpreter multiplies bfloat16 tl.dot operands as raw bits: upcast there (the
+        # P -> bfloat16 rounding is kept, so the numerics match the compiled kernel's).
+        DOT_FP32=q.dtype == torch.bfloat16 and _interpreting(),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return out

@@ -1,0 +1,244 @@
+"""GroupNorm forward, fused with the UNet scale-shift modulation and SiLU.
+
+``y = act((x - mean_g) * rstd_g * weight_c + bias_c) * (1 + scale_bc) + shift_bc)``, statistics per
+(sample, group) in float32, for NCHW and channels-last (NHWC) inputs; the output keeps the input's
+memory format and dtype.
+
+One kernel, three modes chosen by the launcher (a constexpr, so each mode compiles to its own code):
+
+- ``MODE_FUSED`` (one program per (sample, group)): statistics, then normalise, in one launch. Used when
+  the grid of (sample, group) pairs already fills the device, and always on the CPU interpreter.
+- ``MODE_STATS`` + ``MODE_APPLY`` (``num_splits`` programs per group): each program reduces a spatial
+  slice of its group to (mean, M2) partials, then a second launch combines the partials of its group
+  (Chan et al.) and normalises its slice. A SD1.5 group norm (2 x 32 groups) is only 64 programs, too few
+  for an H100; split 16 ways it is 1024, and the second read of the input comes from L2.
+
+Statistics are tile-wise mean and sum of squared deviations merged with Chan's formula, so a large mean
+(|mean| >> std) loses no precision to ``E[x^2] - E[x]^2`` cancellation.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from fastdiff.errors import BadArgumentError
+
+MODE_FUSED, MODE_STATS, MODE_APPLY = 0, 1, 2
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def _group_norm_kernel(
+    x_ptr, y_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, ws_ptr,
+    C, HW, CPG, G, chunk, num_splits,
+    stride_xb, stride_xc, stride_xs,
+    stride_yb, stride_yc, stride_ys,
+    eps,
+    MODE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, SPLIT_P: tl.constexpr,
+):
+    pid_bg = tl.program_id(0)  # (sample, group)
+    pid_sp = tl.program_id(1)  # spatial slice of the group
+    b = pid_bg // G
+    g = pid_bg % G
+    s_begin = pid_sp * chunk
+    s_end = tl.minimum(s_begin + chunk, HW)
+    x_base = x_ptr + b.to(tl.int64) * stride_xb + (g * CPG).to(tl.int64) * stride_xc
+    y_base = y_ptr + b.to(tl.int64) * stride_yb + (g * CPG).to(tl.int64) * stride_yc
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_s = tl.arange(0, BLOCK_S)
+
+    # MODE: 0 = fused (statistics + normalise), 1 = partial statistics only, 2 = merge partials + normalise
+    if MODE != 2:
+        # Statistics of this slice: per tile (mean, M2), merged into the running pair (Chan et al.).
+        mean = 0.0
+        m2 = 0.0
+        count = 0.0
+        for c0 in range(0, CPG, BLOCK_C):
+            cc = c0 + offs_c
+            mask_c = cc < CPG
+            for s0 in range(s_begin, s_end, BLOCK_S):
+                ss = s0 + offs_s
+                mask = mask_c[:, None] & (ss < s_end)[None, :]
+                ptrs = x_base + cc[:, None].to(tl.int64) * stride_xc + ss[None, :].to(tl.int64) * stride_xs
+                x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+                n_t = tl.sum(tl.sum(mask.to(tl.float32), axis=1), axis=0)
+                mean_t = tl.sum(tl.sum(x, axis=1), axis=0) / n_t
+                d = tl.where(mask, x - mean_t, 0.0)
+                m2_t = tl.sum(tl.sum(d * d, axis=1), axis=0)
+                n_new = count + n_t
+                delta = mean_t - mean
+                mean = mean + delta * (n_t / n_new)
+                m2 = m2 + m2_t + delta * delta * (count * n_t / n_new)
+                count = n_new
+    if MODE == 1:
+        ws = ws_ptr + (pid_bg * num_splits + pid_sp) * 2
+        tl.store(ws, mean)
+        tl.store(ws + 1, m2)
+    else:
+        if MODE == 2:
+            # Merge the partials of every slice of this group.
+            sp = tl.arange(0, SPLIT_P)
+            mask_sp = sp < num_splits
+            ws = ws_ptr + (pid_bg * num_splits + sp) * 2
+            p_mean = tl.load(ws, mask=mask_sp, other=0.0)
+            p_m2 = tl.load(ws + 1, mask=mask_sp, other=0.0)
+            p_n = (tl.minimum(sp * chunk + chunk, HW) - sp * chunk).to(tl.float32) * CPG
+            p_n = tl.where(mask_sp, p_n, 0.0)
+            total = tl.sum(p_n, axis=0)
+            mean = tl.sum(p_n * p_mean, axis=0) / total
+            dm = tl.where(mask_sp, p_mean - mean, 0.0)
+            var = (tl.sum(p_m2, axis=0) + tl.sum(p_n * dm * dm, axis=0)) / total
+        else:
+            var = m2 / count
+        rstd = 1.0 / tl.sqrt(var + eps)
+
+        # y = x * a_c + b_c (+ SiLU): per-channel affine and modulation folded into (a_c, b_c).
+        for c0 in range(0, CPG, BLOCK_C):
+            cc = c0 + offs_c
+            mask_c = cc < CPG
+            ch = g * CPG + cc
+            a = tl.zeros([BLOCK_C], dtype=tl.float32) + rstd
+            bb = tl.zeros([BLOCK_C], dtype=tl.float32) - mean * rstd
+            if HAS_WEIGHT:
+                w = tl.load(w_ptr + ch, mask=mask_c, other=1.0).to(tl.float32)
+                a = a * w
+                bb = bb * w
+            if HAS_BIAS:
+                bb = bb + tl.load(b_ptr + ch, mask=mask_c, other=0.0).to(tl.float32)
+            if HAS_SCALE:
+                sc = 1.0 + tl.load(scale_ptr + b * C + ch, mask=mask_c, other=0.0).to(tl.float32)
+                a = a * sc
+                bb = bb * sc
+            if HAS_SHIFT:
+                bb = bb + tl.load(shift_ptr + b * C + ch, mask=mask_c, other=0.0).to(tl.float32)
+            for s0 in range(s_begin, s_end, BLOCK_S):
+                ss = s0 + offs_s
+                mask = mask_c[:, None] & (ss < s_end)[None, :]
+                ptrs = x_base + cc[:, None].to(tl.int64) * stride_xc + ss[None, :].to(tl.int64) * stride_xs
+                x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+                y = x * a[:, None] + bb[:, None]
+                if SILU:
+                    y = y / (1.0 + tl.exp(-y))
+                out = y_base + cc[:, None].to(tl.int64) * stride_yc + ss[None, :].to(tl.int64) * stride_ys
+                tl.store(out, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _flat_spatial_stride(t: torch.Tensor) -> Optional[int]:
+    """Stride of the flattened spatial dims of (B, C, *spatial), or None if they do not flatten."""
+    dims = [(n, st) for n, st in zip(t.shape[2:], t.stride()[2:]) if n > 1]
+    if not dims:
+        return 1
+    for (n0, st0), (n1, st1) in zip(dims[:-1], dims[1:]):
+        if st0 != st1 * n1:
+            return None
+    return dims[-1][1]
+
+
+def launch_config(shape, num_groups: int, device_type: str = "cuda", num_splits: Optional[int] = None) -> dict:
+    """Block sizes, warps and split count the launcher uses for ``shape`` (B, C, *spatial).
+
+    Shared with ``fastdiff.kernels.aot`` so the ahead-of-time check compiles what runs.
+    """
+    B, C = shape[0], shape[1]
+    HW = math.prod(shape[2:]) if len(shape) > 2 else 1
+    cpg = C // num_groups
+    block_c = min(triton.next_power_of_2(cpg), 1024)
+    tile = 4096 if device_type == "cuda" else 8192  # elements per tile (registers on a GPU)
+    block_s = max(1, min(triton.next_power_of_2(HW), tile // block_c))
+    if num_splits is None:
+        if device_type == "cuda":
+            # aim for ~1024 programs in all, each slice at least one tile
+            num_splits = max(1, min(triton.cdiv(1024, B * num_groups), triton.cdiv(HW, block_s)))
+        else:
+            num_splits = 1  # the interpreter pays per program: one per group
+    num_splits = max(1, min(int(num_splits), HW))
+    chunk = triton.cdiv(HW, num_splits)
+    if num_splits > 1:
+        chunk = triton.cdiv(chunk, block_s) * block_s if chunk > block_s else chunk
+    num_splits = triton.cdiv(HW, chunk)
+    return dict(block_c=block_c, block_s=block_s, num_splits=num_splits, chunk=chunk, hw=HW, cpg=cpg,
+                split_p=triton.next_power_of_2(num_splits), num_warps=8 if block_c * block_s >= 4096 else 4)
+
+
+def _check(x, num_groups, weight, bias, activation, scale, shift, out):
+    if not isinstance(x, torch.Tensor) or x.dim() < 2:
+        raise BadArgumentError(f"group_norm: expected x of shape (B, C, *spatial), found "
+                               f"{type(x).__name__ if not isinstance(x, torch.Tensor) else tuple(x.shape)}")
+    if x.dtype not in _DTYPES:
+        raise BadArgumentError(f"group_norm: expected x dtype in {_DTYPES}, found {x.dtype}")
+    B, C = x.shape[0], x.shape[1]
+    if num_groups <= 0 or C % num_groups:
+        raise BadArgumentError(f"group_norm: expected channels divisible by num_groups, found {C} channels "
+                               f"and {num_groups} groups")
+    if activation not in (None, "silu"):
+        raise BadArgumentError(f"group_norm: expected activation None or 'silu', found {activation!r}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and tuple(t.shape) != (C,):
+            raise BadArgumentError(f"group_norm: expected {name} of shape ({C},), found {tuple(t.shape)}")
+    for name, t in (("scale", scale), ("shift", shift)):
+        if t is not None and t.numel() != B * C:
+            raise BadArgumentError(f"group_norm: expected {name} of shape ({B}, {C}) (one value per sample and "
+                                   f"channel), found {tuple(t.shape)}")
+    for name, t in (("weight", weight), ("bias", bias), ("scale", scale), ("shift", shift), ("out", out)):
+        if t is not None and t.device != x.device:
+            raise BadArgumentError(f"group_norm: expected {name} on {x.device}, found {t.device}")
+    if out is not None and (out.shape != x.shape or out.dtype != x.dtype):
+        raise BadArgumentError(f"group_norm: expected out of shape {tuple(x.shape)} and dtype {x.dtype}, found "
+                               f"{tuple(out.shape)} {out.dtype}")
+
+
+def group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] = None,
+               bias: Optional[torch.Tensor] = None, eps: float = 1e-5, activation: Optional[str] = None,
+               scale: Optional[torch.Tensor] = None, shift: Optional[torch.Tensor] = None, *,
+               out: Optional[torch.Tensor] = None, num_splits: Optional[int] = None) -> torch.Tensor:
+    """GroupNorm of x (B, C, *spatial), then ``*(1 + scale) + shift`` per (sample, channel), then SiLU.
+
+    x: NCHW-contiguous or channels-last (any layout whose spatial dims flatten to one stride),
+    float32 / float16 / bfloat16. scale / shift: (B, C) (or anything with B*C elements, e.g. (B, C, 1, 1)).
+    Returns a tensor in x's dtype and memory format (or writes ``out``). ``num_splits`` overrides the
+    number of programs per group (testing / tuning).
+    """
+    _check(x, num_groups, weight, bias, activation, scale, shift, out)
+    if _flat_spatial_stride(x) is None or x.stride(1) == 0:
+        x = x.contiguous()
+    if out is None:
+        out = torch.empty_like(x)  # keeps x's (dense) memory format
+    y = out
+    if _flat_spatial_stride(y) is None:
+        y = torch.empty_like(x)
+    B, C = x.shape[0], x.shape[1]
+    if x.numel() == 0:
+        return out
+    cfg = launch_config(tuple(x.shape), num_groups, x.device.type, num_splits)
+    HW = cfg["hw"]
+    sx, sy = _flat_spatial_stride(x), _flat_spatial_stride(y)
+    dummy = x  # never read when the matching HAS_* flag is off
+    scale_c = scale.reshape(B, C).contiguous() if scale is not None else None
+    shift_c = shift.reshape(B, C).contiguous() if shift is not None else None
+    w = weight.contiguous() if weight is not None else None
+    bvec = bias.contiguous() if bias is not None else None
+    args = dict(C=C, HW=HW, CPG=cfg["cpg"], G=num_groups, chunk=cfg["chunk"], num_splits=cfg["num_splits"],
+                stride_xb=x.stride(0), stride_xc=x.stride(1), stride_xs=sx,
+                stride_yb=y.stride(0), stride_yc=y.stride(1), stride_ys=sy, eps=float(eps),
+                HAS_WEIGHT=w is not None, HAS_BIAS=bvec is not None, HAS_SCALE=scale_c is not None,
+                HAS_SHIFT=shift_c is not None, SILU=activation == "silu",
+                BLOCK_C=cfg["block_c"], BLOCK_S=cfg["block_s"], SPLIT_P=cfg["split_p"], num_warps=cfg["num_warps"])
+    ptrs = (x, y, w if w is not None else dummy, bvec if bvec is not None else dummy,
+            scale_c if scale_c is not None else dummy, shift_c if shift_c is not None else dummy)
+    if cfg["num_splits"] == 1:
+        _group_norm_kernel[(B * num_groups, 1)](*ptrs, dummy, MODE=MODE_FUSED, **args)
+    else:
+        ws = torch.empty(B * num_groups * cfg["num_splits"] * 2, device=x.device, dtype=torch.float32)
+        grid = (B * num_groups, cfg["num_splits"])
+        _group_norm_kernel[grid](*ptrs, ws, MODE=MODE_STATS, **args)
+        _group_norm_kernel[grid](*ptrs, ws, MODE=MODE_APPLY, **args)
+    if y is not out:
+        out.copy_(y)
+    return out
