@@ -1,0 +1,800 @@
+"""fastdiff's native UNet: the diffusers ``UNet2DModel`` and ``UNet2DConditionModel`` families.
+
+Read top to bottom: embeddings, the residual block, resampling, the two attention flavours (the
+spatial self-attention of pixel UNets, the transformer with cross-attention of Stable Diffusion),
+the down / mid / up blocks, then the model and its config.
+
+Parameter names follow diffusers exactly (``down_blocks.0.resnets.1.norm1.weight``), so a diffusers
+checkpoint loads with no renaming, and every config field the model does not implement is refused by
+``UNetConfig`` instead of silently building a different network. GroupNorm(+SiLU, +scale-shift) and the
+attention core go through the fused-op layers of ``layers.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import BadArgumentError, UnsupportedConfigError
+from .layers import Attention as AttentionCore
+from .layers import GroupNorm, timestep_embedding
+
+# --------------------------------------------------------------------------------------------------
+# Embeddings
+# --------------------------------------------------------------------------------------------------
+
+
+class SinusoidalTimesteps(nn.Module):
+    """diffusers ``Timesteps``: (B,) timesteps -> (B, dim) sin/cos features (no parameters)."""
+
+    def __init__(self, dim: int, flip_sin_to_cos: bool, freq_shift: float):
+        super().__init__()
+        self.dim, self.flip_sin_to_cos, self.freq_shift = dim, flip_sin_to_cos, freq_shift
+
+    def forward(self, t):
+        return timestep_embedding(t, self.dim, flip_sin_to_cos=self.flip_sin_to_cos, freq_shift=self.freq_shift)
+
+
+class FourierTimesteps(nn.Module):
+    """diffusers ``GaussianFourierProjection``: fixed random frequencies ``weight`` (a checkpoint tensor).
+
+    UNet2DModel (score-SDE / NCSN++ style) feeds log(sigma) and orders [sin, cos]; UNet2DConditionModel
+    feeds t itself and honours ``flip_sin_to_cos``.
+    """
+
+    def __init__(self, size: int, log: bool, flip_sin_to_cos: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(size), requires_grad=False)
+        self.log, self.flip_sin_to_cos = log, flip_sin_to_cos
+
+    def forward(self, t):
+        t = t.float()
+        if self.log:
+            t = torch.log(t)
+        proj = t[:, None] * self.weight[None, :] * 2 * math.pi  # (B, size)
+        parts = (torch.cos(proj), torch.sin(proj)) if self.flip_sin_to_cos else (torch.sin(proj), torch.cos(proj))
+        return torch.cat(parts, dim=-1)  # (B, 2*size)
+
+
+class TimestepEmbedding(nn.Module):
+    """Linear -> SiLU -> Linear (diffusers' ``TimestepEmbedding`` key names)."""
+
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Residual block and resampling
+# --------------------------------------------------------------------------------------------------
+
+
+class ResnetBlock(nn.Module):
+    """diffusers ``ResnetBlock2D`` with SiLU: GN+SiLU -> conv -> (+temb | scale-shift GN) -> SiLU -> conv.
+
+    ``time_embedding_norm="scale_shift"`` modulates the second norm: norm(h) * (1 + scale) + shift.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, temb_ch: Optional[int], groups: int, eps: float,
+                 time_embedding_norm: str = "default", output_scale_factor: float = 1.0):
+        super().__init__()
+        self.time_embedding_norm = time_embedding_norm
+        self.output_scale_factor = output_scale_factor
+        self.norm1 = GroupNorm(groups, in_ch, eps, activation="silu")
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.time_emb_proj = None
+        if temb_ch is not None:
+            self.time_emb_proj = nn.Linear(temb_ch, out_ch * (2 if time_embedding_norm == "scale_shift" else 1))
+        self.norm2 = GroupNorm(groups, out_ch, eps, activation="silu")
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
+
+    def forward(self, x, temb):
+        h = self.conv1(self.norm1(x))  # (B, out, H, W)
+        t = None if self.time_emb_proj is None else self.time_emb_proj(F.silu(temb))  # (B, out or 2*out)
+        if self.time_embedding_norm == "scale_shift":
+            scale, shift = t.chunk(2, dim=1)  # (B, out) each
+            h = self.norm2(h, scale=scale, shift=shift)
+        else:
+            if t is not None:
+                h = h + t[:, :, None, None]
+            h = self.norm2(h)
+        h = self.conv2(h)  # (B, out, H, W)
+        if self.conv_shortcut is not None:
+            x = self.conv_shortcut(x)
+        out = x + h
+        return out if self.output_scale_factor == 1.0 else out / self.output_scale_factor
+
+
+class Downsample(nn.Module):
+    """Strided 3x3 conv; ``padding=0`` pads right/bottom by one first (diffusers ``Downsample2D``)."""
+
+    def __init__(self, ch: int, padding: int):
+        super().__init__()
+        self.padding = padding
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=padding)
+
+    def forward(self, x):
+        if self.padding == 0:
+            x = F.pad(x, (0, 1, 0, 1))
+        return self.conv(x)  # (B, C, H/2, W/2)
+
+
+class Upsample(nn.Module):
+    """Nearest x2 (or to the skip connection's size for odd inputs), then a 3x3 conv."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x, size=None):
+        if size is None:
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        else:
+            x = F.interpolate(x, size=size, mode="nearest")
+        return self.conv(x)  # (B, C, 2H, 2W)
+
+
+# --------------------------------------------------------------------------------------------------
+# Attention
+# --------------------------------------------------------------------------------------------------
+
+
+class MultiHeadAttention(nn.Module):
+    """diffusers ``Attention`` on token sequences: to_q / to_k / to_v / to_out.0, SDPA core.
+
+    forward(x (B, N, query_dim), context (B, M, context_dim) or None) -> (B, N, query_dim).
+    ``upcast`` computes the attention in float32 when the inputs are half precision (SD 2.x
+    ``upcast_attention``).
+    """
+
+    def __init__(self, query_dim: int, heads: int, head_dim: int, context_dim: Optional[int] = None,
+                 qkv_bias: bool = False, upcast: bool = False):
+        super().__init__()
+        inner = heads * head_dim
+        self.heads, self.head_dim, self.upcast = heads, head_dim, upcast
+        self.to_q = nn.Linear(query_dim, inner, bias=qkv_bias)
+        self.to_k = nn.Linear(context_dim or query_dim, inner, bias=qkv_bias)
+        self.to_v = nn.Linear(context_dim or query_dim, inner, bias=qkv_bias)
+        self.to_out = nn.ModuleList([nn.Linear(inner, query_dim)])
+        self.core = AttentionCore()
+
+    def forward(self, x, context=None):
+        b = x.shape[0]
+        ctx = x if context is None else context
+        q = self.to_q(x).view(b, -1, self.heads, self.head_dim).transpose(1, 2)  # (B, H, N, d)
+        k = self.to_k(ctx).view(b, -1, self.heads, self.head_dim).transpose(1, 2)  # (B, H, M, d)
+        v = self.to_v(ctx).view(b, -1, self.heads, self.head_dim).transpose(1, 2)  # (B, H, M, d)
+        if self.upcast and q.dtype in (torch.float16, torch.bfloat16):
+            o = self.core(q.float(), k.float(), v.float()).to(q.dtype)
+        else:
+            o = self.core(q, k, v)  # (B, H, N, d)
+        o = o.transpose(1, 2).reshape(b, -1, self.heads * self.head_dim)  # (B, N, inner)
+        return self.to_out[0](o)  # (B, N, query_dim)
+
+
+class SpatialSelfAttention(MultiHeadAttention):
+    """The pixel-UNet attention block (diffusers ``Attention`` with ``residual_connection=True``).
+
+    forward(x (B, C, H, W)) -> (B, C, H, W): optional GroupNorm, self-attention over H*W tokens,
+    residual, divided by ``rescale_output_factor``.
+    """
+
+    def __init__(self, ch: int, heads: int, head_dim: int, norm_groups: Optional[int], eps: float,
+                 rescale_output_factor: float = 1.0):
+        super().__init__(ch, heads, head_dim, qkv_bias=True)
+        self.group_norm = GroupNorm(norm_groups, ch, eps) if norm_groups is not None else None
+        self.rescale_output_factor = rescale_output_factor
+
+    def forward(self, x, context=None):
+        b, c, h, w = x.shape
+        tokens = x.view(b, c, h * w).transpose(1, 2)  # (B, HW, C)
+        if self.group_norm is not None:
+            tokens = self.group_norm(tokens.transpose(1, 2)).transpose(1, 2)
+        out = super().forward(tokens)  # (B, HW, C)
+        out = out.transpose(1, 2).reshape(b, c, h, w) + x
+        return out if self.rescale_output_factor == 1.0 else out / self.rescale_output_factor
+
+
+class GEGLUFeedForward(nn.Module):
+    """diffusers ``FeedForward(activation_fn="geglu")``: net.0.proj (2*inner) -> x * gelu(gate) -> net.2."""
+
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        inner = dim * mult
+        self.net = nn.ModuleList([_GEGLU(dim, inner), nn.Identity(), nn.Linear(inner, dim)])
+
+    def forward(self, x):
+        return self.net[2](self.net[0](x))
+
+
+class _GEGLU(nn.Module):
+    def __init__(self, dim: int, inner: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, inner * 2)
+
+    def forward(self, x):
+        h, gate = self.proj(x).chunk(2, dim=-1)  # (B, N, inner) each
+        return h * F.gelu(gate)
+
+
+class TransformerBlock(nn.Module):
+    """diffusers ``BasicTransformerBlock`` (layer_norm): self-attn, cross-attn, GEGLU feed-forward."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int, upcast: bool):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = MultiHeadAttention(dim, heads, head_dim, upcast=upcast)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = MultiHeadAttention(dim, heads, head_dim, context_dim=context_dim, upcast=upcast)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = GEGLUFeedForward(dim)
+
+    def forward(self, x, context):
+        x = x + self.attn1(self.norm1(x))  # (B, N, D)
+        x = x + self.attn2(self.norm2(x), context)  # (B, N, D)
+        return x + self.ff(self.norm3(x))  # (B, N, D)
+
+
+class SpatialTransformer(nn.Module):
+    """diffusers ``Transformer2DModel`` for continuous inputs (Stable Diffusion's attention block).
+
+    GroupNorm(eps 1e-6) -> proj_in (1x1 conv, or Linear with ``use_linear_projection``) -> blocks ->
+    proj_out -> residual. forward(x (B, C, H, W), context (B, M, context_dim)) -> (B, C, H, W).
+    """
+
+    def __init__(self, ch: int, heads: int, head_dim: int, depth: int, context_dim: int, groups: int,
+                 linear_projection: bool, upcast: bool):
+        super().__init__()
+        inner = heads * head_dim
+        self.linear_projection = linear_projection
+        self.norm = GroupNorm(groups, ch, eps=1e-6)
+        self.proj_in = nn.Linear(ch, inner) if linear_projection else nn.Conv2d(ch, inner, 1)
+        self.transformer_blocks = nn.ModuleList(
+            [TransformerBlock(inner, heads, head_dim, context_dim, upcast) for _ in range(depth)])
+        self.proj_out = nn.Linear(inner, ch) if linear_projection else nn.Conv2d(inner, ch, 1)
+
+    def forward(self, x, context):
+        b, c, h, w = x.shape
+        t = self.norm(x)  # (B, C, H, W)
+        if self.linear_projection:
+            t = self.proj_in(t.permute(0, 2, 3, 1).reshape(b, h * w, c))  # (B, HW, inner)
+        else:
+            t = self.proj_in(t)
+            t = t.permute(0, 2, 3, 1).reshape(b, h * w, t.shape[1])  # (B, HW, inner)
+        for block in self.transformer_blocks:
+            t = block(t, context)
+        if self.linear_projection:
+            t = self.proj_out(t).reshape(b, h, w, c).permute(0, 3, 1, 2)  # (B, C, H, W)
+        else:
+            t = self.proj_out(t.reshape(b, h, w, -1).permute(0, 3, 1, 2).contiguous())  # (B, C, H, W)
+        return t + x
+
+
+# --------------------------------------------------------------------------------------------------
+# Down / mid / up blocks
+# --------------------------------------------------------------------------------------------------
+
+
+class DownBlock(nn.Module):
+    """DownBlock2D / AttnDownBlock2D / CrossAttnDownBlock2D: resnets (+ attention each) (+ downsample).
+
+    Returns (h, skips): every resnet(+attn) output and the downsampled output are skip connections.
+    """
+
+    def __init__(self, resnets: Sequence[nn.Module], attentions: Optional[Sequence[nn.Module]],
+                 downsample: Optional[nn.Module]):
+        super().__init__()
+        self.resnets = nn.ModuleList(resnets)
+        self.attentions = nn.ModuleList(attentions) if attentions is not None else None
+        self.downsamplers = nn.ModuleList([downsample]) if downsample is not None else None
+
+    def forward(self, h, temb, context=None):
+        skips = []
+        for i, resnet in enumerate(self.resnets):
+            h = resnet(h, temb)
+            if self.attentions is not None:
+                h = self.attentions[i](h, context)
+            skips.append(h)
+        if self.downsamplers is not None:
+            h = self.downsamplers[0](h)
+            skips.append(h)
+        return h, skips
+
+
+class MidBlock(nn.Module):
+    """UNetMidBlock2D / UNetMidBlock2DCrossAttn: resnet, then (attention, resnet) pairs."""
+
+    def __init__(self, resnets: Sequence[nn.Module], attentions: Optional[Sequence[nn.Module]]):
+        super().__init__()
+        self.resnets = nn.ModuleList(resnets)
+        self.attentions = nn.ModuleList(attentions) if attentions else None
+
+    def forward(self, h, temb, context=None):
+        h = self.resnets[0](h, temb)
+        for i, resnet in enumerate(self.resnets[1:]):
+            if self.attentions is not None:
+                h = self.attentions[i](h, context)
+            h = resnet(h, temb)
+        return h
+
+
+class UpBlock(nn.Module):
+    """UpBlock2D / AttnUpBlock2D / CrossAttnUpBlock2D: concat a skip, resnet (+ attention), upsample."""
+
+    def __init__(self, resnets: Sequence[nn.Module], attentions: Optional[Sequence[nn.Module]],
+                 upsample: Optional[nn.Module]):
+        super().__init__()
+        self.resnets = nn.ModuleList(resnets)
+        self.attentions = nn.ModuleList(attentions) if attentions is not None else None
+        self.upsamplers = nn.ModuleList([upsample]) if upsample is not None else None
+
+    def forward(self, h, skips, temb, context=None, upsample_size=None):
+        for i, resnet in enumerate(self.resnets):
+            h = resnet(torch.cat([h, skips.pop()], dim=1), temb)  # (B, C_out, H, W)
+            if self.attentions is not None:
+                h = self.attentions[i](h, context)
+        if self.upsamplers is not None:
+            h = self.upsamplers[0](h, upsample_size)
+        return h
+
+
+# --------------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------------
+
+DOWN_TYPES = ("DownBlock2D", "AttnDownBlock2D", "CrossAttnDownBlock2D")
+UP_TYPES = ("UpBlock2D", "AttnUpBlock2D", "CrossAttnUpBlock2D")
+MID_TYPES = ("UNetMidBlock2D", "UNetMidBlock2DCrossAttn", None)
+DIFFUSERS_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
+
+IntOrList = Union[int, Sequence[int]]
+
+
+@dataclass
+class UNetConfig:
+    """Every diffusers UNet2DModel / UNet2DConditionModel field the native UNet implements.
+
+    ``conditional`` selects the UNet2DConditionModel semantics (text cross-attention, its mid block,
+    its Fourier embedding); field names and meanings are diffusers'.
+    """
+
+    conditional: bool = False
+    sample_size: Optional[Union[int, Sequence[int]]] = None
+    in_channels: int = 3
+    out_channels: int = 3
+    center_input_sample: bool = False
+    time_embedding_type: str = "positional"
+    time_embedding_dim: Optional[int] = None
+    time_embedding_act_fn: Optional[str] = None
+    freq_shift: float = 0
+    flip_sin_to_cos: bool = True
+    down_block_types: Sequence[str] = ("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D")
+    mid_block_type: Optional[str] = "UNetMidBlock2D"
+    up_block_types: Sequence[str] = ("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D")
+    block_out_channels: Sequence[int] = (224, 448, 672, 896)
+    layers_per_block: IntOrList = 2
+    mid_block_scale_factor: float = 1.0
+    downsample_padding: int = 1
+    act_fn: str = "silu"
+    attention_head_dim: Optional[IntOrList] = 8
+    num_attention_heads: Optional[IntOrList] = None
+    norm_num_groups: int = 32
+    attn_norm_num_groups: Optional[int] = None
+    norm_eps: float = 1e-5
+    resnet_time_scale_shift: str = "default"
+    add_attention: bool = True
+    class_embed_type: Optional[str] = None
+    num_class_embeds: Optional[int] = None
+    projection_class_embeddings_input_dim: Optional[int] = None
+    class_embeddings_concat: bool = False
+    num_train_timesteps: Optional[int] = None
+    # UNet2DConditionModel only
+    cross_attention_dim: Optional[IntOrList] = None
+    transformer_layers_per_block: Union[int, Sequence] = 1
+    reverse_transformer_layers_per_block: Optional[Sequence] = None
+    use_linear_projection: bool = False
+    upcast_attention: bool = False
+    conv_in_kernel: int = 3
+    conv_out_kernel: int = 3
+    extra: dict = field(default_factory=dict)  # diffusers fields kept for round trips, no effect
+
+    def to_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "UNetConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise UnsupportedConfigError(unknown[0], d[unknown[0]], supported="fields of UNetConfig", model="UNet")
+        cfg = cls(**d)
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def from_diffusers(cls, d: dict, class_name: Optional[str] = None) -> "UNetConfig":
+        """Map a diffusers config.json dict; a value the native UNet does not implement raises."""
+        class_name = class_name or d.get("_class_name", "UNet2DModel")
+        if class_name not in DIFFUSERS_CLASSES:
+            raise UnsupportedConfigError("_class_name", class_name, supported=list(DIFFUSERS_CLASSES), model="UNet")
+        conditional = class_name == "UNet2DConditionModel"
+        defaults = _DIFFUSERS_DEFAULTS[class_name]
+        values = dict(defaults)
+        extra = {}
+        for key, value in d.items():
+            if key.startswith("_"):
+                continue
+            if key in _MUST_BE:
+                allowed = _MUST_BE[key]
+                if value not in allowed:
+                    raise UnsupportedConfigError(key, value, supported=list(allowed), model=class_name)
+                extra[key] = value
+            elif key in _NO_EFFECT:
+                extra[key] = value
+            elif key in defaults:
+                values[key] = value
+            else:
+                raise UnsupportedConfigError(key, value, supported="(not implemented by fastdiff's UNet)",
+                                             model=class_name)
+        if conditional and values.get("num_attention_heads") is None:
+            # diffusers' historic naming: in UNet2DConditionModel `attention_head_dim` holds head COUNTS.
+            values["num_attention_heads"] = values["attention_head_dim"]
+        cfg = cls(conditional=conditional, extra=extra, **values)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        n = len(self.block_out_channels)
+        for name, allowed in (("down_block_types", DOWN_TYPES), ("up_block_types", UP_TYPES)):
+            seq = getattr(self, name)
+            if len(seq) != n:
+                raise UnsupportedConfigError(name, list(seq), supported=f"{n} entries (one per block_out_channels)")
+            for t in seq:
+                if t not in allowed:
+                    raise UnsupportedConfigError(name, t, supported=list(allowed), model="UNet")
+        if not self.conditional:
+            for t in list(self.down_block_types) + list(self.up_block_types):
+                if "CrossAttn" in t:
+                    raise UnsupportedConfigError("down_block_types / up_block_types", t, model="UNet2DModel",
+                                                 supported="DownBlock2D, AttnDownBlock2D, UpBlock2D, AttnUpBlock2D")
+        elif self.mid_block_type not in MID_TYPES:
+            raise UnsupportedConfigError("mid_block_type", self.mid_block_type, supported=list(MID_TYPES))
+        if self.act_fn not in ("silu", "swish"):
+            raise UnsupportedConfigError("act_fn", self.act_fn, supported=["silu", "swish"])
+        if self.time_embedding_act_fn not in (None, "silu", "swish"):
+            raise UnsupportedConfigError("time_embedding_act_fn", self.time_embedding_act_fn,
+                                         supported=[None, "silu", "swish"])
+        if self.resnet_time_scale_shift not in ("default", "scale_shift"):
+            raise UnsupportedConfigError("resnet_time_scale_shift", self.resnet_time_scale_shift,
+                                         supported=["default", "scale_shift"])
+        allowed_t = ("positional", "fourier") + (() if self.conditional else ("learned",))
+        if self.time_embedding_type not in allowed_t:
+            raise UnsupportedConfigError("time_embedding_type", self.time_embedding_type, supported=list(allowed_t))
+        allowed_c = (None, "timestep", "identity") + (("projection", "simple_projection") if self.conditional else ())
+        if self.class_embed_type not in allowed_c:
+            raise UnsupportedConfigError("class_embed_type", self.class_embed_type, supported=list(allowed_c))
+        if self.norm_num_groups is None:
+            raise UnsupportedConfigError("norm_num_groups", None, supported="an integer group count")
+        uses_cross = any("CrossAttn" in t for t in tuple(self.down_block_types) + tuple(self.up_block_types)) or (
+            self.conditional and self.mid_block_type == "UNetMidBlock2DCrossAttn")
+        if uses_cross and self.cross_attention_dim is None:
+            raise UnsupportedConfigError("cross_attention_dim", None, supported="an int (or one per block) for "
+                                         "CrossAttn blocks")
+        if self.downsample_padding not in (0, 1):
+            raise UnsupportedConfigError("downsample_padding", self.downsample_padding, supported=[0, 1])
+
+    # -- per-block views --------------------------------------------------------------------------
+    def per_block(self, value, name: str) -> list:
+        n = len(self.block_out_channels)
+        if value is None or isinstance(value, (int, float)):
+            return [value] * n
+        value = list(value)
+        if len(value) != n:
+            raise UnsupportedConfigError(name, value, supported=f"an int or {n} values (one per block)")
+        return value
+
+    @property
+    def time_embed_dim(self) -> int:
+        if self.time_embedding_dim:
+            return self.time_embedding_dim
+        return self.block_out_channels[0] * (2 if self.conditional and self.time_embedding_type == "fourier" else 4)
+
+    @property
+    def num_upsamplers(self) -> int:
+        return len(self.block_out_channels) - 1
+
+
+# diffusers' constructor defaults per class (what an absent config.json field means).
+_COMMON_DEFAULTS = dict(
+    sample_size=None, center_input_sample=False, time_embedding_type="positional", time_embedding_dim=None,
+    freq_shift=0, flip_sin_to_cos=True, mid_block_scale_factor=1, downsample_padding=1, act_fn="silu",
+    norm_num_groups=32, norm_eps=1e-5, resnet_time_scale_shift="default", class_embed_type=None,
+    num_class_embeds=None,
+)
+_DIFFUSERS_DEFAULTS = {
+    "UNet2DModel": dict(
+        _COMMON_DEFAULTS, in_channels=3, out_channels=3,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+        mid_block_type="UNetMidBlock2D",
+        up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(224, 448, 672, 896), layers_per_block=2, attention_head_dim=8,
+        attn_norm_num_groups=None, add_attention=True, num_train_timesteps=None,
+    ),
+    "UNet2DConditionModel": dict(
+        _COMMON_DEFAULTS, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        mid_block_type="UNetMidBlock2DCrossAttn",
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=1280,
+        transformer_layers_per_block=1, reverse_transformer_layers_per_block=None, attention_head_dim=8,
+        num_attention_heads=None, use_linear_projection=False, upcast_attention=False,
+        time_embedding_act_fn=None, projection_class_embeddings_input_dim=None, class_embeddings_concat=False,
+        conv_in_kernel=3, conv_out_kernel=3,
+    ),
+}
+# Fields fastdiff only supports at one value (anything else would be a different network).
+_MUST_BE = {
+    "only_cross_attention": (False,),
+    "mid_block_only_cross_attention": (None, False),
+    "dual_cross_attention": (False,),
+    "encoder_hid_dim": (None,),
+    "encoder_hid_dim_type": (None,),
+    "addition_embed_type": (None,),
+    "addition_time_embed_dim": (None,),
+    "timestep_post_act": (None,),
+    "time_cond_proj_dim": (None,),
+    "attention_type": ("default",),
+    "downsample_type": ("conv",),
+    "upsample_type": ("conv",),
+}
+# Fields diffusers accepts that change nothing for the block types above (or only training).
+_NO_EFFECT = {"dropout", "resnet_skip_time_act", "resnet_out_scale_factor", "cross_attention_norm",
+              "addition_embed_type_num_heads"}
+
+
+# --------------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------------
+
+
+class UNet(nn.Module):
+    """The native UNet. forward(x, timestep, class_labels=None, encoder_hidden_states=None) -> Tensor.
+
+    Returns the same raw tensor as the diffusers model the config came from (eps, v or x0 by the
+    checkpoint's training; this class does not know which).
+    """
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        config.validate()
+        self.config = c = config
+        ch = list(c.block_out_channels)
+        n = len(ch)
+        temb_dim = c.time_embed_dim
+        groups, eps, cond = c.norm_num_groups, c.norm_eps, c.conditional
+
+        # Embeddings --------------------------------------------------------------------------
+        self.conv_in = nn.Conv2d(c.in_channels, ch[0], c.conv_in_kernel, padding=(c.conv_in_kernel - 1) // 2)
+        if c.time_embedding_type == "fourier":
+            size = temb_dim // 2 if cond else ch[0]
+            self.time_proj = FourierTimesteps(size, log=not cond, flip_sin_to_cos=c.flip_sin_to_cos and cond)
+            t_in = 2 * size
+        elif c.time_embedding_type == "learned":
+            self.time_proj = nn.Embedding(c.num_train_timesteps, ch[0])
+            t_in = ch[0]
+        else:
+            self.time_proj = SinusoidalTimesteps(ch[0], c.flip_sin_to_cos, c.freq_shift)
+            t_in = ch[0]
+        self.time_embedding = TimestepEmbedding(t_in, temb_dim)
+        self.class_embedding = None
+        if c.class_embed_type is None and c.num_class_embeds is not None:
+            self.class_embedding = nn.Embedding(c.num_class_embeds, temb_dim)
+        elif c.class_embed_type == "timestep":
+            self.class_embedding = TimestepEmbedding(t_in, temb_dim)
+        elif c.class_embed_type == "identity":
+            self.class_embedding = nn.Identity()
+        elif c.class_embed_type == "projection":
+            self.class_embedding = TimestepEmbedding(c.projection_class_embeddings_input_dim, temb_dim)
+        elif c.class_embed_type == "simple_projection":
+            self.class_embedding = nn.Linear(c.projection_class_embeddings_input_dim, temb_dim)
+        block_temb = temb_dim * 2 if c.class_embeddings_concat else temb_dim
+
+        # Per-block settings --------------------------------------------------------------------
+        layers = c.per_block(c.layers_per_block, "layers_per_block")
+        head_dims = c.per_block(c.attention_head_dim, "attention_head_dim")
+        heads = c.per_block(c.num_attention_heads, "num_attention_heads") if cond else [None] * n
+        ctx_dims = c.per_block(c.cross_attention_dim, "cross_attention_dim")
+        depth = _transformer_depths(c.transformer_layers_per_block, layers, n)
+        up_depth = ([list(d) if not isinstance(d, int) else [d] * (layers[n - 1 - i] + 1)
+                     for i, d in enumerate(c.reverse_transformer_layers_per_block)]
+                    if c.reverse_transformer_layers_per_block is not None else None)
+
+        def resnet(i_ch, o_ch, scale=1.0):
+            return ResnetBlock(i_ch, o_ch, block_temb, groups, eps, c.resnet_time_scale_shift, scale)
+
+        def attention(kind, o_ch, i, depth_i=1, norm_groups=groups, rescale=1.0):
+            if kind == "cross":
+                return SpatialTransformer(o_ch, heads[i], o_ch // heads[i], depth_i, ctx_dims[i], groups,
+                                          c.use_linear_projection, c.upcast_attention)
+            hd = head_dims[i] if head_dims[i] is not None else o_ch
+            return SpatialSelfAttention(o_ch, o_ch // hd, hd, norm_groups, eps, rescale)
+
+        # Down path ---------------------------------------------------------------------------
+        self.down_blocks = nn.ModuleList()
+        out_ch = ch[0]
+        for i, kind in enumerate(c.down_block_types):
+            in_ch, out_ch = out_ch, ch[i]
+            attn_kind = _attn_kind(kind)
+            resnets = [resnet(in_ch if j == 0 else out_ch, out_ch) for j in range(layers[i])]
+            attns = None if attn_kind is None else [attention(attn_kind, out_ch, i, depth[i][j])
+                                                    for j in range(layers[i])]
+            down = Downsample(out_ch, c.downsample_padding) if i < n - 1 else None
+            self.down_blocks.append(DownBlock(resnets, attns, down))
+
+        # Middle -------------------------------------------------------------------------------
+        self.mid_block = None
+        mid_ch, mscale = ch[-1], c.mid_block_scale_factor
+        if c.mid_block_type == "UNetMidBlock2DCrossAttn":
+            mid_depth = _mid_depth(c.transformer_layers_per_block)
+            self.mid_block = MidBlock(
+                [resnet(mid_ch, mid_ch, mscale), resnet(mid_ch, mid_ch, mscale)],
+                [SpatialTransformer(mid_ch, heads[-1], mid_ch // heads[-1], mid_depth, ctx_dims[-1], groups,
+                                    c.use_linear_projection, c.upcast_attention)])
+        elif c.mid_block_type is not None:  # UNet2DModel builds UNetMidBlock2D for any non-None type
+            if cond:  # UNet2DConditionModel's plain mid block: one resnet, no attention
+                self.mid_block = MidBlock([resnet(mid_ch, mid_ch, mscale)], None)
+            else:
+                attn_groups = c.attn_norm_num_groups
+                if attn_groups is None:
+                    attn_groups = groups if c.resnet_time_scale_shift == "default" else None
+                attns = [attention("self", mid_ch, n - 1, norm_groups=attn_groups, rescale=mscale)] \
+                    if c.add_attention else None
+                self.mid_block = MidBlock([resnet(mid_ch, mid_ch, mscale), resnet(mid_ch, mid_ch, mscale)], attns)
+
+        # Up path ------------------------------------------------------------------------------
+        self.up_blocks = nn.ModuleList()
+        rch = ch[::-1]
+        out_ch = rch[0]
+        for i, kind in enumerate(c.up_block_types):
+            prev_ch, out_ch = out_ch, rch[i]
+            skip_in = rch[min(i + 1, n - 1)]
+            nl = layers[n - 1 - i] + 1
+            attn_kind = _attn_kind(kind)
+            resnets = []
+            for j in range(nl):
+                res_skip = skip_in if j == nl - 1 else out_ch
+                resnets.append(resnet((prev_ch if j == 0 else out_ch) + res_skip, out_ch))
+            attns = None
+            if attn_kind is not None:
+                bi = n - 1 - i
+                d_up = up_depth[i] if up_depth is not None else [depth[bi][0]] * nl
+                if attn_kind == "cross" and len(d_up) != nl:
+                    d_up = [d_up[0]] * nl
+                attns = [attention(attn_kind, out_ch, bi, d_up[j]) for j in range(nl)]
+            up = Upsample(out_ch) if i < n - 1 else None
+            self.up_blocks.append(UpBlock(resnets, attns, up))
+
+        # Output -------------------------------------------------------------------------------
+        self.conv_norm_out = GroupNorm(groups, ch[0], eps, activation="silu")
+        self.conv_out = nn.Conv2d(ch[0], c.out_channels, c.conv_out_kernel, padding=(c.conv_out_kernel - 1) // 2)
+
+    # ----------------------------------------------------------------------------------------------
+    def forward(self, x, timestep, class_labels=None, encoder_hidden_states=None):
+        c = self.config
+        b = x.shape[0]
+        if c.center_input_sample:
+            x = 2 * x - 1.0
+        t = _timesteps(timestep, b, x.device)  # (B,)
+        emb = self.time_embedding(self.time_proj(t).to(x.dtype))  # (B, temb)
+        if self.class_embedding is not None:
+            if class_labels is None:
+                raise BadArgumentError("this UNet is class-conditional: expected class_labels, found None")
+            if c.class_embed_type == "timestep":
+                class_labels = self.time_proj(class_labels).to(x.dtype)
+            class_emb = self.class_embedding(class_labels).to(x.dtype)  # (B, temb)
+            emb = torch.cat([emb, class_emb], dim=-1) if c.class_embeddings_concat else emb + class_emb
+        elif class_labels is not None:
+            raise BadArgumentError("this UNet has no class embedding, but class_labels were given")
+        if c.time_embedding_act_fn is not None:
+            emb = F.silu(emb)
+        ctx = encoder_hidden_states
+
+        h = self.conv_in(x)  # (B, C0, H, W)
+        skips = [h]
+        for block in self.down_blocks:
+            h, block_skips = block(h, emb, ctx)
+            skips.extend(block_skips)
+        if self.mid_block is not None:
+            h = self.mid_block(h, emb, ctx)  # (B, C_last, H/2^(n-1), W/2^(n-1))
+        for block in self.up_blocks:
+            nres = len(block.resnets)
+            block_skips, skips = skips[-nres:], skips[:-nres]
+            size = tuple(skips[-1].shape[2:]) if skips and block.upsamplers is not None else None
+            h = block(h, block_skips, emb, ctx, size)
+        h = self.conv_out(self.conv_norm_out(h))  # (B, out, H, W)
+        if c.time_embedding_type == "fourier" and not c.conditional:
+            h = h / t.reshape(b, *([1] * (h.dim() - 1)))  # NCSN++: the output is scaled by 1/sigma
+        return h
+
+
+def _timesteps(timestep, batch: int, device) -> torch.Tensor:
+    """Any scalar / (1,) / (B,) timestep -> a (B,) tensor on ``device``, dtype kept (int or float)."""
+    if not torch.is_tensor(timestep):
+        dtype = torch.float32 if isinstance(timestep, float) else torch.int64
+        timestep = torch.tensor([timestep], dtype=dtype, device=device)
+    timestep = timestep.to(device)
+    if timestep.dim() == 0:
+        timestep = timestep[None]
+    return timestep.expand(batch) if timestep.shape[0] == 1 else timestep
+
+
+def _attn_kind(block_type: str) -> Optional[str]:
+    if block_type.startswith("CrossAttn"):
+        return "cross"
+    if block_type.startswith("Attn"):
+        return "self"
+    return None
+
+
+def _transformer_depths(value, layers: list[int], n: int) -> list[list[int]]:
+    """transformer_layers_per_block: int, one int per block, or one list per block -> per layer depths."""
+    if isinstance(value, int):
+        return [[value] * layers[i] for i in range(n)]
+    value = list(value)
+    if len(value) != n:
+        raise UnsupportedConfigError("transformer_layers_per_block", value, supported=f"an int or {n} entries")
+    return [[v] * layers[i] if isinstance(v, int) else list(v) for i, v in enumerate(value)]
+
+
+def _mid_depth(value) -> int:
+    """diffusers gives the mid block ``transformer_layers_per_block[-1]``; a per-layer list -> its first."""
+    if isinstance(value, int):
+        return value
+    last = list(value)[-1]
+    return last if isinstance(last, int) else list(last)[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# Presets (random-weight architectures for benchmarks and tests)
+# --------------------------------------------------------------------------------------------------
+
+
+def sd15_config() -> UNetConfig:
+    """Stable Diffusion 1.5's UNet (runwayml config.json)."""
+    return UNetConfig.from_diffusers(dict(
+        sample_size=64, in_channels=4, out_channels=4, cross_attention_dim=768, attention_head_dim=8,
+        block_out_channels=[320, 640, 1280, 1280], layers_per_block=2,
+    ), "UNet2DConditionModel")
+
+
+def sd21_config() -> UNetConfig:
+    """Stable Diffusion 2.1's UNet (768-v: linear projections, head counts per block, upcast)."""
+    return UNetConfig.from_diffusers(dict(
+        sample_size=96, in_channels=4, out_channels=4, cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20],
+        block_out_channels=[320, 640, 1280, 1280], layers_per_block=2, use_linear_projection=True,
+        upcast_attention=True,
+    ), "UNet2DConditionModel")
+
+
+def ddpm_cifar10_config() -> UNetConfig:
+    """google/ddpm-cifar10-32."""
+    return UNetConfig.from_diffusers(dict(
+        sample_size=32, in_channels=3, out_channels=3, block_out_channels=[128, 256, 256, 256], layers_per_block=2,
+        down_block_types=["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
+        up_block_types=["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"], attention_head_dim=None,
+        downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, norm_eps=1e-6,
+    ), "UNet2DModel")
+
+
+UNET_PRESETS = {"sd15-unet": sd15_config, "sd21-unet": sd21_config, "ddpm-cifar10": ddpm_cifar10_config}

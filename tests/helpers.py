@@ -1,0 +1,24 @@
+"""Shared test helpers (importable as ``tests.helpers`` or ``helpers``)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def perturb_(module: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch.nn.Module:
+    """Overwrite every parameter with random values (norm weights around 1) so no layer is trivial.
+
+    Random-init diffusers models zero some output layers; testing on those would hide whole paths.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=g) * std
+            is_norm_weight = name.endswith("weight") and p.dim() == 1 and "norm" in name
+            p.copy_(1.0 + noise if is_norm_weight else noise)
+    return module
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    """max|a - ref| / max|ref|."""
+    return ((a.double() - ref.double()).abs().max() / ref.double().abs().max()).item()

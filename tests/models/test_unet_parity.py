@@ -1,0 +1,117 @@
+"""Native UNet vs diffusers UNet2DModel / UNet2DConditionModel on small random models, float32."""
+
+import math
+
+import pytest
+import torch
+
+from fastdiff.checkpoints.common import strict_load
+from fastdiff.checkpoints.diffusers_unet import convert_diffusers_unet, unet_config_from_diffusers
+from fastdiff.models.unet import UNet
+from helpers import perturb_, rel_err
+
+diffusers = pytest.importorskip("diffusers", reason="diffusers is the reference implementation")
+
+UNET2D_CONFIGS = {
+    "attn-default": dict(
+        sample_size=16, in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8, attention_head_dim=16),
+    "scale-shift-classes": dict(
+        sample_size=16, in_channels=3, out_channels=6, block_out_channels=(16, 32, 48), layers_per_block=2,
+        down_block_types=("AttnDownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D", "AttnUpBlock2D"), norm_num_groups=8, attention_head_dim=8,
+        resnet_time_scale_shift="scale_shift", num_class_embeds=10, downsample_padding=0, flip_sin_to_cos=False,
+        freq_shift=1, norm_eps=1e-6, mid_block_scale_factor=math.sqrt(2)),
+    "fourier-center-noattn": dict(
+        sample_size=8, in_channels=2, out_channels=2, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=4, attention_head_dim=None, time_embedding_type="fourier", center_input_sample=True,
+        add_attention=False, class_embed_type="timestep"),
+}
+
+COND_CONFIGS = {
+    "sd1-conv-proj": dict(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=24, attention_head_dim=4, norm_num_groups=8),
+    "sd2-linear-headlist-upcast": dict(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
+        attention_head_dim=[2, 4, 8], use_linear_projection=True, upcast_attention=True, norm_num_groups=16),
+    "depth2-classes-scale-shift": dict(
+        sample_size=8, in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=8,
+        attention_head_dim=2, transformer_layers_per_block=2, num_class_embeds=5, norm_num_groups=8,
+        resnet_time_scale_shift="scale_shift", time_embedding_act_fn="silu", flip_sin_to_cos=False, freq_shift=1),
+}
+
+
+def _pair(cls, cfg, seed):
+    torch.manual_seed(seed)
+    ref = perturb_(cls(**cfg).eval(), seed)
+    native_cfg = unet_config_from_diffusers(dict(ref.config, _class_name=cls.__name__))
+    with torch.device("meta"):
+        native = UNet(native_cfg)
+    strict_load(native, convert_diffusers_unet(ref.state_dict()), "UNet")
+    return ref, native.eval()
+
+
+@pytest.mark.parametrize("name", sorted(UNET2D_CONFIGS))
+def test_unet2d_matches_diffusers(name):
+    cfg = UNET2D_CONFIGS[name]
+    ref, native = _pair(diffusers.UNet2DModel, cfg, seed=1)
+    g = torch.Generator().manual_seed(2)
+    s = cfg["sample_size"]
+    x = torch.randn(2, cfg["in_channels"], s, s, generator=g)
+    fourier = cfg.get("time_embedding_type") == "fourier"
+    t = torch.tensor([0.3, 7.0]) if fourier else torch.tensor([37, 842])
+    labels = None
+    if cfg.get("num_class_embeds"):
+        labels = torch.tensor([3, 7])
+    elif cfg.get("class_embed_type") == "timestep":
+        labels = torch.tensor([1.5, 4.0])
+    with torch.no_grad():
+        want = ref(x, t, class_labels=labels).sample
+        got = native(x, t, class_labels=labels)
+    assert got.shape == want.shape
+    assert rel_err(got, want) <= 1e-5
+
+
+@pytest.mark.parametrize("name", sorted(COND_CONFIGS))
+def test_unet2d_condition_matches_diffusers(name):
+    cfg = COND_CONFIGS[name]
+    ref, native = _pair(diffusers.UNet2DConditionModel, cfg, seed=3)
+    g = torch.Generator().manual_seed(4)
+    s = cfg["sample_size"]
+    x = torch.randn(2, cfg["in_channels"], s, s, generator=g)
+    ctx = torch.randn(2, 7, cfg["cross_attention_dim"], generator=g)
+    t = torch.tensor([37, 842])
+    labels = torch.tensor([1, 4]) if cfg.get("num_class_embeds") else None
+    with torch.no_grad():
+        want = ref(x, t, encoder_hidden_states=ctx, class_labels=labels).sample
+        got = native(x, t, class_labels=labels, encoder_hidden_states=ctx)
+    assert rel_err(got, want) <= 1e-5
+
+
+def test_odd_resolution_matches_diffusers():
+    """UNet2DConditionModel forwards the skip size to the upsamplers when H, W are not multiples of 2^n."""
+    cfg = COND_CONFIGS["sd1-conv-proj"]
+    ref, native = _pair(diffusers.UNet2DConditionModel, cfg, seed=5)
+    x = torch.randn(1, 4, 7, 9)
+    ctx = torch.randn(1, 3, 24)
+    with torch.no_grad():
+        want = ref(x, 500, encoder_hidden_states=ctx).sample
+        got = native(x, 500, encoder_hidden_states=ctx)
+    assert got.shape == (1, 4, 7, 9)
+    assert rel_err(got, want) <= 1e-5
+
+
+def test_scalar_and_float_timesteps_broadcast():
+    ref, native = _pair(diffusers.UNet2DModel, UNET2D_CONFIGS["attn-default"], seed=6)
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        assert rel_err(native(x, 10), ref(x, 10).sample) <= 1e-5
+        assert rel_err(native(x, torch.tensor(10.5)), ref(x, torch.tensor(10.5)).sample) <= 1e-5
