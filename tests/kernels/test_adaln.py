@@ -1,0 +1,109 @@
+"""fastdiff.kernels.adaln_modulate / gated_residual vs float64 torch, on the CPU through Triton's interpreter."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastdiff.errors import BadArgumentError
+from fastdiff.kernels import adaln_modulate, gated_residual
+
+TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
+DTYPES = list(TOL)
+SHAPES = [(2, 5, 7), (1, 77, 123), (2, 3, 1152), (3, 7, 72)]  # (B, T, D)
+
+
+def ref_modulate(x, shift, scale, eps=1e-6):
+    h = F.layer_norm(x.double(), (x.shape[-1],), eps=eps)
+    return h * (1 + scale.double()[:, None]) + shift.double()[:, None]
+
+
+def make_x(shape, dtype, layout, mean=4.0):
+    B, T, D = shape
+    if layout == "strided":  # tokens strided (every other row of a bigger buffer): read through strides
+        return (torch.randn(B, 2 * T, D) * 2 + mean).to(dtype)[:, ::2]
+    if layout == "transposed":  # last dim not unit-stride: the launcher copies
+        return (torch.randn(B, D, T) * 2 + mean).to(dtype).transpose(1, 2)
+    return (torch.randn(B, T, D) * 2 + mean).to(dtype)
+
+
+def assert_close(o, ref, dtype):
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(o.double(), ref, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "strided", "transposed"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_adaln_modulate_matches_reference(shape, dtype, layout):
+    B, T, D = shape
+    x = make_x(shape, dtype, layout)
+    shift, scale = torch.randn(B, D).to(dtype), (torch.randn(B, D) * 0.5).to(dtype)
+    out = torch.full((B, T, D), float("nan"), dtype=dtype)
+    y = adaln_modulate(x, shift, scale, eps=1e-6, out=out)
+    assert y is out
+    assert_close(y, ref_modulate(x, shift, scale), dtype)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "strided", "transposed"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_gated_residual_matches_reference(shape, dtype, layout):
+    B, T, D = shape
+    x, y = make_x(shape, dtype, layout), make_x(shape, dtype, "contiguous", mean=-1.0)
+    gate = (torch.randn(B, D) + 0.5).to(dtype)
+    out = torch.full((B, T, D), 1e4, dtype=dtype)
+    o = gated_residual(x, gate, y, out=out)
+    assert o is out
+    assert_close(o, x.double() + gate.double()[:, None] * y.double(), dtype)
+
+
+def test_adaln_large_mean_row():
+    x = torch.randn(1, 3, 257) + 1e3
+    shift, scale = torch.randn(1, 257), torch.randn(1, 257)
+    torch.testing.assert_close(adaln_modulate(x, shift, scale).double(), ref_modulate(x, shift, scale),
+                               rtol=1e-3, atol=1e-3)
+
+
+def test_mixed_dtypes_promote_like_torch():
+    """float16 activations with float32 modulation give float32, as the native expression does."""
+    x = make_x((2, 4, 24), torch.float16, "contiguous")
+    shift, scale = torch.randn(2, 24), torch.randn(2, 24)
+    y = adaln_modulate(x, shift, scale)
+    assert y.dtype == torch.float32
+    assert_close(y, ref_modulate(x, shift, scale), torch.float16)
+    g = gated_residual(x, scale, x)
+    assert g.dtype == torch.float32
+
+
+def test_gated_residual_in_place():
+    x = make_x((2, 5, 40), torch.float32, "contiguous")
+    gate, y = torch.randn(2, 40), torch.randn(2, 5, 40)
+    expected = x.double() + gate.double()[:, None] * y.double()
+    o = gated_residual(x, gate, y, out=x)
+    assert o is x
+    assert_close(x, expected, torch.float32)
+
+
+def test_layers_triton_equal_native():
+    from fastdiff.models.layers import GatedResidual, ModulatedLayerNorm
+
+    x, y = make_x((2, 6, 48), torch.float32, "contiguous"), torch.randn(2, 6, 48)
+    shift, scale, gate = torch.randn(2, 48), torch.randn(2, 48), torch.randn(2, 48)
+    for layer, args in ((ModulatedLayerNorm(48), (x, shift, scale)), (GatedResidual(), (x, gate, y))):
+        native = layer.forward_native(*args)
+        layer.set_backend("triton")
+        torch.testing.assert_close(layer(*args), native, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: adaln_modulate(torch.randn(4, 8), torch.randn(4, 8), torch.randn(4, 8)), r"\(B, T, D\)"),
+    (lambda: adaln_modulate(torch.randn(2, 3, 8), torch.randn(2, 7), torch.randn(2, 8)), r"shift of shape \(2, 8\)"),
+    (lambda: adaln_modulate(torch.randn(2, 3, 8), torch.randn(2, 8), torch.randn(3, 8)), r"scale of shape \(2, 8\)"),
+    (lambda: gated_residual(torch.randn(2, 3, 8), torch.randn(2, 8), torch.randn(2, 4, 8)), r"y of shape \(2, 3, 8\)"),
+    (lambda: gated_residual(torch.randn(2, 3, 8).int(), torch.randn(2, 8), torch.randn(2, 3, 8)), "dtype"),
+    (lambda: gated_residual(torch.randn(2, 3, 8), torch.randn(2, 8), torch.randn(2, 3, 8),
+                            out=torch.empty(2, 3, 8).half()), "out of shape"),
+])
+def test_adaln_rejects_bad_arguments(call, match):
+    with pytest.raises(BadArgumentError, match=match):
+        call()

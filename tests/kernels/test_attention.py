@@ -1,0 +1,102 @@
+"""fastdiff.kernels.attention vs float64 SDPA, on the CPU through Triton's interpreter.
+
+bfloat16: Triton 3.9's interpreter computes ``tl.dot`` on bfloat16 operands wrongly, so under the
+interpreter the launcher upcasts the dot operands to float32 (``DOT_FP32``) while keeping the bfloat16
+loads, the P -> bfloat16 rounding and the bfloat16 store; the bfloat16 ``tl.dot`` itself is covered by the
+ahead-of-time compile in test_aot.py.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastdiff.errors import BadArgumentError
+from fastdiff.kernels import attention
+
+# (rtol, atol) against float64 SDPA on the same rounded inputs; P is rounded to the input dtype before P @ V.
+TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (3e-3, 3e-3), torch.bfloat16: (2e-2, 3e-2)}
+DTYPES = list(TOL)
+
+SHAPES = [  # (B, H, Nq, Nk, D): self / cross, token counts off the block size, every model head dim
+    (1, 2, 77, 77, 40),
+    (2, 1, 5, 77, 72),
+    (1, 1, 123, 7, 32),
+    (1, 1, 16, 16, 64),
+    (1, 2, 33, 20, 80),
+    (1, 1, 7, 123, 128),
+]
+
+
+def make_qkv(B, H, NQ, NK, D, dtype, layout):
+    """Non-zero-mean q, k, v; "strided" gives (B, N, H, D) memory viewed as (B, H, N, D) (a projection's output)."""
+    if layout == "strided":
+        q = (torch.randn(B, NQ, H, D) + 0.5).to(dtype).transpose(1, 2)
+        k = (torch.randn(B, NK, H, D) - 0.3).to(dtype).transpose(1, 2)
+        v = (torch.randn(B, H, D, NK) + 1.0).to(dtype).transpose(2, 3)
+    else:
+        q = (torch.randn(B, H, NQ, D) + 0.5).to(dtype)
+        k = (torch.randn(B, H, NK, D) - 0.3).to(dtype)
+        v = (torch.randn(B, H, NK, D) + 1.0).to(dtype)
+    return q, k, v
+
+
+def reference(q, k, v, scale=None):
+    return F.scaled_dot_product_attention(q.double(), k.double(), v.double(), scale=scale)
+
+
+def assert_close(o, ref, dtype):
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(o.double(), ref, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"B{b}H{h}q{q}k{k}d{d}" for b, h, q, k, d in SHAPES])
+def test_attention_matches_sdpa(shape, dtype, layout):
+    q, k, v = make_qkv(*shape, dtype, layout)
+    out = torch.full(q.shape, float("nan"), dtype=dtype)
+    o = attention(q, k, v, out=out)
+    assert o is out
+    assert_close(o, reference(q, k, v), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_attention_default_output_and_scale(dtype):
+    q, k, v = make_qkv(2, 2, 9, 77, 40, dtype, "contiguous")
+    o = attention(q, k, v, scale=0.3)
+    assert o.shape == q.shape and o.dtype == dtype and o.is_contiguous()
+    assert_close(o, reference(q, k, v, scale=0.3), dtype)
+
+
+def test_attention_large_logits_stay_finite():
+    """Logits in the thousands: the running-max online softmax must not overflow."""
+    q, k, v = make_qkv(1, 1, 20, 150, 32, torch.float32, "contiguous")
+    o = attention(q * 30, k * 30, v)
+    assert torch.isfinite(o).all()
+    torch.testing.assert_close(o.double(), reference(q * 30, k * 30, v), rtol=1e-4, atol=1e-4)
+
+
+def test_attention_layer_triton_equals_native():
+    from fastdiff.models.layers import Attention
+
+    layer = Attention()
+    q, k, v = make_qkv(1, 2, 13, 77, 40, torch.float32, "strided")
+    native = layer.forward_native(q, k, v, scale=0.2)
+    layer.set_backend("triton")
+    torch.testing.assert_close(layer(q, k, v, scale=0.2), native, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: attention(torch.randn(2, 5, 8), torch.randn(2, 5, 8), torch.randn(2, 5, 8)), r"\(B, H, N, D\)"),
+    (lambda: attention(torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16)),
+     r"k of shape \(1, 2, Nk, 8\)"),
+    (lambda: attention(torch.randn(1, 2, 5, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 7, 8)), "v of shape"),
+    (lambda: attention(torch.randn(1, 2, 5, 8), torch.randn(1, 2, 6, 8).half(), torch.randn(1, 2, 6, 8).half()),
+     "one dtype"),
+    (lambda: attention(torch.randn(1, 1, 5, 8), torch.randn(1, 1, 0, 8), torch.randn(1, 1, 0, 8)), "Nk = 0"),
+    (lambda: attention(torch.randn(1, 1, 5, 300), torch.randn(1, 1, 5, 300), torch.randn(1, 1, 5, 300)),
+     "head dim <= 256"),
+])
+def test_attention_rejects_bad_arguments(call, match):
+    with pytest.raises(BadArgumentError, match=match):
+        call()

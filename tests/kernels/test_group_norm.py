@@ -1,0 +1,148 @@
+"""fastdiff.kernels.group_norm vs a float64 torch reference, on the CPU through Triton's interpreter."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastdiff.errors import BadArgumentError
+from fastdiff.kernels import group_norm
+
+# (rtol, atol) against a float64 reference computed from the same (rounded) inputs: only the kernel's
+# float32 arithmetic and the final rounding to the output dtype remain.
+TOL = {torch.float32: (1e-5, 1e-4), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
+DTYPES = list(TOL)
+
+
+def reference(x, G, weight=None, bias=None, eps=1e-5, activation=None, scale=None, shift=None):
+    h = F.group_norm(x.double(), G, None if weight is None else weight.double(),
+                     None if bias is None else bias.double(), eps)
+    view = (x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2)
+    if scale is not None:
+        h = h * (1 + scale.double().reshape(view))
+    if shift is not None:
+        h = h + shift.double().reshape(view)
+    return F.silu(h) if activation == "silu" else h
+
+
+def make_input(shape, dtype, layout, mean=3.0, std=2.0):
+    """Non-zero-mean random input in the requested memory layout (values rounded to dtype)."""
+    if layout == "channels_last":
+        # (B, *spatial, C) memory viewed as (B, C, *spatial)
+        perm = (0, len(shape) - 1) + tuple(range(1, len(shape) - 1))
+        mem = torch.randn((shape[0],) + tuple(shape[2:]) + (shape[1],)) * std + mean
+        x = mem.to(dtype).permute(perm)
+        assert x.shape == shape and x.stride(1) == 1
+        return x
+    return (torch.randn(shape) * std + mean).to(dtype)
+
+
+def poisoned_like(x):
+    return torch.full_like(x, float("nan"))  # full_like keeps x's memory format
+
+
+def assert_close(y, ref, dtype):
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(y.double(), ref, rtol=rtol, atol=atol)
+
+
+SHAPES = [  # (shape, groups): odd channel / spatial counts, 3-D (B, C, N) inputs, 1 and many channels per group
+    ((2, 12, 5, 7), 4),
+    ((1, 10, 7, 7), 5),
+    ((1, 64, 3, 3), 2),
+    ((2, 6, 77), 3),
+    ((1, 7, 123), 7),
+]
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "affine+scaleshift+silu"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,groups", SHAPES, ids=[f"{s}g{g}" for s, g in SHAPES])
+def test_group_norm_matches_reference(shape, groups, dtype, layout, fused):
+    x = make_input(shape, dtype, layout)
+    B, C = shape[:2]
+    kw = {}
+    if fused:
+        kw = dict(weight=torch.randn(C) * 0.5 + 1, bias=torch.randn(C), activation="silu",
+                  scale=(torch.randn(B, C) * 0.5).to(dtype), shift=torch.randn(B, C).to(dtype))
+    out = poisoned_like(x)
+    y = group_norm(x, groups, eps=1e-5, out=out, **kw)
+    assert y is out
+    assert_close(y, reference(x, groups, eps=1e-5, **kw), dtype)
+
+
+@pytest.mark.parametrize("num_splits", [2, 3, 50])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_group_norm_split_statistics(num_splits, dtype, layout):
+    """The two-launch path (partial statistics per slice, merged per group) equals the reference."""
+    x = make_input((2, 6, 5, 9), dtype, layout)
+    w, b = torch.randn(6), torch.randn(6)
+    out = poisoned_like(x)
+    y = group_norm(x, 3, w, b, activation="silu", out=out, num_splits=num_splits)
+    assert_close(y, reference(x, 3, w, b, activation="silu"), dtype)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_group_norm_keeps_memory_format_and_dtype(layout, dtype):
+    x = make_input((2, 8, 3, 5), dtype, layout)
+    y = group_norm(x, 4, activation="silu")
+    assert y.dtype == dtype and y.shape == x.shape and y.stride() == x.stride()
+    assert_close(y, reference(x, 4, activation="silu"), dtype)
+
+
+@pytest.mark.parametrize("num_splits", [None, 4])
+def test_group_norm_large_mean_is_stable(num_splits):
+    """|mean| >> std: E[x^2] - E[x]^2 in float32 would lose every digit; tile-wise M2 merging does not."""
+    x = torch.randn(1, 4, 16, 16) + 1e4
+    y = group_norm(x, 2, num_splits=num_splits)
+    ref = reference(x, 2)
+    torch.testing.assert_close(y.double(), ref, rtol=0, atol=5e-3)
+
+
+def test_group_norm_strided_input_is_copied():
+    """Spatial dims that do not flatten to one stride (a slice) take the contiguous-copy path."""
+    base = torch.randn(1, 6, 8, 9) + 1
+    x = base[:, :, ::2, 1:8]
+    out = torch.full((1, 6, 4, 7), float("nan"))
+    y = group_norm(x, 3, out=out)
+    assert y is out
+    assert_close(y, reference(x, 3), torch.float32)
+
+
+def test_group_norm_scale_shift_accepts_broadcast_shape():
+    """scale / shift as (B, C, 1, 1) (what a UNet's emb projection gives) are accepted."""
+    x = make_input((2, 4, 3, 3), torch.float32, "contiguous")
+    sc, sh = torch.randn(2, 4, 1, 1), torch.randn(2, 4, 1, 1)
+    y = group_norm(x, 2, scale=sc, shift=sh)
+    assert_close(y, reference(x, 2, scale=sc, shift=sh), torch.float32)
+
+
+def test_group_norm_layer_triton_equals_native():
+    """models.layers.GroupNorm calls the launcher with the argument order it expects."""
+    from fastdiff.models.layers import GroupNorm
+
+    layer = GroupNorm(4, 8, activation="silu")
+    with torch.no_grad():
+        layer.weight.normal_()
+        layer.bias.normal_()
+    x = make_input((2, 8, 3, 5), torch.float32, "channels_last")
+    sc, sh = torch.randn(2, 8), torch.randn(2, 8)
+    native = layer.forward_native(x, sc, sh)
+    layer.set_backend("triton")
+    torch.testing.assert_close(layer(x, sc, sh), native, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: group_norm(torch.randn(2, 6, 4), 4), "divisible"),
+    (lambda: group_norm(torch.randn(2, 6, 4), 3, activation="gelu"), "activation"),
+    (lambda: group_norm(torch.randn(2, 6, 4), 3, weight=torch.ones(5)), r"weight of shape \(6,\)"),
+    (lambda: group_norm(torch.randn(2, 6, 4), 3, scale=torch.ones(2, 5)), r"scale of shape \(2, 6\)"),
+    (lambda: group_norm(torch.randn(2, 6, 4).long(), 3), "dtype"),
+    (lambda: group_norm(torch.randn(6), 3), r"\(B, C, \*spatial\)"),
+    (lambda: group_norm(torch.randn(2, 6, 4), 3, out=torch.empty(2, 6, 5)), "out of shape"),
+])
+def test_group_norm_rejects_bad_arguments(call, match):
+    with pytest.raises(BadArgumentError, match=match):
+        call()
