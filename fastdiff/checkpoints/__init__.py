@@ -1,1 +1,115 @@
-"""Checkpoint formats: detection, safe reading and one converter per foreign layout."""
+"""Checkpoint formats: detection, safe reading and one converter per foreign layout.
+
+``fastdiff.load(path)`` is the single entry point. It detects the format, converts the weights to
+the native layout, builds the native model on the meta device and assigns the weights (no second
+copy, no random init), and returns a ``Pipeline``.
+
+Supported sources:
+- a fastdiff folder (``fastdiff.json`` + ``model.safetensors``, written by ``Pipeline.save``);
+- a diffusers model folder (``config.json`` + safetensors / .bin, sharded with an index) of a
+  UNet2DModel, UNet2DConditionModel or DiTTransformer2DModel;
+- a diffusers pipeline folder (``unet/`` or ``transformer/``, ``scheduler/``);
+- an official DiT ``.pt`` / ``.pth`` (a plain state dict, or a train.py checkpoint: its ``ema``);
+- ``builtin:NAME`` (weights shipped in the package) and ``arch:NAME`` (random weights of a
+  well-known architecture, for benchmarks).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from ..errors import BadArgumentError, CheckpointError, UnknownFormatError
+
+SUPPORTED_FORMATS = (
+    "fastdiff folder (fastdiff.json + model.safetensors)",
+    "diffusers model folder (config.json + diffusion_pytorch_model.safetensors/.bin, optionally sharded)",
+    "diffusers pipeline folder (model_index.json, unet/ or transformer/, scheduler/)",
+    "official DiT checkpoint (.pt/.pth: state dict or train.py checkpoint with 'ema')",
+    "ONNX model exported by fastdiff (.onnx)",
+    "builtin:NAME, arch:NAME",
+)
+
+
+def load(path: str, device="cpu", dtype: Optional[torch.dtype] = None, *, variant: Optional[str] = None,
+         num_heads: Optional[int] = None, prediction_type: Optional[str] = None,
+         scheduler: Optional[dict] = None):
+    """Load a checkpoint into fastdiff's native model and return a ``Pipeline``.
+
+    device / dtype: where and in which precision the network lives (sampler state stays float32).
+    variant: diffusers weight variant (``"fp16"`` reads ``diffusion_pytorch_model.fp16.safetensors``).
+    num_heads: DiT head count when it cannot be inferred from the weights.
+    prediction_type / scheduler: override what the checkpoint says (or the DDPM default it assumes).
+    """
+    from ..pipeline import Pipeline
+    from .common import strict_load
+    from ..models import build_model
+
+    if not isinstance(path, (str, os.PathLike)):
+        raise BadArgumentError(f"load() expects a path or 'builtin:NAME' / 'arch:NAME', found {type(path).__name__}")
+    path = os.fspath(path)
+    if path.startswith("arch:"):
+        from .presets import build_arch
+
+        model, spec = build_arch(path[len("arch:"):], device=device, dtype=dtype)
+        return Pipeline(model, spec, device=device)
+    if path.startswith("builtin:"):
+        from .presets import builtin_path
+
+        path = builtin_path(path[len("builtin:"):])
+    if not os.path.exists(path):
+        raise CheckpointError(f"no such file or folder: {path}")
+
+    kind, cfg, state, spec = _read_any(path, variant=variant, num_heads=num_heads)
+    if prediction_type is not None:
+        spec.prediction_type = prediction_type
+    if scheduler is not None:
+        spec.scheduler = dict(scheduler)
+    model = build_model(kind, cfg)
+    strict_load(model, state, name=f"{kind.upper()} from {path}", dtype=dtype, device=device)
+    return Pipeline(model.eval(), spec, device=device)
+
+
+def _read_any(path: str, *, variant=None, num_heads=None):
+    """(kind, native config, native state dict, ModelSpec) for any supported source."""
+    from .diffusers_folder import (is_model_folder, is_pipeline_folder, load_model_folder,
+                                   load_pipeline_folder, spec_for)
+    from .fastdiff_format import is_fastdiff_folder, load_fastdiff
+
+    if os.path.isdir(path):
+        if is_fastdiff_folder(path):
+            spec, state = load_fastdiff(path)
+            return spec.kind, spec.model_config, state, spec
+        if is_model_folder(path):
+            kind, cfg, state, _ = load_model_folder(path, variant)
+            spec = spec_for(kind, cfg, None, source=f"diffusers model folder {path}")
+            spec.notes.append("model folder without a scheduler: assuming DDPM linear betas, epsilon prediction")
+            return kind, cfg, state, spec
+        if is_pipeline_folder(path):
+            return load_pipeline_folder(path, variant)
+        raise UnknownFormatError(_unknown(path, f"a folder holding {sorted(os.listdir(path))[:10]}"))
+
+    ext = os.path.splitext(path)[1].lower()
+    if ext in (".pt", ".pth", ".ckpt", ".bin"):
+        from .dit import is_official_dit_state_dict, load_official_dit
+        from .io import pick_state_dict, read_torch_file
+
+        obj = read_torch_file(path)
+        state = pick_state_dict(obj, prefer=("ema", "model", "state_dict"))
+        if is_official_dit_state_dict(state):
+            cfg, state = load_official_dit(path, num_heads=num_heads)
+            spec = spec_for("dit", cfg, None, source=f"official DiT checkpoint {path}")
+            spec.guided_channels = 3 if spec.learned_variance else None  # official forward_with_cfg
+            return "dit", cfg, state, spec
+        raise UnknownFormatError(_unknown(path, f"a torch file whose keys start {sorted(state)[:6]}"))
+    if ext == ".onnx":
+        raise UnknownFormatError(
+            f"{path}: an ONNX model cannot be loaded as a PyTorch network; run it with "
+            f"pipe.optimize(OptimizeConfig(backend='onnxruntime')) from the checkpoint it was exported from")
+    raise UnknownFormatError(_unknown(path, f"a file with extension {ext or '(none)'!r}"))
+
+
+def _unknown(path: str, found: str) -> str:
+    return (f"{path}: unknown checkpoint format (found {found}). Supported: " + "; ".join(SUPPORTED_FORMATS))

@@ -1,0 +1,108 @@
+"""diffusers model folders (config.json + weights) and pipeline folders (unet/ or transformer/ + scheduler/)."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+import torch
+
+from ..errors import CheckpointError, CorruptCheckpointError, UnsupportedConfigError
+from ..spec import DEFAULT_SCHEDULER, ModelSpec
+from .io import read_sharded, read_weights
+
+UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
+DIT_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel")
+WEIGHT_NAMES = ("diffusion_pytorch_model", "model")
+
+
+def read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise CorruptCheckpointError(f"{path}: expected JSON, found a parse error ({e})") from e
+
+
+def is_model_folder(path: str) -> bool:
+    cfg = os.path.join(path, "config.json")
+    return os.path.isfile(cfg) and read_json(cfg).get("_class_name") in UNET_CLASSES + DIT_CLASSES
+
+
+def is_pipeline_folder(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "model_index.json")) or any(
+        is_model_folder(os.path.join(path, sub)) for sub in ("unet", "transformer"))
+
+
+def find_weights(folder: str, variant: Optional[str] = None) -> dict[str, torch.Tensor]:
+    """The state dict of a diffusers model folder: safetensors first, then .bin; sharded via the index."""
+    tag = f".{variant}" if variant else ""
+    for base in WEIGHT_NAMES:
+        for ext in ("safetensors", "bin"):
+            single = os.path.join(folder, f"{base}{tag}.{ext}")
+            if os.path.isfile(single):
+                return read_weights(single)
+            index = f"{base}{tag}.{ext}.index.json"
+            if os.path.isfile(os.path.join(folder, index)):
+                return read_sharded(folder, index)
+    found = sorted(os.listdir(folder))
+    raise CheckpointError(
+        f"{folder}: expected diffusion_pytorch_model{tag}.safetensors / .bin (or a sharded *.index.json), "
+        f"found {found}")
+
+
+def load_model_folder(folder: str, variant: Optional[str] = None):
+    """(kind, native config, native state dict, diffusers config dict) of a diffusers model folder."""
+    config = read_json(os.path.join(folder, "config.json"))
+    cls = config.get("_class_name")
+    state = find_weights(folder, variant)
+    if cls in UNET_CLASSES:
+        from .diffusers_unet import convert_diffusers_unet, unet_config_from_diffusers
+
+        return "unet", unet_config_from_diffusers(config), convert_diffusers_unet(state), config
+    if cls in DIT_CLASSES:
+        from .dit import convert_diffusers_dit, dit_config_from_diffusers
+
+        cfg = dit_config_from_diffusers(config)
+        return "dit", cfg, convert_diffusers_dit(state, cfg), config
+    raise UnsupportedConfigError("_class_name", cls, supported=list(UNET_CLASSES + DIT_CLASSES), model=folder)
+
+
+def spec_for(kind: str, cfg, scheduler: Optional[dict], source: str) -> ModelSpec:
+    """The sampling facts of a native config (+ the scheduler config that came with it)."""
+    scheduler = dict(scheduler) if scheduler else dict(DEFAULT_SCHEDULER)
+    prediction = scheduler.get("prediction_type", "epsilon")
+    if kind == "unet":
+        size = cfg.sample_size or 32
+        cross = cfg.cross_attention_dim
+        cross = cross if isinstance(cross, int) or cross is None else list(cross)[0]
+        return ModelSpec(
+            kind="unet", model_config=cfg.to_dict(), prediction_type=prediction, scheduler=scheduler,
+            in_channels=cfg.in_channels, sample_size=size, learned_variance=cfg.out_channels == 2 * cfg.in_channels,
+            num_classes=cfg.num_class_embeds, cross_attention_dim=cross if cfg.conditional else None, source=source)
+    num_classes = cfg.num_classes or None
+    null = num_classes if (num_classes and cfg.class_dropout_prob > 0) else None
+    return ModelSpec(
+        kind="dit", model_config=cfg.to_dict(), prediction_type=prediction, scheduler=scheduler,
+        in_channels=cfg.in_channels, sample_size=cfg.input_size, learned_variance=bool(cfg.learn_sigma),
+        num_classes=num_classes, null_class=null, source=source)
+
+
+def load_pipeline_folder(folder: str, variant: Optional[str] = None):
+    """(kind, config, state, spec) from a diffusers pipeline folder."""
+    for sub in ("unet", "transformer"):
+        if is_model_folder(os.path.join(folder, sub)):
+            kind, cfg, state, _ = load_model_folder(os.path.join(folder, sub), variant)
+            break
+    else:
+        raise CheckpointError(f"{folder}: a diffusers pipeline folder needs unet/ or transformer/ with a "
+                              f"UNet / DiT config.json; found {sorted(os.listdir(folder))}")
+    sched_path = os.path.join(folder, "scheduler", "scheduler_config.json")
+    scheduler = read_json(sched_path) if os.path.isfile(sched_path) else None
+    spec = spec_for(kind, cfg, scheduler, source=f"diffusers pipeline {folder}")
+    if os.path.isdir(os.path.join(folder, "vae")):
+        spec.notes.append("vae/ present but not loaded: fastdiff samples latents; decoding is not implemented yet")
+    if scheduler is None:
+        spec.notes.append("no scheduler/scheduler_config.json: assuming DDPM linear betas, epsilon prediction")
+    return kind, cfg, state, spec

@@ -1,0 +1,55 @@
+"""fastdiff's own format: a folder with ``fastdiff.json`` (the ModelSpec) and ``model.safetensors``.
+
+Written atomically by ``Pipeline.save``; read back with no conversion and no pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from safetensors.torch import save_file
+
+from ..errors import CorruptCheckpointError
+from ..spec import ModelSpec
+from ..utils.atomic import atomic_dir
+from .io import read_safetensors
+
+SPEC_FILE = "fastdiff.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT_VERSION = 1
+
+
+def is_fastdiff_folder(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, SPEC_FILE))
+
+
+def save_fastdiff(path: str, model: torch.nn.Module, spec: ModelSpec) -> str:
+    from .. import __version__
+
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    header = {"format": "fastdiff", "format_version": FORMAT_VERSION, "fastdiff_version": __version__,
+              "spec": spec.to_dict()}
+    with atomic_dir(path) as tmp:
+        save_file(state, os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt"})
+        with open(os.path.join(tmp, SPEC_FILE), "w") as f:
+            json.dump(header, f, indent=2)
+    return path
+
+
+def load_fastdiff(path: str):
+    """(spec, state dict) of a fastdiff folder."""
+    with open(os.path.join(path, SPEC_FILE)) as f:
+        try:
+            header = json.load(f)
+        except json.JSONDecodeError as e:
+            raise CorruptCheckpointError(f"{path}/{SPEC_FILE}: expected JSON, found a parse error ({e})") from e
+    if header.get("format") != "fastdiff" or header.get("format_version", 0) > FORMAT_VERSION:
+        raise CorruptCheckpointError(
+            f"{path}/{SPEC_FILE}: expected format 'fastdiff' version <= {FORMAT_VERSION}, found "
+            f"{header.get('format')!r} version {header.get('format_version')!r}")
+    weights = os.path.join(path, WEIGHTS_FILE)
+    if not os.path.isfile(weights):
+        raise CorruptCheckpointError(f"{path}: expected {WEIGHTS_FILE} beside {SPEC_FILE}, found none")
+    return ModelSpec.from_dict(header["spec"]), read_safetensors(weights)

@@ -1,0 +1,97 @@
+"""Named sources: ``arch:NAME`` (random weights of a well-known architecture) and ``builtin:NAME``."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..errors import BadArgumentError
+from ..spec import ModelSpec
+
+PRESET_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "presets")
+
+SD_SCHEDULER = {"_class_name": "PNDMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
+                "beta_end": 0.012, "beta_schedule": "scaled_linear", "prediction_type": "epsilon",
+                "steps_offset": 1, "set_alpha_to_one": False, "timestep_spacing": "leading"}
+DIT_SCHEDULER = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.0001,
+                 "beta_end": 0.02, "beta_schedule": "linear", "prediction_type": "epsilon"}
+
+
+def _unet_arch(make_config, scheduler, **spec_kw):
+    def build():
+        from .diffusers_folder import spec_for
+
+        cfg = make_config()
+        spec = spec_for("unet", cfg, scheduler, source="random weights")
+        for k, v in spec_kw.items():
+            setattr(spec, k, v)
+        return cfg, spec
+    return build
+
+
+def _dit_arch(name: str, image_size: int):
+    def build():
+        from ..models.dit import DiTConfig
+        from .diffusers_folder import spec_for
+
+        cfg = DiTConfig.from_name(name, input_size=image_size // 8)
+        spec = spec_for("dit", cfg, DIT_SCHEDULER, source="random weights")
+        spec.guided_channels = 3  # official DiT guides the first 3 channels
+        return cfg, spec
+    return build
+
+
+def _arch_table():
+    from ..models import unet
+
+    tiny_unet = lambda: unet.UNetConfig.from_diffusers(dict(  # noqa: E731
+        sample_size=16, in_channels=3, out_channels=3, block_out_channels=[32, 64], layers_per_block=1,
+        down_block_types=["DownBlock2D", "AttnDownBlock2D"], up_block_types=["AttnUpBlock2D", "UpBlock2D"],
+        norm_num_groups=8, attention_head_dim=16), "UNet2DModel")
+    tiny_sd = lambda: unet.UNetConfig.from_diffusers(dict(  # noqa: E731
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=[32, 64], layers_per_block=1,
+        down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
+        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8), "UNet2DConditionModel")
+    return {
+        "sd15-unet": _unet_arch(unet.sd15_config, SD_SCHEDULER),
+        "sd21-unet": _unet_arch(unet.sd21_config, dict(SD_SCHEDULER, prediction_type="v_prediction")),
+        "ddpm-cifar10": _unet_arch(unet.ddpm_cifar10_config, DIT_SCHEDULER),
+        "dit-xl-2-256": _dit_arch("DiT-XL/2", 256),
+        "dit-xl-2-512": _dit_arch("DiT-XL/2", 512),
+        "tiny-unet": _unet_arch(tiny_unet, DIT_SCHEDULER),
+        "tiny-sd-unet": _unet_arch(tiny_sd, SD_SCHEDULER),
+        "tiny-dit": _dit_arch("DiT-S/8", 64),
+    }
+
+
+ARCH_NAMES = ("sd15-unet", "sd21-unet", "ddpm-cifar10", "dit-xl-2-256", "dit-xl-2-512", "tiny-unet",
+              "tiny-sd-unet", "tiny-dit")
+
+
+def build_arch(name: str, device="cpu", dtype=None, seed: int = 0):
+    """(model, spec): a well-known architecture with seeded random weights (for latency, not images)."""
+    table = _arch_table()
+    if name not in table:
+        raise BadArgumentError(f"unknown architecture 'arch:{name}'; expected one of {sorted(table)}")
+    from ..models import build_model
+
+    cfg, spec = table[name]()
+    torch.manual_seed(seed)
+    model = build_model(spec.kind, cfg, device=device)
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.eval(), spec
+
+
+def builtin_names() -> list[str]:
+    if not os.path.isdir(PRESET_DIR):
+        return []
+    return sorted(n for n in os.listdir(PRESET_DIR) if os.path.isfile(os.path.join(PRESET_DIR, n, "fastdiff.json")))
+
+
+def builtin_path(name: str) -> str:
+    path = os.path.join(PRESET_DIR, name)
+    if name not in builtin_names():
+        raise BadArgumentError(f"unknown preset 'builtin:{name}'; shipped presets: {builtin_names() or 'none'}")
+    return path

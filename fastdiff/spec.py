@@ -1,0 +1,77 @@
+"""What a loaded model is, besides its weights: the facts a sampler needs and the fastdiff format stores.
+
+A ``ModelSpec`` travels with every Pipeline; it is written into ``fastdiff.json`` by ``pipe.save`` and
+into an ONNX file's metadata by the exporter, so any artifact can be sampled from again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional
+
+from .errors import UnsupportedConfigError
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "edm")
+
+# diffusers DDPMScheduler defaults: what a model folder without a scheduler was most likely trained with.
+DEFAULT_SCHEDULER = {
+    "_class_name": "DDPMScheduler",
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "prediction_type": "epsilon",
+}
+
+
+@dataclass
+class ModelSpec:
+    """Sampling facts of a model.
+
+    kind: "unet" | "dit" (native classes; see ``fastdiff.models.MODEL_KINDS``).
+    model_config: the native config as a dict.
+    prediction_type: what the network predicts on its discrete schedule ("epsilon" | "v_prediction" |
+        "sample"), or "edm" for an EDM-preconditioned network.
+    scheduler: a diffusers-style scheduler config (training betas + default sampler); honoured by
+        ``generate`` when no sampler is named.
+    in_channels / sample_size: the latent the sampler starts from (sample_size = (H, W)).
+    learned_variance: the network outputs 2*C channels; the last C are variance values, split off.
+    num_classes / null_class: class conditioning, and the label meaning "no class" for CFG (None when
+        the model has no unconditional label).
+    cross_attention_dim: text conditioning width (encoder_hidden_states), None when unconditional.
+    guided_channels: CFG applies to the first K output channels only (official DiT: 3); None = all.
+    """
+
+    kind: str
+    model_config: dict
+    prediction_type: str = "epsilon"
+    scheduler: dict = field(default_factory=lambda: dict(DEFAULT_SCHEDULER))
+    in_channels: int = 3
+    sample_size: tuple = (32, 32)
+    learned_variance: bool = False
+    num_classes: Optional[int] = None
+    null_class: Optional[int] = None
+    cross_attention_dim: Optional[int] = None
+    guided_channels: Optional[int] = None
+    source: str = ""
+    notes: list = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise UnsupportedConfigError("prediction_type", self.prediction_type, supported=list(PREDICTION_TYPES))
+        s = self.sample_size
+        self.sample_size = (int(s), int(s)) if isinstance(s, (int, float)) else tuple(int(v) for v in s)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["sample_size"] = list(self.sample_size)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelSpec":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise UnsupportedConfigError(unknown[0], d[unknown[0]], supported=sorted(names), model="ModelSpec")
+        return cls(**d)

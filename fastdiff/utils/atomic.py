@@ -1,0 +1,57 @@
+"""Atomic file and folder writes: a temp path next to the target, then one rename.
+
+An interrupted write (exception, Ctrl-C, kill) leaves the previous file or nothing at the target path,
+never a half-written artifact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+
+from ..errors import BadArgumentError
+
+
+def _check_parent(path: str) -> str:
+    parent = os.path.dirname(os.path.abspath(path)) or "."
+    if not os.path.isdir(parent):
+        raise BadArgumentError(f"cannot write {path}: expected an existing folder {parent}, found none")
+    if not os.access(parent, os.W_OK):
+        raise BadArgumentError(f"cannot write {path}: folder {parent} is not writable")
+    return parent
+
+
+@contextlib.contextmanager
+def atomic_path(path: str, suffix: str = ""):
+    """Yield a temp file path; on success it is renamed onto ``path``, on failure removed."""
+    parent = _check_parent(path)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", suffix=suffix, dir=parent)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str):
+    """Yield a temp folder; on success it replaces ``path`` (an old folder there is removed last)."""
+    parent = _check_parent(path)
+    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(os.path.normpath(path)) + "-", dir=parent)
+    try:
+        yield tmp
+        old = None
+        if os.path.exists(path):
+            old = tempfile.mkdtemp(prefix=".old-", dir=parent)
+            os.replace(path, os.path.join(old, "x"))
+        os.replace(tmp, path)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,138 @@
+"""fastdiff.load: format detection, diffusers folders, the fastdiff format, and bad input."""
+
+import json
+import os
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import fastdiff
+from fastdiff.errors import (CorruptCheckpointError, StateDictMismatchError, UnknownFormatError,
+                             UnsafeCheckpointError, UnsupportedConfigError)
+from helpers import perturb_, rel_err
+
+diffusers = pytest.importorskip("diffusers", reason="diffusers writes the reference folders")
+
+TINY_COND = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16, attention_head_dim=4,
+                 norm_num_groups=8)
+
+
+@pytest.fixture(scope="module")
+def ref_unet():
+    torch.manual_seed(0)
+    return perturb_(diffusers.UNet2DConditionModel(**TINY_COND).eval(), seed=0)
+
+
+def _check_same(pipe, ref):
+    x, ctx = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 16)
+    with torch.no_grad():
+        assert rel_err(pipe.model(x, torch.tensor([10, 900]), encoder_hidden_states=ctx),
+                       ref(x, torch.tensor([10, 900]), encoder_hidden_states=ctx).sample) <= 1e-5
+
+
+@pytest.mark.parametrize("safe,shard", [(True, None), (False, None), (True, "300KB"), (False, "300KB")])
+def test_diffusers_model_folder(tmp_path, ref_unet, safe, shard):
+    kw = {"max_shard_size": shard} if shard else {}
+    ref_unet.save_pretrained(tmp_path, safe_serialization=safe, **kw)
+    if shard:
+        assert any(n.endswith(".index.json") for n in os.listdir(tmp_path))
+    pipe = fastdiff.load(str(tmp_path))
+    assert pipe.spec.kind == "unet" and pipe.spec.cross_attention_dim == 16
+    _check_same(pipe, ref_unet)
+
+
+def test_diffusers_pipeline_folder_reads_scheduler(tmp_path, ref_unet):
+    ref_unet.save_pretrained(tmp_path / "unet")
+    sched = diffusers.DPMSolverMultistepScheduler(prediction_type="v_prediction", beta_schedule="scaled_linear")
+    sched.save_pretrained(tmp_path / "scheduler")
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    pipe = fastdiff.load(str(tmp_path))
+    assert pipe.spec.prediction_type == "v_prediction"
+    assert pipe.spec.scheduler["_class_name"] == "DPMSolverMultistepScheduler"
+    assert any("vae" in n for n in pipe.spec.notes)
+    _check_same(pipe, ref_unet)
+
+
+def test_fastdiff_round_trip_and_dtype(tmp_path, ref_unet):
+    ref_unet.save_pretrained(tmp_path / "src")
+    pipe = fastdiff.load(str(tmp_path / "src"))
+    pipe.save(str(tmp_path / "fd"))
+    assert sorted(os.listdir(tmp_path / "fd")) == ["fastdiff.json", "model.safetensors"]
+    again = fastdiff.load(str(tmp_path / "fd"))
+    assert again.spec == pipe.spec
+    _check_same(again, ref_unet)
+    half = fastdiff.load(str(tmp_path / "fd"), dtype=torch.bfloat16)
+    assert half.dtype == torch.bfloat16
+
+
+def test_missing_unexpected_and_misshaped_keys_are_named(tmp_path, ref_unet):
+    ref_unet.save_pretrained(tmp_path)
+    path = tmp_path / "diffusion_pytorch_model.safetensors"
+    from fastdiff.checkpoints.io import read_safetensors
+
+    state = read_safetensors(str(path))
+    del state["conv_in.weight"]
+    state["extra.weight"] = torch.zeros(2)
+    state["conv_out.bias"] = torch.zeros(5)
+    save_file(state, str(path))
+    with pytest.raises(StateDictMismatchError) as e:
+        fastdiff.load(str(tmp_path))
+    msg = str(e.value)
+    assert "1 missing" in msg and "conv_in.weight" in msg
+    assert "1 unexpected" in msg and "extra.weight" in msg
+    assert "conv_out.bias: expected (4,), found (5,)" in msg
+
+
+def test_unknown_format_lists_supported(tmp_path):
+    p = tmp_path / "weights.xyz"
+    p.write_bytes(b"hello")
+    with pytest.raises(UnknownFormatError) as e:
+        fastdiff.load(str(p))
+    assert "diffusers model folder" in str(e.value) and ".xyz" in str(e.value)
+    with pytest.raises(UnknownFormatError):
+        fastdiff.load(str(tmp_path))  # a folder with nothing recognisable
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_pickle_of_objects_is_refused(tmp_path):
+    p = tmp_path / "evil.pt"
+    torch.save({"model": Evil()}, str(p))
+    with pytest.raises(UnsafeCheckpointError) as e:
+        fastdiff.load(str(p))
+    assert "weights_only" in str(e.value)
+    raw = tmp_path / "raw.pt"
+    raw.write_bytes(pickle.dumps(Evil()))
+    with pytest.raises((UnsafeCheckpointError, CorruptCheckpointError)):
+        fastdiff.load(str(raw))
+
+
+def test_truncated_safetensors_is_reported(tmp_path, ref_unet):
+    ref_unet.save_pretrained(tmp_path)
+    path = tmp_path / "diffusion_pytorch_model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CorruptCheckpointError) as e:
+        fastdiff.load(str(tmp_path))
+    assert "truncated" in str(e.value)
+
+
+@pytest.mark.parametrize("field,value", [("act_fn", "gelu"), ("only_cross_attention", True),
+                                         ("addition_embed_type", "text_time"), ("attention_type", "gated"),
+                                         ("resnet_time_scale_shift", "spatial")])
+def test_unsupported_config_field_names_field_and_value(tmp_path, ref_unet, field, value):
+    ref_unet.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg[field] = value
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedConfigError) as e:
+        fastdiff.load(str(tmp_path))
+    assert field in str(e.value) and repr(value) in str(e.value)
