@@ -1,0 +1,56 @@
+"""The ``fastdiff`` command line: ``generate | export | bench | info``.
+
+Each subcommand lives in ``fastdiff/commands/<name>.py`` and exposes ``register(subparsers)``, which
+adds its parser and sets ``func``. Errors fastdiff raises on purpose (bad arguments, unreadable
+models, unavailable backends) exit with status 2 and one clear line, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = ("generate", "export", "bench", "info")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="fastdiff",
+        description="fastdiff: fast inference for diffusion models (UNet, DiT) - generate images, export "
+                    "ONNX / TensorRT artifacts, benchmark latency, inspect the machine.")
+    parser.add_argument("--version", action="version", version=f"fastdiff {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"fastdiff.commands.{name}")
+        except ModuleNotFoundError as e:  # a subcommand not shipped yet
+            if e.name != f"fastdiff.commands.{name}":
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    from .errors import FastdiffError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except FastdiffError as e:
+        print(f"fastdiff {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"fastdiff {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

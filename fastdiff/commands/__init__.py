@@ -1,0 +1,1 @@
+"""One module per ``fastdiff`` subcommand, each with ``register(subparsers)``."""

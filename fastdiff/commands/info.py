@@ -1,0 +1,99 @@
+"""``fastdiff info``: versions, devices, and which backends / fused ops are usable here."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import platform
+
+
+def register(sub) -> None:
+    p = sub.add_parser("info", help="show versions, devices and usable backends",
+                       description="Print the versions of fastdiff's dependencies (or 'not installed'), the "
+                                   "devices torch sees, which runtime backends can run on this machine and "
+                                   "which implementation each fused op uses.")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=run)
+
+
+def _version(module: str) -> str:
+    try:
+        mod = importlib.import_module(module)
+    except Exception:
+        return "not installed"
+    return str(getattr(mod, "__version__", "installed"))
+
+
+def collect() -> dict:
+    """The info report as a dict (also used by ``fastdiff bench --json``)."""
+    import torch
+
+    from .. import __version__
+    from ..models.layers import triton_available
+
+    report = {
+        "fastdiff": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "versions": {m: _version(m) for m in ("torch", "triton", "onnx", "onnxruntime", "tensorrt", "diffusers",
+                                               "safetensors", "numpy")},
+    }
+    devices = [f"cpu ({os.cpu_count()} cores)"]
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            devices.append(f"cuda:{i} {p.name} (sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB)")
+    report["devices"] = devices
+    tri_ok, tri_why = triton_available()
+    backends = {"eager": "yes"}
+    backends["triton"] = "yes" if tri_ok else f"no: {tri_why}"
+    backends["compile"] = "yes" if hasattr(torch, "compile") else "no: torch.compile missing"
+    backends["cuda_graphs"] = "yes" if torch.cuda.is_available() else "no: needs a CUDA GPU"
+    ort = _version("onnxruntime")
+    backends["onnxruntime"] = "yes" if ort != "not installed" else "no: onnxruntime not installed"
+    if ort != "not installed":
+        import onnxruntime
+
+        backends["onnxruntime"] += f" (providers: {', '.join(onnxruntime.get_available_providers())})"
+    trt = _version("tensorrt")
+    backends["tensorrt"] = ("no: tensorrt not installed" if trt == "not installed"
+                            else "yes" if torch.cuda.is_available() else "no: needs a CUDA GPU")
+    report["backends"] = backends
+    try:
+        from ..cuda_ext import HAS_CUDA_EXT
+    except Exception:
+        HAS_CUDA_EXT = False
+    report["cuda_extension"] = "built" if HAS_CUDA_EXT else "not built (optional; see csrc/)"
+    # Which path each fused op takes under backend="auto" on the best device here.
+    auto = "triton" if (tri_ok and torch.cuda.is_available()) else "native"
+    report["fused_ops"] = {op: auto for op in ("GroupNorm", "Attention", "ModulatedLayerNorm", "GatedResidual")}
+    if auto == "native":
+        report["fused_ops_note"] = "auto picks the plain torch path here (no CUDA device); backend='triton' " \
+                                   "forces the Triton kernels" + ("" if tri_ok else f" (unavailable: {tri_why})")
+    return report
+
+
+def run(args) -> int:
+    report = collect()
+    if args.json:
+        import json
+
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"fastdiff {report['fastdiff']}  (Python {report['python']}, {report['platform']})")
+    print("versions:")
+    for k, v in report["versions"].items():
+        print(f"  {k:12s} {v}")
+    print("devices:")
+    for d in report["devices"]:
+        print(f"  {d}")
+    print("backends:")
+    for k, v in report["backends"].items():
+        print(f"  {k:12s} {v}")
+    print(f"cuda extension: {report['cuda_extension']}")
+    print("fused ops (backend='auto'):")
+    for k, v in report["fused_ops"].items():
+        print(f"  {k:20s} {v}")
+    if "fused_ops_note" in report:
+        print(f"  note: {report['fused_ops_note']}")
+    return 0
