@@ -64,7 +64,7 @@ def load_model_folder(folder: str, variant: Optional[str] = None):
     if cls in DIT_CLASSES:
         from .dit import convert_diffusers_dit, dit_config_from_diffusers
 
-        cfg = dit_config_from_diffusers(config)
+        cfg = dit_config_from_diffusers(config, state)
         return "dit", cfg, convert_diffusers_dit(state, cfg), config
     raise UnsupportedConfigError("_class_name", cls, supported=list(UNET_CLASSES + DIT_CLASSES), model=folder)
 
