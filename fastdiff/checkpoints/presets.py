@@ -30,12 +30,12 @@ def _unet_arch(make_config, scheduler, **spec_kw):
     return build
 
 
-def _dit_arch(name: str, image_size: int):
+def _dit_arch(name: str, image_size: int, **overrides):
     def build():
         from ..models.dit import DiTConfig
         from .diffusers_folder import spec_for
 
-        cfg = DiTConfig.from_name(name, input_size=image_size // 8)
+        cfg = DiTConfig.from_name(name, input_size=image_size // 8, **overrides)
         spec = spec_for("dit", cfg, DIT_SCHEDULER, source="random weights")
         spec.guided_channels = 3  # official DiT guides the first 3 channels
         return cfg, spec
@@ -61,7 +61,7 @@ def _arch_table():
         "dit-xl-2-512": _dit_arch("DiT-XL/2", 512),
         "tiny-unet": _unet_arch(tiny_unet, DIT_SCHEDULER),
         "tiny-sd-unet": _unet_arch(tiny_sd, SD_SCHEDULER),
-        "tiny-dit": _dit_arch("DiT-S/8", 64),
+        "tiny-dit": _dit_arch("DiT-S/2", 64, hidden_size=64, depth=2, num_heads=4, num_classes=10),
     }
 
 
