@@ -168,13 +168,20 @@ class MultiHeadAttention(nn.Module):
         self.to_v = nn.Linear(context_dim or query_dim, inner, bias=qkv_bias)
         self.to_out = nn.ModuleList([nn.Linear(inner, query_dim)])
         self.core = AttentionCore()
+        # Fused q|k|v projection: set by fastdiff.models.fuse.fuse_qkv as non-persistent buffers.
+        self.register_buffer("qkv_weight", None, persistent=False)
+        self.register_buffer("qkv_bias", None, persistent=False)
 
     def forward(self, x, context=None):
         b = x.shape[0]
-        ctx = x if context is None else context
-        q = self.to_q(x).view(b, -1, self.heads, self.head_dim).transpose(1, 2)  # (B, H, N, d)
-        k = self.to_k(ctx).view(b, -1, self.heads, self.head_dim).transpose(1, 2)  # (B, H, M, d)
-        v = self.to_v(ctx).view(b, -1, self.heads, self.head_dim).transpose(1, 2)  # (B, H, M, d)
+        if context is None and self.qkv_weight is not None:  # fused self-attention projection
+            qkv = F.linear(x, self.qkv_weight, self.qkv_bias).view(b, -1, 3, self.heads, self.head_dim)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, d) each
+        else:
+            ctx = x if context is None else context
+            q = self.to_q(x).view(b, -1, self.heads, self.head_dim).transpose(1, 2)  # (B, H, N, d)
+            k = self.to_k(ctx).view(b, -1, self.heads, self.head_dim).transpose(1, 2)  # (B, H, M, d)
+            v = self.to_v(ctx).view(b, -1, self.heads, self.head_dim).transpose(1, 2)  # (B, H, M, d)
         if self.upcast and q.dtype in (torch.float16, torch.bfloat16):
             o = self.core(q.float(), k.float(), v.float()).to(q.dtype)
         else:

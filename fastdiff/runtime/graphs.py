@@ -1,0 +1,119 @@
+"""CUDA-graph replay of the network, one graph per input signature (batch bucket, resolution, dtype).
+
+``GraphedNetwork`` wraps a network callable with the native signature. A call pads the batch up to the
+next bucket, copies the inputs into that signature's static buffers, replays the captured graph and
+returns the un-padded slice of the static output (cloned, so a later replay cannot overwrite it).
+
+Graphs are captured after warm-up on a side stream, share one memory pool, and live in a bounded LRU
+cache. The capture itself goes through a ``graph_factory`` so the bucketing, padding and static-buffer
+logic is testable on a CPU with a stand-in graph object.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from ..errors import BadArgumentError
+
+
+def bucket_for(n: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket >= n; n beyond the largest bucket is an error (the caller splits batches)."""
+    for b in buckets:
+        if b >= n:
+            return b
+    raise BadArgumentError(f"batch of {n} exceeds the largest batch bucket {max(buckets)}")
+
+
+def pad_to(t: Optional[torch.Tensor], n: int) -> Optional[torch.Tensor]:
+    """Pad dim 0 up to n by repeating the last row (real values: no NaN / inf paths in padded rows)."""
+    if t is None or t.shape[0] == n:
+        return t
+    extra = t[-1:].expand(n - t.shape[0], *t.shape[1:])
+    return torch.cat([t, extra], dim=0)
+
+
+class CudaGraph:
+    """torch.cuda.CUDAGraph capture of ``fn(*static_inputs) -> static_output`` (the real factory)."""
+
+    def __init__(self, fn: Callable, static_inputs: list, pool=None, warmup: int = 2):
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up outside the graph (allocator, cuDNN / Triton autotune)
+            for _ in range(warmup):
+                fn(*static_inputs)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.output = fn(*static_inputs)
+        self.pool = self.graph.pool()
+
+    def replay(self):
+        self.graph.replay()
+        return self.output
+
+
+class GraphedNetwork:
+    """Network callable with per-signature captured graphs and padding to batch buckets."""
+
+    def __init__(self, network: Callable, buckets: Sequence[int], max_graphs: int = 16,
+                 graph_factory: Optional[Callable] = None):
+        self.network = network
+        self.buckets = tuple(sorted(buckets))
+        self.max_graphs = max_graphs
+        self.graph_factory = graph_factory or CudaGraph
+        self.graphs: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
+        self.pool = None
+        self.captures = 0
+
+    @staticmethod
+    def signature(bucket: int, x: torch.Tensor, timestep, class_labels, encoder_hidden_states) -> tuple:
+        def sig(t):
+            return None if t is None else (tuple(t.shape[1:]), t.dtype)
+        return (bucket, tuple(x.shape[1:]), x.dtype, str(x.device), sig(timestep), sig(class_labels),
+                sig(encoder_hidden_states))
+
+    def __call__(self, x, timestep, class_labels=None, encoder_hidden_states=None):
+        n = x.shape[0]
+        if n > self.buckets[-1]:  # larger than any graph: run in bucket-sized chunks
+            step = self.buckets[-1]
+            parts = [self(x[i:i + step], _rows(timestep, i, step), _rows(class_labels, i, step),
+                          _rows(encoder_hidden_states, i, step)) for i in range(0, n, step)]
+            return torch.cat(parts, dim=0)
+        bucket = bucket_for(n, self.buckets)
+        timestep = _as_batch(timestep, n, x.device)
+        inputs = [pad_to(t, bucket) for t in (x, timestep, class_labels, encoder_hidden_states)]
+        key = self.signature(bucket, *inputs)
+        entry = self.graphs.get(key)
+        if entry is None:
+            static = [None if t is None else t.clone() for t in inputs]
+            graph = self.graph_factory(lambda *a: self.network(*a), static, pool=self.pool)
+            self.pool = getattr(graph, "pool", self.pool)
+            self.captures += 1
+            entry = (graph, static)
+            self.graphs[key] = entry
+            while len(self.graphs) > self.max_graphs:
+                self.graphs.popitem(last=False)
+        else:
+            self.graphs.move_to_end(key)
+        graph, static = entry
+        for buf, t in zip(static, inputs):
+            if buf is not None:
+                buf.copy_(t)
+        return graph.replay()[:n].clone()
+
+
+def _as_batch(timestep, n: int, device) -> torch.Tensor:
+    if not torch.is_tensor(timestep):
+        timestep = torch.tensor([timestep], device=device)
+    if timestep.dim() == 0:
+        timestep = timestep[None]
+    return timestep.expand(n).contiguous() if timestep.shape[0] == 1 and n != 1 else timestep
+
+
+def _rows(t, i: int, step: int):
+    if t is None or not torch.is_tensor(t) or t.dim() == 0 or t.shape[0] == 1:
+        return t
+    return t[i:i + step]

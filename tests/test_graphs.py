@@ -1,0 +1,88 @@
+"""Graph cache, batch buckets, padding and static buffers, with a stand-in graph object (CPU)."""
+
+import pytest
+import torch
+
+from fastdiff.errors import BadArgumentError
+from fastdiff.runtime.graphs import GraphedNetwork, bucket_for, pad_to
+
+
+class FakeGraph:
+    """Mimics CUDA-graph semantics: captured on static buffers; replay recomputes into a fixed output."""
+
+    created = 0
+
+    def __init__(self, fn, static_inputs, pool=None):
+        FakeGraph.created += 1
+        self.fn, self.static = fn, static_inputs
+        self.output = fn(*static_inputs).clone()
+        self.pool = pool or object()
+        self.replays = 0
+
+    def replay(self):
+        self.replays += 1
+        self.output.copy_(self.fn(*self.static))
+        return self.output
+
+
+def net(x, t, class_labels=None, encoder_hidden_states=None):
+    out = x * 2 + t.float().view(-1, 1, 1, 1)
+    if class_labels is not None:
+        out = out + class_labels.float().view(-1, 1, 1, 1)
+    return out
+
+
+@pytest.mark.parametrize("n,want", [(1, 1), (2, 2), (3, 4), (5, 8), (8, 8)])
+def test_bucket_for(n, want):
+    assert bucket_for(n, (1, 2, 4, 8)) == want
+
+
+def test_bucket_too_large():
+    with pytest.raises(BadArgumentError):
+        bucket_for(9, (1, 2, 4, 8))
+
+
+def test_pad_repeats_last_row():
+    t = torch.arange(6.0).view(3, 2)
+    p = pad_to(t, 5)
+    assert p.shape == (5, 2) and torch.equal(p[3], t[2]) and torch.equal(p[:3], t)
+
+
+def test_replay_matches_eager_and_reuses_buckets():
+    g = GraphedNetwork(net, buckets=(1, 2, 4), graph_factory=FakeGraph)
+    for n in (3, 4, 3, 1, 2, 4):
+        x, t = torch.randn(n, 2, 4, 4), torch.randint(0, 1000, (n,))
+        y = torch.randint(0, 10, (n,))
+        out = g(x, t, y)
+        assert out.shape == x.shape
+        torch.testing.assert_close(out, net(x, t, y))
+    assert g.captures == 3  # buckets 4, 1, 2: a request that fits an existing bucket never recaptures
+
+
+def test_result_survives_next_replay():
+    g = GraphedNetwork(net, buckets=(2,), graph_factory=FakeGraph)
+    a = g(torch.ones(2, 1, 2, 2), torch.tensor([1, 1]))
+    g(torch.zeros(2, 1, 2, 2), torch.tensor([5, 5]))
+    assert torch.equal(a, torch.full((2, 1, 2, 2), 3.0))  # cloned out of the static buffer
+
+
+def test_new_resolution_or_dtype_is_a_new_graph_and_cache_is_bounded():
+    g = GraphedNetwork(net, buckets=(1,), max_graphs=2, graph_factory=FakeGraph)
+    g(torch.randn(1, 1, 4, 4), torch.tensor([1]))
+    g(torch.randn(1, 1, 8, 8), torch.tensor([1]))
+    g(torch.randn(1, 1, 8, 8, dtype=torch.float64), torch.tensor([1]))
+    assert g.captures == 3 and len(g.graphs) == 2
+    g(torch.randn(1, 1, 4, 4), torch.tensor([1]))  # evicted: captured again
+    assert g.captures == 4
+
+
+def test_batches_larger_than_the_largest_bucket_are_chunked():
+    g = GraphedNetwork(net, buckets=(1, 2), graph_factory=FakeGraph)
+    x, t = torch.randn(5, 1, 2, 2), torch.arange(5)
+    torch.testing.assert_close(g(x, t), net(x, t))
+
+
+def test_scalar_timestep_broadcasts():
+    g = GraphedNetwork(net, buckets=(4,), graph_factory=FakeGraph)
+    x = torch.randn(3, 1, 2, 2)
+    torch.testing.assert_close(g(x, torch.tensor(7)), net(x, torch.full((3,), 7)))
