@@ -1,0 +1,315 @@
+"""Denoisers: one contract, ``D(x, sigma, **cond) -> x0``, for every sampler.
+
+``x`` is the sampler state in the k-diffusion / EDM convention (``x = x0 + sigma * eps``, float32),
+``sigma`` one noise level per sample (shape (B,) or broadcastable). The adapters here turn a network into
+that contract, so a sampler never sees a parameterisation:
+
+* ``DiscreteDenoiser``: a network trained on a discrete DDPM schedule (eps / v / x0 prediction). sigma is
+  mapped to the network's timestep (exactly onto the training grid, log-sigma interpolation between), x is
+  scaled by ``c_in = 1/sqrt(sigma^2 + 1)`` (the variance-preserving input the network was trained on).
+* ``EDMDenoiser``: EDM preconditioning (c_skip, c_out, c_in, c_noise = ln(sigma)/4, sigma_data).
+* ``CFGDenoiser``: classifier-free guidance as ONE batched call (uncond + cond stacked on the batch).
+
+Every adapter splits a call into ``predict`` (raw x0) and ``postprocess`` (clip_sample / dynamic
+thresholding), so that guidance is applied before clipping as diffusers does, and DDIM can clip x0 while
+keeping the network's own eps (diffusers' ``use_clipped_model_output=False``).
+
+The network is any callable ``model(x, timestep, class_labels=None, encoder_hidden_states=None)``; it may
+run in fp16: inputs are cast to its dtype and its output back to float32. Nothing here reads a device
+value back to the host.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from .errors import BadArgumentError
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+# --------------------------------------------------------------------------------------------------
+# x0 post-processing
+# --------------------------------------------------------------------------------------------------
+
+def dynamic_threshold(x0: torch.Tensor, ratio: float = 0.995, max_value: float = 1.0) -> torch.Tensor:
+    """Imagen's dynamic thresholding: per sample, s = clamp(quantile(|x0|, ratio), 1, max_value);
+    x0 -> clamp(x0, -s, s) / s."""
+    flat = x0.reshape(x0.shape[0], -1)
+    s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1, max=max_value).unsqueeze(1)
+    return (torch.maximum(torch.minimum(flat, s), -s) / s).reshape(x0.shape)
+
+
+def make_x0_postprocess(clip_sample: Optional[float] = None, thresholding: bool = False,
+                        dynamic_thresholding_ratio: float = 0.995,
+                        sample_max_value: float = 1.0) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+    """The x0 post-processing diffusers applies (thresholding wins over clipping), or None."""
+    if thresholding:
+        return lambda x0: dynamic_threshold(x0, dynamic_thresholding_ratio, sample_max_value)
+    if clip_sample is not None:
+        r = float(clip_sample)
+        return lambda x0: x0.clamp(-r, r)
+    return None
+
+
+class Denoiser:
+    """Base: ``__call__ = postprocess(predict(...))``. Subclasses implement ``predict`` and ``c_skip``."""
+
+    postprocess_x0: Optional[Callable] = None
+
+    def predict(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
+        raise NotImplementedError
+
+    def c_skip(self, sigma: torch.Tensor) -> torch.Tensor:
+        """x0 = c_skip * x + c_out * network_output: lets guidance_rescale work in the output's space."""
+        raise NotImplementedError
+
+    def postprocess(self, x0: torch.Tensor) -> torch.Tensor:
+        return x0 if self.postprocess_x0 is None else self.postprocess_x0(x0)
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
+        return self.postprocess(self.predict(x, sigma, **cond))
+
+
+def _model_dtype(model, dtype):
+    if dtype is not None:
+        return dtype
+    params = getattr(model, "parameters", None)
+    if callable(params):
+        for p in params():
+            return p.dtype if p.is_floating_point() else torch.float32
+    return torch.float32
+
+
+def _split_learned_variance(out: torch.Tensor, channels: int) -> torch.Tensor:
+    """Networks with learned variance (guided-diffusion, DiT) return 2*C channels: keep the first C."""
+    if out.shape[1] == channels:
+        return out
+    if out.shape[1] == 2 * channels:
+        return out[:, :channels]
+    raise BadArgumentError(f"network output: expected {channels} (or {2 * channels} with learned variance) "
+                           f"channels, found {out.shape[1]}")
+
+
+def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(B,) or scalar -> shape broadcastable against x."""
+    v = v.to(x.dtype)
+    return v.reshape(v.shape + (1,) * (x.ndim - v.ndim)) if v.ndim == 1 else v
+
+
+# --------------------------------------------------------------------------------------------------
+# Discrete-time (DDPM-schedule) networks
+# --------------------------------------------------------------------------------------------------
+
+class DiscreteDenoiser(Denoiser):
+    """A network trained on a discrete DDPM schedule, as a ``D(x, sigma) -> x0``.
+
+    Args:
+        model: ``model(x, timestep, **cond)``.
+        alphas_cumprod: the training schedule (float32, one entry per training timestep).
+        prediction_type: "epsilon", "v_prediction" or "sample".
+        timestep_rounding: None (fractional timesteps), "round" (nearest training step, what diffusers'
+            DDIM / DPM-Solver / UniPC feed the network) or "floor" (diffusers' int64 cast of a fractional
+            timestep).
+        interpolation: "log" (sigma -> t by linear interpolation of log sigma; exact on the training grid)
+            or "linear" (linear in sigma: the inverse of diffusers' ``np.interp`` used by the Euler-family
+            schedulers for fractional 'linspace' timesteps).
+        timestep_type: "discrete" (the training index) or "continuous" (0.25 * ln(sigma), diffusers'
+            Euler ``timestep_type="continuous"``).
+        clip_sample / thresholding / dynamic_thresholding_ratio / sample_max_value: x0 post-processing.
+        dtype: the network's dtype (default: its parameters' dtype, else float32).
+    """
+
+    def __init__(self, model, alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon", *,
+                 timestep_rounding: Optional[str] = None, interpolation: str = "log",
+                 timestep_type: str = "discrete", clip_sample: Optional[float] = None, thresholding: bool = False,
+                 dynamic_thresholding_ratio: float = 0.995, sample_max_value: float = 1.0,
+                 dtype: Optional[torch.dtype] = None):
+        if prediction_type not in PREDICTION_TYPES:
+            raise BadArgumentError(f"prediction_type: expected one of {PREDICTION_TYPES}, found {prediction_type!r}")
+        if timestep_rounding not in (None, "round", "floor"):
+            raise BadArgumentError(f"timestep_rounding: expected None, 'round' or 'floor', found {timestep_rounding!r}")
+        if interpolation not in ("log", "linear"):
+            raise BadArgumentError(f"interpolation: expected 'log' or 'linear', found {interpolation!r}")
+        if timestep_type not in ("discrete", "continuous"):
+            raise BadArgumentError(f"timestep_type: expected 'discrete' or 'continuous', found {timestep_type!r}")
+        self.model = model
+        self.prediction_type = prediction_type
+        self.timestep_rounding = timestep_rounding
+        self.interpolation = interpolation
+        self.timestep_type = timestep_type
+        self.dtype = _model_dtype(model, dtype)
+        self.postprocess_x0 = make_x0_postprocess(clip_sample, thresholding, dynamic_thresholding_ratio,
+                                                  sample_max_value)
+        ac = torch.as_tensor(alphas_cumprod).detach().to("cpu", torch.float32)
+        self.alphas_cumprod = ac
+        # The float32 sigma table (what diffusers holds), kept in float64 for an exact inverse.
+        self.sigmas = (((1 - ac) / ac) ** 0.5).to(torch.float64)
+        self.log_sigmas = self.sigmas.log()
+        self.sigma_min, self.sigma_max = float(self.sigmas[0]), float(self.sigmas[-1])
+        self._tables = {}
+
+    def _table(self, device: torch.device):
+        """Per-device copies of the lookup tables (float64 where the device has it)."""
+        t = self._tables.get(device)
+        if t is None:
+            dt = torch.float32 if device.type == "mps" else torch.float64
+            t = (self.log_sigmas.to(device, dt), self.sigmas.to(device, dt))
+            self._tables[device] = t
+        return t
+
+    def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Training timestep for each sigma, on sigma's device, no host sync."""
+        log_table, table = self._table(sigma.device)
+        s = sigma.to(table.dtype)
+        if self.timestep_type == "continuous":
+            return 0.25 * s.log()
+        n = table.shape[0]
+        if self.interpolation == "log":
+            ref, key = log_table, s.clamp(min=1e-10).log()
+        else:
+            ref, key = table, s
+        low = (torch.searchsorted(ref, key.contiguous(), right=True) - 1).clamp(0, n - 2)
+        lo, hi = ref[low], ref[low + 1]
+        w = ((key - lo) / (hi - lo)).clamp(0, 1)
+        t = low.to(table.dtype) + w
+        if self.timestep_rounding == "round":
+            t = t.round()
+        elif self.timestep_rounding == "floor":
+            t = t.floor()
+        return t
+
+    def c_skip(self, sigma):
+        if self.prediction_type == "epsilon":
+            return torch.ones_like(sigma)
+        if self.prediction_type == "v_prediction":
+            return 1 / (sigma ** 2 + 1)
+        return torch.zeros_like(sigma)
+
+    def predict(self, x, sigma, **cond):
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
+        if sigma.ndim == 0:
+            sigma = sigma.expand(x.shape[0])
+        t = self.sigma_to_t(sigma).to(torch.float32)
+        s = _bcast(sigma, x)
+        c_in = (s * s + 1).rsqrt()
+        out = self.model((x * c_in).to(self.dtype), t, **cond)
+        out = _split_learned_variance(out, x.shape[1]).to(torch.float32)
+        if self.prediction_type == "epsilon":  # x = x0 + sigma * eps
+            return x - s * out
+        if self.prediction_type == "v_prediction":  # x0 = alpha * x_vp - sigma_vp * v, in sigma units
+            return x * (c_in * c_in) - out * (s * c_in)
+        return out
+
+
+# --------------------------------------------------------------------------------------------------
+# EDM preconditioning
+# --------------------------------------------------------------------------------------------------
+
+class EDMDenoiser(Denoiser):
+    """Karras et al. 2022, Table 1: D(x, sigma) = c_skip x + c_out F(c_in x, c_noise).
+
+    c_skip = sd^2/(sigma^2+sd^2), c_out = sigma*sd/sqrt(sigma^2+sd^2), c_in = 1/sqrt(sigma^2+sd^2),
+    c_noise = ln(sigma)/4. ``prediction_type="v_prediction"`` flips the sign of c_out (diffusers' EDM
+    schedulers); "sample" means the network returns x0 directly.
+    """
+
+    def __init__(self, model, sigma_data: float = 0.5, prediction_type: str = "epsilon", *,
+                 clip_sample: Optional[float] = None, thresholding: bool = False,
+                 dynamic_thresholding_ratio: float = 0.995, sample_max_value: float = 1.0,
+                 dtype: Optional[torch.dtype] = None):
+        if prediction_type not in PREDICTION_TYPES:
+            raise BadArgumentError(f"prediction_type: expected one of {PREDICTION_TYPES}, found {prediction_type!r}")
+        self.model, self.sigma_data, self.prediction_type = model, float(sigma_data), prediction_type
+        self.dtype = _model_dtype(model, dtype)
+        self.postprocess_x0 = make_x0_postprocess(clip_sample, thresholding, dynamic_thresholding_ratio,
+                                                  sample_max_value)
+
+    def c_skip(self, sigma):
+        if self.prediction_type == "sample":
+            return torch.zeros_like(sigma)
+        return self.sigma_data ** 2 / (sigma ** 2 + self.sigma_data ** 2)
+
+    def predict(self, x, sigma, **cond):
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
+        if sigma.ndim == 0:
+            sigma = sigma.expand(x.shape[0])
+        sd = self.sigma_data
+        s = _bcast(sigma, x)
+        c_in = (s * s + sd * sd).rsqrt()
+        out = self.model((x * c_in).to(self.dtype), 0.25 * sigma.log(), **cond)
+        out = _split_learned_variance(out, x.shape[1]).to(torch.float32)
+        if self.prediction_type == "sample":
+            return out
+        c_out = s * sd * c_in
+        if self.prediction_type == "v_prediction":
+            c_out = -c_out
+        return x * (sd * sd * c_in * c_in) + out * c_out
+
+
+# --------------------------------------------------------------------------------------------------
+# Classifier-free guidance
+# --------------------------------------------------------------------------------------------------
+
+class CFGDenoiser(Denoiser):
+    """Classifier-free guidance around any ``Denoiser``, as ONE batched network call.
+
+    ``cfg(x, sigma, uncond={...}, **cond)``: every conditioning tensor in ``cond`` is stacked with its
+    counterpart in ``uncond`` along the batch ([uncond, cond], diffusers' order); keys absent from
+    ``uncond`` are shared (repeated). Guidance is linear in x0 exactly as in the network's output, so it
+    is applied to x0 and equals diffusers' guidance on eps / v.
+
+    Args:
+        guidance_scale: w in uncond + w * (cond - uncond). 1.0 skips the unconditional pass entirely.
+        guidance_rescale: phi of Lin et al. 2023 (diffusers' ``rescale_noise_cfg``), computed in the
+            network's output space (std ratio of cond vs guided prediction, per sample).
+        guided_channels: guide only the first K channels (official DiT guides channels 0..2; the rest
+            keep the conditional prediction).
+    """
+
+    def __init__(self, inner: Denoiser, guidance_scale: float = 1.0, guidance_rescale: float = 0.0,
+                 guided_channels: Optional[int] = None):
+        self.inner = inner
+        self.guidance_scale = float(guidance_scale)
+        self.guidance_rescale = float(guidance_rescale)
+        self.guided_channels = guided_channels
+        self.postprocess_x0 = getattr(inner, "postprocess_x0", None)
+
+    def c_skip(self, sigma):
+        return self.inner.c_skip(sigma)
+
+    def predict(self, x, sigma, uncond: Optional[dict] = None, **cond):
+        if self.guidance_scale == 1.0:
+            return self.inner.predict(x, sigma, **cond)
+        uncond = uncond or {}
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
+        if sigma.ndim == 0:
+            sigma = sigma.expand(x.shape[0])
+        both = {k: torch.cat([uncond.get(k, v), v]) if torch.is_tensor(v) else v for k, v in cond.items()}
+        for k, v in uncond.items():
+            if k not in both:
+                raise BadArgumentError(f"uncond: expected keys among the conditioning {sorted(cond)}, found {k!r}")
+        x0_u, x0_c = self.inner.predict(torch.cat([x, x]), torch.cat([sigma, sigma]), **both).chunk(2)
+        w, k = self.guidance_scale, self.guided_channels
+        if k is None:
+            x0 = x0_u + w * (x0_c - x0_u)
+        else:
+            x0 = torch.cat([x0_u[:, :k] + w * (x0_c[:, :k] - x0_u[:, :k]), x0_c[:, k:]], dim=1)
+        if self.guidance_rescale > 0:
+            # rescale_noise_cfg in the network-output space: out = (x0 - c_skip x) / c_out, and the per-
+            # sample std ratio does not depend on c_out.
+            base = _bcast(self.c_skip(sigma), x) * x
+            g, c = x0 - base, x0_c - base
+            dims = list(range(1, x.ndim))
+            ratio = c.std(dim=dims, keepdim=True) / g.std(dim=dims, keepdim=True)
+            phi = self.guidance_rescale
+            x0 = base + g * (phi * ratio + (1 - phi))
+        return x0
+
+
+def sigma_as_input(sigma: float, like: torch.Tensor) -> torch.Tensor:
+    """A (B,) float32 sigma tensor on like's device, from a host float (no device read-back)."""
+    return torch.full((like.shape[0],), float(sigma), dtype=torch.float32, device=like.device)
+

@@ -1,0 +1,68 @@
+"""The sampling entry point: what the Pipeline calls.
+
+Two ways in, both ending in ``sample(...)``:
+
+1. From a diffusers ``scheduler_config.json`` (reproduces that scheduler)::
+
+       from fastdiff.sampling import plan_from_scheduler_config, NoiseSource
+       plan = plan_from_scheduler_config(config_dict, num_inference_steps=30)
+       denoiser = plan.make_denoiser(model)                          # D(x, sigma, **cond) -> x0
+       denoiser = CFGDenoiser(denoiser, guidance_scale=7.5)           # optional, fastdiff.denoiser
+       src = NoiseSource(seeds, device)                               # one generator per sample
+       latents = src.randn(latent_shape)                              # or the user's latents=
+       images = plan.sample(denoiser, latents, noise=src, extra_args=dict(encoder_hidden_states=c,
+                            uncond=dict(encoder_hidden_states=u)))
+
+2. From names (k-diffusion / ComfyUI vocabulary)::
+
+       sigmas = get_sigmas("karras", 20, alphas_cumprod=ac)            # host float64, ends in 0
+       x = src.randn(latent_shape) * sigmas[0]                         # (or sqrt(1 + sigma0^2): VP start)
+       x0 = sample(denoiser, x, "dpmpp_2m", sigmas, noise=src)
+
+``sample`` validates the sampler name and its options (``BadArgumentError`` lists what is accepted) and
+dispatches to ``fastdiff.samplers.SAMPLERS``.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from .errors import BadArgumentError
+from .noise import NoiseSource  # noqa: F401  (re-exported for the Pipeline)
+from .samplers import SAMPLERS, STOCHASTIC  # noqa: F401
+from .scheduler_config import SamplingPlan, load_scheduler_config, plan_from_scheduler_config  # noqa: F401
+from .schedules import SCHEDULES, get_sigmas  # noqa: F401
+
+_COMMON_ARGS = {"denoiser", "x", "sigmas", "extra_args", "noise", "callback"}
+
+
+def sampler_options(name: str) -> list:
+    """The keyword options sampler ``name`` accepts (beyond the common ones)."""
+    fn = _lookup(name)
+    params = inspect.signature(fn).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):      # thin aliases (dpmpp_3m -> dpmpp_2m)
+        params = inspect.signature(_alias_target(fn)).parameters
+    return sorted(k for k in params if k not in _COMMON_ARGS)
+
+
+def sample(denoiser, x, sampler: str, sigmas, *, extra_args=None, noise=None, callback=None, **options):
+    """Run sampler ``sampler`` from state ``x`` at ``sigmas[0]`` down the host grid ``sigmas``."""
+    fn = _lookup(sampler)
+    unknown = sorted(set(options) - set(sampler_options(sampler)))
+    if unknown:
+        raise BadArgumentError(f"sampler {sampler!r}: unknown option(s) {unknown}; expected among "
+                               f"{sampler_options(sampler)}")
+    return fn(denoiser, x, sigmas, extra_args=extra_args, noise=noise, callback=callback, **options)
+
+
+def _lookup(name: str):
+    fn = SAMPLERS.get(name)
+    if fn is None:
+        raise BadArgumentError(f"sampler: expected one of {sorted(SAMPLERS)}, found {name!r}")
+    return fn
+
+
+def _alias_target(fn):
+    from . import samplers
+    return {samplers.sample_dpmpp_3m: samplers.sample_dpmpp_2m,
+            samplers.sample_dpmpp_3m_sde: samplers.sample_dpmpp_2m_sde}.get(fn, fn)

@@ -1,0 +1,368 @@
+"""A diffusers ``scheduler_config.json`` -> a fastdiff sampling plan (sampler + sigma grid + denoiser).
+
+``plan_from_scheduler_config(config, num_inference_steps)`` reads the config the way the diffusers
+scheduler class named in ``_class_name`` would, and returns a ``SamplingPlan`` that reproduces that
+scheduler's run (same timesteps fed to the network, same updates) with a fastdiff sampler:
+
+    plan = plan_from_scheduler_config(json.load(open(".../scheduler/scheduler_config.json")), 30)
+    denoiser = plan.make_denoiser(model)                     # DiscreteDenoiser / EDMDenoiser
+    x0 = plan.sample(denoiser, latents, noise=NoiseSource(seeds))
+
+Frames: fastdiff samplers work in sigma units (x = x0 + sigma * eps). Diffusers' DDIM / DDPM / DPM-Solver
+/ UniPC keep the variance-preserving sample x_vp = x / sqrt(1 + sigma^2); ``plan.init_noise_sigma`` (what
+unit-normal latents are multiplied by) and ``plan.output_scale`` (what the final state is multiplied by)
+carry the conversion, so ``plan.sample`` takes and returns exactly what a diffusers pipeline does.
+
+Supported: DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler,
+HeunDiscreteScheduler, DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler,
+UniPCMultistepScheduler, EDMEulerScheduler. Anything else raises ``UnsupportedConfigError``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+
+from . import schedules
+from .denoiser import DiscreteDenoiser, EDMDenoiser, make_x0_postprocess
+from .errors import BadArgumentError, UnsupportedConfigError
+
+_COMMON = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+               trained_betas=None, prediction_type="epsilon", rescale_betas_zero_snr=False, steps_offset=0,
+               thresholding=False, dynamic_thresholding_ratio=0.995, sample_max_value=1.0, clip_sample=False,
+               clip_sample_range=1.0, use_karras_sigmas=False, use_exponential_sigmas=False,
+               use_beta_sigmas=False, use_lu_lambdas=False, use_flow_sigmas=False, use_dynamic_shifting=False,
+               final_sigmas_type="zero", timestep_spacing="linspace", variance_type=None,
+               lambda_min_clipped=-math.inf, sigma_min=None, sigma_max=None)
+
+# Per-class defaults that differ from _COMMON (diffusers 0.3x-0.4x signatures).
+_DEFAULTS = {
+    "DDIMScheduler": dict(clip_sample=True, set_alpha_to_one=True, timestep_spacing="leading"),
+    "DDPMScheduler": dict(clip_sample=True, variance_type="fixed_small", timestep_spacing="leading"),
+    "EulerDiscreteScheduler": dict(interpolation_type="linear", timestep_type="discrete"),
+    "EulerAncestralDiscreteScheduler": dict(),
+    "HeunDiscreteScheduler": dict(beta_start=0.00085, beta_end=0.012),
+    "DPMSolverMultistepScheduler": dict(solver_order=2, algorithm_type="dpmsolver++", solver_type="midpoint",
+                                        lower_order_final=True, euler_at_final=False),
+    "DPMSolverSinglestepScheduler": dict(solver_order=2, algorithm_type="dpmsolver++", solver_type="midpoint",
+                                         lower_order_final=False),
+    "UniPCMultistepScheduler": dict(solver_order=2, predict_x0=True, solver_type="bh2", lower_order_final=True,
+                                    disable_corrector=[], solver_p=None),
+    "EDMEulerScheduler": dict(sigma_min=0.002, sigma_max=80.0, sigma_data=0.5, sigma_schedule="karras", rho=7.0),
+}
+SUPPORTED_SCHEDULERS = tuple(_DEFAULTS)
+
+
+@dataclass
+class SamplingPlan:
+    """Everything needed to sample like a given diffusers scheduler.
+
+    sampler / options: a ``fastdiff.samplers.SAMPLERS`` name and its keyword options.
+    sigmas: host float64 grid (len = steps + 1).
+    denoiser_kind / denoiser_options: how to wrap the network (``make_denoiser``).
+    init_noise_sigma: unit-normal latents are multiplied by this to get the sampler's initial state.
+    output_scale: the sampler's final state is multiplied by this (the VP frame when the grid ends > 0).
+    """
+
+    scheduler: str
+    sampler: str
+    sigmas: torch.Tensor
+    options: dict = field(default_factory=dict)
+    denoiser_kind: str = "discrete"
+    denoiser_options: dict = field(default_factory=dict)
+    init_noise_sigma: float = 1.0
+    output_scale: float = 1.0
+
+    @property
+    def steps(self) -> int:
+        return len(self.sigmas) - 1
+
+    def make_denoiser(self, model, **overrides):
+        """Wrap ``model(x, timestep, **cond)`` as the plan's ``D(x, sigma, **cond) -> x0``."""
+        opts = {**self.denoiser_options, **overrides}
+        if self.denoiser_kind == "edm":
+            return EDMDenoiser(model, **opts)
+        return DiscreteDenoiser(model, **opts)
+
+    def sample(self, denoiser, latents: torch.Tensor, *, extra_args=None, noise=None, callback=None,
+               **options) -> torch.Tensor:
+        """Run the plan from unit-normal ``latents`` (what diffusers' ``prepare_latents`` draws)."""
+        from .sampling import sample
+        x = latents.to(torch.float32) * self.init_noise_sigma
+        out = sample(denoiser, x, self.sampler, self.sigmas, extra_args=extra_args, noise=noise,
+                     callback=callback, **{**self.options, **options})
+        return out * self.output_scale if self.output_scale != 1.0 else out
+
+
+def load_scheduler_config(path: str) -> dict:
+    """Read ``scheduler_config.json`` from a file, a scheduler folder or a pipeline folder."""
+    for p in (path, os.path.join(path, "scheduler_config.json"), os.path.join(path, "scheduler", "scheduler_config.json")):
+        if os.path.isfile(p):
+            with open(p) as f:
+                return json.load(f)
+    raise BadArgumentError(f"scheduler config: expected a scheduler_config.json at or under {path!r}, found none")
+
+
+def plan_from_scheduler_config(config: dict, num_inference_steps: int, class_name: Optional[str] = None) -> SamplingPlan:
+    """Map a diffusers scheduler config (dict; ``_class_name`` names the class, or pass ``class_name``)
+    onto a ``SamplingPlan`` for ``num_inference_steps`` steps."""
+    name = class_name or config.get("_class_name")
+    if name not in _DEFAULTS:
+        raise UnsupportedConfigError("_class_name", name, supported=list(SUPPORTED_SCHEDULERS), model="scheduler")
+    if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        raise BadArgumentError(f"num_inference_steps: expected a positive int, found {num_inference_steps!r}")
+    cfg = {**_COMMON, **_DEFAULTS[name], **{k: v for k, v in dict(config).items() if not k.startswith("_")}}
+    return _BUILDERS[name](_Config(cfg, name), num_inference_steps)
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------------
+
+class _Config(dict):
+    def __init__(self, d, name):
+        super().__init__(d)
+        self.name = name
+
+    def choice(self, key, allowed):
+        v = self[key]
+        if v not in allowed:
+            raise UnsupportedConfigError(key, v, supported=list(allowed), model=self.name)
+        return v
+
+    def refuse_true(self, *keys):
+        for k in keys:
+            if self.get(k):
+                raise UnsupportedConfigError(k, self[k], supported=[False], model=self.name)
+
+
+def _alphas_cumprod(c: _Config, clamp_zero_snr: bool = True) -> torch.Tensor:
+    c.choice("beta_schedule", schedules.BETA_SCHEDULES if c["trained_betas"] is None else [c["beta_schedule"]])
+    return schedules.make_alphas_cumprod(c["beta_schedule"], c["num_train_timesteps"], c["beta_start"], c["beta_end"],
+                                         c["trained_betas"], c["rescale_betas_zero_snr"])
+
+
+def _f32(a) -> np.ndarray:
+    """Values as diffusers stores them (float32), held in float64."""
+    return np.asarray(a, dtype=np.float64).astype(np.float32).astype(np.float64)
+
+
+def _grid(sigmas, last) -> torch.Tensor:
+    return torch.from_numpy(np.concatenate([_f32(sigmas), _f32([last])]))
+
+
+def _table(ac) -> np.ndarray:
+    return schedules.sigmas_from_alphas_cumprod(ac).numpy()
+
+
+def _discrete(c: _Config, ac, **kw) -> dict:
+    opts = dict(alphas_cumprod=ac, prediction_type=c.choice("prediction_type", ("epsilon", "v_prediction", "sample")))
+    opts.update(kw)
+    return opts
+
+
+def _threshold_opts(c: _Config, clip: bool) -> dict:
+    return dict(clip_sample=c["clip_sample_range"] if (clip and c["clip_sample"]) else None,
+                thresholding=bool(c["thresholding"]), dynamic_thresholding_ratio=c["dynamic_thresholding_ratio"],
+                sample_max_value=c["sample_max_value"])
+
+
+def _vp_plan(name, sampler, sigmas: torch.Tensor, options, dopts) -> SamplingPlan:
+    """A plan for a variance-preserving scheduler: latents are x_vp at sigmas[0]; output x_vp at sigmas[-1]."""
+    s0, sl = float(sigmas[0]), float(sigmas[-1])
+    return SamplingPlan(name, sampler, sigmas, options, "discrete", dopts, init_noise_sigma=math.sqrt(1 + s0 * s0),
+                        output_scale=1 / math.sqrt(1 + sl * sl))
+
+
+def _sigma_grid_kind(c: _Config):
+    c.refuse_true("use_beta_sigmas", "use_lu_lambdas", "use_flow_sigmas", "use_dynamic_shifting")
+    if c["use_karras_sigmas"] and c["use_exponential_sigmas"]:
+        raise UnsupportedConfigError("use_exponential_sigmas", True, supported="only one of use_karras_sigmas / "
+                                     "use_exponential_sigmas", model=c.name)
+    return "karras" if c["use_karras_sigmas"] else "exponential" if c["use_exponential_sigmas"] else None
+
+
+def _convert(kind, n, lo, hi):
+    if kind == "karras":
+        return schedules.get_sigmas_karras(n, lo, hi, 7.0).numpy()[:-1]
+    return schedules.get_sigmas_exponential(n, lo, hi).numpy()[:-1]
+
+
+# --------------------------------------------------------------------------------------------------
+# builders, one per diffusers class
+# --------------------------------------------------------------------------------------------------
+
+def _ddim(c: _Config, n: int) -> SamplingPlan:
+    ac = _alphas_cumprod(c)
+    table = _table(ac)
+    T = c["num_train_timesteps"]
+    ts = schedules.get_timesteps(c.choice("timestep_spacing", schedules.SPACINGS), n, T, c["steps_offset"])
+    prev = ts - T // n                                 # diffusers' DDIM always steps to t - T // N
+    final = 0.0 if c["set_alpha_to_one"] else table[0]
+    to = _f32([table[p] if p >= 0 else final for p in prev])
+    sigmas = _grid(table[ts], to[-1])
+    options = dict(eta=0.0)
+    if not np.array_equal(to, sigmas.numpy()[1:]):
+        options["sigmas_to"] = to.tolist()
+    clip = make_x0_postprocess(**_threshold_opts(c, True))
+    if clip is not None:                               # clip x0, keep the network's eps (diffusers default)
+        options["clip_x0"] = clip
+    return _vp_plan(c.name, "ddim", sigmas, options, _discrete(c, ac, timestep_rounding="round"))
+
+
+def _ddpm(c: _Config, n: int) -> SamplingPlan:
+    ac = _alphas_cumprod(c)
+    table = _table(ac)
+    ts = schedules.get_timesteps(c.choice("timestep_spacing", schedules.SPACINGS), n, c["num_train_timesteps"],
+                                 c["steps_offset"])
+    variance = c.choice("variance_type", ("fixed_small", "fixed_small_log", "fixed_large"))
+    sigmas = _grid(table[ts], 0.0)
+    dopts = _discrete(c, ac, timestep_rounding="round", **_threshold_opts(c, True))
+    options = dict(variance="fixed_large" if variance == "fixed_large" else "fixed_small")
+    if variance == "fixed_large" and ts[-1] > 0:       # diffusers adds noise whenever t > 0
+        options["final_noise"] = True
+    return _vp_plan(c.name, "ddpm", sigmas, options, dopts)
+
+
+def _euler_family(c: _Config, n: int, sampler: str) -> SamplingPlan:
+    ac = _alphas_cumprod(c)
+    table = _table(ac)
+    spacing = c.choice("timestep_spacing", schedules.SPACINGS)
+    ts = schedules.get_timesteps(spacing, n, c["num_train_timesteps"], c["steps_offset"], integer=False)
+    sig = schedules.sigmas_at_timesteps(ac, ts)
+    kind = _sigma_grid_kind(c) if c.name != "EulerAncestralDiscreteScheduler" else None
+    if c.get("interpolation_type", "linear") != "linear":
+        raise UnsupportedConfigError("interpolation_type", c["interpolation_type"], supported=["linear"], model=c.name)
+    interp = "linear"
+    if kind is not None:                               # Karras / exponential over the spaced range
+        lo = c["sigma_min"] if c["sigma_min"] is not None else sig[-1]
+        hi = c["sigma_max"] if c["sigma_max"] is not None else sig[0]
+        sig, interp = _convert(kind, n, lo, hi), "log"
+    final = c.choice("final_sigmas_type", schedules.FINAL_SIGMAS) if c.name == "EulerDiscreteScheduler" else "zero"
+    sigmas = _grid(sig, table[0] if final == "sigma_min" else 0.0)
+    smax = float(sigmas.max())
+    init = smax if spacing in ("linspace", "trailing") else math.sqrt(smax * smax + 1)
+    continuous = c.get("timestep_type") == "continuous" and c["prediction_type"] == "v_prediction"
+    dopts = _discrete(c, ac, interpolation=interp, timestep_type="continuous" if continuous else "discrete",
+                      **_threshold_opts(c, c.name == "HeunDiscreteScheduler"))
+    return SamplingPlan(c.name, sampler, sigmas, {}, "discrete", dopts, init_noise_sigma=init)
+
+
+def _multistep_sigmas(c: _Config, n: int, ac, *, singlestep: bool):
+    """Timesteps and sigmas of diffusers' DPM-Solver / UniPC family; also how it rounds timesteps."""
+    table = _table(ac)
+    T = c["num_train_timesteps"]
+    lam = torch.log(ac.sqrt()) - torch.log((1 - ac).sqrt())
+    clipped = int(torch.searchsorted(torch.flip(lam, [0]), torch.tensor(c["lambda_min_clipped"], dtype=lam.dtype)))
+    last = T - clipped
+    spacing = "linspace" if singlestep else c.choice("timestep_spacing", schedules.SPACINGS)
+    ts = schedules.get_timesteps(spacing, n, T, c["steps_offset"] if not singlestep else 0, skip_last=True,
+                                 last_timestep=last)
+    kind = _sigma_grid_kind(c)
+    final = c.choice("final_sigmas_type", schedules.FINAL_SIGMAS)
+    if kind is None:
+        sig, rounding = table[ts], "round"
+        last_sigma = table[0]
+    else:
+        lo = c["sigma_min"] if c.name == "UniPCMultistepScheduler" and c["sigma_min"] is not None else table[0]
+        hi = c["sigma_max"] if c.name == "UniPCMultistepScheduler" and c["sigma_max"] is not None else table[-1]
+        sig = _convert(kind, n, lo, hi)
+        # karras timesteps are rounded (DPM multistep: not for the cosine schedule); other grids are cast
+        # to int64 (truncated).
+        rounds = kind == "karras" and (singlestep or c.name == "UniPCMultistepScheduler"
+                                       or c["beta_schedule"] != "squaredcos_cap_v2")
+        rounding = "round" if rounds else "floor"
+        last_sigma = sig[-1] if c.name == "UniPCMultistepScheduler" else table[0]
+    return _grid(sig, last_sigma if final == "sigma_min" else 0.0), rounding
+
+
+def _dpm_multistep(c: _Config, n: int) -> SamplingPlan:
+    ac = _alphas_cumprod(c)
+    algo = c["algorithm_type"]
+    algo = "dpmsolver++" if algo == "deis" else c.choice("algorithm_type", ("dpmsolver++", "dpmsolver", "sde-dpmsolver++"))
+    order = c.choice("solver_order", (1, 2, 3))
+    solver_type = c["solver_type"] if c["solver_type"] in ("midpoint", "heun") else "midpoint"
+    if algo == "dpmsolver" and c["final_sigmas_type"] == "zero":
+        raise UnsupportedConfigError("final_sigmas_type", "zero", supported=["sigma_min"] , model=c.name + " (dpmsolver)")
+    if algo == "dpmsolver" and c["thresholding"]:
+        raise UnsupportedConfigError("thresholding", True, supported=[False], model=c.name + " (dpmsolver)")
+    c.choice("variance_type", (None, "learned", "learned_range"))
+    sigmas, rounding = _multistep_sigmas(c, n, ac, singlestep=False)
+    options = dict(order=order, solver_type=solver_type, lower_order_final=bool(c["lower_order_final"]),
+                   euler_at_final=bool(c["euler_at_final"]))
+    if algo == "sde-dpmsolver++":
+        sampler = "dpmpp_2m_sde"
+        options.update(eta=1.0, diffusers_sde3_coefficient=True)
+    else:
+        sampler = "dpmpp_2m"
+        options["predict_x0"] = algo == "dpmsolver++"
+    dopts = _discrete(c, ac, timestep_rounding=rounding, **_threshold_opts(c, False))
+    return _vp_plan(c.name, sampler, sigmas, options, dopts)
+
+
+def _dpm_singlestep(c: _Config, n: int) -> SamplingPlan:
+    ac = _alphas_cumprod(c)
+    algo = c.choice("algorithm_type", ("dpmsolver++", "dpmsolver", "sde-dpmsolver++"))
+    order = c.choice("solver_order", (1, 2, 3))
+    c.choice("solver_type", ("midpoint", "heun"))
+    if algo == "dpmsolver" and c["thresholding"]:
+        raise UnsupportedConfigError("thresholding", True, supported=[False], model=c.name + " (dpmsolver)")
+    c.choice("variance_type", (None, "learned", "learned_range"))
+    sigmas, rounding = _multistep_sigmas(c, n, ac, singlestep=True)
+    options = dict(order=order, solver_type=c["solver_type"], lower_order_final=bool(c["lower_order_final"]),
+                   predict_x0=algo != "dpmsolver")
+    if algo == "sde-dpmsolver++":
+        options.update(eta=1.0, diffusers_sde3_coefficient=True)
+    dopts = _discrete(c, ac, timestep_rounding=rounding, **_threshold_opts(c, False))
+    return _vp_plan(c.name, "dpm_solver", sigmas, options, dopts)
+
+
+def _unipc(c: _Config, n: int) -> SamplingPlan:
+    ac = _alphas_cumprod(c)
+    if c["solver_p"] is not None:
+        raise UnsupportedConfigError("solver_p", c["solver_p"], supported=[None], model=c.name)
+    order = c.choice("solver_order", (1, 2, 3))
+    variant = c["solver_type"] if c["solver_type"] in ("bh1", "bh2") else "bh2"
+    if c["solver_type"] not in ("bh1", "bh2", "midpoint", "heun", "logrho"):
+        raise UnsupportedConfigError("solver_type", c["solver_type"], supported=["bh1", "bh2"], model=c.name)
+    sigmas, rounding = _multistep_sigmas(c, n, ac, singlestep=False)
+    predict_x0 = bool(c["predict_x0"])
+    options = dict(order=order, variant=variant, lower_order_final=bool(c["lower_order_final"]),
+                   disable_corrector=list(c["disable_corrector"] or []), predict_x0=predict_x0)
+    thr = _threshold_opts(c, False)
+    thr["thresholding"] = thr["thresholding"] and predict_x0   # diffusers thresholds only the x0 form
+    return _vp_plan(c.name, "unipc", sigmas, options, _discrete(c, ac, timestep_rounding=rounding, **thr))
+
+
+def _edm_euler(c: _Config, n: int) -> SamplingPlan:
+    kind = c.choice("sigma_schedule", ("karras", "exponential"))
+    lo, hi = float(c["sigma_min"]), float(c["sigma_max"])
+    if kind == "karras":
+        sig = schedules.get_sigmas_karras(n, lo, hi, float(c["rho"])).numpy()[:-1]
+    else:
+        sig = torch.linspace(math.log(lo), math.log(hi), n).exp().flip(0).numpy()
+    final = c.choice("final_sigmas_type", schedules.FINAL_SIGMAS)
+    sigmas = _grid(sig, _f32(sig)[-1] if final == "sigma_min" else 0.0)
+    dopts = dict(sigma_data=float(c["sigma_data"]),
+                 prediction_type=c.choice("prediction_type", ("epsilon", "v_prediction")))
+    return SamplingPlan(c.name, "euler", sigmas, {}, "edm", dopts, init_noise_sigma=math.sqrt(hi * hi + 1))
+
+
+_BUILDERS = {
+    "DDIMScheduler": _ddim,
+    "DDPMScheduler": _ddpm,
+    "EulerDiscreteScheduler": lambda c, n: _euler_family(c, n, "euler"),
+    "EulerAncestralDiscreteScheduler": lambda c, n: _euler_family(c, n, "euler_ancestral"),
+    "HeunDiscreteScheduler": lambda c, n: _euler_family(c, n, "heun"),
+    "DPMSolverMultistepScheduler": _dpm_multistep,
+    "DPMSolverSinglestepScheduler": _dpm_singlestep,
+    "UniPCMultistepScheduler": _unipc,
+    "EDMEulerScheduler": _edm_euler,
+}
+

@@ -1,0 +1,225 @@
+"""Noise schedules: DDPM betas -> alphas_cumprod, and the sigma grids a sampler walks.
+
+Two halves:
+
+* **Training schedules** (`make_betas`, `make_alphas_cumprod`): the discrete DDPM schedule a network was
+  trained on, computed exactly as diffusers does (float32, same formulas) so that timestep lookups land on
+  the same numbers.
+* **Sampling grids** (`get_sigmas_karras`, `get_sigmas_exponential`, `get_sigmas_uniform`,
+  `get_timesteps` + `sigmas_at_timesteps`): the decreasing noise levels a sampler steps through.
+
+Sigma is the k-diffusion / EDM noise level: ``x_t = x_0 + sigma * eps``; for a DDPM schedule
+``sigma_t = sqrt((1 - alphas_cumprod[t]) / alphas_cumprod[t])``. Every grid is a HOST tensor (float64,
+CPU), decreasing, with one more entry than there are steps; the last entry is 0 unless
+``final="sigma_min"`` (diffusers' ``final_sigmas_type``) asks to stop at the smallest noise level.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from .errors import BadArgumentError
+
+# EDM (Karras et al. 2022) defaults.
+EDM_SIGMA_MIN = 0.002
+EDM_SIGMA_MAX = 80.0
+EDM_RHO = 7.0
+EDM_SIGMA_DATA = 0.5
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
+SPACINGS = ("leading", "trailing", "linspace")
+FINAL_SIGMAS = ("zero", "sigma_min")
+
+
+# --------------------------------------------------------------------------------------------------
+# Training schedules
+# --------------------------------------------------------------------------------------------------
+
+def _cosine_betas(n: int, max_beta: float = 0.999) -> torch.Tensor:
+    """GLIDE / improved-DDPM cosine schedule, discretised as diffusers' ``betas_for_alpha_bar``."""
+    def alpha_bar(t):
+        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+    betas = [min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), max_beta) for i in range(n)]
+    return torch.tensor(betas, dtype=torch.float32)
+
+
+def make_betas(beta_schedule: str = "linear", num_train_timesteps: int = 1000, beta_start: float = 1e-4,
+               beta_end: float = 0.02, trained_betas: Optional[Sequence[float]] = None) -> torch.Tensor:
+    """The DDPM betas (float32, length ``num_train_timesteps``), bit-identical to diffusers."""
+    if trained_betas is not None:
+        return torch.tensor(trained_betas, dtype=torch.float32)
+    n = num_train_timesteps
+    if beta_schedule == "linear":
+        return torch.linspace(beta_start, beta_end, n, dtype=torch.float32)
+    if beta_schedule == "scaled_linear":  # latent diffusion: linear in sqrt(beta)
+        return torch.linspace(beta_start ** 0.5, beta_end ** 0.5, n, dtype=torch.float32) ** 2
+    if beta_schedule == "squaredcos_cap_v2":
+        return _cosine_betas(n)
+    if beta_schedule == "sigmoid":  # GeoDiff
+        return torch.sigmoid(torch.linspace(-6, 6, n)) * (beta_end - beta_start) + beta_start
+    raise BadArgumentError(f"beta_schedule: expected one of {BETA_SCHEDULES}, found {beta_schedule!r}")
+
+
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Lin et al. 2023 (Algorithm 1): shift/scale sqrt(alphas_cumprod) so the last timestep has SNR 0."""
+    abar_sqrt = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    first, last = abar_sqrt[0].clone(), abar_sqrt[-1].clone()
+    abar_sqrt = (abar_sqrt - last) * (first / (first - last))
+    abar = abar_sqrt ** 2
+    alphas = torch.cat([abar[:1], abar[1:] / abar[:-1]])
+    return 1 - alphas
+
+
+def make_alphas_cumprod(beta_schedule: str = "linear", num_train_timesteps: int = 1000, beta_start: float = 1e-4,
+                        beta_end: float = 0.02, trained_betas: Optional[Sequence[float]] = None,
+                        rescale_betas_zero_snr: bool = False) -> torch.Tensor:
+    """alphas_cumprod (float32). With zero-terminal-SNR the last entry is set to 2**-24, as diffusers'
+    sigma-based schedulers do, so that the largest sigma is finite (~4096)."""
+    betas = make_betas(beta_schedule, num_train_timesteps, beta_start, beta_end, trained_betas)
+    if rescale_betas_zero_snr:
+        betas = rescale_zero_terminal_snr(betas)
+    ac = torch.cumprod(1.0 - betas, dim=0)
+    if rescale_betas_zero_snr:
+        ac[-1] = 2.0 ** -24
+    return ac
+
+
+def sigmas_from_alphas_cumprod(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """sigma_t for every training timestep t (increasing in t), float64 copies of diffusers' float32 values."""
+    ac = alphas_cumprod.detach().to("cpu", torch.float32)
+    return (((1 - ac) / ac) ** 0.5).to(torch.float64)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sampling grids
+# --------------------------------------------------------------------------------------------------
+
+def _finish(sigmas, final: str, sigma_min: Optional[float] = None) -> torch.Tensor:
+    """Append the final sigma (0, or sigma_min) and return a float64 CPU tensor."""
+    sigmas = torch.as_tensor(np.asarray(sigmas, dtype=np.float64))
+    if final == "zero":
+        last = 0.0
+    elif final == "sigma_min":
+        last = float(sigmas[-1]) if sigma_min is None else float(sigma_min)
+    else:
+        raise BadArgumentError(f"final: expected one of {FINAL_SIGMAS}, found {final!r}")
+    return torch.cat([sigmas, sigmas.new_tensor([last])])
+
+
+def get_sigmas_karras(n: int, sigma_min: float = EDM_SIGMA_MIN, sigma_max: float = EDM_SIGMA_MAX,
+                      rho: float = EDM_RHO, final: str = "zero") -> torch.Tensor:
+    """Karras et al. 2022 eq. 5: n sigmas evenly spaced in sigma**(1/rho), then the final sigma."""
+    _check_steps(n)
+    ramp = np.linspace(0, 1, n)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return _finish((hi + ramp * (lo - hi)) ** rho, final)
+
+
+def get_sigmas_exponential(n: int, sigma_min: float = EDM_SIGMA_MIN, sigma_max: float = EDM_SIGMA_MAX,
+                           final: str = "zero") -> torch.Tensor:
+    """n sigmas evenly spaced in log(sigma) (uniform steps in DPM-Solver's lambda), then the final sigma."""
+    _check_steps(n)
+    return _finish(np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), n)), final)
+
+
+def get_sigmas_uniform(n: int, sigma_min: float = EDM_SIGMA_MIN, sigma_max: float = EDM_SIGMA_MAX,
+                       alphas_cumprod: Optional[torch.Tensor] = None, final: str = "zero") -> torch.Tensor:
+    """Evenly spaced in the model's time. With a discrete schedule (``alphas_cumprod``) that is evenly
+    spaced (fractional) timesteps from the last to the first training step, sigma interpolated in log
+    space (ComfyUI's "normal"); without one, evenly spaced in sigma between sigma_max and sigma_min."""
+    _check_steps(n)
+    if alphas_cumprod is None:
+        return _finish(np.linspace(sigma_max, sigma_min, n), final)
+    log_s = sigmas_from_alphas_cumprod(alphas_cumprod).log().numpy()
+    t = np.linspace(len(log_s) - 1, 0, n)
+    return _finish(np.exp(np.interp(t, np.arange(len(log_s)), log_s)), final)
+
+
+def get_timesteps(spacing: str, steps: int, num_train_timesteps: int = 1000, steps_offset: int = 0, *,
+                  integer: bool = True, skip_last: bool = False, last_timestep: Optional[int] = None) -> np.ndarray:
+    """Decreasing timesteps with diffusers' spacings (Lin et al. 2023, Table 2).
+
+    ``skip_last=True`` is the variant of diffusers' multistep solvers (DPM-Solver, UniPC): space
+    ``steps + 1`` points and drop the final one (t=0), so no network call happens at t=0.
+    ``integer=False`` keeps 'linspace' fractional (Euler-family schedulers). ``last_timestep`` caps the
+    range (DPM-Solver's ``lambda_min_clipped``).
+    """
+    _check_steps(steps)
+    T = num_train_timesteps
+    last = T if last_timestep is None else last_timestep
+    k = steps + 1 if skip_last else steps
+    if spacing == "linspace":
+        ts = np.linspace(0, last - 1, k, dtype=np.float64 if skip_last or integer else np.float32)
+        ts = ts.round() if integer else ts
+    elif spacing == "leading":
+        ratio = last // k
+        ts = (np.arange(0, k) * ratio).round().astype(np.float64) + steps_offset
+    elif spacing == "trailing":
+        ts = np.round(np.arange(last, 0, -T / steps)) - 1
+        return ts.astype(np.int64 if integer else np.float32)
+    else:
+        raise BadArgumentError(f"timestep spacing: expected one of {SPACINGS}, found {spacing!r}")
+    ts = ts[::-1]
+    if skip_last:
+        ts = ts[:-1]
+    return ts.copy().astype(np.int64 if integer else np.float32)
+
+
+def sigmas_at_timesteps(alphas_cumprod: torch.Tensor, timesteps) -> np.ndarray:
+    """sigma at (possibly fractional) timesteps: linear interpolation of the float32 sigma table, as
+    diffusers' ``np.interp``; returned as float32 values (what diffusers stores) in a float64 array."""
+    table = sigmas_from_alphas_cumprod(alphas_cumprod).to(torch.float32).numpy()
+    s = np.interp(np.asarray(timesteps), np.arange(len(table)), table)
+    return s.astype(np.float32).astype(np.float64)
+
+
+def sigma_to_timestep(sigma, alphas_cumprod: torch.Tensor) -> np.ndarray:
+    """Host-side inverse of the training table: timestep for each sigma by interpolation in log sigma
+    (diffusers' ``_sigma_to_t``). The device-side twin lives in ``DiscreteDenoiser``."""
+    log_table = np.log(sigmas_from_alphas_cumprod(alphas_cumprod).to(torch.float32).numpy().astype(np.float64))
+    log_s = np.log(np.maximum(np.asarray(sigma, dtype=np.float64), 1e-10))
+    low = np.clip(np.searchsorted(log_table, log_s, side="right") - 1, 0, len(log_table) - 2)
+    w = np.clip((log_table[low] - log_s) / (log_table[low] - log_table[low + 1]), 0, 1)
+    return (1 - w) * low + w * (low + 1)
+
+
+def get_sigmas(schedule: str, steps: int, *, sigma_min: Optional[float] = None, sigma_max: Optional[float] = None,
+               rho: float = EDM_RHO, alphas_cumprod: Optional[torch.Tensor] = None, steps_offset: int = 0,
+               final: str = "zero") -> torch.Tensor:
+    """A sigma grid by name (k-diffusion / ComfyUI / diffusers vocabulary).
+
+    ``karras | exponential | uniform`` need a sigma range: ``sigma_min``/``sigma_max``, else the range of
+    ``alphas_cumprod``, else EDM's 0.002..80. ``leading | trailing | linspace`` need ``alphas_cumprod``
+    (discrete-time models): sigma at diffusers' integer timesteps.
+    """
+    if schedule in SPACINGS:
+        if alphas_cumprod is None:
+            raise BadArgumentError(f"schedule {schedule!r} spaces training timesteps: expected alphas_cumprod, "
+                                   "found None")
+        ts = get_timesteps(schedule, steps, len(alphas_cumprod), steps_offset)
+        return _finish(sigmas_at_timesteps(alphas_cumprod, ts), final)
+    if alphas_cumprod is not None:
+        table = sigmas_from_alphas_cumprod(alphas_cumprod)
+        sigma_min = float(table[0]) if sigma_min is None else sigma_min
+        sigma_max = float(table[-1]) if sigma_max is None else sigma_max
+    sigma_min = EDM_SIGMA_MIN if sigma_min is None else sigma_min
+    sigma_max = EDM_SIGMA_MAX if sigma_max is None else sigma_max
+    if schedule == "karras":
+        return get_sigmas_karras(steps, sigma_min, sigma_max, rho, final)
+    if schedule == "exponential":
+        return get_sigmas_exponential(steps, sigma_min, sigma_max, final)
+    if schedule == "uniform":
+        return get_sigmas_uniform(steps, sigma_min, sigma_max, alphas_cumprod, final)
+    raise BadArgumentError(f"schedule: expected one of {SCHEDULES}, found {schedule!r}")
+
+
+SCHEDULES = ("karras", "exponential", "uniform") + SPACINGS
+
+
+def _check_steps(n) -> None:
+    if not isinstance(n, (int, np.integer)) or n < 1:
+        raise BadArgumentError(f"steps: expected a positive integer, found {n!r}")
