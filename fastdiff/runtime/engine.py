@@ -1,0 +1,444 @@
+"""The batching Engine: many small requests in, few batched ``pipe.generate`` calls out.
+
+An application loads a model once and serves many single-sample requests, each with its own seed::
+
+    with fastdiff.Engine(pipe, max_batch=8, max_wait_ms=5) as engine:
+        fut = engine.submit(seed=42, steps=20, sampler="dpmpp_2m")      # concurrent.futures.Future
+        img = fut.result()                                              # (C, H, W) float32
+        img = await engine.agenerate(seed=7, steps=20)                  # from asyncio code
+
+How it works. ``submit`` validates what is cheap to validate, puts the request on a queue and returns
+a Future. One worker thread groups *compatible* requests (see ``_group_key``: same resolution, steps,
+sampler, schedule, cfg_scale, and the same kind/shape of conditioning) into one batch of at most
+``max_batch`` and calls ``pipe.generate(seeds=[...], ...)`` once for the whole batch.
+
+Why batching does not change the images: ``Pipeline.generate`` draws every random number from one
+generator per sample (``fastdiff.noise.NoiseSource``), so the sample for a seed is the same whatever
+else is in the batch. The Engine's part of that guarantee is to batch only requests whose every
+other parameter is identical, and to hand row i of the output back to request i.
+
+Scheduling policy. A group is *ready* when it holds ``max_batch`` requests, when its oldest request
+has waited ``max_wait_ms``, or when the engine is closing (draining needs no more waiting). Among the
+ready groups, the one holding the oldest request goes first (FIFO across groups; FIFO within a
+group). The worker never sits idle while a full batch is ready, and a lone request waits at most
+``max_wait_ms`` (plus whatever batch is already running) before it is started.
+
+Failure isolation. Requests are validated at ``submit`` where that is cheap (types, steps >= 1, a
+known sampler / schedule name, conditioning rank); such a request gets a Future that has already
+failed with ``BadArgumentError``. When a batched ``generate`` raises (something only the pipeline
+can see, e.g. a wrong text width or a label out of range), each request of that batch is re-run
+alone, so only the bad ones fail, each with the error ``generate`` raised for it.
+
+Shutdown. ``close()`` (or leaving the ``with`` block) finishes everything queued; ``close(
+cancel_pending=True)`` cancels what has not started (those Futures raise ``CancelledError``) and waits
+only for the batch already running. ``submit`` after ``close`` raises ``EngineClosedError`` (a
+``FastdiffError`` and a ``RuntimeError``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import math
+import numbers
+import operator
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from ..errors import BadArgumentError, FastdiffError
+
+__all__ = ["Engine", "EngineClosedError"]
+
+# Latencies kept for the percentiles in ``stats()`` (a sliding window, so memory stays bounded).
+_LATENCY_WINDOW = 10_000
+
+
+class EngineClosedError(FastdiffError, RuntimeError):
+    """``submit`` was called on an Engine that is closed (or closing)."""
+
+
+@dataclass
+class _Request:
+    seed: int
+    class_label: Optional[int]
+    encoder_hidden_states: Optional[torch.Tensor]
+    negative_encoder_hidden_states: Optional[torch.Tensor]
+    params: Dict[str, Any]          # steps, sampler, schedule, cfg_scale, height, width: shared by a batch
+    key: tuple
+    future: concurrent.futures.Future
+    t_submit: float = field(default_factory=time.perf_counter)
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation (cheap, at submit time)
+# --------------------------------------------------------------------------------------------------
+
+def _as_int(name: str, value, *, minimum: Optional[int] = None, allow_none: bool = False) -> Optional[int]:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or (torch.is_tensor(value) and value.numel() != 1):
+        raise BadArgumentError(f"{name}: expected an integer, found {value!r}")
+    try:
+        v = operator.index(value.item() if torch.is_tensor(value) else value)
+    except TypeError:
+        raise BadArgumentError(f"{name}: expected an integer, found {type(value).__name__} {value!r}") from None
+    if minimum is not None and v < minimum:
+        raise BadArgumentError(f"{name}: expected an integer >= {minimum}, found {v}")
+    return v
+
+
+def _known_names(module: str, attr: str):
+    """A registry of names (samplers, schedules) if that module is there; None means "don't check"."""
+    try:
+        import importlib
+
+        names = getattr(importlib.import_module(module), attr)
+    except Exception:  # the module may not exist yet, or fail to import: generate will judge then
+        return None
+    return tuple(names)
+
+
+def _check_name(name: str, value, module: str, attr: str):
+    if value is None or callable(value):
+        return value
+    if not isinstance(value, str):
+        raise BadArgumentError(f"{name}: expected a name (str), found {type(value).__name__} {value!r}")
+    known = _known_names(module, attr)
+    if known is not None and value not in known:
+        raise BadArgumentError(f"{name}: expected one of {sorted(known)}, found {value!r}")
+    return value
+
+
+def _check_states(name: str, states) -> Optional[torch.Tensor]:
+    if states is None:
+        return None
+    if not torch.is_tensor(states):
+        raise BadArgumentError(f"{name}: expected a (M, D) tensor for one request, found {type(states).__name__}")
+    if states.dim() != 2:
+        raise BadArgumentError(f"{name}: expected a (M, D) tensor for one request (the Engine stacks requests "
+                               f"into (B, M, D)), found shape {tuple(states.shape)}")
+    if not states.is_floating_point():
+        raise BadArgumentError(f"{name}: expected a floating-point tensor, found {states.dtype}")
+    return states
+
+
+def _states_key(states: Optional[torch.Tensor]):
+    # Stacking needs the same shape, dtype and device.
+    return None if states is None else (tuple(states.shape), states.dtype, str(states.device))
+
+
+def _group_key(r: _Request) -> tuple:
+    """Requests with equal keys can share one ``generate`` call without changing any sample."""
+    p = r.params
+    sampler = p["sampler"]
+    sampler = ("callable", id(sampler)) if callable(sampler) else sampler
+    schedule = p["schedule"]
+    schedule = ("callable", id(schedule)) if callable(schedule) else schedule
+    return (p["height"], p["width"], p["steps"], sampler, schedule, p["cfg_scale"], p["cfg_scale"] != 1.0,
+            r.class_label is None, _states_key(r.encoder_hidden_states),
+            _states_key(r.negative_encoder_hidden_states))
+
+
+def _percentile(sorted_values: List[float], q: float) -> Optional[float]:
+    """Nearest-rank percentile of an already sorted list (None when empty)."""
+    if not sorted_values:
+        return None
+    k = max(0, min(len(sorted_values) - 1, math.ceil(q / 100.0 * len(sorted_values)) - 1))
+    return sorted_values[k]
+
+
+# --------------------------------------------------------------------------------------------------
+# The Engine
+# --------------------------------------------------------------------------------------------------
+
+class Engine:
+    """Batches single-sample requests into ``pipe.generate`` calls on one worker thread.
+
+    Args:
+        pipe: anything with ``generate(seeds=[...], steps=, sampler=, schedule=, cfg_scale=,
+            class_labels=, encoder_hidden_states=, negative_encoder_hidden_states=, height=, width=,
+            output_type="tensor", progress=False) -> (B, C, H, W)`` whose sample i depends on seeds[i]
+            only (``fastdiff.Pipeline`` does).
+        max_batch: the most requests one ``generate`` call serves.
+        max_wait_ms: how long the first request of a group may wait for company before its batch is
+            started anyway. 0 = never wait (batch only what is already queued).
+        name: the worker thread's name.
+    """
+
+    def __init__(self, pipe, max_batch: int = 8, max_wait_ms: float = 5.0, *, name: str = "fastdiff-engine"):
+        if not callable(getattr(pipe, "generate", None)):
+            raise BadArgumentError(f"pipe: expected an object with a generate() method (a fastdiff.Pipeline), "
+                                   f"found {type(pipe).__name__}")
+        self.pipe = pipe
+        self.max_batch = _as_int("max_batch", max_batch, minimum=1)
+        if (isinstance(max_wait_ms, bool) or not isinstance(max_wait_ms, numbers.Real)
+                or not math.isfinite(max_wait_ms) or max_wait_ms < 0):
+            raise BadArgumentError(f"max_wait_ms: expected a finite number >= 0, found {max_wait_ms!r}")
+        self.max_wait_ms = float(max_wait_ms)
+
+        self._cv = threading.Condition()
+        # key -> deque of requests (FIFO). A dict keeps insertion order, but the group to run is chosen
+        # by the age of its oldest request, not by dict order.
+        self._groups: "collections.OrderedDict[tuple, collections.deque]" = collections.OrderedDict()
+        self._queued = 0
+        self._in_flight = 0
+        self._closed = False
+        self._cancel = False
+
+        self._submitted = 0
+        self._rejected = 0      # failed at submit (validation); also counted in _failed
+        self._completed = 0
+        self._failed = 0        # every Future that ended in an exception
+        self._cancelled = 0
+        self._batches = 0
+        self._solo_retries = 0
+        self._hist: Dict[int, int] = collections.Counter()
+        self._latencies = collections.deque(maxlen=_LATENCY_WINDOW)
+
+        self._worker = threading.Thread(target=self._run, name=name, daemon=True)
+        self._worker.start()
+
+    # ------------------------------------------------------------------------------------------ API
+
+    def submit(self, seed: int, class_label: Optional[int] = None,
+               encoder_hidden_states: Optional[torch.Tensor] = None,
+               negative_encoder_hidden_states: Optional[torch.Tensor] = None, steps: int = 20,
+               sampler=None, cfg_scale: float = 1.0, height: Optional[int] = None, width: Optional[int] = None,
+               schedule=None) -> concurrent.futures.Future:
+        """Queue one sample; the Future resolves to a (C, H, W) tensor.
+
+        Thread-safe. Defaults are ``Pipeline.generate``'s (``sampler=None`` / ``schedule=None``: the
+        model's own). A request that fails validation returns an already failed Future (the error is
+        ``BadArgumentError``); only a closed engine makes ``submit`` itself raise (``EngineClosedError``).
+        """
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        try:
+            req = self._make_request(fut, seed, class_label, encoder_hidden_states, negative_encoder_hidden_states,
+                                     steps, sampler, cfg_scale, height, width, schedule)
+        except BadArgumentError as e:
+            with self._cv:
+                if self._closed:
+                    raise EngineClosedError("Engine is closed: submit() after close()") from None
+                self._submitted += 1
+                self._rejected += 1
+                self._failed += 1
+            fut.set_running_or_notify_cancel()
+            fut.set_exception(e)
+            return fut
+        with self._cv:
+            if self._closed:
+                raise EngineClosedError("Engine is closed: submit() after close()")
+            self._groups.setdefault(req.key, collections.deque()).append(req)
+            self._queued += 1
+            self._submitted += 1
+            self._cv.notify_all()
+        return fut
+
+    def asubmit(self, **kwargs) -> "asyncio.Future":
+        """``submit`` for asyncio code: an ``asyncio.Future`` bound to the running (or current) loop.
+
+        Cancelling the asyncio Future cancels the request if it has not started yet.
+        """
+        return asyncio.wrap_future(self.submit(**kwargs))
+
+    async def agenerate(self, **kwargs) -> torch.Tensor:
+        """``await engine.agenerate(seed=..., ...)`` -> (C, H, W); the event loop is never blocked."""
+        return await asyncio.wrap_future(self.submit(**kwargs))
+
+    def close(self, cancel_pending: bool = False, timeout: Optional[float] = None) -> None:
+        """Stop accepting requests; finish the queued ones (default) or cancel them, then stop the worker.
+
+        ``cancel_pending=True`` cancels every request not yet started (its Future raises
+        ``CancelledError``); the batch already running is allowed to finish. Idempotent. ``timeout``
+        bounds the wait for the worker (None: wait until it is done).
+        """
+        to_cancel: List[_Request] = []
+        with self._cv:
+            self._closed = True
+            if cancel_pending:
+                self._cancel = True
+                for q in self._groups.values():
+                    to_cancel.extend(q)
+                self._groups.clear()
+                self._queued = 0
+            self._cv.notify_all()
+        n = sum(1 for r in to_cancel if r.future.cancel())
+        if n:
+            with self._cv:
+                self._cancelled += n
+        if threading.current_thread() is not self._worker:  # close() from a done-callback must not self-join
+            self._worker.join(timeout)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        # Leaving on an exception cancels what is queued rather than computing results nobody awaits.
+        self.close(cancel_pending=exc_type is not None)
+
+    def stats(self) -> dict:
+        """A snapshot: queue depth, counters, batch-size histogram, latency percentiles (ms, submit -> result).
+
+        ``submitted == completed + failed + cancelled + queue_depth + in_flight`` (``rejected``: the part of
+        ``failed`` refused at submit). ``batches`` counts ``generate`` calls, solo re-runs included.
+        Latency percentiles are over the last 10,000 successful requests; None before the first.
+        """
+        with self._cv:
+            lat = sorted(self._latencies)
+            out = {
+                "queue_depth": self._queued,
+                "in_flight": self._in_flight,
+                "groups_waiting": sum(1 for q in self._groups.values() if q),
+                "submitted": self._submitted,
+                "completed": self._completed,
+                "failed": self._failed,
+                "rejected": self._rejected,
+                "cancelled": self._cancelled,
+                "batches": self._batches,
+                "solo_retries": self._solo_retries,
+                "batch_size_hist": dict(sorted(self._hist.items())),
+                "closed": self._closed,
+            }
+        out["latency_ms"] = {
+            "p50": _percentile(lat, 50), "p90": _percentile(lat, 90), "p99": _percentile(lat, 99),
+            "mean": (sum(lat) / len(lat)) if lat else None, "count": len(lat),
+        }
+        return out
+
+    def __repr__(self) -> str:
+        return (f"Engine(max_batch={self.max_batch}, max_wait_ms={self.max_wait_ms}, queued={self._queued}, "
+                f"closed={self._closed})")
+
+    # ------------------------------------------------------------------------------------ internals
+
+    def _make_request(self, fut, seed, class_label, ehs, nehs, steps, sampler, cfg_scale, height, width,
+                      schedule) -> _Request:
+        seed = _as_int("seed", seed)
+        class_label = _as_int("class_label", class_label, minimum=0, allow_none=True)
+        steps = _as_int("steps", steps, minimum=1)
+        height = _as_int("height", height, minimum=1, allow_none=True)
+        width = _as_int("width", width, minimum=1, allow_none=True)
+        if (isinstance(cfg_scale, bool) or not isinstance(cfg_scale, numbers.Real)
+                or not math.isfinite(cfg_scale)):
+            raise BadArgumentError(f"cfg_scale: expected a finite number, found {cfg_scale!r}")
+        cfg_scale = float(cfg_scale)
+        sampler = _check_name("sampler", sampler, "fastdiff.samplers", "SAMPLERS")
+        schedule = _check_name("schedule", schedule, "fastdiff.schedules", "SCHEDULES")
+        ehs = _check_states("encoder_hidden_states", ehs)
+        nehs = _check_states("negative_encoder_hidden_states", nehs)
+        if nehs is not None:
+            if ehs is None:
+                raise BadArgumentError("negative_encoder_hidden_states: given without encoder_hidden_states")
+            if nehs.shape != ehs.shape:
+                raise BadArgumentError(f"negative_encoder_hidden_states: expected the shape of encoder_hidden_states "
+                                       f"{tuple(ehs.shape)}, found {tuple(nehs.shape)}")
+        params = dict(steps=steps, sampler=sampler, schedule=schedule, cfg_scale=cfg_scale, height=height,
+                      width=width)
+        req = _Request(seed, class_label, ehs, nehs, params, (), fut)
+        req.key = _group_key(req)
+        return req
+
+    def _next_batch(self) -> Optional[List[_Request]]:
+        """Block until a batch is ready (see the module docstring) and pop it; None when it is time to stop."""
+        with self._cv:
+            while True:
+                if self._cancel or (self._closed and self._queued == 0):
+                    return None
+                now = time.perf_counter()
+                wait_s = self.max_wait_ms / 1000.0
+                best_key, best_t, next_deadline = None, None, None
+                for key, q in self._groups.items():
+                    t0 = q[0].t_submit
+                    ready = self._closed or len(q) >= self.max_batch or now - t0 >= wait_s
+                    if ready:
+                        if best_t is None or t0 < best_t:
+                            best_key, best_t = key, t0
+                    else:
+                        d = t0 + wait_s
+                        next_deadline = d if next_deadline is None else min(next_deadline, d)
+                if best_key is not None:
+                    q = self._groups[best_key]
+                    batch = [q.popleft() for _ in range(min(self.max_batch, len(q)))]
+                    if not q:
+                        del self._groups[best_key]
+                    self._queued -= len(batch)
+                    self._in_flight += len(batch)
+                    return batch
+                self._cv.wait(None if next_deadline is None else max(0.0, next_deadline - now))
+
+    def _run(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            try:
+                # A request whose Future was cancelled while queued is dropped here.
+                live = [r for r in batch if r.future.set_running_or_notify_cancel()]
+                with self._cv:
+                    self._cancelled += len(batch) - len(live)
+                if live:
+                    self._run_batch(live)
+            except BaseException as e:  # a bug here must fail the futures, never hang their owners
+                for r in batch:
+                    if not r.future.done():
+                        self._finish(r, exc=e)
+            finally:
+                with self._cv:
+                    self._in_flight -= len(batch)
+
+    def _generate(self, reqs: List[_Request]) -> torch.Tensor:
+        p = reqs[0].params
+        labels = None if reqs[0].class_label is None else [r.class_label for r in reqs]
+        ehs = None if reqs[0].encoder_hidden_states is None else torch.stack([r.encoder_hidden_states for r in reqs])
+        nehs = (None if reqs[0].negative_encoder_hidden_states is None
+                else torch.stack([r.negative_encoder_hidden_states for r in reqs]))
+        out = self.pipe.generate(
+            seeds=[r.seed for r in reqs], steps=p["steps"], sampler=p["sampler"], schedule=p["schedule"],
+            cfg_scale=p["cfg_scale"], class_labels=labels, encoder_hidden_states=ehs,
+            negative_encoder_hidden_states=nehs, height=p["height"], width=p["width"], output_type="tensor",
+            progress=False)
+        if not torch.is_tensor(out) or out.dim() < 1 or out.shape[0] != len(reqs):
+            found = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
+            raise FastdiffError(f"pipe.generate: expected a tensor with {len(reqs)} samples on dim 0, found {found}")
+        return out
+
+    def _run_batch(self, reqs: List[_Request]) -> None:
+        with self._cv:
+            self._batches += 1
+            self._hist[len(reqs)] += 1
+        try:
+            out = self._generate(reqs)
+        except Exception as e:
+            if len(reqs) == 1:
+                self._finish(reqs[0], exc=e)
+                return
+            # Someone in this batch is bad (or the batch as a whole failed): run each alone so that only
+            # the requests that fail on their own get an error.
+            for r in reqs:
+                with self._cv:
+                    self._solo_retries += 1
+                self._run_batch([r])
+            return
+        for i, r in enumerate(reqs):
+            # clone: each result owns its memory instead of keeping the whole batch tensor alive.
+            self._finish(r, result=out[i].clone())
+
+    def _finish(self, r: _Request, result=None, exc: Optional[BaseException] = None) -> None:
+        if exc is not None:
+            with self._cv:
+                self._failed += 1
+            r.future.set_exception(exc)
+            return
+        with self._cv:
+            self._completed += 1
+            self._latencies.append((time.perf_counter() - r.t_submit) * 1000.0)
+        r.future.set_result(result)

@@ -1,0 +1,420 @@
+"""The batching Engine: correctness under concurrency, failure isolation, shutdown, latency bounds.
+
+Most tests drive a fake pipeline (a deterministic function of each request's seed and parameters,
+sensitive to every parameter so that a request batched with the wrong company, or handed the wrong
+row, gets a visibly wrong sample). A ``gate`` lets a test hold the worker inside ``generate`` while it
+queues requests, so batching and ordering are deterministic rather than timing-dependent. The last
+tests run the real ``arch:tiny-unet`` / ``arch:tiny-dit`` pipelines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+import time
+
+import pytest
+import torch
+
+import fastdiff
+from fastdiff.errors import BadArgumentError, FastdiffError
+from fastdiff.runtime.engine import Engine, EngineClosedError
+
+TIMEOUT = 30.0  # generous: a hang fails the test instead of the suite
+
+_SAMPLER_IDS = {None: 0, "euler": 1, "dpmpp_2m": 2, "heun": 3, "ddim": 4, "euler_ancestral": 5}
+_SCHEDULE_IDS = {None: 0, "karras": 1, "exponential": 2}
+
+
+class FakePipeline:
+    """``generate`` with Pipeline's signature; sample i is a function of request i's parameters only."""
+
+    channels, default_hw, width_d = 3, (8, 8), 8
+
+    def __init__(self, delay_s: float = 0.0, poison_seeds=()):
+        self.delay_s = delay_s
+        self.poison_seeds = set(poison_seeds)
+        self.calls = []                     # one dict per generate call: seeds + shared params
+        self.lock = threading.Lock()
+        self.gate = None                    # threading.Event: generate blocks until it is set
+        self.entered = threading.Event()    # set when a generate call has started
+
+    @classmethod
+    def sample(cls, seed, steps=20, sampler=None, schedule=None, cfg_scale=1.0, class_label=None, ehs=None,
+               nehs=None, height=None, width=None) -> torch.Tensor:
+        h, w = height or cls.default_hw[0], width or cls.default_hw[1]
+        x = torch.randn(cls.channels, h, w, generator=torch.Generator().manual_seed(seed))
+        salt = steps * 0.1 + _SAMPLER_IDS[sampler] * 0.01 + _SCHEDULE_IDS[schedule] * 0.001 + cfg_scale * 0.5
+        x = x * (1.0 + salt)
+        if class_label is not None:
+            x = x + class_label
+        if ehs is not None:
+            x = x + ehs.sum() * 0.01
+            if nehs is not None:
+                x = x - nehs.sum() * cfg_scale * 0.001
+        return x
+
+    def generate(self, n=1, steps=20, sampler=None, schedule=None, cfg_scale=1.0, class_labels=None,
+                 encoder_hidden_states=None, negative_encoder_hidden_states=None, seed=None, seeds=None,
+                 latents=None, height=None, width=None, output_type="tensor", progress=True):
+        assert output_type == "tensor" and progress is False
+        self.entered.set()
+        if self.gate is not None:
+            assert self.gate.wait(TIMEOUT)
+        with self.lock:
+            self.calls.append(dict(seeds=list(seeds), steps=steps, sampler=sampler, height=height, width=width))
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        if sampler not in _SAMPLER_IDS:
+            raise BadArgumentError(f"sampler: unknown {sampler!r}")
+        bad = self.poison_seeds.intersection(seeds)
+        if bad:
+            raise BadArgumentError(f"seed {sorted(bad)[0]} is poisoned")
+        if encoder_hidden_states is not None:
+            if encoder_hidden_states.shape[-1] != self.width_d:
+                raise BadArgumentError(f"encoder_hidden_states: expected width {self.width_d}, "
+                                       f"found {encoder_hidden_states.shape[-1]}")
+            assert encoder_hidden_states.shape[0] == len(seeds)
+        if class_labels is not None:
+            assert len(class_labels) == len(seeds)
+        out = []
+        for i, s in enumerate(seeds):
+            out.append(self.sample(
+                s, steps, sampler, schedule, cfg_scale, None if class_labels is None else class_labels[i],
+                None if encoder_hidden_states is None else encoder_hidden_states[i],
+                None if negative_encoder_hidden_states is None else negative_encoder_hidden_states[i],
+                height, width))
+        return torch.stack(out)
+
+    def batch_sizes(self):
+        with self.lock:
+            return [len(c["seeds"]) for c in self.calls]
+
+    def called_seeds(self):
+        with self.lock:
+            return [s for c in self.calls for s in c["seeds"]]
+
+
+def _solo(req: dict) -> torch.Tensor:
+    """The reference: the fake pipeline's generate(seeds=[seed], ...)[0] for this request."""
+    r = dict(req)
+    ehs, nehs = r.pop("encoder_hidden_states", None), r.pop("negative_encoder_hidden_states", None)
+    label = r.pop("class_label", None)
+    fp = FakePipeline()
+    return fp.generate(seeds=[r.pop("seed")], class_labels=None if label is None else [label],
+                       encoder_hidden_states=None if ehs is None else ehs[None],
+                       negative_encoder_hidden_states=None if nehs is None else nehs[None],
+                       progress=False, **r)[0]
+
+
+def _held(engine: Engine, pipe: FakePipeline, n: int = 1) -> concurrent.futures.Future:
+    """Occupy the worker inside generate (with n throwaway requests) until ``pipe.gate`` is set.
+
+    n = max_batch makes the hold a full batch, so it starts at once whatever max_wait_ms is."""
+    pipe.gate = threading.Event()
+    futs = [engine.submit(seed=10**6 + i, steps=1) for i in range(n)]
+    assert pipe.entered.wait(TIMEOUT)
+    return futs[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# Correctness under concurrency
+# --------------------------------------------------------------------------------------------------
+
+def _mixed_request(i: int) -> dict:
+    """Request i of the stress mix: 3 resolutions x 3 samplers x 2 step counts x 2 cfg, some labelled,
+    some text-conditioned (with and without negative states)."""
+    g = torch.Generator().manual_seed(1000 + i)
+    req = dict(seed=5000 + i, steps=2 + i % 2, sampler=[None, "euler", "dpmpp_2m"][i % 3],
+               cfg_scale=[1.0, 3.0][(i // 3) % 2])
+    hw = [(None, None), (8, 8), (16, 8)][(i // 7) % 3]
+    req.update(height=hw[0], width=hw[1])
+    kind = i % 4
+    if kind == 1:
+        req["class_label"] = i % 10
+    elif kind == 2:
+        req["encoder_hidden_states"] = torch.randn(4, 8, generator=g)
+    elif kind == 3:
+        req["encoder_hidden_states"] = torch.randn(4, 8, generator=g)
+        req["negative_encoder_hidden_states"] = torch.randn(4, 8, generator=g)
+    if i % 11 == 0:
+        req["schedule"] = "karras"
+    return req
+
+
+def test_200_requests_from_8_threads_each_equals_its_solo_run():
+    pipe = FakePipeline(delay_s=0.002)
+    reqs = [_mixed_request(i) for i in range(200)]
+    futures = [None] * len(reqs)
+    start = threading.Barrier(8)
+
+    def client(t):
+        start.wait()
+        for i in range(t, len(reqs), 8):
+            futures[i] = engine.submit(**reqs[i])
+
+    with Engine(pipe, max_batch=8, max_wait_ms=20) as engine:
+        threads = [threading.Thread(target=client, args=(t,)) for t in range(8)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(TIMEOUT)
+        results = [f.result(TIMEOUT) for f in futures]
+        stats = engine.stats()
+
+    for req, out in zip(reqs, results):
+        ref = _solo(req)
+        assert out.shape == ref.shape
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    # None lost, none duplicated: every seed went through generate exactly once.
+    called = pipe.called_seeds()
+    assert sorted(called) == sorted(r["seed"] for r in reqs)
+    assert stats["completed"] == 200 and stats["failed"] == 0 and stats["queue_depth"] == 0
+    hist = stats["batch_size_hist"]
+    assert sum(size * n for size, n in hist.items()) == 200
+    assert max(hist) > 1, f"no batching happened: {hist}"
+    assert max(hist) <= 8
+    assert stats["batches"] == len(pipe.calls) < 200
+    lat = stats["latency_ms"]
+    assert lat["count"] == 200 and 0 <= lat["p50"] <= lat["p90"] <= lat["p99"]
+
+
+def test_batches_only_compatible_requests():
+    pipe = FakePipeline()
+    with Engine(pipe, max_batch=8, max_wait_ms=1) as engine:
+        hold = _held(engine, pipe)
+        reqs = [dict(seed=i, steps=2, sampler=["euler", "heun"][i % 2], height=[8, 16][(i // 2) % 2])
+                for i in range(12)]
+        futs = [engine.submit(**r) for r in reqs]
+        time.sleep(0.01)
+        pipe.gate.set()
+        hold.result(TIMEOUT)
+        for r, f in zip(reqs, futs):
+            torch.testing.assert_close(f.result(TIMEOUT), _solo(r), atol=1e-5, rtol=0)
+    for call in pipe.calls[1:]:
+        group = [r for r in reqs if r["seed"] in call["seeds"]]
+        assert {(r["sampler"], r["height"]) for r in group} == {(call["sampler"], call["height"])}
+    assert sorted(pipe.batch_sizes()[1:]) == [3, 3, 3, 3]
+
+
+def test_fifo_across_groups_and_max_batch():
+    pipe = FakePipeline()
+    with Engine(pipe, max_batch=4, max_wait_ms=1) as engine:
+        hold = _held(engine, pipe)
+        futs = [engine.submit(seed=100, steps=3)]                       # group B, oldest
+        futs += [engine.submit(seed=200 + i, steps=2) for i in range(6)]  # group A: a full batch + 2
+        futs += [engine.submit(seed=300, steps=3)]                      # group B again
+        time.sleep(0.01)
+        pipe.gate.set()
+        hold.result(TIMEOUT)
+        [f.result(TIMEOUT) for f in futs]
+    order = [c["seeds"] for c in pipe.calls[1:]]
+    assert order == [[100, 300], [200, 201, 202, 203], [204, 205]]
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad requests fail alone
+# --------------------------------------------------------------------------------------------------
+
+def test_bad_requests_are_rejected_individually():
+    pipe = FakePipeline(poison_seeds={13})
+    good = [dict(seed=i, steps=2, sampler="euler") for i in range(10, 20) if i != 13]
+    with Engine(pipe, max_batch=16, max_wait_ms=1) as engine:
+        hold = _held(engine, pipe)
+        good_futs = [engine.submit(**r) for r in good]
+        bad = {
+            "steps": engine.submit(seed=1, steps=0, sampler="euler"),
+            "steps-float": engine.submit(seed=1, steps=2.5, sampler="euler"),
+            "seed": engine.submit(seed="7", steps=2, sampler="euler"),
+            "sampler": engine.submit(seed=2, steps=2, sampler="no_such_sampler"),
+            "ehs-rank": engine.submit(seed=3, steps=2, sampler="euler", encoder_hidden_states=torch.zeros(1, 4, 8)),
+            "nehs-shape": engine.submit(seed=3, steps=2, sampler="euler", encoder_hidden_states=torch.zeros(4, 8),
+                                        negative_encoder_hidden_states=torch.zeros(5, 8)),
+            # Only the pipeline can tell these: they reach generate, in a batch with good requests.
+            "poison": engine.submit(seed=13, steps=2, sampler="euler"),
+        }
+        # Wrong text width: batched with two good text requests of its own shape? No: its shape differs,
+        # so it is its own group; and a good pair of the right width still completes.
+        ehs_good = [engine.submit(seed=40 + i, steps=2, sampler="euler", encoder_hidden_states=torch.ones(4, 8))
+                    for i in range(2)]
+        bad["ehs-width"] = engine.submit(seed=50, steps=2, sampler="euler", encoder_hidden_states=torch.ones(4, 7))
+        time.sleep(0.01)
+        pipe.gate.set()
+        hold.result(TIMEOUT)
+
+        for r, f in zip(good, good_futs):
+            torch.testing.assert_close(f.result(TIMEOUT), _solo(r), atol=1e-5, rtol=0)
+        for i, f in enumerate(ehs_good):
+            ref = _solo(dict(seed=40 + i, steps=2, sampler="euler", encoder_hidden_states=torch.ones(4, 8)))
+            torch.testing.assert_close(f.result(TIMEOUT), ref, atol=1e-5, rtol=0)
+        messages = {}
+        for name, f in bad.items():
+            with pytest.raises(BadArgumentError) as info:
+                f.result(TIMEOUT)
+            messages[name] = str(info.value)
+        stats = engine.stats()
+
+    assert "steps" in messages["steps"] and ">= 1" in messages["steps"]
+    assert "steps" in messages["steps-float"]
+    assert "seed" in messages["seed"]
+    assert "no_such_sampler" in messages["sampler"] and "euler" in messages["sampler"]
+    assert "(M, D)" in messages["ehs-rank"] and "(1, 4, 8)" in messages["ehs-rank"]
+    assert "(5, 8)" in messages["nehs-shape"]
+    assert "poisoned" in messages["poison"]
+    assert "width" in messages["ehs-width"]
+    # The poisoned batch was re-run one by one: the 9 good requests alongside it came back anyway.
+    assert stats["solo_retries"] == len(good) + 1
+    assert stats["failed"] == len(bad) and stats["rejected"] == 6
+    assert stats["completed"] == 1 + len(good) + 2
+    # Requests refused at submit never reached the pipeline.
+    assert not {1, 2, 3}.intersection(pipe.called_seeds())
+
+
+def test_pipeline_returning_wrong_batch_fails_cleanly():
+    class Broken(FakePipeline):
+        def generate(self, **kw):
+            return super().generate(**kw)[:1]
+
+    with Engine(Broken(), max_batch=4, max_wait_ms=50) as engine:
+        futs = [engine.submit(seed=i, steps=2) for i in range(3)]
+        results = [f.result(TIMEOUT) for f in futs]  # batched call fails the check; solo re-runs succeed
+    assert all(r.shape == (3, 8, 8) for r in results)
+
+
+def test_engine_arguments_are_checked():
+    with pytest.raises(BadArgumentError, match="max_batch"):
+        Engine(FakePipeline(), max_batch=0)
+    with pytest.raises(BadArgumentError, match="max_wait_ms"):
+        Engine(FakePipeline(), max_wait_ms=-1)
+    with pytest.raises(BadArgumentError, match="generate"):
+        Engine(object())
+
+
+# --------------------------------------------------------------------------------------------------
+# Shutdown
+# --------------------------------------------------------------------------------------------------
+
+def test_close_drains_pending_work():
+    pipe = FakePipeline()
+    engine = Engine(pipe, max_batch=4, max_wait_ms=60_000)  # only closing (or a full batch) starts a batch
+    hold = _held(engine, pipe, n=4)
+    reqs = [dict(seed=i, steps=2, sampler=["euler", None][i % 2]) for i in range(19)]
+    futs = [engine.submit(**r) for r in reqs]
+    pipe.gate.set()
+    engine.close()
+    assert hold.done() and all(f.done() for f in futs)
+    for r, f in zip(reqs, futs):
+        torch.testing.assert_close(f.result(0), _solo(r), atol=1e-5, rtol=0)
+    stats = engine.stats()
+    assert stats["queue_depth"] == 0 and stats["completed"] == 23
+    # 19 = 10 euler + 9 default: 2 + 2 full batches, then the remainders (2 and 1) flushed by close().
+    assert sorted(pipe.batch_sizes()) == [1, 2, 4, 4, 4, 4, 4]
+    with pytest.raises(EngineClosedError) as info:
+        engine.submit(seed=1, steps=2)
+    assert isinstance(info.value, FastdiffError) and isinstance(info.value, RuntimeError)
+    engine.close()  # idempotent
+
+
+def test_close_cancels_pending_work_without_hanging():
+    pipe = FakePipeline()
+    engine = Engine(pipe, max_batch=4, max_wait_ms=1)
+    hold = _held(engine, pipe)
+    futs = [engine.submit(seed=i, steps=2) for i in range(20)]
+    closer = threading.Thread(target=engine.close, kwargs=dict(cancel_pending=True))
+    closer.start()
+    deadline = time.monotonic() + TIMEOUT
+    while not all(f.cancelled() for f in futs) and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert all(f.cancelled() for f in futs)
+    pipe.gate.set()  # the batch already running finishes normally
+    closer.join(TIMEOUT)
+    assert not closer.is_alive()
+    assert hold.result(TIMEOUT).shape == (3, 8, 8)
+    with pytest.raises(concurrent.futures.CancelledError):
+        futs[0].result(0)
+    stats = engine.stats()
+    assert stats["cancelled"] == 20 and stats["completed"] == 1 and stats["queue_depth"] == 0
+    assert pipe.called_seeds() == [10**6]
+    with pytest.raises(EngineClosedError):
+        engine.submit(seed=1, steps=2)
+
+
+def test_context_manager_and_user_cancelled_request():
+    pipe = FakePipeline()
+    with Engine(pipe, max_batch=8, max_wait_ms=1) as engine:
+        hold = _held(engine, pipe)
+        futs = [engine.submit(seed=i, steps=2) for i in range(4)]
+        assert futs[2].cancel()  # still queued: the caller may withdraw it
+        pipe.gate.set()
+    assert engine.closed and hold.done()
+    assert [f.cancelled() for f in futs] == [False, False, True, False]
+    assert 2 not in pipe.called_seeds() and engine.stats()["cancelled"] == 1
+    assert all(f.result(0).shape == (3, 8, 8) for i, f in enumerate(futs) if i != 2)
+
+
+def test_exception_in_with_block_cancels_queued():
+    pipe = FakePipeline()
+    with pytest.raises(KeyError):
+        with Engine(pipe, max_batch=8, max_wait_ms=1) as engine:
+            hold = _held(engine, pipe)
+            futs = [engine.submit(seed=i, steps=2) for i in range(3)]
+            threading.Timer(0.05, pipe.gate.set).start()
+            raise KeyError("boom")
+    assert hold.done() and all(f.cancelled() for f in futs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Latency bound
+# --------------------------------------------------------------------------------------------------
+
+def test_single_request_does_not_wait_for_a_full_batch():
+    pipe = FakePipeline()
+    with Engine(pipe, max_batch=64, max_wait_ms=20) as engine:
+        t0 = time.perf_counter()
+        out = engine.submit(seed=3, steps=2).result(TIMEOUT)
+        elapsed = time.perf_counter() - t0
+    assert out.shape == (3, 8, 8)
+    assert elapsed < 5.0, f"a lone request took {elapsed:.2f}s with max_wait_ms=20"
+    assert pipe.batch_sizes() == [1]
+
+
+def test_full_batch_starts_without_waiting_for_the_timeout():
+    pipe = FakePipeline()
+    with Engine(pipe, max_batch=4, max_wait_ms=60_000) as engine:
+        t0 = time.perf_counter()
+        futs = [engine.submit(seed=i, steps=2) for i in range(4)]
+        [f.result(TIMEOUT) for f in futs]
+        elapsed = time.perf_counter() - t0
+    assert elapsed < 10.0 and pipe.batch_sizes() == [4]
+
+
+# --------------------------------------------------------------------------------------------------
+# asyncio
+# --------------------------------------------------------------------------------------------------
+
+def test_asyncio_wrapper():
+    pipe = FakePipeline()
+    reqs = [dict(seed=700 + i, steps=2, sampler="dpmpp_2m", class_label=i) for i in range(10)]
+
+    async def main():
+        with Engine(pipe, max_batch=4, max_wait_ms=20) as engine:
+            outs = await asyncio.gather(*(engine.agenerate(**r) for r in reqs[:8]))
+            outs += [await engine.asubmit(**reqs[8]), await engine.agenerate(**reqs[9])]
+            with pytest.raises(BadArgumentError):
+                await engine.agenerate(seed=1, steps=0)
+            return outs
+
+    outs = asyncio.run(main())
+    for r, out in zip(reqs, outs):
+        torch.testing.assert_close(out, _solo(r), atol=1e-5, rtol=0)
+    assert max(pipe.batch_sizes()) > 1
+
+
+# --------------------------------------------------------------------------------------------------
+# The real pipeline
+# --------------------------------------------------------------------------------------------------
+
+def _needs_generate(pipe):
+    if not callable(getattr(pipe, "generate", None)):
+        pytest.skip("Pipeline.generate has not landed yet")
