@@ -1,0 +1,581 @@
+"""Native UNet / DiT -> ONNX, checked against PyTorch, with the ModelSpec in the file's metadata.
+
+``export_onnx(pipe_or_model, spec, path, ...)`` traces the network with torch's TorchScript-based
+exporter (``torch.onnx.export(..., dynamo=False)``), validates the graph with ``onnx.checker``, writes
+``metadata_props`` and runs the result once in ONNX Runtime against the PyTorch output.
+
+Why the TorchScript exporter: it runs on torch 2.5 through 2.13 with nothing beyond ``onnx`` (the
+``dynamo=True`` path needs ``onnxscript``, is ~10x slower on the tiny UNet and produced the same ops).
+Neither exporter writes ``GroupNormalization``: both lower ``F.group_norm`` to Reshape ->
+InstanceNormalization -> Reshape -> Mul/Add, at opset 17 and 18 alike. That is deliberate upstream:
+``GroupNormalization``-18 takes its scale / bias per *group* (a spec bug fixed in opset 21) and
+``onnx.checker`` rejects it as deprecated, so the InstanceNormalization form is the valid one at 17/18
+(TensorRT and ONNX Runtime both fuse it). fastdiff's ``GroupNorm.forward_native`` (float32 statistics,
+then a cast back) traces to Cast -> that pattern -> Cast, also in an fp16 graph.
+
+Graph interface (what ONNX diffusion pipelines expect)::
+
+    sample                (B, C, H, W)  float32 (float16 with fp16_io)
+    timestep              (B,) or (1,)  float32 (int64 for a learned timestep table)
+    encoder_hidden_states (B, L, D)     text-conditioned UNet          | class_labels (B,) int64: DiT,
+    -> out_sample         (B, C_out, H, W)                                class-conditional UNet
+
+CFG-folded graph (``cfg_folded=True``): the same inputs plus ``uncond_encoder_hidden_states`` (text
+models; class models use the spec's null class inside) and ``guidance_scale`` ((1,) or (B,) float32);
+cond and uncond run as ONE batch of 2B inside and ``out_sample`` is the guided output: channels
+``[:g]`` are ``uncond + s * (cond - uncond)`` (g = spec.guided_channels, or the eps channels of a
+learned-variance model), the remaining (variance) channels are the conditional pass's.
+
+Files over ~2 GB (SD 1.5 in fp32) are written with their weights in ``<name>.onnx.data`` beside the
+graph; ``onnx.checker`` then gets the path (the in-memory checker stops at protobuf's 2 GB).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from fastdiff.errors import BackendUnavailableError, BadArgumentError, FastdiffError, UnsupportedConfigError
+from fastdiff.spec import ModelSpec
+
+OPSETS = (17, 18)
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # bytes of weights; protobuf's hard limit is 2 GiB for the whole file
+META_SPEC = "fastdiff.spec"
+META_IO = "fastdiff.io"
+META_VERSION = "fastdiff.version"
+
+
+@dataclass
+class ExportResult:
+    """What ``export_onnx`` wrote and how close it is to PyTorch.
+
+    max_abs_err / max_rel_err: ONNX Runtime (CPU) vs the PyTorch float32 model on the same inputs
+    (rel = max|ort - torch| / max|torch|); None when the check was skipped (``check_note`` says why).
+    """
+
+    path: str
+    size_bytes: int
+    seconds: float
+    max_abs_err: Optional[float] = None
+    max_rel_err: Optional[float] = None
+    check_note: str = ""
+    files: list = field(default_factory=list)
+    io: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------------
+# What the graph looks like
+# ---------------------------------------------------------------------------------------------------
+
+def conditioning(model: nn.Module, spec: ModelSpec) -> Optional[str]:
+    """"text" (encoder_hidden_states), "class" (class_labels) or None (unconditional)."""
+    if spec.kind == "dit":
+        return "class"
+    if spec.cross_attention_dim is not None:
+        return "text"
+    cfg = getattr(model, "config", None)
+    cet = getattr(cfg, "class_embed_type", None)
+    if cet is not None:
+        raise UnsupportedConfigError("class_embed_type", cet, supported="None (an nn.Embedding class table)",
+                                     model="ONNX export of the UNet")
+    if spec.num_classes:
+        return "class"
+    return None
+
+
+def _timestep_dtype(model: nn.Module, spec: ModelSpec) -> torch.dtype:
+    cfg = getattr(model, "config", None)
+    learned = spec.kind == "unet" and getattr(cfg, "time_embedding_type", None) == "learned"
+    return torch.int64 if learned else torch.float32
+
+
+def _guided_channels(spec: ModelSpec, out_channels: int) -> int:
+    if spec.guided_channels is not None:
+        return int(spec.guided_channels)
+    return spec.in_channels if spec.learned_variance else out_channels
+
+
+class _GraphModule(nn.Module):
+    """The traced function: IO casts around the native model (its own forward, unchanged)."""
+
+    def __init__(self, model: nn.Module, cond: Optional[str], compute_dtype: torch.dtype, io_dtype: torch.dtype):
+        super().__init__()
+        self.model, self.cond = model, cond
+        self.compute_dtype, self.io_dtype = compute_dtype, io_dtype
+
+    def _run(self, x, t, y=None, ctx=None):
+        if self.cond == "text":
+            return self.model(x, t, encoder_hidden_states=ctx.to(self.compute_dtype))
+        if self.cond == "class":
+            return self.model(x, t, class_labels=y)
+        return self.model(x, t)
+
+    def forward(self, sample, timestep, cond=None):
+        b = sample.shape[0]
+        x = sample.to(self.compute_dtype)  # (B, C, H, W)
+        t = timestep.reshape(-1).expand(b)  # (B,)
+        out = self._run(x, t, y=cond, ctx=cond) if self.cond else self._run(x, t)  # (B, C_out, H, W)
+        return out.to(self.io_dtype)
+
+
+class _CFGGraphModule(_GraphModule):
+    """Classifier-free guidance folded into the graph: cond + uncond as one batch of 2B."""
+
+    def __init__(self, model, cond, compute_dtype, io_dtype, guided: int, null_class: Optional[int]):
+        super().__init__(model, cond, compute_dtype, io_dtype)
+        self.guided, self.null_class = guided, null_class
+
+    def forward(self, sample, timestep, cond, *rest):
+        uncond, guidance_scale = (rest[0], rest[1]) if self.cond == "text" else (None, rest[0])
+        b = sample.shape[0]
+        x = sample.to(self.compute_dtype)
+        x2 = torch.cat([x, x], dim=0)  # (2B, C, H, W)
+        t = timestep.reshape(-1).expand(b)
+        t2 = torch.cat([t, t], dim=0)  # (2B,)
+        if self.cond == "text":
+            out = self._run(x2, t2, ctx=torch.cat([cond, uncond], dim=0))  # (2B, C_out, H, W)
+        else:
+            y2 = torch.cat([cond, torch.full_like(cond, self.null_class)], dim=0)  # (2B,)
+            out = self._run(x2, t2, y=y2)
+        out = out.float()
+        c, u = out[:b], out[b:]  # 2 x (B, C_out, H, W)
+        g = self.guided
+        s = guidance_scale.float().reshape(-1, 1, 1, 1)  # (B or 1, 1, 1, 1)
+        guided = u[:, :g] + s * (c[:, :g] - u[:, :g])  # (B, g, H, W)
+        if g < out.shape[1]:
+            guided = torch.cat([guided, c[:, g:]], dim=1)  # variance channels: the conditional pass's
+        return guided.to(self.io_dtype)
+
+
+def graph_io(model: nn.Module, spec: ModelSpec, *, cfg_folded: bool, fp16_io: bool, dtype: str,
+             dynamic_batch: bool, dynamic_hw: bool, out_channels: int) -> dict:
+    """The graph's interface as stored in metadata (and read by the runners)."""
+    cond = conditioning(model, spec)
+    io_dtype = "float16" if (dtype == "fp16" and fp16_io) else "float32"
+    inputs = [["sample", io_dtype], ["timestep", "int64" if _timestep_dtype(model, spec) == torch.int64 else "float32"]]
+    if cond == "text":
+        inputs.append(["encoder_hidden_states", io_dtype])
+    elif cond == "class":
+        inputs.append(["class_labels", "int64"])
+    if cfg_folded:
+        if cond == "text":
+            inputs.append(["uncond_encoder_hidden_states", io_dtype])
+        inputs.append(["guidance_scale", "float32"])
+    return {
+        "inputs": inputs, "outputs": [["out_sample", io_dtype]], "conditioning": cond, "dtype": dtype,
+        "fp16_io": bool(fp16_io), "cfg_folded": bool(cfg_folded), "dynamic_batch": bool(dynamic_batch),
+        "dynamic_hw": bool(dynamic_hw), "out_channels": int(out_channels),
+        "guided_channels": _guided_channels(spec, out_channels) if cfg_folded else None,
+        "null_class": spec.null_class,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# Export
+# ---------------------------------------------------------------------------------------------------
+
+def _unpack(pipe_or_model, spec):
+    model = getattr(pipe_or_model, "model", None)
+    if isinstance(model, nn.Module) and hasattr(pipe_or_model, "spec"):
+        return model, spec if spec is not None else pipe_or_model.spec
+    if isinstance(pipe_or_model, nn.Module):
+        if spec is None:
+            raise BadArgumentError(
+                f"export_onnx: expected a fastdiff Pipeline or a native model with its ModelSpec, found a "
+                f"{type(pipe_or_model).__name__} and spec=None (the spec gives the input shapes and the "
+                f"metadata a consumer needs; fastdiff.load(...) returns both)")
+        return pipe_or_model, spec
+    raise BadArgumentError(f"export_onnx: expected a fastdiff Pipeline or an nn.Module, found "
+                           f"{type(pipe_or_model).__name__}")
+
+
+def _out_channels(model, spec) -> int:
+    cfg = getattr(model, "config", None)
+    oc = getattr(cfg, "out_channels", None)
+    if isinstance(oc, int):
+        return oc
+    return spec.in_channels * (2 if spec.learned_variance else 1)
+
+
+@contextlib.contextmanager
+def _native_ops(model: nn.Module):
+    """Trace the plain-torch path of every fused op (Triton kernels do not trace), then restore."""
+    from fastdiff.models.layers import FusedOp
+
+    saved = [(m, m.backend) for m in model.modules() if isinstance(m, FusedOp)]
+    for m, _ in saved:
+        m.set_backend("native")
+    try:
+        yield
+    finally:
+        for m, b in saved:
+            m.set_backend(b)
+
+
+def _example_inputs(spec, io, batch, h, w, device, seed=0):
+    """Seeded inputs for the graph in its input order, as torch tensors (float32 / int64 on ``device``)."""
+    g = torch.Generator().manual_seed(seed)
+    feeds = {}
+    for name, dt in io["inputs"]:
+        if name == "sample":
+            v = torch.randn(batch, spec.in_channels, h, w, generator=g)
+        elif name == "timestep":
+            v = torch.linspace(999, 1, batch)
+            v = v.round().long() if dt == "int64" else v + 0.25
+        elif name in ("encoder_hidden_states", "uncond_encoder_hidden_states"):
+            v = torch.randn(batch, 7, spec.cross_attention_dim, generator=g)
+        elif name == "class_labels":
+            v = torch.randint(0, max(int(spec.num_classes or 1), 1), (batch,), generator=g)
+        elif name == "guidance_scale":
+            v = torch.full((1,), 4.0)
+        else:  # pragma: no cover - graph_io names only the above
+            raise AssertionError(name)
+        if dt == "float16":
+            v = v.half()
+        feeds[name] = v.to(device)
+    return feeds
+
+
+def _dynamic_axes(io, dynamic_batch, dynamic_hw):
+    axes = {}
+    for name, _ in io["inputs"] + io["outputs"]:
+        a = {}
+        if name in ("sample", "out_sample"):
+            if dynamic_batch:
+                a[0] = "batch"
+            if dynamic_hw:
+                a[2], a[3] = "height", "width"
+        elif name in ("timestep", "guidance_scale"):
+            a[0] = f"{name}_batch"  # (1,) or (B,)
+        elif name == "class_labels":
+            if dynamic_batch:
+                a[0] = "batch"
+        else:  # (uncond_)encoder_hidden_states
+            if dynamic_batch:
+                a[0] = "batch"
+            a[1] = "sequence"
+        if a:
+            axes[name] = a
+    return axes
+
+
+def export_onnx(pipe_or_model, spec: Optional[ModelSpec], path: str, *, opset: int = 17, dtype: str = "fp32",
+                fp16_io: bool = False, dynamic_batch: bool = True, dynamic_hw: bool = False,
+                cfg_folded: bool = False, batch: int = 1, height: Optional[int] = None,
+                width: Optional[int] = None, external_data: Optional[bool] = None, check: bool = True,
+                progress: bool = True) -> ExportResult:
+    """Export a native UNet / DiT (a ``Pipeline``, or a model plus its ``ModelSpec``) to ONNX at ``path``.
+
+    opset: 17 or 18. dtype: "fp32" | "fp16" (fp16 weights and activations; GroupNorm statistics stay
+    float32). fp16_io: with dtype="fp16", float16 inputs / outputs instead of float32 ones (casts inside).
+    dynamic_batch / dynamic_hw: symbolic batch / height-width axes (DiT: fixed resolution).
+    cfg_folded: the classifier-free-guidance graph described in the module docstring.
+    batch, height, width: the example shape traced and checked (default: the spec's sample size).
+    external_data: weights in ``<path>.data`` (None: when the weights exceed ~1.8 GB).
+    check: run ONNX Runtime (CPU) against PyTorch float32 and report the max error.
+    The file appears at ``path`` only when everything succeeded (written atomically).
+    """
+    import onnx
+
+    t_start = time.perf_counter()
+    model, spec = _unpack(pipe_or_model, spec)
+    if opset not in OPSETS:
+        raise BadArgumentError(f"opset must be one of {OPSETS}, found {opset!r}")
+    if dtype not in DTYPES:
+        raise BadArgumentError(f"dtype must be one of {tuple(DTYPES)}, found {dtype!r}")
+    if fp16_io and dtype != "fp16":
+        raise BadArgumentError("fp16_io=True needs dtype='fp16' (an fp32 graph has fp32 inputs/outputs)")
+    if not isinstance(batch, int) or batch < 1:
+        raise BadArgumentError(f"batch must be a positive int, found {batch!r}")
+    if spec.kind not in ("unet", "dit"):
+        raise UnsupportedConfigError("kind", spec.kind, supported=["unet", "dit"], model="ONNX exporter")
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise BadArgumentError(f"cannot write {path}: expected a file path ending in .onnx, found a folder")
+    h = int(height or spec.sample_size[0])
+    w = int(width or spec.sample_size[1])
+    if spec.kind == "dit":
+        if dynamic_hw:
+            raise BadArgumentError("dynamic_hw=True is not possible for a DiT: its position table fixes the "
+                                   f"resolution ({spec.sample_size[0]}x{spec.sample_size[1]})")
+        if (h, w) != tuple(spec.sample_size):
+            raise BadArgumentError(f"a DiT exports at its own resolution {spec.sample_size[0]}x{spec.sample_size[1]}, "
+                                   f"found height={h} width={w}")
+    cond = conditioning(model, spec)
+    if cfg_folded:
+        if cond is None:
+            raise BadArgumentError("cfg_folded=True needs a conditional model (text or class labels); this one "
+                                   "is unconditional")
+        if cond == "class" and spec.null_class is None:
+            raise BadArgumentError("cfg_folded=True for a class-conditional model needs spec.null_class (the "
+                                   "unconditional label); this model has none")
+    out_ch = _out_channels(model, spec)
+    io = graph_io(model, spec, cfg_folded=cfg_folded, fp16_io=fp16_io, dtype=dtype,
+                  dynamic_batch=dynamic_batch, dynamic_hw=dynamic_hw, out_channels=out_ch)
+
+    from fastdiff.utils.atomic import _check_parent
+
+    parent = _check_parent(path)  # BadArgumentError for a missing / unwritable folder, before any work
+    bar = _Progress(progress, total=4, desc=f"export {os.path.basename(path)}")
+    try:
+        compute = DTYPES[dtype]
+        device = next(iter(model.parameters()), torch.empty(0)).device
+        ref_model = model
+        if next(iter(model.parameters()), torch.empty(0)).dtype != compute:
+            ref_model = copy.deepcopy(model).to(compute)  # never change the caller's model
+        io_dtype = torch.float16 if io["inputs"][0][1] == "float16" else torch.float32
+        if cfg_folded:
+            wrapper = _CFGGraphModule(ref_model, cond, compute, io_dtype, io["guided_channels"], spec.null_class)
+        else:
+            wrapper = _GraphModule(ref_model, cond, compute, io_dtype)
+        wrapper.eval()
+        # Trace at batch >= 2 so that nothing batch-1 specific (an expand of a size-1 axis) is baked in.
+        trace_b = max(batch, 2) if dynamic_batch else batch
+        example = _example_inputs(spec, io, trace_b, h, w, device)
+        names = [n for n, _ in io["inputs"]]
+
+        with tempfile.TemporaryDirectory(prefix=".fastdiff-export-", dir=parent) as tmp:
+            raw = os.path.join(tmp, "raw.onnx")
+            bar.set("trace + export")
+            with _native_ops(ref_model), torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                try:
+                    _torch_export(wrapper, tuple(example[n] for n in names), raw, opset, names,
+                                  _dynamic_axes(io, dynamic_batch, dynamic_hw))
+                except FastdiffError:
+                    raise
+                except Exception as e:
+                    raise UnsupportedConfigError(
+                        "model", type(model).__name__,
+                        supported=f"a traceable native UNet / DiT; torch.onnx.export failed: "
+                                  f"{e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                        model="ONNX exporter") from e
+            bar.update()
+
+            bar.set("validate")
+            proto = onnx.load(raw)  # pulls in any external data torch wrote
+            _set_metadata(proto, spec, io, opset)
+            weight_bytes = sum(_tensor_nbytes(t) for t in proto.graph.initializer)
+            use_ext = weight_bytes > EXTERNAL_DATA_THRESHOLD if external_data is None else bool(external_data)
+            staged = os.path.join(tmp, os.path.basename(path))
+            data_name = os.path.basename(path) + ".data"
+            if use_ext:
+                onnx.save_model(proto, staged, save_as_external_data=True, all_tensors_to_one_file=True,
+                                location=data_name, size_threshold=1024)
+                onnx.checker.check_model(staged, full_check=True)  # path form: no 2 GB limit
+            else:
+                onnx.checker.check_model(proto, full_check=True)
+                onnx.save_model(proto, staged)
+            del proto
+            bar.update()
+
+            max_abs = max_rel = None
+            note = "skipped (check=False)"
+            if check:
+                bar.set("parity vs PyTorch")
+                max_abs, max_rel, note = _parity(staged, model, spec, io, wrapper_cls_args=(cond, cfg_folded),
+                                                 batch=batch, h=h, w=w)
+            bar.update()
+
+            bar.set("write")
+            files = [path]
+            if use_ext:
+                # data first, graph last: an .onnx at the output path always has its weights beside it
+                os.replace(os.path.join(tmp, data_name), path + ".data")
+                files.append(path + ".data")
+            elif os.path.exists(path + ".data"):
+                with contextlib.suppress(OSError):
+                    os.remove(path + ".data")  # a stale data file of an earlier large export
+            os.replace(staged, path)
+            bar.update()
+    finally:
+        bar.close()
+    size = sum(os.path.getsize(f) for f in files)
+    return ExportResult(path=path, size_bytes=size, seconds=time.perf_counter() - t_start, max_abs_err=max_abs,
+                        max_rel_err=max_rel, check_note=note, files=files, io=io)
+
+
+def _torch_export(module, args, f, opset, names, dynamic_axes):
+    kw = dict(opset_version=opset, input_names=names, output_names=["out_sample"],
+              dynamic_axes=dynamic_axes or None, do_constant_folding=True)
+    try:
+        torch.onnx.export(module, args, f, dynamo=False, **kw)
+    except TypeError as e:  # torch < 2.5 has no dynamo= keyword; its default is the TorchScript exporter
+        if "dynamo" not in str(e):
+            raise
+        torch.onnx.export(module, args, f, **kw)
+
+
+def _tensor_nbytes(t) -> int:
+    import numpy as np
+    from onnx import helper
+
+    if t.data_location == 1:  # EXTERNAL: length is in the external_data entries
+        for kv in t.external_data:
+            if kv.key == "length":
+                return int(kv.value)
+    n = 1
+    for d in t.dims:
+        n *= d
+    return n * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+
+
+def _set_metadata(proto, spec: ModelSpec, io: dict, opset: int) -> None:
+    from fastdiff import __version__
+
+    proto.producer_name = "fastdiff"
+    proto.producer_version = __version__
+    proto.doc_string = f"fastdiff {spec.kind} exported at opset {opset} ({io['dtype']})"
+    meta = {
+        META_VERSION: __version__,
+        META_SPEC: json.dumps(spec.to_dict(), sort_keys=True),
+        META_IO: json.dumps(dict(io, opset=opset), sort_keys=True),
+        "prediction_type": spec.prediction_type,
+        "scheduler": json.dumps(spec.scheduler, sort_keys=True),
+        "model_kind": spec.kind,
+    }
+    del proto.metadata_props[:]
+    for k, v in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, v
+
+
+def _read_metadata(path_or_bytes) -> dict:
+    import onnx
+
+    if isinstance(path_or_bytes, (bytes, bytearray)):
+        proto = onnx.load_from_string(bytes(path_or_bytes))
+    else:
+        path = os.fspath(path_or_bytes)
+        if not os.path.isfile(path):
+            raise BadArgumentError(f"no such ONNX file: {path}")
+        try:
+            proto = onnx.load(path, load_external_data=False)
+        except Exception as e:
+            raise BadArgumentError(f"{path}: expected an ONNX model, found a file onnx cannot parse "
+                                   f"({e.__class__.__name__})") from e
+    return {p.key: p.value for p in proto.metadata_props}
+
+
+def read_onnx_spec(path_or_bytes) -> ModelSpec:
+    """The ModelSpec stored by ``export_onnx`` (BadArgumentError for an ONNX file fastdiff did not write)."""
+    meta = _read_metadata(path_or_bytes)
+    if META_SPEC not in meta:
+        raise BadArgumentError("expected an ONNX model exported by fastdiff (metadata_props "
+                               f"'{META_SPEC}'), found metadata keys {sorted(meta)}")
+    return ModelSpec.from_dict(json.loads(meta[META_SPEC]))
+
+
+def read_onnx_io(path_or_bytes) -> dict:
+    """The graph interface stored by ``export_onnx`` (inputs, dtypes, cfg_folded, ...), or {}."""
+    meta = _read_metadata(path_or_bytes)
+    return json.loads(meta[META_IO]) if META_IO in meta else {}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Parity check
+# ---------------------------------------------------------------------------------------------------
+
+def reference_output(model: nn.Module, spec: ModelSpec, io: dict, feeds: dict) -> torch.Tensor:
+    """What the exported graph should return for ``feeds``, computed by the PyTorch model (two passes
+    for a CFG-folded graph). Runs in the model's own dtype and device; returns float32 on the CPU."""
+    p = next(iter(model.parameters()), torch.empty(0))
+    dev, dt = p.device, p.dtype
+    cond = io["conditioning"]
+
+    def run(y=None, ctx=None):
+        x = feeds["sample"].to(dev, dt)
+        t = feeds["timestep"].reshape(-1).expand(x.shape[0]).to(dev)
+        kw = {}
+        if cond == "text":
+            kw["encoder_hidden_states"] = ctx.to(dev, dt)
+        elif cond == "class":
+            kw["class_labels"] = y.to(dev)
+        return model(x, t, **kw).float().cpu()
+
+    with torch.no_grad(), _native_ops(model):
+        y = feeds.get("class_labels")
+        ctx = feeds.get("encoder_hidden_states")
+        c = run(y=y, ctx=ctx)
+        if not io["cfg_folded"]:
+            return c
+        u = run(y=None if y is None else torch.full_like(y, io["null_class"]),
+                ctx=feeds.get("uncond_encoder_hidden_states"))
+        g = io["guided_channels"]
+        s = feeds["guidance_scale"].float().reshape(-1, 1, 1, 1)
+        return torch.cat([u[:, :g] + s * (c[:, :g] - u[:, :g]), c[:, g:]], dim=1)
+
+
+def _parity(onnx_path, model, spec, io, wrapper_cls_args, batch, h, w):
+    """(max_abs, max_rel, note): ONNX Runtime CPU vs the PyTorch model in float32."""
+    try:
+        import onnxruntime as ort  # noqa: F401
+    except ImportError:
+        return None, None, "skipped: onnxruntime not installed"
+    from fastdiff.runtime.onnxruntime_runner import OnnxRuntimeRunner
+
+    try:
+        runner = OnnxRuntimeRunner(onnx_path, device="cpu")
+    except BackendUnavailableError as e:
+        return None, None, f"skipped: {e}"
+    feeds = _example_inputs(spec, io, batch, h, w, "cpu", seed=1)
+    # The oracle is the float32 model whatever the graph's precision: the error includes fp16 rounding.
+    ref_model = model
+    if next(iter(model.parameters()), torch.empty(0)).dtype != torch.float32:
+        ref_model = copy.deepcopy(model).float()
+    ref = reference_output(ref_model, spec, io, {k: v.float() if v.is_floating_point() else v
+                                                 for k, v in feeds.items()})
+    try:
+        out = runner.run_feeds(feeds).float().cpu()
+    except BackendUnavailableError as e:
+        return None, None, f"skipped: {e}"
+    err = (out.double() - ref.double()).abs().max().item()
+    rel = err / max(ref.double().abs().max().item(), 1e-30)
+    return err, rel, f"ONNX Runtime CPU vs PyTorch float32, batch {batch}, {h}x{w}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Progress
+# ---------------------------------------------------------------------------------------------------
+
+class _Progress:
+    """A tqdm bar over the export stages (stderr); silent when disabled or tqdm is missing."""
+
+    def __init__(self, enabled: bool, total: int, desc: str):
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=total, desc=desc, unit="step", leave=False,
+                                bar_format="{desc}: {n_fmt}/{total_fmt} [{elapsed}] {postfix}")
+            except ImportError:  # pragma: no cover
+                self.bar = None
+
+    def set(self, stage: str) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(stage)
+
+    def update(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+__all__ = ["ExportResult", "export_onnx", "read_onnx_spec", "read_onnx_io", "reference_output", "graph_io",
+           "OPSETS", "DTYPES"]

@@ -1,0 +1,215 @@
+"""Run an exported ONNX graph with ONNX Runtime, as a drop-in for the native model.
+
+``runner = OnnxRuntimeRunner("unet.onnx")`` is called like the network it came from::
+
+    runner(x, timestep, class_labels=None, encoder_hidden_states=None) -> torch.Tensor
+
+(a CFG-folded graph also takes ``uncond_encoder_hidden_states=`` and ``guidance_scale=``). Inputs are
+cast to what the graph declares (an fp16 graph with fp32 IO takes float32; an fp16-IO graph gets
+float16), timesteps are broadcast to one per sample, a missing class label becomes the null class, and
+the output comes back in ``x``'s dtype on ``x``'s device.
+
+Device: the CUDA execution provider with IO binding (torch tensors bound by pointer, no host copy)
+when torch sees a GPU, the CPU provider otherwise. The GPU is detected with ``torch.cuda.is_available()``
+and not with ONNX Runtime's provider list, which names CUDA whenever onnxruntime-gpu is installed, GPU
+or not. Asking for ``device="cuda"`` without onnxruntime-gpu raises BackendUnavailableError.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ..errors import BackendUnavailableError, BadArgumentError
+
+_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+       "tensor(int32)": np.int32, "tensor(double)": np.float64}
+_TORCH = {np.float32: torch.float32, np.float16: torch.float16, np.int64: torch.int64, np.int32: torch.int32,
+          np.float64: torch.float64}
+
+
+def _import_ort():
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise BackendUnavailableError("backend 'onnxruntime' was requested but onnxruntime is not installed "
+                                      "(pip install onnxruntime, or onnxruntime-gpu on a CUDA machine)") from e
+    return ort
+
+
+class OnnxRuntimeRunner:
+    """An ONNX Runtime session that behaves like ``model(x, timestep, class_labels, encoder_hidden_states)``.
+
+    path_or_bytes: an ``.onnx`` path (external data beside it is found) or the serialized model.
+    device: "cpu", "cuda", "cuda:N" or None (CUDA when torch sees a GPU, else CPU).
+    threads: intra-op threads for the CPU provider (None: ONNX Runtime's default, all cores).
+    """
+
+    def __init__(self, path_or_bytes, device=None, *, threads: Optional[int] = None, spec=None):
+        ort = _import_ort()
+        from fastdiff.export.onnx import read_onnx_io, read_onnx_spec
+
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        if self.device.type not in ("cpu", "cuda"):
+            raise BadArgumentError(f"OnnxRuntimeRunner: expected device 'cpu' or 'cuda[:N]', found {device!r}")
+        src = path_or_bytes if isinstance(path_or_bytes, (bytes, bytearray)) else os.fspath(path_or_bytes)
+        if isinstance(src, str) and not os.path.isfile(src):
+            raise BadArgumentError(f"OnnxRuntimeRunner: no such ONNX file: {src}")
+        self.io = read_onnx_io(src)
+        try:
+            self.spec = spec if spec is not None else read_onnx_spec(src)
+        except BadArgumentError:
+            self.spec = None  # a foreign ONNX file: still runnable by input names
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads is not None:
+            opts.intra_op_num_threads = int(threads)
+        opts.log_severity_level = 3
+        if self.device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise BackendUnavailableError("OnnxRuntimeRunner: device 'cuda' was requested but torch sees no GPU")
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise BackendUnavailableError(
+                    "backend 'onnxruntime' on cuda needs onnxruntime-gpu (the installed onnxruntime offers "
+                    f"{ort.get_available_providers()})")
+            idx = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            self.device = torch.device("cuda", idx)
+            providers = [("CUDAExecutionProvider", {"device_id": idx}), "CPUExecutionProvider"]
+        else:
+            providers = ["CPUExecutionProvider"]
+        self.session = ort.InferenceSession(bytes(src) if isinstance(src, (bytes, bytearray)) else src,
+                                            sess_options=opts, providers=providers)
+        self.inputs = {i.name: _NP.get(i.type, np.float32) for i in self.session.get_inputs()}
+        self.outputs = [(o.name, _NP.get(o.type, np.float32)) for o in self.session.get_outputs()]
+        self.cfg_folded = "guidance_scale" in self.inputs
+        self._tmpdir = None  # set by from_pipeline: the temp folder holding the exported file
+
+    # -----------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pipeline(cls, pipe, device=None, *, threads: Optional[int] = None, **export_kwargs):
+        """Export ``pipe`` to a temporary ONNX file (kept while the runner lives) and open it.
+
+        export_kwargs go to ``fastdiff.export.onnx.export_onnx`` (dtype, opset, cfg_folded, ...);
+        the parity check and progress bar are off unless asked for.
+        """
+        from fastdiff.export.onnx import export_onnx
+
+        export_kwargs.setdefault("check", False)
+        export_kwargs.setdefault("progress", False)
+        tmp = tempfile.TemporaryDirectory(prefix="fastdiff-onnx-")
+        try:
+            res = export_onnx(pipe, None, os.path.join(tmp.name, "model.onnx"), **export_kwargs)
+            runner = cls(res.path, device=device, threads=threads, spec=pipe.spec)
+        except BaseException:
+            tmp.cleanup()
+            raise
+        runner._tmpdir = tmp
+        runner.export_result = res
+        return runner
+
+    def close(self) -> None:
+        self.session = None
+        if self._tmpdir is not None:
+            self._tmpdir.cleanup()
+            self._tmpdir = None
+
+    # -----------------------------------------------------------------------------------------------
+    def __call__(self, x: torch.Tensor, timestep, class_labels=None, encoder_hidden_states=None, *,
+                 uncond_encoder_hidden_states=None, guidance_scale=None) -> torch.Tensor:
+        b = x.shape[0]
+        feeds = {"sample": x}
+        t = torch.as_tensor(timestep, device=x.device)
+        feeds["timestep"] = t.reshape(-1).expand(b) if t.numel() == 1 else t.reshape(-1)
+        if "class_labels" in self.inputs:
+            if class_labels is None:
+                null = None if self.spec is None else self.spec.null_class
+                if null is None:
+                    raise BadArgumentError("this graph is class-conditional: expected class_labels, found None "
+                                           "(and the model has no null class)")
+                class_labels = torch.full((b,), null, dtype=torch.long, device=x.device)
+            y = torch.as_tensor(class_labels, device=x.device)
+            feeds["class_labels"] = y.expand(b) if y.dim() == 0 else y
+        elif class_labels is not None:
+            raise BadArgumentError("this graph has no class_labels input, but class_labels were given")
+        if "encoder_hidden_states" in self.inputs:
+            if encoder_hidden_states is None:
+                raise BadArgumentError("this graph is text-conditioned: expected encoder_hidden_states "
+                                       "(B, L, D), found None")
+            feeds["encoder_hidden_states"] = encoder_hidden_states
+        elif encoder_hidden_states is not None:
+            raise BadArgumentError("this graph has no encoder_hidden_states input, but they were given")
+        if self.cfg_folded:
+            if guidance_scale is None:
+                raise BadArgumentError("this is a CFG-folded graph: expected guidance_scale=, found None")
+            feeds["guidance_scale"] = torch.as_tensor(guidance_scale, dtype=torch.float32).reshape(-1)
+            if "uncond_encoder_hidden_states" in self.inputs:
+                if uncond_encoder_hidden_states is None:
+                    raise BadArgumentError("this CFG-folded graph expects uncond_encoder_hidden_states, found None")
+                feeds["uncond_encoder_hidden_states"] = uncond_encoder_hidden_states
+        out = self.run_feeds(feeds)
+        return out.to(x.device, x.dtype)
+
+    def run_feeds(self, feeds: dict) -> torch.Tensor:
+        """Run with inputs by graph name (torch tensors); returns the first output as a torch tensor."""
+        missing = sorted(set(self.inputs) - set(feeds))
+        if missing:
+            raise BadArgumentError(f"ONNX graph inputs {sorted(self.inputs)} expected, missing {missing}")
+        if self.session is None:
+            raise BadArgumentError("this OnnxRuntimeRunner was closed")
+        if self.device.type == "cuda":
+            return self._run_cuda(feeds)
+        arrays = {n: feeds[n].detach().cpu().numpy().astype(dt, copy=False) for n, dt in self.inputs.items()}
+        out = self.session.run([self.outputs[0][0]], arrays)[0]
+        return torch.from_numpy(out)
+
+    def _run_cuda(self, feeds: dict) -> torch.Tensor:
+        """IO binding: ONNX Runtime reads the torch tensors in place and writes into a torch tensor."""
+        dev = self.device
+        binding = self.session.io_binding()
+        keep = []
+        for name, dt in self.inputs.items():
+            t = feeds[name].detach().to(dev, _TORCH[dt]).contiguous()
+            keep.append(t)
+            binding.bind_input(name, "cuda", dev.index, dt, tuple(t.shape), t.data_ptr())
+        name, dt = self.outputs[0]
+        x = feeds["sample"]
+        if self.io.get("out_channels"):
+            # The output shape is known (B, C_out, H, W): ONNX Runtime writes straight into a torch tensor.
+            out = torch.empty((x.shape[0], self.io["out_channels"], *x.shape[2:]), dtype=_TORCH[dt], device=dev)
+            binding.bind_output(name, "cuda", dev.index, dt, tuple(out.shape), out.data_ptr())
+        else:  # a foreign graph: let ONNX Runtime allocate, then copy
+            out = None
+            binding.bind_output(name, "cuda", dev.index)
+        torch.cuda.current_stream(dev).synchronize()  # inputs written on torch's stream are ready
+        self.session.run_with_iobinding(binding)  # synchronous for the CUDA provider
+        if out is None:
+            ort_out = binding.get_outputs()[0]
+            view = torch.as_tensor(_CudaArray(ort_out.data_ptr(), tuple(ort_out.shape()), _TORCH[dt]), device=dev)
+            out = view.clone()
+        del keep
+        return out
+
+    def __repr__(self) -> str:
+        kind = self.spec.kind if self.spec is not None else "onnx"
+        return (f"OnnxRuntimeRunner({kind}, {self.device}, providers={self.session.get_providers()}, "
+                f"dtype={self.io.get('dtype', '?')}, cfg_folded={self.cfg_folded})")
+
+
+class _CudaArray:
+    """A minimal ``__cuda_array_interface__`` so torch can view memory ONNX Runtime owns."""
+
+    _TYPESTR = {torch.float32: "<f4", torch.float16: "<f2", torch.int64: "<i8", torch.int32: "<i4",
+                torch.float64: "<f8"}
+
+    def __init__(self, ptr: int, shape: tuple, dtype: torch.dtype):
+        self.__cuda_array_interface__ = {"data": (ptr, False), "shape": shape,
+                                         "typestr": self._TYPESTR[dtype], "version": 2, "strides": None}
+
+
+__all__ = ["OnnxRuntimeRunner"]

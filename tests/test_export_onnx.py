@@ -1,0 +1,338 @@
+"""ONNX export of the native UNet / DiT and the ONNX Runtime runner, on the CPU.
+
+Each tiny architecture is exported once per module (fixture) and reused; the exporter's own parity
+check (ONNX Runtime CPU vs PyTorch float32) is asserted along with independent runs at other batches.
+"""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import fastdiff
+from fastdiff.errors import BadArgumentError, FastdiffError, UnsupportedConfigError
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+from fastdiff.export.onnx import export_onnx, read_onnx_io, read_onnx_spec, reference_output  # noqa: E402
+from fastdiff.runtime.onnxruntime_runner import OnnxRuntimeRunner  # noqa: E402
+
+ARCHS = ("arch:tiny-unet", "arch:tiny-sd-unet", "arch:tiny-dit")
+FP32_REL, FP16_REL = 1e-4, 5e-3
+
+
+def rel(a, ref):
+    return ((a.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+
+
+@pytest.fixture(scope="module")
+def pipes():
+    return {name: fastdiff.load(name) for name in ARCHS}
+
+
+@pytest.fixture(scope="module")
+def exported(pipes, tmp_path_factory):
+    """name -> (ExportResult, OnnxRuntimeRunner): fp32, opset 17, dynamic batch, traced/checked at batch 2."""
+    d = tmp_path_factory.mktemp("onnx")
+    out = {}
+    for name, pipe in pipes.items():
+        res = export_onnx(pipe, None, str(d / (name.split(":")[1] + ".onnx")), batch=2, progress=False)
+        out[name] = (res, OnnxRuntimeRunner(res.path, device="cpu"))
+    return out
+
+
+def inputs(spec, b, seed=0, hw=None):
+    g = torch.Generator().manual_seed(seed)
+    h, w = hw or spec.sample_size
+    x = torch.randn(b, spec.in_channels, h, w, generator=g)
+    t = torch.linspace(900.5, 10.25, b)
+    kw = {}
+    if spec.cross_attention_dim:
+        kw["encoder_hidden_states"] = torch.randn(b, 5, spec.cross_attention_dim, generator=g)
+    if spec.num_classes:
+        kw["class_labels"] = torch.randint(0, spec.num_classes, (b,), generator=g)
+    return x, t, kw
+
+
+# --------------------------------------------------------------------------------------------------
+# fp32 parity, dynamic batch, metadata
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_export_parity_fp32(exported, name):
+    res, _ = exported[name]
+    assert os.path.getsize(res.path) == res.size_bytes > 0
+    assert res.max_rel_err is not None and res.max_rel_err <= FP32_REL, res
+    proto = onnx.load(res.path)
+    names = [i.name for i in proto.graph.input]
+    cond = {"arch:tiny-unet": [], "arch:tiny-sd-unet": ["encoder_hidden_states"], "arch:tiny-dit": ["class_labels"]}
+    assert names == ["sample", "timestep"] + cond[name]
+    assert [o.name for o in proto.graph.output] == ["out_sample"]
+    assert {op.domain: op.version for op in proto.opset_import}[""] == 17
+
+
+@pytest.mark.parametrize("name", ARCHS)
+@pytest.mark.parametrize("b", [1, 3])
+def test_dynamic_batch_matches_pytorch(pipes, exported, name, b):
+    pipe = pipes[name]
+    _, runner = exported[name]
+    x, t, kw = inputs(pipe.spec, b, seed=b)
+    with torch.no_grad():
+        ref = pipe.model(x, t, **kw)
+    out = runner(x, t, **kw)
+    assert out.shape == ref.shape and out.dtype == x.dtype
+    assert rel(out, ref) <= FP32_REL
+
+
+def test_runner_is_a_drop_in_callable(pipes, exported):
+    """Scalar timesteps broadcast, a missing class label is the null class (as the native DiT)."""
+    pipe = pipes["arch:tiny-dit"]
+    _, runner = exported["arch:tiny-dit"]
+    x, _, _ = inputs(pipe.spec, 2)
+    with torch.no_grad():
+        ref = pipe.model(x, 500)
+    assert rel(runner(x, 500), ref) <= FP32_REL
+    with pytest.raises(BadArgumentError, match="encoder_hidden_states"):
+        runner(x, 500, encoder_hidden_states=torch.zeros(2, 3, 8))
+    sd_runner = exported["arch:tiny-sd-unet"][1]
+    with pytest.raises(BadArgumentError, match="text-conditioned"):
+        sd_runner(torch.zeros(1, 4, 8, 8), 1)
+
+
+def test_sampling_loop_through_onnxruntime_equals_eager(pipes, exported):
+    """A few DDIM (eta=0) steps with the runner in place of the network give the eager samples."""
+    pipe = pipes["arch:tiny-sd-unet"]
+    _, runner = exported["arch:tiny-sd-unet"]
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    abar = torch.cumprod(1 - betas, 0)
+    x0, _, kw = inputs(pipe.spec, 2, seed=7)
+
+    def ddim(net):
+        x = x0.clone()
+        ts = [999, 749, 499, 249]
+        for i, t in enumerate(ts):
+            with torch.no_grad():
+                eps = net(x, torch.tensor([float(t)]), **kw).double()
+            a, a_next = abar[t], (abar[ts[i + 1]] if i + 1 < len(ts) else torch.tensor(1.0, dtype=torch.float64))
+            pred_x0 = (x.double() - (1 - a).sqrt() * eps) / a.sqrt()
+            x = (a_next.sqrt() * pred_x0 + (1 - a_next).sqrt() * eps).float()
+        return x
+
+    assert rel(ddim(runner), ddim(pipe.model)) <= FP32_REL
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_metadata_round_trip(pipes, exported, name):
+    res, _ = exported[name]
+    spec = read_onnx_spec(res.path)
+    assert spec.to_dict() == pipes[name].spec.to_dict()
+    meta = {p.key: p.value for p in onnx.load(res.path, load_external_data=False).metadata_props}
+    assert meta["fastdiff.version"] == fastdiff.__version__
+    assert meta["prediction_type"] == spec.prediction_type
+    io = read_onnx_io(res.path)
+    assert io["dtype"] == "fp32" and io["dynamic_batch"] and not io["cfg_folded"]
+
+
+def test_read_onnx_spec_refuses_a_foreign_file(tmp_path):
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("Identity", ["a"], ["b"])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("a", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("b", TensorProto.FLOAT, [1])])
+    p = tmp_path / "foreign.onnx"
+    onnx.save(helper.make_model(graph), str(p))
+    with pytest.raises(BadArgumentError, match="exported by fastdiff"):
+        read_onnx_spec(str(p))
+
+
+# --------------------------------------------------------------------------------------------------
+# Variants: fp16, opset 18, dynamic H/W, CFG-folded, external data
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,fp16_io", [("arch:tiny-dit", False), ("arch:tiny-sd-unet", True)])
+def test_fp16_export(pipes, exported, tmp_path, name, fp16_io):
+    """fp16 weights; ONNX Runtime CPU runs the fp16 graph (it upcasts ops it has no fp16 kernel for)."""
+    pipe = pipes[name]
+    res = export_onnx(pipe, None, str(tmp_path / "m16.onnx"), dtype="fp16", fp16_io=fp16_io, progress=False)
+    assert res.max_rel_err is not None and res.max_rel_err <= FP16_REL, res
+    assert pipe.dtype == torch.float32  # the caller's model is untouched
+    runner = OnnxRuntimeRunner(res.path, device="cpu")
+    assert runner.inputs["sample"] == (np.float16 if fp16_io else np.float32)
+    x, t, kw = inputs(pipe.spec, 3, seed=3)
+    with torch.no_grad():
+        ref = pipe.model(x, t, **kw)
+    out = runner(x, t, **kw)
+    assert out.dtype == torch.float32
+    assert rel(out, ref) <= FP16_REL
+    assert res.size_bytes < 0.6 * exported[name][0].size_bytes  # fp16 weights
+
+
+def test_opset18_export(pipes, tmp_path):
+    """Opset 18 validates; GroupNorm is the InstanceNormalization form (GroupNormalization-18 is deprecated)."""
+    pipe = pipes["arch:tiny-unet"]
+    res = export_onnx(pipe, None, str(tmp_path / "o18.onnx"), opset=18, progress=False)
+    proto = onnx.load(res.path)
+    onnx.checker.check_model(proto, full_check=True)
+    assert {op.domain: op.version for op in proto.opset_import}[""] == 18
+    ops = {n.op_type for n in proto.graph.node}
+    assert "InstanceNormalization" in ops and "GroupNormalization" not in ops
+    assert res.max_rel_err <= FP32_REL
+
+
+def test_dynamic_hw(pipes, tmp_path):
+    pipe = pipes["arch:tiny-unet"]
+    res = export_onnx(pipe, None, str(tmp_path / "hw.onnx"), dynamic_hw=True, progress=False)
+    runner = OnnxRuntimeRunner(res.path, device="cpu")
+    for hw in [(16, 16), (24, 32)]:
+        x, t, kw = inputs(pipe.spec, 2, hw=hw)
+        with torch.no_grad():
+            ref = pipe.model(x, t, **kw)
+        assert rel(runner(x, t, **kw), ref) <= FP32_REL
+
+
+@pytest.mark.parametrize("name", ["arch:tiny-sd-unet", "arch:tiny-dit"])
+def test_cfg_folded_equals_two_passes(pipes, tmp_path, name):
+    pipe = pipes[name]
+    spec = pipe.spec
+    res = export_onnx(pipe, None, str(tmp_path / "cfg.onnx"), cfg_folded=True, progress=False)
+    assert res.max_rel_err <= FP32_REL
+    runner = OnnxRuntimeRunner(res.path, device="cpu")
+    x, t, kw = inputs(spec, 3, seed=11)
+    s = 4.5
+    with torch.no_grad():
+        if name == "arch:tiny-dit":
+            c = pipe.model(x, t, class_labels=kw["class_labels"])
+            u = pipe.model(x, t, class_labels=torch.full((3,), spec.null_class))
+            out = runner(x, t, class_labels=kw["class_labels"], guidance_scale=s)
+            g = spec.guided_channels  # official DiT: 3 of the 4 eps channels; variance passes through
+            assert g == 3 and c.shape[1] == 8
+        else:
+            neg = torch.randn_like(kw["encoder_hidden_states"])
+            c = pipe.model(x, t, encoder_hidden_states=kw["encoder_hidden_states"])
+            u = pipe.model(x, t, encoder_hidden_states=neg)
+            out = runner(x, t, encoder_hidden_states=kw["encoder_hidden_states"],
+                         uncond_encoder_hidden_states=neg, guidance_scale=s)
+            g = c.shape[1]
+    expected = torch.cat([u[:, :g] + s * (c[:, :g] - u[:, :g]), c[:, g:]], dim=1)
+    assert out.shape == expected.shape
+    assert rel(out, expected) <= FP32_REL
+    # per-sample guidance scales
+    if name == "arch:tiny-dit":
+        scales = torch.tensor([1.0, 2.0, 7.5])
+        out2 = runner(x, t, class_labels=kw["class_labels"], guidance_scale=scales)
+        exp2 = torch.cat([u[:, :g] + scales.view(-1, 1, 1, 1) * (c[:, :g] - u[:, :g]), c[:, g:]], dim=1)
+        assert rel(out2, exp2) <= FP32_REL
+
+
+def test_external_data(pipes, tmp_path):
+    """Weights beside the graph (what a > 2 GB model gets); the path-based checker validates it."""
+    pipe = pipes["arch:tiny-dit"]
+    path = str(tmp_path / "ext.onnx")
+    res = export_onnx(pipe, None, path, external_data=True, progress=False)
+    assert res.files == [path, path + ".data"]
+    assert os.path.getsize(path) < 100_000 < os.path.getsize(path + ".data")
+    onnx.checker.check_model(path, full_check=True)
+    assert res.max_rel_err <= FP32_REL
+    assert sorted(os.listdir(tmp_path)) == ["ext.onnx", "ext.onnx.data"]
+    x, t, kw = inputs(pipe.spec, 1)
+    with torch.no_grad():
+        ref = pipe.model(x, t, **kw)
+    assert rel(OnnxRuntimeRunner(path, device="cpu")(x, t, **kw), ref) <= FP32_REL
+
+
+def test_from_pipeline(pipes):
+    pipe = pipes["arch:tiny-dit"]
+    runner = OnnxRuntimeRunner.from_pipeline(pipe, device="cpu")
+    folder = runner._tmpdir.name
+    x, t, kw = inputs(pipe.spec, 2)
+    with torch.no_grad():
+        ref = pipe.model(x, t, **kw)
+    assert rel(runner(x, t, **kw), ref) <= FP32_REL
+    runner.close()
+    assert not os.path.exists(folder)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_io_binding(exported, pipes):  # pragma: no cover - GPU machines
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("onnxruntime-gpu not installed")
+    res, _ = exported["arch:tiny-sd-unet"]
+    pipe = pipes["arch:tiny-sd-unet"]
+    runner = OnnxRuntimeRunner(res.path)  # a GPU is there: CUDA provider by default
+    assert runner.device.type == "cuda"
+    x, t, kw = inputs(pipe.spec, 2)
+    with torch.no_grad():
+        ref = pipe.model(x, t, **kw)
+    out = runner(x.cuda(), t.cuda(), **{k: v.cuda() for k, v in kw.items()})
+    assert out.device.type == "cuda"
+    assert rel(out.cpu(), ref) <= 1e-3
+
+
+# --------------------------------------------------------------------------------------------------
+# Atomic writes and bad input
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("where", ["onnx.checker.check_model", "onnx.save_model"])
+def test_interrupted_export_leaves_no_file(pipes, tmp_path, monkeypatch, where):
+    mod, attr = where.rsplit(".", 1)
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt("simulated interruption")
+
+    monkeypatch.setattr(eval(mod), attr, boom)
+    path = tmp_path / "model.onnx"
+    with pytest.raises(KeyboardInterrupt):
+        export_onnx(pipes["arch:tiny-dit"], None, str(path), progress=False)
+    assert os.listdir(tmp_path) == []  # no file at the path, no temp leftovers
+
+
+def test_interrupted_export_keeps_the_previous_file(pipes, tmp_path, monkeypatch):
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"previous")
+
+    def boom(*a, **k):
+        raise RuntimeError("simulated failure")
+
+    monkeypatch.setattr(onnx.checker, "check_model", boom)
+    with pytest.raises(RuntimeError):
+        export_onnx(pipes["arch:tiny-dit"], None, str(path), progress=False)
+    assert path.read_bytes() == b"previous"
+    assert os.listdir(tmp_path) == ["model.onnx"]
+
+
+def test_bad_input(pipes, tmp_path):
+    pipe = pipes["arch:tiny-unet"]
+    with pytest.raises(BadArgumentError, match="ModelSpec"):
+        export_onnx(torch.nn.Linear(2, 2), None, str(tmp_path / "a.onnx"), progress=False)
+    with pytest.raises(BadArgumentError, match="expected an existing folder"):
+        export_onnx(pipe, None, str(tmp_path / "missing" / "a.onnx"), progress=False)
+    with pytest.raises(BadArgumentError, match="opset"):
+        export_onnx(pipe, None, str(tmp_path / "a.onnx"), opset=11, progress=False)
+    with pytest.raises(BadArgumentError, match="dtype"):
+        export_onnx(pipe, None, str(tmp_path / "a.onnx"), dtype="int8", progress=False)
+    with pytest.raises(BadArgumentError, match="unconditional"):
+        export_onnx(pipe, None, str(tmp_path / "a.onnx"), cfg_folded=True, progress=False)
+    with pytest.raises(BadArgumentError, match="DiT"):
+        export_onnx(pipes["arch:tiny-dit"], None, str(tmp_path / "a.onnx"), dynamic_hw=True, progress=False)
+    with pytest.raises(BadArgumentError, match="folder"):
+        export_onnx(pipe, None, str(tmp_path), progress=False)
+    # a module with a spec that does not fit it: the trace fails and says so
+    with pytest.raises(UnsupportedConfigError, match="torch.onnx.export failed"):
+        export_onnx(torch.nn.Linear(2, 2), pipe.spec, str(tmp_path / "a.onnx"), progress=False)
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(BadArgumentError, match="no such ONNX file"):
+        OnnxRuntimeRunner(str(tmp_path / "nope.onnx"), device="cpu")
+    assert issubclass(BadArgumentError, FastdiffError)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="running as root: every folder is writable")
+def test_unwritable_folder(pipes, tmp_path):  # pragma: no cover - CI runs as root here
+    d = tmp_path / "ro"
+    d.mkdir()
+    d.chmod(0o500)
+    with pytest.raises(BadArgumentError, match="not writable"):
+        export_onnx(pipes["arch:tiny-unet"], None, str(d / "a.onnx"), progress=False)
