@@ -6,7 +6,7 @@ Every sampler has the signature
 
 * ``denoiser(x, sigma, **extra_args) -> x0`` (see ``fastdiff.denoiser``), sigma a (B,) float32 tensor.
 * ``x``: the initial state at ``sigmas[0]`` (already scaled: ``x = latents * sigmas[0]`` or what the plan
-  says); the state is kept in float32 whatever the network runs in.
+  says); the state is kept in float32 whatever the network runs in (float64 if given float64).
 * ``sigmas``: the decreasing grid, on the HOST (list or CPU tensor), converted to Python floats before the
   loop. The loop branches on Python floats only and never reads a device value back (no ``.item()``, no
   ``if tensor``), so a whole run can be captured in one CUDA graph.
@@ -58,13 +58,16 @@ def _randn(i: int, like: torch.Tensor) -> torch.Tensor:
 
 
 def _setup(x, sigmas, extra_args, noise):
-    return x.to(torch.float32), host_sigmas(sigmas), (extra_args or {}), (noise or _randn)
+    """State in float32 at least (fp16/bf16 inputs are upcast; float64 is kept, for reference runs)."""
+    if x.dtype != torch.float64:
+        x = x.to(torch.float32)
+    return x, host_sigmas(sigmas), (extra_args or {}), (noise or _randn)
 
 
 def _call(denoiser, x, sigma: float, extra: dict) -> torch.Tensor:
     """The denoiser at a host sigma: the (B,) sigma tensor is filled on the device, never read back."""
-    s = torch.full((x.shape[0],), sigma, dtype=torch.float32, device=x.device)
-    return denoiser(x, s, **extra).to(torch.float32)
+    s = torch.full((x.shape[0],), sigma, dtype=x.dtype, device=x.device)
+    return denoiser(x, s, **extra).to(x.dtype)
 
 
 def _ancestral(sigma: float, sigma_next: float, eta: float = 1.0):
