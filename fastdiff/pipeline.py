@@ -1,16 +1,24 @@
 """The Pipeline: a native network + its ModelSpec, and everything a user does with them.
 
 ``fastdiff.load`` returns one. ``generate`` samples; ``optimize`` picks the runner (eager, fused
-kernels, torch.compile, CUDA graphs, ONNX Runtime); ``save`` writes the fastdiff format.
+kernels, torch.compile, CUDA graphs, ONNX Runtime, TensorRT); ``save`` writes the fastdiff format.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import math
+import random
+from typing import Optional, Sequence, Union
 
 import torch
 
+from .errors import BadArgumentError
 from .spec import ModelSpec
+
+OUTPUT_TYPES = ("tensor", "np", "pil")
+# Samplers whose natural grid is the training timesteps (diffusers' DDIM / DDPM); the others default to
+# a Karras grid, the usual few-step choice (k-diffusion, ComfyUI).
+_TIMESTEP_SAMPLERS = ("ddim", "ddpm")
 
 
 class Pipeline:
@@ -18,7 +26,11 @@ class Pipeline:
         self.model = model
         self.spec = spec
         self.device = torch.device(device)
+        self.runner = model  # the network callable samplers call (replaced by optimize)
+        self.config = None
+        self.notes: list[str] = list(spec.notes)
 
+    # ------------------------------------------------------------------------------------------
     @property
     def dtype(self) -> torch.dtype:
         try:
@@ -32,7 +44,227 @@ class Pipeline:
 
         return save_fastdiff(path, self.model, self.spec)
 
+    def optimize(self, config=None, **switches) -> "Pipeline":
+        """Apply an ``OptimizeConfig`` (or its fields as keywords) once; returns self."""
+        from .runtime.config import OptimizeConfig
+        from .runtime.runners import build_runner
+
+        config = config or OptimizeConfig(**switches)
+        if switches and config is not None:
+            config = config.replace(**switches)
+        self.runner, notes = build_runner(self, config)
+        self.config = config
+        self.notes.extend(notes)
+        return self
+
+    # ------------------------------------------------------------------------------------------
+    def plan(self, steps: int, sampler: Optional[str] = None, schedule: Optional[str] = None, **options):
+        """The SamplingPlan for these settings: the checkpoint's scheduler config, or a named sampler."""
+        from .sampling import SAMPLERS, SCHEDULES, get_sigmas, plan_from_scheduler_config
+        from .scheduler_config import SamplingPlan
+
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise BadArgumentError(f"steps: expected a positive integer, found {steps!r}")
+        if sampler is None and schedule is None:
+            from .scheduler_config import SUPPORTED_SCHEDULERS
+
+            if self.spec.scheduler.get("_class_name") in SUPPORTED_SCHEDULERS:
+                return plan_from_scheduler_config(self.spec.scheduler, steps)
+            sampler = "ddim"  # e.g. SD's PNDMScheduler: DDIM on the same training schedule and spacing
+        sampler = sampler or "dpmpp_2m"
+        if sampler not in SAMPLERS:
+            raise BadArgumentError(f"sampler: expected one of {sorted(SAMPLERS)}, found {sampler!r}")
+        if schedule is not None and schedule not in SCHEDULES:
+            raise BadArgumentError(f"schedule: expected one of {list(SCHEDULES)}, found {schedule!r}")
+        if self.spec.prediction_type == "edm":
+            sigmas = get_sigmas(schedule or "karras", steps)
+            return SamplingPlan("named", sampler, sigmas, dict(options), "edm", {},
+                                init_noise_sigma=float(sigmas[0]))
+        ac = self.alphas_cumprod()
+        default = self.spec.scheduler.get("timestep_spacing", "leading") if sampler in _TIMESTEP_SAMPLERS else "karras"
+        sigmas = get_sigmas(schedule or default, steps, alphas_cumprod=ac,
+                            steps_offset=int(self.spec.scheduler.get("steps_offset", 0)))
+        s0 = float(sigmas[0])
+        return SamplingPlan("named", sampler, sigmas, dict(options), "discrete",
+                            dict(alphas_cumprod=ac, prediction_type=self.spec.prediction_type),
+                            init_noise_sigma=math.sqrt(1 + s0 * s0))
+
+    def alphas_cumprod(self) -> torch.Tensor:
+        from .schedules import make_alphas_cumprod
+
+        s = self.spec.scheduler
+        return make_alphas_cumprod(s.get("beta_schedule", "linear"), int(s.get("num_train_timesteps", 1000)),
+                                   float(s.get("beta_start", 1e-4)), float(s.get("beta_end", 0.02)),
+                                   s.get("trained_betas"), bool(s.get("rescale_betas_zero_snr", False)))
+
+    @torch.no_grad()
+    def generate(self, n: int = 1, steps: int = 20, sampler: Optional[str] = None, schedule: Optional[str] = None,
+                 cfg_scale: float = 1.0, guidance_rescale: float = 0.0, class_labels=None,
+                 encoder_hidden_states: Optional[torch.Tensor] = None,
+                 negative_encoder_hidden_states: Optional[torch.Tensor] = None, seed: Optional[int] = None,
+                 seeds: Optional[Sequence[int]] = None, latents: Optional[torch.Tensor] = None,
+                 height: Optional[int] = None, width: Optional[int] = None, output_type: str = "tensor",
+                 progress: bool = True, callback=None, **sampler_options):
+        """Sample ``n`` images (latents for latent models).
+
+        sampler / schedule: a fastdiff sampler name (``dpmpp_2m``, ``unipc``, ``ddim``, ...) and sigma
+            grid (``karras``, ``exponential``, ``leading``, ``trailing``, ...); both None follow the
+            checkpoint's diffusers scheduler config.
+        cfg_scale: classifier-free guidance (1.0: no unconditional pass). Class models guide against
+            their null label; text models need ``negative_encoder_hidden_states``.
+        seed / seeds: ``seeds=[...]`` gives one generator per sample (a sample depends on its own seed
+            only); ``seed=s`` means seeds s, s+1, ...; neither draws random seeds.
+        latents: the initial unit-normal noise (B, C, H, W), as diffusers' ``latents=``.
+        height / width: in latent pixels (default: the model's sample size).
+        output_type: ``tensor`` (B, C, H, W) float32 in the model's range, ``np`` uint8 (B, H, W, C),
+            ``pil`` a list of PIL images (1 or 3 channels).
+        Returns float32 results whatever the network dtype (the sampler state is always float32).
+        """
+        from .denoiser import CFGDenoiser
+        from .noise import NoiseSource
+
+        if output_type not in OUTPUT_TYPES:
+            raise BadArgumentError(f"output_type: expected one of {OUTPUT_TYPES}, found {output_type!r}")
+        seeds = self._seeds(n, seed, seeds, latents)
+        b = len(seeds)
+        h, w = self._size(height, width)
+        shape = (self.spec.in_channels, h, w)
+        plan = self.plan(steps, sampler, schedule, **sampler_options)
+        noise = NoiseSource(seeds, self.device)
+        if latents is None:
+            latents = noise.randn(shape)
+        else:
+            latents = torch.as_tensor(latents, dtype=torch.float32, device=self.device)
+            if tuple(latents.shape) != (b,) + shape:
+                raise BadArgumentError(f"latents: expected shape {(b,) + shape}, found {tuple(latents.shape)}")
+
+        cond, uncond = self._conditioning(b, class_labels, encoder_hidden_states, negative_encoder_hidden_states,
+                                          cfg_scale)
+        denoiser = plan.make_denoiser(self.runner, dtype=self._network_dtype())
+        extra = dict(cond)
+        if cfg_scale != 1.0:
+            denoiser = CFGDenoiser(denoiser, cfg_scale, guidance_rescale, guided_channels=self.spec.guided_channels)
+            extra["uncond"] = uncond
+
+        bar = _progress(plan.steps, progress)
+        def step_callback(info):
+            if bar is not None:
+                bar.update(1) if bar.n < bar.total else None
+            if callback is not None:
+                callback(info)
+
+        x = plan.sample(denoiser, latents, extra_args=extra, noise=noise, callback=step_callback)
+        if bar is not None:
+            bar.close()
+        return _to_output(x, output_type)
+
+    # ------------------------------------------------------------------------------------------
+    def _seeds(self, n, seed, seeds, latents) -> list[int]:
+        if seeds is not None:
+            seeds = [seeds] if isinstance(seeds, int) else list(seeds)
+            if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+                raise BadArgumentError(f"seeds: expected a non-empty list of ints, found {seeds!r}")
+            return seeds
+        if latents is not None:
+            n = int(latents.shape[0])
+        if not isinstance(n, int) or n < 1:
+            raise BadArgumentError(f"n: expected a positive integer, found {n!r}")
+        if seed is None:
+            seed = random.randrange(2**31)
+        if not isinstance(seed, int):
+            raise BadArgumentError(f"seed: expected an int, found {seed!r}")
+        return [seed + i for i in range(n)]
+
+    def _size(self, height, width) -> tuple[int, int]:
+        h0, w0 = self.spec.sample_size
+        h, w = height or h0, width or w0
+        for name, v in (("height", h), ("width", w)):
+            if not isinstance(v, int) or v < 1:
+                raise BadArgumentError(f"{name}: expected a positive integer, found {v!r}")
+        if self.spec.kind == "dit" and (h, w) != (h0, w0):
+            raise BadArgumentError(f"height/width: this DiT takes {h0}x{w0} latents only, found {h}x{w}")
+        return h, w
+
+    def _conditioning(self, b, class_labels, ctx, neg_ctx, cfg_scale):
+        """(cond, uncond) keyword dicts for the network."""
+        spec = self.spec
+        guided = cfg_scale != 1.0
+        cond, uncond = {}, {}
+        if spec.num_classes:
+            if class_labels is None:
+                if spec.null_class is None:
+                    raise BadArgumentError(f"class_labels: this model is class-conditional ({spec.num_classes} "
+                                           f"classes, no null label): expected {b} labels, found None")
+                class_labels = [spec.null_class] * b
+            labels = torch.as_tensor(class_labels, dtype=torch.long, device=self.device).reshape(-1)
+            if labels.numel() == 1 and b > 1:
+                labels = labels.expand(b)
+            if labels.numel() != b:
+                raise BadArgumentError(f"class_labels: expected {b} labels (one per sample), found {labels.numel()}")
+            cond["class_labels"] = labels
+            if guided:
+                if spec.null_class is None:
+                    raise BadArgumentError("cfg_scale != 1 needs an unconditional label, but this model has none")
+                uncond["class_labels"] = torch.full_like(labels, spec.null_class)
+        elif class_labels is not None:
+            raise BadArgumentError("class_labels were given, but this model is not class-conditional")
+        if spec.cross_attention_dim:
+            if ctx is None:
+                raise BadArgumentError(f"encoder_hidden_states: this model cross-attends to text states of width "
+                                       f"{spec.cross_attention_dim}: expected a ({b}, tokens, "
+                                       f"{spec.cross_attention_dim}) tensor, found None")
+            ctx = self._states(ctx, b, "encoder_hidden_states")
+            cond["encoder_hidden_states"] = ctx
+            if guided:
+                if neg_ctx is None:
+                    raise BadArgumentError("cfg_scale != 1 on a text model needs negative_encoder_hidden_states "
+                                           "(the encoded empty / negative prompt)")
+                uncond["encoder_hidden_states"] = self._states(neg_ctx, b, "negative_encoder_hidden_states")
+        elif ctx is not None:
+            raise BadArgumentError("encoder_hidden_states were given, but this model has no cross-attention")
+        if guided and not uncond:
+            raise BadArgumentError("cfg_scale != 1 needs a conditional model (class labels or text states)")
+        return cond, uncond
+
+    def _states(self, t, b, name):
+        t = torch.as_tensor(t, device=self.device)
+        if t.dim() == 2:
+            t = t.unsqueeze(0)
+        if t.dim() != 3 or t.shape[-1] != self.spec.cross_attention_dim or t.shape[0] not in (1, b):
+            raise BadArgumentError(f"{name}: expected shape ({b}, tokens, {self.spec.cross_attention_dim}), "
+                                   f"found {tuple(t.shape)}")
+        return t.expand(b, -1, -1) if t.shape[0] == 1 and b > 1 else t
+
+    def _network_dtype(self) -> torch.dtype:
+        if self.config is not None and self.config.torch_dtype is not None:
+            return self.config.torch_dtype
+        return self.dtype
+
     def __repr__(self) -> str:
         n = sum(p.numel() for p in self.model.parameters())
         return (f"Pipeline({self.spec.kind}, {n / 1e6:.2f}M params, {self.dtype}, {self.device}, "
                 f"prediction={self.spec.prediction_type}, source={self.spec.source!r})")
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        return None
+    return tqdm(total=total, desc="sampling", unit="step", disable=None, leave=False)
+
+
+def _to_output(x: torch.Tensor, output_type: str) -> Union[torch.Tensor, list]:
+    if output_type == "tensor":
+        return x
+    img = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, C)
+    if output_type == "np":
+        return img
+    from PIL import Image
+
+    if img.shape[-1] not in (1, 3):
+        raise BadArgumentError(f"output_type='pil' needs 1 or 3 channels, found {img.shape[-1]} (latents: decode "
+                               f"them with a VAE first, or use output_type='tensor')")
+    return [Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im) for im in img]

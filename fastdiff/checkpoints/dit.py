@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 
 from ..errors import CheckpointError, StateDictMismatchError, UnknownFormatError, UnsupportedConfigError
-from ..models.dit import DiT, DiTConfig, OFFICIAL_HEADS_BY_HIDDEN, sincos_pos_embed_2d
+from ..models.dit import DIT_PRESETS, DiT, DiTConfig, OFFICIAL_HEADS_BY_HIDDEN, sincos_pos_embed_2d
 from .io import pick_state_dict, read_safetensors, read_torch_file
 
 # Keys every official DiT state dict holds (any size).
@@ -99,7 +99,18 @@ def load_official_dit(path: str, num_heads: Optional[int] = None) -> tuple[DiTCo
     if not is_official_dit_state_dict(sd):
         raise UnknownFormatError(f"{path} is not an official DiT checkpoint: expected keys "
                                  f"{list(_OFFICIAL_MARKERS)}, found {sorted(sd)[:8]}...")
+    if num_heads is None:
+        num_heads = _heads_from_train_args(obj)
     return official_dit_config_from_state_dict(sd, num_heads=num_heads), sd
+
+
+def _heads_from_train_args(obj) -> Optional[int]:
+    """train.py checkpoints keep ``args.model`` (e.g. "DiT-XL/2"): the preset names the head count."""
+    args = obj.get("args") if isinstance(obj, dict) else None
+    name = getattr(args, "model", None)
+    if isinstance(name, str) and name in DIT_PRESETS:
+        return DiTConfig.from_name(name).num_heads
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------
