@@ -122,38 +122,9 @@ class OnnxRuntimeRunner:
     # -----------------------------------------------------------------------------------------------
     def __call__(self, x: torch.Tensor, timestep, class_labels=None, encoder_hidden_states=None, *,
                  uncond_encoder_hidden_states=None, guidance_scale=None) -> torch.Tensor:
-        b = x.shape[0]
-        feeds = {"sample": x}
-        t = torch.as_tensor(timestep, device=x.device)
-        feeds["timestep"] = t.reshape(-1).expand(b) if t.numel() == 1 else t.reshape(-1)
-        if "class_labels" in self.inputs:
-            if class_labels is None:
-                null = None if self.spec is None else self.spec.null_class
-                if null is None:
-                    raise BadArgumentError("this graph is class-conditional: expected class_labels, found None "
-                                           "(and the model has no null class)")
-                class_labels = torch.full((b,), null, dtype=torch.long, device=x.device)
-            y = torch.as_tensor(class_labels, device=x.device)
-            feeds["class_labels"] = y.expand(b) if y.dim() == 0 else y
-        elif class_labels is not None:
-            raise BadArgumentError("this graph has no class_labels input, but class_labels were given")
-        if "encoder_hidden_states" in self.inputs:
-            if encoder_hidden_states is None:
-                raise BadArgumentError("this graph is text-conditioned: expected encoder_hidden_states "
-                                       "(B, L, D), found None")
-            feeds["encoder_hidden_states"] = encoder_hidden_states
-        elif encoder_hidden_states is not None:
-            raise BadArgumentError("this graph has no encoder_hidden_states input, but they were given")
-        if self.cfg_folded:
-            if guidance_scale is None:
-                raise BadArgumentError("this is a CFG-folded graph: expected guidance_scale=, found None")
-            feeds["guidance_scale"] = torch.as_tensor(guidance_scale, dtype=torch.float32).reshape(-1)
-            if "uncond_encoder_hidden_states" in self.inputs:
-                if uncond_encoder_hidden_states is None:
-                    raise BadArgumentError("this CFG-folded graph expects uncond_encoder_hidden_states, found None")
-                feeds["uncond_encoder_hidden_states"] = uncond_encoder_hidden_states
-        out = self.run_feeds(feeds)
-        return out.to(x.device, x.dtype)
+        feeds = build_feeds(self.inputs, self.spec, x, timestep, class_labels, encoder_hidden_states,
+                            uncond_encoder_hidden_states, guidance_scale)
+        return self.run_feeds(feeds).to(x.device, x.dtype)
 
     def run_feeds(self, feeds: dict) -> torch.Tensor:
         """Run with inputs by graph name (torch tensors); returns the first output as a torch tensor."""
@@ -201,6 +172,51 @@ class OnnxRuntimeRunner:
                 f"dtype={self.io.get('dtype', '?')}, cfg_folded={self.cfg_folded})")
 
 
+def build_feeds(input_names, spec, x: torch.Tensor, timestep, class_labels=None, encoder_hidden_states=None,
+                uncond_encoder_hidden_states=None, guidance_scale=None) -> dict:
+    """The native model's call arguments -> graph inputs by name (torch tensors on ``x``'s device).
+
+    Shared by the ONNX Runtime and TensorRT runners. Timesteps become one per sample; a missing class
+    label becomes the spec's null class; arguments the graph has no input for are refused, as the
+    native model refuses them. Dtypes are left to the runner.
+    """
+    names = set(input_names)
+    b = x.shape[0]
+    feeds = {"sample": x}
+    t = torch.as_tensor(timestep, device=x.device)
+    feeds["timestep"] = t.reshape(-1).expand(b) if t.numel() == 1 else t.reshape(-1)
+    if "class_labels" in names:
+        if class_labels is None:
+            null = None if spec is None else spec.null_class
+            if null is None:
+                raise BadArgumentError("this graph is class-conditional: expected class_labels, found None "
+                                       "(and the model has no null class)")
+            class_labels = torch.full((b,), null, dtype=torch.long, device=x.device)
+        y = torch.as_tensor(class_labels, device=x.device)
+        feeds["class_labels"] = y.expand(b) if y.dim() == 0 else y
+    elif class_labels is not None:
+        raise BadArgumentError("this graph has no class_labels input, but class_labels were given")
+    if "encoder_hidden_states" in names:
+        if encoder_hidden_states is None:
+            raise BadArgumentError("this graph is text-conditioned: expected encoder_hidden_states (B, L, D), "
+                                   "found None")
+        feeds["encoder_hidden_states"] = encoder_hidden_states
+    elif encoder_hidden_states is not None:
+        raise BadArgumentError("this graph has no encoder_hidden_states input, but they were given")
+    if "guidance_scale" in names:
+        if guidance_scale is None:
+            raise BadArgumentError("this is a CFG-folded graph: expected guidance_scale=, found None")
+        feeds["guidance_scale"] = torch.as_tensor(guidance_scale, dtype=torch.float32, device=x.device).reshape(-1)
+        if "uncond_encoder_hidden_states" in names:
+            if uncond_encoder_hidden_states is None:
+                raise BadArgumentError("this CFG-folded graph expects uncond_encoder_hidden_states, found None")
+            feeds["uncond_encoder_hidden_states"] = uncond_encoder_hidden_states
+    elif guidance_scale is not None or uncond_encoder_hidden_states is not None:
+        raise BadArgumentError("guidance_scale / uncond_encoder_hidden_states given, but this graph is not "
+                               "CFG-folded (export with cfg_folded=True)")
+    return feeds
+
+
 class _CudaArray:
     """A minimal ``__cuda_array_interface__`` so torch can view memory ONNX Runtime owns."""
 
@@ -212,4 +228,4 @@ class _CudaArray:
                                          "typestr": self._TYPESTR[dtype], "version": 2, "strides": None}
 
 
-__all__ = ["OnnxRuntimeRunner"]
+__all__ = ["OnnxRuntimeRunner", "build_feeds"]

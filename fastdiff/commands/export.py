@@ -1,0 +1,145 @@
+"""``fastdiff export``: a checkpoint -> an ONNX file or a TensorRT engine, checked against PyTorch.
+
+    fastdiff export arch:tiny-unet --format onnx -o unet.onnx
+    fastdiff export ./sd15 --format tensorrt --dtype fp16 --batch 1:2:4 -o unet.engine
+
+Prints a progress display (stderr), then the artifact path, its size and the parity check (max
+error vs the PyTorch model; ``--no-check`` skips it).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+
+FORMATS = ("onnx", "tensorrt")
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "export", help="export a model to ONNX or a TensorRT engine",
+        description="Export MODEL (any fastdiff.load source: a diffusers / fastdiff folder, a DiT .pt, "
+                    "builtin:NAME, arch:NAME) to an ONNX graph or a TensorRT engine, then check its output "
+                    "against the PyTorch model.")
+    p.add_argument("model", metavar="MODEL", help="checkpoint path, builtin:NAME or arch:NAME")
+    p.add_argument("--format", required=True, choices=FORMATS, help="artifact type")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output file (.onnx / .engine)")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
+                   help="weights / engine precision (default: fp32 for onnx, fp16 for tensorrt; bf16: "
+                        "tensorrt only)")
+    p.add_argument("--fp16-io", action="store_true", help="fp16 graph with float16 inputs / outputs "
+                                                           "(default: float32 IO, casts inside)")
+    p.add_argument("--opset", type=int, choices=(17, 18), default=17, help="ONNX opset (default 17)")
+    p.add_argument("--batch", default="1", metavar="N|MIN:OPT:MAX",
+                   help="batch size checked (OPT); for tensorrt the profile's min:opt:max (default 1)")
+    p.add_argument("--static-batch", action="store_true", help="fix the batch axis (default: dynamic)")
+    p.add_argument("--height", default=None, metavar="H|MIN:OPT:MAX", help="sample height (default: the model's)")
+    p.add_argument("--width", default=None, metavar="W|MIN:OPT:MAX", help="sample width (default: the model's)")
+    p.add_argument("--dynamic-hw", action="store_true", help="dynamic height / width axes (UNet only)")
+    p.add_argument("--cfg-folded", action="store_true",
+                   help="fold classifier-free guidance into the graph (inputs: cond, uncond, guidance_scale)")
+    p.add_argument("--timing-cache", default=None, metavar="FILE", help="tensorrt: timing cache file (read + updated)")
+    p.add_argument("--no-check", action="store_true", help="skip the parity check against PyTorch")
+    p.add_argument("--no-progress", action="store_true", help="no progress display")
+    p.set_defaults(func=run)
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def export_model(model: str, output: str, *, format: str = "onnx", dtype=None, fp16_io=False, opset=17,
+                 batch="1", static_batch=False, height=None, width=None, dynamic_hw=False, cfg_folded=False,
+                 timing_cache=None, check=True, progress=True) -> dict:
+    """The command as a function: returns a report dict (path, size_bytes, seconds, max errors, ...)."""
+    from ..errors import BadArgumentError
+
+    if format not in FORMATS:
+        raise BadArgumentError(f"unknown export format {format!r}; expected one of {FORMATS}")
+    from fastdiff.export.tensorrt import parse_range
+
+    b = parse_range(batch, "--batch")
+    hr, wr = parse_range(height, "--height"), parse_range(width, "--width")
+    if format == "tensorrt":
+        from fastdiff.export.tensorrt import require_tensorrt
+
+        require_tensorrt()  # before any work: one clear line where TensorRT cannot run
+        dtype = dtype or "fp16"
+    else:
+        dtype = dtype or "fp32"
+        if dtype == "bf16":
+            raise BadArgumentError("--dtype bf16 is for --format tensorrt; ONNX export supports fp32 and fp16")
+    from fastdiff.utils.atomic import _check_parent
+
+    _check_parent(output)  # an unwritable / missing folder fails before loading the model
+
+    import fastdiff
+    from fastdiff.export.onnx import export_onnx
+
+    pipe = fastdiff.load(model)
+    kw = dict(opset=opset, fp16_io=fp16_io, dynamic_batch=not static_batch, dynamic_hw=dynamic_hw,
+              cfg_folded=cfg_folded, batch=b[1], height=hr[1] if hr else None, width=wr[1] if wr else None,
+              progress=progress)
+    if format == "onnx":
+        res = export_onnx(pipe, None, output, dtype=dtype, check=check, **kw)
+        return dict(format="onnx", path=res.path, files=res.files, size_bytes=res.size_bytes, seconds=res.seconds,
+                    max_abs_err=res.max_abs_err, max_rel_err=res.max_rel_err, check_note=res.check_note)
+
+    from fastdiff.export.tensorrt import build_engine
+
+    onnx_dtype = "fp16" if dtype == "fp16" else "fp32"  # bf16 engines are built from the fp32 graph
+    with tempfile.TemporaryDirectory(prefix=".fastdiff-trt-", dir=os.path.dirname(os.path.abspath(output))) as tmp:
+        onnx_path = os.path.join(tmp, "model.onnx")
+        ores = export_onnx(pipe, None, onnx_path, dtype=onnx_dtype, check=False, **kw)
+        eres = build_engine(onnx_path, output, batch=b, height=hr, width=wr, precision=dtype,
+                            timing_cache=timing_cache, rebuild="always", progress=progress)
+        report = dict(format="tensorrt", path=eres.path, files=[eres.path, eres.path + ".json"],
+                      size_bytes=eres.size_bytes, seconds=ores.seconds + eres.seconds, max_abs_err=None,
+                      max_rel_err=None, check_note="skipped (--no-check)")
+        if check:
+            report.update(_check_engine(pipe, eres.path, ores.io, b[1], kw))
+    return report
+
+
+def _check_engine(pipe, engine_path, io, batch, kw) -> dict:
+    """TensorRT engine vs the PyTorch model (float32, on the GPU) at the profile's opt batch."""
+    import torch
+
+    from fastdiff.export.onnx import _example_inputs, reference_output
+    from fastdiff.runtime.tensorrt_runner import TensorRTRunner
+
+    runner = TensorRTRunner(engine_path)
+    h = kw["height"] or pipe.spec.sample_size[0]
+    w = kw["width"] or pipe.spec.sample_size[1]
+    feeds = _example_inputs(pipe.spec, io, batch, h, w, "cuda", seed=1)
+    model = pipe.model.float().cuda() if pipe.device.type != "cuda" else pipe.model
+    ref = reference_output(model, pipe.spec, io, {k: v.float() if v.is_floating_point() else v
+                                                  for k, v in feeds.items()})
+    out = runner.run_feeds(feeds).float().cpu()
+    torch.cuda.synchronize()
+    err = (out.double() - ref.double()).abs().max().item()
+    return dict(max_abs_err=err, max_rel_err=err / max(ref.double().abs().max().item(), 1e-30),
+                check_note=f"TensorRT vs PyTorch float32, batch {batch}, {h}x{w}")
+
+
+def run(args) -> int:
+    report = export_model(args.model, args.output, format=args.format, dtype=args.dtype, fp16_io=args.fp16_io,
+                          opset=args.opset, batch=args.batch, static_batch=args.static_batch, height=args.height,
+                          width=args.width, dynamic_hw=args.dynamic_hw, cfg_folded=args.cfg_folded,
+                          timing_cache=args.timing_cache, check=not args.no_check,
+                          progress=not args.no_progress)
+    print(f"wrote {report['path']}")
+    for extra in report["files"][1:]:
+        print(f"  + {extra}")
+    print(f"size: {_human(report['size_bytes'])} ({report['size_bytes']} bytes); export took {report['seconds']:.1f} s")
+    if report["max_abs_err"] is None:
+        print(f"parity check: {report['check_note']}")
+    else:
+        print(f"parity check: max abs error {report['max_abs_err']:.3g}, max rel error {report['max_rel_err']:.3g} "
+              f"({report['check_note']})")
+    return 0

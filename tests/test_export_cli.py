@@ -1,0 +1,62 @@
+"""``fastdiff export`` through a subprocess, as a user runs it."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+try:
+    import tensorrt  # noqa: F401
+    HAS_TRT = True
+except ImportError:
+    HAS_TRT = False
+
+
+def fastdiff(*args, cwd=None):
+    cmd = [sys.executable, "-c", "import sys; from fastdiff.cli import main; sys.exit(main())", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=cwd)
+
+
+def test_export_onnx_prints_path_size_and_error(tmp_path):
+    out = tmp_path / "unet.onnx"
+    r = fastdiff("export", "arch:tiny-unet", "--format", "onnx", "-o", str(out), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert out.is_file()
+    assert f"wrote {out}" in r.stdout
+    size = re.search(r"size: .*\((\d+) bytes\)", r.stdout)
+    assert size and int(size.group(1)) == os.path.getsize(out)
+    err = re.search(r"max rel error ([0-9.e+-]+)", r.stdout)
+    assert err and float(err.group(1)) <= 1e-4
+    assert "export unet.onnx" in r.stderr  # the progress display
+    from fastdiff.export.onnx import read_onnx_spec
+
+    assert read_onnx_spec(str(out)).kind == "unet"
+
+
+@pytest.mark.skipif(HAS_TRT, reason="tensorrt installed: the unavailable path cannot be shown")
+def test_export_tensorrt_unavailable_is_one_line(tmp_path):
+    r = fastdiff("export", "arch:tiny-unet", "--format", "tensorrt", "-o", str(tmp_path / "u.engine"))
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "tensorrt" in lines[0] and "Traceback" not in r.stderr
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--format", "tflite"], "invalid choice: 'tflite'"),
+    (["--format", "onnx", "-o", "/nonexistent-folder/x.onnx"], "expected an existing folder"),
+    (["--format", "onnx", "--batch", "8:1", "-o", "x.onnx"], "--batch"),
+    (["--format", "onnx", "--dtype", "bf16", "-o", "x.onnx"], "bf16"),
+])
+def test_export_bad_arguments_exit_2(tmp_path, args, needle):
+    if "-o" not in args:
+        args = args + ["-o", str(tmp_path / "x.onnx")]
+    r = fastdiff("export", "arch:tiny-unet", *args, cwd=tmp_path)
+    assert r.returncode == 2
+    assert needle in r.stderr and "Traceback" not in r.stderr
+    assert not [f for f in os.listdir(tmp_path)]
