@@ -15,6 +15,7 @@ from fastdiff.noise import NoiseSource
 from fastdiff.samplers import SAMPLERS, invert_ddim
 from fastdiff.scheduler_config import plan_from_scheduler_config
 from fastdiff.schedules import get_sigmas_karras, make_alphas_cumprod
+from test_sampler_order import single_thread  # noqa: F401,E402  (autouse fixture)
 
 _BANNED = {torch.Tensor.__bool__, torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__float__,
            torch.Tensor.__int__, torch.Tensor.__index__, torch.Tensor.numpy, torch.Tensor.cpu}

@@ -19,6 +19,15 @@ SIGMA_MIN, SIGMA_MAX = 0.02, 20.0
 STEPS = (5, 10, 20, 40)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny tensors: intra-op threads only add contention (20-50x slower on a loaded 2-core box)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 class GaussianMixture:
     """p0 = sum_k w_k N(mu_k, s_k^2 I); at noise sigma each component is N(mu_k, (s_k^2 + sigma^2) I), so
     D(x, sigma) = sum_k gamma_k(x) (mu_k + s_k^2 / (s_k^2 + sigma^2) (x - mu_k))."""

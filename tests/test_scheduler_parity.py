@@ -20,6 +20,7 @@ from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
 from fastdiff.errors import UnsupportedConfigError  # noqa: E402
 from fastdiff.noise import NoiseSource  # noqa: E402
 from fastdiff.scheduler_config import plan_from_scheduler_config  # noqa: E402
+from test_sampler_order import single_thread  # noqa: F401,E402  (autouse fixture)
 
 SEEDS = [1, 2]
 SHAPE = (3, 6, 6)

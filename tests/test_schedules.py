@@ -1,0 +1,107 @@
+"""Schedules: training tables bit-identical to diffusers, diffusers' timestep spacings, sigma grids."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fastdiff import schedules as sch
+from fastdiff.errors import BadArgumentError
+from test_sampler_order import single_thread  # noqa: F401,E402  (autouse fixture)
+
+diffusers = pytest.importorskip("diffusers")
+
+
+@pytest.mark.parametrize("beta_schedule", ["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"])
+@pytest.mark.parametrize("zero_snr", [False, True])
+def test_alphas_cumprod_match_diffusers(beta_schedule, zero_snr):
+    ref = diffusers.DDPMScheduler(beta_schedule=beta_schedule, beta_start=0.00085, beta_end=0.012,
+                                  rescale_betas_zero_snr=zero_snr)
+    betas = sch.make_betas(beta_schedule, 1000, 0.00085, 0.012)
+    if zero_snr:
+        betas = sch.rescale_zero_terminal_snr(betas)
+    assert torch.equal(betas, ref.betas)
+    ac = sch.make_alphas_cumprod(beta_schedule, 1000, 0.00085, 0.012, rescale_betas_zero_snr=zero_snr)
+    expect = ref.alphas_cumprod.clone()
+    if zero_snr:
+        expect[-1] = 2.0 ** -24                       # what diffusers' sigma-based schedulers hold
+        assert abs(float(sch.sigmas_from_alphas_cumprod(ac)[-1]) - 4096) < 1
+    assert torch.equal(ac, expect)
+
+
+def test_trained_betas():
+    assert torch.equal(sch.make_betas(trained_betas=[0.1, 0.2]), torch.tensor([0.1, 0.2]))
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+@pytest.mark.parametrize("steps", [1, 7, 10, 50])
+def test_timesteps_match_diffusers(spacing, steps):
+    ddim = diffusers.DDIMScheduler(timestep_spacing=spacing, steps_offset=1 if spacing == "leading" else 0)
+    ddim.set_timesteps(steps)
+    ours = sch.get_timesteps(spacing, steps, 1000, ddim.config.steps_offset)
+    assert np.array_equal(ours, ddim.timesteps.numpy())
+    euler = diffusers.EulerDiscreteScheduler(timestep_spacing=spacing)
+    euler.set_timesteps(steps)
+    assert np.array_equal(sch.get_timesteps(spacing, steps, integer=False), euler.timesteps.numpy())
+    if steps > 1:
+        unipc = diffusers.UniPCMultistepScheduler(timestep_spacing=spacing)
+        unipc.set_timesteps(steps)
+        assert np.array_equal(sch.get_timesteps(spacing, steps, skip_last=True), unipc.timesteps.numpy())
+
+
+def test_sigmas_at_timesteps_match_euler():
+    euler = diffusers.EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    euler.set_timesteps(13)
+    ac = sch.make_alphas_cumprod("scaled_linear", 1000, 0.00085, 0.012)
+    ours = sch.sigmas_at_timesteps(ac, sch.get_timesteps("linspace", 13, integer=False))
+    assert np.array_equal(ours.astype(np.float32), euler.sigmas.numpy()[:-1])
+
+
+def test_karras_grid():
+    s = sch.get_sigmas_karras(10)
+    assert s.dtype == torch.float64 and s.device.type == "cpu" and len(s) == 11
+    assert math.isclose(float(s[0]), sch.EDM_SIGMA_MAX) and math.isclose(float(s[-2]), sch.EDM_SIGMA_MIN)
+    assert float(s[-1]) == 0 and bool((s[:-1] > s[1:]).all())
+    # evenly spaced in sigma^(1/rho)
+    r = s[:-1] ** (1 / 7)
+    assert torch.allclose(r[1:] - r[:-1], (r[1] - r[0]).expand(9))
+    assert float(sch.get_sigmas_karras(4, 0.1, 10, final="sigma_min")[-1]) == pytest.approx(0.1)
+
+
+def test_exponential_and_uniform_grids():
+    s = sch.get_sigmas_exponential(8, 0.01, 10)
+    d = s[:-1].log().diff()
+    assert torch.allclose(d, d[:1].expand_as(d))
+    u = sch.get_sigmas_uniform(5, 1.0, 5.0)
+    assert u.tolist() == [5.0, 4.0, 3.0, 2.0, 1.0, 0.0]
+    ac = sch.make_alphas_cumprod("linear")
+    ug = sch.get_sigmas_uniform(5, alphas_cumprod=ac)
+    table = sch.sigmas_from_alphas_cumprod(ac)
+    assert math.isclose(float(ug[0]), float(table[-1]), rel_tol=1e-9)
+    assert math.isclose(float(ug[-2]), float(table[0]), rel_tol=1e-9)
+
+
+def test_get_sigmas_by_name():
+    ac = sch.make_alphas_cumprod("scaled_linear", 1000, 0.00085, 0.012)
+    table = sch.sigmas_from_alphas_cumprod(ac)
+    k = sch.get_sigmas("karras", 12, alphas_cumprod=ac)
+    assert math.isclose(float(k[0]), float(table[-1])) and math.isclose(float(k[-2]), float(table[0]))
+    lead = sch.get_sigmas("leading", 10, alphas_cumprod=ac, steps_offset=1)
+    assert math.isclose(float(lead[0]), float(table[901]), rel_tol=1e-6)
+    edm = sch.get_sigmas("karras", 5)
+    assert math.isclose(float(edm[0]), 80.0)
+    for bad in [dict(schedule="cosine"), dict(schedule="leading")]:
+        with pytest.raises(BadArgumentError):
+            sch.get_sigmas(bad["schedule"], 5)
+    with pytest.raises(BadArgumentError, match="positive integer"):
+        sch.get_sigmas_karras(0)
+
+
+def test_sigma_to_timestep_inverse_on_grid():
+    ac = sch.make_alphas_cumprod("linear")
+    table = sch.sigmas_from_alphas_cumprod(ac).numpy()
+    t = sch.sigma_to_timestep(table[[0, 17, 500, 999]], ac)
+    assert np.array_equal(t, [0, 17, 500, 999])
+    between = sch.sigma_to_timestep(np.sqrt(table[10] * table[11]), ac)
+    assert 10 < float(between) < 11
