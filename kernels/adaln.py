@@ -79,6 +79,24 @@ def gated_residual_launch_config(d: int) -> dict:
     return dict(block_d=block_d, num_warps=max(1, min(8, block_d // 256)))
 
 
+def _adaln_launches(x, shift, scale, out, eps):
+    """[(grid, positional args, constexprs + options)] of adaln_modulate; also used by the AOT check."""
+    B, T, D = x.shape
+    cfg = adaln_launch_config(D)
+    args = (x, shift, scale, out, T, D, x.stride(0), x.stride(1), shift.stride(0), scale.stride(0),
+            out.stride(0), out.stride(1), float(eps))
+    return [((B * T,), args, dict(BLOCK_D=cfg["block_d"], num_warps=cfg["num_warps"]))]
+
+
+def _gated_residual_launches(x, gate, y, out):
+    """[(grid, positional args, constexprs + options)] of gated_residual; also used by the AOT check."""
+    B, T, D = x.shape
+    cfg = gated_residual_launch_config(D)
+    args = (x, gate, y, out, T, D, x.stride(0), x.stride(1), gate.stride(0), y.stride(0), y.stride(1),
+            out.stride(0), out.stride(1))
+    return [((B * T, triton.cdiv(D, cfg["block_d"])), args, dict(BLOCK_D=cfg["block_d"], num_warps=cfg["num_warps"]))]
+
+
 def _rows(name: str, t, like=None) -> torch.Tensor:
     """Validate a (B, T, D) tensor; make its last dim unit-stride."""
     if not isinstance(t, torch.Tensor) or t.dim() != 3:
@@ -124,16 +142,12 @@ def adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, ep
     x = _rows("adaln_modulate: x", x)
     shift = _per_sample("adaln_modulate: shift", shift, x)
     scale = _per_sample("adaln_modulate: scale", scale, x)
-    B, T, D = x.shape
     dtype = torch.promote_types(torch.promote_types(x.dtype, shift.dtype), scale.dtype)
     out = _out(out, x.shape, dtype, x.device, "adaln_modulate")
     if out.numel() == 0:
         return out
-    cfg = adaln_launch_config(D)
-    _adaln_modulate_kernel[(B * T,)](
-        x, shift, scale, out, T, D,
-        x.stride(0), x.stride(1), shift.stride(0), scale.stride(0), out.stride(0), out.stride(1), float(eps),
-        BLOCK_D=cfg["block_d"], num_warps=cfg["num_warps"])
+    for grid, args, meta in _adaln_launches(x, shift, scale, out, eps):
+        _adaln_modulate_kernel[grid](*args, **meta)
     return out
 
 
@@ -146,14 +160,10 @@ def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, *,
     x = _rows("gated_residual: x", x)
     y = _rows("gated_residual: y", y, like=x)
     gate = _per_sample("gated_residual: gate", gate, x)
-    B, T, D = x.shape
     dtype = torch.promote_types(torch.promote_types(x.dtype, gate.dtype), y.dtype)
     out = _out(out, x.shape, dtype, x.device, "gated_residual")
     if out.numel() == 0:
         return out
-    cfg = gated_residual_launch_config(D)
-    _gated_residual_kernel[(B * T, triton.cdiv(D, cfg["block_d"]))](
-        x, gate, y, out, T, D,
-        x.stride(0), x.stride(1), gate.stride(0), y.stride(0), y.stride(1), out.stride(0), out.stride(1),
-        BLOCK_D=cfg["block_d"], num_warps=cfg["num_warps"])
+    for grid, args, meta in _gated_residual_launches(x, gate, y, out):
+        _gated_residual_kernel[grid](*args, **meta)
     return out

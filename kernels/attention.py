@@ -92,9 +92,12 @@ def _interpreting() -> bool:
 def launch_config(nq: int, nk: int, d: int, dtype: torch.dtype, device_type: str = "cuda") -> dict:
     """Block sizes and warps for one attention problem; shared with ``fastdiff.kernels.aot``."""
     block_d = max(16, triton.next_power_of_2(d))
-    if device_type == "cuda":
+    if device_type == "cuda" and dtype == torch.float32:
+        # the accuracy path (IEEE fp32 dots run on FMA units, not tensor cores): small tiles
+        block_m, block_n, num_warps, num_stages = 64, 32, 4, 2
+    elif device_type == "cuda":
         block_m = 128 if block_d <= 64 else 64
-        block_n = 64 if block_d <= 64 or dtype != torch.float32 else 32
+        block_n = 64
         num_warps = 4 if block_d <= 64 else 8
         num_stages = 3 if block_d <= 64 else 2
     else:  # the interpreter: few, large programs
@@ -104,6 +107,26 @@ def launch_config(nq: int, nk: int, d: int, dtype: torch.dtype, device_type: str
     block_n = max(16, min(block_n, triton.next_power_of_2(nk)))
     return dict(block_m=block_m, block_n=block_n, block_d=block_d, num_warps=num_warps, num_stages=num_stages,
                 even_n=nk % block_n == 0, dot_precision="ieee" if dtype == torch.float32 else "tf32")
+
+
+def _launches(q, k, v, out, scale, device_type):
+    """The launch for (q, k, v) -> out as [(grid, positional args, constexprs + launch options)].
+
+    Also used by ``fastdiff.kernels.aot`` with meta tensors, so the AOT check compiles exactly what runs.
+    """
+    B, H, NQ, D = q.shape
+    NK = k.shape[2]
+    sm_scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    cfg = launch_config(NQ, NK, D, q.dtype, device_type)
+    grid = (triton.cdiv(NQ, cfg["block_m"]), B * H)
+    args = (q, k, v, out, H, NQ, NK, D, *q.stride(), *k.stride(), *v.stride(), *out.stride(), sm_scale * _LOG2E)
+    meta = dict(BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_D=cfg["block_d"], EVEN_N=cfg["even_n"],
+                DOT_PRECISION=cfg["dot_precision"],
+                # Triton 3.9's interpreter multiplies bfloat16 tl.dot operands as raw bits: upcast there (the
+                # P -> bfloat16 rounding is kept, so the numerics match the compiled kernel's).
+                DOT_FP32=q.dtype == torch.bfloat16 and device_type != "cuda" and _interpreting(),
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return [(grid, args, meta)]
 
 
 def _check(q, k, v, out):
@@ -139,24 +162,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional
     dtype, contiguous, or writes ``out`` (any strides).
     """
     _check(q, k, v, out)
-    B, H, NQ, D = q.shape
-    NK = k.shape[2]
     if out is None:
-        out = torch.empty((B, H, NQ, D), device=q.device, dtype=q.dtype)
+        out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     if out.numel() == 0:
         return out
-    sm_scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    cfg = launch_config(NQ, NK, D, q.dtype, q.device.type)
-    grid = (triton.cdiv(NQ, cfg["block_m"]), B * H)
-    _attention_kernel[grid](
-        q, k, v, out, H, NQ, NK, D,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        sm_scale * _LOG2E,
-        BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_D=cfg["block_d"], EVEN_N=cfg["even_n"],
-        DOT_PRECISION=cfg["dot_precision"],
-        # Triton 3.9's interpreter multiplies bfloat16 tl.dot operands as raw bits: upcast there (the
-        # P -> bfloat16 rounding is kept, so the numerics match the compiled kernel's).
-        DOT_FP32=q.dtype == torch.bfloat16 and _interpreting(),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+    for grid, args, meta in _launches(q, k, v, out, scale, q.device.type):
+        _attention_kernel[grid](*args, **meta)
     return out

@@ -167,6 +167,34 @@ def launch_config(shape, num_groups: int, device_type: str = "cuda", num_splits:
                 split_p=triton.next_power_of_2(num_splits), num_warps=8 if block_c * block_s >= 4096 else 4)
 
 
+def _launches(x, y, num_groups, weight, bias, eps, activation, scale, shift, num_splits, device_type):
+    """The kernel launches for x -> y as (grid, positional args, constexprs + launch options).
+
+    Also used by ``fastdiff.kernels.aot`` with meta tensors, so the AOT check compiles exactly what runs.
+    """
+    B, C = x.shape[0], x.shape[1]
+    cfg = launch_config(tuple(x.shape), num_groups, device_type, num_splits)
+    dummy = x  # bound to the pointers whose HAS_* flag is off; never read
+    w = weight.contiguous() if weight is not None else None
+    bvec = bias.contiguous() if bias is not None else None
+    sc = scale.reshape(B, C).contiguous() if scale is not None else None
+    sh = shift.reshape(B, C).contiguous() if shift is not None else None
+    split = cfg["num_splits"]
+    ws = dummy if split == 1 else torch.empty(B * num_groups * split * 2, device=x.device, dtype=torch.float32)
+    args = (x, y, dummy if w is None else w, dummy if bvec is None else bvec, dummy if sc is None else sc,
+            dummy if sh is None else sh, ws,
+            C, cfg["hw"], cfg["cpg"], num_groups, cfg["chunk"], split,
+            x.stride(0), x.stride(1), _flat_spatial_stride(x), y.stride(0), y.stride(1), _flat_spatial_stride(y),
+            float(eps))
+    meta = dict(HAS_WEIGHT=w is not None, HAS_BIAS=bvec is not None, HAS_SCALE=sc is not None,
+                HAS_SHIFT=sh is not None, SILU=activation == "silu",
+                BLOCK_C=cfg["block_c"], BLOCK_S=cfg["block_s"], SPLIT_P=cfg["split_p"], num_warps=cfg["num_warps"])
+    grid = (B * num_groups, split)
+    if split == 1:
+        return [(grid, args, dict(meta, MODE=MODE_FUSED))]
+    return [(grid, args, dict(meta, MODE=MODE_STATS)), (grid, args, dict(meta, MODE=MODE_APPLY))]
+
+
 def _check(x, num_groups, weight, bias, activation, scale, shift, out):
     if not isinstance(x, torch.Tensor) or x.dim() < 2:
         raise BadArgumentError(f"group_norm: expected x of shape (B, C, *spatial), found "
@@ -213,32 +241,11 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] 
     y = out
     if _flat_spatial_stride(y) is None:
         y = torch.empty_like(x)
-    B, C = x.shape[0], x.shape[1]
     if x.numel() == 0:
         return out
-    cfg = launch_config(tuple(x.shape), num_groups, x.device.type, num_splits)
-    HW = cfg["hw"]
-    sx, sy = _flat_spatial_stride(x), _flat_spatial_stride(y)
-    dummy = x  # never read when the matching HAS_* flag is off
-    scale_c = scale.reshape(B, C).contiguous() if scale is not None else None
-    shift_c = shift.reshape(B, C).contiguous() if shift is not None else None
-    w = weight.contiguous() if weight is not None else None
-    bvec = bias.contiguous() if bias is not None else None
-    args = dict(C=C, HW=HW, CPG=cfg["cpg"], G=num_groups, chunk=cfg["chunk"], num_splits=cfg["num_splits"],
-                stride_xb=x.stride(0), stride_xc=x.stride(1), stride_xs=sx,
-                stride_yb=y.stride(0), stride_yc=y.stride(1), stride_ys=sy, eps=float(eps),
-                HAS_WEIGHT=w is not None, HAS_BIAS=bvec is not None, HAS_SCALE=scale_c is not None,
-                HAS_SHIFT=shift_c is not None, SILU=activation == "silu",
-                BLOCK_C=cfg["block_c"], BLOCK_S=cfg["block_s"], SPLIT_P=cfg["split_p"], num_warps=cfg["num_warps"])
-    ptrs = (x, y, w if w is not None else dummy, bvec if bvec is not None else dummy,
-            scale_c if scale_c is not None else dummy, shift_c if shift_c is not None else dummy)
-    if cfg["num_splits"] == 1:
-        _group_norm_kernel[(B * num_groups, 1)](*ptrs, dummy, MODE=MODE_FUSED, **args)
-    else:
-        ws = torch.empty(B * num_groups * cfg["num_splits"] * 2, device=x.device, dtype=torch.float32)
-        grid = (B * num_groups, cfg["num_splits"])
-        _group_norm_kernel[grid](*ptrs, ws, MODE=MODE_STATS, **args)
-        _group_norm_kernel[grid](*ptrs, ws, MODE=MODE_APPLY, **args)
+    for grid, args, meta in _launches(x, y, num_groups, weight, bias, eps, activation, scale, shift, num_splits,
+                                      x.device.type):
+        _group_norm_kernel[grid](*args, **meta)
     if y is not out:
         out.copy_(y)
     return out

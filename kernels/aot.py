@@ -1,0 +1,326 @@
+"""Ahead-of-time compile check: every kernel, at the configurations the models use, to PTX (and cubin).
+
+No GPU is needed: ``triton.compile`` runs the whole NVIDIA pipeline (TTIR -> TTGIR -> LLVM -> PTX ->
+ptxas) for a ``GPUTarget("cuda", arch, 32)``. Each configuration is produced by the launcher's own
+``_launches`` helper, called with ``meta`` tensors of the model's shapes, so the signature, the integer
+specialisations (== 1 -> constexpr, % 16 -> divisibility hint), the constexprs and the warps are those a
+real launch on that shape would use.
+
+Under ``TRITON_INTERPRET=1`` the compile cannot run in-process (the interpreter patches
+``triton.language`` for good once a kernel has run), so ``compile_all`` then runs itself in a subprocess
+with the variable removed and reads its JSON.
+
+    python -m fastdiff.kernels.aot [--arch 80 90] [--dtype float16 ...] [--kernel attention ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+ARCHS = (80, 90)
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_TY = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+# opt-in shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin): A100 163 KiB, H100 227 KiB
+MAX_SHARED = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+
+# GroupNorm (shape, groups) of SD1.5's UNet: the largest and the smallest resolution
+GROUP_NORM_SHAPES = (((2, 320, 64, 64), 32), ((2, 1280, 8, 8), 32))
+# attention (B, H, Nq, Nk, D): SD1.5 self (64x64 latents) / cross (77 text tokens) at its head dims, SD2's
+# D=64, D=128, and DiT-XL/2 (256 tokens, 16 heads of 72)
+ATTENTION_SHAPES = (
+    (2, 8, 4096, 4096, 40), (2, 8, 4096, 77, 40),
+    (2, 8, 1024, 1024, 80), (2, 8, 1024, 77, 80),
+    (2, 8, 256, 256, 160), (2, 8, 256, 77, 160),
+    (2, 5, 4096, 4096, 64), (2, 5, 4096, 77, 64),
+    (2, 16, 256, 256, 72),
+    (2, 8, 1024, 1024, 128),
+)
+ADALN_SHAPES = ((2, 256, 1152),)  # DiT-XL/2: (B, T, D)
+
+
+@dataclass
+class Config:
+    """One kernel specialisation to compile."""
+
+    kernel: str  # the op's name, e.g. "group_norm"
+    label: str  # what makes it distinct: shape, layout, mode
+    dtype: torch.dtype
+    fn: object  # the @triton.jit object
+    args: tuple
+    meta: dict
+
+
+@dataclass
+class Result:
+    kernel: str
+    label: str
+    dtype: str
+    arch: int
+    ok: bool
+    seconds: float
+    ptx_bytes: int = 0
+    cubin_bytes: int = 0
+    shared_bytes: int = 0
+    num_warps: int = 0
+    error: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------- configs
+def _group_norm_configs(dtypes) -> list[Config]:
+    from fastdiff.kernels.group_norm import _group_norm_kernel, _launches
+
+    out = []
+    for shape, groups in GROUP_NORM_SHAPES:
+        C = shape[1]
+        for dtype in dtypes:
+            for layout in ("nchw", "nhwc"):
+                x = torch.empty(shape, dtype=dtype, device="meta")
+                if layout == "nhwc":
+                    x = x.to(memory_format=torch.channels_last)
+                y = torch.empty_like(x)
+                w = torch.empty(C, dtype=dtype, device="meta")
+                for variant in ("affine", "affine+silu"):
+                    launches = _launches(x, y, groups, w, w, 1e-5, "silu" if "silu" in variant else None, None,
+                                         None, None, "cuda")
+                    for grid, args, meta in launches:
+                        label = f"{'x'.join(map(str, shape))} g{groups} {layout} {variant} mode{meta['MODE']}"
+                        out.append(Config("group_norm", label, dtype, _group_norm_kernel, args, meta))
+    return out
+
+
+def _attention_configs(dtypes) -> list[Config]:
+    from fastdiff.kernels.attention import _attention_kernel, _launches
+
+    out = []
+    for B, H, NQ, NK, D in ATTENTION_SHAPES:
+        for dtype in dtypes:
+            q = torch.empty(B, H, NQ, D, dtype=dtype, device="meta")
+            kv = torch.empty(B, H, NK, D, dtype=dtype, device="meta")
+            for grid, args, meta in _launches(q, kv, kv, torch.empty_like(q), None, "cuda"):
+                label = f"B{B} H{H} Nq{NQ} Nk{NK} D{D}"
+                out.append(Config("attention", label, dtype, _attention_kernel, args, meta))
+    return out
+
+
+def _adaln_configs(dtypes) -> list[Config]:
+    from fastdiff.kernels.adaln import (_adaln_launches, _adaln_modulate_kernel, _gated_residual_kernel,
+                                        _gated_residual_launches)
+
+    out = []
+    for B, T, D in ADALN_SHAPES:
+        for dtype in dtypes:
+            x = torch.empty(B, T, D, dtype=dtype, device="meta")
+            m = torch.empty(B, D, dtype=dtype, device="meta")
+            for grid, args, meta in _adaln_launches(x, m, m, torch.empty_like(x), 1e-6):
+                out.append(Config("adaln_modulate", f"B{B} T{T} D{D}", dtype, _adaln_modulate_kernel, args, meta))
+            for grid, args, meta in _gated_residual_launches(x, m, x, torch.empty_like(x)):
+                out.append(Config("gated_residual", f"B{B} T{T} D{D}", dtype, _gated_residual_kernel, args, meta))
+    return out
+
+
+KERNELS: dict[str, Callable[..., list]] = {
+    "group_norm": _group_norm_configs,
+    "attention": _attention_configs,
+    "adaln": _adaln_configs,
+}
+
+
+# A subset that still covers every kernel, mode, dtype and the extremes of the attention head dims (the
+# smallest with odd Nk, DiT's 72, and 160 for the most shared memory): what a quick check compiles.
+QUICK = (
+    "2x320x64x64 g32 nhwc affine+silu",  # split statistics: mode 1 and mode 2
+    "2x1280x8x8 g32 nchw affine+silu",  # fused: mode 0
+    "Nk77 D40", "Nk256 D72", "Nk256 D160",
+    "T256 D1152",
+)
+
+
+def configs(kernels=None, dtypes=DTYPES, quick: bool = False) -> list[Config]:
+    """Every configuration of the chosen kernels (all by default) at the chosen dtypes."""
+    out = []
+    for name in kernels or KERNELS:
+        out += KERNELS[name](dtypes)
+    if quick:
+        out = [c for c in out if any(q in c.label for q in QUICK)]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- compile
+_OPTIONS = ("num_warps", "num_stages", "num_ctas")
+
+
+def _jit_function(fn):
+    """The JITFunction of a kernel, also when TRITON_INTERPRET=1 gave an interpreter wrapper."""
+    from triton.runtime.jit import JITFunction
+
+    if isinstance(fn, JITFunction):
+        return fn
+    return JITFunction(getattr(fn, "fn", fn))
+
+
+def _source(cfg: Config):
+    """(ASTSource, options) for one configuration, specialised as the JIT would specialise it."""
+    import triton
+    import triton.compiler
+
+    jit = _jit_function(cfg.fn)
+    names = list(jit.arg_names)
+    constexpr_names = [p.name for p in jit.params if p.is_constexpr]
+    values = dict(zip([n for n in names if n not in constexpr_names], cfg.args))
+    if len(values) != len(cfg.args):
+        raise RuntimeError(f"{cfg.kernel}: {len(cfg.args)} positional args for "
+                           f"{len(names) - len(constexpr_names)} runtime parameters")
+    constants = {k: v for k, v in cfg.meta.items() if k not in _OPTIONS}
+    options = {k: v for k, v in cfg.meta.items() if k in _OPTIONS}
+    signature, hints = {}, {}
+    for i, name in enumerate(names):
+        if name in constants:
+            signature[name] = "constexpr"
+            continue
+        v = values[name]
+        if isinstance(v, torch.Tensor):
+            signature[name] = "*" + _TY[v.dtype]
+            hints[i] = 16  # torch allocations are 16-byte aligned, as the JIT sees them
+        elif isinstance(v, bool):
+            signature[name] = "i1"
+        elif isinstance(v, int):
+            if v == 1:  # the JIT turns an int equal to 1 into a constexpr
+                signature[name] = "constexpr"
+                constants[name] = 1
+            else:
+                signature[name] = "i32" if -2**31 <= v < 2**31 else "i64"
+                if v % 16 == 0:
+                    hints[i] = 16
+        elif isinstance(v, float):
+            signature[name] = "fp32"
+        else:
+            raise TypeError(f"{cfg.kernel}: cannot type argument {name}={v!r}")
+    params = inspect.signature(triton.compiler.ASTSource.__init__).parameters
+    if "constexprs" in params:  # triton >= 3.3: constexprs and attrs keyed by (arg index,)
+        attrs = {(i,): [["tt.divisibility", 16]] for i in hints}
+        src = triton.compiler.ASTSource(fn=jit, signature=signature, constexprs=constants, attrs=attrs)
+    else:  # triton 3.2: constants=, attrs as an AttrsDescriptor
+        try:
+            from triton.backends.compiler import AttrsDescriptor
+
+            attrs = AttrsDescriptor.from_hints(hints)
+        except Exception:  # pragma: no cover - older layouts: compile without the hints
+            attrs = None
+        src = triton.compiler.ASTSource(fn=jit, signature=signature, constants=constants, attrs=attrs)
+    return src, options
+
+
+def compile_config(cfg: Config, arch: int) -> Result:
+    """Compile one configuration for ``sm_<arch>``; failures are returned, not raised."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    t0 = time.perf_counter()
+    res = Result(cfg.kernel, cfg.label, _TY[cfg.dtype], arch, False, 0.0)
+    try:
+        src, options = _source(cfg)
+        k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+        ptx = k.asm.get("ptx", "")
+        if f".target sm_{arch}" not in ptx:
+            raise RuntimeError(f"PTX does not target sm_{arch}")
+        res.shared_bytes = int(getattr(k.metadata, "shared", 0))
+        limit = MAX_SHARED.get(arch)
+        if limit is not None and res.shared_bytes > limit:
+            raise RuntimeError(f"needs {res.shared_bytes} B of shared memory, sm_{arch} has {limit} B")
+        res.ok = True
+        res.ptx_bytes = len(ptx)
+        res.cubin_bytes = len(k.asm.get("cubin", b""))
+        res.num_warps = int(getattr(k.metadata, "num_warps", 0))
+    except Exception as e:  # noqa: BLE001 - reported per configuration
+        res.error = f"{e.__class__.__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def compile_all(arch: int = 90, kernels=None, dtypes=DTYPES, quick: bool = False) -> list[Result]:
+    """Compile every configuration of the chosen kernels for ``sm_<arch>`` (``quick``: the QUICK subset).
+
+    Under TRITON_INTERPRET=1 this runs in a subprocess without it (see the module docstring).
+    """
+    if _interpreting():
+        return _compile_in_subprocess(arch, kernels, dtypes, quick)
+    return [compile_config(cfg, arch) for cfg in configs(kernels, dtypes, quick)]
+
+
+def _subprocess_cmd(arch, kernels=None, dtypes=DTYPES, quick=False) -> list[str]:
+    cmd = [sys.executable, "-m", "fastdiff.kernels.aot", "--json", "--arch", str(arch),
+           "--dtype", *[str(d).split(".")[1] for d in dtypes]]
+    if kernels:
+        cmd += ["--kernel", *kernels]
+    if quick:
+        cmd.append("--quick")
+    return cmd
+
+
+def start_subprocess(arch, kernels=None, dtypes=DTYPES, quick=False) -> subprocess.Popen:
+    """Start a compile of one arch in a subprocess without TRITON_INTERPRET; finish it with ``collect``."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.Popen(_subprocess_cmd(arch, kernels, dtypes, quick), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def collect(proc: subprocess.Popen, timeout: Optional[float] = None) -> list[Result]:
+    out, err = proc.communicate(timeout=timeout)
+    lines = [ln for ln in out.splitlines() if ln.startswith("[")]
+    if not lines:
+        raise RuntimeError(f"AOT subprocess exited with {proc.returncode} and no results:\n{err[-3000:]}")
+    return [Result(**r) for r in json.loads(lines[-1])]
+
+
+def _compile_in_subprocess(arch, kernels, dtypes, quick) -> list[Result]:
+    return collect(start_subprocess(arch, kernels, dtypes, quick))
+
+
+def format_table(results: list[Result]) -> str:
+    rows = [("kernel", "config", "dtype", "arch", "ok", "ptx KiB", "cubin KiB", "smem KiB", "warps", "s")]
+    for r in results:
+        rows.append((r.kernel, r.label, r.dtype, f"sm_{r.arch}", "yes" if r.ok else "NO: " + r.error,
+                     f"{r.ptx_bytes / 1024:.0f}", f"{r.cubin_bytes / 1024:.0f}", f"{r.shared_bytes / 1024:.1f}",
+                     str(r.num_warps), f"{r.seconds:.1f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def main(argv: Optional[list] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m fastdiff.kernels.aot", description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), help="compute capabilities (80 90)")
+    p.add_argument("--dtype", nargs="+", choices=[str(d).split(".")[1] for d in DTYPES], help="default: all")
+    p.add_argument("--kernel", nargs="+", choices=list(KERNELS), help="default: all")
+    p.add_argument("--quick", action="store_true", help="only the QUICK subset of configurations")
+    p.add_argument("--json", action="store_true", help="print the results as one JSON line")
+    a = p.parse_args(argv)
+    dtypes = tuple(getattr(torch, d) for d in a.dtype) if a.dtype else DTYPES
+    results = []
+    for arch in a.arch:
+        results += compile_all(arch, a.kernel, dtypes, a.quick)
+    if a.json:
+        print(json.dumps([asdict(r) for r in results]))
+        return 0
+    print(format_table(results))
+    bad = [r for r in results if not r.ok]
+    print(f"\n{len(results) - len(bad)}/{len(results)} compiled")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

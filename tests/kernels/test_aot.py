@@ -1,0 +1,85 @@
+"""Every Triton kernel compiles ahead of time for sm_80 and sm_90, at the configurations the models use.
+
+No GPU needed: ``triton.compile`` with a ``GPUTarget`` runs the whole NVIDIA pipeline down to PTX and
+cubin. The Triton interpreter (TRITON_INTERPRET=1, set by conftest) cannot compile in-process, so the
+compiles run in one subprocess per architecture, both at once, with the variable removed. This is where
+the bfloat16 ``tl.dot`` of the attention kernel is checked (the interpreter cannot run it, see
+test_attention.py).
+
+By default the QUICK subset (every kernel x dtype x arch, every group-norm mode, attention at D = 40 with
+77 keys, 72 and 160) is compiled: ~25 s of CPU per arch on a cold Triton cache. All 72 configurations x
+2 archs take ~40 s of CPU per arch and run with FASTDIFF_AOT_FULL=1 (or ``python -m fastdiff.kernels.aot``).
+"""
+
+import os
+
+
+import pytest
+import torch
+
+from fastdiff.kernels import aot
+
+triton = pytest.importorskip("triton")
+
+
+def _nvidia_backend() -> bool:
+    try:
+        from triton.backends import backends
+    except Exception:  # pragma: no cover - triton layout without the registry
+        return False
+    return "nvidia" in backends
+
+
+pytestmark = pytest.mark.skipif(not _nvidia_backend(), reason="this triton build has no NVIDIA backend")
+
+KERNELS = ("group_norm", "attention", "adaln_modulate", "gated_residual")
+DTYPES = ("fp16", "bf16", "fp32")
+
+
+FULL = os.environ.get("FASTDIFF_AOT_FULL") == "1"
+
+
+@pytest.fixture(scope="module")
+def results():
+    procs = {arch: aot.start_subprocess(arch, quick=not FULL) for arch in aot.ARCHS}
+    return {arch: aot.collect(p, timeout=1800) for arch, p in procs.items()}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("arch", aot.ARCHS, ids=lambda a: f"sm_{a}")
+def test_kernel_compiles_for_every_model_config(results, arch, kernel, dtype):
+    rows = [r for r in results[arch] if r.kernel == kernel and r.dtype == dtype]
+    assert rows, f"no {kernel} {dtype} configuration was compiled for sm_{arch}"
+    failed = [f"{r.label}: {r.error}" for r in rows if not r.ok]
+    assert not failed, "\n".join(failed)
+    for r in rows:
+        assert r.ptx_bytes > 0 and r.cubin_bytes > 0
+        assert r.shared_bytes <= aot.MAX_SHARED[arch]
+
+
+def test_configs_cover_the_model_shapes():
+    labels = {(c.kernel, c.label) for c in aot.configs(dtypes=(torch.float16,))}
+    for d in (40, 64, 72, 80, 128, 160):
+        assert any(k == "attention" and f"D{d}" in lbl for k, lbl in labels), d
+    assert any("Nk77 D40" in lbl for _, lbl in labels)  # cross attention: Nk not a block multiple
+    assert any(k == "attention" and "H16 Nq256 Nk256 D72" in lbl for k, lbl in labels)  # DiT-XL/2
+    modes = {lbl.split()[-1] for k, lbl in labels if k == "group_norm"}
+    assert modes == {"mode0", "mode1", "mode2"}  # fused (8x8) and split statistics (64x64)
+    assert any(k == "adaln_modulate" and "D1152" in lbl for k, lbl in labels)
+
+
+def test_source_specialises_like_the_jit():
+    """ints equal to 1 become constexprs, multiples of 16 get divisibility hints, pointers typed by dtype."""
+    cfg = next(c for c in aot.configs(["group_norm"], (torch.bfloat16,)) if "nhwc" in c.label)
+    src, options = aot._source(cfg)
+    assert src.signature["x_ptr"] == "*bf16" and src.signature["ws_ptr"] == "*fp32"
+    assert src.signature["stride_xc"] == "constexpr"  # channels-last: unit channel stride
+    assert src.signature["eps"] == "fp32" and src.signature["C"] == "i32"
+    assert options == {"num_warps": cfg.meta["num_warps"]}
+
+
+def test_compile_all_under_the_interpreter_uses_a_subprocess():
+    res = aot.compile_all(90, kernels=["adaln"], dtypes=(torch.float16,))
+    assert [r.kernel for r in res] == ["adaln_modulate", "gated_residual"] and all(r.ok for r in res)
+    assert "gated_residual" in aot.format_table(res)
