@@ -54,6 +54,9 @@ from ..errors import BadArgumentError, FastdiffError
 
 __all__ = ["Engine", "EngineClosedError"]
 
+# generate() keywords the Engine owns (per-request values are passed as lists / stacked tensors).
+_GENERATE_OWN = frozenset({"n", "seed", "seeds", "latents", "class_labels", "output_type", "progress", "callback"})
+
 # Latencies kept for the percentiles in ``stats()`` (a sliding window, so memory stays bounded).
 _LATENCY_WINDOW = 10_000
 
@@ -141,7 +144,7 @@ def _group_key(r: _Request) -> tuple:
     schedule = ("callable", id(schedule)) if callable(schedule) else schedule
     return (p["height"], p["width"], p["steps"], sampler, schedule, p["cfg_scale"], p["cfg_scale"] != 1.0,
             r.class_label is None, _states_key(r.encoder_hidden_states),
-            _states_key(r.negative_encoder_hidden_states))
+            _states_key(r.negative_encoder_hidden_states), p["options"])
 
 
 def _percentile(sorted_values: List[float], q: float) -> Optional[float]:
@@ -180,6 +183,8 @@ class Engine:
                 or not math.isfinite(max_wait_ms) or max_wait_ms < 0):
             raise BadArgumentError(f"max_wait_ms: expected a finite number >= 0, found {max_wait_ms!r}")
         self.max_wait_ms = float(max_wait_ms)
+        size = getattr(getattr(pipe, "spec", None), "sample_size", None)
+        self._default_hw = tuple(int(v) for v in size) if isinstance(size, (tuple, list)) and len(size) == 2 else None
 
         self._cv = threading.Condition()
         # key -> deque of requests (FIFO). A dict keeps insertion order, but the group to run is chosen
@@ -209,17 +214,20 @@ class Engine:
                encoder_hidden_states: Optional[torch.Tensor] = None,
                negative_encoder_hidden_states: Optional[torch.Tensor] = None, steps: int = 20,
                sampler=None, cfg_scale: float = 1.0, height: Optional[int] = None, width: Optional[int] = None,
-               schedule=None) -> concurrent.futures.Future:
+               schedule=None, **options) -> concurrent.futures.Future:
         """Queue one sample; the Future resolves to a (C, H, W) tensor.
 
         Thread-safe. Defaults are ``Pipeline.generate``'s (``sampler=None`` / ``schedule=None``: the
-        model's own). A request that fails validation returns an already failed Future (the error is
+        model's own). ``encoder_hidden_states`` is this request's (M, D) slice; the Engine stacks them.
+        ``options``: further ``generate`` keywords shared by a batch (``guidance_rescale``, sampler
+        options such as ``eta``); values must be hashable, and only requests with equal options batch.
+        A request that fails validation returns an already failed Future (the error is
         ``BadArgumentError``); only a closed engine makes ``submit`` itself raise (``EngineClosedError``).
         """
         fut: concurrent.futures.Future = concurrent.futures.Future()
         try:
             req = self._make_request(fut, seed, class_label, encoder_hidden_states, negative_encoder_hidden_states,
-                                     steps, sampler, cfg_scale, height, width, schedule)
+                                     steps, sampler, cfg_scale, height, width, schedule, options)
         except BadArgumentError as e:
             with self._cv:
                 if self._closed:
@@ -240,7 +248,7 @@ class Engine:
         return fut
 
     def asubmit(self, **kwargs) -> "asyncio.Future":
-        """``submit`` for asyncio code: an ``asyncio.Future`` bound to the running (or current) loop.
+        """``submit`` for asyncio code: an ``asyncio.Future`` bound to the running loop (call it from a coroutine).
 
         Cancelling the asyncio Future cancels the request if it has not started yet.
         """
@@ -288,8 +296,8 @@ class Engine:
     def stats(self) -> dict:
         """A snapshot: queue depth, counters, batch-size histogram, latency percentiles (ms, submit -> result).
 
-        ``submitted == completed + failed + cancelled + queue_depth + in_flight`` (``rejected``: the part of
-        ``failed`` refused at submit). ``batches`` counts ``generate`` calls, solo re-runs included.
+        Once idle, ``submitted == completed + failed + cancelled`` (``rejected``: the part of ``failed``
+        refused at submit; ``in_flight``: requests taken by the worker, not yet all resolved). ``batches`` counts ``generate`` calls, solo re-runs included.
         Latency percentiles are over the last 10,000 successful requests; None before the first.
         """
         with self._cv:
@@ -321,12 +329,24 @@ class Engine:
     # ------------------------------------------------------------------------------------ internals
 
     def _make_request(self, fut, seed, class_label, ehs, nehs, steps, sampler, cfg_scale, height, width,
-                      schedule) -> _Request:
+                      schedule, options) -> _Request:
         seed = _as_int("seed", seed)
         class_label = _as_int("class_label", class_label, minimum=0, allow_none=True)
         steps = _as_int("steps", steps, minimum=1)
         height = _as_int("height", height, minimum=1, allow_none=True)
         width = _as_int("width", width, minimum=1, allow_none=True)
+        if self._default_hw is not None:
+            # None means the model's size: spell it out so that "None" and "16" requests batch together.
+            height = self._default_hw[0] if height is None else height
+            width = self._default_hw[1] if width is None else width
+        reserved = sorted(set(options) & _GENERATE_OWN)
+        if reserved:
+            raise BadArgumentError(f"submit: {reserved} cannot be set per request (the Engine sets them)")
+        try:
+            options = tuple(sorted(options.items()))
+            hash(options)
+        except TypeError:
+            raise BadArgumentError(f"submit options: expected hashable values, found {dict(options)!r}") from None
         if (isinstance(cfg_scale, bool) or not isinstance(cfg_scale, numbers.Real)
                 or not math.isfinite(cfg_scale)):
             raise BadArgumentError(f"cfg_scale: expected a finite number, found {cfg_scale!r}")
@@ -342,7 +362,7 @@ class Engine:
                 raise BadArgumentError(f"negative_encoder_hidden_states: expected the shape of encoder_hidden_states "
                                        f"{tuple(ehs.shape)}, found {tuple(nehs.shape)}")
         params = dict(steps=steps, sampler=sampler, schedule=schedule, cfg_scale=cfg_scale, height=height,
-                      width=width)
+                      width=width, options=options)
         req = _Request(seed, class_label, ehs, nehs, params, (), fut)
         req.key = _group_key(req)
         return req
@@ -405,7 +425,7 @@ class Engine:
             seeds=[r.seed for r in reqs], steps=p["steps"], sampler=p["sampler"], schedule=p["schedule"],
             cfg_scale=p["cfg_scale"], class_labels=labels, encoder_hidden_states=ehs,
             negative_encoder_hidden_states=nehs, height=p["height"], width=p["width"], output_type="tensor",
-            progress=False)
+            progress=False, **dict(p["options"]))
         if not torch.is_tensor(out) or out.dim() < 1 or out.shape[0] != len(reqs):
             found = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
             raise FastdiffError(f"pipe.generate: expected a tensor with {len(reqs)} samples on dim 0, found {found}")
