@@ -29,6 +29,7 @@ class Pipeline:
         self.runner = model  # the network callable samplers call (replaced by optimize)
         self.config = None
         self.notes: list[str] = list(spec.notes)
+        self.loop_graphs = None  # LoopGraphCache when optimize(cuda_graphs=True, graph_scope="loop")
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -44,17 +45,27 @@ class Pipeline:
 
         return save_fastdiff(path, self.model, self.spec)
 
-    def optimize(self, config=None, **switches) -> "Pipeline":
-        """Apply an ``OptimizeConfig`` (or its fields as keywords) once; returns self."""
+    def optimize(self, config=None, graph_factory=None, **switches) -> "Pipeline":
+        """Apply an ``OptimizeConfig`` (or its fields as keywords) once; returns self.
+
+        graph_factory: replaces the CUDA-graph capture (tests use a stand-in to exercise the bucketing
+        and static-buffer logic on a CPU).
+        """
         from .runtime.config import OptimizeConfig
+        from .runtime.loop_graph import LoopGraphCache
         from .runtime.runners import build_runner
 
-        config = config or OptimizeConfig(**switches)
-        if switches and config is not None:
+        if config is None:
+            config = OptimizeConfig(**switches)
+        elif switches:
             config = config.replace(**switches)
-        self.runner, notes = build_runner(self, config)
+        self.runner, notes = build_runner(self, config, graph_factory=graph_factory)
         self.config = config
         self.notes.extend(notes)
+        self.loop_graphs = None
+        capturable = graph_factory is not None or (self.device.type == "cuda" and torch.cuda.is_available())
+        if config.cuda_graphs and config.graph_scope == "loop" and capturable:
+            self.loop_graphs = LoopGraphCache(config.max_graphs, graph_factory)
         return self
 
     # ------------------------------------------------------------------------------------------
@@ -153,10 +164,32 @@ class Pipeline:
             if callback is not None:
                 callback(info)
 
-        x = plan.sample(denoiser, latents, extra_args=extra, noise=noise, callback=step_callback)
+        if self.loop_graphs is not None:
+            x = self._sample_loop_graph(plan, denoiser, latents, extra, noise, (cfg_scale, guidance_rescale))
+        else:
+            x = plan.sample(denoiser, latents, extra_args=extra, noise=noise, callback=step_callback)
         if bar is not None:
             bar.close()
         return _to_output(x, output_type)
+
+    def _sample_loop_graph(self, plan, denoiser, latents, extra, noise, guidance) -> torch.Tensor:
+        """The whole loop from a captured graph, padded to the batch bucket (graph_scope="loop")."""
+        from .runtime.graphs import bucket_for, pad_to
+
+        b = latents.shape[0]
+        bucket = bucket_for(b, self.config.batch_buckets)
+        padded = _map_tree(extra, lambda t: pad_to(t, bucket))
+        key = (bucket, tuple(latents.shape[1:]), plan.sampler, tuple(plan.sigmas.tolist()),
+               tuple(sorted(plan.options.items())), plan.init_noise_sigma, plan.output_scale, guidance,
+               repr(_map_tree(padded, lambda t: (tuple(t.shape), t.dtype))))
+
+        def run_loop(x, cond, step_noise):
+            return plan.sample(denoiser, x, extra_args=cond, noise=step_noise)
+
+        def padded_noise(i, like):  # real rows from their own generators, padded rows repeat the last
+            return pad_to(noise(i, like[:b]), like.shape[0])
+
+        return self.loop_graphs.run(key, run_loop, pad_to(latents, bucket), padded, padded_noise)[:b]
 
     # ------------------------------------------------------------------------------------------
     def _seeds(self, n, seed, seeds, latents) -> list[int]:
@@ -244,6 +277,11 @@ class Pipeline:
         n = sum(p.numel() for p in self.model.parameters())
         return (f"Pipeline({self.spec.kind}, {n / 1e6:.2f}M params, {self.dtype}, {self.device}, "
                 f"prediction={self.spec.prediction_type}, source={self.spec.source!r})")
+
+
+def _map_tree(d: dict, fn):
+    return {k: (_map_tree(v, fn) if isinstance(v, dict) else fn(v) if torch.is_tensor(v) else v)
+            for k, v in d.items()}
 
 
 def _progress(total: int, enabled: bool):

@@ -31,7 +31,7 @@ def prepare_model(model: torch.nn.Module, config: OptimizeConfig, device: torch.
     return model
 
 
-def build_runner(pipe, config: OptimizeConfig) -> tuple[Callable, list[str]]:
+def build_runner(pipe, config: OptimizeConfig, graph_factory=None) -> tuple[Callable, list[str]]:
     """(network callable, notes) for ``config``; an explicitly requested backend that cannot run raises."""
     notes: list[str] = []
     device = pipe.device
@@ -62,12 +62,12 @@ def build_runner(pipe, config: OptimizeConfig) -> tuple[Callable, list[str]]:
         raise BackendUnavailableError(backend)
 
     if config.cuda_graphs:
-        if device.type != "cuda" or not torch.cuda.is_available():
+        if graph_factory is None and (device.type != "cuda" or not torch.cuda.is_available()):
             notes.append("cuda_graphs ignored: no CUDA device (graphs need one)")
         elif config.graph_scope == "step":
             from .graphs import GraphedNetwork
 
-            runner = GraphedNetwork(runner, config.batch_buckets, config.max_graphs)
+            runner = GraphedNetwork(runner, config.batch_buckets, config.max_graphs, graph_factory=graph_factory)
         # graph_scope="loop" is applied by the Pipeline around the whole sampling loop.
     return runner, notes
 

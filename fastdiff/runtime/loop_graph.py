@@ -1,0 +1,109 @@
+"""``graph_scope="loop"``: the whole fixed-length sampling loop (CFG and sampler arithmetic included) in
+one captured graph.
+
+What makes a loop capturable: sigmas are host floats (samplers never read the device), and every
+random draw a stochastic sampler makes is known in advance. ``RecordedNoise`` learns the sequence of
+draws on a warm-up run; each replay refills static noise buffers from the request's per-sample
+generators in that same order, so a replayed sample equals the eager one for its seed.
+
+The capture goes through a ``graph_factory`` (``CudaGraph`` on a GPU), so the logic is tested on a CPU
+with a stand-in graph.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Callable, Optional
+
+import torch
+
+
+class RecordedNoise:
+    """A sampler ``noise(step_index, like)`` source that serves pre-filled static buffers in order."""
+
+    def __init__(self):
+        self.shapes: list[tuple] = []  # one per draw, learned on the warm-up run
+        self.buffers: list[torch.Tensor] = []
+        self.recording = True
+        self.cursor = 0
+
+    def __call__(self, step_index: int, like: torch.Tensor) -> torch.Tensor:
+        if self.recording:
+            self.shapes.append((tuple(like.shape), like.dtype, like.device))
+            buf = torch.zeros_like(like)
+            self.buffers.append(buf)
+            return buf
+        buf = self.buffers[self.cursor]
+        self.cursor += 1
+        return buf
+
+    def freeze(self) -> None:
+        self.recording = False
+
+    def rewind(self) -> None:
+        self.cursor = 0
+
+    def refill(self, source) -> None:
+        """Draw this request's noise from ``source`` (a NoiseSource) in the recorded order."""
+        for buf in self.buffers:
+            buf.copy_(source(0, buf))
+
+
+class LoopGraphCache:
+    """Captured sampling loops keyed by everything that fixes the loop's shape and arithmetic."""
+
+    def __init__(self, max_graphs: int = 16, graph_factory: Optional[Callable] = None):
+        from .graphs import CudaGraph
+
+        self.max_graphs = max_graphs
+        self.graph_factory = graph_factory or CudaGraph
+        self.entries: "collections.OrderedDict[tuple, dict]" = collections.OrderedDict()
+        self.pool = None
+        self.captures = 0
+
+    def run(self, key: tuple, run_loop: Callable, latents: torch.Tensor, cond: dict, noise_source) -> torch.Tensor:
+        """``run_loop(x, cond, noise) -> x0`` replayed from a captured graph for ``key``.
+
+        cond: the tensors the loop reads (class labels, text states, uncond ...), copied into static
+        buffers; the key must pin their shapes and every host-side setting (sampler, steps, cfg scale).
+        """
+        entry = self.entries.get(key)
+        if entry is None:
+            static_x = latents.clone()
+            static_cond = _clone_tree(cond)
+            noise = RecordedNoise()
+            run_loop(static_x, static_cond, noise)  # warm-up: learns the noise draws
+            noise.freeze()
+
+            def loop(x, _cond=static_cond, _noise=noise):
+                _noise.rewind()
+                return run_loop(x, _cond, _noise)
+
+            graph = self.graph_factory(loop, [static_x], pool=self.pool)
+            self.pool = getattr(graph, "pool", self.pool)
+            self.captures += 1
+            entry = dict(graph=graph, x=static_x, cond=static_cond, noise=noise)
+            self.entries[key] = entry
+            while len(self.entries) > self.max_graphs:
+                self.entries.popitem(last=False)
+        else:
+            self.entries.move_to_end(key)
+        entry["x"].copy_(latents)
+        _copy_tree(entry["cond"], cond)
+        entry["noise"].refill(noise_source)
+        entry["noise"].rewind()
+        return entry["graph"].replay().clone()
+
+
+def _clone_tree(d):
+    if isinstance(d, dict):
+        return {k: _clone_tree(v) for k, v in d.items()}
+    return d.clone() if torch.is_tensor(d) else d
+
+
+def _copy_tree(dst, src):
+    for k, v in src.items():
+        if isinstance(v, dict):
+            _copy_tree(dst[k], v)
+        elif torch.is_tensor(v):
+            dst[k].copy_(v)
