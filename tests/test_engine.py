@@ -282,6 +282,30 @@ def test_pipeline_returning_wrong_batch_fails_cleanly():
     assert all(r.shape == (3, 8, 8) for r in results)
 
 
+def test_generate_options_are_passed_and_split_batches():
+    class WithOptions(FakePipeline):
+        class spec:  # like Pipeline.spec: the model's own size
+            sample_size = (8, 8)
+
+        def generate(self, eta=1.0, **kw):
+            with self.lock:
+                self.calls.append(dict(seeds=list(kw["seeds"]), eta=eta, height=kw["height"]))
+            return FakePipeline.generate(FakePipeline(), **kw) * eta
+
+    pipe = WithOptions()
+    with Engine(pipe, max_batch=4, max_wait_ms=60_000) as engine:  # batches start when full
+        futs = [engine.submit(seed=i, steps=2, eta=[0.5, 2.0][i % 2], height=[None, 8][i // 2 % 2]) for i in range(8)]
+        with pytest.raises(BadArgumentError, match="class_labels"):
+            engine.submit(seed=1, class_labels=[3]).result(TIMEOUT)
+        with pytest.raises(BadArgumentError, match="hashable"):
+            engine.submit(seed=1, eta=[1.0]).result(TIMEOUT)
+        outs = [f.result(TIMEOUT) for f in futs]
+    for i, out in enumerate(outs):
+        torch.testing.assert_close(out, _solo(dict(seed=i, steps=2)) * [0.5, 2.0][i % 2], atol=1e-5, rtol=0)
+    # One batch per eta; height None was filled in with the model's 8, so it batched with height=8.
+    assert sorted((c["eta"], c["height"], len(c["seeds"])) for c in pipe.calls) == [(0.5, 8, 4), (2.0, 8, 4)]
+
+
 def test_engine_arguments_are_checked():
     with pytest.raises(BadArgumentError, match="max_batch"):
         Engine(FakePipeline(), max_batch=0)
