@@ -1,0 +1,594 @@
+"""``fastdiff bench``: end-to-end sampling latency per backend and batch size, optionally against diffusers.
+
+    fastdiff bench arch:sd15-unet --backends eager,compile --batch 1,4 --steps 20 --cfg 7.5 --dtype fp16 \
+        --compare diffusers,compile --json sd15.json --plot sd15.png
+
+What is measured: one ``pipe.generate`` call (noise, the whole sampling loop, CFG included; no decoding)
+with its result on the host's side of a device synchronisation. Per backend and batch: the first call
+timed on its own (compilation / graph capture / kernel JIT show up as ``warm-up overhead`` = first call
+minus a steady call), ``--warmup - 1`` more untimed calls, then ``--repeat`` timed calls (CUDA events on
+a GPU, perf_counter on the CPU): median / p90 / p99, per step (median / steps), per network evaluation
+(median / NFE), images/s (batch / median) and peak memory (see ``fastdiff.runtime.timing``).
+
+``--compare diffusers`` rebuilds the SAME weights as a diffusers model (UNet2DModel /
+UNet2DConditionModel / DiTTransformer2DModel) and times it in a diffusers-pipeline style loop with the
+matching diffusers scheduler, in the same process; ``--compare diffusers,compile`` also times
+``torch.compile`` of that diffusers model. The ratio column is fastdiff / diffusers (below 1: fastdiff
+is faster).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import traceback
+
+TEXT_TOKENS = 77
+COMPARE_CHOICES = ("diffusers", "compile")
+
+
+def register(sub) -> None:
+    from ..runtime.config import BACKENDS, DTYPES
+    from ..sampling import SAMPLERS, SCHEDULES
+
+    p = sub.add_parser(
+        "bench", help="measure sampling latency per backend and batch (optionally against diffusers)",
+        description="Time end-to-end sampling (pipe.generate: the sampling loop with CFG, no decoding) of MODEL "
+                    "for each backend and batch size: warm-up, device-synchronised timing (CUDA events on a "
+                    "GPU), median / p90 / p99 latency, per-step latency, images/s, peak memory and "
+                    "compile / capture time. Backends that cannot run here are listed as skipped with the "
+                    "reason. arch:NAME builds a well-known architecture with random weights (no download).")
+    p.add_argument("model", metavar="MODEL", nargs="?", default="builtin:digits",
+                   help="checkpoint path, builtin:NAME, or arch:NAME (random weights: sd15-unet, sd21-unet, "
+                        "ddpm-cifar10, dit-xl-2-256, dit-xl-2-512, tiny-unet, tiny-sd-unet, tiny-dit); "
+                        "default builtin:digits")
+    p.add_argument("--backends", default="eager", metavar="LIST",
+                   help=f"comma-separated backends from {', '.join(BACKENDS)} (default eager)")
+    p.add_argument("--batch", default="1", metavar="LIST", help="comma-separated batch sizes (default 1)")
+    p.add_argument("--steps", type=int, default=20, metavar="N", help="sampling steps per call (default 20)")
+    p.add_argument("--sampler", choices=sorted(SAMPLERS), default="dpmpp_2m", help="sampler (default dpmpp_2m)")
+    p.add_argument("--schedule", choices=list(SCHEDULES), default=None,
+                   help="sigma grid (default: karras, or the checkpoint's spacing for ddim / ddpm)")
+    p.add_argument("--cfg", type=float, default=1.0, metavar="G",
+                   help="classifier-free guidance scale; != 1 doubles the network batch (default 1)")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None,
+                   help="network precision for every backend and the diffusers comparison (default: the "
+                        "checkpoint's)")
+    p.add_argument("--device", default=None, metavar="DEV", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--warmup", type=int, default=2, metavar="N",
+                   help="untimed-for-statistics calls before timing, the first included (default 2; the first "
+                        "call is reported on its own as the compile / capture overhead)")
+    p.add_argument("--repeat", type=int, default=5, metavar="N", help="timed calls per backend and batch (default 5)")
+    p.add_argument("--compare", default=None, metavar="LIST",
+                   help="'diffusers': time the same weights in diffusers (eager) in this run; 'diffusers,compile' "
+                        "also torch.compile of the diffusers model (max-autotune on a GPU)")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the noise and random text states")
+    p.add_argument("--json", default=None, metavar="OUT.json",
+                   help="write every figure with the device, versions and settings as JSON")
+    p.add_argument("--plot", default=None, metavar="OUT.png", help="draw median latency vs batch per backend")
+    p.set_defaults(func=run)
+
+
+# ---------------------------------------------------------------------------------------------------
+# argument parsing helpers
+# ---------------------------------------------------------------------------------------------------
+
+def _parse_list(text: str, name: str, allowed=None) -> list:
+    from ..errors import BadArgumentError
+
+    items = [s.strip() for s in str(text).split(",") if s.strip()]
+    if not items:
+        raise BadArgumentError(f"{name}: expected a comma-separated list, found {text!r}")
+    if allowed is not None:
+        bad = [s for s in items if s not in allowed]
+        if bad:
+            raise BadArgumentError(f"{name}: expected names from {list(allowed)}, found {bad[0]!r}")
+    return list(dict.fromkeys(items))
+
+
+def _parse_batches(text: str) -> list[int]:
+    from ..errors import BadArgumentError
+
+    out = []
+    for s in _parse_list(text, "--batch"):
+        try:
+            b = int(s)
+        except ValueError:
+            b = 0
+        if b < 1:
+            raise BadArgumentError(f"--batch: expected positive integers like 1,4,16, found {s!r}")
+        out.append(b)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Conditioning shared by fastdiff and diffusers (same labels, same text states)
+# ---------------------------------------------------------------------------------------------------
+
+def _conditioning(spec, b: int, cfg: float, seed: int, device, dtype):
+    """dict of (labels, null_labels, states, negative_states) for batch b (None where not used)."""
+    import torch
+
+    cond = {"labels": None, "null_labels": None, "states": None, "negative_states": None}
+    if spec.num_classes:
+        cond["labels"] = torch.arange(b, device=device) % spec.num_classes
+        if spec.null_class is not None:
+            cond["null_labels"] = torch.full((b,), spec.null_class, device=device, dtype=torch.long)
+    if spec.cross_attention_dim:
+        g = torch.Generator().manual_seed(seed + 1)
+        shape = (b, TEXT_TOKENS, spec.cross_attention_dim)
+        cond["states"] = torch.randn(shape, generator=g).to(device, dtype)
+        cond["negative_states"] = torch.randn(shape, generator=g).to(device, dtype)
+    return cond
+
+
+# ---------------------------------------------------------------------------------------------------
+# fastdiff side
+# ---------------------------------------------------------------------------------------------------
+
+class _CountCalls:
+    def __init__(self, fn):
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, *a, **k):
+        self.calls += 1
+        return self.fn(*a, **k)
+
+
+def _bench_fastdiff(args, backend: str, batches, device, log) -> list[dict]:
+    import fastdiff
+
+    from ..errors import BackendUnavailableError
+    from ..runtime.config import OptimizeConfig
+    from ..runtime.timing import measure
+    from .generate import check_backend
+
+    base = {"backend": backend}
+    try:
+        check_backend(backend, device)
+        pipe = fastdiff.load(args.model, device=device)
+        t0 = time.perf_counter()
+        pipe.optimize(OptimizeConfig(backend=backend, dtype=args.dtype, batch_buckets=tuple(batches)))
+        _sync(device)
+        optimize_s = time.perf_counter() - t0
+    except (BackendUnavailableError, ImportError) as e:
+        return [dict(base, batch=b, status="skipped", reason=_one_line(e)) for b in batches]
+    except Exception as e:  # a backend that breaks must not hide the others
+        return [dict(base, batch=b, status="failed", reason=f"{type(e).__name__}: {_one_line(e)}",
+                     detail=traceback.format_exc(limit=3)) for b in batches]
+    rows = []
+    for b in batches:
+        log(f"  {backend:12s} batch {b} ...")
+        row = dict(base, batch=b, optimize_s=optimize_s, notes=list(pipe.notes))
+        try:
+            cond = _conditioning(pipe.spec, b, args.cfg, args.seed, device, pipe._network_dtype())
+            kw = dict(n=b, steps=args.steps, sampler=args.sampler, schedule=args.schedule, cfg_scale=args.cfg,
+                      seed=args.seed, progress=False, class_labels=cond["labels"],
+                      encoder_hidden_states=cond["states"],
+                      negative_encoder_hidden_states=cond["negative_states"] if args.cfg != 1.0 else None)
+            counter = _CountCalls(pipe.runner)
+
+            def first_call():  # the true first call: timed as such, and counts the network evaluations
+                pipe.runner = counter
+                try:
+                    return pipe.generate(**kw)
+                finally:
+                    pipe.runner = counter.fn
+
+            m = measure(lambda: pipe.generate(**kw), device, warmup=args.warmup, repeat=args.repeat,
+                        first=first_call)
+            nfe = counter.calls
+            row.update(_row_stats(m, b, args.steps, nfe), status="ok")
+        except Exception as e:
+            row.update(status="failed", reason=f"{type(e).__name__}: {_one_line(e)}",
+                       detail=traceback.format_exc(limit=3))
+        rows.append(row)
+    return rows
+
+
+def _row_stats(m, b: int, steps: int, nfe: int) -> dict:
+    s = m.stats()
+    s["nfe"] = nfe
+    s["per_step_s"] = s["median_s"] / steps
+    s["per_nfe_s"] = s["median_s"] / max(nfe, 1)
+    s["images_per_s"] = b / s["median_s"] if s["median_s"] > 0 else float("inf")
+    return s
+
+
+# ---------------------------------------------------------------------------------------------------
+# diffusers side: the same weights, a diffusers-pipeline style loop
+# ---------------------------------------------------------------------------------------------------
+
+def _import_diffusers():
+    try:
+        import diffusers  # noqa: F401
+        from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+                               EulerDiscreteScheduler, HeunDiscreteScheduler, UniPCMultistepScheduler)
+    except Exception as e:
+        raise ImportError(f"diffusers cannot be imported ({type(e).__name__}: {_one_line(e)})") from e
+    return {
+        "dpmpp_2m": (DPMSolverMultistepScheduler, dict(use_karras_sigmas=True)),
+        "dpmpp_2m_sde": (DPMSolverMultistepScheduler, dict(use_karras_sigmas=True, algorithm_type="sde-dpmsolver++")),
+        "euler": (EulerDiscreteScheduler, dict(use_karras_sigmas=True)),
+        "euler_ancestral": (EulerAncestralDiscreteScheduler, {}),
+        "heun": (HeunDiscreteScheduler, dict(use_karras_sigmas=True)),
+        "ddim": (DDIMScheduler, {}),
+        "unipc": (UniPCMultistepScheduler, dict(use_karras_sigmas=True)),
+    }
+
+
+# fastdiff-only UNetConfig fields: never passed to diffusers
+_UNET_FASTDIFF_ONLY = ("conditional", "extra")
+
+
+def diffusers_unet(spec):
+    """A diffusers UNet2DModel / UNet2DConditionModel with the config of ``spec`` (random weights)."""
+    import inspect
+
+    import diffusers
+
+    cfg = dict(spec.model_config)
+    conditional = bool(cfg.get("conditional"))
+    extra = dict(cfg.get("extra") or {})
+    for k in _UNET_FASTDIFF_ONLY:
+        cfg.pop(k, None)
+    cls = diffusers.UNet2DConditionModel if conditional else diffusers.UNet2DModel
+    if conditional and cfg.get("num_attention_heads") is not None:
+        # diffusers' historic naming: UNet2DConditionModel's attention_head_dim holds the head counts
+        cfg["attention_head_dim"] = cfg["num_attention_heads"]
+    cfg.pop("num_attention_heads", None)
+    params = inspect.signature(cls.__init__).parameters
+    kwargs = {k: v for k, v in {**extra, **cfg}.items() if k in params}
+    dropped = sorted(k for k, v in cfg.items() if k not in params and v not in (None, False, 0, 1, 3, "default"))
+    if dropped:
+        raise ValueError(f"{cls.__name__} has no field(s) {dropped} set in the native config")
+    return cls(**kwargs)
+
+
+def native_dit_to_diffusers(sd: dict, depth: int, per_block: bool) -> dict:
+    """Native (official-layout) DiT state dict -> diffusers DiTTransformer2DModel keys (inverse of
+    ``fastdiff.checkpoints.dit.convert_diffusers_dit``): qkv split into to_q / to_k / to_v, the shared
+    timestep / class embedders copied into every block (diffusers keeps one per block)."""
+    import torch
+
+    out = {}
+    out["pos_embed.proj.weight"] = sd["x_embedder.proj.weight"]
+    out["pos_embed.proj.bias"] = sd["x_embedder.proj.bias"]
+    emb = {"t_embedder.mlp.0": "timestep_embedder.linear_1", "t_embedder.mlp.2": "timestep_embedder.linear_2",
+           "y_embedder.embedding_table": "class_embedder.embedding_table"}
+    for i in range(depth):
+        n, d = f"blocks.{i}.", f"transformer_blocks.{i}."
+        for nk, dk in emb.items():
+            for suffix in (".weight", ".bias"):
+                src = (n + nk + suffix) if (per_block and i > 0) else (nk + suffix)
+                if src in sd:
+                    out[f"{d}norm1.emb.{dk}{suffix}"] = sd[src]
+        out[d + "norm1.linear.weight"] = sd[n + "adaLN_modulation.1.weight"]
+        out[d + "norm1.linear.bias"] = sd[n + "adaLN_modulation.1.bias"]
+        for suffix in (".weight", ".bias"):
+            if n + "attn.qkv" + suffix in sd:
+                q, k, v = torch.chunk(sd[n + "attn.qkv" + suffix], 3, dim=0)
+                out[d + "attn1.to_q" + suffix], out[d + "attn1.to_k" + suffix], out[d + "attn1.to_v" + suffix] = q, k, v
+        out[d + "attn1.to_out.0.weight"] = sd[n + "attn.proj.weight"]
+        out[d + "attn1.to_out.0.bias"] = sd[n + "attn.proj.bias"]
+        out[d + "ff.net.0.proj.weight"] = sd[n + "mlp.fc1.weight"]
+        out[d + "ff.net.0.proj.bias"] = sd[n + "mlp.fc1.bias"]
+        out[d + "ff.net.2.weight"] = sd[n + "mlp.fc2.weight"]
+        out[d + "ff.net.2.bias"] = sd[n + "mlp.fc2.bias"]
+    out["proj_out_1.weight"] = sd["final_layer.adaLN_modulation.1.weight"]
+    out["proj_out_1.bias"] = sd["final_layer.adaLN_modulation.1.bias"]
+    out["proj_out_2.weight"] = sd["final_layer.linear.weight"]
+    out["proj_out_2.bias"] = sd["final_layer.linear.bias"]
+    return out
+
+
+def diffusers_dit(spec):
+    """A diffusers DiTTransformer2DModel matching ``spec`` (random weights), and a note on numerics."""
+    import diffusers
+
+    c = spec.model_config
+    model = diffusers.DiTTransformer2DModel(
+        num_attention_heads=c["num_heads"], attention_head_dim=c["hidden_size"] // c["num_heads"],
+        in_channels=c["in_channels"], out_channels=c["in_channels"] * (2 if c["learn_sigma"] else 1),
+        num_layers=c["depth"], sample_size=c["input_size"], patch_size=c["patch_size"],
+        num_embeds_ada_norm=c["num_classes"], attention_bias=c["qkv_bias"],
+        activation_fn="gelu-approximate" if c["mlp_act"] == "gelu_tanh" else "gelu", norm_eps=c["mlp_norm_eps"])
+    note = None
+    if float(c.get("freq_shift", 0.0)) != 1.0:
+        note = (f"diffusers' DiT embeds timesteps with frequency shift 1, this model with {c.get('freq_shift')}: "
+                f"same weights and FLOPs, outputs differ slightly (latency comparison only)")
+    return model, note
+
+
+def build_diffusers_model(pipe):
+    """(diffusers model holding pipe's weights, note or None)."""
+    spec = pipe.spec
+    sd = {k: v.detach().float().cpu() for k, v in pipe.model.state_dict().items()}
+    if spec.kind == "unet":
+        model, note = diffusers_unet(spec), None
+    elif spec.kind == "dit":
+        model, note = diffusers_dit(spec)
+        sd = native_dit_to_diffusers(sd, spec.model_config["depth"], bool(spec.model_config["per_block_conditioning"]))
+    else:
+        raise ValueError(f"no diffusers counterpart for model kind {spec.kind!r}")
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"weights do not map onto the diffusers model: {len(missing)} missing "
+                         f"({', '.join(list(missing)[:3])}), {len(unexpected)} unexpected ({', '.join(list(unexpected)[:3])})")
+    return model.eval(), note
+
+
+def _diffusers_sampler(args, spec, schedulers):
+    cls, kw = schedulers.get(args.sampler, (None, None))
+    note = None
+    if cls is None:
+        cls, kw = schedulers["dpmpp_2m"]
+        note = f"no matching diffusers scheduler for {args.sampler!r}: diffusers runs DPMSolverMultistepScheduler"
+    sched_cfg = {k: v for k, v in spec.scheduler.items() if not k.startswith("_")}
+    return cls.from_config(sched_cfg, **kw), note
+
+
+def _diffusers_generate(model, scheduler, spec, b, steps, cfg, cond, device, dtype, seed):
+    """One diffusers-pipeline style sampling loop (as DiTPipeline / StableDiffusionPipeline do)."""
+    import torch
+
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    h, w = spec.sample_size
+    c = spec.in_channels
+    latents = torch.randn((b, c, h, w), generator=g).to(device) * scheduler.init_noise_sigma
+    scheduler.set_timesteps(steps, device=device)
+    guided = cfg != 1.0
+    kw = {}
+    if cond["labels"] is not None:
+        kw["class_labels"] = torch.cat([cond["labels"], cond["null_labels"]]) if guided else cond["labels"]
+    if cond["states"] is not None:
+        kw["encoder_hidden_states"] = (torch.cat([cond["states"], cond["negative_states"]]) if guided
+                                       else cond["states"])
+    for t in scheduler.timesteps:
+        x_in = torch.cat([latents, latents]) if guided else latents
+        x_in = scheduler.scale_model_input(x_in, t)
+        ts = t.expand(x_in.shape[0]) if spec.kind == "dit" else t
+        if spec.kind == "dit":
+            out = model(x_in.to(dtype), timestep=ts, class_labels=kw["class_labels"]).sample
+        else:
+            out = model(x_in.to(dtype), ts, **{k: v for k, v in kw.items()}).sample
+        out = out.float()
+        if spec.learned_variance:
+            out = out[:, :c]
+        if guided:
+            cond_out, uncond_out = out.chunk(2)
+            out = uncond_out + cfg * (cond_out - uncond_out)
+        latents = scheduler.step(out, t, latents).prev_sample
+    return latents
+
+
+def _bench_diffusers(args, pipe_source, compare, batches, device, log) -> list[dict]:
+    import torch
+
+    import fastdiff
+
+    from ..runtime.config import DTYPES
+    from ..runtime.timing import measure
+
+    impls = ["diffusers"] + (["diffusers+compile"] if "compile" in compare else [])
+    try:
+        schedulers = _import_diffusers()
+    except ImportError as e:
+        return [dict(impl=i, batch=b, status="skipped", reason=_one_line(e)) for i in impls for b in batches]
+    try:
+        pipe = fastdiff.load(pipe_source, device="cpu")
+        model, note = build_diffusers_model(pipe)
+        dtype = DTYPES[args.dtype] if args.dtype else torch.float32
+        model = model.to(device=device, dtype=dtype)
+        spec = pipe.spec
+        scheduler, snote = _diffusers_sampler(args, spec, schedulers)
+    except Exception as e:
+        return [dict(impl=i, batch=b, status="skipped", reason=f"diffusers model not built: {_one_line(e)}")
+                for i in impls for b in batches]
+    notes = [n for n in (note, snote) if n]
+    rows = []
+    for impl in impls:
+        runner = model
+        compile_s = None
+        if impl == "diffusers+compile":
+            mode = "max-autotune" if device.type == "cuda" else "default"
+            notes_c = notes + [f"torch.compile(mode={mode!r})"]
+            runner = torch.compile(model, mode=mode)
+        else:
+            notes_c = notes
+        for b in batches:
+            log(f"  {impl:12s} batch {b} ...")
+            row = dict(impl=impl, batch=b, scheduler=type(scheduler).__name__, notes=notes_c)
+            try:
+                cond = _conditioning(spec, b, args.cfg, args.seed, device, dtype)
+                if args.cfg != 1.0 and spec.num_classes and cond["null_labels"] is None:
+                    raise ValueError("cfg != 1 needs a null class label")
+                fn = lambda: _diffusers_generate(runner, scheduler, spec, b, args.steps, args.cfg, cond,  # noqa: E731
+                                                 device, dtype, args.seed)
+                with torch.no_grad():
+                    m = measure(fn, device, warmup=args.warmup, repeat=args.repeat)
+                nfe = len(scheduler.timesteps)
+                row.update(_row_stats(m, b, args.steps, nfe), status="ok")
+            except Exception as e:
+                row.update(status="failed", reason=f"{type(e).__name__}: {_one_line(e)}",
+                           detail=traceback.format_exc(limit=3))
+            rows.append(row)
+        del compile_s
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------
+# output
+# ---------------------------------------------------------------------------------------------------
+
+def _one_line(e) -> str:
+    return " ".join(str(e).split())[:300] or type(e).__name__
+
+
+def _sync(device):
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _ms(s):
+    return "-" if s is None else f"{s * 1e3:.1f}"
+
+
+def _mib(b):
+    return "-" if b is None else f"{b / 2**20:.0f}"
+
+
+def _ratios(results, compare_rows) -> list[dict]:
+    ref = {(r["impl"], r["batch"]): r["median_s"] for r in compare_rows if r.get("status") == "ok"}
+    out = []
+    for r in results:
+        if r.get("status") != "ok":
+            continue
+        for impl in ("diffusers", "diffusers+compile"):
+            d = ref.get((impl, r["batch"]))
+            if d:
+                out.append({"backend": r["backend"], "batch": r["batch"], "vs": impl, "ratio": r["median_s"] / d})
+    return out
+
+
+def format_table(results, compare_rows, ratios) -> str:
+    head = ("backend", "batch", "median ms", "p90 ms", "p99 ms", "ms/step", "img/s", "peak MiB", "1st-call +s",
+            "optimize s", "/diffusers", "/diff+compile")
+    lines = []
+    rat = {(x["backend"], x["batch"], x["vs"]): x["ratio"] for x in ratios}
+    for r in list(results) + list(compare_rows):
+        name = r.get("backend") or r.get("impl")
+        if r.get("status") != "ok":
+            lines.append((name, str(r["batch"]), f"{r['status']}: {r.get('reason', '')}"))
+            continue
+        f = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+        lines.append((name, str(r["batch"]), _ms(r["median_s"]), _ms(r["p90_s"]), _ms(r["p99_s"]),
+                      _ms(r["per_step_s"]), f"{r['images_per_s']:.2f}", _mib(r.get("peak_memory_bytes")),
+                      f"{r['warmup_overhead_s']:.2f}", f(r.get("optimize_s")),
+                      f(rat.get((name, r["batch"], "diffusers"))), f(rat.get((name, r["batch"], "diffusers+compile")))))
+    widths = [max([len(head[i])] + [len(l[i]) for l in lines if len(l) == len(head)]) for i in range(len(head))]
+    fmt = lambda row: "  ".join(c.rjust(widths[i]) if i > 1 or True else c for i, c in enumerate(row))  # noqa: E731
+    out = [fmt(head), "  ".join("-" * w for w in widths)]
+    for l in lines:
+        out.append(fmt(l) if len(l) == len(head) else f"{l[0].rjust(widths[0])}  {l[1].rjust(widths[1])}  {l[2]}")
+    return "\n".join(out)
+
+
+def _plot(path, results, compare_rows, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    series = {}
+    for r in list(results) + list(compare_rows):
+        if r.get("status") == "ok":
+            series.setdefault(r.get("backend") or r.get("impl"), []).append((r["batch"], r["median_s"] * 1e3))
+    for name, pts in series.items():
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name,
+                linestyle="--" if name.startswith("diffusers") else "-")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch")
+    ax.set_ylabel("median latency per generate call (ms)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, alpha=0.3)
+    if series:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(args) -> int:
+    import json
+    import os
+
+    import torch
+
+    from ..errors import BadArgumentError
+    from ..runtime.config import BACKENDS
+    from ..runtime.timing import memory_method
+    from .generate import default_device, load_pipeline
+
+    backends = _parse_list(args.backends, "--backends", BACKENDS)
+    batches = _parse_batches(args.batch)
+    compare = _parse_list(args.compare, "--compare", COMPARE_CHOICES) if args.compare else []
+    if compare and "diffusers" not in compare:
+        raise BadArgumentError("--compare compile times torch.compile of the diffusers model: use "
+                               "--compare diffusers,compile")
+    for name in ("steps", "repeat"):
+        if getattr(args, name) < 1:
+            raise BadArgumentError(f"--{name}: expected a positive integer, found {getattr(args, name)}")
+    if args.warmup < 1:
+        raise BadArgumentError(f"--warmup: expected >= 1 (the first call is always a warm-up), found {args.warmup}")
+    for opt, ext in (("json", ".json"), ("plot", ".png")):
+        path = getattr(args, opt)
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise BadArgumentError(f"--{opt}: folder of {path} does not exist")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError as e:
+            raise BadArgumentError("--plot needs matplotlib (pip install matplotlib)") from e
+    device = default_device(args.device)
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+
+    # validate the model and the conditioning once, before any timing
+    probe = load_pipeline(args.model, "cpu")
+    spec = probe.spec
+    if args.cfg != 1.0 and spec.num_classes and spec.null_class is None:
+        raise BadArgumentError("--cfg != 1 needs an unconditional (null) class label, and this model has none")
+    if args.cfg != 1.0 and not spec.num_classes and not spec.cross_attention_dim:
+        raise BadArgumentError("--cfg != 1 needs a conditional model (class labels or text states)")
+    probe.plan(args.steps, args.sampler, args.schedule)
+    n_params = sum(p.numel() for p in probe.model.parameters())
+    del probe
+
+    dev_name = str(device) if device.type != "cuda" else f"{device} {torch.cuda.get_device_name(device)}"
+    log(f"fastdiff bench {args.model} ({spec.kind}, {n_params / 1e6:.2f}M params) on {dev_name}: "
+        f"{args.sampler} x {args.steps} steps, cfg {args.cfg}, dtype {args.dtype or 'checkpoint'}")
+    results = []
+    for backend in backends:
+        results.extend(_bench_fastdiff(args, backend, batches, device, log))
+    compare_rows = _bench_diffusers(args, args.model, compare, batches, device, log) if compare else []
+    ratios = _ratios(results, compare_rows)
+
+    print(format_table(results, compare_rows, ratios))
+    print(f"timing: {'CUDA events' if device.type == 'cuda' else 'perf_counter'}; peak memory: {memory_method(device)}; "
+          f"ratio = fastdiff / diffusers median (< 1: fastdiff faster)")
+    notes = sorted({n for r in list(results) + list(compare_rows) for n in r.get("notes", [])})
+    for n in notes:
+        print(f"note: {n}")
+
+    if args.json:
+        from .info import collect
+
+        report = {
+            "schema": "fastdiff-bench/1",
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "device": dev_name,
+            "versions": collect(),
+            "settings": {"model": args.model, "backends": backends, "batch": batches, "steps": args.steps,
+                         "sampler": args.sampler, "schedule": args.schedule, "cfg": args.cfg, "dtype": args.dtype,
+                         "warmup": args.warmup, "repeat": args.repeat, "compare": compare, "seed": args.seed,
+                         "timing": "cuda events" if device.type == "cuda" else "perf_counter",
+                         "memory": memory_method(device),
+                         "measured": "one pipe.generate call (noise + sampling loop + CFG, no decode)"},
+            "model": {"kind": spec.kind, "params": n_params, "in_channels": spec.in_channels,
+                      "sample_size": list(spec.sample_size), "source": spec.source},
+            "results": results,
+            "compare": compare_rows,
+            "ratios": ratios,
+        }
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2, default=str)
+        log(f"wrote {args.json}")
+    if args.plot:
+        _plot(args.plot, results, compare_rows, f"{args.model}: {args.sampler} x {args.steps}, cfg {args.cfg}, "
+                                                f"{dev_name}")
+        log(f"wrote {args.plot}")
+    return 1 if any(r.get("status") == "failed" for r in list(results) + list(compare_rows)) else 0
