@@ -21,8 +21,10 @@ value back to the host.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 
 from .errors import BadArgumentError
@@ -55,15 +57,25 @@ def make_x0_postprocess(clip_sample: Optional[float] = None, thresholding: bool 
 
 
 class Denoiser:
-    """Base: ``__call__ = postprocess(predict(...))``. Subclasses implement ``predict`` and ``c_skip``."""
+    """Base: ``__call__ = postprocess(predict(...))``. Subclasses implement ``predict`` and ``c_skip``.
+
+    ``denoise_at(x, sigma: float)`` is the same call for one host sigma shared by the batch (what every
+    sampler step is): adapters override ``predict_at`` to work out their scalings on the host, once per
+    sigma, leaving only the network and two or three tensor ops on the device.
+    """
 
     postprocess_x0: Optional[Callable] = None
 
     def predict(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
         raise NotImplementedError
 
-    def c_skip(self, sigma: torch.Tensor) -> torch.Tensor:
-        """x0 = c_skip * x + c_out * network_output: lets guidance_rescale work in the output's space."""
+    def predict_at(self, x: torch.Tensor, sigma: float, **cond) -> torch.Tensor:
+        s = torch.full((x.shape[0],), float(sigma), dtype=torch.float32, device=x.device)
+        return self.predict(x, s, **cond)
+
+    def c_skip(self, sigma):
+        """x0 = c_skip * x + c_out * network_output (sigma a float or a tensor): lets guidance_rescale
+        work in the network-output space."""
         raise NotImplementedError
 
     def postprocess(self, x0: torch.Tensor) -> torch.Tensor:
@@ -71,6 +83,9 @@ class Denoiser:
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
         return self.postprocess(self.predict(x, sigma, **cond))
+
+    def denoise_at(self, x: torch.Tensor, sigma: float, **cond) -> torch.Tensor:
+        return self.postprocess(self.predict_at(x, sigma, **cond))
 
 
 def _model_dtype(model, dtype):
@@ -149,7 +164,7 @@ class DiscreteDenoiser(Denoiser):
         self.sigmas = (((1 - ac) / ac) ** 0.5).to(torch.float64)
         self.log_sigmas = self.sigmas.log()
         self.sigma_min, self.sigma_max = float(self.sigmas[0]), float(self.sigmas[-1])
-        self._tables = {}
+        self._tables, self._coeffs = {}, {}
 
     def _table(self, device: torch.device):
         """Per-device copies of the lookup tables (float64 where the device has it)."""
@@ -183,10 +198,41 @@ class DiscreteDenoiser(Denoiser):
 
     def c_skip(self, sigma):
         if self.prediction_type == "epsilon":
-            return torch.ones_like(sigma)
+            return sigma * 0 + 1
         if self.prediction_type == "v_prediction":
             return 1 / (sigma ** 2 + 1)
-        return torch.zeros_like(sigma)
+        return sigma * 0
+
+    def _host_coeffs(self, sigma: float):
+        """(timestep, c_in, c_skip, c_out) for one host sigma, cached: x0 = c_skip x + c_out F(c_in x, t)."""
+        c = self._coeffs.get(sigma)
+        if c is None:
+            if self.timestep_type == "continuous":
+                t = 0.25 * math.log(sigma)
+            else:
+                ref = self.log_sigmas.numpy() if self.interpolation == "log" else self.sigmas.numpy()
+                key = math.log(max(sigma, 1e-10)) if self.interpolation == "log" else sigma
+                low = min(max(int(np.searchsorted(ref, key, side="right")) - 1, 0), len(ref) - 2)
+                w = min(max((key - ref[low]) / (ref[low + 1] - ref[low]), 0.0), 1.0)
+                t = low + w
+                t = float(np.round(t)) if self.timestep_rounding == "round" else \
+                    float(math.floor(t)) if self.timestep_rounding == "floor" else t
+            c_in = 1 / math.sqrt(sigma * sigma + 1)
+            c_skip, c_out = {"epsilon": (1.0, -sigma), "v_prediction": (c_in * c_in, -sigma * c_in),
+                             "sample": (0.0, 1.0)}[self.prediction_type]
+            c = self._coeffs[sigma] = (t, c_in, c_skip, c_out)
+        return c
+
+    def predict_at(self, x, sigma: float, **cond):
+        t, c_in, c_skip, c_out = self._host_coeffs(float(sigma))
+        ts = torch.full((x.shape[0],), t, dtype=torch.float32, device=x.device)
+        out = self.model((x * c_in).to(self.dtype), ts, **cond)
+        out = _split_learned_variance(out, x.shape[1]).to(x.dtype)
+        if c_skip == 1.0:
+            return torch.add(x, out, alpha=c_out)
+        if c_skip == 0.0:
+            return out * c_out if c_out != 1.0 else out
+        return torch.add(x * c_skip, out, alpha=c_out)
 
     def predict(self, x, sigma, **cond):
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
@@ -229,8 +275,19 @@ class EDMDenoiser(Denoiser):
 
     def c_skip(self, sigma):
         if self.prediction_type == "sample":
-            return torch.zeros_like(sigma)
+            return sigma * 0
         return self.sigma_data ** 2 / (sigma ** 2 + self.sigma_data ** 2)
+
+    def predict_at(self, x, sigma: float, **cond):
+        sigma, sd = float(sigma), self.sigma_data
+        c_in = 1 / math.sqrt(sigma * sigma + sd * sd)
+        c_noise = torch.full((x.shape[0],), 0.25 * math.log(sigma), dtype=torch.float32, device=x.device)
+        out = self.model((x * c_in).to(self.dtype), c_noise, **cond)
+        out = _split_learned_variance(out, x.shape[1]).to(x.dtype)
+        if self.prediction_type == "sample":
+            return out
+        c_out = sigma * sd * c_in * (-1 if self.prediction_type == "v_prediction" else 1)
+        return torch.add(x * (sd * sd * c_in * c_in), out, alpha=c_out)
 
     def predict(self, x, sigma, **cond):
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
@@ -283,15 +340,29 @@ class CFGDenoiser(Denoiser):
     def predict(self, x, sigma, uncond: Optional[dict] = None, **cond):
         if self.guidance_scale == 1.0:
             return self.inner.predict(x, sigma, **cond)
-        uncond = uncond or {}
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
         if sigma.ndim == 0:
             sigma = sigma.expand(x.shape[0])
-        both = {k: torch.cat([uncond.get(k, v), v]) if torch.is_tensor(v) else v for k, v in cond.items()}
-        for k, v in uncond.items():
-            if k not in both:
-                raise BadArgumentError(f"uncond: expected keys among the conditioning {sorted(cond)}, found {k!r}")
+        both = self._stack(cond, uncond)
         x0_u, x0_c = self.inner.predict(torch.cat([x, x]), torch.cat([sigma, sigma]), **both).chunk(2)
+        return self._guide(x, x0_u, x0_c, _bcast(self.c_skip(sigma), x))
+
+    def predict_at(self, x, sigma: float, uncond: Optional[dict] = None, **cond):
+        if self.guidance_scale == 1.0:
+            return self.inner.predict_at(x, sigma, **cond)
+        x0_u, x0_c = self.inner.predict_at(torch.cat([x, x]), sigma, **self._stack(cond, uncond)).chunk(2)
+        return self._guide(x, x0_u, x0_c, float(self.c_skip(float(sigma))))
+
+    @staticmethod
+    def _stack(cond, uncond):
+        """[uncond, cond] along the batch for every tensor of the conditioning."""
+        uncond = uncond or {}
+        for k in uncond:
+            if k not in cond:
+                raise BadArgumentError(f"uncond: expected keys among the conditioning {sorted(cond)}, found {k!r}")
+        return {k: torch.cat([uncond.get(k, v), v]) if torch.is_tensor(v) else v for k, v in cond.items()}
+
+    def _guide(self, x, x0_u, x0_c, c_skip):
         w, k = self.guidance_scale, self.guided_channels
         if k is None:
             x0 = x0_u + w * (x0_c - x0_u)
@@ -300,16 +371,11 @@ class CFGDenoiser(Denoiser):
         if self.guidance_rescale > 0:
             # rescale_noise_cfg in the network-output space: out = (x0 - c_skip x) / c_out, and the per-
             # sample std ratio does not depend on c_out.
-            base = _bcast(self.c_skip(sigma), x) * x
+            base = c_skip * x
             g, c = x0 - base, x0_c - base
             dims = list(range(1, x.ndim))
             ratio = c.std(dim=dims, keepdim=True) / g.std(dim=dims, keepdim=True)
             phi = self.guidance_rescale
             x0 = base + g * (phi * ratio + (1 - phi))
         return x0
-
-
-def sigma_as_input(sigma: float, like: torch.Tensor) -> torch.Tensor:
-    """A (B,) float32 sigma tensor on like's device, from a host float (no device read-back)."""
-    return torch.full((like.shape[0],), float(sigma), dtype=torch.float32, device=like.device)
 

@@ -65,7 +65,12 @@ def _setup(x, sigmas, extra_args, noise):
 
 
 def _call(denoiser, x, sigma: float, extra: dict) -> torch.Tensor:
-    """The denoiser at a host sigma: the (B,) sigma tensor is filled on the device, never read back."""
+    """The denoiser at a host sigma. fastdiff adapters take the host float directly (``denoise_at``:
+    scalings worked out on the host); any other callable gets a (B,) sigma tensor filled on the device.
+    Nothing is read back either way."""
+    at = getattr(denoiser, "denoise_at", None)
+    if at is not None:
+        return at(x, sigma, **extra).to(x.dtype)
     s = torch.full((x.shape[0],), sigma, dtype=x.dtype, device=x.device)
     return denoiser(x, s, **extra).to(x.dtype)
 
@@ -110,13 +115,13 @@ def sample_ddim(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=No
         s_to = s_next if sigmas_to is None else float(sigmas_to[i])
         denoised = _call(denoiser, x, s, extra)
         _cb(callback, x, i, s, s, denoised)
-        eps = (x - denoised) / s                      # predicted noise
-        if clip_x0 is not None:
-            denoised = clip_x0(denoised)
         down, up = _ancestral(s, s_to, eta)
-        x = denoised + eps * down                     # "direction pointing to x_t"
+        if clip_x0 is None:                           # x0 + sigma_down * eps, eps = (x - x0) / sigma
+            x = torch.lerp(denoised, x, down / s)
+        else:                                         # clipped x0, the network's own eps
+            x = torch.add(clip_x0(denoised), x - denoised, alpha=down / s)
         if up > 0:
-            x = x + noise(i, x) * (up * s_noise)      # fresh noise, std sigma_t(eta)
+            x = torch.add(x, noise(i, x), alpha=up * s_noise)   # fresh noise, std sigma_t(eta)
         if s_to != s_next:
             x = x * math.sqrt((1 + s_next ** 2) / (1 + s_to ** 2))
     return x
@@ -142,10 +147,10 @@ def sample_ddpm(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=No
                 x = x + noise(i, x) * (s_noise * s / math.sqrt(1 + s ** 2))
             continue
         down, up = _ancestral(s, s_next, 1.0)
-        x = denoised + (x - denoised) * (down / s)    # posterior mean
+        x = torch.lerp(denoised, x, down / s)         # posterior mean: x0 + sigma_down * eps
         if variance == "fixed_large":                 # std sqrt(beta_t), in sigma units
             up = math.sqrt((s ** 2 - s_next ** 2) * (1 + s_next ** 2) / (1 + s ** 2))
-        x = x + noise(i, x) * (up * s_noise)
+        x = torch.add(x, noise(i, x), alpha=up * s_noise)
     return x
 
 
@@ -168,8 +173,8 @@ def sample_euler(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=N
             x = x + noise(i, x) * (s_noise * math.sqrt(s_hat ** 2 - s ** 2))
         denoised = _call(denoiser, x, s_hat, extra)
         _cb(callback, x, i, s, s_hat, denoised)
-        d = (x - denoised) / s_hat                    # ODE derivative
-        x = x + d * (s_next - s_hat)                  # Euler step
+        # Euler step with d = (x - denoised) / sigma_hat: x + d (sigma' - sigma_hat), as one lerp
+        x = torch.lerp(denoised, x, s_next / s_hat)
     return x
 
 
@@ -183,10 +188,9 @@ def sample_euler_ancestral(denoiser, x, sigmas, *, extra_args=None, noise=None, 
         denoised = _call(denoiser, x, s, extra)
         _cb(callback, x, i, s, s, denoised)
         down, up = _ancestral(s, s_next, eta)
-        d = (x - denoised) / s
-        x = x + d * (down - s)                        # Euler step to sigma_down
+        x = torch.lerp(denoised, x, down / s)         # Euler step to sigma_down
         if up > 0:
-            x = x + noise(i, x) * (up * s_noise)      # add noise back up to sigma_next
+            x = torch.add(x, noise(i, x), alpha=up * s_noise)   # noise back up to sigma_next
     return x
 
 
@@ -205,12 +209,14 @@ def sample_edm(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=Non
             x = x + noise(i, x) * (s_noise * math.sqrt(s_hat ** 2 - s ** 2))
         denoised = _call(denoiser, x, s_hat, extra)
         _cb(callback, x, i, s, s_hat, denoised)
-        d = (x - denoised) / s_hat                    # evaluate dx/dsigma at sigma_hat
-        x_next = x + d * (s_next - s_hat)             # Euler step
+        # Euler step with d = (x - denoised) / sigma_hat (dx/dsigma at sigma_hat)
+        x_next = torch.lerp(denoised, x, s_next / s_hat)
         if s_next != 0:                               # apply 2nd-order correction
             denoised_2 = _call(denoiser, x_next, s_next, extra)
-            d_2 = (x_next - denoised_2) / s_next
-            x_next = x + (d + d_2) * (0.5 * (s_next - s_hat))
+            # trapezoid x + (d + d_2) / 2 * dt, with d_2 = (x_next - denoised_2) / sigma_next
+            half_dt = 0.5 * (s_next - s_hat)
+            x_next = torch.add(x, x - denoised, alpha=half_dt / s_hat).add_(x_next - denoised_2,
+                                                                             alpha=half_dt / s_next)
         x = x_next
     return x
 
