@@ -28,6 +28,7 @@ SUPPORTED_FORMATS = (
     "diffusers model folder (config.json + diffusion_pytorch_model.safetensors/.bin, optionally sharded)",
     "diffusers pipeline folder (model_index.json, unet/ or transformer/, scheduler/)",
     "official DiT checkpoint (.pt/.pth: state dict or train.py checkpoint with 'ema')",
+    "Stable Diffusion single file (.safetensors / .ckpt with model.diffusion_model.* UNet keys)",
     "ONNX model exported by fastdiff (.onnx)",
     "builtin:NAME, arch:NAME",
 )
@@ -92,12 +93,22 @@ def _read_any(path: str, *, variant=None, num_heads=None):
         raise UnknownFormatError(_unknown(path, f"a folder holding {sorted(os.listdir(path))[:10]}"))
 
     ext = os.path.splitext(path)[1].lower()
-    if ext in (".pt", ".pth", ".ckpt", ".bin"):
+    if ext in (".pt", ".pth", ".ckpt", ".bin", ".safetensors"):
         from .dit import is_official_dit_state_dict, load_official_dit
-        from .io import pick_state_dict, read_torch_file
+        from .io import pick_state_dict, read_safetensors, read_torch_file
+        from .ldm import convert_ldm_unet, is_ldm_state_dict, ldm_unet_config
 
-        obj = read_torch_file(path)
+        obj = read_safetensors(path) if ext == ".safetensors" else read_torch_file(path)
         state = pick_state_dict(obj, prefer=("ema", "model", "state_dict"))
+        if is_ldm_state_dict(state):
+            from .diffusers_folder import spec_for
+            from .presets import SD_SCHEDULER
+
+            cfg = ldm_unet_config(state, num_heads=num_heads)
+            spec = spec_for("unet", cfg, SD_SCHEDULER, source=f"Stable Diffusion single file {path}")
+            spec.notes.append("single-file UNet: heads inferred (SD1: 8, SD2: 64 per head) unless num_heads= is "
+                              "given; prediction type assumed epsilon unless prediction_type= is given")
+            return "unet", cfg, convert_ldm_unet(state, cfg), spec
         if is_official_dit_state_dict(state):
             cfg, state = load_official_dit(path, num_heads=num_heads)
             spec = spec_for("dit", cfg, None, source=f"official DiT checkpoint {path}")

@@ -1,0 +1,138 @@
+"""Stable Diffusion single-file checkpoints (CompVis / Stability ``ldm`` UNetModel) -> native UNet.
+
+The UNet keys live under ``model.diffusion_model.``; the native UNet uses diffusers' layout, so this is
+the one place that renames ``input_blocks.K.J`` / ``middle_block`` / ``output_blocks`` into
+``down_blocks`` / ``mid_block`` / ``up_blocks`` and infers the architecture from the tensor shapes.
+
+What the weights do not say: the attention head count (SD 1.x uses 8 heads, SD 2.x 64 channels per
+head: that is the default guess, from conv vs linear projections), and the prediction type (SD 2.x 768
+models predict v). Both can be given to ``fastdiff.load(..., num_heads=, prediction_type=)``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+import torch
+
+from ..errors import CheckpointError
+from ..models.unet import UNetConfig
+
+PREFIX = "model.diffusion_model."
+_RESNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
+           "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
+
+
+def is_ldm_state_dict(state: dict) -> bool:
+    return any(k.startswith(PREFIX + "input_blocks.0.0.") for k in state)
+
+
+def _unet_keys(state: dict) -> dict:
+    return {k[len(PREFIX):]: v for k, v in state.items() if k.startswith(PREFIX)}
+
+
+def ldm_unet_config(state: dict, num_heads: Optional[int] = None) -> UNetConfig:
+    """Infer the UNet2DConditionModel config of an ldm UNet from its tensors."""
+    sd = _unet_keys(state)
+    if "input_blocks.0.0.weight" not in sd:
+        raise CheckpointError("not an ldm UNet: expected model.diffusion_model.input_blocks.0.0.weight")
+    model_ch = sd["input_blocks.0.0.weight"].shape[0]
+    in_ch = sd["input_blocks.0.0.weight"].shape[1]
+    out_ch = sd["out.2.weight"].shape[0]
+    n_in = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("input_blocks."))
+    downs = sorted({int(k.split(".")[1]) for k in sd if re.match(r"input_blocks\.\d+\.0\.op\.weight", k)})
+    levels = len(downs) + 1
+    per_level = (n_in - 1 - len(downs)) // levels  # num_res_blocks
+    channels, attn, depth = [], [], []
+    for lvl in range(levels):
+        first = 1 + lvl * (per_level + 1)
+        channels.append(sd[f"input_blocks.{first}.0.out_layers.3.weight"].shape[0])
+        has_attn = f"input_blocks.{first}.1.proj_in.weight" in sd
+        attn.append(has_attn)
+        depth.append(len({k.split(".")[4] for k in sd if k.startswith(f"input_blocks.{first}.1.transformer_blocks.")})
+                     if has_attn else 1)
+    any_attn = next((k for k in sd if k.endswith("attn2.to_k.weight")), None)
+    if any_attn is None:
+        raise CheckpointError("ldm UNet without cross-attention (no attn2.to_k weights): not a Stable Diffusion UNet")
+    context_dim = sd[any_attn].shape[1]
+    linear = sd[any_attn.split("transformer_blocks")[0] + "proj_in.weight"].dim() == 2
+    if num_heads is not None:
+        heads = [num_heads] * levels
+    elif linear:  # SD 2.x: num_head_channels = 64
+        heads = [max(c // 64, 1) for c in channels]
+    else:  # SD 1.x: num_heads = 8
+        heads = [8] * levels
+    mid_depth = len({k.split(".")[3] for k in sd if k.startswith("middle_block.1.transformer_blocks.")})
+    attn_depth = [d for d, a in zip(depth, attn) if a]
+    if mid_depth and len(set(attn_depth + [mid_depth])) > 1:
+        raise CheckpointError(f"ldm UNet with per-level transformer depths {depth} / mid {mid_depth}: not supported")
+    return UNetConfig.from_diffusers(dict(
+        sample_size=64, in_channels=in_ch, out_channels=out_ch, block_out_channels=channels,
+        layers_per_block=per_level, cross_attention_dim=context_dim, attention_head_dim=heads,
+        use_linear_projection=linear, transformer_layers_per_block=attn_depth[0] if attn_depth else 1,
+        down_block_types=["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn],
+        up_block_types=["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
+        mid_block_type="UNetMidBlock2DCrossAttn" if mid_depth else "UNetMidBlock2D",
+    ), "UNet2DConditionModel")
+
+
+def convert_ldm_unet(state: dict, config: UNetConfig) -> dict[str, torch.Tensor]:
+    """Rename an ldm UNet state dict into the native (diffusers) layout."""
+    sd = _unet_keys(state)
+    levels = len(config.block_out_channels)
+    per = config.layers_per_block
+    out: dict[str, torch.Tensor] = {}
+
+    def put(new, old):
+        out[new] = sd[old]
+
+    def block(src: str, dst: str, kind: str):
+        """Copy every tensor under ``src.`` to ``dst.``, renaming resnet sub-layers."""
+        for k in [k for k in sd if k.startswith(src + ".")]:
+            rest = k[len(src) + 1:]
+            if kind == "resnet":
+                for old, new in _RESNET.items():
+                    if rest.startswith(old + "."):
+                        rest = new + rest[len(old):]
+                        break
+            put(f"{dst}.{rest}", k)
+
+    put("conv_in.weight", "input_blocks.0.0.weight")
+    put("conv_in.bias", "input_blocks.0.0.bias")
+    for i, name in ((0, "linear_1"), (2, "linear_2")):
+        put(f"time_embedding.{name}.weight", f"time_embed.{i}.weight")
+        put(f"time_embedding.{name}.bias", f"time_embed.{i}.bias")
+    for lvl in range(levels):
+        for j in range(per):
+            k = 1 + lvl * (per + 1) + j
+            block(f"input_blocks.{k}.0", f"down_blocks.{lvl}.resnets.{j}", "resnet")
+            block(f"input_blocks.{k}.1", f"down_blocks.{lvl}.attentions.{j}", "attn")
+        if lvl < levels - 1:
+            k = 1 + lvl * (per + 1) + per
+            block(f"input_blocks.{k}.0.op", f"down_blocks.{lvl}.downsamplers.0.conv", "conv")
+    block("middle_block.0", "mid_block.resnets.0", "resnet")
+    block("middle_block.1", "mid_block.attentions.0", "attn")
+    block("middle_block.2", "mid_block.resnets.1", "resnet")
+    for lvl in range(levels):
+        for j in range(per + 1):
+            k = lvl * (per + 1) + j
+            block(f"output_blocks.{k}.0", f"up_blocks.{lvl}.resnets.{j}", "resnet")
+            if f"output_blocks.{k}.1.proj_in.weight" in sd:
+                block(f"output_blocks.{k}.1", f"up_blocks.{lvl}.attentions.{j}", "attn")
+            for m in (1, 2):
+                if f"output_blocks.{k}.{m}.conv.weight" in sd:
+                    block(f"output_blocks.{k}.{m}.conv", f"up_blocks.{lvl}.upsamplers.0.conv", "conv")
+    for i, name in ((0, "conv_norm_out"), (2, "conv_out")):
+        put(f"{name}.weight", f"out.{i}.weight")
+        put(f"{name}.bias", f"out.{i}.bias")
+    leftover = sorted(set(sd) - _used(sd, out))
+    if leftover:
+        raise CheckpointError(f"ldm UNet: {len(leftover)} tensor(s) with no native counterpart (not supported): "
+                              f"{leftover[:5]}")
+    return out
+
+
+def _used(sd: dict, out: dict) -> set:
+    ids = {id(v) for v in out.values()}
+    return {k for k, v in sd.items() if id(v) in ids}
