@@ -234,8 +234,9 @@ def sample_heun(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=No
 def _phi_coeffs(h: float, eta: float, diffusers_sde3: bool):
     """Exponential-integrator weights of the data-prediction (x0) update over lambda-step h.
 
-    With H = h * (1 + eta) (eta=0: ODE, eta=1: SDE), x' = (s'/s) e^{-eta h} x + c0 D0 + c1 D1 + c2 D2:
-    c0 = 1 - e^{-H}, c1 = phi_2 = e^{-H}... (see below), c2 = -phi_3.
+    With H = h * (1 + eta) (eta=0: ODE, eta=1: SDE), x' = (s'/s) e^{-eta h} x + c0 D0 + c1 D1 + c2 D2 with
+    c0 = 1 - e^{-H}, c1 = (e^{-H} - 1)/H + 1 (or the midpoint weight c1_mid = (1 - e^{-H})/2) and
+    c2 = -((e^{-H} - 1 + H)/H^2 - 1/2).
     """
     H = h * (1 + eta)
     em = math.expm1(-H)                               # e^{-H} - 1

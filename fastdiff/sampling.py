@@ -33,6 +33,9 @@ from .samplers import SAMPLERS, STOCHASTIC  # noqa: F401
 from .scheduler_config import SamplingPlan, load_scheduler_config, plan_from_scheduler_config  # noqa: F401
 from .schedules import SCHEDULES, get_sigmas  # noqa: F401
 
+__all__ = ["sample", "sampler_options", "get_sigmas", "SCHEDULES", "SAMPLERS", "STOCHASTIC", "NoiseSource",
+           "SamplingPlan", "plan_from_scheduler_config", "load_scheduler_config"]
+
 _COMMON_ARGS = {"denoiser", "x", "sigmas", "extra_args", "noise", "callback"}
 
 
