@@ -1,0 +1,114 @@
+"""The command line as users run it: `fastdiff generate`, `fastdiff bench`, help and bad arguments (CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ENV = dict(os.environ, CUDA_VISIBLE_DEVICES="", TQDM_DISABLE="1", OMP_NUM_THREADS="1")
+
+
+def fastdiff(*args, cwd, timeout=120):
+    # run from a temp folder: the repo root holds a `kernels/` folder that shadows a pip package name
+    return subprocess.run([sys.executable, "-m", "fastdiff.cli", *args], cwd=cwd, env=ENV, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_generate_grid_png(tmp_path):
+    from PIL import Image
+
+    r = fastdiff("generate", "arch:tiny-unet", "--steps", "2", "--n", "4", "-o", "out.png", "--no-progress",
+                 cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    im = Image.open(tmp_path / "out.png")
+    im.verify()
+    # tiny-unet samples are 16x16; 4 images -> a 2x2 grid with 2 px padding
+    assert Image.open(tmp_path / "out.png").size == (2 * 18 + 2, 2 * 18 + 2)
+    last = r.stdout.strip().splitlines()[-1]
+    for part in ("load", "optimise", "sample", "decode"):
+        assert part in last
+
+
+def test_generate_separate(tmp_path):
+    from PIL import Image
+
+    r = fastdiff("generate", "arch:tiny-unet", "--steps", "1", "--n", "3", "--separate", "-o", "img.png",
+                 "--height", "8", "--width", "16", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    files = sorted(p.name for p in tmp_path.glob("img_*.png"))
+    assert files == ["img_0.png", "img_1.png", "img_2.png"]
+    assert Image.open(tmp_path / "img_0.png").size == (16, 8)
+
+
+def test_generate_latent_model_needs_output_latents(tmp_path):
+    r = fastdiff("generate", "arch:tiny-dit", "--steps", "1", "--n", "2", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "--output-latents" in r.stderr and "VAE" in r.stderr
+    r = fastdiff("generate", "arch:tiny-dit", "--steps", "1", "--n", "2", "--class", "3", "--cfg", "2",
+                 "--output-latents", "lat.safetensors", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    from safetensors.torch import load_file
+
+    assert tuple(load_file(str(tmp_path / "lat.safetensors"))["latents"].shape) == (2, 4, 8, 8)
+
+
+def test_bench_json(tmp_path):
+    r = fastdiff("bench", "arch:tiny-unet", "--backends", "eager,tensorrt", "--batch", "1,2", "--steps", "2",
+                 "--repeat", "2", "--warmup", "1", "--json", "out.json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "eager" in r.stdout and "skipped" in r.stdout
+    d = json.loads((tmp_path / "out.json").read_text())
+    for key in ("device", "versions", "settings", "model", "results"):
+        assert key in d
+    assert d["versions"]["versions"]["torch"]
+    assert d["settings"]["steps"] == 2 and d["settings"]["batch"] == [1, 2]
+    rows = {(x["backend"], x["batch"]): x for x in d["results"]}
+    assert set(rows) == {("eager", 1), ("eager", 2), ("tensorrt", 1), ("tensorrt", 2)}
+    for b in (1, 2):
+        ok = rows[("eager", b)]
+        assert ok["status"] == "ok"
+        for k in ("median_s", "p90_s", "p99_s", "images_per_s", "per_step_s", "first_call_s", "nfe"):
+            assert ok[k] is not None and ok[k] >= 0
+        assert ok["p99_s"] >= ok["p90_s"] >= ok["median_s"] > 0
+        assert len(ok["times_s"]) == 2 and ok["nfe"] >= 2
+        skipped = rows[("tensorrt", b)]
+        assert skipped["status"] == "skipped" and "tensorrt" in skipped["reason"]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["generate", "arch:tiny-unet", "--sampler", "nope"], "--sampler"),
+    (["generate", "arch:tiny-unet", "--steps", "0"], "--steps"),
+    (["generate", "/no/such/model/here"], "/no/such/model/here"),
+    (["generate", "arch:tiny-unet", "--backend", "tensorrt"], "tensorrt"),
+    (["generate", "arch:no-such-arch"], "no-such-arch"),
+    (["bench", "arch:tiny-unet", "--backends", "eager,warp"], "warp"),
+    (["bench", "arch:tiny-unet", "--batch", "0"], "--batch"),
+    (["bench", "arch:tiny-unet", "--steps", "0"], "--steps"),
+])
+def test_bad_arguments_exit_2_one_line(tmp_path, args, needle):
+    r = fastdiff(*args, cwd=tmp_path)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr
+    lines = [l for l in r.stderr.strip().splitlines() if l.startswith("fastdiff")]
+    assert len(lines) == 1 and needle in lines[0], r.stderr
+    assert "error" in lines[0]
+
+
+def test_help_explains_options(tmp_path):
+    r = fastdiff("--help", cwd=tmp_path)
+    assert r.returncode == 0
+    for cmd in ("generate", "bench", "info"):
+        assert cmd in r.stdout
+    r = fastdiff("bench", "--help", cwd=tmp_path)
+    assert r.returncode == 0
+    for opt in ("--backends", "--batch", "--steps", "--sampler", "--cfg", "--dtype", "--warmup", "--repeat",
+                "--compare", "--json", "--plot", "--device"):
+        assert opt in r.stdout
+    r = fastdiff("generate", "--help", cwd=tmp_path)
+    for opt in ("--sampler", "--steps", "--schedule", "--cfg", "--class", "--n", "--seed", "--height", "--width",
+                "--backend", "--dtype", "--separate", "--output-latents"):
+        assert opt in r.stdout
