@@ -37,9 +37,10 @@ def tensorrt_available() -> tuple:
     """(usable, reason): tensorrt imports and torch sees a CUDA GPU."""
     try:
         import tensorrt  # noqa: F401
-    except Exception as e:
-        return False, f"tensorrt not installed ({e.__class__.__name__}: {e})" if not isinstance(e, ImportError) \
-            else "tensorrt not installed (pip install tensorrt; needs an NVIDIA GPU and driver)"
+    except ImportError:
+        return False, "tensorrt not installed (pip install tensorrt; needs an NVIDIA GPU and driver)"
+    except Exception as e:  # installed but broken (e.g. no libnvinfer / driver)
+        return False, f"tensorrt not importable ({e.__class__.__name__}: {e})"
     import torch
 
     if not torch.cuda.is_available():

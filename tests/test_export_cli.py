@@ -52,11 +52,20 @@ def test_export_tensorrt_unavailable_is_one_line(tmp_path):
     (["--format", "onnx", "-o", "/nonexistent-folder/x.onnx"], "expected an existing folder"),
     (["--format", "onnx", "--batch", "8:1", "-o", "x.onnx"], "--batch"),
     (["--format", "onnx", "--dtype", "bf16", "-o", "x.onnx"], "bf16"),
+    (["--format", "onnx", "--cfg-folded", "-o", "x.onnx"], "unconditional"),
 ])
-def test_export_bad_arguments_exit_2(tmp_path, args, needle):
+def test_export_bad_arguments_exit_2(tmp_path, monkeypatch, capsys, args, needle):
+    """In-process (same code path as the console script; a subprocess per case would mostly time imports)."""
+    from fastdiff.cli import main
+
+    monkeypatch.chdir(tmp_path)
     if "-o" not in args:
         args = args + ["-o", str(tmp_path / "x.onnx")]
-    r = fastdiff("export", "arch:tiny-unet", *args, cwd=tmp_path)
-    assert r.returncode == 2
-    assert needle in r.stderr and "Traceback" not in r.stderr
-    assert not [f for f in os.listdir(tmp_path)]
+    try:
+        code = main(["export", "arch:tiny-unet", "--no-progress", *args])
+    except SystemExit as e:  # argparse
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2
+    assert needle in err and "Traceback" not in err
+    assert os.listdir(tmp_path) == []

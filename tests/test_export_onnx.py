@@ -16,7 +16,7 @@ from fastdiff.errors import BadArgumentError, FastdiffError, UnsupportedConfigEr
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from fastdiff.export.onnx import export_onnx, read_onnx_io, read_onnx_spec, reference_output  # noqa: E402
+from fastdiff.export.onnx import export_onnx, read_onnx_io, read_onnx_spec  # noqa: E402
 from fastdiff.runtime.onnxruntime_runner import OnnxRuntimeRunner  # noqa: E402
 
 ARCHS = ("arch:tiny-unet", "arch:tiny-sd-unet", "arch:tiny-dit")
@@ -39,7 +39,7 @@ def exported(pipes, tmp_path_factory):
     out = {}
     for name, pipe in pipes.items():
         res = export_onnx(pipe, None, str(d / (name.split(":")[1] + ".onnx")), batch=2, progress=False)
-        out[name] = (res, OnnxRuntimeRunner(res.path, device="cpu"))
+        out[name] = (res, OnnxRuntimeRunner(res.path, device="cpu", spinning=False))
     return out
 
 
@@ -158,7 +158,7 @@ def test_fp16_export(pipes, exported, tmp_path, name, fp16_io):
     res = export_onnx(pipe, None, str(tmp_path / "m16.onnx"), dtype="fp16", fp16_io=fp16_io, progress=False)
     assert res.max_rel_err is not None and res.max_rel_err <= FP16_REL, res
     assert pipe.dtype == torch.float32  # the caller's model is untouched
-    runner = OnnxRuntimeRunner(res.path, device="cpu")
+    runner = OnnxRuntimeRunner(res.path, device="cpu", spinning=False)
     assert runner.inputs["sample"] == (np.float16 if fp16_io else np.float32)
     x, t, kw = inputs(pipe.spec, 3, seed=3)
     with torch.no_grad():
@@ -184,7 +184,7 @@ def test_opset18_export(pipes, tmp_path):
 def test_dynamic_hw(pipes, tmp_path):
     pipe = pipes["arch:tiny-unet"]
     res = export_onnx(pipe, None, str(tmp_path / "hw.onnx"), dynamic_hw=True, progress=False)
-    runner = OnnxRuntimeRunner(res.path, device="cpu")
+    runner = OnnxRuntimeRunner(res.path, device="cpu", spinning=False)
     for hw in [(16, 16), (24, 32)]:
         x, t, kw = inputs(pipe.spec, 2, hw=hw)
         with torch.no_grad():
@@ -198,7 +198,7 @@ def test_cfg_folded_equals_two_passes(pipes, tmp_path, name):
     spec = pipe.spec
     res = export_onnx(pipe, None, str(tmp_path / "cfg.onnx"), cfg_folded=True, progress=False)
     assert res.max_rel_err <= FP32_REL
-    runner = OnnxRuntimeRunner(res.path, device="cpu")
+    runner = OnnxRuntimeRunner(res.path, device="cpu", spinning=False)
     x, t, kw = inputs(spec, 3, seed=11)
     s = 4.5
     with torch.no_grad():
@@ -239,7 +239,7 @@ def test_external_data(pipes, tmp_path):
     x, t, kw = inputs(pipe.spec, 1)
     with torch.no_grad():
         ref = pipe.model(x, t, **kw)
-    assert rel(OnnxRuntimeRunner(path, device="cpu")(x, t, **kw), ref) <= FP32_REL
+    assert rel(OnnxRuntimeRunner(path, device="cpu", spinning=False)(x, t, **kw), ref) <= FP32_REL
 
 
 def test_from_pipeline(pipes):

@@ -10,7 +10,6 @@ error vs the PyTorch model; ``--no-check`` skips it).
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 
 FORMATS = ("onnx", "tensorrt")

@@ -47,9 +47,11 @@ class OnnxRuntimeRunner:
     path_or_bytes: an ``.onnx`` path (external data beside it is found) or the serialized model.
     device: "cpu", "cuda", "cuda:N" or None (CUDA when torch sees a GPU, else CPU).
     threads: intra-op threads for the CPU provider (None: ONNX Runtime's default, all cores).
+    spinning: let idle ONNX Runtime threads spin (lowest latency; turn off when torch shares the cores).
     """
 
-    def __init__(self, path_or_bytes, device=None, *, threads: Optional[int] = None, spec=None):
+    def __init__(self, path_or_bytes, device=None, *, threads: Optional[int] = None, spinning: bool = True,
+                 spec=None):
         ort = _import_ort()
         from fastdiff.export.onnx import read_onnx_io, read_onnx_spec
 
@@ -70,6 +72,9 @@ class OnnxRuntimeRunner:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads is not None:
             opts.intra_op_num_threads = int(threads)
+        if not spinning:
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
         opts.log_severity_level = 3
         if self.device.type == "cuda":
             if not torch.cuda.is_available():
