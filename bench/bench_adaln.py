@@ -1,0 +1,119 @@
+"""DiT adaLN ops: fastdiff's Triton ``adaln_modulate`` / ``gated_residual`` vs the torch expressions.
+
+Shape: DiT-XL/2 at 256x256 (T=256 tokens, D=1152), batch 2 and 16 (8 images with CFG); float16 and
+bfloat16. Reported: median and p90 latency (CUDA events after warm-up), effective bandwidth (adaln:
+read x, write y; gated residual: read x and y, write out) and the speed-up over torch's
+``F.layer_norm(x) * (1 + scale[:, None]) + shift[:, None]`` and ``x + gate[:, None] * y``.
+
+    python bench/bench_adaln.py [--dtype float16 bfloat16] [--iters 100]
+    pytest bench/bench_adaln.py   # pytest-benchmark functions (GPU only)
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+SHAPES = [(2, 256, 1152), (16, 256, 1152)]  # (B, T, D)
+
+
+def time_cuda(fn, warmup: int = 10, iters: int = 100) -> tuple[float, float]:
+    """(median, p90) milliseconds of fn() with CUDA events, after warm-up."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return statistics.median(times), times[min(len(times) - 1, int(0.9 * len(times)))]
+
+
+def candidates(x, y, shift, scale, gate):
+    """op -> {impl -> zero-argument callable}, and the bytes each op moves."""
+    from fastdiff.kernels import adaln_modulate, gated_residual
+
+    D = x.shape[-1]
+    ops = {
+        "adaln_modulate": {
+            "torch": lambda: F.layer_norm(x, (D,), eps=1e-6) * (1 + scale[:, None]) + shift[:, None],
+            "triton": lambda: adaln_modulate(x, shift, scale, eps=1e-6),
+        },
+        "gated_residual": {
+            "torch": lambda: x + gate[:, None] * y,
+            "triton": lambda: gated_residual(x, gate, y),
+        },
+    }
+    nbytes = {"adaln_modulate": 2 * x.numel() * x.element_size(), "gated_residual": 3 * x.numel() * x.element_size()}
+    return ops, nbytes
+
+
+def run(dtypes=(torch.float16, torch.bfloat16), iters: int = 100) -> list[dict]:
+    rows = []
+    for B, T, D in SHAPES:
+        for dtype in dtypes:
+            x, y = (torch.randn(B, T, D, device="cuda", dtype=dtype) for _ in range(2))
+            shift, scale, gate = (torch.randn(B, D, device="cuda", dtype=dtype) for _ in range(3))
+            ops, nbytes = candidates(x, y, shift, scale, gate)
+            for op, impls in ops.items():
+                base = None
+                for impl, fn in impls.items():
+                    med, p90 = time_cuda(fn, iters=iters)
+                    base = med if impl == "torch" else base
+                    rows.append(dict(op=op, shape=f"{B}x{T}x{D}", dtype=str(dtype).split(".")[1], impl=impl,
+                                     median_ms=med, p90_ms=p90, gbps=nbytes[op] / (med * 1e-3) / 1e9,
+                                     speedup=base / med))
+    return rows
+
+
+def print_rows(rows) -> None:
+    print(f"{'op':<16}{'shape':<14}{'dtype':<10}{'impl':<8}{'median us':>10}{'p90 us':>9}{'GB/s':>8}{'vs torch':>9}")
+    for r in rows:
+        print(f"{r['op']:<16}{r['shape']:<14}{r['dtype']:<10}{r['impl']:<8}{r['median_ms'] * 1e3:>10.1f}"
+              f"{r['p90_ms'] * 1e3:>9.1f}{r['gbps']:>8.0f}{r['speedup']:>8.2f}x")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dtype", nargs="+", default=["float16", "bfloat16"], choices=["float16", "bfloat16", "float32"])
+    p.add_argument("--iters", type=int, default=100)
+    a = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_adaln: needs a CUDA GPU (none found); nothing measured")
+        return 0
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
+    print_rows(run(tuple(getattr(torch, d) for d in a.dtype), a.iters))
+    return 0
+
+
+# ----------------------------------------------------------------------------------- pytest-benchmark
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@gpu
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("op", ["adaln_modulate", "gated_residual"])
+def test_adaln_ops(benchmark, op, impl):
+    B, T, D = SHAPES[1]
+    x, y = (torch.randn(B, T, D, device="cuda", dtype=torch.float16) for _ in range(2))
+    shift, scale, gate = (torch.randn(B, D, device="cuda", dtype=torch.float16) for _ in range(3))
+    fn = candidates(x, y, shift, scale, gate)[0][op][impl]
+
+    def step():
+        fn()
+        torch.cuda.synchronize()
+
+    benchmark(step)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

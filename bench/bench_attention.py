@@ -1,0 +1,113 @@
+"""Attention forward: fastdiff's Triton flash kernel vs torch's ``F.scaled_dot_product_attention``.
+
+Shapes: Stable Diffusion 1.5 at 512x512 (B=2, H=8, N=4096, D=40; self, and cross with 77 text tokens),
+SD2's D=64, DiT-XL/2 (B=2, H=16, N=256, D=72); float16 and bfloat16. Reported: median and p90 latency
+(CUDA events after warm-up), TFLOP/s counting 4*B*H*Nq*Nk*D, and the speed-up over SDPA (which picks
+its flash / memory-efficient backend itself). Goal on an H100 / H200: no slower than SDPA at D = 40 / 64
+/ 72 in float16.
+
+    python bench/bench_attention.py [--dtype float16 bfloat16] [--iters 100]
+    pytest bench/bench_attention.py   # pytest-benchmark functions (GPU only)
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+CASES = [  # name, B, H, Nq, Nk, D
+    ("sd15 self", 2, 8, 4096, 4096, 40),
+    ("sd15 cross", 2, 8, 4096, 77, 40),
+    ("sd2 self", 2, 5, 4096, 4096, 64),
+    ("sd2 cross", 2, 5, 4096, 77, 64),
+    ("dit-xl/2 self", 2, 16, 256, 256, 72),
+]
+
+
+def time_cuda(fn, warmup: int = 10, iters: int = 100) -> tuple[float, float]:
+    """(median, p90) milliseconds of fn() with CUDA events, after warm-up."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return statistics.median(times), times[min(len(times) - 1, int(0.9 * len(times)))]
+
+
+def candidates(q, k, v):
+    from fastdiff.kernels import attention
+
+    return {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v), "triton": lambda: attention(q, k, v)}
+
+
+def run(dtypes=(torch.float16, torch.bfloat16), iters: int = 100) -> list[dict]:
+    rows = []
+    for name, B, H, NQ, NK, D in CASES:
+        for dtype in dtypes:
+            q = torch.randn(B, H, NQ, D, device="cuda", dtype=dtype)
+            k = torch.randn(B, H, NK, D, device="cuda", dtype=dtype)
+            v = torch.randn(B, H, NK, D, device="cuda", dtype=dtype)
+            flops = 4 * B * H * NQ * NK * D
+            base = None
+            for impl, fn in candidates(q, k, v).items():
+                med, p90 = time_cuda(fn, iters=iters)
+                base = med if impl == "sdpa" else base
+                rows.append(dict(case=name, shape=f"B{B} H{H} Nq{NQ} Nk{NK} D{D}", dtype=str(dtype).split(".")[1],
+                                 impl=impl, median_ms=med, p90_ms=p90, tflops=flops / (med * 1e-3) / 1e12,
+                                 speedup=base / med))
+    return rows
+
+
+def print_rows(rows) -> None:
+    print(f"{'case':<15}{'shape':<28}{'dtype':<10}{'impl':<8}{'median us':>10}{'p90 us':>9}{'TFLOP/s':>9}{'vs sdpa':>9}")
+    for r in rows:
+        print(f"{r['case']:<15}{r['shape']:<28}{r['dtype']:<10}{r['impl']:<8}{r['median_ms'] * 1e3:>10.1f}"
+              f"{r['p90_ms'] * 1e3:>9.1f}{r['tflops']:>9.1f}{r['speedup']:>8.2f}x")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dtype", nargs="+", default=["float16", "bfloat16"], choices=["float16", "bfloat16", "float32"])
+    p.add_argument("--iters", type=int, default=100)
+    a = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_attention: needs a CUDA GPU (none found); nothing measured")
+        return 0
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
+    print_rows(run(tuple(getattr(torch, d) for d in a.dtype), a.iters))
+    return 0
+
+
+# ----------------------------------------------------------------------------------- pytest-benchmark
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@gpu
+@pytest.mark.parametrize("impl", ["sdpa", "triton"])
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_attention(benchmark, impl, case):
+    _, B, H, NQ, NK, D = case
+    q = torch.randn(B, H, NQ, D, device="cuda", dtype=torch.float16)
+    k = torch.randn(B, H, NK, D, device="cuda", dtype=torch.float16)
+    fn = candidates(q, k, k)[impl]
+
+    def step():
+        fn()
+        torch.cuda.synchronize()
+
+    benchmark(step)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
