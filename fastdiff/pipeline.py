@@ -96,8 +96,10 @@ class Pipeline:
         sigmas = get_sigmas(schedule or default, steps, alphas_cumprod=ac,
                             steps_offset=int(self.spec.scheduler.get("steps_offset", 0)))
         s0 = float(sigmas[0])
-        return SamplingPlan("named", sampler, sigmas, dict(options), "discrete",
-                            dict(alphas_cumprod=ac, prediction_type=self.spec.prediction_type),
+        denoiser_options = dict(alphas_cumprod=ac, prediction_type=self.spec.prediction_type)
+        if self.spec.scheduler.get("clip_sample"):  # data lives in [-clip, clip]: clip the denoised x0
+            denoiser_options["clip_sample"] = float(self.spec.scheduler.get("clip_sample_range", 1.0))
+        return SamplingPlan("named", sampler, sigmas, dict(options), "discrete", denoiser_options,
                             init_noise_sigma=math.sqrt(1 + s0 * s0))
 
     def alphas_cumprod(self) -> torch.Tensor:
@@ -138,6 +140,8 @@ class Pipeline:
             raise BadArgumentError(f"output_type: expected one of {OUTPUT_TYPES}, found {output_type!r}")
         seeds = self._seeds(n, seed, seeds, latents)
         b = len(seeds)
+        if latents is not None and height is None and width is None and getattr(latents, "dim", lambda: 0)() == 4:
+            height, width = int(latents.shape[2]), int(latents.shape[3])  # the latents fix the size
         h, w = self._size(height, width)
         shape = (self.spec.in_channels, h, w)
         plan = self.plan(steps, sampler, schedule, **sampler_options)

@@ -28,6 +28,7 @@ SUPPORTED_FORMATS = (
     "diffusers model folder (config.json + diffusion_pytorch_model.safetensors/.bin, optionally sharded)",
     "diffusers pipeline folder (model_index.json, unet/ or transformer/, scheduler/)",
     "official DiT checkpoint (.pt/.pth: state dict or train.py checkpoint with 'ema')",
+    "openai/guided-diffusion checkpoint (.pt, resblock_updown models)",
     "Stable Diffusion single file (.safetensors / .ckpt with model.diffusion_model.* UNet keys)",
     "ONNX model exported by fastdiff (.onnx)",
     "builtin:NAME, arch:NAME",
@@ -35,13 +36,14 @@ SUPPORTED_FORMATS = (
 
 
 def load(path: str, device="cpu", dtype: Optional[torch.dtype] = None, *, variant: Optional[str] = None,
-         num_heads: Optional[int] = None, prediction_type: Optional[str] = None,
-         scheduler: Optional[dict] = None):
+         num_heads: Optional[int] = None, head_channels: Optional[int] = None,
+         prediction_type: Optional[str] = None, scheduler: Optional[dict] = None):
     """Load a checkpoint into fastdiff's native model and return a ``Pipeline``.
 
     device / dtype: where and in which precision the network lives (sampler state stays float32).
     variant: diffusers weight variant (``"fp16"`` reads ``diffusion_pytorch_model.fp16.safetensors``).
-    num_heads: DiT head count when it cannot be inferred from the weights.
+    num_heads / head_channels: attention heads (or channels per head) where the weights cannot say
+        (official DiT, Stable Diffusion single files, guided-diffusion).
     prediction_type / scheduler: override what the checkpoint says (or the DDPM default it assumes).
     """
     from ..pipeline import Pipeline
@@ -63,7 +65,7 @@ def load(path: str, device="cpu", dtype: Optional[torch.dtype] = None, *, varian
     if not os.path.exists(path):
         raise CheckpointError(f"no such file or folder: {path}")
 
-    kind, cfg, state, spec = _read_any(path, variant=variant, num_heads=num_heads)
+    kind, cfg, state, spec = _read_any(path, variant=variant, num_heads=num_heads, head_channels=head_channels)
     if prediction_type is not None:
         spec.prediction_type = prediction_type
     if scheduler is not None:
@@ -73,7 +75,7 @@ def load(path: str, device="cpu", dtype: Optional[torch.dtype] = None, *, varian
     return Pipeline(model.eval(), spec, device=device)
 
 
-def _read_any(path: str, *, variant=None, num_heads=None):
+def _read_any(path: str, *, variant=None, num_heads=None, head_channels=None):
     """(kind, native config, native state dict, ModelSpec) for any supported source."""
     from .diffusers_folder import (is_model_folder, is_pipeline_folder, load_model_folder,
                                    load_pipeline_folder, spec_for)
@@ -109,6 +111,18 @@ def _read_any(path: str, *, variant=None, num_heads=None):
             spec.notes.append("single-file UNet: heads inferred (SD1: 8, SD2: 64 per head) unless num_heads= is "
                               "given; prediction type assumed epsilon unless prediction_type= is given")
             return "unet", cfg, convert_ldm_unet(state, cfg), spec
+        from .guided_diffusion import (convert_guided_diffusion, guided_diffusion_config,
+                                       is_guided_diffusion_state_dict)
+
+        if is_guided_diffusion_state_dict(state):
+            from .diffusers_folder import spec_for
+            from .presets import DIT_SCHEDULER
+
+            cfg = guided_diffusion_config(state, num_heads=num_heads, head_channels=head_channels)
+            spec = spec_for("unet", cfg, DIT_SCHEDULER, source=f"guided-diffusion checkpoint {path}")
+            spec.notes.append("guided-diffusion: 64 channels per head unless num_heads= is given; linear betas "
+                              "assumed (pass scheduler= for the cosine-schedule models)")
+            return "unet", cfg, convert_guided_diffusion(state, cfg), spec
         if is_official_dit_state_dict(state):
             cfg, state = load_official_dit(path, num_heads=num_heads)
             spec = spec_for("dit", cfg, None, source=f"official DiT checkpoint {path}")

@@ -86,8 +86,9 @@ class ResnetBlock(nn.Module):
     """
 
     def __init__(self, in_ch: int, out_ch: int, temb_ch: Optional[int], groups: int, eps: float,
-                 time_embedding_norm: str = "default", output_scale_factor: float = 1.0):
+                 time_embedding_norm: str = "default", output_scale_factor: float = 1.0, resample: Optional[str] = None):
         super().__init__()
+        self.resample = resample  # None | "up" (nearest x2) | "down" (2x2 average): ADM's resblock_updown
         self.time_embedding_norm = time_embedding_norm
         self.output_scale_factor = output_scale_factor
         self.norm1 = GroupNorm(groups, in_ch, eps, activation="silu")
@@ -99,8 +100,13 @@ class ResnetBlock(nn.Module):
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
 
-    def forward(self, x, temb):
-        h = self.conv1(self.norm1(x))  # (B, out, H, W)
+    def forward(self, x, temb, size=None):
+        h = self.norm1(x)  # (B, in, H, W)
+        if self.resample == "up":
+            h, x = _nearest_up(h, size), _nearest_up(x, size)  # (B, in, 2H, 2W)
+        elif self.resample == "down":
+            h, x = F.avg_pool2d(h, 2), F.avg_pool2d(x, 2)  # (B, in, H/2, W/2)
+        h = self.conv1(h)  # (B, out, H, W)
         t = None if self.time_emb_proj is None else self.time_emb_proj(F.silu(temb))  # (B, out or 2*out)
         if self.time_embedding_norm == "scale_shift":
             scale, shift = t.chunk(2, dim=1)  # (B, out) each
@@ -124,7 +130,7 @@ class Downsample(nn.Module):
         self.padding = padding
         self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=padding)
 
-    def forward(self, x):
+    def forward(self, x, temb=None):
         if self.padding == 0:
             x = F.pad(x, (0, 1, 0, 1))
         return self.conv(x)  # (B, C, H/2, W/2)
@@ -137,12 +143,14 @@ class Upsample(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(ch, ch, 3, padding=1)
 
-    def forward(self, x, size=None):
-        if size is None:
-            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
-        else:
-            x = F.interpolate(x, size=size, mode="nearest")
-        return self.conv(x)  # (B, C, 2H, 2W)
+    def forward(self, x, temb=None, size=None):
+        return self.conv(_nearest_up(x, size))  # (B, C, 2H, 2W)
+
+
+def _nearest_up(x, size=None):
+    if size is None:
+        return F.interpolate(x, scale_factor=2.0, mode="nearest")
+    return F.interpolate(x, size=size, mode="nearest")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -314,7 +322,7 @@ class DownBlock(nn.Module):
                 h = self.attentions[i](h, context)
             skips.append(h)
         if self.downsamplers is not None:
-            h = self.downsamplers[0](h)
+            h = self.downsamplers[0](h, temb)
             skips.append(h)
         return h, skips
 
@@ -352,7 +360,7 @@ class UpBlock(nn.Module):
             if self.attentions is not None:
                 h = self.attentions[i](h, context)
         if self.upsamplers is not None:
-            h = self.upsamplers[0](h, upsample_size)
+            h = self.upsamplers[0](h, temb, upsample_size)
         return h
 
 
@@ -360,8 +368,9 @@ class UpBlock(nn.Module):
 # Config
 # --------------------------------------------------------------------------------------------------
 
-DOWN_TYPES = ("DownBlock2D", "AttnDownBlock2D", "CrossAttnDownBlock2D")
-UP_TYPES = ("UpBlock2D", "AttnUpBlock2D", "CrossAttnUpBlock2D")
+DOWN_TYPES = ("DownBlock2D", "AttnDownBlock2D", "CrossAttnDownBlock2D", "ResnetDownsampleBlock2D")
+UP_TYPES = ("UpBlock2D", "AttnUpBlock2D", "CrossAttnUpBlock2D", "ResnetUpsampleBlock2D")
+RESAMPLE_TYPES = ("conv", "resnet")
 MID_TYPES = ("UNetMidBlock2D", "UNetMidBlock2DCrossAttn", None)
 DIFFUSERS_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
 
@@ -414,6 +423,8 @@ class UNetConfig:
     upcast_attention: bool = False
     conv_in_kernel: int = 3
     conv_out_kernel: int = 3
+    downsample_type: str = "conv"  # "resnet": a ResnetBlock that average-pools (ADM resblock_updown)
+    upsample_type: str = "conv"  # "resnet": a ResnetBlock that upsamples (nearest)
     extra: dict = field(default_factory=dict)  # diffusers fields kept for round trips, no effect
 
     def to_dict(self) -> dict:
@@ -454,6 +465,12 @@ class UNetConfig:
             else:
                 raise UnsupportedConfigError(key, value, supported="(not implemented by fastdiff's UNet)",
                                              model=class_name)
+        resnet_blocks = {"ResnetDownsampleBlock2D", "ResnetUpsampleBlock2D"} & set(
+            list(values["down_block_types"]) + list(values["up_block_types"]))
+        for key, default in (("resnet_skip_time_act", False), ("resnet_out_scale_factor", 1.0)):
+            if resnet_blocks and extra.get(key, default) != default:
+                raise UnsupportedConfigError(key, extra[key], supported=[default], model=f"{class_name} with "
+                                             f"{sorted(resnet_blocks)}")
         if conditional and values.get("num_attention_heads") is None:
             # diffusers' historic naming: in UNet2DConditionModel `attention_head_dim` holds head COUNTS.
             values["num_attention_heads"] = values["attention_head_dim"]
@@ -498,6 +515,9 @@ class UNetConfig:
         if uses_cross and self.cross_attention_dim is None:
             raise UnsupportedConfigError("cross_attention_dim", None, supported="an int (or one per block) for "
                                          "CrossAttn blocks")
+        for name in ("downsample_type", "upsample_type"):
+            if getattr(self, name) not in RESAMPLE_TYPES:
+                raise UnsupportedConfigError(name, getattr(self, name), supported=list(RESAMPLE_TYPES))
         if self.downsample_padding not in (0, 1):
             raise UnsupportedConfigError("downsample_padding", self.downsample_padding, supported=[0, 1])
 
@@ -536,7 +556,8 @@ _DIFFUSERS_DEFAULTS = {
         mid_block_type="UNetMidBlock2D",
         up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
         block_out_channels=(224, 448, 672, 896), layers_per_block=2, attention_head_dim=8,
-        attn_norm_num_groups=None, add_attention=True, num_train_timesteps=None,
+        attn_norm_num_groups=None, add_attention=True, num_train_timesteps=None, downsample_type="conv",
+        upsample_type="conv",
     ),
     "UNet2DConditionModel": dict(
         _COMMON_DEFAULTS, in_channels=4, out_channels=4,
@@ -562,8 +583,6 @@ _MUST_BE = {
     "timestep_post_act": (None,),
     "time_cond_proj_dim": (None,),
     "attention_type": ("default",),
-    "downsample_type": ("conv",),
-    "upsample_type": ("conv",),
 }
 # Fields diffusers accepts that change nothing for the block types above (or only training).
 _NO_EFFECT = {"dropout", "resnet_skip_time_act", "resnet_out_scale_factor", "cross_attention_norm",
@@ -646,7 +665,11 @@ class UNet(nn.Module):
             resnets = [resnet(in_ch if j == 0 else out_ch, out_ch) for j in range(layers[i])]
             attns = None if attn_kind is None else [attention(attn_kind, out_ch, i, depth[i][j])
                                                     for j in range(layers[i])]
-            down = Downsample(out_ch, c.downsample_padding) if i < n - 1 else None
+            down = None
+            if i < n - 1:
+                resnet_down = kind == "ResnetDownsampleBlock2D" or (c.downsample_type == "resnet" and attn_kind == "self")
+                down = ResnetBlock(out_ch, out_ch, block_temb, groups, eps, c.resnet_time_scale_shift,
+                                   resample="down") if resnet_down else Downsample(out_ch, c.downsample_padding)
             self.down_blocks.append(DownBlock(resnets, attns, down))
 
         # Middle -------------------------------------------------------------------------------
@@ -689,7 +712,11 @@ class UNet(nn.Module):
                 if attn_kind == "cross" and len(d_up) != nl:
                     d_up = [d_up[0]] * nl
                 attns = [attention(attn_kind, out_ch, bi, d_up[j]) for j in range(nl)]
-            up = Upsample(out_ch) if i < n - 1 else None
+            up = None
+            if i < n - 1:
+                resnet_up = kind == "ResnetUpsampleBlock2D" or (c.upsample_type == "resnet" and attn_kind == "self")
+                up = ResnetBlock(out_ch, out_ch, block_temb, groups, eps, c.resnet_time_scale_shift,
+                                 resample="up") if resnet_up else Upsample(out_ch)
             self.up_blocks.append(UpBlock(resnets, attns, up))
 
         # Output -------------------------------------------------------------------------------

@@ -28,6 +28,12 @@ UNET2D_CONFIGS = {
         down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
         norm_num_groups=4, attention_head_dim=None, time_embedding_type="fourier", center_input_sample=True,
         add_attention=False, class_embed_type="timestep"),
+    "adm-resnet-updown": dict(
+        sample_size=16, in_channels=3, out_channels=6, block_out_channels=(32, 32, 64), layers_per_block=1,
+        down_block_types=("ResnetDownsampleBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D"), downsample_type="resnet",
+        upsample_type="resnet", norm_num_groups=8, attention_head_dim=16, attn_norm_num_groups=8,
+        resnet_time_scale_shift="scale_shift", num_class_embeds=10),
 }
 
 COND_CONFIGS = {

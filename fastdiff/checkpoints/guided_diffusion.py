@@ -1,0 +1,149 @@
+"""openai/guided-diffusion (ADM) UNet checkpoints -> native UNet.
+
+ADM maps exactly onto the native UNet with diffusers' ResNet resampling (``resblock_updown``):
+ResnetDownsampleBlock2D / AttnDownBlock2D(downsample_type="resnet") going down, the mirror going up,
+scale-shift norms, GroupNorm32 everywhere (also in the mid attention), a class embedding table, and
+[cos, sin] timestep features. The legacy attention stores q, k, v in one Conv1d whose output channels
+are ordered (head, q|k|v, channel); they are split into to_q / to_k / to_v here. ADM scales q and k by
+ch^-1/4 each, which is SDPA's 1/sqrt(ch).
+
+What the weights do not say: ``num_head_channels`` / ``num_heads`` (default: 64 channels per head, as
+ADM's released ImageNet models; pass ``num_heads=`` or ``head_channels=`` otherwise) and
+``use_new_attention_order`` (the legacy order is assumed).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+import torch
+
+from ..errors import CheckpointError
+from ..models.unet import UNetConfig
+
+_RESNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
+           "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
+
+
+def is_guided_diffusion_state_dict(state: dict) -> bool:
+    return "input_blocks.0.0.weight" in state and "time_embed.0.weight" in state and "out.2.weight" in state
+
+
+def guided_diffusion_config(state: dict, num_heads: Optional[int] = None,
+                            head_channels: Optional[int] = None) -> UNetConfig:
+    sd = state
+    model_ch = sd["input_blocks.0.0.weight"].shape[0]
+    n_in = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("input_blocks."))
+    # a downsampling input block holds one ResBlock and nothing else, with no skip / resample weights of
+    # its own: find them as the blocks whose ResBlock keeps the channel count and that close a level.
+    # Output blocks = levels * (num_res_blocks + 1), and every level but the last ends in an upsampling
+    # ResBlock stored beside the block's ResBlock (output_blocks.K.1 or .2 with in_layers): count them.
+    out_blocks = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("output_blocks."))
+    upsamplers = {int(k.split(".")[1]) for k in sd
+                  if re.match(r"output_blocks\.\d+\.[12]\.in_layers\.0\.weight", k)}
+    levels = len(upsamplers) + 1
+    if out_blocks % levels:
+        raise CheckpointError(f"guided-diffusion UNet: {out_blocks} output blocks do not split into {levels} levels")
+    res_per_level = out_blocks // levels - 1
+    if n_in - 1 != levels * res_per_level + levels - 1 or res_per_level < 1:
+        raise CheckpointError(f"guided-diffusion UNet: cannot infer levels from {n_in} input / {out_blocks} output "
+                              f"blocks")
+    channels, attn = [], []
+    for lvl in range(levels):
+        first = 1 + lvl * (res_per_level + 1)
+        channels.append(sd[f"input_blocks.{first}.0.out_layers.3.weight"].shape[0])
+        attn.append(f"input_blocks.{first}.1.qkv.weight" in sd)
+    if any("op.weight" in k for k in sd if k.startswith("input_blocks.")) or any(
+            re.match(r"output_blocks\.\d+\.\d+\.conv\.weight", k) for k in sd):
+        raise CheckpointError("guided-diffusion UNet with conv resampling (resblock_updown=False): not supported yet")
+    if "middle_block.1.qkv.weight" not in sd:
+        raise CheckpointError("guided-diffusion UNet without a middle attention block: not supported")
+    scale_shift = sd["input_blocks.1.0.emb_layers.1.weight"].shape[0] == 2 * channels[0]
+    if num_heads is not None and head_channels is None:  # ADM num_head_channels=-1: a fixed head count
+        heads_dim = [c // num_heads for c in channels]
+    else:
+        heads_dim = head_channels or 64
+    classes = sd["label_emb.weight"].shape[0] if "label_emb.weight" in sd else None
+    return UNetConfig.from_diffusers(dict(
+        sample_size=64, in_channels=sd["input_blocks.0.0.weight"].shape[1], out_channels=sd["out.2.weight"].shape[0],
+        block_out_channels=channels, layers_per_block=res_per_level,
+        down_block_types=["AttnDownBlock2D" if a else "ResnetDownsampleBlock2D" for a in attn],
+        up_block_types=["AttnUpBlock2D" if a else "ResnetUpsampleBlock2D" for a in reversed(attn)],
+        downsample_type="resnet", upsample_type="resnet", norm_num_groups=32, attn_norm_num_groups=32,
+        attention_head_dim=heads_dim, resnet_time_scale_shift="scale_shift" if scale_shift else "default",
+        num_class_embeds=classes, time_embedding_dim=sd["time_embed.0.weight"].shape[0],
+        flip_sin_to_cos=True, freq_shift=0,
+    ), "UNet2DModel")
+
+
+def convert_guided_diffusion(state: dict, config: UNetConfig) -> dict[str, torch.Tensor]:
+    sd = state
+    n = len(config.block_out_channels)
+    per = config.layers_per_block
+    head_dims = config.per_block(config.attention_head_dim, "attention_head_dim")
+    out: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+
+    def put(new, old, value=None):
+        out[new] = sd[old] if value is None else value
+        used.add(old)
+
+    def resnet(src, dst):
+        for k in [k for k in sd if k.startswith(src + ".")]:
+            rest = k[len(src) + 1:]
+            for old, new in _RESNET.items():
+                if rest.startswith(old + "."):
+                    rest = new + rest[len(old):]
+                    break
+            put(f"{dst}.{rest}", k)
+
+    def attention(src, dst, head_dim):
+        w, b = sd[f"{src}.qkv.weight"][..., 0], sd[f"{src}.qkv.bias"]  # (3C, C), (3C,)
+        c = w.shape[1]
+        heads = c // head_dim
+        w = w.reshape(heads, 3, head_dim, c)
+        b = b.reshape(heads, 3, head_dim)
+        for i, name in enumerate(("to_q", "to_k", "to_v")):
+            put(f"{dst}.{name}.weight", f"{src}.qkv.weight", w[:, i].reshape(heads * head_dim, c).contiguous())
+            put(f"{dst}.{name}.bias", f"{src}.qkv.bias", b[:, i].reshape(heads * head_dim).contiguous())
+        put(f"{dst}.to_out.0.weight", f"{src}.proj_out.weight", sd[f"{src}.proj_out.weight"][..., 0].contiguous())
+        put(f"{dst}.to_out.0.bias", f"{src}.proj_out.bias")
+        put(f"{dst}.group_norm.weight", f"{src}.norm.weight")
+        put(f"{dst}.group_norm.bias", f"{src}.norm.bias")
+
+    put("conv_in.weight", "input_blocks.0.0.weight")
+    put("conv_in.bias", "input_blocks.0.0.bias")
+    for i, name in ((0, "linear_1"), (2, "linear_2")):
+        put(f"time_embedding.{name}.weight", f"time_embed.{i}.weight")
+        put(f"time_embedding.{name}.bias", f"time_embed.{i}.bias")
+    if "label_emb.weight" in sd:
+        put("class_embedding.weight", "label_emb.weight")
+    for lvl in range(n):
+        for j in range(per):
+            k = 1 + lvl * (per + 1) + j
+            resnet(f"input_blocks.{k}.0", f"down_blocks.{lvl}.resnets.{j}")
+            if f"input_blocks.{k}.1.qkv.weight" in sd:
+                attention(f"input_blocks.{k}.1", f"down_blocks.{lvl}.attentions.{j}", head_dims[lvl])
+        if lvl < n - 1:
+            resnet(f"input_blocks.{1 + lvl * (per + 1) + per}.0", f"down_blocks.{lvl}.downsamplers.0")
+    resnet("middle_block.0", "mid_block.resnets.0")
+    attention("middle_block.1", "mid_block.attentions.0", head_dims[-1])
+    resnet("middle_block.2", "mid_block.resnets.1")
+    for lvl in range(n):
+        for j in range(per + 1):
+            k = lvl * (per + 1) + j
+            resnet(f"output_blocks.{k}.0", f"up_blocks.{lvl}.resnets.{j}")
+            has_attn = f"output_blocks.{k}.1.qkv.weight" in sd
+            if has_attn:
+                attention(f"output_blocks.{k}.1", f"up_blocks.{lvl}.attentions.{j}", head_dims[n - 1 - lvl])
+            if j == per and lvl < n - 1:
+                resnet(f"output_blocks.{k}.{2 if has_attn else 1}", f"up_blocks.{lvl}.upsamplers.0")
+    for i, name in ((0, "conv_norm_out"), (2, "conv_out")):
+        put(f"{name}.weight", f"out.{i}.weight")
+        put(f"{name}.bias", f"out.{i}.bias")
+    leftover = sorted(set(sd) - used)
+    if leftover:
+        raise CheckpointError(f"guided-diffusion UNet: {len(leftover)} tensor(s) with no native counterpart: "
+                              f"{leftover[:5]}")
+    return out
