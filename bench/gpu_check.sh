@@ -101,14 +101,16 @@ done
 
 # --- 5. end-to-end against diffusers ---------------------------------------------------------------
 # Two runs per model, so a slow torch.compile cannot take the eager / triton figures down with it.
+# The `fastdiff` entry point, not `python -m` from the repo root: the root's kernels/ folder would shadow
+# the `kernels` package transformers probes, and `import diffusers` would fail.
 bench_model() {  # NAME ARCH CFG
     local name=$1 arch=$2 cfg=$3
     local cmp_fast="" cmp_comp=""
     if [ -n "$COMPARE" ]; then cmp_fast="--compare diffusers"; cmp_comp="--compare diffusers,compile"; fi
-    step "$name-eager-triton" 75 $PY -m fastdiff.cli bench "$arch" --backends eager,triton --batch 1 --steps 20 \
+    step "$name-eager-triton" 75 fastdiff bench "$arch" --backends eager,triton --batch 1 --steps 20 \
         --sampler dpmpp_2m --cfg "$cfg" --dtype fp16 --warmup 2 --repeat 5 $cmp_fast \
         --json "$RESULTS/$name-eager-triton.json"
-    step "$name-compile" 120 $PY -m fastdiff.cli bench "$arch" --backends compile --batch 1 --steps 20 \
+    step "$name-compile" 120 fastdiff bench "$arch" --backends compile --batch 1 --steps 20 \
         --sampler dpmpp_2m --cfg "$cfg" --dtype fp16 --warmup 2 --repeat 5 $cmp_comp \
         --json "$RESULTS/$name-compile.json"
 }
