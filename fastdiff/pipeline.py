@@ -22,11 +22,15 @@ _TIMESTEP_SAMPLERS = ("ddim", "ddpm")
 
 
 class Pipeline:
-    def __init__(self, model: torch.nn.Module, spec: ModelSpec, device="cpu"):
+    def __init__(self, model: Optional[torch.nn.Module], spec: ModelSpec, device="cpu", runner=None):
+        """model: the native network (None for an artifact-only pipeline, e.g. a loaded .onnx file, whose
+        ``runner`` is then required)."""
+        if model is None and runner is None:
+            raise BadArgumentError("Pipeline needs a model or a runner, found neither")
         self.model = model
         self.spec = spec
         self.device = torch.device(device)
-        self.runner = model  # the network callable samplers call (replaced by optimize)
+        self.runner = runner if runner is not None else model  # what samplers call (replaced by optimize)
         self.config = None
         self.notes: list[str] = list(spec.notes)
         self.loop_graphs = None  # LoopGraphCache when optimize(cuda_graphs=True, graph_scope="loop")
@@ -34,15 +38,23 @@ class Pipeline:
     # ------------------------------------------------------------------------------------------
     @property
     def dtype(self) -> torch.dtype:
+        if self.model is None:
+            return torch.float32
         try:
             return next(self.model.parameters()).dtype
         except StopIteration:
             return torch.float32
 
+    def _require_model(self, what: str) -> None:
+        if self.model is None:
+            raise BadArgumentError(f"{what} needs the PyTorch network, but this pipeline runs an exported artifact "
+                                   f"({self.spec.source}); load the original checkpoint instead")
+
     def save(self, path: str) -> str:
         """Write the fastdiff format (folder: fastdiff.json + model.safetensors), atomically."""
         from .checkpoints.fastdiff_format import save_fastdiff
 
+        self._require_model("save()")
         return save_fastdiff(path, self.model, self.spec)
 
     def optimize(self, config=None, graph_factory=None, **switches) -> "Pipeline":
@@ -59,6 +71,7 @@ class Pipeline:
             config = OptimizeConfig(**switches)
         elif switches:
             config = config.replace(**switches)
+        self._require_model("optimize()")
         self.runner, notes = build_runner(self, config, graph_factory=graph_factory)
         self.config = config
         self.notes.extend(notes)
@@ -278,7 +291,7 @@ class Pipeline:
         return self.dtype
 
     def __repr__(self) -> str:
-        n = sum(p.numel() for p in self.model.parameters())
+        n = sum(p.numel() for p in self.model.parameters()) if self.model is not None else 0
         return (f"Pipeline({self.spec.kind}, {n / 1e6:.2f}M params, {self.dtype}, {self.device}, "
                 f"prediction={self.spec.prediction_type}, source={self.spec.source!r})")
 

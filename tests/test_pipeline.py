@@ -83,7 +83,7 @@ def test_output_types(tiny_unet):
     (dict(output_type="gif"), "output_type"),
     (dict(class_labels=[1]), "not class-conditional"),
     (dict(cfg_scale=3.0), "conditional"),
-    (dict(latents=torch.zeros(1, 3, 8, 8)), "latents"),
+    (dict(latents=torch.zeros(1, 4, 16, 16)), "latents"),
 ])
 def test_bad_arguments(tiny_unet, kwargs, needle):
     with pytest.raises(BadArgumentError) as e:

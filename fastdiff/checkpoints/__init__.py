@@ -64,6 +64,12 @@ def load(path: str, device="cpu", dtype: Optional[torch.dtype] = None, *, varian
         path = builtin_path(path[len("builtin:"):])
     if not os.path.exists(path):
         raise CheckpointError(f"no such file or folder: {path}")
+    if path.lower().endswith(".onnx"):
+        from ..runtime.onnxruntime_runner import OnnxRuntimeRunner
+        from ..export.onnx import read_onnx_spec
+
+        spec = read_onnx_spec(path)
+        return Pipeline(None, spec, device=device, runner=OnnxRuntimeRunner(path, device=device, spec=spec))
 
     kind, cfg, state, spec = _read_any(path, variant=variant, num_heads=num_heads, head_channels=head_channels)
     if prediction_type is not None:
@@ -129,10 +135,6 @@ def _read_any(path: str, *, variant=None, num_heads=None, head_channels=None):
             spec.guided_channels = 3 if spec.learned_variance else None  # official forward_with_cfg
             return "dit", cfg, state, spec
         raise UnknownFormatError(_unknown(path, f"a torch file whose keys start {sorted(state)[:6]}"))
-    if ext == ".onnx":
-        raise UnknownFormatError(
-            f"{path}: an ONNX model cannot be loaded as a PyTorch network; run it with "
-            f"pipe.optimize(OptimizeConfig(backend='onnxruntime')) from the checkpoint it was exported from")
     raise UnknownFormatError(_unknown(path, f"a file with extension {ext or '(none)'!r}"))
 
 
