@@ -11,6 +11,10 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# The tests use tiny tensors: one intra-op thread is faster (no thread hand-off) and matches how the
+# reference fixtures were made (torch.set_num_threads(1)).
+torch.set_num_threads(1)
+
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")
 FIXTURES = os.path.abspath(os.environ.get("FASTDIFF_FIXTURES", os.path.join(SHARED, "fixtures")))
 
