@@ -6,8 +6,8 @@ compiles run in one subprocess per architecture, both at once, with the variable
 the bfloat16 ``tl.dot`` of the attention kernel is checked (the interpreter cannot run it, see
 test_attention.py).
 
-By default the QUICK subset (every kernel x dtype x arch, every group-norm mode, attention at D = 40 with
-77 keys, 72 and 160) is compiled: ~25 s of CPU per arch on a cold Triton cache. All 72 configurations x
+By default the QUICK subset (every kernel x dtype x arch, every group-norm mode, attention at D = 40 and
+80 with 77 keys and at 72) is compiled: ~20 s of CPU per arch on a cold Triton cache. All 72 configurations x
 2 archs take ~40 s of CPU per arch and run with FASTDIFF_AOT_FULL=1 (or ``python -m fastdiff.kernels.aot``).
 """
 

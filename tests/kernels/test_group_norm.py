@@ -71,7 +71,7 @@ def test_group_norm_matches_reference(shape, groups, dtype, layout, fused):
     assert_close(y, reference(x, groups, eps=1e-5, **kw), dtype)
 
 
-@pytest.mark.parametrize("num_splits", [2, 3, 50])
+@pytest.mark.parametrize("num_splits", [2, 7])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_group_norm_split_statistics(num_splits, dtype, layout):
@@ -92,10 +92,10 @@ def test_group_norm_keeps_memory_format_and_dtype(layout, dtype):
     assert_close(y, reference(x, 4, activation="silu"), dtype)
 
 
-@pytest.mark.parametrize("num_splits", [None, 4])
+@pytest.mark.parametrize("num_splits", [None, 4, 1000])  # 1000: more than HW, clamped to one position per slice
 def test_group_norm_large_mean_is_stable(num_splits):
     """|mean| >> std: E[x^2] - E[x]^2 in float32 would lose every digit; tile-wise M2 merging does not."""
-    x = torch.randn(1, 4, 16, 16) + 1e4
+    x = torch.randn(1, 4, 4, 5) + 1e4
     y = group_norm(x, 2, num_splits=num_splits)
     ref = reference(x, 2)
     torch.testing.assert_close(y.double(), ref, rtol=0, atol=5e-3)
@@ -146,3 +146,18 @@ def test_group_norm_layer_triton_equals_native():
 def test_group_norm_rejects_bad_arguments(call, match):
     with pytest.raises(BadArgumentError, match=match):
         call()
+
+
+def test_kernels_package_imports_without_triton():
+    """``import fastdiff.kernels`` works where triton is missing; calling a kernel says what is missing."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "import torch, fastdiff.kernels as k\n"
+            "from fastdiff.errors import BackendUnavailableError\n"
+            "try:\n    k.group_norm(torch.zeros(1, 2, 3), 1)\n"
+            "except BackendUnavailableError as e:\n    print('raised:', e)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "raised:" in r.stdout and "needs Triton" in r.stdout
