@@ -1,0 +1,163 @@
+"""fastdiff.metrics: the Frechet distance, the shipped digits classifier, digits-FD and FID plumbing."""
+
+import numpy as np
+import pytest
+import torch
+
+from fastdiff.errors import BadArgumentError, CheckpointError
+from fastdiff.metrics import (class_accuracy, digits_fd, digits_features, fid, frechet_distance, load_classifier,
+                              load_digits_16)
+from fastdiff.metrics.fid import (FIDInceptionV3, feature_stats, frechet_distance_from_stats, inception_features,
+                                  load_fid_inception)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small CPU tensors gain nothing from intra-op threads, and on a loaded machine they thrash."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ------------------------------------------------------------------------------------------------
+# Frechet distance
+# ------------------------------------------------------------------------------------------------
+
+def _gaussian(n, d, mean, seed):
+    rng = np.random.RandomState(seed)
+    a = rng.randn(d, d) / np.sqrt(d)
+    return rng.randn(n, d) @ a.T + mean
+
+
+def test_frechet_distance_identical_is_zero_and_symmetric():
+    a, b = _gaussian(500, 16, 0.0, 0), _gaussian(400, 16, 0.5, 1)
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-8)
+    assert frechet_distance(a, b) == pytest.approx(frechet_distance(b, a), rel=1e-8)
+    assert frechet_distance(torch.from_numpy(a), b) == pytest.approx(frechet_distance(a, b), rel=1e-12)
+
+
+def test_frechet_distance_closed_form():
+    # Diagonal Gaussians: FD = |mu_a - mu_b|^2 + sum (s_a - s_b)^2 (per-dimension standard deviations).
+    rng = np.random.RandomState(0)
+    z = rng.randn(200_000, 3)
+    z = (z - z.mean(0)) / z.std(0, ddof=1)  # exact unit sample moments (diagonal up to sampling noise)
+    a, b = z * [1.0, 2.0, 0.5], z[::-1] * [3.0, 2.0, 1.0] + [1.0, 0.0, -2.0]
+    expected = 1 + 4 + (1 - 3) ** 2 + 0 + (0.5 - 1) ** 2
+    assert frechet_distance(a, b) == pytest.approx(expected, rel=2e-2)
+
+
+@pytest.mark.parametrize("n_a, n_b, d", [(400, 300, 16), (30, 40, 64), (5, 7, 200)])
+def test_frechet_distance_matches_scipy_sqrtm(n_a, n_b, d):
+    # (30, 40, 64) and (5, 7, 200) take the few-samples cross-Gram route, (400, 300, 16) the D x D one.
+    linalg = pytest.importorskip("scipy.linalg")
+    rng = np.random.RandomState(0)
+    a = rng.randn(n_a, d) @ rng.randn(d, d) / 4
+    b = rng.randn(n_b, d) + 0.3
+    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = linalg.sqrtm(s_a @ s_b).real
+    expected = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * np.trace(covmean)
+    assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-6)
+    assert frechet_distance_from_stats(*feature_stats(a), *feature_stats(b)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_frechet_distance_bad_input():
+    with pytest.raises(BadArgumentError, match="same width"):
+        frechet_distance(np.zeros((4, 3)), np.zeros((4, 2)))
+    with pytest.raises(BadArgumentError, match=r"\(N, D\)"):
+        frechet_distance(np.zeros(4), np.zeros(4))
+    with pytest.raises(BadArgumentError, match="finite"):
+        frechet_distance(np.full((4, 2), np.nan), np.zeros((4, 2)))
+    with pytest.raises(BadArgumentError, match="at least 2"):
+        frechet_distance(np.zeros((1, 2)), np.zeros((4, 2)))
+
+
+# ------------------------------------------------------------------------------------------------
+# The shipped digits classifier and digits-FD
+# ------------------------------------------------------------------------------------------------
+
+def test_digits_data_split():
+    x, y = load_digits_16("all")
+    xtr, ytr = load_digits_16("train")
+    xte, yte = load_digits_16("test")
+    assert x.shape == (1797, 1, 16, 16) and x.dtype == torch.float32
+    assert float(x.min()) == -1.0 and float(x.max()) == 1.0
+    assert len(xtr) + len(xte) == 1797 and set(yte.tolist()) == set(range(10))
+    with pytest.raises(BadArgumentError, match="split"):
+        load_digits_16("val")
+
+
+def test_classifier_heldout_accuracy():
+    x, y = load_digits_16("test")
+    acc = class_accuracy(x, y)
+    assert acc >= 0.97, f"held-out accuracy {acc:.4f}"
+    assert class_accuracy(((x + 1) * 127.5).round().to(torch.uint8), y) >= 0.97  # uint8 input path
+
+
+def test_digits_fd_real_vs_heldout_small_noise_large():
+    xtr, _ = load_digits_16("train")
+    xte, _ = load_digits_16("test")
+    real = frechet_distance(digits_features(xtr), digits_features(xte))
+    noise = torch.randn(len(xte), 1, 16, 16, generator=torch.Generator().manual_seed(0)).clamp(-1, 1)
+    fd_noise = digits_fd(noise, reference="train")
+    assert digits_fd(xte, reference="train") == pytest.approx(real, rel=1e-9)
+    assert fd_noise > 10 * real, (real, fd_noise)
+    blurred = torch.nn.functional.avg_pool2d(xte, 3, 1, 1)  # degraded digits land in between
+    assert real < digits_fd(blurred, reference="train") < fd_noise
+
+
+def test_digits_metric_bad_input():
+    with pytest.raises(BadArgumentError, match=r"\(N, 1, 16, 16\)"):
+        digits_fd(torch.zeros(4, 3, 16, 16))
+    with pytest.raises(BadArgumentError, match="one per sample"):
+        class_accuracy(torch.zeros(4, 1, 16, 16), [0, 1])
+    with pytest.raises(BadArgumentError, match="0..9"):
+        class_accuracy(torch.zeros(2, 1, 16, 16), [0, 10])
+
+
+def test_classifier_missing_names_the_file(tmp_path):
+    with pytest.raises(CheckpointError, match="classifier.safetensors"):
+        load_classifier(str(tmp_path))
+
+
+# ------------------------------------------------------------------------------------------------
+# FID (random Inception weights: the real ones cannot be downloaded here)
+# ------------------------------------------------------------------------------------------------
+
+def test_fid_missing_weights_names_the_file(tmp_path):
+    with pytest.raises(CheckpointError, match="pt_inception-2015-12-05-6726825d.pth"):
+        fid(torch.zeros(2, 1, 16, 16), torch.zeros(2, 1, 16, 16), inception_weights=str(tmp_path))
+
+
+def _random_fid_weights(path, calibration: torch.Tensor) -> None:
+    """Random InceptionV3 weights whose BatchNorm statistics are set from one batch, so that features
+    keep a useful scale (raw random init shrinks them to ~1e-8); saved as pytorch-fid's file would be."""
+    torch.manual_seed(0)
+    net = FIDInceptionV3()
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average: after one batch, the running stats ARE its stats
+    with torch.no_grad():
+        net.train()(calibration)
+    state = {k: v for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}  # as old files
+    torch.save(state, path)
+
+
+def test_fid_with_random_inception_weights(tmp_path):
+    x = load_digits_16("test")[0][:2]
+    noise = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    path = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
+    _random_fid_weights(path, torch.cat([x, noise]).expand(-1, 3, -1, -1))
+
+    loaded = load_fid_inception(str(tmp_path))  # a folder holding the file is accepted too
+    feats = inception_features(x, loaded)
+    assert feats.shape == (2, 2048) and torch.isfinite(feats).all() and feats.abs().mean() > 1e-3
+    scale = float(feats.var(0).sum())
+    assert frechet_distance(feats, feats) == pytest.approx(0.0, abs=1e-9 * scale)
+    d = fid(x, noise, inception_weights=str(path))
+    assert np.isfinite(d) and d > 1e-3 * scale
+
+    torch.save({"fc.weight": torch.zeros(1008, 2048)}, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError, match="missing"):
+        load_fid_inception(str(tmp_path / "bad.pth"))
