@@ -6,7 +6,7 @@ SD2's D=64, DiT-XL/2 (B=2, H=16, N=256, D=72); float16 and bfloat16. Reported: m
 its flash / memory-efficient backend itself). Goal on an H100 / H200: no slower than SDPA at D = 40 / 64
 / 72 in float16.
 
-    python bench/bench_attention.py [--dtype float16 bfloat16] [--iters 100]
+    python bench/bench_attention.py [--dtype float16 bfloat16]  (default float16) [--iters 100]
     pytest bench/bench_attention.py   # pytest-benchmark functions (GPU only)
 """
 
@@ -78,7 +78,7 @@ def print_rows(rows) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dtype", nargs="+", default=["float16", "bfloat16"], choices=["float16", "bfloat16", "float32"])
+    p.add_argument("--dtype", nargs="+", default=["float16"], choices=["float16", "bfloat16", "float32"])
     p.add_argument("--iters", type=int, default=100)
     a = p.parse_args(argv)
     if not torch.cuda.is_available():

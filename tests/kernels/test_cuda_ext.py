@@ -4,7 +4,8 @@
   ops fail with BackendUnavailableError saying why.
 - With nvcc: csrc/fastdiff_kernels.cu (CUDA headers only) compiles to an object for sm_80 and sm_90.
 - With nvcc and torch's CUDA headers (a CUDA build of torch): csrc/binding.cpp passes a syntax check.
-- With a GPU: the built extension equals its plain-torch reference.
+- With a GPU and the extension built (``python -m fastdiff.cuda_ext build`` or FASTDIFF_BUILD_CUDA_EXT=1):
+  the extension equals its plain-torch reference.
 """
 
 import os
@@ -111,11 +112,8 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_extension_matches_reference_on_gpu(dtype):
-    if not cuda_ext.HAS_CUDA_EXT:
-        try:
-            cuda_ext.build()
-        except Exception as e:  # pragma: no cover - GPU machines only
-            pytest.fail(f"building the CUDA extension failed: {e}")
+    if not cuda_ext.HAS_CUDA_EXT:  # built only when asked (a build takes minutes)
+        pytest.skip(f"CUDA extension not loaded: {cuda_ext.unavailable_reason()}")
     tol = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
     x = (torch.randn(2, 64, 9, 7, device="cuda") + 3).to(dtype).to(memory_format=torch.channels_last)
     w, b = torch.randn(64, device="cuda"), torch.randn(64, device="cuda")
