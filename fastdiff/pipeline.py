@@ -283,6 +283,7 @@ class Pipeline:
         if t.dim() != 3 or t.shape[-1] != self.spec.cross_attention_dim or t.shape[0] not in (1, b):
             raise BadArgumentError(f"{name}: expected shape ({b}, tokens, {self.spec.cross_attention_dim}), "
                                    f"found {tuple(t.shape)}")
+        t = t.to(self._network_dtype()) if t.is_floating_point() else t  # text states enter the network as-is
         return t.expand(b, -1, -1) if t.shape[0] == 1 and b > 1 else t
 
     def _network_dtype(self) -> torch.dtype:

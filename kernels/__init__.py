@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 
-from ..errors import BackendUnavailableError
+from fastdiff.errors import BackendUnavailableError  # absolute: this folder may also be seen as top-level "kernels"
 
 __all__ = ["group_norm", "attention", "adaln_modulate", "gated_residual", "triton_importable"]
 

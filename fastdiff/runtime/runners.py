@@ -6,7 +6,6 @@ encoder_hidden_states=None) -> Tensor``, so samplers and denoisers never know wh
 
 from __future__ import annotations
 
-import copy
 from typing import Callable
 
 import torch
@@ -53,11 +52,7 @@ def build_runner(pipe, config: OptimizeConfig, graph_factory=None) -> tuple[Call
         dtype = config.dtype or "fp32"
         runner = OnnxRuntimeRunner.from_pipeline(pipe, dtype=dtype)
     elif backend == "tensorrt":
-        try:
-            from .tensorrt_runner import TensorRTRunner
-        except ImportError as e:
-            raise BackendUnavailableError(f"backend 'tensorrt' was requested but {e}") from e
-        runner = TensorRTRunner.from_pipeline(pipe, dtype=config.dtype or "fp16", buckets=config.batch_buckets)
+        runner = _tensorrt_runner(pipe, config)
     else:  # pragma: no cover - OptimizeConfig validates
         raise BackendUnavailableError(backend)
 
@@ -72,5 +67,30 @@ def build_runner(pipe, config: OptimizeConfig, graph_factory=None) -> tuple[Call
     return runner, notes
 
 
-def clone_for_export(model: torch.nn.Module) -> torch.nn.Module:
-    return copy.deepcopy(model)
+def _tensorrt_runner(pipe, config: OptimizeConfig):
+    """Export to ONNX, build (or reuse, when its sidecar still matches) a TensorRT engine, open it.
+
+    Engines are cached in ``$FASTDIFF_CACHE`` (default ~/.cache/fastdiff/tensorrt) under a name derived
+    from the model spec; the sidecar JSON detects a stale engine (other GPU, TensorRT, ONNX or profile).
+    """
+    import hashlib
+    import json
+    import os
+
+    from fastdiff.export.onnx import export_onnx
+    from fastdiff.export.tensorrt import require_tensorrt
+
+    from .tensorrt_runner import TensorRTRunner
+
+    require_tensorrt()  # BackendUnavailableError with the reason, before any export work
+    cache = os.path.join(os.environ.get("FASTDIFF_CACHE", os.path.expanduser("~/.cache/fastdiff")), "tensorrt")
+    os.makedirs(cache, exist_ok=True)
+    tag = hashlib.sha256(json.dumps(pipe.spec.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+    onnx_path = os.path.join(cache, f"{pipe.spec.kind}-{tag}.onnx")
+    h, w = pipe.spec.sample_size
+    buckets = config.batch_buckets
+    export_onnx(pipe, pipe.spec, onnx_path, dtype="fp32", dynamic_batch=True, progress=False)
+    precision = config.dtype or "fp16"
+    # the network batch doubles under CFG: the profile covers up to twice the largest bucket
+    return TensorRTRunner.from_onnx(onnx_path, device=pipe.device, batch=(1, buckets[0], 2 * buckets[-1]),
+                                    height=h, width=w, precision=precision)

@@ -1,0 +1,58 @@
+"""pipe.optimize: the OptimizeConfig switches, each checked against eager sampling."""
+
+import importlib.util
+
+import pytest
+import torch
+
+import fastdiff
+from fastdiff.errors import BackendUnavailableError, BadArgumentError
+from fastdiff.runtime.config import OptimizeConfig
+from helpers import rel_err
+
+KW = dict(seeds=[4, 5], steps=3, sampler="dpmpp_2m", encoder_hidden_states=torch.randn(1, 6, 32),
+          negative_encoder_hidden_states=torch.zeros(1, 6, 32), cfg_scale=4.0, progress=False)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return fastdiff.load("arch:tiny-sd-unet").generate(**KW)
+
+
+@pytest.mark.parametrize("switches,tol", [
+    (dict(fuse_qkv=True), 1e-5),
+    (dict(channels_last=True), 1e-5),
+    (dict(dtype="bf16"), 5e-2),
+    (dict(fuse_qkv=True, channels_last=True, dtype="fp16"), 5e-2),
+])
+def test_switches_keep_samples(reference, switches, tol):
+    pipe = fastdiff.load("arch:tiny-sd-unet").optimize(**switches)
+    out = pipe.generate(**KW)
+    assert out.dtype == torch.float32  # sampler state stays float32 whatever the network dtype
+    assert rel_err(out, reference) <= tol
+    if switches.get("dtype"):
+        assert pipe.dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[switches["dtype"]]
+
+
+def test_fuse_qkv_is_not_saved(tmp_path):
+    pipe = fastdiff.load("arch:tiny-sd-unet").optimize(fuse_qkv=True)
+    pipe.save(str(tmp_path / "m"))
+    assert fastdiff.load(str(tmp_path / "m")).model.state_dict().keys() == \
+        fastdiff.load("arch:tiny-sd-unet").model.state_dict().keys()
+
+
+@pytest.mark.parametrize("kwargs", [dict(backend="nope"), dict(dtype="fp8"), dict(graph_scope="all"),
+                                    dict(batch_buckets=()), dict(batch_buckets=(0, 2)), dict(max_graphs=0)])
+def test_config_validation(kwargs):
+    with pytest.raises(BadArgumentError):
+        OptimizeConfig(**kwargs)
+
+
+def test_buckets_are_sorted():
+    assert OptimizeConfig(batch_buckets=(8, 1, 4)).batch_buckets == (1, 4, 8)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="tensorrt is installed here")
+def test_tensorrt_requested_without_tensorrt_fails_loudly():
+    with pytest.raises(BackendUnavailableError, match="tensorrt"):
+        fastdiff.load("arch:tiny-unet").optimize(backend="tensorrt")
