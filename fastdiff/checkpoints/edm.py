@@ -29,7 +29,6 @@ uses EDM's defaults for sampling (sigma 0.002 .. 80, rho 7).
 from __future__ import annotations
 
 import re
-from typing import Optional
 
 import torch
 

@@ -152,3 +152,19 @@ def test_ncsnpp_layout_roundtrips():
     with torch.no_grad():
         out = model(torch.randn(2, 2, 16, 16), torch.tensor(math.log(3.0) / 4))
     assert out.shape == (2, 2, 16, 16) and torch.isfinite(out).all()
+
+
+def test_triton_backend_reaches_edm_layers(ref):
+    """set_backend switches EDM's GroupNorm(+SiLU, +scale/shift) and attention cores to the Triton kernels
+    (CPU interpreter here) and the forward still matches the official output."""
+    pytest.importorskip("triton")
+    from fastdiff.models.layers import op_backends, set_backend
+
+    config, sd = load_edm(fixture_path("edm", "edm_song.pt"))
+    with torch.device("meta"):
+        model = strict_load(EDMUNet(config), sd, "EDM song").eval()
+    assert set_backend(model, "triton") == "triton"
+    assert op_backends(model) == {"GroupNorm": "triton", "Attention": "triton"}
+    with torch.no_grad():
+        out = precond(model, ref["x"], ref["sigma"], ref["class_labels"])
+    torch.testing.assert_close(out, ref["song_out"], rtol=1e-5, atol=2e-5)
