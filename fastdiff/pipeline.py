@@ -89,6 +89,8 @@ class Pipeline:
 
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
             raise BadArgumentError(f"steps: expected a positive integer, found {steps!r}")
+        if sampler is None and self.spec.prediction_type == "edm":
+            sampler = "edm"  # EDM's own 2nd-order Heun sampler on the Karras grid (its published setting)
         if sampler is None and schedule is None:
             from .scheduler_config import SUPPORTED_SCHEDULERS
 

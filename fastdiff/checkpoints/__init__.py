@@ -29,6 +29,7 @@ SUPPORTED_FORMATS = (
     "diffusers pipeline folder (model_index.json, unet/ or transformer/, scheduler/)",
     "official DiT checkpoint (.pt/.pth: state dict or train.py checkpoint with 'ema')",
     "openai/guided-diffusion checkpoint (.pt, resblock_updown models)",
+    "NVlabs/edm EDMPrecond state dict (.pt: SongUNet / DhariwalUNet)",
     "Stable Diffusion single file (.safetensors / .ckpt with model.diffusion_model.* UNet keys)",
     "ONNX model exported by fastdiff (.onnx)",
     "builtin:NAME, arch:NAME",
@@ -129,6 +130,12 @@ def _read_any(path: str, *, variant=None, num_heads=None, head_channels=None):
             spec.notes.append("guided-diffusion: 64 channels per head unless num_heads= is given; linear betas "
                               "assumed (pass scheduler= for the cosine-schedule models)")
             return "unet", cfg, convert_guided_diffusion(state, cfg), spec
+        from .edm import edm_config_from_state_dict, edm_spec, is_edm_state_dict
+
+        if is_edm_state_dict(state):
+            cfg = edm_config_from_state_dict(state)
+            native = {k[len("model."):] if k.startswith("model.") else k: v for k, v in state.items()}
+            return "edm", cfg, native, edm_spec(cfg, source=f"EDM checkpoint {path}")
         if is_official_dit_state_dict(state):
             cfg, state = load_official_dit(path, num_heads=num_heads)
             spec = spec_for("dit", cfg, None, source=f"official DiT checkpoint {path}")

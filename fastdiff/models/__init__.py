@@ -16,6 +16,7 @@ from ..errors import UnsupportedConfigError
 MODEL_KINDS = {
     "unet": ("fastdiff.models.unet", "UNetConfig", "UNet"),
     "dit": ("fastdiff.models.dit", "DiTConfig", "DiT"),
+    "edm": ("fastdiff.models.edm", "EDMUNetConfig", "EDMUNet"),
 }
 
 
