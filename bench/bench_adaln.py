@@ -11,31 +11,13 @@ read x, write y; gated residual: read x and y, write out) and the speed-up over 
 
 from __future__ import annotations
 
-import argparse
-import statistics
 
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_timing import kernel_bench_main, time_cuda
 
 SHAPES = [(2, 256, 1152), (16, 256, 1152)]  # (B, T, D)
-
-
-def time_cuda(fn, warmup: int = 10, iters: int = 100) -> tuple[float, float]:
-    """(median, p90) milliseconds of fn() with CUDA events, after warm-up."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
-    return statistics.median(times), times[min(len(times) - 1, int(0.9 * len(times)))]
 
 
 def candidates(x, y, shift, scale, gate):
@@ -83,16 +65,7 @@ def print_rows(rows) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dtype", nargs="+", default=["float16"], choices=["float16", "bfloat16", "float32"])
-    p.add_argument("--iters", type=int, default=100)
-    a = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_adaln: needs a CUDA GPU (none found); nothing measured")
-        return 0
-    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
-    print_rows(run(tuple(getattr(torch, d) for d in a.dtype), a.iters))
-    return 0
+    return kernel_bench_main("bench_adaln", __doc__.split("\n\n")[0], run, print_rows, argv)
 
 
 # ----------------------------------------------------------------------------------- pytest-benchmark

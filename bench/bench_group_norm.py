@@ -11,34 +11,13 @@ iterations), effective bandwidth counting one read and one write of x, and the s
 
 from __future__ import annotations
 
-import argparse
-import statistics
 
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_timing import kernel_bench_main, time_cuda
 
 SHAPES = [((2, 320, 64, 64), 32), ((2, 1280, 8, 8), 32)]
-
-
-def time_cuda(fn, warmup: int = 10, iters: int = 100, flush: bool = True) -> tuple[float, float]:
-    """(median, p90) milliseconds of fn() with CUDA events; L2 flushed before each timed call."""
-    scratch = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda") if flush else None
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        if scratch is not None:
-            scratch.zero_()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
-    return statistics.median(times), times[min(len(times) - 1, int(0.9 * len(times)))]
 
 
 def candidates(x, groups, w, b):
@@ -85,17 +64,7 @@ def print_rows(rows) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dtype", nargs="+", default=["float16"], choices=["float16", "bfloat16", "float32"])
-    p.add_argument("--iters", type=int, default=100)
-    p.add_argument("--no-flush", action="store_true", help="keep L2 warm between iterations")
-    a = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_group_norm: needs a CUDA GPU (none found); nothing measured")
-        return 0
-    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
-    print_rows(run(tuple(getattr(torch, d) for d in a.dtype), a.iters, not a.no_flush))
-    return 0
+    return kernel_bench_main("bench_group_norm", __doc__.split("\n\n")[0], run, print_rows, argv, flush_option=True)
 
 
 # ----------------------------------------------------------------------------------- pytest-benchmark

@@ -5,7 +5,6 @@ fixed output tensor on replay, so stale inputs, missed noise refills or wrong pa
 """
 
 import pytest
-import torch
 
 import fastdiff
 from helpers import rel_err

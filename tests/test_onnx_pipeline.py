@@ -1,7 +1,6 @@
 """ONNX artifacts as pipelines: fastdiff.load("model.onnx") and optimize(backend="onnxruntime") sample like eager."""
 
 import pytest
-import torch
 
 import fastdiff
 from fastdiff.errors import BadArgumentError

@@ -33,7 +33,6 @@ def is_guided_diffusion_state_dict(state: dict) -> bool:
 def guided_diffusion_config(state: dict, num_heads: Optional[int] = None,
                             head_channels: Optional[int] = None) -> UNetConfig:
     sd = state
-    model_ch = sd["input_blocks.0.0.weight"].shape[0]
     n_in = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("input_blocks."))
     # a downsampling input block holds one ResBlock and nothing else, with no skip / resample weights of
     # its own: find them as the blocks whose ResBlock keeps the channel count and that close a level.

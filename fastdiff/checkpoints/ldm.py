@@ -37,7 +37,6 @@ def ldm_unet_config(state: dict, num_heads: Optional[int] = None) -> UNetConfig:
     sd = _unet_keys(state)
     if "input_blocks.0.0.weight" not in sd:
         raise CheckpointError("not an ldm UNet: expected model.diffusion_model.input_blocks.0.0.weight")
-    model_ch = sd["input_blocks.0.0.weight"].shape[0]
     in_ch = sd["input_blocks.0.0.weight"].shape[1]
     out_ch = sd["out.2.weight"].shape[0]
     n_in = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("input_blocks."))

@@ -7,7 +7,6 @@ import os
 import torch
 
 from ..errors import BadArgumentError
-from ..spec import ModelSpec
 
 PRESET_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "presets")
 

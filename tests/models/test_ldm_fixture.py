@@ -1,6 +1,5 @@
 """Stable Diffusion single files (ldm UNetModel, SD1 conv and SD2 linear projections) vs the official outputs."""
 
-import json
 import os
 
 import pytest
