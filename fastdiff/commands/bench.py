@@ -63,6 +63,9 @@ def register(sub) -> None:
                    help="'diffusers': time the same weights in diffusers (eager) in this run; 'diffusers,compile' "
                         "also torch.compile of the diffusers model (max-autotune on a GPU)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the noise and random text states")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads for torch and ONNX Runtime (default: torch's default); 1 gives steadier "
+                        "figures on a shared machine")
     p.add_argument("--json", default=None, metavar="OUT.json",
                    help="write every figure with the device, versions and settings as JSON")
     p.add_argument("--plot", default=None, metavar="OUT.png", help="draw median latency vs batch per backend")
@@ -516,6 +519,10 @@ def run(args) -> int:
 
     backends = _parse_list(args.backends, "--backends", BACKENDS)
     batches = _parse_batches(args.batch)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise BadArgumentError(f"--threads: expected a positive integer, found {args.threads}")
+        torch.set_num_threads(args.threads)
     compare = _parse_list(args.compare, "--compare", COMPARE_CHOICES) if args.compare else []
     if compare and "diffusers" not in compare:
         raise BadArgumentError("--compare compile times torch.compile of the diffusers model: use "
@@ -575,6 +582,7 @@ def run(args) -> int:
             "settings": {"model": args.model, "backends": backends, "batch": batches, "steps": args.steps,
                          "sampler": args.sampler, "schedule": args.schedule, "cfg": args.cfg, "dtype": args.dtype,
                          "warmup": args.warmup, "repeat": args.repeat, "compare": compare, "seed": args.seed,
+                         "threads": torch.get_num_threads(),
                          "timing": "cuda events" if device.type == "cuda" else "perf_counter",
                          "memory": memory_method(device),
                          "measured": "one pipe.generate call (noise + sampling loop + CFG, no decode)"},

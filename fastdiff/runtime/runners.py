@@ -50,7 +50,9 @@ def build_runner(pipe, config: OptimizeConfig, graph_factory=None) -> tuple[Call
         except ImportError as e:
             raise BackendUnavailableError(f"backend 'onnxruntime' was requested but {e}") from e
         dtype = config.dtype or "fp32"
-        runner = OnnxRuntimeRunner.from_pipeline(pipe, dtype=dtype)
+        # on the CPU, ONNX Runtime gets the same thread budget as torch (no oversubscription)
+        threads = torch.get_num_threads() if device.type == "cpu" else None
+        runner = OnnxRuntimeRunner.from_pipeline(pipe, dtype=dtype, threads=threads)
     elif backend == "tensorrt":
         runner = _tensorrt_runner(pipe, config)
     else:  # pragma: no cover - OptimizeConfig validates
