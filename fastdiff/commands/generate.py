@@ -109,7 +109,7 @@ def check_backend(backend: str, device) -> None:
     if backend == "onnxruntime":
         if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None:
             raise BackendUnavailableError("backend 'onnxruntime' was requested but onnx / onnxruntime is not "
-                                          "installed (pip install fastdiff[onnx])")
+                                          "installed (pip install onnx onnxruntime)")
         return
     if backend == "tensorrt":
         if importlib.util.find_spec("tensorrt") is None:

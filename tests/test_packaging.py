@@ -1,0 +1,30 @@
+"""The built wheel holds every subpackage (a non-editable install must have the CLI, metrics, utils)."""
+
+import os
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_wheel_contains_every_package(tmp_path):
+    pytest.importorskip("setuptools", reason="building the wheel needs setuptools")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path), ROOT], check=True, cwd=str(tmp_path))
+    wheel = next(p for p in os.listdir(tmp_path) if p.endswith(".whl"))
+    names = zipfile.ZipFile(tmp_path / wheel).namelist()
+    for folder, _, files in os.walk(os.path.join(ROOT, "fastdiff")):
+        if "__init__.py" in files:
+            rel = os.path.relpath(folder, ROOT).replace(os.sep, "/")
+            assert f"{rel}/__init__.py" in names, f"{rel} missing from the wheel"
+    for mapped in ("fastdiff/kernels/__init__.py", "fastdiff/export/__init__.py", "fastdiff/kernels/attention.py",
+                   "fastdiff/export/onnx.py"):
+        assert mapped in names
+    presets = os.path.join(ROOT, "fastdiff", "presets")
+    for name in os.listdir(presets) if os.path.isdir(presets) else []:
+        for f in os.listdir(os.path.join(presets, name)):
+            if f.endswith((".json", ".safetensors")):
+                assert f"fastdiff/presets/{name}/{f}" in names
