@@ -42,6 +42,12 @@ class NoiseSource:
     def __len__(self) -> int:
         return len(self.generators)
 
+    def subset(self, start: int, stop: int) -> "NoiseSource":
+        """Samples [start, stop) as their own source, sharing (and advancing) the same generators."""
+        sub = object.__new__(NoiseSource)
+        sub.seeds, sub.device, sub.generators = self.seeds[start:stop], self.device, self.generators[start:stop]
+        return sub
+
     def randn(self, shape: Iterable[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """(len(seeds), *shape) standard normal; ``shape`` is the shape of ONE sample."""
         shape = tuple(shape)

@@ -83,38 +83,56 @@ class Pipeline:
 
     # ------------------------------------------------------------------------------------------
     def plan(self, steps: int, sampler: Optional[str] = None, schedule: Optional[str] = None, **options):
-        """The SamplingPlan for these settings: the checkpoint's scheduler config, or a named sampler."""
-        from .sampling import SAMPLERS, SCHEDULES, get_sigmas, plan_from_scheduler_config
-        from .scheduler_config import SamplingPlan
+        """The SamplingPlan for these settings: the checkpoint's scheduler config, or a named sampler.
+
+        ``options`` are the sampler's keyword options (``eta``, ``order``, ``s_churn``, ...), checked
+        against what the chosen sampler accepts.
+        """
+        from .sampling import SAMPLERS, SCHEDULES, get_sigmas, plan_from_scheduler_config, sampler_options
+        from .scheduler_config import SUPPORTED_SCHEDULERS, SamplingPlan
+        from .schedules import SPACINGS
 
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
             raise BadArgumentError(f"steps: expected a positive integer, found {steps!r}")
-        if sampler is None and self.spec.prediction_type == "edm":
-            sampler = "edm"  # EDM's own 2nd-order Heun sampler on the Karras grid (its published setting)
-        if sampler is None and schedule is None:
-            from .scheduler_config import SUPPORTED_SCHEDULERS
-
-            if self.spec.scheduler.get("_class_name") in SUPPORTED_SCHEDULERS:
-                return plan_from_scheduler_config(self.spec.scheduler, steps)
-            sampler = "ddim"  # e.g. SD's PNDMScheduler: DDIM on the same training schedule and spacing
-        sampler = sampler or "dpmpp_2m"
-        if sampler not in SAMPLERS:
+        if sampler is not None and sampler not in SAMPLERS:
             raise BadArgumentError(f"sampler: expected one of {sorted(SAMPLERS)}, found {sampler!r}")
         if schedule is not None and schedule not in SCHEDULES:
             raise BadArgumentError(f"schedule: expected one of {list(SCHEDULES)}, found {schedule!r}")
+        if sampler is None and self.spec.prediction_type == "edm":
+            sampler = "edm"  # EDM's own 2nd-order Heun sampler on the Karras grid (its published setting)
+        train_steps = int(self.spec.scheduler.get("num_train_timesteps", 1000))
+        if sampler is None and schedule is None and self.spec.scheduler.get("_class_name") in SUPPORTED_SCHEDULERS:
+            if steps > train_steps:
+                raise BadArgumentError(f"steps: expected at most {train_steps} (the training timesteps), found {steps}")
+            plan = plan_from_scheduler_config(self.spec.scheduler, steps)
+        else:
+            # no supported scheduler (e.g. SD's PNDMScheduler): DDIM on the same schedule and spacing
+            sampler = sampler or ("ddim" if sampler is None and schedule is None else "dpmpp_2m")
+            plan = self._named_plan(steps, sampler, schedule, train_steps, get_sigmas, SamplingPlan, SPACINGS)
+        unknown = sorted(set(options) - set(sampler_options(plan.sampler)))
+        if unknown:
+            raise BadArgumentError(f"sampler {plan.sampler!r}: unknown option(s) {unknown}; expected among "
+                                   f"{sampler_options(plan.sampler)}")
+        plan.options = {**plan.options, **options}
+        return plan
+
+    def _named_plan(self, steps, sampler, schedule, train_steps, get_sigmas, SamplingPlan, spacings):
         if self.spec.prediction_type == "edm":
             sigmas = get_sigmas(schedule or "karras", steps)
-            return SamplingPlan("named", sampler, sigmas, dict(options), "edm", {},
-                                init_noise_sigma=float(sigmas[0]))
-        ac = self.alphas_cumprod()
+            return SamplingPlan("named", sampler, sigmas, {}, "edm", {}, init_noise_sigma=float(sigmas[0]))
         default = self.spec.scheduler.get("timestep_spacing", "leading") if sampler in _TIMESTEP_SAMPLERS else "karras"
-        sigmas = get_sigmas(schedule or default, steps, alphas_cumprod=ac,
+        schedule = schedule or default
+        if schedule in spacings and steps > train_steps:
+            raise BadArgumentError(f"steps: schedule {schedule!r} spaces the {train_steps} training timesteps: "
+                                   f"expected at most {train_steps} steps, found {steps}")
+        ac = self.alphas_cumprod()
+        sigmas = get_sigmas(schedule, steps, alphas_cumprod=ac,
                             steps_offset=int(self.spec.scheduler.get("steps_offset", 0)))
         s0 = float(sigmas[0])
         denoiser_options = dict(alphas_cumprod=ac, prediction_type=self.spec.prediction_type)
         if self.spec.scheduler.get("clip_sample"):  # data lives in [-clip, clip]: clip the denoised x0
             denoiser_options["clip_sample"] = float(self.spec.scheduler.get("clip_sample_range", 1.0))
-        return SamplingPlan("named", sampler, sigmas, dict(options), "discrete", denoiser_options,
+        return SamplingPlan("named", sampler, sigmas, {}, "discrete", denoiser_options,
                             init_noise_sigma=math.sqrt(1 + s0 * s0))
 
     def alphas_cumprod(self) -> torch.Tensor:
@@ -184,7 +202,12 @@ class Pipeline:
                 callback(info)
 
         if self.loop_graphs is not None:
+            if callback is not None:
+                raise BadArgumentError("callback: a captured sampling loop (graph_scope='loop') runs no Python per "
+                                       "step; use graph_scope='step' to get per-step callbacks")
             x = self._sample_loop_graph(plan, denoiser, latents, extra, noise, (cfg_scale, guidance_rescale))
+            if bar is not None:
+                bar.update(plan.steps)
         else:
             x = plan.sample(denoiser, latents, extra_args=extra, noise=noise, callback=step_callback)
         if bar is not None:
@@ -192,15 +215,24 @@ class Pipeline:
         return _to_output(x, output_type)
 
     def _sample_loop_graph(self, plan, denoiser, latents, extra, noise, guidance) -> torch.Tensor:
-        """The whole loop from a captured graph, padded to the batch bucket (graph_scope="loop")."""
+        """The whole loop from a captured graph, padded to the batch bucket (graph_scope="loop").
+
+        Batches beyond the largest bucket run in bucket-sized chunks, each from its own samples' generators.
+        """
         from .runtime.graphs import bucket_for, pad_to
 
-        b = latents.shape[0]
+        b, top = latents.shape[0], self.config.batch_buckets[-1]
+        if b > top:
+            parts = [self._sample_loop_graph(plan, denoiser, latents[i:i + top],
+                                             _map_tree(extra, lambda t, i=i: _rows(t, i, top, b)),
+                                             noise.subset(i, i + top), guidance) for i in range(0, b, top)]
+            return torch.cat(parts)
         bucket = bucket_for(b, self.config.batch_buckets)
         padded = _map_tree(extra, lambda t: pad_to(t, bucket))
-        key = (bucket, tuple(latents.shape[1:]), plan.sampler, tuple(plan.sigmas.tolist()),
-               tuple(sorted(plan.options.items())), plan.init_noise_sigma, plan.output_scale, guidance,
-               repr(_map_tree(padded, lambda t: (tuple(t.shape), t.dtype))))
+        # everything that fixes the captured arithmetic: grid, sampler and its options, denoiser, shapes
+        key = (bucket, tuple(latents.shape[1:]), plan.scheduler, plan.sampler, tuple(plan.sigmas.tolist()),
+               _freeze(plan.options), plan.denoiser_kind, _freeze(plan.denoiser_options), plan.init_noise_sigma,
+               plan.output_scale, guidance, _freeze(_map_tree(padded, lambda t: (tuple(t.shape), t.dtype))))
 
         def run_loop(x, cond, step_noise):
             return plan.sample(denoiser, x, extra_args=cond, noise=step_noise)
@@ -216,20 +248,23 @@ class Pipeline:
             seeds = [seeds] if isinstance(seeds, int) else list(seeds)
             if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
                 raise BadArgumentError(f"seeds: expected a non-empty list of ints, found {seeds!r}")
-            return seeds
+            if n not in (1, len(seeds)):
+                raise BadArgumentError(f"n={n} but {len(seeds)} seeds were given: one sample per seed")
+            return [_check_seed(s) for s in seeds]
         if latents is not None:
             n = int(latents.shape[0])
         if not isinstance(n, int) or n < 1:
             raise BadArgumentError(f"n: expected a positive integer, found {n!r}")
         if seed is None:
             seed = random.randrange(2**31)
-        if not isinstance(seed, int):
+        if not isinstance(seed, int) or isinstance(seed, bool):
             raise BadArgumentError(f"seed: expected an int, found {seed!r}")
-        return [seed + i for i in range(n)]
+        return [_check_seed(seed + i) for i in range(n)]
 
     def _size(self, height, width) -> tuple[int, int]:
         h0, w0 = self.spec.sample_size
-        h, w = height or h0, width or w0
+        h = h0 if height is None else height
+        w = w0 if width is None else width
         for name, v in (("height", h), ("width", w)):
             if not isinstance(v, int) or v < 1:
                 raise BadArgumentError(f"{name}: expected a positive integer, found {v!r}")
@@ -253,6 +288,12 @@ class Pipeline:
                 labels = labels.expand(b)
             if labels.numel() != b:
                 raise BadArgumentError(f"class_labels: expected {b} labels (one per sample), found {labels.numel()}")
+            top = spec.num_classes if spec.null_class is None else max(spec.num_classes, spec.null_class + 1)
+            lo, hi = int(labels.min()), int(labels.max())  # host check, once per call (not in the loop)
+            if lo < 0 or hi >= top:
+                raise BadArgumentError(f"class_labels: expected labels in [0, {top - 1}] ({spec.num_classes} classes"
+                                       + (f", {spec.null_class} = unconditional" if spec.null_class is not None else "")
+                                       + f"), found {lo if lo < 0 else hi}")
             cond["class_labels"] = labels
             if guided:
                 if spec.null_class is None:
@@ -297,6 +338,33 @@ class Pipeline:
         n = sum(p.numel() for p in self.model.parameters()) if self.model is not None else 0
         return (f"Pipeline({self.spec.kind}, {n / 1e6:.2f}M params, {self.dtype}, {self.device}, "
                 f"prediction={self.spec.prediction_type}, source={self.spec.source!r})")
+
+
+def _rows(t: torch.Tensor, start: int, count: int, batch: int) -> torch.Tensor:
+    """Rows [start, start+count) of a per-sample tensor; tensors not batched per sample pass through."""
+    return t[start:start + count] if t.dim() > 0 and t.shape[0] == batch else t
+
+
+def _freeze(value):
+    """A hashable, value-based key: dicts and sequences by content, tensors by shape / dtype / values digest,
+    functions by name and closure (a fresh lambda with the same captured values is the same key)."""
+    if isinstance(value, dict):
+        return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    if torch.is_tensor(value):
+        flat = value.detach().reshape(-1).double().cpu()
+        return ("tensor", tuple(value.shape), str(value.dtype), float(flat.sum()), float((flat * flat).sum()))
+    if callable(value):
+        cells = tuple(_freeze(c.cell_contents) for c in (getattr(value, "__closure__", None) or ()))
+        return ("fn", getattr(value, "__qualname__", repr(value)), cells)
+    return value
+
+
+def _check_seed(seed: int) -> int:
+    if not 0 <= seed < 2**63:
+        raise BadArgumentError(f"seed: expected an integer in [0, 2**63), found {seed}")
+    return seed
 
 
 def _map_tree(d: dict, fn):

@@ -58,3 +58,21 @@ def test_cuda_graphs_without_cuda_is_a_note_not_an_error():
     pipe = fastdiff.load("arch:tiny-unet").optimize(cuda_graphs=True)
     assert any("cuda_graphs ignored" in n for n in pipe.notes)
     assert pipe.generate(seeds=[1], steps=2, progress=False).shape == (1, 3, 16, 16)
+
+
+def test_loop_graph_chunks_batches_beyond_the_largest_bucket(eager):
+    graphed = fastdiff.load("arch:tiny-dit").optimize(cuda_graphs=True, graph_scope="loop", batch_buckets=(2,),
+                                                      graph_factory=FakeGraph)
+    kw = dict(seeds=[1, 2, 3, 4, 5], class_labels=[0, 1, 2, 3, 4], steps=2, sampler="euler_ancestral",
+              cfg_scale=2.0, progress=False)
+    assert rel_err(graphed.generate(**kw), eager.generate(**kw)) <= 1e-5
+
+
+def test_loop_graph_reuses_scheduler_config_plans_and_refuses_callbacks():
+    graphed = fastdiff.load("arch:tiny-unet").optimize(cuda_graphs=True, graph_scope="loop", batch_buckets=(1,),
+                                                       graph_factory=FakeGraph)
+    for s in (1, 2, 3):  # the checkpoint's scheduler config (its plan holds fresh closures each call)
+        graphed.generate(seeds=[s], steps=3, progress=False)
+    assert graphed.loop_graphs.captures == 1
+    with pytest.raises(fastdiff.BadArgumentError, match="callback"):
+        graphed.generate(seeds=[1], steps=3, progress=False, callback=lambda info: None)

@@ -109,3 +109,33 @@ def test_half_precision_network_keeps_float32_state(tiny_unet):
     ref = tiny_unet.generate(seeds=[3], steps=3, sampler="dpmpp_2m", progress=False)
     assert out.dtype == torch.float32
     assert rel_err(out, ref) < 0.1
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    (dict(seeds=[1, 2], n=3), "n=3"),
+    (dict(seed=2**63), "seed"),
+    (dict(seeds=[-1]), "seed"),
+    (dict(height=0), "height"),
+    (dict(steps=1001, sampler="ddim"), "steps"),
+    (dict(eta=1.0, sampler="dpmpp_2m"), "unknown option"),
+])
+def test_more_bad_arguments(tiny_unet, kwargs, needle):
+    with pytest.raises(BadArgumentError) as e:
+        tiny_unet.generate(**{"steps": 2, "progress": False, **kwargs})
+    assert needle in str(e.value)
+
+
+def test_class_labels_out_of_range_are_refused_on_the_host():
+    pipe = fastdiff.load("arch:tiny-dit")  # 10 classes, null label 10
+    for bad in ([11], [-1]):
+        with pytest.raises(BadArgumentError, match="class_labels"):
+            pipe.generate(seeds=[1], class_labels=bad, steps=1, progress=False)
+    pipe.generate(seeds=[1], class_labels=[10], steps=1, progress=False)  # the null label is allowed
+
+
+def test_sampler_options_reach_the_scheduler_config_plan(tiny_unet):
+    assert tiny_unet.plan(4).sampler == "ddim"  # arch:tiny-unet ships a DDIMScheduler config
+    assert tiny_unet.plan(4, eta=0.5).options["eta"] == 0.5
+    a = tiny_unet.generate(seeds=[1], steps=4, progress=False)
+    b = tiny_unet.generate(seeds=[1], steps=4, progress=False, eta=0.5)
+    assert not torch.equal(a, b)
