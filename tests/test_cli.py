@@ -112,3 +112,20 @@ def test_help_explains_options(tmp_path):
     for opt in ("--sampler", "--steps", "--schedule", "--cfg", "--class", "--n", "--seed", "--height", "--width",
                 "--backend", "--dtype", "--separate", "--output-latents"):
         assert opt in r.stdout
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["-o", "/proc/x.png"], "cannot write"),
+    (["--seed", "99999999999999999999"], "--seed"),
+    (["--device", "meta"], "--device"),
+    (["--output-latents", "/nonexistent/x.safetensors"], "--output-latents"),
+])
+def test_generate_output_and_argument_errors_exit_2(tmp_path, extra, needle):
+    import subprocess
+    import sys as _sys
+
+    cmd = [_sys.executable, "-m", "fastdiff.cli", "generate", "arch:tiny-unet", "--steps", "1", "--n", "1",
+           "--no-progress", "-o", str(tmp_path / "o.png")] + extra
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=str(tmp_path))
+    assert r.returncode == 2, r.stderr
+    assert needle in r.stderr and "Traceback" not in r.stderr

@@ -27,7 +27,9 @@ _RESNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time
 
 
 def is_guided_diffusion_state_dict(state: dict) -> bool:
-    return "input_blocks.0.0.weight" in state and "time_embed.0.weight" in state and "out.2.weight" in state
+    """openai UNetModel keys without spatial transformers (those are ldm / Stable Diffusion UNets)."""
+    return ("input_blocks.0.0.weight" in state and "time_embed.0.weight" in state and "out.2.weight" in state
+            and not any(".transformer_blocks." in k for k in state))
 
 
 def guided_diffusion_config(state: dict, num_heads: Optional[int] = None,

@@ -25,10 +25,15 @@ _RESNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time
 
 
 def is_ldm_state_dict(state: dict) -> bool:
-    return any(k.startswith(PREFIX + "input_blocks.0.0.") for k in state)
+    """An ldm UNet: prefixed single-file keys, or bare UNet keys with spatial transformers."""
+    if any(k.startswith(PREFIX + "input_blocks.0.0.") for k in state):
+        return True
+    return "input_blocks.0.0.weight" in state and any(".transformer_blocks." in k for k in state)
 
 
 def _unet_keys(state: dict) -> dict:
+    if not any(k.startswith(PREFIX) for k in state):
+        return dict(state)  # a bare UNet state dict
     return {k[len(PREFIX):]: v for k, v in state.items() if k.startswith(PREFIX)}
 
 

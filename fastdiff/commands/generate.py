@@ -80,6 +80,8 @@ def default_device(device=None):
         dev = torch.device(device)
     except (RuntimeError, ValueError) as e:
         raise BadArgumentError(f"--device: expected a torch device (cpu, cuda, cuda:1), found {device!r}") from e
+    if dev.type not in ("cpu", "cuda"):
+        raise BadArgumentError(f"--device: expected cpu or cuda[:N], found {device!r}")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise BadArgumentError(f"--device {device}: torch sees no CUDA device here")
     return dev
@@ -174,16 +176,21 @@ def _validate(args) -> None:
             raise BadArgumentError(f"--{name}: expected a positive integer, found {v}")
     if not args.output.lower().endswith(".png"):
         raise BadArgumentError(f"-o/--output: expected a .png file name, found {args.output!r}")
-    folder = os.path.dirname(os.path.abspath(args.output))
-    if not os.path.isdir(folder):
-        raise BadArgumentError(f"-o/--output: folder {folder} does not exist")
     if args.output_latents is not None and not args.output_latents.endswith(".safetensors"):
         raise BadArgumentError(f"--output-latents: expected a .safetensors file name, found {args.output_latents!r}")
+    for flag, path in (("-o/--output", args.output), ("--output-latents", args.output_latents)):
+        if path is None:
+            continue
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise BadArgumentError(f"{flag}: folder {folder} does not exist")
+        if not os.access(folder, os.W_OK):
+            raise BadArgumentError(f"{flag}: folder {folder} is not writable")
+    if not 0 <= args.seed < 2**63 - args.n:
+        raise BadArgumentError(f"--seed: expected an integer in [0, 2**63 - n), found {args.seed}")
 
 
 def run(args) -> int:
-    import torch
-
     from ..errors import BadArgumentError
     from ..runtime.config import OptimizeConfig
 
@@ -221,6 +228,24 @@ def run(args) -> int:
     t_sample = time.perf_counter() - t0
 
     t0 = time.perf_counter()
+    try:
+        written = _write_outputs(args, x, is_image)
+    except OSError as e:  # e.g. a folder that exists but refuses files (/proc)
+        raise BadArgumentError(f"cannot write the output: {e}") from e
+    t_decode = time.perf_counter() - t0
+
+    for note in pipe.notes:
+        print(f"note: {note}", file=sys.stderr)
+    for path in written:
+        print(path)
+    print(f"load {t_load:.2f}s | optimise {t_opt:.2f}s | sample {t_sample:.2f}s | decode {t_decode:.2f}s")
+    return 0
+
+
+def _write_outputs(args, x, is_image: bool) -> list:
+    """Write the latents file and / or the PNG(s); returns the paths written."""
+    import torch
+
     written = []
     if args.output_latents is not None:
         from safetensors.torch import save_file
@@ -242,11 +267,4 @@ def run(args) -> int:
         else:
             Image.fromarray(mode(make_grid(imgs, grid_columns(len(imgs))))).save(args.output)
             written.append(args.output)
-    t_decode = time.perf_counter() - t0
-
-    for note in pipe.notes:
-        print(f"note: {note}", file=sys.stderr)
-    for path in written:
-        print(path)
-    print(f"load {t_load:.2f}s | optimise {t_opt:.2f}s | sample {t_sample:.2f}s | decode {t_decode:.2f}s")
-    return 0
+    return written

@@ -730,6 +730,8 @@ class UNet(nn.Module):
         if c.center_input_sample:
             x = 2 * x - 1.0
         t = _timesteps(timestep, b, x.device)  # (B,)
+        if c.time_embedding_type == "learned" and t.is_floating_point():
+            t = t.round().long()  # an embedding table: samplers may hand over fractional timesteps
         emb = self.time_embedding(self.time_proj(t).to(x.dtype))  # (B, temb)
         if self.class_embedding is not None:
             if class_labels is None:

@@ -34,3 +34,16 @@ def test_ldm_default_heads_follow_sd_conventions(ref):
     assert cfg.num_attention_heads == [8, 8]  # SD 1.x: 8 heads whatever the width
     cfg2 = fastdiff.load(os.path.join(LDM, "ldm_sd2_style.safetensors")).model.config
     assert cfg2.num_attention_heads == [1, 1]  # SD 2.x: 64 channels per head (32 channels -> 1 head)
+
+
+def test_bare_ldm_unet_state_dict_is_recognised(ref, tmp_path):
+    """A UNet saved without the model.diffusion_model. prefix is still an SD UNet (not guided-diffusion)."""
+    from safetensors.torch import save_file
+
+    state = load_file(os.path.join(LDM, "ldm_sd1_style.safetensors"))
+    bare = {k[len("model.diffusion_model."):]: v for k, v in state.items()}
+    save_file(bare, str(tmp_path / "unet.safetensors"))
+    pipe = fastdiff.load(str(tmp_path / "unet.safetensors"), num_heads=4)
+    with torch.no_grad():
+        out = pipe.model(ref["x"], ref["timesteps"], encoder_hidden_states=ref["context"])
+    torch.testing.assert_close(out, ref["sd1_style_eps"], rtol=1e-5, atol=2e-5)

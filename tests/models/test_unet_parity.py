@@ -121,3 +121,12 @@ def test_scalar_and_float_timesteps_broadcast():
     with torch.no_grad():
         assert rel_err(native(x, 10), ref(x, 10).sample) <= 1e-5
         assert rel_err(native(x, torch.tensor(10.5)), ref(x, torch.tensor(10.5)).sample) <= 1e-5
+
+
+def test_learned_time_embedding_matches_and_accepts_fractional_timesteps():
+    cfg = dict(UNET2D_CONFIGS["attn-default"], time_embedding_type="learned", num_train_timesteps=1000)
+    ref, native = _pair(diffusers.UNet2DModel, cfg, seed=8)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert rel_err(native(x, torch.tensor([3, 999])), ref(x, torch.tensor([3, 999])).sample) <= 1e-5
+        assert rel_err(native(x, torch.tensor([3.2, 998.7])), ref(x, torch.tensor([3, 999])).sample) <= 1e-5
