@@ -86,3 +86,19 @@ def test_scalar_timestep_broadcasts():
     g = GraphedNetwork(net, buckets=(4,), graph_factory=FakeGraph)
     x = torch.randn(3, 1, 2, 2)
     torch.testing.assert_close(g(x, torch.tensor(7)), net(x, torch.full((3,), 7)))
+
+
+def test_bucket_padded_network_only_sees_bucket_sizes():
+    from fastdiff.runtime.graphs import BucketPadded
+
+    seen = []
+
+    def recording(x, t, class_labels=None, encoder_hidden_states=None):
+        seen.append(x.shape[0])
+        return net(x, t, class_labels, encoder_hidden_states)
+
+    padded = BucketPadded(recording, buckets=(2, 4))
+    for n in (1, 3, 4, 6):
+        x, t = torch.randn(n, 1, 2, 2), torch.arange(n)
+        torch.testing.assert_close(padded(x, t), net(x, t))
+    assert set(seen) <= {2, 4}

@@ -55,13 +55,39 @@ class CudaGraph:
         return self.output
 
 
-class GraphedNetwork:
+class BucketPadded:
+    """Network callable that only ever sees batch sizes from ``buckets`` (padded up, result sliced back).
+
+    What a static-shape runner needs: ``torch.compile(dynamic=False)`` compiles once per bucket instead of
+    once per batch size, and CUDA graphs (``GraphedNetwork``) capture once per bucket.
+    """
+
+    def __init__(self, network: Callable, buckets: Sequence[int]):
+        self.network = network
+        self.buckets = tuple(sorted(buckets))
+
+    def __call__(self, x, timestep, class_labels=None, encoder_hidden_states=None):
+        n = x.shape[0]
+        if n > self.buckets[-1]:  # larger than any bucket: run in bucket-sized chunks
+            step = self.buckets[-1]
+            parts = [self(x[i:i + step], _rows(timestep, i, step), _rows(class_labels, i, step),
+                          _rows(encoder_hidden_states, i, step)) for i in range(0, n, step)]
+            return torch.cat(parts, dim=0)
+        bucket = bucket_for(n, self.buckets)
+        timestep = _as_batch(timestep, n, x.device)
+        inputs = [pad_to(t, bucket) for t in (x, timestep, class_labels, encoder_hidden_states)]
+        return self.run_bucket(bucket, inputs)[:n]
+
+    def run_bucket(self, bucket: int, inputs: list) -> torch.Tensor:
+        return self.network(*inputs)
+
+
+class GraphedNetwork(BucketPadded):
     """Network callable with per-signature captured graphs and padding to batch buckets."""
 
     def __init__(self, network: Callable, buckets: Sequence[int], max_graphs: int = 16,
                  graph_factory: Optional[Callable] = None):
-        self.network = network
-        self.buckets = tuple(sorted(buckets))
+        super().__init__(network, buckets)
         self.max_graphs = max_graphs
         self.graph_factory = graph_factory or CudaGraph
         self.graphs: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
@@ -75,16 +101,7 @@ class GraphedNetwork:
         return (bucket, tuple(x.shape[1:]), x.dtype, str(x.device), sig(timestep), sig(class_labels),
                 sig(encoder_hidden_states))
 
-    def __call__(self, x, timestep, class_labels=None, encoder_hidden_states=None):
-        n = x.shape[0]
-        if n > self.buckets[-1]:  # larger than any graph: run in bucket-sized chunks
-            step = self.buckets[-1]
-            parts = [self(x[i:i + step], _rows(timestep, i, step), _rows(class_labels, i, step),
-                          _rows(encoder_hidden_states, i, step)) for i in range(0, n, step)]
-            return torch.cat(parts, dim=0)
-        bucket = bucket_for(n, self.buckets)
-        timestep = _as_batch(timestep, n, x.device)
-        inputs = [pad_to(t, bucket) for t in (x, timestep, class_labels, encoder_hidden_states)]
+    def run_bucket(self, bucket: int, inputs: list) -> torch.Tensor:
         key = self.signature(bucket, *inputs)
         entry = self.graphs.get(key)
         if entry is None:
@@ -102,7 +119,7 @@ class GraphedNetwork:
         for buf, t in zip(static, inputs):
             if buf is not None:
                 buf.copy_(t)
-        return graph.replay()[:n].clone()
+        return graph.replay().clone()  # cloned: the next replay overwrites the static output
 
 
 def _as_batch(timestep, n: int, device) -> torch.Tensor:

@@ -41,6 +41,10 @@ def build_runner(pipe, config: OptimizeConfig, graph_factory=None) -> tuple[Call
         runner: Callable = model
         if backend == "compile":
             runner = torch.compile(model, fullgraph=True, dynamic=False, mode=config.compile_mode)
+            if not config.cuda_graphs:  # one static shape per bucket (graphs pad to buckets themselves)
+                from .graphs import BucketPadded
+
+                runner = BucketPadded(runner, config.batch_buckets)
         if config.channels_last:
             inner = runner
             runner = lambda x, *a, **k: inner(x.contiguous(memory_format=torch.channels_last), *a, **k)  # noqa: E731
