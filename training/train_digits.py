@@ -17,7 +17,8 @@ Choices (recorded in the saved spec and in ``training_log.json``):
   follows it and the run stops, saves and says so when it reaches 1. On an idle 2-core machine the step
   count binds first (~1.7 it/s: 3200 steps in ~32 min) and the run is bit-reproducible from the seed;
   on a loaded machine the time budget binds, the schedule still decays to its end, and
-  ``training_log.json`` records ``stopped_by: "time"`` and the steps actually taken.
+  ``training_log.json`` records it (``time_driven_steps`` > 0 or ``stopped_by: "time"``, hence
+  ``bit_reproducible: false``) and the steps actually taken.
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ def train(args) -> dict:
 
     t0, step, losses, log = time.time(), 0, [], []
     perm, pos = torch.randperm(len(x_all), generator=gen), 0
-    stopped_by = "steps"
+    stopped_by, time_driven_steps = "steps", 0
     while step < args.steps:
         time_fraction = (time.time() - t0) / (args.minutes * 60)
         if time_fraction >= 1:
@@ -115,6 +116,8 @@ def train(args) -> dict:
             print(f"time budget of {args.minutes} min reached at step {step}: stopping", flush=True)
             break
         progress = max(step / args.steps, time_fraction)
+        # After warm-up the LR depends on progress: a step where the clock leads makes the run timing-dependent.
+        time_driven_steps += step >= args.warmup and time_fraction > step / args.steps
         if pos + args.batch > len(perm):  # a fresh epoch: new permutation, remainder dropped
             perm, pos = torch.randperm(len(x_all), generator=gen), 0
         idx = perm[pos:pos + args.batch]
@@ -155,7 +158,8 @@ def train(args) -> dict:
     tail = losses[-min(len(losses), 500):]
     info = {
         "seed": args.seed, "steps": step, "planned_steps": args.steps, "budget_minutes": args.minutes,
-        "stopped_by": stopped_by,
+        "stopped_by": stopped_by, "time_driven_steps": time_driven_steps,
+        "bit_reproducible": stopped_by == "steps" and time_driven_steps == 0,
         "batch_size": args.batch, "lr": args.lr, "ema_decay": args.ema, "p_uncond": args.p_uncond,
         "threads": args.threads, "wall_time_s": round(wall, 1),
         "final_loss": sum(tail) / max(1, len(tail)), "final_loss_window": len(tail),
@@ -164,6 +168,10 @@ def train(args) -> dict:
     }
     with open(os.path.join(args.out, "training_log.json"), "w") as f:
         json.dump(info, f, indent=1)
+    # The folder is written through private temp files; these files ship with the package.
+    os.chmod(args.out, 0o755)
+    for name in os.listdir(args.out):
+        os.chmod(os.path.join(args.out, name), 0o644)
     print(f"saved {args.out}: {step} steps in {wall / 60:.1f} min, final loss {info['final_loss']:.4f}, "
           f"{info['file_size_bytes']:,} bytes", flush=True)
     return info
