@@ -16,9 +16,8 @@ from .errors import BadArgumentError
 from .spec import ModelSpec
 
 OUTPUT_TYPES = ("tensor", "np", "pil")
-# Samplers whose natural grid is the training timesteps (diffusers' DDIM / DDPM); the others default to
-# a Karras grid, the usual few-step choice (k-diffusion, ComfyUI).
-_TIMESTEP_SAMPLERS = ("ddim", "ddpm")
+_LEADING_DEFAULT = ("heun", "edm")  # samplers whose default grid on discrete-time models is "leading"
+_SIGMA_MAX_CAP = 80.0  # EDM's sigma_max: the top of continuous (karras / exponential / uniform) grids
 
 
 class Pipeline:
@@ -120,13 +119,20 @@ class Pipeline:
         if self.spec.prediction_type == "edm":
             sigmas = get_sigmas(schedule or "karras", steps)
             return SamplingPlan("named", sampler, sigmas, {}, "edm", {}, init_noise_sigma=float(sigmas[0]))
-        default = self.spec.scheduler.get("timestep_spacing", "leading") if sampler in _TIMESTEP_SAMPLERS else "karras"
-        schedule = schedule or default
+        # Default grid: the training timesteps with the checkpoint's spacing. Heun-type samplers take
+        # "leading" spacing (starting one stride below T): their trapezoidal correction breaks on a first
+        # step spanning orders of magnitude, as from t=999 of a cosine schedule (sigma ~ 2e4) to t=749.
+        schedule = schedule or ("leading" if sampler in _LEADING_DEFAULT else
+                                self.spec.scheduler.get("timestep_spacing", "leading"))
         if schedule in spacings and steps > train_steps:
             raise BadArgumentError(f"steps: schedule {schedule!r} spaces the {train_steps} training timesteps: "
                                    f"expected at most {train_steps} steps, found {steps}")
         ac = self.alphas_cumprod()
-        sigmas = get_sigmas(schedule, steps, alphas_cumprod=ac,
+        table_max = float(((1 - ac[-1]) / ac[-1]) ** 0.5)
+        # Continuous grids start no higher than EDM's sigma_max = 80 (SNR 1.6e-4: pure noise already);
+        # above it a cosine schedule's tail would only spend steps on noise.
+        sigma_max = min(table_max, _SIGMA_MAX_CAP) if schedule not in spacings else None
+        sigmas = get_sigmas(schedule, steps, alphas_cumprod=ac, sigma_max=sigma_max,
                             steps_offset=int(self.spec.scheduler.get("steps_offset", 0)))
         s0 = float(sigmas[0])
         denoiser_options = dict(alphas_cumprod=ac, prediction_type=self.spec.prediction_type)

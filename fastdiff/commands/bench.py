@@ -48,7 +48,7 @@ def register(sub) -> None:
     p.add_argument("--steps", type=int, default=20, metavar="N", help="sampling steps per call (default 20)")
     p.add_argument("--sampler", choices=sorted(SAMPLERS), default="dpmpp_2m", help="sampler (default dpmpp_2m)")
     p.add_argument("--schedule", choices=list(SCHEDULES), default=None,
-                   help="sigma grid (default: karras, or the checkpoint's spacing for ddim / ddpm)")
+                   help="sigma grid (default: the checkpoint's timestep spacing; karras for EDM models)")
     p.add_argument("--cfg", type=float, default=1.0, metavar="G",
                    help="classifier-free guidance scale; != 1 doubles the network batch (default 1)")
     p.add_argument("--dtype", choices=list(DTYPES), default=None,
@@ -63,6 +63,14 @@ def register(sub) -> None:
                    help="'diffusers': time the same weights in diffusers (eager) in this run; 'diffusers,compile' "
                         "also torch.compile of the diffusers model (max-autotune on a GPU)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the noise and random text states")
+    p.add_argument("--quality", action="store_true",
+                   help="instead of latency: digits-FD and class accuracy vs NFE for every sampler on a digits "
+                        "model (builtin:digits), guided at --cfg (default 3 here); --plot draws the curves")
+    p.add_argument("--nfe", default="4,6,8,10,15,20,50,100", metavar="LIST",
+                   help="--quality: NFE budgets (default 4,6,8,10,15,20,50,100)")
+    p.add_argument("--samplers", default=None, metavar="LIST", help="--quality: samplers (default: all)")
+    p.add_argument("--per-class", type=int, default=20, metavar="N",
+                   help="--quality: samples per digit class per cell (default 20)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads for torch and ONNX Runtime (default: torch's default); 1 gives steadier "
                         "figures on a shared machine")
@@ -523,6 +531,8 @@ def run(args) -> int:
         if args.threads < 1:
             raise BadArgumentError(f"--threads: expected a positive integer, found {args.threads}")
         torch.set_num_threads(args.threads)
+    if args.quality:
+        return run_quality(args)
     compare = _parse_list(args.compare, "--compare", COMPARE_CHOICES) if args.compare else []
     if compare and "diffusers" not in compare:
         raise BadArgumentError("--compare compile times torch.compile of the diffusers model: use "
@@ -600,3 +610,59 @@ def run(args) -> int:
                                                 f"{dev_name}")
         log(f"wrote {args.plot}")
     return 1 if any(r.get("status") == "failed" for r in list(results) + list(compare_rows)) else 0
+
+
+def run_quality(args) -> int:
+    """``fastdiff bench --quality``: the digits-FD / accuracy vs NFE table (and curves with --plot)."""
+    import json
+
+    from ..errors import BadArgumentError
+    from ..metrics.quality import format_table, quality_table
+    from ..sampling import SAMPLERS
+    from .generate import load_pipeline
+
+    try:
+        nfes = sorted({int(v) for v in args.nfe.split(",") if v.strip()})
+    except ValueError as e:
+        raise BadArgumentError(f"--nfe: expected comma-separated integers, found {args.nfe!r}") from e
+    if not nfes or nfes[0] < 1:
+        raise BadArgumentError(f"--nfe: expected positive integers, found {args.nfe!r}")
+    samplers = _parse_list(args.samplers, "--samplers", tuple(SAMPLERS)) if args.samplers else sorted(SAMPLERS)
+    if args.per_class < 2:
+        raise BadArgumentError(f"--per-class: expected at least 2, found {args.per_class}")
+    cfg = args.cfg if args.cfg != 1.0 else 3.0
+    from .generate import default_device
+
+    pipe = load_pipeline(args.model, default_device(args.device))
+    rows = quality_table(pipe, samplers, nfes, per_class=args.per_class, cfg_scale=cfg, seed=args.seed,
+                         progress=lambda r: print(f"  {r.sampler:<16} NFE {r.nfe_budget:>3} ({r.steps} steps): "
+                                                  f"digits-FD {r.digits_fd:7.2f}  accuracy {r.accuracy:.3f}  "
+                                                  f"{r.seconds:6.1f}s", flush=True))
+    print(f"quality of {args.model}: {args.per_class * 10} guided samples per cell (cfg {cfg}), seeds from "
+          f"{args.seed}")
+    print(format_table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"model": args.model, "cfg": cfg, "per_class": args.per_class,
+                       "rows": [r.as_dict() for r in rows]}, f, indent=2)
+        print(f"wrote {args.json}")
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for s in dict.fromkeys(r.sampler for r in rows):
+            pts = [(r.nfe, r.digits_fd) for r in rows if r.sampler == s]
+            ax.plot(*zip(*pts), marker="o", label=s)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("network evaluations (NFE)")
+        ax.set_ylabel("digits-FD (lower is better)")
+        ax.legend(fontsize=7, ncol=2)
+        ax.grid(True, which="both", alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=120)
+        print(f"wrote {args.plot}")
+    return 0
