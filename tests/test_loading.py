@@ -136,3 +136,12 @@ def test_unsupported_config_field_names_field_and_value(tmp_path, ref_unet, fiel
     with pytest.raises(UnsupportedConfigError) as e:
         fastdiff.load(str(tmp_path))
     assert field in str(e.value) and repr(value) in str(e.value)
+
+
+def test_saved_files_get_ordinary_permissions(tmp_path):
+    pipe = fastdiff.load("arch:tiny-unet")
+    pipe.save(str(tmp_path / "m"))
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (os.stat(tmp_path / "m").st_mode & 0o777) == 0o777 & ~mask
+    assert (os.stat(tmp_path / "m" / "model.safetensors").st_mode & 0o777) == 0o666 & ~mask

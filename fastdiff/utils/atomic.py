@@ -23,6 +23,17 @@ def _check_parent(path: str) -> str:
     return parent
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _public(path: str, mode: int) -> None:
+    """mkstemp / mkdtemp create private (0600 / 0700) entries: give the result the usual permissions."""
+    os.chmod(path, mode & ~_umask())
+
+
 @contextlib.contextmanager
 def atomic_path(path: str, suffix: str = ""):
     """Yield a temp file path; on success it is renamed onto ``path``, on failure removed."""
@@ -31,6 +42,7 @@ def atomic_path(path: str, suffix: str = ""):
     os.close(fd)
     try:
         yield tmp
+        _public(tmp, 0o666)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -45,6 +57,12 @@ def atomic_dir(path: str):
     tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(os.path.normpath(path)) + "-", dir=parent)
     try:
         yield tmp
+        _public(tmp, 0o777)
+        for root, dirs, files in os.walk(tmp):
+            for d in dirs:
+                _public(os.path.join(root, d), 0o777)
+            for f in files:
+                _public(os.path.join(root, f), 0o666)
         old = None
         if os.path.exists(path):
             old = tempfile.mkdtemp(prefix=".old-", dir=parent)
