@@ -1,0 +1,98 @@
+"""GPU-only checks, run by bench/gpu_check.sh (``TRITON_INTERPRET=0 pytest -m gpu tests``).
+
+They skip with a reason on a machine without CUDA. On a GPU: the Triton kernels against torch at the
+model shapes, the fused backend at model level, CUDA-graph replay (step and loop scopes) against eager,
+no recapture for a batch that fits a captured bucket, and compile + graphs together.
+"""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastdiff
+from helpers import rel_err
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+needs_compiled_triton = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
+                                           reason="TRITON_INTERPRET=1: run with TRITON_INTERPRET=0 on the GPU")
+
+
+@needs_compiled_triton
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-2), (torch.bfloat16, 5e-2)])
+@pytest.mark.parametrize("shape,groups", [((2, 320, 64, 64), 32), ((2, 1280, 8, 8), 32), ((3, 123, 7, 5), 41)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_group_norm_silu_on_gpu(dtype, tol, shape, groups, channels_last):
+    from fastdiff.kernels import group_norm
+
+    x = torch.randn(shape, device="cuda", dtype=dtype) + 0.5
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    w, b = torch.randn(shape[1], device="cuda", dtype=dtype), torch.randn(shape[1], device="cuda", dtype=dtype)
+    want = F.silu(F.group_norm(x.float(), groups, w.float(), b.float(), 1e-5))
+    got = group_norm(x, groups, w, b, 1e-5, activation="silu")
+    assert got.dtype == dtype and rel_err(got.float(), want) <= tol
+
+
+@needs_compiled_triton
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 1e-2), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("b,h,nq,nk,d", [(2, 8, 4096, 4096, 40), (2, 8, 4096, 77, 40), (2, 16, 256, 256, 72),
+                                         (1, 5, 1024, 77, 64), (1, 4, 333, 333, 128)])
+def test_attention_on_gpu(dtype, tol, b, h, nq, nk, d):
+    from fastdiff.kernels import attention
+
+    q = torch.randn(b, h, nq, d, device="cuda", dtype=dtype)
+    k, v = (torch.randn(b, h, nk, d, device="cuda", dtype=dtype) for _ in range(2))
+    want = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    assert rel_err(attention(q, k, v).float(), want) <= tol
+
+
+@needs_compiled_triton
+def test_adaln_on_gpu():
+    from fastdiff.kernels import adaln_modulate, gated_residual
+
+    x, y = (torch.randn(2, 256, 1152, device="cuda", dtype=torch.float16) for _ in range(2))
+    shift, scale, gate = (torch.randn(2, 1152, device="cuda", dtype=torch.float16) for _ in range(3))
+    want = F.layer_norm(x.float(), (1152,), eps=1e-6) * (1 + scale.float()[:, None]) + shift.float()[:, None]
+    assert rel_err(adaln_modulate(x, shift, scale).float(), want) <= 2e-2
+    assert rel_err(gated_residual(x, gate, y).float(), x.float() + gate.float()[:, None] * y.float()) <= 1e-2
+
+
+@needs_compiled_triton
+@pytest.mark.parametrize("arch", ["tiny-unet", "tiny-dit"])
+def test_triton_backend_model_level_on_gpu(arch):
+    kw = dict(seeds=[1, 2], steps=4, sampler="dpmpp_2m", progress=False)
+    if arch == "tiny-dit":
+        kw.update(class_labels=[1, 2], cfg_scale=3.0)
+    eager = fastdiff.load(f"arch:{arch}", device="cuda", dtype=torch.float16).generate(**kw)
+    fused = fastdiff.load(f"arch:{arch}", device="cuda", dtype=torch.float16).optimize(backend="triton").generate(**kw)
+    assert rel_err(fused, eager) <= 2e-2
+
+
+@pytest.mark.parametrize("scope", ["step", "loop"])
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "euler_ancestral"])
+def test_cuda_graph_replay_equals_eager(scope, sampler):
+    kw = dict(steps=4, sampler=sampler, cfg_scale=3.0, progress=False)
+    eager = fastdiff.load("arch:tiny-dit", device="cuda")
+    graphed = fastdiff.load("arch:tiny-dit", device="cuda").optimize(cuda_graphs=True, graph_scope=scope,
+                                                                     batch_buckets=(1, 2, 4))
+    for seeds, labels in (([1, 2, 3], [0, 4, 9]), ([7], [2]), ([8, 9, 10], [3, 3, 3])):
+        want = eager.generate(seeds=seeds, class_labels=labels, **kw)
+        got = graphed.generate(seeds=seeds, class_labels=labels, **kw)
+        assert rel_err(got, want) <= 1e-4
+    captures = graphed.loop_graphs.captures if scope == "loop" else graphed.runner.captures
+    graphed.generate(seeds=[11, 12, 13], class_labels=[1, 2, 3], **kw)  # fits a captured bucket
+    assert (graphed.loop_graphs.captures if scope == "loop" else graphed.runner.captures) == captures
+
+
+def test_compile_with_cuda_graphs_equals_eager():
+    kw = dict(seeds=[1, 2], class_labels=[1, 2], steps=3, sampler="dpmpp_2m", cfg_scale=2.0, progress=False)
+    eager = fastdiff.load("arch:tiny-dit", device="cuda").generate(**kw)
+    fast = fastdiff.load("arch:tiny-dit", device="cuda").optimize(backend="compile", cuda_graphs=True,
+                                                                  batch_buckets=(2, 4))
+    assert rel_err(fast.generate(**kw), eager) <= 1e-4
