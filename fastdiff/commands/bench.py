@@ -653,9 +653,10 @@ def run_quality(args) -> int:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for s in dict.fromkeys(r.sampler for r in rows):
+        colors = plt.get_cmap("tab20").colors  # 12 samplers: more distinct colours than the default cycle
+        for i, s in enumerate(dict.fromkeys(r.sampler for r in rows)):
             pts = [(r.nfe, r.digits_fd) for r in rows if r.sampler == s]
-            ax.plot(*zip(*pts), marker="o", label=s)
+            ax.plot(*zip(*pts), marker="os^vD"[i % 5], color=colors[(2 * i) % 20 + (i // 10)], label=s)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("network evaluations (NFE)")
