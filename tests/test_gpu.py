@@ -19,7 +19,7 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 
-needs_compiled_triton = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
+needs_compiled_triton = pytest.mark.skipif(torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") == "1",
                                            reason="TRITON_INTERPRET=1: run with TRITON_INTERPRET=0 on the GPU")
 
 
