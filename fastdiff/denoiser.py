@@ -164,7 +164,7 @@ class DiscreteDenoiser(Denoiser):
         self.sigmas = (((1 - ac) / ac) ** 0.5).to(torch.float64)
         self.log_sigmas = self.sigmas.log()
         self.sigma_min, self.sigma_max = float(self.sigmas[0]), float(self.sigmas[-1])
-        self._tables, self._coeffs = {}, {}
+        self._tables, self._coeffs, self._timestep_tensors = {}, {}, {}
 
     def _table(self, device: torch.device):
         """Per-device copies of the lookup tables (float64 where the device has it)."""
@@ -207,6 +207,8 @@ class DiscreteDenoiser(Denoiser):
         """(timestep, c_in, c_skip, c_out) for one host sigma, cached: x0 = c_skip x + c_out F(c_in x, t)."""
         c = self._coeffs.get(sigma)
         if c is None:
+            if len(self._coeffs) > 4096:  # bounded like the timestep tensors
+                self._coeffs.clear()
             if self.timestep_type == "continuous":
                 t = 0.25 * math.log(sigma)
             else:
@@ -225,9 +227,18 @@ class DiscreteDenoiser(Denoiser):
 
     def predict_at(self, x, sigma: float, **cond):
         t, c_in, c_skip, c_out = self._host_coeffs(float(sigma))
-        ts = torch.full((x.shape[0],), t, dtype=torch.float32, device=x.device)
-        out = self.model((x * c_in).to(self.dtype), ts, **cond)
-        out = _split_learned_variance(out, x.shape[1]).to(x.dtype)
+        # the (B,) timestep tensor is built once per (t, batch, device) and reused: one launch fewer per step
+        key = (t, x.shape[0], x.device)
+        ts = self._timestep_tensors.get(key)
+        if ts is None:
+            if len(self._timestep_tensors) > 4096:  # bounded: a long-lived server sees many grids
+                self._timestep_tensors.clear()
+            ts = self._timestep_tensors[key] = torch.full((x.shape[0],), t, dtype=torch.float32, device=x.device)
+        inp = x * c_in
+        out = self.model(inp if inp.dtype == self.dtype else inp.to(self.dtype), ts, **cond)
+        out = _split_learned_variance(out, x.shape[1])
+        if out.dtype != x.dtype:
+            out = out.to(x.dtype)
         if c_skip == 1.0:
             return torch.add(x, out, alpha=c_out)
         if c_skip == 0.0:
