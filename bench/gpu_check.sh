@@ -16,6 +16,7 @@
 # Every step runs under `timeout`, capped by a global deadline so the script ends within 8 minutes.
 # A failing step does not stop the script; it is recorded in the summary. Fixtures travel in the ignored
 # gpu_payload/fixtures folder (FASTDIFF_FIXTURES is set to it); nothing is read from ../shared.
+# bench/stage_gpu_payload.sh prepares gpu_payload/ (fixtures + offline wheels) on the development machine.
 # Output goes to ${FASTDIFF_GPU_OUT:-$OUT} (or gpu_out/) : logs, JSON, plots.
 
 set -u
