@@ -32,7 +32,7 @@ SUMMARY="$RESULTS/summary.tsv"
 export TRITON_INTERPRET=0
 export PYTHONUNBUFFERED=1
 export TQDM_DISABLE=1
-PY=${PYTHON:-python}
+PY=${PYTHON:-python3}
 
 # step NAME LIMIT_S CMD...: run CMD under timeout (capped by the deadline), log to $RESULTS/NAME.log,
 # record "NAME<TAB>status<TAB>seconds" in the summary.
@@ -78,6 +78,7 @@ if $PY -c "import diffusers" > /dev/null 2>&1; then
     note diffusers "already installed: $($PY -c 'import diffusers; print(diffusers.__version__)')"
 elif [ -d "$WHEELS" ]; then
     step diffusers-install 90 $PY -m pip install --no-index --find-links "$WHEELS" diffusers
+    $PY -c "import diffusers" > /dev/null 2>&1 || COMPARE=""   # a failed install: no comparison rows
 else
     note diffusers "skipped: no wheel folder (FASTDIFF_WHEELS or gpu_payload/wheels); no diffusers comparison"
     COMPARE=""
@@ -108,10 +109,10 @@ bench_model() {  # NAME ARCH CFG
     local name=$1 arch=$2 cfg=$3
     local cmp_fast="" cmp_comp=""
     if [ -n "$COMPARE" ]; then cmp_fast="--compare diffusers"; cmp_comp="--compare diffusers,compile"; fi
-    step "$name-eager-triton" 75 fastdiff bench "$arch" --backends eager,triton --batch 1 --steps 20 \
+    step "$name-eager-triton" 75 $PY -m fastdiff.cli bench "$arch" --backends eager,triton --batch 1 --steps 20 \
         --sampler dpmpp_2m --cfg "$cfg" --dtype fp16 --warmup 2 --repeat 5 $cmp_fast \
         --json "$RESULTS/$name-eager-triton.json"
-    step "$name-compile" 120 fastdiff bench "$arch" --backends compile --batch 1 --steps 20 \
+    step "$name-compile" 120 $PY -m fastdiff.cli bench "$arch" --backends compile --batch 1 --steps 20 \
         --sampler dpmpp_2m --cfg "$cfg" --dtype fp16 --warmup 2 --repeat 5 $cmp_comp \
         --json "$RESULTS/$name-compile.json"
 }
@@ -142,7 +143,9 @@ for path in sorted(glob.glob(os.path.join(results, "*.json"))):
     except Exception as e:
         print(f"{os.path.basename(path):52s} unreadable: {e}")
         continue
-    model = d["settings"]["model"].replace("arch:", "")
+    if not isinstance(d, dict) or "settings" not in d:  # not a fastdiff bench file
+        continue
+    model = str(d["settings"].get("model", "?")).replace("arch:", "")
     ratios = {(r["backend"], r["batch"], r["vs"]): r["ratio"] for r in d.get("ratios", [])}
     for r in d.get("results", []) + d.get("compare", []):
         name = r.get("backend") or r.get("impl")

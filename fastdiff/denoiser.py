@@ -231,9 +231,10 @@ class DiscreteDenoiser(Denoiser):
         key = (t, x.shape[0], x.device)
         ts = self._timestep_tensors.get(key)
         if ts is None:
-            if len(self._timestep_tensors) > 4096:  # bounded: a long-lived server sees many grids
-                self._timestep_tensors.clear()
-            ts = self._timestep_tensors[key] = torch.full((x.shape[0],), t, dtype=torch.float32, device=x.device)
+            ts = torch.full((x.shape[0],), t, dtype=torch.float32, device=x.device)
+            # bounded, and never cleared: a captured CUDA graph may read a cached tensor's address
+            if len(self._timestep_tensors) < 4096:
+                self._timestep_tensors[key] = ts
         inp = x * c_in
         out = self.model(inp if inp.dtype == self.dtype else inp.to(self.dtype), ts, **cond)
         out = _split_learned_variance(out, x.shape[1])

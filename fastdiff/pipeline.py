@@ -76,7 +76,7 @@ class Pipeline:
         self.notes.extend(notes)
         self.loop_graphs = None
         capturable = graph_factory is not None or (self.device.type == "cuda" and torch.cuda.is_available())
-        if config.cuda_graphs and config.graph_scope == "loop" and capturable:
+        if config.cuda_graphs and config.graph_scope == "loop" and capturable and config.backend != "onnxruntime":
             self.loop_graphs = LoopGraphCache(config.max_graphs, graph_factory)
         return self
 

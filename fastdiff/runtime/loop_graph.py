@@ -82,7 +82,9 @@ class LoopGraphCache:
             graph = self.graph_factory(loop, [static_x], pool=self.pool)
             self.pool = getattr(graph, "pool", self.pool)
             self.captures += 1
-            entry = dict(graph=graph, x=static_x, cond=static_cond, noise=noise)
+            # the entry keeps ``loop`` (and through it the denoiser and every tensor the capture read,
+            # e.g. cached timestep tensors) alive as long as the graph: a replay reads those addresses
+            entry = dict(graph=graph, x=static_x, cond=static_cond, noise=noise, loop=loop)
             self.entries[key] = entry
             while len(self.entries) > self.max_graphs:
                 self.entries.popitem(last=False)

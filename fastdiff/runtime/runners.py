@@ -56,13 +56,16 @@ def build_runner(pipe, config: OptimizeConfig, graph_factory=None) -> tuple[Call
         dtype = config.dtype or "fp32"
         # on the CPU, ONNX Runtime gets the same thread budget as torch (no oversubscription)
         threads = torch.get_num_threads() if device.type == "cpu" else None
-        runner = OnnxRuntimeRunner.from_pipeline(pipe, dtype=dtype, threads=threads)
+        runner = OnnxRuntimeRunner.from_pipeline(pipe, device=device, dtype=dtype, threads=threads)
     elif backend == "tensorrt":
         runner = _tensorrt_runner(pipe, config)
     else:  # pragma: no cover - OptimizeConfig validates
         raise BackendUnavailableError(backend)
 
-    if config.cuda_graphs:
+    if config.cuda_graphs and backend == "onnxruntime":
+        # ONNX Runtime launches on its own stream and synchronises: nothing of it can be captured
+        notes.append("cuda_graphs ignored: the onnxruntime backend runs outside torch's CUDA streams")
+    elif config.cuda_graphs:
         if graph_factory is None and (device.type != "cuda" or not torch.cuda.is_available()):
             notes.append("cuda_graphs ignored: no CUDA device (graphs need one)")
         elif config.graph_scope == "step":
