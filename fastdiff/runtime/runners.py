@@ -101,5 +101,8 @@ def _tensorrt_runner(pipe, config: OptimizeConfig):
     export_onnx(pipe, pipe.spec, onnx_path, dtype="fp32", dynamic_batch=True, progress=False)
     precision = config.dtype or "fp16"
     # the network batch doubles under CFG: the profile covers up to twice the largest bucket
-    return TensorRTRunner.from_onnx(onnx_path, device=pipe.device, batch=(1, buckets[0], 2 * buckets[-1]),
-                                    height=h, width=w, precision=precision)
+    # text states: any prompt length from 1 to 4 x 77 tokens (77 is CLIP's, the optimum)
+    sequence = (1, 77, 308) if pipe.spec.cross_attention_dim else None
+    opt = min(2 * buckets[0], 2 * buckets[-1])
+    return TensorRTRunner.from_onnx(onnx_path, device=pipe.device, batch=(1, opt, 2 * buckets[-1]),
+                                    height=h, width=w, sequence=sequence, precision=precision)
