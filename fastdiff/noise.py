@@ -17,6 +17,8 @@ Usage::
 
 from __future__ import annotations
 
+import numbers
+
 from typing import Iterable, Sequence, Union
 
 import torch
@@ -32,9 +34,11 @@ class NoiseSource:
     """
 
     def __init__(self, seeds: Union[int, Sequence[int]], device: Union[str, torch.device] = "cpu"):
-        seeds = [seeds] if isinstance(seeds, int) else list(seeds)
-        if not seeds or not all(isinstance(s, int) for s in seeds):
-            raise BadArgumentError(f"seeds: expected an int or a non-empty list of ints, found {seeds!r}")
+        seeds = [seeds] if isinstance(seeds, numbers.Integral) else list(seeds)
+        if not seeds or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and 0 <= s < 2**64
+                                for s in seeds):
+            raise BadArgumentError(f"seeds: expected an int in [0, 2**64) or a non-empty list of them, found {seeds!r}")
+        seeds = [int(s) for s in seeds]
         self.seeds = seeds
         self.device = torch.device(device)
         self.generators = [torch.Generator(self.device).manual_seed(s) for s in seeds]
