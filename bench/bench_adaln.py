@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from kernel_timing import kernel_bench_main, time_cuda
+from kernel_timing import benchmark_synchronized, kernel_bench_main, time_cuda
 
 SHAPES = [(2, 256, 1152), (16, 256, 1152)]  # (B, T, D)
 
@@ -81,11 +81,7 @@ def test_adaln_ops(benchmark, op, impl):
     shift, scale, gate = (torch.randn(B, D, device="cuda", dtype=torch.float16) for _ in range(3))
     fn = candidates(x, y, shift, scale, gate)[0][op][impl]
 
-    def step():
-        fn()
-        torch.cuda.synchronize()
-
-    benchmark(step)
+    benchmark_synchronized(benchmark, fn)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from kernel_timing import kernel_bench_main, time_cuda
+from kernel_timing import benchmark_synchronized, kernel_bench_main, time_cuda
 
 CASES = [  # name, B, H, Nq, Nk, D
     ("sd15 self", 2, 8, 4096, 4096, 40),
@@ -75,11 +75,7 @@ def test_attention(benchmark, impl, case):
     k = torch.randn(B, H, NK, D, device="cuda", dtype=torch.float16)
     fn = candidates(q, k, k)[impl]
 
-    def step():
-        fn()
-        torch.cuda.synchronize()
-
-    benchmark(step)
+    benchmark_synchronized(benchmark, fn)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from kernel_timing import kernel_bench_main, time_cuda
+from kernel_timing import benchmark_synchronized, kernel_bench_main, time_cuda
 
 SHAPES = [((2, 320, 64, 64), 32), ((2, 1280, 8, 8), 32)]
 
@@ -79,11 +79,7 @@ def test_group_norm_silu(benchmark, impl, shape, groups):
     w = torch.randn(shape[1], device="cuda", dtype=torch.float16)
     fn = candidates(x, groups, w, w)[impl]
 
-    def step():
-        fn()
-        torch.cuda.synchronize()
-
-    benchmark(step)
+    benchmark_synchronized(benchmark, fn)
 
 
 if __name__ == "__main__":

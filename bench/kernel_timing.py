@@ -48,3 +48,12 @@ def kernel_bench_main(name: str, description: str, run, print_rows, argv=None, f
     rows = run(dtypes, a.iters, not a.no_flush) if flush_option else run(dtypes, a.iters)
     print_rows(rows)
     return 0
+
+
+def benchmark_synchronized(benchmark, fn) -> None:
+    """pytest-benchmark timing of fn() that waits for the GPU after each call (host timers)."""
+    def step():
+        fn()
+        torch.cuda.synchronize()
+
+    benchmark(step)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from .errors import UnsupportedConfigError
+from .utils.strict_dict import known_fields
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "edm")
 
@@ -70,8 +71,4 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelSpec":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise UnsupportedConfigError(unknown[0], d[unknown[0]], supported=sorted(names), model="ModelSpec")
-        return cls(**d)
+        return cls(**known_fields(cls, d, model="ModelSpec", skip_private=False))

@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import BadArgumentError, UnsupportedConfigError
+from ..utils.strict_dict import known_fields
 from .layers import Attention, GatedResidual, ModulatedLayerNorm, timestep_embedding
 
 MLP_ACTIVATIONS = ("gelu_tanh", "gelu")
@@ -113,11 +114,7 @@ class DiTConfig:
     def from_dict(cls, d: dict) -> "DiTConfig":
         """Inverse of ``to_dict``; keys starting with ``_`` are metadata and skipped, any other unknown
         key raises UnsupportedConfigError naming it."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        for k, v in d.items():
-            if k not in known and not k.startswith("_"):
-                raise UnsupportedConfigError(k, v, supported=sorted(known), model="DiT")
-        return cls(**{k: v for k, v in d.items() if k in known})
+        return cls(**known_fields(cls, d, model="DiT"))
 
     @classmethod
     def from_name(cls, name: str, **overrides) -> "DiTConfig":

@@ -35,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import BadArgumentError, UnsupportedConfigError
+from ..utils.strict_dict import known_fields
 from .layers import Attention, GroupNorm
 
 MODEL_TYPES = ("SongUNet", "DhariwalUNet")
@@ -131,11 +132,7 @@ class EDMUNetConfig:
     def from_dict(cls, d: dict) -> "EDMUNetConfig":
         """Inverse of ``to_dict``; keys starting with ``_`` are metadata and skipped, any other unknown
         key raises UnsupportedConfigError naming it."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        for k, v in d.items():
-            if k not in known and not k.startswith("_"):
-                raise UnsupportedConfigError(k, v, supported=sorted(known), model="EDM UNet")
-        return cls(**{k: v for k, v in d.items() if k in known})
+        return cls(**known_fields(cls, d, model="EDM UNet"))
 
 
 def _groups(channels: int) -> int:

@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import BadArgumentError, UnsupportedConfigError
+from ..utils.strict_dict import known_fields
 from .layers import Attention as AttentionCore
 from .layers import GroupNorm, timestep_embedding
 
@@ -432,11 +433,7 @@ class UNetConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "UNetConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise UnsupportedConfigError(unknown[0], d[unknown[0]], supported="fields of UNetConfig", model="UNet")
-        cfg = cls(**d)
+        cfg = cls(**known_fields(cls, d, model="UNet", skip_private=False))
         cfg.validate()
         return cfg
 
