@@ -1,32 +1,41 @@
 #!/usr/bin/env bash
 # One GPU check for fastdiff, for a CUDA machine with torch, triton, onnx and onnxruntime but no network.
 #
-#     bash bench/gpu_check.sh                         # from the repository root
+#     bash bench/gpu_check.sh                                   # from the repository root: every stage
+#     FASTDIFF_GPU_STAGES="sd15-compile cuda-ext" bash bench/gpu_check.sh   # chosen stages only
 #     FASTDIFF_WHEELS=/path/to/wheels bash bench/gpu_check.sh
 #
-# 1. installs fastdiff without dependencies (editable);
-# 2. installs diffusers from a local wheel folder ($FASTDIFF_WHEELS, else gpu_payload/wheels) when there is
-#    one, otherwise the diffusers comparison is skipped (fastdiff bench says so in its table);
-# 3. runs the GPU-only tests (pytest -m gpu) with TRITON_INTERPRET=0, so Triton kernels run on the GPU;
-# 4. runs the kernel benchmarks bench/bench_group_norm.py and bench/bench_attention.py;
-# 5. runs fastdiff bench on arch:dit-xl-2-256 (cfg 4) and arch:sd15-unet (cfg 7.5), fp16, dpmpp_2m x 20,
-#    backends eager / triton / compile, against diffusers and torch.compile(diffusers);
-# 6. prints a summary table LAST: one line per step and one per benchmark figure.
+# Stages, in this order (FASTDIFF_GPU_STAGES picks a subset; install always runs):
+#   cuda-ext      build csrc/ (nvcc, sm_90) in the background; after the kernel benches: its GPU test and
+#                 the GroupNorm bench with it
+#   tests         pytest -m gpu with TRITON_INTERPRET=0 (kernels at model shapes, triton backend, CUDA-graph
+#                 step / loop replay vs eager, no recapture, compile + graphs)
+#   kernels       bench/bench_group_norm.py, bench_attention.py, bench_adaln.py
+#   dit           fastdiff bench arch:dit-xl-2-256, fp16, dpmpp_2m x 20, cfg 4: eager / triton / CUDA-graph
+#                 variants vs diffusers eager (DiTTransformer2DModel + DPMSolverMultistepScheduler) and
+#                 torch.compile(diffusers model, mode="max-autotune"), all in one run
+#   sd15          the same for arch:sd15-unet (64x64 latents, 77 text tokens, cfg 7.5), channels-last
+#   dit-compile   fastdiff's compile backend (+ loop graphs) vs diffusers eager
+#   sd15-compile  the same for the SD1.5 UNet
+# A summary table prints LAST: one line per step, one per end-to-end figure, and the kernel tables.
 #
-# Every step runs under `timeout`, capped by a global deadline so the script ends within 8 minutes.
+# Every step runs under `timeout`, capped by a global deadline (FASTDIFF_GPU_BUDGET_S, default 480 s).
 # A failing step does not stop the script; it is recorded in the summary. Fixtures travel in the ignored
 # gpu_payload/fixtures folder (FASTDIFF_FIXTURES is set to it); nothing is read from ../shared.
 # bench/stage_gpu_payload.sh prepares gpu_payload/ (fixtures + offline wheels) on the development machine.
-# Output goes to ${FASTDIFF_GPU_OUT:-$OUT} (or gpu_out/) : logs, JSON, plots.
+# Logs and JSON go to a work folder; with $OUT set (the device tool) they come back as one
+# $OUT/gpu_results.tgz plus $OUT/summary.txt (the tool returns at most 8 files).
 
 set -u
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 START=$(date +%s)
-BUDGET=${FASTDIFF_GPU_BUDGET_S:-470}     # seconds for everything, summary included
+BUDGET=${FASTDIFF_GPU_BUDGET_S:-480}     # seconds for everything, summary included
 DEADLINE=$((START + BUDGET))
-RESULTS=${FASTDIFF_GPU_OUT:-${OUT:-$ROOT/gpu_out}}
+STAGES=" ${FASTDIFF_GPU_STAGES:-cuda-ext tests kernels dit sd15 dit-compile sd15-compile} "
+RESULTS=${FASTDIFF_GPU_OUT:-$ROOT/gpu_out}
 mkdir -p "$RESULTS"
+wants() { case "$STAGES" in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 SUMMARY="$RESULTS/summary.tsv"
 : > "$SUMMARY"
 export TRITON_INTERPRET=0
@@ -89,59 +98,91 @@ if [ -d "$ROOT/gpu_payload/fixtures" ]; then
     note fixtures "FASTDIFF_FIXTURES=$FASTDIFF_FIXTURES"
 fi
 
-# --- 3. GPU-only tests -----------------------------------------------------------------------------
-step gpu-tests 110 $PY -m pytest -q -m gpu tests -p no:cacheprovider
+# --- 3. the optional CUDA C++ extension builds in the background (CPU only: nvcc) while the tests and
+# kernel benches run; the cuda-ext stage waits for it before the end-to-end stages, whose host timings
+# it would otherwise disturb.
+if wants cuda-ext; then
+    export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-8}
+    ( t0=$(date +%s); timeout 240 $PY -m fastdiff.cuda_ext build > "$RESULTS/cuda-ext-build.log" 2>&1
+      echo "rc=$? seconds=$(( $(date +%s) - t0 ))" >> "$RESULTS/cuda-ext-build.log" ) &
+    EXT_BUILD_PID=$!
+fi
 
-# --- 4. kernel benchmarks --------------------------------------------------------------------------
-for b in group_norm attention; do
-    if [ -f "bench/bench_$b.py" ]; then
-        step "bench_$b" 30 $PY "bench/bench_$b.py" --iters 50
+# --- 4. GPU-only tests -----------------------------------------------------------------------------
+wants tests && step gpu-tests 110 $PY -m pytest -q -m gpu tests -p no:cacheprovider
+
+# --- 5. kernel benchmarks --------------------------------------------------------------------------
+if wants kernels; then
+    for b in group_norm attention adaln; do
+        step "bench_$b" 40 $PY "bench/bench_$b.py" --iters 50
+    done
+fi
+
+if wants cuda-ext; then
+    now=$(date +%s); left=$((DEADLINE - now - 60))
+    if [ "$left" -gt 0 ]; then timeout "$left" tail --pid="$EXT_BUILD_PID" -f /dev/null; fi
+    kill "$EXT_BUILD_PID" 2> /dev/null
+    if grep -q "^rc=0" "$RESULTS/cuda-ext-build.log" 2>/dev/null; then
+        note cuda-ext-build "ok: $(tail -n 1 "$RESULTS/cuda-ext-build.log")"
+        step cuda-ext-test 40 $PY -m pytest -q -m gpu tests/kernels/test_cuda_ext.py -p no:cacheprovider
+        step bench_group_norm_ext 40 $PY bench/bench_group_norm.py --iters 50
     else
-        note "bench_$b" "missing: bench/bench_$b.py"
+        note cuda-ext-build "FAILED or unfinished: $(tail -n 2 "$RESULTS/cuda-ext-build.log" 2>/dev/null | tr '\n' ' ' | cut -c1-200)"
     fi
-done
+fi
 
-# --- 5. end-to-end against diffusers ---------------------------------------------------------------
-# Two runs per model, so a slow torch.compile cannot take the eager / triton figures down with it.
-# The `fastdiff` entry point, not `python -m` from the repo root: the root's kernels/ folder would shadow
-# the `kernels` package transformers probes, and `import diffusers` would fail.
-bench_model() {  # NAME ARCH CFG
-    local name=$1 arch=$2 cfg=$3
-    local cmp_fast="" cmp_comp=""
-    if [ -n "$COMPARE" ]; then cmp_fast="--compare diffusers"; cmp_comp="--compare diffusers,compile"; fi
-    step "$name-eager-triton" 75 $PY -m fastdiff.cli bench "$arch" --backends eager,triton --batch 1 --steps 20 \
-        --sampler dpmpp_2m --cfg "$cfg" --dtype fp16 --warmup 2 --repeat 5 $cmp_fast \
-        --json "$RESULTS/$name-eager-triton.json"
-    step "$name-compile" 120 $PY -m fastdiff.cli bench "$arch" --backends compile --batch 1 --steps 20 \
-        --sampler dpmpp_2m --cfg "$cfg" --dtype fp16 --warmup 2 --repeat 5 $cmp_comp \
-        --json "$RESULTS/$name-compile.json"
+# --- 6. end-to-end against diffusers ---------------------------------------------------------------
+# One process per model, so fastdiff, diffusers eager and torch.compile(diffusers, mode="max-autotune")
+# are compared in the same run. Run from /tmp: with the repository root as the working directory,
+# `python -m` puts it on sys.path and its kernels/ folder shadows the `kernels` package that transformers
+# (imported by diffusers) probes for.
+bench_e2e() {  # NAME ARCH CFG LIMIT BACKENDS COMPARE
+    local name=$1 arch=$2 cfg=$3 limit=$4 backends=$5 compare=$6
+    [ -n "$COMPARE" ] || compare=""
+    step "$name" "$limit" env -C /tmp $PY -m fastdiff.cli bench "$arch" --backends "$backends" --batch 1 --steps 20 \
+        --sampler dpmpp_2m --cfg "$cfg" --dtype fp16 --warmup 2 --repeat 10 ${compare:+--compare $compare} \
+        --json "$RESULTS/$name.json"
 }
-bench_model dit-xl-2-256 arch:dit-xl-2-256 4
-bench_model sd15-unet arch:sd15-unet 7.5
+DIT=${FASTDIFF_GPU_DIT:-arch:dit-xl-2-256}   # overridable for a CPU smoke run of this script (arch:tiny-dit)
+SD=${FASTDIFF_GPU_SD:-arch:sd15-unet}
+wants dit && bench_e2e dit-xl-2-256 "$DIT" 4 200 eager,triton,eager+loop,triton+step,triton+loop diffusers,compile
+wants sd15 && bench_e2e sd15-unet "$SD" 7.5 260 eager+cl,triton+cl,eager+loop+cl,triton+loop+cl diffusers,compile
+# fastdiff's own torch.compile backend (Inductor on the native ops, plus fastdiff's CUDA graphs)
+wants dit-compile && bench_e2e dit-xl-2-256-compile "$DIT" 4 150 compile+loop diffusers
+wants sd15-compile && bench_e2e sd15-unet-compile "$SD" 7.5 200 compile+loop+cl diffusers
 
 # --- 6. summary (last) -----------------------------------------------------------------------------
-$PY - "$SUMMARY" "$RESULTS" "$START" <<'EOF'
+$PY - "$SUMMARY" "$RESULTS" "$START" <<'EOF' | tee "$RESULTS/summary.txt"
 import glob, json, os, sys, time
 summary, results, start = sys.argv[1], sys.argv[2], int(sys.argv[3])
 print()
-print("=" * 100)
+print("=" * 110)
 print(f"fastdiff GPU check summary ({time.time() - start:.0f}s total)")
 try:
     print(open(os.path.join(results, "device.txt")).read().strip())
 except OSError:
     pass
+# kernel tables: each bench log's table as printed
+for name in ("bench_group_norm", "bench_attention", "bench_adaln", "bench_group_norm_ext"):
+    try:
+        lines = open(os.path.join(results, name + ".log")).read().strip().splitlines()
+    except OSError:
+        continue
+    print(f"-- {name}")
+    print("\n".join([l for l in lines if not l.startswith("device:")][-40:]))
 print(f"{'step':28s} {'status':40s} {'s':>5s}")
 failed = 0
 for line in open(summary):
     name, status, secs = (line.rstrip("\n").split("\t") + ["", ""])[:3]
     failed += not (status == "ok" or status.startswith(("skipped", "already", "missing", "FASTDIFF")))
     print(f"{name:28s} {status[:40]:40s} {secs:>5s}")
-print(f"{'figure':52s} {'median ms':>10s} {'ms/step':>8s} {'img/s':>7s} {'peak MiB':>9s} {'1st +s':>7s} {'/diffusers':>10s}")
+print(f"{'figure (batch 1, 20 steps, fp16)':44s} {'median ms':>9s} {'p90 ms':>7s} {'steps/s':>7s} {'host us/st':>10s} "
+      f"{'peak MiB':>8s} {'1st +s':>6s} {'/diff':>6s} {'/diff+c':>7s}")
 for path in sorted(glob.glob(os.path.join(results, "*.json"))):
     try:
         d = json.load(open(path))
     except Exception as e:
-        print(f"{os.path.basename(path):52s} unreadable: {e}")
+        print(f"{os.path.basename(path):44s} unreadable: {e}")
         continue
     if not isinstance(d, dict) or "settings" not in d:  # not a fastdiff bench file
         continue
@@ -149,13 +190,18 @@ for path in sorted(glob.glob(os.path.join(results, "*.json"))):
     ratios = {(r["backend"], r["batch"], r["vs"]): r["ratio"] for r in d.get("ratios", [])}
     for r in d.get("results", []) + d.get("compare", []):
         name = r.get("backend") or r.get("impl")
-        label = f"{model} {name} b{r['batch']}"
+        label = f"{model} {name}"
         if r.get("status") != "ok":
-            print(f"{label:52s} {r.get('status')}: {str(r.get('reason', ''))[:60]}")
+            print(f"{label:44s} {r.get('status')}: {str(r.get('reason', ''))[:120]}")
             continue
-        rat = ratios.get((name, r["batch"], "diffusers"))
-        mem = r.get("peak_memory_bytes")
-        print(f"{label:52s} {r['median_s'] * 1e3:10.1f} {r['per_step_s'] * 1e3:8.2f} {r['images_per_s']:7.2f} "
-              f"{(mem or 0) / 2**20:9.0f} {r['warmup_overhead_s']:7.2f} {('%.2f' % rat) if rat else '-':>10s}")
+        rat = [ratios.get((name, r["batch"], v)) for v in ("diffusers", "diffusers+compile")]
+        host = r.get("host_per_step_s")
+        print(f"{label:44s} {r['median_s'] * 1e3:9.1f} {r['p90_s'] * 1e3:7.1f} {1 / r['per_step_s']:7.1f} "
+              f"{(host or 0) * 1e6:10.0f} {(r.get('peak_memory_bytes') or 0) / 2**20:8.0f} "
+              f"{r['warmup_overhead_s']:6.1f} {('%.2f' % rat[0]) if rat[0] else '-':>6s} "
+              f"{('%.2f' % rat[1]) if rat[1] else '-':>7s}")
 print(f"{failed} step(s) failed or timed out; logs and JSON in {results}")
 EOF
+if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then  # the device tool: one tarball back (it returns at most 8 files)
+    tar czf "$OUT/gpu_results.tgz" -C "$(dirname "$RESULTS")" "$(basename "$RESULTS")" && cp "$RESULTS/summary.txt" "$OUT/"
+fi

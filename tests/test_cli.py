@@ -56,6 +56,31 @@ def test_generate_latent_model_needs_output_latents(tmp_path):
     assert tuple(load_file(str(tmp_path / "lat.safetensors"))["latents"].shape) == (2, 4, 8, 8)
 
 
+def test_bench_backend_variants_and_host_time(tmp_path):
+    """'+'-switches become OptimizeConfig fields; each row reports the host time per step."""
+    r = fastdiff("bench", "arch:tiny-unet", "--backends", "eager,eager+loop+cl", "--steps", "2", "--repeat", "2",
+                 "--warmup", "1", "--json", "out.json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    d = json.loads((tmp_path / "out.json").read_text())
+    rows = {x["backend"]: x for x in d["results"]}
+    assert set(rows) == {"eager", "eager+loop+cl"} and d["settings"]["backends"] == ["eager", "eager+loop+cl"]
+    assert any("cuda_graphs ignored" in n for n in rows["eager+loop+cl"]["notes"])  # no GPU: a note, no error
+    for row in rows.values():
+        assert row["status"] == "ok"
+        # on the CPU the host time is the whole call, so per step it is the per-step latency
+        assert row["host_median_s"] == pytest.approx(row["median_s"])
+        assert row["host_per_step_s"] == pytest.approx(row["per_step_s"])
+    assert "host us/step" in r.stdout
+
+
+def test_parse_backend_variants():
+    from fastdiff.commands.bench import parse_backend_variants
+
+    assert parse_backend_variants("triton+loop+qkv, compile+step") == [
+        ("triton+loop+qkv", "triton", dict(cuda_graphs=True, graph_scope="loop", fuse_qkv=True)),
+        ("compile+step", "compile", dict(cuda_graphs=True, graph_scope="step"))]
+
+
 def test_bench_json(tmp_path):
     r = fastdiff("bench", "arch:tiny-unet", "--backends", "eager,tensorrt", "--batch", "1,2", "--steps", "2",
                  "--repeat", "2", "--warmup", "1", "--json", "out.json", cwd=tmp_path)
@@ -86,6 +111,8 @@ def test_bench_json(tmp_path):
     (["generate", "arch:tiny-unet", "--backend", "tensorrt"], "tensorrt"),
     (["generate", "arch:no-such-arch"], "no-such-arch"),
     (["bench", "arch:tiny-unet", "--backends", "eager,warp"], "warp"),
+    (["bench", "arch:tiny-unet", "--backends", "eager+turbo"], "turbo"),
+    (["bench", "arch:tiny-unet", "--backends", "eager+step+loop"], "+loop"),
     (["bench", "arch:tiny-unet", "--batch", "0"], "--batch"),
     (["bench", "arch:tiny-unet", "--steps", "0"], "--steps"),
 ])

@@ -39,8 +39,21 @@ def test_graph_replay_equals_eager(eager, scope, sampler):
     if scope == "loop":
         assert graphed.loop_graphs.captures == 3  # buckets 4, 1, 2; the second batch of 3 replays bucket 4
     else:
-        # CFG doubles the network batch: 6 -> chunks of 4 + 2, 2 -> 2, 4 -> 4: graphs for buckets 4 and 2 only
-        assert graphed.runner.captures == 2
+        # CFG doubles the network batch and the network buckets double with it (1, 2, 4, 8):
+        # 6 -> 8, 2 -> 2, 4 -> 4, 6 -> 8 again: three graphs
+        assert graphed.runner.captures == 3
+        assert graphed.runner.buckets == (1, 2, 4, 8)
+
+
+def test_guided_request_runs_its_doubled_batch_in_one_network_call():
+    """A guided batch-1 request with buckets (1,) is one network call of batch 2, never two calls of 1."""
+    calls = []
+    pipe = fastdiff.load("arch:tiny-dit").optimize(cuda_graphs=True, graph_scope="step", batch_buckets=(1,),
+                                                   graph_factory=FakeGraph)
+    inner = pipe.runner.network
+    pipe.runner.network = lambda x, *a, **k: (calls.append(x.shape[0]), inner(x, *a, **k))[1]
+    pipe.generate(seeds=[1], class_labels=[3], steps=2, sampler="ddim", cfg_scale=2.0, progress=False)
+    assert calls and set(calls) == {2}
 
 
 def test_loop_graph_recaptures_for_new_steps_and_cfg(eager):

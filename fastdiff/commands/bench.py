@@ -43,7 +43,9 @@ def register(sub) -> None:
                         "ddpm-cifar10, dit-xl-2-256, dit-xl-2-512, tiny-unet, tiny-sd-unet, tiny-dit); "
                         "default builtin:digits")
     p.add_argument("--backends", default="eager", metavar="LIST",
-                   help=f"comma-separated backends from {', '.join(BACKENDS)} (default eager)")
+                   help=f"comma-separated backends from {', '.join(BACKENDS)} (default eager), each optionally "
+                        f"with switches joined by '+': step / loop (CUDA graphs of one network call / of the "
+                        f"whole sampling loop), cl (channels_last), qkv (fused q/k/v), e.g. triton+loop+qkv")
     p.add_argument("--batch", default="1", metavar="LIST", help="comma-separated batch sizes (default 1)")
     p.add_argument("--steps", type=int, default=20, metavar="N", help="sampling steps per call (default 20)")
     p.add_argument("--sampler", choices=sorted(SAMPLERS), default="dpmpp_2m", help="sampler (default dpmpp_2m)")
@@ -97,6 +99,37 @@ def _parse_list(text: str, name: str, allowed=None) -> list:
     return list(dict.fromkeys(items))
 
 
+# '+'-joined switches a --backends entry may carry, and the OptimizeConfig fields they set
+VARIANT_SWITCHES = {
+    "step": dict(cuda_graphs=True, graph_scope="step"),
+    "loop": dict(cuda_graphs=True, graph_scope="loop"),
+    "cl": dict(channels_last=True),
+    "qkv": dict(fuse_qkv=True),
+}
+
+
+def parse_backend_variants(text: str) -> list[tuple[str, str, dict]]:
+    """``"eager,triton+loop+qkv"`` -> [(label, backend, OptimizeConfig switches), ...]."""
+    from ..errors import BadArgumentError
+    from ..runtime.config import BACKENDS
+
+    out = []
+    for label in _parse_list(text, "--backends"):
+        backend, *mods = label.split("+")
+        if backend not in BACKENDS:
+            raise BadArgumentError(f"--backends: expected names from {list(BACKENDS)}, found {backend!r}")
+        switches: dict = {}
+        for m in mods:
+            if m not in VARIANT_SWITCHES:
+                raise BadArgumentError(f"--backends: {label!r}: expected switches from {list(VARIANT_SWITCHES)} "
+                                       f"after '+', found {m!r}")
+            if "graph_scope" in switches and "graph_scope" in VARIANT_SWITCHES[m]:
+                raise BadArgumentError(f"--backends: {label!r}: choose one of +step and +loop")
+            switches.update(VARIANT_SWITCHES[m])
+        out.append((label, backend, switches))
+    return out
+
+
 def _parse_batches(text: str) -> list[int]:
     from ..errors import BadArgumentError
 
@@ -146,7 +179,7 @@ class _CountCalls:
         return self.fn(*a, **k)
 
 
-def _bench_fastdiff(args, backend: str, batches, device, log) -> list[dict]:
+def _bench_fastdiff(args, label: str, backend: str, switches: dict, batches, device, log) -> list[dict]:
     import fastdiff
 
     from ..errors import BackendUnavailableError
@@ -154,12 +187,12 @@ def _bench_fastdiff(args, backend: str, batches, device, log) -> list[dict]:
     from ..runtime.timing import measure
     from .generate import check_backend
 
-    base = {"backend": backend}
+    base = {"backend": label}
     try:
         check_backend(backend, device)
         pipe = fastdiff.load(args.model, device=device)
         t0 = time.perf_counter()
-        pipe.optimize(OptimizeConfig(backend=backend, dtype=args.dtype, batch_buckets=tuple(batches)))
+        pipe.optimize(OptimizeConfig(backend=backend, dtype=args.dtype, batch_buckets=tuple(batches), **switches))
         _sync(device)
         optimize_s = time.perf_counter() - t0
     except (BackendUnavailableError, ImportError) as e:
@@ -169,7 +202,7 @@ def _bench_fastdiff(args, backend: str, batches, device, log) -> list[dict]:
                      detail=traceback.format_exc(limit=3)) for b in batches]
     rows = []
     for b in batches:
-        log(f"  {backend:12s} batch {b} ...")
+        log(f"  {label:12s} batch {b} ...")
         row = dict(base, batch=b, optimize_s=optimize_s, notes=list(pipe.notes))
         try:
             cond = _conditioning(pipe.spec, b, args.cfg, args.seed, device, pipe._network_dtype())
@@ -201,6 +234,8 @@ def _row_stats(m, b: int, steps: int, nfe: int) -> dict:
     s = m.stats()
     s["nfe"] = nfe
     s["per_step_s"] = s["median_s"] / steps
+    # host time spent issuing one step's work (CPU launch overhead; on the CPU it is the whole step)
+    s["host_per_step_s"] = s["host_median_s"] / steps if s.get("host_median_s") is not None else None
     s["per_nfe_s"] = s["median_s"] / max(nfe, 1)
     s["images_per_s"] = b / s["median_s"] if s["median_s"] > 0 else float("inf")
     return s
@@ -250,7 +285,9 @@ def diffusers_unet(spec):
     cfg.pop("num_attention_heads", None)
     params = inspect.signature(cls.__init__).parameters
     kwargs = {k: v for k, v in {**extra, **cfg}.items() if k in params}
-    dropped = sorted(k for k, v in cfg.items() if k not in params and v not in (None, False, 0, 1, 3, "default"))
+    # fields the diffusers class lacks are fine at the value that class hard-wires (e.g. conv resampling)
+    dropped = sorted(k for k, v in cfg.items()
+                     if k not in params and v not in (None, False, 0, 1, 3, "default", "conv"))
     if dropped:
         raise ValueError(f"{cls.__name__} has no field(s) {dropped} set in the native config")
     return cls(**kwargs)
@@ -447,6 +484,10 @@ def _ms(s):
     return "-" if s is None else f"{s * 1e3:.1f}"
 
 
+def _us(s):
+    return "-" if s is None else f"{s * 1e6:.0f}"
+
+
 def _mib(b):
     return "-" if b is None else f"{b / 2**20:.0f}"
 
@@ -465,8 +506,8 @@ def _ratios(results, compare_rows) -> list[dict]:
 
 
 def format_table(results, compare_rows, ratios) -> str:
-    head = ("backend", "batch", "median ms", "p90 ms", "p99 ms", "ms/step", "img/s", "peak MiB", "1st-call +s",
-            "optimize s", "/diffusers", "/diff+compile")
+    head = ("backend", "batch", "median ms", "p90 ms", "p99 ms", "ms/step", "host us/step", "img/s", "peak MiB",
+            "1st-call +s", "optimize s", "/diffusers", "/diff+compile")
     lines = []
     rat = {(x["backend"], x["batch"], x["vs"]): x["ratio"] for x in ratios}
     for r in list(results) + list(compare_rows):
@@ -476,7 +517,8 @@ def format_table(results, compare_rows, ratios) -> str:
             continue
         f = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
         lines.append((name, str(r["batch"]), _ms(r["median_s"]), _ms(r["p90_s"]), _ms(r["p99_s"]),
-                      _ms(r["per_step_s"]), f"{r['images_per_s']:.2f}", _mib(r.get("peak_memory_bytes")),
+                      _ms(r["per_step_s"]), _us(r.get("host_per_step_s")), f"{r['images_per_s']:.2f}",
+                      _mib(r.get("peak_memory_bytes")),
                       f"{r['warmup_overhead_s']:.2f}", f(r.get("optimize_s")),
                       f(rat.get((name, r["batch"], "diffusers"))), f(rat.get((name, r["batch"], "diffusers+compile")))))
     widths = [max([len(head[i])] + [len(l[i]) for l in lines if len(l) == len(head)]) for i in range(len(head))]
@@ -521,11 +563,10 @@ def run(args) -> int:
     import torch
 
     from ..errors import BadArgumentError
-    from ..runtime.config import BACKENDS
     from ..runtime.timing import memory_method
     from .generate import default_device, load_pipeline
 
-    backends = _parse_list(args.backends, "--backends", BACKENDS)
+    variants = parse_backend_variants(args.backends)
     batches = _parse_batches(args.batch)
     if args.threads is not None:
         if args.threads < 1:
@@ -569,14 +610,15 @@ def run(args) -> int:
     log(f"fastdiff bench {args.model} ({spec.kind}, {n_params / 1e6:.2f}M params) on {dev_name}: "
         f"{args.sampler} x {args.steps} steps, cfg {args.cfg}, dtype {args.dtype or 'checkpoint'}")
     results = []
-    for backend in backends:
-        results.extend(_bench_fastdiff(args, backend, batches, device, log))
+    for label, backend, switches in variants:
+        results.extend(_bench_fastdiff(args, label, backend, switches, batches, device, log))
     compare_rows = _bench_diffusers(args, args.model, compare, batches, device, log) if compare else []
     ratios = _ratios(results, compare_rows)
 
     print(format_table(results, compare_rows, ratios))
     print(f"timing: {'CUDA events' if device.type == 'cuda' else 'perf_counter'}; peak memory: {memory_method(device)}; "
-          f"ratio = fastdiff / diffusers median (< 1: fastdiff faster)")
+          f"ratio = fastdiff / diffusers median (< 1: fastdiff faster); host us/step = CPU time issuing the call "
+          f"/ steps")
     notes = sorted({n for r in list(results) + list(compare_rows) for n in r.get("notes", [])})
     for n in notes:
         print(f"note: {n}")
@@ -589,7 +631,7 @@ def run(args) -> int:
             "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "device": dev_name,
             "versions": collect(),
-            "settings": {"model": args.model, "backends": backends, "batch": batches, "steps": args.steps,
+            "settings": {"model": args.model, "backends": [v[0] for v in variants], "batch": batches, "steps": args.steps,
                          "sampler": args.sampler, "schedule": args.schedule, "cfg": args.cfg, "dtype": args.dtype,
                          "warmup": args.warmup, "repeat": args.repeat, "compare": compare, "seed": args.seed,
                          "threads": torch.get_num_threads(),

@@ -27,6 +27,13 @@ def bucket_for(n: int, buckets: Sequence[int]) -> int:
     raise BadArgumentError(f"batch of {n} exceeds the largest batch bucket {max(buckets)}")
 
 
+def network_buckets(request_buckets: Sequence[int]) -> tuple:
+    """Batch sizes the network sees for request batches from ``request_buckets``: each b and, for
+    classifier-free guidance (conditional and unconditional rows in one call), 2b. Without the doubled
+    sizes a guided batch-1 request would run its network batch of 2 as two calls of 1."""
+    return tuple(sorted({int(b) for b in request_buckets} | {2 * int(b) for b in request_buckets}))
+
+
 def pad_to(t: Optional[torch.Tensor], n: int) -> Optional[torch.Tensor]:
     """Pad dim 0 up to n by repeating the last row (real values: no NaN / inf paths in padded rows)."""
     if t is None or t.shape[0] == n:

@@ -21,8 +21,9 @@ def prepare_model(model: torch.nn.Module, config: OptimizeConfig, device: torch.
         model = model.to(config.torch_dtype)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    set_backend(model, "triton" if config.backend == "triton" else
-                ("auto" if config.backend == "compile" and device.type == "cuda" else "native"))
+    # compile traces the native ops: Inductor fuses GroupNorm + SiLU and the elementwise epilogues itself,
+    # and fastdiff's Python kernel launchers would only add graph breaks under fullgraph=True
+    set_backend(model, "triton" if config.backend == "triton" else "native")
     if config.fuse_qkv:
         from ..models.fuse import fuse_qkv
 
@@ -42,9 +43,9 @@ def build_runner(pipe, config: OptimizeConfig, graph_factory=None) -> tuple[Call
         if backend == "compile":
             runner = torch.compile(model, fullgraph=True, dynamic=False, mode=config.compile_mode)
             if not config.cuda_graphs:  # one static shape per bucket (graphs pad to buckets themselves)
-                from .graphs import BucketPadded
+                from .graphs import BucketPadded, network_buckets
 
-                runner = BucketPadded(runner, config.batch_buckets)
+                runner = BucketPadded(runner, network_buckets(config.batch_buckets))
         if config.channels_last:
             inner = runner
             runner = lambda x, *a, **k: inner(x.contiguous(memory_format=torch.channels_last), *a, **k)  # noqa: E731
@@ -69,9 +70,10 @@ def build_runner(pipe, config: OptimizeConfig, graph_factory=None) -> tuple[Call
         if graph_factory is None and (device.type != "cuda" or not torch.cuda.is_available()):
             notes.append("cuda_graphs ignored: no CUDA device (graphs need one)")
         elif config.graph_scope == "step":
-            from .graphs import GraphedNetwork
+            from .graphs import GraphedNetwork, network_buckets
 
-            runner = GraphedNetwork(runner, config.batch_buckets, config.max_graphs, graph_factory=graph_factory)
+            runner = GraphedNetwork(runner, network_buckets(config.batch_buckets), config.max_graphs,
+                                    graph_factory=graph_factory)
         # graph_scope="loop" is applied by the Pipeline around the whole sampling loop.
     return runner, notes
 

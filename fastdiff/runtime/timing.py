@@ -37,20 +37,32 @@ def summarize(times) -> dict:
             "min_s": min(times) if times else float("nan"), "max_s": max(times) if times else float("nan")}
 
 
-def timed_call(fn: Callable, device: torch.device):
-    """(result, seconds) of one call, synchronised with ``device``."""
+def timed_call(fn: Callable, device: torch.device, host: Optional[list] = None):
+    """(result, seconds) of one call, synchronised with ``device``.
+
+    host: if given, the host-side seconds of the call (from its start until ``fn`` returns, before waiting
+    for the device) are appended to it. On a GPU that is the CPU time spent issuing the work (launch
+    overhead) as long as ``fn`` itself never waits for the device; on the CPU it equals the call's time.
+    """
     device = torch.device(device)
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         torch.cuda.synchronize(device)
         start.record()
+        t0 = time.perf_counter()
         out = fn()
+        t1 = time.perf_counter()
         end.record()
         end.synchronize()
+        if host is not None:
+            host.append(t1 - t0)
         return out, start.elapsed_time(end) / 1e3
     t0 = time.perf_counter()
     out = fn()
-    return out, time.perf_counter() - t0
+    t1 = time.perf_counter()
+    if host is not None:
+        host.append(t1 - t0)
+    return out, t1 - t0
 
 
 def memory_method(device) -> str:
@@ -104,6 +116,7 @@ class Measurement:
     first_s: float
     times_s: list = field(default_factory=list)
     peak_memory_bytes: Optional[int] = None
+    host_times_s: list = field(default_factory=list)  # host-side seconds of each timed call (see timed_call)
 
     def stats(self) -> dict:
         s = summarize(self.times_s)
@@ -112,6 +125,7 @@ class Measurement:
         s["warmup_overhead_s"] = max(0.0, self.first_s - s["median_s"])
         s["peak_memory_bytes"] = self.peak_memory_bytes
         s["times_s"] = list(self.times_s)
+        s["host_median_s"] = percentile(self.host_times_s, 50) if self.host_times_s else None
         return s
 
 
@@ -128,9 +142,9 @@ def measure(fn: Callable, device, *, warmup: int = 1, repeat: int = 5,
     _, first_s = timed_call(first or fn, device)
     for _ in range(max(0, warmup - 1)):
         timed_call(fn, device)
-    times = []
+    times, host = [], []
     with PeakMemory(device) as mem:
         for _ in range(repeat):
-            _, t = timed_call(fn, device)
+            _, t = timed_call(fn, device, host)
             times.append(t)
-    return Measurement(first_s, times, mem.bytes)
+    return Measurement(first_s, times, mem.bytes, host)
