@@ -12,9 +12,10 @@
 #                 step / loop replay vs eager, no recapture, compile + graphs)
 #   kernels       bench/bench_group_norm.py, bench_attention.py, bench_adaln.py
 #   dit           fastdiff bench arch:dit-xl-2-256, fp16, dpmpp_2m x 20, cfg 4: eager / triton / CUDA-graph
-#                 variants vs diffusers eager (DiTTransformer2DModel + DPMSolverMultistepScheduler) and
-#                 torch.compile(diffusers model, mode="max-autotune"), all in one run
+#                 variants vs diffusers eager (DiTTransformer2DModel + DPMSolverMultistepScheduler)
 #   sd15          the same for arch:sd15-unet (64x64 latents, 77 text tokens, cfg 7.5), channels-last
+#   dit-vs-compile / sd15-vs-compile   fastdiff triton+loop, diffusers eager and
+#                 torch.compile(diffusers model, mode="max-autotune"), in one run
 #   dit-compile   fastdiff's compile backend (+ loop graphs) vs diffusers eager
 #   sd15-compile  the same for the SD1.5 UNet
 # A summary table prints LAST: one line per step, one per end-to-end figure, and the kernel tables.
@@ -32,7 +33,7 @@ ROOT=$(pwd)
 START=$(date +%s)
 BUDGET=${FASTDIFF_GPU_BUDGET_S:-480}     # seconds for everything, summary included
 DEADLINE=$((START + BUDGET))
-STAGES=" ${FASTDIFF_GPU_STAGES:-cuda-ext tests kernels dit sd15 dit-compile sd15-compile} "
+STAGES=" ${FASTDIFF_GPU_STAGES:-cuda-ext tests kernels dit sd15 dit-vs-compile sd15-vs-compile dit-compile sd15-compile} "
 RESULTS=${FASTDIFF_GPU_OUT:-$ROOT/gpu_out}
 mkdir -p "$RESULTS"
 wants() { case "$STAGES" in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
@@ -83,11 +84,11 @@ cat "$RESULTS/device.txt"
 # --- 2. diffusers from a local wheel folder ----------------------------------------------------------
 WHEELS=${FASTDIFF_WHEELS:-$ROOT/gpu_payload/wheels}
 COMPARE="--compare diffusers,compile"
-if $PY -c "import diffusers" > /dev/null 2>&1; then
+if env -C /tmp $PY -c "import diffusers" > /dev/null 2>&1; then
     note diffusers "already installed: $($PY -c 'import diffusers; print(diffusers.__version__)')"
 elif [ -d "$WHEELS" ]; then
     step diffusers-install 90 $PY -m pip install --no-index --find-links "$WHEELS" diffusers
-    $PY -c "import diffusers" > /dev/null 2>&1 || COMPARE=""   # a failed install: no comparison rows
+    env -C /tmp $PY -c "import diffusers" > /dev/null 2>&1 || COMPARE=""   # a failed install: no comparison rows
 else
     note diffusers "skipped: no wheel folder (FASTDIFF_WHEELS or gpu_payload/wheels); no diffusers comparison"
     COMPARE=""
@@ -145,8 +146,16 @@ bench_e2e() {  # NAME ARCH CFG LIMIT BACKENDS COMPARE
 }
 DIT=${FASTDIFF_GPU_DIT:-arch:dit-xl-2-256}   # overridable for a CPU smoke run of this script (arch:tiny-dit)
 SD=${FASTDIFF_GPU_SD:-arch:sd15-unet}
-wants dit && bench_e2e dit-xl-2-256 "$DIT" 4 200 eager,triton,eager+loop,triton+step,triton+loop diffusers,compile
-wants sd15 && bench_e2e sd15-unet "$SD" 7.5 260 eager+cl,triton+cl,eager+loop+cl,triton+loop+cl diffusers,compile
+# fastdiff's variants against diffusers eager; "triton" takes the measured per-op table, "+allk" every op
+# on its Triton kernel, "+gnext" GroupNorm from the CUDA extension
+wants dit && bench_e2e dit-xl-2-256 "$DIT" 4 120 \
+    eager,eager+loop,triton+step,triton+loop,triton+loop+allk diffusers
+wants sd15 && bench_e2e sd15-unet "$SD" 7.5 150 \
+    eager+cl,eager+loop+cl,triton+step+cl,triton+loop+cl,triton+loop+cl+allk,triton+loop+cl+gnext diffusers
+# the best fastdiff variant, diffusers eager and torch.compile(diffusers, mode="max-autotune") in one run
+# (a process of its own: a compile that outlives its limit cannot take the figures above with it)
+wants dit-vs-compile && bench_e2e dit-xl-2-256-vs-compile "$DIT" 4 200 triton+loop diffusers,compile
+wants sd15-vs-compile && bench_e2e sd15-unet-vs-compile "$SD" 7.5 240 triton+loop+cl diffusers,compile
 # fastdiff's own torch.compile backend (Inductor on the native ops, plus fastdiff's CUDA graphs)
 wants dit-compile && bench_e2e dit-xl-2-256-compile "$DIT" 4 150 compile+loop diffusers
 wants sd15-compile && bench_e2e sd15-unet-compile "$SD" 7.5 200 compile+loop+cl diffusers
@@ -176,13 +185,13 @@ for line in open(summary):
     name, status, secs = (line.rstrip("\n").split("\t") + ["", ""])[:3]
     failed += not (status == "ok" or status.startswith(("skipped", "already", "missing", "FASTDIFF")))
     print(f"{name:28s} {status[:40]:40s} {secs:>5s}")
-print(f"{'figure (batch 1, 20 steps, fp16)':44s} {'median ms':>9s} {'p90 ms':>7s} {'steps/s':>7s} {'host us/st':>10s} "
-      f"{'peak MiB':>8s} {'1st +s':>6s} {'/diff':>6s} {'/diff+c':>7s}")
+print(f"{'figure (batch 1, 20 steps, fp16)':40s} {'median ms':>9s} {'p90 ms':>7s} {'steps/s':>7s} {'host us/st':>10s} "
+      f"{'replay us/st':>12s} {'peak MiB':>8s} {'1st +s':>6s} {'/diff':>6s} {'/diff+c':>7s}")
 for path in sorted(glob.glob(os.path.join(results, "*.json"))):
     try:
         d = json.load(open(path))
     except Exception as e:
-        print(f"{os.path.basename(path):44s} unreadable: {e}")
+        print(f"{os.path.basename(path):40s} unreadable: {e}")
         continue
     if not isinstance(d, dict) or "settings" not in d:  # not a fastdiff bench file
         continue
@@ -192,12 +201,13 @@ for path in sorted(glob.glob(os.path.join(results, "*.json"))):
         name = r.get("backend") or r.get("impl")
         label = f"{model} {name}"
         if r.get("status") != "ok":
-            print(f"{label:44s} {r.get('status')}: {str(r.get('reason', ''))[:120]}")
+            print(f"{label:40s} {r.get('status')}: {str(r.get('reason', ''))[:120]}")
             continue
         rat = [ratios.get((name, r["batch"], v)) for v in ("diffusers", "diffusers+compile")]
-        host = r.get("host_per_step_s")
-        print(f"{label:44s} {r['median_s'] * 1e3:9.1f} {r['p90_s'] * 1e3:7.1f} {1 / r['per_step_s']:7.1f} "
-              f"{(host or 0) * 1e6:10.0f} {(r.get('peak_memory_bytes') or 0) / 2**20:8.0f} "
+        host, replay = r.get("host_per_step_s"), r.get("replay_host_per_step_s")
+        print(f"{label:40s} {r['median_s'] * 1e3:9.1f} {r['p90_s'] * 1e3:7.1f} {1 / r['per_step_s']:7.1f} "
+              f"{(host or 0) * 1e6:10.0f} {('%.1f' % (replay * 1e6)) if replay else '-':>12s} "
+              f"{(r.get('peak_memory_bytes') or 0) / 2**20:8.0f} "
               f"{r['warmup_overhead_s']:6.1f} {('%.2f' % rat[0]) if rat[0] else '-':>6s} "
               f"{('%.2f' % rat[1]) if rat[1] else '-':>7s}")
 print(f"{failed} step(s) failed or timed out; logs and JSON in {results}")

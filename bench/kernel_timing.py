@@ -1,7 +1,14 @@
 """Shared by the kernel benchmarks: a CUDA-event timer and the common command line.
 
-Each ``bench/bench_<op>.py`` supplies ``run(dtypes, iters, flush)`` and ``print_rows(rows)``; this module
-times with CUDA events after warm-up (optionally flushing L2 before each call) and reports median / p90.
+Each ``bench/bench_<op>.py`` supplies ``run(dtypes, iters, flush)`` and ``print_rows(rows)``.
+
+Timing is the DEVICE time of one call, measured inside a CUDA graph: ``PER_GRAPH`` calls (each after an
+optional L2 flush) are captured once and replayed between CUDA events, and the same graph without the calls
+(flushes only) is subtracted. That is how the kernels run under fastdiff's CUDA graphs, and it keeps the
+host's launch cost out: timing single eager calls of microsecond kernels measures Python launch overhead
+instead (Triton's launcher costs tens of microseconds per call, torch's less). ``--eager-timing`` times
+single eager calls between events instead (what an un-graphed model pays). A callable that cannot be
+captured falls back to eager timing.
 """
 
 from __future__ import annotations
@@ -11,39 +18,101 @@ import statistics
 
 import torch
 
+PER_GRAPH = 10  # calls per captured graph
 
-def time_cuda(fn, warmup: int = 10, iters: int = 100, flush: bool = False) -> tuple[float, float]:
-    """(median, p90) milliseconds of fn() with CUDA events; ``flush`` clears L2 before each timed call."""
+
+def _percentiles(values) -> tuple[float, float]:
+    values = sorted(values)
+    return statistics.median(values), values[min(len(values) - 1, int(0.9 * len(values)))]
+
+
+def _event_time(run) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    run()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+def _capture(body) -> torch.cuda.CUDAGraph:
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up outside the graph (allocator, autotuning)
+        body()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        body()
+    return graph
+
+
+def time_in_graph(fn, iters: int = 100, flush: bool = False) -> tuple[float, float]:
+    """(median, p90) device milliseconds of one fn() call, from graph replays (see the module docstring)."""
     scratch = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda") if flush else None
-    for _ in range(warmup):
-        fn()
+
+    def body(with_fn: bool):
+        def run():
+            for _ in range(PER_GRAPH):
+                if scratch is not None:
+                    scratch.zero_()
+                if with_fn:
+                    fn()
+        return run
+
+    work, base = _capture(body(True)), _capture(body(False))
+    reps = max(5, iters // PER_GRAPH)
+    for g in (work, base):
+        g.replay()
     torch.cuda.synchronize()
+    base_ms = statistics.median(_event_time(base.replay) for _ in range(reps))
+    per_call = [(_event_time(work.replay) - base_ms) / PER_GRAPH for _ in range(reps)]
+    return _percentiles(per_call)
+
+
+def time_eager(fn, iters: int = 100, flush: bool = False) -> tuple[float, float]:
+    """(median, p90) milliseconds of single eager calls between CUDA events (launch overhead included)."""
+    scratch = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda") if flush else None
     times = []
     for _ in range(iters):
         if scratch is not None:
             scratch.zero_()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+        times.append(_event_time(fn))
+    return _percentiles(times)
+
+
+_MODE = {"graph": True}
+
+
+def time_cuda(fn, warmup: int = 10, iters: int = 100, flush: bool = False) -> tuple[float, float]:
+    """(median, p90) milliseconds of fn(): in a CUDA graph (default) or eager (``--eager-timing``)."""
+    for _ in range(warmup):
         fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
-    return statistics.median(times), times[min(len(times) - 1, int(0.9 * len(times)))]
+    torch.cuda.synchronize()
+    if _MODE["graph"]:
+        try:
+            return time_in_graph(fn, iters, flush)
+        except RuntimeError:  # not capturable: fall back to eager timing
+            torch.cuda.synchronize()
+    return time_eager(fn, iters, flush)
 
 
 def kernel_bench_main(name: str, description: str, run, print_rows, argv=None, flush_option: bool = False) -> int:
-    """Parse --dtype / --iters (/ --no-flush), skip cleanly without a GPU, run and print the table."""
+    """Parse --dtype / --iters (/ --no-flush) / --eager-timing, skip cleanly without a GPU, run and print."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--dtype", nargs="+", default=["float16"], choices=["float16", "bfloat16", "float32"])
     p.add_argument("--iters", type=int, default=100)
+    p.add_argument("--eager-timing", action="store_true",
+                   help="time single eager calls (host launch overhead included) instead of graph replays")
     if flush_option:
         p.add_argument("--no-flush", action="store_true", help="keep L2 warm between iterations")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         print(f"{name}: needs a CUDA GPU (none found); nothing measured")
         return 0
-    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
+    _MODE["graph"] = not a.eager_timing
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  timing: "
+          f"{'eager calls' if a.eager_timing else 'device time per call in a CUDA graph'}")
     dtypes = tuple(getattr(torch, d) for d in a.dtype)
     rows = run(dtypes, a.iters, not a.no_flush) if flush_option else run(dtypes, a.iters)
     print_rows(rows)

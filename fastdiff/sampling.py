@@ -25,6 +25,7 @@ dispatches to ``fastdiff.samplers.SAMPLERS``.
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 from .errors import BadArgumentError
@@ -39,13 +40,14 @@ __all__ = ["sample", "sampler_options", "get_sigmas", "SCHEDULES", "SAMPLERS", "
 _COMMON_ARGS = {"denoiser", "x", "sigmas", "extra_args", "noise", "callback"}
 
 
-def sampler_options(name: str) -> list:
+@functools.lru_cache(maxsize=None)
+def sampler_options(name: str) -> tuple:
     """The keyword options sampler ``name`` accepts (beyond the common ones)."""
     fn = _lookup(name)
     params = inspect.signature(fn).parameters
     if any(p.kind is p.VAR_KEYWORD for p in params.values()):      # thin aliases (dpmpp_3m -> dpmpp_2m)
         params = inspect.signature(_alias_target(fn)).parameters
-    return sorted(k for k in params if k not in _COMMON_ARGS)
+    return tuple(sorted(k for k in params if k not in _COMMON_ARGS))
 
 
 def sample(denoiser, x, sampler: str, sigmas, *, extra_args=None, noise=None, callback=None, **options):
@@ -54,7 +56,7 @@ def sample(denoiser, x, sampler: str, sigmas, *, extra_args=None, noise=None, ca
     unknown = sorted(set(options) - set(sampler_options(sampler)))
     if unknown:
         raise BadArgumentError(f"sampler {sampler!r}: unknown option(s) {unknown}; expected among "
-                               f"{sampler_options(sampler)}")
+                               f"{list(sampler_options(sampler))}")
     return fn(denoiser, x, sigmas, extra_args=extra_args, noise=noise, callback=callback, **options)
 
 

@@ -32,7 +32,7 @@ def _attention_kernel(
     stride_ob, stride_oh, stride_on, stride_od,
     qk_scale,  # softmax scale * log2(e): the softmax runs in base 2
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -60,11 +60,17 @@ def _attention_kernel(
     for start_n in range(0, NK, BLOCK_N):
         cols = start_n + offs_n
         mask_n = cols < NK
-        kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                     mask=mask_n[None, :] & mask_d[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
+        # K and V tiles are (BLOCK_N, BLOCK_D) with the head dim contiguous (coalesced rows); K is
+        # transposed for the dot. Unmasked loads when the tile cannot run past Nk or the head dim.
+        k_ptrs = k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd
+        v_ptrs = v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd
+        if EVEN_N and EVEN_D:
+            k = tl.load(k_ptrs)
+        else:
+            k = tl.load(k_ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
         if DOT_FP32:
-            kt = kt.to(tl.float32)
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), base-2 logits
+            k = k.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), base 2
         if not EVEN_N:
             s = tl.where(mask_n[None, :], s, float("-inf"))
         # online softmax: rescale what was accumulated so far to the new running maximum
@@ -72,8 +78,10 @@ def _attention_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
+        if EVEN_N and EVEN_D:
+            v = tl.load(v_ptrs)
+        else:
+            v = tl.load(v_ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
         if DOT_FP32:
             acc = acc * alpha[:, None] + tl.dot(p.to(v_ptr.dtype.element_ty).to(tl.float32), v.to(tl.float32),
                                                 input_precision=DOT_PRECISION)
@@ -83,6 +91,30 @@ def _attention_kernel(
     acc = acc / l_i[:, None]
     tl.store(o_base + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od,
              acc.to(o_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+
+
+# Half-precision problems on a GPU pick their tiles by autotuning (once per (Nq, Nk, D), on the first call,
+# which is a warm-up call before any CUDA-graph capture). These few configurations cover the usual
+# FlashAttention-2 tilings for Hopper / Ampere without minutes of tuning per shape.
+_TUNED_TILES = [  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
+    (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4), (64, 128, 4, 3),
+]
+_attention_tuned = triton.autotune(
+    configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in _TUNED_TILES],
+    key=["NQ", "NK", "D"],
+)(triton.heuristics({"EVEN_N": lambda a: a["NK"] % a["BLOCK_N"] == 0})(_attention_kernel))
+
+
+_TUNING_BROKEN = False
+
+
+def _disable_tuning(error: Exception) -> None:
+    global _TUNING_BROKEN
+    import warnings
+
+    _TUNING_BROKEN = True
+    warnings.warn(f"fastdiff attention: autotuned launch failed ({type(error).__name__}: {error}); "
+                  f"using the fixed tiles from now on")
 
 
 def _interpreting() -> bool:
@@ -121,7 +153,7 @@ def _launches(q, k, v, out, scale, device_type):
     grid = (triton.cdiv(NQ, cfg["block_m"]), B * H)
     args = (q, k, v, out, H, NQ, NK, D, *q.stride(), *k.stride(), *v.stride(), *out.stride(), sm_scale * _LOG2E)
     meta = dict(BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_D=cfg["block_d"], EVEN_N=cfg["even_n"],
-                DOT_PRECISION=cfg["dot_precision"],
+                EVEN_D=cfg["block_d"] == D, DOT_PRECISION=cfg["dot_precision"],
                 # Triton 3.9's interpreter multiplies bfloat16 tl.dot operands as raw bits: upcast there (the
                 # P -> bfloat16 rounding is kept, so the numerics match the compiled kernel's).
                 DOT_FP32=q.dtype == torch.bfloat16 and device_type != "cuda" and _interpreting(),
@@ -167,5 +199,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional
     if out.numel() == 0:
         return out
     for grid, args, meta in _launches(q, k, v, out, scale, q.device.type):
+        if q.is_cuda and q.dtype != torch.float32 and not _interpreting() and not _TUNING_BROKEN:
+            tuned = {k: meta[k] for k in ("BLOCK_D", "EVEN_D", "DOT_PRECISION", "DOT_FP32")}
+            try:
+                _attention_tuned[lambda m: (triton.cdiv(args[5], m["BLOCK_M"]), grid[1])](*args, **tuned)
+                continue
+            except Exception as e:  # a Triton version whose autotuner rejects this: the fixed tiles still work
+                _disable_tuning(e)
         _attention_kernel[grid](*args, **meta)
     return out

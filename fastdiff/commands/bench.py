@@ -45,7 +45,8 @@ def register(sub) -> None:
     p.add_argument("--backends", default="eager", metavar="LIST",
                    help=f"comma-separated backends from {', '.join(BACKENDS)} (default eager), each optionally "
                         f"with switches joined by '+': step / loop (CUDA graphs of one network call / of the "
-                        f"whole sampling loop), cl (channels_last), qkv (fused q/k/v), e.g. triton+loop+qkv")
+                        f"whole sampling loop), cl (channels_last), qkv (fused q/k/v), allk (every fused op on Triton), "
+                        f"gnext (GroupNorm from the CUDA extension), e.g. triton+loop+qkv")
     p.add_argument("--batch", default="1", metavar="LIST", help="comma-separated batch sizes (default 1)")
     p.add_argument("--steps", type=int, default=20, metavar="N", help="sampling steps per call (default 20)")
     p.add_argument("--sampler", choices=sorted(SAMPLERS), default="dpmpp_2m", help="sampler (default dpmpp_2m)")
@@ -105,6 +106,8 @@ VARIANT_SWITCHES = {
     "loop": dict(cuda_graphs=True, graph_scope="loop"),
     "cl": dict(channels_last=True),
     "qkv": dict(fuse_qkv=True),
+    "allk": dict(kernel_ops="all"),  # every fused op on its Triton kernel (not the measured per-op table)
+    "gnext": dict(kernel_ops={"group_norm": "cuda_ext"}),  # GroupNorm from the CUDA C++ extension
 }
 
 
@@ -123,8 +126,10 @@ def parse_backend_variants(text: str) -> list[tuple[str, str, dict]]:
             if m not in VARIANT_SWITCHES:
                 raise BadArgumentError(f"--backends: {label!r}: expected switches from {list(VARIANT_SWITCHES)} "
                                        f"after '+', found {m!r}")
-            if "graph_scope" in switches and "graph_scope" in VARIANT_SWITCHES[m]:
-                raise BadArgumentError(f"--backends: {label!r}: choose one of +step and +loop")
+            clash = set(switches) & set(VARIANT_SWITCHES[m]) & {"graph_scope", "kernel_ops"}
+            if clash:
+                raise BadArgumentError(f"--backends: {label!r}: choose one of "
+                                       f"{' and '.join('+' + k for k, v in VARIANT_SWITCHES.items() if clash & set(v))}")
             switches.update(VARIANT_SWITCHES[m])
         out.append((label, backend, switches))
     return out
@@ -223,6 +228,9 @@ def _bench_fastdiff(args, label: str, backend: str, switches: dict, batches, dev
                         first=first_call)
             nfe = counter.calls
             row.update(_row_stats(m, b, args.steps, nfe), status="ok")
+            if pipe.loop_graphs is not None and pipe.loop_graphs.last_replay_host_s is not None:
+                # the launch of the captured loop alone (the rest of the host time is per-call set-up)
+                row["replay_host_per_step_s"] = pipe.loop_graphs.last_replay_host_s / args.steps
         except Exception as e:
             row.update(status="failed", reason=f"{type(e).__name__}: {_one_line(e)}",
                        detail=traceback.format_exc(limit=3))

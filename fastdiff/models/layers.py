@@ -21,6 +21,19 @@ from ..errors import BackendUnavailableError, BadArgumentError
 
 BACKENDS = ("native", "triton")
 
+# Which implementation each fused op uses when the fused backend is chosen on a GPU without an explicit
+# per-op choice (``backend="auto"`` on CUDA, ``OptimizeConfig(backend="triton")``): the op's Triton kernel
+# where it beat torch on the GPU, torch where it did not. Measured on an NVIDIA H200 (device time inside
+# CUDA graphs, bench/RESULTS.md "Per-op defaults"). Values: "triton", "torch", or "cuda_ext" (GroupNorm
+# only: the optional CUDA C++ extension for channels-last inputs, Triton where it does not apply).
+GPU_DEFAULT_OPS = {
+    "group_norm": "triton",
+    "attention": "torch",
+    "adaln_modulate": "triton",
+    "gated_residual": "triton",
+}
+OP_IMPLS = ("triton", "torch", "cuda_ext")
+
 
 def triton_available() -> tuple[bool, str]:
     """(usable, reason): Triton imports and either a CUDA device or the CPU interpreter is there."""
@@ -50,9 +63,14 @@ def resolve_backend(backend: str, device: Optional[torch.device] = None) -> str:
 
 
 class FusedOp(nn.Module):
-    """Base of layers with a native and a fused implementation; ``backend`` is set at build time."""
+    """Base of layers with a native and a fused implementation; ``backend`` is set at build time.
+
+    ``op`` names the fused op (the key of ``GPU_DEFAULT_OPS``); ``backend`` is "native", "triton" or, for
+    GroupNorm, "cuda_ext".
+    """
 
     backend: str = "native"
+    op: str = ""
 
     def set_backend(self, backend: str) -> None:
         self.backend = backend
@@ -60,7 +78,12 @@ class FusedOp(nn.Module):
     def forward(self, *args, **kwargs):
         if self.backend == "triton":
             return self.forward_triton(*args, **kwargs)
+        if self.backend == "cuda_ext":
+            return self.forward_cuda_ext(*args, **kwargs)
         return self.forward_native(*args, **kwargs)
+
+    def forward_cuda_ext(self, *args, **kwargs):  # ops without a CUDA C++ kernel take their Triton one
+        return self.forward_triton(*args, **kwargs)
 
     def forward_native(self, *args, **kwargs):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -69,16 +92,35 @@ class FusedOp(nn.Module):
         raise NotImplementedError
 
 
-def set_backend(model: nn.Module, backend: str = "auto") -> str:
-    """Choose the implementation of every fused op in ``model``; returns the backend used."""
+def _check_ops(ops: dict) -> dict:
+    known = set(GPU_DEFAULT_OPS)
+    for op, impl in ops.items():
+        if op not in known:
+            raise BadArgumentError(f"kernel ops: expected op names from {sorted(known)}, found {op!r}")
+        if impl not in OP_IMPLS or (impl == "cuda_ext" and op != "group_norm"):
+            allowed = OP_IMPLS if op == "group_norm" else ("triton", "torch")
+            raise BadArgumentError(f"kernel ops: {op} takes one of {allowed}, found {impl!r}")
+    return ops
+
+
+def set_backend(model: nn.Module, backend: str = "auto", ops: Optional[dict] = None) -> str:
+    """Choose the implementation of every fused op in ``model``; returns the backend used.
+
+    ``backend="triton"`` puts every fused op on its Triton kernel unless ``ops`` (op name -> "triton" |
+    "torch" | "cuda_ext") says otherwise per op; ``"auto"`` on a CUDA device uses ``GPU_DEFAULT_OPS``.
+    """
     try:
         device = next(model.parameters()).device
     except StopIteration:
         device = None
     chosen = resolve_backend(backend, device)
+    if chosen == "triton" and ops is None and backend == "auto":
+        ops = GPU_DEFAULT_OPS
+    ops = _check_ops(dict(ops or {}))
     for m in model.modules():
         if isinstance(m, FusedOp):
-            m.set_backend(chosen)
+            impl = ops.get(m.op, "triton") if chosen == "triton" else "native"
+            m.set_backend("native" if impl == "torch" else impl)
     return chosen
 
 
@@ -98,6 +140,8 @@ class GroupNorm(FusedOp):
     ``norm(x) * (1 + scale) + shift`` (applied before the activation, as diffusers' scale_shift and
     guided-diffusion's use_scale_shift_norm do).
     """
+
+    op = "group_norm"
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
                  activation: Optional[str] = None):
@@ -134,12 +178,24 @@ class GroupNorm(FusedOp):
         return group_norm(x, self.num_groups, self.weight, self.bias, self.eps,
                           activation=self.activation, scale=scale, shift=shift)
 
+    def forward_cuda_ext(self, x, scale=None, shift=None):
+        """The CUDA C++ kernel for channels-last inputs without scale/shift; Triton otherwise (or unbuilt)."""
+        from fastdiff import cuda_ext
+
+        if (scale is None and shift is None and x.dim() == 4 and x.is_cuda and cuda_ext.HAS_CUDA_EXT
+                and x.is_contiguous(memory_format=torch.channels_last)):
+            return cuda_ext.group_norm_nhwc(x, self.num_groups, self.weight, self.bias, self.eps,
+                                            silu=self.activation == "silu")
+        return self.forward_triton(x, scale, shift)
+
     def extra_repr(self):
         return f"{self.num_groups}, {self.num_channels}, eps={self.eps}, activation={self.activation}"
 
 
 class Attention(FusedOp):
     """Scaled dot-product attention core on (B, H, N, D) tensors, softmax in float32 on the fused path."""
+
+    op = "attention"
 
     def forward_native(self, q, k, v, scale: Optional[float] = None):
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
@@ -155,6 +211,8 @@ class ModulatedLayerNorm(FusedOp):
 
     forward(x (B, T, D), shift (B, D), scale (B, D)) -> (B, T, D)
     """
+
+    op = "adaln_modulate"
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -172,6 +230,8 @@ class ModulatedLayerNorm(FusedOp):
 
 class GatedResidual(FusedOp):
     """``x + gate * y`` with gate (B, D) broadcast over tokens (DiT's gated residual)."""
+
+    op = "gated_residual"
 
     def forward_native(self, x, gate, y):
         return x + gate.unsqueeze(1) * y

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -47,6 +47,10 @@ class OptimizeConfig:
     max_graphs: the graph cache bound (least recently used graphs are dropped).
     fuse_qkv: one matmul for q, k, v in self-attention. Cost: a second copy of those weights.
     compile_mode: ``torch.compile`` mode (``default`` | ``reduce-overhead`` | ``max-autotune``).
+    kernel_ops: with ``backend="triton"``, which implementation each fused op uses: ``"measured"``
+        (default: on a GPU, ``fastdiff.models.layers.GPU_DEFAULT_OPS``, the per-op winners measured on an
+        H200; elsewhere every op on Triton), ``"all"`` (every op on its Triton kernel), or a dict of
+        op -> ``"triton"`` | ``"torch"`` | ``"cuda_ext"`` (GroupNorm only) overriding the measured table.
     """
 
     backend: str = "eager"
@@ -58,6 +62,7 @@ class OptimizeConfig:
     max_graphs: int = 16
     fuse_qkv: bool = False
     compile_mode: str = "default"
+    kernel_ops: Union[str, dict] = "measured"
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -70,8 +75,24 @@ class OptimizeConfig:
         if not buckets or buckets[0] < 1:
             raise BadArgumentError(f"batch_buckets must be positive ints, found {list(self.batch_buckets)}")
         self.batch_buckets = tuple(buckets)
+        if isinstance(self.kernel_ops, dict):
+            from ..models.layers import _check_ops
+
+            self.kernel_ops = _check_ops(dict(self.kernel_ops))
+        elif self.kernel_ops not in ("measured", "all"):
+            raise BadArgumentError(f"kernel_ops must be 'measured', 'all' or a dict of op -> impl, found "
+                                   f"{self.kernel_ops!r}")
         if self.max_graphs < 1:
             raise BadArgumentError(f"max_graphs must be >= 1, found {self.max_graphs}")
+
+    def op_choices(self, device: torch.device) -> Optional[dict]:
+        """The per-op implementations for ``set_backend`` (None: every op on Triton)."""
+        from ..models.layers import GPU_DEFAULT_OPS
+
+        if self.kernel_ops == "all":
+            return None
+        measured = dict(GPU_DEFAULT_OPS) if torch.device(device).type == "cuda" else {}
+        return measured if self.kernel_ops == "measured" else {**measured, **self.kernel_ops}
 
     @property
     def torch_dtype(self) -> Optional[torch.dtype]:

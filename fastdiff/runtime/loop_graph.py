@@ -13,6 +13,7 @@ with a stand-in graph.
 from __future__ import annotations
 
 import collections
+import time
 from typing import Callable, Optional
 
 import torch
@@ -60,6 +61,8 @@ class LoopGraphCache:
         self.entries: "collections.OrderedDict[tuple, dict]" = collections.OrderedDict()
         self.pool = None
         self.captures = 0
+        # host seconds of the last graph.replay() call alone (the launch of the whole loop), for benchmarks
+        self.last_replay_host_s: Optional[float] = None
 
     def run(self, key: tuple, run_loop: Callable, latents: torch.Tensor, cond: dict, noise_source) -> torch.Tensor:
         """``run_loop(x, cond, noise) -> x0`` replayed from a captured graph for ``key``.
@@ -94,7 +97,10 @@ class LoopGraphCache:
         _copy_tree(entry["cond"], cond)
         entry["noise"].refill(noise_source)
         entry["noise"].rewind()
-        return entry["graph"].replay().clone()
+        t0 = time.perf_counter()
+        out = entry["graph"].replay()
+        self.last_replay_host_s = time.perf_counter() - t0
+        return out.clone()
 
 
 def _clone_tree(d):

@@ -23,7 +23,10 @@ def prepare_model(model: torch.nn.Module, config: OptimizeConfig, device: torch.
         model = model.to(memory_format=torch.channels_last)
     # compile traces the native ops: Inductor fuses GroupNorm + SiLU and the elementwise epilogues itself,
     # and fastdiff's Python kernel launchers would only add graph breaks under fullgraph=True
-    set_backend(model, "triton" if config.backend == "triton" else "native")
+    if config.backend == "triton":
+        set_backend(model, "triton", ops=config.op_choices(device))
+    else:
+        set_backend(model, "native")
     if config.fuse_qkv:
         from ..models.fuse import fuse_qkv
 

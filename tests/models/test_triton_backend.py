@@ -38,3 +38,37 @@ def test_explicit_triton_without_interpreter_or_cuda_fails_loudly(monkeypatch):
     with pytest.raises(BackendUnavailableError):
         set_backend(model, "triton")
     assert set_backend(model, "auto") == "native"  # automatic choice falls back quietly
+
+
+def test_per_op_choices_route_each_op():
+    """ops= puts chosen ops on torch (or the CUDA extension, Triton where it cannot run) and the rest on Triton."""
+    pipe = fastdiff.load("arch:tiny-sd-unet")
+    model = pipe.model
+    x, t, ctx = torch.randn(2, 4, 16, 16), torch.tensor([17, 900]), torch.randn(2, 7, 32)
+    with torch.no_grad():
+        native = model(x, t, encoder_hidden_states=ctx)
+        set_backend(model, "triton", ops={"attention": "torch", "group_norm": "cuda_ext"})
+        assert op_backends(model) == {"GroupNorm": "cuda_ext", "Attention": "native"}
+        routed = model(x, t, encoder_hidden_states=ctx)  # no CUDA extension here: GroupNorm runs Triton
+    assert rel_err(routed, native) <= 1e-4
+    with pytest.raises(fastdiff.BadArgumentError, match="attention"):
+        set_backend(model, "triton", ops={"attention": "cuda_ext"})
+    with pytest.raises(fastdiff.BadArgumentError, match="softmax"):
+        set_backend(model, "triton", ops={"softmax": "torch"})
+
+
+def test_optimize_config_kernel_ops():
+    from fastdiff.models.layers import GPU_DEFAULT_OPS
+    from fastdiff.runtime.config import OptimizeConfig
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert OptimizeConfig().op_choices(cuda) == GPU_DEFAULT_OPS  # the measured per-op winners on a GPU
+    assert OptimizeConfig().op_choices(cpu) == {}  # the interpreter: every op on Triton
+    assert OptimizeConfig(kernel_ops="all").op_choices(cuda) is None
+    assert OptimizeConfig(kernel_ops={"attention": "triton"}).op_choices(cuda) == {**GPU_DEFAULT_OPS,
+                                                                                   "attention": "triton"}
+    with pytest.raises(fastdiff.BadArgumentError, match="kernel_ops"):
+        OptimizeConfig(kernel_ops="fastest")
+    pipe = fastdiff.load("arch:tiny-dit").optimize(backend="triton", kernel_ops={"gated_residual": "torch"})
+    assert op_backends(pipe.model) == {"ModulatedLayerNorm": "triton", "GatedResidual": "native",
+                                       "Attention": "triton"}
