@@ -10,7 +10,8 @@
 #                 the GroupNorm bench with it
 #   tests         pytest -m gpu with TRITON_INTERPRET=0 (kernels at model shapes, triton backend, CUDA-graph
 #                 step / loop replay vs eager, no recapture, compile + graphs)
-#   kernels       bench/bench_group_norm.py, bench_attention.py, bench_adaln.py
+#   kernels       bench/bench_group_norm.py, bench_attention.py, bench_adaln.py (device time inside graphs)
+#   launch        bench/bench_graph_launch.py: host cost of replaying graphs of SDPA (per backend) / Triton
 #   dit           fastdiff bench arch:dit-xl-2-256, fp16, dpmpp_2m x 20, cfg 4: eager / triton / CUDA-graph
 #                 variants vs diffusers eager (DiTTransformer2DModel + DPMSolverMultistepScheduler)
 #   sd15          the same for arch:sd15-unet (64x64 latents, 77 text tokens, cfg 7.5), channels-last
@@ -33,7 +34,7 @@ ROOT=$(pwd)
 START=$(date +%s)
 BUDGET=${FASTDIFF_GPU_BUDGET_S:-480}     # seconds for everything, summary included
 DEADLINE=$((START + BUDGET))
-STAGES=" ${FASTDIFF_GPU_STAGES:-cuda-ext tests kernels dit sd15 dit-vs-compile sd15-vs-compile dit-compile sd15-compile} "
+STAGES=" ${FASTDIFF_GPU_STAGES:-cuda-ext tests kernels launch dit sd15 dit-vs-compile sd15-vs-compile dit-compile sd15-compile} "
 RESULTS=${FASTDIFF_GPU_OUT:-$ROOT/gpu_out}
 mkdir -p "$RESULTS"
 wants() { case "$STAGES" in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
@@ -118,6 +119,8 @@ if wants kernels; then
         step "bench_$b" 40 $PY "bench/bench_$b.py" --iters 50
     done
 fi
+# host cost of replaying graphs that hold SDPA (per backend) vs the Triton attention
+wants launch && step bench_graph_launch 60 $PY bench/bench_graph_launch.py
 
 if wants cuda-ext; then
     now=$(date +%s); left=$((DEADLINE - now - 60))
@@ -142,6 +145,7 @@ bench_e2e() {  # NAME ARCH CFG LIMIT BACKENDS COMPARE
     [ -n "$COMPARE" ] || compare=""
     step "$name" "$limit" env -C /tmp $PY -m fastdiff.cli bench "$arch" --backends "$backends" --batch 1 --steps 20 \
         --sampler dpmpp_2m --cfg "$cfg" --dtype fp16 --warmup 2 --repeat 10 ${compare:+--compare $compare} \
+        ${FASTDIFF_COMPILE_MODE:+--compile-mode $FASTDIFF_COMPILE_MODE} \
         --json "$RESULTS/$name.json"
 }
 DIT=${FASTDIFF_GPU_DIT:-arch:dit-xl-2-256}   # overridable for a CPU smoke run of this script (arch:tiny-dit)
@@ -154,8 +158,10 @@ wants sd15 && bench_e2e sd15-unet "$SD" 7.5 150 \
     eager+cl,eager+loop+cl,triton+step+cl,triton+loop+cl,triton+loop+cl+allk,triton+loop+cl+gnext diffusers
 # the best fastdiff variant, diffusers eager and torch.compile(diffusers, mode="max-autotune") in one run
 # (a process of its own: a compile that outlives its limit cannot take the figures above with it)
-wants dit-vs-compile && bench_e2e dit-xl-2-256-vs-compile "$DIT" 4 200 triton+loop diffusers,compile
-wants sd15-vs-compile && bench_e2e sd15-unet-vs-compile "$SD" 7.5 240 triton+loop+cl diffusers,compile
+# Inductor's max-autotune of the diffusers DiT ran past 176 s on an H200 (one GEMM's autotuning took 37 s):
+# these stages need a call of their own (FASTDIFF_GPU_STAGES=dit-vs-compile, FASTDIFF_GPU_BUDGET_S=540)
+wants dit-vs-compile && bench_e2e dit-xl-2-256-vs-compile "$DIT" 4 480 triton+loop diffusers,compile
+wants sd15-vs-compile && bench_e2e sd15-unet-vs-compile "$SD" 7.5 520 triton+loop+cl diffusers,compile
 # fastdiff's own torch.compile backend (Inductor on the native ops, plus fastdiff's CUDA graphs)
 wants dit-compile && bench_e2e dit-xl-2-256-compile "$DIT" 4 150 compile+loop diffusers
 wants sd15-compile && bench_e2e sd15-unet-compile "$SD" 7.5 200 compile+loop+cl diffusers
@@ -172,7 +178,7 @@ try:
 except OSError:
     pass
 # kernel tables: each bench log's table as printed
-for name in ("bench_group_norm", "bench_attention", "bench_adaln", "bench_group_norm_ext"):
+for name in ("bench_group_norm", "bench_attention", "bench_adaln", "bench_group_norm_ext", "bench_graph_launch"):
     try:
         lines = open(os.path.join(results, name + ".log")).read().strip().splitlines()
     except OSError:

@@ -65,6 +65,10 @@ def register(sub) -> None:
     p.add_argument("--compare", default=None, metavar="LIST",
                    help="'diffusers': time the same weights in diffusers (eager) in this run; 'diffusers,compile' "
                         "also torch.compile of the diffusers model (max-autotune on a GPU)")
+    p.add_argument("--compile-mode", default=None, metavar="MODE",
+                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                   help="torch.compile mode of the diffusers comparison (default: max-autotune on a GPU, default on "
+                        "the CPU)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the noise and random text states")
     p.add_argument("--quality", action="store_true",
                    help="instead of latency: digits-FD and class accuracy vs NFE for every sampler on a digits "
@@ -447,7 +451,7 @@ def _bench_diffusers(args, pipe_source, compare, batches, device, log) -> list[d
         runner = model
         compile_s = None
         if impl == "diffusers+compile":
-            mode = "max-autotune" if device.type == "cuda" else "default"
+            mode = args.compile_mode or ("max-autotune" if device.type == "cuda" else "default")
             notes_c = notes + [f"torch.compile(mode={mode!r})"]
             runner = torch.compile(model, mode=mode)
         else:

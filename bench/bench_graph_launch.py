@@ -1,0 +1,114 @@
+"""Why does a CUDA graph holding SDPA launch slowly? Host and device time of replaying one graph of N
+attention calls, per attention implementation.
+
+In the H200 run of 2026-11-26 a captured sampling loop whose attention ran through
+``F.scaled_dot_product_attention`` took 204 µs (DiT-XL/2) and 3116 µs (SD1.5) of host time per step in
+``graph.replay()``. With fastdiff's Triton attention the same loop took 7 and 46 µs per step. This script
+separates that effect from the rest of the model. It captures ``N`` calls of one attention problem (SD1.5
+self-attention by default) for each of these:
+
+- SDPA with its own backend choice;
+- SDPA pinned to each backend the machine has (flash, efficient, cudnn);
+- the Triton kernel.
+
+For each it reports the backend SDPA picks, the host µs of ``graph.replay()`` per captured call, and the
+device µs per call.
+
+    python bench/bench_graph_launch.py [--calls 50] [--shape 2,8,4096,40] [--dtype float16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def _sdpa_variants():
+    """name -> context-manager factory (None: SDPA's own choice)."""
+    out = {"sdpa (own choice)": None}
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # torch < 2.3
+        return out
+    for name in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION"):
+        backend = getattr(SDPBackend, name, None)
+        if backend is not None:
+            out[f"sdpa {name.split('_')[0].lower()}"] = (lambda b=backend: sdpa_kernel([b]))
+    return out
+
+
+def _chosen_backend(q, k, v) -> str:
+    try:
+        from torch.nn.attention import SDPBackend
+
+        return SDPBackend(torch._fused_sdp_choice(q, k, v)).name
+    except Exception as e:  # private API: report instead of failing
+        return f"unknown ({type(e).__name__})"
+
+
+def measure(fn, calls: int, reps: int = 20) -> tuple[float, float]:
+    """(host µs of graph.replay() per captured call, device µs per call), medians over ``reps`` replays."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    host, device = [], []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        t0 = time.perf_counter()
+        graph.replay()
+        host.append(time.perf_counter() - t0)
+        end.record()
+        end.synchronize()
+        device.append(start.elapsed_time(end) * 1e-3)
+    return statistics.median(host) / calls * 1e6, statistics.median(device) / calls * 1e6
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--calls", type=int, default=50, help="attention calls captured in one graph")
+    p.add_argument("--shape", default="2,8,4096,40", help="B,H,N,D (default: SD1.5 self-attention)")
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
+    a = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_graph_launch: needs a CUDA GPU (none found); nothing measured")
+        return 0
+    b, h, n, d = (int(s) for s in a.shape.split(","))
+    dtype = getattr(torch, a.dtype)
+    q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=dtype) for _ in range(3))
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
+    print(f"shape {a.shape} {a.dtype}, {a.calls} calls per graph; SDPA's own choice: {_chosen_backend(q, k, v)}")
+    print(f"{'implementation':<22}{'host us/call':>13}{'device us/call':>16}")
+    for name, ctx in _sdpa_variants().items():
+        def fn(ctx=ctx):
+            if ctx is None:
+                return F.scaled_dot_product_attention(q, k, v)
+            with ctx():
+                return F.scaled_dot_product_attention(q, k, v)
+        try:
+            host, dev = measure(fn, a.calls)
+            print(f"{name:<22}{host:>13.1f}{dev:>16.1f}")
+        except Exception as e:  # a backend this GPU / shape does not support
+            print(f"{name:<22}  unavailable: {type(e).__name__}: {str(e).splitlines()[0][:80]}")
+    from fastdiff.kernels import attention
+
+    host, dev = measure(lambda: attention(q, k, v), a.calls)
+    print(f"{'triton':<22}{host:>13.1f}{dev:>16.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
