@@ -12,7 +12,8 @@ self-attention by default) for each of these:
 - the Triton kernel.
 
 For each it reports the backend SDPA picks, the host µs of ``graph.replay()`` per captured call, and the
-device µs per call.
+device µs per call. It then profiles where the rest of a replayed ``generate`` call's host time goes (the
+set-up around the replay: noise, labels, static copies).
 
     python bench/bench_graph_launch.py [--calls 50] [--shape 2,8,4096,40] [--dtype float16]
 """
@@ -82,6 +83,9 @@ def main(argv=None) -> int:
     p.add_argument("--calls", type=int, default=50, help="attention calls captured in one graph")
     p.add_argument("--shape", default="2,8,4096,40", help="B,H,N,D (default: SD1.5 self-attention)")
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
+    p.add_argument("--pipeline", default="arch:tiny-dit", metavar="MODEL",
+                   help="also profile the host side of one loop-graphed generate call of MODEL ('' to skip)")
+    p.add_argument("--steps", type=int, default=20, help="sampling steps of the profiled call")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_graph_launch: needs a CUDA GPU (none found); nothing measured")
@@ -107,7 +111,36 @@ def main(argv=None) -> int:
 
     host, dev = measure(lambda: attention(q, k, v), a.calls)
     print(f"{'triton':<22}{host:>13.1f}{dev:>16.1f}")
+    if a.pipeline:
+        profile_generate(a.pipeline, a.steps)
     return 0
+
+
+def profile_generate(model: str, steps: int) -> None:
+    """Where the host time of one replayed ``generate`` call goes (outside graph.replay()): the torch
+    profiler's CPU view of one call of a loop-graphed pipeline, top rows by CPU time."""
+    import fastdiff
+    from fastdiff.runtime.config import OptimizeConfig
+
+    pipe = fastdiff.load(model, device="cuda", dtype=torch.float16)
+    pipe.optimize(OptimizeConfig(backend="triton", kernel_ops="all", cuda_graphs=True, graph_scope="loop",
+                                 batch_buckets=(1,)))
+    labels = torch.tensor([1], device="cuda") if pipe.spec.num_classes else None
+    kw = dict(seeds=[0], steps=steps, sampler="dpmpp_2m", cfg_scale=4.0 if labels is not None else 1.0,
+              class_labels=labels, progress=False)
+    for _ in range(3):
+        pipe.generate(**kw)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    pipe.generate(**kw)
+    host = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    print(f"{model}: one loop-graphed generate call ({steps} steps): host {host * 1e6:.0f} us, of which "
+          f"graph.replay() {pipe.loop_graphs.last_replay_host_s * 1e6:.0f} us")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        pipe.generate(**kw)
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=40))
 
 
 if __name__ == "__main__":
