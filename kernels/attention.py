@@ -1,9 +1,11 @@
 """Scaled dot-product attention forward (flash attention: online softmax, never materialising N x N).
 
 q (B, H, Nq, D), k / v (B, H, Nk, D) like ``F.scaled_dot_product_attention`` (non-causal, no mask);
-self and cross attention (Nk = 77 text tokens), any strides. The head dim is padded to the next power of
-two with masked loads (D = 40 / 72 / 80 run as 64 / 128 / 128). Scores and the softmax are float32, the
-``P @ V`` product takes P in the input dtype (as FlashAttention does), the accumulator is float32.
+self and cross attention (Nk = 77 text tokens), any strides. A head dim that is not a power of two runs as
+a power-of-two main part plus a masked power-of-two tail (D = 40 / 72 / 80 as 32+16 / 64+16 / 64+16, not
+padded to 64 / 128 / 128: the padding cost SD1.5's D=40 and DiT's D=72 37-44% of the tensor-core work).
+Scores and the softmax are float32, the ``P @ V`` product takes P in the input dtype (as FlashAttention
+does), the accumulators are float32.
 """
 
 from __future__ import annotations
@@ -31,9 +33,14 @@ def _attention_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_on, stride_od,
     qk_scale,  # softmax scale * log2(e): the softmax runs in base 2
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
+    EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, MAIN_EVEN_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
+    # The head dim is covered by a main part of BLOCK_D columns (a power of two <= D, never masked) and,
+    # when BLOCK_D2 > 0, a tail of BLOCK_D2 columns (masked past D): D = 40 runs as 32 + 16, D = 72 as
+    # 64 + 16, instead of padding to 64 / 128. Each part has its own dots and accumulator. MAIN_EVEN_D:
+    # the main part needs no head-dim mask (false only for a single padded block, D < BLOCK_D).
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -47,12 +54,24 @@ def _attention_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < NQ
-    mask_d = offs_d < D
 
-    q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-                mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    mask_d = offs_d < D
+    if MAIN_EVEN_D:
+        q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd, mask=mask_m[:, None],
+                    other=0.0)
+    else:
+        q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+                    mask=mask_m[:, None] & mask_d[None, :], other=0.0)
     if DOT_FP32:
         q = q.to(tl.float32)
+    if BLOCK_D2 > 0:
+        offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
+        mask_d2 = offs_d2 < D
+        q2 = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d2[None, :] * stride_qd,
+                     mask=mask_m[:, None] & mask_d2[None, :], other=0.0)
+        if DOT_FP32:
+            q2 = q2.to(tl.float32)
+        acc2 = tl.zeros([BLOCK_M, BLOCK_D2], dtype=tl.float32)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -61,16 +80,26 @@ def _attention_kernel(
         cols = start_n + offs_n
         mask_n = cols < NK
         # K and V tiles are (BLOCK_N, BLOCK_D) with the head dim contiguous (coalesced rows); K is
-        # transposed for the dot. Unmasked loads when the tile cannot run past Nk or the head dim.
+        # transposed for the dot. Unmasked loads when the tile cannot run past Nk.
         k_ptrs = k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd
         v_ptrs = v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd
-        if EVEN_N and EVEN_D:
+        if EVEN_N and MAIN_EVEN_D:
             k = tl.load(k_ptrs)
         else:
             k = tl.load(k_ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
         if DOT_FP32:
             k = k.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), base 2
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        if BLOCK_D2 > 0:
+            k2_ptrs = k_base + cols[:, None] * stride_kn + offs_d2[None, :] * stride_kd
+            if EVEN_N and EVEN_D:
+                k2 = tl.load(k2_ptrs)
+            else:
+                k2 = tl.load(k2_ptrs, mask=mask_n[:, None] & mask_d2[None, :], other=0.0)
+            if DOT_FP32:
+                k2 = k2.to(tl.float32)
+            s += tl.dot(q2, tl.trans(k2), input_precision=DOT_PRECISION)
+        s = s * qk_scale  # (BLOCK_M, BLOCK_N), base-2 logits
         if not EVEN_N:
             s = tl.where(mask_n[None, :], s, float("-inf"))
         # online softmax: rescale what was accumulated so far to the new running maximum
@@ -78,19 +107,33 @@ def _attention_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        if EVEN_N and EVEN_D:
+        if EVEN_N and MAIN_EVEN_D:
             v = tl.load(v_ptrs)
         else:
             v = tl.load(v_ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
         if DOT_FP32:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v_ptr.dtype.element_ty).to(tl.float32), v.to(tl.float32),
-                                                input_precision=DOT_PRECISION)
+            p_in = p.to(v_ptr.dtype.element_ty).to(tl.float32)
+            v = v.to(tl.float32)
         else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            p_in = p.to(v.dtype)
+        acc = acc * alpha[:, None] + tl.dot(p_in, v, input_precision=DOT_PRECISION)
+        if BLOCK_D2 > 0:
+            v2_ptrs = v_base + cols[:, None] * stride_vn + offs_d2[None, :] * stride_vd
+            if EVEN_N and EVEN_D:
+                v2 = tl.load(v2_ptrs)
+            else:
+                v2 = tl.load(v2_ptrs, mask=mask_n[:, None] & mask_d2[None, :], other=0.0)
+            if DOT_FP32:
+                v2 = v2.to(tl.float32)
+            acc2 = acc2 * alpha[:, None] + tl.dot(p_in, v2, input_precision=DOT_PRECISION)
         m_i = m_new
     acc = acc / l_i[:, None]
     tl.store(o_base + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od,
              acc.to(o_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+    if BLOCK_D2 > 0:
+        acc2 = acc2 / l_i[:, None]
+        tl.store(o_base + offs_m[:, None] * stride_on + offs_d2[None, :] * stride_od,
+                 acc2.to(o_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d2[None, :])
 
 
 # Half-precision problems on a GPU pick their tiles by autotuning (once per (Nq, Nk, D), on the first call,
@@ -121,9 +164,21 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def head_tiles(d: int) -> tuple[int, int]:
+    """(main, tail) column blocks covering head dim ``d``: a power of two <= d plus a masked power-of-two
+    tail (>= 16, tl.dot's minimum), or one padded block where splitting saves nothing."""
+    padded = max(16, triton.next_power_of_2(d))
+    main = max(16, 1 << (d.bit_length() - 1))
+    rest = d - main
+    if rest <= 0:
+        return padded, 0
+    tail = max(16, triton.next_power_of_2(rest))
+    return (main, tail) if main + tail < padded else (padded, 0)
+
+
 def launch_config(nq: int, nk: int, d: int, dtype: torch.dtype, device_type: str = "cuda") -> dict:
     """Block sizes and warps for one attention problem; shared with ``fastdiff.kernels.aot``."""
-    block_d = max(16, triton.next_power_of_2(d))
+    block_d, block_d2 = head_tiles(d)
     if device_type == "cuda" and dtype == torch.float32:
         # the accuracy path (IEEE fp32 dots run on FMA units, not tensor cores): small tiles
         block_m, block_n, num_warps, num_stages = 64, 32, 4, 2
@@ -137,8 +192,9 @@ def launch_config(nq: int, nk: int, d: int, dtype: torch.dtype, device_type: str
     # no wider than the problem (tl.dot needs >= 16)
     block_m = max(16, min(block_m, triton.next_power_of_2(nq)))
     block_n = max(16, min(block_n, triton.next_power_of_2(nk)))
-    return dict(block_m=block_m, block_n=block_n, block_d=block_d, num_warps=num_warps, num_stages=num_stages,
-                even_n=nk % block_n == 0, dot_precision="ieee" if dtype == torch.float32 else "tf32")
+    return dict(block_m=block_m, block_n=block_n, block_d=block_d, block_d2=block_d2, num_warps=num_warps,
+                num_stages=num_stages, even_n=nk % block_n == 0, even_d=block_d + block_d2 == d,
+                dot_precision="ieee" if dtype == torch.float32 else "tf32")
 
 
 def _launches(q, k, v, out, scale, device_type):
@@ -152,8 +208,9 @@ def _launches(q, k, v, out, scale, device_type):
     cfg = launch_config(NQ, NK, D, q.dtype, device_type)
     grid = (triton.cdiv(NQ, cfg["block_m"]), B * H)
     args = (q, k, v, out, H, NQ, NK, D, *q.stride(), *k.stride(), *v.stride(), *out.stride(), sm_scale * _LOG2E)
-    meta = dict(BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_D=cfg["block_d"], EVEN_N=cfg["even_n"],
-                EVEN_D=cfg["block_d"] == D, DOT_PRECISION=cfg["dot_precision"],
+    meta = dict(BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_D=cfg["block_d"], BLOCK_D2=cfg["block_d2"],
+                EVEN_N=cfg["even_n"], EVEN_D=cfg["even_d"], MAIN_EVEN_D=cfg["even_d"] or cfg["block_d2"] > 0,
+                DOT_PRECISION=cfg["dot_precision"],
                 # Triton 3.9's interpreter multiplies bfloat16 tl.dot operands as raw bits: upcast there (the
                 # P -> bfloat16 rounding is kept, so the numerics match the compiled kernel's).
                 DOT_FP32=q.dtype == torch.bfloat16 and device_type != "cuda" and _interpreting(),
@@ -200,7 +257,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional
         return out
     for grid, args, meta in _launches(q, k, v, out, scale, q.device.type):
         if q.is_cuda and q.dtype != torch.float32 and not _interpreting() and not _TUNING_BROKEN:
-            tuned = {k: meta[k] for k in ("BLOCK_D", "EVEN_D", "DOT_PRECISION", "DOT_FP32")}
+            tuned = {k: meta[k] for k in ("BLOCK_D", "BLOCK_D2", "EVEN_D", "MAIN_EVEN_D", "DOT_PRECISION",
+                                          "DOT_FP32")}
             try:
                 _attention_tuned[lambda m: (triton.cdiv(args[5], m["BLOCK_M"]), grid[1])](*args, **tuned)
                 continue

@@ -64,3 +64,19 @@ def test_compile_backend_equals_eager():
     eager = fastdiff.load("arch:tiny-dit").generate(**kw)
     compiled = fastdiff.load("arch:tiny-dit").optimize(backend="compile")
     assert rel_err(compiled.generate(**kw), eager) <= 1e-5
+
+
+def test_sdpa_backend_pinning():
+    """sdpa_backend pins torch's SDPA in every native attention core; a backend that cannot run says so."""
+    from fastdiff.errors import BackendUnavailableError
+    from fastdiff.models.layers import Attention
+
+    kw = dict(seeds=[1, 2], class_labels=[1, 2], steps=2, sampler="ddim", cfg_scale=2.0, progress=False)
+    want = fastdiff.load("arch:tiny-dit").generate(**kw)
+    pinned = fastdiff.load("arch:tiny-dit").optimize(sdpa_backend="math")
+    assert {m.sdpa_backend for m in pinned.model.modules() if isinstance(m, Attention)} == {"math"}
+    torch.testing.assert_close(pinned.generate(**kw), want, rtol=1e-4, atol=1e-5)
+    with pytest.raises(BackendUnavailableError, match="cudnn"):  # cuDNN attention needs a CUDA device
+        fastdiff.load("arch:tiny-dit").optimize(sdpa_backend="cudnn").generate(**kw)
+    with pytest.raises(fastdiff.BadArgumentError, match="sdpa_backend"):
+        OptimizeConfig(sdpa_backend="xformers")

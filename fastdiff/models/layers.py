@@ -94,6 +94,33 @@ class FusedOp(nn.Module):
         raise NotImplementedError
 
 
+# torch's SDPA backends by the names OptimizeConfig(sdpa_backend=...) takes. On Hopper with cuDNN >= 9.15
+# (torch 2.11's wheels) SDPA itself prefers cuDNN; pinning another backend changes kernels and graph nodes.
+SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION",
+                 "math": "MATH"}
+
+
+def sdpa_context(name: str):
+    """``torch.nn.attention.sdpa_kernel`` restricted to backend ``name`` (a key of SDPA_BACKENDS)."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError as e:  # pragma: no cover - torch < 2.3
+        raise BackendUnavailableError(f"pinning an SDPA backend needs torch >= 2.3 ({e})") from e
+    backend = getattr(SDPBackend, SDPA_BACKENDS[name], None)
+    if backend is None:  # pragma: no cover - older torch without this backend
+        raise BackendUnavailableError(f"this torch ({torch.__version__}) has no SDPA backend {name!r}")
+    return sdpa_kernel([backend])
+
+
+def set_sdpa_backend(model: nn.Module, name: Optional[str]) -> None:
+    """Pin the SDPA backend of every native attention core in ``model`` (None: SDPA's own choice)."""
+    if name is not None and name not in SDPA_BACKENDS:
+        raise BadArgumentError(f"sdpa_backend: expected one of {sorted(SDPA_BACKENDS)} or None, found {name!r}")
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.sdpa_backend = name
+
+
 def _check_ops(ops: dict) -> dict:
     known = set(GPU_DEFAULT_OPS)
     for op, impl in ops.items():
@@ -198,9 +225,19 @@ class Attention(FusedOp):
     """Scaled dot-product attention core on (B, H, N, D) tensors, softmax in float32 on the fused path."""
 
     op = "attention"
+    # None: SDPA picks its backend; else one of SDPA_BACKENDS, pinned with torch.nn.attention.sdpa_kernel
+    sdpa_backend: Optional[str] = None
 
     def forward_native(self, q, k, v, scale: Optional[float] = None):
-        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+        if self.sdpa_backend is None:
+            return F.scaled_dot_product_attention(q, k, v, scale=scale)
+        try:
+            with sdpa_context(self.sdpa_backend):
+                return F.scaled_dot_product_attention(q, k, v, scale=scale)
+        except RuntimeError as e:
+            raise BackendUnavailableError(
+                f"SDPA backend {self.sdpa_backend!r} cannot run attention of shape {tuple(q.shape)} x "
+                f"{tuple(k.shape)} {q.dtype} on {q.device}: {str(e).strip().splitlines()[0]}") from e
 
     def forward_triton(self, q, k, v, scale: Optional[float] = None):
         from fastdiff.kernels import attention

@@ -51,6 +51,9 @@ class OptimizeConfig:
         (default: on a GPU, ``fastdiff.models.layers.GPU_DEFAULT_OPS``, the per-op winners measured on an
         H200; elsewhere every op on Triton), ``"all"`` (every op on its Triton kernel), or a dict of
         op -> ``"triton"`` | ``"torch"`` | ``"cuda_ext"`` (GroupNorm only) overriding the measured table.
+    sdpa_backend: pin torch's SDPA (the attention ops that run on torch) to ``flash`` | ``efficient`` |
+        ``cudnn`` | ``math``; None lets SDPA choose (cuDNN on Hopper with torch 2.11). A backend that cannot
+        run a problem raises ``BackendUnavailableError`` on the first call.
     """
 
     backend: str = "eager"
@@ -63,6 +66,7 @@ class OptimizeConfig:
     fuse_qkv: bool = False
     compile_mode: str = "default"
     kernel_ops: Union[str, dict] = "measured"
+    sdpa_backend: Optional[str] = None
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -82,6 +86,12 @@ class OptimizeConfig:
         elif self.kernel_ops not in ("measured", "all"):
             raise BadArgumentError(f"kernel_ops must be 'measured', 'all' or a dict of op -> impl, found "
                                    f"{self.kernel_ops!r}")
+        if self.sdpa_backend is not None:
+            from ..models.layers import SDPA_BACKENDS
+
+            if self.sdpa_backend not in SDPA_BACKENDS:
+                raise BadArgumentError(f"sdpa_backend must be one of {sorted(SDPA_BACKENDS)} or None, found "
+                                       f"{self.sdpa_backend!r}")
         if self.max_graphs < 1:
             raise BadArgumentError(f"max_graphs must be >= 1, found {self.max_graphs}")
 

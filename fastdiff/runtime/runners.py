@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 
 from ..errors import BackendUnavailableError
-from ..models.layers import set_backend
+from ..models.layers import set_backend, set_sdpa_backend
 from .config import OptimizeConfig
 
 
@@ -27,6 +27,7 @@ def prepare_model(model: torch.nn.Module, config: OptimizeConfig, device: torch.
         set_backend(model, "triton", ops=config.op_choices(device))
     else:
         set_backend(model, "native")
+    set_sdpa_backend(model, config.sdpa_backend)
     if config.fuse_qkv:
         from ..models.fuse import fuse_qkv
 

@@ -24,6 +24,9 @@ SHAPES = [  # (B, H, Nq, Nk, D): self / cross, token counts off the block size, 
     (1, 1, 16, 16, 64),
     (1, 2, 33, 20, 80),
     (1, 1, 7, 123, 128),
+    (1, 1, 9, 17, 20),  # one padded, masked block (32 columns for 20)
+    (1, 1, 5, 40, 160),  # main 128 + an unmasked tail of 32
+    (1, 1, 3, 5, 8),  # narrower than tl.dot's 16
 ]
 
 
@@ -58,6 +61,18 @@ def test_attention_matches_sdpa(shape, dtype, layout):
     o = attention(q, k, v, out=out)
     assert o is out
     assert_close(o, reference(q, k, v), dtype)
+
+
+def test_head_tiles_split_instead_of_padding():
+    """Head dims off a power of two: a main block plus a >= 16 tail when that is narrower than padding."""
+    from fastdiff.kernels.attention import head_tiles
+
+    assert head_tiles(40) == (32, 16) and head_tiles(72) == (64, 16) and head_tiles(80) == (64, 16)
+    assert head_tiles(64) == (64, 0) and head_tiles(128) == (128, 0) and head_tiles(160) == (128, 32)
+    assert head_tiles(20) == (32, 0) and head_tiles(8) == (16, 0) and head_tiles(100) == (128, 0)
+    for d in range(1, 257):
+        main, tail = head_tiles(d)
+        assert main + tail >= d and main >= 16 and tail in (0,) + tuple(2 ** i for i in range(4, 9))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
