@@ -56,6 +56,12 @@ def test_diffusers_pipeline_folder_reads_scheduler(tmp_path, ref_unet):
     assert pipe.spec.scheduler["_class_name"] == "DPMSolverMultistepScheduler"
     assert any("vae" in n for n in pipe.spec.notes)
     _check_same(pipe, ref_unet)
+    # prediction_type= overrides the scheduler config too: scheduler-config plans read its field
+    forced = fastdiff.load(str(tmp_path), prediction_type="epsilon")
+    assert forced.spec.prediction_type == "epsilon" and forced.spec.scheduler["prediction_type"] == "epsilon"
+    assert forced.plan(4).make_denoiser(forced.runner).prediction_type == "epsilon"
+    with pytest.raises(fastdiff.BadArgumentError, match="prediction_type"):
+        fastdiff.load(str(tmp_path), prediction_type="v")
 
 
 def test_fastdiff_round_trip_and_dtype(tmp_path, ref_unet):

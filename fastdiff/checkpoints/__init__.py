@@ -73,10 +73,15 @@ def load(path: str, device="cpu", dtype: Optional[torch.dtype] = None, *, varian
         return Pipeline(None, spec, device=device, runner=OnnxRuntimeRunner(path, device=device, spec=spec))
 
     kind, cfg, state, spec = _read_any(path, variant=variant, num_heads=num_heads, head_channels=head_channels)
-    if prediction_type is not None:
-        spec.prediction_type = prediction_type
     if scheduler is not None:
         spec.scheduler = dict(scheduler)
+    if prediction_type is not None:
+        if prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise BadArgumentError(f"prediction_type: expected 'epsilon', 'v_prediction' or 'sample', found "
+                                   f"{prediction_type!r}")
+        spec.prediction_type = prediction_type
+        # scheduler-config plans read the scheduler's own field: keep the two in agreement
+        spec.scheduler = {**(spec.scheduler or {}), "prediction_type": prediction_type}
     model = build_model(kind, cfg)
     strict_load(model, state, name=f"{kind.upper()} from {path}", dtype=dtype, device=device)
     return Pipeline(model.eval(), spec, device=device)
@@ -113,10 +118,15 @@ def _read_any(path: str, *, variant=None, num_heads=None, head_channels=None):
             from .diffusers_folder import spec_for
             from .presets import SD_SCHEDULER
 
+            from .ldm import single_file_sampling
+
             cfg = ldm_unet_config(state, num_heads=num_heads)
-            spec = spec_for("unet", cfg, SD_SCHEDULER, source=f"Stable Diffusion single file {path}")
+            prediction, latent, why = single_file_sampling(cfg, obj)
+            cfg.sample_size = latent
+            spec = spec_for("unet", cfg, dict(SD_SCHEDULER, prediction_type=prediction),
+                            source=f"Stable Diffusion single file {path}")
             spec.notes.append("single-file UNet: heads inferred (SD1: 8, SD2: 64 per head) unless num_heads= is "
-                              "given; prediction type assumed epsilon unless prediction_type= is given")
+                              "given; " + why)
             return "unet", cfg, convert_ldm_unet(state, cfg), spec
         from .guided_diffusion import (convert_guided_diffusion, guided_diffusion_config,
                                        is_guided_diffusion_state_dict)

@@ -5,8 +5,9 @@ the one place that renames ``input_blocks.K.J`` / ``middle_block`` / ``output_bl
 ``down_blocks`` / ``mid_block`` / ``up_blocks`` and infers the architecture from the tensor shapes.
 
 What the weights do not say: the attention head count (SD 1.x uses 8 heads, SD 2.x 64 channels per
-head: that is the default guess, from conv vs linear projections), and the prediction type (SD 2.x 768
-models predict v). Both can be given to ``fastdiff.load(..., num_heads=, prediction_type=)``.
+head: that is the default guess, from conv vs linear projections), and the prediction type and resolution
+(SD 2.x 768 models predict v: ``single_file_sampling`` guesses as diffusers does). Both can be given to
+``fastdiff.load(..., num_heads=, prediction_type=)``.
 """
 
 from __future__ import annotations
@@ -79,6 +80,28 @@ def ldm_unet_config(state: dict, num_heads: Optional[int] = None) -> UNetConfig:
         up_block_types=["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
         mid_block_type="UNetMidBlock2DCrossAttn" if mid_depth else "UNetMidBlock2D",
     ), "UNet2DConditionModel")
+
+
+# SD 2.x's 512 "base" model was saved at this global step; every other SD 2.x file is taken as the 768 v-model
+SD2_BASE_GLOBAL_STEP = 875000
+
+
+def single_file_sampling(config: UNetConfig, checkpoint) -> tuple[str, int, str]:
+    """(prediction type, latent size, note) for a Stable Diffusion single file, guessed as diffusers'
+    ``from_single_file`` does when no config comes with it: an SD 1.x UNet (768-wide text states) is
+    epsilon at 512x512; an SD 2.x UNet (1024-wide OpenCLIP states) is v-prediction at 768x768 unless the
+    file's ``global_step`` is the 512 base model's."""
+    if config.cross_attention_dim != 1024:
+        return "epsilon", 64, "SD 1.x-style single file: epsilon prediction at 512x512 (64x64 latents)"
+    step = checkpoint.get("global_step") if isinstance(checkpoint, dict) else None
+    step = int(step) if isinstance(step, (int, torch.Tensor)) and not isinstance(step, bool) else None
+    if step == SD2_BASE_GLOBAL_STEP:
+        return "epsilon", 64, (f"SD 2.x single file at global_step {step} (the 512 base model): epsilon prediction "
+                               f"at 512x512")
+    return "v_prediction", 96, ("SD 2.x single file: v-prediction at 768x768 (96x96 latents), as diffusers guesses "
+                                f"for SD 2.x files other than the 512 base model (global_step "
+                                f"{SD2_BASE_GLOBAL_STEP}; this file: {step if step is not None else 'none'}); "
+                                f"pass prediction_type= to override")
 
 
 def convert_ldm_unet(state: dict, config: UNetConfig) -> dict[str, torch.Tensor]:

@@ -47,3 +47,37 @@ def test_bare_ldm_unet_state_dict_is_recognised(ref, tmp_path):
     with torch.no_grad():
         out = pipe.model(ref["x"], ref["timesteps"], encoder_hidden_states=ref["context"])
     torch.testing.assert_close(out, ref["sd1_style_eps"], rtol=1e-5, atol=2e-5)
+
+
+def _sd2_wide_state(tmp_path):
+    """The SD2-style fixture with 1024-wide text-state projections (OpenCLIP's width), as a real SD 2.x has."""
+    state = load_file(os.path.join(LDM, "ldm_sd2_style.safetensors"))
+    g = torch.Generator().manual_seed(0)
+    for k in list(state):
+        if k.endswith(("attn2.to_k.weight", "attn2.to_v.weight")):
+            state[k] = torch.randn(state[k].shape[0], 1024, generator=g) * 0.02
+    return state
+
+
+@pytest.mark.parametrize("global_step, prediction, latent", [
+    (875000, "epsilon", 64),  # the SD 2.x 512 base model
+    (110000, "v_prediction", 96),  # any other SD 2.x file: the 768 v-model
+    (None, "v_prediction", 96),
+])
+def test_sd2_single_file_sampling_defaults_follow_diffusers(tmp_path, global_step, prediction, latent):
+    ckpt = {"state_dict": _sd2_wide_state(tmp_path)}
+    if global_step is not None:
+        ckpt["global_step"] = global_step
+    path = tmp_path / "sd2.ckpt"
+    torch.save(ckpt, str(path))
+    pipe = fastdiff.load(str(path))
+    assert pipe.spec.prediction_type == prediction and pipe.spec.scheduler["prediction_type"] == prediction
+    assert tuple(pipe.spec.sample_size) == (latent, latent)
+    assert any("SD 2.x single file" in n for n in pipe.notes)
+    forced = fastdiff.load(str(path), prediction_type="epsilon")
+    assert forced.spec.prediction_type == "epsilon" and forced.spec.scheduler["prediction_type"] == "epsilon"
+
+
+def test_sd1_single_file_is_epsilon_at_512():
+    pipe = fastdiff.load(os.path.join(LDM, "ldm_sd1_style.safetensors"))
+    assert pipe.spec.prediction_type == "epsilon" and tuple(pipe.spec.sample_size) == (64, 64)
