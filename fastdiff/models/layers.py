@@ -188,6 +188,11 @@ class GroupNorm(FusedOp):
             self.register_parameter("bias", None)
 
     def forward_native(self, x, scale=None, shift=None):
+        if scale is None and shift is None and (self.weight is None or self.weight.dtype == x.dtype):
+            # torch's kernel already keeps the statistics in float32 for half inputs: no fp32 copies of x
+            # (in half precision the casts were 4 extra kernels per GroupNorm, 85 per SD-UNet call)
+            h = F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+            return F.silu(h) if self.activation == "silu" else h
         h = F.group_norm(x.float(), self.num_groups,
                          None if self.weight is None else self.weight.float(),
                          None if self.bias is None else self.bias.float(), self.eps)

@@ -161,3 +161,36 @@ def test_kernels_package_imports_without_triton():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "raised:" in r.stdout and "needs Triton" in r.stdout
+
+
+def test_native_half_group_norm_makes_no_float32_copies():
+    """The native path of a half-precision GroupNorm(+SiLU) runs on the input dtype (torch keeps float32
+    statistics itself): no cast kernels, and the result still matches a float32 reference."""
+    import collections
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fastdiff.models.layers import GroupNorm
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops[str(func)] += 1
+            return func(*args, **(kwargs or {}))
+
+    layer = GroupNorm(4, 12, activation="silu")
+    with torch.no_grad():
+        layer.weight.normal_()
+        layer.bias.normal_()
+    x = torch.randn(2, 12, 5, 7) * 3 + 2
+    want = F.silu(F.group_norm(x, 4, layer.weight, layer.bias, 1e-5))
+    layer, xh = layer.to(torch.bfloat16), x.to(torch.bfloat16)
+    counter = Count()
+    with counter, torch.no_grad():
+        got = layer(xh)
+    assert got.dtype == torch.bfloat16
+    assert "aten._to_copy.default" not in counter.ops, counter.ops
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=3e-2)
