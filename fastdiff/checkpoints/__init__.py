@@ -38,7 +38,8 @@ SUPPORTED_FORMATS = (
 
 def load(path: str, device="cpu", dtype: Optional[torch.dtype] = None, *, variant: Optional[str] = None,
          num_heads: Optional[int] = None, head_channels: Optional[int] = None,
-         prediction_type: Optional[str] = None, scheduler: Optional[dict] = None):
+         prediction_type: Optional[str] = None, scheduler: Optional[dict] = None,
+         attention_order: Optional[str] = None):
     """Load a checkpoint into fastdiff's native model and return a ``Pipeline``.
 
     device / dtype: where and in which precision the network lives (sampler state stays float32).
@@ -46,6 +47,8 @@ def load(path: str, device="cpu", dtype: Optional[torch.dtype] = None, *, varian
     num_heads / head_channels: attention heads (or channels per head) where the weights cannot say
         (official DiT, Stable Diffusion single files, guided-diffusion).
     prediction_type / scheduler: override what the checkpoint says (or the DDPM default it assumes).
+    attention_order: guided-diffusion checkpoints only: ``"legacy"`` (default) or ``"new"`` for models
+        trained with ``use_new_attention_order`` (the weights cannot tell the two apart).
     """
     from ..pipeline import Pipeline
     from .common import strict_load
@@ -72,7 +75,11 @@ def load(path: str, device="cpu", dtype: Optional[torch.dtype] = None, *, varian
         spec = read_onnx_spec(path)
         return Pipeline(None, spec, device=device, runner=OnnxRuntimeRunner(path, device=device, spec=spec))
 
-    kind, cfg, state, spec = _read_any(path, variant=variant, num_heads=num_heads, head_channels=head_channels)
+    kind, cfg, state, spec = _read_any(path, variant=variant, num_heads=num_heads, head_channels=head_channels,
+                                       attention_order=attention_order)
+    if attention_order is not None and not str(spec.source).startswith("guided-diffusion"):
+        raise BadArgumentError(f"attention_order= applies to guided-diffusion checkpoints only; {path} is a "
+                               f"{spec.source.split(' ')[0]} source")
     if scheduler is not None:
         spec.scheduler = dict(scheduler)
     if prediction_type is not None:
@@ -87,7 +94,7 @@ def load(path: str, device="cpu", dtype: Optional[torch.dtype] = None, *, varian
     return Pipeline(model.eval(), spec, device=device)
 
 
-def _read_any(path: str, *, variant=None, num_heads=None, head_channels=None):
+def _read_any(path: str, *, variant=None, num_heads=None, head_channels=None, attention_order=None):
     """(kind, native config, native state dict, ModelSpec) for any supported source."""
     from .diffusers_folder import (is_model_folder, is_pipeline_folder, load_model_folder,
                                    load_pipeline_folder, spec_for)
@@ -137,9 +144,12 @@ def _read_any(path: str, *, variant=None, num_heads=None, head_channels=None):
 
             cfg = guided_diffusion_config(state, num_heads=num_heads, head_channels=head_channels)
             spec = spec_for("unet", cfg, DIT_SCHEDULER, source=f"guided-diffusion checkpoint {path}")
+            order = attention_order or "legacy"
             spec.notes.append("guided-diffusion: 64 channels per head unless num_heads= is given; linear betas "
-                              "assumed (pass scheduler= for the cosine-schedule models)")
-            return "unet", cfg, convert_guided_diffusion(state, cfg), spec
+                              "assumed (pass scheduler= for the cosine-schedule models); "
+                              f"{order} attention order (attention_order='new' for use_new_attention_order "
+                              f"models)")
+            return "unet", cfg, convert_guided_diffusion(state, cfg, order), spec
         from .edm import edm_config_from_state_dict, edm_spec, is_edm_state_dict
 
         if is_edm_state_dict(state):

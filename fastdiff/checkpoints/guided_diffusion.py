@@ -9,7 +9,8 @@ ch^-1/4 each, which is SDPA's 1/sqrt(ch).
 
 What the weights do not say: ``num_head_channels`` / ``num_heads`` (default: 64 channels per head, as
 ADM's released ImageNet models; pass ``num_heads=`` or ``head_channels=`` otherwise) and
-``use_new_attention_order`` (the legacy order is assumed).
+``use_new_attention_order`` (the legacy order is assumed; ``fastdiff.load(..., attention_order="new")`` for
+models trained with it, such as ADM's ImageNet 64x64: its qkv channels are ordered (q|k|v, head, channel)).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import BadArgumentError, CheckpointError
 from ..models.unet import UNetConfig
 
 _RESNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
@@ -78,7 +79,15 @@ def guided_diffusion_config(state: dict, num_heads: Optional[int] = None,
     ), "UNet2DModel")
 
 
-def convert_guided_diffusion(state: dict, config: UNetConfig) -> dict[str, torch.Tensor]:
+ATTENTION_ORDERS = ("legacy", "new")
+
+
+def convert_guided_diffusion(state: dict, config: UNetConfig, attention_order: str = "legacy") -> dict[str, torch.Tensor]:
+    """ADM keys -> native keys. attention_order: "legacy" (QKVAttentionLegacy: qkv output channels
+    ordered (head, q|k|v, channel)) or "new" (QKVAttention, ``use_new_attention_order``: (q|k|v, head,
+    channel))."""
+    if attention_order not in ATTENTION_ORDERS:
+        raise BadArgumentError(f"attention_order: expected one of {ATTENTION_ORDERS}, found {attention_order!r}")
     sd = state
     n = len(config.block_out_channels)
     per = config.layers_per_block
@@ -103,6 +112,9 @@ def convert_guided_diffusion(state: dict, config: UNetConfig) -> dict[str, torch
         w, b = sd[f"{src}.qkv.weight"][..., 0], sd[f"{src}.qkv.bias"]  # (3C, C), (3C,)
         c = w.shape[1]
         heads = c // head_dim
+        if attention_order == "new":  # (3, heads, head_dim): bring to the legacy (heads, 3, head_dim) layout
+            w = w.reshape(3, heads, head_dim, c).transpose(0, 1)
+            b = b.reshape(3, heads, head_dim).transpose(0, 1)
         w = w.reshape(heads, 3, head_dim, c)
         b = b.reshape(heads, 3, head_dim)
         for i, name in enumerate(("to_q", "to_k", "to_v")):

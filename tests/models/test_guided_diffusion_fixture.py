@@ -47,3 +47,31 @@ def test_ddim_sampling_matches_official(ref, schedule, prefix, atol):
     out = pipe.generate(latents=ref["ddim_noise"], class_labels=ref["ddim_y"], sampler="ddim", steps=10,
                         progress=False)
     torch.testing.assert_close(out, ref[f"{prefix}_sample"], rtol=0, atol=atol)
+
+
+def test_new_attention_order_checkpoint(ref, tmp_path):
+    """A use_new_attention_order model stores qkv as (q|k|v, head, channel): attention_order="new" reads it."""
+    state = torch.load(os.path.join(GD, "model.pt"), weights_only=True)
+    heads_of = lambda c: c // 16  # noqa: E731  (config.json: num_head_channels=16)
+    reordered = {}
+    for k, v in state.items():
+        if k.endswith(("qkv.weight", "qkv.bias")):
+            c = v.shape[0] // 3
+            rest = v.shape[1:]
+            v = v.reshape(heads_of(c), 3, 16, *rest).transpose(0, 1).reshape(3 * c, *rest).contiguous()
+        reordered[k] = v
+    path = str(tmp_path / "new_order.pt")
+    torch.save(reordered, path)
+    new = fastdiff.load(path, head_channels=16, attention_order="new")
+    with torch.no_grad():
+        torch.testing.assert_close(new.model(ref["x"], ref["t"], class_labels=ref["y"]), ref["out"],
+                                   rtol=1e-5, atol=2e-5)
+        wrong = fastdiff.load(path, head_channels=16).model(ref["x"], ref["t"], class_labels=ref["y"])
+    assert (wrong - ref["out"]).abs().max() > 1e-3  # the legacy reading of a new-order file is another network
+    with pytest.raises(fastdiff.BadArgumentError, match="attention_order"):
+        fastdiff.load(path, head_channels=16, attention_order="newest")
+
+
+def test_attention_order_refused_for_other_formats():
+    with pytest.raises(fastdiff.BadArgumentError, match="guided-diffusion"):
+        fastdiff.load(os.path.join(FIXTURES, "ldm", "ldm_sd1_style.safetensors"), attention_order="new")
