@@ -1,10 +1,10 @@
 """Which ONNX operators TensorRT's ONNX parser imports: a static check that needs no GPU and no TensorRT.
 
-Source: onnx-tensorrt ``docs/operators.md`` for TensorRT 10.x (release/10.x branches; the list has been
-stable across 10.0 - 10.x for the ops a diffusion network uses). Written down from that table and kept
-conservative: an operator whose row says "N" (or that we are not sure of) is left out, so the check
-can fail on a supported op but should not pass an unsupported one. Re-check this list against the
-operators.md of the TensorRT version you deploy before trusting it for a new model family.
+Source: onnx-tensorrt ``docs/operators.md`` for TensorRT 10.15 (opsets 9 to 24), every row marked "Y".
+Rows marked "N" are left out, among them AffineGrid, Compress, the Sequence / Optional / String ops,
+QLinear*, Unique and DFT. Row restrictions that an export can break are not checked here. The ones that
+matter for diffusion graphs: Conv / ConvTranspose weights must be initializers; Dropout must be in
+inference mode; Resize antialiasing is unsupported. The engine build reports those.
 
 Beyond the op type, the parser refuses (or TensorRT cannot run) a few things worth flagging statically:
 custom domains (need a plugin), DOUBLE tensors (TensorRT has no float64), and Cast to DOUBLE.
@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import os
 
-TRT_VERSION = "10.x"
-SOURCE = "onnx-tensorrt release/10.x docs/operators.md"
+TRT_VERSION = "10.15"
+SOURCE = "onnx-tensorrt docs/operators.md (TensorRT 10.15)"
 
 SUPPORTED_OPS = frozenset("""
-Abs Acos Acosh Add AffineGrid And ArgMax ArgMin Asin Asinh Atan Atanh AveragePool
-BatchNormalization BlackmanWindow Cast CastLike Ceil Celu Clip Compress Concat Constant ConstantOfShape
-Conv ConvTranspose Cos Cosh CumSum DepthToSpace DequantizeLinear Div Dropout Einsum Elu Equal Erf Exp
+Abs Acos Acosh Add And ArgMax ArgMin Asin Asinh Atan Atanh Attention AveragePool
+BatchNormalization BlackmanWindow Cast CastLike Ceil Celu Clip Concat Constant ConstantOfShape
+Conv ConvTranspose Cos Cosh CumSum DeformConv DepthToSpace DequantizeLinear Div Dropout Einsum Elu Equal Erf Exp
 Expand EyeLike Flatten Floor Gather GatherElements GatherND Gelu Gemm GlobalAveragePool GlobalLpPool
 GlobalMaxPool Greater GreaterOrEqual GridSample GroupNormalization GRU HammingWindow HannWindow Hardmax
 HardSigmoid HardSwish Identity If ImageScaler InstanceNormalization IsInf IsNaN LayerNormalization
@@ -28,10 +28,10 @@ LeakyRelu Less LessOrEqual Log LogSoftmax Loop LpNormalization LpPool LRN LSTM M
 MeanVarianceNormalization Min Mish Mod Mul Neg NonMaxSuppression NonZero Not OneHot Or Pad
 ParametricSoftplus Pow PRelu QuantizeLinear RandomNormal RandomNormalLike RandomUniform
 RandomUniformLike Range Reciprocal ReduceL1 ReduceL2 ReduceLogSum ReduceLogSumExp ReduceMax ReduceMean
-ReduceMin ReduceProd ReduceSum ReduceSumSquare Relu Reshape Resize ReverseSequence RNN RoiAlign Round
-ScaledTanh Scan Scatter ScatterElements ScatterND Selu Shape Shrink Sigmoid Sign Sin Sinh Size Slice
-Softmax Softplus Softsign SpaceToDepth Split Sqrt Squeeze Sub Sum Tan Tanh ThresholdedRelu Tile TopK
-Transpose Trilu Unsqueeze Upsample Where Xor
+ReduceMin ReduceProd ReduceSum ReduceSumSquare Relu Reshape Resize ReverseSequence RMSNormalization RNN
+RoiAlign RotaryEmbedding Round STFT ScaledTanh Scan Scatter ScatterElements ScatterND Selu Shape Shrink
+Sigmoid Sign Sin Sinh Size Slice Softmax Softplus Softsign SpaceToDepth Split Sqrt Squeeze Sub Sum Tan
+Tanh TensorScatter ThresholdedRelu Tile TopK Transpose Trilu Unsqueeze Upsample Where Xor
 """.split())
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
