@@ -28,6 +28,10 @@ def candidates(x, groups, w, b):
     out = {
         "torch": lambda: F.silu(F.group_norm(x, groups, w, b, 1e-5)),
         "triton": lambda: group_norm(x, groups, w, b, 1e-5, activation="silu"),
+        # the split-count sweep that tunes the launcher's choice (auto: ~1024 programs, two launches):
+        # one program per group in one launch, and 4 slices per group
+        "triton/1": lambda: group_norm(x, groups, w, b, 1e-5, activation="silu", num_splits=1),
+        "triton/4": lambda: group_norm(x, groups, w, b, 1e-5, activation="silu", num_splits=4),
     }
     if cuda_ext.HAS_CUDA_EXT and x.is_contiguous(memory_format=torch.channels_last):
         out["cuda_ext"] = lambda: cuda_ext.group_norm_nhwc(x, groups, w, b, 1e-5, silu=True)

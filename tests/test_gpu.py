@@ -96,3 +96,11 @@ def test_compile_with_cuda_graphs_equals_eager():
     fast = fastdiff.load("arch:tiny-dit", device="cuda").optimize(backend="compile", cuda_graphs=True,
                                                                   batch_buckets=(2, 4))
     assert rel_err(fast.generate(**kw), eager) <= 1e-4
+
+
+@pytest.mark.parametrize("backend", ["flash", "efficient"])
+def test_pinned_sdpa_backend_equals_default_on_gpu(backend):
+    kw = dict(seeds=[1, 2], class_labels=[1, 2], steps=3, sampler="dpmpp_2m", cfg_scale=2.0, progress=False)
+    want = fastdiff.load("arch:tiny-dit", device="cuda", dtype=torch.float16).generate(**kw)
+    pinned = fastdiff.load("arch:tiny-dit", device="cuda", dtype=torch.float16).optimize(sdpa_backend=backend)
+    assert rel_err(pinned.generate(**kw), want) <= 2e-2
