@@ -60,12 +60,14 @@ def time_in_graph(fn, iters: int = 100, flush: bool = False) -> tuple[float, flo
                     fn()
         return run
 
-    work, base = _capture(body(True)), _capture(body(False))
+    work = _capture(body(True))
+    base = _capture(body(False)) if scratch is not None else None  # flushes only (nothing to subtract else)
     reps = max(5, iters // PER_GRAPH)
     for g in (work, base):
-        g.replay()
+        if g is not None:
+            g.replay()
     torch.cuda.synchronize()
-    base_ms = statistics.median(_event_time(base.replay) for _ in range(reps))
+    base_ms = statistics.median(_event_time(base.replay) for _ in range(reps)) if base is not None else 0.0
     per_call = [(_event_time(work.replay) - base_ms) / PER_GRAPH for _ in range(reps)]
     return _percentiles(per_call)
 
