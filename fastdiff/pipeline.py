@@ -35,7 +35,8 @@ class Pipeline:
         self.notes: list[str] = list(spec.notes)
         self.loop_graphs = None  # LoopGraphCache when optimize(cuda_graphs=True, graph_scope="loop")
         # (steps, sampler, schedule) -> SamplingPlan: a serving loop asks for the same few plans on every
-        # call, and building one (sigma grid, alphas, option checks) costs ~0.2 ms of host time per call
+        # call, and building one (sigma grid, alphas, option checks) costs ~0.2 ms of host time per call.
+        # Keyed also by the spec's sampling fields, so editing pipe.spec afterwards cannot serve stale plans.
         self._plans: dict = {}
 
     # ------------------------------------------------------------------------------------------
@@ -99,7 +100,7 @@ class Pipeline:
             raise BadArgumentError(f"sampler: expected one of {sorted(SAMPLERS)}, found {sampler!r}")
         if schedule is not None and schedule not in SCHEDULES:
             raise BadArgumentError(f"schedule: expected one of {list(SCHEDULES)}, found {schedule!r}")
-        key = (steps, sampler, schedule)
+        key = (steps, sampler, schedule, self.spec.prediction_type, _scalar_items(self.spec.scheduler))
         plan = self._plans.get(key)
         if plan is None:
             plan = self._base_plan(steps, sampler, schedule)
@@ -110,9 +111,10 @@ class Pipeline:
             unknown = sorted(set(options) - set(sampler_options(plan.sampler)))
             if unknown:
                 raise BadArgumentError(f"sampler {plan.sampler!r}: unknown option(s) {unknown}; expected among "
-                                       f"{list(sampler_options(plan.sampler))}")
-        # a copy: callers may set options on it without touching the cached plan
-        return dataclasses.replace(plan, options={**plan.options, **options})
+                                       f"{sampler_options(plan.sampler)}")
+        # a copy that owns its mutable parts: callers may edit it without touching the cached plan
+        return dataclasses.replace(plan, options={**plan.options, **options}, sigmas=plan.sigmas.clone(),
+                                   denoiser_options=dict(plan.denoiser_options))
 
     def _base_plan(self, steps: int, sampler: Optional[str], schedule: Optional[str]):
         from .sampling import get_sigmas, plan_from_scheduler_config
@@ -366,6 +368,12 @@ class Pipeline:
 def _rows(t: torch.Tensor, start: int, count: int, batch: int) -> torch.Tensor:
     """Rows [start, start+count) of a per-sample tensor; tensors not batched per sample pass through."""
     return t[start:start + count] if t.dim() > 0 and t.shape[0] == batch else t
+
+
+def _scalar_items(d) -> tuple:
+    """The scalar entries of a config dict, sorted: a cheap fingerprint (lists such as trained_betas by length)."""
+    return tuple(sorted((k, v if isinstance(v, (str, int, float, bool, type(None))) else len(v))
+                        for k, v in (d or {}).items()))
 
 
 def _freeze(value):

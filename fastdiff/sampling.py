@@ -40,9 +40,14 @@ __all__ = ["sample", "sampler_options", "get_sigmas", "SCHEDULES", "SAMPLERS", "
 _COMMON_ARGS = {"denoiser", "x", "sigmas", "extra_args", "noise", "callback"}
 
 
-@functools.lru_cache(maxsize=None)
-def sampler_options(name: str) -> tuple:
+def sampler_options(name: str) -> list:
     """The keyword options sampler ``name`` accepts (beyond the common ones)."""
+    return list(_sampler_options(name))
+
+
+@functools.lru_cache(maxsize=None)
+def _sampler_options(name: str) -> tuple:
+    """sampler_options, cached (read from the sampler's signature once per name)."""
     fn = _lookup(name)
     params = inspect.signature(fn).parameters
     if any(p.kind is p.VAR_KEYWORD for p in params.values()):      # thin aliases (dpmpp_3m -> dpmpp_2m)
@@ -56,7 +61,7 @@ def sample(denoiser, x, sampler: str, sigmas, *, extra_args=None, noise=None, ca
     unknown = sorted(set(options) - set(sampler_options(sampler)))
     if unknown:
         raise BadArgumentError(f"sampler {sampler!r}: unknown option(s) {unknown}; expected among "
-                               f"{list(sampler_options(sampler))}")
+                               f"{sampler_options(sampler)}")
     return fn(denoiser, x, sigmas, extra_args=extra_args, noise=noise, callback=callback, **options)
 
 

@@ -58,6 +58,7 @@ class Config:
     fn: object  # the @triton.jit object
     args: tuple
     meta: dict
+    tuned: bool = False  # one of the autotuner's candidate tiles (it prunes those that do not fit)
 
 
 @dataclass
@@ -100,7 +101,7 @@ def _group_norm_configs(dtypes) -> list[Config]:
 
 
 def _attention_configs(dtypes) -> list[Config]:
-    from fastdiff.kernels.attention import _attention_kernel, _launches
+    from fastdiff.kernels.attention import _TUNED_TILES, _attention_kernel, _launches
 
     out = []
     for B, H, NQ, NK, D in ATTENTION_SHAPES:
@@ -110,6 +111,14 @@ def _attention_configs(dtypes) -> list[Config]:
             for grid, args, meta in _launches(q, kv, kv, torch.empty_like(q), None, "cuda"):
                 label = f"B{B} H{H} Nq{NQ} Nk{NK} D{D}"
                 out.append(Config("attention", label, dtype, _attention_kernel, args, meta))
+                if dtype == torch.float32:
+                    continue
+                # on a GPU half precision runs autotuned: every candidate tile is compiled too
+                for bm, bn, warps, stages in _TUNED_TILES:
+                    tuned = dict(meta, BLOCK_M=bm, BLOCK_N=bn, EVEN_N=NK % bn == 0, num_warps=warps,
+                                 num_stages=stages)
+                    out.append(Config("attention", f"{label} tile{bm}x{bn}w{warps}s{stages}", dtype,
+                                      _attention_kernel, args, tuned, tuned=True))
     return out
 
 
@@ -137,8 +146,8 @@ KERNELS: dict[str, Callable[..., list]] = {
 
 
 # A subset that still covers every kernel, mode and dtype, and attention with Nk off the block size at two
-# padded head dims (40 -> 64, 80 -> 128) plus DiT's 72: what a quick check compiles (D = 160, the most
-# shared memory, is in the full set).
+# split head dims (40 = 32 + 16, 80 = 64 + 16) plus DiT's 72, with every autotuner tile in half precision:
+# what a quick check compiles (D = 160, the most shared memory, is in the full set).
 QUICK = (
     "2x320x64x64 g32 nhwc affine+silu",  # split statistics: mode 1 and mode 2
     "2x1280x8x8 g32 nchw affine+silu",  # fused: mode 0
@@ -228,7 +237,7 @@ def compile_config(cfg: Config, arch: int) -> Result:
     from triton.backends.compiler import GPUTarget
 
     t0 = time.perf_counter()
-    res = Result(cfg.kernel, cfg.label, _TY[cfg.dtype], arch, False, 0.0)
+    res = Result(cfg.kernel, cfg.label, _TY[cfg.dtype], arch, False, 0.0, extra={"tuned": cfg.tuned})
     try:
         src, options = _source(cfg)
         k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)

@@ -262,7 +262,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional
             try:
                 _attention_tuned[lambda m: (triton.cdiv(args[5], m["BLOCK_M"]), grid[1])](*args, **tuned)
                 continue
+            except torch.cuda.OutOfMemoryError:
+                raise
             except Exception as e:  # a Triton version whose autotuner rejects this: the fixed tiles still work
+                if torch.cuda.is_current_stream_capturing():  # the capture is broken already: say so
+                    raise
                 _disable_tuning(e)
         _attention_kernel[grid](*args, **meta)
     return out

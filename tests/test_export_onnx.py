@@ -169,6 +169,20 @@ def test_fp16_export(pipes, exported, tmp_path, name, fp16_io):
     assert res.size_bytes < 0.6 * exported[name][0].size_bytes  # fp16 weights
 
 
+def test_fp16_export_keeps_float32_group_norm_statistics(pipes, tmp_path):
+    """The half-precision graph normalises in float32 (what export/onnx.py promises): an fp16 variance can
+    overflow in TensorRT / ONNX Runtime once activations pass ~256."""
+    import onnx
+    from onnx import TensorProto, shape_inference
+
+    res = export_onnx(pipes["arch:tiny-sd-unet"], None, str(tmp_path / "m16.onnx"), dtype="fp16", progress=False)
+    m = shape_inference.infer_shapes(onnx.load(res.path))
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in list(m.graph.value_info) + list(m.graph.input)}
+    norms = [n for n in m.graph.node if n.op_type in ("InstanceNormalization", "GroupNormalization")]
+    assert norms
+    assert {types.get(n.input[0]) for n in norms} == {TensorProto.FLOAT}
+
+
 def test_opset18_export(pipes, tmp_path):
     """Opset 18 validates; GroupNorm is the InstanceNormalization form (GroupNormalization-18 is deprecated)."""
     pipe = pipes["arch:tiny-unet"]

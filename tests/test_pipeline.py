@@ -139,3 +139,17 @@ def test_sampler_options_reach_the_scheduler_config_plan(tiny_unet):
     a = tiny_unet.generate(seeds=[1], steps=4, progress=False)
     b = tiny_unet.generate(seeds=[1], steps=4, progress=False, eta=0.5)
     assert not torch.equal(a, b)
+
+
+def test_cached_plans_are_not_shared_with_callers():
+    """plan() caches its work, but each call returns a plan whose mutable parts are its own."""
+    pipe = fastdiff.load("arch:tiny-unet")
+    first = pipe.plan(5, "dpmpp_2m")
+    first.sigmas *= 2
+    first.denoiser_options["clip_sample"] = 0.01
+    first.options["eta"] = 3.0
+    again = pipe.plan(5, "dpmpp_2m")
+    assert float(again.sigmas[0]) * 2 == pytest.approx(float(first.sigmas[0]))
+    assert "clip_sample" not in again.denoiser_options and "eta" not in again.options
+    pipe.spec.scheduler["beta_schedule"] = "scaled_linear"  # editing the spec afterwards: a fresh plan
+    assert not torch.equal(pipe.plan(5, "dpmpp_2m").sigmas, again.sigmas)

@@ -57,6 +57,8 @@ def load(path: str, device="cpu", dtype: Optional[torch.dtype] = None, *, varian
     if not isinstance(path, (str, os.PathLike)):
         raise BadArgumentError(f"load() expects a path or 'builtin:NAME' / 'arch:NAME', found {type(path).__name__}")
     path = os.fspath(path)
+    if attention_order is not None and (path.startswith(("arch:", "builtin:")) or path.lower().endswith(".onnx")):
+        raise BadArgumentError(f"attention_order= applies to guided-diffusion checkpoints only, not to {path}")
     if path.startswith("arch:"):
         from .presets import build_arch
 
@@ -82,6 +84,9 @@ def load(path: str, device="cpu", dtype: Optional[torch.dtype] = None, *, varian
                                f"{spec.source.split(' ')[0]} source")
     if scheduler is not None:
         spec.scheduler = dict(scheduler)
+        if spec.prediction_type != "edm":
+            # one prediction type for every plan: the given scheduler's field, else what the checkpoint said
+            spec.prediction_type = spec.scheduler.setdefault("prediction_type", spec.prediction_type)
     if prediction_type is not None:
         if prediction_type not in ("epsilon", "v_prediction", "sample"):
             raise BadArgumentError(f"prediction_type: expected 'epsilon', 'v_prediction' or 'sample', found "

@@ -162,6 +162,12 @@ def op_backends(model: nn.Module) -> dict[str, str]:
     return out
 
 
+def _exporting() -> bool:
+    """True while torch.onnx exports or torch.jit traces (the graph must keep float32 statistics)."""
+    onnx = getattr(torch, "onnx", None)
+    return bool((onnx is not None and onnx.is_in_onnx_export()) or torch.jit.is_tracing())
+
+
 class GroupNorm(FusedOp):
     """GroupNorm with statistics in float32, optional fused SiLU and scale-shift modulation.
 
@@ -188,9 +194,11 @@ class GroupNorm(FusedOp):
             self.register_parameter("bias", None)
 
     def forward_native(self, x, scale=None, shift=None):
-        if scale is None and shift is None and (self.weight is None or self.weight.dtype == x.dtype):
+        if (scale is None and shift is None and (self.weight is None or self.weight.dtype == x.dtype)
+                and not _exporting()):
             # torch's kernel already keeps the statistics in float32 for half inputs: no fp32 copies of x
-            # (in half precision the casts were 4 extra kernels per GroupNorm, 85 per SD-UNet call)
+            # (in half precision the casts were 4 extra kernels per GroupNorm, 85 per SD-UNet call).
+            # Not while exporting: an ONNX / TensorRT graph would then normalise in half precision.
             h = F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
             return F.silu(h) if self.activation == "silu" else h
         h = F.group_norm(x.float(), self.num_groups,
@@ -239,6 +247,8 @@ class Attention(FusedOp):
         try:
             with sdpa_context(self.sdpa_backend):
                 return F.scaled_dot_product_attention(q, k, v, scale=scale)
+        except torch.cuda.OutOfMemoryError:
+            raise
         except RuntimeError as e:
             raise BackendUnavailableError(
                 f"SDPA backend {self.sdpa_backend!r} cannot run attention of shape {tuple(q.shape)} x "

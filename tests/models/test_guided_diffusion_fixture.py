@@ -72,6 +72,8 @@ def test_new_attention_order_checkpoint(ref, tmp_path):
         fastdiff.load(path, head_channels=16, attention_order="newest")
 
 
-def test_attention_order_refused_for_other_formats():
+@pytest.mark.parametrize("source", [os.path.join(FIXTURES, "ldm", "ldm_sd1_style.safetensors"), "arch:tiny-unet",
+                                    "builtin:digits", "model.onnx"])
+def test_attention_order_refused_for_other_formats(source):
     with pytest.raises(fastdiff.BadArgumentError, match="guided-diffusion"):
-        fastdiff.load(os.path.join(FIXTURES, "ldm", "ldm_sd1_style.safetensors"), attention_order="new")
+        fastdiff.load(source, attention_order="new")

@@ -81,3 +81,17 @@ def test_sd2_single_file_sampling_defaults_follow_diffusers(tmp_path, global_ste
 def test_sd1_single_file_is_epsilon_at_512():
     pipe = fastdiff.load(os.path.join(LDM, "ldm_sd1_style.safetensors"))
     assert pipe.spec.prediction_type == "epsilon" and tuple(pipe.spec.sample_size) == (64, 64)
+
+
+def test_sd2_single_file_with_a_scheduler_keeps_one_prediction_type(tmp_path):
+    """scheduler= without a prediction_type field: every plan uses the type the checkpoint implies."""
+    path = tmp_path / "sd2.ckpt"
+    torch.save({"state_dict": _sd2_wide_state(tmp_path)}, str(path))
+    sched = {"_class_name": "DPMSolverMultistepScheduler", "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+             "beta_end": 0.012, "num_train_timesteps": 1000}
+    pipe = fastdiff.load(str(path), scheduler=sched)
+    assert pipe.spec.prediction_type == pipe.spec.scheduler["prediction_type"] == "v_prediction"
+    assert pipe.plan(4).make_denoiser(pipe.runner).prediction_type == "v_prediction"  # scheduler-config plan
+    assert pipe.plan(4, "dpmpp_2m").make_denoiser(pipe.runner).prediction_type == "v_prediction"
+    eps = fastdiff.load(str(path), scheduler=dict(sched, prediction_type="epsilon"))  # the scheduler says so
+    assert eps.spec.prediction_type == "epsilon"
