@@ -308,13 +308,17 @@ class Pipeline:
                     raise BadArgumentError(f"class_labels: this model is class-conditional ({spec.num_classes} "
                                            f"classes, no null label): expected {b} labels, found None")
                 class_labels = [spec.null_class] * b
-            labels = torch.as_tensor(class_labels, dtype=torch.long, device=self.device).reshape(-1)
+            # host labels (a list, a CPU tensor) are checked before they move: no device read back then;
+            # labels already on the device cost one read per call (never inside the sampling loop)
+            on_host = not (torch.is_tensor(class_labels) and class_labels.device.type != "cpu")
+            labels = torch.as_tensor(class_labels, dtype=torch.long, device="cpu" if on_host else None).reshape(-1)
             if labels.numel() == 1 and b > 1:
                 labels = labels.expand(b)
             if labels.numel() != b:
                 raise BadArgumentError(f"class_labels: expected {b} labels (one per sample), found {labels.numel()}")
             top = spec.num_classes if spec.null_class is None else max(spec.num_classes, spec.null_class + 1)
-            lo, hi = torch.stack(torch.aminmax(labels)).tolist()  # one host read per call (not in the loop)
+            lo, hi = torch.stack(torch.aminmax(labels)).tolist()
+            labels = labels.to(self.device)
             if lo < 0 or hi >= top:
                 raise BadArgumentError(f"class_labels: expected labels in [0, {top - 1}] ({spec.num_classes} classes"
                                        + (f", {spec.null_class} = unconditional" if spec.null_class is not None else "")
