@@ -142,10 +142,19 @@ def _attention_kernel(
 _TUNED_TILES = [  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
     (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4), (64, 128, 4, 3),
 ]
-_attention_tuned = triton.autotune(
-    configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in _TUNED_TILES],
-    key=["NQ", "NK", "D"],
-)(triton.heuristics({"EVEN_N": lambda a: a["NK"] % a["BLOCK_N"] == 0})(_attention_kernel))
+_tuned: list = []
+
+
+def _attention_tuned():
+    """The autotuned kernel, built on first use: triton 3.2's Autotuner asks for the active GPU driver when it
+    is constructed, so building it at import would break importing this module on a machine without one."""
+    if not _tuned:
+        _tuned.append(triton.autotune(
+            configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+                     for bm, bn, w, st in _TUNED_TILES],
+            key=["NQ", "NK", "D"],
+        )(triton.heuristics({"EVEN_N": lambda a: a["NK"] % a["BLOCK_N"] == 0})(_attention_kernel)))
+    return _tuned[0]
 
 
 _TUNING_BROKEN = False
@@ -260,7 +269,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional
             tuned = {k: meta[k] for k in ("BLOCK_D", "BLOCK_D2", "EVEN_D", "MAIN_EVEN_D", "DOT_PRECISION",
                                           "DOT_FP32")}
             try:
-                _attention_tuned[lambda m: (triton.cdiv(args[5], m["BLOCK_M"]), grid[1])](*args, **tuned)
+                _attention_tuned()[lambda m: (triton.cdiv(args[5], m["BLOCK_M"]), grid[1])](*args, **tuned)
                 continue
             except torch.cuda.OutOfMemoryError:
                 raise
