@@ -25,6 +25,19 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _load_tile(ptrs, row_ok, col_ok, UNMASKED: tl.constexpr, UPCAST: tl.constexpr):
+    """A (rows, cols) K or V tile: unmasked when it cannot run past Nk or the head dim; zeros where masked;
+    float32 when the dot runs in float32 (the interpreter's bfloat16 path)."""
+    if UNMASKED:
+        t = tl.load(ptrs)
+    else:
+        t = tl.load(ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    if UPCAST:
+        t = t.to(tl.float32)
+    return t
+
+
+@triton.jit
 def _attention_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr,
     H, NQ, NK, D,
@@ -83,21 +96,11 @@ def _attention_kernel(
         # transposed for the dot. Unmasked loads when the tile cannot run past Nk.
         k_ptrs = k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd
         v_ptrs = v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd
-        if EVEN_N and MAIN_EVEN_D:
-            k = tl.load(k_ptrs)
-        else:
-            k = tl.load(k_ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-        if DOT_FP32:
-            k = k.to(tl.float32)
+        k = _load_tile(k_ptrs, mask_n, mask_d, EVEN_N and MAIN_EVEN_D, DOT_FP32)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         if BLOCK_D2 > 0:
-            k2_ptrs = k_base + cols[:, None] * stride_kn + offs_d2[None, :] * stride_kd
-            if EVEN_N and EVEN_D:
-                k2 = tl.load(k2_ptrs)
-            else:
-                k2 = tl.load(k2_ptrs, mask=mask_n[:, None] & mask_d2[None, :], other=0.0)
-            if DOT_FP32:
-                k2 = k2.to(tl.float32)
+            k2 = _load_tile(k_base + cols[:, None] * stride_kn + offs_d2[None, :] * stride_kd, mask_n, mask_d2,
+                            EVEN_N and EVEN_D, DOT_FP32)
             s += tl.dot(q2, tl.trans(k2), input_precision=DOT_PRECISION)
         s = s * qk_scale  # (BLOCK_M, BLOCK_N), base-2 logits
         if not EVEN_N:
@@ -107,24 +110,15 @@ def _attention_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        if EVEN_N and MAIN_EVEN_D:
-            v = tl.load(v_ptrs)
-        else:
-            v = tl.load(v_ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-        if DOT_FP32:
+        v = _load_tile(v_ptrs, mask_n, mask_d, EVEN_N and MAIN_EVEN_D, DOT_FP32)
+        if DOT_FP32:  # P is rounded to the input dtype either way (as FlashAttention does)
             p_in = p.to(v_ptr.dtype.element_ty).to(tl.float32)
-            v = v.to(tl.float32)
         else:
             p_in = p.to(v.dtype)
         acc = acc * alpha[:, None] + tl.dot(p_in, v, input_precision=DOT_PRECISION)
         if BLOCK_D2 > 0:
-            v2_ptrs = v_base + cols[:, None] * stride_vn + offs_d2[None, :] * stride_vd
-            if EVEN_N and EVEN_D:
-                v2 = tl.load(v2_ptrs)
-            else:
-                v2 = tl.load(v2_ptrs, mask=mask_n[:, None] & mask_d2[None, :], other=0.0)
-            if DOT_FP32:
-                v2 = v2.to(tl.float32)
+            v2 = _load_tile(v_base + cols[:, None] * stride_vn + offs_d2[None, :] * stride_vd, mask_n, mask_d2,
+                            EVEN_N and EVEN_D, DOT_FP32)
             acc2 = acc2 * alpha[:, None] + tl.dot(p_in, v2, input_precision=DOT_PRECISION)
         m_i = m_new
     acc = acc / l_i[:, None]
