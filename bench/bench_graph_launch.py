@@ -53,16 +53,13 @@ def _chosen_backend(q, k, v) -> str:
 
 def measure(fn, calls: int, reps: int = 20) -> tuple[float, float]:
     """(host µs of graph.replay() per captured call, device µs per call), medians over ``reps`` replays."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    from kernel_timing import capture_graph
+
+    def body():
         for _ in range(calls):
             fn()
+
+    graph = capture_graph(body)
     graph.replay()
     torch.cuda.synchronize()
     host, device = [], []

@@ -35,7 +35,7 @@ def _event_time(run) -> float:
     return start.elapsed_time(end)
 
 
-def _capture(body) -> torch.cuda.CUDAGraph:
+def capture_graph(body) -> torch.cuda.CUDAGraph:
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # warm-up outside the graph (allocator, autotuning)
@@ -60,8 +60,8 @@ def time_in_graph(fn, iters: int = 100, flush: bool = False) -> tuple[float, flo
                     fn()
         return run
 
-    work = _capture(body(True))
-    base = _capture(body(False)) if scratch is not None else None  # flushes only (nothing to subtract else)
+    work = capture_graph(body(True))
+    base = capture_graph(body(False)) if scratch is not None else None  # flushes only (nothing to subtract else)
     reps = max(5, iters // PER_GRAPH)
     for g in (work, base):
         if g is not None:
