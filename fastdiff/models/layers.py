@@ -11,6 +11,7 @@ CUDA device when Triton imports, native otherwise; an explicit ``"triton"`` that
 from __future__ import annotations
 
 import math
+import sys
 from typing import Optional
 
 import torch
@@ -121,7 +122,8 @@ def set_sdpa_backend(model: nn.Module, name: Optional[str]) -> None:
             m.sdpa_backend = name
 
 
-def _check_ops(ops: dict) -> dict:
+def check_kernel_ops(ops: dict) -> dict:
+    """``ops`` (op name -> implementation) after checking every name and implementation."""
     known = set(GPU_DEFAULT_OPS)
     for op, impl in ops.items():
         if op not in known:
@@ -145,7 +147,7 @@ def set_backend(model: nn.Module, backend: str = "auto", ops: Optional[dict] = N
     chosen = resolve_backend(backend, device)
     if chosen == "triton" and ops is None and backend == "auto":
         ops = GPU_DEFAULT_OPS
-    ops = _check_ops(dict(ops or {}))
+    ops = check_kernel_ops(dict(ops or {}))
     for m in model.modules():
         if isinstance(m, FusedOp):
             impl = ops.get(m.op, "triton") if chosen == "triton" else "native"
@@ -164,7 +166,7 @@ def op_backends(model: nn.Module) -> dict[str, str]:
 
 def _exporting() -> bool:
     """True while torch.onnx exports or torch.jit traces (the graph must keep float32 statistics)."""
-    onnx = getattr(torch, "onnx", None)
+    onnx = sys.modules.get("torch.onnx")  # never imported: nothing exports (and no import on the hot path)
     return bool((onnx is not None and onnx.is_in_onnx_export()) or torch.jit.is_tracing())
 
 

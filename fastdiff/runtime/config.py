@@ -80,9 +80,9 @@ class OptimizeConfig:
             raise BadArgumentError(f"batch_buckets must be positive ints, found {list(self.batch_buckets)}")
         self.batch_buckets = tuple(buckets)
         if isinstance(self.kernel_ops, dict):
-            from ..models.layers import _check_ops
+            from ..models.layers import check_kernel_ops
 
-            self.kernel_ops = _check_ops(dict(self.kernel_ops))
+            self.kernel_ops = check_kernel_ops(dict(self.kernel_ops))
         elif self.kernel_ops not in ("measured", "all"):
             raise BadArgumentError(f"kernel_ops must be 'measured', 'all' or a dict of op -> impl, found "
                                    f"{self.kernel_ops!r}")
