@@ -11,6 +11,7 @@
 #   tests         pytest -m gpu with TRITON_INTERPRET=0 (kernels at model shapes, triton backend, CUDA-graph
 #                 step / loop replay vs eager, no recapture, compile + graphs)
 #   kernels       bench/bench_group_norm.py, bench_attention.py, bench_adaln.py (device time inside graphs)
+#   gn-sweep      bench/bench_group_norm.py --sweep: split count x tile x warps at 2x320x64x64 (launcher defaults)
 #   launch        bench/bench_graph_launch.py: host cost of replaying graphs of SDPA (per backend) / Triton
 #   dit           fastdiff bench arch:dit-xl-2-256, fp16, dpmpp_2m x 20, cfg 4: eager / triton / CUDA-graph
 #                 variants vs diffusers eager (DiTTransformer2DModel + DPMSolverMultistepScheduler)
@@ -34,7 +35,7 @@ ROOT=$(pwd)
 START=$(date +%s)
 BUDGET=${FASTDIFF_GPU_BUDGET_S:-480}     # seconds for everything, summary included
 DEADLINE=$((START + BUDGET))
-STAGES=" ${FASTDIFF_GPU_STAGES:-cuda-ext tests kernels launch dit sd15 dit-vs-compile sd15-vs-compile dit-compile sd15-compile} "
+STAGES=" ${FASTDIFF_GPU_STAGES:-cuda-ext tests kernels gn-sweep launch dit sd15 dit-vs-compile sd15-vs-compile dit-compile sd15-compile} "
 RESULTS=${FASTDIFF_GPU_OUT:-$ROOT/gpu_out}
 mkdir -p "$RESULTS"
 wants() { case "$STAGES" in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
@@ -121,6 +122,7 @@ if wants kernels; then
         step "bench_$b" 40 $PY "bench/bench_$b.py" --iters 50
     done
 fi
+wants gn-sweep && step bench_group_norm_sweep 90 $PY bench/bench_group_norm.py --sweep --iters 30
 # host cost of replaying graphs that hold SDPA (per backend) vs the Triton attention
 wants launch && step bench_graph_launch 60 $PY bench/bench_graph_launch.py
 
@@ -182,7 +184,8 @@ try:
 except OSError:
     pass
 # kernel tables: each bench log's table as printed
-for name in ("bench_group_norm", "bench_attention", "bench_adaln", "bench_group_norm_ext", "bench_graph_launch"):
+for name in ("bench_group_norm", "bench_attention", "bench_adaln", "bench_group_norm_ext", "bench_group_norm_sweep",
+             "bench_graph_launch"):
     try:
         lines = open(os.path.join(results, name + ".log")).read().strip().splitlines()
     except OSError:

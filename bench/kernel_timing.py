@@ -4,7 +4,9 @@ Each ``bench/bench_<op>.py`` supplies ``run(dtypes, iters, flush)`` and ``print_
 
 Timing is the DEVICE time of one call, measured inside a CUDA graph: ``PER_GRAPH`` calls (each after an
 optional L2 flush) are captured once and replayed between CUDA events, and the same graph without the calls
-(flushes only) is subtracted. That is how the kernels run under fastdiff's CUDA graphs, and it keeps the
+(flushes only) is subtracted. The L2 flush READS a 256 MiB buffer (a sum): a flush that writes it (``zero_()``)
+leaves L2 full of dirty lines, whose write-back then lands inside the timed kernel and, for a kernel of a few
+MB, inflates its time by up to half. That is how the kernels run under fastdiff's CUDA graphs, and it keeps the
 host's launch cost out: timing single eager calls of microsecond kernels measures Python launch overhead
 instead (Triton's launcher costs tens of microseconds per call, torch's less). ``--eager-timing`` times
 single eager calls between events instead (what an un-graphed model pays). A callable that cannot be
@@ -47,21 +49,30 @@ def capture_graph(body) -> torch.cuda.CUDAGraph:
     return graph
 
 
+def l2_flusher(flush: bool):
+    """None, or a callable that evicts L2 by reading 256 MiB (leaving only clean lines behind)."""
+    if not flush:
+        return None
+    scratch = torch.zeros(64 * 2**20, dtype=torch.float32, device="cuda")
+    sink = torch.zeros((), dtype=torch.float32, device="cuda")
+    return lambda: torch.sum(scratch, out=sink)
+
+
 def time_in_graph(fn, iters: int = 100, flush: bool = False) -> tuple[float, float]:
     """(median, p90) device milliseconds of one fn() call, from graph replays (see the module docstring)."""
-    scratch = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda") if flush else None
+    flusher = l2_flusher(flush)
 
     def body(with_fn: bool):
         def run():
             for _ in range(PER_GRAPH):
-                if scratch is not None:
-                    scratch.zero_()
+                if flusher is not None:
+                    flusher()
                 if with_fn:
                     fn()
         return run
 
     work = capture_graph(body(True))
-    base = capture_graph(body(False)) if scratch is not None else None  # flushes only (nothing to subtract else)
+    base = capture_graph(body(False)) if flusher is not None else None  # flushes only (nothing to subtract else)
     reps = max(5, iters // PER_GRAPH)
     for g in (work, base):
         if g is not None:
@@ -74,11 +85,11 @@ def time_in_graph(fn, iters: int = 100, flush: bool = False) -> tuple[float, flo
 
 def time_eager(fn, iters: int = 100, flush: bool = False) -> tuple[float, float]:
     """(median, p90) milliseconds of single eager calls between CUDA events (launch overhead included)."""
-    scratch = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda") if flush else None
+    flusher = l2_flusher(flush)
     times = []
     for _ in range(iters):
-        if scratch is not None:
-            scratch.zero_()
+        if flusher is not None:
+            flusher()
         times.append(_event_time(fn))
     return _percentiles(times)
 

@@ -68,7 +68,8 @@ def _group_norm_kernel(
                 mask = mask_c[:, None] & (ss < s_end)[None, :]
                 ptrs = x_base + cc[:, None].to(tl.int64) * stride_xc + ss[None, :].to(tl.int64) * stride_xs
                 x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-                n_t = tl.sum(tl.sum(mask.to(tl.float32), axis=1), axis=0)
+                # valid elements of this tile, counted on scalars (not one more block-wide reduction)
+                n_t = (tl.minimum(CPG - c0, BLOCK_C) * tl.minimum(s_end - s0, BLOCK_S)).to(tl.float32)
                 mean_t = tl.sum(tl.sum(x, axis=1), axis=0) / n_t
                 d = tl.where(mask, x - mean_t, 0.0)
                 m2_t = tl.sum(tl.sum(d * d, axis=1), axis=0)
@@ -141,17 +142,27 @@ def _flat_spatial_stride(t: torch.Tensor) -> Optional[int]:
     return dims[-1][1]
 
 
-def launch_config(shape, num_groups: int, device_type: str = "cuda", num_splits: Optional[int] = None) -> dict:
+def launch_config(shape, num_groups: int, device_type: str = "cuda", num_splits: Optional[int] = None,
+                  tile: Optional[int] = None, num_warps: Optional[int] = None) -> dict:
     """Block sizes, warps and split count the launcher uses for ``shape`` (B, C, *spatial).
 
-    Shared with ``fastdiff.kernels.aot`` so the ahead-of-time check compiles what runs.
+    ``num_splits``, ``tile`` (elements per register tile, a power of two) and ``num_warps`` override the
+    defaults; ``bench/bench_group_norm.py --sweep`` tunes them on a GPU. Shared with
+    ``fastdiff.kernels.aot`` so the ahead-of-time check compiles what runs.
     """
     B, C = shape[0], shape[1]
     HW = math.prod(shape[2:]) if len(shape) > 2 else 1
     cpg = C // num_groups
     block_c = min(triton.next_power_of_2(cpg), 1024)
-    tile = 4096 if device_type == "cuda" else 8192  # elements per tile (registers on a GPU)
+    if tile is None:
+        tile = 4096 if device_type == "cuda" else 8192  # elements per tile (registers on a GPU)
+    elif tile < 1 or tile & (tile - 1):
+        raise BadArgumentError(f"group_norm: expected tile to be a power of two, found {tile}")
     block_s = max(1, min(triton.next_power_of_2(HW), tile // block_c))
+    if num_warps is None:
+        num_warps = 8 if block_c * block_s >= 4096 else 4
+    elif num_warps not in (1, 2, 4, 8, 16, 32):
+        raise BadArgumentError(f"group_norm: expected num_warps in (1, 2, 4, 8, 16, 32), found {num_warps}")
     if num_splits is None:
         if device_type == "cuda":
             # aim for ~1024 programs in all, each slice at least one tile
@@ -164,16 +175,17 @@ def launch_config(shape, num_groups: int, device_type: str = "cuda", num_splits:
         chunk = triton.cdiv(chunk, block_s) * block_s if chunk > block_s else chunk
     num_splits = triton.cdiv(HW, chunk)
     return dict(block_c=block_c, block_s=block_s, num_splits=num_splits, chunk=chunk, hw=HW, cpg=cpg,
-                split_p=triton.next_power_of_2(num_splits), num_warps=8 if block_c * block_s >= 4096 else 4)
+                split_p=triton.next_power_of_2(num_splits), num_warps=num_warps)
 
 
-def _launches(x, y, num_groups, weight, bias, eps, activation, scale, shift, num_splits, device_type):
+def _launches(x, y, num_groups, weight, bias, eps, activation, scale, shift, num_splits, device_type,
+              tile=None, num_warps=None):
     """The kernel launches for x -> y as (grid, positional args, constexprs + launch options).
 
     Also used by ``fastdiff.kernels.aot`` with meta tensors, so the AOT check compiles exactly what runs.
     """
     B, C = x.shape[0], x.shape[1]
-    cfg = launch_config(tuple(x.shape), num_groups, device_type, num_splits)
+    cfg = launch_config(tuple(x.shape), num_groups, device_type, num_splits, tile, num_warps)
     dummy = x  # bound to the pointers whose HAS_* flag is off; never read
     w = weight.contiguous() if weight is not None else None
     bvec = bias.contiguous() if bias is not None else None
@@ -225,13 +237,14 @@ def _check(x, num_groups, weight, bias, activation, scale, shift, out):
 def group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] = None,
                bias: Optional[torch.Tensor] = None, eps: float = 1e-5, activation: Optional[str] = None,
                scale: Optional[torch.Tensor] = None, shift: Optional[torch.Tensor] = None, *,
-               out: Optional[torch.Tensor] = None, num_splits: Optional[int] = None) -> torch.Tensor:
+               out: Optional[torch.Tensor] = None, num_splits: Optional[int] = None, tile: Optional[int] = None,
+               num_warps: Optional[int] = None) -> torch.Tensor:
     """GroupNorm of x (B, C, *spatial), then ``*(1 + scale) + shift`` per (sample, channel), then SiLU.
 
     x: NCHW-contiguous or channels-last (any layout whose spatial dims flatten to one stride),
     float32 / float16 / bfloat16. scale / shift: (B, C) (or anything with B*C elements, e.g. (B, C, 1, 1)).
-    Returns a tensor in x's dtype and memory format (or writes ``out``). ``num_splits`` overrides the
-    number of programs per group (testing / tuning).
+    Returns a tensor in x's dtype and memory format (or writes ``out``). ``num_splits`` (programs per
+    group), ``tile`` and ``num_warps`` override the launcher's choice (testing / tuning, see ``launch_config``).
     """
     _check(x, num_groups, weight, bias, activation, scale, shift, out)
     if _flat_spatial_stride(x) is None or x.stride(1) == 0:
@@ -244,7 +257,7 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] 
     if x.numel() == 0:
         return out
     for grid, args, meta in _launches(x, y, num_groups, weight, bias, eps, activation, scale, shift, num_splits,
-                                      x.device.type):
+                                      x.device.type, tile, num_warps):
         _group_norm_kernel[grid](*args, **meta)
     if y is not out:
         out.copy_(y)

@@ -83,6 +83,25 @@ def test_group_norm_split_statistics(num_splits, dtype, layout):
     assert_close(y, reference(x, 3, w, b, activation="silu"), dtype)
 
 
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("tile,num_warps", [(16, 1), (64, 2), (32, 8)])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_group_norm_tuning_overrides(tile, num_warps, num_splits, layout):
+    """Small tiles: many tiles per slice, each with masked rows (5 channels per group in an 8-row tile) and a
+    ragged last column block; every tile's element count must be right for the merged statistics."""
+    x = make_input((2, 10, 5, 7), torch.float32, layout)
+    w, b = torch.randn(10), torch.randn(10)
+    out = poisoned_like(x)
+    y = group_norm(x, 2, w, b, activation="silu", out=out, num_splits=num_splits, tile=tile, num_warps=num_warps)
+    assert_close(y, reference(x, 2, w, b, activation="silu"), torch.float32)
+
+
+@pytest.mark.parametrize("kw,match", [(dict(tile=48), "power of two"), (dict(num_warps=3), "num_warps")])
+def test_group_norm_rejects_bad_tuning(kw, match):
+    with pytest.raises(BadArgumentError, match=match):
+        group_norm(torch.randn(1, 4, 3, 3), 2, **kw)
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_group_norm_keeps_memory_format_and_dtype(layout, dtype):
