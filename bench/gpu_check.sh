@@ -7,10 +7,11 @@
 #
 # Stages, in this order (FASTDIFF_GPU_STAGES picks a subset; install always runs):
 #   cuda-ext      build csrc/ (nvcc, sm_90) in the background; after the kernel benches: its GPU test and
-#                 the GroupNorm bench with it
+#                 the GroupNorm and sampler-update benches with it
 #   tests         pytest -m gpu with TRITON_INTERPRET=0 (kernels at model shapes, triton backend, CUDA-graph
 #                 step / loop replay vs eager, no recapture, compile + graphs)
-#   kernels       bench/bench_group_norm.py, bench_attention.py, bench_adaln.py (device time inside graphs)
+#   kernels       bench/bench_group_norm.py, bench_attention.py, bench_adaln.py, bench_sampler_update.py (device
+#                 time inside graphs)
 #   gn-sweep      bench/bench_group_norm.py --sweep: split count x tile x warps at 2x320x64x64 (launcher defaults)
 #   launch        bench/bench_graph_launch.py: host cost of replaying graphs of SDPA (per backend) / Triton
 #   dit           fastdiff bench arch:dit-xl-2-256, fp16, dpmpp_2m x 20, cfg 4: eager / triton / CUDA-graph
@@ -118,7 +119,7 @@ wants tests && step gpu-tests 110 $PY -m pytest -q -m gpu tests -p no:cacheprovi
 
 # --- 5. kernel benchmarks --------------------------------------------------------------------------
 if wants kernels; then
-    for b in group_norm attention adaln; do
+    for b in group_norm attention adaln sampler_update; do
         step "bench_$b" 40 $PY "bench/bench_$b.py" --iters 50
     done
 fi
@@ -135,6 +136,7 @@ if wants cuda-ext; then
         note cuda-ext-build "ok: $(tail -n 1 "$RESULTS/cuda-ext-build.log")"
         step cuda-ext-test 40 $PY -m pytest -q -m gpu tests/kernels/test_cuda_ext.py -p no:cacheprovider
         step bench_group_norm_ext 40 $PY bench/bench_group_norm.py --iters 50
+        step bench_sampler_update_ext 30 $PY bench/bench_sampler_update.py --iters 50
     else
         note cuda-ext-build "FAILED or unfinished: $(tail -n 2 "$RESULTS/cuda-ext-build.log" 2>/dev/null | tr '\n' ' ' | cut -c1-200)"
     fi
@@ -159,9 +161,9 @@ SD=${FASTDIFF_GPU_SD:-arch:sd15-unet}
 # on its Triton kernel, "+flash" SDPA pinned to FlashAttention (torch 2.11 on Hopper prefers cuDNN, whose
 # graphs replayed with a high host cost in the 2026-11-26 run)
 wants dit && bench_e2e dit-xl-2-256 "$DIT" 4 120 \
-    eager,eager+loop,triton+step,triton+loop,triton+loop+flash,triton+loop+allk diffusers
+    eager,eager+loop,triton+step,triton+loop,triton+loop+upd,triton+loop+flash,triton+loop+allk diffusers
 wants sd15 && bench_e2e sd15-unet "$SD" 7.5 150 \
-    eager+cl,eager+loop+cl,triton+step+cl,triton+loop+cl,triton+loop+cl+flash,triton+loop+cl+allk diffusers
+    eager+cl,eager+loop+cl,triton+step+cl,triton+loop+cl,triton+loop+cl+upd,triton+loop+cl+flash,triton+loop+cl+allk diffusers
 # the best fastdiff variant, diffusers eager and torch.compile(diffusers, mode="max-autotune") in one run
 # (a process of its own: a compile that outlives its limit cannot take the figures above with it)
 # Inductor's max-autotune of the diffusers DiT ran past 176 s on an H200 (one GEMM's autotuning took 37 s):
@@ -184,8 +186,8 @@ try:
 except OSError:
     pass
 # kernel tables: each bench log's table as printed
-for name in ("bench_group_norm", "bench_attention", "bench_adaln", "bench_group_norm_ext", "bench_group_norm_sweep",
-             "bench_graph_launch"):
+for name in ("bench_group_norm", "bench_attention", "bench_adaln", "bench_sampler_update", "bench_group_norm_ext",
+             "bench_sampler_update_ext", "bench_group_norm_sweep", "bench_graph_launch"):
     try:
         lines = open(os.path.join(results, name + ".log")).read().strip().splitlines()
     except OSError:

@@ -15,6 +15,7 @@ import torch
 
 from .errors import BadArgumentError
 from .spec import ModelSpec
+from .state_update import update_impl
 
 OUTPUT_TYPES = ("tensor", "np", "pil")
 _LEADING_DEFAULT = ("heun", "edm")  # samplers whose default grid on discrete-time models is "leading"
@@ -32,6 +33,7 @@ class Pipeline:
         self.device = torch.device(device)
         self.runner = runner if runner is not None else model  # what samplers call (replaced by optimize)
         self.config = None
+        self.update_impl = "torch"  # how the samplers' state update runs (OptimizeConfig.sampler_update_impl)
         self.notes: list[str] = list(spec.notes)
         self.loop_graphs = None  # LoopGraphCache when optimize(cuda_graphs=True, graph_scope="loop")
         # (steps, sampler, schedule) -> SamplingPlan: a serving loop asks for the same few plans on every
@@ -78,6 +80,7 @@ class Pipeline:
         self._require_model("optimize()")
         self.runner, notes = build_runner(self, config, graph_factory=graph_factory)
         self.config = config
+        self.update_impl = config.sampler_update_impl(self.device)
         self.notes.extend(notes)
         self.loop_graphs = None
         capturable = graph_factory is not None or (self.device.type == "cuda" and torch.cuda.is_available())
@@ -226,15 +229,16 @@ class Pipeline:
             if callback is not None:
                 callback(info)
 
-        if self.loop_graphs is not None:
-            if callback is not None:
-                raise BadArgumentError("callback: a captured sampling loop (graph_scope='loop') runs no Python per "
-                                       "step; use graph_scope='step' to get per-step callbacks")
-            x = self._sample_loop_graph(plan, denoiser, latents, extra, noise, (cfg_scale, guidance_rescale))
-            if bar is not None:
-                bar.update(plan.steps)
-        else:
-            x = plan.sample(denoiser, latents, extra_args=extra, noise=noise, callback=step_callback)
+        if self.loop_graphs is not None and callback is not None:
+            raise BadArgumentError("callback: a captured sampling loop (graph_scope='loop') runs no Python per "
+                                   "step; use graph_scope='step' to get per-step callbacks")
+        with update_impl(self.update_impl):  # the samplers' state update: torch or one fused kernel
+            if self.loop_graphs is not None:
+                x = self._sample_loop_graph(plan, denoiser, latents, extra, noise, (cfg_scale, guidance_rescale))
+                if bar is not None:
+                    bar.update(plan.steps)
+            else:
+                x = plan.sample(denoiser, latents, extra_args=extra, noise=noise, callback=step_callback)
         if bar is not None:
             bar.close()
         return _to_output(x, output_type)

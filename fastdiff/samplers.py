@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from .errors import BadArgumentError
+from .state_update import combine
 
 __all__ = [
     "SAMPLERS", "sample_ddim", "sample_ddpm", "sample_euler", "sample_euler_ancestral", "sample_heun",
@@ -290,23 +291,27 @@ def _dpm_multistep(denoiser, x, sigmas, *, extra_args, noise, callback, order: i
         h = math.log(s / s_next)                      # lambda step, lambda = -log sigma
         if predict_x0:
             c0, c1, c1_mid, c2 = _phi_coeffs(h, eta, diffusers_sde3)
-            x_new = x * (s_next / s * math.exp(-eta * h)) + ms[-1] * c0
+            a = s_next / s * math.exp(-eta * h)
         else:
             c0, c1, c1_mid, c2 = _eps_coeffs(h, s_next)
-            x_new = x + ms[-1] * c0
-        if k == 2:                                    # D1 from the last two outputs
+            a = 1.0
+        # x' = a x + c0 m0 + (c1 D1 + c2 D2), the divided differences D of the last outputs m0, m1, m2 (newest
+        # first) expanded into one weight per output, so the whole step is one linear combination
+        if k == 1:
+            w = [c0]
+        elif k == 2:                                  # D1 = (m0 - m1) / r0
             r0 = math.log(sig[i - 1] / s) / h
-            d1 = (ms[-1] - ms[-2]) / r0
-            x_new = x_new + d1 * (c1_mid if solver_type == "midpoint" else c1)
-        elif k == 3:                                  # D1, D2 from the last three outputs
+            cw = (c1_mid if solver_type == "midpoint" else c1) / r0
+            w = [c0 + cw, -cw]
+        else:                                         # D1 = D1_0 + (D1_0 - D1_1) r0/(r0+r1), D2 = (D1_0 - D1_1)/(r0+r1)
             r0, r1 = math.log(sig[i - 1] / s) / h, math.log(sig[i - 2] / sig[i - 1]) / h
-            d1_0, d1_1 = (ms[-1] - ms[-2]) / r0, (ms[-2] - ms[-3]) / r1
-            d1 = d1_0 + (d1_0 - d1_1) * (r0 / (r0 + r1))
-            d2 = (d1_0 - d1_1) / (r0 + r1)
-            x_new = x_new + d1 * c1 + d2 * c2
+            u0 = c1 * (1 + r0 / (r0 + r1)) + c2 / (r0 + r1)     # weight of D1_0 = (m0 - m1) / r0
+            u1 = -(c1 * r0 / (r0 + r1) + c2 / (r0 + r1))        # weight of D1_1 = (m1 - m2) / r1
+            w = [c0 + u0 / r0, -u0 / r0 + u1 / r1, -u1 / r1]
+        terms = [(a, x)] + [(wj, ms[-1 - j]) for j, wj in enumerate(w)]
         if eta > 0:                                   # SDE noise, std s' sqrt(1 - e^{-2 eta h})
-            x_new = x_new + noise(i, x) * (s_next * math.sqrt(-math.expm1(-2 * eta * h)) * s_noise)
-        x = x_new
+            terms.append((s_next * math.sqrt(-math.expm1(-2 * eta * h)) * s_noise, noise(i, x)))
+        x = combine(terms)
     return x
 
 

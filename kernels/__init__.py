@@ -1,7 +1,8 @@
 """fastdiff.kernels: fused Triton kernels, one op per file.
 
 ``group_norm``, ``attention``, ``adaln_modulate`` and ``gated_residual`` are the launchers the layers in
-``fastdiff.models.layers`` call from their ``forward_triton`` paths. Importing this package never
+``fastdiff.models.layers`` call from their ``forward_triton`` paths; ``lincomb`` is the samplers' fused
+state update (``fastdiff.lincomb``). Importing this package never
 imports Triton: the kernel module is loaded on the first call, and a machine without Triton gets a
 ``BackendUnavailableError`` then, not an ``ImportError`` at import time.
 """
@@ -12,7 +13,7 @@ import importlib
 
 from fastdiff.errors import BackendUnavailableError  # absolute: this folder may also be seen as top-level "kernels"
 
-__all__ = ["group_norm", "attention", "adaln_modulate", "gated_residual", "triton_importable"]
+__all__ = ["group_norm", "attention", "adaln_modulate", "gated_residual", "lincomb", "triton_importable"]
 
 # launcher name -> module (relative to this package) that defines it
 _LAUNCHERS = {
@@ -20,6 +21,7 @@ _LAUNCHERS = {
     "attention": ".attention",
     "adaln_modulate": ".adaln",
     "gated_residual": ".adaln",
+    "lincomb": ".lincomb",
 }
 
 
@@ -72,5 +74,10 @@ def gated_residual(x, gate, y, **kw):
     return _load("gated_residual")(x, gate, y, **kw)
 
 
+def lincomb(terms, **kw):
+    """``sum(c * t for c, t in terms)`` in one kernel; see ``fastdiff.kernels.lincomb.lincomb``."""
+    return _load("lincomb")(terms, **kw)
+
+
 _PUBLIC = {"group_norm": group_norm, "attention": attention, "adaln_modulate": adaln_modulate,
-           "gated_residual": gated_residual}
+           "gated_residual": gated_residual, "lincomb": lincomb}

@@ -46,6 +46,8 @@ ATTENTION_SHAPES = (
     (2, 8, 1024, 1024, 128),
 )
 ADALN_SHAPES = ((2, 256, 1152),)  # DiT-XL/2: (B, T, D)
+# sampler state updates: SD1.5's 64x64 latents (batch 1) and DiT-XL/2's 32x32 (batch 4), 2 to 5 terms
+LINCOMB_SHAPES = ((1, 4, 64, 64), (4, 4, 32, 32))
 
 
 @dataclass
@@ -138,10 +140,25 @@ def _adaln_configs(dtypes) -> list[Config]:
     return out
 
 
+def _lincomb_configs(dtypes) -> list[Config]:
+    from fastdiff.kernels.lincomb import MAX_TERMS, _launches, _lincomb_kernel
+
+    out = []
+    for shape in LINCOMB_SHAPES:
+        for dtype in dtypes:
+            x = torch.empty(shape, dtype=dtype, device="meta")
+            for n in range(2, MAX_TERMS + 1):
+                for grid, args, meta in _launches([x] * n, [0.5] * n, torch.empty_like(x)):
+                    out.append(Config("lincomb", f"{'x'.join(map(str, shape))} terms{n}", dtype, _lincomb_kernel,
+                                      args, meta))
+    return out
+
+
 KERNELS: dict[str, Callable[..., list]] = {
     "group_norm": _group_norm_configs,
     "attention": _attention_configs,
     "adaln": _adaln_configs,
+    "lincomb": _lincomb_configs,
 }
 
 
@@ -153,6 +170,7 @@ QUICK = (
     "2x1280x8x8 g32 nchw affine+silu",  # fused: mode 0
     "Nk77 D40", "Nk77 D80", "Nk256 D72",
     "T256 D1152",
+    "1x4x64x64 terms",
 )
 
 

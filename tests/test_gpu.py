@@ -64,6 +64,28 @@ def test_adaln_on_gpu():
 
 
 @needs_compiled_triton
+@pytest.mark.parametrize("shape", [(1, 4, 64, 64), (4, 4, 32, 32), (3, 5, 7)])
+@pytest.mark.parametrize("n", [2, 3, 4, 5])
+def test_fused_state_update_on_gpu(shape, n):
+    from fastdiff.kernels import lincomb
+    from fastdiff.state_update import combine_torch
+
+    terms = [(c, torch.randn(shape, device="cuda")) for c in (0.7, -1.3, 0.4, 0.2, -2.1)[:n]]
+    assert rel_err(lincomb(terms), combine_torch(terms)) <= 1e-6
+
+
+@needs_compiled_triton
+def test_fused_state_update_in_a_loop_graph_equals_torch():
+    kw = dict(seeds=[1, 2], class_labels=[1, 2], steps=4, sampler="dpmpp_2m_sde", cfg_scale=3.0, progress=False)
+    base = dict(backend="triton", cuda_graphs=True, graph_scope="loop", batch_buckets=(2,))
+    want = fastdiff.load("arch:tiny-dit", device="cuda").optimize(
+        **base, kernel_ops={"sampler_update": "torch"}).generate(**kw)
+    pipe = fastdiff.load("arch:tiny-dit", device="cuda").optimize(**base, kernel_ops={"sampler_update": "triton"})
+    assert pipe.update_impl == "triton"
+    assert rel_err(pipe.generate(**kw), want) <= 1e-5
+
+
+@needs_compiled_triton
 @pytest.mark.parametrize("arch", ["tiny-unet", "tiny-dit"])
 def test_triton_backend_model_level_on_gpu(arch):
     kw = dict(seeds=[1, 2], steps=4, sampler="dpmpp_2m", progress=False)

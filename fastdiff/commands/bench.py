@@ -46,7 +46,8 @@ def register(sub) -> None:
                    help=f"comma-separated backends from {', '.join(BACKENDS)} (default eager), each optionally "
                         f"with switches joined by '+': step / loop (CUDA graphs of one network call / of the "
                         f"whole sampling loop), cl (channels_last), qkv (fused q/k/v), allk (every fused op on Triton), "
-                        f"gnext (GroupNorm from the CUDA extension), flash / efficient (SDPA pinned to that backend), "
+                        f"gnext (GroupNorm from the CUDA extension), upd / updext (the samplers' fused state update on Triton / "
+                        f"the CUDA extension), flash / efficient (SDPA pinned to that backend), "
                         f"e.g. triton+loop+qkv")
     p.add_argument("--batch", default="1", metavar="LIST", help="comma-separated batch sizes (default 1)")
     p.add_argument("--steps", type=int, default=20, metavar="N", help="sampling steps per call (default 20)")
@@ -113,6 +114,8 @@ VARIANT_SWITCHES = {
     "qkv": dict(fuse_qkv=True),
     "allk": dict(kernel_ops="all"),  # every fused op on its Triton kernel (not the measured per-op table)
     "gnext": dict(kernel_ops={"group_norm": "cuda_ext"}),  # GroupNorm from the CUDA C++ extension
+    "upd": dict(kernel_ops={"sampler_update": "triton"}),  # the samplers' fused state update on Triton
+    "updext": dict(kernel_ops={"sampler_update": "cuda_ext"}),  # ... from the CUDA C++ extension
     "flash": dict(sdpa_backend="flash"),  # SDPA pinned to FlashAttention (else SDPA's own choice)
     "efficient": dict(sdpa_backend="efficient"),
 }
@@ -133,11 +136,18 @@ def parse_backend_variants(text: str) -> list[tuple[str, str, dict]]:
             if m not in VARIANT_SWITCHES:
                 raise BadArgumentError(f"--backends: {label!r}: expected switches from {list(VARIANT_SWITCHES)} "
                                        f"after '+', found {m!r}")
+            new = dict(VARIANT_SWITCHES[m])
+            ops = switches.get("kernel_ops"), new.get("kernel_ops")
+            if isinstance(ops[0], dict) and isinstance(ops[1], dict):  # per-op choices combine (+gnext+upd)
+                new["kernel_ops"] = {**ops[0], **ops[1]}
+                if len(new["kernel_ops"]) < len(ops[0]) + len(ops[1]):
+                    raise BadArgumentError(f"--backends: {label!r}: two switches choose the same op")
             clash = set(switches) & set(VARIANT_SWITCHES[m]) & {"graph_scope", "kernel_ops", "sdpa_backend"}
+            clash -= {"kernel_ops"} if isinstance(ops[0], dict) and isinstance(ops[1], dict) else set()
             if clash:
                 raise BadArgumentError(f"--backends: {label!r}: choose one of "
                                        f"{' and '.join('+' + k for k, v in VARIANT_SWITCHES.items() if clash & set(v))}")
-            switches.update(VARIANT_SWITCHES[m])
+            switches.update(new)
         out.append((label, backend, switches))
     return out
 

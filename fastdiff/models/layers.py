@@ -27,14 +27,18 @@ BACKENDS = ("native", "triton")
 # where it beat torch on the GPU, torch where it did not. Measured on an NVIDIA H200, device time inside
 # CUDA graphs (bench/RESULTS.md): GroupNorm+SiLU Triton 2.4-3.5x torch (the CUDA extension 0.5-1.6x);
 # adaLN 3.9-5.2x and gated residual 2.8-3.1x torch; attention Triton 0.51x SDPA at D=40, 0.76x at D=72,
-# 1.01-1.17x at D=64, so SDPA. Values: "triton", "torch", or "cuda_ext" (GroupNorm only: the optional CUDA
-# C++ extension for channels-last inputs, Triton where it does not apply).
+# 1.01-1.17x at D=64, so SDPA. ``sampler_update`` is not a layer: it is the multistep samplers' state update
+# (``fastdiff.state_update``), torch until its fused kernels are measured on a GPU. Values: "triton",
+# "torch", or "cuda_ext" (GroupNorm: the optional CUDA C++ extension for channels-last inputs, Triton where it
+# does not apply; sampler_update: its fused update kernel).
 GPU_DEFAULT_OPS = {
     "group_norm": "triton",
     "attention": "torch",
     "adaln_modulate": "triton",
     "gated_residual": "triton",
+    "sampler_update": "torch",
 }
+CUDA_EXT_OPS = ("group_norm", "sampler_update")  # the ops the CUDA extension has a kernel for
 OP_IMPLS = ("triton", "torch", "cuda_ext")
 
 
@@ -128,8 +132,8 @@ def check_kernel_ops(ops: dict) -> dict:
     for op, impl in ops.items():
         if op not in known:
             raise BadArgumentError(f"kernel ops: expected op names from {sorted(known)}, found {op!r}")
-        if impl not in OP_IMPLS or (impl == "cuda_ext" and op != "group_norm"):
-            allowed = OP_IMPLS if op == "group_norm" else ("triton", "torch")
+        if impl not in OP_IMPLS or (impl == "cuda_ext" and op not in CUDA_EXT_OPS):
+            allowed = OP_IMPLS if op in CUDA_EXT_OPS else ("triton", "torch")
             raise BadArgumentError(f"kernel ops: {op} takes one of {allowed}, found {impl!r}")
     return ops
 

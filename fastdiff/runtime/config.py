@@ -50,7 +50,9 @@ class OptimizeConfig:
     kernel_ops: with ``backend="triton"``, which implementation each fused op uses: ``"measured"``
         (default: on a GPU, ``fastdiff.models.layers.GPU_DEFAULT_OPS``, the per-op winners measured on an
         H200; elsewhere every op on Triton), ``"all"`` (every op on its Triton kernel), or a dict of
-        op -> ``"triton"`` | ``"torch"`` | ``"cuda_ext"`` (GroupNorm only) overriding the measured table.
+        op -> ``"triton"`` | ``"torch"`` | ``"cuda_ext"`` (GroupNorm and the sampler update only) overriding
+        the measured table. ``sampler_update`` is the multistep samplers' state update (one fused kernel, or
+        torch's 2-5 element-wise ones; ``fastdiff.state_update``); with any other backend it runs on torch.
     sdpa_backend: pin torch's SDPA (the attention ops that run on torch) to ``flash`` | ``efficient`` |
         ``cudnn`` | ``math``; None lets SDPA choose (cuDNN on Hopper with torch 2.11). A backend that cannot
         run a problem raises ``BackendUnavailableError`` on the first call.
@@ -103,6 +105,13 @@ class OptimizeConfig:
             return None
         measured = dict(GPU_DEFAULT_OPS) if torch.device(device).type == "cuda" else {}
         return measured if self.kernel_ops == "measured" else {**measured, **self.kernel_ops}
+
+    def sampler_update_impl(self, device: torch.device) -> str:
+        """How the samplers' state update runs: the kernel table's choice with backend="triton", else torch."""
+        if self.backend != "triton":
+            return "torch"
+        ops = self.op_choices(device)
+        return "triton" if ops is None else ops.get("sampler_update", "triton")
 
     @property
     def torch_dtype(self) -> Optional[torch.dtype]:

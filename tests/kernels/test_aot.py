@@ -32,7 +32,7 @@ def _nvidia_backend() -> bool:
 
 pytestmark = pytest.mark.skipif(not _nvidia_backend(), reason="this triton build has no NVIDIA backend")
 
-KERNELS = ("group_norm", "attention", "adaln_modulate", "gated_residual")
+KERNELS = ("group_norm", "attention", "adaln_modulate", "gated_residual", "lincomb")
 DTYPES = ("fp16", "bf16", "fp32")
 
 
@@ -77,6 +77,8 @@ def test_configs_cover_the_model_shapes():
     modes = {lbl.split()[-1] for k, lbl in labels if k == "group_norm"}
     assert modes == {"mode0", "mode1", "mode2"}  # fused (8x8) and split statistics (64x64)
     assert any(k == "adaln_modulate" and "D1152" in lbl for k, lbl in labels)
+    assert {lbl for k, lbl in labels if k == "lincomb" and lbl.startswith("1x4x64x64")} == {
+        f"1x4x64x64 terms{n}" for n in (2, 3, 4, 5)}
 
 
 def test_source_specialises_like_the_jit():

@@ -1,0 +1,114 @@
+"""The samplers' state update (fastdiff.state_update): each implementation, and how a Pipeline picks one."""
+
+import pytest
+import torch
+
+import fastdiff
+import fastdiff.kernels
+from fastdiff import cuda_ext, samplers, state_update
+from fastdiff.errors import BadArgumentError
+from fastdiff.state_update import combine, combine_torch, current_impl, update_impl
+from test_graph_scopes import FakeGraph
+
+MULTISTEP = ["sample_dpmpp_2m", "sample_dpmpp_3m", "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde"]
+
+
+def toy_denoiser(x, sigma):
+    """A smooth, state-dependent x0 prediction (so consecutive outputs differ, as a network's do)."""
+    s = sigma.reshape(-1, *([1] * (x.dim() - 1)))
+    return torch.tanh(x / (1 + s)) * 0.8 + 0.1 * torch.sin(3 * x)
+
+
+def run(name, impl, seed=0):
+    x = torch.randn(2, 3, 5, 7, generator=torch.Generator().manual_seed(seed)) * 10
+    sigmas = torch.tensor([10.0, 5.0, 2.5, 1.2, 0.6, 0.3, 0.1, 0.0])
+    gen = torch.Generator().manual_seed(seed + 1)
+    noise = lambda i, like: torch.randn(like.shape, generator=gen)  # noqa: E731
+    with update_impl(impl):
+        return getattr(samplers, name)(toy_denoiser, x, sigmas, noise=noise)
+
+
+@pytest.mark.parametrize("name", MULTISTEP)
+def test_fused_update_equals_torch_in_the_samplers(name, monkeypatch):
+    fastdiff.kernels.lincomb([(1.0, torch.ones(1))])  # load the kernel first: loading rebinds the attribute
+    calls = []
+    kernel = fastdiff.kernels.lincomb
+    monkeypatch.setattr(fastdiff.kernels, "lincomb", lambda terms, **kw: (calls.append(len(terms)), kernel(terms))[1])
+    want = run(name, "torch")
+    assert not calls
+    got = run(name, "triton")
+    # one fused update per step except the last (x0): 3 terms at 2nd order, 4 at 3rd, one more with SDE noise
+    assert len(calls) == 6 and max(calls) == (4 if "3m" in name else 3) + ("sde" in name)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)
+
+
+def test_cuda_ext_update_maps_terms_to_its_arguments(monkeypatch):
+    """The extension takes (x, x0, prev, noise, a, b, c, d); a fifth term is added after it."""
+    calls = []
+
+    def fake(x, x0, prev=None, noise=None, a=1.0, b=0.0, c=0.0, d=0.0):
+        calls.append((prev is not None, noise is not None))
+        return cuda_ext.sampler_update_reference(x, x0, prev, noise, a, b, c, d)
+
+    monkeypatch.setattr(cuda_ext, "sampler_update", fake)
+    ts = [torch.randn(4, 6) for _ in range(5)]
+    for n in (2, 3, 4, 5):
+        terms = list(zip((0.9, -1.3, 0.4, 0.25, -2.0), ts[:n]))
+        with update_impl("cuda_ext"):
+            got = combine(terms)
+        torch.testing.assert_close(got, combine_torch(terms), rtol=1e-6, atol=1e-6)
+    assert calls == [(False, False), (True, False), (True, True), (True, True)]
+
+
+def test_float64_and_single_terms_stay_on_torch(monkeypatch):
+    monkeypatch.setattr(fastdiff.kernels, "lincomb", lambda *a, **k: pytest.fail("the kernel must not run"))
+    x = torch.randn(3, dtype=torch.float64)
+    with update_impl("triton"):
+        assert combine([(2.0, x), (1.0, x)]).dtype == torch.float64
+        torch.testing.assert_close(combine([(0.5, x.float())]), x.float() * 0.5)
+
+
+def test_update_impl_is_scoped_and_checked():
+    assert current_impl() == "torch"
+    with update_impl("triton"):
+        assert current_impl() == "triton"
+        with update_impl("cuda_ext"):
+            assert current_impl() == "cuda_ext"
+        assert current_impl() == "triton"
+    assert current_impl() == "torch"
+    with pytest.raises(BadArgumentError, match="sampler_update"):
+        with update_impl("cuda"):
+            pass
+
+
+@pytest.mark.parametrize("switches,impl", [
+    (dict(), "torch"),                                                    # eager
+    (dict(backend="triton"), "triton"),                                   # no GPU: every op on Triton
+    (dict(backend="triton", kernel_ops={"sampler_update": "torch"}), "torch"),
+    (dict(backend="triton", kernel_ops={"sampler_update": "cuda_ext"}), "cuda_ext"),
+    (dict(backend="triton", kernel_ops="all"), "triton"),
+])
+def test_pipeline_picks_the_update_from_the_kernel_table(switches, impl):
+    assert fastdiff.load("arch:tiny-dit").optimize(**switches).update_impl == impl
+
+
+def test_only_ops_with_a_cuda_kernel_take_cuda_ext():
+    with pytest.raises(BadArgumentError, match="attention takes one of"):
+        fastdiff.OptimizeConfig(backend="triton", kernel_ops={"attention": "cuda_ext"})
+
+
+@pytest.mark.parametrize("scope", [None, "loop"])
+def test_generate_runs_the_sampler_inside_the_chosen_update(scope, monkeypatch):
+    """The network (so the sampler around it) sees the pipeline's choice, also while a loop graph captures."""
+    pipe = fastdiff.load("arch:tiny-dit")
+    switches = dict(cuda_graphs=True, graph_scope="loop", graph_factory=FakeGraph) if scope else {}
+    pipe.optimize(**switches)
+    pipe.update_impl = "cuda_ext"  # recorded only: the network below never reaches a state update
+    seen = []
+    inner = pipe.runner
+    pipe.runner = lambda *a, **k: (seen.append(current_impl()), inner(*a, **k))[1]
+    monkeypatch.setattr(state_update, "combine", combine_torch)
+    monkeypatch.setattr(samplers, "combine", combine_torch)
+    pipe.generate(seeds=[1], class_labels=[2], steps=2, sampler="dpmpp_2m", progress=False)
+    assert seen and set(seen) == {"cuda_ext"}
+    assert current_impl() == "torch"
