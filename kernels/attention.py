@@ -115,11 +115,12 @@ def _attention_kernel(
             p_in = p.to(v_ptr.dtype.element_ty).to(tl.float32)
         else:
             p_in = p.to(v.dtype)
-        acc = acc * alpha[:, None] + tl.dot(p_in, v, input_precision=DOT_PRECISION)
+        # the dots accumulate into the rescaled accumulators (no separate add over them)
+        acc = tl.dot(p_in, v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         if BLOCK_D2 > 0:
             v2 = _load_tile(v_base + cols[:, None] * stride_vn + offs_d2[None, :] * stride_vd, mask_n, mask_d2,
                             EVEN_N and EVEN_D, DOT_FP32)
-            acc2 = acc2 * alpha[:, None] + tl.dot(p_in, v2, input_precision=DOT_PRECISION)
+            acc2 = tl.dot(p_in, v2, acc2 * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
     acc = acc / l_i[:, None]
     tl.store(o_base + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od,
