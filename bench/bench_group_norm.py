@@ -7,8 +7,8 @@ device time per call in a CUDA graph (median, p90) with L2 flushed before each c
 (one read and one write of x) of the cold time, and the speed-up over torch's ``F.silu(F.group_norm(x))``.
 Goal on an H100 / H200: >= 2x torch and >= 70% of the memory bandwidth.
 
-``--sweep`` also times the launcher's knobs (split count x tile x warps) at 2x320x64x64 in both layouts
-and prints the fastest configuration per layout: the data for ``launch_config``'s defaults.
+``--sweep`` times the launcher's knobs (strategy x split count x tile x warps) at 2x320x64x64 in both
+layouts and prints the fastest configuration per layout: the data for the launcher's defaults.
 
     python bench/bench_group_norm.py [--dtype float16 bfloat16]  (default float16) [--iters 200] [--sweep]
     pytest bench/bench_group_norm.py   # pytest-benchmark functions (GPU only)
@@ -28,7 +28,12 @@ from kernel_timing import benchmark_synchronized, kernel_bench_main, time_cuda
 
 SHAPES = [((2, 320, 64, 64), 32), ((2, 1280, 8, 8), 32), ((2, 320, 128, 128), 32)]
 SWEEP_SHAPE = ((2, 320, 64, 64), 32)
-SWEEP = dict(num_splits=(None, 1, 8, 32), tile=(2048, 4096, 8192), num_warps=(4, 8))
+# the launcher's knobs per strategy: "groups" (programs per group slice; the default) and "rows" (statistics,
+# coefficients and apply over contiguous rows, group_norm_rows.py)
+SWEEP = {
+    "groups": dict(num_splits=(None, 1), tile=(2048, 4096), num_warps=(4, 8)),
+    "rows": dict(num_splits=(None, 64), tile=(2048, 4096, 8192), num_warps=(4, 8)),
+}
 
 
 def candidates(x, groups, w, b):
@@ -43,6 +48,8 @@ def candidates(x, groups, w, b):
         # one program per group in one launch, and 4 slices per group
         "triton/1": lambda: group_norm(x, groups, w, b, 1e-5, activation="silu", num_splits=1),
         "triton/4": lambda: group_norm(x, groups, w, b, 1e-5, activation="silu", num_splits=4),
+        # three launches over contiguous rows (statistics, coefficients, apply)
+        "triton rows": lambda: group_norm(x, groups, w, b, 1e-5, activation="silu", strategy="rows"),
     }
     if cuda_ext.HAS_CUDA_EXT and x.is_contiguous(memory_format=torch.channels_last):
         out["cuda_ext"] = lambda: cuda_ext.group_norm_nhwc(x, groups, w, b, 1e-5, silu=True)
@@ -89,21 +96,22 @@ def sweep(dtype=torch.float16, iters: int = 50, flush: bool = True) -> list[dict
         base = _row(shape, groups, dtype, layout, "default",
                     lambda: group_norm(x, groups, w, b, 1e-5, activation="silu"), iters, flush)
         rows.append(base)
-        for splits, tile, warps in itertools.product(*SWEEP.values()):
-            kw = dict(num_splits=splits, tile=tile, num_warps=warps)
-            name = f"s{splits or 'auto'}/t{tile}/w{warps}"
-            rows.append(_row(shape, groups, dtype, layout, name,
-                             lambda kw=kw: group_norm(x, groups, w, b, 1e-5, activation="silu", **kw), iters, flush,
-                             base["median_ms"]))
+        for strategy, knobs in SWEEP.items():
+            for splits, tile, warps in itertools.product(*knobs.values()):
+                kw = dict(num_splits=splits, tile=tile, num_warps=warps, strategy=strategy)
+                name = f"{strategy} s{splits or 'auto'}/t{tile}/w{warps}"
+                rows.append(_row(shape, groups, dtype, layout, name,
+                                 lambda kw=kw: group_norm(x, groups, w, b, 1e-5, activation="silu", **kw), iters,
+                                 flush, base["median_ms"]))
     return rows
 
 
 def print_rows(rows, versus: str = "vs torch") -> None:
-    hdr = (f"{'shape':<16}{'dtype':<10}{'layout':<15}{'impl':<18}{'cold us':>9}{'p90 us':>9}{'hot us':>9}"
+    hdr = (f"{'shape':<16}{'dtype':<10}{'layout':<15}{'impl':<26}{'cold us':>9}{'p90 us':>9}{'hot us':>9}"
            f"{'GB/s':>8}{versus:>11}")
     print(hdr)
     for r in rows:
-        print(f"{r['shape']:<16}{r['dtype']:<10}{r['layout']:<15}{r['impl']:<18}{r['median_ms'] * 1e3:>9.1f}"
+        print(f"{r['shape']:<16}{r['dtype']:<10}{r['layout']:<15}{r['impl']:<26}{r['median_ms'] * 1e3:>9.1f}"
               f"{r['p90_ms'] * 1e3:>9.1f}{r['hot_ms'] * 1e3:>9.1f}{r['gbps']:>8.0f}{r['speedup']:>10.2f}x")
 
 

@@ -12,7 +12,7 @@
 #                 step / loop replay vs eager, no recapture, compile + graphs)
 #   kernels       bench/bench_group_norm.py, bench_attention.py, bench_adaln.py, bench_sampler_update.py (device
 #                 time inside graphs)
-#   gn-sweep      bench/bench_group_norm.py --sweep: split count x tile x warps at 2x320x64x64 (launcher defaults)
+#   gn-sweep      bench/bench_group_norm.py --sweep: strategy x splits x tile x warps at 2x320x64x64 (defaults)
 #   launch        bench/bench_graph_launch.py: host cost of replaying graphs of SDPA (per backend) / Triton
 #   dit           fastdiff bench arch:dit-xl-2-256, fp16, dpmpp_2m x 20, cfg 4: eager / triton / CUDA-graph
 #                 variants vs diffusers eager (DiTTransformer2DModel + DPMSolverMultistepScheduler)
@@ -123,7 +123,7 @@ if wants kernels; then
         step "bench_$b" 40 $PY "bench/bench_$b.py" --iters 50
     done
 fi
-wants gn-sweep && step bench_group_norm_sweep 90 $PY bench/bench_group_norm.py --sweep --iters 30
+wants gn-sweep && step bench_group_norm_sweep 150 $PY bench/bench_group_norm.py --sweep --iters 30
 # host cost of replaying graphs that hold SDPA (per backend) vs the Triton attention
 wants launch && step bench_graph_launch 60 $PY bench/bench_graph_launch.py
 

@@ -81,7 +81,7 @@ class Result:
 
 # ---------------------------------------------------------------------------------------------- configs
 def _group_norm_configs(dtypes) -> list[Config]:
-    from fastdiff.kernels.group_norm import _group_norm_kernel, _launches
+    from fastdiff.kernels.group_norm import _launches
 
     out = []
     for shape, groups in GROUP_NORM_SHAPES:
@@ -94,11 +94,13 @@ def _group_norm_configs(dtypes) -> list[Config]:
                 y = torch.empty_like(x)
                 w = torch.empty(C, dtype=dtype, device="meta")
                 for variant in ("affine", "affine+silu"):
-                    launches = _launches(x, y, groups, w, w, 1e-5, "silu" if "silu" in variant else None, None,
-                                         None, None, "cuda")
-                    for grid, args, meta in launches:
-                        label = f"{'x'.join(map(str, shape))} g{groups} {layout} {variant} mode{meta['MODE']}"
-                        out.append(Config("group_norm", label, dtype, _group_norm_kernel, args, meta))
+                    for strategy in ("groups", "rows"):
+                        launches = _launches(x, y, groups, w, w, 1e-5, "silu" if "silu" in variant else None,
+                                             None, None, None, "cuda", strategy=strategy)
+                        for kernel, grid, args, meta in launches:
+                            part = f"mode{meta['MODE']}" if "MODE" in meta else f"rows {kernel.__name__.strip('_')}"
+                            label = f"{'x'.join(map(str, shape))} g{groups} {layout} {variant} {part}"
+                            out.append(Config("group_norm", label, dtype, kernel, args, meta))
     return out
 
 

@@ -178,19 +178,37 @@ def launch_config(shape, num_groups: int, device_type: str = "cuda", num_splits:
                 split_p=triton.next_power_of_2(num_splits), num_warps=num_warps)
 
 
-def _launches(x, y, num_groups, weight, bias, eps, activation, scale, shift, num_splits, device_type,
-              tile=None, num_warps=None):
-    """The kernel launches for x -> y as (grid, positional args, constexprs + launch options).
+STRATEGIES = ("groups", "rows")
 
-    Also used by ``fastdiff.kernels.aot`` with meta tensors, so the AOT check compiles exactly what runs.
-    """
+
+def _vectors(x, weight, bias, scale, shift):
+    """weight, bias (C,) and scale, shift (B, C), contiguous (None stays None)."""
     B, C = x.shape[0], x.shape[1]
+    return (weight.contiguous() if weight is not None else None, bias.contiguous() if bias is not None else None,
+            scale.reshape(B, C).contiguous() if scale is not None else None,
+            shift.reshape(B, C).contiguous() if shift is not None else None)
+
+
+def _launches(x, y, num_groups, weight, bias, eps, activation, scale, shift, num_splits, device_type,
+              tile=None, num_warps=None, strategy=None):
+    """The kernel launches for x -> y as [(kernel, grid, positional args, constexprs + launch options)].
+
+    ``strategy``: "groups" (this file's kernel: programs per (sample, group) slice; the default) or "rows"
+    (``group_norm_rows``: statistics, coefficients and apply over contiguous rows; NCHW and channels-last
+    only, else "groups"). Also used by ``fastdiff.kernels.aot`` with meta tensors, so the AOT check compiles
+    exactly what runs.
+    """
+    from . import group_norm_rows as rows
+
+    B, C = x.shape[0], x.shape[1]
+    w, bvec, sc, sh = _vectors(x, weight, bias, scale, shift)
+    if strategy not in (None,) + STRATEGIES:
+        raise BadArgumentError(f"group_norm: expected strategy in {STRATEGIES}, found {strategy!r}")
+    if strategy == "rows" and rows.rows_view(x, _flat_spatial_stride(x)) is not None:
+        return rows.launches(x, y, num_groups, w, bvec, sc, sh, eps, activation, _flat_spatial_stride(x),
+                             _flat_spatial_stride(y), num_splits, tile, num_warps)
     cfg = launch_config(tuple(x.shape), num_groups, device_type, num_splits, tile, num_warps)
     dummy = x  # bound to the pointers whose HAS_* flag is off; never read
-    w = weight.contiguous() if weight is not None else None
-    bvec = bias.contiguous() if bias is not None else None
-    sc = scale.reshape(B, C).contiguous() if scale is not None else None
-    sh = shift.reshape(B, C).contiguous() if shift is not None else None
     split = cfg["num_splits"]
     ws = dummy if split == 1 else torch.empty(B * num_groups * split * 2, device=x.device, dtype=torch.float32)
     args = (x, y, dummy if w is None else w, dummy if bvec is None else bvec, dummy if sc is None else sc,
@@ -202,9 +220,10 @@ def _launches(x, y, num_groups, weight, bias, eps, activation, scale, shift, num
                 HAS_SHIFT=sh is not None, SILU=activation == "silu",
                 BLOCK_C=cfg["block_c"], BLOCK_S=cfg["block_s"], SPLIT_P=cfg["split_p"], num_warps=cfg["num_warps"])
     grid = (B * num_groups, split)
+    k = _group_norm_kernel
     if split == 1:
-        return [(grid, args, dict(meta, MODE=MODE_FUSED))]
-    return [(grid, args, dict(meta, MODE=MODE_STATS)), (grid, args, dict(meta, MODE=MODE_APPLY))]
+        return [(k, grid, args, dict(meta, MODE=MODE_FUSED))]
+    return [(k, grid, args, dict(meta, MODE=MODE_STATS)), (k, grid, args, dict(meta, MODE=MODE_APPLY))]
 
 
 def _check(x, num_groups, weight, bias, activation, scale, shift, out):
@@ -238,13 +257,14 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] 
                bias: Optional[torch.Tensor] = None, eps: float = 1e-5, activation: Optional[str] = None,
                scale: Optional[torch.Tensor] = None, shift: Optional[torch.Tensor] = None, *,
                out: Optional[torch.Tensor] = None, num_splits: Optional[int] = None, tile: Optional[int] = None,
-               num_warps: Optional[int] = None) -> torch.Tensor:
+               num_warps: Optional[int] = None, strategy: Optional[str] = None) -> torch.Tensor:
     """GroupNorm of x (B, C, *spatial), then ``*(1 + scale) + shift`` per (sample, channel), then SiLU.
 
     x: NCHW-contiguous or channels-last (any layout whose spatial dims flatten to one stride),
     float32 / float16 / bfloat16. scale / shift: (B, C) (or anything with B*C elements, e.g. (B, C, 1, 1)).
     Returns a tensor in x's dtype and memory format (or writes ``out``). ``num_splits`` (programs per
-    group), ``tile`` and ``num_warps`` override the launcher's choice (testing / tuning, see ``launch_config``).
+    group), ``tile`` and ``num_warps`` override the launcher's choice (testing / tuning, see ``launch_config``);
+    ``strategy`` picks the kernels: "groups" (default) or "rows" (see ``_launches``).
     """
     _check(x, num_groups, weight, bias, activation, scale, shift, out)
     if _flat_spatial_stride(x) is None or x.stride(1) == 0:
@@ -256,9 +276,9 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] 
         y = torch.empty_like(x)
     if x.numel() == 0:
         return out
-    for grid, args, meta in _launches(x, y, num_groups, weight, bias, eps, activation, scale, shift, num_splits,
-                                      x.device.type, tile, num_warps):
-        _group_norm_kernel[grid](*args, **meta)
+    for kernel, grid, args, meta in _launches(x, y, num_groups, weight, bias, eps, activation, scale, shift,
+                                              num_splits, x.device.type, tile, num_warps, strategy):
+        kernel[grid](*args, **meta)
     if y is not out:
         out.copy_(y)
     return out

@@ -27,7 +27,8 @@ needs_compiled_triton = pytest.mark.skipif(torch.cuda.is_available() and os.envi
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-2), (torch.bfloat16, 5e-2)])
 @pytest.mark.parametrize("shape,groups", [((2, 320, 64, 64), 32), ((2, 1280, 8, 8), 32), ((3, 123, 7, 5), 41)])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_group_norm_silu_on_gpu(dtype, tol, shape, groups, channels_last):
+@pytest.mark.parametrize("strategy", [None, "rows"])
+def test_group_norm_silu_on_gpu(dtype, tol, shape, groups, channels_last, strategy):
     from fastdiff.kernels import group_norm
 
     x = torch.randn(shape, device="cuda", dtype=dtype) + 0.5
@@ -35,7 +36,7 @@ def test_group_norm_silu_on_gpu(dtype, tol, shape, groups, channels_last):
         x = x.to(memory_format=torch.channels_last)
     w, b = torch.randn(shape[1], device="cuda", dtype=dtype), torch.randn(shape[1], device="cuda", dtype=dtype)
     want = F.silu(F.group_norm(x.float(), groups, w.float(), b.float(), 1e-5))
-    got = group_norm(x, groups, w, b, 1e-5, activation="silu")
+    got = group_norm(x, groups, w, b, 1e-5, activation="silu", strategy=strategy)
     assert got.dtype == dtype and rel_err(got.float(), want) <= tol
 
 

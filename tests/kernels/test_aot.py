@@ -74,8 +74,9 @@ def test_configs_cover_the_model_shapes():
         assert any(k == "attention" and f"D{d}" in lbl for k, lbl in labels), d
     assert any("Nk77 D40" in lbl for _, lbl in labels)  # cross attention: Nk not a block multiple
     assert any(k == "attention" and "H16 Nq256 Nk256 D72" in lbl for k, lbl in labels)  # DiT-XL/2
-    modes = {lbl.split()[-1] for k, lbl in labels if k == "group_norm"}
-    assert modes == {"mode0", "mode1", "mode2"}  # fused (8x8) and split statistics (64x64)
+    parts = {lbl.split()[-1] for k, lbl in labels if k == "group_norm"}
+    # "groups": fused (8x8) and split statistics (64x64); "rows": its three launches
+    assert parts == {"mode0", "mode1", "mode2", "stats_kernel", "coef_kernel", "apply_kernel"}
     assert any(k == "adaln_modulate" and "D1152" in lbl for k, lbl in labels)
     assert {lbl for k, lbl in labels if k == "lincomb" and lbl.startswith("1x4x64x64")} == {
         f"1x4x64x64 terms{n}" for n in (2, 3, 4, 5)}

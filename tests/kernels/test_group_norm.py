@@ -54,11 +54,12 @@ SHAPES = [  # (shape, groups): odd channel / spatial counts, 3-D (B, C, N) input
 ]
 
 
+@pytest.mark.parametrize("strategy", [None, "rows"])
 @pytest.mark.parametrize("fused", [False, True], ids=["plain", "affine+scaleshift+silu"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape,groups", SHAPES, ids=[f"{s}g{g}" for s, g in SHAPES])
-def test_group_norm_matches_reference(shape, groups, dtype, layout, fused):
+def test_group_norm_matches_reference(shape, groups, dtype, layout, fused, strategy):
     x = make_input(shape, dtype, layout)
     B, C = shape[:2]
     kw = {}
@@ -66,7 +67,7 @@ def test_group_norm_matches_reference(shape, groups, dtype, layout, fused):
         kw = dict(weight=torch.randn(C) * 0.5 + 1, bias=torch.randn(C), activation="silu",
                   scale=(torch.randn(B, C) * 0.5).to(dtype), shift=torch.randn(B, C).to(dtype))
     out = poisoned_like(x)
-    y = group_norm(x, groups, eps=1e-5, out=out, **kw)
+    y = group_norm(x, groups, eps=1e-5, out=out, strategy=strategy, **kw)
     assert y is out
     assert_close(y, reference(x, groups, eps=1e-5, **kw), dtype)
 
@@ -83,17 +84,38 @@ def test_group_norm_split_statistics(num_splits, dtype, layout):
     assert_close(y, reference(x, 3, w, b, activation="silu"), dtype)
 
 
+@pytest.mark.parametrize("strategy", [None, "rows"])
 @pytest.mark.parametrize("num_splits", [1, 3])
 @pytest.mark.parametrize("tile,num_warps", [(16, 1), (64, 2), (32, 8)])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_group_norm_tuning_overrides(tile, num_warps, num_splits, layout):
+def test_group_norm_tuning_overrides(tile, num_warps, num_splits, layout, strategy):
     """Small tiles: many tiles per slice, each with masked rows (5 channels per group in an 8-row tile) and a
-    ragged last column block; every tile's element count must be right for the merged statistics."""
+    ragged last column block; every tile's element count must be right for the merged statistics. For
+    "rows": 10 channels in 16-wide tiles, channel blocks split across programs (tile 16 < 10 channels' 16)."""
     x = make_input((2, 10, 5, 7), torch.float32, layout)
     w, b = torch.randn(10), torch.randn(10)
     out = poisoned_like(x)
-    y = group_norm(x, 2, w, b, activation="silu", out=out, num_splits=num_splits, tile=tile, num_warps=num_warps)
+    y = group_norm(x, 2, w, b, activation="silu", out=out, num_splits=num_splits, tile=tile, num_warps=num_warps,
+                   strategy=strategy)
     assert_close(y, reference(x, 2, w, b, activation="silu"), torch.float32)
+
+
+@pytest.mark.parametrize("tile", [8, 4096])  # 8: a channels-last row of 24 channels spans 3 channel blocks
+@pytest.mark.parametrize("out_layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_group_norm_rows_writes_any_out_layout(layout, out_layout, tile):
+    x = make_input((2, 24, 6, 5), torch.float16, layout)
+    scale, shift = torch.randn(2, 24).half(), torch.randn(2, 24).half()
+    out = poisoned_like(make_input((2, 24, 6, 5), torch.float16, out_layout))
+    y = group_norm(x, 4, scale=scale, shift=shift, activation="silu", out=out, strategy="rows", tile=tile,
+                   num_splits=4)
+    assert y is out and y.stride() == out.stride()
+    assert_close(y, reference(x, 4, scale=scale, shift=shift, activation="silu"), torch.float16)
+
+
+def test_group_norm_rejects_unknown_strategy():
+    with pytest.raises(BadArgumentError, match="strategy"):
+        group_norm(torch.randn(1, 4, 3, 3), 2, strategy="cols")
 
 
 @pytest.mark.parametrize("kw,match", [(dict(tile=48), "power of two"), (dict(num_warps=3), "num_warps")])
@@ -111,11 +133,12 @@ def test_group_norm_keeps_memory_format_and_dtype(layout, dtype):
     assert_close(y, reference(x, 4, activation="silu"), dtype)
 
 
+@pytest.mark.parametrize("strategy", [None, "rows"])
 @pytest.mark.parametrize("num_splits", [None, 4, 1000])  # 1000: more than HW, clamped to one position per slice
-def test_group_norm_large_mean_is_stable(num_splits):
+def test_group_norm_large_mean_is_stable(num_splits, strategy):
     """|mean| >> std: E[x^2] - E[x]^2 in float32 would lose every digit; tile-wise M2 merging does not."""
     x = torch.randn(1, 4, 4, 5) + 1e4
-    y = group_norm(x, 2, num_splits=num_splits)
+    y = group_norm(x, 2, num_splits=num_splits, strategy=strategy)
     ref = reference(x, 2)
     torch.testing.assert_close(y.double(), ref, rtol=0, atol=5e-3)
 
