@@ -29,8 +29,9 @@ BACKENDS = ("native", "triton")
 # adaLN 3.9-5.2x and gated residual 2.8-3.1x torch; attention Triton 0.51x SDPA at D=40, 0.76x at D=72,
 # 1.01-1.17x at D=64, so SDPA. ``sampler_update`` is not a layer: it is the multistep samplers' state update
 # (``fastdiff.state_update``), torch until its fused kernels are measured on a GPU. Values: "triton",
-# "torch", or "cuda_ext" (GroupNorm: the optional CUDA C++ extension for channels-last inputs, Triton where it
-# does not apply; sampler_update: its fused update kernel).
+# "torch", "cuda_ext" (GroupNorm: the optional CUDA C++ extension for channels-last inputs, Triton where it
+# does not apply; sampler_update: its fused update kernel), or "triton_rows" (GroupNorm: the Triton kernels'
+# "rows" strategy, three launches over contiguous rows; not measured yet).
 GPU_DEFAULT_OPS = {
     "group_norm": "triton",
     "attention": "torch",
@@ -38,8 +39,14 @@ GPU_DEFAULT_OPS = {
     "gated_residual": "triton",
     "sampler_update": "torch",
 }
-CUDA_EXT_OPS = ("group_norm", "sampler_update")  # the ops the CUDA extension has a kernel for
-OP_IMPLS = ("triton", "torch", "cuda_ext")
+# what each op may run on (OptimizeConfig.kernel_ops values)
+OP_IMPLS = {
+    "group_norm": ("triton", "torch", "cuda_ext", "triton_rows"),
+    "attention": ("triton", "torch"),
+    "adaln_modulate": ("triton", "torch"),
+    "gated_residual": ("triton", "torch"),
+    "sampler_update": ("triton", "torch", "cuda_ext"),
+}
 
 
 def triton_available() -> tuple[bool, str]:
@@ -83,7 +90,7 @@ class FusedOp(nn.Module):
         self.backend = backend
 
     def forward(self, *args, **kwargs):
-        if self.backend == "triton":
+        if self.backend.startswith("triton"):  # "triton" or a variant of it (GroupNorm's "triton_rows")
             return self.forward_triton(*args, **kwargs)
         if self.backend == "cuda_ext":
             return self.forward_cuda_ext(*args, **kwargs)
@@ -132,9 +139,8 @@ def check_kernel_ops(ops: dict) -> dict:
     for op, impl in ops.items():
         if op not in known:
             raise BadArgumentError(f"kernel ops: expected op names from {sorted(known)}, found {op!r}")
-        if impl not in OP_IMPLS or (impl == "cuda_ext" and op not in CUDA_EXT_OPS):
-            allowed = OP_IMPLS if op in CUDA_EXT_OPS else ("triton", "torch")
-            raise BadArgumentError(f"kernel ops: {op} takes one of {allowed}, found {impl!r}")
+        if impl not in OP_IMPLS[op]:
+            raise BadArgumentError(f"kernel ops: {op} takes one of {OP_IMPLS[op]}, found {impl!r}")
     return ops
 
 
@@ -223,8 +229,8 @@ class GroupNorm(FusedOp):
     def forward_triton(self, x, scale=None, shift=None):
         from fastdiff.kernels import group_norm
 
-        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps,
-                          activation=self.activation, scale=scale, shift=shift)
+        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps, activation=self.activation,
+                          scale=scale, shift=shift, strategy="rows" if self.backend == "triton_rows" else None)
 
     def forward_cuda_ext(self, x, scale=None, shift=None):
         """The CUDA C++ kernel for channels-last inputs without scale/shift; Triton otherwise (or unbuilt)."""

@@ -51,8 +51,15 @@ def test_per_op_choices_route_each_op():
         assert op_backends(model) == {"GroupNorm": "cuda_ext", "Attention": "native"}
         routed = model(x, t, encoder_hidden_states=ctx)  # no CUDA extension here: GroupNorm runs Triton
     assert rel_err(routed, native) <= 1e-4
-    with pytest.raises(fastdiff.BadArgumentError, match="attention"):
-        set_backend(model, "triton", ops={"attention": "cuda_ext"})
+    with torch.no_grad():  # GroupNorm's rows strategy: its three launches, the same result
+        set_backend(model, "triton", ops={"group_norm": "triton_rows"})
+        assert op_backends(model) == {"GroupNorm": "triton_rows", "Attention": "triton"}
+        assert rel_err(model(x, t, encoder_hidden_states=ctx), native) <= 1e-4
+    for op in ("attention", "adaln_modulate"):
+        with pytest.raises(fastdiff.BadArgumentError, match=op):
+            set_backend(model, "triton", ops={op: "cuda_ext"})
+    with pytest.raises(fastdiff.BadArgumentError, match="attention takes one of"):
+        set_backend(model, "triton", ops={"attention": "triton_rows"})
     with pytest.raises(fastdiff.BadArgumentError, match="softmax"):
         set_backend(model, "triton", ops={"softmax": "torch"})
 
