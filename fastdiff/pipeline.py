@@ -258,10 +258,12 @@ class Pipeline:
             return torch.cat(parts)
         bucket = bucket_for(b, self.config.batch_buckets)
         padded = _map_tree(extra, lambda t: pad_to(t, bucket))
-        # everything that fixes the captured arithmetic: grid, sampler and its options, denoiser, shapes
+        # everything that fixes the captured arithmetic: grid, sampler and its options, denoiser, shapes, and
+        # the kernels of the state update
         key = (bucket, tuple(latents.shape[1:]), plan.scheduler, plan.sampler, tuple(plan.sigmas.tolist()),
                _freeze(plan.options), plan.denoiser_kind, _freeze(plan.denoiser_options), plan.init_noise_sigma,
-               plan.output_scale, guidance, _freeze(_map_tree(padded, lambda t: (tuple(t.shape), t.dtype))))
+               plan.output_scale, guidance, _freeze(_map_tree(padded, lambda t: (tuple(t.shape), t.dtype))),
+               self.update_impl)
 
         def run_loop(x, cond, step_noise):
             return plan.sample(denoiser, x, extra_args=cond, noise=step_noise)
