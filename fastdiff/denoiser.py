@@ -108,6 +108,19 @@ def _split_learned_variance(out: torch.Tensor, channels: int) -> torch.Tensor:
                            f"channels, found {out.shape[1]}")
 
 
+def _to_state(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The network output in the sampler state's dtype and (contiguous) layout, in one cast-and-copy at most.
+
+    A channels-last network, or a learned-variance slice, returns another layout than the state's: every later
+    element-wise op would then run strided, and the fused state update (``fastdiff.state_update``) would fall
+    back to torch. For a half-precision network this costs nothing: the cast to float32 copies anyway."""
+    if out.dtype == x.dtype and out.stride() == x.stride():
+        return out
+    if x.is_contiguous():
+        return out.to(dtype=x.dtype, memory_format=torch.contiguous_format)
+    return out.to(x.dtype)
+
+
 def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """(B,) or scalar -> shape broadcastable against x."""
     v = v.to(x.dtype)
@@ -237,9 +250,7 @@ class DiscreteDenoiser(Denoiser):
                 self._timestep_tensors[key] = ts
         inp = x * c_in
         out = self.model(inp if inp.dtype == self.dtype else inp.to(self.dtype), ts, **cond)
-        out = _split_learned_variance(out, x.shape[1])
-        if out.dtype != x.dtype:
-            out = out.to(x.dtype)
+        out = _to_state(_split_learned_variance(out, x.shape[1]), x)
         if c_skip == 1.0:
             return torch.add(x, out, alpha=c_out)
         if c_skip == 0.0:
@@ -295,7 +306,7 @@ class EDMDenoiser(Denoiser):
         c_in = 1 / math.sqrt(sigma * sigma + sd * sd)
         c_noise = torch.full((x.shape[0],), 0.25 * math.log(sigma), dtype=torch.float32, device=x.device)
         out = self.model((x * c_in).to(self.dtype), c_noise, **cond)
-        out = _split_learned_variance(out, x.shape[1]).to(x.dtype)
+        out = _to_state(_split_learned_variance(out, x.shape[1]), x)
         if self.prediction_type == "sample":
             return out
         c_out = sigma * sd * c_in * (-1 if self.prediction_type == "v_prediction" else 1)

@@ -6,7 +6,8 @@ runs it with the implementation of the current context:
 
 - ``torch`` (default): a multiply and one ``add_`` per further term (2-5 element-wise kernels);
 - ``triton``: ``fastdiff.kernels.lincomb``, one kernel;
-- ``cuda_ext``: the CUDA extension's ``sampler_update`` (one kernel for up to four terms).
+- ``cuda_ext``: the CUDA extension's ``sampler_update`` (one kernel for up to four terms; Triton where the
+  extension is not built).
 
 The choice is the ``sampler_update`` entry of the per-op kernel table (``OptimizeConfig.kernel_ops``); a
 Pipeline enters ``update_impl(...)`` around its sampling, so a captured loop graph holds the chosen kernels.
@@ -23,6 +24,7 @@ from typing import Iterator, Sequence
 import torch
 
 from .errors import BadArgumentError
+from .utils.layout import dense_alike
 
 UPDATE_IMPLS = ("torch", "triton", "cuda_ext")
 _IMPL: contextvars.ContextVar = contextvars.ContextVar("fastdiff_state_update", default="torch")
@@ -59,17 +61,27 @@ def combine_torch(terms: Sequence[tuple]) -> torch.Tensor:
 
 def combine(terms: Sequence[tuple]) -> torch.Tensor:
     """``sum(c * t for c, t in terms)`` for 1-5 ``(host float, tensor)`` terms of one shape and dtype, with
-    the implementation of the current ``update_impl`` context. Returns a new tensor."""
+    the implementation of the current ``update_impl`` context. Returns a new tensor.
+
+    Falls back to torch where a fused kernel would need copies first (terms in different layouts), for
+    float64 and single terms; ``cuda_ext`` falls back to Triton where the extension is not built or the
+    tensors are not on a GPU (as GroupNorm's ``cuda_ext`` choice does)."""
     impl = _IMPL.get()
     t0 = terms[0][1]
-    if impl == "torch" or t0.dtype == torch.float64 or len(terms) < 2:
+    if impl == "torch" or t0.dtype == torch.float64 or len(terms) < 2 or not dense_alike([t for _, t in terms]):
         return combine_torch(terms)
-    if impl == "triton":
-        from .kernels import lincomb
+    if impl == "cuda_ext":
+        from . import cuda_ext
 
-        return lincomb(terms)
-    from . import cuda_ext  # impl == "cuda_ext": x, x0, prev, noise with a, b, c, d; a fifth term added after
+        if t0.is_cuda and t0.is_contiguous() and cuda_ext.HAS_CUDA_EXT:  # it makes its inputs contiguous
+            return _combine_cuda_ext(cuda_ext, terms)
+    from .kernels import lincomb
 
+    return lincomb(terms)
+
+
+def _combine_cuda_ext(cuda_ext, terms) -> torch.Tensor:
+    """The extension's ``sampler_update(x, x0, prev, noise, a, b, c, d)``; a fifth term is added after it."""
     (a, x), (b, x0) = terms[0], terms[1]
     prev, c = terms[2][1] if len(terms) > 2 else None, terms[2][0] if len(terms) > 2 else 0.0
     noise, d = terms[3][1] if len(terms) > 3 else None, terms[3][0] if len(terms) > 3 else 0.0

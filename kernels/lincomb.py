@@ -4,8 +4,9 @@ A multistep sampler's step is such a combination of the state, the newest model 
 (DPM-Solver++(2M): ``a*x + b*x0 + c*x0_prev (+ d*noise)``). Written with torch ops it is 3-7 element-wise
 kernels per step; this is one, reading each input once. Arithmetic in float32, in the terms' order.
 
-Inputs: 1 to 5 tensors of one shape, dtype (float32 / float16 / bfloat16) and device; they are read as
-flat contiguous buffers (a non-contiguous one is copied first).
+Inputs: 1 to 5 tensors of one shape, dtype (float32 / float16 / bfloat16) and device. Dense tensors with one
+set of strides (all contiguous, or all channels-last) are read as flat buffers and the result has their
+layout; otherwise every term is made contiguous first (copies) and so is the result.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import triton
 import triton.language as tl
 
 from fastdiff.errors import BadArgumentError
+from fastdiff.utils.layout import dense_alike
 
 MAX_TERMS = 5
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -78,17 +80,20 @@ def _check(terms, out) -> tuple[list, list]:
     if out is not None and (out.shape != t0.shape or out.dtype != t0.dtype or out.device != t0.device):
         raise BadArgumentError(f"lincomb: expected out of shape {tuple(t0.shape)}, {t0.dtype} on {t0.device}, found "
                                f"{tuple(out.shape)}, {out.dtype} on {out.device}")
-    return coefs, [t.contiguous() for t in tensors]
+    if not dense_alike(tensors):
+        tensors = [t.contiguous() for t in tensors]
+    return coefs, tensors
 
 
 def lincomb(terms: Sequence[tuple], *, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``sum(c * t for c, t in terms)`` in one kernel; terms: 1-5 ``(float, tensor)`` pairs.
 
-    Returns a new contiguous tensor (or writes ``out``; ``out`` may be one of the inputs: each element is
-    read before it is written).
+    Returns a new tensor in the terms' layout (see the module docstring), or writes ``out``; ``out`` may be
+    one of the inputs: each element is read before it is written.
     """
     coefs, tensors = _check(terms, out)
-    target = out if out is not None and out.is_contiguous() else torch.empty_like(tensors[0])
+    fits = out is not None and out.stride() == tensors[0].stride()
+    target = out if fits else torch.empty_like(tensors[0])  # a dense tensor's layout is kept
     if target.numel():
         for grid, args, meta in _launches(tensors, coefs, target):
             _lincomb_kernel[grid](*args, **meta)

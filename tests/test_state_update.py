@@ -30,10 +30,7 @@ def run(name, impl, seed=0):
 
 @pytest.mark.parametrize("name", MULTISTEP)
 def test_fused_update_equals_torch_in_the_samplers(name, monkeypatch):
-    fastdiff.kernels.lincomb([(1.0, torch.ones(1))])  # load the kernel first: loading rebinds the attribute
-    calls = []
-    kernel = fastdiff.kernels.lincomb
-    monkeypatch.setattr(fastdiff.kernels, "lincomb", lambda terms, **kw: (calls.append(len(terms)), kernel(terms))[1])
+    calls = _spy_kernel(monkeypatch)
     want = run(name, "torch")
     assert not calls
     got = run(name, "triton")
@@ -42,22 +39,50 @@ def test_fused_update_equals_torch_in_the_samplers(name, monkeypatch):
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)
 
 
-def test_cuda_ext_update_maps_terms_to_its_arguments(monkeypatch):
+def test_cuda_ext_update_maps_terms_to_its_arguments():
     """The extension takes (x, x0, prev, noise, a, b, c, d); a fifth term is added after it."""
     calls = []
 
-    def fake(x, x0, prev=None, noise=None, a=1.0, b=0.0, c=0.0, d=0.0):
-        calls.append((prev is not None, noise is not None))
-        return cuda_ext.sampler_update_reference(x, x0, prev, noise, a, b, c, d)
+    class FakeExtension:
+        @staticmethod
+        def sampler_update(x, x0, prev=None, noise=None, a=1.0, b=0.0, c=0.0, d=0.0):
+            calls.append((prev is not None, noise is not None))
+            return cuda_ext.sampler_update_reference(x, x0, prev, noise, a, b, c, d)
 
-    monkeypatch.setattr(cuda_ext, "sampler_update", fake)
     ts = [torch.randn(4, 6) for _ in range(5)]
     for n in (2, 3, 4, 5):
         terms = list(zip((0.9, -1.3, 0.4, 0.25, -2.0), ts[:n]))
-        with update_impl("cuda_ext"):
-            got = combine(terms)
+        got = state_update._combine_cuda_ext(FakeExtension, terms)
         torch.testing.assert_close(got, combine_torch(terms), rtol=1e-6, atol=1e-6)
     assert calls == [(False, False), (True, False), (True, True), (True, True)]
+
+
+def _spy_kernel(monkeypatch) -> list:
+    fastdiff.kernels.lincomb([(1.0, torch.ones(1))])  # load the kernel first: loading rebinds the attribute
+    calls, kernel = [], fastdiff.kernels.lincomb
+    monkeypatch.setattr(fastdiff.kernels, "lincomb", lambda terms, **kw: (calls.append(len(terms)), kernel(terms))[1])
+    return calls
+
+
+def test_cuda_ext_without_the_extension_takes_triton(monkeypatch):
+    calls = _spy_kernel(monkeypatch)
+    terms = [(0.5, torch.randn(2, 3)), (2.0, torch.randn(2, 3))]
+    with update_impl("cuda_ext"):  # CPU tensors, no extension: the Triton kernel
+        torch.testing.assert_close(combine(terms), combine_torch(terms))
+    assert calls == [2]
+
+
+def test_mixed_layouts_take_torch_and_one_layout_is_kept(monkeypatch):
+    calls = _spy_kernel(monkeypatch)
+    x = torch.randn(2, 4, 3, 5)
+    cl = torch.randn(2, 4, 3, 5).to(memory_format=torch.channels_last)
+    with update_impl("triton"):
+        mixed = combine([(0.5, x), (2.0, cl)])  # the kernel would need a copy first: torch instead
+        assert calls == []
+        torch.testing.assert_close(mixed, combine_torch([(0.5, x), (2.0, cl)]))
+        both_cl = combine([(0.5, x.to(memory_format=torch.channels_last)), (2.0, cl)])
+        assert calls == [2] and both_cl.stride() == cl.stride()  # fused, and still channels-last
+        torch.testing.assert_close(both_cl, 0.5 * x + 2.0 * cl)
 
 
 def test_float64_and_single_terms_stay_on_torch(monkeypatch):
@@ -112,3 +137,29 @@ def test_generate_runs_the_sampler_inside_the_chosen_update(scope, monkeypatch):
     pipe.generate(seeds=[1], class_labels=[2], steps=2, sampler="dpmpp_2m", progress=False)
     assert seen and set(seen) == {"cuda_ext"}
     assert current_impl() == "torch"
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "sample"])
+@pytest.mark.parametrize("kind", ["discrete", "edm"])
+@pytest.mark.parametrize("layout", ["channels_last", "learned_variance_slice"])
+def test_denoiser_returns_the_states_layout(kind, layout, prediction):
+    """A channels-last (or sliced learned-variance) network output comes back contiguous float32, like the state,
+    so the state update sees one layout; the values are those of the plain computation. (With c_skip != 0 the
+    skip term's layout would win anyway; "sample" prediction returns the network's output itself.)"""
+    from fastdiff.denoiser import DiscreteDenoiser, EDMDenoiser
+
+    def net(x, t, relayout=True, **kw):
+        out = torch.cat([x * 0.3 + 0.1, x * 0.5], 1) if layout == "learned_variance_slice" else x * 0.3 + 0.1
+        out = out.half()
+        return out.to(memory_format=torch.channels_last) if layout == "channels_last" and relayout else out
+
+    def make(model):
+        if kind == "discrete":
+            return DiscreteDenoiser(model, torch.linspace(0.999, 0.01, 1000), prediction, dtype=torch.half)
+        return EDMDenoiser(model, prediction_type=prediction, dtype=torch.half)
+
+    x = torch.randn(2, 4, 3, 5)
+    got = make(net).denoise_at(x, 2.0)
+    assert got.dtype == torch.float32 and got.is_contiguous()
+    plain = make(lambda x, t, **kw: net(x, t, relayout=False).contiguous()).denoise_at(x, 2.0)
+    torch.testing.assert_close(got, plain)

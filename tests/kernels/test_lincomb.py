@@ -37,6 +37,17 @@ def test_lincomb_new_tensor_and_in_place_and_strided():
     torch.testing.assert_close(x.double(), ref)
 
 
+def test_lincomb_keeps_a_shared_dense_layout():
+    """All channels-last: read as flat buffers (no copies) and a channels-last result; mixed: copied first."""
+    a, b = (torch.randn(2, 5, 3, 4).to(memory_format=torch.channels_last) for _ in range(2))
+    y = lincomb([(0.5, a), (-2.0, b)])
+    assert y.stride() == a.stride()
+    torch.testing.assert_close(y.double(), reference([(0.5, a), (-2.0, b)]))
+    mixed = lincomb([(0.5, a), (-2.0, b.contiguous())])
+    assert mixed.is_contiguous()
+    torch.testing.assert_close(mixed.double(), reference([(0.5, a), (-2.0, b)]))
+
+
 @pytest.mark.parametrize("terms,match", [
     ([], "1 to 5"),
     ([(1.0, torch.ones(3))] * 6, "1 to 5"),

@@ -1,0 +1,25 @@
+"""Memory-layout predicates shared by the fused kernels' launchers."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+
+def is_dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense: its numel elements fill one block of memory from its data pointer, in any
+    dimension order (contiguous, channels-last, a permuted view of either)."""
+    expected = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def dense_alike(tensors: Sequence[torch.Tensor]) -> bool:
+    """All dense with one set of strides: element i of each is at the same flat offset, so a kernel can read
+    them as flat buffers and write a result of the same layout (``torch.empty_like`` keeps it)."""
+    t0 = tensors[0]
+    return is_dense(t0) and all(t.stride() == t0.stride() for t in tensors[1:])
