@@ -4,13 +4,15 @@ Each ``bench/bench_<op>.py`` supplies ``run(dtypes, iters, flush)`` and ``print_
 
 Timing is the DEVICE time of one call, measured inside a CUDA graph: ``PER_GRAPH`` calls (each after an
 optional L2 flush) are captured once and replayed between CUDA events, and the same graph without the calls
-(flushes only) is subtracted. The L2 flush READS a 256 MiB buffer (a sum): a flush that writes it (``zero_()``)
-leaves L2 full of dirty lines, whose write-back then lands inside the timed kernel and, for a kernel of a few
-MB, inflates its time by up to half. That is how the kernels run under fastdiff's CUDA graphs, and it keeps the
+(flushes only) is subtracted. That is how the kernels run under fastdiff's CUDA graphs, and it keeps the
 host's launch cost out: timing single eager calls of microsecond kernels measures Python launch overhead
 instead (Triton's launcher costs tens of microseconds per call, torch's less). ``--eager-timing`` times
 single eager calls between events instead (what an un-graphed model pays). A callable that cannot be
 captured falls back to eager timing.
+
+The L2 flush READS a 256 MiB buffer (a sum). A flush that writes it (``zero_()``) leaves L2 full of dirty
+lines, whose write-back then lands inside the timed kernel: for a kernel of a few MB that adds up to one
+more write of its input's size.
 """
 
 from __future__ import annotations

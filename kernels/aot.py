@@ -34,7 +34,8 @@ _TY = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 MAX_SHARED = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 
 # GroupNorm (shape, groups) of SD1.5's UNet: the largest and the smallest resolution
-GROUP_NORM_SHAPES = (((2, 320, 64, 64), 32), ((2, 1280, 8, 8), 32))
+GROUP_NORM_SHAPES = (((2, 320, 64, 64), 32), ((2, 1280, 8, 8), 32),
+                     ((2, 32, 1, 1), 32))  # one channel per group, one position: ints of 1 become constexprs
 # attention (B, H, Nq, Nk, D): SD1.5 self (64x64 latents) / cross (77 text tokens) at its head dims, SD2's
 # D=64, D=128, and DiT-XL/2 (256 tokens, 16 heads of 72)
 ATTENTION_SHAPES = (
@@ -170,6 +171,7 @@ KERNELS: dict[str, Callable[..., list]] = {
 QUICK = (
     "2x320x64x64 g32 nhwc affine+silu",  # split statistics: mode 1 and mode 2
     "2x1280x8x8 g32 nchw affine+silu",  # fused: mode 0
+    "2x32x1x1 g32 nchw affine+silu",  # degenerate sizes specialised to constexprs
     "Nk77 D40", "Nk77 D80", "Nk256 D72",
     "T256 D1152",
     "1x4x64x64 terms",

@@ -142,6 +142,17 @@ def _flat_spatial_stride(t: torch.Tensor) -> Optional[int]:
     return dims[-1][1]
 
 
+def check_tuning(tile: Optional[int], num_warps: Optional[int], device_type: str = "cuda") -> int:
+    """The tile to use (the default when None) after checking the ``tile`` / ``num_warps`` overrides."""
+    if num_warps is not None and num_warps not in (1, 2, 4, 8, 16, 32):
+        raise BadArgumentError(f"group_norm: expected num_warps in (1, 2, 4, 8, 16, 32), found {num_warps!r}")
+    if tile is None:
+        return 4096 if device_type == "cuda" else 8192  # elements per tile (registers on a GPU)
+    if isinstance(tile, bool) or not isinstance(tile, int) or tile < 1 or tile & (tile - 1):
+        raise BadArgumentError(f"group_norm: expected tile to be a power of two, found {tile!r}")
+    return tile
+
+
 def launch_config(shape, num_groups: int, device_type: str = "cuda", num_splits: Optional[int] = None,
                   tile: Optional[int] = None, num_warps: Optional[int] = None) -> dict:
     """Block sizes, warps and split count the launcher uses for ``shape`` (B, C, *spatial).
@@ -154,22 +165,17 @@ def launch_config(shape, num_groups: int, device_type: str = "cuda", num_splits:
     HW = math.prod(shape[2:]) if len(shape) > 2 else 1
     cpg = C // num_groups
     block_c = min(triton.next_power_of_2(cpg), 1024)
-    if tile is None:
-        tile = 4096 if device_type == "cuda" else 8192  # elements per tile (registers on a GPU)
-    elif tile < 1 or tile & (tile - 1):
-        raise BadArgumentError(f"group_norm: expected tile to be a power of two, found {tile}")
+    tile = check_tuning(tile, num_warps, device_type)
     block_s = max(1, min(triton.next_power_of_2(HW), tile // block_c))
     if num_warps is None:
         num_warps = 8 if block_c * block_s >= 4096 else 4
-    elif num_warps not in (1, 2, 4, 8, 16, 32):
-        raise BadArgumentError(f"group_norm: expected num_warps in (1, 2, 4, 8, 16, 32), found {num_warps}")
     if num_splits is None:
         if device_type == "cuda":
             # aim for ~1024 programs in all, each slice at least one tile
             num_splits = max(1, min(triton.cdiv(1024, B * num_groups), triton.cdiv(HW, block_s)))
         else:
             num_splits = 1  # the interpreter pays per program: one per group
-    num_splits = max(1, min(int(num_splits), HW))
+    num_splits = max(1, min(int(num_splits), HW, 65535))  # grid axis 1 (CUDA caps it at 65535)
     chunk = triton.cdiv(HW, num_splits)
     if num_splits > 1:
         chunk = triton.cdiv(chunk, block_s) * block_s if chunk > block_s else chunk
@@ -206,7 +212,8 @@ def _launches(x, y, num_groups, weight, bias, eps, activation, scale, shift, num
         raise BadArgumentError(f"group_norm: expected strategy in {STRATEGIES}, found {strategy!r}")
     if strategy == "rows" and rows.rows_view(x, _flat_spatial_stride(x)) is not None:
         return rows.launches(x, y, num_groups, w, bvec, sc, sh, eps, activation, _flat_spatial_stride(x),
-                             _flat_spatial_stride(y), num_splits, tile, num_warps)
+                             _flat_spatial_stride(y), num_splits, check_tuning(tile, num_warps, "cuda"), num_warps,
+                             device_type)
     cfg = launch_config(tuple(x.shape), num_groups, device_type, num_splits, tile, num_warps)
     dummy = x  # bound to the pointers whose HAS_* flag is off; never read
     split = cfg["num_splits"]

@@ -6,15 +6,20 @@ sample is viewed as a 2-D (R, K) array whose K axis is the contiguous one:
 - NCHW: R = channels, K = spatial positions (a channel is a contiguous row);
 - channels-last: R = spatial positions, K = channels (a position's channels are a contiguous row).
 
-Every load is then a full-width, vectorisable row, whatever the channels per group (10 and 40 for SD's UNet:
-the one-program-per-group kernel loads them as padded, masked 16- and 64-row tiles). The cost is a third,
-tiny launch:
+Every load is then a contiguous, vectorisable run of a row, whatever the channels per group (10 and 40 for
+SD's UNet: the one-program-per-group kernel loads them as padded, masked 16- and 64-row tiles, which a
+channels-last input serves as 20- and 80-byte pieces of its rows). Channels-last rows are split into
+power-of-two column blocks that divide C (320 as 5 x 64), so no lane is masked. The cost is a third, tiny
+launch:
 
-1. ``_stats_kernel``, grid (B, channel blocks, splits): per-channel (mean, M2) of one slice of the
+1. ``_stats_kernel``, grid (splits, channel blocks, B): per-channel (mean, M2) of one slice of the
    non-channel axis, tile-wise and merged with Chan's formula, into a float32 workspace (B, C, splits).
 2. ``_coef_kernel``, grid (B * G,): merges a group's channel x split partials into its mean and rstd, and
    folds weight, bias, scale and shift into one (a, b) pair per (sample, channel).
-3. ``_apply_kernel``, grid (B, row blocks, column blocks): ``y = act(x * a_c + b_c)``, element-wise.
+3. ``_apply_kernel``, grid (row blocks, column blocks, B): ``y = act(x * a_c + b_c)``, element-wise.
+
+Grid axes 1 and 2 are capped at 65535 by CUDA: they hold the channel blocks and the batch, the axis that
+grows with the image (splits, row blocks) is axis 0.
 """
 
 from __future__ import annotations
@@ -33,9 +38,9 @@ def _stats_kernel(
     stride_xb, stride_xr,
     CH_AXIS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    b = tl.program_id(0)
+    sp = tl.program_id(0)  # slice of the non-channel axis (grid axis 0: the only one not capped at 65535)
     blk = tl.program_id(1)  # block of channels
-    sp = tl.program_id(2)  # slice of the other axis
+    b = tl.program_id(2)
     x_base = x_ptr + b.to(tl.int64) * stride_xb
     if CH_AXIS == 0:  # rows are channels: each program reduces BLOCK_R rows over K in [lo, hi)
         ch = blk * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -90,7 +95,7 @@ def _stats_kernel(
 def _coef_kernel(
     ws_ptr, coef_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr,
     C, CPG, G, N_OTHER, chunk, num_splits,
-    eps,
+    total, eps,  # total: elements per group (a host float: CPG * N_OTHER overflows int32 past 2^31)
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_SP: tl.constexpr,
 ):
@@ -100,7 +105,6 @@ def _coef_kernel(
     cc = tl.arange(0, BLOCK_C)
     c_ok = cc < CPG
     ch = g * CPG + cc
-    total = (CPG * N_OTHER).to(tl.float32)
     row = (b * C + ch).to(tl.int64) * num_splits
     # two passes over the group's (channel, split) partials: the mean, then M2 around it (Chan et al.)
     acc = tl.zeros([BLOCK_C, BLOCK_SP], dtype=tl.float32)
@@ -149,9 +153,9 @@ def _apply_kernel(
     stride_xb, stride_xr, stride_yb, stride_yr, stride_yk,
     CH_AXIS: tl.constexpr, SILU: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    b = tl.program_id(0)
-    rr = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-    kk = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
+    rr = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # rows on grid axis 0: up to 2^31 - 1 blocks
+    kk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    b = tl.program_id(2)
     r_ok = rr < R
     k_ok = kk < K
     mask = r_ok[:, None] & k_ok[None, :]
@@ -184,24 +188,37 @@ def rows_view(x: torch.Tensor, spatial_stride: int):
     return None
 
 
-def launch_config(shape, num_groups: int, ch_axis: int, num_splits=None, tile=None, num_warps=None) -> dict:
-    """Tiles, splits and warps of the three launches; shared with ``fastdiff.kernels.aot``."""
+def _channel_tile(C: int, tile: int) -> int:
+    """Channels per column block of a channels-last tile: the largest power of two dividing C (no masked
+    lanes: SD's 320 / 640 / 1280 channels as 64 / 128 / 256), padded to C's next power of two where that
+    divisor is under 32 (odd channel counts) or C fits one block anyway; never above the tile."""
+    divisor = C & -C
+    block = divisor if 32 <= divisor < C else triton.next_power_of_2(C)
+    return min(block, tile)
+
+
+def launch_config(shape, num_groups: int, ch_axis: int, num_splits=None, tile: int = 4096, num_warps: int = None,
+                  device_type: str = "cuda") -> dict:
+    """Tiles, splits and warps of the three launches (``tile`` / ``num_warps`` already checked by the caller);
+    shared with ``fastdiff.kernels.aot``."""
     B, C = shape[0], shape[1]
     HW = math.prod(shape[2:]) if len(shape) > 2 else 1
-    tile = tile or 4096
     if ch_axis == 0:  # rows = channels, K = HW
         block_k = min(triton.next_power_of_2(HW), tile)
         block_r = max(1, min(tile // block_k, triton.next_power_of_2(C)))
         ch_blocks, other = triton.cdiv(C, block_r), HW
         step = block_k  # the stats loop walks K
-    else:  # rows = positions, K = channels (a whole row of channels per tile up to the tile size)
-        block_k = min(triton.next_power_of_2(C), tile)
+    else:  # rows = positions, K = channels
+        block_k = _channel_tile(C, tile)
         block_r = max(1, min(tile // block_k, triton.next_power_of_2(HW)))
         ch_blocks, other = triton.cdiv(C, block_k), HW
         step = block_r  # the stats loop walks the rows
-    if num_splits is None:  # ~512 statistics programs in all, each slice at least one tile
-        num_splits = max(1, min(triton.cdiv(512, B * ch_blocks), triton.cdiv(other, step)))
-    num_splits = max(1, min(int(num_splits), other))
+    if num_splits is None:
+        # ~512 statistics programs in all on a GPU, each slice at least one tile; one slice per channel
+        # block on the interpreter, which pays per program
+        target = 512 if device_type == "cuda" else 1
+        num_splits = max(1, min(triton.cdiv(target, B * ch_blocks), triton.cdiv(other, step)))
+    num_splits = max(1, min(int(num_splits), other, 2**31 - 1))
     chunk = triton.cdiv(other, num_splits)
     chunk = triton.cdiv(chunk, step) * step if chunk > step else chunk
     num_splits = triton.cdiv(other, chunk)
@@ -215,13 +232,13 @@ def launch_config(shape, num_groups: int, ch_axis: int, num_splits=None, tile=No
 
 
 def launches(x, y, num_groups, w, bvec, sc, sh, eps, activation, spatial_stride_x, spatial_stride_y,
-             num_splits=None, tile=None, num_warps=None):
+             num_splits=None, tile=4096, num_warps=None, device_type="cuda"):
     """[(kernel, grid, positional args, constexprs + options)] for x -> y; also used by the AOT check.
 
     x and y have the same (B, C, *spatial) shape; y may have other strides (read through its own)."""
     ch_axis, R, K, stride_xr = rows_view(x, spatial_stride_x)
     B, C = x.shape[0], x.shape[1]
-    cfg = launch_config(tuple(x.shape), num_groups, ch_axis, num_splits, tile, num_warps)
+    cfg = launch_config(tuple(x.shape), num_groups, ch_axis, num_splits, tile, num_warps, device_type)
     split = cfg["num_splits"]
     ws = torch.empty(B * C * split * 2, device=x.device, dtype=torch.float32)
     coef = torch.empty(B * C * 2, device=x.device, dtype=torch.float32)
@@ -230,15 +247,16 @@ def launches(x, y, num_groups, w, bvec, sc, sh, eps, activation, spatial_stride_
         stride_yr, stride_yk = y.stride(1), spatial_stride_y
     else:
         stride_yr, stride_yk = spatial_stride_y, y.stride(1)
-    stats = (_stats_kernel, (B, cfg["ch_blocks"], split),
+    stats = (_stats_kernel, (split, cfg["ch_blocks"], B),
              (x, ws, C, R, K, cfg["chunk"], split, x.stride(0), stride_xr),
              dict(CH_AXIS=ch_axis, BLOCK_R=cfg["block_r"], BLOCK_K=cfg["block_k"], num_warps=cfg["num_warps"]))
     coefs = (_coef_kernel, (B * num_groups,),
              (ws, coef, dummy if w is None else w, dummy if bvec is None else bvec, dummy if sc is None else sc,
-              dummy if sh is None else sh, C, cfg["cpg"], num_groups, cfg["other"], cfg["chunk"], split, float(eps)),
+              dummy if sh is None else sh, C, cfg["cpg"], num_groups, cfg["other"], cfg["chunk"], split,
+              float(cfg["cpg"] * cfg["other"]), float(eps)),
              dict(HAS_WEIGHT=w is not None, HAS_BIAS=bvec is not None, HAS_SCALE=sc is not None,
                   HAS_SHIFT=sh is not None, BLOCK_C=cfg["coef_block_c"], BLOCK_SP=cfg["coef_block_sp"], num_warps=4))
-    apply = (_apply_kernel, (B, triton.cdiv(R, cfg["block_r"]), triton.cdiv(K, cfg["block_k"])),
+    apply = (_apply_kernel, (triton.cdiv(R, cfg["block_r"]), triton.cdiv(K, cfg["block_k"]), B),
              (x, y, coef, C, R, K, x.stride(0), stride_xr, y.stride(0), stride_yr, stride_yk),
              dict(CH_AXIS=ch_axis, SILU=activation == "silu", BLOCK_R=cfg["block_r"], BLOCK_K=cfg["block_k"],
                   num_warps=cfg["num_warps"]))

@@ -163,3 +163,60 @@ def test_denoiser_returns_the_states_layout(kind, layout, prediction):
     assert got.dtype == torch.float32 and got.is_contiguous()
     plain = make(lambda x, t, **kw: net(x, t, relayout=False).contiguous()).denoise_at(x, 2.0)
     torch.testing.assert_close(got, plain)
+
+
+def _divided_difference_dpm(x, sigmas, order, solver_type, eta, predict_x0, lower_order_final, noise):
+    """DPM-Solver(++) multistep written with divided differences (k-diffusion / diffusers form): the oracle
+    of the samplers' one-linear-combination expansion."""
+    import math
+
+    sig = [float(s) for s in sigmas]
+    n, ms = len(sig) - 1, []
+    for i in range(n):
+        s, s_next = sig[i], sig[i + 1]
+        den = toy_denoiser(x, torch.full((x.shape[0],), s, dtype=x.dtype))
+        ms = (ms + [den if predict_x0 else (x - den) / s])[-order:]
+        if s_next == 0:
+            x = den
+            continue
+        k = min(order, i + 1)
+        short = lower_order_final and n < 15
+        if i == n - 1 and short:
+            k = 1
+        elif i == n - 2 and short:
+            k = min(k, 2)
+        h = math.log(s / s_next)
+        if predict_x0:
+            c0, c1, c1_mid, c2 = samplers._phi_coeffs(h, eta, False)
+            x_new = x * (s_next / s * math.exp(-eta * h)) + ms[-1] * c0
+        else:
+            c0, c1, c1_mid, c2 = samplers._eps_coeffs(h, s_next)
+            x_new = x + ms[-1] * c0
+        if k == 2:
+            r0 = math.log(sig[i - 1] / s) / h
+            x_new = x_new + (ms[-1] - ms[-2]) / r0 * (c1_mid if solver_type == "midpoint" else c1)
+        elif k == 3:
+            r0, r1 = math.log(sig[i - 1] / s) / h, math.log(sig[i - 2] / sig[i - 1]) / h
+            d1_0, d1_1 = (ms[-1] - ms[-2]) / r0, (ms[-2] - ms[-3]) / r1
+            x_new = x_new + (d1_0 + (d1_0 - d1_1) * (r0 / (r0 + r1))) * c1 + (d1_0 - d1_1) / (r0 + r1) * c2
+        if eta > 0:
+            x_new = x_new + noise(i, x) * (s_next * math.sqrt(-math.expm1(-2 * eta * h)))
+        x = x_new
+    return x
+
+
+@pytest.mark.parametrize("lower_order_final", [False, True])
+@pytest.mark.parametrize("predict_x0,eta", [(True, 0.0), (True, 1.0), (False, 0.0)])
+@pytest.mark.parametrize("solver_type", ["midpoint", "heun"])
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_multistep_expansion_equals_divided_differences(order, solver_type, predict_x0, eta, lower_order_final):
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64) * 10
+    sigmas = torch.tensor([10.0, 6.0, 3.1, 1.7, 0.8, 0.35, 0.1, 0.0], dtype=torch.float64)
+    z = [torch.randn(2, 3, 4, 5, dtype=torch.float64) for _ in sigmas]
+    noise = lambda i, like: z[i]  # noqa: E731
+    want = _divided_difference_dpm(x, sigmas, order, solver_type, eta, predict_x0, lower_order_final, noise)
+    got = samplers._dpm_multistep(toy_denoiser, x, sigmas.tolist(), extra_args=None, noise=noise, callback=None,
+                                  order=order, eta=eta, s_noise=1.0, solver_type=solver_type,
+                                  lower_order_final=lower_order_final, euler_at_final=False, predict_x0=predict_x0,
+                                  diffusers_sde3=False)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-10)

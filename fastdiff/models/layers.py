@@ -80,7 +80,7 @@ class FusedOp(nn.Module):
     """Base of layers with a native and a fused implementation; ``backend`` is set at build time.
 
     ``op`` names the fused op (the key of ``GPU_DEFAULT_OPS``); ``backend`` is "native", "triton" or, for
-    GroupNorm, "cuda_ext".
+    GroupNorm, "cuda_ext" or "triton_rows" (``OP_IMPLS`` lists each op's).
     """
 
     backend: str = "native"
@@ -147,8 +147,8 @@ def check_kernel_ops(ops: dict) -> dict:
 def set_backend(model: nn.Module, backend: str = "auto", ops: Optional[dict] = None) -> str:
     """Choose the implementation of every fused op in ``model``; returns the backend used.
 
-    ``backend="triton"`` puts every fused op on its Triton kernel unless ``ops`` (op name -> "triton" |
-    "torch" | "cuda_ext") says otherwise per op; ``"auto"`` on a CUDA device uses ``GPU_DEFAULT_OPS``.
+    ``backend="triton"`` puts every fused op on its Triton kernel unless ``ops`` (op name -> one of that op's
+    ``OP_IMPLS``) says otherwise per op; ``"auto"`` on a CUDA device uses ``GPU_DEFAULT_OPS``.
     """
     try:
         device = next(model.parameters()).device

@@ -50,8 +50,9 @@ class OptimizeConfig:
     kernel_ops: with ``backend="triton"``, which implementation each fused op uses: ``"measured"``
         (default: on a GPU, ``fastdiff.models.layers.GPU_DEFAULT_OPS``, the per-op winners measured on an
         H200; elsewhere every op on Triton), ``"all"`` (every op on its Triton kernel), or a dict of
-        op -> ``"triton"`` | ``"torch"`` | ``"cuda_ext"`` (GroupNorm and the sampler update only) overriding
-        the measured table. ``sampler_update`` is the multistep samplers' state update (one fused kernel, or
+        op -> ``"triton"`` | ``"torch"`` | ``"cuda_ext"`` (GroupNorm and the sampler update only) |
+        ``"triton_rows"`` (GroupNorm's three-launch strategy) overriding the measured table
+        (``fastdiff.models.layers.OP_IMPLS``). ``sampler_update`` is the multistep samplers' state update (one fused kernel, or
         torch's 2-5 element-wise ones; ``fastdiff.state_update``); with any other backend it runs on torch.
     sdpa_backend: pin torch's SDPA (the attention ops that run on torch) to ``flash`` | ``efficient`` |
         ``cudnn`` | ``math``; None lets SDPA choose (cuDNN on Hopper with torch 2.11). A backend that cannot

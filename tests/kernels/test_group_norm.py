@@ -91,7 +91,7 @@ def test_group_norm_split_statistics(num_splits, dtype, layout):
 def test_group_norm_tuning_overrides(tile, num_warps, num_splits, layout, strategy):
     """Small tiles: many tiles per slice, each with masked rows (5 channels per group in an 8-row tile) and a
     ragged last column block; every tile's element count must be right for the merged statistics. For
-    "rows": 10 channels in 16-wide tiles, channel blocks split across programs (tile 16 < 10 channels' 16)."""
+    "rows": many row tiles per slice, and several slices per channel merged by the coefficient kernel."""
     x = make_input((2, 10, 5, 7), torch.float32, layout)
     w, b = torch.randn(10), torch.randn(10)
     out = poisoned_like(x)
@@ -118,10 +118,23 @@ def test_group_norm_rejects_unknown_strategy():
         group_norm(torch.randn(1, 4, 3, 3), 2, strategy="cols")
 
 
-@pytest.mark.parametrize("kw,match", [(dict(tile=48), "power of two"), (dict(num_warps=3), "num_warps")])
-def test_group_norm_rejects_bad_tuning(kw, match):
+@pytest.mark.parametrize("strategy", [None, "rows"])
+@pytest.mark.parametrize("kw,match", [(dict(tile=48), "power of two"), (dict(tile=0), "power of two"),
+                                      (dict(tile=-8), "power of two"), (dict(num_warps=3), "num_warps")])
+def test_group_norm_rejects_bad_tuning(kw, match, strategy):
     with pytest.raises(BadArgumentError, match=match):
-        group_norm(torch.randn(1, 4, 3, 3), 2, **kw)
+        group_norm(torch.randn(1, 4, 3, 3), 2, strategy=strategy, **kw)
+
+
+@pytest.mark.parametrize("strategy", [None, "rows"])
+@pytest.mark.parametrize("shape,groups", [((3, 8), 8), ((2, 6, 1, 1), 6), ((2, 1, 5, 3), 1), ((1, 4, 1, 7), 2)])
+def test_group_norm_degenerate_sizes(shape, groups, strategy):
+    """No spatial dims, one position, one channel, one channel per group."""
+    x = torch.randn(shape) * 2 + 1
+    w, b = torch.randn(shape[1]), torch.randn(shape[1])
+    out = poisoned_like(x)
+    y = group_norm(x, groups, w, b, activation="silu", out=out, strategy=strategy)
+    assert_close(y, reference(x, groups, w, b, activation="silu"), torch.float32)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
