@@ -45,7 +45,7 @@ def _attention_kernel(
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_on, stride_od,
-    qk_scale,  # softmax scale * log2(e): the softmax runs in base 2
+    qk_scale,  # softmax scale * log2(e) >= 0: the softmax runs in base 2
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
     EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, MAIN_EVEN_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
@@ -102,13 +102,15 @@ def _attention_kernel(
             k2 = _load_tile(k_base + cols[:, None] * stride_kn + offs_d2[None, :] * stride_kd, mask_n, mask_d2,
                             EVEN_N and EVEN_D, DOT_FP32)
             s += tl.dot(q2, tl.trans(k2), input_precision=DOT_PRECISION)
-        s = s * qk_scale  # (BLOCK_M, BLOCK_N), base-2 logits
+        # online softmax: rescale what was accumulated so far to the new running maximum. The maximum is kept
+        # in raw score units and the scale (>= 0, softmax scale * log2 e) folded into one FMA per score.
         if not EVEN_N:
             s = tl.where(mask_n[None, :], s, float("-inf"))
-        # online softmax: rescale what was accumulated so far to the new running maximum
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # (BLOCK_M,), raw units
+        alpha = tl.where(m_i == float("-inf"), 0.0, tl.exp2((m_i - m_new) * qk_scale))  # 0 on the first tile
+        p = tl.exp2(s * qk_scale - (m_new * qk_scale)[:, None])
+        if not EVEN_N:
+            p = tl.where(mask_n[None, :], p, 0.0)  # -inf * a zero scale is NaN, not 0
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = _load_tile(v_ptrs, mask_n, mask_d, EVEN_N and MAIN_EVEN_D, DOT_FP32)
         if DOT_FP32:  # P is rounded to the input dtype either way (as FlashAttention does)
@@ -212,6 +214,8 @@ def _launches(q, k, v, out, scale, device_type):
     B, H, NQ, D = q.shape
     NK = k.shape[2]
     sm_scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    if sm_scale < 0:  # the kernel folds a non-negative scale into its running maximum: move the sign into q
+        q, sm_scale = -q, -sm_scale
     cfg = launch_config(NQ, NK, D, q.dtype, device_type)
     grid = (triton.cdiv(NQ, cfg["block_m"]), B * H)
     args = (q, k, v, out, H, NQ, NK, D, *q.stride(), *k.stride(), *v.stride(), *out.stride(), sm_scale * _LOG2E)

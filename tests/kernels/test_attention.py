@@ -78,6 +78,8 @@ def test_head_tiles_split_instead_of_padding():
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_attention_default_output_and_scale(dtype):
     q, k, v = make_qkv(2, 2, 9, 77, 40, dtype, "contiguous")
+    for scale in (0.0, -0.7):  # a zero scale (uniform weights, masked keys still excluded), a negative one
+        assert_close(attention(q, k, v, scale=scale), reference(q, k, v, scale=scale), dtype)
     o = attention(q, k, v, scale=0.3)
     assert o.shape == q.shape and o.dtype == dtype and o.is_contiguous()
     assert_close(o, reference(q, k, v, scale=0.3), dtype)
