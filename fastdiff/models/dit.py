@@ -241,9 +241,11 @@ class DiTBlock(nn.Module):
         else:
             self.t_embedder = self.y_embedder = None
 
-    def forward(self, x, c):
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = \
-            self.adaLN_modulation(c).chunk(6, dim=1)  # 6 x (N, D)
+    def forward(self, x, c, c_act=None):
+        """x (N, T, D); c (N, D) the conditioning; ``c_act`` = SiLU(c) when the caller computed it once for every
+        block (the first layer of ``adaLN_modulation``; the module keeps the checkpoints' Sequential layout)."""
+        mod = self.adaLN_modulation(c) if c_act is None else self.adaLN_modulation[1](c_act)  # (N, 6D)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)  # 6 x (N, D)
         x = self.residual(x, gate_msa, self.attn(self.norm1(x, shift_msa, scale_msa)))  # (N, T, D)
         x = self.residual(x, gate_mlp, self.mlp(self.norm2(x, shift_mlp, scale_mlp)))  # (N, T, D)
         return x
@@ -258,8 +260,9 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
 
-    def forward(self, x, c):
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # 2 x (N, D)
+    def forward(self, x, c, c_act=None):
+        mod = self.adaLN_modulation(c) if c_act is None else self.adaLN_modulation[1](c_act)  # (N, 2D)
+        shift, scale = mod.chunk(2, dim=1)  # 2 x (N, D)
         x = self.norm_final(x, shift, scale)  # (N, T, D)
         return self.linear(x)  # (N, T, p * p * C_out)
 
@@ -333,10 +336,13 @@ class DiT(nn.Module):
 
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D), T = h * w
         c = self.t_embedder(t) + self.y_embedder(y)  # (N, D)
+        c_act = F.silu(c)  # every adaLN starts with SiLU(c): computed once, not once per block
         for block in self.blocks:
-            c_i = c if block.t_embedder is None else block.t_embedder(t) + block.y_embedder(y)  # (N, D)
-            x = block(x, c_i)  # (N, T, D)
-        x = self.final_layer(x, c)  # (N, T, p * p * C_out)
+            if block.t_embedder is None:
+                x = block(x, c, c_act)  # (N, T, D)
+            else:  # a block with its own embedders (diffusers' per-block copies)
+                x = block(x, block.t_embedder(t) + block.y_embedder(y))
+        x = self.final_layer(x, c, c_act)  # (N, T, p * p * C_out)
         return self.unpatchify(x, h, w)  # (N, C_out, H, W)
 
     def forward_with_cfg(self, x, timestep, class_labels, cfg_scale: float, guided_channels: Optional[int] = 3):

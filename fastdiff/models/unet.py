@@ -101,14 +101,15 @@ class ResnetBlock(nn.Module):
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
 
-    def forward(self, x, temb, size=None):
+    def forward(self, x, temb_act, size=None):
+        """x (B, in, H, W); ``temb_act`` = SiLU(time embedding) (B, temb), computed once per UNet call."""
         h = self.norm1(x)  # (B, in, H, W)
         if self.resample == "up":
             h, x = _nearest_up(h, size), _nearest_up(x, size)  # (B, in, 2H, 2W)
         elif self.resample == "down":
             h, x = F.avg_pool2d(h, 2), F.avg_pool2d(x, 2)  # (B, in, H/2, W/2)
         h = self.conv1(h)  # (B, out, H, W)
-        t = None if self.time_emb_proj is None else self.time_emb_proj(F.silu(temb))  # (B, out or 2*out)
+        t = None if self.time_emb_proj is None else self.time_emb_proj(temb_act)  # (B, out or 2*out)
         if self.time_embedding_norm == "scale_shift":
             scale, shift = t.chunk(2, dim=1)  # (B, out) each
             h = self.norm2(h, scale=scale, shift=shift)
@@ -741,6 +742,7 @@ class UNet(nn.Module):
             raise BadArgumentError("this UNet has no class embedding, but class_labels were given")
         if c.time_embedding_act_fn is not None:
             emb = F.silu(emb)
+        emb = F.silu(emb)  # what every resnet's time projection reads: computed once, not once per resnet
         ctx = encoder_hidden_states
 
         h = self.conv_in(x)  # (B, C0, H, W)
