@@ -259,11 +259,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional
     """softmax(q k^T * scale) v for q (B, H, Nq, D), k / v (B, H, Nk, D); scale defaults to 1/sqrt(D).
 
     Inputs may be non-contiguous (they are read through their strides). Returns (B, H, Nq, D) in q's
-    dtype, contiguous, or writes ``out`` (any strides).
+    dtype, stored as (B, Nq, H, D) like FlashAttention's SDPA output: the ``.transpose(1, 2).reshape(B, Nq,
+    H * D)`` that the models apply next is then a view, not a copy. Or writes ``out`` (any strides).
     """
     _check(q, k, v, out)
     if out is None:
-        out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+        B, H, NQ, D = q.shape
+        out = torch.empty((B, NQ, H, D), device=q.device, dtype=q.dtype).transpose(1, 2)
     if out.numel() == 0:
         return out
     for grid, args, meta in _launches(q, k, v, out, scale, q.device.type):
