@@ -353,3 +353,23 @@ def test_state_dict_mismatch_names_keys(official):
     # a config that does not fit the checkpoint (depth 3 vs 2 blocks)
     with pytest.raises(StateDictMismatchError, match="blocks.2"):
         build_dit(dataclasses.replace(config, depth=3), sd)
+
+
+def test_mlp_fused_gelu_path_reshapes_like_the_plain_one(monkeypatch):
+    """The CUDA-only fc1 + GELU(tanh) GEMM path (cuBLASLt epilogue), run here with torch's definition of the op."""
+    from fastdiff.models.dit import Mlp
+
+    mlp = Mlp(12, 20)
+    x = torch.randn(2, 5, 12)
+    want = mlp(x)
+    assert not mlp.fused_gelu(x)  # a CPU tensor: torch's CPU kernel of the op uses the exact GELU
+    calls = []
+
+    def addmm_gelu(bias, mat1, mat2, use_gelu=False):  # torch's decomposition of _addmm_activation on CUDA
+        calls.append(tuple(mat1.shape))
+        return torch.nn.functional.gelu(torch.addmm(bias, mat1, mat2), approximate="tanh")
+
+    monkeypatch.setattr(torch, "_addmm_activation", addmm_gelu)
+    monkeypatch.setattr(Mlp, "fused_gelu", lambda self, x: True)
+    torch.testing.assert_close(mlp(x), want)
+    assert calls == [(10, 12)]

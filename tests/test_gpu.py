@@ -86,6 +86,18 @@ def test_fused_state_update_in_a_loop_graph_equals_torch():
     assert rel_err(pipe.generate(**kw), want) <= 1e-5
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 1e-2)])
+def test_dit_mlp_fused_gelu_on_gpu(dtype, tol):
+    """fc1 + GELU(tanh) as one cuBLASLt GEMM equals the two-kernel path."""
+    from fastdiff.models.dit import Mlp
+
+    mlp = Mlp(1152, 4608).to("cuda", dtype)
+    x = torch.randn(2, 256, 1152, device="cuda", dtype=dtype)
+    assert mlp.fused_gelu(x)
+    want = mlp.fc2(F.gelu(mlp.fc1(x), approximate="tanh"))
+    assert rel_err(mlp(x).float(), want.float()) <= tol
+
+
 @needs_compiled_triton
 @pytest.mark.parametrize("arch", ["tiny-unet", "tiny-dit"])
 def test_triton_backend_model_level_on_gpu(arch):

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from ..errors import BadArgumentError, UnsupportedConfigError
 from ..utils.strict_dict import known_fields
-from .layers import Attention, GatedResidual, ModulatedLayerNorm, timestep_embedding
+from .layers import Attention, GatedResidual, ModulatedLayerNorm, exporting, timestep_embedding
 
 MLP_ACTIVATIONS = ("gelu_tanh", "gelu")
 
@@ -215,7 +215,17 @@ class Mlp(nn.Module):
         self.approximate = "tanh" if act == "gelu_tanh" else "none"
         self.fc2 = nn.Linear(hidden, dim)
 
+    def fused_gelu(self, x) -> bool:
+        """Whether fc1 + GELU run as one cuBLASLt GEMM with a bias + GELU(tanh) epilogue: on CUDA, where
+        ``torch._addmm_activation`` is defined as ``gelu(addmm, approximate="tanh")`` (torch's decomposition;
+        it falls back to exactly that where cuBLASLt does not apply). Its CPU kernel uses the exact GELU."""
+        return self.approximate == "tanh" and x.is_cuda and self.fc1.bias is not None and not exporting()
+
     def forward(self, x):
+        if self.fused_gelu(x):  # no separate GELU kernel over the (N*T, 4D) hidden activations
+            h = torch._addmm_activation(self.fc1.bias, x.reshape(-1, x.shape[-1]), self.fc1.weight.t(),
+                                        use_gelu=True)  # (N*T, 4D)
+            return self.fc2(h.reshape(*x.shape[:-1], h.shape[-1]))  # (N, T, D)
         return self.fc2(F.gelu(self.fc1(x), approximate=self.approximate))
 
 

@@ -174,7 +174,7 @@ def op_backends(model: nn.Module) -> dict[str, str]:
     return out
 
 
-def _exporting() -> bool:
+def exporting() -> bool:
     """True while torch.onnx exports or torch.jit traces (the graph must keep float32 statistics)."""
     onnx = sys.modules.get("torch.onnx")  # never imported: nothing exports (and no import on the hot path)
     return bool((onnx is not None and onnx.is_in_onnx_export()) or torch.jit.is_tracing())
@@ -207,7 +207,7 @@ class GroupNorm(FusedOp):
 
     def forward_native(self, x, scale=None, shift=None):
         if (scale is None and shift is None and (self.weight is None or self.weight.dtype == x.dtype)
-                and not _exporting()):
+                and not exporting()):
             # torch's kernel already keeps the statistics in float32 for half inputs: no fp32 copies of x
             # (in half precision the casts were 4 extra kernels per GroupNorm, 85 per SD-UNet call).
             # Not while exporting: an ONNX / TensorRT graph would then normalise in half precision.
