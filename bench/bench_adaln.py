@@ -1,4 +1,5 @@
-"""DiT adaLN ops: fastdiff's Triton ``adaln_modulate`` / ``gated_residual`` vs the torch expressions.
+"""DiT block ops: fastdiff's Triton ``adaln_modulate`` / ``gated_residual`` vs the torch expressions, and the
+MLP's fc1 + GELU(tanh) as one cuBLASLt GEMM (``torch._addmm_activation``) vs GEMM + GELU.
 
 Shape: DiT-XL/2 at 256x256 (T=256 tokens, D=1152), batch 2 and 16 (8 images with CFG); float16 and
 bfloat16. Reported: median and p90 latency (CUDA events after warm-up), effective bandwidth (adaln:
@@ -35,7 +36,17 @@ def candidates(x, y, shift, scale, gate):
             "triton": lambda: gated_residual(x, gate, y),
         },
     }
-    nbytes = {"adaln_modulate": 2 * x.numel() * x.element_size(), "gated_residual": 3 * x.numel() * x.element_size()}
+    # the MLP's fc1 + GELU(tanh): two kernels, or one cuBLASLt GEMM with a bias + GELU epilogue (fastdiff's
+    # DiT MLP on CUDA). GB/s counts x, the weights and the (B*T, 4D) output once.
+    w1 = torch.randn(4 * D, D, device=x.device, dtype=x.dtype) * D ** -0.5
+    b1 = torch.randn(4 * D, device=x.device, dtype=x.dtype)
+    x2 = x.reshape(-1, D)
+    ops["mlp_fc1_gelu"] = {
+        "torch": lambda: F.gelu(F.linear(x2, w1, b1), approximate="tanh"),
+        "cublaslt": lambda: torch._addmm_activation(b1, x2, w1.t(), use_gelu=True),
+    }
+    nbytes = {"adaln_modulate": 2 * x.numel() * x.element_size(), "gated_residual": 3 * x.numel() * x.element_size(),
+              "mlp_fc1_gelu": (5 * x.numel() + w1.numel()) * x.element_size()}
     return ops, nbytes
 
 
@@ -58,9 +69,9 @@ def run(dtypes=(torch.float16, torch.bfloat16), iters: int = 100) -> list[dict]:
 
 
 def print_rows(rows) -> None:
-    print(f"{'op':<16}{'shape':<14}{'dtype':<10}{'impl':<8}{'median us':>10}{'p90 us':>9}{'GB/s':>8}{'vs torch':>9}")
+    print(f"{'op':<16}{'shape':<14}{'dtype':<10}{'impl':<10}{'median us':>10}{'p90 us':>9}{'GB/s':>8}{'vs torch':>9}")
     for r in rows:
-        print(f"{r['op']:<16}{r['shape']:<14}{r['dtype']:<10}{r['impl']:<8}{r['median_ms'] * 1e3:>10.1f}"
+        print(f"{r['op']:<16}{r['shape']:<14}{r['dtype']:<10}{r['impl']:<10}{r['median_ms'] * 1e3:>10.1f}"
               f"{r['p90_ms'] * 1e3:>9.1f}{r['gbps']:>8.0f}{r['speedup']:>8.2f}x")
 
 
