@@ -99,6 +99,26 @@ def test_dit_mlp_fused_gelu_on_gpu(dtype, tol):
 
 
 @needs_compiled_triton
+@pytest.mark.parametrize("arch", ["tiny-sd-unet", "tiny-dit"])
+def test_tuned_kernel_choice_on_gpu(arch):
+    """kernel_ops="tune" measures every layer's implementations in CUDA graphs and runs the fastest."""
+    from fastdiff.models.layers import op_backends
+
+    kw = dict(seeds=[1, 2], steps=3, sampler="dpmpp_2m", progress=False)
+    if arch == "tiny-dit":
+        kw.update(class_labels=[1, 2], cfg_scale=3.0)
+    else:
+        kw.update(encoder_hidden_states=torch.randn(2, 7, 32, device="cuda"))
+    eager = fastdiff.load(f"arch:{arch}", device="cuda", dtype=torch.float16).generate(**kw)
+    pipe = fastdiff.load(f"arch:{arch}", device="cuda", dtype=torch.float16).optimize(
+        backend="triton", kernel_ops="tune", cuda_graphs=True, graph_scope="loop", batch_buckets=(2, 4))
+    got = pipe.generate(**kw)
+    assert "tune" not in op_backends(pipe.model).values()
+    assert all(m.tune_times for m in pipe.model.modules() if hasattr(m, "tune_times"))
+    assert rel_err(got, eager) <= 2e-2
+
+
+@needs_compiled_triton
 @pytest.mark.parametrize("arch", ["tiny-unet", "tiny-dit"])
 def test_triton_backend_model_level_on_gpu(arch):
     kw = dict(seeds=[1, 2], steps=4, sampler="dpmpp_2m", progress=False)

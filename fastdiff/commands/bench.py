@@ -46,6 +46,7 @@ def register(sub) -> None:
                    help=f"comma-separated backends from {', '.join(BACKENDS)} (default eager), each optionally "
                         f"with switches joined by '+': step / loop (CUDA graphs of one network call / of the "
                         f"whole sampling loop), cl (channels_last), qkv (fused q/k/v), allk (every fused op on Triton), "
+                        f"tune (each fused layer times its kernels on its first call and keeps the fastest), "
                         f"gnext (GroupNorm from the CUDA extension), gnrows (GroupNorm's rows strategy), upd / updext (the samplers' fused state update on Triton / "
                         f"the CUDA extension), flash / efficient (SDPA pinned to that backend), "
                         f"e.g. triton+loop+qkv")
@@ -113,6 +114,7 @@ VARIANT_SWITCHES = {
     "cl": dict(channels_last=True),
     "qkv": dict(fuse_qkv=True),
     "allk": dict(kernel_ops="all"),  # every fused op on its Triton kernel (not the measured per-op table)
+    "tune": dict(kernel_ops="tune"),  # every fused layer measures its implementations on its first call
     "gnext": dict(kernel_ops={"group_norm": "cuda_ext"}),  # GroupNorm from the CUDA C++ extension
     "gnrows": dict(kernel_ops={"group_norm": "triton_rows"}),  # GroupNorm's "rows" strategy (three launches)
     "upd": dict(kernel_ops={"sampler_update": "triton"}),  # the samplers' fused state update on Triton

@@ -47,6 +47,7 @@ OP_IMPLS = {
     "gated_residual": ("triton", "torch"),
     "sampler_update": ("triton", "torch", "cuda_ext"),
 }
+LAYER_OPS = ("group_norm", "attention", "adaln_modulate", "gated_residual")  # ops that are layers (FusedOp)
 
 
 def triton_available() -> tuple[bool, str]:
@@ -85,14 +86,27 @@ class FusedOp(nn.Module):
 
     backend: str = "native"
     op: str = ""
+    tune_fallback: str = "native"  # with backend "tune": the backend to take where nothing can be measured
 
-    def set_backend(self, backend: str) -> None:
-        self.backend = backend
+    def set_backend(self, backend: str, tune_fallback: str = "native") -> None:
+        self.backend, self.tune_fallback = backend, tune_fallback
 
     def forward(self, *args, **kwargs):
-        if self.backend.startswith("triton"):  # "triton" or a variant of it (GroupNorm's "triton_rows")
+        backend = self.backend
+        if backend == "tune":  # first call with kernel_ops="tune": measure, then keep the fastest
+            from .op_tuning import choose
+
+            backend = choose(self, args, kwargs)
+        return self.run_backend(backend, *args, **kwargs)
+
+    def run_backend(self, backend: str, *args, **kwargs):
+        """The op through one implementation: "native", "triton", "cuda_ext" or a Triton variant
+        ("triton_rows" -> ``forward_triton_rows``)."""
+        if backend == "triton":
             return self.forward_triton(*args, **kwargs)
-        if self.backend == "cuda_ext":
+        if backend.startswith("triton_"):
+            return getattr(self, "forward_" + backend)(*args, **kwargs)
+        if backend == "cuda_ext":
             return self.forward_cuda_ext(*args, **kwargs)
         return self.forward_native(*args, **kwargs)
 
@@ -139,8 +153,9 @@ def check_kernel_ops(ops: dict) -> dict:
     for op, impl in ops.items():
         if op not in known:
             raise BadArgumentError(f"kernel ops: expected op names from {sorted(known)}, found {op!r}")
-        if impl not in OP_IMPLS[op]:
-            raise BadArgumentError(f"kernel ops: {op} takes one of {OP_IMPLS[op]}, found {impl!r}")
+        allowed = OP_IMPLS[op] + (("tune",) if op in LAYER_OPS else ())
+        if impl not in allowed:
+            raise BadArgumentError(f"kernel ops: {op} takes one of {allowed}, found {impl!r}")
     return ops
 
 
@@ -148,7 +163,8 @@ def set_backend(model: nn.Module, backend: str = "auto", ops: Optional[dict] = N
     """Choose the implementation of every fused op in ``model``; returns the backend used.
 
     ``backend="triton"`` puts every fused op on its Triton kernel unless ``ops`` (op name -> one of that op's
-    ``OP_IMPLS``) says otherwise per op; ``"auto"`` on a CUDA device uses ``GPU_DEFAULT_OPS``.
+    ``OP_IMPLS``, or "tune": measured per layer on its first call) says otherwise per op; ``"auto"`` on a
+    CUDA device uses ``GPU_DEFAULT_OPS``.
     """
     try:
         device = next(model.parameters()).device
@@ -158,10 +174,14 @@ def set_backend(model: nn.Module, backend: str = "auto", ops: Optional[dict] = N
     if chosen == "triton" and ops is None and backend == "auto":
         ops = GPU_DEFAULT_OPS
     ops = check_kernel_ops(dict(ops or {}))
+    on_cuda = device is not None and device.type == "cuda"
     for m in model.modules():
         if isinstance(m, FusedOp):
             impl = ops.get(m.op, "triton") if chosen == "triton" else "native"
-            m.set_backend("native" if impl == "torch" else impl)
+            # "tune" (fastdiff.models.op_tuning) measures on the first call; where it cannot, the layer takes
+            # the measured table's choice on a GPU, Triton elsewhere
+            fallback = GPU_DEFAULT_OPS[m.op] if on_cuda else "triton"
+            m.set_backend("native" if impl == "torch" else impl, "native" if fallback == "torch" else fallback)
     return chosen
 
 
@@ -226,11 +246,15 @@ class GroupNorm(FusedOp):
             h = F.silu(h)
         return h.to(x.dtype)
 
-    def forward_triton(self, x, scale=None, shift=None):
+    def forward_triton(self, x, scale=None, shift=None, strategy=None):
         from fastdiff.kernels import group_norm
 
         return group_norm(x, self.num_groups, self.weight, self.bias, self.eps, activation=self.activation,
-                          scale=scale, shift=shift, strategy="rows" if self.backend == "triton_rows" else None)
+                          scale=scale, shift=shift, strategy=strategy)
+
+    def forward_triton_rows(self, x, scale=None, shift=None):
+        """The Triton kernels' "rows" strategy (three launches over contiguous rows)."""
+        return self.forward_triton(x, scale, shift, strategy="rows")
 
     def forward_cuda_ext(self, x, scale=None, shift=None):
         """The CUDA C++ kernel for channels-last inputs without scale/shift; Triton otherwise (or unbuilt)."""

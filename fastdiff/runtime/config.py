@@ -52,7 +52,9 @@ class OptimizeConfig:
         H200; elsewhere every op on Triton), ``"all"`` (every op on its Triton kernel), or a dict of
         op -> ``"triton"`` | ``"torch"`` | ``"cuda_ext"`` (GroupNorm and the sampler update only) |
         ``"triton_rows"`` (GroupNorm's three-launch strategy) overriding the measured table
-        (``fastdiff.models.layers.OP_IMPLS``). ``sampler_update`` is the multistep samplers' state update (one fused kernel, or
+        (``fastdiff.models.layers.OP_IMPLS``). ``"tune"`` (for all layers, or per op in the dict) times every
+        implementation each layer can run on its first call, inside a CUDA graph, and keeps the fastest
+        (``fastdiff.models.op_tuning``). Cost: seconds of extra warm-up on the first call of each new shape. ``sampler_update`` is the multistep samplers' state update (one fused kernel, or
         torch's 2-5 element-wise ones; ``fastdiff.state_update``); with any other backend it runs on torch.
     sdpa_backend: pin torch's SDPA (the attention ops that run on torch) to ``flash`` | ``efficient`` |
         ``cudnn`` | ``math``; None lets SDPA choose (cuDNN on Hopper with torch 2.11). A backend that cannot
@@ -86,8 +88,8 @@ class OptimizeConfig:
             from ..models.layers import check_kernel_ops
 
             self.kernel_ops = check_kernel_ops(dict(self.kernel_ops))
-        elif self.kernel_ops not in ("measured", "all"):
-            raise BadArgumentError(f"kernel_ops must be 'measured', 'all' or a dict of op -> impl, found "
+        elif self.kernel_ops not in ("measured", "all", "tune"):
+            raise BadArgumentError(f"kernel_ops must be 'measured', 'all', 'tune' or a dict of op -> impl, found "
                                    f"{self.kernel_ops!r}")
         if self.sdpa_backend is not None:
             from ..models.layers import SDPA_BACKENDS
@@ -105,6 +107,10 @@ class OptimizeConfig:
         if self.kernel_ops == "all":
             return None
         measured = dict(GPU_DEFAULT_OPS) if torch.device(device).type == "cuda" else {}
+        if self.kernel_ops == "tune":  # every layer measured on its first call; the sampler update as measured
+            from ..models.layers import LAYER_OPS
+
+            return {**measured, **{op: "tune" for op in LAYER_OPS}}
         return measured if self.kernel_ops == "measured" else {**measured, **self.kernel_ops}
 
     def sampler_update_impl(self, device: torch.device) -> str:

@@ -1,0 +1,99 @@
+"""kernel_ops="tune": each fused layer times its implementations on its first call and keeps the fastest.
+
+On the CPU the device-time timer is replaced by a stand-in that returns set times per backend, so the choice,
+the sharing of a measurement between layers of one problem and the fallbacks are checked; the kernels
+themselves run (interpreter) and must give the native result.
+"""
+
+import pytest
+import torch
+
+import fastdiff
+from fastdiff.models import op_tuning
+from fastdiff.models.layers import op_backends, set_backend
+from helpers import rel_err
+
+pytest.importorskip("triton", reason="the fused path needs triton (CPU interpreter here)")
+
+# seconds per (layer class, backend): GroupNorm fastest on the rows strategy, attention on torch, the DiT ops
+# on Triton
+TIMES = {"GroupNorm": {"native": 3.0, "triton": 2.0, "triton_rows": 1.0},
+         "Attention": {"native": 1.0, "triton": 2.0},
+         "ModulatedLayerNorm": {"native": 2.0, "triton": 1.0},
+         "GatedResidual": {"native": 2.0, "triton": 1.0}}
+
+
+@pytest.fixture
+def timer(monkeypatch):
+    op_tuning.clear()
+    calls = []
+
+    def fake(fn, backend, module):
+        fn()  # the candidate must run
+        calls.append((type(module).__name__, backend))
+        return TIMES[type(module).__name__][backend]
+
+    monkeypatch.setattr(op_tuning, "TIMER", fake)
+    yield calls
+    op_tuning.clear()
+
+
+def test_tuned_layers_keep_the_fastest_backend(timer):
+    pipe = fastdiff.load("arch:tiny-sd-unet")
+    model = pipe.model
+    x, t, ctx = torch.randn(2, 4, 16, 16), torch.tensor([17, 900]), torch.randn(2, 7, 32)
+    with torch.no_grad():
+        native = model(x, t, encoder_hidden_states=ctx)
+        set_backend(model, "triton", ops={"group_norm": "tune", "attention": "tune"})
+        assert set(op_backends(model).values()) == {"tune"}
+        tuned = model(x, t, encoder_hidden_states=ctx)
+        assert op_backends(model) == {"GroupNorm": "triton_rows", "Attention": "native"}
+        calls = len(timer)
+        again = model(x, t, encoder_hidden_states=ctx)  # decided: nothing is measured again
+    assert len(timer) == calls
+    assert rel_err(tuned, native) <= 1e-4 and rel_err(again, native) <= 1e-4
+    # one measurement per problem, shared by the layers that have it: far fewer than layers x backends
+    norms = [m for m in model.modules() if type(m).__name__ == "GroupNorm"]
+    measured = [c for c in timer if c[0] == "GroupNorm"]
+    assert len(measured) % 3 == 0 and len(measured) // 3 < len(norms)
+    assert norms[0].tune_times == TIMES["GroupNorm"]
+
+
+def test_a_failing_candidate_is_skipped(timer, monkeypatch):
+    def fussy(fn, backend, module):
+        if backend == "triton":
+            raise RuntimeError("this kernel cannot run this problem")
+        return {"native": 2.0, "triton_rows": 5.0}.get(backend, 1.0)
+
+    monkeypatch.setattr(op_tuning, "TIMER", fussy)
+    from fastdiff.models.layers import GroupNorm
+
+    gn = GroupNorm(2, 4, activation="silu")
+    gn.set_backend("tune", "triton")
+    x = torch.randn(1, 4, 3, 3)
+    torch.testing.assert_close(gn(x), gn.forward_native(x), rtol=1e-4, atol=1e-4)
+    assert gn.backend == "native" and set(gn.tune_times) == {"native", "triton_rows"}
+
+
+def test_nothing_to_measure_takes_the_fallback(monkeypatch):
+    """No stand-in timer and a CPU input: the default timer needs a GPU, so the fallback is kept."""
+    op_tuning.clear()
+    monkeypatch.setattr(op_tuning, "TIMER", None)
+    from fastdiff.models.layers import GroupNorm
+
+    gn = GroupNorm(2, 4)
+    gn.set_backend("tune", "triton_rows")
+    gn(torch.randn(1, 4, 3, 3))
+    assert gn.backend == "triton_rows" and gn.tune_times == {}
+
+
+def test_pipeline_tune_config(timer):
+    pipe = fastdiff.load("arch:tiny-dit")
+    eager = fastdiff.load("arch:tiny-dit").generate(seeds=[1], class_labels=[2], steps=2, progress=False)
+    pipe.optimize(backend="triton", kernel_ops="tune")
+    got = pipe.generate(seeds=[1], class_labels=[2], steps=2, progress=False)
+    assert op_backends(pipe.model) == {"ModulatedLayerNorm": "triton", "GatedResidual": "triton",
+                                       "Attention": "native"}
+    assert rel_err(got, eager) <= 1e-4
+    with pytest.raises(fastdiff.BadArgumentError, match="sampler_update takes one of"):
+        fastdiff.OptimizeConfig(backend="triton", kernel_ops={"sampler_update": "tune"})
