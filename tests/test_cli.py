@@ -106,6 +106,7 @@ def test_bench_json(tmp_path):
         assert ok["status"] == "ok"
         for k in ("median_s", "p90_s", "p99_s", "images_per_s", "per_step_s", "first_call_s", "nfe"):
             assert ok[k] is not None and ok[k] >= 0
+        assert set(ok["kernels"].values()) == {"native"}  # the path each fused op took
         assert ok["p99_s"] >= ok["p90_s"] >= ok["median_s"] > 0
         assert len(ok["times_s"]) == 2 and ok["nfe"] >= 2
         skipped = rows[("tensorrt", b)]

@@ -248,6 +248,10 @@ def _bench_fastdiff(args, label: str, backend: str, switches: dict, batches, dev
                         first=first_call)
             nfe = counter.calls
             row.update(_row_stats(m, b, args.steps, nfe), status="ok")
+            if getattr(pipe, "model", None) is not None:  # which kernel each fused op ran ("tune": per layer)
+                from ..models.layers import op_backends
+
+                row["kernels"] = op_backends(pipe.model)
             if pipe.loop_graphs is not None and pipe.loop_graphs.last_replay_host_s is not None:
                 # the launch of the captured loop alone (the rest of the host time is per-call set-up)
                 row["replay_host_per_step_s"] = pipe.loop_graphs.last_replay_host_s / args.steps

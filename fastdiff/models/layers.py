@@ -186,12 +186,16 @@ def set_backend(model: nn.Module, backend: str = "auto", ops: Optional[dict] = N
 
 
 def op_backends(model: nn.Module) -> dict[str, str]:
-    """Which path each fused op type uses, for ``fastdiff info`` and logs."""
-    out: dict[str, str] = {}
+    """Which path each fused op type uses, for ``fastdiff info`` and logs: one backend name, or, where the
+    layers of a type differ (``kernel_ops="tune"`` chooses per layer), each with its count, e.g.
+    ``"native x4, triton x12"``."""
+    seen: dict[str, dict[str, int]] = {}
     for m in model.modules():
         if isinstance(m, FusedOp):
-            out.setdefault(type(m).__name__, m.backend)
-    return out
+            counts = seen.setdefault(type(m).__name__, {})
+            counts[m.backend] = counts.get(m.backend, 0) + 1
+    return {name: next(iter(c)) if len(c) == 1 else ", ".join(f"{b} x{n}" for b, n in sorted(c.items()))
+            for name, c in seen.items()}
 
 
 def exporting() -> bool:

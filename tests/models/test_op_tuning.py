@@ -97,3 +97,15 @@ def test_pipeline_tune_config(timer):
     assert rel_err(got, eager) <= 1e-4
     with pytest.raises(fastdiff.BadArgumentError, match="sampler_update takes one of"):
         fastdiff.OptimizeConfig(backend="triton", kernel_ops={"sampler_update": "tune"})
+
+
+def test_op_backends_reports_per_layer_mixtures():
+    from fastdiff.models.layers import GroupNorm
+
+    model = torch.nn.Sequential(GroupNorm(2, 4), GroupNorm(2, 4), GroupNorm(2, 4))
+    model[0].set_backend("native")
+    for m in model[1:]:
+        m.set_backend("triton")
+    assert op_backends(model) == {"GroupNorm": "native x1, triton x2"}
+    model[0].set_backend("triton")
+    assert op_backends(model) == {"GroupNorm": "triton"}
