@@ -226,6 +226,8 @@ for path in sorted(glob.glob(os.path.join(results, "*.json"))):
               f"{(r.get('peak_memory_bytes') or 0) / 2**20:8.0f} "
               f"{r['warmup_overhead_s']:6.1f} {('%.2f' % rat[0]) if rat[0] else '-':>6s} "
               f"{('%.2f' % rat[1]) if rat[1] else '-':>7s}")
+        if "tune" in name and r.get("kernels"):  # what the per-layer measurement chose
+            print(f"{'':40s} kernels: {r['kernels']}")
 print(f"{failed} step(s) failed or timed out; logs and JSON in {results}")
 EOF
 if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then  # the device tool: one tarball back (it returns at most 8 files)
