@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from .errors import BadArgumentError
+from .utils.layout import is_dense, same_layout
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -114,10 +115,10 @@ def _to_state(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     A channels-last network, or a learned-variance slice, returns another layout than the state's: every later
     element-wise op would then run strided, and the fused state update (``fastdiff.state_update``) would fall
     back to torch. For a half-precision network this costs nothing: the cast to float32 copies anyway."""
-    if out.dtype == x.dtype and out.stride() == x.stride():
+    if out.dtype == x.dtype and same_layout(out, x):
         return out
-    if x.is_contiguous():
-        return out.to(dtype=x.dtype, memory_format=torch.contiguous_format)
+    if is_dense(x):  # x's own layout (contiguous or channels-last), cast and copied in one kernel
+        return torch.empty_like(x).copy_(out)
     return out.to(x.dtype)
 
 

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from fastdiff.errors import BadArgumentError
-from fastdiff.utils.layout import dense_alike
+from fastdiff.utils.layout import dense_alike, same_layout
 
 MAX_TERMS = 5
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -92,7 +92,7 @@ def lincomb(terms: Sequence[tuple], *, out: Optional[torch.Tensor] = None) -> to
     one of the inputs: each element is read before it is written.
     """
     coefs, tensors = _check(terms, out)
-    fits = out is not None and out.stride() == tensors[0].stride()
+    fits = out is not None and same_layout(out, tensors[0])
     target = out if fits else torch.empty_like(tensors[0])  # a dense tensor's layout is kept
     if target.numel():
         for grid, args, meta in _launches(tensors, coefs, target):

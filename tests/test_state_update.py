@@ -220,3 +220,22 @@ def test_multistep_expansion_equals_divided_differences(order, solver_type, pred
                                   lower_order_final=lower_order_final, euler_at_final=False, predict_x0=predict_x0,
                                   diffusers_sde3=False)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-10)
+
+
+def test_layouts_ignore_the_strides_of_size_one_dims():
+    from fastdiff.utils.layout import dense_alike
+
+    out = torch.randn(1, 8, 4, 4)[:, :4]  # a batch-1 learned-variance slice: laid out as a contiguous tensor
+    assert out.is_contiguous() and out.stride() != torch.empty(1, 4, 4, 4).stride()
+    assert dense_alike([torch.randn(1, 4, 4, 4), out])
+    assert not dense_alike([torch.randn(2, 4, 4, 4), torch.randn(2, 8, 4, 4)[:, :4]])
+
+
+def test_denoiser_output_follows_a_channels_last_state():
+    from fastdiff.denoiser import _to_state
+
+    x = torch.randn(2, 4, 3, 5).to(memory_format=torch.channels_last)
+    out = torch.randn(2, 4, 3, 5).half()
+    got = _to_state(out, x)
+    assert got.dtype == torch.float32 and got.stride() == x.stride()
+    torch.testing.assert_close(got, out.float())

@@ -18,8 +18,14 @@ def is_dense(t: torch.Tensor) -> bool:
     return True
 
 
+def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """One shape and the same strides wherever a dim has more than one element (a size-1 dim's stride is
+    arbitrary: a batch-1 slice ``out[:, :C]`` has the layout of a contiguous tensor)."""
+    return a.shape == b.shape and all(sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride()) if n > 1)
+
+
 def dense_alike(tensors: Sequence[torch.Tensor]) -> bool:
-    """All dense with one set of strides: element i of each is at the same flat offset, so a kernel can read
-    them as flat buffers and write a result of the same layout (``torch.empty_like`` keeps it)."""
+    """All dense with one layout: element i of each is at the same flat offset, so a kernel can read them as
+    flat buffers and write a result of the same layout (``torch.empty_like`` keeps it)."""
     t0 = tensors[0]
-    return is_dense(t0) and all(t.stride() == t0.stride() for t in tensors[1:])
+    return is_dense(t0) and all(same_layout(t, t0) for t in tensors[1:])
