@@ -218,8 +218,12 @@ class Mlp(nn.Module):
     def fused_gelu(self, x) -> bool:
         """Whether fc1 + GELU run as one cuBLASLt GEMM with a bias + GELU(tanh) epilogue: on CUDA, where
         ``torch._addmm_activation`` is defined as ``gelu(addmm, approximate="tanh")`` (torch's decomposition;
-        it falls back to exactly that where cuBLASLt does not apply). Its CPU kernel uses the exact GELU."""
-        return self.approximate == "tanh" and x.is_cuda and self.fc1.bias is not None and not exporting()
+        it falls back to exactly that where cuBLASLt does not apply). Its CPU kernel uses the exact GELU.
+        Half precision only (the DiT inference dtypes; float32 stays on the reference path), not under
+        autocast (the op is not on autocast's lists)."""
+        return (self.approximate == "tanh" and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+                and self.fc1.bias is not None and self.fc1.weight.dtype == x.dtype
+                and not torch.is_autocast_enabled() and not exporting())
 
     def forward(self, x):
         if self.fused_gelu(x):  # no separate GELU kernel over the (N*T, 4D) hidden activations

@@ -90,14 +90,23 @@ class FusedOp(nn.Module):
 
     def set_backend(self, backend: str, tune_fallback: str = "native") -> None:
         self.backend, self.tune_fallback = backend, tune_fallback
+        self.__dict__.pop("tune_choices", None)
 
     def forward(self, *args, **kwargs):
         backend = self.backend
-        if backend == "tune":  # first call with kernel_ops="tune": measure, then keep the fastest
+        if backend == "tune":  # kernel_ops="tune": the fastest measured for this problem (fastdiff.models.op_tuning)
             from .op_tuning import choose
 
             backend = choose(self, args, kwargs)
         return self.run_backend(backend, *args, **kwargs)
+
+    def tune_key(self) -> tuple:
+        """The layer's settings that make two calls with equal inputs different problems (for "tune")."""
+        return ()
+
+    def tune_candidates(self, backends: list, args: tuple, kwargs: dict) -> list:
+        """The backends worth timing for these inputs (drops those that would run another's kernel)."""
+        return backends
 
     def run_backend(self, backend: str, *args, **kwargs):
         """The op through one implementation: "native", "triton", "cuda_ext" or a Triton variant
@@ -180,20 +189,24 @@ def set_backend(model: nn.Module, backend: str = "auto", ops: Optional[dict] = N
             impl = ops.get(m.op, "triton") if chosen == "triton" else "native"
             # "tune" (fastdiff.models.op_tuning) measures on the first call; where it cannot, the layer takes
             # the measured table's choice on a GPU, Triton elsewhere
-            fallback = GPU_DEFAULT_OPS[m.op] if on_cuda else "triton"
+            fallback = GPU_DEFAULT_OPS.get(m.op, "triton") if on_cuda else "triton"
             m.set_backend("native" if impl == "torch" else impl, "native" if fallback == "torch" else fallback)
     return chosen
 
 
 def op_backends(model: nn.Module) -> dict[str, str]:
     """Which path each fused op type uses, for ``fastdiff info`` and logs: one backend name, or, where the
-    layers of a type differ (``kernel_ops="tune"`` chooses per layer), each with its count, e.g.
-    ``"native x4, triton x12"``."""
+    layers of a type differ (``kernel_ops="tune"`` chooses per layer and problem), each with its count, e.g.
+    ``"native x4, triton x12"``. A tuned layer shows what it chose ("native+triton" when its problems
+    differ), or "tune" before its first call."""
     seen: dict[str, dict[str, int]] = {}
     for m in model.modules():
         if isinstance(m, FusedOp):
             counts = seen.setdefault(type(m).__name__, {})
-            counts[m.backend] = counts.get(m.backend, 0) + 1
+            label = m.backend
+            if label == "tune" and m.__dict__.get("tune_choices"):  # what it measured fastest (per problem)
+                label = "+".join(sorted(set(m.tune_choices.values())))
+            counts[label] = counts.get(label, 0) + 1
     return {name: next(iter(c)) if len(c) == 1 else ", ".join(f"{b} x{n}" for b, n in sorted(c.items()))
             for name, c in seen.items()}
 
@@ -260,6 +273,16 @@ class GroupNorm(FusedOp):
         """The Triton kernels' "rows" strategy (three launches over contiguous rows)."""
         return self.forward_triton(x, scale, shift, strategy="rows")
 
+    def tune_key(self) -> tuple:
+        w = self.weight
+        return (self.num_groups, self.eps, self.activation, None if w is None else w.dtype)
+
+    def tune_candidates(self, backends, args, kwargs):
+        x = args[0]
+        plain = len(args) < 2 and kwargs.get("scale") is None and kwargs.get("shift") is None
+        ext_runs = plain and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+        return [b for b in backends if b != "cuda_ext" or ext_runs]  # else cuda_ext runs the Triton kernel
+
     def forward_cuda_ext(self, x, scale=None, shift=None):
         """The CUDA C++ kernel for channels-last inputs without scale/shift; Triton otherwise (or unbuilt)."""
         from fastdiff import cuda_ext
@@ -299,6 +322,9 @@ class Attention(FusedOp):
 
         return attention(q, k, v, scale=scale)
 
+    def tune_key(self) -> tuple:
+        return (self.sdpa_backend,)
+
 
 class ModulatedLayerNorm(FusedOp):
     """LayerNorm without affine, then ``x * (1 + scale) + shift`` (DiT's adaLN ``modulate``).
@@ -311,6 +337,9 @@ class ModulatedLayerNorm(FusedOp):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
         self.dim, self.eps = dim, eps
+
+    def tune_key(self) -> tuple:
+        return (self.dim, self.eps)
 
     def forward_native(self, x, shift, scale):
         h = F.layer_norm(x, (self.dim,), eps=self.eps)

@@ -2,32 +2,44 @@
 
 The measured table (``GPU_DEFAULT_OPS``) holds one winner per op, measured on one GPU at a few shapes. A
 fused layer set to ``"tune"`` instead times every implementation it can run here (torch, Triton and its
-variants, the CUDA extension) on its own first inputs, keeps the fastest for good, and from then on runs
-like any other layer (``op_backends`` reports the choice). Attention at head dim 40 and at 64, or GroupNorm
-at 64x64 and at 8x8, may so end up on different kernels, and an H100 may choose otherwise than an H200.
+variants, the CUDA extension) on each new problem it meets, and runs the fastest. Attention at head dim 40
+and at 64, or GroupNorm at 64x64 and at 8x8, may so end up on different kernels, and an H100 may choose
+otherwise than an H200. ``op_backends`` reports the choices.
 
-Timing is device time inside a CUDA graph, after warm-up calls (Triton compiles and autotunes there): that
-is how the layers run under fastdiff's graphs, and timing eager calls would measure the launchers' host
-cost instead. Layers with the same problem (op, input shapes, dtypes and strides) share one measurement.
-The first call of each problem therefore costs a few captures: tuning is for long-lived pipelines, done in
-the warm-up call that precedes any graph capture. Where it cannot measure (no CUDA input, or inside a
-capture) a layer takes its fallback, the measured table's choice.
+- A problem is the layer's settings (``FusedOp.tune_key``: groups, eps, activation, ...) with its inputs'
+  shapes, dtypes and strides. Layers with the same problem share one measurement; a layer that meets a new
+  one (another batch bucket) measures again. The lookup costs a few microseconds of Python per call, paid
+  only outside CUDA graphs (a replayed graph runs no Python).
+- Timing is device time inside a CUDA graph, after warm-up calls (Triton compiles and autotunes there):
+  that is how the layers run under fastdiff's graphs, and timing eager calls would measure the launchers'
+  host cost instead. Inputs stay in L2 between the timed calls, as a layer's input does after the layer
+  that wrote it.
+- The fallback (the measured table's choice) is kept unless another implementation is faster by more than
+  ``MARGIN``: near-ties do not flip kernels from one process to the next.
+- Nothing is measured where it cannot be: no CUDA input, inside a capture (the warm-up call before every
+  capture is where tuning happens), under ``torch.compile``; the fallback runs there.
+- Measurements are serialised (one lock) and captured with ``capture_error_mode="thread_local"`` on the
+  input's device, so an Engine thread tuning does not disturb another thread's CUDA work.
+
+The first call of each problem costs a few graph captures per candidate: tuning is for long-lived pipelines.
 """
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import threading
 from typing import Callable, Optional
 
 import torch
 
-from ..errors import BackendUnavailableError
-
 TUNE = "tune"
 CALLS_PER_GRAPH = 5
+REPLAYS = 10
+MARGIN = 0.03  # a candidate must beat the fallback by more than 3%
 _choices: dict = {}  # problem key -> (chosen backend, {backend: seconds})
-_lock = threading.Lock()
+_lock = threading.RLock()
+_pool: list = []  # one graph memory pool for every measurement
 
 
 def graph_device_time(fn: Callable[[], object]) -> float:
@@ -39,12 +51,14 @@ def graph_device_time(fn: Callable[[], object]) -> float:
     with torch.cuda.stream(side):
         fn()
     torch.cuda.current_stream().wait_stream(side)
+    if not _pool:
+        _pool.append(torch.cuda.graph_pool_handle())
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, pool=_pool[0], stream=side, capture_error_mode="thread_local"):
         for _ in range(CALLS_PER_GRAPH):
             fn()
     times = []
-    for _ in range(5):
+    for _ in range(REPLAYS):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         graph.replay()
@@ -65,14 +79,15 @@ def _timer():
 
 def _signature(value):
     if isinstance(value, torch.Tensor):
-        return ("T", tuple(value.shape), value.dtype, tuple(value.stride()), value.device.type)
+        return ("T", tuple(value.shape), value.dtype, tuple(value.stride()), str(value.device))
     if isinstance(value, (list, tuple)):
         return tuple(_signature(v) for v in value)
     return value if isinstance(value, (int, float, str, bool, type(None))) else type(value).__name__
 
 
-def candidates(module) -> list[str]:
-    """The module's backends that can run on this machine (FusedOp backend names: "native" for torch)."""
+def candidates(module, args: tuple, kwargs: dict) -> list[str]:
+    """The module's backends that can run this problem here (FusedOp names: "native" for torch), each a
+    distinct implementation (``FusedOp.tune_candidates`` drops those that would run another's kernel)."""
     from .layers import OP_IMPLS, triton_available
 
     out = []
@@ -85,37 +100,67 @@ def candidates(module) -> list[str]:
             if not cuda_ext.HAS_CUDA_EXT:
                 continue
         out.append("native" if impl == "torch" else impl)
-    return out
+    return module.tune_candidates(out, args, kwargs)
+
+
+def _compiling() -> bool:
+    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(is_compiling is not None and is_compiling())
+
+
+def _measurable(tensors) -> bool:
+    if _compiling():
+        return False
+    if TIMER is not None:
+        return True
+    return bool(tensors) and tensors[0].is_cuda and not torch.cuda.is_current_stream_capturing()
+
+
+def _measure(module, args, kwargs, device) -> tuple[str, dict]:
+    timer, times = _timer(), {}
+    for backend in candidates(module, args, kwargs):
+        try:
+            with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+                times[backend] = float(timer(lambda b=backend: module.run_backend(b, *args, **kwargs), backend,
+                                             module))
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as e:  # this implementation cannot run this problem (or failed to compile)
+            if device.type == "cuda":
+                try:  # an error that broke the CUDA context must surface here, not as every later failure
+                    torch.cuda.synchronize(device)
+                except Exception:
+                    raise e
+            continue
+    fallback = module.tune_fallback
+    if not times:
+        return fallback, times
+    best = min(times, key=times.get)
+    if fallback in times and times[best] >= times[fallback] * (1 - MARGIN):
+        best = fallback
+    return best, times
 
 
 def choose(module, args: tuple, kwargs: dict) -> str:
-    """The backend ``module`` keeps, measured on (args, kwargs) unless a layer with the same problem already was.
-
-    Sets ``module.backend`` (and ``module.tune_times``: seconds per backend, empty for a fallback)."""
+    """The backend ``module`` runs for (args, kwargs): measured on the first call of each problem (shared by
+    the layers with the same one), the fallback where nothing can be measured. Records the choice in
+    ``module.tune_choices`` (problem -> backend) and its timings in ``module.tune_times``."""
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    measurable = TIMER is not None or (tensors and tensors[0].is_cuda and not torch.cuda.is_current_stream_capturing())
-    if not measurable:
-        module.backend, module.tune_times = module.tune_fallback, {}
-        return module.backend
-    key = (type(module).__name__, module.op, getattr(module, "sdpa_backend", None), _signature(args),
+    if not _measurable(tensors):
+        return module.tune_fallback
+    key = (type(module).__name__, module.op, module.tune_key(), _signature(args),
            _signature(tuple(sorted(kwargs.items()))))
-    with _lock:
-        known = _choices.get(key)
+    known = _choices.get(key)
     if known is None:
-        timer, times = _timer(), {}
-        for backend in candidates(module):
-            try:
-                times[backend] = float(timer(lambda b=backend: module.run_backend(b, *args, **kwargs), backend, module))
-            except torch.cuda.OutOfMemoryError:
-                raise
-            except (BackendUnavailableError, RuntimeError, ValueError):  # this implementation cannot run it
-                continue
-        chosen = min(times, key=times.get) if times else module.tune_fallback
-        known = (chosen, times)
-        with _lock:
-            _choices.setdefault(key, known)
-    module.backend, module.tune_times = known[0], dict(known[1])
-    return module.backend
+        with _lock:  # one measurement at a time (and once per problem)
+            known = _choices.get(key)
+            if known is None:
+                known = _choices[key] = _measure(module, args, kwargs, tensors[0].device)
+    choices = module.__dict__.setdefault("tune_choices", {})
+    if key not in choices:
+        choices[key] = known[0]
+        module.tune_times = dict(known[1])
+    return known[0]
 
 
 def clear() -> None:

@@ -53,8 +53,9 @@ class OptimizeConfig:
         op -> ``"triton"`` | ``"torch"`` | ``"cuda_ext"`` (GroupNorm and the sampler update only) |
         ``"triton_rows"`` (GroupNorm's three-launch strategy) overriding the measured table
         (``fastdiff.models.layers.OP_IMPLS``). ``"tune"`` (for all layers, or per op in the dict) times every
-        implementation each layer can run on its first call, inside a CUDA graph, and keeps the fastest
-        (``fastdiff.models.op_tuning``). Cost: seconds of extra warm-up on the first call of each new shape. ``sampler_update`` is the multistep samplers' state update (one fused kernel, or
+        implementation each layer can run on each new problem (its settings, input shapes and dtypes) inside
+        a CUDA graph, and runs the fastest (``fastdiff.models.op_tuning``). Cost: seconds of extra warm-up
+        on the first call of each new shape, a few microseconds of host time per layer call outside graphs. ``sampler_update`` is the multistep samplers' state update (one fused kernel, or
         torch's 2-5 element-wise ones; ``fastdiff.state_update``); with any other backend it runs on torch.
     sdpa_backend: pin torch's SDPA (the attention ops that run on torch) to ``flash`` | ``efficient`` |
         ``cudnn`` | ``math``; None lets SDPA choose (cuDNN on Hopper with torch 2.11). A backend that cannot

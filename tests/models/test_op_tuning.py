@@ -72,19 +72,46 @@ def test_a_failing_candidate_is_skipped(timer, monkeypatch):
     gn.set_backend("tune", "triton")
     x = torch.randn(1, 4, 3, 3)
     torch.testing.assert_close(gn(x), gn.forward_native(x), rtol=1e-4, atol=1e-4)
-    assert gn.backend == "native" and set(gn.tune_times) == {"native", "triton_rows"}
+    assert list(gn.tune_choices.values()) == ["native"] and set(gn.tune_times) == {"native", "triton_rows"}
 
 
 def test_nothing_to_measure_takes_the_fallback(monkeypatch):
-    """No stand-in timer and a CPU input: the default timer needs a GPU, so the fallback is kept."""
+    """No stand-in timer and a CPU input: the default timer needs a GPU, so the fallback runs."""
     op_tuning.clear()
     monkeypatch.setattr(op_tuning, "TIMER", None)
     from fastdiff.models.layers import GroupNorm
 
     gn = GroupNorm(2, 4)
     gn.set_backend("tune", "triton_rows")
+    ran = []
+    monkeypatch.setattr(GroupNorm, "forward_triton_rows", lambda self, x, *a, **k: ran.append(1) or x)
     gn(torch.randn(1, 4, 3, 3))
-    assert gn.backend == "triton_rows" and gn.tune_times == {}
+    assert ran == [1] and "tune_choices" not in gn.__dict__ and op_backends(gn) == {"GroupNorm": "tune"}
+
+
+def test_layer_settings_and_new_shapes_are_new_problems(timer):
+    from fastdiff.models.layers import GroupNorm
+
+    layers = [GroupNorm(2, 4, activation="silu"), GroupNorm(2, 4), GroupNorm(4, 4, activation="silu"),
+              GroupNorm(2, 4, activation="silu")]
+    for m in layers:
+        m.set_backend("tune", "triton")
+    x = torch.randn(1, 4, 3, 3)
+    for m in layers:
+        m(x)
+    assert len(timer) == 3 * 3  # three distinct problems x three candidates; the last layer shares the first's
+    layers[0](torch.randn(2, 4, 3, 3))  # another batch: measured again
+    assert len(timer) == 4 * 3 and set(layers[0].tune_choices.values()) == {"triton_rows"}
+
+
+def test_the_fallback_stays_unless_clearly_beaten(timer, monkeypatch):
+    from fastdiff.models.layers import GatedResidual
+
+    monkeypatch.setattr(op_tuning, "TIMER", lambda fn, backend, module: {"native": 0.99, "triton": 1.0}[backend])
+    m = GatedResidual()
+    m.set_backend("tune", "triton")
+    m(torch.randn(2, 3, 8), torch.randn(2, 8), torch.randn(2, 3, 8))
+    assert op_backends(m) == {"GatedResidual": "triton"}  # 1% faster is within the margin
 
 
 def test_pipeline_tune_config(timer):
