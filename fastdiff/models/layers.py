@@ -168,12 +168,14 @@ def check_kernel_ops(ops: dict) -> dict:
     return ops
 
 
-def set_backend(model: nn.Module, backend: str = "auto", ops: Optional[dict] = None) -> str:
+def set_backend(model: nn.Module, backend: str = "auto", ops: Optional[dict] = None,
+                tune_cache: Optional[str] = None) -> str:
     """Choose the implementation of every fused op in ``model``; returns the backend used.
 
     ``backend="triton"`` puts every fused op on its Triton kernel unless ``ops`` (op name -> one of that op's
-    ``OP_IMPLS``, or "tune": measured per layer on its first call) says otherwise per op; ``"auto"`` on a
-    CUDA device uses ``GPU_DEFAULT_OPS``.
+    ``OP_IMPLS``, or "tune": measured per layer on its first call, with ``tune_cache`` the timing-cache file
+    new measurements are saved to) says otherwise per op; ``"auto"`` on a CUDA device uses
+    ``GPU_DEFAULT_OPS``.
     """
     try:
         device = next(model.parameters()).device
@@ -191,6 +193,8 @@ def set_backend(model: nn.Module, backend: str = "auto", ops: Optional[dict] = N
             # the measured table's choice on a GPU, Triton elsewhere
             fallback = GPU_DEFAULT_OPS.get(m.op, "triton") if on_cuda else "triton"
             m.set_backend("native" if impl == "torch" else impl, "native" if fallback == "torch" else fallback)
+            if impl == "tune":
+                m.tune_cache = tune_cache  # where new measurements are saved (fastdiff.models.op_tuning)
     return chosen
 
 

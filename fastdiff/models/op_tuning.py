@@ -22,11 +22,17 @@ otherwise than an H200. ``op_backends`` reports the choices.
   input's device, so an Engine thread tuning does not disturb another thread's CUDA work.
 
 The first call of each problem costs a few graph captures per candidate: tuning is for long-lived pipelines.
+A timing cache (``OptimizeConfig(tune_cache="path.json")``, like TensorRT's) keeps the choices across
+processes: it is read when the pipeline is optimised and rewritten, atomically, after each new measurement.
+It holds this machine's fingerprint (GPU, torch, Triton, CUDA): a file from another machine or version is
+ignored.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import statistics
 import threading
 from typing import Callable, Optional
@@ -148,19 +154,72 @@ def choose(module, args: tuple, kwargs: dict) -> str:
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     if not _measurable(tensors):
         return module.tune_fallback
-    key = (type(module).__name__, module.op, module.tune_key(), _signature(args),
-           _signature(tuple(sorted(kwargs.items()))))
+    key = repr((type(module).__name__, module.op, module.tune_key(), _signature(args),
+                _signature(tuple(sorted(kwargs.items())))))  # a string: the timing cache stores it as JSON
     known = _choices.get(key)
     if known is None:
         with _lock:  # one measurement at a time (and once per problem)
             known = _choices.get(key)
             if known is None:
                 known = _choices[key] = _measure(module, args, kwargs, tensors[0].device)
+                path = module.__dict__.get("tune_cache")
+                if path:
+                    save_cache(path)
     choices = module.__dict__.setdefault("tune_choices", {})
     if key not in choices:
         choices[key] = known[0]
         module.tune_times = dict(known[1])
     return known[0]
+
+
+def fingerprint() -> dict:
+    """What a timing cache's measurements depend on: the GPU and the software that built the kernels."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:  # pragma: no cover - depends on the machine
+        triton_version = None
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return {"device": gpu, "torch": torch.__version__, "triton": triton_version, "cuda": torch.version.cuda}
+
+
+def load_cache(path: str) -> str:
+    """Add the choices of a timing cache file made on this machine; returns a note saying what was read."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return f"tune cache {path}: not there yet (it is written after the first measurements)"
+    except (OSError, ValueError) as e:
+        return f"tune cache {path}: unreadable ({type(e).__name__}: {e}); measuring anew"
+    if not isinstance(data, dict) or data.get("fingerprint") != fingerprint():
+        return (f"tune cache {path}: made on another machine or version ({(data or {}).get('fingerprint')}); "
+                f"measuring anew")
+    entries = data.get("choices", {})
+    with _lock:
+        for key, (backend, times) in entries.items():
+            _choices.setdefault(key, (backend, dict(times)))
+    return f"tune cache {path}: {len(entries)} measured problems read"
+
+
+def save_cache(path: str) -> None:
+    """Write every measurement of this process (and the file's own, from this machine) to ``path``."""
+    from ..utils.atomic import atomic_path
+
+    with _lock:
+        choices = {k: [b, t] for k, (b, t) in _choices.items()}
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                old = json.load(f)
+            if old.get("fingerprint") == fingerprint():
+                choices = {**old.get("choices", {}), **choices}
+        except (OSError, ValueError, AttributeError):
+            pass  # replaced by a good file below
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as f:
+            json.dump({"fingerprint": fingerprint(), "choices": choices}, f, indent=1, sort_keys=True)
 
 
 def clear() -> None:

@@ -55,8 +55,12 @@ class OptimizeConfig:
         (``fastdiff.models.layers.OP_IMPLS``). ``"tune"`` (for all layers, or per op in the dict) times every
         implementation each layer can run on each new problem (its settings, input shapes and dtypes) inside
         a CUDA graph, and runs the fastest (``fastdiff.models.op_tuning``). Cost: seconds of extra warm-up
-        on the first call of each new shape, a few microseconds of host time per layer call outside graphs. ``sampler_update`` is the multistep samplers' state update (one fused kernel, or
-        torch's 2-5 element-wise ones; ``fastdiff.state_update``); with any other backend it runs on torch.
+        on the first call of each new shape, a few microseconds of host time per layer call outside graphs.
+        ``sampler_update`` is the multistep samplers' state update (one fused kernel, or torch's 2-5
+        element-wise ones; ``fastdiff.state_update``); with any other backend it runs on torch.
+    tune_cache: with ``kernel_ops="tune"``, a JSON timing cache (like TensorRT's): read at ``optimize``,
+        rewritten atomically after each new measurement, ignored when made on another GPU or software
+        version. Cost: none beyond the file.
     sdpa_backend: pin torch's SDPA (the attention ops that run on torch) to ``flash`` | ``efficient`` |
         ``cudnn`` | ``math``; None lets SDPA choose (cuDNN on Hopper with torch 2.11). A backend that cannot
         run a problem raises ``BackendUnavailableError`` on the first call.
@@ -73,6 +77,7 @@ class OptimizeConfig:
     compile_mode: str = "default"
     kernel_ops: Union[str, dict] = "measured"
     sdpa_backend: Optional[str] = None
+    tune_cache: Optional[str] = None
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -98,6 +103,10 @@ class OptimizeConfig:
             if self.sdpa_backend not in SDPA_BACKENDS:
                 raise BadArgumentError(f"sdpa_backend must be one of {sorted(SDPA_BACKENDS)} or None, found "
                                        f"{self.sdpa_backend!r}")
+        tuning = self.kernel_ops == "tune" or (isinstance(self.kernel_ops, dict) and "tune" in self.kernel_ops.values())
+        if self.tune_cache is not None and not (tuning and self.backend == "triton"):
+            raise BadArgumentError(f"tune_cache needs backend='triton' with kernel_ops='tune' (or an op set to "
+                                   f"'tune'), found backend={self.backend!r}, kernel_ops={self.kernel_ops!r}")
         if self.max_graphs < 1:
             raise BadArgumentError(f"max_graphs must be >= 1, found {self.max_graphs}")
 

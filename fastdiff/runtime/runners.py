@@ -24,7 +24,7 @@ def prepare_model(model: torch.nn.Module, config: OptimizeConfig, device: torch.
     # compile traces the native ops: Inductor fuses GroupNorm + SiLU and the elementwise epilogues itself,
     # and fastdiff's Python kernel launchers would only add graph breaks under fullgraph=True
     if config.backend == "triton":
-        set_backend(model, "triton", ops=config.op_choices(device))
+        set_backend(model, "triton", ops=config.op_choices(device), tune_cache=config.tune_cache)
     else:
         set_backend(model, "native")
     set_sdpa_backend(model, config.sdpa_backend)
@@ -41,6 +41,10 @@ def build_runner(pipe, config: OptimizeConfig, graph_factory=None) -> tuple[Call
     device = pipe.device
     backend = config.backend
     if backend in ("eager", "triton", "compile"):
+        if backend == "triton" and config.tune_cache:
+            from ..models.op_tuning import load_cache
+
+            notes.append(load_cache(config.tune_cache))
         model = prepare_model(pipe.model, config, device)
         pipe.model = model
         runner: Callable = model

@@ -5,6 +5,8 @@ the sharing of a measurement between layers of one problem and the fallbacks are
 themselves run (interpreter) and must give the native result.
 """
 
+import os
+
 import pytest
 import torch
 
@@ -136,3 +138,35 @@ def test_op_backends_reports_per_layer_mixtures():
     assert op_backends(model) == {"GroupNorm": "native x1, triton x2"}
     model[0].set_backend("triton")
     assert op_backends(model) == {"GroupNorm": "triton"}
+
+
+def test_timing_cache_round_trip(timer, tmp_path, monkeypatch):
+    """Measurements are saved after they are made and read back by the next pipeline, on this machine only."""
+    path = str(tmp_path / "tune.json")
+    kw = dict(seeds=[1], class_labels=[2], steps=2, progress=False)
+    pipe = fastdiff.load("arch:tiny-dit").optimize(backend="triton", kernel_ops="tune", tune_cache=path)
+    assert "not there yet" in pipe.notes[-1]
+    want = pipe.generate(**kw)
+    measured = len(timer)
+    assert measured and os.path.exists(path)
+
+    op_tuning.clear()  # a new process
+    again = fastdiff.load("arch:tiny-dit").optimize(backend="triton", kernel_ops="tune", tune_cache=path)
+    assert "measured problems read" in again.notes[-1]
+    torch.testing.assert_close(again.generate(**kw), want)
+    assert len(timer) == measured  # nothing measured again
+    assert op_backends(again.model) == op_backends(pipe.model)
+
+    op_tuning.clear()  # another GPU: the file is ignored and overwritten with this machine's
+    monkeypatch.setattr(op_tuning, "fingerprint", lambda: {"device": "another GPU"})
+    other = fastdiff.load("arch:tiny-dit").optimize(backend="triton", kernel_ops="tune", tune_cache=path)
+    assert "another machine" in other.notes[-1]
+    other.generate(**kw)
+    assert len(timer) == 2 * measured
+
+    (tmp_path / "bad.json").write_text("{not json")
+    bad = fastdiff.load("arch:tiny-dit").optimize(backend="triton", kernel_ops="tune",
+                                                  tune_cache=str(tmp_path / "bad.json"))
+    assert "unreadable" in bad.notes[-1]
+    with pytest.raises(fastdiff.BadArgumentError, match="tune_cache needs"):
+        fastdiff.OptimizeConfig(backend="triton", tune_cache=path)
