@@ -115,8 +115,6 @@ def _compiling() -> bool:
 
 
 def _measurable(tensors) -> bool:
-    if _compiling():
-        return False
     if TIMER is not None:
         return True
     return bool(tensors) and tensors[0].is_cuda and not torch.cuda.is_current_stream_capturing()
@@ -151,12 +149,14 @@ def choose(module, args: tuple, kwargs: dict) -> str:
     """The backend ``module`` runs for (args, kwargs): measured on the first call of each problem (shared by
     the layers with the same one), the fallback where nothing can be measured. Records the choice in
     ``module.tune_choices`` (problem -> backend) and its timings in ``module.tune_times``."""
-    tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    if not _measurable(tensors):
+    if _compiling():  # dynamo would trace this bookkeeping: the fixed choice
         return module.tune_fallback
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
     key = repr((type(module).__name__, module.op, module.tune_key(), _signature(args),
                 _signature(tuple(sorted(kwargs.items())))))  # a string: the timing cache stores it as JSON
     known = _choices.get(key)
+    if known is None and not _measurable(tensors):  # e.g. inside a capture: a problem met for the first time
+        return module.tune_fallback
     if known is None:
         with _lock:  # one measurement at a time (and once per problem)
             known = _choices.get(key)

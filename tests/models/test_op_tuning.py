@@ -170,3 +170,22 @@ def test_timing_cache_round_trip(timer, tmp_path, monkeypatch):
     assert "unreadable" in bad.notes[-1]
     with pytest.raises(fastdiff.BadArgumentError, match="tune_cache needs"):
         fastdiff.OptimizeConfig(backend="triton", tune_cache=path)
+
+
+def test_a_capture_after_the_warm_up_replays_the_measured_choice(timer, monkeypatch):
+    """The warm-up call measures; the capture that follows (where nothing can be measured) must record the
+    kernel that was chosen, not the fallback."""
+    from fastdiff.models.layers import GatedResidual
+
+    m = GatedResidual()
+    m.set_backend("tune", "native")  # fallback native; the stand-in times make Triton the clear winner
+    args = (torch.randn(2, 3, 8), torch.randn(2, 8), torch.randn(2, 3, 8))
+    m(*args)
+    assert list(m.tune_choices.values()) == ["triton"]
+    monkeypatch.setattr(op_tuning, "TIMER", None)  # now nothing can be measured (as inside a capture)
+    ran = []
+    monkeypatch.setattr(GatedResidual, "forward_triton", lambda self, *a: ran.append("triton") or a[0])
+    monkeypatch.setattr(GatedResidual, "forward_native", lambda self, *a: ran.append("native") or a[0])
+    m(*args)
+    m(torch.randn(4, 3, 8), torch.randn(4, 8), torch.randn(4, 3, 8))  # a new problem: the fallback
+    assert ran == ["triton", "native"]
