@@ -1,0 +1,75 @@
+"""The kernel benches' candidates compute the same thing, and their sweeps call the launchers with valid
+knobs: checked here on tiny CPU tensors (Triton interpreter), so a GPU run's minutes are not spent on a bench
+that breaks. Timing itself needs a GPU and is replaced by a stand-in."""
+
+import itertools
+import os
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="the kernels run on the Triton interpreter here")
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+
+import bench_adaln  # noqa: E402
+import bench_attention  # noqa: E402
+import bench_group_norm  # noqa: E402
+import bench_sampler_update  # noqa: E402
+
+
+def assert_all_agree(fns: dict, base: str, tol: float):
+    want = fns[base]().float()
+    for name, fn in fns.items():
+        torch.testing.assert_close(fn().float(), want, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_group_norm_candidates(layout):
+    x, w, b = (torch.randn(2, 8, 5, 6) + 0.5), torch.randn(8), torch.randn(8)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    fns = bench_group_norm.candidates(x, 4, w, b)
+    assert {"torch", "triton", "triton/1", "triton/4", "triton rows"} <= set(fns)
+    assert_all_agree(fns, "torch", 1e-4)
+
+
+def test_group_norm_sweep_runs_every_configuration(monkeypatch):
+    monkeypatch.setattr(bench_group_norm, "SWEEP_SHAPE", ((1, 8, 4, 4), 4))
+
+    def cpu_inputs(shape, dtype, layout):
+        x = torch.randn(shape) + 0.5
+        return (x.to(memory_format=torch.channels_last) if layout == "channels_last" else x,
+                torch.randn(shape[1]), torch.randn(shape[1]))
+
+    outputs = []
+    monkeypatch.setattr(bench_group_norm, "inputs", cpu_inputs)
+    monkeypatch.setattr(bench_group_norm, "time_cuda",
+                        lambda fn, iters, flush: (outputs.append(fn()), (1e-3, 2e-3))[1])
+    rows = bench_group_norm.sweep(torch.float32, iters=1)
+    per_layout = 1 + sum(len(list(itertools.product(*k.values()))) for k in bench_group_norm.SWEEP.values())
+    assert len(rows) == 2 * per_layout and all(r["speedup"] == 1.0 for r in rows)
+    assert all(torch.isfinite(o).all() for o in outputs)
+
+
+def test_attention_candidates():
+    q, k, v = (torch.randn(1, 2, n, 40) for n in (9, 13, 13))
+    assert_all_agree(bench_attention.candidates(q, k, v), "sdpa", 1e-4)
+
+
+def test_adaln_candidates():
+    x, y = torch.randn(2, 5, 16), torch.randn(2, 5, 16)
+    shift, scale, gate = (torch.randn(2, 16) for _ in range(3))
+    ops, nbytes = bench_adaln.candidates(x, y, shift, scale, gate)
+    assert set(ops) == set(nbytes) == {"adaln_modulate", "gated_residual", "mlp_fc1_gelu"}
+    for op, fns in ops.items():
+        if op != "mlp_fc1_gelu":  # its cuBLASLt GELU is the tanh form on CUDA only (exact on the CPU)
+            assert_all_agree(fns, "torch", 1e-4)
+
+
+@pytest.mark.parametrize("sde", [False, True])
+def test_sampler_update_candidates(sde):
+    x, m0, m1, noise = (torch.randn(1, 4, 6, 6) for _ in range(4))
+    fns = bench_sampler_update.candidates(x, m0, m1, noise, sde)
+    assert {"torch (chain)", "torch", "triton"} <= set(fns)
+    assert_all_agree(fns, "torch (chain)", 1e-5)
