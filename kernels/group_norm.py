@@ -33,6 +33,41 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
+def chan_merge(mean, m2, count, mean_t, m2_t, n_t):
+    """Merge a tile's (mean, M2) over ``n_t`` elements into the running (mean, M2, count) (Chan et al.).
+
+    Shared with ``group_norm_rows``; works on scalars and on per-channel vectors alike."""
+    n_new = count + n_t
+    delta = mean_t - mean
+    mean = mean + delta * (n_t / n_new)
+    m2 = m2 + m2_t + delta * delta * (count * n_t / n_new)
+    return mean, m2, n_new
+
+
+@triton.jit
+def fold_affine(mean, rstd, ch, mask_c, b, C, w_ptr, b_ptr, scale_ptr, shift_ptr,
+                HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
+                HAS_SHIFT: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(a_c, b_c) with ``y = x * a_c + b_c`` for channels ``ch`` of sample ``b``: normalisation, affine and
+    the ``*(1 + scale) + shift`` modulation folded into one pair per channel. Shared with ``group_norm_rows``."""
+    a = tl.zeros([BLOCK_C], dtype=tl.float32) + rstd
+    bb = tl.zeros([BLOCK_C], dtype=tl.float32) - mean * rstd
+    if HAS_WEIGHT:
+        w = tl.load(w_ptr + ch, mask=mask_c, other=1.0).to(tl.float32)
+        a = a * w
+        bb = bb * w
+    if HAS_BIAS:
+        bb = bb + tl.load(b_ptr + ch, mask=mask_c, other=0.0).to(tl.float32)
+    if HAS_SCALE:
+        sc = 1.0 + tl.load(scale_ptr + b * C + ch, mask=mask_c, other=0.0).to(tl.float32)
+        a = a * sc
+        bb = bb * sc
+    if HAS_SHIFT:
+        bb = bb + tl.load(shift_ptr + b * C + ch, mask=mask_c, other=0.0).to(tl.float32)
+    return a, bb
+
+
+@triton.jit
 def _group_norm_kernel(
     x_ptr, y_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, ws_ptr,
     C, HW, CPG, G, chunk, num_splits,
@@ -73,11 +108,7 @@ def _group_norm_kernel(
                 mean_t = tl.sum(tl.sum(x, axis=1), axis=0) / n_t
                 d = tl.where(mask, x - mean_t, 0.0)
                 m2_t = tl.sum(tl.sum(d * d, axis=1), axis=0)
-                n_new = count + n_t
-                delta = mean_t - mean
-                mean = mean + delta * (n_t / n_new)
-                m2 = m2 + m2_t + delta * delta * (count * n_t / n_new)
-                count = n_new
+                mean, m2, count = chan_merge(mean, m2, count, mean_t, m2_t, n_t)
     if MODE == 1:
         ws = ws_ptr + (pid_bg * num_splits + pid_sp) * 2
         tl.store(ws, mean)
@@ -105,20 +136,8 @@ def _group_norm_kernel(
             cc = c0 + offs_c
             mask_c = cc < CPG
             ch = g * CPG + cc
-            a = tl.zeros([BLOCK_C], dtype=tl.float32) + rstd
-            bb = tl.zeros([BLOCK_C], dtype=tl.float32) - mean * rstd
-            if HAS_WEIGHT:
-                w = tl.load(w_ptr + ch, mask=mask_c, other=1.0).to(tl.float32)
-                a = a * w
-                bb = bb * w
-            if HAS_BIAS:
-                bb = bb + tl.load(b_ptr + ch, mask=mask_c, other=0.0).to(tl.float32)
-            if HAS_SCALE:
-                sc = 1.0 + tl.load(scale_ptr + b * C + ch, mask=mask_c, other=0.0).to(tl.float32)
-                a = a * sc
-                bb = bb * sc
-            if HAS_SHIFT:
-                bb = bb + tl.load(shift_ptr + b * C + ch, mask=mask_c, other=0.0).to(tl.float32)
+            a, bb = fold_affine(mean, rstd, ch, mask_c, b, C, w_ptr, b_ptr, scale_ptr, shift_ptr,
+                                HAS_WEIGHT, HAS_BIAS, HAS_SCALE, HAS_SHIFT, BLOCK_C)
             for s0 in range(s_begin, s_end, BLOCK_S):
                 ss = s0 + offs_s
                 mask = mask_c[:, None] & (ss < s_end)[None, :]

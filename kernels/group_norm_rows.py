@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .group_norm import chan_merge, fold_affine
+
 
 @triton.jit
 def _stats_kernel(
@@ -59,11 +61,7 @@ def _stats_kernel(
             mean_t = tl.sum(x, axis=1) / n_t
             d = tl.where(mask, x - mean_t[:, None], 0.0)
             m2_t = tl.sum(d * d, axis=1)
-            n_new = count + n_t
-            delta = mean_t - mean
-            mean = mean + delta * (n_t / n_new)
-            m2 = m2 + m2_t + delta * delta * (count * n_t / n_new)
-            count = n_new
+            mean, m2, count = chan_merge(mean, m2, count, mean_t, m2_t, n_t)
     else:  # columns are channels: each program reduces rows [lo, hi) for BLOCK_K channels
         ch = blk * BLOCK_K + tl.arange(0, BLOCK_K)
         ch_ok = ch < K
@@ -81,11 +79,7 @@ def _stats_kernel(
             mean_t = tl.sum(x, axis=0) / n_t
             d = tl.where(mask, x - mean_t[None, :], 0.0)
             m2_t = tl.sum(d * d, axis=0)
-            n_new = count + n_t
-            delta = mean_t - mean
-            mean = mean + delta * (n_t / n_new)
-            m2 = m2 + m2_t + delta * delta * (count * n_t / n_new)
-            count = n_new
+            mean, m2, count = chan_merge(mean, m2, count, mean_t, m2_t, n_t)
     ws = ws_ptr + ((b * C + ch).to(tl.int64) * num_splits + sp) * 2
     tl.store(ws, mean, mask=ch_ok)
     tl.store(ws + 1, m2, mask=ch_ok)
@@ -127,20 +121,8 @@ def _coef_kernel(
     rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(acc, axis=1), axis=0) / total + eps)
 
     # y = x * a_c + b_c: affine and scale-shift folded per channel
-    a = tl.zeros([BLOCK_C], dtype=tl.float32) + rstd
-    bb = tl.zeros([BLOCK_C], dtype=tl.float32) - mean * rstd
-    if HAS_WEIGHT:
-        w = tl.load(w_ptr + ch, mask=c_ok, other=1.0).to(tl.float32)
-        a = a * w
-        bb = bb * w
-    if HAS_BIAS:
-        bb = bb + tl.load(b_ptr + ch, mask=c_ok, other=0.0).to(tl.float32)
-    if HAS_SCALE:
-        sc = 1.0 + tl.load(scale_ptr + b * C + ch, mask=c_ok, other=0.0).to(tl.float32)
-        a = a * sc
-        bb = bb * sc
-    if HAS_SHIFT:
-        bb = bb + tl.load(shift_ptr + b * C + ch, mask=c_ok, other=0.0).to(tl.float32)
+    a, bb = fold_affine(mean, rstd, ch, c_ok, b, C, w_ptr, b_ptr, scale_ptr, shift_ptr,
+                        HAS_WEIGHT, HAS_BIAS, HAS_SCALE, HAS_SHIFT, BLOCK_C)
     out = coef_ptr + (b * C + ch).to(tl.int64) * 2
     tl.store(out, a, mask=c_ok)
     tl.store(out + 1, bb, mask=c_ok)
