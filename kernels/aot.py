@@ -94,10 +94,12 @@ def _group_norm_configs(dtypes) -> list[Config]:
                     x = x.to(memory_format=torch.channels_last)
                 y = torch.empty_like(x)
                 w = torch.empty(C, dtype=dtype, device="meta")
-                for variant in ("affine", "affine+silu"):
+                pre = torch.empty(shape[0], C, dtype=dtype, device="meta")
+                for variant in ("affine", "affine+silu", "affine+silu+pre"):  # pre: a resnet's time embedding
                     for strategy in ("groups", "rows"):
                         launches = _launches(x, y, groups, w, w, 1e-5, "silu" if "silu" in variant else None,
-                                             None, None, None, "cuda", strategy=strategy)
+                                             None, None, None, "cuda", strategy=strategy,
+                                             pre_bias=pre if variant.endswith("+pre") else None)
                         for kernel, grid, args, meta in launches:
                             part = f"mode{meta['MODE']}" if "MODE" in meta else f"rows {kernel.__name__.strip('_')}"
                             label = f"{'x'.join(map(str, shape))} g{groups} {layout} {variant} {part}"

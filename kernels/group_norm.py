@@ -1,8 +1,9 @@
 """GroupNorm forward, fused with the UNet scale-shift modulation and SiLU.
 
-``y = act((x - mean_g) * rstd_g * weight_c + bias_c) * (1 + scale_bc) + shift_bc)``, statistics per
-(sample, group) in float32, for NCHW and channels-last (NHWC) inputs; the output keeps the input's
-memory format and dtype.
+``y = act((x' - mean_g) * rstd_g * weight_c + bias_c) * (1 + scale_bc) + shift_bc)`` with ``x' = x +
+pre_bias_bc`` (a UNet resnet's time embedding, added before its second norm: fused, it costs no pass of its
+own), statistics of x' per (sample, group) in float32, for NCHW and channels-last (NHWC) inputs; the
+output keeps the input's memory format and dtype.
 
 One kernel, three modes chosen by the launcher (a constexpr, so each mode compiles to its own code):
 
@@ -45,13 +46,16 @@ def chan_merge(mean, m2, count, mean_t, m2_t, n_t):
 
 
 @triton.jit
-def fold_affine(mean, rstd, ch, mask_c, b, C, w_ptr, b_ptr, scale_ptr, shift_ptr,
+def fold_affine(mean, rstd, ch, mask_c, b, C, w_ptr, b_ptr, scale_ptr, shift_ptr, pre_ptr,
                 HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
-                HAS_SHIFT: tl.constexpr, BLOCK_C: tl.constexpr):
-    """(a_c, b_c) with ``y = x * a_c + b_c`` for channels ``ch`` of sample ``b``: normalisation, affine and
-    the ``*(1 + scale) + shift`` modulation folded into one pair per channel. Shared with ``group_norm_rows``."""
+                HAS_SHIFT: tl.constexpr, HAS_PRE: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(a_c, b_c) with ``y = x * a_c + b_c`` for channels ``ch`` of sample ``b``: the pre-norm bias,
+    normalisation, affine and the ``*(1 + scale) + shift`` modulation folded into one pair per channel
+    (``mean`` is the group mean of x + pre). Shared with ``group_norm_rows``."""
     a = tl.zeros([BLOCK_C], dtype=tl.float32) + rstd
     bb = tl.zeros([BLOCK_C], dtype=tl.float32) - mean * rstd
+    if HAS_PRE:
+        bb = bb + tl.load(pre_ptr + b * C + ch, mask=mask_c, other=0.0).to(tl.float32) * rstd
     if HAS_WEIGHT:
         w = tl.load(w_ptr + ch, mask=mask_c, other=1.0).to(tl.float32)
         a = a * w
@@ -69,13 +73,13 @@ def fold_affine(mean, rstd, ch, mask_c, b, C, w_ptr, b_ptr, scale_ptr, shift_ptr
 
 @triton.jit
 def _group_norm_kernel(
-    x_ptr, y_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, ws_ptr,
+    x_ptr, y_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, pre_ptr, ws_ptr,
     C, HW, CPG, G, chunk, num_splits,
     stride_xb, stride_xc, stride_xs,
     stride_yb, stride_yc, stride_ys,
     eps,
     MODE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
-    HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
+    HAS_SHIFT: tl.constexpr, HAS_PRE: tl.constexpr, SILU: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, SPLIT_P: tl.constexpr,
 ):
     pid_bg = tl.program_id(0)  # (sample, group)
@@ -103,6 +107,9 @@ def _group_norm_kernel(
                 mask = mask_c[:, None] & (ss < s_end)[None, :]
                 ptrs = x_base + cc[:, None].to(tl.int64) * stride_xc + ss[None, :].to(tl.int64) * stride_xs
                 x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+                if HAS_PRE:  # statistics of x + pre_c
+                    pre = tl.load(pre_ptr + b * C + g * CPG + cc, mask=mask_c, other=0.0).to(tl.float32)
+                    x = tl.where(mask, x + pre[:, None], 0.0)
                 # valid elements of this tile, counted on scalars (not one more block-wide reduction)
                 n_t = (tl.minimum(CPG - c0, BLOCK_C) * tl.minimum(s_end - s0, BLOCK_S)).to(tl.float32)
                 mean_t = tl.sum(tl.sum(x, axis=1), axis=0) / n_t
@@ -136,8 +143,8 @@ def _group_norm_kernel(
             cc = c0 + offs_c
             mask_c = cc < CPG
             ch = g * CPG + cc
-            a, bb = fold_affine(mean, rstd, ch, mask_c, b, C, w_ptr, b_ptr, scale_ptr, shift_ptr,
-                                HAS_WEIGHT, HAS_BIAS, HAS_SCALE, HAS_SHIFT, BLOCK_C)
+            a, bb = fold_affine(mean, rstd, ch, mask_c, b, C, w_ptr, b_ptr, scale_ptr, shift_ptr, pre_ptr,
+                                HAS_WEIGHT, HAS_BIAS, HAS_SCALE, HAS_SHIFT, HAS_PRE, BLOCK_C)
             for s0 in range(s_begin, s_end, BLOCK_S):
                 ss = s0 + offs_s
                 mask = mask_c[:, None] & (ss < s_end)[None, :]
@@ -206,16 +213,16 @@ def launch_config(shape, num_groups: int, device_type: str = "cuda", num_splits:
 STRATEGIES = ("groups", "rows")
 
 
-def _vectors(x, weight, bias, scale, shift):
-    """weight, bias (C,) and scale, shift (B, C), contiguous (None stays None)."""
+def _vectors(x, weight, bias, scale, shift, pre_bias=None):
+    """weight, bias (C,) and scale, shift, pre_bias (B, C), contiguous (None stays None)."""
     B, C = x.shape[0], x.shape[1]
+    per_sample = [t.reshape(B, C).contiguous() if t is not None else None for t in (scale, shift, pre_bias)]
     return (weight.contiguous() if weight is not None else None, bias.contiguous() if bias is not None else None,
-            scale.reshape(B, C).contiguous() if scale is not None else None,
-            shift.reshape(B, C).contiguous() if shift is not None else None)
+            *per_sample)
 
 
 def _launches(x, y, num_groups, weight, bias, eps, activation, scale, shift, num_splits, device_type,
-              tile=None, num_warps=None, strategy=None):
+              tile=None, num_warps=None, strategy=None, pre_bias=None):
     """The kernel launches for x -> y as [(kernel, grid, positional args, constexprs + launch options)].
 
     ``strategy``: "groups" (this file's kernel: programs per (sample, group) slice; the default) or "rows"
@@ -226,24 +233,24 @@ def _launches(x, y, num_groups, weight, bias, eps, activation, scale, shift, num
     from . import group_norm_rows as rows
 
     B, C = x.shape[0], x.shape[1]
-    w, bvec, sc, sh = _vectors(x, weight, bias, scale, shift)
+    w, bvec, sc, sh, pre = _vectors(x, weight, bias, scale, shift, pre_bias)
     if strategy not in (None,) + STRATEGIES:
         raise BadArgumentError(f"group_norm: expected strategy in {STRATEGIES}, found {strategy!r}")
     if strategy == "rows" and rows.rows_view(x, _flat_spatial_stride(x)) is not None:
         return rows.launches(x, y, num_groups, w, bvec, sc, sh, eps, activation, _flat_spatial_stride(x),
                              _flat_spatial_stride(y), num_splits, check_tuning(tile, num_warps, "cuda"), num_warps,
-                             device_type)
+                             device_type, pre=pre)
     cfg = launch_config(tuple(x.shape), num_groups, device_type, num_splits, tile, num_warps)
     dummy = x  # bound to the pointers whose HAS_* flag is off; never read
     split = cfg["num_splits"]
     ws = dummy if split == 1 else torch.empty(B * num_groups * split * 2, device=x.device, dtype=torch.float32)
     args = (x, y, dummy if w is None else w, dummy if bvec is None else bvec, dummy if sc is None else sc,
-            dummy if sh is None else sh, ws,
+            dummy if sh is None else sh, dummy if pre is None else pre, ws,
             C, cfg["hw"], cfg["cpg"], num_groups, cfg["chunk"], split,
             x.stride(0), x.stride(1), _flat_spatial_stride(x), y.stride(0), y.stride(1), _flat_spatial_stride(y),
             float(eps))
     meta = dict(HAS_WEIGHT=w is not None, HAS_BIAS=bvec is not None, HAS_SCALE=sc is not None,
-                HAS_SHIFT=sh is not None, SILU=activation == "silu",
+                HAS_SHIFT=sh is not None, HAS_PRE=pre is not None, SILU=activation == "silu",
                 BLOCK_C=cfg["block_c"], BLOCK_S=cfg["block_s"], SPLIT_P=cfg["split_p"], num_warps=cfg["num_warps"])
     grid = (B * num_groups, split)
     k = _group_norm_kernel
@@ -252,7 +259,7 @@ def _launches(x, y, num_groups, weight, bias, eps, activation, scale, shift, num
     return [(k, grid, args, dict(meta, MODE=MODE_STATS)), (k, grid, args, dict(meta, MODE=MODE_APPLY))]
 
 
-def _check(x, num_groups, weight, bias, activation, scale, shift, out):
+def _check(x, num_groups, weight, bias, activation, scale, shift, out, pre_bias=None):
     if not isinstance(x, torch.Tensor) or x.dim() < 2:
         raise BadArgumentError(f"group_norm: expected x of shape (B, C, *spatial), found "
                                f"{type(x).__name__ if not isinstance(x, torch.Tensor) else tuple(x.shape)}")
@@ -267,11 +274,12 @@ def _check(x, num_groups, weight, bias, activation, scale, shift, out):
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and tuple(t.shape) != (C,):
             raise BadArgumentError(f"group_norm: expected {name} of shape ({C},), found {tuple(t.shape)}")
-    for name, t in (("scale", scale), ("shift", shift)):
+    for name, t in (("scale", scale), ("shift", shift), ("pre_bias", pre_bias)):
         if t is not None and t.numel() != B * C:
             raise BadArgumentError(f"group_norm: expected {name} of shape ({B}, {C}) (one value per sample and "
                                    f"channel), found {tuple(t.shape)}")
-    for name, t in (("weight", weight), ("bias", bias), ("scale", scale), ("shift", shift), ("out", out)):
+    for name, t in (("weight", weight), ("bias", bias), ("scale", scale), ("shift", shift), ("pre_bias", pre_bias),
+                    ("out", out)):
         if t is not None and t.device != x.device:
             raise BadArgumentError(f"group_norm: expected {name} on {x.device}, found {t.device}")
     if out is not None and (out.shape != x.shape or out.dtype != x.dtype):
@@ -283,16 +291,19 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] 
                bias: Optional[torch.Tensor] = None, eps: float = 1e-5, activation: Optional[str] = None,
                scale: Optional[torch.Tensor] = None, shift: Optional[torch.Tensor] = None, *,
                out: Optional[torch.Tensor] = None, num_splits: Optional[int] = None, tile: Optional[int] = None,
-               num_warps: Optional[int] = None, strategy: Optional[str] = None) -> torch.Tensor:
-    """GroupNorm of x (B, C, *spatial), then ``*(1 + scale) + shift`` per (sample, channel), then SiLU.
+               num_warps: Optional[int] = None, strategy: Optional[str] = None,
+               pre_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """GroupNorm of ``x + pre_bias`` (B, C, *spatial), then ``*(1 + scale) + shift`` per (sample, channel),
+    then SiLU.
 
     x: NCHW-contiguous or channels-last (any layout whose spatial dims flatten to one stride),
-    float32 / float16 / bfloat16. scale / shift: (B, C) (or anything with B*C elements, e.g. (B, C, 1, 1)).
+    float32 / float16 / bfloat16. scale / shift / pre_bias: (B, C) (or anything with B*C elements, e.g.
+    (B, C, 1, 1)).
     Returns a tensor in x's dtype and memory format (or writes ``out``). ``num_splits`` (programs per
     group), ``tile`` and ``num_warps`` override the launcher's choice (testing / tuning, see ``launch_config``);
     ``strategy`` picks the kernels: "groups" (default) or "rows" (see ``_launches``).
     """
-    _check(x, num_groups, weight, bias, activation, scale, shift, out)
+    _check(x, num_groups, weight, bias, activation, scale, shift, out, pre_bias)
     if _flat_spatial_stride(x) is None or x.stride(1) == 0:
         x = x.contiguous()
     if out is None:
@@ -303,7 +314,7 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] 
     if x.numel() == 0:
         return out
     for kernel, grid, args, meta in _launches(x, y, num_groups, weight, bias, eps, activation, scale, shift,
-                                              num_splits, x.device.type, tile, num_warps, strategy):
+                                              num_splits, x.device.type, tile, num_warps, strategy, pre_bias):
         kernel[grid](*args, **meta)
     if y is not out:
         out.copy_(y)

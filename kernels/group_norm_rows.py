@@ -87,11 +87,11 @@ def _stats_kernel(
 
 @triton.jit
 def _coef_kernel(
-    ws_ptr, coef_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr,
+    ws_ptr, coef_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, pre_ptr,
     C, CPG, G, N_OTHER, chunk, num_splits,
     total, eps,  # total: elements per group (a host float: CPG * N_OTHER overflows int32 past 2^31)
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_SP: tl.constexpr,
+    HAS_PRE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_SP: tl.constexpr,
 ):
     pid = tl.program_id(0)  # (sample, group)
     b = pid // G
@@ -100,13 +100,17 @@ def _coef_kernel(
     c_ok = cc < CPG
     ch = g * CPG + cc
     row = (b * C + ch).to(tl.int64) * num_splits
+    # a pre-norm bias moves each channel's mean and leaves its M2: statistics of x + pre from those of x
+    pre = tl.zeros([BLOCK_C], dtype=tl.float32)
+    if HAS_PRE:
+        pre = tl.load(pre_ptr + b * C + ch, mask=c_ok, other=0.0).to(tl.float32)
     # two passes over the group's (channel, split) partials: the mean, then M2 around it (Chan et al.)
     acc = tl.zeros([BLOCK_C, BLOCK_SP], dtype=tl.float32)
     for s0 in range(0, num_splits, BLOCK_SP):
         sp = s0 + tl.arange(0, BLOCK_SP)
         ok = c_ok[:, None] & (sp < num_splits)[None, :]
         n_s = (tl.minimum(sp * chunk + chunk, N_OTHER) - sp * chunk).to(tl.float32)
-        p_mean = tl.load(ws_ptr + (row[:, None] + sp[None, :]) * 2, mask=ok, other=0.0)
+        p_mean = tl.load(ws_ptr + (row[:, None] + sp[None, :]) * 2, mask=ok, other=0.0) + pre[:, None]
         acc += tl.where(ok, p_mean * n_s[None, :], 0.0)
     mean = tl.sum(tl.sum(acc, axis=1), axis=0) / total
     acc = tl.zeros([BLOCK_C, BLOCK_SP], dtype=tl.float32)
@@ -114,15 +118,15 @@ def _coef_kernel(
         sp = s0 + tl.arange(0, BLOCK_SP)
         ok = c_ok[:, None] & (sp < num_splits)[None, :]
         n_s = (tl.minimum(sp * chunk + chunk, N_OTHER) - sp * chunk).to(tl.float32)
-        p_mean = tl.load(ws_ptr + (row[:, None] + sp[None, :]) * 2, mask=ok, other=0.0)
+        p_mean = tl.load(ws_ptr + (row[:, None] + sp[None, :]) * 2, mask=ok, other=0.0) + pre[:, None]
         p_m2 = tl.load(ws_ptr + (row[:, None] + sp[None, :]) * 2 + 1, mask=ok, other=0.0)
         dm = p_mean - mean
         acc += tl.where(ok, p_m2 + n_s[None, :] * dm * dm, 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(acc, axis=1), axis=0) / total + eps)
 
     # y = x * a_c + b_c: affine and scale-shift folded per channel
-    a, bb = fold_affine(mean, rstd, ch, c_ok, b, C, w_ptr, b_ptr, scale_ptr, shift_ptr,
-                        HAS_WEIGHT, HAS_BIAS, HAS_SCALE, HAS_SHIFT, BLOCK_C)
+    a, bb = fold_affine(mean, rstd, ch, c_ok, b, C, w_ptr, b_ptr, scale_ptr, shift_ptr, pre_ptr,
+                        HAS_WEIGHT, HAS_BIAS, HAS_SCALE, HAS_SHIFT, HAS_PRE, BLOCK_C)
     out = coef_ptr + (b * C + ch).to(tl.int64) * 2
     tl.store(out, a, mask=c_ok)
     tl.store(out + 1, bb, mask=c_ok)
@@ -214,7 +218,7 @@ def launch_config(shape, num_groups: int, ch_axis: int, num_splits=None, tile: i
 
 
 def launches(x, y, num_groups, w, bvec, sc, sh, eps, activation, spatial_stride_x, spatial_stride_y,
-             num_splits=None, tile=4096, num_warps=None, device_type="cuda"):
+             num_splits=None, tile=4096, num_warps=None, device_type="cuda", pre=None):
     """[(kernel, grid, positional args, constexprs + options)] for x -> y; also used by the AOT check.
 
     x and y have the same (B, C, *spatial) shape; y may have other strides (read through its own)."""
@@ -234,10 +238,10 @@ def launches(x, y, num_groups, w, bvec, sc, sh, eps, activation, spatial_stride_
              dict(CH_AXIS=ch_axis, BLOCK_R=cfg["block_r"], BLOCK_K=cfg["block_k"], num_warps=cfg["num_warps"]))
     coefs = (_coef_kernel, (B * num_groups,),
              (ws, coef, dummy if w is None else w, dummy if bvec is None else bvec, dummy if sc is None else sc,
-              dummy if sh is None else sh, C, cfg["cpg"], num_groups, cfg["other"], cfg["chunk"], split,
-              float(cfg["cpg"] * cfg["other"]), float(eps)),
+              dummy if sh is None else sh, dummy if pre is None else pre, C, cfg["cpg"], num_groups, cfg["other"],
+              cfg["chunk"], split, float(cfg["cpg"] * cfg["other"]), float(eps)),
              dict(HAS_WEIGHT=w is not None, HAS_BIAS=bvec is not None, HAS_SCALE=sc is not None,
-                  HAS_SHIFT=sh is not None, BLOCK_C=cfg["coef_block_c"], BLOCK_SP=cfg["coef_block_sp"], num_warps=4))
+                  HAS_SHIFT=sh is not None, HAS_PRE=pre is not None, BLOCK_C=cfg["coef_block_c"], BLOCK_SP=cfg["coef_block_sp"], num_warps=4))
     apply = (_apply_kernel, (triton.cdiv(R, cfg["block_r"]), triton.cdiv(K, cfg["block_k"]), B),
              (x, y, coef, C, R, K, x.stride(0), stride_xr, y.stride(0), stride_yr, stride_yk),
              dict(CH_AXIS=ch_axis, SILU=activation == "silu", BLOCK_R=cfg["block_r"], BLOCK_K=cfg["block_k"],

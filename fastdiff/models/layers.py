@@ -224,8 +224,9 @@ def exporting() -> bool:
 class GroupNorm(FusedOp):
     """GroupNorm with statistics in float32, optional fused SiLU and scale-shift modulation.
 
-    forward(x, scale=None, shift=None): x (B, C, *spatial); scale / shift (B, C) give
-    ``norm(x) * (1 + scale) + shift`` (applied before the activation, as diffusers' scale_shift and
+    forward(x, scale=None, shift=None, pre_bias=None): x (B, C, *spatial); pre_bias (B, C) is added to x
+    first (a resnet's time embedding: the fused kernels fold it in, no pass of its own); scale / shift
+    (B, C) give ``norm(x) * (1 + scale) + shift`` (applied before the activation, as diffusers' scale_shift and
     guided-diffusion's use_scale_shift_norm do).
     """
 
@@ -246,7 +247,9 @@ class GroupNorm(FusedOp):
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
 
-    def forward_native(self, x, scale=None, shift=None):
+    def forward_native(self, x, scale=None, shift=None, pre_bias=None):
+        if pre_bias is not None:  # (B, C): added per (sample, channel) before the norm, in x's dtype
+            x = x + pre_bias.reshape(pre_bias.shape[:2] + (1,) * (x.dim() - 2)).to(x.dtype)
         if (scale is None and shift is None and (self.weight is None or self.weight.dtype == x.dtype)
                 and not exporting()):
             # torch's kernel already keeps the statistics in float32 for half inputs: no fp32 copies of x
@@ -267,15 +270,15 @@ class GroupNorm(FusedOp):
             h = F.silu(h)
         return h.to(x.dtype)
 
-    def forward_triton(self, x, scale=None, shift=None, strategy=None):
+    def forward_triton(self, x, scale=None, shift=None, pre_bias=None, strategy=None):
         from fastdiff.kernels import group_norm
 
         return group_norm(x, self.num_groups, self.weight, self.bias, self.eps, activation=self.activation,
-                          scale=scale, shift=shift, strategy=strategy)
+                          scale=scale, shift=shift, pre_bias=pre_bias, strategy=strategy)
 
-    def forward_triton_rows(self, x, scale=None, shift=None):
+    def forward_triton_rows(self, x, scale=None, shift=None, pre_bias=None):
         """The Triton kernels' "rows" strategy (three launches over contiguous rows)."""
-        return self.forward_triton(x, scale, shift, strategy="rows")
+        return self.forward_triton(x, scale, shift, pre_bias, strategy="rows")
 
     def tune_key(self) -> tuple:
         w = self.weight
@@ -283,19 +286,20 @@ class GroupNorm(FusedOp):
 
     def tune_candidates(self, backends, args, kwargs):
         x = args[0]
-        plain = len(args) < 2 and kwargs.get("scale") is None and kwargs.get("shift") is None
+        plain = len(args) < 2 and all(kwargs.get(k) is None for k in ("scale", "shift", "pre_bias"))
         ext_runs = plain and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
         return [b for b in backends if b != "cuda_ext" or ext_runs]  # else cuda_ext runs the Triton kernel
 
-    def forward_cuda_ext(self, x, scale=None, shift=None):
-        """The CUDA C++ kernel for channels-last inputs without scale/shift; Triton otherwise (or unbuilt)."""
+    def forward_cuda_ext(self, x, scale=None, shift=None, pre_bias=None):
+        """The CUDA C++ kernel for plain channels-last inputs (no scale / shift / pre-bias); Triton otherwise
+        (or unbuilt)."""
         from fastdiff import cuda_ext
 
-        if (scale is None and shift is None and x.dim() == 4 and x.is_cuda and cuda_ext.HAS_CUDA_EXT
-                and x.is_contiguous(memory_format=torch.channels_last)):
+        if (scale is None and shift is None and pre_bias is None and x.dim() == 4 and x.is_cuda
+                and cuda_ext.HAS_CUDA_EXT and x.is_contiguous(memory_format=torch.channels_last)):
             return cuda_ext.group_norm_nhwc(x, self.num_groups, self.weight, self.bias, self.eps,
                                             silu=self.activation == "silu")
-        return self.forward_triton(x, scale, shift)
+        return self.forward_triton(x, scale, shift, pre_bias)
 
     def extra_repr(self):
         return f"{self.num_groups}, {self.num_channels}, eps={self.eps}, activation={self.activation}"

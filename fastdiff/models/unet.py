@@ -113,10 +113,8 @@ class ResnetBlock(nn.Module):
         if self.time_embedding_norm == "scale_shift":
             scale, shift = t.chunk(2, dim=1)  # (B, out) each
             h = self.norm2(h, scale=scale, shift=shift)
-        else:
-            if t is not None:
-                h = h + t[:, :, None, None]
-            h = self.norm2(h)
+        else:  # h + t, then the norm: one fused op on the Triton path
+            h = self.norm2(h, pre_bias=t)
         h = self.conv2(h)  # (B, out, H, W)
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)

@@ -13,10 +13,11 @@ TOL = {torch.float32: (1e-5, 1e-4), torch.float16: (2e-3, 2e-3), torch.bfloat16:
 DTYPES = list(TOL)
 
 
-def reference(x, G, weight=None, bias=None, eps=1e-5, activation=None, scale=None, shift=None):
-    h = F.group_norm(x.double(), G, None if weight is None else weight.double(),
-                     None if bias is None else bias.double(), eps)
+def reference(x, G, weight=None, bias=None, eps=1e-5, activation=None, scale=None, shift=None, pre_bias=None):
     view = (x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2)
+    xd = x.double() if pre_bias is None else x.double() + pre_bias.double().reshape(view)
+    h = F.group_norm(xd, G, None if weight is None else weight.double(),
+                     None if bias is None else bias.double(), eps)
     if scale is not None:
         h = h * (1 + scale.double().reshape(view))
     if shift is not None:
@@ -82,6 +83,25 @@ def test_group_norm_split_statistics(num_splits, dtype, layout):
     out = poisoned_like(x)
     y = group_norm(x, 3, w, b, activation="silu", out=out, num_splits=num_splits)
     assert_close(y, reference(x, 3, w, b, activation="silu"), dtype)
+
+
+@pytest.mark.parametrize("strategy", [None, "rows"])
+@pytest.mark.parametrize("num_splits", [None, 1, 3])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_group_norm_pre_bias(dtype, layout, num_splits, strategy):
+    """GroupNorm of x + pre_bias (a resnet's time embedding): statistics of the sum, in one pass."""
+    x = make_input((2, 12, 5, 7), dtype, layout)
+    pre = (torch.randn(2, 12) * 3).to(dtype)
+    kw = dict(weight=torch.randn(12), bias=torch.randn(12), scale=torch.randn(2, 12).to(dtype), activation="silu")
+    out = poisoned_like(x)
+    y = group_norm(x, 4, out=out, pre_bias=pre, num_splits=num_splits, strategy=strategy, **kw)
+    assert_close(y, reference(x, 4, pre_bias=pre, **kw), dtype)
+
+
+def test_group_norm_rejects_a_bad_pre_bias():
+    with pytest.raises(BadArgumentError, match="pre_bias"):
+        group_norm(torch.randn(2, 4, 3, 3), 2, pre_bias=torch.randn(4))
 
 
 @pytest.mark.parametrize("strategy", [None, "rows"])
