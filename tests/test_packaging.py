@@ -28,3 +28,15 @@ def test_wheel_contains_every_package(tmp_path):
         for f in os.listdir(os.path.join(presets, name)):
             if f.endswith((".json", ".safetensors")):
                 assert f"fastdiff/presets/{name}/{f}" in names
+
+
+def test_kernel_launchers_stay_bound_after_importing_their_modules():
+    """Importing ``fastdiff.kernels.group_norm`` (the module) must not replace the ``group_norm`` launcher."""
+    import importlib
+
+    import fastdiff.kernels as k
+
+    for name in ("group_norm", "attention", "lincomb"):
+        module = importlib.import_module(f"fastdiff.kernels.{name}")
+        assert callable(getattr(k, name)) and not isinstance(getattr(k, name), type(module)), name
+        assert callable(getattr(module, "launch_config")), name
