@@ -31,12 +31,16 @@ def test_wheel_contains_every_package(tmp_path):
 
 
 def test_kernel_launchers_stay_bound_after_importing_their_modules():
-    """Importing ``fastdiff.kernels.group_norm`` (the module) must not replace the ``group_norm`` launcher."""
-    import importlib
+    """Importing ``fastdiff.kernels.group_norm`` (the module) must not replace the ``group_norm`` launcher; a
+    fresh interpreter, so the imports below are the first ones (the binding happens on the first import)."""
+    import subprocess
+    import sys
 
-    import fastdiff.kernels as k
-
-    for name in ("group_norm", "attention", "lincomb"):
-        module = importlib.import_module(f"fastdiff.kernels.{name}")
-        assert callable(getattr(k, name)) and not isinstance(getattr(k, name), type(module)), name
-        assert callable(getattr(module, "launch_config")), name
+    code = ("import importlib, fastdiff.kernels as k\n"
+            "for n in ('group_norm', 'attention', 'lincomb', 'adaln'):\n"
+            "    m = importlib.import_module('fastdiff.kernels.' + n)\n"
+            "    assert callable(m.launch_config if n != 'adaln' else m.adaln_launch_config), n\n"
+            "for n in ('group_norm', 'attention', 'lincomb', 'adaln_modulate', 'gated_residual'):\n"
+            "    assert callable(getattr(k, n)) and type(getattr(k, n)).__name__ == 'function', n\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
