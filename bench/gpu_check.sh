@@ -10,8 +10,8 @@
 #                 the GroupNorm and sampler-update benches with it
 #   tests         pytest -m gpu with TRITON_INTERPRET=0 (kernels at model shapes, triton backend, CUDA-graph
 #                 step / loop replay vs eager, no recapture, compile + graphs)
-#   kernels       bench/bench_group_norm.py, bench_attention.py, bench_adaln.py, bench_sampler_update.py (device
-#                 time inside graphs)
+#   kernels       bench/bench_group_norm.py, bench_attention.py, bench_adaln.py, bench_sampler_update.py,
+#                 bench_geglu.py (device time inside graphs)
 #   gn-sweep      bench/bench_group_norm.py --sweep: strategy x splits x tile x warps at 2x320x64x64 (defaults)
 #   launch        bench/bench_graph_launch.py: host cost of replaying graphs of SDPA (per backend) / Triton
 #   dit           fastdiff bench arch:dit-xl-2-256, fp16, dpmpp_2m x 20, cfg 4: eager / triton / CUDA-graph
@@ -119,7 +119,7 @@ wants tests && step gpu-tests 110 $PY -m pytest -q -m gpu tests -p no:cacheprovi
 
 # --- 5. kernel benchmarks --------------------------------------------------------------------------
 if wants kernels; then
-    for b in group_norm attention adaln sampler_update; do
+    for b in group_norm attention adaln sampler_update geglu; do
         step "bench_$b" 40 $PY "bench/bench_$b.py" --iters 50
     done
 fi
@@ -187,7 +187,8 @@ try:
 except OSError:
     pass
 # kernel tables: each bench log's table as printed
-for name in ("bench_group_norm", "bench_attention", "bench_adaln", "bench_sampler_update", "bench_group_norm_ext",
+for name in ("bench_group_norm", "bench_attention", "bench_adaln", "bench_sampler_update", "bench_geglu",
+             "bench_group_norm_ext",
              "bench_sampler_update_ext", "bench_group_norm_sweep", "bench_graph_launch"):
     try:
         lines = open(os.path.join(results, name + ".log")).read().strip().splitlines()

@@ -15,7 +15,7 @@ import types
 
 from fastdiff.errors import BackendUnavailableError  # absolute: this folder may also be seen as top-level "kernels"
 
-__all__ = ["group_norm", "attention", "adaln_modulate", "gated_residual", "lincomb", "triton_importable"]
+__all__ = ["group_norm", "attention", "adaln_modulate", "gated_residual", "geglu", "lincomb", "triton_importable"]
 
 # launcher name -> module (relative to this package) that defines it
 _LAUNCHERS = {
@@ -23,6 +23,7 @@ _LAUNCHERS = {
     "attention": ".attention",
     "adaln_modulate": ".adaln",
     "gated_residual": ".adaln",
+    "geglu": ".geglu",
     "lincomb": ".lincomb",
 }
 
@@ -73,13 +74,18 @@ def gated_residual(x, gate, y, **kw):
     return _load("gated_residual")(x, gate, y, **kw)
 
 
+def geglu(x, **kw):
+    """``h * gelu(gate)`` for ``h, gate = x.chunk(2, -1)``; see ``fastdiff.kernels.geglu.geglu``."""
+    return _load("geglu")(x, **kw)
+
+
 def lincomb(terms, **kw):
     """``sum(c * t for c, t in terms)`` in one kernel; see ``fastdiff.kernels.lincomb.lincomb``."""
     return _load("lincomb")(terms, **kw)
 
 
 _PUBLIC = {"group_norm": group_norm, "attention": attention, "adaln_modulate": adaln_modulate,
-           "gated_residual": gated_residual, "lincomb": lincomb}
+           "gated_residual": gated_residual, "geglu": geglu, "lincomb": lincomb}
 
 
 class _Package(types.ModuleType):

@@ -47,6 +47,8 @@ ATTENTION_SHAPES = (
     (2, 8, 1024, 1024, 128),
 )
 ADALN_SHAPES = ((2, 256, 1152),)  # DiT-XL/2: (B, T, D)
+# GEGLU (tokens, 2 * inner): SD1.5's feed-forward at 64x64 and 8x8 latents, with CFG
+GEGLU_SHAPES = ((2, 4096, 2560), (2, 64, 10240))
 # sampler state updates: SD1.5's 64x64 latents (batch 1) and DiT-XL/2's 32x32 (batch 4), 2 to 5 terms
 LINCOMB_SHAPES = ((1, 4, 64, 64), (4, 4, 32, 32))
 
@@ -159,11 +161,25 @@ def _lincomb_configs(dtypes) -> list[Config]:
     return out
 
 
+def _geglu_configs(dtypes) -> list[Config]:
+    from fastdiff.kernels.geglu import _geglu_kernel, _launches
+
+    out = []
+    for B, N, two_inner in GEGLU_SHAPES:
+        for dtype in dtypes:
+            x = torch.empty(B * N, two_inner, dtype=dtype, device="meta")
+            y = torch.empty(B * N, two_inner // 2, dtype=dtype, device="meta")
+            for grid, args, meta in _launches(x, y):
+                out.append(Config("geglu", f"{B}x{N}x{two_inner} geglu", dtype, _geglu_kernel, args, meta))
+    return out
+
+
 KERNELS: dict[str, Callable[..., list]] = {
     "group_norm": _group_norm_configs,
     "attention": _attention_configs,
     "adaln": _adaln_configs,
     "lincomb": _lincomb_configs,
+    "geglu": _geglu_configs,
 }
 
 
@@ -177,6 +193,7 @@ QUICK = (
     "Nk77 D40", "Nk77 D80", "Nk256 D72",
     "T256 D1152",
     "1x4x64x64 terms",
+    "2x64x10240 geglu",
 )
 
 

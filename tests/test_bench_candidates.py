@@ -14,6 +14,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
 
 import bench_adaln  # noqa: E402
 import bench_attention  # noqa: E402
+import bench_geglu  # noqa: E402
 import bench_group_norm  # noqa: E402
 import bench_sampler_update  # noqa: E402
 
@@ -73,3 +74,7 @@ def test_sampler_update_candidates(sde):
     fns = bench_sampler_update.candidates(x, m0, m1, noise, sde)
     assert {"torch (chain)", "torch", "triton"} <= set(fns)
     assert_all_agree(fns, "torch (chain)", 1e-5)
+
+
+def test_geglu_candidates():
+    assert_all_agree(bench_geglu.candidates(torch.randn(2, 5, 2 * 12)), "torch", 1e-5)

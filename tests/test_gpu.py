@@ -76,6 +76,17 @@ def test_fused_state_update_on_gpu(shape, n):
 
 
 @needs_compiled_triton
+@pytest.mark.parametrize("shape", [(2, 4096, 2560), (2, 77, 2 * 99)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
+def test_geglu_on_gpu(shape, dtype, tol):
+    from fastdiff.kernels import geglu
+
+    x = torch.randn(shape, device="cuda", dtype=dtype)
+    h, gate = x.float().chunk(2, dim=-1)
+    assert rel_err(geglu(x).float(), h * F.gelu(gate)) <= tol
+
+
+@needs_compiled_triton
 def test_fused_state_update_in_a_loop_graph_equals_torch():
     kw = dict(seeds=[1, 2], class_labels=[1, 2], steps=4, sampler="dpmpp_2m_sde", cfg_scale=3.0, progress=False)
     base = dict(backend="triton", cuda_graphs=True, graph_scope="loop", batch_buckets=(2,))

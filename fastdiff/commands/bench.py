@@ -47,7 +47,8 @@ def register(sub) -> None:
                         f"with switches joined by '+': step / loop (CUDA graphs of one network call / of the "
                         f"whole sampling loop), cl (channels_last), qkv (fused q/k/v), allk (every fused op on Triton), "
                         f"tune (each fused layer times its kernels on its first call and keeps the fastest), "
-                        f"gnext (GroupNorm from the CUDA extension), gnrows (GroupNorm's rows strategy), upd / updext (the samplers' fused state update on Triton / "
+                        f"gnext (GroupNorm from the CUDA extension), gnrows (GroupNorm's rows strategy), geglu (SD's GEGLU on "
+                        f"Triton), upd / updext (the samplers' fused state update on Triton / "
                         f"the CUDA extension), flash / efficient (SDPA pinned to that backend), "
                         f"e.g. triton+loop+qkv")
     p.add_argument("--batch", default="1", metavar="LIST", help="comma-separated batch sizes (default 1)")
@@ -117,6 +118,7 @@ VARIANT_SWITCHES = {
     "tune": dict(kernel_ops="tune"),  # every fused layer measures its implementations on its first call
     "gnext": dict(kernel_ops={"group_norm": "cuda_ext"}),  # GroupNorm from the CUDA C++ extension
     "gnrows": dict(kernel_ops={"group_norm": "triton_rows"}),  # GroupNorm's "rows" strategy (three launches)
+    "geglu": dict(kernel_ops={"geglu": "triton"}),  # SD's feed-forward GEGLU as one Triton kernel
     "upd": dict(kernel_ops={"sampler_update": "triton"}),  # the samplers' fused state update on Triton
     "updext": dict(kernel_ops={"sampler_update": "cuda_ext"}),  # ... from the CUDA C++ extension
     "flash": dict(sdpa_backend="flash"),  # SDPA pinned to FlashAttention (else SDPA's own choice)

@@ -38,6 +38,7 @@ GPU_DEFAULT_OPS = {
     "adaln_modulate": "triton",
     "gated_residual": "triton",
     "sampler_update": "torch",
+    "geglu": "torch",  # SD's feed-forward activation: not measured on a GPU yet
 }
 # what each op may run on (OptimizeConfig.kernel_ops values)
 OP_IMPLS = {
@@ -46,8 +47,9 @@ OP_IMPLS = {
     "adaln_modulate": ("triton", "torch"),
     "gated_residual": ("triton", "torch"),
     "sampler_update": ("triton", "torch", "cuda_ext"),
+    "geglu": ("triton", "torch"),
 }
-LAYER_OPS = ("group_norm", "attention", "adaln_modulate", "gated_residual")  # ops that are layers (FusedOp)
+LAYER_OPS = ("group_norm", "attention", "adaln_modulate", "gated_residual", "geglu")  # layers (FusedOp)
 
 
 def triton_available() -> tuple[bool, str]:
@@ -373,6 +375,22 @@ class GatedResidual(FusedOp):
         return gated_residual(x, gate, y)
 
 
+class GEGLU(FusedOp):
+    """``h * gelu(gate)`` for ``h, gate = x.chunk(2, dim=-1)`` (exact GELU): Stable Diffusion's feed-forward
+    activation on its (B, N, 2 * inner) projection, giving (B, N, inner)."""
+
+    op = "geglu"
+
+    def forward_native(self, x):
+        h, gate = x.chunk(2, dim=-1)  # (B, N, inner) each
+        return h * F.gelu(gate)
+
+    def forward_triton(self, x):
+        from fastdiff.kernels import geglu
+
+        return geglu(x)
+
+
 def timestep_embedding(t: torch.Tensor, dim: int, *, flip_sin_to_cos: bool = True, freq_shift: float = 0.0,
                        max_period: float = 10000.0, scale: float = 1.0) -> torch.Tensor:
     """Sinusoidal embedding of (B,) timesteps -> (B, dim) float32.
@@ -390,3 +408,4 @@ def timestep_embedding(t: torch.Tensor, dim: int, *, flip_sin_to_cos: bool = Tru
     if dim % 2:
         emb = F.pad(emb, (0, 1))
     return emb
+

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from ..errors import BadArgumentError, UnsupportedConfigError
 from ..utils.strict_dict import known_fields
 from .layers import Attention as AttentionCore
-from .layers import GroupNorm, timestep_embedding
+from .layers import GEGLU, GroupNorm, timestep_embedding
 
 # --------------------------------------------------------------------------------------------------
 # Embeddings
@@ -237,10 +237,10 @@ class _GEGLU(nn.Module):
     def __init__(self, dim: int, inner: int):
         super().__init__()
         self.proj = nn.Linear(dim, inner * 2)
+        self.act = GEGLU()  # no weights: the checkpoint keys stay diffusers' net.0.proj
 
     def forward(self, x):
-        h, gate = self.proj(x).chunk(2, dim=-1)  # (B, N, inner) each
-        return h * F.gelu(gate)
+        return self.act(self.proj(x))  # (B, N, 2 * inner) -> (B, N, inner)
 
 
 class TransformerBlock(nn.Module):

@@ -32,7 +32,7 @@ def _nvidia_backend() -> bool:
 
 pytestmark = pytest.mark.skipif(not _nvidia_backend(), reason="this triton build has no NVIDIA backend")
 
-KERNELS = ("group_norm", "attention", "adaln_modulate", "gated_residual", "lincomb")
+KERNELS = ("group_norm", "attention", "adaln_modulate", "gated_residual", "lincomb", "geglu")
 DTYPES = ("fp16", "bf16", "fp32")
 
 
