@@ -53,9 +53,10 @@ def fold_affine(mean, rstd, ch, mask_c, b, C, w_ptr, b_ptr, scale_ptr, shift_ptr
     normalisation, affine and the ``*(1 + scale) + shift`` modulation folded into one pair per channel
     (``mean`` is the group mean of x + pre). Shared with ``group_norm_rows``."""
     a = tl.zeros([BLOCK_C], dtype=tl.float32) + rstd
-    bb = tl.zeros([BLOCK_C], dtype=tl.float32) - mean * rstd
-    if HAS_PRE:
-        bb = bb + tl.load(pre_ptr + b * C + ch, mask=mask_c, other=0.0).to(tl.float32) * rstd
+    if HAS_PRE:  # (pre - mean) first: no cancellation between two large products
+        bb = (tl.load(pre_ptr + b * C + ch, mask=mask_c, other=0.0).to(tl.float32) - mean) * rstd
+    else:
+        bb = tl.zeros([BLOCK_C], dtype=tl.float32) - mean * rstd
     if HAS_WEIGHT:
         w = tl.load(w_ptr + ch, mask=mask_c, other=1.0).to(tl.float32)
         a = a * w
@@ -102,13 +103,14 @@ def _group_norm_kernel(
         for c0 in range(0, CPG, BLOCK_C):
             cc = c0 + offs_c
             mask_c = cc < CPG
+            if HAS_PRE:  # statistics of x + pre_c
+                pre = tl.load(pre_ptr + b * C + g * CPG + cc, mask=mask_c, other=0.0).to(tl.float32)
             for s0 in range(s_begin, s_end, BLOCK_S):
                 ss = s0 + offs_s
                 mask = mask_c[:, None] & (ss < s_end)[None, :]
                 ptrs = x_base + cc[:, None].to(tl.int64) * stride_xc + ss[None, :].to(tl.int64) * stride_xs
                 x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-                if HAS_PRE:  # statistics of x + pre_c
-                    pre = tl.load(pre_ptr + b * C + g * CPG + cc, mask=mask_c, other=0.0).to(tl.float32)
+                if HAS_PRE:
                     x = tl.where(mask, x + pre[:, None], 0.0)
                 # valid elements of this tile, counted on scalars (not one more block-wide reduction)
                 n_t = (tl.minimum(CPG - c0, BLOCK_C) * tl.minimum(s_end - s0, BLOCK_S)).to(tl.float32)

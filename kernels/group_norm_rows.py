@@ -158,7 +158,8 @@ def _apply_kernel(
         y = x * a[None, :] + c[None, :]
     if SILU:
         y = y / (1.0 + tl.exp(-y))
-    out = y_ptr + b.to(tl.int64) * stride_yb + rr[:, None].to(tl.int64) * stride_yr + kk[None, :].to(tl.int64) * stride_yk
+    out = (y_ptr + b.to(tl.int64) * stride_yb + rr[:, None].to(tl.int64) * stride_yr
+           + kk[None, :].to(tl.int64) * stride_yk)
     tl.store(out, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -241,7 +242,8 @@ def launches(x, y, num_groups, w, bvec, sc, sh, eps, activation, spatial_stride_
               dummy if sh is None else sh, dummy if pre is None else pre, C, cfg["cpg"], num_groups, cfg["other"],
               cfg["chunk"], split, float(cfg["cpg"] * cfg["other"]), float(eps)),
              dict(HAS_WEIGHT=w is not None, HAS_BIAS=bvec is not None, HAS_SCALE=sc is not None,
-                  HAS_SHIFT=sh is not None, HAS_PRE=pre is not None, BLOCK_C=cfg["coef_block_c"], BLOCK_SP=cfg["coef_block_sp"], num_warps=4))
+                  HAS_SHIFT=sh is not None, HAS_PRE=pre is not None, BLOCK_C=cfg["coef_block_c"],
+                  BLOCK_SP=cfg["coef_block_sp"], num_warps=4))
     apply = (_apply_kernel, (triton.cdiv(R, cfg["block_r"]), triton.cdiv(K, cfg["block_k"]), B),
              (x, y, coef, C, R, K, x.stride(0), stride_xr, y.stride(0), stride_yr, stride_yk),
              dict(CH_AXIS=ch_axis, SILU=activation == "silu", BLOCK_R=cfg["block_r"], BLOCK_K=cfg["block_k"],

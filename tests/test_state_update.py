@@ -58,7 +58,7 @@ def test_cuda_ext_update_maps_terms_to_its_arguments():
 
 
 def _spy_kernel(monkeypatch) -> list:
-    fastdiff.kernels.lincomb([(1.0, torch.ones(1))])  # load the kernel first: loading rebinds the attribute
+    fastdiff.kernels.lincomb([(1.0, torch.ones(1))])  # load the kernel first (its first call compiles)
     calls, kernel = [], fastdiff.kernels.lincomb
     monkeypatch.setattr(fastdiff.kernels, "lincomb", lambda terms, **kw: (calls.append(len(terms)), kernel(terms))[1])
     return calls

@@ -250,8 +250,9 @@ class GroupNorm(FusedOp):
             self.register_parameter("bias", None)
 
     def forward_native(self, x, scale=None, shift=None, pre_bias=None):
-        if pre_bias is not None:  # (B, C): added per (sample, channel) before the norm, in x's dtype
-            x = x + pre_bias.reshape(pre_bias.shape[:2] + (1,) * (x.dim() - 2)).to(x.dtype)
+        if pre_bias is not None:  # (B, C): added per (sample, channel) before the norm, in x's dtype as
+            # diffusers does (the fused kernels add in float32: closer to exact where |pre| >> spread of x)
+            x = x + pre_bias.reshape((x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2)).to(x.dtype)
         if (scale is None and shift is None and (self.weight is None or self.weight.dtype == x.dtype)
                 and not exporting()):
             # torch's kernel already keeps the statistics in float32 for half inputs: no fp32 copies of x
@@ -294,7 +295,7 @@ class GroupNorm(FusedOp):
 
     def forward_cuda_ext(self, x, scale=None, shift=None, pre_bias=None):
         """The CUDA C++ kernel for plain channels-last inputs (no scale / shift / pre-bias); Triton otherwise
-        (or unbuilt)."""
+        (or unbuilt), which ``op_backends`` still reports as cuda_ext (the layer's choice, not each call's)."""
         from fastdiff import cuda_ext
 
         if (scale is None and shift is None and pre_bias is None and x.dim() == 4 and x.is_cuda

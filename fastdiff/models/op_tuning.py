@@ -164,7 +164,7 @@ def choose(module, args: tuple, kwargs: dict) -> str:
                 known = _choices[key] = _measure(module, args, kwargs, tensors[0].device)
                 path = module.__dict__.get("tune_cache")
                 if path:
-                    save_cache(path)
+                    _save_quietly(path)
     choices = module.__dict__.setdefault("tune_choices", {})
     if key not in choices:
         choices[key] = known[0]
@@ -172,16 +172,39 @@ def choose(module, args: tuple, kwargs: dict) -> str:
     return known[0]
 
 
-def fingerprint() -> dict:
-    """What a timing cache's measurements depend on: the GPU and the software that built the kernels."""
-    try:
-        import triton
+CACHE_FORMAT = 1
+_fingerprint: list = []
 
-        triton_version = triton.__version__
-    except Exception:  # pragma: no cover - depends on the machine
-        triton_version = None
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    return {"device": gpu, "torch": torch.__version__, "triton": triton_version, "cuda": torch.version.cuda}
+
+def _kernel_sources_hash() -> str:
+    """The Triton kernels' sources: a kernel edited since the measurements makes them stale."""
+    import hashlib
+    import pathlib
+
+    h = hashlib.sha256()
+    folder = pathlib.Path(__file__).resolve().parents[2] / "kernels"
+    for path in sorted(folder.glob("*.py")):
+        h.update(path.name.encode() + path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def fingerprint() -> dict:
+    """What a timing cache's measurements depend on: the GPU and the software that built and chose the
+    kernels (torch, Triton, CUDA, fastdiff and its kernel sources, whether the CUDA extension is built)."""
+    if not _fingerprint:
+        try:
+            import triton
+
+            triton_version = triton.__version__
+        except Exception:  # pragma: no cover - depends on the machine
+            triton_version = None
+        from .. import __version__, cuda_ext
+
+        gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+        _fingerprint.append({"format": CACHE_FORMAT, "device": gpu, "torch": torch.__version__,
+                             "triton": triton_version, "cuda": torch.version.cuda, "fastdiff": __version__,
+                             "kernels": _kernel_sources_hash(), "cuda_ext": bool(cuda_ext.HAS_CUDA_EXT)})
+    return dict(_fingerprint[0])
 
 
 def load_cache(path: str) -> str:
@@ -193,14 +216,21 @@ def load_cache(path: str) -> str:
         return f"tune cache {path}: not there yet (it is written after the first measurements)"
     except (OSError, ValueError) as e:
         return f"tune cache {path}: unreadable ({type(e).__name__}: {e}); measuring anew"
-    if not isinstance(data, dict) or data.get("fingerprint") != fingerprint():
-        return (f"tune cache {path}: made on another machine or version ({(data or {}).get('fingerprint')}); "
+    if not isinstance(data, dict) or not isinstance(data.get("choices"), dict):
+        return f"tune cache {path}: unreadable (not a fastdiff timing cache); measuring anew"
+    if data.get("fingerprint") != fingerprint():
+        return (f"tune cache {path}: made on another machine or version ({data.get('fingerprint')}); "
                 f"measuring anew")
-    entries = data.get("choices", {})
+    read = 0
     with _lock:
-        for key, (backend, times) in entries.items():
-            _choices.setdefault(key, (backend, dict(times)))
-    return f"tune cache {path}: {len(entries)} measured problems read"
+        for key, entry in data["choices"].items():
+            try:
+                backend, times = entry
+                _choices.setdefault(key, (str(backend), {str(b): float(t) for b, t in dict(times).items()}))
+                read += 1
+            except (TypeError, ValueError):  # a damaged entry: measured again when met
+                continue
+    return f"tune cache {path}: {read} measured problems read"
 
 
 def save_cache(path: str) -> None:
@@ -209,17 +239,35 @@ def save_cache(path: str) -> None:
 
     with _lock:
         choices = {k: [b, t] for k, (b, t) in _choices.items()}
-    if os.path.exists(path):
+    if os.path.exists(path):  # keep what another process measured on this machine (last writer wins a race)
         try:
             with open(path) as f:
                 old = json.load(f)
-            if old.get("fingerprint") == fingerprint():
-                choices = {**old.get("choices", {}), **choices}
+            if old.get("fingerprint") == fingerprint() and isinstance(old.get("choices"), dict):
+                choices = {**old["choices"], **choices}
         except (OSError, ValueError, AttributeError):
             pass  # replaced by a good file below
     with atomic_path(path) as tmp:
         with open(tmp, "w") as f:
             json.dump({"fingerprint": fingerprint(), "choices": choices}, f, indent=1, sort_keys=True)
+
+
+_save_failed: list = []
+
+
+def _save_quietly(path: str) -> None:
+    """``save_cache`` from inside a forward pass: a cache that cannot be written costs a warning (once), never
+    the generation."""
+    import warnings
+
+    from ..errors import FastdiffError
+
+    try:
+        save_cache(path)
+    except (OSError, FastdiffError) as e:
+        if path not in _save_failed:
+            _save_failed.append(path)
+            warnings.warn(f"fastdiff: the tune cache {path} cannot be written ({e}); its choices stay in memory")
 
 
 def clear() -> None:

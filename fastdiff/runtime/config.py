@@ -107,6 +107,12 @@ class OptimizeConfig:
         if self.tune_cache is not None and not (tuning and self.backend == "triton"):
             raise BadArgumentError(f"tune_cache needs backend='triton' with kernel_ops='tune' (or an op set to "
                                    f"'tune'), found backend={self.backend!r}, kernel_ops={self.kernel_ops!r}")
+        if self.tune_cache is not None:
+            import os
+
+            folder = os.path.dirname(os.path.abspath(self.tune_cache))
+            if not os.path.isdir(folder):
+                raise BadArgumentError(f"tune_cache: expected a file in an existing folder, found no folder {folder}")
         if self.max_graphs < 1:
             raise BadArgumentError(f"max_graphs must be >= 1, found {self.max_graphs}")
 

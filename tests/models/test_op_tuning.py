@@ -5,6 +5,7 @@ the sharing of a measurement between layers of one problem and the fallbacks are
 themselves run (interpreter) and must give the native result.
 """
 
+import json
 import os
 
 import pytest
@@ -165,12 +166,36 @@ def test_timing_cache_round_trip(timer, tmp_path, monkeypatch):
     other.generate(**kw)
     assert len(timer) == 2 * measured
 
+    for text in ("[1, 2]", '{"fingerprint": 1, "choices": [3]}'):  # JSON, but not a timing cache
+        (tmp_path / "odd.json").write_text(text)
+        assert "unreadable" in op_tuning.load_cache(str(tmp_path / "odd.json"))
+    good = json.loads(open(path).read())
+    good["fingerprint"] = op_tuning.fingerprint()
+    good["choices"]["damaged"] = ["triton"]  # one bad entry among good ones: skipped
+    (tmp_path / "mixed.json").write_text(json.dumps(good))
+    assert f"{len(good['choices']) - 1} measured problems read" in op_tuning.load_cache(str(tmp_path / "mixed.json"))
+
     (tmp_path / "bad.json").write_text("{not json")
     bad = fastdiff.load("arch:tiny-dit").optimize(backend="triton", kernel_ops="tune",
                                                   tune_cache=str(tmp_path / "bad.json"))
     assert "unreadable" in bad.notes[-1]
     with pytest.raises(fastdiff.BadArgumentError, match="tune_cache needs"):
         fastdiff.OptimizeConfig(backend="triton", tune_cache=path)
+    with pytest.raises(fastdiff.BadArgumentError, match="existing folder"):
+        fastdiff.OptimizeConfig(backend="triton", kernel_ops="tune", tune_cache=str(tmp_path / "no" / "t.json"))
+
+
+def test_an_unwritable_cache_warns_once_and_generation_goes_on(timer, tmp_path, monkeypatch):
+    def refuse(path):
+        raise OSError("read-only file system")
+
+    monkeypatch.setattr(op_tuning, "save_cache", refuse)
+    monkeypatch.setattr(op_tuning, "_save_failed", [])
+    pipe = fastdiff.load("arch:tiny-dit").optimize(backend="triton", kernel_ops="tune",
+                                                   tune_cache=str(tmp_path / "t.json"))
+    with pytest.warns(UserWarning, match="cannot be written") as record:
+        pipe.generate(seeds=[1], class_labels=[2], steps=2, progress=False)
+    assert len([w for w in record if "cannot be written" in str(w.message)]) == 1
 
 
 def test_a_capture_after_the_warm_up_replays_the_measured_choice(timer, monkeypatch):
