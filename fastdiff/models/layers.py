@@ -204,7 +204,7 @@ def op_backends(model: nn.Module) -> dict[str, str]:
     """Which path each fused op type uses, for ``fastdiff info`` and logs: one backend name, or, where the
     layers of a type differ (``kernel_ops="tune"`` chooses per layer and problem), each with its count, e.g.
     ``"native x4, triton x12"``. A tuned layer shows what it chose ("native+triton" when its problems
-    differ), or "tune" before its first call."""
+    differ), "<fallback> (untuned)" where nothing could be measured, or "tune" before its first call."""
     seen: dict[str, dict[str, int]] = {}
     for m in model.modules():
         if isinstance(m, FusedOp):
@@ -212,6 +212,8 @@ def op_backends(model: nn.Module) -> dict[str, str]:
             label = m.backend
             if label == "tune" and m.__dict__.get("tune_choices"):  # what it measured fastest (per problem)
                 label = "+".join(sorted(set(m.tune_choices.values())))
+            elif label == "tune" and m.__dict__.get("tune_untuned"):  # nothing could be measured (no GPU)
+                label = f"{m.tune_fallback} (untuned)"
             counts[label] = counts.get(label, 0) + 1
     return {name: next(iter(c)) if len(c) == 1 else ", ".join(f"{b} x{n}" for b, n in sorted(c.items()))
             for name, c in seen.items()}

@@ -156,6 +156,7 @@ def choose(module, args: tuple, kwargs: dict) -> str:
                 _signature(tuple(sorted(kwargs.items())))))  # a string: the timing cache stores it as JSON
     known = _choices.get(key)
     if known is None and not _measurable(tensors):  # e.g. inside a capture: a problem met for the first time
+        module.__dict__["tune_untuned"] = True  # reported by op_backends
         return module.tune_fallback
     if known is None:
         with _lock:  # one measurement at a time (and once per problem)
