@@ -98,7 +98,8 @@ def run(args) -> int:
     for k, v in report["backends"].items():
         print(f"  {k:12s} {v}")
     print(f"cuda extension: {report['cuda_extension']}")
-    print("fused ops (backend='auto'; on a GPU each op takes what was measured faster there: "
+    print("fused ops (backend='auto'; on a GPU each op takes the per-op table, GPU_DEFAULT_OPS: measured winners, "
+          "torch where not measured yet; kernel_ops='tune' measures per layer: "
           + ", ".join(f"{k}={v}" for k, v in report["gpu_default_ops"].items()) + "):")
     for k, v in report["fused_ops"].items():
         print(f"  {k:20s} {v}")
