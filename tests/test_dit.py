@@ -373,3 +373,19 @@ def test_mlp_fused_gelu_path_reshapes_like_the_plain_one(monkeypatch):
     monkeypatch.setattr(Mlp, "fused_gelu", lambda self, x: True)
     torch.testing.assert_close(mlp(x), want)
     assert calls == [(10, 12)]
+
+
+def test_mlp_falls_back_when_the_fused_gemm_is_refused(monkeypatch):
+    from fastdiff.models.dit import Mlp
+
+    mlp = Mlp(12, 20)
+    x = torch.randn(2, 5, 12)
+    want = mlp(x)
+
+    def refuse(*a, **k):
+        raise RuntimeError("CUBLAS_STATUS_NOT_SUPPORTED")
+
+    monkeypatch.setattr(torch, "_addmm_activation", refuse)
+    monkeypatch.setattr(Mlp, "fused_gelu", lambda self, x: not self.__dict__.get("_refused"))
+    torch.testing.assert_close(mlp(x), want)
+    assert mlp._refused and not mlp.fused_gelu(x)

@@ -223,13 +223,19 @@ class Mlp(nn.Module):
         autocast (the op is not on autocast's lists)."""
         return (self.approximate == "tanh" and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
                 and self.fc1.bias is not None and self.fc1.weight.dtype == x.dtype
-                and not torch.is_autocast_enabled() and not exporting())
+                and not torch.is_autocast_enabled() and not exporting() and not self.__dict__.get("_refused"))
 
     def forward(self, x):
         if self.fused_gelu(x):  # no separate GELU kernel over the (N*T, 4D) hidden activations
-            h = torch._addmm_activation(self.fc1.bias, x.reshape(-1, x.shape[-1]), self.fc1.weight.t(),
-                                        use_gelu=True)  # (N*T, 4D)
-            return self.fc2(h.reshape(*x.shape[:-1], h.shape[-1]))  # (N, T, D)
+            try:
+                h = torch._addmm_activation(self.fc1.bias, x.reshape(-1, x.shape[-1]), self.fc1.weight.t(),
+                                            use_gelu=True)  # (N*T, 4D)
+            except RuntimeError:  # a torch build that refuses it: the two-kernel path from now on
+                if torch.cuda.is_current_stream_capturing():
+                    raise
+                self._refused = True
+            else:
+                return self.fc2(h.reshape(*x.shape[:-1], h.shape[-1]))  # (N, T, D)
         return self.fc2(F.gelu(self.fc1(x), approximate=self.approximate))
 
 
