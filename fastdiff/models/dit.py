@@ -231,7 +231,7 @@ class Mlp(nn.Module):
                 h = torch._addmm_activation(self.fc1.bias, x.reshape(-1, x.shape[-1]), self.fc1.weight.t(),
                                             use_gelu=True)  # (N*T, 4D)
             except RuntimeError:  # a torch build that refuses it: the two-kernel path from now on
-                if torch.cuda.is_current_stream_capturing():
+                if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
                     raise
                 self._refused = True
             else:
