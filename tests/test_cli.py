@@ -33,6 +33,15 @@ def test_generate_grid_png(tmp_path):
         assert part in last
 
 
+def test_generate_with_tuned_kernels(tmp_path):
+    """--kernel-ops tune on the CPU (interpreter): nothing can be measured, every layer runs its fallback."""
+    r = fastdiff("generate", "arch:tiny-unet", "--steps", "1", "--n", "1", "-o", "out.png", "--no-progress",
+                 "--backend", "triton", "--kernel-ops", "tune", "--tune-cache", "tune.json", cwd=tmp_path,
+                 timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "out.png").exists()
+
+
 def test_generate_separate(tmp_path):
     from PIL import Image
 
@@ -118,6 +127,8 @@ def test_bench_json(tmp_path):
     (["generate", "arch:tiny-unet", "--steps", "0"], "--steps"),
     (["generate", "/no/such/model/here"], "/no/such/model/here"),
     (["generate", "arch:tiny-unet", "--backend", "tensorrt"], "tensorrt"),
+    (["generate", "arch:tiny-unet", "--kernel-ops", "tune"], "--kernel-ops"),
+    (["generate", "arch:tiny-unet", "--backend", "triton", "--tune-cache", "t.json"], "--tune-cache"),
     (["generate", "arch:no-such-arch"], "no-such-arch"),
     (["bench", "arch:tiny-unet", "--backends", "eager,warp"], "warp"),
     (["bench", "arch:tiny-unet", "--backends", "eager+turbo"], "turbo"),

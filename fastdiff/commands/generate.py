@@ -55,6 +55,12 @@ def register(sub) -> None:
     p.add_argument("--backend", choices=backends, default=None,
                    help="runtime backend; asked for explicitly it must run here or the command fails "
                         "(default: eager)")
+    p.add_argument("--kernel-ops", choices=["measured", "all", "tune"], default=None,
+                   help="with --backend triton: which kernel each fused op runs: the per-op table measured on a GPU "
+                        "(default), every op on Triton, or 'tune' (each layer times its kernels on its first call "
+                        "and keeps the fastest)")
+    p.add_argument("--tune-cache", default=None, metavar="FILE.json",
+                   help="with --kernel-ops tune: a timing cache kept between runs (read first, then updated)")
     p.add_argument("--dtype", choices=dtypes, default=None, help="network precision (default: the checkpoint's)")
     p.add_argument("--device", default=None, metavar="DEV", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--separate", action="store_true", help="one PNG per image instead of a grid")
@@ -186,6 +192,11 @@ def _validate(args) -> None:
             raise BadArgumentError(f"{flag}: folder {folder} does not exist")
         if not os.access(folder, os.W_OK):
             raise BadArgumentError(f"{flag}: folder {folder} is not writable")
+    if args.kernel_ops is not None and args.backend != "triton":
+        raise BadArgumentError(f"--kernel-ops: expected --backend triton (the only backend with a kernel choice), "
+                               f"found --backend {args.backend}")
+    if args.tune_cache is not None and args.kernel_ops != "tune":
+        raise BadArgumentError(f"--tune-cache: expected --kernel-ops tune, found --kernel-ops {args.kernel_ops}")
     if not 0 <= args.seed < 2**63 - args.n:
         raise BadArgumentError(f"--seed: expected an integer in [0, 2**63 - n), found {args.seed}")
 
@@ -216,7 +227,8 @@ def run(args) -> int:
 
     t0 = time.perf_counter()
     if args.backend is not None or args.dtype is not None:
-        pipe.optimize(OptimizeConfig(backend=args.backend or "eager", dtype=args.dtype))
+        pipe.optimize(OptimizeConfig(backend=args.backend or "eager", dtype=args.dtype,
+                                     kernel_ops=args.kernel_ops or "measured", tune_cache=args.tune_cache))
     sync(device)
     t_opt = time.perf_counter() - t0
 
