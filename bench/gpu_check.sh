@@ -115,7 +115,7 @@ if wants cuda-ext; then
 fi
 
 # --- 4. GPU-only tests -----------------------------------------------------------------------------
-wants tests && step gpu-tests 110 $PY -m pytest -q -m gpu tests -p no:cacheprovider
+wants tests && step gpu-tests 180 $PY -m pytest -q -m gpu tests -p no:cacheprovider
 
 # --- 5. kernel benchmarks --------------------------------------------------------------------------
 if wants kernels; then
