@@ -39,7 +39,6 @@ from typing import Callable, Optional
 
 import torch
 
-TUNE = "tune"
 CALLS_PER_GRAPH = 5
 REPLAYS = 10
 MARGIN = 0.03  # a candidate must beat the fallback by more than 3%
@@ -182,9 +181,10 @@ def _kernel_sources_hash() -> str:
     import hashlib
     import pathlib
 
+    from .. import kernels  # installed as fastdiff.kernels: found wherever the install put it
+
     h = hashlib.sha256()
-    folder = pathlib.Path(__file__).resolve().parents[2] / "kernels"
-    for path in sorted(folder.glob("*.py")):
+    for path in sorted(pathlib.Path(kernels.__file__).resolve().parent.glob("*.py")):
         h.update(path.name.encode() + path.read_bytes())
     return h.hexdigest()[:16]
 
