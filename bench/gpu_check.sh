@@ -17,7 +17,7 @@
 #   dit           fastdiff bench arch:dit-xl-2-256, fp16, dpmpp_2m x 20, cfg 4: eager / triton / CUDA-graph
 #                 variants vs diffusers eager (DiTTransformer2DModel + DPMSolverMultistepScheduler)
 #   sd15          the same for arch:sd15-unet (64x64 latents, 77 text tokens, cfg 7.5), channels-last
-#   dit-vs-compile / sd15-vs-compile   fastdiff triton+loop, diffusers eager and
+#   dit-vs-compile / sd15-vs-compile   fastdiff triton+loop and compile+loop+autotune, diffusers eager and
 #                 torch.compile(diffusers model, mode="max-autotune"), in one run
 #   dit-compile   fastdiff's compile backend (+ loop graphs) vs diffusers eager
 #   sd15-compile  the same for the SD1.5 UNet
@@ -169,8 +169,14 @@ wants sd15 && bench_e2e sd15-unet "$SD" 7.5 300 \
 # (a process of its own: a compile that outlives its limit cannot take the figures above with it)
 # Inductor's max-autotune of the diffusers DiT ran past 176 s on an H200 (one GEMM's autotuning took 37 s):
 # these stages need a call of their own (FASTDIFF_GPU_STAGES=dit-vs-compile, FASTDIFF_GPU_BUDGET_S=540)
-wants dit-vs-compile && bench_e2e dit-xl-2-256-vs-compile "$DIT" 4 480 triton+loop diffusers,compile
-wants sd15-vs-compile && bench_e2e sd15-unet-vs-compile "$SD" 7.5 520 triton+loop+cl diffusers,compile
+# fastdiff's rows: its Triton path, and its compile backend with Inductor's GEMM autotuning under its own loop
+# graph (compile+loop+autotune: the same GEMM kernels as the compiled diffusers model, so the ratio shows what
+# the captured loop adds). Each row is logged as soon as it is measured: a step cut off by its limit keeps
+# the rows before the cut in its .log.
+wants dit-vs-compile && bench_e2e dit-xl-2-256-vs-compile "$DIT" 4 520 \
+    "${FASTDIFF_GPU_DIT_COMPILE_VARIANTS:-triton+loop,compile+loop+autotune}" diffusers,compile
+wants sd15-vs-compile && bench_e2e sd15-unet-vs-compile "$SD" 7.5 520 \
+    "${FASTDIFF_GPU_SD_COMPILE_VARIANTS:-triton+loop+cl,compile+loop+cl+autotune}" diffusers,compile
 # fastdiff's own torch.compile backend (Inductor on the native ops, plus fastdiff's CUDA graphs)
 wants dit-compile && bench_e2e dit-xl-2-256-compile "$DIT" 4 150 compile+loop diffusers
 wants sd15-compile && bench_e2e sd15-unet-compile "$SD" 7.5 200 compile+loop+cl diffusers

@@ -90,10 +90,12 @@ def test_parse_backend_variants():
         ("triton+loop+qkv", "triton", dict(cuda_graphs=True, graph_scope="loop", fuse_qkv=True)),
         ("compile+step", "compile", dict(cuda_graphs=True, graph_scope="step"))]
     # per-op kernel choices combine; two choices for one op, or a table with per-op choices, do not
+    assert parse_backend_variants("compile+loop+autotune")[0][2] == dict(
+        cuda_graphs=True, graph_scope="loop", compile_mode="max-autotune")
     assert parse_backend_variants("triton+gnext+upd")[0][2] == dict(
         kernel_ops={"group_norm": "cuda_ext", "sampler_update": "triton"})
     for bad, match in (("triton+upd+updext", "same op"), ("triton+allk+upd", "choose one of"),
-                       ("triton+loop+step", "choose one of")):
+                       ("triton+loop+step", "choose one of"), ("triton+loop+autotune", "needs backend='compile'")):
         with pytest.raises(BadArgumentError, match=match):
             parse_backend_variants(bad)
 

@@ -42,10 +42,29 @@ def test_fuse_qkv_is_not_saved(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs", [dict(backend="nope"), dict(dtype="fp8"), dict(graph_scope="all"),
-                                    dict(batch_buckets=()), dict(batch_buckets=(0, 2)), dict(max_graphs=0)])
+                                    dict(batch_buckets=()), dict(batch_buckets=(0, 2)), dict(max_graphs=0),
+                                    dict(backend="compile", compile_mode="fast"),
+                                    dict(backend="triton", compile_mode="max-autotune")])
 def test_config_validation(kwargs):
     with pytest.raises(BadArgumentError):
         OptimizeConfig(**kwargs)
+
+
+@pytest.mark.parametrize("mode,graphs,device,expected", [
+    ("max-autotune", True, "cuda", "max-autotune-no-cudagraphs"),
+    ("reduce-overhead", True, "cuda", "default"),
+    ("max-autotune", False, "cuda", "max-autotune"),  # no fastdiff graphs: Inductor keeps its own
+    ("max-autotune", True, "cpu", "max-autotune"),  # no CUDA graphs on the CPU at all
+    ("max-autotune-no-cudagraphs", True, "cuda", "max-autotune-no-cudagraphs"),
+])
+def test_compile_mode_leaves_graphs_to_fastdiff(mode, graphs, device, expected):
+    """Inductor's CUDA graphs never nest inside fastdiff's capture; the note says what ran instead."""
+    from fastdiff.runtime.runners import compile_mode
+
+    notes = []
+    config = OptimizeConfig(backend="compile", compile_mode=mode, cuda_graphs=graphs)
+    assert compile_mode(config, torch.device(device), notes) == expected
+    assert bool(notes) == (expected != mode)
 
 
 def test_buckets_are_sorted():

@@ -121,6 +121,8 @@ VARIANT_SWITCHES = {
     "geglu": dict(kernel_ops={"geglu": "triton"}),  # SD's feed-forward GEGLU as one Triton kernel
     "upd": dict(kernel_ops={"sampler_update": "triton"}),  # the samplers' fused state update on Triton
     "updext": dict(kernel_ops={"sampler_update": "cuda_ext"}),  # ... from the CUDA C++ extension
+    # backend "compile" only: Inductor autotunes every GEMM (fastdiff's graphs replace Inductor's own)
+    "autotune": dict(compile_mode="max-autotune"),
     "flash": dict(sdpa_backend="flash"),  # SDPA pinned to FlashAttention (else SDPA's own choice)
     "efficient": dict(sdpa_backend="efficient"),
 }
@@ -129,7 +131,7 @@ VARIANT_SWITCHES = {
 def parse_backend_variants(text: str) -> list[tuple[str, str, dict]]:
     """``"eager,triton+loop+qkv"`` -> [(label, backend, OptimizeConfig switches), ...]."""
     from ..errors import BadArgumentError
-    from ..runtime.config import BACKENDS
+    from ..runtime.config import BACKENDS, OptimizeConfig
 
     out = []
     for label in _parse_list(text, "--backends"):
@@ -153,6 +155,10 @@ def parse_backend_variants(text: str) -> list[tuple[str, str, dict]]:
                 raise BadArgumentError(f"--backends: {label!r}: choose one of "
                                        f"{' and '.join('+' + k for k, v in VARIANT_SWITCHES.items() if clash & set(v))}")
             switches.update(new)
+        try:  # a combination the config refuses (e.g. +autotune on a backend other than compile) fails here
+            OptimizeConfig(backend=backend, **switches)
+        except BadArgumentError as e:
+            raise BadArgumentError(f"--backends: {label!r}: {e}") from None
         out.append((label, backend, switches))
     return out
 
@@ -250,6 +256,7 @@ def _bench_fastdiff(args, label: str, backend: str, switches: dict, batches, dev
                         first=first_call)
             nfe = counter.calls
             row.update(_row_stats(m, b, args.steps, nfe), status="ok")
+            log(_row_line(row))
             if getattr(pipe, "model", None) is not None:  # which kernel each fused op ran ("tune": per layer)
                 from ..models.layers import op_backends
 
@@ -262,6 +269,12 @@ def _bench_fastdiff(args, label: str, backend: str, switches: dict, batches, dev
                        detail=traceback.format_exc(limit=3))
         rows.append(row)
     return rows
+
+
+def _row_line(row: dict) -> str:
+    """The row's figures as soon as they exist: a run killed by its time limit keeps them in its log."""
+    return (f"    median {row['median_s'] * 1e3:.1f} ms, p90 {row['p90_s'] * 1e3:.1f} ms, "
+            f"first call {row['first_call_s']:.1f} s")
 
 
 def _row_stats(m, b: int, steps: int, nfe: int) -> dict:
@@ -491,6 +504,7 @@ def _bench_diffusers(args, pipe_source, compare, batches, device, log) -> list[d
                     m = measure(fn, device, warmup=args.warmup, repeat=args.repeat)
                 nfe = len(scheduler.timesteps)
                 row.update(_row_stats(m, b, args.steps, nfe), status="ok")
+                log(_row_line(row))
             except Exception as e:
                 row.update(status="failed", reason=f"{type(e).__name__}: {_one_line(e)}",
                            detail=traceback.format_exc(limit=3))

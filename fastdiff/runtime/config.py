@@ -17,6 +17,10 @@ from ..errors import BadArgumentError
 BACKENDS = ("eager", "triton", "compile", "onnxruntime", "tensorrt")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 GRAPH_SCOPES = ("step", "loop")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# Modes whose Inductor CUDA graphs would nest inside fastdiff's own capture (cuda_graphs=True): the same
+# kernel choices without Inductor's graphs. fastdiff's graphs then hold the whole network (or loop).
+COMPILE_MODES_WITHOUT_GRAPHS = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
 
 
 @dataclass
@@ -46,7 +50,11 @@ class OptimizeConfig:
         but one graph per sampler/steps combination).
     max_graphs: the graph cache bound (least recently used graphs are dropped).
     fuse_qkv: one matmul for q, k, v in self-attention. Cost: a second copy of those weights.
-    compile_mode: ``torch.compile`` mode (``default`` | ``reduce-overhead`` | ``max-autotune``).
+    compile_mode: ``torch.compile`` mode with ``backend="compile"`` (``default`` | ``reduce-overhead`` |
+        ``max-autotune`` | ``max-autotune-no-cudagraphs``). ``max-autotune`` times Triton GEMM templates
+        against cuBLAS for every matmul shape. Cost: minutes of compile time per bucket. With
+        ``cuda_graphs=True`` fastdiff's graphs replace Inductor's own (``reduce-overhead`` runs as
+        ``default``, ``max-autotune`` as ``max-autotune-no-cudagraphs``, with a note).
     kernel_ops: with ``backend="triton"``, which implementation each fused op uses: ``"measured"``
         (default: on a GPU, ``fastdiff.models.layers.GPU_DEFAULT_OPS``, the per-op winners measured on an
         H200; elsewhere every op on Triton), ``"all"`` (every op on its Triton kernel), or a dict of
@@ -113,6 +121,11 @@ class OptimizeConfig:
             folder = os.path.dirname(os.path.abspath(self.tune_cache))
             if not os.path.isdir(folder):
                 raise BadArgumentError(f"tune_cache: expected a file in an existing folder, found no folder {folder}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise BadArgumentError(f"compile_mode must be one of {COMPILE_MODES}, found {self.compile_mode!r}")
+        if self.compile_mode != "default" and self.backend != "compile":
+            raise BadArgumentError(f"compile_mode={self.compile_mode!r} needs backend='compile', found "
+                                   f"backend={self.backend!r}")
         if self.max_graphs < 1:
             raise BadArgumentError(f"max_graphs must be >= 1, found {self.max_graphs}")
 

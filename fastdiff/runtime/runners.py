@@ -12,7 +12,7 @@ import torch
 
 from ..errors import BackendUnavailableError
 from ..models.layers import set_backend, set_sdpa_backend
-from .config import OptimizeConfig
+from .config import COMPILE_MODES_WITHOUT_GRAPHS, OptimizeConfig
 
 
 def prepare_model(model: torch.nn.Module, config: OptimizeConfig, device: torch.device) -> torch.nn.Module:
@@ -49,7 +49,7 @@ def build_runner(pipe, config: OptimizeConfig, graph_factory=None) -> tuple[Call
         pipe.model = model
         runner: Callable = model
         if backend == "compile":
-            runner = torch.compile(model, fullgraph=True, dynamic=False, mode=config.compile_mode)
+            runner = torch.compile(model, fullgraph=True, dynamic=False, mode=compile_mode(config, device, notes))
             if not config.cuda_graphs:  # one static shape per bucket (graphs pad to buckets themselves)
                 from .graphs import BucketPadded, network_buckets
 
@@ -84,6 +84,17 @@ def build_runner(pipe, config: OptimizeConfig, graph_factory=None) -> tuple[Call
                                     graph_factory=graph_factory)
         # graph_scope="loop" is applied by the Pipeline around the whole sampling loop.
     return runner, notes
+
+
+def compile_mode(config: OptimizeConfig, device: torch.device, notes: list[str]) -> str:
+    """``config.compile_mode``, less Inductor's CUDA graphs where fastdiff's own graphs capture the network:
+    a graph tree replayed inside another capture is not something Inductor supports."""
+    mode = config.compile_mode
+    if config.cuda_graphs and torch.device(device).type == "cuda" and mode in COMPILE_MODES_WITHOUT_GRAPHS:
+        mode = COMPILE_MODES_WITHOUT_GRAPHS[mode]
+        notes.append(f"compile_mode {config.compile_mode!r} runs as {mode!r}: fastdiff's CUDA graphs capture "
+                     f"the network, not Inductor's")
+    return mode
 
 
 def _tensorrt_runner(pipe, config: OptimizeConfig):
