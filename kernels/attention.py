@@ -192,9 +192,11 @@ def launch_config(nq: int, nk: int, d: int, dtype: torch.dtype, device_type: str
         # the accuracy path (IEEE fp32 dots run on FMA units, not tensor cores): small tiles
         block_m, block_n, num_warps, num_stages = 64, 32, 4, 2
     elif device_type == "cuda":
+        # wide heads: 64-row tiles on one warpgroup of 4 warps (8 warps would split a 64-row wgmma tile
+        # across two warpgroups: triton 3.1, torch 2.5's pin, aborts compiling that for sm_90)
         block_m = 128 if block_d <= 64 else 64
         block_n = 64
-        num_warps = 4 if block_d <= 64 else 8
+        num_warps = 4
         num_stages = 3 if block_d <= 64 else 2
     else:  # the interpreter: few, large programs
         block_m, block_n, num_warps, num_stages = 64, 64, 4, 1

@@ -75,6 +75,20 @@ def test_head_tiles_split_instead_of_padding():
         assert main + tail >= d and main >= 16 and tail in (0,) + tuple(2 ** i for i in range(4, 9))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_fixed_tiles_keep_64_rows_per_warpgroup(dtype):
+    """The fixed (untuned) half-precision tiles give each warpgroup of 4 warps at least 64 query rows, the
+    wgmma tile height on Hopper: with fewer, triton 3.1 (torch 2.5's pin) aborts the process while compiling
+    for sm_90 (seen with 64 rows on 8 warps at D = 128 / 160)."""
+    from fastdiff.kernels.attention import launch_config
+
+    for d in (32, 40, 64, 72, 80, 128, 160, 256):
+        for nq in (77, 256, 4096):
+            cfg = launch_config(nq, 77, d, dtype, "cuda")
+            if cfg["block_m"] >= 64:
+                assert cfg["block_m"] // (cfg["num_warps"] // 4) >= 64, (d, nq, cfg)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_attention_default_output_and_scale(dtype):
     q, k, v = make_qkv(2, 2, 9, 77, 40, dtype, "contiguous")

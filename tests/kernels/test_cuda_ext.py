@@ -9,6 +9,7 @@
 """
 
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -84,6 +85,17 @@ def test_kernels_compile_with_nvcc(arch, tmp_path):
         assert f"sm_{arch}" in listing
 
 
+def _nvcc_includes() -> list[str]:
+    """The CUDA toolkit's include flags, as nvcc itself reports them: ``nvcc`` on PATH may be a wrapper script
+    outside the toolkit (then ``<nvcc>/../include`` is the wrong folder)."""
+    r = subprocess.run([NVCC, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                       capture_output=True, text=True, timeout=60)
+    for line in (r.stdout + r.stderr).splitlines():
+        if "INCLUDES=" in line and "SYSTEM_INCLUDES" not in line:
+            return shlex.split(line.split("INCLUDES=", 1)[1])
+    return [f"-I{Path(NVCC).resolve().parent.parent / 'include'}"]
+
+
 def _torch_cuda_headers():
     inc = Path(torch.__file__).parent / "include"
     needed = ("ATen/cuda/CUDAContext.h", "c10/cuda/CUDAStream.h", "c10/cuda/impl/cuda_cmake_macros.h")
@@ -97,9 +109,8 @@ def test_binding_compiles_against_torch(tmp_path):
     if missing:
         pytest.skip(f"torch {torch.__version__} ships without its CUDA headers ({', '.join(missing)} missing: a "
                     "CPU wheel); binding.cpp is checked on a CUDA build of torch")
-    cuda_inc = Path(NVCC).resolve().parent.parent / "include"
     cmd = [os.environ.get("CXX", "g++"), "-std=c++17", "-fsyntax-only", "-DTORCH_EXTENSION_NAME=fastdiff_cuda_ext",
-           "-DTORCH_API_INCLUDE_EXTENSION_H", f"-I{inc}", f"-I{inc / 'torch/csrc/api/include'}", f"-I{cuda_inc}",
+           "-DTORCH_API_INCLUDE_EXTENSION_H", f"-I{inc}", f"-I{inc / 'torch/csrc/api/include'}", *_nvcc_includes(),
            f"-I{sysconfig.get_paths()['include']}", f"-I{CSRC}", str(CSRC / "binding.cpp")]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
