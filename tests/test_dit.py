@@ -184,6 +184,47 @@ def test_triton_backend_matches_native(official, ref):
     assert _rel(out, ref["out"]) <= 1e-4
 
 
+@pytest.mark.parametrize("backend", ["native", "triton"])
+def test_fused_adaln_matches_official(official, ref, backend):
+    """fuse_adaln: one matmul for every adaLN projection, still equal to the official DiT's output; the layers'
+    weights become views of the fused one (no second copy) and the state dict keeps the official layout."""
+    from fastdiff.models.fuse import fuse_adaln
+
+    if backend == "triton" and not layers.triton_available()[0]:
+        pytest.skip(layers.triton_available()[1])
+    config, sd, _ = official
+    model = build_dit(config, sd)
+    assert fuse_adaln(model) == config.depth + 1
+    assert model.adaln_weight.shape == (config.depth * 6 * config.hidden_size + 2 * config.hidden_size,
+                                         config.hidden_size)
+    lin = model.blocks[1].adaLN_modulation[1]
+    assert lin.weight.untyped_storage().data_ptr() == model.adaln_weight.untyped_storage().data_ptr()
+    layers.set_backend(model, backend)
+    try:
+        with torch.no_grad():
+            out = model(ref["x"], ref["t"], ref["y"])
+    finally:
+        layers.set_backend(model, "native")
+    if backend == "native":
+        _close(out, ref["out"])
+    else:
+        assert _rel(out, ref["out"]) <= 1e-4
+    state = model.state_dict()
+    assert state.keys() == sd.keys()  # the fused buffers are not part of the checkpoint
+    for k in ("blocks.1.adaLN_modulation.1.weight", "final_layer.adaLN_modulation.1.bias"):
+        torch.testing.assert_close(state[k], sd[k], rtol=0, atol=0)
+
+
+def test_fused_adaln_leaves_per_block_conditioning_alone():
+    """diffusers' random-init DiT gives every block its own embedders: there is no shared conditioning to
+    project once, so nothing is fused."""
+    from fastdiff.models.fuse import fuse_adaln
+
+    model = DiT(DiTConfig(input_size=4, hidden_size=16, depth=2, num_heads=2, num_classes=3,
+                          per_block_conditioning=True))
+    assert fuse_adaln(model) == 0 and model.adaln_weight is None
+
+
 # --- diffusers DiTTransformer2DModel / Transformer2DModel --------------------------------------------
 
 DIFFUSERS_CASES = {

@@ -41,6 +41,22 @@ def test_fuse_qkv_is_not_saved(tmp_path):
         fastdiff.load("arch:tiny-sd-unet").model.state_dict().keys()
 
 
+def test_fuse_adaln_keeps_samples_and_saves_the_original_layout(tmp_path):
+    """DiT with every adaLN projection in one matmul: the same samples; ``save`` writes the per-block weights
+    (views of the fused buffer, which safetensors would refuse unseparated) and they load back equal."""
+    kw = dict(seeds=[1, 2], steps=3, sampler="dpmpp_2m", class_labels=[0, 1], cfg_scale=3.0, progress=False)
+    reference = fastdiff.load("arch:tiny-dit").generate(**kw)
+    pipe = fastdiff.load("arch:tiny-dit").optimize(fuse_adaln=True)
+    assert pipe.model.adaln_weight is not None
+    assert rel_err(pipe.generate(**kw), reference) <= 1e-6
+    pipe.save(str(tmp_path / "m"))
+    loaded = fastdiff.load(str(tmp_path / "m"))
+    assert loaded.model.adaln_weight is None
+    for k, v in pipe.model.state_dict().items():
+        torch.testing.assert_close(loaded.model.state_dict()[k], v, rtol=0, atol=0)
+    assert rel_err(loaded.generate(**kw), reference) <= 1e-6
+
+
 @pytest.mark.parametrize("kwargs", [dict(backend="nope"), dict(dtype="fp8"), dict(graph_scope="all"),
                                     dict(batch_buckets=()), dict(batch_buckets=(0, 2)), dict(max_graphs=0),
                                     dict(backend="compile", compile_mode="fast"),

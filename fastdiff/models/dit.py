@@ -261,10 +261,12 @@ class DiTBlock(nn.Module):
         else:
             self.t_embedder = self.y_embedder = None
 
-    def forward(self, x, c, c_act=None):
+    def forward(self, x, c, c_act=None, mod=None):
         """x (N, T, D); c (N, D) the conditioning; ``c_act`` = SiLU(c) when the caller computed it once for every
-        block (the first layer of ``adaLN_modulation``; the module keeps the checkpoints' Sequential layout)."""
-        mod = self.adaLN_modulation(c) if c_act is None else self.adaLN_modulation[1](c_act)  # (N, 6D)
+        block (the first layer of ``adaLN_modulation``; the module keeps the checkpoints' Sequential layout);
+        ``mod`` (N, 6D) this block's modulation when the caller computed every block's in one matmul."""
+        if mod is None:
+            mod = self.adaLN_modulation(c) if c_act is None else self.adaLN_modulation[1](c_act)  # (N, 6D)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)  # 6 x (N, D)
         x = self.residual(x, gate_msa, self.attn(self.norm1(x, shift_msa, scale_msa)))  # (N, T, D)
         x = self.residual(x, gate_mlp, self.mlp(self.norm2(x, shift_mlp, scale_mlp)))  # (N, T, D)
@@ -280,8 +282,9 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
 
-    def forward(self, x, c, c_act=None):
-        mod = self.adaLN_modulation(c) if c_act is None else self.adaLN_modulation[1](c_act)  # (N, 2D)
+    def forward(self, x, c, c_act=None, mod=None):
+        if mod is None:
+            mod = self.adaLN_modulation(c) if c_act is None else self.adaLN_modulation[1](c_act)  # (N, 2D)
         shift, scale = mod.chunk(2, dim=1)  # 2 x (N, D)
         x = self.norm_final(x, shift, scale)  # (N, T, D)
         return self.linear(x)  # (N, T, p * p * C_out)
@@ -313,6 +316,10 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList(
             [DiTBlock(c, own_conditioning=c.per_block_conditioning and i > 0) for i in range(c.depth)])
         self.final_layer = FinalLayer(c.hidden_size, c.patch_size, c.out_channels, eps=c.norm_eps)
+        # Every adaLN projection stacked, (depth * 6D + 2D, D): set by fastdiff.models.fuse.fuse_adaln as
+        # non-persistent buffers (checkpoints keep the per-block layout).
+        self.register_buffer("adaln_weight", None, persistent=False)
+        self.register_buffer("adaln_bias", None, persistent=False)
         if self.pos_embed.device.type != "meta":
             self.init_pos_embed()
 
@@ -357,13 +364,23 @@ class DiT(nn.Module):
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D), T = h * w
         c = self.t_embedder(t) + self.y_embedder(y)  # (N, D)
         c_act = F.silu(c)  # every adaLN starts with SiLU(c): computed once, not once per block
-        for block in self.blocks:
+        mods = self.fused_modulation(c_act)  # depth x (N, 6D) + (N, 2D), or None: one matmul per layer
+        for i, block in enumerate(self.blocks):
             if block.t_embedder is None:
-                x = block(x, c, c_act)  # (N, T, D)
+                x = block(x, c, c_act, None if mods is None else mods[i])  # (N, T, D)
             else:  # a block with its own embedders (diffusers' per-block copies)
                 x = block(x, block.t_embedder(t) + block.y_embedder(y))
-        x = self.final_layer(x, c, c_act)  # (N, T, p * p * C_out)
+        x = self.final_layer(x, c, c_act, None if mods is None else mods[-1])  # (N, T, p * p * C_out)
         return self.unpatchify(x, h, w)  # (N, C_out, H, W)
+
+    def fused_modulation(self, c_act):
+        """Every block's adaLN modulation and the final layer's from one (N, D) x (D, depth * 6D + 2D) matmul,
+        split into per-layer views (rows strided by the whole width; the fused layers take strided rows)."""
+        if self.adaln_weight is None:
+            return None
+        D = self.config.hidden_size
+        out = F.linear(c_act, self.adaln_weight, self.adaln_bias)  # (N, depth * 6D + 2D)
+        return out.split([6 * D] * len(self.blocks) + [2 * D], dim=1)
 
     def forward_with_cfg(self, x, timestep, class_labels, cfg_scale: float, guided_channels: Optional[int] = 3):
         """Classifier-free guidance in ONE batched call, exactly as official DiT's ``forward_with_cfg``.

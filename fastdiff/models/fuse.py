@@ -24,3 +24,32 @@ def fuse_qkv(model: nn.Module) -> int:
         m.qkv_weight, m.qkv_bias = w, b  # registered (non-persistent) buffers: follow .to(), never saved
         count += 1
     return count
+
+
+def fuse_adaln(model: nn.Module) -> int:
+    """Give a DiT one (depth * 6D + 2D, D) projection for every adaLN modulation (the blocks' and the final
+    layer's); returns how many projections it replaced (0 for other models, and for DiT models whose blocks
+    carry their own conditioning embedders).
+
+    At batch 2 each block's projection is a (2, D) x (D, 6D) matmul that streams 16 MB of DiT-XL/2 weights
+    (fp16) in a launch too small to fill the GPU; one matmul streams all 446 MB in one launch. No second copy:
+    the layers' weights become views of the fused one, so ``state_dict`` and ``save`` keep the per-block
+    layout (a later ``.to()`` copies the two apart again, still equal).
+    """
+    from .dit import DiT
+
+    if not isinstance(model, DiT) or any(b.t_embedder is not None for b in model.blocks):
+        return 0
+    layers = [b.adaLN_modulation[1] for b in model.blocks] + [model.final_layer.adaLN_modulation[1]]
+    if any(lin.bias is None for lin in layers):
+        return 0
+    with torch.no_grad():
+        weight = torch.cat([lin.weight for lin in layers], dim=0)  # (depth * 6D + 2D, D)
+        bias = torch.cat([lin.bias for lin in layers], dim=0)  # (depth * 6D + 2D,)
+        row = 0
+        for lin in layers:
+            n = lin.out_features
+            lin.weight.data, lin.bias.data = weight[row:row + n], bias[row:row + n]
+            row += n
+    model.adaln_weight, model.adaln_bias = weight, bias  # registered (non-persistent) buffers
+    return len(layers)

@@ -50,6 +50,9 @@ class OptimizeConfig:
         but one graph per sampler/steps combination).
     max_graphs: the graph cache bound (least recently used graphs are dropped).
     fuse_qkv: one matmul for q, k, v in self-attention. Cost: a second copy of those weights.
+    fuse_adaln: DiT only: one matmul for every block's adaLN modulation and the final layer's, instead of
+        depth + 1 small ones per network call (``fastdiff.models.fuse.fuse_adaln``). Cost: none in memory (the
+        layers' weights become views of the fused one); no effect on other models.
     compile_mode: ``torch.compile`` mode with ``backend="compile"`` (``default`` | ``reduce-overhead`` |
         ``max-autotune`` | ``max-autotune-no-cudagraphs``). ``max-autotune`` times Triton GEMM templates
         against cuBLAS for every matmul shape. Cost: minutes of compile time per bucket. With
@@ -82,6 +85,7 @@ class OptimizeConfig:
     graph_scope: str = "step"
     max_graphs: int = 16
     fuse_qkv: bool = False
+    fuse_adaln: bool = False
     compile_mode: str = "default"
     kernel_ops: Union[str, dict] = "measured"
     sdpa_backend: Optional[str] = None

@@ -32,6 +32,10 @@ def prepare_model(model: torch.nn.Module, config: OptimizeConfig, device: torch.
         from ..models.fuse import fuse_qkv
 
         fuse_qkv(model)
+    if config.fuse_adaln:
+        from ..models.fuse import fuse_adaln
+
+        fuse_adaln(model)
     return model
 
 
