@@ -115,7 +115,17 @@ if wants cuda-ext; then
 fi
 
 # --- 4. GPU-only tests -----------------------------------------------------------------------------
-wants tests && step gpu-tests 180 $PY -m pytest -q -m gpu tests -p no:cacheprovider
+# in 4 processes when pytest-xdist is there (a wheel in the payload): most of the tests' time is Triton
+# compiling kernels, which runs on the CPU
+XDIST=""
+if wants tests; then
+    if ! env -C /tmp $PY -c "import xdist" > /dev/null 2>&1 && [ -d "$WHEELS" ]; then
+        $PY -m pip install --quiet --no-index --find-links "$WHEELS" pytest-xdist > /dev/null 2>&1
+    fi
+    env -C /tmp $PY -c "import xdist" > /dev/null 2>&1 && XDIST="-n 4"
+    note gpu-tests-workers "${XDIST:-one process (no pytest-xdist)}"
+fi
+wants tests && step gpu-tests 180 $PY -m pytest -q -m gpu tests -p no:cacheprovider $XDIST
 
 # --- 5. kernel benchmarks --------------------------------------------------------------------------
 if wants kernels; then

@@ -2,7 +2,9 @@
 # Stage what a GPU check needs but the GPU machine cannot download (it has no network) into the ignored
 # gpu_payload/ folder, which the device tool then carries (`carry: ["gpu_payload"]`):
 #   gpu_payload/wheels    diffusers and importlib_metadata + lazy_importer (what diffusers needs that the image
-#                         lacks; it has numpy, Pillow, regex, requests, safetensors, filelock, huggingface_hub)
+#                         lacks; it has numpy, Pillow, regex, requests, safetensors, filelock, huggingface_hub),
+#                         and pytest-xdist + execnet (the GPU tests in parallel: most of their time is Triton
+#                         compiling kernels on the CPU)
 #   gpu_payload/fixtures  with --fixtures: a copy of ../shared/fixtures (../shared does not travel); only
 #                         needed to run the CPU test-suite there, not for the GPU checks
 #
@@ -19,5 +21,5 @@ if [ "$FIXTURES" = 1 ] && [ -d ../shared/fixtures ]; then
 fi
 python -m pip download --quiet --no-deps --dest gpu_payload/wheels --only-binary=:all: --python-version "$PYVER" \
     --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform any \
-    diffusers==0.42.1 importlib_metadata zipp lazy_importer
+    diffusers==0.42.1 importlib_metadata zipp lazy_importer pytest-xdist execnet
 du -sh gpu_payload/* 2>/dev/null
