@@ -120,7 +120,7 @@ fi
 XDIST=""
 if wants tests; then
     if ! env -C /tmp $PY -c "import xdist" > /dev/null 2>&1 && [ -d "$WHEELS" ]; then
-        $PY -m pip install --quiet --no-index --find-links "$WHEELS" pytest-xdist > /dev/null 2>&1
+        step xdist-install 60 $PY -m pip install --quiet --no-index --find-links "$WHEELS" pytest-xdist
     fi
     env -C /tmp $PY -c "import xdist" > /dev/null 2>&1 && XDIST="-n 4"
     note gpu-tests-workers "${XDIST:-one process (no pytest-xdist)}"

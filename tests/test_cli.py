@@ -95,7 +95,8 @@ def test_parse_backend_variants():
     assert parse_backend_variants("triton+gnext+upd")[0][2] == dict(
         kernel_ops={"group_norm": "cuda_ext", "sampler_update": "triton"})
     for bad, match in (("triton+upd+updext", "same op"), ("triton+allk+upd", "choose one of"),
-                       ("triton+loop+step", "choose one of"), ("triton+loop+autotune", "needs backend='compile'")):
+                       ("triton+loop+step", "choose one of"), ("triton+loop+autotune", "needs backend='compile'"),
+                       ("compile+autotune+autotune", "appears twice")):
         with pytest.raises(BadArgumentError, match=match):
             parse_backend_variants(bad)
 

@@ -215,6 +215,47 @@ def test_fused_adaln_matches_official(official, ref, backend):
         torch.testing.assert_close(state[k], sd[k], rtol=0, atol=0)
 
 
+def _shares_stack(model) -> bool:
+    ptr = model.adaln_weight.untyped_storage().data_ptr()
+    return all(b.adaLN_modulation[1].weight.untyped_storage().data_ptr() == ptr for b in model.blocks)
+
+
+@pytest.mark.parametrize("change", ["to", "assign", "deepcopy"])
+def test_fused_adaln_follows_the_layers_weights(official, ref, change):
+    """The stack is always the layers' current weights: after .to(), a load with assign=True or a deepcopy
+    (each gives the layers storages of their own) it is rebuilt, shared again, and a later load reaches it."""
+    import copy
+
+    from fastdiff.models.fuse import fuse_adaln
+
+    config, sd, _ = official
+    model = build_dit(config, sd)
+    fuse_adaln(model)
+    changed = {k: (v * 0.5 if "adaLN_modulation" in k else v) for k, v in sd.items()}
+    if change == "to":
+        model = model.to(torch.float64).to(torch.float32)
+        model.load_state_dict(changed)
+    elif change == "assign":
+        model.load_state_dict({k: v.clone() for k, v in changed.items()}, assign=True)
+    else:
+        model = copy.deepcopy(model)
+        model.load_state_dict(changed)
+    assert model.adaln_weight is not None and _shares_stack(model)
+    with torch.no_grad():
+        _close(model(ref["x"], ref["t"], ref["y"]), build_dit(config, changed)(ref["x"], ref["t"], ref["y"]))
+
+
+def test_fused_adaln_trains_through_the_layers(official, ref):
+    """With autograd on, the per-layer projections run (the stack is a buffer): their weights get gradients."""
+    from fastdiff.models.fuse import fuse_adaln
+
+    config, sd, _ = official
+    model = build_dit(config, sd)
+    fuse_adaln(model)
+    model(ref["x"], ref["t"], ref["y"]).square().mean().backward()
+    assert model.blocks[0].adaLN_modulation[1].weight.grad is not None
+
+
 def test_fused_adaln_leaves_per_block_conditioning_alone():
     """diffusers' random-init DiT gives every block its own embedders: there is no shared conditioning to
     project once, so nothing is fused."""

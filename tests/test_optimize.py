@@ -57,6 +57,18 @@ def test_fuse_adaln_keeps_samples_and_saves_the_original_layout(tmp_path):
     assert rel_err(loaded.generate(**kw), reference) <= 1e-6
 
 
+@pytest.mark.parametrize("arch,switches,note", [
+    ("arch:tiny-sd-unet", dict(fuse_adaln=True), "fuse_adaln ignored"),  # no adaLN
+    ("arch:tiny-dit", dict(fuse_qkv=True), "fuse_qkv ignored"),  # DiT stores qkv fused already
+    ("arch:tiny-dit", dict(fuse_adaln=True, backend="onnxruntime"), "fuse_adaln ignored: the onnxruntime"),
+])
+def test_a_fusion_with_nothing_to_fuse_says_so(arch, switches, note):
+    if switches.get("backend") == "onnxruntime":
+        pytest.importorskip("onnxruntime")
+    pipe = fastdiff.load(arch).optimize(**switches)
+    assert any(n.startswith(note) for n in pipe.notes), pipe.notes
+
+
 @pytest.mark.parametrize("kwargs", [dict(backend="nope"), dict(dtype="fp8"), dict(graph_scope="all"),
                                     dict(batch_buckets=()), dict(batch_buckets=(0, 2)), dict(max_graphs=0),
                                     dict(backend="compile", compile_mode="fast"),

@@ -140,6 +140,8 @@ def parse_backend_variants(text: str) -> list[tuple[str, str, dict]]:
         if backend not in BACKENDS:
             raise BadArgumentError(f"--backends: expected names from {list(BACKENDS)}, found {backend!r}")
         switches: dict = {}
+        if len(set(mods)) < len(mods):
+            raise BadArgumentError(f"--backends: {label!r}: a switch appears twice")
         for m in mods:
             if m not in VARIANT_SWITCHES:
                 raise BadArgumentError(f"--backends: {label!r}: expected switches from {list(VARIANT_SWITCHES)} "

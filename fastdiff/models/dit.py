@@ -316,10 +316,11 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList(
             [DiTBlock(c, own_conditioning=c.per_block_conditioning and i > 0) for i in range(c.depth)])
         self.final_layer = FinalLayer(c.hidden_size, c.patch_size, c.out_channels, eps=c.norm_eps)
-        # Every adaLN projection stacked, (depth * 6D + 2D, D): set by fastdiff.models.fuse.fuse_adaln as
-        # non-persistent buffers (checkpoints keep the per-block layout).
+        # Every adaLN projection stacked, (depth * 6D + 2D, D): set by stack_adaln (fastdiff.models.fuse.fuse_adaln)
+        # as non-persistent buffers (checkpoints keep the per-block layout).
         self.register_buffer("adaln_weight", None, persistent=False)
         self.register_buffer("adaln_bias", None, persistent=False)
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._restack_adaln())
         if self.pos_embed.device.type != "meta":
             self.init_pos_embed()
 
@@ -373,10 +374,60 @@ class DiT(nn.Module):
         x = self.final_layer(x, c, c_act, None if mods is None else mods[-1])  # (N, T, p * p * C_out)
         return self.unpatchify(x, h, w)  # (N, C_out, H, W)
 
+    # --- every adaLN projection as one matmul (OptimizeConfig(fuse_adaln=True)) ---------------------------
+    def _adaln_layers(self) -> Optional[list]:
+        """The Linear layers behind every adaLN modulation, or None where they cannot be stacked (blocks with
+        their own conditioning embedders project a different c each; biasless layers)."""
+        if any(b.t_embedder is not None for b in self.blocks):
+            return None
+        layers = [b.adaLN_modulation[1] for b in self.blocks] + [self.final_layer.adaLN_modulation[1]]
+        return None if any(lin.bias is None for lin in layers) else layers
+
+    def stack_adaln(self) -> int:
+        """Stack every adaLN projection into one (depth * 6D + 2D, D) weight and make each layer's weight and
+        bias a view of it (no second copy; ``state_dict`` keeps the per-block layout). Returns how many layers
+        were stacked (0: not possible for this model)."""
+        layers = self._adaln_layers()
+        if layers is None:
+            return 0
+        with torch.no_grad():
+            weight = torch.cat([lin.weight for lin in layers], dim=0)  # (depth * 6D + 2D, D)
+            bias = torch.cat([lin.bias for lin in layers], dim=0)  # (depth * 6D + 2D,)
+            row = 0
+            for lin in layers:
+                n = lin.out_features
+                lin.weight.data, lin.bias.data = weight[row:row + n], bias[row:row + n]
+                row += n
+        self.adaln_weight, self.adaln_bias = weight, bias
+        return len(layers)
+
+    def _restack_adaln(self) -> None:
+        """Re-stack after anything that may have given the layers storages of their own (a load with
+        ``assign=True``, a copy): the stack must always be the layers' current weights."""
+        if self.adaln_weight is not None:
+            self.adaln_weight = self.adaln_bias = None
+            self.stack_adaln()
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to() / .half() / .cuda() convert every layer on its own: drop the stack first (never converted, no
+        # transient third copy) and rebuild it from the converted layers, so they share one storage again
+        stacked = self.adaln_weight is not None
+        self.adaln_weight = self.adaln_bias = None
+        out = super()._apply(fn, *args, **kwargs)
+        if stacked:
+            self.stack_adaln()
+        return out
+
+    def __setstate__(self, state):
+        super().__setstate__(state)  # copy.deepcopy / unpickling: the copied layers no longer share the stack
+        self._restack_adaln()
+
     def fused_modulation(self, c_act):
         """Every block's adaLN modulation and the final layer's from one (N, D) x (D, depth * 6D + 2D) matmul,
-        split into per-layer views (rows strided by the whole width; the fused layers take strided rows)."""
-        if self.adaln_weight is None:
+        split into per-layer views (rows strided by the whole width; the fused layers take strided rows).
+        None (one matmul per layer) when not stacked, and with autograd on: the stack is a buffer, so training
+        goes through the layers' own parameters."""
+        if self.adaln_weight is None or torch.is_grad_enabled():
             return None
         D = self.config.hidden_size
         out = F.linear(c_act, self.adaln_weight, self.adaln_bias)  # (N, depth * 6D + 2D)

@@ -32,24 +32,10 @@ def fuse_adaln(model: nn.Module) -> int:
     carry their own conditioning embedders).
 
     At batch 2 each block's projection is a (2, D) x (D, 6D) matmul that streams 16 MB of DiT-XL/2 weights
-    (fp16) in a launch too small to fill the GPU; one matmul streams all 446 MB in one launch. No second copy:
-    the layers' weights become views of the fused one, so ``state_dict`` and ``save`` keep the per-block
-    layout (a later ``.to()`` copies the two apart again, still equal).
+    (fp16) in a launch too small to fill the GPU; one matmul streams all 451 MB in one launch. No second copy:
+    the layers' weights become views of the stacked one (``DiT.stack_adaln``), and stay so through ``.to()``,
+    ``load_state_dict`` and copies; ``state_dict`` and ``save`` keep the per-block layout.
     """
     from .dit import DiT
 
-    if not isinstance(model, DiT) or any(b.t_embedder is not None for b in model.blocks):
-        return 0
-    layers = [b.adaLN_modulation[1] for b in model.blocks] + [model.final_layer.adaLN_modulation[1]]
-    if any(lin.bias is None for lin in layers):
-        return 0
-    with torch.no_grad():
-        weight = torch.cat([lin.weight for lin in layers], dim=0)  # (depth * 6D + 2D, D)
-        bias = torch.cat([lin.bias for lin in layers], dim=0)  # (depth * 6D + 2D,)
-        row = 0
-        for lin in layers:
-            n = lin.out_features
-            lin.weight.data, lin.bias.data = weight[row:row + n], bias[row:row + n]
-            row += n
-    model.adaln_weight, model.adaln_bias = weight, bias  # registered (non-persistent) buffers
-    return len(layers)
+    return model.stack_adaln() if isinstance(model, DiT) else 0

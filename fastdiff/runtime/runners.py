@@ -6,7 +6,7 @@ encoder_hidden_states=None) -> Tensor``, so samplers and denoisers never know wh
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -15,8 +15,11 @@ from ..models.layers import set_backend, set_sdpa_backend
 from .config import COMPILE_MODES_WITHOUT_GRAPHS, OptimizeConfig
 
 
-def prepare_model(model: torch.nn.Module, config: OptimizeConfig, device: torch.device) -> torch.nn.Module:
-    """dtype, memory format and fused-op backend applied to a copy-free model (in place)."""
+def prepare_model(model: torch.nn.Module, config: OptimizeConfig, device: torch.device,
+                  notes: Optional[list] = None) -> torch.nn.Module:
+    """dtype, memory format and fused-op backend applied to a copy-free model (in place); a weight fusion
+    that finds nothing to fuse says so in ``notes``."""
+    notes = [] if notes is None else notes
     if config.torch_dtype is not None:
         model = model.to(config.torch_dtype)
     if config.channels_last:
@@ -31,11 +34,14 @@ def prepare_model(model: torch.nn.Module, config: OptimizeConfig, device: torch.
     if config.fuse_qkv:
         from ..models.fuse import fuse_qkv
 
-        fuse_qkv(model)
+        if not fuse_qkv(model):
+            notes.append("fuse_qkv ignored: the model has no self-attention with separate q, k, v projections")
     if config.fuse_adaln:
         from ..models.fuse import fuse_adaln
 
-        fuse_adaln(model)
+        if not fuse_adaln(model):
+            notes.append("fuse_adaln ignored: only a DiT whose blocks share one conditioning has adaLN "
+                         "projections to stack")
     return model
 
 
@@ -49,7 +55,7 @@ def build_runner(pipe, config: OptimizeConfig, graph_factory=None) -> tuple[Call
             from ..models.op_tuning import load_cache
 
             notes.append(load_cache(config.tune_cache))
-        model = prepare_model(pipe.model, config, device)
+        model = prepare_model(pipe.model, config, device, notes)
         pipe.model = model
         runner: Callable = model
         if backend == "compile":
@@ -75,6 +81,9 @@ def build_runner(pipe, config: OptimizeConfig, graph_factory=None) -> tuple[Call
     else:  # pragma: no cover - OptimizeConfig validates
         raise BackendUnavailableError(backend)
 
+    ignored = [name for name in ("fuse_qkv", "fuse_adaln") if getattr(config, name)]
+    if ignored and backend in ("onnxruntime", "tensorrt"):  # exported from the model as loaded
+        notes.append(f"{', '.join(ignored)} ignored: the {backend} backend runs its own exported graph")
     if config.cuda_graphs and backend == "onnxruntime":
         # ONNX Runtime launches on its own stream and synchronises: nothing of it can be captured
         notes.append("cuda_graphs ignored: the onnxruntime backend runs outside torch's CUDA streams")
