@@ -28,7 +28,7 @@ def is_fastdiff_folder(path: str) -> bool:
 def save_fastdiff(path: str, model: torch.nn.Module, spec: ModelSpec) -> str:
     from .. import __version__
 
-    state = {k: _own_storage(v.detach().contiguous().cpu()) for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     header = {"format": "fastdiff", "format_version": FORMAT_VERSION, "fastdiff_version": __version__,
               "spec": spec.to_dict()}
     with atomic_dir(path) as tmp:
@@ -36,12 +36,6 @@ def save_fastdiff(path: str, model: torch.nn.Module, spec: ModelSpec) -> str:
         with open(os.path.join(tmp, SPEC_FILE), "w") as f:
             json.dump(header, f, indent=2)
     return path
-
-
-def _own_storage(t: torch.Tensor) -> torch.Tensor:
-    """``t`` alone in its storage. The views of a fused projection (``fastdiff.models.fuse``) share one, which
-    safetensors 0.4 refuses to save (later releases only refuse overlapping tensors)."""
-    return t if t.untyped_storage().nbytes() == t.numel() * t.element_size() else t.clone()
 
 
 def load_fastdiff(path: str):
