@@ -43,7 +43,8 @@ GPU_DEFAULT_OPS = {
 # what each op may run on (OptimizeConfig.kernel_ops values)
 OP_IMPLS = {
     "group_norm": ("triton", "torch", "cuda_ext", "triton_rows"),
-    "attention": ("triton", "torch"),
+    # sdpa_*: torch's SDPA pinned to one of its kernels (with "torch", SDPA picks per call)
+    "attention": ("triton", "torch", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn"),
     "adaln_modulate": ("triton", "torch"),
     "gated_residual": ("triton", "torch"),
     "sampler_update": ("triton", "torch", "cuda_ext"),
@@ -320,15 +321,31 @@ class Attention(FusedOp):
     def forward_native(self, q, k, v, scale: Optional[float] = None):
         if self.sdpa_backend is None:
             return F.scaled_dot_product_attention(q, k, v, scale=scale)
+        return self.forward_sdpa(self.sdpa_backend, q, k, v, scale)
+
+    def forward_sdpa(self, name: str, q, k, v, scale: Optional[float] = None):
+        """SDPA pinned to its backend ``name`` (a key of SDPA_BACKENDS); a backend that cannot run the problem
+        raises BackendUnavailableError."""
         try:
-            with sdpa_context(self.sdpa_backend):
+            with sdpa_context(name):
                 return F.scaled_dot_product_attention(q, k, v, scale=scale)
         except torch.cuda.OutOfMemoryError:
             raise
         except RuntimeError as e:
             raise BackendUnavailableError(
-                f"SDPA backend {self.sdpa_backend!r} cannot run attention of shape {tuple(q.shape)} x "
+                f"SDPA backend {name!r} cannot run attention of shape {tuple(q.shape)} x "
                 f"{tuple(k.shape)} {q.dtype} on {q.device}: {str(e).strip().splitlines()[0]}") from e
+
+    def run_backend(self, backend: str, *args, **kwargs):
+        if backend.startswith("sdpa_"):  # kernel_ops {"attention": "sdpa_flash"}, or a tuned choice
+            return self.forward_sdpa(backend[len("sdpa_"):], *args, **kwargs)
+        return super().run_backend(backend, *args, **kwargs)
+
+    def tune_candidates(self, backends, args, kwargs):
+        # SDPA's pinned kernels are worth timing on a GPU, where flash / memory-efficient / cuDNN differ and
+        # SDPA's own pick is a heuristic; not where OptimizeConfig(sdpa_backend=...) already pinned one
+        pinned_variants = args[0].device.type == "cuda" and self.sdpa_backend is None
+        return [b for b in backends if not b.startswith("sdpa_") or pinned_variants]
 
     def forward_triton(self, q, k, v, scale: Optional[float] = None):
         from fastdiff.kernels import attention

@@ -62,7 +62,8 @@ class OptimizeConfig:
         (default: on a GPU, ``fastdiff.models.layers.GPU_DEFAULT_OPS``, the per-op winners measured on an
         H200; elsewhere every op on Triton), ``"all"`` (every op on its Triton kernel), or a dict of
         op -> ``"triton"`` | ``"torch"`` | ``"cuda_ext"`` (GroupNorm and the sampler update only) |
-        ``"triton_rows"`` (GroupNorm's three-launch strategy) overriding the measured table
+        ``"triton_rows"`` (GroupNorm's three-launch strategy) | ``"sdpa_flash"`` / ``"sdpa_efficient"`` /
+        ``"sdpa_cudnn"`` (attention: torch's SDPA pinned to one kernel) overriding the measured table
         (``fastdiff.models.layers.OP_IMPLS``). ``"tune"`` (for all layers, or per op in the dict) times every
         implementation each layer can run on each new problem (its settings, input shapes and dtypes) inside
         a CUDA graph, and runs the fastest (``fastdiff.models.op_tuning``). Cost: seconds of extra warm-up

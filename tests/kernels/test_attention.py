@@ -118,6 +118,37 @@ def test_attention_layer_triton_equals_native():
     torch.testing.assert_close(layer(q, k, v, scale=0.2), native, rtol=1e-5, atol=1e-5)
 
 
+def test_attention_layer_runs_a_pinned_sdpa_kernel():
+    """kernel_ops {"attention": "sdpa_flash"}: SDPA pinned to one kernel (torch has a CPU flash kernel); a
+    kernel that cannot run the problem says which and why."""
+    from fastdiff.errors import BackendUnavailableError
+    from fastdiff.models.layers import Attention
+
+    layer = Attention()
+    q, k, v = make_qkv(1, 2, 13, 77, 40, torch.float32, "contiguous")  # torch's CPU flash kernel wants these
+    native = layer.forward_native(q, k, v, scale=0.2)
+    layer.set_backend("sdpa_flash")
+    torch.testing.assert_close(layer(q, k, v, scale=0.2), native, rtol=1e-5, atol=1e-5)
+    layer.set_backend("sdpa_cudnn")  # cuDNN attention is CUDA-only
+    with pytest.raises(BackendUnavailableError, match="'cudnn' cannot run attention of shape"):
+        layer(q, k, v, scale=0.2)
+
+
+def test_tuning_times_sdpa_kernels_on_a_gpu_only():
+    """"tune" also times SDPA pinned to each of its kernels, on CUDA inputs and unless a backend is pinned."""
+    from types import SimpleNamespace
+
+    from fastdiff.models.layers import Attention
+
+    layer = Attention()
+    every = ["triton", "native", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn"]
+    on_gpu = (SimpleNamespace(device=torch.device("cuda")),)
+    assert layer.tune_candidates(every, on_gpu, {}) == every
+    assert layer.tune_candidates(every, (torch.randn(1, 1, 2, 8),), {}) == ["triton", "native"]
+    layer.sdpa_backend = "flash"  # OptimizeConfig(sdpa_backend="flash"): "native" is that kernel already
+    assert layer.tune_candidates(every, on_gpu, {}) == ["triton", "native"]
+
+
 @pytest.mark.parametrize("call,match", [
     (lambda: attention(torch.randn(2, 5, 8), torch.randn(2, 5, 8), torch.randn(2, 5, 8)), r"\(B, H, N, D\)"),
     (lambda: attention(torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16)),
