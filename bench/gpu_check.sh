@@ -17,8 +17,10 @@
 #   dit           fastdiff bench arch:dit-xl-2-256, fp16, dpmpp_2m x 20, cfg 4: eager / triton / CUDA-graph
 #                 variants vs diffusers eager (DiTTransformer2DModel + DPMSolverMultistepScheduler)
 #   sd15          the same for arch:sd15-unet (64x64 latents, 77 text tokens, cfg 7.5), channels-last
-#   dit-vs-compile / sd15-vs-compile   fastdiff triton+loop and compile+loop+autotune, diffusers eager and
+#   dit-vs-compile / sd15-vs-compile   fastdiff triton+loop, diffusers eager and
 #                 torch.compile(diffusers model, mode="max-autotune"), in one run
+#   dit-autotune / sd15-autotune   fastdiff compile+loop+autotune (Inductor's autotuned GEMMs under
+#                 fastdiff's loop graph) vs diffusers eager
 #   dit-compile   fastdiff's compile backend (+ loop graphs) vs diffusers eager
 #   sd15-compile  the same for the SD1.5 UNet
 # A summary table prints LAST: one line per step, one per end-to-end figure, and the kernel tables.
@@ -36,7 +38,7 @@ ROOT=$(pwd)
 START=$(date +%s)
 BUDGET=${FASTDIFF_GPU_BUDGET_S:-480}     # seconds for everything, summary included
 DEADLINE=$((START + BUDGET))
-STAGES=" ${FASTDIFF_GPU_STAGES:-cuda-ext tests kernels gn-sweep launch dit sd15 dit-vs-compile sd15-vs-compile dit-compile sd15-compile} "
+STAGES=" ${FASTDIFF_GPU_STAGES:-cuda-ext tests kernels gn-sweep launch dit sd15 dit-vs-compile dit-autotune sd15-vs-compile sd15-autotune dit-compile sd15-compile} "
 RESULTS=${FASTDIFF_GPU_OUT:-$ROOT/gpu_out}
 mkdir -p "$RESULTS"
 wants() { case "$STAGES" in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
@@ -179,14 +181,17 @@ wants sd15 && bench_e2e sd15-unet "$SD" 7.5 300 \
 # (a process of its own: a compile that outlives its limit cannot take the figures above with it)
 # Inductor's max-autotune of the diffusers DiT ran past 176 s on an H200 (one GEMM's autotuning took 37 s):
 # these stages need a call of their own (FASTDIFF_GPU_STAGES=dit-vs-compile, FASTDIFF_GPU_BUDGET_S=540)
-# fastdiff's rows: its Triton path, and its compile backend with Inductor's GEMM autotuning under its own loop
-# graph (compile+loop+autotune: the same GEMM kernels as the compiled diffusers model, so the ratio shows what
-# the captured loop adds). Each row is logged as soon as it is measured: a step cut off by its limit keeps
-# the rows before the cut in its .log.
-wants dit-vs-compile && bench_e2e dit-xl-2-256-vs-compile "$DIT" 4 520 \
-    "${FASTDIFF_GPU_DIT_COMPILE_VARIANTS:-triton+loop,compile+loop+autotune}" diffusers,compile
+# Each row is logged as soon as it is measured: a step cut off by its limit keeps the rows before the cut in
+# its .log.
+wants dit-vs-compile && bench_e2e dit-xl-2-256-vs-compile "$DIT" 4 480 \
+    "${FASTDIFF_GPU_DIT_COMPILE_VARIANTS:-triton+loop}" diffusers,compile
 wants sd15-vs-compile && bench_e2e sd15-unet-vs-compile "$SD" 7.5 520 \
-    "${FASTDIFF_GPU_SD_COMPILE_VARIANTS:-triton+loop+cl,compile+loop+cl+autotune}" diffusers,compile
+    "${FASTDIFF_GPU_SD_COMPILE_VARIANTS:-triton+loop+cl}" diffusers,compile
+# fastdiff's compile backend with Inductor's GEMM autotuning under its own loop graph: the same GEMM kernels as
+# the compiled diffusers model, so next to the stage above it shows what the captured loop adds. After the
+# -vs-compile stage, Inductor's on-disk autotuning cache already holds the GEMM shapes the two models share.
+wants dit-autotune && bench_e2e dit-xl-2-256-autotune "$DIT" 4 300 compile+loop+autotune diffusers
+wants sd15-autotune && bench_e2e sd15-unet-autotune "$SD" 7.5 400 compile+loop+cl+autotune diffusers
 # fastdiff's own torch.compile backend (Inductor on the native ops, plus fastdiff's CUDA graphs)
 wants dit-compile && bench_e2e dit-xl-2-256-compile "$DIT" 4 150 compile+loop diffusers
 wants sd15-compile && bench_e2e sd15-unet-compile "$SD" 7.5 200 compile+loop+cl diffusers
