@@ -57,6 +57,16 @@ def test_fuse_adaln_keeps_samples_and_saves_the_original_layout(tmp_path):
     assert rel_err(loaded.generate(**kw), reference) <= 1e-6
 
 
+@pytest.mark.parametrize("arch,switch,buffer", [("arch:tiny-dit", "fuse_adaln", "adaln_weight"),
+                                                 ("arch:tiny-sd-unet", "fuse_qkv", "qkv_weight")])
+def test_a_later_optimize_without_the_fusion_undoes_it(arch, switch, buffer):
+    pipe = fastdiff.load(arch).optimize(**{switch: True})
+    fused = [m for m in pipe.model.modules() if getattr(m, buffer, None) is not None]
+    assert fused
+    pipe.optimize()
+    assert all(getattr(m, buffer) is None for m in fused)
+
+
 @pytest.mark.parametrize("arch,switches,note", [
     ("arch:tiny-sd-unet", dict(fuse_adaln=True), "fuse_adaln ignored"),  # no adaLN
     ("arch:tiny-dit", dict(fuse_qkv=True), "fuse_qkv ignored"),  # DiT stores qkv fused already

@@ -39,3 +39,27 @@ def fuse_adaln(model: nn.Module) -> int:
     from .dit import DiT
 
     return model.stack_adaln() if isinstance(model, DiT) else 0
+
+
+def apply_fusions(model: nn.Module, qkv: bool, adaln: bool) -> list[str]:
+    """Make ``model``'s weight fusions what a config asks for: fuse those requested, undo those not (a later
+    ``optimize`` without the switch runs the per-layer projections again). Returns notes for a requested
+    fusion that found nothing to fuse."""
+    from .dit import DiT
+    from .unet import MultiHeadAttention
+
+    notes = []
+    if qkv:
+        if not fuse_qkv(model):
+            notes.append("fuse_qkv ignored: the model has no self-attention with separate q, k, v projections")
+    else:
+        for m in model.modules():
+            if isinstance(m, MultiHeadAttention):
+                m.qkv_weight = m.qkv_bias = None
+    if adaln:
+        if not fuse_adaln(model):
+            notes.append("fuse_adaln ignored: only a DiT whose blocks share one conditioning has adaLN "
+                         "projections to stack")
+    elif isinstance(model, DiT):
+        model.adaln_weight = model.adaln_bias = None  # the layers keep their (equal) weights
+    return notes

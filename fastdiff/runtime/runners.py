@@ -17,8 +17,8 @@ from .config import COMPILE_MODES_WITHOUT_GRAPHS, OptimizeConfig
 
 def prepare_model(model: torch.nn.Module, config: OptimizeConfig, device: torch.device,
                   notes: Optional[list] = None) -> torch.nn.Module:
-    """dtype, memory format and fused-op backend applied to a copy-free model (in place); a weight fusion
-    that finds nothing to fuse says so in ``notes``."""
+    """dtype, memory format, fused-op backend and weight fusions applied to a copy-free model (in place); a
+    weight fusion that finds nothing to fuse says so in ``notes``."""
     notes = [] if notes is None else notes
     if config.torch_dtype is not None:
         model = model.to(config.torch_dtype)
@@ -31,17 +31,9 @@ def prepare_model(model: torch.nn.Module, config: OptimizeConfig, device: torch.
     else:
         set_backend(model, "native")
     set_sdpa_backend(model, config.sdpa_backend)
-    if config.fuse_qkv:
-        from ..models.fuse import fuse_qkv
+    from ..models.fuse import apply_fusions
 
-        if not fuse_qkv(model):
-            notes.append("fuse_qkv ignored: the model has no self-attention with separate q, k, v projections")
-    if config.fuse_adaln:
-        from ..models.fuse import fuse_adaln
-
-        if not fuse_adaln(model):
-            notes.append("fuse_adaln ignored: only a DiT whose blocks share one conditioning has adaLN "
-                         "projections to stack")
+    notes.extend(apply_fusions(model, qkv=config.fuse_qkv, adaln=config.fuse_adaln))
     return model
 
 
