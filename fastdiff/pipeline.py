@@ -7,6 +7,8 @@ kernels, torch.compile, CUDA graphs, ONNX Runtime, TensorRT); ``save`` writes th
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import inspect
 import math
 import random
 from typing import Optional, Sequence, Union
@@ -381,25 +383,41 @@ def _rows(t: torch.Tensor, start: int, count: int, batch: int) -> torch.Tensor:
 
 
 def _scalar_items(d) -> tuple:
-    """The scalar entries of a config dict, sorted: a cheap fingerprint (lists such as trained_betas by length)."""
-    return tuple(sorted((k, v if isinstance(v, (str, int, float, bool, type(None))) else len(v))
-                        for k, v in (d or {}).items()))
+    """The entries of a config dict, sorted, by value (lists such as trained_betas by their contents)."""
+    return _freeze(dict(d or {}))
 
 
 def _freeze(value):
-    """A hashable, value-based key: dicts and sequences by content, tensors by shape / dtype / values digest,
-    functions by name and closure (a fresh lambda with the same captured values is the same key)."""
+    """A hashable, value-based key: dicts and sequences by content, tensors by shape / dtype and a digest of
+    their bytes, functions by code, defaults and closure (a fresh lambda with the same code and bound values is
+    the same key), bound methods by function and object, other callables by identity (the key holds them).
+    A function whose result depends on module globals it reads is keyed by its code alone."""
     if isinstance(value, dict):
         return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
     if isinstance(value, (list, tuple)):
         return tuple(_freeze(v) for v in value)
     if torch.is_tensor(value):
-        flat = value.detach().reshape(-1).double().cpu()
-        return ("tensor", tuple(value.shape), str(value.dtype), float(flat.sum()), float((flat * flat).sum()))
+        flat = value.detach().reshape(-1).cpu().contiguous()
+        digest = hashlib.sha256(flat.view(torch.uint8).numpy().tobytes()).hexdigest()
+        return ("tensor", tuple(value.shape), str(value.dtype), digest)
+    if inspect.ismethod(value):
+        return ("method", _freeze(value.__func__), _by_identity(value.__self__))
+    if inspect.isfunction(value):
+        cells = tuple(_freeze(c.cell_contents) for c in (value.__closure__ or ()))
+        return ("fn", value.__qualname__, value.__code__, _freeze(value.__defaults__ or ()),
+                _freeze(value.__kwdefaults__ or {}), cells)
     if callable(value):
-        cells = tuple(_freeze(c.cell_contents) for c in (getattr(value, "__closure__", None) or ()))
-        return ("fn", getattr(value, "__qualname__", repr(value)), cells)
+        return ("callable", _by_identity(value))
     return value
+
+
+def _by_identity(obj):
+    """``obj`` itself where it hashes (objects hash by identity unless they define otherwise), else its id."""
+    try:
+        hash(obj)
+    except TypeError:
+        return ("id", id(obj))
+    return obj
 
 
 def _check_seed(seed: int) -> int:

@@ -126,3 +126,66 @@ def test_cuda_graphs_with_onnxruntime_is_a_note():
     pipe = fastdiff.load("arch:tiny-dit").optimize(backend="onnxruntime", cuda_graphs=True, graph_scope="loop",
                                                    graph_factory=FakeGraph)
     assert pipe.loop_graphs is None and any("onnxruntime" in n for n in pipe.notes)
+
+
+def _clipper(r):
+    return lambda x0, r=r: x0.clamp(-r, r)  # r is a default, not a closure cell
+
+
+def test_loop_graph_key_tells_sampler_functions_apart():
+    """Two clip functions from one source line with different bound values are different loops; a fresh
+    function with the same code and values replays the captured one."""
+    eager = fastdiff.load("arch:tiny-unet")
+    loop = fastdiff.load("arch:tiny-unet").optimize(cuda_graphs=True, graph_scope="loop", batch_buckets=(1,),
+                                                    graph_factory=FakeGraph)
+    kw = dict(seeds=[3], steps=4, sampler="ddim", progress=False)
+    for r in (0.05, 1.0):
+        assert rel_err(loop.generate(clip_x0=_clipper(r), **kw), eager.generate(clip_x0=_clipper(r), **kw)) <= 1e-6
+    assert loop.loop_graphs.captures == 2
+    loop.generate(clip_x0=_clipper(1.0), **kw)
+    assert loop.loop_graphs.captures == 2
+
+
+def test_freeze_keys_tensors_by_their_values():
+    import torch
+
+    from fastdiff.pipeline import _freeze
+
+    t = torch.tensor([1.0, 2.0, 3.0])
+    assert _freeze(t) == _freeze(t.clone()) and _freeze(t) != _freeze(t.flip(0))  # same sums, other order
+    assert _freeze(torch.tensor([1.0], dtype=torch.bfloat16)) != _freeze(torch.tensor([1.0]))
+
+
+@pytest.mark.parametrize("scope", ["step", "loop"])
+def test_threads_sharing_a_graphed_pipe_get_their_own_samples(scope):
+    """Two threads generating on one graphed pipe (two Engines over one pipe, or a direct call while an Engine
+    serves) each get their own seed's sample: the static buffers are used by one call at a time."""
+    import threading
+
+    eager = fastdiff.load("arch:tiny-unet")
+    pipe = fastdiff.load("arch:tiny-unet").optimize(cuda_graphs=True, graph_scope=scope, batch_buckets=(1,),
+                                                    graph_factory=FakeGraph)
+    kw = dict(steps=6, sampler="euler_ancestral", progress=False)
+    want = {s: eager.generate(seeds=[s], **kw) for s in (1, 2)}
+    pipe.generate(seeds=[1], **kw)  # the capture
+    errors = {1: [], 2: []}
+
+    def work(seed):
+        for _ in range(8):
+            errors[seed].append(rel_err(pipe.generate(seeds=[seed], **kw), want[seed]))
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(errors[1]) == len(errors[2]) == 8 and max(errors[1] + errors[2]) <= 1e-6
+
+
+def test_compile_without_working_graphs_still_pads_to_buckets():
+    """cuda_graphs=True on a machine without CUDA: graphs are ignored, and the compiled network still sees
+    bucket batch sizes only (dynamic=False compiles once per bucket)."""
+    from fastdiff.runtime.graphs import BucketPadded
+
+    pipe = fastdiff.load("arch:tiny-unet").optimize(backend="compile", cuda_graphs=True)
+    assert isinstance(pipe.runner, BucketPadded)

@@ -153,3 +153,13 @@ def test_cached_plans_are_not_shared_with_callers():
     assert "clip_sample" not in again.denoiser_options and "eta" not in again.options
     pipe.spec.scheduler["beta_schedule"] = "scaled_linear"  # editing the spec afterwards: a fresh plan
     assert not torch.equal(pipe.plan(5, "dpmpp_2m").sigmas, again.sigmas)
+
+
+def test_an_edited_scheduler_list_is_a_new_plan():
+    """The plan cache keys list entries of the scheduler config by their values, not their length."""
+    pipe = fastdiff.load("arch:tiny-unet")
+    kw = dict(seeds=[1], steps=4, sampler="ddim", progress=False)
+    pipe.spec.scheduler["trained_betas"] = torch.linspace(1e-4, 0.02, 1000).tolist()
+    first = pipe.generate(**kw)
+    pipe.spec.scheduler["trained_betas"] = torch.linspace(1e-4, 0.04, 1000).tolist()  # same length
+    assert not torch.equal(pipe.generate(**kw), first)

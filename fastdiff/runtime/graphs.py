@@ -12,6 +12,7 @@ logic is testable on a CPU with a stand-in graph object.
 from __future__ import annotations
 
 import collections
+import threading
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -100,6 +101,9 @@ class GraphedNetwork(BucketPadded):
         self.graphs: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
         self.pool = None
         self.captures = 0
+        # one call at a time from the copy into the static inputs to the clone of the output: two threads
+        # sharing a pipe would otherwise overwrite each other's inputs between copy and replay
+        self._lock = threading.RLock()
 
     @staticmethod
     def signature(bucket: int, x: torch.Tensor, timestep, class_labels, encoder_hidden_states) -> tuple:
@@ -109,6 +113,10 @@ class GraphedNetwork(BucketPadded):
                 sig(encoder_hidden_states))
 
     def run_bucket(self, bucket: int, inputs: list) -> torch.Tensor:
+        with self._lock:
+            return self._run_bucket_locked(bucket, inputs)
+
+    def _run_bucket_locked(self, bucket: int, inputs: list) -> torch.Tensor:
         key = self.signature(bucket, *inputs)
         entry = self.graphs.get(key)
         if entry is None:

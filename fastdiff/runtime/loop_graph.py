@@ -13,6 +13,7 @@ with a stand-in graph.
 from __future__ import annotations
 
 import collections
+import threading
 import time
 from typing import Callable, Optional
 
@@ -63,6 +64,9 @@ class LoopGraphCache:
         self.captures = 0
         # host seconds of the last graph.replay() call alone (the launch of the whole loop), for benchmarks
         self.last_replay_host_s: Optional[float] = None
+        # one run at a time from the copies into the static buffers (latents, conditioning, recorded noise)
+        # to the clone of the output: threads sharing a pipe would otherwise mix their inputs
+        self._lock = threading.RLock()
 
     def run(self, key: tuple, run_loop: Callable, latents: torch.Tensor, cond: dict, noise_source) -> torch.Tensor:
         """``run_loop(x, cond, noise) -> x0`` replayed from a captured graph for ``key``.
@@ -70,6 +74,10 @@ class LoopGraphCache:
         cond: the tensors the loop reads (class labels, text states, uncond ...), copied into static
         buffers; the key must pin their shapes and every host-side setting (sampler, steps, cfg scale).
         """
+        with self._lock:
+            return self._run_locked(key, run_loop, latents, cond, noise_source)
+
+    def _run_locked(self, key, run_loop, latents, cond, noise_source) -> torch.Tensor:
         entry = self.entries.get(key)
         if entry is None:
             static_x = latents.clone()

@@ -42,6 +42,10 @@ def build_runner(pipe, config: OptimizeConfig, graph_factory=None) -> tuple[Call
     notes: list[str] = []
     device = pipe.device
     backend = config.backend
+    # whether CUDA graphs will really capture (they pad to buckets themselves); else static-shape runners
+    # need BucketPadded
+    graphs_apply = config.cuda_graphs and backend != "onnxruntime" and (
+        graph_factory is not None or (device.type == "cuda" and torch.cuda.is_available()))
     if backend in ("eager", "triton", "compile"):
         if backend == "triton" and config.tune_cache:
             from ..models.op_tuning import load_cache
@@ -52,7 +56,7 @@ def build_runner(pipe, config: OptimizeConfig, graph_factory=None) -> tuple[Call
         runner: Callable = model
         if backend == "compile":
             runner = torch.compile(model, fullgraph=True, dynamic=False, mode=compile_mode(config, device, notes))
-            if not config.cuda_graphs:  # one static shape per bucket (graphs pad to buckets themselves)
+            if not graphs_apply:  # one static shape per bucket (graphs pad to buckets themselves)
                 from .graphs import BucketPadded, network_buckets
 
                 runner = BucketPadded(runner, network_buckets(config.batch_buckets))
@@ -70,6 +74,10 @@ def build_runner(pipe, config: OptimizeConfig, graph_factory=None) -> tuple[Call
         runner = OnnxRuntimeRunner.from_pipeline(pipe, device=device, dtype=dtype, threads=threads)
     elif backend == "tensorrt":
         runner = _tensorrt_runner(pipe, config)
+        if not graphs_apply:  # the engine's profile covers network batches up to twice the largest bucket
+            from .graphs import BucketPadded, network_buckets
+
+            runner = BucketPadded(runner, network_buckets(config.batch_buckets))
     else:  # pragma: no cover - OptimizeConfig validates
         raise BackendUnavailableError(backend)
 
