@@ -163,3 +163,19 @@ def test_an_edited_scheduler_list_is_a_new_plan():
     first = pipe.generate(**kw)
     pipe.spec.scheduler["trained_betas"] = torch.linspace(1e-4, 0.04, 1000).tolist()  # same length
     assert not torch.equal(pipe.generate(**kw), first)
+
+
+def test_save_never_replaces_a_folder_it_did_not_write(tmp_path):
+    """save() swaps whole folders atomically: it replaces an earlier save, never a folder with other files."""
+    pipe = fastdiff.load("arch:tiny-unet")
+    pipe.save(str(tmp_path / "m"))
+    pipe.save(str(tmp_path / "m"))  # an earlier save is replaced
+    assert sorted(os.listdir(tmp_path / "m")) == ["fastdiff.json", "model.safetensors"]
+    mine = tmp_path / "outputs"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("irreplaceable")
+    (tmp_path / "m" / "extra.png").write_bytes(b"png")
+    for target, found in ((mine, "notes.txt"), (tmp_path / "m", "extra.png")):
+        with pytest.raises(BadArgumentError, match=f"not a fastdiff folder \\(found {found}\\)"):
+            pipe.save(str(target))
+    assert (mine / "notes.txt").read_text() == "irreplaceable" and (tmp_path / "m" / "extra.png").exists()

@@ -11,7 +11,7 @@ import os
 import torch
 from safetensors.torch import save_file
 
-from ..errors import CorruptCheckpointError
+from ..errors import BadArgumentError, CorruptCheckpointError
 from ..spec import ModelSpec
 from ..utils.atomic import atomic_dir
 from .io import read_safetensors
@@ -25,9 +25,26 @@ def is_fastdiff_folder(path: str) -> bool:
     return os.path.isfile(os.path.join(path, SPEC_FILE))
 
 
+def _check_replaceable(path: str) -> None:
+    """``path`` may be written: it does not exist, or it is an earlier save (only fastdiff's own files).
+    Anything else there (a diffusers folder converted "in place", a folder of the user's files) is never
+    replaced: the atomic write swaps whole folders."""
+    if not os.path.lexists(path):
+        return
+    if not os.path.isdir(path):
+        raise BadArgumentError(f"save: {path} exists and is a file; expected a new path or a folder written by "
+                               f"save()")
+    extra = sorted(set(os.listdir(path)) - {SPEC_FILE, WEIGHTS_FILE})
+    if extra or not is_fastdiff_folder(path):
+        found = ", ".join(extra[:5]) + (" ..." if len(extra) > 5 else "") if extra else f"no {SPEC_FILE}"
+        raise BadArgumentError(f"save: {path} exists and is not a fastdiff folder (found {found}); refusing to "
+                               f"replace it. Expected a new path or a folder written by save()")
+
+
 def save_fastdiff(path: str, model: torch.nn.Module, spec: ModelSpec) -> str:
     from .. import __version__
 
+    _check_replaceable(path)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     header = {"format": "fastdiff", "format_version": FORMAT_VERSION, "fastdiff_version": __version__,
               "spec": spec.to_dict()}
