@@ -59,15 +59,35 @@ def read_torch_file(path: str, map_location: str = "cpu") -> object:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location=map_location, weights_only=True, mmap=_mmap_ok(path))
     except pickle.UnpicklingError as e:
-        raise UnsafeCheckpointError(
-            f"{path} holds Python objects that only an arbitrary pickle could rebuild, so it was refused "
-            f"(fastdiff reads weights with torch.load(weights_only=True) and never executes a pickle). "
-            f"Expected a state dict of tensors (optionally in 'model' / 'ema' / 'state_dict'). Details: "
-            f"{_first_line(e)}"
-        ) from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        # a real pickle naming a class or function the weights-only reader will not build ("Unsupported global:
+        # GLOBAL x", "unsupported GLOBAL posix.system whose module posix is blocked"); any other refusal is a
+        # file that is not a torch checkpoint at all
+        if "GLOBAL" in str(e):
+            raise UnsafeCheckpointError(
+                f"{path} holds Python objects that only an arbitrary pickle could rebuild, so it was refused "
+                f"(fastdiff reads weights with torch.load(weights_only=True) and never executes a pickle). "
+                f"Expected a state dict of tensors (optionally in 'model' / 'ema' / 'state_dict'). Details: "
+                f"{_first_line(e)}"
+            ) from e
+        raise _not_a_checkpoint(path, e) from e
+    except OSError as e:
         raise CorruptCheckpointError(f"cannot read torch checkpoint {path} ({_size(path)} bytes): "
                                      f"{_first_line(e)}") from e
+    except Exception as e:  # truncated archives, text, HTML, random bytes: whatever the unpickler trips on
+        raise _not_a_checkpoint(path, e) from e
+
+
+def _not_a_checkpoint(path: str, error: Exception) -> CorruptCheckpointError:
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if head.startswith(b"version https://git-lfs"):
+        why = "it is a git-lfs pointer, not the weights (fetch them with `git lfs pull`)"
+    elif head.lstrip()[:1] in (b"<", b"{", b"["):
+        why = "it looks like a text file (HTML / JSON), e.g. an error page saved in place of the download"
+    else:
+        why = f"{type(error).__name__}: {_first_line(error)}"
+    return CorruptCheckpointError(f"cannot read torch checkpoint {path} ({_size(path)} bytes): expected a torch "
+                                  f"file (zip archive or legacy pickle of tensors); {why}")
 
 
 def read_weights(path: str) -> dict[str, torch.Tensor]:
