@@ -151,3 +151,27 @@ def test_saved_files_get_ordinary_permissions(tmp_path):
     os.umask(mask)
     assert (os.stat(tmp_path / "m").st_mode & 0o777) == 0o777 & ~mask
     assert (os.stat(tmp_path / "m" / "model.safetensors").st_mode & 0o777) == 0o666 & ~mask
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(num_heads=0), "BadArgumentError", "num_heads: expected a positive int"),
+    (dict(head_channels=True), "BadArgumentError", "head_channels: expected a positive int"),
+    (dict(scheduler="linear"), "BadArgumentError", "scheduler: expected a dict"),
+    (dict(dtype="fp8"), "BadArgumentError", "dtype: expected a torch.dtype or one of"),
+    (dict(device="gpu0"), "BadArgumentError", "device: expected a torch device"),
+    (dict(variant="fp16"), "BadArgumentError", "variant= does not apply"),
+    (dict(num_heads=2), "BadArgumentError", "num_heads= does not apply"),
+])
+def test_load_arguments_are_checked_not_ignored(tmp_path, kwargs, error, match):
+    """Every loading argument is checked; one the source would ignore is refused (here a fastdiff folder, whose
+    spec already fixes the heads, and which has no diffusers weight variants)."""
+    import fastdiff.errors as errors
+
+    fastdiff.load("arch:tiny-unet").save(str(tmp_path / "m"))
+    with pytest.raises(getattr(errors, error), match=match):
+        fastdiff.load(str(tmp_path / "m"), **kwargs)
+
+
+def test_load_takes_dtype_names_and_applies_overrides_to_arch():
+    pipe = fastdiff.load("arch:tiny-unet", dtype="fp16", prediction_type="v_prediction")
+    assert pipe.dtype == torch.float16 and pipe.spec.prediction_type == "v_prediction"

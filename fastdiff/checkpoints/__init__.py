@@ -44,8 +44,8 @@ def load(path: str, device="cpu", dtype: Optional[torch.dtype] = None, *, varian
 
     device / dtype: where and in which precision the network lives (sampler state stays float32).
     variant: diffusers weight variant (``"fp16"`` reads ``diffusion_pytorch_model.fp16.safetensors``).
-    num_heads / head_channels: attention heads (or channels per head) where the weights cannot say
-        (official DiT, Stable Diffusion single files, guided-diffusion).
+    num_heads: attention heads where the weights cannot say (official DiT, Stable Diffusion single files,
+        guided-diffusion). head_channels: channels per head instead (guided-diffusion's num_head_channels).
     prediction_type / scheduler: override what the checkpoint says (or the DDPM default it assumes).
     attention_order: guided-diffusion checkpoints only: ``"legacy"`` (default) or ``"new"`` for models
         trained with ``use_new_attention_order`` (the weights cannot tell the two apart).
@@ -57,12 +57,16 @@ def load(path: str, device="cpu", dtype: Optional[torch.dtype] = None, *, varian
     if not isinstance(path, (str, os.PathLike)):
         raise BadArgumentError(f"load() expects a path or 'builtin:NAME' / 'arch:NAME', found {type(path).__name__}")
     path = os.fspath(path)
-    if attention_order is not None and (path.startswith(("arch:", "builtin:")) or path.lower().endswith(".onnx")):
-        raise BadArgumentError(f"attention_order= applies to guided-diffusion checkpoints only, not to {path}")
+    device, dtype = _check_load_args(device, dtype, num_heads, head_channels, scheduler)
+    source_options = dict(variant=variant, num_heads=num_heads, head_channels=head_channels,
+                          attention_order=attention_order)
+    if path.startswith(("arch:", "builtin:")) or path.lower().endswith(".onnx"):
+        _refuse_options(source_options, (), path)
     if path.startswith("arch:"):
         from .presets import build_arch
 
         model, spec = build_arch(path[len("arch:"):], device=device, dtype=dtype)
+        _override_sampling(spec, scheduler, prediction_type)
         return Pipeline(model, spec, device=device)
     if path.startswith("builtin:"):
         from .presets import builtin_path
@@ -79,9 +83,73 @@ def load(path: str, device="cpu", dtype: Optional[torch.dtype] = None, *, varian
 
     kind, cfg, state, spec = _read_any(path, variant=variant, num_heads=num_heads, head_channels=head_channels,
                                        attention_order=attention_order)
-    if attention_order is not None and not str(spec.source).startswith("guided-diffusion"):
-        raise BadArgumentError(f"attention_order= applies to guided-diffusion checkpoints only; {path} is a "
-                               f"{spec.source.split(' ')[0]} source")
+    from .fastdiff_format import is_fastdiff_folder
+
+    source = str(spec.source)
+    if os.path.isdir(path) and is_fastdiff_folder(path):  # its spec keeps the original source's name
+        _refuse_options(source_options, (), path, "a fastdiff folder")
+    else:
+        kind_name = source[:-len(path)].strip() if source.endswith(path) else source
+        _refuse_options(source_options, _SOURCE_OPTIONS.get(kind_name.split(" ")[0], ()), path, kind_name)
+    _override_sampling(spec, scheduler, prediction_type)
+    model = build_model(kind, cfg)
+    strict_load(model, state, name=f"{kind.upper()} from {path}", dtype=dtype, device=device)
+    return Pipeline(model.eval(), spec, device=device)
+
+
+# the loading options each source reads (by the first word of ModelSpec.source); any other given option is
+# refused rather than silently ignored
+_SOURCE_OPTIONS = {
+    "guided-diffusion": ("num_heads", "head_channels", "attention_order"),
+    "Stable": ("num_heads",),  # Stable Diffusion single file
+    "official": ("num_heads",),  # official DiT checkpoint
+    "diffusers": ("variant",),
+}
+
+
+def _refuse_options(given: dict, accepted, path: str, kind: Optional[str] = None) -> None:
+    refused = [k for k, v in given.items() if v is not None and k not in accepted]
+    if refused:
+        where = {"num_heads": "official DiT, Stable Diffusion single files and guided-diffusion",
+                 "head_channels": "guided-diffusion", "attention_order": "guided-diffusion",
+                 "variant": "diffusers folders"}
+        raise BadArgumentError(f"{refused[0]}= does not apply to {path} ({kind or 'no checkpoint to read it'}); it "
+                               f"applies to {where[refused[0]]} checkpoints")
+
+
+def _check_load_args(device, dtype, num_heads, head_channels, scheduler):
+    """(device, dtype) as torch objects, after checking every loading argument's type and value."""
+    for name, v in (("num_heads", num_heads), ("head_channels", head_channels)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise BadArgumentError(f"{name}: expected a positive int, found {v!r}")
+    if scheduler is not None and not isinstance(scheduler, dict):
+        raise BadArgumentError(f"scheduler: expected a dict (a diffusers scheduler config), found "
+                               f"{type(scheduler).__name__} {scheduler!r}")
+    if isinstance(dtype, str):
+        from ..runtime.config import DTYPES
+
+        if dtype not in DTYPES:
+            raise BadArgumentError(f"dtype: expected a torch.dtype or one of {list(DTYPES)}, found {dtype!r}")
+        dtype = DTYPES[dtype]
+    elif dtype is not None and not isinstance(dtype, torch.dtype):
+        raise BadArgumentError(f"dtype: expected a torch.dtype or one of 'fp32', 'fp16', 'bf16', found {dtype!r}")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise BadArgumentError(f"device: expected a torch device such as 'cpu' or 'cuda:0', found {device!r}") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        from ..errors import BackendUnavailableError
+
+        raise BackendUnavailableError(f"device {device} was requested but this torch ({torch.__version__}) sees no "
+                                      f"CUDA device")
+    return device, dtype
+
+
+def _override_sampling(spec, scheduler: Optional[dict], prediction_type: Optional[str]) -> None:
+    """The caller's scheduler config / prediction type in place of what the checkpoint said."""
+    if spec.prediction_type == "edm" and prediction_type is not None:
+        raise BadArgumentError(f"prediction_type={prediction_type!r} does not apply to an EDM network: it is "
+                               f"preconditioned (it returns the denoised sample D(x))")
     if scheduler is not None:
         spec.scheduler = dict(scheduler)
         if spec.prediction_type != "edm":
@@ -94,9 +162,6 @@ def load(path: str, device="cpu", dtype: Optional[torch.dtype] = None, *, varian
         spec.prediction_type = prediction_type
         # scheduler-config plans read the scheduler's own field: keep the two in agreement
         spec.scheduler = {**(spec.scheduler or {}), "prediction_type": prediction_type}
-    model = build_model(kind, cfg)
-    strict_load(model, state, name=f"{kind.upper()} from {path}", dtype=dtype, device=device)
-    return Pipeline(model.eval(), spec, device=device)
 
 
 def _read_any(path: str, *, variant=None, num_heads=None, head_channels=None, attention_order=None):

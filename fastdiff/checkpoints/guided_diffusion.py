@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from ..errors import BadArgumentError, CheckpointError
+from ..errors import BadArgumentError, CheckpointError, UnsupportedConfigError
 from ..models.unet import UNetConfig
 
 _RESNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
@@ -66,6 +66,16 @@ def guided_diffusion_config(state: dict, num_heads: Optional[int] = None,
         heads_dim = [c // num_heads for c in channels]
     else:
         heads_dim = head_channels or 64
+    by_count = num_heads is not None and head_channels is None
+    for c, a in zip(channels, attn):
+        # the weights cannot tell the head split: a setting that does not divide a level's channels is refused
+        if a and (c % num_heads if by_count else c % heads_dim):
+            setting = f"num_heads={num_heads}" if by_count else \
+                f"head_channels={heads_dim}" + (" (the default)" if head_channels is None else "")
+            raise UnsupportedConfigError(
+                "heads", setting, model="guided-diffusion UNet",
+                supported=f"heads that divide every attention level's channels {sorted(set(channels))}: pass "
+                          f"head_channels= (ADM num_head_channels) or num_heads= (ADM num_heads) as trained")
     classes = sd["label_emb.weight"].shape[0] if "label_emb.weight" in sd else None
     return UNetConfig.from_diffusers(dict(
         sample_size=64, in_channels=sd["input_blocks.0.0.weight"].shape[1], out_channels=sd["out.2.weight"].shape[0],

@@ -77,3 +77,15 @@ def test_new_attention_order_checkpoint(ref, tmp_path):
 def test_attention_order_refused_for_other_formats(source):
     with pytest.raises(fastdiff.BadArgumentError, match="guided-diffusion"):
         fastdiff.load(source, attention_order="new")
+
+
+@pytest.mark.parametrize("kwargs,setting", [({}, "head_channels=64 \\(the default\\)"),
+                                            (dict(num_heads=3), "num_heads=3"),
+                                            (dict(head_channels=12), "head_channels=12")])
+def test_a_head_split_that_does_not_fit_is_refused(ref, kwargs, setting):
+    """The weights cannot tell the head split; one that does not divide a level's channels is refused by name
+    (it used to fail deep in the converter with a reshape error)."""
+    from fastdiff.errors import UnsupportedConfigError
+
+    with pytest.raises(UnsupportedConfigError, match=f"'{setting}'.*pass head_channels="):
+        fastdiff.load(os.path.join(GD, "model.pt"), **kwargs)
