@@ -226,10 +226,12 @@ def build_engine(onnx_path: str, engine_path: str, *, batch=(1, 1, 4), height=No
     onnx_path, engine_path = os.fspath(onnx_path), os.fspath(engine_path)
     if not os.path.isfile(onnx_path):
         raise BadArgumentError(f"no such ONNX file: {onnx_path}")
-    trt = require_tensorrt()
     from fastdiff.utils.atomic import _check_parent, atomic_path
 
     _check_parent(engine_path)
+    if timing_cache:  # checked before minutes of building, not when writing it afterwards
+        _check_parent(os.fspath(timing_cache))
+    trt = require_tensorrt()
     t0 = time.perf_counter()
     profiles = make_profiles(onnx_path, batch, height, width, sequence)
     if rebuild != "always" and os.path.isfile(engine_path):
@@ -285,9 +287,6 @@ def build_engine(onnx_path: str, engine_path: str, *, batch=(1, 1, 4), height=No
         raise UnsupportedConfigError("ONNX graph", onnx_path, supported="a network TensorRT can build (see the "
                                      "TensorRT log above)", model="TensorRT build")
     data = bytes(serialized)
-    if timing_cache:
-        with atomic_path(timing_cache) as tmp, open(tmp, "wb") as f:
-            f.write(bytes(config.get_timing_cache().serialize()))
 
     from fastdiff import __version__
     from .onnx import read_onnx_io, read_onnx_spec
@@ -307,6 +306,9 @@ def build_engine(onnx_path: str, engine_path: str, *, batch=(1, 1, 4), height=No
         f.write(data)
     with atomic_path(engine_path + SIDECAR_SUFFIX) as tmp, open(tmp, "w") as f:
         json.dump(sidecar, f, indent=2)
+    if timing_cache:  # after the engine: a failure here never costs the build
+        with atomic_path(timing_cache) as tmp, open(tmp, "wb") as f:
+            f.write(bytes(config.get_timing_cache().serialize()))
     return EngineResult(engine_path, len(data), time.perf_counter() - t0, True, sidecar)
 
 

@@ -171,3 +171,15 @@ def test_build_run_and_rebuild(graphs, tmp_path):  # pragma: no cover - GPU mach
         TensorRTRunner(engine, onnx_path=src)
     with pytest.raises(BadArgumentError, match="stale"):
         build_engine(src, engine, batch="1:2:4", precision="fp16", rebuild="never", progress=False)
+
+
+def test_output_folders_are_checked_before_building(graphs, tmp_path):
+    """A missing folder for the engine or the timing cache is refused before anything is built (the timing
+    cache is written after the engine, so a failure there can never cost a finished build either)."""
+    from fastdiff.export.tensorrt import build_engine
+
+    for kw in (dict(engine_path=str(tmp_path / "no" / "x.engine")),
+               dict(engine_path=str(tmp_path / "x.engine"), timing_cache=str(tmp_path / "no" / "cache.bin"))):
+        with pytest.raises(BadArgumentError, match="expected an existing folder"):
+            build_engine(graphs["arch:tiny-dit"], **kw)
+    assert os.listdir(tmp_path) == []
