@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import os
 import tempfile
@@ -365,7 +366,11 @@ def export_onnx(pipe_or_model, spec: Optional[ModelSpec], path: str, *, opset: i
 
             bar.set("validate")
             proto = onnx.load(raw)  # pulls in any external data torch wrote
-            _set_metadata(proto, spec, io, opset)
+            # a graph traced at a fixed height / width other than the spec's runs at that size only: its stored
+            # spec says so, so a pipeline loaded from it samples at the size the graph takes
+            stored = spec if dynamic_hw or (h, w) == tuple(spec.sample_size) else \
+                dataclasses.replace(spec, sample_size=(h, w))
+            _set_metadata(proto, stored, io, opset)
             weight_bytes = sum(_tensor_nbytes(t) for t in proto.graph.initializer)
             use_ext = weight_bytes > EXTERNAL_DATA_THRESHOLD if external_data is None else bool(external_data)
             staged = os.path.join(tmp, os.path.basename(path))

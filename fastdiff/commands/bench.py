@@ -623,6 +623,10 @@ def run(args) -> int:
         if args.threads < 1:
             raise BadArgumentError(f"--threads: expected a positive integer, found {args.threads}")
         torch.set_num_threads(args.threads)
+    for opt in ("json", "plot"):  # before any run: a finished run must never fail on its output folder
+        path = getattr(args, opt)
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise BadArgumentError(f"--{opt}: folder of {path} does not exist")
     if args.quality:
         return run_quality(args)
     compare = _parse_list(args.compare, "--compare", COMPARE_CHOICES) if args.compare else []
@@ -634,10 +638,6 @@ def run(args) -> int:
             raise BadArgumentError(f"--{name}: expected a positive integer, found {getattr(args, name)}")
     if args.warmup < 1:
         raise BadArgumentError(f"--warmup: expected >= 1 (the first call is always a warm-up), found {args.warmup}")
-    for opt, ext in (("json", ".json"), ("plot", ".png")):
-        path = getattr(args, opt)
-        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-            raise BadArgumentError(f"--{opt}: folder of {path} does not exist")
     if args.plot:
         try:
             import matplotlib  # noqa: F401
@@ -654,7 +654,8 @@ def run(args) -> int:
     if args.cfg != 1.0 and not spec.num_classes and not spec.cross_attention_dim:
         raise BadArgumentError("--cfg != 1 needs a conditional model (class labels or text states)")
     probe.plan(args.steps, args.sampler, args.schedule)
-    n_params = sum(p.numel() for p in probe.model.parameters())
+    # an exported graph (.onnx) has no PyTorch network to count
+    n_params = sum(p.numel() for p in probe.model.parameters()) if probe.model is not None else 0
     del probe
 
     dev_name = str(device) if device.type != "cuda" else f"{device} {torch.cuda.get_device_name(device)}"

@@ -91,6 +91,9 @@ class OnnxRuntimeRunner:
         self.session = ort.InferenceSession(bytes(src) if isinstance(src, (bytes, bytearray)) else src,
                                             sess_options=opts, providers=providers)
         self.inputs = {i.name: _NP.get(i.type, np.float32) for i in self.session.get_inputs()}
+        # the fixed sizes of each input (None where the axis is symbolic), to refuse a feed the graph cannot take
+        self.input_shapes = {i.name: tuple(d if isinstance(d, int) else None for d in i.shape)
+                             for i in self.session.get_inputs()}
         self.outputs = [(o.name, _NP.get(o.type, np.float32)) for o in self.session.get_outputs()]
         self.cfg_folded = "guidance_scale" in self.inputs
         self._tmpdir = None  # set by from_pipeline: the temp folder holding the exported file
@@ -136,6 +139,13 @@ class OnnxRuntimeRunner:
         missing = sorted(set(self.inputs) - set(feeds))
         if missing:
             raise BadArgumentError(f"ONNX graph inputs {sorted(self.inputs)} expected, missing {missing}")
+        for name, fixed in self.input_shapes.items():
+            found = tuple(feeds[name].shape)
+            if len(found) != len(fixed) or any(f is not None and f != d for f, d in zip(fixed, found)):
+                want = "x".join("N" if f is None else str(f) for f in fixed) or "a scalar"
+                raise BadArgumentError(f"ONNX graph input {name!r}: expected shape {want} (fixed when it was "
+                                       f"exported), found {'x'.join(map(str, found)) or 'a scalar'}; export with "
+                                       f"dynamic axes (or at this size) to run it")
         if self.session is None:
             raise BadArgumentError("this OnnxRuntimeRunner was closed")
         if self.device.type == "cuda":
