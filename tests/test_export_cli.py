@@ -69,3 +69,31 @@ def test_export_bad_arguments_exit_2(tmp_path, monkeypatch, capsys, args, needle
     assert code == 2
     assert needle in err and "Traceback" not in err
     assert os.listdir(tmp_path) == []
+
+
+def test_export_takes_the_heads_the_weights_cannot_say(tmp_path):
+    """The official DiT fixture was trained with 4 heads, which its weights do not say: --num-heads makes the
+    exported graph match the official model's output."""
+    import torch
+    from safetensors.torch import load_file
+
+    from fastdiff.runtime.onnxruntime_runner import OnnxRuntimeRunner
+
+    fixtures = os.environ.get("FASTDIFF_FIXTURES", os.path.join(os.path.dirname(__file__), "..", "..", "shared",
+                                                                "fixtures"))
+    ckpt = os.path.join(fixtures, "dit", "dit_tiny.pt")
+    if not os.path.exists(ckpt):
+        pytest.skip(f"reference fixture {ckpt} not present")
+    out = tmp_path / "dit.onnx"
+    r = fastdiff("export", ckpt, "--format", "onnx", "-o", str(out), "--num-heads", "4", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    ref = load_file(os.path.join(fixtures, "dit", "reference.safetensors"))
+    got = OnnxRuntimeRunner(str(out), device="cpu")(ref["x"], ref["t"].float(), class_labels=ref["y"])
+    torch.testing.assert_close(got, ref["out"], rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("extra,match", [(["--timing-cache", "c.bin"], "--timing-cache is for --format tensorrt"),
+                                         (["--batch", "1:2:4"], "MIN:OPT:MAX ranges are for --format tensorrt")])
+def test_onnx_export_refuses_tensorrt_only_options(tmp_path, extra, match):
+    r = fastdiff("export", "arch:tiny-unet", "--format", "onnx", "-o", str(tmp_path / "u.onnx"), *extra, cwd=tmp_path)
+    assert r.returncode == 2 and match in r.stderr and not (tmp_path / "u.onnx").exists()

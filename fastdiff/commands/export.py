@@ -10,7 +10,11 @@ error vs the PyTorch model; ``--no-check`` skips it).
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
+from typing import Optional
+
+from .generate import add_load_arguments, load_options
 
 FORMATS = ("onnx", "tensorrt")
 
@@ -41,6 +45,7 @@ def register(sub) -> None:
     p.add_argument("--timing-cache", default=None, metavar="FILE", help="tensorrt: timing cache file (read + updated)")
     p.add_argument("--no-check", action="store_true", help="skip the parity check against PyTorch")
     p.add_argument("--no-progress", action="store_true", help="no progress display")
+    add_load_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -54,8 +59,9 @@ def _human(n: int) -> str:
 
 def export_model(model: str, output: str, *, format: str = "onnx", dtype=None, fp16_io=False, opset=17,
                  batch="1", static_batch=False, height=None, width=None, dynamic_hw=False, cfg_folded=False,
-                 timing_cache=None, check=True, progress=True) -> dict:
-    """The command as a function: returns a report dict (path, size_bytes, seconds, max errors, ...)."""
+                 timing_cache=None, check=True, progress=True, load_options: Optional[dict] = None) -> dict:
+    """The command as a function: returns a report dict (path, size_bytes, seconds, max errors, ...);
+    ``load_options`` go to ``fastdiff.load`` (num_heads, head_channels, attention_order, prediction_type)."""
     from ..errors import BadArgumentError
 
     if format not in FORMATS:
@@ -73,6 +79,11 @@ def export_model(model: str, output: str, *, format: str = "onnx", dtype=None, f
         dtype = dtype or "fp32"
         if dtype == "bf16":
             raise BadArgumentError("--dtype bf16 is for --format tensorrt; ONNX export supports fp32 and fp16")
+        if timing_cache:
+            raise BadArgumentError("--timing-cache is for --format tensorrt (an ONNX export builds no engine)")
+        if (b[0], b[2]) != (b[1], b[1]) or any(r and (r[0], r[2]) != (r[1], r[1]) for r in (hr, wr)):
+            raise BadArgumentError("MIN:OPT:MAX ranges are for --format tensorrt profiles; for ONNX give one size "
+                                   "(traced and checked) and --dynamic-hw / the default dynamic batch for the rest")
     from fastdiff.utils.atomic import _check_parent
 
     _check_parent(output)  # an unwritable / missing folder fails before loading the model
@@ -80,14 +91,15 @@ def export_model(model: str, output: str, *, format: str = "onnx", dtype=None, f
     import fastdiff
     from fastdiff.export.onnx import export_onnx
 
-    pipe = fastdiff.load(model)
+    pipe = fastdiff.load(model, **(load_options or {}))
     kw = dict(opset=opset, fp16_io=fp16_io, dynamic_batch=not static_batch, dynamic_hw=dynamic_hw,
               cfg_folded=cfg_folded, batch=b[1], height=hr[1] if hr else None, width=wr[1] if wr else None,
               progress=progress)
     if format == "onnx":
         res = export_onnx(pipe, None, output, dtype=dtype, check=check, **kw)
         return dict(format="onnx", path=res.path, files=res.files, size_bytes=res.size_bytes, seconds=res.seconds,
-                    max_abs_err=res.max_abs_err, max_rel_err=res.max_rel_err, check_note=res.check_note)
+                    max_abs_err=res.max_abs_err, max_rel_err=res.max_rel_err, check_note=res.check_note,
+                    notes=list(pipe.notes))
 
     from fastdiff.export.tensorrt import build_engine
 
@@ -99,7 +111,7 @@ def export_model(model: str, output: str, *, format: str = "onnx", dtype=None, f
                             timing_cache=timing_cache, rebuild="always", progress=progress)
         report = dict(format="tensorrt", path=eres.path, files=[eres.path, eres.path + ".json"],
                       size_bytes=eres.size_bytes, seconds=ores.seconds + eres.seconds, max_abs_err=None,
-                      max_rel_err=None, check_note="skipped (--no-check)")
+                      max_rel_err=None, check_note="skipped (--no-check)", notes=list(pipe.notes))
         if check:
             report.update(_check_engine(pipe, eres.path, ores.io, b[1], kw))
     return report
@@ -131,7 +143,9 @@ def run(args) -> int:
                           opset=args.opset, batch=args.batch, static_batch=args.static_batch, height=args.height,
                           width=args.width, dynamic_hw=args.dynamic_hw, cfg_folded=args.cfg_folded,
                           timing_cache=args.timing_cache, check=not args.no_check,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, load_options=load_options(args))
+    for note in report.get("notes", []):
+        print(f"note: {note}", file=sys.stderr)
     print(f"wrote {report['path']}")
     for extra in report["files"][1:]:
         print(f"  + {extra}")

@@ -68,6 +68,7 @@ def register(sub) -> None:
                    help="also write the raw samples (B, C, H, W float32) as safetensors key 'latents'; "
                         "required for latent models, which need a VAE fastdiff does not ship")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_load_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -128,13 +129,32 @@ def check_backend(backend: str, device) -> None:
         return
 
 
-def load_pipeline(model: str, device):
+def add_load_arguments(p) -> None:
+    """The fastdiff.load options the weights of some formats cannot say (shared by generate and export)."""
+    g = p.add_argument_group("loading (what some checkpoints cannot say)")
+    g.add_argument("--num-heads", type=int, default=None, metavar="N",
+                   help="attention heads (official DiT, Stable Diffusion single files, guided-diffusion)")
+    g.add_argument("--head-channels", type=int, default=None, metavar="C",
+                   help="channels per attention head instead (guided-diffusion's num_head_channels)")
+    g.add_argument("--attention-order", choices=("legacy", "new"), default=None,
+                   help="guided-diffusion: 'new' for models trained with use_new_attention_order")
+    g.add_argument("--prediction-type", choices=("epsilon", "v_prediction", "sample"), default=None,
+                   help="what the network predicts, where the checkpoint does not say (default: its config)")
+
+
+def load_options(args) -> dict:
+    """The fastdiff.load keywords given on the command line (``add_load_arguments``)."""
+    names = ("num_heads", "head_channels", "attention_order", "prediction_type")
+    return {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+
+
+def load_pipeline(model: str, device, **options):
     """fastdiff.load with the errors of a missing default model made actionable."""
     import fastdiff
     from ..errors import BadArgumentError
 
     try:
-        return fastdiff.load(model, device=device)
+        return fastdiff.load(model, device=device, **options)
     except BadArgumentError as e:
         if model == DEFAULT_MODEL:
             raise BadArgumentError(f"the default model {DEFAULT_MODEL} is not shipped in this build ({e}); pass "
@@ -211,7 +231,7 @@ def run(args) -> int:
         check_backend(args.backend, device)
 
     t0 = time.perf_counter()
-    pipe = load_pipeline(args.model, device)
+    pipe = load_pipeline(args.model, device, **load_options(args))
     t_load = time.perf_counter() - t0
     spec = pipe.spec
 
