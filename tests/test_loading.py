@@ -175,3 +175,16 @@ def test_load_arguments_are_checked_not_ignored(tmp_path, kwargs, error, match):
 def test_load_takes_dtype_names_and_applies_overrides_to_arch():
     pipe = fastdiff.load("arch:tiny-unet", dtype="fp16", prediction_type="v_prediction")
     assert pipe.dtype == torch.float16 and pipe.spec.prediction_type == "v_prediction"
+
+
+@pytest.mark.parametrize("header", ['[1, 2]', '{"format": "fastdiff", "format_version": "1", "spec": {}}',
+                                    '{"format": "fastdiff", "format_version": 1}',
+                                    '{"format": "fastdiff", "format_version": 1, "spec": {"kind": 3}}'])
+def test_a_damaged_fastdiff_json_is_a_corrupt_checkpoint(tmp_path, header):
+    """A hand-edited fastdiff.json gives a FastdiffError naming the problem, never a raw KeyError / TypeError."""
+    from fastdiff.errors import FastdiffError
+
+    fastdiff.load("arch:tiny-unet").save(str(tmp_path / "m"))
+    (tmp_path / "m" / "fastdiff.json").write_text(header)
+    with pytest.raises(FastdiffError, match="fastdiff.json|kind"):
+        fastdiff.load(str(tmp_path / "m"))

@@ -11,7 +11,7 @@ import os
 import torch
 from safetensors.torch import save_file
 
-from ..errors import BadArgumentError, CorruptCheckpointError
+from ..errors import BadArgumentError, CorruptCheckpointError, FastdiffError
 from ..spec import ModelSpec
 from ..utils.atomic import atomic_dir
 from .io import read_safetensors
@@ -62,11 +62,24 @@ def load_fastdiff(path: str):
             header = json.load(f)
         except json.JSONDecodeError as e:
             raise CorruptCheckpointError(f"{path}/{SPEC_FILE}: expected JSON, found a parse error ({e})") from e
-    if header.get("format") != "fastdiff" or header.get("format_version", 0) > FORMAT_VERSION:
+    if not isinstance(header, dict):
+        raise CorruptCheckpointError(f"{path}/{SPEC_FILE}: expected a JSON object, found {type(header).__name__}")
+    version = header.get("format_version", 0)
+    if header.get("format") != "fastdiff" or not isinstance(version, int) or version > FORMAT_VERSION:
         raise CorruptCheckpointError(
             f"{path}/{SPEC_FILE}: expected format 'fastdiff' version <= {FORMAT_VERSION}, found "
-            f"{header.get('format')!r} version {header.get('format_version')!r}")
+            f"{header.get('format')!r} version {version!r}")
+    if not isinstance(header.get("spec"), dict):
+        raise CorruptCheckpointError(f"{path}/{SPEC_FILE}: expected a 'spec' object (the model spec), found "
+                                     f"{type(header.get('spec')).__name__}")
     weights = os.path.join(path, WEIGHTS_FILE)
     if not os.path.isfile(weights):
         raise CorruptCheckpointError(f"{path}: expected {WEIGHTS_FILE} beside {SPEC_FILE}, found none")
-    return ModelSpec.from_dict(header["spec"]), read_safetensors(weights)
+    try:
+        spec = ModelSpec.from_dict(header["spec"])
+    except (TypeError, KeyError, ValueError) as e:
+        if isinstance(e, FastdiffError):
+            raise
+        raise CorruptCheckpointError(f"{path}/{SPEC_FILE}: the model spec does not read back "
+                                     f"({type(e).__name__}: {e})") from e
+    return spec, read_safetensors(weights)
