@@ -74,6 +74,18 @@ step() {
     printf '%s\t%s\t%s\n' "$name" "$status" "$(( $(date +%s) - t0 ))" >> "$SUMMARY"
     tail -n 15 "$RESULTS/$name.log"
     echo "== $name: $status"
+    publish
+}
+
+# publish: the work folder as it stands into $OUT (the device tool), after every step, so a call cut short by
+# the device budget still returns every finished step's log and JSON
+publish() {
+    if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then
+        tar czf "$OUT/gpu_results.tgz.tmp" -C "$(dirname "$RESULTS")" "$(basename "$RESULTS")" 2> /dev/null &&
+            mv "$OUT/gpu_results.tgz.tmp" "$OUT/gpu_results.tgz" || rm -f "$OUT/gpu_results.tgz.tmp"
+        cp "$SUMMARY" "$OUT/summary.tsv" 2> /dev/null
+    fi
+    return 0
 }
 
 note() { printf '%s\t%s\t0\n' "$1" "$2" >> "$SUMMARY"; echo "== $1: $2"; }
@@ -125,14 +137,14 @@ if wants tests; then
         step xdist-install 60 $PY -m pip install --quiet --no-index --find-links "$WHEELS" pytest-xdist
     fi
     env -C /tmp $PY -c "import xdist" > /dev/null 2>&1 && XDIST="-n 4"
-    note gpu-tests-workers "${XDIST:-one process (no pytest-xdist)}"
+    note gpu-tests-workers "ok: ${XDIST:-one process (no pytest-xdist)}"
 fi
 wants tests && step gpu-tests 180 $PY -m pytest -q -m gpu tests -p no:cacheprovider $XDIST
 
 # --- 5. kernel benchmarks --------------------------------------------------------------------------
 if wants kernels; then
     for b in group_norm attention adaln sampler_update geglu; do
-        step "bench_$b" 40 $PY "bench/bench_$b.py" --iters 50
+        step "bench_$b" 60 $PY "bench/bench_$b.py" --iters 50
     done
 fi
 wants gn-sweep && step bench_group_norm_sweep 150 $PY bench/bench_group_norm.py --sweep --iters 30

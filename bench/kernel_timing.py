@@ -19,14 +19,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 
 import torch
 
 PER_GRAPH = 10  # calls per captured graph
 
 
+MIN_MS = 1e-6  # a flush-subtracted time that noise pushed to or below zero: never a division by zero
+
+
 def _percentiles(values) -> tuple[float, float]:
-    values = sorted(values)
+    values = sorted(max(v, MIN_MS) for v in values)
     return statistics.median(values), values[min(len(values) - 1, int(0.9 * len(values)))]
 
 
@@ -107,8 +111,11 @@ def time_cuda(fn, warmup: int = 10, iters: int = 100, flush: bool = False) -> tu
     if _MODE["graph"]:
         try:
             return time_in_graph(fn, iters, flush)
-        except RuntimeError:  # not capturable: fall back to eager timing
+        except RuntimeError as e:  # not capturable: eager timing, which includes the host's launch cost
             torch.cuda.synchronize()
+            print(f"warning: {getattr(fn, '__qualname__', fn)} could not be timed in a CUDA graph "
+                  f"({type(e).__name__}: {str(e).splitlines()[0][:120]}); its row is EAGER timing (launch cost "
+                  f"included)", file=sys.stderr, flush=True)
     return time_eager(fn, iters, flush)
 
 
