@@ -228,7 +228,9 @@ for name in ("bench_group_norm", "bench_attention", "bench_adaln", "bench_sample
     except OSError:
         continue
     print(f"-- {name}")
-    print("\n".join([l for l in lines if not l.startswith("device:")][-40:]))
+    # the table, not Python's library warnings (the benches' own "warning:" lines stay)
+    noise = ("UserWarning", "FutureWarning", "DeprecationWarning", "  warn", "  warnings.warn")
+    print("\n".join([l for l in lines if not l.startswith("device:") and not any(n in l for n in noise)][-50:]))
 print(f"{'step':28s} {'status':40s} {'s':>5s}")
 failed = 0
 for line in open(summary):
