@@ -23,6 +23,8 @@ import sys
 import time
 import traceback
 
+from .generate import add_load_arguments, load_options
+
 TEXT_TOKENS = 77
 COMPARE_CHOICES = ("diffusers", "compile")
 
@@ -88,6 +90,7 @@ def register(sub) -> None:
     p.add_argument("--json", default=None, metavar="OUT.json",
                    help="write every figure with the device, versions and settings as JSON")
     p.add_argument("--plot", default=None, metavar="OUT.png", help="draw median latency vs batch per backend")
+    add_load_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -226,7 +229,7 @@ def _bench_fastdiff(args, label: str, backend: str, switches: dict, batches, dev
     base = {"backend": label}
     try:
         check_backend(backend, device)
-        pipe = fastdiff.load(args.model, device=device)
+        pipe = fastdiff.load(args.model, device=device, **load_options(args))
         t0 = time.perf_counter()
         pipe.optimize(OptimizeConfig(backend=backend, dtype=args.dtype, batch_buckets=tuple(batches), **switches))
         _sync(device)
@@ -474,7 +477,7 @@ def _bench_diffusers(args, pipe_source, compare, batches, device, log) -> list[d
     except ImportError as e:
         return [dict(impl=i, batch=b, status="skipped", reason=_one_line(e)) for i in impls for b in batches]
     try:
-        pipe = fastdiff.load(pipe_source, device="cpu")
+        pipe = fastdiff.load(pipe_source, device="cpu", **load_options(args))
         model, note = build_diffusers_model(pipe)
         dtype = DTYPES[args.dtype] if args.dtype else torch.float32
         model = model.to(device=device, dtype=dtype)
@@ -647,7 +650,7 @@ def run(args) -> int:
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
 
     # validate the model and the conditioning once, before any timing
-    probe = load_pipeline(args.model, "cpu")
+    probe = load_pipeline(args.model, "cpu", **load_options(args))
     spec = probe.spec
     if args.cfg != 1.0 and spec.num_classes and spec.null_class is None:
         raise BadArgumentError("--cfg != 1 needs an unconditional (null) class label, and this model has none")
@@ -727,7 +730,7 @@ def run_quality(args) -> int:
     cfg = args.cfg if args.cfg != 1.0 else 3.0
     from .generate import default_device
 
-    pipe = load_pipeline(args.model, default_device(args.device))
+    pipe = load_pipeline(args.model, default_device(args.device), **load_options(args))
     rows = quality_table(pipe, samplers, nfes, per_class=args.per_class, cfg_scale=cfg, seed=args.seed,
                          progress=lambda r: print(f"  {r.sampler:<16} NFE {r.nfe_budget:>3} ({r.steps} steps): "
                                                   f"digits-FD {r.digits_fd:7.2f}  accuracy {r.accuracy:.3f}  "
