@@ -105,7 +105,7 @@ class Pipeline:
             raise BadArgumentError(f"sampler: expected one of {sorted(SAMPLERS)}, found {sampler!r}")
         if schedule is not None and schedule not in SCHEDULES:
             raise BadArgumentError(f"schedule: expected one of {list(SCHEDULES)}, found {schedule!r}")
-        key = (steps, sampler, schedule, self.spec.prediction_type, _scalar_items(self.spec.scheduler))
+        key = (steps, sampler, schedule, self.spec.prediction_type, _freeze(dict(self.spec.scheduler or {})))
         plan = self._plans.get(key)
         if plan is None:
             plan = self._base_plan(steps, sampler, schedule)
@@ -380,11 +380,6 @@ class Pipeline:
 def _rows(t: torch.Tensor, start: int, count: int, batch: int) -> torch.Tensor:
     """Rows [start, start+count) of a per-sample tensor; tensors not batched per sample pass through."""
     return t[start:start + count] if t.dim() > 0 and t.shape[0] == batch else t
-
-
-def _scalar_items(d) -> tuple:
-    """The entries of a config dict, sorted, by value (lists such as trained_betas by their contents)."""
-    return _freeze(dict(d or {}))
 
 
 def _freeze(value):

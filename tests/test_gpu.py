@@ -109,17 +109,24 @@ def test_dit_mlp_fused_gelu_on_gpu(dtype, tol):
     assert rel_err(mlp(x).float(), want.float()) <= tol
 
 
+def _two_samples(arch: str, steps: int) -> dict:
+    """generate() keywords for two seeds of a tiny preset: guided class labels for DiT, text states for the
+    text UNet, nothing more for the unconditional one."""
+    kw = dict(seeds=[1, 2], steps=steps, sampler="dpmpp_2m", progress=False)
+    if arch == "tiny-dit":
+        kw.update(class_labels=[1, 2], cfg_scale=3.0)
+    elif arch == "tiny-sd-unet":
+        kw.update(encoder_hidden_states=torch.randn(2, 7, 32, device="cuda"))
+    return kw
+
+
 @needs_compiled_triton
 @pytest.mark.parametrize("arch", ["tiny-sd-unet", "tiny-dit"])
 def test_tuned_kernel_choice_on_gpu(arch):
     """kernel_ops="tune" measures every layer's implementations in CUDA graphs and runs the fastest."""
     from fastdiff.models.layers import op_backends
 
-    kw = dict(seeds=[1, 2], steps=3, sampler="dpmpp_2m", progress=False)
-    if arch == "tiny-dit":
-        kw.update(class_labels=[1, 2], cfg_scale=3.0)
-    else:
-        kw.update(encoder_hidden_states=torch.randn(2, 7, 32, device="cuda"))
+    kw = _two_samples(arch, steps=3)
     eager = fastdiff.load(f"arch:{arch}", device="cuda", dtype=torch.float16).generate(**kw)
     pipe = fastdiff.load(f"arch:{arch}", device="cuda", dtype=torch.float16).optimize(
         backend="triton", kernel_ops="tune", cuda_graphs=True, graph_scope="loop", batch_buckets=(2, 4))
@@ -132,9 +139,7 @@ def test_tuned_kernel_choice_on_gpu(arch):
 @needs_compiled_triton
 @pytest.mark.parametrize("arch", ["tiny-unet", "tiny-dit"])
 def test_triton_backend_model_level_on_gpu(arch):
-    kw = dict(seeds=[1, 2], steps=4, sampler="dpmpp_2m", progress=False)
-    if arch == "tiny-dit":
-        kw.update(class_labels=[1, 2], cfg_scale=3.0)
+    kw = _two_samples(arch, steps=4)
     eager = fastdiff.load(f"arch:{arch}", device="cuda", dtype=torch.float16).generate(**kw)
     fused = fastdiff.load(f"arch:{arch}", device="cuda", dtype=torch.float16).optimize(backend="triton").generate(**kw)
     assert rel_err(fused, eager) <= 2e-2

@@ -77,9 +77,9 @@ def load_fastdiff(path: str):
         raise CorruptCheckpointError(f"{path}: expected {WEIGHTS_FILE} beside {SPEC_FILE}, found none")
     try:
         spec = ModelSpec.from_dict(header["spec"])
+    except FastdiffError:  # a spec value the models refuse says so itself
+        raise
     except (TypeError, KeyError, ValueError) as e:
-        if isinstance(e, FastdiffError):
-            raise
         raise CorruptCheckpointError(f"{path}/{SPEC_FILE}: the model spec does not read back "
                                      f"({type(e).__name__}: {e})") from e
     return spec, read_safetensors(weights)

@@ -130,7 +130,7 @@ def check_backend(backend: str, device) -> None:
 
 
 def add_load_arguments(p) -> None:
-    """The fastdiff.load options the weights of some formats cannot say (shared by generate and export)."""
+    """The fastdiff.load options the weights of some formats cannot say (generate, export and bench)."""
     g = p.add_argument_group("loading (what some checkpoints cannot say)")
     g.add_argument("--num-heads", type=int, default=None, metavar="N",
                    help="attention heads (official DiT, Stable Diffusion single files, guided-diffusion)")
