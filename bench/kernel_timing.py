@@ -61,7 +61,7 @@ def l2_flusher(flush: bool):
         return None
     scratch = torch.zeros(64 * 2**20, dtype=torch.float32, device="cuda")
     sink = torch.zeros((), dtype=torch.float32, device="cuda")
-    return lambda: torch.sum(scratch, out=sink)
+    return lambda: torch.sum(scratch, dim=0, out=sink)  # out= needs dim= (torch >= 2.11)
 
 
 def time_in_graph(fn, iters: int = 100, flush: bool = False) -> tuple[float, float]:

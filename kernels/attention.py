@@ -185,9 +185,22 @@ def head_tiles(d: int) -> tuple[int, int]:
     return (main, tail) if main + tail < padded else (padded, 0)
 
 
+def split_head_dim(device_type: str) -> bool:
+    """Whether a head dim that is not a power of two runs as main + tail tiles (else one padded tile).
+
+    Off on CUDA: on an H200 with triton 3.6 the split kernel (D=40 as 32+16, D=72 as 64+16) made illegal memory
+    accesses (2026-11-26 run 3; ``bench/check_attention_tiles.py`` runs each tile alone to find which).
+    ``FASTDIFF_ATTENTION_SPLIT=1`` / ``0`` forces it on / off everywhere (experiments, tests).
+    """
+    forced = os.environ.get("FASTDIFF_ATTENTION_SPLIT")
+    if forced in ("0", "1"):
+        return forced == "1"
+    return device_type != "cuda"
+
+
 def launch_config(nq: int, nk: int, d: int, dtype: torch.dtype, device_type: str = "cuda") -> dict:
     """Block sizes and warps for one attention problem; shared with ``fastdiff.kernels.aot``."""
-    block_d, block_d2 = head_tiles(d)
+    block_d, block_d2 = head_tiles(d) if split_head_dim(device_type) else (max(16, triton.next_power_of_2(d)), 0)
     if device_type == "cuda" and dtype == torch.float32:
         # the accuracy path (IEEE fp32 dots run on FMA units, not tensor cores): small tiles
         block_m, block_n, num_warps, num_stages = 64, 32, 4, 2

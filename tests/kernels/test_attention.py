@@ -75,6 +75,29 @@ def test_head_tiles_split_instead_of_padding():
         assert main + tail >= d and main >= 16 and tail in (0,) + tuple(2 ** i for i in range(4, 9))
 
 
+def test_head_dim_split_is_off_on_cuda_unless_forced(monkeypatch):
+    """The split crashed compiled on an H200 (triton 3.6): CUDA launches pad the head dim unless forced."""
+    from fastdiff.kernels.attention import launch_config
+
+    monkeypatch.delenv("FASTDIFF_ATTENTION_SPLIT", raising=False)
+    assert (launch_config(256, 256, 72, torch.float16, "cuda")["block_d"],
+            launch_config(256, 256, 72, torch.float16, "cuda")["block_d2"]) == (128, 0)
+    assert launch_config(256, 256, 72, torch.float16, "cpu")["block_d2"] == 16
+    monkeypatch.setenv("FASTDIFF_ATTENTION_SPLIT", "1")
+    assert launch_config(256, 256, 40, torch.float16, "cuda")["block_d2"] == 16
+    monkeypatch.setenv("FASTDIFF_ATTENTION_SPLIT", "0")
+    assert launch_config(256, 256, 40, torch.float16, "cpu")["block_d"] == 64
+
+
+@pytest.mark.parametrize("d", [40, 72])
+def test_padded_head_dim_matches_sdpa(d, monkeypatch):
+    """The padded path (what CUDA runs): one masked power-of-two tile over the head dim."""
+    monkeypatch.setenv("FASTDIFF_ATTENTION_SPLIT", "0")
+    q, k, v = make_qkv(1, 2, 33, 77, d, torch.float32, "strided")
+    out = torch.full(q.shape, float("nan"))
+    assert_close(attention(q, k, v, out=out), reference(q, k, v), torch.float32)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_fixed_tiles_keep_64_rows_per_warpgroup(dtype):
     """The fixed (untuned) half-precision tiles give each warpgroup of 4 warps at least 64 query rows, the

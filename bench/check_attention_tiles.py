@@ -1,0 +1,109 @@
+"""Run the Triton attention kernel at every tile the autotuner may pick, each in a process of its own, on a GPU.
+
+An illegal memory access poisons the whole CUDA context, so inside one process (the autotuner, pytest) the
+first bad tile takes every later launch with it and hides which tile it was. Here each (head dim, tile,
+head-dim split) runs alone, with CUDA_LAUNCH_BLOCKING=1, and is compared against SDPA:
+
+    python bench/check_attention_tiles.py [--jobs 8] [--json out.json]
+
+Prints one line per case (ok / MISMATCH / CRASH) and a count per (head-dim mode, tile). "split" is the kernel's
+main + tail head-dim tiles (D=40 as 32+16), "padded" one power-of-two tile (D=40 as 64), "split-s1" the split
+with software pipelining off (num_stages=1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+# (B, H, Nq, Nk, D): SD1.5's self / cross attention at its D=40 level, DiT-XL/2, SD1.5's D=80 level
+PROBLEMS = [(2, 8, 4096, 4096, 40), (2, 8, 4096, 77, 40), (2, 16, 256, 256, 72), (2, 8, 1024, 77, 80)]
+MODES = ("split", "padded", "split-s1")
+
+
+def run_one(b, h, nq, nk, d, bm, bn, warps, stages, mode) -> dict:
+    """One launch in this process; the parent runs each case in a fresh one."""
+    import torch
+    import triton
+    import torch.nn.functional as F
+
+    from fastdiff.kernels.attention import _attention_kernel, _launches, head_tiles
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.float16) for n in (nq, nk, nk))
+    out = torch.full((b, nq, h, d), float("nan"), device="cuda", dtype=torch.float16).transpose(1, 2)
+    (_, args, meta), = _launches(q, k, v, out, None, "cuda")
+    block_d, block_d2 = head_tiles(d) if mode != "padded" else (max(16, triton.next_power_of_2(d)), 0)
+    meta.update(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_D2=block_d2, EVEN_N=nk % bn == 0,
+                EVEN_D=block_d + block_d2 == d, MAIN_EVEN_D=block_d + block_d2 == d or block_d2 > 0,
+                num_warps=warps, num_stages=1 if mode == "split-s1" else stages)
+    _attention_kernel[(triton.cdiv(nq, bm), b * h)](*args, **meta)
+    torch.cuda.synchronize()
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    err = (out.float() - ref).abs().max().item()
+    return {"status": "ok" if err <= 1e-2 else "MISMATCH", "max_err": err}
+
+
+def cases():
+    import triton  # noqa: F401  (the parent needs no GPU)
+
+    from fastdiff.kernels.attention import _TUNED_TILES, launch_config
+    import torch
+
+    for prob in PROBLEMS:
+        _, _, nq, nk, d = prob
+        fixed = launch_config(nq, nk, d, torch.float16, "cuda")
+        tiles = list(dict.fromkeys(list(_TUNED_TILES) + [(fixed["block_m"], fixed["block_n"], fixed["num_warps"],
+                                                          fixed["num_stages"])]))
+        for tile in tiles:
+            for mode in MODES:
+                yield (*prob, *tile, mode)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--jobs", type=int, default=8)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--one", nargs=10, default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.one:
+        *ints, mode = a.one
+        print(json.dumps(run_one(*map(int, ints), mode)))
+        return 0
+
+    env = dict(os.environ, CUDA_LAUNCH_BLOCKING="1", TRITON_INTERPRET="0")
+
+    def launch(case):
+        cmd = [sys.executable, __file__, "--one", *map(str, case)]
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+        except subprocess.TimeoutExpired:
+            return case, {"status": "TIMEOUT"}
+        last = (p.stdout.strip().splitlines() or [""])[-1]
+        if p.returncode == 0 and last.startswith("{"):
+            return case, json.loads(last)
+        err = [l for l in p.stderr.splitlines() if "Error" in l or "error" in l]
+        return case, {"status": "CRASH", "error": (err[-1] if err else p.stderr[-200:]).strip()[:160]}
+
+    results = []
+    with ThreadPoolExecutor(a.jobs) as pool:
+        for case, res in pool.map(launch, list(cases())):
+            results.append({"case": case, **res})
+            b, h, nq, nk, d, bm, bn, w, st, mode = case
+            extra = f"max_err {res['max_err']:.2e}" if "max_err" in res else res.get("error", "")
+            print(f"D={d:3d} Nq={nq:4d} Nk={nk:4d} tile {bm:3d}x{bn:3d} w{w} s{st} {mode:8s} {res['status']:8s} "
+                  f"{extra}", flush=True)
+    bad = [r for r in results if r["status"] != "ok"]
+    print(f"{len(results) - len(bad)} of {len(results)} cases ok")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
