@@ -13,6 +13,8 @@
 #   kernels       bench/bench_group_norm.py, bench_attention.py, bench_adaln.py, bench_sampler_update.py,
 #                 bench_geglu.py (device time inside graphs)
 #   gn-sweep      bench/bench_group_norm.py --sweep: strategy x splits x tile x warps at 2x320x64x64 (defaults)
+#   attn-split    bench/check_attention_tiles.py (every attention tile x head dim x split mode, each alone in a
+#                 process, against SDPA), then bench_attention.py --split (the forced head-dim split, timed)
 #   launch        bench/bench_graph_launch.py: host cost of replaying graphs of SDPA (per backend) / Triton
 #   dit           fastdiff bench arch:dit-xl-2-256, fp16, dpmpp_2m x 20, cfg 4: eager / triton / CUDA-graph
 #                 variants vs diffusers eager (DiTTransformer2DModel + DPMSolverMultistepScheduler)
@@ -38,7 +40,7 @@ ROOT=$(pwd)
 START=$(date +%s)
 BUDGET=${FASTDIFF_GPU_BUDGET_S:-480}     # seconds for everything, summary included
 DEADLINE=$((START + BUDGET))
-STAGES=" ${FASTDIFF_GPU_STAGES:-cuda-ext tests kernels gn-sweep launch dit sd15 dit-vs-compile dit-autotune sd15-vs-compile sd15-autotune dit-compile sd15-compile} "
+STAGES=" ${FASTDIFF_GPU_STAGES:-cuda-ext tests kernels gn-sweep attn-split launch dit sd15 dit-vs-compile dit-autotune sd15-vs-compile sd15-autotune dit-compile sd15-compile} "
 RESULTS=${FASTDIFF_GPU_OUT:-$ROOT/gpu_out}
 mkdir -p "$RESULTS"
 wants() { case "$STAGES" in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
@@ -148,6 +150,13 @@ if wants kernels; then
     done
 fi
 wants gn-sweep && step bench_group_norm_sweep 150 $PY bench/bench_group_norm.py --sweep --iters 30
+# the head-dim split of the Triton attention computed wrong results on an H200 (run 3): which tiles, and its
+# speed with the tiles that were right (a separate step: a crash cannot take the plain attention rows with it)
+if wants attn-split; then
+    step check_attention_tiles 150 env -C /tmp $PY "$ROOT/bench/check_attention_tiles.py" --jobs 12 \
+        --json "$RESULTS/attention_tiles.json"
+    step bench_attention_split 60 $PY bench/bench_attention.py --split --iters 50
+fi
 # host cost of replaying graphs that hold SDPA (per backend) vs the Triton attention
 wants launch && step bench_graph_launch 60 $PY bench/bench_graph_launch.py
 
@@ -220,9 +229,9 @@ try:
 except OSError:
     pass
 # kernel tables: each bench log's table as printed
-for name in ("bench_group_norm", "bench_attention", "bench_adaln", "bench_sampler_update", "bench_geglu",
-             "bench_group_norm_ext",
-             "bench_sampler_update_ext", "bench_group_norm_sweep", "bench_graph_launch"):
+for name in ("bench_group_norm", "bench_attention", "check_attention_tiles", "bench_attention_split", "bench_adaln",
+             "bench_sampler_update", "bench_geglu", "bench_group_norm_ext", "bench_sampler_update_ext",
+             "bench_group_norm_sweep", "bench_graph_launch"):
     try:
         lines = open(os.path.join(results, name + ".log")).read().strip().splitlines()
     except OSError:

@@ -110,24 +110,26 @@ def _group_norm_configs(dtypes) -> list[Config]:
 
 
 def _attention_configs(dtypes) -> list[Config]:
-    from fastdiff.kernels.attention import _TUNED_TILES, _attention_kernel, _launches
+    from fastdiff.kernels.attention import _SPLIT_SAFE_TILES, _TUNED_TILES, _attention_kernel, _launches
 
     out = []
     for B, H, NQ, NK, D in ATTENTION_SHAPES:
         for dtype in dtypes:
             q = torch.empty(B, H, NQ, D, dtype=dtype, device="meta")
             kv = torch.empty(B, H, NK, D, dtype=dtype, device="meta")
-            for grid, args, meta in _launches(q, kv, kv, torch.empty_like(q), None, "cuda"):
-                label = f"B{B} H{H} Nq{NQ} Nk{NK} D{D}"
-                out.append(Config("attention", label, dtype, _attention_kernel, args, meta))
-                if dtype == torch.float32:
-                    continue
-                # on a GPU half precision runs autotuned: every candidate tile is compiled too
-                for bm, bn, warps, stages in _TUNED_TILES:
-                    tuned = dict(meta, BLOCK_M=bm, BLOCK_N=bn, EVEN_N=NK % bn == 0, num_warps=warps,
-                                 num_stages=stages)
-                    out.append(Config("attention", f"{label} tile{bm}x{bn}w{warps}s{stages}", dtype,
-                                      _attention_kernel, args, tuned, tuned=True))
+            # CUDA's default (a padded head dim) and, off a power of two, the forced main + tail split
+            for split in (False, True) if D & (D - 1) else (False,):
+                for grid, args, meta in _launches(q, kv, kv, torch.empty_like(q), None, "cuda", split):
+                    label = f"B{B} H{H} Nq{NQ} Nk{NK} D{D}{' split' if split else ''}"
+                    out.append(Config("attention", label, dtype, _attention_kernel, args, meta))
+                    if dtype == torch.float32:
+                        continue
+                    # on a GPU half precision runs autotuned: every candidate tile is compiled too
+                    for bm, bn, warps, stages in _SPLIT_SAFE_TILES if split else _TUNED_TILES:
+                        tuned = dict(meta, BLOCK_M=bm, BLOCK_N=bn, EVEN_N=NK % bn == 0, num_warps=warps,
+                                     num_stages=stages)
+                        out.append(Config("attention", f"{label} tile{bm}x{bn}w{warps}s{stages}", dtype,
+                                          _attention_kernel, args, tuned, tuned=True))
     return out
 
 

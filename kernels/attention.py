@@ -142,19 +142,24 @@ _TUNED_TILES = [  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
     # H100; 32-row tiles give 256
     (32, 64, 4, 3),
 ]
-_tuned: list = []
+# The head-dim split (main + tail tiles) computed wrong results on an H200 (triton 3.6) with every tile of at
+# least 64 rows and 64 keys; tiles of 32 rows or 32 keys were right at D = 40 / 72 / 80
+# (bench/check_attention_tiles.py, run 3c). A forced split (FASTDIFF_ATTENTION_SPLIT=1) tunes over those only.
+_SPLIT_SAFE_TILES = [t for t in _TUNED_TILES if t[0] == 32 or t[1] == 32]
+_tuned: dict = {}
 
 
-def _attention_tuned():
-    """The autotuned kernel, built on first use: triton 3.2's Autotuner asks for the active GPU driver when it
-    is constructed, so building it at import would break importing this module on a machine without one."""
-    if not _tuned:
-        _tuned.append(triton.autotune(
+def _attention_tuned(split: bool = False):
+    """The autotuned kernel (over the split-safe tiles for a split head dim), built on first use: triton 3.2's
+    Autotuner asks for the active GPU driver when it is constructed, so building it at import would break
+    importing this module on a machine without one."""
+    if split not in _tuned:
+        _tuned[split] = triton.autotune(
             configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
-                     for bm, bn, w, st in _TUNED_TILES],
+                     for bm, bn, w, st in (_SPLIT_SAFE_TILES if split else _TUNED_TILES)],
             key=["NQ", "NK", "D"],
-        )(triton.heuristics({"EVEN_N": lambda a: a["NK"] % a["BLOCK_N"] == 0})(_attention_kernel)))
-    return _tuned[0]
+        )(triton.heuristics({"EVEN_N": lambda a: a["NK"] % a["BLOCK_N"] == 0})(_attention_kernel))
+    return _tuned[split]
 
 
 _TUNING_BROKEN = False
@@ -198,9 +203,12 @@ def split_head_dim(device_type: str) -> bool:
     return device_type != "cuda"
 
 
-def launch_config(nq: int, nk: int, d: int, dtype: torch.dtype, device_type: str = "cuda") -> dict:
-    """Block sizes and warps for one attention problem; shared with ``fastdiff.kernels.aot``."""
-    block_d, block_d2 = head_tiles(d) if split_head_dim(device_type) else (max(16, triton.next_power_of_2(d)), 0)
+def launch_config(nq: int, nk: int, d: int, dtype: torch.dtype, device_type: str = "cuda",
+                  split: Optional[bool] = None) -> dict:
+    """Block sizes and warps for one attention problem; shared with ``fastdiff.kernels.aot``. ``split``:
+    whether to split the head dim (None: ``split_head_dim``)."""
+    split = split_head_dim(device_type) if split is None else split
+    block_d, block_d2 = head_tiles(d) if split else (max(16, triton.next_power_of_2(d)), 0)
     if device_type == "cuda" and dtype == torch.float32:
         # the accuracy path (IEEE fp32 dots run on FMA units, not tensor cores): small tiles
         block_m, block_n, num_warps, num_stages = 64, 32, 4, 2
@@ -208,7 +216,7 @@ def launch_config(nq: int, nk: int, d: int, dtype: torch.dtype, device_type: str
         # wide heads: 64-row tiles on one warpgroup of 4 warps (8 warps would split a 64-row wgmma tile
         # across two warpgroups: triton 3.1, torch 2.5's pin, aborts compiling that for sm_90)
         block_m = 128 if block_d <= 64 else 64
-        block_n = 64
+        block_n = 32 if block_d2 else 64  # a split head dim: 32 keys per tile (see _SPLIT_SAFE_TILES)
         num_warps = 4
         num_stages = 3 if block_d <= 64 else 2
     else:  # the interpreter: few, large programs
@@ -221,7 +229,7 @@ def launch_config(nq: int, nk: int, d: int, dtype: torch.dtype, device_type: str
                 dot_precision="ieee" if dtype == torch.float32 else "tf32")
 
 
-def _launches(q, k, v, out, scale, device_type):
+def _launches(q, k, v, out, scale, device_type, split: Optional[bool] = None):
     """The launch for (q, k, v) -> out as [(grid, positional args, constexprs + launch options)].
 
     Also used by ``fastdiff.kernels.aot`` with meta tensors, so the AOT check compiles exactly what runs.
@@ -231,7 +239,7 @@ def _launches(q, k, v, out, scale, device_type):
     sm_scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if sm_scale < 0:  # the kernel folds a non-negative scale into its running maximum: move the sign into q
         q, sm_scale = -q, -sm_scale
-    cfg = launch_config(NQ, NK, D, q.dtype, device_type)
+    cfg = launch_config(NQ, NK, D, q.dtype, device_type, split)
     grid = (triton.cdiv(NQ, cfg["block_m"]), B * H)
     args = (q, k, v, out, H, NQ, NK, D, *q.stride(), *k.stride(), *v.stride(), *out.stride(), sm_scale * _LOG2E)
     meta = dict(BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_D=cfg["block_d"], BLOCK_D2=cfg["block_d2"],
@@ -288,7 +296,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional
             tuned = {k: meta[k] for k in ("BLOCK_D", "BLOCK_D2", "EVEN_D", "MAIN_EVEN_D", "DOT_PRECISION",
                                           "DOT_FP32")}
             try:
-                _attention_tuned()[lambda m: (triton.cdiv(args[5], m["BLOCK_M"]), grid[1])](*args, **tuned)
+                _attention_tuned(meta["BLOCK_D2"] > 0)[lambda m: (triton.cdiv(args[5], m["BLOCK_M"]), grid[1])](
+                    *args, **tuned)
                 continue
             except torch.cuda.OutOfMemoryError:
                 raise

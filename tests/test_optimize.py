@@ -67,6 +67,20 @@ def test_a_later_optimize_without_the_fusion_undoes_it(arch, switch, buffer):
     assert all(getattr(m, buffer) is None for m in fused)
 
 
+@pytest.mark.parametrize("arch,device,fused", [("arch:tiny-dit", "cuda", True), ("arch:tiny-dit", "cpu", False),
+                                                 ("arch:tiny-sd-unet", "cuda", False)])
+def test_fuse_adaln_defaults_on_for_a_dit_on_cuda_only(arch, device, fused):
+    """fuse_adaln=None (the default) stacks a DiT's adaLN projections where that measured faster (CUDA),
+    leaves other devices and models alone, and never leaves a note for a model it does not apply to."""
+    from fastdiff.runtime.runners import prepare_model
+
+    model, notes = fastdiff.load(arch).model, []
+    prepare_model(model, OptimizeConfig(), torch.device(device), notes)  # decides only; nothing moves
+    assert (getattr(model, "adaln_weight", None) is not None) == fused and notes == []
+    prepare_model(model, OptimizeConfig(fuse_adaln=False), torch.device(device), notes)
+    assert getattr(model, "adaln_weight", None) is None
+
+
 @pytest.mark.parametrize("arch,switches,note", [
     ("arch:tiny-sd-unet", dict(fuse_adaln=True), "fuse_adaln ignored"),  # no adaLN
     ("arch:tiny-dit", dict(fuse_qkv=True), "fuse_qkv ignored"),  # DiT stores qkv fused already

@@ -41,6 +41,13 @@ def fuse_adaln(model: nn.Module) -> int:
     return model.stack_adaln() if isinstance(model, DiT) else 0
 
 
+def adaln_stackable(model: nn.Module) -> bool:
+    """Whether ``fuse_adaln`` has projections to stack in ``model`` (a DiT whose blocks share one conditioning)."""
+    from .dit import DiT
+
+    return isinstance(model, DiT) and model._adaln_layers() is not None
+
+
 def apply_fusions(model: nn.Module, qkv: bool, adaln: bool) -> list[str]:
     """Make ``model``'s weight fusions what a config asks for: fuse those requested, undo those not (a later
     ``optimize`` without the switch runs the per-layer projections again). Returns notes for a requested

@@ -25,20 +25,22 @@ BACKENDS = ("native", "triton")
 # Which implementation each fused op uses when the fused backend is chosen on a GPU without an explicit
 # per-op choice (``backend="auto"`` on CUDA, ``OptimizeConfig(backend="triton")``): the op's Triton kernel
 # where it beat torch on the GPU, torch where it did not. Measured on an NVIDIA H200, device time inside
-# CUDA graphs (bench/RESULTS.md): GroupNorm+SiLU Triton 2.4-3.5x torch (the CUDA extension 0.5-1.6x);
-# adaLN 3.9-5.2x and gated residual 2.8-3.1x torch; attention Triton 0.51x SDPA at D=40, 0.76x at D=72,
-# 1.01-1.17x at D=64, so SDPA. ``sampler_update`` is not a layer: it is the multistep samplers' state update
-# (``fastdiff.state_update``), torch until its fused kernels are measured on a GPU. Values: "triton",
-# "torch", "cuda_ext" (GroupNorm: the optional CUDA C++ extension for channels-last inputs, Triton where it
-# does not apply; sampler_update: its fused update kernel), or "triton_rows" (GroupNorm: the Triton kernels'
-# "rows" strategy, three launches over contiguous rows; not measured yet).
+# CUDA graphs (bench/RESULTS.md, runs 2 and 3): GroupNorm+SiLU Triton 2.8-5.2x torch (the CUDA extension
+# 0.5-1.6x; the three-launch "rows" strategy faster at 64x64 NCHW but slower end to end, SD1.5 162.4 vs
+# 154.4 ms); adaLN 3.6-5.2x and gated residual 2.0-3.1x torch; GEGLU 2.2-2.7x torch; attention Triton 0.51x
+# SDPA at D=40, 0.82x at D=72, 1.03-1.34x at D=64, so SDPA. ``sampler_update`` is not a layer: it is the
+# multistep samplers' state update (``fastdiff.state_update``): Triton 2.3-2.9x torch per update, but end to
+# end within noise (DiT 42.9 vs 43.1 ms), so torch. Values: "triton", "torch", "cuda_ext" (GroupNorm: the
+# optional CUDA C++ extension for channels-last inputs, Triton where it does not apply; sampler_update: its
+# fused update kernel), or "triton_rows" (GroupNorm: the Triton kernels' "rows" strategy, three launches over
+# contiguous rows).
 GPU_DEFAULT_OPS = {
     "group_norm": "triton",
     "attention": "torch",
     "adaln_modulate": "triton",
     "gated_residual": "triton",
     "sampler_update": "torch",
-    "geglu": "torch",  # SD's feed-forward activation: not measured on a GPU yet
+    "geglu": "triton",  # SD's feed-forward activation: 2.2-2.7x torch; SD1.5 end to end 147.6 vs 154.4 ms (run 3)
 }
 # what each op may run on (OptimizeConfig.kernel_ops values)
 OP_IMPLS = {

@@ -31,9 +31,12 @@ def prepare_model(model: torch.nn.Module, config: OptimizeConfig, device: torch.
     else:
         set_backend(model, "native")
     set_sdpa_backend(model, config.sdpa_backend)
-    from ..models.fuse import apply_fusions
+    from ..models.fuse import adaln_stackable, apply_fusions
 
-    notes.extend(apply_fusions(model, qkv=config.fuse_qkv, adaln=config.fuse_adaln))
+    adaln = config.fuse_adaln
+    if adaln is None:  # auto: where it measured faster (a DiT on a GPU), silently off where it cannot apply
+        adaln = torch.device(device).type == "cuda" and adaln_stackable(model)
+    notes.extend(apply_fusions(model, qkv=config.fuse_qkv, adaln=adaln))
     return model
 
 
