@@ -1,9 +1,12 @@
 """Scaled dot-product attention forward (flash attention: online softmax, never materialising N x N).
 
 q (B, H, Nq, D), k / v (B, H, Nk, D) like ``F.scaled_dot_product_attention`` (non-causal, no mask);
-self and cross attention (Nk = 77 text tokens), any strides. A head dim that is not a power of two runs as
-a power-of-two main part plus a masked power-of-two tail (D = 40 / 72 / 80 as 32+16 / 64+16 / 64+16, not
-padded to 64 / 128 / 128: the padding cost SD1.5's D=40 and DiT's D=72 37-44% of the tensor-core work).
+self and cross attention (Nk = 77 text tokens), any strides. A head dim that is not a power of two runs
+either padded to one power-of-two tile (CUDA's default) or as a power-of-two main part plus a masked
+power-of-two tail (D = 40 / 72 / 80 as 32+16 / 64+16 / 64+16 instead of 64 / 128 / 128: the padding costs
+SD1.5's D=40 and DiT's D=72 37-44% of the tensor-core work). The split is the default off CUDA only: compiled
+by triton 3.6 for an H200 it computed wrong results with tiles of 64+ query rows and 64+ keys
+(``split_head_dim``).
 Scores and the softmax are float32, the ``P @ V`` product takes P in the input dtype (as FlashAttention
 does), the accumulators are float32.
 """
@@ -194,7 +197,8 @@ def split_head_dim(device_type: str) -> bool:
     """Whether a head dim that is not a power of two runs as main + tail tiles (else one padded tile).
 
     Off on CUDA: on an H200 with triton 3.6 the split kernel (D=40 as 32+16, D=72 as 64+16) made illegal memory
-    accesses (2026-11-26 run 3; ``bench/check_attention_tiles.py`` runs each tile alone to find which).
+    accesses under the autotuner and, run tile by tile (``bench/check_attention_tiles.py``), wrong results with
+    every tile of 64+ rows and 64+ keys (2026-11-26 run 3). Forced on, CUDA tunes over the other tiles only.
     ``FASTDIFF_ATTENTION_SPLIT=1`` / ``0`` forces it on / off everywhere (experiments, tests).
     """
     forced = os.environ.get("FASTDIFF_ATTENTION_SPLIT")

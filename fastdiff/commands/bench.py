@@ -123,7 +123,8 @@ VARIANT_SWITCHES = {
     "tune": dict(kernel_ops="tune"),  # every fused layer measures its implementations on its first call
     "gnext": dict(kernel_ops={"group_norm": "cuda_ext"}),  # GroupNorm from the CUDA C++ extension
     "gnrows": dict(kernel_ops={"group_norm": "triton_rows"}),  # GroupNorm's "rows" strategy (three launches)
-    "geglu": dict(kernel_ops={"geglu": "triton"}),  # SD's feed-forward GEGLU as one Triton kernel
+    "geglu": dict(kernel_ops={"geglu": "triton"}),  # SD's feed-forward GEGLU as one Triton kernel (default on CUDA)
+    "nogeglu": dict(kernel_ops={"geglu": "torch"}),  # ... as torch's chunk + gelu + mul
     "upd": dict(kernel_ops={"sampler_update": "triton"}),  # the samplers' fused state update on Triton
     "updext": dict(kernel_ops={"sampler_update": "cuda_ext"}),  # ... from the CUDA C++ extension
     # backend "compile" only: Inductor autotunes every GEMM (fastdiff's graphs replace Inductor's own)
