@@ -19,6 +19,7 @@ import argparse
 import inspect
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -295,6 +296,9 @@ def compile_config(cfg: Config, arch: int) -> Result:
         res.ptx_bytes = len(ptx)
         res.cubin_bytes = len(k.asm.get("cubin", b""))
         res.num_warps = int(getattr(k.metadata, "num_warps", 0))
+        # 2-byte global loads: a half-precision tile whose loads did not vectorise (a mask or an offset whose
+        # alignment the compiler cannot see); 16-byte loads / async copies are what a tile should compile to
+        res.extra["scalar_half_loads"] = len(re.findall(r"ld\.global(?:\.[\w:]+)*\.b16\b", ptx))
     except Exception as e:  # noqa: BLE001 - reported per configuration
         res.error = f"{e.__class__.__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
     res.seconds = time.perf_counter() - t0

@@ -43,7 +43,7 @@ def _load_tile(ptrs, row_ok, col_ok, UNMASKED: tl.constexpr, UPCAST: tl.constexp
 @triton.jit
 def _attention_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr,
-    H, NQ, NK, D,
+    H, NQ, NK,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -51,39 +51,44 @@ def _attention_kernel(
     qk_scale,  # softmax scale * log2(e) >= 0: the softmax runs in base 2
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
     EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, MAIN_EVEN_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, D: tl.constexpr, ALIGN: tl.constexpr,
 ):
     # The head dim is covered by a main part of BLOCK_D columns (a power of two <= D, never masked) and,
     # when BLOCK_D2 > 0, a tail of BLOCK_D2 columns (masked past D): D = 40 runs as 32 + 16, D = 72 as
     # 64 + 16, instead of padding to 64 / 128. Each part has its own dots and accumulator. MAIN_EVEN_D:
     # the main part needs no head-dim mask (false only for a single padded block, D < BLOCK_D).
+    # D is a constexpr and ALIGN (elements) divides every (batch, head, row) offset: a head-dim mask like
+    # `offs_d < 40` is then known constant over aligned runs of 8 halves, and rows start 16-byte aligned, so the
+    # loads vectorise to 16 bytes (with a runtime D not divisible by 16 they compiled to 2-byte loads).
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
-    q_base = q_ptr + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    k_base = k_ptr + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
-    v_base = v_ptr + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
-    o_base = o_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    q_base = q_ptr + tl.multiple_of(b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh, ALIGN)
+    k_base = k_ptr + tl.multiple_of(b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh, ALIGN)
+    v_base = v_ptr + tl.multiple_of(b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh, ALIGN)
+    o_base = o_ptr + tl.multiple_of(b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh, ALIGN)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < NQ
+    q_rows = tl.multiple_of(offs_m * stride_qn, ALIGN)  # (BLOCK_M,) element offsets of the query rows
+    o_rows = tl.multiple_of(offs_m * stride_on, ALIGN)
 
     mask_d = offs_d < D
     if MAIN_EVEN_D:
-        q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd, mask=mask_m[:, None],
+        q = tl.load(q_base + q_rows[:, None] + offs_d[None, :] * stride_qd, mask=mask_m[:, None],
                     other=0.0)
     else:
-        q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+        q = tl.load(q_base + q_rows[:, None] + offs_d[None, :] * stride_qd,
                     mask=mask_m[:, None] & mask_d[None, :], other=0.0)
     if DOT_FP32:
         q = q.to(tl.float32)
     if BLOCK_D2 > 0:
         offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
         mask_d2 = offs_d2 < D
-        q2 = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d2[None, :] * stride_qd,
+        q2 = tl.load(q_base + q_rows[:, None] + offs_d2[None, :] * stride_qd,
                      mask=mask_m[:, None] & mask_d2[None, :], other=0.0)
         if DOT_FP32:
             q2 = q2.to(tl.float32)
@@ -95,14 +100,16 @@ def _attention_kernel(
     for start_n in range(0, NK, BLOCK_N):
         cols = start_n + offs_n
         mask_n = cols < NK
+        k_rows = tl.multiple_of(cols * stride_kn, ALIGN)  # (BLOCK_N,) element offsets of the key / value rows
+        v_rows = tl.multiple_of(cols * stride_vn, ALIGN)
         # K and V tiles are (BLOCK_N, BLOCK_D) with the head dim contiguous (coalesced rows); K is
         # transposed for the dot. Unmasked loads when the tile cannot run past Nk.
-        k_ptrs = k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd
-        v_ptrs = v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd
+        k_ptrs = k_base + k_rows[:, None] + offs_d[None, :] * stride_kd
+        v_ptrs = v_base + v_rows[:, None] + offs_d[None, :] * stride_vd
         k = _load_tile(k_ptrs, mask_n, mask_d, EVEN_N and MAIN_EVEN_D, DOT_FP32)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         if BLOCK_D2 > 0:
-            k2 = _load_tile(k_base + cols[:, None] * stride_kn + offs_d2[None, :] * stride_kd, mask_n, mask_d2,
+            k2 = _load_tile(k_base + k_rows[:, None] + offs_d2[None, :] * stride_kd, mask_n, mask_d2,
                             EVEN_N and EVEN_D, DOT_FP32)
             s += tl.dot(q2, tl.trans(k2), input_precision=DOT_PRECISION)
         # online softmax: rescale what was accumulated so far to the new running maximum. The maximum is kept
@@ -123,16 +130,16 @@ def _attention_kernel(
         # the dots accumulate into the rescaled accumulators (no separate add over them)
         acc = tl.dot(p_in, v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         if BLOCK_D2 > 0:
-            v2 = _load_tile(v_base + cols[:, None] * stride_vn + offs_d2[None, :] * stride_vd, mask_n, mask_d2,
+            v2 = _load_tile(v_base + v_rows[:, None] + offs_d2[None, :] * stride_vd, mask_n, mask_d2,
                             EVEN_N and EVEN_D, DOT_FP32)
             acc2 = tl.dot(p_in, v2, acc2 * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
     acc = acc / l_i[:, None]
-    tl.store(o_base + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od,
+    tl.store(o_base + o_rows[:, None] + offs_d[None, :] * stride_od,
              acc.to(o_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
     if BLOCK_D2 > 0:
         acc2 = acc2 / l_i[:, None]
-        tl.store(o_base + offs_m[:, None] * stride_on + offs_d2[None, :] * stride_od,
+        tl.store(o_base + o_rows[:, None] + offs_d2[None, :] * stride_od,
                  acc2.to(o_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d2[None, :])
 
 
@@ -233,6 +240,17 @@ def launch_config(nq: int, nk: int, d: int, dtype: torch.dtype, device_type: str
                 dot_precision="ieee" if dtype == torch.float32 else "tf32")
 
 
+def row_alignment(*tensors: torch.Tensor) -> int:
+    """How many elements every (batch, head, row) start of ``tensors`` is a multiple of: 16 bytes' worth when
+    each has a unit head-dim stride, a 16-byte aligned start and 16-byte multiples as its other strides (the
+    kernel's loads then vectorise), else 1."""
+    elems = 16 // tensors[0].element_size()
+    for t in tensors:
+        if t.stride(3) != 1 or t.data_ptr() % 16 or any(s % elems for s in t.stride()[:3]):
+            return 1
+    return elems
+
+
 def _launches(q, k, v, out, scale, device_type, split: Optional[bool] = None):
     """The launch for (q, k, v) -> out as [(grid, positional args, constexprs + launch options)].
 
@@ -245,8 +263,9 @@ def _launches(q, k, v, out, scale, device_type, split: Optional[bool] = None):
         q, sm_scale = -q, -sm_scale
     cfg = launch_config(NQ, NK, D, q.dtype, device_type, split)
     grid = (triton.cdiv(NQ, cfg["block_m"]), B * H)
-    args = (q, k, v, out, H, NQ, NK, D, *q.stride(), *k.stride(), *v.stride(), *out.stride(), sm_scale * _LOG2E)
-    meta = dict(BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_D=cfg["block_d"], BLOCK_D2=cfg["block_d2"],
+    args = (q, k, v, out, H, NQ, NK, *q.stride(), *k.stride(), *v.stride(), *out.stride(), sm_scale * _LOG2E)
+    meta = dict(D=D, ALIGN=row_alignment(q, k, v, out),
+                BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_D=cfg["block_d"], BLOCK_D2=cfg["block_d2"],
                 EVEN_N=cfg["even_n"], EVEN_D=cfg["even_d"], MAIN_EVEN_D=cfg["even_d"] or cfg["block_d2"] > 0,
                 DOT_PRECISION=cfg["dot_precision"],
                 # Triton 3.9's interpreter multiplies bfloat16 tl.dot operands as raw bits: upcast there (the
@@ -298,7 +317,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional
     for grid, args, meta in _launches(q, k, v, out, scale, q.device.type):
         if q.is_cuda and q.dtype != torch.float32 and not _interpreting() and not _TUNING_BROKEN:
             tuned = {k: meta[k] for k in ("BLOCK_D", "BLOCK_D2", "EVEN_D", "MAIN_EVEN_D", "DOT_PRECISION",
-                                          "DOT_FP32")}
+                                          "DOT_FP32", "D", "ALIGN")}
             try:
                 _attention_tuned(meta["BLOCK_D2"] > 0)[lambda m: (triton.cdiv(args[5], m["BLOCK_M"]), grid[1])](
                     *args, **tuned)

@@ -75,6 +75,32 @@ def test_head_tiles_split_instead_of_padding():
         assert main + tail >= d and main >= 16 and tail in (0,) + tuple(2 ** i for i in range(4, 9))
 
 
+def test_row_alignment_is_claimed_only_when_every_row_starts_16_byte_aligned():
+    """The kernel tells the compiler every (batch, head, row) start is a multiple of ALIGN elements: only
+    true for a unit head-dim stride, 16-byte multiples as the other strides and a 16-byte aligned start."""
+    from fastdiff.kernels.attention import row_alignment
+
+    q, k, v = make_qkv(1, 2, 9, 7, 40, torch.float16, "contiguous")
+    assert row_alignment(q, k, v) == 8  # 40 halves = 80 bytes per row
+    assert row_alignment(*make_qkv(1, 2, 9, 7, 40, torch.float32, "contiguous")) == 4
+    assert row_alignment(q, k, v.transpose(2, 3).contiguous().transpose(2, 3)) == 1  # head dim not unit stride
+    assert row_alignment(*make_qkv(1, 2, 9, 7, 36, torch.float16, "strided")) == 1  # 72-byte rows
+    base = torch.randn(1 + 2 * 9 * 40).half()
+    assert row_alignment(base[1:].view(1, 2, 9, 40), k, v) == 1  # a view starting 2 bytes into its storage
+
+
+@pytest.mark.parametrize("offset", [0, 1, 8])
+def test_attention_reads_rows_at_any_alignment(offset):
+    """Inputs and output starting off a 16-byte boundary (views into a larger buffer) still match SDPA."""
+    B, H, NQ, NK, D = 1, 2, 19, 23, 40
+    buf = torch.randn(offset + 3 * B * H * NK * D, dtype=torch.float32) + 0.2
+    q, k, v = (buf[offset + i * B * H * NK * D:][:B * H * NK * D].view(B, H, NK, D) for i in range(3))
+    q = q[:, :, :NQ]
+    out_buf = torch.full((offset + B * H * NQ * D,), float("nan"))
+    out = out_buf[offset:].view(B, H, NQ, D)
+    assert_close(attention(q, k, v, out=out), reference(q, k, v), torch.float32)
+
+
 def test_head_dim_split_is_off_on_cuda_unless_forced(monkeypatch):
     """The split crashed compiled on an H200 (triton 3.6): CUDA launches pad the head dim unless forced."""
     from fastdiff.kernels.attention import launch_config
