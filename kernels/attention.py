@@ -205,7 +205,9 @@ def split_head_dim(device_type: str) -> bool:
 
     Off on CUDA: on an H200 with triton 3.6 the split kernel (D=40 as 32+16, D=72 as 64+16) made illegal memory
     accesses under the autotuner and, run tile by tile (``bench/check_attention_tiles.py``), wrong results with
-    every tile of 64+ rows and 64+ keys (2026-11-26 run 3). Forced on, CUDA tunes over the other tiles only.
+    every tile of 64+ rows and 64+ keys (2026-11-26 run 3). Those failures were at D = 40 / 72, which then
+    compiled to 2-byte loads (a runtime head dim); whether the split is right now that every tile vectorises
+    is not measured. Forced on, CUDA tunes over the other tiles only.
     ``FASTDIFF_ATTENTION_SPLIT=1`` / ``0`` forces it on / off everywhere (experiments, tests).
     """
     forced = os.environ.get("FASTDIFF_ATTENTION_SPLIT")
