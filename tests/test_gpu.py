@@ -54,6 +54,32 @@ def test_attention_on_gpu(dtype, tol, b, h, nq, nk, d):
 
 
 @needs_compiled_triton
+@pytest.mark.parametrize("layout", ["projection", "unaligned"])
+@pytest.mark.parametrize("d", [40, 72])
+def test_attention_layouts_on_gpu(layout, d):
+    """The layouts the 16-byte alignment hint must get right: a (B, N, H*D) projection viewed as heads (aligned
+    rows, hinted) and views starting 2 bytes into their buffers (not hinted: ALIGN = 1), output poisoned."""
+    from fastdiff.kernels import attention
+    from fastdiff.kernels.attention import row_alignment
+
+    b, h, nq, nk = 2, 8, 300, 77
+    if layout == "projection":
+        q = torch.randn(b, nq, h * d, device="cuda", dtype=torch.float16).view(b, nq, h, d).transpose(1, 2)
+        k, v = (torch.randn(b, nk, h * d, device="cuda", dtype=torch.float16).view(b, nk, h, d).transpose(1, 2)
+                for _ in range(2))
+        out = torch.full((b, nq, h, d), float("nan"), device="cuda", dtype=torch.float16).transpose(1, 2)
+        assert row_alignment(q, k, v, out) == 8
+    else:
+        def view(n):
+            return torch.randn(1 + b * h * n * d, device="cuda", dtype=torch.float16)[1:].view(b, h, n, d)
+        q, k, v = view(nq), view(nk), view(nk)
+        out = torch.full((1 + b * h * nq * d,), float("nan"), device="cuda", dtype=torch.float16)[1:].view(b, h, nq, d)
+        assert row_alignment(q, k, v, out) == 1
+    want = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    assert rel_err(attention(q, k, v, out=out).float(), want) <= 1e-2
+
+
+@needs_compiled_triton
 def test_adaln_on_gpu():
     from fastdiff.kernels import adaln_modulate, gated_residual
 
