@@ -83,7 +83,7 @@ def main(argv=None) -> int:
                           "wrong results on an H200 with tiles of 64+ rows and keys, so it tunes over the others)")
     known, rest = pre.parse_known_args(argv)
     return kernel_bench_main("bench_attention", __doc__.split("\n\n")[0],
-                             lambda dtypes, iters: run(dtypes, iters, known.split), print_rows, rest)
+                             lambda dtypes, iters: run(dtypes, iters, known.split), print_rows, rest, parents=[pre])
 
 
 # ----------------------------------------------------------------------------------- pytest-benchmark

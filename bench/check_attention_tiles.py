@@ -8,7 +8,8 @@ head-dim split) runs alone, with CUDA_LAUNCH_BLOCKING=1, and is compared against
 
 Prints one line per case (ok / MISMATCH / CRASH) and a count per (head-dim mode, tile). "split" is the kernel's
 main + tail head-dim tiles (D=40 as 32+16), "padded" one power-of-two tile (D=40 as 64), "split-s1" the split
-with software pipelining off (num_stages=1).
+with software pipelining off (num_stages=1). Exits 1 only when a tile the runtime can run fails (any padded
+tile; the split-safe tiles and the fixed tile of a forced split), not for the split tiles known to fail.
 """
 
 from __future__ import annotations
@@ -56,9 +57,10 @@ def cases():
 
     for prob in PROBLEMS:
         _, _, nq, nk, d = prob
-        fixed = launch_config(nq, nk, d, torch.float16, "cuda")
-        tiles = list(dict.fromkeys(list(_TUNED_TILES) + [(fixed["block_m"], fixed["block_n"], fixed["num_warps"],
-                                                          fixed["num_stages"])]))
+        # the autotuner's tiles and the fixed tiles (used when tuning is off or broken), padded and split
+        fixed = [launch_config(nq, nk, d, torch.float16, "cuda", split) for split in (False, True)]
+        tiles = list(dict.fromkeys(list(_TUNED_TILES) + [(f["block_m"], f["block_n"], f["num_warps"],
+                                                          f["num_stages"]) for f in fixed]))
         for tile in tiles:
             for mode in MODES:
                 yield (*prob, *tile, mode)
@@ -102,7 +104,24 @@ def main(argv=None) -> int:
     if a.json:
         with open(a.json, "w") as f:
             json.dump(results, f, indent=1)
-    return 1 if bad else 0
+    # a failure that matters: a tile the runtime can run (padded: any tile; split: the split-safe tiles and
+    # the split's fixed tile); other split tiles are known to fail on triton 3.6 and only reported
+    from fastdiff.kernels.attention import _SPLIT_SAFE_TILES
+
+    runnable = [r for r in bad if r["case"][-1] == "padded" or tuple(r["case"][5:9]) in _SPLIT_SAFE_TILES
+                or tuple(r["case"][5:9]) in _split_fixed_tiles()]
+    for r in runnable:
+        print(f"FAILED where the runtime can run it: {r['case']} {r['status']}")
+    return 1 if runnable else 0
+
+
+def _split_fixed_tiles() -> set:
+    import torch
+
+    from fastdiff.kernels.attention import launch_config
+
+    return {tuple(launch_config(nq, nk, d, torch.float16, "cuda", True)[k]
+                  for k in ("block_m", "block_n", "num_warps", "num_stages")) for _, _, nq, nk, d in PROBLEMS}
 
 
 if __name__ == "__main__":

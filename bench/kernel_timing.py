@@ -119,9 +119,11 @@ def time_cuda(fn, warmup: int = 10, iters: int = 100, flush: bool = False) -> tu
     return time_eager(fn, iters, flush)
 
 
-def kernel_bench_main(name: str, description: str, run, print_rows, argv=None, flush_option: bool = False) -> int:
-    """Parse --dtype / --iters (/ --no-flush) / --eager-timing, skip cleanly without a GPU, run and print."""
-    p = argparse.ArgumentParser(description=description)
+def kernel_bench_main(name: str, description: str, run, print_rows, argv=None, flush_option: bool = False,
+                      parents=()) -> int:
+    """Parse --dtype / --iters (/ --no-flush) / --eager-timing, skip cleanly without a GPU, run and print.
+    ``parents``: parsers of a bench's own options (already parsed by it), so that ``--help`` lists them."""
+    p = argparse.ArgumentParser(description=description, parents=list(parents))
     p.add_argument("--dtype", nargs="+", default=["float16"], choices=["float16", "bfloat16", "float32"])
     p.add_argument("--iters", type=int, default=100)
     p.add_argument("--eager-timing", action="store_true",

@@ -126,7 +126,8 @@ def _attention_configs(dtypes) -> list[Config]:
                     if dtype == torch.float32:
                         continue
                     # on a GPU half precision runs autotuned: every candidate tile is compiled too
-                    for bm, bn, warps, stages in _SPLIT_SAFE_TILES if split else _TUNED_TILES:
+                    # the tiles the runtime tunes over: the split-safe ones whenever a tail tile runs
+                    for bm, bn, warps, stages in _SPLIT_SAFE_TILES if meta["BLOCK_D2"] else _TUNED_TILES:
                         tuned = dict(meta, BLOCK_M=bm, BLOCK_N=bn, EVEN_N=NK % bn == 0, num_warps=warps,
                                      num_stages=stages)
                         out.append(Config("attention", f"{label} tile{bm}x{bn}w{warps}s{stages}", dtype,
@@ -275,6 +276,9 @@ def _source(cfg: Config):
     return src, options
 
 
+_NARROW_HALF = re.compile(r"\b(?:ld|st)\.global(?:\.[\w:]+)*\.(?:b16|u16|s16|f16|bf16)\b")
+
+
 def compile_config(cfg: Config, arch: int) -> Result:
     """Compile one configuration for ``sm_<arch>``; failures are returned, not raised."""
     import triton
@@ -296,9 +300,10 @@ def compile_config(cfg: Config, arch: int) -> Result:
         res.ptx_bytes = len(ptx)
         res.cubin_bytes = len(k.asm.get("cubin", b""))
         res.num_warps = int(getattr(k.metadata, "num_warps", 0))
-        # 2-byte global loads: a half-precision tile whose loads did not vectorise (a mask or an offset whose
-        # alignment the compiler cannot see); 16-byte loads / async copies are what a tile should compile to
-        res.extra["scalar_half_loads"] = len(re.findall(r"ld\.global(?:\.[\w:]+)*\.b16\b", ptx))
+        # 16-bit global loads / stores (scalar or 2-4 element vectors): a half-precision tile whose accesses did
+        # not vectorise (a mask or an offset whose alignment the compiler cannot see); a tile should compile
+        # to 16-byte accesses and async copies
+        res.extra["narrow_half_accesses"] = len(_NARROW_HALF.findall(ptx))
     except Exception as e:  # noqa: BLE001 - reported per configuration
         res.error = f"{e.__class__.__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
     res.seconds = time.perf_counter() - t0

@@ -84,7 +84,7 @@ def test_row_alignment_is_claimed_only_when_every_row_starts_16_byte_aligned():
     assert row_alignment(q, k, v) == 8  # 40 halves = 80 bytes per row
     assert row_alignment(*make_qkv(1, 2, 9, 7, 40, torch.float32, "contiguous")) == 4
     assert row_alignment(q, k, v.transpose(2, 3).contiguous().transpose(2, 3)) == 1  # head dim not unit stride
-    assert row_alignment(*make_qkv(1, 2, 9, 7, 36, torch.float16, "strided")) == 1  # 72-byte rows
+    assert row_alignment(*make_qkv(1, 2, 9, 7, 36, torch.float16, "contiguous")) == 1  # 72-byte rows
     base = torch.randn(1 + 2 * 9 * 40).half()
     assert row_alignment(base[1:].view(1, 2, 9, 40), k, v) == 1  # a view starting 2 bytes into its storage
 
