@@ -70,6 +70,13 @@ def test_kernel_compiles_for_every_model_config(results, arch, kernel, dtype):
         narrow = [f"{r.label}: {r.extra['narrow_half_accesses']}" for r in all_rows if r.ok and
                   r.extra.get("narrow_half_accesses")]
         assert not narrow, "\n".join(narrow)
+    if kernel == "group_norm" and dtype != "fp32":
+        # channels-last groups of SD's 10 / 40 channels: 4- / 16-byte accesses (a runtime channels-per-group
+        # compiled to 2-byte ones); the one-channel groups of 2x32x1x1 cannot vectorise
+        narrow = [f"{r.label}: {r.extra['narrow_half_accesses']}" for r in all_rows if r.ok and "nhwc" in r.label
+                  and " rows " not in r.label and not r.label.startswith("2x32x1x1")
+                  and r.extra.get("narrow_half_accesses")]
+        assert not narrow, "\n".join(narrow)
 
 
 def test_configs_cover_the_model_shapes():
