@@ -48,9 +48,37 @@ def _load(name: str):
     if not ok:
         raise BackendUnavailableError(
             f"fastdiff.kernels.{name} needs Triton (pip install 'triton>=3.2'), but triton is not importable: {why}")
-    fn = getattr(importlib.import_module(_LAUNCHERS[name], __name__), name)
+    fn = _on_input_device(getattr(importlib.import_module(_LAUNCHERS[name], __name__), name))
     _resolved[name] = fn
     return fn
+
+
+def _first_tensor(args):
+    """The tensor whose device a launch runs on: the first argument, or the first term's tensor (lincomb)."""
+    import torch
+
+    first = args[0] if args else None
+    if isinstance(first, (list, tuple)) and first and isinstance(first[0], (list, tuple)) and len(first[0]) == 2:
+        first = first[0][1]
+    return first if isinstance(first, torch.Tensor) else None
+
+
+def _on_input_device(fn):
+    """``fn`` launched on its input's GPU: Triton launches on the *current* device, so a model on cuda:1
+    while cuda:0 is current would otherwise run its kernels on the wrong GPU."""
+    import functools
+
+    import torch
+
+    @functools.wraps(fn)
+    def call(*args, **kw):
+        t = _first_tensor(args)
+        if t is not None and t.is_cuda and t.get_device() != torch.cuda.current_device():
+            with torch.cuda.device(t.device):
+                return fn(*args, **kw)
+        return fn(*args, **kw)
+
+    return call
 
 
 def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, activation=None, scale=None, shift=None, **kw):

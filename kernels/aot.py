@@ -47,6 +47,9 @@ ATTENTION_SHAPES = (
     (2, 16, 256, 256, 72),
     (2, 8, 1024, 1024, 128),
 )
+# ... of which these also compile with query rows off a 16-byte multiple (the kernel then gets no alignment
+# hint): the variant EDM's layouts, odd offsets and head dims not a multiple of 8 run
+ATTENTION_UNALIGNED = ((2, 8, 4096, 77, 40), (2, 16, 256, 256, 72))
 ADALN_SHAPES = ((2, 256, 1152),)  # DiT-XL/2: (B, T, D)
 # GEGLU (tokens, 2 * inner): SD1.5's feed-forward at 64x64 and 8x8 latents, with CFG
 GEGLU_SHAPES = ((2, 4096, 2560), (2, 64, 10240))
@@ -114,19 +117,24 @@ def _attention_configs(dtypes) -> list[Config]:
     from fastdiff.kernels.attention import _SPLIT_SAFE_TILES, _TUNED_TILES, _attention_kernel, _launches
 
     out = []
-    for B, H, NQ, NK, D in ATTENTION_SHAPES:
-        for dtype in dtypes:
-            q = torch.empty(B, H, NQ, D, dtype=dtype, device="meta")
+    for shape in ATTENTION_SHAPES:
+        B, H, NQ, NK, D = shape
+        variants = [(d, u) for d in dtypes for u in (False, True) if not u or shape in ATTENTION_UNALIGNED]
+        for dtype, unaligned in variants:
+            # unaligned: query rows D + 1 elements apart, off every 16-byte multiple (the kernel gets ALIGN=1)
+            q = torch.empty(B, H, NQ, D + unaligned, dtype=dtype, device="meta")[..., :D]
             kv = torch.empty(B, H, NK, D, dtype=dtype, device="meta")
             # CUDA's default (a padded head dim) and, off a power of two, the forced main + tail split
             for split in (False, True) if D & (D - 1) else (False,):
-                for grid, args, meta in _launches(q, kv, kv, torch.empty_like(q), None, "cuda", split):
-                    label = f"B{B} H{H} Nq{NQ} Nk{NK} D{D}{' split' if split else ''}"
+                out_t = torch.empty(B, H, NQ, D, dtype=dtype, device="meta")
+                for grid, args, meta in _launches(q, kv, kv, out_t, None, "cuda", split):
+                    label = (f"B{B} H{H} Nq{NQ} Nk{NK} D{D}{' split' if split else ''}"
+                             f"{' unaligned' if unaligned else ''}")
                     out.append(Config("attention", label, dtype, _attention_kernel, args, meta))
                     if dtype == torch.float32:
                         continue
-                    # on a GPU half precision runs autotuned: every candidate tile is compiled too
-                    # the tiles the runtime tunes over: the split-safe ones whenever a tail tile runs
+                    # on a GPU half precision runs autotuned: every tile the runtime tunes over is compiled too
+                    # (the split-safe ones whenever a tail tile runs)
                     for bm, bn, warps, stages in _SPLIT_SAFE_TILES if meta["BLOCK_D2"] else _TUNED_TILES:
                         tuned = dict(meta, BLOCK_M=bm, BLOCK_N=bn, EVEN_N=NK % bn == 0, num_warps=warps,
                                      num_stages=stages)

@@ -73,8 +73,10 @@ def _attention_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < NQ
-    q_rows = tl.multiple_of(offs_m * stride_qn, ALIGN)  # (BLOCK_M,) element offsets of the query rows
-    o_rows = tl.multiple_of(offs_m * stride_on, ALIGN)
+    # (BLOCK_M,) element offsets of the query / output rows; int64: a strided view's rows may span more than
+    # 2**31 elements
+    q_rows = tl.multiple_of(offs_m.to(tl.int64) * stride_qn, ALIGN)
+    o_rows = tl.multiple_of(offs_m.to(tl.int64) * stride_on, ALIGN)
 
     mask_d = offs_d < D
     if MAIN_EVEN_D:
@@ -100,8 +102,8 @@ def _attention_kernel(
     for start_n in range(0, NK, BLOCK_N):
         cols = start_n + offs_n
         mask_n = cols < NK
-        k_rows = tl.multiple_of(cols * stride_kn, ALIGN)  # (BLOCK_N,) element offsets of the key / value rows
-        v_rows = tl.multiple_of(cols * stride_vn, ALIGN)
+        k_rows = tl.multiple_of(cols.to(tl.int64) * stride_kn, ALIGN)  # (BLOCK_N,) element offsets of the key / value rows
+        v_rows = tl.multiple_of(cols.to(tl.int64) * stride_vn, ALIGN)
         # K and V tiles are (BLOCK_N, BLOCK_D) with the head dim contiguous (coalesced rows); K is
         # transposed for the dot. Unmasked loads when the tile cannot run past Nk.
         k_ptrs = k_base + k_rows[:, None] + offs_d[None, :] * stride_kd
