@@ -6,10 +6,12 @@ head-dim split) runs alone, with CUDA_LAUNCH_BLOCKING=1, and is compared against
 
     python bench/check_attention_tiles.py [--jobs 8] [--json out.json]
 
-Prints one line per case (ok / MISMATCH / CRASH) and a count per (head-dim mode, tile). "split" is the kernel's
-main + tail head-dim tiles (D=40 as 32+16), "padded" one power-of-two tile (D=40 as 64), "split-s1" the split
-with software pipelining off (num_stages=1). Exits 1 only when a tile the runtime can run fails (any padded
-tile; the split-safe tiles and the fixed tile of a forced split), not for the split tiles known to fail.
+Prints one line per case (ok / MISMATCH / CRASH) and the number of cases that were right. "split" is the
+kernel's main + tail head-dim tiles (D=40 as 32+16), "padded" one power-of-two tile (D=40 as 64), "split-s1"
+the split with software pipelining off (num_stages=1), and "auto-padded" / "auto-split" the launcher itself as
+the models call it (autotuning, then the chosen tile; FASTDIFF_ATTENTION_SPLIT=0 / 1). Exits 1 only when
+something the runtime can run fails (any padded tile, either launcher, the split-safe tiles and the fixed tile
+of a forced split), not for the split tiles known to fail.
 """
 
 from __future__ import annotations
@@ -30,19 +32,33 @@ def run_one(b, h, nq, nk, d, bm, bn, warps, stages, mode) -> dict:
     """One launch in this process; the parent runs each case in a fresh one."""
     import torch
     import triton
-    import torch.nn.functional as F
 
     from fastdiff.kernels.attention import _attention_kernel, _launches, head_tiles
 
     torch.manual_seed(0)
     q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.float16) for n in (nq, nk, nk))
     out = torch.full((b, nq, h, d), float("nan"), device="cuda", dtype=torch.float16).transpose(1, 2)
+    if mode.startswith("auto"):  # the launcher as the models call it: autotuning over its tiles, then the run
+        import os
+
+        from fastdiff.kernels import attention
+
+        os.environ["FASTDIFF_ATTENTION_SPLIT"] = "1" if mode == "auto-split" else "0"
+        attention(q, k, v, out=out)
+        return _compare(q, k, v, out)
     (_, args, meta), = _launches(q, k, v, out, None, "cuda")
     block_d, block_d2 = head_tiles(d) if mode != "padded" else (max(16, triton.next_power_of_2(d)), 0)
     meta.update(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_D2=block_d2, EVEN_N=nk % bn == 0,
                 EVEN_D=block_d + block_d2 == d, MAIN_EVEN_D=block_d + block_d2 == d or block_d2 > 0,
                 num_warps=warps, num_stages=1 if mode == "split-s1" else stages)
     _attention_kernel[(triton.cdiv(nq, bm), b * h)](*args, **meta)
+    return _compare(q, k, v, out)
+
+
+def _compare(q, k, v, out) -> dict:
+    import torch
+    import torch.nn.functional as F
+
     torch.cuda.synchronize()
     ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
     err = (out.float() - ref).abs().max().item()
@@ -64,6 +80,8 @@ def cases():
         for tile in tiles:
             for mode in MODES:
                 yield (*prob, *tile, mode)
+        for mode in ("auto-padded", "auto-split"):  # the launcher itself (the tile is its own choice)
+            yield (*prob, 0, 0, 0, 0, mode)
 
 
 def main(argv=None) -> int:
@@ -102,7 +120,8 @@ def main(argv=None) -> int:
             results.append({"case": case, **res})
             b, h, nq, nk, d, bm, bn, w, st, mode = case
             extra = f"max_err {res['max_err']:.2e}" if "max_err" in res else res.get("error", "")
-            print(f"D={d:3d} Nq={nq:4d} Nk={nk:4d} tile {bm:3d}x{bn:3d} w{w} s{st} {mode:8s} {res['status']:8s} "
+            tile = "launcher      " if mode.startswith("auto") else f"tile {bm:3d}x{bn:3d} w{w} s{st}"
+            print(f"D={d:3d} Nq={nq:4d} Nk={nk:4d} {tile} {mode:11s} {res['status']:8s} "
                   f"{extra}", flush=True)
     bad = [r for r in results if r["status"] != "ok"]
     print(f"{len(results) - len(bad)} of {len(results)} cases ok")
@@ -114,7 +133,7 @@ def main(argv=None) -> int:
     from fastdiff.kernels.attention import _SPLIT_SAFE_TILES
 
     split_tiles = set(_SPLIT_SAFE_TILES) | _split_fixed_tiles()
-    runnable = [r for r in bad if r["case"][-1] == "padded"
+    runnable = [r for r in bad if r["case"][-1] in ("padded", "auto-padded", "auto-split")
                 or (r["case"][-1] == "split" and tuple(r["case"][5:9]) in split_tiles)]
     for r in runnable:
         print(f"FAILED where the runtime can run it: {r['case']} {r['status']}")
