@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from unittest import mock
 
 import pytest
 import torch
@@ -40,15 +41,8 @@ def candidates(q, k, v, split: bool = False):
 
 def _with_split(attention, q, k, v):
     """attention(q, k, v) with FASTDIFF_ATTENTION_SPLIT=1 (read at launch, so a captured graph holds the split)."""
-    old = os.environ.get("FASTDIFF_ATTENTION_SPLIT")
-    os.environ["FASTDIFF_ATTENTION_SPLIT"] = "1"
-    try:
+    with mock.patch.dict(os.environ, {"FASTDIFF_ATTENTION_SPLIT": "1"}):
         return attention(q, k, v)
-    finally:
-        if old is None:
-            del os.environ["FASTDIFF_ATTENTION_SPLIT"]
-        else:
-            os.environ["FASTDIFF_ATTENTION_SPLIT"] = old
 
 
 def run(dtypes=(torch.float16, torch.bfloat16), iters: int = 100, split: bool = False) -> list[dict]:

@@ -125,8 +125,8 @@ def _attention_configs(dtypes) -> list[Config]:
             q = torch.empty(B, H, NQ, D + unaligned, dtype=dtype, device="meta")[..., :D]
             kv = torch.empty(B, H, NK, D, dtype=dtype, device="meta")
             # CUDA's default (a padded head dim) and, off a power of two, the forced main + tail split
+            out_t = torch.empty(B, H, NQ, D, dtype=dtype, device="meta")
             for split in (False, True) if D & (D - 1) else (False,):
-                out_t = torch.empty(B, H, NQ, D, dtype=dtype, device="meta")
                 for grid, args, meta in _launches(q, kv, kv, out_t, None, "cuda", split):
                     label = (f"B{B} H{H} Nq{NQ} Nk{NK} D{D}{' split' if split else ''}"
                              f"{' unaligned' if unaligned else ''}")

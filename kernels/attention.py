@@ -102,7 +102,8 @@ def _attention_kernel(
     for start_n in range(0, NK, BLOCK_N):
         cols = start_n + offs_n
         mask_n = cols < NK
-        k_rows = tl.multiple_of(cols.to(tl.int64) * stride_kn, ALIGN)  # (BLOCK_N,) element offsets of the key / value rows
+        # (BLOCK_N,) element offsets of the key / value rows
+        k_rows = tl.multiple_of(cols.to(tl.int64) * stride_kn, ALIGN)
         v_rows = tl.multiple_of(cols.to(tl.int64) * stride_vn, ALIGN)
         # K and V tiles are (BLOCK_N, BLOCK_D) with the head dim contiguous (coalesced rows); K is
         # transposed for the dot. Unmasked loads when the tile cannot run past Nk.
@@ -174,6 +175,8 @@ def _attention_tuned(split: bool = False):
     return _tuned[split]
 
 
+# what the autotuner (its configs and the EVEN_N heuristic) sets itself; the launch passes the rest of meta
+_AUTOTUNED = ("BLOCK_M", "BLOCK_N", "EVEN_N", "num_warps", "num_stages")
 _TUNING_BROKEN = False
 
 
@@ -320,8 +323,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional
         return out
     for grid, args, meta in _launches(q, k, v, out, scale, q.device.type):
         if q.is_cuda and q.dtype != torch.float32 and not _interpreting() and not _TUNING_BROKEN:
-            tuned = {k: meta[k] for k in ("BLOCK_D", "BLOCK_D2", "EVEN_D", "MAIN_EVEN_D", "DOT_PRECISION",
-                                          "DOT_FP32", "D", "ALIGN")}
+            tuned = {k: v for k, v in meta.items() if k not in _AUTOTUNED}
             try:
                 _attention_tuned(meta["BLOCK_D2"] > 0)[lambda m: (triton.cdiv(args[5], m["BLOCK_M"]), grid[1])](
                     *args, **tuned)
