@@ -38,6 +38,7 @@ class Pipeline:
         self.update_impl = "torch"  # how the samplers' state update runs (OptimizeConfig.sampler_update_impl)
         self.notes: list[str] = list(spec.notes)
         self.loop_graphs = None  # LoopGraphCache when optimize(cuda_graphs=True, graph_scope="loop")
+        self.precompute_adaln = False  # captured loops compute every call's adaLN modulation at once
         # (steps, sampler, schedule) -> SamplingPlan: a serving loop asks for the same few plans on every
         # call, and building one (sigma grid, alphas, option checks) costs ~0.2 ms of host time per call.
         # Keyed also by the spec's sampling fields, so editing pipe.spec afterwards cannot serve stale plans.
@@ -88,6 +89,13 @@ class Pipeline:
         capturable = graph_factory is not None or (self.device.type == "cuda" and torch.cuda.is_available())
         if config.cuda_graphs and config.graph_scope == "loop" and capturable and config.backend != "onnxruntime":
             self.loop_graphs = LoopGraphCache(config.max_graphs, graph_factory)
+        self.precompute_adaln = bool(config.precompute_adaln and self.loop_graphs is not None
+                                     and config.backend in ("eager", "triton")
+                                     and getattr(self.model, "adaln_weight", None) is not None)
+        if config.precompute_adaln and not self.precompute_adaln:
+            self.notes.append("precompute_adaln ignored: it needs a DiT with stacked adaLN projections (fuse_adaln), "
+                              "a captured loop (cuda_graphs=True, graph_scope='loop') and backend 'eager' or "
+                              "'triton'")
         return self
 
     # ------------------------------------------------------------------------------------------
@@ -250,6 +258,7 @@ class Pipeline:
 
         Batches beyond the largest bucket run in bucket-sized chunks, each from its own samples' generators.
         """
+        from .models.modulation_schedule import ModulationSchedule, scheduled
         from .runtime.graphs import bucket_for, pad_to
 
         b, top = latents.shape[0], self.config.batch_buckets[-1]
@@ -267,8 +276,12 @@ class Pipeline:
                plan.output_scale, guidance, _freeze(_map_tree(padded, lambda t: (tuple(t.shape), t.dtype))),
                self.update_impl)
 
+        # used only if this call captures: the loop's warm-up run teaches it the network calls
+        schedule = ModulationSchedule() if self.precompute_adaln else None
+
         def run_loop(x, cond, step_noise):
-            return plan.sample(denoiser, x, extra_args=cond, noise=step_noise)
+            with scheduled(self.model, schedule):
+                return plan.sample(denoiser, x, extra_args=cond, noise=step_noise)
 
         def padded_noise(i, like):  # real rows from their own generators, padded rows repeat the last
             return pad_to(noise(i, like[:b]), like.shape[0])

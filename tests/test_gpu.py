@@ -172,15 +172,25 @@ def test_triton_backend_model_level_on_gpu(arch):
 
 
 @needs_compiled_triton
-def test_dit_fused_adaln_in_a_loop_graph_on_gpu():
+@pytest.mark.parametrize("precompute", [False, True])
+def test_dit_fused_adaln_in_a_loop_graph_on_gpu(precompute):
     """fuse_adaln (one GEMM for every adaLN projection; strided per-layer rows into the Triton adaLN kernels)
-    under the triton backend and a captured loop equals eager sampling."""
-    kw = dict(seeds=[1, 2], class_labels=[1, 2], steps=4, sampler="dpmpp_2m", cfg_scale=3.0, progress=False)
-    eager = fastdiff.load("arch:tiny-dit", device="cuda", dtype=torch.float16).generate(**kw)
-    pipe = fastdiff.load("arch:tiny-dit", device="cuda", dtype=torch.float16).optimize(
-        backend="triton", fuse_adaln=True, cuda_graphs=True, graph_scope="loop", batch_buckets=(2, 4))
-    assert pipe.model.adaln_weight is not None
-    assert rel_err(pipe.generate(**kw), eager) <= 2e-2
+    under the triton backend and a captured loop equals eager sampling; with ``precompute_adaln`` every step's
+    modulation comes from one GEMM inside the graph, and a replay with other labels follows them."""
+    from helpers import perturb_
+
+    model = perturb_(fastdiff.load("arch:tiny-dit").model, seed=3, std=0.2)  # no zero-initialised adaLN
+    kw = dict(seeds=[1, 2], steps=4, sampler="dpmpp_2m", cfg_scale=3.0, progress=False)
+    eager = fastdiff.load("arch:tiny-dit", device="cuda", dtype=torch.float16)
+    pipe = fastdiff.load("arch:tiny-dit", device="cuda", dtype=torch.float16)
+    for p in (eager, pipe):
+        p.model.load_state_dict(model.state_dict())
+    pipe.optimize(backend="triton", fuse_adaln=True, precompute_adaln=precompute, cuda_graphs=True,
+                  graph_scope="loop", batch_buckets=(2, 4))
+    assert pipe.model.adaln_weight is not None and pipe.precompute_adaln == precompute
+    for labels in ([1, 2], [7, 3]):  # the second call replays the captured loop
+        assert rel_err(pipe.generate(class_labels=labels, **kw), eager.generate(class_labels=labels, **kw)) <= 2e-2
+    assert pipe.loop_graphs.captures == 1
 
 
 @pytest.mark.parametrize("scope", ["step", "loop"])

@@ -119,6 +119,8 @@ VARIANT_SWITCHES = {
     "qkv": dict(fuse_qkv=True),
     "adaln": dict(fuse_adaln=True),  # DiT: every adaLN modulation in one matmul per call (default on CUDA)
     "noadaln": dict(fuse_adaln=False),  # DiT: one matmul per adaLN projection (the default off CUDA)
+    # DiT in a captured loop: every step's adaLN modulation from one matmul at the loop's start
+    "precompute": dict(precompute_adaln=True),
     "allk": dict(kernel_ops="all"),  # every fused op on its Triton kernel (not the measured per-op table)
     "tune": dict(kernel_ops="tune"),  # every fused layer measures its implementations on its first call
     "gnext": dict(kernel_ops={"group_norm": "cuda_ext"}),  # GroupNorm from the CUDA C++ extension

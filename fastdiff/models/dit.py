@@ -321,6 +321,8 @@ class DiT(nn.Module):
         self.register_buffer("adaln_weight", None, persistent=False)
         self.register_buffer("adaln_bias", None, persistent=False)
         self.register_load_state_dict_post_hook(lambda module, _keys: module._restack_adaln())
+        # set for the length of one sampling loop by fastdiff.models.modulation_schedule.scheduled
+        self._modulation_schedule = None
         if self.pos_embed.device.type != "meta":
             self.init_pos_embed()
 
@@ -363,9 +365,14 @@ class DiT(nn.Module):
         h, w = H // self.patch_size, W // self.patch_size
 
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D), T = h * w
-        c = self.t_embedder(t) + self.y_embedder(y)  # (N, D)
-        c_act = F.silu(c)  # every adaLN starts with SiLU(c): computed once, not once per block
-        mods = self.fused_modulation(c_act)  # depth x (N, 6D) + (N, 2D), or None: one matmul per layer
+        schedule = self.__dict__.get("_modulation_schedule")
+        mods = None if schedule is None else schedule.take(self, timestep, y)  # every call's, computed at once
+        if mods is None:
+            c = self.t_embedder(t) + self.y_embedder(y)  # (N, D)
+            c_act = F.silu(c)  # every adaLN starts with SiLU(c): computed once, not once per block
+            mods = self.fused_modulation(c_act)  # depth x (N, 6D) + (N, 2D), or None: one matmul per layer
+        else:  # stacked projections only: no block has its own embedders, nothing reads c
+            c = c_act = None
         for i, block in enumerate(self.blocks):
             if block.t_embedder is None:
                 x = block(x, c, c_act, None if mods is None else mods[i])  # (N, T, D)
@@ -429,9 +436,28 @@ class DiT(nn.Module):
         goes through the layers' own parameters."""
         if self.adaln_weight is None or torch.is_grad_enabled():
             return None
+        return self.split_modulation(F.linear(c_act, self.adaln_weight, self.adaln_bias))
+
+    def split_modulation(self, out):
+        """(N, depth * 6D + 2D) -> depth x (N, 6D) + (N, 2D) views, the blocks' then the final layer's."""
         D = self.config.hidden_size
-        out = F.linear(c_act, self.adaln_weight, self.adaln_bias)  # (N, depth * 6D + 2D)
         return out.split([6 * D] * len(self.blocks) + [2 * D], dim=1)
+
+    def modulation_width(self) -> Optional[int]:
+        """depth * 6D + 2D when the projections are stacked and autograd is off (what ``modulation_for_calls``
+        needs), else None."""
+        if self.adaln_weight is None or torch.is_grad_enabled():
+            return None
+        return self.adaln_weight.shape[0]
+
+    def modulation_for_calls(self, timesteps: list, labels: torch.Tensor) -> torch.Tensor:
+        """(K, N, depth * 6D + 2D): the stacked modulation of K network calls, timestep ``timesteps[k]`` (N,)
+        each and ``labels`` (N,) for all, in one matmul (``fastdiff.models.modulation_schedule``)."""
+        K, N, D = len(timesteps), labels.shape[0], self.config.hidden_size
+        t = torch.cat(timesteps)  # (K * N,)
+        c = self.t_embedder(t).reshape(K, N, D) + self.y_embedder(labels)  # (K, N, D)
+        out = F.linear(F.silu(c).reshape(K * N, D), self.adaln_weight, self.adaln_bias)  # (K * N, W)
+        return out.reshape(K, N, -1)
 
     def forward_with_cfg(self, x, timestep, class_labels, cfg_scale: float, guided_channels: Optional[int] = 3):
         """Classifier-free guidance in ONE batched call, exactly as official DiT's ``forward_with_cfg``.

@@ -55,6 +55,13 @@ class OptimizeConfig:
         layers' weights become views of the fused one); no effect on other models. None (default): on for a
         DiT on a CUDA device, where it measured 6% faster end to end (DiT-XL/2, H200, bench/RESULTS.md run 3),
         off elsewhere; True / False force it (True on a model without such projections leaves a note).
+    precompute_adaln: DiT with ``fuse_adaln``, ``graph_scope="loop"`` and backend ``eager`` / ``triton``: every
+        network call's adaLN modulation of a sampling loop from one matmul at the loop's start, instead of one
+        per call (``fastdiff.models.modulation_schedule``): the 451 MB of DiT-XL/2's modulation weights are
+        read once per loop, not once per step. Cost: every call's modulation is held during the loop (DiT-XL/2
+        at 20 steps: 7.8 MB per network-batch row in fp16; beyond 256 MiB per loop the per-call matmul runs).
+        Off by default until it is measured on a GPU; with no loop graph or no stacked projections it
+        changes nothing (a note says so).
     compile_mode: ``torch.compile`` mode with ``backend="compile"`` (``default`` | ``reduce-overhead`` |
         ``max-autotune`` | ``max-autotune-no-cudagraphs``). ``max-autotune`` times Triton GEMM templates
         against cuBLAS for every matmul shape. Cost: minutes of compile time per bucket. With
@@ -89,6 +96,7 @@ class OptimizeConfig:
     max_graphs: int = 16
     fuse_qkv: bool = False
     fuse_adaln: Optional[bool] = None
+    precompute_adaln: bool = False
     compile_mode: str = "default"
     kernel_ops: Union[str, dict] = "measured"
     sdpa_backend: Optional[str] = None
