@@ -16,6 +16,8 @@
 #   attn-split    bench/check_attention_tiles.py (every attention tile x head dim x split mode, each alone in a
 #                 process, against SDPA), then bench_attention.py --split (the forced head-dim split, timed)
 #   launch        bench/bench_graph_launch.py: host cost of replaying graphs of SDPA (per backend) / Triton
+#   profile       bench/profile_network.py: one DiT-XL/2 and one SD1.5 network call's device time per kernel
+#                 family (GEMM, convolution, attention, GroupNorm, ...), with fastdiff's GPU defaults
 #   dit           fastdiff bench arch:dit-xl-2-256, fp16, dpmpp_2m x 20, cfg 4: eager / triton / CUDA-graph
 #                 variants vs diffusers eager (DiTTransformer2DModel + DPMSolverMultistepScheduler)
 #   sd15          the same for arch:sd15-unet (64x64 latents, 77 text tokens, cfg 7.5), channels-last
@@ -40,7 +42,7 @@ ROOT=$(pwd)
 START=$(date +%s)
 BUDGET=${FASTDIFF_GPU_BUDGET_S:-480}     # seconds for everything, summary included
 DEADLINE=$((START + BUDGET))
-STAGES=" ${FASTDIFF_GPU_STAGES:-cuda-ext tests kernels gn-sweep attn-split launch dit sd15 dit-vs-compile dit-autotune sd15-vs-compile sd15-autotune dit-compile sd15-compile} "
+STAGES=" ${FASTDIFF_GPU_STAGES:-cuda-ext tests kernels gn-sweep attn-split launch profile dit sd15 dit-vs-compile dit-autotune sd15-vs-compile sd15-autotune dit-compile sd15-compile} "
 RESULTS=${FASTDIFF_GPU_OUT:-$ROOT/gpu_out}
 mkdir -p "$RESULTS"
 wants() { case "$STAGES" in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
@@ -175,6 +177,12 @@ if wants cuda-ext; then
     fi
 fi
 
+# --- where a network call's time goes (device time per kernel family, graphs off) --------------------------
+if wants profile; then
+    step profile_dit 90 $PY bench/profile_network.py "${FASTDIFF_GPU_DIT:-arch:dit-xl-2-256}" --json "$RESULTS/profile_dit.json"
+    step profile_sd15 120 $PY bench/profile_network.py "${FASTDIFF_GPU_SD:-arch:sd15-unet}" --json "$RESULTS/profile_sd15.json"
+fi
+
 # --- 6. end-to-end against diffusers ---------------------------------------------------------------
 # One process per model, so fastdiff, diffusers eager and torch.compile(diffusers, mode="max-autotune")
 # are compared in the same run. Run from /tmp: with the repository root as the working directory,
@@ -231,7 +239,7 @@ except OSError:
 # kernel tables: each bench log's table as printed
 for name in ("bench_group_norm", "bench_attention", "check_attention_tiles", "bench_attention_split", "bench_adaln",
              "bench_sampler_update", "bench_geglu", "bench_group_norm_ext", "bench_sampler_update_ext",
-             "bench_group_norm_sweep", "bench_graph_launch"):
+             "bench_group_norm_sweep", "bench_graph_launch", "profile_dit", "profile_sd15"):
     try:
         lines = open(os.path.join(results, name + ".log")).read().strip().splitlines()
     except OSError:

@@ -1,0 +1,167 @@
+"""Where one network call's device time goes: kernels grouped by op family (GEMM, convolution, attention,
+GroupNorm, ...), from torch.profiler.
+
+The end-to-end benches give one number per variant; this says which op family to work on next. It builds
+the model with fastdiff's defaults for a GPU run (``backend="triton"``, fp16, channels-last for a UNet, the
+measured kernel table), runs warm-up calls at the benchmark's network batch (a batch-1 guided request: 2),
+then profiles ``--calls`` calls. Graphs are off: each kernel's device time is the same inside a captured graph,
+and the profiler sees eager launches on every torch version. Per-call device µs are totals over the profiled
+calls divided by their number.
+
+    python bench/profile_network.py arch:sd15-unet [--calls 5] [--batch 2] [--dtype fp16] [--top 15] [--json OUT]
+
+On a CPU (smoke runs, tiny models) it reports the aten ops' self CPU time instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections import defaultdict
+
+import torch
+
+# (family, pattern) in order: the first match names a kernel. Library kernel names (cuBLAS, cuDNN, CUTLASS,
+# flash) and fastdiff's Triton kernels (their function names), or aten op names on the CPU.
+FAMILIES = (
+    ("attention", r"attention|fmha|flash|sdpa|softmax"),
+    ("group_norm", r"group_?norm"),
+    ("layer_norm / adaLN", r"layer_?norm|adaln|gated_residual"),
+    ("geglu / gelu", r"geglu|gelu"),
+    ("convolution", r"conv(?!ert)|implicit_gemm|fprop|winograd|cudnn::|nchwtonhwc|nhwctonchw"),
+    ("gemm", r"gemm|xmma|nvjet|cutlass|cublas|sm\d+_|addmm|aten::mm|aten::bmm|aten::linear|matmul"),
+    ("sampler update", r"lincomb|sampler_update"),
+    ("copy / cast / cat", r"copy|cat|contiguous|_to_copy|clone"),
+    ("elementwise", r"elementwise|vectorized|unrolled|aten::(add|mul|sub|div|silu|exp|sin|cos|where)"),
+    ("reduction", r"reduce|aten::(sum|mean|std|var)"),
+)
+_COMPILED = [(name, re.compile(pat, re.IGNORECASE)) for name, pat in FAMILIES]
+
+
+def family(kernel_name: str) -> str:
+    """The op family of a kernel (or aten op) name; "other" when no pattern matches."""
+    for name, pat in _COMPILED:
+        if pat.search(kernel_name):
+            return name
+    return "other"
+
+
+def aggregate(events, calls: int) -> dict:
+    """{"kernels": [(name, family, µs per call, launches per call)], "families": [(family, µs per call, share)],
+    "total_us": µs per call} from ``(name, self_time_us, count)`` triples totalled over ``calls`` calls."""
+    per_kernel = defaultdict(lambda: [0.0, 0])
+    for name, us, count in events:
+        if us > 0:
+            per_kernel[name][0] += us
+            per_kernel[name][1] += count
+    total = sum(us for us, _ in per_kernel.values())
+    kernels = sorted(((n, family(n), us / calls, cnt / calls) for n, (us, cnt) in per_kernel.items()),
+                     key=lambda k: -k[2])
+    fam = defaultdict(float)
+    for _, f, us, _ in kernels:
+        fam[f] += us
+    families = sorted(((f, us, us / (total / calls) if total else 0.0) for f, us in fam.items()), key=lambda f: -f[1])
+    return dict(kernels=kernels, families=families, total_us=total / calls)
+
+
+def _events(prof, on_cuda: bool):
+    """(name, self µs, count) of every device kernel (CUDA) or aten op (CPU) the profiler recorded."""
+    from torch.autograd import DeviceType
+
+    out = []
+    for e in prof.key_averages():
+        if on_cuda:
+            if getattr(e, "device_type", None) != DeviceType.CUDA:
+                continue
+            us = getattr(e, "self_device_time_total", None)
+            if us is None:  # torch < 2.4
+                us = getattr(e, "self_cuda_time_total", 0.0)
+        else:
+            if not e.key.startswith("aten::"):
+                continue
+            us = e.self_cpu_time_total
+        out.append((e.key, float(us), int(e.count)))
+    return out
+
+
+def _network_inputs(pipe, batch: int):
+    """(x, timestep, conditioning) for one network call at ``batch``, like a sampling step's."""
+    spec = pipe.spec
+    h, w = spec.sample_size
+    dtype = pipe.dtype
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn((batch, spec.in_channels, h, w), generator=g).to(pipe.device, dtype)
+    t = torch.full((batch,), 500.0, device=pipe.device)
+    cond = {}
+    if spec.cross_attention_dim:
+        cond["encoder_hidden_states"] = torch.randn((batch, 77, spec.cross_attention_dim), generator=g).to(
+            pipe.device, dtype)
+    if spec.num_classes:
+        cond["class_labels"] = torch.arange(batch, device=pipe.device) % spec.num_classes
+    return x, t, cond
+
+
+def profile(model: str, calls: int = 5, batch: int = 2, dtype: str = "fp16", warmup: int = 3) -> dict:
+    import fastdiff
+
+    on_cuda = torch.cuda.is_available()
+    device = "cuda" if on_cuda else "cpu"
+    pipe = fastdiff.load(model, device=device)
+    is_unet = pipe.spec.kind != "dit"
+    pipe.optimize(backend="triton" if on_cuda else "eager", dtype=dtype if on_cuda else None,
+                  channels_last=on_cuda and is_unet)
+    x, t, cond = _network_inputs(pipe, batch)
+    with torch.no_grad():
+        for _ in range(warmup):  # Triton JIT, autotuning, cuDNN / cuBLAS heuristics
+            pipe.runner(x, t, **cond)
+        if on_cuda:
+            torch.cuda.synchronize()
+        activities = [torch.profiler.ProfilerActivity.CUDA] if on_cuda else [torch.profiler.ProfilerActivity.CPU]
+        with torch.profiler.profile(activities=activities) as prof:
+            for _ in range(calls):
+                pipe.runner(x, t, **cond)
+            if on_cuda:
+                torch.cuda.synchronize()
+    out = aggregate(_events(prof, on_cuda), calls)
+    out.update(model=model, batch=batch, calls=calls, dtype=str(pipe.dtype).replace("torch.", ""),
+               device=torch.cuda.get_device_name(0) if on_cuda else "cpu", timing="device" if on_cuda else "cpu",
+               notes=list(pipe.notes))
+    return out
+
+
+def format_report(r: dict, top: int = 15) -> str:
+    lines = [f"{r['model']}: one network call at batch {r['batch']}, {r['dtype']}, on {r['device']} "
+             f"({r['timing']} µs per call, {r['calls']} calls profiled): {r['total_us']:.0f} µs in kernels",
+             f"{'family':22s} {'µs/call':>9s} {'share':>6s}"]
+    lines += [f"{f:22s} {us:9.1f} {share * 100:5.1f}%" for f, us, share in r["families"]]
+    lines.append(f"{'top kernels':70s} {'family':18s} {'µs/call':>9s} {'launches':>8s}")
+    for name, fam, us, count in r["kernels"][:top]:
+        short = name if len(name) <= 70 else name[:67] + "..."
+        lines.append(f"{short:70s} {fam:18s} {us:9.1f} {count:8.1f}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("model", help="e.g. arch:sd15-unet, arch:dit-xl-2-256, a checkpoint path")
+    p.add_argument("--calls", type=int, default=5)
+    p.add_argument("--batch", type=int, default=2, help="network batch (a batch-1 guided request: 2)")
+    p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
+    p.add_argument("--top", type=int, default=15, help="kernels listed")
+    p.add_argument("--json", default=None, metavar="OUT.json")
+    a = p.parse_args(argv)
+    r = profile(a.model, a.calls, a.batch, a.dtype)
+    if not r["kernels"]:  # e.g. a CUDA profiler (CUPTI) that records no kernels
+        print(f"{a.model}: the profiler recorded no {r['timing']} time", file=sys.stderr)
+        return 1
+    print(format_report(r, a.top))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(r, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

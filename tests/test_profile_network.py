@@ -1,0 +1,53 @@
+"""bench/profile_network.py: the kernel families and the per-call arithmetic (the GPU run relies on them), and
+a CPU smoke run on a tiny model."""
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+
+import profile_network as pn  # noqa: E402
+
+
+@pytest.mark.parametrize("name, fam", [
+    # Hopper library kernels (cuDNN SDPA and convolution, cuBLAS, FlashAttention) and fastdiff's Triton kernels
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x64_4x1x1_kernel0_0", "attention"),
+    ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 64, 4, false>>", "attention"),
+    ("_attention_kernel", "attention"),
+    ("sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc_tilesize128x128x64", "convolution"),
+    ("void cudnn::ops::nchwToNhwcKernel<__half, __half, float, false, true>", "convolution"),
+    ("sm90_xmma_gemm_f16f16_f16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1", "gemm"),
+    ("nvjet_hsh_128x256_64x4_2x1_v_bz_coopA_TNT", "gemm"),  # cuBLAS on Hopper with CUDA 12.8+
+    ("_group_norm_kernel", "group_norm"),
+    ("_adaln_modulate_kernel", "layer_norm / adaLN"),
+    ("_geglu_kernel", "geglu / gelu"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::Half>>", "elementwise"),
+    ("void at::native::(anonymous namespace)::CatArrayBatchedCopy<...>", "copy / cast / cat"),
+    ("void at::native::convert_kernel<float>", "other"),  # "convert" is not a convolution
+    ("aten::mkldnn_convolution", "convolution"),
+    ("aten::addmm", "gemm"),
+])
+def test_kernel_families(name, fam):
+    assert pn.family(name) == fam
+
+
+def test_aggregate_divides_by_calls_and_shares_sum_to_one():
+    events = [("sm90_xmma_gemm_a", 300.0, 6), ("_group_norm_kernel", 100.0, 4), ("sm90_xmma_gemm_a", 100.0, 2),
+              ("flash_fwd_kernel", 0.0, 2)]  # a zero-time entry is dropped
+    r = pn.aggregate(events, calls=2)
+    assert r["total_us"] == pytest.approx(250.0)
+    assert r["kernels"][0] == ("sm90_xmma_gemm_a", "gemm", 200.0, 4.0)
+    assert [(f, round(us, 6), round(s, 6)) for f, us, s in r["families"]] == [("gemm", 200.0, 0.8),
+                                                                              ("group_norm", 50.0, 0.2)]
+    assert pn.aggregate([], calls=3)["families"] == []
+
+
+def test_cpu_smoke_run_reports_the_models_op_families():
+    r = pn.profile("arch:tiny-unet", calls=1, warmup=1)
+    families = {f for f, _, _ in r["families"]}
+    assert {"convolution", "group_norm", "attention"} <= families
+    assert abs(sum(s for _, _, s in r["families"]) - 1) < 1e-6
+    text = pn.format_report(r, top=5)
+    assert "convolution" in text and len(text.splitlines()) == 2 + len(r["families"]) + 1 + 5
