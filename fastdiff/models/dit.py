@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from ..errors import BadArgumentError, UnsupportedConfigError
 from ..utils.strict_dict import known_fields
 from .layers import Attention, GatedResidual, ModulatedLayerNorm, exporting, timestep_embedding
+from .linear_stack import LinearStacks, stacked_output
 
 MLP_ACTIVATIONS = ("gelu_tanh", "gelu")
 
@@ -290,12 +291,14 @@ class FinalLayer(nn.Module):
         return self.linear(x)  # (N, T, p * p * C_out)
 
 
-class DiT(nn.Module):
+class DiT(LinearStacks, nn.Module):
     """Diffusion model with a Transformer backbone.
 
     ``model(x, timestep, class_labels=None)`` returns the official raw output: (N, C_out, H, W), with
     C_out = 2 * in_channels (eps, then the learned-range variance values) when ``learn_sigma``.
     """
+
+    STACKS = ("adaln",)  # every adaLN projection: fastdiff.models.linear_stack
 
     def __init__(self, config: DiTConfig):
         super().__init__()
@@ -316,11 +319,9 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList(
             [DiTBlock(c, own_conditioning=c.per_block_conditioning and i > 0) for i in range(c.depth)])
         self.final_layer = FinalLayer(c.hidden_size, c.patch_size, c.out_channels, eps=c.norm_eps)
-        # Every adaLN projection stacked, (depth * 6D + 2D, D): set by stack_adaln (fastdiff.models.fuse.fuse_adaln)
-        # as non-persistent buffers (checkpoints keep the per-block layout).
-        self.register_buffer("adaln_weight", None, persistent=False)
-        self.register_buffer("adaln_bias", None, persistent=False)
-        self.register_load_state_dict_post_hook(lambda module, _keys: module._restack_adaln())
+        # Every adaLN projection stacked, adaln_weight (depth * 6D + 2D, D) and adaln_bias: set by stack_adaln
+        # (fastdiff.models.fuse.fuse_adaln) as non-persistent buffers (checkpoints keep the per-block layout).
+        self._init_stacks()
         # set for the length of one sampling loop by fastdiff.models.modulation_schedule.scheduled
         self._modulation_schedule = None
         if self.pos_embed.device.type != "meta":
@@ -390,53 +391,21 @@ class DiT(nn.Module):
         layers = [b.adaLN_modulation[1] for b in self.blocks] + [self.final_layer.adaLN_modulation[1]]
         return None if any(lin.bias is None for lin in layers) else layers
 
+    def stack_layers(self, name: str) -> Optional[list]:
+        return self._adaln_layers() if name == "adaln" else None
+
     def stack_adaln(self) -> int:
-        """Stack every adaLN projection into one (depth * 6D + 2D, D) weight and make each layer's weight and
-        bias a view of it (no second copy; ``state_dict`` keeps the per-block layout). Returns how many layers
-        were stacked (0: not possible for this model)."""
-        layers = self._adaln_layers()
-        if layers is None:
-            return 0
-        with torch.no_grad():
-            weight = torch.cat([lin.weight for lin in layers], dim=0)  # (depth * 6D + 2D, D)
-            bias = torch.cat([lin.bias for lin in layers], dim=0)  # (depth * 6D + 2D,)
-            row = 0
-            for lin in layers:
-                n = lin.out_features
-                lin.weight.data, lin.bias.data = weight[row:row + n], bias[row:row + n]
-                row += n
-        self.adaln_weight, self.adaln_bias = weight, bias
-        return len(layers)
-
-    def _restack_adaln(self) -> None:
-        """Re-stack after anything that may have given the layers storages of their own (a load with
-        ``assign=True``, a copy): the stack must always be the layers' current weights."""
-        if self.adaln_weight is not None:
-            self.adaln_weight = self.adaln_bias = None
-            self.stack_adaln()
-
-    def _apply(self, fn, *args, **kwargs):
-        # .to() / .half() / .cuda() convert every layer on its own: drop the stack first (never converted, no
-        # transient third copy) and rebuild it from the converted layers, so they share one storage again
-        stacked = self.adaln_weight is not None
-        self.adaln_weight = self.adaln_bias = None
-        out = super()._apply(fn, *args, **kwargs)
-        if stacked:
-            self.stack_adaln()
-        return out
-
-    def __setstate__(self, state):
-        super().__setstate__(state)  # copy.deepcopy / unpickling: the copied layers no longer share the stack
-        self._restack_adaln()
+        """Stack every adaLN projection into one (depth * 6D + 2D, D) weight whose views the layers' weights
+        become (``LinearStacks.stack``). Returns how many layers were stacked (0: not possible for this model)."""
+        return self.stack("adaln")
 
     def fused_modulation(self, c_act):
         """Every block's adaLN modulation and the final layer's from one (N, D) x (D, depth * 6D + 2D) matmul,
         split into per-layer views (rows strided by the whole width; the fused layers take strided rows).
         None (one matmul per layer) when not stacked, and with autograd on: the stack is a buffer, so training
         goes through the layers' own parameters."""
-        if self.adaln_weight is None or torch.is_grad_enabled():
-            return None
-        return self.split_modulation(F.linear(c_act, self.adaln_weight, self.adaln_bias))
+        out = stacked_output(self, "adaln", c_act)  # (N, depth * 6D + 2D)
+        return None if out is None else self.split_modulation(out)
 
     def split_modulation(self, out):
         """(N, depth * 6D + 2D) -> depth x (N, 6D) + (N, 2D) views, the blocks' then the final layer's."""

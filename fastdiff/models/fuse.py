@@ -68,5 +68,5 @@ def apply_fusions(model: nn.Module, qkv: bool, adaln: bool) -> list[str]:
             notes.append("fuse_adaln ignored: only a DiT whose blocks share one conditioning has adaLN "
                          "projections to stack")
     elif isinstance(model, DiT):
-        model.adaln_weight = model.adaln_bias = None  # the layers keep their (equal) weights
+        model.unstack("adaln")  # the layers keep their (equal) weights
     return notes

@@ -1,0 +1,100 @@
+"""Groups of Linear layers that read one input, run as one matmul per group (weights stacked, no second copy).
+
+Several of a network's projections read the same tensor in every call: a DiT's adaLN projections all read
+SiLU(c); a text UNet's cross-attention keys and values all read the text states. One at a time, each is a
+small matmul that streams its weights in a launch too small to fill a GPU. Stacked, one matmul streams them
+all, and each layer takes its columns of the output.
+
+``LinearStacks`` is a mixin for the model that owns such groups. ``stack(name)`` concatenates a group's
+weights into the buffers ``<name>_weight`` / ``<name>_bias`` (non-persistent: checkpoints keep the layers' own
+keys) and makes each layer's weight and bias a view of them, so the stack is never a second copy. It follows
+the layers: ``.to()``, ``load_state_dict`` (``assign=True`` too) and copies give the layers storages of their
+own, and the stack is then rebuilt from them.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+
+class LinearStacks:
+    """Mixin for an ``nn.Module``: ``STACKS`` names its groups, ``stack_layers(name)`` returns a group's layers
+    in output order (or None where it cannot be stacked). Call ``_init_stacks()`` in ``__init__``."""
+
+    STACKS: tuple = ()
+
+    def _init_stacks(self) -> None:
+        for name in self.STACKS:
+            self.register_buffer(f"{name}_weight", None, persistent=False)
+            self.register_buffer(f"{name}_bias", None, persistent=False)
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._restack())
+
+    def stack_layers(self, name: str) -> Optional[list]:
+        raise NotImplementedError
+
+    def stacked(self, name: str) -> bool:
+        return getattr(self, f"{name}_weight") is not None
+
+    def stack(self, name: str) -> int:
+        """Stack group ``name``; returns how many layers it holds (0: not stackable, nothing changes)."""
+        layers = self.stack_layers(name)
+        if not layers or len({lin.bias is None for lin in layers}) > 1:
+            return 0
+        with torch.no_grad():
+            weight = torch.cat([lin.weight for lin in layers], dim=0)  # (sum of outputs, in)
+            bias = None if layers[0].bias is None else torch.cat([lin.bias for lin in layers], dim=0)
+            row = 0
+            for lin in layers:
+                n = lin.out_features
+                lin.weight.data = weight[row:row + n]
+                if bias is not None:
+                    lin.bias.data = bias[row:row + n]
+                row += n
+        setattr(self, f"{name}_weight", weight)
+        setattr(self, f"{name}_bias", bias)
+        self.on_stack(name, layers)
+        return len(layers)
+
+    def unstack(self, name: str) -> None:
+        """Drop group ``name``'s stack: each layer keeps its (equal) weights and runs on its own again."""
+        setattr(self, f"{name}_weight", None)
+        setattr(self, f"{name}_bias", None)
+        self.on_stack(name, None)
+
+    def on_stack(self, name: str, layers: Optional[list]) -> None:
+        """Called after group ``name`` was stacked (its layers) or unstacked (None)."""
+
+    def _restack(self) -> None:
+        """Rebuild every stack from the layers' current weights (after anything that may have given the layers
+        storages of their own)."""
+        for name in self.STACKS:
+            if self.stacked(name):
+                self.unstack(name)
+                self.stack(name)
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to() / .half() / .cuda() convert every layer on its own: drop the stacks first (never converted, no
+        # transient third copy) and rebuild them from the converted layers, so they share one storage again
+        stacked = [name for name in self.STACKS if self.stacked(name)]
+        for name in stacked:
+            self.unstack(name)
+        out = super()._apply(fn, *args, **kwargs)
+        for name in stacked:
+            self.stack(name)
+        return out
+
+    def __setstate__(self, state):
+        super().__setstate__(state)  # copy.deepcopy / unpickling: the copied layers no longer share the stack
+        self._restack()
+
+
+def stacked_output(model: nn.Module, name: str, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """``x @ stack^T + bias`` for group ``name`` of ``model``, or None when it is not stacked or autograd is on
+    (the stack is a buffer: training goes through the layers' own parameters)."""
+    weight = getattr(model, f"{name}_weight", None)
+    if weight is None or torch.is_grad_enabled():
+        return None
+    return nn.functional.linear(x, weight, getattr(model, f"{name}_bias"))
