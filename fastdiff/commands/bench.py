@@ -121,6 +121,8 @@ VARIANT_SWITCHES = {
     "noadaln": dict(fuse_adaln=False),  # DiT: one matmul per adaLN projection (the default off CUDA)
     # DiT in a captured loop: every step's adaLN modulation from one matmul at the loop's start
     "precompute": dict(precompute_adaln=True),
+    # UNet: the resnets' time projections in one matmul, the cross-attention keys and values in another
+    "cond": dict(fuse_conditioning=True),
     "allk": dict(kernel_ops="all"),  # every fused op on its Triton kernel (not the measured per-op table)
     "tune": dict(kernel_ops="tune"),  # every fused layer measures its implementations on its first call
     "gnext": dict(kernel_ops={"group_norm": "cuda_ext"}),  # GroupNorm from the CUDA C++ extension

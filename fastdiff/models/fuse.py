@@ -41,6 +41,22 @@ def fuse_adaln(model: nn.Module) -> int:
     return model.stack_adaln() if isinstance(model, DiT) else 0
 
 
+def fuse_conditioning(model: nn.Module) -> int:
+    """Give a UNet one matmul for every resnet's time-embedding projection (all read SiLU(emb)) and one for every
+    cross-attention layer's key and value projections (all read the text states); returns how many projections
+    were stacked (0 for other models).
+
+    SD1.5 runs 22 time projections and 32 key / value projections per call, each a small matmul in a launch of
+    its own; stacked they are two. The layers' weights become views of the stacks (``UNet.stack``): no second
+    copy, ``state_dict`` and ``save`` keep diffusers' layout.
+    """
+    from .unet import UNet
+
+    if not isinstance(model, UNet):
+        return 0
+    return sum(model.stack(name) for name in UNet.STACKS)
+
+
 def adaln_stackable(model: nn.Module) -> bool:
     """Whether ``fuse_adaln`` has projections to stack in ``model`` (a DiT whose blocks share one conditioning)."""
     from .dit import DiT
@@ -48,12 +64,12 @@ def adaln_stackable(model: nn.Module) -> bool:
     return isinstance(model, DiT) and model._adaln_layers() is not None
 
 
-def apply_fusions(model: nn.Module, qkv: bool, adaln: bool) -> list[str]:
+def apply_fusions(model: nn.Module, qkv: bool, adaln: bool, conditioning: bool = False) -> list[str]:
     """Make ``model``'s weight fusions what a config asks for: fuse those requested, undo those not (a later
     ``optimize`` without the switch runs the per-layer projections again). Returns notes for a requested
     fusion that found nothing to fuse."""
     from .dit import DiT
-    from .unet import MultiHeadAttention
+    from .unet import MultiHeadAttention, UNet
 
     notes = []
     if qkv:
@@ -69,4 +85,11 @@ def apply_fusions(model: nn.Module, qkv: bool, adaln: bool) -> list[str]:
                          "projections to stack")
     elif isinstance(model, DiT):
         model.unstack("adaln")  # the layers keep their (equal) weights
+    if conditioning:
+        if not fuse_conditioning(model):
+            notes.append("fuse_conditioning ignored: only a UNet has time-embedding or cross-attention projections "
+                         "to stack")
+    elif isinstance(model, UNet):
+        for name in UNet.STACKS:
+            model.unstack(name)
     return notes

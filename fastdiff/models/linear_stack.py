@@ -14,7 +14,7 @@ own, and the stack is then rebuilt from them.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -98,3 +98,25 @@ def stacked_output(model: nn.Module, name: str, x: torch.Tensor) -> Optional[tor
     if weight is None or torch.is_grad_enabled():
         return None
     return nn.functional.linear(x, weight, getattr(model, f"{name}_bias"))
+
+
+class Projected(NamedTuple):
+    """A network call's shared input (``states``) with every stacked layer's output of it (``parts``, in the
+    group's order, from one matmul): a layer with an index into ``parts`` takes its part instead of running."""
+
+    states: torch.Tensor
+    parts: tuple
+
+
+def project(layer: nn.Module, index: Optional[int], inp):
+    """``layer(inp)``, or its precomputed part when ``inp`` is ``Projected`` and ``index`` is the layer's place."""
+    if isinstance(inp, Projected):
+        if index is not None:
+            return inp.parts[index]
+        inp = inp.states
+    return layer(inp)
+
+
+def states(inp):
+    """The plain tensor behind ``inp`` (``Projected`` or a tensor)."""
+    return inp.states if isinstance(inp, Projected) else inp

@@ -25,6 +25,7 @@ from ..errors import BadArgumentError, UnsupportedConfigError
 from ..utils.strict_dict import known_fields
 from .layers import Attention as AttentionCore
 from .layers import GEGLU, GroupNorm, timestep_embedding
+from .linear_stack import LinearStacks, Projected, project, stacked_output
 
 # --------------------------------------------------------------------------------------------------
 # Embeddings
@@ -100,16 +101,18 @@ class ResnetBlock(nn.Module):
         self.norm2 = GroupNorm(groups, out_ch, eps, activation="silu")
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
+        self.temb_index = None  # this block's part of the stacked time projections (UNet "temb" stack)
 
     def forward(self, x, temb_act, size=None):
-        """x (B, in, H, W); ``temb_act`` = SiLU(time embedding) (B, temb), computed once per UNet call."""
+        """x (B, in, H, W); ``temb_act`` = SiLU(time embedding) (B, temb), computed once per UNet call, or that
+        with every resnet's projection of it (``Projected``)."""
         h = self.norm1(x)  # (B, in, H, W)
         if self.resample == "up":
             h, x = _nearest_up(h, size), _nearest_up(x, size)  # (B, in, 2H, 2W)
         elif self.resample == "down":
             h, x = F.avg_pool2d(h, 2), F.avg_pool2d(x, 2)  # (B, in, H/2, W/2)
         h = self.conv1(h)  # (B, out, H, W)
-        t = None if self.time_emb_proj is None else self.time_emb_proj(temb_act)  # (B, out or 2*out)
+        t = None if self.time_emb_proj is None else project(self.time_emb_proj, self.temb_index, temb_act)  # (B, out)
         if self.time_embedding_norm == "scale_shift":
             scale, shift = t.chunk(2, dim=1)  # (B, out) each
             h = self.norm2(h, scale=scale, shift=shift)
@@ -179,17 +182,30 @@ class MultiHeadAttention(nn.Module):
         # Fused q|k|v projection: set by fastdiff.models.fuse.fuse_qkv as non-persistent buffers.
         self.register_buffer("qkv_weight", None, persistent=False)
         self.register_buffer("qkv_bias", None, persistent=False)
+        self.kv_index = None  # this layer's part of the stacked key / value projections (UNet "cross_kv" stack)
 
     def forward(self, x, context=None):
         b = x.shape[0]
-        if context is None and self.qkv_weight is not None:  # fused self-attention projection
+        kv = None
+        if isinstance(context, Projected):  # the text states, with every cross-attention's k | v from one matmul
+            kv = None if self.kv_index is None else context.parts[self.kv_index]  # (B, M, 2 * inner), strided rows
+            context = context.states
+        if kv is not None:
+            inner = self.heads * self.head_dim
+            q, k, v = self._heads(self.to_q(x)), self._heads(kv[..., :inner]), self._heads(kv[..., inner:])
+        elif context is None and self.qkv_weight is not None:  # fused self-attention projection
             qkv = F.linear(x, self.qkv_weight, self.qkv_bias).view(b, -1, 3, self.heads, self.head_dim)
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, d) each
         else:
             ctx = x if context is None else context
-            q = self.to_q(x).view(b, -1, self.heads, self.head_dim).transpose(1, 2)  # (B, H, N, d)
-            k = self.to_k(ctx).view(b, -1, self.heads, self.head_dim).transpose(1, 2)  # (B, H, M, d)
-            v = self.to_v(ctx).view(b, -1, self.heads, self.head_dim).transpose(1, 2)  # (B, H, M, d)
+            q, k, v = self._heads(self.to_q(x)), self._heads(self.to_k(ctx)), self._heads(self.to_v(ctx))
+        return self._attend(b, q, k, v)
+
+    def _heads(self, t):
+        """(B, N, inner) -> (B, H, N, d) view."""
+        return t.view(t.shape[0], -1, self.heads, self.head_dim).transpose(1, 2)
+
+    def _attend(self, b, q, k, v):
         if self.upcast and q.dtype in (torch.float16, torch.bfloat16):
             o = self.core(q.float(), k.float(), v.float()).to(q.dtype)
         else:
@@ -590,12 +606,19 @@ _NO_EFFECT = {"dropout", "resnet_skip_time_act", "resnet_out_scale_factor", "cro
 # --------------------------------------------------------------------------------------------------
 
 
-class UNet(nn.Module):
+class UNet(LinearStacks, nn.Module):
     """The native UNet. forward(x, timestep, class_labels=None, encoder_hidden_states=None) -> Tensor.
 
     Returns the same raw tensor as the diffusers model the config came from (eps, v or x0 by the
     checkpoint's training; this class does not know which).
+
+    Two groups of projections read one input per call and can each run as one matmul
+    (``fastdiff.models.fuse.fuse_conditioning``): ``temb``, every resnet's time-embedding projection (all read
+    SiLU(emb)), and ``cross_kv``, every cross-attention layer's key and value projections (all read the text
+    states). SD1.5: 22 and 32 small matmuls per call.
     """
+
+    STACKS = ("temb", "cross_kv")
 
     def __init__(self, config: UNetConfig):
         super().__init__()
@@ -718,6 +741,35 @@ class UNet(nn.Module):
         # Output -------------------------------------------------------------------------------
         self.conv_norm_out = GroupNorm(groups, ch[0], eps, activation="silu")
         self.conv_out = nn.Conv2d(ch[0], c.out_channels, c.conv_out_kernel, padding=(c.conv_out_kernel - 1) // 2)
+        self._stack_sizes: dict = {}  # stack name -> each consumer's output width (how the stacked output splits)
+        self._init_stacks()
+
+    # --- conditioning projections as one matmul per group (LinearStacks) ----------------------------------
+    def _stack_consumers(self, name: str) -> list:
+        """The modules taking parts of stack ``name``, in forward order: resnets, or cross-attention layers."""
+        if name == "temb":
+            return [m for m in self.modules() if isinstance(m, ResnetBlock) and m.time_emb_proj is not None]
+        return [m.attn2 for m in self.modules() if isinstance(m, TransformerBlock)]
+
+    def stack_layers(self, name: str) -> Optional[list]:
+        consumers = self._stack_consumers(name)
+        layers = ([m.time_emb_proj for m in consumers] if name == "temb"
+                  else [lin for m in consumers for lin in (m.to_k, m.to_v)])
+        same_input = len({(lin.in_features, lin.weight.dtype, lin.weight.device) for lin in layers}) == 1
+        return layers if layers and same_input else None
+
+    def on_stack(self, name: str, layers: Optional[list]) -> None:
+        consumers = self._stack_consumers(name)
+        for i, m in enumerate(consumers):
+            setattr(m, "temb_index" if name == "temb" else "kv_index", None if layers is None else i)
+        self._stack_sizes[name] = None if layers is None else (
+            [m.time_emb_proj.out_features for m in consumers] if name == "temb"
+            else [m.to_k.out_features + m.to_v.out_features for m in consumers])
+
+    def _projected(self, name: str, x: torch.Tensor):
+        """``x`` with every layer's projection of it from stack ``name`` (``Projected``), or ``x`` unstacked."""
+        out = stacked_output(self, name, x)  # (..., sum of widths)
+        return x if out is None else Projected(x, out.split(self._stack_sizes[name], dim=-1))
 
     # ----------------------------------------------------------------------------------------------
     def forward(self, x, timestep, class_labels=None, encoder_hidden_states=None):
@@ -741,7 +793,10 @@ class UNet(nn.Module):
         if c.time_embedding_act_fn is not None:
             emb = F.silu(emb)
         emb = F.silu(emb)  # what every resnet's time projection reads: computed once, not once per resnet
+        emb = self._projected("temb", emb)  # with every resnet's projection, when stacked
         ctx = encoder_hidden_states
+        if ctx is not None:
+            ctx = self._projected("cross_kv", ctx)  # with every cross-attention's keys and values, when stacked
 
         h = self.conv_in(x)  # (B, C0, H, W)
         skips = [h]

@@ -55,6 +55,10 @@ class OptimizeConfig:
         layers' weights become views of the fused one); no effect on other models. None (default): on for a
         DiT on a CUDA device, where it measured 6% faster end to end (DiT-XL/2, H200, bench/RESULTS.md run 3),
         off elsewhere; True / False force it (True on a model without such projections leaves a note).
+    fuse_conditioning: UNet only: one matmul for every resnet's time-embedding projection and one for every
+        cross-attention layer's key and value projections of the text states, instead of one per layer (SD1.5:
+        22 and 32 small matmuls per network call become 2; ``fastdiff.models.fuse.fuse_conditioning``). Cost: none
+        in memory (the layers' weights become views of the stacks). Off by default until measured on a GPU.
     precompute_adaln: DiT with ``fuse_adaln``, ``graph_scope="loop"`` and backend ``eager`` / ``triton``: every
         network call's adaLN modulation of a sampling loop from one matmul at the loop's start, instead of one
         per call (``fastdiff.models.modulation_schedule``): the 451 MB of DiT-XL/2's modulation weights are
@@ -97,6 +101,7 @@ class OptimizeConfig:
     fuse_qkv: bool = False
     fuse_adaln: Optional[bool] = None
     precompute_adaln: bool = False
+    fuse_conditioning: bool = False
     compile_mode: str = "default"
     kernel_ops: Union[str, dict] = "measured"
     sdpa_backend: Optional[str] = None

@@ -36,7 +36,7 @@ def prepare_model(model: torch.nn.Module, config: OptimizeConfig, device: torch.
     adaln = config.fuse_adaln
     if adaln is None:  # auto: where it measured faster (a DiT on a GPU), silently off where it cannot apply
         adaln = torch.device(device).type == "cuda" and adaln_stackable(model)
-    notes.extend(apply_fusions(model, qkv=config.fuse_qkv, adaln=adaln))
+    notes.extend(apply_fusions(model, qkv=config.fuse_qkv, adaln=adaln, conditioning=config.fuse_conditioning))
     return model
 
 
@@ -84,7 +84,7 @@ def build_runner(pipe, config: OptimizeConfig, graph_factory=None) -> tuple[Call
     else:  # pragma: no cover - OptimizeConfig validates
         raise BackendUnavailableError(backend)
 
-    ignored = [name for name in ("fuse_qkv", "fuse_adaln") if getattr(config, name)]
+    ignored = [name for name in ("fuse_qkv", "fuse_adaln", "fuse_conditioning") if getattr(config, name)]
     if ignored and backend in ("onnxruntime", "tensorrt"):  # exported from the model as loaded
         notes.append(f"{', '.join(ignored)} ignored: the {backend} backend runs its own exported graph")
     if config.cuda_graphs and backend == "onnxruntime":
