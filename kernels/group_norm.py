@@ -46,15 +46,17 @@ def chan_merge(mean, m2, count, mean_t, m2_t, n_t):
 
 
 @triton.jit
-def fold_affine(mean, rstd, ch, mask_c, b, C, w_ptr, b_ptr, scale_ptr, shift_ptr, pre_ptr,
+def fold_affine(mean, rstd, ch, mask_c, b, stride_sc, stride_sh, stride_pre, w_ptr, b_ptr, scale_ptr, shift_ptr, pre_ptr,
                 HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
                 HAS_SHIFT: tl.constexpr, HAS_PRE: tl.constexpr, BLOCK_C: tl.constexpr):
     """(a_c, b_c) with ``y = x * a_c + b_c`` for channels ``ch`` of sample ``b``: the pre-norm bias,
     normalisation, affine and the ``*(1 + scale) + shift`` modulation folded into one pair per channel
-    (``mean`` is the group mean of x + pre). Shared with ``group_norm_rows``."""
+    (``mean`` is the group mean of x + pre). scale / shift / pre are (B, C) with unit channel stride and row
+    strides ``stride_sc`` / ``stride_sh`` / ``stride_pre`` (views of a stacked projection need no copy). Shared
+    with ``group_norm_rows``."""
     a = tl.zeros([BLOCK_C], dtype=tl.float32) + rstd
     if HAS_PRE:  # (pre - mean) first: no cancellation between two large products
-        bb = (tl.load(pre_ptr + b * C + ch, mask=mask_c, other=0.0).to(tl.float32) - mean) * rstd
+        bb = (tl.load(pre_ptr + b * stride_pre + ch, mask=mask_c, other=0.0).to(tl.float32) - mean) * rstd
     else:
         bb = tl.zeros([BLOCK_C], dtype=tl.float32) - mean * rstd
     if HAS_WEIGHT:
@@ -64,11 +66,11 @@ def fold_affine(mean, rstd, ch, mask_c, b, C, w_ptr, b_ptr, scale_ptr, shift_ptr
     if HAS_BIAS:
         bb = bb + tl.load(b_ptr + ch, mask=mask_c, other=0.0).to(tl.float32)
     if HAS_SCALE:
-        sc = 1.0 + tl.load(scale_ptr + b * C + ch, mask=mask_c, other=0.0).to(tl.float32)
+        sc = 1.0 + tl.load(scale_ptr + b * stride_sc + ch, mask=mask_c, other=0.0).to(tl.float32)
         a = a * sc
         bb = bb * sc
     if HAS_SHIFT:
-        bb = bb + tl.load(shift_ptr + b * C + ch, mask=mask_c, other=0.0).to(tl.float32)
+        bb = bb + tl.load(shift_ptr + b * stride_sh + ch, mask=mask_c, other=0.0).to(tl.float32)
     return a, bb
 
 
@@ -78,6 +80,7 @@ def _group_norm_kernel(
     C, HW, G, chunk, num_splits,
     stride_xb, stride_xc, stride_xs,
     stride_yb, stride_yc, stride_ys,
+    stride_sc, stride_sh, stride_pre,  # row strides of the (B, C) scale / shift / pre-norm bias
     eps,
     MODE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
     HAS_SHIFT: tl.constexpr, HAS_PRE: tl.constexpr, SILU: tl.constexpr,
@@ -108,7 +111,7 @@ def _group_norm_kernel(
             cc = c0 + offs_c
             mask_c = cc < CPG
             if HAS_PRE:  # statistics of x + pre_c
-                pre = tl.load(pre_ptr + b * C + g * CPG + cc, mask=mask_c, other=0.0).to(tl.float32)
+                pre = tl.load(pre_ptr + b * stride_pre + g * CPG + cc, mask=mask_c, other=0.0).to(tl.float32)
             for s0 in range(s_begin, s_end, BLOCK_S):
                 ss = s0 + offs_s
                 mask = mask_c[:, None] & (ss < s_end)[None, :]
@@ -149,7 +152,8 @@ def _group_norm_kernel(
             cc = c0 + offs_c
             mask_c = cc < CPG
             ch = g * CPG + cc
-            a, bb = fold_affine(mean, rstd, ch, mask_c, b, C, w_ptr, b_ptr, scale_ptr, shift_ptr, pre_ptr,
+            a, bb = fold_affine(mean, rstd, ch, mask_c, b, stride_sc, stride_sh, stride_pre,
+                                w_ptr, b_ptr, scale_ptr, shift_ptr, pre_ptr,
                                 HAS_WEIGHT, HAS_BIAS, HAS_SCALE, HAS_SHIFT, HAS_PRE, BLOCK_C)
             for s0 in range(s_begin, s_end, BLOCK_S):
                 ss = s0 + offs_s
@@ -219,12 +223,24 @@ def launch_config(shape, num_groups: int, device_type: str = "cuda", num_splits:
 STRATEGIES = ("groups", "rows")
 
 
-def _vectors(x, weight, bias, scale, shift, pre_bias=None):
-    """weight, bias (C,) and scale, shift, pre_bias (B, C), contiguous (None stays None)."""
+def _vectors(x, weight, bias, scale, shift, pre_bias=None, contiguous=False):
+    """weight, bias (C,) contiguous and scale, shift, pre_bias (B, C) with unit channel stride: a view of a wider
+    row (a chunk of a (B, 2C) projection, a part of a stacked one) keeps its row stride unless ``contiguous``
+    (None stays None)."""
     B, C = x.shape[0], x.shape[1]
-    per_sample = [t.reshape(B, C).contiguous() if t is not None else None for t in (scale, shift, pre_bias)]
+
+    def per_sample(t):
+        if t is None:
+            return None
+        t = t.reshape(B, C)  # a view where the layout allows
+        return t.contiguous() if contiguous or t.stride(1) != 1 else t
+
     return (weight.contiguous() if weight is not None else None, bias.contiguous() if bias is not None else None,
-            *per_sample)
+            *(per_sample(t) for t in (scale, shift, pre_bias)))
+
+
+def _row_stride(t: Optional[torch.Tensor], C: int) -> int:
+    return C if t is None else t.stride(0)
 
 
 def _launches(x, y, num_groups, weight, bias, eps, activation, scale, shift, num_splits, device_type,
@@ -239,10 +255,11 @@ def _launches(x, y, num_groups, weight, bias, eps, activation, scale, shift, num
     from . import group_norm_rows as rows
 
     B, C = x.shape[0], x.shape[1]
-    w, bvec, sc, sh, pre = _vectors(x, weight, bias, scale, shift, pre_bias)
     if strategy not in (None,) + STRATEGIES:
         raise BadArgumentError(f"group_norm: expected strategy in {STRATEGIES}, found {strategy!r}")
-    if strategy == "rows" and rows.rows_view(x, _flat_spatial_stride(x)) is not None:
+    rows_apply = strategy == "rows" and rows.rows_view(x, _flat_spatial_stride(x)) is not None
+    w, bvec, sc, sh, pre = _vectors(x, weight, bias, scale, shift, pre_bias, contiguous=rows_apply)
+    if rows_apply:
         return rows.launches(x, y, num_groups, w, bvec, sc, sh, eps, activation, _flat_spatial_stride(x),
                              _flat_spatial_stride(y), num_splits, check_tuning(tile, num_warps, "cuda"), num_warps,
                              device_type, pre=pre)
@@ -254,7 +271,7 @@ def _launches(x, y, num_groups, weight, bias, eps, activation, scale, shift, num
             dummy if sh is None else sh, dummy if pre is None else pre, ws,
             C, cfg["hw"], num_groups, cfg["chunk"], split,
             x.stride(0), x.stride(1), _flat_spatial_stride(x), y.stride(0), y.stride(1), _flat_spatial_stride(y),
-            float(eps))
+            _row_stride(sc, C), _row_stride(sh, C), _row_stride(pre, C), float(eps))
     meta = dict(HAS_WEIGHT=w is not None, HAS_BIAS=bvec is not None, HAS_SCALE=sc is not None,
                 HAS_SHIFT=sh is not None, HAS_PRE=pre is not None, SILU=activation == "silu",
                 BLOCK_C=cfg["block_c"], BLOCK_S=cfg["block_s"], SPLIT_P=cfg["split_p"], CPG=cfg["cpg"],

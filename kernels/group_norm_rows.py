@@ -125,7 +125,7 @@ def _coef_kernel(
     rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(acc, axis=1), axis=0) / total + eps)
 
     # y = x * a_c + b_c: affine and scale-shift folded per channel
-    a, bb = fold_affine(mean, rstd, ch, c_ok, b, C, w_ptr, b_ptr, scale_ptr, shift_ptr, pre_ptr,
+    a, bb = fold_affine(mean, rstd, ch, c_ok, b, C, C, C, w_ptr, b_ptr, scale_ptr, shift_ptr, pre_ptr,
                         HAS_WEIGHT, HAS_BIAS, HAS_SCALE, HAS_SHIFT, HAS_PRE, BLOCK_C)
     out = coef_ptr + (b * C + ch).to(tl.int64) * 2
     tl.store(out, a, mask=c_ok)

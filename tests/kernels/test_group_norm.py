@@ -99,6 +99,33 @@ def test_group_norm_pre_bias(dtype, layout, num_splits, strategy):
     assert_close(y, reference(x, 4, pre_bias=pre, **kw), dtype)
 
 
+@pytest.mark.parametrize("strategy", [None, "rows"])
+@pytest.mark.parametrize("num_splits", [None, 2])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_group_norm_reads_strided_per_sample_vectors(dtype, layout, num_splits, strategy):
+    """scale / shift as the two halves of one (B, 2C) projection and pre_bias as a slice of a wider stacked one
+    (rows strided by the whole width, a UNet's fuse_conditioning) are read in place, each row from its own
+    start, and give what contiguous copies give. An expanded (row stride 0) scale shares one row."""
+    x = make_input((3, 12, 5, 7), dtype, layout)
+    proj = (torch.randn(3, 2 * 12) * 0.5).to(dtype)  # a scale-shift resnet's projection
+    stacked = (torch.randn(3, 40) * 3).to(dtype)  # several layers' projections side by side
+    scale, shift, pre = proj[:, :12], proj[:, 12:], stacked[:, 17:29]
+    assert scale.stride() == (24, 1) and pre.stride() == (40, 1)
+    kw = dict(weight=torch.randn(12), bias=torch.randn(12), activation="silu")
+    y = group_norm(x, 4, out=poisoned_like(x), scale=scale, shift=shift, pre_bias=pre, num_splits=num_splits,
+                   strategy=strategy, **kw)
+    assert_close(y, reference(x, 4, scale=scale, shift=shift, pre_bias=pre, **kw), dtype)
+    if strategy is None:  # no copies: the launch reads the views themselves
+        from fastdiff.kernels.group_norm import _vectors
+
+        views = _vectors(x, None, None, scale, shift, pre)[2:]
+        assert [v.data_ptr() for v in views] == [scale.data_ptr(), shift.data_ptr(), pre.data_ptr()]
+    shared = torch.randn(1, 12).to(dtype).expand(3, 12)
+    y = group_norm(x, 4, out=poisoned_like(x), scale=shared, num_splits=num_splits, strategy=strategy)
+    assert_close(y, reference(x, 4, scale=shared), dtype)
+
+
 def test_group_norm_rejects_a_bad_pre_bias():
     with pytest.raises(BadArgumentError, match="pre_bias"):
         group_norm(torch.randn(2, 4, 3, 3), 2, pre_bias=torch.randn(4))
