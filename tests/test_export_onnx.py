@@ -355,3 +355,21 @@ def test_unwritable_folder(pipes, tmp_path, monkeypatch):
     with pytest.raises(BadArgumentError, match="not writable"):
         export_onnx(pipes["arch:tiny-unet"], None, str(d / "a.onnx"), progress=False)
     assert os.listdir(d) == []
+
+
+@pytest.mark.parametrize("name,switch", [("arch:tiny-sd-unet", "fuse_conditioning"), ("arch:tiny-dit", "fuse_adaln")])
+def test_an_optimized_model_exports_its_per_layer_projections(pipes, exported, tmp_path, name, switch):
+    """A model whose projections were stacked by an earlier optimize exports the checkpoint's graph: the same
+    weights, no stacked copy among them, the same outputs."""
+    pipe = fastdiff.load(name)
+    pipe.model.load_state_dict(pipes[name].model.state_dict())
+    pipe.optimize(**{switch: True})
+    assert any(getattr(pipe.model, f"{n}_weight", None) is not None for n in pipe.model.STACKS)
+    res = export_onnx(pipe, None, str(tmp_path / "stacked.onnx"), batch=2, progress=False)
+    plain = onnx.load(exported[name][0].path)
+    stacked = onnx.load(res.path)
+    size = lambda m: sum(int(np.prod(t.dims)) for t in m.graph.initializer)  # noqa: E731
+    assert size(stacked) == size(plain)
+    x, t, kw = inputs(pipe.spec, 2)
+    got = OnnxRuntimeRunner(res.path, device="cpu", spinning=False)(x, t, **kw)
+    assert rel(got, exported[name][1](x, t, **kw)) <= 1e-5

@@ -92,10 +92,13 @@ class LinearStacks:
 
 
 def stacked_output(model: nn.Module, name: str, x: torch.Tensor) -> Optional[torch.Tensor]:
-    """``x @ stack^T + bias`` for group ``name`` of ``model``, or None when it is not stacked or autograd is on
-    (the stack is a buffer: training goes through the layers' own parameters)."""
+    """``x @ stack^T + bias`` for group ``name`` of ``model``, or None when it is not stacked, when autograd is on
+    (the stack is a buffer: training goes through the layers' own parameters), and while exporting (an exported
+    graph keeps the checkpoint's per-layer projections, with no stacked copy among its weights)."""
+    from .layers import exporting
+
     weight = getattr(model, f"{name}_weight", None)
-    if weight is None or torch.is_grad_enabled():
+    if weight is None or torch.is_grad_enabled() or exporting():
         return None
     return nn.functional.linear(x, weight, getattr(model, f"{name}_bias"))
 
