@@ -193,6 +193,27 @@ def test_dit_fused_adaln_in_a_loop_graph_on_gpu(precompute):
     assert pipe.loop_graphs.captures == 1
 
 
+@needs_compiled_triton
+def test_unet_fused_conditioning_in_a_loop_graph_on_gpu():
+    """fuse_conditioning (the resnets' time projections and the cross-attention keys / values, one GEMM per
+    group; GroupNorm reading its strided part in place) under the triton backend, channels-last and a captured
+    loop equals eager sampling."""
+    from helpers import perturb_
+
+    model = perturb_(fastdiff.load("arch:tiny-sd-unet").model, seed=2, std=0.1)
+    ctx = torch.randn(1, 6, 32, device="cuda")
+    kw = dict(seeds=[1, 2], steps=4, sampler="dpmpp_2m", encoder_hidden_states=ctx,
+              negative_encoder_hidden_states=torch.zeros_like(ctx), cfg_scale=4.0, progress=False)
+    eager = fastdiff.load("arch:tiny-sd-unet", device="cuda", dtype=torch.float16)
+    pipe = fastdiff.load("arch:tiny-sd-unet", device="cuda", dtype=torch.float16)
+    for p in (eager, pipe):
+        p.model.load_state_dict(model.state_dict())
+    pipe.optimize(backend="triton", fuse_conditioning=True, channels_last=True, cuda_graphs=True,
+                  graph_scope="loop", batch_buckets=(2,))
+    assert pipe.model.temb_weight is not None and pipe.model.cross_kv_weight is not None
+    assert rel_err(pipe.generate(**kw), eager.generate(**kw)) <= 2e-2
+
+
 @pytest.mark.parametrize("scope", ["step", "loop"])
 @pytest.mark.parametrize("sampler", ["dpmpp_2m", "euler_ancestral"])
 def test_cuda_graph_replay_equals_eager(scope, sampler):
