@@ -1,4 +1,5 @@
-"""DiT block ops: fastdiff's Triton ``adaln_modulate`` / ``gated_residual`` vs the torch expressions, the
+"""DiT block ops: fastdiff's Triton ``adaln_modulate`` / ``gated_residual`` vs the torch expressions, a residual
+and the norm after it in one pass (``gated_residual_modulate``) vs the two kernels ("triton pair") and torch, the
 MLP's fc1 + GELU(tanh) as one cuBLASLt GEMM (``torch._addmm_activation``) vs GEMM + GELU, and the 29 adaLN
 projections of a DiT-XL/2 call as one GEMM (``fuse_adaln``) vs one GEMM each.
 
@@ -25,7 +26,7 @@ DIT_DEPTH = 28  # DiT-XL/2's blocks: one adaLN projection each, plus the final l
 
 def candidates(x, y, shift, scale, gate):
     """op -> {impl -> zero-argument callable}, and the bytes each op moves."""
-    from fastdiff.kernels import adaln_modulate, gated_residual
+    from fastdiff.kernels import adaln_modulate, gated_residual, gated_residual_modulate
 
     D = x.shape[-1]
     ops = {
@@ -37,6 +38,21 @@ def candidates(x, y, shift, scale, gate):
             "torch": lambda: x + gate[:, None] * y,
             "triton": lambda: gated_residual(x, gate, y),
         },
+    }
+
+    def resnorm_torch():
+        r = x + gate[:, None] * y
+        return r, F.layer_norm(r, (D,), eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
+
+    def resnorm_pair():  # what runs 1-3 measured end to end: the residual kernel, then the norm's
+        r = gated_residual(x, gate, y)
+        return r, adaln_modulate(r, shift, scale, eps=1e-6)
+
+    # a DiT residual and the adaLN norm after it (ModulatedLayerNorm with residual=): each returns (x', norm)
+    ops["gated_residual_modulate"] = {
+        "torch": resnorm_torch,
+        "triton pair": resnorm_pair,
+        "triton": lambda: gated_residual_modulate(x, gate, y, shift, scale, eps=1e-6),
     }
     # the MLP's fc1 + GELU(tanh): two kernels, or one cuBLASLt GEMM with a bias + GELU epilogue (fastdiff's
     # DiT MLP on CUDA). GB/s counts x, the weights and the (B*T, 4D) output once.
@@ -59,7 +75,9 @@ def candidates(x, y, shift, scale, gate):
         "torch": lambda: [F.linear(c, w, b) for w, b in zip(w_layers, b_layers)],
         "fused": lambda: F.linear(c, w_all, b_all).split(sizes, dim=1),
     }
+    # GB/s counts what one pass must move: x, y read, x' and the norm written
     nbytes = {"adaln_modulate": 2 * x.numel() * x.element_size(), "gated_residual": 3 * x.numel() * x.element_size(),
+              "gated_residual_modulate": 4 * x.numel() * x.element_size(),
               "mlp_fc1_gelu": (5 * x.numel() + w1.numel()) * x.element_size(),
               "adaln_projections": (w_all.numel() + c.numel() + c.shape[0] * sum(sizes)) * x.element_size()}
     return ops, nbytes
@@ -84,9 +102,9 @@ def run(dtypes=(torch.float16, torch.bfloat16), iters: int = 100) -> list[dict]:
 
 
 def print_rows(rows) -> None:
-    print(f"{'op':<16}{'shape':<14}{'dtype':<10}{'impl':<10}{'median us':>10}{'p90 us':>9}{'GB/s':>8}{'vs torch':>9}")
+    print(f"{'op':<25}{'shape':<14}{'dtype':<10}{'impl':<13}{'median us':>10}{'p90 us':>9}{'GB/s':>8}{'vs torch':>9}")
     for r in rows:
-        print(f"{r['op']:<16}{r['shape']:<14}{r['dtype']:<10}{r['impl']:<10}{r['median_ms'] * 1e3:>10.1f}"
+        print(f"{r['op']:<25}{r['shape']:<14}{r['dtype']:<10}{r['impl']:<13}{r['median_ms'] * 1e3:>10.1f}"
               f"{r['p90_ms'] * 1e3:>9.1f}{r['gbps']:>8.0f}{r['speedup']:>8.2f}x")
 
 
@@ -100,7 +118,7 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU
 
 @gpu
 @pytest.mark.parametrize("impl", ["torch", "triton"])
-@pytest.mark.parametrize("op", ["adaln_modulate", "gated_residual"])
+@pytest.mark.parametrize("op", ["adaln_modulate", "gated_residual", "gated_residual_modulate"])
 def test_adaln_ops(benchmark, op, impl):
     B, T, D = SHAPES[1]
     x, y = (torch.randn(B, T, D, device="cuda", dtype=torch.float16) for _ in range(2))

@@ -15,7 +15,8 @@ import types
 
 from fastdiff.errors import BackendUnavailableError  # absolute: this folder may also be seen as top-level "kernels"
 
-__all__ = ["group_norm", "attention", "adaln_modulate", "gated_residual", "geglu", "lincomb", "triton_importable"]
+__all__ = ["group_norm", "attention", "adaln_modulate", "gated_residual", "gated_residual_modulate", "geglu", "lincomb",
+           "triton_importable"]
 
 # launcher name -> module (relative to this package) that defines it
 _LAUNCHERS = {
@@ -23,6 +24,7 @@ _LAUNCHERS = {
     "attention": ".attention",
     "adaln_modulate": ".adaln",
     "gated_residual": ".adaln",
+    "gated_residual_modulate": ".adaln",
     "geglu": ".geglu",
     "lincomb": ".lincomb",
 }
@@ -100,6 +102,12 @@ def adaln_modulate(x, shift, scale, eps=1e-6, **kw):
 def gated_residual(x, gate, y, **kw):
     """``x + gate[:, None] * y``; see ``fastdiff.kernels.adaln.gated_residual``."""
     return _load("gated_residual")(x, gate, y, **kw)
+
+
+def gated_residual_modulate(x, gate, y, shift, scale, eps=1e-6, **kw):
+    """``x' = x + gate * y`` and ``adaln_modulate(x', shift, scale)`` in one pass; see
+    ``fastdiff.kernels.adaln.gated_residual_modulate``."""
+    return _load("gated_residual_modulate")(x, gate, y, shift, scale, eps=eps, **kw)
 
 
 def geglu(x, **kw):

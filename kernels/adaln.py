@@ -3,6 +3,10 @@
 - ``adaln_modulate(x, shift, scale)`` = ``LayerNorm(x) * (1 + scale[:, None]) + shift[:, None]``: LayerNorm
   over the last dim without affine, statistics in float32 (two passes over the row held in registers).
 - ``gated_residual(x, gate, y)`` = ``x + gate[:, None] * y``.
+- ``gated_residual_modulate(x, gate, y, shift, scale)`` = both in one pass: the residual ``x' = x + gate * y``
+  (written out: the next residual adds to it) and ``adaln_modulate(x', shift, scale)``, the input of the next
+  sublayer. In a DiT every residual is followed by the next adaLN norm (the block's second, the next block's
+  first, the final layer's), so this saves one launch and one read and write of the row per residual.
 
 x / y (B, T, D) read through their strides (the last dim must be unit-stride, else a copy is made);
 shift / scale / gate (B, D). These two small ops live in one file because they are the two halves of a
@@ -25,10 +29,12 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 @triton.jit
 def _adaln_modulate_kernel(
     x_ptr, shift_ptr, scale_ptr, y_ptr,
+    r_ptr, gate_ptr, xo_ptr,  # RESIDUAL: the branch output, its gate, where x + gate * r goes
     T, D,
     stride_xb, stride_xt, stride_shb, stride_scb, stride_yb, stride_yt,
+    stride_rb, stride_rt, stride_gb, stride_ob, stride_ot,
     eps,
-    BLOCK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, RESIDUAL: tl.constexpr,
 ):
     row = tl.program_id(0)  # one (sample, token) row per program, held in registers
     b = row // T
@@ -37,6 +43,13 @@ def _adaln_modulate_kernel(
     mask = cols < D
     x = tl.load(x_ptr + b.to(tl.int64) * stride_xb + t.to(tl.int64) * stride_xt + cols, mask=mask,
                 other=0.0).to(tl.float32)
+    if RESIDUAL:  # x' = x + gate * r, stored in xo's dtype; the norm reads that rounded x' (as an unfused pair)
+        r = tl.load(r_ptr + b.to(tl.int64) * stride_rb + t.to(tl.int64) * stride_rt + cols, mask=mask,
+                    other=0.0).to(tl.float32)
+        g = tl.load(gate_ptr + b.to(tl.int64) * stride_gb + cols, mask=mask, other=0.0).to(tl.float32)
+        xo = (x + g * r).to(xo_ptr.dtype.element_ty)
+        tl.store(xo_ptr + b.to(tl.int64) * stride_ob + t.to(tl.int64) * stride_ot + cols, xo, mask=mask)
+        x = tl.where(mask, xo.to(tl.float32), 0.0)
     mean = tl.sum(x, axis=0) / D
     xc = tl.where(mask, x - mean, 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / D + eps)
@@ -79,13 +92,17 @@ def gated_residual_launch_config(d: int) -> dict:
     return dict(block_d=block_d, num_warps=max(1, min(8, block_d // 256)))
 
 
-def _adaln_launches(x, shift, scale, out, eps):
-    """[(grid, positional args, constexprs + options)] of adaln_modulate; also used by the AOT check."""
+def _adaln_launches(x, shift, scale, out, eps, residual=None):
+    """[(grid, positional args, constexprs + options)] of adaln_modulate, or with ``residual`` = (gate, y, x_out)
+    of gated_residual_modulate; also used by the AOT check."""
     B, T, D = x.shape
     cfg = adaln_launch_config(D)
-    args = (x, shift, scale, out, T, D, x.stride(0), x.stride(1), shift.stride(0), scale.stride(0),
-            out.stride(0), out.stride(1), float(eps))
-    return [((B * T,), args, dict(BLOCK_D=cfg["block_d"], num_warps=cfg["num_warps"]))]
+    gate, r, xo = residual if residual is not None else (x, x, x)  # unread without RESIDUAL
+    args = (x, shift, scale, out, r, gate, xo, T, D, x.stride(0), x.stride(1), shift.stride(0), scale.stride(0),
+            out.stride(0), out.stride(1), r.stride(0), r.stride(1), gate.stride(0), xo.stride(0), xo.stride(1),
+            float(eps))
+    return [((B * T,), args, dict(BLOCK_D=cfg["block_d"], RESIDUAL=residual is not None,
+                                  num_warps=cfg["num_warps"]))]
 
 
 def _gated_residual_launches(x, gate, y, out):
@@ -167,3 +184,29 @@ def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, *,
     for grid, args, meta in _gated_residual_launches(x, gate, y, out):
         _gated_residual_kernel[grid](*args, **meta)
     return out
+
+
+def gated_residual_modulate(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, shift: torch.Tensor,
+                            scale: torch.Tensor, eps: float = 1e-6, *, out: Optional[torch.Tensor] = None,
+                            x_out: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x', adaln_modulate(x', shift, scale))`` with ``x' = x + gate[:, None] * y``, in one pass.
+
+    x / y (B, T, D), gate / shift / scale (B, D). x' has the dtype ``gated_residual`` gives (torch's promotion of
+    x, gate, y) and the norm reads x' rounded to it, so the pair equals the two ops run one after the other;
+    the normalised output has ``adaln_modulate``'s dtype for x', shift and scale. ``x_out`` / ``out`` receive them
+    if given (``x_out=x`` updates x in place: each row is read before it is written).
+    """
+    x = _rows("gated_residual_modulate: x", x)
+    y = _rows("gated_residual_modulate: y", y, like=x)
+    gate = _per_sample("gated_residual_modulate: gate", gate, x)
+    shift = _per_sample("gated_residual_modulate: shift", shift, x)
+    scale = _per_sample("gated_residual_modulate: scale", scale, x)
+    x_dtype = torch.promote_types(torch.promote_types(x.dtype, gate.dtype), y.dtype)
+    x_out = _out(x_out, x.shape, x_dtype, x.device, "gated_residual_modulate")
+    dtype = torch.promote_types(torch.promote_types(x_dtype, shift.dtype), scale.dtype)
+    out = _out(out, x.shape, dtype, x.device, "gated_residual_modulate")
+    if out.numel() == 0:
+        return x_out, out
+    for grid, args, meta in _adaln_launches(x, shift, scale, out, eps, residual=(gate, y, x_out)):
+        _adaln_modulate_kernel[grid](*args, **meta)
+    return x_out, out

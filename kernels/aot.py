@@ -156,6 +156,10 @@ def _adaln_configs(dtypes) -> list[Config]:
                 out.append(Config("adaln_modulate", f"B{B} T{T} D{D}", dtype, _adaln_modulate_kernel, args, meta))
             for grid, args, meta in _gated_residual_launches(x, m, x, torch.empty_like(x)):
                 out.append(Config("gated_residual", f"B{B} T{T} D{D}", dtype, _gated_residual_kernel, args, meta))
+            residual = (m, torch.empty_like(x), torch.empty_like(x))  # gate, branch output, x'
+            for grid, args, meta in _adaln_launches(x, m, m, torch.empty_like(x), 1e-6, residual=residual):
+                out.append(Config("gated_residual_modulate", f"B{B} T{T} D{D}", dtype, _adaln_modulate_kernel, args,
+                                  meta))
     return out
 
 

@@ -62,9 +62,12 @@ def test_adaln_candidates():
     x, y = torch.randn(2, 5, 16), torch.randn(2, 5, 16)
     shift, scale, gate = (torch.randn(2, 16) for _ in range(3))
     ops, nbytes = bench_adaln.candidates(x, y, shift, scale, gate)
-    assert set(ops) == set(nbytes) == {"adaln_modulate", "gated_residual", "mlp_fc1_gelu", "adaln_projections"}
+    assert set(ops) == set(nbytes) == {"adaln_modulate", "gated_residual", "gated_residual_modulate", "mlp_fc1_gelu",
+                                       "adaln_projections"}
     for op in ("adaln_modulate", "gated_residual"):  # mlp_fc1_gelu's cuBLASLt GELU is tanh on CUDA only
         assert_all_agree(ops[op], "torch", 1e-4)
+    for part in range(2):  # (x', norm of x') from each
+        assert_all_agree({k: (lambda f=f: f()[part]) for k, f in ops["gated_residual_modulate"].items()}, "torch", 1e-4)
     per_layer, fused = ops["adaln_projections"]["torch"](), ops["adaln_projections"]["fused"]()
     assert len(per_layer) == len(fused) == bench_adaln.DIT_DEPTH + 1
     assert [tuple(t.shape) for t in fused] == [(2, 6 * 16)] * bench_adaln.DIT_DEPTH + [(2, 2 * 16)]

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from ..errors import BadArgumentError, UnsupportedConfigError
 from ..utils.strict_dict import known_fields
-from .layers import Attention, GatedResidual, ModulatedLayerNorm, exporting, timestep_embedding
+from .layers import Attention, ModulatedLayerNorm, exporting, timestep_embedding
 from .linear_stack import LinearStacks, stacked_output
 
 MLP_ACTIVATIONS = ("gelu_tanh", "gelu")
@@ -255,23 +255,27 @@ class DiTBlock(nn.Module):
         self.norm2 = ModulatedLayerNorm(D, eps=config.mlp_norm_eps)
         self.mlp = Mlp(D, config.mlp_hidden_size, config.mlp_act)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D, bias=True))
-        self.residual = GatedResidual()
         if own_conditioning:
             self.t_embedder = TimestepEmbedder(D, config.frequency_embedding_size, config.freq_shift)
             self.y_embedder = LabelEmbedder(config.num_classes, D, config.class_dropout_prob)
         else:
             self.t_embedder = self.y_embedder = None
 
-    def forward(self, x, c, c_act=None, mod=None):
-        """x (N, T, D); c (N, D) the conditioning; ``c_act`` = SiLU(c) when the caller computed it once for every
-        block (the first layer of ``adaLN_modulation``; the module keeps the checkpoints' Sequential layout);
-        ``mod`` (N, 6D) this block's modulation when the caller computed every block's in one matmul."""
-        if mod is None:
-            mod = self.adaLN_modulation(c) if c_act is None else self.adaLN_modulation[1](c_act)  # (N, 6D)
+    def forward(self, x, mod, pending=None):
+        """x (N, T, D); mod (N, 6D) this block's modulation (``DiT._modulations``); ``pending`` = (gate, y): the
+        previous block's last residual ``x + gate * y``, not yet added.
+
+        Returns (x, (gate_mlp, mlp output)): this block's own last residual is left pending as well, because
+        every residual is added by the adaLN norm that follows it (the next block's first, or the final
+        layer's), in one pass on the fused path. ``x + gate * y`` of the returned pair is the block's output.
+        """
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)  # 6 x (N, D)
-        x = self.residual(x, gate_msa, self.attn(self.norm1(x, shift_msa, scale_msa)))  # (N, T, D)
-        x = self.residual(x, gate_mlp, self.mlp(self.norm2(x, shift_mlp, scale_mlp)))  # (N, T, D)
-        return x
+        if pending is None:
+            h = self.norm1(x, shift_msa, scale_msa)  # (N, T, D)
+        else:
+            x, h = self.norm1(x, shift_msa, scale_msa, residual=pending)
+        x, h = self.norm2(x, shift_mlp, scale_mlp, residual=(gate_msa, self.attn(h)))  # (N, T, D) each
+        return x, (gate_mlp, self.mlp(h))
 
 
 class FinalLayer(nn.Module):
@@ -283,12 +287,12 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
 
-    def forward(self, x, c, c_act=None, mod=None):
-        if mod is None:
-            mod = self.adaLN_modulation(c) if c_act is None else self.adaLN_modulation[1](c_act)  # (N, 2D)
+    def forward(self, x, mod, pending=None):
+        """x (N, T, D); mod (N, 2D); ``pending`` = (gate, y): the last block's residual, added here first."""
         shift, scale = mod.chunk(2, dim=1)  # 2 x (N, D)
-        x = self.norm_final(x, shift, scale)  # (N, T, D)
-        return self.linear(x)  # (N, T, p * p * C_out)
+        h = self.norm_final(x, shift, scale) if pending is None else \
+            self.norm_final(x, shift, scale, residual=pending)[1]  # (N, T, D)
+        return self.linear(h)  # (N, T, p * p * C_out)
 
 
 class DiT(LinearStacks, nn.Module):
@@ -369,18 +373,28 @@ class DiT(LinearStacks, nn.Module):
         schedule = self.__dict__.get("_modulation_schedule")
         mods = None if schedule is None else schedule.take(self, timestep, y)  # every call's, computed at once
         if mods is None:
-            c = self.t_embedder(t) + self.y_embedder(y)  # (N, D)
-            c_act = F.silu(c)  # every adaLN starts with SiLU(c): computed once, not once per block
-            mods = self.fused_modulation(c_act)  # depth x (N, 6D) + (N, 2D), or None: one matmul per layer
-        else:  # stacked projections only: no block has its own embedders, nothing reads c
-            c = c_act = None
+            mods = self._modulations(t, y)  # depth x (N, 6D) + (N, 2D)
+        pending = None  # each block's last residual, added by the norm that follows it
         for i, block in enumerate(self.blocks):
-            if block.t_embedder is None:
-                x = block(x, c, c_act, None if mods is None else mods[i])  # (N, T, D)
-            else:  # a block with its own embedders (diffusers' per-block copies)
-                x = block(x, block.t_embedder(t) + block.y_embedder(y))
-        x = self.final_layer(x, c, c_act, None if mods is None else mods[-1])  # (N, T, p * p * C_out)
+            x, pending = block(x, mods[i], pending)  # (N, T, D), ((N, D), (N, T, D))
+        x = self.final_layer(x, mods[-1], pending)  # (N, T, p * p * C_out)
         return self.unpatchify(x, h, w)  # (N, C_out, H, W)
+
+    def _modulations(self, t, y) -> list:
+        """Every block's adaLN modulation (N, 6D) and the final layer's (N, 2D) for timesteps ``t`` and labels
+        ``y``: from the stacked projection in one matmul (``fuse_adaln``), or one matmul per layer."""
+        c = self.t_embedder(t) + self.y_embedder(y)  # (N, D)
+        c_act = F.silu(c)  # every adaLN starts with SiLU(c): computed once, not once per block
+        mods = self.fused_modulation(c_act)
+        if mods is not None:
+            return list(mods)
+        out = []
+        for block in self.blocks:
+            if block.t_embedder is None:
+                out.append(block.adaLN_modulation[1](c_act))
+            else:  # a block with its own embedders (diffusers' per-block copies)
+                out.append(block.adaLN_modulation(block.t_embedder(t) + block.y_embedder(y)))
+        return out + [self.final_layer.adaLN_modulation[1](c_act)]
 
     # --- every adaLN projection as one matmul (OptimizeConfig(fuse_adaln=True)) ---------------------------
     def _adaln_layers(self) -> Optional[list]:

@@ -27,7 +27,8 @@ BACKENDS = ("native", "triton")
 # where it beat torch on the GPU, torch where it did not. Measured on an NVIDIA H200, device time inside
 # CUDA graphs (bench/RESULTS.md, runs 2 and 3): GroupNorm+SiLU Triton 2.8-5.2x torch (the CUDA extension
 # 0.5-1.6x; the three-launch "rows" strategy faster at 64x64 NCHW but slower end to end, SD1.5 162.4 vs
-# 154.4 ms); adaLN 3.6-5.2x and gated residual 2.0-3.1x torch; GEGLU 2.2-2.7x torch; attention Triton 0.51x
+# 154.4 ms); adaLN 3.6-5.2x and gated residual 2.0-3.1x torch (run as a pair, "triton_pair", until the one-pass
+# kernel written after run 3 is measured); GEGLU 2.2-2.7x torch; attention Triton 0.51x
 # SDPA at D=40, 0.82x at D=72, 1.03-1.34x at D=64, so SDPA. ``sampler_update`` is not a layer: it is the
 # multistep samplers' state update (``fastdiff.state_update``): Triton 2.3-2.9x torch per update, but end to
 # end within noise (DiT 42.9 vs 43.1 ms), so torch. Values: "triton", "torch", "cuda_ext" (GroupNorm: the
@@ -37,8 +38,7 @@ BACKENDS = ("native", "triton")
 GPU_DEFAULT_OPS = {
     "group_norm": "triton",
     "attention": "torch",
-    "adaln_modulate": "triton",
-    "gated_residual": "triton",
+    "adaln_modulate": "triton_pair",
     "sampler_update": "torch",
     "geglu": "triton",  # SD's feed-forward activation: 2.2-2.7x torch; SD1.5 end to end 147.6 vs 154.4 ms (run 3)
 }
@@ -47,12 +47,12 @@ OP_IMPLS = {
     "group_norm": ("triton", "torch", "cuda_ext", "triton_rows"),
     # sdpa_*: torch's SDPA pinned to one of its kernels (with "torch", SDPA picks per call)
     "attention": ("triton", "torch", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn"),
-    "adaln_modulate": ("triton", "torch"),
-    "gated_residual": ("triton", "torch"),
+    # triton: a residual and the norm after it in one pass; triton_pair: the residual kernel, then the norm's
+    "adaln_modulate": ("triton", "torch", "triton_pair"),
     "sampler_update": ("triton", "torch", "cuda_ext"),
     "geglu": ("triton", "torch"),
 }
-LAYER_OPS = ("group_norm", "attention", "adaln_modulate", "gated_residual", "geglu")  # layers (FusedOp)
+LAYER_OPS = ("group_norm", "attention", "adaln_modulate", "geglu")  # layers (FusedOp)
 
 
 def triton_available() -> tuple[bool, str]:
@@ -359,9 +359,16 @@ class Attention(FusedOp):
 
 
 class ModulatedLayerNorm(FusedOp):
-    """LayerNorm without affine, then ``x * (1 + scale) + shift`` (DiT's adaLN ``modulate``).
+    """LayerNorm without affine, then ``x * (1 + scale) + shift`` (DiT's adaLN ``modulate``), optionally after
+    the residual that precedes it.
 
     forward(x (B, T, D), shift (B, D), scale (B, D)) -> (B, T, D)
+    forward(x, shift, scale, residual=(gate (B, D), y (B, T, D))) -> (x', norm of x') with ``x' = x + gate * y``
+
+    Every residual of a DiT is followed by one of its adaLN norms (the block's second, the next block's first,
+    the final layer's), so each norm takes the residual before it: on the Triton path both run in one pass
+    (``fastdiff.kernels.gated_residual_modulate``), or as the residual kernel and then the norm's
+    (``"triton_pair"``, what runs 1-3 measured).
     """
 
     op = "adaln_modulate"
@@ -373,28 +380,28 @@ class ModulatedLayerNorm(FusedOp):
     def tune_key(self) -> tuple:
         return (self.dim, self.eps)
 
-    def forward_native(self, x, shift, scale):
+    def forward_native(self, x, shift, scale, residual=None):
+        if residual is not None:
+            gate, y = residual
+            x = x + gate.unsqueeze(1) * y
         h = F.layer_norm(x, (self.dim,), eps=self.eps)
-        return h * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+        h = h * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+        return h if residual is None else (x, h)
 
-    def forward_triton(self, x, shift, scale):
-        from fastdiff.kernels import adaln_modulate
+    def forward_triton(self, x, shift, scale, residual=None):
+        from fastdiff.kernels import adaln_modulate, gated_residual_modulate
 
-        return adaln_modulate(x, shift, scale, eps=self.eps)
+        if residual is None:
+            return adaln_modulate(x, shift, scale, eps=self.eps)
+        return gated_residual_modulate(x, residual[0], residual[1], shift, scale, eps=self.eps)
 
+    def forward_triton_pair(self, x, shift, scale, residual=None):
+        from fastdiff.kernels import adaln_modulate, gated_residual
 
-class GatedResidual(FusedOp):
-    """``x + gate * y`` with gate (B, D) broadcast over tokens (DiT's gated residual)."""
-
-    op = "gated_residual"
-
-    def forward_native(self, x, gate, y):
-        return x + gate.unsqueeze(1) * y
-
-    def forward_triton(self, x, gate, y):
-        from fastdiff.kernels import gated_residual
-
-        return gated_residual(x, gate, y)
+        if residual is None:
+            return adaln_modulate(x, shift, scale, eps=self.eps)
+        x = gated_residual(x, residual[0], residual[1])
+        return x, adaln_modulate(x, shift, scale, eps=self.eps)
 
 
 class GEGLU(FusedOp):

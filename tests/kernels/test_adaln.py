@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from fastdiff.errors import BadArgumentError
-from fastdiff.kernels import adaln_modulate, gated_residual
+from fastdiff.kernels import adaln_modulate, gated_residual, gated_residual_modulate
 
 TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
 DTYPES = list(TOL)
@@ -57,6 +57,43 @@ def test_gated_residual_matches_reference(shape, dtype, layout):
     assert_close(o, x.double() + gate.double()[:, None] * y.double(), dtype)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "strided", "transposed"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_gated_residual_modulate_equals_the_two_ops(shape, dtype, layout):
+    """One pass gives what gated_residual then adaln_modulate give: x' against float64, the norm of x' rounded
+    to its dtype against the unfused pair; per-sample vectors as strided views of one projection."""
+    B, T, D = shape
+    x, y = make_x(shape, dtype, layout), make_x(shape, dtype, "contiguous", mean=-1.0)
+    mod = (torch.randn(B, 3 * D) * 0.5).to(dtype)  # gate | shift | scale side by side, rows strided by 3D
+    gate, shift, scale = mod[:, :D], mod[:, D:2 * D], mod[:, 2 * D:]
+    x_out, out = torch.full((B, T, D), 1e4, dtype=dtype), torch.full((B, T, D), float("nan"), dtype=dtype)
+    xo, h = gated_residual_modulate(x, gate, y, shift, scale, eps=1e-6, x_out=x_out, out=out)
+    assert xo is x_out and h is out
+    assert_close(xo, x.double() + gate.double()[:, None] * y.double(), dtype)
+    torch.testing.assert_close(xo, gated_residual(x, gate, y), rtol=0, atol=0)
+    torch.testing.assert_close(h, adaln_modulate(gated_residual(x, gate, y), shift, scale, eps=1e-6), rtol=0, atol=0)
+    assert_close(h, ref_modulate(xo, shift, scale), dtype)
+
+
+def test_gated_residual_modulate_in_place():
+    x, y = make_x((2, 5, 7), torch.float32, "contiguous"), make_x((2, 5, 7), torch.float32, "contiguous")
+    gate, shift, scale = torch.randn(2, 7), torch.randn(2, 7), torch.randn(2, 7)
+    want = gated_residual(x, gate, y)
+    xo, h = gated_residual_modulate(x, gate, y, shift, scale, x_out=x)
+    assert xo is x
+    torch.testing.assert_close(x, want, rtol=0, atol=0)
+    assert_close(h, ref_modulate(want, shift, scale), torch.float32)
+
+
+def test_gated_residual_modulate_rejects_bad_shapes():
+    x = torch.randn(2, 5, 7)
+    with pytest.raises(BadArgumentError, match="shift of shape"):
+        gated_residual_modulate(x, torch.randn(2, 7), x, torch.randn(2, 6), torch.randn(2, 7))
+    with pytest.raises(BadArgumentError, match="y of shape"):
+        gated_residual_modulate(x, torch.randn(2, 7), torch.randn(2, 4, 7), torch.randn(2, 7), torch.randn(2, 7))
+
+
 def test_adaln_large_mean_row():
     x = torch.randn(1, 3, 257) + 1e3
     shift, scale = torch.randn(1, 257), torch.randn(1, 257)
@@ -84,15 +121,22 @@ def test_gated_residual_in_place():
     assert_close(x, expected, torch.float32)
 
 
-def test_layers_triton_equal_native():
-    from fastdiff.models.layers import GatedResidual, ModulatedLayerNorm
+@pytest.mark.parametrize("backend", ["triton", "triton_pair"])
+def test_layers_triton_equal_native(backend):
+    """ModulatedLayerNorm alone and with the residual before it: the one-pass kernel ("triton") and the
+    residual kernel then the norm's ("triton_pair") equal torch."""
+    from fastdiff.models.layers import ModulatedLayerNorm
 
     x, y = make_x((2, 6, 48), torch.float32, "contiguous"), torch.randn(2, 6, 48)
     shift, scale, gate = torch.randn(2, 48), torch.randn(2, 48), torch.randn(2, 48)
-    for layer, args in ((ModulatedLayerNorm(48), (x, shift, scale)), (GatedResidual(), (x, gate, y))):
-        native = layer.forward_native(*args)
-        layer.set_backend("triton")
-        torch.testing.assert_close(layer(*args), native, rtol=1e-5, atol=1e-5)
+    layer = ModulatedLayerNorm(48)
+    native, (native_x, native_h) = layer(x, shift, scale), layer(x, shift, scale, residual=(gate, y))
+    torch.testing.assert_close(native_x, x + gate[:, None] * y)
+    layer.set_backend(backend)
+    torch.testing.assert_close(layer(x, shift, scale), native, rtol=1e-5, atol=1e-5)
+    fused_x, fused_h = layer(x, shift, scale, residual=(gate, y))
+    torch.testing.assert_close(fused_x, native_x, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fused_h, native_h, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("call,match", [

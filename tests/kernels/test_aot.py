@@ -32,7 +32,7 @@ def _nvidia_backend() -> bool:
 
 pytestmark = pytest.mark.skipif(not _nvidia_backend(), reason="this triton build has no NVIDIA backend")
 
-KERNELS = ("group_norm", "attention", "adaln_modulate", "gated_residual", "lincomb", "geglu")
+KERNELS = ("group_norm", "attention", "adaln_modulate", "gated_residual", "gated_residual_modulate", "lincomb", "geglu")
 DTYPES = ("fp16", "bf16", "fp32")
 
 
@@ -108,5 +108,6 @@ def test_source_specialises_like_the_jit():
 
 def test_compile_all_under_the_interpreter_uses_a_subprocess():
     res = aot.compile_all(90, kernels=["adaln"], dtypes=(torch.float16,))
-    assert [r.kernel for r in res] == ["adaln_modulate", "gated_residual"] and all(r.ok for r in res)
+    assert [r.kernel for r in res] == ["adaln_modulate", "gated_residual", "gated_residual_modulate"]
+    assert all(r.ok for r in res)
     assert "gated_residual" in aot.format_table(res)

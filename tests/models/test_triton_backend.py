@@ -76,6 +76,5 @@ def test_optimize_config_kernel_ops():
                                                                                    "attention": "triton"}
     with pytest.raises(fastdiff.BadArgumentError, match="kernel_ops"):
         OptimizeConfig(kernel_ops="fastest")
-    pipe = fastdiff.load("arch:tiny-dit").optimize(backend="triton", kernel_ops={"gated_residual": "torch"})
-    assert op_backends(pipe.model) == {"ModulatedLayerNorm": "triton", "GatedResidual": "native",
-                                       "Attention": "triton"}
+    pipe = fastdiff.load("arch:tiny-dit").optimize(backend="triton", kernel_ops={"adaln_modulate": "triton_pair"})
+    assert op_backends(pipe.model) == {"ModulatedLayerNorm": "triton_pair", "Attention": "triton"}
