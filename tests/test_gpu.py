@@ -81,13 +81,17 @@ def test_attention_layouts_on_gpu(layout, d):
 
 @needs_compiled_triton
 def test_adaln_on_gpu():
-    from fastdiff.kernels import adaln_modulate, gated_residual
+    from fastdiff.kernels import adaln_modulate, gated_residual, gated_residual_modulate
 
     x, y = (torch.randn(2, 256, 1152, device="cuda", dtype=torch.float16) for _ in range(2))
     shift, scale, gate = (torch.randn(2, 1152, device="cuda", dtype=torch.float16) for _ in range(3))
     want = F.layer_norm(x.float(), (1152,), eps=1e-6) * (1 + scale.float()[:, None]) + shift.float()[:, None]
     assert rel_err(adaln_modulate(x, shift, scale).float(), want) <= 2e-2
-    assert rel_err(gated_residual(x, gate, y).float(), x.float() + gate.float()[:, None] * y.float()) <= 1e-2
+    residual = x.float() + gate.float()[:, None] * y.float()
+    assert rel_err(gated_residual(x, gate, y).float(), residual) <= 1e-2
+    xo, h = gated_residual_modulate(x, gate, y, shift, scale)  # one pass: x' and the norm of x'
+    assert rel_err(xo.float(), residual) <= 1e-2
+    assert rel_err(h.float(), adaln_modulate(gated_residual(x, gate, y), shift, scale).float()) <= 1e-2
 
 
 @needs_compiled_triton
@@ -172,11 +176,12 @@ def test_triton_backend_model_level_on_gpu(arch):
 
 
 @needs_compiled_triton
-@pytest.mark.parametrize("precompute", [False, True])
-def test_dit_fused_adaln_in_a_loop_graph_on_gpu(precompute):
+@pytest.mark.parametrize("precompute,resnorm", [(False, False), (True, True)])
+def test_dit_fused_adaln_in_a_loop_graph_on_gpu(precompute, resnorm):
     """fuse_adaln (one GEMM for every adaLN projection; strided per-layer rows into the Triton adaLN kernels)
     under the triton backend and a captured loop equals eager sampling; with ``precompute_adaln`` every step's
-    modulation comes from one GEMM inside the graph, and a replay with other labels follows them."""
+    modulation comes from one GEMM inside the graph, and a replay with other labels follows them; with
+    ``resnorm`` each residual and the norm after it run as one kernel."""
     from helpers import perturb_
 
     model = perturb_(fastdiff.load("arch:tiny-dit").model, seed=3, std=0.2)  # no zero-initialised adaLN
@@ -186,7 +191,8 @@ def test_dit_fused_adaln_in_a_loop_graph_on_gpu(precompute):
     for p in (eager, pipe):
         p.model.load_state_dict(model.state_dict())
     pipe.optimize(backend="triton", fuse_adaln=True, precompute_adaln=precompute, cuda_graphs=True,
-                  graph_scope="loop", batch_buckets=(2, 4))
+                  graph_scope="loop", batch_buckets=(2, 4),
+                  kernel_ops={"adaln_modulate": "triton"} if resnorm else "measured")
     assert pipe.model.adaln_weight is not None and pipe.precompute_adaln == precompute
     for labels in ([1, 2], [7, 3]):  # the second call replays the captured loop
         assert rel_err(pipe.generate(class_labels=labels, **kw), eager.generate(class_labels=labels, **kw)) <= 2e-2

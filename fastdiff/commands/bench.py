@@ -123,6 +123,8 @@ VARIANT_SWITCHES = {
     "precompute": dict(precompute_adaln=True),
     # UNet: the resnets' time projections in one matmul, the cross-attention keys and values in another
     "cond": dict(fuse_conditioning=True),
+    # DiT: each residual and the adaLN norm after it in one Triton kernel (default: the two kernels)
+    "resnorm": dict(kernel_ops={"adaln_modulate": "triton"}),
     "allk": dict(kernel_ops="all"),  # every fused op on its Triton kernel (not the measured per-op table)
     "tune": dict(kernel_ops="tune"),  # every fused layer measures its implementations on its first call
     "gnext": dict(kernel_ops={"group_norm": "cuda_ext"}),  # GroupNorm from the CUDA C++ extension
