@@ -29,11 +29,12 @@ FAMILIES = (
     ("attention", r"attention|fmha|flash|sdpa|softmax"),
     ("group_norm", r"group_?norm"),
     ("layer_norm / adaLN", r"layer_?norm|adaln|gated_residual"),
-    ("geglu / gelu", r"geglu|gelu"),
     ("convolution", r"conv(?!ert)|implicit_gemm|fprop|winograd|cudnn::|nchwtonhwc|nhwctonchw"),
+    # before GELU: a cuBLASLt GEMM with a GELU epilogue (the DiT MLP's fc1) is a GEMM
     ("gemm", r"gemm|xmma|nvjet|cutlass|cublas|sm\d+_|addmm|aten::mm|aten::bmm|aten::linear|matmul"),
+    ("geglu / gelu", r"geglu|gelu"),
     ("sampler update", r"lincomb|sampler_update"),
-    ("copy / cast / cat", r"copy|cat|contiguous|_to_copy|clone"),
+    ("copy / cast / cat", r"copy|catarray|aten::cat\b|contiguous|_to_copy|clone"),
     ("elementwise", r"elementwise|vectorized|unrolled|aten::(add|mul|sub|div|silu|exp|sin|cos|where)"),
     ("reduction", r"reduce|aten::(sum|mean|std|var)"),
 )

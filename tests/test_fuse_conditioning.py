@@ -59,6 +59,43 @@ def test_stacked_projections_equal_the_layers():
     assert rel_err(model(x, t, encoder_hidden_states=ctx), want) <= 1e-6 and len(calls) == len(attns)
 
 
+@pytest.mark.parametrize("change", ["to", "deepcopy", "pickle", "share_memory"])
+@torch.no_grad()
+def test_stacks_are_rebuilt_by_whatever_gives_the_layers_new_storage(change):
+    """Straight after the change (no load to hide a missing rebuild): the layers view the stack again, and an
+    in-place edit of one layer's weight reaches the stacked projection."""
+    import pickle
+
+    model = _unet().model.eval()
+    fuse_conditioning(model)
+    model = {"to": lambda m: m.to(torch.float64).to(torch.float32), "deepcopy": copy.deepcopy,
+             "pickle": lambda m: pickle.loads(pickle.dumps(m)), "share_memory": lambda m: m.share_memory()}[change](model)
+    assert _shares(model, "temb") and _shares(model, "cross_kv")
+    if change == "share_memory":
+        assert model.temb_weight.is_shared() and model.cross_kv_weight.is_shared()
+    attn = next(m.attn2 for m in model.modules() if isinstance(m, TransformerBlock))
+    attn.to_v.weight.mul_(3.0)
+    model.down_blocks[0].resnets[0].time_emb_proj.bias.add_(1.0)
+    x, t, ctx = _inputs(model)
+    stacked = model(x, t, encoder_hidden_states=ctx)
+    for name in ("temb", "cross_kv"):
+        model.unstack(name)
+    assert rel_err(stacked, model(x, t, encoder_hidden_states=ctx)) <= 1e-6
+
+
+@torch.no_grad()
+def test_a_plain_load_keeps_the_stacks_memory():
+    """load_state_dict copies into the views: the stacks keep their memory (a graph captured before the load
+    reads the new weights); assign=True gives the layers new tensors and the stacks are rebuilt from them."""
+    model = _unet().model.eval()
+    fuse_conditioning(model)
+    ptrs = [model.temb_weight.data_ptr(), model.cross_kv_weight.data_ptr()]
+    state = {k: v * 0.5 for k, v in model.state_dict().items()}
+    model.load_state_dict(state)
+    assert [model.temb_weight.data_ptr(), model.cross_kv_weight.data_ptr()] == ptrs
+    torch.testing.assert_close(model.temb_weight[:4], state["down_blocks.0.resnets.0.time_emb_proj.weight"][:4])
+
+
 @pytest.mark.parametrize("change", ["to", "deepcopy", "assign"])
 @torch.no_grad()
 def test_stacks_follow_the_layers_weights(change):
@@ -100,6 +137,29 @@ def test_fuse_conditioning_on_the_triton_backend():
     reference = _unet().generate(**KW)
     pipe = _unet().optimize(backend="triton", fuse_conditioning=True)
     assert rel_err(pipe.generate(**KW), reference) <= 1e-4
+
+
+@pytest.mark.parametrize("kind", ["scale_shift", "class_conditional"])
+@torch.no_grad()
+def test_scale_shift_and_class_conditional_unets(kind):
+    """A scale-shift resnet's projection (two halves read by GroupNorm in place) and a class embedding added to
+    the time embedding: stacked equals per layer, native and Triton."""
+    from fastdiff.models.unet import UNet, UNetConfig
+
+    extra = dict(resnet_time_scale_shift="scale_shift") if kind == "scale_shift" else dict(num_class_embeds=5)
+    cfg = UNetConfig.from_diffusers(dict(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=[32, 64], layers_per_block=1,
+        down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
+        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8, **extra), "UNet2DConditionModel")
+    model = perturb_(UNet(cfg), seed=4, std=0.1).eval()
+    x, t, ctx = _inputs(model)
+    kw = dict(encoder_hidden_states=ctx, class_labels=torch.tensor([1, 4]) if kind != "scale_shift" else None)
+    want = model(x, t, **kw)
+    assert fuse_conditioning(model) > 0
+    assert rel_err(model(x, t, **kw), want) <= 1e-6
+    if layers.triton_available()[0]:
+        layers.set_backend(model, "triton")
+        assert rel_err(model(x, t, **kw), want) <= 1e-4
 
 
 def test_fuse_conditioning_on_a_dit_says_so():

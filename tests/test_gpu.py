@@ -194,9 +194,12 @@ def test_dit_fused_adaln_in_a_loop_graph_on_gpu(precompute, resnorm):
                   graph_scope="loop", batch_buckets=(2, 4),
                   kernel_ops={"adaln_modulate": "triton"} if resnorm else "measured")
     assert pipe.model.adaln_weight is not None and pipe.precompute_adaln == precompute
+    at_once, inner = [], pipe.model.modulation_for_calls
+    pipe.model.modulation_for_calls = lambda *a: at_once.append(1) or inner(*a)
     for labels in ([1, 2], [7, 3]):  # the second call replays the captured loop
         assert rel_err(pipe.generate(class_labels=labels, **kw), eager.generate(class_labels=labels, **kw)) <= 2e-2
     assert pipe.loop_graphs.captures == 1
+    assert len(at_once) == (3 if precompute else 0)  # the graph's two warm-up runs and its capture
 
 
 @needs_compiled_triton

@@ -140,6 +140,41 @@ def test_schedule_uses_the_first_calls_labels_and_stays_within_its_budget():
 
 
 @torch.no_grad()
+def test_a_recording_with_two_batch_sizes_is_unusable():
+    """Calls of other batches during the recording (another caller of the same model): no precompute, no error."""
+    model = _tiny_dit()
+    cfg = model.config
+    xs = [torch.randn(b, cfg.in_channels, cfg.input_size, cfg.input_size) for b in (2, 3)]
+    ts = [torch.full((b,), 400.0) for b in (2, 3)]
+    schedule = ModulationSchedule()
+    with scheduled(model, schedule):
+        for x, t in zip(xs, ts):
+            model(x, t, torch.arange(x.shape[0]))
+    with scheduled(model, schedule):
+        out = model(xs[0], ts[0], torch.arange(2))
+    assert schedule.unusable and schedule.precomputes == 0
+    assert rel_err(out, model(xs[0], ts[0], torch.arange(2))) <= 1e-6
+
+
+@torch.no_grad()
+def test_calls_from_another_thread_are_not_the_loops():
+    import threading
+
+    model = _tiny_dit()
+    cfg = model.config
+    x = torch.randn(2, cfg.in_channels, cfg.input_size, cfg.input_size)
+    ts = [torch.full((2,), float(t)) for t in (800, 200)]
+    schedule = ModulationSchedule()
+    with scheduled(model, schedule):
+        model(x, ts[0], torch.tensor([0, 1]))
+        other = threading.Thread(target=lambda: model(x, torch.full((2,), 10.0), torch.tensor([3, 3])))
+        other.start()
+        other.join()
+        model(x, ts[1], torch.tensor([0, 1]))
+    assert [t is r for t, r in zip(schedule.timesteps, ts)] == [True, True] and len(schedule.timesteps) == 2
+
+
+@torch.no_grad()
 def test_scalar_timesteps_leave_the_schedule_unused():
     model = _tiny_dit()
     cfg = model.config

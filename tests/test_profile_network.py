@@ -27,6 +27,9 @@ import profile_network as pn  # noqa: E402
     ("void at::native::(anonymous namespace)::CatArrayBatchedCopy<...>", "copy / cast / cat"),
     ("void at::native::convert_kernel<float>", "other"),  # "convert" is not a convolution
     ("aten::mkldnn_convolution", "convolution"),
+    ("sm90_xmma_gemm_f16f16_f16f32_f32_tn_n_tilesize128x128x64_gelu_aux", "gemm"),  # cuBLASLt GELU epilogue
+    ("void at::native::_scatter_gather_elementwise_kernel<...>", "elementwise"),  # "scatter" is not a cat
+    ("aten::cat", "copy / cast / cat"),
     ("aten::addmm", "gemm"),
 ])
 def test_kernel_families(name, fam):

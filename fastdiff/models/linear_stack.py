@@ -8,8 +8,13 @@ all, and each layer takes its columns of the output.
 ``LinearStacks`` is a mixin for the model that owns such groups. ``stack(name)`` concatenates a group's
 weights into the buffers ``<name>_weight`` / ``<name>_bias`` (non-persistent: checkpoints keep the layers' own
 keys) and makes each layer's weight and bias a view of them, so the stack is never a second copy. It follows
-the layers: ``.to()``, ``load_state_dict`` (``assign=True`` too) and copies give the layers storages of their
-own, and the stack is then rebuilt from them.
+the layers: ``.to()``, ``load_state_dict(assign=True)``, copies and unpickling give the layers storages of
+their own, and the stack is then rebuilt from them (a plain ``load_state_dict`` copies into the views, and the
+stack keeps its memory: a CUDA graph captured before the load reads the new weights).
+
+What it cannot see: code that replaces a layer's weight tensor itself (``layer.weight = nn.Parameter(...)``,
+``layer.weight.data = ...``, e.g. a LoRA merge) leaves the stack holding the old values. Call
+``model._restack()`` after such a change, or ``pipe.optimize(...)`` again.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ class LinearStacks:
         for name in self.STACKS:
             self.register_buffer(f"{name}_weight", None, persistent=False)
             self.register_buffer(f"{name}_bias", None, persistent=False)
-        self.register_load_state_dict_post_hook(lambda module, _keys: module._restack())
+        self.register_load_state_dict_post_hook(_restack_after_load)  # a module-level function: picklable
 
     def stack_layers(self, name: str) -> Optional[list]:
         raise NotImplementedError
@@ -68,12 +73,24 @@ class LinearStacks:
         """Called after group ``name`` was stacked (its layers) or unstacked (None)."""
 
     def _restack(self) -> None:
-        """Rebuild every stack from the layers' current weights (after anything that may have given the layers
-        storages of their own)."""
+        """Rebuild every stack whose layers no longer all view it (after anything that may have given the layers
+        storages of their own); a stack its layers still view keeps its memory."""
         for name in self.STACKS:
-            if self.stacked(name):
+            if self.stacked(name) and not self._views_stack(name):
                 self.unstack(name)
                 self.stack(name)
+
+    def _views_stack(self, name: str) -> bool:
+        """Whether every layer of group ``name`` still has its weight and bias inside the group's stack."""
+        layers = self.stack_layers(name) or []
+        stacks = [getattr(self, f"{name}_weight"), getattr(self, f"{name}_bias")]
+        for lin in layers:
+            for t, stack in zip((lin.weight, lin.bias), stacks):
+                if (t is None) != (stack is None):
+                    return False
+                if t is not None and t.untyped_storage().data_ptr() != stack.untyped_storage().data_ptr():
+                    return False
+        return bool(layers)
 
     def _apply(self, fn, *args, **kwargs):
         # .to() / .half() / .cuda() convert every layer on its own: drop the stacks first (never converted, no
@@ -83,12 +100,23 @@ class LinearStacks:
             self.unstack(name)
         out = super()._apply(fn, *args, **kwargs)
         for name in stacked:
+            layers = self.stack_layers(name) or []
+            shared = any(lin.weight.is_shared() for lin in layers)  # share_memory(): keep the stack shared too
             self.stack(name)
+            if shared:
+                getattr(self, f"{name}_weight").share_memory_()
+                bias = getattr(self, f"{name}_bias")
+                if bias is not None:
+                    bias.share_memory_()
         return out
 
     def __setstate__(self, state):
         super().__setstate__(state)  # copy.deepcopy / unpickling: the copied layers no longer share the stack
         self._restack()
+
+
+def _restack_after_load(module, _incompatible_keys) -> None:
+    module._restack()
 
 
 def stacked_output(model: nn.Module, name: str, x: torch.Tensor) -> Optional[torch.Tensor]:

@@ -23,6 +23,7 @@ buffers).
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Optional
 
 import torch
@@ -44,9 +45,11 @@ class ModulationSchedule:
         self._cursor = 0
         self._rows: Optional[torch.Tensor] = None  # (K, N, W) during a run
         self._off = False  # this run met a call that does not match the recording
+        self._thread: Optional[int] = None  # the thread running the loop: calls from others are not its calls
 
     def begin(self) -> None:
         self._cursor, self._rows, self._off = 0, None, self.unusable
+        self._thread = threading.get_ident()
 
     def end(self) -> None:
         # the rows are one run's intermediate (inside a captured graph, the graph's memory holds them)
@@ -57,12 +60,13 @@ class ModulationSchedule:
 
     def take(self, model, timestep, labels: torch.Tensor) -> Optional[tuple]:
         """This call's per-layer modulation views, or None when the model computes its own."""
-        if self._off:
+        if self._off or threading.get_ident() != self._thread:  # another thread calling the same model
             return None
         if self.recording:
-            if torch.is_tensor(timestep) and timestep.dim() == 1 and timestep.shape[0] == labels.shape[0]:
+            batch = self.timesteps[0].shape[0] if self.timesteps else labels.shape[0]
+            if (torch.is_tensor(timestep) and timestep.dim() == 1 and timestep.shape[0] == labels.shape[0] == batch):
                 self.timesteps.append(timestep)
-            else:  # a scalar or broadcast timestep: no per-call tensor to recognise the call by
+            else:  # a scalar or broadcast timestep (no per-call tensor to recognise the call by), another batch
                 self.unusable = self._off = True
             return None
         k = self._cursor
