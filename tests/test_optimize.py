@@ -81,6 +81,28 @@ def test_fuse_adaln_defaults_on_for_a_dit_on_cuda_only(arch, device, fused):
     assert getattr(model, "adaln_weight", None) is None
 
 
+@pytest.mark.parametrize("arch,device,fused", [("arch:tiny-sd-unet", "cuda", True), ("arch:tiny-sd-unet", "cpu", False),
+                                                 ("arch:tiny-dit", "cuda", False)])
+def test_fuse_qkv_defaults_on_for_self_attention_on_cuda_only(arch, device, fused):
+    """fuse_qkv=None (the default) stacks self-attention's q, k, v on CUDA, where it measured faster, as views:
+    no second copy of the weights. The DiT (qkv already one layer) and other devices are left alone, silently."""
+    from fastdiff.models.unet import MultiHeadAttention
+    from fastdiff.runtime.runners import prepare_model
+
+    model, notes = fastdiff.load(arch).model, []
+    prepare_model(model, OptimizeConfig(), torch.device(device), notes)
+    stacked = [m for m in model.modules() if getattr(m, "qkv_weight", None) is not None]
+    assert bool(stacked) == fused and notes == []
+    for m in stacked:
+        assert not m.is_cross
+        ptr = m.qkv_weight.untyped_storage().data_ptr()
+        assert all(lin.weight.untyped_storage().data_ptr() == ptr for lin in (m.to_q, m.to_k, m.to_v))
+    selfs = [m for m in model.modules() if isinstance(m, MultiHeadAttention) and not m.is_cross]
+    assert len(stacked) == (len(selfs) if fused else 0)
+    prepare_model(model, OptimizeConfig(fuse_qkv=False), torch.device(device), notes)
+    assert all(getattr(m, "qkv_weight", None) is None for m in model.modules())
+
+
 @pytest.mark.parametrize("arch,switches,note", [
     ("arch:tiny-sd-unet", dict(fuse_adaln=True), "fuse_adaln ignored"),  # no adaLN
     ("arch:tiny-dit", dict(fuse_qkv=True), "fuse_qkv ignored"),  # DiT stores qkv fused already

@@ -116,7 +116,8 @@ VARIANT_SWITCHES = {
     "step": dict(cuda_graphs=True, graph_scope="step"),
     "loop": dict(cuda_graphs=True, graph_scope="loop"),
     "cl": dict(channels_last=True),
-    "qkv": dict(fuse_qkv=True),
+    "qkv": dict(fuse_qkv=True),  # one matmul for self-attention's q, k, v (default on CUDA)
+    "noqkv": dict(fuse_qkv=False),  # ... three (the default off CUDA)
     "adaln": dict(fuse_adaln=True),  # DiT: every adaLN modulation in one matmul per call (default on CUDA)
     "noadaln": dict(fuse_adaln=False),  # DiT: one matmul per adaLN projection (the default off CUDA)
     # DiT in a captured loop: every step's adaLN modulation from one matmul at the loop's start

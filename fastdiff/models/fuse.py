@@ -2,28 +2,19 @@
 
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 
 
 def fuse_qkv(model: nn.Module) -> int:
     """Give every self-attention one (3*inner, dim) projection instead of three; returns how many.
 
-    The fused weight is a non-persistent buffer, so ``state_dict`` / ``save`` are unchanged; it costs a
-    second copy of the q/k/v weights. DiT already stores qkv fused.
+    The three layers' weights become views of the stacked one (``LinearStacks``, stack "qkv" of each
+    ``MultiHeadAttention``): no second copy, and ``state_dict`` / ``save`` keep the per-layer keys. DiT already
+    stores qkv fused.
     """
     from .unet import MultiHeadAttention
 
-    count = 0
-    for m in model.modules():
-        if not isinstance(m, MultiHeadAttention) or m.to_k.in_features != m.to_q.in_features:
-            continue
-        with torch.no_grad():
-            w = torch.cat([m.to_q.weight, m.to_k.weight, m.to_v.weight], dim=0)
-            b = None if m.to_q.bias is None else torch.cat([m.to_q.bias, m.to_k.bias, m.to_v.bias], dim=0)
-        m.qkv_weight, m.qkv_bias = w, b  # registered (non-persistent) buffers: follow .to(), never saved
-        count += 1
-    return count
+    return sum(1 for m in model.modules() if isinstance(m, MultiHeadAttention) and m.stack("qkv"))
 
 
 def fuse_adaln(model: nn.Module) -> int:
@@ -57,6 +48,13 @@ def fuse_conditioning(model: nn.Module) -> int:
     return sum(model.stack(name) for name in UNet.STACKS)
 
 
+def qkv_stackable(model: nn.Module) -> bool:
+    """Whether ``fuse_qkv`` has a self-attention with separate q, k, v projections to stack in ``model``."""
+    from .unet import MultiHeadAttention
+
+    return any(isinstance(m, MultiHeadAttention) and m.stack_layers("qkv") for m in model.modules())
+
+
 def adaln_stackable(model: nn.Module) -> bool:
     """Whether ``fuse_adaln`` has projections to stack in ``model`` (a DiT whose blocks share one conditioning)."""
     from .dit import DiT
@@ -78,7 +76,7 @@ def apply_fusions(model: nn.Module, qkv: bool, adaln: bool, conditioning: bool =
     else:
         for m in model.modules():
             if isinstance(m, MultiHeadAttention):
-                m.qkv_weight = m.qkv_bias = None
+                m.unstack("qkv")
     if adaln:
         if not fuse_adaln(model):
             notes.append("fuse_adaln ignored: only a DiT whose blocks share one conditioning has adaLN "

@@ -161,7 +161,7 @@ def _nearest_up(x, size=None):
 # --------------------------------------------------------------------------------------------------
 
 
-class MultiHeadAttention(nn.Module):
+class MultiHeadAttention(LinearStacks, nn.Module):
     """diffusers ``Attention`` on token sequences: to_q / to_k / to_v / to_out.0, SDPA core.
 
     forward(x (B, N, query_dim), context (B, M, context_dim) or None) -> (B, N, query_dim).
@@ -169,19 +169,22 @@ class MultiHeadAttention(nn.Module):
     ``upcast_attention``).
     """
 
+    STACKS = ("qkv",)
+
     def __init__(self, query_dim: int, heads: int, head_dim: int, context_dim: Optional[int] = None,
                  qkv_bias: bool = False, upcast: bool = False):
         super().__init__()
         inner = heads * head_dim
         self.heads, self.head_dim, self.upcast = heads, head_dim, upcast
+        self.is_cross = context_dim is not None  # keys / values from the text states (the UNet's "cross_kv" stack)
         self.to_q = nn.Linear(query_dim, inner, bias=qkv_bias)
         self.to_k = nn.Linear(context_dim or query_dim, inner, bias=qkv_bias)
         self.to_v = nn.Linear(context_dim or query_dim, inner, bias=qkv_bias)
         self.to_out = nn.ModuleList([nn.Linear(inner, query_dim)])
         self.core = AttentionCore()
-        # Fused q|k|v projection: set by fastdiff.models.fuse.fuse_qkv as non-persistent buffers.
-        self.register_buffer("qkv_weight", None, persistent=False)
-        self.register_buffer("qkv_bias", None, persistent=False)
+        # Self-attention's q | k | v projections as one (stack "qkv": qkv_weight / qkv_bias, which the three
+        # layers' weights then view; fastdiff.models.fuse.fuse_qkv).
+        self._init_stacks()
         self.kv_index = None  # this layer's part of the stacked key / value projections (UNet "cross_kv" stack)
 
     def forward(self, x, context=None):
@@ -193,13 +196,18 @@ class MultiHeadAttention(nn.Module):
         if kv is not None:
             inner = self.heads * self.head_dim
             q, k, v = self._heads(self.to_q(x)), self._heads(kv[..., :inner]), self._heads(kv[..., inner:])
-        elif context is None and self.qkv_weight is not None:  # fused self-attention projection
-            qkv = F.linear(x, self.qkv_weight, self.qkv_bias).view(b, -1, 3, self.heads, self.head_dim)
-            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, d) each
+        elif context is None and (qkv := stacked_output(self, "qkv", x)) is not None:  # one q | k | v matmul
+            q, k, v = qkv.view(b, -1, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, d)
         else:
             ctx = x if context is None else context
             q, k, v = self._heads(self.to_q(x)), self._heads(self.to_k(ctx)), self._heads(self.to_v(ctx))
         return self._attend(b, q, k, v)
+
+    def stack_layers(self, name: str):
+        """q, k, v of a self-attention (one input; cross-attention's k / v read the text states instead)."""
+        if name != "qkv" or self.is_cross:
+            return None
+        return [self.to_q, self.to_k, self.to_v]
 
     def _heads(self, t):
         """(B, N, inner) -> (B, H, N, d) view."""

@@ -49,7 +49,11 @@ class OptimizeConfig:
         ``loop`` (the fixed-length loop, CFG and sampler arithmetic included: lowest launch overhead,
         but one graph per sampler/steps combination).
     max_graphs: the graph cache bound (least recently used graphs are dropped).
-    fuse_qkv: one matmul for q, k, v in self-attention. Cost: a second copy of those weights.
+    fuse_qkv: one matmul for q, k, v in self-attention (``fastdiff.models.fuse.fuse_qkv``). Cost: none in memory
+        (the three layers' weights become views of the stacked one). None (default): on for a model with such
+        self-attention on a CUDA device, where it measured 1.6% faster end to end (SD1.5, H200, run 3:
+        151.9 against 154.4 ms; then with a second copy of the weights, now views), off elsewhere; True / False
+        force it (True on a model without such projections leaves a note).
     fuse_adaln: DiT only: one matmul for every block's adaLN modulation and the final layer's, instead of
         depth + 1 small ones per network call (``fastdiff.models.fuse.fuse_adaln``). Cost: none in memory (the
         layers' weights become views of the fused one); no effect on other models. None (default): on for a
@@ -98,7 +102,7 @@ class OptimizeConfig:
     batch_buckets: Sequence[int] = (1, 2, 4, 8, 16)
     graph_scope: str = "step"
     max_graphs: int = 16
-    fuse_qkv: bool = False
+    fuse_qkv: Optional[bool] = None
     fuse_adaln: Optional[bool] = None
     precompute_adaln: bool = False
     fuse_conditioning: bool = False

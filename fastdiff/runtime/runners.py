@@ -31,12 +31,13 @@ def prepare_model(model: torch.nn.Module, config: OptimizeConfig, device: torch.
     else:
         set_backend(model, "native")
     set_sdpa_backend(model, config.sdpa_backend)
-    from ..models.fuse import adaln_stackable, apply_fusions
+    from ..models.fuse import adaln_stackable, apply_fusions, qkv_stackable
 
-    adaln = config.fuse_adaln
-    if adaln is None:  # auto: where it measured faster (a DiT on a GPU), silently off where it cannot apply
-        adaln = torch.device(device).type == "cuda" and adaln_stackable(model)
-    notes.extend(apply_fusions(model, qkv=config.fuse_qkv, adaln=adaln, conditioning=config.fuse_conditioning))
+    on_cuda = torch.device(device).type == "cuda"
+    # None (auto): on where it measured faster on a GPU, silently off where it cannot apply
+    adaln = config.fuse_adaln if config.fuse_adaln is not None else on_cuda and adaln_stackable(model)
+    qkv = config.fuse_qkv if config.fuse_qkv is not None else on_cuda and qkv_stackable(model)
+    notes.extend(apply_fusions(model, qkv=qkv, adaln=adaln, conditioning=config.fuse_conditioning))
     return model
 
 
