@@ -34,7 +34,7 @@ FAMILIES = (
     ("gemm", r"gemm|xmma|nvjet|cutlass|cublas|sm\d+_|addmm|aten::mm|aten::bmm|aten::linear|matmul"),
     ("geglu / gelu", r"geglu|gelu"),
     ("sampler update", r"lincomb|sampler_update"),
-    ("copy / cast / cat", r"copy|catarray|aten::cat\b|contiguous|_to_copy|clone"),
+    ("copy / cast / cat", r"copy|(?<![a-z])cat(?![a-z])|concat|contiguous|_to_copy|clone"),
     ("elementwise", r"elementwise|vectorized|unrolled|aten::(add|mul|sub|div|silu|exp|sin|cos|where)"),
     ("reduction", r"reduce|aten::(sum|mean|std|var)"),
 )

@@ -175,3 +175,44 @@ def test_training_goes_through_the_layers():
     assert model.down_blocks[0].resnets[0].time_emb_proj.weight.grad is not None
     attn = next(m.attn2 for m in model.modules() if isinstance(m, TransformerBlock))
     assert attn.to_k.weight.grad is not None
+
+
+@torch.no_grad()
+def test_layers_given_other_parameters_run_per_layer():
+    """An assign=True load into one layer (not through the model), torch.func.functional_call, or two layers'
+    parameters swapped: the stacked matmul would read stale weights, so those calls run layer by layer."""
+    model = _unet().model.eval()
+    fuse_conditioning(model)
+    x, t, ctx = _inputs(model)
+    attn = next(m.attn2 for m in model.modules() if isinstance(m, TransformerBlock))
+
+    params = {k: v * 1.5 for k, v in model.named_parameters()}
+    plain = _unet().model.eval()
+    plain.load_state_dict(model.state_dict())
+    want = torch.func.functional_call(plain, params, (x, t), dict(encoder_hidden_states=ctx))
+    got = torch.func.functional_call(model, params, (x, t), dict(encoder_hidden_states=ctx))
+    assert rel_err(got, want) <= 1e-6
+    assert model.stack_current("cross_kv")  # functional_call put the model's own parameters back
+
+    attn.to_v.load_state_dict({"weight": attn.to_v.weight * 2.0}, assign=True)
+    plain.load_state_dict(model.state_dict())
+    assert not model.stack_current("cross_kv")
+    assert rel_err(model(x, t, encoder_hidden_states=ctx), plain(x, t, encoder_hidden_states=ctx)) <= 1e-6
+    model._restack()  # what optimize() does again: back to one matmul, with the new weight
+    assert model.stack_current("cross_kv") and _shares(model, "cross_kv")
+    assert rel_err(model(x, t, encoder_hidden_states=ctx), plain(x, t, encoder_hidden_states=ctx)) <= 1e-6
+
+    attn.to_k.weight, attn.to_v.weight = attn.to_v.weight, attn.to_k.weight  # same memory, other rows
+    assert not model._views("cross_kv", model.cross_kv_weight, model.cross_kv_bias)
+    plain.load_state_dict(model.state_dict())
+    assert rel_err(model(x, t, encoder_hidden_states=ctx), plain(x, t, encoder_hidden_states=ctx)) <= 1e-6
+
+
+@torch.no_grad()
+def test_a_conversion_that_changes_nothing_keeps_the_stacks():
+    model = _unet().model.eval()
+    fuse_conditioning(model)
+    ptrs = [model.temb_weight.data_ptr(), model.cross_kv_weight.data_ptr()]
+    model.to(torch.float32).float().cpu()
+    assert [model.temb_weight.data_ptr(), model.cross_kv_weight.data_ptr()] == ptrs
+    assert model.stack_current("temb") and _shares(model, "temb")

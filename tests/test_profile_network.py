@@ -30,6 +30,7 @@ import profile_network as pn  # noqa: E402
     ("sm90_xmma_gemm_f16f16_f16f32_f32_tn_n_tilesize128x128x64_gelu_aux", "gemm"),  # cuBLASLt GELU epilogue
     ("void at::native::_scatter_gather_elementwise_kernel<...>", "elementwise"),  # "scatter" is not a cat
     ("aten::cat", "copy / cast / cat"),
+    ("triton_poi_fused_cat_0", "copy / cast / cat"),  # an Inductor concatenation
     ("aten::addmm", "gemm"),
 ])
 def test_kernel_families(name, fam):

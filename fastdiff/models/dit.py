@@ -429,7 +429,7 @@ class DiT(LinearStacks, nn.Module):
     def modulation_width(self) -> Optional[int]:
         """depth * 6D + 2D when the projections are stacked and autograd is off (what ``modulation_for_calls``
         needs), else None."""
-        if self.adaln_weight is None or torch.is_grad_enabled():
+        if self.adaln_weight is None or torch.is_grad_enabled() or not self.stack_current("adaln"):
             return None
         return self.adaln_weight.shape[0]
 

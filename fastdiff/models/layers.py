@@ -223,9 +223,13 @@ def op_backends(model: nn.Module) -> dict[str, str]:
 
 
 def exporting() -> bool:
-    """True while torch.onnx exports or torch.jit traces (the graph must keep float32 statistics)."""
+    """True while torch.onnx exports, torch.jit traces or torch.export exports (the graph must keep float32
+    statistics)."""
     onnx = sys.modules.get("torch.onnx")  # never imported: nothing exports (and no import on the hot path)
-    return bool((onnx is not None and onnx.is_in_onnx_export()) or torch.jit.is_tracing())
+    compiler = getattr(torch, "compiler", None)
+    exporting_fn = getattr(compiler, "is_exporting", None)  # torch >= 2.4
+    return bool((onnx is not None and onnx.is_in_onnx_export()) or torch.jit.is_tracing()
+                or (exporting_fn is not None and exporting_fn()))
 
 
 class GroupNorm(FusedOp):
