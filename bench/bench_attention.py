@@ -31,11 +31,15 @@ CASES = [  # name, B, H, Nq, Nk, D
 
 
 def candidates(q, k, v, split: bool = False):
-    from fastdiff.kernels import attention
+    import importlib
+
+    from fastdiff.kernels import attention, attention_tma
 
     impls = {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v), "triton": lambda: attention(q, k, v)}
     if split and q.shape[-1] & (q.shape[-1] - 1):  # off a power of two: the forced main + tail split
         impls["split"] = lambda: _with_split(attention, q, k, v)
+    if importlib.import_module("fastdiff.kernels.attention_tma").supported(q, k, v)[0]:  # Hopper+: TMA descriptors
+        impls["triton tma"] = lambda: attention_tma(q, k, v)
     return impls
 
 
@@ -64,9 +68,9 @@ def run(dtypes=(torch.float16, torch.bfloat16), iters: int = 100, split: bool = 
 
 
 def print_rows(rows) -> None:
-    print(f"{'case':<15}{'shape':<28}{'dtype':<10}{'impl':<8}{'median us':>10}{'p90 us':>9}{'TFLOP/s':>9}{'vs sdpa':>9}")
+    print(f"{'case':<15}{'shape':<28}{'dtype':<10}{'impl':<12}{'median us':>10}{'p90 us':>9}{'TFLOP/s':>9}{'vs sdpa':>9}")
     for r in rows:
-        print(f"{r['case']:<15}{r['shape']:<28}{r['dtype']:<10}{r['impl']:<8}{r['median_ms'] * 1e3:>10.1f}"
+        print(f"{r['case']:<15}{r['shape']:<28}{r['dtype']:<10}{r['impl']:<12}{r['median_ms'] * 1e3:>10.1f}"
               f"{r['p90_ms'] * 1e3:>9.1f}{r['tflops']:>9.1f}{r['speedup']:>8.2f}x")
 
 

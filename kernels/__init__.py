@@ -15,13 +15,14 @@ import types
 
 from fastdiff.errors import BackendUnavailableError  # absolute: this folder may also be seen as top-level "kernels"
 
-__all__ = ["group_norm", "attention", "adaln_modulate", "gated_residual", "gated_residual_modulate", "geglu", "lincomb",
+__all__ = ["group_norm", "attention", "attention_tma", "adaln_modulate", "gated_residual", "gated_residual_modulate", "geglu", "lincomb",
            "triton_importable"]
 
 # launcher name -> module (relative to this package) that defines it
 _LAUNCHERS = {
     "group_norm": ".group_norm",
     "attention": ".attention",
+    "attention_tma": ".attention_tma",
     "adaln_modulate": ".adaln",
     "gated_residual": ".adaln",
     "gated_residual_modulate": ".adaln",
@@ -92,6 +93,11 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, activation=None,
 def attention(q, k, v, scale=None, **kw):
     """Flash attention forward on (B, H, N, D); see ``fastdiff.kernels.attention.attention``."""
     return _load("attention")(q, k, v, scale=scale, **kw)
+
+
+def attention_tma(q, k, v, scale=None, **kw):
+    """Attention forward through TMA tensor descriptors (Hopper+); see ``fastdiff.kernels.attention_tma``."""
+    return _load("attention_tma")(q, k, v, scale=scale, **kw)
 
 
 def adaln_modulate(x, shift, scale, eps=1e-6, **kw):

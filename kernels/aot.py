@@ -68,6 +68,7 @@ class Config:
     args: tuple
     meta: dict
     tuned: bool = False  # one of the autotuner's candidate tiles (it prunes those that do not fit)
+    min_arch: int = 0  # compiled only for this compute capability and newer (the TMA kernel: 90)
 
 
 @dataclass
@@ -143,6 +144,40 @@ def _attention_configs(dtypes) -> list[Config]:
     return out
 
 
+# the TMA attention (Hopper+, opt-in): SD1.5's D=40 self / cross and DiT-XL/2's D=72, as the descriptors see them
+ATTENTION_TMA_SHAPES = ((2, 8, 4096, 4096, 40), (2, 8, 4096, 77, 40), (2, 16, 256, 256, 72), (2, 5, 4096, 4096, 64))
+
+
+def _attention_tma_configs(dtypes) -> list[Config]:
+    from fastdiff.kernels import attention_tma as _launcher  # noqa: F401  (binds the package's launchers first)
+    import importlib
+
+    tma = importlib.import_module("fastdiff.kernels.attention_tma")
+    if tma._descriptor_class() is None:  # triton < 3.4: no tensor descriptors to compile
+        return []
+    out = []
+    for B, H, NQ, NK, D in ATTENTION_TMA_SHAPES:
+        for dtype in dtypes:
+            # (B, N, H, D) projections viewed as (B, H, N, D), as the models pass them
+            q = torch.empty(B, NQ, H, D, dtype=dtype, device="meta").transpose(1, 2)
+            kv = torch.empty(B, NK, H, D, dtype=dtype, device="meta").transpose(1, 2)
+            o = torch.empty(B, NQ, H, D, dtype=dtype, device="meta").transpose(1, 2)
+            for grid, args, meta in tma._launches(q, kv, kv, o, None, "cuda"):
+                label = f"B{B} H{H} Nq{NQ} Nk{NK} D{D} tma"
+                out.append(Config("attention_tma", label, dtype, tma._attention_tma_kernel, args, meta, min_arch=90))
+                if dtype == torch.float32:
+                    continue
+                for bm, bn, warps, stages in tma._TUNED_TILES:  # every tile the autotuner times
+                    bd = meta["BLOCK_D"]
+                    descs = [tma._descriptor_class()(t, list(t.shape), list(t.stride()), [1, 1, n, bd])
+                             for t, n in ((q, bm), (kv, bn), (kv, bn), (o, bm))]
+                    tuned = dict(meta, BLOCK_M=bm, BLOCK_N=bn, EVEN_N=NK % bn == 0, num_warps=warps,
+                                 num_stages=stages)
+                    out.append(Config("attention_tma", f"{label} tile{bm}x{bn}w{warps}s{stages}", dtype,
+                                      tma._attention_tma_kernel, (*descs, *args[4:]), tuned, tuned=True, min_arch=90))
+    return out
+
+
 def _adaln_configs(dtypes) -> list[Config]:
     from fastdiff.kernels.adaln import (_adaln_launches, _adaln_modulate_kernel, _gated_residual_kernel,
                                         _gated_residual_launches)
@@ -193,6 +228,7 @@ def _geglu_configs(dtypes) -> list[Config]:
 KERNELS: dict[str, Callable[..., list]] = {
     "group_norm": _group_norm_configs,
     "attention": _attention_configs,
+    "attention_tma": _attention_tma_configs,
     "adaln": _adaln_configs,
     "lincomb": _lincomb_configs,
     "geglu": _geglu_configs,
@@ -206,7 +242,7 @@ QUICK = (
     "2x320x64x64 g32 nhwc affine+silu",  # split statistics: mode 1 and mode 2
     "2x1280x8x8 g32 nchw affine+silu",  # fused: mode 0
     "2x32x1x1 g32 nchw affine+silu",  # degenerate sizes specialised to constexprs
-    "Nk77 D40", "Nk77 D80", "Nk256 D72",
+    "Nk77 D40", "Nk77 D80", "Nk256 D72",  # (the TMA attention's labels end in "tma": D40 and D72 both)
     "T256 D1152",
     "1x4x64x64 terms",
     "2x64x10240 geglu",
@@ -271,6 +307,8 @@ def _source(cfg: Config):
                     hints[i] = 16
         elif isinstance(v, float):
             signature[name] = "fp32"
+        elif type(v).__name__ == "TensorDescriptor":  # a host TMA descriptor: its dtype and box
+            signature[name] = f"tensordesc<{_TY[v.base.dtype]}[{', '.join(str(n) for n in v.block_shape)}]>"
         else:
             raise TypeError(f"{cfg.kernel}: cannot type argument {name}={v!r}")
     params = inspect.signature(triton.compiler.ASTSource.__init__).parameters
@@ -316,6 +354,8 @@ def compile_config(cfg: Config, arch: int) -> Result:
         # not vectorise (a mask or an offset whose alignment the compiler cannot see); a tile should compile
         # to 16-byte accesses and async copies
         res.extra["narrow_half_accesses"] = len(_NARROW_HALF.findall(ptx))
+        res.extra["tma_copies"] = ptx.count("cp.async.bulk.tensor")  # TMA loads / stores (sm_90+)
+        res.extra["wgmma"] = ptx.count("wgmma.mma_async")
     except Exception as e:  # noqa: BLE001 - reported per configuration
         res.error = f"{e.__class__.__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
     res.seconds = time.perf_counter() - t0
@@ -333,7 +373,7 @@ def compile_all(arch: int = 90, kernels=None, dtypes=DTYPES, quick: bool = False
     """
     if _interpreting():
         return _compile_in_subprocess(arch, kernels, dtypes, quick)
-    return [compile_config(cfg, arch) for cfg in configs(kernels, dtypes, quick)]
+    return [compile_config(cfg, arch) for cfg in configs(kernels, dtypes, quick) if arch >= cfg.min_arch]
 
 
 def _subprocess_cmd(arch, kernels=None, dtypes=DTYPES, quick=False) -> list[str]:

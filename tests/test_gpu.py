@@ -54,6 +54,32 @@ def test_attention_on_gpu(dtype, tol, b, h, nq, nk, d):
 
 
 @needs_compiled_triton
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 1e-2), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("b,h,nq,nk,d", [(2, 8, 4096, 4096, 40), (2, 8, 4096, 77, 40), (2, 16, 256, 256, 72),
+                                         (1, 5, 1024, 77, 64)])
+def test_attention_tma_on_gpu(dtype, tol, b, h, nq, nk, d):
+    """The TMA-descriptor kernel (Hopper+): autotuned eager calls, projection views, and a CUDA-graph replay
+    (the descriptors are kernel parameters baked into the graph) after the inputs changed in place."""
+    import importlib
+
+    tma = importlib.import_module("fastdiff.kernels.attention_tma")
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs an sm_90 or newer GPU")
+    q = torch.randn(b, nq, h, d, device="cuda", dtype=dtype).transpose(1, 2)  # a projection viewed as heads
+    k, v = (torch.randn(b, nk, h, d, device="cuda", dtype=dtype).transpose(1, 2) for _ in range(2))
+    assert tma.supported(q, k, v)[0]
+    ref = lambda: F.scaled_dot_product_attention(q.float(), k.float(), v.float())  # noqa: E731
+    assert rel_err(tma.attention_tma(q, k, v).float(), ref()) <= tol
+    out = torch.empty_like(q)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        tma.attention_tma(q, k, v, out=out)
+    q.copy_(torch.randn_like(q))
+    graph.replay()
+    assert rel_err(out.float(), ref()) <= tol
+
+
+@needs_compiled_triton
 @pytest.mark.parametrize("layout", ["projection", "unaligned"])
 @pytest.mark.parametrize("d", [40, 72])
 def test_attention_layouts_on_gpu(layout, d):

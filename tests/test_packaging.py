@@ -44,7 +44,7 @@ def test_kernel_launchers_stay_bound_after_importing_their_modules():
             "for n in ('group_norm', 'attention', 'lincomb', 'adaln'):\n"
             "    m = importlib.import_module('fastdiff.kernels.' + n)\n"
             "    assert callable(m.launch_config if n != 'adaln' else m.adaln_launch_config), n\n"
-            "for n in ('group_norm', 'attention', 'lincomb', 'adaln_modulate', 'gated_residual'):\n"
+            "for n in ('group_norm', 'attention', 'attention_tma', 'lincomb', 'adaln_modulate', 'gated_residual'):\n"
             "    assert callable(getattr(k, n)) and type(getattr(k, n)).__name__ == 'function', n\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

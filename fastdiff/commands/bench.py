@@ -138,6 +138,7 @@ VARIANT_SWITCHES = {
     "autotune": dict(compile_mode="max-autotune"),
     "flash": dict(sdpa_backend="flash"),  # SDPA pinned to FlashAttention (else SDPA's own choice)
     "efficient": dict(sdpa_backend="efficient"),
+    "tma": dict(kernel_ops={"attention": "triton_tma"}),  # attention through TMA descriptors (Hopper+)
 }
 
 

@@ -46,7 +46,8 @@ GPU_DEFAULT_OPS = {
 OP_IMPLS = {
     "group_norm": ("triton", "torch", "cuda_ext", "triton_rows"),
     # sdpa_*: torch's SDPA pinned to one of its kernels (with "torch", SDPA picks per call)
-    "attention": ("triton", "torch", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn"),
+    # triton_tma: the TMA-descriptor kernel (Hopper+; the pointer kernel where TMA cannot read the layout)
+    "attention": ("triton", "torch", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "triton_tma"),
     # triton: a residual and the norm after it in one pass; triton_pair: the residual kernel, then the norm's
     "adaln_modulate": ("triton", "torch", "triton_pair"),
     "sampler_update": ("triton", "torch", "cuda_ext"),
@@ -351,12 +352,32 @@ class Attention(FusedOp):
         # SDPA's pinned kernels are worth timing on a GPU, where flash / memory-efficient / cuDNN differ and
         # SDPA's own pick is a heuristic; not where OptimizeConfig(sdpa_backend=...) already pinned one
         pinned_variants = args[0].device.type == "cuda" and self.sdpa_backend is None
-        return [b for b in backends if not b.startswith("sdpa_") or pinned_variants]
+        out = [b for b in backends if not b.startswith("sdpa_") or pinned_variants]
+        return out if self._tma_runs(*args[:3]) else [b for b in out if b != "triton_tma"]
 
     def forward_triton(self, q, k, v, scale: Optional[float] = None):
         from fastdiff.kernels import attention
 
         return attention(q, k, v, scale=scale)
+
+    def forward_triton_tma(self, q, k, v, scale: Optional[float] = None):
+        """The TMA-descriptor kernel where it can run (a Hopper-or-newer GPU, 16-byte aligned layouts), the
+        pointer kernel elsewhere (``op_backends`` still reports the layer's choice, as for cuda_ext)."""
+        if not self._tma_runs(q, k, v):
+            return self.forward_triton(q, k, v, scale)
+        from fastdiff.kernels import attention_tma
+
+        return attention_tma(q, k, v, scale=scale)
+
+    @staticmethod
+    def _tma_runs(q, k, v) -> bool:
+        from fastdiff.kernels import triton_importable
+
+        if not triton_importable()[0]:
+            return False
+        from fastdiff.kernels.attention_tma import supported
+
+        return supported(q, k, v)[0]
 
     def tune_key(self) -> tuple:
         return (self.sdpa_backend,)

@@ -80,7 +80,8 @@ class OptimizeConfig:
         H200; elsewhere every op on Triton), ``"all"`` (every op on its Triton kernel), or a dict of
         op -> ``"triton"`` | ``"torch"`` | ``"cuda_ext"`` (GroupNorm and the sampler update only) |
         ``"triton_rows"`` (GroupNorm's three-launch strategy) | ``"sdpa_flash"`` / ``"sdpa_efficient"`` /
-        ``"sdpa_cudnn"`` (attention: torch's SDPA pinned to one kernel) overriding the measured table
+        ``"sdpa_cudnn"`` (attention: torch's SDPA pinned to one kernel) | ``"triton_tma"`` (attention through TMA
+        descriptors on Hopper and newer; the pointer kernel elsewhere) overriding the measured table
         (``fastdiff.models.layers.OP_IMPLS``). ``"tune"`` (for all layers, or per op in the dict) times every
         implementation each layer can run on each new problem (its settings, input shapes and dtypes) inside
         a CUDA graph, and runs the fastest (``fastdiff.models.op_tuning``). Cost: seconds of extra warm-up
