@@ -353,7 +353,9 @@ class Attention(FusedOp):
         # SDPA's own pick is a heuristic; not where OptimizeConfig(sdpa_backend=...) already pinned one
         pinned_variants = args[0].device.type == "cuda" and self.sdpa_backend is None
         out = [b for b in backends if not b.startswith("sdpa_") or pinned_variants]
-        return out if self._tma_runs(*args[:3]) else [b for b in out if b != "triton_tma"]
+        if "triton_tma" in out and not (len(args) >= 3 and self._tma_runs(*args[:3])):
+            out.remove("triton_tma")  # it would run the pointer kernel: "triton" already times that
+        return out
 
     def forward_triton(self, q, k, v, scale: Optional[float] = None):
         from fastdiff.kernels import attention

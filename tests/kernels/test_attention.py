@@ -196,6 +196,10 @@ def test_tuning_times_sdpa_kernels_on_a_gpu_only():
     assert layer.tune_candidates(every, (torch.randn(1, 1, 2, 8),), {}) == ["triton", "native"]
     layer.sdpa_backend = "flash"  # OptimizeConfig(sdpa_backend="flash"): "native" is that kernel already
     assert layer.tune_candidates(every, on_gpu, {}) == ["triton", "native"]
+    # the TMA kernel is timed where it runs (here: the interpreter's descriptors), not where it would fall back
+    q = torch.randn(1, 1, 4, 16)
+    assert "triton_tma" in layer.tune_candidates(every + ["triton_tma"], (q, q, q), {})
+    assert "triton_tma" not in layer.tune_candidates(every + ["triton_tma"], (q, q[..., ::2], q), {})
 
 
 @pytest.mark.parametrize("call,match", [
