@@ -145,7 +145,8 @@ def _attention_configs(dtypes) -> list[Config]:
 
 
 # the TMA attention (Hopper+, opt-in): SD1.5's D=40 self / cross and DiT-XL/2's D=72, as the descriptors see them
-ATTENTION_TMA_SHAPES = ((2, 8, 4096, 4096, 40), (2, 8, 4096, 77, 40), (2, 16, 256, 256, 72), (2, 5, 4096, 4096, 64))
+ATTENTION_TMA_SHAPES = ((2, 8, 4096, 4096, 40), (2, 8, 4096, 77, 40), (2, 16, 256, 256, 72), (2, 5, 4096, 4096, 64),
+                        (2, 8, 1024, 1024, 80), (2, 8, 1024, 1024, 128))  # (D > 128: the pointer kernel)
 
 
 def _attention_tma_configs(dtypes) -> list[Config]:
@@ -158,6 +159,8 @@ def _attention_tma_configs(dtypes) -> list[Config]:
     out = []
     for B, H, NQ, NK, D in ATTENTION_TMA_SHAPES:
         for dtype in dtypes:
+            if dtype == torch.float32:  # a GPU runs fp32 on the pointer kernel (``supported``)
+                continue
             # (B, N, H, D) projections viewed as (B, H, N, D), as the models pass them
             q = torch.empty(B, NQ, H, D, dtype=dtype, device="meta").transpose(1, 2)
             kv = torch.empty(B, NK, H, D, dtype=dtype, device="meta").transpose(1, 2)
@@ -165,8 +168,6 @@ def _attention_tma_configs(dtypes) -> list[Config]:
             for grid, args, meta in tma._launches(q, kv, kv, o, None, "cuda"):
                 label = f"B{B} H{H} Nq{NQ} Nk{NK} D{D} tma"
                 out.append(Config("attention_tma", label, dtype, tma._attention_tma_kernel, args, meta, min_arch=90))
-                if dtype == torch.float32:
-                    continue
                 for bm, bn, warps, stages in tma._TUNED_TILES:  # every tile the autotuner times
                     bd = meta["BLOCK_D"]
                     descs = [tma._descriptor_class()(t, list(t.shape), list(t.stride()), [1, 1, n, bd])
@@ -174,7 +175,8 @@ def _attention_tma_configs(dtypes) -> list[Config]:
                     tuned = dict(meta, BLOCK_M=bm, BLOCK_N=bn, EVEN_N=NK % bn == 0, num_warps=warps,
                                  num_stages=stages)
                     out.append(Config("attention_tma", f"{label} tile{bm}x{bn}w{warps}s{stages}", dtype,
-                                      tma._attention_tma_kernel, (*descs, *args[4:]), tuned, tuned=True, min_arch=90))
+                                      tma._attention_tma_kernel, (*descs, *args[4:]), tuned, tuned=True,
+                                      min_arch=90))
     return out
 
 

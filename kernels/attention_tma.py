@@ -44,24 +44,33 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+# head dims up to 128 (a 128-wide tile): at 129-256 no tile of the autotuner fits in an H100's shared memory
+MAX_HEAD_DIM = 128
+
+
 def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: Optional[torch.Tensor] = None) -> tuple:
-    """(ok, reason): whether this kernel can run these tensors here (a Hopper-or-newer GPU or the interpreter,
-    a triton with tensor descriptors, and TMA's 16-byte aligned bases and strides with a unit head-dim
-    stride)."""
+    """(ok, reason): whether this kernel can run these tensors here: a Hopper-or-newer GPU (half precision; fp32
+    stays on the pointer kernel's small tiles) or the interpreter, a triton with tensor descriptors, head dims
+    up to ``MAX_HEAD_DIM``, and TMA's 16-byte aligned bases and non-zero strides with a unit head-dim stride."""
     if _descriptor_class() is None:
         return False, f"triton {triton.__version__} has no host tensor descriptors (needs >= 3.4)"
-    if q.is_cuda and not _interpreting():
+    on_gpu = q.is_cuda and not _interpreting()
+    if on_gpu:
         major, _ = torch.cuda.get_device_capability(q.device)
         if major < 9:
             return False, f"TMA needs compute capability >= 9.0, found {major}.x"
+    if q.shape[-1] > MAX_HEAD_DIM:
+        return False, f"head dim {q.shape[-1]} > {MAX_HEAD_DIM}: no tile fits in shared memory"
     for name, t in (("q", q), ("k", k), ("v", v), ("out", out)):
         if t is None:
             continue
-        if t.dtype not in _DTYPES:
+        if t.dtype not in _DTYPES or (on_gpu and t.dtype == torch.float32):
             return False, f"{name}: dtype {t.dtype} has no TMA path here"
-        if t.stride(3) != 1 or t.data_ptr() % 16 or any((s * t.element_size()) % 16 for s in t.stride()[:3]):
-            return False, f"{name}: TMA needs a unit head-dim stride and 16-byte aligned base and strides, " \
-                          f"found strides {t.stride()} ({t.element_size()}-byte elements)"
+        strides = t.stride()[:3]
+        if (t.stride(3) != 1 or t.data_ptr() % 16 or any((s * t.element_size()) % 16 for s in strides)
+                or 0 in strides):
+            return False, f"{name}: TMA needs a unit head-dim stride and 16-byte aligned base and non-zero " \
+                          f"strides, found strides {t.stride()} ({t.element_size()}-byte elements)"
     return True, "ok"
 
 
@@ -69,6 +78,7 @@ def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: Optional[t
 def _attention_tma_kernel(
     q_desc, k_desc, v_desc, o_desc,
     H, NQ, NK,  # NQ: only the autotuner's key (the descriptors know the bounds)
+    DT,  # the dtype's code, only the autotuner's key: descriptors carry no dtype it could key on
     qk_scale,  # softmax scale * log2(e) >= 0: the softmax runs in base 2
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
@@ -135,7 +145,7 @@ def _attention_tuned():
         _tuned = triton.autotune(
             configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st,
                                    pre_hook=_set_block_shapes) for bm, bn, w, st in _TUNED_TILES],
-            key=["NQ", "NK", "BLOCK_D"],
+            key=["NQ", "NK", "DT", "BLOCK_D"],
         )(triton.heuristics({"EVEN_N": lambda a: a["NK"] % a["BLOCK_N"] == 0})(_attention_tma_kernel))
     return _tuned
 
@@ -165,7 +175,7 @@ def _launches(q, k, v, out, scale, device_type):
     descs = [desc(t, list(t.shape), list(t.stride()), [1, 1, n, bd])
              for t, n in ((q, bm), (k, bn), (v, bn), (out, bm))]
     grid = (triton.cdiv(NQ, bm), B * H)
-    args = (*descs, H, NQ, NK, sm_scale * _LOG2E)
+    args = (*descs, H, NQ, NK, _DTYPES.index(q.dtype), sm_scale * _LOG2E)
     meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, EVEN_N=cfg["even_n"], DOT_PRECISION=cfg["dot_precision"],
                 DOT_FP32=q.dtype == torch.bfloat16 and device_type != "cuda" and _interpreting(),
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])

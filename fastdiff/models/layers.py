@@ -363,13 +363,27 @@ class Attention(FusedOp):
         return attention(q, k, v, scale=scale)
 
     def forward_triton_tma(self, q, k, v, scale: Optional[float] = None):
-        """The TMA-descriptor kernel where it can run (a Hopper-or-newer GPU, 16-byte aligned layouts), the
-        pointer kernel elsewhere (``op_backends`` still reports the layer's choice, as for cuda_ext)."""
-        if not self._tma_runs(q, k, v):
+        """The TMA-descriptor kernel where it can run (a Hopper-or-newer GPU, half precision, 16-byte aligned
+        layouts, head dims up to 128), the pointer kernel elsewhere (``op_backends`` still reports the layer's
+        choice, as for cuda_ext). A launch that fails (outside a capture) warns once and leaves this layer on the
+        pointer kernel."""
+        if self.__dict__.get("_tma_failed") or not self._tma_runs(q, k, v):
             return self.forward_triton(q, k, v, scale)
         from fastdiff.kernels import attention_tma
 
-        return attention_tma(q, k, v, scale=scale)
+        try:
+            return attention_tma(q, k, v, scale=scale)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as e:
+            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                raise  # the capture is broken already: say so
+            import warnings
+
+            warnings.warn(f"fastdiff attention: the TMA kernel failed ({type(e).__name__}: {e}); this layer uses "
+                          f"the pointer kernel from now on")
+            self._tma_failed = True
+            return self.forward_triton(q, k, v, scale)
 
     @staticmethod
     def _tma_runs(q, k, v) -> bool:

@@ -72,6 +72,10 @@ def test_unsupported_layouts_are_refused_with_the_reason():
     q, k, v = make_qkv(1, 1, 8, 8, 64, torch.float16, "contiguous")
     assert tma.supported(q, k, v) == (True, "ok")
     assert not tma.supported(q[..., ::2], k[..., ::2], v[..., ::2])[0]  # head dim not unit-stride
+    wide = make_qkv(1, 1, 8, 8, 160, torch.float16, "contiguous")  # no autotuner tile fits a 256-wide head
+    assert "head dim 160" in tma.supported(*wide)[1]
+    shared = torch.randn(1, 8, 1, 64).half().expand(2, 8, 8, 64)  # a zero stride: not a TMA layout
+    assert not tma.supported(shared, shared, shared)[0]
 
 
 def test_keys_past_the_end_never_set_the_running_maximum():
@@ -96,7 +100,27 @@ def test_model_level_triton_tma_equals_eager():
               negative_encoder_hidden_states=torch.zeros(1, 6, 32), cfg_scale=4.0, progress=False)
     want = fastdiff.load("arch:tiny-sd-unet").generate(**kw)
     pipe = fastdiff.load("arch:tiny-sd-unet").optimize(backend="triton", kernel_ops={"attention": "triton_tma"})
-    with mock.patch.object(tma, "_launches", wraps=tma._launches) as spy:
+    pointer = importlib.import_module("fastdiff.kernels.attention")
+    with mock.patch.object(tma, "_launches", wraps=tma._launches) as spy, \
+            mock.patch.object(pointer, "_launches", wraps=pointer._launches) as fallback:
         got = pipe.generate(**kw)
-    assert spy.call_count > 0
+    assert spy.call_count > 0 and fallback.call_count == 0
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_failing_tma_launch_leaves_the_layer_on_the_pointer_kernel(monkeypatch):
+    from fastdiff.models.layers import Attention
+
+    q, k, v = make_qkv(1, 2, 9, 13, 40, torch.float32, "contiguous")
+    layer = Attention()
+    layer.set_backend("triton_tma")
+
+    def broken(*a, **kw):
+        raise RuntimeError("out of resources")
+
+    monkeypatch.setattr(tma, "_launches", broken)
+    with pytest.warns(UserWarning, match="pointer kernel from now on"):
+        out = layer(q, k, v)
+    assert_close(out, reference(q, k, v), torch.float32)
+    out = layer(q, k, v)  # no second warning, no second try
+    assert layer._tma_failed
