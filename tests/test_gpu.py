@@ -55,8 +55,8 @@ def test_attention_on_gpu(dtype, tol, b, h, nq, nk, d):
 
 @needs_compiled_triton
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 1e-2), (torch.bfloat16, 3e-2)])
-@pytest.mark.parametrize("b,h,nq,nk,d", [(2, 8, 4096, 4096, 40), (2, 8, 4096, 77, 40), (2, 16, 256, 256, 72),
-                                         (1, 5, 1024, 77, 64), (2, 8, 1024, 1024, 80), (1, 4, 333, 333, 128)])
+# few shapes: each (shape class, dtype) autotunes over every tile, and each tile is a compile of its own
+@pytest.mark.parametrize("b,h,nq,nk,d", [(2, 8, 4096, 77, 40), (2, 16, 256, 256, 72), (1, 4, 333, 333, 128)])
 def test_attention_tma_on_gpu(dtype, tol, b, h, nq, nk, d):
     """The TMA-descriptor kernel (Hopper+): autotuned eager calls, projection views, and a CUDA-graph replay
     (the descriptors are kernel parameters baked into the graph) after the inputs changed in place."""

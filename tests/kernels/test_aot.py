@@ -59,6 +59,9 @@ def test_kernel_compiles_for_every_model_config(results, arch, kernel, dtype):
 
         if importlib.import_module("fastdiff.kernels.attention_tma")._descriptor_class() is None:
             pytest.skip("this triton has no host tensor descriptors (needs >= 3.4)")
+        if dtype == "fp32":  # a GPU runs fp32 attention on the pointer kernel: no TMA configuration to compile
+            assert not [r for r in results[arch] if r.kernel == kernel and r.dtype == dtype]
+            return
     all_rows = [r for r in results[arch] if r.kernel == kernel and r.dtype == dtype]
     rows = [r for r in all_rows if not r.extra.get("tuned")]
     assert rows, f"no {kernel} {dtype} configuration was compiled for sm_{arch}"
