@@ -15,8 +15,8 @@ import types
 
 from fastdiff.errors import BackendUnavailableError  # absolute: this folder may also be seen as top-level "kernels"
 
-__all__ = ["group_norm", "attention", "attention_tma", "adaln_modulate", "gated_residual", "gated_residual_modulate", "geglu", "lincomb",
-           "triton_importable"]
+__all__ = ["group_norm", "attention", "attention_tma", "adaln_modulate", "gated_residual", "gated_residual_modulate",
+           "residual_layer_norm", "geglu", "lincomb", "triton_importable"]
 
 # launcher name -> module (relative to this package) that defines it
 _LAUNCHERS = {
@@ -26,6 +26,7 @@ _LAUNCHERS = {
     "adaln_modulate": ".adaln",
     "gated_residual": ".adaln",
     "gated_residual_modulate": ".adaln",
+    "residual_layer_norm": ".adaln",
     "geglu": ".geglu",
     "lincomb": ".lincomb",
 }
@@ -114,6 +115,12 @@ def gated_residual_modulate(x, gate, y, shift, scale, eps=1e-6, **kw):
     """``x' = x + gate * y`` and ``adaln_modulate(x', shift, scale)`` in one pass; see
     ``fastdiff.kernels.adaln.gated_residual_modulate``."""
     return _load("gated_residual_modulate")(x, gate, y, shift, scale, eps=eps, **kw)
+
+
+def residual_layer_norm(x, y, weight, bias, eps=1e-5, **kw):
+    """``x' = x + y`` and ``LayerNorm(x') * weight + bias`` in one pass; see
+    ``fastdiff.kernels.adaln.residual_layer_norm``."""
+    return _load("residual_layer_norm")(x, y, weight, bias, eps=eps, **kw)
 
 
 def geglu(x, **kw):

@@ -3,6 +3,9 @@
 - ``adaln_modulate(x, shift, scale)`` = ``LayerNorm(x) * (1 + scale[:, None]) + shift[:, None]``: LayerNorm
   over the last dim without affine, statistics in float32 (two passes over the row held in registers).
 - ``gated_residual(x, gate, y)`` = ``x + gate[:, None] * y``.
+- ``residual_layer_norm(x, y, weight, bias)`` = ``(x + y, LayerNorm(x + y) * weight + bias)`` in one pass: a
+  Stable Diffusion transformer block's residual and the (affine) LayerNorm after it, the same kernel with a
+  plain residual and per-column weight / bias in place of per-sample scale / shift.
 - ``gated_residual_modulate(x, gate, y, shift, scale)`` = both in one pass: the residual ``x' = x + gate * y``
   (written out: the next residual adds to it) and ``adaln_modulate(x', shift, scale)``, the input of the next
   sublayer. In a DiT every residual is followed by the next adaLN norm (the block's second, the next block's
@@ -34,8 +37,10 @@ def _adaln_modulate_kernel(
     stride_xb, stride_xt, stride_shb, stride_scb, stride_yb, stride_yt,
     stride_rb, stride_rt, stride_gb, stride_ob, stride_ot,
     eps,
-    BLOCK_D: tl.constexpr, RESIDUAL: tl.constexpr,
+    BLOCK_D: tl.constexpr, RESIDUAL: tl.constexpr, GATED: tl.constexpr, ONE_PLUS: tl.constexpr,
 ):
+    # ONE_PLUS: y = norm * (1 + scale) + shift (adaLN modulate, per-sample vectors); else norm * scale + shift
+    # (LayerNorm's affine weight and bias: per-column vectors, passed with a sample stride of 0)
     row = tl.program_id(0)  # one (sample, token) row per program, held in registers
     b = row // T
     t = row % T
@@ -46,8 +51,11 @@ def _adaln_modulate_kernel(
     if RESIDUAL:  # x' = x + gate * r, stored in xo's dtype; the norm reads that rounded x' (as an unfused pair)
         r = tl.load(r_ptr + b.to(tl.int64) * stride_rb + t.to(tl.int64) * stride_rt + cols, mask=mask,
                     other=0.0).to(tl.float32)
-        g = tl.load(gate_ptr + b.to(tl.int64) * stride_gb + cols, mask=mask, other=0.0).to(tl.float32)
-        xo = (x + g * r).to(xo_ptr.dtype.element_ty)
+        if GATED:
+            g = tl.load(gate_ptr + b.to(tl.int64) * stride_gb + cols, mask=mask, other=0.0).to(tl.float32)
+            xo = (x + g * r).to(xo_ptr.dtype.element_ty)
+        else:
+            xo = (x + r).to(xo_ptr.dtype.element_ty)
         tl.store(xo_ptr + b.to(tl.int64) * stride_ob + t.to(tl.int64) * stride_ot + cols, xo, mask=mask)
         x = tl.where(mask, xo.to(tl.float32), 0.0)
     mean = tl.sum(x, axis=0) / D
@@ -55,7 +63,10 @@ def _adaln_modulate_kernel(
     rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / D + eps)
     sh = tl.load(shift_ptr + b.to(tl.int64) * stride_shb + cols, mask=mask, other=0.0).to(tl.float32)
     sc = tl.load(scale_ptr + b.to(tl.int64) * stride_scb + cols, mask=mask, other=0.0).to(tl.float32)
-    y = xc * rstd * (1.0 + sc) + sh
+    if ONE_PLUS:
+        y = xc * rstd * (1.0 + sc) + sh
+    else:
+        y = xc * rstd * sc + sh
     tl.store(y_ptr + b.to(tl.int64) * stride_yb + t.to(tl.int64) * stride_yt + cols, y.to(y_ptr.dtype.element_ty),
              mask=mask)
 
@@ -92,17 +103,21 @@ def gated_residual_launch_config(d: int) -> dict:
     return dict(block_d=block_d, num_warps=max(1, min(8, block_d // 256)))
 
 
-def _adaln_launches(x, shift, scale, out, eps, residual=None):
+def _adaln_launches(x, shift, scale, out, eps, residual=None, one_plus=True):
     """[(grid, positional args, constexprs + options)] of adaln_modulate, or with ``residual`` = (gate, y, x_out)
-    of gated_residual_modulate; also used by the AOT check."""
+    of gated_residual_modulate (gate None: residual_layer_norm's plain ``x + y``); ``one_plus=False``: ``scale`` /
+    ``shift`` are a LayerNorm's weight / bias, expanded to (B, D) with a sample stride of 0. Also used by the
+    AOT check."""
     B, T, D = x.shape
     cfg = adaln_launch_config(D)
     gate, r, xo = residual if residual is not None else (x, x, x)  # unread without RESIDUAL
+    gated = gate is not None
+    gate = x if gate is None else gate
     args = (x, shift, scale, out, r, gate, xo, T, D, x.stride(0), x.stride(1), shift.stride(0), scale.stride(0),
             out.stride(0), out.stride(1), r.stride(0), r.stride(1), gate.stride(0), xo.stride(0), xo.stride(1),
             float(eps))
-    return [((B * T,), args, dict(BLOCK_D=cfg["block_d"], RESIDUAL=residual is not None,
-                                  num_warps=cfg["num_warps"]))]
+    return [((B * T,), args, dict(BLOCK_D=cfg["block_d"], RESIDUAL=residual is not None, GATED=gated,
+                                  ONE_PLUS=one_plus, num_warps=cfg["num_warps"]))]
 
 
 def _gated_residual_launches(x, gate, y, out):
@@ -208,5 +223,32 @@ def gated_residual_modulate(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor
     if out.numel() == 0:
         return x_out, out
     for grid, args, meta in _adaln_launches(x, shift, scale, out, eps, residual=(gate, y, x_out)):
+        _adaln_modulate_kernel[grid](*args, **meta)
+    return x_out, out
+
+
+def residual_layer_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                        eps: float = 1e-5, *, out: Optional[torch.Tensor] = None,
+                        x_out: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x', LayerNorm(x') * weight + bias)`` with ``x' = x + y``, in one pass: x / y (B, T, D), weight / bias (D,).
+
+    x' has torch's promotion of x and y, rounded before the norm reads it (as ``x + y`` then ``F.layer_norm``);
+    the normalised output has x''s dtype. ``x_out`` / ``out`` receive them if given (``x_out=x`` in place).
+    """
+    x = _rows("residual_layer_norm: x", x)
+    y = _rows("residual_layer_norm: y", y, like=x)
+    D = x.shape[-1]
+    for name, t in (("weight", weight), ("bias", bias)):
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != (D,) or t.device != x.device:
+            found = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise BadArgumentError(f"residual_layer_norm: expected {name} of shape ({D},) on {x.device}, found {found}")
+    x_dtype = torch.promote_types(x.dtype, y.dtype)
+    x_out = _out(x_out, x.shape, x_dtype, x.device, "residual_layer_norm")
+    out = _out(out, x.shape, x_dtype, x.device, "residual_layer_norm")
+    if out.numel() == 0:
+        return x_out, out
+    B = x.shape[0]
+    w, b = weight.contiguous().expand(B, D), bias.contiguous().expand(B, D)  # sample stride 0
+    for grid, args, meta in _adaln_launches(x, b, w, out, eps, residual=(None, y, x_out), one_plus=False):
         _adaln_modulate_kernel[grid](*args, **meta)
     return x_out, out

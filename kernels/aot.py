@@ -51,6 +51,7 @@ ATTENTION_SHAPES = (
 # hint): the variant EDM's layouts, odd offsets and head dims not a multiple of 8 run
 ATTENTION_UNALIGNED = ((2, 8, 4096, 77, 40), (2, 16, 256, 256, 72))
 ADALN_SHAPES = ((2, 256, 1152),)  # DiT-XL/2: (B, T, D)
+LAYER_NORM_SHAPES = ((2, 4096, 320), (2, 64, 1280))  # SD1.5's transformer blocks at 64x64 and 8x8 latents
 # GEGLU (tokens, 2 * inner): SD1.5's feed-forward at 64x64 and 8x8 latents, with CFG
 GEGLU_SHAPES = ((2, 4096, 2560), (2, 64, 10240))
 # sampler state updates: SD1.5's 64x64 latents (batch 1) and DiT-XL/2's 32x32 (batch 4), 2 to 5 terms
@@ -197,6 +198,15 @@ def _adaln_configs(dtypes) -> list[Config]:
             for grid, args, meta in _adaln_launches(x, m, m, torch.empty_like(x), 1e-6, residual=residual):
                 out.append(Config("gated_residual_modulate", f"B{B} T{T} D{D}", dtype, _adaln_modulate_kernel, args,
                                   meta))
+    for B, T, D in LAYER_NORM_SHAPES:  # SD's transformer LayerNorm with the residual before it
+        for dtype in dtypes:
+            x = torch.empty(B, T, D, dtype=dtype, device="meta")
+            wb = torch.empty(D, dtype=dtype, device="meta").expand(B, D)  # weight / bias: sample stride 0
+            residual = (None, torch.empty_like(x), torch.empty_like(x))
+            for grid, args, meta in _adaln_launches(x, wb, wb, torch.empty_like(x), 1e-5, residual=residual,
+                                                    one_plus=False):
+                out.append(Config("residual_layer_norm", f"B{B} T{T} D{D}", dtype, _adaln_modulate_kernel, args,
+                                  meta))
     return out
 
 
@@ -245,7 +255,7 @@ QUICK = (
     "2x1280x8x8 g32 nchw affine+silu",  # fused: mode 0
     "2x32x1x1 g32 nchw affine+silu",  # degenerate sizes specialised to constexprs
     "Nk77 D40", "Nk77 D80", "Nk256 D72",  # (the TMA attention's labels end in "tma": D40 and D72 both)
-    "T256 D1152",
+    "T256 D1152", "T4096 D320",
     "1x4x64x64 terms",
     "2x64x10240 geglu",
 )

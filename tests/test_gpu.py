@@ -118,6 +118,13 @@ def test_adaln_on_gpu():
     xo, h = gated_residual_modulate(x, gate, y, shift, scale)  # one pass: x' and the norm of x'
     assert rel_err(xo.float(), residual) <= 1e-2
     assert rel_err(h.float(), adaln_modulate(gated_residual(x, gate, y), shift, scale).float()) <= 1e-2
+    from fastdiff.kernels import residual_layer_norm  # SD's transformer: a plain residual, an affine LayerNorm
+
+    x, y = (torch.randn(2, 4096, 320, device="cuda", dtype=torch.float16) for _ in range(2))
+    w, b = torch.randn(320, device="cuda", dtype=torch.float16), torch.randn(320, device="cuda", dtype=torch.float16)
+    xo, h = residual_layer_norm(x, y, w, b)
+    assert rel_err(xo.float(), x.float() + y.float()) <= 1e-2
+    assert rel_err(h.float(), F.layer_norm(x.float() + y.float(), (320,), w.float(), b.float())) <= 2e-2
 
 
 @needs_compiled_triton

@@ -126,6 +126,8 @@ VARIANT_SWITCHES = {
     "cond": dict(fuse_conditioning=True),
     # DiT: each residual and the adaLN norm after it in one Triton kernel (default: the two kernels)
     "resnorm": dict(kernel_ops={"adaln_modulate": "triton"}),
+    # SD: each attention's residual and the LayerNorm after it in one Triton kernel (default: torch)
+    "resln": dict(kernel_ops={"layer_norm": "triton"}),
     "allk": dict(kernel_ops="all"),  # every fused op on its Triton kernel (not the measured per-op table)
     "tune": dict(kernel_ops="tune"),  # every fused layer measures its implementations on its first call
     "gnext": dict(kernel_ops={"group_norm": "cuda_ext"}),  # GroupNorm from the CUDA C++ extension

@@ -70,7 +70,7 @@ def collect() -> dict:
 
     auto = "triton" if (tri_ok and torch.cuda.is_available()) else "native"
     layer_ops = {"GroupNorm": "group_norm", "Attention": "attention", "ModulatedLayerNorm": "adaln_modulate",
-                 "GEGLU": "geglu"}
+                 "GEGLU": "geglu", "LayerNorm": "layer_norm"}
     report["fused_ops"] = {cls: ("native" if auto == "native" or GPU_DEFAULT_OPS[op] == "torch"
                                  else GPU_DEFAULT_OPS[op]) for cls, op in layer_ops.items()}
     report["gpu_default_ops"] = dict(GPU_DEFAULT_OPS)

@@ -41,6 +41,9 @@ GPU_DEFAULT_OPS = {
     "adaln_modulate": "triton_pair",
     "sampler_update": "torch",
     "geglu": "triton",  # SD's feed-forward activation: 2.2-2.7x torch; SD1.5 end to end 147.6 vs 154.4 ms (run 3)
+    # SD's transformer LayerNorms, each with the residual before it: torch until the one-pass kernel ("triton",
+    # written after run 3) is measured on a GPU
+    "layer_norm": "torch",
 }
 # what each op may run on (OptimizeConfig.kernel_ops values)
 OP_IMPLS = {
@@ -52,8 +55,9 @@ OP_IMPLS = {
     "adaln_modulate": ("triton", "torch", "triton_pair"),
     "sampler_update": ("triton", "torch", "cuda_ext"),
     "geglu": ("triton", "torch"),
+    "layer_norm": ("triton", "torch"),
 }
-LAYER_OPS = ("group_norm", "attention", "adaln_modulate", "geglu")  # layers (FusedOp)
+LAYER_OPS = ("group_norm", "attention", "adaln_modulate", "geglu", "layer_norm")  # layers (FusedOp)
 
 
 def triton_available() -> tuple[bool, str]:
@@ -448,6 +452,45 @@ class ModulatedLayerNorm(FusedOp):
             return adaln_modulate(x, shift, scale, eps=self.eps)
         x = gated_residual(x, residual[0], residual[1])
         return x, adaln_modulate(x, shift, scale, eps=self.eps)
+
+
+class LayerNorm(FusedOp):
+    """``nn.LayerNorm`` (same parameters and state-dict keys: ``weight``, ``bias``), optionally after the residual
+    that precedes it.
+
+    forward(x (..., D)) -> LayerNorm(x); forward(x, residual=y) -> (x + y, LayerNorm(x + y))
+
+    A Stable Diffusion transformer block adds each attention's output to its input and normalises the sum for
+    the next sublayer: on the Triton path both run in one pass (``fastdiff.kernels.residual_layer_norm``); a
+    plain LayerNorm stays on torch's kernel either way.
+    """
+
+    op = "layer_norm"
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.dim, self.eps = dim, eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def tune_key(self) -> tuple:
+        return (self.dim, self.eps)
+
+    def tune_candidates(self, backends, args, kwargs):
+        return backends if kwargs.get("residual", args[1] if len(args) > 1 else None) is not None else ["native"]
+
+    def forward_native(self, x, residual=None):
+        if residual is not None:
+            x = x + residual
+        h = F.layer_norm(x, (self.dim,), self.weight, self.bias, self.eps)
+        return h if residual is None else (x, h)
+
+    def forward_triton(self, x, residual=None):
+        if residual is None or x.dim() != 3:  # a plain LayerNorm: torch's kernel
+            return self.forward_native(x, residual)
+        from fastdiff.kernels import residual_layer_norm
+
+        return residual_layer_norm(x, residual, self.weight, self.bias, eps=self.eps)
 
 
 class GEGLU(FusedOp):

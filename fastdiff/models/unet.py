@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from ..errors import BadArgumentError, UnsupportedConfigError
 from ..utils.strict_dict import known_fields
 from .layers import Attention as AttentionCore
-from .layers import GEGLU, GroupNorm, timestep_embedding
+from .layers import GEGLU, GroupNorm, LayerNorm, timestep_embedding
 from .linear_stack import LinearStacks, Projected, project, stacked_output
 
 # --------------------------------------------------------------------------------------------------
@@ -272,17 +272,18 @@ class TransformerBlock(nn.Module):
 
     def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int, upcast: bool):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = LayerNorm(dim)
         self.attn1 = MultiHeadAttention(dim, heads, head_dim, upcast=upcast)
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = LayerNorm(dim)
         self.attn2 = MultiHeadAttention(dim, heads, head_dim, context_dim=context_dim, upcast=upcast)
-        self.norm3 = nn.LayerNorm(dim)
+        self.norm3 = LayerNorm(dim)
         self.ff = GEGLUFeedForward(dim)
 
     def forward(self, x, context):
-        x = x + self.attn1(self.norm1(x))  # (B, N, D)
-        x = x + self.attn2(self.norm2(x), context)  # (B, N, D)
-        return x + self.ff(self.norm3(x))  # (B, N, D)
+        # each attention's residual is added by the LayerNorm after it (one pass on the Triton path)
+        x, h = self.norm2(x, residual=self.attn1(self.norm1(x)))  # (B, N, D) each
+        x, h = self.norm3(x, residual=self.attn2(h, context))  # (B, N, D) each
+        return x + self.ff(h)  # (B, N, D)
 
 
 class SpatialTransformer(nn.Module):

@@ -32,8 +32,8 @@ def _nvidia_backend() -> bool:
 
 pytestmark = pytest.mark.skipif(not _nvidia_backend(), reason="this triton build has no NVIDIA backend")
 
-KERNELS = ("group_norm", "attention", "adaln_modulate", "gated_residual", "gated_residual_modulate", "lincomb", "geglu",
-           "attention_tma")
+KERNELS = ("group_norm", "attention", "adaln_modulate", "gated_residual", "gated_residual_modulate",
+           "residual_layer_norm", "lincomb", "geglu", "attention_tma")
 DTYPES = ("fp16", "bf16", "fp32")
 
 
@@ -128,6 +128,7 @@ def test_source_specialises_like_the_jit():
 
 def test_compile_all_under_the_interpreter_uses_a_subprocess():
     res = aot.compile_all(90, kernels=["adaln"], dtypes=(torch.float16,))
-    assert [r.kernel for r in res] == ["adaln_modulate", "gated_residual", "gated_residual_modulate"]
+    assert [r.kernel for r in res] == ["adaln_modulate", "gated_residual", "gated_residual_modulate",
+                                       "residual_layer_norm", "residual_layer_norm"]
     assert all(r.ok for r in res)
     assert "gated_residual" in aot.format_table(res)

@@ -23,7 +23,8 @@ pytest.importorskip("triton", reason="the fused path needs triton (CPU interpret
 TIMES = {"GroupNorm": {"native": 3.0, "triton": 2.0, "triton_rows": 1.0},
          "Attention": {"native": 1.0, "triton": 2.0},
          "ModulatedLayerNorm": {"native": 2.0, "triton": 1.0, "triton_pair": 1.5},
-         "GEGLU": {"native": 1.0, "triton": 2.0}}
+         "GEGLU": {"native": 1.0, "triton": 2.0},
+         "LayerNorm": {"native": 1.0, "triton": 2.0}}
 
 
 @pytest.fixture
@@ -47,10 +48,12 @@ def test_tuned_layers_keep_the_fastest_backend(timer):
     x, t, ctx = torch.randn(2, 4, 16, 16), torch.tensor([17, 900]), torch.randn(2, 7, 32)
     with torch.no_grad():
         native = model(x, t, encoder_hidden_states=ctx)
-        set_backend(model, "triton", ops={"group_norm": "tune", "attention": "tune", "geglu": "tune"})
+        set_backend(model, "triton", ops={"group_norm": "tune", "attention": "tune", "geglu": "tune",
+                                          "layer_norm": "tune"})
         assert set(op_backends(model).values()) == {"tune"}
         tuned = model(x, t, encoder_hidden_states=ctx)
-        assert op_backends(model) == {"GroupNorm": "triton_rows", "Attention": "native", "GEGLU": "native"}
+        assert op_backends(model) == {"GroupNorm": "triton_rows", "Attention": "native", "GEGLU": "native",
+                                      "LayerNorm": "native"}
         calls = len(timer)
         again = model(x, t, encoder_hidden_states=ctx)  # decided: nothing is measured again
     assert len(timer) == calls

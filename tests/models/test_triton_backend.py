@@ -48,12 +48,14 @@ def test_per_op_choices_route_each_op():
     with torch.no_grad():
         native = model(x, t, encoder_hidden_states=ctx)
         set_backend(model, "triton", ops={"attention": "torch", "group_norm": "cuda_ext"})
-        assert op_backends(model) == {"GroupNorm": "cuda_ext", "Attention": "native", "GEGLU": "triton"}
+        assert op_backends(model) == {"GroupNorm": "cuda_ext", "Attention": "native", "GEGLU": "triton",
+                                      "LayerNorm": "triton"}
         routed = model(x, t, encoder_hidden_states=ctx)  # no CUDA extension here: GroupNorm runs Triton
     assert rel_err(routed, native) <= 1e-4
     with torch.no_grad():  # GroupNorm's rows strategy: its three launches, the same result
         set_backend(model, "triton", ops={"group_norm": "triton_rows"})
-        assert op_backends(model) == {"GroupNorm": "triton_rows", "Attention": "triton", "GEGLU": "triton"}
+        assert op_backends(model) == {"GroupNorm": "triton_rows", "Attention": "triton", "GEGLU": "triton",
+                                      "LayerNorm": "triton"}
         assert rel_err(model(x, t, encoder_hidden_states=ctx), native) <= 1e-4
     for op in ("attention", "adaln_modulate"):
         with pytest.raises(fastdiff.BadArgumentError, match=op):
