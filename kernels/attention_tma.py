@@ -189,7 +189,7 @@ def attention_tma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Opti
     Same contract as ``fastdiff.kernels.attention`` (the output stored as (B, Nq, H, D), or ``out``). Raises
     ``BackendUnavailableError`` where ``supported`` says no: callers that want a fallback check it first.
     """
-    from .attention import _check
+    from .attention import _AUTOTUNED, _check
 
     _check(q, k, v, out)
     if scale is not None and scale < 0:  # the running maximum assumes a non-negative scale (as attention.py)
@@ -204,8 +204,7 @@ def attention_tma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Opti
         return out
     for grid, args, meta in _launches(q, k, v, out, scale, q.device.type):
         if q.is_cuda and not _interpreting():
-            tuned = {name: val for name, val in meta.items()
-                     if name not in ("BLOCK_M", "BLOCK_N", "EVEN_N", "num_warps", "num_stages")}
+            tuned = {name: val for name, val in meta.items() if name not in _AUTOTUNED}
             _attention_tuned()[lambda m: (triton.cdiv(q.shape[2], m["BLOCK_M"]), grid[1])](*args, **tuned)
         else:
             _attention_tma_kernel[grid](*args, **meta)

@@ -88,11 +88,15 @@ def _tiny_dit():
     return pipe.model.eval()
 
 
+def _latents(model, batch: int = 2) -> torch.Tensor:
+    cfg = model.config
+    return torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size)
+
+
 @torch.no_grad()
 def test_schedule_serves_recorded_calls_and_stops_at_a_mismatch():
     model = _tiny_dit()
-    cfg = model.config
-    x = torch.randn(2, cfg.in_channels, cfg.input_size, cfg.input_size)
+    x = _latents(model)
     labels = torch.tensor([1, 2])
     ts = [torch.full((2,), float(t)) for t in (900, 500, 100)]
     want = [model(x, t, labels) for t in ts]
@@ -119,8 +123,7 @@ def test_schedule_serves_recorded_calls_and_stops_at_a_mismatch():
 @torch.no_grad()
 def test_schedule_uses_the_first_calls_labels_and_stays_within_its_budget():
     model = _tiny_dit()
-    cfg = model.config
-    x = torch.randn(2, cfg.in_channels, cfg.input_size, cfg.input_size)
+    x = _latents(model)
     ts = [torch.full((2,), float(t)) for t in (700, 300)]
     schedule = ModulationSchedule()
     with scheduled(model, schedule):
@@ -143,8 +146,7 @@ def test_schedule_uses_the_first_calls_labels_and_stays_within_its_budget():
 def test_a_recording_with_two_batch_sizes_is_unusable():
     """Calls of other batches during the recording (another caller of the same model): no precompute, no error."""
     model = _tiny_dit()
-    cfg = model.config
-    xs = [torch.randn(b, cfg.in_channels, cfg.input_size, cfg.input_size) for b in (2, 3)]
+    xs = [_latents(model, b) for b in (2, 3)]
     ts = [torch.full((b,), 400.0) for b in (2, 3)]
     schedule = ModulationSchedule()
     with scheduled(model, schedule):
@@ -161,8 +163,7 @@ def test_calls_from_another_thread_are_not_the_loops():
     import threading
 
     model = _tiny_dit()
-    cfg = model.config
-    x = torch.randn(2, cfg.in_channels, cfg.input_size, cfg.input_size)
+    x = _latents(model)
     ts = [torch.full((2,), float(t)) for t in (800, 200)]
     schedule = ModulationSchedule()
     with scheduled(model, schedule):
@@ -177,8 +178,7 @@ def test_calls_from_another_thread_are_not_the_loops():
 @torch.no_grad()
 def test_scalar_timesteps_leave_the_schedule_unused():
     model = _tiny_dit()
-    cfg = model.config
-    x = torch.randn(2, cfg.in_channels, cfg.input_size, cfg.input_size)
+    x = _latents(model)
     schedule = ModulationSchedule()
     for _ in range(2):
         with scheduled(model, schedule):

@@ -26,6 +26,8 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn as nn
 
+from .layers import exporting
+
 
 class LinearStacks:
     """Mixin for an ``nn.Module``: ``STACKS`` names its groups, ``stack_layers(name)`` returns a group's layers
@@ -158,8 +160,6 @@ def stacked_output(model: nn.Module, name: str, x: torch.Tensor) -> Optional[tor
     parameters); when the layers hold other parameters than the stack was built from (an ``assign=True`` load
     into a layer, ``torch.func.functional_call``); and while exporting (an exported graph keeps the checkpoint's
     per-layer projections, with no stacked copy among its weights)."""
-    from .layers import exporting
-
     weight = getattr(model, f"{name}_weight", None)
     if weight is None or torch.is_grad_enabled() or exporting() or not model.stack_current(name):
         return None
