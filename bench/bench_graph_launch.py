@@ -26,29 +26,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-
-
-def _sdpa_variants():
-    """name -> context-manager factory (None: SDPA's own choice)."""
-    out = {"sdpa (own choice)": None}
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:  # torch < 2.3
-        return out
-    for name in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION"):
-        backend = getattr(SDPBackend, name, None)
-        if backend is not None:
-            out[f"sdpa {name.split('_')[0].lower()}"] = (lambda b=backend: sdpa_kernel([b]))
-    return out
-
-
-def _chosen_backend(q, k, v) -> str:
-    try:
-        from torch.nn.attention import SDPBackend
-
-        return SDPBackend(torch._fused_sdp_choice(q, k, v)).name
-    except Exception as e:  # private API: report instead of failing
-        return f"unknown ({type(e).__name__})"
+from sdpa_backends import chosen_backend, pinned_sdpa
 
 
 def measure(fn, calls: int, reps: int = 20) -> tuple[float, float]:
@@ -91,14 +69,10 @@ def main(argv=None) -> int:
     dtype = getattr(torch, a.dtype)
     q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=dtype) for _ in range(3))
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
-    print(f"shape {a.shape} {a.dtype}, {a.calls} calls per graph; SDPA's own choice: {_chosen_backend(q, k, v)}")
+    print(f"shape {a.shape} {a.dtype}, {a.calls} calls per graph; SDPA's own choice: {chosen_backend(q, k, v)}")
     print(f"{'implementation':<22}{'host us/call':>13}{'device us/call':>16}")
-    for name, ctx in _sdpa_variants().items():
-        def fn(ctx=ctx):
-            if ctx is None:
-                return F.scaled_dot_product_attention(q, k, v)
-            with ctx():
-                return F.scaled_dot_product_attention(q, k, v)
+    variants = {"sdpa (own choice)": lambda: F.scaled_dot_product_attention(q, k, v), **pinned_sdpa(q, k, v)}
+    for name, fn in variants.items():
         try:
             host, dev = measure(fn, a.calls)
             print(f"{name:<22}{host:>13.1f}{dev:>16.1f}")

@@ -55,7 +55,19 @@ def test_group_norm_sweep_runs_every_configuration(monkeypatch):
 
 def test_attention_candidates():
     q, k, v = (torch.randn(1, 2, n, 40) for n in (9, 13, 13))
-    assert_all_agree(bench_attention.candidates(q, k, v), "sdpa", 1e-4)
+    fns = bench_attention.candidates(q, k, v, pinned=("flash", "math"))  # the backends torch has on the CPU
+    assert {"sdpa", "sdpa flash", "sdpa math", "triton"} <= set(fns)
+    assert_all_agree(fns, "sdpa", 1e-4)
+
+
+def test_attention_rows_compare_with_sdpa_and_its_flash_backend():
+    timed = {"sdpa": (2.0, 2.2), "sdpa flash": (4.0, 4.1), "triton": (1.0, 1.5)}
+    rows = {r["impl"]: r for r in bench_attention.timed_rows({"case": "c"}, timed, flops=4e9, chosen="cudnn")}
+    assert set(rows) == {"sdpa (cudnn)", "sdpa flash", "triton"}
+    assert rows["triton"]["speedup"] == 2.0 and rows["triton"]["vs_flash"] == 4.0
+    assert rows["triton"]["tflops"] == 4.0 and rows["sdpa flash"]["vs_flash"] == 1.0
+    no_flash = bench_attention.timed_rows({}, {"sdpa": (2.0, 2.0), "triton": (1.0, 1.0)}, 1, "math")
+    assert [r["vs_flash"] for r in no_flash] == [None, None]
 
 
 def test_adaln_candidates():
