@@ -5,7 +5,9 @@ Shapes: Stable Diffusion 1.5's UNet, 2x320x64x64 and 2x1280x8x8, 32 groups (the 
 device time per call in a CUDA graph (median, p90) with L2 flushed before each call ("cold") and without
 ("hot": in a UNet the input was just written by the previous conv, and 5 MB stays in L2), effective bandwidth
 (one read and one write of x) of the cold time, and the speed-up over torch's ``F.silu(F.group_norm(x))``.
-Goal on an H100 / H200: >= 2x torch and >= 70% of the memory bandwidth.
+Goal on an H100 / H200: >= 2x torch and >= 70% of the memory bandwidth. A ``copy`` row per shape times torch's
+``copy_`` of x into a buffer of its layout (the same bytes moved, nothing computed), the bandwidth a single
+kernel reaches at that size; ``of copy`` says how close each candidate comes to it.
 
 ``--sweep`` times the launcher's knobs (strategy x split count x tile x warps) at 2x320x64x64 in both
 layouts and prints the fastest configuration per layout: the data for the launcher's defaults.
@@ -65,6 +67,12 @@ def inputs(shape, dtype, layout):
     return x, w, b
 
 
+def copy_reference(x):
+    """A zero-argument callable moving GroupNorm's bytes (one read and one write of x) and computing nothing."""
+    out = torch.empty_like(x)  # keeps x's memory format
+    return lambda: out.copy_(x)
+
+
 def _row(shape, groups, dtype, layout, impl, fn, iters, flush, base=None) -> dict:
     """One timed candidate: cold (L2 flushed, when ``flush``) and hot device time, bandwidth of the cold time."""
     nbytes = 2 * math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
@@ -79,10 +87,13 @@ def run(dtypes=(torch.float16, torch.bfloat16), iters: int = 100, flush: bool = 
     rows = []
     for (shape, groups), dtype, layout in itertools.product(SHAPES, dtypes, ("nchw", "channels_last")):
         x, w, b = inputs(shape, dtype, layout)
-        base = None
+        copy = _row(shape, groups, dtype, layout, "copy", copy_reference(x), iters, flush)
+        base, timed = None, []
         for name, fn in candidates(x, groups, w, b).items():
-            rows.append(_row(shape, groups, dtype, layout, name, fn, iters, flush, base))
-            base = rows[-1]["median_ms"] if name == "torch" else base
+            timed.append(_row(shape, groups, dtype, layout, name, fn, iters, flush, base))
+            base = timed[-1]["median_ms"] if name == "torch" else base
+        copy["speedup"] = base / copy["median_ms"]
+        rows.extend(dict(r, of_copy=copy["median_ms"] / r["median_ms"]) for r in [*timed, copy])
     return rows
 
 
@@ -108,11 +119,12 @@ def sweep(dtype=torch.float16, iters: int = 50, flush: bool = True) -> list[dict
 
 def print_rows(rows, versus: str = "vs torch") -> None:
     hdr = (f"{'shape':<16}{'dtype':<10}{'layout':<15}{'impl':<26}{'cold us':>9}{'p90 us':>9}{'hot us':>9}"
-           f"{'GB/s':>8}{versus:>11}")
+           f"{'GB/s':>8}{versus:>11}{'of copy':>9}")
     print(hdr)
     for r in rows:
+        of_copy = f"{r['of_copy']:>8.2f}x" if "of_copy" in r else f"{'-':>9}"
         print(f"{r['shape']:<16}{r['dtype']:<10}{r['layout']:<15}{r['impl']:<26}{r['median_ms'] * 1e3:>9.1f}"
-              f"{r['p90_ms'] * 1e3:>9.1f}{r['hot_ms'] * 1e3:>9.1f}{r['gbps']:>8.0f}{r['speedup']:>10.2f}x")
+              f"{r['p90_ms'] * 1e3:>9.1f}{r['hot_ms'] * 1e3:>9.1f}{r['gbps']:>8.0f}{r['speedup']:>10.2f}x{of_copy}")
 
 
 def print_sweep(rows) -> None:

@@ -35,14 +35,15 @@ def test_group_norm_candidates(layout):
     assert_all_agree(fns, "torch", 1e-4)
 
 
+def cpu_inputs(shape, dtype, layout):
+    """bench_group_norm.inputs on the CPU, in float32."""
+    x = torch.randn(shape) + 0.5
+    return (x.to(memory_format=torch.channels_last) if layout == "channels_last" else x,
+            torch.randn(shape[1]), torch.randn(shape[1]))
+
+
 def test_group_norm_sweep_runs_every_configuration(monkeypatch):
     monkeypatch.setattr(bench_group_norm, "SWEEP_SHAPE", ((1, 8, 4, 4), 4))
-
-    def cpu_inputs(shape, dtype, layout):
-        x = torch.randn(shape) + 0.5
-        return (x.to(memory_format=torch.channels_last) if layout == "channels_last" else x,
-                torch.randn(shape[1]), torch.randn(shape[1]))
-
     outputs = []
     monkeypatch.setattr(bench_group_norm, "inputs", cpu_inputs)
     monkeypatch.setattr(bench_group_norm, "time_cuda",
@@ -51,6 +52,30 @@ def test_group_norm_sweep_runs_every_configuration(monkeypatch):
     per_layout = 1 + sum(len(list(itertools.product(*k.values()))) for k in bench_group_norm.SWEEP.values())
     assert len(rows) == 2 * per_layout and all(r["speedup"] == 1.0 for r in rows)
     assert all(torch.isfinite(o).all() for o in outputs)
+
+
+def test_group_norm_rows_compare_with_a_copy_of_the_same_bytes(monkeypatch):
+    monkeypatch.setattr(bench_group_norm, "SHAPES", [((1, 8, 4, 5), 4)])
+    monkeypatch.setattr(bench_group_norm, "inputs", cpu_inputs)
+    copies = []
+
+    def stand_in_timing(fn, iters, flush):  # the copy "takes" 1 ms, each GroupNorm 4 ms
+        out = fn()
+        if "copy_reference" in fn.__qualname__:
+            copies.append(out)
+            return 1e-3, 1e-3
+        return 4e-3, 4e-3
+
+    monkeypatch.setattr(bench_group_norm, "time_cuda", stand_in_timing)
+    rows = bench_group_norm.run((torch.float32,), iters=1)
+    assert len(copies) == 2 * 2  # cold + hot, per layout
+    for layout in ("nchw", "channels_last"):  # the copy keeps x's layout and values
+        x = cpu_inputs((1, 8, 4, 5), None, layout)[0]
+        out = bench_group_norm.copy_reference(x)()
+        assert torch.equal(out, x) and out.stride() == x.stride()
+    by_impl = {(r["layout"], r["impl"]): r for r in rows}
+    assert by_impl["nchw", "copy"]["of_copy"] == 1.0 and by_impl["nchw", "copy"]["speedup"] == 4.0
+    assert by_impl["channels_last", "triton"]["of_copy"] == by_impl["nchw", "torch"]["of_copy"] == 0.25
 
 
 def test_attention_candidates():
