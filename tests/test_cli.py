@@ -179,3 +179,22 @@ def test_generate_output_and_argument_errors_exit_2(tmp_path, extra, needle):
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=str(tmp_path))
     assert r.returncode == 2, r.stderr
     assert needle in r.stderr and "Traceback" not in r.stderr
+
+
+def test_info_shows_each_fused_layers_path_for_a_model(tmp_path):
+    """`fastdiff info MODEL --backend triton` (the interpreter stands in for a GPU): each fused layer's path; the
+    per-op table lists the samplers' state update too; without the extension, the reason it is not built."""
+    r = fastdiff("info", "arch:tiny-sd-unet", "--backend", "triton", "--json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["model_ops"]["backend"] == "triton"
+    assert report["model_ops"]["ops"] == {"GroupNorm": "triton", "LayerNorm": "triton", "Attention": "triton",
+                                          "GEGLU": "triton"}
+    assert "sampler_update" in report["fused_ops"]
+    assert report["cuda_extension"].startswith("not built") and ": " in report["cuda_extension"]
+    eager = fastdiff("info", "arch:tiny-dit", "--backend", "eager", cwd=tmp_path)
+    assert eager.returncode == 0 and "ModulatedLayerNorm   native" in eager.stdout
+    no_interpreter = {k: v for k, v in ENV.items() if k != "TRITON_INTERPRET"}  # no GPU either: one line, status 2
+    r = subprocess.run([sys.executable, "-m", "fastdiff.cli", "info", "arch:tiny-dit", "--backend", "triton"],
+                       cwd=tmp_path, env=no_interpreter, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "backend 'triton' was requested" in r.stderr and "Traceback" not in r.stderr

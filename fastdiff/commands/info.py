@@ -12,6 +12,11 @@ def register(sub) -> None:
                        description="Print the versions of fastdiff's dependencies (or 'not installed'), the "
                                    "devices torch sees, which runtime backends can run on this machine and "
                                    "which implementation each fused op uses.")
+    p.add_argument("model", metavar="MODEL", nargs="?", default=None,
+                   help="also load MODEL (a path, arch:NAME or builtin:NAME) on the best device here and show the "
+                        "path each of its fused layers takes with --backend")
+    p.add_argument("--backend", choices=("auto", "triton", "eager"), default="auto",
+                   help="the kernel backend MODEL's layers are set to (default: auto, as optimize() does)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=run)
 
@@ -63,7 +68,12 @@ def collect() -> dict:
         from ..cuda_ext import HAS_CUDA_EXT
     except Exception:
         HAS_CUDA_EXT = False
-    report["cuda_extension"] = "built" if HAS_CUDA_EXT else "not built (optional; see csrc/)"
+    if HAS_CUDA_EXT:
+        report["cuda_extension"] = "built"
+    else:
+        from ..cuda_ext import unavailable_reason
+
+        report["cuda_extension"] = f"not built (optional; see csrc/): {unavailable_reason()}"
     # Which path each fused op takes under backend="auto" on the best device here: on a GPU the per-op
     # table measured there (GPU_DEFAULT_OPS), else the plain torch path.
     from ..models.layers import GPU_DEFAULT_OPS
@@ -71,6 +81,8 @@ def collect() -> dict:
     auto = "triton" if (tri_ok and torch.cuda.is_available()) else "native"
     layer_ops = {"GroupNorm": "group_norm", "Attention": "attention", "ModulatedLayerNorm": "adaln_modulate",
                  "GEGLU": "geglu", "LayerNorm": "layer_norm"}
+    # (not a layer: the multistep samplers' state update, fastdiff.state_update)
+    layer_ops["sampler_update"] = "sampler_update"
     report["fused_ops"] = {cls: ("native" if auto == "native" or GPU_DEFAULT_OPS[op] == "torch"
                                  else GPU_DEFAULT_OPS[op]) for cls, op in layer_ops.items()}
     report["gpu_default_ops"] = dict(GPU_DEFAULT_OPS)
@@ -80,8 +92,23 @@ def collect() -> dict:
     return report
 
 
+def model_ops(model: str, backend: str) -> dict:
+    """``{"model", "device", "backend", "ops"}``: the path each fused layer of ``model`` takes with ``backend``."""
+    import torch
+
+    from ..models.layers import op_backends, set_backend
+    from .generate import load_pipeline
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = load_pipeline(model, device)
+    chosen = set_backend(pipe.model, "native" if backend == "eager" else backend)
+    return {"model": model, "device": str(device), "backend": chosen, "ops": op_backends(pipe.model)}
+
+
 def run(args) -> int:
     report = collect()
+    if getattr(args, "model", None):
+        report["model_ops"] = model_ops(args.model, args.backend)
     if args.json:
         import json
 
@@ -105,4 +132,9 @@ def run(args) -> int:
         print(f"  {k:20s} {v}")
     if "fused_ops_note" in report:
         print(f"  note: {report['fused_ops_note']}")
+    if "model_ops" in report:
+        m = report["model_ops"]
+        print(f"{m['model']} on {m['device']}, backend {m['backend']}: each fused layer's path")
+        for k, v in m["ops"].items():
+            print(f"  {k:20s} {v}")
     return 0

@@ -214,10 +214,17 @@ def op_backends(model: nn.Module) -> dict[str, str]:
     ``"native x4, triton x12"``. A tuned layer shows what it chose ("native+triton" when its problems
     differ), "<fallback> (untuned)" where nothing could be measured, or "tune" before its first call."""
     seen: dict[str, dict[str, int]] = {}
+    ext_missing = None
     for m in model.modules():
         if isinstance(m, FusedOp):
             counts = seen.setdefault(type(m).__name__, {})
             label = m.backend
+            if label == "cuda_ext":  # without the extension the layer runs its Triton kernel: say so
+                if ext_missing is None:
+                    from .. import cuda_ext
+
+                    ext_missing = not cuda_ext.HAS_CUDA_EXT
+                label = "cuda_ext (not built: triton)" if ext_missing else label
             if label == "tune" and m.__dict__.get("tune_choices"):  # what it measured fastest (per problem)
                 label = "+".join(sorted(set(m.tune_choices.values())))
             elif label == "tune" and m.__dict__.get("tune_untuned"):  # nothing could be measured (no GPU)
@@ -308,8 +315,9 @@ class GroupNorm(FusedOp):
         return [b for b in backends if b != "cuda_ext" or ext_runs]  # else cuda_ext runs the Triton kernel
 
     def forward_cuda_ext(self, x, scale=None, shift=None, pre_bias=None):
-        """The CUDA C++ kernel for plain channels-last inputs (no scale / shift / pre-bias); Triton otherwise
-        (or unbuilt), which ``op_backends`` still reports as cuda_ext (the layer's choice, not each call's)."""
+        """The CUDA C++ kernel for plain channels-last inputs (no scale / shift / pre-bias); Triton otherwise.
+        ``op_backends`` reports the layer's choice ("cuda_ext"), or "cuda_ext (not built: triton)" without the
+        extension; not each call's path."""
         from fastdiff import cuda_ext
 
         if (scale is None and shift is None and pre_bias is None and x.dim() == 4 and x.is_cuda
