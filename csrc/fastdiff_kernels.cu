@@ -135,7 +135,9 @@ cudaError_t group_norm_nhwc_t(const T* x, T* y, const float* weight, const float
 }
 
 template <typename T>
-__global__ void sampler_update_kernel(T* out, const T* __restrict__ x, const T* __restrict__ x0,
+// x is not __restrict__: out may alias it (an in-place update). Each element is read before it is written, by
+// the same thread, so aliasing is safe; __restrict__ would let the compiler assume otherwise (ld.global.nc).
+__global__ void sampler_update_kernel(T* out, const T* x, const T* __restrict__ x0,
                                       const T* __restrict__ prev, const T* __restrict__ noise, float a, float b,
                                       float c, float d, int64_t n) {
   for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
