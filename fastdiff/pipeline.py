@@ -197,8 +197,9 @@ class Pipeline:
         cfg_scale: classifier-free guidance (1.0: no unconditional pass). Class models guide against
             their null label; text models need ``negative_encoder_hidden_states``.
         seed / seeds: ``seeds=[...]`` gives one generator per sample (a sample depends on its own seed
-            only); ``seed=s`` means seeds s, s+1, ...; neither draws random seeds.
-        latents: the initial unit-normal noise (B, C, H, W), as diffusers' ``latents=``.
+            only); ``seed=s`` means seeds s, s+1, ...; neither draws random seeds; not both.
+        latents: the initial unit-normal noise (B, C, H, W), as diffusers' ``latents=`` (a torch tensor or a
+            NumPy array); it fixes the batch (``n`` may only repeat it) and, by default, the size.
         height / width: in latent pixels (default: the model's sample size).
         output_type: ``tensor`` (B, C, H, W) float32 in the model's range, ``np`` uint8 (B, H, W, C),
             ``pil`` a list of PIL images (1 or 3 channels).
@@ -209,9 +210,10 @@ class Pipeline:
 
         if output_type not in OUTPUT_TYPES:
             raise BadArgumentError(f"output_type: expected one of {OUTPUT_TYPES}, found {output_type!r}")
+        latents = _as_latents(latents)
         seeds = self._seeds(n, seed, seeds, latents)
         b = len(seeds)
-        if latents is not None and height is None and width is None and getattr(latents, "dim", lambda: 0)() == 4:
+        if latents is not None and height is None and width is None:
             height, width = int(latents.shape[2]), int(latents.shape[3])  # the latents fix the size
         h, w = self._size(height, width)
         shape = (self.spec.in_channels, h, w)
@@ -242,15 +244,17 @@ class Pipeline:
         if self.loop_graphs is not None and callback is not None:
             raise BadArgumentError("callback: a captured sampling loop (graph_scope='loop') runs no Python per "
                                    "step; use graph_scope='step' to get per-step callbacks")
-        with update_impl(self.update_impl):  # the samplers' state update: torch or one fused kernel
-            if self.loop_graphs is not None:
-                x = self._sample_loop_graph(plan, denoiser, latents, extra, noise, (cfg_scale, guidance_rescale))
-                if bar is not None:
-                    bar.update(plan.steps)
-            else:
-                x = plan.sample(denoiser, latents, extra_args=extra, noise=noise, callback=step_callback)
-        if bar is not None:
-            bar.close()
+        try:
+            with update_impl(self.update_impl):  # the samplers' state update: torch or one fused kernel
+                if self.loop_graphs is not None:
+                    x = self._sample_loop_graph(plan, denoiser, latents, extra, noise, (cfg_scale, guidance_rescale))
+                    if bar is not None:
+                        bar.update(plan.steps)
+                else:
+                    x = plan.sample(denoiser, latents, extra_args=extra, noise=noise, callback=step_callback)
+        finally:  # a run that raises must not leave its bar on the terminal
+            if bar is not None:
+                bar.close()
         return _to_output(x, output_type)
 
     def _sample_loop_graph(self, plan, denoiser, latents, extra, noise, guidance) -> torch.Tensor:
@@ -290,6 +294,8 @@ class Pipeline:
 
     # ------------------------------------------------------------------------------------------
     def _seeds(self, n, seed, seeds, latents) -> list[int]:
+        if seed is not None and seeds is not None:
+            raise BadArgumentError(f"seed / seeds: expected one of them, found both (seed={seed!r}, seeds={seeds!r})")
         if seeds is not None:
             seeds = [seeds] if isinstance(seeds, int) else list(seeds)
             if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
@@ -297,7 +303,9 @@ class Pipeline:
             if n not in (1, len(seeds)):
                 raise BadArgumentError(f"n={n} but {len(seeds)} seeds were given: one sample per seed")
             return [_check_seed(s) for s in seeds]
-        if latents is not None:
+        if latents is not None:  # the latents fix the batch; n may repeat it
+            if n not in (1, latents.shape[0]):
+                raise BadArgumentError(f"n={n} but latents hold {latents.shape[0]} samples: one sample per row")
             n = int(latents.shape[0])
         if not isinstance(n, int) or n < 1:
             raise BadArgumentError(f"n: expected a positive integer, found {n!r}")
@@ -362,7 +370,12 @@ class Pipeline:
                 if neg_ctx is None:
                     raise BadArgumentError("cfg_scale != 1 on a text model needs negative_encoder_hidden_states "
                                            "(the encoded empty / negative prompt)")
-                uncond["encoder_hidden_states"] = self._states(neg_ctx, b, "negative_encoder_hidden_states")
+                neg_ctx = self._states(neg_ctx, b, "negative_encoder_hidden_states")
+                if neg_ctx.shape[1] != ctx.shape[1]:  # CFG stacks both into one network batch
+                    raise BadArgumentError(f"negative_encoder_hidden_states: expected the token count of "
+                                           f"encoder_hidden_states ({ctx.shape[1]}), found {neg_ctx.shape[1]} "
+                                           f"(shape {tuple(neg_ctx.shape)})")
+                uncond["encoder_hidden_states"] = neg_ctx
         elif ctx is not None:
             raise BadArgumentError("encoder_hidden_states were given, but this model has no cross-attention")
         if guided and not uncond:
@@ -376,7 +389,9 @@ class Pipeline:
         if t.dim() != 3 or t.shape[-1] != self.spec.cross_attention_dim or t.shape[0] not in (1, b):
             raise BadArgumentError(f"{name}: expected shape ({b}, tokens, {self.spec.cross_attention_dim}), "
                                    f"found {tuple(t.shape)}")
-        t = t.to(self._network_dtype()) if t.is_floating_point() else t  # text states enter the network as-is
+        if not t.is_floating_point():
+            raise BadArgumentError(f"{name}: expected a floating-point tensor (encoded text), found {t.dtype}")
+        t = t.to(self._network_dtype())
         return t.expand(b, -1, -1) if t.shape[0] == 1 and b > 1 else t
 
     def _network_dtype(self) -> torch.dtype:
@@ -437,6 +452,23 @@ def _check_seed(seed: int) -> int:
 def _map_tree(d: dict, fn):
     return {k: (_map_tree(v, fn) if isinstance(v, dict) else fn(v) if torch.is_tensor(v) else v)
             for k, v in d.items()}
+
+
+def _as_latents(latents) -> Optional[torch.Tensor]:
+    """``latents`` as a 4-d tensor: a NumPy array is taken like a tensor; anything else is refused here, before
+    its batch and size are read."""
+    if latents is None:
+        return None
+    if not torch.is_tensor(latents):
+        import numpy as np
+
+        if not isinstance(latents, np.ndarray):
+            raise BadArgumentError(f"latents: expected a (B, C, H, W) torch tensor or NumPy array, found "
+                                   f"{type(latents).__name__}")
+        latents = torch.from_numpy(np.array(latents, dtype=np.float32))  # a copy: any strides, writable
+    if latents.dim() != 4:
+        raise BadArgumentError(f"latents: expected a (B, C, H, W) tensor, found shape {tuple(latents.shape)}")
+    return latents
 
 
 def _progress(total: int, enabled: bool):

@@ -67,6 +67,15 @@ def test_loop_graph_recaptures_for_new_steps_and_cfg(eager):
     assert graphed.loop_graphs.captures == 3
 
 
+def test_loop_graph_cache_keeps_at_most_max_graphs():
+    """OptimizeConfig.max_graphs bounds the captured loops: with 1, a loop of other steps drops the first."""
+    graphed = fastdiff.load("arch:tiny-dit").optimize(cuda_graphs=True, graph_scope="loop", batch_buckets=(1,),
+                                                      max_graphs=1, graph_factory=FakeGraph)
+    for steps in (1, 2, 1):
+        graphed.generate(seeds=[1], class_labels=[1], steps=steps, sampler="ddim", progress=False)
+    assert graphed.loop_graphs.captures == 3 and len(graphed.loop_graphs.entries) == 1
+
+
 def test_cuda_graphs_without_cuda_is_a_note_not_an_error():
     pipe = fastdiff.load("arch:tiny-unet").optimize(cuda_graphs=True)
     assert any("cuda_graphs ignored" in n for n in pipe.notes)

@@ -102,3 +102,43 @@ def test_bucket_padded_network_only_sees_bucket_sizes():
         x, t = torch.randn(n, 1, 2, 2), torch.arange(n)
         torch.testing.assert_close(padded(x, t), net(x, t))
     assert set(seen) <= {2, 4}
+
+
+def _recording(made: list):
+    """A graph factory that keeps (pool it was given, graph) for every capture."""
+    def factory(fn, static_inputs, pool=None):
+        made.append((pool, FakeGraph(fn, static_inputs, pool=pool)))
+        return made[-1][1]
+    return factory
+
+
+def test_graphs_share_one_memory_pool():
+    """The first capture makes the pool; every later capture (other buckets, resolutions) allocates from it."""
+    made = []
+    g = GraphedNetwork(net, buckets=(1, 2, 4), graph_factory=_recording(made))
+    for n, hw in ((1, 2), (2, 2), (3, 2), (1, 4)):
+        g(torch.randn(n, 1, hw, hw), torch.arange(n))
+    first_pool = made[0][1].pool
+    assert len(made) == 4 and made[0][0] is None and first_pool is not None
+    assert all(pool is first_pool for pool, _ in made[1:])
+
+
+def test_loop_graph_cache_is_bounded_and_shares_one_memory_pool():
+    """LoopGraphCache (graph_scope="loop"): least recently used loops are dropped beyond max_graphs (a dropped
+    one is captured again), and every capture allocates from the first one's pool."""
+    from fastdiff.runtime.loop_graph import LoopGraphCache
+
+    made = []
+    cache = LoopGraphCache(max_graphs=2, graph_factory=_recording(made))
+
+    def run_loop(x, cond, noise):  # stands in for a sampling loop: reads its conditioning and one noise draw
+        return x * 2 + cond["y"] + noise(0, x)
+
+    for key in ("a", "b", "a", "c", "b"):  # "c" drops "b" (least recently used), so "b" is captured again
+        x = torch.randn(2, 3)
+        out = cache.run((key,), run_loop, x, {"y": torch.full((2, 3), 3.0)}, lambda i, like: torch.ones_like(like))
+        torch.testing.assert_close(out, x * 2 + 4)
+        assert len(cache.entries) <= 2
+    assert cache.captures == 4 and list(cache.entries) == [("c",), ("b",)]
+    first_pool = made[0][1].pool
+    assert made[0][0] is None and all(pool is first_pool for pool, _ in made[1:])

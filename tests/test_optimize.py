@@ -124,6 +124,26 @@ def test_config_validation(kwargs):
         OptimizeConfig(**kwargs)
 
 
+@pytest.mark.parametrize("kwargs,needle", [
+    (dict(batch_buckets=4), "tuple or list"),          # was a TypeError (an int is not iterable)
+    (dict(batch_buckets="124"), "tuple or list"),
+    (dict(batch_buckets=(1.7, 3)), "1.7"),             # was silently truncated to 1
+    (dict(batch_buckets=(True, 2)), "True"),
+    (dict(batch_buckets=(1, 1, 2)), "distinct"),       # was accepted
+    (dict(max_graphs="3"), "'3'"),                     # was a TypeError ('<' between str and int)
+    (dict(max_graphs=2.5), "2.5"),
+    (dict(cuda_graphs="no"), "'no'"),                  # a truthy string turned graphs on
+    (dict(channels_last=1), "channels_last"),
+    (dict(fuse_qkv="yes"), "fuse_qkv"),
+])
+def test_config_validation_says_what_it_found(kwargs, needle):
+    """Wrong types are a BadArgumentError naming the field and the value found, never a raw TypeError or a
+    silent conversion."""
+    with pytest.raises(BadArgumentError) as e:
+        OptimizeConfig(**kwargs)
+    assert needle in str(e.value) and next(iter(kwargs)) in str(e.value)
+
+
 @pytest.mark.parametrize("mode,graphs,device,expected", [
     ("max-autotune", True, "cuda", "max-autotune-no-cudagraphs"),
     ("reduce-overhead", True, "cuda", "default"),
@@ -143,6 +163,7 @@ def test_compile_mode_leaves_graphs_to_fastdiff(mode, graphs, device, expected):
 
 def test_buckets_are_sorted():
     assert OptimizeConfig(batch_buckets=(8, 1, 4)).batch_buckets == (1, 4, 8)
+    assert OptimizeConfig(batch_buckets=[2, 1]).batch_buckets == (1, 2)  # a list of ints (fastdiff bench's) too
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="tensorrt is installed here")
@@ -157,6 +178,42 @@ def test_compile_backend_equals_eager():
     eager = fastdiff.load("arch:tiny-dit").generate(**kw)
     compiled = fastdiff.load("arch:tiny-dit").optimize(backend="compile")
     assert rel_err(compiled.generate(**kw), eager) <= 1e-5
+
+
+def test_compile_backend_takes_more_static_shapes_than_dynamos_default_limit():
+    """backend="compile" compiles once per static shape (network bucket x resolution x conditioning). Here nine:
+    buckets (1, 2) make network batches 1, 2, 4, at three resolutions. Dynamo's default recompile limit is 8, and
+    under fullgraph=True the ninth shape used to fail hard (FailOnRecompileLimitHit). About 12 s on a CPU."""
+    eager = fastdiff.load("arch:tiny-unet")
+    pipe = fastdiff.load("arch:tiny-unet").optimize(backend="compile", batch_buckets=(1, 2))
+    for h, w in ((8, 8), (8, 16), (16, 8)):
+        for b in (1, 2, 3):
+            kw = dict(seeds=list(range(b)), steps=1, sampler="euler", height=h, width=w, progress=False)
+            out = pipe.generate(**kw)
+    assert rel_err(out, eager.generate(**kw)) <= 1e-5
+
+
+def test_compile_without_a_per_model_limit_raises_dynamos_own(monkeypatch):
+    """On a torch whose torch.compile takes no ``recompile_limit`` (2.5 and the versions after it), the
+    process-wide limits are raised to the shapes fastdiff can produce, never lowered."""
+    from torch._dynamo import config as dynamo
+
+    from fastdiff.runtime.runners import SIGNATURES_PER_BUCKET
+
+    def older_compile(model, *, fullgraph=False, dynamic=None, backend="inductor", mode=None, options=None,
+                      disable=False):
+        assert fullgraph and dynamic is False
+        return model
+
+    limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
+    total = "accumulated_recompile_limit" if hasattr(dynamo, "accumulated_recompile_limit") else \
+        "accumulated_cache_size_limit"
+    monkeypatch.setattr(torch, "compile", older_compile)
+    monkeypatch.setattr(dynamo, limit, 8)
+    monkeypatch.setattr(dynamo, total, 10_000)
+    fastdiff.load("arch:tiny-unet").optimize(backend="compile", batch_buckets=(1, 2, 4, 8, 16))
+    assert getattr(dynamo, limit) == SIGNATURES_PER_BUCKET * 6  # network batches 1, 2, 4, 8, 16, 32
+    assert getattr(dynamo, total) == 10_000  # already above: left alone
 
 
 def test_sdpa_backend_pinning():

@@ -118,11 +118,102 @@ def test_half_precision_network_keeps_float32_state(tiny_unet):
     (dict(height=0), "height"),
     (dict(steps=1001, sampler="ddim"), "steps"),
     (dict(eta=1.0, sampler="dpmpp_2m"), "unknown option"),
+    (dict(seed=5, seeds=[1]), "found both"),  # seed was silently ignored
+    (dict(n=3, latents=torch.zeros(2, 3, 16, 16)), "n=3 but latents hold 2"),  # silently returned 2
+    (dict(latents=[[0.0]]), "found list"),  # was an AttributeError
+    (dict(latents=torch.zeros(3, 16, 16)), "(B, C, H, W)"),
 ])
 def test_more_bad_arguments(tiny_unet, kwargs, needle):
     with pytest.raises(BadArgumentError) as e:
         tiny_unet.generate(**{"steps": 2, "progress": False, **kwargs})
     assert needle in str(e.value)
+
+
+def test_numpy_latents_are_taken_like_a_tensor(tiny_unet):
+    """NumPy latents fix the batch and the size as a tensor does (8x8 here, not the model's 16x16)."""
+    z = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    kw = dict(steps=2, sampler="euler", progress=False)
+    out = tiny_unet.generate(latents=z, **kw)
+    assert out.shape == (2, 3, 8, 8) and torch.equal(out, tiny_unet.generate(latents=torch.from_numpy(z), **kw))
+    assert torch.equal(tiny_unet.generate(latents=z, n=2, **kw), out)  # n may repeat the latents' batch
+
+
+def test_text_states_errors_say_what_they_found():
+    pipe = fastdiff.load("arch:tiny-sd-unet")
+    ctx = torch.randn(1, 5, 32)
+    kw = dict(steps=1, sampler="euler", progress=False)
+    # CFG stacks positive and negative states in one batch: other token counts were torch's "Sizes of tensors"
+    with pytest.raises(BadArgumentError, match=r"token count of encoder_hidden_states \(5\), found 7"):
+        pipe.generate(encoder_hidden_states=ctx, negative_encoder_hidden_states=torch.randn(1, 7, 32), cfg_scale=3.0,
+                      **kw)
+    with pytest.raises(BadArgumentError, match="encoder_hidden_states: expected a floating-point tensor.*int64"):
+        pipe.generate(encoder_hidden_states=ctx.long(), **kw)
+    with pytest.raises(BadArgumentError, match="negative_encoder_hidden_states: expected a floating-point"):
+        pipe.generate(encoder_hidden_states=ctx, negative_encoder_hidden_states=ctx.long(), cfg_scale=3.0, **kw)
+
+
+def test_negative_states_are_the_unconditional_pass():
+    """cfg_scale=w guides against negative_encoder_hidden_states: with one Euler step the sample is the denoised
+    x0 at the first sigma, linear in the network's outputs, so it must equal uncond + w * (cond - uncond) built
+    from two unguided runs, one on the positive states and one on the negative ones. An unconditional pass on the
+    positive states, on zeros or on anything else fails this (those differ by ~1e-2 relative here)."""
+    pipe = fastdiff.load("arch:tiny-sd-unet")
+    g = torch.Generator().manual_seed(0)
+    ctx, neg = torch.randn(2, 5, 32, generator=g), torch.randn(2, 5, 32, generator=g)
+    kw = dict(seeds=[1, 2], steps=1, sampler="euler", progress=False)
+    cond = pipe.generate(encoder_hidden_states=ctx, **kw)
+    uncond = pipe.generate(encoder_hidden_states=neg, **kw)
+    guided = pipe.generate(encoder_hidden_states=ctx, negative_encoder_hidden_states=neg, cfg_scale=4.0, **kw)
+    assert rel_err(guided, uncond + 4.0 * (cond - uncond)) <= 1e-5
+    assert rel_err(guided, cond) > 1e-3  # the guidance is large enough to see
+    # over a whole run: negative == positive states is no guidance at all
+    kw["steps"] = 3
+    same = pipe.generate(encoder_hidden_states=ctx, negative_encoder_hidden_states=ctx, cfg_scale=4.0, **kw)
+    assert rel_err(same, pipe.generate(encoder_hidden_states=ctx, **kw)) <= 1e-5
+    other = pipe.generate(encoder_hidden_states=ctx, negative_encoder_hidden_states=ctx * 0, cfg_scale=4.0, **kw)
+    assert rel_err(other, same) > 1e-3
+
+
+def test_progress_bar_counts_steps_and_is_closed_even_when_sampling_raises(monkeypatch):
+    """progress=True: one bar of ``steps`` (sampler steps, not network calls: Heun's 3 steps call the network 5
+    times), filled and closed; closed too when the run raises half way."""
+    import tqdm.auto
+
+    bars = []
+
+    class Bar:  # stands in for tqdm, which disables itself when stderr is not a terminal (as under pytest)
+        def __init__(self, total=None, **kw):
+            self.total, self.n, self.closed = total, 0, False
+            bars.append(self)
+
+        def update(self, n=1):
+            self.n += n
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    pipe = fastdiff.load("arch:tiny-unet")
+    for sampler in ("euler", "heun"):
+        pipe.generate(seeds=[1], steps=3, sampler=sampler, progress=True)
+        bar = bars[-1]
+        assert (bar.total, bar.n, bar.closed) == (3, 3, True)
+    pipe.generate(seeds=[1], steps=3, sampler="euler", progress=False)
+    assert len(bars) == 2
+
+    network, calls = pipe.runner, []
+
+    def failing(*args, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory")
+        return network(*args, **kw)
+
+    pipe.runner = failing
+    with pytest.raises(RuntimeError, match="out of memory"):
+        pipe.generate(seeds=[1], steps=3, sampler="euler", progress=True)
+    bar = bars[-1]
+    assert len(bars) == 3 and bar.n == 1 and bar.closed
 
 
 def test_class_labels_out_of_range_are_refused_on_the_host():

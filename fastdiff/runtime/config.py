@@ -6,7 +6,9 @@ when the config is applied, never at import. Each switch states what it costs.
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
+import operator
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -32,7 +34,9 @@ class OptimizeConfig:
         ``triton`` fastdiff's fused Triton kernels for GroupNorm(+SiLU), attention and adaLN.
             Cost: first call JIT-compiles each kernel (seconds); needs CUDA (or TRITON_INTERPRET=1).
         ``compile`` ``torch.compile(fullgraph=True, dynamic=False)``, one static shape per batch bucket.
-            Cost: tens of seconds to minutes of compile time per bucket and resolution.
+            Cost: tens of seconds to minutes of compile time per bucket and resolution. Up to 32 shapes
+            (resolutions x conditionings) per bucket compile (``runners.SIGNATURES_PER_BUCKET``: Dynamo's
+            recompile limit is raised to match); one more fails (``FailOnRecompileLimitHit``).
         ``onnxruntime`` export to ONNX and run an ONNX Runtime session (CUDA EP with IO binding on a
             GPU, CPU otherwise). Cost: an export (seconds), and a second copy of the weights in memory.
         ``tensorrt`` build a TensorRT engine (minutes; cached on disk next to the ONNX).
@@ -119,10 +123,11 @@ class OptimizeConfig:
             raise BadArgumentError(f"dtype must be one of {tuple(DTYPES)} or None, found {self.dtype!r}")
         if self.graph_scope not in GRAPH_SCOPES:
             raise BadArgumentError(f"graph_scope must be one of {GRAPH_SCOPES}, found {self.graph_scope!r}")
-        buckets = sorted(int(b) for b in self.batch_buckets)
-        if not buckets or buckets[0] < 1:
-            raise BadArgumentError(f"batch_buckets must be positive ints, found {list(self.batch_buckets)}")
-        self.batch_buckets = tuple(buckets)
+        for name in ("channels_last", "cuda_graphs", "precompute_adaln", "fuse_conditioning"):
+            _check_bool(name, getattr(self, name))
+        for name in ("fuse_qkv", "fuse_adaln"):
+            _check_bool(name, getattr(self, name), allow_none=True)
+        self.batch_buckets = _check_buckets(self.batch_buckets)
         if isinstance(self.kernel_ops, dict):
             from ..models.layers import check_kernel_ops
 
@@ -151,8 +156,8 @@ class OptimizeConfig:
         if self.compile_mode != "default" and self.backend != "compile":
             raise BadArgumentError(f"compile_mode={self.compile_mode!r} needs backend='compile', found "
                                    f"backend={self.backend!r}")
-        if self.max_graphs < 1:
-            raise BadArgumentError(f"max_graphs must be >= 1, found {self.max_graphs}")
+        if not _is_int(self.max_graphs) or self.max_graphs < 1:
+            raise BadArgumentError(f"max_graphs must be an int >= 1, found {self.max_graphs!r}")
 
     def op_choices(self, device: torch.device) -> Optional[dict]:
         """The per-op implementations for ``set_backend`` (None: every op on Triton)."""
@@ -180,3 +185,34 @@ class OptimizeConfig:
 
     def replace(self, **kw) -> "OptimizeConfig":
         return dataclasses.replace(self, **kw)
+
+
+def _is_int(v) -> bool:
+    """An integer (Python or NumPy), not a bool: what a count or a batch size may be."""
+    if isinstance(v, bool):
+        return False
+    try:
+        operator.index(v)
+    except TypeError:
+        return False
+    return True
+
+
+def _check_bool(name: str, value, allow_none: bool = False) -> None:
+    # a truthy string such as "no" would otherwise switch the feature on
+    if not (isinstance(value, bool) or (allow_none and value is None)):
+        raise BadArgumentError(f"{name} must be True or False{' or None' if allow_none else ''}, found {value!r}")
+
+
+def _check_buckets(buckets) -> tuple:
+    """A sorted tuple of distinct positive ints from a tuple / list (1.7 is refused, never truncated)."""
+    if isinstance(buckets, (str, bytes)) or not isinstance(buckets, collections.abc.Sequence):
+        raise BadArgumentError(f"batch_buckets must be a tuple or list of positive ints, found {buckets!r}")
+    bad = [b for b in buckets if not _is_int(b) or b < 1]
+    if not buckets or bad:
+        raise BadArgumentError(f"batch_buckets must be positive ints, found {list(buckets)}"
+                               + (f" ({bad[0]!r} is not)" if bad else ""))
+    out = sorted(operator.index(b) for b in buckets)
+    if len(set(out)) < len(out):
+        raise BadArgumentError(f"batch_buckets must be distinct, found {list(buckets)}")
+    return tuple(out)

@@ -75,6 +75,7 @@ class _Request:
     key: tuple
     future: concurrent.futures.Future
     t_submit: float = field(default_factory=time.perf_counter)
+    in_flight: bool = False         # taken by the worker and counted in Engine._in_flight
 
 
 # --------------------------------------------------------------------------------------------------
@@ -297,7 +298,8 @@ class Engine:
         """A snapshot: queue depth, counters, batch-size histogram, latency percentiles (ms, submit -> result).
 
         Once idle, ``submitted == completed + failed + cancelled`` (``rejected``: the part of ``failed``
-        refused at submit; ``in_flight``: requests taken by the worker, not yet all resolved). ``batches`` counts ``generate`` calls, solo re-runs included.
+        refused at submit; ``in_flight``: requests taken by the worker, not yet resolved). ``batches`` counts
+        ``generate`` calls, solo re-runs included.
         Latency percentiles are over the last 10,000 successful requests; None before the first.
         """
         with self._cv:
@@ -392,6 +394,8 @@ class Engine:
                         del self._groups[best_key]
                     self._queued -= len(batch)
                     self._in_flight += len(batch)
+                    for r in batch:
+                        r.in_flight = True
                     return batch
                 self._cv.wait(None if next_deadline is None else max(0.0, next_deadline - now))
 
@@ -405,15 +409,25 @@ class Engine:
                 live = [r for r in batch if r.future.set_running_or_notify_cancel()]
                 with self._cv:
                     self._cancelled += len(batch) - len(live)
+                    for r in batch:
+                        if r.future.cancelled():
+                            self._release(r)
                 if live:
                     self._run_batch(live)
             except BaseException as e:  # a bug here must fail the futures, never hang their owners
                 for r in batch:
                     if not r.future.done():
                         self._finish(r, exc=e)
-            finally:
+            finally:  # normally each request was released as it resolved; this only catches a bug's leftovers
                 with self._cv:
-                    self._in_flight -= len(batch)
+                    for r in batch:
+                        self._release(r)
+
+    def _release(self, r: _Request) -> None:
+        """Stop counting ``r`` as in flight (once; the caller holds ``self._cv``)."""
+        if r.in_flight:
+            r.in_flight = False
+            self._in_flight -= 1
 
     def _generate(self, reqs: List[_Request]) -> torch.Tensor:
         p = reqs[0].params
@@ -453,12 +467,16 @@ class Engine:
             self._finish(r, result=out[i].clone())
 
     def _finish(self, r: _Request, result=None, exc: Optional[BaseException] = None) -> None:
+        # The counters change before the Future resolves: whoever wakes on result() (or a done-callback) and reads
+        # stats() then sees this request finished, not in flight.
         if exc is not None:
             with self._cv:
                 self._failed += 1
+                self._release(r)
             r.future.set_exception(exc)
             return
         with self._cv:
             self._completed += 1
+            self._release(r)
             self._latencies.append((time.perf_counter() - r.t_submit) * 1000.0)
         r.future.set_result(result)

@@ -59,7 +59,7 @@ def build_runner(pipe, config: OptimizeConfig, graph_factory=None) -> tuple[Call
         pipe.model = model
         runner: Callable = model
         if backend == "compile":
-            runner = torch.compile(model, fullgraph=True, dynamic=False, mode=compile_mode(config, device, notes))
+            runner = compile_network(model, config, device, notes)
             if not graphs_apply:  # one static shape per bucket (graphs pad to buckets themselves)
                 from .graphs import BucketPadded, network_buckets
 
@@ -101,6 +101,45 @@ def build_runner(pipe, config: OptimizeConfig, graph_factory=None) -> tuple[Call
                                     graph_factory=graph_factory)
         # graph_scope="loop" is applied by the Pipeline around the whole sampling loop.
     return runner, notes
+
+
+# torch.compile(dynamic=False) compiles the network once per input signature: network batch bucket x resolution x
+# conditioning (labels or not, text length, dtype). Dynamo's recompile limit (8 per function by default) is there
+# to stop runaway recompiles, but each of these is a static shape fastdiff asks for on purpose, and under
+# fullgraph=True the ninth would fail hard (FailOnRecompileLimitHit), e.g. the default buckets at two resolutions.
+SIGNATURES_PER_BUCKET = 32  # resolutions x conditionings allowed for each network batch bucket
+
+
+def compile_network(model: torch.nn.Module, config: OptimizeConfig, device: torch.device, notes: list[str]):
+    """``torch.compile(fullgraph=True, dynamic=False)`` allowed one compile per signature fastdiff produces:
+    ``SIGNATURES_PER_BUCKET`` per network batch bucket.
+
+    Where ``torch.compile`` takes ``recompile_limit`` (newer torch; 2.13 does) the limit is this model's alone.
+    Before that (torch 2.5 on) there is only Dynamo's process-wide limit (``cache_size_limit`` before its rename to
+    ``recompile_limit``), which is then raised, never lowered. The cap over all compiles of one function (every
+    model of a class together: ``accumulated_recompile_limit``, formerly ``accumulated_cache_size_limit``) is
+    process-wide in every version and is raised the same way.
+    """
+    import inspect
+
+    from torch._dynamo import config as dynamo
+
+    from .graphs import network_buckets
+
+    budget = SIGNATURES_PER_BUCKET * len(network_buckets(config.batch_buckets))
+    kw = dict(fullgraph=True, dynamic=False, mode=compile_mode(config, device, notes))
+    _raise_limit(dynamo, ("accumulated_recompile_limit", "accumulated_cache_size_limit"), budget)
+    if "recompile_limit" in inspect.signature(torch.compile).parameters:
+        return torch.compile(model, recompile_limit=budget, **kw)
+    _raise_limit(dynamo, ("recompile_limit", "cache_size_limit"), budget)
+    return torch.compile(model, **kw)
+
+
+def _raise_limit(dynamo_config, names: tuple, at_least: int) -> None:
+    """Raise the first of ``names`` that this torch's Dynamo config has (a newer name first) to ``at_least``."""
+    name = next(n for n in names if hasattr(dynamo_config, n))
+    if getattr(dynamo_config, name) < at_least:
+        setattr(dynamo_config, name, at_least)
 
 
 def compile_mode(config: OptimizeConfig, device: torch.device, notes: list[str]) -> str:
