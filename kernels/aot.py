@@ -2,9 +2,11 @@
 
 No GPU is needed: ``triton.compile`` runs the whole NVIDIA pipeline (TTIR -> TTGIR -> LLVM -> PTX ->
 ptxas) for a ``GPUTarget("cuda", arch, 32)``. Each configuration is produced by the launcher's own
-``_launches`` helper, called with ``meta`` tensors of the model's shapes, so the signature, the integer
-specialisations (== 1 -> constexpr, % 16 -> divisibility hint), the constexprs and the warps are those a
-real launch on that shape would use.
+``_launches`` helper, called with ``meta`` tensors, so the signature, the integer specialisations (== 1 ->
+constexpr, % 16 -> divisibility hint), the constexprs and the warps are those a real launch on that shape
+would use. Two sources: listed shapes per kernel (below; SD1.5 / DiT-XL/2 sizes, the split head dims, unaligned
+rows, every TMA tile), and ``models``: every distinct launch the shipped models make, recorded from their
+forward passes on the meta device (``aot_models``).
 
 Under ``TRITON_INTERPRET=1`` the compile cannot run in-process (the interpreter patches
 ``triton.language`` for good once a kernel has run), so ``compile_all`` then runs itself in a subprocess
@@ -115,8 +117,24 @@ def _group_norm_configs(dtypes) -> list[Config]:
     return out
 
 
+def _attention_with_tiles(label, dtype, args, meta) -> list[Config]:
+    """One pointer-attention launch and, in half precision (which a GPU runs autotuned), every tile the runtime
+    tunes over (the split-safe ones whenever a tail tile runs)."""
+    from fastdiff.kernels.attention import _SPLIT_SAFE_TILES, _TUNED_TILES, _attention_kernel
+
+    out = [Config("attention", label, dtype, _attention_kernel, args, meta)]
+    if dtype == torch.float32:
+        return out
+    nk = args[6]  # (q, k, v, out, H, NQ, NK, ...)
+    for bm, bn, warps, stages in _SPLIT_SAFE_TILES if meta["BLOCK_D2"] else _TUNED_TILES:
+        tuned = dict(meta, BLOCK_M=bm, BLOCK_N=bn, EVEN_N=nk % bn == 0, num_warps=warps, num_stages=stages)
+        out.append(Config("attention", f"{label} tile{bm}x{bn}w{warps}s{stages}", dtype, _attention_kernel, args,
+                          tuned, tuned=True))
+    return out
+
+
 def _attention_configs(dtypes) -> list[Config]:
-    from fastdiff.kernels.attention import _SPLIT_SAFE_TILES, _TUNED_TILES, _attention_kernel, _launches
+    from fastdiff.kernels.attention import _launches
 
     out = []
     for shape in ATTENTION_SHAPES:
@@ -132,22 +150,30 @@ def _attention_configs(dtypes) -> list[Config]:
                 for grid, args, meta in _launches(q, kv, kv, out_t, None, "cuda", split):
                     label = (f"B{B} H{H} Nq{NQ} Nk{NK} D{D}{' split' if split else ''}"
                              f"{' unaligned' if unaligned else ''}")
-                    out.append(Config("attention", label, dtype, _attention_kernel, args, meta))
-                    if dtype == torch.float32:
-                        continue
-                    # on a GPU half precision runs autotuned: every tile the runtime tunes over is compiled too
-                    # (the split-safe ones whenever a tail tile runs)
-                    for bm, bn, warps, stages in _SPLIT_SAFE_TILES if meta["BLOCK_D2"] else _TUNED_TILES:
-                        tuned = dict(meta, BLOCK_M=bm, BLOCK_N=bn, EVEN_N=NK % bn == 0, num_warps=warps,
-                                     num_stages=stages)
-                        out.append(Config("attention", f"{label} tile{bm}x{bn}w{warps}s{stages}", dtype,
-                                          _attention_kernel, args, tuned, tuned=True))
+                    out += _attention_with_tiles(label, dtype, args, meta)
     return out
 
 
 # the TMA attention (Hopper+, opt-in): SD1.5's D=40 self / cross and DiT-XL/2's D=72, as the descriptors see them
 ATTENTION_TMA_SHAPES = ((2, 8, 4096, 4096, 40), (2, 8, 4096, 77, 40), (2, 16, 256, 256, 72), (2, 5, 4096, 4096, 64),
                         (2, 8, 1024, 1024, 80), (2, 8, 1024, 1024, 128))  # (D > 128: the pointer kernel)
+
+
+def _attention_tma_with_tiles(label, dtype, args, meta) -> list[Config]:
+    """One TMA-attention launch and every tile its autotuner times (descriptors rebuilt with each tile's box)."""
+    import importlib
+
+    tma = importlib.import_module("fastdiff.kernels.attention_tma")
+    out = [Config("attention_tma", label, dtype, tma._attention_tma_kernel, args, meta, min_arch=90)]
+    q, k, v, o = (d.base for d in args[:4])
+    nk, bd = args[6], meta["BLOCK_D"]  # (q, k, v, out descriptors, H, NQ, NK, ...)
+    for bm, bn, warps, stages in tma._TUNED_TILES:
+        descs = [tma._descriptor_class()(t, list(t.shape), list(t.stride()), [1, 1, n, bd])
+                 for t, n in ((q, bm), (k, bn), (v, bn), (o, bm))]
+        tuned = dict(meta, BLOCK_M=bm, BLOCK_N=bn, EVEN_N=nk % bn == 0, num_warps=warps, num_stages=stages)
+        out.append(Config("attention_tma", f"{label} tile{bm}x{bn}w{warps}s{stages}", dtype,
+                          tma._attention_tma_kernel, (*descs, *args[4:]), tuned, tuned=True, min_arch=90))
+    return out
 
 
 def _attention_tma_configs(dtypes) -> list[Config]:
@@ -167,17 +193,7 @@ def _attention_tma_configs(dtypes) -> list[Config]:
             kv = torch.empty(B, NK, H, D, dtype=dtype, device="meta").transpose(1, 2)
             o = torch.empty(B, NQ, H, D, dtype=dtype, device="meta").transpose(1, 2)
             for grid, args, meta in tma._launches(q, kv, kv, o, None, "cuda"):
-                label = f"B{B} H{H} Nq{NQ} Nk{NK} D{D} tma"
-                out.append(Config("attention_tma", label, dtype, tma._attention_tma_kernel, args, meta, min_arch=90))
-                for bm, bn, warps, stages in tma._TUNED_TILES:  # every tile the autotuner times
-                    bd = meta["BLOCK_D"]
-                    descs = [tma._descriptor_class()(t, list(t.shape), list(t.stride()), [1, 1, n, bd])
-                             for t, n in ((q, bm), (kv, bn), (kv, bn), (o, bm))]
-                    tuned = dict(meta, BLOCK_M=bm, BLOCK_N=bn, EVEN_N=NK % bn == 0, num_warps=warps,
-                                 num_stages=stages)
-                    out.append(Config("attention_tma", f"{label} tile{bm}x{bn}w{warps}s{stages}", dtype,
-                                      tma._attention_tma_kernel, (*descs, *args[4:]), tuned, tuned=True,
-                                      min_arch=90))
+                out += _attention_tma_with_tiles(f"B{B} H{H} Nq{NQ} Nk{NK} D{D} tma", dtype, args, meta)
     return out
 
 
@@ -237,6 +253,23 @@ def _geglu_configs(dtypes) -> list[Config]:
     return out
 
 
+def _model_configs(dtypes) -> list[Config]:
+    """What the shipped models launch (``aot_models``): their own channels per group, scale / shift norms, head
+    dims, view strides and batch sizes, with every attention tile the autotuner would time."""
+    from .aot_models import model_launches
+
+    out = []
+    for label, op, kernel, args, meta, dtype in model_launches(dtypes=dtypes):
+        if op == "attention":
+            out += _attention_with_tiles(label, dtype, args, meta)
+        elif op == "attention_tma":
+            if dtype != torch.float32:  # a GPU runs fp32 on the pointer kernel (``attention_tma.supported``)
+                out += _attention_tma_with_tiles(label, dtype, args, meta)
+        else:
+            out.append(Config(op, label, dtype, kernel, args, meta))
+    return out
+
+
 KERNELS: dict[str, Callable[..., list]] = {
     "group_norm": _group_norm_configs,
     "attention": _attention_configs,
@@ -244,6 +277,7 @@ KERNELS: dict[str, Callable[..., list]] = {
     "adaln": _adaln_configs,
     "lincomb": _lincomb_configs,
     "geglu": _geglu_configs,
+    "models": _model_configs,  # each Config names its own kernel (group_norm, attention, ...)
 }
 
 
@@ -261,13 +295,28 @@ QUICK = (
 )
 
 
+def in_quick(cfg: Config) -> bool:
+    """Whether the quick check compiles ``cfg``: the QUICK subset, and every launch of the float16 models at the
+    launcher's own tile (their autotuner tiles and the other dtypes' models are in the full set)."""
+    if cfg.label.startswith("model "):  # (recorded from float16 models; SD2.1's upcast attention is float32)
+        return not cfg.tuned
+    return any(q in cfg.label for q in QUICK)
+
+
 def configs(kernels=None, dtypes=DTYPES, quick: bool = False) -> list[Config]:
-    """Every configuration of the chosen kernels (all by default) at the chosen dtypes."""
-    out = []
+    """Every configuration of the chosen sources (all by default) at the chosen dtypes, each distinct compile
+    once: a model launch equal to a listed shape's is kept under the listed shape's label."""
+    from .aot_models import compile_key
+
+    out, seen = [], set()
     for name in kernels or KERNELS:
-        out += KERNELS[name](dtypes)
-    if quick:
-        out = [c for c in out if any(q in c.label for q in QUICK)]
+        # the quick check takes the models' float16 launches only: record no others
+        source_dtypes = tuple(d for d in dtypes if d == torch.float16) if quick and name == "models" else dtypes
+        for cfg in KERNELS[name](source_dtypes):
+            key = (compile_key(cfg.fn, cfg.args, cfg.meta, cfg.dtype), cfg.min_arch)
+            if key not in seen and (not quick or in_quick(cfg)):
+                seen.add(key)
+                out.append(cfg)
     return out
 
 
@@ -368,6 +417,7 @@ def compile_config(cfg: Config, arch: int) -> Result:
         res.extra["narrow_half_accesses"] = len(_NARROW_HALF.findall(ptx))
         res.extra["tma_copies"] = ptx.count("cp.async.bulk.tensor")  # TMA loads / stores (sm_90+)
         res.extra["wgmma"] = ptx.count("wgmma.mma_async")
+        res.extra["block_m"] = cfg.meta.get("BLOCK_M")  # wgmma needs 64-row tiles: tiny problems run mma.sync
     except Exception as e:  # noqa: BLE001 - reported per configuration
         res.error = f"{e.__class__.__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
     res.seconds = time.perf_counter() - t0
@@ -431,7 +481,8 @@ def main(argv: Optional[list] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m fastdiff.kernels.aot", description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), help="compute capabilities (80 90)")
     p.add_argument("--dtype", nargs="+", choices=[str(d).split(".")[1] for d in DTYPES], help="default: all")
-    p.add_argument("--kernel", nargs="+", choices=list(KERNELS), help="default: all")
+    p.add_argument("--kernel", nargs="+", choices=list(KERNELS),
+                   help="configuration sources, default: all ('models': what the shipped models launch)")
     p.add_argument("--quick", action="store_true", help="only the QUICK subset of configurations")
     p.add_argument("--json", action="store_true", help="print the results as one JSON line")
     a = p.parse_args(argv)

@@ -311,11 +311,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional
               out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """softmax(q k^T * scale) v for q (B, H, Nq, D), k / v (B, H, Nk, D); scale defaults to 1/sqrt(D).
 
-    Inputs may be non-contiguous (they are read through their strides). Returns (B, H, Nq, D) in q's
-    dtype, stored as (B, Nq, H, D) like FlashAttention's SDPA output: the ``.transpose(1, 2).reshape(B, Nq,
-    H * D)`` that the models apply next is then a view, not a copy. Or writes ``out`` (any strides).
+    Inputs may be non-contiguous (they are read through their strides); one whose head dim is not its unit
+    stride is copied first, as SDPA does: each key / value tile is read once per query block, and a strided
+    head dim makes every such read 2-byte loads (EDM's interleaved qkv, for one). Returns (B, H, Nq, D) in
+    q's dtype, stored as (B, Nq, H, D) like FlashAttention's SDPA output: the ``.transpose(1, 2).reshape(B,
+    Nq, H * D)`` that the models apply next is then a view, not a copy. Or writes ``out`` (any strides).
     """
     _check(q, k, v, out)
+    q, k, v = (t if t.stride(3) == 1 or t.shape[3] == 1 else t.contiguous() for t in (q, k, v))
     if out is None:
         B, H, NQ, D = q.shape
         out = torch.empty((B, NQ, H, D), device=q.device, dtype=q.dtype).transpose(1, 2)

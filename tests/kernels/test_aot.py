@@ -6,9 +6,12 @@ compiles run in one subprocess per architecture, both at once, with the variable
 the bfloat16 ``tl.dot`` of the attention kernel is checked (the interpreter cannot run it, see
 test_attention.py).
 
-By default the QUICK subset (every kernel x dtype x arch, every group-norm mode, attention at D = 40 and
-80 with 77 keys and at 72, in half precision with every autotuner tile) is compiled: ~20 s of CPU per arch on a cold Triton cache. All 72 configurations x
-2 archs take ~40 s of CPU per arch and run with FASTDIFF_AOT_FULL=1 (or ``python -m fastdiff.kernels.aot``).
+By default the quick set is compiled: the QUICK subset of the listed shapes (every kernel x dtype x arch,
+every group-norm mode, attention at D = 40 and 80 with 77 keys and at 72, in half precision with every
+autotuner tile) and every distinct launch the shipped models make in float16 (``aot_models``: recorded from
+forward passes on the meta device), about 640 compiles, 2-3 minutes of CPU per arch on a cold Triton cache.
+FASTDIFF_AOT_FULL=1 (or ``python -m fastdiff.kernels.aot``) compiles everything: every listed shape, the models'
+launches in every dtype and their autotuner tiles, about 1900 compiles per arch.
 """
 
 import os
@@ -91,8 +94,8 @@ def test_kernel_compiles_for_every_model_config(results, arch, kernel, dtype):
         # loads: the launcher never picks this kernel there)
         plain = [r.label for r in all_rows if r.ok and not r.extra.get("tma_copies")]
         assert not plain, plain
-        if dtype != "fp32":
-            assert all(r.extra.get("wgmma") for r in all_rows if r.ok)
+        if dtype != "fp32":  # (a tile under 64 rows, a tiny model's, runs mma.sync)
+            assert all(r.extra.get("wgmma") for r in all_rows if r.ok and r.extra.get("block_m", 64) >= 64)
     if kernel == "group_norm" and dtype != "fp32":
         # channels-last groups of SD's 10 / 40 channels: 4- / 16-byte accesses (a runtime channels-per-group
         # compiled to 2-byte ones); the one-channel groups of 2x32x1x1 cannot vectorise
@@ -108,12 +111,61 @@ def test_configs_cover_the_model_shapes():
         assert any(k == "attention" and f"D{d}" in lbl for k, lbl in labels), d
     assert any("Nk77 D40" in lbl for _, lbl in labels)  # cross attention: Nk not a block multiple
     assert any(k == "attention" and "H16 Nq256 Nk256 D72" in lbl for k, lbl in labels)  # DiT-XL/2
-    parts = {lbl.split()[-1] for k, lbl in labels if k == "group_norm"}
+    parts = {lbl.split()[-1] for k, lbl in labels if k == "group_norm" and not lbl.startswith("model ")}
     # "groups": fused (8x8) and split statistics (64x64); "rows": its three launches
     assert parts == {"mode0", "mode1", "mode2", "stats_kernel", "coef_kernel", "apply_kernel"}
     assert any(k == "adaln_modulate" and "D1152" in lbl for k, lbl in labels)
     assert {lbl for k, lbl in labels if k == "lincomb" and lbl.startswith("1x4x64x64")} == {
         f"1x4x64x64 terms{n}" for n in (2, 3, 4, 5)}
+
+
+def test_model_launches_cover_what_the_models_run():
+    """The recorded launches of the shipped models hold the configurations the listed shapes miss: SD's other
+    channels per group, scale-shift norms (ADM, EDM), every head dim, the projection views' strides, batch 1."""
+    from fastdiff.kernels import aot_models
+
+    sd15 = aot_models.record_model("sd15-unet", torch.float16, channels_last=True, batch=2)
+    cpg = {meta["CPG"] for op, _, _, meta in sd15 if op == "group_norm"}
+    assert cpg == {10, 20, 30, 40, 60, 80}  # 320 / 640 / 1280 channels and the up blocks' 960 / 1920 / 2560
+    heads = {args[0].shape[-1] for op, _, args, _ in sd15 if op == "attention"}
+    assert heads == {40, 80, 160}
+    q = next(args[0] for op, _, args, _ in sd15 if op == "attention")
+    assert q.shape == (2, 8, 4096, 40) and q.stride()[1:] == (40, 320, 1)  # (B, N, H, D) viewed as (B, H, N, D)
+    adm = aot_models.record_model("adm-256", torch.float16, batch=1)
+    assert any(meta["HAS_SCALE"] and meta["HAS_SHIFT"] for op, _, _, meta in adm if op == "group_norm")
+    edm = aot_models.record_model("edm-imagenet64", torch.float16, batch=1)
+    assert any(meta["HAS_SCALE"] for op, _, _, meta in edm if op == "group_norm")
+    dit = aot_models.record_model("dit-xl-2-256", torch.float16, batch=2)
+    assert {op for op, *_ in dit} == {"attention", "adaln_modulate", "gated_residual_modulate"}
+    alt = aot_models.record_model("dit-xl-2-256", torch.float16, batch=2, ops=aot_models.PASSES["alt"])
+    assert {op for op, *_ in alt} == {"attention_tma", "adaln_modulate", "gated_residual"}
+    labels = {c.label for c in aot.configs(["models"], (torch.float16,), quick=True)}
+    assert any("ddpm-cifar10" in lbl for lbl in labels) and any(" b1 " in lbl for lbl in labels)
+
+
+def test_recording_matches_a_real_run_and_launches_nothing():
+    """Per op, a recorded forward pass makes the launches a real one makes (the interpreter runs tiny-sd-unet on
+    the CPU), and the launch helpers are restored afterwards."""
+    import collections
+    import importlib
+
+    from fastdiff.checkpoints.presets import build_arch
+    from fastdiff.kernels import aot_models
+    from fastdiff.models.layers import set_backend
+
+    helpers = {(m, h): getattr(importlib.import_module(f"fastdiff.kernels.{m}"), h)
+               for m, h, _, _ in aot_models._HELPERS}
+    recorded = collections.Counter(op for op, *_ in aot_models.record_model("tiny-sd-unet", torch.float32, batch=2))
+    assert {(m, h): getattr(importlib.import_module(f"fastdiff.kernels.{m}"), h) for m, h in helpers} == helpers
+
+    model, spec = build_arch("tiny-sd-unet")
+    set_backend(model, "triton")
+    real = []
+    with aot_models.recording(real, passthrough=True):  # records and launches, on the CPU's interpreter
+        x = torch.randn(2, spec.in_channels, 8, 8)
+        model(x, torch.tensor([10.0, 20.0]), encoder_hidden_states=torch.randn(2, 77, spec.cross_attention_dim))
+    assert set(recorded) == {"group_norm", "attention", "geglu", "residual_layer_norm"}
+    assert collections.Counter(op for op, *_ in real) == recorded
 
 
 def test_source_specialises_like_the_jit():

@@ -216,3 +216,26 @@ def test_tuning_times_sdpa_kernels_on_a_gpu_only():
 def test_attention_rejects_bad_arguments(call, match):
     with pytest.raises(BadArgumentError, match=match):
         call()
+
+
+def test_a_strided_head_dim_is_copied_before_the_kernel(monkeypatch):
+    """EDM's interleaved qkv gives q / k / v whose head dim is not the unit stride: the launcher copies them
+    (each K / V tile is read once per query block, and strided reads compile to 2-byte loads), and the result
+    is unchanged."""
+    import importlib
+
+    module = importlib.import_module("fastdiff.kernels.attention")
+    B, H, D, N = 1, 2, 40, 9
+    qkv = torch.randn(B, H, D, 3, N)  # EDM: channel (head * D + c) * 3 + {q, k, v}, positions last
+    q, k, v = qkv.permute(3, 0, 1, 4, 2).unbind(0)  # 3 x (B, H, N, D), head-dim stride 3 * N
+    assert q.stride(3) == 3 * N
+    seen = []
+    original = module._launches
+    monkeypatch.setattr(module, "_launches", lambda q, k, v, *a, **kw: seen.append((q, k, v)) or original(q, k, v, *a,
+                                                                                                         **kw))
+    out = attention(q, k, v)
+    assert [t.stride(3) for t in seen[0]] == [1, 1, 1]
+    assert_close(out, reference(q, k, v), torch.float32)
+    contiguous_k = torch.randn(B, H, N, D)  # already unit-stride: passed through, no copy
+    attention(q, contiguous_k, contiguous_k)
+    assert seen[1][1] is contiguous_k
