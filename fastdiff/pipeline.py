@@ -234,16 +234,17 @@ class Pipeline:
             denoiser = CFGDenoiser(denoiser, cfg_scale, guidance_rescale, guided_channels=self.spec.guided_channels)
             extra["uncond"] = uncond
 
+        if self.loop_graphs is not None and callback is not None:
+            raise BadArgumentError("callback: a captured sampling loop (graph_scope='loop') runs no Python per "
+                                   "step; use graph_scope='step' to get per-step callbacks")
         bar = _progress(plan.steps, progress)
+
         def step_callback(info):
             if bar is not None:
                 bar.update(1) if bar.n < bar.total else None
             if callback is not None:
                 callback(info)
 
-        if self.loop_graphs is not None and callback is not None:
-            raise BadArgumentError("callback: a captured sampling loop (graph_scope='loop') runs no Python per "
-                                   "step; use graph_scope='step' to get per-step callbacks")
         try:
             with update_impl(self.update_impl):  # the samplers' state update: torch or one fused kernel
                 if self.loop_graphs is not None:

@@ -7,12 +7,15 @@ the launch the helper computes for a CUDA device (kernel, positional args, const
 a compile depends on) and returns no launch, so nothing runs. The configurations then carry the models' own
 channels per group, scale / shift norms, head dims, projection-view strides and batch sizes.
 
-Two passes per model, dtype and layout cover every Triton path a layer can take:
+Two passes per model, dtype, layout and network batch cover every Triton path a layer can take:
 ``"triton"`` everywhere (the one-pass residual + adaLN, the pointer attention) and the alternatives
-(GroupNorm's ``rows`` strategy, the adaLN kernel pair, the TMA attention). Recorded without the weight
-fusions (``fuse_qkv`` / ``fuse_conditioning`` / ``fuse_adaln``): their stacks never run on the meta device.
-Their views change strides, which changes a compile only where a stride's divisibility by 16 changes, and
-the stacked widths of these models are multiples of 16 like the per-layer ones.
+(GroupNorm's ``rows`` strategy, the adaLN kernel pair, the TMA attention). The batches are every network batch
+of the default buckets (GroupNorm's split count, and so its compile, depends on the batch).
+
+Not covered: the weight fusions (``fuse_qkv`` / ``fuse_conditioning`` / ``fuse_adaln``; their stacked views
+change strides, but recording the models with every fusion adds no compile key), and resolutions other than
+each model's own (a user's choice: SD1.5 at 768 px adds about 50 GroupNorm keys, which the JIT compiles on first
+use like any other).
 """
 
 from __future__ import annotations
@@ -26,7 +29,15 @@ import torch
 
 # model name -> builder of (model on the meta device, spec); the arch: presets plus the EDM and ADM
 # configurations fastdiff loads from checkpoints (their scale-shift GroupNorms and channel counts)
-MODEL_BATCHES = (1, 2)  # one sample without CFG, and the CFG pair
+def model_batches() -> tuple:
+    """The network batches of ``OptimizeConfig``'s default buckets: each bucket and its CFG double."""
+    from ..runtime.config import OptimizeConfig
+    from ..runtime.graphs import network_buckets
+
+    return network_buckets(OptimizeConfig().batch_buckets)
+
+
+
 PASSES = {  # OptimizeConfig.kernel_ops-style: op -> the implementation each pass puts it on
     "triton": {},
     "alt": {"group_norm": "triton_rows", "adaln_modulate": "triton_pair", "attention": "triton_tma"},
@@ -201,24 +212,22 @@ def model_launches(models=MODELS, dtypes=(torch.float16, torch.bfloat16, torch.f
             for layout in ("nchw", "cl"):
                 if layout == "cl" and name.startswith(("dit", "tiny-dit")):  # DiT: no 4-D activations
                     continue
-                for batch in MODEL_BATCHES:
+                for batch in model_batches():
                     for pass_name, ops in PASSES.items():
                         for op, kernel, args, meta in record_model(name, dtype, layout == "cl", batch, ops):
-                            first = _first_tensor(args)  # the launch's own dtype: SD2.1 upcasts its attention
-                            key = compile_key(kernel, args, meta, first.dtype)
+                            main = _data_tensor(args)  # the launch's own dtype: SD2.1 upcasts its attention
+                            key = compile_key(kernel, args, meta, main.dtype)
                             if key in seen:
                                 continue
                             seen.add(key)
-                            label = f"model {name} {layout} b{batch} {pass_name}: {'x'.join(map(str, first.shape))}"
-                            out.append((label, op, kernel, args, meta, first.dtype))
+                            label = f"model {name} {layout} b{batch} {pass_name}: {'x'.join(map(str, main.shape))}"
+                            out.append((label, op, kernel, args, meta, main.dtype))
     return out
 
 
-def _first_tensor(args) -> torch.Tensor:
-    """The first tensor argument (a TMA descriptor's tensor for the descriptor kernel)."""
-    for a in args:
-        if isinstance(a, torch.Tensor):
-            return a
-        if type(a).__name__ == "TensorDescriptor":
-            return a.base
-    raise ValueError("a launch without tensor arguments")
+def _data_tensor(args) -> torch.Tensor:
+    """The tensor argument that says the launch's dtype: the first half-precision one (a float32 statistics
+    workspace may come first), else the first (a TMA descriptor's tensor for the descriptor kernel)."""
+    tensors = [a.base if type(a).__name__ == "TensorDescriptor" else a for a in args
+               if isinstance(a, torch.Tensor) or type(a).__name__ == "TensorDescriptor"]
+    return next((t for t in tensors if t.dtype in (torch.float16, torch.bfloat16)), tensors[0])

@@ -182,8 +182,9 @@ def test_generate_output_and_argument_errors_exit_2(tmp_path, extra, needle):
 
 
 def test_info_shows_each_fused_layers_path_for_a_model(tmp_path):
-    """`fastdiff info MODEL --backend triton` (the interpreter stands in for a GPU): each fused layer's path; the
-    per-op table lists the samplers' state update too; without the extension, the reason it is not built."""
+    """`fastdiff info MODEL --backend triton` (the interpreter stands in for a GPU; off CUDA the measured per-op
+    table is empty, so every op is on Triton, as optimize() would put it): each fused layer's path; the per-op
+    table lists the samplers' state update too; without the extension, the reason it is not built."""
     r = fastdiff("info", "arch:tiny-sd-unet", "--backend", "triton", "--json", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
@@ -198,3 +199,19 @@ def test_info_shows_each_fused_layers_path_for_a_model(tmp_path):
     r = subprocess.run([sys.executable, "-m", "fastdiff.cli", "info", "arch:tiny-dit", "--backend", "triton"],
                        cwd=tmp_path, env=no_interpreter, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "backend 'triton' was requested" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_info_model_ops_follow_optimize_on_a_gpu(monkeypatch):
+    """On CUDA `fastdiff info MODEL` reports what optimize(backend="triton") runs: the measured per-op table
+    (attention on torch's SDPA), unless --kernel-ops all."""
+    import torch
+
+    from fastdiff.commands import info
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr("fastdiff.commands.generate.load_pipeline",
+                        lambda model, device: __import__("fastdiff").load(model))  # the weights stay on the CPU
+    measured = info.model_ops("arch:tiny-sd-unet", "triton")
+    assert measured["device"] == "cuda" and measured["ops"]["Attention"] == "native"
+    assert measured["ops"]["GroupNorm"] == "triton"
+    assert info.model_ops("arch:tiny-sd-unet", "triton", "all")["ops"]["Attention"] == "triton"

@@ -143,24 +143,30 @@ def _mixed_request(i: int) -> dict:
     return req
 
 
-def test_200_requests_from_8_threads_each_equals_its_solo_run():
-    pipe = FakePipeline(delay_s=0.002)
-    reqs = [_mixed_request(i) for i in range(200)]
+def _submit_from_threads(engine: Engine, reqs: list, threads: int = 8) -> list:
+    """Submit ``reqs`` from ``threads`` client threads started together (thread t sends every t-th request);
+    returns the futures in request order once every thread is done submitting."""
     futures = [None] * len(reqs)
-    start = threading.Barrier(8)
+    start = threading.Barrier(threads)
 
     def client(t):
         start.wait()
-        for i in range(t, len(reqs), 8):
+        for i in range(t, len(reqs), threads):
             futures[i] = engine.submit(**reqs[i])
 
+    workers = [threading.Thread(target=client, args=(t,)) for t in range(threads)]
+    for th in workers:
+        th.start()
+    for th in workers:
+        th.join(TIMEOUT)
+    return futures
+
+
+def test_200_requests_from_8_threads_each_equals_its_solo_run():
+    pipe = FakePipeline(delay_s=0.002)
+    reqs = [_mixed_request(i) for i in range(200)]
     with Engine(pipe, max_batch=8, max_wait_ms=20) as engine:
-        threads = [threading.Thread(target=client, args=(t,)) for t in range(8)]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join(TIMEOUT)
-        results = [f.result(TIMEOUT) for f in futures]
+        results = [f.result(TIMEOUT) for f in _submit_from_threads(engine, reqs)]
         stats = engine.stats()
 
     for req, out in zip(reqs, results):
@@ -561,21 +567,8 @@ def test_real_200_requests_from_8_threads_each_equals_its_solo_run(real_pipes):
         reqs.append(dict(seed=9000 + i, sampler=sampler, steps=2 if sampler is None else 2 + i // 15 % 2,
                          height=h, width=w))
     rec = Recorder(pipe)
-    futures = [None] * len(reqs)
-    start = threading.Barrier(8)
-
-    def client(t):
-        start.wait()
-        for i in range(t, len(reqs), 8):
-            futures[i] = engine.submit(**reqs[i])
-
     with Engine(rec, max_batch=8, max_wait_ms=20) as engine:
-        threads = [threading.Thread(target=client, args=(t,)) for t in range(8)]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join(TIMEOUT)
-        outs = [f.result(TIMEOUT) for f in futures]
+        outs = [f.result(TIMEOUT) for f in _submit_from_threads(engine, reqs)]
         stats = engine.stats()
 
     called = [s for kw, _ in rec.calls for s in kw["seeds"]]

@@ -216,6 +216,24 @@ def test_compile_without_a_per_model_limit_raises_dynamos_own(monkeypatch):
     assert getattr(dynamo, total) == 10_000  # already above: left alone
 
 
+def test_compile_with_a_per_model_limit_isolates_it(monkeypatch):
+    """Where torch.compile takes ``recompile_limit`` and ``isolate_recompiles`` (torch 2.13), both are passed: without
+    isolation two models of one class share one count, and the second fails after the first one's shapes."""
+    from fastdiff.runtime.runners import SIGNATURES_PER_BUCKET
+
+    calls = []
+
+    def newer_compile(model, *, fullgraph=False, dynamic=None, backend="inductor", mode=None, options=None,
+                      disable=False, recompile_limit=None, isolate_recompiles=False):
+        calls.append(dict(recompile_limit=recompile_limit, isolate_recompiles=isolate_recompiles))
+        return model
+
+    monkeypatch.setattr(torch, "compile", newer_compile)
+    for _ in range(2):
+        fastdiff.load("arch:tiny-unet").optimize(backend="compile", batch_buckets=(1, 2))
+    assert calls == [dict(recompile_limit=SIGNATURES_PER_BUCKET * 3, isolate_recompiles=True)] * 2
+
+
 def test_sdpa_backend_pinning():
     """sdpa_backend pins torch's SDPA in every native attention core; a backend that cannot run says so."""
     from fastdiff.errors import BackendUnavailableError

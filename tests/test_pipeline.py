@@ -215,6 +215,11 @@ def test_progress_bar_counts_steps_and_is_closed_even_when_sampling_raises(monke
     bar = bars[-1]
     assert len(bars) == 3 and bar.n == 1 and bar.closed
 
+    pipe.loop_graphs = object()  # a captured loop takes no per-step callback: refused before any bar is opened
+    with pytest.raises(BadArgumentError, match="callback"):
+        pipe.generate(seeds=[1], steps=3, sampler="euler", progress=True, callback=lambda info: None)
+    assert len(bars) == 3
+
 
 def test_class_labels_out_of_range_are_refused_on_the_host():
     pipe = fastdiff.load("arch:tiny-dit")  # 10 classes, null label 10

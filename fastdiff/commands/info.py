@@ -15,8 +15,12 @@ def register(sub) -> None:
     p.add_argument("model", metavar="MODEL", nargs="?", default=None,
                    help="also load MODEL (a path, arch:NAME or builtin:NAME) on the best device here and show the "
                         "path each of its fused layers takes with --backend")
-    p.add_argument("--backend", choices=("auto", "triton", "eager"), default="auto",
-                   help="the kernel backend MODEL's layers are set to (default: auto, as optimize() does)")
+    p.add_argument("--backend", choices=("triton", "eager"), default="triton",
+                   help="the backend MODEL's layers are set to, as optimize(OptimizeConfig(backend=...)) sets them "
+                        "(default: triton)")
+    p.add_argument("--kernel-ops", choices=["measured", "all", "tune"], default="measured",
+                   help="with --backend triton, as for generate: the per-op table measured on a GPU (default), "
+                        "every op on Triton, or 'tune'")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=run)
 
@@ -92,23 +96,29 @@ def collect() -> dict:
     return report
 
 
-def model_ops(model: str, backend: str) -> dict:
-    """``{"model", "device", "backend", "ops"}``: the path each fused layer of ``model`` takes with ``backend``."""
+def model_ops(model: str, backend: str, kernel_ops: str = "measured") -> dict:
+    """``{"model", "device", "backend", "ops"}``: the path each fused layer of ``model`` takes on the best device
+    here after ``optimize(OptimizeConfig(backend=backend, kernel_ops=kernel_ops))`` (on a GPU: the per-op table)."""
     import torch
 
     from ..models.layers import op_backends, set_backend
+    from ..runtime.config import OptimizeConfig
     from .generate import load_pipeline
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     pipe = load_pipeline(model, device)
-    chosen = set_backend(pipe.model, "native" if backend == "eager" else backend)
+    if backend == "triton":  # as runtime.runners.prepare_model sets the layers
+        config = OptimizeConfig(backend="triton", kernel_ops=kernel_ops)
+        chosen = set_backend(pipe.model, "triton", ops=config.op_choices(device))
+    else:
+        chosen = set_backend(pipe.model, "native")
     return {"model": model, "device": str(device), "backend": chosen, "ops": op_backends(pipe.model)}
 
 
 def run(args) -> int:
     report = collect()
     if getattr(args, "model", None):
-        report["model_ops"] = model_ops(args.model, args.backend)
+        report["model_ops"] = model_ops(args.model, args.backend, args.kernel_ops)
     if args.json:
         import json
 

@@ -114,7 +114,9 @@ def compile_network(model: torch.nn.Module, config: OptimizeConfig, device: torc
     """``torch.compile(fullgraph=True, dynamic=False)`` allowed one compile per signature fastdiff produces:
     ``SIGNATURES_PER_BUCKET`` per network batch bucket.
 
-    Where ``torch.compile`` takes ``recompile_limit`` (newer torch; 2.13 does) the limit is this model's alone.
+    Where ``torch.compile`` takes ``recompile_limit`` (newer torch; 2.13 does) the limit is this model's alone, with
+    ``isolate_recompiles=True``: without it the compiled entries of every model of one class share a single
+    count (one ``forward``), so a second model of the class would fail after the first one's shapes.
     Before that (torch 2.5 on) there is only Dynamo's process-wide limit (``cache_size_limit`` before its rename to
     ``recompile_limit``), which is then raised, never lowered. The cap over all compiles of one function (every
     model of a class together: ``accumulated_recompile_limit``, formerly ``accumulated_cache_size_limit``) is
@@ -129,7 +131,10 @@ def compile_network(model: torch.nn.Module, config: OptimizeConfig, device: torc
     budget = SIGNATURES_PER_BUCKET * len(network_buckets(config.batch_buckets))
     kw = dict(fullgraph=True, dynamic=False, mode=compile_mode(config, device, notes))
     _raise_limit(dynamo, ("accumulated_recompile_limit", "accumulated_cache_size_limit"), budget)
-    if "recompile_limit" in inspect.signature(torch.compile).parameters:
+    params = inspect.signature(torch.compile).parameters
+    if "recompile_limit" in params:
+        if "isolate_recompiles" in params:
+            kw["isolate_recompiles"] = True
         return torch.compile(model, recompile_limit=budget, **kw)
     _raise_limit(dynamo, ("recompile_limit", "cache_size_limit"), budget)
     return torch.compile(model, **kw)
