@@ -142,7 +142,9 @@ def compile_network(model: torch.nn.Module, config: OptimizeConfig, device: torc
 
 def _raise_limit(dynamo_config, names: tuple, at_least: int) -> None:
     """Raise the first of ``names`` that this torch's Dynamo config has (a newer name first) to ``at_least``."""
-    name = next(n for n in names if hasattr(dynamo_config, n))
+    name = next((n for n in names if hasattr(dynamo_config, n)), None)
+    if name is None:  # a torch that renamed it again: its default stands (the compile may then stop at its limit)
+        return
     if getattr(dynamo_config, name) < at_least:
         setattr(dynamo_config, name, at_least)
 
