@@ -101,6 +101,8 @@ import torch
 name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'NO CUDA DEVICE VISIBLE'
 print('torch', torch.__version__, 'cuda', torch.version.cuda, name)" > "$RESULTS/device.txt" 2>&1
 cat "$RESULTS/device.txt"
+# versions, backends, the per-op table and the path each fused layer takes there (in the results tarball)
+step info 40 env -C /tmp $PY -m fastdiff.cli info arch:tiny-sd-unet
 
 # --- 2. diffusers from a local wheel folder ----------------------------------------------------------
 WHEELS=${FASTDIFF_WHEELS:-$ROOT/gpu_payload/wheels}

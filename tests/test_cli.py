@@ -195,10 +195,15 @@ def test_info_shows_each_fused_layers_path_for_a_model(tmp_path):
     assert report["cuda_extension"].startswith("not built") and ": " in report["cuda_extension"]
     eager = fastdiff("info", "arch:tiny-dit", "--backend", "eager", cwd=tmp_path)
     assert eager.returncode == 0 and "ModulatedLayerNorm   native" in eager.stdout
+    default = fastdiff("info", "arch:tiny-dit", "--json", cwd=tmp_path)  # the interpreter: triton can run
+    assert json.loads(default.stdout)["model_ops"]["backend"] == "triton"
     no_interpreter = {k: v for k, v in ENV.items() if k != "TRITON_INTERPRET"}  # no GPU either: one line, status 2
     r = subprocess.run([sys.executable, "-m", "fastdiff.cli", "info", "arch:tiny-dit", "--backend", "triton"],
                        cwd=tmp_path, env=no_interpreter, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "backend 'triton' was requested" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "fastdiff.cli", "info", "arch:tiny-dit", "--json"],  # default: eager
+                       cwd=tmp_path, env=no_interpreter, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and json.loads(r.stdout)["model_ops"]["backend"] == "native"
 
 
 def test_info_model_ops_follow_optimize_on_a_gpu(monkeypatch):

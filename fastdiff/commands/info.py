@@ -15,9 +15,9 @@ def register(sub) -> None:
     p.add_argument("model", metavar="MODEL", nargs="?", default=None,
                    help="also load MODEL (a path, arch:NAME or builtin:NAME) on the best device here and show the "
                         "path each of its fused layers takes with --backend")
-    p.add_argument("--backend", choices=("triton", "eager"), default="triton",
+    p.add_argument("--backend", choices=("triton", "eager"), default=None,
                    help="the backend MODEL's layers are set to, as optimize(OptimizeConfig(backend=...)) sets them "
-                        "(default: triton)")
+                        "(default: triton where it can run here, else eager)")
     p.add_argument("--kernel-ops", choices=["measured", "all", "tune"], default="measured",
                    help="with --backend triton, as for generate: the per-op table measured on a GPU (default), "
                         "every op on Triton, or 'tune'")
@@ -118,7 +118,8 @@ def model_ops(model: str, backend: str, kernel_ops: str = "measured") -> dict:
 def run(args) -> int:
     report = collect()
     if getattr(args, "model", None):
-        report["model_ops"] = model_ops(args.model, args.backend, args.kernel_ops)
+        backend = args.backend or ("triton" if report["backends"]["triton"] == "yes" else "eager")
+        report["model_ops"] = model_ops(args.model, backend, args.kernel_ops)
     if args.json:
         import json
 
