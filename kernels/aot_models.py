@@ -27,15 +27,12 @@ from typing import Callable
 
 import torch
 
-# model name -> builder of (model on the meta device, spec); the arch: presets plus the EDM and ADM
-# configurations fastdiff loads from checkpoints (their scale-shift GroupNorms and channel counts)
 def model_batches() -> tuple:
     """The network batches of ``OptimizeConfig``'s default buckets: each bucket and its CFG double."""
     from ..runtime.config import OptimizeConfig
     from ..runtime.graphs import network_buckets
 
     return network_buckets(OptimizeConfig().batch_buckets)
-
 
 
 PASSES = {  # OptimizeConfig.kernel_ops-style: op -> the implementation each pass puts it on
@@ -74,11 +71,16 @@ def _edm_config(**kw):
 
 
 def _builders() -> dict[str, Callable]:
+    """Model name -> builder of (model on the meta device, its inputs' sizes): the arch: presets plus the EDM and
+    ADM configurations fastdiff loads from checkpoints (their scale-shift GroupNorms and channel counts)."""
     from ..checkpoints.presets import ARCH_NAMES, build_arch
     from ..models import build_model
 
     def arch(name):
-        return lambda: build_arch(name, device="meta")
+        def build():
+            model, spec = build_arch(name, device="meta")
+            return model, _spec_info(spec)
+        return build
 
     def native(kind, make_config, size, in_channels, classes=None):
         return lambda: (build_model(kind, make_config(), device="meta"),
@@ -171,8 +173,7 @@ def _put_on_triton(model, ops: dict) -> None:
 def record_model(name: str, dtype=torch.float16, channels_last: bool = False, batch: int = 2,
                  ops: dict = None) -> list[tuple]:
     """[(op, kernel, args, meta)] of one forward pass of model ``name`` (a key of ``MODELS``)."""
-    built = _builders()[name]()
-    model, info = built[0], built[1] if isinstance(built[1], dict) else _spec_info(built[1])
+    model, info = _builders()[name]()
     model = model.to(dtype)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -211,11 +211,12 @@ def test_info_model_ops_follow_optimize_on_a_gpu(monkeypatch):
     (attention on torch's SDPA), unless --kernel-ops all."""
     import torch
 
+    import fastdiff
     from fastdiff.commands import info
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr("fastdiff.commands.generate.load_pipeline",
-                        lambda model, device: __import__("fastdiff").load(model))  # the weights stay on the CPU
+                        lambda model, device: fastdiff.load(model))  # the weights stay on the CPU
     measured = info.model_ops("arch:tiny-sd-unet", "triton")
     assert measured["device"] == "cuda" and measured["ops"]["Attention"] == "native"
     assert measured["ops"]["GroupNorm"] == "triton"
