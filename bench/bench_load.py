@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import statistics
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -80,11 +81,14 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args(argv)
     folder = make_folder(args.arch)
-    size = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)) / 2**20
-    runs = {"fastdiff": [], "diffusers": []}
-    for _ in range(args.repeat):
-        for which in ("diffusers", "fastdiff"):
-            runs[which].append(run(which, folder))
+    try:  # the folder is the model's whole size (3.3 GB for SD1.5): never leave it in the temp dir
+        size = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)) / 2**20
+        runs = {"fastdiff": [], "diffusers": []}
+        for _ in range(args.repeat):
+            for which in ("diffusers", "fastdiff"):
+                runs[which].append(run(which, folder))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
     print(f"{args.arch} UNet, {runs['fastdiff'][0]['params'] / 1e6:.0f}M params, {size:.0f} MiB safetensors, "
           f"{args.repeat} fresh processes each")
     keys = ("seconds", "seconds_touched", "peak_rss_mb", "rss_after_mb")
