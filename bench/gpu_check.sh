@@ -207,7 +207,7 @@ SD=${FASTDIFF_GPU_SD:-arch:sd15-unet}
 wants dit && bench_e2e dit-xl-2-256 "$DIT" 4 150 \
     "${FASTDIFF_GPU_DIT_VARIANTS:-eager,eager+loop,triton+step,triton+loop,triton+loop+noadaln,triton+loop+precompute,triton+loop+resnorm,triton+loop+tma,triton+loop+upd,triton+loop+flash,triton+loop+allk,triton+loop+tune}" diffusers
 wants sd15 && bench_e2e sd15-unet "$SD" 7.5 300 \
-    "${FASTDIFF_GPU_SD_VARIANTS:-eager+cl,eager+loop+cl,triton+step+cl,triton+loop+cl,triton+loop+cl+cond,triton+loop+cl+resln,triton+loop+cl+tma,triton+loop+cl+gnrows,triton+loop+cl+nogeglu,triton+loop+cl+noqkv,triton+loop+cl+upd,triton+loop+cl+flash,triton+loop+cl+allk,triton+loop+cl+tune}" diffusers
+    "${FASTDIFF_GPU_SD_VARIANTS:-eager+cl,eager+loop+cl,triton+step+cl,triton+loop+cl,triton+loop+cl+cond,triton+loop+cl+resln,triton+loop+cl+tma,triton+loop+cl+gnrows,triton+loop+cl+nogeglu,triton+loop+cl+noqkv,triton+loop+cl+upd,triton+loop+cl+flash,triton+loop+cl+cudnnbench,triton+loop+cl+allk,triton+loop+cl+tune}" diffusers
 # the best fastdiff variant, diffusers eager and torch.compile(diffusers, mode="max-autotune") in one run
 # (a process of its own: a compile that outlives its limit cannot take the figures above with it)
 # Inductor's max-autotune of the diffusers DiT ran past 176 s on an H200 (one GEMM's autotuning took 37 s):

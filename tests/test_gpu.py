@@ -286,3 +286,18 @@ def test_pinned_sdpa_backend_equals_default_on_gpu(backend):
     want = fastdiff.load("arch:tiny-dit", device="cuda", dtype=torch.float16).generate(**kw)
     pinned = fastdiff.load("arch:tiny-dit", device="cuda", dtype=torch.float16).optimize(sdpa_backend=backend)
     assert rel_err(pinned.generate(**kw), want) <= 2e-2
+
+
+@pytest.mark.parametrize("scope", ["step", "loop"])
+def test_cudnn_benchmark_in_captured_graphs_equals_eager(scope):
+    """cuDNN's algorithm search runs in the warm-up before each capture, never inside one: the captured UNet
+    (channels-last fp16 convolutions) equals eager, and the process-wide flag is the caller's again after."""
+    ctx = torch.randn(1, 6, 32, device="cuda")
+    kw = dict(seeds=[1, 2], steps=3, sampler="dpmpp_2m", encoder_hidden_states=ctx,
+              negative_encoder_hidden_states=torch.zeros_like(ctx), cfg_scale=4.0, progress=False)
+    want = fastdiff.load("arch:tiny-sd-unet", device="cuda", dtype=torch.float16).generate(**kw)
+    before = torch.backends.cudnn.benchmark
+    pipe = fastdiff.load("arch:tiny-sd-unet", device="cuda", dtype=torch.float16).optimize(
+        cudnn_benchmark=True, channels_last=True, cuda_graphs=True, graph_scope=scope, batch_buckets=(2, 4))
+    assert rel_err(pipe.generate(**kw), want) <= 2e-2
+    assert torch.backends.cudnn.benchmark == before

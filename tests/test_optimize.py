@@ -107,6 +107,7 @@ def test_fuse_qkv_defaults_on_for_self_attention_on_cuda_only(arch, device, fuse
     ("arch:tiny-sd-unet", dict(fuse_adaln=True), "fuse_adaln ignored"),  # no adaLN
     ("arch:tiny-dit", dict(fuse_qkv=True), "fuse_qkv ignored"),  # DiT stores qkv fused already
     ("arch:tiny-dit", dict(fuse_adaln=True, backend="onnxruntime"), "fuse_adaln ignored: the onnxruntime"),
+    ("arch:tiny-dit", dict(cudnn_benchmark=True, backend="onnxruntime"), "cudnn_benchmark ignored: the onnxruntime"),
 ])
 def test_a_fusion_with_nothing_to_fuse_says_so(arch, switches, note):
     if switches.get("backend") == "onnxruntime":
@@ -135,6 +136,7 @@ def test_config_validation(kwargs):
     (dict(cuda_graphs="no"), "'no'"),                  # a truthy string turned graphs on
     (dict(channels_last=1), "channels_last"),
     (dict(fuse_qkv="yes"), "fuse_qkv"),
+    (dict(cudnn_benchmark="on"), "cudnn_benchmark"),
 ])
 def test_config_validation_says_what_it_found(kwargs, needle):
     """Wrong types are a BadArgumentError naming the field and the value found, never a raw TypeError or a
@@ -250,3 +252,37 @@ def test_sdpa_backend_pinning():
         fastdiff.load("arch:tiny-dit").optimize(sdpa_backend="cudnn").generate(**kw)
     with pytest.raises(fastdiff.BadArgumentError, match="sdpa_backend"):
         OptimizeConfig(sdpa_backend="xformers")
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_cudnn_benchmark_is_on_while_the_network_runs_only(monkeypatch, backend):
+    """cudnn_benchmark turns cuDNN's algorithm search on inside every network call (so the warm-up before a
+    capture fills cuDNN's cache) and gives the caller's setting back after it, also when the call raises."""
+    import fastdiff.models.unet as unet_module
+
+    seen = []
+    forward = unet_module.UNet.forward
+
+    def spy(self, *a, **k):
+        seen.append(torch.backends.cudnn.benchmark)
+        return forward(self, *a, **k)
+
+    monkeypatch.setattr(unet_module.UNet, "forward", spy)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    pipe = fastdiff.load("arch:tiny-sd-unet").optimize(backend=backend, cudnn_benchmark=True)
+    out = pipe.generate(**KW)
+    assert seen and all(seen) and torch.backends.cudnn.benchmark is False
+    assert rel_err(out, fastdiff.load("arch:tiny-sd-unet").generate(**KW)) <= 1e-5
+
+    def fail(self, *a, **k):
+        assert torch.backends.cudnn.benchmark is True
+        raise RuntimeError("network failed")
+
+    monkeypatch.setattr(unet_module.UNet, "forward", fail)
+    with pytest.raises(RuntimeError, match="network failed"):
+        pipe.generate(**KW)
+    assert torch.backends.cudnn.benchmark is False
+    seen.clear()
+    monkeypatch.setattr(unet_module.UNet, "forward", spy)
+    fastdiff.load("arch:tiny-sd-unet").generate(**KW)  # without the switch the flag is left alone
+    assert seen and not any(seen)

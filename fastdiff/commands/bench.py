@@ -141,6 +141,7 @@ VARIANT_SWITCHES = {
     "flash": dict(sdpa_backend="flash"),  # SDPA pinned to FlashAttention (else SDPA's own choice)
     "efficient": dict(sdpa_backend="efficient"),
     "tma": dict(kernel_ops={"attention": "triton_tma"}),  # attention through TMA descriptors (Hopper+)
+    "cudnnbench": dict(cudnn_benchmark=True),  # cuDNN times its convolution algorithms per new shape
 }
 
 

@@ -95,6 +95,13 @@ class OptimizeConfig:
     tune_cache: with ``kernel_ops="tune"``, a JSON timing cache (like TensorRT's): read at ``optimize``,
         rewritten atomically after each new measurement, ignored when made on another GPU or software
         version. Cost: none beyond the file.
+    cudnn_benchmark: let cuDNN time its algorithms for each new convolution problem and keep the fastest
+        (``torch.backends.cudnn.benchmark``, as stable-fast sets it), set only while fastdiff's network runs
+        (warm-up and capture included), so the process-wide setting stays the user's. Backends ``eager`` /
+        ``triton`` / ``compile``. Cost: the first call of each new shape (bucket x resolution) takes longer
+        while cuDNN tries its algorithms; another algorithm may change results in the last bits. The flag is
+        process-wide while a call runs: another thread's convolutions in that time are timed too. Off by
+        default until measured on a GPU.
     sdpa_backend: pin torch's SDPA (the attention ops that run on torch) to ``flash`` | ``efficient`` |
         ``cudnn`` | ``math``; None lets SDPA choose (cuDNN on Hopper with torch 2.11). A backend that cannot
         run a problem raises ``BackendUnavailableError`` on the first call.
@@ -115,6 +122,7 @@ class OptimizeConfig:
     kernel_ops: Union[str, dict] = "measured"
     sdpa_backend: Optional[str] = None
     tune_cache: Optional[str] = None
+    cudnn_benchmark: bool = False
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -123,7 +131,7 @@ class OptimizeConfig:
             raise BadArgumentError(f"dtype must be one of {tuple(DTYPES)} or None, found {self.dtype!r}")
         if self.graph_scope not in GRAPH_SCOPES:
             raise BadArgumentError(f"graph_scope must be one of {GRAPH_SCOPES}, found {self.graph_scope!r}")
-        for name in ("channels_last", "cuda_graphs", "precompute_adaln", "fuse_conditioning"):
+        for name in ("channels_last", "cuda_graphs", "precompute_adaln", "fuse_conditioning", "cudnn_benchmark"):
             _check_bool(name, getattr(self, name))
         for name in ("fuse_qkv", "fuse_adaln"):
             _check_bool(name, getattr(self, name), allow_none=True)

@@ -67,6 +67,8 @@ def build_runner(pipe, config: OptimizeConfig, graph_factory=None) -> tuple[Call
         if config.channels_last:
             inner = runner
             runner = lambda x, *a, **k: inner(x.contiguous(memory_format=torch.channels_last), *a, **k)  # noqa: E731
+        if config.cudnn_benchmark:
+            runner = CudnnBenchmark(runner)
     elif backend == "onnxruntime":
         try:
             from .onnxruntime_runner import OnnxRuntimeRunner
@@ -85,7 +87,8 @@ def build_runner(pipe, config: OptimizeConfig, graph_factory=None) -> tuple[Call
     else:  # pragma: no cover - OptimizeConfig validates
         raise BackendUnavailableError(backend)
 
-    ignored = [name for name in ("fuse_qkv", "fuse_adaln", "fuse_conditioning") if getattr(config, name)]
+    ignored = [name for name in ("fuse_qkv", "fuse_adaln", "fuse_conditioning", "cudnn_benchmark")
+               if getattr(config, name)]
     if ignored and backend in ("onnxruntime", "tensorrt"):  # exported from the model as loaded
         notes.append(f"{', '.join(ignored)} ignored: the {backend} backend runs its own exported graph")
     if config.cuda_graphs and backend == "onnxruntime":
@@ -101,6 +104,25 @@ def build_runner(pipe, config: OptimizeConfig, graph_factory=None) -> tuple[Call
                                     graph_factory=graph_factory)
         # graph_scope="loop" is applied by the Pipeline around the whole sampling loop.
     return runner, notes
+
+
+class CudnnBenchmark:
+    """Runs the network with ``torch.backends.cudnn.benchmark`` on, restoring the caller's setting after each call.
+
+    cuDNN reads the flag when a convolution is dispatched: the warm-up calls before a graph capture time the
+    algorithms and fill cuDNN's cache, the capture then finds each problem there, and replays dispatch nothing.
+    """
+
+    def __init__(self, network: Callable):
+        self.network = network
+
+    def __call__(self, *args, **kwargs):
+        before = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = True
+        try:
+            return self.network(*args, **kwargs)
+        finally:
+            torch.backends.cudnn.benchmark = before
 
 
 # torch.compile(dynamic=False) compiles the network once per input signature: network batch bucket x resolution x
