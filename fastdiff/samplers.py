@@ -85,9 +85,14 @@ def _ancestral(sigma: float, sigma_next: float, eta: float = 1.0):
     return math.sqrt(sigma_next ** 2 - up ** 2), up
 
 
-def _churn(sigma, n, s_churn, s_tmin, s_tmax):
-    """EDM's stochastic churn factor gamma_i (Karras et al. 2022, Algorithm 2)."""
-    return min(s_churn / n, 2 ** 0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
+def _churn(x, i, sigma, n, noise, s_churn, s_tmin, s_tmax, s_noise):
+    """EDM's stochastic churn (Karras et al. 2022, Algorithm 2): (x raised to sigma_hat, sigma_hat), with
+    gamma_i = min(s_churn / n, sqrt 2 - 1) inside [s_tmin, s_tmax], else x and sigma unchanged."""
+    gamma = min(s_churn / n, 2 ** 0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
+    s_hat = sigma * (gamma + 1)
+    if gamma > 0:  # raise the noise level to sigma_hat
+        x = x + noise(i, x) * (s_noise * math.sqrt(s_hat ** 2 - sigma ** 2))
+    return x, s_hat
 
 
 def _cb(callback, x, i, sigma, sigma_hat, denoised):
@@ -168,10 +173,7 @@ def sample_euler(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=N
     n = len(sig) - 1
     for i in range(n):
         s, s_next = sig[i], sig[i + 1]
-        gamma = _churn(s, n, s_churn, s_tmin, s_tmax)
-        s_hat = s * (gamma + 1)
-        if gamma > 0:                                 # raise the noise level to sigma_hat
-            x = x + noise(i, x) * (s_noise * math.sqrt(s_hat ** 2 - s ** 2))
+        x, s_hat = _churn(x, i, s, n, noise, s_churn, s_tmin, s_tmax, s_noise)
         denoised = _call(denoiser, x, s_hat, extra)
         _cb(callback, x, i, s, s_hat, denoised)
         # Euler step with d = (x - denoised) / sigma_hat: x + d (sigma' - sigma_hat), as one lerp
@@ -204,10 +206,7 @@ def sample_edm(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=Non
     n = len(sig) - 1
     for i in range(n):
         s, s_next = sig[i], sig[i + 1]
-        gamma = _churn(s, n, s_churn, s_tmin, s_tmax)
-        s_hat = s * (gamma + 1)
-        if gamma > 0:                                 # increase noise temporarily
-            x = x + noise(i, x) * (s_noise * math.sqrt(s_hat ** 2 - s ** 2))
+        x, s_hat = _churn(x, i, s, n, noise, s_churn, s_tmin, s_tmax, s_noise)
         denoised = _call(denoiser, x, s_hat, extra)
         _cb(callback, x, i, s, s_hat, denoised)
         # Euler step with d = (x - denoised) / sigma_hat (dx/dsigma at sigma_hat)

@@ -34,3 +34,13 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Every test starts on one intra-op thread, whatever an earlier test (a bench's ``--threads``) set:
+    small CPU tensors gain nothing from more, and on a loaded machine they thrash."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -19,15 +19,6 @@ pytestmark = pytest.mark.skipif(not os.path.isfile(os.path.join(DIGITS, "model.s
                                        "train them with training/train_digits.py")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small CPU tensors gain nothing from intra-op threads, and on a loaded machine they thrash."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @torch.no_grad()
 def ddim_cfg(model, spec, labels, steps=20, cfg_scale=3.0, seed=0):
     """DDIM (eta 0, trailing timesteps) with CFG in one batched call; the network predicts v or epsilon."""

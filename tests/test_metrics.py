@@ -11,15 +11,6 @@ from fastdiff.metrics.fid import (FIDInceptionV3, feature_stats, frechet_distanc
                                   load_fid_inception)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small CPU tensors gain nothing from intra-op threads, and on a loaded machine they thrash."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ------------------------------------------------------------------------------------------------
 # Frechet distance
 # ------------------------------------------------------------------------------------------------
