@@ -1,3 +1,6 @@
+import os
+import re
+
 import pytest
 
 import fastdiff
@@ -33,3 +36,32 @@ def test_a_file_that_is_not_a_checkpoint_is_corrupt_not_unsafe(tmp_path, content
     path.write_bytes(content)
     with pytest.raises(CorruptCheckpointError, match=why):
         fastdiff.load(str(path))
+
+
+@pytest.mark.parametrize("source,key,error", [
+    # read while the architecture is inferred from the shapes, and while the keys are renamed
+    (("ldm", "ldm_sd1_style.safetensors"), "model.diffusion_model.out.2.weight", "StateDictMismatchError"),
+    (("ldm", "ldm_sd2_style.safetensors"), "model.diffusion_model.time_embed.0.bias", "StateDictMismatchError"),
+    (("ldm", "ldm_sd1_style.safetensors"), "model.diffusion_model.input_blocks.0.0.bias", "StateDictMismatchError"),
+    (("dit", "dit_tiny.pt"), "blocks.0.mlp.fc1.weight", "StateDictMismatchError"),
+    (("guided_diffusion", "model.pt"), "input_blocks.1.0.emb_layers.1.weight", "StateDictMismatchError"),
+    # the level count inferred from the remaining keys no longer fits the attention widths (was a reshape error)
+    (("guided_diffusion", "model.pt"), "output_blocks.1.2.in_layers.0.weight", "CheckpointError"),
+])
+def test_a_checkpoint_missing_a_tensor_names_it(tmp_path, source, key, error):
+    """A tensor missing from a real checkpoint is a CheckpointError naming it as the file spells it, wherever the
+    converter first reads it (these were bare KeyErrors)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from conftest import fixture_path
+    from fastdiff.errors import CheckpointError
+
+    path = fixture_path(*source)
+    state = load_file(path) if path.endswith(".safetensors") else torch.load(path, weights_only=True)
+    del state[key]
+    out = tmp_path / os.path.basename(path)
+    save_file(state, str(out)) if path.endswith(".safetensors") else torch.save(state, str(out))
+    with pytest.raises(CheckpointError, match=re.escape(key) if error != "CheckpointError" else "missing") as e:
+        fastdiff.load(str(out))
+    assert type(e.value).__name__ == error

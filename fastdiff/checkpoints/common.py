@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.nn as nn
 
@@ -28,3 +30,26 @@ def strict_load(model: nn.Module, state: dict[str, torch.Tensor], name: str = "m
                  for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     return model
+
+
+class RequiredKeys(Mapping):
+    """A read-only view of a converter's state dict whose missing key is a ``StateDictMismatchError`` naming it
+    as the file spells it (``prefix`` + key), not a bare ``KeyError`` from the middle of a converter."""
+
+    def __init__(self, state: dict, model: str, prefix: str = ""):
+        self.state, self.model, self.prefix = state, model, prefix
+
+    def __getitem__(self, key):
+        try:
+            return self.state[key]
+        except KeyError:
+            raise StateDictMismatchError(missing=[self.prefix + key], model=self.model) from None
+
+    def __iter__(self):
+        return iter(self.state)
+
+    def __len__(self):
+        return len(self.state)
+
+    def __contains__(self, key):
+        return key in self.state

@@ -25,6 +25,7 @@ import torch
 from ..errors import CheckpointError, StateDictMismatchError, UnknownFormatError, UnsupportedConfigError
 from ..models.dit import DIT_PRESETS, DiT, DiTConfig, OFFICIAL_HEADS_BY_HIDDEN, sincos_pos_embed_2d
 from .io import pick_state_dict, read_safetensors, read_torch_file
+from .common import RequiredKeys
 
 # Keys every official DiT state dict holds (any size).
 _OFFICIAL_MARKERS = ("pos_embed", "x_embedder.proj.weight", "t_embedder.mlp.0.weight",
@@ -54,6 +55,7 @@ def official_dit_config_from_state_dict(sd: dict, num_heads: Optional[int] = Non
         missing = [k for k in _OFFICIAL_MARKERS if k not in (sd if isinstance(sd, dict) else {})]
         raise UnknownFormatError(f"not an official DiT state dict: expected keys {list(_OFFICIAL_MARKERS)}, "
                                  f"missing {missing}")
+    sd = RequiredKeys(sd, "an official DiT checkpoint")  # a tensor read below and missing is named
     w = sd["x_embedder.proj.weight"]  # (D, C, p, p)
     hidden, in_channels, patch = int(w.shape[0]), int(w.shape[1]), int(w.shape[2])
     depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))

@@ -22,6 +22,7 @@ import torch
 
 from ..errors import BadArgumentError, CheckpointError, UnsupportedConfigError
 from ..models.unet import UNetConfig
+from .common import RequiredKeys
 
 _RESNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
            "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
@@ -35,7 +36,7 @@ def is_guided_diffusion_state_dict(state: dict) -> bool:
 
 def guided_diffusion_config(state: dict, num_heads: Optional[int] = None,
                             head_channels: Optional[int] = None) -> UNetConfig:
-    sd = state
+    sd = RequiredKeys(state, "a guided-diffusion UNet")
     n_in = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("input_blocks."))
     # a downsampling input block holds one ResBlock and nothing else, with no skip / resample weights of
     # its own: find them as the blocks whose ResBlock keeps the channel count and that close a level.
@@ -98,7 +99,7 @@ def convert_guided_diffusion(state: dict, config: UNetConfig, attention_order: s
     channel))."""
     if attention_order not in ATTENTION_ORDERS:
         raise BadArgumentError(f"attention_order: expected one of {ATTENTION_ORDERS}, found {attention_order!r}")
-    sd = state
+    sd = RequiredKeys(state, "a guided-diffusion UNet")
     n = len(config.block_out_channels)
     per = config.layers_per_block
     head_dims = config.per_block(config.attention_head_dim, "attention_head_dim")
@@ -122,6 +123,12 @@ def convert_guided_diffusion(state: dict, config: UNetConfig, attention_order: s
         w, b = sd[f"{src}.qkv.weight"][..., 0], sd[f"{src}.qkv.bias"]  # (3C, C), (3C,)
         c = w.shape[1]
         heads = c // head_dim
+        if not heads or c % head_dim or w.shape[0] != 3 * c:  # the levels inferred from the keys do not fit
+            shape = tuple(sd[f"{src}.qkv.weight"].shape)
+            raise CheckpointError(f"guided-diffusion UNet: {src}.qkv.weight of shape {shape} does not split into "
+                                  f"q, k, v of heads of {head_dim} channels (expected (3C, C, 1) with C a multiple of "
+                                  f"{head_dim}): a block is missing, head_channels= / num_heads= are not the "
+                                  f"trained ones, or the file is not an ADM UNet")
         if attention_order == "new":  # (3, heads, head_dim): bring to the legacy (heads, 3, head_dim) layout
             w = w.reshape(3, heads, head_dim, c).transpose(0, 1)
             b = b.reshape(3, heads, head_dim).transpose(0, 1)

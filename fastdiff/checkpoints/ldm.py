@@ -19,6 +19,7 @@ import torch
 
 from ..errors import CheckpointError
 from ..models.unet import UNetConfig
+from .common import RequiredKeys
 
 PREFIX = "model.diffusion_model."
 _RESNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
@@ -32,10 +33,12 @@ def is_ldm_state_dict(state: dict) -> bool:
     return "input_blocks.0.0.weight" in state and any(".transformer_blocks." in k for k in state)
 
 
-def _unet_keys(state: dict) -> dict:
+def _unet_keys(state: dict) -> RequiredKeys:
+    """The UNet's tensors by their ldm names (the prefix removed); a missing one is named with its prefix."""
     if not any(k.startswith(PREFIX) for k in state):
-        return dict(state)  # a bare UNet state dict
-    return {k[len(PREFIX):]: v for k, v in state.items() if k.startswith(PREFIX)}
+        return RequiredKeys(dict(state), "an ldm UNet")  # a bare UNet state dict
+    return RequiredKeys({k[len(PREFIX):]: v for k, v in state.items() if k.startswith(PREFIX)},
+                        "a Stable Diffusion single-file UNet", PREFIX)
 
 
 def ldm_unet_config(state: dict, num_heads: Optional[int] = None) -> UNetConfig:
