@@ -65,3 +65,44 @@ def test_a_checkpoint_missing_a_tensor_names_it(tmp_path, source, key, error):
     with pytest.raises(CheckpointError, match=re.escape(key) if error != "CheckpointError" else "missing") as e:
         fastdiff.load(str(out))
     assert type(e.value).__name__ == error
+
+
+UNET_CONFIG = {"_class_name": "UNet2DConditionModel", "block_out_channels": [32, 64], "layers_per_block": 1,
+               "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"], "norm_num_groups": 8,
+               "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "cross_attention_dim": 32, "attention_head_dim": 4}
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("upcast_attention", "yes", "true / false"),      # was taken as True
+    ("flip_sin_to_cos", "no", "true / false"),        # was taken as True
+    ("norm_eps", "small", "a number"),                # was a TypeError inside the first forward pass
+    ("freq_shift", None, "a number"),                 # ... likewise
+    ("sample_size", [8, "a"], "an int or"),           # was a ValueError from int()
+    ("block_out_channels", "320", "a list of ints"),
+    ("layers_per_block", 0, "positive"),              # was an IndexError while building
+    ("in_channels", -1, "positive"),                  # was a RuntimeError (negative dimension)
+    ("attention_head_dim", None, "head count"),       # was a TypeError while building
+    ("norm_eps", 0, "positive"),
+])
+def test_a_malformed_unet_config_names_the_field(field, value, needle):
+    from fastdiff.models.unet import UNet, UNetConfig
+
+    assert UNet(UNetConfig.from_diffusers(dict(UNET_CONFIG)))  # the unmodified config builds
+    with pytest.raises(UnsupportedConfigError, match=f"'{field}'") as e:
+        UNetConfig.from_diffusers({**UNET_CONFIG, field: value})
+    assert needle in str(e.value)
+
+
+@pytest.mark.parametrize("make,field,value", [
+    ("dit", "learn_sigma", "yes"), ("dit", "norm_eps", "1e-6"), ("dit", "mlp_ratio", None),
+    ("edm", "dropout", "0.1"), ("edm", "channel_mult", [1, "2"]),
+])
+def test_a_malformed_dit_or_edm_config_names_the_field(make, field, value):
+    from fastdiff.models.dit import DiTConfig
+    from fastdiff.models.edm import EDMUNetConfig
+
+    cls = DiTConfig if make == "dit" else EDMUNetConfig
+    base = cls().to_dict()
+    assert cls.from_dict(base)
+    with pytest.raises(UnsupportedConfigError, match=f"'{field}'"):
+        cls.from_dict({**base, field: value})

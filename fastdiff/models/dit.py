@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import BadArgumentError, UnsupportedConfigError
-from ..utils.strict_dict import known_fields
+from ..utils.strict_dict import check_field_types, known_fields
 from .layers import Attention, ModulatedLayerNorm, exporting, timestep_embedding
 from .linear_stack import LinearStacks, stacked_output
 
@@ -65,6 +65,7 @@ class DiTConfig:
         def bad(field, why):
             raise UnsupportedConfigError(field, getattr(self, field), supported=why, model="DiT")
 
+        check_field_types(self, "DiT")
         for f in ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads",
                   "frequency_embedding_size"):
             v = getattr(self, f)

@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import BadArgumentError, UnsupportedConfigError
-from ..utils.strict_dict import known_fields
+from ..utils.strict_dict import check_field_types, known_fields
 from .layers import Attention, GroupNorm
 
 MODEL_TYPES = ("SongUNet", "DhariwalUNet")
@@ -89,6 +89,7 @@ class EDMUNetConfig:
                 setattr(self, f, tuple(v))
             else:
                 bad(f, "a list")
+        check_field_types(self, "EDM UNet")
         if self.model_type not in MODEL_TYPES:
             bad("model_type", list(MODEL_TYPES))
         for f in ("img_resolution", "in_channels", "out_channels", "model_channels", "channel_mult_emb",

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import BadArgumentError, UnsupportedConfigError
-from ..utils.strict_dict import known_fields
+from ..utils.strict_dict import check_field_types, known_fields
 from .layers import Attention as AttentionCore
 from .layers import GEGLU, GroupNorm, LayerNorm, timestep_embedding
 from .linear_stack import LinearStacks, Projected, project, stacked_output
@@ -500,6 +500,19 @@ class UNetConfig:
         return cfg
 
     def validate(self) -> None:
+        check_field_types(self, "UNet")
+
+        def positive(name, values):
+            if any(v < 1 for v in (values if isinstance(values, (list, tuple)) else [values])):
+                raise UnsupportedConfigError(name, getattr(self, name), supported="positive ints", model="UNet")
+
+        for name in ("in_channels", "out_channels", "block_out_channels", "layers_per_block", "norm_num_groups",
+                     "conv_in_kernel", "conv_out_kernel"):
+            positive(name, getattr(self, name))
+        if not self.block_out_channels:
+            raise UnsupportedConfigError("block_out_channels", self.block_out_channels, supported="one or more ints")
+        if self.norm_eps <= 0:
+            raise UnsupportedConfigError("norm_eps", self.norm_eps, supported="a positive number")
         n = len(self.block_out_channels)
         for name, allowed in (("down_block_types", DOWN_TYPES), ("up_block_types", UP_TYPES)):
             seq = getattr(self, name)
@@ -533,6 +546,12 @@ class UNetConfig:
             raise UnsupportedConfigError("norm_num_groups", None, supported="an integer group count")
         uses_cross = any("CrossAttn" in t for t in tuple(self.down_block_types) + tuple(self.up_block_types)) or (
             self.conditional and self.mid_block_type == "UNetMidBlock2DCrossAttn")
+        if uses_cross and self.conditional and self.num_attention_heads is None:  # the transformers' head counts
+            raise UnsupportedConfigError("attention_head_dim", None, supported="a head count (an int or one per block) "
+                                         "in attention_head_dim or num_attention_heads", model="UNet2DConditionModel")
+        for name in ("attention_head_dim", "num_attention_heads", "cross_attention_dim"):
+            if getattr(self, name) is not None:
+                positive(name, getattr(self, name))
         if uses_cross and self.cross_attention_dim is None:
             raise UnsupportedConfigError("cross_attention_dim", None, supported="an int (or one per block) for "
                                          "CrossAttn blocks")
