@@ -29,7 +29,9 @@ def test_model_launches_cover_what_the_models_run():
     dit = aot_models.record_model("dit-xl-2-256", torch.float16, batch=2)
     assert {op for op, *_ in dit} == {"attention", "adaln_modulate", "gated_residual_modulate"}
     alt = aot_models.record_model("dit-xl-2-256", torch.float16, batch=2, ops=aot_models.PASSES["alt"])
-    assert {op for op, *_ in alt} == {"attention_tma", "adaln_modulate", "gated_residual"}
+    # TMA attention where this triton has host tensor descriptors (>= 3.4); else the pointer kernel it falls back to
+    tma = importlib.import_module("fastdiff.kernels.attention_tma")._descriptor_class() is not None
+    assert {op for op, *_ in alt} == {"attention_tma" if tma else "attention", "adaln_modulate", "gated_residual"}
     labels = {c.label for c in aot.configs(["models"], (torch.float16,), quick=True)}
     assert any("ddpm-cifar10" in lbl for lbl in labels) and any(" b1 " in lbl for lbl in labels)
 
