@@ -188,3 +188,51 @@ def test_a_damaged_fastdiff_json_is_a_corrupt_checkpoint(tmp_path, header):
     (tmp_path / "m" / "fastdiff.json").write_text(header)
     with pytest.raises(FastdiffError, match="fastdiff.json|kind"):
         fastdiff.load(str(tmp_path / "m"))
+
+
+def test_a_lightning_ckpt_loads_without_lightning_and_runs_none_of_its_code(tmp_path, monkeypatch):
+    """A Stable Diffusion ``.ckpt`` saved by a Lightning training run holds its ``ModelCheckpoint`` callback beside
+    the weights. It loads (the callback read as a data-only stand-in, Lightning not installed, its code never run)
+    and equals the same weights saved without it; any other class is still refused."""
+    import sys
+    import types
+
+    from safetensors.torch import load_file
+
+    from conftest import fixture_path
+
+    if tuple(int(p) for p in torch.__version__.split(".")[:2]) < (2, 6):
+        pytest.skip("torch < 2.6 cannot map a checkpoint's class name to a stand-in: such files are refused")
+    ran = []
+
+    class ModelCheckpoint:  # what the pickle names; defined here only to write the file
+        def __init__(self):
+            self.best_model_score, self.monitor = torch.tensor(0.25), "val/loss"
+
+        def __setstate__(self, state):
+            ran.append("setstate")
+            self.__dict__.update(state)
+
+    module = types.ModuleType("pytorch_lightning.callbacks.model_checkpoint")
+    module.ModelCheckpoint = ModelCheckpoint
+    ModelCheckpoint.__module__, ModelCheckpoint.__qualname__ = module.__name__, "ModelCheckpoint"
+    for name in ("pytorch_lightning", "pytorch_lightning.callbacks"):  # pickle imports the parent packages too
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    state = load_file(fixture_path("ldm", "ldm_sd1_style.safetensors"))
+    ckpt = tmp_path / "model.ckpt"
+    torch.save({"state_dict": state, "global_step": 7, "epoch": 1,
+                "callbacks": {"ModelCheckpoint{'monitor': 'val/loss'}": ModelCheckpoint()}}, str(ckpt))
+    for name in ("pytorch_lightning", "pytorch_lightning.callbacks", module.__name__):
+        monkeypatch.delitem(sys.modules, name)  # as on a machine without Lightning
+    plain = tmp_path / "plain.ckpt"
+    torch.save({"state_dict": state, "global_step": 7}, str(plain))
+    got, want = fastdiff.load(str(ckpt), num_heads=4), fastdiff.load(str(plain), num_heads=4)
+    assert not ran
+    for k, v in want.model.state_dict().items():
+        torch.testing.assert_close(got.model.state_dict()[k], v, rtol=0, atol=0)
+
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": state, "callbacks": {"x": Evil()}}, str(evil))
+    with pytest.raises(UnsafeCheckpointError):
+        fastdiff.load(str(evil))

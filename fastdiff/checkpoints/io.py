@@ -1,7 +1,8 @@
 """Safe readers for weight files: safetensors, and torch pickles with ``weights_only=True`` only.
 
 No arbitrary pickle is ever executed. Training checkpoints that hold an ``argparse.Namespace`` (official
-DiT's train.py) are read with that one class allow-listed, since a Namespace carries data only.
+DiT's train.py) are read with that one class allow-listed, since a Namespace carries data only; PyTorch
+Lightning's ``ModelCheckpoint`` callback (in Stable Diffusion ``.ckpt`` files) is read as a data-only stand-in.
 """
 
 from __future__ import annotations
@@ -17,8 +18,27 @@ import torch
 
 from ..errors import CorruptCheckpointError, UnsafeCheckpointError
 
+
+class TrainingCallbackState:
+    """Stands in for a training framework's callback object pickled beside the weights (PyTorch Lightning's
+    ``ModelCheckpoint``, which Lightning training runs such as the latent-diffusion code and its fine-tunes save
+    in their ``.ckpt`` files): the unpickler builds this class instead of the framework's, so none of the framework's code runs
+    and it need not be installed. Its pickled state is kept as data; fastdiff never reads it."""
+
+    def __init__(self, *args, **kwargs):
+        self.args, self.kwargs, self.state = args, kwargs, None
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+# Names of such objects, read as TrainingCallbackState (torch >= 2.6 maps a checkpoint's global name to a stand-in).
+CALLBACK_GLOBALS = ("pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",
+                    "lightning.pytorch.callbacks.model_checkpoint.ModelCheckpoint")
 # Classes a weights file may hold besides tensors / containers: data only, no code on unpickling.
 SAFE_GLOBALS = [argparse.Namespace]
+if tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 6):
+    SAFE_GLOBALS += [(TrainingCallbackState, name) for name in CALLBACK_GLOBALS]
 
 
 def read_safetensors(path: str, device: str = "cpu") -> dict[str, torch.Tensor]:
