@@ -121,6 +121,15 @@ def test_pickle_of_objects_is_refused(tmp_path):
         fastdiff.load(str(raw))
 
 
+def test_an_edm_pkl_is_refused_with_how_to_convert_it(tmp_path):
+    """NVlabs/edm's released networks are pickles of their own code: refused unread, and the error says how to
+    turn one into the EDMPrecond state dict fastdiff reads."""
+    p = tmp_path / "edm-cifar10-32x32-cond-vp.pkl"
+    p.write_bytes(pickle.dumps({"ema": Evil()}))
+    with pytest.raises(UnsafeCheckpointError, match=r"never executes a pickle.*state_dict\(\)"):
+        fastdiff.load(str(p))
+
+
 def test_truncated_safetensors_is_reported(tmp_path, ref_unet):
     ref_unet.save_pretrained(tmp_path)
     path = tmp_path / "diffusion_pytorch_model.safetensors"

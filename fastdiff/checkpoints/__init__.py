@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from ..errors import BadArgumentError, CheckpointError, UnknownFormatError
+from ..errors import BadArgumentError, CheckpointError, UnknownFormatError, UnsafeCheckpointError
 
 SUPPORTED_FORMATS = (
     "fastdiff folder (fastdiff.json + model.safetensors)",
@@ -232,6 +232,12 @@ def _read_any(path: str, *, variant=None, num_heads=None, head_channels=None, at
             spec.guided_channels = 3 if spec.learned_variance else None  # official forward_with_cfg
             return "dit", cfg, state, spec
         raise UnknownFormatError(_unknown(path, f"a torch file whose keys start {sorted(state)[:6]}"))
+    if ext == ".pkl":  # NVlabs/edm (and StyleGAN-family) networks ship as pickles of their own code
+        raise UnsafeCheckpointError(
+            f"{path}: a .pkl network (NVlabs/edm releases its models so) is a pickle that rebuilds Python classes "
+            f"from code stored inside it, and fastdiff never executes a pickle. Convert it once, with EDM's code, "
+            f"where you trust the file: `net = pickle.load(open(path, 'rb'))['ema']; torch.save(net.state_dict(), "
+            f"'edm.pt')`, then load edm.pt (an EDMPrecond state dict).")
     raise UnknownFormatError(_unknown(path, f"a file with extension {ext or '(none)'!r}"))
 
 
