@@ -18,6 +18,7 @@ import torch
 from .errors import BadArgumentError
 from .spec import ModelSpec
 from .state_update import update_impl
+from .utils.checks import finite_number
 
 OUTPUT_TYPES = ("tensor", "np", "pil")
 _LEADING_DEFAULT = ("heun", "edm")  # samplers whose default grid on discrete-time models is "leading"
@@ -105,7 +106,7 @@ class Pipeline:
         ``options`` are the sampler's keyword options (``eta``, ``order``, ``s_churn``, ...), checked
         against what the chosen sampler accepts.
         """
-        from .sampling import SAMPLERS, SCHEDULES, sampler_options
+        from .sampling import SAMPLERS, SCHEDULES, check_options
 
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
             raise BadArgumentError(f"steps: expected a positive integer, found {steps!r}")
@@ -120,11 +121,7 @@ class Pipeline:
             if len(self._plans) >= 64:
                 self._plans.clear()
             self._plans[key] = plan
-        if options:
-            unknown = sorted(set(options) - set(sampler_options(plan.sampler)))
-            if unknown:
-                raise BadArgumentError(f"sampler {plan.sampler!r}: unknown option(s) {unknown}; expected among "
-                                       f"{sampler_options(plan.sampler)}")
+        check_options(plan.sampler, options)
         # a copy that owns its mutable parts: callers may edit it without touching the cached plan
         return dataclasses.replace(plan, options={**plan.options, **options}, sigmas=plan.sigmas.clone(),
                                    denoiser_options=dict(plan.denoiser_options))
@@ -210,6 +207,8 @@ class Pipeline:
 
         if output_type not in OUTPUT_TYPES:
             raise BadArgumentError(f"output_type: expected one of {OUTPUT_TYPES}, found {output_type!r}")
+        cfg_scale = finite_number("cfg_scale", cfg_scale)
+        guidance_rescale = finite_number("guidance_rescale", guidance_rescale)
         latents = _as_latents(latents)
         seeds = self._seeds(n, seed, seeds, latents)
         b = len(seeds)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 
 from .errors import BadArgumentError
 from .noise import NoiseSource  # noqa: F401  (re-exported for the Pipeline)
@@ -55,13 +56,21 @@ def _sampler_options(name: str) -> tuple:
     return tuple(sorted(k for k in params if k not in _COMMON_ARGS))
 
 
-def sample(denoiser, x, sampler: str, sigmas, *, extra_args=None, noise=None, callback=None, **options):
-    """Run sampler ``sampler`` from state ``x`` at ``sigmas[0]`` down the host grid ``sigmas``."""
-    fn = _lookup(sampler)
+def check_options(sampler: str, options: dict) -> None:
+    """BadArgumentError for an option ``sampler`` does not take (listing those it does) or a NaN value."""
     unknown = sorted(set(options) - set(sampler_options(sampler)))
     if unknown:
         raise BadArgumentError(f"sampler {sampler!r}: unknown option(s) {unknown}; expected among "
                                f"{sampler_options(sampler)}")
+    nan = sorted(k for k, v in options.items() if isinstance(v, float) and math.isnan(v))
+    if nan:  # a NaN eta / churn compares False everywhere and would silently pick one branch
+        raise BadArgumentError(f"sampler {sampler!r}: option(s) {nan} are NaN; expected numbers")
+
+
+def sample(denoiser, x, sampler: str, sigmas, *, extra_args=None, noise=None, callback=None, **options):
+    """Run sampler ``sampler`` from state ``x`` at ``sigmas[0]`` down the host grid ``sigmas``."""
+    fn = _lookup(sampler)
+    check_options(sampler, options)
     return fn(denoiser, x, sigmas, extra_args=extra_args, noise=noise, callback=callback, **options)
 
 

@@ -122,6 +122,12 @@ def test_half_precision_network_keeps_float32_state(tiny_unet):
     (dict(n=3, latents=torch.zeros(2, 3, 16, 16)), "n=3 but latents hold 2"),  # silently returned 2
     (dict(latents=[[0.0]]), "found list"),  # was an AttributeError
     (dict(latents=torch.zeros(3, 16, 16)), "(B, C, H, W)"),
+    (dict(cfg_scale=float("nan")), "cfg_scale: expected a finite number"),  # every sample became NaN, no error
+    (dict(cfg_scale=float("inf")), "cfg_scale: expected a finite number"),
+    (dict(cfg_scale="3"), "cfg_scale: expected a finite number"),
+    (dict(guidance_rescale=float("nan")), "guidance_rescale"),
+    (dict(eta=float("nan"), sampler="ddim"), "are NaN"),  # compared False everywhere: silently eta = 0
+    (dict(s_churn=float("nan"), sampler="euler"), "are NaN"),
 ])
 def test_more_bad_arguments(tiny_unet, kwargs, needle):
     with pytest.raises(BadArgumentError) as e:

@@ -51,6 +51,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from ..errors import BadArgumentError, FastdiffError
+from ..utils.checks import finite_number
 
 __all__ = ["Engine", "EngineClosedError"]
 
@@ -349,10 +350,7 @@ class Engine:
             hash(options)
         except TypeError:
             raise BadArgumentError(f"submit options: expected hashable values, found {dict(options)!r}") from None
-        if (isinstance(cfg_scale, bool) or not isinstance(cfg_scale, numbers.Real)
-                or not math.isfinite(cfg_scale)):
-            raise BadArgumentError(f"cfg_scale: expected a finite number, found {cfg_scale!r}")
-        cfg_scale = float(cfg_scale)
+        cfg_scale = finite_number("cfg_scale", cfg_scale)
         sampler = _check_name("sampler", sampler, "fastdiff.samplers", "SAMPLERS")
         schedule = _check_name("schedule", schedule, "fastdiff.schedules", "SCHEDULES")
         ehs = _check_states("encoder_hidden_states", ehs)
