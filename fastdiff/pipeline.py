@@ -77,6 +77,13 @@ class Pipeline:
         from .runtime.loop_graph import LoopGraphCache
         from .runtime.runners import build_runner
 
+        fields = sorted(f.name for f in dataclasses.fields(OptimizeConfig))
+        unknown = sorted(set(switches) - set(fields))
+        if unknown:
+            raise BadArgumentError(f"optimize: unknown switch(es) {unknown}; expected among {fields}")
+        if config is not None and not isinstance(config, OptimizeConfig):
+            raise BadArgumentError(f"optimize: expected an OptimizeConfig or keyword switches (backend='triton', ...), "
+                                   f"found {config!r}")
         if config is None:
             config = OptimizeConfig(**switches)
         elif switches:

@@ -286,3 +286,17 @@ def test_cudnn_benchmark_is_on_while_the_network_runs_only(monkeypatch, backend)
     monkeypatch.setattr(unet_module.UNet, "forward", spy)
     fastdiff.load("arch:tiny-sd-unet").generate(**KW)  # without the switch the flag is left alone
     assert seen and not any(seen)
+
+
+def test_optimize_refuses_what_is_not_a_switch_and_takes_torch_dtypes():
+    """optimize(foo=1) and optimize("triton") say what optimize takes (were a TypeError and an AttributeError);
+    dtype=torch.float16, as diffusers users write it, is the same as "fp16"."""
+    pipe = fastdiff.load("arch:tiny-unet")
+    with pytest.raises(BadArgumentError, match=r"unknown switch\(es\) \['foo'\].*'backend'"):
+        pipe.optimize(foo=1)
+    with pytest.raises(BadArgumentError, match="expected an OptimizeConfig or keyword switches"):
+        pipe.optimize("triton")
+    assert OptimizeConfig(dtype=torch.float16).dtype == "fp16"
+    assert pipe.optimize(dtype=torch.bfloat16).dtype == torch.bfloat16
+    with pytest.raises(BadArgumentError, match="torch.int8"):
+        OptimizeConfig(dtype=torch.int8)

@@ -40,7 +40,7 @@ class OptimizeConfig:
         ``onnxruntime`` export to ONNX and run an ONNX Runtime session (CUDA EP with IO binding on a
             GPU, CPU otherwise). Cost: an export (seconds), and a second copy of the weights in memory.
         ``tensorrt`` build a TensorRT engine (minutes; cached on disk next to the ONNX).
-    dtype: ``fp32`` | ``fp16`` | ``bf16`` | None (keep). Half precision halves weight memory and is
+    dtype: ``fp32`` | ``fp16`` | ``bf16`` (or the torch dtype) | None (keep). Half precision halves weight memory and is
         ~2x faster on tensor cores; quality change is usually invisible (sampler state stays fp32).
     channels_last: NHWC memory format for convolutions. Free on GPUs with tensor cores; slower on CPU.
     cuda_graphs: capture the network (``graph_scope="step"``) or the whole sampling loop
@@ -127,6 +127,8 @@ class OptimizeConfig:
     def __post_init__(self):
         if self.backend not in BACKENDS:
             raise BadArgumentError(f"backend must be one of {BACKENDS}, found {self.backend!r}")
+        if isinstance(self.dtype, torch.dtype):  # torch.float16 as diffusers users write it: the same as "fp16"
+            self.dtype = next((name for name, d in DTYPES.items() if d == self.dtype), self.dtype)
         if self.dtype is not None and self.dtype not in DTYPES:
             raise BadArgumentError(f"dtype must be one of {tuple(DTYPES)} or None, found {self.dtype!r}")
         if self.graph_scope not in GRAPH_SCOPES:
