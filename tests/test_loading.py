@@ -166,7 +166,8 @@ def test_saved_files_get_ordinary_permissions(tmp_path):
     (dict(num_heads=0), "BadArgumentError", "num_heads: expected a positive int"),
     (dict(head_channels=True), "BadArgumentError", "head_channels: expected a positive int"),
     (dict(scheduler="linear"), "BadArgumentError", "scheduler: expected a dict"),
-    (dict(dtype="fp8"), "BadArgumentError", "dtype: expected a torch.dtype or one of"),
+    (dict(dtype="fp8"), "BadArgumentError", "dtype: expected torch.float32 / float16 / bfloat16 or one of"),
+    (dict(dtype=torch.int8), "BadArgumentError", "found torch.int8"),  # was a TypeError from nn.Module.to
     (dict(device="gpu0"), "BadArgumentError", "device: expected a torch device"),
     (dict(variant="fp16"), "BadArgumentError", "variant= does not apply"),
     (dict(num_heads=2), "BadArgumentError", "num_heads= does not apply"),

@@ -125,14 +125,13 @@ def _check_load_args(device, dtype, num_heads, head_channels, scheduler):
     if scheduler is not None and not isinstance(scheduler, dict):
         raise BadArgumentError(f"scheduler: expected a dict (a diffusers scheduler config), found "
                                f"{type(scheduler).__name__} {scheduler!r}")
-    if isinstance(dtype, str):
-        from ..runtime.config import DTYPES
+    from ..runtime.config import DTYPES
 
-        if dtype not in DTYPES:
-            raise BadArgumentError(f"dtype: expected a torch.dtype or one of {list(DTYPES)}, found {dtype!r}")
+    if isinstance(dtype, str) and dtype in DTYPES:
         dtype = DTYPES[dtype]
-    elif dtype is not None and not isinstance(dtype, torch.dtype):
-        raise BadArgumentError(f"dtype: expected a torch.dtype or one of 'fp32', 'fp16', 'bf16', found {dtype!r}")
+    if dtype is not None and dtype not in DTYPES.values():  # a network runs in a floating-point dtype
+        raise BadArgumentError(f"dtype: expected torch.float32 / float16 / bfloat16 or one of {list(DTYPES)}, found "
+                               f"{dtype!r}")
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError) as e:
