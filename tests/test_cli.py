@@ -221,3 +221,16 @@ def test_info_model_ops_follow_optimize_on_a_gpu(monkeypatch):
     assert measured["device"] == "cuda" and measured["ops"]["Attention"] == "native"
     assert measured["ops"]["GroupNorm"] == "triton"
     assert info.model_ops("arch:tiny-sd-unet", "triton", "all")["ops"]["Attention"] == "triton"
+
+
+def test_info_names_the_cuda_and_cudnn_torch_was_built_with():
+    """cudnn_benchmark's figures are read against these; cuDNN 9 and 8 encode their version numbers differently."""
+    import torch
+
+    from fastdiff.commands.info import _cudnn_version, collect
+
+    versions = collect()["versions"]
+    assert versions["cuda"] == (torch.version.cuda or "none (CPU build of torch)")
+    assert versions["cudnn"] == ("not available" if not torch.backends.cudnn.is_available() else
+                                 _cudnn_version(torch.backends.cudnn.version()))
+    assert (_cudnn_version(91900), _cudnn_version(90100), _cudnn_version(8902)) == ("9.19.0", "9.1.0", "8.9.2")

@@ -33,6 +33,12 @@ def _version(module: str) -> str:
     return str(getattr(mod, "__version__", "installed"))
 
 
+def _cudnn_version(code: int) -> str:
+    """cuDNN's version number as text: 9.x encodes major * 10000 + minor * 100 + patch, 8.x major * 1000 + ..."""
+    major = code // 10000 if code >= 90000 else code // 1000
+    return f"{major}.{code // 100 % 100 if code >= 90000 else code // 100 % 10}.{code % 100}"
+
+
 def collect() -> dict:
     """The info report as a dict (also used by ``fastdiff bench --json``)."""
     import torch
@@ -47,6 +53,9 @@ def collect() -> dict:
         "versions": {m: _version(m) for m in ("torch", "triton", "onnx", "onnxruntime", "tensorrt", "diffusers",
                                                "safetensors", "numpy")},
     }
+    cuda, cudnn = torch.version.cuda, torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    report["versions"]["cuda"] = cuda or "none (CPU build of torch)"
+    report["versions"]["cudnn"] = _cudnn_version(cudnn) if cudnn else "not available"
     devices = [f"cpu ({os.cpu_count()} cores)"]
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
