@@ -21,6 +21,7 @@
 #   dit           fastdiff bench arch:dit-xl-2-256, fp16, dpmpp_2m x 20, cfg 4: eager / triton / CUDA-graph
 #                 variants vs diffusers eager (DiTTransformer2DModel + DPMSolverMultistepScheduler)
 #   sd15          the same for arch:sd15-unet (64x64 latents, 77 text tokens, cfg 7.5), channels-last
+#   sd15-cudnn    SD1.5 triton+loop+cl with and without cudnn_benchmark, each in a process of its own
 #   dit-vs-compile / sd15-vs-compile   fastdiff triton+loop, diffusers eager and
 #                 torch.compile(diffusers model, mode="max-autotune"), in one run
 #   dit-autotune / sd15-autotune   fastdiff compile+loop+autotune (Inductor's autotuned GEMMs under
@@ -42,7 +43,7 @@ ROOT=$(pwd)
 START=$(date +%s)
 BUDGET=${FASTDIFF_GPU_BUDGET_S:-480}     # seconds for everything, summary included
 DEADLINE=$((START + BUDGET))
-STAGES=" ${FASTDIFF_GPU_STAGES:-cuda-ext tests kernels gn-sweep attn-split launch profile dit sd15 dit-vs-compile dit-autotune sd15-vs-compile sd15-autotune dit-compile sd15-compile} "
+STAGES=" ${FASTDIFF_GPU_STAGES:-cuda-ext tests kernels gn-sweep attn-split launch profile dit sd15 sd15-cudnn dit-vs-compile dit-autotune sd15-vs-compile sd15-autotune dit-compile sd15-compile} "
 RESULTS=${FASTDIFF_GPU_OUT:-$ROOT/gpu_out}
 mkdir -p "$RESULTS"
 wants() { case "$STAGES" in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
@@ -207,7 +208,11 @@ SD=${FASTDIFF_GPU_SD:-arch:sd15-unet}
 wants dit && bench_e2e dit-xl-2-256 "$DIT" 4 150 \
     "${FASTDIFF_GPU_DIT_VARIANTS:-eager,eager+loop,triton+step,triton+loop,triton+loop+noadaln,triton+loop+precompute,triton+loop+resnorm,triton+loop+tma,triton+loop+upd,triton+loop+flash,triton+loop+allk,triton+loop+tune}" diffusers
 wants sd15 && bench_e2e sd15-unet "$SD" 7.5 300 \
-    "${FASTDIFF_GPU_SD_VARIANTS:-eager+cl,eager+loop+cl,triton+step+cl,triton+loop+cl,triton+loop+cl+cond,triton+loop+cl+resln,triton+loop+cl+tma,triton+loop+cl+gnrows,triton+loop+cl+nogeglu,triton+loop+cl+noqkv,triton+loop+cl+upd,triton+loop+cl+flash,triton+loop+cl+cudnnbench,triton+loop+cl+allk,triton+loop+cl+tune}" diffusers
+    "${FASTDIFF_GPU_SD_VARIANTS:-eager+cl,eager+loop+cl,triton+step+cl,triton+loop+cl,triton+loop+cl+cond,triton+loop+cl+resln,triton+loop+cl+tma,triton+loop+cl+gnrows,triton+loop+cl+nogeglu,triton+loop+cl+noqkv,triton+loop+cl+upd,triton+loop+cl+flash,triton+loop+cl+allk,triton+loop+cl+tune}" diffusers
+# cudnn_benchmark against the same variant without it, each in a process of its own: cuDNN's plan cache ignores
+# the benchmark flag, so in one process whichever ran first would choose the convolutions' plans for both
+wants sd15-cudnn && bench_e2e sd15-unet-cudnn-off "$SD" 7.5 120 triton+loop+cl ""
+wants sd15-cudnn && bench_e2e sd15-unet-cudnn-on "$SD" 7.5 120 triton+loop+cl+cudnnbench ""
 # the best fastdiff variant, diffusers eager and torch.compile(diffusers, mode="max-autotune") in one run
 # (a process of its own: a compile that outlives its limit cannot take the figures above with it)
 # Inductor's max-autotune of the diffusers DiT ran past 176 s on an H200 (one GEMM's autotuning took 37 s):

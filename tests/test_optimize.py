@@ -300,3 +300,31 @@ def test_optimize_refuses_what_is_not_a_switch_and_takes_torch_dtypes():
     assert pipe.optimize(dtype=torch.bfloat16).dtype == torch.bfloat16
     with pytest.raises(BadArgumentError, match="torch.int8"):
         OptimizeConfig(dtype=torch.int8)
+
+
+def test_cudnn_benchmark_calls_that_overlap_give_the_callers_flag_back(monkeypatch):
+    """Two networks with cudnn_benchmark in two threads, the second entering before the first leaves and leaving
+    after it: the flag stays on while either runs, and is the caller's again after both (a plain save / restore
+    per call left it on for good)."""
+    import threading
+
+    from fastdiff.runtime.runners import CudnnBenchmark
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    a_in, b_in, a_done = threading.Event(), threading.Event(), threading.Event()
+    seen = []
+
+    def net_a():
+        a_in.set()
+        b_in.wait(10)
+
+    def net_b():
+        b_in.set()
+        a_done.wait(10)
+        seen.append(torch.backends.cudnn.benchmark)  # A has left, B is still inside
+
+    ta = threading.Thread(target=lambda: (CudnnBenchmark(net_a)(), a_done.set()))
+    tb = threading.Thread(target=lambda: (a_in.wait(10), CudnnBenchmark(net_b)()))
+    ta.start(), tb.start()
+    ta.join(10), tb.join(10)
+    assert seen == [True] and torch.backends.cudnn.benchmark is False

@@ -53,3 +53,6 @@ class RequiredKeys(Mapping):
 
     def __contains__(self, key):
         return key in self.state
+
+    def get(self, key, default=None):  # Mapping.get would turn the missing-key error into a crash, not the default
+        return self.state.get(key, default)

@@ -83,6 +83,11 @@ def read_torch_file(path: str, map_location: str = "cpu") -> object:
         # GLOBAL x", "unsupported GLOBAL posix.system whose module posix is blocked"); any other refusal is a
         # file that is not a torch checkpoint at all
         if "GLOBAL" in str(e):
+            if any(name in str(e) for name in CALLBACK_GLOBALS):  # torch < 2.6: no stand-in can be named
+                raise UnsafeCheckpointError(
+                    f"{path} holds PyTorch Lightning's ModelCheckpoint callback beside its weights; fastdiff reads "
+                    f"it as inert data with torch >= 2.6, and this torch ({torch.__version__}) cannot, so the file "
+                    f"was refused unread. Details: {_first_line(e)}") from e
             raise UnsafeCheckpointError(
                 f"{path} holds Python objects that only an arbitrary pickle could rebuild, so it was refused "
                 f"(fastdiff reads weights with torch.load(weights_only=True) and never executes a pickle). "

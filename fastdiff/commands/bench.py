@@ -678,8 +678,14 @@ def run(args) -> int:
     log(f"fastdiff bench {args.model} ({spec.kind}, {n_params / 1e6:.2f}M params) on {dev_name}: "
         f"{args.sampler} x {args.steps} steps, cfg {args.cfg}, dtype {args.dtype or 'checkpoint'}")
     results = []
-    for label, backend, switches in variants:
-        results.extend(_bench_fastdiff(args, label, backend, switches, batches, device, log))
+    for i, (label, backend, switches) in enumerate(variants):
+        rows = _bench_fastdiff(args, label, backend, switches, batches, device, log)
+        if switches.get("cudnn_benchmark") and i and device.type == "cuda":
+            for row in rows:  # cuDNN keys its plan cache without the flag: earlier variants' plans are reused
+                row.setdefault("notes", []).append(
+                    f"{label}: cuDNN reuses the convolution plans the variants before it chose in this process (its "
+                    f"plan cache ignores the benchmark flag); run it in a process of its own, first")
+        results.extend(rows)
     compare_rows = _bench_diffusers(args, args.model, compare, batches, device, log) if compare else []
     ratios = _ratios(results, compare_rows)
 

@@ -67,17 +67,17 @@ class EDMUNetConfig:
     label_dim: int = 0                       # 0: unconditional
     augment_dim: int = 0                     # augmentation labels (training-time; unused at inference)
     model_channels: int = 128
-    channel_mult: tuple = (1, 2, 2, 2)
+    channel_mult: tuple[int, ...] = (1, 2, 2, 2)
     channel_mult_emb: int = 4
     num_blocks: int = 4
-    attn_resolutions: tuple = (16,)
+    attn_resolutions: tuple[int, ...] = (16,)
     dropout: float = 0.10                    # inference: not applied
     label_dropout: float = 0.0               # inference: not applied
     embedding_type: str = "positional"       # SongUNet: "positional" (DDPM++) | "fourier" (NCSN++)
     channel_mult_noise: int = 1              # SongUNet: noise embedding width = model_channels * this
     encoder_type: str = "standard"           # SongUNet: "standard" | "skip" | "residual" (NCSN++)
     decoder_type: str = "standard"           # SongUNet: "standard" | "skip"
-    resample_filter: tuple = (1, 1)          # SongUNet: 1-D taps of the up/down filter ([1,3,3,1] NCSN++)
+    resample_filter: tuple[float, ...] = (1, 1)  # SongUNet: 1-D taps of the up/down filter ([1,3,3,1] NCSN++)
 
     def __post_init__(self):
         def bad(field, why):

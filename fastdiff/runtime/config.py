@@ -100,8 +100,9 @@ class OptimizeConfig:
         (warm-up and capture included), so the process-wide setting stays the user's. Backends ``eager`` /
         ``triton`` / ``compile``. Cost: the first call of each new shape (bucket x resolution) takes longer
         while cuDNN tries its algorithms; another algorithm may change results in the last bits. The flag is
-        process-wide while a call runs: another thread's convolutions in that time are timed too. Off by
-        default until measured on a GPU.
+        process-wide while a call runs: another thread's convolutions in that time are timed too. A convolution
+        problem this process already ran without the flag keeps the plan it got then (cuDNN's plan cache ignores
+        the flag): set it in the first ``optimize`` of a process. Off by default until measured on a GPU.
     sdpa_backend: pin torch's SDPA (the attention ops that run on torch) to ``flash`` | ``efficient`` |
         ``cudnn`` | ``math``; None lets SDPA choose (cuDNN on Hopper with torch 2.11). A backend that cannot
         run a problem raises ``BackendUnavailableError`` on the first call.

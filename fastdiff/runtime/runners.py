@@ -6,6 +6,7 @@ encoder_hidden_states=None) -> Tensor``, so samplers and denoisers never know wh
 
 from __future__ import annotations
 
+import threading
 from typing import Callable, Optional
 
 import torch
@@ -107,22 +108,35 @@ def build_runner(pipe, config: OptimizeConfig, graph_factory=None) -> tuple[Call
 
 
 class CudnnBenchmark:
-    """Runs the network with ``torch.backends.cudnn.benchmark`` on, restoring the caller's setting after each call.
+    """Runs the network with ``torch.backends.cudnn.benchmark`` on, giving the caller's setting back afterwards.
 
     cuDNN reads the flag when a convolution is dispatched: the warm-up calls before a graph capture time the
     algorithms and fill cuDNN's cache, the capture then finds each problem there, and replays dispatch nothing.
+    The flag is process-wide, so calls that overlap (two Engines, threads) share one count: the first to enter
+    saves the caller's value and the last to leave restores it.
     """
+
+    _lock = threading.Lock()
+    _active = 0
+    _saved = False
 
     def __init__(self, network: Callable):
         self.network = network
 
     def __call__(self, *args, **kwargs):
-        before = torch.backends.cudnn.benchmark
-        torch.backends.cudnn.benchmark = True
+        cls = CudnnBenchmark
+        with cls._lock:
+            if cls._active == 0:
+                cls._saved = torch.backends.cudnn.benchmark
+            cls._active += 1
+            torch.backends.cudnn.benchmark = True
         try:
             return self.network(*args, **kwargs)
         finally:
-            torch.backends.cudnn.benchmark = before
+            with cls._lock:
+                cls._active -= 1
+                if cls._active == 0:
+                    torch.backends.cudnn.benchmark = cls._saved
 
 
 # torch.compile(dynamic=False) compiles the network once per input signature: network batch bucket x resolution x
