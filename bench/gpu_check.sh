@@ -20,7 +20,10 @@
 #                 family (GEMM, convolution, attention, GroupNorm, ...), with fastdiff's GPU defaults
 #   dit           fastdiff bench arch:dit-xl-2-256, fp16, dpmpp_2m x 20, cfg 4: eager / triton / CUDA-graph
 #                 variants vs diffusers eager (DiTTransformer2DModel + DPMSolverMultistepScheduler)
+#   dit-new       DiT variants whose kernels have not run on a GPU yet (TMA attention, the one-pass residual +
+#                 adaLN norm, every op on Triton, per-layer tuning), beside triton+loop, in a process of their own
 #   sd15          the same for arch:sd15-unet (64x64 latents, 77 text tokens, cfg 7.5), channels-last
+#   sd15-new      the same as dit-new for SD1.5 (TMA attention, residual + LayerNorm, every op, tuning)
 #   sd15-cudnn    SD1.5 triton+loop+cl with and without cudnn_benchmark, each in a process of its own
 #   dit-vs-compile / sd15-vs-compile   fastdiff triton+loop, diffusers eager and
 #                 torch.compile(diffusers model, mode="max-autotune"), in one run
@@ -43,7 +46,7 @@ ROOT=$(pwd)
 START=$(date +%s)
 BUDGET=${FASTDIFF_GPU_BUDGET_S:-480}     # seconds for everything, summary included
 DEADLINE=$((START + BUDGET))
-STAGES=" ${FASTDIFF_GPU_STAGES:-cuda-ext tests kernels gn-sweep attn-split launch profile dit sd15 sd15-cudnn dit-vs-compile dit-autotune sd15-vs-compile sd15-autotune dit-compile sd15-compile} "
+STAGES=" ${FASTDIFF_GPU_STAGES:-cuda-ext tests kernels gn-sweep attn-split launch profile dit dit-new sd15 sd15-new sd15-cudnn dit-vs-compile dit-autotune sd15-vs-compile sd15-autotune dit-compile sd15-compile} "
 RESULTS=${FASTDIFF_GPU_OUT:-$ROOT/gpu_out}
 mkdir -p "$RESULTS"
 wants() { case "$STAGES" in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
@@ -206,9 +209,16 @@ SD=${FASTDIFF_GPU_SD:-arch:sd15-unet}
 # graphs replayed with a high host cost in the 2026-11-26 run)
 # (FASTDIFF_GPU_DIT_VARIANTS / FASTDIFF_GPU_SD_VARIANTS replace the lists: an SD1.5 variant costs ~15-25 s)
 wants dit && bench_e2e dit-xl-2-256 "$DIT" 4 150 \
-    "${FASTDIFF_GPU_DIT_VARIANTS:-eager,eager+loop,triton+step,triton+loop,triton+loop+noadaln,triton+loop+precompute,triton+loop+resnorm,triton+loop+tma,triton+loop+upd,triton+loop+flash,triton+loop+allk,triton+loop+tune}" diffusers
+    "${FASTDIFF_GPU_DIT_VARIANTS:-eager,eager+loop,triton+step,triton+loop,triton+loop+noadaln,triton+loop+precompute,triton+loop+upd,triton+loop+flash,triton+loop+efficient}" diffusers
+# Variants whose kernels have never run on a GPU in their current form, in a process of their own with the
+# baseline beside them: in run 3a one kernel's illegal memory access took every later row of its process with it,
+# diffusers' included (FASTDIFF_GPU_DIT_NEW_VARIANTS / FASTDIFF_GPU_SD_NEW_VARIANTS replace the lists)
+wants dit-new && bench_e2e dit-xl-2-256-new "$DIT" 4 150 \
+    "${FASTDIFF_GPU_DIT_NEW_VARIANTS:-triton+loop,triton+loop+resnorm,triton+loop+tma,triton+loop+allk,triton+loop+tune}" ""
 wants sd15 && bench_e2e sd15-unet "$SD" 7.5 300 \
-    "${FASTDIFF_GPU_SD_VARIANTS:-eager+cl,eager+loop+cl,triton+step+cl,triton+loop+cl,triton+loop+cl+cond,triton+loop+cl+resln,triton+loop+cl+tma,triton+loop+cl+gnrows,triton+loop+cl+nogeglu,triton+loop+cl+noqkv,triton+loop+cl+upd,triton+loop+cl+flash,triton+loop+cl+allk,triton+loop+cl+tune}" diffusers
+    "${FASTDIFF_GPU_SD_VARIANTS:-eager+cl,eager+loop+cl,triton+step+cl,triton+loop+cl,triton+loop+cl+cond,triton+loop+cl+gnrows,triton+loop+cl+nogeglu,triton+loop+cl+noqkv,triton+loop+cl+upd,triton+loop+cl+flash}" diffusers
+wants sd15-new && bench_e2e sd15-unet-new "$SD" 7.5 240 \
+    "${FASTDIFF_GPU_SD_NEW_VARIANTS:-triton+loop+cl,triton+loop+cl+resln,triton+loop+cl+tma,triton+loop+cl+allk,triton+loop+cl+tune}" ""
 # cudnn_benchmark against the same variant without it, each in a process of its own: cuDNN's plan cache ignores
 # the benchmark flag, so in one process whichever ran first would choose the convolutions' plans for both
 wants sd15-cudnn && bench_e2e sd15-unet-cudnn-off "$SD" 7.5 120 triton+loop+cl ""
