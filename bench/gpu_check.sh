@@ -282,6 +282,7 @@ for path in sorted(glob.glob(os.path.join(results, "*.json"))):
     if not isinstance(d, dict) or "settings" not in d:  # not a fastdiff bench file
         continue
     model = str(d["settings"].get("model", "?")).replace("arch:", "")
+    print(f"[{os.path.splitext(os.path.basename(path))[0]}: one process, compare rows within it]")
     ratios = {(r["backend"], r["batch"], r["vs"]): r["ratio"] for r in d.get("ratios", [])}
     for r in d.get("results", []) + d.get("compare", []):
         name = r.get("backend") or r.get("impl")
