@@ -148,6 +148,10 @@ class DiscreteDenoiser(Denoiser):
         timestep_type: "discrete" (the training index) or "continuous" (0.25 * ln(sigma), diffusers'
             Euler ``timestep_type="continuous"``).
         clip_sample / thresholding / dynamic_thresholding_ratio / sample_max_value: x0 post-processing.
+        timesteps: {sigma: timestep} for the grid's sigmas, as the scheduler that made the grid feeds the network
+            (its timesteps before the sigmas were rounded to float32); any other sigma is inverted from the table.
+            A zero-terminal-SNR table is not monotonic, and a Karras grid's top sigma may sit a rounding error
+            below the table's last entry: the inverse alone would not give diffusers' timesteps there.
         dtype: the network's dtype (default: its parameters' dtype, else float32).
     """
 
@@ -155,7 +159,7 @@ class DiscreteDenoiser(Denoiser):
                  timestep_rounding: Optional[str] = None, interpolation: str = "log",
                  timestep_type: str = "discrete", clip_sample: Optional[float] = None, thresholding: bool = False,
                  dynamic_thresholding_ratio: float = 0.995, sample_max_value: float = 1.0,
-                 dtype: Optional[torch.dtype] = None):
+                 timesteps: Optional[dict] = None, dtype: Optional[torch.dtype] = None):
         if prediction_type not in PREDICTION_TYPES:
             raise BadArgumentError(f"prediction_type: expected one of {PREDICTION_TYPES}, found {prediction_type!r}")
         if timestep_rounding not in (None, "round", "floor"):
@@ -169,6 +173,7 @@ class DiscreteDenoiser(Denoiser):
         self.timestep_rounding = timestep_rounding
         self.interpolation = interpolation
         self.timestep_type = timestep_type
+        self.timesteps = {float(k): float(v) for k, v in (timesteps or {}).items()}
         self.dtype = _model_dtype(model, dtype)
         self.postprocess_x0 = make_x0_postprocess(clip_sample, thresholding, dynamic_thresholding_ratio,
                                                   sample_max_value)
@@ -200,7 +205,10 @@ class DiscreteDenoiser(Denoiser):
             ref, key = log_table, s.clamp(min=1e-10).log()
         else:
             ref, key = table, s
-        low = (torch.searchsorted(ref, key.contiguous(), right=True) - 1).clamp(0, n - 2)
+        # the last table entry <= sigma (diffusers' _sigma_to_t): a sorted search would misplace sigmas on a
+        # zero-terminal-SNR table, whose last entry (clamped to alphas_cumprod 2**-24) is below the one before it
+        index = torch.arange(n, device=ref.device)
+        low = torch.where(ref[None, :] <= key.reshape(-1, 1), index, 0).amax(dim=1).reshape(key.shape).clamp(0, n - 2)
         lo, hi = ref[low], ref[low + 1]
         w = ((key - lo) / (hi - lo)).clamp(0, 1)
         t = low.to(table.dtype) + w
@@ -223,12 +231,15 @@ class DiscreteDenoiser(Denoiser):
         if c is None:
             if len(self._coeffs) > 4096:  # bounded like the timestep tensors
                 self._coeffs.clear()
-            if self.timestep_type == "continuous":
+            if sigma in self.timesteps:
+                t = self.timesteps[sigma]
+            elif self.timestep_type == "continuous":
                 t = 0.25 * math.log(sigma)
             else:
                 ref = self.log_sigmas.numpy() if self.interpolation == "log" else self.sigmas.numpy()
                 key = math.log(max(sigma, 1e-10)) if self.interpolation == "log" else sigma
-                low = min(max(int(np.searchsorted(ref, key, side="right")) - 1, 0), len(ref) - 2)
+                below = np.nonzero(ref <= key)[0]  # the last entry <= sigma, as in sigma_to_t
+                low = min(int(below[-1]) if below.size else 0, len(ref) - 2)
                 w = min(max((key - ref[low]) / (ref[low + 1] - ref[low]), 0.0), 1.0)
                 t = low + w
                 t = float(np.round(t)) if self.timestep_rounding == "round" else \

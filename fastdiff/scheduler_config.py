@@ -142,10 +142,13 @@ class _Config(dict):
                 raise UnsupportedConfigError(k, self[k], supported=[False], model=self.name)
 
 
-def _alphas_cumprod(c: _Config, clamp_zero_snr: bool = True) -> torch.Tensor:
+def _alphas_cumprod(c: _Config, exact_zero_snr: bool = False) -> torch.Tensor:
+    """The training schedule; ``exact_zero_snr``: a scheduler (DDIM, DDPM) that keeps alphas_cumprod 0 at a zero
+    terminal SNR, where the sigma-based ones clamp it to 2**-24."""
     c.choice("beta_schedule", schedules.BETA_SCHEDULES if c["trained_betas"] is None else [c["beta_schedule"]])
+    floor = schedules.EXACT_ZERO_SNR_FLOOR if exact_zero_snr else schedules.ZERO_SNR_FLOOR
     return schedules.make_alphas_cumprod(c["beta_schedule"], c["num_train_timesteps"], c["beta_start"], c["beta_end"],
-                                         c["trained_betas"], c["rescale_betas_zero_snr"])
+                                         c["trained_betas"], c["rescale_betas_zero_snr"], zero_snr_floor=floor)
 
 
 def _f32(a) -> np.ndarray:
@@ -165,6 +168,12 @@ def _discrete(c: _Config, ac, **kw) -> dict:
     opts = dict(alphas_cumprod=ac, prediction_type=c.choice("prediction_type", ("epsilon", "v_prediction", "sample")))
     opts.update(kw)
     return opts
+
+
+def _timestep_map(sigmas, timesteps) -> dict:
+    """{float32 sigma: timestep} for a grid: the timesteps the diffusers scheduler feeds the network at those
+    sigmas (``DiscreteDenoiser(timesteps=)``)."""
+    return {float(s): float(t) for s, t in zip(_f32(sigmas), np.asarray(timesteps, dtype=np.float64))}
 
 
 def _threshold_opts(c: _Config, clip: bool) -> dict:
@@ -199,7 +208,7 @@ def _convert(kind, n, lo, hi):
 # --------------------------------------------------------------------------------------------------
 
 def _ddim(c: _Config, n: int) -> SamplingPlan:
-    ac = _alphas_cumprod(c)
+    ac = _alphas_cumprod(c, exact_zero_snr=True)
     table = _table(ac)
     T = c["num_train_timesteps"]
     ts = schedules.get_timesteps(c.choice("timestep_spacing", schedules.SPACINGS), n, T, c["steps_offset"])
@@ -217,7 +226,7 @@ def _ddim(c: _Config, n: int) -> SamplingPlan:
 
 
 def _ddpm(c: _Config, n: int) -> SamplingPlan:
-    ac = _alphas_cumprod(c)
+    ac = _alphas_cumprod(c, exact_zero_snr=True)
     table = _table(ac)
     ts = schedules.get_timesteps(c.choice("timestep_spacing", schedules.SPACINGS), n, c["num_train_timesteps"],
                                  c["steps_offset"])
@@ -244,18 +253,20 @@ def _euler_family(c: _Config, n: int, sampler: str) -> SamplingPlan:
         lo = c["sigma_min"] if c["sigma_min"] is not None else sig[-1]
         hi = c["sigma_max"] if c["sigma_max"] is not None else sig[0]
         sig, interp = _convert(kind, n, lo, hi), "log"
+        ts = schedules.sigma_to_timestep(sig, ac)       # diffusers: from the unrounded sigmas, not rounded
     final = c.choice("final_sigmas_type", schedules.FINAL_SIGMAS) if c.name == "EulerDiscreteScheduler" else "zero"
     sigmas = _grid(sig, table[0] if final == "sigma_min" else 0.0)
     smax = float(sigmas.max())
     init = smax if spacing in ("linspace", "trailing") else math.sqrt(smax * smax + 1)
     continuous = c.get("timestep_type") == "continuous" and c["prediction_type"] == "v_prediction"
     dopts = _discrete(c, ac, interpolation=interp, timestep_type="continuous" if continuous else "discrete",
+                      timesteps=None if continuous else _timestep_map(sig, _f32(ts)),
                       **_threshold_opts(c, c.name == "HeunDiscreteScheduler"))
     return SamplingPlan(c.name, sampler, sigmas, {}, "discrete", dopts, init_noise_sigma=init)
 
 
 def _multistep_sigmas(c: _Config, n: int, ac, *, singlestep: bool):
-    """Timesteps and sigmas of diffusers' DPM-Solver / UniPC family; also how it rounds timesteps."""
+    """Sigmas of diffusers' DPM-Solver / UniPC family, how it rounds timesteps, and its {sigma: timestep}."""
     table = _table(ac)
     T = c["num_train_timesteps"]
     lam = torch.log(ac.sqrt()) - torch.log((1 - ac).sqrt())
@@ -269,6 +280,7 @@ def _multistep_sigmas(c: _Config, n: int, ac, *, singlestep: bool):
     if kind is None:
         sig, rounding = table[ts], "round"
         last_sigma = table[0]
+        steps_t = ts
     else:
         lo = c["sigma_min"] if c.name == "UniPCMultistepScheduler" and c["sigma_min"] is not None else table[0]
         hi = c["sigma_max"] if c.name == "UniPCMultistepScheduler" and c["sigma_max"] is not None else table[-1]
@@ -279,7 +291,9 @@ def _multistep_sigmas(c: _Config, n: int, ac, *, singlestep: bool):
                                        or c["beta_schedule"] != "squaredcos_cap_v2")
         rounding = "round" if rounds else "floor"
         last_sigma = sig[-1] if c.name == "UniPCMultistepScheduler" else table[0]
-    return _grid(sig, last_sigma if final == "sigma_min" else 0.0), rounding
+        raw_t = schedules.sigma_to_timestep(sig, ac)  # diffusers: from the unrounded sigmas, then rounded / cast
+        steps_t = np.round(raw_t) if rounds else np.floor(raw_t)
+    return _grid(sig, last_sigma if final == "sigma_min" else 0.0), rounding, _timestep_map(sig, steps_t)
 
 
 def _dpm_multistep(c: _Config, n: int) -> SamplingPlan:
@@ -293,7 +307,7 @@ def _dpm_multistep(c: _Config, n: int) -> SamplingPlan:
     if algo == "dpmsolver" and c["thresholding"]:
         raise UnsupportedConfigError("thresholding", True, supported=[False], model=c.name + " (dpmsolver)")
     c.choice("variance_type", (None, "learned", "learned_range"))
-    sigmas, rounding = _multistep_sigmas(c, n, ac, singlestep=False)
+    sigmas, rounding, steps_t = _multistep_sigmas(c, n, ac, singlestep=False)
     options = dict(order=order, solver_type=solver_type, lower_order_final=bool(c["lower_order_final"]),
                    euler_at_final=bool(c["euler_at_final"]))
     if algo == "sde-dpmsolver++":
@@ -302,7 +316,7 @@ def _dpm_multistep(c: _Config, n: int) -> SamplingPlan:
     else:
         sampler = "dpmpp_2m"
         options["predict_x0"] = algo == "dpmsolver++"
-    dopts = _discrete(c, ac, timestep_rounding=rounding, **_threshold_opts(c, False))
+    dopts = _discrete(c, ac, timestep_rounding=rounding, timesteps=steps_t, **_threshold_opts(c, False))
     return _vp_plan(c.name, sampler, sigmas, options, dopts)
 
 
@@ -314,12 +328,12 @@ def _dpm_singlestep(c: _Config, n: int) -> SamplingPlan:
     if algo == "dpmsolver" and c["thresholding"]:
         raise UnsupportedConfigError("thresholding", True, supported=[False], model=c.name + " (dpmsolver)")
     c.choice("variance_type", (None, "learned", "learned_range"))
-    sigmas, rounding = _multistep_sigmas(c, n, ac, singlestep=True)
+    sigmas, rounding, steps_t = _multistep_sigmas(c, n, ac, singlestep=True)
     options = dict(order=order, solver_type=c["solver_type"], lower_order_final=bool(c["lower_order_final"]),
                    predict_x0=algo != "dpmsolver")
     if algo == "sde-dpmsolver++":
         options.update(eta=1.0, diffusers_sde3_coefficient=True)
-    dopts = _discrete(c, ac, timestep_rounding=rounding, **_threshold_opts(c, False))
+    dopts = _discrete(c, ac, timestep_rounding=rounding, timesteps=steps_t, **_threshold_opts(c, False))
     return _vp_plan(c.name, "dpm_solver", sigmas, options, dopts)
 
 
@@ -331,13 +345,14 @@ def _unipc(c: _Config, n: int) -> SamplingPlan:
     variant = c["solver_type"] if c["solver_type"] in ("bh1", "bh2") else "bh2"
     if c["solver_type"] not in ("bh1", "bh2", "midpoint", "heun", "logrho"):
         raise UnsupportedConfigError("solver_type", c["solver_type"], supported=["bh1", "bh2"], model=c.name)
-    sigmas, rounding = _multistep_sigmas(c, n, ac, singlestep=False)
+    sigmas, rounding, steps_t = _multistep_sigmas(c, n, ac, singlestep=False)
     predict_x0 = bool(c["predict_x0"])
     options = dict(order=order, variant=variant, lower_order_final=bool(c["lower_order_final"]),
                    disable_corrector=list(c["disable_corrector"] or []), predict_x0=predict_x0)
     thr = _threshold_opts(c, False)
     thr["thresholding"] = thr["thresholding"] and predict_x0   # diffusers thresholds only the x0 form
-    return _vp_plan(c.name, "unipc", sigmas, options, _discrete(c, ac, timestep_rounding=rounding, **thr))
+    return _vp_plan(c.name, "unipc", sigmas, options, _discrete(c, ac, timestep_rounding=rounding,
+                                                                 timesteps=steps_t, **thr))
 
 
 def _edm_euler(c: _Config, n: int) -> SamplingPlan:

@@ -74,17 +74,23 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
     return 1 - alphas
 
 
+ZERO_SNR_FLOOR = 2.0 ** -24  # diffusers' sigma-based schedulers: the top sigma is 4096
+EXACT_ZERO_SNR_FLOOR = 1e-20  # DDIM / DDPM keep 0 there; sigma 1e10 stands for infinity in the sigma frame
+
+
 def make_alphas_cumprod(beta_schedule: str = "linear", num_train_timesteps: int = 1000, beta_start: float = 1e-4,
                         beta_end: float = 0.02, trained_betas: Optional[Sequence[float]] = None,
-                        rescale_betas_zero_snr: bool = False) -> torch.Tensor:
-    """alphas_cumprod (float32). With zero-terminal-SNR the last entry is set to 2**-24, as diffusers'
-    sigma-based schedulers do, so that the largest sigma is finite (~4096)."""
+                        rescale_betas_zero_snr: bool = False, zero_snr_floor: float = ZERO_SNR_FLOOR) -> torch.Tensor:
+    """alphas_cumprod (float32). With zero-terminal-SNR the last entry, 0, is set to ``zero_snr_floor`` so that
+    the largest sigma is finite: 2**-24 as diffusers' sigma-based schedulers do (sigma ~4096), or
+    ``EXACT_ZERO_SNR_FLOOR`` for DDIM / DDPM, which keep the 0 (sigma 1e10: the network sees x_vp and predicts
+    x0 = -v, and eps = (x - x0) / sigma equals x_vp to float32 precision, as at a true zero SNR)."""
     betas = make_betas(beta_schedule, num_train_timesteps, beta_start, beta_end, trained_betas)
     if rescale_betas_zero_snr:
         betas = rescale_zero_terminal_snr(betas)
     ac = torch.cumprod(1.0 - betas, dim=0)
     if rescale_betas_zero_snr:
-        ac[-1] = 2.0 ** -24
+        ac[-1] = zero_snr_floor
     return ac
 
 
@@ -180,9 +186,15 @@ def sigmas_at_timesteps(alphas_cumprod: torch.Tensor, timesteps) -> np.ndarray:
 def sigma_to_timestep(sigma, alphas_cumprod: torch.Tensor) -> np.ndarray:
     """Host-side inverse of the training table: timestep for each sigma by interpolation in log sigma
     (diffusers' ``_sigma_to_t``). The device-side twin lives in ``DiscreteDenoiser``."""
-    log_table = np.log(sigmas_from_alphas_cumprod(alphas_cumprod).to(torch.float32).numpy().astype(np.float64))
+    # float32 logs of the float32 table, as diffusers' np.log(sigmas) keeps them: the top of a Karras grid lies a
+    # float64 rounding error below the table's last sigma, which only the float32 log tells apart
+    log_table = np.log(sigmas_from_alphas_cumprod(alphas_cumprod).to(torch.float32).numpy()).astype(np.float64)
     log_s = np.log(np.maximum(np.asarray(sigma, dtype=np.float64), 1e-10))
-    low = np.clip(np.searchsorted(log_table, log_s, side="right") - 1, 0, len(log_table) - 2)
+    # the last table entry <= sigma, as diffusers finds it: a zero-terminal-SNR table is not sorted (its last
+    # entry, clamped to alphas_cumprod 2**-24, lies below the one before it), so no binary search
+    below = log_table[:, None] <= log_s.reshape(1, -1)
+    last = np.where(below.any(axis=0), len(log_table) - 1 - np.argmax(below[::-1], axis=0), 0)
+    low = np.clip(last, 0, len(log_table) - 2).reshape(log_s.shape)
     w = np.clip((log_table[low] - log_s) / (log_table[low] - log_table[low + 1]), 0, 1)
     return (1 - w) * low + w * (low + 1)
 

@@ -107,6 +107,20 @@ CASES = [
                                          final_sigmas_type="sigma_min")),
     ("UniPCMultistepScheduler", 12, dict(solver_order=3, lower_order_final=False, final_sigmas_type="sigma_min",
                                          timestep_spacing="leading", steps_offset=1)),
+    # zero terminal SNR (Lin et al. 2023): diffusers' sigma-based schedulers clamp alphas_cumprod[-1] to 2**-24, which
+    # leaves the sigma table unsorted at its top (4096 below t=998's 15406); DDIM / DDPM keep it at 0. Karras grids
+    # feed the network diffusers' inverse of their (unrounded) top sigma, 995.26, not 999.
+    # (epsilon shows a wrong timestep most; DDIM / DDPM need v: their epsilon x0 is infinite at SNR 0)
+    *[(cls, n, dict(rescale_betas_zero_snr=True, timestep_spacing="trailing", **kw))
+      for cls, n, kw in (("DDIMScheduler", 10, dict(clip_sample=False, prediction_type="v_prediction")),
+                         ("DDPMScheduler", 25, dict(prediction_type="v_prediction")),
+                         ("EulerDiscreteScheduler", 10, {}), ("EulerAncestralDiscreteScheduler", 10, {}),
+                         ("DPMSolverMultistepScheduler", 10, {}), ("UniPCMultistepScheduler", 8, {}),
+                         ("EulerDiscreteScheduler", 5, dict(use_karras_sigmas=True)),
+                         ("DPMSolverMultistepScheduler", 8, dict(use_karras_sigmas=True, final_sigmas_type="sigma_min")),
+                         ("UniPCMultistepScheduler", 8, dict(use_karras_sigmas=True)),
+                         ("EulerDiscreteScheduler", 6, dict(use_exponential_sigmas=True)))],
+    ("EulerDiscreteScheduler", 8, dict(rescale_betas_zero_snr=True)),  # linspace: t = 999 at the top
     ("EDMEulerScheduler", 10, {}),
     ("EDMEulerScheduler", 10, dict(sigma_schedule="exponential", prediction_type="v_prediction",
                                    final_sigmas_type="sigma_min")),

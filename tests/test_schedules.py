@@ -102,6 +102,21 @@ def test_sigma_to_timestep_inverse_on_grid():
     ac = sch.make_alphas_cumprod("linear")
     table = sch.sigmas_from_alphas_cumprod(ac).numpy()
     t = sch.sigma_to_timestep(table[[0, 17, 500, 999]], ac)
-    assert np.array_equal(t, [0, 17, 500, 999])
+    np.testing.assert_allclose(t, [0, 17, 500, 999], rtol=0, atol=1e-5)  # float32 logs, as diffusers keeps them
     between = sch.sigma_to_timestep(np.sqrt(table[10] * table[11]), ac)
     assert 10 < float(between) < 11
+
+
+def test_sigma_to_timestep_on_a_zero_terminal_snr_table():
+    """Zero terminal SNR clamps the last alphas_cumprod to 2**-24: sigma 4096 at t=999, below t=998's 15406.
+    The inverse is diffusers' _sigma_to_t: the last entry <= sigma over float32 logs. Its float32 log of 4096
+    lies above the float64 one, so 4096 (and the top of a Karras grid, a float64 rounding error lower) maps to
+    995.26, what diffusers' Karras grids feed the network; grids of training timesteps pass 999 itself
+    (DiscreteDenoiser(timesteps=), tested in test_scheduler_parity)."""
+    ac = sch.make_alphas_cumprod("linear", rescale_betas_zero_snr=True)
+    table = sch.sigmas_from_alphas_cumprod(ac).numpy()
+    assert table[999] == 4096.0 and table[998] > table[999]
+    for sigma in (4096.0, (4096.0 ** (1 / 7)) ** 7):  # the second: 4095.9999999999973
+        assert abs(float(sch.sigma_to_timestep(sigma, ac)) - 995.2574) < 1e-3
+    assert abs(float(sch.sigma_to_timestep(table[500], ac)) - 500) < 1e-5
+    assert 998 < float(sch.sigma_to_timestep((table[998] + table[999]) / 2, ac)) < 999  # on the clamped segment
