@@ -327,10 +327,16 @@ def sample_dpmpp_2m(denoiser, x, sigmas, *, extra_args=None, noise=None, callbac
                           predict_x0=predict_x0, diffusers_sde3=False)
 
 
+# k-diffusion's 3M (sample_dpmpp_3m_sde, eta=0 for the ODE) takes its 2nd-order warm-up step with the phi_2 ("heun")
+# weight and keeps order 3 to the end; diffusers' order-3 multistep schedulers use the midpoint weight and
+# lower_order_final (their plans pass both explicitly, so these defaults only shape the named samplers)
+_K_DIFFUSION_3M = dict(order=3, solver_type="heun", lower_order_final=False)
+
+
 def sample_dpmpp_3m(denoiser, x, sigmas, **kw):
-    """DPM-Solver++(3M): ``sample_dpmpp_2m`` with order=3."""
-    kw.setdefault("order", 3)
-    return sample_dpmpp_2m(denoiser, x, sigmas, **kw)
+    """DPM-Solver++(3M): ``sample_dpmpp_2m`` with order=3, by default as k-diffusion's ``sample_dpmpp_3m_sde`` at
+    eta=0 (phi_2 warm-up weight, order 3 to the end)."""
+    return sample_dpmpp_2m(denoiser, x, sigmas, **{**_K_DIFFUSION_3M, **kw})
 
 
 def sample_dpmpp_2m_sde(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=None, eta: float = 1.0,
@@ -348,9 +354,9 @@ def sample_dpmpp_2m_sde(denoiser, x, sigmas, *, extra_args=None, noise=None, cal
 
 
 def sample_dpmpp_3m_sde(denoiser, x, sigmas, **kw):
-    """SDE-DPM-Solver++(3M): ``sample_dpmpp_2m_sde`` with order=3."""
-    kw.setdefault("order", 3)
-    return sample_dpmpp_2m_sde(denoiser, x, sigmas, **kw)
+    """SDE-DPM-Solver++(3M): ``sample_dpmpp_2m_sde`` with order=3, by default equal to k-diffusion's
+    ``sample_dpmpp_3m_sde`` (given the same noise)."""
+    return sample_dpmpp_2m_sde(denoiser, x, sigmas, **{**_K_DIFFUSION_3M, **kw})
 
 
 # --------------------------------------------------------------------------------------------------
