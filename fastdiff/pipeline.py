@@ -338,6 +338,16 @@ class Pipeline:
         spec = self.spec
         guided = cfg_scale != 1.0
         cond, uncond = {}, {}
+        if getattr(self.model, "class_embedding", None) is not None and not spec.num_classes:
+            # a continuous class input (diffusers' class_embed_type "timestep" / "identity" / "projection", e.g.
+            # DeepFloyd IF's noise-augmentation level): nothing here says what values to feed
+            from .errors import UnsupportedConfigError
+
+            raise UnsupportedConfigError(
+                "class_embed_type", self.model.config.class_embed_type, model="generate()",
+                supported="None, or class labels from a table (num_class_embeds): this UNet conditions on a "
+                          "continuous class input that generate() cannot supply; call pipe.model(x, t, "
+                          "class_labels=...) directly")
         if spec.num_classes:
             if class_labels is None:
                 if spec.null_class is None:

@@ -281,3 +281,24 @@ def test_save_never_replaces_a_folder_it_did_not_write(tmp_path):
         with pytest.raises(BadArgumentError, match=f"not a fastdiff folder \\(found {found}\\)"):
             pipe.save(str(target))
     assert (mine / "notes.txt").read_text() == "irreplaceable" and (tmp_path / "m" / "extra.png").exists()
+
+
+def test_a_unet_with_a_continuous_class_input_says_generate_cannot_feed_it(tmp_path):
+    """diffusers' class_embed_type="timestep" (a continuous class input): generate() used to refuse labels as "not
+    class-conditional" and then fail without them ("expected class_labels"); now one error says why."""
+    diffusers = pytest.importorskip("diffusers")
+    from fastdiff.errors import UnsupportedConfigError
+
+    diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=2, norm_num_groups=8, class_embed_type="timestep",
+    ).save_pretrained(tmp_path)
+    pipe = fastdiff.load(str(tmp_path))
+    ctx = torch.randn(1, 5, 16)
+    for labels in (None, [3, 7]):
+        with pytest.raises(UnsupportedConfigError, match="class_embed_type.*'timestep'.*continuous class input"):
+            pipe.generate(seeds=[1, 2], steps=2, encoder_hidden_states=ctx, class_labels=labels, progress=False)
+    out = pipe.model(torch.randn(2, 4, 8, 8), torch.tensor([10.0, 20.0]), encoder_hidden_states=ctx.expand(2, -1, -1),
+                     class_labels=torch.tensor([0.5, 0.25]))  # the network itself takes the input
+    assert out.shape == (2, 4, 8, 8)
