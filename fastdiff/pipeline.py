@@ -338,6 +338,17 @@ class Pipeline:
         spec = self.spec
         guided = cfg_scale != 1.0
         cond, uncond = {}, {}
+        out_channels = getattr(getattr(self.model, "config", None), "out_channels", None)
+        if isinstance(out_channels, int) and out_channels not in (spec.in_channels, 2 * spec.in_channels):
+            # SD inpainting (9 = 4 latents + 4 masked-image latents + 1 mask), depth (5), instruct-pix2pix (8)
+            from .errors import UnsupportedConfigError
+
+            raise UnsupportedConfigError(
+                "in_channels", spec.in_channels, model="generate()",
+                supported=f"{out_channels} (the network's output channels): this network takes "
+                          f"{spec.in_channels - out_channels} conditioning channels beside its {out_channels} "
+                          f"latent ones (inpainting, depth or image conditioning), which generate() cannot supply"
+                if out_channels < spec.in_channels else f"{out_channels} or {out_channels // 2}")
         if getattr(self.model, "class_embedding", None) is not None and not spec.num_classes:
             # a continuous class input (diffusers' class_embed_type "timestep" / "identity" / "projection", e.g.
             # DeepFloyd IF's noise-augmentation level): nothing here says what values to feed
