@@ -368,7 +368,16 @@ class Pipeline:
             # host labels (a list, a CPU tensor) are checked before they move: no device read back then;
             # labels already on the device cost one read per call (never inside the sampling loop)
             on_host = not (torch.is_tensor(class_labels) and class_labels.device.type != "cpu")
-            labels = torch.as_tensor(class_labels, dtype=torch.long, device="cpu" if on_host else None).reshape(-1)
+            try:
+                raw = torch.as_tensor(class_labels, device="cpu" if on_host else None)
+            except (TypeError, ValueError, RuntimeError):
+                raw = None
+            # 1.5 or True would be truncated to a label silently; a float tensor of whole numbers is fine
+            if raw is None or raw.dtype == torch.bool or raw.is_complex() or (
+                    raw.is_floating_point() and not torch.equal(raw, raw.round())):
+                raise BadArgumentError(f"class_labels: expected integer labels (a list, an array or a tensor), found "
+                                       f"{class_labels!r}")
+            labels = raw.to(torch.long).reshape(-1)
             if labels.numel() == 1 and b > 1:
                 labels = labels.expand(b)
             if labels.numel() != b:

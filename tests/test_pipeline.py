@@ -318,3 +318,13 @@ def test_an_inpainting_unet_says_generate_cannot_feed_its_conditioning_channels(
     pipe = fastdiff.load(str(tmp_path))
     with pytest.raises(UnsupportedConfigError, match="5 conditioning channels beside its 4 latent ones"):
         pipe.generate(seeds=[1], steps=2, encoder_hidden_states=torch.randn(1, 5, 16), progress=False)
+
+
+@pytest.mark.parametrize("labels", [[1.5], ["3"], [True], torch.tensor([2.5])])
+def test_class_labels_must_be_integers(labels):
+    """1.5 and True were truncated to a label silently, "3" raised a raw ValueError; whole-number floats still pass."""
+    pipe = fastdiff.load("arch:tiny-dit")
+    with pytest.raises(BadArgumentError, match="class_labels: expected integer labels"):
+        pipe.generate(seeds=[1], steps=2, class_labels=labels, progress=False)
+    kw = dict(seeds=[1], steps=2, progress=False)
+    assert torch.equal(pipe.generate(class_labels=torch.tensor([2.0]), **kw), pipe.generate(class_labels=[2], **kw))
