@@ -51,6 +51,9 @@ def host_sigmas(sigmas) -> list:
     out = [float(s) for s in sigmas]
     if len(out) < 2:
         raise BadArgumentError(f"sigmas: expected at least 2 values (start and end), found {len(out)}")
+    bad = next((s for s in out if not (math.isfinite(s) and s >= 0)), None)
+    if bad is not None:  # a NaN or negative noise level gives garbage samples without an error
+        raise BadArgumentError(f"sigmas: expected finite noise levels >= 0, found {bad}")
     return out
 
 

@@ -53,6 +53,13 @@ def test_unknown_option_lists_accepted_ones():
     assert "eta" in sampler_options("dpmpp_2m_sde") and "order" in sampler_options("dpmpp_3m_sde")
 
 
+@pytest.mark.parametrize("bad", [float("nan"), -0.5, float("inf")])
+def test_sigmas_must_be_finite_and_non_negative(bad):
+    """A NaN or negative sigma ran and returned NaN / wrong samples without an error."""
+    with pytest.raises(BadArgumentError, match="finite noise levels >= 0"):
+        sample(lambda x, s: x * 0.5, torch.ones(1, 1, 2, 2), "euler", [1.0, bad, 0.0])
+
+
 def test_device_sigmas_refused():
     sig = torch.tensor([1.0, 0.0], device="meta")
     with pytest.raises(BadArgumentError, match="host"):
