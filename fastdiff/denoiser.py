@@ -216,7 +216,21 @@ class DiscreteDenoiser(Denoiser):
             t = t.round()
         elif self.timestep_rounding == "floor":
             t = t.floor()
+        if self.timesteps:  # the grid's own timesteps, as _host_coeffs takes them (an exact match, no host sync)
+            keys, values = self._timestep_table(s.device, s.dtype)
+            i = torch.searchsorted(keys, s.contiguous()).clamp(max=keys.numel() - 1)
+            t = torch.where(keys[i] == s, values[i], t)
         return t
+
+    def _timestep_table(self, device: torch.device, dtype: torch.dtype):
+        """The ``timesteps`` map as sorted (sigma, timestep) tensors on ``device``."""
+        key = ("timesteps", device, dtype)
+        table = self._tables.get(key)
+        if table is None:
+            items = sorted(self.timesteps.items())
+            table = self._tables[key] = (torch.tensor([k for k, _ in items], dtype=dtype, device=device),
+                                         torch.tensor([v for _, v in items], dtype=dtype, device=device))
+        return table
 
     def c_skip(self, sigma):
         if self.prediction_type == "epsilon":

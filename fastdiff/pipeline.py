@@ -131,7 +131,8 @@ class Pipeline:
         check_options(plan.sampler, options)
         # a copy that owns its mutable parts: callers may edit it without touching the cached plan
         return dataclasses.replace(plan, options={**plan.options, **options}, sigmas=plan.sigmas.clone(),
-                                   denoiser_options=dict(plan.denoiser_options))
+                                   denoiser_options={k: dict(v) if isinstance(v, dict) else v
+                                                     for k, v in plan.denoiser_options.items()})
 
     def _base_plan(self, steps: int, sampler: Optional[str], schedule: Optional[str]):
         from .sampling import get_sigmas, plan_from_scheduler_config
@@ -374,7 +375,7 @@ class Pipeline:
                 raw = None
             # 1.5 or True would be truncated to a label silently; a float tensor of whole numbers is fine
             if raw is None or raw.dtype == torch.bool or raw.is_complex() or (
-                    raw.is_floating_point() and not torch.equal(raw, raw.round())):
+                    raw.is_floating_point() and not (torch.isfinite(raw).all() and torch.equal(raw, raw.round()))):
                 raise BadArgumentError(f"class_labels: expected integer labels (a list, an array or a tensor), found "
                                        f"{class_labels!r}")
             labels = raw.to(torch.long).reshape(-1)

@@ -320,7 +320,7 @@ def test_an_inpainting_unet_says_generate_cannot_feed_its_conditioning_channels(
         pipe.generate(seeds=[1], steps=2, encoder_hidden_states=torch.randn(1, 5, 16), progress=False)
 
 
-@pytest.mark.parametrize("labels", [[1.5], ["3"], [True], torch.tensor([2.5])])
+@pytest.mark.parametrize("labels", [[1.5], ["3"], [True], torch.tensor([2.5]), [float("inf")]])
 def test_class_labels_must_be_integers(labels):
     """1.5 and True were truncated to a label silently, "3" raised a raw ValueError; whole-number floats still pass."""
     pipe = fastdiff.load("arch:tiny-dit")

@@ -164,3 +164,37 @@ def test_unsupported_config(config, field):
         plan_from_scheduler_config(config, 10)
     assert e.value.field == field
     assert "supported" in str(e.value)
+
+
+@pytest.mark.parametrize("cls", ["HeunDiscreteScheduler", "DPMSolverSinglestepScheduler"])
+def test_zero_snr_key_is_ignored_where_diffusers_ignores_it(cls):
+    """These two diffusers classes take no rescale_betas_zero_snr (from_config drops the key): a config carrying it,
+    e.g. switched over from a zero-SNR DDIM config, samples as without it (fastdiff applied it: off by 24x)."""
+    logging.getLogger("diffusers").setLevel(logging.ERROR)
+    model = TinyNet(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sched = getattr(diffusers, cls).from_config({**getattr(diffusers, cls)().config, "rescale_betas_zero_snr": True})
+        ref = run_diffusers(sched, model, 9)
+    got = run_fastdiff({**dict(sched.config), "rescale_betas_zero_snr": True}, cls, model, 9)
+    assert float((got - ref).abs().max() / ref.abs().max()) <= 1e-4
+
+
+@pytest.mark.parametrize("cls", ["EulerDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler"])
+def test_the_device_path_feeds_the_grids_own_timesteps(cls):
+    """D(x, sigma_tensor) (the documented denoiser form) and the samplers' host path feed the network the same
+    timestep at every grid sigma, also at a zero-SNR Karras grid's top, where the inverse alone differs (995 / 999)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = dict(getattr(diffusers, cls)(rescale_betas_zero_snr=True, use_karras_sigmas=True,
+                                              timestep_spacing="trailing").config)
+    plan = plan_from_scheduler_config(config, 6, class_name=cls)
+    seen = []
+    den = plan.make_denoiser(lambda x, t, **k: (seen.append(t.clone()), x)[1])
+    for s in plan.sigmas[:-1].tolist():
+        if s == 0:
+            continue
+        den.denoise_at(torch.zeros(2, 3, 4, 4), s)
+        den(torch.zeros(2, 3, 4, 4), torch.full((2,), s))
+    pairs = list(zip(seen[0::2], seen[1::2]))
+    assert pairs and all(torch.equal(host, device) for host, device in pairs), pairs
