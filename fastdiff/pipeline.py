@@ -15,7 +15,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .errors import BadArgumentError
+from .errors import BadArgumentError, UnsupportedConfigError
 from .spec import ModelSpec
 from .state_update import update_impl
 from .utils.checks import finite_number
@@ -342,8 +342,6 @@ class Pipeline:
         out_channels = getattr(getattr(self.model, "config", None), "out_channels", None)
         if isinstance(out_channels, int) and out_channels not in (spec.in_channels, 2 * spec.in_channels):
             # SD inpainting (9 = 4 latents + 4 masked-image latents + 1 mask), depth (5), instruct-pix2pix (8)
-            from .errors import UnsupportedConfigError
-
             raise UnsupportedConfigError(
                 "in_channels", spec.in_channels, model="generate()",
                 supported=f"{out_channels} (the network's output channels): this network takes "
@@ -353,8 +351,6 @@ class Pipeline:
         if getattr(self.model, "class_embedding", None) is not None and not spec.num_classes:
             # a continuous class input (diffusers' class_embed_type "timestep" / "identity" / "projection", e.g.
             # DeepFloyd IF's noise-augmentation level): nothing here says what values to feed
-            from .errors import UnsupportedConfigError
-
             raise UnsupportedConfigError(
                 "class_embed_type", self.model.config.class_embed_type, model="generate()",
                 supported="None, or class labels from a table (num_class_embeds): this UNet conditions on a "

@@ -22,8 +22,8 @@ from ..errors import CorruptCheckpointError, UnsafeCheckpointError
 class TrainingCallbackState:
     """Stands in for a training framework's callback object pickled beside the weights (PyTorch Lightning's
     ``ModelCheckpoint``, which Lightning training runs such as the latent-diffusion code and its fine-tunes save
-    in their ``.ckpt`` files): the unpickler builds this class instead of the framework's, so none of the framework's code runs
-    and it need not be installed. Its pickled state is kept as data; fastdiff never reads it."""
+    in their ``.ckpt`` files): the unpickler builds this class instead of the framework's, so none of the
+    framework's code runs and it need not be installed. Its pickled state is kept as data; fastdiff never reads it."""
 
     def __init__(self, *args, **kwargs):
         self.args, self.kwargs, self.state = args, kwargs, None
