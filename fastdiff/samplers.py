@@ -27,57 +27,22 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from .consistency import sample_lcm
 from .errors import BadArgumentError
+from .linear_multistep import sample_lms, sample_plms
+from .sampler_base import _call, _cb, _setup, host_sigmas  # noqa: F401  (host_sigmas: part of this module's API)
 from .state_update import combine
 
 __all__ = [
     "SAMPLERS", "sample_ddim", "sample_ddpm", "sample_euler", "sample_euler_ancestral", "sample_heun",
     "sample_dpmpp_2m", "sample_dpmpp_3m", "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde", "sample_dpm_solver",
-    "sample_unipc", "sample_edm", "invert_ddim",
+    "sample_unipc", "sample_edm", "sample_plms", "sample_lms", "sample_lcm", "invert_ddim",
 ]
 
 
 # --------------------------------------------------------------------------------------------------
 # Shared helpers (host floats only)
 # --------------------------------------------------------------------------------------------------
-
-def host_sigmas(sigmas) -> list:
-    """The grid as Python floats. A device tensor is refused: reading it would sync."""
-    if torch.is_tensor(sigmas):
-        if sigmas.device.type != "cpu":
-            raise BadArgumentError(f"sigmas: expected a host (CPU) tensor or a list, found a tensor on "
-                                   f"{sigmas.device}; build grids with fastdiff.schedules (they are host tensors)")
-        sigmas = sigmas.tolist()
-    out = [float(s) for s in sigmas]
-    if len(out) < 2:
-        raise BadArgumentError(f"sigmas: expected at least 2 values (start and end), found {len(out)}")
-    bad = next((s for s in out if not (math.isfinite(s) and s >= 0)), None)
-    if bad is not None:  # a NaN or negative noise level gives garbage samples without an error
-        raise BadArgumentError(f"sigmas: expected finite noise levels >= 0, found {bad}")
-    return out
-
-
-def _randn(i: int, like: torch.Tensor) -> torch.Tensor:
-    return torch.randn_like(like)
-
-
-def _setup(x, sigmas, extra_args, noise):
-    """State in float32 at least (fp16/bf16 inputs are upcast; float64 is kept, for reference runs)."""
-    if x.dtype != torch.float64:
-        x = x.to(torch.float32)
-    return x, host_sigmas(sigmas), (extra_args or {}), (noise or _randn)
-
-
-def _call(denoiser, x, sigma: float, extra: dict) -> torch.Tensor:
-    """The denoiser at a host sigma. fastdiff adapters take the host float directly (``denoise_at``:
-    scalings worked out on the host); any other callable gets a (B,) sigma tensor filled on the device.
-    Nothing is read back either way."""
-    at = getattr(denoiser, "denoise_at", None)
-    if at is not None:
-        return at(x, sigma, **extra).to(x.dtype)
-    s = torch.full((x.shape[0],), sigma, dtype=x.dtype, device=x.device)
-    return denoiser(x, s, **extra).to(x.dtype)
-
 
 def _ancestral(sigma: float, sigma_next: float, eta: float = 1.0):
     """Split a step sigma -> sigma_next into a deterministic part down to sigma_down and fresh noise of
@@ -96,11 +61,6 @@ def _churn(x, i, sigma, n, noise, s_churn, s_tmin, s_tmax, s_noise):
     if gamma > 0:  # raise the noise level to sigma_hat
         x = x + noise(i, x) * (s_noise * math.sqrt(s_hat ** 2 - sigma ** 2))
     return x, s_hat
-
-
-def _cb(callback, x, i, sigma, sigma_hat, denoised):
-    if callback is not None:
-        callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma_hat, "denoised": denoised})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -574,7 +534,10 @@ SAMPLERS = {
     "dpm_solver": sample_dpm_solver,
     "unipc": sample_unipc,
     "edm": sample_edm,
+    "plms": sample_plms,
+    "lms": sample_lms,
+    "lcm": sample_lcm,
 }
 
 # Samplers that draw noise (the others are deterministic given x).
-STOCHASTIC = frozenset({"ddpm", "euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde"})
+STOCHASTIC = frozenset({"ddpm", "euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde", "lcm"})

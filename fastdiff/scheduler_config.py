@@ -15,7 +15,9 @@ carry the conversion, so ``plan.sample`` takes and returns exactly what a diffus
 
 Supported: DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler,
 HeunDiscreteScheduler, DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler,
-UniPCMultistepScheduler, EDMEulerScheduler. Anything else raises ``UnsupportedConfigError``.
+UniPCMultistepScheduler, EDMEulerScheduler, PNDMScheduler (Stable Diffusion 1.x's default), LMSDiscreteScheduler,
+LCMScheduler (latent consistency models, LCM-LoRA).
+Anything else raises ``UnsupportedConfigError``.
 """
 
 from __future__ import annotations
@@ -55,6 +57,10 @@ _DEFAULTS = {
     "UniPCMultistepScheduler": dict(solver_order=2, predict_x0=True, solver_type="bh2", lower_order_final=True,
                                     disable_corrector=[], solver_p=None),
     "EDMEulerScheduler": dict(sigma_min=0.002, sigma_max=80.0, sigma_data=0.5, sigma_schedule="karras", rho=7.0),
+    "PNDMScheduler": dict(skip_prk_steps=False, set_alpha_to_one=False, timestep_spacing="leading"),
+    "LMSDiscreteScheduler": dict(),
+    "LCMScheduler": dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", original_inference_steps=50,
+                         set_alpha_to_one=True, timestep_spacing="leading", timestep_scaling=10.0),
 }
 SUPPORTED_SCHEDULERS = tuple(_DEFAULTS)
 
@@ -143,7 +149,7 @@ class _Config(dict):
 
 
 # diffusers schedulers without a rescale_betas_zero_snr argument: from_config drops the key, so it changes nothing
-_NO_ZERO_SNR = ("HeunDiscreteScheduler", "DPMSolverSinglestepScheduler")
+_NO_ZERO_SNR = ("HeunDiscreteScheduler", "DPMSolverSinglestepScheduler", "PNDMScheduler", "LMSDiscreteScheduler")
 
 
 def _alphas_cumprod(c: _Config, exact_zero_snr: bool = False) -> torch.Tensor:
@@ -374,6 +380,70 @@ def _edm_euler(c: _Config, n: int) -> SamplingPlan:
     return SamplingPlan(c.name, "euler", sigmas, {}, "edm", dopts, init_noise_sigma=math.sqrt(hi * hi + 1))
 
 
+def _pndm(c: _Config, n: int) -> SamplingPlan:
+    """PLMS with diffusers' timestep arithmetic: every step lands at t - T//N (the final alpha below 0),
+    the Euler warm-up's second pass steps from t_1 + T//N, Runge-Kutta stages land at t -/+ T//N//2."""
+    ac = _alphas_cumprod(c)
+    prediction = c.choice("prediction_type", ("epsilon", "v_prediction"))
+    table = _table(ac)
+    T = c["num_train_timesteps"]
+    ts = schedules.get_timesteps(c.choice("timestep_spacing", schedules.SPACINGS), n, T, c["steps_offset"])
+    skip_prk = bool(c["skip_prk_steps"])
+    if not skip_prk and n < 4:
+        raise UnsupportedConfigError("num_inference_steps", n, supported="at least 4 with skip_prk_steps=False "
+                                     "(its Runge-Kutta warm-up spans 4 timesteps)", model=c.name)
+    r = T // n
+    final = 0.0 if c["set_alpha_to_one"] else table[0]
+
+    def sigma_of(t):
+        return table[t] if t >= 0 else final
+
+    to = [sigma_of(t - r) for t in ts]
+    sigmas = _grid(table[ts], to[-1])
+    options = dict(warmup="euler" if skip_prk else "rk4", sigmas_to=_f32(to).tolist())
+    evals = {int(t) for t in ts}
+    if skip_prk and n > 1:
+        options["warmup_from"] = float(_f32([sigma_of(ts[1] + r)])[0])
+    if not skip_prk:
+        h = T // n // 2
+        mids = [int(ts[j + 1]) + h for j in range(3)]
+        options["sigmas_mid"] = _f32([table[t] for t in mids]).tolist()
+        options["sigmas_mid_to"] = _f32([sigma_of(ts[j] - h) for j in range(3)]).tolist()
+        evals.update(mids)
+    evals = sorted(evals)
+    dopts = _discrete(c, ac, timestep_rounding="round", timesteps=_timestep_map(table[evals], evals))
+    if prediction == "v_prediction":
+        options["multistep_on"] = "v"
+    return _vp_plan(c.name, "plms", sigmas, options, dopts)
+
+
+def _lms(c: _Config, n: int) -> SamplingPlan:
+    return _euler_family(c, n, "lms")
+
+
+def _lcm(c: _Config, n: int) -> SamplingPlan:
+    """LCM: ``n`` timesteps taken evenly (by index) from the distillation schedule of ``original_inference_steps``
+    (T // N_orig * k - 1), the consistency boundary scalings at each, fresh noise between steps."""
+    from .consistency import lcm_boundary_scalings
+
+    ac = _alphas_cumprod(c, exact_zero_snr=True)       # LCM keeps alphas_cumprod 0 at a zero terminal SNR
+    table = _table(ac)
+    T, orig = c["num_train_timesteps"], c["original_inference_steps"]
+    if not isinstance(orig, int) or not 1 <= orig <= T:
+        raise UnsupportedConfigError("original_inference_steps", orig, supported=f"an integer in [1, {T}]",
+                                     model=c.name)
+    if n > orig:
+        raise BadArgumentError(f"num_inference_steps: expected at most original_inference_steps = {orig} for "
+                               f"{c.name}, found {n}")
+    origin = (np.arange(1, orig + 1) * (T // orig) - 1)[::-1]
+    ts = origin[np.floor(np.linspace(0, orig, num=n, endpoint=False)).astype(np.int64)]
+    scalings = [lcm_boundary_scalings(float(t), float(c["timestep_scaling"])) for t in ts]
+    options = dict(c_skip=[a for a, _ in scalings], c_out=[b for _, b in scalings])
+    dopts = _discrete(c, ac, timestep_rounding="round", timesteps=_timestep_map(table[ts], ts),
+                      **_threshold_opts(c, True))
+    return _vp_plan(c.name, "lcm", _grid(table[ts], 0.0), options, dopts)
+
+
 _BUILDERS = {
     "DDIMScheduler": _ddim,
     "DDPMScheduler": _ddpm,
@@ -384,5 +454,8 @@ _BUILDERS = {
     "DPMSolverSinglestepScheduler": _dpm_singlestep,
     "UniPCMultistepScheduler": _unipc,
     "EDMEulerScheduler": _edm_euler,
+    "PNDMScheduler": _pndm,
+    "LMSDiscreteScheduler": _lms,
+    "LCMScheduler": _lcm,
 }
 

@@ -95,6 +95,11 @@ CASES = {
     "unipc_2": (S.sample_unipc, {}, 2.4, 4.0),
     "unipc_2_bh1": (S.sample_unipc, dict(variant="bh1"), 2.4, 4.5),
     "unipc_3": (S.sample_unipc, dict(order=3), 3.2, 5.5),
+    # PLMS's Adams-Bashforth weights assume equal steps: about 2nd order on these uneven grids
+    "plms": (S.sample_plms, {}, 1.8, 3.5),
+    "plms_rk4": (S.sample_plms, dict(warmup="rk4"), 2.0, 4.0),
+    "lms": (S.sample_lms, {}, 2.2, 4.5),          # order 4, still pre-asymptotic at 5-40 steps
+    "lms_2": (S.sample_lms, dict(order=2), 1.4, 2.5),
 }
 
 

@@ -37,14 +37,14 @@ class Recorder(torch.nn.Module):
 
 def test_registry_names():
     expected = {"ddim", "ddpm", "euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde",
-                "dpm_solver", "unipc", "edm"}
+                "dpm_solver", "unipc", "edm", "plms", "lms"}
     assert expected <= set(SAMPLERS)
 
 
 def test_unknown_sampler_lists_known_ones():
     with pytest.raises(BadArgumentError, match="dpmpp_2m") as e:
-        sample(lambda x, s: x, torch.zeros(1, 2), "lms", [1.0, 0.0])
-    assert "'lms'" in str(e.value)
+        sample(lambda x, s: x, torch.zeros(1, 2), "dpm_adaptive", [1.0, 0.0])
+    assert "'dpm_adaptive'" in str(e.value)
 
 
 def test_unknown_option_lists_accepted_ones():

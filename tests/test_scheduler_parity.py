@@ -124,6 +124,27 @@ CASES = [
     ("EDMEulerScheduler", 10, {}),
     ("EDMEulerScheduler", 10, dict(sigma_schedule="exponential", prediction_type="v_prediction",
                                    final_sigmas_type="sigma_min")),
+    # PNDM: Stable Diffusion 1.x's own config (PLMS with the pseudo improved Euler warm-up), and the paper's
+    # Runge-Kutta warm-up. 'linspace' / 'trailing' land steps at t - T//N, not at the next timestep; with 30
+    # steps T//N//2 = 16 puts the Runge-Kutta stages' landing (t - 16) apart from their midpoint (t' + 16);
+    # v-prediction combines raw v-predictions (diffusers converts the sum to eps at the step's start)
+    ("PNDMScheduler", 10, dict(skip_prk_steps=True, steps_offset=1, **SD)),
+    ("PNDMScheduler", 2, dict(skip_prk_steps=True, set_alpha_to_one=True)),
+    ("PNDMScheduler", 7, dict(skip_prk_steps=True, timestep_spacing="trailing", prediction_type="v_prediction")),
+    ("PNDMScheduler", 9, dict(skip_prk_steps=True, timestep_spacing="linspace")),
+    ("PNDMScheduler", 4, {}),
+    ("PNDMScheduler", 30, dict(steps_offset=1, **SD)),
+    ("PNDMScheduler", 11, dict(timestep_spacing="linspace", prediction_type="v_prediction", set_alpha_to_one=True)),
+    ("LMSDiscreteScheduler", 10, {}),
+    ("LMSDiscreteScheduler", 10, dict(use_karras_sigmas=True, timestep_spacing="leading", steps_offset=1, **SD)),
+    ("LMSDiscreteScheduler", 6, dict(use_exponential_sigmas=True, prediction_type="v_prediction",
+                                     timestep_spacing="trailing")),
+    ("LMSDiscreteScheduler", 3, dict(prediction_type="sample")),
+    # LCM (a consistency model's few-step sampler): boundary scalings per timestep, fresh noise between steps
+    ("LCMScheduler", 4, {}),
+    ("LCMScheduler", 6, dict(prediction_type="v_prediction", rescale_betas_zero_snr=True, original_inference_steps=100)),
+    ("LCMScheduler", 3, dict(timestep_scaling=1.0, clip_sample=True, beta_schedule="linear", beta_start=1e-4,
+                             beta_end=0.02)),
 ]
 
 
@@ -150,7 +171,9 @@ def test_class_name_from_config_json_key():
 
 
 @pytest.mark.parametrize("config,field", [
-    ({"_class_name": "LMSDiscreteScheduler"}, "_class_name"),
+    ({"_class_name": "KDPM2DiscreteScheduler"}, "_class_name"),
+    ({"_class_name": "PNDMScheduler", "prediction_type": "sample"}, "prediction_type"),
+    ({"_class_name": "LCMScheduler", "original_inference_steps": 2000}, "original_inference_steps"),
     ({"_class_name": "DPMSolverMultistepScheduler", "use_beta_sigmas": True}, "use_beta_sigmas"),
     ({"_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "sde-dpmsolver"}, "algorithm_type"),
     ({"_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "dpmsolver"}, "final_sigmas_type"),

@@ -192,14 +192,15 @@ def _read_any(path: str, *, variant=None, num_heads=None, head_channels=None, at
         state = pick_state_dict(obj, prefer=("ema", "model", "state_dict"))
         if is_ldm_state_dict(state):
             from .diffusers_folder import spec_for
-            from .presets import SD_SCHEDULER
+            from .presets import SD_SCHEDULER, SD_V_SCHEDULER
 
             from .ldm import single_file_sampling
 
             cfg = ldm_unet_config(state, num_heads=num_heads)
             prediction, latent, why = single_file_sampling(cfg, obj)
             cfg.sample_size = latent
-            spec = spec_for("unet", cfg, dict(SD_SCHEDULER, prediction_type=prediction),
+            scheduler = SD_V_SCHEDULER if prediction == "v_prediction" else dict(SD_SCHEDULER, prediction_type=prediction)
+            spec = spec_for("unet", cfg, scheduler,
                             source=f"Stable Diffusion single file {path}")
             spec.notes.append("single-file UNet: heads inferred (SD1: 8, SD2: 64 per head) unless num_heads= is "
                               "given; " + why)

@@ -10,9 +10,13 @@ from ..errors import BadArgumentError
 
 PRESET_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "presets")
 
+# What Stable Diffusion's diffusers folders ship: SD 1.x (and SD 2 base, epsilon) PNDM in its PLMS form, the
+# 768-pixel v-prediction SD 2.x models DDIM.
 SD_SCHEDULER = {"_class_name": "PNDMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
                 "beta_end": 0.012, "beta_schedule": "scaled_linear", "prediction_type": "epsilon",
-                "steps_offset": 1, "set_alpha_to_one": False, "timestep_spacing": "leading"}
+                "steps_offset": 1, "set_alpha_to_one": False, "skip_prk_steps": True, "clip_sample": False,
+                "timestep_spacing": "leading"}
+SD_V_SCHEDULER = dict(SD_SCHEDULER, _class_name="DDIMScheduler", prediction_type="v_prediction")
 DIT_SCHEDULER = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.0001,
                  "beta_end": 0.02, "beta_schedule": "linear", "prediction_type": "epsilon"}
 
@@ -54,7 +58,7 @@ def _arch_table():
         cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8), "UNet2DConditionModel")
     return {
         "sd15-unet": _unet_arch(unet.sd15_config, SD_SCHEDULER),
-        "sd21-unet": _unet_arch(unet.sd21_config, dict(SD_SCHEDULER, prediction_type="v_prediction")),
+        "sd21-unet": _unet_arch(unet.sd21_config, SD_V_SCHEDULER),
         "ddpm-cifar10": _unet_arch(unet.ddpm_cifar10_config, DIT_SCHEDULER),
         "dit-xl-2-256": _dit_arch("DiT-XL/2", 256),
         "dit-xl-2-512": _dit_arch("DiT-XL/2", 512),

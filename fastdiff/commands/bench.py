@@ -315,7 +315,8 @@ def _import_diffusers():
     try:
         import diffusers  # noqa: F401
         from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                               EulerDiscreteScheduler, HeunDiscreteScheduler, UniPCMultistepScheduler)
+                               EulerDiscreteScheduler, HeunDiscreteScheduler, LCMScheduler, LMSDiscreteScheduler,
+                               PNDMScheduler, UniPCMultistepScheduler)
     except Exception as e:
         raise ImportError(f"diffusers cannot be imported ({type(e).__name__}: {_one_line(e)})") from e
     return {
@@ -326,6 +327,9 @@ def _import_diffusers():
         "heun": (HeunDiscreteScheduler, dict(use_karras_sigmas=True)),
         "ddim": (DDIMScheduler, {}),
         "unipc": (UniPCMultistepScheduler, dict(use_karras_sigmas=True)),
+        "plms": (PNDMScheduler, dict(skip_prk_steps=True)),
+        "lms": (LMSDiscreteScheduler, dict(use_karras_sigmas=True)),
+        "lcm": (LCMScheduler, {}),
     }
 
 

@@ -1,0 +1,56 @@
+"""What every sampler shares: the host grid, the float32 state, the denoiser call and the callback.
+
+Kept apart from the samplers themselves so that sampler families in their own modules
+(``fastdiff.linear_multistep``) use the same conventions without importing each other.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .errors import BadArgumentError
+
+
+def host_sigmas(sigmas) -> list:
+    """The grid as Python floats. A device tensor is refused: reading it would sync."""
+    if torch.is_tensor(sigmas):
+        if sigmas.device.type != "cpu":
+            raise BadArgumentError(f"sigmas: expected a host (CPU) tensor or a list, found a tensor on "
+                                   f"{sigmas.device}; build grids with fastdiff.schedules (they are host tensors)")
+        sigmas = sigmas.tolist()
+    out = [float(s) for s in sigmas]
+    if len(out) < 2:
+        raise BadArgumentError(f"sigmas: expected at least 2 values (start and end), found {len(out)}")
+    bad = next((s for s in out if not (math.isfinite(s) and s >= 0)), None)
+    if bad is not None:  # a NaN or negative noise level gives garbage samples without an error
+        raise BadArgumentError(f"sigmas: expected finite noise levels >= 0, found {bad}")
+    return out
+
+
+def _randn(i: int, like: torch.Tensor) -> torch.Tensor:
+    return torch.randn_like(like)
+
+
+def _setup(x, sigmas, extra_args, noise):
+    """State in float32 at least (fp16/bf16 inputs are upcast; float64 is kept, for reference runs)."""
+    if x.dtype != torch.float64:
+        x = x.to(torch.float32)
+    return x, host_sigmas(sigmas), (extra_args or {}), (noise or _randn)
+
+
+def _call(denoiser, x, sigma: float, extra: dict) -> torch.Tensor:
+    """The denoiser at a host sigma. fastdiff adapters take the host float directly (``denoise_at``:
+    scalings worked out on the host); any other callable gets a (B,) sigma tensor filled on the device.
+    Nothing is read back either way."""
+    at = getattr(denoiser, "denoise_at", None)
+    if at is not None:
+        return at(x, sigma, **extra).to(x.dtype)
+    s = torch.full((x.shape[0],), sigma, dtype=x.dtype, device=x.device)
+    return denoiser(x, s, **extra).to(x.dtype)
+
+
+def _cb(callback, x, i, sigma, sigma_hat, denoised):
+    if callback is not None:
+        callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma_hat, "denoised": denoised})

@@ -1,0 +1,66 @@
+"""The consistency sampler (``lcm``) against a transcription of k-diffusion's ``sample_lcm``, and its diffusers
+form (boundary scalings) against the scalings' definition. diffusers' LCMScheduler: ``test_scheduler_parity.py``."""
+
+import math
+
+import pytest
+import torch
+
+from fastdiff.consistency import lcm_boundary_scalings, sample_lcm
+from fastdiff.errors import BadArgumentError
+
+SIGMAS = [14.6, 3.1, 0.6, 0.09, 0.0]
+
+
+def denoiser(x, sigma, **_):
+    s = sigma.reshape(-1, 1, 1, 1)
+    return torch.tanh(x / (1 + s ** 2).sqrt()) * 0.9 + 0.05 * torch.sin(3 * x)
+
+
+def setup():
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64) * SIGMAS[0]
+    draws = [torch.randn(2, 3, 4, 4, dtype=torch.float64) for _ in SIGMAS]
+    return x, draws
+
+
+def test_lcm_equals_k_diffusion():
+    """k-diffusion: x = D(x, sigma_i); if sigma_{i+1} > 0: x += sigma_{i+1} * noise (eps models' noise_scaling)."""
+    x, draws = setup()
+    got = sample_lcm(denoiser, x.clone(), SIGMAS, noise=lambda i, like: draws[i])
+    want = x.clone()
+    for i in range(len(SIGMAS) - 1):
+        want = denoiser(want, torch.full((2,), SIGMAS[i], dtype=torch.float64))
+        if SIGMAS[i + 1] > 0:
+            want = want + SIGMAS[i + 1] * draws[i]
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_boundary_scalings_enter_as_diffusers_writes_them():
+    """With the scalings, x0 = c_skip * x_vp + c_out * D (x_vp the variance-preserving sample)."""
+    x, draws = setup()
+    ts = [999, 759, 499, 259]
+    c = [lcm_boundary_scalings(t, timestep_scaling=0.001) for t in ts]   # small scaling: c_skip matters
+    got = sample_lcm(denoiser, x.clone(), SIGMAS, noise=lambda i, like: draws[i], c_skip=[a for a, _ in c],
+                     c_out=[b for _, b in c])
+    want = x.clone()
+    for i, (cs, co) in enumerate(c):
+        s = SIGMAS[i]
+        want = co * denoiser(want, torch.full((2,), s, dtype=torch.float64)) + cs * want / math.sqrt(1 + s * s)
+        if SIGMAS[i + 1] > 0:
+            want = want + SIGMAS[i + 1] * draws[i]
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert c[-1][0] > 0.1 and c[0][1] < 0.99        # the test's scalings are far from (0, 1)
+
+
+def test_boundary_scalings_values():
+    c_skip, c_out = lcm_boundary_scalings(499)          # diffusers' defaults: scaling 10, sigma_data 0.5
+    assert c_skip == pytest.approx(0.25 / (4990 ** 2 + 0.25)) and c_out == pytest.approx(4990 / math.sqrt(4990 ** 2 + 0.25))
+    assert lcm_boundary_scalings(0) == (1.0, 0.0)       # at t = 0 the consistency function is the identity
+
+
+@pytest.mark.parametrize("options", [dict(c_skip=[0.0] * 4), dict(c_skip=[0.0] * 3, c_out=[1.0] * 3)])
+def test_bad_scalings(options):
+    x, _ = setup()
+    with pytest.raises(BadArgumentError, match="c_skip"):
+        sample_lcm(denoiser, x, SIGMAS, **options)

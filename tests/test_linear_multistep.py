@@ -1,0 +1,152 @@
+"""PLMS and LMS against float64 transcriptions of the implementations users compare with: Stable Diffusion's
+``PLMSSampler`` (CompVis/latent-diffusion, in the variance-preserving frame) and k-diffusion's ``sample_lms``
+(its Lagrange weights integrated numerically, here by Gauss-Legendre quadrature). diffusers' PNDM and LMS
+schedulers are checked in ``test_scheduler_parity.py``."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fastdiff.errors import BadArgumentError
+from fastdiff.linear_multistep import lms_weights, sample_lms, sample_plms
+
+GRIDS = {
+    "to_zero": [14.6, 7.0, 3.1, 1.4, 0.6, 0.25, 0.09, 0.029, 0.0],
+    "to_sigma_min": [9.0, 5.5, 2.0, 1.2, 0.5, 0.2, 0.0292],     # SD's leading grid ends at alphas_cumprod[0]
+    "two_steps": [6.0, 1.0, 0.0],
+}
+
+
+def denoiser(x, sigma, **_):
+    """A smooth stand-in network D(x; sigma), neither linear nor the identity."""
+    s = sigma.reshape(-1, 1, 1, 1)
+    return torch.tanh(x / (1 + s ** 2).sqrt()) * 0.9 + 0.05 * torch.sin(3 * x)
+
+
+def start(sigma0):
+    torch.manual_seed(0)
+    return torch.randn(2, 3, 5, 5, dtype=torch.float64) * sigma0
+
+
+def ldm_plms(x_sigma, sigmas):
+    """CompVis ``PLMSSampler.p_sample_plms`` (eta=0), with alphas_cumprod 1 / (1 + sigma^2) of the grid."""
+    alphas = [1 / (1 + s * s) for s in sigmas]
+    x = x_sigma / math.sqrt(1 + sigmas[0] ** 2)       # the VP sample
+
+    def eps_model(x_vp, idx):
+        s = sigmas[idx]
+        d = denoiser(x_vp * math.sqrt(1 + s * s), torch.full((x_vp.shape[0],), s, dtype=torch.float64))
+        return (x_vp * math.sqrt(1 + s * s) - d) / s
+
+    def x_prev(x_vp, e, idx):
+        a_t, a_prev = alphas[idx], alphas[idx + 1]
+        pred_x0 = (x_vp - math.sqrt(1 - a_t) * e) / math.sqrt(a_t)
+        return math.sqrt(a_prev) * pred_x0 + math.sqrt(1 - a_prev) * e
+
+    old_eps = []
+    for i in range(len(sigmas) - 1):
+        e_t = eps_model(x, i)
+        if not old_eps:
+            e_next = eps_model(x_prev(x, e_t, i), i + 1) if sigmas[i + 1] > 0 else e_t
+            e_prime = (e_t + e_next) / 2
+        elif len(old_eps) == 1:
+            e_prime = (3 * e_t - old_eps[-1]) / 2
+        elif len(old_eps) == 2:
+            e_prime = (23 * e_t - 16 * old_eps[-1] + 5 * old_eps[-2]) / 12
+        else:
+            e_prime = (55 * e_t - 59 * old_eps[-1] + 37 * old_eps[-2] - 9 * old_eps[-3]) / 24
+        x = x_prev(x, e_prime, i)
+        old_eps = (old_eps + [e_t])[-3:]
+    return x * math.sqrt(1 + sigmas[-1] ** 2)       # back to the sigma frame
+
+
+@pytest.mark.parametrize("grid", sorted(GRIDS))
+def test_plms_equals_stable_diffusions_plms_sampler(grid):
+    sigmas = GRIDS[grid]
+    x = start(sigmas[0])
+    got = sample_plms(denoiser, x.clone(), torch.tensor(sigmas, dtype=torch.float64))
+    torch.testing.assert_close(got, ldm_plms(x.clone(), sigmas), rtol=1e-10, atol=1e-10)
+
+
+def k_diffusion_lms(x, sigmas, order):
+    """k-diffusion ``sample_lms``: weights = integrals of the Lagrange basis (here 20-point Gauss-Legendre)."""
+    nodes, wts = np.polynomial.legendre.leggauss(20)
+
+    def coeff(cur, i, j):
+        lo, hi = sigmas[i], sigmas[i + 1]
+        taus = (hi - lo) / 2 * nodes + (hi + lo) / 2
+
+        def basis(tau):
+            prod = 1.0
+            for k in range(cur):
+                if k != j:
+                    prod *= (tau - sigmas[i - k]) / (sigmas[i - j] - sigmas[i - k])
+            return prod
+        return float((hi - lo) / 2 * sum(w * basis(t) for w, t in zip(wts, taus)))
+
+    ds = []
+    for i in range(len(sigmas) - 1):
+        d = (x - denoiser(x, torch.full((x.shape[0],), sigmas[i], dtype=torch.float64))) / sigmas[i]
+        ds = (ds + [d])[-order:]
+        cur = min(i + 1, order)
+        x = x + sum(coeff(cur, i, j) * dj for j, dj in enumerate(reversed(ds)))
+    return x
+
+
+@pytest.mark.parametrize("order", [1, 2, 4, 5])
+@pytest.mark.parametrize("grid", sorted(GRIDS))
+def test_lms_equals_k_diffusion(grid, order):
+    sigmas = GRIDS[grid]
+    x = start(sigmas[0])
+    got = sample_lms(denoiser, x.clone(), sigmas, order=order)
+    torch.testing.assert_close(got, k_diffusion_lms(x.clone(), sigmas, order), rtol=1e-10, atol=1e-10)
+
+
+def test_lms_weights_integrate_polynomials_exactly():
+    """The weights reproduce the integral of any polynomial of degree < len(nodes) from its node values."""
+    nodes, lo, hi = [0.7, 1.3, 2.2, 4.0], 0.7, 0.31
+    w = lms_weights(nodes, lo, hi)
+    p = np.polynomial.Polynomial([0.3, -1.2, 0.5, 0.25])
+    exact = p.integ()(hi) - p.integ()(lo)
+    assert sum(wj * p(t) for wj, t in zip(w, nodes)) == pytest.approx(exact, rel=1e-12)
+
+
+def count_calls(warmup, steps):
+    calls = []
+
+    def counting(x, sigma, **_):
+        calls.append(float(sigma[0]))
+        return denoiser(x, sigma)
+
+    sigmas = np.geomspace(10, 0.05, steps).tolist() + [0.0]
+    sample_plms(counting, start(10.0), sigmas, warmup=warmup)
+    return calls, sigmas
+
+
+def test_plms_network_calls():
+    """Euler warm-up: one extra call, at the end of the first step; Runge-Kutta: 4 calls on each of the first 3
+    steps (the midpoints are the geometric means by default); then one call per step."""
+    calls, sigmas = count_calls("euler", 6)
+    assert calls == [sigmas[0], sigmas[1]] + sigmas[1:6]
+    calls, sigmas = count_calls("rk4", 6)
+    assert len(calls) == 3 * 4 + 3
+    assert calls[1] == pytest.approx(math.sqrt(sigmas[0] * sigmas[1])) and calls[3] == sigmas[1]
+
+
+@pytest.mark.parametrize("options,match", [
+    (dict(warmup="prk"), "warmup"),
+    (dict(multistep_on="x0"), "multistep_on"),
+    (dict(sigmas_to=[1.0]), "sigmas_to"),
+    (dict(warmup="rk4", sigmas_mid=[1.0]), "sigmas_mid"),
+])
+def test_plms_bad_options(options, match):
+    with pytest.raises(BadArgumentError, match=match):
+        sample_plms(denoiser, start(9.0), GRIDS["to_sigma_min"], **options)
+
+
+@pytest.mark.parametrize("order", [0, 2.5, True])
+def test_lms_bad_order(order):
+    with pytest.raises(BadArgumentError, match="order"):
+        sample_lms(denoiser, start(9.0), GRIDS["two_steps"], order=order)
