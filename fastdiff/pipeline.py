@@ -21,7 +21,7 @@ from .state_update import update_impl
 from .utils.checks import finite_number
 
 OUTPUT_TYPES = ("tensor", "np", "pil")
-_LEADING_DEFAULT = ("heun", "edm")  # samplers whose default grid on discrete-time models is "leading"
+_LEADING_DEFAULT = ("heun", "edm", "plms")  # samplers whose default grid on discrete-time models is "leading"
 _SIGMA_MAX_CAP = 80.0  # EDM's sigma_max: the top of continuous (karras / exponential / uniform) grids
 
 
@@ -147,7 +147,7 @@ class Pipeline:
                 raise BadArgumentError(f"steps: expected at most {train_steps} (the training timesteps), found {steps}")
             plan = plan_from_scheduler_config(self.spec.scheduler, steps)
         else:
-            # no supported scheduler class (KDPM2, DEIS, LCM, ...): DDIM on the same schedule and spacing
+            # no supported scheduler class (KDPM2, DEIS, TCD, ...): DDIM on the same schedule and spacing
             sampler = sampler or ("ddim" if sampler is None and schedule is None else "dpmpp_2m")
             plan = self._named_plan(steps, sampler, schedule, train_steps, get_sigmas, SamplingPlan, SPACINGS)
         return plan
@@ -158,7 +158,8 @@ class Pipeline:
             return SamplingPlan("named", sampler, sigmas, {}, "edm", {}, init_noise_sigma=float(sigmas[0]))
         # Default grid: the training timesteps with the checkpoint's spacing. Heun-type samplers take
         # "leading" spacing (starting one stride below T): their trapezoidal correction breaks on a first
-        # step spanning orders of magnitude, as from t=999 of a cosine schedule (sigma ~ 2e4) to t=749.
+        # step spanning orders of magnitude, as from t=999 of a cosine schedule (sigma ~ 2e4) to t=749. So
+        # does PLMS (its warm-up is such a trapezoid; its Adams-Bashforth weights assume even steps).
         schedule = schedule or ("leading" if sampler in _LEADING_DEFAULT else
                                 self.spec.scheduler.get("timestep_spacing", "leading"))
         if schedule in spacings and steps > train_steps:
