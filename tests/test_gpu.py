@@ -257,7 +257,7 @@ def test_unet_fused_conditioning_in_a_loop_graph_on_gpu():
 
 
 @pytest.mark.parametrize("scope", ["step", "loop"])
-@pytest.mark.parametrize("sampler", ["dpmpp_2m", "euler_ancestral"])
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "euler_ancestral", "plms", "lcm"])
 def test_cuda_graph_replay_equals_eager(scope, sampler):
     kw = dict(steps=4, sampler=sampler, cfg_scale=3.0, progress=False)
     eager = fastdiff.load("arch:tiny-dit", device="cuda")

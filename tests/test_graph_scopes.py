@@ -27,7 +27,7 @@ def eager():
 
 
 @pytest.mark.parametrize("scope", ["step", "loop"])
-@pytest.mark.parametrize("sampler", ["dpmpp_2m", "euler_ancestral", "dpmpp_2m_sde"])
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "euler_ancestral", "dpmpp_2m_sde", "plms", "lcm"])
 def test_graph_replay_equals_eager(eager, scope, sampler):
     graphed = fastdiff.load("arch:tiny-dit").optimize(cuda_graphs=True, graph_scope=scope, batch_buckets=(1, 2, 4),
                                                       graph_factory=FakeGraph)
