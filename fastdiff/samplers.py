@@ -36,7 +36,8 @@ from .state_update import combine
 __all__ = [
     "SAMPLERS", "sample_ddim", "sample_ddpm", "sample_euler", "sample_euler_ancestral", "sample_heun",
     "sample_dpmpp_2m", "sample_dpmpp_3m", "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde", "sample_dpm_solver",
-    "sample_unipc", "sample_edm", "sample_plms", "sample_lms", "sample_lcm", "invert_ddim",
+    "sample_unipc", "sample_edm", "sample_plms", "sample_lms", "sample_lcm", "sample_dpm_2", "sample_dpm_2_ancestral",
+    "invert_ddim",
 ]
 
 
@@ -188,6 +189,71 @@ def sample_edm(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=Non
 def sample_heun(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=None):
     """Heun's 2nd-order method (EDM without churn); the step to sigma = 0 is a plain Euler step."""
     return sample_edm(denoiser, x, sigmas, extra_args=extra_args, noise=noise, callback=callback)
+
+
+@torch.no_grad()
+def sample_dpm_2(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=None, s_churn: float = 0.0,
+                 s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0,
+                 sigmas_mid: Optional[Sequence[float]] = None):
+    """DPM-Solver-2 as k-diffusion's ``sample_dpm_2`` (diffusers' ``KDPM2DiscreteScheduler``): a midpoint
+    method on the probability-flow ODE, the midpoint at the geometric mean of sigma and sigma'; the step to
+    sigma = 0 is a plain Euler step. Optional churn as in ``sample_euler``. ``sigmas_mid[i]``: step i's
+    midpoint when given (a scheduler plan's exact values)."""
+    x, sig, extra, noise = _setup(x, sigmas, extra_args, noise)
+    n = len(sig) - 1
+    mids = _check_mids(sigmas_mid, n)
+    for i in range(n):
+        s, s_next = sig[i], sig[i + 1]
+        x, s_hat = _churn(x, i, s, n, noise, s_churn, s_tmin, s_tmax, s_noise)
+        denoised = _call(denoiser, x, s_hat, extra)
+        _cb(callback, x, i, s, s_hat, denoised)
+        x = _midpoint_step(denoiser, x, denoised, s_hat, s_next, extra, mids[i] if mids and s_hat == s else None)
+    return x
+
+
+@torch.no_grad()
+def sample_dpm_2_ancestral(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=None, eta: float = 1.0,
+                           s_noise: float = 1.0, sigmas_mid: Optional[Sequence[float]] = None):
+    """Ancestral DPM-Solver-2 (k-diffusion's ``sample_dpm_2_ancestral``, diffusers'
+    ``KDPM2AncestralDiscreteScheduler``): the midpoint step down to sigma_down, then fresh noise of std
+    sigma_up. (With eta = 1 the midpoint sqrt(sigma * sigma_down) is sigma' itself.)"""
+    x, sig, extra, noise = _setup(x, sigmas, extra_args, noise)
+    mids = _check_mids(sigmas_mid, len(sig) - 1)
+    for i in range(len(sig) - 1):
+        s, s_next = sig[i], sig[i + 1]
+        denoised = _call(denoiser, x, s, extra)
+        _cb(callback, x, i, s, s, denoised)
+        down, up = _ancestral(s, s_next, eta)
+        x = _midpoint_step(denoiser, x, denoised, s, down, extra, mids[i] if mids else None)
+        if up > 0:
+            x = torch.add(x, noise(i, x), alpha=up * s_noise)
+    return x
+
+
+def _check_mids(sigmas_mid, n: int) -> Optional[list]:
+    if sigmas_mid is None:
+        return None
+    mids = [float(v) for v in sigmas_mid]
+    if len(mids) != n:
+        raise BadArgumentError(f"sigmas_mid: expected {n} values (one per step), found {len(mids)}")
+    return mids
+
+
+def midpoint_sigma(s: float, s_to: float) -> float:
+    """The log-midpoint of a DPM-Solver-2 step: sqrt(s * s_to)."""
+    return math.exp(0.5 * (math.log(s) + math.log(s_to)))
+
+
+def _midpoint_step(denoiser, x, denoised, s, s_to, extra, s_mid=None):
+    """x from sigma s to s_to with the slope at the log-midpoint (``s_mid``, by default sqrt(s * s_to)),
+    reached by an Euler half step; to s_to = 0 a plain Euler step (x0)."""
+    if s_to == 0:
+        return denoised
+    s_mid = midpoint_sigma(s, s_to) if s_mid is None else s_mid
+    x_mid = torch.lerp(denoised, x, s_mid / s)        # Euler to sigma_mid
+    denoised_mid = _call(denoiser, x_mid, s_mid, extra)
+    # x + d_mid (s_to - s), d_mid = (x_mid - denoised_mid) / s_mid
+    return torch.add(x, x_mid - denoised_mid, alpha=(s_to - s) / s_mid)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -537,7 +603,9 @@ SAMPLERS = {
     "plms": sample_plms,
     "lms": sample_lms,
     "lcm": sample_lcm,
+    "dpm_2": sample_dpm_2,
+    "dpm_2_ancestral": sample_dpm_2_ancestral,
 }
 
 # Samplers that draw noise (the others are deterministic given x).
-STOCHASTIC = frozenset({"ddpm", "euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde", "lcm"})
+STOCHASTIC = frozenset({"ddpm", "euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde", "lcm", "dpm_2_ancestral"})

@@ -16,7 +16,7 @@ carry the conversion, so ``plan.sample`` takes and returns exactly what a diffus
 Supported: DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler,
 HeunDiscreteScheduler, DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler,
 UniPCMultistepScheduler, EDMEulerScheduler, PNDMScheduler (Stable Diffusion 1.x's default), LMSDiscreteScheduler,
-LCMScheduler (latent consistency models, LCM-LoRA).
+LCMScheduler (latent consistency models, LCM-LoRA), KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler.
 Anything else raises ``UnsupportedConfigError``.
 """
 
@@ -59,6 +59,8 @@ _DEFAULTS = {
     "EDMEulerScheduler": dict(sigma_min=0.002, sigma_max=80.0, sigma_data=0.5, sigma_schedule="karras", rho=7.0),
     "PNDMScheduler": dict(skip_prk_steps=False, set_alpha_to_one=False, timestep_spacing="leading"),
     "LMSDiscreteScheduler": dict(),
+    "KDPM2DiscreteScheduler": dict(beta_start=0.00085, beta_end=0.012),
+    "KDPM2AncestralDiscreteScheduler": dict(beta_start=0.00085, beta_end=0.012),
     "LCMScheduler": dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", original_inference_steps=50,
                          set_alpha_to_one=True, timestep_spacing="leading", timestep_scaling=10.0),
 }
@@ -149,7 +151,8 @@ class _Config(dict):
 
 
 # diffusers schedulers without a rescale_betas_zero_snr argument: from_config drops the key, so it changes nothing
-_NO_ZERO_SNR = ("HeunDiscreteScheduler", "DPMSolverSinglestepScheduler", "PNDMScheduler", "LMSDiscreteScheduler")
+_NO_ZERO_SNR = ("HeunDiscreteScheduler", "DPMSolverSinglestepScheduler", "PNDMScheduler", "LMSDiscreteScheduler",
+                "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler")
 
 
 def _alphas_cumprod(c: _Config, exact_zero_snr: bool = False) -> torch.Tensor:
@@ -250,6 +253,9 @@ def _ddpm(c: _Config, n: int) -> SamplingPlan:
     return _vp_plan(c.name, "ddpm", sigmas, options, dopts)
 
 
+_KDPM2 = ("KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler")
+
+
 def _euler_family(c: _Config, n: int, sampler: str) -> SamplingPlan:
     ac = _alphas_cumprod(c)
     table = _table(ac)
@@ -265,15 +271,44 @@ def _euler_family(c: _Config, n: int, sampler: str) -> SamplingPlan:
         hi = c["sigma_max"] if c["sigma_max"] is not None else sig[0]
         sig, interp = _convert(kind, n, lo, hi), "log"
         ts = schedules.sigma_to_timestep(sig, ac)       # diffusers: from the unrounded sigmas, not rounded
+        if kind == "karras" and c.name in _KDPM2:        # ... except KDPM2's Karras timesteps, rounded
+            ts = np.round(ts)
+    if c.name in _KDPM2:
+        c.choice("prediction_type", ("epsilon", "v_prediction"))
+        interp = "log"                                 # its midpoints' timesteps: diffusers' log-sigma inverse
     final = c.choice("final_sigmas_type", schedules.FINAL_SIGMAS) if c.name == "EulerDiscreteScheduler" else "zero"
     sigmas = _grid(sig, table[0] if final == "sigma_min" else 0.0)
     smax = float(sigmas.max())
     init = smax if spacing in ("linspace", "trailing") else math.sqrt(smax * smax + 1)
     continuous = c.get("timestep_type") == "continuous" and c["prediction_type"] == "v_prediction"
+    timesteps = None if continuous else _timestep_map(sig, _f32(ts))
+    options = _kdpm2_midpoints(sigmas, ac, timesteps, sampler) if c.name in _KDPM2 else {}
     dopts = _discrete(c, ac, interpolation=interp, timestep_type="continuous" if continuous else "discrete",
-                      timesteps=None if continuous else _timestep_map(sig, _f32(ts)),
-                      **_threshold_opts(c, c.name == "HeunDiscreteScheduler"))
-    return SamplingPlan(c.name, sampler, sigmas, {}, "discrete", dopts, init_noise_sigma=init)
+                      timesteps=timesteps, **_threshold_opts(c, c.name == "HeunDiscreteScheduler"))
+    return SamplingPlan(c.name, sampler, sigmas, options, "discrete", dopts, init_noise_sigma=init)
+
+
+def _kdpm2_midpoints(sigmas: torch.Tensor, ac, timesteps: dict, sampler: str) -> dict:
+    """KDPM2's midpoints with their timesteps added to ``timesteps``. diffusers feeds a midpoint the log-sigma
+    inverse of its sigma; the ancestral one (sqrt(sigma * sigma_down)) IS the next grid sigma, whose own
+    timestep is the spacing's (or a rounded Karras one), so such a midpoint moves up by a few ulps to a key of
+    its own (a relative change of 1e-16)."""
+    from .samplers import _ancestral, midpoint_sigma
+
+    sig = sigmas.tolist()
+    mids = []
+    for s, s_next in zip(sig[:-1], sig[1:]):
+        s_to = _ancestral(s, s_next, 1.0)[0] if sampler == "dpm_2_ancestral" else s_next
+        if s_to == 0:
+            mids.append(0.0)
+            continue
+        m = midpoint_sigma(s, s_to)
+        t = float(schedules.sigma_to_timestep([m], ac)[0])
+        while m in timesteps and timesteps[m] != t:
+            m = math.nextafter(m, math.inf)
+        timesteps[m] = t
+        mids.append(m)
+    return dict(sigmas_mid=mids)
 
 
 def _multistep_sigmas(c: _Config, n: int, ac, *, singlestep: bool):
@@ -457,5 +492,7 @@ _BUILDERS = {
     "PNDMScheduler": _pndm,
     "LMSDiscreteScheduler": _lms,
     "LCMScheduler": _lcm,
+    "KDPM2DiscreteScheduler": lambda c, n: _euler_family(c, n, "dpm_2"),
+    "KDPM2AncestralDiscreteScheduler": lambda c, n: _euler_family(c, n, "dpm_2_ancestral"),
 }
 

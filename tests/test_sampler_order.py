@@ -100,6 +100,7 @@ CASES = {
     "plms_rk4": (S.sample_plms, dict(warmup="rk4"), 2.0, 4.0),
     "lms": (S.sample_lms, {}, 2.2, 4.5),          # order 4, still pre-asymptotic at 5-40 steps
     "lms_2": (S.sample_lms, dict(order=2), 1.4, 2.5),
+    "dpm_2": (S.sample_dpm_2, {}, 1.7, 3.0),
 }
 
 

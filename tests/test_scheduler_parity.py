@@ -140,6 +140,15 @@ CASES = [
     ("LMSDiscreteScheduler", 6, dict(use_exponential_sigmas=True, prediction_type="v_prediction",
                                      timestep_spacing="trailing")),
     ("LMSDiscreteScheduler", 3, dict(prediction_type="sample")),
+    # KDPM2 (k-diffusion's DPM-Solver-2): the midpoint's timestep is the log-sigma inverse of its sigma; the ancestral
+    # midpoint is the next grid sigma, whose own timestep (rounded on a Karras grid) it must not take
+    ("KDPM2DiscreteScheduler", 8, {}),
+    ("KDPM2DiscreteScheduler", 10, dict(use_karras_sigmas=True, prediction_type="v_prediction", **SD)),
+    ("KDPM2AncestralDiscreteScheduler", 10, dict(timestep_spacing="leading", steps_offset=1)),
+    ("KDPM2AncestralDiscreteScheduler", 7, dict(use_karras_sigmas=True, **SD)),
+    ("KDPM2AncestralDiscreteScheduler", 7, dict(use_karras_sigmas=True)),
+    ("KDPM2AncestralDiscreteScheduler", 6, dict(use_exponential_sigmas=True, timestep_spacing="trailing",
+                                                prediction_type="v_prediction")),
     # LCM (a consistency model's few-step sampler): boundary scalings per timestep, fresh noise between steps
     ("LCMScheduler", 4, {}),
     ("LCMScheduler", 6, dict(prediction_type="v_prediction", rescale_betas_zero_snr=True, original_inference_steps=100)),
@@ -171,7 +180,8 @@ def test_class_name_from_config_json_key():
 
 
 @pytest.mark.parametrize("config,field", [
-    ({"_class_name": "KDPM2DiscreteScheduler"}, "_class_name"),
+    ({"_class_name": "DEISMultistepScheduler"}, "_class_name"),
+    ({"_class_name": "KDPM2DiscreteScheduler", "prediction_type": "sample"}, "prediction_type"),
     ({"_class_name": "PNDMScheduler", "prediction_type": "sample"}, "prediction_type"),
     ({"_class_name": "LCMScheduler", "original_inference_steps": 2000}, "original_inference_steps"),
     ({"_class_name": "DPMSolverMultistepScheduler", "use_beta_sigmas": True}, "use_beta_sigmas"),

@@ -315,8 +315,9 @@ def _import_diffusers():
     try:
         import diffusers  # noqa: F401
         from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                               EulerDiscreteScheduler, HeunDiscreteScheduler, LCMScheduler, LMSDiscreteScheduler,
-                               PNDMScheduler, UniPCMultistepScheduler)
+                               EulerDiscreteScheduler, HeunDiscreteScheduler, KDPM2AncestralDiscreteScheduler,
+                               KDPM2DiscreteScheduler, LCMScheduler, LMSDiscreteScheduler, PNDMScheduler,
+                               UniPCMultistepScheduler)
     except Exception as e:
         raise ImportError(f"diffusers cannot be imported ({type(e).__name__}: {_one_line(e)})") from e
     return {
@@ -330,6 +331,8 @@ def _import_diffusers():
         "plms": (PNDMScheduler, dict(skip_prk_steps=True)),
         "lms": (LMSDiscreteScheduler, dict(use_karras_sigmas=True)),
         "lcm": (LCMScheduler, {}),
+        "dpm_2": (KDPM2DiscreteScheduler, dict(use_karras_sigmas=True)),
+        "dpm_2_ancestral": (KDPM2AncestralDiscreteScheduler, dict(use_karras_sigmas=True)),
     }
 
 
