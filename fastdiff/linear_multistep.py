@@ -24,7 +24,7 @@ from .errors import BadArgumentError
 from .sampler_base import _call, _cb, _setup
 from .state_update import combine
 
-__all__ = ["sample_plms", "sample_lms", "adams_bashforth_weights", "lms_weights"]
+__all__ = ["sample_plms", "sample_lms", "sample_deis", "adams_bashforth_weights", "lms_weights", "deis_weights"]
 
 # Adams-Bashforth weights, newest output first (what PNDM's "linear multistep" part uses)
 _AB = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
@@ -39,12 +39,37 @@ def lms_weights(nodes: Sequence[float], lo: float, hi: float) -> list:
     """Integrals over [lo, hi] of the Lagrange basis polynomials of ``nodes`` (newest first): the weights
     of k-diffusion's ``linear_multistep_coeff``, exact (it integrates the same polynomials numerically)."""
     out = []
-    for j, tj in enumerate(nodes):
-        others = [tk for k, tk in enumerate(nodes) if k != j]
-        poly = np.polynomial.Polynomial.fromroots(others) / float(np.prod([tj - tk for tk in others])) if others \
-            else np.polynomial.Polynomial([1.0])
-        antiderivative = poly.integ()
+    for j in range(len(nodes)):
+        antiderivative = _lagrange_basis(nodes, j).integ()
         out.append(float(antiderivative(hi) - antiderivative(lo)))
+    return out
+
+
+def _lagrange_basis(nodes: Sequence[float], j: int) -> np.polynomial.Polynomial:
+    others = [tk for k, tk in enumerate(nodes) if k != j]
+    if not others:
+        return np.polynomial.Polynomial([1.0])
+    return np.polynomial.Polynomial.fromroots(others) / float(np.prod([nodes[j] - tk for tk in others]))
+
+
+def deis_weights(sigma_nodes: Sequence[float], lo: float, hi: float) -> list:
+    """DEIS's "log-rho" weights: integrals over sigma in [lo, hi] of the Lagrange basis polynomials in
+    log sigma through ``sigma_nodes`` (newest first). With u = log sigma the integrand is P(u) e^u, whose
+    antiderivative is e^u (P - P' + P'' - ...): exact, and 0 at sigma = 0."""
+    logs = [math.log(v) for v in sigma_nodes]
+    out = []
+    for j in range(len(logs)):
+        p = _lagrange_basis(logs, j)
+
+        def antiderivative(sigma, p=p):
+            if sigma == 0:
+                return 0.0
+            u, total, sign, q = math.log(sigma), 0.0, 1.0, p
+            for _ in range(len(logs)):
+                total += sign * q(u)
+                q, sign = q.deriv(), -sign
+            return sigma * total
+        out.append(antiderivative(hi) - antiderivative(lo))
     return out
 
 
@@ -166,4 +191,35 @@ def sample_lms(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=Non
         k = min(i + 1, order)
         weights = lms_weights([sig[i - j] for j in range(k)], s, s_next)
         x = combine([(1.0, x)] + [(wj, ds[-1 - j]) for j, wj in enumerate(weights)])
+    return x
+
+
+@torch.no_grad()
+def sample_deis(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=None, order: int = 2,
+                lower_order_final: bool = True):
+    """DEIS (Zhang & Chen 2023, "log-rho" multistep; diffusers' ``DEISMultistepScheduler``): the exponential
+    integrator of the probability-flow ODE in the noise prediction, x' = x + sum_j c_j eps_{i-j}, with eps
+    interpolated by a polynomial in log sigma through the last ``order`` (1-3) steps and integrated exactly
+    over [sigma, sigma']. Order 1 is DDIM. Warm-up and ``lower_order_final`` (fewer than 15 steps: the last
+    two steps at orders 1 and 2) follow diffusers' multistep schedulers."""
+    if order not in (1, 2, 3):
+        raise BadArgumentError(f"order: expected 1, 2 or 3, found {order!r}")
+    x, sig, extra, _ = _setup(x, sigmas, extra_args, noise)
+    n = len(sig) - 1
+    eps = []                                           # noise predictions, newest last
+    for i in range(n):
+        s, s_next = sig[i], sig[i + 1]
+        denoised = _call(denoiser, x, s, extra)
+        _cb(callback, x, i, s, s, denoised)
+        eps = (eps + [_eps(x, denoised, s)])[-order:]
+        if s_next == s:                                # a zero-length step (a grid ending at sigma_min)
+            continue
+        k = min(order, i + 1)
+        short = lower_order_final and n < 15
+        if i == n - 1 and short:
+            k = 1
+        elif i == n - 2 and short:
+            k = min(k, 2)
+        weights = deis_weights([sig[i - j] for j in range(k)], s, s_next)
+        x = combine([(1.0, x)] + [(wj, eps[-1 - j]) for j, wj in enumerate(weights)])
     return x

@@ -29,14 +29,14 @@ import torch
 
 from .consistency import sample_lcm
 from .errors import BadArgumentError
-from .linear_multistep import sample_lms, sample_plms
+from .linear_multistep import sample_deis, sample_lms, sample_plms
 from .sampler_base import _call, _cb, _setup, host_sigmas  # noqa: F401  (host_sigmas: part of this module's API)
 from .state_update import combine
 
 __all__ = [
     "SAMPLERS", "sample_ddim", "sample_ddpm", "sample_euler", "sample_euler_ancestral", "sample_heun",
     "sample_dpmpp_2m", "sample_dpmpp_3m", "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde", "sample_dpm_solver",
-    "sample_unipc", "sample_edm", "sample_plms", "sample_lms", "sample_lcm", "sample_dpm_2", "sample_dpm_2_ancestral",
+    "sample_unipc", "sample_edm", "sample_plms", "sample_lms", "sample_lcm", "sample_dpm_2", "sample_dpm_2_ancestral", "sample_deis",
     "invert_ddim",
 ]
 
@@ -605,6 +605,7 @@ SAMPLERS = {
     "lcm": sample_lcm,
     "dpm_2": sample_dpm_2,
     "dpm_2_ancestral": sample_dpm_2_ancestral,
+    "deis": sample_deis,
 }
 
 # Samplers that draw noise (the others are deterministic given x).

@@ -16,7 +16,8 @@ carry the conversion, so ``plan.sample`` takes and returns exactly what a diffus
 Supported: DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler,
 HeunDiscreteScheduler, DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler,
 UniPCMultistepScheduler, EDMEulerScheduler, PNDMScheduler (Stable Diffusion 1.x's default), LMSDiscreteScheduler,
-LCMScheduler (latent consistency models, LCM-LoRA), KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler.
+LCMScheduler (latent consistency models, LCM-LoRA), KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler,
+DEISMultistepScheduler.
 Anything else raises ``UnsupportedConfigError``.
 """
 
@@ -59,6 +60,8 @@ _DEFAULTS = {
     "EDMEulerScheduler": dict(sigma_min=0.002, sigma_max=80.0, sigma_data=0.5, sigma_schedule="karras", rho=7.0),
     "PNDMScheduler": dict(skip_prk_steps=False, set_alpha_to_one=False, timestep_spacing="leading"),
     "LMSDiscreteScheduler": dict(),
+    "DEISMultistepScheduler": dict(solver_order=2, algorithm_type="deis", solver_type="logrho", lower_order_final=True,
+                                   final_sigmas_type="sigma_min"),
     "KDPM2DiscreteScheduler": dict(beta_start=0.00085, beta_end=0.012),
     "KDPM2AncestralDiscreteScheduler": dict(beta_start=0.00085, beta_end=0.012),
     "LCMScheduler": dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", original_inference_steps=50,
@@ -152,7 +155,7 @@ class _Config(dict):
 
 # diffusers schedulers without a rescale_betas_zero_snr argument: from_config drops the key, so it changes nothing
 _NO_ZERO_SNR = ("HeunDiscreteScheduler", "DPMSolverSinglestepScheduler", "PNDMScheduler", "LMSDiscreteScheduler",
-                "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler")
+                "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "DEISMultistepScheduler")
 
 
 def _alphas_cumprod(c: _Config, exact_zero_snr: bool = False) -> torch.Tensor:
@@ -311,6 +314,11 @@ def _kdpm2_midpoints(sigmas: torch.Tensor, ac, timesteps: dict, sampler: str) ->
     return dict(sigmas_mid=mids)
 
 
+# multistep schedulers whose Karras / exponential grid ends at its own smallest sigma (a zero-length last step), and
+# whose Karras timesteps are always rounded
+_LAST_IS_GRID_MIN = ("UniPCMultistepScheduler", "DEISMultistepScheduler")
+
+
 def _multistep_sigmas(c: _Config, n: int, ac, *, singlestep: bool):
     """Sigmas of diffusers' DPM-Solver / UniPC family, how it rounds timesteps, and its {sigma: timestep}."""
     table = _table(ac)
@@ -333,10 +341,10 @@ def _multistep_sigmas(c: _Config, n: int, ac, *, singlestep: bool):
         sig = _convert(kind, n, lo, hi)
         # karras timesteps are rounded (DPM multistep: not for the cosine schedule); other grids are cast
         # to int64 (truncated).
-        rounds = kind == "karras" and (singlestep or c.name == "UniPCMultistepScheduler"
+        rounds = kind == "karras" and (singlestep or c.name in _LAST_IS_GRID_MIN
                                        or c["beta_schedule"] != "squaredcos_cap_v2")
         rounding = "round" if rounds else "floor"
-        last_sigma = sig[-1] if c.name == "UniPCMultistepScheduler" else table[0]
+        last_sigma = sig[-1] if c.name in _LAST_IS_GRID_MIN else table[0]
         raw_t = schedules.sigma_to_timestep(sig, ac)  # diffusers: from the unrounded sigmas, then rounded / cast
         steps_t = np.round(raw_t) if rounds else np.floor(raw_t)
     return _grid(sig, last_sigma if final == "sigma_min" else 0.0), rounding, _timestep_map(sig, steps_t)
@@ -399,6 +407,19 @@ def _unipc(c: _Config, n: int) -> SamplingPlan:
     thr["thresholding"] = thr["thresholding"] and predict_x0   # diffusers thresholds only the x0 form
     return _vp_plan(c.name, "unipc", sigmas, options, _discrete(c, ac, timestep_rounding=rounding,
                                                                  timesteps=steps_t, **thr))
+
+
+def _deis(c: _Config, n: int) -> SamplingPlan:
+    """DEIS: the DPM-Solver multistep grid (its last sigma the table's first, or a Karras grid's own last)."""
+    ac = _alphas_cumprod(c)
+    c.choice("algorithm_type", ("deis",))
+    c.choice("solver_type", ("logrho",))
+    order = c.choice("solver_order", (1, 2, 3))
+    c.choice("final_sigmas_type", ("sigma_min",))
+    sigmas, rounding, steps_t = _multistep_sigmas(c, n, ac, singlestep=False)
+    options = dict(order=order, lower_order_final=bool(c["lower_order_final"]))
+    dopts = _discrete(c, ac, timestep_rounding=rounding, timesteps=steps_t, **_threshold_opts(c, False))
+    return _vp_plan(c.name, "deis", sigmas, options, dopts)
 
 
 def _edm_euler(c: _Config, n: int) -> SamplingPlan:
@@ -492,6 +513,7 @@ _BUILDERS = {
     "PNDMScheduler": _pndm,
     "LMSDiscreteScheduler": _lms,
     "LCMScheduler": _lcm,
+    "DEISMultistepScheduler": _deis,
     "KDPM2DiscreteScheduler": lambda c, n: _euler_family(c, n, "dpm_2"),
     "KDPM2AncestralDiscreteScheduler": lambda c, n: _euler_family(c, n, "dpm_2_ancestral"),
 }

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fastdiff.errors import BadArgumentError
-from fastdiff.linear_multistep import lms_weights, sample_lms, sample_plms
+from fastdiff.linear_multistep import deis_weights, lms_weights, sample_deis, sample_lms, sample_plms
 
 GRIDS = {
     "to_zero": [14.6, 7.0, 3.1, 1.4, 0.6, 0.25, 0.09, 0.029, 0.0],
@@ -111,6 +111,52 @@ def test_lms_weights_integrate_polynomials_exactly():
     p = np.polynomial.Polynomial([0.3, -1.2, 0.5, 0.25])
     exact = p.integ()(hi) - p.integ()(lo)
     assert sum(wj * p(t) for wj, t in zip(w, nodes)) == pytest.approx(exact, rel=1e-12)
+
+
+def diffusers_deis_coefficients(rho_t, rhos):
+    """diffusers' closed forms (``multistep_deis_second/third_order_update``) of the log-rho weights."""
+    log = np.log
+    if len(rhos) == 1:
+        return [rho_t - rhos[0]]
+    if len(rhos) == 2:
+        def ind(t, b, c):
+            return t * (-log(c) + log(t) - 1) / (log(b) - log(c))
+        r0, r1 = rhos
+        return [ind(rho_t, r0, r1) - ind(r0, r0, r1), ind(rho_t, r1, r0) - ind(r0, r1, r0)]
+
+    def ind(t, b, c, d):
+        num = t * (log(c) * (log(d) - log(t) + 1) - log(d) * log(t) + log(d) + log(t) ** 2 - 2 * log(t) + 2)
+        return num / ((log(b) - log(c)) * (log(b) - log(d)))
+    r0, r1, r2 = rhos
+    return [ind(rho_t, r0, r1, r2) - ind(r0, r0, r1, r2), ind(rho_t, r1, r2, r0) - ind(r0, r1, r2, r0),
+            ind(rho_t, r2, r0, r1) - ind(r0, r2, r0, r1)]
+
+
+@pytest.mark.parametrize("nodes", [[1.9], [1.9, 4.2], [1.9, 4.2, 9.5], [0.03, 0.09, 0.25]])
+def test_deis_weights_equal_diffusers_closed_forms(nodes):
+    for rho_t in (0.7 * nodes[0], 0.2 * nodes[0]):
+        assert deis_weights(nodes, nodes[0], rho_t) == pytest.approx(diffusers_deis_coefficients(rho_t, nodes),
+                                                                   rel=1e-12, abs=1e-14)
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_deis_equals_its_multistep_update(order):
+    """x' = x + sum_j c_j eps_{i-j}, orders rising 1, 2, .. up to ``order``; fewer than 15 steps: the last two
+    steps at orders 1 and 2 (diffusers' lower_order_final); the step to sigma = 0 is DDIM's, to x0."""
+    sigmas = GRIDS["to_zero"]
+    x = start(sigmas[0])
+    got = sample_deis(denoiser, x.clone(), sigmas, order=order)
+    n, eps, want = len(sigmas) - 1, [], x.clone()
+    for i in range(n):
+        s = sigmas[i]
+        eps.append((want - denoiser(want, torch.full((2,), s, dtype=torch.float64))) / s)
+        k = min(order, i + 1, 1 if i == n - 1 else 2 if i == n - 2 else order)
+        if sigmas[i + 1] == 0:
+            want = want - s * eps[-1]
+            continue
+        c = diffusers_deis_coefficients(sigmas[i + 1], [sigmas[i - j] for j in range(k)])
+        want = want + sum(cj * eps[-1 - j] for j, cj in enumerate(c))
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
 def count_calls(warmup, steps):

@@ -101,6 +101,8 @@ CASES = {
     "lms": (S.sample_lms, {}, 2.2, 4.5),          # order 4, still pre-asymptotic at 5-40 steps
     "lms_2": (S.sample_lms, dict(order=2), 1.4, 2.5),
     "dpm_2": (S.sample_dpm_2, {}, 1.7, 3.0),
+    "deis_2": (S.sample_deis, {}, 1.7, 3.0),
+    "deis_3": (S.sample_deis, dict(order=3), 2.3, 4.5),     # 2.5 on Karras, 2.75 between 20 and 40 steps
 }
 
 

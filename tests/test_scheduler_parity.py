@@ -149,6 +149,11 @@ CASES = [
     ("KDPM2AncestralDiscreteScheduler", 7, dict(use_karras_sigmas=True)),
     ("KDPM2AncestralDiscreteScheduler", 6, dict(use_exponential_sigmas=True, timestep_spacing="trailing",
                                                 prediction_type="v_prediction")),
+    # DEIS ("log-rho"): the multistep grid ends at the table's first sigma, or a Karras grid's own last one
+    *[("DEISMultistepScheduler", 10, dict(solver_order=o)) for o in (1, 2, 3)],
+    ("DEISMultistepScheduler", 8, dict(solver_order=3, use_karras_sigmas=True, prediction_type="v_prediction", **SD)),
+    ("DEISMultistepScheduler", 20, dict(timestep_spacing="leading", steps_offset=1, thresholding=True,
+                                        lower_order_final=False, use_exponential_sigmas=True)),
     # LCM (a consistency model's few-step sampler): boundary scalings per timestep, fresh noise between steps
     ("LCMScheduler", 4, {}),
     ("LCMScheduler", 6, dict(prediction_type="v_prediction", rescale_betas_zero_snr=True, original_inference_steps=100)),
@@ -180,7 +185,8 @@ def test_class_name_from_config_json_key():
 
 
 @pytest.mark.parametrize("config,field", [
-    ({"_class_name": "DEISMultistepScheduler"}, "_class_name"),
+    ({"_class_name": "TCDScheduler"}, "_class_name"),
+    ({"_class_name": "DEISMultistepScheduler", "solver_type": "bh2"}, "solver_type"),
     ({"_class_name": "KDPM2DiscreteScheduler", "prediction_type": "sample"}, "prediction_type"),
     ({"_class_name": "PNDMScheduler", "prediction_type": "sample"}, "prediction_type"),
     ({"_class_name": "LCMScheduler", "original_inference_steps": 2000}, "original_inference_steps"),

@@ -314,7 +314,7 @@ def _row_stats(m, b: int, steps: int, nfe: int) -> dict:
 def _import_diffusers():
     try:
         import diffusers  # noqa: F401
-        from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+        from diffusers import (DDIMScheduler, DEISMultistepScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
                                EulerDiscreteScheduler, HeunDiscreteScheduler, KDPM2AncestralDiscreteScheduler,
                                KDPM2DiscreteScheduler, LCMScheduler, LMSDiscreteScheduler, PNDMScheduler,
                                UniPCMultistepScheduler)
@@ -333,6 +333,7 @@ def _import_diffusers():
         "lcm": (LCMScheduler, {}),
         "dpm_2": (KDPM2DiscreteScheduler, dict(use_karras_sigmas=True)),
         "dpm_2_ancestral": (KDPM2AncestralDiscreteScheduler, dict(use_karras_sigmas=True)),
+        "deis": (DEISMultistepScheduler, dict(use_karras_sigmas=True)),
     }
 
 
