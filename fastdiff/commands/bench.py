@@ -314,10 +314,10 @@ def _row_stats(m, b: int, steps: int, nfe: int) -> dict:
 def _import_diffusers():
     try:
         import diffusers  # noqa: F401
-        from diffusers import (DDIMScheduler, DEISMultistepScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                               EulerDiscreteScheduler, HeunDiscreteScheduler, KDPM2AncestralDiscreteScheduler,
-                               KDPM2DiscreteScheduler, LCMScheduler, LMSDiscreteScheduler, PNDMScheduler,
-                               UniPCMultistepScheduler)
+        from diffusers import (DDIMScheduler, DEISMultistepScheduler, DPMSolverMultistepScheduler,
+                               EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler,
+                               KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler, LCMScheduler,
+                               LMSDiscreteScheduler, PNDMScheduler, UniPCMultistepScheduler)
     except Exception as e:
         raise ImportError(f"diffusers cannot be imported ({type(e).__name__}: {_one_line(e)})") from e
     return {
