@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import torch
 
 from .errors import BadArgumentError
-from .sampler_base import _call, _cb, _setup
+from .sampler_base import _call, _cb, _setup, host_floats
 from .state_update import combine
 
 __all__ = ["sample_lcm", "lcm_boundary_scalings"]
@@ -42,15 +42,14 @@ def sample_lcm(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=Non
         raise BadArgumentError("c_skip / c_out: expected both (one value per step) or neither")
     x, sig, extra, noise = _setup(x, sigmas, extra_args, noise)
     n = len(sig) - 1
-    if c_skip is not None and (len(c_skip) != n or len(c_out) != n):
-        raise BadArgumentError(f"c_skip / c_out: expected {n} values each (one per step), found "
-                               f"{len(c_skip)} / {len(c_out)}")
+    if c_skip is not None:
+        c_skip, c_out = host_floats("c_skip", c_skip, n), host_floats("c_out", c_out, n)
     for i in range(n):
         s, s_next = sig[i], sig[i + 1]
         denoised = _call(denoiser, x, s, extra)
+        if c_skip is not None:                         # the consistency function's boundary condition
+            denoised = combine([(c_out[i], denoised), (c_skip[i] / math.sqrt(1 + s * s), x)])
         _cb(callback, x, i, s, s, denoised)
-        if c_skip is not None:
-            denoised = combine([(float(c_out[i]), denoised), (float(c_skip[i]) / math.sqrt(1 + s * s), x)])
         x = denoised
         if s_next > 0:
             x = combine([(1.0, x), (s_next * s_noise, noise(i, x))])

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .errors import BadArgumentError
-from .sampler_base import _call, _cb, _setup
+from .sampler_base import History, _call, _cb, _setup, host_floats
 from .state_update import combine
 
 __all__ = ["sample_plms", "sample_lms", "sample_deis", "adams_bashforth_weights", "lms_weights", "deis_weights"]
@@ -37,12 +37,13 @@ def adams_bashforth_weights(order: int) -> tuple:
 
 def lms_weights(nodes: Sequence[float], lo: float, hi: float) -> list:
     """Integrals over [lo, hi] of the Lagrange basis polynomials of ``nodes`` (newest first): the weights
-    of k-diffusion's ``linear_multistep_coeff``, exact (it integrates the same polynomials numerically)."""
-    out = []
-    for j in range(len(nodes)):
-        antiderivative = _lagrange_basis(nodes, j).integ()
-        out.append(float(antiderivative(hi) - antiderivative(lo)))
-    return out
+    of k-diffusion's ``linear_multistep_coeff`` (which integrates the same polynomials numerically). The
+    polynomials are built in w = (tau - lo) / (hi - lo), where the nodes are O(1): in tau itself a high-order
+    basis on a short step far from 0 loses every digit to cancellation."""
+    width = hi - lo
+    w_nodes = [(t - lo) / width for t in nodes]
+    antiderivatives = [_lagrange_basis(w_nodes, j).integ() for j in range(len(nodes))]
+    return [width * float(a(1.0) - a(0.0)) for a in antiderivatives]
 
 
 def _lagrange_basis(nodes: Sequence[float], j: int) -> np.polynomial.Polynomial:
@@ -54,9 +55,9 @@ def _lagrange_basis(nodes: Sequence[float], j: int) -> np.polynomial.Polynomial:
 
 def deis_weights(sigma_nodes: Sequence[float], lo: float, hi: float) -> list:
     """DEIS's "log-rho" weights: integrals over sigma in [lo, hi] of the Lagrange basis polynomials in
-    log sigma through ``sigma_nodes`` (newest first). With u = log sigma the integrand is P(u) e^u, whose
-    antiderivative is e^u (P - P' + P'' - ...): exact, and 0 at sigma = 0."""
-    logs = [math.log(v) for v in sigma_nodes]
+    log sigma through ``sigma_nodes`` (newest first). With v = log(sigma / lo) the integrand is lo P(v) e^v,
+    whose antiderivative is sigma (P - P' + P'' - ...)(v): exact, and 0 at sigma = 0."""
+    logs = [math.log(v / lo) for v in sigma_nodes]
     out = []
     for j in range(len(logs)):
         p = _lagrange_basis(logs, j)
@@ -64,9 +65,9 @@ def deis_weights(sigma_nodes: Sequence[float], lo: float, hi: float) -> list:
         def antiderivative(sigma, p=p):
             if sigma == 0:
                 return 0.0
-            u, total, sign, q = math.log(sigma), 0.0, 1.0, p
+            v, total, sign, q = math.log(sigma / lo), 0.0, 1.0, p
             for _ in range(len(logs)):
-                total += sign * q(u)
+                total += sign * q(v)
                 q, sign = q.deriv(), -sign
             return sigma * total
         out.append(antiderivative(hi) - antiderivative(lo))
@@ -130,16 +131,16 @@ def sample_plms(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=No
         raise BadArgumentError(f"multistep_on: expected 'eps' or 'v', found {multistep_on!r}")
     x, sig, extra, _ = _setup(x, sigmas, extra_args, noise)
     n = len(sig) - 1
-    to = [float(v) for v in sigmas_to] if sigmas_to is not None else sig[1:]
-    if len(to) != n:
-        raise BadArgumentError(f"sigmas_to: expected {n} values (one per step), found {len(to)}")
+    to = host_floats("sigmas_to", sigmas_to, n) if sigmas_to is not None else sig[1:]
+    if warmup_from is not None:
+        warmup_from = host_floats("warmup_from", [warmup_from], 1, positive=True)[0]
     n_rk = min(3, n) if warmup == "rk4" else 0
-    mid = [float(v) for v in sigmas_mid] if sigmas_mid is not None else \
+    if n_rk == 0 and (sigmas_mid is not None or sigmas_mid_to is not None):
+        raise BadArgumentError("sigmas_mid / sigmas_mid_to: the Runge-Kutta warm-up's midpoints; expected "
+                               "warmup='rk4' with them, found warmup='euler'")
+    mid = host_floats("sigmas_mid", sigmas_mid, n_rk, positive=True) if sigmas_mid is not None else \
         [math.sqrt(sig[j] * sig[j + 1]) for j in range(n_rk)]
-    mid_to = [float(v) for v in sigmas_mid_to] if sigmas_mid_to is not None else mid
-    if len(mid) < n_rk or len(mid_to) < n_rk:
-        raise BadArgumentError(f"sigmas_mid / sigmas_mid_to: expected {n_rk} values (one per Runge-Kutta step), "
-                               f"found {len(mid)} / {len(mid_to)}")
+    mid_to = host_floats("sigmas_mid_to", sigmas_mid_to, n_rk, positive=True) if sigmas_mid_to is not None else mid
     as_output = _eps if multistep_on == "eps" else _v
     outs = []                                          # predictions at the start of each step, newest last
 
@@ -166,7 +167,7 @@ def sample_plms(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=No
             continue
         if i == 0 and n_rk == 0 and n > 1 and s_next > 0:   # pseudo improved Euler: both ends, their mean
             _, e1 = output_at(_relabel(transfer(x, s, to[0], [(1.0, e)]), to[0], s_next), s_next)
-            frm = s if warmup_from is None else float(warmup_from)
+            frm = s if warmup_from is None else warmup_from
             x = transfer(_relabel(x, s, frm), frm, s_next, [(0.5, e), (0.5, e1)])
             continue
         w = adams_bashforth_weights(len(outs))
@@ -182,15 +183,16 @@ def sample_lms(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=Non
     if not isinstance(order, int) or isinstance(order, bool) or order < 1:
         raise BadArgumentError(f"order: expected a positive integer, found {order!r}")
     x, sig, extra, _ = _setup(x, sigmas, extra_args, noise)
-    ds = []                                            # derivatives, newest last
+    ds = History(order)                                # derivatives d = (x - D) / sigma
     for i in range(len(sig) - 1):
         s, s_next = sig[i], sig[i + 1]
         denoised = _call(denoiser, x, s, extra)
         _cb(callback, x, i, s, s, denoised)
-        ds = (ds + [_eps(x, denoised, s)])[-order:]
-        k = min(i + 1, order)
-        weights = lms_weights([sig[i - j] for j in range(k)], s, s_next)
-        x = combine([(1.0, x)] + [(wj, ds[-1 - j]) for j, wj in enumerate(weights)])
+        ds.add(s, _eps(x, denoised, s))
+        if s == s_next:                                # a zero-length step
+            continue
+        nodes, values = ds.newest(order)
+        x = combine([(1.0, x)] + list(zip(lms_weights(nodes, s, s_next), values)))
     return x
 
 
@@ -206,12 +208,12 @@ def sample_deis(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=No
         raise BadArgumentError(f"order: expected 1, 2 or 3, found {order!r}")
     x, sig, extra, _ = _setup(x, sigmas, extra_args, noise)
     n = len(sig) - 1
-    eps = []                                           # noise predictions, newest last
+    eps = History(order)                               # noise predictions
     for i in range(n):
         s, s_next = sig[i], sig[i + 1]
         denoised = _call(denoiser, x, s, extra)
         _cb(callback, x, i, s, s, denoised)
-        eps = (eps + [_eps(x, denoised, s)])[-order:]
+        eps.add(s, _eps(x, denoised, s))
         if s_next == s:                                # a zero-length step (a grid ending at sigma_min)
             continue
         k = min(order, i + 1)
@@ -220,6 +222,6 @@ def sample_deis(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=No
             k = 1
         elif i == n - 2 and short:
             k = min(k, 2)
-        weights = deis_weights([sig[i - j] for j in range(k)], s, s_next)
-        x = combine([(1.0, x)] + [(wj, eps[-1 - j]) for j, wj in enumerate(weights)])
+        nodes, values = eps.newest(k)
+        x = combine([(1.0, x)] + list(zip(deis_weights(nodes, s, s_next), values)))
     return x

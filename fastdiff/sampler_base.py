@@ -54,3 +54,41 @@ def _call(denoiser, x, sigma: float, extra: dict) -> torch.Tensor:
 def _cb(callback, x, i, sigma, sigma_hat, denoised):
     if callback is not None:
         callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma_hat, "denoised": denoised})
+
+
+def host_floats(name: str, values, n: int, *, positive: bool = False) -> list:
+    """A per-step option (``sigmas_to``, ``c_skip``, ...) as ``n`` finite host floats, or a clear error."""
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__len__"):
+        raise BadArgumentError(f"{name}: expected a sequence of {n} numbers, found {values!r}")
+    if len(values) != n:
+        raise BadArgumentError(f"{name}: expected {n} values (one per step), found {len(values)}")
+    out = []
+    for v in values:
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) or (torch.is_tensor(v) and v.numel() == 1)
+        f = float(v) if ok else math.nan
+        if not (math.isfinite(f) and (f > 0 or not positive)):
+            raise BadArgumentError(f"{name}: expected finite numbers{' > 0' if positive else ''}, found {v!r}")
+        out.append(f)
+    return out
+
+
+class History:
+    """The last ``size`` (sigma, tensor) pairs of a multistep sampler, newest last. A zero-length step (a
+    repeated sigma) replaces the entry at that sigma instead of adding one: interpolation nodes stay distinct."""
+
+    def __init__(self, size: int):
+        self.size, self.sigmas, self.values = size, [], []
+
+    def add(self, sigma: float, value) -> None:
+        if self.sigmas and self.sigmas[-1] == sigma:
+            self.values[-1] = value
+            return
+        self.sigmas = (self.sigmas + [sigma])[-self.size:]
+        self.values = (self.values + [value])[-self.size:]
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def newest(self, k: int):
+        """The newest ``k`` (sigmas, values), newest first."""
+        return self.sigmas[::-1][:k], self.values[::-1][:k]

@@ -30,7 +30,7 @@ import torch
 from .consistency import sample_lcm
 from .errors import BadArgumentError
 from .linear_multistep import sample_deis, sample_lms, sample_plms
-from .sampler_base import _call, _cb, _setup, host_sigmas  # noqa: F401  (host_sigmas: part of this module's API)
+from .sampler_base import _call, _cb, _setup, host_floats, host_sigmas  # noqa: F401  (host_sigmas: API)
 from .state_update import combine
 
 __all__ = [
@@ -231,12 +231,7 @@ def sample_dpm_2_ancestral(denoiser, x, sigmas, *, extra_args=None, noise=None, 
 
 
 def _check_mids(sigmas_mid, n: int) -> Optional[list]:
-    if sigmas_mid is None:
-        return None
-    mids = [float(v) for v in sigmas_mid]
-    if len(mids) != n:
-        raise BadArgumentError(f"sigmas_mid: expected {n} values (one per step), found {len(mids)}")
-    return mids
+    return None if sigmas_mid is None else host_floats("sigmas_mid", sigmas_mid, n)
 
 
 def midpoint_sigma(s: float, s_to: float) -> float:

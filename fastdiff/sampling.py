@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import numbers
 
 from .errors import BadArgumentError
 from .noise import NoiseSource  # noqa: F401  (re-exported for the Pipeline)
@@ -56,15 +57,40 @@ def _sampler_options(name: str) -> tuple:
     return tuple(sorted(k for k in params if k not in _COMMON_ARGS))
 
 
+# scalar option annotations and the values they accept (bool is an int to Python, never a number here)
+_SCALAR_KINDS = {
+    "float": ("a number", lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool)),
+    "int": ("an integer", lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)),
+    "bool": ("True or False", lambda v: isinstance(v, bool)),
+    "str": ("a string", lambda v: isinstance(v, str)),
+}
+
+
 def check_options(sampler: str, options: dict) -> None:
-    """BadArgumentError for an option ``sampler`` does not take (listing those it does) or a NaN value."""
+    """BadArgumentError for an option ``sampler`` does not take (listing those it does), a scalar option of
+    the wrong type (``eta="x"``) or a NaN value."""
     unknown = sorted(set(options) - set(sampler_options(sampler)))
     if unknown:
         raise BadArgumentError(f"sampler {sampler!r}: unknown option(s) {unknown}; expected among "
                                f"{sampler_options(sampler)}")
-    nan = sorted(k for k, v in options.items() if isinstance(v, float) and math.isnan(v))
+    kinds = _option_annotations(sampler)
+    for k, v in options.items():
+        expected, accepts = _SCALAR_KINDS.get(kinds.get(k), (None, None))
+        if accepts is not None and not accepts(v):
+            raise BadArgumentError(f"sampler {sampler!r}: option {k!r}: expected {expected}, found {v!r}")
+    nan = sorted(k for k, v in options.items() if isinstance(v, numbers.Real) and math.isnan(v))
     if nan:  # a NaN eta / churn compares False everywhere and would silently pick one branch
         raise BadArgumentError(f"sampler {sampler!r}: option(s) {nan} are NaN; expected numbers")
+
+
+@functools.lru_cache(maxsize=None)
+def _option_annotations(name: str) -> dict:
+    """{option: its annotation as written} (a string: the samplers use postponed annotations)."""
+    fn = _lookup(name)
+    params = inspect.signature(fn).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        params = inspect.signature(_alias_target(fn)).parameters
+    return {k: p.annotation for k, p in params.items() if isinstance(p.annotation, str)}
 
 
 def sample(denoiser, x, sampler: str, sigmas, *, extra_args=None, noise=None, callback=None, **options):

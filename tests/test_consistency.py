@@ -59,8 +59,19 @@ def test_boundary_scalings_values():
     assert lcm_boundary_scalings(0) == (1.0, 0.0)       # at t = 0 the consistency function is the identity
 
 
-@pytest.mark.parametrize("options", [dict(c_skip=[0.0] * 4), dict(c_skip=[0.0] * 3, c_out=[1.0] * 3)])
+def test_callback_sees_the_boundary_corrected_x0():
+    x, draws = setup()
+    seen = []
+    c = [lcm_boundary_scalings(t, timestep_scaling=0.001) for t in (999, 759, 499, 259)]
+    out = sample_lcm(denoiser, x.clone(), SIGMAS, noise=lambda i, like: draws[i], c_skip=[a for a, _ in c],
+                     c_out=[b for _, b in c], callback=lambda d: seen.append(d["denoised"]))
+    torch.testing.assert_close(seen[-1], out)   # the last step returns its x0
+
+
+@pytest.mark.parametrize("options", [dict(c_skip=[0.0] * 4), dict(c_skip=[0.0] * 3, c_out=[1.0] * 3),
+                                     dict(c_skip=1.0, c_out=1.0), dict(c_skip=[0.0] * 4, c_out=["a"] * 4),
+                                     dict(c_skip=[math.nan] * 4, c_out=[1.0] * 4)])
 def test_bad_scalings(options):
     x, _ = setup()
-    with pytest.raises(BadArgumentError, match="c_skip"):
+    with pytest.raises(BadArgumentError, match="c_skip|c_out"):
         sample_lcm(denoiser, x, SIGMAS, **options)

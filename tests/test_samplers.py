@@ -53,6 +53,15 @@ def test_unknown_option_lists_accepted_ones():
     assert "eta" in sampler_options("dpmpp_2m_sde") and "order" in sampler_options("dpmpp_3m_sde")
 
 
+@pytest.mark.parametrize("sampler,options", [("euler_ancestral", dict(eta="x")), ("euler", dict(s_noise="x")),
+                                             ("euler_ancestral", dict(eta=True)), ("dpmpp_2m", dict(order=2.5)),
+                                             ("plms", dict(warmup=4))])
+def test_scalar_options_of_the_wrong_type(sampler, options):
+    """A string eta or a float order raised a raw TypeError deep in the loop (or ran with a bool as 1.0)."""
+    with pytest.raises(BadArgumentError, match=f"option '{next(iter(options))}': expected"):
+        sample(lambda x, s: x * 0.5, torch.ones(1, 1, 2, 2), sampler, [1.0, 0.5, 0.0], **options)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), -0.5, float("inf")])
 def test_sigmas_must_be_finite_and_non_negative(bad):
     """A NaN or negative sigma ran and returned NaN / wrong samples without an error."""
