@@ -29,6 +29,15 @@ def host_sigmas(sigmas) -> list:
     return out
 
 
+def _ancestral(sigma: float, sigma_next: float, eta: float = 1.0):
+    """Split a step sigma -> sigma_next into a deterministic part down to sigma_down and fresh noise of
+    std sigma_up (sigma_down^2 + sigma_up^2 = sigma_next^2). eta=1 is the DDPM posterior."""
+    if sigma_next == 0 or eta == 0:
+        return sigma_next, 0.0
+    up = min(sigma_next, eta * math.sqrt(sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2))
+    return math.sqrt(sigma_next ** 2 - up ** 2), up
+
+
 def _randn(i: int, like: torch.Tensor) -> torch.Tensor:
     return torch.randn_like(like)
 

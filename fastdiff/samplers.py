@@ -28,15 +28,17 @@ import numpy as np
 import torch
 
 from .consistency import sample_lcm
+from .dpmpp_sde import sample_dpmpp_sde
 from .errors import BadArgumentError
 from .linear_multistep import sample_deis, sample_lms, sample_plms
-from .sampler_base import _call, _cb, _setup, host_floats, host_sigmas  # noqa: F401  (host_sigmas: API)
+from .sampler_base import _ancestral, _call, _cb, _setup, host_floats, host_sigmas  # noqa: F401  (host_sigmas: API)
 from .state_update import combine
 
 __all__ = [
     "SAMPLERS", "sample_ddim", "sample_ddpm", "sample_euler", "sample_euler_ancestral", "sample_heun",
     "sample_dpmpp_2m", "sample_dpmpp_3m", "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde", "sample_dpm_solver",
     "sample_unipc", "sample_edm", "sample_plms", "sample_lms", "sample_lcm", "sample_dpm_2", "sample_dpm_2_ancestral", "sample_deis",
+    "sample_dpmpp_sde",
     "invert_ddim",
 ]
 
@@ -44,15 +46,6 @@ __all__ = [
 # --------------------------------------------------------------------------------------------------
 # Shared helpers (host floats only)
 # --------------------------------------------------------------------------------------------------
-
-def _ancestral(sigma: float, sigma_next: float, eta: float = 1.0):
-    """Split a step sigma -> sigma_next into a deterministic part down to sigma_down and fresh noise of
-    std sigma_up (sigma_down^2 + sigma_up^2 = sigma_next^2). eta=1 is the DDPM posterior."""
-    if sigma_next == 0 or eta == 0:
-        return sigma_next, 0.0
-    up = min(sigma_next, eta * math.sqrt(sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2))
-    return math.sqrt(sigma_next ** 2 - up ** 2), up
-
 
 def _churn(x, i, sigma, n, noise, s_churn, s_tmin, s_tmax, s_noise):
     """EDM's stochastic churn (Karras et al. 2022, Algorithm 2): (x raised to sigma_hat, sigma_hat), with
@@ -601,7 +594,9 @@ SAMPLERS = {
     "dpm_2": sample_dpm_2,
     "dpm_2_ancestral": sample_dpm_2_ancestral,
     "deis": sample_deis,
+    "dpmpp_sde": sample_dpmpp_sde,
 }
 
 # Samplers that draw noise (the others are deterministic given x).
-STOCHASTIC = frozenset({"ddpm", "euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde", "lcm", "dpm_2_ancestral"})
+STOCHASTIC = frozenset({"ddpm", "euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde", "lcm", "dpm_2_ancestral",
+                        "dpmpp_sde"})

@@ -102,6 +102,7 @@ CASES = {
     "lms_2": (S.sample_lms, dict(order=2), 1.4, 2.5),
     "dpm_2": (S.sample_dpm_2, {}, 1.7, 3.0),
     "deis_2": (S.sample_deis, {}, 1.7, 3.0),
+    "dpmpp_2s": (S.sample_dpmpp_sde, dict(eta=0.0), 1.7, 3.0),    # dpmpp_sde without noise: DPM-Solver++(2S)
     "deis_3": (S.sample_deis, dict(order=3), 2.3, 4.5),     # 2.5 on Karras, 2.75 between 20 and 40 steps
 }
 

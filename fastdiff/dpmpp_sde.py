@@ -1,0 +1,65 @@
+"""DPM-Solver++ (stochastic, singlestep 2nd order): k-diffusion's ``sample_dpmpp_sde`` ("DPM++ SDE").
+
+Each step takes an ancestral DPM-Solver++(1) half step to sigma_s = sigma^(1-r) sigma'^r, evaluates the
+network there, and takes the ancestral step to sigma' with the blend (1 - 1/2r) D + 1/2r D_s (2 calls per
+step; the step to sigma = 0 is one Euler call).
+
+Its two noise injections in a step are increments of ONE Brownian motion in sigma, over [sigma_s, sigma] and
+[sigma', sigma]: the second contains the first. k-diffusion draws them from torchsde's Brownian tree; here
+they come from the sample's own generator (two standard normal draws z1, z2 per step) joined as the Brownian
+bridge has them: n1 = z1, n2 = (sqrt(sigma - sigma_s) z1 + sqrt(sigma_s - sigma') z2) / sqrt(sigma - sigma'),
+the same joint distribution. Steps cover disjoint intervals, so their noises are independent, as in the tree.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .errors import BadArgumentError
+from .sampler_base import _ancestral, _call, _cb, _setup
+
+__all__ = ["sample_dpmpp_sde", "joined_increment"]
+
+
+def joined_increment(z1: torch.Tensor, z2: torch.Tensor, sigma: float, sigma_mid: float, sigma_next: float):
+    """The normalised Brownian increment over [sigma_next, sigma] whose part over [sigma_mid, sigma] has the
+    normalised increment z1 (z2 independent): (sqrt(sigma - sigma_mid) z1 + sqrt(sigma_mid - sigma_next) z2)
+    / sqrt(sigma - sigma_next). Unit variance; correlation sqrt((sigma - sigma_mid) / (sigma - sigma_next))."""
+    a, b = math.sqrt(sigma - sigma_mid), math.sqrt(sigma_mid - sigma_next)
+    return torch.add(z1 * (a / math.hypot(a, b)), z2, alpha=b / math.hypot(a, b))
+
+
+@torch.no_grad()
+def sample_dpmpp_sde(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=None, eta: float = 1.0,
+                     s_noise: float = 1.0, r: float = 0.5):
+    """DPM-Solver++ SDE (see the module doc). ``eta`` scales the injected noise (0: the deterministic
+    DPM-Solver++(2S)); ``r`` places the intermediate point (1/2: the geometric mean of sigma and sigma')."""
+    if not 0 < r <= 1:
+        raise BadArgumentError(f"r: expected a number in (0, 1], found {r!r}")
+    x, sig, extra, noise = _setup(x, sigmas, extra_args, noise)
+    fac = 1 / (2 * r)
+    for i in range(len(sig) - 1):
+        s, s_next = sig[i], sig[i + 1]
+        denoised = _call(denoiser, x, s, extra)
+        _cb(callback, x, i, s, s, denoised)
+        if s_next == 0:
+            x = denoised
+            continue
+        if s_next == s:                               # a zero-length step
+            continue
+        s_mid = math.exp((1 - r) * math.log(s) + r * math.log(s_next))
+        down, up = _ancestral(s, s_mid, eta)
+        x_2 = torch.lerp(denoised, x, down / s)       # DPM-Solver++(1) = DDIM to sigma_down
+        z1 = z2 = None
+        if eta > 0:
+            z1, z2 = noise(i, x), noise(i, x)
+            x_2 = torch.add(x_2, z1, alpha=up * s_noise)
+        denoised_2 = _call(denoiser, x_2, s_mid, extra)
+        down, up = _ancestral(s, s_next, eta)
+        denoised_d = torch.lerp(denoised, denoised_2, fac)   # (1 - fac) D + fac D_s
+        x = torch.lerp(denoised_d, x, down / s)
+        if eta > 0:
+            x = torch.add(x, joined_increment(z1, z2, s, s_mid, s_next), alpha=up * s_noise)
+    return x

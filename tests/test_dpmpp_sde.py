@@ -1,0 +1,84 @@
+"""DPM++ SDE (``dpmpp_sde``) against a float64 transcription of k-diffusion's ``sample_dpmpp_sde``, its noise
+sampler fed the same Brownian increments; and those increments' joint law (what torchsde's tree gives)."""
+
+import math
+
+import pytest
+import torch
+
+from fastdiff.dpmpp_sde import joined_increment, sample_dpmpp_sde
+from fastdiff.errors import BadArgumentError
+
+SIGMAS = [14.6, 7.0, 3.1, 1.4, 0.6, 0.25, 0.09, 0.029, 0.0]
+
+
+def denoiser(x, sigma, **_):
+    s = sigma.reshape(-1, 1, 1, 1)
+    return torch.tanh(x / (1 + s ** 2).sqrt()) * 0.9 + 0.05 * torch.sin(3 * x)
+
+
+def D(x, s):
+    return denoiser(x, torch.full((x.shape[0],), s, dtype=torch.float64))
+
+
+def ancestral(s, s_next, eta):
+    up = min(s_next, eta * math.sqrt(s_next ** 2 * (s ** 2 - s_next ** 2) / s ** 2))
+    return math.sqrt(s_next ** 2 - up ** 2), up
+
+
+def k_dpmpp_sde(x, eta, r, noise_sampler):
+    """k-diffusion's loop in sigma form: t = -log sigma, s = t + r h."""
+    for i in range(len(SIGMAS) - 1):
+        s, s_next = SIGMAS[i], SIGMAS[i + 1]
+        den = D(x, s)
+        if s_next == 0:
+            x = x + (x - den) / s * (s_next - s)
+            continue
+        t, t_next = -math.log(s), -math.log(s_next)
+        s_mid = math.exp(-(t + (t_next - t) * r))
+        sd, su = ancestral(s, s_mid, eta)
+        x_2 = (sd / s) * x - math.expm1(t + math.log(sd)) * den
+        x_2 = x_2 + noise_sampler(s, s_mid) * su
+        den_2 = D(x_2, s_mid)
+        sd, su = ancestral(s, s_next, eta)
+        fac = 1 / (2 * r)
+        den_d = (1 - fac) * den + fac * den_2
+        x = (sd / s) * x - math.expm1(t + math.log(sd)) * den_d
+        x = x + noise_sampler(s, s_next) * su
+    return x
+
+
+@pytest.mark.parametrize("eta,r", [(1.0, 0.5), (0.5, 0.5), (0.0, 0.5), (1.0, 0.3)])
+def test_dpmpp_sde_equals_k_diffusion(eta, r):
+    torch.manual_seed(4)
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64) * SIGMAS[0]
+    draws = [torch.randn(2, 3, 4, 4, dtype=torch.float64) for _ in range(2 * len(SIGMAS))]
+    it = iter(draws)
+    got = sample_dpmpp_sde(denoiser, x.clone(), SIGMAS, eta=eta, r=r, noise=lambda i, like: next(it))
+    it2, pending = iter(draws), {}
+
+    def brownian(a, b):  # the first call of a step opens [b, a]; the second extends it to the step's end
+        if not pending:
+            pending.update(z1=next(it2), z2=next(it2), mid=b)
+            return pending["z1"]
+        z1, z2, mid = pending.pop("z1"), pending.pop("z2"), pending.pop("mid")
+        return (math.sqrt(a - mid) * z1 + math.sqrt(mid - b) * z2) / math.sqrt(a - b)
+
+    want = k_dpmpp_sde(x.clone(), eta, r, brownian if eta > 0 else (lambda a, b: torch.zeros_like(x)))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_joined_increment_has_the_brownian_law():
+    """Unit variance, and the correlation with the first part that Brownian motion gives:
+    sqrt((sigma - sigma_mid) / (sigma - sigma_next))."""
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(2, 400_000, generator=g, dtype=torch.float64)
+    n2 = joined_increment(z1, z2, 7.0, 4.0, 3.0)
+    assert float(n2.var()) == pytest.approx(1.0, abs=0.01)
+    assert float((z1 * n2).mean()) == pytest.approx(math.sqrt(3.0 / 4.0), abs=0.01)
+
+
+@pytest.mark.parametrize("r", [0.0, 1.5])
+def test_bad_r(r):
+    with pytest.raises(BadArgumentError, match="r: expected"):
+        sample_dpmpp_sde(denoiser, torch.ones(1, 1, 2, 2), SIGMAS, r=r)
