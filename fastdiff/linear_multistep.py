@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .errors import BadArgumentError
-from .sampler_base import History, _call, _cb, _setup, host_floats
+from .sampler_base import History, _call, _cb, _setup, host_floats, multistep_order
 from .state_update import combine
 
 __all__ = ["sample_plms", "sample_lms", "sample_deis", "adams_bashforth_weights", "lms_weights", "deis_weights"]
@@ -216,12 +216,6 @@ def sample_deis(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=No
         eps.add(s, _eps(x, denoised, s))
         if s_next == s:                                # a zero-length step (a grid ending at sigma_min)
             continue
-        k = min(order, i + 1)
-        short = lower_order_final and n < 15
-        if i == n - 1 and short:
-            k = 1
-        elif i == n - 2 and short:
-            k = min(k, 2)
-        nodes, values = eps.newest(k)
+        nodes, values = eps.newest(multistep_order(i, n, order, lower_order_final))
         x = combine([(1.0, x)] + list(zip(deis_weights(nodes, s, s_next), values)))
     return x

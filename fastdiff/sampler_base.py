@@ -81,6 +81,19 @@ def host_floats(name: str, values, n: int, *, positive: bool = False) -> list:
     return out
 
 
+def multistep_order(i: int, n: int, order: int, lower_order_final: bool, euler_at_final: bool = False) -> int:
+    """Order of step i of n in diffusers' multistep schedulers: rising 1, 2, .. to ``order`` as outputs
+    accumulate; with ``lower_order_final`` and fewer than 15 steps the last two steps at orders 1 and 2 (they
+    stabilise few-step runs); ``euler_at_final``: the last step at order 1 whatever the count."""
+    k = min(order, i + 1)
+    short = lower_order_final and n < 15
+    if i == n - 1 and (euler_at_final or short):
+        return 1
+    if i == n - 2 and short:
+        return min(k, 2)
+    return k
+
+
 class History:
     """The last ``size`` (sigma, tensor) pairs of a multistep sampler, newest last. A zero-length step (a
     repeated sigma) replaces the entry at that sigma instead of adding one: interpolation nodes stay distinct."""

@@ -31,7 +31,8 @@ from .consistency import sample_lcm
 from .dpmpp_sde import sample_dpmpp_sde
 from .errors import BadArgumentError
 from .linear_multistep import sample_deis, sample_lms, sample_plms
-from .sampler_base import _ancestral, _call, _cb, _setup, host_floats, host_sigmas  # noqa: F401  (host_sigmas: API)
+from .sampler_base import (_ancestral, _call, _cb, _setup, host_floats, host_sigmas,  # noqa: F401  (host_sigmas: API)
+                           multistep_order)
 from .state_update import combine
 
 __all__ = [
@@ -297,13 +298,7 @@ def _dpm_multistep(denoiser, x, sigmas, *, extra_args, noise, callback, order: i
             continue
         if s_next == s:                               # a zero-length step (a grid ending at sigma_min)
             continue
-        # order of this step: warm-up, then diffusers' lower_order_final rules
-        k = min(order, i + 1)
-        short = lower_order_final and n < 15
-        if i == n - 1 and (euler_at_final or short):
-            k = 1
-        elif i == n - 2 and short:
-            k = min(k, 2)
+        k = multistep_order(i, n, order, lower_order_final, euler_at_final)
         h = math.log(s / s_next)                      # lambda step, lambda = -log sigma
         if predict_x0:
             c0, c1, c1_mid, c2 = _phi_coeffs(h, eta, diffusers_sde3)

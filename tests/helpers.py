@@ -22,3 +22,14 @@ def perturb_(module: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch
 def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     """max|a - ref| / max|ref|."""
     return ((a.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+
+
+def smooth_denoiser(x: torch.Tensor, sigma: torch.Tensor, **_) -> torch.Tensor:
+    """A smooth stand-in network D(x; sigma) for sampler tests: neither linear nor the identity."""
+    s = sigma.reshape(-1, *[1] * (x.ndim - 1))
+    return torch.tanh(x / (1 + s ** 2).sqrt()) * 0.9 + 0.05 * torch.sin(3 * x)
+
+
+def denoise_at(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """``smooth_denoiser`` at one host sigma, in x's dtype (what transcriptions of reference loops call)."""
+    return smooth_denoiser(x, torch.full((x.shape[0],), sigma, dtype=x.dtype))

@@ -9,17 +9,9 @@ import torch
 
 from fastdiff.errors import BadArgumentError
 from fastdiff.samplers import sample_dpm_2, sample_dpm_2_ancestral
+from helpers import denoise_at as D, smooth_denoiser as denoiser
 
 SIGMAS = [14.6, 7.0, 3.1, 1.4, 0.6, 0.25, 0.09, 0.029, 0.0]
-
-
-def denoiser(x, sigma, **_):
-    s = sigma.reshape(-1, 1, 1, 1)
-    return torch.tanh(x / (1 + s ** 2).sqrt()) * 0.9 + 0.05 * torch.sin(3 * x)
-
-
-def D(x, s):
-    return denoiser(x, torch.full((x.shape[0],), s, dtype=torch.float64))
 
 
 def setup():
