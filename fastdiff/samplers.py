@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .consistency import sample_lcm
-from .dpmpp_sde import sample_dpmpp_sde
+from .dpmpp_singlestep import sample_dpmpp_2s_ancestral, sample_dpmpp_sde
 from .errors import BadArgumentError
 from .linear_multistep import sample_deis, sample_lms, sample_plms
 from .sampler_base import (_ancestral, _call, _cb, _setup, host_floats, host_sigmas,  # noqa: F401  (host_sigmas: API)
@@ -39,7 +39,7 @@ __all__ = [
     "SAMPLERS", "sample_ddim", "sample_ddpm", "sample_euler", "sample_euler_ancestral", "sample_heun",
     "sample_dpmpp_2m", "sample_dpmpp_3m", "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde", "sample_dpm_solver",
     "sample_unipc", "sample_edm", "sample_plms", "sample_lms", "sample_lcm", "sample_dpm_2", "sample_dpm_2_ancestral", "sample_deis",
-    "sample_dpmpp_sde",
+    "sample_dpmpp_sde", "sample_dpmpp_2s_ancestral",
     "invert_ddim",
 ]
 
@@ -590,8 +590,9 @@ SAMPLERS = {
     "dpm_2_ancestral": sample_dpm_2_ancestral,
     "deis": sample_deis,
     "dpmpp_sde": sample_dpmpp_sde,
+    "dpmpp_2s_ancestral": sample_dpmpp_2s_ancestral,
 }
 
 # Samplers that draw noise (the others are deterministic given x).
 STOCHASTIC = frozenset({"ddpm", "euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde", "lcm", "dpm_2_ancestral",
-                        "dpmpp_sde"})
+                        "dpmpp_sde", "dpmpp_2s_ancestral"})

@@ -103,6 +103,7 @@ CASES = {
     "dpm_2": (S.sample_dpm_2, {}, 1.7, 3.0),
     "deis_2": (S.sample_deis, {}, 1.7, 3.0),
     "dpmpp_2s": (S.sample_dpmpp_sde, dict(eta=0.0), 1.7, 3.0),    # dpmpp_sde without noise: DPM-Solver++(2S)
+    "dpmpp_2s_a_eta0": (S.sample_dpmpp_2s_ancestral, dict(eta=0.0), 1.7, 3.0),
     "deis_3": (S.sample_deis, dict(order=3), 2.3, 4.5),     # 2.5 on Karras, 2.75 between 20 and 40 steps
 }
 

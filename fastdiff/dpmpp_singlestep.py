@@ -1,6 +1,10 @@
-"""DPM-Solver++ (stochastic, singlestep 2nd order): k-diffusion's ``sample_dpmpp_sde`` ("DPM++ SDE").
+"""Singlestep DPM-Solver++ samplers of k-diffusion: ``sample_dpmpp_2s_ancestral`` ("DPM++ 2S a") and
+``sample_dpmpp_sde`` ("DPM++ SDE"); 2 network calls per step, 1 on the step to sigma = 0.
 
-Each step takes an ancestral DPM-Solver++(1) half step to sigma_s = sigma^(1-r) sigma'^r, evaluates the
+``dpmpp_2s_ancestral``: DPM-Solver++(2S) (Lu et al. 2022b, Algorithm 1, r = 1/2) down to sigma_down, then fresh
+noise of std sigma_up (the ancestral split of sigma -> sigma').
+
+``dpmpp_sde``: each step takes an ancestral DPM-Solver++(1) half step to sigma_s = sigma^(1-r) sigma'^r, evaluates the
 network there, and takes the ancestral step to sigma' with the blend (1 - 1/2r) D + 1/2r D_s (2 calls per
 step; the step to sigma = 0 is one Euler call).
 
@@ -20,7 +24,7 @@ import torch
 from .errors import BadArgumentError
 from .sampler_base import _ancestral, _call, _cb, _setup
 
-__all__ = ["sample_dpmpp_sde", "joined_increment"]
+__all__ = ["sample_dpmpp_2s_ancestral", "sample_dpmpp_sde", "joined_increment"]
 
 
 def joined_increment(z1: torch.Tensor, z2: torch.Tensor, sigma: float, sigma_mid: float, sigma_next: float):
@@ -62,4 +66,27 @@ def sample_dpmpp_sde(denoiser, x, sigmas, *, extra_args=None, noise=None, callba
         x = torch.lerp(denoised_d, x, down / s)
         if eta > 0:
             x = torch.add(x, joined_increment(z1, z2, s, s_mid, s_next), alpha=up * s_noise)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2s_ancestral(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=None, eta: float = 1.0,
+                              s_noise: float = 1.0):
+    """DPM-Solver++(2S) ancestral (see the module doc); ``eta=0`` is the deterministic DPM-Solver++(2S)."""
+    x, sig, extra, noise = _setup(x, sigmas, extra_args, noise)
+    for i in range(len(sig) - 1):
+        s, s_next = sig[i], sig[i + 1]
+        denoised = _call(denoiser, x, s, extra)
+        _cb(callback, x, i, s, s, denoised)
+        if s == s_next:                               # a zero-length step
+            continue
+        down, up = _ancestral(s, s_next, eta)
+        if down == 0:
+            x = denoised
+        else:                                         # the half step in lambda: sigma_mid = sqrt(sigma sigma_down)
+            s_mid = math.sqrt(s * down)
+            x_2 = torch.lerp(denoised, x, s_mid / s)
+            x = torch.lerp(_call(denoiser, x_2, s_mid, extra), x, down / s)
+        if up > 0:
+            x = torch.add(x, noise(i, x), alpha=up * s_noise)
     return x

@@ -1,12 +1,13 @@
-"""DPM++ SDE (``dpmpp_sde``) against a float64 transcription of k-diffusion's ``sample_dpmpp_sde``, its noise
-sampler fed the same Brownian increments; and those increments' joint law (what torchsde's tree gives)."""
+"""DPM++ 2S a (``dpmpp_2s_ancestral``) and DPM++ SDE (``dpmpp_sde``) against float64 transcriptions of
+k-diffusion's ``sample_dpmpp_2s_ancestral`` / ``sample_dpmpp_sde`` (the latter's noise sampler fed the same
+Brownian increments); and those increments' joint law (what torchsde's tree gives)."""
 
 import math
 
 import pytest
 import torch
 
-from fastdiff.dpmpp_sde import joined_increment, sample_dpmpp_sde
+from fastdiff.dpmpp_singlestep import joined_increment, sample_dpmpp_2s_ancestral, sample_dpmpp_sde
 from fastdiff.errors import BadArgumentError
 from helpers import denoise_at as D, smooth_denoiser as denoiser
 
@@ -57,6 +58,30 @@ def test_dpmpp_sde_equals_k_diffusion(eta, r):
         return (math.sqrt(a - mid) * z1 + math.sqrt(mid - b) * z2) / math.sqrt(a - b)
 
     want = k_dpmpp_sde(x.clone(), eta, r, brownian if eta > 0 else (lambda a, b: torch.zeros_like(x)))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("eta", [1.0, 0.5, 0.0])
+def test_dpmpp_2s_ancestral_equals_k_diffusion(eta):
+    torch.manual_seed(6)
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64) * SIGMAS[0]
+    draws = [torch.randn(2, 3, 4, 4, dtype=torch.float64) for _ in SIGMAS]
+    got = sample_dpmpp_2s_ancestral(denoiser, x.clone(), SIGMAS, eta=eta, noise=lambda i, like: draws[i])
+    want = x.clone()
+    for i in range(len(SIGMAS) - 1):
+        s, s_next = SIGMAS[i], SIGMAS[i + 1]
+        den = D(want, s)
+        sd, su = ancestral(s, s_next, eta)
+        if sd == 0:
+            want = want + (want - den) / s * (sd - s)
+        else:  # t = -log sigma, h = t_next - t, s = t + h / 2
+            t, t_next = -math.log(s), -math.log(sd)
+            h = t_next - t
+            s_mid = math.exp(-(t + h / 2))
+            x_2 = (s_mid / s) * want - math.expm1(-h / 2) * den
+            want = (sd / s) * want - math.expm1(-h) * D(x_2, s_mid)
+        if s_next > 0:
+            want = want + draws[i] * su
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
