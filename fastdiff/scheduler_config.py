@@ -17,7 +17,7 @@ Supported: DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler, EulerAncestralD
 HeunDiscreteScheduler, DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler,
 UniPCMultistepScheduler, EDMEulerScheduler, PNDMScheduler (Stable Diffusion 1.x's default), LMSDiscreteScheduler,
 LCMScheduler (latent consistency models, LCM-LoRA), KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler,
-DEISMultistepScheduler.
+DEISMultistepScheduler, DPMSolverSDEScheduler (its noise drawn from the samples' own generators, not torchsde).
 Anything else raises ``UnsupportedConfigError``.
 """
 
@@ -60,6 +60,7 @@ _DEFAULTS = {
     "EDMEulerScheduler": dict(sigma_min=0.002, sigma_max=80.0, sigma_data=0.5, sigma_schedule="karras", rho=7.0),
     "PNDMScheduler": dict(skip_prk_steps=False, set_alpha_to_one=False, timestep_spacing="leading"),
     "LMSDiscreteScheduler": dict(),
+    "DPMSolverSDEScheduler": dict(beta_start=0.00085, beta_end=0.012, noise_sampler_seed=None),
     "DEISMultistepScheduler": dict(solver_order=2, algorithm_type="deis", solver_type="logrho", lower_order_final=True,
                                    final_sigmas_type="sigma_min"),
     "KDPM2DiscreteScheduler": dict(beta_start=0.00085, beta_end=0.012),
@@ -155,7 +156,8 @@ class _Config(dict):
 
 # diffusers schedulers without a rescale_betas_zero_snr argument: from_config drops the key, so it changes nothing
 _NO_ZERO_SNR = ("HeunDiscreteScheduler", "DPMSolverSinglestepScheduler", "PNDMScheduler", "LMSDiscreteScheduler",
-                "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "DEISMultistepScheduler")
+                "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "DEISMultistepScheduler",
+                "DPMSolverSDEScheduler")
 
 
 def _alphas_cumprod(c: _Config, exact_zero_snr: bool = False) -> torch.Tensor:
@@ -257,6 +259,8 @@ def _ddpm(c: _Config, n: int) -> SamplingPlan:
 
 
 _KDPM2 = ("KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler")
+# schedulers that also call the network between grid sigmas (a 2nd-order stage)
+_MIDPOINT_FAMILY = _KDPM2 + ("DPMSolverSDEScheduler",)
 
 
 def _euler_family(c: _Config, n: int, sampler: str) -> SamplingPlan:
@@ -276,7 +280,7 @@ def _euler_family(c: _Config, n: int, sampler: str) -> SamplingPlan:
         ts = schedules.sigma_to_timestep(sig, ac)       # diffusers: from the unrounded sigmas, not rounded
         if kind == "karras" and c.name in _KDPM2:        # ... except KDPM2's Karras timesteps, rounded
             ts = np.round(ts)
-    if c.name in _KDPM2:
+    if c.name in _MIDPOINT_FAMILY:
         c.choice("prediction_type", ("epsilon", "v_prediction"))
         interp = "log"                                 # its midpoints' timesteps: diffusers' log-sigma inverse
     final = c.choice("final_sigmas_type", schedules.FINAL_SIGMAS) if c.name == "EulerDiscreteScheduler" else "zero"
@@ -514,6 +518,9 @@ _BUILDERS = {
     "LMSDiscreteScheduler": _lms,
     "LCMScheduler": _lcm,
     "DEISMultistepScheduler": _deis,
+    # the same method as k-diffusion's dpmpp_sde; its Brownian-tree noise comes from the samples' own generators
+    # (diffusers draws it from torchsde with noise_sampler_seed), so samples differ in their noise only
+    "DPMSolverSDEScheduler": lambda c, n: _euler_family(c, n, "dpmpp_sde"),
     "KDPM2DiscreteScheduler": lambda c, n: _euler_family(c, n, "dpm_2"),
     "KDPM2AncestralDiscreteScheduler": lambda c, n: _euler_family(c, n, "dpm_2_ancestral"),
 }

@@ -237,3 +237,40 @@ def test_the_device_path_feeds_the_grids_own_timesteps(cls):
         den(torch.zeros(2, 3, 4, 4), torch.full((2,), s))
     pairs = list(zip(seen[0::2], seen[1::2]))
     assert pairs and all(torch.equal(host, device) for host, device in pairs), pairs
+
+
+@pytest.mark.parametrize("steps,cfg", [(10, {}), (8, dict(use_karras_sigmas=True, beta_schedule="scaled_linear")),
+                                       (6, dict(prediction_type="v_prediction", timestep_spacing="leading",
+                                                steps_offset=1, use_exponential_sigmas=True))])
+def test_dpm_solver_sde_matches_diffusers_given_the_same_noise(steps, cfg, monkeypatch):
+    """DPMSolverSDEScheduler draws its noise from torchsde's Brownian tree; fastdiff draws the same Brownian
+    increments from each sample's generator. With diffusers' noise sampler drawing fastdiff's, the runs agree."""
+    pytest.importorskip("torchsde", reason="diffusers' DPMSolverSDEScheduler needs torchsde")
+    import diffusers.schedulers.scheduling_dpmsolver_sde as sde
+
+    from fastdiff.dpmpp_singlestep import joined_increment
+
+    gens = [torch.Generator().manual_seed(s) for s in SEEDS]
+
+    class SameNoise:  # per step: z1 for [sigma_mid, sigma], then the increment over [sigma_next, sigma] containing it
+        def __init__(self, *args, **kwargs):
+            self.pending = None
+
+        def __call__(self, sigma, sigma_next):
+            if self.pending is None:
+                z1, z2 = (torch.cat([torch.randn((1,) + SHAPE, generator=g) for g in gens]) for _ in range(2))
+                self.pending = (z1, z2, float(sigma_next))
+                return z1
+            (z1, z2, mid), self.pending = self.pending, None
+            return joined_increment(z1, z2, float(sigma), mid, float(sigma_next))
+
+    monkeypatch.setattr(sde, "BrownianTreeNoiseSampler", SameNoise)
+    model = TinyNet()
+    sched = diffusers.DPMSolverSDEScheduler.from_config(cfg)
+    sched.set_timesteps(steps)
+    x = randn_tensor((len(SEEDS),) + SHAPE, generator=gens) * sched.init_noise_sigma
+    with torch.no_grad():
+        for t in sched.timesteps:
+            x = sched.step(model(sched.scale_model_input(x, t), t), t, x).prev_sample
+    got = run_fastdiff(cfg, "DPMSolverSDEScheduler", model, steps)
+    assert float((got - x).abs().max() / x.abs().max()) <= 1e-4
