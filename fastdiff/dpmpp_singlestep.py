@@ -39,7 +39,9 @@ def joined_increment(z1: torch.Tensor, z2: torch.Tensor, sigma: float, sigma_mid
 def sample_dpmpp_sde(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=None, eta: float = 1.0,
                      s_noise: float = 1.0, r: float = 0.5):
     """DPM-Solver++ SDE (see the module doc). ``eta`` scales the injected noise (0: the deterministic
-    DPM-Solver++(2S)); ``r`` places the intermediate point (1/2: the geometric mean of sigma and sigma')."""
+    DPM-Solver++(2S)); ``r`` places the intermediate point (1/2: the geometric mean of sigma and sigma').
+    ``noise`` is called twice per step with the same step index: it must return fresh draws on each call (as
+    ``NoiseSource`` does), not one draw per index."""
     if not 0 < r <= 1:
         raise BadArgumentError(f"r: expected a number in (0, 1], found {r!r}")
     x, sig, extra, noise = _setup(x, sigmas, extra_args, noise)
@@ -53,7 +55,8 @@ def sample_dpmpp_sde(denoiser, x, sigmas, *, extra_args=None, noise=None, callba
             continue
         if s_next == s:                               # a zero-length step
             continue
-        s_mid = math.exp((1 - r) * math.log(s) + r * math.log(s_next))
+        # clamped: for r = 1 (or a tiny r) the rounding of exp(log) can land just outside [sigma', sigma]
+        s_mid = min(max(math.exp((1 - r) * math.log(s) + r * math.log(s_next)), s_next), s)
         down, up = _ancestral(s, s_mid, eta)
         x_2 = torch.lerp(denoised, x, down / s)       # DPM-Solver++(1) = DDIM to sigma_down
         z1 = z2 = None

@@ -188,9 +188,9 @@ def sample_lms(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=Non
         s, s_next = sig[i], sig[i + 1]
         denoised = _call(denoiser, x, s, extra)
         _cb(callback, x, i, s, s, denoised)
-        ds.add(s, _eps(x, denoised, s))
-        if s == s_next:                                # a zero-length step
+        if s == s_next:                                # a zero-length step (x and D as at the last one; at 0: x0)
             continue
+        ds.add(s, _eps(x, denoised, s))
         nodes, values = ds.newest(order)
         x = combine([(1.0, x)] + list(zip(lms_weights(nodes, s, s_next), values)))
     return x
@@ -213,9 +213,9 @@ def sample_deis(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=No
         s, s_next = sig[i], sig[i + 1]
         denoised = _call(denoiser, x, s, extra)
         _cb(callback, x, i, s, s, denoised)
-        eps.add(s, _eps(x, denoised, s))
-        if s_next == s:                                # a zero-length step (a grid ending at sigma_min)
+        if s_next == s:                                # a zero-length step (a grid ending at sigma_min, or at 0)
             continue
+        eps.add(s, _eps(x, denoised, s))
         nodes, values = eps.newest(multistep_order(i, n, order, lower_order_final))
         x = combine([(1.0, x)] + list(zip(deis_weights(nodes, s, s_next), values)))
     return x

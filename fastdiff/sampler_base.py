@@ -32,6 +32,8 @@ def host_sigmas(sigmas) -> list:
 def _ancestral(sigma: float, sigma_next: float, eta: float = 1.0):
     """Split a step sigma -> sigma_next into a deterministic part down to sigma_down and fresh noise of
     std sigma_up (sigma_down^2 + sigma_up^2 = sigma_next^2). eta=1 is the DDPM posterior."""
+    if sigma_next > sigma:  # (a zero-terminal-SNR table's top can rise; only the ancestral split cannot take it)
+        raise BadArgumentError(f"sigmas: an ancestral step needs sigma' <= sigma, found {sigma} then {sigma_next}")
     if sigma_next == 0 or eta == 0:
         return sigma_next, 0.0
     up = min(sigma_next, eta * math.sqrt(sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2))

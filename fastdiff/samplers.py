@@ -210,16 +210,18 @@ def sample_dpm_2_ancestral(denoiser, x, sigmas, *, extra_args=None, noise=None, 
                            s_noise: float = 1.0, sigmas_mid: Optional[Sequence[float]] = None):
     """Ancestral DPM-Solver-2 (k-diffusion's ``sample_dpm_2_ancestral``, diffusers'
     ``KDPM2AncestralDiscreteScheduler``): the midpoint step down to sigma_down, then fresh noise of std
-    sigma_up. (With eta = 1 the midpoint sqrt(sigma * sigma_down) is sigma' itself.)"""
+    sigma_up. With eta = 1 the midpoint sqrt(sigma * sigma_down) is sigma' itself; ``sigmas_mid`` (a diffusers
+    plan's exact midpoints) holds for eta = 1 only, any other eta takes the geometric means. As in k-diffusion,
+    a step whose sigma_down is 0 (eta > 1 can give that before the end) adds no noise."""
     x, sig, extra, noise = _setup(x, sigmas, extra_args, noise)
-    mids = _check_mids(sigmas_mid, len(sig) - 1)
+    mids = _check_mids(sigmas_mid, len(sig) - 1) if eta == 1 else None
     for i in range(len(sig) - 1):
         s, s_next = sig[i], sig[i + 1]
         denoised = _call(denoiser, x, s, extra)
         _cb(callback, x, i, s, s, denoised)
         down, up = _ancestral(s, s_next, eta)
         x = _midpoint_step(denoiser, x, denoised, s, down, extra, mids[i] if mids else None)
-        if up > 0:
+        if up > 0 and down > 0:
             x = torch.add(x, noise(i, x), alpha=up * s_noise)
     return x
 
@@ -238,6 +240,9 @@ def _midpoint_step(denoiser, x, denoised, s, s_to, extra, s_mid=None):
     reached by an Euler half step; to s_to = 0 a plain Euler step (x0)."""
     if s_to == 0:
         return denoised
+    if s_mid is not None and not s_to < s_mid <= s:
+        raise BadArgumentError(f"sigmas_mid: expected a midpoint in ({s_to}, {s}] for the step from sigma {s}, "
+                               f"found {s_mid}")
     s_mid = midpoint_sigma(s, s_to) if s_mid is None else s_mid
     x_mid = torch.lerp(denoised, x, s_mid / s)        # Euler to sigma_mid
     denoised_mid = _call(denoiser, x_mid, s_mid, extra)

@@ -57,11 +57,16 @@ def _sampler_options(name: str) -> tuple:
     return tuple(sorted(k for k in params if k not in _COMMON_ARGS))
 
 
+def _scalar(v):
+    """A one-element tensor as its Python number (options may come as 0-d tensors); anything else as is."""
+    return v.item() if hasattr(v, "numel") and v.numel() == 1 and not v.is_complex() else v
+
+
 # scalar option annotations and the values they accept (bool is an int to Python, never a number here)
 _SCALAR_KINDS = {
-    "float": ("a number", lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool)),
-    "int": ("an integer", lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)),
-    "bool": ("True or False", lambda v: isinstance(v, bool)),
+    "float": ("a number", lambda v: isinstance(_scalar(v), numbers.Real) and not isinstance(_scalar(v), bool)),
+    "int": ("an integer", lambda v: isinstance(_scalar(v), numbers.Integral) and not isinstance(_scalar(v), bool)),
+    "bool": ("True or False", lambda v: type(v).__name__ in ("bool", "bool_") or (isinstance(v, int) and v in (0, 1))),
     "str": ("a string", lambda v: isinstance(v, str)),
 }
 
@@ -78,7 +83,7 @@ def check_options(sampler: str, options: dict) -> None:
         expected, accepts = _SCALAR_KINDS.get(kinds.get(k), (None, None))
         if accepts is not None and not accepts(v):
             raise BadArgumentError(f"sampler {sampler!r}: option {k!r}: expected {expected}, found {v!r}")
-    nan = sorted(k for k, v in options.items() if isinstance(v, numbers.Real) and math.isnan(v))
+    nan = sorted(k for k, v in options.items() if isinstance(_scalar(v), numbers.Real) and math.isnan(_scalar(v)))
     if nan:  # a NaN eta / churn compares False everywhere and would silently pick one branch
         raise BadArgumentError(f"sampler {sampler!r}: option(s) {nan} are NaN; expected numbers")
 

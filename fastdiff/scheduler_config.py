@@ -226,11 +226,24 @@ def _convert(kind, n, lo, hi):
 # builders, one per diffusers class
 # --------------------------------------------------------------------------------------------------
 
+def _indexed_timesteps(c: _Config, n: int) -> np.ndarray:
+    """Timesteps of a scheduler that indexes its table with them (DDIM, DDPM, PNDM). 'leading' spacing plus
+    steps_offset can pass t = T - 1, where diffusers fails with an IndexError (the Euler family interpolates
+    and clamps instead): refused with the reason."""
+    T = c["num_train_timesteps"]
+    ts = schedules.get_timesteps(c.choice("timestep_spacing", schedules.SPACINGS), n, T, c["steps_offset"])
+    if ts.size and int(ts.max()) > T - 1:
+        raise BadArgumentError(f"steps: {n} {c['timestep_spacing']!r} steps with steps_offset {c['steps_offset']} reach "
+                               f"timestep {int(ts.max())}, past the {T} training timesteps of {c.name} (0..{T - 1}); "
+                               f"expected fewer steps")
+    return ts
+
+
 def _ddim(c: _Config, n: int) -> SamplingPlan:
     ac = _alphas_cumprod(c, exact_zero_snr=True)
     table = _table(ac)
     T = c["num_train_timesteps"]
-    ts = schedules.get_timesteps(c.choice("timestep_spacing", schedules.SPACINGS), n, T, c["steps_offset"])
+    ts = _indexed_timesteps(c, n)
     prev = ts - T // n                                 # diffusers' DDIM always steps to t - T // N
     final = 0.0 if c["set_alpha_to_one"] else table[0]
     to = _f32([table[p] if p >= 0 else final for p in prev])
@@ -247,8 +260,7 @@ def _ddim(c: _Config, n: int) -> SamplingPlan:
 def _ddpm(c: _Config, n: int) -> SamplingPlan:
     ac = _alphas_cumprod(c, exact_zero_snr=True)
     table = _table(ac)
-    ts = schedules.get_timesteps(c.choice("timestep_spacing", schedules.SPACINGS), n, c["num_train_timesteps"],
-                                 c["steps_offset"])
+    ts = _indexed_timesteps(c, n)
     variance = c.choice("variance_type", ("fixed_small", "fixed_small_log", "fixed_large"))
     sigmas = _grid(table[ts], 0.0)
     dopts = _discrete(c, ac, timestep_rounding="round", **_threshold_opts(c, True))
@@ -447,7 +459,7 @@ def _pndm(c: _Config, n: int) -> SamplingPlan:
     prediction = c.choice("prediction_type", ("epsilon", "v_prediction"))
     table = _table(ac)
     T = c["num_train_timesteps"]
-    ts = schedules.get_timesteps(c.choice("timestep_spacing", schedules.SPACINGS), n, T, c["steps_offset"])
+    ts = _indexed_timesteps(c, n)
     skip_prk = bool(c["skip_prk_steps"])
     if not skip_prk and n < 4:
         raise UnsupportedConfigError("num_inference_steps", n, supported="at least 4 with skip_prk_steps=False "

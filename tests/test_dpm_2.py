@@ -84,3 +84,30 @@ def test_explicit_midpoints_are_used():
     assert seen[1::2][:len(mids) - 1] == pytest.approx(mids[:-1], rel=1e-15)
     with pytest.raises(BadArgumentError, match="sigmas_mid"):
         sample_dpm_2(denoiser, x, SIGMAS, sigmas_mid=mids[:3])
+
+
+def test_bad_midpoint_refused():
+    x, _ = setup()
+    mids = [0.0] * (len(SIGMAS) - 1)
+    with pytest.raises(BadArgumentError, match="sigmas_mid: expected a midpoint"):
+        sample_dpm_2(denoiser, x, SIGMAS, sigmas_mid=mids)
+
+
+def test_plan_midpoints_hold_for_eta_1_only():
+    """A KDPM2Ancestral plan's midpoints are the next grid sigmas (eta = 1); with eta overridden the sampler
+    takes the geometric means of its own sigma_down, as the named sampler does (it kept the eta=1 points)."""
+    from fastdiff.noise import NoiseSource
+    from fastdiff.scheduler_config import plan_from_scheduler_config
+
+    plan = plan_from_scheduler_config({"use_karras_sigmas": True}, 6, class_name="KDPM2AncestralDiscreteScheduler")
+    x = NoiseSource([1]).randn((1, 4, 4), dtype=torch.float64) * float(plan.sigmas[0])
+    for eta in (0.5, 0.0):
+        got = sample_dpm_2_ancestral(denoiser, x.clone(), plan.sigmas, eta=eta, noise=NoiseSource([2]),
+                                     sigmas_mid=plan.options["sigmas_mid"])
+        want = sample_dpm_2_ancestral(denoiser, x.clone(), plan.sigmas, eta=eta, noise=NoiseSource([2]))
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_a_rising_ancestral_step_is_refused():
+    with pytest.raises(BadArgumentError, match="ancestral step needs"):
+        sample_dpm_2_ancestral(denoiser, torch.ones(1, 1, 2, 2), [1.0, 2.0, 0.0])

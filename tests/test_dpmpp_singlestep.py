@@ -95,6 +95,14 @@ def test_joined_increment_has_the_brownian_law():
     assert float((z1 * n2).mean()) == pytest.approx(math.sqrt(3.0 / 4.0), abs=0.01)
 
 
+@pytest.mark.parametrize("r", [1.0, 1e-17])
+def test_extreme_r_stays_inside_the_step(r):
+    """exp((1 - r) log s + r log s') can round just outside [s', s] (r = 1, tiny r): a math domain error."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 1, 2, 2, dtype=torch.float64) * 14.6
+    assert torch.isfinite(sample_dpmpp_sde(denoiser, x, [14.6, 7.0, 3.1, 0.0], r=r)).all()
+
+
 @pytest.mark.parametrize("r", [0.0, 1.5])
 def test_bad_r(r):
     with pytest.raises(BadArgumentError, match="r: expected"):

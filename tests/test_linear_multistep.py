@@ -110,6 +110,16 @@ def test_lms_high_order_on_a_long_grid_stays_exact():
     torch.testing.assert_close(got, k_diffusion_lms(x.clone(), sigmas, 6), rtol=1e-8, atol=1e-8)
 
 
+@pytest.mark.parametrize("grid", [[10.0, 0.0, 0.0], [10.0, 3.0, 0.0, 0.0]])
+@pytest.mark.parametrize("sampler", [sample_lms, sample_deis])
+def test_repeated_final_zero(sampler, grid):
+    """A zero-length step at sigma = 0 divided by 0 forming the noise prediction."""
+    out = sampler(denoiser, start(10.0), grid)
+    assert torch.isfinite(out).all()
+    if sampler is sample_lms:  # (DEIS's final-order rule counts the steps: one more changes it)
+        torch.testing.assert_close(out, sampler(denoiser, start(10.0), grid[:-1]))
+
+
 @pytest.mark.parametrize("sampler", [sample_lms, sample_deis])
 def test_repeated_interior_sigma_is_a_zero_length_step(sampler):
     """A repeated sigma re-evaluates the same state: the interpolation keeps distinct nodes (it divided by 0)."""

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -60,6 +61,15 @@ def test_scalar_options_of_the_wrong_type(sampler, options):
     """A string eta or a float order raised a raw TypeError deep in the loop (or ran with a bool as 1.0)."""
     with pytest.raises(BadArgumentError, match=f"option '{next(iter(options))}': expected"):
         sample(lambda x, s: x * 0.5, torch.ones(1, 1, 2, 2), sampler, [1.0, 0.5, 0.0], **options)
+
+
+@pytest.mark.parametrize("sampler,options", [("dpmpp_2m", dict(lower_order_final=np.bool_(True))),
+                                             ("dpmpp_2m", dict(lower_order_final=1)),
+                                             ("euler_ancestral", dict(eta=torch.tensor(0.5))),
+                                             ("euler_ancestral", dict(eta=np.float32(0.5))), ("euler", dict(s_churn=2))])
+def test_scalar_options_numpy_tensors_and_ints_pass(sampler, options):
+    out = sample(lambda x, s: x * 0.5, torch.ones(1, 1, 2, 2), sampler, [1.0, 0.5, 0.0], **options)
+    assert torch.isfinite(out).all()
 
 
 @pytest.mark.parametrize("bad", [float("nan"), -0.5, float("inf")])

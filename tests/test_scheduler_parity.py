@@ -17,7 +17,7 @@ from torch import nn
 diffusers = pytest.importorskip("diffusers")
 from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
 
-from fastdiff.errors import UnsupportedConfigError  # noqa: E402
+from fastdiff.errors import BadArgumentError, UnsupportedConfigError  # noqa: E402
 from fastdiff.noise import NoiseSource  # noqa: E402
 from fastdiff.scheduler_config import plan_from_scheduler_config  # noqa: E402
 from test_sampler_order import single_thread  # noqa: F401,E402  (autouse fixture)
@@ -274,3 +274,14 @@ def test_dpm_solver_sde_matches_diffusers_given_the_same_noise(steps, cfg, monke
             x = sched.step(model(sched.scale_model_input(x, t), t), t, x).prev_sample
     got = run_fastdiff(cfg, "DPMSolverSDEScheduler", model, steps)
     assert float((got - x).abs().max() / x.abs().max()) <= 1e-4
+
+
+@pytest.mark.parametrize("cls", ["DDIMScheduler", "DDPMScheduler", "PNDMScheduler"])
+def test_leading_steps_past_the_table_are_refused_where_diffusers_indexes_it(cls):
+    """'leading' + steps_offset reaching t = 1000: diffusers' table-indexing schedulers fail with an IndexError
+    (fastdiff raised one too); the Euler family interpolates and clamps, and still runs."""
+    cfg = dict(timestep_spacing="leading", steps_offset=1, skip_prk_steps=True)
+    with pytest.raises(BadArgumentError, match="past the 1000 training timesteps"):
+        plan_from_scheduler_config(cfg, 1000, class_name=cls)
+    assert plan_from_scheduler_config(cfg, 999, class_name=cls).steps == 999
+    assert plan_from_scheduler_config(cfg, 1000, class_name="EulerDiscreteScheduler").steps == 1000
