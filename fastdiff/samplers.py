@@ -326,7 +326,8 @@ def _dpm_multistep(denoiser, x, sigmas, *, extra_args, noise, callback, order: i
             w = [c0 + u0 / r0, -u0 / r0 + u1 / r1, -u1 / r1]
         terms = [(a, x)] + [(wj, ms[-1 - j]) for j, wj in enumerate(w)]
         if eta > 0:                                   # SDE noise, std s' sqrt(1 - e^{-2 eta h})
-            terms.append((s_next * math.sqrt(-math.expm1(-2 * eta * h)) * s_noise, noise(i, x)))
+            # (max: a step that rises by a rounding error, as diffusers' float32 EDM grids can end, adds no noise)
+            terms.append((s_next * math.sqrt(max(0.0, -math.expm1(-2 * eta * h))) * s_noise, noise(i, x)))
         x = combine(terms)
     return x
 

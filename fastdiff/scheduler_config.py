@@ -17,7 +17,8 @@ Supported: DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler, EulerAncestralD
 HeunDiscreteScheduler, DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler,
 UniPCMultistepScheduler, EDMEulerScheduler, PNDMScheduler (Stable Diffusion 1.x's default), LMSDiscreteScheduler,
 LCMScheduler (latent consistency models, LCM-LoRA), KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler,
-DEISMultistepScheduler, DPMSolverSDEScheduler (its noise drawn from the samples' own generators, not torchsde).
+DEISMultistepScheduler, DPMSolverSDEScheduler (its noise drawn from the samples' own generators, not torchsde),
+EDMDPMSolverMultistepScheduler.
 Anything else raises ``UnsupportedConfigError``.
 """
 
@@ -58,6 +59,9 @@ _DEFAULTS = {
     "UniPCMultistepScheduler": dict(solver_order=2, predict_x0=True, solver_type="bh2", lower_order_final=True,
                                     disable_corrector=[], solver_p=None),
     "EDMEulerScheduler": dict(sigma_min=0.002, sigma_max=80.0, sigma_data=0.5, sigma_schedule="karras", rho=7.0),
+    "EDMDPMSolverMultistepScheduler": dict(sigma_min=0.002, sigma_max=80.0, sigma_data=0.5, sigma_schedule="karras",
+                                           rho=7.0, solver_order=2, algorithm_type="dpmsolver++",
+                                           solver_type="midpoint", lower_order_final=True, euler_at_final=False),
     "PNDMScheduler": dict(skip_prk_steps=False, set_alpha_to_one=False, timestep_spacing="leading"),
     "LMSDiscreteScheduler": dict(),
     "DPMSolverSDEScheduler": dict(beta_start=0.00085, beta_end=0.012, noise_sampler_seed=None),
@@ -438,7 +442,10 @@ def _deis(c: _Config, n: int) -> SamplingPlan:
     return _vp_plan(c.name, "deis", sigmas, options, dopts)
 
 
-def _edm_euler(c: _Config, n: int) -> SamplingPlan:
+def _edm_plan(c: _Config, n: int, sampler: str, options: dict, last_is_config_min: bool = False) -> SamplingPlan:
+    """diffusers' EDM schedulers: a Karras / exponential grid on [sigma_min, sigma_max], EDM preconditioning.
+    ``final_sigmas_type="sigma_min"`` ends at the grid's last sigma (EDM Euler) or the config's sigma_min (EDM
+    DPM-Solver; they differ on a 1-step grid, which is [sigma_max])."""
     kind = c.choice("sigma_schedule", ("karras", "exponential"))
     lo, hi = float(c["sigma_min"]), float(c["sigma_max"])
     if kind == "karras":
@@ -446,10 +453,27 @@ def _edm_euler(c: _Config, n: int) -> SamplingPlan:
     else:
         sig = torch.linspace(math.log(lo), math.log(hi), n).exp().flip(0).numpy()
     final = c.choice("final_sigmas_type", schedules.FINAL_SIGMAS)
-    sigmas = _grid(sig, _f32(sig)[-1] if final == "sigma_min" else 0.0)
+    sigmas = _grid(sig, 0.0 if final == "zero" else lo if last_is_config_min else sig[-1])  # _grid: float32 values
     dopts = dict(sigma_data=float(c["sigma_data"]),
                  prediction_type=c.choice("prediction_type", ("epsilon", "v_prediction")))
-    return SamplingPlan(c.name, "euler", sigmas, {}, "edm", dopts, init_noise_sigma=math.sqrt(hi * hi + 1))
+    return SamplingPlan(c.name, sampler, sigmas, options, "edm", dopts, init_noise_sigma=math.sqrt(hi * hi + 1))
+
+
+def _edm_euler(c: _Config, n: int) -> SamplingPlan:
+    return _edm_plan(c, n, "euler", {})
+
+
+def _edm_dpm_multistep(c: _Config, n: int) -> SamplingPlan:
+    """EDM DPM-Solver++: the multistep solver in the sigma frame itself (its alpha_t is 1)."""
+    algo = c.choice("algorithm_type", ("dpmsolver++", "sde-dpmsolver++", "deis"))  # diffusers turns deis into ++
+    options = dict(order=c.choice("solver_order", (1, 2, 3)),
+                   solver_type=c["solver_type"] if c["solver_type"] in ("midpoint", "heun") else "midpoint",
+                   lower_order_final=bool(c["lower_order_final"]), euler_at_final=bool(c["euler_at_final"]))
+    if c["thresholding"]:
+        raise UnsupportedConfigError("thresholding", True, supported=[False], model=c.name)
+    if algo == "sde-dpmsolver++":
+        options.update(eta=1.0, diffusers_sde3_coefficient=True)
+    return _edm_plan(c, n, "dpmpp_2m_sde" if algo == "sde-dpmsolver++" else "dpmpp_2m", options, last_is_config_min=True)
 
 
 def _pndm(c: _Config, n: int) -> SamplingPlan:
@@ -526,6 +550,7 @@ _BUILDERS = {
     "DPMSolverSinglestepScheduler": _dpm_singlestep,
     "UniPCMultistepScheduler": _unipc,
     "EDMEulerScheduler": _edm_euler,
+    "EDMDPMSolverMultistepScheduler": _edm_dpm_multistep,
     "PNDMScheduler": _pndm,
     "LMSDiscreteScheduler": _lms,
     "LCMScheduler": _lcm,

@@ -124,6 +124,15 @@ CASES = [
     ("EDMEulerScheduler", 10, {}),
     ("EDMEulerScheduler", 10, dict(sigma_schedule="exponential", prediction_type="v_prediction",
                                    final_sigmas_type="sigma_min")),
+    ("EDMEulerScheduler", 1, dict(final_sigmas_type="sigma_min")),   # ends at its grid's last sigma: 80
+    # EDM DPM-Solver++: the multistep solver with alpha_t = 1; "sigma_min" is the config's (a 1-step grid is
+    # [80, 0.002]); its float32 exponential grid ends rising by 1e-10 (diffusers' float32 logs make that h = 0)
+    *[("EDMDPMSolverMultistepScheduler", 10, dict(solver_order=o, algorithm_type=a))   # (diffusers has no 3rd-order SDE)
+      for o, a in ((2, "dpmsolver++"), (3, "dpmsolver++"), (2, "sde-dpmsolver++"))],
+    ("EDMDPMSolverMultistepScheduler", 1, dict(final_sigmas_type="sigma_min", prediction_type="v_prediction")),
+    ("EDMDPMSolverMultistepScheduler", 25, dict(sigma_schedule="exponential", final_sigmas_type="sigma_min",
+                                                algorithm_type="sde-dpmsolver++", solver_type="heun",
+                                                euler_at_final=True)),
     # PNDM: Stable Diffusion 1.x's own config (PLMS with the pseudo improved Euler warm-up), and the paper's
     # Runge-Kutta warm-up. 'linspace' / 'trailing' land steps at t - T//N, not at the next timestep; with 30
     # steps T//N//2 = 16 puts the Runge-Kutta stages' landing (t - 16) apart from their midpoint (t' + 16);
@@ -186,6 +195,7 @@ def test_class_name_from_config_json_key():
 
 @pytest.mark.parametrize("config,field", [
     ({"_class_name": "TCDScheduler"}, "_class_name"),
+    ({"_class_name": "EDMDPMSolverMultistepScheduler", "thresholding": True}, "thresholding"),
     ({"_class_name": "DEISMultistepScheduler", "solver_type": "bh2"}, "solver_type"),
     ({"_class_name": "KDPM2DiscreteScheduler", "prediction_type": "sample"}, "prediction_type"),
     ({"_class_name": "PNDMScheduler", "prediction_type": "sample"}, "prediction_type"),
