@@ -33,11 +33,13 @@ def lcm_boundary_scalings(timestep: float, timestep_scaling: float = 10.0, sigma
 @torch.no_grad()
 def sample_lcm(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=None,
                c_skip: Optional[Sequence[float]] = None, c_out: Optional[Sequence[float]] = None,
-               s_noise: float = 1.0):
+               s_noise: float = 1.0, sigma_floor: float = 0.0):
     """Consistency sampling: jump to x0, re-noise to the next sigma with fresh noise (std sigma_{i+1}).
 
     ``c_skip`` / ``c_out`` (one per step, both or neither): the boundary-condition scalings of diffusers'
-    ``LCMScheduler`` (x0 = c_skip * x_vp + c_out * D, x_vp = x / sqrt(1 + sigma^2)); without them x0 = D."""
+    ``LCMScheduler`` (x0 = c_skip * x_vp + c_out * D, x_vp = x / sqrt(1 + sigma^2)); without them x0 = D.
+    ``sigma_floor``: the noise std is sqrt(sigma_{i+1}^2 - floor^2), as consistency models re-noise (their
+    boundary eps, ``CMStochasticIterativeScheduler``'s sigma_min; its grid ends there, with no noise)."""
     if (c_skip is None) != (c_out is None):
         raise BadArgumentError("c_skip / c_out: expected both (one value per step) or neither")
     x, sig, extra, noise = _setup(x, sigmas, extra_args, noise)
@@ -51,6 +53,7 @@ def sample_lcm(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=Non
             denoised = combine([(c_out[i], denoised), (c_skip[i] / math.sqrt(1 + s * s), x)])
         _cb(callback, x, i, s, s, denoised)
         x = denoised
-        if s_next > 0:
-            x = combine([(1.0, x), (s_next * s_noise, noise(i, x))])
+        std = math.sqrt(max(s_next * s_next - sigma_floor * sigma_floor, 0.0))
+        if std > 0:
+            x = combine([(1.0, x), (std * s_noise, noise(i, x))])
     return x

@@ -309,15 +309,21 @@ class EDMDenoiser(Denoiser):
     c_skip = sd^2/(sigma^2+sd^2), c_out = sigma*sd/sqrt(sigma^2+sd^2), c_in = 1/sqrt(sigma^2+sd^2),
     c_noise = ln(sigma)/4. ``prediction_type="v_prediction"`` flips the sign of c_out (diffusers' EDM
     schedulers); "sample" means the network returns x0 directly.
+
+    Consistency models (Song et al. 2023, appendix C) shift the boundary to ``sigma_offset`` = eps: c_skip =
+    sd^2/((sigma-eps)^2+sd^2), c_out = (sigma-eps)*sd/sqrt(sigma^2+sd^2), so D is the identity at sigma = eps;
+    their networks take c_noise = ``noise_scale`` * ln(sigma) with noise_scale 250 (diffusers'
+    ``CMStochasticIterativeScheduler``).
     """
 
     def __init__(self, model, sigma_data: float = 0.5, prediction_type: str = "epsilon", *,
                  clip_sample: Optional[float] = None, thresholding: bool = False,
                  dynamic_thresholding_ratio: float = 0.995, sample_max_value: float = 1.0,
-                 dtype: Optional[torch.dtype] = None):
+                 dtype: Optional[torch.dtype] = None, sigma_offset: float = 0.0, noise_scale: float = 0.25):
         if prediction_type not in PREDICTION_TYPES:
             raise BadArgumentError(f"prediction_type: expected one of {PREDICTION_TYPES}, found {prediction_type!r}")
         self.model, self.sigma_data, self.prediction_type = model, float(sigma_data), prediction_type
+        self.sigma_offset, self.noise_scale = float(sigma_offset), float(noise_scale)
         self.dtype = _model_dtype(model, dtype)
         self.postprocess_x0 = make_x0_postprocess(clip_sample, thresholding, dynamic_thresholding_ratio,
                                                   sample_max_value)
@@ -325,18 +331,24 @@ class EDMDenoiser(Denoiser):
     def c_skip(self, sigma):
         if self.prediction_type == "sample":
             return sigma * 0
-        return self.sigma_data ** 2 / (sigma ** 2 + self.sigma_data ** 2)
+        return self.sigma_data ** 2 / ((sigma - self.sigma_offset) ** 2 + self.sigma_data ** 2)
+
+    def _c_noise(self, sigma):
+        if self.sigma_offset == 0 and self.noise_scale == 0.25:
+            return 0.25 * (math.log(sigma) if isinstance(sigma, float) else sigma.log())
+        # the consistency models' ln(sigma + 1e-44), as diffusers writes it
+        return self.noise_scale * (math.log(sigma + 1e-44) if isinstance(sigma, float) else (sigma + 1e-44).log())
 
     def predict_at(self, x, sigma: float, **cond):
         sigma, sd = float(sigma), self.sigma_data
         c_in = 1 / math.sqrt(sigma * sigma + sd * sd)
-        c_noise = torch.full((x.shape[0],), 0.25 * math.log(sigma), dtype=torch.float32, device=x.device)
+        c_noise = torch.full((x.shape[0],), self._c_noise(sigma), dtype=torch.float32, device=x.device)
         out = self.model((x * c_in).to(self.dtype), c_noise, **cond)
         out = _to_state(_split_learned_variance(out, x.shape[1]), x)
         if self.prediction_type == "sample":
             return out
-        c_out = sigma * sd * c_in * (-1 if self.prediction_type == "v_prediction" else 1)
-        return torch.add(x * (sd * sd * c_in * c_in), out, alpha=c_out)
+        c_out = (sigma - self.sigma_offset) * sd * c_in * (-1 if self.prediction_type == "v_prediction" else 1)
+        return torch.add(x * self.c_skip(sigma), out, alpha=c_out)
 
     def predict(self, x, sigma, **cond):
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
@@ -345,14 +357,14 @@ class EDMDenoiser(Denoiser):
         sd = self.sigma_data
         s = _bcast(sigma, x)
         c_in = (s * s + sd * sd).rsqrt()
-        out = self.model((x * c_in).to(self.dtype), 0.25 * sigma.log(), **cond)
+        out = self.model((x * c_in).to(self.dtype), self._c_noise(sigma), **cond)
         out = _split_learned_variance(out, x.shape[1]).to(torch.float32)
         if self.prediction_type == "sample":
             return out
-        c_out = s * sd * c_in
+        c_out = (s - self.sigma_offset) * sd * c_in
         if self.prediction_type == "v_prediction":
             c_out = -c_out
-        return x * (sd * sd * c_in * c_in) + out * c_out
+        return x * self.c_skip(s) + out * c_out
 
 
 # --------------------------------------------------------------------------------------------------

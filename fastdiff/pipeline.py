@@ -147,7 +147,7 @@ class Pipeline:
                 raise BadArgumentError(f"steps: expected at most {train_steps} (the training timesteps), found {steps}")
             plan = plan_from_scheduler_config(self.spec.scheduler, steps)
         else:
-            # no supported scheduler class (TCD, CMStochasticIterative, ...): DDIM on the same schedule and spacing
+            # no supported scheduler class (TCD, flow matching, ...): DDIM on the same schedule and spacing
             sampler = sampler or ("ddim" if sampler is None and schedule is None else "dpmpp_2m")
             plan = self._named_plan(steps, sampler, schedule, train_steps, get_sigmas, SamplingPlan, SPACINGS)
         return plan

@@ -18,7 +18,7 @@ HeunDiscreteScheduler, DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler
 UniPCMultistepScheduler, EDMEulerScheduler, PNDMScheduler (Stable Diffusion 1.x's default), LMSDiscreteScheduler,
 LCMScheduler (latent consistency models, LCM-LoRA), KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler,
 DEISMultistepScheduler, DPMSolverSDEScheduler (its noise drawn from the samples' own generators, not torchsde),
-EDMDPMSolverMultistepScheduler.
+EDMDPMSolverMultistepScheduler, CMStochasticIterativeScheduler (consistency models).
 Anything else raises ``UnsupportedConfigError``.
 """
 
@@ -64,6 +64,8 @@ _DEFAULTS = {
                                            solver_type="midpoint", lower_order_final=True, euler_at_final=False),
     "PNDMScheduler": dict(skip_prk_steps=False, set_alpha_to_one=False, timestep_spacing="leading"),
     "LMSDiscreteScheduler": dict(),
+    "CMStochasticIterativeScheduler": dict(num_train_timesteps=40, sigma_min=0.002, sigma_max=80.0, sigma_data=0.5,
+                                           s_noise=1.0, rho=7.0, clip_denoised=True),
     "DPMSolverSDEScheduler": dict(beta_start=0.00085, beta_end=0.012, noise_sampler_seed=None),
     "DEISMultistepScheduler": dict(solver_order=2, algorithm_type="deis", solver_type="logrho", lower_order_final=True,
                                    final_sigmas_type="sigma_min"),
@@ -476,6 +478,22 @@ def _edm_dpm_multistep(c: _Config, n: int) -> SamplingPlan:
     return _edm_plan(c, n, "dpmpp_2m_sde" if algo == "sde-dpmsolver++" else "dpmpp_2m", options, last_is_config_min=True)
 
 
+def _consistency_model(c: _Config, n: int) -> SamplingPlan:
+    """Consistency models (CMStochasticIterativeScheduler): Karras sigmas at the 'leading' indices of its
+    ``num_train_timesteps`` discretisation, ending at sigma_min; the boundary-shifted EDM preconditioning; x0
+    clipped to [-1, 1]; re-noised to sqrt(sigma'^2 - sigma_min^2)."""
+    T = c["num_train_timesteps"]
+    if not isinstance(n, int) or n > T:
+        raise BadArgumentError(f"num_inference_steps: expected at most num_train_timesteps = {T} for {c.name}, found {n}")
+    lo, hi, rho = float(c["sigma_min"]), float(c["sigma_max"]), float(c["rho"])
+    ramp = (np.arange(0, n) * (T // n)).astype(np.float64) / (T - 1)
+    sig = (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
+    dopts = dict(sigma_data=float(c["sigma_data"]), sigma_offset=lo, noise_scale=250.0,
+                 clip_sample=1.0 if c["clip_denoised"] else None)
+    options = dict(sigma_floor=lo, s_noise=float(c["s_noise"]))
+    return SamplingPlan(c.name, "lcm", _grid(sig, lo), options, "edm", dopts, init_noise_sigma=hi)
+
+
 def _pndm(c: _Config, n: int) -> SamplingPlan:
     """PLMS with diffusers' timestep arithmetic: every step lands at t - T//N (the final alpha below 0),
     the Euler warm-up's second pass steps from t_1 + T//N, Runge-Kutta stages land at t -/+ T//N//2."""
@@ -554,6 +572,7 @@ _BUILDERS = {
     "PNDMScheduler": _pndm,
     "LMSDiscreteScheduler": _lms,
     "LCMScheduler": _lcm,
+    "CMStochasticIterativeScheduler": _consistency_model,
     "DEISMultistepScheduler": _deis,
     # the same method as k-diffusion's dpmpp_sde; its Brownian-tree noise comes from the samples' own generators
     # (diffusers draws it from torchsde with noise_sampler_seed), so samples differ in their noise only

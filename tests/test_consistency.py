@@ -71,3 +71,30 @@ def test_bad_scalings(options):
     x, _ = setup()
     with pytest.raises(BadArgumentError, match="c_skip|c_out"):
         sample_lcm(denoiser, x, SIGMAS, **options)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_consistency_model_folder_equals_diffusers_pipeline(tmp_path, steps):
+    """A diffusers consistency-model folder (UNet2DModel + CMStochasticIterativeScheduler, as openai's CD / CT
+    checkpoints ship) through fastdiff.load().generate() equals diffusers' ConsistencyModelPipeline, seed for seed."""
+    diffusers = pytest.importorskip("diffusers")
+    import fastdiff
+
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(32, 64),
+                                 layers_per_block=1, down_block_types=("ResnetDownsampleBlock2D", "AttnDownBlock2D"),
+                                 up_block_types=("AttnUpBlock2D", "ResnetUpsampleBlock2D"), num_class_embeds=10,
+                                 resnet_time_scale_shift="scale_shift", attention_head_dim=32)
+    with torch.no_grad():
+        for p in unet.parameters():  # off diffusers' zero-initialised output layers
+            p.add_(torch.randn_like(p) * 0.05)
+    scheduler = diffusers.CMStochasticIterativeScheduler()
+    unet.save_pretrained(tmp_path / "unet")
+    scheduler.save_pretrained(tmp_path / "scheduler")
+    reference = diffusers.ConsistencyModelPipeline(unet=unet, scheduler=scheduler)
+    reference.set_progress_bar_config(disable=True)
+    generators = [torch.Generator().manual_seed(s) for s in (3, 4)]
+    want = reference(batch_size=2, class_labels=[1, 7], num_inference_steps=steps, generator=generators,
+                     output_type="pt").images                       # in [0, 1]
+    got = fastdiff.load(str(tmp_path)).generate(seeds=[3, 4], class_labels=[1, 7], steps=steps, progress=False)
+    torch.testing.assert_close((got / 2 + 0.5).clamp(0, 1), want, rtol=0, atol=1e-5)

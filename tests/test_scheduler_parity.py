@@ -163,6 +163,11 @@ CASES = [
     ("DEISMultistepScheduler", 8, dict(solver_order=3, use_karras_sigmas=True, prediction_type="v_prediction", **SD)),
     ("DEISMultistepScheduler", 20, dict(timestep_spacing="leading", steps_offset=1, thresholding=True,
                                         lower_order_final=False, use_exponential_sigmas=True)),
+    # consistency models: Karras sigmas at 'leading' indices of a 40-point discretisation, the boundary-shifted EDM
+    # preconditioning (c_noise = 250 ln sigma), x0 clipped, re-noised to sqrt(sigma'^2 - sigma_min^2)
+    ("CMStochasticIterativeScheduler", 1, {}),
+    ("CMStochasticIterativeScheduler", 4, dict(clip_denoised=False, s_noise=0.7, sigma_min=0.01, rho=5.0)),
+    ("CMStochasticIterativeScheduler", 7, dict(num_train_timesteps=151, sigma_data=0.3)),
     # LCM (a consistency model's few-step sampler): boundary scalings per timestep, fresh noise between steps
     ("LCMScheduler", 4, {}),
     ("LCMScheduler", 6, dict(prediction_type="v_prediction", rescale_betas_zero_snr=True, original_inference_steps=100)),
