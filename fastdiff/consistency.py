@@ -1,4 +1,5 @@
-"""Multistep consistency sampling (Song et al. 2023, Algorithm 1; Luo et al. 2023, latent consistency models).
+"""Multistep consistency sampling (Song et al. 2023, Algorithm 1; Luo et al. 2023, latent consistency models), and
+TCD's strategic stochastic sampling (Zheng et al. 2024, trajectory consistency distillation) at the end.
 
 A consistency model (an LCM, or a UNet with an LCM-LoRA merged in) maps any noisy sample straight to its
 x0 estimate; few-step sampling alternates that jump with re-noising to the next, lower noise level:
@@ -21,7 +22,7 @@ from .errors import BadArgumentError
 from .sampler_base import _call, _cb, _setup, host_floats
 from .state_update import combine
 
-__all__ = ["sample_lcm", "lcm_boundary_scalings"]
+__all__ = ["sample_lcm", "sample_tcd", "lcm_boundary_scalings"]
 
 
 def lcm_boundary_scalings(timestep: float, timestep_scaling: float = 10.0, sigma_data: float = 0.5) -> tuple:
@@ -56,4 +57,38 @@ def sample_lcm(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=Non
         std = math.sqrt(max(s_next * s_next - sigma_floor * sigma_floor, 0.0))
         if std > 0:
             x = combine([(1.0, x), (std * s_noise, noise(i, x))])
+    return x
+
+
+@torch.no_grad()
+def sample_tcd(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=None, eta: float = 0.3,
+               sigma_table: Optional[Sequence[float]] = None, timesteps: Optional[Sequence[float]] = None):
+    """TCD (diffusers' ``TCDScheduler``, ComfyUI's ``tcd``): from (x, sigma_i) jump along the predicted trajectory
+    to sigma_s, the training sigma at timestep floor((1 - eta) t_{i+1}), x_s = x0 + sigma_s * eps; then re-noise
+    to sigma_{i+1} with fresh noise of std sqrt(sigma_{i+1}^2 - sigma_s^2). eta = 0 is DDIM. The last step
+    ends at sigma_s = sigma(t = 0), as diffusers does (the grid's last sigma).
+
+    Needs the model's training sigma table (``sigma_table``, index = timestep) and the grid's timesteps
+    (``timesteps``, one per grid sigma; the last, 0): a TCDScheduler plan or the Pipeline passes both."""
+    if sigma_table is None or timesteps is None:
+        raise BadArgumentError("tcd: expected sigma_table= and timesteps= (a discrete-time model's training sigmas "
+                               "and the grid's timesteps); a TCDScheduler plan or Pipeline.generate passes them")
+    if not 0 <= eta <= 1:
+        raise BadArgumentError(f"eta: expected a number in [0, 1] (TCD's gamma), found {eta!r}")
+    x, sig, extra, noise = _setup(x, sigmas, extra_args, noise)
+    n = len(sig) - 1
+    ts = host_floats("timesteps", timesteps, n + 1)
+    table = host_floats("sigma_table", sigma_table, len(sigma_table))
+    for i in range(n):
+        s, s_next = sig[i], sig[i + 1]
+        denoised = _call(denoiser, x, s, extra)
+        _cb(callback, x, i, s, s, denoised)
+        s_s = table[int(math.floor((1 - eta) * ts[i + 1]))]   # eta = 0: s_next itself on integer timesteps
+        x = torch.lerp(denoised, x, s_s / s)          # x0 + sigma_s * eps, eps = (x - x0) / sigma
+        if i == n - 1:
+            break
+        if eta > 0:
+            x = torch.add(x, noise(i, x), alpha=math.sqrt(max(s_next * s_next - s_s * s_s, 0.0)))
+        elif s_s != s_next:  # floor() of a fractional timestep: the variance-preserving sample read at s_next
+            x = x * math.sqrt((1 + s_next * s_next) / (1 + s_s * s_s))
     return x

@@ -154,6 +154,9 @@ class Pipeline:
 
     def _named_plan(self, steps, sampler, schedule, train_steps, get_sigmas, SamplingPlan, spacings):
         if self.spec.prediction_type == "edm":
+            if sampler == "tcd":
+                raise BadArgumentError("sampler 'tcd' needs a discrete-time model (its steps land on training "
+                                       "timesteps); this is an EDM network")
             sigmas = get_sigmas(schedule or "karras", steps)
             return SamplingPlan("named", sampler, sigmas, {}, "edm", {}, init_noise_sigma=float(sigmas[0]))
         # Default grid: the training timesteps with the checkpoint's spacing. Heun-type samplers take
@@ -176,6 +179,9 @@ class Pipeline:
         denoiser_options = dict(alphas_cumprod=ac, prediction_type=self.spec.prediction_type)
         if self.spec.scheduler.get("clip_sample"):  # data lives in [-clip, clip]: clip the denoised x0
             denoiser_options["clip_sample"] = float(self.spec.scheduler.get("clip_sample_range", 1.0))
+        if sampler == "tcd":
+            from .scheduler_config import tcd_named_plan
+            return tcd_named_plan(sigmas, ac, denoiser_options)
         return SamplingPlan("named", sampler, sigmas, {}, "discrete", denoiser_options,
                             init_noise_sigma=math.sqrt(1 + s0 * s0))
 

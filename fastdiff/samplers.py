@@ -27,7 +27,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from .consistency import sample_lcm
+from .consistency import sample_lcm, sample_tcd
 from .dpmpp_singlestep import sample_dpmpp_2s_ancestral, sample_dpmpp_sde
 from .errors import BadArgumentError
 from .linear_multistep import sample_deis, sample_lms, sample_plms
@@ -39,7 +39,7 @@ __all__ = [
     "SAMPLERS", "sample_ddim", "sample_ddpm", "sample_euler", "sample_euler_ancestral", "sample_heun",
     "sample_dpmpp_2m", "sample_dpmpp_3m", "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde", "sample_dpm_solver",
     "sample_unipc", "sample_edm", "sample_plms", "sample_lms", "sample_lcm", "sample_dpm_2", "sample_dpm_2_ancestral", "sample_deis",
-    "sample_dpmpp_sde", "sample_dpmpp_2s_ancestral",
+    "sample_dpmpp_sde", "sample_dpmpp_2s_ancestral", "sample_tcd",
     "invert_ddim",
 ]
 
@@ -597,8 +597,9 @@ SAMPLERS = {
     "deis": sample_deis,
     "dpmpp_sde": sample_dpmpp_sde,
     "dpmpp_2s_ancestral": sample_dpmpp_2s_ancestral,
+    "tcd": sample_tcd,
 }
 
 # Samplers that draw noise (the others are deterministic given x).
 STOCHASTIC = frozenset({"ddpm", "euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde", "lcm", "dpm_2_ancestral",
-                        "dpmpp_sde", "dpmpp_2s_ancestral"})
+                        "dpmpp_sde", "dpmpp_2s_ancestral", "tcd"})

@@ -18,7 +18,7 @@ HeunDiscreteScheduler, DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler
 UniPCMultistepScheduler, EDMEulerScheduler, PNDMScheduler (Stable Diffusion 1.x's default), LMSDiscreteScheduler,
 LCMScheduler (latent consistency models, LCM-LoRA), KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler,
 DEISMultistepScheduler, DPMSolverSDEScheduler (its noise drawn from the samples' own generators, not torchsde),
-EDMDPMSolverMultistepScheduler, CMStochasticIterativeScheduler (consistency models).
+EDMDPMSolverMultistepScheduler, CMStochasticIterativeScheduler (consistency models), TCDScheduler.
 Anything else raises ``UnsupportedConfigError``.
 """
 
@@ -72,6 +72,8 @@ _DEFAULTS = {
     "KDPM2DiscreteScheduler": dict(beta_start=0.00085, beta_end=0.012),
     "KDPM2AncestralDiscreteScheduler": dict(beta_start=0.00085, beta_end=0.012),
     "LCMScheduler": dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", original_inference_steps=50,
+                         set_alpha_to_one=True, timestep_spacing="leading", timestep_scaling=10.0),
+    "TCDScheduler": dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", original_inference_steps=50,
                          set_alpha_to_one=True, timestep_spacing="leading", timestep_scaling=10.0),
 }
 SUPPORTED_SCHEDULERS = tuple(_DEFAULTS)
@@ -478,6 +480,31 @@ def _edm_dpm_multistep(c: _Config, n: int) -> SamplingPlan:
     return _edm_plan(c, n, "dpmpp_2m_sde" if algo == "sde-dpmsolver++" else "dpmpp_2m", options, last_is_config_min=True)
 
 
+def _tcd(c: _Config, n: int) -> SamplingPlan:
+    """TCD: LCM's timesteps; each step's sigma_s from the training table at floor((1 - eta) t_next); the last
+    step ends at sigma(t = 0). eta (TCD's gamma) is an option of ``generate`` (diffusers' step default, 0.3)."""
+    ac = _alphas_cumprod(c, exact_zero_snr=True)
+    table = _table(ac)
+    ts = _lcm_timesteps(c, n)
+    sigmas = _grid(table[ts], table[0])
+    options = dict(eta=0.3, sigma_table=_f32(table).tolist(), timesteps=[float(t) for t in ts] + [0.0])
+    dopts = _discrete(c, ac, timestep_rounding="round", timesteps=_timestep_map(table[ts], ts))
+    return _vp_plan(c.name, "tcd", sigmas, options, dopts)
+
+
+def tcd_named_plan(sigmas: torch.Tensor, ac: torch.Tensor, denoiser_options: dict) -> SamplingPlan:
+    """``sampler="tcd"`` on any grid of a discrete-time model (the Pipeline's named path): the grid's timesteps
+    by the table's inverse, and its end moved from 0 to sigma(t = 0), where TCD ends (diffusers and ComfyUI)."""
+    table = _table(ac)
+    sig = sigmas.tolist()
+    if sig[-1] == 0:  # (a grid down to the table's sigma_min: a zero-length last step, not a rising one)
+        sig[-1] = min(float(table[0]), sig[-2])
+    ts = schedules.sigma_to_timestep(np.asarray(sig[:-1]), ac)
+    ts = np.where(np.abs(ts - np.round(ts)) < 1e-3, np.round(ts), ts).tolist() + [0.0]  # float32 sigmas: 599.99999
+    options = dict(eta=0.3, sigma_table=_f32(table).tolist(), timesteps=ts)
+    return _vp_plan("named", "tcd", torch.tensor(sig, dtype=torch.float64), options, denoiser_options)
+
+
 def _consistency_model(c: _Config, n: int) -> SamplingPlan:
     """Consistency models (CMStochasticIterativeScheduler): Karras sigmas at the 'leading' indices of its
     ``num_train_timesteps`` discretisation, ending at sigma_min; the boundary-shifted EDM preconditioning; x0
@@ -535,13 +562,8 @@ def _lms(c: _Config, n: int) -> SamplingPlan:
     return _euler_family(c, n, "lms")
 
 
-def _lcm(c: _Config, n: int) -> SamplingPlan:
-    """LCM: ``n`` timesteps taken evenly (by index) from the distillation schedule of ``original_inference_steps``
-    (T // N_orig * k - 1), the consistency boundary scalings at each, fresh noise between steps."""
-    from .consistency import lcm_boundary_scalings
-
-    ac = _alphas_cumprod(c, exact_zero_snr=True)       # LCM keeps alphas_cumprod 0 at a zero terminal SNR
-    table = _table(ac)
+def _lcm_timesteps(c: _Config, n: int) -> np.ndarray:
+    """LCM / TCD: ``n`` timesteps taken evenly (by index) from the distillation schedule T // N_orig * k - 1."""
     T, orig = c["num_train_timesteps"], c["original_inference_steps"]
     if not isinstance(orig, int) or not 1 <= orig <= T:
         raise UnsupportedConfigError("original_inference_steps", orig, supported=f"an integer in [1, {T}]",
@@ -550,7 +572,17 @@ def _lcm(c: _Config, n: int) -> SamplingPlan:
         raise BadArgumentError(f"num_inference_steps: expected at most original_inference_steps = {orig} for "
                                f"{c.name}, found {n}")
     origin = (np.arange(1, orig + 1) * (T // orig) - 1)[::-1]
-    ts = origin[np.floor(np.linspace(0, orig, num=n, endpoint=False)).astype(np.int64)]
+    return origin[np.floor(np.linspace(0, orig, num=n, endpoint=False)).astype(np.int64)]
+
+
+def _lcm(c: _Config, n: int) -> SamplingPlan:
+    """LCM: ``n`` timesteps taken evenly (by index) from the distillation schedule of ``original_inference_steps``
+    (T // N_orig * k - 1), the consistency boundary scalings at each, fresh noise between steps."""
+    from .consistency import lcm_boundary_scalings
+
+    ac = _alphas_cumprod(c, exact_zero_snr=True)       # LCM keeps alphas_cumprod 0 at a zero terminal SNR
+    table = _table(ac)
+    ts = _lcm_timesteps(c, n)
     scalings = [lcm_boundary_scalings(float(t), float(c["timestep_scaling"])) for t in ts]
     options = dict(c_skip=[a for a, _ in scalings], c_out=[b for _, b in scalings])
     dopts = _discrete(c, ac, timestep_rounding="round", timesteps=_timestep_map(table[ts], ts),
@@ -572,6 +604,7 @@ _BUILDERS = {
     "PNDMScheduler": _pndm,
     "LMSDiscreteScheduler": _lms,
     "LCMScheduler": _lcm,
+    "TCDScheduler": _tcd,
     "CMStochasticIterativeScheduler": _consistency_model,
     "DEISMultistepScheduler": _deis,
     # the same method as k-diffusion's dpmpp_sde; its Brownian-tree noise comes from the samples' own generators

@@ -33,3 +33,15 @@ def smooth_denoiser(x: torch.Tensor, sigma: torch.Tensor, **_) -> torch.Tensor:
 def denoise_at(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """``smooth_denoiser`` at one host sigma, in x's dtype (what transcriptions of reference loops call)."""
     return smooth_denoiser(x, torch.full((x.shape[0],), sigma, dtype=x.dtype))
+
+
+def sampler_test_options(name: str, alphas_cumprod, sigmas) -> dict:
+    """What sampler ``name`` needs beyond the common arguments in the generic sampler tests: TCD lands on
+    training timesteps, so it takes the model's sigma table and the grid's timesteps."""
+    if name != "tcd":
+        return {}
+    from fastdiff.schedules import sigma_to_timestep, sigmas_from_alphas_cumprod
+
+    grid = [float(s) for s in sigmas]
+    return dict(sigma_table=sigmas_from_alphas_cumprod(alphas_cumprod).tolist(),
+                timesteps=sigma_to_timestep(grid[:-1], alphas_cumprod).tolist() + [0.0])

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from fastdiff.consistency import lcm_boundary_scalings, sample_lcm
+from fastdiff.consistency import lcm_boundary_scalings, sample_lcm, sample_tcd
 from fastdiff.errors import BadArgumentError
 from helpers import smooth_denoiser as denoiser
 
@@ -98,3 +98,37 @@ def test_consistency_model_folder_equals_diffusers_pipeline(tmp_path, steps):
                      output_type="pt").images                       # in [0, 1]
     got = fastdiff.load(str(tmp_path)).generate(seeds=[3, 4], class_labels=[1, 7], steps=steps, progress=False)
     torch.testing.assert_close((got / 2 + 0.5).clamp(0, 1), want, rtol=0, atol=1e-5)
+
+
+def test_tcd_with_gamma_0_is_ddim_ending_at_sigma_of_t0():
+    """Through the Pipeline's named path on a grid of training timesteps: eta (gamma) = 0 makes every jump land on
+    the next sigma, i.e. DDIM; the run ends at sigma(t = 0) in the variance-preserving frame, where diffusers ends
+    TCD."""
+    import fastdiff
+    from fastdiff.samplers import sample_ddim
+
+    pipe = fastdiff.load("arch:tiny-unet")
+    plan = pipe.plan(5, "tcd", schedule="leading")
+    table0 = float(((1 - pipe.alphas_cumprod()[0]) / pipe.alphas_cumprod()[0]) ** 0.5)
+    assert float(plan.sigmas[-1]) == pytest.approx(table0, rel=1e-6) and plan.options["timesteps"][-1] == 0
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    got = sample_tcd(denoiser, x.clone(), plan.sigmas, eta=0.0, sigma_table=plan.options["sigma_table"],
+                     timesteps=plan.options["timesteps"])
+    torch.testing.assert_close(got, sample_ddim(denoiser, x.clone(), plan.sigmas), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("options,match", [({}, "sigma_table"), (dict(eta=1.5), "eta")])
+def test_tcd_bad_arguments(options, match):
+    x, _ = setup()
+    tables = dict(sigma_table=[0.03, 1.0, 20.0], timesteps=[2, 1, 0, 0, 0]) if "eta" in options else {}
+    with pytest.raises(BadArgumentError, match=match):
+        sample_tcd(denoiser, x, SIGMAS, **options, **tables)
+
+
+def test_tcd_needs_a_discrete_time_model():
+    import fastdiff
+    from conftest import fixture_path
+
+    pipe = fastdiff.load(fixture_path("edm", "edm_song.pt"))
+    with pytest.raises(BadArgumentError, match="discrete-time model"):
+        pipe.plan(4, "tcd")

@@ -13,6 +13,7 @@ import torch
 from fastdiff.denoiser import CFGDenoiser, DiscreteDenoiser, EDMDenoiser
 from fastdiff.noise import NoiseSource
 from fastdiff.samplers import SAMPLERS, invert_ddim
+from helpers import sampler_test_options
 from fastdiff.scheduler_config import plan_from_scheduler_config
 from fastdiff.schedules import get_sigmas_karras, make_alphas_cumprod
 from test_sampler_order import single_thread  # noqa: F401,E402  (autouse fixture)
@@ -59,8 +60,11 @@ def test_sampler_loop_never_syncs(name):
     sigmas = get_sigmas_karras(6, 0.03, 14.6)
     x = guarded(torch.randn(2, 3, 8, 8) * 14.6)
     extra = dict(class_labels=torch.tensor([1, 2]), uncond=dict(class_labels=torch.tensor([0, 0])))
-    opts = dict(eta=0.5) if name == "ddim" else dict(s_churn=10.0) if name == "edm" else {}
+    opts = dict(eta=0.5) if name == "ddim" else dict(s_churn=10.0) if name == "edm" else \
+        sampler_test_options(name, ac, sigmas)
     _check(SAMPLERS[name](cfg, x, sigmas, extra_args=extra, noise=NoiseSource([3, 4]), **opts))
+    if name == "tcd":  # lands on training timesteps: no EDM network
+        return
     edm = EDMDenoiser(Net(), sigma_data=0.5, clip_sample=1.0)
     _check(SAMPLERS[name](edm, x, get_sigmas_karras(5), noise=NoiseSource([3, 4])))
 

@@ -168,6 +168,10 @@ CASES = [
     ("CMStochasticIterativeScheduler", 1, {}),
     ("CMStochasticIterativeScheduler", 4, dict(clip_denoised=False, s_noise=0.7, sigma_min=0.01, rho=5.0)),
     ("CMStochasticIterativeScheduler", 7, dict(num_train_timesteps=151, sigma_data=0.3)),
+    # TCD (strategic stochastic sampling; diffusers' step default gamma = eta = 0.3): LCM's timesteps, a jump to
+    # sigma(floor(0.7 t')), re-noised to t'; the run ends at sigma(t = 0)
+    ("TCDScheduler", 4, {}),
+    ("TCDScheduler", 8, dict(prediction_type="v_prediction", rescale_betas_zero_snr=True)),
     # LCM (a consistency model's few-step sampler): boundary scalings per timestep, fresh noise between steps
     ("LCMScheduler", 4, {}),
     ("LCMScheduler", 6, dict(prediction_type="v_prediction", rescale_betas_zero_snr=True, original_inference_steps=100)),
@@ -199,7 +203,7 @@ def test_class_name_from_config_json_key():
 
 
 @pytest.mark.parametrize("config,field", [
-    ({"_class_name": "TCDScheduler"}, "_class_name"),
+    ({"_class_name": "FlowMatchEulerDiscreteScheduler"}, "_class_name"),
     ({"_class_name": "EDMDPMSolverMultistepScheduler", "thresholding": True}, "thresholding"),
     ({"_class_name": "DEISMultistepScheduler", "solver_type": "bh2"}, "solver_type"),
     ({"_class_name": "KDPM2DiscreteScheduler", "prediction_type": "sample"}, "prediction_type"),
@@ -300,3 +304,20 @@ def test_leading_steps_past_the_table_are_refused_where_diffusers_indexes_it(cls
         plan_from_scheduler_config(cfg, 1000, class_name=cls)
     assert plan_from_scheduler_config(cfg, 999, class_name=cls).steps == 999
     assert plan_from_scheduler_config(cfg, 1000, class_name="EulerDiscreteScheduler").steps == 1000
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_tcd_gamma_passed_at_generation(eta):
+    """TCD's gamma is a step() argument in diffusers (``pipe(..., eta=)``); fastdiff takes it as the plan's eta."""
+    model = TinyNet()
+    sched = diffusers.TCDScheduler()
+    sched.set_timesteps(6)
+    gens = [torch.Generator().manual_seed(s) for s in SEEDS]
+    x = randn_tensor((len(SEEDS),) + SHAPE, generator=gens)
+    with torch.no_grad():
+        for t in sched.timesteps:
+            x = sched.step(model(x, t), t, x, eta=eta, generator=gens).prev_sample
+    plan = plan_from_scheduler_config({}, 6, class_name="TCDScheduler")
+    src = NoiseSource(SEEDS)
+    got = plan.sample(plan.make_denoiser(model), src.randn(SHAPE), noise=src, eta=eta)
+    assert float((got - x).abs().max() / x.abs().max()) <= 1e-4

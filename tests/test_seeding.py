@@ -7,6 +7,7 @@ import torch
 from fastdiff.denoiser import DiscreteDenoiser
 from fastdiff.noise import NoiseSource, randn
 from fastdiff.samplers import SAMPLERS
+from helpers import sampler_test_options
 from fastdiff.schedules import get_sigmas, make_alphas_cumprod
 from test_sampler_order import single_thread  # noqa: F401,E402  (autouse fixture)
 
@@ -29,7 +30,8 @@ def test_batch_equals_single_runs(name):
     ac = make_alphas_cumprod("linear")
     den = DiscreteDenoiser(Net(), ac, timestep_rounding="round")
     sigmas = get_sigmas("karras", 6, alphas_cumprod=ac)
-    opts = dict(eta=1.0) if name == "ddim" else dict(s_churn=20.0) if name == "edm" else {}
+    opts = dict(eta=1.0) if name == "ddim" else dict(s_churn=20.0) if name == "edm" else \
+        sampler_test_options(name, ac, sigmas)
 
     def run(seeds):
         src = NoiseSource(seeds)
