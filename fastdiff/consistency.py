@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 
 from .errors import BadArgumentError
@@ -79,11 +80,18 @@ def sample_tcd(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=Non
     n = len(sig) - 1
     ts = host_floats("timesteps", timesteps, n + 1)
     table = host_floats("sigma_table", sigma_table, len(sigma_table))
+    # floor((1 - eta) t) in float32, as diffusers' and ComfyUI's torch.floor compute it (0.7 * 90 is 62.99... in
+    # float64 but 63 in float32)
+    t_s = [int(np.floor(np.float32(1 - eta) * np.float32(t))) for t in ts[1:]]
+    bad = next((t for t in t_s if not 0 <= t < len(table)), None)
+    if bad is not None:
+        raise BadArgumentError(f"timesteps: expected timesteps inside sigma_table (0..{len(table) - 1}), found one "
+                               f"landing on {bad}")
     for i in range(n):
         s, s_next = sig[i], sig[i + 1]
         denoised = _call(denoiser, x, s, extra)
         _cb(callback, x, i, s, s, denoised)
-        s_s = table[int(math.floor((1 - eta) * ts[i + 1]))]   # eta = 0: s_next itself on integer timesteps
+        s_s = table[t_s[i]]                            # eta = 0: s_next itself on integer timesteps
         x = torch.lerp(denoised, x, s_s / s)          # x0 + sigma_s * eps, eps = (x - x0) / sigma
         if i == n - 1:
             break

@@ -136,13 +136,16 @@ class Pipeline:
 
     def _base_plan(self, steps: int, sampler: Optional[str], schedule: Optional[str]):
         from .sampling import get_sigmas, plan_from_scheduler_config
-        from .scheduler_config import SUPPORTED_SCHEDULERS, SamplingPlan
+        from .scheduler_config import DISTILLED_SAMPLERS, SUPPORTED_SCHEDULERS, SamplingPlan
         from .schedules import SPACINGS
 
         if sampler is None and self.spec.prediction_type == "edm":
             sampler = "edm"  # EDM's own 2nd-order Heun sampler on the Karras grid (its published setting)
         train_steps = int(self.spec.scheduler.get("num_train_timesteps", 1000))
-        if sampler is None and schedule is None and self.spec.scheduler.get("_class_name") in SUPPORTED_SCHEDULERS:
+        cls = self.spec.scheduler.get("_class_name")
+        if sampler is not None and sampler == DISTILLED_SAMPLERS.get(cls) and schedule is None:
+            sampler = None  # an LCM / TCD checkpoint's own sampler: at the timesteps it was distilled on
+        if sampler is None and schedule is None and cls in SUPPORTED_SCHEDULERS:
             if steps > train_steps:
                 raise BadArgumentError(f"steps: expected at most {train_steps} (the training timesteps), found {steps}")
             plan = plan_from_scheduler_config(self.spec.scheduler, steps)
@@ -153,12 +156,19 @@ class Pipeline:
         return plan
 
     def _named_plan(self, steps, sampler, schedule, train_steps, get_sigmas, SamplingPlan, spacings):
-        if self.spec.prediction_type == "edm":
+        from .scheduler_config import continuous_model_options
+
+        # EDM-preconditioned networks: an EDM checkpoint, or a diffusers folder whose scheduler is EDM's or a
+        # consistency model's (its sigma range and preconditioning, not a beta table)
+        continuous = continuous_model_options(self.spec.scheduler)
+        if self.spec.prediction_type == "edm" or continuous is not None:
             if sampler == "tcd":
                 raise BadArgumentError("sampler 'tcd' needs a discrete-time model (its steps land on training "
-                                       "timesteps); this is an EDM network")
-            sigmas = get_sigmas(schedule or "karras", steps)
-            return SamplingPlan("named", sampler, sigmas, {}, "edm", {}, init_noise_sigma=float(sigmas[0]))
+                                       "timesteps); this network takes continuous noise levels (EDM preconditioning)")
+            grid = {} if continuous is None else {k: continuous[k] for k in ("sigma_min", "sigma_max", "rho")}
+            sigmas = get_sigmas(schedule or "karras", steps, **grid)
+            dopts = {} if continuous is None else continuous["denoiser_options"]
+            return SamplingPlan("named", sampler, sigmas, {}, "edm", dopts, init_noise_sigma=float(sigmas[0]))
         # Default grid: the training timesteps with the checkpoint's spacing. Heun-type samplers take
         # "leading" spacing (starting one stride below T): their trapezoidal correction breaks on a first
         # step spanning orders of magnitude, as from t=999 of a cosine schedule (sigma ~ 2e4) to t=749. So

@@ -120,6 +120,23 @@ class SamplingPlan:
         return out * self.output_scale if self.output_scale != 1.0 else out
 
 
+# schedulers of networks with EDM preconditioning (continuous sigma in, no training-timestep table)
+CONTINUOUS_SCHEDULERS = ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler", "CMStochasticIterativeScheduler")
+# schedulers whose own timesteps are those the network was distilled on: a named run of their sampler keeps them
+DISTILLED_SAMPLERS = {"LCMScheduler": "lcm", "TCDScheduler": "tcd"}
+
+
+def continuous_model_options(config: dict) -> Optional[dict]:
+    """For the scheduler config of an EDM-preconditioned network (EDM, consistency models): the denoiser options
+    its plans use and its sigma range, so named samplers wrap the network the same way; None for any other."""
+    name = config.get("_class_name")
+    if name not in CONTINUOUS_SCHEDULERS:
+        return None
+    c = _Config({**_COMMON, **_DEFAULTS[name], **{k: v for k, v in dict(config).items() if not k.startswith("_")}}, name)
+    return dict(denoiser_options=_BUILDERS[name](c, 1).denoiser_options, sigma_min=float(c["sigma_min"]),
+                sigma_max=float(c["sigma_max"]), rho=float(c["rho"]))
+
+
 def load_scheduler_config(path: str) -> dict:
     """Read ``scheduler_config.json`` from a file, a scheduler folder or a pipeline folder."""
     for p in (path, os.path.join(path, "scheduler_config.json"), os.path.join(path, "scheduler", "scheduler_config.json")):

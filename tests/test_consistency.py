@@ -73,13 +73,12 @@ def test_bad_scalings(options):
         sample_lcm(denoiser, x, SIGMAS, **options)
 
 
-@pytest.mark.parametrize("steps", [1, 2, 4])
-def test_consistency_model_folder_equals_diffusers_pipeline(tmp_path, steps):
-    """A diffusers consistency-model folder (UNet2DModel + CMStochasticIterativeScheduler, as openai's CD / CT
-    checkpoints ship) through fastdiff.load().generate() equals diffusers' ConsistencyModelPipeline, seed for seed."""
+@pytest.fixture(scope="module")
+def consistency_model_folder(tmp_path_factory):
+    """A diffusers consistency-model folder: UNet2DModel (resnet up/down blocks, scale-shift norm, classes) and
+    CMStochasticIterativeScheduler, as openai's CD / CT checkpoints ship."""
     diffusers = pytest.importorskip("diffusers")
-    import fastdiff
-
+    folder = tmp_path_factory.mktemp("cm")
     torch.manual_seed(0)
     unet = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(32, 64),
                                  layers_per_block=1, down_block_types=("ResnetDownsampleBlock2D", "AttnDownBlock2D"),
@@ -89,15 +88,51 @@ def test_consistency_model_folder_equals_diffusers_pipeline(tmp_path, steps):
         for p in unet.parameters():  # off diffusers' zero-initialised output layers
             p.add_(torch.randn_like(p) * 0.05)
     scheduler = diffusers.CMStochasticIterativeScheduler()
-    unet.save_pretrained(tmp_path / "unet")
-    scheduler.save_pretrained(tmp_path / "scheduler")
+    unet.save_pretrained(folder / "unet")
+    scheduler.save_pretrained(folder / "scheduler")
     reference = diffusers.ConsistencyModelPipeline(unet=unet, scheduler=scheduler)
     reference.set_progress_bar_config(disable=True)
+    return folder, reference
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_consistency_model_folder_equals_diffusers_pipeline(consistency_model_folder, steps):
+    """fastdiff.load(folder).generate() equals diffusers' ConsistencyModelPipeline, seed for seed."""
+    import fastdiff
+
+    folder, reference = consistency_model_folder
     generators = [torch.Generator().manual_seed(s) for s in (3, 4)]
     want = reference(batch_size=2, class_labels=[1, 7], num_inference_steps=steps, generator=generators,
                      output_type="pt").images                       # in [0, 1]
-    got = fastdiff.load(str(tmp_path)).generate(seeds=[3, 4], class_labels=[1, 7], steps=steps, progress=False)
+    got = fastdiff.load(str(folder)).generate(seeds=[3, 4], class_labels=[1, 7], steps=steps, progress=False)
     torch.testing.assert_close((got / 2 + 0.5).clamp(0, 1), want, rtol=0, atol=1e-5)
+
+
+def test_named_samplers_on_a_consistency_model_keep_its_preconditioning(consistency_model_folder):
+    """A named sampler on an EDM-preconditioned folder wrapped the network as a discrete epsilon model on a
+    default beta table (sigmas 0.52 -> 0.01, a wrong time input): it now keeps the scheduler's preconditioning
+    and sigma range; TCD, which lands on training timesteps, is refused."""
+    import fastdiff
+
+    pipe = fastdiff.load(str(consistency_model_folder[0]))
+    plan = pipe.plan(4, "euler")
+    assert plan.denoiser_kind == "edm" and plan.denoiser_options["sigma_offset"] == pytest.approx(0.002)
+    assert float(plan.sigmas[0]) == pytest.approx(80.0) and float(plan.sigmas[-2]) == pytest.approx(0.002)
+    assert torch.isfinite(pipe.generate(seeds=[1], class_labels=[2], steps=3, sampler="euler", progress=False)).all()
+    with pytest.raises(BadArgumentError, match="discrete-time model"):
+        pipe.plan(4, "tcd")
+
+
+@pytest.mark.parametrize("cls,sampler", [("LCMScheduler", "lcm"), ("TCDScheduler", "tcd")])
+def test_a_distilled_checkpoints_own_sampler_keeps_its_timesteps(cls, sampler):
+    """sampler="lcm" on an LCM checkpoint (or "tcd" on a TCD one) ran on the config's 'leading' spacing (750, 500,
+    ...); it now runs at the timesteps the network was distilled on (999, 759, ...), as with no sampler given."""
+    import fastdiff
+    from fastdiff.scheduler_config import plan_from_scheduler_config
+
+    pipe = fastdiff.load("arch:tiny-sd-unet", scheduler={"_class_name": cls})
+    torch.testing.assert_close(pipe.plan(4, sampler).sigmas,
+                               plan_from_scheduler_config({"_class_name": cls}, 4).sigmas)
 
 
 def test_tcd_with_gamma_0_is_ddim_ending_at_sigma_of_t0():
@@ -117,10 +152,12 @@ def test_tcd_with_gamma_0_is_ddim_ending_at_sigma_of_t0():
     torch.testing.assert_close(got, sample_ddim(denoiser, x.clone(), plan.sigmas), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("options,match", [({}, "sigma_table"), (dict(eta=1.5), "eta")])
+@pytest.mark.parametrize("options,match", [({}, "sigma_table"), (dict(eta=1.5), "eta"),
+                                           (dict(eta=0.3, timesteps=[2, 900, 1, 0, 0]), "inside sigma_table")])
 def test_tcd_bad_arguments(options, match):
     x, _ = setup()
     tables = dict(sigma_table=[0.03, 1.0, 20.0], timesteps=[2, 1, 0, 0, 0]) if "eta" in options else {}
+    tables.update({k: options.pop(k) for k in ("timesteps",) if k in options})
     with pytest.raises(BadArgumentError, match=match):
         sample_tcd(denoiser, x, SIGMAS, **options, **tables)
 

@@ -306,18 +306,20 @@ def test_leading_steps_past_the_table_are_refused_where_diffusers_indexes_it(cls
     assert plan_from_scheduler_config(cfg, 1000, class_name="EulerDiscreteScheduler").steps == 1000
 
 
-@pytest.mark.parametrize("eta", [0.0, 1.0])
-def test_tcd_gamma_passed_at_generation(eta):
-    """TCD's gamma is a step() argument in diffusers (``pipe(..., eta=)``); fastdiff takes it as the plan's eta."""
+@pytest.mark.parametrize("eta,steps,cfg", [(0.0, 6, {}), (1.0, 6, {}),
+                                           (0.32, 8, dict(original_inference_steps=500))])
+def test_tcd_gamma_passed_at_generation(eta, steps, cfg):
+    """TCD's gamma is a step() argument in diffusers (``pipe(..., eta=)``); fastdiff takes it as the plan's eta.
+    floor((1 - eta) t) is taken in float32 as diffusers does: 0.68 * 625 is 425 there, 424.99.. in float64."""
     model = TinyNet()
-    sched = diffusers.TCDScheduler()
-    sched.set_timesteps(6)
+    sched = diffusers.TCDScheduler(**cfg)
+    sched.set_timesteps(steps)
     gens = [torch.Generator().manual_seed(s) for s in SEEDS]
     x = randn_tensor((len(SEEDS),) + SHAPE, generator=gens)
     with torch.no_grad():
         for t in sched.timesteps:
             x = sched.step(model(x, t), t, x, eta=eta, generator=gens).prev_sample
-    plan = plan_from_scheduler_config({}, 6, class_name="TCDScheduler")
+    plan = plan_from_scheduler_config(cfg, steps, class_name="TCDScheduler")
     src = NoiseSource(SEEDS)
     got = plan.sample(plan.make_denoiser(model), src.randn(SHAPE), noise=src, eta=eta)
     assert float((got - x).abs().max() / x.abs().max()) <= 1e-4
