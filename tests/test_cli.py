@@ -234,3 +234,16 @@ def test_info_names_the_cuda_and_cudnn_torch_was_built_with():
     assert versions["cudnn"] == ("not available" if not torch.backends.cudnn.is_available() else
                                  _cudnn_version(torch.backends.cudnn.version()))
     assert (_cudnn_version(91900), _cudnn_version(90100), _cudnn_version(8902)) == ("9.19.0", "9.1.0", "8.9.2")
+
+
+def test_info_lists_samplers_and_the_scheduler_configs_followed():
+    """What `generate --sampler` takes and which diffusers scheduler_config.json classes are reproduced."""
+    from fastdiff.commands.info import collect
+    from fastdiff.sampling import SAMPLERS
+    from fastdiff.scheduler_config import plan_from_scheduler_config
+
+    report = collect()
+    assert report["samplers"] == sorted(SAMPLERS) and "tcd" in report["samplers"]
+    assert {"PNDMScheduler", "TCDScheduler", "CMStochasticIterativeScheduler"} <= set(report["diffusers_schedulers"])
+    for cls in report["diffusers_schedulers"]:  # each listed class really has a plan
+        assert plan_from_scheduler_config({"_class_name": cls}, 4).steps >= 4

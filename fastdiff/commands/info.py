@@ -102,6 +102,12 @@ def collect() -> dict:
     if auto == "native":
         report["fused_ops_note"] = "auto picks the plain torch path here (no CUDA device); backend='triton' " \
                                    "forces the Triton kernels" + ("" if tri_ok else f" (unavailable: {tri_why})")
+    from ..sampling import SAMPLERS, SCHEDULES
+    from ..scheduler_config import SUPPORTED_SCHEDULERS
+
+    report["samplers"] = sorted(SAMPLERS)
+    report["schedules"] = list(SCHEDULES)
+    report["diffusers_schedulers"] = sorted(SUPPORTED_SCHEDULERS)  # scheduler_config.json classes followed exactly
     return report
 
 
@@ -152,6 +158,9 @@ def run(args) -> int:
         print(f"  {k:20s} {v}")
     if "fused_ops_note" in report:
         print(f"  note: {report['fused_ops_note']}")
+    print("samplers:  " + " ".join(report["samplers"]))
+    print("schedules: " + " ".join(report["schedules"]))
+    print("diffusers scheduler configs followed: " + " ".join(report["diffusers_schedulers"]))
     if "model_ops" in report:
         m = report["model_ops"]
         print(f"{m['model']} on {m['device']}, backend {m['backend']}: each fused layer's path")
