@@ -59,7 +59,6 @@ def sample_dpmpp_sde(denoiser, x, sigmas, *, extra_args=None, noise=None, callba
         s_mid = min(max(math.exp((1 - r) * math.log(s) + r * math.log(s_next)), s_next), s)
         down, up = _ancestral(s, s_mid, eta)
         x_2 = torch.lerp(denoised, x, down / s)       # DPM-Solver++(1) = DDIM to sigma_down
-        z1 = z2 = None
         if eta > 0:
             z1, z2 = noise(i, x), noise(i, x)
             x_2 = torch.add(x_2, z1, alpha=up * s_noise)

@@ -15,13 +15,14 @@ the weights worked out on the host: a whole run can be captured in one CUDA grap
 from __future__ import annotations
 
 import math
+from collections import deque
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
 from .errors import BadArgumentError
-from .sampler_base import History, _call, _cb, _setup, host_floats, multistep_order
+from .sampler_base import _call, _cb, _setup, host_floats, multistep_order
 from .state_update import combine
 
 __all__ = ["sample_plms", "sample_lms", "sample_deis", "adams_bashforth_weights", "lms_weights", "deis_weights"]
@@ -175,6 +176,15 @@ def sample_plms(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=No
     return x
 
 
+def _integrate(x, s, s_next, history, k, weights):
+    """x + sum_j c_j o_j over the newest ``k`` (sigma, output) pairs of ``history`` (newest last), the weights
+    from ``weights(nodes newest first, s, s_next)``. (Zero-length steps never enter a history, so its sigmas
+    are distinct interpolation nodes.)"""
+    newest = history[::-1][:k]
+    c = weights([sj for sj, _ in newest], s, s_next)
+    return combine([(1.0, x)] + [(cj, oj) for cj, (_, oj) in zip(c, newest)])
+
+
 @torch.no_grad()
 def sample_lms(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=None, order: int = 4):
     """Linear multistep (k-diffusion's ``sample_lms``, diffusers' ``LMSDiscreteScheduler``): x' = x +
@@ -183,16 +193,15 @@ def sample_lms(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=Non
     if not isinstance(order, int) or isinstance(order, bool) or order < 1:
         raise BadArgumentError(f"order: expected a positive integer, found {order!r}")
     x, sig, extra, _ = _setup(x, sigmas, extra_args, noise)
-    ds = History(order)                                # derivatives d = (x - D) / sigma
+    ds = deque(maxlen=order)                           # (sigma, d = (x - D) / sigma), newest last
     for i in range(len(sig) - 1):
         s, s_next = sig[i], sig[i + 1]
         denoised = _call(denoiser, x, s, extra)
         _cb(callback, x, i, s, s, denoised)
         if s == s_next:                                # a zero-length step (x and D as at the last one; at 0: x0)
             continue
-        ds.add(s, _eps(x, denoised, s))
-        nodes, values = ds.newest(order)
-        x = combine([(1.0, x)] + list(zip(lms_weights(nodes, s, s_next), values)))
+        ds.append((s, _eps(x, denoised, s)))
+        x = _integrate(x, s, s_next, list(ds), len(ds), lms_weights)
     return x
 
 
@@ -208,14 +217,13 @@ def sample_deis(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=No
         raise BadArgumentError(f"order: expected 1, 2 or 3, found {order!r}")
     x, sig, extra, _ = _setup(x, sigmas, extra_args, noise)
     n = len(sig) - 1
-    eps = History(order)                               # noise predictions
+    eps = deque(maxlen=order)                          # (sigma, noise prediction), newest last
     for i in range(n):
         s, s_next = sig[i], sig[i + 1]
         denoised = _call(denoiser, x, s, extra)
         _cb(callback, x, i, s, s, denoised)
         if s_next == s:                                # a zero-length step (a grid ending at sigma_min, or at 0)
             continue
-        eps.add(s, _eps(x, denoised, s))
-        nodes, values = eps.newest(multistep_order(i, n, order, lower_order_final))
-        x = combine([(1.0, x)] + list(zip(deis_weights(nodes, s, s_next), values)))
+        eps.append((s, _eps(x, denoised, s)))
+        x = _integrate(x, s, s_next, list(eps), multistep_order(i, n, order, lower_order_final), deis_weights)
     return x

@@ -94,25 +94,3 @@ def multistep_order(i: int, n: int, order: int, lower_order_final: bool, euler_a
     if i == n - 2 and short:
         return min(k, 2)
     return k
-
-
-class History:
-    """The last ``size`` (sigma, tensor) pairs of a multistep sampler, newest last. A zero-length step (a
-    repeated sigma) replaces the entry at that sigma instead of adding one: interpolation nodes stay distinct."""
-
-    def __init__(self, size: int):
-        self.size, self.sigmas, self.values = size, [], []
-
-    def add(self, sigma: float, value) -> None:
-        if self.sigmas and self.sigmas[-1] == sigma:
-            self.values[-1] = value
-            return
-        self.sigmas = (self.sigmas + [sigma])[-self.size:]
-        self.values = (self.values + [value])[-self.size:]
-
-    def __len__(self) -> int:
-        return len(self.values)
-
-    def newest(self, k: int):
-        """The newest ``k`` (sigmas, values), newest first."""
-        return self.sigmas[::-1][:k], self.values[::-1][:k]

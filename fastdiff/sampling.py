@@ -48,13 +48,18 @@ def sampler_options(name: str) -> list:
 
 
 @functools.lru_cache(maxsize=None)
-def _sampler_options(name: str) -> tuple:
-    """sampler_options, cached (read from the sampler's signature once per name)."""
+def _parameters(name: str):
+    """The keyword parameters of sampler ``name``, read from its signature once (thin aliases such as
+    dpmpp_3m -> dpmpp_2m take their target's)."""
     fn = _lookup(name)
     params = inspect.signature(fn).parameters
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):      # thin aliases (dpmpp_3m -> dpmpp_2m)
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
         params = inspect.signature(_alias_target(fn)).parameters
-    return tuple(sorted(k for k in params if k not in _COMMON_ARGS))
+    return params
+
+
+def _sampler_options(name: str) -> tuple:
+    return tuple(sorted(k for k in _parameters(name) if k not in _COMMON_ARGS))
 
 
 def _scalar(v):
@@ -88,14 +93,9 @@ def check_options(sampler: str, options: dict) -> None:
         raise BadArgumentError(f"sampler {sampler!r}: option(s) {nan} are NaN; expected numbers")
 
 
-@functools.lru_cache(maxsize=None)
 def _option_annotations(name: str) -> dict:
     """{option: its annotation as written} (a string: the samplers use postponed annotations)."""
-    fn = _lookup(name)
-    params = inspect.signature(fn).parameters
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        params = inspect.signature(_alias_target(fn)).parameters
-    return {k: p.annotation for k, p in params.items() if isinstance(p.annotation, str)}
+    return {k: p.annotation for k, p in _parameters(name).items() if isinstance(p.annotation, str)}
 
 
 def sample(denoiser, x, sampler: str, sigmas, *, extra_args=None, noise=None, callback=None, **options):

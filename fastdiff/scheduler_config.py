@@ -337,7 +337,8 @@ def _kdpm2_midpoints(sigmas: torch.Tensor, ac, timesteps: dict, sampler: str) ->
     inverse of its sigma; the ancestral one (sqrt(sigma * sigma_down)) IS the next grid sigma, whose own
     timestep is the spacing's (or a rounded Karras one), so such a midpoint moves up by a few ulps to a key of
     its own (a relative change of 1e-16)."""
-    from .samplers import _ancestral, midpoint_sigma
+    from .sampler_base import _ancestral
+    from .samplers import midpoint_sigma
 
     sig = sigmas.tolist()
     mids = []
@@ -503,10 +504,14 @@ def _tcd(c: _Config, n: int) -> SamplingPlan:
     ac = _alphas_cumprod(c, exact_zero_snr=True)
     table = _table(ac)
     ts = _lcm_timesteps(c, n)
-    sigmas = _grid(table[ts], table[0])
-    options = dict(eta=0.3, sigma_table=_f32(table).tolist(), timesteps=[float(t) for t in ts] + [0.0])
     dopts = _discrete(c, ac, timestep_rounding="round", timesteps=_timestep_map(table[ts], ts))
-    return _vp_plan(c.name, "tcd", sigmas, options, dopts)
+    return _tcd_plan(c.name, _grid(table[ts], table[0]), [float(t) for t in ts] + [0.0], table, dopts)
+
+
+def _tcd_plan(name: str, sigmas: torch.Tensor, timesteps: list, table, dopts: dict) -> SamplingPlan:
+    """A ``tcd`` plan: gamma 0.3 (diffusers' step default), the training sigma table and the grid's timesteps."""
+    options = dict(eta=0.3, sigma_table=_f32(table).tolist(), timesteps=timesteps)
+    return _vp_plan(name, "tcd", sigmas, options, dopts)
 
 
 def tcd_named_plan(sigmas: torch.Tensor, ac: torch.Tensor, denoiser_options: dict) -> SamplingPlan:
@@ -518,8 +523,7 @@ def tcd_named_plan(sigmas: torch.Tensor, ac: torch.Tensor, denoiser_options: dic
         sig[-1] = min(float(table[0]), sig[-2])
     ts = schedules.sigma_to_timestep(np.asarray(sig[:-1]), ac)
     ts = np.where(np.abs(ts - np.round(ts)) < 1e-3, np.round(ts), ts).tolist() + [0.0]  # float32 sigmas: 599.99999
-    options = dict(eta=0.3, sigma_table=_f32(table).tolist(), timesteps=ts)
-    return _vp_plan("named", "tcd", torch.tensor(sig, dtype=torch.float64), options, denoiser_options)
+    return _tcd_plan("named", torch.tensor(sig, dtype=torch.float64), ts, table, denoiser_options)
 
 
 def _consistency_model(c: _Config, n: int) -> SamplingPlan:
@@ -527,7 +531,7 @@ def _consistency_model(c: _Config, n: int) -> SamplingPlan:
     ``num_train_timesteps`` discretisation, ending at sigma_min; the boundary-shifted EDM preconditioning; x0
     clipped to [-1, 1]; re-noised to sqrt(sigma'^2 - sigma_min^2)."""
     T = c["num_train_timesteps"]
-    if not isinstance(n, int) or n > T:
+    if n > T:
         raise BadArgumentError(f"num_inference_steps: expected at most num_train_timesteps = {T} for {c.name}, found {n}")
     lo, hi, rho = float(c["sigma_min"]), float(c["sigma_max"]), float(c["rho"])
     ramp = (np.arange(0, n) * (T // n)).astype(np.float64) / (T - 1)
