@@ -122,6 +122,20 @@ def _to_state(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return out.to(x.dtype)
 
 
+def cached_timesteps(cache: dict, t: float, x: torch.Tensor) -> torch.Tensor:
+    """The (B,) float32 timestep tensor for host timestep ``t`` at x's batch and device, built once and reused
+    (one launch fewer per step). The same object on every run is what lets a captured loop's modulation
+    schedule (``fastdiff.models.modulation_schedule``) recognise a call. The cache is bounded and never
+    cleared: a captured CUDA graph may read a cached tensor's address."""
+    key = (t, x.shape[0], x.device)
+    ts = cache.get(key)
+    if ts is None:
+        ts = torch.full((x.shape[0],), t, dtype=torch.float32, device=x.device)
+        if len(cache) < 4096:
+            cache[key] = ts
+    return ts
+
+
 def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """(B,) or scalar -> shape broadcastable against x."""
     v = v.to(x.dtype)
@@ -266,14 +280,7 @@ class DiscreteDenoiser(Denoiser):
 
     def predict_at(self, x, sigma: float, **cond):
         t, c_in, c_skip, c_out = self._host_coeffs(float(sigma))
-        # the (B,) timestep tensor is built once per (t, batch, device) and reused: one launch fewer per step
-        key = (t, x.shape[0], x.device)
-        ts = self._timestep_tensors.get(key)
-        if ts is None:
-            ts = torch.full((x.shape[0],), t, dtype=torch.float32, device=x.device)
-            # bounded, and never cleared: a captured CUDA graph may read a cached tensor's address
-            if len(self._timestep_tensors) < 4096:
-                self._timestep_tensors[key] = ts
+        ts = cached_timesteps(self._timestep_tensors, t, x)
         inp = x * c_in
         out = self.model(inp if inp.dtype == self.dtype else inp.to(self.dtype), ts, **cond)
         out = _to_state(_split_learned_variance(out, x.shape[1]), x)

@@ -35,7 +35,9 @@ import torch
 
 from . import schedules
 from .denoiser import DiscreteDenoiser, EDMDenoiser, make_x0_postprocess
+from .flow import FlowDenoiser
 from .errors import BadArgumentError, UnsupportedConfigError
+from .utils.checks import finite_number
 
 _COMMON = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
                trained_betas=None, prediction_type="epsilon", rescale_betas_zero_snr=False, steps_offset=0,
@@ -43,7 +45,8 @@ _COMMON = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_sc
                clip_sample_range=1.0, use_karras_sigmas=False, use_exponential_sigmas=False,
                use_beta_sigmas=False, use_lu_lambdas=False, use_flow_sigmas=False, use_dynamic_shifting=False,
                final_sigmas_type="zero", timestep_spacing="linspace", variance_type=None,
-               lambda_min_clipped=-math.inf, sigma_min=None, sigma_max=None)
+               lambda_min_clipped=-math.inf, sigma_min=None, sigma_max=None, flow_shift=1.0,
+               time_shift_type="exponential", shift_terminal=None)
 
 # Per-class defaults that differ from _COMMON (diffusers 0.3x-0.4x signatures).
 _DEFAULTS = {
@@ -75,6 +78,9 @@ _DEFAULTS = {
                          set_alpha_to_one=True, timestep_spacing="leading", timestep_scaling=10.0),
     "TCDScheduler": dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", original_inference_steps=50,
                          set_alpha_to_one=True, timestep_spacing="leading", timestep_scaling=10.0),
+    "FlowMatchEulerDiscreteScheduler": dict(shift=1.0, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                            max_image_seq_len=4096, invert_sigmas=False, stochastic_sampling=False),
+    "FlowMatchHeunDiscreteScheduler": dict(shift=1.0),
 }
 SUPPORTED_SCHEDULERS = tuple(_DEFAULTS)
 
@@ -108,6 +114,8 @@ class SamplingPlan:
         opts = {**self.denoiser_options, **overrides}
         if self.denoiser_kind == "edm":
             return EDMDenoiser(model, **opts)
+        if self.denoiser_kind == "flow":
+            return FlowDenoiser(model, **opts)
         return DiscreteDenoiser(model, **opts)
 
     def sample(self, denoiser, latents: torch.Tensor, *, extra_args=None, noise=None, callback=None,
@@ -146,16 +154,23 @@ def load_scheduler_config(path: str) -> dict:
     raise BadArgumentError(f"scheduler config: expected a scheduler_config.json at or under {path!r}, found none")
 
 
-def plan_from_scheduler_config(config: dict, num_inference_steps: int, class_name: Optional[str] = None) -> SamplingPlan:
+def plan_from_scheduler_config(config: dict, num_inference_steps: int, class_name: Optional[str] = None, *,
+                               mu: Optional[float] = None) -> SamplingPlan:
     """Map a diffusers scheduler config (dict; ``_class_name`` names the class, or pass ``class_name``)
-    onto a ``SamplingPlan`` for ``num_inference_steps`` steps."""
+    onto a ``SamplingPlan`` for ``num_inference_steps`` steps. ``mu``: the resolution's dynamic time shift
+    (diffusers' ``set_timesteps(mu=...)``) for a flow-matching config with ``use_dynamic_shifting``."""
     name = class_name or config.get("_class_name")
     if name not in _DEFAULTS:
         raise UnsupportedConfigError("_class_name", name, supported=list(SUPPORTED_SCHEDULERS), model="scheduler")
     if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
         raise BadArgumentError(f"num_inference_steps: expected a positive int, found {num_inference_steps!r}")
     cfg = {**_COMMON, **_DEFAULTS[name], **{k: v for k, v in dict(config).items() if not k.startswith("_")}}
-    return _BUILDERS[name](_Config(cfg, name), num_inference_steps)
+    c = _Config(cfg, name)
+    if mu is not None:
+        if not c["use_dynamic_shifting"]:
+            raise BadArgumentError(f"mu: {name} without use_dynamic_shifting takes no mu, found {mu!r}")
+        c.mu = finite_number("mu", mu)
+    return _BUILDERS[name](c, num_inference_steps)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -166,6 +181,7 @@ class _Config(dict):
     def __init__(self, d, name):
         super().__init__(d)
         self.name = name
+        self.mu = None  # the dynamic time shift of a flow-matching run
 
     def choice(self, key, allowed):
         v = self[key]
@@ -234,17 +250,28 @@ def _vp_plan(name, sampler, sigmas: torch.Tensor, options, dopts) -> SamplingPla
 
 
 def _sigma_grid_kind(c: _Config):
-    c.refuse_true("use_beta_sigmas", "use_lu_lambdas", "use_flow_sigmas", "use_dynamic_shifting")
-    if c["use_karras_sigmas"] and c["use_exponential_sigmas"]:
-        raise UnsupportedConfigError("use_exponential_sigmas", True, supported="only one of use_karras_sigmas / "
-                                     "use_exponential_sigmas", model=c.name)
-    return "karras" if c["use_karras_sigmas"] else "exponential" if c["use_exponential_sigmas"] else None
+    """None (the spacing's own sigmas), "karras", "exponential" or "beta"."""
+    c.refuse_true("use_lu_lambdas", "use_flow_sigmas", "use_dynamic_shifting")
+    keys = [k for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas") if c.get(k)]
+    if len(keys) > 1:
+        raise UnsupportedConfigError(keys[1], True, supported=f"only one of {keys}", model=c.name)
+    return keys[0][len("use_"):-len("_sigmas")] if keys else None
 
 
-def _convert(kind, n, lo, hi):
+def convert_sigmas(kind: str, n: int, lo: float, hi: float) -> np.ndarray:
+    """diffusers' ``_convert_to_karras`` (rho 7) / ``_convert_to_exponential`` / ``_convert_to_beta`` (alpha =
+    beta = 0.6, Lee et al. 2024) between ``lo`` and ``hi``: n values, decreasing."""
     if kind == "karras":
         return schedules.get_sigmas_karras(n, lo, hi, 7.0).numpy()[:-1]
-    return schedules.get_sigmas_exponential(n, lo, hi).numpy()[:-1]
+    if kind == "exponential":
+        return schedules.get_sigmas_exponential(n, lo, hi).numpy()[:-1]
+    try:
+        from scipy.stats import beta as beta_distribution
+    except ImportError as e:  # diffusers needs scipy here too
+        raise UnsupportedConfigError("use_beta_sigmas", True, supported="use_beta_sigmas with scipy installed "
+                                     "(pip install scipy)") from e
+    ppf = beta_distribution.ppf(1 - np.linspace(0, 1, n), 0.6, 0.6)
+    return np.array([lo + p * (hi - lo) for p in ppf])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -313,7 +340,7 @@ def _euler_family(c: _Config, n: int, sampler: str) -> SamplingPlan:
     if kind is not None:                               # Karras / exponential over the spaced range
         lo = c["sigma_min"] if c["sigma_min"] is not None else sig[-1]
         hi = c["sigma_max"] if c["sigma_max"] is not None else sig[0]
-        sig, interp = _convert(kind, n, lo, hi), "log"
+        sig, interp = convert_sigmas(kind, n, lo, hi), "log"
         ts = schedules.sigma_to_timestep(sig, ac)       # diffusers: from the unrounded sigmas, not rounded
         if kind == "karras" and c.name in _KDPM2:        # ... except KDPM2's Karras timesteps, rounded
             ts = np.round(ts)
@@ -380,7 +407,7 @@ def _multistep_sigmas(c: _Config, n: int, ac, *, singlestep: bool):
     else:
         lo = c["sigma_min"] if c.name == "UniPCMultistepScheduler" and c["sigma_min"] is not None else table[0]
         hi = c["sigma_max"] if c.name == "UniPCMultistepScheduler" and c["sigma_max"] is not None else table[-1]
-        sig = _convert(kind, n, lo, hi)
+        sig = convert_sigmas(kind, n, lo, hi)
         # karras timesteps are rounded (DPM multistep: not for the cosine schedule); other grids are cast
         # to int64 (truncated).
         rounds = kind == "karras" and (singlestep or c.name in _LAST_IS_GRID_MIN
@@ -403,7 +430,6 @@ def _dpm_multistep(c: _Config, n: int) -> SamplingPlan:
     if algo == "dpmsolver" and c["thresholding"]:
         raise UnsupportedConfigError("thresholding", True, supported=[False], model=c.name + " (dpmsolver)")
     c.choice("variance_type", (None, "learned", "learned_range"))
-    sigmas, rounding, steps_t = _multistep_sigmas(c, n, ac, singlestep=False)
     options = dict(order=order, solver_type=solver_type, lower_order_final=bool(c["lower_order_final"]),
                    euler_at_final=bool(c["euler_at_final"]))
     if algo == "sde-dpmsolver++":
@@ -412,6 +438,9 @@ def _dpm_multistep(c: _Config, n: int) -> SamplingPlan:
     else:
         sampler = "dpmpp_2m"
         options["predict_x0"] = algo == "dpmsolver++"
+    if c["use_flow_sigmas"]:
+        return _flow_solver(c, n, sampler, options, ("algorithm_type", algo) if algo == "dpmsolver" else None)
+    sigmas, rounding, steps_t = _multistep_sigmas(c, n, ac, singlestep=False)
     dopts = _discrete(c, ac, timestep_rounding=rounding, timesteps=steps_t, **_threshold_opts(c, False))
     return _vp_plan(c.name, sampler, sigmas, options, dopts)
 
@@ -424,11 +453,13 @@ def _dpm_singlestep(c: _Config, n: int) -> SamplingPlan:
     if algo == "dpmsolver" and c["thresholding"]:
         raise UnsupportedConfigError("thresholding", True, supported=[False], model=c.name + " (dpmsolver)")
     c.choice("variance_type", (None, "learned", "learned_range"))
-    sigmas, rounding, steps_t = _multistep_sigmas(c, n, ac, singlestep=True)
     options = dict(order=order, solver_type=c["solver_type"], lower_order_final=bool(c["lower_order_final"]),
                    predict_x0=algo != "dpmsolver")
     if algo == "sde-dpmsolver++":
         options.update(eta=1.0, diffusers_sde3_coefficient=True)
+    if c["use_flow_sigmas"]:
+        return _flow_solver(c, n, "dpm_solver", options, ("algorithm_type", algo) if algo == "dpmsolver" else None)
+    sigmas, rounding, steps_t = _multistep_sigmas(c, n, ac, singlestep=True)
     dopts = _discrete(c, ac, timestep_rounding=rounding, timesteps=steps_t, **_threshold_opts(c, False))
     return _vp_plan(c.name, "dpm_solver", sigmas, options, dopts)
 
@@ -441,10 +472,12 @@ def _unipc(c: _Config, n: int) -> SamplingPlan:
     variant = c["solver_type"] if c["solver_type"] in ("bh1", "bh2") else "bh2"
     if c["solver_type"] not in ("bh1", "bh2", "midpoint", "heun", "logrho"):
         raise UnsupportedConfigError("solver_type", c["solver_type"], supported=["bh1", "bh2"], model=c.name)
-    sigmas, rounding, steps_t = _multistep_sigmas(c, n, ac, singlestep=False)
     predict_x0 = bool(c["predict_x0"])
     options = dict(order=order, variant=variant, lower_order_final=bool(c["lower_order_final"]),
                    disable_corrector=list(c["disable_corrector"] or []), predict_x0=predict_x0)
+    if c["use_flow_sigmas"]:
+        return _flow_solver(c, n, "unipc", options, None if predict_x0 else ("predict_x0", False))
+    sigmas, rounding, steps_t = _multistep_sigmas(c, n, ac, singlestep=False)
     thr = _threshold_opts(c, False)
     thr["thresholding"] = thr["thresholding"] and predict_x0   # diffusers thresholds only the x0 form
     return _vp_plan(c.name, "unipc", sigmas, options, _discrete(c, ac, timestep_rounding=rounding,
@@ -458,10 +491,21 @@ def _deis(c: _Config, n: int) -> SamplingPlan:
     c.choice("solver_type", ("logrho",))
     order = c.choice("solver_order", (1, 2, 3))
     c.choice("final_sigmas_type", ("sigma_min",))
-    sigmas, rounding, steps_t = _multistep_sigmas(c, n, ac, singlestep=False)
     options = dict(order=order, lower_order_final=bool(c["lower_order_final"]))
+    if c["use_flow_sigmas"]:
+        return _flow_solver(c, n, "deis", options)
+    sigmas, rounding, steps_t = _multistep_sigmas(c, n, ac, singlestep=False)
     dopts = _discrete(c, ac, timestep_rounding=rounding, timesteps=steps_t, **_threshold_opts(c, False))
     return _vp_plan(c.name, "deis", sigmas, options, dopts)
+
+
+def _flow_solver(c: _Config, n: int, sampler: str, options: dict, refuse: Optional[tuple] = None) -> SamplingPlan:
+    """A solver's ``use_flow_sigmas`` variant (``fastdiff.flow_schedulers``). ``refuse``: (key, value) of a
+    noise-prediction form, which diffusers does not define for a flow network (it raises)."""
+    if refuse is not None:
+        raise UnsupportedConfigError(refuse[0], refuse[1], supported="the data-prediction form with "
+                                     "use_flow_sigmas", model=c.name)
+    return solver_flow_plan(c, n, sampler, options)
 
 
 def _edm_plan(c: _Config, n: int, sampler: str, options: dict, last_is_config_min: bool = False) -> SamplingPlan:
@@ -611,7 +655,12 @@ def _lcm(c: _Config, n: int) -> SamplingPlan:
     return _vp_plan(c.name, "lcm", _grid(table[ts], 0.0), options, dopts)
 
 
+# the flow-matching builders use the helpers above
+from .flow_schedulers import flow_match_euler, flow_match_heun, solver_flow_plan  # noqa: E402
+
 _BUILDERS = {
+    "FlowMatchEulerDiscreteScheduler": flow_match_euler,
+    "FlowMatchHeunDiscreteScheduler": flow_match_heun,
     "DDIMScheduler": _ddim,
     "DDPMScheduler": _ddpm,
     "EulerDiscreteScheduler": lambda c, n: _euler_family(c, n, "euler"),

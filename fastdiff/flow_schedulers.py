@@ -1,0 +1,132 @@
+"""diffusers' flow-matching schedulers as fastdiff plans (``plan_from_scheduler_config``'s flow builders).
+
+* ``FlowMatchEulerDiscreteScheduler`` (SD3, Flux, Sana, ...): Euler in the t frame; with
+  ``stochastic_sampling`` x' = (1 - t') x0 + t' noise, which is ``lcm`` in the sigma frame.
+* ``FlowMatchHeunDiscreteScheduler``: Heun in the t frame (churn as diffusers applies it there).
+* ``use_flow_sigmas=True`` with ``prediction_type="flow_prediction"`` in DPMSolverMultistep / DPMSolverSinglestep /
+  DEISMultistep / UniPCMultistep (Sana, Wan): the same solvers in the sigma frame, where their alpha_t = 1 - t and
+  sigma_t = t are the k-diffusion state's.
+
+Every grid here is computed as diffusers computes it (float32 where it keeps float32, its int64 truncation of
+the solvers' timesteps), so the timesteps fed to the network are diffusers' own. ``mu`` is the resolution's
+dynamic shift (``fastdiff.flow.dynamic_shift_mu``), required where the config has ``use_dynamic_shifting``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from .errors import BadArgumentError, UnsupportedConfigError
+from .flow import t_to_sigma, shift_times, stretch_to_terminal, time_shift
+from . import schedules
+from .scheduler_config import SamplingPlan, _alphas_cumprod, _Config, _f32, _table, _threshold_opts, convert_sigmas
+
+def flow_plan(name: str, sampler: str, times, frame: str, options: dict, timesteps, *,
+              num_train_timesteps: int, **denoiser_options) -> SamplingPlan:
+    """A plan on flow time grid ``times`` (float32 values, the last one where sampling ends) in ``frame``.
+
+    The latents are x_t at times[0] (diffusers starts from pure noise whatever times[0] is); the output is x_t at
+    times[-1]. ``timesteps``: what the network is fed at each time but the last."""
+    times = [float(t) for t in times]
+    sigmas = times if frame == "t" else [t_to_sigma(t) for t in times]
+    dopts = dict(frame=frame, num_train_timesteps=num_train_timesteps,
+                 timesteps={s: float(ts) for s, ts in zip(sigmas, timesteps)}, **denoiser_options)
+    init, out = (1.0, 1.0) if frame == "t" else (1 + sigmas[0], 1 / (1 + sigmas[-1]))
+    return SamplingPlan(name, sampler, torch.tensor(sigmas, dtype=torch.float64), options, "flow", dopts,
+                        init_noise_sigma=init, output_scale=out)
+
+
+# --------------------------------------------------------------------------------------------------
+# FlowMatchEuler / FlowMatchHeun
+# --------------------------------------------------------------------------------------------------
+
+def _check_mu(c: _Config) -> None:
+    """FlowMatchEuler and UniPC refuse to shift dynamically without a mu (diffusers raises too)."""
+    if c.get("use_dynamic_shifting") and c.mu is None:
+        raise BadArgumentError(f"mu: {c.name} with use_dynamic_shifting needs the resolution's mu "
+                               f"(fastdiff.flow.dynamic_shift_mu), found None")
+
+
+def flow_match_times(c: _Config, n: int) -> tuple:
+    """FlowMatchEuler's set_timesteps: (float32 times, float32 network timesteps), the times ending at 0."""
+    T = int(c["num_train_timesteps"])
+    _check_mu(c)
+    c.refuse_true("invert_sigmas")                     # Mochi's inverted schedule
+    shift = float(c["shift"])
+    # the constructor's table (float32, shifted unless the shift is dynamic) fixes the range
+    train = torch.from_numpy(np.linspace(1, T, T, dtype=np.float32)[::-1].copy()) / T
+    if not c.get("use_dynamic_shifting"):
+        train = shift * train / (1 + (shift - 1) * train)
+    hi, lo = train[0].item(), train[-1].item()
+    t = np.linspace(hi * T, lo * T, n) / T
+    t = time_shift(t, c.mu, c["time_shift_type"]) if c.get("use_dynamic_shifting") else shift_times(t, shift)
+    if c.get("shift_terminal"):
+        t = stretch_to_terminal(t, float(c["shift_terminal"]))
+    kind = _conversion(c)
+    if kind is not None:
+        t = convert_sigmas(kind, n, float(t[-1]), float(t[0]))
+    t32 = torch.from_numpy(np.asarray(t)).to(torch.float32)
+    timesteps = (t32 * T).double().numpy()
+    return np.concatenate([t32.double().numpy(), [0.0]]), timesteps
+
+
+def _conversion(c: _Config):
+    keys = [k for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas") if c.get(k)]
+    if len(keys) > 1:
+        raise UnsupportedConfigError(keys[1], True, supported=f"only one of {keys}", model=c.name)
+    return keys[0][4:-7] if keys else None                   # "karras" | "exponential" | "beta"
+
+
+def flow_match_euler(c: _Config, n: int) -> SamplingPlan:
+    times, timesteps = flow_match_times(c, n)
+    T = int(c["num_train_timesteps"])
+    if c["stochastic_sampling"]:                       # x' = (1 - t') x0 + t' noise: lcm in the sigma frame
+        return flow_plan(c.name, "lcm", times, "sigma", {}, timesteps, num_train_timesteps=T)
+    return flow_plan(c.name, "euler", times, "t", {}, timesteps, num_train_timesteps=T)
+
+
+def flow_match_heun(c: _Config, n: int) -> SamplingPlan:
+    times, timesteps = flow_match_times(c, n)
+    return flow_plan(c.name, "heun", times, "t", {}, timesteps, num_train_timesteps=int(c["num_train_timesteps"]))
+
+
+# --------------------------------------------------------------------------------------------------
+# the solvers' use_flow_sigmas variant
+# --------------------------------------------------------------------------------------------------
+
+def solver_flow_plan(c: _Config, n: int, sampler: str, options: dict) -> SamplingPlan:
+    """DPM-Solver (multistep, singlestep), DEIS or UniPC with ``use_flow_sigmas``: their flow time grid, the
+    solver in the sigma frame."""
+    c.choice("prediction_type", ("flow_prediction",))
+    for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas"):
+        c.refuse_true(k)                               # diffusers mixes their VP sigmas with the flow alphas
+    c.choice("time_shift_type", ("exponential",) if c.name != "UniPCMultistepScheduler" else
+             ("exponential", "linear"))
+    T = int(c["num_train_timesteps"])
+    if c.name == "UniPCMultistepScheduler":
+        _check_mu(c)
+        t = np.linspace(1, 1 / T, n + 1)[:-1]
+        t = time_shift(t, c.mu, c["time_shift_type"]) if c["use_dynamic_shifting"] else \
+            shift_times(t, float(c["flow_shift"]))
+        if c["shift_terminal"]:
+            t = stretch_to_terminal(t, float(c["shift_terminal"]))
+        if abs(t[0] - 1) < 1e-6:                       # diffusers keeps log(alpha) finite
+            t[0] -= 1e-6
+        last = {"zero": 0.0, "sigma_min": float(t[-1])}[c.choice("final_sigmas_type", schedules.FINAL_SIGMAS)]
+    else:
+        if c["shift_terminal"]:
+            raise UnsupportedConfigError("shift_terminal", c["shift_terminal"], supported=[None], model=c.name)
+        shift = math.exp(c.mu) if c.mu is not None else float(c["flow_shift"])
+        t = np.flip(shift_times(1.0 - np.linspace(1, 1 / T, n + 1), shift))[:-1].copy()
+        if c.name == "DEISMultistepScheduler":         # a zero-length last step, as its other grids
+            last = float(t[-1])
+        else:
+            final = c.choice("final_sigmas_type", schedules.FINAL_SIGMAS)
+            last = 0.0 if final == "zero" else float(_table(_alphas_cumprod(c))[0])  # (the beta table's, as diffusers)
+    timesteps = np.floor(t * T)                        # diffusers' int64 cast of t * T
+    dopts = _threshold_opts(c, False)
+    return flow_plan(c.name, sampler, _f32(np.append(t, last)), "sigma", options, timesteps, num_train_timesteps=T,
+                     **dopts)
