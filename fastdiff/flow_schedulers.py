@@ -15,14 +15,16 @@ dynamic shift (``fastdiff.flow.dynamic_shift_mu``), required where the config ha
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import numpy as np
 import torch
 
 from .errors import BadArgumentError, UnsupportedConfigError
-from .flow import t_to_sigma, shift_times, stretch_to_terminal, time_shift
+from .flow import frame_for, shift_times, stretch_to_terminal, t_to_sigma, time_shift
 from . import schedules
-from .scheduler_config import SamplingPlan, _alphas_cumprod, _Config, _f32, _table, _threshold_opts, convert_sigmas
+from .scheduler_config import (_COMMON, _DEFAULTS, SamplingPlan, _alphas_cumprod, _Config, _f32, _table,
+                               _threshold_opts, convert_sigmas)
 
 def flow_plan(name: str, sampler: str, times, frame: str, options: dict, timesteps, *,
               num_train_timesteps: int, **denoiser_options) -> SamplingPlan:
@@ -130,3 +132,52 @@ def solver_flow_plan(c: _Config, n: int, sampler: str, options: dict) -> Samplin
     dopts = _threshold_opts(c, False)
     return flow_plan(c.name, sampler, _f32(np.append(t, last)), "sigma", options, timesteps, num_train_timesteps=T,
                      **dopts)
+
+
+# --------------------------------------------------------------------------------------------------
+# named samplers on a flow-matching model (the Pipeline's sampler= / schedule= path)
+# --------------------------------------------------------------------------------------------------
+
+NAMED_SCHEDULES = (None, "uniform", "karras", "exponential")
+
+
+def named_flow_plan(config: dict, steps: int, sampler: str, schedule: Optional[str] = None,
+                    mu: Optional[float] = None) -> SamplingPlan:
+    """``sampler`` on a flow-matching model, in its frame (``fastdiff.flow.frame_for``), on the grid diffusers
+    uses for that kind of sampler, with the model's own shift (``shift``, or the solvers' ``flow_shift``) and
+    dynamic shifting:
+
+    * t frame (Euler, Heun, ...): FlowMatchEuler's grid from t = 1, evenly spaced in t ("uniform", the default),
+      or converted to a Karras / exponential grid in t over the same range (diffusers' ``use_karras_sigmas``);
+    * sigma frame (the exponential integrators, the ancestral and SDE samplers): the DPM-Solver / UniPC flow
+      grid, which starts one training step below t = 1 (from pure noise, as diffusers does) and ends at
+      shift(1 / T) -- a grid from t = 1 would begin with an infinite step in lambda, and FlowMatchEuler's ends
+      with a long one (t 0.28 -> 0.009 at 10 steps), both poor for a multistep method in lambda (2x the error
+      on Gaussian data at 10 steps); "karras" / "exponential" respace it in sigma-frame units.
+    """
+    frame = frame_for(sampler)
+    if schedule not in NAMED_SCHEDULES:
+        raise BadArgumentError(f"schedule {schedule!r} on a flow-matching model: expected one of "
+                               f"{[s for s in NAMED_SCHEDULES if s]} (it has no training timestep table to space)")
+    name = "FlowMatchEulerDiscreteScheduler"
+    keys = ("num_train_timesteps", "use_dynamic_shifting", "time_shift_type", "shift_terminal")
+    own = {k: config[k] for k in keys if config.get(k) is not None}
+    own["shift"] = config.get("shift", config.get("flow_shift", 1.0))
+    c = _Config({**_COMMON, **_DEFAULTS[name], **own, "use_karras_sigmas": schedule == "karras" and frame == "t",
+                 "use_exponential_sigmas": schedule == "exponential" and frame == "t"}, name)
+    c.mu = mu
+    T = int(c["num_train_timesteps"])
+    if frame == "t":
+        times, timesteps = flow_match_times(c, steps)
+    else:
+        _check_mu(c)
+        t = 1.0 - np.linspace(1, 1 / T, steps + 1)
+        t = time_shift(t[1:], mu, c["time_shift_type"]) if c["use_dynamic_shifting"] else \
+            shift_times(t[1:], float(c["shift"]))
+        t = np.flip(t).copy()
+        if schedule in ("karras", "exponential"):
+            s = convert_sigmas(schedule, steps, t_to_sigma(t[-1]), t_to_sigma(t[0]))
+            t = s / (1 + s)
+        t32 = torch.from_numpy(t).to(torch.float32)
+        times, timesteps = np.append(t32.double().numpy(), 0.0), (t32 * T).double().numpy()
+    return flow_plan("named", sampler, times, frame, {}, timesteps, num_train_timesteps=T)

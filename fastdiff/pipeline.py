@@ -107,11 +107,13 @@ class Pipeline:
         return self
 
     # ------------------------------------------------------------------------------------------
-    def plan(self, steps: int, sampler: Optional[str] = None, schedule: Optional[str] = None, **options):
+    def plan(self, steps: int, sampler: Optional[str] = None, schedule: Optional[str] = None, *,
+             size: Optional[tuple] = None, **options):
         """The SamplingPlan for these settings: the checkpoint's scheduler config, or a named sampler.
 
         ``options`` are the sampler's keyword options (``eta``, ``order``, ``s_churn``, ...), checked
-        against what the chosen sampler accepts.
+        against what the chosen sampler accepts. ``size``: the latent (height, width), default the model's
+        sample size; it matters only to a flow-matching scheduler with ``use_dynamic_shifting``.
         """
         from .sampling import SAMPLERS, SCHEDULES, check_options
 
@@ -121,10 +123,11 @@ class Pipeline:
             raise BadArgumentError(f"sampler: expected one of {sorted(SAMPLERS)}, found {sampler!r}")
         if schedule is not None and schedule not in SCHEDULES:
             raise BadArgumentError(f"schedule: expected one of {list(SCHEDULES)}, found {schedule!r}")
-        key = (steps, sampler, schedule, self.spec.prediction_type, _freeze(dict(self.spec.scheduler or {})))
+        mu = self._dynamic_shift_mu(size)
+        key = (steps, sampler, schedule, mu, self.spec.prediction_type, _freeze(dict(self.spec.scheduler or {})))
         plan = self._plans.get(key)
         if plan is None:
-            plan = self._base_plan(steps, sampler, schedule)
+            plan = self._base_plan(steps, sampler, schedule, mu)
             if len(self._plans) >= 64:
                 self._plans.clear()
             self._plans[key] = plan
@@ -134,11 +137,26 @@ class Pipeline:
                                    denoiser_options={k: dict(v) if isinstance(v, dict) else v
                                                      for k, v in plan.denoiser_options.items()})
 
-    def _base_plan(self, steps: int, sampler: Optional[str], schedule: Optional[str]):
+    def _dynamic_shift_mu(self, size: Optional[tuple]) -> Optional[float]:
+        """A flow-matching scheduler's resolution shift (``use_dynamic_shifting``): the ``mu`` diffusers' Flux / SD3
+        pipelines compute from the image's token count ((height / patch) * (width / patch)); None otherwise."""
+        from .flow import dynamic_shift_mu
+
+        s = self.spec.scheduler or {}
+        if self.spec.prediction_type != "flow_prediction" or not s.get("use_dynamic_shifting"):
+            return None
+        h, w = self.spec.sample_size if size is None else size
+        patch = int(self.spec.model_config.get("patch_size") or 1)
+        return dynamic_shift_mu((h // patch) * (w // patch), int(s.get("base_image_seq_len", 256)),
+                                int(s.get("max_image_seq_len", 4096)), float(s.get("base_shift", 0.5)),
+                                float(s.get("max_shift", 1.15)))
+
+    def _base_plan(self, steps: int, sampler: Optional[str], schedule: Optional[str], mu: Optional[float] = None):
         from .sampling import get_sigmas, plan_from_scheduler_config
         from .scheduler_config import DISTILLED_SAMPLERS, SUPPORTED_SCHEDULERS, SamplingPlan
         from .schedules import SPACINGS
 
+        flow = self.spec.prediction_type == "flow_prediction"
         if sampler is None and self.spec.prediction_type == "edm":
             sampler = "edm"  # EDM's own 2nd-order Heun sampler on the Karras grid (its published setting)
         train_steps = int(self.spec.scheduler.get("num_train_timesteps", 1000))
@@ -148,9 +166,12 @@ class Pipeline:
         if sampler is None and schedule is None and cls in SUPPORTED_SCHEDULERS:
             if steps > train_steps:
                 raise BadArgumentError(f"steps: expected at most {train_steps} (the training timesteps), found {steps}")
-            plan = plan_from_scheduler_config(self.spec.scheduler, steps)
+            plan = plan_from_scheduler_config(self.spec.scheduler, steps, mu=mu)
+        elif flow:  # named samplers on the model's own flow time grid, each in its frame
+            from .flow_schedulers import named_flow_plan
+            plan = named_flow_plan(self.spec.scheduler, steps, sampler or "euler", schedule, mu)
         else:
-            # no supported scheduler class (TCD, flow matching, ...): DDIM on the same schedule and spacing
+            # no supported scheduler class (FlowMatchLCM, ...): DDIM on the same schedule and spacing
             sampler = sampler or ("ddim" if sampler is None and schedule is None else "dpmpp_2m")
             plan = self._named_plan(steps, sampler, schedule, train_steps, get_sigmas, SamplingPlan, SPACINGS)
         return plan
@@ -241,7 +262,7 @@ class Pipeline:
             height, width = int(latents.shape[2]), int(latents.shape[3])  # the latents fix the size
         h, w = self._size(height, width)
         shape = (self.spec.in_channels, h, w)
-        plan = self.plan(steps, sampler, schedule, **sampler_options)
+        plan = self.plan(steps, sampler, schedule, size=(h, w), **sampler_options)
         noise = NoiseSource(seeds, self.device)
         if latents is None:
             latents = noise.randn(shape)

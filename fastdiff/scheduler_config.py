@@ -505,6 +505,7 @@ def _flow_solver(c: _Config, n: int, sampler: str, options: dict, refuse: Option
     if refuse is not None:
         raise UnsupportedConfigError(refuse[0], refuse[1], supported="the data-prediction form with "
                                      "use_flow_sigmas", model=c.name)
+    from .flow_schedulers import solver_flow_plan
     return solver_flow_plan(c, n, sampler, options)
 
 
@@ -655,12 +656,17 @@ def _lcm(c: _Config, n: int) -> SamplingPlan:
     return _vp_plan(c.name, "lcm", _grid(table[ts], 0.0), options, dopts)
 
 
-# the flow-matching builders use the helpers above
-from .flow_schedulers import flow_match_euler, flow_match_heun, solver_flow_plan  # noqa: E402
+def _flow_builder(name: str):
+    """A builder of ``fastdiff.flow_schedulers``, imported when called (that module uses the helpers here)."""
+    def build(c: _Config, n: int) -> SamplingPlan:
+        from . import flow_schedulers
+        return getattr(flow_schedulers, name)(c, n)
+    return build
+
 
 _BUILDERS = {
-    "FlowMatchEulerDiscreteScheduler": flow_match_euler,
-    "FlowMatchHeunDiscreteScheduler": flow_match_heun,
+    "FlowMatchEulerDiscreteScheduler": _flow_builder("flow_match_euler"),
+    "FlowMatchHeunDiscreteScheduler": _flow_builder("flow_match_heun"),
     "DDIMScheduler": _ddim,
     "DDPMScheduler": _ddpm,
     "EulerDiscreteScheduler": lambda c, n: _euler_family(c, n, "euler"),

@@ -13,7 +13,9 @@ from typing import Optional
 from .errors import UnsupportedConfigError
 from .utils.strict_dict import known_fields
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "edm")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "edm", "flow_prediction")
+# diffusers schedulers of flow-matching networks (their configs carry no prediction_type: it is always velocity)
+FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
 
 # diffusers DDPMScheduler defaults: what a model folder without a scheduler was most likely trained with.
 DEFAULT_SCHEDULER = {
@@ -33,7 +35,8 @@ class ModelSpec:
     kind: "unet" | "dit" (native classes; see ``fastdiff.models.MODEL_KINDS``).
     model_config: the native config as a dict.
     prediction_type: what the network predicts on its discrete schedule ("epsilon" | "v_prediction" |
-        "sample"), or "edm" for an EDM-preconditioned network.
+        "sample"), "edm" for an EDM-preconditioned network, or "flow_prediction" for a flow-matching (rectified
+        flow) network predicting the velocity noise - x0 (``fastdiff.flow``).
     scheduler: a diffusers-style scheduler config (training betas + default sampler); honoured by
         ``generate`` when no sampler is named.
     in_channels / sample_size: the latent the sampler starts from (sample_size = (H, W)).

@@ -146,21 +146,30 @@ def _check_load_args(device, dtype, num_heads, head_channels, scheduler):
 
 def _override_sampling(spec, scheduler: Optional[dict], prediction_type: Optional[str]) -> None:
     """The caller's scheduler config / prediction type in place of what the checkpoint said."""
+    from ..spec import FLOW_SCHEDULERS
+
     if spec.prediction_type == "edm" and prediction_type is not None:
         raise BadArgumentError(f"prediction_type={prediction_type!r} does not apply to an EDM network: it is "
                                f"preconditioned (it returns the denoised sample D(x))")
     if scheduler is not None:
         spec.scheduler = dict(scheduler)
-        if spec.prediction_type != "edm":
+        if spec.scheduler.get("_class_name") in FLOW_SCHEDULERS:  # a flow-matching scheduler: velocity, always
+            spec.prediction_type = "flow_prediction"
+        elif spec.prediction_type != "edm":
             # one prediction type for every plan: the given scheduler's field, else what the checkpoint said
             spec.prediction_type = spec.scheduler.setdefault("prediction_type", spec.prediction_type)
     if prediction_type is not None:
-        if prediction_type not in ("epsilon", "v_prediction", "sample"):
-            raise BadArgumentError(f"prediction_type: expected 'epsilon', 'v_prediction' or 'sample', found "
-                                   f"{prediction_type!r}")
+        if prediction_type not in ("epsilon", "v_prediction", "sample", "flow_prediction"):
+            raise BadArgumentError(f"prediction_type: expected 'epsilon', 'v_prediction', 'sample' or "
+                                   f"'flow_prediction', found {prediction_type!r}")
         spec.prediction_type = prediction_type
         # scheduler-config plans read the scheduler's own field: keep the two in agreement
         spec.scheduler = {**(spec.scheduler or {}), "prediction_type": prediction_type}
+        flow_capable = spec.scheduler.get("_class_name") in FLOW_SCHEDULERS or spec.scheduler.get("use_flow_sigmas")
+        if prediction_type == "flow_prediction" and not flow_capable:
+            # a beta schedule means nothing to a flow network: diffusers' flow-matching Euler on its time range
+            spec.scheduler = {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 1.0,
+                              "num_train_timesteps": int(spec.scheduler.get("num_train_timesteps", 1000))}
 
 
 def _read_any(path: str, *, variant=None, num_heads=None, head_channels=None, attention_order=None):

@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 
 from ..errors import CheckpointError, CorruptCheckpointError, UnsupportedConfigError
-from ..spec import DEFAULT_SCHEDULER, ModelSpec
+from ..spec import DEFAULT_SCHEDULER, FLOW_SCHEDULERS, ModelSpec
 from .io import read_sharded, read_weights
 
 UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
@@ -73,6 +73,8 @@ def spec_for(kind: str, cfg, scheduler: Optional[dict], source: str) -> ModelSpe
     """The sampling facts of a native config (+ the scheduler config that came with it)."""
     scheduler = dict(scheduler) if scheduler else dict(DEFAULT_SCHEDULER)
     prediction = scheduler.get("prediction_type", "epsilon")
+    if scheduler.get("_class_name") in FLOW_SCHEDULERS:
+        prediction = "flow_prediction"
     if kind == "unet":
         size = cfg.sample_size or 32
         cross = cfg.cross_attention_dim

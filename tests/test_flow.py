@@ -1,0 +1,242 @@
+"""Flow-matching networks: the FlowDenoiser's two frames, every sampler on an exact flow, and a diffusers folder
+with a flow-matching scheduler through ``fastdiff.load(...).generate()`` against diffusers' own loop."""
+
+import math
+
+import pytest
+import torch
+
+from fastdiff.errors import BadArgumentError
+from fastdiff.flow import REFUSED, FlowDenoiser, dynamic_shift_mu, frame_for, t_to_sigma
+from fastdiff.flow_schedulers import named_flow_plan
+from fastdiff.noise import NoiseSource
+from fastdiff.samplers import SAMPLERS, STOCHASTIC
+from test_sampler_order import single_thread  # noqa: F401  (autouse fixture)
+from helpers import perturb_
+
+DATA_STD = 0.5
+
+
+def gaussian_velocity(x_t, timestep, **_):
+    """The exact velocity of the flow from N(0, DATA_STD^2) data: v = (x_t - E[x0 | x_t]) / t."""
+    t = (timestep.to(torch.float64) / 1000).reshape(-1, *([1] * (x_t.ndim - 1))).to(x_t.dtype)
+    x0 = (1 - t) * DATA_STD ** 2 / ((1 - t) ** 2 * DATA_STD ** 2 + t ** 2) * x_t
+    return (x_t - x0) / t
+
+
+def conv_velocity():
+    torch.manual_seed(0)
+    net = torch.nn.Conv2d(3, 3, 3, padding=1)
+
+    def model(x, timestep, **_):
+        return torch.tanh(net(x)) + 1e-3 * timestep.reshape(-1, 1, 1, 1)
+    return model
+
+
+# --------------------------------------------------------------------------------------------------
+# the denoiser
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("t", [0.03, 0.5, 0.97])
+def test_frames_give_the_same_x0(t):
+    """The same flow state in the t frame (x_t at sigma = t) and the sigma frame (x_t / (1 - t) at t / (1 - t))
+    has one x0 = x_t - t v; the tensor path (``predict``) equals the host path (``denoise_at``)."""
+    model = conv_velocity()
+    x_t = torch.randn(2, 3, 5, 5, generator=torch.Generator().manual_seed(1))
+    s = t / (1 - t)
+    in_t = FlowDenoiser(model, "t").denoise_at(x_t, t)
+    in_sigma = FlowDenoiser(model, "sigma").denoise_at(x_t * (1 + s), s)
+    want = x_t - t * model(x_t, torch.full((2,), t * 1000))
+    torch.testing.assert_close(in_t, want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(in_sigma, want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(FlowDenoiser(model, "sigma")(x_t * (1 + s), torch.tensor([s, s])), want,
+                               rtol=0, atol=1e-5)
+    torch.testing.assert_close(FlowDenoiser(model, "t")(x_t, torch.tensor(t)), want, rtol=0, atol=1e-6)
+
+
+def test_c_skip_and_learned_variance():
+    """x0 = c_skip x + c_out v (what guidance_rescale reads); a 2C-channel output keeps its first C channels."""
+    model = conv_velocity()
+
+    def with_variance(x, ts, **_):
+        return torch.cat([model(x, ts), torch.full_like(x, 7.0)], dim=1)
+    x = torch.randn(1, 3, 4, 4)
+    for frame, sigma in (("t", 0.4), ("sigma", 2.0)):
+        d = FlowDenoiser(with_variance, frame)
+        t = d.flow_time(sigma)
+        v = model(x * d.c_skip(sigma), torch.full((1,), t * 1000))
+        torch.testing.assert_close(d.denoise_at(x, sigma), d.c_skip(sigma) * x - t * v, rtol=0, atol=1e-6)
+
+
+def test_timesteps_map_and_infinite_sigma():
+    """A plan's {sigma: timestep} is what the network is fed; t = 1 is the 1e10 stand-in, fed timestep 1000."""
+    seen = []
+
+    def model(x, ts, **_):
+        seen.append(float(ts[0]))
+        return torch.zeros_like(x)
+    d = FlowDenoiser(model, "sigma", timesteps={3.0: 749.0})
+    d.denoise_at(torch.ones(1, 1, 2, 2), 3.0)
+    d.denoise_at(torch.ones(1, 1, 2, 2), t_to_sigma(1.0))
+    assert seen == [749.0, 1000.0]
+    with pytest.raises(BadArgumentError, match="frame"):
+        FlowDenoiser(model, "vp")
+
+
+@pytest.mark.parametrize("sampler", sorted(REFUSED))
+def test_refused_samplers_say_why(sampler):
+    with pytest.raises(BadArgumentError, match="flow-matching"):
+        frame_for(sampler)
+
+
+def test_dynamic_shift_mu_is_diffusers_calculate_shift():
+    """The Flux / SD3 pipelines' calculate_shift: 0.5 at 256 tokens, 1.15 at 4096, linear between."""
+    assert dynamic_shift_mu(256) == pytest.approx(0.5) and dynamic_shift_mu(4096) == pytest.approx(1.15)
+    assert dynamic_shift_mu(1024) == pytest.approx(0.63)
+
+
+# --------------------------------------------------------------------------------------------------
+# every sampler on the exact flow of Gaussian data
+# --------------------------------------------------------------------------------------------------
+
+FLOW_SAMPLERS = sorted(set(SAMPLERS) - set(REFUSED))
+DETERMINISTIC = [s for s in FLOW_SAMPLERS if s not in STOCHASTIC]
+
+
+def run_named(sampler, steps, noise, shift=3.0, **options):
+    plan = named_flow_plan({"shift": shift}, steps, sampler)
+    from fastdiff.sampling import sample
+    x = sample(plan.make_denoiser(gaussian_velocity, dtype=torch.float64), noise * plan.init_noise_sigma,
+               plan.sampler, plan.sigmas, noise=NoiseSource(list(range(noise.shape[0]))), **options)
+    return x * plan.output_scale
+
+
+@pytest.mark.parametrize("sampler", DETERMINISTIC)
+def test_deterministic_samplers_follow_the_flow(sampler):
+    """The probability-flow ODE maps noise n to DATA_STD * n exactly for Gaussian data: every deterministic
+    sampler, in its frame and on its grid, gets there, and closer with more steps. A wrong frame, start scaling
+    or output scaling misses by O(1)."""
+    noise = torch.randn(4, 1, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    errors = [float((run_named(sampler, n, noise) - DATA_STD * noise).abs().max()) for n in (10, 40)]
+    assert errors[1] < 0.1 and errors[1] < errors[0] / 2, errors   # (observed 7e-4 .. 0.08 at 40 steps)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde", "dpmpp_sde",
+                                     "dpmpp_2s_ancestral"])
+def test_stochastic_samplers_draw_the_data_distribution(sampler):
+    """Ancestral / SDE samplers in the sigma frame re-noise along the flow path: on Gaussian data their samples
+    get the data's std at 100 steps (observed 0.475 .. 0.511 for 0.5; at 10 steps 0.32 .. 0.44, the few-step
+    under-dispersion of ancestral sampling). (lcm, a consistency sampler, under-disperses whatever the steps.)"""
+    noise = torch.randn(4000, 1, 1, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    x = run_named(sampler, 100, noise)
+    assert float(x.std()) == pytest.approx(DATA_STD, rel=0.06)
+
+
+def test_named_grid_is_flow_match_euler():
+    """sampler="euler" on a flow model is diffusers' FlowMatchEuler with the model's shift; leading / trailing
+    spacings are refused (no training table)."""
+    from fastdiff.scheduler_config import plan_from_scheduler_config
+
+    want = plan_from_scheduler_config({"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0}, 7)
+    got = named_flow_plan({"flow_shift": 3.0}, 7, "euler")
+    torch.testing.assert_close(got.sigmas, want.sigmas)
+    assert got.denoiser_options["timesteps"] == want.denoiser_options["timesteps"]
+    # the solvers' flow grid: from one training step below t = 1 (sigma = 2997 at shift 3), in sigma units
+    for schedule in (None, "karras"):
+        solver = named_flow_plan({"shift": 3.0}, 7, "dpmpp_2m", schedule)
+        assert solver.denoiser_options["frame"] == "sigma" and float(solver.sigmas[0]) == pytest.approx(2997, rel=1e-3)
+    dpm = plan_from_scheduler_config({"_class_name": "DPMSolverMultistepScheduler", "use_flow_sigmas": True,
+                                      "prediction_type": "flow_prediction", "flow_shift": 3.0}, 7)
+    torch.testing.assert_close(named_flow_plan({"flow_shift": 3.0}, 7, "unipc").sigmas, dpm.sigmas)
+    with pytest.raises(BadArgumentError, match="no training timestep table"):
+        named_flow_plan({}, 7, "euler", "trailing")
+
+
+# --------------------------------------------------------------------------------------------------
+# a diffusers folder with a flow-matching scheduler, end to end
+# --------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def flow_unet(tmp_path_factory):
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(32, 64),
+                                 layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                                 up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=32)
+    perturb_(unet)
+    return unet
+
+
+def make_folder(tmp_path, unet, scheduler):
+    unet.save_pretrained(tmp_path / "unet")
+    scheduler.save_pretrained(tmp_path / "scheduler")
+    return str(tmp_path)
+
+
+@torch.no_grad()
+def diffusers_loop(unet, scheduler, steps, seeds, mu=None):
+    from diffusers.utils.torch_utils import randn_tensor
+
+    scheduler.set_timesteps(steps, **({} if mu is None else {"mu": mu}))
+    x = randn_tensor((len(seeds), 3, 8, 8), generator=[torch.Generator().manual_seed(s) for s in seeds])
+    for t in scheduler.timesteps:
+        x = scheduler.step(unet(x, t).sample, t, x).prev_sample
+    return x
+
+
+FOLDER_CASES = [
+    ("FlowMatchEulerDiscreteScheduler", dict(shift=3.0), 1),
+    ("FlowMatchEulerDiscreteScheduler", dict(shift=3.0), 6),
+    ("FlowMatchEulerDiscreteScheduler", dict(use_dynamic_shifting=True, base_image_seq_len=16,
+                                             max_image_seq_len=256), 5),
+    ("FlowMatchHeunDiscreteScheduler", dict(shift=2.0), 4),
+    ("DPMSolverMultistepScheduler", dict(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0), 6),
+    ("UniPCMultistepScheduler", dict(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0), 6),
+]
+
+
+@pytest.mark.parametrize("cls,config,steps", FOLDER_CASES)
+def test_flow_folder_equals_diffusers(flow_unet, tmp_path, cls, config, steps):
+    """fastdiff.load(folder).generate(seeds=...) equals diffusers' scheduler loop on the same UNet, seed for seed.
+    With use_dynamic_shifting the Pipeline computes mu from the latent's token count (8 x 8 = 64 here), as the
+    Flux / SD3 pipelines do."""
+    import diffusers
+
+    import fastdiff
+
+    scheduler = getattr(diffusers, cls)(**config)
+    pipe = fastdiff.load(make_folder(tmp_path, flow_unet, scheduler))
+    assert pipe.spec.prediction_type == "flow_prediction"
+    mu = dynamic_shift_mu(64, 16, 256) if config.get("use_dynamic_shifting") else None
+    want = diffusers_loop(flow_unet, scheduler, steps, [5, 6], mu)
+    got = pipe.generate(seeds=[5, 6], steps=steps, progress=False)
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
+
+
+def test_named_samplers_on_a_flow_folder(flow_unet, tmp_path):
+    """Every sampler but the refused ones runs on a flow-matching folder (finite, and the 2nd-order ones near
+    the 40-step Euler result); a refused one says why."""
+    import diffusers
+
+    import fastdiff
+
+    pipe = fastdiff.load(make_folder(tmp_path, flow_unet, diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)))
+    ref = pipe.generate(seeds=[1], steps=40, sampler="euler", progress=False)
+    for sampler in FLOW_SAMPLERS:
+        out = pipe.generate(seeds=[1], steps=12, sampler=sampler, progress=False)
+        assert torch.isfinite(out).all(), sampler
+        if sampler in ("heun", "dpmpp_2m", "unipc", "dpm_solver", "deis"):
+            assert float((out - ref).abs().max()) < 0.1 * float(ref.abs().max()), sampler
+    with pytest.raises(BadArgumentError, match="tcd"):
+        pipe.generate(seeds=[1], steps=4, sampler="tcd", progress=False)
+
+
+def test_prediction_type_override_gives_a_flow_scheduler():
+    """load(..., prediction_type="flow_prediction") on a checkpoint with a beta schedule: the schedule becomes
+    FlowMatchEuler's (a beta table means nothing to a flow network), and generate() runs its Euler."""
+    import fastdiff
+
+    pipe = fastdiff.load("arch:tiny-sd-unet", prediction_type="flow_prediction")
+    assert pipe.spec.scheduler["_class_name"] == "FlowMatchEulerDiscreteScheduler"
+    plan = pipe.plan(4)
+    assert plan.sampler == "euler" and plan.denoiser_kind == "flow" and math.isclose(float(plan.sigmas[0]), 1.0)
