@@ -62,7 +62,8 @@ def t_to_sigma(t: float) -> float:
 def shift_times(t, shift: float) -> np.ndarray:
     """SD3's resolution shift: t -> shift t / (1 + (shift - 1) t) (more steps at high noise for shift > 1)."""
     t = np.asarray(t, dtype=np.float64)
-    return shift * t / (1 + (shift - 1) * t)
+    with np.errstate(divide="ignore", invalid="ignore"):  # a degenerate setting: NaN, which the plan refuses
+        return shift * t / (1 + (shift - 1) * t)
 
 
 def time_shift(t, mu: float, kind: str = "exponential") -> np.ndarray:
@@ -70,17 +71,24 @@ def time_shift(t, mu: float, kind: str = "exponential") -> np.ndarray:
     above with shift = e^mu) or mu / (mu + (1/t - 1)) ("linear")."""
     t = np.asarray(t, dtype=np.float64)
     if kind == "exponential":
-        return math.exp(mu) / (math.exp(mu) + (1 / t - 1))
+        if abs(mu) > 100:  # e^mu overflows past 709; beyond 100 every time is 0 or 1 anyway
+            raise BadArgumentError(f"mu: expected a dynamic shift in [-100, 100] (Flux's are 0.5 .. 1.15), found {mu}")
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return math.exp(mu) / (math.exp(mu) + (1 / t - 1))
     if kind == "linear":
-        return mu / (mu + (1 / t - 1))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return mu / (mu + (1 / t - 1))
     raise BadArgumentError(f"time_shift_type: expected 'exponential' or 'linear', found {kind!r}")
 
 
 def stretch_to_terminal(t, terminal: float) -> np.ndarray:
     """LTX-Video's ``shift_terminal``: rescale 1 - t so that the last time is ``terminal``."""
+    if not 0 < terminal < 1:  # (at 1 every time but the last is 1: one step and wasted network calls)
+        raise BadArgumentError(f"shift_terminal: expected a final time in (0, 1), found {terminal}")
     t = np.asarray(t, dtype=np.float64)
     one_minus = 1 - t
-    return 1 - one_minus / (one_minus[-1] / (1 - terminal))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return 1 - one_minus / (one_minus[-1] / (1 - terminal))
 
 
 def dynamic_shift_mu(seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096, base_shift: float = 0.5,

@@ -33,6 +33,11 @@ def flow_plan(name: str, sampler: str, times, frame: str, options: dict, timeste
     The latents are x_t at times[0] (diffusers starts from pure noise whatever times[0] is); the output is x_t at
     times[-1]. ``timesteps``: what the network is fed at each time but the last."""
     times = [float(t) for t in times]
+    if not all(0 <= t <= 1 for t in times) or any(b > a for a, b in zip(times, times[1:])) or times[0] == times[-1]:
+        # (a shift <= 0, a linear time shift with mu <= 0, shift_terminal at 1 step or >= 1: NaN, rising or flat)
+        raise BadArgumentError(f"{name}: its shift settings give the flow times {[round(t, 4) for t in times]}; "
+                               f"expected times falling from at most 1 to at least 0; check shift / flow_shift, "
+                               f"mu, time_shift_type and shift_terminal")
     sigmas = times if frame == "t" else [t_to_sigma(t) for t in times]
     dopts = dict(frame=frame, num_train_timesteps=num_train_timesteps,
                  timesteps={s: float(ts) for s, ts in zip(sigmas, timesteps)}, **denoiser_options)
@@ -162,7 +167,7 @@ def named_flow_plan(config: dict, steps: int, sampler: str, schedule: Optional[s
     name = "FlowMatchEulerDiscreteScheduler"
     keys = ("num_train_timesteps", "use_dynamic_shifting", "time_shift_type", "shift_terminal")
     own = {k: config[k] for k in keys if config.get(k) is not None}
-    own["shift"] = config.get("shift", config.get("flow_shift", 1.0))
+    own["shift"] = next((config[k] for k in ("shift", "flow_shift") if config.get(k) is not None), 1.0)
     c = _Config({**_COMMON, **_DEFAULTS[name], **own, "use_karras_sigmas": schedule == "karras" and frame == "t",
                  "use_exponential_sigmas": schedule == "exponential" and frame == "t"}, name)
     c.mu = mu
@@ -175,6 +180,8 @@ def named_flow_plan(config: dict, steps: int, sampler: str, schedule: Optional[s
         t = time_shift(t[1:], mu, c["time_shift_type"]) if c["use_dynamic_shifting"] else \
             shift_times(t[1:], float(c["shift"]))
         t = np.flip(t).copy()
+        if c["shift_terminal"]:
+            t = stretch_to_terminal(t, float(c["shift_terminal"]))
         if schedule in ("karras", "exponential"):
             s = convert_sigmas(schedule, steps, t_to_sigma(t[-1]), t_to_sigma(t[0]))
             t = s / (1 + s)

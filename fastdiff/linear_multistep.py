@@ -176,13 +176,15 @@ def sample_plms(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=No
     return x
 
 
-def _integrate(x, s, s_next, history, k, weights):
+def _integrate(denoised, s, s_next, history, k, weights):
     """x + sum_j c_j o_j over the newest ``k`` (sigma, output) pairs of ``history`` (newest last), the weights
-    from ``weights(nodes newest first, s, s_next)``. (Zero-length steps never enter a history, so its sigmas
-    are distinct interpolation nodes.)"""
+    from ``weights(nodes newest first, s, s_next)``, where x = denoised + s o_0 (o_0 = (x - denoised) / s, the
+    newest output). Written as denoised + (s + c_0) o_0 + sum_{j>0} c_j o_j: at a large sigma (a flow model's
+    sigma frame starts at 3000) x and c_0 o_0 nearly cancel, which cost float32 three digits. (Zero-length
+    steps never enter a history, so its sigmas are distinct interpolation nodes.)"""
     newest = history[::-1][:k]
     c = weights([sj for sj, _ in newest], s, s_next)
-    return combine([(1.0, x)] + [(cj, oj) for cj, (_, oj) in zip(c, newest)])
+    return combine([(1.0, denoised), (s + c[0], newest[0][1])] + [(cj, oj) for cj, (_, oj) in zip(c[1:], newest[1:])])
 
 
 @torch.no_grad()
@@ -201,7 +203,7 @@ def sample_lms(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=Non
         if s == s_next:                                # a zero-length step (x and D as at the last one; at 0: x0)
             continue
         ds.append((s, _eps(x, denoised, s)))
-        x = _integrate(x, s, s_next, list(ds), len(ds), lms_weights)
+        x = _integrate(denoised, s, s_next, list(ds), len(ds), lms_weights)
     return x
 
 
@@ -225,5 +227,5 @@ def sample_deis(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=No
         if s_next == s:                                # a zero-length step (a grid ending at sigma_min, or at 0)
             continue
         eps.append((s, _eps(x, denoised, s)))
-        x = _integrate(x, s, s_next, list(eps), multistep_order(i, n, order, lower_order_final), deis_weights)
+        x = _integrate(denoised, s, s_next, list(eps), multistep_order(i, n, order, lower_order_final), deis_weights)
     return x

@@ -16,7 +16,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .errors import BadArgumentError, UnsupportedConfigError
-from .spec import ModelSpec
+from .spec import ModelSpec, is_flow_scheduler
 from .state_update import update_impl
 from .utils.checks import finite_number
 
@@ -147,9 +147,12 @@ class Pipeline:
             return None
         h, w = self.spec.sample_size if size is None else size
         patch = int(self.spec.model_config.get("patch_size") or 1)
-        return dynamic_shift_mu((h // patch) * (w // patch), int(s.get("base_image_seq_len", 256)),
-                                int(s.get("max_image_seq_len", 4096)), float(s.get("base_shift", 0.5)),
-                                float(s.get("max_shift", 1.15)))
+
+        def setting(key, default):  # (diffusers' signature allows None for these)
+            return default if s.get(key) is None else s[key]
+        return dynamic_shift_mu((h // patch) * (w // patch), int(setting("base_image_seq_len", 256)),
+                                int(setting("max_image_seq_len", 4096)), float(setting("base_shift", 0.5)),
+                                float(setting("max_shift", 1.15)))
 
     def _base_plan(self, steps: int, sampler: Optional[str], schedule: Optional[str], mu: Optional[float] = None):
         from .sampling import get_sigmas, plan_from_scheduler_config
@@ -157,6 +160,10 @@ class Pipeline:
         from .schedules import SPACINGS
 
         flow = self.spec.prediction_type == "flow_prediction"
+        if flow != is_flow_scheduler(self.spec.scheduler) and self.spec.prediction_type != "edm":
+            raise UnsupportedConfigError("prediction_type", self.spec.prediction_type,
+                                         supported="flow_prediction with a flow-matching scheduler (FlowMatch*, "
+                                         "use_flow_sigmas), and only with one", model="ModelSpec")
         if sampler is None and self.spec.prediction_type == "edm":
             sampler = "edm"  # EDM's own 2nd-order Heun sampler on the Karras grid (its published setting)
         train_steps = int(self.spec.scheduler.get("num_train_timesteps", 1000))

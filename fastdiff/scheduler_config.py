@@ -18,8 +18,10 @@ HeunDiscreteScheduler, DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler
 UniPCMultistepScheduler, EDMEulerScheduler, PNDMScheduler (Stable Diffusion 1.x's default), LMSDiscreteScheduler,
 LCMScheduler (latent consistency models, LCM-LoRA), KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler,
 DEISMultistepScheduler, DPMSolverSDEScheduler (its noise drawn from the samples' own generators, not torchsde),
-EDMDPMSolverMultistepScheduler, CMStochasticIterativeScheduler (consistency models), TCDScheduler.
-Anything else raises ``UnsupportedConfigError``.
+EDMDPMSolverMultistepScheduler, CMStochasticIterativeScheduler (consistency models), TCDScheduler, and flow
+matching: FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler and the solvers' ``use_flow_sigmas``
+variant (``fastdiff.flow_schedulers``). Karras, exponential and beta (``use_beta_sigmas``, needs scipy) grids
+wherever diffusers offers them. Anything else raises ``UnsupportedConfigError``.
 """
 
 from __future__ import annotations

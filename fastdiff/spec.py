@@ -17,6 +17,12 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "edm", "flow_prediction
 # diffusers schedulers of flow-matching networks (their configs carry no prediction_type: it is always velocity)
 FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
 
+
+def is_flow_scheduler(config: Optional[dict]) -> bool:
+    """A scheduler config of a flow-matching network: a FlowMatch class, or a solver with ``use_flow_sigmas``."""
+    config = config or {}
+    return config.get("_class_name") in FLOW_SCHEDULERS or bool(config.get("use_flow_sigmas"))
+
 # diffusers DDPMScheduler defaults: what a model folder without a scheduler was most likely trained with.
 DEFAULT_SCHEDULER = {
     "_class_name": "DDPMScheduler",

@@ -240,3 +240,33 @@ def test_prediction_type_override_gives_a_flow_scheduler():
     assert pipe.spec.scheduler["_class_name"] == "FlowMatchEulerDiscreteScheduler"
     plan = pipe.plan(4)
     assert plan.sampler == "euler" and plan.denoiser_kind == "flow" and math.isclose(float(plan.sigmas[0]), 1.0)
+
+
+def test_prediction_type_must_agree_with_a_flow_scheduler(flow_unet, tmp_path):
+    """A flow folder loaded with prediction_type="epsilon" ran the default plan as a velocity model and named
+    samplers as epsilon on a beta table it does not have: refused. So is a solver config with use_flow_sigmas
+    whose prediction type is not flow_prediction."""
+    import diffusers
+
+    import fastdiff
+
+    folder = make_folder(tmp_path, flow_unet, diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0))
+    with pytest.raises(BadArgumentError, match="flow-matching scheduler"):
+        fastdiff.load(folder, prediction_type="epsilon")
+    pipe = fastdiff.load(folder, scheduler={"_class_name": "DPMSolverMultistepScheduler", "use_flow_sigmas": True,
+                                            "prediction_type": "epsilon"})
+    with pytest.raises(Exception, match="prediction_type"):
+        pipe.generate(seeds=[1], steps=4, sampler="euler", progress=False)
+
+
+def test_named_solver_grid_keeps_shift_terminal_and_none_settings():
+    """The sigma-frame grid of a named sampler ends at shift_terminal as the t-frame one does (it was dropped);
+    None settings, which diffusers' signature allows, fall back to the defaults."""
+    for sampler in ("euler", "dpmpp_2m"):
+        plan = named_flow_plan({"shift": 2.0, "shift_terminal": 0.1}, 6, sampler)
+        assert plan.denoiser_options["frame"] == frame_for(sampler)
+        assert plan.denoiser_kind == "flow"
+        last = float(plan.sigmas[-2])
+        assert (last if frame_for(sampler) == "t" else last / (1 + last)) == pytest.approx(0.1, rel=1e-5)
+    torch.testing.assert_close(named_flow_plan({"shift": None, "flow_shift": 3.0}, 5, "euler").sigmas,
+                               named_flow_plan({"shift": 3.0}, 5, "euler").sigmas)

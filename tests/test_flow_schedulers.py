@@ -123,3 +123,21 @@ def test_flow_plan_frames():
     assert dpm.sampler == "dpmpp_2m" and float(dpm.sigmas[0]) < 1e4   # its grid starts below t = 1
     # diffusers feeds the solvers int64 timesteps: t * 1000 truncated
     assert all(t == int(t) for t in dpm.denoiser_options["timesteps"].values())
+
+
+@pytest.mark.parametrize("cls,config,steps,mu", [
+    ("FlowMatchEulerDiscreteScheduler", dict(shift=2.0, shift_terminal=0.1), 1, None),     # 0 / 0
+    ("FlowMatchEulerDiscreteScheduler", dict(shift_terminal=1.0), 6, None),                # every time 1
+    ("FlowMatchEulerDiscreteScheduler", dict(use_dynamic_shifting=True, time_shift_type="linear"), 4, 0.0),
+    ("FlowMatchEulerDiscreteScheduler", dict(use_dynamic_shifting=True), 4, 800.0),       # e^800 overflows
+    ("FlowMatchEulerDiscreteScheduler", dict(shift=-1.0), 4, None),
+    ("UniPCMultistepScheduler", dict(FLOW, shift_terminal=0.1), 1, None),
+    ("UniPCMultistepScheduler", dict(FLOW, flow_shift=-2.0), 4, None),
+])
+def test_degenerate_flow_grids_are_refused(cls, config, steps, mu):
+    """Shift settings that give NaN, rising or flat flow times were a NaN grid (a sample-time error about NaN
+    sigmas), a raw OverflowError or five wasted network calls: now a BadArgumentError naming the settings."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                    # and no numpy warning on the way
+        with pytest.raises(BadArgumentError, match="shift|mu"):
+            plan_from_scheduler_config({"_class_name": cls, **config}, steps, mu=mu)

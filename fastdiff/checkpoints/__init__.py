@@ -146,7 +146,7 @@ def _check_load_args(device, dtype, num_heads, head_channels, scheduler):
 
 def _override_sampling(spec, scheduler: Optional[dict], prediction_type: Optional[str]) -> None:
     """The caller's scheduler config / prediction type in place of what the checkpoint said."""
-    from ..spec import FLOW_SCHEDULERS
+    from ..spec import FLOW_SCHEDULERS, is_flow_scheduler
 
     if spec.prediction_type == "edm" and prediction_type is not None:
         raise BadArgumentError(f"prediction_type={prediction_type!r} does not apply to an EDM network: it is "
@@ -164,9 +164,12 @@ def _override_sampling(spec, scheduler: Optional[dict], prediction_type: Optiona
                                    f"'flow_prediction', found {prediction_type!r}")
         spec.prediction_type = prediction_type
         # scheduler-config plans read the scheduler's own field: keep the two in agreement
+        if prediction_type != "flow_prediction" and is_flow_scheduler(spec.scheduler):
+            raise BadArgumentError(f"prediction_type={prediction_type!r} with the flow-matching scheduler "
+                                   f"{spec.scheduler.get('_class_name')}: a flow network predicts the velocity; pass "
+                                   f"scheduler= with a beta schedule for a network that predicts {prediction_type}")
         spec.scheduler = {**(spec.scheduler or {}), "prediction_type": prediction_type}
-        flow_capable = spec.scheduler.get("_class_name") in FLOW_SCHEDULERS or spec.scheduler.get("use_flow_sigmas")
-        if prediction_type == "flow_prediction" and not flow_capable:
+        if prediction_type == "flow_prediction" and not is_flow_scheduler(spec.scheduler):
             # a beta schedule means nothing to a flow network: diffusers' flow-matching Euler on its time range
             spec.scheduler = {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 1.0,
                               "num_train_timesteps": int(spec.scheduler.get("num_train_timesteps", 1000))}
