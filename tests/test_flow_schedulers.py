@@ -1,7 +1,8 @@
 """Flow-matching schedulers, and beta sigma grids: fastdiff's plans vs the diffusers schedulers themselves.
 
 The harness is ``test_scheduler_parity``'s: the same tiny network and latents on both sides, diffusers 0.3x-0.4x,
-max|diff| / max|ref| <= 1e-4 in float32 (observed 6e-8 .. 2e-5; DEIS's 2e-5 is diffusers' float32 arithmetic).
+max|diff| / max|ref| <= 1e-4 in float32 (observed 6e-8 .. 2e-5; DEIS's 2e-5 is diffusers' float32 arithmetic, see
+test_deis_flow_equals_diffusers_in_float64).
 """
 
 import inspect
@@ -141,3 +142,29 @@ def test_degenerate_flow_grids_are_refused(cls, config, steps, mu):
         warnings.simplefilter("error")                    # and no numpy warning on the way
         with pytest.raises(BadArgumentError, match="shift|mu"):
             plan_from_scheduler_config({"_class_name": cls, **config}, steps, mu=mu)
+
+
+@pytest.mark.parametrize("steps,train_steps", [(4, 1000), (5, 4000)])
+def test_deis_flow_equals_diffusers_in_float64(steps, train_steps):
+    """DEIS with flow sigmas at few steps is 1.2e-4 (T = 1000) to 5e-4 (T = 4000) off diffusers' float32 run. That
+    is diffusers' own float32 error: its run in float64 (network and sigmas) is as far from its float32 run, and
+    fastdiff in float32 is 1.5e-7 from that float64 run."""
+    import numpy as np
+
+    config = dict(FLOW, flow_shift=3.0, num_train_timesteps=train_steps)
+    sched = diffusers.DEISMultistepScheduler(**config)
+    sched.set_timesteps(steps)
+    ramp = 1 - np.linspace(1, 1 / train_steps, steps + 1)
+    t = np.flip(3.0 * ramp / (1 + 2.0 * ramp))[:-1].copy()
+    sched.sigmas = torch.from_numpy(np.concatenate([t, t[-1:]]))          # the exact grid, in float64
+    model = TinyNet()
+    model64 = TinyNet().double()
+    gens = [torch.Generator().manual_seed(s) for s in SEEDS]
+    x = randn_tensor((len(SEEDS),) + SHAPE, generator=gens).double()
+    with torch.no_grad():
+        for ts in sched.timesteps:
+            x = sched.step(model64(x, ts), ts, x).prev_sample
+    plan = plan_from_scheduler_config(config, steps, class_name="DEISMultistepScheduler")
+    src = NoiseSource(SEEDS)
+    got = plan.sample(plan.make_denoiser(model), src.randn(SHAPE), noise=src).double()
+    assert float((got - x).abs().max() / x.abs().max()) < 1e-6
