@@ -15,7 +15,11 @@ velocity v = noise - x0 at timestep t * num_train_timesteps. The same state in t
   Scheduler`` / ``FlowMatchHeunDiscreteScheduler`` and ComfyUI do. (Euler is the same method in both frames;
   Heun is not, and from t = 1 it exists only in the t frame: its trapezoid in sigma spans an infinite step.)
 
-``FRAMES`` says which frame each sampler runs in; ``REFUSED`` the samplers that have no meaning here.
+``frame_for`` says which frame each sampler runs in; ``REFUSED`` the samplers that have no meaning here.
+
+Two time conventions are read (``TIME_CONVENTIONS``): diffusers' (t = 1 is noise, timestep 1000 t, v = noise - x0)
+and SiT's / the stochastic-interpolant and torchcfm codebases' ("sit": t = 0 is noise, t = 1 data, the network
+takes t itself and predicts data - noise). Samplers always see diffusers' t; the denoiser translates.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from .denoiser import Denoiser, _model_dtype, _split_learned_variance, _to_state
 from .errors import BadArgumentError
 
 INFINITE_SIGMA = 1e10  # t = 1 in the sigma frame (t = 1 - 1e-10 to float64; 1.0 in float32)
+TIME_CONVENTIONS = ("diffusers", "sit")
 
 # samplers that integrate a polynomial in sigma: the t frame (where d is the velocity); every other one: sigma frame
 T_FRAME_SAMPLERS = ("euler", "heun", "edm", "dpm_2", "lms", "plms")
@@ -113,16 +118,20 @@ class FlowDenoiser(Denoiser):
         timesteps: {sigma: timestep} for the grid's sigmas, as the scheduler that made the grid feeds them (its
             float32 products, or diffusers' int64 truncation in the DPM-Solver / UniPC flow variants).
         clip_sample / thresholding / dynamic_thresholding_ratio / sample_max_value: x0 post-processing.
+        time_convention: "diffusers" or "sit" (the network takes 1 - t, unscaled, and predicts x0 - noise).
         dtype: the network's dtype (default: its parameters' dtype).
     """
 
     def __init__(self, model, frame: str = "sigma", *, num_train_timesteps: int = 1000,
                  timesteps: Optional[dict] = None, clip_sample: Optional[float] = None, thresholding: bool = False,
                  dynamic_thresholding_ratio: float = 0.995, sample_max_value: float = 1.0,
-                 dtype: Optional[torch.dtype] = None):
+                 time_convention: str = "diffusers", dtype: Optional[torch.dtype] = None):
         if frame not in ("sigma", "t"):
             raise BadArgumentError(f"frame: expected 'sigma' or 't', found {frame!r}")
+        if time_convention not in TIME_CONVENTIONS:
+            raise BadArgumentError(f"time_convention: expected one of {TIME_CONVENTIONS}, found {time_convention!r}")
         self.model, self.frame = model, frame
+        self.sit = time_convention == "sit"
         self.num_train_timesteps = int(num_train_timesteps)
         self.timesteps = {float(k): float(v) for k, v in (timesteps or {}).items()}
         self.dtype = _model_dtype(model, dtype)
@@ -138,16 +147,20 @@ class FlowDenoiser(Denoiser):
         """x0 = c_skip x + c_out v: x_t = x / (1 + sigma) in the sigma frame, x itself in the t frame."""
         return sigma * 0 + 1 if self.frame == "t" else 1 / (1 + sigma)
 
+    def network_timestep(self, t):
+        """What the network is fed at flow time t (diffusers' t)."""
+        return 1 - t if self.sit else t * self.num_train_timesteps
+
     def predict_at(self, x, sigma: float, **cond):
         sigma = float(sigma)
         t = self.flow_time(sigma)
-        timestep = self.timesteps.get(sigma, t * self.num_train_timesteps)
+        timestep = self.timesteps.get(sigma, self.network_timestep(t))
         ts = cached_timesteps(self._timestep_tensors, timestep, x)
         c_in = self.c_skip(sigma)                              # the network sees x_t
         inp = x if c_in == 1 else x * c_in
         out = self.model(inp if inp.dtype == self.dtype else inp.to(self.dtype), ts, **cond)
         out = _to_state(_split_learned_variance(out, x.shape[1]), x)
-        return torch.add(inp, out, alpha=-t)                   # x0 = x_t - t v
+        return torch.add(inp, out, alpha=t if self.sit else -t)   # x0 = x_t - t v (SiT's v has the other sign)
 
     def predict(self, x, sigma, **cond):
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
@@ -156,5 +169,6 @@ class FlowDenoiser(Denoiser):
         t = self.flow_time(sigma.to(torch.float64)).to(torch.float32)
         s = t.reshape(-1, *([1] * (x.ndim - 1)))
         x_t = x if self.frame == "t" else x * (1 - s)          # 1 / (1 + sigma) = 1 - t
-        out = self.model(x_t.to(self.dtype), t * self.num_train_timesteps, **cond)
-        return x_t - s * _split_learned_variance(out, x.shape[1]).to(torch.float32)
+        out = self.model(x_t.to(self.dtype), self.network_timestep(t), **cond)
+        v = _split_learned_variance(out, x.shape[1]).to(torch.float32)
+        return x_t + s * v if self.sit else x_t - s * v

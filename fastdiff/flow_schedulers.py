@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .errors import BadArgumentError, UnsupportedConfigError
-from .flow import frame_for, shift_times, stretch_to_terminal, t_to_sigma, time_shift
+from .flow import TIME_CONVENTIONS, frame_for, shift_times, stretch_to_terminal, t_to_sigma, time_shift
 from . import schedules
 from .scheduler_config import (_COMMON, _DEFAULTS, SamplingPlan, _alphas_cumprod, _Config, _f32, _table,
                                _threshold_opts, convert_sigmas)
@@ -33,6 +33,8 @@ def flow_plan(name: str, sampler: str, times, frame: str, options: dict, timeste
     The latents are x_t at times[0] (diffusers starts from pure noise whatever times[0] is); the output is x_t at
     times[-1]. ``timesteps``: what the network is fed at each time but the last."""
     times = [float(t) for t in times]
+    if denoiser_options.get("time_convention", "diffusers") == "sit":  # the network's own time: 1 - t, unscaled
+        timesteps = [1 - t for t in times[:-1]]
     if not all(0 <= t <= 1 for t in times) or any(b > a for a, b in zip(times, times[1:])) or times[0] == times[-1]:
         # (a shift <= 0, a linear time shift with mu <= 0, shift_terminal at 1 step or >= 1: NaN, rising or flat)
         raise BadArgumentError(f"{name}: its shift settings give the flow times {[round(t, 4) for t in times]}; "
@@ -49,6 +51,11 @@ def flow_plan(name: str, sampler: str, times, frame: str, options: dict, timeste
 # --------------------------------------------------------------------------------------------------
 # FlowMatchEuler / FlowMatchHeun
 # --------------------------------------------------------------------------------------------------
+
+def _convention(c: _Config) -> dict:
+    """The network's time convention (fastdiff's ``flow_time_convention`` key; diffusers' configs lack it)."""
+    return dict(time_convention=c.choice("flow_time_convention", TIME_CONVENTIONS))
+
 
 def _check_mu(c: _Config) -> None:
     """FlowMatchEuler and UniPC refuse to shift dynamically without a mu (diffusers raises too)."""
@@ -91,13 +98,14 @@ def flow_match_euler(c: _Config, n: int) -> SamplingPlan:
     times, timesteps = flow_match_times(c, n)
     T = int(c["num_train_timesteps"])
     if c["stochastic_sampling"]:                       # x' = (1 - t') x0 + t' noise: lcm in the sigma frame
-        return flow_plan(c.name, "lcm", times, "sigma", {}, timesteps, num_train_timesteps=T)
-    return flow_plan(c.name, "euler", times, "t", {}, timesteps, num_train_timesteps=T)
+        return flow_plan(c.name, "lcm", times, "sigma", {}, timesteps, num_train_timesteps=T, **_convention(c))
+    return flow_plan(c.name, "euler", times, "t", {}, timesteps, num_train_timesteps=T, **_convention(c))
 
 
 def flow_match_heun(c: _Config, n: int) -> SamplingPlan:
     times, timesteps = flow_match_times(c, n)
-    return flow_plan(c.name, "heun", times, "t", {}, timesteps, num_train_timesteps=int(c["num_train_timesteps"]))
+    return flow_plan(c.name, "heun", times, "t", {}, timesteps, num_train_timesteps=int(c["num_train_timesteps"]),
+                     **_convention(c))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -136,7 +144,7 @@ def solver_flow_plan(c: _Config, n: int, sampler: str, options: dict) -> Samplin
     timesteps = np.floor(t * T)                        # diffusers' int64 cast of t * T
     dopts = _threshold_opts(c, False)
     return flow_plan(c.name, sampler, _f32(np.append(t, last)), "sigma", options, timesteps, num_train_timesteps=T,
-                     **dopts)
+                     **dopts, **_convention(c))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -165,7 +173,7 @@ def named_flow_plan(config: dict, steps: int, sampler: str, schedule: Optional[s
         raise BadArgumentError(f"schedule {schedule!r} on a flow-matching model: expected one of "
                                f"{[s for s in NAMED_SCHEDULES if s]} (it has no training timestep table to space)")
     name = "FlowMatchEulerDiscreteScheduler"
-    keys = ("num_train_timesteps", "use_dynamic_shifting", "time_shift_type", "shift_terminal")
+    keys = ("num_train_timesteps", "use_dynamic_shifting", "time_shift_type", "shift_terminal", "flow_time_convention")
     own = {k: config[k] for k in keys if config.get(k) is not None}
     own["shift"] = next((config[k] for k in ("shift", "flow_shift") if config.get(k) is not None), 1.0)
     c = _Config({**_COMMON, **_DEFAULTS[name], **own, "use_karras_sigmas": schedule == "karras" and frame == "t",
@@ -187,4 +195,4 @@ def named_flow_plan(config: dict, steps: int, sampler: str, schedule: Optional[s
             t = s / (1 + s)
         t32 = torch.from_numpy(t).to(torch.float32)
         times, timesteps = np.append(t32.double().numpy(), 0.0), (t32 * T).double().numpy()
-    return flow_plan("named", sampler, times, frame, {}, timesteps, num_train_timesteps=T)
+    return flow_plan("named", sampler, times, frame, {}, timesteps, num_train_timesteps=T, **_convention(c))

@@ -48,7 +48,8 @@ _COMMON = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_sc
                use_beta_sigmas=False, use_lu_lambdas=False, use_flow_sigmas=False, use_dynamic_shifting=False,
                final_sigmas_type="zero", timestep_spacing="linspace", variance_type=None,
                lambda_min_clipped=-math.inf, sigma_min=None, sigma_max=None, flow_shift=1.0,
-               time_shift_type="exponential", shift_terminal=None)
+               time_shift_type="exponential", shift_terminal=None,
+               flow_time_convention="diffusers")  # fastdiff's key: "sit" for SiT-convention flow networks
 
 # Per-class defaults that differ from _COMMON (diffusers 0.3x-0.4x signatures).
 _DEFAULTS = {
