@@ -316,3 +316,62 @@ def test_sit_checkpoint_follows_sits_euler_ode(cfg_scale):
     # and generate() runs it on its own (FlowMatchEuler) grid
     assert torch.isfinite(pipe.generate(seeds=seeds, class_labels=labels, cfg_scale=cfg_scale, steps=4,
                                         progress=False)).all()
+
+
+# --------------------------------------------------------------------------------------------------
+# the runtime: captured loops, the Engine, ONNX
+# --------------------------------------------------------------------------------------------------
+
+FLOW_DIT = {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0}
+
+
+@pytest.mark.parametrize("scope", ["step", "loop"])
+@pytest.mark.parametrize("sampler", ["euler", "heun", "dpmpp_2m", "euler_ancestral"])
+def test_flow_dit_in_captured_graphs_equals_eager(scope, sampler):
+    """A flow DiT under cuda_graphs (a stand-in graph on the CPU) equals eager in both frames. In a captured loop
+    with precompute_adaln every call's modulation comes from the one matmul: the FlowDenoiser hands the network
+    the same cached timestep tensors on every run, which is how the schedule recognises its calls."""
+    import fastdiff
+    from test_graph_scopes import FakeGraph
+    from test_modulation_schedule import _count
+
+    eager = fastdiff.load("arch:tiny-dit", scheduler=FLOW_DIT)
+    perturb_(eager.model, seed=3, std=0.2)
+    graphed = fastdiff.load("arch:tiny-dit", scheduler=FLOW_DIT)
+    graphed.model.load_state_dict(eager.model.state_dict())
+    graphed.optimize(cuda_graphs=True, graph_scope=scope, fuse_adaln=True, precompute_adaln=scope == "loop",
+                     batch_buckets=(1, 2, 4), graph_factory=FakeGraph)
+    per_call = _count(graphed.model, "fused_modulation")
+    kw = dict(steps=4, sampler=sampler, cfg_scale=3.0, progress=False)
+    for seeds, labels in (([1, 2, 3], [0, 4, 9]), ([5, 6, 7], [1, 2, 3])):
+        per_call.clear()
+        want = eager.generate(seeds=seeds, class_labels=labels, **kw)
+        got = graphed.generate(seeds=seeds, class_labels=labels, **kw)
+        torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
+    if scope == "loop":
+        assert graphed.precompute_adaln and per_call == []   # the second batch: a replay through the schedule
+
+
+def test_engine_and_onnx_on_a_flow_model(flow_unet, tmp_path):
+    """The Engine's sample for a seed equals generate(seeds=[seed]) on a dynamically shifted flow folder (mu
+    from the request's size), and an exported model.onnx samples as the PyTorch network does."""
+    import diffusers
+
+    import fastdiff
+
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=16,
+                                                          max_image_seq_len=256)
+    pipe = fastdiff.load(make_folder(tmp_path / "f", flow_unet, scheduler))
+    solo = [pipe.generate(seeds=[s], steps=3, height=h, width=h, progress=False)[0] for s, h in ((1, 8), (2, 16))]
+    assert pipe.plan(3, size=(8, 8)).sigmas.tolist() != pipe.plan(3, size=(16, 16)).sigmas.tolist()
+    with fastdiff.Engine(pipe, max_batch=4, max_wait_ms=5) as engine:
+        futures = [engine.submit(seed=s, steps=3, height=h, width=h) for s, h in ((1, 8), (2, 16))]
+        for future, want in zip(futures, solo):
+            torch.testing.assert_close(future.result(timeout=60), want, rtol=0, atol=1e-5)
+    pytest.importorskip("onnxruntime", reason="the ONNX path needs onnxruntime")
+    from fastdiff.export.onnx import export_onnx
+
+    result = export_onnx(pipe, None, str(tmp_path / "unet.onnx"), progress=False)
+    onnx_pipe = fastdiff.load(result.path)
+    assert onnx_pipe.spec.prediction_type == "flow_prediction"
+    torch.testing.assert_close(onnx_pipe.generate(seeds=[1], steps=3, progress=False)[0], solo[0], rtol=0, atol=1e-4)
