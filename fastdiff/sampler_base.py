@@ -7,6 +7,7 @@ Kept apart from the samplers themselves so that sampler families in their own mo
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -75,7 +76,8 @@ def host_floats(name: str, values, n: int, *, positive: bool = False) -> list:
         raise BadArgumentError(f"{name}: expected {n} values (one per step), found {len(values)}")
     out = []
     for v in values:
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool) or (torch.is_tensor(v) and v.numel() == 1)
+        # numbers.Real takes numpy scalars too (a grid's float32 values); bool, a Real subclass, is no number here
+        ok = isinstance(v, numbers.Real) and not isinstance(v, bool) or (torch.is_tensor(v) and v.numel() == 1)
         f = float(v) if ok else math.nan
         if not (math.isfinite(f) and (f > 0 or not positive)):
             raise BadArgumentError(f"{name}: expected finite numbers{' > 0' if positive else ''}, found {v!r}")

@@ -230,3 +230,17 @@ def test_plms_bad_options(options, match):
 def test_lms_bad_order(order):
     with pytest.raises(BadArgumentError, match="order"):
         sample_lms(denoiser, start(9.0), GRIDS["two_steps"], order=order)
+
+
+def test_per_step_options_take_numpy_values():
+    """A per-step list built from a NumPy grid (float32 elements) was refused as 'not a number'; bools still are."""
+    import numpy as np
+
+    grid = GRIDS["to_sigma_min"]
+    to = [float(s) for s in grid[1:]]
+    want = sample_plms(denoiser, start(9.0), grid, sigmas_to=to)
+    got = sample_plms(denoiser, start(9.0), grid, sigmas_to=list(np.asarray(to, dtype=np.float64)))
+    torch.testing.assert_close(got, want)
+    assert torch.isfinite(sample_plms(denoiser, start(9.0), grid, sigmas_to=list(np.asarray(to, dtype=np.float32)))).all()
+    with pytest.raises(BadArgumentError, match="sigmas_to"):
+        sample_plms(denoiser, start(9.0), grid, sigmas_to=[True] * len(to))

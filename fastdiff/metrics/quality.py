@@ -70,7 +70,12 @@ def quality_table(pipe, samplers: Optional[Sequence[str]] = None, nfes: Sequence
     if pipe.spec.num_classes != 10 or pipe.spec.in_channels != 1:
         raise BadArgumentError(f"quality_table needs a 10-class, 1-channel digits model (builtin:digits), found "
                                f"{pipe.spec.num_classes} classes, {pipe.spec.in_channels} channel(s)")
-    samplers = list(samplers or sorted(SAMPLERS))
+    if samplers is None:
+        samplers = sorted(SAMPLERS)
+        if pipe.spec.prediction_type == "flow_prediction":  # (tcd, dpm_2_ancestral: no meaning on a flow model)
+            from ..flow import REFUSED
+            samplers = [s for s in samplers if s not in REFUSED]
+    samplers = list(samplers)
     labels = torch.arange(10).repeat_interleave(per_class)
     seeds = [seed + i for i in range(len(labels))]
     rows = []
