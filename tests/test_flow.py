@@ -13,6 +13,7 @@ from fastdiff.noise import NoiseSource
 from fastdiff.samplers import SAMPLERS, STOCHASTIC
 from test_sampler_order import single_thread  # noqa: F401  (autouse fixture)
 from helpers import perturb_
+from test_flow_schedulers import skip_unless_diffusers_has
 
 DATA_STD = 0.5
 
@@ -204,6 +205,7 @@ def test_flow_folder_equals_diffusers(flow_unet, tmp_path, cls, config, steps):
 
     import fastdiff
 
+    skip_unless_diffusers_has(cls, config)
     scheduler = getattr(diffusers, cls)(**config)
     pipe = fastdiff.load(make_folder(tmp_path, flow_unet, scheduler))
     assert pipe.spec.prediction_type == "flow_prediction"
