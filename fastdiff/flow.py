@@ -166,9 +166,11 @@ class FlowDenoiser(Denoiser):
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
         if sigma.ndim == 0:
             sigma = sigma.expand(x.shape[0])
-        t = self.flow_time(sigma.to(torch.float64)).to(torch.float32)
+        sigma64 = sigma.to(torch.float64)
+        t = self.flow_time(sigma64).to(torch.float32)
         s = t.reshape(-1, *([1] * (x.ndim - 1)))
-        x_t = x if self.frame == "t" else x * (1 - s)          # 1 / (1 + sigma) = 1 - t
+        # 1 / (1 + sigma) from float64: at the t = 1 stand-in, 1 - t rounds to 0 in float32 where 1e-10 does not
+        x_t = x if self.frame == "t" else x * (1 / (1 + sigma64)).to(x.dtype).reshape(s.shape)
         out = self.model(x_t.to(self.dtype), self.network_timestep(t), **cond)
         v = _split_learned_variance(out, x.shape[1]).to(torch.float32)
         return x_t + s * v if self.sit else x_t - s * v

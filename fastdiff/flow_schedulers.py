@@ -75,7 +75,10 @@ def flow_match_times(c: _Config, n: int) -> tuple:
     if not c.get("use_dynamic_shifting"):
         train = shift * train / (1 + (shift - 1) * train)
     hi, lo = train[0].item(), train[-1].item()
-    t = np.linspace(hi * T, lo * T, n) / T
+    if c.get("flow_time_convention") == "sit":        # SiT's own Euler grid: n even steps from 1 down to 0
+        t = np.linspace(1, 0, n + 1)[:-1]
+    else:
+        t = np.linspace(hi * T, lo * T, n) / T
     t = time_shift(t, c.mu, c["time_shift_type"]) if c.get("use_dynamic_shifting") else shift_times(t, shift)
     if c.get("shift_terminal"):
         t = stretch_to_terminal(t, float(c["shift_terminal"]))

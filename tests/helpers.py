@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
+
+import pytest
 import torch
 
 
@@ -45,3 +48,20 @@ def sampler_test_options(name: str, alphas_cumprod, sigmas) -> dict:
     grid = [float(s) for s in sigmas]
     return dict(sigma_table=sigmas_from_alphas_cumprod(alphas_cumprod).tolist(),
                 timesteps=sigma_to_timestep(grid[:-1], alphas_cumprod).tolist() + [0.0])
+
+
+def skip_unless_diffusers_has(cls, config):
+    """Skip (with the reason) on an older diffusers that lacks a setting of ``config``, or whose UniPC flow grid is
+    still DPM-Solver's (diffusers 0.33 spaced it so; newer versions start it at t = 1 - 1e-6, and fastdiff follows
+    them)."""
+    diffusers = pytest.importorskip("diffusers")
+    scheduler = getattr(diffusers, cls)
+    missing = sorted(set(config) - set(inspect.signature(scheduler.__init__).parameters))
+    if missing:
+        pytest.skip(f"diffusers {diffusers.__version__}'s {cls} has no {missing}")
+    if cls == "UniPCMultistepScheduler" and config.get("use_flow_sigmas"):
+        probe = scheduler(use_flow_sigmas=True, prediction_type="flow_prediction", num_train_timesteps=10)
+        probe.set_timesteps(4)
+        if float(probe.sigmas[0]) < 0.99:              # (the older grid starts at 1 - 1 / T = 0.9)
+            pytest.skip(f"diffusers {diffusers.__version__} spaces UniPC's flow grid as DPM-Solver's (fastdiff "
+                        f"follows the newer grid from t = 1)")

@@ -12,8 +12,7 @@ from fastdiff.flow_schedulers import named_flow_plan
 from fastdiff.noise import NoiseSource
 from fastdiff.samplers import SAMPLERS, STOCHASTIC
 from test_sampler_order import single_thread  # noqa: F401  (autouse fixture)
-from helpers import perturb_
-from test_flow_schedulers import skip_unless_diffusers_has
+from helpers import perturb_, skip_unless_diffusers_has
 
 DATA_STD = 0.5
 
@@ -283,7 +282,8 @@ def test_sit_checkpoint_follows_sits_euler_ode(cfg_scale):
     """An official-DiT file loaded with SIT_SCHEDULER samples as SiT's own ODE sampler does. SiT (willisma/SiT,
     transport/): x_t = t data + (1 - t) noise, the network takes t itself and predicts data - noise, Euler from
     t = 0 to 1 on linspace(0, 1, N + 1); forward_with_cfg guides the first 3 channels. The reference loop below is
-    that sampler, transcribed, on the same network (fastdiff's DiT equals the official one: test_dit.py)."""
+    that sampler, transcribed, on the same network (fastdiff's DiT equals the official one: test_dit.py);
+    generate(steps=N) with no sampler runs it, timesteps included."""
     import fastdiff
     from conftest import fixture_path
     from fastdiff.checkpoints.presets import SIT_SCHEDULER
@@ -305,19 +305,11 @@ def test_sit_checkpoint_follows_sits_euler_ode(cfg_scale):
                 cond, uncond = out[:2, :4], out[2:, :4]
                 v = torch.cat([uncond[:, :3] + cfg_scale * (cond[:, :3] - uncond[:, :3]), cond[:, 3:]], dim=1)
             x = x + (ts[i + 1] - ts[i]) * v
-    plan = pipe.plan(steps, "euler")
-    plan.sigmas = torch.linspace(1, 0, steps + 1, dtype=torch.float64)   # SiT's grid, in diffusers' t
-    from fastdiff.denoiser import CFGDenoiser
-    denoiser = plan.make_denoiser(pipe.model)
-    extra = {"class_labels": y}
-    if cfg_scale != 1.0:
-        denoiser = CFGDenoiser(denoiser, cfg_scale, guided_channels=3)
-        extra["uncond"] = {"class_labels": torch.full_like(y, 10)}
-    got = plan.sample(denoiser, noise, extra_args=extra)
+    plan = pipe.plan(steps)                        # generate()'s default: SiT's own Euler grid, in diffusers' t
+    torch.testing.assert_close(plan.sigmas, torch.linspace(1, 0, steps + 1, dtype=torch.float64))
+    assert list(plan.denoiser_options["timesteps"].values()) == pytest.approx(ts[:-1].tolist())   # SiT's t itself
+    got = pipe.generate(seeds=seeds, class_labels=labels, cfg_scale=cfg_scale, steps=steps, progress=False)
     torch.testing.assert_close(got, x, rtol=0, atol=2e-5)
-    # and generate() runs it on its own (FlowMatchEuler) grid
-    assert torch.isfinite(pipe.generate(seeds=seeds, class_labels=labels, cfg_scale=cfg_scale, steps=4,
-                                        progress=False)).all()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -377,3 +369,13 @@ def test_engine_and_onnx_on_a_flow_model(flow_unet, tmp_path):
     onnx_pipe = fastdiff.load(result.path)
     assert onnx_pipe.spec.prediction_type == "flow_prediction"
     torch.testing.assert_close(onnx_pipe.generate(seeds=[1], steps=3, progress=False)[0], solo[0], rtol=0, atol=1e-4)
+
+
+def test_tensor_path_at_t_equal_1():
+    """``predict`` (the path of callers without denoise_at) at the t = 1 stand-in: 1 - t rounds to 0 in float32,
+    which zeroed x_t (2.2 off ``denoise_at`` on a test network); 1 / (1 + sigma) is taken from float64 now."""
+    model = conv_velocity()
+    d = FlowDenoiser(model, "sigma")
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(2)) * (1 + t_to_sigma(1.0))
+    torch.testing.assert_close(d(x, torch.full((2,), t_to_sigma(1.0))), d.denoise_at(x, t_to_sigma(1.0)),
+                               rtol=0, atol=1e-5)

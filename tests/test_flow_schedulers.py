@@ -19,6 +19,7 @@ from fastdiff.errors import BadArgumentError  # noqa: E402
 from fastdiff.noise import NoiseSource  # noqa: E402
 from fastdiff.scheduler_config import plan_from_scheduler_config  # noqa: E402
 from test_sampler_order import single_thread  # noqa: F401,E402  (autouse fixture)
+from helpers import skip_unless_diffusers_has  # noqa: E402
 from test_scheduler_parity import SEEDS, SHAPE, TinyNet  # noqa: E402
 
 FLOW = dict(use_flow_sigmas=True, prediction_type="flow_prediction")
@@ -35,22 +36,6 @@ def run_diffusers(sched, model, steps, mu=None):
         inp = sched.scale_model_input(x, t) if hasattr(sched, "scale_model_input") else x
         x = sched.step(model(inp, t), t, x, **kw).prev_sample
     return x
-
-
-def skip_unless_diffusers_has(cls, config):
-    """Skip (with the reason) on an older diffusers that lacks a setting of ``config``, or whose UniPC flow grid is
-    still DPM-Solver's (diffusers 0.33 spaced it so; newer versions start it at t = 1 - 1e-6, and fastdiff follows
-    them)."""
-    scheduler = getattr(diffusers, cls)
-    missing = sorted(set(config) - set(inspect.signature(scheduler.__init__).parameters))
-    if missing:
-        pytest.skip(f"diffusers {diffusers.__version__}'s {cls} has no {missing}")
-    if cls == "UniPCMultistepScheduler" and config.get("use_flow_sigmas"):
-        probe = scheduler(use_flow_sigmas=True, prediction_type="flow_prediction", num_train_timesteps=10)
-        probe.set_timesteps(4)
-        if float(probe.sigmas[0]) < 0.99:              # (the older grid starts at 1 - 1 / T = 0.9)
-            pytest.skip(f"diffusers {diffusers.__version__} spaces UniPC's flow grid as DPM-Solver's (fastdiff "
-                        f"follows the newer grid from t = 1)")
 
 
 def relative_error(cls, steps, config, mu=None):

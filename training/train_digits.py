@@ -196,7 +196,7 @@ def train(args) -> dict:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default="fastdiff/presets/digits")
+    p.add_argument("--out", default=None, help="default: fastdiff/presets/digits (or digits_flow for --objective flow)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--objective", choices=("v", "flow"), default="v",
                    help="v: v-prediction on the cosine schedule (builtin:digits); flow: flow matching (digits_flow)")
@@ -211,7 +211,10 @@ def main(argv=None):
     p.add_argument("--p-uncond", type=float, default=0.15)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--log-every", type=int, default=100)
-    train(p.parse_args(argv))
+    args = p.parse_args(argv)
+    if args.out is None:  # (a flow run must never overwrite builtin:digits)
+        args.out = "fastdiff/presets/digits_flow" if args.objective == "flow" else "fastdiff/presets/digits"
+    train(args)
 
 
 if __name__ == "__main__":
