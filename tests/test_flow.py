@@ -301,7 +301,8 @@ def test_sit_checkpoint_follows_sits_euler_ode(cfg_scale):
             if cfg_scale == 1.0:
                 v = pipe.model(x, t, class_labels=y)[:, :4]
             else:
-                out = pipe.model(torch.cat([x, x]), torch.cat([t, t]), class_labels=torch.cat([y, torch.full_like(y, 10)]))
+                null = torch.full_like(y, 10)
+                out = pipe.model(torch.cat([x, x]), torch.cat([t, t]), class_labels=torch.cat([y, null]))
                 cond, uncond = out[:2, :4], out[2:, :4]
                 v = torch.cat([uncond[:, :3] + cfg_scale * (cond[:, :3] - uncond[:, :3]), cond[:, 3:]], dim=1)
             x = x + (ts[i + 1] - ts[i]) * v

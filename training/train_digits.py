@@ -174,7 +174,8 @@ def train(args) -> dict:
     save_model_keeping_siblings(args.out, ema, spec)
     tail = losses[-min(len(losses), 500):]
     info = {
-        "objective": args.objective, "seed": args.seed, "steps": step, "planned_steps": args.steps, "budget_minutes": args.minutes,
+        "objective": args.objective, "seed": args.seed, "steps": step, "planned_steps": args.steps,
+        "budget_minutes": args.minutes,
         "stopped_by": stopped_by, "time_driven_steps": time_driven_steps,
         "bit_reproducible": stopped_by == "steps" and time_driven_steps == 0,
         "batch_size": args.batch, "lr": args.lr, "ema_decay": args.ema, "p_uncond": args.p_uncond,
