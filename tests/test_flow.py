@@ -3,6 +3,7 @@ with a flow-matching scheduler through ``fastdiff.load(...).generate()`` against
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -132,15 +133,17 @@ def test_stochastic_samplers_draw_the_data_distribution(sampler):
     assert float(x.std()) == pytest.approx(DATA_STD, rel=0.06)
 
 
-def test_named_grid_is_flow_match_euler():
-    """sampler="euler" on a flow model is diffusers' FlowMatchEuler with the model's shift; leading / trailing
-    spacings are refused (no training table)."""
+def test_named_grids():
+    """Named t-frame samplers run even steps in t from 1 to 0 (shifted); sigma-frame ones the solvers' flow grid
+    (equal to diffusers' UniPC / DPM-Solver flow grid); leading / trailing spacings are refused (no training
+    table). generate() with no sampler keeps the scheduler's own grid."""
+    from fastdiff.flow import shift_times
     from fastdiff.scheduler_config import plan_from_scheduler_config
 
-    want = plan_from_scheduler_config({"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0}, 7)
     got = named_flow_plan({"flow_shift": 3.0}, 7, "euler")
-    torch.testing.assert_close(got.sigmas, want.sigmas)
-    assert got.denoiser_options["timesteps"] == want.denoiser_options["timesteps"]
+    want = np.append(shift_times(np.linspace(1, 0, 8)[:-1], 3.0).astype(np.float32), 0.0)
+    torch.testing.assert_close(got.sigmas, torch.from_numpy(want))
+    assert got.denoiser_options["timesteps"][float(got.sigmas[1])] == pytest.approx(1000 * float(got.sigmas[1]))
     # the solvers' flow grid: from one training step below t = 1 (sigma = 2997 at shift 3), in sigma units
     for schedule in (None, "karras"):
         solver = named_flow_plan({"shift": 3.0}, 7, "dpmpp_2m", schedule)
@@ -148,6 +151,8 @@ def test_named_grid_is_flow_match_euler():
     dpm = plan_from_scheduler_config({"_class_name": "DPMSolverMultistepScheduler", "use_flow_sigmas": True,
                                       "prediction_type": "flow_prediction", "flow_shift": 3.0}, 7)
     torch.testing.assert_close(named_flow_plan({"flow_shift": 3.0}, 7, "unipc").sigmas, dpm.sigmas)
+    karras = named_flow_plan({"shift": 3.0}, 7, "heun", "karras")
+    assert float(karras.sigmas[0]) == 1.0 and float(karras.sigmas[-2]) == pytest.approx(float(got.sigmas[-2]))
     with pytest.raises(BadArgumentError, match="no training timestep table"):
         named_flow_plan({}, 7, "euler", "trailing")
 

@@ -50,3 +50,18 @@ def test_bench_quality_cli(tmp_path):
     data = json.loads(out.read_text())
     assert {row["sampler"] for row in data["rows"]} == {"ddim", "dpmpp_2m"}
     assert "class accuracy" in r.stdout
+
+
+def test_quality_table_on_a_flow_model_skips_what_it_refuses():
+    """On builtin:digits_flow the default sampler list (and `fastdiff bench --quality`'s) leaves out tcd and
+    dpm_2_ancestral, which a flow model refuses; every other sampler gets its cells."""
+    import os
+
+    from fastdiff.checkpoints.presets import PRESET_DIR
+    from fastdiff.flow import REFUSED
+    from fastdiff.sampling import SAMPLERS
+
+    if not os.path.isfile(os.path.join(PRESET_DIR, "digits_flow", "model.safetensors")):
+        pytest.skip("the builtin:digits_flow weights are absent (training/train_digits.py --objective flow)")
+    rows = quality_table(fastdiff.load("builtin:digits_flow"), None, [2], per_class=2)
+    assert {r.sampler for r in rows} == set(SAMPLERS) - set(REFUSED)

@@ -751,7 +751,8 @@ def run_quality(args) -> int:
         raise BadArgumentError(f"--nfe: expected comma-separated integers, found {args.nfe!r}") from e
     if not nfes or nfes[0] < 1:
         raise BadArgumentError(f"--nfe: expected positive integers, found {args.nfe!r}")
-    samplers = _parse_list(args.samplers, "--samplers", tuple(SAMPLERS)) if args.samplers else sorted(SAMPLERS)
+    # (no list: quality_table's default, every sampler the model takes)
+    samplers = _parse_list(args.samplers, "--samplers", tuple(SAMPLERS)) if args.samplers else None
     if args.per_class < 2:
         raise BadArgumentError(f"--per-class: expected at least 2, found {args.per_class}")
     cfg = args.cfg if args.cfg != 1.0 else 3.0
