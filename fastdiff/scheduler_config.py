@@ -169,6 +169,10 @@ def plan_from_scheduler_config(config: dict, num_inference_steps: int, class_nam
         raise BadArgumentError(f"num_inference_steps: expected a positive int, found {num_inference_steps!r}")
     cfg = {**_COMMON, **_DEFAULTS[name], **{k: v for k, v in dict(config).items() if not k.startswith("_")}}
     c = _Config(cfg, name)
+    if c["flow_time_convention"] != "diffusers" and not (name.startswith("FlowMatch") or c["use_flow_sigmas"]):
+        # (fastdiff's own key: a time convention means nothing to a beta-schedule scheduler)
+        raise UnsupportedConfigError("flow_time_convention", c["flow_time_convention"], supported="'diffusers', or "
+                                     "another with a flow-matching scheduler (FlowMatch*, use_flow_sigmas)", model=name)
     if mu is not None:
         if not c["use_dynamic_shifting"]:
             raise BadArgumentError(f"mu: {name} without use_dynamic_shifting takes no mu, found {mu!r}")

@@ -204,6 +204,8 @@ def test_class_name_from_config_json_key():
 
 @pytest.mark.parametrize("config,field", [
     ({"_class_name": "FlowMatchLCMScheduler"}, "_class_name"),
+    ({"_class_name": "DDIMScheduler", "flow_time_convention": "sit"}, "flow_time_convention"),
+    ({"_class_name": "FlowMatchEulerDiscreteScheduler", "flow_time_convention": "rf"}, "flow_time_convention"),
     ({"_class_name": "FlowMatchEulerDiscreteScheduler", "invert_sigmas": True}, "invert_sigmas"),
     ({"_class_name": "FlowMatchEulerDiscreteScheduler", "use_karras_sigmas": True, "use_beta_sigmas": True},
      "use_beta_sigmas"),
