@@ -20,11 +20,12 @@ from typing import Optional
 import numpy as np
 import torch
 
+from . import schedules
 from .errors import BadArgumentError, UnsupportedConfigError
 from .flow import TIME_CONVENTIONS, frame_for, shift_times, stretch_to_terminal, t_to_sigma, time_shift
-from . import schedules
 from .scheduler_config import (_COMMON, _DEFAULTS, SamplingPlan, _alphas_cumprod, _Config, _f32, _table,
-                               _threshold_opts, convert_sigmas)
+                               _threshold_opts, convert_sigmas, sigma_conversion)
+
 
 def flow_plan(name: str, sampler: str, times, frame: str, options: dict, timesteps, *,
               num_train_timesteps: int, **denoiser_options) -> SamplingPlan:
@@ -82,19 +83,12 @@ def flow_match_times(c: _Config, n: int) -> tuple:
     t = time_shift(t, c.mu, c["time_shift_type"]) if c.get("use_dynamic_shifting") else shift_times(t, shift)
     if c.get("shift_terminal"):
         t = stretch_to_terminal(t, float(c["shift_terminal"]))
-    kind = _conversion(c)
+    kind = sigma_conversion(c)
     if kind is not None:
         t = convert_sigmas(kind, n, float(t[-1]), float(t[0]))
     t32 = torch.from_numpy(np.asarray(t)).to(torch.float32)
     timesteps = (t32 * T).double().numpy()
     return np.concatenate([t32.double().numpy(), [0.0]]), timesteps
-
-
-def _conversion(c: _Config):
-    keys = [k for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas") if c.get(k)]
-    if len(keys) > 1:
-        raise UnsupportedConfigError(keys[1], True, supported=f"only one of {keys}", model=c.name)
-    return keys[0][4:-7] if keys else None                   # "karras" | "exponential" | "beta"
 
 
 def flow_match_euler(c: _Config, n: int) -> SamplingPlan:

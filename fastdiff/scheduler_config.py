@@ -256,13 +256,18 @@ def _vp_plan(name, sampler, sigmas: torch.Tensor, options, dopts) -> SamplingPla
                         output_scale=1 / math.sqrt(1 + sl * sl))
 
 
-def _sigma_grid_kind(c: _Config):
-    """None (the spacing's own sigmas), "karras", "exponential" or "beta"."""
-    c.refuse_true("use_lu_lambdas", "use_flow_sigmas", "use_dynamic_shifting")
+def sigma_conversion(c: _Config):
+    """The grid conversion a config asks for: None, "karras", "exponential" or "beta" (at most one)."""
     keys = [k for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas") if c.get(k)]
     if len(keys) > 1:
         raise UnsupportedConfigError(keys[1], True, supported=f"only one of {keys}", model=c.name)
     return keys[0][len("use_"):-len("_sigmas")] if keys else None
+
+
+def _sigma_grid_kind(c: _Config):
+    """None (the spacing's own sigmas), "karras", "exponential" or "beta", for a beta-schedule scheduler."""
+    c.refuse_true("use_lu_lambdas", "use_flow_sigmas", "use_dynamic_shifting")
+    return sigma_conversion(c)
 
 
 def convert_sigmas(kind: str, n: int, lo: float, hi: float) -> np.ndarray:
