@@ -247,3 +247,18 @@ def test_info_lists_samplers_and_the_scheduler_configs_followed():
     assert {"PNDMScheduler", "TCDScheduler", "CMStochasticIterativeScheduler"} <= set(report["diffusers_schedulers"])
     for cls in report["diffusers_schedulers"]:  # each listed class really has a plan
         assert plan_from_scheduler_config({"_class_name": cls}, 4).steps >= 4
+
+
+def test_info_says_how_a_model_samples():
+    """`fastdiff info MODEL` names the prediction type, the scheduler and what generate() runs by default (for a
+    flow model also the frame)."""
+    from fastdiff.checkpoints.presets import builtin_names
+    from fastdiff.commands import info
+
+    sampling = info.model_ops("arch:tiny-dit", "eager")["sampling"]
+    assert sampling == {"prediction_type": "epsilon", "scheduler": "DDIMScheduler", "default_sampler": "ddim",
+                        "denoiser": "discrete"}
+    if "digits_flow" in builtin_names():
+        flow = info.model_ops("builtin:digits_flow", "eager")["sampling"]
+        assert flow == {"prediction_type": "flow_prediction", "scheduler": "FlowMatchEulerDiscreteScheduler",
+                        "default_sampler": "euler", "denoiser": "flow", "frame": "t"}

@@ -127,7 +127,13 @@ def model_ops(model: str, backend: str, kernel_ops: str = "measured") -> dict:
         chosen = set_backend(pipe.model, "triton", ops=config.op_choices(device))
     else:
         chosen = set_backend(pipe.model, "native")
-    return {"model": model, "device": str(device), "backend": chosen, "ops": op_backends(pipe.model)}
+    plan = pipe.plan(20)  # what generate() runs with no sampler named
+    sampling = {"prediction_type": pipe.spec.prediction_type, "scheduler": pipe.spec.scheduler.get("_class_name"),
+                "default_sampler": plan.sampler, "denoiser": plan.denoiser_kind}
+    if plan.denoiser_kind == "flow":
+        sampling["frame"] = plan.denoiser_options["frame"]
+    return {"model": model, "device": str(device), "backend": chosen, "ops": op_backends(pipe.model),
+            "sampling": sampling}
 
 
 def run(args) -> int:
@@ -163,6 +169,10 @@ def run(args) -> int:
     print("diffusers scheduler configs followed: " + " ".join(report["diffusers_schedulers"]))
     if "model_ops" in report:
         m = report["model_ops"]
+        s = m["sampling"]
+        frame = f", {s['frame']} frame" if "frame" in s else ""
+        print(f"{m['model']}: predicts {s['prediction_type']}, scheduler {s['scheduler']}; generate() with no "
+              f"sampler runs {s['default_sampler']} ({s['denoiser']} denoiser{frame})")
         print(f"{m['model']} on {m['device']}, backend {m['backend']}: each fused layer's path")
         for k, v in m["ops"].items():
             print(f"  {k:20s} {v}")
