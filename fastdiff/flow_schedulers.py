@@ -3,6 +3,7 @@
 * ``FlowMatchEulerDiscreteScheduler`` (SD3, Flux, Sana, ...): Euler in the t frame; with
   ``stochastic_sampling`` x' = (1 - t') x0 + t' noise, which is ``lcm`` in the sigma frame.
 * ``FlowMatchHeunDiscreteScheduler``: Heun in the t frame (churn as diffusers applies it there).
+* ``FlowMatchLCMScheduler``: FlowMatchEuler's grid with its stochastic step (``lcm`` in the sigma frame).
 * ``use_flow_sigmas=True`` with ``prediction_type="flow_prediction"`` in DPMSolverMultistep / DPMSolverSinglestep /
   DEISMultistep / UniPCMultistep (Sana, Wan): the same solvers in the sigma frame, where their alpha_t = 1 - t and
   sigma_t = t are the k-diffusion state's.
@@ -97,6 +98,15 @@ def flow_match_euler(c: _Config, n: int) -> SamplingPlan:
     if c["stochastic_sampling"]:                       # x' = (1 - t') x0 + t' noise: lcm in the sigma frame
         return flow_plan(c.name, "lcm", times, "sigma", {}, timesteps, num_train_timesteps=T, **_convention(c))
     return flow_plan(c.name, "euler", times, "t", {}, timesteps, num_train_timesteps=T, **_convention(c))
+
+
+def flow_match_lcm(c: _Config, n: int) -> SamplingPlan:
+    """FlowMatchLCM (few-step flow consistency models): FlowMatchEuler's grid, every step x' = (1 - t') x0 + t'
+    noise. Its ``scale_factors`` (a resolution change between steps) are refused."""
+    if c["scale_factors"]:
+        raise UnsupportedConfigError("scale_factors", c["scale_factors"], supported=[None, []], model=c.name)
+    c["stochastic_sampling"] = True
+    return flow_match_euler(c, n)
 
 
 def flow_match_heun(c: _Config, n: int) -> SamplingPlan:

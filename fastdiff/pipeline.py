@@ -178,7 +178,7 @@ class Pipeline:
             from .flow_schedulers import named_flow_plan
             plan = named_flow_plan(self.spec.scheduler, steps, sampler or "euler", schedule, mu)
         else:
-            # no supported scheduler class (FlowMatchLCM, ...): DDIM on the same schedule and spacing
+            # no supported scheduler class (SASolver, ...): DDIM on the same schedule and spacing
             sampler = sampler or ("ddim" if sampler is None and schedule is None else "dpmpp_2m")
             plan = self._named_plan(steps, sampler, schedule, train_steps, get_sigmas, SamplingPlan, SPACINGS)
         return plan

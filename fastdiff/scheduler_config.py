@@ -20,7 +20,7 @@ LCMScheduler (latent consistency models, LCM-LoRA), KDPM2DiscreteScheduler, KDPM
 DEISMultistepScheduler, DPMSolverSDEScheduler (its noise drawn from the samples' own generators, not torchsde),
 EDMDPMSolverMultistepScheduler, CMStochasticIterativeScheduler (consistency models), TCDScheduler, and flow
 matching: FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler and the solvers' ``use_flow_sigmas``
-variant (``fastdiff.flow_schedulers``). Karras, exponential and beta (``use_beta_sigmas``, needs scipy) grids
+variant, FlowMatchLCMScheduler (``fastdiff.flow_schedulers``). Karras, exponential and beta (``use_beta_sigmas``, needs scipy) grids
 wherever diffusers offers them. Anything else raises ``UnsupportedConfigError``.
 """
 
@@ -84,6 +84,9 @@ _DEFAULTS = {
     "FlowMatchEulerDiscreteScheduler": dict(shift=1.0, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
                                             max_image_seq_len=4096, invert_sigmas=False, stochastic_sampling=False),
     "FlowMatchHeunDiscreteScheduler": dict(shift=1.0),
+    "FlowMatchLCMScheduler": dict(shift=1.0, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                  max_image_seq_len=4096, invert_sigmas=False, scale_factors=None,
+                                  upscale_mode="bicubic"),
 }
 SUPPORTED_SCHEDULERS = tuple(_DEFAULTS)
 
@@ -134,7 +137,7 @@ class SamplingPlan:
 # schedulers of networks with EDM preconditioning (continuous sigma in, no training-timestep table)
 CONTINUOUS_SCHEDULERS = ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler", "CMStochasticIterativeScheduler")
 # schedulers whose own timesteps are those the network was distilled on: a named run of their sampler keeps them
-DISTILLED_SAMPLERS = {"LCMScheduler": "lcm", "TCDScheduler": "tcd"}
+DISTILLED_SAMPLERS = {"LCMScheduler": "lcm", "TCDScheduler": "tcd", "FlowMatchLCMScheduler": "lcm"}
 
 
 def continuous_model_options(config: dict) -> Optional[dict]:
@@ -679,6 +682,7 @@ def _flow_builder(name: str):
 _BUILDERS = {
     "FlowMatchEulerDiscreteScheduler": _flow_builder("flow_match_euler"),
     "FlowMatchHeunDiscreteScheduler": _flow_builder("flow_match_heun"),
+    "FlowMatchLCMScheduler": _flow_builder("flow_match_lcm"),
     "DDIMScheduler": _ddim,
     "DDPMScheduler": _ddpm,
     "EulerDiscreteScheduler": lambda c, n: _euler_family(c, n, "euler"),

@@ -15,7 +15,7 @@ from .utils.strict_dict import known_fields
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "edm", "flow_prediction")
 # diffusers schedulers of flow-matching networks (their configs carry no prediction_type: it is always velocity)
-FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
+FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler", "FlowMatchLCMScheduler")
 
 
 def is_flow_scheduler(config: Optional[dict]) -> bool:

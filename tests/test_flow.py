@@ -385,3 +385,20 @@ def test_tensor_path_at_t_equal_1():
     x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(2)) * (1 + t_to_sigma(1.0))
     torch.testing.assert_close(d(x, torch.full((2,), t_to_sigma(1.0))), d.denoise_at(x, t_to_sigma(1.0)),
                                rtol=0, atol=1e-5)
+
+
+def test_flow_lcm_checkpoint_keeps_its_grid_for_lcm():
+    """A FlowMatchLCM checkpoint is a flow model; sampler="lcm" on it runs the scheduler's own grid (the one it was
+    distilled on), as generate() with no sampler does; another sampler gets the named grid."""
+    import fastdiff
+    from fastdiff.scheduler_config import plan_from_scheduler_config
+
+    scheduler = {"_class_name": "FlowMatchLCMScheduler", "shift": 3.0}
+    pipe = fastdiff.load("arch:tiny-dit", scheduler=scheduler)
+    assert pipe.spec.prediction_type == "flow_prediction"
+    want = plan_from_scheduler_config(scheduler, 4)
+    for sampler in (None, "lcm"):
+        plan = pipe.plan(4, sampler)
+        assert plan.sampler == "lcm" and plan.scheduler == "FlowMatchLCMScheduler"
+        torch.testing.assert_close(plan.sigmas, want.sigmas)
+    assert pipe.plan(4, "euler").scheduler == "named"

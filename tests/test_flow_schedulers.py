@@ -62,6 +62,8 @@ FLOW_CASES = [
     ("FlowMatchEulerDiscreteScheduler", 8, dict(shift=3.0, use_exponential_sigmas=True), None),
     ("FlowMatchEulerDiscreteScheduler", 8, dict(shift=3.0, use_beta_sigmas=True), None),
     ("FlowMatchEulerDiscreteScheduler", 8, dict(shift=3.0, stochastic_sampling=True), None),
+    ("FlowMatchLCMScheduler", 4, dict(shift=3.0), None),
+    ("FlowMatchLCMScheduler", 2, dict(use_dynamic_shifting=True), 0.9),
     ("FlowMatchHeunDiscreteScheduler", 10, dict(shift=3.0), None),
     ("FlowMatchHeunDiscreteScheduler", 1, {}, None),
     ("DPMSolverMultistepScheduler", 10, dict(FLOW, flow_shift=3.0), None),   # Sana

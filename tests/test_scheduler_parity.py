@@ -203,7 +203,8 @@ def test_class_name_from_config_json_key():
 
 
 @pytest.mark.parametrize("config,field", [
-    ({"_class_name": "FlowMatchLCMScheduler"}, "_class_name"),
+    ({"_class_name": "FlowMatchLCMScheduler", "scale_factors": [1.5]}, "scale_factors"),
+    ({"_class_name": "SASolverScheduler"}, "_class_name"),
     ({"_class_name": "DDIMScheduler", "flow_time_convention": "sit"}, "flow_time_convention"),
     ({"_class_name": "FlowMatchEulerDiscreteScheduler", "flow_time_convention": "rf"}, "flow_time_convention"),
     ({"_class_name": "FlowMatchEulerDiscreteScheduler", "invert_sigmas": True}, "invert_sigmas"),
