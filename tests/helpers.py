@@ -55,6 +55,8 @@ def skip_unless_diffusers_has(cls, config):
     still DPM-Solver's (diffusers 0.33 spaced it so; newer versions start it at t = 1 - 1e-6, and fastdiff follows
     them)."""
     diffusers = pytest.importorskip("diffusers")
+    if not hasattr(diffusers, cls):
+        pytest.skip(f"diffusers {diffusers.__version__} has no {cls}")
     scheduler = getattr(diffusers, cls)
     missing = sorted(set(config) - set(inspect.signature(scheduler.__init__).parameters))
     if missing:
