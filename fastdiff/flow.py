@@ -39,11 +39,10 @@ TIME_CONVENTIONS = ("diffusers", "sit")
 
 # samplers that integrate a polynomial in sigma: the t frame (where d is the velocity); every other one: sigma frame
 T_FRAME_SAMPLERS = ("euler", "heun", "edm", "dpm_2", "lms", "plms")
+# (dpm_2_ancestral runs in the sigma frame: its ancestral noise needs it. Its midpoint step, a polynomial in sigma,
+# diverges from t = 1 (sigma = infinity), which the named sigma-frame grid never starts at.)
 REFUSED = {
     "tcd": "its steps land on a discrete model's training timesteps; a flow-matching network has no such table",
-    "dpm_2_ancestral": "its midpoint step integrates a polynomial in sigma, which from t = 1 (sigma = infinity) "
-                       "diverges, and its ancestral noise is wrong in the t frame; use euler_ancestral or "
-                       "dpmpp_2s_ancestral",
 }
 
 

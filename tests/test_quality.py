@@ -53,8 +53,8 @@ def test_bench_quality_cli(tmp_path):
 
 
 def test_quality_table_on_a_flow_model_skips_what_it_refuses():
-    """On builtin:digits_flow the default sampler list (and `fastdiff bench --quality`'s) leaves out tcd and
-    dpm_2_ancestral, which a flow model refuses; every other sampler gets its cells."""
+    """On builtin:digits_flow the default sampler list (and `fastdiff bench --quality`'s) leaves out tcd, which a
+    flow model refuses; every other sampler gets its cells."""
     import os
 
     from fastdiff.checkpoints.presets import PRESET_DIR

@@ -72,7 +72,7 @@ def quality_table(pipe, samplers: Optional[Sequence[str]] = None, nfes: Sequence
                                f"{pipe.spec.num_classes} classes, {pipe.spec.in_channels} channel(s)")
     if samplers is None:
         samplers = sorted(SAMPLERS)
-        if pipe.spec.prediction_type == "flow_prediction":  # (tcd, dpm_2_ancestral: no meaning on a flow model)
+        if pipe.spec.prediction_type == "flow_prediction":  # (tcd has no meaning on a flow model)
             from ..flow import REFUSED
             samplers = [s for s in samplers if s not in REFUSED]
     samplers = list(samplers)
