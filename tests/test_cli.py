@@ -262,3 +262,30 @@ def test_info_says_how_a_model_samples():
         flow = info.model_ops("builtin:digits_flow", "eager")["sampling"]
         assert flow == {"prediction_type": "flow_prediction", "scheduler": "FlowMatchEulerDiscreteScheduler",
                         "default_sampler": "euler", "denoiser": "flow", "frame": "t"}
+
+
+def test_generate_a_sit_checkpoint_and_a_scheduler_file(tmp_path):
+    """`--scheduler sit` loads an official-DiT file as a SiT flow model (as load(scheduler=SIT_SCHEDULER) does),
+    `--scheduler FILE` any diffusers scheduler config; the CLI's latents equal the Python API's."""
+    import torch
+    from safetensors.torch import load_file
+
+    from conftest import fixture_path
+    from fastdiff.checkpoints.presets import SIT_SCHEDULER
+
+    ckpt = fixture_path("dit", "dit_tiny.pt")
+    r = fastdiff("generate", ckpt, "--num-heads", "4", "--scheduler", "sit", "--steps", "3", "--n", "2", "--class",
+                 "3", "--cfg", "2", "--no-progress", "--output-latents", "sit.safetensors", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    from fastdiff.checkpoints import load
+
+    want = load(ckpt, num_heads=4, scheduler=SIT_SCHEDULER).generate(
+        seeds=[0, 1], class_labels=[3, 3], cfg_scale=2.0, steps=3, progress=False)
+    torch.testing.assert_close(load_file(str(tmp_path / "sit.safetensors"))["latents"], want, rtol=0, atol=1e-5)
+    (tmp_path / "scheduler_config.json").write_text(json.dumps({"_class_name": "FlowMatchEulerDiscreteScheduler",
+                                                                "shift": 3.0}))
+    r = fastdiff("info", ckpt, "--num-heads", "4", "--scheduler", "scheduler_config.json", cwd=tmp_path)
+    assert r.returncode == 0 and "predicts flow_prediction" in r.stdout, r.stderr
+    r = fastdiff("generate", ckpt, "--num-heads", "4", "--scheduler", "missing.json", "--output-latents", "x.safetensors",
+                 cwd=tmp_path)
+    assert r.returncode == 2 and "scheduler_config.json" in r.stderr and "Traceback" not in r.stderr

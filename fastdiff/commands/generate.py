@@ -138,14 +138,26 @@ def add_load_arguments(p) -> None:
                    help="channels per attention head instead (guided-diffusion's num_head_channels)")
     g.add_argument("--attention-order", choices=("legacy", "new"), default=None,
                    help="guided-diffusion: 'new' for models trained with use_new_attention_order")
-    g.add_argument("--prediction-type", choices=("epsilon", "v_prediction", "sample"), default=None,
-                   help="what the network predicts, where the checkpoint does not say (default: its config)")
+    g.add_argument("--prediction-type", choices=("epsilon", "v_prediction", "sample", "flow_prediction"),
+                   default=None, help="what the network predicts, where the checkpoint does not say (default: its "
+                                      "config; flow_prediction: a flow-matching network)")
+    g.add_argument("--scheduler", default=None, metavar="CONFIG|sit",
+                   help="a diffusers scheduler_config.json (file or folder) in place of the checkpoint's, or 'sit' "
+                        "for a SiT checkpoint (an official-DiT file trained as a flow: willisma/SiT)")
 
 
 def load_options(args) -> dict:
     """The fastdiff.load keywords given on the command line (``add_load_arguments``)."""
     names = ("num_heads", "head_channels", "attention_order", "prediction_type")
-    return {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+    options = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+    scheduler = getattr(args, "scheduler", None)
+    if scheduler == "sit":
+        from ..checkpoints.presets import SIT_SCHEDULER
+        options["scheduler"] = dict(SIT_SCHEDULER)
+    elif scheduler is not None:
+        from ..scheduler_config import load_scheduler_config
+        options["scheduler"] = load_scheduler_config(scheduler)
+    return options
 
 
 def load_pipeline(model: str, device, **options):

@@ -6,6 +6,8 @@ import importlib
 import os
 import platform
 
+from .generate import add_load_arguments, load_options
+
 
 def register(sub) -> None:
     p = sub.add_parser("info", help="show versions, devices and usable backends",
@@ -22,6 +24,7 @@ def register(sub) -> None:
                    help="with --backend triton, as for generate: the per-op table measured on a GPU (default), "
                         "every op on Triton, or 'tune'")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_load_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -111,7 +114,7 @@ def collect() -> dict:
     return report
 
 
-def model_ops(model: str, backend: str, kernel_ops: str = "measured") -> dict:
+def model_ops(model: str, backend: str, kernel_ops: str = "measured", **load_options) -> dict:
     """``{"model", "device", "backend", "ops"}``: the path each fused layer of ``model`` takes on the best device
     here after ``optimize(OptimizeConfig(backend=backend, kernel_ops=kernel_ops))`` (on a GPU: the per-op table)."""
     import torch
@@ -121,7 +124,7 @@ def model_ops(model: str, backend: str, kernel_ops: str = "measured") -> dict:
     from .generate import load_pipeline
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = load_pipeline(model, device)
+    pipe = load_pipeline(model, device, **load_options)
     if backend == "triton":  # as runtime.runners.prepare_model sets the layers
         config = OptimizeConfig(backend="triton", kernel_ops=kernel_ops)
         chosen = set_backend(pipe.model, "triton", ops=config.op_choices(device))
@@ -140,7 +143,7 @@ def run(args) -> int:
     report = collect()
     if getattr(args, "model", None):
         backend = args.backend or ("triton" if report["backends"]["triton"] == "yes" else "eager")
-        report["model_ops"] = model_ops(args.model, backend, args.kernel_ops)
+        report["model_ops"] = model_ops(args.model, backend, args.kernel_ops, **load_options(args))
     if args.json:
         import json
 
