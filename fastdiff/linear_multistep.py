@@ -184,7 +184,8 @@ def _integrate(denoised, s, s_next, history, k, weights):
     steps never enter a history, so its sigmas are distinct interpolation nodes.)"""
     newest = history[::-1][:k]
     c = weights([sj for sj, _ in newest], s, s_next)
-    return combine([(1.0, denoised), (s + c[0], newest[0][1])] + [(cj, oj) for cj, (_, oj) in zip(c[1:], newest[1:])])
+    older = [(cj, oj) for cj, (_, oj) in zip(c[1:], newest[1:])]
+    return combine([(1.0, denoised), (s + c[0], newest[0][1])] + older)
 
 
 @torch.no_grad()

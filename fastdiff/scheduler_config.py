@@ -19,9 +19,10 @@ UniPCMultistepScheduler, EDMEulerScheduler, PNDMScheduler (Stable Diffusion 1.x'
 LCMScheduler (latent consistency models, LCM-LoRA), KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler,
 DEISMultistepScheduler, DPMSolverSDEScheduler (its noise drawn from the samples' own generators, not torchsde),
 EDMDPMSolverMultistepScheduler, CMStochasticIterativeScheduler (consistency models), TCDScheduler, and flow
-matching: FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler and the solvers' ``use_flow_sigmas``
-variant, FlowMatchLCMScheduler (``fastdiff.flow_schedulers``). Karras, exponential and beta (``use_beta_sigmas``, needs scipy) grids
-wherever diffusers offers them. Anything else raises ``UnsupportedConfigError``.
+matching (``fastdiff.flow_schedulers``): FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler,
+FlowMatchLCMScheduler and the solvers' ``use_flow_sigmas`` variant. Karras, exponential and beta
+(``use_beta_sigmas``, needs scipy) grids wherever diffusers offers them. Anything else raises
+``UnsupportedConfigError``.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import torch
 from . import schedules
 from .denoiser import DiscreteDenoiser, EDMDenoiser, make_x0_postprocess
 from .flow import FlowDenoiser
+from .spec import is_flow_scheduler
 from .errors import BadArgumentError, UnsupportedConfigError
 from .utils.checks import finite_number
 
@@ -172,7 +174,7 @@ def plan_from_scheduler_config(config: dict, num_inference_steps: int, class_nam
         raise BadArgumentError(f"num_inference_steps: expected a positive int, found {num_inference_steps!r}")
     cfg = {**_COMMON, **_DEFAULTS[name], **{k: v for k, v in dict(config).items() if not k.startswith("_")}}
     c = _Config(cfg, name)
-    if c["flow_time_convention"] != "diffusers" and not (name.startswith("FlowMatch") or c["use_flow_sigmas"]):
+    if c["flow_time_convention"] != "diffusers" and not is_flow_scheduler(dict(c, _class_name=name)):
         # (fastdiff's own key: a time convention means nothing to a beta-schedule scheduler)
         raise UnsupportedConfigError("flow_time_convention", c["flow_time_convention"], supported="'diffusers', or "
                                      "another with a flow-matching scheduler (FlowMatch*, use_flow_sigmas)", model=name)

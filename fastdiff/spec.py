@@ -23,6 +23,7 @@ def is_flow_scheduler(config: Optional[dict]) -> bool:
     config = config or {}
     return config.get("_class_name") in FLOW_SCHEDULERS or bool(config.get("use_flow_sigmas"))
 
+
 # diffusers DDPMScheduler defaults: what a model folder without a scheduler was most likely trained with.
 DEFAULT_SCHEDULER = {
     "_class_name": "DDPMScheduler",

@@ -162,12 +162,12 @@ def _override_sampling(spec, scheduler: Optional[dict], prediction_type: Optiona
         if prediction_type not in ("epsilon", "v_prediction", "sample", "flow_prediction"):
             raise BadArgumentError(f"prediction_type: expected 'epsilon', 'v_prediction', 'sample' or "
                                    f"'flow_prediction', found {prediction_type!r}")
-        spec.prediction_type = prediction_type
-        # scheduler-config plans read the scheduler's own field: keep the two in agreement
         if prediction_type != "flow_prediction" and is_flow_scheduler(spec.scheduler):
             raise BadArgumentError(f"prediction_type={prediction_type!r} with the flow-matching scheduler "
                                    f"{spec.scheduler.get('_class_name')}: a flow network predicts the velocity; pass "
                                    f"scheduler= with a beta schedule for a network that predicts {prediction_type}")
+        spec.prediction_type = prediction_type
+        # scheduler-config plans read the scheduler's own field: keep the two in agreement
         spec.scheduler = {**(spec.scheduler or {}), "prediction_type": prediction_type}
         if prediction_type == "flow_prediction" and not is_flow_scheduler(spec.scheduler):
             # a beta schedule means nothing to a flow network: diffusers' flow-matching Euler on its time range
