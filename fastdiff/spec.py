@@ -51,6 +51,9 @@ class ModelSpec:
     num_classes / null_class: class conditioning, and the label meaning "no class" for CFG (None when
         the model has no unconditional label).
     cross_attention_dim: text conditioning width (encoder_hidden_states), None when unconditional.
+    text_embeds_dim / time_ids_dim: SDXL's micro-conditioning: the pooled text embedding's width and the
+        number of time ids (6: original size, crop corner, target size; 5 for the refiner: original size, crop
+        corner, aesthetic score); None for models without it.
     guided_channels: CFG applies to the first K output channels only (official DiT: 3); None = all.
     """
 
@@ -64,6 +67,8 @@ class ModelSpec:
     num_classes: Optional[int] = None
     null_class: Optional[int] = None
     cross_attention_dim: Optional[int] = None
+    text_embeds_dim: Optional[int] = None
+    time_ids_dim: Optional[int] = None
     guided_channels: Optional[int] = None
     source: str = ""
     notes: list = field(default_factory=list)

@@ -141,7 +141,7 @@ def test_truncated_safetensors_is_reported(tmp_path, ref_unet):
 
 
 @pytest.mark.parametrize("field,value", [("act_fn", "gelu"), ("only_cross_attention", True),
-                                         ("addition_embed_type", "text_time"), ("attention_type", "gated"),
+                                         ("addition_embed_type", "text_image"), ("attention_type", "gated"),
                                          ("resnet_time_scale_shift", "spatial")])
 def test_unsupported_config_field_names_field_and_value(tmp_path, ref_unet, field, value):
     ref_unet.save_pretrained(tmp_path)

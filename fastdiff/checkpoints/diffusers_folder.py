@@ -79,10 +79,12 @@ def spec_for(kind: str, cfg, scheduler: Optional[dict], source: str) -> ModelSpe
         size = cfg.sample_size or 32
         cross = cfg.cross_attention_dim
         cross = cross if isinstance(cross, int) or cross is None else list(cross)[0]
+        text_dim, ids = cfg.text_time_dims or (None, None)
         return ModelSpec(
             kind="unet", model_config=cfg.to_dict(), prediction_type=prediction, scheduler=scheduler,
             in_channels=cfg.in_channels, sample_size=size, learned_variance=cfg.out_channels == 2 * cfg.in_channels,
-            num_classes=cfg.num_class_embeds, cross_attention_dim=cross if cfg.conditional else None, source=source)
+            num_classes=cfg.num_class_embeds, cross_attention_dim=cross if cfg.conditional else None,
+            text_embeds_dim=text_dim, time_ids_dim=ids, source=source)
     num_classes = cfg.num_classes or None
     null = num_classes if (num_classes and cfg.class_dropout_prob > 0) else None
     return ModelSpec(
@@ -103,6 +105,14 @@ def load_pipeline_folder(folder: str, variant: Optional[str] = None):
     sched_path = os.path.join(folder, "scheduler", "scheduler_config.json")
     scheduler = read_json(sched_path) if os.path.isfile(sched_path) else None
     spec = spec_for(kind, cfg, scheduler, source=f"diffusers pipeline {folder}")
+    index_path = os.path.join(folder, "model_index.json")
+    if spec.time_ids_dim is not None and os.path.isfile(index_path):
+        # SDXL's refiner pipeline says it takes the aesthetic score: 5 time ids, whatever its widths suggest
+        aesthetic = read_json(index_path).get("requires_aesthetics_score")
+        ids = 5 if aesthetic else 6
+        pooled = cfg.projection_class_embeddings_input_dim - ids * cfg.addition_time_embed_dim
+        if isinstance(aesthetic, bool) and pooled > 0:
+            spec.time_ids_dim, spec.text_embeds_dim = ids, pooled
     if os.path.isdir(os.path.join(folder, "vae")):
         spec.notes.append("vae/ present but not loaded: fastdiff samples latents; decoding is not implemented yet")
     if scheduler is None:

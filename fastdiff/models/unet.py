@@ -440,6 +440,10 @@ class UNetConfig:
     projection_class_embeddings_input_dim: Optional[int] = None
     class_embeddings_concat: bool = False
     num_train_timesteps: Optional[int] = None
+    # SDXL's micro-conditioning ("text_time"): the pooled text embedding and the size / crop numbers
+    # (time_ids) join the timestep embedding; projection_class_embeddings_input_dim is their joint width
+    addition_embed_type: Optional[str] = None
+    addition_time_embed_dim: Optional[int] = None
     # UNet2DConditionModel only
     cross_attention_dim: Optional[IntOrList] = None
     transformer_layers_per_block: Union[int, Sequence] = 1
@@ -560,6 +564,41 @@ class UNetConfig:
                 raise UnsupportedConfigError(name, getattr(self, name), supported=list(RESAMPLE_TYPES))
         if self.downsample_padding not in (0, 1):
             raise UnsupportedConfigError("downsample_padding", self.downsample_padding, supported=[0, 1])
+        self._validate_addition_embed()
+
+    def _validate_addition_embed(self) -> None:
+        allowed = (None, "text_time") if self.conditional else (None,)
+        if self.addition_embed_type not in allowed:
+            raise UnsupportedConfigError("addition_embed_type", self.addition_embed_type, supported=list(allowed),
+                                         model="UNet2DConditionModel" if self.conditional else "UNet2DModel")
+        if self.addition_embed_type is None:
+            return
+        width = self.projection_class_embeddings_input_dim
+        if not self.addition_time_embed_dim or not width or width <= 6 * self.addition_time_embed_dim and \
+                width != SDXL_POOLED_WIDTH + 5 * self.addition_time_embed_dim:
+            raise UnsupportedConfigError(
+                "addition_time_embed_dim / projection_class_embeddings_input_dim",
+                (self.addition_time_embed_dim, width), model="UNet2DConditionModel",
+                supported="positive ints with projection_class_embeddings_input_dim = pooled text width + "
+                          "addition_time_embed_dim * number of time ids (SDXL: 256 and 1280 + 6 * 256 = 2816)")
+        if self.class_embed_type in ("projection", "simple_projection"):
+            raise UnsupportedConfigError("class_embed_type", self.class_embed_type, model="UNet2DConditionModel",
+                                         supported="None with addition_embed_type='text_time' (both would read "
+                                                   "projection_class_embeddings_input_dim)")
+
+    @property
+    def text_time_dims(self) -> Optional[tuple[int, int]]:
+        """(pooled text width, number of time ids) of an SDXL-style UNet; None without text_time conditioning.
+
+        The config fixes only their joint width, pooled + ids * addition_time_embed_dim. SDXL base takes 6 ids
+        (original size, crop corner, target size); the refiner 5 (original size, crop corner, aesthetic score).
+        A width that leaves SDXL's pooled width (1280) after 5 ids is read as a refiner, any other as 6 ids.
+        """
+        if self.addition_embed_type != "text_time":
+            return None
+        width, step = self.projection_class_embeddings_input_dim, self.addition_time_embed_dim
+        ids = 5 if width - 5 * step == SDXL_POOLED_WIDTH else 6
+        return width - ids * step, ids
 
     # -- per-block views --------------------------------------------------------------------------
     def per_block(self, value, name: str) -> list:
@@ -581,6 +620,8 @@ class UNetConfig:
     def num_upsamplers(self) -> int:
         return len(self.block_out_channels) - 1
 
+
+SDXL_POOLED_WIDTH = 1280  # OpenCLIP ViT-bigG's pooled text embedding, what SDXL base and refiner condition on
 
 # diffusers' constructor defaults per class (what an absent config.json field means).
 _COMMON_DEFAULTS = dict(
@@ -608,7 +649,7 @@ _DIFFUSERS_DEFAULTS = {
         transformer_layers_per_block=1, reverse_transformer_layers_per_block=None, attention_head_dim=8,
         num_attention_heads=None, use_linear_projection=False, upcast_attention=False,
         time_embedding_act_fn=None, projection_class_embeddings_input_dim=None, class_embeddings_concat=False,
-        conv_in_kernel=3, conv_out_kernel=3,
+        conv_in_kernel=3, conv_out_kernel=3, addition_embed_type=None, addition_time_embed_dim=None,
     ),
 }
 # Fields fastdiff only supports at one value (anything else would be a different network).
@@ -618,8 +659,6 @@ _MUST_BE = {
     "dual_cross_attention": (False,),
     "encoder_hid_dim": (None,),
     "encoder_hid_dim_type": (None,),
-    "addition_embed_type": (None,),
-    "addition_time_embed_dim": (None,),
     "timestep_post_act": (None,),
     "time_cond_proj_dim": (None,),
     "attention_type": ("default",),
@@ -682,6 +721,9 @@ class UNet(LinearStacks, nn.Module):
         elif c.class_embed_type == "simple_projection":
             self.class_embedding = nn.Linear(c.projection_class_embeddings_input_dim, temb_dim)
         block_temb = temb_dim * 2 if c.class_embeddings_concat else temb_dim
+        if c.addition_embed_type == "text_time":  # SDXL: pooled text + sinusoidal size / crop ids
+            self.add_time_proj = SinusoidalTimesteps(c.addition_time_embed_dim, c.flip_sin_to_cos, c.freq_shift)
+            self.add_embedding = TimestepEmbedding(c.projection_class_embeddings_input_dim, block_temb)
 
         # Per-block settings --------------------------------------------------------------------
         layers = c.per_block(c.layers_per_block, "layers_per_block")
@@ -800,7 +842,10 @@ class UNet(LinearStacks, nn.Module):
         return x if out is None else Projected(x, out.split(self._stack_sizes[name], dim=-1))
 
     # ----------------------------------------------------------------------------------------------
-    def forward(self, x, timestep, class_labels=None, encoder_hidden_states=None):
+    def forward(self, x, timestep, class_labels=None, encoder_hidden_states=None, text_embeds=None, time_ids=None):
+        """x (B, C, H, W); timestep scalar / (B,); class_labels (B,); encoder_hidden_states (B, L, D);
+        text_embeds (B, P) and time_ids (B, N): SDXL's pooled text and micro-conditioning (diffusers passes
+        them as ``added_cond_kwargs``)."""
         c = self.config
         b = x.shape[0]
         if c.center_input_sample:
@@ -818,6 +863,7 @@ class UNet(LinearStacks, nn.Module):
             emb = torch.cat([emb, class_emb], dim=-1) if c.class_embeddings_concat else emb + class_emb
         elif class_labels is not None:
             raise BadArgumentError("this UNet has no class embedding, but class_labels were given")
+        emb = self._add_text_time(emb, text_embeds, time_ids)
         if c.time_embedding_act_fn is not None:
             emb = F.silu(emb)
         emb = F.silu(emb)  # what every resnet's time projection reads: computed once, not once per resnet
@@ -842,6 +888,28 @@ class UNet(LinearStacks, nn.Module):
         if c.time_embedding_type == "fourier" and not c.conditional:
             h = h / t.reshape(b, *([1] * (h.dim() - 1)))  # NCSN++: the output is scaled by 1/sigma
         return h
+
+
+    def _add_text_time(self, emb, text_embeds, time_ids):
+        """emb + add_embedding([pooled text, sinusoids of each time id]) for SDXL-style UNets."""
+        if self.config.addition_embed_type != "text_time":
+            if text_embeds is not None or time_ids is not None:
+                raise BadArgumentError("text_embeds / time_ids were given, but this UNet has no text_time "
+                                       "(SDXL) conditioning")
+            return emb
+        if text_embeds is None or time_ids is None:
+            raise BadArgumentError(f"this UNet is SDXL-style (addition_embed_type='text_time'): expected "
+                                   f"text_embeds and time_ids, found text_embeds={_shape(text_embeds)}, "
+                                   f"time_ids={_shape(time_ids)}")
+        b = emb.shape[0]
+        time_embeds = self.add_time_proj(time_ids.reshape(-1)).reshape(b, -1)  # (B, N * addition_time_embed_dim)
+        # float32 like diffusers' promotion of (text, float32 sinusoids), then the embedding's dtype
+        added = torch.cat([text_embeds.float(), time_embeds.float()], dim=-1)  # (B, projection width)
+        return emb + self.add_embedding(added.to(emb.dtype))
+
+
+def _shape(t) -> Optional[tuple]:
+    return None if t is None else tuple(t.shape)
 
 
 def _timesteps(timestep, batch: int, device) -> torch.Tensor:

@@ -130,3 +130,53 @@ def test_learned_time_embedding_matches_and_accepts_fractional_timesteps():
     with torch.no_grad():
         assert rel_err(native(x, torch.tensor([3, 999])), ref(x, torch.tensor([3, 999])).sample) <= 1e-5
         assert rel_err(native(x, torch.tensor([3.2, 998.7])), ref(x, torch.tensor([3, 999])).sample) <= 1e-5
+
+
+TEXT_TIME_CONFIGS = {  # SDXL's micro-conditioning, small: (pooled width, time ids, config)
+    "sdxl-base-like": (8, 6, dict(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32, 32), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=24,
+        attention_head_dim=[1, 2, 4], transformer_layers_per_block=[1, 2, 3], use_linear_projection=True,
+        norm_num_groups=8, addition_embed_type="text_time", addition_time_embed_dim=4,
+        projection_class_embeddings_input_dim=8 + 6 * 4)),
+    "sdxl-refiner-like": (1280, 5, dict(  # the refiner's width: 1280 pooled + 5 ids
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=12, attention_head_dim=[2, 4], use_linear_projection=True, norm_num_groups=8,
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=1280 + 40,
+        flip_sin_to_cos=False, freq_shift=1, time_embedding_act_fn="silu")),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TEXT_TIME_CONFIGS))
+def test_text_time_unet_matches_diffusers(name):
+    """SDXL-style UNets: the pooled text embedding and the size / crop ids join the timestep embedding."""
+    pooled, ids, cfg = TEXT_TIME_CONFIGS[name]
+    ref, native = _pair(diffusers.UNet2DConditionModel, cfg, seed=9)
+    assert native.config.text_time_dims == (pooled, ids)
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    ctx = torch.randn(2, 5, cfg["cross_attention_dim"], generator=g)
+    text = torch.randn(2, pooled, generator=g)
+    time_ids = torch.tensor([[1024.0, 768, 0, 16, 1024, 768, 3, 2.5][:ids], [512.0, 512, 8, 0, 640, 384, 1, 6][:ids]])
+    t = torch.tensor([37, 842])
+    with torch.no_grad():
+        want = ref(x, t, encoder_hidden_states=ctx, added_cond_kwargs=dict(text_embeds=text, time_ids=time_ids)).sample
+        got = native(x, t, encoder_hidden_states=ctx, text_embeds=text, time_ids=time_ids)
+        other = native(x, t, encoder_hidden_states=ctx, text_embeds=text, time_ids=time_ids.flip(0))
+    assert rel_err(got, want) <= 1e-5
+    assert rel_err(other, want) > 1e-3  # the ids matter
+
+
+def test_text_time_unet_refuses_missing_or_stray_micro_conditioning():
+    from fastdiff.errors import BadArgumentError
+
+    _, _, cfg = TEXT_TIME_CONFIGS["sdxl-base-like"]
+    _, native = _pair(diffusers.UNet2DConditionModel, cfg, seed=11)
+    x, ctx = torch.randn(1, 4, 8, 8), torch.randn(1, 5, 24)
+    with pytest.raises(BadArgumentError, match="text_embeds and time_ids"):
+        native(x, 10, encoder_hidden_states=ctx, text_embeds=torch.randn(1, 8))
+    _, plain = _pair(diffusers.UNet2DConditionModel, COND_CONFIGS["sd1-conv-proj"], seed=12)
+    with pytest.raises(BadArgumentError, match="no text_time"):
+        plain(x, 10, encoder_hidden_states=ctx, time_ids=torch.zeros(1, 6))
