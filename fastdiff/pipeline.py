@@ -18,6 +18,7 @@ import torch
 from .errors import BadArgumentError, UnsupportedConfigError
 from .spec import ModelSpec, is_flow_scheduler
 from .state_update import update_impl
+from .text_time import text_time_conditioning
 from .utils.checks import finite_number
 
 OUTPUT_TYPES = ("tensor", "np", "pil")
@@ -238,7 +239,8 @@ class Pipeline:
                  negative_encoder_hidden_states: Optional[torch.Tensor] = None, seed: Optional[int] = None,
                  seeds: Optional[Sequence[int]] = None, latents: Optional[torch.Tensor] = None,
                  height: Optional[int] = None, width: Optional[int] = None, output_type: str = "tensor",
-                 progress: bool = True, callback=None, **sampler_options):
+                 progress: bool = True, callback=None, text_embeds=None, negative_text_embeds=None, time_ids=None,
+                 negative_time_ids=None, **sampler_options):
         """Sample ``n`` images (latents for latent models).
 
         sampler / schedule: a fastdiff sampler name (``dpmpp_2m``, ``unipc``, ``ddim``, ...) and sigma
@@ -246,6 +248,9 @@ class Pipeline:
             checkpoint's diffusers scheduler config.
         cfg_scale: classifier-free guidance (1.0: no unconditional pass). Class models guide against
             their null label; text models need ``negative_encoder_hidden_states``.
+        text_embeds / time_ids (SDXL-style UNets, ``fastdiff.text_time``): the pooled text embedding (B, P) and
+            the micro-conditioning ids (N numbers or (B, N)); ids default to diffusers' (the image's own size,
+            no crop). Guided runs also take ``negative_text_embeds`` (and optionally ``negative_time_ids``).
         seed / seeds: ``seeds=[...]`` gives one generator per sample (a sample depends on its own seed
             only); ``seed=s`` means seeds s, s+1, ...; neither draws random seeds; not both.
         latents: the initial unit-normal noise (B, C, H, W), as diffusers' ``latents=`` (a torch tensor or a
@@ -280,6 +285,11 @@ class Pipeline:
 
         cond, uncond = self._conditioning(b, class_labels, encoder_hidden_states, negative_encoder_hidden_states,
                                           cfg_scale)
+        added, added_uncond = text_time_conditioning(
+            self.spec, b, (h, w), cfg_scale != 1.0, self.device, self._network_dtype(), text_embeds=text_embeds,
+            negative_text_embeds=negative_text_embeds, time_ids=time_ids, negative_time_ids=negative_time_ids)
+        cond.update(added)
+        uncond.update(added_uncond)
         denoiser = plan.make_denoiser(self.runner, dtype=self._network_dtype())
         extra = dict(cond)
         if cfg_scale != 1.0:

@@ -17,6 +17,11 @@ SD_SCHEDULER = {"_class_name": "PNDMScheduler", "num_train_timesteps": 1000, "be
                 "steps_offset": 1, "set_alpha_to_one": False, "skip_prk_steps": True, "clip_sample": False,
                 "timestep_spacing": "leading"}
 SD_V_SCHEDULER = dict(SD_SCHEDULER, _class_name="DDIMScheduler", prediction_type="v_prediction")
+# SDXL base / refiner folders: Euler on the same betas and spacing
+SDXL_SCHEDULER = {"_class_name": "EulerDiscreteScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
+                  "beta_end": 0.012, "beta_schedule": "scaled_linear", "prediction_type": "epsilon",
+                  "steps_offset": 1, "timestep_spacing": "leading", "interpolation_type": "linear",
+                  "use_karras_sigmas": False}
 # SiT (Ma et al. 2024) checkpoints are official-DiT files with the linear-interpolant velocity objective: t = 0 is
 # noise, the network takes t in [0, 1] and predicts data - noise. load(path, scheduler=SIT_SCHEDULER) reads them.
 SIT_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 1.0,
@@ -60,20 +65,28 @@ def _arch_table():
         sample_size=8, in_channels=4, out_channels=4, block_out_channels=[32, 64], layers_per_block=1,
         down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
         cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8), "UNet2DConditionModel")
+    tiny_sdxl = lambda: unet.UNetConfig.from_diffusers(dict(  # noqa: E731
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=[32, 64], layers_per_block=1,
+        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"], up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
+        cross_attention_dim=32, attention_head_dim=[2, 4], transformer_layers_per_block=[1, 2],
+        use_linear_projection=True, norm_num_groups=8, addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=16 + 6 * 8), "UNet2DConditionModel")
     return {
         "sd15-unet": _unet_arch(unet.sd15_config, SD_SCHEDULER),
+        "sdxl-unet": _unet_arch(unet.sdxl_config, SDXL_SCHEDULER),
         "sd21-unet": _unet_arch(unet.sd21_config, SD_V_SCHEDULER),
         "ddpm-cifar10": _unet_arch(unet.ddpm_cifar10_config, DIT_SCHEDULER),
         "dit-xl-2-256": _dit_arch("DiT-XL/2", 256),
         "dit-xl-2-512": _dit_arch("DiT-XL/2", 512),
         "tiny-unet": _unet_arch(tiny_unet, DIT_SCHEDULER),
         "tiny-sd-unet": _unet_arch(tiny_sd, SD_SCHEDULER),
+        "tiny-sdxl-unet": _unet_arch(tiny_sdxl, SDXL_SCHEDULER),
         "tiny-dit": _dit_arch("DiT-S/2", 64, hidden_size=64, depth=2, num_heads=4, num_classes=10),
     }
 
 
-ARCH_NAMES = ("sd15-unet", "sd21-unet", "ddpm-cifar10", "dit-xl-2-256", "dit-xl-2-512", "tiny-unet",
-              "tiny-sd-unet", "tiny-dit")
+ARCH_NAMES = ("sd15-unet", "sd21-unet", "sdxl-unet", "ddpm-cifar10", "dit-xl-2-256", "dit-xl-2-512", "tiny-unet",
+              "tiny-sd-unet", "tiny-sdxl-unet", "tiny-dit")
 
 
 def build_arch(name: str, device="cpu", dtype=None, seed: int = 0):

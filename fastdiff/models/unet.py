@@ -971,6 +971,18 @@ def sd21_config() -> UNetConfig:
     ), "UNet2DConditionModel")
 
 
+def sdxl_config() -> UNetConfig:
+    """Stable Diffusion XL 1.0 base's UNet (stabilityai/stable-diffusion-xl-base-1.0 unet/config.json)."""
+    return UNetConfig.from_diffusers(dict(
+        sample_size=128, in_channels=4, out_channels=4, cross_attention_dim=2048, attention_head_dim=[5, 10, 20],
+        block_out_channels=[320, 640, 1280], layers_per_block=2, use_linear_projection=True,
+        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        transformer_layers_per_block=[1, 2, 10], addition_embed_type="text_time", addition_embed_type_num_heads=64,
+        addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+    ), "UNet2DConditionModel")
+
+
 def ddpm_cifar10_config() -> UNetConfig:
     """google/ddpm-cifar10-32."""
     return UNetConfig.from_diffusers(dict(
@@ -981,4 +993,5 @@ def ddpm_cifar10_config() -> UNetConfig:
     ), "UNet2DModel")
 
 
-UNET_PRESETS = {"sd15-unet": sd15_config, "sd21-unet": sd21_config, "ddpm-cifar10": ddpm_cifar10_config}
+UNET_PRESETS = {"sd15-unet": sd15_config, "sd21-unet": sd21_config, "sdxl-unet": sdxl_config,
+                "ddpm-cifar10": ddpm_cifar10_config}

@@ -1,0 +1,117 @@
+"""SDXL's micro-conditioning: the pooled text embedding and the time ids a ``text_time`` UNet reads.
+
+diffusers' SDXL pipelines hand the UNet ``added_cond_kwargs={"text_embeds": (B, 1280), "time_ids": (B, N)}``.
+fastdiff's UNet takes them as ``text_embeds=`` / ``time_ids=`` and ``Pipeline.generate`` checks and defaults
+them here, as ``StableDiffusionXLPipeline._get_add_time_ids`` does:
+
+- SDXL base, 6 ids: original size (h, w), crop top-left (top, left), target size (h, w), in image pixels.
+  Default: no crop and both sizes the image's own. The negative ids default to the positive ones.
+- SDXL refiner, 5 ids: original size, crop top-left, aesthetic score. Default: the image's size, no crop, an
+  aesthetic score of 6.0 (positive) and 2.5 (negative), diffusers' img2img defaults. The negative ids default to
+  the positive ones with the score 2.5.
+
+Image pixels are latent pixels times the VAE's scale factor, 8 for every SDXL VAE.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .errors import BadArgumentError
+from .spec import ModelSpec
+
+VAE_SCALE_FACTOR = 8
+AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE = 6.0, 2.5  # diffusers' StableDiffusionXLImg2ImgPipeline defaults
+
+
+def default_time_ids(ids: int, height: int, width: int, negative: bool = False) -> list[float]:
+    """The ids diffusers' SDXL pipelines build for a (height, width) *latent* with no size / crop arguments."""
+    h, w = height * VAE_SCALE_FACTOR, width * VAE_SCALE_FACTOR
+    if ids == 6:
+        return [h, w, 0, 0, h, w]
+    if ids == 5:
+        return [h, w, 0, 0, NEGATIVE_AESTHETIC_SCORE if negative else AESTHETIC_SCORE]
+    raise BadArgumentError(f"time_ids: this model takes {ids} time ids; fastdiff knows the defaults of SDXL's 6 "
+                           f"(base) and 5 (refiner) only: pass time_ids= explicitly")
+
+
+def text_time_conditioning(spec: ModelSpec, b: int, size: tuple[int, int], guided: bool, device, dtype, *,
+                           text_embeds=None, negative_text_embeds=None, time_ids=None,
+                           negative_time_ids=None) -> tuple[dict, dict]:
+    """(cond, uncond) keyword tensors for a text_time UNet; both empty for any other model (which then must not be
+    given any of these arguments)."""
+    given = {k: v for k, v in dict(text_embeds=text_embeds, negative_text_embeds=negative_text_embeds,
+                                   time_ids=time_ids, negative_time_ids=negative_time_ids).items() if v is not None}
+    if spec.time_ids_dim is None:
+        if given:
+            raise BadArgumentError(f"{', '.join(sorted(given))}: given, but this model has no SDXL micro-conditioning "
+                                   f"(addition_embed_type='text_time')")
+        return {}, {}
+    if text_embeds is None:
+        raise BadArgumentError(f"text_embeds: this model is SDXL-style: expected the pooled text embedding, a "
+                               f"({b}, {spec.text_embeds_dim}) tensor, found None")
+    cond = {"text_embeds": _pooled(text_embeds, spec, b, "text_embeds", device, dtype)}
+    explicit_ids = time_ids is not None
+    if time_ids is None:
+        time_ids = default_time_ids(spec.time_ids_dim, *size)
+    cond["time_ids"] = _ids(time_ids, spec, b, "time_ids", device, dtype)
+    uncond = {}
+    if guided:
+        if negative_text_embeds is None:
+            raise BadArgumentError("cfg_scale != 1 on an SDXL-style model needs negative_text_embeds (the pooled "
+                                   "embedding of the empty / negative prompt; zeros where diffusers' "
+                                   "force_zeros_for_empty_prompt applies)")
+        uncond["text_embeds"] = _pooled(negative_text_embeds, spec, b, "negative_text_embeds", device, dtype)
+        if negative_time_ids is None:  # as diffusers: the same sizes and crop; the refiner's negative score
+            if not explicit_ids:
+                negative_time_ids = default_time_ids(spec.time_ids_dim, *size, negative=True)
+            elif spec.time_ids_dim == 5:
+                negative_time_ids = cond["time_ids"].clone()
+                negative_time_ids[:, 4] = NEGATIVE_AESTHETIC_SCORE
+            else:
+                negative_time_ids = cond["time_ids"]
+        uncond["time_ids"] = _ids(negative_time_ids, spec, b, "negative_time_ids", device, dtype)
+    elif negative_text_embeds is not None or negative_time_ids is not None:
+        raise BadArgumentError("negative_text_embeds / negative_time_ids: given, but cfg_scale == 1 runs no "
+                               "unconditional pass")
+    return cond, uncond
+
+
+def _pooled(t, spec: ModelSpec, b: int, name: str, device, dtype) -> torch.Tensor:
+    t = _floats(t, name, device)
+    if t.dim() == 1:
+        t = t[None]
+    if t.dim() != 2 or t.shape[1] != spec.text_embeds_dim or t.shape[0] not in (1, b):
+        raise BadArgumentError(f"{name}: expected shape ({b}, {spec.text_embeds_dim}) (the pooled text embedding), "
+                               f"found {tuple(t.shape)}")
+    return t.to(dtype).expand(b, -1)
+
+
+def _ids(t, spec: ModelSpec, b: int, name: str, device, dtype) -> torch.Tensor:
+    t = _floats(t, name, device)
+    n = spec.time_ids_dim
+    if t.dim() == 1:
+        t = t[None]
+    if t.dim() != 2 or t.shape[1] != n or t.shape[0] not in (1, b):
+        raise BadArgumentError(f"{name}: expected {n} numbers, or a ({b}, {n}) tensor (one row per sample), found "
+                               f"shape {tuple(t.shape)}")
+    return t.to(dtype).expand(b, -1)
+
+
+def _floats(t, name: str, device) -> torch.Tensor:
+    try:
+        t = torch.as_tensor(t, device=device)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise BadArgumentError(f"{name}: expected numbers (a list, an array or a tensor), found {t!r}") from e
+    if t.dtype == torch.bool or t.is_complex():
+        raise BadArgumentError(f"{name}: expected real numbers, found {t.dtype}")
+    t = t.float() if not t.is_floating_point() else t
+    if t.device.type == "cpu" and not bool(torch.isfinite(t).all()):  # (no device read back for device tensors)
+        raise BadArgumentError(f"{name}: expected finite values, found NaN or inf")
+    return t
+
+
+__all__ = ["AESTHETIC_SCORE", "NEGATIVE_AESTHETIC_SCORE", "VAE_SCALE_FACTOR", "default_time_ids",
+           "text_time_conditioning"]

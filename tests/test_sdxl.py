@@ -1,0 +1,184 @@
+"""SDXL-style UNets (text_time micro-conditioning) through fastdiff.load and Pipeline.generate, against diffusers'
+own StableDiffusionXLPipeline run on the same tiny UNet, prompt embeddings and latents."""
+
+import json
+import os
+
+import pytest
+import torch
+
+import fastdiff
+from fastdiff.errors import BadArgumentError
+from fastdiff.text_time import default_time_ids
+from helpers import perturb_, rel_err
+
+diffusers = pytest.importorskip("diffusers", reason="diffusers' SDXL pipelines are the reference")
+
+POOLED = 10
+UNET = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=12, attention_head_dim=[2, 4],
+            transformer_layers_per_block=[1, 2], use_linear_projection=True, norm_num_groups=8,
+            addition_embed_type="text_time", addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=POOLED + 6 * 8)
+SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+                 timestep_spacing="leading")
+
+
+def _diffusers_pipe(unet_config=UNET, refiner=False):
+    torch.manual_seed(0)
+    unet = perturb_(diffusers.UNet2DConditionModel(**unet_config).eval(), 0)
+    parts = dict(vae=None, text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None, unet=unet,
+                 scheduler=diffusers.EulerDiscreteScheduler(**SCHEDULER))
+    if refiner:
+        pipe = diffusers.StableDiffusionXLImg2ImgPipeline(**parts, requires_aesthetics_score=True)
+    else:
+        pipe = diffusers.StableDiffusionXLPipeline(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _save(pipe, folder, **index) -> str:
+    """A diffusers pipeline folder holding only what fastdiff reads: unet/, scheduler/, model_index.json."""
+    pipe.unet.save_pretrained(os.path.join(folder, "unet"))
+    pipe.scheduler.save_pretrained(os.path.join(folder, "scheduler"))
+    with open(os.path.join(folder, "model_index.json"), "w") as f:
+        json.dump({"_class_name": type(pipe).__name__, **index}, f)
+    return str(folder)
+
+
+def _embeds(b=2, tokens=5, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return dict(prompt_embeds=torch.randn(b, tokens, 12, generator=g),
+                negative_prompt_embeds=torch.randn(b, tokens, 12, generator=g),
+                pooled_prompt_embeds=torch.randn(b, POOLED, generator=g),
+                negative_pooled_prompt_embeds=torch.randn(b, POOLED, generator=g),
+                latents=torch.randn(b, 4, 8, 8, generator=g))
+
+
+def _fastdiff_kwargs(e):
+    return dict(latents=e["latents"], encoder_hidden_states=e["prompt_embeds"],
+                negative_encoder_hidden_states=e["negative_prompt_embeds"], text_embeds=e["pooled_prompt_embeds"],
+                negative_text_embeds=e["negative_pooled_prompt_embeds"], progress=False)
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory):
+    ref = _diffusers_pipe()
+    return ref, fastdiff.load(_save(ref, tmp_path_factory.mktemp("sdxl")))
+
+
+def test_sdxl_folder_loads_with_its_micro_conditioning(sdxl):
+    _, pipe = sdxl
+    assert (pipe.spec.text_embeds_dim, pipe.spec.time_ids_dim) == (POOLED, 6)
+    assert pipe.spec.scheduler["_class_name"] == "EulerDiscreteScheduler"
+
+
+@pytest.mark.parametrize("cfg", [1.0, 4.0])
+def test_generate_equals_diffusers_sdxl_pipeline(sdxl, cfg):
+    """Default ids: the image's own size (latent x 8), no crop, the negative ids the same."""
+    ref, pipe = sdxl
+    e = _embeds()
+    kw = {k: v for k, v in e.items() if cfg != 1.0 or not k.startswith("negative")}
+    want = ref(**{k: v.clone() for k, v in kw.items()}, num_inference_steps=5, guidance_scale=cfg, height=64,
+               width=64, output_type="latent").images
+    fd = _fastdiff_kwargs(e)
+    if cfg == 1.0:
+        fd = {k: v for k, v in fd.items() if not k.startswith("negative")}
+    got = pipe.generate(steps=5, cfg_scale=cfg, **fd)
+    assert rel_err(got, want) <= 2e-5
+
+
+def test_explicit_time_ids_equal_diffusers_size_and_crop_arguments(sdxl):
+    """time_ids / negative_time_ids are diffusers' original_size + crops_coords_top_left + target_size (its negative
+    crop corner defaults to (0, 0))."""
+    ref, pipe = sdxl
+    # one sample: with B > 1 diffusers repeats [negative ids, ids] B times after stacking them, which pairs sample
+    # 0's unconditional pass with the negative ids but sample 1's with the positive ones
+    e = _embeds(b=1, seed=3)
+    want = ref(**{k: v.clone() for k, v in e.items()}, num_inference_steps=4, guidance_scale=3.0, height=64,
+               width=64, original_size=(96, 80), crops_coords_top_left=(8, 4), target_size=(64, 72),
+               negative_original_size=(32, 32), negative_target_size=(48, 40), output_type="latent").images
+    got = pipe.generate(steps=4, cfg_scale=3.0, time_ids=[96, 80, 8, 4, 64, 72],
+                        negative_time_ids=torch.tensor([32.0, 32, 0, 0, 48, 40]), **_fastdiff_kwargs(e))
+    assert rel_err(got, want) <= 2e-5
+    default = pipe.generate(steps=4, cfg_scale=3.0, **_fastdiff_kwargs(e))
+    assert rel_err(default, want) > 1e-3  # the ids reach the network
+
+
+def test_per_sample_time_ids_are_rows(sdxl):
+    """A (B, N) tensor gives each sample its own ids: each row equals that sample run alone."""
+    _, pipe = sdxl
+    e = _embeds(seed=4)
+    ids = torch.tensor([[64.0, 64, 0, 0, 64, 64], [128.0, 96, 16, 0, 64, 64]])
+    both = pipe.generate(steps=3, cfg_scale=2.0, time_ids=ids, **_fastdiff_kwargs(e))
+    for i in range(2):
+        one = {k: (v[i:i + 1] if torch.is_tensor(v) else v) for k, v in _fastdiff_kwargs(e).items()}
+        alone = pipe.generate(steps=3, cfg_scale=2.0, time_ids=ids[i], **one)
+        assert rel_err(both[i:i + 1], alone) <= 1e-5
+
+
+def test_refiner_default_ids_are_diffusers_img2img_ids(tmp_path):
+    """The refiner (requires_aesthetics_score): 5 ids, aesthetic score 6.0 and 2.5 for the negative pass."""
+    ref = _diffusers_pipe(dict(UNET, projection_class_embeddings_input_dim=POOLED + 5 * 8), refiner=True)
+    pipe = fastdiff.load(_save(ref, tmp_path, requires_aesthetics_score=True))
+    assert (pipe.spec.text_embeds_dim, pipe.spec.time_ids_dim) == (POOLED, 5)
+    ids, neg = ref._get_add_time_ids((64, 48), (0, 0), (64, 48), 6.0, 2.5, (64, 48), (0, 0), (64, 48), torch.float32,
+                                     text_encoder_projection_dim=POOLED)
+    assert default_time_ids(5, 8, 6) == ids.reshape(-1).tolist()
+    assert default_time_ids(5, 8, 6, negative=True) == neg.reshape(-1).tolist()
+    ids, neg = ref._get_add_time_ids((64, 64), (0, 0), (64, 64), 6.0, 2.5, (64, 64), (0, 0), (64, 64), torch.float32,
+                                     text_encoder_projection_dim=POOLED)  # the 8x8 latents' image size
+    e = _embeds(seed=5)
+    kw = _fastdiff_kwargs(e)
+    explicit = pipe.generate(steps=3, cfg_scale=2.0, time_ids=ids, negative_time_ids=neg, **kw)
+    assert torch.equal(pipe.generate(steps=3, cfg_scale=2.0, **kw), explicit)
+    # explicit ids alone: the negative pass keeps their sizes and takes the negative score, as in diffusers
+    assert torch.equal(pipe.generate(steps=3, cfg_scale=2.0, time_ids=ids, **kw), explicit)
+
+
+def test_refiner_widths_are_recognised_without_a_pipeline_folder():
+    from fastdiff.models.unet import UNetConfig
+
+    cfg = UNetConfig.from_diffusers(dict(UNET, addition_time_embed_dim=256, projection_class_embeddings_input_dim=2560),
+                                    "UNet2DConditionModel")
+    assert cfg.text_time_dims == (1280, 5)  # SDXL refiner: 1280 pooled + 5 x 256
+    cfg = UNetConfig.from_diffusers(dict(UNET, addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816),
+                                    "UNet2DConditionModel")
+    assert cfg.text_time_dims == (1280, 6)  # SDXL base
+
+
+def test_sdxl_architecture_preset_is_sdxl_base():
+    from fastdiff.models.unet import sdxl_config
+    from fastdiff.models import build_model
+
+    with torch.device("meta"):
+        model = build_model("unet", sdxl_config(), device="meta")
+    assert sum(p.numel() for p in model.parameters()) == 2_567_463_684  # SDXL 1.0 base's UNet
+    assert sdxl_config().text_time_dims == (1280, 6)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(text_embeds=None), "text_embeds: this model is SDXL-style"),
+    (dict(text_embeds=torch.randn(2, POOLED + 1)), r"text_embeds: expected shape \(2, 10\)"),
+    (dict(negative_text_embeds=None), "needs negative_text_embeds"),
+    (dict(time_ids=[64, 64, 0, 0, 64]), r"time_ids: expected 6 numbers, or a \(2, 6\) tensor"),
+    (dict(time_ids=[64, 64, 0, 0, 64, float("nan")]), "time_ids: expected finite values"),
+    (dict(negative_time_ids=torch.zeros(3, 6)), r"negative_time_ids: expected 6 numbers, or a \(2, 6\)"),
+    (dict(time_ids=["a"] * 6), "time_ids: expected numbers"),
+])
+def test_bad_micro_conditioning_is_refused_by_name(sdxl, kwargs, match):
+    _, pipe = sdxl
+    kw = dict(_fastdiff_kwargs(_embeds()), **kwargs)
+    with pytest.raises(BadArgumentError, match=match):
+        pipe.generate(steps=2, cfg_scale=2.0, **kw)
+
+
+def test_micro_conditioning_on_other_models_is_refused():
+    pipe = fastdiff.load("arch:tiny-sd-unet")
+    with pytest.raises(BadArgumentError, match="time_ids.*no SDXL micro-conditioning"):
+        pipe.generate(steps=2, encoder_hidden_states=torch.randn(1, 3, 32), time_ids=[8] * 6, progress=False)
+    sdxl = fastdiff.load("arch:tiny-sdxl-unet")
+    with pytest.raises(BadArgumentError, match="cfg_scale == 1 runs no unconditional pass"):
+        sdxl.generate(steps=2, encoder_hidden_states=torch.randn(1, 3, 32), text_embeds=torch.randn(16),
+                      negative_text_embeds=torch.randn(16), progress=False)
