@@ -182,3 +182,63 @@ def test_micro_conditioning_on_other_models_is_refused():
     with pytest.raises(BadArgumentError, match="cfg_scale == 1 runs no unconditional pass"):
         sdxl.generate(steps=2, encoder_hidden_states=torch.randn(1, 3, 32), text_embeds=torch.randn(16),
                       negative_text_embeds=torch.randn(16), progress=False)
+
+
+# --- the runtime: captured graphs (a stand-in graph on the CPU), bucket padding, the Engine --------------------
+
+def _tiny_sdxl_inputs(b, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return dict(encoder_hidden_states=torch.randn(b, 3, 32, generator=g),
+                negative_encoder_hidden_states=torch.randn(b, 3, 32, generator=g),
+                text_embeds=torch.randn(b, 16, generator=g), negative_text_embeds=torch.randn(b, 16, generator=g),
+                time_ids=torch.tensor([[64.0, 64, 0, 0, 64, 64], [96, 64, 8, 0, 64, 64], [64, 80, 0, 8, 32, 64]][:b]))
+
+
+@pytest.mark.parametrize("scope", ["step", "loop"])
+def test_graph_replay_equals_eager_with_micro_conditioning(scope):
+    from test_graph_scopes import FakeGraph
+
+    eager = fastdiff.load("arch:tiny-sdxl-unet")
+    graphed = fastdiff.load("arch:tiny-sdxl-unet").optimize(cuda_graphs=True, graph_scope=scope,
+                                                            batch_buckets=(1, 4), graph_factory=FakeGraph)
+    kw = dict(steps=3, sampler="dpmpp_2m", cfg_scale=3.0, progress=False)
+    for seeds in ([1, 2, 3], [4]):  # 3 pads to bucket 4: the padded rows repeat the last ids
+        inputs = _tiny_sdxl_inputs(len(seeds), seed=seeds[0])
+        want = eager.generate(seeds=seeds, **inputs, **kw)
+        assert rel_err(graphed.generate(seeds=seeds, **inputs, **kw), want) <= 1e-5
+        other = dict(inputs, time_ids=inputs["time_ids"] + 16)  # new values, same shapes: a replay, not stale
+        assert rel_err(graphed.generate(seeds=seeds, **other, **kw), eager.generate(seeds=seeds, **other, **kw)) <= 1e-5
+    captures = graphed.loop_graphs.captures if scope == "loop" else graphed.runner.captures
+    assert captures == 2
+
+
+def test_bucket_padding_passes_micro_conditioning_by_name():
+    from fastdiff.runtime.graphs import BucketPadded
+
+    pipe = fastdiff.load("arch:tiny-sdxl-unet")
+    padded = BucketPadded(pipe.model, (2,))
+    i = _tiny_sdxl_inputs(3)
+    x, t = torch.randn(3, 4, 8, 8), torch.tensor([10.0, 500.0, 900.0])
+    want = pipe.model(x, t, encoder_hidden_states=i["encoder_hidden_states"], text_embeds=i["text_embeds"],
+                      time_ids=i["time_ids"])
+    got = padded(x, t, None, i["encoder_hidden_states"], text_embeds=i["text_embeds"], time_ids=i["time_ids"])
+    assert rel_err(got, want) <= 1e-5  # 3 rows over bucket 2: two chunks, the second padded
+
+
+def test_engine_requests_equal_their_solo_runs():
+    pipe = fastdiff.load("arch:tiny-sdxl-unet")
+    inputs = _tiny_sdxl_inputs(3, seed=7)
+    kw = dict(steps=2, sampler="euler", cfg_scale=2.0)
+    with fastdiff.Engine(pipe, max_batch=4, max_wait_ms=50) as engine:
+        futures = [engine.submit(seed=10 + i, **{k: v[i] for k, v in inputs.items()}, **kw) for i in range(3)]
+        default_ids = {k: v[0] for k, v in inputs.items() if k != "time_ids"}
+        futures.append(engine.submit(seed=13, **default_ids, **kw))
+        bad = engine.submit(seed=14, **dict(default_ids, text_embeds=torch.randn(15)), **kw)
+        results = [f.result(timeout=60) for f in futures]
+        with pytest.raises(BadArgumentError, match="text_embeds: expected shape"):
+            bad.result(timeout=60)
+    for i in range(3):
+        solo = pipe.generate(seeds=[10 + i], **{k: v[i:i + 1] for k, v in inputs.items()}, progress=False, **kw)
+        assert rel_err(results[i], solo[0]) <= 1e-5
+    solo = pipe.generate(seeds=[13], **{k: v[None] for k, v in default_ids.items()}, progress=False, **kw)
+    assert rel_err(results[3], solo[0]) <= 1e-5

@@ -73,6 +73,7 @@ class _Request:
     encoder_hidden_states: Optional[torch.Tensor]
     negative_encoder_hidden_states: Optional[torch.Tensor]
     params: Dict[str, Any]          # steps, sampler, schedule, cfg_scale, height, width: shared by a batch
+    added: Dict[str, torch.Tensor]  # SDXL's text_embeds / time_ids (and negatives) given: one row each
     key: tuple
     future: concurrent.futures.Future
     t_submit: float = field(default_factory=time.perf_counter)
@@ -132,6 +133,23 @@ def _check_states(name: str, states) -> Optional[torch.Tensor]:
     return states
 
 
+# SDXL micro-conditioning a request may carry: one 1-d row each, stacked into (B, ...) per batch
+_ADDED_INPUTS = ("text_embeds", "negative_text_embeds", "time_ids", "negative_time_ids")
+
+
+def _check_row(name: str, value) -> torch.Tensor:
+    """One request's pooled text embedding or time ids: a 1-d float tensor (numbers or an array accepted)."""
+    try:
+        t = value if torch.is_tensor(value) else torch.as_tensor(value, dtype=torch.float32)
+    except (TypeError, ValueError, RuntimeError):
+        raise BadArgumentError(f"{name}: expected a 1-d tensor or a list of numbers for one request, found "
+                               f"{type(value).__name__} {value!r}") from None
+    if t.dim() != 1 or not t.is_floating_point() and t.dtype not in (torch.int32, torch.int64):
+        raise BadArgumentError(f"{name}: expected a 1-d tensor of numbers for one request (the Engine stacks "
+                               f"requests into (B, ...)), found shape {tuple(t.shape)}, {t.dtype}")
+    return t
+
+
 def _states_key(states: Optional[torch.Tensor]):
     # Stacking needs the same shape, dtype and device.
     return None if states is None else (tuple(states.shape), states.dtype, str(states.device))
@@ -146,7 +164,8 @@ def _group_key(r: _Request) -> tuple:
     schedule = ("callable", id(schedule)) if callable(schedule) else schedule
     return (p["height"], p["width"], p["steps"], sampler, schedule, p["cfg_scale"], p["cfg_scale"] != 1.0,
             r.class_label is None, _states_key(r.encoder_hidden_states),
-            _states_key(r.negative_encoder_hidden_states), p["options"])
+            _states_key(r.negative_encoder_hidden_states), p["options"],
+            tuple((k, _states_key(v)) for k, v in sorted(r.added.items())))
 
 
 def _percentile(sorted_values: List[float], q: float) -> Optional[float]:
@@ -216,11 +235,14 @@ class Engine:
                encoder_hidden_states: Optional[torch.Tensor] = None,
                negative_encoder_hidden_states: Optional[torch.Tensor] = None, steps: int = 20,
                sampler=None, cfg_scale: float = 1.0, height: Optional[int] = None, width: Optional[int] = None,
-               schedule=None, **options) -> concurrent.futures.Future:
+               schedule=None, text_embeds=None, negative_text_embeds=None, time_ids=None, negative_time_ids=None,
+               **options) -> concurrent.futures.Future:
         """Queue one sample; the Future resolves to a (C, H, W) tensor.
 
         Thread-safe. Defaults are ``Pipeline.generate``'s (``sampler=None`` / ``schedule=None``: the
         model's own). ``encoder_hidden_states`` is this request's (M, D) slice; the Engine stacks them.
+        ``text_embeds`` / ``time_ids`` (and negatives): an SDXL-style model's pooled text embedding (P,) and
+        micro-conditioning ids (N,) of this request, stacked the same way (``Pipeline.generate`` defaults the ids).
         ``options``: further ``generate`` keywords shared by a batch (``guidance_rescale``, sampler
         options such as ``eta``); values must be hashable, and only requests with equal options batch.
         A request that fails validation returns an already failed Future (the error is
@@ -228,8 +250,10 @@ class Engine:
         """
         fut: concurrent.futures.Future = concurrent.futures.Future()
         try:
+            added = dict(text_embeds=text_embeds, negative_text_embeds=negative_text_embeds, time_ids=time_ids,
+                         negative_time_ids=negative_time_ids)
             req = self._make_request(fut, seed, class_label, encoder_hidden_states, negative_encoder_hidden_states,
-                                     steps, sampler, cfg_scale, height, width, schedule, options)
+                                     steps, sampler, cfg_scale, height, width, schedule, options, added)
         except BadArgumentError as e:
             with self._cv:
                 if self._closed:
@@ -332,7 +356,7 @@ class Engine:
     # ------------------------------------------------------------------------------------ internals
 
     def _make_request(self, fut, seed, class_label, ehs, nehs, steps, sampler, cfg_scale, height, width,
-                      schedule, options) -> _Request:
+                      schedule, options, added) -> _Request:
         seed = _as_int("seed", seed)
         class_label = _as_int("class_label", class_label, minimum=0, allow_none=True)
         steps = _as_int("steps", steps, minimum=1)
@@ -363,7 +387,8 @@ class Engine:
                                        f"{tuple(ehs.shape)}, found {tuple(nehs.shape)}")
         params = dict(steps=steps, sampler=sampler, schedule=schedule, cfg_scale=cfg_scale, height=height,
                       width=width, options=options)
-        req = _Request(seed, class_label, ehs, nehs, params, (), fut)
+        added = {k: _check_row(k, v) for k, v in added.items() if v is not None}
+        req = _Request(seed, class_label, ehs, nehs, params, added, (), fut)
         req.key = _group_key(req)
         return req
 
@@ -437,7 +462,8 @@ class Engine:
             seeds=[r.seed for r in reqs], steps=p["steps"], sampler=p["sampler"], schedule=p["schedule"],
             cfg_scale=p["cfg_scale"], class_labels=labels, encoder_hidden_states=ehs,
             negative_encoder_hidden_states=nehs, height=p["height"], width=p["width"], output_type="tensor",
-            progress=False, **dict(p["options"]))
+            progress=False, **{k: torch.stack([r.added[k] for r in reqs]) for k in reqs[0].added},
+            **dict(p["options"]))
         if not torch.is_tensor(out) or out.dim() < 1 or out.shape[0] != len(reqs):
             found = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
             raise FastdiffError(f"pipe.generate: expected a tensor with {len(reqs)} samples on dim 0, found {found}")

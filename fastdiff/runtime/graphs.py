@@ -74,20 +74,31 @@ class BucketPadded:
         self.network = network
         self.buckets = tuple(sorted(buckets))
 
-    def __call__(self, x, timestep, class_labels=None, encoder_hidden_states=None):
+    def __call__(self, x, timestep, class_labels=None, encoder_hidden_states=None, **added):
+        """The native signature; ``added``: more per-sample conditioning by name (an SDXL UNet's ``text_embeds`` /
+        ``time_ids``), passed on as keywords, None ones left out."""
         n = x.shape[0]
         if n > self.buckets[-1]:  # larger than any bucket: run in bucket-sized chunks
             step = self.buckets[-1]
             parts = [self(x[i:i + step], _rows(timestep, i, step), _rows(class_labels, i, step),
-                          _rows(encoder_hidden_states, i, step)) for i in range(0, n, step)]
+                          _rows(encoder_hidden_states, i, step), **{k: _rows(v, i, step) for k, v in added.items()})
+                     for i in range(0, n, step)]
             return torch.cat(parts, dim=0)
         bucket = bucket_for(n, self.buckets)
         timestep = _as_batch(timestep, n, x.device)
+        names = tuple(sorted(k for k, v in added.items() if v is not None))
         inputs = [pad_to(t, bucket) for t in (x, timestep, class_labels, encoder_hidden_states)]
-        return self.run_bucket(bucket, inputs)[:n]
+        inputs += [pad_to(added[k], bucket) for k in names]
+        return self.run_bucket(bucket, inputs, names)[:n]
 
-    def run_bucket(self, bucket: int, inputs: list) -> torch.Tensor:
-        return self.network(*inputs)
+    def run_bucket(self, bucket: int, inputs: list, names: tuple = ()) -> torch.Tensor:
+        return _invoke(self.network, inputs, names)
+
+
+def _invoke(network: Callable, inputs: list, names: tuple):
+    """network(x, timestep, class_labels, encoder_hidden_states, **{names: the remaining inputs})."""
+    k = len(inputs) - len(names)
+    return network(*inputs[:k], **dict(zip(names, inputs[k:])))
 
 
 class GraphedNetwork(BucketPadded):
@@ -106,22 +117,23 @@ class GraphedNetwork(BucketPadded):
         self._lock = threading.RLock()
 
     @staticmethod
-    def signature(bucket: int, x: torch.Tensor, timestep, class_labels, encoder_hidden_states) -> tuple:
+    def signature(bucket: int, x: torch.Tensor, timestep, class_labels, encoder_hidden_states, *added,
+                  names: tuple = ()) -> tuple:
         def sig(t):
             return None if t is None else (tuple(t.shape[1:]), t.dtype)
         return (bucket, tuple(x.shape[1:]), x.dtype, str(x.device), sig(timestep), sig(class_labels),
-                sig(encoder_hidden_states))
+                sig(encoder_hidden_states)) + tuple((name, sig(t)) for name, t in zip(names, added))
 
-    def run_bucket(self, bucket: int, inputs: list) -> torch.Tensor:
+    def run_bucket(self, bucket: int, inputs: list, names: tuple = ()) -> torch.Tensor:
         with self._lock:
-            return self._run_bucket_locked(bucket, inputs)
+            return self._run_bucket_locked(bucket, inputs, names)
 
-    def _run_bucket_locked(self, bucket: int, inputs: list) -> torch.Tensor:
-        key = self.signature(bucket, *inputs)
+    def _run_bucket_locked(self, bucket: int, inputs: list, names: tuple) -> torch.Tensor:
+        key = self.signature(bucket, *inputs, names=names)
         entry = self.graphs.get(key)
         if entry is None:
             static = [None if t is None else t.clone() for t in inputs]
-            graph = self.graph_factory(lambda *a: self.network(*a), static, pool=self.pool)
+            graph = self.graph_factory(lambda *a: _invoke(self.network, list(a), names), static, pool=self.pool)
             self.pool = getattr(graph, "pool", self.pool)
             self.captures += 1
             entry = (graph, static)
