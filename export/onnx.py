@@ -18,10 +18,13 @@ Graph interface (what ONNX diffusion pipelines expect)::
     sample                (B, C, H, W)  float32 (float16 with fp16_io)
     timestep              (B,) or (1,)  float32 (int64 for a learned timestep table)
     encoder_hidden_states (B, L, D)     text-conditioned UNet          | class_labels (B,) int64: DiT,
-    -> out_sample         (B, C_out, H, W)                                class-conditional UNet
+    text_embeds           (B, P)        SDXL-style UNets only             class-conditional UNet
+    time_ids              (B, N)        float32, SDXL-style UNets only
+    -> out_sample         (B, C_out, H, W)
 
-CFG-folded graph (``cfg_folded=True``): the same inputs plus ``uncond_encoder_hidden_states`` (text
-models; class models use the spec's null class inside) and ``guidance_scale`` ((1,) or (B,) float32);
+CFG-folded graph (``cfg_folded=True``): the same inputs plus ``uncond_encoder_hidden_states`` (and, for
+SDXL-style UNets, ``uncond_text_embeds`` / ``uncond_time_ids``; class models use the spec's null class
+inside) and ``guidance_scale`` ((1,) or (B,) float32);
 cond and uncond run as ONE batch of 2B inside and ``out_sample`` is the guided output: channels
 ``[:g]`` are ``uncond + s * (cond - uncond)`` (g = spec.guided_channels, or the eps channels of a
 learned-variance model), the remaining (variance) channels are the conditional pass's.
@@ -95,6 +98,20 @@ def conditioning(model: nn.Module, spec: ModelSpec) -> Optional[str]:
     return None
 
 
+def cond_inputs(cond: Optional[str], spec: ModelSpec) -> list[str]:
+    """The graph's conditional inputs after sample and timestep, in order (a CFG-folded text graph repeats each
+    as ``uncond_<name>``)."""
+    if cond == "class":
+        return ["class_labels"]
+    if cond == "text":
+        return ["encoder_hidden_states"] + (["text_embeds", "time_ids"] if spec.time_ids_dim else [])
+    return []
+
+
+# float inputs that run in the network's dtype (the rest: class labels int64, SDXL's time ids float32)
+_NETWORK_DTYPE_INPUTS = ("encoder_hidden_states", "text_embeds")
+
+
 def _timestep_dtype(model: nn.Module, spec: ModelSpec) -> torch.dtype:
     cfg = getattr(model, "config", None)
     learned = spec.kind == "unet" and getattr(cfg, "time_embedding_type", None) == "learned"
@@ -110,46 +127,45 @@ def _guided_channels(spec: ModelSpec, out_channels: int) -> int:
 class _GraphModule(nn.Module):
     """The traced function: IO casts around the native model (its own forward, unchanged)."""
 
-    def __init__(self, model: nn.Module, cond: Optional[str], compute_dtype: torch.dtype, io_dtype: torch.dtype):
+    def __init__(self, model: nn.Module, names: list, compute_dtype: torch.dtype, io_dtype: torch.dtype):
         super().__init__()
-        self.model, self.cond = model, cond
+        self.model, self.names = model, list(names)  # the conditional inputs, in graph order
         self.compute_dtype, self.io_dtype = compute_dtype, io_dtype
 
-    def _run(self, x, t, y=None, ctx=None):
-        if self.cond == "text":
-            return self.model(x, t, encoder_hidden_states=ctx.to(self.compute_dtype))
-        if self.cond == "class":
-            return self.model(x, t, class_labels=y)
-        return self.model(x, t)
+    def _run(self, x, t, conds: dict):
+        kw = {k: v.to(self.compute_dtype) if k in _NETWORK_DTYPE_INPUTS else v for k, v in conds.items()}
+        return self.model(x, t, **kw)
 
-    def forward(self, sample, timestep, cond=None):
+    def forward(self, sample, timestep, *conds):
         b = sample.shape[0]
         x = sample.to(self.compute_dtype)  # (B, C, H, W)
         t = timestep.reshape(-1).expand(b)  # (B,)
-        out = self._run(x, t, y=cond, ctx=cond) if self.cond else self._run(x, t)  # (B, C_out, H, W)
+        out = self._run(x, t, dict(zip(self.names, conds)))  # (B, C_out, H, W)
         return out.to(self.io_dtype)
 
 
 class _CFGGraphModule(_GraphModule):
     """Classifier-free guidance folded into the graph: cond + uncond as one batch of 2B."""
 
-    def __init__(self, model, cond, compute_dtype, io_dtype, guided: int, null_class: Optional[int]):
-        super().__init__(model, cond, compute_dtype, io_dtype)
+    def __init__(self, model, names, compute_dtype, io_dtype, guided: int, null_class: Optional[int]):
+        super().__init__(model, names, compute_dtype, io_dtype)
         self.guided, self.null_class = guided, null_class
 
-    def forward(self, sample, timestep, cond, *rest):
-        uncond, guidance_scale = (rest[0], rest[1]) if self.cond == "text" else (None, rest[0])
+    def forward(self, sample, timestep, *rest):
+        n = len(self.names)
+        cond, guidance_scale = dict(zip(self.names, rest[:n])), rest[-1]
         b = sample.shape[0]
         x = sample.to(self.compute_dtype)
         x2 = torch.cat([x, x], dim=0)  # (2B, C, H, W)
         t = timestep.reshape(-1).expand(b)
         t2 = torch.cat([t, t], dim=0)  # (2B,)
-        if self.cond == "text":
-            out = self._run(x2, t2, ctx=torch.cat([cond, uncond], dim=0))  # (2B, C_out, H, W)
-        else:
-            y2 = torch.cat([cond, torch.full_like(cond, self.null_class)], dim=0)  # (2B,)
-            out = self._run(x2, t2, y=y2)
-        out = out.float()
+        if self.names == ["class_labels"]:
+            y = cond["class_labels"]
+            both = {"class_labels": torch.cat([y, torch.full_like(y, self.null_class)], dim=0)}  # (2B,)
+        else:  # text: every input has its uncond_ counterpart, in the same order
+            uncond = dict(zip(self.names, rest[n:2 * n]))
+            both = {k: torch.cat([cond[k], uncond[k]], dim=0) for k in self.names}  # (2B, ...)
+        out = self._run(x2, t2, both).float()  # (2B, C_out, H, W)
         c, u = out[:b], out[b:]  # 2 x (B, C_out, H, W)
         g = self.guided
         s = guidance_scale.float().reshape(-1, 1, 1, 1)  # (B or 1, 1, 1, 1)
@@ -165,13 +181,13 @@ def graph_io(model: nn.Module, spec: ModelSpec, *, cfg_folded: bool, fp16_io: bo
     cond = conditioning(model, spec)
     io_dtype = "float16" if (dtype == "fp16" and fp16_io) else "float32"
     inputs = [["sample", io_dtype], ["timestep", "int64" if _timestep_dtype(model, spec) == torch.int64 else "float32"]]
-    if cond == "text":
-        inputs.append(["encoder_hidden_states", io_dtype])
-    elif cond == "class":
-        inputs.append(["class_labels", "int64"])
+    kinds = {"encoder_hidden_states": io_dtype, "text_embeds": io_dtype, "time_ids": "float32",
+             "class_labels": "int64"}
+    names = cond_inputs(cond, spec)
+    inputs += [[n, kinds[n]] for n in names]
     if cfg_folded:
         if cond == "text":
-            inputs.append(["uncond_encoder_hidden_states", io_dtype])
+            inputs += [["uncond_" + n, kinds[n]] for n in names]
         inputs.append(["guidance_scale", "float32"])
     return {
         "inputs": inputs, "outputs": [["out_sample", io_dtype]], "conditioning": cond, "dtype": dtype,
@@ -236,6 +252,10 @@ def _example_inputs(spec, io, batch, h, w, device, seed=0):
             v = v.round().long() if dt == "int64" else v + 0.25
         elif name in ("encoder_hidden_states", "uncond_encoder_hidden_states"):
             v = torch.randn(batch, 7, spec.cross_attention_dim, generator=g)
+        elif name in ("text_embeds", "uncond_text_embeds"):
+            v = torch.randn(batch, spec.text_embeds_dim, generator=g)
+        elif name in ("time_ids", "uncond_time_ids"):  # sizes and crops in pixels, varied per row
+            v = 8.0 * torch.randint(4, 160, (batch, spec.time_ids_dim), generator=g)
         elif name == "class_labels":
             v = torch.randint(0, max(int(spec.num_classes or 1), 1), (batch,), generator=g)
         elif name == "guidance_scale":
@@ -259,7 +279,7 @@ def _dynamic_axes(io, dynamic_batch, dynamic_hw):
                 a[2], a[3] = "height", "width"
         elif name in ("timestep", "guidance_scale"):
             a[0] = f"{name}_batch"  # (1,) or (B,)
-        elif name == "class_labels":
+        elif name in ("class_labels", "text_embeds", "time_ids", "uncond_text_embeds", "uncond_time_ids"):
             if dynamic_batch:
                 a[0] = "batch"
         else:  # (uncond_)encoder_hidden_states
@@ -336,10 +356,11 @@ def export_onnx(pipe_or_model, spec: Optional[ModelSpec], path: str, *, opset: i
         if next(iter(model.parameters()), torch.empty(0)).dtype != compute:
             ref_model = copy.deepcopy(model).to(compute)  # never change the caller's model
         io_dtype = torch.float16 if io["inputs"][0][1] == "float16" else torch.float32
+        names = cond_inputs(cond, spec)
         if cfg_folded:
-            wrapper = _CFGGraphModule(ref_model, cond, compute, io_dtype, io["guided_channels"], spec.null_class)
+            wrapper = _CFGGraphModule(ref_model, names, compute, io_dtype, io["guided_channels"], spec.null_class)
         else:
-            wrapper = _GraphModule(ref_model, cond, compute, io_dtype)
+            wrapper = _GraphModule(ref_model, names, compute, io_dtype)
         wrapper.eval()
         # Trace at batch >= 2 so that nothing batch-1 specific (an expand of a size-1 axis) is baked in.
         trace_b = max(batch, 2) if dynamic_batch else batch
@@ -496,26 +517,24 @@ def reference_output(model: nn.Module, spec: ModelSpec, io: dict, feeds: dict) -
     for a CFG-folded graph). Runs in the model's own dtype and device; returns float32 on the CPU."""
     p = next(iter(model.parameters()), torch.empty(0))
     dev, dt = p.device, p.dtype
-    cond = io["conditioning"]
+    names = [n for n, _ in io["inputs"] if n not in ("sample", "timestep", "guidance_scale")
+             and not n.startswith("uncond_")]  # the conditional inputs, as the graph names them
 
-    def run(y=None, ctx=None):
+    def run(conds: dict):
         x = feeds["sample"].to(dev, dt)
         t = feeds["timestep"].reshape(-1).expand(x.shape[0]).to(dev)
-        kw = {}
-        if cond == "text":
-            kw["encoder_hidden_states"] = ctx.to(dev, dt)
-        elif cond == "class":
-            kw["class_labels"] = y.to(dev)
+        kw = {k: v.to(dev, dt) if k in _NETWORK_DTYPE_INPUTS else v.to(dev) for k, v in conds.items()}
         return model(x, t, **kw).float().cpu()
 
     with torch.no_grad(), _native_ops(model):
-        y = feeds.get("class_labels")
-        ctx = feeds.get("encoder_hidden_states")
-        c = run(y=y, ctx=ctx)
+        c = run({k: feeds[k] for k in names})
         if not io["cfg_folded"]:
             return c
-        u = run(y=None if y is None else torch.full_like(y, io["null_class"]),
-                ctx=feeds.get("uncond_encoder_hidden_states"))
+        if io["conditioning"] == "class":
+            y = feeds["class_labels"]
+            u = run({"class_labels": torch.full_like(y, io["null_class"])})
+        else:
+            u = run({k: feeds["uncond_" + k] for k in names})
         g = io["guided_channels"]
         s = feeds["guidance_scale"].float().reshape(-1, 1, 1, 1)
         return torch.cat([u[:, :g] + s * (c[:, :g] - u[:, :g]), c[:, g:]], dim=1)

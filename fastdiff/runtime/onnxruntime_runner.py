@@ -2,9 +2,10 @@
 
 ``runner = OnnxRuntimeRunner("unet.onnx")`` is called like the network it came from::
 
-    runner(x, timestep, class_labels=None, encoder_hidden_states=None) -> torch.Tensor
+    runner(x, timestep, class_labels=None, encoder_hidden_states=None, text_embeds=None, time_ids=None) -> Tensor
 
-(a CFG-folded graph also takes ``uncond_encoder_hidden_states=`` and ``guidance_scale=``). Inputs are
+(a CFG-folded graph also takes ``uncond_encoder_hidden_states=`` (``uncond_text_embeds=`` / ``uncond_time_ids=``)
+and ``guidance_scale=``). Inputs are
 cast to what the graph declares (an fp16 graph with fp32 IO takes float32; an fp16-IO graph gets
 float16), timesteps are broadcast to one per sample, a missing class label becomes the null class, and
 the output comes back in ``x``'s dtype on ``x``'s device.
@@ -128,10 +129,12 @@ class OnnxRuntimeRunner:
             self._tmpdir = None
 
     # -----------------------------------------------------------------------------------------------
-    def __call__(self, x: torch.Tensor, timestep, class_labels=None, encoder_hidden_states=None, *,
-                 uncond_encoder_hidden_states=None, guidance_scale=None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, timestep, class_labels=None, encoder_hidden_states=None, text_embeds=None,
+                 time_ids=None, *, uncond_encoder_hidden_states=None, guidance_scale=None,
+                 **uncond_added) -> torch.Tensor:
         feeds = build_feeds(self.inputs, self.spec, x, timestep, class_labels, encoder_hidden_states,
-                            uncond_encoder_hidden_states, guidance_scale)
+                            uncond_encoder_hidden_states, guidance_scale, text_embeds=text_embeds, time_ids=time_ids,
+                            **uncond_added)
         return self.run_feeds(feeds).to(x.device, x.dtype)
 
     def run_feeds(self, feeds: dict) -> torch.Tensor:
@@ -187,12 +190,19 @@ class OnnxRuntimeRunner:
                 f"dtype={self.io.get('dtype', '?')}, cfg_folded={self.cfg_folded})")
 
 
+# the graph's tensor inputs a caller hands over as they are: text states and SDXL's micro-conditioning
+_PASSED_INPUTS = ("encoder_hidden_states", "text_embeds", "time_ids")
+_INPUT_KINDS = {"encoder_hidden_states": ("text-conditioned", "(B, L, D)"), "text_embeds": ("SDXL-style", "(B, P)"),
+                "time_ids": ("SDXL-style", "(B, N)")}
+
+
 def build_feeds(input_names, spec, x: torch.Tensor, timestep, class_labels=None, encoder_hidden_states=None,
-                uncond_encoder_hidden_states=None, guidance_scale=None) -> dict:
+                uncond_encoder_hidden_states=None, guidance_scale=None, **added) -> dict:
     """The native model's call arguments -> graph inputs by name (torch tensors on ``x``'s device).
 
-    Shared by the ONNX Runtime and TensorRT runners. Timesteps become one per sample; a missing class
-    label becomes the spec's null class; arguments the graph has no input for are refused, as the
+    ``added``: ``text_embeds`` / ``time_ids`` of an SDXL-style graph, and their ``uncond_`` forms for a
+    CFG-folded one. Shared by the ONNX Runtime and TensorRT runners. Timesteps become one per sample; a missing
+    class label becomes the spec's null class; arguments the graph has no input for are refused, as the
     native model refuses them. Dtypes are left to the runner.
     """
     names = set(input_names)
@@ -211,25 +221,36 @@ def build_feeds(input_names, spec, x: torch.Tensor, timestep, class_labels=None,
         feeds["class_labels"] = y.expand(b) if y.dim() == 0 else y
     elif class_labels is not None:
         raise BadArgumentError("this graph has no class_labels input, but class_labels were given")
-    if "encoder_hidden_states" in names:
-        if encoder_hidden_states is None:
-            raise BadArgumentError("this graph is text-conditioned: expected encoder_hidden_states (B, L, D), "
-                                   "found None")
-        feeds["encoder_hidden_states"] = encoder_hidden_states
-    elif encoder_hidden_states is not None:
-        raise BadArgumentError("this graph has no encoder_hidden_states input, but they were given")
+    unknown = sorted(set(added) - {p + n for n in _PASSED_INPUTS[1:] for p in ("", "uncond_")})
+    if unknown:
+        raise BadArgumentError(f"unexpected graph argument(s) {unknown}; expected among class_labels, "
+                               f"{', '.join(_PASSED_INPUTS)} and their uncond_ forms, guidance_scale")
+    given = dict(added, encoder_hidden_states=encoder_hidden_states,
+                 uncond_encoder_hidden_states=uncond_encoder_hidden_states)
+    _pass(feeds, names, given, _PASSED_INPUTS, "")
     if "guidance_scale" in names:
         if guidance_scale is None:
             raise BadArgumentError("this is a CFG-folded graph: expected guidance_scale=, found None")
         feeds["guidance_scale"] = torch.as_tensor(guidance_scale, dtype=torch.float32, device=x.device).reshape(-1)
-        if "uncond_encoder_hidden_states" in names:
-            if uncond_encoder_hidden_states is None:
-                raise BadArgumentError("this CFG-folded graph expects uncond_encoder_hidden_states, found None")
-            feeds["uncond_encoder_hidden_states"] = uncond_encoder_hidden_states
-    elif guidance_scale is not None or uncond_encoder_hidden_states is not None:
-        raise BadArgumentError("guidance_scale / uncond_encoder_hidden_states given, but this graph is not "
-                               "CFG-folded (export with cfg_folded=True)")
+        _pass(feeds, names, given, _PASSED_INPUTS, "uncond_")
+    elif guidance_scale is not None or any(given.get("uncond_" + n) is not None for n in _PASSED_INPUTS):
+        raise BadArgumentError("guidance_scale / uncond_* inputs given, but this graph is not CFG-folded (export "
+                               "with cfg_folded=True)")
     return feeds
+
+
+def _pass(feeds: dict, names: set, given: dict, inputs: tuple, prefix: str) -> None:
+    """Copy ``prefix + name`` from ``given`` into ``feeds`` for each of ``inputs`` the graph takes; a missing one, or
+    one the graph lacks, is refused by name."""
+    for name in (prefix + n for n in inputs):
+        value = given.get(name)
+        if name in names:
+            if value is None:
+                what = _INPUT_KINDS[name[len(prefix):]]
+                raise BadArgumentError(f"this graph is {what[0]}: expected {name} {what[1]}, found None")
+            feeds[name] = value
+        elif value is not None:
+            raise BadArgumentError(f"this graph has no {name} input, but {name} was given")
 
 
 class _CudaArray:

@@ -2,7 +2,7 @@
 
 ``runner = TensorRTRunner("unet.engine")`` is called like the network::
 
-    runner(x, timestep, class_labels=None, encoder_hidden_states=None) -> torch.Tensor
+    runner(x, timestep, class_labels=None, encoder_hidden_states=None, text_embeds=None, time_ids=None) -> Tensor
 
 Bindings are torch tensors (``set_tensor_address`` with their data pointers) and the engine runs with
 ``execute_async_v3`` on torch's current CUDA stream, so it orders with the surrounding torch work and
@@ -101,12 +101,14 @@ class TensorRTRunner:
         build_engine(onnx_path, engine_path, **build_kwargs)
         return cls(engine_path, device=device, onnx_path=onnx_path)
 
-    def __call__(self, x: torch.Tensor, timestep, class_labels=None, encoder_hidden_states=None, *,
-                 uncond_encoder_hidden_states=None, guidance_scale=None, out: Optional[torch.Tensor] = None):
+    def __call__(self, x: torch.Tensor, timestep, class_labels=None, encoder_hidden_states=None, text_embeds=None,
+                 time_ids=None, *, uncond_encoder_hidden_states=None, guidance_scale=None,
+                 out: Optional[torch.Tensor] = None, **uncond_added):
         from .onnxruntime_runner import build_feeds
 
         feeds = build_feeds(self.inputs, self.spec, x, timestep, class_labels, encoder_hidden_states,
-                            uncond_encoder_hidden_states, guidance_scale)
+                            uncond_encoder_hidden_states, guidance_scale, text_embeds=text_embeds, time_ids=time_ids,
+                            **uncond_added)
         result = self.run_feeds(feeds, out=out)
         return result if result.dtype == x.dtype else result.to(x.dtype)
 
