@@ -204,7 +204,7 @@ def _read_any(path: str, *, variant=None, num_heads=None, head_channels=None, at
         state = pick_state_dict(obj, prefer=("ema", "model", "state_dict"))
         if is_ldm_state_dict(state):
             from .diffusers_folder import spec_for
-            from .presets import SD_SCHEDULER, SD_V_SCHEDULER
+            from .presets import SD_SCHEDULER, SD_V_SCHEDULER, SDXL_SCHEDULER
 
             from .ldm import single_file_sampling
 
@@ -212,9 +212,11 @@ def _read_any(path: str, *, variant=None, num_heads=None, head_channels=None, at
             prediction, latent, why = single_file_sampling(cfg, obj)
             cfg.sample_size = latent
             scheduler = SD_V_SCHEDULER if prediction == "v_prediction" else dict(SD_SCHEDULER, prediction_type=prediction)
+            if cfg.addition_embed_type == "text_time":
+                scheduler = SDXL_SCHEDULER  # what SDXL's diffusers folders ship
             spec = spec_for("unet", cfg, scheduler,
                             source=f"Stable Diffusion single file {path}")
-            spec.notes.append("single-file UNet: heads inferred (SD1: 8, SD2: 64 per head) unless num_heads= is "
+            spec.notes.append("single-file UNet: heads inferred (SD1: 8, SD2 / SDXL: 64 per head) unless num_heads= is "
                               "given; " + why)
             return "unet", cfg, convert_ldm_unet(state, cfg), spec
         from .guided_diffusion import (convert_guided_diffusion, guided_diffusion_config,

@@ -4,10 +4,11 @@ The UNet keys live under ``model.diffusion_model.``; the native UNet uses diffus
 the one place that renames ``input_blocks.K.J`` / ``middle_block`` / ``output_blocks`` into
 ``down_blocks`` / ``mid_block`` / ``up_blocks`` and infers the architecture from the tensor shapes.
 
-What the weights do not say: the attention head count (SD 1.x uses 8 heads, SD 2.x 64 channels per
+What the weights do not say: the attention head count (SD 1.x uses 8 heads, SD 2.x and SDXL 64 channels per
 head: that is the default guess, from conv vs linear projections), and the prediction type and resolution
 (SD 2.x 768 models predict v: ``single_file_sampling`` guesses as diffusers does). Both can be given to
-``fastdiff.load(..., num_heads=, prediction_type=)``.
+``fastdiff.load(..., num_heads=, prediction_type=)``. SDXL files (base and refiner) are recognised by their
+``label_emb`` (the pooled-text and size / crop conditioning) and their per-level transformer depths.
 """
 
 from __future__ import annotations
@@ -72,17 +73,49 @@ def ldm_unet_config(state: dict, num_heads: Optional[int] = None) -> UNetConfig:
     else:  # SD 1.x: num_heads = 8
         heads = [8] * levels
     mid_depth = len({k.split(".")[3] for k in sd if k.startswith("middle_block.1.transformer_blocks.")})
-    attn_depth = [d for d, a in zip(depth, attn) if a]
-    if mid_depth and len(set(attn_depth + [mid_depth])) > 1:
-        raise CheckpointError(f"ldm UNet with per-level transformer depths {depth} / mid {mid_depth}: not supported")
+    if mid_depth and attn[-1] and mid_depth != depth[-1]:  # diffusers gives the mid block the last level's depth
+        raise CheckpointError(f"ldm UNet with a mid-block transformer depth {mid_depth} other than its last level's "
+                              f"({depth[-1]}): not supported")
+    if mid_depth and not attn[-1]:
+        depth[-1] = mid_depth  # (a level without attention has no depth of its own; the mid block reads this one)
+    if len({d for d, a in zip(depth, attn) if a} | ({mid_depth} if mid_depth else set())) == 1:
+        depth = [max(depth)] * levels  # one depth everywhere (SD 1.x / 2.x, the SDXL refiner): an int
+    up_depth = _output_depths(sd, levels, per_level, depth)
     return UNetConfig.from_diffusers(dict(
         sample_size=64, in_channels=in_ch, out_channels=out_ch, block_out_channels=channels,
         layers_per_block=per_level, cross_attention_dim=context_dim, attention_head_dim=heads,
-        use_linear_projection=linear, transformer_layers_per_block=attn_depth[0] if attn_depth else 1,
+        use_linear_projection=linear, transformer_layers_per_block=depth[0] if len(set(depth)) == 1 else depth,
+        reverse_transformer_layers_per_block=up_depth,
         down_block_types=["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn],
         up_block_types=["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
-        mid_block_type="UNetMidBlock2DCrossAttn" if mid_depth else "UNetMidBlock2D",
+        mid_block_type="UNetMidBlock2DCrossAttn" if mid_depth else "UNetMidBlock2D", **_label_embedding(sd),
     ), "UNet2DConditionModel")
+
+
+def _output_depths(sd: RequiredKeys, levels: int, per_level: int, down: list) -> Optional[list[list[int]]]:
+    """Transformer depth of every up-path layer (up block i = level levels-1-i) where it differs from the down
+    path's depth of that level (diffusers' reverse_transformer_layers_per_block); None where none does."""
+    def depth(k, default):
+        found = {key.split(".")[4] for key in sd if key.startswith(f"output_blocks.{k}.1.transformer_blocks.")}
+        return len(found) or default
+    up = [[depth(i * (per_level + 1) + j, down[levels - 1 - i]) for j in range(per_level + 1)] for i in range(levels)]
+    return None if up == [[d] * (per_level + 1) for d in down[::-1]] else up
+
+
+# SDXL's size / crop / aesthetic-score embedder (sgm ConcatTimestepEmbedderND): 256 sinusoids per id
+SDXL_TIME_EMBED_DIM = 256
+
+
+def _label_embedding(sd: RequiredKeys) -> dict:
+    """The config of an SDXL-style ``label_emb`` (sgm's "sequential" adm: Linear -> SiLU -> Linear on the pooled
+    text and the embedded size / crop ids), or {} without one."""
+    if "label_emb.0.0.weight" not in sd:
+        if any(k.startswith("label_emb.") for k in sd):
+            raise CheckpointError("ldm UNet with a class-label table (label_emb as an embedding): not supported; "
+                                  "SDXL's sequential label_emb.0.0 / label_emb.0.2 is")
+        return {}
+    return dict(addition_embed_type="text_time", addition_time_embed_dim=SDXL_TIME_EMBED_DIM,
+                projection_class_embeddings_input_dim=int(sd["label_emb.0.0.weight"].shape[1]))
 
 
 # SD 2.x's 512 "base" model was saved at this global step; every other SD 2.x file is taken as the 768 v-model
@@ -94,6 +127,9 @@ def single_file_sampling(config: UNetConfig, checkpoint) -> tuple[str, int, str]
     ``from_single_file`` does when no config comes with it: an SD 1.x UNet (768-wide text states) is
     epsilon at 512x512; an SD 2.x UNet (1024-wide OpenCLIP states) is v-prediction at 768x768 unless the
     file's ``global_step`` is the 512 base model's."""
+    if config.addition_embed_type == "text_time":
+        return "epsilon", 128, ("SDXL-style single file: epsilon prediction at 1024x1024 (128x128 latents), as "
+                                "SDXL base and refiner are; pass prediction_type= for a v-prediction fine-tune")
     if config.cross_attention_dim != 1024:
         return "epsilon", 64, "SD 1.x-style single file: epsilon prediction at 512x512 (64x64 latents)"
     step = checkpoint.get("global_step") if isinstance(checkpoint, dict) else None
@@ -133,6 +169,9 @@ def convert_ldm_unet(state: dict, config: UNetConfig) -> dict[str, torch.Tensor]
     for i, name in ((0, "linear_1"), (2, "linear_2")):
         put(f"time_embedding.{name}.weight", f"time_embed.{i}.weight")
         put(f"time_embedding.{name}.bias", f"time_embed.{i}.bias")
+        if config.addition_embed_type == "text_time":  # SDXL: pooled text + size / crop ids
+            put(f"add_embedding.{name}.weight", f"label_emb.0.{i}.weight")
+            put(f"add_embedding.{name}.bias", f"label_emb.0.{i}.bias")
     for lvl in range(levels):
         for j in range(per):
             k = 1 + lvl * (per + 1) + j
