@@ -10,7 +10,7 @@ from helpers import rel_err
 pytest.importorskip("diffusers", reason="diffusers is needed for the comparison")
 
 
-@pytest.mark.parametrize("arch", ["tiny-unet", "tiny-sd-unet", "tiny-dit"])
+@pytest.mark.parametrize("arch", ["tiny-unet", "tiny-sd-unet", "tiny-sdxl-unet", "tiny-dit"])
 def test_diffusers_counterpart_holds_the_same_network(arch):
     from fastdiff.commands.bench import build_diffusers_model
 
@@ -28,6 +28,10 @@ def test_diffusers_counterpart_holds_the_same_network(arch):
     if spec.cross_attention_dim:
         kw["encoder_hidden_states"] = dkw["encoder_hidden_states"] = torch.randn(2, 7, spec.cross_attention_dim,
                                                                                 generator=g)
+    if spec.time_ids_dim:  # SDXL: diffusers takes the pooled text and ids as added_cond_kwargs
+        kw["text_embeds"] = torch.randn(2, spec.text_embeds_dim, generator=g)
+        kw["time_ids"] = torch.tensor([[64.0, 64, 0, 0, 64, 64], [96.0, 64, 8, 0, 64, 64]])
+        dkw["added_cond_kwargs"] = dict(text_embeds=kw["text_embeds"], time_ids=kw["time_ids"])
     with torch.no_grad():
         want = pipe.model(x, t, **kw)
         got = model(x, t, **dkw).sample

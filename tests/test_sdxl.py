@@ -296,3 +296,18 @@ def test_onnxruntime_backend_samples_as_eager():
     inputs = _tiny_sdxl_inputs(2, seed=5)
     kw = dict(seeds=[3, 4], steps=3, sampler="dpmpp_2m", cfg_scale=2.5, progress=False, **inputs)
     assert rel_err(ort.generate(**kw), eager.generate(**kw)) <= 1e-4
+
+
+def test_bench_runs_an_sdxl_model_against_diffusers(tmp_path):
+    """fastdiff bench on an SDXL-style architecture: random pooled embeddings and default ids on both sides."""
+    import json
+
+    from test_cli import fastdiff as run_cli
+
+    r = run_cli("bench", "arch:tiny-sdxl-unet", "--backends", "eager", "--compare", "diffusers", "--steps", "2",
+                "--repeat", "1", "--warmup", "1", "--cfg", "3", "--sampler", "euler", "--json", "out.json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    d = json.loads((tmp_path / "out.json").read_text())
+    rows = [(row["backend"], row["status"]) for row in d["results"]] + [(row["impl"], row["status"])
+                                                                       for row in d["compare"]]
+    assert rows == [("eager", "ok"), ("diffusers", "ok")], d

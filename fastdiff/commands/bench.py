@@ -202,10 +202,12 @@ def _parse_batches(text: str) -> list[int]:
 # ---------------------------------------------------------------------------------------------------
 
 def _conditioning(spec, b: int, cfg: float, seed: int, device, dtype):
-    """dict of (labels, null_labels, states, negative_states) for batch b (None where not used)."""
+    """dict of (labels, null_labels, states, negative_states, text_embeds, negative_text_embeds) for batch b (None
+    where not used; SDXL-style models get random pooled embeddings and their default time ids)."""
     import torch
 
-    cond = {"labels": None, "null_labels": None, "states": None, "negative_states": None}
+    cond = {"labels": None, "null_labels": None, "states": None, "negative_states": None, "text_embeds": None,
+            "negative_text_embeds": None}
     if spec.num_classes:
         cond["labels"] = torch.arange(b, device=device) % spec.num_classes
         if spec.null_class is not None:
@@ -215,6 +217,9 @@ def _conditioning(spec, b: int, cfg: float, seed: int, device, dtype):
         shape = (b, TEXT_TOKENS, spec.cross_attention_dim)
         cond["states"] = torch.randn(shape, generator=g).to(device, dtype)
         cond["negative_states"] = torch.randn(shape, generator=g).to(device, dtype)
+        if spec.text_embeds_dim:
+            cond["text_embeds"] = torch.randn(b, spec.text_embeds_dim, generator=g).to(device, dtype)
+            cond["negative_text_embeds"] = torch.randn(b, spec.text_embeds_dim, generator=g).to(device, dtype)
     return cond
 
 
@@ -261,7 +266,10 @@ def _bench_fastdiff(args, label: str, backend: str, switches: dict, batches, dev
             kw = dict(n=b, steps=args.steps, sampler=args.sampler, schedule=args.schedule, cfg_scale=args.cfg,
                       seed=args.seed, progress=False, class_labels=cond["labels"],
                       encoder_hidden_states=cond["states"],
-                      negative_encoder_hidden_states=cond["negative_states"] if args.cfg != 1.0 else None)
+                      negative_encoder_hidden_states=cond["negative_states"] if args.cfg != 1.0 else None,
+                      **({} if cond["text_embeds"] is None else dict(
+                          text_embeds=cond["text_embeds"],
+                          negative_text_embeds=cond["negative_text_embeds"] if args.cfg != 1.0 else None)))
             counter = _CountCalls(pipe.runner)
 
             def first_call():  # the true first call: timed as such, and counts the network evaluations
@@ -466,6 +474,15 @@ def _diffusers_generate(model, scheduler, spec, b, steps, cfg, cond, device, dty
     if cond["states"] is not None:
         kw["encoder_hidden_states"] = (torch.cat([cond["states"], cond["negative_states"]]) if guided
                                        else cond["states"])
+    if cond["text_embeds"] is not None:  # SDXL: added_cond_kwargs with the pipeline's default time ids
+        from ..text_time import default_time_ids
+
+        ids = torch.tensor([default_time_ids(spec.time_ids_dim, h, w)], device=device, dtype=dtype).expand(b, -1)
+        neg = torch.tensor([default_time_ids(spec.time_ids_dim, h, w, negative=True)], device=device,
+                           dtype=dtype).expand(b, -1)
+        kw["added_cond_kwargs"] = dict(
+            text_embeds=torch.cat([cond["text_embeds"], cond["negative_text_embeds"]]) if guided
+            else cond["text_embeds"], time_ids=torch.cat([ids, neg]) if guided else ids)
     for t in scheduler.timesteps:
         x_in = torch.cat([latents, latents]) if guided else latents
         x_in = scheduler.scale_model_input(x_in, t)
