@@ -311,3 +311,17 @@ def test_bench_runs_an_sdxl_model_against_diffusers(tmp_path):
     rows = [(row["backend"], row["status"]) for row in d["results"]] + [(row["impl"], row["status"])
                                                                        for row in d["compare"]]
     assert rows == [("eager", "ok"), ("diffusers", "ok")], d
+
+
+def test_info_names_the_micro_conditioning(tmp_path):
+    from test_cli import fastdiff as run_cli
+
+    r = run_cli("info", "arch:tiny-sdxl-unet", "--json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    import json
+
+    got = json.loads(r.stdout)["model_ops"]["conditioning"]
+    assert got == ("encoder_hidden_states (B, tokens, 32), text_embeds (B, 16) and time_ids (6 per sample; default: "
+                   "diffusers' SDXL ids)")
+    r = run_cli("info", "arch:tiny-dit", cwd=tmp_path)
+    assert "arch:tiny-dit takes: class_labels (10 classes, 10 = unconditional)" in r.stdout

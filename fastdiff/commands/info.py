@@ -136,7 +136,21 @@ def model_ops(model: str, backend: str, kernel_ops: str = "measured", **load_opt
     if plan.denoiser_kind == "flow":
         sampling["frame"] = plan.denoiser_options["frame"]
     return {"model": model, "device": str(device), "backend": chosen, "ops": op_backends(pipe.model),
-            "sampling": sampling}
+            "sampling": sampling, "conditioning": _conditioning(pipe.spec)}
+
+
+def _conditioning(spec) -> str:
+    """What generate() needs besides seeds, in its own argument names."""
+    parts = []
+    if spec.num_classes:
+        parts.append(f"class_labels ({spec.num_classes} classes"
+                     + (f", {spec.null_class} = unconditional)" if spec.null_class is not None else ")"))
+    if spec.cross_attention_dim:
+        parts.append(f"encoder_hidden_states (B, tokens, {spec.cross_attention_dim})")
+    if spec.time_ids_dim:
+        parts.append(f"text_embeds (B, {spec.text_embeds_dim}) and time_ids ({spec.time_ids_dim} per sample; "
+                     f"default: diffusers' SDXL ids)")
+    return ", ".join(parts) or "nothing (unconditional)"
 
 
 def run(args) -> int:
@@ -176,6 +190,7 @@ def run(args) -> int:
         frame = f", {s['frame']} frame" if "frame" in s else ""
         print(f"{m['model']}: predicts {s['prediction_type']}, scheduler {s['scheduler']}; generate() with no "
               f"sampler runs {s['default_sampler']} ({s['denoiser']} denoiser{frame})")
+        print(f"{m['model']} takes: {m['conditioning']}")
         print(f"{m['model']} on {m['device']}, backend {m['backend']}: each fused layer's path")
         for k, v in m["ops"].items():
             print(f"  {k:20s} {v}")
