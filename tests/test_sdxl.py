@@ -325,3 +325,17 @@ def test_info_names_the_micro_conditioning(tmp_path):
                    "diffusers' SDXL ids)")
     r = run_cli("info", "arch:tiny-dit", cwd=tmp_path)
     assert "arch:tiny-dit takes: class_labels (10 classes, 10 = unconditional)" in r.stdout
+
+
+@pytest.mark.parametrize("switches,tol", [
+    (dict(fuse_qkv=True, fuse_conditioning=True), 1e-5),
+    (dict(channels_last=True), 1e-5),
+    (dict(dtype="bf16"), 5e-2),
+])
+def test_optimize_switches_keep_sdxl_samples(switches, tol):
+    """The stacked conditioning projections read SiLU(emb) after the pooled-text / ids embedding was added."""
+    kw = dict(seeds=[1, 2], steps=3, sampler="dpmpp_2m", cfg_scale=3.0, progress=False, **_tiny_sdxl_inputs(2))
+    want = fastdiff.load("arch:tiny-sdxl-unet").generate(**kw)
+    pipe = fastdiff.load("arch:tiny-sdxl-unet").optimize(**switches)
+    got = pipe.generate(**kw)
+    assert got.dtype == torch.float32 and rel_err(got, want) <= tol
