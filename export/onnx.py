@@ -18,7 +18,7 @@ Graph interface (what ONNX diffusion pipelines expect)::
     sample                (B, C, H, W)  float32 (float16 with fp16_io)
     timestep              (B,) or (1,)  float32 (int64 for a learned timestep table)
     encoder_hidden_states (B, L, D)     text-conditioned UNet          | class_labels (B,) int64: DiT,
-    text_embeds           (B, P)        SDXL-style UNets only             class-conditional UNet
+    text_embeds           (B, P)        SDXL-style UNets and SD3 only     class-conditional UNet
     time_ids              (B, N)        float32, SDXL-style UNets only
     -> out_sample         (B, C_out, H, W)
 
@@ -104,7 +104,8 @@ def cond_inputs(cond: Optional[str], spec: ModelSpec) -> list[str]:
     if cond == "class":
         return ["class_labels"]
     if cond == "text":
-        return ["encoder_hidden_states"] + (["text_embeds", "time_ids"] if spec.time_ids_dim else [])
+        return (["encoder_hidden_states"] + (["text_embeds"] if spec.text_embeds_dim else [])
+                + (["time_ids"] if spec.time_ids_dim else []))
     return []
 
 
@@ -319,8 +320,8 @@ def export_onnx(pipe_or_model, spec: Optional[ModelSpec], path: str, *, opset: i
         raise BadArgumentError("fp16_io=True needs dtype='fp16' (an fp32 graph has fp32 inputs/outputs)")
     if not isinstance(batch, int) or batch < 1:
         raise BadArgumentError(f"batch must be a positive int, found {batch!r}")
-    if spec.kind not in ("unet", "dit"):
-        raise UnsupportedConfigError("kind", spec.kind, supported=["unet", "dit"], model="ONNX exporter")
+    if spec.kind not in ("unet", "dit", "mmdit"):
+        raise UnsupportedConfigError("kind", spec.kind, supported=["unet", "dit", "mmdit"], model="ONNX exporter")
     path = os.fspath(path)
     if os.path.isdir(path):
         raise BadArgumentError(f"cannot write {path}: expected a file path ending in .onnx, found a folder")

@@ -387,6 +387,11 @@ class Pipeline:
                 raise BadArgumentError(f"{name}: expected a positive integer, found {v!r}")
         if self.spec.kind == "dit" and (h, w) != (h0, w0):
             raise BadArgumentError(f"height/width: this DiT takes {h0}x{w0} latents only, found {h}x{w}")
+        if self.spec.kind == "mmdit":  # any size the position table covers, in whole patches
+            p, top = self.spec.model_config["patch_size"], self.spec.model_config["pos_embed_max_size"]
+            if h % p or w % p or max(h, w) > top * p:
+                raise BadArgumentError(f"height/width: this MMDiT takes multiples of its patch size {p} up to "
+                                       f"{top * p} latent pixels per side, found {h}x{w}")
         return h, w
 
     def _conditioning(self, b, class_labels, ctx, neg_ctx, cfg_scale):

@@ -1,4 +1,5 @@
-"""SDXL's micro-conditioning: the pooled text embedding and the time ids a ``text_time`` UNet reads.
+"""Pooled text conditioning: SDXL's micro-conditioning (the pooled text embedding and the time ids a
+``text_time`` UNet reads) and SD3's pooled projections (``text_embeds`` alone).
 
 diffusers' SDXL pipelines hand the UNet ``added_cond_kwargs={"text_embeds": (B, 1280), "time_ids": (B, N)}``.
 fastdiff's UNet takes them as ``text_embeds=`` / ``time_ids=`` and ``Pipeline.generate`` checks and defaults
@@ -40,30 +41,41 @@ def default_time_ids(ids: int, height: int, width: int, negative: bool = False) 
 def text_time_conditioning(spec: ModelSpec, b: int, size: tuple[int, int], guided: bool, device, dtype, *,
                            text_embeds=None, negative_text_embeds=None, time_ids=None,
                            negative_time_ids=None) -> tuple[dict, dict]:
-    """(cond, uncond) keyword tensors for a text_time UNet; both empty for any other model (which then must not be
-    given any of these arguments)."""
+    """(cond, uncond) keyword tensors for a model with a pooled text input (SDXL-style UNets, SD3); both empty for
+    any other model (which then must not be given any of these arguments). Time ids only where the model takes them.
+    """
     given = {k: v for k, v in dict(text_embeds=text_embeds, negative_text_embeds=negative_text_embeds,
                                    time_ids=time_ids, negative_time_ids=negative_time_ids).items() if v is not None}
-    if spec.time_ids_dim is None:
+    if spec.text_embeds_dim is None:
         if given:
-            raise BadArgumentError(f"{', '.join(sorted(given))}: given, but this model has no SDXL micro-conditioning "
-                                   f"(addition_embed_type='text_time')")
+            raise BadArgumentError(f"{', '.join(sorted(given))}: given, but this model has no pooled text input "
+                                   f"(SDXL's micro-conditioning, SD3's pooled projections)")
         return {}, {}
+    stray = sorted(k for k in ("time_ids", "negative_time_ids") if k in given and spec.time_ids_dim is None)
+    if stray:
+        raise BadArgumentError(f"{', '.join(stray)}: given, but this model takes no time ids (only SDXL-style UNets "
+                               f"do)")
     if text_embeds is None:
-        raise BadArgumentError(f"text_embeds: this model is SDXL-style: expected the pooled text embedding, a "
+        raise BadArgumentError(f"text_embeds: this model conditions on a pooled text embedding: expected a "
                                f"({b}, {spec.text_embeds_dim}) tensor, found None")
     cond = {"text_embeds": _pooled(text_embeds, spec, b, "text_embeds", device, dtype)}
+    uncond = {}
+    if guided:
+        if negative_text_embeds is None:
+            raise BadArgumentError("cfg_scale != 1 on a model with a pooled text input needs negative_text_embeds "
+                                   "(the pooled embedding of the empty / negative prompt; zeros where diffusers' "
+                                   "force_zeros_for_empty_prompt applies)")
+        uncond["text_embeds"] = _pooled(negative_text_embeds, spec, b, "negative_text_embeds", device, dtype)
+    elif negative_text_embeds is not None or negative_time_ids is not None:
+        raise BadArgumentError("negative_text_embeds / negative_time_ids: given, but cfg_scale == 1 runs no "
+                               "unconditional pass")
+    if spec.time_ids_dim is None:
+        return cond, uncond
     explicit_ids = time_ids is not None
     if time_ids is None:
         time_ids = default_time_ids(spec.time_ids_dim, *size)
     cond["time_ids"] = _ids(time_ids, spec, b, "time_ids", device, dtype)
-    uncond = {}
     if guided:
-        if negative_text_embeds is None:
-            raise BadArgumentError("cfg_scale != 1 on an SDXL-style model needs negative_text_embeds (the pooled "
-                                   "embedding of the empty / negative prompt; zeros where diffusers' "
-                                   "force_zeros_for_empty_prompt applies)")
-        uncond["text_embeds"] = _pooled(negative_text_embeds, spec, b, "negative_text_embeds", device, dtype)
         if negative_time_ids is None:  # as diffusers: the same sizes and crop; the refiner's negative score
             if not explicit_ids:
                 negative_time_ids = default_time_ids(spec.time_ids_dim, *size, negative=True)
@@ -73,9 +85,6 @@ def text_time_conditioning(spec: ModelSpec, b: int, size: tuple[int, int], guide
             else:
                 negative_time_ids = cond["time_ids"]
         uncond["time_ids"] = _ids(negative_time_ids, spec, b, "negative_time_ids", device, dtype)
-    elif negative_text_embeds is not None or negative_time_ids is not None:
-        raise BadArgumentError("negative_text_embeds / negative_time_ids: given, but cfg_scale == 1 runs no "
-                               "unconditional pass")
     return cond, uncond
 
 

@@ -14,6 +14,7 @@ from .io import read_sharded, read_weights
 
 UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
 DIT_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel")
+MMDIT_CLASSES = ("SD3Transformer2DModel",)
 WEIGHT_NAMES = ("diffusion_pytorch_model", "model")
 
 
@@ -27,7 +28,7 @@ def read_json(path: str) -> dict:
 
 def is_model_folder(path: str) -> bool:
     cfg = os.path.join(path, "config.json")
-    return os.path.isfile(cfg) and read_json(cfg).get("_class_name") in UNET_CLASSES + DIT_CLASSES
+    return os.path.isfile(cfg) and read_json(cfg).get("_class_name") in UNET_CLASSES + DIT_CLASSES + MMDIT_CLASSES
 
 
 def is_pipeline_folder(path: str) -> bool:
@@ -66,11 +67,20 @@ def load_model_folder(folder: str, variant: Optional[str] = None):
 
         cfg = dit_config_from_diffusers(config, state)
         return "dit", cfg, convert_diffusers_dit(state, cfg), config
-    raise UnsupportedConfigError("_class_name", cls, supported=list(UNET_CLASSES + DIT_CLASSES), model=folder)
+    if cls in MMDIT_CLASSES:  # fastdiff's MMDiT keeps diffusers' parameter names: no conversion
+        from ..models.mmdit import MMDiTConfig
+
+        return "mmdit", MMDiTConfig.from_diffusers(config), state, config
+    raise UnsupportedConfigError("_class_name", cls, supported=list(UNET_CLASSES + DIT_CLASSES + MMDIT_CLASSES),
+                                 model=folder)
 
 
 def spec_for(kind: str, cfg, scheduler: Optional[dict], source: str) -> ModelSpec:
     """The sampling facts of a native config (+ the scheduler config that came with it)."""
+    if not scheduler and kind == "mmdit":  # an SD3 transformer folder alone: SD3's own flow schedule
+        from .presets import SD3_SCHEDULER
+
+        scheduler = SD3_SCHEDULER
     scheduler = dict(scheduler) if scheduler else dict(DEFAULT_SCHEDULER)
     prediction = scheduler.get("prediction_type", "epsilon")
     if scheduler.get("_class_name") in FLOW_SCHEDULERS:
@@ -85,6 +95,12 @@ def spec_for(kind: str, cfg, scheduler: Optional[dict], source: str) -> ModelSpe
             in_channels=cfg.in_channels, sample_size=size, learned_variance=cfg.out_channels == 2 * cfg.in_channels,
             num_classes=cfg.num_class_embeds, cross_attention_dim=cross if cfg.conditional else None,
             text_embeds_dim=text_dim, time_ids_dim=ids, source=source)
+    if kind == "mmdit":  # SD3: text states and a pooled text embedding; a flow-matching network
+        size = cfg.sample_size
+        return ModelSpec(
+            kind="mmdit", model_config=cfg.to_dict(), prediction_type=prediction, scheduler=scheduler,
+            in_channels=cfg.in_channels, sample_size=size, cross_attention_dim=cfg.joint_attention_dim,
+            text_embeds_dim=cfg.pooled_projection_dim, source=source)
     num_classes = cfg.num_classes or None
     null = num_classes if (num_classes and cfg.class_dropout_prob > 0) else None
     return ModelSpec(

@@ -22,6 +22,8 @@ SDXL_SCHEDULER = {"_class_name": "EulerDiscreteScheduler", "num_train_timesteps"
                   "beta_end": 0.012, "beta_schedule": "scaled_linear", "prediction_type": "epsilon",
                   "steps_offset": 1, "timestep_spacing": "leading", "interpolation_type": "linear",
                   "use_karras_sigmas": False}
+# SD3 / SD3.5 pipeline folders: FlowMatchEuler with a fixed shift of 3
+SD3_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
 # SiT (Ma et al. 2024) checkpoints are official-DiT files with the linear-interpolant velocity objective: t = 0 is
 # noise, the network takes t in [0, 1] and predicts data - noise. load(path, scheduler=SIT_SCHEDULER) reads them.
 SIT_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 1.0,
@@ -54,8 +56,17 @@ def _dit_arch(name: str, image_size: int, **overrides):
     return build
 
 
+def _mmdit_arch(make_config):
+    def build():
+        from .diffusers_folder import spec_for
+
+        cfg = make_config()
+        return cfg, spec_for("mmdit", cfg, SD3_SCHEDULER, source="random weights")
+    return build
+
+
 def _arch_table():
-    from ..models import unet
+    from ..models import mmdit, unet
 
     tiny_unet = lambda: unet.UNetConfig.from_diffusers(dict(  # noqa: E731
         sample_size=16, in_channels=3, out_channels=3, block_out_channels=[32, 64], layers_per_block=1,
@@ -72,6 +83,11 @@ def _arch_table():
         use_linear_projection=True, norm_num_groups=8, addition_embed_type="text_time", addition_time_embed_dim=8,
         projection_class_embeddings_input_dim=16 + 6 * 8), "UNet2DConditionModel")
     return {
+        "sd3-medium": _mmdit_arch(lambda: mmdit.sd3_medium_config()),
+        "tiny-sd3": _mmdit_arch(lambda: mmdit.MMDiTConfig(
+            sample_size=8, in_channels=4, out_channels=4, num_layers=3, attention_head_dim=8, num_attention_heads=4,
+            joint_attention_dim=24, caption_projection_dim=32, pooled_projection_dim=16, pos_embed_max_size=8,
+            qk_norm="rms_norm", dual_attention_layers=(0,))),
         "sd15-unet": _unet_arch(unet.sd15_config, SD_SCHEDULER),
         "sdxl-unet": _unet_arch(unet.sdxl_config, SDXL_SCHEDULER),
         "sd21-unet": _unet_arch(unet.sd21_config, SD_V_SCHEDULER),
@@ -85,8 +101,8 @@ def _arch_table():
     }
 
 
-ARCH_NAMES = ("sd15-unet", "sd21-unet", "sdxl-unet", "ddpm-cifar10", "dit-xl-2-256", "dit-xl-2-512", "tiny-unet",
-              "tiny-sd-unet", "tiny-sdxl-unet", "tiny-dit")
+ARCH_NAMES = ("sd15-unet", "sd21-unet", "sdxl-unet", "sd3-medium", "ddpm-cifar10", "dit-xl-2-256", "dit-xl-2-512",
+              "tiny-unet", "tiny-sd-unet", "tiny-sdxl-unet", "tiny-sd3", "tiny-dit")
 
 
 def build_arch(name: str, device="cpu", dtype=None, seed: int = 0):

@@ -1,4 +1,4 @@
-"""fastdiff native models: UNet (diffusers UNet2D / UNet2DCondition layouts) and DiT.
+"""fastdiff native models: UNet (diffusers UNet2D / UNet2DCondition layouts), DiT, EDM's UNets and SD3's MMDiT.
 
 ``build_model(kind, config)`` is the one place that maps a model kind to its config and class, so
 loaders and the fastdiff format never import model classes by hand.
@@ -17,6 +17,7 @@ MODEL_KINDS = {
     "unet": ("fastdiff.models.unet", "UNetConfig", "UNet"),
     "dit": ("fastdiff.models.dit", "DiTConfig", "DiT"),
     "edm": ("fastdiff.models.edm", "EDMUNetConfig", "EDMUNet"),
+    "mmdit": ("fastdiff.models.mmdit", "MMDiTConfig", "MMDiT"),
 }
 
 

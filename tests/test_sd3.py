@@ -1,0 +1,223 @@
+"""Stable Diffusion 3 / 3.5 (MMDiT, flow matching): the native model against diffusers' SD3Transformer2DModel, and
+fastdiff.load(folder).generate against diffusers' own StableDiffusion3Pipeline on the same prompt embeddings."""
+
+import json
+import os
+
+import pytest
+import torch
+
+import fastdiff
+from fastdiff.errors import BadArgumentError, UnsupportedConfigError
+from fastdiff.models.mmdit import MMDiT, MMDiTConfig
+from helpers import perturb_, rel_err
+
+diffusers = pytest.importorskip("diffusers", reason="diffusers' SD3 transformer and pipeline are the reference")
+
+BASE = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8, num_attention_heads=2,
+            joint_attention_dim=12, caption_projection_dim=16, pooled_projection_dim=10, out_channels=4,
+            pos_embed_max_size=8)
+CONFIGS = {
+    "sd3": BASE,  # SD3 Medium's layout: no q / k norm
+    "sd3.5-large": dict(BASE, qk_norm="rms_norm"),
+    "sd3.5-medium": dict(BASE, qk_norm="rms_norm", dual_attention_layers=(0, 1)),  # a second image-only attention
+}
+
+
+def _reference(cfg, seed=0):
+    torch.manual_seed(seed)
+    return perturb_(diffusers.SD3Transformer2DModel(**cfg).eval(), seed)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("size", [(8, 8), (6, 10), (4, 8)])
+def test_mmdit_matches_diffusers(name, size):
+    """Square, non-square and smaller-than-trained latents (the position table's centre crop)."""
+    ref = _reference(CONFIGS[name])
+    native = MMDiT(MMDiTConfig.from_diffusers(dict(ref.config)))
+    native.load_state_dict(ref.state_dict(), strict=True)  # diffusers' names, no conversion
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, *size, generator=g)
+    ctx, pooled = torch.randn(2, 5, 12, generator=g), torch.randn(2, 10, generator=g)
+    t = torch.tensor([37.5, 842.0])
+    with torch.no_grad():
+        want = ref(x, encoder_hidden_states=ctx, pooled_projections=pooled, timestep=t).sample
+        got = native(x, t, encoder_hidden_states=ctx, text_embeds=pooled)
+        other = native(x, t, encoder_hidden_states=ctx, text_embeds=pooled.flip(0))
+    assert rel_err(got, want) <= 1e-5
+    assert rel_err(other, want) > 1e-3  # the pooled text reaches the output
+
+
+def _pipeline(cfg=CONFIGS["sd3.5-large"]):
+    parts = dict(vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                 text_encoder_3=None, tokenizer_3=None)
+    pipe = diffusers.StableDiffusion3Pipeline(transformer=_reference(cfg), **parts,
+                                              scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _save(pipe, folder) -> str:
+    pipe.transformer.save_pretrained(os.path.join(folder, "transformer"))
+    pipe.scheduler.save_pretrained(os.path.join(folder, "scheduler"))
+    with open(os.path.join(folder, "model_index.json"), "w") as f:
+        json.dump({"_class_name": "StableDiffusion3Pipeline"}, f)
+    return str(folder)
+
+
+def _embeds(b=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return dict(prompt_embeds=torch.randn(b, 5, 12, generator=g), negative_prompt_embeds=torch.randn(b, 5, 12, generator=g),
+                pooled_prompt_embeds=torch.randn(b, 10, generator=g),
+                negative_pooled_prompt_embeds=torch.randn(b, 10, generator=g), latents=torch.randn(b, 4, 8, 8, generator=g))
+
+
+def _fastdiff_kwargs(e, guided=True):
+    kw = dict(latents=e["latents"], encoder_hidden_states=e["prompt_embeds"], text_embeds=e["pooled_prompt_embeds"],
+              progress=False)
+    if guided:
+        kw.update(negative_encoder_hidden_states=e["negative_prompt_embeds"],
+                  negative_text_embeds=e["negative_pooled_prompt_embeds"])
+    return kw
+
+
+@pytest.fixture(scope="module")
+def sd3(tmp_path_factory):
+    ref = _pipeline()
+    return ref, fastdiff.load(_save(ref, tmp_path_factory.mktemp("sd3")))
+
+
+def test_sd3_folder_loads_as_a_flow_model(sd3):
+    _, pipe = sd3
+    s = pipe.spec
+    assert (s.kind, s.prediction_type, s.cross_attention_dim, s.text_embeds_dim, s.time_ids_dim) == (
+        "mmdit", "flow_prediction", 12, 10, None)
+    assert s.scheduler["_class_name"] == "FlowMatchEulerDiscreteScheduler" and s.scheduler["shift"] == 3.0
+
+
+@pytest.mark.parametrize("cfg", [1.0, 4.5])
+def test_generate_equals_diffusers_sd3_pipeline(sd3, cfg):
+    ref, pipe = sd3
+    e = _embeds()
+    kw = {k: v.clone() for k, v in e.items() if cfg != 1.0 or not k.startswith("negative")}
+    want = ref(**kw, num_inference_steps=5, guidance_scale=cfg, height=64, width=64, output_type="latent").images
+    got = pipe.generate(steps=5, cfg_scale=cfg, **_fastdiff_kwargs(e, guided=cfg != 1.0))
+    assert rel_err(got, want) <= 2e-5
+
+
+def test_named_samplers_run_on_sd3(sd3):
+    """Every flow sampler drives the MMDiT; Euler on the named t grid equals diffusers' FlowMatchEuler only up to
+    the grid, so this checks the samplers converge to one another at many steps, not a reference number."""
+    _, pipe = sd3
+    e = _embeds(seed=2)
+    ref = pipe.generate(steps=60, sampler="euler", cfg_scale=2.0, **_fastdiff_kwargs(e))
+    for sampler in ("dpmpp_2m", "unipc", "heun"):
+        got = pipe.generate(steps=30, sampler=sampler, cfg_scale=2.0, **_fastdiff_kwargs(e))
+        assert rel_err(got, ref) <= 0.05, sampler
+
+
+def test_sd3_folder_without_a_scheduler_gets_sd3_schedule(tmp_path):
+    ref = _pipeline(CONFIGS["sd3"])
+    ref.transformer.save_pretrained(tmp_path)  # a model folder alone
+    pipe = fastdiff.load(str(tmp_path))
+    assert pipe.spec.prediction_type == "flow_prediction" and pipe.spec.scheduler["shift"] == 3.0
+
+
+def test_sd3_medium_architecture_preset():
+    from fastdiff.models import build_model
+    from fastdiff.models.mmdit import sd3_medium_config
+
+    model = build_model("mmdit", sd3_medium_config(), device="meta")
+    assert sum(p.numel() for p in model.parameters()) == 2_028_328_000  # SD3 Medium's transformer
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(height=9, width=8), "multiples of its patch size 2 up to 16"),
+    (dict(height=18, width=8), "multiples of its patch size 2 up to 16"),
+    (dict(text_embeds=None), "text_embeds: this model conditions on a pooled text embedding"),
+    (dict(time_ids=[8] * 6), "time_ids: given, but this model takes no time ids"),
+])
+def test_bad_sd3_arguments_are_refused_by_name(kwargs, match):
+    pipe = fastdiff.load("arch:tiny-sd3")
+    kw = dict(seeds=[1], steps=2, encoder_hidden_states=torch.randn(1, 5, 24), text_embeds=torch.randn(16),
+              progress=False)
+    kw.update(kwargs)
+    with pytest.raises(BadArgumentError, match=match):
+        pipe.generate(**kw)
+
+
+def test_config_fields_mmdit_does_not_implement_are_refused():
+    with pytest.raises(UnsupportedConfigError, match="caption_projection_dim"):
+        MMDiTConfig.from_diffusers(dict(BASE, caption_projection_dim=24))
+    with pytest.raises(UnsupportedConfigError, match="qk_norm"):
+        MMDiTConfig.from_diffusers(dict(BASE, qk_norm="layer_norm"))
+    with pytest.raises(UnsupportedConfigError, match="use_pos_embed"):
+        MMDiTConfig.from_diffusers(dict(BASE, use_pos_embed=False))
+
+
+# --- the runtime ---------------------------------------------------------------------------------------------------
+
+def _tiny_inputs(b, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return dict(encoder_hidden_states=torch.randn(b, 5, 24, generator=g),
+                negative_encoder_hidden_states=torch.randn(b, 5, 24, generator=g),
+                text_embeds=torch.randn(b, 16, generator=g), negative_text_embeds=torch.randn(b, 16, generator=g))
+
+
+def test_triton_backend_equals_native():
+    pytest.importorskip("triton", reason="the fused path needs triton (CPU interpreter here)")
+    from fastdiff.models.layers import op_backends, set_backend
+
+    model = fastdiff.load("arch:tiny-sd3").model
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([17.0, 900.0])
+    kw = dict(encoder_hidden_states=torch.randn(2, 5, 24), text_embeds=torch.randn(2, 16))
+    with torch.no_grad():
+        native = model(x, t, **kw)
+        assert set_backend(model, "triton") == "triton"
+        assert set(op_backends(model).values()) == {"triton"}
+        fused = model(x, t, **kw)
+    assert rel_err(fused, native) <= 1e-4
+
+
+@pytest.mark.parametrize("scope", ["step", "loop"])
+def test_graph_replay_equals_eager(scope):
+    from test_graph_scopes import FakeGraph
+
+    eager = fastdiff.load("arch:tiny-sd3")
+    graphed = fastdiff.load("arch:tiny-sd3").optimize(cuda_graphs=True, graph_scope=scope, batch_buckets=(1, 4),
+                                                      graph_factory=FakeGraph)
+    kw = dict(steps=3, sampler="dpmpp_2m", cfg_scale=3.0, progress=False)
+    for seeds in ([1, 2, 3], [4]):
+        inputs = _tiny_inputs(len(seeds), seed=seeds[0])
+        assert rel_err(graphed.generate(seeds=seeds, **inputs, **kw), eager.generate(seeds=seeds, **inputs, **kw)) \
+            <= 1e-5
+
+
+def test_engine_requests_equal_their_solo_runs():
+    pipe = fastdiff.load("arch:tiny-sd3")
+    inputs = _tiny_inputs(3, seed=7)
+    kw = dict(steps=2, cfg_scale=2.0)
+    with fastdiff.Engine(pipe, max_batch=4, max_wait_ms=50) as engine:
+        futures = [engine.submit(seed=10 + i, **{k: v[i] for k, v in inputs.items()}, **kw) for i in range(3)]
+        results = [f.result(timeout=60) for f in futures]
+    for i in range(3):
+        solo = pipe.generate(seeds=[10 + i], **{k: v[i:i + 1] for k, v in inputs.items()}, progress=False, **kw)
+        assert rel_err(results[i], solo[0]) <= 1e-5
+
+
+@pytest.mark.parametrize("cfg_folded", [False, True])
+def test_onnx_export_and_onnxruntime_backend(tmp_path, cfg_folded):
+    pytest.importorskip("onnxruntime", reason="ONNX Runtime runs the exported graph")
+    from fastdiff.export.onnx import export_onnx
+
+    pipe = fastdiff.load("arch:tiny-sd3")
+    res = export_onnx(pipe, None, str(tmp_path / "sd3.onnx"), cfg_folded=cfg_folded, dynamic_hw=True, batch=2,
+                      progress=False)
+    names = [n for n, _ in res.io["inputs"]]
+    assert names == ["sample", "timestep", "encoder_hidden_states", "text_embeds"] + (
+        ["uncond_encoder_hidden_states", "uncond_text_embeds", "guidance_scale"] if cfg_folded else [])
+    assert res.max_rel_err is not None and res.max_rel_err <= 1e-4
+    if not cfg_folded:
+        ort = fastdiff.load("arch:tiny-sd3").optimize(backend="onnxruntime")
+        kw = dict(seeds=[3, 4], steps=3, cfg_scale=2.5, progress=False, **_tiny_inputs(2, seed=5))
+        assert rel_err(ort.generate(**kw), pipe.generate(**kw)) <= 1e-4
