@@ -221,3 +221,29 @@ def test_onnx_export_and_onnxruntime_backend(tmp_path, cfg_folded):
         ort = fastdiff.load("arch:tiny-sd3").optimize(backend="onnxruntime")
         kw = dict(seeds=[3, 4], steps=3, cfg_scale=2.5, progress=False, **_tiny_inputs(2, seed=5))
         assert rel_err(ort.generate(**kw), pipe.generate(**kw)) <= 1e-4
+
+
+def test_bench_compares_with_the_same_diffusers_network(tmp_path):
+    """``fastdiff bench --compare diffusers`` rebuilds the same SD3 transformer and drives it as SD3's pipeline."""
+    import json as json_lib
+
+    from fastdiff.commands.bench import build_diffusers_model
+    from test_cli import fastdiff as run_cli
+
+    pipe = fastdiff.load("arch:tiny-sd3")
+    for p in pipe.model.parameters():
+        p.data.normal_(0, 0.05)
+    model, note = build_diffusers_model(pipe)
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 500.0])
+    ctx, pooled = torch.randn(2, 5, 24), torch.randn(2, 16)
+    with torch.no_grad():
+        want = pipe.model(x, t, encoder_hidden_states=ctx, text_embeds=pooled)
+        got = model(hidden_states=x, timestep=t, encoder_hidden_states=ctx, pooled_projections=pooled).sample
+    assert note is None and rel_err(got, want) <= 1e-5
+    r = run_cli("bench", "arch:tiny-sd3", "--backends", "eager", "--compare", "diffusers", "--steps", "2", "--repeat",
+                "1", "--warmup", "1", "--cfg", "3", "--sampler", "dpmpp_2m", "--json", "out.json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    d = json_lib.loads((tmp_path / "out.json").read_text())
+    assert [(row["backend"], row["status"]) for row in d["results"]] == [("eager", "ok")]
+    assert [(row["impl"], row["status"], row["scheduler"]) for row in d["compare"]] == [
+        ("diffusers", "ok", "DPMSolverMultistepScheduler")]

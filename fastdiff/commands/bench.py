@@ -430,12 +430,23 @@ def diffusers_dit(spec):
     return model, note
 
 
+def diffusers_mmdit(spec):
+    """A diffusers SD3Transformer2DModel with the config of ``spec`` (random weights; fastdiff keeps its names)."""
+    import diffusers
+
+    cfg = {k: v for k, v in spec.model_config.items() if k != "extra"}
+    cfg["dual_attention_layers"] = tuple(cfg["dual_attention_layers"])
+    return diffusers.SD3Transformer2DModel(**cfg)
+
+
 def build_diffusers_model(pipe):
     """(diffusers model holding pipe's weights, note or None)."""
     spec = pipe.spec
     sd = {k: v.detach().float().cpu() for k, v in pipe.model.state_dict().items()}
     if spec.kind == "unet":
         model, note = diffusers_unet(spec), None
+    elif spec.kind == "mmdit":
+        model, note = diffusers_mmdit(spec), None
     elif spec.kind == "dit":
         model, note = diffusers_dit(spec)
         sd = native_dit_to_diffusers(sd, spec.model_config["depth"], bool(spec.model_config["per_block_conditioning"]))
@@ -449,6 +460,8 @@ def build_diffusers_model(pipe):
 
 
 def _diffusers_sampler(args, spec, schedulers):
+    if spec.prediction_type == "flow_prediction":
+        return _diffusers_flow_sampler(args, spec)
     cls, kw = schedulers.get(args.sampler, (None, None))
     note = None
     if cls is None:
@@ -456,6 +469,21 @@ def _diffusers_sampler(args, spec, schedulers):
         note = f"no matching diffusers scheduler for {args.sampler!r}: diffusers runs DPMSolverMultistepScheduler"
     sched_cfg = {k: v for k, v in spec.scheduler.items() if not k.startswith("_")}
     return cls.from_config(sched_cfg, **kw), note
+
+
+def _diffusers_flow_sampler(args, spec):
+    """A flow model's diffusers scheduler: FlowMatchEuler as configured, or a solver's flow variant (as SD3 users
+    swap them in) for dpmpp_2m / unipc."""
+    from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+
+    sched_cfg = {k: v for k, v in spec.scheduler.items() if not k.startswith("_")}
+    solvers = {"dpmpp_2m": DPMSolverMultistepScheduler, "unipc": UniPCMultistepScheduler}
+    if args.sampler in solvers:
+        return solvers[args.sampler](use_flow_sigmas=True, prediction_type="flow_prediction",
+                                     flow_shift=float(sched_cfg.get("shift", 1.0))), None
+    note = None if args.sampler in (None, "euler") else (
+        f"no matching diffusers flow scheduler for {args.sampler!r}: diffusers runs FlowMatchEulerDiscreteScheduler")
+    return FlowMatchEulerDiscreteScheduler.from_config(sched_cfg), note
 
 
 def _diffusers_generate(model, scheduler, spec, b, steps, cfg, cond, device, dtype, seed):
@@ -474,20 +502,24 @@ def _diffusers_generate(model, scheduler, spec, b, steps, cfg, cond, device, dty
     if cond["states"] is not None:
         kw["encoder_hidden_states"] = (torch.cat([cond["states"], cond["negative_states"]]) if guided
                                        else cond["states"])
-    if cond["text_embeds"] is not None:  # SDXL: added_cond_kwargs with the pipeline's default time ids
-        from ..text_time import default_time_ids
+    if cond["text_embeds"] is not None:  # SDXL / SD3: the pooled text (and SDXL's default time ids)
+        kw["added_cond_kwargs"] = dict(text_embeds=torch.cat([cond["text_embeds"], cond["negative_text_embeds"]])
+                                       if guided else cond["text_embeds"])
+        if spec.time_ids_dim:
+            from ..text_time import default_time_ids
 
-        ids = torch.tensor([default_time_ids(spec.time_ids_dim, h, w)], device=device, dtype=dtype).expand(b, -1)
-        neg = torch.tensor([default_time_ids(spec.time_ids_dim, h, w, negative=True)], device=device,
-                           dtype=dtype).expand(b, -1)
-        kw["added_cond_kwargs"] = dict(
-            text_embeds=torch.cat([cond["text_embeds"], cond["negative_text_embeds"]]) if guided
-            else cond["text_embeds"], time_ids=torch.cat([ids, neg]) if guided else ids)
+            ids, neg = (torch.tensor([default_time_ids(spec.time_ids_dim, h, w, negative=n)], device=device,
+                                     dtype=dtype).expand(b, -1) for n in (False, True))
+            kw["added_cond_kwargs"]["time_ids"] = torch.cat([ids, neg]) if guided else ids
     for t in scheduler.timesteps:
         x_in = torch.cat([latents, latents]) if guided else latents
-        x_in = scheduler.scale_model_input(x_in, t)
-        ts = t.expand(x_in.shape[0]) if spec.kind == "dit" else t
-        if spec.kind == "dit":
+        if hasattr(scheduler, "scale_model_input"):  # (FlowMatch schedulers have none: SD3's pipeline skips it)
+            x_in = scheduler.scale_model_input(x_in, t)
+        ts = t.expand(x_in.shape[0]) if spec.kind in ("dit", "mmdit") else t
+        if spec.kind == "mmdit":  # StableDiffusion3Pipeline's call
+            out = model(hidden_states=x_in.to(dtype), timestep=ts, encoder_hidden_states=kw["encoder_hidden_states"],
+                        pooled_projections=kw["added_cond_kwargs"]["text_embeds"]).sample
+        elif spec.kind == "dit":
             out = model(x_in.to(dtype), timestep=ts, class_labels=kw["class_labels"]).sample
         else:
             out = model(x_in.to(dtype), ts, **{k: v for k, v in kw.items()}).sample
