@@ -247,3 +247,13 @@ def test_bench_compares_with_the_same_diffusers_network(tmp_path):
     assert [(row["backend"], row["status"]) for row in d["results"]] == [("eager", "ok")]
     assert [(row["impl"], row["status"], row["scheduler"]) for row in d["compare"]] == [
         ("diffusers", "ok", "DPMSolverMultistepScheduler")]
+
+
+def test_info_names_the_pooled_text_input(tmp_path):
+    from test_cli import fastdiff as run_cli
+
+    r = run_cli("info", "arch:tiny-sd3", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert ("arch:tiny-sd3 takes: encoder_hidden_states (B, tokens, 24), text_embeds (B, 16), the pooled text "
+            "embedding") in r.stdout
+    assert "predicts flow_prediction" in r.stdout

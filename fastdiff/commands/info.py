@@ -147,9 +147,11 @@ def _conditioning(spec) -> str:
                      + (f", {spec.null_class} = unconditional)" if spec.null_class is not None else ")"))
     if spec.cross_attention_dim:
         parts.append(f"encoder_hidden_states (B, tokens, {spec.cross_attention_dim})")
-    if spec.time_ids_dim:
+    if spec.text_embeds_dim and spec.time_ids_dim:
         parts.append(f"text_embeds (B, {spec.text_embeds_dim}) and time_ids ({spec.time_ids_dim} per sample; "
                      f"default: diffusers' SDXL ids)")
+    elif spec.text_embeds_dim:  # SD3's pooled projections
+        parts.append(f"text_embeds (B, {spec.text_embeds_dim}), the pooled text embedding")
     return ", ".join(parts) or "nothing (unconditional)"
 
 
