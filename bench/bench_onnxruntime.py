@@ -49,11 +49,7 @@ def bench_case(arch: str, batch: int, warmup: int, runs: int, threads: int, fold
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, spec.in_channels, *spec.sample_size, generator=g)
     t = torch.full((batch,), 500.0)
-    kw = {}
-    if spec.cross_attention_dim:
-        kw["encoder_hidden_states"] = torch.randn(batch, 77, spec.cross_attention_dim, generator=g)
-    if spec.num_classes:
-        kw["class_labels"] = torch.zeros(batch, dtype=torch.long)
+    kw = spec.example_conditioning(batch, g)
 
     def eager():
         with torch.inference_mode():

@@ -33,6 +33,8 @@
 #   sd15-compile  the same for the SD1.5 UNet
 #   sdxl          arch:sdxl-unet (SDXL base, 128x128 latents = 1024x1024, 77 text tokens, pooled text and
 #                 default ids, cfg 5): eager / triton+loop, channels-last, vs diffusers eager (last: least urgent)
+#   sd3           arch:sd3-medium (SD3 Medium's MMDiT, 128x128 latents, 77 text tokens, pooled text, cfg 5,
+#                 dpmpp_2m's flow variant): eager / triton+loop vs diffusers eager
 # A summary table prints LAST: one line per step, one per end-to-end figure, and the kernel tables.
 #
 # Every step runs under `timeout`, capped by a global deadline (FASTDIFF_GPU_BUDGET_S, default 480 s).
@@ -48,7 +50,7 @@ ROOT=$(pwd)
 START=$(date +%s)
 BUDGET=${FASTDIFF_GPU_BUDGET_S:-480}     # seconds for everything, summary included
 DEADLINE=$((START + BUDGET))
-STAGES=" ${FASTDIFF_GPU_STAGES:-cuda-ext tests kernels gn-sweep attn-split launch profile dit dit-new sd15 sd15-new sd15-cudnn dit-vs-compile dit-autotune sd15-vs-compile sd15-autotune dit-compile sd15-compile sdxl} "
+STAGES=" ${FASTDIFF_GPU_STAGES:-cuda-ext tests kernels gn-sweep attn-split launch profile dit dit-new sd15 sd15-new sd15-cudnn dit-vs-compile dit-autotune sd15-vs-compile sd15-autotune dit-compile sd15-compile sdxl sd3} "
 RESULTS=${FASTDIFF_GPU_OUT:-$ROOT/gpu_out}
 mkdir -p "$RESULTS"
 wants() { case "$STAGES" in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
@@ -246,6 +248,9 @@ wants sd15-compile && bench_e2e sd15-unet-compile "$SD" 7.5 200 compile+loop+cl 
 # SDXL base (2.6 B parameters, 5 GB in fp16; SDXL's 10-deep transformers at 32x32 tokens)
 SDXL=${FASTDIFF_GPU_SDXL:-arch:sdxl-unet}
 wants sdxl && bench_e2e sdxl-unet "$SDXL" 5 240 "${FASTDIFF_GPU_SDXL_VARIANTS:-eager+cl,triton+loop+cl}" diffusers
+# SD3 Medium's MMDiT (2.0 B parameters; 4096 image + 77 text tokens attend jointly in each of 24 blocks)
+SD3=${FASTDIFF_GPU_SD3:-arch:sd3-medium}
+wants sd3 && bench_e2e sd3-medium "$SD3" 5 240 "${FASTDIFF_GPU_SD3_VARIANTS:-eager,triton+loop}" diffusers
 
 # --- 6. summary (last) -----------------------------------------------------------------------------
 $PY - "$SUMMARY" "$RESULTS" "$START" <<'EOF' | tee "$RESULTS/summary.txt"

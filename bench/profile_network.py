@@ -95,12 +95,8 @@ def _network_inputs(pipe, batch: int):
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn((batch, spec.in_channels, h, w), generator=g).to(pipe.device, dtype)
     t = torch.full((batch,), 500.0, device=pipe.device)
-    cond = {}
-    if spec.cross_attention_dim:
-        cond["encoder_hidden_states"] = torch.randn((batch, 77, spec.cross_attention_dim), generator=g).to(
-            pipe.device, dtype)
-    if spec.num_classes:
-        cond["class_labels"] = torch.arange(batch, device=pipe.device) % spec.num_classes
+    cond = {k: v.to(pipe.device, dtype) if v.is_floating_point() else v.to(pipe.device)
+            for k, v in spec.example_conditioning(batch, g).items()}
     return x, t, cond
 
 

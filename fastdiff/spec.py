@@ -79,6 +79,24 @@ class ModelSpec:
         s = self.sample_size
         self.sample_size = (int(s), int(s)) if isinstance(s, (int, float)) else tuple(int(v) for v in s)
 
+    def example_conditioning(self, batch: int, generator=None, tokens: int = 77) -> dict:
+        """Random network keyword inputs for one call at ``batch`` (benchmarks and profiles; float32 on the CPU):
+        class labels, text states, the pooled text embedding and SDXL's default time ids, as the model takes."""
+        import torch
+
+        kw = {}
+        if self.num_classes:
+            kw["class_labels"] = torch.arange(batch) % self.num_classes
+        if self.cross_attention_dim:
+            kw["encoder_hidden_states"] = torch.randn(batch, tokens, self.cross_attention_dim, generator=generator)
+        if self.text_embeds_dim:
+            kw["text_embeds"] = torch.randn(batch, self.text_embeds_dim, generator=generator)
+        if self.time_ids_dim:
+            from .text_time import default_time_ids
+
+            kw["time_ids"] = torch.tensor([default_time_ids(self.time_ids_dim, *self.sample_size)]).expand(batch, -1)
+        return kw
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["sample_size"] = list(self.sample_size)

@@ -9,7 +9,7 @@ them here, as ``StableDiffusionXLPipeline._get_add_time_ids`` does:
   Default: no crop and both sizes the image's own. The negative ids default to the positive ones.
 - SDXL refiner, 5 ids: original size, crop top-left, aesthetic score. Default: the image's size, no crop, an
   aesthetic score of 6.0 (positive) and 2.5 (negative), diffusers' img2img defaults. The negative ids default to
-  the positive ones with the score 2.5.
+  the positive original size, no crop and the score 2.5, as diffusers' defaults make them.
 
 Image pixels are latent pixels times the VAE's scale factor, 8 for every SDXL VAE.
 """
@@ -79,8 +79,9 @@ def text_time_conditioning(spec: ModelSpec, b: int, size: tuple[int, int], guide
         if negative_time_ids is None:  # as diffusers: the same sizes and crop; the refiner's negative score
             if not explicit_ids:
                 negative_time_ids = default_time_ids(spec.time_ids_dim, *size, negative=True)
-            elif spec.time_ids_dim == 5:
+            elif spec.time_ids_dim == 5:  # diffusers' img2img: its negative crop corner defaults to (0, 0) too
                 negative_time_ids = cond["time_ids"].clone()
+                negative_time_ids[:, 2:4] = 0
                 negative_time_ids[:, 4] = NEGATIVE_AESTHETIC_SCORE
             else:
                 negative_time_ids = cond["time_ids"]
@@ -110,16 +111,18 @@ def _ids(t, spec: ModelSpec, b: int, name: str, device, dtype) -> torch.Tensor:
 
 
 def _floats(t, name: str, device) -> torch.Tensor:
+    """``t`` as a float tensor on ``device``; host values (lists, arrays, CPU tensors) are checked for NaN / inf
+    before they move (a tensor already on the device is not read back)."""
     try:
-        t = torch.as_tensor(t, device=device)
+        t = torch.as_tensor(t)
     except (TypeError, ValueError, RuntimeError) as e:
         raise BadArgumentError(f"{name}: expected numbers (a list, an array or a tensor), found {t!r}") from e
     if t.dtype == torch.bool or t.is_complex():
         raise BadArgumentError(f"{name}: expected real numbers, found {t.dtype}")
     t = t.float() if not t.is_floating_point() else t
-    if t.device.type == "cpu" and not bool(torch.isfinite(t).all()):  # (no device read back for device tensors)
+    if t.device.type == "cpu" and not bool(torch.isfinite(t).all()):
         raise BadArgumentError(f"{name}: expected finite values, found NaN or inf")
-    return t
+    return t.to(device)
 
 
 __all__ = ["AESTHETIC_SCORE", "NEGATIVE_AESTHETIC_SCORE", "VAE_SCALE_FACTOR", "default_time_ids",

@@ -96,7 +96,7 @@ def _builders() -> dict[str, Callable]:
     return out
 
 
-MODELS = ("sd15-unet", "sd21-unet", "sdxl-unet", "ddpm-cifar10", "dit-xl-2-256", "dit-xl-2-512", "tiny-unet", "tiny-sd-unet",
+MODELS = ("sd15-unet", "sd21-unet", "sdxl-unet", "sd3-medium", "ddpm-cifar10", "dit-xl-2-256", "dit-xl-2-512", "tiny-unet", "tiny-sd-unet",
           "tiny-dit", "adm-256", "edm-cifar10", "edm-imagenet64")
 
 
@@ -111,8 +111,9 @@ def _inputs(info, batch: int, dtype, channels_last: bool) -> tuple[tuple, dict]:
         kw["class_labels"] = torch.zeros(batch, dtype=torch.long, device="meta")
     if info["text"]:
         kw["encoder_hidden_states"] = torch.empty(batch, 77, info["text"], device="meta", dtype=dtype)
-    if info.get("time_ids"):  # SDXL's pooled text embedding and size / crop ids
+    if info.get("text_embeds"):  # SDXL's / SD3's pooled text embedding (and SDXL's size / crop ids)
         kw["text_embeds"] = torch.empty(batch, info["text_embeds"], device="meta", dtype=dtype)
+    if info.get("time_ids"):
         kw["time_ids"] = torch.empty(batch, info["time_ids"], device="meta", dtype=dtype)
     return (x, torch.empty(batch, device="meta")), kw
 

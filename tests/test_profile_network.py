@@ -5,6 +5,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
 
@@ -55,3 +56,19 @@ def test_cpu_smoke_run_reports_the_models_op_families():
     assert abs(sum(s for _, _, s in r["families"]) - 1) < 1e-6
     text = pn.format_report(r, top=5)
     assert "convolution" in text and len(text.splitlines()) == 2 + len(r["families"]) + 1 + 5
+
+
+@pytest.mark.parametrize("arch,names", [
+    ("tiny-sdxl-unet", {"encoder_hidden_states", "text_embeds", "time_ids"}),
+    ("tiny-sd3", {"encoder_hidden_states", "text_embeds"}),
+    ("tiny-dit", {"class_labels"}),
+])
+def test_network_inputs_cover_each_models_conditioning(arch, names):
+    """The profile's inputs are what the network takes: an SDXL UNet's pooled text and ids, SD3's pooled text."""
+    import fastdiff
+
+    pipe = fastdiff.load(f"arch:{arch}")
+    x, t, cond = pn._network_inputs(pipe, 2)
+    assert set(cond) == names
+    with torch.no_grad():
+        assert pipe.model(x, t, **cond).shape[0] == 2

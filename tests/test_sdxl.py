@@ -133,8 +133,13 @@ def test_refiner_default_ids_are_diffusers_img2img_ids(tmp_path):
     kw = _fastdiff_kwargs(e)
     explicit = pipe.generate(steps=3, cfg_scale=2.0, time_ids=ids, negative_time_ids=neg, **kw)
     assert torch.equal(pipe.generate(steps=3, cfg_scale=2.0, **kw), explicit)
-    # explicit ids alone: the negative pass keeps their sizes and takes the negative score, as in diffusers
+    # explicit ids alone: the negative pass keeps their sizes, with no crop and the negative score, as in diffusers
     assert torch.equal(pipe.generate(steps=3, cfg_scale=2.0, time_ids=ids, **kw), explicit)
+    cropped, neg_cropped = ref._get_add_time_ids((96, 80), (8, 4), (64, 64), 6.0, 2.5, (96, 80), (0, 0), (64, 64),
+                                                 torch.float32, text_encoder_projection_dim=POOLED)
+    assert not torch.equal(cropped, neg_cropped)  # diffusers drops the crop from the negative ids
+    assert torch.equal(pipe.generate(steps=3, cfg_scale=2.0, time_ids=cropped, **kw),
+                       pipe.generate(steps=3, cfg_scale=2.0, time_ids=cropped, negative_time_ids=neg_cropped, **kw))
 
 
 def test_refiner_widths_are_recognised_without_a_pipeline_folder():

@@ -88,7 +88,8 @@ def ldm_unet_config(state: dict, num_heads: Optional[int] = None) -> UNetConfig:
         reverse_transformer_layers_per_block=up_depth,
         down_block_types=["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn],
         up_block_types=["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
-        mid_block_type="UNetMidBlock2DCrossAttn" if mid_depth else "UNetMidBlock2D", **_label_embedding(sd),
+        mid_block_type="UNetMidBlock2DCrossAttn" if mid_depth else "UNetMidBlock2D",
+        **_label_embedding(sd, context_dim),
     ), "UNet2DConditionModel")
 
 
@@ -106,7 +107,11 @@ def _output_depths(sd: RequiredKeys, levels: int, per_level: int, down: list) ->
 SDXL_TIME_EMBED_DIM = 256
 
 
-def _label_embedding(sd: RequiredKeys) -> dict:
+# text-state widths of SDXL base (CLIP-L + OpenCLIP-bigG) and refiner (bigG alone): diffusers' single-file test too
+SDXL_CONTEXT_DIMS = (2048, 1280)
+
+
+def _label_embedding(sd: RequiredKeys, context_dim: int) -> dict:
     """The config of an SDXL-style ``label_emb`` (sgm's "sequential" adm: Linear -> SiLU -> Linear on the pooled
     text and the embedded size / crop ids), or {} without one."""
     if "label_emb.0.0.weight" not in sd:
@@ -114,6 +119,10 @@ def _label_embedding(sd: RequiredKeys) -> dict:
             raise CheckpointError("ldm UNet with a class-label table (label_emb as an embedding): not supported; "
                                   "SDXL's sequential label_emb.0.0 / label_emb.0.2 is")
         return {}
+    if context_dim not in SDXL_CONTEXT_DIMS:  # SD 2.x unCLIP: the same layout, but an image-embedding input
+        raise CheckpointError(f"ldm UNet with a label_emb and {context_dim}-wide text states: an SD 2.x unCLIP "
+                              f"(image-variation) UNet, not supported (SDXL's label_emb comes with "
+                              f"{' or '.join(map(str, SDXL_CONTEXT_DIMS))}-wide text states)")
     return dict(addition_embed_type="text_time", addition_time_embed_dim=SDXL_TIME_EMBED_DIM,
                 projection_class_embeddings_input_dim=int(sd["label_emb.0.0.weight"].shape[1]))
 

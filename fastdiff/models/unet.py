@@ -902,6 +902,14 @@ class UNet(LinearStacks, nn.Module):
                                    f"text_embeds and time_ids, found text_embeds={_shape(text_embeds)}, "
                                    f"time_ids={_shape(time_ids)}")
         b = emb.shape[0]
+        width, step = self.config.projection_class_embeddings_input_dim, self.config.addition_time_embed_dim
+        if text_embeds.dim() != 2 or time_ids.dim() != 2 or text_embeds.shape[0] not in (1, b) or \
+                time_ids.shape[0] not in (1, b) or text_embeds.shape[1] + step * time_ids.shape[1] != width:
+            raise BadArgumentError(
+                f"text_embeds / time_ids: expected (B, P) and (B, N) with P + {step} * N = {width} "
+                f"(projection_class_embeddings_input_dim; SDXL base: 1280 + 6 ids), found "
+                f"{tuple(text_embeds.shape)} and {tuple(time_ids.shape)}")
+        text_embeds, time_ids = text_embeds.expand(b, -1), time_ids.expand(b, -1)  # one row: every sample's
         time_embeds = self.add_time_proj(time_ids.reshape(-1)).reshape(b, -1)  # (B, N * addition_time_embed_dim)
         # float32 like diffusers' promotion of (text, float32 sinusoids), then the embedding's dtype
         added = torch.cat([text_embeds.float(), time_embeds.float()], dim=-1)  # (B, projection width)

@@ -21,10 +21,10 @@ _RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb
            "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
 
 CONFIGS = {
-    "sdxl-base-like": dict(  # SDXL base: no attention at level 0, depths 2 / 3 (SDXL: 2 / 10), 6 ids
+    "sdxl-base-like": dict(  # SDXL base: no attention at level 0, depths 2 / 3 (SDXL: 2 / 10), 6 ids, its widths
         sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64, 128), layers_per_block=2,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=48,
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=2048,
         attention_head_dim=[1, 1, 2], transformer_layers_per_block=[1, 2, 3], use_linear_projection=True,
         norm_num_groups=32, addition_embed_type="text_time", addition_time_embed_dim=256,
         projection_class_embeddings_input_dim=2816),
@@ -32,7 +32,7 @@ CONFIGS = {
         sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64, 64), layers_per_block=1,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=40, attention_head_dim=[1, 1, 1, 1], transformer_layers_per_block=2,
+        cross_attention_dim=1280, attention_head_dim=[1, 1, 1, 1], transformer_layers_per_block=2,
         use_linear_projection=True, norm_num_groups=32, addition_embed_type="text_time", addition_time_embed_dim=256,
         projection_class_embeddings_input_dim=2560, mid_block_type="UNetMidBlock2DCrossAttn"),
 }
@@ -122,3 +122,17 @@ def test_per_level_depths_are_read_from_the_file():
     assert list(native.transformer_layers_per_block) == [1, 2, 3]
     assert native.reverse_transformer_layers_per_block is None  # the up path repeats the down path's depths
     assert list(native.num_attention_heads) == [1, 1, 2]  # 64 channels per head (at least one), as SDXL
+
+
+def test_an_unclip_single_file_is_refused_not_read_as_sdxl(tmp_path):
+    """SD 2.x unCLIP files carry the same sequential label_emb (an image embedding's input), with 1024-wide text
+    states: diffusers reads them as a projection class embedding, not SDXL's micro-conditioning."""
+    from fastdiff.errors import CheckpointError
+
+    cfg = dict(CONFIGS["sdxl-base-like"], cross_attention_dim=1024)
+    torch.manual_seed(0)
+    single = to_single_file(diffusers.UNet2DConditionModel(**cfg).state_dict(), cfg)
+    path = str(tmp_path / "unclip.safetensors")
+    save_file({k: v.contiguous() for k, v in single.items()}, path)
+    with pytest.raises(CheckpointError, match="unCLIP"):
+        fastdiff.load(path)

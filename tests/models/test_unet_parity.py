@@ -177,6 +177,12 @@ def test_text_time_unet_refuses_missing_or_stray_micro_conditioning():
     x, ctx = torch.randn(1, 4, 8, 8), torch.randn(1, 5, 24)
     with pytest.raises(BadArgumentError, match="text_embeds and time_ids"):
         native(x, 10, encoder_hidden_states=ctx, text_embeds=torch.randn(1, 8))
+    with pytest.raises(BadArgumentError, match=r"P \+ 4 \* N = 32"):  # 5 ids on a 6-id model
+        native(x, 10, encoder_hidden_states=ctx, text_embeds=torch.randn(1, 8), time_ids=torch.zeros(1, 5))
+    x2 = torch.randn(2, 4, 8, 8)  # a single row broadcasts over the batch, as in diffusers
+    one = native(x2, 10, encoder_hidden_states=ctx.expand(2, -1, -1), text_embeds=torch.randn(1, 8),
+                 time_ids=torch.full((1, 6), 64.0))
+    assert one.shape == (2, 4, 8, 8)
     _, plain = _pair(diffusers.UNet2DConditionModel, COND_CONFIGS["sd1-conv-proj"], seed=12)
     with pytest.raises(BadArgumentError, match="no text_time"):
         plain(x, 10, encoder_hidden_states=ctx, time_ids=torch.zeros(1, 6))
