@@ -257,3 +257,92 @@ def test_info_names_the_pooled_text_input(tmp_path):
     assert ("arch:tiny-sd3 takes: encoder_hidden_states (B, tokens, 24), text_embeds (B, 16), the pooled text "
             "embedding") in r.stdout
     assert "predicts flow_prediction" in r.stdout
+
+
+# --- Stability's single files --------------------------------------------------------------------------------------
+
+def to_single_file(state: dict, num_layers: int) -> dict:
+    """A diffusers SD3 transformer state dict in Stability's single-file layout (the inverse of diffusers'
+    convert_sd3_transformer_checkpoint_to_diffusers: fused qkv, (shift, scale) rows in the continuous norms)."""
+    out = {}
+
+    def put(dst, src):
+        for part in ("weight", "bias"):
+            if f"{src}.{part}" in state:
+                out[f"model.diffusion_model.{dst}.{part}"] = state[f"{src}.{part}"]
+
+    def swapped(dst, src):
+        for part in ("weight", "bias"):
+            scale, shift = state[f"{src}.{part}"].chunk(2, dim=0)
+            out[f"model.diffusion_model.{dst}.{part}"] = torch.cat([shift, scale])
+
+    def fused(dst, src, names):
+        for part in ("weight", "bias"):
+            out[f"model.diffusion_model.{dst}.qkv.{part}"] = torch.cat([state[f"{src}.{n}.{part}"] for n in names])
+
+    out["model.diffusion_model.pos_embed"] = state["pos_embed.pos_embed"]
+    put("x_embedder.proj", "pos_embed.proj")
+    put("t_embedder.mlp.0", "time_text_embed.timestep_embedder.linear_1")
+    put("t_embedder.mlp.2", "time_text_embed.timestep_embedder.linear_2")
+    put("y_embedder.mlp.0", "time_text_embed.text_embedder.linear_1")
+    put("y_embedder.mlp.2", "time_text_embed.text_embedder.linear_2")
+    put("context_embedder", "context_embedder")
+    for i in range(num_layers):
+        s, d = f"transformer_blocks.{i}", f"joint_blocks.{i}"
+        fused(f"{d}.x_block.attn", f"{s}.attn", ("to_q", "to_k", "to_v"))
+        fused(f"{d}.context_block.attn", f"{s}.attn", ("add_q_proj", "add_k_proj", "add_v_proj"))
+        put(f"{d}.x_block.attn.proj", f"{s}.attn.to_out.0")
+        put(f"{d}.context_block.attn.proj", f"{s}.attn.to_add_out")
+        for src, dst in (("norm_q", "x_block.attn.ln_q"), ("norm_k", "x_block.attn.ln_k"),
+                         ("norm_added_q", "context_block.attn.ln_q"), ("norm_added_k", "context_block.attn.ln_k")):
+            put(f"{d}.{dst}", f"{s}.attn.{src}")
+        if f"{s}.attn2.to_q.weight" in state:
+            fused(f"{d}.x_block.attn2", f"{s}.attn2", ("to_q", "to_k", "to_v"))
+            put(f"{d}.x_block.attn2.proj", f"{s}.attn2.to_out.0")
+            put(f"{d}.x_block.attn2.ln_q", f"{s}.attn2.norm_q")
+            put(f"{d}.x_block.attn2.ln_k", f"{s}.attn2.norm_k")
+        put(f"{d}.x_block.adaLN_modulation.1", f"{s}.norm1.linear")
+        (swapped if i == num_layers - 1 else put)(f"{d}.context_block.adaLN_modulation.1", f"{s}.norm1_context.linear")
+        put(f"{d}.x_block.mlp.fc1", f"{s}.ff.net.0.proj")
+        put(f"{d}.x_block.mlp.fc2", f"{s}.ff.net.2")
+        put(f"{d}.context_block.mlp.fc1", f"{s}.ff_context.net.0.proj")
+        put(f"{d}.context_block.mlp.fc2", f"{s}.ff_context.net.2")
+    put("final_layer.linear", "proj_out")
+    swapped("final_layer.adaLN_modulation.1", "norm_out.linear")
+    return out
+
+
+SINGLE_FILE = dict(BASE, attention_head_dim=64, num_attention_heads=1, caption_projection_dim=64)  # SD3's head dim
+
+
+@pytest.mark.parametrize("extra", [{}, dict(qk_norm="rms_norm", dual_attention_layers=(0, 1))],
+                         ids=["sd3", "sd3.5-medium"])
+def test_sd3_single_file_matches_diffusers(tmp_path, extra):
+    from safetensors.torch import save_file
+
+    single_file_utils = pytest.importorskip("diffusers.loaders.single_file_utils",
+                                            reason="diffusers' single-file converter checks the renaming")
+    cfg = dict(SINGLE_FILE, **extra)
+    ref = _reference(cfg)
+    single = to_single_file(ref.state_dict(), cfg["num_layers"])
+    back = single_file_utils.convert_sd3_transformer_checkpoint_to_diffusers(dict(single))
+    assert set(back) == set(ref.state_dict()) and all(torch.equal(back[k], v) for k, v in ref.state_dict().items())
+
+    single["first_stage_model.decoder.conv_in.weight"] = torch.zeros(1)  # the VAE beside it: ignored
+    path = str(tmp_path / "sd3.safetensors")
+    save_file({k: v.contiguous() for k, v in single.items()}, path)
+    pipe = fastdiff.load(path)
+    s = pipe.spec
+    # SD3's 128x128 latents, capped here by the tiny position table (8 patches of 2)
+    assert (s.kind, s.prediction_type, s.sample_size, s.scheduler["shift"]) == ("mmdit", "flow_prediction",
+                                                                                (16, 16), 3.0)
+    c = pipe.model.config
+    assert (c.num_layers, c.qk_norm, c.dual_attention_layers, c.pos_embed_max_size) == (
+        3, extra.get("qk_norm"), extra.get("dual_attention_layers", ()), 8)
+    g = torch.Generator().manual_seed(1)
+    x, ctx, pooled = torch.randn(2, 4, 8, 6, generator=g), torch.randn(2, 5, 12, generator=g), torch.randn(2, 10, generator=g)
+    t = torch.tensor([37.5, 842.0])
+    with torch.no_grad():
+        want = ref(x, encoder_hidden_states=ctx, pooled_projections=pooled, timestep=t).sample
+        got = pipe.model(x, t, encoder_hidden_states=ctx, text_embeds=pooled)
+    assert rel_err(got, want) <= 1e-5

@@ -31,6 +31,7 @@ SUPPORTED_FORMATS = (
     "openai/guided-diffusion checkpoint (.pt, resblock_updown models)",
     "NVlabs/edm EDMPrecond state dict (.pt: SongUNet / DhariwalUNet)",
     "Stable Diffusion single file (.safetensors / .ckpt with model.diffusion_model.* UNet keys)",
+    "Stable Diffusion 3 / 3.5 single file (.safetensors with model.diffusion_model.joint_blocks.*)",
     "ONNX model exported by fastdiff (.onnx)",
     "builtin:NAME, arch:NAME",
 )
@@ -219,6 +220,17 @@ def _read_any(path: str, *, variant=None, num_heads=None, head_channels=None, at
             spec.notes.append("single-file UNet: heads inferred (SD1: 8, SD2 / SDXL: 64 per head) unless num_heads= is "
                               "given; " + why)
             return "unet", cfg, convert_ldm_unet(state, cfg), spec
+        from .sd3 import convert_sd3, is_sd3_state_dict, sd3_config
+
+        if is_sd3_state_dict(state):
+            from .diffusers_folder import spec_for
+            from .presets import SD3_SCHEDULER
+
+            cfg = sd3_config(state)
+            spec = spec_for("mmdit", cfg, SD3_SCHEDULER, source=f"Stable Diffusion 3 single file {path}")
+            spec.notes.append("SD3 single file: 64 channels per head and 1024x1024 (128x128 latents) assumed, as in "
+                              "every SD3 / 3.5 release; FlowMatchEuler with shift 3")
+            return "mmdit", cfg, convert_sd3(state, cfg), spec
         from .guided_diffusion import (convert_guided_diffusion, guided_diffusion_config,
                                        is_guided_diffusion_state_dict)
 
