@@ -105,8 +105,12 @@ def cond_inputs(cond: Optional[str], spec: ModelSpec) -> list[str]:
         return ["class_labels"]
     if cond == "text":
         return (["encoder_hidden_states"] + (["text_embeds"] if spec.text_embeds_dim else [])
-                + (["time_ids"] if spec.time_ids_dim else []))
+                + (["time_ids"] if spec.time_ids_dim else []) + (["guidance"] if spec.guidance_input else []))
     return []
+
+
+# inputs both CFG passes share (no uncond_ counterpart): Flux dev's distilled-guidance strength
+SHARED_INPUTS = ("guidance",)
 
 
 # float inputs that run in the network's dtype (the rest: class labels int64, SDXL's time ids float32)
@@ -163,9 +167,10 @@ class _CFGGraphModule(_GraphModule):
         if self.names == ["class_labels"]:
             y = cond["class_labels"]
             both = {"class_labels": torch.cat([y, torch.full_like(y, self.null_class)], dim=0)}  # (2B,)
-        else:  # text: every input has its uncond_ counterpart, in the same order
-            uncond = dict(zip(self.names, rest[n:2 * n]))
-            both = {k: torch.cat([cond[k], uncond[k]], dim=0) for k in self.names}  # (2B, ...)
+        else:  # text: every input but the shared ones has its uncond_ counterpart, in the same order
+            own = [k for k in self.names if k not in SHARED_INPUTS]
+            uncond = dict(zip(own, rest[n:n + len(own)]))
+            both = {k: torch.cat([cond[k], uncond.get(k, cond[k])], dim=0) for k in self.names}  # (2B, ...)
         out = self._run(x2, t2, both).float()  # (2B, C_out, H, W)
         c, u = out[:b], out[b:]  # 2 x (B, C_out, H, W)
         g = self.guided
@@ -183,12 +188,12 @@ def graph_io(model: nn.Module, spec: ModelSpec, *, cfg_folded: bool, fp16_io: bo
     io_dtype = "float16" if (dtype == "fp16" and fp16_io) else "float32"
     inputs = [["sample", io_dtype], ["timestep", "int64" if _timestep_dtype(model, spec) == torch.int64 else "float32"]]
     kinds = {"encoder_hidden_states": io_dtype, "text_embeds": io_dtype, "time_ids": "float32",
-             "class_labels": "int64"}
+             "class_labels": "int64", "guidance": "float32"}
     names = cond_inputs(cond, spec)
     inputs += [[n, kinds[n]] for n in names]
     if cfg_folded:
         if cond == "text":
-            inputs += [["uncond_" + n, kinds[n]] for n in names]
+            inputs += [["uncond_" + n, kinds[n]] for n in names if n not in SHARED_INPUTS]
         inputs.append(["guidance_scale", "float32"])
     return {
         "inputs": inputs, "outputs": [["out_sample", io_dtype]], "conditioning": cond, "dtype": dtype,
@@ -257,6 +262,8 @@ def _example_inputs(spec, io, batch, h, w, device, seed=0):
             v = torch.randn(batch, spec.text_embeds_dim, generator=g)
         elif name in ("time_ids", "uncond_time_ids"):  # sizes and crops in pixels, varied per row
             v = 8.0 * torch.randint(4, 160, (batch, spec.time_ids_dim), generator=g)
+        elif name == "guidance":  # Flux dev's strengths, varied per row
+            v = torch.linspace(1.5, 4.5, batch)
         elif name == "class_labels":
             v = torch.randint(0, max(int(spec.num_classes or 1), 1), (batch,), generator=g)
         elif name == "guidance_scale":
@@ -280,7 +287,7 @@ def _dynamic_axes(io, dynamic_batch, dynamic_hw):
                 a[2], a[3] = "height", "width"
         elif name in ("timestep", "guidance_scale"):
             a[0] = f"{name}_batch"  # (1,) or (B,)
-        elif name in ("class_labels", "text_embeds", "time_ids", "uncond_text_embeds", "uncond_time_ids"):
+        elif name in ("class_labels", "text_embeds", "time_ids", "uncond_text_embeds", "uncond_time_ids", "guidance"):
             if dynamic_batch:
                 a[0] = "batch"
         else:  # (uncond_)encoder_hidden_states
@@ -320,8 +327,8 @@ def export_onnx(pipe_or_model, spec: Optional[ModelSpec], path: str, *, opset: i
         raise BadArgumentError("fp16_io=True needs dtype='fp16' (an fp32 graph has fp32 inputs/outputs)")
     if not isinstance(batch, int) or batch < 1:
         raise BadArgumentError(f"batch must be a positive int, found {batch!r}")
-    if spec.kind not in ("unet", "dit", "mmdit"):
-        raise UnsupportedConfigError("kind", spec.kind, supported=["unet", "dit", "mmdit"], model="ONNX exporter")
+    if spec.kind not in ("unet", "dit", "mmdit", "flux"):
+        raise UnsupportedConfigError("kind", spec.kind, supported=["unet", "dit", "mmdit", "flux"], model="ONNX exporter")
     path = os.fspath(path)
     if os.path.isdir(path):
         raise BadArgumentError(f"cannot write {path}: expected a file path ending in .onnx, found a folder")
@@ -535,7 +542,7 @@ def reference_output(model: nn.Module, spec: ModelSpec, io: dict, feeds: dict) -
             y = feeds["class_labels"]
             u = run({"class_labels": torch.full_like(y, io["null_class"])})
         else:
-            u = run({k: feeds["uncond_" + k] for k in names})
+            u = run({k: feeds[k if k in SHARED_INPUTS else "uncond_" + k] for k in names})
         g = io["guided_channels"]
         s = feeds["guidance_scale"].float().reshape(-1, 1, 1, 1)
         return torch.cat([u[:, :g] + s * (c[:, :g] - u[:, :g]), c[:, g:]], dim=1)

@@ -77,8 +77,11 @@ def flow_match_times(c: _Config, n: int) -> tuple:
     if not c.get("use_dynamic_shifting"):
         train = shift * train / (1 + (shift - 1) * train)
     hi, lo = train[0].item(), train[-1].item()
+    pipeline_sigmas = c.choice("flow_pipeline_sigmas", (None, "linspace"))
     if c.get("flow_time_convention") == "sit":        # SiT's own Euler grid: n even steps from 1 down to 0
         t = np.linspace(1, 0, n + 1)[:-1]
+    elif pipeline_sigmas == "linspace":               # FluxPipeline: set_timesteps(sigmas=linspace(1, 1/n, n))
+        t = np.linspace(1.0, 1 / n, n).astype(np.float32).astype(np.float64)
     else:
         t = np.linspace(hi * T, lo * T, n) / T
     t = time_shift(t, c.mu, c["time_shift_type"]) if c.get("use_dynamic_shifting") else shift_times(t, shift)

@@ -18,7 +18,7 @@ import torch
 from .errors import BadArgumentError, UnsupportedConfigError
 from .spec import ModelSpec, is_flow_scheduler
 from .state_update import update_impl
-from .text_time import text_time_conditioning
+from .text_time import guidance_conditioning, text_time_conditioning
 from .utils.checks import finite_number
 
 OUTPUT_TYPES = ("tensor", "np", "pil")
@@ -147,7 +147,8 @@ class Pipeline:
         if self.spec.prediction_type != "flow_prediction" or not s.get("use_dynamic_shifting"):
             return None
         h, w = self.spec.sample_size if size is None else size
-        patch = int(self.spec.model_config.get("patch_size") or 1)
+        # (Flux packs 2x2 latent patches into tokens before its patch-size-1 embedder)
+        patch = 2 if self.spec.kind == "flux" else int(self.spec.model_config.get("patch_size") or 1)
 
         def setting(key, default):  # (diffusers' signature allows None for these)
             return default if s.get(key) is None else s[key]
@@ -240,7 +241,7 @@ class Pipeline:
                  seeds: Optional[Sequence[int]] = None, latents: Optional[torch.Tensor] = None,
                  height: Optional[int] = None, width: Optional[int] = None, output_type: str = "tensor",
                  progress: bool = True, callback=None, text_embeds=None, negative_text_embeds=None, time_ids=None,
-                 negative_time_ids=None, **sampler_options):
+                 negative_time_ids=None, guidance: Optional[float] = None, **sampler_options):
         """Sample ``n`` images (latents for latent models).
 
         sampler / schedule: a fastdiff sampler name (``dpmpp_2m``, ``unipc``, ``ddim``, ...) and sigma
@@ -251,6 +252,9 @@ class Pipeline:
         text_embeds / time_ids (SDXL-style UNets, ``fastdiff.text_time``): the pooled text embedding (B, P) and
             the micro-conditioning ids (N numbers or (B, N)); ids default to diffusers' (the image's own size,
             no crop). Guided runs also take ``negative_text_embeds`` (and optionally ``negative_time_ids``).
+            SD3 and Flux take ``text_embeds`` alone (diffusers' ``pooled_prompt_embeds``).
+        guidance: a guidance-distilled model's strength (FLUX.1 dev; diffusers' FluxPipeline ``guidance_scale``,
+            default 3.5), an input of the network, not classifier-free guidance (that is ``cfg_scale``).
         seed / seeds: ``seeds=[...]`` gives one generator per sample (a sample depends on its own seed
             only); ``seed=s`` means seeds s, s+1, ...; neither draws random seeds; not both.
         latents: the initial unit-normal noise (B, C, H, W), as diffusers' ``latents=`` (a torch tensor or a
@@ -290,6 +294,7 @@ class Pipeline:
             negative_text_embeds=negative_text_embeds, time_ids=time_ids, negative_time_ids=negative_time_ids)
         cond.update(added)
         uncond.update(added_uncond)
+        cond.update(guidance_conditioning(self.spec, b, guidance, self.device))  # (both CFG passes share it)
         denoiser = plan.make_denoiser(self.runner, dtype=self._network_dtype())
         extra = dict(cond)
         if cfg_scale != 1.0:
@@ -387,6 +392,8 @@ class Pipeline:
                 raise BadArgumentError(f"{name}: expected a positive integer, found {v!r}")
         if self.spec.kind == "dit" and (h, w) != (h0, w0):
             raise BadArgumentError(f"height/width: this DiT takes {h0}x{w0} latents only, found {h}x{w}")
+        if self.spec.kind == "flux" and (h % 2 or w % 2):  # 2x2 latent patches become its tokens
+            raise BadArgumentError(f"height/width: Flux takes even latent sizes (2x2 patches), found {h}x{w}")
         if self.spec.kind == "mmdit":  # any size the position table covers, in whole patches
             p, top = self.spec.model_config["patch_size"], self.spec.model_config["pos_embed_max_size"]
             if h % p or w % p or max(h, w) > top * p:

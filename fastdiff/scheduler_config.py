@@ -51,7 +51,10 @@ _COMMON = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_sc
                final_sigmas_type="zero", timestep_spacing="linspace", variance_type=None,
                lambda_min_clipped=-math.inf, sigma_min=None, sigma_max=None, flow_shift=1.0,
                time_shift_type="exponential", shift_terminal=None,
-               flow_time_convention="diffusers")  # fastdiff's key: "sit" for SiT-convention flow networks
+               flow_time_convention="diffusers",  # fastdiff's key: "sit" for SiT-convention flow networks
+               # fastdiff's key: "linspace" where the pipeline hands FlowMatchEuler sigmas = linspace(1, 1/n, n)
+               # (diffusers' FluxPipeline) instead of letting set_timesteps space them
+               flow_pipeline_sigmas=None)
 
 # Per-class defaults that differ from _COMMON (diffusers 0.3x-0.4x signatures).
 _DEFAULTS = {
@@ -178,6 +181,9 @@ def plan_from_scheduler_config(config: dict, num_inference_steps: int, class_nam
         # (fastdiff's own key: a time convention means nothing to a beta-schedule scheduler)
         raise UnsupportedConfigError("flow_time_convention", c["flow_time_convention"], supported="'diffusers', or "
                                      "another with a flow-matching scheduler (FlowMatch*, use_flow_sigmas)", model=name)
+    if c["flow_pipeline_sigmas"] is not None and name != "FlowMatchEulerDiscreteScheduler":
+        raise UnsupportedConfigError("flow_pipeline_sigmas", c["flow_pipeline_sigmas"], model=name,
+                                     supported="None (fastdiff's key for FlowMatchEulerDiscreteScheduler only)")
     if mu is not None:
         if not c["use_dynamic_shifting"]:
             raise BadArgumentError(f"mu: {name} without use_dynamic_shifting takes no mu, found {mu!r}")

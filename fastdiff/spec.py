@@ -54,6 +54,7 @@ class ModelSpec:
     text_embeds_dim / time_ids_dim: SDXL's micro-conditioning: the pooled text embedding's width and the
         number of time ids (6: original size, crop corner, target size; 5 for the refiner: original size, crop
         corner, aesthetic score); None for models without it.
+    guidance_input: the network takes a distilled-guidance strength per sample (Flux dev's ``guidance``).
     guided_channels: CFG applies to the first K output channels only (official DiT: 3); None = all.
     """
 
@@ -69,6 +70,7 @@ class ModelSpec:
     cross_attention_dim: Optional[int] = None
     text_embeds_dim: Optional[int] = None
     time_ids_dim: Optional[int] = None
+    guidance_input: bool = False
     guided_channels: Optional[int] = None
     source: str = ""
     notes: list = field(default_factory=list)
@@ -79,7 +81,21 @@ class ModelSpec:
         s = self.sample_size
         self.sample_size = (int(s), int(s)) if isinstance(s, (int, float)) else tuple(int(v) for v in s)
 
-    def example_conditioning(self, batch: int, generator=None, tokens: int = 77) -> dict:
+    @property
+    def text_tokens(self) -> int:
+        """The usual length of this model's text states: CLIP's 77 for UNets, SD3's 77 CLIP + 256 T5 tokens, Flux's
+        512 T5 tokens (diffusers' pipeline defaults). Benchmarks and engine profiles use it."""
+        return {"mmdit": 333, "flux": 512}.get(self.kind, 77)
+
+    def default_scheduler_note(self) -> str:
+        """What a checkpoint without a scheduler config is sampled with (the loaders' note)."""
+        if self.kind == "mmdit":
+            return "no scheduler config: SD3's FlowMatchEuler (shift 3) assumed"
+        if self.kind == "flux":
+            return "no scheduler config: FLUX.1 dev's FlowMatchEuler with dynamic shifting assumed"
+        return "no scheduler config: assuming DDPM linear betas, epsilon prediction"
+
+    def example_conditioning(self, batch: int, generator=None, tokens: Optional[int] = None) -> dict:
         """Random network keyword inputs for one call at ``batch`` (benchmarks and profiles; float32 on the CPU):
         class labels, text states, the pooled text embedding and SDXL's default time ids, as the model takes."""
         import torch
@@ -88,13 +104,16 @@ class ModelSpec:
         if self.num_classes:
             kw["class_labels"] = torch.arange(batch) % self.num_classes
         if self.cross_attention_dim:
-            kw["encoder_hidden_states"] = torch.randn(batch, tokens, self.cross_attention_dim, generator=generator)
+            kw["encoder_hidden_states"] = torch.randn(batch, tokens or self.text_tokens, self.cross_attention_dim,
+                                                      generator=generator)
         if self.text_embeds_dim:
             kw["text_embeds"] = torch.randn(batch, self.text_embeds_dim, generator=generator)
         if self.time_ids_dim:
             from .text_time import default_time_ids
 
             kw["time_ids"] = torch.tensor([default_time_ids(self.time_ids_dim, *self.sample_size)]).expand(batch, -1)
+        if self.guidance_input:
+            kw["guidance"] = torch.full((batch,), 3.5)
         return kw
 
     def to_dict(self) -> dict:

@@ -89,6 +89,24 @@ def text_time_conditioning(spec: ModelSpec, b: int, size: tuple[int, int], guide
     return cond, uncond
 
 
+FLUX_GUIDANCE = 3.5  # diffusers' FluxPipeline default guidance_scale
+
+
+def guidance_conditioning(spec: ModelSpec, b: int, guidance, device) -> dict:
+    """{"guidance": (B,) float32} for a guidance-distilled network (Flux dev), shared by both CFG passes; {} for
+    any other model, which must not be given one."""
+    from .utils.checks import finite_number
+
+    if not spec.guidance_input:
+        if guidance is not None:
+            raise BadArgumentError(f"guidance: given ({guidance!r}), but this model takes no distilled-guidance "
+                                   f"strength (only guidance-distilled models such as FLUX.1 dev do; cfg_scale is "
+                                   f"classifier-free guidance)")
+        return {}
+    g = FLUX_GUIDANCE if guidance is None else finite_number("guidance", guidance)
+    return {"guidance": torch.full((b,), g, dtype=torch.float32, device=device)}
+
+
 def _pooled(t, spec: ModelSpec, b: int, name: str, device, dtype) -> torch.Tensor:
     t = _floats(t, name, device)
     if t.dim() == 1:
@@ -125,5 +143,5 @@ def _floats(t, name: str, device) -> torch.Tensor:
     return t.to(device)
 
 
-__all__ = ["AESTHETIC_SCORE", "NEGATIVE_AESTHETIC_SCORE", "VAE_SCALE_FACTOR", "default_time_ids",
+__all__ = ["FLUX_GUIDANCE", "guidance_conditioning", "AESTHETIC_SCORE", "NEGATIVE_AESTHETIC_SCORE", "VAE_SCALE_FACTOR", "default_time_ids",
            "text_time_conditioning"]

@@ -96,7 +96,7 @@ def _builders() -> dict[str, Callable]:
     return out
 
 
-MODELS = ("sd15-unet", "sd21-unet", "sdxl-unet", "sd3-medium", "ddpm-cifar10", "dit-xl-2-256", "dit-xl-2-512", "tiny-unet", "tiny-sd-unet",
+MODELS = ("sd15-unet", "sd21-unet", "sdxl-unet", "sd3-medium", "flux-dev", "ddpm-cifar10", "dit-xl-2-256", "dit-xl-2-512", "tiny-unet", "tiny-sd-unet",
           "tiny-dit", "adm-256", "edm-cifar10", "edm-imagenet64")
 
 
@@ -110,18 +110,22 @@ def _inputs(info, batch: int, dtype, channels_last: bool) -> tuple[tuple, dict]:
     if info["classes"]:
         kw["class_labels"] = torch.zeros(batch, dtype=torch.long, device="meta")
     if info["text"]:
-        kw["encoder_hidden_states"] = torch.empty(batch, 77, info["text"], device="meta", dtype=dtype)
+        kw["encoder_hidden_states"] = torch.empty(batch, info.get("tokens", 77), info["text"], device="meta",
+                                                  dtype=dtype)
     if info.get("text_embeds"):  # SDXL's / SD3's pooled text embedding (and SDXL's size / crop ids)
         kw["text_embeds"] = torch.empty(batch, info["text_embeds"], device="meta", dtype=dtype)
     if info.get("time_ids"):
         kw["time_ids"] = torch.empty(batch, info["time_ids"], device="meta", dtype=dtype)
+    if info.get("guidance"):  # Flux dev's distilled-guidance strength
+        kw["guidance"] = torch.empty(batch, device="meta")
     return (x, torch.empty(batch, device="meta")), kw
 
 
 def _spec_info(spec) -> dict:
     size = spec.sample_size[0] if isinstance(spec.sample_size, (tuple, list)) else spec.sample_size
     return dict(size=size, in_channels=spec.in_channels, classes=spec.num_classes, text=spec.cross_attention_dim,
-                text_embeds=spec.text_embeds_dim, time_ids=spec.time_ids_dim)
+                text_embeds=spec.text_embeds_dim, time_ids=spec.time_ids_dim, tokens=spec.text_tokens,
+                guidance=spec.guidance_input)
 
 
 def _op_of(helper_op, bound) -> str:

@@ -50,6 +50,15 @@ def sampler_test_options(name: str, alphas_cumprod, sigmas) -> dict:
                 timesteps=sigma_to_timestep(grid[:-1], alphas_cumprod).tolist() + [0.0])
 
 
+def diffusers_pipeline(name: str):
+    """diffusers' pipeline class ``name`` (StableDiffusionXLPipeline, ...): the end-to-end reference. Those classes
+    import transformers (for their text encoders, unused here); without it the test skips, saying so."""
+    import diffusers
+
+    pytest.importorskip("transformers", reason=f"diffusers' {name} imports transformers (its text encoders)")
+    return getattr(diffusers, name)
+
+
 def skip_unless_diffusers_has(cls, config):
     """Skip (with the reason) on an older diffusers that lacks a setting of ``config``, or whose UniPC flow grid is
     still DPM-Solver's (diffusers 0.33 spaced it so; newer versions start it at t = 1 - 1e-6, and fastdiff follows

@@ -10,7 +10,7 @@ import torch
 import fastdiff
 from fastdiff.errors import BadArgumentError, UnsupportedConfigError
 from fastdiff.models.mmdit import MMDiT, MMDiTConfig
-from helpers import perturb_, rel_err
+from helpers import diffusers_pipeline, perturb_, rel_err
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers' SD3 transformer and pipeline are the reference")
 
@@ -51,7 +51,7 @@ def test_mmdit_matches_diffusers(name, size):
 def _pipeline(cfg=CONFIGS["sd3.5-large"]):
     parts = dict(vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
                  text_encoder_3=None, tokenizer_3=None)
-    pipe = diffusers.StableDiffusion3Pipeline(transformer=_reference(cfg), **parts,
+    pipe = diffusers_pipeline("StableDiffusion3Pipeline")(transformer=_reference(cfg), **parts,
                                               scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0))
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -346,3 +346,34 @@ def test_sd3_single_file_matches_diffusers(tmp_path, extra):
         want = ref(x, encoder_hidden_states=ctx, pooled_projections=pooled, timestep=t).sample
         got = pipe.model(x, t, encoder_hidden_states=ctx, text_embeds=pooled)
     assert rel_err(got, want) <= 1e-5
+    # the same transformer with unprefixed keys, beside a text encoder's: the other parts are ignored too
+    bare = {k[len("model.diffusion_model."):]: v for k, v in single.items() if k.startswith("model.diffusion_model.")}
+    bare["text_encoders.clip_l.transformer.text_model.final_layer_norm.weight"] = torch.ones(1)
+    save_file({k: v.contiguous() for k, v in bare.items()}, str(tmp_path / "bare.safetensors"))
+    with torch.no_grad():
+        again = fastdiff.load(str(tmp_path / "bare.safetensors")).model(x, t, encoder_hidden_states=ctx,
+                                                                       text_embeds=pooled)
+    assert torch.equal(again, got)
+
+
+def test_direct_calls_with_wrong_text_widths_are_clear_errors():
+    model = fastdiff.load("arch:tiny-sd3").model
+    x = torch.randn(2, 4, 8, 8)
+    with pytest.raises(BadArgumentError, match=r"expected encoder_hidden_states \(2, tokens, 24\) and text_embeds "
+                                               r"\(2, 16\), found \(2, 5, 24\) and \(2, 15\)"):
+        model(x, 10.0, encoder_hidden_states=torch.randn(2, 5, 24), text_embeds=torch.randn(2, 15))
+
+
+def test_a_transformer_folder_with_a_beta_scheduler_is_refused(tmp_path):
+    """An SD3 network predicts the flow velocity: read with a beta schedule it would run as an epsilon model."""
+    from fastdiff.checkpoints.presets import SD_SCHEDULER
+
+    with pytest.raises(UnsupportedConfigError, match="flow-matching scheduler"):
+        fastdiff.load("arch:tiny-sd3", scheduler=SD_SCHEDULER).generate(
+            seeds=[1], steps=1, encoder_hidden_states=torch.randn(1, 5, 24), text_embeds=torch.randn(16),
+            progress=False)
+    ref = _reference(CONFIGS["sd3"])
+    ref.save_pretrained(tmp_path / "transformer")
+    diffusers.PNDMScheduler().save_pretrained(tmp_path / "scheduler")
+    with pytest.raises(UnsupportedConfigError, match="flow-matching scheduler"):
+        fastdiff.load(str(tmp_path))

@@ -10,7 +10,7 @@ import torch
 import fastdiff
 from fastdiff.errors import BadArgumentError
 from fastdiff.text_time import default_time_ids
-from helpers import perturb_, rel_err
+from helpers import diffusers_pipeline, perturb_, rel_err
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers' SDXL pipelines are the reference")
 
@@ -31,9 +31,9 @@ def _diffusers_pipe(unet_config=UNET, refiner=False):
     parts = dict(vae=None, text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None, unet=unet,
                  scheduler=diffusers.EulerDiscreteScheduler(**SCHEDULER))
     if refiner:
-        pipe = diffusers.StableDiffusionXLImg2ImgPipeline(**parts, requires_aesthetics_score=True)
+        pipe = diffusers_pipeline("StableDiffusionXLImg2ImgPipeline")(**parts, requires_aesthetics_score=True)
     else:
-        pipe = diffusers.StableDiffusionXLPipeline(**parts)
+        pipe = diffusers_pipeline("StableDiffusionXLPipeline")(**parts)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

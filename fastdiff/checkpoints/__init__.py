@@ -21,7 +21,8 @@ from typing import Optional
 
 import torch
 
-from ..errors import BadArgumentError, CheckpointError, UnknownFormatError, UnsafeCheckpointError
+from ..errors import (BadArgumentError, CheckpointError, UnknownFormatError, UnsafeCheckpointError,
+                      UnsupportedConfigError)
 
 SUPPORTED_FORMATS = (
     "fastdiff folder (fastdiff.json + model.safetensors)",
@@ -174,6 +175,11 @@ def _override_sampling(spec, scheduler: Optional[dict], prediction_type: Optiona
             # a beta schedule means nothing to a flow network: diffusers' flow-matching Euler on its time range
             spec.scheduler = {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 1.0,
                               "num_train_timesteps": int(spec.scheduler.get("num_train_timesteps", 1000))}
+    if spec.kind in ("mmdit", "flux") and spec.prediction_type != "flow_prediction":
+        raise UnsupportedConfigError("scheduler / prediction_type", (spec.scheduler.get("_class_name"),
+                                     spec.prediction_type), model=spec.kind,
+                                     supported="a flow-matching scheduler (FlowMatch*, or a solver with "
+                                               "use_flow_sigmas): SD3 / Flux networks predict the flow velocity")
 
 
 def _read_any(path: str, *, variant=None, num_heads=None, head_channels=None, attention_order=None):
@@ -189,7 +195,7 @@ def _read_any(path: str, *, variant=None, num_heads=None, head_channels=None, at
         if is_model_folder(path):
             kind, cfg, state, _ = load_model_folder(path, variant)
             spec = spec_for(kind, cfg, None, source=f"diffusers model folder {path}")
-            spec.notes.append("model folder without a scheduler: assuming DDPM linear betas, epsilon prediction")
+            spec.notes.append("model folder without a scheduler; " + spec.default_scheduler_note())
             return kind, cfg, state, spec
         if is_pipeline_folder(path):
             return load_pipeline_folder(path, variant)

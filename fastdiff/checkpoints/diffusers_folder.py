@@ -15,6 +15,7 @@ from .io import read_sharded, read_weights
 UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
 DIT_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel")
 MMDIT_CLASSES = ("SD3Transformer2DModel",)
+FLUX_CLASSES = ("FluxTransformer2DModel",)
 WEIGHT_NAMES = ("diffusion_pytorch_model", "model")
 
 
@@ -28,7 +29,8 @@ def read_json(path: str) -> dict:
 
 def is_model_folder(path: str) -> bool:
     cfg = os.path.join(path, "config.json")
-    return os.path.isfile(cfg) and read_json(cfg).get("_class_name") in UNET_CLASSES + DIT_CLASSES + MMDIT_CLASSES
+    return os.path.isfile(cfg) and read_json(cfg).get("_class_name") in (UNET_CLASSES + DIT_CLASSES + MMDIT_CLASSES
+                                                                         + FLUX_CLASSES)
 
 
 def is_pipeline_folder(path: str) -> bool:
@@ -71,16 +73,20 @@ def load_model_folder(folder: str, variant: Optional[str] = None):
         from ..models.mmdit import MMDiTConfig
 
         return "mmdit", MMDiTConfig.from_diffusers(config), state, config
-    raise UnsupportedConfigError("_class_name", cls, supported=list(UNET_CLASSES + DIT_CLASSES + MMDIT_CLASSES),
-                                 model=folder)
+    if cls in FLUX_CLASSES:  # the same for Flux
+        from ..models.flux import FluxConfig
+
+        return "flux", FluxConfig.from_diffusers(config), state, config
+    raise UnsupportedConfigError("_class_name", cls, model=folder,
+                                 supported=list(UNET_CLASSES + DIT_CLASSES + MMDIT_CLASSES + FLUX_CLASSES))
 
 
 def spec_for(kind: str, cfg, scheduler: Optional[dict], source: str) -> ModelSpec:
     """The sampling facts of a native config (+ the scheduler config that came with it)."""
-    if not scheduler and kind == "mmdit":  # an SD3 transformer folder alone: SD3's own flow schedule
-        from .presets import SD3_SCHEDULER
+    if not scheduler and kind in ("mmdit", "flux"):  # a transformer folder alone: its family's own flow schedule
+        from .presets import FLUX_SCHEDULER, SD3_SCHEDULER
 
-        scheduler = SD3_SCHEDULER
+        scheduler = SD3_SCHEDULER if kind == "mmdit" else FLUX_SCHEDULER
     scheduler = dict(scheduler) if scheduler else dict(DEFAULT_SCHEDULER)
     prediction = scheduler.get("prediction_type", "epsilon")
     if scheduler.get("_class_name") in FLOW_SCHEDULERS:
@@ -95,12 +101,23 @@ def spec_for(kind: str, cfg, scheduler: Optional[dict], source: str) -> ModelSpe
             in_channels=cfg.in_channels, sample_size=size, learned_variance=cfg.out_channels == 2 * cfg.in_channels,
             num_classes=cfg.num_class_embeds, cross_attention_dim=cross if cfg.conditional else None,
             text_embeds_dim=text_dim, time_ids_dim=ids, source=source)
+    if kind in ("mmdit", "flux") and prediction != "flow_prediction":
+        raise UnsupportedConfigError("scheduler", scheduler.get("_class_name"), model=f"{kind} ({source})",
+                                     supported="a flow-matching scheduler (FlowMatch*, or a solver with "
+                                               "use_flow_sigmas): SD3 / Flux networks predict the flow velocity")
     if kind == "mmdit":  # SD3: text states and a pooled text embedding; a flow-matching network
         size = cfg.sample_size
         return ModelSpec(
             kind="mmdit", model_config=cfg.to_dict(), prediction_type=prediction, scheduler=scheduler,
             in_channels=cfg.in_channels, sample_size=size, cross_attention_dim=cfg.joint_attention_dim,
             text_embeds_dim=cfg.pooled_projection_dim, source=source)
+    if kind == "flux":  # Flux: T5 states, a pooled CLIP embedding, dev's guidance strength; 1024 px by default
+        if scheduler.get("_class_name") == "FlowMatchEulerDiscreteScheduler":
+            scheduler.setdefault("flow_pipeline_sigmas", "linspace")  # what FluxPipeline hands set_timesteps
+        return ModelSpec(
+            kind="flux", model_config=cfg.to_dict(), prediction_type=prediction, scheduler=scheduler,
+            in_channels=cfg.latent_channels, sample_size=128, cross_attention_dim=cfg.joint_attention_dim,
+            text_embeds_dim=cfg.pooled_projection_dim, guidance_input=cfg.guidance_embeds, source=source)
     num_classes = cfg.num_classes or None
     null = num_classes if (num_classes and cfg.class_dropout_prob > 0) else None
     return ModelSpec(
@@ -132,5 +149,5 @@ def load_pipeline_folder(folder: str, variant: Optional[str] = None):
     if os.path.isdir(os.path.join(folder, "vae")):
         spec.notes.append("vae/ present but not loaded: fastdiff samples latents; decoding is not implemented yet")
     if scheduler is None:
-        spec.notes.append("no scheduler/scheduler_config.json: assuming DDPM linear betas, epsilon prediction")
+        spec.notes.append("no scheduler/scheduler_config.json; " + spec.default_scheduler_note())
     return kind, cfg, state, spec

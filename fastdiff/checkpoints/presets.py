@@ -24,6 +24,10 @@ SDXL_SCHEDULER = {"_class_name": "EulerDiscreteScheduler", "num_train_timesteps"
                   "use_karras_sigmas": False}
 # SD3 / SD3.5 pipeline folders: FlowMatchEuler with a fixed shift of 3
 SD3_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
+# FLUX.1 dev / schnell folders: FlowMatchEuler with resolution-dependent shifting (schnell: shift 1, static)
+FLUX_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0,
+                  "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
+                  "max_image_seq_len": 4096}
 # SiT (Ma et al. 2024) checkpoints are official-DiT files with the linear-interpolant velocity objective: t = 0 is
 # noise, the network takes t in [0, 1] and predicts data - noise. load(path, scheduler=SIT_SCHEDULER) reads them.
 SIT_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 1.0,
@@ -65,8 +69,19 @@ def _mmdit_arch(make_config):
     return build
 
 
+def _flux_arch(make_config, sample_size=128):
+    def build():
+        from .diffusers_folder import spec_for
+
+        cfg = make_config()
+        spec = spec_for("flux", cfg, FLUX_SCHEDULER, source="random weights")
+        spec.sample_size = (sample_size, sample_size)  # (Flux configs carry no size: 1024 px by default)
+        return cfg, spec
+    return build
+
+
 def _arch_table():
-    from ..models import mmdit, unet
+    from ..models import flux, mmdit, unet
 
     tiny_unet = lambda: unet.UNetConfig.from_diffusers(dict(  # noqa: E731
         sample_size=16, in_channels=3, out_channels=3, block_out_channels=[32, 64], layers_per_block=1,
@@ -88,6 +103,11 @@ def _arch_table():
             sample_size=8, in_channels=4, out_channels=4, num_layers=3, attention_head_dim=8, num_attention_heads=4,
             joint_attention_dim=24, caption_projection_dim=32, pooled_projection_dim=16, pos_embed_max_size=8,
             qk_norm="rms_norm", dual_attention_layers=(0,))),
+        "flux-dev": _flux_arch(flux.flux_dev_config),
+        "tiny-flux": _flux_arch(lambda: flux.FluxConfig(
+            in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+            joint_attention_dim=24, pooled_projection_dim=12, guidance_embeds=True, axes_dims_rope=(4, 6, 6)),
+            sample_size=8),
         "sd15-unet": _unet_arch(unet.sd15_config, SD_SCHEDULER),
         "sdxl-unet": _unet_arch(unet.sdxl_config, SDXL_SCHEDULER),
         "sd21-unet": _unet_arch(unet.sd21_config, SD_V_SCHEDULER),
@@ -101,8 +121,8 @@ def _arch_table():
     }
 
 
-ARCH_NAMES = ("sd15-unet", "sd21-unet", "sdxl-unet", "sd3-medium", "ddpm-cifar10", "dit-xl-2-256", "dit-xl-2-512",
-              "tiny-unet", "tiny-sd-unet", "tiny-sdxl-unet", "tiny-sd3", "tiny-dit")
+ARCH_NAMES = ("sd15-unet", "sd21-unet", "sdxl-unet", "sd3-medium", "flux-dev", "ddpm-cifar10", "dit-xl-2-256",
+              "dit-xl-2-512", "tiny-unet", "tiny-sd-unet", "tiny-sdxl-unet", "tiny-sd3", "tiny-flux", "tiny-dit")
 
 
 def build_arch(name: str, device="cpu", dtype=None, seed: int = 0):

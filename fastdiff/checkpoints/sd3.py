@@ -28,11 +28,16 @@ def is_sd3_state_dict(state: dict) -> bool:
     return MARKER in state or PREFIX + MARKER in state
 
 
+# what Stability's all-in-one files hold beside the transformer: text encoders and the VAE
+_OTHER_PARTS = ("text_encoders.", "first_stage_model.", "cond_stage_model.", "conditioner.")
+
+
 def _keys(state: dict) -> RequiredKeys:
     if any(k.startswith(PREFIX) for k in state):
         return RequiredKeys({k[len(PREFIX):]: v for k, v in state.items() if k.startswith(PREFIX)},
                             "a Stable Diffusion 3 single file", PREFIX)
-    return RequiredKeys(dict(state), "an SD3 MMDiT state dict")
+    return RequiredKeys({k: v for k, v in state.items() if not k.startswith(_OTHER_PARTS)},
+                        "an SD3 MMDiT state dict")
 
 
 def sd3_config(state: dict) -> MMDiTConfig:

@@ -25,7 +25,6 @@ import traceback
 
 from .generate import add_load_arguments, load_options
 
-TEXT_TOKENS = 77
 COMPARE_CHOICES = ("diffusers", "compile")
 
 
@@ -214,7 +213,7 @@ def _conditioning(spec, b: int, cfg: float, seed: int, device, dtype):
             cond["null_labels"] = torch.full((b,), spec.null_class, device=device, dtype=torch.long)
     if spec.cross_attention_dim:
         g = torch.Generator().manual_seed(seed + 1)
-        shape = (b, TEXT_TOKENS, spec.cross_attention_dim)
+        shape = (b, spec.text_tokens, spec.cross_attention_dim)
         cond["states"] = torch.randn(shape, generator=g).to(device, dtype)
         cond["negative_states"] = torch.randn(shape, generator=g).to(device, dtype)
         if spec.text_embeds_dim:

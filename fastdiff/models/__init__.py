@@ -18,6 +18,7 @@ MODEL_KINDS = {
     "dit": ("fastdiff.models.dit", "DiTConfig", "DiT"),
     "edm": ("fastdiff.models.edm", "EDMUNetConfig", "EDMUNet"),
     "mmdit": ("fastdiff.models.mmdit", "MMDiTConfig", "MMDiT"),
+    "flux": ("fastdiff.models.flux", "FluxConfig", "Flux"),
 }
 
 

@@ -324,6 +324,14 @@ class JointTransformerBlock(nn.Module):
         return x, ctx
 
 
+def check_text_inputs(ctx, pooled, width: int, pooled_width: int, batch: int, model: str) -> None:
+    """(B, L, width) text states and a (B, pooled_width) pooled embedding, else a clear error naming both."""
+    if ctx.dim() != 3 or ctx.shape[-1] != width or pooled.dim() != 2 or pooled.shape[-1] != pooled_width or \
+            ctx.shape[0] != batch or pooled.shape[0] != batch:
+        raise BadArgumentError(f"{model}: expected encoder_hidden_states ({batch}, tokens, {width}) and text_embeds "
+                               f"({batch}, {pooled_width}), found {tuple(ctx.shape)} and {tuple(pooled.shape)}")
+
+
 class MMDiT(nn.Module):
     """forward(x (B, C, H, W), timestep (B,) in diffusers' [0, 1000] flow time, encoder_hidden_states (B, L,
     joint_attention_dim), text_embeds (B, pooled_projection_dim)) -> the velocity (B, C_out, H, W).
@@ -349,6 +357,8 @@ class MMDiT(nn.Module):
             raise BadArgumentError(f"this MMDiT (SD3) needs encoder_hidden_states (B, tokens, "
                                    f"{self.config.joint_attention_dim}) and text_embeds (B, "
                                    f"{self.config.pooled_projection_dim}), the pooled text embedding")
+        check_text_inputs(encoder_hidden_states, text_embeds, self.config.joint_attention_dim,
+                          self.config.pooled_projection_dim, x.shape[0], "MMDiT")
         b, _, hgt, wid = x.shape
         p = self.config.patch_size
         if hgt % p or wid % p:
@@ -366,4 +376,4 @@ class MMDiT(nn.Module):
         return h.reshape(b, c, hgt, wid)
 
 
-__all__ = ["MMDiT", "MMDiTConfig", "JointTransformerBlock", "sd3_medium_config"]
+__all__ = ["MMDiT", "MMDiTConfig", "JointTransformerBlock", "check_text_inputs", "sd3_medium_config"]

@@ -130,11 +130,10 @@ class OnnxRuntimeRunner:
 
     # -----------------------------------------------------------------------------------------------
     def __call__(self, x: torch.Tensor, timestep, class_labels=None, encoder_hidden_states=None, text_embeds=None,
-                 time_ids=None, *, uncond_encoder_hidden_states=None, guidance_scale=None,
-                 **uncond_added) -> torch.Tensor:
+                 time_ids=None, *, uncond_encoder_hidden_states=None, guidance_scale=None, **added) -> torch.Tensor:
         feeds = build_feeds(self.inputs, self.spec, x, timestep, class_labels, encoder_hidden_states,
                             uncond_encoder_hidden_states, guidance_scale, text_embeds=text_embeds, time_ids=time_ids,
-                            **uncond_added)
+                            **added)
         return self.run_feeds(feeds).to(x.device, x.dtype)
 
     def run_feeds(self, feeds: dict) -> torch.Tensor:
@@ -191,17 +190,18 @@ class OnnxRuntimeRunner:
 
 
 # the graph's tensor inputs a caller hands over as they are: text states and SDXL's micro-conditioning
-_PASSED_INPUTS = ("encoder_hidden_states", "text_embeds", "time_ids")
-_INPUT_KINDS = {"encoder_hidden_states": ("text-conditioned", "(B, L, D)"), "text_embeds": ("SDXL-style", "(B, P)"),
-                "time_ids": ("SDXL-style", "(B, N)")}
+_PASSED_INPUTS = ("encoder_hidden_states", "text_embeds", "time_ids", "guidance")
+_INPUT_KINDS = {"encoder_hidden_states": ("text-conditioned", "(B, L, D)"),
+                "text_embeds": ("conditioned on a pooled text embedding", "(B, P)"),
+                "time_ids": ("SDXL-style", "(B, N)"), "guidance": ("guidance-distilled (Flux dev)", "(B,)")}
 
 
 def build_feeds(input_names, spec, x: torch.Tensor, timestep, class_labels=None, encoder_hidden_states=None,
                 uncond_encoder_hidden_states=None, guidance_scale=None, **added) -> dict:
     """The native model's call arguments -> graph inputs by name (torch tensors on ``x``'s device).
 
-    ``added``: ``text_embeds`` / ``time_ids`` of an SDXL-style graph, and their ``uncond_`` forms for a
-    CFG-folded one. Shared by the ONNX Runtime and TensorRT runners. Timesteps become one per sample; a missing
+    ``added``: ``text_embeds`` / ``time_ids`` of an SDXL-style graph (``text_embeds`` of SD3 / Flux, ``guidance`` of
+    Flux dev), and their ``uncond_`` forms for a CFG-folded one. Shared by the ONNX Runtime and TensorRT runners. Timesteps become one per sample; a missing
     class label becomes the spec's null class; arguments the graph has no input for are refused, as the
     native model refuses them. Dtypes are left to the runner.
     """

@@ -103,12 +103,12 @@ class TensorRTRunner:
 
     def __call__(self, x: torch.Tensor, timestep, class_labels=None, encoder_hidden_states=None, text_embeds=None,
                  time_ids=None, *, uncond_encoder_hidden_states=None, guidance_scale=None,
-                 out: Optional[torch.Tensor] = None, **uncond_added):
+                 out: Optional[torch.Tensor] = None, **added):
         from .onnxruntime_runner import build_feeds
 
         feeds = build_feeds(self.inputs, self.spec, x, timestep, class_labels, encoder_hidden_states,
                             uncond_encoder_hidden_states, guidance_scale, text_embeds=text_embeds, time_ids=time_ids,
-                            **uncond_added)
+                            **added)
         result = self.run_feeds(feeds, out=out)
         return result if result.dtype == x.dtype else result.to(x.dtype)
 

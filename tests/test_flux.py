@@ -1,0 +1,223 @@
+"""FLUX.1 (dev: guidance-distilled; schnell: no guidance input): the native model against diffusers'
+FluxTransformer2DModel (packed latents, rotary ids), and fastdiff.load(folder).generate against diffusers' own
+FluxPipeline on the same prompt embeddings and latents."""
+
+import json
+import os
+
+import pytest
+import torch
+
+import fastdiff
+from fastdiff.errors import BadArgumentError, UnsupportedConfigError
+from fastdiff.models.flux import Flux, FluxConfig
+from helpers import diffusers_pipeline, perturb_, rel_err
+
+diffusers = pytest.importorskip("diffusers", reason="diffusers' Flux transformer and pipeline are the reference")
+
+
+def _pack(x):
+    """FluxPipeline._pack_latents: (B, C, H, W) -> (B, H/2 * W/2, 4C), each 2x2 patch's channels together."""
+    b, c, h, w = x.shape
+    return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def _unpack(t, h, w):
+    """FluxPipeline._unpack_latents for an (h, w) latent."""
+    b, _, c4 = t.shape
+    return t.view(b, h // 2, w // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c4 // 4, h, w)
+
+
+def _image_ids(h, w):
+    """FluxPipeline._prepare_latent_image_ids for an (h, w) latent: (h/2 * w/2, 3) rows (0, row, col)."""
+    ids = torch.zeros(h // 2, w // 2, 3)
+    ids[..., 1] += torch.arange(h // 2)[:, None]
+    ids[..., 2] += torch.arange(w // 2)[None, :]
+    return ids.reshape(-1, 3)
+
+DEV = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
+           num_attention_heads=2, joint_attention_dim=12, pooled_projection_dim=10, guidance_embeds=True,
+           axes_dims_rope=(4, 6, 6))
+SCHNELL = dict(DEV, guidance_embeds=False)
+DEV_SCHEDULER = dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                     max_image_seq_len=4096)
+SCHNELL_SCHEDULER = dict(shift=1.0)
+
+
+def _reference(cfg, seed=0):
+    torch.manual_seed(seed)
+    return perturb_(diffusers.FluxTransformer2DModel(**cfg).eval(), seed)
+
+
+def _diffusers_call(ref, x, t, ctx, pooled, guidance):
+    """diffusers' transformer as FluxPipeline drives it: packed latents, position ids, timestep / 1000."""
+    h, w = x.shape[-2:]
+    out = ref(hidden_states=_pack(x), encoder_hidden_states=ctx, pooled_projections=pooled, timestep=t / 1000,
+              img_ids=_image_ids(h, w), txt_ids=torch.zeros(ctx.shape[1], 3), guidance=guidance).sample
+    return _unpack(out, h, w)
+
+
+@pytest.mark.parametrize("cfg", [DEV, SCHNELL], ids=["dev", "schnell"])
+@pytest.mark.parametrize("size", [(8, 8), (6, 10)])
+def test_flux_matches_diffusers(cfg, size):
+    ref = _reference(cfg)
+    native = Flux(FluxConfig.from_diffusers(dict(ref.config)))
+    native.load_state_dict(ref.state_dict(), strict=True)  # diffusers' names, no conversion
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, *size, generator=g)
+    ctx, pooled = torch.randn(2, 5, 12, generator=g), torch.randn(2, 10, generator=g)
+    t = torch.tensor([375.0, 842.0])
+    guidance = torch.tensor([3.5, 5.0]) if cfg["guidance_embeds"] else None
+    with torch.no_grad():
+        want = _diffusers_call(ref, x, t, ctx, pooled, guidance)
+        got = native(x, t, encoder_hidden_states=ctx, text_embeds=pooled, guidance=guidance)
+    assert rel_err(got, want) <= 1e-5
+    if guidance is not None:
+        with torch.no_grad():
+            other = native(x, t, encoder_hidden_states=ctx, text_embeds=pooled, guidance=guidance.flip(0))
+        assert rel_err(other, want) > 1e-3  # the guidance strength reaches the output
+
+
+def _pipeline(cfg, scheduler):
+    parts = dict(vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None)
+    pipe = diffusers_pipeline("FluxPipeline")(transformer=_reference(cfg), **parts,
+                                             scheduler=diffusers.FlowMatchEulerDiscreteScheduler(**scheduler))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _save(pipe, folder) -> str:
+    pipe.transformer.save_pretrained(os.path.join(folder, "transformer"))
+    pipe.scheduler.save_pretrained(os.path.join(folder, "scheduler"))
+    with open(os.path.join(folder, "model_index.json"), "w") as f:
+        json.dump({"_class_name": "FluxPipeline"}, f)
+    return str(folder)
+
+
+@pytest.mark.parametrize("kind,size,steps", [("dev", (8, 8), 5), ("dev", (6, 10), 3), ("schnell", (8, 8), 4)])
+def test_generate_equals_diffusers_flux_pipeline(tmp_path, kind, size, steps):
+    """FluxPipeline's own grid (sigmas = linspace(1, 1/n, n), shifted by the resolution's mu for dev) and
+    guidance input; schnell: shift 1, no guidance input."""
+    cfg, scheduler = (DEV, DEV_SCHEDULER) if kind == "dev" else (SCHNELL, SCHNELL_SCHEDULER)
+    ref = _pipeline(cfg, scheduler)
+    pipe = fastdiff.load(_save(ref, tmp_path))
+    assert (pipe.spec.kind, pipe.spec.prediction_type, pipe.spec.in_channels, pipe.spec.guidance_input) == (
+        "flux", "flow_prediction", 4, kind == "dev")
+    g = torch.Generator().manual_seed(2)
+    ctx, pooled = torch.randn(2, 5, 12, generator=g), torch.randn(2, 10, generator=g)
+    lat = torch.randn(2, 4, *size, generator=g)
+    h, w = size
+    kw = dict(guidance_scale=4.0) if kind == "dev" else {}
+    flux_pipeline = type(ref)  # the test's packing helpers are FluxPipeline's
+    assert torch.equal(_pack(lat), flux_pipeline._pack_latents(lat, 2, 4, h, w))
+    assert torch.equal(_image_ids(h, w), flux_pipeline._prepare_latent_image_ids(2, h // 2, w // 2, "cpu", torch.float32))
+    out = ref(prompt_embeds=ctx, pooled_prompt_embeds=pooled, latents=_pack(lat), num_inference_steps=steps,
+              height=8 * h, width=8 * w, output_type="latent", **kw).images
+    want = _unpack(out, h, w)
+    assert torch.equal(want, flux_pipeline._unpack_latents(out, 8 * h, 8 * w, 8))
+    got = pipe.generate(latents=lat, steps=steps, encoder_hidden_states=ctx, text_embeds=pooled,
+                        guidance=4.0 if kind == "dev" else None, progress=False)
+    assert rel_err(got, want) <= 2e-5
+
+
+def test_flux_dev_architecture_preset():
+    from fastdiff.models import build_model
+    from fastdiff.models.flux import flux_dev_config
+
+    model = build_model("flux", flux_dev_config(), device="meta")
+    assert sum(p.numel() for p in model.parameters()) == 11_901_408_320  # FLUX.1 dev's transformer
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(height=7), "Flux takes even latent sizes"),
+    (dict(guidance=float("nan")), "guidance"),
+    (dict(text_embeds=None), "text_embeds: this model conditions on a pooled text embedding"),
+])
+def test_bad_flux_arguments_are_refused_by_name(kwargs, match):
+    pipe = fastdiff.load("arch:tiny-flux")
+    kw = dict(seeds=[1], steps=2, encoder_hidden_states=torch.randn(1, 5, 24), text_embeds=torch.randn(12),
+              progress=False)
+    kw.update(kwargs)
+    with pytest.raises(BadArgumentError, match=match):
+        pipe.generate(**kw)
+
+
+def test_guidance_is_refused_where_the_model_has_no_guidance_input():
+    with pytest.raises(BadArgumentError, match="takes no distilled-guidance strength"):
+        fastdiff.load("arch:tiny-sd3").generate(seeds=[1], steps=1, encoder_hidden_states=torch.randn(1, 5, 24),
+                                                text_embeds=torch.randn(16), guidance=3.5, progress=False)
+
+
+def test_config_fields_flux_does_not_implement_are_refused():
+    with pytest.raises(UnsupportedConfigError, match="out_channels"):  # Flux Fill / Depth: conditioning channels
+        FluxConfig.from_diffusers(dict(DEV, in_channels=384, out_channels=64))
+    with pytest.raises(UnsupportedConfigError, match="axes_dims_rope"):
+        FluxConfig.from_diffusers(dict(DEV, axes_dims_rope=(4, 6, 8)))
+
+
+# --- the runtime ---------------------------------------------------------------------------------------------------
+
+def _tiny_inputs(b, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return dict(encoder_hidden_states=torch.randn(b, 5, 24, generator=g), text_embeds=torch.randn(b, 12, generator=g))
+
+
+@pytest.mark.parametrize("scope", ["step", "loop"])
+def test_graph_replay_equals_eager(scope):
+    from test_graph_scopes import FakeGraph
+
+    eager = fastdiff.load("arch:tiny-flux")
+    graphed = fastdiff.load("arch:tiny-flux").optimize(cuda_graphs=True, graph_scope=scope, batch_buckets=(1, 4),
+                                                       graph_factory=FakeGraph)
+    kw = dict(steps=3, height=8, width=8, progress=False)
+    for seeds, guidance in (([1, 2, 3], 3.5), ([4], 2.0), ([5, 6, 7], 5.0)):
+        inputs = _tiny_inputs(len(seeds), seed=seeds[0])
+        want = eager.generate(seeds=seeds, guidance=guidance, **inputs, **kw)
+        assert rel_err(graphed.generate(seeds=seeds, guidance=guidance, **inputs, **kw), want) <= 1e-5
+
+
+def test_engine_requests_equal_their_solo_runs():
+    pipe = fastdiff.load("arch:tiny-flux")
+    inputs = _tiny_inputs(3, seed=7)
+    kw = dict(steps=2, height=8, width=8)
+    with fastdiff.Engine(pipe, max_batch=4, max_wait_ms=50) as engine:
+        futures = [engine.submit(seed=10 + i, guidance=2.5 + i, **{k: v[i] for k, v in inputs.items()}, **kw)
+                   for i in range(3)]
+        results = [f.result(timeout=60) for f in futures]
+    for i in range(3):
+        solo = pipe.generate(seeds=[10 + i], guidance=2.5 + i, **{k: v[i:i + 1] for k, v in inputs.items()},
+                             progress=False, **kw)
+        assert rel_err(results[i], solo[0]) <= 1e-5
+
+
+@pytest.mark.parametrize("cfg_folded", [False, True])
+def test_onnx_export_and_onnxruntime_backend(tmp_path, cfg_folded):
+    pytest.importorskip("onnxruntime", reason="ONNX Runtime runs the exported graph")
+    from fastdiff.export.onnx import export_onnx
+
+    pipe = fastdiff.load("arch:tiny-flux")
+    res = export_onnx(pipe, None, str(tmp_path / "flux.onnx"), cfg_folded=cfg_folded, dynamic_hw=True, batch=2,
+                      height=8, width=8, progress=False)
+    names = [n for n, _ in res.io["inputs"]]
+    assert names == ["sample", "timestep", "encoder_hidden_states", "text_embeds", "guidance"] + (
+        ["uncond_encoder_hidden_states", "uncond_text_embeds", "guidance_scale"] if cfg_folded else [])
+    assert res.max_rel_err is not None and res.max_rel_err <= 1e-4
+    if not cfg_folded:
+        ort = fastdiff.load("arch:tiny-flux").optimize(backend="onnxruntime")
+        kw = dict(seeds=[3, 4], steps=3, height=8, width=8, guidance=4.0, progress=False, **_tiny_inputs(2, seed=5))
+        assert rel_err(ort.generate(**kw), pipe.generate(**kw)) <= 1e-4
+
+
+def test_triton_backend_equals_native():
+    pytest.importorskip("triton", reason="the fused path needs triton (CPU interpreter here)")
+    from fastdiff.models.layers import op_backends, set_backend
+
+    model = fastdiff.load("arch:tiny-flux").model
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([17.0, 900.0])
+    kw = dict(encoder_hidden_states=torch.randn(2, 5, 24), text_embeds=torch.randn(2, 12), guidance=torch.tensor([3.5, 2.0]))
+    with torch.no_grad():
+        native = model(x, t, **kw)
+        assert set_backend(model, "triton") == "triton"
+        assert set(op_backends(model).values()) == {"triton"}
+        fused = model(x, t, **kw)
+    assert rel_err(fused, native) <= 1e-4
