@@ -33,8 +33,10 @@
 #   sd15-compile  the same for the SD1.5 UNet
 #   sdxl          arch:sdxl-unet (SDXL base, 128x128 latents = 1024x1024, 77 text tokens, pooled text and
 #                 default ids, cfg 5): eager / triton+loop, channels-last, vs diffusers eager (last: least urgent)
-#   sd3           arch:sd3-medium (SD3 Medium's MMDiT, 128x128 latents, 77 text tokens, pooled text, cfg 5,
+#   sd3           arch:sd3-medium (SD3 Medium's MMDiT, 128x128 latents, 333 text tokens, pooled text, cfg 5,
 #                 dpmpp_2m's flow variant): eager / triton+loop vs diffusers eager
+#   flux          arch:flux-dev (FLUX.1 dev, 12 B parameters, 128x128 latents, 512 T5 tokens, guidance 3.5, no
+#                 CFG, FluxPipeline's Euler grid): eager / triton+loop vs diffusers eager
 # A summary table prints LAST: one line per step, one per end-to-end figure, and the kernel tables.
 #
 # Every step runs under `timeout`, capped by a global deadline (FASTDIFF_GPU_BUDGET_S, default 480 s).
@@ -50,7 +52,7 @@ ROOT=$(pwd)
 START=$(date +%s)
 BUDGET=${FASTDIFF_GPU_BUDGET_S:-480}     # seconds for everything, summary included
 DEADLINE=$((START + BUDGET))
-STAGES=" ${FASTDIFF_GPU_STAGES:-cuda-ext tests kernels gn-sweep attn-split launch profile dit dit-new sd15 sd15-new sd15-cudnn dit-vs-compile dit-autotune sd15-vs-compile sd15-autotune dit-compile sd15-compile sdxl sd3} "
+STAGES=" ${FASTDIFF_GPU_STAGES:-cuda-ext tests kernels gn-sweep attn-split launch profile dit dit-new sd15 sd15-new sd15-cudnn dit-vs-compile dit-autotune sd15-vs-compile sd15-autotune dit-compile sd15-compile sdxl sd3 flux} "
 RESULTS=${FASTDIFF_GPU_OUT:-$ROOT/gpu_out}
 mkdir -p "$RESULTS"
 wants() { case "$STAGES" in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
@@ -251,6 +253,10 @@ wants sdxl && bench_e2e sdxl-unet "$SDXL" 5 240 "${FASTDIFF_GPU_SDXL_VARIANTS:-e
 # SD3 Medium's MMDiT (2.0 B parameters; 4096 image + 77 text tokens attend jointly in each of 24 blocks)
 SD3=${FASTDIFF_GPU_SD3:-arch:sd3-medium}
 wants sd3 && bench_e2e sd3-medium "$SD3" 5 240 "${FASTDIFF_GPU_SD3_VARIANTS:-eager,triton+loop}" diffusers
+# FLUX.1 dev (24 GB of fp16 weights per copy: fastdiff's and diffusers' fit an H100 together; cfg 1: dev's guidance
+# is an input). The bench's sampler is dpmpp_2m; for Flux its diffusers side runs FluxPipeline's FlowMatchEuler.
+FLUX=${FASTDIFF_GPU_FLUX:-arch:flux-dev}
+wants flux && bench_e2e flux-dev "$FLUX" 1 300 "${FASTDIFF_GPU_FLUX_VARIANTS:-eager,triton+loop}" diffusers
 
 # --- 6. summary (last) -----------------------------------------------------------------------------
 $PY - "$SUMMARY" "$RESULTS" "$START" <<'EOF' | tee "$RESULTS/summary.txt"

@@ -438,6 +438,15 @@ def diffusers_mmdit(spec):
     return diffusers.SD3Transformer2DModel(**cfg)
 
 
+def diffusers_flux(spec):
+    """A diffusers FluxTransformer2DModel with the config of ``spec`` (random weights; fastdiff keeps its names)."""
+    import diffusers
+
+    cfg = {k: v for k, v in spec.model_config.items() if k != "extra"}
+    cfg["axes_dims_rope"] = tuple(cfg["axes_dims_rope"])
+    return diffusers.FluxTransformer2DModel(**cfg)
+
+
 def build_diffusers_model(pipe):
     """(diffusers model holding pipe's weights, note or None)."""
     spec = pipe.spec
@@ -446,6 +455,8 @@ def build_diffusers_model(pipe):
         model, note = diffusers_unet(spec), None
     elif spec.kind == "mmdit":
         model, note = diffusers_mmdit(spec), None
+    elif spec.kind == "flux":
+        model, note = diffusers_flux(spec), None
     elif spec.kind == "dit":
         model, note = diffusers_dit(spec)
         sd = native_dit_to_diffusers(sd, spec.model_config["depth"], bool(spec.model_config["per_block_conditioning"]))
@@ -475,9 +486,9 @@ def _diffusers_flow_sampler(args, spec):
     swap them in) for dpmpp_2m / unipc."""
     from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
-    sched_cfg = {k: v for k, v in spec.scheduler.items() if not k.startswith("_")}
+    sched_cfg = {k: v for k, v in spec.scheduler.items() if not k.startswith("_") and not k.startswith("flow_")}
     solvers = {"dpmpp_2m": DPMSolverMultistepScheduler, "unipc": UniPCMultistepScheduler}
-    if args.sampler in solvers:
+    if args.sampler in solvers and spec.kind != "flux":  # (FluxPipeline hands FlowMatchEuler its own grid)
         return solvers[args.sampler](use_flow_sigmas=True, prediction_type="flow_prediction",
                                      flow_shift=float(sched_cfg.get("shift", 1.0))), None
     note = None if args.sampler in (None, "euler") else (
@@ -485,9 +496,48 @@ def _diffusers_flow_sampler(args, spec):
     return FlowMatchEulerDiscreteScheduler.from_config(sched_cfg), note
 
 
+def _diffusers_flux_generate(model, scheduler, spec, b, steps, cfg, cond, device, dtype, seed):
+    """FluxPipeline's loop: packed latents, position ids, its sigma grid shifted by the resolution's mu, timestep /
+    1000 and the guidance input; true CFG (cfg != 1) as one stacked batch."""
+    import numpy as np
+    import torch
+
+    from ..flow import dynamic_shift_mu
+
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    h, w, c = *spec.sample_size, spec.in_channels
+    x = torch.randn((b, c, h, w), generator=g).to(device)
+    latents = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), 4 * c)
+    rows, cols = torch.meshgrid(torch.arange(h // 2), torch.arange(w // 2), indexing="ij")
+    img_ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3).float().to(device)
+    txt_ids = torch.zeros(cond["states"].shape[1], 3, device=device)
+    s = spec.scheduler
+    mu = dynamic_shift_mu(latents.shape[1], s.get("base_image_seq_len", 256), s.get("max_image_seq_len", 4096),
+                          s.get("base_shift", 0.5), s.get("max_shift", 1.15)) if s.get("use_dynamic_shifting") else None
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu, device=device)
+    guided = cfg != 1.0
+    ctx = torch.cat([cond["states"], cond["negative_states"]]) if guided else cond["states"]
+    pooled = torch.cat([cond["text_embeds"], cond["negative_text_embeds"]]) if guided else cond["text_embeds"]
+    n = ctx.shape[0]
+    guidance = torch.full((n,), 3.5, device=device) if spec.guidance_input else None
+    for t in scheduler.timesteps:
+        x_in = torch.cat([latents, latents]) if guided else latents
+        out = model(hidden_states=x_in.to(dtype), timestep=(t.expand(n) / 1000).to(dtype), guidance=guidance,
+                    pooled_projections=pooled, encoder_hidden_states=ctx, txt_ids=txt_ids, img_ids=img_ids).sample
+        out = out.float()
+        if guided:
+            cond_out, uncond_out = out.chunk(2)
+            out = uncond_out + cfg * (cond_out - uncond_out)
+        latents = scheduler.step(out, t, latents).prev_sample
+    return latents
+
+
 def _diffusers_generate(model, scheduler, spec, b, steps, cfg, cond, device, dtype, seed):
     """One diffusers-pipeline style sampling loop (as DiTPipeline / StableDiffusionPipeline do)."""
     import torch
+
+    if spec.kind == "flux":
+        return _diffusers_flux_generate(model, scheduler, spec, b, steps, cfg, cond, device, dtype, seed)
 
     g = torch.Generator(device="cpu").manual_seed(seed)
     h, w = spec.sample_size
