@@ -150,8 +150,10 @@ def _conditioning(spec) -> str:
     if spec.text_embeds_dim and spec.time_ids_dim:
         parts.append(f"text_embeds (B, {spec.text_embeds_dim}) and time_ids ({spec.time_ids_dim} per sample; "
                      f"default: diffusers' SDXL ids)")
-    elif spec.text_embeds_dim:  # SD3's pooled projections
+    elif spec.text_embeds_dim:  # SD3's / Flux's pooled projections
         parts.append(f"text_embeds (B, {spec.text_embeds_dim}), the pooled text embedding")
+    if spec.guidance_input:
+        parts.append("guidance (the distilled-guidance strength, default 3.5)")
     return ", ".join(parts) or "nothing (unconditional)"
 
 
