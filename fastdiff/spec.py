@@ -91,8 +91,10 @@ class ModelSpec:
         """What a checkpoint without a scheduler config is sampled with (the loaders' note)."""
         if self.kind == "mmdit":
             return "no scheduler config: SD3's FlowMatchEuler (shift 3) assumed"
-        if self.kind == "flux":
+        if self.kind == "flux" and self.guidance_input:
             return "no scheduler config: FLUX.1 dev's FlowMatchEuler with dynamic shifting assumed"
+        if self.kind == "flux":
+            return "no scheduler config: FLUX.1 schnell's FlowMatchEuler (shift 1) assumed"
         return "no scheduler config: assuming DDPM linear betas, epsilon prediction"
 
     def example_conditioning(self, batch: int, generator=None, tokens: Optional[int] = None) -> dict:

@@ -50,9 +50,10 @@ def _reference(cfg, seed=0):
 
 
 def _diffusers_call(ref, x, t, ctx, pooled, guidance):
-    """diffusers' transformer as FluxPipeline drives it: packed latents, position ids, timestep / 1000."""
+    """diffusers' transformer as FluxPipeline drives it: packed latents, position ids, timestep.to(dtype) / 1000."""
     h, w = x.shape[-2:]
-    out = ref(hidden_states=_pack(x), encoder_hidden_states=ctx, pooled_projections=pooled, timestep=t / 1000,
+    out = ref(hidden_states=_pack(x), encoder_hidden_states=ctx, pooled_projections=pooled,
+              timestep=t.to(x.dtype) / 1000,
               img_ids=_image_ids(h, w), txt_ids=torch.zeros(ctx.shape[1], 3), guidance=guidance).sample
     return _unpack(out, h, w)
 
@@ -251,3 +252,57 @@ def test_bench_drives_the_same_diffusers_network_as_flux_pipeline(tmp_path):
     assert r.returncode == 0, r.stderr
     d = json_lib.loads((tmp_path / "out.json").read_text())
     assert [(row["impl"], row["status"]) for row in d["compare"]] == [("diffusers", "ok")]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_flux_matches_diffusers_in_half_precision(dtype):
+    """q / k norms are torch.nn.RMSNorm in diffusers' Flux (one rounding, at the end): bit for bit here."""
+    ref = _reference(DEV).to(dtype)
+    native = Flux(FluxConfig.from_diffusers(dict(ref.config))).to(dtype)
+    native.load_state_dict(ref.state_dict(), strict=True)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 4, 8, 8, generator=g).to(dtype)
+    ctx, pooled = torch.randn(2, 5, 12, generator=g).to(dtype), torch.randn(2, 10, generator=g).to(dtype)
+    t, guidance = torch.tensor([375.0, 842.0]), torch.tensor([3.5, 5.0])
+    with torch.no_grad():
+        want = _diffusers_call(ref, x, t, ctx, pooled, guidance)
+        got = native(x, t, encoder_hidden_states=ctx, text_embeds=pooled, guidance=guidance)
+    assert rel_err(got.float(), want.float()) <= 1e-6
+
+
+def test_a_schnell_folder_without_a_scheduler_gets_schnells_schedule(tmp_path):
+    """schnell (no guidance input) runs at shift 1 with no resolution shift, dev with both."""
+    _reference(SCHNELL).save_pretrained(tmp_path / "schnell")
+    _reference(DEV).save_pretrained(tmp_path / "dev")
+    schnell, dev = fastdiff.load(str(tmp_path / "schnell")), fastdiff.load(str(tmp_path / "dev"))
+    assert (schnell.spec.scheduler["shift"], schnell.spec.scheduler["use_dynamic_shifting"]) == (1.0, False)
+    assert dev.spec.scheduler["use_dynamic_shifting"] is True
+    assert any("schnell" in n for n in schnell.spec.notes)
+    # FluxPipeline's own grid: sigmas linspace(1, 1/n, n), unshifted for schnell
+    assert schnell.plan(4).sigmas.tolist() == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0], abs=1e-6)
+
+
+def test_a_scheduler_given_at_load_keeps_flux_pipelines_grid(tmp_path):
+    _reference(SCHNELL).save_pretrained(tmp_path)
+    pipe = fastdiff.load(str(tmp_path), scheduler={"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 1.0})
+    assert pipe.plan(4).sigmas.tolist() == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0], abs=1e-6)
+
+
+def test_out_channels_equal_to_in_channels_is_the_default():
+    ref = _reference(dict(DEV, out_channels=16))
+    pipe_cfg = FluxConfig.from_diffusers(dict(ref.config))
+    assert pipe_cfg.out_channels is None
+
+
+def test_every_exported_graph_clamps_to_the_half_range(tmp_path):
+    """diffusers clamps fp16 activations after each block; an fp32 graph a TensorRT fp16 engine is built from keeps
+    the same clamps."""
+    pytest.importorskip("onnxruntime", reason="ONNX Runtime runs the exported graph")
+    import onnx
+
+    from fastdiff.export.onnx import export_onnx
+
+    path = str(tmp_path / "flux.onnx")
+    export_onnx(fastdiff.load("arch:tiny-flux"), None, path, dtype="fp32", progress=False)
+    clips = [n for n in onnx.load(path).graph.node if n.op_type == "Clip"]
+    assert len(clips) == 4  # one per block: 2 double, 2 single

@@ -175,6 +175,8 @@ def _override_sampling(spec, scheduler: Optional[dict], prediction_type: Optiona
             # a beta schedule means nothing to a flow network: diffusers' flow-matching Euler on its time range
             spec.scheduler = {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 1.0,
                               "num_train_timesteps": int(spec.scheduler.get("num_train_timesteps", 1000))}
+    if spec.kind == "flux" and spec.scheduler.get("_class_name") == "FlowMatchEulerDiscreteScheduler":
+        spec.scheduler.setdefault("flow_pipeline_sigmas", "linspace")  # FluxPipeline's grid, whatever config came
     if spec.kind in ("mmdit", "flux") and spec.prediction_type != "flow_prediction":
         raise UnsupportedConfigError("scheduler / prediction_type", (spec.scheduler.get("_class_name"),
                                      spec.prediction_type), model=spec.kind,

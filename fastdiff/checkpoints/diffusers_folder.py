@@ -84,9 +84,10 @@ def load_model_folder(folder: str, variant: Optional[str] = None):
 def spec_for(kind: str, cfg, scheduler: Optional[dict], source: str) -> ModelSpec:
     """The sampling facts of a native config (+ the scheduler config that came with it)."""
     if not scheduler and kind in ("mmdit", "flux"):  # a transformer folder alone: its family's own flow schedule
-        from .presets import FLUX_SCHEDULER, SD3_SCHEDULER
+        from .presets import FLUX_SCHEDULER, FLUX_SCHNELL_SCHEDULER, SD3_SCHEDULER
 
-        scheduler = SD3_SCHEDULER if kind == "mmdit" else FLUX_SCHEDULER
+        scheduler = SD3_SCHEDULER if kind == "mmdit" else FLUX_SCHEDULER if cfg.guidance_embeds else \
+            FLUX_SCHNELL_SCHEDULER  # (schnell, no guidance input: shift 1, no resolution shift)
     scheduler = dict(scheduler) if scheduler else dict(DEFAULT_SCHEDULER)
     prediction = scheduler.get("prediction_type", "epsilon")
     if scheduler.get("_class_name") in FLOW_SCHEDULERS:

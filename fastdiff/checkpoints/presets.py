@@ -28,6 +28,9 @@ SD3_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_ti
 FLUX_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0,
                   "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
                   "max_image_seq_len": 4096}
+FLUX_SCHNELL_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 1.0,
+                          "use_dynamic_shifting": False, "base_shift": 0.5, "max_shift": 1.15,
+                          "base_image_seq_len": 256, "max_image_seq_len": 4096}
 # SiT (Ma et al. 2024) checkpoints are official-DiT files with the linear-interpolant velocity objective: t = 0 is
 # noise, the network takes t in [0, 1] and predicts data - noise. load(path, scheduler=SIT_SCHEDULER) reads them.
 SIT_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 1.0,

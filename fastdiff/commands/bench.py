@@ -522,7 +522,7 @@ def _diffusers_flux_generate(model, scheduler, spec, b, steps, cfg, cond, device
     guidance = torch.full((n,), 3.5, device=device) if spec.guidance_input else None
     for t in scheduler.timesteps:
         x_in = torch.cat([latents, latents]) if guided else latents
-        out = model(hidden_states=x_in.to(dtype), timestep=(t.expand(n) / 1000).to(dtype), guidance=guidance,
+        out = model(hidden_states=x_in.to(dtype), timestep=t.expand(n).to(dtype) / 1000, guidance=guidance,
                     pooled_projections=pooled, encoder_hidden_states=ctx, txt_ids=txt_ids, img_ids=img_ids).sample
         out = out.float()
         if guided:

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 
 from ..errors import BadArgumentError, UnsupportedConfigError
 from ..utils.strict_dict import check_field_types, known_fields
-from .layers import Attention, ModulatedLayerNorm
-from .mmdit import AdaNormContinuous, AdaNormZero, FeedForward, RMSNorm, check_text_inputs
+from .layers import Attention, ModulatedLayerNorm, exporting
+from .mmdit import AdaNormContinuous, AdaNormZero, FeedForward, check_text_inputs
 from .unet import SinusoidalTimesteps, TimestepEmbedding
 
 PACK = 2  # the pipeline's 2x2 latent patches
@@ -58,6 +58,8 @@ class FluxConfig:
     def __post_init__(self):
         if isinstance(self.axes_dims_rope, list):
             self.axes_dims_rope = tuple(self.axes_dims_rope)
+        if self.out_channels == self.in_channels:  # (diffusers' None means the same: one spelling)
+            self.out_channels = None
         check_field_types(self, "Flux")
 
         def bad(name, why):
@@ -168,6 +170,21 @@ def position_ids(text_tokens: int, h: int, w: int, device) -> torch.Tensor:
 # Attention and blocks
 # ---------------------------------------------------------------------------------------------------
 
+class RMSNorm(nn.Module):
+    """``torch.nn.RMSNorm`` (what diffusers' Flux attention uses): the whole norm in float32, one rounding at the end
+    (SD3's diffusers RMSNorm rounds before the weight; ``fastdiff.models.mmdit.RMSNorm``). Written out because
+    ``torch.nn.RMSNorm`` is missing before torch 2.4 and does not export to ONNX at opset 17."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()).to(x.dtype)
+
+
 class FluxAttention(nn.Module):
     """q / k RMS-normed, rotated, then one attention over [text, image]; ``joint``: the text stream has its own
     projections (double blocks); ``out``: an output projection (single blocks project after their MLP instead)."""
@@ -204,8 +221,9 @@ class FluxAttention(nn.Module):
 
 
 def _clip_half(t: torch.Tensor) -> torch.Tensor:
-    """fp16 activations clamped to the finite range, as diffusers does after each Flux block."""
-    return t.clip(-65504, 65504) if t.dtype == torch.float16 else t
+    """fp16 activations clamped to the finite range, as diffusers does after each Flux block. Also in every exported
+    graph: a TensorRT engine built from the float32 graph may run it in fp16 (a no-op within that range)."""
+    return t.clip(-65504, 65504) if t.dtype == torch.float16 or exporting() else t
 
 
 class FluxTransformerBlock(nn.Module):
@@ -293,7 +311,8 @@ class Flux(nn.Module):
         packed = x.reshape(b, ch, gh, PACK, gw, PACK).permute(0, 2, 4, 1, 3, 5).reshape(b, gh * gw, ch * PACK * PACK)
         h = self.x_embedder(packed)  # (B, N, D)
         t = timestep if torch.is_tensor(timestep) else torch.tensor([float(timestep)], device=x.device)
-        t = t.to(x.device, h.dtype).reshape(-1).expand(b)  # (B,)
+        # FluxPipeline hands the transformer t.to(dtype) / 1000, which multiplies by 1000 again: the same roundings
+        t = (t.to(x.device, h.dtype).reshape(-1).expand(b) / 1000) * 1000  # (B,)
         g = None
         if guidance is not None:
             g = torch.as_tensor(guidance, device=x.device).to(h.dtype).reshape(-1).expand(b) * 1000
