@@ -16,8 +16,6 @@ Image pixels are latent pixels times the VAE's scale factor, 8 for every SDXL VA
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from .errors import BadArgumentError

@@ -17,7 +17,6 @@ the pipeline gives it; ``text_embeds`` is the pooled CLIP embedding (diffusers' 
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -26,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import BadArgumentError, UnsupportedConfigError
-from ..utils.strict_dict import check_field_types, known_fields
+from ..utils.strict_dict import check_field_types, diffusers_fields, known_fields, plain_dict
 from .layers import Attention, ModulatedLayerNorm, exporting
 from .mmdit import AdaNormContinuous, AdaNormZero, FeedForward, check_text_inputs
 from .unet import SinusoidalTimesteps, TimestepEmbedding
@@ -90,9 +89,7 @@ class FluxConfig:
         return self.in_channels // (PACK * PACK)
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["axes_dims_rope"] = list(self.axes_dims_rope)
-        return d
+        return plain_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "FluxConfig":
@@ -101,16 +98,7 @@ class FluxConfig:
     @classmethod
     def from_diffusers(cls, d: dict) -> "FluxConfig":
         """A diffusers ``config.json`` dict; a field this model does not implement is refused by name."""
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        values = {}
-        for key, value in d.items():
-            if key.startswith("_"):
-                continue
-            if key not in names:
-                raise UnsupportedConfigError(key, value, supported="(not implemented by fastdiff's Flux)",
-                                             model="FluxTransformer2DModel")
-            values[key] = value
-        return cls(**values)
+        return cls(**diffusers_fields(cls, d, "FluxTransformer2DModel"))
 
 
 def flux_dev_config() -> FluxConfig:

@@ -17,7 +17,6 @@ so ``set_backend(model, "triton")`` reaches them, as in the DiT.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -26,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import BadArgumentError, UnsupportedConfigError
-from ..utils.strict_dict import check_field_types, known_fields
+from ..utils.strict_dict import check_field_types, diffusers_fields, known_fields, plain_dict
 from .dit import sincos_pos_embed_2d
 from .layers import Attention, ModulatedLayerNorm
 from .unet import SinusoidalTimesteps, TimestepEmbedding
@@ -88,9 +87,7 @@ class MMDiTConfig:
         return self.num_attention_heads * self.attention_head_dim
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["dual_attention_layers"] = list(self.dual_attention_layers)
-        return d
+        return plain_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "MMDiTConfig":
@@ -99,19 +96,10 @@ class MMDiTConfig:
     @classmethod
     def from_diffusers(cls, d: dict) -> "MMDiTConfig":
         """A diffusers ``config.json`` dict; a field this model does not implement is refused by name."""
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        values, extra = {}, {}
-        for key, value in d.items():
-            if key.startswith("_"):
-                continue
-            if key in names:
-                values[key] = value
-            else:
-                raise UnsupportedConfigError(key, value, supported="(not implemented by fastdiff's MMDiT)",
-                                             model="SD3Transformer2DModel")
+        values = diffusers_fields(cls, d, "SD3Transformer2DModel")
         if values.get("out_channels") is None:
             values["out_channels"] = values.get("in_channels", 16)
-        return cls(extra=extra, **values)
+        return cls(**values)
 
 
 def sd3_medium_config() -> MMDiTConfig:

@@ -52,6 +52,21 @@ def _matches(value, tp) -> bool:
     return True
 
 
+def diffusers_fields(cls, d: dict, model: str) -> dict:
+    """The fields of dataclass ``cls`` in a diffusers ``config.json`` dict ``d``: keys starting with ``_`` are
+    metadata; any other key ``cls`` lacks is a setting the native model does not implement, refused by name."""
+    names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+    for key in sorted(d):
+        if not key.startswith("_") and key not in names:
+            raise UnsupportedConfigError(key, d[key], supported="(not implemented by fastdiff)", model=model)
+    return {k: v for k, v in d.items() if k in names}
+
+
+def plain_dict(cfg) -> dict:
+    """``dataclasses.asdict`` with tuples as lists (what JSON round-trips)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
+
+
 def check_field_types(cfg, model: str) -> None:
     """Every field of dataclass ``cfg`` has its annotated type, else UnsupportedConfigError naming the field, the
     value and the type: a hand-edited config's ``"upcast_attention": "yes"`` is refused, not taken as true, and
