@@ -164,21 +164,6 @@ def _tiny_inputs(b, seed=0):
                 text_embeds=torch.randn(b, 16, generator=g), negative_text_embeds=torch.randn(b, 16, generator=g))
 
 
-def test_triton_backend_equals_native():
-    pytest.importorskip("triton", reason="the fused path needs triton (CPU interpreter here)")
-    from fastdiff.models.layers import op_backends, set_backend
-
-    model = fastdiff.load("arch:tiny-sd3").model
-    x, t = torch.randn(2, 4, 8, 8), torch.tensor([17.0, 900.0])
-    kw = dict(encoder_hidden_states=torch.randn(2, 5, 24), text_embeds=torch.randn(2, 16))
-    with torch.no_grad():
-        native = model(x, t, **kw)
-        assert set_backend(model, "triton") == "triton"
-        assert set(op_backends(model).values()) == {"triton"}
-        fused = model(x, t, **kw)
-    assert rel_err(fused, native) <= 1e-4
-
-
 @pytest.mark.parametrize("scope", ["step", "loop"])
 def test_graph_replay_equals_eager(scope):
     from test_graph_scopes import FakeGraph

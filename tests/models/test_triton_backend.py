@@ -17,6 +17,9 @@ pytest.importorskip("triton", reason="the fused path needs triton (CPU interpret
     ("tiny-dit", {"class_labels": torch.tensor([3, 10])}),
     ("tiny-sdxl-unet", {"encoder_hidden_states": torch.randn(2, 7, 32), "text_embeds": torch.randn(2, 16),
                         "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64], [96.0, 80, 8, 0, 64, 64]])}),
+    ("tiny-sd3", {"encoder_hidden_states": torch.randn(2, 5, 24), "text_embeds": torch.randn(2, 16)}),
+    ("tiny-flux", {"encoder_hidden_states": torch.randn(2, 5, 24), "text_embeds": torch.randn(2, 12),
+                   "guidance": torch.tensor([3.5, 2.0])}),
 ])
 def test_triton_backend_equals_native(arch, kwargs):
     pipe = fastdiff.load(f"arch:{arch}")
