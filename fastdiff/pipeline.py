@@ -27,15 +27,16 @@ _SIGMA_MAX_CAP = 80.0  # EDM's sigma_max: the top of continuous (karras / expone
 
 
 class Pipeline:
-    def __init__(self, model: Optional[torch.nn.Module], spec: ModelSpec, device="cpu", runner=None):
+    def __init__(self, model: Optional[torch.nn.Module], spec: ModelSpec, device="cpu", runner=None, vae=None):
         """model: the native network (None for an artifact-only pipeline, e.g. a loaded .onnx file, whose
-        ``runner`` is then required)."""
+        ``runner`` is then required). vae: a latent model's image decoder (``fastdiff.models.vae.VAEDecoder``)."""
         if model is None and runner is None:
             raise BadArgumentError("Pipeline needs a model or a runner, found neither")
         self.model = model
         self.spec = spec
         self.device = torch.device(device)
         self.runner = runner if runner is not None else model  # what samplers call (replaced by optimize)
+        self.vae = vae  # decodes latents for output_type "pil" / "np" and decode(); float32, not optimized
         self.config = None
         self.update_impl = "torch"  # how the samplers' state update runs (OptimizeConfig.sampler_update_impl)
         self.notes: list[str] = list(spec.notes)
@@ -60,6 +61,15 @@ class Pipeline:
         if self.model is None:
             raise BadArgumentError(f"{what} needs the PyTorch network, but this pipeline runs an exported artifact "
                                    f"({self.spec.source}); load the original checkpoint instead")
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """A latent model's samples -> float32 images in [-1, 1] (B, 3, H, W) through its VAE decoder."""
+        if self.vae is None:
+            raise BadArgumentError("decode(): this pipeline has no VAE decoder; load one with fastdiff.load(..., "
+                                   "vae='path/to/AutoencoderKL folder') (a pipeline folder's vae/ and a single file's "
+                                   "first_stage_model are read automatically)")
+        return self.vae.decode(latents)
 
     def save(self, path: str) -> str:
         """Write the fastdiff format (folder: fastdiff.json + model.safetensors), atomically."""
@@ -260,8 +270,9 @@ class Pipeline:
         latents: the initial unit-normal noise (B, C, H, W), as diffusers' ``latents=`` (a torch tensor or a
             NumPy array); it fixes the batch (``n`` may only repeat it) and, by default, the size.
         height / width: in latent pixels (default: the model's sample size).
-        output_type: ``tensor`` (B, C, H, W) float32 in the model's range, ``np`` uint8 (B, H, W, C),
-            ``pil`` a list of PIL images (1 or 3 channels).
+        output_type: ``tensor`` (B, C, H, W) float32 in the model's range (latents for a latent model), ``np``
+            uint8 (B, H, W, C), ``pil`` a list of PIL images (1 or 3 channels); a latent model with a VAE decoder
+            (``pipe.vae``) is decoded for ``np`` / ``pil``.
         Returns float32 results whatever the network dtype (the sampler state is always float32).
         """
         from .denoiser import CFGDenoiser
@@ -323,6 +334,8 @@ class Pipeline:
         finally:  # a run that raises must not leave its bar on the terminal
             if bar is not None:
                 bar.close()
+        if output_type != "tensor" and self.vae is not None and self.spec.in_channels not in (1, 3):
+            x = self.decode(x)  # latents -> images, as diffusers' pipelines do for "pil" / "np"
         return _to_output(x, output_type)
 
     def _sample_loop_graph(self, plan, denoiser, latents, extra, noise, guidance) -> torch.Tensor:

@@ -41,7 +41,7 @@ SUPPORTED_FORMATS = (
 def load(path: str, device="cpu", dtype: Optional[torch.dtype] = None, *, variant: Optional[str] = None,
          num_heads: Optional[int] = None, head_channels: Optional[int] = None,
          prediction_type: Optional[str] = None, scheduler: Optional[dict] = None,
-         attention_order: Optional[str] = None):
+         attention_order: Optional[str] = None, vae=None):
     """Load a checkpoint into fastdiff's native model and return a ``Pipeline``.
 
     device / dtype: where and in which precision the network lives (sampler state stays float32).
@@ -51,6 +51,9 @@ def load(path: str, device="cpu", dtype: Optional[torch.dtype] = None, *, varian
     prediction_type / scheduler: override what the checkpoint says (or the DDPM default it assumes).
     attention_order: guided-diffusion checkpoints only: ``"legacy"`` (default) or ``"new"`` for models
         trained with ``use_new_attention_order`` (the weights cannot tell the two apart).
+    vae: the latent model's image decoder: None takes the one the checkpoint carries (a pipeline folder's
+        ``vae/``, a single file's ``first_stage_model``); a path to a diffusers AutoencoderKL folder (e.g.
+        stabilityai/sd-vae-ft-ema for DiT) takes that one; False loads none.
     """
     from ..pipeline import Pipeline
     from .common import strict_load
@@ -69,7 +72,7 @@ def load(path: str, device="cpu", dtype: Optional[torch.dtype] = None, *, varian
 
         model, spec = build_arch(path[len("arch:"):], device=device, dtype=dtype)
         _override_sampling(spec, scheduler, prediction_type)
-        return Pipeline(model, spec, device=device)
+        return Pipeline(model, spec, device=device, vae=_pick_vae(vae, None, device))
     if path.startswith("builtin:"):
         from .presets import builtin_path
 
@@ -81,10 +84,11 @@ def load(path: str, device="cpu", dtype: Optional[torch.dtype] = None, *, varian
         from ..export.onnx import read_onnx_spec
 
         spec = read_onnx_spec(path)
-        return Pipeline(None, spec, device=device, runner=OnnxRuntimeRunner(path, device=device, spec=spec))
+        return Pipeline(None, spec, device=device, runner=OnnxRuntimeRunner(path, device=device, spec=spec),
+                        vae=_pick_vae(vae, None, device))
 
-    kind, cfg, state, spec = _read_any(path, variant=variant, num_heads=num_heads, head_channels=head_channels,
-                                       attention_order=attention_order)
+    kind, cfg, state, spec, found_vae = _read_any(path, variant=variant, num_heads=num_heads,
+                                                  head_channels=head_channels, attention_order=attention_order)
     from .fastdiff_format import is_fastdiff_folder
 
     source = str(spec.source)
@@ -96,7 +100,7 @@ def load(path: str, device="cpu", dtype: Optional[torch.dtype] = None, *, varian
     _override_sampling(spec, scheduler, prediction_type)
     model = build_model(kind, cfg)
     strict_load(model, state, name=f"{kind.upper()} from {path}", dtype=dtype, device=device)
-    return Pipeline(model.eval(), spec, device=device)
+    return Pipeline(model.eval(), spec, device=device, vae=_pick_vae(vae, found_vae, device))
 
 
 # the loading options each source reads (by the first word of ModelSpec.source); any other given option is
@@ -107,6 +111,20 @@ _SOURCE_OPTIONS = {
     "official": ("num_heads",),  # official DiT checkpoint
     "diffusers": ("variant",),
 }
+
+
+def _pick_vae(requested, found, device):
+    """The VAE decoder to attach: the caller's folder, the checkpoint's own, or none (``vae=False``)."""
+    if requested is None:
+        return None if found is None else found.to(device)
+    if requested is False:
+        return None
+    if not isinstance(requested, (str, os.PathLike)):
+        raise BadArgumentError(f"vae: expected None, False or a path to a diffusers AutoencoderKL folder, found "
+                               f"{requested!r}")
+    from .vae import load_vae_folder
+
+    return load_vae_folder(os.fspath(requested), device=device)
 
 
 def _refuse_options(given: dict, accepted, path: str, kind: Optional[str] = None) -> None:
@@ -193,14 +211,19 @@ def _read_any(path: str, *, variant=None, num_heads=None, head_channels=None, at
     if os.path.isdir(path):
         if is_fastdiff_folder(path):
             spec, state = load_fastdiff(path)
-            return spec.kind, spec.model_config, state, spec
+            return spec.kind, spec.model_config, state, spec, None
         if is_model_folder(path):
             kind, cfg, state, _ = load_model_folder(path, variant)
             spec = spec_for(kind, cfg, None, source=f"diffusers model folder {path}")
             spec.notes.append("model folder without a scheduler; " + spec.default_scheduler_note())
-            return kind, cfg, state, spec
+            return kind, cfg, state, spec, None
         if is_pipeline_folder(path):
-            return load_pipeline_folder(path, variant)
+            kind, cfg, state, spec = load_pipeline_folder(path, variant)
+            from .vae import is_vae_folder, load_vae_folder
+
+            vae_dir = os.path.join(path, "vae")
+            vae = load_vae_folder(vae_dir, variant=variant) if is_vae_folder(vae_dir) else None
+            return kind, cfg, state, spec, vae
         raise UnknownFormatError(_unknown(path, f"a folder holding {sorted(os.listdir(path))[:10]}"))
 
     ext = os.path.splitext(path)[1].lower()
@@ -227,7 +250,7 @@ def _read_any(path: str, *, variant=None, num_heads=None, head_channels=None, at
                             source=f"Stable Diffusion single file {path}")
             spec.notes.append("single-file UNet: heads inferred (SD1: 8, SD2 / SDXL: 64 per head) unless num_heads= is "
                               "given; " + why)
-            return "unet", cfg, convert_ldm_unet(state, cfg), spec
+            return "unet", cfg, convert_ldm_unet(state, cfg), spec, _single_file_vae(state, spec)
         from .sd3 import convert_sd3, is_sd3_state_dict, sd3_config
 
         if is_sd3_state_dict(state):
@@ -238,7 +261,7 @@ def _read_any(path: str, *, variant=None, num_heads=None, head_channels=None, at
             spec = spec_for("mmdit", cfg, SD3_SCHEDULER, source=f"Stable Diffusion 3 single file {path}")
             spec.notes.append("SD3 single file: 64 channels per head and 1024x1024 (128x128 latents) assumed, as in "
                               "every SD3 / 3.5 release; FlowMatchEuler with shift 3")
-            return "mmdit", cfg, convert_sd3(state, cfg), spec
+            return "mmdit", cfg, convert_sd3(state, cfg), spec, _single_file_vae(state, spec)
         from .guided_diffusion import (convert_guided_diffusion, guided_diffusion_config,
                                        is_guided_diffusion_state_dict)
 
@@ -253,18 +276,18 @@ def _read_any(path: str, *, variant=None, num_heads=None, head_channels=None, at
                               "assumed (pass scheduler= for the cosine-schedule models); "
                               f"{order} attention order (attention_order='new' for use_new_attention_order "
                               f"models)")
-            return "unet", cfg, convert_guided_diffusion(state, cfg, order), spec
+            return "unet", cfg, convert_guided_diffusion(state, cfg, order), spec, None
         from .edm import edm_config_from_state_dict, edm_spec, is_edm_state_dict
 
         if is_edm_state_dict(state):
             cfg = edm_config_from_state_dict(state)
             native = {k[len("model."):] if k.startswith("model.") else k: v for k, v in state.items()}
-            return "edm", cfg, native, edm_spec(cfg, source=f"EDM checkpoint {path}")
+            return "edm", cfg, native, edm_spec(cfg, source=f"EDM checkpoint {path}"), None
         if is_official_dit_state_dict(state):
             cfg, state = load_official_dit(path, num_heads=num_heads)
             spec = spec_for("dit", cfg, None, source=f"official DiT checkpoint {path}")
             spec.guided_channels = 3 if spec.learned_variance else None  # official forward_with_cfg
-            return "dit", cfg, state, spec
+            return "dit", cfg, state, spec, None
         raise UnknownFormatError(_unknown(path, f"a torch file whose keys start {sorted(state)[:6]}"))
     if ext == ".pkl":  # NVlabs/edm (and StyleGAN-family) networks ship as pickles of their own code
         raise UnsafeCheckpointError(
@@ -273,6 +296,17 @@ def _read_any(path: str, *, variant=None, num_heads=None, head_channels=None, at
             f"where you trust the file: `net = pickle.load(open(path, 'rb'))['ema']; torch.save(net.state_dict(), "
             f"'edm.pt')`, then load edm.pt (an EDMPrecond state dict).")
     raise UnknownFormatError(_unknown(path, f"a file with extension {ext or '(none)'!r}"))
+
+
+def _single_file_vae(state: dict, spec):
+    """The VAE decoder a Stable Diffusion single file carries (``first_stage_model.*``), or None."""
+    from .vae import has_ldm_vae, ldm_vae
+
+    if not has_ldm_vae(state):
+        return None
+    family = "sd3" if spec.kind == "mmdit" else "sdxl" if spec.time_ids_dim else "sd"
+    spec.notes.append(f"VAE decoder from the single file's first_stage_model ({family} latent scaling)")
+    return ldm_vae(state, family)
 
 
 def _unknown(path: str, found: str) -> str:

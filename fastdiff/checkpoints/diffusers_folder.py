@@ -147,8 +147,10 @@ def load_pipeline_folder(folder: str, variant: Optional[str] = None):
         pooled = cfg.projection_class_embeddings_input_dim - ids * cfg.addition_time_embed_dim
         if isinstance(aesthetic, bool) and pooled > 0:
             spec.time_ids_dim, spec.text_embeds_dim = ids, pooled
-    if os.path.isdir(os.path.join(folder, "vae")):
-        spec.notes.append("vae/ present but not loaded: fastdiff samples latents; decoding is not implemented yet")
+    vae, vae_config = os.path.join(folder, "vae"), os.path.join(folder, "vae", "config.json")
+    if os.path.isdir(vae) and not (os.path.isfile(vae_config) and
+                                   read_json(vae_config).get("_class_name") == "AutoencoderKL"):
+        spec.notes.append("vae/ present but not an AutoencoderKL: not loaded; output_type 'tensor' gives latents")
     if scheduler is None:
         spec.notes.append("no scheduler/scheduler_config.json; " + spec.default_scheduler_note())
     return kind, cfg, state, spec

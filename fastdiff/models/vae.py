@@ -1,0 +1,158 @@
+"""The latent models' image decoder: the decoder half of diffusers' ``AutoencoderKL`` (Stable Diffusion 1 / 2 / XL,
+SD3, Flux, and the sd-vae-ft-* VAEs DiT samples with).
+
+Parameter names are diffusers' (``decoder.up_blocks.1.resnets.0.conv1``, ``post_quant_conv``), so the ``vae/``
+folder of a pipeline loads with no renaming; the encoder's weights are not needed and not kept. Its blocks are the
+UNet's (``ResnetBlock`` without a time embedding, the pixel ``SpatialSelfAttention``, ``Upsample``), so GroupNorm
+and attention take the fused kernels too.
+
+``decode(latents)`` undoes the sampler's latent scaling (``latents / scaling_factor + shift_factor``) and returns
+images in [-1, 1], as ``AutoencoderKL.decode`` does after the pipelines' scaling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from ..errors import BadArgumentError, UnsupportedConfigError
+from ..utils.strict_dict import check_field_types, diffusers_fields, known_fields, plain_dict
+from .layers import GroupNorm
+from .unet import MidBlock, ResnetBlock, SpatialSelfAttention, Upsample
+
+VAE_EPS = 1e-6  # every norm of diffusers' VAE decoder
+
+
+@dataclass
+class VAEConfig:
+    """diffusers' ``AutoencoderKL`` config (its constructor's defaults); the encoder fields are kept for round trips."""
+
+    in_channels: int = 3
+    out_channels: int = 3
+    down_block_types: tuple = ("DownEncoderBlock2D",)
+    up_block_types: tuple = ("UpDecoderBlock2D",)
+    block_out_channels: tuple = (64,)
+    layers_per_block: int = 1
+    act_fn: str = "silu"
+    latent_channels: int = 4
+    norm_num_groups: int = 32
+    sample_size: int = 32
+    scaling_factor: float = 0.18215
+    shift_factor: Optional[float] = None
+    latents_mean: Optional[tuple] = None
+    latents_std: Optional[tuple] = None
+    force_upcast: bool = True
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
+    mid_block_add_attention: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        for name in ("down_block_types", "up_block_types", "block_out_channels"):
+            if isinstance(getattr(self, name), list):
+                setattr(self, name, tuple(getattr(self, name)))
+        check_field_types(self, "AutoencoderKL")
+
+        def bad(name, why):
+            raise UnsupportedConfigError(name, getattr(self, name), supported=why, model="AutoencoderKL")
+
+        if any(t != "UpDecoderBlock2D" for t in self.up_block_types):
+            bad("up_block_types", "UpDecoderBlock2D blocks")
+        if len(self.up_block_types) != len(self.block_out_channels):
+            bad("up_block_types", f"{len(self.block_out_channels)} entries (one per block_out_channels)")
+        if self.act_fn not in ("silu", "swish"):
+            bad("act_fn", ["silu"])
+        if any(c % self.norm_num_groups for c in self.block_out_channels):
+            bad("norm_num_groups", "a divisor of every block_out_channels entry")
+        if self.latents_mean is not None or self.latents_std is not None:
+            bad("latents_mean", "None (per-channel latent statistics are not implemented)")
+        if not self.scaling_factor:
+            bad("scaling_factor", "a non-zero number")
+
+    def to_dict(self) -> dict:
+        return plain_dict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "VAEConfig":
+        return cls(**known_fields(cls, d, model="AutoencoderKL", skip_private=False))
+
+    @classmethod
+    def from_diffusers(cls, d: dict) -> "VAEConfig":
+        if d.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
+            raise UnsupportedConfigError("_class_name", d.get("_class_name"), supported=["AutoencoderKL"], model="VAE")
+        return cls(**diffusers_fields(cls, d, "AutoencoderKL"))
+
+
+class UpDecoderBlock(nn.Module):
+    """``layers_per_block + 1`` resnets, then (except the last block) nearest x2 + conv."""
+
+    def __init__(self, in_ch: int, out_ch: int, layers: int, groups: int, upsample: bool):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock(in_ch if i == 0 else out_ch, out_ch, None, groups, VAE_EPS)
+                                      for i in range(layers)])
+        self.upsamplers = nn.ModuleList([Upsample(out_ch)]) if upsample else None
+
+    def forward(self, h):
+        for resnet in self.resnets:
+            h = resnet(h, None)
+        if self.upsamplers is not None:
+            h = self.upsamplers[0](h)
+        return h
+
+
+class Decoder(nn.Module):
+    """latent (B, z, h, w) -> image (B, out, h * 2^(n-1), w * 2^(n-1))."""
+
+    def __init__(self, c: VAEConfig):
+        super().__init__()
+        ch = list(c.block_out_channels)
+        groups = c.norm_num_groups
+        self.conv_in = nn.Conv2d(c.latent_channels, ch[-1], 3, padding=1)
+        attn = [SpatialSelfAttention(ch[-1], 1, ch[-1], groups, VAE_EPS)] if c.mid_block_add_attention else None
+        self.mid_block = MidBlock([ResnetBlock(ch[-1], ch[-1], None, groups, VAE_EPS),
+                                   ResnetBlock(ch[-1], ch[-1], None, groups, VAE_EPS)], attn)
+        rev = ch[::-1]
+        self.up_blocks = nn.ModuleList([
+            UpDecoderBlock(rev[max(i - 1, 0)], rev[i], c.layers_per_block + 1, groups, upsample=i < len(rev) - 1)
+            for i in range(len(rev))])
+        self.conv_norm_out = GroupNorm(groups, ch[0], VAE_EPS, activation="silu")
+        self.conv_out = nn.Conv2d(ch[0], c.out_channels, 3, padding=1)
+
+    def forward(self, z):
+        h = self.mid_block(self.conv_in(z), None)  # (B, C_last, h, w)
+        for block in self.up_blocks:
+            h = block(h)
+        return self.conv_out(self.conv_norm_out(h))  # (B, out, H, W)
+
+
+class VAEDecoder(nn.Module):
+    """``post_quant_conv`` + ``decoder``: what turns a sampler's latents into images."""
+
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        self.config = c = config
+        self.post_quant_conv = nn.Conv2d(c.latent_channels, c.latent_channels, 1) if c.use_post_quant_conv else None
+        self.decoder = Decoder(c)
+
+    def forward(self, z):
+        """Unscaled latents (B, z, h, w) -> images in about [-1, 1] (AutoencoderKL._decode)."""
+        if self.post_quant_conv is not None:
+            z = self.post_quant_conv(z)
+        return self.decoder(z)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """A sampler's latents -> float32 images in [-1, 1] (the pipelines' ``latents / scaling_factor +
+        shift_factor``, then the decoder in the VAE's own dtype)."""
+        c = self.config
+        if latents.dim() != 4 or latents.shape[1] != c.latent_channels:
+            raise BadArgumentError(f"latents: expected (B, {c.latent_channels}, h, w) for this VAE, found "
+                                   f"{tuple(latents.shape)}")
+        p = next(self.parameters())
+        z = latents.to(p.device, torch.float32) / c.scaling_factor + (c.shift_factor or 0.0)
+        return self(z.to(p.dtype)).float().clamp(-1, 1)
+
+
+__all__ = ["VAEConfig", "VAEDecoder", "Decoder"]

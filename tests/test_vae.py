@@ -1,0 +1,165 @@
+"""VAE decoders (the decoder half of diffusers' AutoencoderKL): the native decoder against diffusers' decode, a
+pipeline folder's vae/ and a single file's first_stage_model loaded with the network, and generate() decoding
+latents for "np" / "pil" as diffusers' pipelines do."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import fastdiff
+from fastdiff.errors import BadArgumentError, CheckpointError
+from fastdiff.models.vae import VAEConfig, VAEDecoder
+from helpers import diffusers_pipeline, perturb_, rel_err
+
+diffusers = pytest.importorskip("diffusers", reason="diffusers' AutoencoderKL is the reference")
+
+SD_VAE = dict(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
+              up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=8)
+CONFIGS = {
+    "sd": SD_VAE,  # 4 latent channels, quant convs, mid-block attention
+    "sd3-flux": dict(SD_VAE, latent_channels=16, use_quant_conv=False, use_post_quant_conv=False,
+                     scaling_factor=1.5305, shift_factor=0.0609),
+    "no-mid-attention": dict(SD_VAE, mid_block_add_attention=False, layers_per_block=2),
+}
+
+
+def _reference(cfg, seed=0):
+    torch.manual_seed(seed)
+    return perturb_(diffusers.AutoencoderKL(**cfg).eval(), seed)
+
+
+def _native(ref) -> VAEDecoder:
+    vae = VAEDecoder(VAEConfig.from_diffusers(dict(ref.config, _class_name="AutoencoderKL")))
+    vae.load_state_dict({k: v for k, v in ref.state_dict().items() if k.startswith(("decoder.", "post_quant_conv."))},
+                        strict=True)
+    return vae.eval()
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_decoder_matches_diffusers(name):
+    ref = _reference(CONFIGS[name])
+    vae = _native(ref)
+    z = torch.randn(2, ref.config.latent_channels, 5, 7)  # odd latent sizes
+    with torch.no_grad():
+        want = ref.decode(z).sample
+        got = vae(z)
+        scaled = vae.decode(z * ref.config.scaling_factor - (ref.config.shift_factor or 0.0) * ref.config.scaling_factor)
+    assert got.shape == (2, 3, 10, 14) and rel_err(got, want) <= 1e-5
+    assert rel_err(scaled, want.clamp(-1, 1)) <= 1e-5  # decode() undoes the pipelines' latent scaling
+
+
+def _sdxl_folder(tmp_path, vae_cfg=SD_VAE):
+    """An SDXL-style pipeline folder (tests/test_sdxl.py's tiny UNet) with a real vae/."""
+    from test_sdxl import UNET
+
+    torch.manual_seed(0)
+    unet = perturb_(diffusers.UNet2DConditionModel(**UNET).eval(), 0)
+    vae = _reference(dict(vae_cfg, scaling_factor=0.13025))
+    sched = diffusers.EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                             steps_offset=1, timestep_spacing="leading")
+    unet.save_pretrained(tmp_path / "unet")
+    vae.save_pretrained(tmp_path / "vae")
+    sched.save_pretrained(tmp_path / "scheduler")
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    return unet, vae, sched
+
+
+def test_a_pipeline_folder_decodes_like_diffusers_sdxl_pipeline(tmp_path):
+    unet, vae, sched = _sdxl_folder(tmp_path)
+    pipe = fastdiff.load(str(tmp_path))
+    assert pipe.vae is not None and pipe.vae.config.scaling_factor == 0.13025
+    ref = diffusers_pipeline("StableDiffusionXLPipeline")(vae=vae, text_encoder=None, text_encoder_2=None,
+                                                            tokenizer=None, tokenizer_2=None, unet=unet, scheduler=sched)
+    ref.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(1)
+    e = dict(prompt_embeds=torch.randn(2, 5, 12, generator=g), pooled_prompt_embeds=torch.randn(2, 10, generator=g),
+             latents=torch.randn(2, 4, 8, 8, generator=g))
+    want = ref(**{k: v.clone() for k, v in e.items()}, num_inference_steps=3, guidance_scale=1.0, height=64, width=64,
+               output_type="pt").images  # decoded, in [0, 1]
+    got = pipe.generate(latents=e["latents"], steps=3, encoder_hidden_states=e["prompt_embeds"],
+                        text_embeds=e["pooled_prompt_embeds"], output_type="np", progress=False)
+    assert got.shape == (2, 16, 16, 3) and got.dtype == np.uint8
+    ref_u8 = (want * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    assert np.abs(got.astype(int) - ref_u8.astype(int)).max() <= 1  # the same image, up to rounding
+    images = pipe.generate(latents=e["latents"], steps=3, encoder_hidden_states=e["prompt_embeds"],
+                           text_embeds=e["pooled_prompt_embeds"], output_type="pil", progress=False)
+    assert [im.size for im in images] == [(16, 16)] * 2
+    latents = pipe.generate(latents=e["latents"], steps=3, encoder_hidden_states=e["prompt_embeds"],
+                            text_embeds=e["pooled_prompt_embeds"], progress=False)
+    assert latents.shape == (2, 4, 8, 8)  # "tensor" keeps the latents, as diffusers' output_type="latent"
+    assert rel_err((pipe.decode(latents) + 1) / 2, want) <= 1e-4
+
+
+def test_vae_false_and_a_separate_vae_folder(tmp_path):
+    _sdxl_folder(tmp_path / "pipe")
+    assert fastdiff.load(str(tmp_path / "pipe"), vae=False).vae is None
+    other = _reference(dict(SD_VAE, scaling_factor=0.18215), seed=3)
+    other.save_pretrained(tmp_path / "sd-vae")
+    dit = fastdiff.load("arch:tiny-dit", vae=str(tmp_path / "sd-vae"))  # DiT + an sd-vae-ft-* decoder
+    images = dit.generate(seeds=[1, 2], steps=2, class_labels=[1, 2], output_type="pil", progress=False)
+    assert [im.size for im in images] == [(16, 16)] * 2 and images[0].mode == "RGB"
+    with pytest.raises(CheckpointError, match="AutoencoderKL folder"):
+        fastdiff.load("arch:tiny-dit", vae=str(tmp_path / "pipe"))
+    with pytest.raises(BadArgumentError, match="no VAE decoder"):
+        fastdiff.load("arch:tiny-dit").decode(torch.zeros(1, 4, 8, 8))
+
+
+def vae_to_single_file(state: dict, levels: int) -> dict:
+    """A diffusers AutoencoderKL's decoder in the ldm single-file layout (first_stage_model.*)."""
+    out = {}
+    res = {"conv_shortcut": "nin_shortcut"}
+    attn = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+    for key, t in state.items():
+        if not key.startswith(("decoder.", "post_quant_conv.")):
+            continue
+        new = key.replace("decoder.conv_norm_out.", "decoder.norm_out.")
+        if key.startswith("decoder.mid_block.resnets."):
+            i = int(key.split(".")[3])
+            new = key.replace(f"decoder.mid_block.resnets.{i}.", f"decoder.mid.block_{i + 1}.")
+        elif key.startswith("decoder.mid_block.attentions.0."):
+            rest = key[len("decoder.mid_block.attentions.0."):]
+            name, param = rest.rsplit(".", 1)
+            new = f"decoder.mid.attn_1.{attn[name]}.{param}"
+            if t.dim() == 2:
+                t = t[:, :, None, None]
+        elif key.startswith("decoder.up_blocks."):
+            parts = key.split(".")
+            level = levels - 1 - int(parts[2])
+            if parts[3] == "resnets":
+                new = f"decoder.up.{level}.block.{parts[4]}.{res.get(parts[5], parts[5])}.{parts[6]}"
+            else:
+                new = f"decoder.up.{level}.upsample.conv.{parts[-1]}"
+        out["first_stage_model." + new] = t
+    return out
+
+
+def test_a_single_files_first_stage_model_is_its_vae(tmp_path):
+    from fastdiff.checkpoints.vae import ldm_vae
+
+    single_file_utils = pytest.importorskip("diffusers.loaders.single_file_utils",
+                                            reason="diffusers' single-file converter checks the renaming")
+    ref = _reference(dict(SD_VAE, norm_num_groups=32))  # (single files always use 32 groups)
+    single = vae_to_single_file(ref.state_dict(), 2)
+    back = single_file_utils.convert_ldm_vae_checkpoint(dict(single), dict(ref.config))
+    decoder = {k: v for k, v in ref.state_dict().items() if k.startswith(("decoder.", "post_quant_conv."))}
+    assert all(torch.equal(back[k].reshape(v.shape), v) for k, v in decoder.items())  # the renaming is diffusers'
+    vae = ldm_vae(single, "sd")
+    assert (vae.config.scaling_factor, vae.config.block_out_channels, vae.config.layers_per_block) == (0.18215,
+                                                                                                       (32, 64), 1)
+    z = torch.randn(1, 4, 6, 6)
+    with torch.no_grad():
+        assert rel_err(vae(z), ref.decode(z).sample) <= 1e-5
+    # with the UNet of the ldm fixture: fastdiff.load attaches it
+    from conftest import fixture_path
+    from safetensors.torch import load_file
+
+    state = dict(load_file(fixture_path("ldm", "ldm_sd1_style.safetensors")), **single)
+    save_file(state, str(tmp_path / "sd.safetensors"))
+    pipe = fastdiff.load(str(tmp_path / "sd.safetensors"), num_heads=4)
+    assert pipe.vae is not None and any("first_stage_model" in n for n in pipe.spec.notes)
+    with torch.no_grad():
+        assert rel_err(pipe.vae(z), ref.decode(z).sample) <= 1e-5
