@@ -141,6 +141,10 @@ def add_load_arguments(p) -> None:
     g.add_argument("--prediction-type", choices=("epsilon", "v_prediction", "sample", "flow_prediction"),
                    default=None, help="what the network predicts, where the checkpoint does not say (default: its "
                                       "config; flow_prediction: a flow-matching network)")
+    g.add_argument("--vae", default=None, metavar="FOLDER|none",
+                   help="a latent model's image decoder: a diffusers AutoencoderKL folder (e.g. sd-vae-ft-ema for DiT); "
+                        "default: the one the checkpoint carries (a pipeline's vae/, a single file's "
+                        "first_stage_model); 'none' loads none")
     g.add_argument("--scheduler", default=None, metavar="CONFIG|sit",
                    help="a diffusers scheduler_config.json (file or folder) in place of the checkpoint's, or 'sit' "
                         "for a SiT checkpoint (an official-DiT file trained as a flow: willisma/SiT)")
@@ -150,6 +154,9 @@ def load_options(args) -> dict:
     """The fastdiff.load keywords given on the command line (``add_load_arguments``)."""
     names = ("num_heads", "head_channels", "attention_order", "prediction_type")
     options = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+    vae = getattr(args, "vae", None)
+    if vae is not None:
+        options["vae"] = False if vae == "none" else vae
     scheduler = getattr(args, "scheduler", None)
     if scheduler == "sit":
         from ..checkpoints.presets import SIT_SCHEDULER
@@ -247,11 +254,12 @@ def run(args) -> int:
     t_load = time.perf_counter() - t0
     spec = pipe.spec
 
-    is_image = spec.in_channels in (1, 3)
+    decoded = spec.in_channels not in (1, 3) and pipe.vae is not None  # latents, and a VAE to decode them
+    is_image = spec.in_channels in (1, 3) or decoded
     if not is_image and args.output_latents is None:
         raise BadArgumentError(
-            f"this is a latent model ({spec.in_channels} channels): its samples need a VAE decoder, which fastdiff "
-            f"does not ship; pass --output-latents OUT.safetensors to save the latents")
+            f"this is a latent model ({spec.in_channels} channels) and no VAE decoder came with it: pass --vae FOLDER "
+            f"(a diffusers AutoencoderKL folder) to write images, or --output-latents OUT.safetensors for the latents")
     if spec.cross_attention_dim:
         raise BadArgumentError(
             f"this model is text-conditioned (cross_attention_dim {spec.cross_attention_dim}) and fastdiff ships no "
@@ -272,8 +280,9 @@ def run(args) -> int:
     t_sample = time.perf_counter() - t0
 
     t0 = time.perf_counter()
+    images = pipe.decode(x) if decoded else x
     try:
-        written = _write_outputs(args, x, is_image)
+        written = _write_outputs(args, x, images, is_image)
     except OSError as e:  # e.g. a folder that exists but refuses files (/proc)
         raise BadArgumentError(f"cannot write the output: {e}") from e
     t_decode = time.perf_counter() - t0
@@ -286,8 +295,8 @@ def run(args) -> int:
     return 0
 
 
-def _write_outputs(args, x, is_image: bool) -> list:
-    """Write the latents file and / or the PNG(s); returns the paths written."""
+def _write_outputs(args, x, images, is_image: bool) -> list:
+    """Write the latents file (``x``) and / or the PNG(s) (``images`` in [-1, 1]); returns the paths written."""
     import torch
 
     written = []
@@ -300,7 +309,7 @@ def _write_outputs(args, x, is_image: bool) -> list:
     if is_image:
         from PIL import Image
 
-        imgs = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        imgs = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         mode = lambda a: a[..., 0] if a.shape[-1] == 1 else a  # noqa: E731
         if args.separate:
             stem = args.output[:-4]
