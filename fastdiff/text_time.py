@@ -92,17 +92,17 @@ FLUX_GUIDANCE = 3.5  # diffusers' FluxPipeline default guidance_scale
 
 def guidance_conditioning(spec: ModelSpec, b: int, guidance, device) -> dict:
     """{"guidance": (B,) float32} for a guidance-distilled network (Flux dev), shared by both CFG passes; {} for
-    any other model, which must not be given one."""
-    from .utils.checks import finite_number
-
+    any other model, which must not be given one. ``guidance``: one strength, or one per sample."""
     if not spec.guidance_input:
         if guidance is not None:
             raise BadArgumentError(f"guidance: given ({guidance!r}), but this model takes no distilled-guidance "
                                    f"strength (only guidance-distilled models such as FLUX.1 dev do; cfg_scale is "
                                    f"classifier-free guidance)")
         return {}
-    g = FLUX_GUIDANCE if guidance is None else finite_number("guidance", guidance)
-    return {"guidance": torch.full((b,), g, dtype=torch.float32, device=device)}
+    g = _floats(FLUX_GUIDANCE if guidance is None else guidance, "guidance", device).reshape(-1)
+    if g.numel() not in (1, b):
+        raise BadArgumentError(f"guidance: expected one strength or {b} (one per sample), found {g.numel()}")
+    return {"guidance": g.float().expand(b).contiguous()}
 
 
 def _pooled(t, spec: ModelSpec, b: int, name: str, device, dtype) -> torch.Tensor:

@@ -185,6 +185,8 @@ def test_engine_requests_equal_their_solo_runs():
         futures = [engine.submit(seed=10 + i, guidance=2.5 + i, **{k: v[i] for k, v in inputs.items()}, **kw)
                    for i in range(3)]
         results = [f.result(timeout=60) for f in futures]
+        batches = engine.stats()["batch_size_hist"]
+    assert batches.get(3) == 1  # three strengths, one batch: guidance is a per-request row
     for i in range(3):
         solo = pipe.generate(seeds=[10 + i], guidance=2.5 + i, **{k: v[i:i + 1] for k, v in inputs.items()},
                              progress=False, **kw)

@@ -134,7 +134,7 @@ def _check_states(name: str, states) -> Optional[torch.Tensor]:
 
 
 # SDXL micro-conditioning a request may carry: one 1-d row each, stacked into (B, ...) per batch
-_ADDED_INPUTS = ("text_embeds", "negative_text_embeds", "time_ids", "negative_time_ids")
+_ADDED_INPUTS = ("text_embeds", "negative_text_embeds", "time_ids", "negative_time_ids", "guidance")
 
 
 def _check_row(name: str, value) -> torch.Tensor:
@@ -236,13 +236,14 @@ class Engine:
                negative_encoder_hidden_states: Optional[torch.Tensor] = None, steps: int = 20,
                sampler=None, cfg_scale: float = 1.0, height: Optional[int] = None, width: Optional[int] = None,
                schedule=None, text_embeds=None, negative_text_embeds=None, time_ids=None, negative_time_ids=None,
-               **options) -> concurrent.futures.Future:
+               guidance=None, **options) -> concurrent.futures.Future:
         """Queue one sample; the Future resolves to a (C, H, W) tensor.
 
         Thread-safe. Defaults are ``Pipeline.generate``'s (``sampler=None`` / ``schedule=None``: the
         model's own). ``encoder_hidden_states`` is this request's (M, D) slice; the Engine stacks them.
         ``text_embeds`` / ``time_ids`` (and negatives): an SDXL-style model's pooled text embedding (P,) and
-        micro-conditioning ids (N,) of this request, stacked the same way (``Pipeline.generate`` defaults the ids).
+        micro-conditioning ids (N,) of this request, stacked the same way (``Pipeline.generate`` defaults the ids);
+        ``guidance``: a guidance-distilled model's strength (Flux dev) for this request, batched per row.
         ``options``: further ``generate`` keywords shared by a batch (``guidance_rescale``, sampler
         options such as ``eta``); values must be hashable, and only requests with equal options batch.
         A request that fails validation returns an already failed Future (the error is
@@ -251,7 +252,8 @@ class Engine:
         fut: concurrent.futures.Future = concurrent.futures.Future()
         try:
             added = dict(text_embeds=text_embeds, negative_text_embeds=negative_text_embeds, time_ids=time_ids,
-                         negative_time_ids=negative_time_ids)
+                         negative_time_ids=negative_time_ids,
+                         guidance=None if guidance is None else [finite_number("guidance", guidance)])
             req = self._make_request(fut, seed, class_label, encoder_hidden_states, negative_encoder_hidden_states,
                                      steps, sampler, cfg_scale, height, width, schedule, options, added)
         except BadArgumentError as e:
