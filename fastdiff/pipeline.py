@@ -72,11 +72,12 @@ class Pipeline:
         return self.vae.decode(latents)
 
     def save(self, path: str) -> str:
-        """Write the fastdiff format (folder: fastdiff.json + model.safetensors), atomically."""
+        """Write the fastdiff format (folder: fastdiff.json + model.safetensors, + vae.safetensors with a VAE
+        decoder), atomically."""
         from .checkpoints.fastdiff_format import save_fastdiff
 
         self._require_model("save()")
-        return save_fastdiff(path, self.model, self.spec)
+        return save_fastdiff(path, self.model, self.spec, vae=self.vae)
 
     def optimize(self, config=None, graph_factory=None, **switches) -> "Pipeline":
         """Apply an ``OptimizeConfig`` (or its fields as keywords) once; returns self.

@@ -182,3 +182,15 @@ def test_cli_generate_writes_images_of_a_latent_model_with_a_vae(tmp_path):
     assert got.shape == (16, 16, 3) and np.abs(got.astype(int) - want.astype(int)).max() <= 1
     r = run_cli("generate", "arch:tiny-dit", "--steps", "1", "--class", "3", "-o", "x.png", cwd=tmp_path)
     assert r.returncode == 2 and "--vae FOLDER" in r.stderr
+
+
+def test_save_keeps_the_vae(tmp_path):
+    _reference(dict(SD_VAE, scaling_factor=0.18215), seed=3).save_pretrained(tmp_path / "vae")
+    pipe = fastdiff.load("arch:tiny-dit", vae=str(tmp_path / "vae"))
+    pipe.save(str(tmp_path / "saved"))
+    assert sorted(os.listdir(tmp_path / "saved")) == ["fastdiff.json", "model.safetensors", "vae.safetensors"]
+    again = fastdiff.load(str(tmp_path / "saved"))
+    kw = dict(seeds=[1], steps=2, class_labels=[4], output_type="np", progress=False)
+    assert again.vae.config.scaling_factor == 0.18215
+    assert np.array_equal(again.generate(**kw), pipe.generate(**kw))
+    pipe.save(str(tmp_path / "saved"))  # an earlier save (with its VAE) may be replaced

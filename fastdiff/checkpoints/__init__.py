@@ -211,7 +211,9 @@ def _read_any(path: str, *, variant=None, num_heads=None, head_channels=None, at
     if os.path.isdir(path):
         if is_fastdiff_folder(path):
             spec, state = load_fastdiff(path)
-            return spec.kind, spec.model_config, state, spec, None
+            from .fastdiff_format import load_fastdiff_vae
+
+            return spec.kind, spec.model_config, state, spec, load_fastdiff_vae(path)
         if is_model_folder(path):
             kind, cfg, state, _ = load_model_folder(path, variant)
             spec = spec_for(kind, cfg, None, source=f"diffusers model folder {path}")

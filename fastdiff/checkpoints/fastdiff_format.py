@@ -1,4 +1,5 @@
-"""fastdiff's own format: a folder with ``fastdiff.json`` (the ModelSpec) and ``model.safetensors``.
+"""fastdiff's own format: a folder with ``fastdiff.json`` (the ModelSpec) and ``model.safetensors`` (and, for a latent
+model with a VAE decoder, ``vae.safetensors`` with its config in ``fastdiff.json``).
 
 Written atomically by ``Pipeline.save``; read back with no conversion and no pickle.
 """
@@ -18,6 +19,7 @@ from .io import read_safetensors
 
 SPEC_FILE = "fastdiff.json"
 WEIGHTS_FILE = "model.safetensors"
+VAE_FILE = "vae.safetensors"
 FORMAT_VERSION = 1
 
 
@@ -34,22 +36,29 @@ def _check_replaceable(path: str) -> None:
     if not os.path.isdir(path):
         raise BadArgumentError(f"save: {path} exists and is a file; expected a new path or a folder written by "
                                f"save()")
-    extra = sorted(set(os.listdir(path)) - {SPEC_FILE, WEIGHTS_FILE})
+    extra = sorted(set(os.listdir(path)) - {SPEC_FILE, WEIGHTS_FILE, VAE_FILE})
     if extra or not is_fastdiff_folder(path):
         found = ", ".join(extra[:5]) + (" ..." if len(extra) > 5 else "") if extra else f"no {SPEC_FILE}"
         raise BadArgumentError(f"save: {path} exists and is not a fastdiff folder (found {found}); refusing to "
                                f"replace it. Expected a new path or a folder written by save()")
 
 
-def save_fastdiff(path: str, model: torch.nn.Module, spec: ModelSpec) -> str:
+def _cpu_state(module: torch.nn.Module) -> dict:
+    return {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+
+
+def save_fastdiff(path: str, model: torch.nn.Module, spec: ModelSpec, vae=None) -> str:
     from .. import __version__
 
     _check_replaceable(path)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     header = {"format": "fastdiff", "format_version": FORMAT_VERSION, "fastdiff_version": __version__,
               "spec": spec.to_dict()}
+    if vae is not None:
+        header["vae"] = vae.config.to_dict()
     with atomic_dir(path) as tmp:
-        save_file(state, os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt"})
+        save_file(_cpu_state(model), os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt"})
+        if vae is not None:
+            save_file(_cpu_state(vae), os.path.join(tmp, VAE_FILE), metadata={"format": "pt"})
         with open(os.path.join(tmp, SPEC_FILE), "w") as f:
             json.dump(header, f, indent=2)
     return path
@@ -83,3 +92,18 @@ def load_fastdiff(path: str):
         raise CorruptCheckpointError(f"{path}/{SPEC_FILE}: the model spec does not read back "
                                      f"({type(e).__name__}: {e})") from e
     return spec, read_safetensors(weights)
+
+
+def load_fastdiff_vae(path: str, device="cpu"):
+    """The VAE decoder saved beside the network (``vae.safetensors``), or None."""
+    with open(os.path.join(path, SPEC_FILE)) as f:
+        config = json.load(f).get("vae")
+    if config is None:
+        return None
+    weights = os.path.join(path, VAE_FILE)
+    if not isinstance(config, dict) or not os.path.isfile(weights):
+        raise CorruptCheckpointError(f"{path}: {SPEC_FILE} names a VAE, expected its config object and {VAE_FILE}")
+    from ..models.vae import VAEConfig
+    from .vae import build_vae
+
+    return build_vae(VAEConfig.from_dict(config), read_safetensors(weights), f"VAE decoder from {path}", device)
