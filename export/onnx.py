@@ -439,8 +439,8 @@ def export_onnx(pipe_or_model, spec: Optional[ModelSpec], path: str, *, opset: i
                         max_rel_err=max_rel, check_note=note, files=files, io=io)
 
 
-def _torch_export(module, args, f, opset, names, dynamic_axes):
-    kw = dict(opset_version=opset, input_names=names, output_names=["out_sample"],
+def _torch_export(module, args, f, opset, names, dynamic_axes, output_names=("out_sample",)):
+    kw = dict(opset_version=opset, input_names=names, output_names=list(output_names),
               dynamic_axes=dynamic_axes or None, do_constant_folding=True)
     try:
         torch.onnx.export(module, args, f, dynamo=False, **kw)

@@ -194,3 +194,37 @@ def test_save_keeps_the_vae(tmp_path):
     assert again.vae.config.scaling_factor == 0.18215
     assert np.array_equal(again.generate(**kw), pipe.generate(**kw))
     pipe.save(str(tmp_path / "saved"))  # an earlier save (with its VAE) may be replaced
+
+
+@pytest.mark.parametrize("dynamic_hw", [True, False])
+def test_the_decoder_exports_to_onnx(tmp_path, dynamic_hw):
+    """The decode stage as an ONNX graph: the sampler's latents in (scaling inside), images in [-1, 1] out."""
+    ort = pytest.importorskip("onnxruntime", reason="ONNX Runtime runs the exported graph")
+    from fastdiff.export.vae_onnx import export_vae_onnx
+
+    _reference(dict(CONFIGS["sd3-flux"]), seed=5).save_pretrained(tmp_path / "vae")
+    pipe = fastdiff.load("arch:tiny-flux", vae=str(tmp_path / "vae"))
+    res = export_vae_onnx(pipe, str(tmp_path / "vae.onnx"), dynamic_hw=dynamic_hw, height=6, width=8)
+    assert res.max_rel_err is not None and res.max_rel_err <= 1e-5
+    session = ort.InferenceSession(res.path, providers=["CPUExecutionProvider"])
+    z = torch.randn(3, 16, 6, 8)
+    got = session.run(None, {"latents": z.numpy()})[0]
+    assert got.shape == (3, 3, 12, 16) and rel_err(torch.from_numpy(got), pipe.decode(z)) <= 1e-5
+    if dynamic_hw:
+        z = torch.randn(1, 16, 10, 4)  # another latent size
+        assert rel_err(torch.from_numpy(session.run(None, {"latents": z.numpy()})[0]), pipe.decode(z)) <= 1e-5
+    with pytest.raises(BadArgumentError, match="VAE decoder"):
+        export_vae_onnx(fastdiff.load("arch:tiny-flux"), str(tmp_path / "x.onnx"))
+
+
+def test_cli_exports_the_vae_decoder(tmp_path):
+    pytest.importorskip("onnxruntime", reason="the export's parity check runs ONNX Runtime")
+    from test_cli import fastdiff as run_cli
+
+    _reference(dict(SD_VAE, scaling_factor=0.18215), seed=3).save_pretrained(tmp_path / "vae")
+    r = run_cli("export", "arch:tiny-dit", "--vae", str(tmp_path / "vae"), "--component", "vae", "--format", "onnx",
+                "-o", "vae.onnx", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "vae.onnx").is_file() and "parity check: max abs error" in r.stdout
+    r = run_cli("export", "arch:tiny-dit", "--component", "vae", "--format", "onnx", "-o", "x.onnx", cwd=tmp_path)
+    assert r.returncode == 2 and "VAE decoder" in r.stderr and not (tmp_path / "x.onnx").exists()

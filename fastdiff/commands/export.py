@@ -27,6 +27,9 @@ def register(sub) -> None:
                     "against the PyTorch model.")
     p.add_argument("model", metavar="MODEL", help="checkpoint path, builtin:NAME or arch:NAME")
     p.add_argument("--format", required=True, choices=FORMATS, help="artifact type")
+    p.add_argument("--component", choices=("network", "vae"), default="network",
+                   help="what to export: the denoising network (default), or a latent model's VAE decoder (onnx; "
+                        "the sampler's latents in, images in [-1, 1] out; dynamic height / width)")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="output file (.onnx / .engine)")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
                    help="weights / engine precision (default: fp32 for onnx, fp16 for tensorrt; bf16: "
@@ -59,7 +62,8 @@ def _human(n: int) -> str:
 
 def export_model(model: str, output: str, *, format: str = "onnx", dtype=None, fp16_io=False, opset=17,
                  batch="1", static_batch=False, height=None, width=None, dynamic_hw=False, cfg_folded=False,
-                 timing_cache=None, check=True, progress=True, load_options: Optional[dict] = None) -> dict:
+                 timing_cache=None, check=True, progress=True, load_options: Optional[dict] = None,
+                 component: str = "network") -> dict:
     """The command as a function: returns a report dict (path, size_bytes, seconds, max errors, ...);
     ``load_options`` go to ``fastdiff.load`` (num_heads, head_channels, attention_order, prediction_type)."""
     from ..errors import BadArgumentError
@@ -92,6 +96,8 @@ def export_model(model: str, output: str, *, format: str = "onnx", dtype=None, f
     from fastdiff.export.onnx import export_onnx
 
     pipe = fastdiff.load(model, **(load_options or {}))
+    if component == "vae":
+        return _export_vae(pipe, output, format, dtype, opset, b, hr, wr, static_batch, check)
     kw = dict(opset=opset, fp16_io=fp16_io, dynamic_batch=not static_batch, dynamic_hw=dynamic_hw,
               cfg_folded=cfg_folded, batch=b[1], height=hr[1] if hr else None, width=wr[1] if wr else None,
               progress=progress)
@@ -115,6 +121,20 @@ def export_model(model: str, output: str, *, format: str = "onnx", dtype=None, f
         if check:
             report.update(_check_engine(pipe, eres.path, ores.io, b[1], kw))
     return report
+
+
+def _export_vae(pipe, output, format, dtype, opset, b, hr, wr, static_batch, check) -> dict:
+    from ..errors import BadArgumentError
+    from fastdiff.export.vae_onnx import export_vae_onnx
+
+    if format != "onnx":
+        raise BadArgumentError("--component vae: expected --format onnx (a TensorRT engine of the decoder is not "
+                               "built yet; build one from the ONNX file with trtexec)")
+    res = export_vae_onnx(pipe, output, opset=opset, dtype=dtype, dynamic_batch=not static_batch, batch=b[1],
+                          height=hr[1] if hr else None, width=wr[1] if wr else None, check=check)
+    return dict(format="onnx", path=res.path, files=res.files, size_bytes=res.size_bytes, seconds=res.seconds,
+                max_abs_err=res.max_abs_err, max_rel_err=res.max_rel_err, check_note=res.check_note,
+                notes=list(pipe.notes))
 
 
 def _check_engine(pipe, engine_path, io, batch, kw) -> dict:
@@ -143,7 +163,7 @@ def run(args) -> int:
                           opset=args.opset, batch=args.batch, static_batch=args.static_batch, height=args.height,
                           width=args.width, dynamic_hw=args.dynamic_hw, cfg_folded=args.cfg_folded,
                           timing_cache=args.timing_cache, check=not args.no_check,
-                          progress=not args.no_progress, load_options=load_options(args))
+                          progress=not args.no_progress, load_options=load_options(args), component=args.component)
     for note in report.get("notes", []):
         print(f"note: {note}", file=sys.stderr)
     print(f"wrote {report['path']}")
