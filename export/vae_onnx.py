@@ -56,6 +56,9 @@ def export_vae_onnx(pipe_or_vae, path: str, *, opset: int = 17, dtype: str = "fp
     if opset not in OPSETS or dtype not in DTYPES:
         raise BadArgumentError(f"export_vae_onnx: opset in {OPSETS} and dtype in {tuple(DTYPES)}, found {opset!r} / "
                                f"{dtype!r}")
+    if dtype == "fp16" and vae.config.force_upcast:
+        raise BadArgumentError("export_vae_onnx: dtype 'fp16' for a VAE whose config sets force_upcast (its decoder "
+                               "overflows in half precision; diffusers decodes it in float32): export fp32")
     spec = getattr(pipe_or_vae, "spec", None)
     h = int(height or (spec.sample_size[0] if spec is not None else 32))
     w = int(width or (spec.sample_size[1] if spec is not None else 32))
@@ -97,6 +100,9 @@ def export_vae_onnx(pipe_or_vae, path: str, *, opset: int = 17, dtype: str = "fp
                 None, {"latents": x.numpy()})[0])
             with torch.no_grad(), _native_ops(vae):
                 ref = vae.decode(x).cpu()
+            if not torch.isfinite(got).all():
+                raise BadArgumentError(f"export_vae_onnx: the exported decoder gives non-finite images ({dtype}); "
+                                       f"export fp32")
             max_abs = (got.double() - ref.double()).abs().max().item()
             max_rel = max_abs / max(ref.abs().max().item(), 1e-30)
             note = f"ONNX Runtime (CPU) vs PyTorch, batch {batch}, latent {h}x{w}"

@@ -228,3 +228,48 @@ def test_cli_exports_the_vae_decoder(tmp_path):
     assert (tmp_path / "vae.onnx").is_file() and "parity check: max abs error" in r.stdout
     r = run_cli("export", "arch:tiny-dit", "--component", "vae", "--format", "onnx", "-o", "x.onnx", cwd=tmp_path)
     assert r.returncode == 2 and "VAE decoder" in r.stderr and not (tmp_path / "x.onnx").exists()
+    r = run_cli("export", "arch:tiny-dit", "--vae", str(tmp_path / "vae"), "--component", "vae", "--format",
+                "tensorrt", "--fp16-io", "-o", "x.engine", cwd=tmp_path)
+    assert r.returncode == 2 and "--format tensorrt, --fp16-io apply to the network export only" in r.stderr
+
+
+def test_old_attention_names_and_opting_out_of_a_broken_vae(tmp_path):
+    """VAE folders saved before diffusers 0.14 name the mid attention query / key / value / proj_attn (sd-vae-ft-*,
+    SD 1.x / 2.x folders): loaded as diffusers loads them. A checkpoint's own VAE that cannot be read is a note, and
+    vae=False / vae=PATH never read it."""
+    from safetensors.torch import load_file
+
+    ref = _reference(dict(SD_VAE, scaling_factor=0.18215), seed=3)
+    ref.save_pretrained(tmp_path / "vae")
+    weights = tmp_path / "vae" / "diffusion_pytorch_model.safetensors"
+    old = {k.replace("attentions.0.to_q.", "attentions.0.query.").replace("attentions.0.to_k.", "attentions.0.key.")
+           .replace("attentions.0.to_v.", "attentions.0.value.").replace("attentions.0.to_out.0.",
+                                                                       "attentions.0.proj_attn."): v
+           for k, v in load_file(str(weights)).items()}
+    assert any(".query." in k for k in old)
+    save_file(old, str(weights))
+    pipe = fastdiff.load("arch:tiny-dit", vae=str(tmp_path / "vae"))
+    z = torch.randn(1, 4, 6, 6)
+    with torch.no_grad():
+        assert rel_err(pipe.vae(z), ref.decode(z).sample) <= 1e-5
+    # a pipeline folder whose vae/ fastdiff cannot read (per-channel latent statistics): the network still loads
+    _sdxl_folder(tmp_path / "pipe")
+    cfg_path = tmp_path / "pipe" / "vae" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["latents_mean"], cfg["latents_std"] = [0.0] * 4, [1.0] * 4
+    cfg_path.write_text(json.dumps(cfg))
+    auto = fastdiff.load(str(tmp_path / "pipe"))
+    assert auto.vae is None and any("VAE decoder not loaded" in n for n in auto.spec.notes)
+    assert fastdiff.load(str(tmp_path / "pipe"), vae=str(tmp_path / "vae")).vae is not None
+    assert not any("VAE" in n for n in fastdiff.load(str(tmp_path / "pipe"), vae=False).spec.notes)
+
+
+def test_fp16_export_of_a_vae_that_needs_float32_is_refused(tmp_path):
+    pytest.importorskip("onnxruntime", reason="the export's parity check runs ONNX Runtime")
+    from fastdiff.export.vae_onnx import export_vae_onnx
+
+    _reference(dict(SD_VAE, force_upcast=True), seed=3).save_pretrained(tmp_path / "vae")
+    pipe = fastdiff.load("arch:tiny-dit", vae=str(tmp_path / "vae"))
+    with pytest.raises(BadArgumentError, match="force_upcast"):
+        export_vae_onnx(pipe, str(tmp_path / "x.onnx"), dtype="fp16")
+    assert not (tmp_path / "x.onnx").exists()

@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from ..errors import (BadArgumentError, CheckpointError, UnknownFormatError, UnsafeCheckpointError,
+from ..errors import (BadArgumentError, CheckpointError, FastdiffError, UnknownFormatError, UnsafeCheckpointError,
                       UnsupportedConfigError)
 
 SUPPORTED_FORMATS = (
@@ -88,7 +88,8 @@ def load(path: str, device="cpu", dtype: Optional[torch.dtype] = None, *, varian
                         vae=_pick_vae(vae, None, device))
 
     kind, cfg, state, spec, found_vae = _read_any(path, variant=variant, num_heads=num_heads,
-                                                  head_channels=head_channels, attention_order=attention_order)
+                                                  head_channels=head_channels, attention_order=attention_order,
+                                                  read_vae=vae is None)
     from .fastdiff_format import is_fastdiff_folder
 
     source = str(spec.source)
@@ -202,8 +203,11 @@ def _override_sampling(spec, scheduler: Optional[dict], prediction_type: Optiona
                                                "use_flow_sigmas): SD3 / Flux networks predict the flow velocity")
 
 
-def _read_any(path: str, *, variant=None, num_heads=None, head_channels=None, attention_order=None):
-    """(kind, native config, native state dict, ModelSpec) for any supported source."""
+def _read_any(path: str, *, variant=None, num_heads=None, head_channels=None, attention_order=None,
+              read_vae: bool = True):
+    """(kind, native config, native state dict, ModelSpec, the VAE decoder it carries or None) for any supported
+    source; ``read_vae=False`` (the caller brings its own, or none) reads no VAE."""
+    vae_of = _own_vae if read_vae else (lambda spec, read: None)
     from .diffusers_folder import (is_model_folder, is_pipeline_folder, load_model_folder,
                                    load_pipeline_folder, spec_for)
     from .fastdiff_format import is_fastdiff_folder, load_fastdiff
@@ -213,7 +217,7 @@ def _read_any(path: str, *, variant=None, num_heads=None, head_channels=None, at
             spec, state = load_fastdiff(path)
             from .fastdiff_format import load_fastdiff_vae
 
-            return spec.kind, spec.model_config, state, spec, load_fastdiff_vae(path)
+            return spec.kind, spec.model_config, state, spec, vae_of(spec, lambda: load_fastdiff_vae(path))
         if is_model_folder(path):
             kind, cfg, state, _ = load_model_folder(path, variant)
             spec = spec_for(kind, cfg, None, source=f"diffusers model folder {path}")
@@ -221,10 +225,10 @@ def _read_any(path: str, *, variant=None, num_heads=None, head_channels=None, at
             return kind, cfg, state, spec, None
         if is_pipeline_folder(path):
             kind, cfg, state, spec = load_pipeline_folder(path, variant)
-            from .vae import is_vae_folder, load_vae_folder
+            from .vae import is_vae_folder
 
             vae_dir = os.path.join(path, "vae")
-            vae = load_vae_folder(vae_dir, variant=variant) if is_vae_folder(vae_dir) else None
+            vae = vae_of(spec, lambda: _vae_folder_any_variant(vae_dir, variant)) if is_vae_folder(vae_dir) else None
             return kind, cfg, state, spec, vae
         raise UnknownFormatError(_unknown(path, f"a folder holding {sorted(os.listdir(path))[:10]}"))
 
@@ -252,7 +256,7 @@ def _read_any(path: str, *, variant=None, num_heads=None, head_channels=None, at
                             source=f"Stable Diffusion single file {path}")
             spec.notes.append("single-file UNet: heads inferred (SD1: 8, SD2 / SDXL: 64 per head) unless num_heads= is "
                               "given; " + why)
-            return "unet", cfg, convert_ldm_unet(state, cfg), spec, _single_file_vae(state, spec)
+            return "unet", cfg, convert_ldm_unet(state, cfg), spec, vae_of(spec, lambda: _single_file_vae(state, spec))
         from .sd3 import convert_sd3, is_sd3_state_dict, sd3_config
 
         if is_sd3_state_dict(state):
@@ -263,7 +267,7 @@ def _read_any(path: str, *, variant=None, num_heads=None, head_channels=None, at
             spec = spec_for("mmdit", cfg, SD3_SCHEDULER, source=f"Stable Diffusion 3 single file {path}")
             spec.notes.append("SD3 single file: 64 channels per head and 1024x1024 (128x128 latents) assumed, as in "
                               "every SD3 / 3.5 release; FlowMatchEuler with shift 3")
-            return "mmdit", cfg, convert_sd3(state, cfg), spec, _single_file_vae(state, spec)
+            return "mmdit", cfg, convert_sd3(state, cfg), spec, vae_of(spec, lambda: _single_file_vae(state, spec))
         from .guided_diffusion import (convert_guided_diffusion, guided_diffusion_config,
                                        is_guided_diffusion_state_dict)
 
@@ -298,6 +302,28 @@ def _read_any(path: str, *, variant=None, num_heads=None, head_channels=None, at
             f"where you trust the file: `net = pickle.load(open(path, 'rb'))['ema']; torch.save(net.state_dict(), "
             f"'edm.pt')`, then load edm.pt (an EDMPrecond state dict).")
     raise UnknownFormatError(_unknown(path, f"a file with extension {ext or '(none)'!r}"))
+
+
+def _own_vae(spec, read):
+    """The checkpoint's own VAE decoder from ``read()``; one that cannot be read is a note, not a failed load (the
+    network is what was asked for; ``vae=`` can bring another)."""
+    try:
+        return read()
+    except FastdiffError as e:
+        spec.notes.append(f"VAE decoder not loaded ({type(e).__name__}: {e}); pass vae= to bring one")
+        return None
+
+
+def _vae_folder_any_variant(folder: str, variant):
+    """A pipeline's vae/ in the weight variant asked for, else its plain weights (diffusers falls back so too)."""
+    from .vae import load_vae_folder
+
+    try:
+        return load_vae_folder(folder, variant=variant)
+    except CheckpointError:
+        if variant is None:
+            raise
+        return load_vae_folder(folder)
 
 
 def _single_file_vae(state: dict, spec):

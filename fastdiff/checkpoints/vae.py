@@ -25,7 +25,11 @@ LATENT_SCALING = {"sd": (0.18215, None), "sdxl": (0.13025, None), "sd3": (1.5305
 
 
 def _decoder_state(state: dict) -> dict:
-    return {k: v for k, v in state.items() if k.startswith(("decoder.", "post_quant_conv."))}
+    """The decoder's tensors; attention named as before diffusers 0.14 (query / key / value / proj_attn, as in
+    sd-vae-ft-* and the SD 1.x / 2.x folders) renamed as diffusers renames them on load."""
+    from .diffusers_unet import convert_diffusers_unet
+
+    return convert_diffusers_unet({k: v for k, v in state.items() if k.startswith(("decoder.", "post_quant_conv."))})
 
 
 def build_vae(config: VAEConfig, state: dict, name: str, device="cpu") -> VAEDecoder:
@@ -77,8 +81,8 @@ def ldm_vae(state: dict, family: str, device="cpu") -> VAEDecoder:
         m = re.match(r"decoder\.mid\.attn_1\.(norm|q|k|v|proj_out)\.(weight|bias)", new)
         if m:
             new = f"decoder.mid_block.attentions.0.{_LDM_ATTENTION[m.group(1)]}.{m.group(2)}"
-            if t.dim() == 4:  # 1x1 convolutions in ldm, linear layers in diffusers
-                t = t[:, :, 0, 0]
+            if t.dim() > 2:  # 1x1 convolutions (2-d or 1-d) in ldm, linear layers in diffusers
+                t = t.reshape(t.shape[0], t.shape[1])
         m = re.match(r"decoder\.up\.(\d+)\.(block|upsample)\.(.*)", new)
         if m:  # ldm counts levels from the full resolution, diffusers' up blocks from the latent's
             block = levels - 1 - int(m.group(1))

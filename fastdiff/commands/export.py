@@ -70,6 +70,12 @@ def export_model(model: str, output: str, *, format: str = "onnx", dtype=None, f
 
     if format not in FORMATS:
         raise BadArgumentError(f"unknown export format {format!r}; expected one of {FORMATS}")
+    if component == "vae":  # (before any format-specific check: what applies to the decoder)
+        network_only = [name for name, on in (("--format tensorrt", format != "onnx"), ("--fp16-io", fp16_io),
+                                              ("--cfg-folded", cfg_folded), ("--dynamic-hw", dynamic_hw)) if on]
+        if network_only:
+            raise BadArgumentError(f"--component vae: {', '.join(network_only)} apply to the network export only (the "
+                                   f"decoder exports to ONNX with float32 IO and dynamic height / width)")
     from fastdiff.export.tensorrt import parse_range
 
     b = parse_range(batch, "--batch")
@@ -127,9 +133,6 @@ def _export_vae(pipe, output, format, dtype, opset, b, hr, wr, static_batch, che
     from ..errors import BadArgumentError
     from fastdiff.export.vae_onnx import export_vae_onnx
 
-    if format != "onnx":
-        raise BadArgumentError("--component vae: expected --format onnx (a TensorRT engine of the decoder is not "
-                               "built yet; build one from the ONNX file with trtexec)")
     res = export_vae_onnx(pipe, output, opset=opset, dtype=dtype, dynamic_batch=not static_batch, batch=b[1],
                           height=hr[1] if hr else None, width=wr[1] if wr else None, check=check)
     return dict(format="onnx", path=res.path, files=res.files, size_bytes=res.size_bytes, seconds=res.seconds,

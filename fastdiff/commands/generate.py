@@ -156,7 +156,7 @@ def load_options(args) -> dict:
     options = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
     vae = getattr(args, "vae", None)
     if vae is not None:
-        options["vae"] = False if vae == "none" else vae
+        options["vae"] = False if vae.lower() == "none" else vae
     scheduler = getattr(args, "scheduler", None)
     if scheduler == "sit":
         from ..checkpoints.presets import SIT_SCHEDULER

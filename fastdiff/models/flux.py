@@ -198,7 +198,8 @@ class FluxAttention(nn.Module):
 
     def forward(self, x, rope, ctx=None):
         """x (B, N, D) [and ctx (B, L, D)] -> the attention output(s), (B, L+N or N, H*Dh) before projections."""
-        q, k, v = self._split(self.to_q(x), self.norm_q), self._split(self.to_k(x), self.norm_k), self._split(self.to_v(x))
+        q, k = self._split(self.to_q(x), self.norm_q), self._split(self.to_k(x), self.norm_k)
+        v = self._split(self.to_v(x))
         if ctx is not None:  # text first: [ctx, x]
             q = torch.cat([self._split(self.add_q_proj(ctx), self.norm_added_q), q], dim=1)
             k = torch.cat([self._split(self.add_k_proj(ctx), self.norm_added_k), k], dim=1)
