@@ -14,7 +14,7 @@ import torch
 
 from ..errors import CheckpointError
 from ..models.vae import VAEConfig, VAEDecoder
-from .common import strict_load
+from .common import RequiredKeys, strict_load
 from .diffusers_folder import read_json
 
 LDM_PREFIX = "first_stage_model."
@@ -62,9 +62,13 @@ def has_ldm_vae(state: dict) -> bool:
 def ldm_vae(state: dict, family: str, device="cpu") -> VAEDecoder:
     """The decoder of a single file's ``first_stage_model`` (ldm / sgm naming), its config read from the shapes;
     ``family`` ("sd", "sdxl", "sd3") gives the latent scaling, which the file does not store."""
-    sd = {k[len(LDM_PREFIX):]: v for k, v in state.items()
-          if k.startswith((LDM_PREFIX + "decoder.", LDM_PREFIX + "post_quant_conv."))}
-    levels = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"decoder\.up\.(\d+)\.", k)))
+    sd = RequiredKeys({k[len(LDM_PREFIX):]: v for k, v in state.items()
+                       if k.startswith((LDM_PREFIX + "decoder.", LDM_PREFIX + "post_quant_conv."))},
+                      "a single file's VAE decoder", LDM_PREFIX)
+    ups = {int(m.group(1)) for k in sd if (m := re.match(r"decoder\.up\.(\d+)\.", k))}
+    if not ups:
+        raise CheckpointError(f"{LDM_PREFIX}decoder: expected its up blocks ({LDM_PREFIX}decoder.up.N.*), found none")
+    levels = 1 + max(ups)
     channels = [sd[f"decoder.up.{i}.block.0.conv2.weight"].shape[0] for i in range(levels)]
     per_level = len({k.split(".")[4] for k in sd if k.startswith("decoder.up.0.block.")})
     scaling, shift = LATENT_SCALING[family]
@@ -75,7 +79,7 @@ def ldm_vae(state: dict, family: str, device="cpu") -> VAEDecoder:
         use_post_quant_conv="post_quant_conv.weight" in sd, use_quant_conv="post_quant_conv.weight" in sd,
         mid_block_add_attention="decoder.mid.attn_1.q.weight" in sd, scaling_factor=scaling, shift_factor=shift)
     out = {}
-    for key, t in sd.items():
+    for key, t in sd.state.items():
         new = key.replace("decoder.norm_out.", "decoder.conv_norm_out.")
         new = re.sub(r"decoder\.mid\.block_(\d)\.", lambda m: f"decoder.mid_block.resnets.{int(m.group(1)) - 1}.", new)
         m = re.match(r"decoder\.mid\.attn_1\.(norm|q|k|v|proj_out)\.(weight|bias)", new)
