@@ -254,7 +254,10 @@ def test_flux_matches_diffusers_in_half_precision(dtype):
     with torch.no_grad():
         want = _diffusers_call(ref, x, t, ctx, pooled, guidance)
         got = native(x, t, encoder_hidden_states=ctx, text_embeds=pooled, guidance=guidance)
-    assert rel_err(got.float(), want.float()) <= 1e-6
+    # diffusers 0.42's Flux attention norms are torch.nn.RMSNorm (what fastdiff follows): bit for bit. Older
+    # releases (0.33 checked) used their own RMSNorm (rounding before the weight): equal within half-precision rounding.
+    current = isinstance(ref.transformer_blocks[0].attn.norm_q, torch.nn.RMSNorm)
+    assert rel_err(got.float(), want.float()) <= (1e-6 if current else 1e-2)
 
 
 def test_a_schnell_folder_without_a_scheduler_gets_schnells_schedule(tmp_path):
