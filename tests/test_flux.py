@@ -111,7 +111,8 @@ def test_generate_equals_diffusers_flux_pipeline(tmp_path, kind, size, steps):
     kw = dict(guidance_scale=4.0) if kind == "dev" else {}
     flux_pipeline = type(ref)  # the test's packing helpers are FluxPipeline's
     assert torch.equal(_pack(lat), flux_pipeline._pack_latents(lat, 2, 4, h, w))
-    assert torch.equal(_image_ids(h, w), flux_pipeline._prepare_latent_image_ids(2, h // 2, w // 2, "cpu", torch.float32))
+    ids = flux_pipeline._prepare_latent_image_ids(2, h // 2, w // 2, "cpu", torch.float32)
+    assert torch.equal(_image_ids(h, w), ids)
     out = ref(prompt_embeds=ctx, pooled_prompt_embeds=pooled, latents=_pack(lat), num_inference_steps=steps,
               height=8 * h, width=8 * w, output_type="latent", **kw).images
     want = _unpack(out, h, w)

@@ -67,9 +67,11 @@ def _save(pipe, folder) -> str:
 
 def _embeds(b=2, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return dict(prompt_embeds=torch.randn(b, 5, 12, generator=g), negative_prompt_embeds=torch.randn(b, 5, 12, generator=g),
+    return dict(prompt_embeds=torch.randn(b, 5, 12, generator=g),
+                negative_prompt_embeds=torch.randn(b, 5, 12, generator=g),
                 pooled_prompt_embeds=torch.randn(b, 10, generator=g),
-                negative_pooled_prompt_embeds=torch.randn(b, 10, generator=g), latents=torch.randn(b, 4, 8, 8, generator=g))
+                negative_pooled_prompt_embeds=torch.randn(b, 10, generator=g),
+                latents=torch.randn(b, 4, 8, 8, generator=g))
 
 
 def _fastdiff_kwargs(e, guided=True):
@@ -325,7 +327,8 @@ def test_sd3_single_file_matches_diffusers(tmp_path, extra):
     assert (c.num_layers, c.qk_norm, c.dual_attention_layers, c.pos_embed_max_size) == (
         3, extra.get("qk_norm"), extra.get("dual_attention_layers", ()), 8)
     g = torch.Generator().manual_seed(1)
-    x, ctx, pooled = torch.randn(2, 4, 8, 6, generator=g), torch.randn(2, 5, 12, generator=g), torch.randn(2, 10, generator=g)
+    x, ctx = torch.randn(2, 4, 8, 6, generator=g), torch.randn(2, 5, 12, generator=g)
+    pooled = torch.randn(2, 10, generator=g)
     t = torch.tensor([37.5, 842.0])
     with torch.no_grad():
         want = ref(x, encoder_hidden_states=ctx, pooled_projections=pooled, timestep=t).sample

@@ -310,7 +310,8 @@ def test_bench_runs_an_sdxl_model_against_diffusers(tmp_path):
     from test_cli import fastdiff as run_cli
 
     r = run_cli("bench", "arch:tiny-sdxl-unet", "--backends", "eager", "--compare", "diffusers", "--steps", "2",
-                "--repeat", "1", "--warmup", "1", "--cfg", "3", "--sampler", "euler", "--json", "out.json", cwd=tmp_path)
+                "--repeat", "1", "--warmup", "1", "--cfg", "3", "--sampler", "euler", "--json", "out.json",
+                cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     d = json.loads((tmp_path / "out.json").read_text())
     rows = [(row["backend"], row["status"]) for row in d["results"]] + [(row["impl"], row["status"])

@@ -47,7 +47,8 @@ def test_decoder_matches_diffusers(name):
     with torch.no_grad():
         want = ref.decode(z).sample
         got = vae(z)
-        scaled = vae.decode(z * ref.config.scaling_factor - (ref.config.shift_factor or 0.0) * ref.config.scaling_factor)
+        s, shift = ref.config.scaling_factor, ref.config.shift_factor or 0.0
+        scaled = vae.decode(z * s - shift * s)
     assert got.shape == (2, 3, 10, 14) and rel_err(got, want) <= 1e-5
     assert rel_err(scaled, want.clamp(-1, 1)) <= 1e-5  # decode() undoes the pipelines' latent scaling
 
@@ -72,8 +73,8 @@ def test_a_pipeline_folder_decodes_like_diffusers_sdxl_pipeline(tmp_path):
     unet, vae, sched = _sdxl_folder(tmp_path)
     pipe = fastdiff.load(str(tmp_path))
     assert pipe.vae is not None and pipe.vae.config.scaling_factor == 0.13025
-    ref = diffusers_pipeline("StableDiffusionXLPipeline")(vae=vae, text_encoder=None, text_encoder_2=None,
-                                                            tokenizer=None, tokenizer_2=None, unet=unet, scheduler=sched)
+    parts = dict(text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None)
+    ref = diffusers_pipeline("StableDiffusionXLPipeline")(vae=vae, unet=unet, scheduler=sched, **parts)
     ref.set_progress_bar_config(disable=True)
     g = torch.Generator().manual_seed(1)
     e = dict(prompt_embeds=torch.randn(2, 5, 12, generator=g), pooled_prompt_embeds=torch.randn(2, 10, generator=g),
