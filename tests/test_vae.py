@@ -274,3 +274,27 @@ def test_fp16_export_of_a_vae_that_needs_float32_is_refused(tmp_path):
     with pytest.raises(BadArgumentError, match="force_upcast"):
         export_vae_onnx(pipe, str(tmp_path / "x.onnx"), dtype="fp16")
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_engine_can_resolve_requests_to_images(tmp_path):
+    _reference(dict(SD_VAE, scaling_factor=0.18215), seed=3).save_pretrained(tmp_path / "vae")
+    pipe = fastdiff.load("arch:tiny-dit", vae=str(tmp_path / "vae"))
+    with fastdiff.Engine(pipe, max_batch=4, max_wait_ms=50, decode=True) as engine:
+        futures = [engine.submit(seed=s, class_label=s, steps=2) for s in (1, 2, 3)]
+        images = [f.result(timeout=60) for f in futures]
+    for s, image in zip((1, 2, 3), images):
+        want = pipe.decode(pipe.generate(seeds=[s], class_labels=[s], steps=2, progress=False))[0]
+        assert image.shape == (3, 16, 16) and rel_err(image, want) <= 1e-5
+    with pytest.raises(BadArgumentError, match="no VAE decoder"):
+        fastdiff.Engine(fastdiff.load("arch:tiny-dit"), decode=True)
+
+
+def test_info_names_the_vae(tmp_path):
+    from test_cli import fastdiff as run_cli
+
+    _reference(dict(SD_VAE, scaling_factor=0.18215), seed=3).save_pretrained(tmp_path / "vae")
+    r = run_cli("info", "arch:tiny-dit", "--vae", str(tmp_path / "vae"), cwd=tmp_path)
+    want = "arch:tiny-dit VAE: AutoencoderKL decoder, 4 latent channels, scaling 0.18215"
+    assert r.returncode == 0 and want in r.stdout, r.stderr
+    r = run_cli("info", "arch:tiny-dit", cwd=tmp_path)
+    assert "VAE: none (latents only: pass --vae FOLDER for images)" in r.stdout

@@ -136,7 +136,15 @@ def model_ops(model: str, backend: str, kernel_ops: str = "measured", **load_opt
     if plan.denoiser_kind == "flow":
         sampling["frame"] = plan.denoiser_options["frame"]
     return {"model": model, "device": str(device), "backend": chosen, "ops": op_backends(pipe.model),
-            "sampling": sampling, "conditioning": _conditioning(pipe.spec)}
+            "sampling": sampling, "conditioning": _conditioning(pipe.spec), "vae": _vae(pipe)}
+
+
+def _vae(pipe) -> str:
+    if pipe.vae is None:
+        return "none" if pipe.spec.in_channels in (1, 3) else "none (latents only: pass --vae FOLDER for images)"
+    c = pipe.vae.config
+    return (f"AutoencoderKL decoder, {c.latent_channels} latent channels, scaling {c.scaling_factor}"
+            + (f", shift {c.shift_factor}" if c.shift_factor else ""))
 
 
 def _conditioning(spec) -> str:
@@ -195,6 +203,7 @@ def run(args) -> int:
         print(f"{m['model']}: predicts {s['prediction_type']}, scheduler {s['scheduler']}; generate() with no "
               f"sampler runs {s['default_sampler']} ({s['denoiser']} denoiser{frame})")
         print(f"{m['model']} takes: {m['conditioning']}")
+        print(f"{m['model']} VAE: {m['vae']}")
         print(f"{m['model']} on {m['device']}, backend {m['backend']}: each fused layer's path")
         for k, v in m["ops"].items():
             print(f"  {k:20s} {v}")

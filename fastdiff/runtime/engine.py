@@ -192,12 +192,18 @@ class Engine:
         max_wait_ms: how long the first request of a group may wait for company before its batch is
             started anyway. 0 = never wait (batch only what is already queued).
         name: the worker thread's name.
+        decode: resolve each request to its decoded image (3, H, W) in [-1, 1] (``pipe.decode``, a latent model
+            with a VAE decoder), decoded with the rest of its batch; default: the sample itself.
     """
 
-    def __init__(self, pipe, max_batch: int = 8, max_wait_ms: float = 5.0, *, name: str = "fastdiff-engine"):
+    def __init__(self, pipe, max_batch: int = 8, max_wait_ms: float = 5.0, *, name: str = "fastdiff-engine",
+                 decode: bool = False):
         if not callable(getattr(pipe, "generate", None)):
             raise BadArgumentError(f"pipe: expected an object with a generate() method (a fastdiff.Pipeline), "
                                    f"found {type(pipe).__name__}")
+        if decode and getattr(pipe, "vae", None) is None:
+            raise BadArgumentError("decode=True: this pipeline has no VAE decoder (fastdiff.load(..., vae=...))")
+        self.decode = bool(decode)
         self.pipe = pipe
         self.max_batch = _as_int("max_batch", max_batch, minimum=1)
         if (isinstance(max_wait_ms, bool) or not isinstance(max_wait_ms, numbers.Real)
@@ -469,6 +475,8 @@ class Engine:
         if not torch.is_tensor(out) or out.dim() < 1 or out.shape[0] != len(reqs):
             found = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
             raise FastdiffError(f"pipe.generate: expected a tensor with {len(reqs)} samples on dim 0, found {found}")
+        if self.decode:
+            out = self.pipe.decode(out)  # (B, 3, H, W): the batch's images at once
         return out
 
     def _run_batch(self, reqs: List[_Request]) -> None:
