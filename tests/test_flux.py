@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import fastdiff
 from fastdiff.errors import BadArgumentError, UnsupportedConfigError
@@ -297,3 +298,103 @@ def test_every_exported_graph_clamps_to_the_half_range(tmp_path):
     export_onnx(fastdiff.load("arch:tiny-flux"), None, path, dtype="fp32", progress=False)
     clips = [n for n in onnx.load(path).graph.node if n.op_type == "Clip"]
     assert len(clips) == 4  # one per block: 2 double, 2 single
+
+
+# --- Black Forest Labs' single files -------------------------------------------------------------------------------
+
+SINGLE = dict(DEV, attention_head_dim=128, num_attention_heads=1, axes_dims_rope=(16, 56, 56))  # FLUX.1's head dim
+
+
+def to_bfl_single_file(state: dict, cfg: dict) -> dict:
+    """A diffusers Flux state dict in BFL's layout (fused qkv, linear1 = q | k | v | mlp, (shift, scale) out norm)."""
+    out = {}
+
+    def put(dst, src):
+        for part in ("weight", "bias"):
+            out[f"{dst}.{part}"] = state[f"{src}.{part}"]
+
+    def fused(dst, srcs):
+        for part in ("weight", "bias"):
+            out[f"{dst}.{part}"] = torch.cat([state[f"{s}.{part}"] for s in srcs])
+
+    put("time_in.in_layer", "time_text_embed.timestep_embedder.linear_1")
+    put("time_in.out_layer", "time_text_embed.timestep_embedder.linear_2")
+    put("vector_in.in_layer", "time_text_embed.text_embedder.linear_1")
+    put("vector_in.out_layer", "time_text_embed.text_embedder.linear_2")
+    if cfg["guidance_embeds"]:
+        put("guidance_in.in_layer", "time_text_embed.guidance_embedder.linear_1")
+        put("guidance_in.out_layer", "time_text_embed.guidance_embedder.linear_2")
+    put("txt_in", "context_embedder")
+    put("img_in", "x_embedder")
+    for i in range(cfg["num_layers"]):
+        s, d = f"transformer_blocks.{i}", f"double_blocks.{i}"
+        put(f"{d}.img_mod.lin", f"{s}.norm1.linear")
+        put(f"{d}.txt_mod.lin", f"{s}.norm1_context.linear")
+        fused(f"{d}.img_attn.qkv", [f"{s}.attn.to_q", f"{s}.attn.to_k", f"{s}.attn.to_v"])
+        fused(f"{d}.txt_attn.qkv", [f"{s}.attn.add_q_proj", f"{s}.attn.add_k_proj", f"{s}.attn.add_v_proj"])
+        for src, dst in (("norm_q", "img_attn.norm.query_norm"), ("norm_k", "img_attn.norm.key_norm"),
+                         ("norm_added_q", "txt_attn.norm.query_norm"), ("norm_added_k", "txt_attn.norm.key_norm")):
+            out[f"{d}.{dst}.scale"] = state[f"{s}.attn.{src}.weight"]
+        put(f"{d}.img_mlp.0", f"{s}.ff.net.0.proj")
+        put(f"{d}.img_mlp.2", f"{s}.ff.net.2")
+        put(f"{d}.txt_mlp.0", f"{s}.ff_context.net.0.proj")
+        put(f"{d}.txt_mlp.2", f"{s}.ff_context.net.2")
+        put(f"{d}.img_attn.proj", f"{s}.attn.to_out.0")
+        put(f"{d}.txt_attn.proj", f"{s}.attn.to_add_out")
+    for i in range(cfg["num_single_layers"]):
+        s, d = f"single_transformer_blocks.{i}", f"single_blocks.{i}"
+        put(f"{d}.modulation.lin", f"{s}.norm.linear")
+        fused(f"{d}.linear1", [f"{s}.attn.to_q", f"{s}.attn.to_k", f"{s}.attn.to_v", f"{s}.proj_mlp"])
+        out[f"{d}.norm.query_norm.scale"] = state[f"{s}.attn.norm_q.weight"]
+        out[f"{d}.norm.key_norm.scale"] = state[f"{s}.attn.norm_k.weight"]
+        put(f"{d}.linear2", f"{s}.proj_out")
+    put("final_layer.linear", "proj_out")
+    for part in ("weight", "bias"):
+        scale, shift = state[f"norm_out.linear.{part}"].chunk(2)
+        out[f"final_layer.adaLN_modulation.1.{part}"] = torch.cat([shift, scale])
+    return out
+
+
+def _diffusers_bfl_converter(inner_dim: int):
+    """diffusers' convert_flux_transformer_checkpoint_to_diffusers, at this width (it hard-codes FLUX.1's 3072)."""
+    import inspect
+
+    module = pytest.importorskip("diffusers.loaders.single_file_utils",
+                                 reason="diffusers' single-file converter checks the renaming")
+    src = inspect.getsource(module.convert_flux_transformer_checkpoint_to_diffusers)
+    if "inner_dim = 3072" not in src:
+        pytest.skip("this diffusers' Flux converter no longer hard-codes inner_dim = 3072")
+    namespace = dict(vars(module))
+    exec(src.replace("inner_dim = 3072", f"inner_dim = {inner_dim}"), namespace)
+    return namespace["convert_flux_transformer_checkpoint_to_diffusers"]
+
+
+@pytest.mark.parametrize("cfg", [SINGLE, dict(SINGLE, guidance_embeds=False)], ids=["dev", "schnell"])
+def test_bfl_single_file_matches_diffusers(tmp_path, cfg):
+    ref = _reference(cfg)
+    single = to_bfl_single_file(ref.state_dict(), cfg)
+    back = _diffusers_bfl_converter(128)({"model.diffusion_model." + k: v for k, v in single.items()})
+    assert set(back) == set(ref.state_dict()) and all(torch.equal(back[k], v) for k, v in ref.state_dict().items())
+
+    path = str(tmp_path / "flux.safetensors")
+    save_file({k: v.contiguous() for k, v in single.items()}, path)
+    pipe = fastdiff.load(path)
+    assert (pipe.spec.kind, pipe.spec.guidance_input, pipe.spec.scheduler["use_dynamic_shifting"]) == (
+        "flux", cfg["guidance_embeds"], cfg["guidance_embeds"])
+    g = torch.Generator().manual_seed(1)
+    x, ctx = torch.randn(2, 4, 6, 8, generator=g), torch.randn(2, 5, 12, generator=g)
+    pooled = torch.randn(2, 10, generator=g)
+    t = torch.tensor([375.0, 842.0])
+    guidance = torch.tensor([3.5, 5.0]) if cfg["guidance_embeds"] else None
+    with torch.no_grad():
+        want = _diffusers_call(ref, x, t, ctx, pooled, guidance)
+        got = pipe.model(x, t, encoder_hidden_states=ctx, text_embeds=pooled, guidance=guidance)
+    assert rel_err(got, want) <= 1e-5
+    # ComfyUI's all-in-one layout: the same keys under model.diffusion_model., a VAE beside them
+    comfy = {"model.diffusion_model." + k: v.contiguous() for k, v in single.items()}
+    comfy["vae.decoder.conv_in.weight"] = torch.zeros(1)
+    save_file(comfy, str(tmp_path / "comfy.safetensors"))
+    with torch.no_grad():
+        again = fastdiff.load(str(tmp_path / "comfy.safetensors")).model(x, t, encoder_hidden_states=ctx,
+                                                                        text_embeds=pooled, guidance=guidance)
+    assert torch.equal(again, got)

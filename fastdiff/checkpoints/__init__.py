@@ -33,6 +33,7 @@ SUPPORTED_FORMATS = (
     "NVlabs/edm EDMPrecond state dict (.pt: SongUNet / DhariwalUNet)",
     "Stable Diffusion single file (.safetensors / .ckpt with model.diffusion_model.* UNet keys)",
     "Stable Diffusion 3 / 3.5 single file (.safetensors with model.diffusion_model.joint_blocks.*)",
+    "FLUX.1 single file (Black Forest Labs' .safetensors: double_blocks.* / single_blocks.*)",
     "ONNX model exported by fastdiff (.onnx)",
     "builtin:NAME, arch:NAME",
 )
@@ -257,7 +258,21 @@ def _read_any(path: str, *, variant=None, num_heads=None, head_channels=None, at
             spec.notes.append("single-file UNet: heads inferred (SD1: 8, SD2 / SDXL: 64 per head) unless num_heads= is "
                               "given; " + why)
             return "unet", cfg, convert_ldm_unet(state, cfg), spec, vae_of(spec, lambda: _single_file_vae(state, spec))
+        from .flux_single import convert_flux_single, flux_single_config, is_flux_state_dict
         from .sd3 import convert_sd3, is_sd3_state_dict, sd3_config
+
+        if is_flux_state_dict(state):
+            from .diffusers_folder import spec_for
+            from .presets import FLUX_SCHEDULER, FLUX_SCHNELL_SCHEDULER
+
+            cfg = flux_single_config(state)
+            spec = spec_for("flux", cfg, FLUX_SCHEDULER if cfg.guidance_embeds else FLUX_SCHNELL_SCHEDULER,
+                            source=f"FLUX.1 single file {path}")
+            spec.notes.append("FLUX.1 single file: rotary axes (16, 56, 56) and 1024 px assumed; "
+                              + ("dev (guidance input): FlowMatchEuler with dynamic shifting" if cfg.guidance_embeds
+                                 else "schnell (no guidance input): FlowMatchEuler, shift 1")
+                              + "; its VAE ships apart: pass vae=")
+            return "flux", cfg, convert_flux_single(state, cfg), spec, None
 
         if is_sd3_state_dict(state):
             from .diffusers_folder import spec_for
