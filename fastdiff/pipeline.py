@@ -252,7 +252,7 @@ class Pipeline:
                  seeds: Optional[Sequence[int]] = None, latents: Optional[torch.Tensor] = None,
                  height: Optional[int] = None, width: Optional[int] = None, output_type: str = "tensor",
                  progress: bool = True, callback=None, text_embeds=None, negative_text_embeds=None, time_ids=None,
-                 negative_time_ids=None, guidance: Optional[float] = None, **sampler_options):
+                 negative_time_ids=None, guidance=None, **sampler_options):
         """Sample ``n`` images (latents for latent models).
 
         sampler / schedule: a fastdiff sampler name (``dpmpp_2m``, ``unipc``, ``ddim``, ...) and sigma
@@ -265,7 +265,7 @@ class Pipeline:
             no crop). Guided runs also take ``negative_text_embeds`` (and optionally ``negative_time_ids``).
             SD3 and Flux take ``text_embeds`` alone (diffusers' ``pooled_prompt_embeds``).
         guidance: a guidance-distilled model's strength (FLUX.1 dev; diffusers' FluxPipeline ``guidance_scale``,
-            default 3.5), an input of the network, not classifier-free guidance (that is ``cfg_scale``).
+            default 3.5), one or one per sample: an input of the network, not classifier-free guidance (``cfg_scale``).
         seed / seeds: ``seeds=[...]`` gives one generator per sample (a sample depends on its own seed
             only); ``seed=s`` means seeds s, s+1, ...; neither draws random seeds; not both.
         latents: the initial unit-normal noise (B, C, H, W), as diffusers' ``latents=`` (a torch tensor or a

@@ -56,3 +56,44 @@ class RequiredKeys(Mapping):
 
     def get(self, key, default=None):  # Mapping.get would turn the missing-key error into a crash, not the default
         return self.state.get(key, default)
+
+
+def swap_scale_shift(t: torch.Tensor) -> torch.Tensor:
+    """(shift, scale) rows (Stability's and Black Forest Labs' continuous adaLN) -> diffusers' (scale, shift)."""
+    shift, scale = t.chunk(2, dim=0)
+    return torch.cat([scale, shift], dim=0)
+
+
+class Renamer:
+    """Builds a native state dict from a foreign one, tensor by tensor, remembering which it read: ``finish()``
+    refuses whatever was left unread, so no tensor of the file is silently dropped."""
+
+    def __init__(self, source: RequiredKeys, what: str):
+        self.source, self.what = source, what
+        self.out: dict[str, torch.Tensor] = {}
+        self.used: set = set()
+
+    def take(self, name: str) -> torch.Tensor:
+        self.used.add(name)
+        return self.source[name]
+
+    def linear(self, dst: str, src: str, fn=None) -> None:
+        """``src.weight`` / ``src.bias`` -> ``dst.*`` (through ``fn``)."""
+        for part in ("weight", "bias"):
+            t = self.take(f"{src}.{part}")
+            self.out[f"{dst}.{part}"] = fn(t) if fn is not None else t
+
+    def split(self, dsts, src: str, sizes) -> None:
+        """A fused projection ``src`` split row-wise into the layers ``dsts`` (``sizes`` rows each)."""
+        for part in ("weight", "bias"):
+            for dst, t in zip(dsts, self.take(f"{src}.{part}").split(list(sizes), dim=0)):
+                self.out[f"{dst}.{part}"] = t.contiguous()
+
+    def finish(self) -> dict[str, torch.Tensor]:
+        from ..errors import CheckpointError
+
+        leftover = sorted(set(self.source) - self.used)
+        if leftover:
+            raise CheckpointError(f"{self.what}: {len(leftover)} tensor(s) with no native counterpart (not "
+                                  f"supported): {leftover[:5]}")
+        return self.out

@@ -16,7 +16,7 @@ import torch
 
 from ..errors import CheckpointError
 from ..models.flux import FluxConfig
-from .common import RequiredKeys
+from .common import Renamer, RequiredKeys, swap_scale_shift
 
 PREFIX = "model.diffusion_model."
 MARKER = "double_blocks.0.img_attn.qkv.weight"
@@ -54,68 +54,44 @@ def flux_single_config(state: dict) -> FluxConfig:
 
 
 def convert_flux_single(state: dict, config: FluxConfig) -> dict[str, torch.Tensor]:
-    sd = _keys(state)
+    r = Renamer(_keys(state), "FLUX single file (Fill / Depth / LoRA-merged extras are not supported)")
     inner = config.inner_dim
-    out: dict[str, torch.Tensor] = {}
-    used: set = set()
-
-    def take(name):
-        used.add(name)
-        return sd[name]
-
-    def linear(dst, src, fn=lambda t: t):
-        for part in ("weight", "bias"):
-            out[f"{dst}.{part}"] = fn(take(f"{src}.{part}"))
-
-    def split(dst_names, src, sizes):
-        for part in ("weight", "bias"):
-            for name, t in zip(dst_names, take(f"{src}.{part}").split(sizes, dim=0)):
-                out[f"{name}.{part}"] = t.contiguous()
-
-    def swap(t):  # BFL's (shift, scale) -> diffusers' AdaLayerNormContinuous (scale, shift)
-        shift, scale = t.chunk(2, dim=0)
-        return torch.cat([scale, shift])
-
-    linear("time_text_embed.timestep_embedder.linear_1", "time_in.in_layer")
-    linear("time_text_embed.timestep_embedder.linear_2", "time_in.out_layer")
-    linear("time_text_embed.text_embedder.linear_1", "vector_in.in_layer")
-    linear("time_text_embed.text_embedder.linear_2", "vector_in.out_layer")
+    r.linear("time_text_embed.timestep_embedder.linear_1", "time_in.in_layer")
+    r.linear("time_text_embed.timestep_embedder.linear_2", "time_in.out_layer")
+    r.linear("time_text_embed.text_embedder.linear_1", "vector_in.in_layer")
+    r.linear("time_text_embed.text_embedder.linear_2", "vector_in.out_layer")
     if config.guidance_embeds:
-        linear("time_text_embed.guidance_embedder.linear_1", "guidance_in.in_layer")
-        linear("time_text_embed.guidance_embedder.linear_2", "guidance_in.out_layer")
-    linear("context_embedder", "txt_in")
-    linear("x_embedder", "img_in")
+        r.linear("time_text_embed.guidance_embedder.linear_1", "guidance_in.in_layer")
+        r.linear("time_text_embed.guidance_embedder.linear_2", "guidance_in.out_layer")
+    r.linear("context_embedder", "txt_in")
+    r.linear("x_embedder", "img_in")
     for i in range(config.num_layers):
         s, d = f"double_blocks.{i}", f"transformer_blocks.{i}"
-        linear(f"{d}.norm1.linear", f"{s}.img_mod.lin")
-        linear(f"{d}.norm1_context.linear", f"{s}.txt_mod.lin")
-        split([f"{d}.attn.to_q", f"{d}.attn.to_k", f"{d}.attn.to_v"], f"{s}.img_attn.qkv", [inner] * 3)
-        split([f"{d}.attn.add_q_proj", f"{d}.attn.add_k_proj", f"{d}.attn.add_v_proj"], f"{s}.txt_attn.qkv",
-              [inner] * 3)
+        r.linear(f"{d}.norm1.linear", f"{s}.img_mod.lin")
+        r.linear(f"{d}.norm1_context.linear", f"{s}.txt_mod.lin")
+        r.split([f"{d}.attn.to_q", f"{d}.attn.to_k", f"{d}.attn.to_v"], f"{s}.img_attn.qkv", [inner] * 3)
+        r.split([f"{d}.attn.add_q_proj", f"{d}.attn.add_k_proj", f"{d}.attn.add_v_proj"], f"{s}.txt_attn.qkv",
+                [inner] * 3)
         for dst, src in (("norm_q", "img_attn.norm.query_norm"), ("norm_k", "img_attn.norm.key_norm"),
                          ("norm_added_q", "txt_attn.norm.query_norm"), ("norm_added_k", "txt_attn.norm.key_norm")):
-            out[f"{d}.attn.{dst}.weight"] = take(f"{s}.{src}.scale")
-        linear(f"{d}.ff.net.0.proj", f"{s}.img_mlp.0")
-        linear(f"{d}.ff.net.2", f"{s}.img_mlp.2")
-        linear(f"{d}.ff_context.net.0.proj", f"{s}.txt_mlp.0")
-        linear(f"{d}.ff_context.net.2", f"{s}.txt_mlp.2")
-        linear(f"{d}.attn.to_out.0", f"{s}.img_attn.proj")
-        linear(f"{d}.attn.to_add_out", f"{s}.txt_attn.proj")
+            r.out[f"{d}.attn.{dst}.weight"] = r.take(f"{s}.{src}.scale")
+        r.linear(f"{d}.ff.net.0.proj", f"{s}.img_mlp.0")
+        r.linear(f"{d}.ff.net.2", f"{s}.img_mlp.2")
+        r.linear(f"{d}.ff_context.net.0.proj", f"{s}.txt_mlp.0")
+        r.linear(f"{d}.ff_context.net.2", f"{s}.txt_mlp.2")
+        r.linear(f"{d}.attn.to_out.0", f"{s}.img_attn.proj")
+        r.linear(f"{d}.attn.to_add_out", f"{s}.txt_attn.proj")
     for i in range(config.num_single_layers):
         s, d = f"single_blocks.{i}", f"single_transformer_blocks.{i}"
-        linear(f"{d}.norm.linear", f"{s}.modulation.lin")
-        split([f"{d}.attn.to_q", f"{d}.attn.to_k", f"{d}.attn.to_v", f"{d}.proj_mlp"], f"{s}.linear1",
-              [inner, inner, inner, 4 * inner])
-        out[f"{d}.attn.norm_q.weight"] = take(f"{s}.norm.query_norm.scale")
-        out[f"{d}.attn.norm_k.weight"] = take(f"{s}.norm.key_norm.scale")
-        linear(f"{d}.proj_out", f"{s}.linear2")
-    linear("proj_out", "final_layer.linear")
-    linear("norm_out.linear", "final_layer.adaLN_modulation.1", swap)
-    leftover = sorted(set(sd) - used)
-    if leftover:
-        raise CheckpointError(f"FLUX single file: {len(leftover)} tensor(s) with no native counterpart (not "
-                              f"supported: Fill / Depth / LoRA-merged extras?): {leftover[:5]}")
-    return out
+        r.linear(f"{d}.norm.linear", f"{s}.modulation.lin")
+        r.split([f"{d}.attn.to_q", f"{d}.attn.to_k", f"{d}.attn.to_v", f"{d}.proj_mlp"], f"{s}.linear1",
+                [inner, inner, inner, 4 * inner])
+        r.out[f"{d}.attn.norm_q.weight"] = r.take(f"{s}.norm.query_norm.scale")
+        r.out[f"{d}.attn.norm_k.weight"] = r.take(f"{s}.norm.key_norm.scale")
+        r.linear(f"{d}.proj_out", f"{s}.linear2")
+    r.linear("proj_out", "final_layer.linear")
+    r.linear("norm_out.linear", "final_layer.adaLN_modulation.1", swap_scale_shift)
+    return r.finish()
 
 
 __all__ = ["is_flux_state_dict", "flux_single_config", "convert_flux_single"]

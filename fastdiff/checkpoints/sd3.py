@@ -16,7 +16,7 @@ import torch
 
 from ..errors import CheckpointError
 from ..models.mmdit import MMDiTConfig
-from .common import RequiredKeys
+from .common import Renamer, RequiredKeys, swap_scale_shift
 
 PREFIX = "model.diffusion_model."
 MARKER = "joint_blocks.0.context_block.adaLN_modulation.1.bias"
@@ -54,7 +54,8 @@ def sd3_config(state: dict) -> MMDiTConfig:
         raise CheckpointError(f"SD3 single file: pos_embed holds {table} positions, expected a square table")
     out = sd["final_layer.linear.weight"].shape[0] // (patch * patch)
     return MMDiTConfig(
-        sample_size=min(SD3_SAMPLE_SIZE, side * patch), patch_size=patch, in_channels=in_channels, num_layers=len(blocks),
+        sample_size=min(SD3_SAMPLE_SIZE, side * patch), patch_size=patch, in_channels=in_channels,
+        num_layers=len(blocks),
         attention_head_dim=SD3_HEAD_DIM, num_attention_heads=inner // SD3_HEAD_DIM,
         joint_attention_dim=sd["context_embedder.weight"].shape[1],
         caption_projection_dim=sd["context_embedder.weight"].shape[0],
@@ -63,72 +64,48 @@ def sd3_config(state: dict) -> MMDiTConfig:
         qk_norm="rms_norm" if any(".attn.ln_q." in k for k in sd) else None)
 
 
-def _swap_scale_shift(t: torch.Tensor) -> torch.Tensor:
-    """Stability's (shift, scale) rows -> diffusers' AdaLayerNormContinuous order (scale, shift)."""
-    shift, scale = t.chunk(2, dim=0)
-    return torch.cat([scale, shift], dim=0)
-
-
 def convert_sd3(state: dict, config: MMDiTConfig) -> dict[str, torch.Tensor]:
     """Rename (and split the fused q / k / v of) an SD3 single file into the native MMDiT's state dict."""
-    sd = _keys(state)
-    out: dict[str, torch.Tensor] = {}
-    used: set = set()
-
-    def take(name):
-        used.add(name)
-        return sd[name]
-
-    def linear(dst, src, fn=lambda t: t):
-        out[dst + ".weight"] = fn(take(src + ".weight"))
-        out[dst + ".bias"] = fn(take(src + ".bias"))
-
-    def qkv(dst, src, names):
-        for part in ("weight", "bias"):
-            for name, t in zip(names, take(f"{src}.qkv.{part}").chunk(3, dim=0)):
-                out[f"{dst}.{name}.{part}"] = t.contiguous()
-
-    out["pos_embed.pos_embed"] = take("pos_embed")
-    linear("pos_embed.proj", "x_embedder.proj")
-    linear("time_text_embed.timestep_embedder.linear_1", "t_embedder.mlp.0")
-    linear("time_text_embed.timestep_embedder.linear_2", "t_embedder.mlp.2")
-    linear("time_text_embed.text_embedder.linear_1", "y_embedder.mlp.0")
-    linear("time_text_embed.text_embedder.linear_2", "y_embedder.mlp.2")
-    linear("context_embedder", "context_embedder")
+    r = Renamer(_keys(state), "SD3 single file")
+    inner = config.inner_dim
+    r.out["pos_embed.pos_embed"] = r.take("pos_embed")
+    r.linear("pos_embed.proj", "x_embedder.proj")
+    r.linear("time_text_embed.timestep_embedder.linear_1", "t_embedder.mlp.0")
+    r.linear("time_text_embed.timestep_embedder.linear_2", "t_embedder.mlp.2")
+    r.linear("time_text_embed.text_embedder.linear_1", "y_embedder.mlp.0")
+    r.linear("time_text_embed.text_embedder.linear_2", "y_embedder.mlp.2")
+    r.linear("context_embedder", "context_embedder")
     for i in range(config.num_layers):
         src, dst = f"joint_blocks.{i}", f"transformer_blocks.{i}"
         last = i == config.num_layers - 1
-        qkv(f"{dst}.attn", f"{src}.x_block.attn", ("to_q", "to_k", "to_v"))
-        qkv(f"{dst}.attn", f"{src}.context_block.attn", ("add_q_proj", "add_k_proj", "add_v_proj"))
-        linear(f"{dst}.attn.to_out.0", f"{src}.x_block.attn.proj")
+        r.split([f"{dst}.attn.{n}" for n in ("to_q", "to_k", "to_v")], f"{src}.x_block.attn.qkv", [inner] * 3)
+        r.split([f"{dst}.attn.{n}" for n in ("add_q_proj", "add_k_proj", "add_v_proj")],
+                f"{src}.context_block.attn.qkv", [inner] * 3)
+        r.linear(f"{dst}.attn.to_out.0", f"{src}.x_block.attn.proj")
         if not last:
-            linear(f"{dst}.attn.to_add_out", f"{src}.context_block.attn.proj")
+            r.linear(f"{dst}.attn.to_add_out", f"{src}.context_block.attn.proj")
         if config.qk_norm:
             for name, stream, norm in (("norm_q", "x_block", "ln_q"), ("norm_k", "x_block", "ln_k"),
                                        ("norm_added_q", "context_block", "ln_q"),
                                        ("norm_added_k", "context_block", "ln_k")):
-                out[f"{dst}.attn.{name}.weight"] = take(f"{src}.{stream}.attn.{norm}.weight")
+                r.out[f"{dst}.attn.{name}.weight"] = r.take(f"{src}.{stream}.attn.{norm}.weight")
         if i in config.dual_attention_layers:
-            qkv(f"{dst}.attn2", f"{src}.x_block.attn2", ("to_q", "to_k", "to_v"))
-            linear(f"{dst}.attn2.to_out.0", f"{src}.x_block.attn2.proj")
+            r.split([f"{dst}.attn2.{n}" for n in ("to_q", "to_k", "to_v")], f"{src}.x_block.attn2.qkv", [inner] * 3)
+            r.linear(f"{dst}.attn2.to_out.0", f"{src}.x_block.attn2.proj")
             if config.qk_norm:
-                out[f"{dst}.attn2.norm_q.weight"] = take(f"{src}.x_block.attn2.ln_q.weight")
-                out[f"{dst}.attn2.norm_k.weight"] = take(f"{src}.x_block.attn2.ln_k.weight")
-        linear(f"{dst}.norm1.linear", f"{src}.x_block.adaLN_modulation.1")
-        linear(f"{dst}.norm1_context.linear", f"{src}.context_block.adaLN_modulation.1",
-               _swap_scale_shift if last else (lambda t: t))
-        linear(f"{dst}.ff.net.0.proj", f"{src}.x_block.mlp.fc1")
-        linear(f"{dst}.ff.net.2", f"{src}.x_block.mlp.fc2")
+                r.out[f"{dst}.attn2.norm_q.weight"] = r.take(f"{src}.x_block.attn2.ln_q.weight")
+                r.out[f"{dst}.attn2.norm_k.weight"] = r.take(f"{src}.x_block.attn2.ln_k.weight")
+        r.linear(f"{dst}.norm1.linear", f"{src}.x_block.adaLN_modulation.1")
+        r.linear(f"{dst}.norm1_context.linear", f"{src}.context_block.adaLN_modulation.1",
+                 swap_scale_shift if last else None)
+        r.linear(f"{dst}.ff.net.0.proj", f"{src}.x_block.mlp.fc1")
+        r.linear(f"{dst}.ff.net.2", f"{src}.x_block.mlp.fc2")
         if not last:
-            linear(f"{dst}.ff_context.net.0.proj", f"{src}.context_block.mlp.fc1")
-            linear(f"{dst}.ff_context.net.2", f"{src}.context_block.mlp.fc2")
-    linear("proj_out", "final_layer.linear")
-    linear("norm_out.linear", "final_layer.adaLN_modulation.1", _swap_scale_shift)
-    leftover = sorted(set(sd) - used)
-    if leftover:
-        raise CheckpointError(f"SD3 single file: {len(leftover)} tensor(s) with no native counterpart (not "
-                              f"supported): {leftover[:5]}")
-    return out
+            r.linear(f"{dst}.ff_context.net.0.proj", f"{src}.context_block.mlp.fc1")
+            r.linear(f"{dst}.ff_context.net.2", f"{src}.context_block.mlp.fc2")
+    r.linear("proj_out", "final_layer.linear")
+    r.linear("norm_out.linear", "final_layer.adaLN_modulation.1", swap_scale_shift)
+    return r.finish()
 
 
 __all__ = ["is_sd3_state_dict", "sd3_config", "convert_sd3"]

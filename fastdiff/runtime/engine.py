@@ -73,7 +73,7 @@ class _Request:
     encoder_hidden_states: Optional[torch.Tensor]
     negative_encoder_hidden_states: Optional[torch.Tensor]
     params: Dict[str, Any]          # steps, sampler, schedule, cfg_scale, height, width: shared by a batch
-    added: Dict[str, torch.Tensor]  # SDXL's text_embeds / time_ids (and negatives) given: one row each
+    added: Dict[str, torch.Tensor]  # text_embeds / time_ids (and negatives), guidance given: one row each
     key: tuple
     future: concurrent.futures.Future
     t_submit: float = field(default_factory=time.perf_counter)
@@ -133,12 +133,13 @@ def _check_states(name: str, states) -> Optional[torch.Tensor]:
     return states
 
 
-# SDXL micro-conditioning a request may carry: one 1-d row each, stacked into (B, ...) per batch
+# per-request conditioning beyond the text states (SDXL's pooled text and ids, SD3's / Flux's pooled text, Flux dev's
+# guidance): one 1-d row each, stacked into (B, ...) per batch
 _ADDED_INPUTS = ("text_embeds", "negative_text_embeds", "time_ids", "negative_time_ids", "guidance")
 
 
 def _check_row(name: str, value) -> torch.Tensor:
-    """One request's pooled text embedding or time ids: a 1-d float tensor (numbers or an array accepted)."""
+    """One request's row of ``_ADDED_INPUTS``: a 1-d tensor of numbers (a list or an array accepted)."""
     try:
         t = value if torch.is_tensor(value) else torch.as_tensor(value, dtype=torch.float32)
     except (TypeError, ValueError, RuntimeError):
