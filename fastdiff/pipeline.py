@@ -27,9 +27,11 @@ _SIGMA_MAX_CAP = 80.0  # EDM's sigma_max: the top of continuous (karras / expone
 
 
 class Pipeline:
-    def __init__(self, model: Optional[torch.nn.Module], spec: ModelSpec, device="cpu", runner=None, vae=None):
+    def __init__(self, model: Optional[torch.nn.Module], spec: ModelSpec, device="cpu", runner=None, vae=None,
+                 prompt_encoder=None):
         """model: the native network (None for an artifact-only pipeline, e.g. a loaded .onnx file, whose
-        ``runner`` is then required). vae: a latent model's image decoder (``fastdiff.models.vae.VAEDecoder``)."""
+        ``runner`` is then required). vae: a latent model's image decoder (``fastdiff.models.vae.VAEDecoder``).
+        prompt_encoder: a ``fastdiff.prompts.PromptEncoder`` (the folder's tokenizers and text encoders)."""
         if model is None and runner is None:
             raise BadArgumentError("Pipeline needs a model or a runner, found neither")
         self.model = model
@@ -37,6 +39,7 @@ class Pipeline:
         self.device = torch.device(device)
         self.runner = runner if runner is not None else model  # what samplers call (replaced by optimize)
         self.vae = vae  # decodes latents for output_type "pil" / "np" and decode(); float32, not optimized
+        self.prompt_encoder = prompt_encoder  # prompts -> text states (generate(prompt=...)); loads on first use
         self.config = None
         self.update_impl = "torch"  # how the samplers' state update runs (OptimizeConfig.sampler_update_impl)
         self.notes: list[str] = list(spec.notes)
@@ -70,6 +73,17 @@ class Pipeline:
                                    "vae='path/to/AutoencoderKL folder') (a pipeline folder's vae/ and a single file's "
                                    "first_stage_model are read automatically)")
         return self.vae.decode(latents)
+
+    def encode_prompt(self, prompt, negative_prompt=None, *, guided: bool = False, clip_skip=None) -> dict:
+        """generate()'s text keyword arguments for ``prompt`` (``encoder_hidden_states``, ``text_embeds`` and, with
+        ``guided``, their ``negative_`` forms), as the model's diffusers pipeline encodes it. Reuse the result for
+        many generate() calls to encode once."""
+        if self.prompt_encoder is None:
+            raise BadArgumentError("prompt: this pipeline has no text encoders (a diffusers pipeline folder's "
+                                   "tokenizer/ + text_encoder/ folders, or load(..., text_encoder='FOLDER')); pass "
+                                   "encoder_hidden_states" + (" / text_embeds" if self.spec.text_embeds_dim else "")
+                                   + " instead")
+        return self.prompt_encoder.encode(prompt, negative_prompt, guided=guided, clip_skip=clip_skip)
 
     def save(self, path: str) -> str:
         """Write the fastdiff format (folder: fastdiff.json + model.safetensors, + vae.safetensors with a VAE
@@ -252,7 +266,8 @@ class Pipeline:
                  seeds: Optional[Sequence[int]] = None, latents: Optional[torch.Tensor] = None,
                  height: Optional[int] = None, width: Optional[int] = None, output_type: str = "tensor",
                  progress: bool = True, callback=None, text_embeds=None, negative_text_embeds=None, time_ids=None,
-                 negative_time_ids=None, guidance=None, **sampler_options):
+                 negative_time_ids=None, guidance=None, prompt=None, negative_prompt=None, clip_skip=None,
+                 **sampler_options):
         """Sample ``n`` images (latents for latent models).
 
         sampler / schedule: a fastdiff sampler name (``dpmpp_2m``, ``unipc``, ``ddim``, ...) and sigma
@@ -264,6 +279,10 @@ class Pipeline:
             the micro-conditioning ids (N numbers or (B, N)); ids default to diffusers' (the image's own size,
             no crop). Guided runs also take ``negative_text_embeds`` (and optionally ``negative_time_ids``).
             SD3 and Flux take ``text_embeds`` alone (diffusers' ``pooled_prompt_embeds``).
+        prompt / negative_prompt: text, one string or one per sample, encoded by the folder's own tokenizers and
+            text encoders as its diffusers pipeline does (``encode_prompt``) into the arguments above; not together
+            with them. The negative defaults to the empty prompt (zeros where SDXL's force_zeros_for_empty_prompt
+            says so). clip_skip: diffusers' ``clip_skip``.
         guidance: a guidance-distilled model's strength (FLUX.1 dev; diffusers' FluxPipeline ``guidance_scale``,
             default 3.5), one or one per sample: an input of the network, not classifier-free guidance (``cfg_scale``).
         seed / seeds: ``seeds=[...]`` gives one generator per sample (a sample depends on its own seed
@@ -299,6 +318,21 @@ class Pipeline:
             if tuple(latents.shape) != (b,) + shape:
                 raise BadArgumentError(f"latents: expected shape {(b,) + shape}, found {tuple(latents.shape)}")
 
+        if prompt is not None or negative_prompt is not None or clip_skip is not None:
+            given = [k for k, v in dict(encoder_hidden_states=encoder_hidden_states, text_embeds=text_embeds,
+                                        negative_encoder_hidden_states=negative_encoder_hidden_states,
+                                        negative_text_embeds=negative_text_embeds).items() if v is not None]
+            if prompt is None or given:
+                raise BadArgumentError("prompt: expected a prompt, or the encoded text arguments, not both and not "
+                                       f"negative_prompt / clip_skip alone; found prompt={prompt!r} with "
+                                       f"{given or 'nothing else'}")
+            text = self.encode_prompt(prompt, negative_prompt, guided=cfg_scale != 1.0, clip_skip=clip_skip)
+            if text["encoder_hidden_states"].shape[0] not in (1, b):
+                raise BadArgumentError(f"prompt: expected 1 or {b} prompts (one per sample), found "
+                                       f"{text['encoder_hidden_states'].shape[0]}")
+            encoder_hidden_states = text["encoder_hidden_states"]
+            negative_encoder_hidden_states = text.get("negative_encoder_hidden_states")
+            text_embeds, negative_text_embeds = text.get("text_embeds"), text.get("negative_text_embeds")
         cond, uncond = self._conditioning(b, class_labels, encoder_hidden_states, negative_encoder_hidden_states,
                                           cfg_scale)
         added, added_uncond = text_time_conditioning(

@@ -42,7 +42,7 @@ SUPPORTED_FORMATS = (
 def load(path: str, device="cpu", dtype: Optional[torch.dtype] = None, *, variant: Optional[str] = None,
          num_heads: Optional[int] = None, head_channels: Optional[int] = None,
          prediction_type: Optional[str] = None, scheduler: Optional[dict] = None,
-         attention_order: Optional[str] = None, vae=None):
+         attention_order: Optional[str] = None, vae=None, text_encoder=None):
     """Load a checkpoint into fastdiff's native model and return a ``Pipeline``.
 
     device / dtype: where and in which precision the network lives (sampler state stays float32).
@@ -55,6 +55,9 @@ def load(path: str, device="cpu", dtype: Optional[torch.dtype] = None, *, varian
     vae: the latent model's image decoder: None takes the one the checkpoint carries (a pipeline folder's
         ``vae/``, a single file's ``first_stage_model``); a path to a diffusers AutoencoderKL folder (e.g.
         stabilityai/sd-vae-ft-ema for DiT) takes that one; False loads none.
+    text_encoder: where ``generate(prompt=...)`` finds its tokenizers and text encoders (read with transformers on
+        first use): None, a diffusers pipeline folder's own; a path, that diffusers pipeline folder's (e.g. for a
+        single file); False, none.
     """
     from ..pipeline import Pipeline
     from .common import strict_load
@@ -73,7 +76,8 @@ def load(path: str, device="cpu", dtype: Optional[torch.dtype] = None, *, varian
 
         model, spec = build_arch(path[len("arch:"):], device=device, dtype=dtype)
         _override_sampling(spec, scheduler, prediction_type)
-        return Pipeline(model, spec, device=device, vae=_pick_vae(vae, None, device))
+        return Pipeline(model, spec, device=device, vae=_pick_vae(vae, None, device),
+                        prompt_encoder=_pick_prompt_encoder(text_encoder, None, spec, device, dtype))
     if path.startswith("builtin:"):
         from .presets import builtin_path
 
@@ -86,7 +90,8 @@ def load(path: str, device="cpu", dtype: Optional[torch.dtype] = None, *, varian
 
         spec = read_onnx_spec(path)
         return Pipeline(None, spec, device=device, runner=OnnxRuntimeRunner(path, device=device, spec=spec),
-                        vae=_pick_vae(vae, None, device))
+                        vae=_pick_vae(vae, None, device),
+                        prompt_encoder=_pick_prompt_encoder(text_encoder, None, spec, device, dtype))
 
     kind, cfg, state, spec, found_vae = _read_any(path, variant=variant, num_heads=num_heads,
                                                   head_channels=head_channels, attention_order=attention_order,
@@ -102,7 +107,9 @@ def load(path: str, device="cpu", dtype: Optional[torch.dtype] = None, *, varian
     _override_sampling(spec, scheduler, prediction_type)
     model = build_model(kind, cfg)
     strict_load(model, state, name=f"{kind.upper()} from {path}", dtype=dtype, device=device)
-    return Pipeline(model.eval(), spec, device=device, vae=_pick_vae(vae, found_vae, device))
+    own_folder = path if os.path.isdir(path) and not is_fastdiff_folder(path) else None
+    return Pipeline(model.eval(), spec, device=device, vae=_pick_vae(vae, found_vae, device),
+                    prompt_encoder=_pick_prompt_encoder(text_encoder, own_folder, spec, device, dtype))
 
 
 # the loading options each source reads (by the first word of ModelSpec.source); any other given option is
@@ -127,6 +134,30 @@ def _pick_vae(requested, found, device):
     from .vae import load_vae_folder
 
     return load_vae_folder(os.fspath(requested), device=device)
+
+
+def _pick_prompt_encoder(requested, own_folder, spec, device, dtype):
+    """The PromptEncoder to attach: the checkpoint folder's own text encoders, the caller's folder's, or none."""
+    from ..prompts import find_prompt_encoder, prompt_family
+
+    if requested is False:
+        return None
+    if requested is None:
+        found = find_prompt_encoder(own_folder, spec) if own_folder else None
+        if own_folder and found is None and prompt_family(spec) is not None:
+            spec.notes.append("no text encoders in the folder: generate() takes encoded text (encoder_hidden_states"
+                              + (", text_embeds" if spec.text_embeds_dim else "") + "), not prompts")
+    else:
+        if not isinstance(requested, (str, os.PathLike)) or not os.path.isdir(requested):
+            raise BadArgumentError(f"text_encoder: expected None, False or a diffusers pipeline folder (with "
+                                   f"tokenizer/ and text_encoder/), found {requested!r}")
+        if prompt_family(spec) is None:
+            raise BadArgumentError(f"text_encoder: given, but this model ({spec.kind}) takes no text")
+        found = find_prompt_encoder(os.fspath(requested), spec)
+        if found is None:
+            raise CheckpointError(f"text_encoder: {os.fspath(requested)} lacks the text encoders a "
+                                  f"{prompt_family(spec)} model needs (tokenizer*/ + text_encoder*/ folders)")
+    return None if found is None else found.to(device, dtype or torch.float32)
 
 
 def _refuse_options(given: dict, accepted, path: str, kind: Optional[str] = None) -> None:

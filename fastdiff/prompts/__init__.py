@@ -1,0 +1,5 @@
+"""Text prompts -> text conditioning, through the tokenizers and text encoders of a diffusers pipeline folder."""
+
+from .encoder import PromptEncoder, find_prompt_encoder, prompt_family
+
+__all__ = ["PromptEncoder", "find_prompt_encoder", "prompt_family"]

@@ -1,0 +1,289 @@
+"""generate(prompt=...): a pipeline folder's own tokenizers and text encoders, used as diffusers' SD, SDXL, SD3 and
+FLUX.1 pipelines use them, checked against those pipelines end to end (tiny random models, same latents)."""
+
+import json
+import os
+
+import pytest
+import torch
+
+import fastdiff
+from fastdiff.errors import BackendUnavailableError, BadArgumentError, CheckpointError
+from helpers import diffusers_pipeline, perturb_, rel_err
+from tiny_text import clip_encoder, t5_encoder, write_clip_tokenizer, write_t5_tokenizer
+
+diffusers = pytest.importorskip("diffusers", reason="diffusers' pipelines are the reference")
+pytest.importorskip("transformers", reason="the text encoders are transformers' classes")
+
+PROMPTS = ["a photo of a red cat", "the dog and the cat"]
+SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
+DDIM = dict(SCHEDULER, clip_sample=False, set_alpha_to_one=False)
+
+
+def _unet(cross, **extra):
+    torch.manual_seed(0)
+    config = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=cross,
+                  attention_head_dim=4, norm_num_groups=8, **extra)
+    return perturb_(diffusers.UNet2DConditionModel(**config).eval(), 0)
+
+
+def _save(pipe, folder: str, **index) -> str:
+    """The pipeline's folder as diffusers writes it (save_pretrained), plus model_index.json entries."""
+    pipe.save_pretrained(folder)
+    if index:
+        path = os.path.join(folder, "model_index.json")
+        with open(path) as f:
+            config = json.load(f)
+        with open(path, "w") as f:
+            json.dump({**config, **index}, f)
+    return folder
+
+
+def _latents(b=2, channels=4, size=8, seed=3):
+    return torch.randn(b, channels, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+# --- Stable Diffusion 1.x / 2.x --------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp("sd"))
+    tok = write_clip_tokenizer(os.path.join(folder, "_tok"))
+    ref = diffusers_pipeline("StableDiffusionPipeline")(
+        vae=None, text_encoder=clip_encoder(16), tokenizer=diffusers_tokenizer(tok), unet=_unet(16),
+        scheduler=diffusers.DDIMScheduler(**DDIM), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    return ref, fastdiff.load(_save(ref, os.path.join(folder, "pipe")))
+
+
+def diffusers_tokenizer(folder):
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(folder)
+
+
+def test_sd_prompt_embeddings_equal_diffusers(sd):
+    ref, pipe = sd
+    want, want_neg = ref.encode_prompt(PROMPTS, "cpu", 1, True, negative_prompt=["dog", "red"])
+    got = pipe.encode_prompt(PROMPTS, ["dog", "red"], guided=True)
+    assert torch.equal(got["encoder_hidden_states"], want)
+    assert torch.equal(got["negative_encoder_hidden_states"], want_neg)
+    assert "text_embeds" not in got
+
+
+def test_sd_clip_skip_reads_an_earlier_layer_through_the_final_norm(sd):
+    """diffusers' StableDiffusionPipeline clip_skip, transcribed (its own line reads text_encoder.text_model, which
+    transformers 5 removed, so the pipeline itself cannot run it there)."""
+    ref, pipe = sd
+    ids = ref.tokenizer(PROMPTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    enc = ref.text_encoder
+    hidden = enc(ids, output_hidden_states=True).hidden_states
+    norm = getattr(enc, "text_model", enc).final_layer_norm
+    got = pipe.encode_prompt(PROMPTS, clip_skip=1)["encoder_hidden_states"]
+    assert torch.equal(got, norm(hidden[-2]))
+    assert not torch.allclose(got, pipe.encode_prompt(PROMPTS)["encoder_hidden_states"])
+
+
+@pytest.mark.parametrize("cfg, negative", [(1.0, None), (5.0, None), (5.0, "a dog")])
+def test_sd_generate_from_prompts_equals_diffusers_pipeline(sd, cfg, negative):
+    ref, pipe = sd
+    latents = _latents()
+    want = ref(PROMPTS, negative_prompt=negative and [negative] * 2, latents=latents.clone(), num_inference_steps=4,
+               guidance_scale=cfg, output_type="latent").images
+    got = pipe.generate(prompt=PROMPTS, negative_prompt=negative, latents=latents, steps=4, cfg_scale=cfg,
+                        progress=False)
+    assert rel_err(got, want) <= 1e-5
+
+
+def test_one_prompt_serves_every_sample(sd):
+    _, pipe = sd
+    one = pipe.generate(2, prompt="a cat", seed=5, steps=3, cfg_scale=3.0, progress=False)
+    both = pipe.generate(2, prompt=["a cat", "a cat"], seed=5, steps=3, cfg_scale=3.0, progress=False)
+    other = pipe.generate(2, prompt=["a cat", "a dog"], seed=5, steps=3, cfg_scale=3.0, progress=False)
+    assert torch.equal(one, both)
+    assert torch.equal(one[0], other[0]) and not torch.allclose(one[1], other[1])
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(prompt="a cat", encoder_hidden_states=torch.zeros(1, 77, 16)), "not both"),
+    (dict(negative_prompt="a dog", encoder_hidden_states=torch.zeros(1, 77, 16)), "not both"),
+    (dict(prompt="a cat", negative_prompt="a dog"), "cfg_scale == 1"),
+    (dict(prompt=["a", "b", "c"]), "1 or 2 prompts"),
+    (dict(prompt=""), None),
+    (dict(prompt=[]), "non-empty list"),
+    (dict(prompt=3), "string"),
+    (dict(prompt="a cat", clip_skip=-1), "clip_skip"),
+])
+def test_bad_prompt_arguments_are_refused_by_name(sd, kwargs, match):
+    _, pipe = sd
+    if match is None:  # the empty prompt is a prompt (diffusers' unconditional one)
+        assert pipe.generate(2, steps=2, progress=False, **kwargs).shape == (2, 4, 8, 8)
+        return
+    with pytest.raises(BadArgumentError, match=match):
+        pipe.generate(2, steps=2, progress=False, **kwargs)
+
+
+def test_text_encoders_load_on_first_prompt_only(sd, tmp_path):
+    ref, _ = sd
+    folder = _save(ref, str(tmp_path / "pipe"))
+    pipe = fastdiff.load(folder)
+    assert pipe.prompt_encoder is not None and pipe.prompt_encoder._parts is None
+    pipe.generate(prompt="a cat", steps=2, progress=False)
+    assert set(pipe.prompt_encoder._parts) == {"text_encoder"}
+
+
+def test_text_encoder_options_at_load(sd, tmp_path):
+    ref, _ = sd
+    folder = _save(ref, str(tmp_path / "pipe"))
+    assert fastdiff.load(folder, text_encoder=False).prompt_encoder is None
+    bare = str(tmp_path / "bare")
+    ref.unet.save_pretrained(os.path.join(bare, "unet"))
+    ref.scheduler.save_pretrained(os.path.join(bare, "scheduler"))
+    pipe = fastdiff.load(bare)
+    assert pipe.prompt_encoder is None and any("no text encoders" in n for n in pipe.notes)
+    with pytest.raises(BadArgumentError, match="no text encoders"):
+        pipe.generate(prompt="a cat", steps=2, progress=False)
+    borrowed = fastdiff.load(bare, text_encoder=folder)  # (a single file would borrow them the same way)
+    want = fastdiff.load(folder).generate(prompt="a cat", seed=1, steps=2, progress=False)
+    assert torch.equal(borrowed.generate(prompt="a cat", seed=1, steps=2, progress=False), want)
+    with pytest.raises(CheckpointError, match="lacks the text encoders"):
+        fastdiff.load(folder, text_encoder=bare)
+    with pytest.raises(BadArgumentError, match="takes no text"):
+        fastdiff.load("arch:tiny-dit", text_encoder=folder)
+    with pytest.raises(BadArgumentError, match="diffusers pipeline folder"):
+        fastdiff.load(folder, text_encoder=str(tmp_path / "missing"))
+
+
+def test_missing_transformers_is_one_clear_error(sd, tmp_path, monkeypatch):
+    import sys
+
+    ref, _ = sd
+    pipe = fastdiff.load(_save(ref, str(tmp_path / "pipe")))
+    monkeypatch.setitem(sys.modules, "transformers", None)  # "import transformers" raises ImportError
+    with pytest.raises(BackendUnavailableError, match="pip install"):
+        pipe.generate(prompt="a cat", steps=2, progress=False)
+
+
+def test_long_prompts_are_truncated_with_a_warning(sd):
+    _, pipe = sd
+    with pytest.warns(UserWarning, match="truncated"):
+        got = pipe.encode_prompt(" ".join(["cat"] * 100))
+    assert got["encoder_hidden_states"].shape == (1, 77, 16)
+
+
+# --- SDXL ------------------------------------------------------------------------------------------------------
+POOLED = 10
+
+
+def _sdxl_pipe(folder, refiner=False):
+    tok = write_clip_tokenizer(os.path.join(folder, "_tok"))
+    tok2 = write_clip_tokenizer(os.path.join(folder, "_tok2"), pad_token="!")  # (SDXL's second pads with "!")
+    unet = _unet(12 if not refiner else 4, addition_embed_type="text_time", addition_time_embed_dim=8,
+                 projection_class_embeddings_input_dim=POOLED + (5 if refiner else 6) * 8)
+    parts = dict(vae=None, text_encoder=None if refiner else clip_encoder(8, seed=1), text_encoder_2=clip_encoder(
+        4, projection=POOLED, seed=2), tokenizer=None if refiner else diffusers_tokenizer(tok),
+        tokenizer_2=diffusers_tokenizer(tok2), unet=unet, scheduler=diffusers.EulerDiscreteScheduler(**SCHEDULER))
+    if refiner:
+        pipe = diffusers_pipeline("StableDiffusionXLImg2ImgPipeline")(**parts, requires_aesthetics_score=True,
+                                                                      force_zeros_for_empty_prompt=False)
+    else:
+        pipe = diffusers_pipeline("StableDiffusionXLPipeline")(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp("sdxl"))
+    ref = _sdxl_pipe(folder)
+    return ref, fastdiff.load(_save(ref, os.path.join(folder, "pipe")))
+
+
+@pytest.mark.parametrize("cfg, negative", [(1.0, None), (4.0, None), (4.0, "a red dog")])
+def test_sdxl_generate_from_prompts_equals_diffusers_pipeline(sdxl, cfg, negative):
+    """No negative prompt: zero embeddings (force_zeros_for_empty_prompt); a negative prompt is encoded."""
+    ref, pipe = sdxl
+    latents = _latents()
+    want = ref(PROMPTS, negative_prompt=negative and [negative] * 2, latents=latents.clone(), num_inference_steps=4,
+               guidance_scale=cfg, height=64, width=64, output_type="latent").images
+    got = pipe.generate(prompt=PROMPTS, negative_prompt=negative, latents=latents, steps=4, cfg_scale=cfg,
+                        progress=False)
+    assert rel_err(got, want) <= 1e-5
+
+
+def test_sdxl_prompt_embeddings_equal_diffusers(sdxl):
+    ref, pipe = sdxl
+    want = ref.encode_prompt(PROMPTS, device="cpu", negative_prompt=["a dog"] * 2, clip_skip=1)
+    got = pipe.encode_prompt(PROMPTS, "a dog", guided=True, clip_skip=1)
+    names = ("encoder_hidden_states", "negative_encoder_hidden_states", "text_embeds", "negative_text_embeds")
+    for name, w in zip(names, want):
+        assert torch.equal(got[name].expand_as(w), w), name
+    assert pipe.prompt_encoder.zero_negative
+    zeros = pipe.encode_prompt("a cat", guided=True)
+    assert not zeros["negative_encoder_hidden_states"].any() and not zeros["negative_text_embeds"].any()
+
+
+def test_sdxl_refiner_prompts_use_its_one_encoder(tmp_path):
+    ref = _sdxl_pipe(str(tmp_path), refiner=True)
+    pipe = fastdiff.load(_save(ref, str(tmp_path / "pipe")))
+    assert not pipe.prompt_encoder.zero_negative and pipe.prompt_encoder.parts_present == ["text_encoder_2"]
+    want = ref.encode_prompt(PROMPTS, device="cpu")
+    got = pipe.encode_prompt(PROMPTS, guided=True)
+    names = ("encoder_hidden_states", "negative_encoder_hidden_states", "text_embeds", "negative_text_embeds")
+    for name, w in zip(names, want):
+        assert torch.equal(got[name].expand_as(w), w), name
+
+
+# --- SD3 -------------------------------------------------------------------------------------------------------
+def _sd3_pipe(folder, t5=True):
+    transformer = perturb_(diffusers.SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=12, out_channels=4,
+        pos_embed_max_size=16).eval(), 0)
+    toks = [diffusers_tokenizer(write_clip_tokenizer(os.path.join(folder, f"_tok{i}"))) for i in (1, 2)]
+    parts = dict(transformer=transformer, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0), vae=None,
+                 text_encoder=clip_encoder(4, projection=4, seed=1), tokenizer=toks[0],
+                 text_encoder_2=clip_encoder(8, projection=8, seed=2), tokenizer_2=toks[1],
+                 text_encoder_3=t5_encoder(16, seed=3) if t5 else None,
+                 tokenizer_3=diffusers_tokenizer(write_t5_tokenizer(os.path.join(folder, "_tok3"))) if t5 else None)
+    pipe = diffusers_pipeline("StableDiffusion3Pipeline")(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("t5", [True, False])
+@pytest.mark.parametrize("cfg", [1.0, 4.5])
+def test_sd3_generate_from_prompts_equals_diffusers_pipeline(tmp_path, t5, cfg):
+    """Two CLIPs (penultimate layers + both projections) and T5's 256 tokens; without T5, zeros in its place."""
+    ref = _sd3_pipe(str(tmp_path), t5=t5)
+    pipe = fastdiff.load(_save(ref, str(tmp_path / "pipe")))
+    latents = _latents()
+    want = ref(PROMPTS, latents=latents.clone(), num_inference_steps=3, guidance_scale=cfg, height=64, width=64,
+               output_type="latent").images
+    got = pipe.generate(prompt=PROMPTS, latents=latents, steps=3, cfg_scale=cfg, progress=False)
+    assert rel_err(got, want) <= 1e-5
+    assert pipe.encode_prompt("a cat")["encoder_hidden_states"].shape == (1, 77 + 256, 16)
+
+
+# --- FLUX.1 ----------------------------------------------------------------------------------------------------
+def test_flux_generate_from_prompts_equals_diffusers_pipeline(tmp_path):
+    """CLIP's pooled output and T5's 512 tokens."""
+    transformer = perturb_(diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, pooled_projection_dim=8, guidance_embeds=True, axes_dims_rope=(2, 2, 4)).eval(), 0)
+    tok = diffusers_tokenizer(write_clip_tokenizer(str(tmp_path / "_tok")))
+    tok2 = diffusers_tokenizer(write_t5_tokenizer(str(tmp_path / "_tok2")))
+    ref = diffusers_pipeline("FluxPipeline")(
+        transformer=transformer, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True),
+        vae=None, text_encoder=clip_encoder(8, seed=1), tokenizer=tok, text_encoder_2=t5_encoder(16, seed=2),
+        tokenizer_2=tok2)
+    ref.set_progress_bar_config(disable=True)
+    pipe = fastdiff.load(_save(ref, str(tmp_path / "pipe")))
+    latents = _latents(channels=4, size=8)
+    packed = latents.reshape(2, 4, 4, 2, 4, 2).permute(0, 2, 4, 1, 3, 5).reshape(2, 16, 16)
+    want = ref(PROMPTS, latents=packed.clone(), num_inference_steps=3, guidance_scale=3.5, height=64, width=64,
+               output_type="latent").images
+    got = pipe.generate(prompt=PROMPTS, latents=latents, steps=3, progress=False)
+    assert rel_err(got.reshape(2, 4, 4, 2, 4, 2).permute(0, 2, 4, 1, 3, 5).reshape(2, 16, 16), want) <= 1e-5
