@@ -78,6 +78,8 @@ class Pipeline:
         """generate()'s text keyword arguments for ``prompt`` (``encoder_hidden_states``, ``text_embeds`` and, with
         ``guided``, their ``negative_`` forms), as the model's diffusers pipeline encodes it. Reuse the result for
         many generate() calls to encode once."""
+        if self.prompt_encoder is None and not self.spec.cross_attention_dim:
+            raise BadArgumentError(f"prompt: given, but this model ({self.spec.kind}) is not text-conditioned")
         if self.prompt_encoder is None:
             raise BadArgumentError("prompt: this pipeline has no text encoders (a diffusers pipeline folder's "
                                    "tokenizer/ + text_encoder/ folders, or load(..., text_encoder='FOLDER')); pass "

@@ -287,3 +287,70 @@ def test_flux_generate_from_prompts_equals_diffusers_pipeline(tmp_path):
                output_type="latent").images
     got = pipe.generate(prompt=PROMPTS, latents=latents, steps=3, progress=False)
     assert rel_err(got.reshape(2, 4, 4, 2, 4, 2).permute(0, 2, 4, 1, 3, 5).reshape(2, 16, 16), want) <= 1e-5
+
+
+# --- the CLI ---------------------------------------------------------------------------------------------------
+def _cli(*args, cwd):
+    import subprocess
+    import sys
+
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TQDM_DISABLE="1", OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "fastdiff.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_cli_generates_from_a_prompt_as_the_api_does(sd, tmp_path):
+    from safetensors.torch import load_file
+
+    ref, _ = sd
+    folder = _save(ref, str(tmp_path / "pipe"))
+    r = _cli("generate", folder, "--prompt", "a red cat", "--negative-prompt", "a dog", "--cfg", "3", "--n", "2",
+             "--steps", "3", "--seed", "7", "--output-latents", "lat.safetensors", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    got = load_file(str(tmp_path / "lat.safetensors"))["latents"]
+    want = fastdiff.load(folder).generate(2, prompt="a red cat", negative_prompt="a dog", cfg_scale=3.0, steps=3,
+                                          seed=7, progress=False)
+    assert torch.equal(got, want)
+
+
+def test_cli_prompt_errors_are_one_line(sd, tmp_path):
+    ref, _ = sd
+    folder = _save(ref, str(tmp_path / "pipe"))
+    out = ("--output-latents", "lat.safetensors")
+    r = _cli("generate", folder, *out, cwd=tmp_path)
+    assert r.returncode == 2 and "--prompt" in r.stderr and "Traceback" not in r.stderr
+    r = _cli("generate", folder, "--text-encoder", "none", "--prompt", "a cat", *out, cwd=tmp_path)
+    assert r.returncode == 2 and "--text-encoder FOLDER" in r.stderr
+    r = _cli("generate", "arch:tiny-unet", "--prompt", "a cat", "--steps", "1", cwd=tmp_path)
+    assert r.returncode == 2 and "not text-conditioned" in r.stderr
+
+
+def test_info_names_the_text_encoders(sd, tmp_path):
+    ref, _ = sd
+    folder = _save(ref, str(tmp_path / "pipe"))
+    r = _cli("info", folder, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert f"{folder} text encoders: sd prompts: text_encoder (CLIPTextModel) (read on the first prompt)" in r.stdout
+    r = _cli("info", folder, "--text-encoder", "none", cwd=tmp_path)
+    assert "text encoders: none (encoded text only: pass --text-encoder FOLDER for prompts)" in r.stdout
+
+
+def test_engine_requests_with_prompts_equal_their_solo_runs(sd):
+    """Prompts encoded per request (in the submitting threads), batched together, each equal to its solo run."""
+    import concurrent.futures
+
+    _, pipe = sd
+    requests = [dict(seed=i, prompt=p, negative_prompt=neg, cfg_scale=cfg)
+                for i, (p, neg, cfg) in enumerate([("a cat", None, 3.0), ("a red dog", "a cat", 3.0),
+                                                    ("the cat", None, 1.0), ("a photo of a dog", None, 3.0)])]
+    with fastdiff.Engine(pipe, max_batch=4, max_wait_ms=50) as engine:
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            futures = list(pool.map(lambda r: engine.submit(steps=3, **r), requests))
+        bad = engine.submit(seed=9, prompt="a cat", encoder_hidden_states=torch.zeros(77, 16), steps=3)
+        results = [f.result(timeout=120) for f in futures]
+    with pytest.raises(BadArgumentError, match="not both"):
+        bad.result(timeout=10)
+    for r, got in zip(requests, results):
+        want = pipe.generate(seeds=[r["seed"]], prompt=r["prompt"], negative_prompt=r["negative_prompt"],
+                             cfg_scale=r["cfg_scale"], steps=3, progress=False)[0]
+        assert rel_err(got, want) <= 1e-5

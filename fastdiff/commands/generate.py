@@ -48,6 +48,14 @@ def register(sub) -> None:
     p.add_argument("--class", dest="class_labels", type=int, nargs="+", default=None, metavar="C",
                    help="class label(s) for class-conditional models: one for all images or one per image "
                         "(default: the null label, unconditional)")
+    p.add_argument("--prompt", default=None, metavar="TEXT",
+                   help="text models: the prompt of every image, encoded by the model folder's own text encoders")
+    p.add_argument("--negative-prompt", default=None, metavar="TEXT",
+                   help="text models with --cfg: the negative prompt (default: the empty prompt, or zeros for SDXL)")
+    p.add_argument("--clip-skip", type=int, default=None, metavar="N",
+                   help="text models: CLIP layers to skip from the end (diffusers' clip_skip)")
+    p.add_argument("--guidance", type=float, default=None, metavar="G",
+                   help="guidance-distilled models (FLUX.1 dev): the guidance input (default 3.5)")
     p.add_argument("--n", type=int, default=4, metavar="N", help="number of images (default 4)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="seed of image 0; image i uses S+i (default 0)")
     p.add_argument("--height", type=int, default=None, metavar="H", help="sample height (default: the model's)")
@@ -141,6 +149,9 @@ def add_load_arguments(p) -> None:
     g.add_argument("--prediction-type", choices=("epsilon", "v_prediction", "sample", "flow_prediction"),
                    default=None, help="what the network predicts, where the checkpoint does not say (default: its "
                                       "config; flow_prediction: a flow-matching network)")
+    g.add_argument("--text-encoder", default=None, metavar="FOLDER|none",
+                   help="where prompts are encoded: a diffusers pipeline folder's tokenizer*/ + text_encoder*/ "
+                        "(default: the model folder's own); none: no text encoders")
     g.add_argument("--vae", default=None, metavar="FOLDER|none",
                    help="a latent model's image decoder: a diffusers AutoencoderKL folder (e.g. sd-vae-ft-ema for DiT); "
                         "default: the one the checkpoint carries (a pipeline's vae/, a single file's "
@@ -157,6 +168,9 @@ def load_options(args) -> dict:
     vae = getattr(args, "vae", None)
     if vae is not None:
         options["vae"] = False if vae.lower() == "none" else vae
+    text_encoder = getattr(args, "text_encoder", None)
+    if text_encoder is not None:
+        options["text_encoder"] = False if text_encoder.lower() == "none" else text_encoder
     scheduler = getattr(args, "scheduler", None)
     if scheduler == "sit":
         from ..checkpoints.presets import SIT_SCHEDULER
@@ -260,10 +274,23 @@ def run(args) -> int:
         raise BadArgumentError(
             f"this is a latent model ({spec.in_channels} channels) and no VAE decoder came with it: pass --vae FOLDER "
             f"(a diffusers AutoencoderKL folder) to write images, or --output-latents OUT.safetensors for the latents")
+    text = {}
     if spec.cross_attention_dim:
-        raise BadArgumentError(
-            f"this model is text-conditioned (cross_attention_dim {spec.cross_attention_dim}) and fastdiff ships no "
-            f"text encoder; use the Python API (pipe.generate(encoder_hidden_states=...)) or fastdiff bench")
+        if pipe.prompt_encoder is None:
+            raise BadArgumentError(
+                f"this model is text-conditioned (text width {spec.cross_attention_dim}) and no text encoders came "
+                f"with it: pass --text-encoder FOLDER (a diffusers pipeline folder with tokenizer/ and text_encoder/), "
+                f"or use the Python API (pipe.generate(encoder_hidden_states=...))")
+        if args.prompt is None:
+            raise BadArgumentError("--prompt: this model is text-conditioned: expected a prompt, found none")
+        text = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, clip_skip=args.clip_skip)
+    else:
+        given = [f for f, v in (("--prompt", args.prompt), ("--negative-prompt", args.negative_prompt),
+                                ("--clip-skip", args.clip_skip)) if v is not None]
+        if given:
+            raise BadArgumentError(f"{given[0]}: given, but this model ({spec.kind}) is not text-conditioned")
+    if args.guidance is not None:
+        text["guidance"] = args.guidance
 
     t0 = time.perf_counter()
     if args.backend is not None or args.dtype is not None:
@@ -275,7 +302,7 @@ def run(args) -> int:
     t0 = time.perf_counter()
     x = pipe.generate(n=args.n, steps=args.steps, sampler=args.sampler, schedule=args.schedule, cfg_scale=args.cfg,
                       class_labels=args.class_labels, seed=args.seed, height=args.height, width=args.width,
-                      output_type="tensor", progress=not args.no_progress)
+                      output_type="tensor", progress=not args.no_progress, **text)
     sync(device)
     t_sample = time.perf_counter() - t0
 

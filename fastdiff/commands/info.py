@@ -136,7 +136,16 @@ def model_ops(model: str, backend: str, kernel_ops: str = "measured", **load_opt
     if plan.denoiser_kind == "flow":
         sampling["frame"] = plan.denoiser_options["frame"]
     return {"model": model, "device": str(device), "backend": chosen, "ops": op_backends(pipe.model),
-            "sampling": sampling, "conditioning": _conditioning(pipe.spec), "vae": _vae(pipe)}
+            "sampling": sampling, "conditioning": _conditioning(pipe.spec), "vae": _vae(pipe),
+            "text_encoders": _text_encoders(pipe)}
+
+
+def _text_encoders(pipe) -> str:
+    if pipe.prompt_encoder is not None:
+        return pipe.prompt_encoder.describe() + " (read on the first prompt)"
+    if pipe.spec.cross_attention_dim:
+        return "none (encoded text only: pass --text-encoder FOLDER for prompts)"
+    return "none (not text-conditioned)"
 
 
 def _vae(pipe) -> str:
@@ -204,6 +213,7 @@ def run(args) -> int:
               f"sampler runs {s['default_sampler']} ({s['denoiser']} denoiser{frame})")
         print(f"{m['model']} takes: {m['conditioning']}")
         print(f"{m['model']} VAE: {m['vae']}")
+        print(f"{m['model']} text encoders: {m['text_encoders']}")
         print(f"{m['model']} on {m['device']}, backend {m['backend']}: each fused layer's path")
         for k, v in m["ops"].items():
             print(f"  {k:20s} {v}")

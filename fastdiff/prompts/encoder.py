@@ -14,6 +14,7 @@ The encoders load on first use (a pipeline that is only handed embeddings never 
 from __future__ import annotations
 
 import os
+import threading
 from typing import Optional, Sequence, Union
 
 import torch
@@ -54,6 +55,7 @@ class PromptEncoder:
         self.parts_present = [enc for _, enc, _, _ in FAMILY_PARTS[family]
                               if encoder_class_name(folder, enc) is not None]
         self._parts: Optional[dict[str, TextPart]] = None
+        self._loading = threading.Lock()  # (Engine.submit encodes in its callers' threads)
         self._where = (torch.device("cpu"), torch.float32)
 
     def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "PromptEncoder":
@@ -71,12 +73,13 @@ class PromptEncoder:
 
     @property
     def parts(self) -> dict[str, TextPart]:
-        if self._parts is None:
-            parts = {}
-            for tok, enc, _, length in FAMILY_PARTS[self.family]:
-                if enc in self.parts_present:
-                    parts[enc] = load_part(self.folder, tok, enc, length, *self._where)
-            self._parts = parts
+        with self._loading:
+            if self._parts is None:
+                parts = {}
+                for tok, enc, _, length in FAMILY_PARTS[self.family]:
+                    if enc in self.parts_present:
+                        parts[enc] = load_part(self.folder, tok, enc, length, *self._where)
+                self._parts = parts
         return self._parts
 
     # ------------------------------------------------------------------------------------------

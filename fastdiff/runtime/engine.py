@@ -243,7 +243,8 @@ class Engine:
                negative_encoder_hidden_states: Optional[torch.Tensor] = None, steps: int = 20,
                sampler=None, cfg_scale: float = 1.0, height: Optional[int] = None, width: Optional[int] = None,
                schedule=None, text_embeds=None, negative_text_embeds=None, time_ids=None, negative_time_ids=None,
-               guidance=None, **options) -> concurrent.futures.Future:
+               guidance=None, prompt: Optional[str] = None, negative_prompt: Optional[str] = None,
+               **options) -> concurrent.futures.Future:
         """Queue one sample; the Future resolves to a (C, H, W) tensor.
 
         Thread-safe. Defaults are ``Pipeline.generate``'s (``sampler=None`` / ``schedule=None``: the
@@ -251,6 +252,8 @@ class Engine:
         ``text_embeds`` / ``time_ids`` (and negatives): an SDXL-style model's pooled text embedding (P,) and
         micro-conditioning ids (N,) of this request, stacked the same way (``Pipeline.generate`` defaults the ids);
         ``guidance``: a guidance-distilled model's strength (Flux dev) for this request, batched per row.
+        ``prompt`` / ``negative_prompt``: text in place of those tensors, encoded here, in the caller's thread, by
+        the pipeline's text encoders (``Pipeline.encode_prompt``); ``clip_skip`` goes in ``options``.
         ``options``: further ``generate`` keywords shared by a batch (``guidance_rescale``, sampler
         options such as ``eta``); values must be hashable, and only requests with equal options batch.
         A request that fails validation returns an already failed Future (the error is
@@ -258,12 +261,20 @@ class Engine:
         """
         fut: concurrent.futures.Future = concurrent.futures.Future()
         try:
+            if prompt is not None or negative_prompt is not None:
+                text = self._encode_prompt(prompt, negative_prompt, cfg_scale, options,
+                                           dict(encoder_hidden_states=encoder_hidden_states, text_embeds=text_embeds,
+                                                negative_encoder_hidden_states=negative_encoder_hidden_states,
+                                                negative_text_embeds=negative_text_embeds))
+                encoder_hidden_states = text["encoder_hidden_states"]
+                negative_encoder_hidden_states = text.get("negative_encoder_hidden_states")
+                text_embeds, negative_text_embeds = text.get("text_embeds"), text.get("negative_text_embeds")
             added = dict(text_embeds=text_embeds, negative_text_embeds=negative_text_embeds, time_ids=time_ids,
                          negative_time_ids=negative_time_ids,
                          guidance=None if guidance is None else [finite_number("guidance", guidance)])
             req = self._make_request(fut, seed, class_label, encoder_hidden_states, negative_encoder_hidden_states,
                                      steps, sampler, cfg_scale, height, width, schedule, options, added)
-        except BadArgumentError as e:
+        except FastdiffError as e:  # a bad request (or a prompt its text encoders could not encode) fails alone
             with self._cv:
                 if self._closed:
                     raise EngineClosedError("Engine is closed: submit() after close()") from None
@@ -281,6 +292,19 @@ class Engine:
             self._submitted += 1
             self._cv.notify_all()
         return fut
+
+    def _encode_prompt(self, prompt, negative_prompt, cfg_scale, options: dict, given: dict) -> dict:
+        """One request's text tensors (rows, as submit takes them) from its prompt."""
+        if prompt is None or not isinstance(prompt, str):
+            raise BadArgumentError(f"prompt: expected one string per request (negative_prompt only with it), found "
+                                   f"{prompt!r}")
+        stray = sorted(k for k, v in given.items() if v is not None)
+        if stray:
+            raise BadArgumentError(f"prompt: expected a prompt or encoded text, not both; found prompt and {stray}")
+        guided = finite_number("cfg_scale", cfg_scale) != 1.0
+        clip_skip = options.pop("clip_skip", None)
+        text = self.pipe.encode_prompt(prompt, negative_prompt, guided=guided, clip_skip=clip_skip)
+        return {k: v[0] for k, v in text.items()}
 
     def asubmit(self, **kwargs) -> "asyncio.Future":
         """``submit`` for asyncio code: an ``asyncio.Future`` bound to the running loop (call it from a coroutine).
