@@ -258,6 +258,9 @@ def _sd3_pipe(folder, t5=True):
 def test_sd3_generate_from_prompts_equals_diffusers_pipeline(tmp_path, t5, cfg):
     """Two CLIPs (penultimate layers + both projections) and T5's 256 tokens; without T5, zeros in its place."""
     ref = _sd3_pipe(str(tmp_path), t5=t5)
+    if not t5 and ref._get_t5_prompt_embeds("a cat").shape[1] != 256:
+        pytest.skip(f"diffusers {diffusers.__version__} puts 77 zero tokens in T5's place (newer versions, and "
+                    f"fastdiff, max_sequence_length = 256)")
     pipe = fastdiff.load(_save(ref, str(tmp_path / "pipe")))
     latents = _latents()
     want = ref(PROMPTS, latents=latents.clone(), num_inference_steps=3, guidance_scale=cfg, height=64, width=64,

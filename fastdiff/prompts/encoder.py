@@ -55,7 +55,9 @@ class PromptEncoder:
         self.parts_present = [enc for _, enc, _, _ in FAMILY_PARTS[family]
                               if encoder_class_name(folder, enc) is not None]
         self._parts: Optional[dict[str, TextPart]] = None
-        self._loading = threading.Lock()  # (Engine.submit encodes in its callers' threads)
+        # one caller at a time: Engine.submit encodes in its callers' threads, and a fast (Rust) tokenizer called
+        # from two threads at once fails ("Already borrowed")
+        self._lock = threading.RLock()
         self._where = (torch.device("cpu"), torch.float32)
 
     def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "PromptEncoder":
@@ -73,7 +75,7 @@ class PromptEncoder:
 
     @property
     def parts(self) -> dict[str, TextPart]:
-        with self._loading:
+        with self._lock:
             if self._parts is None:
                 parts = {}
                 for tok, enc, _, length in FAMILY_PARTS[self.family]:
@@ -96,20 +98,21 @@ class PromptEncoder:
         if clip_skip is not None and self.family == "flux":
             raise BadArgumentError("clip_skip: FLUX.1 reads CLIP's pooled output only (as FluxPipeline); it has no "
                                    "layer to skip")
-        out = self._encode(prompts, clip_skip)
         if negative_prompt is not None and not guided:
             raise BadArgumentError("negative_prompt: given, but cfg_scale == 1 runs no unconditional pass")
-        if guided:
-            if negative_prompt is None and self.zero_negative:
-                negative = {k: torch.zeros_like(v) for k, v in out.items()}
-            else:
-                negatives = _prompt_list("" if negative_prompt is None else negative_prompt, "negative_prompt")
-                if len(negatives) not in (1, len(prompts)):
-                    raise BadArgumentError(f"negative_prompt: expected 1 or {len(prompts)} prompts (one per prompt), "
-                                           f"found {len(negatives)}")
-                negatives = negatives * len(prompts) if len(negatives) == 1 else negatives  # (diffusers' batch)
-                negative = self._encode(negatives, None)  # (diffusers' pipelines skip no layer for the negative)
-            out.update({f"negative_{k}": v for k, v in negative.items()})
+        negatives = None  # no unconditional pass, or zeros (SDXL with no negative prompt)
+        if guided and not (negative_prompt is None and self.zero_negative):
+            negatives = _prompt_list("" if negative_prompt is None else negative_prompt, "negative_prompt")
+            if len(negatives) not in (1, len(prompts)):
+                raise BadArgumentError(f"negative_prompt: expected 1 or {len(prompts)} prompts (one per prompt), "
+                                       f"found {len(negatives)}")
+            negatives = negatives * len(prompts) if len(negatives) == 1 else negatives  # (diffusers' batch)
+        with self._lock:
+            out = self._encode(prompts, clip_skip)
+            if guided:
+                negative = ({k: torch.zeros_like(v) for k, v in out.items()} if negatives is None
+                            else self._encode(negatives, None))  # (diffusers skip no layer for the negative)
+                out.update({f"negative_{k}": v for k, v in negative.items()})
         return out
 
     @torch.no_grad()
