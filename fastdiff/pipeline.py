@@ -89,11 +89,11 @@ class Pipeline:
 
     def save(self, path: str) -> str:
         """Write the fastdiff format (folder: fastdiff.json + model.safetensors, + vae.safetensors with a VAE
-        decoder), atomically."""
+        decoder, + copies of the text encoders' folders), atomically."""
         from .checkpoints.fastdiff_format import save_fastdiff
 
         self._require_model("save()")
-        return save_fastdiff(path, self.model, self.spec, vae=self.vae)
+        return save_fastdiff(path, self.model, self.spec, vae=self.vae, prompt_encoder=self.prompt_encoder)
 
     def optimize(self, config=None, graph_factory=None, **switches) -> "Pipeline":
         """Apply an ``OptimizeConfig`` (or its fields as keywords) once; returns self.
@@ -283,7 +283,7 @@ class Pipeline:
             SD3 and Flux take ``text_embeds`` alone (diffusers' ``pooled_prompt_embeds``).
         prompt / negative_prompt: text, one string or one per sample, encoded by the folder's own tokenizers and
             text encoders as its diffusers pipeline does (``encode_prompt``) into the arguments above; not together
-            with them. The negative defaults to the empty prompt (zeros where SDXL's force_zeros_for_empty_prompt
+            with them. A list of prompts with the default ``n`` gives one sample per prompt. The negative defaults to the empty prompt (zeros where SDXL's force_zeros_for_empty_prompt
             says so). clip_skip: diffusers' ``clip_skip``.
         guidance: a guidance-distilled model's strength (FLUX.1 dev; diffusers' FluxPipeline ``guidance_scale``,
             default 3.5), one or one per sample: an input of the network, not classifier-free guidance (``cfg_scale``).
@@ -305,6 +305,8 @@ class Pipeline:
         cfg_scale = finite_number("cfg_scale", cfg_scale)
         guidance_rescale = finite_number("guidance_rescale", guidance_rescale)
         latents = _as_latents(latents)
+        if isinstance(prompt, (list, tuple)) and len(prompt) > 1 and n == 1 and seeds is None and latents is None:
+            n = len(prompt)  # one sample per prompt, as diffusers' pipelines
         seeds = self._seeds(n, seed, seeds, latents)
         b = len(seeds)
         if latents is not None and height is None and width is None:

@@ -104,6 +104,8 @@ def test_one_prompt_serves_every_sample(sd):
     other = pipe.generate(2, prompt=["a cat", "a dog"], seed=5, steps=3, cfg_scale=3.0, progress=False)
     assert torch.equal(one, both)
     assert torch.equal(one[0], other[0]) and not torch.allclose(one[1], other[1])
+    per_prompt = pipe.generate(prompt=["a cat", "a dog"], seed=5, steps=3, cfg_scale=3.0, progress=False)
+    assert torch.equal(per_prompt, other)  # a list of prompts, n left at 1: a sample per prompt (as diffusers)
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -357,3 +359,20 @@ def test_engine_requests_with_prompts_equal_their_solo_runs(sd):
         want = pipe.generate(seeds=[r["seed"]], prompt=r["prompt"], negative_prompt=r["negative_prompt"],
                              cfg_scale=r["cfg_scale"], steps=3, progress=False)[0]
         assert rel_err(got, want) <= 1e-5
+
+
+def test_a_fastdiff_save_keeps_the_text_encoders(sdxl, tmp_path):
+    """pipe.save copies the tokenizer / encoder folders and SDXL's zero-negative flag; the saved pipeline prompts
+    the same; one saved without them says so once."""
+    _, pipe = sdxl
+    saved = fastdiff.load(pipe.save(str(tmp_path / "saved")))
+    assert sorted(os.listdir(tmp_path / "saved")) == ["fastdiff.json", "model.safetensors", "text_encoder",
+                                                      "text_encoder_2", "tokenizer", "tokenizer_2"]
+    assert saved.prompt_encoder.zero_negative and saved.prompt_encoder.family == "sdxl"
+    kw = dict(prompt=PROMPTS, seed=2, steps=3, cfg_scale=4.0, progress=False)
+    assert torch.equal(saved.generate(**kw), pipe.generate(**kw))
+    pipe.save(str(tmp_path / "saved"))  # an earlier save (text folders included) may be replaced
+    bare = fastdiff.load(str(tmp_path / "saved"), text_encoder=False)
+    again = fastdiff.load(bare.save(str(tmp_path / "bare")))
+    assert again.prompt_encoder is None
+    assert sum("no text encoders" in n for n in again.notes) == 1

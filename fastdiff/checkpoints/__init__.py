@@ -107,7 +107,7 @@ def load(path: str, device="cpu", dtype: Optional[torch.dtype] = None, *, varian
     _override_sampling(spec, scheduler, prediction_type)
     model = build_model(kind, cfg)
     strict_load(model, state, name=f"{kind.upper()} from {path}", dtype=dtype, device=device)
-    own_folder = path if os.path.isdir(path) and not is_fastdiff_folder(path) else None
+    own_folder = path if os.path.isdir(path) else None
     return Pipeline(model.eval(), spec, device=device, vae=_pick_vae(vae, found_vae, device),
                     prompt_encoder=_pick_prompt_encoder(text_encoder, own_folder, spec, device, dtype))
 
@@ -143,10 +143,19 @@ def _pick_prompt_encoder(requested, own_folder, spec, device, dtype):
     if requested is False:
         return None
     if requested is None:
-        found = find_prompt_encoder(own_folder, spec) if own_folder else None
-        if own_folder and found is None and prompt_family(spec) is not None:
-            spec.notes.append("no text encoders in the folder: generate() takes encoded text (encoder_hidden_states"
-                              + (", text_embeds" if spec.text_embeds_dim else "") + "), not prompts")
+        found = None
+        if own_folder:
+            from .fastdiff_format import fastdiff_text_header, is_fastdiff_folder
+
+            if not is_fastdiff_folder(own_folder):
+                found = find_prompt_encoder(own_folder, spec)
+            elif fastdiff_text_header(own_folder) is not None:  # a save that kept its text encoders
+                zeros = bool(fastdiff_text_header(own_folder).get("force_zeros_for_empty_prompt"))
+                found = find_prompt_encoder(own_folder, spec, zero_negative=zeros)
+        note = ("no text encoders in the folder: generate() takes encoded text (encoder_hidden_states"
+                + (", text_embeds" if spec.text_embeds_dim else "") + "), not prompts")
+        if own_folder and found is None and prompt_family(spec) is not None and note not in spec.notes:
+            spec.notes.append(note)  # (a fastdiff save keeps its notes: said once)
     else:
         if not isinstance(requested, (str, os.PathLike)) or not os.path.isdir(requested):
             raise BadArgumentError(f"text_encoder: expected None, False or a diffusers pipeline folder (with "

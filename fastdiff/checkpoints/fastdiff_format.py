@@ -1,5 +1,6 @@
 """fastdiff's own format: a folder with ``fastdiff.json`` (the ModelSpec) and ``model.safetensors`` (and, for a latent
-model with a VAE decoder, ``vae.safetensors`` with its config in ``fastdiff.json``).
+model with a VAE decoder, ``vae.safetensors`` with its config in ``fastdiff.json``; for a text model with text
+encoders, their diffusers folders copied as they were: ``tokenizer/``, ``text_encoder/``, ...).
 
 Written atomically by ``Pipeline.save``; read back with no conversion and no pickle.
 """
@@ -8,9 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import torch
 from safetensors.torch import save_file
+
+from typing import Optional
 
 from ..errors import BadArgumentError, CorruptCheckpointError, FastdiffError
 from ..spec import ModelSpec
@@ -21,6 +25,8 @@ SPEC_FILE = "fastdiff.json"
 WEIGHTS_FILE = "model.safetensors"
 VAE_FILE = "vae.safetensors"
 FORMAT_VERSION = 1
+# the text-encoder folders a save may hold (fastdiff.prompts.encoder.FAMILY_PARTS's names)
+TEXT_FOLDERS = tuple(f"{name}{suffix}" for suffix in ("", "_2", "_3") for name in ("tokenizer", "text_encoder"))
 
 
 def is_fastdiff_folder(path: str) -> bool:
@@ -36,7 +42,7 @@ def _check_replaceable(path: str) -> None:
     if not os.path.isdir(path):
         raise BadArgumentError(f"save: {path} exists and is a file; expected a new path or a folder written by "
                                f"save()")
-    extra = sorted(set(os.listdir(path)) - {SPEC_FILE, WEIGHTS_FILE, VAE_FILE})
+    extra = sorted(set(os.listdir(path)) - {SPEC_FILE, WEIGHTS_FILE, VAE_FILE} - set(TEXT_FOLDERS))
     if extra or not is_fastdiff_folder(path):
         found = ", ".join(extra[:5]) + (" ..." if len(extra) > 5 else "") if extra else f"no {SPEC_FILE}"
         raise BadArgumentError(f"save: {path} exists and is not a fastdiff folder (found {found}); refusing to "
@@ -47,7 +53,7 @@ def _cpu_state(module: torch.nn.Module) -> dict:
     return {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
 
 
-def save_fastdiff(path: str, model: torch.nn.Module, spec: ModelSpec, vae=None) -> str:
+def save_fastdiff(path: str, model: torch.nn.Module, spec: ModelSpec, vae=None, prompt_encoder=None) -> str:
     from .. import __version__
 
     _check_replaceable(path)
@@ -55,10 +61,16 @@ def save_fastdiff(path: str, model: torch.nn.Module, spec: ModelSpec, vae=None) 
               "spec": spec.to_dict()}
     if vae is not None:
         header["vae"] = vae.config.to_dict()
+    if prompt_encoder is not None:
+        header["text_encoders"] = {"family": prompt_encoder.family, "folders": prompt_encoder.folders(),
+                                   "force_zeros_for_empty_prompt": prompt_encoder.zero_negative}
     with atomic_dir(path) as tmp:
         save_file(_cpu_state(model), os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt"})
         if vae is not None:
             save_file(_cpu_state(vae), os.path.join(tmp, VAE_FILE), metadata={"format": "pt"})
+        if prompt_encoder is not None:  # the folders as read (safetensors or weights-only .bin), not re-serialised
+            for sub in prompt_encoder.folders():
+                shutil.copytree(os.path.join(prompt_encoder.folder, sub), os.path.join(tmp, sub))
         with open(os.path.join(tmp, SPEC_FILE), "w") as f:
             json.dump(header, f, indent=2)
     return path
@@ -107,3 +119,10 @@ def load_fastdiff_vae(path: str, device="cpu"):
     from .vae import build_vae
 
     return build_vae(VAEConfig.from_dict(config), read_safetensors(weights), f"VAE decoder from {path}", device)
+
+
+def fastdiff_text_header(path: str) -> Optional[dict]:
+    """The ``text_encoders`` entry of a fastdiff folder (None: saved without text encoders)."""
+    with open(os.path.join(path, SPEC_FILE)) as f:
+        entry = json.load(f).get("text_encoders")
+    return entry if isinstance(entry, dict) else None

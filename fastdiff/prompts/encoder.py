@@ -69,6 +69,10 @@ class PromptEncoder:
                 part.encoder.to(*self._where)
         return self
 
+    def folders(self) -> list[str]:
+        """The tokenizer and encoder folders (names inside ``self.folder``) this encoder reads."""
+        return [sub for tok, enc, _, _ in FAMILY_PARTS[self.family] if enc in self.parts_present for sub in (tok, enc)]
+
     def describe(self) -> str:
         classes = [f"{enc} ({encoder_class_name(self.folder, enc)})" for enc in self.parts_present]
         return f"{self.family} prompts: " + ", ".join(classes)
@@ -157,23 +161,22 @@ class PromptEncoder:
         return {"encoder_hidden_states": t5_states(t5, prompts).to(t5.dtype), "text_embeds": pooled.to(clip.dtype)}
 
 
-def find_prompt_encoder(folder: str, spec) -> Optional[PromptEncoder]:
+def find_prompt_encoder(folder: str, spec, zero_negative: Optional[bool] = None) -> Optional[PromptEncoder]:
     """The PromptEncoder of a diffusers pipeline folder for its network (None where the folder lacks the family's
-    required text encoders, or the network takes no text)."""
+    required text encoders, or the network takes no text). zero_negative None: SDXL's model_index.json says."""
     family = prompt_family(spec)
     if family is None or not os.path.isdir(folder):
         return None
     required = [enc for _, enc, needed, _ in FAMILY_PARTS[family] if needed]
     if any(encoder_class_name(folder, enc) is None for enc in required):
         return None
-    zero_negative = False
-    if family == "sdxl":  # StableDiffusionXLPipeline's default; the refiner's model_index says false
+    if zero_negative is None and family == "sdxl":  # StableDiffusionXLPipeline's default; the refiner says false
         from ..checkpoints.diffusers_folder import read_json
 
         index = os.path.join(folder, "model_index.json")
         config = read_json(index) if os.path.isfile(index) else {}
         zero_negative = bool(config.get("force_zeros_for_empty_prompt", True))
-    return PromptEncoder(folder, family, spec.cross_attention_dim, zero_negative=zero_negative)
+    return PromptEncoder(folder, family, spec.cross_attention_dim, zero_negative=bool(zero_negative))
 
 
 def _prompt_list(prompt, name: str) -> list[str]:
