@@ -74,18 +74,21 @@ class Pipeline:
                                    "first_stage_model are read automatically)")
         return self.vae.decode(latents)
 
-    def encode_prompt(self, prompt, negative_prompt=None, *, guided: bool = False, clip_skip=None) -> dict:
+    def encode_prompt(self, prompt, negative_prompt=None, *, guided: bool = False, clip_skip=None,
+                      max_sequence_length=None) -> dict:
         """generate()'s text keyword arguments for ``prompt`` (``encoder_hidden_states``, ``text_embeds`` and, with
-        ``guided``, their ``negative_`` forms), as the model's diffusers pipeline encodes it. Reuse the result for
-        many generate() calls to encode once."""
+        ``guided``, their ``negative_`` forms), as the model's diffusers pipeline encodes it
+        (``fastdiff.prompts.PromptEncoder.encode``). Reuse the result for many generate() calls to encode once."""
         if self.prompt_encoder is None and not self.spec.cross_attention_dim:
             raise BadArgumentError(f"prompt: given, but this model ({self.spec.kind}) is not text-conditioned")
         if self.prompt_encoder is None:
+            why = next((n for n in self.notes if n.startswith(("no text encoders", "text encoders not used"))), None)
             raise BadArgumentError("prompt: this pipeline has no text encoders (a diffusers pipeline folder's "
                                    "tokenizer/ + text_encoder/ folders, or load(..., text_encoder='FOLDER')); pass "
                                    "encoder_hidden_states" + (" / text_embeds" if self.spec.text_embeds_dim else "")
-                                   + " instead")
-        return self.prompt_encoder.encode(prompt, negative_prompt, guided=guided, clip_skip=clip_skip)
+                                   + " instead" + (f" ({why})" if why else ""))
+        return self.prompt_encoder.encode(prompt, negative_prompt, guided=guided, clip_skip=clip_skip,
+                                          max_sequence_length=max_sequence_length)
 
     def save(self, path: str) -> str:
         """Write the fastdiff format (folder: fastdiff.json + model.safetensors, + vae.safetensors with a VAE
@@ -121,6 +124,10 @@ class Pipeline:
         self.config = config
         self.update_impl = config.sampler_update_impl(self.device)
         self.notes.extend(notes)
+        if config.dtype is not None and self.prompt_encoder is not None:  # the text encoders follow (as pipe.to)
+            from .runtime.config import DTYPES
+
+            self.prompt_encoder.to(dtype=DTYPES[config.dtype])
         self.loop_graphs = None
         capturable = graph_factory is not None or (self.device.type == "cuda" and torch.cuda.is_available())
         if config.cuda_graphs and config.graph_scope == "loop" and capturable and config.backend != "onnxruntime":
@@ -269,7 +276,7 @@ class Pipeline:
                  height: Optional[int] = None, width: Optional[int] = None, output_type: str = "tensor",
                  progress: bool = True, callback=None, text_embeds=None, negative_text_embeds=None, time_ids=None,
                  negative_time_ids=None, guidance=None, prompt=None, negative_prompt=None, clip_skip=None,
-                 **sampler_options):
+                 max_sequence_length=None, **sampler_options):
         """Sample ``n`` images (latents for latent models).
 
         sampler / schedule: a fastdiff sampler name (``dpmpp_2m``, ``unipc``, ``ddim``, ...) and sigma
@@ -284,7 +291,7 @@ class Pipeline:
         prompt / negative_prompt: text, one string or one per sample, encoded by the folder's own tokenizers and
             text encoders as its diffusers pipeline does (``encode_prompt``) into the arguments above; not together
             with them. A list of prompts with the default ``n`` gives one sample per prompt. The negative defaults to the empty prompt (zeros where SDXL's force_zeros_for_empty_prompt
-            says so). clip_skip: diffusers' ``clip_skip``.
+            says so; FLUX.1's true CFG needs one). clip_skip / max_sequence_length: diffusers' (T5's token count).
         guidance: a guidance-distilled model's strength (FLUX.1 dev; diffusers' FluxPipeline ``guidance_scale``,
             default 3.5), one or one per sample: an input of the network, not classifier-free guidance (``cfg_scale``).
         seed / seeds: ``seeds=[...]`` gives one generator per sample (a sample depends on its own seed
@@ -322,18 +329,23 @@ class Pipeline:
             if tuple(latents.shape) != (b,) + shape:
                 raise BadArgumentError(f"latents: expected shape {(b,) + shape}, found {tuple(latents.shape)}")
 
-        if prompt is not None or negative_prompt is not None or clip_skip is not None:
+        if any(v is not None for v in (prompt, negative_prompt, clip_skip, max_sequence_length)):
+            from .prompts import prompt_list
+
             given = [k for k, v in dict(encoder_hidden_states=encoder_hidden_states, text_embeds=text_embeds,
                                         negative_encoder_hidden_states=negative_encoder_hidden_states,
                                         negative_text_embeds=negative_text_embeds).items() if v is not None]
             if prompt is None or given:
                 raise BadArgumentError("prompt: expected a prompt, or the encoded text arguments, not both and not "
-                                       f"negative_prompt / clip_skip alone; found prompt={prompt!r} with "
-                                       f"{given or 'nothing else'}")
-            text = self.encode_prompt(prompt, negative_prompt, guided=cfg_scale != 1.0, clip_skip=clip_skip)
-            if text["encoder_hidden_states"].shape[0] not in (1, b):
-                raise BadArgumentError(f"prompt: expected 1 or {b} prompts (one per sample), found "
-                                       f"{text['encoder_hidden_states'].shape[0]}")
+                                       f"negative_prompt / clip_skip / max_sequence_length alone; found "
+                                       f"prompt={prompt!r} with {given or 'nothing else'}")
+            for name, texts in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+                count = 1 if texts is None else len(prompt_list(texts, name))
+                if count not in (1, b):  # (checked before the encoders load)
+                    raise BadArgumentError(f"{name}: expected 1 or {b} prompts (one per sample; pass n= or seeds= "
+                                           f"for more samples), found {count}")
+            text = self.encode_prompt(prompt, negative_prompt, guided=cfg_scale != 1.0, clip_skip=clip_skip,
+                                      max_sequence_length=max_sequence_length)
             encoder_hidden_states = text["encoder_hidden_states"]
             negative_encoder_hidden_states = text.get("negative_encoder_hidden_states")
             text_embeds, negative_text_embeds = text.get("text_embeds"), text.get("negative_text_embeds")

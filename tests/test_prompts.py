@@ -376,3 +376,125 @@ def test_a_fastdiff_save_keeps_the_text_encoders(sdxl, tmp_path):
     again = fastdiff.load(bare.save(str(tmp_path / "bare")))
     assert again.prompt_encoder is None
     assert sum("no text encoders" in n for n in again.notes) == 1
+
+
+# --- what the review found: precision, variants, bounds, FLUX.1's true CFG, asyncio, wrong folders ----------------
+def test_half_precision_encoders_load_as_diffusers_loads_them(tmp_path):
+    """load(dtype=fp16) reads the encoders in fp16 as from_pretrained(torch_dtype=...) does: T5 keeps its float32
+    ``wo`` layers (an all-fp16 T5 overflows), and the embeddings equal diffusers' fp16 pipeline's."""
+    ref = _sd3_pipe(str(tmp_path))
+    folder = _save(ref, str(tmp_path / "pipe"))
+    pipe = fastdiff.load(folder, dtype=torch.float16)
+    half = diffusers_pipeline("StableDiffusion3Pipeline").from_pretrained(folder, torch_dtype=torch.float16, vae=None)
+    with torch.no_grad():
+        want = half.encode_prompt(PROMPTS, None, None, device="cpu", negative_prompt="a dog")
+    got = pipe.encode_prompt(PROMPTS, "a dog", guided=True)
+    names = ("encoder_hidden_states", "negative_encoder_hidden_states", "text_embeds", "negative_text_embeds")
+    for name, w in zip(names, want):
+        assert got[name].dtype == torch.float16 and torch.equal(got[name].expand_as(w), w), name
+    t5 = pipe.prompt_encoder.parts["text_encoder_3"].encoder
+    assert {p.dtype for n, p in t5.named_parameters() if ".wo." in n} == {torch.float32}
+    pipe.optimize(dtype="fp32")  # the encoders follow the network's precision (re-read on their next use)
+    assert pipe.encode_prompt("a cat")["encoder_hidden_states"].dtype == torch.float32
+
+
+def test_a_weight_variant_reaches_the_text_encoders(sd, tmp_path):
+    ref, _ = sd
+    folder = str(tmp_path / "pipe")
+    ref.save_pretrained(folder, variant="fp16")  # (fp32 weights under the variant's file names)
+    assert sorted(os.listdir(os.path.join(folder, "text_encoder"))) == ["config.json", "model.fp16.safetensors"]
+    pipe = fastdiff.load(folder, variant="fp16")
+    want = fastdiff.load(_save(ref, str(tmp_path / "plain"))).generate(prompt="a cat", seed=1, steps=2,
+                                                                        progress=False)
+    assert torch.equal(pipe.generate(prompt="a cat", seed=1, steps=2, progress=False), want)
+
+
+def test_clip_skip_beyond_the_encoders_depth_fails_its_own_request(sd):
+    _, pipe = sd
+    with pytest.raises(BadArgumentError, match=r"clip_skip: expected an int in \[0, 3\]"):
+        pipe.generate(prompt="a cat", clip_skip=4, steps=2, progress=False)
+    assert pipe.generate(prompt="a cat", clip_skip=3, steps=2, progress=False).shape == (1, 4, 8, 8)
+    with fastdiff.Engine(pipe, max_batch=2, max_wait_ms=5) as engine:
+        bad = engine.submit(seed=0, prompt="a cat", clip_skip=10, steps=2)
+        good = engine.submit(seed=0, prompt="a cat", clip_skip=1, steps=2)
+        with pytest.raises(BadArgumentError, match="clip_skip"):
+            bad.result(timeout=60)
+        assert torch.equal(good.result(timeout=60), pipe.generate(prompt="a cat", clip_skip=1, seeds=[0], steps=2,
+                                                                  progress=False)[0])
+
+
+def test_async_requests_encode_their_prompts_off_the_event_loop(sd):
+    import asyncio
+    import threading
+
+    _, pipe = sd
+    threads = []
+    encode = pipe.encode_prompt
+
+    def recording(*args, **kwargs):
+        threads.append(threading.current_thread())
+        return encode(*args, **kwargs)
+
+    async def main(engine):
+        return await asyncio.gather(engine.agenerate(seed=1, prompt="a cat", steps=2),
+                                    engine.asubmit(seed=2, prompt="a dog", steps=2))
+    pipe.encode_prompt = recording
+    try:
+        with fastdiff.Engine(pipe, max_batch=2, max_wait_ms=20) as engine:
+            results = asyncio.run(main(engine))
+    finally:
+        del pipe.encode_prompt
+    assert len(threads) == 2 and threading.main_thread() not in threads
+    for seed, prompt, got in ((1, "a cat", results[0]), (2, "a dog", results[1])):
+        want = pipe.generate(prompt=prompt, seeds=[seed], steps=2, progress=False)[0]
+        assert rel_err(got, want) <= 1e-5
+
+
+def test_folders_without_a_required_encoder_name_it(tmp_path):
+    import shutil
+
+    ref = _sd3_pipe(str(tmp_path))
+    folder = _save(ref, str(tmp_path / "pipe"))
+    shutil.rmtree(os.path.join(folder, "text_encoder_2"))
+    pipe = fastdiff.load(folder)
+    assert pipe.prompt_encoder is None
+    assert any("missing text_encoder_2/" in n for n in pipe.notes)
+    with pytest.raises(BadArgumentError, match="missing text_encoder_2/"):
+        pipe.generate(prompt="a cat", steps=2, progress=False)
+    with pytest.raises(CheckpointError, match="expected text_encoder_2/"):
+        fastdiff.load(folder, text_encoder=folder)
+
+
+def test_a_borrowed_folder_of_the_wrong_width_is_refused_at_load(sd, sdxl, tmp_path):
+    sd_ref, _ = sd
+    sdxl_ref, _ = sdxl
+    sdxl_folder = _save(sdxl_ref, str(tmp_path / "sdxl"))
+    with pytest.raises(CheckpointError, match=r"sd text encoders give text width 8 \(the network takes 16\)"):
+        fastdiff.load(_save(sd_ref, str(tmp_path / "sd")), text_encoder=sdxl_folder)
+
+
+def test_flux_true_cfg_takes_a_negative_prompt_as_flux_pipeline(tmp_path):
+    """cfg_scale != 1 on FLUX.1 is FluxPipeline's true_cfg_scale, which runs only with a negative prompt."""
+    transformer = perturb_(diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, pooled_projection_dim=8, guidance_embeds=True, axes_dims_rope=(2, 2, 4)).eval(), 0)
+    ref = diffusers_pipeline("FluxPipeline")(
+        transformer=transformer, vae=None,
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True),
+        text_encoder=clip_encoder(8, seed=1), tokenizer=diffusers_tokenizer(write_clip_tokenizer(str(tmp_path / "t"))),
+        text_encoder_2=t5_encoder(16, seed=2), tokenizer_2=diffusers_tokenizer(write_t5_tokenizer(str(tmp_path / "u"))))
+    ref.set_progress_bar_config(disable=True)
+    pipe = fastdiff.load(_save(ref, str(tmp_path / "pipe")))
+    if "true_cfg_scale" not in __import__("inspect").signature(ref.__call__).parameters:
+        pytest.skip(f"diffusers {diffusers.__version__}'s FluxPipeline has no true_cfg_scale")
+    latents = _latents(b=1, channels=4, size=8)
+    packed = latents.reshape(1, 4, 4, 2, 4, 2).permute(0, 2, 4, 1, 3, 5).reshape(1, 16, 16)
+    want = ref("a cat", negative_prompt="a dog", true_cfg_scale=2.0, latents=packed.clone(), num_inference_steps=3,
+               height=64, width=64, max_sequence_length=64, output_type="latent").images
+    got = pipe.generate(prompt="a cat", negative_prompt="a dog", cfg_scale=2.0, latents=latents, steps=3,
+                        max_sequence_length=64, progress=False)
+    assert rel_err(got.reshape(1, 4, 4, 2, 4, 2).permute(0, 2, 4, 1, 3, 5).reshape(1, 16, 16), want) <= 1e-5
+    with pytest.raises(BadArgumentError, match="true classifier-free guidance"):
+        pipe.generate(prompt="a cat", cfg_scale=2.0, steps=2, progress=False)
+    with pytest.raises(BadArgumentError, match="max_sequence_length: expected an int"):
+        pipe.generate(prompt="a cat", max_sequence_length=0, steps=2, progress=False)

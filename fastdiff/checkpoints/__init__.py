@@ -109,7 +109,7 @@ def load(path: str, device="cpu", dtype: Optional[torch.dtype] = None, *, varian
     strict_load(model, state, name=f"{kind.upper()} from {path}", dtype=dtype, device=device)
     own_folder = path if os.path.isdir(path) else None
     return Pipeline(model.eval(), spec, device=device, vae=_pick_vae(vae, found_vae, device),
-                    prompt_encoder=_pick_prompt_encoder(text_encoder, own_folder, spec, device, dtype))
+                    prompt_encoder=_pick_prompt_encoder(text_encoder, own_folder, spec, device, dtype, variant))
 
 
 # the loading options each source reads (by the first word of ModelSpec.source); any other given option is
@@ -136,36 +136,46 @@ def _pick_vae(requested, found, device):
     return load_vae_folder(os.fspath(requested), device=device)
 
 
-def _pick_prompt_encoder(requested, own_folder, spec, device, dtype):
+def _pick_prompt_encoder(requested, own_folder, spec, device, dtype, variant=None):
     """The PromptEncoder to attach: the checkpoint folder's own text encoders, the caller's folder's, or none."""
-    from ..prompts import find_prompt_encoder, prompt_family
+    from ..prompts import find_prompt_encoder, missing_parts, prompt_family
 
+    family = prompt_family(spec)
     if requested is False:
         return None
     if requested is None:
         found = None
-        if own_folder:
+        if own_folder and family is not None:
             from .fastdiff_format import fastdiff_text_header, is_fastdiff_folder
 
-            if not is_fastdiff_folder(own_folder):
-                found = find_prompt_encoder(own_folder, spec)
-            elif fastdiff_text_header(own_folder) is not None:  # a save that kept its text encoders
-                zeros = bool(fastdiff_text_header(own_folder).get("force_zeros_for_empty_prompt"))
-                found = find_prompt_encoder(own_folder, spec, zero_negative=zeros)
-        note = ("no text encoders in the folder: generate() takes encoded text (encoder_hidden_states"
-                + (", text_embeds" if spec.text_embeds_dim else "") + "), not prompts")
-        if own_folder and found is None and prompt_family(spec) is not None and note not in spec.notes:
-            spec.notes.append(note)  # (a fastdiff save keeps its notes: said once)
+            header = fastdiff_text_header(own_folder) if is_fastdiff_folder(own_folder) else {}
+            try:  # (a fastdiff save holds them only if it kept them: its header says so)
+                found = None if header is None else find_prompt_encoder(
+                    own_folder, spec, zero_negative=(header or {}).get("force_zeros_for_empty_prompt"),
+                    variant=variant)
+            except CheckpointError as e:  # encoders that cannot feed the network: the network still loads
+                spec.notes.append(f"text encoders not used: {e}")
+                return None
+            if found is None:
+                missing = missing_parts(own_folder, family)
+                note = ("no text encoders in the folder" + (f" (missing {', '.join(m + '/' for m in missing)})"
+                                                            if header is not None and missing else "")
+                        + ": generate() takes encoded text (encoder_hidden_states"
+                        + (", text_embeds" if spec.text_embeds_dim else "") + "), not prompts")
+                if not any(n.startswith("no text encoders in the folder") for n in spec.notes):
+                    spec.notes.append(note)  # (a fastdiff save keeps its notes: said once)
     else:
         if not isinstance(requested, (str, os.PathLike)) or not os.path.isdir(requested):
             raise BadArgumentError(f"text_encoder: expected None, False or a diffusers pipeline folder (with "
                                    f"tokenizer/ and text_encoder/), found {requested!r}")
-        if prompt_family(spec) is None:
+        if family is None:
             raise BadArgumentError(f"text_encoder: given, but this model ({spec.kind}) takes no text")
-        found = find_prompt_encoder(os.fspath(requested), spec)
+        folder = os.fspath(requested)
+        found = find_prompt_encoder(folder, spec, variant=variant)
         if found is None:
-            raise CheckpointError(f"text_encoder: {os.fspath(requested)} lacks the text encoders a "
-                                  f"{prompt_family(spec)} model needs (tokenizer*/ + text_encoder*/ folders)")
+            raise CheckpointError(f"text_encoder: {folder} lacks the text encoders a {family} model needs: expected "
+                                  f"{', '.join(m + '/' for m in missing_parts(folder, family))} (each with its "
+                                  f"tokenizer folder), found none")
     return None if found is None else found.to(device, dtype or torch.float32)
 
 

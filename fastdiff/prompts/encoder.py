@@ -19,8 +19,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from ..errors import BadArgumentError
-from .text_parts import TextPart, clip_outputs, encoder_class_name, load_part, t5_states
+from ..errors import BadArgumentError, CheckpointError
+from .text_parts import TextPart, clip_outputs, encoder_config, encoder_class_name, load_part, t5_states
 
 # family -> (tokenizer folder, encoder folder, required?, max tokens (None: the tokenizer's own))
 FAMILY_PARTS = {
@@ -30,7 +30,8 @@ FAMILY_PARTS = {
             ("tokenizer_3", "text_encoder_3", False, 256)],
     "flux": [("tokenizer", "text_encoder", True, 77), ("tokenizer_2", "text_encoder_2", True, 512)],
 }
-T5_TOKENS = {"sd3": 256, "flux": 512}  # diffusers' default max_sequence_length per pipeline
+T5_PART = {"sd3": "text_encoder_3", "flux": "text_encoder_2"}  # families with a T5 (max_sequence_length applies)
+CLIP_SKIP_BASE = {"sd": 1, "sdxl": 2, "sd3": 2}  # the layer each pipeline reads counts from: -(clip_skip + base)
 
 
 def prompt_family(spec) -> Optional[str]:
@@ -45,13 +46,16 @@ def prompt_family(spec) -> Optional[str]:
 class PromptEncoder:
     """Encodes prompts for one network; ``encode`` returns generate()'s text keyword arguments."""
 
-    def __init__(self, folder: str, family: str, states_dim: int, *, zero_negative: bool = False):
+    def __init__(self, folder: str, family: str, states_dim: int, *, zero_negative: bool = False,
+                 variant: Optional[str] = None):
         """folder: a diffusers pipeline folder holding the family's tokenizer / text encoder folders. states_dim: the
         network's text width (SD3's T5 width, for zeros where text_encoder_3 is absent). zero_negative: SDXL's
-        ``force_zeros_for_empty_prompt`` (no negative prompt -> zero embeddings)."""
+        ``force_zeros_for_empty_prompt`` (no negative prompt -> zero embeddings). variant: diffusers' weight
+        variant (``fp16``)."""
         if family not in FAMILY_PARTS:
             raise BadArgumentError(f"prompt family: expected one of {sorted(FAMILY_PARTS)}, found {family!r}")
         self.folder, self.family, self.states_dim, self.zero_negative = folder, family, states_dim, zero_negative
+        self.variant = variant
         self.parts_present = [enc for _, enc, _, _ in FAMILY_PARTS[family]
                               if encoder_class_name(folder, enc) is not None]
         self._parts: Optional[dict[str, TextPart]] = None
@@ -61,12 +65,16 @@ class PromptEncoder:
         self._where = (torch.device("cpu"), torch.float32)
 
     def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "PromptEncoder":
-        """Where (and in which precision) the encoders run: the pipeline's device and network dtype."""
-        device = torch.device(device) if device is not None else self._where[0]
-        self._where = (device, dtype or self._where[1])
-        if self._parts is not None:
-            for part in self._parts.values():
-                part.encoder.to(*self._where)
+        """Where (and in which precision) the encoders run: the pipeline's device and network dtype. A new dtype
+        re-reads loaded encoders on their next use (so T5 keeps its float32 layers, as from_pretrained does)."""
+        with self._lock:
+            device = torch.device(device) if device is not None else self._where[0]
+            new_dtype = dtype or self._where[1]
+            if self._parts is not None and new_dtype != self._where[1]:
+                self._parts = None
+            self._where = (device, new_dtype)
+            for part in (self._parts or {}).values():
+                part.encoder.to(device)
         return self
 
     def folders(self) -> list[str]:
@@ -84,47 +92,78 @@ class PromptEncoder:
                 parts = {}
                 for tok, enc, _, length in FAMILY_PARTS[self.family]:
                     if enc in self.parts_present:
-                        parts[enc] = load_part(self.folder, tok, enc, length, *self._where)
+                        parts[enc] = load_part(self.folder, tok, enc, length, *self._where, variant=self.variant)
                 self._parts = parts
-        return self._parts
+            return self._parts
+
+    def max_clip_skip(self) -> Optional[int]:
+        """The largest clip_skip the CLIP encoders' depth allows (None: clip_skip does not apply)."""
+        if self.family not in CLIP_SKIP_BASE:
+            return None
+        depths = [encoder_config(self.folder, enc).get("num_hidden_layers", 12) for enc in self.parts_present
+                  if enc != T5_PART.get(self.family)]
+        return min(depths) + 1 - CLIP_SKIP_BASE[self.family]
 
     # ------------------------------------------------------------------------------------------
     def encode(self, prompt: Union[str, Sequence[str]], negative_prompt: Union[str, Sequence[str], None] = None,
-               *, guided: bool = False, clip_skip: Optional[int] = None) -> dict:
+               *, guided: bool = False, clip_skip: Optional[int] = None,
+               max_sequence_length: Optional[int] = None) -> dict:
         """generate()'s keyword arguments for ``prompt`` (one string or a list, one per sample):
         ``encoder_hidden_states`` (+ ``text_embeds`` for pooled-text models), and with ``guided`` their
         ``negative_`` forms from ``negative_prompt`` (default: the empty prompt, or zeros where the pipeline zeroes
-        it). clip_skip: as diffusers' ``clip_skip`` (1 = the layer before the one the pipeline uses), for the prompt only:
-        diffusers' SD, SDXL and SD3 pipelines encode the negative prompt without it, and so does this."""
-        prompts = _prompt_list(prompt, "prompt")
-        if clip_skip is not None and (isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or clip_skip < 0):
-            raise BadArgumentError(f"clip_skip: expected a non-negative int, found {clip_skip!r}")
-        if clip_skip is not None and self.family == "flux":
-            raise BadArgumentError("clip_skip: FLUX.1 reads CLIP's pooled output only (as FluxPipeline); it has no "
-                                   "layer to skip")
+        it; FLUX.1 needs one: its pipeline runs true CFG only against a negative prompt).
+        clip_skip: as diffusers' ``clip_skip`` (1 = the layer before the one the pipeline uses), for the prompt only:
+        diffusers' SD, SDXL and SD3 pipelines encode the negative prompt without it, and so does this.
+        max_sequence_length: T5's token count (SD3 / FLUX.1; diffusers' defaults 256 / 512)."""
+        prompts = prompt_list(prompt, "prompt")
+        self._check_options(clip_skip, max_sequence_length)
         if negative_prompt is not None and not guided:
             raise BadArgumentError("negative_prompt: given, but cfg_scale == 1 runs no unconditional pass")
+        if guided and negative_prompt is None and self.family == "flux":
+            raise BadArgumentError("negative_prompt: cfg_scale != 1 on FLUX.1 is true classifier-free guidance, which "
+                                   "FluxPipeline runs only against a negative prompt: expected one (\"\" for the "
+                                   "empty prompt), found None. FLUX.1 dev's distilled strength is guidance=")
         negatives = None  # no unconditional pass, or zeros (SDXL with no negative prompt)
         if guided and not (negative_prompt is None and self.zero_negative):
-            negatives = _prompt_list("" if negative_prompt is None else negative_prompt, "negative_prompt")
+            negatives = prompt_list("" if negative_prompt is None else negative_prompt, "negative_prompt")
+            if len(prompts) == 1 and len(negatives) > 1:
+                prompts = prompts * len(negatives)  # one prompt, a negative per sample
             if len(negatives) not in (1, len(prompts)):
                 raise BadArgumentError(f"negative_prompt: expected 1 or {len(prompts)} prompts (one per prompt), "
                                        f"found {len(negatives)}")
             negatives = negatives * len(prompts) if len(negatives) == 1 else negatives  # (diffusers' batch)
         with self._lock:
-            out = self._encode(prompts, clip_skip)
+            out = self._encode(prompts, clip_skip, max_sequence_length)
             if guided:
                 negative = ({k: torch.zeros_like(v) for k, v in out.items()} if negatives is None
-                            else self._encode(negatives, None))  # (diffusers skip no layer for the negative)
+                            else self._encode(negatives, None, max_sequence_length))  # (no clip_skip: diffusers)
                 out.update({f"negative_{k}": v for k, v in negative.items()})
         return out
 
+    def _check_options(self, clip_skip, max_sequence_length) -> None:
+        if clip_skip is not None:
+            top = self.max_clip_skip()
+            if top is None:
+                raise BadArgumentError("clip_skip: FLUX.1 reads CLIP's pooled output only (as FluxPipeline); it has "
+                                       "no layer to skip")
+            if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or not 0 <= clip_skip <= top:
+                raise BadArgumentError(f"clip_skip: expected an int in [0, {top}] (this model's CLIP depth), found "
+                                       f"{clip_skip!r}")
+        if max_sequence_length is not None:
+            if self.family not in T5_PART:
+                raise BadArgumentError(f"max_sequence_length: applies to T5 prompts (SD3, FLUX.1), not to this "
+                                       f"{self.family} model's CLIP (77 tokens)")
+            if isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, int) or not \
+                    1 <= max_sequence_length <= 512:
+                raise BadArgumentError(f"max_sequence_length: expected an int in [1, 512], found "
+                                       f"{max_sequence_length!r}")
+
     @torch.no_grad()
-    def _encode(self, prompts: list[str], clip_skip: Optional[int]) -> dict:
+    def _encode(self, prompts: list[str], clip_skip: Optional[int], t5_length: Optional[int]) -> dict:
         parts = self.parts
         if self.family == "sd":
             part = parts["text_encoder"]
-            out = clip_outputs(part, prompts)
+            out = clip_outputs(part, prompts, attention_mask=True)
             if clip_skip is None:
                 states = out[0]
             else:  # an earlier layer, through the final norm (diffusers' StableDiffusionPipeline)
@@ -147,39 +186,70 @@ class PromptEncoder:
             outs = [clip_outputs(parts[name], prompts) for name in ("text_encoder", "text_encoder_2")]
             dtype = parts["text_encoder"].dtype
             clip_states = torch.cat([o.hidden_states[layer].to(dtype) for o in outs], dim=-1)
+            length = t5_length or FAMILY_PARTS["sd3"][2][3]
             if "text_encoder_3" in parts:
-                t5 = t5_states(parts["text_encoder_3"], prompts)
+                t5 = t5_states(parts["text_encoder_3"], prompts, length).to(parts["text_encoder_3"].dtype)
             else:  # diffusers' SD3 pipeline without T5: zeros in its place
-                t5 = torch.zeros(len(prompts), T5_TOKENS["sd3"], self.states_dim, dtype=dtype, device=clip_states.device)
+                t5 = torch.zeros(len(prompts), length, self.states_dim, dtype=dtype, device=clip_states.device)
             clip_states = torch.nn.functional.pad(clip_states, (0, t5.shape[-1] - clip_states.shape[-1]))
-            return {"encoder_hidden_states": torch.cat([clip_states, t5.to(dtype)], dim=-2),
+            return {"encoder_hidden_states": torch.cat([clip_states, t5], dim=-2),
                     "text_embeds": torch.cat([o[0] for o in outs], dim=-1)}
-        # flux: CLIP's pooled output, T5's states
+        # flux: CLIP's pooled output, T5's states (both in the CLIP's dtype, as FluxPipeline casts them)
         clip = parts["text_encoder"]
-        pooled = clip.encoder(clip.token_ids(prompts), output_hidden_states=False).pooler_output
-        t5 = parts["text_encoder_2"]
-        return {"encoder_hidden_states": t5_states(t5, prompts).to(t5.dtype), "text_embeds": pooled.to(clip.dtype)}
+        ids = clip.tokens(prompts).input_ids.to(clip.device)
+        pooled = clip.encoder(ids, output_hidden_states=False).pooler_output
+        states = t5_states(parts["text_encoder_2"], prompts, t5_length)
+        return {"encoder_hidden_states": states.to(clip.dtype), "text_embeds": pooled.to(clip.dtype)}
 
 
-def find_prompt_encoder(folder: str, spec, zero_negative: Optional[bool] = None) -> Optional[PromptEncoder]:
-    """The PromptEncoder of a diffusers pipeline folder for its network (None where the folder lacks the family's
-    required text encoders, or the network takes no text). zero_negative None: SDXL's model_index.json says."""
+def missing_parts(folder: str, family: str) -> list[str]:
+    """The family's required encoder folders ``folder`` lacks."""
+    return [enc for _, enc, needed, _ in FAMILY_PARTS[family] if needed and encoder_class_name(folder, enc) is None]
+
+
+def width_problem(folder: str, family: str, spec) -> Optional[str]:
+    """Why the folder's encoders cannot feed this network (their widths against its text inputs), or None."""
+    def width(enc, key):
+        config = encoder_config(folder, enc)
+        return None if config is None else config.get(key)
+
+    if family == "sd":
+        found = {"text": width("text_encoder", "hidden_size")}
+    elif family == "sdxl":
+        found = {"text": sum(width(e, "hidden_size") or 0 for e in ("text_encoder", "text_encoder_2")),
+                 "pooled": width("text_encoder_2", "projection_dim")}
+    elif family == "sd3":
+        found = {"pooled": sum(width(e, "projection_dim") or 0 for e in ("text_encoder", "text_encoder_2"))}
+        if width("text_encoder_3", "d_model") is not None:
+            found["text"] = width("text_encoder_3", "d_model")
+    else:
+        found = {"text": width("text_encoder_2", "d_model"), "pooled": width("text_encoder", "hidden_size")}
+    want = {"text": spec.cross_attention_dim, "pooled": spec.text_embeds_dim}
+    wrong = [f"{k} width {found[k]} (the network takes {want[k]})" for k in found if found[k] != want[k]]
+    return f"{folder}'s {family} text encoders give " + ", ".join(wrong) if wrong else None
+
+
+def find_prompt_encoder(folder: str, spec, zero_negative: Optional[bool] = None,
+                        variant: Optional[str] = None) -> Optional[PromptEncoder]:
+    """The PromptEncoder of a diffusers pipeline folder for its network: None where the network takes no text or
+    the folder lacks the family's required encoders (``missing_parts``); CheckpointError where their widths do not
+    fit the network. zero_negative None: SDXL's model_index.json says."""
     family = prompt_family(spec)
-    if family is None or not os.path.isdir(folder):
+    if family is None or not os.path.isdir(folder) or missing_parts(folder, family):
         return None
-    required = [enc for _, enc, needed, _ in FAMILY_PARTS[family] if needed]
-    if any(encoder_class_name(folder, enc) is None for enc in required):
-        return None
+    problem = width_problem(folder, family, spec)
+    if problem:
+        raise CheckpointError(problem)
     if zero_negative is None and family == "sdxl":  # StableDiffusionXLPipeline's default; the refiner says false
         from ..checkpoints.diffusers_folder import read_json
 
         index = os.path.join(folder, "model_index.json")
         config = read_json(index) if os.path.isfile(index) else {}
         zero_negative = bool(config.get("force_zeros_for_empty_prompt", True))
-    return PromptEncoder(folder, family, spec.cross_attention_dim, zero_negative=bool(zero_negative))
+    return PromptEncoder(folder, family, spec.cross_attention_dim, zero_negative=bool(zero_negative), variant=variant)
 
 
-def _prompt_list(prompt, name: str) -> list[str]:
+def prompt_list(prompt, name: str) -> list[str]:
     prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else None
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise BadArgumentError(f"{name}: expected a string or a non-empty list of strings, found {prompt!r}")

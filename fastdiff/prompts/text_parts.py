@@ -1,8 +1,9 @@
 """One tokenizer + text encoder pair of a diffusers pipeline folder (``tokenizer_2/`` + ``text_encoder_2/``, ...).
 
 The tokenizers and encoders are transformers' own classes (CLIP, CLIP with projection, T5's encoder), read with
-``from_pretrained`` (safetensors, or a ``.bin`` through ``torch.load(weights_only=True)``): fastdiff reproduces how
-each diffusers pipeline *uses* them, not the encoders themselves.
+``from_pretrained`` (safetensors, or a ``.bin`` through ``torch.load(weights_only=True)``), in the precision asked
+for at load time as diffusers' ``from_pretrained(torch_dtype=...)`` does it (T5 keeps its ``wo`` layers in float32 in
+half precision: an all-fp16 T5 overflows). fastdiff reproduces how each diffusers pipeline *uses* them.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import os
 import warnings
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -30,43 +32,53 @@ class TextPart:
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.encoder.parameters()).dtype
+        return self.encoder.dtype  # (transformers' dtype: that of its first floating-point parameter)
 
     @property
     def device(self) -> torch.device:
         return next(self.encoder.parameters()).device
 
-    def token_ids(self, prompts: list[str], max_length: int | None = None) -> torch.Tensor:
-        """(B, max_length) ids, padded and truncated as diffusers' pipelines do; a truncated prompt is warned about."""
+    def tokens(self, prompts: list[str], max_length: Optional[int] = None):
+        """transformers' BatchEncoding of ``prompts``, padded and truncated to ``max_length`` tokens as diffusers'
+        pipelines do; a truncated prompt is warned about."""
         length = max_length or self.max_length
-        ids = self.tokenizer(prompts, padding="max_length", max_length=length, truncation=True,
-                             return_tensors="pt").input_ids
+        batch = self.tokenizer(prompts, padding="max_length", max_length=length, truncation=True,
+                               return_tensors="pt")
         full = self.tokenizer(prompts, padding="longest", return_tensors="pt").input_ids
-        if full.shape[-1] > ids.shape[-1]:
+        if full.shape[-1] > batch.input_ids.shape[-1]:
             dropped = self.tokenizer.batch_decode(full[:, length - 1:-1])
             warnings.warn(f"{self.name}: prompts longer than {length} tokens were truncated; dropped: {dropped}",
-                          stacklevel=4)
-        return ids.to(self.device)
+                          stacklevel=5)
+        return batch
 
 
-def encoder_class_name(folder: str, sub: str) -> str | None:
-    """The transformers class a pipeline folder's ``sub/config.json`` names (None: no such folder)."""
+def encoder_config(folder: str, sub: str) -> Optional[dict]:
+    """A pipeline folder's ``sub/config.json`` (a transformers config), None where there is none."""
     path = os.path.join(folder, sub, "config.json")
     if not os.path.isfile(path):
         return None
     try:
         with open(path) as f:
-            names = json.load(f).get("architectures") or []
-    except (json.JSONDecodeError, AttributeError) as e:
-        raise CheckpointError(f"{path}: expected a transformers config (JSON with 'architectures'), found {e}") from e
-    return names[0] if names else None
+            config = json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: expected a transformers config (JSON), found a parse error ({e})") from e
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found {type(config).__name__}")
+    return config
 
 
-def load_part(folder: str, tokenizer_sub: str, encoder_sub: str, max_length: int | None, device,
-              dtype: torch.dtype) -> TextPart:
+def encoder_class_name(folder: str, sub: str) -> Optional[str]:
+    """The transformers class ``folder/sub/config.json`` names (None: no such folder)."""
+    config = encoder_config(folder, sub)
+    return None if config is None else (config.get("architectures") or [None])[0]
+
+
+def load_part(folder: str, tokenizer_sub: str, encoder_sub: str, max_length: Optional[int], device,
+              dtype: torch.dtype, variant: Optional[str] = None) -> TextPart:
     """Read ``folder/tokenizer_sub`` and ``folder/encoder_sub`` with transformers, onto ``device`` in ``dtype``.
 
-    max_length None: the tokenizer's own ``model_max_length`` (77 for CLIP).
+    max_length None: the tokenizer's own ``model_max_length`` (77 for CLIP). variant: diffusers' weight variant
+    (``model.fp16.safetensors``), the plain file where the folder has no such variant (as diffusers falls back).
     """
     transformers = _transformers()
     cls_name = encoder_class_name(folder, encoder_sub)
@@ -76,13 +88,21 @@ def load_part(folder: str, tokenizer_sub: str, encoder_sub: str, max_length: int
     tok_path, enc_path = os.path.join(folder, tokenizer_sub), os.path.join(folder, encoder_sub)
     if not os.path.isdir(tok_path):
         raise CheckpointError(f"{folder}: {encoder_sub}/ needs its tokenizer in {tokenizer_sub}/, found none")
+    # transformers 5 names the load precision `dtype`; 4.x `torch_dtype`
+    precision = {"dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype": dtype}
+    cls = getattr(transformers, cls_name)
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(tok_path)
-        encoder = getattr(transformers, cls_name).from_pretrained(enc_path)
+        try:
+            encoder = cls.from_pretrained(enc_path, variant=variant, **precision)
+        except OSError:
+            if variant is None:
+                raise
+            encoder = cls.from_pretrained(enc_path, **precision)
     except (OSError, ValueError, KeyError) as e:  # missing / unreadable files, a config transformers refuses
         raise CheckpointError(f"{folder}: could not read {tokenizer_sub}/ + {encoder_sub}/ with transformers "
                               f"{transformers.__version__}: {e}") from e
-    encoder = encoder.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    encoder = encoder.to(device).eval().requires_grad_(False)
     length = max_length or int(tokenizer.model_max_length)
     return TextPart(encoder_sub, tokenizer, encoder, length)
 
@@ -98,16 +118,17 @@ def _transformers():
 
 
 @torch.no_grad()
-def clip_outputs(part: TextPart, prompts: list[str]):
-    """transformers' CLIP output for ``prompts`` (hidden states of every layer included)."""
+def clip_outputs(part: TextPart, prompts: list[str], attention_mask: bool = False):
+    """transformers' CLIP output for ``prompts`` (hidden states of every layer included). attention_mask: pass the
+    padding mask where the encoder's config asks for one (diffusers' SD 1.x / 2.x pipeline only)."""
+    batch = part.tokens(prompts)
     mask = None
-    if getattr(part.encoder.config, "use_attention_mask", False):  # (as diffusers' SD pipeline asks)
-        mask = part.tokenizer(prompts, padding="max_length", max_length=part.max_length, truncation=True,
-                              return_tensors="pt").attention_mask.to(part.device)
-    return part.encoder(part.token_ids(prompts), attention_mask=mask, output_hidden_states=True)
+    if attention_mask and getattr(part.encoder.config, "use_attention_mask", False):
+        mask = batch.attention_mask.to(part.device)
+    return part.encoder(batch.input_ids.to(part.device), attention_mask=mask, output_hidden_states=True)
 
 
 @torch.no_grad()
-def t5_states(part: TextPart, prompts: list[str]) -> torch.Tensor:
+def t5_states(part: TextPart, prompts: list[str], max_length: Optional[int] = None) -> torch.Tensor:
     """(B, max_length, d_model): T5's encoder output for ``prompts``."""
-    return part.encoder(part.token_ids(prompts))[0]
+    return part.encoder(part.tokens(prompts, max_length).input_ids.to(part.device))[0]

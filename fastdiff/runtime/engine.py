@@ -253,11 +253,13 @@ class Engine:
         micro-conditioning ids (N,) of this request, stacked the same way (``Pipeline.generate`` defaults the ids);
         ``guidance``: a guidance-distilled model's strength (Flux dev) for this request, batched per row.
         ``prompt`` / ``negative_prompt``: text in place of those tensors, encoded here, in the caller's thread, by
-        the pipeline's text encoders (``Pipeline.encode_prompt``); ``clip_skip`` goes in ``options``.
+        the pipeline's text encoders (``Pipeline.encode_prompt``); ``clip_skip`` / ``max_sequence_length`` go in
+        ``options``.
         ``options``: further ``generate`` keywords shared by a batch (``guidance_rescale``, sampler
         options such as ``eta``); values must be hashable, and only requests with equal options batch.
         A request that fails validation returns an already failed Future (the error is
-        ``BadArgumentError``); only a closed engine makes ``submit`` itself raise (``EngineClosedError``).
+        ``BadArgumentError``, or whatever its text encoders raised); only a closed engine makes ``submit`` itself
+        raise (``EngineClosedError``).
         """
         fut: concurrent.futures.Future = concurrent.futures.Future()
         try:
@@ -274,7 +276,7 @@ class Engine:
                          guidance=None if guidance is None else [finite_number("guidance", guidance)])
             req = self._make_request(fut, seed, class_label, encoder_hidden_states, negative_encoder_hidden_states,
                                      steps, sampler, cfg_scale, height, width, schedule, options, added)
-        except FastdiffError as e:  # a bad request (or a prompt its text encoders could not encode) fails alone
+        except Exception as e:  # a bad request (or a prompt its text encoders could not encode) fails alone
             with self._cv:
                 if self._closed:
                     raise EngineClosedError("Engine is closed: submit() after close()") from None
@@ -302,20 +304,27 @@ class Engine:
         if stray:
             raise BadArgumentError(f"prompt: expected a prompt or encoded text, not both; found prompt and {stray}")
         guided = finite_number("cfg_scale", cfg_scale) != 1.0
-        clip_skip = options.pop("clip_skip", None)
-        text = self.pipe.encode_prompt(prompt, negative_prompt, guided=guided, clip_skip=clip_skip)
+        text = self.pipe.encode_prompt(prompt, negative_prompt, guided=guided, clip_skip=options.pop("clip_skip", None),
+                                       max_sequence_length=options.pop("max_sequence_length", None))
         return {k: v[0] for k, v in text.items()}
 
     def asubmit(self, **kwargs) -> "asyncio.Future":
         """``submit`` for asyncio code: an ``asyncio.Future`` bound to the running loop (call it from a coroutine).
 
-        Cancelling the asyncio Future cancels the request if it has not started yet.
+        Cancelling the asyncio Future cancels the request if it has not started yet. A request with a prompt is
+        submitted from a worker thread: encoding it (and the text encoders' first load) never blocks the loop.
         """
-        return asyncio.wrap_future(self.submit(**kwargs))
+        if kwargs.get("prompt") is None and kwargs.get("negative_prompt") is None:
+            return asyncio.wrap_future(self.submit(**kwargs))
+
+        async def submit_off_loop():
+            request = await asyncio.get_running_loop().run_in_executor(None, lambda: self.submit(**kwargs))
+            return await asyncio.wrap_future(request)
+        return asyncio.ensure_future(submit_off_loop())
 
     async def agenerate(self, **kwargs) -> torch.Tensor:
         """``await engine.agenerate(seed=..., ...)`` -> (C, H, W); the event loop is never blocked."""
-        return await asyncio.wrap_future(self.submit(**kwargs))
+        return await self.asubmit(**kwargs)
 
     def close(self, cancel_pending: bool = False, timeout: Optional[float] = None) -> None:
         """Stop accepting requests; finish the queued ones (default) or cancel them, then stop the worker.
