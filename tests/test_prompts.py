@@ -326,6 +326,8 @@ def test_cli_prompt_errors_are_one_line(sd, tmp_path):
     assert r.returncode == 2 and "--prompt" in r.stderr and "Traceback" not in r.stderr
     r = _cli("generate", folder, "--text-encoder", "none", "--prompt", "a cat", *out, cwd=tmp_path)
     assert r.returncode == 2 and "--text-encoder FOLDER" in r.stderr
+    r = _cli("generate", folder, "--prompt", "a cat", "--negative-prompt", "a dog", *out, cwd=tmp_path)
+    assert r.returncode == 2 and "--cfg G" in r.stderr
     r = _cli("generate", "arch:tiny-unet", "--prompt", "a cat", "--steps", "1", cwd=tmp_path)
     assert r.returncode == 2 and "not text-conditioned" in r.stderr
 

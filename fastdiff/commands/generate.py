@@ -283,6 +283,8 @@ def run(args) -> int:
                 f"or use the Python API (pipe.generate(encoder_hidden_states=...))")
         if args.prompt is None:
             raise BadArgumentError("--prompt: this model is text-conditioned: expected a prompt, found none")
+        if args.negative_prompt is not None and args.cfg == 1.0:
+            raise BadArgumentError("--negative-prompt: given, but --cfg 1 runs no unconditional pass; pass --cfg G")
         text = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, clip_skip=args.clip_skip)
     else:
         given = [f for f, v in (("--prompt", args.prompt), ("--negative-prompt", args.negative_prompt),
