@@ -290,8 +290,9 @@ class Pipeline:
             SD3 and Flux take ``text_embeds`` alone (diffusers' ``pooled_prompt_embeds``).
         prompt / negative_prompt: text, one string or one per sample, encoded by the folder's own tokenizers and
             text encoders as its diffusers pipeline does (``encode_prompt``) into the arguments above; not together
-            with them. A list of prompts with the default ``n`` gives one sample per prompt. The negative defaults to the empty prompt (zeros where SDXL's force_zeros_for_empty_prompt
-            says so; FLUX.1's true CFG needs one). clip_skip / max_sequence_length: diffusers' (T5's token count).
+            with them. A list of prompts with the default ``n`` gives one sample per prompt. The negative defaults
+            to the empty prompt (zeros where SDXL's force_zeros_for_empty_prompt says so; FLUX.1's true CFG needs
+            one). clip_skip / max_sequence_length: diffusers' (T5's token count).
         guidance: a guidance-distilled model's strength (FLUX.1 dev; diffusers' FluxPipeline ``guidance_scale``,
             default 3.5), one or one per sample: an input of the network, not classifier-free guidance (``cfg_scale``).
         seed / seeds: ``seeds=[...]`` gives one generator per sample (a sample depends on its own seed
