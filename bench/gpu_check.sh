@@ -20,10 +20,11 @@
 #                 family (GEMM, convolution, attention, GroupNorm, ...), with fastdiff's GPU defaults
 #   dit           fastdiff bench arch:dit-xl-2-256, fp16, dpmpp_2m x 20, cfg 4: eager / triton / CUDA-graph
 #                 variants vs diffusers eager (DiTTransformer2DModel + DPMSolverMultistepScheduler)
-#   dit-new       DiT variants whose kernels have not run on a GPU yet (TMA attention, the one-pass residual +
-#                 adaLN norm, every op on Triton, per-layer tuning), beside triton+loop, in a process of their own
+#   dit-new       DiT variants with every op on Triton and with per-layer tuning, beside triton+loop, in a process of
+#                 their own (the TMA attention and the one-pass residual + norm ran there in run 4; now defaults)
 #   sd15          the same for arch:sd15-unet (64x64 latents, 77 text tokens, cfg 7.5), channels-last
-#   sd15-new      the same as dit-new for SD1.5 (TMA attention, residual + LayerNorm, every op, tuning)
+#   sd15-new      SD1.5 variants whose kernels have not run in the UNet on a GPU yet (TMA attention, residual +
+#                 LayerNorm, every op, tuning), beside triton+loop+cl, in a process of their own
 #   sd15-cudnn    SD1.5 triton+loop+cl with and without cudnn_benchmark, each in a process of its own
 #   dit-vs-compile / sd15-vs-compile   fastdiff triton+loop, diffusers eager and
 #                 torch.compile(diffusers model, mode="max-autotune"), in one run
@@ -62,6 +63,13 @@ export TRITON_INTERPRET=0
 export PYTHONUNBUFFERED=1
 export TQDM_DISABLE=1
 PY=${PYTHON:-python3}
+# Inductor's cache in the work folder, seeded with the autotuning timings earlier runs brought back
+# (bench/gpu_runs/inductor_autotune/): max-autotune of the diffusers SD1.5 UNet outlived a 354 s step in run 4
+# (about 1 s per GEMM / convolution problem), so each run continues where the last one stopped. Only those
+# timings come back (a small JSON per software stack, in the results tarball), not the compiled kernels.
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$RESULTS/inductor}
+mkdir -p "$TORCHINDUCTOR_CACHE_DIR/cache"
+cp -n bench/gpu_runs/inductor_autotune/* "$TORCHINDUCTOR_CACHE_DIR/cache/" 2> /dev/null
 
 # step NAME LIMIT_S CMD...: run CMD under timeout (capped by the deadline), log to $RESULTS/NAME.log,
 # record "NAME<TAB>status<TAB>seconds" in the summary.
@@ -95,7 +103,9 @@ step() {
 # the device budget still returns every finished step's log and JSON
 publish() {
     if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then
-        tar czf "$OUT/gpu_results.tgz.tmp" -C "$(dirname "$RESULTS")" "$(basename "$RESULTS")" 2> /dev/null &&
+        mkdir -p "$RESULTS/inductor_autotune" && cp "$TORCHINDUCTOR_CACHE_DIR"/cache/* "$RESULTS/inductor_autotune/" 2> /dev/null
+        tar czf "$OUT/gpu_results.tgz.tmp" --exclude="$(basename "$RESULTS")/inductor" \
+            -C "$(dirname "$RESULTS")" "$(basename "$RESULTS")" 2> /dev/null &&
             mv "$OUT/gpu_results.tgz.tmp" "$OUT/gpu_results.tgz" || rm -f "$OUT/gpu_results.tgz.tmp"
         cp "$SUMMARY" "$OUT/summary.tsv" 2> /dev/null
     fi
@@ -214,15 +224,16 @@ SD=${FASTDIFF_GPU_SD:-arch:sd15-unet}
 # on its Triton kernel, "+flash" SDPA pinned to FlashAttention (torch 2.11 on Hopper prefers cuDNN, whose
 # graphs replayed with a high host cost in the 2026-11-26 run)
 # (FASTDIFF_GPU_DIT_VARIANTS / FASTDIFF_GPU_SD_VARIANTS replace the lists: an SD1.5 variant costs ~15-25 s)
+# Since run 4 a DiT's defaults on CUDA include precompute_adaln, the one-pass residual + norm and the TMA attention;
+# +noprecompute / +pair / +sdpa take each back, and all three together are run 4's baseline
 wants dit && bench_e2e dit-xl-2-256 "$DIT" 4 150 \
-    "${FASTDIFF_GPU_DIT_VARIANTS:-eager,eager+loop,triton+step,triton+loop,triton+loop+noadaln,triton+loop+precompute,triton+loop+upd,triton+loop+flash,triton+loop+efficient}" diffusers
-# Variants whose kernels have never run on a GPU in their current form, in a process of their own with the
-# baseline beside them: in run 3a one kernel's illegal memory access took every later row of its process with it,
+    "${FASTDIFF_GPU_DIT_VARIANTS:-eager,eager+loop,triton+step,triton+loop,triton+loop+noprecompute,triton+loop+pair,triton+loop+sdpa,triton+loop+noprecompute+pair+sdpa,triton+loop+upd}" diffusers
+# Variants with kernels new to that model on a GPU, in a process of their own with the baseline beside them: in run 3a one kernel's illegal memory access took every later row of its process with it,
 # diffusers' included (FASTDIFF_GPU_DIT_NEW_VARIANTS / FASTDIFF_GPU_SD_NEW_VARIANTS replace the lists)
 wants dit-new && bench_e2e dit-xl-2-256-new "$DIT" 4 150 \
-    "${FASTDIFF_GPU_DIT_NEW_VARIANTS:-triton+loop,triton+loop+resnorm,triton+loop+tma,triton+loop+allk,triton+loop+tune}" ""
+    "${FASTDIFF_GPU_DIT_NEW_VARIANTS:-triton+loop,triton+loop+allk,triton+loop+tune}" ""
 wants sd15 && bench_e2e sd15-unet "$SD" 7.5 300 \
-    "${FASTDIFF_GPU_SD_VARIANTS:-eager+cl,eager+loop+cl,triton+step+cl,triton+loop+cl,triton+loop+cl+cond,triton+loop+cl+gnrows,triton+loop+cl+nogeglu,triton+loop+cl+noqkv,triton+loop+cl+upd,triton+loop+cl+flash}" diffusers
+    "${FASTDIFF_GPU_SD_VARIANTS:-eager+cl,eager+loop+cl,triton+step+cl,triton+loop+cl,triton+loop+cl+nocond,triton+loop+cl+upd}" diffusers
 wants sd15-new && bench_e2e sd15-unet-new "$SD" 7.5 240 \
     "${FASTDIFF_GPU_SD_NEW_VARIANTS:-triton+loop+cl,triton+loop+cl+resln,triton+loop+cl+tma,triton+loop+cl+allk,triton+loop+cl+tune}" ""
 # cudnn_benchmark against the same variant without it, each in a process of its own: cuDNN's plan cache ignores
@@ -298,7 +309,8 @@ for path in sorted(glob.glob(os.path.join(results, "*.json"))):
     if not isinstance(d, dict) or "settings" not in d:  # not a fastdiff bench file
         continue
     model = str(d["settings"].get("model", "?")).replace("arch:", "")
-    print(f"[{os.path.splitext(os.path.basename(path))[0]}: one process, compare rows within it]")
+    cut = "" if d.get("complete", True) else "; CUT OFF: the rows measured before the step's limit"
+    print(f"[{os.path.splitext(os.path.basename(path))[0]}: one process, compare rows within it{cut}]")
     ratios = {(r["backend"], r["batch"], r["vs"]): r["ratio"] for r in d.get("ratios", [])}
     for r in d.get("results", []) + d.get("compare", []):
         name = r.get("backend") or r.get("impl")
@@ -318,5 +330,6 @@ for path in sorted(glob.glob(os.path.join(results, "*.json"))):
 print(f"{failed} step(s) failed or timed out; logs and JSON in {results}")
 EOF
 if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then  # the device tool: one tarball back (it returns at most 8 files)
-    tar czf "$OUT/gpu_results.tgz" -C "$(dirname "$RESULTS")" "$(basename "$RESULTS")" && cp "$RESULTS/summary.txt" "$OUT/"
+    publish
+    cp "$RESULTS/summary.txt" "$OUT/"
 fi

@@ -132,9 +132,11 @@ class Pipeline:
         capturable = graph_factory is not None or (self.device.type == "cuda" and torch.cuda.is_available())
         if config.cuda_graphs and config.graph_scope == "loop" and capturable and config.backend != "onnxruntime":
             self.loop_graphs = LoopGraphCache(config.max_graphs, graph_factory)
-        self.precompute_adaln = bool(config.precompute_adaln and self.loop_graphs is not None
-                                     and config.backend in ("eager", "triton")
-                                     and getattr(self.model, "adaln_weight", None) is not None)
+        applies = (self.loop_graphs is not None and config.backend in ("eager", "triton")
+                   and getattr(self.model, "adaln_weight", None) is not None)
+        # None (auto): on where it applies on a CUDA device (measured faster there), off elsewhere
+        wanted = config.precompute_adaln if config.precompute_adaln is not None else self.device.type == "cuda"
+        self.precompute_adaln = bool(wanted and applies)
         if config.precompute_adaln and not self.precompute_adaln:
             self.notes.append("precompute_adaln ignored: it needs a DiT with stacked adaLN projections (fuse_adaln), "
                               "a captured loop (cuda_graphs=True, graph_scope='loop') and backend 'eager' or "

@@ -82,6 +82,27 @@ def test_bench_backend_variants_and_host_time(tmp_path):
     assert "host us/step" in r.stdout
 
 
+def test_bench_json_keeps_the_rows_of_a_run_cut_off(tmp_path, monkeypatch):
+    """The JSON report is rewritten after every measured row, so a bench killed by a time limit (a torch.compile
+    that outlives its step) keeps what it measured, marked incomplete."""
+    from fastdiff.cli import main
+    from fastdiff.commands import bench
+
+    def diffusers_then_killed(args, source, compare, batches, device, log, on_row=None):
+        on_row(dict(impl="diffusers", batch=1, status="ok", median_s=0.5, p90_s=0.5, per_step_s=0.25))
+        raise KeyboardInterrupt  # the compile row never comes
+
+    monkeypatch.setattr(bench, "_bench_diffusers", diffusers_then_killed)
+    out = tmp_path / "cut.json"
+    rc = main(["bench", "arch:tiny-dit", "--backends", "eager", "--steps", "1", "--repeat", "1", "--warmup", "1",
+               "--compare", "diffusers,compile", "--json", str(out)])
+    assert rc == 130  # interrupted
+    d = json.loads(out.read_text())
+    assert d["complete"] is False and [r["backend"] for r in d["results"]] == ["eager"]
+    assert [r["impl"] for r in d["compare"]] == ["diffusers"] and d["ratios"]
+    assert not (tmp_path / "cut.json.tmp").exists()
+
+
 def test_parse_backend_variants():
     from fastdiff.commands.bench import parse_backend_variants
     from fastdiff.errors import BadArgumentError

@@ -103,6 +103,48 @@ def test_fuse_qkv_defaults_on_for_self_attention_on_cuda_only(arch, device, fuse
     assert all(getattr(m, "qkv_weight", None) is None for m in model.modules())
 
 
+@pytest.mark.parametrize("arch,device,fused", [("arch:tiny-sd-unet", "cuda", True), ("arch:tiny-sd-unet", "cpu", False),
+                                                 ("arch:tiny-dit", "cuda", False)])
+def test_fuse_conditioning_defaults_on_for_a_unet_on_cuda_only(arch, device, fused):
+    """fuse_conditioning=None (the default) stacks a UNet's time and cross-attention key / value projections on
+    CUDA, where it measured 3.1% faster (SD1.5, run 4); other devices and models are left alone, silently."""
+    from fastdiff.runtime.runners import prepare_model
+
+    model, notes = fastdiff.load(arch).model, []
+    prepare_model(model, OptimizeConfig(), torch.device(device), notes)
+    stacks = [getattr(model, f"{name}_weight", None) for name in ("temb", "cross_kv")]
+    assert all((w is not None) == fused for w in stacks) and notes == []
+    prepare_model(model, OptimizeConfig(fuse_conditioning=False), torch.device(device), notes)
+    assert all(getattr(model, f"{name}_weight", None) is None for name in ("temb", "cross_kv"))
+
+
+def test_a_channels_last_unet_makes_no_nchw_copy():
+    """A channels-last UNet's attention blocks hand their tokens to proj_out as the channels-last image they
+    already are: no NCHW copy per block (16 per SD1.5 call before), and the same output as the NCHW model."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Copies(TorchDispatchMode):
+        found = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket in (torch.ops.aten.clone, torch.ops.aten.copy_, torch.ops.aten._to_copy) \
+                    and isinstance(out, torch.Tensor) and out.dim() == 4:
+                self.found.append(tuple(out.shape))
+            return out
+
+    model = fastdiff.load("arch:tiny-sd-unet").model
+    x, ctx = torch.randn(2, 4, 8, 8), torch.randn(2, 6, 32)
+    with torch.no_grad():
+        want = model(x, torch.tensor([10.0, 500.0]), encoder_hidden_states=ctx)
+        model.to(memory_format=torch.channels_last)
+        x, t = x.contiguous(memory_format=torch.channels_last), torch.tensor([10.0, 500.0])
+        with Copies():
+            got = model(x, t, encoder_hidden_states=ctx)
+    assert Copies.found == [] and got.is_contiguous(memory_format=torch.channels_last)
+    assert rel_err(got, want) <= 1e-5
+
+
 @pytest.mark.parametrize("arch,switches,note", [
     ("arch:tiny-sd-unet", dict(fuse_adaln=True), "fuse_adaln ignored"),  # no adaLN
     ("arch:tiny-dit", dict(fuse_qkv=True), "fuse_qkv ignored"),  # DiT stores qkv fused already

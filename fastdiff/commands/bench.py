@@ -119,12 +119,16 @@ VARIANT_SWITCHES = {
     "noqkv": dict(fuse_qkv=False),  # ... three (the default off CUDA)
     "adaln": dict(fuse_adaln=True),  # DiT: every adaLN modulation in one matmul per call (default on CUDA)
     "noadaln": dict(fuse_adaln=False),  # DiT: one matmul per adaLN projection (the default off CUDA)
-    # DiT in a captured loop: every step's adaLN modulation from one matmul at the loop's start
+    # DiT in a captured loop: every step's adaLN modulation from one matmul at the loop's start (default on CUDA)
     "precompute": dict(precompute_adaln=True),
+    "noprecompute": dict(precompute_adaln=False),  # ... one matmul per network call
     # UNet: the resnets' time projections in one matmul, the cross-attention keys and values in another
+    # (default on CUDA)
     "cond": dict(fuse_conditioning=True),
-    # DiT: each residual and the adaLN norm after it in one Triton kernel (default: the two kernels)
+    "nocond": dict(fuse_conditioning=False),  # ... one matmul per layer
+    # DiT: each residual and the adaLN norm after it in one Triton kernel (the default since run 4) ...
     "resnorm": dict(kernel_ops={"adaln_modulate": "triton"}),
+    "pair": dict(kernel_ops={"adaln_modulate": "triton_pair"}),  # ... or the residual's kernel, then the norm's
     # SD: each attention's residual and the LayerNorm after it in one Triton kernel (default: torch)
     "resln": dict(kernel_ops={"layer_norm": "triton"}),
     "allk": dict(kernel_ops="all"),  # every fused op on its Triton kernel (not the measured per-op table)
@@ -139,7 +143,9 @@ VARIANT_SWITCHES = {
     "autotune": dict(compile_mode="max-autotune"),
     "flash": dict(sdpa_backend="flash"),  # SDPA pinned to FlashAttention (else SDPA's own choice)
     "efficient": dict(sdpa_backend="efficient"),
-    "tma": dict(kernel_ops={"attention": "triton_tma"}),  # attention through TMA descriptors (Hopper+)
+    # attention through TMA descriptors (Hopper+; a DiT's default on CUDA since run 4)
+    "tma": dict(kernel_ops={"attention": "triton_tma"}),
+    "sdpa": dict(kernel_ops={"attention": "torch"}),  # attention on torch's SDPA (its own backend choice)
     "cudnnbench": dict(cudnn_benchmark=True),  # cuDNN times its convolution algorithms per new shape
 }
 
@@ -582,7 +588,8 @@ def _diffusers_generate(model, scheduler, spec, b, steps, cfg, cond, device, dty
     return latents
 
 
-def _bench_diffusers(args, pipe_source, compare, batches, device, log) -> list[dict]:
+def _bench_diffusers(args, pipe_source, compare, batches, device, log, on_row=None) -> list[dict]:
+    """Rows for diffusers eager (and torch.compile of it): each row passed to ``on_row`` as soon as measured."""
     import torch
 
     import fastdiff
@@ -634,6 +641,8 @@ def _bench_diffusers(args, pipe_source, compare, batches, device, log) -> list[d
                 row.update(status="failed", reason=f"{type(e).__name__}: {_one_line(e)}",
                            detail=traceback.format_exc(limit=3))
             rows.append(row)
+            if on_row is not None:
+                on_row(row)
         del compile_s
     return rows
 
@@ -729,6 +738,34 @@ def _plot(path, results, compare_rows, title):
     plt.close(fig)
 
 
+def _json_report(args, variants, batches, compare, spec, n_params, dev_name, device, results, compare_rows,
+                 ratios, complete) -> dict:
+    import torch
+
+    from ..runtime.timing import memory_method
+    from .info import collect
+
+    return {
+        "schema": "fastdiff-bench/1",
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "complete": complete,  # false: written after a measured variant, more were to come
+        "device": dev_name,
+        "versions": collect(),
+        "settings": {"model": args.model, "backends": [v[0] for v in variants], "batch": batches, "steps": args.steps,
+                     "sampler": args.sampler, "schedule": args.schedule, "cfg": args.cfg, "dtype": args.dtype,
+                     "warmup": args.warmup, "repeat": args.repeat, "compare": compare, "seed": args.seed,
+                     "threads": torch.get_num_threads(),
+                     "timing": "cuda events" if device.type == "cuda" else "perf_counter",
+                     "memory": memory_method(device),
+                     "measured": "one pipe.generate call (noise + sampling loop + CFG, no decode)"},
+        "model": {"kind": spec.kind, "params": n_params, "in_channels": spec.in_channels,
+                  "sample_size": list(spec.sample_size), "source": spec.source},
+        "results": results,
+        "compare": compare_rows,
+        "ratios": ratios,
+    }
+
+
 def run(args) -> int:
     import json
     import os
@@ -783,6 +820,18 @@ def run(args) -> int:
     dev_name = str(device) if device.type != "cuda" else f"{device} {torch.cuda.get_device_name(device)}"
     log(f"fastdiff bench {args.model} ({spec.kind}, {n_params / 1e6:.2f}M params) on {dev_name}: "
         f"{args.sampler} x {args.steps} steps, cfg {args.cfg}, dtype {args.dtype or 'checkpoint'}")
+
+    def save(results, compare_rows, complete):
+        """The JSON report as it stands, written atomically: after every measured variant, so a run cut off
+        by a time limit keeps the rows it finished (``"complete": false``)."""
+        if args.json:
+            report = _json_report(args, variants, batches, compare, spec, n_params, dev_name, device, results,
+                                  compare_rows, _ratios(results, compare_rows), complete)
+            tmp = args.json + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(report, f, indent=2, default=str)
+            os.replace(tmp, args.json)
+
     results = []
     for i, (label, backend, switches) in enumerate(variants):
         rows = _bench_fastdiff(args, label, backend, switches, batches, device, log)
@@ -792,7 +841,14 @@ def run(args) -> int:
                     f"{label}: cuDNN reuses the convolution plans the variants before it chose in this process (its "
                     f"plan cache ignores the benchmark flag); run it in a process of its own, first")
         results.extend(rows)
-    compare_rows = _bench_diffusers(args, args.model, compare, batches, device, log) if compare else []
+        save(results, [], complete=False)
+    measured: list = []
+
+    def keep(row):  # each diffusers row saved when measured: torch.compile may outlive the caller's time limit
+        measured.append(row)
+        save(results, measured, complete=False)
+
+    compare_rows = _bench_diffusers(args, args.model, compare, batches, device, log, on_row=keep) if compare else []
     ratios = _ratios(results, compare_rows)
 
     print(format_table(results, compare_rows, ratios))
@@ -802,30 +858,8 @@ def run(args) -> int:
     notes = sorted({n for r in list(results) + list(compare_rows) for n in r.get("notes", [])})
     for n in notes:
         print(f"note: {n}")
-
     if args.json:
-        from .info import collect
-
-        report = {
-            "schema": "fastdiff-bench/1",
-            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "device": dev_name,
-            "versions": collect(),
-            "settings": {"model": args.model, "backends": [v[0] for v in variants], "batch": batches, "steps": args.steps,
-                         "sampler": args.sampler, "schedule": args.schedule, "cfg": args.cfg, "dtype": args.dtype,
-                         "warmup": args.warmup, "repeat": args.repeat, "compare": compare, "seed": args.seed,
-                         "threads": torch.get_num_threads(),
-                         "timing": "cuda events" if device.type == "cuda" else "perf_counter",
-                         "memory": memory_method(device),
-                         "measured": "one pipe.generate call (noise + sampling loop + CFG, no decode)"},
-            "model": {"kind": spec.kind, "params": n_params, "in_channels": spec.in_channels,
-                      "sample_size": list(spec.sample_size), "source": spec.source},
-            "results": results,
-            "compare": compare_rows,
-            "ratios": ratios,
-        }
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2, default=str)
+        save(results, compare_rows, complete=True)
         log(f"wrote {args.json}")
     if args.plot:
         _plot(args.plot, results, compare_rows, f"{args.model}: {args.sampler} x {args.steps}, cfg {args.cfg}, "

@@ -92,7 +92,7 @@ def collect() -> dict:
         report["cuda_extension"] = f"not built (optional; see csrc/): {unavailable_reason()}"
     # Which path each fused op takes under backend="auto" on the best device here: on a GPU the per-op
     # table measured there (GPU_DEFAULT_OPS), else the plain torch path.
-    from ..models.layers import GPU_DEFAULT_OPS
+    from ..models.layers import GPU_DEFAULT_OPS, MODEL_GPU_OPS
 
     auto = "triton" if (tri_ok and torch.cuda.is_available()) else "native"
     layer_ops = {"GroupNorm": "group_norm", "Attention": "attention", "ModulatedLayerNorm": "adaln_modulate",
@@ -102,6 +102,7 @@ def collect() -> dict:
     report["fused_ops"] = {cls: ("native" if auto == "native" or GPU_DEFAULT_OPS[op] == "torch"
                                  else GPU_DEFAULT_OPS[op]) for cls, op in layer_ops.items()}
     report["gpu_default_ops"] = dict(GPU_DEFAULT_OPS)
+    report["model_gpu_ops"] = {cls: dict(ops) for cls, ops in MODEL_GPU_OPS.items()}  # a model class's own winners
     if auto == "native":
         report["fused_ops_note"] = "auto picks the plain torch path here (no CUDA device); backend='triton' " \
                                    "forces the Triton kernels" + ("" if tri_ok else f" (unavailable: {tri_why})")
@@ -127,7 +128,7 @@ def model_ops(model: str, backend: str, kernel_ops: str = "measured", **load_opt
     pipe = load_pipeline(model, device, **load_options)
     if backend == "triton":  # as runtime.runners.prepare_model sets the layers
         config = OptimizeConfig(backend="triton", kernel_ops=kernel_ops)
-        chosen = set_backend(pipe.model, "triton", ops=config.op_choices(device))
+        chosen = set_backend(pipe.model, "triton", ops=config.op_choices(device, pipe.model))
     else:
         chosen = set_backend(pipe.model, "native")
     plan = pipe.plan(20)  # what generate() runs with no sampler named
@@ -200,6 +201,8 @@ def run(args) -> int:
           + ", ".join(f"{k}={v}" for k, v in report["gpu_default_ops"].items()) + "):")
     for k, v in report["fused_ops"].items():
         print(f"  {k:20s} {v}")
+    for cls, ops in report["model_gpu_ops"].items():
+        print(f"  {cls} models, on a GPU: " + ", ".join(f"{k}={v}" for k, v in ops.items()))
     if "fused_ops_note" in report:
         print(f"  note: {report['fused_ops_note']}")
     print("samplers:  " + " ".join(report["samplers"]))

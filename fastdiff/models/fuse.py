@@ -55,6 +55,14 @@ def qkv_stackable(model: nn.Module) -> bool:
     return any(isinstance(m, MultiHeadAttention) and m.stack_layers("qkv") for m in model.modules())
 
 
+def conditioning_stackable(model: nn.Module) -> bool:
+    """Whether ``fuse_conditioning`` has projections to stack in ``model`` (a UNet with resnets or
+    cross-attention)."""
+    from .unet import UNet
+
+    return isinstance(model, UNet) and any(model.stack_layers(name) for name in UNet.STACKS)
+
+
 def adaln_stackable(model: nn.Module) -> bool:
     """Whether ``fuse_adaln`` has projections to stack in ``model`` (a DiT whose blocks share one conditioning)."""
     from .dit import DiT

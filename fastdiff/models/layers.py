@@ -25,26 +25,44 @@ BACKENDS = ("native", "triton")
 # Which implementation each fused op uses when the fused backend is chosen on a GPU without an explicit
 # per-op choice (``backend="auto"`` on CUDA, ``OptimizeConfig(backend="triton")``): the op's Triton kernel
 # where it beat torch on the GPU, torch where it did not. Measured on an NVIDIA H200, device time inside
-# CUDA graphs (bench/RESULTS.md, runs 2 and 3): GroupNorm+SiLU Triton 2.8-5.2x torch (the CUDA extension
-# 0.5-1.6x; the three-launch "rows" strategy faster at 64x64 NCHW but slower end to end, SD1.5 162.4 vs
-# 154.4 ms); adaLN 3.6-5.2x and gated residual 2.0-3.1x torch (run as a pair, "triton_pair", until the one-pass
-# kernel written after run 3 is measured); GEGLU 2.2-2.7x torch; attention Triton 0.51x
-# SDPA at D=40, 0.82x at D=72, 1.03-1.34x at D=64, so SDPA. ``sampler_update`` is not a layer: it is the
-# multistep samplers' state update (``fastdiff.state_update``): Triton 2.3-2.9x torch per update, but end to
-# end within noise (DiT 42.9 vs 43.1 ms), so torch. Values: "triton", "torch", "cuda_ext" (GroupNorm: the
-# optional CUDA C++ extension for channels-last inputs, Triton where it does not apply; sampler_update: its
-# fused update kernel), or "triton_rows" (GroupNorm: the Triton kernels' "rows" strategy, three launches over
-# contiguous rows).
+# CUDA graphs (bench/RESULTS.md, runs 2-4): GroupNorm+SiLU Triton 3.0-5.1x torch (the CUDA extension
+# 0.6-2.7x; the three-launch "rows" strategy faster at 64x64 NCHW but slower end to end, SD1.5 162.4 vs
+# 154.4 ms); adaLN 3.6x, and each residual with the adaLN norm after it in one pass ("triton") 3.7-4.1x torch,
+# end to end DiT-XL/2 39.7 against 41.4 ms for the two kernels ("triton_pair"; run 4); GEGLU 2.2-2.6x torch;
+# attention: SDPA (cuDNN on Hopper) beat the Triton kernels at SD's D=40 (self 159.6 vs 173.6 us, cross 15.1
+# vs 17.4 us) and SD2's self D=64, so SDPA here; DiT-XL/2's D=72 takes the TMA kernel (its model table,
+# ``MODEL_GPU_OPS``). ``sampler_update`` is not a layer: it is the multistep samplers' state update
+# (``fastdiff.state_update``): Triton 2.4-2.9x torch per update, but end to end within noise (DiT 42.9 vs
+# 43.1 ms, SD1.5 146.2 vs 145.9 ms), so torch. Values: "triton", "torch", "cuda_ext" (GroupNorm: the optional
+# CUDA C++ extension for channels-last inputs, Triton where it does not apply; sampler_update: its fused update
+# kernel), or "triton_rows" (GroupNorm: the Triton kernels' "rows" strategy, three launches over contiguous
+# rows).
 GPU_DEFAULT_OPS = {
     "group_norm": "triton",
     "attention": "torch",
-    "adaln_modulate": "triton_pair",
+    "adaln_modulate": "triton",
     "sampler_update": "torch",
     "geglu": "triton",  # SD's feed-forward activation: 2.2-2.7x torch; SD1.5 end to end 147.6 vs 154.4 ms (run 3)
     # SD's transformer LayerNorms, each with the residual before it: torch until the one-pass kernel ("triton",
     # written after run 3) is measured on a GPU
     "layer_norm": "torch",
 }
+# Per model class: the ops whose measured winner on that model's shapes differs from the table above.
+# DiT-XL/2 (attention over 256 tokens, head dim 72; H200, run 4): the TMA kernel 7.4 us against SDPA's 9.5
+# (cuDNN) per call, and end to end 39.6 against 41.4 ms; per-layer tuning chose it too. Graphs without cuDNN's
+# attention also replay for 7.5 instead of 246 us of host time per step. Where TMA cannot run (before Hopper,
+# fp32) the layer takes the pointer kernel, which ran DiT-XL/2 as fast end to end (``+allk``, 37.5 ms).
+MODEL_GPU_OPS = {
+    "DiT": {"attention": "triton_tma"},
+}
+
+
+def gpu_default_ops(model: Optional[nn.Module] = None) -> dict:
+    """The measured per-op table for ``model`` on a GPU: ``GPU_DEFAULT_OPS`` with its class's entries in
+    ``MODEL_GPU_OPS``."""
+    return {**GPU_DEFAULT_OPS, **MODEL_GPU_OPS.get(type(model).__name__, {})}
+
+
 # what each op may run on (OptimizeConfig.kernel_ops values)
 OP_IMPLS = {
     "group_norm": ("triton", "torch", "cuda_ext", "triton_rows"),
@@ -184,8 +202,8 @@ def set_backend(model: nn.Module, backend: str = "auto", ops: Optional[dict] = N
 
     ``backend="triton"`` puts every fused op on its Triton kernel unless ``ops`` (op name -> one of that op's
     ``OP_IMPLS``, or "tune": measured per layer on its first call, with ``tune_cache`` the timing-cache file
-    new measurements are saved to) says otherwise per op; ``"auto"`` on a CUDA device uses
-    ``GPU_DEFAULT_OPS``.
+    new measurements are saved to) says otherwise per op; ``"auto"`` on a CUDA device uses the measured table
+    (``gpu_default_ops(model)``).
     """
     try:
         device = next(model.parameters()).device
@@ -193,15 +211,16 @@ def set_backend(model: nn.Module, backend: str = "auto", ops: Optional[dict] = N
         device = None
     chosen = resolve_backend(backend, device)
     if chosen == "triton" and ops is None and backend == "auto":
-        ops = GPU_DEFAULT_OPS
+        ops = gpu_default_ops(model)
     ops = check_kernel_ops(dict(ops or {}))
     on_cuda = device is not None and device.type == "cuda"
+    measured = gpu_default_ops(model)
     for m in model.modules():
         if isinstance(m, FusedOp):
             impl = ops.get(m.op, "triton") if chosen == "triton" else "native"
             # "tune" (fastdiff.models.op_tuning) measures on the first call; where it cannot, the layer takes
             # the measured table's choice on a GPU, Triton elsewhere
-            fallback = GPU_DEFAULT_OPS.get(m.op, "triton") if on_cuda else "triton"
+            fallback = measured.get(m.op, "triton") if on_cuda else "triton"
             m.set_backend("native" if impl == "torch" else impl, "native" if fallback == "torch" else fallback)
             if impl == "tune":
                 m.tune_cache = tune_cache  # where new measurements are saved (fastdiff.models.op_tuning)

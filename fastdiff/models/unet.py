@@ -317,7 +317,11 @@ class SpatialTransformer(nn.Module):
         if self.linear_projection:
             t = self.proj_out(t).reshape(b, h, w, c).permute(0, 3, 1, 2)  # (B, C, H, W)
         else:
-            t = self.proj_out(t.reshape(b, h, w, -1).permute(0, 3, 1, 2).contiguous())  # (B, C, H, W)
+            # the tokens (B, HW, inner) are already a channels-last image: keep the input's layout, so a
+            # channels-last UNet (optimize(channels_last=True)) makes no NCHW copy here (16 per SD1.5 call)
+            layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else None
+            t = t.reshape(b, h, w, -1).permute(0, 3, 1, 2)  # (B, inner, H, W)
+            t = self.proj_out(t.contiguous(memory_format=layout or torch.contiguous_format))
         return t + x
 
 

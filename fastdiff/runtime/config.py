@@ -66,22 +66,26 @@ class OptimizeConfig:
     fuse_conditioning: UNet only: one matmul for every resnet's time-embedding projection and one for every
         cross-attention layer's key and value projections of the text states, instead of one per layer (SD1.5:
         22 and 32 small matmuls per network call become 2; ``fastdiff.models.fuse.fuse_conditioning``). Cost: none
-        in memory (the layers' weights become views of the stacks). Off by default until measured on a GPU.
+        in memory (the layers' weights become views of the stacks). None (default): on for a UNet on a CUDA
+        device, where it measured 3.1% faster end to end (SD1.5, H200, bench/RESULTS.md run 4: 141.4 against
+        145.9 ms), off elsewhere; True / False force it (True on another model leaves a note).
     precompute_adaln: DiT with ``fuse_adaln``, ``graph_scope="loop"`` and backend ``eager`` / ``triton``: every
         network call's adaLN modulation of a sampling loop from one matmul at the loop's start, instead of one
         per call (``fastdiff.models.modulation_schedule``): the 451 MB of DiT-XL/2's modulation weights are
         read once per loop, not once per step. Cost: every call's modulation is held during the loop (DiT-XL/2
         at 20 steps: 7.8 MB per network-batch row in fp16; beyond 256 MiB per loop the per-call matmul runs).
-        Off by default until it is measured on a GPU; with no loop graph or no stacked projections it
-        changes nothing (a note says so).
+        None (default): on where it applies on a CUDA device, where it measured 6.3% faster end to end
+        (DiT-XL/2, H200, bench/RESULTS.md run 4: 39.0 against 41.6 ms), off elsewhere; True forces it (with a
+        note where it cannot apply: no loop graph, no stacked projections), False turns it off.
     compile_mode: ``torch.compile`` mode with ``backend="compile"`` (``default`` | ``reduce-overhead`` |
         ``max-autotune`` | ``max-autotune-no-cudagraphs``). ``max-autotune`` times Triton GEMM templates
         against cuBLAS for every matmul shape. Cost: minutes of compile time per bucket. With
         ``cuda_graphs=True`` fastdiff's graphs replace Inductor's own (``reduce-overhead`` runs as
         ``default``, ``max-autotune`` as ``max-autotune-no-cudagraphs``, with a note).
     kernel_ops: with ``backend="triton"``, which implementation each fused op uses: ``"measured"``
-        (default: on a GPU, ``fastdiff.models.layers.GPU_DEFAULT_OPS``, the per-op winners measured on an
-        H200; elsewhere every op on Triton), ``"all"`` (every op on its Triton kernel), or a dict of
+        (default: on a GPU, ``fastdiff.models.layers.gpu_default_ops``, the per-op winners measured on an
+        H200, with a model's own where they differ; elsewhere every op on Triton), ``"all"`` (every op on its
+        Triton kernel), or a dict of
         op -> ``"triton"`` | ``"torch"`` | ``"cuda_ext"`` (GroupNorm and the sampler update only) |
         ``"triton_rows"`` (GroupNorm's three-launch strategy) | ``"sdpa_flash"`` / ``"sdpa_efficient"`` /
         ``"sdpa_cudnn"`` (attention: torch's SDPA pinned to one kernel) | ``"triton_tma"`` (attention through TMA
@@ -117,8 +121,8 @@ class OptimizeConfig:
     max_graphs: int = 16
     fuse_qkv: Optional[bool] = None
     fuse_adaln: Optional[bool] = None
-    precompute_adaln: bool = False
-    fuse_conditioning: bool = False
+    precompute_adaln: Optional[bool] = None
+    fuse_conditioning: Optional[bool] = None
     compile_mode: str = "default"
     kernel_ops: Union[str, dict] = "measured"
     sdpa_backend: Optional[str] = None
@@ -134,9 +138,9 @@ class OptimizeConfig:
             raise BadArgumentError(f"dtype must be one of {tuple(DTYPES)} or None, found {self.dtype!r}")
         if self.graph_scope not in GRAPH_SCOPES:
             raise BadArgumentError(f"graph_scope must be one of {GRAPH_SCOPES}, found {self.graph_scope!r}")
-        for name in ("channels_last", "cuda_graphs", "precompute_adaln", "fuse_conditioning", "cudnn_benchmark"):
+        for name in ("channels_last", "cuda_graphs", "cudnn_benchmark"):
             _check_bool(name, getattr(self, name))
-        for name in ("fuse_qkv", "fuse_adaln"):
+        for name in ("fuse_qkv", "fuse_adaln", "precompute_adaln", "fuse_conditioning"):
             _check_bool(name, getattr(self, name), allow_none=True)
         self.batch_buckets = _check_buckets(self.batch_buckets)
         if isinstance(self.kernel_ops, dict):
@@ -170,13 +174,14 @@ class OptimizeConfig:
         if not _is_int(self.max_graphs) or self.max_graphs < 1:
             raise BadArgumentError(f"max_graphs must be an int >= 1, found {self.max_graphs!r}")
 
-    def op_choices(self, device: torch.device) -> Optional[dict]:
-        """The per-op implementations for ``set_backend`` (None: every op on Triton)."""
-        from ..models.layers import GPU_DEFAULT_OPS
+    def op_choices(self, device: torch.device, model: Optional[torch.nn.Module] = None) -> Optional[dict]:
+        """The per-op implementations for ``set_backend`` (None: every op on Triton); on a GPU the measured table
+        for ``model``'s class (``fastdiff.models.layers.gpu_default_ops``)."""
+        from ..models.layers import gpu_default_ops
 
         if self.kernel_ops == "all":
             return None
-        measured = dict(GPU_DEFAULT_OPS) if torch.device(device).type == "cuda" else {}
+        measured = gpu_default_ops(model) if torch.device(device).type == "cuda" else {}
         if self.kernel_ops == "tune":  # every layer measured on its first call; the sampler update as measured
             from ..models.layers import LAYER_OPS
 

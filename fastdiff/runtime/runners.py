@@ -28,18 +28,29 @@ def prepare_model(model: torch.nn.Module, config: OptimizeConfig, device: torch.
     # compile traces the native ops: Inductor fuses GroupNorm + SiLU and the elementwise epilogues itself,
     # and fastdiff's Python kernel launchers would only add graph breaks under fullgraph=True
     if config.backend == "triton":
-        set_backend(model, "triton", ops=config.op_choices(device), tune_cache=config.tune_cache)
+        set_backend(model, "triton", ops=config.op_choices(device, model), tune_cache=config.tune_cache)
     else:
         set_backend(model, "native")
     set_sdpa_backend(model, config.sdpa_backend)
-    from ..models.fuse import adaln_stackable, apply_fusions, qkv_stackable
+    from ..models.fuse import apply_fusions
+
+    notes.extend(apply_fusions(model, **weight_fusions(model, config, device)))
+    return model
+
+
+def weight_fusions(model: torch.nn.Module, config: OptimizeConfig, device) -> dict[str, bool]:
+    """Which weight fusions ``config`` applies to ``model`` on ``device`` (``apply_fusions``' arguments): an
+    explicit True / False as given; None (auto) on where it measured faster on a GPU (CUDA only), silently off
+    where it cannot apply."""
+    from ..models.fuse import adaln_stackable, conditioning_stackable, qkv_stackable
 
     on_cuda = torch.device(device).type == "cuda"
-    # None (auto): on where it measured faster on a GPU, silently off where it cannot apply
-    adaln = config.fuse_adaln if config.fuse_adaln is not None else on_cuda and adaln_stackable(model)
-    qkv = config.fuse_qkv if config.fuse_qkv is not None else on_cuda and qkv_stackable(model)
-    notes.extend(apply_fusions(model, qkv=qkv, adaln=adaln, conditioning=config.fuse_conditioning))
-    return model
+
+    def auto(value: Optional[bool], applies) -> bool:
+        return value if value is not None else on_cuda and applies(model)
+
+    return dict(qkv=auto(config.fuse_qkv, qkv_stackable), adaln=auto(config.fuse_adaln, adaln_stackable),
+                conditioning=auto(config.fuse_conditioning, conditioning_stackable))
 
 
 def build_runner(pipe, config: OptimizeConfig, graph_factory=None) -> tuple[Callable, list[str]]:

@@ -86,3 +86,32 @@ def test_optimize_config_kernel_ops():
         OptimizeConfig(kernel_ops="fastest")
     pipe = fastdiff.load("arch:tiny-dit").optimize(backend="triton", kernel_ops={"adaln_modulate": "triton_pair"})
     assert op_backends(pipe.model) == {"ModulatedLayerNorm": "triton_pair", "Attention": "triton"}
+
+
+def test_measured_defaults_per_model_and_weight_fusions_by_device():
+    """On a GPU a DiT takes its own measured attention (the TMA kernel, DiT-XL/2 run 4), other models the shared
+    table; the auto weight fusions (None) turn on on CUDA where they apply, and stay off on the CPU."""
+    from fastdiff.models.layers import GPU_DEFAULT_OPS, gpu_default_ops
+    from fastdiff.runtime.config import OptimizeConfig
+    from fastdiff.runtime.runners import weight_fusions
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    dit, unet = fastdiff.load("arch:tiny-dit").model, fastdiff.load("arch:tiny-sd-unet").model
+    assert gpu_default_ops(dit) == {**GPU_DEFAULT_OPS, "attention": "triton_tma"}
+    assert gpu_default_ops(unet) == GPU_DEFAULT_OPS and GPU_DEFAULT_OPS["attention"] == "torch"
+    assert GPU_DEFAULT_OPS["adaln_modulate"] == "triton"  # the one-pass residual + norm (run 4)
+    config = OptimizeConfig(backend="triton")
+    assert config.op_choices(cuda, dit)["attention"] == "triton_tma"
+    assert config.op_choices(cuda, unet)["attention"] == "torch"
+    assert OptimizeConfig(backend="triton", kernel_ops={"attention": "torch"}).op_choices(cuda, dit)["attention"] \
+        == "torch"  # an explicit choice wins over the model's table
+    set_backend(dit, "triton", ops=config.op_choices(cuda, dit))
+    assert op_backends(dit) == {"ModulatedLayerNorm": "triton", "Attention": "triton_tma"}
+
+    default = OptimizeConfig()
+    assert weight_fusions(unet, default, cuda) == dict(qkv=True, adaln=False, conditioning=True)
+    assert weight_fusions(dit, default, cuda) == dict(qkv=False, adaln=True, conditioning=False)
+    assert weight_fusions(unet, default, cpu) == dict(qkv=False, adaln=False, conditioning=False)
+    assert weight_fusions(unet, OptimizeConfig(fuse_conditioning=False, fuse_qkv=False), cuda) == \
+        dict(qkv=False, adaln=False, conditioning=False)
+    assert weight_fusions(dit, OptimizeConfig(fuse_conditioning=True), cpu)["conditioning"]  # forced: a note later
