@@ -87,6 +87,29 @@ def _events(prof, on_cuda: bool):
     return out
 
 
+# the families whose kernels are torch's own generic ones: which aten op (and input shapes) launched them says
+# where in the model they come from
+ATTRIBUTED = ("elementwise", "copy / cast / cat")
+
+
+def _ops_behind(prof, on_cuda: bool, calls: int, top: int = 12) -> list:
+    """[(aten op, input shapes, µs per call, launches per call)] of the aten ops whose own device time (CUDA) or
+    CPU time is element-wise or copying work, largest first: what launched the generic kernels."""
+    from torch.autograd import DeviceType
+
+    out = []
+    for e in prof.key_averages(group_by_input_shape=True):
+        if getattr(e, "device_type", DeviceType.CPU) != DeviceType.CPU or not e.key.startswith("aten::"):
+            continue
+        if family(e.key) not in ATTRIBUTED:
+            continue
+        us = (getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)) if on_cuda \
+            else e.self_cpu_time_total
+        if us > 0:
+            out.append((e.key, str(e.input_shapes), float(us) / calls, e.count / calls))
+    return sorted(out, key=lambda o: -o[2])[:top]
+
+
 def _network_inputs(pipe, batch: int):
     """(x, timestep, conditioning) for one network call at ``batch``, like a sampling step's."""
     spec = pipe.spec
@@ -116,12 +139,13 @@ def profile(model: str, calls: int = 5, batch: int = 2, dtype: str = "fp16", war
         if on_cuda:
             torch.cuda.synchronize()
         activities = [torch.profiler.ProfilerActivity.CUDA] if on_cuda else [torch.profiler.ProfilerActivity.CPU]
-        with torch.profiler.profile(activities=activities) as prof:
+        with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
             for _ in range(calls):
                 pipe.runner(x, t, **cond)
             if on_cuda:
                 torch.cuda.synchronize()
     out = aggregate(_events(prof, on_cuda), calls)
+    out["ops_behind_generic_kernels"] = _ops_behind(prof, on_cuda, calls)
     out.update(model=model, batch=batch, calls=calls, dtype=str(pipe.dtype).replace("torch.", ""),
                device=torch.cuda.get_device_name(0) if on_cuda else "cpu", timing="device" if on_cuda else "cpu",
                notes=list(pipe.notes))
@@ -137,6 +161,13 @@ def format_report(r: dict, top: int = 15) -> str:
     for name, fam, us, count in r["kernels"][:top]:
         short = name if len(name) <= 70 else name[:67] + "..."
         lines.append(f"{short:70s} {fam:18s} {us:9.1f} {count:8.1f}")
+    if r.get("ops_behind_generic_kernels"):
+        lines.append(f"{'aten ops behind the ' + ' and '.join(ATTRIBUTED) + ' time (input shapes)':88s} "
+                     f"{'µs/call':>9s} {'calls':>8s}")
+        for op, shapes, us, count in r["ops_behind_generic_kernels"]:
+            label = f"{op} {shapes}"
+            label = label if len(label) <= 88 else label[:85] + "..."
+            lines.append(f"{label:88s} {us:9.1f} {count:8.1f}")
     return "\n".join(lines)
 
 

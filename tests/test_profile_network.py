@@ -55,7 +55,12 @@ def test_cpu_smoke_run_reports_the_models_op_families():
     assert {"convolution", "group_norm", "attention"} <= families
     assert abs(sum(s for _, _, s in r["families"]) - 1) < 1e-6
     text = pn.format_report(r, top=5)
-    assert "convolution" in text and len(text.splitlines()) == 2 + len(r["families"]) + 1 + 5
+    behind = r["ops_behind_generic_kernels"]
+    assert "convolution" in text and len(text.splitlines()) == 2 + len(r["families"]) + 1 + 5 + 1 + len(behind)
+    # the element-wise time attributed to the aten ops that launched it, with their input shapes: the UNet's
+    # residual adds are there (tiny-unet: 2x32x16x16 at its first level)
+    assert any(op == "aten::add" and shapes.startswith("[[2, ") for op, shapes, _, _ in behind), behind
+    assert all(pn.family(op) in pn.ATTRIBUTED and us > 0 for op, _, us, _ in behind)
 
 
 @pytest.mark.parametrize("arch,names", [
