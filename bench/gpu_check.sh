@@ -233,7 +233,7 @@ wants dit && bench_e2e dit-xl-2-256 "$DIT" 4 150 \
 wants dit-new && bench_e2e dit-xl-2-256-new "$DIT" 4 150 \
     "${FASTDIFF_GPU_DIT_NEW_VARIANTS:-triton+loop,triton+loop+allk,triton+loop+tune}" ""
 wants sd15 && bench_e2e sd15-unet "$SD" 7.5 300 \
-    "${FASTDIFF_GPU_SD_VARIANTS:-eager+cl,eager+loop+cl,triton+step+cl,triton+loop+cl,triton+loop+cl+nocond,triton+loop+cl+upd}" diffusers
+    "${FASTDIFF_GPU_SD_VARIANTS:-eager+cl,eager+loop+cl,triton+step+cl,triton+loop+cl,triton+loop+cl+nocond,triton+loop+cl+convbias,triton+loop+cl+upd}" diffusers
 wants sd15-new && bench_e2e sd15-unet-new "$SD" 7.5 240 \
     "${FASTDIFF_GPU_SD_NEW_VARIANTS:-triton+loop+cl,triton+loop+cl+resln,triton+loop+cl+tma,triton+loop+cl+allk,triton+loop+cl+tune}" ""
 # cudnn_benchmark against the same variant without it, each in a process of its own: cuDNN's plan cache ignores

@@ -236,10 +236,12 @@ def test_dit_fused_adaln_in_a_loop_graph_on_gpu(precompute, resnorm):
 
 
 @needs_compiled_triton
-def test_unet_fused_conditioning_in_a_loop_graph_on_gpu():
+@pytest.mark.parametrize("conv_bias", [False, True])
+def test_unet_fused_conditioning_in_a_loop_graph_on_gpu(conv_bias):
     """fuse_conditioning (the resnets' time projections and the cross-attention keys / values, one GEMM per
     group; GroupNorm reading its strided part in place) under the triton backend, channels-last and a captured
-    loop equals eager sampling."""
+    loop equals eager sampling; with ``fuse_conv_bias`` the 1x1 convolutions run as GEMMs and the biases join
+    the time embedding and the shortcuts."""
     from helpers import perturb_
 
     model = perturb_(fastdiff.load("arch:tiny-sd-unet").model, seed=2, std=0.1)
@@ -251,7 +253,7 @@ def test_unet_fused_conditioning_in_a_loop_graph_on_gpu():
     for p in (eager, pipe):
         p.model.load_state_dict(model.state_dict())
     pipe.optimize(backend="triton", fuse_conditioning=True, channels_last=True, cuda_graphs=True,
-                  graph_scope="loop", batch_buckets=(2,))
+                  graph_scope="loop", batch_buckets=(2,), fuse_conv_bias=conv_bias)
     assert pipe.model.temb_weight is not None and pipe.model.cross_kv_weight is not None
     assert rel_err(pipe.generate(**kw), eager.generate(**kw)) <= 2e-2
 

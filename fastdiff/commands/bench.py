@@ -126,6 +126,8 @@ VARIANT_SWITCHES = {
     # (default on CUDA)
     "cond": dict(fuse_conditioning=True),
     "nocond": dict(fuse_conditioning=False),  # ... one matmul per layer
+    # UNet, channels-last: the convolution biases in GEMM epilogues, the time embedding and the shortcut GEMM
+    "convbias": dict(fuse_conv_bias=True),
     # DiT: each residual and the adaLN norm after it in one Triton kernel (the default since run 4) ...
     "resnorm": dict(kernel_ops={"adaln_modulate": "triton"}),
     "pair": dict(kernel_ops={"adaln_modulate": "triton_pair"}),  # ... or the residual's kernel, then the norm's

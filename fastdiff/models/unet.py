@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from ..errors import BadArgumentError, UnsupportedConfigError
 from ..utils.strict_dict import check_field_types, known_fields
+from .conv_bias import conv_without_bias, is_pointwise, pixel_rows, pointwise_conv, pointwise_linear
 from .layers import Attention as AttentionCore
 from .layers import GEGLU, GroupNorm, LayerNorm, timestep_embedding
 from .linear_stack import LinearStacks, Projected, project, stacked_output
@@ -102,6 +103,7 @@ class ResnetBlock(nn.Module):
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
         self.temb_index = None  # this block's part of the stacked time projections (UNet "temb" stack)
+        self.fuse_conv_bias = False  # OptimizeConfig.fuse_conv_bias (fastdiff.models.conv_bias)
 
     def forward(self, x, temb_act, size=None):
         """x (B, in, H, W); ``temb_act`` = SiLU(time embedding) (B, temb), computed once per UNet call, or that
@@ -111,16 +113,26 @@ class ResnetBlock(nn.Module):
             h, x = _nearest_up(h, size), _nearest_up(x, size)  # (B, in, 2H, 2W)
         elif self.resample == "down":
             h, x = F.avg_pool2d(h, 2), F.avg_pool2d(x, 2)  # (B, in, H/2, W/2)
-        h = self.conv1(h)  # (B, out, H, W)
         t = None if self.time_emb_proj is None else project(self.time_emb_proj, self.temb_index, temb_act)  # (B, out)
+        # fuse_conv_bias (channels-last): the convolutions' biases join the time embedding and the shortcut GEMM
+        fold = self.fuse_conv_bias and h.is_contiguous(memory_format=torch.channels_last)
+        if fold and t is not None and self.time_embedding_norm != "scale_shift" and self.conv1.bias is not None:
+            h, t = conv_without_bias(self.conv1, h), t + self.conv1.bias  # (B, out, H, W), (B, out)
+        else:
+            h = self.conv1(h)  # (B, out, H, W)
         if self.time_embedding_norm == "scale_shift":
             scale, shift = t.chunk(2, dim=1)  # (B, out) each
             h = self.norm2(h, scale=scale, shift=shift)
         else:  # h + t, then the norm: one fused op on the Triton path
             h = self.norm2(h, pre_bias=t)
-        h = self.conv2(h)  # (B, out, H, W)
-        if self.conv_shortcut is not None:
-            x = self.conv_shortcut(x)
+        shortcut = self.conv_shortcut
+        if fold and shortcut is not None and is_pointwise(shortcut) and None not in (shortcut.bias, self.conv2.bias):
+            h = conv_without_bias(self.conv2, h)  # (B, out, H, W)
+            x = pointwise_conv(shortcut, x, bias=shortcut.bias + self.conv2.bias)  # (B, out, H, W)
+        else:
+            h = self.conv2(h)  # (B, out, H, W)
+            if shortcut is not None:
+                x = shortcut(x)
         out = x + h
         return out if self.output_scale_factor == 1.0 else out / self.output_scale_factor
 
@@ -303,12 +315,16 @@ class SpatialTransformer(nn.Module):
         self.transformer_blocks = nn.ModuleList(
             [TransformerBlock(inner, heads, head_dim, context_dim, upcast) for _ in range(depth)])
         self.proj_out = nn.Linear(inner, ch) if linear_projection else nn.Conv2d(inner, ch, 1)
+        self.fuse_conv_bias = False  # OptimizeConfig.fuse_conv_bias: 1x1 projections as GEMMs (channels-last)
 
     def forward(self, x, context):
         b, c, h, w = x.shape
         t = self.norm(x)  # (B, C, H, W)
+        rows = pixel_rows(t) if self.fuse_conv_bias and not self.linear_projection else None  # (BHW, C) or None
         if self.linear_projection:
             t = self.proj_in(t.permute(0, 2, 3, 1).reshape(b, h * w, c))  # (B, HW, inner)
+        elif rows is not None:  # the 1x1 conv as a GEMM with its bias in the epilogue
+            t = pointwise_linear(self.proj_in, rows).view(b, h * w, -1)  # (B, HW, inner)
         else:
             t = self.proj_in(t)
             t = t.permute(0, 2, 3, 1).reshape(b, h * w, t.shape[1])  # (B, HW, inner)
@@ -316,6 +332,8 @@ class SpatialTransformer(nn.Module):
             t = block(t, context)
         if self.linear_projection:
             t = self.proj_out(t).reshape(b, h, w, c).permute(0, 3, 1, 2)  # (B, C, H, W)
+        elif rows is not None:
+            t = pointwise_linear(self.proj_out, t.reshape(b * h * w, -1)).view(b, h, w, c).permute(0, 3, 1, 2)
         else:
             # the tokens (B, HW, inner) are already a channels-last image: keep the input's layout, so a
             # channels-last UNet (optimize(channels_last=True)) makes no NCHW copy here (16 per SD1.5 call)

@@ -69,6 +69,12 @@ class OptimizeConfig:
         in memory (the layers' weights become views of the stacks). None (default): on for a UNet on a CUDA
         device, where it measured 3.1% faster end to end (SD1.5, H200, bench/RESULTS.md run 4: 141.4 against
         145.9 ms), off elsewhere; True / False force it (True on another model leaves a note).
+    fuse_conv_bias: UNet with ``channels_last``: the convolution biases that a GPU adds in separate element-wise
+        kernels (cuDNN does not add them; 98 per SD1.5 call) move into work that runs anyway: 1x1 convolutions
+        become GEMMs with the bias in the epilogue, each resnet's ``conv1`` bias joins the time embedding its
+        GroupNorm adds, and ``conv2``'s joins the shortcut GEMM (``fastdiff.models.conv_bias``; 82 of SD1.5's 98
+        remain no more). Cost: none in memory; results change in the last bits (the same sums, another order).
+        Off by default until measured on a GPU.
     precompute_adaln: DiT with ``fuse_adaln``, ``graph_scope="loop"`` and backend ``eager`` / ``triton``: every
         network call's adaLN modulation of a sampling loop from one matmul at the loop's start, instead of one
         per call (``fastdiff.models.modulation_schedule``): the 451 MB of DiT-XL/2's modulation weights are
@@ -123,6 +129,7 @@ class OptimizeConfig:
     fuse_adaln: Optional[bool] = None
     precompute_adaln: Optional[bool] = None
     fuse_conditioning: Optional[bool] = None
+    fuse_conv_bias: bool = False
     compile_mode: str = "default"
     kernel_ops: Union[str, dict] = "measured"
     sdpa_backend: Optional[str] = None
@@ -138,7 +145,7 @@ class OptimizeConfig:
             raise BadArgumentError(f"dtype must be one of {tuple(DTYPES)} or None, found {self.dtype!r}")
         if self.graph_scope not in GRAPH_SCOPES:
             raise BadArgumentError(f"graph_scope must be one of {GRAPH_SCOPES}, found {self.graph_scope!r}")
-        for name in ("channels_last", "cuda_graphs", "cudnn_benchmark"):
+        for name in ("channels_last", "cuda_graphs", "cudnn_benchmark", "fuse_conv_bias"):
             _check_bool(name, getattr(self, name))
         for name in ("fuse_qkv", "fuse_adaln", "precompute_adaln", "fuse_conditioning"):
             _check_bool(name, getattr(self, name), allow_none=True)

@@ -32,9 +32,15 @@ def prepare_model(model: torch.nn.Module, config: OptimizeConfig, device: torch.
     else:
         set_backend(model, "native")
     set_sdpa_backend(model, config.sdpa_backend)
+    from ..models.conv_bias import set_conv_bias_fusion
     from ..models.fuse import apply_fusions
 
     notes.extend(apply_fusions(model, **weight_fusions(model, config, device)))
+    if set_conv_bias_fusion(model, config.fuse_conv_bias and config.channels_last) == 0 and config.fuse_conv_bias:
+        notes.append("fuse_conv_bias ignored: only a UNet's resnets and attention blocks have biases to move")
+    elif config.fuse_conv_bias and not config.channels_last:
+        notes.append("fuse_conv_bias ignored: it needs channels_last=True (a 1x1 convolution is a GEMM over the "
+                     "pixel rows of a channels-last image)")
     return model
 
 
@@ -99,7 +105,7 @@ def build_runner(pipe, config: OptimizeConfig, graph_factory=None) -> tuple[Call
     else:  # pragma: no cover - OptimizeConfig validates
         raise BackendUnavailableError(backend)
 
-    ignored = [name for name in ("fuse_qkv", "fuse_adaln", "fuse_conditioning", "cudnn_benchmark")
+    ignored = [name for name in ("fuse_qkv", "fuse_adaln", "fuse_conditioning", "fuse_conv_bias", "cudnn_benchmark")
                if getattr(config, name)]
     if ignored and backend in ("onnxruntime", "tensorrt"):  # exported from the model as loaded
         notes.append(f"{', '.join(ignored)} ignored: the {backend} backend runs its own exported graph")
