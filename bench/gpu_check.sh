@@ -56,6 +56,7 @@ DEADLINE=$((START + BUDGET))
 STAGES=" ${FASTDIFF_GPU_STAGES:-cuda-ext tests kernels gn-sweep attn-split launch profile dit dit-new sd15 sd15-new sd15-cudnn dit-vs-compile dit-autotune sd15-vs-compile sd15-autotune dit-compile sd15-compile sdxl sd3 flux} "
 RESULTS=${FASTDIFF_GPU_OUT:-$ROOT/gpu_out}
 mkdir -p "$RESULTS"
+RESULTS=$(cd "$RESULTS" && pwd)   # absolute: the bench steps run from /tmp
 wants() { case "$STAGES" in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 SUMMARY="$RESULTS/summary.tsv"
 : > "$SUMMARY"

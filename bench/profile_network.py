@@ -138,7 +138,9 @@ def profile(model: str, calls: int = 5, batch: int = 2, dtype: str = "fp16", war
             pipe.runner(x, t, **cond)
         if on_cuda:
             torch.cuda.synchronize()
-        activities = [torch.profiler.ProfilerActivity.CUDA] if on_cuda else [torch.profiler.ProfilerActivity.CPU]
+        # the CPU activity too on a GPU: without it the profiler records no aten ops, and the generic kernels'
+        # time cannot be traced back to the ops that launched them (_ops_behind)
+        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if on_cuda else [])
         with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
             for _ in range(calls):
                 pipe.runner(x, t, **cond)

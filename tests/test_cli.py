@@ -103,6 +103,28 @@ def test_bench_json_keeps_the_rows_of_a_run_cut_off(tmp_path, monkeypatch):
     assert not (tmp_path / "cut.json.tmp").exists()
 
 
+def test_bench_json_keeps_a_fastdiff_row_of_a_run_cut_off(tmp_path, monkeypatch):
+    """The first fastdiff row is in the JSON before the second batch is measured."""
+    from fastdiff.cli import main
+    from fastdiff.runtime import timing
+
+    real, calls = timing.measure, []
+
+    def measure_then_killed(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(timing, "measure", measure_then_killed)
+    out = tmp_path / "cut.json"
+    assert main(["bench", "arch:tiny-dit", "--backends", "eager", "--batch", "1,2", "--steps", "1", "--repeat", "1",
+                 "--warmup", "1", "--json", str(out)]) == 130
+    d = json.loads(out.read_text())
+    assert d["complete"] is False and [(r["backend"], r["batch"], r["status"]) for r in d["results"]] == [
+        ("eager", 1, "ok")]
+
+
 def test_parse_backend_variants():
     from fastdiff.commands.bench import parse_backend_variants
     from fastdiff.errors import BadArgumentError

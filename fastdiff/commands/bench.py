@@ -243,13 +243,22 @@ class _CountCalls:
         return self.fn(*a, **k)
 
 
-def _bench_fastdiff(args, label: str, backend: str, switches: dict, batches, device, log) -> list[dict]:
+def _bench_fastdiff(args, label: str, backend: str, switches: dict, batches, device, log, on_row=None,
+                    note: str | None = None) -> list[dict]:
+    """Rows for one fastdiff variant (``note`` added to each): every row passed to ``on_row`` when it is made."""
     import fastdiff
 
     from ..errors import BackendUnavailableError
     from ..runtime.config import OptimizeConfig
     from ..runtime.timing import measure
     from .generate import check_backend
+
+    def emit(row):
+        if note:
+            row.setdefault("notes", []).append(note)
+        if on_row is not None:
+            on_row(row)
+        return row
 
     base = {"backend": label}
     try:
@@ -260,10 +269,10 @@ def _bench_fastdiff(args, label: str, backend: str, switches: dict, batches, dev
         _sync(device)
         optimize_s = time.perf_counter() - t0
     except (BackendUnavailableError, ImportError) as e:
-        return [dict(base, batch=b, status="skipped", reason=_one_line(e)) for b in batches]
+        return [emit(dict(base, batch=b, status="skipped", reason=_one_line(e))) for b in batches]
     except Exception as e:  # a backend that breaks must not hide the others
-        return [dict(base, batch=b, status="failed", reason=f"{type(e).__name__}: {_one_line(e)}",
-                     detail=traceback.format_exc(limit=3)) for b in batches]
+        return [emit(dict(base, batch=b, status="failed", reason=f"{type(e).__name__}: {_one_line(e)}",
+                          detail=traceback.format_exc(limit=3))) for b in batches]
     rows = []
     for b in batches:
         log(f"  {label:12s} batch {b} ...")
@@ -301,7 +310,7 @@ def _bench_fastdiff(args, label: str, backend: str, switches: dict, batches, dev
         except Exception as e:
             row.update(status="failed", reason=f"{type(e).__name__}: {_one_line(e)}",
                        detail=traceback.format_exc(limit=3))
-        rows.append(row)
+        rows.append(emit(row))
     return rows
 
 
@@ -834,23 +843,24 @@ def run(args) -> int:
                 json.dump(report, f, indent=2, default=str)
             os.replace(tmp, args.json)
 
-    results = []
-    for i, (label, backend, switches) in enumerate(variants):
-        rows = _bench_fastdiff(args, label, backend, switches, batches, device, log)
-        if switches.get("cudnn_benchmark") and i and device.type == "cuda":
-            for row in rows:  # cuDNN keys its plan cache without the flag: earlier variants' plans are reused
-                row.setdefault("notes", []).append(
-                    f"{label}: cuDNN reuses the convolution plans the variants before it chose in this process (its "
-                    f"plan cache ignores the benchmark flag); run it in a process of its own, first")
-        results.extend(rows)
-        save(results, [], complete=False)
+    results: list = []
     measured: list = []
 
-    def keep(row):  # each diffusers row saved when measured: torch.compile may outlive the caller's time limit
-        measured.append(row)
-        save(results, measured, complete=False)
+    def keep(rows):  # each row saved when measured: a step's time limit (a long compile) may cut the run off
+        def saved(row):
+            rows.append(row)
+            save(results, measured, complete=False)
+        return saved
 
-    compare_rows = _bench_diffusers(args, args.model, compare, batches, device, log, on_row=keep) if compare else []
+    for i, (label, backend, switches) in enumerate(variants):
+        note = None
+        if switches.get("cudnn_benchmark") and i and device.type == "cuda":
+            # cuDNN keys its plan cache without the flag: earlier variants' plans are reused
+            note = (f"{label}: cuDNN reuses the convolution plans the variants before it chose in this process (its "
+                    f"plan cache ignores the benchmark flag); run it in a process of its own, first")
+        _bench_fastdiff(args, label, backend, switches, batches, device, log, on_row=keep(results), note=note)
+    compare_rows = _bench_diffusers(args, args.model, compare, batches, device, log,
+                                    on_row=keep(measured)) if compare else []
     ratios = _ratios(results, compare_rows)
 
     print(format_table(results, compare_rows, ratios))

@@ -1,4 +1,4 @@
-"""Convolution biases out of separate kernels, for a channels-last UNet on a GPU (``OptimizeConfig.fuse_conv_bias``).
+"""Convolution biases out of separate kernels, for a UNet on a GPU (``OptimizeConfig.fuse_conv_bias``).
 
 cuDNN convolutions do not add a bias: PyTorch adds it afterwards in a broadcast element-wise kernel that reads
 and writes the whole output once more (98 such kernels per SD1.5 call, 6.5% of its device time on an H200, run
@@ -7,7 +7,10 @@ and writes the whole output once more (98 such kernels per SD1.5 call, 6.5% of i
 - a 1x1 convolution of a channels-last input is a GEMM over its (B*H*W, C) rows: ``F.linear`` runs it with
   the bias in cuBLAS's epilogue (the attention blocks' ``proj_in`` / ``proj_out``, the resnets' shortcuts);
 - a resnet's ``conv1`` bias joins the time embedding its GroupNorm adds before normalising (one (B, C) add);
-- a resnet's ``conv2`` bias joins its shortcut GEMM's bias (one (C,) add), as both land in the same sum.
+- a resnet's ``conv2`` bias joins its shortcut's bias (one (C,) add), as both land in the same sum.
+
+The last two hold in any layout; the first needs the channels-last image (torch's CUDA GroupNorm returns NCHW,
+fastdiff's Triton one keeps the input's layout).
 
 What is left: ``conv_in``, ``conv_out``, the resamplers and the ``conv2`` of resnets without a shortcut.
 """

@@ -114,8 +114,9 @@ class ResnetBlock(nn.Module):
         elif self.resample == "down":
             h, x = F.avg_pool2d(h, 2), F.avg_pool2d(x, 2)  # (B, in, H/2, W/2)
         t = None if self.time_emb_proj is None else project(self.time_emb_proj, self.temb_index, temb_act)  # (B, out)
-        # fuse_conv_bias (channels-last): the convolutions' biases join the time embedding and the shortcut GEMM
-        fold = self.fuse_conv_bias and h.is_contiguous(memory_format=torch.channels_last)
+        # fuse_conv_bias: the convolutions' biases join the time embedding and the shortcut (a GEMM on a
+        # channels-last image; torch's CUDA GroupNorm returns NCHW, so the folds do not wait for that layout)
+        fold = self.fuse_conv_bias
         if fold and t is not None and self.time_embedding_norm != "scale_shift" and self.conv1.bias is not None:
             h, t = conv_without_bias(self.conv1, h), t + self.conv1.bias  # (B, out, H, W), (B, out)
         else:

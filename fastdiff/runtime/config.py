@@ -69,12 +69,12 @@ class OptimizeConfig:
         in memory (the layers' weights become views of the stacks). None (default): on for a UNet on a CUDA
         device, where it measured 3.1% faster end to end (SD1.5, H200, bench/RESULTS.md run 4: 141.4 against
         145.9 ms), off elsewhere; True / False force it (True on another model leaves a note).
-    fuse_conv_bias: UNet with ``channels_last``: the convolution biases that a GPU adds in separate element-wise
-        kernels (cuDNN does not add them; 98 per SD1.5 call) move into work that runs anyway: 1x1 convolutions
-        become GEMMs with the bias in the epilogue, each resnet's ``conv1`` bias joins the time embedding its
-        GroupNorm adds, and ``conv2``'s joins the shortcut GEMM (``fastdiff.models.conv_bias``; 82 of SD1.5's 98
-        remain no more). Cost: none in memory; results change in the last bits (the same sums, another order).
-        Off by default until measured on a GPU.
+    fuse_conv_bias: UNet: the convolution biases that a GPU adds in separate element-wise kernels (cuDNN does not
+        add them; 98 per SD1.5 call) move into work that runs anyway: each resnet's ``conv1`` bias joins the time
+        embedding its GroupNorm adds, ``conv2``'s joins the shortcut's, and with ``channels_last`` the 1x1
+        convolutions become GEMMs with the bias in the epilogue (``fastdiff.models.conv_bias``; 82 of SD1.5's 98
+        go, 36 without channels-last). Cost: none in memory; results change in the last bits (the same sums,
+        another order). Off by default until measured on a GPU.
     precompute_adaln: DiT with ``fuse_adaln``, ``graph_scope="loop"`` and backend ``eager`` / ``triton``: every
         network call's adaLN modulation of a sampling loop from one matmul at the loop's start, instead of one
         per call (``fastdiff.models.modulation_schedule``): the 451 MB of DiT-XL/2's modulation weights are

@@ -36,11 +36,9 @@ def prepare_model(model: torch.nn.Module, config: OptimizeConfig, device: torch.
     from ..models.fuse import apply_fusions
 
     notes.extend(apply_fusions(model, **weight_fusions(model, config, device)))
-    if set_conv_bias_fusion(model, config.fuse_conv_bias and config.channels_last) == 0 and config.fuse_conv_bias:
-        notes.append("fuse_conv_bias ignored: only a UNet's resnets and attention blocks have biases to move")
-    elif config.fuse_conv_bias and not config.channels_last:
-        notes.append("fuse_conv_bias ignored: it needs channels_last=True (a 1x1 convolution is a GEMM over the "
-                     "pixel rows of a channels-last image)")
+    if set_conv_bias_fusion(model, config.fuse_conv_bias) == 0 and config.fuse_conv_bias:
+        notes.append("fuse_conv_bias ignored: only fastdiff's diffusers-style UNet (its resnets and attention "
+                     "blocks) has biases to move")
     return model
 
 

@@ -62,7 +62,27 @@ def test_fused_biases_equal_the_convolutions(arch):
     assert len(seen.convs) - sum(biased for _, biased in seen.convs) > 0  # the conv1 / conv2 that lost their bias
 
 
-def test_optimize_switch_needs_channels_last_and_a_unet():
+@torch.no_grad()
+def test_the_folds_do_not_wait_for_a_channels_last_norm_output(monkeypatch):
+    """torch's CUDA GroupNorm returns NCHW for a channels-last input: the resnets' folds (conv1's bias into the
+    time embedding, conv2's into the shortcut) must still apply; only the 1x1 GEMMs need the channels-last rows."""
+    from fastdiff.models.layers import GroupNorm
+
+    model, x, t, kw = _model_and_inputs("arch:tiny-sd-unet")
+    want = model(x, t, **kw)
+    native = GroupNorm.forward_native
+    monkeypatch.setattr(GroupNorm, "forward_native", lambda self, *a, **k: native(self, *a, **k).contiguous())
+    model.to(memory_format=torch.channels_last)
+    set_conv_bias_fusion(model, True)
+    with Convolutions() as seen:
+        got = model(x.contiguous(memory_format=torch.channels_last), t, **kw)
+    assert rel_err(got, want) <= 1e-5
+    resnets = [m for m in model.modules() if isinstance(m, ResnetBlock)]
+    with_shortcut = sum(m.conv_shortcut is not None for m in resnets)
+    assert len(seen.convs) - sum(biased for _, biased in seen.convs) == len(resnets) + with_shortcut
+
+
+def test_optimize_switch_on_a_unet_and_elsewhere():
     base = fastdiff.load("arch:tiny-sd-unet")
     perturb_(base.model, seed=2, std=0.1)
     ctx = torch.randn(1, 6, 32)
@@ -76,10 +96,11 @@ def test_optimize_switch_needs_channels_last_and_a_unet():
     assert rel_err(pipe.generate(**kw), want) <= 1e-5
     pipe.optimize(channels_last=True)  # a later optimize without the switch takes it back
     assert not any(getattr(m, "fuse_conv_bias", False) for m in pipe.model.modules())
-    pipe.optimize(fuse_conv_bias=True)
-    assert any("fuse_conv_bias ignored: it needs channels_last" in n for n in pipe.notes)
+    pipe.optimize(fuse_conv_bias=True)  # NCHW: the folds into the time embedding and the shortcuts still apply
+    assert all(m.fuse_conv_bias for m in pipe.model.modules() if isinstance(m, ResnetBlock))
+    assert rel_err(pipe.generate(**kw), want) <= 1e-5 and not any("fuse_conv_bias" in n for n in pipe.notes)
     dit = fastdiff.load("arch:tiny-dit").optimize(channels_last=True, fuse_conv_bias=True)
-    assert any("fuse_conv_bias ignored: only a UNet" in n for n in dit.notes)
+    assert any("fuse_conv_bias ignored: only fastdiff's diffusers-style UNet" in n for n in dit.notes)
     with pytest.raises(fastdiff.BadArgumentError, match="fuse_conv_bias"):
         fastdiff.OptimizeConfig(fuse_conv_bias=None)
 
