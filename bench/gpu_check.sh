@@ -115,6 +115,16 @@ publish() {
 
 note() { printf '%s\t%s\t0\n' "$1" "$2" >> "$SUMMARY"; echo "== $1: $2"; }
 
+# Inductor's autotuning timings straight into $OUT every 30 s as well: a torch.compile step can outlive the device
+# budget, which cuts the call off before the step ends and publish() runs (one small file per software stack)
+AUTOTUNE_WATCH_PID=""
+if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then
+    ( while sleep 30; do
+          mkdir -p "$OUT/inductor_autotune" && cp "$TORCHINDUCTOR_CACHE_DIR"/cache/* "$OUT/inductor_autotune/" 2> /dev/null
+      done ) &
+    AUTOTUNE_WATCH_PID=$!
+fi
+
 # --- 1. install ------------------------------------------------------------------------------------
 step install 90 $PY -m pip install --no-deps --no-build-isolation -e .
 $PY -c "
@@ -331,6 +341,7 @@ for path in sorted(glob.glob(os.path.join(results, "*.json"))):
 print(f"{failed} step(s) failed or timed out; logs and JSON in {results}")
 EOF
 if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then  # the device tool: one tarball back (it returns at most 8 files)
+    [ -n "$AUTOTUNE_WATCH_PID" ] && kill "$AUTOTUNE_WATCH_PID" 2> /dev/null
     publish
     cp "$RESULTS/summary.txt" "$OUT/"
 fi
