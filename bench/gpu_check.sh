@@ -214,6 +214,9 @@ fi
 if wants profile; then
     step profile_dit 90 $PY bench/profile_network.py "${FASTDIFF_GPU_DIT:-arch:dit-xl-2-256}" --json "$RESULTS/profile_dit.json"
     step profile_sd15 120 $PY bench/profile_network.py "${FASTDIFF_GPU_SD:-arch:sd15-unet}" --json "$RESULTS/profile_sd15.json"
+    # the same with the convolution biases moved (fuse_conv_bias): which kernels go, which come
+    step profile_sd15_convbias 120 $PY bench/profile_network.py "${FASTDIFF_GPU_SD:-arch:sd15-unet}" --switches convbias \
+        --json "$RESULTS/profile_sd15_convbias.json"
 fi
 
 # --- 6. end-to-end against diffusers ---------------------------------------------------------------
@@ -294,7 +297,7 @@ except OSError:
 # kernel tables: each bench log's table as printed
 for name in ("bench_group_norm", "bench_attention", "check_attention_tiles", "bench_attention_split", "bench_adaln",
              "bench_sampler_update", "bench_geglu", "bench_group_norm_ext", "bench_sampler_update_ext",
-             "bench_group_norm_sweep", "bench_graph_launch", "profile_dit", "profile_sd15"):
+             "bench_group_norm_sweep", "bench_graph_launch", "profile_dit", "profile_sd15", "profile_sd15_convbias"):
     try:
         lines = open(os.path.join(results, name + ".log")).read().strip().splitlines()
     except OSError:

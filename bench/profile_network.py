@@ -123,15 +123,25 @@ def _network_inputs(pipe, batch: int):
     return x, t, cond
 
 
-def profile(model: str, calls: int = 5, batch: int = 2, dtype: str = "fp16", warmup: int = 3) -> dict:
+def profile(model: str, calls: int = 5, batch: int = 2, dtype: str = "fp16", warmup: int = 3,
+            switches: str = "") -> dict:
+    """``switches``: ``fastdiff bench``'s '+'-switches (e.g. "convbias+resln") on top of the GPU defaults."""
     import fastdiff
 
     on_cuda = torch.cuda.is_available()
     device = "cuda" if on_cuda else "cpu"
     pipe = fastdiff.load(model, device=device)
     is_unet = pipe.spec.kind != "dit"
-    pipe.optimize(backend="triton" if on_cuda else "eager", dtype=dtype if on_cuda else None,
-                  channels_last=on_cuda and is_unet)
+    from fastdiff.commands.bench import VARIANT_SWITCHES
+
+    extra = {}
+    for name in filter(None, switches.split("+")):
+        if name not in VARIANT_SWITCHES or name in ("step", "loop"):  # graphs are off here: kernels, not launches
+            allowed = sorted(set(VARIANT_SWITCHES) - {"step", "loop"})
+            raise SystemExit(f"--switches: expected names from {allowed}, found {name!r}")
+        extra.update(VARIANT_SWITCHES[name])
+    pipe.optimize(**{**dict(backend="triton" if on_cuda else "eager", dtype=dtype if on_cuda else None,
+                            channels_last=on_cuda and is_unet), **extra})
     x, t, cond = _network_inputs(pipe, batch)
     with torch.no_grad():
         for _ in range(warmup):  # Triton JIT, autotuning, cuDNN / cuBLAS heuristics
@@ -181,8 +191,11 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
     p.add_argument("--top", type=int, default=15, help="kernels listed")
     p.add_argument("--json", default=None, metavar="OUT.json")
+    p.add_argument("--switches", default="", help="fastdiff bench's '+'-switches on top of the defaults, e.g. "
+                                                  "convbias+resln (graph switches do not apply: graphs are off)")
     a = p.parse_args(argv)
-    r = profile(a.model, a.calls, a.batch, a.dtype)
+    r = profile(a.model, a.calls, a.batch, a.dtype, switches=a.switches)
+    r["switches"] = a.switches
     if not r["kernels"]:  # e.g. a CUDA profiler (CUPTI) that records no kernels
         print(f"{a.model}: the profiler recorded no {r['timing']} time", file=sys.stderr)
         return 1

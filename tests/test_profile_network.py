@@ -77,3 +77,15 @@ def test_network_inputs_cover_each_models_conditioning(arch, names):
     assert set(cond) == names
     with torch.no_grad():
         assert pipe.model(x, t, **cond).shape[0] == 2
+
+
+def test_switches_reach_the_profiled_model():
+    """--switches applies fastdiff bench's '+'-switches: with the convolution biases moved (fuse_conv_bias) the
+    channels-last UNet runs its 1x1 convolutions as GEMMs, so fewer convolutions show up."""
+    def convolutions(r):
+        return sum(count for _, fam, _, count in r["kernels"] if fam == "convolution")
+
+    moved = pn.profile("arch:tiny-sd-unet", calls=1, warmup=1, switches="convbias+cl")
+    assert 0 < convolutions(moved) < convolutions(pn.profile("arch:tiny-sd-unet", calls=1, warmup=1, switches="cl"))
+    with pytest.raises(SystemExit, match="--switches"):
+        pn.profile("arch:tiny-sd-unet", calls=1, warmup=1, switches="loop")
