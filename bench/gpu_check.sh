@@ -4,6 +4,8 @@
 #     bash bench/gpu_check.sh                                   # from the repository root: every stage
 #     FASTDIFF_GPU_STAGES="sd15-compile cuda-ext" bash bench/gpu_check.sh   # chosen stages only
 #     FASTDIFF_WHEELS=/path/to/wheels bash bench/gpu_check.sh
+#     FASTDIFF_GPU_DIT=arch:tiny-dit FASTDIFF_GPU_SD=arch:tiny-sd-unet FASTDIFF_GPU_SKIP_INSTALL=1 bash bench/gpu_check.sh
+#                        # a CPU smoke run of the script itself (tests/test_gpu_check_script.py)
 #
 # Stages, in this order (FASTDIFF_GPU_STAGES picks a subset; install always runs):
 #   cuda-ext      build csrc/ (nvcc, sm_90) in the background; after the kernel benches: its GPU test and
@@ -126,7 +128,11 @@ if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then
 fi
 
 # --- 1. install ------------------------------------------------------------------------------------
-step install 90 $PY -m pip install --no-deps --no-build-isolation -e .
+if [ -n "${FASTDIFF_GPU_SKIP_INSTALL:-}" ]; then  # the project is importable already (the CPU smoke test)
+    note install "skipped: FASTDIFF_GPU_SKIP_INSTALL"
+else
+    step install 90 $PY -m pip install --no-deps --no-build-isolation -e .
+fi
 $PY -c "
 import torch
 name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'NO CUDA DEVICE VISIBLE'

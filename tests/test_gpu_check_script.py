@@ -1,0 +1,43 @@
+"""bench/gpu_check.sh, the one GPU script, run on the CPU with tiny models: its stages, summary and the results
+it hands the device tool must not rot between the (rare) sessions that have a GPU."""
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="a bash script")
+def test_gpu_check_smoke_run_on_tiny_models(tmp_path):
+    pytest.importorskip("diffusers", reason="the script's end-to-end stage compares with diffusers")
+    out, device_out = tmp_path / "gpu_out", tmp_path / "OUT"
+    device_out.mkdir()
+    env = dict(os.environ, PYTHON=sys.executable, OUT=str(device_out), FASTDIFF_GPU_OUT=str(out),
+               FASTDIFF_GPU_STAGES="dit profile", FASTDIFF_GPU_DIT="arch:tiny-dit", FASTDIFF_GPU_SD="arch:tiny-sd-unet",
+               FASTDIFF_GPU_DIT_VARIANTS="eager,eager+loop", FASTDIFF_GPU_SKIP_INSTALL="1",
+               FASTDIFF_GPU_BUDGET_S="240", TRITON_INTERPRET="0")
+    r = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh")], env=env, capture_output=True, text=True,
+                       timeout=400)
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = r.stdout[r.stdout.index("fastdiff GPU check summary"):]
+    assert "0 step(s) failed or timed out" in summary, summary
+    steps = dict(line.split("\t")[:2] for line in (out / "summary.tsv").read_text().splitlines())
+    for name in ("dit-xl-2-256", "profile_dit", "profile_sd15", "profile_sd15_convbias"):
+        assert steps[name] == "ok", steps
+    report = json.loads((out / "dit-xl-2-256.json").read_text())
+    assert report["complete"] is True
+    assert [(row["backend"], row["status"]) for row in report["results"]] == [("eager", "ok"), ("eager+loop", "ok")]
+    assert [(row["impl"], row["status"]) for row in report["compare"]] == [("diffusers", "ok")]
+    assert "tiny-dit eager+loop" in summary  # the end-to-end table, printed last
+    # what the device tool brings back: one tarball (without Inductor's compiled kernels) and the summaries
+    assert {p.name for p in device_out.iterdir()} >= {"gpu_results.tgz", "summary.tsv", "summary.txt"}
+    with tarfile.open(device_out / "gpu_results.tgz") as tar:
+        names = tar.getnames()
+    assert "gpu_out/dit-xl-2-256.json" in names and "gpu_out/profile_sd15_convbias.json" in names
+    assert not any(n.startswith("gpu_out/inductor/") for n in names)
