@@ -363,6 +363,53 @@ def test_engine_requests_with_prompts_equal_their_solo_runs(sd):
         assert rel_err(got, want) <= 1e-5
 
 
+def test_repeated_prompts_come_from_the_cache(sd, monkeypatch):
+    """A repeated encode call (an Engine's negative prompt, a prompt resent with another seed) returns the same
+    tensors without running CLIP again; other options miss; what a caller writes into its tensors stays its own."""
+    from fastdiff.prompts import encoder as encoder_module
+
+    _, pipe = sd
+    enc = pipe.prompt_encoder
+    enc.cache.clear()
+    calls = []
+    real = encoder_module.clip_outputs
+    monkeypatch.setattr(encoder_module, "clip_outputs", lambda part, prompts, **k: calls.append(prompts) or
+                        real(part, prompts, **k))
+    first = pipe.encode_prompt("a cat", guided=True)
+    assert calls == [["a cat"], [""]]
+    again = pipe.encode_prompt("a cat", guided=True)
+    other = pipe.encode_prompt("a red dog", guided=True)  # the empty negative prompt from the cache
+    assert calls == [["a cat"], [""], ["a red dog"]]
+    for name in first:
+        assert torch.equal(first[name], again[name]) and first[name].data_ptr() != again[name].data_ptr()
+    assert torch.equal(other["negative_encoder_hidden_states"], first["negative_encoder_hidden_states"])
+    again["encoder_hidden_states"].fill_(7.0)  # the caller's copy, not the cache's
+    assert torch.equal(pipe.encode_prompt("a cat")["encoder_hidden_states"], first["encoder_hidden_states"])
+    pipe.encode_prompt("a cat", clip_skip=1)  # another option: encoded again
+    assert calls[-1] == ["a cat"] and len(calls) == 4
+    enc.to(dtype=torch.float64)  # another precision: nothing kept from before
+    assert len(enc.cache) == 0
+    enc.to(dtype=torch.float32)
+
+
+def test_the_prompt_cache_is_bounded_in_bytes():
+    from fastdiff.prompts.cache import EncodingCache
+
+    row = {"encoder_hidden_states": torch.zeros(1, 77, 16)}  # 4928 bytes
+    cache = EncodingCache(max_bytes=3 * 4928)
+    for i in range(4):
+        cache.put(i, row)
+    assert len(cache) == 3 and cache.get(0) is None and cache.get(3) is not None  # the oldest went first
+    cache.get(1)  # now the most recent: 2 goes next
+    cache.put(4, row)
+    assert cache.get(2) is None and cache.get(1) is not None and cache.nbytes == 3 * 4928
+    cache.put("big", {"x": torch.zeros(4 * 4928)})  # larger than the bound: not kept, nothing evicted
+    assert cache.get("big") is None and len(cache) == 3
+    off = EncodingCache(max_bytes=0)
+    off.put(0, row)
+    assert len(off) == 0 and off.get(0) is None
+
+
 def test_a_fastdiff_save_keeps_the_text_encoders(sdxl, tmp_path):
     """pipe.save copies the tokenizer / encoder folders and SDXL's zero-negative flag; the saved pipeline prompts
     the same; one saved without them says so once."""

@@ -20,6 +20,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from ..errors import BadArgumentError, CheckpointError
+from .cache import DEFAULT_MAX_BYTES, EncodingCache
 from .text_parts import TextPart, clip_outputs, encoder_config, encoder_class_name, load_part, t5_states
 
 # family -> (tokenizer folder, encoder folder, required?, max tokens (None: the tokenizer's own))
@@ -47,11 +48,13 @@ class PromptEncoder:
     """Encodes prompts for one network; ``encode`` returns generate()'s text keyword arguments."""
 
     def __init__(self, folder: str, family: str, states_dim: int, *, zero_negative: bool = False,
-                 variant: Optional[str] = None):
+                 variant: Optional[str] = None, cache_bytes: int = DEFAULT_MAX_BYTES):
         """folder: a diffusers pipeline folder holding the family's tokenizer / text encoder folders. states_dim: the
         network's text width (SD3's T5 width, for zeros where text_encoder_3 is absent). zero_negative: SDXL's
         ``force_zeros_for_empty_prompt`` (no negative prompt -> zero embeddings). variant: diffusers' weight
-        variant (``fp16``)."""
+        variant (``fp16``). cache_bytes: how much of recent encodings to keep (``self.cache``; 0: none): a repeated
+        call (an Engine's negative prompt, a prompt resent with another seed) returns the same tensors without
+        running the encoders."""
         if family not in FAMILY_PARTS:
             raise BadArgumentError(f"prompt family: expected one of {sorted(FAMILY_PARTS)}, found {family!r}")
         self.folder, self.family, self.states_dim, self.zero_negative = folder, family, states_dim, zero_negative
@@ -63,6 +66,7 @@ class PromptEncoder:
         # from two threads at once fails ("Already borrowed")
         self._lock = threading.RLock()
         self._where = (torch.device("cpu"), torch.float32)
+        self.cache = EncodingCache(cache_bytes)
 
     def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "PromptEncoder":
         """Where (and in which precision) the encoders run: the pipeline's device and network dtype. A new dtype
@@ -72,6 +76,8 @@ class PromptEncoder:
             new_dtype = dtype or self._where[1]
             if self._parts is not None and new_dtype != self._where[1]:
                 self._parts = None
+            if (device, new_dtype) != self._where:
+                self.cache.clear()  # encodings made elsewhere, or in another precision
             self._where = (device, new_dtype)
             for part in (self._parts or {}).values():
                 part.encoder.to(device)
@@ -133,10 +139,10 @@ class PromptEncoder:
                                        f"found {len(negatives)}")
             negatives = negatives * len(prompts) if len(negatives) == 1 else negatives  # (diffusers' batch)
         with self._lock:
-            out = self._encode(prompts, clip_skip, max_sequence_length)
+            out = self._encode_cached(prompts, clip_skip, max_sequence_length)
             if guided:
                 negative = ({k: torch.zeros_like(v) for k, v in out.items()} if negatives is None
-                            else self._encode(negatives, None, max_sequence_length))  # (no clip_skip: diffusers)
+                            else self._encode_cached(negatives, None, max_sequence_length))  # (no clip_skip: diffusers)
                 out.update({f"negative_{k}": v for k, v in negative.items()})
         return out
 
@@ -157,6 +163,16 @@ class PromptEncoder:
                     1 <= max_sequence_length <= 512:
                 raise BadArgumentError(f"max_sequence_length: expected an int in [1, 512], found "
                                        f"{max_sequence_length!r}")
+
+    def _encode_cached(self, prompts: list[str], clip_skip: Optional[int], t5_length: Optional[int]) -> dict:
+        """``_encode`` through ``self.cache``: one call's prompts, options and placement make the key (a whole
+        call, so a hit returns exactly what encoding that batch returned)."""
+        key = (tuple(prompts), clip_skip, t5_length, *self._where)
+        out = self.cache.get(key)
+        if out is None:
+            out = self._encode(prompts, clip_skip, t5_length)
+            self.cache.put(key, out)
+        return out
 
     @torch.no_grad()
     def _encode(self, prompts: list[str], clip_skip: Optional[int], t5_length: Optional[int]) -> dict:
