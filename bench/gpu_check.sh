@@ -119,12 +119,15 @@ note() { printf '%s\t%s\t0\n' "$1" "$2" >> "$SUMMARY"; echo "== $1: $2"; }
 
 # Inductor's autotuning timings straight into $OUT every 30 s as well: a torch.compile step can outlive the device
 # budget, which cuts the call off before the step ends and publish() runs (one small file per software stack)
+# (its output goes to /dev/null: holding the script's stdout open would keep a reader such as `| tail` waiting;
+# it stops with the script, which `kill -0 $$` checks, and the EXIT trap ends it at once)
 AUTOTUNE_WATCH_PID=""
 if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then
-    ( while sleep 30; do
-          mkdir -p "$OUT/inductor_autotune" && cp "$TORCHINDUCTOR_CACHE_DIR"/cache/* "$OUT/inductor_autotune/" 2> /dev/null
-      done ) &
+    ( while sleep 30 && kill -0 $$ 2> /dev/null; do
+          mkdir -p "$OUT/inductor_autotune" && cp "$TORCHINDUCTOR_CACHE_DIR"/cache/* "$OUT/inductor_autotune/"
+      done ) > /dev/null 2>&1 &
     AUTOTUNE_WATCH_PID=$!
+    trap 'kill "$AUTOTUNE_WATCH_PID" 2> /dev/null' EXIT
 fi
 
 # --- 1. install ------------------------------------------------------------------------------------
@@ -350,7 +353,6 @@ for path in sorted(glob.glob(os.path.join(results, "*.json"))):
 print(f"{failed} step(s) failed or timed out; logs and JSON in {results}")
 EOF
 if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then  # the device tool: one tarball back (it returns at most 8 files)
-    [ -n "$AUTOTUNE_WATCH_PID" ] && kill "$AUTOTUNE_WATCH_PID" 2> /dev/null
     publish
     cp "$RESULTS/summary.txt" "$OUT/"
 fi
