@@ -121,13 +121,20 @@ note() { printf '%s\t%s\t0\n' "$1" "$2" >> "$SUMMARY"; echo "== $1: $2"; }
 # budget, which cuts the call off before the step ends and publish() runs (one small file per software stack)
 # (its output goes to /dev/null: holding the script's stdout open would keep a reader such as `| tail` waiting;
 # it stops with the script, which `kill -0 $$` checks, and the EXIT trap ends it at once)
+# (each file copied then renamed, so a call cut off mid-copy brings back no torn JSON)
 AUTOTUNE_WATCH_PID=""
 if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then
-    ( while sleep 30 && kill -0 $$ 2> /dev/null; do
-          mkdir -p "$OUT/inductor_autotune" && cp "$TORCHINDUCTOR_CACHE_DIR"/cache/* "$OUT/inductor_autotune/"
-      done ) > /dev/null 2>&1 &
+    ( trap 'kill "$nap" 2> /dev/null; exit 0' TERM
+      while kill -0 $$ 2> /dev/null; do
+          sleep 30 & nap=$!; wait "$nap"
+          mkdir -p "$OUT/inductor_autotune"
+          for f in "$TORCHINDUCTOR_CACHE_DIR"/cache/*; do
+              [ -f "$f" ] && cp "$f" "$OUT/inductor_autotune/.partial" && mv "$OUT/inductor_autotune/.partial" "$OUT/inductor_autotune/${f##*/}"
+          done
+      done ) < /dev/null > /dev/null 2>&1 &
     AUTOTUNE_WATCH_PID=$!
     trap 'kill "$AUTOTUNE_WATCH_PID" 2> /dev/null' EXIT
+    trap 'exit 143' TERM INT  # so a killed script still runs its EXIT trap
 fi
 
 # --- 1. install ------------------------------------------------------------------------------------

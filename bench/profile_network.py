@@ -132,14 +132,17 @@ def profile(model: str, calls: int = 5, batch: int = 2, dtype: str = "fp16", war
     device = "cuda" if on_cuda else "cpu"
     pipe = fastdiff.load(model, device=device)
     is_unet = pipe.spec.kind != "dit"
-    from fastdiff.commands.bench import VARIANT_SWITCHES
+    from fastdiff.commands.bench import parse_backend_variants
+    from fastdiff.errors import BadArgumentError
 
     extra = {}
-    for name in filter(None, switches.split("+")):
-        if name not in VARIANT_SWITCHES or name in ("step", "loop"):  # graphs are off here: kernels, not launches
-            allowed = sorted(set(VARIANT_SWITCHES) - {"step", "loop"})
-            raise SystemExit(f"--switches: expected names from {allowed}, found {name!r}")
-        extra.update(VARIANT_SWITCHES[name])
+    if switches:
+        if {"step", "loop"} & set(switches.split("+")):  # graphs are off here: kernels, not launches
+            raise SystemExit(f"--switches: graph switches (+step, +loop) do not apply, found {switches!r}")
+        try:  # as fastdiff bench reads them: per-op choices combine, clashes are refused
+            extra = parse_backend_variants(("triton" if on_cuda else "eager") + "+" + switches)[0][2]
+        except BadArgumentError as e:
+            raise SystemExit(f"--switches: {e}") from None
     pipe.optimize(**{**dict(backend="triton" if on_cuda else "eager", dtype=dtype if on_cuda else None,
                             channels_last=on_cuda and is_unet), **extra})
     x, t, cond = _network_inputs(pipe, batch)

@@ -18,14 +18,24 @@ def test_gpu_check_smoke_run_on_tiny_models(tmp_path):
     pytest.importorskip("diffusers", reason="the script's end-to-end stage compares with diffusers")
     out, device_out = tmp_path / "gpu_out", tmp_path / "OUT"
     device_out.mkdir()
-    env = dict(os.environ, PYTHON=sys.executable, OUT=str(device_out), FASTDIFF_GPU_OUT=str(out),
+    # this checkout's fastdiff (not another one installed), and none of the caller's own FASTDIFF_* settings
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FASTDIFF_", "TORCHINDUCTOR_"))}
+    env.update(PYTHON=sys.executable, OUT=str(device_out), FASTDIFF_GPU_OUT=str(out),
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
                FASTDIFF_GPU_STAGES="dit profile", FASTDIFF_GPU_DIT="arch:tiny-dit", FASTDIFF_GPU_SD="arch:tiny-sd-unet",
                FASTDIFF_GPU_DIT_VARIANTS="eager,eager+loop", FASTDIFF_GPU_SKIP_INSTALL="1",
                FASTDIFF_GPU_BUDGET_S="240", TRITON_INTERPRET="0")
-    r = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh")], env=env, capture_output=True, text=True,
-                       timeout=400)
-    assert r.returncode == 0, r.stderr[-2000:]
-    summary = r.stdout[r.stdout.index("fastdiff GPU check summary"):]
+    proc = subprocess.Popen(["bash", str(ROOT / "bench" / "gpu_check.sh")], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=400)
+    finally:  # nothing of it outlives the test (the steps' own process groups included)
+        try:
+            os.killpg(proc.pid, 9)
+        except ProcessLookupError:
+            pass
+    assert proc.returncode == 0, stderr[-2000:]
+    summary = stdout[stdout.index("fastdiff GPU check summary"):]
     assert "0 step(s) failed or timed out" in summary, summary
     steps = dict(line.split("\t")[:2] for line in (out / "summary.tsv").read_text().splitlines())
     for name in ("dit-xl-2-256", "profile_dit", "profile_sd15", "profile_sd15_convbias"):

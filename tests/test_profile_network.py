@@ -89,3 +89,5 @@ def test_switches_reach_the_profiled_model():
     assert 0 < convolutions(moved) < convolutions(pn.profile("arch:tiny-sd-unet", calls=1, warmup=1, switches="cl"))
     with pytest.raises(SystemExit, match="--switches"):
         pn.profile("arch:tiny-sd-unet", calls=1, warmup=1, switches="loop")
+    with pytest.raises(SystemExit, match="flash"):  # a clash fastdiff bench refuses too
+        pn.profile("arch:tiny-sd-unet", calls=1, warmup=1, switches="flash+efficient")

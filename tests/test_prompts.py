@@ -387,6 +387,17 @@ def test_repeated_prompts_come_from_the_cache(sd, monkeypatch):
     assert torch.equal(pipe.encode_prompt("a cat")["encoder_hidden_states"], first["encoder_hidden_states"])
     pipe.encode_prompt("a cat", clip_skip=1)  # another option: encoded again
     assert calls[-1] == ["a cat"] and len(calls) == 4
+    layer = enc.parts["text_encoder"].encoder.get_input_embeddings()
+    with torch.no_grad():  # weights edited in place: earlier encodings are stale
+        layer.weight.mul_(1.5)
+        edited = pipe.encode_prompt("a cat")
+        layer.weight.div_(1.5)
+    assert len(calls) == 5 and not torch.equal(edited["encoder_hidden_states"], first["encoder_hidden_states"])
+    long = " ".join(["cat"] * 100)
+    for _ in range(2):  # a truncated prompt warns on every call, from the cache too
+        with pytest.warns(UserWarning, match="were truncated"):
+            pipe.encode_prompt(long)
+    assert calls[-1] == [long] and len(calls) == 6  # encoded once: the second call is a hit
     enc.to(dtype=torch.float64)  # another precision: nothing kept from before
     assert len(enc.cache) == 0
     enc.to(dtype=torch.float32)
@@ -398,16 +409,19 @@ def test_the_prompt_cache_is_bounded_in_bytes():
     row = {"encoder_hidden_states": torch.zeros(1, 77, 16)}  # 4928 bytes
     cache = EncodingCache(max_bytes=3 * 4928)
     for i in range(4):
-        cache.put(i, row)
-    assert len(cache) == 3 and cache.get(0) is None and cache.get(3) is not None  # the oldest went first
+        cache.put(i, row, notes=(f"note {i}",))
+    assert len(cache) == 3 and cache.get(0) is None and cache.get(3)[1] == ("note 3",)  # the oldest went first
     cache.get(1)  # now the most recent: 2 goes next
     cache.put(4, row)
     assert cache.get(2) is None and cache.get(1) is not None and cache.nbytes == 3 * 4928
     cache.put("big", {"x": torch.zeros(4 * 4928)})  # larger than the bound: not kept, nothing evicted
     assert cache.get("big") is None and len(cache) == 3
-    off = EncodingCache(max_bytes=0)
-    off.put(0, row)
-    assert len(off) == 0 and off.get(0) is None
+    cache.max_bytes = 4928  # lowered later: the least recently used go at once (1 was used last)
+    assert cache.get(1) is not None and len(cache) == 1 and cache.nbytes == 4928
+    cache.max_bytes = 0  # and off
+    assert cache.get(1) is None and len(cache) == 0 and cache.nbytes == 0
+    cache.put(5, row)
+    assert len(cache) == 0
 
 
 def test_a_fastdiff_save_keeps_the_text_encoders(sdxl, tmp_path):

@@ -16,8 +16,9 @@ DEFAULT_MAX_BYTES = 64 * 2**20
 
 
 class EncodingCache:
-    """key -> {name: tensor}, at most ``max_bytes`` of tensors (0 turns it off); ``get`` hands out copies, so a
-    caller that writes into its tensors cannot change what the next caller gets."""
+    """key -> ({name: tensor}, notes), at most ``max_bytes`` of tensors (0 turns it off, also later); ``get``
+    hands out copies, so a caller that writes into its tensors cannot change what the next caller gets. ``notes``:
+    the warnings the encoding gave (a truncated prompt), for the caller to give again on a hit."""
 
     def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES):
         self.max_bytes = max_bytes
@@ -26,28 +27,33 @@ class EncodingCache:
         self.hits = self.misses = 0
 
     @staticmethod
-    def _size(value: dict) -> int:
-        return sum(t.numel() * t.element_size() for t in value.values())
+    def _size(tensors: dict) -> int:
+        return sum(t.numel() * t.element_size() for t in tensors.values())
 
-    def get(self, key: Hashable) -> Optional[dict]:
-        value = self._entries.get(key)
-        if value is None:
+    def _evict(self) -> None:
+        """Drop the least recently used entries until the bound holds (``max_bytes`` may have been lowered)."""
+        while self._entries and self._bytes > max(self.max_bytes, 0):
+            _, (dropped, _) = self._entries.popitem(last=False)
+            self._bytes -= self._size(dropped)
+
+    def get(self, key: Hashable) -> Optional[tuple[dict, tuple]]:
+        self._evict()
+        entry = self._entries.get(key)
+        if entry is None:
             self.misses += 1
             return None
         self.hits += 1
         self._entries.move_to_end(key)
-        return {name: t.clone() for name, t in value.items()}
+        tensors, notes = entry
+        return {name: t.clone() for name, t in tensors.items()}, notes
 
-    def put(self, key: Hashable, value: dict) -> None:
-        """Keep copies of ``value``'s tensors (an entry larger than the whole bound is not kept)."""
-        size = self._size(value)
-        if size > self.max_bytes or key in self._entries:
-            return
-        self._entries[key] = {name: t.detach().clone() for name, t in value.items()}
-        self._bytes += size
-        while self._bytes > self.max_bytes:
-            _, dropped = self._entries.popitem(last=False)
-            self._bytes -= self._size(dropped)
+    def put(self, key: Hashable, tensors: dict, notes: tuple = ()) -> None:
+        """Keep copies of ``tensors`` (an entry larger than the whole bound is not kept)."""
+        size = self._size(tensors)
+        if size <= self.max_bytes and key not in self._entries:
+            self._entries[key] = ({name: t.detach().clone() for name, t in tensors.items()}, tuple(notes))
+            self._bytes += size
+        self._evict()
 
     def clear(self) -> None:
         self._entries.clear()
@@ -59,4 +65,3 @@ class EncodingCache:
     @property
     def nbytes(self) -> int:
         return self._bytes
-

@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from typing import Optional, Sequence, Union
 
 import torch
 
 from ..errors import BadArgumentError, CheckpointError
 from .cache import DEFAULT_MAX_BYTES, EncodingCache
-from .text_parts import TextPart, clip_outputs, encoder_config, encoder_class_name, load_part, t5_states
+from .text_parts import (TRUNCATED, TextPart, clip_outputs, encoder_config, encoder_class_name, load_part,
+                         t5_states)
 
 # family -> (tokenizer folder, encoder folder, required?, max tokens (None: the tokenizer's own))
 FAMILY_PARTS = {
@@ -165,14 +167,32 @@ class PromptEncoder:
                                        f"{max_sequence_length!r}")
 
     def _encode_cached(self, prompts: list[str], clip_skip: Optional[int], t5_length: Optional[int]) -> dict:
-        """``_encode`` through ``self.cache``: one call's prompts, options and placement make the key (a whole
-        call, so a hit returns exactly what encoding that batch returned)."""
-        key = (tuple(prompts), clip_skip, t5_length, *self._where)
-        out = self.cache.get(key)
-        if out is None:
+        """``_encode`` through ``self.cache``: one call's prompts, options, placement and the encoders' weights
+        (their parameters' in-place version counters) make the key (a whole call, so a hit returns exactly what
+        encoding that batch returned); a hit gives the encoding's warnings (a truncated prompt) again."""
+        self.parts  # loaded first: their weights are part of the key
+        key = (tuple(prompts), clip_skip, t5_length, *self._where, self._weights_version())
+        hit = self.cache.get(key)
+        if hit is not None:
+            out, notes = hit
+            for note in notes:
+                warnings.warn(note, stacklevel=4)
+            return out
+        with warnings.catch_warnings(record=True) as caught:  # (under self._lock: one encoding at a time)
+            warnings.simplefilter("always")
             out = self._encode(prompts, clip_skip, t5_length)
-            self.cache.put(key, out)
+        notes = tuple(str(w.message) for w in caught if TRUNCATED in str(w.message))
+        for w in caught:  # given to the caller as they came
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        self.cache.put(key, out, notes)
         return out
+
+    def _weights_version(self) -> Optional[int]:
+        """A fingerprint of the loaded encoders' parameters (their objects and in-place version counters): an
+        edited or reloaded weight makes earlier encodings stale. None before the encoders load."""
+        if self._parts is None:
+            return None
+        return hash(tuple((id(p), p._version) for part in self._parts.values() for p in part.encoder.parameters()))
 
     @torch.no_grad()
     def _encode(self, prompts: list[str], clip_skip: Optional[int], t5_length: Optional[int]) -> dict:

@@ -20,6 +20,7 @@ from ..errors import BackendUnavailableError, CheckpointError, UnsupportedConfig
 
 # the text encoders diffusers' SD 1.x / 2.x, SDXL, SD3 and FLUX.1 pipelines ship
 ENCODER_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel")
+TRUNCATED = "were truncated"  # in the warning a too-long prompt gives (the prompt cache gives it again on a hit)
 
 
 @dataclass
@@ -47,7 +48,7 @@ class TextPart:
         full = self.tokenizer(prompts, padding="longest", return_tensors="pt").input_ids
         if full.shape[-1] > batch.input_ids.shape[-1]:
             dropped = self.tokenizer.batch_decode(full[:, length - 1:-1])
-            warnings.warn(f"{self.name}: prompts longer than {length} tokens were truncated; dropped: {dropped}",
+            warnings.warn(f"{self.name}: prompts longer than {length} tokens {TRUNCATED}; dropped: {dropped}",
                           stacklevel=5)
         return batch
 
