@@ -93,8 +93,15 @@ ATTRIBUTED = ("elementwise", "copy / cast / cat")
 
 
 def _ops_behind(prof, on_cuda: bool, calls: int, top: int = 12) -> list:
-    """[(aten op, input shapes, µs per call, launches per call)] of the aten ops whose own device time (CUDA) or
-    CPU time is element-wise or copying work, largest first: what launched the generic kernels."""
+    """[(aten op, input shapes, µs per call, launches per call)] behind the element-wise and copy time, largest
+    first: what launched the generic kernels. On a GPU each such kernel counts for the aten op that launched it
+    (a convolution's bias add shows as ``aten::add_`` with the output's and the bias's shapes), whatever that
+    op's name; on the CPU, the aten ops of those families by their own time."""
+    if on_cuda:
+        try:
+            return _kernels_by_launching_op(prof, calls, top)
+        except AttributeError:  # a profiler without per-event kernels: the ops' own device time below
+            pass
     from torch.autograd import DeviceType
 
     out = []
@@ -107,6 +114,21 @@ def _ops_behind(prof, on_cuda: bool, calls: int, top: int = 12) -> list:
             else e.self_cpu_time_total
         if us > 0:
             out.append((e.key, str(e.input_shapes), float(us) / calls, e.count / calls))
+    return sorted(out, key=lambda o: -o[2])[:top]
+
+
+def _kernels_by_launching_op(prof, calls: int, top: int) -> list:
+    """The generic kernels' device time grouped by the (innermost) aten op that launched them and its shapes."""
+    acc = defaultdict(lambda: [0.0, 0])
+    for e in prof.events():
+        if not e.name.startswith("aten::"):
+            continue
+        kernels = [k for k in e.kernels if family(k.name) in ATTRIBUTED]
+        if kernels:
+            entry = acc[(e.name, str(e.input_shapes))]
+            entry[0] += sum(k.duration for k in kernels)
+            entry[1] += len(kernels)
+    out = [(name, shapes, us / calls, count / calls) for (name, shapes), (us, count) in acc.items()]
     return sorted(out, key=lambda o: -o[2])[:top]
 
 

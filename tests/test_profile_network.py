@@ -91,3 +91,21 @@ def test_switches_reach_the_profiled_model():
         pn.profile("arch:tiny-sd-unet", calls=1, warmup=1, switches="loop")
     with pytest.raises(SystemExit, match="flash"):  # a clash fastdiff bench refuses too
         pn.profile("arch:tiny-sd-unet", calls=1, warmup=1, switches="flash+efficient")
+
+
+def test_generic_kernels_count_for_the_op_that_launched_them():
+    """On a GPU the element-wise / copy kernels are grouped by their launching aten op and its input shapes (a
+    convolution's bias add is an aten::add_), whatever the op's own name; other kernels are left out."""
+    from types import SimpleNamespace as NS
+
+    bias_add = "void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl_nocast<CUDAFunctor_add>>"
+    conv = "sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc"
+    events = [NS(name="aten::add_", input_shapes=[[2, 320, 64, 64], [1, 320, 1, 1]],
+                 kernels=[NS(name=bias_add, duration=6.0)]) for _ in range(4)]
+    events += [NS(name="aten::cudnn_convolution", input_shapes=[[2, 320, 64, 64]],
+                  kernels=[NS(name=conv, duration=40.0)]),
+               NS(name="aten::arange", input_shapes=[[]],
+                  kernels=[NS(name="vectorized_elementwise_kernel", duration=1.0)]),
+               NS(name="ProfilerStep", input_shapes=[], kernels=[NS(name=bias_add, duration=9.0)])]
+    rows = pn._kernels_by_launching_op(NS(events=lambda: events), calls=2, top=5)
+    assert rows == [("aten::add_", "[[2, 320, 64, 64], [1, 320, 1, 1]]", 12.0, 2.0), ("aten::arange", "[[]]", 0.5, 0.5)]
