@@ -759,7 +759,7 @@ def _json_report(args, variants, batches, compare, spec, n_params, dev_name, dev
     return {
         "schema": "fastdiff-bench/1",
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "complete": complete,  # false: written after a measured variant, more were to come
+        "complete": complete,  # false: written after a row, more were to come
         "device": dev_name,
         "versions": collect(),
         "settings": {"model": args.model, "backends": [v[0] for v in variants], "batch": batches, "steps": args.steps,
@@ -833,8 +833,8 @@ def run(args) -> int:
         f"{args.sampler} x {args.steps} steps, cfg {args.cfg}, dtype {args.dtype or 'checkpoint'}")
 
     def save(results, compare_rows, complete):
-        """The JSON report as it stands, written atomically: after every measured variant, so a run cut off
-        by a time limit keeps the rows it finished (``"complete": false``)."""
+        """The JSON report as it stands, written atomically: after every row, so a run cut off by a time limit
+        keeps the rows it finished (``"complete": false``)."""
         if args.json:
             report = _json_report(args, variants, batches, compare, spec, n_params, dev_name, device, results,
                                   compare_rows, _ratios(results, compare_rows), complete)

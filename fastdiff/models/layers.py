@@ -210,11 +210,11 @@ def set_backend(model: nn.Module, backend: str = "auto", ops: Optional[dict] = N
     except StopIteration:
         device = None
     chosen = resolve_backend(backend, device)
+    measured = gpu_default_ops(model)
     if chosen == "triton" and ops is None and backend == "auto":
-        ops = gpu_default_ops(model)
+        ops = measured
     ops = check_kernel_ops(dict(ops or {}))
     on_cuda = device is not None and device.type == "cuda"
-    measured = gpu_default_ops(model)
     for m in model.modules():
         if isinstance(m, FusedOp):
             impl = ops.get(m.op, "triton") if chosen == "triton" else "native"

@@ -24,7 +24,6 @@ class EncodingCache:
         self.max_bytes = max_bytes
         self._entries: OrderedDict = OrderedDict()
         self._bytes = 0
-        self.hits = self.misses = 0
 
     @staticmethod
     def _size(tensors: dict) -> int:
@@ -40,9 +39,7 @@ class EncodingCache:
         self._evict()
         entry = self._entries.get(key)
         if entry is None:
-            self.misses += 1
             return None
-        self.hits += 1
         self._entries.move_to_end(key)
         tensors, notes = entry
         return {name: t.clone() for name, t in tensors.items()}, notes
