@@ -66,13 +66,14 @@ export TRITON_INTERPRET=0
 export PYTHONUNBUFFERED=1
 export TQDM_DISABLE=1
 PY=${PYTHON:-python3}
-# Inductor's cache in the work folder, seeded with the autotuning timings earlier runs brought back
-# (bench/gpu_runs/inductor_autotune/): max-autotune of the diffusers SD1.5 UNet outlived a 354 s step in run 4
-# (about 1 s per GEMM / convolution problem), so each run continues where the last one stopped. Only those
-# timings come back (a small JSON per software stack, in the results tarball), not the compiled kernels.
+# Inductor's cache in the work folder, seeded with the tuning results earlier runs brought back
+# (bench/gpu_runs/inductor_autotune/, see bench/inductor_autotune.py): max-autotune of the diffusers SD1.5 UNet
+# outlived a 354 s step in run 4 (5-42 s per GEMM / convolution problem), so each run continues where the last
+# one stopped. Only those results come back (the choices' timings and the kernels' chosen configs, two small
+# JSON files per software stack), not the compiled kernels.
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$RESULTS/inductor}
-mkdir -p "$TORCHINDUCTOR_CACHE_DIR/cache"
-cp -n bench/gpu_runs/inductor_autotune/* "$TORCHINDUCTOR_CACHE_DIR/cache/" 2> /dev/null
+"$PY" "$ROOT/bench/inductor_autotune.py" seed "${FASTDIFF_GPU_AUTOTUNE_SEED:-bench/gpu_runs/inductor_autotune}" \
+    "$TORCHINDUCTOR_CACHE_DIR"
 
 # step NAME LIMIT_S CMD...: run CMD under timeout (capped by the deadline), log to $RESULTS/NAME.log,
 # record "NAME<TAB>status<TAB>seconds" in the summary.
@@ -106,7 +107,7 @@ step() {
 # the device budget still returns every finished step's log and JSON
 publish() {
     if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then
-        mkdir -p "$RESULTS/inductor_autotune" && cp "$TORCHINDUCTOR_CACHE_DIR"/cache/* "$RESULTS/inductor_autotune/" 2> /dev/null
+        "$PY" "$ROOT/bench/inductor_autotune.py" save "$TORCHINDUCTOR_CACHE_DIR" "$RESULTS/inductor_autotune" > /dev/null 2>&1
         tar czf "$OUT/gpu_results.tgz.tmp" --exclude="$(basename "$RESULTS")/inductor" \
             -C "$(dirname "$RESULTS")" "$(basename "$RESULTS")" 2> /dev/null &&
             mv "$OUT/gpu_results.tgz.tmp" "$OUT/gpu_results.tgz" || rm -f "$OUT/gpu_results.tgz.tmp"
@@ -117,20 +118,17 @@ publish() {
 
 note() { printf '%s\t%s\t0\n' "$1" "$2" >> "$SUMMARY"; echo "== $1: $2"; }
 
-# Inductor's autotuning timings straight into $OUT every 30 s as well: a torch.compile step can outlive the device
-# budget, which cuts the call off before the step ends and publish() runs (one small file per software stack)
+# Inductor's tuning results straight into $OUT every 30 s as well: a torch.compile step can outlive the device
+# budget, which cuts the call off before the step ends and publish() runs (two small files per software stack)
 # (its output goes to /dev/null: holding the script's stdout open would keep a reader such as `| tail` waiting;
 # it stops with the script, which `kill -0 $$` checks, and the EXIT trap ends it at once)
-# (each file copied then renamed, so a call cut off mid-copy brings back no torn JSON)
+# (each file written then renamed, so a call cut off mid-copy brings back no torn JSON)
 AUTOTUNE_WATCH_PID=""
 if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then
     ( trap 'kill "$nap" 2> /dev/null; exit 0' TERM
       while kill -0 $$ 2> /dev/null; do
-          sleep 30 & nap=$!; wait "$nap"
-          mkdir -p "$OUT/inductor_autotune"
-          for f in "$TORCHINDUCTOR_CACHE_DIR"/cache/*; do
-              [ -f "$f" ] && cp "$f" "$OUT/inductor_autotune/.partial" && mv "$OUT/inductor_autotune/.partial" "$OUT/inductor_autotune/${f##*/}"
-          done
+          sleep "${FASTDIFF_GPU_AUTOTUNE_EVERY_S:-30}" & nap=$!; wait "$nap"
+          "$PY" "$ROOT/bench/inductor_autotune.py" save "$TORCHINDUCTOR_CACHE_DIR" "$OUT/inductor_autotune"
       done ) < /dev/null > /dev/null 2>&1 &
     AUTOTUNE_WATCH_PID=$!
     trap 'kill "$AUTOTUNE_WATCH_PID" 2> /dev/null' EXIT

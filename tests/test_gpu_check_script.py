@@ -18,13 +18,19 @@ def test_gpu_check_smoke_run_on_tiny_models(tmp_path):
     pytest.importorskip("diffusers", reason="the script's end-to-end stage compares with diffusers")
     out, device_out = tmp_path / "gpu_out", tmp_path / "OUT"
     device_out.mkdir()
+    # an earlier run's Inductor tuning results (bench/inductor_autotune.py): seeded, and brought back again
+    seed = tmp_path / "autotune_seed"
+    seed.mkdir()
+    (seed / "systemhash").write_text('{"cache": {}}')
+    (seed / "best_configs.json").write_text(json.dumps({"ab/kernel.best_config": '{"XBLOCK": 64}'}))
     # this checkout's fastdiff (not another one installed), and none of the caller's own FASTDIFF_* settings
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FASTDIFF_", "TORCHINDUCTOR_"))}
     env.update(PYTHON=sys.executable, OUT=str(device_out), FASTDIFF_GPU_OUT=str(out),
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
                FASTDIFF_GPU_STAGES="dit profile", FASTDIFF_GPU_DIT="arch:tiny-dit", FASTDIFF_GPU_SD="arch:tiny-sd-unet",
                FASTDIFF_GPU_DIT_VARIANTS="eager,eager+loop", FASTDIFF_GPU_SKIP_INSTALL="1",
-               FASTDIFF_GPU_BUDGET_S="240", TRITON_INTERPRET="0")
+               FASTDIFF_GPU_BUDGET_S="240", TRITON_INTERPRET="0", FASTDIFF_GPU_AUTOTUNE_SEED=str(seed),
+               FASTDIFF_GPU_AUTOTUNE_EVERY_S="1")
     proc = subprocess.Popen(["bash", str(ROOT / "bench" / "gpu_check.sh")], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
@@ -51,3 +57,9 @@ def test_gpu_check_smoke_run_on_tiny_models(tmp_path):
         names = tar.getnames()
     assert "gpu_out/dit-xl-2-256.json" in names and "gpu_out/profile_sd15_convbias.json" in names
     assert not any(n.startswith("gpu_out/inductor/") for n in names)
+    # the tuning results in the tarball and, from the watcher, straight in the device tool's folder
+    assert {"gpu_out/inductor_autotune/systemhash", "gpu_out/inductor_autotune/best_configs.json"} <= set(names)
+    for bundle in (out / "inductor_autotune" / "best_configs.json", device_out / "inductor_autotune" / "best_configs.json"):
+        assert json.loads(bundle.read_text()) == {"ab/kernel.best_config": '{"XBLOCK": 64}'}
+    assert (device_out / "inductor_autotune" / "systemhash").read_text() == '{"cache": {}}'
+
