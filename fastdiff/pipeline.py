@@ -513,7 +513,7 @@ class Pipeline:
                 labels = labels.expand(b)
             if labels.numel() != b:
                 raise BadArgumentError(f"class_labels: expected {b} labels (one per sample), found {labels.numel()}")
-            top = spec.num_classes if spec.null_class is None else max(spec.num_classes, spec.null_class + 1)
+            top = spec.label_bound
             lo, hi = torch.stack(torch.aminmax(labels)).tolist()
             labels = labels.to(self.device)
             if lo < 0 or hi >= top:

@@ -97,6 +97,14 @@ class ModelSpec:
             return "no scheduler config: FLUX.1 schnell's FlowMatchEuler (shift 1) assumed"
         return "no scheduler config: assuming DDPM linear betas, epsilon prediction"
 
+    @property
+    def label_bound(self) -> Optional[int]:
+        """One past the largest class label the model takes (its null label included); None without a label
+        table."""
+        if not self.num_classes:
+            return None
+        return self.num_classes if self.null_class is None else max(self.num_classes, self.null_class + 1)
+
     def example_conditioning(self, batch: int, generator=None, tokens: Optional[int] = None) -> dict:
         """Random network keyword inputs for one call at ``batch`` (benchmarks and profiles; float32 on the CPU):
         class labels, text states, the pooled text embedding and SDXL's default time ids, as the model takes."""

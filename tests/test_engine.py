@@ -189,7 +189,8 @@ def test_200_requests_from_8_threads_each_equals_its_solo_run():
 def test_in_flight_is_zero_when_the_last_future_resolves():
     """stats() read as a result arrives counts that request as finished, not in flight: a done-callback (run by
     the worker as the Future resolves, before result() returns anywhere) of the last request of a batch sees 0.
-    The batch fails as a whole (a poisoned seed) and is re-run request by request: results and errors alike."""
+    The batch fails as a whole (a poisoned seed) and is re-run in halves, down to single requests: results and
+    errors alike."""
     pipe = FakePipeline(poison_seeds={13})
     seen = []
     with Engine(pipe, max_batch=3, max_wait_ms=60_000) as engine:  # the batch starts when it is full
@@ -288,8 +289,10 @@ def test_bad_requests_are_rejected_individually():
     assert "(5, 8)" in messages["nehs-shape"]
     assert "poisoned" in messages["poison"]
     assert "width" in messages["ehs-width"]
-    # The poisoned batch was re-run one by one: the 9 good requests alongside it came back anyway.
-    assert stats["solo_retries"] == len(good) + 1
+    # The poisoned batch was re-run in halves: the 9 good requests alongside it came back anyway, in 6 re-runs
+    # instead of 10 ([10..15] ok | [16..19, 13] -> [16..18] ok | [19, 13] -> [19] ok | [13] fails).
+    assert stats["retries"] == 6
+    assert sorted(len(c["seeds"]) for c in pipe.calls if 13 in c["seeds"]) == [1, 2, 5, 10]
     assert stats["failed"] == len(bad) and stats["rejected"] == 6
     assert stats["completed"] == 1 + len(good) + 2
     # Requests refused at submit never reached the pipeline.
@@ -458,6 +461,77 @@ def test_asyncio_wrapper():
     for r, out in zip(reqs, outs):
         torch.testing.assert_close(out, _solo(r), atol=1e-5, rtol=0)
     assert max(pipe.batch_sizes()) > 1
+
+
+def test_cancelling_an_async_prompt_request_while_it_encodes_cancels_the_request():
+    """asubmit(prompt=...) encodes in an executor thread; cancelling the asyncio side meanwhile cancels the request
+    that submit() then queues: generate never sees its seed."""
+    encoding, release = threading.Event(), threading.Event()
+
+    class SlowPrompts(FakePipeline):
+        def encode_prompt(self, prompt, negative_prompt=None, guided=False, clip_skip=None, max_sequence_length=None):
+            encoding.set()
+            assert release.wait(TIMEOUT)
+            return {"encoder_hidden_states": torch.full((1, 4, 8), float(len(prompt)))}
+
+    pipe = SlowPrompts()
+    submitted = []
+
+    async def main():
+        with Engine(pipe, max_batch=4, max_wait_ms=200) as engine:
+            task = engine.asubmit(seed=61, steps=2, prompt="a cat")
+            while not encoding.is_set():
+                await asyncio.sleep(0.005)
+            task.cancel()
+            release.set()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            submitted.append(await engine.agenerate(seed=62, steps=2, prompt="a dog"))  # the engine carries on
+            await asyncio.sleep(0.05)
+            return engine.stats()
+
+    stats = asyncio.run(main())
+    assert 61 not in pipe.called_seeds() and 62 in pipe.called_seeds()
+    assert stats["cancelled"] == 1 and stats["completed"] == 1
+    torch.testing.assert_close(submitted[0], _solo(dict(seed=62, steps=2, encoder_hidden_states=torch.full((4, 8), 5.0))),
+                               atol=1e-5, rtol=0)
+
+
+def test_submitted_tensors_are_the_requests_own():
+    """A caller that reuses its buffer for the next request right after submit() changes nothing already queued."""
+    pipe = FakePipeline()
+    buf = torch.ones(4, 8)
+    with Engine(pipe, max_batch=4, max_wait_ms=1) as engine:
+        hold = _held(engine, pipe)
+        first = engine.submit(seed=71, steps=2, encoder_hidden_states=buf)
+        buf.fill_(3.0)  # the next prompt's states, written into the same buffer
+        second = engine.submit(seed=72, steps=2, encoder_hidden_states=buf)
+        buf.fill_(-9.0)
+        pipe.gate.set()
+        hold.result(TIMEOUT)
+        torch.testing.assert_close(first.result(TIMEOUT), _solo(dict(seed=71, steps=2, encoder_hidden_states=torch.ones(4, 8))),
+                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(second.result(TIMEOUT),
+                                   _solo(dict(seed=72, steps=2, encoder_hidden_states=torch.full((4, 8), 3.0))),
+                                   atol=1e-5, rtol=0)
+
+
+def test_out_of_range_seed_and_label_are_refused_at_submit():
+    """A seed outside [0, 2**63) or a label outside the model's table fails its own Future at once: it never joins a
+    batch (where it would make the whole batch fail and be re-run)."""
+    pipe = fastdiff.load("arch:tiny-dit")
+    top = pipe.spec.label_bound
+    assert top == pipe.spec.num_classes + 1  # the null label is a valid label too
+    with Engine(pipe, max_batch=4, max_wait_ms=1) as engine:
+        futs = {"negative seed": engine.submit(seed=-5, steps=1),
+                "huge seed": engine.submit(seed=2**63, steps=1),
+                "label": engine.submit(seed=1, steps=1, class_label=top)}
+        for name, f in futs.items():
+            with pytest.raises(BadArgumentError, match="seed" if "seed" in name else "class_label") as info:
+                f.result(TIMEOUT)
+            assert "found" in str(info.value)
+        stats = engine.stats()
+    assert stats["rejected"] == 3 and stats["batches"] == 0
 
 
 # --------------------------------------------------------------------------------------------------

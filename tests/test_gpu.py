@@ -303,6 +303,47 @@ def test_cuda_graph_replay_equals_eager(scope, sampler):
     assert (graphed.loop_graphs.captures if scope == "loop" else graphed.runner.captures) == captures
 
 
+def test_capture_while_another_thread_allocates():
+    """fastdiff's graph capture holds while another thread allocates fresh device memory, runs a kernel and syncs its
+    own stream in the middle of it (an Engine client encoding a prompt, a second thread on a shared pipe):
+    ``capture_error_mode="thread_local"``. Under the default ("global") that thread's cudaMalloc fails and the
+    capture is invalidated. The captured function waits for the other thread, so the overlap is certain."""
+    import threading
+
+    from fastdiff.runtime.graphs import CudaGraph
+
+    capturing, allocated, errors = threading.Event(), threading.Event(), []
+
+    def fn(x):
+        if torch.cuda.is_current_stream_capturing():
+            capturing.set()
+            assert allocated.wait(60), "the other thread did not finish"
+        return x * 2 + 1
+
+    def allocate():
+        try:
+            assert capturing.wait(60), "no capture began"
+            with torch.cuda.stream(torch.cuda.Stream()):
+                t = torch.empty(123_457_000, device="cuda")  # a size no cached block serves: a cudaMalloc
+                t.fill_(1.0)
+                assert t[:4].sum().item() == 4.0  # a sync of this thread's own stream
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+        finally:
+            allocated.set()
+
+    worker = threading.Thread(target=allocate)
+    worker.start()
+    x = torch.randn(3, 5, device="cuda")
+    try:
+        graph = CudaGraph(fn, [x])
+    finally:
+        worker.join(60)
+    assert not errors, errors
+    x.copy_(torch.arange(15.0, device="cuda").view(3, 5))
+    assert torch.equal(graph.replay(), torch.arange(15.0, device="cuda").view(3, 5) * 2 + 1)
+
+
 @pytest.mark.parametrize("scope", ["step", "loop"])
 def test_cuda_graph_replay_on_a_flow_model(scope):
     """A flow-matching DiT (FlowMatchEuler, shift 3) in both frames: t-frame Heun, sigma-frame DPM-Solver++,

@@ -1,6 +1,7 @@
 """pipe.optimize: the OptimizeConfig switches, each checked against eager sampling."""
 
 import importlib.util
+import warnings
 
 import pytest
 import torch
@@ -370,3 +371,52 @@ def test_cudnn_benchmark_calls_that_overlap_give_the_callers_flag_back(monkeypat
     ta.start(), tb.start()
     ta.join(10), tb.join(10)
     assert seen == [True] and torch.backends.cudnn.benchmark is False
+
+
+class _BreaksTheGraph(torch.nn.Module):
+    """A user's layer Dynamo cannot trace whole: a branch on a tensor's value."""
+
+    def forward(self, x, t, **kw):
+        y = x * 2
+        if y.sum() > 0:  # data-dependent control flow: a graph break
+            return y + 1
+        return y - 1
+
+
+def test_compile_falls_back_to_graph_breaks_where_a_model_cannot_be_traced_whole(monkeypatch):
+    """backend="compile" asks for fullgraph=True; a model with a graph break still runs, compiled in pieces,
+    with a warning naming the break. fastdiff's own models stay whole (no warning). Dynamo traces for real here;
+    the compiler behind it is Dynamo's "eager" backend, so the test costs no Inductor build."""
+    from fastdiff.runtime.config import OptimizeConfig
+    from fastdiff.runtime.runners import compile_network
+
+    real_compile, calls = torch.compile, []
+
+    def eager_backend(model, **kw):
+        calls.append(kw["fullgraph"])
+        return real_compile(model, **{**kw, "backend": "eager", "mode": None})
+
+    monkeypatch.setattr(torch, "compile", eager_backend)
+    torch._dynamo.reset()
+    config = OptimizeConfig(backend="compile", cuda_graphs=False)
+    runner = compile_network(_BreaksTheGraph(), config, torch.device("cpu"), [])
+    x = torch.randn(2, 3)
+    with pytest.warns(RuntimeWarning, match="cannot be traced as one graph"):
+        out = runner(x, None)
+    assert torch.equal(out, x * 2 + 1 if (x * 2).sum() > 0 else x * 2 - 1)
+    assert calls == [True, False] and runner.fullgraph is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # the other branch, and no second warning
+        assert torch.equal(runner(-x.abs(), None), -x.abs() * 2 - 1)
+
+    pipe = fastdiff.load("arch:tiny-dit")
+    calls.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        runner = compile_network(pipe.model, config, torch.device("cpu"), [])
+        spec = pipe.spec
+        x = torch.randn(2, spec.in_channels, *spec.sample_size)
+        assert rel_err(runner(x, torch.tensor([3.0, 500.0]), class_labels=torch.tensor([1, 2])),
+                       pipe.model(x, torch.tensor([3.0, 500.0]), class_labels=torch.tensor([1, 2]))) <= 1e-5
+    assert calls == [True] and runner.fullgraph is True
+    torch._dynamo.reset()

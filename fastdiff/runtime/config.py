@@ -48,7 +48,8 @@ class OptimizeConfig:
         and static buffers per graph (activations of one forward, shared through one memory pool).
         Ignored with a note on machines without CUDA.
     batch_buckets: batch sizes graphs / compiled shapes exist for; a request batch is padded up to the
-        next bucket (padding wastes compute on the padded rows, never changes a sample's result).
+        next bucket (padding wastes compute on the padded rows; a sample's result stays its solo run's to float
+        rounding: a GEMM may sum in another order at another batch size, about 1e-6 relative in float32).
     graph_scope: ``step`` (one captured network call per bucket; sampler arithmetic stays in Python) or
         ``loop`` (the fixed-length loop, CFG and sampler arithmetic included: lowest launch overhead,
         but one graph per sampler/steps combination).

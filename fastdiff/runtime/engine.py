@@ -23,11 +23,15 @@ ready groups, the one holding the oldest request goes first (FIFO across groups;
 group). The worker never sits idle while a full batch is ready, and a lone request waits at most
 ``max_wait_ms`` (plus whatever batch is already running) before it is started.
 
-Failure isolation. Requests are validated at ``submit`` where that is cheap (types, steps >= 1, a
-known sampler / schedule name, conditioning rank); such a request gets a Future that has already
-failed with ``BadArgumentError``. When a batched ``generate`` raises (something only the pipeline
-can see, e.g. a wrong text width or a label out of range), each request of that batch is re-run
-alone, so only the bad ones fail, each with the error ``generate`` raised for it.
+Failure isolation. Requests are validated at ``submit`` where that is cheap (types, steps >= 1, the seed's
+range, a class label within the model's, a known sampler / schedule name, conditioning rank); such a request
+gets a Future that has already failed with ``BadArgumentError``. When a batched ``generate`` raises
+(something only the pipeline can see, e.g. a wrong text width), the batch is split in halves and each half
+re-run, down to single requests, so only the bad ones fail, each with the error ``generate`` raised for it:
+one bad request in a batch of 8 costs 6 more ``generate`` calls (each a half of a failing part), not 8.
+
+Tensors given to ``submit`` (text states, pooled embeddings, ids) are copied there: a caller may reuse its
+buffers for the next request at once, without changing the requests already queued.
 
 Shutdown. ``close()`` (or leaving the ``with`` block) finishes everything queued; ``close(
 cancel_pending=True)`` cancels what has not started (those Futures raise ``CancelledError``) and waits
@@ -151,6 +155,18 @@ def _check_row(name: str, value) -> torch.Tensor:
     return t
 
 
+def _cancel_submitted(submitting: "asyncio.Future") -> None:
+    """Cancel the request behind an ``asubmit`` whose caller gave up while ``submit`` still ran in the executor."""
+    if not submitting.cancelled() and submitting.exception() is None:
+        submitting.result().cancel()  # not started yet: the worker drops it; started: it finishes, unread
+
+
+def _own_copy(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A request's own copy of a tensor it was given: the caller may reuse its buffer once ``submit`` returns,
+    while the request waits for its batch (a copy on the tensor's device; text states are a few hundred KB)."""
+    return None if t is None else t.detach().clone()
+
+
 def _states_key(states: Optional[torch.Tensor]):
     # Stacking needs the same shape, dtype and device.
     return None if states is None else (tuple(states.shape), states.dtype, str(states.device))
@@ -229,7 +245,7 @@ class Engine:
         self._failed = 0        # every Future that ended in an exception
         self._cancelled = 0
         self._batches = 0
-        self._solo_retries = 0
+        self._retries = 0       # generate calls re-run on a part of a batch that failed
         self._hist: Dict[int, int] = collections.Counter()
         self._latencies = collections.deque(maxlen=_LATENCY_WINDOW)
 
@@ -318,7 +334,13 @@ class Engine:
             return asyncio.wrap_future(self.submit(**kwargs))
 
         async def submit_off_loop():
-            request = await asyncio.get_running_loop().run_in_executor(None, lambda: self.submit(**kwargs))
+            submitting = asyncio.get_running_loop().run_in_executor(None, lambda: self.submit(**kwargs))
+            try:
+                # shielded: a cancel while the prompt is encoding must not orphan the request submit() then queues
+                request = await asyncio.shield(submitting)
+            except asyncio.CancelledError:
+                submitting.add_done_callback(_cancel_submitted)
+                raise
             return await asyncio.wrap_future(request)
         return asyncio.ensure_future(submit_off_loop())
 
@@ -366,7 +388,7 @@ class Engine:
 
         Once idle, ``submitted == completed + failed + cancelled`` (``rejected``: the part of ``failed``
         refused at submit; ``in_flight``: requests taken by the worker, not yet resolved). ``batches`` counts
-        ``generate`` calls, solo re-runs included.
+        ``generate`` calls, re-runs included (``retries``: those on a half of a failed batch).
         Latency percentiles are over the last 10,000 successful requests; None before the first.
         """
         with self._cv:
@@ -381,7 +403,7 @@ class Engine:
                 "rejected": self._rejected,
                 "cancelled": self._cancelled,
                 "batches": self._batches,
-                "solo_retries": self._solo_retries,
+                "retries": self._retries,
                 "batch_size_hist": dict(sorted(self._hist.items())),
                 "closed": self._closed,
             }
@@ -399,8 +421,14 @@ class Engine:
 
     def _make_request(self, fut, seed, class_label, ehs, nehs, steps, sampler, cfg_scale, height, width,
                       schedule, options, added) -> _Request:
-        seed = _as_int("seed", seed)
+        seed = _as_int("seed", seed, minimum=0)
+        if seed >= 2**63:  # what Pipeline.generate takes (a torch.Generator seed)
+            raise BadArgumentError(f"seed: expected an integer in [0, 2**63), found {seed}")
         class_label = _as_int("class_label", class_label, minimum=0, allow_none=True)
+        top = getattr(getattr(self.pipe, "spec", None), "label_bound", None)  # None: generate() checks it
+        if class_label is not None and isinstance(top, int) and class_label >= top:
+            raise BadArgumentError(f"class_label: expected a label in [0, {top - 1}] for this model, found "
+                                   f"{class_label}")
         steps = _as_int("steps", steps, minimum=1)
         height = _as_int("height", height, minimum=1, allow_none=True)
         width = _as_int("width", width, minimum=1, allow_none=True)
@@ -419,8 +447,8 @@ class Engine:
         cfg_scale = finite_number("cfg_scale", cfg_scale)
         sampler = _check_name("sampler", sampler, "fastdiff.samplers", "SAMPLERS")
         schedule = _check_name("schedule", schedule, "fastdiff.schedules", "SCHEDULES")
-        ehs = _check_states("encoder_hidden_states", ehs)
-        nehs = _check_states("negative_encoder_hidden_states", nehs)
+        ehs = _own_copy(_check_states("encoder_hidden_states", ehs))
+        nehs = _own_copy(_check_states("negative_encoder_hidden_states", nehs))
         if nehs is not None:
             if ehs is None:
                 raise BadArgumentError("negative_encoder_hidden_states: given without encoder_hidden_states")
@@ -429,7 +457,7 @@ class Engine:
                                        f"{tuple(ehs.shape)}, found {tuple(nehs.shape)}")
         params = dict(steps=steps, sampler=sampler, schedule=schedule, cfg_scale=cfg_scale, height=height,
                       width=width, options=options)
-        added = {k: _check_row(k, v) for k, v in added.items() if v is not None}
+        added = {k: _own_copy(_check_row(k, v)) for k, v in added.items() if v is not None}
         req = _Request(seed, class_label, ehs, nehs, params, added, (), fut)
         req.key = _group_key(req)
         return req
@@ -523,12 +551,14 @@ class Engine:
             if len(reqs) == 1:
                 self._finish(reqs[0], exc=e)
                 return
-            # Someone in this batch is bad (or the batch as a whole failed): run each alone so that only
-            # the requests that fail on their own get an error.
-            for r in reqs:
+            # Someone in this batch is bad (or the batch as a whole failed): re-run each half, down to single
+            # requests, so that only the requests that fail on their own get an error (a bad request costs about
+            # 2 * log2(batch) calls, not one per request).
+            half = (len(reqs) + 1) // 2
+            for part in (reqs[:half], reqs[half:]):
                 with self._cv:
-                    self._solo_retries += 1
-                self._run_batch([r])
+                    self._retries += 1
+                self._run_batch(part)
             return
         for i, r in enumerate(reqs):
             # clone: each result owns its memory instead of keeping the whole batch tensor alive.

@@ -54,7 +54,10 @@ class CudaGraph:
                 fn(*static_inputs)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
+        # thread_local: the capture must not fail because another thread allocates or syncs meanwhile (an
+        # Engine client encoding its prompt, a second thread on a shared pipe); "global" (the default) would
+        # turn their CUDA calls into capture errors
+        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
             self.output = fn(*static_inputs)
         self.pool = self.graph.pool()
 

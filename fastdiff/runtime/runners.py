@@ -7,6 +7,7 @@ encoder_hidden_states=None) -> Tensor``, so samplers and denoisers never know wh
 from __future__ import annotations
 
 import threading
+import warnings
 from typing import Callable, Optional
 
 import torch
@@ -163,7 +164,8 @@ SIGNATURES_PER_BUCKET = 32  # resolutions x conditionings allowed for each netwo
 
 def compile_network(model: torch.nn.Module, config: OptimizeConfig, device: torch.device, notes: list[str]):
     """``torch.compile(fullgraph=True, dynamic=False)`` allowed one compile per signature fastdiff produces:
-    ``SIGNATURES_PER_BUCKET`` per network batch bucket.
+    ``SIGNATURES_PER_BUCKET`` per network batch bucket (``fullgraph=False`` for a model Dynamo cannot trace
+    whole: ``FullgraphWhereTraceable``).
 
     Where ``torch.compile`` takes ``recompile_limit`` (newer torch; 2.13 does) the limit is this model's alone, with
     ``isolate_recompiles=True``: without it the compiled entries of every model of one class share a single
@@ -186,9 +188,38 @@ def compile_network(model: torch.nn.Module, config: OptimizeConfig, device: torc
     if "recompile_limit" in params:
         if "isolate_recompiles" in params:
             kw["isolate_recompiles"] = True
-        return torch.compile(model, recompile_limit=budget, **kw)
-    _raise_limit(dynamo, ("recompile_limit", "cache_size_limit"), budget)
-    return torch.compile(model, **kw)
+        kw["recompile_limit"] = budget
+    else:
+        _raise_limit(dynamo, ("recompile_limit", "cache_size_limit"), budget)
+    return FullgraphWhereTraceable(model, kw)
+
+
+class FullgraphWhereTraceable:
+    """``torch.compile(model, fullgraph=True)``, and where Dynamo cannot trace the model whole (a graph break: a
+    data-dependent branch, an unsupported call in a user's custom layer), ``fullgraph=False`` instead: the model
+    still compiles, in pieces, and a ``RuntimeWarning`` names the break. fastdiff's own models trace whole (tested),
+    so the fallback only ever serves a model of the user's."""
+
+    def __init__(self, model: torch.nn.Module, compile_kwargs: dict):
+        self.model, self.kwargs = model, dict(compile_kwargs)
+        self.fullgraph = True
+        self.compiled = torch.compile(model, **self.kwargs)
+
+    def __call__(self, *args, **kwargs):
+        if not self.fullgraph:
+            return self.compiled(*args, **kwargs)
+        from torch._dynamo.exc import Unsupported
+
+        try:
+            return self.compiled(*args, **kwargs)
+        except Unsupported as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            warnings.warn(f"torch.compile: {type(self.model).__name__} cannot be traced as one graph "
+                          f"(fullgraph=True): {reason[:300]}; compiled with graph breaks instead (slower, and a CUDA "
+                          f"graph around it captures the pieces)", RuntimeWarning, stacklevel=2)
+            self.fullgraph = False
+            self.compiled = torch.compile(self.model, **{**self.kwargs, "fullgraph": False})
+            return self.compiled(*args, **kwargs)
 
 
 def _raise_limit(dynamo_config, names: tuple, at_least: int) -> None:
