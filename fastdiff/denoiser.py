@@ -387,17 +387,20 @@ class CFGDenoiser(Denoiser):
     is applied to x0 and equals diffusers' guidance on eps / v.
 
     Args:
-        guidance_scale: w in uncond + w * (cond - uncond). 1.0 skips the unconditional pass entirely.
+        guidance_scale: w in uncond + w * (cond - uncond). 1.0 skips the unconditional pass entirely. None: w
+            comes with each call, ``guidance_scale=`` a (B,) tensor among the conditioning, one per sample (what
+            ``Pipeline.generate`` passes: samples of different scales then share a batch, and a captured loop takes
+            the scales as an input instead of baking one in).
         guidance_rescale: phi of Lin et al. 2023 (diffusers' ``rescale_noise_cfg``), computed in the
             network's output space (std ratio of cond vs guided prediction, per sample).
         guided_channels: guide only the first K channels (official DiT guides channels 0..2; the rest
             keep the conditional prediction).
     """
 
-    def __init__(self, inner: Denoiser, guidance_scale: float = 1.0, guidance_rescale: float = 0.0,
+    def __init__(self, inner: Denoiser, guidance_scale: Optional[float] = 1.0, guidance_rescale: float = 0.0,
                  guided_channels: Optional[int] = None):
         self.inner = inner
-        self.guidance_scale = float(guidance_scale)
+        self.guidance_scale = None if guidance_scale is None else float(guidance_scale)
         self.guidance_rescale = float(guidance_rescale)
         self.guided_channels = guided_channels
         self.postprocess_x0 = getattr(inner, "postprocess_x0", None)
@@ -405,21 +408,32 @@ class CFGDenoiser(Denoiser):
     def c_skip(self, sigma):
         return self.inner.c_skip(sigma)
 
-    def predict(self, x, sigma, uncond: Optional[dict] = None, **cond):
-        if self.guidance_scale == 1.0:
+    def predict(self, x, sigma, uncond: Optional[dict] = None, guidance_scale=None, **cond):
+        w = self._scale(guidance_scale)
+        if w is None:
             return self.inner.predict(x, sigma, **cond)
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
         if sigma.ndim == 0:
             sigma = sigma.expand(x.shape[0])
         both = self._stack(cond, uncond)
         x0_u, x0_c = self.inner.predict(torch.cat([x, x]), torch.cat([sigma, sigma]), **both).chunk(2)
-        return self._guide(x, x0_u, x0_c, _bcast(self.c_skip(sigma), x))
+        return self._guide(x, x0_u, x0_c, _bcast(self.c_skip(sigma), x), w)
 
-    def predict_at(self, x, sigma: float, uncond: Optional[dict] = None, **cond):
-        if self.guidance_scale == 1.0:
+    def predict_at(self, x, sigma: float, uncond: Optional[dict] = None, guidance_scale=None, **cond):
+        w = self._scale(guidance_scale)
+        if w is None:
             return self.inner.predict_at(x, sigma, **cond)
         x0_u, x0_c = self.inner.predict_at(torch.cat([x, x]), sigma, **self._stack(cond, uncond)).chunk(2)
-        return self._guide(x, x0_u, x0_c, float(self.c_skip(float(sigma))))
+        return self._guide(x, x0_u, x0_c, float(self.c_skip(float(sigma))), w)
+
+    def _scale(self, per_call):
+        """This call's w: the per-sample (B,) tensor it was given, else the fixed scale; None for no guidance."""
+        if per_call is not None:
+            return per_call
+        if self.guidance_scale is None:
+            raise BadArgumentError("guidance_scale: this CFGDenoiser takes one per sample with each call (a (B,) "
+                                   "tensor among the conditioning), found none")
+        return None if self.guidance_scale == 1.0 else self.guidance_scale
 
     @staticmethod
     def _stack(cond, uncond):
@@ -430,8 +444,10 @@ class CFGDenoiser(Denoiser):
                 raise BadArgumentError(f"uncond: expected keys among the conditioning {sorted(cond)}, found {k!r}")
         return {k: torch.cat([uncond.get(k, v), v]) if torch.is_tensor(v) else v for k, v in cond.items()}
 
-    def _guide(self, x, x0_u, x0_c, c_skip):
-        w, k = self.guidance_scale, self.guided_channels
+    def _guide(self, x, x0_u, x0_c, c_skip, w):
+        k = self.guided_channels
+        if torch.is_tensor(w):
+            w = _bcast(w.to(x0_c.device), x0_c)  # (B,) -> (B, 1, ..., 1), in x0's precision
         if k is None:
             x0 = x0_u + w * (x0_c - x0_u)
         else:

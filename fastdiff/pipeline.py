@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import inspect
 import math
+import numbers
 import random
 from typing import Optional, Sequence, Union
 
@@ -271,7 +272,7 @@ class Pipeline:
 
     @torch.no_grad()
     def generate(self, n: int = 1, steps: int = 20, sampler: Optional[str] = None, schedule: Optional[str] = None,
-                 cfg_scale: float = 1.0, guidance_rescale: float = 0.0, class_labels=None,
+                 cfg_scale=1.0, guidance_rescale: float = 0.0, class_labels=None,
                  encoder_hidden_states: Optional[torch.Tensor] = None,
                  negative_encoder_hidden_states: Optional[torch.Tensor] = None, seed: Optional[int] = None,
                  seeds: Optional[Sequence[int]] = None, latents: Optional[torch.Tensor] = None,
@@ -285,7 +286,11 @@ class Pipeline:
             grid (``karras``, ``exponential``, ``leading``, ``trailing``, ...); both None follow the
             checkpoint's diffusers scheduler config.
         cfg_scale: classifier-free guidance (1.0: no unconditional pass). Class models guide against
-            their null label; text models need ``negative_encoder_hidden_states``.
+            their null label; text models need ``negative_encoder_hidden_states``. One scale, or one per sample
+            (a list or a (B,) tensor): samples of different scales share one batch (the Engine batches them so),
+            and a captured loop (``graph_scope="loop"``) takes the scales as an input, so a new scale captures
+            nothing new. A sample's result does not depend on the others' scales; a sample at 1.0 among guided
+            ones is computed guided (equal to its unguided run up to float rounding).
         text_embeds / time_ids (SDXL-style UNets, ``fastdiff.text_time``): the pooled text embedding (B, P) and
             the micro-conditioning ids (N numbers or (B, N)); ids default to diffusers' (the image's own size,
             no crop). Guided runs also take ``negative_text_embeds`` (and optionally ``negative_time_ids``).
@@ -312,13 +317,14 @@ class Pipeline:
 
         if output_type not in OUTPUT_TYPES:
             raise BadArgumentError(f"output_type: expected one of {OUTPUT_TYPES}, found {output_type!r}")
-        cfg_scale = finite_number("cfg_scale", cfg_scale)
         guidance_rescale = finite_number("guidance_rescale", guidance_rescale)
         latents = _as_latents(latents)
         if isinstance(prompt, (list, tuple)) and len(prompt) > 1 and n == 1 and seeds is None and latents is None:
             n = len(prompt)  # one sample per prompt, as diffusers' pipelines
         seeds = self._seeds(n, seed, seeds, latents)
         b = len(seeds)
+        cfg_scales = _cfg_scales(cfg_scale, b)
+        guided = any(scale != 1.0 for scale in cfg_scales)
         if latents is not None and height is None and width is None:
             height, width = int(latents.shape[2]), int(latents.shape[3])  # the latents fix the size
         h, w = self._size(height, width)
@@ -347,24 +353,25 @@ class Pipeline:
                 if count not in (1, b):  # (checked before the encoders load)
                     raise BadArgumentError(f"{name}: expected 1 or {b} prompts (one per sample; pass n= or seeds= "
                                            f"for more samples), found {count}")
-            text = self.encode_prompt(prompt, negative_prompt, guided=cfg_scale != 1.0, clip_skip=clip_skip,
+            text = self.encode_prompt(prompt, negative_prompt, guided=guided, clip_skip=clip_skip,
                                       max_sequence_length=max_sequence_length)
             encoder_hidden_states = text["encoder_hidden_states"]
             negative_encoder_hidden_states = text.get("negative_encoder_hidden_states")
             text_embeds, negative_text_embeds = text.get("text_embeds"), text.get("negative_text_embeds")
         cond, uncond = self._conditioning(b, class_labels, encoder_hidden_states, negative_encoder_hidden_states,
-                                          cfg_scale)
+                                          guided)
         added, added_uncond = text_time_conditioning(
-            self.spec, b, (h, w), cfg_scale != 1.0, self.device, self._network_dtype(), text_embeds=text_embeds,
+            self.spec, b, (h, w), guided, self.device, self._network_dtype(), text_embeds=text_embeds,
             negative_text_embeds=negative_text_embeds, time_ids=time_ids, negative_time_ids=negative_time_ids)
         cond.update(added)
         uncond.update(added_uncond)
         cond.update(guidance_conditioning(self.spec, b, guidance, self.device))  # (both CFG passes share it)
         denoiser = plan.make_denoiser(self.runner, dtype=self._network_dtype())
         extra = dict(cond)
-        if cfg_scale != 1.0:
-            denoiser = CFGDenoiser(denoiser, cfg_scale, guidance_rescale, guided_channels=self.spec.guided_channels)
+        if guided:  # the scales travel with the conditioning: a captured loop reads them from its inputs
+            denoiser = CFGDenoiser(denoiser, None, guidance_rescale, guided_channels=self.spec.guided_channels)
             extra["uncond"] = uncond
+            extra["guidance_scale"] = torch.tensor(cfg_scales, dtype=torch.float32, device=self.device)  # (B,)
 
         if self.loop_graphs is not None and callback is not None:
             raise BadArgumentError("callback: a captured sampling loop (graph_scope='loop') runs no Python per "
@@ -380,7 +387,7 @@ class Pipeline:
         try:
             with update_impl(self.update_impl):  # the samplers' state update: torch or one fused kernel
                 if self.loop_graphs is not None:
-                    x = self._sample_loop_graph(plan, denoiser, latents, extra, noise, (cfg_scale, guidance_rescale))
+                    x = self._sample_loop_graph(plan, denoiser, latents, extra, noise, (guided, guidance_rescale))
                     if bar is not None:
                         bar.update(plan.steps)
                 else:
@@ -468,10 +475,9 @@ class Pipeline:
                                        f"{top * p} latent pixels per side, found {h}x{w}")
         return h, w
 
-    def _conditioning(self, b, class_labels, ctx, neg_ctx, cfg_scale):
+    def _conditioning(self, b, class_labels, ctx, neg_ctx, guided: bool):
         """(cond, uncond) keyword dicts for the network."""
         spec = self.spec
-        guided = cfg_scale != 1.0
         cond, uncond = {}, {}
         out_channels = getattr(getattr(self.model, "config", None), "out_channels", None)
         if isinstance(out_channels, int) and out_channels not in (spec.in_channels, 2 * spec.in_channels):
@@ -609,6 +615,22 @@ def _by_identity(obj):
     except TypeError:
         return ("id", id(obj))
     return obj
+
+
+def _cfg_scales(cfg_scale, b: int) -> list:
+    """``generate``'s cfg_scale as one float per sample: a number, or 1 or ``b`` of them (a list, an array, a tensor)."""
+    if isinstance(cfg_scale, numbers.Real) and not isinstance(cfg_scale, bool):
+        return [finite_number("cfg_scale", cfg_scale)] * b
+    try:
+        scales = torch.as_tensor(cfg_scale, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        raise BadArgumentError(f"cfg_scale: expected a finite number, or one per sample, found {cfg_scale!r}") from None
+    values = scales.reshape(-1).tolist()
+    if isinstance(cfg_scale, bool) or scales.dim() > 1 or len(values) not in (1, b):
+        raise BadArgumentError(f"cfg_scale: expected a finite number, or {b} of them (one per sample), found "
+                               f"{cfg_scale!r}")
+    values = [finite_number("cfg_scale", v) for v in values]
+    return values * b if len(values) == 1 else values
 
 
 def _check_seed(seed: int) -> int:

@@ -78,10 +78,12 @@ class FakePipeline:
             assert encoder_hidden_states.shape[0] == len(seeds)
         if class_labels is not None:
             assert len(class_labels) == len(seeds)
+        scales = cfg_scale if isinstance(cfg_scale, (list, tuple)) else [cfg_scale] * len(seeds)
+        assert len(scales) == len(seeds)
         out = []
         for i, s in enumerate(seeds):
             out.append(self.sample(
-                s, steps, sampler, schedule, cfg_scale, None if class_labels is None else class_labels[i],
+                s, steps, sampler, schedule, scales[i], None if class_labels is None else class_labels[i],
                 None if encoder_hidden_states is None else encoder_hidden_states[i],
                 None if negative_encoder_hidden_states is None else negative_encoder_hidden_states[i],
                 height, width))
@@ -497,6 +499,21 @@ def test_cancelling_an_async_prompt_request_while_it_encodes_cancels_the_request
                                atol=1e-5, rtol=0)
 
 
+def test_guided_requests_of_different_scales_share_a_batch():
+    """The Engine groups "guided or not": guided requests at 3.0, 5.5 and 7.5 run in one generate call with one
+    scale per row, each equal to its solo run; an unguided one (1.0) runs apart."""
+    pipe = FakePipeline()
+    reqs = [dict(seed=80 + i, steps=2, cfg_scale=c) for i, c in enumerate([3.0, 5.5, 7.5, 1.0])]
+    with Engine(pipe, max_batch=8, max_wait_ms=1) as engine:
+        hold = _held(engine, pipe)
+        futs = [engine.submit(**r) for r in reqs]
+        pipe.gate.set()
+        hold.result(TIMEOUT)
+        for r, f in zip(reqs, futs):
+            torch.testing.assert_close(f.result(TIMEOUT), _solo(r), atol=1e-6, rtol=0)
+    assert sorted(sorted(c["seeds"]) for c in pipe.calls[1:]) == [[80, 81, 82], [83]]
+
+
 def test_submitted_tensors_are_the_requests_own():
     """A caller that reuses its buffer for the next request right after submit() changes nothing already queued."""
     pipe = FakePipeline()
@@ -654,8 +671,9 @@ def test_real_200_requests_from_8_threads_each_equals_its_solo_run(real_pipes):
 
 def test_real_tiny_dit_class_labels_and_cfg(real_pipes):
     pipe = real_pipes("tiny-dit")
-    reqs = [dict(seed=300 + i, steps=2, sampler="dpmpp_2m", class_label=i % 10, cfg_scale=[1.0, 4.0][i % 2])
-            for i in range(8)]
+    # guided requests at 4.0 and 6.5 share their batches (one scale per row), each equal to its solo run
+    reqs = [dict(seed=300 + i, steps=2, sampler="dpmpp_2m", class_label=i % 10,
+                 cfg_scale=[1.0, 4.0, 1.0, 6.5][i % 4]) for i in range(8)]
     stats = _run_real(pipe, reqs)
     assert stats["completed"] == 8 and max(stats["batch_size_hist"]) > 1
 

@@ -56,7 +56,7 @@ def test_guided_request_runs_its_doubled_batch_in_one_network_call():
     assert calls and set(calls) == {2}
 
 
-def test_loop_graph_recaptures_for_new_steps_and_cfg(eager):
+def test_loop_graph_recaptures_for_new_steps_and_guidance(eager):
     graphed = fastdiff.load("arch:tiny-dit").optimize(cuda_graphs=True, graph_scope="loop", batch_buckets=(2,),
                                                       graph_factory=FakeGraph)
     graphed.generate(seeds=[1, 2], class_labels=[1, 2], steps=2, sampler="ddim", progress=False)
@@ -64,7 +64,28 @@ def test_loop_graph_recaptures_for_new_steps_and_cfg(eager):
     assert graphed.loop_graphs.captures == 1
     graphed.generate(seeds=[3, 4], class_labels=[1, 2], steps=3, sampler="ddim", progress=False)
     graphed.generate(seeds=[3, 4], class_labels=[1, 2], steps=3, sampler="ddim", cfg_scale=2.0, progress=False)
-    assert graphed.loop_graphs.captures == 3
+    assert graphed.loop_graphs.captures == 3  # guided: the unconditional pass joins the loop
+    graphed.generate(seeds=[3, 4], class_labels=[1, 2], steps=3, sampler="ddim", cfg_scale=5.0, progress=False)
+    assert graphed.loop_graphs.captures == 3  # another scale: an input of the same loop
+
+
+@pytest.mark.parametrize("scope", ["step", "loop"])
+def test_per_sample_cfg_scales_batch_and_need_no_new_capture(eager, scope):
+    """cfg_scale one per sample: each sample equals its own run at its scale (eager, solo), and a captured loop takes
+    the scales as an input: new scales replay the graph of an earlier call instead of capturing another."""
+    graphed = fastdiff.load("arch:tiny-dit").optimize(cuda_graphs=True, graph_scope=scope, batch_buckets=(4,),
+                                                      graph_factory=FakeGraph)
+    kw = dict(steps=3, sampler="dpmpp_2m", progress=False)
+    seeds, labels = [1, 2, 3], [0, 4, 9]
+    for scales in ([2.0, 5.0, 3.5], [7.5, 1.5, 4.0]):
+        got = graphed.generate(seeds=seeds, class_labels=labels, cfg_scale=scales, **kw)
+        for i in range(3):
+            solo = eager.generate(seeds=[seeds[i]], class_labels=[labels[i]], cfg_scale=scales[i], **kw)
+            assert rel_err(got[i:i + 1], solo) <= 1e-5
+    same = graphed.generate(seeds=seeds, class_labels=labels, cfg_scale=4.0, **kw)  # one scale for all: the same
+    assert rel_err(same, eager.generate(seeds=seeds, class_labels=labels, cfg_scale=4.0, **kw)) <= 1e-5
+    captures = graphed.loop_graphs.captures if scope == "loop" else graphed.runner.captures
+    assert captures == 1
 
 
 def test_loop_graph_cache_keeps_at_most_max_graphs():

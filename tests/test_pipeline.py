@@ -328,3 +328,20 @@ def test_class_labels_must_be_integers(labels):
         pipe.generate(seeds=[1], steps=2, class_labels=labels, progress=False)
     kw = dict(seeds=[1], steps=2, progress=False)
     assert torch.equal(pipe.generate(class_labels=torch.tensor([2.0]), **kw), pipe.generate(class_labels=[2], **kw))
+
+
+@pytest.mark.parametrize("bad", [[2.0, 3.0], [float("nan")], "3", [[1.0, 2.0, 3.0]], True])
+def test_per_sample_cfg_scales_are_checked(bad):
+    pipe = fastdiff.load("arch:tiny-dit")
+    with pytest.raises(BadArgumentError, match="cfg_scale: expected a finite number"):
+        pipe.generate(seeds=[1, 2, 3], class_labels=[1, 2, 3], cfg_scale=bad, steps=1, progress=False)
+
+
+def test_per_sample_cfg_scales_as_a_tensor_and_a_single_entry():
+    pipe = fastdiff.load("arch:tiny-dit")
+    kw = dict(seeds=[1, 2], class_labels=[1, 2], steps=2, sampler="ddim", progress=False)
+    want = pipe.generate(cfg_scale=3.0, **kw)
+    assert torch.equal(pipe.generate(cfg_scale=torch.tensor([3.0, 3.0]), **kw), want)
+    assert torch.equal(pipe.generate(cfg_scale=[3.0], **kw), want)
+    mixed = pipe.generate(cfg_scale=torch.tensor([3.0, 6.0]), **kw)
+    assert torch.equal(mixed[:1], want[:1]) and not torch.allclose(mixed[1:], want[1:])

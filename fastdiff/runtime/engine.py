@@ -9,7 +9,7 @@ An application loads a model once and serves many single-sample requests, each w
 
 How it works. ``submit`` validates what is cheap to validate, puts the request on a queue and returns
 a Future. One worker thread groups *compatible* requests (see ``_group_key``: same resolution, steps,
-sampler, schedule, cfg_scale, and the same kind/shape of conditioning) into one batch of at most
+sampler, schedule, guided or not, and the same kind/shape of conditioning) into one batch of at most
 ``max_batch`` and calls ``pipe.generate(seeds=[...], ...)`` once for the whole batch.
 
 Why batching does not change the images: ``Pipeline.generate`` draws every random number from one
@@ -76,7 +76,8 @@ class _Request:
     class_label: Optional[int]
     encoder_hidden_states: Optional[torch.Tensor]
     negative_encoder_hidden_states: Optional[torch.Tensor]
-    params: Dict[str, Any]          # steps, sampler, schedule, cfg_scale, height, width: shared by a batch
+    cfg_scale: float                # per sample: guided requests of different scales share a batch
+    params: Dict[str, Any]          # steps, sampler, schedule, height, width, options: shared by a batch
     added: Dict[str, torch.Tensor]  # text_embeds / time_ids (and negatives), guidance given: one row each
     key: tuple
     future: concurrent.futures.Future
@@ -179,7 +180,7 @@ def _group_key(r: _Request) -> tuple:
     sampler = ("callable", id(sampler)) if callable(sampler) else sampler
     schedule = p["schedule"]
     schedule = ("callable", id(schedule)) if callable(schedule) else schedule
-    return (p["height"], p["width"], p["steps"], sampler, schedule, p["cfg_scale"], p["cfg_scale"] != 1.0,
+    return (p["height"], p["width"], p["steps"], sampler, schedule, r.cfg_scale != 1.0,
             r.class_label is None, _states_key(r.encoder_hidden_states),
             _states_key(r.negative_encoder_hidden_states), p["options"],
             tuple((k, _states_key(v)) for k, v in sorted(r.added.items())))
@@ -201,10 +202,10 @@ class Engine:
     """Batches single-sample requests into ``pipe.generate`` calls on one worker thread.
 
     Args:
-        pipe: anything with ``generate(seeds=[...], steps=, sampler=, schedule=, cfg_scale=,
+        pipe: anything with ``generate(seeds=[...], steps=, sampler=, schedule=, cfg_scale=[...],
             class_labels=, encoder_hidden_states=, negative_encoder_hidden_states=, height=, width=,
-            output_type="tensor", progress=False) -> (B, C, H, W)`` whose sample i depends on seeds[i]
-            only (``fastdiff.Pipeline`` does).
+            output_type="tensor", progress=False) -> (B, C, H, W)`` whose sample i depends on row i of its
+            inputs only (seeds[i], cfg_scale[i], ...: ``fastdiff.Pipeline`` does).
         max_batch: the most requests one ``generate`` call serves.
         max_wait_ms: how long the first request of a group may wait for company before its batch is
             started anyway. 0 = never wait (batch only what is already queued).
@@ -455,10 +456,10 @@ class Engine:
             if nehs.shape != ehs.shape:
                 raise BadArgumentError(f"negative_encoder_hidden_states: expected the shape of encoder_hidden_states "
                                        f"{tuple(ehs.shape)}, found {tuple(nehs.shape)}")
-        params = dict(steps=steps, sampler=sampler, schedule=schedule, cfg_scale=cfg_scale, height=height,
+        params = dict(steps=steps, sampler=sampler, schedule=schedule, height=height,
                       width=width, options=options)
         added = {k: _own_copy(_check_row(k, v)) for k, v in added.items() if v is not None}
-        req = _Request(seed, class_label, ehs, nehs, params, added, (), fut)
+        req = _Request(seed, class_label, ehs, nehs, cfg_scale, params, added, (), fut)
         req.key = _group_key(req)
         return req
 
@@ -530,7 +531,7 @@ class Engine:
                 else torch.stack([r.negative_encoder_hidden_states for r in reqs]))
         out = self.pipe.generate(
             seeds=[r.seed for r in reqs], steps=p["steps"], sampler=p["sampler"], schedule=p["schedule"],
-            cfg_scale=p["cfg_scale"], class_labels=labels, encoder_hidden_states=ehs,
+            cfg_scale=[r.cfg_scale for r in reqs], class_labels=labels, encoder_hidden_states=ehs,
             negative_encoder_hidden_states=nehs, height=p["height"], width=p["width"], output_type="tensor",
             progress=False, **{k: torch.stack([r.added[k] for r in reqs]) for k in reqs[0].added},
             **dict(p["options"]))
