@@ -400,6 +400,8 @@ def test_context_manager_and_user_cancelled_request():
         hold = _held(engine, pipe)
         futs = [engine.submit(seed=i, steps=2) for i in range(4)]
         assert futs[2].cancel()  # still queued: the caller may withdraw it
+        stats = engine.stats()  # it left the queue at once
+        assert stats["queue_depth"] == 3 and stats["cancelled"] == 1
         pipe.gate.set()
     assert engine.closed and hold.done()
     assert [f.cancelled() for f in futs] == [False, False, True, False]

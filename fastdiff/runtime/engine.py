@@ -310,7 +310,25 @@ class Engine:
             self._queued += 1
             self._submitted += 1
             self._cv.notify_all()
+        fut.add_done_callback(lambda f, r=req: self._withdraw_if_cancelled(r))
         return fut
+
+    def _withdraw_if_cancelled(self, r: _Request) -> None:
+        """A Future its caller cancelled while queued leaves the queue at once (queue depth and counters exact; the
+        worker never sees it). One the worker already took is counted by the worker instead."""
+        if not r.future.cancelled():
+            return
+        with self._cv:
+            q = self._groups.get(r.key)
+            i = next((i for i, x in enumerate(q or ()) if x is r), None)  # identity: requests hold tensors
+            if i is None:
+                return
+            del q[i]
+            if not q:
+                del self._groups[r.key]
+            self._queued -= 1
+            self._cancelled += 1
+            self._cv.notify_all()
 
     def _encode_prompt(self, prompt, negative_prompt, cfg_scale, options: dict, given: dict) -> dict:
         """One request's text tensors (rows, as submit takes them) from its prompt."""
