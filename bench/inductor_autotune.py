@@ -16,19 +16,21 @@ result that does not apply is never used:
 - ``CACHE_DIR/<xx>/<key>.best_config``: one small JSON per generated Triton kernel, the launch configuration
   its autotuning (and, under max-autotune, coordinate-descent tuning) chose (``LocalAutotuneCache``).
 
-Only these come back, not the compiled kernels (tens of MB). The device tool returns at most 8 files, so the
-``.best_config`` files travel as one bundle, ``best_configs.json`` (relative path -> file text). Every file is
-written to a temporary name and renamed, so a call cut off mid-copy leaves no torn JSON behind.
+Only these come back, not the compiled kernels (tens of MB). The device tool returns at most 8 files, so each kind
+travels as one bundle whatever the number of software stacks and kernels: ``timings.json`` (file name -> text)
+and ``best_configs.json`` (relative path -> text). Every file is written to a temporary name and renamed, so a
+call cut off mid-copy leaves no torn JSON behind; Inductor's own temporary files (dot-names, renamed a moment
+later) and files that vanish or are half written while read are skipped.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
+TIMINGS = "timings.json"
 BUNDLE = "best_configs.json"
 
 
@@ -38,26 +40,31 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def save(cache_dir: Path, dest: Path) -> dict:
-    """Copy the choice timings and bundle the kernels' chosen configs of ``cache_dir`` into ``dest``.
-    Returns {"timings": files copied, "best_configs": kernels bundled}."""
-    dest.mkdir(parents=True, exist_ok=True)
-    timings = 0
-    for f in sorted((cache_dir / "cache").glob("*")):
-        if f.is_file():
-            _write_atomic(dest / f.name, f.read_bytes())
-            timings += 1
-    bundle = {}
-    for f in sorted(cache_dir.glob("*/*.best_config")):
+def _json_files(paths, root: Path) -> dict:
+    """{path relative to root: text} of the complete JSON files among ``paths`` (no dot-names)."""
+    out = {}
+    for f in sorted(paths):
+        if f.name.startswith("."):
+            continue
         try:
             text = f.read_text()
-            json.loads(text)  # one Inductor is writing this moment (it renames too, but be sure)
-        except (OSError, ValueError):
+            json.loads(text)
+        except (OSError, ValueError):  # renamed away, or being written, this moment
             continue
-        bundle[f.relative_to(cache_dir).as_posix()] = text
-    if bundle:
-        _write_atomic(dest / BUNDLE, json.dumps(bundle, indent=0, sort_keys=True).encode())
-    return {"timings": timings, "best_configs": len(bundle)}
+        out[f.relative_to(root).as_posix()] = text
+    return out
+
+
+def save(cache_dir: Path, dest: Path) -> dict:
+    """Bundle the choice timings and the kernels' chosen configs of ``cache_dir`` into ``dest`` (two files).
+    Returns {"timings": timing files bundled, "best_configs": kernels bundled}."""
+    dest.mkdir(parents=True, exist_ok=True)
+    timings = {Path(k).name: v for k, v in _json_files((cache_dir / "cache").glob("*"), cache_dir / "cache").items()}
+    configs = _json_files(cache_dir.glob("*/*.best_config"), cache_dir)
+    for name, bundle in ((TIMINGS, timings), (BUNDLE, configs)):
+        if bundle:
+            _write_atomic(dest / name, json.dumps(bundle, indent=0, sort_keys=True).encode())
+    return {"timings": len(timings), "best_configs": len(configs)}
 
 
 def seed(src: Path, cache_dir: Path) -> dict:
@@ -67,13 +74,15 @@ def seed(src: Path, cache_dir: Path) -> dict:
     timings = configs = 0
     if not src.is_dir():
         return {"timings": 0, "best_configs": 0}
-    for f in sorted(src.iterdir()):
-        if not f.is_file() or f.name == BUNDLE or f.name.startswith(".") or f.suffix == ".md":
-            continue
-        target = cache_dir / "cache" / f.name
-        if not target.exists():
-            shutil.copyfile(f, target)
-            timings += 1
+    timing_path = src / TIMINGS
+    if timing_path.is_file():
+        for name, text in json.loads(timing_path.read_text()).items():
+            if "/" in name or "\\" in name or name.startswith("."):
+                raise ValueError(f"{timing_path}: {name!r} is not a file name of Inductor's timing cache")
+            target = cache_dir / "cache" / name
+            if not target.exists():
+                target.write_text(text)
+                timings += 1
     bundle_path = src / BUNDLE
     if bundle_path.is_file():
         for rel, text in json.loads(bundle_path.read_text()).items():

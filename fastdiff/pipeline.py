@@ -618,7 +618,8 @@ def _by_identity(obj):
 
 
 def _cfg_scales(cfg_scale, b: int) -> list:
-    """``generate``'s cfg_scale as one float per sample: a number, or 1 or ``b`` of them (a list, an array, a tensor)."""
+    """``generate``'s cfg_scale as one float per sample: a number, or 1 or ``b`` of them (a list, an array, a
+    tensor)."""
     if isinstance(cfg_scale, numbers.Real) and not isinstance(cfg_scale, bool):
         return [finite_number("cfg_scale", cfg_scale)] * b
     try:
@@ -626,7 +627,7 @@ def _cfg_scales(cfg_scale, b: int) -> list:
     except (TypeError, ValueError, RuntimeError):
         raise BadArgumentError(f"cfg_scale: expected a finite number, or one per sample, found {cfg_scale!r}") from None
     values = scales.reshape(-1).tolist()
-    if isinstance(cfg_scale, bool) or scales.dim() > 1 or len(values) not in (1, b):
+    if scales.dim() > 1 or len(values) not in (1, b) or torch.as_tensor(cfg_scale).dtype == torch.bool:
         raise BadArgumentError(f"cfg_scale: expected a finite number, or {b} of them (one per sample), found "
                                f"{cfg_scale!r}")
     values = [finite_number("cfg_scale", v) for v in values]

@@ -497,8 +497,8 @@ def test_cancelling_an_async_prompt_request_while_it_encodes_cancels_the_request
     stats = asyncio.run(main())
     assert 61 not in pipe.called_seeds() and 62 in pipe.called_seeds()
     assert stats["cancelled"] == 1 and stats["completed"] == 1
-    torch.testing.assert_close(submitted[0], _solo(dict(seed=62, steps=2, encoder_hidden_states=torch.full((4, 8), 5.0))),
-                               atol=1e-5, rtol=0)
+    want = _solo(dict(seed=62, steps=2, encoder_hidden_states=torch.full((4, 8), 5.0)))
+    torch.testing.assert_close(submitted[0], want, atol=1e-5, rtol=0)
 
 
 def test_guided_requests_of_different_scales_share_a_batch():
@@ -516,6 +516,25 @@ def test_guided_requests_of_different_scales_share_a_batch():
     assert sorted(sorted(c["seeds"]) for c in pipe.calls[1:]) == [[80, 81, 82], [83]]
 
 
+def test_a_dropped_future_frees_its_result_without_the_cycle_collector():
+    """Nothing the Engine leaves on a Future (its done-callbacks) points back at the Future: a served result is
+    freed as soon as its caller drops the Future, not at the next cyclic garbage collection (device memory)."""
+    import gc
+    import weakref
+
+    pipe = FakePipeline()
+    with Engine(pipe, max_batch=1, max_wait_ms=0) as engine:
+        gc.disable()
+        try:
+            fut = engine.submit(seed=91, steps=2, encoder_hidden_states=torch.ones(4, 8))
+            result = weakref.ref(fut.result(TIMEOUT))
+            engine.submit(seed=92, steps=2).result(TIMEOUT)  # the worker has moved on from the first batch
+            del fut
+            assert result() is None
+        finally:
+            gc.enable()
+
+
 def test_submitted_tensors_are_the_requests_own():
     """A caller that reuses its buffer for the next request right after submit() changes nothing already queued."""
     pipe = FakePipeline()
@@ -528,8 +547,8 @@ def test_submitted_tensors_are_the_requests_own():
         buf.fill_(-9.0)
         pipe.gate.set()
         hold.result(TIMEOUT)
-        torch.testing.assert_close(first.result(TIMEOUT), _solo(dict(seed=71, steps=2, encoder_hidden_states=torch.ones(4, 8))),
-                                   atol=1e-5, rtol=0)
+        want = _solo(dict(seed=71, steps=2, encoder_hidden_states=torch.ones(4, 8)))
+        torch.testing.assert_close(first.result(TIMEOUT), want, atol=1e-5, rtol=0)
         torch.testing.assert_close(second.result(TIMEOUT),
                                    _solo(dict(seed=72, steps=2, encoder_hidden_states=torch.full((4, 8), 3.0))),
                                    atol=1e-5, rtol=0)

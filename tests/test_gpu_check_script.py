@@ -21,7 +21,7 @@ def test_gpu_check_smoke_run_on_tiny_models(tmp_path):
     # an earlier run's Inductor tuning results (bench/inductor_autotune.py): seeded, and brought back again
     seed = tmp_path / "autotune_seed"
     seed.mkdir()
-    (seed / "systemhash").write_text('{"cache": {}}')
+    (seed / "timings.json").write_text(json.dumps({"systemhash": '{"cache": {}}'}))
     (seed / "best_configs.json").write_text(json.dumps({"ab/kernel.best_config": '{"XBLOCK": 64}'}))
     # this checkout's fastdiff (not another one installed), and none of the caller's own FASTDIFF_* settings
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FASTDIFF_", "TORCHINDUCTOR_"))}
@@ -58,8 +58,10 @@ def test_gpu_check_smoke_run_on_tiny_models(tmp_path):
     assert "gpu_out/dit-xl-2-256.json" in names and "gpu_out/profile_sd15_convbias.json" in names
     assert not any(n.startswith("gpu_out/inductor/") for n in names)
     # the tuning results in the tarball and, from the watcher, straight in the device tool's folder
-    assert {"gpu_out/inductor_autotune/systemhash", "gpu_out/inductor_autotune/best_configs.json"} <= set(names)
-    for bundle in (out / "inductor_autotune" / "best_configs.json", device_out / "inductor_autotune" / "best_configs.json"):
+    assert {"gpu_out/inductor_autotune/timings.json", "gpu_out/inductor_autotune/best_configs.json"} <= set(names)
+    for folder in (out / "inductor_autotune", device_out / "inductor_autotune"):
+        bundle = folder / "best_configs.json"
         assert json.loads(bundle.read_text()) == {"ab/kernel.best_config": '{"XBLOCK": 64}'}
-    assert (device_out / "inductor_autotune" / "systemhash").read_text() == '{"cache": {}}'
+    timings = json.loads((device_out / "inductor_autotune" / "timings.json").read_text())
+    assert timings == {"systemhash": '{"cache": {}}'}
 

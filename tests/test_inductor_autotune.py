@@ -21,6 +21,8 @@ def _cache(root: Path) -> Path:
     """A cache folder as Inductor leaves it: timings, kernels with chosen configs, and compiled output."""
     (root / "cache").mkdir(parents=True)
     (root / "cache" / "abc123").write_text(json.dumps(TIMINGS))
+    (root / "cache" / "def456").write_text(json.dumps({"cache": {}}))  # another device or software stack
+    (root / "cache" / ".123.456.tmp").write_text('{"sys')  # Inductor's write_atomic, mid-write
     for sub, key, block in (("x1", "k1", 64), ("q7", "k2", 1024)):
         (root / sub).mkdir()
         (root / sub / f"{key}.py").write_text("# a generated kernel")
@@ -34,12 +36,14 @@ def _cache(root: Path) -> Path:
 def test_save_then_seed_puts_every_result_where_inductor_looks(tmp_path):
     saved = tmp_path / "saved"
     counts = inductor_autotune.save(_cache(tmp_path / "run1"), saved)
-    assert counts == {"timings": 1, "best_configs": 2}  # the torn file skipped, compiled output not carried
-    assert sorted(p.name for p in saved.iterdir()) == ["abc123", inductor_autotune.BUNDLE]
+    assert counts == {"timings": 2, "best_configs": 2}  # torn files skipped, compiled output not carried
+    # two files whatever the number of stacks and kernels (the device tool returns at most 8)
+    assert sorted(p.name for p in saved.iterdir()) == [inductor_autotune.BUNDLE, inductor_autotune.TIMINGS]
 
     fresh = tmp_path / "run2"
-    assert inductor_autotune.seed(saved, fresh) == {"timings": 1, "best_configs": 2}
+    assert inductor_autotune.seed(saved, fresh) == {"timings": 2, "best_configs": 2}
     assert json.loads((fresh / "cache" / "abc123").read_text()) == TIMINGS
+    assert sorted(p.name for p in (fresh / "cache").iterdir()) == ["abc123", "def456"]
     assert json.loads((fresh / "x1" / "k1.best_config").read_text()) == {"XBLOCK": 64, "num_warps": 4}
     assert json.loads((fresh / "q7" / "k2.best_config").read_text())["XBLOCK"] == 1024
     assert not (fresh / "x1" / "torn.best_config").exists()
@@ -53,7 +57,7 @@ def test_seed_keeps_what_the_cache_already_learnt(tmp_path):
     (fresh / "cache" / "abc123").write_text('{"newer": 1}')
     (fresh / "x1").mkdir()
     (fresh / "x1" / "k1.best_config").write_text('{"XBLOCK": 8}')
-    assert inductor_autotune.seed(saved, fresh) == {"timings": 0, "best_configs": 1}
+    assert inductor_autotune.seed(saved, fresh) == {"timings": 1, "best_configs": 1}
     assert (fresh / "cache" / "abc123").read_text() == '{"newer": 1}'
     assert (fresh / "x1" / "k1.best_config").read_text() == '{"XBLOCK": 8}'
 
@@ -82,6 +86,29 @@ def test_seed_refuses_a_bundle_entry_outside_the_cache_layout(tmp_path, name):
     assert not (tmp_path / "escape.best_config").exists()
 
 
+@pytest.mark.parametrize("name", ["../x", "a/b", ".hidden"])
+def test_seed_refuses_a_timing_entry_that_is_not_a_cache_file_name(tmp_path, name):
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    (saved / inductor_autotune.TIMINGS).write_text(json.dumps({name: "{}"}))
+    with pytest.raises(ValueError, match="not a file name"):
+        inductor_autotune.seed(saved, tmp_path / "cache_dir")
+
+
+def test_save_skips_a_file_that_vanishes_while_read(tmp_path, monkeypatch):
+    """Inductor renames its temporary files into place: one listed may be gone when read."""
+    root = _cache(tmp_path / "run1")
+    real_read = Path.read_text
+
+    def vanishing(self, *a, **k):
+        if self.name == "abc123":
+            raise FileNotFoundError(self)
+        return real_read(self, *a, **k)
+
+    monkeypatch.setattr(Path, "read_text", vanishing)
+    assert inductor_autotune.save(root, tmp_path / "s") == {"timings": 1, "best_configs": 2}
+
+
 def test_seed_from_a_missing_folder_seeds_nothing(tmp_path):
     assert inductor_autotune.seed(tmp_path / "none", tmp_path / "c") == {"timings": 0, "best_configs": 0}
     assert (tmp_path / "c" / "cache").is_dir()
@@ -92,6 +119,6 @@ def test_command_line(tmp_path):
     _cache(tmp_path / "run1")
     done = subprocess.run([sys.executable, str(script), "save", str(tmp_path / "run1"), str(tmp_path / "s")],
                           capture_output=True, text=True, check=True)
-    assert "1 timing file(s), 2 kernel config(s)" in done.stdout
+    assert "2 timing file(s), 2 kernel config(s)" in done.stdout
     bad = subprocess.run([sys.executable, str(script), "load"], capture_output=True, text=True)
     assert bad.returncode == 2 and "save CACHE_DIR DEST_DIR" in bad.stderr

@@ -383,6 +383,15 @@ class _BreaksTheGraph(torch.nn.Module):
         return y - 1
 
 
+class _RefusesWideInputs(torch.nn.Module):
+    """A model whose forward checks its input's shape: traceable whole, and raising for a bad one."""
+
+    def forward(self, x, t, **kw):
+        if x.shape[-1] != 3:
+            raise BadArgumentError(f"x: expected 3 columns, found {x.shape[-1]}")
+        return x * 3
+
+
 def test_compile_falls_back_to_graph_breaks_where_a_model_cannot_be_traced_whole(monkeypatch):
     """backend="compile" asks for fullgraph=True; a model with a graph break still runs, compiled in pieces,
     with a warning naming the break. fastdiff's own models stay whole (no warning). Dynamo traces for real here;
@@ -408,6 +417,17 @@ def test_compile_falls_back_to_graph_breaks_where_a_model_cannot_be_traced_whole
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # the other branch, and no second warning
         assert torch.equal(runner(-x.abs(), None), -x.abs() * 2 - 1)
+
+    # a model that refuses a bad input: the input's own error, and the compiled model stays whole
+    calls.clear()
+    runner = compile_network(_RefusesWideInputs(), config, torch.device("cpu"), [])
+    assert torch.equal(runner(x, None), x * 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        with pytest.raises(BadArgumentError, match="expected 3 columns, found 4"):
+            runner(torch.ones(2, 4), None)
+        assert torch.equal(runner(x + 1, None), (x + 1) * 3)
+    assert calls == [True] and runner.fullgraph is True
 
     pipe = fastdiff.load("arch:tiny-dit")
     calls.clear()

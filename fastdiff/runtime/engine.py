@@ -310,22 +310,23 @@ class Engine:
             self._queued += 1
             self._submitted += 1
             self._cv.notify_all()
-        fut.add_done_callback(lambda f, r=req: self._withdraw_if_cancelled(r))
+        key = req.key  # (the callback holds no request: a Future keeps its callbacks, and a request its Future)
+        fut.add_done_callback(lambda f: self._withdraw_if_cancelled(key, f))
         return fut
 
-    def _withdraw_if_cancelled(self, r: _Request) -> None:
+    def _withdraw_if_cancelled(self, key: tuple, fut: concurrent.futures.Future) -> None:
         """A Future its caller cancelled while queued leaves the queue at once (queue depth and counters exact; the
         worker never sees it). One the worker already took is counted by the worker instead."""
-        if not r.future.cancelled():
+        if not fut.cancelled():
             return
         with self._cv:
-            q = self._groups.get(r.key)
-            i = next((i for i, x in enumerate(q or ()) if x is r), None)  # identity: requests hold tensors
+            q = self._groups.get(key)
+            i = next((i for i, x in enumerate(q or ()) if x.future is fut), None)
             if i is None:
                 return
             del q[i]
             if not q:
-                del self._groups[r.key]
+                del self._groups[key]
             self._queued -= 1
             self._cancelled += 1
             self._cv.notify_all()
@@ -516,24 +517,29 @@ class Engine:
             batch = self._next_batch()
             if batch is None:
                 return
-            try:
-                # A request whose Future was cancelled while queued is dropped here.
-                live = [r for r in batch if r.future.set_running_or_notify_cancel()]
-                with self._cv:
-                    self._cancelled += len(batch) - len(live)
-                    for r in batch:
-                        if r.future.cancelled():
-                            self._release(r)
-                if live:
-                    self._run_batch(live)
-            except BaseException as e:  # a bug here must fail the futures, never hang their owners
+            self._serve(batch)
+            del batch  # an idle worker holds no request of the last batch (their Futures, results, tensors)
+
+    def _serve(self, batch: List[_Request]) -> None:
+        """Run one batch (its locals, and so its requests, are gone when this returns)."""
+        try:
+            # A request whose Future was cancelled while queued is dropped here.
+            live = [r for r in batch if r.future.set_running_or_notify_cancel()]
+            with self._cv:
+                self._cancelled += len(batch) - len(live)
                 for r in batch:
-                    if not r.future.done():
-                        self._finish(r, exc=e)
-            finally:  # normally each request was released as it resolved; this only catches a bug's leftovers
-                with self._cv:
-                    for r in batch:
+                    if r.future.cancelled():
                         self._release(r)
+            if live:
+                self._run_batch(live)
+        except BaseException as e:  # a bug here must fail the futures, never hang their owners
+            for r in batch:
+                if not r.future.done():
+                    self._finish(r, exc=e)
+        finally:  # normally each request was released as it resolved; this only catches a bug's leftovers
+            with self._cv:
+                for r in batch:
+                    self._release(r)
 
     def _release(self, r: _Request) -> None:
         """Stop counting ``r`` as in flight (once; the caller holds ``self._cv``)."""

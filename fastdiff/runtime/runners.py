@@ -197,29 +197,37 @@ def compile_network(model: torch.nn.Module, config: OptimizeConfig, device: torc
 class FullgraphWhereTraceable:
     """``torch.compile(model, fullgraph=True)``, and where Dynamo cannot trace the model whole (a graph break: a
     data-dependent branch, an unsupported call in a user's custom layer), ``fullgraph=False`` instead: the model
-    still compiles, in pieces, and a ``RuntimeWarning`` names the break. fastdiff's own models trace whole (tested),
-    so the fallback only ever serves a model of the user's."""
+    still compiles, in pieces, and a ``RuntimeWarning`` names the break. fastdiff's own models trace whole (tested).
+
+    Under ``fullgraph=True`` Dynamo reports an exception the model raises while traced (a bad input its forward
+    refuses) as ``Unsupported`` too; so before giving up the whole graph the call runs eagerly: an error there is
+    the input's, raised as it is, and the compiled model stays whole."""
 
     def __init__(self, model: torch.nn.Module, compile_kwargs: dict):
         self.model, self.kwargs = model, dict(compile_kwargs)
         self.fullgraph = True
         self.compiled = torch.compile(model, **self.kwargs)
+        self._lock = threading.Lock()
 
     def __call__(self, *args, **kwargs):
+        compiled = self.compiled
         if not self.fullgraph:
-            return self.compiled(*args, **kwargs)
+            return compiled(*args, **kwargs)
         from torch._dynamo.exc import Unsupported
 
         try:
-            return self.compiled(*args, **kwargs)
+            return compiled(*args, **kwargs)
         except Unsupported as e:
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            warnings.warn(f"torch.compile: {type(self.model).__name__} cannot be traced as one graph "
-                          f"(fullgraph=True): {reason[:300]}; compiled with graph breaks instead (slower, and a CUDA "
-                          f"graph around it captures the pieces)", RuntimeWarning, stacklevel=2)
-            self.fullgraph = False
-            self.compiled = torch.compile(self.model, **{**self.kwargs, "fullgraph": False})
-            return self.compiled(*args, **kwargs)
+            out = self.model(*args, **kwargs)  # raises the model's own error for a bad input
+            with self._lock:
+                if self.fullgraph:  # once, whichever thread gets here first
+                    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                    warnings.warn(f"torch.compile: {type(self.model).__name__} cannot be traced as one graph "
+                                  f"(fullgraph=True): {reason[:300]}; compiled with graph breaks instead (slower, "
+                                  f"and a CUDA graph around it captures the pieces)", RuntimeWarning, stacklevel=2)
+                    self.compiled = torch.compile(self.model, **{**self.kwargs, "fullgraph": False})
+                    self.fullgraph = False
+            return out
 
 
 def _raise_limit(dynamo_config, names: tuple, at_least: int) -> None:
