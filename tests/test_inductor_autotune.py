@@ -75,24 +75,20 @@ def test_a_later_save_keeps_the_seeded_results(tmp_path):
     assert sorted(bundle) == ["q7/k2.best_config", "x1/k1.best_config", "zz/k3.best_config"]
 
 
-@pytest.mark.parametrize("name", ["../escape.best_config", "x1/../../escape.best_config", "x1/k1.py",
-                                  "k1.best_config", "a/b/k1.best_config"])
-def test_seed_refuses_a_bundle_entry_outside_the_cache_layout(tmp_path, name):
-    saved = tmp_path / "saved"
-    saved.mkdir()
-    (saved / inductor_autotune.BUNDLE).write_text(json.dumps({name: "{}"}))
-    with pytest.raises(ValueError, match="best_config inside the cache folder"):
-        inductor_autotune.seed(saved, tmp_path / "cache_dir")
-    assert not (tmp_path / "escape.best_config").exists()
+_OUTSIDE_THE_LAYOUT = [(inductor_autotune.BUNDLE, name, "best_config inside the cache folder") for name in
+                       ("../escape.best_config", "x1/../../escape.best_config", "x1/k1.py", "k1.best_config",
+                        "a/b/k1.best_config")]
+_OUTSIDE_THE_LAYOUT += [(inductor_autotune.TIMINGS, name, "not a file name") for name in ("../escape", "a/b", ".hidden")]
 
 
-@pytest.mark.parametrize("name", ["../x", "a/b", ".hidden"])
-def test_seed_refuses_a_timing_entry_that_is_not_a_cache_file_name(tmp_path, name):
+@pytest.mark.parametrize("bundle,name,message", _OUTSIDE_THE_LAYOUT)
+def test_seed_refuses_an_entry_outside_the_cache_layout(tmp_path, bundle, name, message):
     saved = tmp_path / "saved"
     saved.mkdir()
-    (saved / inductor_autotune.TIMINGS).write_text(json.dumps({name: "{}"}))
-    with pytest.raises(ValueError, match="not a file name"):
+    (saved / bundle).write_text(json.dumps({name: "{}"}))
+    with pytest.raises(ValueError, match=message):
         inductor_autotune.seed(saved, tmp_path / "cache_dir")
+    assert not any(p.name.startswith("escape") for p in tmp_path.rglob("*"))
 
 
 def test_save_skips_a_file_that_vanishes_while_read(tmp_path, monkeypatch):
