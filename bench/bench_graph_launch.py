@@ -15,7 +15,14 @@ For each it reports the backend SDPA picks, the host µs of ``graph.replay()`` p
 device µs per call. It then profiles where the rest of a replayed ``generate`` call's host time goes (the
 set-up around the replay: noise, labels, static copies).
 
-    python bench/bench_graph_launch.py [--calls 50] [--shape 2,8,4096,40] [--dtype float16]
+Run 4 left a gap: 50 cuDNN attention calls in one graph cost 2.2 µs each to replay, but SD1.5's loop graph
+(32 attention calls per step, 640 in a 20-step loop, among about 10,000 other kernels) cost 3116 µs per step,
+about 97 µs per attention call. ``--calls 50,640`` measures the long graph too (a host cost per call that grows
+with the graph's length means ``graph.replay()`` waits for the GPU to take in work, not a launch cost), and
+``--between none,gemm`` puts a projection GEMM (the attention's output projection) between the calls, as in a
+model (cuDNN nodes among cuBLAS nodes).
+
+    python bench/bench_graph_launch.py [--calls 50[,640]] [--between none[,gemm]] [--shape 2,8,4096,40]
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import torch.nn.functional as F
 from sdpa_backends import chosen_backend, pinned_sdpa
 
 
-def measure(fn, calls: int, reps: int = 20) -> tuple[float, float]:
+def measure(fn, calls: int, reps: int = 10) -> tuple[float, float]:
     """(host µs of graph.replay() per captured call, device µs per call), medians over ``reps`` replays."""
     from kernel_timing import capture_graph
 
@@ -55,7 +62,9 @@ def measure(fn, calls: int, reps: int = 20) -> tuple[float, float]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--calls", type=int, default=50, help="attention calls captured in one graph")
+    p.add_argument("--calls", default="50", help="attention calls captured in one graph (a comma list: each)")
+    p.add_argument("--between", default="none", help="what runs between two attention calls: none, gemm (the "
+                   "output projection, (B*N, H*D) x (H*D, H*D)); a comma list: each")
     p.add_argument("--shape", default="2,8,4096,40", help="B,H,N,D (default: SD1.5 self-attention)")
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     p.add_argument("--pipeline", default="arch:tiny-dit", metavar="MODEL",
@@ -68,20 +77,29 @@ def main(argv=None) -> int:
     b, h, n, d = (int(s) for s in a.shape.split(","))
     dtype = getattr(torch, a.dtype)
     q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=dtype) for _ in range(3))
-    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
-    print(f"shape {a.shape} {a.dtype}, {a.calls} calls per graph; SDPA's own choice: {chosen_backend(q, k, v)}")
-    print(f"{'implementation':<22}{'host us/call':>13}{'device us/call':>16}")
-    variants = {"sdpa (own choice)": lambda: F.scaled_dot_product_attention(q, k, v), **pinned_sdpa(q, k, v)}
-    for name, fn in variants.items():
-        try:
-            host, dev = measure(fn, a.calls)
-            print(f"{name:<22}{host:>13.1f}{dev:>16.1f}")
-        except Exception as e:  # a backend this GPU / shape does not support
-            print(f"{name:<22}  unavailable: {type(e).__name__}: {str(e).splitlines()[0][:80]}")
+    tokens = torch.randn(b * n, h * d, device="cuda", dtype=dtype)
+    proj = torch.randn(h * d, h * d, device="cuda", dtype=dtype) / (h * d) ** 0.5
     from fastdiff.kernels import attention
 
-    host, dev = measure(lambda: attention(q, k, v), a.calls)
-    print(f"{'triton':<22}{host:>13.1f}{dev:>16.1f}")
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
+    print(f"shape {a.shape} {a.dtype}; SDPA's own choice: {chosen_backend(q, k, v)}")
+    print(f"{'calls':>6} {'between':<8}{'implementation':<22}{'host us/call':>13}{'device us/call':>16}")
+    variants = {"sdpa (own choice)": lambda: F.scaled_dot_product_attention(q, k, v), **pinned_sdpa(q, k, v),
+                "triton": lambda: attention(q, k, v)}
+    first = True
+    for calls in (int(c) for c in a.calls.split(",")):
+        for between in a.between.split(","):
+            for name, fn in variants.items():
+                if not first and name not in ("sdpa (own choice)", "triton"):
+                    continue  # the long / mixed graphs: SDPA's own choice against the Triton kernel only
+                body = fn if between == "none" else (lambda fn=fn: (fn(), tokens @ proj))
+                try:
+                    host, dev = measure(body, calls)
+                    print(f"{calls:>6} {between:<8}{name:<22}{host:>13.1f}{dev:>16.1f}")
+                except Exception as e:  # a backend this GPU / shape does not support
+                    print(f"{calls:>6} {between:<8}{name:<22}  unavailable: {type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:80]}")
+            first = False
     if a.pipeline:
         profile_generate(a.pipeline, a.steps)
     return 0

@@ -207,7 +207,7 @@ if wants attn-split; then
     step bench_attention_split 60 $PY bench/bench_attention.py --split --iters 50
 fi
 # host cost of replaying graphs that hold SDPA (per backend) vs the Triton attention
-wants launch && step bench_graph_launch 60 $PY bench/bench_graph_launch.py
+wants launch && step bench_graph_launch 90 $PY bench/bench_graph_launch.py --calls 50,640 --between none,gemm
 
 if wants cuda-ext; then
     now=$(date +%s); left=$((DEADLINE - now - 60))
