@@ -14,10 +14,16 @@ LDM = os.path.join(FIXTURES, "ldm")
 
 
 @pytest.fixture(scope="module")
-def ref():
+def ldm():
+    """The fixture folder (the test skips, naming it, where it is not present)."""
     if not os.path.isdir(LDM):
-        pytest.skip(f"reference fixture {LDM} not present")
-    return load_file(os.path.join(LDM, "reference.safetensors"))
+        pytest.skip(f"reference fixture {LDM} not present (set FASTDIFF_FIXTURES)")
+    return LDM
+
+
+@pytest.fixture(scope="module")
+def ref(ldm):
+    return load_file(os.path.join(ldm, "reference.safetensors"))
 
 
 @pytest.mark.parametrize("style", ["sd1", "sd2"])
@@ -64,7 +70,7 @@ def _sd2_wide_state(tmp_path):
     (110000, "v_prediction", 96),  # any other SD 2.x file: the 768 v-model
     (None, "v_prediction", 96),
 ])
-def test_sd2_single_file_sampling_defaults_follow_diffusers(tmp_path, global_step, prediction, latent):
+def test_sd2_single_file_sampling_defaults_follow_diffusers(ldm, tmp_path, global_step, prediction, latent):
     ckpt = {"state_dict": _sd2_wide_state(tmp_path)}
     if global_step is not None:
         ckpt["global_step"] = global_step
@@ -78,12 +84,12 @@ def test_sd2_single_file_sampling_defaults_follow_diffusers(tmp_path, global_ste
     assert forced.spec.prediction_type == "epsilon" and forced.spec.scheduler["prediction_type"] == "epsilon"
 
 
-def test_sd1_single_file_is_epsilon_at_512():
+def test_sd1_single_file_is_epsilon_at_512(ldm):
     pipe = fastdiff.load(os.path.join(LDM, "ldm_sd1_style.safetensors"))
     assert pipe.spec.prediction_type == "epsilon" and tuple(pipe.spec.sample_size) == (64, 64)
 
 
-def test_sd2_single_file_with_a_scheduler_keeps_one_prediction_type(tmp_path):
+def test_sd2_single_file_with_a_scheduler_keeps_one_prediction_type(ldm, tmp_path):
     """scheduler= without a prediction_type field: every plan uses the type the checkpoint implies."""
     path = tmp_path / "sd2.ckpt"
     torch.save({"state_dict": _sd2_wide_state(tmp_path)}, str(path))
