@@ -69,8 +69,8 @@ PY=${PYTHON:-python3}
 # Inductor's cache in the work folder, seeded with the tuning results earlier runs brought back
 # (bench/gpu_runs/inductor_autotune/, see bench/inductor_autotune.py): max-autotune of the diffusers SD1.5 UNet
 # outlived a 354 s step in run 4 (5-42 s per GEMM / convolution problem), so each run continues where the last
-# one stopped. Only those results come back (the choices' timings and the kernels' chosen configs, two small
-# JSON files per software stack), not the compiled kernels.
+# one stopped. Only those results come back (the choices' timings and the kernels' chosen configs: two JSON
+# bundles, whatever the number of software stacks), not the compiled kernels.
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$RESULTS/inductor}
 "$PY" "$ROOT/bench/inductor_autotune.py" seed "${FASTDIFF_GPU_AUTOTUNE_SEED:-bench/gpu_runs/inductor_autotune}" \
     "$TORCHINDUCTOR_CACHE_DIR"
