@@ -627,6 +627,9 @@ def _cfg_scales(cfg_scale, b: int) -> list:
     except (TypeError, ValueError, RuntimeError):
         raise BadArgumentError(f"cfg_scale: expected a finite number, or one per sample, found {cfg_scale!r}") from None
     values = scales.reshape(-1).tolist()
+    if isinstance(cfg_scale, (list, tuple)) and any(type(v).__name__ in ("bool", "bool_") for v in cfg_scale):
+        raise BadArgumentError(f"cfg_scale: expected a finite number, or {b} of them (one per sample), found "
+                               f"{cfg_scale!r}")
     if scales.dim() > 1 or len(values) not in (1, b) or torch.as_tensor(cfg_scale).dtype == torch.bool:
         raise BadArgumentError(f"cfg_scale: expected a finite number, or {b} of them (one per sample), found "
                                f"{cfg_scale!r}")

@@ -381,6 +381,9 @@ def test_close_cancels_pending_work_without_hanging():
     while not all(f.cancelled() for f in futs) and time.monotonic() < deadline:
         time.sleep(0.001)
     assert all(f.cancelled() for f in futs)
+    # ... and wait() / as_completed() see them done (cancel() alone does not wake those)
+    done, not_done = concurrent.futures.wait(futs, timeout=TIMEOUT)
+    assert len(done) == 20 and not not_done
     pipe.gate.set()  # the batch already running finishes normally
     closer.join(TIMEOUT)
     assert not closer.is_alive()
@@ -402,6 +405,7 @@ def test_context_manager_and_user_cancelled_request():
         assert futs[2].cancel()  # still queued: the caller may withdraw it
         stats = engine.stats()  # it left the queue at once
         assert stats["queue_depth"] == 3 and stats["cancelled"] == 1
+        assert next(concurrent.futures.as_completed([futs[2]], timeout=TIMEOUT)) is futs[2]  # waiters woken
         pipe.gate.set()
     assert engine.closed and hold.done()
     assert [f.cancelled() for f in futs] == [False, False, True, False]

@@ -330,7 +330,8 @@ def test_class_labels_must_be_integers(labels):
     assert torch.equal(pipe.generate(class_labels=torch.tensor([2.0]), **kw), pipe.generate(class_labels=[2], **kw))
 
 
-@pytest.mark.parametrize("bad", [[2.0, 3.0], [float("nan")], "3", [[1.0, 2.0, 3.0]], True, [True, False, True]])
+@pytest.mark.parametrize("bad", [[2.0, 3.0], [float("nan")], "3", [[1.0, 2.0, 3.0]], True, [True, False, True],
+                                 [2.0, True, 3.0]])
 def test_per_sample_cfg_scales_are_checked(bad):
     pipe = fastdiff.load("arch:tiny-dit")
     with pytest.raises(BadArgumentError, match="cfg_scale: expected a finite number"):

@@ -330,6 +330,9 @@ class Engine:
             self._queued -= 1
             self._cancelled += 1
             self._cv.notify_all()
+        # cancel() alone wakes result() but not concurrent.futures.wait() / as_completed(): what takes a request off
+        # the queue notifies those too (the worker does it for those it takes)
+        fut.set_running_or_notify_cancel()
 
     def _encode_prompt(self, prompt, negative_prompt, cfg_scale, options: dict, given: dict) -> dict:
         """One request's text tensors (rows, as submit takes them) from its prompt."""
@@ -385,7 +388,11 @@ class Engine:
                 self._groups.clear()
                 self._queued = 0
             self._cv.notify_all()
-        n = sum(1 for r in to_cancel if r.future.cancel())
+        n = 0
+        for r in to_cancel:
+            if r.future.cancel():  # (wait() / as_completed() need the notify too, see _withdraw_if_cancelled)
+                r.future.set_running_or_notify_cancel()
+                n += 1
         if n:
             with self._cv:
                 self._cancelled += n
