@@ -444,7 +444,7 @@ class Pipeline:
                 raise BadArgumentError(f"seeds: expected a non-empty list of ints, found {seeds!r}")
             if n not in (1, len(seeds)):
                 raise BadArgumentError(f"n={n} but {len(seeds)} seeds were given: one sample per seed")
-            return [_check_seed(s) for s in seeds]
+            return [check_seed(s) for s in seeds]
         if latents is not None:  # the latents fix the batch; n may repeat it
             if n not in (1, latents.shape[0]):
                 raise BadArgumentError(f"n={n} but latents hold {latents.shape[0]} samples: one sample per row")
@@ -455,7 +455,7 @@ class Pipeline:
             seed = random.randrange(2**31)
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise BadArgumentError(f"seed: expected an int, found {seed!r}")
-        return [_check_seed(seed + i) for i in range(n)]
+        return [check_seed(seed + i) for i in range(n)]
 
     def _size(self, height, width) -> tuple[int, int]:
         h0, w0 = self.spec.sample_size
@@ -623,21 +623,21 @@ def _cfg_scales(cfg_scale, b: int) -> list:
     if isinstance(cfg_scale, numbers.Real) and not isinstance(cfg_scale, bool):
         return [finite_number("cfg_scale", cfg_scale)] * b
     try:
-        scales = torch.as_tensor(cfg_scale, dtype=torch.float64)
+        raw = torch.as_tensor(cfg_scale)
     except (TypeError, ValueError, RuntimeError):
         raise BadArgumentError(f"cfg_scale: expected a finite number, or one per sample, found {cfg_scale!r}") from None
-    values = scales.reshape(-1).tolist()
-    if isinstance(cfg_scale, (list, tuple)) and any(type(v).__name__ in ("bool", "bool_") for v in cfg_scale):
+    # a bool is no scale, also among numbers (where the list's dtype no longer shows it)
+    bools = raw.dtype == torch.bool or (isinstance(cfg_scale, (list, tuple))
+                                        and any(type(v).__name__ in ("bool", "bool_") for v in cfg_scale))
+    if bools or raw.is_complex() or raw.dim() > 1 or raw.numel() not in (1, b):
         raise BadArgumentError(f"cfg_scale: expected a finite number, or {b} of them (one per sample), found "
                                f"{cfg_scale!r}")
-    if scales.dim() > 1 or len(values) not in (1, b) or torch.as_tensor(cfg_scale).dtype == torch.bool:
-        raise BadArgumentError(f"cfg_scale: expected a finite number, or {b} of them (one per sample), found "
-                               f"{cfg_scale!r}")
-    values = [finite_number("cfg_scale", v) for v in values]
+    values = [finite_number("cfg_scale", v) for v in raw.to(torch.float64).reshape(-1).tolist()]
     return values * b if len(values) == 1 else values
 
 
-def _check_seed(seed: int) -> int:
+def check_seed(seed: int) -> int:
+    """``seed`` if a torch.Generator takes it (what ``generate`` and the Engine accept), else a clear error."""
     if not 0 <= seed < 2**63:
         raise BadArgumentError(f"seed: expected an integer in [0, 2**63), found {seed}")
     return seed

@@ -55,6 +55,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from ..errors import BadArgumentError, FastdiffError
+from ..pipeline import check_seed
 from ..utils.checks import finite_number
 
 __all__ = ["Engine", "EngineClosedError"]
@@ -448,9 +449,7 @@ class Engine:
 
     def _make_request(self, fut, seed, class_label, ehs, nehs, steps, sampler, cfg_scale, height, width,
                       schedule, options, added) -> _Request:
-        seed = _as_int("seed", seed, minimum=0)
-        if seed >= 2**63:  # what Pipeline.generate takes (a torch.Generator seed)
-            raise BadArgumentError(f"seed: expected an integer in [0, 2**63), found {seed}")
+        seed = check_seed(_as_int("seed", seed))  # what Pipeline.generate takes
         class_label = _as_int("class_label", class_label, minimum=0, allow_none=True)
         top = getattr(getattr(self.pipe, "spec", None), "label_bound", None)  # None: generate() checks it
         if class_label is not None and isinstance(top, int) and class_label >= top:
