@@ -66,7 +66,8 @@ def run(dtypes=(torch.float16, torch.bfloat16), iters: int = 100, split: bool = 
             for impl, fn in candidates(q, k, v, split).items():
                 try:
                     timed[impl] = time_cuda(fn, iters=iters)
-                except RuntimeError as e:  # a pinned SDPA backend that cannot run this problem
+                except Exception as e:  # a pinned SDPA backend that cannot run this problem, a kernel that fails
+                    # to compile: an "unavailable" row, and the other implementations still run
                     torch.cuda.synchronize()
                     rows.append(dict(row, impl=impl, unavailable=str(e).splitlines()[0][:80]))
             rows.extend(timed_rows(row, timed, flops, chosen_backend(q, k, v)))

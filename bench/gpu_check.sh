@@ -109,6 +109,7 @@ publish() {
     if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then
         "$PY" "$ROOT/bench/inductor_autotune.py" save "$TORCHINDUCTOR_CACHE_DIR" "$RESULTS/inductor_autotune" > /dev/null 2>&1
         tar czf "$OUT/gpu_results.tgz.tmp" --exclude="$(basename "$RESULTS")/inductor" \
+            --exclude="$(basename "$RESULTS")/tests-cache" \
             -C "$(dirname "$RESULTS")" "$(basename "$RESULTS")" 2> /dev/null &&
             mv "$OUT/gpu_results.tgz.tmp" "$OUT/gpu_results.tgz" || rm -f "$OUT/gpu_results.tgz.tmp"
         cp "$SUMMARY" "$OUT/summary.tsv" 2> /dev/null
@@ -190,7 +191,10 @@ if wants tests; then
     env -C /tmp $PY -c "import xdist" > /dev/null 2>&1 && XDIST="-n 4"
     note gpu-tests-workers "ok: ${XDIST:-one process (no pytest-xdist)}"
 fi
-wants tests && step gpu-tests 180 $PY -m pytest -q -m gpu tests -p no:cacheprovider $XDIST
+# a cache folder of their own: the extension building beside them would otherwise appear half-way through the
+# run, loaded by some workers and not others (its own test runs in the cuda-ext stage)
+wants tests && step gpu-tests 180 env FASTDIFF_CACHE="$RESULTS/tests-cache" \
+    $PY -m pytest -q -m gpu tests -p no:cacheprovider $XDIST
 
 # --- 5. kernel benchmarks --------------------------------------------------------------------------
 if wants kernels; then

@@ -93,7 +93,9 @@ def build(verbose: bool = False):
     out = build_dir()
     out.mkdir(parents=True, exist_ok=True)
     mod = load(name=NAME, sources=[str(CSRC / s) for s in SOURCES], extra_include_paths=[str(CSRC)],
-               extra_cflags=["-O3", "-std=c++17"], extra_cuda_cflags=["-O3", "-std=c++17", "--use_fast_math"],
+               # no -std= of our own: cpp_extension picks the standard this torch is built with (C++17 in
+               # torch 2.6 and 2.11, C++20 in 2.13), and an explicit flag would stop it from raising it
+               extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "--use_fast_math"],
                build_directory=str(out), verbose=verbose)
     _state.update(module=mod, reason="ok")
     return mod
