@@ -9,6 +9,7 @@ that contract, so a sampler never sees a parameterisation:
   scaled by ``c_in = 1/sqrt(sigma^2 + 1)`` (the variance-preserving input the network was trained on).
 * ``EDMDenoiser``: EDM preconditioning (c_skip, c_out, c_in, c_noise = ln(sigma)/4, sigma_data).
 * ``CFGDenoiser``: classifier-free guidance as ONE batched call (uncond + cond stacked on the batch).
+* ``FoldedCFGDenoiser``: the same call for a network that guides inside (a CFG-folded exported graph).
 
 Every adapter splits a call into ``predict`` (raw x0) and ``postprocess`` (clip_sample / dynamic
 thresholding), so that guidance is applied before clipping as diffusers does, and DDIM can clip x0 while
@@ -463,3 +464,45 @@ class CFGDenoiser(Denoiser):
             x0 = base + g * (phi * ratio + (1 - phi))
         return x0
 
+
+
+# conditioning a CFG-folded graph has no uncond_ input for: the null class label is inside the graph, and FLUX.1
+# dev's distilled guidance is shared by both passes
+_FOLDED_INSIDE = ("class_labels", "guidance")
+
+
+class FoldedCFGDenoiser(Denoiser):
+    """Classifier-free guidance for a network that guides inside (a CFG-folded ONNX / TensorRT graph).
+
+    Takes the same call as ``CFGDenoiser`` (``uncond={...}``, ``guidance_scale=`` (B,)) and hands both to the
+    network as its ``uncond_<name>`` and ``guidance_scale`` inputs: one call at batch B, whose output is already
+    ``uncond + w * (cond - uncond)``. x0 is linear in the network's output, so this equals ``CFGDenoiser``'s guidance
+    on x0. A class model's unconditional label is the graph's own (its null class), so ``uncond`` class labels are
+    not passed. With no ``uncond`` (an unguided run) the conditional inputs stand in, at scale 1.
+    """
+
+    def __init__(self, inner: Denoiser):
+        self.inner = inner
+        self.postprocess_x0 = getattr(inner, "postprocess_x0", None)
+
+    def c_skip(self, sigma):
+        return self.inner.c_skip(sigma)
+
+    @staticmethod
+    def _folded(x, cond, uncond, guidance_scale) -> dict:
+        if guidance_scale is None:
+            guidance_scale = torch.ones(x.shape[0], dtype=torch.float32, device=x.device)
+        uncond = cond if uncond is None else uncond
+        out = dict(cond, guidance_scale=guidance_scale)
+        for k, v in uncond.items():
+            if k not in cond:
+                raise BadArgumentError(f"uncond: expected keys among the conditioning {sorted(cond)}, found {k!r}")
+            if k not in _FOLDED_INSIDE and torch.is_tensor(v):
+                out["uncond_" + k] = v
+        return out
+
+    def predict(self, x, sigma, uncond: Optional[dict] = None, guidance_scale=None, **cond):
+        return self.inner.predict(x, sigma, **self._folded(x, cond, uncond, guidance_scale))
+
+    def predict_at(self, x, sigma: float, uncond: Optional[dict] = None, guidance_scale=None, **cond):
+        return self.inner.predict_at(x, sigma, **self._folded(x, cond, uncond, guidance_scale))

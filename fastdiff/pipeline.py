@@ -312,7 +312,7 @@ class Pipeline:
             (``pipe.vae``) is decoded for ``np`` / ``pil``.
         Returns float32 results whatever the network dtype (the sampler state is always float32).
         """
-        from .denoiser import CFGDenoiser
+        from .denoiser import CFGDenoiser, FoldedCFGDenoiser
         from .noise import NoiseSource
 
         if output_type not in OUTPUT_TYPES:
@@ -368,7 +368,15 @@ class Pipeline:
         cond.update(guidance_conditioning(self.spec, b, guidance, self.device))  # (both CFG passes share it)
         denoiser = plan.make_denoiser(self.runner, dtype=self._network_dtype())
         extra = dict(cond)
-        if guided:  # the scales travel with the conditioning: a captured loop reads them from its inputs
+        if getattr(self.runner, "cfg_folded", False):  # an exported graph that guides inside: one call of batch B
+            if guidance_rescale:
+                raise BadArgumentError("guidance_rescale: this CFG-folded graph returns the guided output only, and "
+                                       "rescaling needs the conditional pass; export without cfg_folded for it")
+            denoiser = FoldedCFGDenoiser(denoiser)
+            if guided:
+                extra["uncond"] = uncond
+            extra["guidance_scale"] = torch.tensor(cfg_scales, dtype=torch.float32, device=self.device)  # (B,)
+        elif guided:  # the scales travel with the conditioning: a captured loop reads them from its inputs
             denoiser = CFGDenoiser(denoiser, None, guidance_rescale, guided_channels=self.spec.guided_channels)
             extra["uncond"] = uncond
             extra["guidance_scale"] = torch.tensor(cfg_scales, dtype=torch.float32, device=self.device)  # (B,)

@@ -54,3 +54,55 @@ def test_a_feed_the_graph_cannot_take_is_a_clear_error(tmp_path):
     export_onnx(pipe, pipe.spec, path, dynamic_batch=False, progress=False)
     with pytest.raises(BadArgumentError, match="input 'sample': expected shape 1x3x16x16 .* found 2x3x16x16"):
         fastdiff.load(path).generate(seeds=[1, 2], steps=2, sampler="ddim", progress=False)
+
+
+@pytest.mark.parametrize("arch", ["tiny-dit", "tiny-sd-unet"])
+def test_a_cfg_folded_graph_generates_like_eager(arch, tmp_path):
+    """A CFG-folded export guides inside the graph: the loaded pipeline makes one call of batch B per step, with the
+    negative conditioning and one scale per sample as graph inputs, and equals eager CFG (and eager without
+    guidance at scale 1)."""
+    import torch
+
+    from fastdiff.export.onnx import export_onnx
+
+    pipe = fastdiff.load(f"arch:{arch}")
+    path = str(tmp_path / "folded.onnx")
+    export_onnx(pipe, pipe.spec, path, cfg_folded=True, progress=False)
+    folded = fastdiff.load(path)
+    assert folded.runner.cfg_folded
+    kw = dict(seeds=[1, 2, 3], steps=3, sampler="dpmpp_2m", progress=False)
+    if pipe.spec.cross_attention_dim:  # text: a prompt and a negative of its own per sample
+        g = torch.Generator().manual_seed(0)
+        shape = (3, pipe.spec.text_tokens, pipe.spec.cross_attention_dim)
+        kw.update(encoder_hidden_states=torch.randn(shape, generator=g),
+                  negative_encoder_hidden_states=torch.randn(shape, generator=g))
+    else:
+        kw.update(class_labels=[3, 1, 4])
+    for cfg in (2.5, [1.0, 2.0, 5.0], 1.0):
+        assert rel_err(folded.generate(cfg_scale=cfg, **kw), pipe.generate(cfg_scale=cfg, **kw)) <= 1e-5, cfg
+    with pytest.raises(BadArgumentError, match="guidance_rescale: this CFG-folded graph"):
+        folded.generate(cfg_scale=2.0, guidance_rescale=0.7, **kw)
+
+
+def test_the_onnxruntime_backend_samples_at_every_size_eager_does():
+    """optimize(backend="onnxruntime") exports a UNet with dynamic height / width, so sizes other than the model's
+    default still run (and equal eager)."""
+    eager = fastdiff.load("arch:tiny-unet")
+    ort = fastdiff.load("arch:tiny-unet").optimize(backend="onnxruntime")
+    kw = dict(seeds=[1], steps=2, sampler="ddim", height=24, width=8, progress=False)
+    assert rel_err(ort.generate(**kw), eager.generate(**kw)) <= 1e-5
+
+
+def test_the_onnxruntime_backend_keeps_the_pipelines_precision():
+    """With no dtype asked for, a bf16 pipeline runs (ONNX has no bf16 graph here: fp32, from the bf16 weights) and
+    an fp16 one exports an fp16 graph."""
+    import torch
+
+    rounded = fastdiff.load("arch:tiny-dit")
+    rounded.model.to(torch.bfloat16).to(torch.float32)  # the bf16 pipeline's weights, in float32
+    bf16 = fastdiff.load("arch:tiny-dit", dtype="bf16").optimize(backend="onnxruntime")
+    assert bf16.runner.io["dtype"] == "fp32"
+    # the denoiser still casts the network's inputs to bf16 (the pipeline's dtype): bf16 rounding, no more
+    assert rel_err(bf16.generate(**KW), rounded.generate(**KW)) <= 1e-2
+    fp16 = fastdiff.load("arch:tiny-dit", dtype="fp16").optimize(backend="onnxruntime")
+    assert fp16.runner.io["dtype"] == "fp16"

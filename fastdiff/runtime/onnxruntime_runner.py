@@ -152,7 +152,8 @@ class OnnxRuntimeRunner:
             raise BadArgumentError("this OnnxRuntimeRunner was closed")
         if self.device.type == "cuda":
             return self._run_cuda(feeds)
-        arrays = {n: feeds[n].detach().cpu().numpy().astype(dt, copy=False) for n, dt in self.inputs.items()}
+        # cast in torch, then hand to NumPy: NumPy has no bfloat16 (a bf16 pipeline feeds bf16 tensors)
+        arrays = {n: torch.as_tensor(feeds[n]).detach().to("cpu", _TORCH[dt]).numpy() for n, dt in self.inputs.items()}
         out = self.session.run([self.outputs[0][0]], arrays)[0]
         return torch.from_numpy(out)
 

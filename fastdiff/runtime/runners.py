@@ -91,10 +91,13 @@ def build_runner(pipe, config: OptimizeConfig, graph_factory=None) -> tuple[Call
             from .onnxruntime_runner import OnnxRuntimeRunner
         except ImportError as e:
             raise BackendUnavailableError(f"backend 'onnxruntime' was requested but {e}") from e
-        dtype = config.dtype or "fp32"
+        # the model's own precision when none is asked for (ONNX has no bfloat16 graphs here: bf16 runs as fp32)
+        dtype = config.dtype or ("fp16" if pipe._network_dtype() == torch.float16 else "fp32")
         # on the CPU, ONNX Runtime gets the same thread budget as torch (no oversubscription)
         threads = torch.get_num_threads() if device.type == "cpu" else None
-        runner = OnnxRuntimeRunner.from_pipeline(pipe, device=device, dtype=dtype, threads=threads)
+        # every size the eager model takes (a DiT's position table fixes its own)
+        runner = OnnxRuntimeRunner.from_pipeline(pipe, device=device, dtype=dtype, threads=threads,
+                                                 dynamic_hw=pipe.spec.kind != "dit")
     elif backend == "tensorrt":
         runner = _tensorrt_runner(pipe, config)
         if not graphs_apply:  # the engine's profile covers network batches up to twice the largest bucket
