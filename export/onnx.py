@@ -219,6 +219,9 @@ def _unpack(pipe_or_model, spec):
                 f"{type(pipe_or_model).__name__} and spec=None (the spec gives the input shapes and the "
                 f"metadata a consumer needs; fastdiff.load(...) returns both)")
         return pipe_or_model, spec
+    if hasattr(pipe_or_model, "spec") and model is None:  # fastdiff.load("x.onnx"): a graph, no PyTorch weights
+        raise BadArgumentError("export_onnx: expected a checkpoint with PyTorch weights, found a pipeline of an "
+                               "exported graph (no PyTorch model); export from the checkpoint it came from")
     raise BadArgumentError(f"export_onnx: expected a fastdiff Pipeline or an nn.Module, found "
                            f"{type(pipe_or_model).__name__}")
 
@@ -246,8 +249,9 @@ def _native_ops(model: nn.Module):
             m.set_backend(b)
 
 
-def _example_inputs(spec, io, batch, h, w, device, seed=0):
-    """Seeded inputs for the graph in its input order, as torch tensors (float32 / int64 on ``device``)."""
+def _example_inputs(spec, io, batch, h, w, device, seed=0, tokens=7):
+    """Seeded inputs for the graph in its input order, as torch tensors (float32 / int64 on ``device``); text states
+    of ``tokens`` tokens (7 by default: no size of the model's own, so nothing is fixed to it)."""
     g = torch.Generator().manual_seed(seed)
     feeds = {}
     for name, dt in io["inputs"]:
@@ -257,7 +261,7 @@ def _example_inputs(spec, io, batch, h, w, device, seed=0):
             v = torch.linspace(999, 1, batch)
             v = v.round().long() if dt == "int64" else v + 0.25
         elif name in ("encoder_hidden_states", "uncond_encoder_hidden_states"):
-            v = torch.randn(batch, 7, spec.cross_attention_dim, generator=g)
+            v = torch.randn(batch, tokens, spec.cross_attention_dim, generator=g)
         elif name in ("text_embeds", "uncond_text_embeds"):
             v = torch.randn(batch, spec.text_embeds_dim, generator=g)
         elif name in ("time_ids", "uncond_time_ids"):  # sizes and crops in pixels, varied per row
@@ -329,9 +333,10 @@ def export_onnx(pipe_or_model, spec: Optional[ModelSpec], path: str, *, opset: i
         raise BadArgumentError(f"batch must be a positive int, found {batch!r}")
     if spec.kind not in ("unet", "dit", "mmdit", "flux"):
         raise UnsupportedConfigError("kind", spec.kind, supported=["unet", "dit", "mmdit", "flux"], model="ONNX exporter")
+    from fastdiff.utils.atomic import check_file_path
+
     path = os.fspath(path)
-    if os.path.isdir(path):
-        raise BadArgumentError(f"cannot write {path}: expected a file path ending in .onnx, found a folder")
+    parent = check_file_path(path)  # a folder, a missing or unwritable one: refused before any work
     h = int(height or spec.sample_size[0])
     w = int(width or spec.sample_size[1])
     if spec.kind == "dit":
@@ -353,9 +358,6 @@ def export_onnx(pipe_or_model, spec: Optional[ModelSpec], path: str, *, opset: i
     io = graph_io(model, spec, cfg_folded=cfg_folded, fp16_io=fp16_io, dtype=dtype,
                   dynamic_batch=dynamic_batch, dynamic_hw=dynamic_hw, out_channels=out_ch)
 
-    from fastdiff.utils.atomic import _check_parent
-
-    parent = _check_parent(path)  # BadArgumentError for a missing / unwritable folder, before any work
     bar = _Progress(progress, total=4, desc=f"export {os.path.basename(path)}")
     try:
         compute = DTYPES[dtype]
@@ -482,6 +484,18 @@ def _set_metadata(proto, spec: ModelSpec, io: dict, opset: int) -> None:
     for k, v in meta.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = k, v
+    # the output's channels (and height / width unless dynamic) are fixed; torch's exporter can leave them symbols
+    # (after the CFG-folded graph's concatenation), which consumers would take for dynamic axes
+    fixed = {1: int(io["out_channels"])}
+    fixed.update({2: "height", 3: "width"} if io["dynamic_hw"] else dict(zip((2, 3), map(int, spec.sample_size))))
+    for out in proto.graph.output:
+        dims = out.type.tensor_type.shape.dim
+        if out.name == "out_sample" and len(dims) == 4:
+            for axis, size in fixed.items():
+                if isinstance(size, int):
+                    dims[axis].dim_value = size
+                else:
+                    dims[axis].dim_param = size
 
 
 def _read_metadata(path_or_bytes) -> dict:
@@ -572,6 +586,10 @@ def _parity(onnx_path, model, spec, io, batch, h, w):
         out = runner.run_feeds(feeds).float().cpu()
     except BackendUnavailableError as e:
         return None, None, f"skipped: {e}"
+    if not torch.isfinite(out).all():  # (an fp16 graph whose activations overflow): refused, nothing written
+        where = "the PyTorch float32 model too" if not torch.isfinite(ref).all() else "PyTorch float32 does not"
+        raise BadArgumentError(f"the exported graph gives non-finite outputs ({io['dtype']}; {where}): expected "
+                               f"finite values; export fp32, or check the weights")
     err = (out.double() - ref.double()).abs().max().item()
     rel = err / max(ref.double().abs().max().item(), 1e-30)
     return err, rel, f"ONNX Runtime CPU vs PyTorch float32, batch {batch}, {h}x{w}"

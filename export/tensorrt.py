@@ -1,6 +1,6 @@
 """ONNX -> TensorRT engine, with optimisation profiles, a timing cache and a sidecar JSON.
 
-``build_engine(onnx_path, engine_path, batch=(1, 1, 4), ...)`` parses the ONNX file written by
+``build_engine(onnx_path, engine_path, batch=(1, 2, 4), ...)`` parses the ONNX file written by
 ``fastdiff.export.onnx.export_onnx``, sets one optimisation profile (min / opt / max of every dynamic
 axis: batch, height, width, text sequence length), builds in fp16 / bf16 / fp32 and writes, atomically:
 
@@ -31,6 +31,7 @@ from fastdiff.errors import BackendUnavailableError, BadArgumentError, Unsupport
 PRECISIONS = ("fp32", "fp16", "bf16")
 SIDECAR_SUFFIX = ".json"
 DEFAULT_SEQUENCE = 77  # CLIP text length: the usual encoder_hidden_states length
+DEFAULT_BATCH = (1, 1, 4)  # a dynamic batch's profile when none is given (a static batch keeps its size)
 
 
 def tensorrt_available() -> tuple:
@@ -93,6 +94,15 @@ def parse_range(value, name: str) -> Optional[tuple]:
     return tuple(parts)
 
 
+def text_sequence(spec) -> Optional[tuple]:
+    """The text-length profile (min, opt, max) for a text-conditioned model's engine, None for others: any prompt
+    length from 1 to 4 x 77 tokens for CLIP models (77 the optimum); SD3's and Flux's pipelines' own lengths (333 =
+    77 CLIP + 256 T5, up to 77 + 512; Flux's 512 T5 tokens)."""
+    if not spec.cross_attention_dim:
+        return None
+    return {333: (1, 333, 589), 512: (1, 512, 512)}.get(spec.text_tokens, (1, DEFAULT_SEQUENCE, 4 * DEFAULT_SEQUENCE))
+
+
 def onnx_input_dims(onnx_path: str) -> dict:
     """input name -> list of dims (int, or the symbolic name for a dynamic axis)."""
     import onnx
@@ -107,17 +117,18 @@ def onnx_input_dims(onnx_path: str) -> dict:
     return out
 
 
-def make_profiles(onnx_path: str, batch=(1, 1, 4), height=None, width=None, sequence=None) -> dict:
+def make_profiles(onnx_path: str, batch=None, height=None, width=None, sequence=None) -> dict:
     """name -> (min, opt, max) shapes for every input of a fastdiff ONNX graph.
 
-    batch / height / width / sequence: N or (min, opt, max); height / width are needed only when the
-    graph has dynamic height / width (default: the fixed size the graph was traced at is unknown then,
-    so they must be given); sequence defaults to 77 (CLIP).
+    batch / height / width / sequence: N or (min, opt, max); batch defaults to (1, 1, 4) for a dynamic batch;
+    height / width are needed only when the graph has dynamic height / width (the size the graph was traced at is
+    unknown then, so they must be given); sequence defaults to 77 (CLIP). A range over an axis the graph fixed is
+    refused.
     """
-    b = parse_range(batch, "batch")
+    b = parse_range(DEFAULT_BATCH if batch is None else batch, "batch")
     ranges = {"batch": b, "height": parse_range(height, "height"), "width": parse_range(width, "width"),
               "sequence": parse_range(sequence if sequence is not None else DEFAULT_SEQUENCE, "sequence")}
-    profiles = {}
+    profiles, dynamic = {}, set()
     for name, dims in onnx_input_dims(onnx_path).items():
         mins, opts, maxs = [], [], []
         for i, d in enumerate(dims):
@@ -127,11 +138,19 @@ def make_profiles(onnx_path: str, batch=(1, 1, 4), height=None, width=None, sequ
                 r = (1, b[1], b[2])
             elif d in ranges and ranges[d] is not None:
                 r = ranges[d]
+                dynamic.add(d)
             else:
                 raise BadArgumentError(f"input {name!r} axis {i} is dynamic ({d!r}): give its min:opt:max "
                                        f"(--height / --width for a dynamic-resolution graph)")
             mins.append(r[0]), opts.append(r[1]), maxs.append(r[2])
         profiles[name] = (tuple(mins), tuple(opts), tuple(maxs))
+    given = {"batch": batch is not None, "height": True, "width": True}
+    for axis in ("batch", "height", "width"):  # a range over an axis the graph fixed would be silently one size
+        r = ranges[axis]
+        if given[axis] and r is not None and r[0] != r[2] and axis not in dynamic:
+            raise BadArgumentError(f"{axis}: a MIN:OPT:MAX range ({r[0]}:{r[1]}:{r[2]}) needs a dynamic {axis} axis, "
+                                   f"found one fixed in this graph; give one size, or export with a dynamic "
+                                   f"{'batch (no --static-batch)' if axis == 'batch' else 'height / width (--dynamic-hw)'}")
     return profiles
 
 
@@ -209,7 +228,7 @@ def engine_status(engine_path: str, onnx_path: Optional[str] = None, *, precisio
 # Build
 # ---------------------------------------------------------------------------------------------------
 
-def build_engine(onnx_path: str, engine_path: str, *, batch=(1, 1, 4), height=None, width=None, sequence=None,
+def build_engine(onnx_path: str, engine_path: str, *, batch=None, height=None, width=None, sequence=None,
                  precision: str = "fp16", timing_cache: Optional[str] = None, workspace_gb: Optional[float] = None,
                  rebuild: str = "auto", progress: bool = True) -> EngineResult:
     """Build (or reuse) a TensorRT engine for a fastdiff ONNX graph; see the module docstring.
@@ -226,11 +245,11 @@ def build_engine(onnx_path: str, engine_path: str, *, batch=(1, 1, 4), height=No
     onnx_path, engine_path = os.fspath(onnx_path), os.fspath(engine_path)
     if not os.path.isfile(onnx_path):
         raise BadArgumentError(f"no such ONNX file: {onnx_path}")
-    from fastdiff.utils.atomic import _check_parent, atomic_path
+    from fastdiff.utils.atomic import atomic_path, check_file_path
 
-    _check_parent(engine_path)
+    check_file_path(engine_path)
     if timing_cache:  # checked before minutes of building, not when writing it afterwards
-        _check_parent(os.fspath(timing_cache))
+        check_file_path(os.fspath(timing_cache))
     trt = require_tensorrt()
     t0 = time.perf_counter()
     profiles = make_profiles(onnx_path, batch, height, width, sequence)
@@ -261,12 +280,13 @@ def build_engine(onnx_path: str, engine_path: str, *, batch=(1, 1, 4), height=No
     config = builder.create_builder_config()
     if workspace_gb:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
-    if precision == "fp16":
-        config.set_flag(trt.BuilderFlag.FP16)
-    elif precision == "bf16":
-        if not hasattr(trt.BuilderFlag, "BF16"):
-            raise BackendUnavailableError(f"bf16 needs TensorRT >= 9, found {trt.__version__}")
-        config.set_flag(trt.BuilderFlag.BF16)
+    if precision in ("fp16", "bf16"):
+        flag = getattr(trt.BuilderFlag, precision.upper(), None)
+        if flag is None:  # BF16 came in TensorRT 9; both weak-typing flags went in TensorRT 11
+            raise BackendUnavailableError(
+                f"a {precision} engine is built with TensorRT's {precision.upper()} builder flag (TensorRT 9 to 10), "
+                f"found TensorRT {trt.__version__} without it")
+        config.set_flag(flag)
     profile = builder.create_optimization_profile()
     for name, (mn, opt, mx) in profiles.items():
         profile.set_shape(name, mn, opt, mx)

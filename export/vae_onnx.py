@@ -63,9 +63,9 @@ def export_vae_onnx(pipe_or_vae, path: str, *, opset: int = 17, dtype: str = "fp
     h = int(height or (spec.sample_size[0] if spec is not None else 32))
     w = int(width or (spec.sample_size[1] if spec is not None else 32))
     path = os.fspath(path)
-    from fastdiff.utils.atomic import _check_parent
+    from fastdiff.utils.atomic import check_file_path
 
-    parent = _check_parent(path)
+    parent = check_file_path(path)
     compute = DTYPES[dtype]
     model = _DecodeGraph(vae if next(vae.parameters()).dtype == compute else _copy_as(vae, compute), compute).eval()
     device = next(vae.parameters()).device

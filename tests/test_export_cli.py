@@ -92,8 +92,97 @@ def test_export_takes_the_heads_the_weights_cannot_say(tmp_path):
     torch.testing.assert_close(got, ref["out"], rtol=1e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("extra,match", [(["--timing-cache", "c.bin"], "--timing-cache is for --format tensorrt"),
-                                         (["--batch", "1:2:4"], "MIN:OPT:MAX ranges are for --format tensorrt")])
-def test_onnx_export_refuses_tensorrt_only_options(tmp_path, extra, match):
+@pytest.mark.parametrize("extra,match", [
+    (["--timing-cache", "c.bin"], "--timing-cache is for --format tensorrt"),
+    (["--sequence", "1:77:154"], "--sequence is for --format tensorrt"),
+    (["--batch", "1:2:4", "--static-batch"], "--batch 1:2:4: a range needs the dynamic batch axis"),
+    (["--height", "8:16:32"], "--height: a MIN:OPT:MAX range needs dynamic height / width axes (--dynamic-hw)"),
+    (["--width", "8:16:32", "--height", "16"], "--width: a MIN:OPT:MAX range needs dynamic"),
+])
+def test_onnx_export_refuses_options_it_cannot_honour(tmp_path, extra, match):
     r = fastdiff("export", "arch:tiny-unet", "--format", "onnx", "-o", str(tmp_path / "u.onnx"), *extra, cwd=tmp_path)
     assert r.returncode == 2 and match in r.stderr and not (tmp_path / "u.onnx").exists()
+
+
+def test_onnx_export_takes_a_range_and_traces_at_its_opt(tmp_path):
+    """MIN:OPT:MAX, as for a TensorRT profile: the ONNX graph is dynamic over it and is traced and checked at OPT."""
+    out = tmp_path / "u.onnx"
+    r = fastdiff("export", "arch:tiny-unet", "--format", "onnx", "-o", str(out), "--batch", "1:3:8", "--dynamic-hw",
+                 "--height", "8:24:32", "--width", "16", "--no-progress", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "batch 3, 24x16" in r.stdout
+    from fastdiff.export.onnx import read_onnx_io
+
+    assert read_onnx_io(str(out))["dynamic_batch"] and read_onnx_io(str(out))["dynamic_hw"]
+
+
+def test_the_readme_export_example_runs(tmp_path):
+    """The README's `fastdiff export` line, as written there, in an empty folder."""
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    lines = [ln.split("#")[0].split() for ln in readme.splitlines() if ln.startswith("fastdiff export ")]
+    assert lines, "README.md has no `fastdiff export` example"
+    for argv in lines:
+        r = fastdiff(*argv[1:], "--no-progress", cwd=tmp_path)
+        assert r.returncode == 0, (argv, r.stderr)
+        assert (tmp_path / argv[argv.index("-o") + 1]).is_file()
+
+
+@pytest.mark.parametrize("output", ["", "sub/", "existing"])
+def test_an_output_that_is_no_file_path_is_one_line_of_error(tmp_path, output):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "existing").mkdir()
+    r = fastdiff("export", "arch:tiny-unet", "--format", "onnx", "-o", output, "--no-progress", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.startswith("fastdiff export: error: cannot write"), r.stderr
+    assert "Traceback" not in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing", "sub"]  # no temp folder left behind
+
+
+def test_exporting_an_exported_graph_is_refused_by_name(tmp_path):
+    first = tmp_path / "u.onnx"
+    assert fastdiff("export", "arch:tiny-unet", "--format", "onnx", "-o", str(first), "--no-progress").returncode == 0
+    r = fastdiff("export", str(first), "--format", "onnx", "-o", str(tmp_path / "again.onnx"), "--no-progress")
+    assert r.returncode == 2 and "expected a checkpoint with PyTorch weights, found a pipeline of an exported graph" \
+        in r.stderr
+    assert not (tmp_path / "again.onnx").exists()
+
+
+def test_tensorrt_export_logic_with_a_stand_in_builder(tmp_path, monkeypatch):
+    """The TensorRT path of `fastdiff export` without TensorRT (a stand-in builder and check): the profile gets the
+    model's text length, the check runs at its OPT before the engine is placed, and a failing check leaves
+    nothing at OUT."""
+    import fastdiff.export.tensorrt as trt_mod
+    from fastdiff.commands import export as cmd
+    from fastdiff.errors import BadArgumentError
+
+    calls = {}
+
+    def build_engine(onnx_path, engine_path, **kw):
+        calls["build"] = kw
+        for path, text in ((engine_path, "engine"), (engine_path + trt_mod.SIDECAR_SUFFIX, "{}")):
+            with open(path, "w") as f:
+                f.write(text)
+        return trt_mod.EngineResult(engine_path, 6, 0.1, True)
+
+    def check(pipe, engine_path, io, batch, kw, tokens):
+        calls["check"] = dict(placed=(tmp_path / "u.engine").exists(), tokens=tokens, batch=batch)
+        if calls.get("fail"):
+            raise BadArgumentError("stand-in check failed")
+        return dict(max_abs_err=0.0, max_rel_err=0.0, check_note="stand-in")
+
+    monkeypatch.setattr(trt_mod, "require_tensorrt", lambda: None)
+    monkeypatch.setattr(trt_mod, "build_engine", build_engine)
+    monkeypatch.setattr(cmd, "_check_engine", check)
+    out = str(tmp_path / "u.engine")
+    report = cmd.export_model("arch:tiny-sd-unet", out, format="tensorrt", batch="1:2:4", progress=False)
+    assert calls["build"]["sequence"] == (1, 77, 308) and calls["build"]["batch"] == (1, 2, 4)
+    assert calls["check"] == dict(placed=False, tokens=77, batch=2)
+    assert report["path"] == out and open(out).read() == "engine" and os.path.exists(out + ".json")
+
+    cmd.export_model("arch:tiny-sd-unet", out, format="tensorrt", sequence="1:16:32", progress=False)
+    assert calls["build"]["sequence"] == (1, 16, 32) and calls["check"]["tokens"] == 16
+
+    os.remove(out), os.remove(out + ".json")
+    calls["fail"] = True
+    with pytest.raises(BadArgumentError, match="stand-in check failed"):
+        cmd.export_model("arch:tiny-sd-unet", out, format="tensorrt", progress=False)
+    assert sorted(os.listdir(tmp_path)) == []  # no engine, no sidecar, no temp folder

@@ -373,3 +373,40 @@ def test_an_optimized_model_exports_its_per_layer_projections(pipes, exported, t
     x, t, kw = inputs(pipe.spec, 2)
     got = OnnxRuntimeRunner(res.path, device="cpu", spinning=False)(x, t, **kw)
     assert rel(got, exported[name][1](x, t, **kw)) <= 1e-5
+
+
+def test_a_graph_with_non_finite_outputs_is_refused(pipes, tmp_path):
+    """fp16 activations that overflow (weights scaled up here): the parity check refuses the graph, nothing is
+    written, instead of reporting "max abs error nan"."""
+    import copy
+
+    pipe = copy.deepcopy(pipes["arch:tiny-unet"])
+    with torch.no_grad():
+        for p in pipe.model.parameters():
+            p.mul_(300.0)
+    out = tmp_path / "inf.onnx"
+    with pytest.raises(BadArgumentError, match="non-finite outputs .fp16"):
+        export_onnx(pipe, None, str(out), dtype="fp16", progress=False)
+    assert not out.exists() and os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("kw,dims", [(dict(cfg_folded=True), ["batch", 4, 8, 8]),
+                                     (dict(cfg_folded=True, dynamic_hw=True), ["batch", 4, "height", "width"]),
+                                     (dict(height=16, width=24), ["batch", 4, 16, 24])])
+def test_the_output_declares_its_fixed_sizes(pipes, tmp_path, kw, dims):
+    """Channels (and height / width unless dynamic) are numbers in the graph's output type, not symbols a consumer
+    would take for dynamic axes."""
+    path = str(tmp_path / "o.onnx")
+    export_onnx(pipes["arch:tiny-sd-unet"], None, path, progress=False, **kw)
+    out = onnx.load(path).graph.output[0]
+    assert [d.dim_param or d.dim_value for d in out.type.tensor_type.shape.dim] == dims
+
+
+def test_runner_refuses_per_sample_inputs_of_the_wrong_count(exported):
+    _, runner = exported["arch:tiny-dit"]
+    x = torch.randn(3, 4, 8, 8)
+    for kw, name in ((dict(timestep=torch.tensor([10.0, 20.0]), class_labels=[1, 2, 3]), "timestep"),
+                     (dict(timestep=10.0, class_labels=[1, 2]), "class_labels")):
+        with pytest.raises(BadArgumentError, match=f"{name}: expected one value or one per sample .3., found .2,."):
+            runner(x, **kw)
+    assert runner(x, 10.0, class_labels=[5]).shape[0] == 3  # one label for every sample

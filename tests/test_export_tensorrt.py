@@ -83,6 +83,29 @@ def test_profiles_from_the_graph(graphs):
         make_profiles(graphs["arch:tiny-unet"], batch=2)  # dynamic H/W needs its range
 
 
+def test_a_range_over_a_fixed_axis_is_refused(graphs, tmp_path):
+    """A graph with a fixed height / width (or batch) cannot honour a MIN:OPT:MAX range over it: refused, instead of
+    a profile silently fixed at the graph's size."""
+    with pytest.raises(BadArgumentError, match="height: a MIN:OPT:MAX range .8:16:32. needs a dynamic height"):
+        make_profiles(graphs["arch:tiny-sd-unet"], batch=2, height="8:16:32", width=8)
+    static = str(tmp_path / "static.onnx")
+    export_onnx(fastdiff.load("arch:tiny-dit"), None, static, dynamic_batch=False, batch=2, check=False,
+                progress=False)
+    with pytest.raises(BadArgumentError, match="batch: a MIN:OPT:MAX range .1:2:4. needs a dynamic batch"):
+        make_profiles(static, batch="1:2:4")
+    assert make_profiles(static)["sample"][0][0] == 2  # no batch asked for: the graph's own
+    assert make_profiles(graphs["arch:tiny-sd-unet"], height=8, width=8)["sample"][2][0] == 4  # the default 1:1:4
+
+
+def test_text_sequence_profiles():
+    from fastdiff.export.tensorrt import text_sequence
+
+    assert text_sequence(fastdiff.load("arch:tiny-sd-unet").spec) == (1, 77, 308)
+    assert text_sequence(fastdiff.load("arch:tiny-dit").spec) is None
+    assert text_sequence(fastdiff.load("arch:tiny-sd3").spec) == (1, 333, 589)  # 77 CLIP + 256 to 512 T5 tokens
+    assert text_sequence(fastdiff.load("arch:tiny-flux").spec) == (1, 512, 512)
+
+
 def test_stale_engine_detection():
     env = {"tensorrt": "10.3.0", "gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
     side = dict(env, precision="fp16", onnx_sha256="abc", engine_sha256="eee",

@@ -2,6 +2,7 @@
 
     fastdiff export arch:tiny-unet --format onnx -o unet.onnx
     fastdiff export ./sd15 --format tensorrt --dtype fp16 --batch 1:2:4 -o unet.engine
+    fastdiff export builtin:digits --format onnx --dtype fp16 --batch 1:4:8 --cfg-folded -o digits.onnx
 
 Prints a progress display (stderr), then the artifact path, its size and the parity check (max
 error vs the PyTorch model; ``--no-check`` skips it).
@@ -38,11 +39,16 @@ def register(sub) -> None:
                                                            "(default: float32 IO, casts inside)")
     p.add_argument("--opset", type=int, choices=(17, 18), default=17, help="ONNX opset (default 17)")
     p.add_argument("--batch", default="1", metavar="N|MIN:OPT:MAX",
-                   help="batch size checked (OPT); for tensorrt the profile's min:opt:max (default 1)")
+                   help="batch size traced and checked (OPT); for tensorrt the profile's min:opt:max; a range needs "
+                        "the dynamic batch (default 1)")
     p.add_argument("--static-batch", action="store_true", help="fix the batch axis (default: dynamic)")
     p.add_argument("--height", default=None, metavar="H|MIN:OPT:MAX", help="sample height (default: the model's)")
     p.add_argument("--width", default=None, metavar="W|MIN:OPT:MAX", help="sample width (default: the model's)")
-    p.add_argument("--dynamic-hw", action="store_true", help="dynamic height / width axes (UNet only)")
+    p.add_argument("--dynamic-hw", action="store_true",
+                   help="dynamic height / width axes (not a DiT); needed for --height / --width ranges")
+    p.add_argument("--sequence", default=None, metavar="N|MIN:OPT:MAX",
+                   help="tensorrt: the text length profile (default: 1:77:308 for CLIP models, SD3's 1:333:589, "
+                        "Flux's 512)")
     p.add_argument("--cfg-folded", action="store_true",
                    help="fold classifier-free guidance into the graph (inputs: cond, uncond, guidance_scale)")
     p.add_argument("--timing-cache", default=None, metavar="FILE", help="tensorrt: timing cache file (read + updated)")
@@ -63,7 +69,7 @@ def _human(n: int) -> str:
 def export_model(model: str, output: str, *, format: str = "onnx", dtype=None, fp16_io=False, opset=17,
                  batch="1", static_batch=False, height=None, width=None, dynamic_hw=False, cfg_folded=False,
                  timing_cache=None, check=True, progress=True, load_options: Optional[dict] = None,
-                 component: str = "network") -> dict:
+                 component: str = "network", sequence=None) -> dict:
     """The command as a function: returns a report dict (path, size_bytes, seconds, max errors, ...);
     ``load_options`` go to ``fastdiff.load`` (num_heads, head_channels, attention_order, prediction_type)."""
     from ..errors import BadArgumentError
@@ -80,6 +86,14 @@ def export_model(model: str, output: str, *, format: str = "onnx", dtype=None, f
 
     b = parse_range(batch, "--batch")
     hr, wr = parse_range(height, "--height"), parse_range(width, "--width")
+    seq = parse_range(sequence, "--sequence")
+    if b[0] != b[2] and static_batch:
+        raise BadArgumentError(f"--batch {batch}: a range needs the dynamic batch axis, found --static-batch; give "
+                               f"one size")
+    spans = [name for name, r in (("--height", hr), ("--width", wr)) if r and r[0] != r[2]]
+    if spans and not dynamic_hw and component == "network":
+        raise BadArgumentError(f"{' / '.join(spans)}: a MIN:OPT:MAX range needs dynamic height / width axes "
+                               f"(--dynamic-hw), found fixed ones; give one size")
     if format == "tensorrt":
         from fastdiff.export.tensorrt import require_tensorrt
 
@@ -89,14 +103,13 @@ def export_model(model: str, output: str, *, format: str = "onnx", dtype=None, f
         dtype = dtype or "fp32"
         if dtype == "bf16":
             raise BadArgumentError("--dtype bf16 is for --format tensorrt; ONNX export supports fp32 and fp16")
-        if timing_cache:
-            raise BadArgumentError("--timing-cache is for --format tensorrt (an ONNX export builds no engine)")
-        if (b[0], b[2]) != (b[1], b[1]) or any(r and (r[0], r[2]) != (r[1], r[1]) for r in (hr, wr)):
-            raise BadArgumentError("MIN:OPT:MAX ranges are for --format tensorrt profiles; for ONNX give one size "
-                                   "(traced and checked) and --dynamic-hw / the default dynamic batch for the rest")
-    from fastdiff.utils.atomic import _check_parent
+        tensorrt_only = [name for name, on in (("--timing-cache", timing_cache), ("--sequence", sequence)) if on]
+        if tensorrt_only:  # (an ONNX graph's text length is always dynamic; a range's OPT is what it traces)
+            raise BadArgumentError(f"{' and '.join(tensorrt_only)} {'is' if len(tensorrt_only) == 1 else 'are'} for "
+                                   f"--format tensorrt (an ONNX export builds no engine)")
+    from fastdiff.utils.atomic import check_file_path
 
-    _check_parent(output)  # an unwritable / missing folder fails before loading the model
+    check_file_path(output)  # an unwritable / missing folder fails before loading the model
 
     import fastdiff
     from fastdiff.export.onnx import export_onnx
@@ -113,19 +126,25 @@ def export_model(model: str, output: str, *, format: str = "onnx", dtype=None, f
                     max_abs_err=res.max_abs_err, max_rel_err=res.max_rel_err, check_note=res.check_note,
                     notes=list(pipe.notes))
 
-    from fastdiff.export.tensorrt import build_engine
+    from fastdiff.export.tensorrt import SIDECAR_SUFFIX, build_engine, text_sequence
 
     onnx_dtype = "fp16" if dtype == "fp16" else "fp32"  # bf16 engines are built from the fp32 graph
+    seq = seq or text_sequence(pipe.spec)  # the length the pipeline feeds (None: no text input)
     with tempfile.TemporaryDirectory(prefix=".fastdiff-trt-", dir=os.path.dirname(os.path.abspath(output))) as tmp:
         onnx_path = os.path.join(tmp, "model.onnx")
         ores = export_onnx(pipe, None, onnx_path, dtype=onnx_dtype, check=False, **kw)
-        eres = build_engine(onnx_path, output, batch=b, height=hr, width=wr, precision=dtype,
+        staged = os.path.join(tmp, "model.engine")  # checked before it is placed at OUT
+        eres = build_engine(onnx_path, staged, batch=b, height=hr, width=wr, sequence=seq, precision=dtype,
                             timing_cache=timing_cache, rebuild="always", progress=progress)
-        report = dict(format="tensorrt", path=eres.path, files=[eres.path, eres.path + ".json"],
+        report = dict(format="tensorrt", path=output, files=[output, output + SIDECAR_SUFFIX],
                       size_bytes=eres.size_bytes, seconds=ores.seconds + eres.seconds, max_abs_err=None,
                       max_rel_err=None, check_note="skipped (--no-check)", notes=list(pipe.notes))
         if check:
-            report.update(_check_engine(pipe, eres.path, ores.io, b[1], kw))
+            report.update(_check_engine(pipe, staged, ores.io, b[1], kw, tokens=seq[1] if seq else 7))
+        # engine first, sidecar last, as build_engine writes them: a crash in between leaves a pair whose
+        # engine_sha256 disagrees, which engine_status reports as stale
+        os.replace(staged, output)
+        os.replace(staged + SIDECAR_SUFFIX, output + SIDECAR_SUFFIX)
     return report
 
 
@@ -140,8 +159,8 @@ def _export_vae(pipe, output, format, dtype, opset, b, hr, wr, static_batch, che
                 notes=list(pipe.notes))
 
 
-def _check_engine(pipe, engine_path, io, batch, kw) -> dict:
-    """TensorRT engine vs the PyTorch model (float32, on the GPU) at the profile's opt batch."""
+def _check_engine(pipe, engine_path, io, batch, kw, tokens) -> dict:
+    """TensorRT engine vs the PyTorch model (float32, on the GPU) at the profile's opt batch and text length."""
     import torch
 
     from fastdiff.export.onnx import _example_inputs, reference_output
@@ -150,7 +169,7 @@ def _check_engine(pipe, engine_path, io, batch, kw) -> dict:
     runner = TensorRTRunner(engine_path)
     h = kw["height"] or pipe.spec.sample_size[0]
     w = kw["width"] or pipe.spec.sample_size[1]
-    feeds = _example_inputs(pipe.spec, io, batch, h, w, "cuda", seed=1)
+    feeds = _example_inputs(pipe.spec, io, batch, h, w, "cuda", seed=1, tokens=tokens)
     model = pipe.model.float().cuda() if pipe.device.type != "cuda" else pipe.model
     ref = reference_output(model, pipe.spec, io, {k: v.float() if v.is_floating_point() else v
                                                   for k, v in feeds.items()})
@@ -166,7 +185,8 @@ def run(args) -> int:
                           opset=args.opset, batch=args.batch, static_batch=args.static_batch, height=args.height,
                           width=args.width, dynamic_hw=args.dynamic_hw, cfg_folded=args.cfg_folded,
                           timing_cache=args.timing_cache, check=not args.no_check,
-                          progress=not args.no_progress, load_options=load_options(args), component=args.component)
+                          progress=not args.no_progress, load_options=load_options(args), component=args.component,
+                          sequence=args.sequence)
     for note in report.get("notes", []):
         print(f"note: {note}", file=sys.stderr)
     print(f"wrote {report['path']}")

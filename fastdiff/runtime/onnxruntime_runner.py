@@ -209,8 +209,8 @@ def build_feeds(input_names, spec, x: torch.Tensor, timestep, class_labels=None,
     names = set(input_names)
     b = x.shape[0]
     feeds = {"sample": x}
-    t = torch.as_tensor(timestep, device=x.device)
-    feeds["timestep"] = t.reshape(-1).expand(b) if t.numel() == 1 else t.reshape(-1)
+    t = _per_sample("timestep", torch.as_tensor(timestep, device=x.device), b)
+    feeds["timestep"] = t.expand(b)
     if "class_labels" in names:
         if class_labels is None:
             null = None if spec is None else spec.null_class
@@ -218,8 +218,7 @@ def build_feeds(input_names, spec, x: torch.Tensor, timestep, class_labels=None,
                 raise BadArgumentError("this graph is class-conditional: expected class_labels, found None "
                                        "(and the model has no null class)")
             class_labels = torch.full((b,), null, dtype=torch.long, device=x.device)
-        y = torch.as_tensor(class_labels, device=x.device)
-        feeds["class_labels"] = y.expand(b) if y.dim() == 0 else y
+        feeds["class_labels"] = _per_sample("class_labels", torch.as_tensor(class_labels, device=x.device), b).expand(b)
     elif class_labels is not None:
         raise BadArgumentError("this graph has no class_labels input, but class_labels were given")
     unknown = sorted(set(added) - {p + n for n in _PASSED_INPUTS[1:] for p in ("", "uncond_")})
@@ -232,12 +231,23 @@ def build_feeds(input_names, spec, x: torch.Tensor, timestep, class_labels=None,
     if "guidance_scale" in names:
         if guidance_scale is None:
             raise BadArgumentError("this is a CFG-folded graph: expected guidance_scale=, found None")
-        feeds["guidance_scale"] = torch.as_tensor(guidance_scale, dtype=torch.float32, device=x.device).reshape(-1)
+        feeds["guidance_scale"] = _per_sample(
+            "guidance_scale", torch.as_tensor(guidance_scale, dtype=torch.float32, device=x.device), b)
         _pass(feeds, names, given, _PASSED_INPUTS, "uncond_")
     elif guidance_scale is not None or any(given.get("uncond_" + n) is not None for n in _PASSED_INPUTS):
         raise BadArgumentError("guidance_scale / uncond_* inputs given, but this graph is not CFG-folded (export "
                                "with cfg_folded=True)")
     return feeds
+
+
+def _per_sample(name: str, value: torch.Tensor, batch: int) -> torch.Tensor:
+    """``value`` as a (1,) or (batch,) vector; any other count is refused by name (ONNX Runtime's own error would
+    name an internal node)."""
+    flat = value.reshape(-1)
+    if flat.numel() not in (1, batch):
+        raise BadArgumentError(f"{name}: expected one value or one per sample ({batch}), found "
+                               f"{tuple(value.shape)}")
+    return flat
 
 
 def _pass(feeds: dict, names: set, given: dict, inputs: tuple, prefix: str) -> None:

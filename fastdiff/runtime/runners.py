@@ -264,7 +264,7 @@ def _tensorrt_runner(pipe, config: OptimizeConfig):
     import os
 
     from fastdiff.export.onnx import export_onnx
-    from fastdiff.export.tensorrt import require_tensorrt
+    from fastdiff.export.tensorrt import require_tensorrt, text_sequence
 
     from .tensorrt_runner import TensorRTRunner
 
@@ -278,11 +278,6 @@ def _tensorrt_runner(pipe, config: OptimizeConfig):
     export_onnx(pipe, pipe.spec, onnx_path, dtype="fp32", dynamic_batch=True, progress=False)
     precision = config.dtype or "fp16"
     # the network batch doubles under CFG: the profile covers up to twice the largest bucket
-    # text states: any prompt length from 1 to 4 x 77 tokens (77 is CLIP's, the optimum); SD3 / Flux: their
-    # pipelines' lengths (333 = 77 CLIP + 256 T5, up to 77 + 512; Flux's T5 512)
-    tokens = pipe.spec.text_tokens
-    sequence = None if not pipe.spec.cross_attention_dim else {333: (1, 333, 589), 512: (1, 512, 512)}.get(
-        tokens, (1, 77, 308))
     opt = min(2 * buckets[0], 2 * buckets[-1])
     return TensorRTRunner.from_onnx(onnx_path, device=pipe.device, batch=(1, opt, 2 * buckets[-1]),
-                                    height=h, width=w, sequence=sequence, precision=precision)
+                                    height=h, width=w, sequence=text_sequence(pipe.spec), precision=precision)

@@ -15,12 +15,23 @@ from ..errors import BadArgumentError
 
 
 def _check_parent(path: str) -> str:
+    """The existing, writable folder ``path`` goes in (BadArgumentError otherwise)."""
+    if not path:
+        raise BadArgumentError("cannot write: expected a path, found an empty one")
     parent = os.path.dirname(os.path.abspath(path)) or "."
     if not os.path.isdir(parent):
         raise BadArgumentError(f"cannot write {path}: expected an existing folder {parent}, found none")
     if not os.access(parent, os.W_OK):
         raise BadArgumentError(f"cannot write {path}: folder {parent} is not writable")
     return parent
+
+
+def check_file_path(path: str) -> str:
+    """``_check_parent`` for a file about to be written: a folder (one that exists, or a path ending in a separator)
+    is refused by name instead of failing later on a temp file's name."""
+    if path and (path.endswith((os.sep, "/")) or os.path.isdir(path)):
+        raise BadArgumentError(f"cannot write {path}: expected a file path, found a folder")
+    return _check_parent(path)
 
 
 def _umask() -> int:
@@ -37,7 +48,7 @@ def _public(path: str, mode: int) -> None:
 @contextlib.contextmanager
 def atomic_path(path: str, suffix: str = ""):
     """Yield a temp file path; on success it is renamed onto ``path``, on failure removed."""
-    parent = _check_parent(path)
+    parent = check_file_path(path)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", suffix=suffix, dir=parent)
     os.close(fd)
     try:
