@@ -426,7 +426,10 @@ def export_onnx(pipe_or_model, spec: Optional[ModelSpec], path: str, *, opset: i
             bar.set("write")
             files = [path]
             if use_ext:
-                # data first, graph last: an .onnx at the output path always has its weights beside it
+                # the previous graph out of the way, then data, then graph: an interruption leaves the previous export
+                # or no graph, never the previous graph beside the new weights
+                if os.path.exists(path):
+                    os.replace(path, os.path.join(tmp, "previous.onnx"))
                 os.replace(os.path.join(tmp, data_name), path + ".data")
                 files.append(path + ".data")
             elif os.path.exists(path + ".data"):

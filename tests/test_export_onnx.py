@@ -318,6 +318,26 @@ def test_interrupted_export_keeps_the_previous_file(pipes, tmp_path, monkeypatch
     assert os.listdir(tmp_path) == ["model.onnx"]
 
 
+def test_an_interrupted_overwrite_never_pairs_the_old_graph_with_new_weights(pipes, tmp_path, monkeypatch):
+    """Overwriting an external-data export: interrupted between its two renames, the folder holds no graph (or the
+    previous pair), never the previous graph beside the new weights."""
+    path = str(tmp_path / "ext.onnx")
+    export_onnx(pipes["arch:tiny-dit"], None, path, external_data=True, check=False, progress=False)
+    real_replace, seen = os.replace, []
+
+    def replace(src, dst):
+        seen.append(dst)
+        if dst == path and len(seen) > 1:  # the new graph's rename, after the data's
+            raise KeyboardInterrupt("simulated interruption")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        export_onnx(pipes["arch:tiny-unet"], None, path, external_data=True, check=False, progress=False)
+    assert path + ".data" in seen  # the interruption came after the new weights were in place
+    assert sorted(os.listdir(tmp_path)) == ["ext.onnx.data"]  # no graph at the path: nothing loads them wrongly
+
+
 def test_bad_input(pipes, tmp_path):
     pipe = pipes["arch:tiny-unet"]
     with pytest.raises(BadArgumentError, match="ModelSpec"):
