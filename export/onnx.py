@@ -49,7 +49,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from fastdiff.errors import BackendUnavailableError, BadArgumentError, FastdiffError, UnsupportedConfigError
+from fastdiff.errors import (BackendUnavailableError, BadArgumentError, CorruptCheckpointError, FastdiffError,
+                             UnsupportedConfigError)
 from fastdiff.spec import ModelSpec
 
 OPSETS = (17, 18)
@@ -513,8 +514,11 @@ def _read_metadata(path_or_bytes) -> dict:
         try:
             proto = onnx.load(path, load_external_data=False)
         except Exception as e:
-            raise BadArgumentError(f"{path}: expected an ONNX model, found a file onnx cannot parse "
-                                   f"({e.__class__.__name__})") from e
+            raise CorruptCheckpointError(f"{path}: expected an ONNX model, found {os.path.getsize(path)} bytes onnx "
+                                         f"cannot parse ({e.__class__.__name__}): damaged, or not ONNX") from e
+        if not proto.graph.node and not proto.metadata_props:  # protobuf parses an empty file as an empty model
+            raise CorruptCheckpointError(f"{path}: expected an ONNX model, found {os.path.getsize(path)} bytes "
+                                         f"holding no graph: empty or truncated")
     return {p.key: p.value for p in proto.metadata_props}
 
 

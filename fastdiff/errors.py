@@ -45,8 +45,10 @@ class CorruptCheckpointError(CheckpointError):
 class StateDictMismatchError(CheckpointError):
     """The state dict's keys or shapes do not match the model built from the config."""
 
-    def __init__(self, missing=(), unexpected=(), mismatched=(), model: str = "model", show: int = 5):
+    def __init__(self, missing=(), unexpected=(), mismatched=(), model: str = "model", show: int = 5,
+                 wrong_dtype=()):
         self.missing, self.unexpected, self.mismatched = list(missing), list(unexpected), list(mismatched)
+        self.wrong_dtype = list(wrong_dtype)
         parts = []
         if self.missing:
             parts.append(f"{len(self.missing)} missing key(s) (expected by {model}, not in the checkpoint): "
@@ -57,6 +59,9 @@ class StateDictMismatchError(CheckpointError):
         if self.mismatched:
             parts.append(f"{len(self.mismatched)} shape mismatch(es): " + _first(
                 [f"{k}: expected {tuple(e)}, found {tuple(f)}" for k, e, f in self.mismatched], show))
+        if self.wrong_dtype:
+            parts.append(f"{len(self.wrong_dtype)} non-float tensor(s) where {model} has float parameters: " + _first(
+                [f"{k}: expected a floating-point dtype, found {d}" for k, d in self.wrong_dtype], show))
         super().__init__("; ".join(parts) or "state dict mismatch")
 
 

@@ -332,3 +332,43 @@ def test_generate_a_sit_checkpoint_and_a_scheduler_file(tmp_path):
     r = fastdiff("generate", ckpt, "--num-heads", "4", "--scheduler", "missing.json", "--output-latents", "x.safetensors",
                  cwd=tmp_path)
     assert r.returncode == 2 and "scheduler_config.json" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_generate_checks_every_output_before_sampling(tmp_path):
+    """A folder in the way of the third --separate PNG fails the run before any file is written (no partial
+    output), with one line; and the seed range ends at 2**63 - n inclusive."""
+    (tmp_path / "gs_2.png").mkdir()
+    r = fastdiff("generate", "arch:tiny-unet", "--steps", "1", "--n", "4", "--separate", "-o", "gs.png",
+                 "--output-latents", "gs.safetensors", "--no-progress", cwd=tmp_path)
+    assert r.returncode == 2 and "gs_2.png: expected a file path, found a folder" in r.stderr, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gs_2.png"]
+    r = fastdiff("generate", "arch:tiny-unet", "--steps", "1", "--n", "2", "--seed", str(2**63 - 2), "--no-progress",
+                 cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = fastdiff("generate", "arch:tiny-unet", "--steps", "1", "--n", "2", "--seed", str(2**63 - 1), cwd=tmp_path)
+    assert r.returncode == 2 and "--seed" in r.stderr
+
+
+def test_generate_refuses_what_it_would_silently_skip(tmp_path):
+    """--cfg on a class model with no --class (both passes unconditional), -o on a latent model without a VAE (no
+    PNG can be written), a non-finite --cfg: each one line, exit 2."""
+    for argv, match in ((["builtin:digits", "--cfg", "3"], "needs --class"),
+                        (["arch:tiny-dit", "--class", "1", "-o", "x.png", "--output-latents", "x.safetensors"],
+                         "-o / --separate ask for PNGs, but this is a latent model"),
+                        (["builtin:digits", "--class", "1", "--cfg", "nan"], "--cfg: expected a finite number")):
+        r = fastdiff("generate", *argv, "--steps", "1", "--no-progress", cwd=tmp_path)
+        assert r.returncode == 2 and match in r.stderr and "Traceback" not in r.stderr, (argv, r.stderr)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_generate_makes_one_image_per_label_and_keeps_load_errors(tmp_path):
+    """Several --class labels and no --n: one image each (diffusers' DiTPipeline); a load option that does not apply
+    to the default model is reported as such, not as a missing model."""
+    r = fastdiff("generate", "arch:tiny-dit", "--class", "1", "2", "3", "--cfg", "2", "--steps", "1",
+                 "--output-latents", "l.safetensors", "--no-progress", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    from safetensors.torch import load_file
+
+    assert load_file(str(tmp_path / "l.safetensors"))["latents"].shape[0] == 3
+    r = fastdiff("generate", "builtin:digits", "--head-channels", "8", "--steps", "1", cwd=tmp_path)
+    assert r.returncode == 2 and "not shipped" not in r.stderr and "head_channels" in r.stderr, r.stderr

@@ -44,7 +44,8 @@ def ref():
 @pytest.fixture(scope="module")
 def official():
     """(config, state dict, model) of dit_tiny.pt; the fixture was built with num_heads=4."""
-    config, sd = load_official_dit(fixture("dit", "dit_tiny.pt"), num_heads=4)
+    config, sd, notes = load_official_dit(fixture("dit", "dit_tiny.pt"), num_heads=4)
+    assert notes == []  # the head count was given: nothing guessed
     return config, sd, build_dit(config, sd)
 
 

@@ -430,3 +430,13 @@ def test_runner_refuses_per_sample_inputs_of_the_wrong_count(exported):
         with pytest.raises(BadArgumentError, match=f"{name}: expected one value or one per sample .3., found .2,."):
             runner(x, **kw)
     assert runner(x, 10.0, class_labels=[5]).shape[0] == 3  # one label for every sample
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00\xffnot an onnx file at all" * 4], ids=["empty", "garbage"])
+def test_a_damaged_onnx_file_is_a_corrupt_checkpoint(tmp_path, content):
+    from fastdiff.errors import CorruptCheckpointError
+
+    p = tmp_path / "model.onnx"
+    p.write_bytes(content)
+    with pytest.raises(CorruptCheckpointError, match=f"expected an ONNX model, found {len(content)} bytes"):
+        fastdiff.load(str(p))

@@ -65,7 +65,7 @@ def load(path: str, device="cpu", dtype: Optional[torch.dtype] = None, *, varian
 
     if not isinstance(path, (str, os.PathLike)):
         raise BadArgumentError(f"load() expects a path or 'builtin:NAME' / 'arch:NAME', found {type(path).__name__}")
-    path = os.fspath(path)
+    path = os.path.expanduser(os.fspath(path))
     device, dtype = _check_load_args(device, dtype, num_heads, head_channels, scheduler)
     source_options = dict(variant=variant, num_heads=num_heads, head_channels=head_channels,
                           attention_order=attention_order)
@@ -290,7 +290,7 @@ def _read_any(path: str, *, variant=None, num_heads=None, head_channels=None, at
         from .ldm import convert_ldm_unet, is_ldm_state_dict, ldm_unet_config
 
         obj = read_safetensors(path) if ext == ".safetensors" else read_torch_file(path)
-        state = pick_state_dict(obj, prefer=("ema", "model", "state_dict"))
+        state = pick_state_dict(obj, prefer=("ema", "model", "state_dict"), source=path)
         if is_ldm_state_dict(state):
             from .diffusers_folder import spec_for
             from .presets import SD_SCHEDULER, SD_V_SCHEDULER, SDXL_SCHEDULER
@@ -355,8 +355,9 @@ def _read_any(path: str, *, variant=None, num_heads=None, head_channels=None, at
             native = {k[len("model."):] if k.startswith("model.") else k: v for k, v in state.items()}
             return "edm", cfg, native, edm_spec(cfg, source=f"EDM checkpoint {path}"), None
         if is_official_dit_state_dict(state):
-            cfg, state = load_official_dit(path, num_heads=num_heads)
+            cfg, state, notes = load_official_dit(path, num_heads=num_heads)
             spec = spec_for("dit", cfg, None, source=f"official DiT checkpoint {path}")
+            spec.notes.extend(notes)
             spec.guided_channels = 3 if spec.learned_variance else None  # official forward_with_cfg
             return "dit", cfg, state, spec, None
         raise UnknownFormatError(_unknown(path, f"a torch file whose keys start {sorted(state)[:6]}"))

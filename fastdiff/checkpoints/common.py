@@ -7,24 +7,62 @@ from collections.abc import Mapping
 import torch
 import torch.nn as nn
 
-from ..errors import StateDictMismatchError
+from ..errors import CorruptCheckpointError, StateDictMismatchError
+
+
+# what a file's floating-point tensors load as when no dtype is asked for and they disagree: the most precise one
+# present (float8 weights, which nothing computes in, are widened to bfloat16 at the least)
+_PRECISION_ORDER = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+# dtypes whose values torch.isfinite reads (float8 has no such kernel everywhere)
+_CHECKED_FOR_FINITE = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 
 
 def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], name: str = "model") -> None:
-    """Raise StateDictMismatchError listing missing, unexpected and mis-shaped keys (first few + counts)."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    """Raise StateDictMismatchError listing missing, unexpected, mis-shaped and non-float (where the model has a float
+    parameter) keys (first few + counts)."""
+    odd = [k for k in state if not isinstance(k, str)]
+    if odd:
+        raise CorruptCheckpointError(f"{name}: expected parameter names (strings) as state dict keys, found "
+                                     f"{odd[:5]}")
+    reference = model.state_dict()
+    expected = {k: tuple(v.shape) for k, v in reference.items()}
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     mismatched = [(k, expected[k], tuple(state[k].shape)) for k in expected
                   if k in state and tuple(state[k].shape) != expected[k]]
-    if missing or unexpected or mismatched:
-        raise StateDictMismatchError(missing, unexpected, mismatched, model=name)
+    wrong_kind = [(k, state[k].dtype) for k in expected if k in state and reference[k].is_floating_point()
+                  and not state[k].is_floating_point()]
+    if missing or unexpected or mismatched or wrong_kind:
+        raise StateDictMismatchError(missing, unexpected, mismatched, model=name, wrong_dtype=wrong_kind)
+
+
+def load_dtype(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> torch.dtype | None:
+    """The dtype the floating-point tensors load as: ``dtype`` when given; else the file's own when it has one
+    (None: no cast); else, for mixed files (an fp8 checkpoint with bf16 norms, fp16 with a float32 layer), the most
+    precise one present, so the network computes in one dtype."""
+    if dtype is not None:
+        return dtype
+    found = {v.dtype for v in state.values() if v.is_floating_point()}
+    if len(found) <= 1 and not (found - set(_PRECISION_ORDER)):
+        return None
+    return next((d for d in _PRECISION_ORDER if d in found), torch.bfloat16)
+
+
+def check_finite(state: dict[str, torch.Tensor], name: str = "model") -> None:
+    """A weight that is NaN or infinite is a damaged file (real checkpoints hold none): refused by name, instead of
+    a model whose every output is NaN."""
+    bad = [k for k, v in state.items() if v.dtype in _CHECKED_FOR_FINITE and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CorruptCheckpointError(f"{name}: expected finite weights, found NaN or infinite values in {len(bad)} "
+                                     f"tensor(s): {bad[:5]} (a damaged or truncated download?)")
 
 
 def strict_load(model: nn.Module, state: dict[str, torch.Tensor], name: str = "model",
                 dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> nn.Module:
     """Check, cast, and assign ``state`` into ``model`` (which may live on the meta device)."""
     check_state_dict(model, state, name)
+    check_finite(state, name)
+    dtype = load_dtype(state, dtype)
     if dtype is not None or device is not None:
         state = {k: v.to(device=device, dtype=dtype if (dtype is not None and v.is_floating_point()) else v.dtype)
                  for k, v in state.items()}
@@ -86,7 +124,11 @@ class Renamer:
     def split(self, dsts, src: str, sizes) -> None:
         """A fused projection ``src`` split row-wise into the layers ``dsts`` (``sizes`` rows each)."""
         for part in ("weight", "bias"):
-            for dst, t in zip(dsts, self.take(f"{src}.{part}").split(list(sizes), dim=0)):
+            fused = self.take(f"{src}.{part}")
+            if fused.dim() == 0 or fused.shape[0] != sum(sizes):
+                raise StateDictMismatchError(mismatched=[(f"{src}.{part}", (sum(sizes),) + tuple(fused.shape[1:]),
+                                                          tuple(fused.shape))], model=self.what)
+            for dst, t in zip(dsts, fused.split(list(sizes), dim=0)):
                 self.out[f"{dst}.{part}"] = t.contiguous()
 
     def finish(self) -> dict[str, torch.Tensor]:

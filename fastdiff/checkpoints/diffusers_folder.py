@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Optional
 
 import torch
 
-from ..errors import CheckpointError, CorruptCheckpointError, UnsupportedConfigError
+from ..errors import CheckpointError, UnsupportedConfigError
 from ..spec import DEFAULT_SCHEDULER, FLOW_SCHEDULERS, ModelSpec
-from .io import read_sharded, read_weights
+from .io import read_json, read_sharded, read_weights
 
 UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
 DIT_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel")
@@ -19,18 +18,10 @@ FLUX_CLASSES = ("FluxTransformer2DModel",)
 WEIGHT_NAMES = ("diffusion_pytorch_model", "model")
 
 
-def read_json(path: str) -> dict:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise CorruptCheckpointError(f"{path}: expected JSON, found a parse error ({e})") from e
-
-
 def is_model_folder(path: str) -> bool:
+    """A diffusers model folder: a config.json naming its class (an unsupported class is refused by name on load)."""
     cfg = os.path.join(path, "config.json")
-    return os.path.isfile(cfg) and read_json(cfg).get("_class_name") in (UNET_CLASSES + DIT_CLASSES + MMDIT_CLASSES
-                                                                         + FLUX_CLASSES)
+    return os.path.isfile(cfg) and isinstance(read_json(cfg).get("_class_name"), str)
 
 
 def is_pipeline_folder(path: str) -> bool:
@@ -46,19 +37,27 @@ def find_weights(folder: str, variant: Optional[str] = None) -> dict[str, torch.
             single = os.path.join(folder, f"{base}{tag}.{ext}")
             if os.path.isfile(single):
                 return read_weights(single)
-            index = f"{base}{tag}.{ext}.index.json"
-            if os.path.isfile(os.path.join(folder, index)):
-                return read_sharded(folder, index)
+            # diffusers names a sharded variant's index <base>.<ext>.index.<variant>.json; the other spelling is
+            # taken too
+            for index in dict.fromkeys((f"{base}.{ext}.index{tag}.json", f"{base}{tag}.{ext}.index.json")):
+                if os.path.isfile(os.path.join(folder, index)):
+                    return read_sharded(folder, index)
     found = sorted(os.listdir(folder))
+    variants = sorted({name.split(".")[-2] for name in found if name.startswith(WEIGHT_NAMES)
+                       and name.endswith((".safetensors", ".bin")) and name.count(".") >= 2} - {"safetensors", "bin"})
+    hint = f"; the folder has variant(s) {variants}: pass variant=" if variants and not variant else ""
     raise CheckpointError(
         f"{folder}: expected diffusion_pytorch_model{tag}.safetensors / .bin (or a sharded *.index.json), "
-        f"found {found}")
+        f"found {found}{hint}")
 
 
 def load_model_folder(folder: str, variant: Optional[str] = None):
     """(kind, native config, native state dict, diffusers config dict) of a diffusers model folder."""
     config = read_json(os.path.join(folder, "config.json"))
     cls = config.get("_class_name")
+    supported = UNET_CLASSES + DIT_CLASSES + MMDIT_CLASSES + FLUX_CLASSES
+    if cls not in supported:  # (before reading gigabytes of weights)
+        raise UnsupportedConfigError("_class_name", cls, model=folder, supported=list(supported))
     state = find_weights(folder, variant)
     if cls in UNET_CLASSES:
         from .diffusers_unet import convert_diffusers_unet, unet_config_from_diffusers
@@ -77,8 +76,7 @@ def load_model_folder(folder: str, variant: Optional[str] = None):
         from ..models.flux import FluxConfig
 
         return "flux", FluxConfig.from_diffusers(config), state, config
-    raise UnsupportedConfigError("_class_name", cls, model=folder,
-                                 supported=list(UNET_CLASSES + DIT_CLASSES + MMDIT_CLASSES + FLUX_CLASSES))
+    raise AssertionError(cls)  # pragma: no cover - refused above
 
 
 def spec_for(kind: str, cfg, scheduler: Optional[dict], source: str) -> ModelSpec:
@@ -153,4 +151,10 @@ def load_pipeline_folder(folder: str, variant: Optional[str] = None):
         spec.notes.append("vae/ present but not an AutoencoderKL: not loaded; output_type 'tensor' gives latents")
     if scheduler is None:
         spec.notes.append("no scheduler/scheduler_config.json; " + spec.default_scheduler_note())
+    else:
+        from ..scheduler_config import SUPPORTED_SCHEDULERS
+
+        if scheduler.get("_class_name") not in SUPPORTED_SCHEDULERS:
+            spec.notes.append(f"scheduler {scheduler.get('_class_name')!r} has no fastdiff counterpart: generate() "
+                              f"with no sampler runs DDIM on its schedule (pass sampler= to choose)")
     return kind, cfg, state, spec

@@ -91,19 +91,26 @@ def official_dit_config_from_state_dict(sd: dict, num_heads: Optional[int] = Non
     )
 
 
-def load_official_dit(path: str, num_heads: Optional[int] = None) -> tuple[DiTConfig, dict]:
-    """Read an official DiT checkpoint (plain state dict, or train.py's dict, whose ``ema`` is used)."""
+def load_official_dit(path: str, num_heads: Optional[int] = None) -> tuple[DiTConfig, dict, list]:
+    """Read an official DiT checkpoint (plain state dict, or train.py's dict, whose ``ema`` is used): (config, state
+    dict, notes). A head count that neither ``num_heads``, train.py's ``args.model`` nor a preset's width gives is
+    guessed (64 channels per head, as the presets have), and the notes say so."""
     if path.endswith(".safetensors"):
         obj = read_safetensors(path)
     else:
         obj = read_torch_file(path)
-    sd = pick_state_dict(obj, prefer=("ema", "model"))
+    sd = pick_state_dict(obj, prefer=("ema", "model"), source=path)
     if not is_official_dit_state_dict(sd):
         raise UnknownFormatError(f"{path} is not an official DiT checkpoint: expected keys "
                                  f"{list(_OFFICIAL_MARKERS)}, found {sorted(sd)[:8]}...")
     if num_heads is None:
         num_heads = _heads_from_train_args(obj)
-    return official_dit_config_from_state_dict(sd, num_heads=num_heads), sd
+    cfg = official_dit_config_from_state_dict(sd, num_heads=num_heads)
+    notes = []
+    if num_heads is None and cfg.hidden_size not in OFFICIAL_HEADS_BY_HIDDEN:
+        notes.append(f"num_heads guessed as {cfg.num_heads} (width {cfg.hidden_size} is no official preset's and the "
+                     f"weights do not store it): pass num_heads= if the model was trained with another")
+    return cfg, sd, notes
 
 
 def _heads_from_train_args(obj) -> Optional[int]:
@@ -361,7 +368,7 @@ def load_dit(path: str, *, num_heads: Optional[int] = None, device=None,
     """An official DiT checkpoint file -> native DiT in eval mode."""
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: no such file")
-    config, sd = load_official_dit(path, num_heads=num_heads)
+    config, sd, _ = load_official_dit(path, num_heads=num_heads)
     return build_dit(config, sd, device=device, dtype=dtype)
 
 

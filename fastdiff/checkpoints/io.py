@@ -41,6 +41,20 @@ if tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 6):
     SAFE_GLOBALS += [(TrainingCallbackState, name) for name in CALLBACK_GLOBALS]
 
 
+def read_json(path: str) -> dict:
+    """A JSON object (config, index) from ``path``; malformed JSON or another JSON type is a CorruptCheckpointError."""
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except json.JSONDecodeError as e:
+        raise CorruptCheckpointError(f"{path}: expected JSON, found a parse error ({e})") from e
+    except UnicodeDecodeError as e:
+        raise CorruptCheckpointError(f"{path}: expected a JSON text file, found binary data") from e
+    if not isinstance(obj, dict):
+        raise CorruptCheckpointError(f"{path}: expected a JSON object, found a JSON {type(obj).__name__}")
+    return obj
+
+
 def read_safetensors(path: str, device: str = "cpu") -> dict[str, torch.Tensor]:
     """All tensors of a .safetensors file; a truncated or malformed file raises CorruptCheckpointError."""
     from safetensors import SafetensorError
@@ -49,10 +63,20 @@ def read_safetensors(path: str, device: str = "cpu") -> dict[str, torch.Tensor]:
     try:
         return load_file(path, device=device)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise CorruptCheckpointError(
-            f"cannot read safetensors file {path}: {e} (expected an 8-byte header length, a JSON header and "
-            f"tensor data of the sizes it lists; the file is {_size(path)} bytes: truncated or not safetensors?)"
-        ) from e
+        why = _sniff(path) or (f"{e} (expected an 8-byte header length, a JSON header and tensor data of the sizes "
+                               f"it lists; the file is {_size(path)} bytes: truncated or not safetensors?)")
+        raise CorruptCheckpointError(f"cannot read safetensors file {path}: {why}") from e
+
+
+def is_safetensors(path: str) -> bool:
+    """Whether the file starts as safetensors does (an 8-byte little-endian header length, then a JSON object),
+    whatever its name: a safetensors file saved as ``.pt`` / ``.bin`` is read as what it is."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= _size(path) - 8
 
 
 def safetensors_metadata(path: str) -> dict[str, str]:
@@ -68,6 +92,8 @@ def safetensors_metadata(path: str) -> dict[str, str]:
 
 def read_torch_file(path: str, map_location: str = "cpu") -> object:
     """``torch.load(weights_only=True)`` with a clear refusal for pickles of arbitrary objects."""
+    if is_safetensors(path):  # misnamed: read it as what it is (never through the unpickler)
+        return read_safetensors(path, device=map_location)
     if not zipfile.is_zipfile(path):
         # Legacy (pre-1.6) torch files are still loadable with weights_only; anything shorter than a
         # zip header or a pickle protocol byte is truncated.
@@ -87,32 +113,63 @@ def read_torch_file(path: str, map_location: str = "cpu") -> object:
                 raise UnsafeCheckpointError(
                     f"{path} holds PyTorch Lightning's ModelCheckpoint callback beside its weights; fastdiff reads "
                     f"it as inert data with torch >= 2.6, and this torch ({torch.__version__}) cannot, so the file "
-                    f"was refused unread. Details: {_first_line(e)}") from e
+                    f"was refused unread") from e
             raise UnsafeCheckpointError(
-                f"{path} holds Python objects that only an arbitrary pickle could rebuild, so it was refused "
-                f"(fastdiff reads weights with torch.load(weights_only=True) and never executes a pickle). "
-                f"Expected a state dict of tensors (optionally in 'model' / 'ema' / 'state_dict'). Details: "
-                f"{_first_line(e)}"
+                f"{path} holds Python objects that only an arbitrary pickle could rebuild ({_refused_global(e)}), so "
+                f"it was refused (fastdiff reads weights with torch.load(weights_only=True) and never executes a "
+                f"pickle). Expected a state dict of tensors (optionally in 'model' / 'ema' / 'state_dict')"
             ) from e
+        if _is_plain_pickle(path):
+            raise UnsafeCheckpointError(
+                f"{path} is a plain Python pickle, not a torch checkpoint, so it was refused unread (fastdiff never "
+                f"executes a pickle); expected a torch file (torch.save of a state dict) or safetensors") from e
         raise _not_a_checkpoint(path, e) from e
     except OSError as e:
         raise CorruptCheckpointError(f"cannot read torch checkpoint {path} ({_size(path)} bytes): "
-                                     f"{_first_line(e)}") from e
+                                     f"{_own_words(e)}") from e
     except Exception as e:  # truncated archives, text, HTML, random bytes: whatever the unpickler trips on
         raise _not_a_checkpoint(path, e) from e
 
 
-def _not_a_checkpoint(path: str, error: Exception) -> CorruptCheckpointError:
-    with open(path, "rb") as f:
-        head = f.read(64)
+def _sniff(path: str) -> Optional[str]:
+    """Why a weights file cannot be one, when its first bytes tell (a git-lfs pointer, a text page); else None."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError:
+        return None
     if head.startswith(b"version https://git-lfs"):
-        why = "it is a git-lfs pointer, not the weights (fetch them with `git lfs pull`)"
-    elif head.lstrip()[:1] in (b"<", b"{", b"["):
-        why = "it looks like a text file (HTML / JSON), e.g. an error page saved in place of the download"
-    else:
-        why = f"{type(error).__name__}: {_first_line(error)}"
+        return "it is a git-lfs pointer, not the weights (fetch them with `git lfs pull`)"
+    if head.lstrip()[:1] in (b"<", b"{", b"["):
+        return "it looks like a text file (HTML / JSON), e.g. an error page saved in place of the download"
+    return None
+
+
+def _not_a_checkpoint(path: str, error: Exception) -> CorruptCheckpointError:
+    why = _sniff(path) or f"{type(error).__name__}: {_own_words(error)}"
     return CorruptCheckpointError(f"cannot read torch checkpoint {path} ({_size(path)} bytes): expected a torch "
                                   f"file (zip archive or legacy pickle of tensors); {why}")
+
+
+def _is_plain_pickle(path: str) -> bool:
+    """A pickle stream (protocol 2+ starts with PROTO) that is no torch file: torch's legacy format starts with the
+    pickled magic number, which its weights-only reader takes; what it refuses past that is a generic pickle."""
+    with open(path, "rb") as f:
+        return f.read(1) == b"\x80" and not zipfile.is_zipfile(path)
+
+
+def _refused_global(e: BaseException) -> str:
+    """The class or function torch's weights-only reader refused, as its error names it."""
+    import re
+
+    m = re.search(r"(?:Unsupported global: GLOBAL|GLOBAL) ([\w.]+)", str(e))
+    return f"it names {m.group(1)}" if m else "a class or function no state dict holds"
+
+
+def _own_words(e: BaseException) -> str:
+    """torch's message, without its advice to re-run with weights_only=False (which would execute the pickle)."""
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip() and "weights_only" not in ln]
+    return lines[0].strip() if lines else e.__class__.__name__
 
 
 def read_weights(path: str) -> dict[str, torch.Tensor]:
@@ -126,32 +183,72 @@ def read_weights(path: str) -> dict[str, torch.Tensor]:
 
 
 def read_sharded(folder: str, index_file: str) -> dict[str, torch.Tensor]:
-    """Load a sharded checkpoint from its ``*.index.json`` (weight_map: key -> shard file)."""
-    with open(os.path.join(folder, index_file)) as f:
-        index = json.load(f)
+    """Load a sharded checkpoint from its ``*.index.json`` (weight_map: key -> shard file), as the index says: each
+    key from the shard the index names, a shard that is missing, outside the folder, or holding a key the index
+    places elsewhere refused by name."""
+    index = read_json(os.path.join(folder, index_file))
     weight_map = index.get("weight_map")
-    if not isinstance(weight_map, dict):
-        raise CorruptCheckpointError(f"{index_file}: expected a 'weight_map' object, found {type(weight_map).__name__}")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CorruptCheckpointError(f"{index_file}: expected a 'weight_map' object of key -> shard file name, found "
+                                     f"{type(weight_map).__name__ if not isinstance(weight_map, dict) else 'other values'}")
+    keys_of: dict[str, set] = {}
+    for key, shard in weight_map.items():
+        keys_of.setdefault(shard, set()).add(key)
     state: dict[str, torch.Tensor] = {}
-    for shard in sorted(set(weight_map.values())):
-        state.update(read_weights(os.path.join(folder, shard)))
-    missing = sorted(set(weight_map) - set(state))
-    if missing:
-        raise CorruptCheckpointError(f"{index_file} lists {len(missing)} key(s) no shard holds: {missing[:5]}")
+    for shard in sorted(keys_of):
+        if os.path.basename(shard) != shard or shard in ("", ".", ".."):
+            raise CorruptCheckpointError(f"{index_file}: expected shard file names inside {folder}, found {shard!r}")
+        path = os.path.join(folder, shard)
+        if not os.path.isfile(path):
+            raise CorruptCheckpointError(f"{index_file} lists shard {shard} ({len(keys_of[shard])} key(s)), not found "
+                                         f"in {folder}")
+        tensors = read_weights(path)
+        elsewhere = sorted(set(tensors) - keys_of[shard])
+        if elsewhere:
+            raise CorruptCheckpointError(
+                f"{shard} holds {len(elsewhere)} key(s) that {index_file} places in another shard or not at all: "
+                f"{elsewhere[:5]} (expected only the keys the index assigns to it)")
+        missing = sorted(keys_of[shard] - set(tensors))
+        if missing:
+            raise CorruptCheckpointError(f"{index_file} places {len(missing)} key(s) in {shard}, which does not hold "
+                                         f"them: {missing[:5]}")
+        state.update(tensors)
     return state
 
 
-def pick_state_dict(obj, prefer: tuple[str, ...] = ("ema", "model", "state_dict")) -> dict[str, torch.Tensor]:
-    """The tensor dict inside a (training) checkpoint: a plain state dict, or the first of ``prefer``."""
+def pick_state_dict(obj, prefer: tuple[str, ...] = ("ema", "model", "state_dict"),
+                    source: str = "the checkpoint") -> dict[str, torch.Tensor]:
+    """The tensor dict inside a (training) checkpoint: a plain state dict, or the first of ``prefer`` present. A
+    preferred entry that is there but holds something else is refused (never silently passed over for the next:
+    ``ema`` falling back to ``model`` would load the training weights)."""
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         return obj
     if isinstance(obj, dict):
         for k in prefer:
-            v = obj.get(k)
-            if isinstance(v, dict) and v and all(isinstance(t, torch.Tensor) for t in v.values()):
-                return v
-    found = list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
-    raise CorruptCheckpointError(f"expected a state dict of tensors or a checkpoint with one of {prefer}, found {found}")
+            if k not in obj:
+                continue
+            v = obj[k]
+            bad = _non_tensor_entry(v)
+            if bad is not None:
+                raise CorruptCheckpointError(f"{source}: expected {k!r} to hold a state dict of tensors, found {bad}")
+            return v
+        bad = _non_tensor_entry(obj)
+        raise CorruptCheckpointError(f"{source}: expected a state dict of tensors or a checkpoint with one of "
+                                     f"{prefer}, found {bad} among keys {list(obj)[:8]}")
+    raise CorruptCheckpointError(f"{source}: expected a state dict of tensors or a checkpoint with one of {prefer}, "
+                                 f"found a {type(obj).__name__}")
+
+
+def _non_tensor_entry(obj) -> Optional[str]:
+    """None for a non-empty dict of tensors, else what is wrong with it (its first non-tensor entry)."""
+    if not isinstance(obj, dict):
+        return f"a {type(obj).__name__}"
+    if not obj:
+        return "an empty dict"
+    for k, v in obj.items():
+        if not isinstance(v, torch.Tensor):
+            return f"{k!r}: a {type(v).__name__}"
+    return None
 
 
 def _mmap_ok(path: str) -> bool:
@@ -163,7 +260,3 @@ def _size(path: str) -> Optional[int]:
         return os.path.getsize(path)
     except OSError:
         return None
-
-
-def _first_line(e: BaseException) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__

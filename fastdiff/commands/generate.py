@@ -2,7 +2,7 @@
 
     fastdiff generate                                   # the embedded default model (builtin:digits)
     fastdiff generate arch:tiny-unet --steps 10 --n 16 -o grid.png
-    fastdiff generate ./dit.pt --class 207 360 --cfg 4 --output-latents latents.safetensors
+    fastdiff generate ./dit.pt --class 207 360 --cfg 4 --output-latents latents.safetensors   # one image per label
 
 Shows the sampling progress bar, then one line of timings:
 ``load 0.12s | optimise 0.00s | sample 1.23s | decode 0.01s``.
@@ -35,19 +35,19 @@ def register(sub) -> None:
     p.add_argument("model", metavar="MODEL", nargs="?", default=DEFAULT_MODEL,
                    help=f"checkpoint path (diffusers / fastdiff folder, DiT .pt, .safetensors), builtin:NAME or "
                         f"arch:NAME (random weights); default: {DEFAULT_MODEL}")
-    p.add_argument("-o", "--output", default="out.png", metavar="OUT.png",
+    p.add_argument("-o", "--output", default=None, metavar="OUT.png",
                    help="output PNG (default out.png); with --separate the stem of OUT_0.png, OUT_1.png, ...")
     p.add_argument("--sampler", choices=samplers, default=None,
-                   help="sampler (default: the checkpoint's scheduler config, else dpmpp_2m)")
+                   help="sampler (default: the checkpoint's scheduler config; DDIM on its schedule where fastdiff has "
+                        "no counterpart of that scheduler)")
     p.add_argument("--steps", type=int, default=20, metavar="N", help="sampling steps (default 20)")
     p.add_argument("--schedule", choices=schedules, default=None,
-                   help="sigma / timestep grid (default: karras for k-samplers, the checkpoint's spacing for "
-                        "ddim / ddpm)")
+                   help="sigma / timestep grid (default: the checkpoint's own timestep spacing)")
     p.add_argument("--cfg", type=float, default=1.0, metavar="G",
-                   help="classifier-free guidance scale (default 1: no unconditional pass)")
+                   help="classifier-free guidance scale (default 1: no unconditional pass; class models need --class)")
     p.add_argument("--class", dest="class_labels", type=int, nargs="+", default=None, metavar="C",
-                   help="class label(s) for class-conditional models: one for all images or one per image "
-                        "(default: the null label, unconditional)")
+                   help="class label(s) for class-conditional models: one for all images or one per image (several "
+                        "labels and no --n: one image each); default: the null label, unconditional")
     p.add_argument("--prompt", default=None, metavar="TEXT",
                    help="text models: the prompt of every image, encoded by the model folder's own text encoders")
     p.add_argument("--negative-prompt", default=None, metavar="TEXT",
@@ -56,7 +56,8 @@ def register(sub) -> None:
                    help="text models: CLIP layers to skip from the end (diffusers' clip_skip)")
     p.add_argument("--guidance", type=float, default=None, metavar="G",
                    help="guidance-distilled models (FLUX.1 dev): the guidance input (default 3.5)")
-    p.add_argument("--n", type=int, default=4, metavar="N", help="number of images (default 4)")
+    p.add_argument("--n", type=int, default=None, metavar="N",
+                   help="number of images (default 4, or one per --class label when several are given)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="seed of image 0; image i uses S+i (default 0)")
     p.add_argument("--height", type=int, default=None, metavar="H", help="sample height (default: the model's)")
     p.add_argument("--width", type=int, default=None, metavar="W", help="sample width (default: the model's)")
@@ -182,17 +183,15 @@ def load_options(args) -> dict:
 
 
 def load_pipeline(model: str, device, **options):
-    """fastdiff.load with the errors of a missing default model made actionable."""
+    """fastdiff.load with the error of a missing default model made actionable."""
     import fastdiff
+    from ..checkpoints.presets import builtin_names
     from ..errors import BadArgumentError
 
-    try:
-        return fastdiff.load(model, device=device, **options)
-    except BadArgumentError as e:
-        if model == DEFAULT_MODEL:
-            raise BadArgumentError(f"the default model {DEFAULT_MODEL} is not shipped in this build ({e}); pass "
-                                   f"MODEL, e.g. arch:tiny-unet (random weights) or a checkpoint path") from e
-        raise
+    if model == DEFAULT_MODEL and DEFAULT_MODEL.split(":", 1)[1] not in builtin_names():
+        raise BadArgumentError(f"the default model {DEFAULT_MODEL} is not shipped in this build; pass MODEL, e.g. "
+                               f"arch:tiny-unet (random weights) or a checkpoint path")
+    return fastdiff.load(model, device=device, **options)
 
 
 def sync(device) -> None:
@@ -224,7 +223,10 @@ def grid_columns(n: int) -> int:
 
 def _validate(args) -> None:
     from ..errors import BadArgumentError
+    from ..utils.atomic import check_file_path
 
+    if args.n is None:  # diffusers' DiTPipeline: one image per label
+        args.n = len(args.class_labels) if args.class_labels and len(args.class_labels) > 1 else 4
     for name in ("steps", "n"):
         v = getattr(args, name)
         if v < 1:
@@ -233,25 +235,35 @@ def _validate(args) -> None:
         v = getattr(args, name)
         if v is not None and v < 1:
             raise BadArgumentError(f"--{name}: expected a positive integer, found {v}")
+    args.output_given = args.output is not None
+    args.output = args.output or "out.png"
     if not args.output.lower().endswith(".png"):
         raise BadArgumentError(f"-o/--output: expected a .png file name, found {args.output!r}")
     if args.output_latents is not None and not args.output_latents.endswith(".safetensors"):
         raise BadArgumentError(f"--output-latents: expected a .safetensors file name, found {args.output_latents!r}")
-    for flag, path in (("-o/--output", args.output), ("--output-latents", args.output_latents)):
-        if path is None:
-            continue
-        folder = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(folder):
-            raise BadArgumentError(f"{flag}: folder {folder} does not exist")
-        if not os.access(folder, os.W_OK):
-            raise BadArgumentError(f"{flag}: folder {folder} is not writable")
+    # every file this run may write, checked before any sampling (a folder in the way, a missing one)
+    for flag, path in [("-o/--output", p) for p in png_paths(args)] + [("--output-latents", args.output_latents)]:
+        if path is not None:
+            try:
+                check_file_path(path)
+            except BadArgumentError as e:
+                raise BadArgumentError(f"{flag}: {e}") from None
     if args.kernel_ops is not None and args.backend != "triton":
         raise BadArgumentError(f"--kernel-ops: expected --backend triton (the only backend with a kernel choice), "
                                f"found --backend {args.backend}")
     if args.tune_cache is not None and args.kernel_ops != "tune":
         raise BadArgumentError(f"--tune-cache: expected --kernel-ops tune, found --kernel-ops {args.kernel_ops}")
-    if not 0 <= args.seed < 2**63 - args.n:
-        raise BadArgumentError(f"--seed: expected an integer in [0, 2**63 - n), found {args.seed}")
+    if not 0 <= args.seed <= 2**63 - args.n:  # seeds S .. S+n-1, each below 2**63
+        raise BadArgumentError(f"--seed: expected an integer in [0, 2**63 - n], found {args.seed}")
+    if not math.isfinite(args.cfg):
+        raise BadArgumentError(f"--cfg: expected a finite number, found {args.cfg}")
+
+
+def png_paths(args) -> list:
+    """The PNG file(s) the run writes: the grid, or one per image with --separate."""
+    if args.separate:
+        return [f"{args.output[:-4]}_{i}.png" for i in range(args.n)]
+    return [args.output]
 
 
 def run(args) -> int:
@@ -270,10 +282,16 @@ def run(args) -> int:
 
     decoded = spec.in_channels not in (1, 3) and pipe.vae is not None  # latents, and a VAE to decode them
     is_image = spec.in_channels in (1, 3) or decoded
-    if not is_image and args.output_latents is None:
+    if not is_image and (args.output_latents is None or args.output_given or args.separate):
+        given = "-o / --separate ask for PNGs, but " if args.output_latents is not None else ""
         raise BadArgumentError(
-            f"this is a latent model ({spec.in_channels} channels) and no VAE decoder came with it: pass --vae FOLDER "
-            f"(a diffusers AutoencoderKL folder) to write images, or --output-latents OUT.safetensors for the latents")
+            f"{given}this is a latent model ({spec.in_channels} channels) and no VAE decoder came with it: pass --vae "
+            f"FOLDER (a diffusers AutoencoderKL folder) to write images, or only --output-latents OUT.safetensors for "
+            f"the latents")
+    if args.cfg != 1.0 and spec.num_classes and not spec.cross_attention_dim and args.class_labels is None:
+        raise BadArgumentError(f"--cfg {args.cfg:g}: guidance on this class-conditional model needs --class (with no "
+                               f"label both passes are unconditional, and the result that of --cfg 1 at twice the "
+                               f"cost)")
     text = {}
     if spec.cross_attention_dim:
         if pipe.prompt_encoder is None:
@@ -312,7 +330,7 @@ def run(args) -> int:
     images = pipe.decode(x) if decoded else x
     try:
         written = _write_outputs(args, x, images, is_image)
-    except OSError as e:  # e.g. a folder that exists but refuses files (/proc)
+    except (OSError, RuntimeError) as e:  # a folder that exists but refuses files (/proc); safetensors' own errors
         raise BadArgumentError(f"cannot write the output: {e}") from e
     t_decode = time.perf_counter() - t0
 
@@ -328,25 +346,24 @@ def _write_outputs(args, x, images, is_image: bool) -> list:
     """Write the latents file (``x``) and / or the PNG(s) (``images`` in [-1, 1]); returns the paths written."""
     import torch
 
+    from ..utils.atomic import atomic_path
+
     written = []
     if args.output_latents is not None:
         from safetensors.torch import save_file
 
-        save_file({"latents": x.detach().float().cpu().contiguous()}, args.output_latents,
-                  metadata={"source": str(args.model), "steps": str(args.steps), "seed": str(args.seed)})
+        with atomic_path(args.output_latents, suffix=".safetensors") as tmp:
+            save_file({"latents": x.detach().float().cpu().contiguous()}, tmp,
+                      metadata={"source": str(args.model), "steps": str(args.steps), "seed": str(args.seed)})
         written.append(args.output_latents)
     if is_image:
         from PIL import Image
 
         imgs = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         mode = lambda a: a[..., 0] if a.shape[-1] == 1 else a  # noqa: E731
-        if args.separate:
-            stem = args.output[:-4]
-            for i, im in enumerate(imgs):
-                path = f"{stem}_{i}.png"
-                Image.fromarray(mode(im)).save(path)
-                written.append(path)
-        else:
-            Image.fromarray(mode(make_grid(imgs, grid_columns(len(imgs))))).save(args.output)
-            written.append(args.output)
+        pictures = imgs if args.separate else [make_grid(imgs, grid_columns(len(imgs)))]
+        for path, picture in zip(png_paths(args), pictures):
+            with atomic_path(path, suffix=".png") as tmp:  # an interrupted write leaves no truncated PNG
+                Image.fromarray(mode(picture)).save(tmp, format="PNG")
+            written.append(path)
     return written

@@ -1,0 +1,230 @@
+"""fastdiff.load on damaged and unusual real-world files: each is refused with the right error class, naming what was
+expected and what was found, or read as what it is. Nothing half-loads silently."""
+
+import json
+import os
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import fastdiff
+from fastdiff.checkpoints.common import Renamer, RequiredKeys
+from fastdiff.errors import (CheckpointError, CorruptCheckpointError, StateDictMismatchError, UnsafeCheckpointError,
+                             UnsupportedConfigError)
+from helpers import perturb_, rel_err
+
+diffusers = pytest.importorskip("diffusers", reason="diffusers writes the reference folders")
+
+TINY = dict(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
+            down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+            norm_num_groups=4)
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+@pytest.fixture(scope="module")
+def ref():
+    return perturb_(diffusers.UNet2DModel(**TINY).eval(), seed=0)
+
+
+def same_as(pipe, ref):
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return rel_err(pipe.model(x.to(pipe.dtype), torch.tensor([10, 900])).float(),
+                       ref(x, torch.tensor([10, 900])).sample)
+
+
+def folder(tmp_path, ref, **save):
+    ref.save_pretrained(tmp_path, **save)
+    return tmp_path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sharded folders
+# ---------------------------------------------------------------------------------------------------------------
+
+def sharded(tmp_path, ref):
+    folder(tmp_path, ref, max_shard_size="20KB")
+    index = tmp_path / (WEIGHTS + ".index.json")
+    return index, json.loads(index.read_text())
+
+
+def test_a_key_in_a_shard_the_index_does_not_name_is_refused(tmp_path, ref):
+    """The index says which shard holds a key; a second copy elsewhere (here with other values) is not taken."""
+    index, data = sharded(tmp_path, ref)
+    key, shard = next(iter(data["weight_map"].items()))
+    other = next(s for s in sorted(set(data["weight_map"].values())) if s != shard)
+    tensors = load_file(str(tmp_path / other))
+    tensors[key] = load_file(str(tmp_path / shard))[key] + 100
+    save_file(tensors, str(tmp_path / other))
+    with pytest.raises(CorruptCheckpointError, match=f"{other} holds 1 key.* places in another shard.*{key}"):
+        fastdiff.load(str(tmp_path))
+
+
+def test_a_missing_shard_is_named(tmp_path, ref):
+    index, data = sharded(tmp_path, ref)
+    gone = sorted(set(data["weight_map"].values()))[-1]
+    os.remove(tmp_path / gone)
+    with pytest.raises(CorruptCheckpointError, match=f"lists shard {gone} .* not found in"):
+        fastdiff.load(str(tmp_path))
+
+
+@pytest.mark.parametrize("weight_map,match", [
+    ("list", "expected a JSON object, found a JSON list"),
+    ({"conv_in.weight": 3}, "expected a 'weight_map' object of key -> shard file name"),
+    ({"conv_in.weight": "../outside.safetensors"}, "expected shard file names inside"),
+])
+def test_a_broken_index_is_a_corrupt_checkpoint(tmp_path, ref, weight_map, match):
+    index, data = sharded(tmp_path, ref)
+    index.write_text(json.dumps([1, 2]) if weight_map == "list" else json.dumps(dict(data, weight_map=weight_map)))
+    with pytest.raises(CorruptCheckpointError, match=match):
+        fastdiff.load(str(tmp_path))
+
+
+def test_a_sharded_variant_in_diffusers_naming_loads(tmp_path, ref):
+    """diffusers writes a sharded fp16 variant as <name>.safetensors.index.fp16.json + <name>.fp16-0000N-of-... files."""
+    folder(tmp_path, ref, variant="fp16", max_shard_size="20KB")
+    assert (tmp_path / (WEIGHTS + ".index.fp16.json")).is_file()
+    assert same_as(fastdiff.load(str(tmp_path), variant="fp16"), ref) <= 1e-5
+
+
+def test_a_folder_of_variant_files_names_the_variant(tmp_path, ref):
+    folder(tmp_path, ref, variant="fp16")
+    with pytest.raises(CheckpointError, match=r"variant\(s\) \['fp16'\]: pass variant="):
+        fastdiff.load(str(tmp_path))
+
+
+def test_an_unsupported_model_class_is_named(tmp_path, ref):
+    folder(tmp_path, ref)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(dict(cfg, _class_name="UNet3DConditionModel")))
+    with pytest.raises(UnsupportedConfigError, match="_class_name.*UNet3DConditionModel"):
+        fastdiff.load(str(tmp_path))
+
+
+def test_a_config_that_is_no_json_object_is_a_corrupt_checkpoint(tmp_path, ref):
+    folder(tmp_path, ref)
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(CorruptCheckpointError, match="config.json: expected a JSON object, found a JSON list"):
+        fastdiff.load(str(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tensors
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_a_damaged_weight_is_refused_by_name(tmp_path, ref):
+    """NaN / inf in a weight (a damaged download) is refused, instead of a model whose outputs are all NaN."""
+    folder(tmp_path, ref)
+    tensors = load_file(str(tmp_path / WEIGHTS))
+    tensors["conv_in.weight"][0, 0, 0, 0] = float("nan")
+    save_file(tensors, str(tmp_path / WEIGHTS))
+    with pytest.raises(CorruptCheckpointError, match=r"expected finite weights.*\['conv_in.weight'\]"):
+        fastdiff.load(str(tmp_path))
+
+
+def test_an_integer_tensor_for_a_float_parameter_is_named(tmp_path, ref):
+    folder(tmp_path, ref)
+    tensors = load_file(str(tmp_path / WEIGHTS))
+    tensors["conv_in.bias"] = tensors["conv_in.bias"].to(torch.int8)
+    save_file(tensors, str(tmp_path / WEIGHTS))
+    with pytest.raises(StateDictMismatchError, match="conv_in.bias: expected a floating-point dtype, found torch.int8"):
+        fastdiff.load(str(tmp_path), dtype=torch.float32)
+
+
+@pytest.mark.parametrize("dtypes,loads_as", [((torch.float16, torch.float32), torch.float32),
+                                             ((torch.float8_e4m3fn, torch.bfloat16), torch.bfloat16)])
+def test_a_file_of_mixed_float_dtypes_loads_in_one(tmp_path, ref, dtypes, loads_as):
+    """fp16 weights with a float32 layer, float8 matrices with bf16 norms: with no dtype asked for, the network gets
+    one dtype (the most precise present) and runs."""
+    folder(tmp_path, ref)
+    tensors = load_file(str(tmp_path / WEIGHTS))
+    tensors = {k: v.to(dtypes[0] if v.dim() > 1 else dtypes[1]) for k, v in tensors.items()}
+    save_file(tensors, str(tmp_path / WEIGHTS))
+    pipe = fastdiff.load(str(tmp_path))
+    assert {p.dtype for p in pipe.model.parameters()} == {loads_as}
+    assert torch.isfinite(pipe.generate(seeds=[0], steps=2, sampler="ddim", progress=False)).all()
+
+
+def test_a_fused_projection_of_the_wrong_size_is_a_mismatch():
+    state = RequiredKeys({"qkv.weight": torch.zeros(10, 4), "qkv.bias": torch.zeros(10)}, model="test")
+    with pytest.raises(StateDictMismatchError, match=r"qkv.weight: expected \(12, 4\), found \(10, 4\)"):
+        Renamer(state, "test").split(["q", "k", "v"], "qkv", (4, 4, 4))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# torch files
+# ---------------------------------------------------------------------------------------------------------------
+
+def official_dit_state():
+    from fastdiff.models.dit import DiT, DiTConfig
+
+    model = perturb_(DiT(DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=2,
+                                   num_classes=10)), seed=1)
+    return model.state_dict()
+
+
+def test_a_training_checkpoint_with_an_unreadable_ema_is_refused(tmp_path):
+    """train.py's 'ema' is what samples; one that holds something else must not fall back to the training weights."""
+    state = official_dit_state()
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": state, "ema": dict(state, step=7)}, str(path))
+    with pytest.raises(CorruptCheckpointError, match="expected 'ema' to hold a state dict of tensors, found 'step': a"):
+        fastdiff.load(str(path))
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_refusals_name_the_global_and_never_advise_running_the_pickle(tmp_path):
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": Evil()}, str(evil))
+    with pytest.raises(UnsafeCheckpointError, match=r"it names (posix|os)\.system") as e:
+        fastdiff.load(str(evil))
+    assert "weights_only=False" not in str(e.value) and "Re-running" not in str(e.value)
+    raw = tmp_path / "raw.bin"
+    raw.write_bytes(pickle.dumps({"w": Evil()}, protocol=4))
+    with pytest.raises(UnsafeCheckpointError, match="is a plain Python pickle, not a torch checkpoint"):
+        fastdiff.load(str(raw))
+
+
+def test_a_safetensors_file_named_pt_is_read_as_safetensors(tmp_path):
+    state = official_dit_state()
+    path = tmp_path / "dit.pt"
+    save_file(state, str(path))
+    pipe = fastdiff.load(str(path), num_heads=2)
+    assert pipe.spec.kind == "dit"
+    assert torch.equal(pipe.model.state_dict()["x_embedder.proj.weight"], state["x_embedder.proj.weight"])
+
+
+def test_a_guessed_dit_head_count_is_noted(tmp_path):
+    path = tmp_path / "dit.pt"
+    torch.save(official_dit_state(), str(path))
+    assert any("num_heads guessed as 1" in n for n in fastdiff.load(str(path)).notes)
+    assert not any("guessed" in n for n in fastdiff.load(str(path), num_heads=2).notes)
+
+
+def test_a_git_lfs_pointer_named_safetensors_says_so(tmp_path):
+    path = tmp_path / "model.safetensors"
+    path.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 123\n")
+    with pytest.raises(CorruptCheckpointError, match="git-lfs pointer, not the weights"):
+        fastdiff.load(str(path))
+
+
+def test_a_path_under_home_is_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    torch.save(official_dit_state(), str(tmp_path / "dit.pt"))
+    assert fastdiff.load("~/dit.pt", num_heads=2).spec.kind == "dit"
+
+
+def test_a_scheduler_fastdiff_does_not_have_is_noted(tmp_path, ref):
+    ref.save_pretrained(tmp_path / "unet")
+    (tmp_path / "scheduler").mkdir()
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {"_class_name": "SASolverScheduler", "num_train_timesteps": 1000, "beta_schedule": "linear"}))
+    pipe = fastdiff.load(str(tmp_path))
+    assert any("'SASolverScheduler' has no fastdiff counterpart" in n for n in pipe.notes)
+    assert same_as(pipe, ref) <= 1e-5
