@@ -372,3 +372,40 @@ def test_generate_makes_one_image_per_label_and_keeps_load_errors(tmp_path):
     assert load_file(str(tmp_path / "l.safetensors"))["latents"].shape[0] == 3
     r = fastdiff("generate", "builtin:digits", "--head-channels", "8", "--steps", "1", cwd=tmp_path)
     assert r.returncode == 2 and "not shipped" not in r.stderr and "head_channels" in r.stderr, r.stderr
+
+
+def test_bench_refuses_outputs_and_options_it_cannot_honour_before_running(tmp_path):
+    """A --json / --plot target that is a folder or an unknown image type, a non-finite --cfg, and an option of the
+    other mode: one line, exit 2, before any timing (nothing written)."""
+    (tmp_path / "jdir.json").mkdir()
+    base = ("bench", "arch:tiny-unet", "--steps", "1", "--repeat", "1", "--warmup", "1")
+    for argv, match in ((["--json", "jdir.json"], "--json: cannot write jdir.json: expected a file path, found a folder"),
+                        (["--plot", "p.xyz"], "--plot: expected a file name ending in one of"),
+                        (["--cfg", "inf"], "--cfg: expected a finite number"),
+                        (["--nfe", "4,8"], "--nfe: an option of the --quality mode, found in a latency run"),
+                        (["--compile-mode", "default"], "--compile-mode: the mode of the diffusers torch.compile")):
+        r = fastdiff(*base, *argv, cwd=tmp_path)
+        assert r.returncode == 2 and match in r.stderr and "Traceback" not in r.stderr, (argv, r.stderr)
+    r = fastdiff("bench", "--quality", "--backends", "eager,triton", "--steps", "9", cwd=tmp_path)
+    assert r.returncode == 2 and "--backends, --steps: options of the latency mode, found in a --quality run" \
+        in r.stderr, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["jdir.json"]
+
+
+def test_bench_json_records_the_compile_mode(tmp_path):
+    import json
+
+    r = fastdiff("bench", "arch:tiny-unet", "--steps", "1", "--repeat", "1", "--warmup", "1", "--json", "b.json",
+                 cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr
+    settings = json.loads((tmp_path / "b.json").read_text())["settings"]
+    assert "compile_mode" in settings and settings["compile_mode"] is None  # no compile comparison in this run
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.json"]  # no temp file left
+
+
+def test_info_refuses_layer_options_without_a_model(tmp_path):
+    for argv, match in ((["--backend", "triton"], "--backend: applies to a loaded MODEL's layers, found no MODEL"),
+                        (["arch:tiny-unet", "--backend", "eager", "--kernel-ops", "all"],
+                         "--kernel-ops: expected --backend triton")):
+        r = fastdiff("info", *argv, cwd=tmp_path)
+        assert r.returncode == 2 and match in r.stderr, (argv, r.stderr)

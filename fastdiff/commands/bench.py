@@ -19,6 +19,7 @@ is faster).
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 import traceback
@@ -90,7 +91,77 @@ def register(sub) -> None:
                    help="write every figure with the device, versions and settings as JSON")
     p.add_argument("--plot", default=None, metavar="OUT.png", help="draw median latency vs batch per backend")
     add_load_arguments(p)
-    p.set_defaults(func=run)
+    # each mode's own options keep their defaults here, so the other mode can refuse them when given
+    p.set_defaults(func=run, mode_defaults={dest: p.get_default(dest) for dest in LATENCY_ONLY + QUALITY_ONLY})
+
+
+# options that only one mode reads: given to the other, they are refused (never silently ignored)
+LATENCY_ONLY = ("backends", "batch", "steps", "sampler", "schedule", "dtype", "warmup", "repeat", "compare",
+                "compile_mode")
+QUALITY_ONLY = ("nfe", "samplers", "per_class")
+
+
+def _refuse_other_mode(args) -> None:
+    from ..errors import BadArgumentError
+
+    defaults = getattr(args, "mode_defaults", {})
+    others = QUALITY_ONLY if not args.quality else LATENCY_ONLY
+    given = ["--" + d.replace("_", "-") for d in others if d in defaults and getattr(args, d) != defaults[d]]
+    if given:
+        mode, other = ("latency", "--quality") if not args.quality else ("--quality", "latency")
+        raise BadArgumentError(f"{', '.join(given)}: {'options' if len(given) > 1 else 'an option'} of the {other} "
+                               f"mode, found in a {mode} run")
+    if not args.quality and args.compile_mode is not None and "compile" not in (args.compare or ""):
+        raise BadArgumentError("--compile-mode: the mode of the diffusers torch.compile comparison, found without "
+                               "--compare diffusers,compile (fastdiff's own compile backend takes +autotune)")
+
+
+def _check_output(flag: str, path, extensions) -> None:
+    """A --json / --plot target, checked before any run: a finished run must never fail on its output."""
+    from ..errors import BadArgumentError
+    from ..utils.atomic import check_file_path
+
+    if not path:
+        return
+    try:
+        check_file_path(path)
+    except BadArgumentError as e:
+        raise BadArgumentError(f"{flag}: {e}") from None
+    if extensions and not path.lower().endswith(tuple(extensions)):
+        raise BadArgumentError(f"{flag}: expected a file name ending in one of {sorted(extensions)}, found {path!r}")
+
+
+def _plot_extensions() -> tuple:
+    """The image formats matplotlib writes; --plot needs matplotlib (BadArgumentError, one line, when missing)."""
+    from ..errors import BadArgumentError
+
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from matplotlib.figure import Figure
+    except ImportError as e:
+        raise BadArgumentError("--plot needs matplotlib (pip install matplotlib)") from e
+    return tuple("." + ext for ext in Figure().canvas.get_supported_filetypes())
+
+
+def _save_figure(fig, path: str) -> None:
+    """The figure written atomically, in the format its extension names."""
+    import os
+
+    from ..utils.atomic import atomic_path
+
+    with atomic_path(path, suffix=os.path.splitext(path)[1]) as tmp:
+        fig.savefig(tmp, dpi=120)
+
+
+def _write_json(path: str, obj) -> None:
+    import json
+
+    from ..utils.atomic import atomic_path
+
+    with atomic_path(path, suffix=".json") as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -745,7 +816,7 @@ def _plot(path, results, compare_rows, title):
     if series:
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save_figure(fig, path)
     plt.close(fig)
 
 
@@ -765,6 +836,8 @@ def _json_report(args, variants, batches, compare, spec, n_params, dev_name, dev
         "settings": {"model": args.model, "backends": [v[0] for v in variants], "batch": batches, "steps": args.steps,
                      "sampler": args.sampler, "schedule": args.schedule, "cfg": args.cfg, "dtype": args.dtype,
                      "warmup": args.warmup, "repeat": args.repeat, "compare": compare, "seed": args.seed,
+                     "compile_mode": (args.compile_mode or ("max-autotune" if device.type == "cuda" else "default"))
+                     if "compile" in compare else None,
                      "threads": torch.get_num_threads(),
                      "timing": "cuda events" if device.type == "cuda" else "perf_counter",
                      "memory": memory_method(device),
@@ -778,9 +851,6 @@ def _json_report(args, variants, batches, compare, spec, n_params, dev_name, dev
 
 
 def run(args) -> int:
-    import json
-    import os
-
     import torch
 
     from ..errors import BadArgumentError
@@ -793,10 +863,12 @@ def run(args) -> int:
         if args.threads < 1:
             raise BadArgumentError(f"--threads: expected a positive integer, found {args.threads}")
         torch.set_num_threads(args.threads)
-    for opt in ("json", "plot"):  # before any run: a finished run must never fail on its output folder
-        path = getattr(args, opt)
-        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-            raise BadArgumentError(f"--{opt}: folder of {path} does not exist")
+    _refuse_other_mode(args)
+    if not math.isfinite(args.cfg):
+        raise BadArgumentError(f"--cfg: expected a finite number, found {args.cfg}")
+    # before any run: a finished run must never fail on its output
+    _check_output("--json", args.json, (".json",))
+    _check_output("--plot", args.plot, _plot_extensions() if args.plot else ())
     if args.quality:
         return run_quality(args)
     compare = _parse_list(args.compare, "--compare", COMPARE_CHOICES) if args.compare else []
@@ -808,11 +880,6 @@ def run(args) -> int:
             raise BadArgumentError(f"--{name}: expected a positive integer, found {getattr(args, name)}")
     if args.warmup < 1:
         raise BadArgumentError(f"--warmup: expected >= 1 (the first call is always a warm-up), found {args.warmup}")
-    if args.plot:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError as e:
-            raise BadArgumentError("--plot needs matplotlib (pip install matplotlib)") from e
     device = default_device(args.device)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
 
@@ -836,12 +903,8 @@ def run(args) -> int:
         """The JSON report as it stands, written atomically: after every row, so a run cut off by a time limit
         keeps the rows it finished (``"complete": false``)."""
         if args.json:
-            report = _json_report(args, variants, batches, compare, spec, n_params, dev_name, device, results,
-                                  compare_rows, _ratios(results, compare_rows), complete)
-            tmp = args.json + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(report, f, indent=2, default=str)
-            os.replace(tmp, args.json)
+            _write_json(args.json, _json_report(args, variants, batches, compare, spec, n_params, dev_name, device,
+                                                results, compare_rows, _ratios(results, compare_rows), complete))
 
     results: list = []
     measured: list = []
@@ -882,8 +945,6 @@ def run(args) -> int:
 
 def run_quality(args) -> int:
     """``fastdiff bench --quality``: the digits-FD / accuracy vs NFE table (and curves with --plot)."""
-    import json
-
     from ..errors import BadArgumentError
     from ..metrics.quality import format_table, quality_table
     from ..sampling import SAMPLERS
@@ -911,9 +972,8 @@ def run_quality(args) -> int:
           f"{args.seed}")
     print(format_table(rows))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"model": args.model, "cfg": cfg, "per_class": args.per_class,
-                       "rows": [r.as_dict() for r in rows]}, f, indent=2)
+        _write_json(args.json, {"model": args.model, "cfg": cfg, "per_class": args.per_class,
+                                "rows": [r.as_dict() for r in rows]})
         print(f"wrote {args.json}")
     if args.plot:
         import matplotlib
@@ -933,6 +993,6 @@ def run_quality(args) -> int:
         ax.legend(fontsize=7, ncol=2)
         ax.grid(True, which="both", alpha=0.3)
         fig.tight_layout()
-        fig.savefig(args.plot, dpi=120)
+        _save_figure(fig, args.plot)
         print(f"wrote {args.plot}")
     return 0

@@ -20,7 +20,7 @@ def register(sub) -> None:
     p.add_argument("--backend", choices=("triton", "eager"), default=None,
                    help="the backend MODEL's layers are set to, as optimize(OptimizeConfig(backend=...)) sets them "
                         "(default: triton where it can run here, else eager)")
-    p.add_argument("--kernel-ops", choices=["measured", "all", "tune"], default="measured",
+    p.add_argument("--kernel-ops", choices=["measured", "all", "tune"], default=None,
                    help="with --backend triton, as for generate: the per-op table measured on a GPU (default), "
                         "every op on Triton, or 'tune'")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -176,10 +176,18 @@ def _conditioning(spec) -> str:
 
 
 def run(args) -> int:
+    from ..errors import BadArgumentError
+
+    given = [f for f, v in (("--backend", args.backend), ("--kernel-ops", args.kernel_ops)) if v is not None]
+    if given and not getattr(args, "model", None):
+        raise BadArgumentError(f"{' and '.join(given)}: {'apply' if len(given) > 1 else 'applies'} to a loaded MODEL's layers, found no MODEL")
     report = collect()
     if getattr(args, "model", None):
         backend = args.backend or ("triton" if report["backends"]["triton"] == "yes" else "eager")
-        report["model_ops"] = model_ops(args.model, backend, args.kernel_ops, **load_options(args))
+        if args.kernel_ops is not None and backend != "triton":
+            raise BadArgumentError(f"--kernel-ops: expected --backend triton (the only backend with a kernel choice), "
+                                   f"found {backend}")
+        report["model_ops"] = model_ops(args.model, backend, args.kernel_ops or "measured", **load_options(args))
     if args.json:
         import json
 
