@@ -39,3 +39,36 @@ def test_diffusers_counterpart_holds_the_same_network(arch):
         assert "frequency shift" in note and got.shape == want.shape
     else:
         assert rel_err(got, want) <= 1e-5
+
+
+@pytest.mark.parametrize("schedule", [None, "trailing", "leading"])
+def test_the_diffusers_comparison_samples_on_fastdiffs_grid(schedule):
+    """The diffusers side of the comparison runs the grid fastdiff runs for the same --schedule (the checkpoint's own
+    spacing by default), so both time the same timesteps. (--schedule karras sets diffusers' use_karras_sigmas, whose
+    range is the model's own: same NFE, other sigmas.)"""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from fastdiff.commands.bench import _diffusers_sampler, _import_diffusers
+
+    pipe = fastdiff.load("builtin:digits")
+    args = SimpleNamespace(sampler="euler", schedule=schedule)
+    scheduler, note = _diffusers_sampler(args, pipe.spec, _import_diffusers())
+    assert note is None
+    scheduler.set_timesteps(8)
+    ours = pipe.plan(8, "euler", schedule).sigmas
+    np.testing.assert_allclose(np.asarray(scheduler.sigmas, dtype=np.float64), ours.double().numpy(), rtol=1e-5)
+
+
+def test_the_diffusers_comparison_takes_karras_where_its_scheduler_has_it():
+    from types import SimpleNamespace
+
+    from fastdiff.commands.bench import _diffusers_sampler, _import_diffusers
+
+    spec = fastdiff.load("builtin:digits").spec
+    scheduler, note = _diffusers_sampler(SimpleNamespace(sampler="dpmpp_2m", schedule="karras"), spec,
+                                         _import_diffusers())
+    assert scheduler.config.use_karras_sigmas and note is None
+    scheduler, note = _diffusers_sampler(SimpleNamespace(sampler="ddim", schedule="karras"), spec, _import_diffusers())
+    assert "has no karras grid" in note

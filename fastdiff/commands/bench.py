@@ -565,8 +565,28 @@ def _diffusers_sampler(args, spec, schedulers):
     if cls is None:
         cls, kw = schedulers["dpmpp_2m"]
         note = f"no matching diffusers scheduler for {args.sampler!r}: diffusers runs DPMSolverMultistepScheduler"
+    kw, grid_note = _diffusers_grid(args.schedule, kw, spec)
     sched_cfg = {k: v for k, v in spec.scheduler.items() if not k.startswith("_")}
-    return cls.from_config(sched_cfg, **kw), note
+    return cls.from_config(sched_cfg, **kw), "; ".join(n for n in (note, grid_note) if n) or None
+
+
+def _diffusers_grid(schedule, kw: dict, spec) -> tuple:
+    """The diffusers scheduler options for fastdiff's ``--schedule`` (the same sigma grid on both sides), and a note
+    where diffusers' scheduler has no such grid. ``kw``: the sampler's own options; ``use_karras_sigmas`` in them marks
+    a scheduler that takes a sigma grid."""
+    takes_sigmas = "use_karras_sigmas" in kw
+    kw = {k: v for k, v in kw.items() if k != "use_karras_sigmas"}
+    if schedule is None and spec.prediction_type == "edm":
+        schedule = "karras"  # fastdiff's default for EDM models
+    if schedule in ("karras", "exponential"):
+        if takes_sigmas:
+            return dict(kw, **{f"use_{schedule}_sigmas": True}), None
+        return kw, f"diffusers' scheduler for this sampler has no {schedule} grid: it runs its config's spacing"
+    if schedule in ("leading", "trailing", "linspace"):
+        return dict(kw, timestep_spacing=schedule), None
+    if schedule is not None:
+        return kw, f"diffusers has no {schedule!r} grid: it runs its config's spacing"
+    return kw, None  # the checkpoint's own spacing on both sides
 
 
 def _diffusers_flow_sampler(args, spec):
