@@ -433,10 +433,10 @@ def export_onnx(pipe_or_model, spec: Optional[ModelSpec], path: str, *, opset: i
                     os.replace(path, os.path.join(tmp, "previous.onnx"))
                 os.replace(os.path.join(tmp, data_name), path + ".data")
                 files.append(path + ".data")
-            elif os.path.exists(path + ".data"):
-                with contextlib.suppress(OSError):
-                    os.remove(path + ".data")  # a stale data file of an earlier large export
             os.replace(staged, path)
+            if not use_ext and os.path.exists(path + ".data"):
+                with contextlib.suppress(OSError):  # a stale data file of an earlier large export, once no graph
+                    os.remove(path + ".data")       # at the path needs it
             bar.update()
     finally:
         bar.close()

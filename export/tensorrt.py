@@ -144,6 +144,8 @@ def make_profiles(onnx_path: str, batch=None, height=None, width=None, sequence=
                                        f"(--height / --width for a dynamic-resolution graph)")
             mins.append(r[0]), opts.append(r[1]), maxs.append(r[2])
         profiles[name] = (tuple(mins), tuple(opts), tuple(maxs))
+    if sequence is not None and not any(d == "sequence" for dims in onnx_input_dims(onnx_path).values() for d in dims):
+        raise BadArgumentError(f"sequence: a text-length profile given ({sequence}), found a graph with no text input")
     given = {"batch": batch is not None, "height": True, "width": True}
     for axis in ("batch", "height", "width"):  # a range over an axis the graph fixed would be silently one size
         r = ranges[axis]

@@ -89,8 +89,9 @@ def test_a_sharded_variant_in_diffusers_naming_loads(tmp_path, ref):
     assert same_as(fastdiff.load(str(tmp_path), variant="fp16"), ref) <= 1e-5
 
 
-def test_a_folder_of_variant_files_names_the_variant(tmp_path, ref):
-    folder(tmp_path, ref, variant="fp16")
+@pytest.mark.parametrize("shard", [None, "20KB"])
+def test_a_folder_of_variant_files_names_the_variant(tmp_path, ref, shard):
+    folder(tmp_path, ref, variant="fp16", **({"max_shard_size": shard} if shard else {}))
     with pytest.raises(CheckpointError, match=r"variant\(s\) \['fp16'\]: pass variant="):
         fastdiff.load(str(tmp_path))
 
@@ -133,17 +134,19 @@ def test_an_integer_tensor_for_a_float_parameter_is_named(tmp_path, ref):
         fastdiff.load(str(tmp_path), dtype=torch.float32)
 
 
-@pytest.mark.parametrize("dtypes,loads_as", [((torch.float16, torch.float32), torch.float32),
+@pytest.mark.parametrize("dtypes,loads_as", [((torch.float16, torch.float32), torch.float16),
+                                             ((torch.float32, torch.float16), torch.float32),
                                              ((torch.float8_e4m3fn, torch.bfloat16), torch.bfloat16)])
 def test_a_file_of_mixed_float_dtypes_loads_in_one(tmp_path, ref, dtypes, loads_as):
-    """fp16 weights with a float32 layer, float8 matrices with bf16 norms: with no dtype asked for, the network gets
-    one dtype (the most precise present) and runs."""
+    """fp16 weights with float32 biases, float8 matrices with bf16 norms: with no dtype asked for, the network gets
+    the dtype that holds most of the values (float8 widened to bf16), runs, and the notes say so."""
     folder(tmp_path, ref)
     tensors = load_file(str(tmp_path / WEIGHTS))
     tensors = {k: v.to(dtypes[0] if v.dim() > 1 else dtypes[1]) for k, v in tensors.items()}
     save_file(tensors, str(tmp_path / WEIGHTS))
     pipe = fastdiff.load(str(tmp_path))
     assert {p.dtype for p in pipe.model.parameters()} == {loads_as}
+    assert any(f"loaded as {str(loads_as)[6:]}" in n for n in pipe.notes), pipe.notes
     assert torch.isfinite(pipe.generate(seeds=[0], steps=2, sampler="ddim", progress=False)).all()
 
 
@@ -228,3 +231,31 @@ def test_a_scheduler_fastdiff_does_not_have_is_noted(tmp_path, ref):
     pipe = fastdiff.load(str(tmp_path))
     assert any("'SASolverScheduler' has no fastdiff counterpart" in n for n in pipe.notes)
     assert same_as(pipe, ref) <= 1e-5
+
+
+
+@pytest.mark.parametrize("kind", ["random bytes after PROTO", "a legacy torch file cut short"])
+def test_damaged_bytes_are_corrupt_not_unsafe(tmp_path, kind):
+    """Only a whole, well-formed pickle is called one (and refused as unsafe); damaged bytes are a corrupt file."""
+    path = tmp_path / "w.pt"
+    if kind.startswith("random"):
+        path.write_bytes(b"\x80" + bytes(range(256)) * 4)
+    else:
+        torch.save(official_dit_state(), str(path), _use_new_zipfile_serialization=False)
+        path.write_bytes(path.read_bytes()[:170])
+    with pytest.raises(CorruptCheckpointError, match="cannot read torch checkpoint"):
+        fastdiff.load(str(path))
+
+
+def test_json_is_read_as_utf8_whatever_the_locale(tmp_path, ref):
+    import subprocess
+    import sys
+
+    folder(tmp_path, ref)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(dict(cfg, _name_or_path="/home/José/modèles"),
+                                                     ensure_ascii=False), encoding="utf-8")
+    env = dict(os.environ, LC_ALL="C", LANG="C", PYTHONUTF8="0", PYTHONCOERCECLOCALE="0")
+    r = subprocess.run([sys.executable, "-X", "utf8=0", "-c", f"import fastdiff; fastdiff.load({str(tmp_path)!r})"],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]

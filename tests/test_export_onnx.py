@@ -440,3 +440,25 @@ def test_a_damaged_onnx_file_is_a_corrupt_checkpoint(tmp_path, content):
     p.write_bytes(content)
     with pytest.raises(CorruptCheckpointError, match=f"expected an ONNX model, found {len(content)} bytes"):
         fastdiff.load(str(p))
+
+
+def test_replacing_an_external_data_export_with_a_plain_one_never_strands_the_graph(pipes, tmp_path, monkeypatch):
+    """The stale weights file goes only after the new self-contained graph is in place: interrupted in between, the
+    folder still holds a graph that loads. A graph whose weights file is gone is a corrupt checkpoint, by name."""
+    path = str(tmp_path / "m.onnx")
+    export_onnx(pipes["arch:tiny-dit"], None, path, external_data=True, check=False, progress=False)
+
+    def interrupted(p):
+        raise KeyboardInterrupt("simulated interruption")
+
+    monkeypatch.setattr(os, "remove", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export_onnx(pipes["arch:tiny-dit"], None, path, external_data=False, check=False, progress=False)
+    monkeypatch.undo()
+    OnnxRuntimeRunner(path, device="cpu")  # the new graph, self-contained, opens
+    export_onnx(pipes["arch:tiny-dit"], None, path, external_data=True, check=False, progress=False)
+    os.remove(path + ".data")
+    from fastdiff.errors import CorruptCheckpointError
+
+    with pytest.raises(CorruptCheckpointError, match="external data file beside it"):
+        OnnxRuntimeRunner(path, device="cpu")

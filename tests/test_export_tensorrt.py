@@ -95,6 +95,8 @@ def test_a_range_over_a_fixed_axis_is_refused(graphs, tmp_path):
         make_profiles(static, batch="1:2:4")
     assert make_profiles(static)["sample"][0][0] == 2  # no batch asked for: the graph's own
     assert make_profiles(graphs["arch:tiny-sd-unet"], height=8, width=8)["sample"][2][0] == 4  # the default 1:1:4
+    with pytest.raises(BadArgumentError, match="a text-length profile given .* found a graph with no text input"):
+        make_profiles(static, sequence="1:16:32")
 
 
 def test_text_sequence_profiles():

@@ -106,7 +106,7 @@ def load(path: str, device="cpu", dtype: Optional[torch.dtype] = None, *, varian
         _refuse_options(source_options, _SOURCE_OPTIONS.get(kind_name.split(" ")[0], ()), path, kind_name)
     _override_sampling(spec, scheduler, prediction_type)
     model = build_model(kind, cfg)
-    strict_load(model, state, name=f"{kind.upper()} from {path}", dtype=dtype, device=device)
+    strict_load(model, state, name=f"{kind.upper()} from {path}", dtype=dtype, device=device, notes=spec.notes)
     own_folder = path if os.path.isdir(path) else None
     return Pipeline(model.eval(), spec, device=device, vae=_pick_vae(vae, found_vae, device),
                     prompt_encoder=_pick_prompt_encoder(text_encoder, own_folder, spec, device, dtype, variant))

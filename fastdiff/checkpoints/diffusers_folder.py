@@ -43,12 +43,25 @@ def find_weights(folder: str, variant: Optional[str] = None) -> dict[str, torch.
                 if os.path.isfile(os.path.join(folder, index)):
                     return read_sharded(folder, index)
     found = sorted(os.listdir(folder))
-    variants = sorted({name.split(".")[-2] for name in found if name.startswith(WEIGHT_NAMES)
-                       and name.endswith((".safetensors", ".bin")) and name.count(".") >= 2} - {"safetensors", "bin"})
+    variants = sorted(_variants(found))
     hint = f"; the folder has variant(s) {variants}: pass variant=" if variants and not variant else ""
     raise CheckpointError(
         f"{folder}: expected diffusion_pytorch_model{tag}.safetensors / .bin (or a sharded *.index.json), "
         f"found {found}{hint}")
+
+
+def _variants(names) -> set:
+    """The weight variants a folder's file names carry: <base>.<v>.<ext>, sharded <base>.<v>-0000N-of-0000M.<ext>
+    and the index <base>.<ext>.index.<v>.json."""
+    import re
+
+    found = set()
+    for name in names:
+        m = re.fullmatch(r"(?:%s)\.([\w]+?)(?:-\d+-of-\d+)?\.(?:safetensors|bin)" % "|".join(WEIGHT_NAMES), name) or \
+            re.fullmatch(r"(?:%s)\.(?:safetensors|bin)\.index\.(\w+)\.json" % "|".join(WEIGHT_NAMES), name)
+        if m:
+            found.add(m.group(1))
+    return found
 
 
 def load_model_folder(folder: str, variant: Optional[str] = None):

@@ -44,7 +44,7 @@ if tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 6):
 def read_json(path: str) -> dict:
     """A JSON object (config, index) from ``path``; malformed JSON or another JSON type is a CorruptCheckpointError."""
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:  # JSON is UTF-8, whatever the locale
             obj = json.load(f)
     except json.JSONDecodeError as e:
         raise CorruptCheckpointError(f"{path}: expected JSON, found a parse error ({e})") from e
@@ -108,14 +108,14 @@ def read_torch_file(path: str, map_location: str = "cpu") -> object:
         # a real pickle naming a class or function the weights-only reader will not build ("Unsupported global:
         # GLOBAL x", "unsupported GLOBAL posix.system whose module posix is blocked"); any other refusal is a
         # file that is not a torch checkpoint at all
-        if "GLOBAL" in str(e):
+        if "GLOBAL" in str(e) and not _refused_global(e).endswith("."):  # (a name cut short: a truncated file)
             if any(name in str(e) for name in CALLBACK_GLOBALS):  # torch < 2.6: no stand-in can be named
                 raise UnsafeCheckpointError(
                     f"{path} holds PyTorch Lightning's ModelCheckpoint callback beside its weights; fastdiff reads "
                     f"it as inert data with torch >= 2.6, and this torch ({torch.__version__}) cannot, so the file "
                     f"was refused unread") from e
             raise UnsafeCheckpointError(
-                f"{path} holds Python objects that only an arbitrary pickle could rebuild ({_refused_global(e)}), so "
+                f"{path} holds Python objects that only an arbitrary pickle could rebuild ({_names(e)}), so "
                 f"it was refused (fastdiff reads weights with torch.load(weights_only=True) and never executes a "
                 f"pickle). Expected a state dict of tensors (optionally in 'model' / 'ema' / 'state_dict')"
             ) from e
@@ -152,10 +152,22 @@ def _not_a_checkpoint(path: str, error: Exception) -> CorruptCheckpointError:
 
 
 def _is_plain_pickle(path: str) -> bool:
-    """A pickle stream (protocol 2+ starts with PROTO) that is no torch file: torch's legacy format starts with the
-    pickled magic number, which its weights-only reader takes; what it refuses past that is a generic pickle."""
+    """A whole, well-formed pickle stream that is no torch file (torch's legacy format is pickles too, but its
+    weights-only reader takes those): its opcodes are read, never run, to tell it from damaged bytes."""
+    import pickletools
+
+    if zipfile.is_zipfile(path):
+        return False
     with open(path, "rb") as f:
-        return f.read(1) == b"\x80" and not zipfile.is_zipfile(path)
+        if f.read(1) != b"\x80":  # PROTO: protocol 2 and newer
+            return False
+        f.seek(0)
+        try:
+            for _ in pickletools.genops(f):
+                pass
+        except Exception:  # an opcode pickle does not know, a stream cut short: damaged, not a pickle
+            return False
+        return f.read(1) == b""  # one pickle, and nothing after it
 
 
 def _refused_global(e: BaseException) -> str:
@@ -163,7 +175,12 @@ def _refused_global(e: BaseException) -> str:
     import re
 
     m = re.search(r"(?:Unsupported global: GLOBAL|GLOBAL) ([\w.]+)", str(e))
-    return f"it names {m.group(1)}" if m else "a class or function no state dict holds"
+    return m.group(1) if m else ""
+
+
+def _names(e: BaseException) -> str:
+    name = _refused_global(e)
+    return f"it names {name}" if name else "a class or function no state dict holds"
 
 
 def _own_words(e: BaseException) -> str:

@@ -887,7 +887,7 @@ def run(args) -> int:
     if not math.isfinite(args.cfg):
         raise BadArgumentError(f"--cfg: expected a finite number, found {args.cfg}")
     # before any run: a finished run must never fail on its output
-    _check_output("--json", args.json, (".json",))
+    _check_output("--json", args.json, ())
     _check_output("--plot", args.plot, _plot_extensions() if args.plot else ())
     if args.quality:
         return run_quality(args)

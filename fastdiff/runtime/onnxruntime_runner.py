@@ -89,8 +89,16 @@ class OnnxRuntimeRunner:
             providers = [("CUDAExecutionProvider", {"device_id": idx}), "CPUExecutionProvider"]
         else:
             providers = ["CPUExecutionProvider"]
-        self.session = ort.InferenceSession(bytes(src) if isinstance(src, (bytes, bytearray)) else src,
-                                            sess_options=opts, providers=providers)
+        try:
+            self.session = ort.InferenceSession(bytes(src) if isinstance(src, (bytes, bytearray)) else src,
+                                                sess_options=opts, providers=providers)
+        except Exception as e:
+            if "external data" in str(e).lower():  # the weights file beside a large graph is missing or damaged
+                from ..errors import CorruptCheckpointError
+
+                raise CorruptCheckpointError(f"{src}: expected its weights in the external data file beside it, "
+                                             f"which ONNX Runtime cannot read: {str(e).strip().splitlines()[0]}") from e
+            raise
         self.inputs = {i.name: _NP.get(i.type, np.float32) for i in self.session.get_inputs()}
         # the fixed sizes of each input (None where the axis is symbolic), to refuse a feed the graph cannot take
         self.input_shapes = {i.name: tuple(d if isinstance(d, int) else None for d in i.shape)

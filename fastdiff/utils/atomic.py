@@ -29,8 +29,10 @@ def _check_parent(path: str) -> str:
 def check_file_path(path: str) -> str:
     """``_check_parent`` for a file about to be written: a folder (one that exists, or a path ending in a separator)
     is refused by name instead of failing later on a temp file's name."""
-    if path and (path.endswith((os.sep, "/")) or os.path.isdir(path)):
+    if path and os.path.isdir(path):
         raise BadArgumentError(f"cannot write {path}: expected a file path, found a folder")
+    if path and path.endswith((os.sep, "/")):
+        raise BadArgumentError(f"cannot write {path}: expected a file path, found a path ending in a separator")
     return _check_parent(path)
 
 
