@@ -1,5 +1,7 @@
 """fastdiff.metrics: the Frechet distance, the shipped digits classifier, digits-FD and FID plumbing."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -152,3 +154,81 @@ def test_fid_with_random_inception_weights(tmp_path):
     torch.save({"fc.weight": torch.zeros(1008, 2048)}, tmp_path / "bad.pth")
     with pytest.raises(CheckpointError, match="missing"):
         load_fid_inception(str(tmp_path / "bad.pth"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Pixel conventions and bad input
+# ------------------------------------------------------------------------------------------------
+
+def test_every_integer_dtype_is_taken_as_0_to_255():
+    """int64 / int32 images are what they are in uint8 (before: clamped to white as floats); out-of-range integers
+    and non-finite floats are refused; float images that look like [0, 255] ones are warned of."""
+    x = load_digits_16("test")[0][:8]
+    as_uint8 = ((x + 1) * 127.5).round().to(torch.uint8)
+    ref = digits_features(as_uint8)
+    for dtype in (torch.int64, torch.int32, torch.int16):
+        torch.testing.assert_close(digits_features(as_uint8.to(dtype)), ref)
+    torch.testing.assert_close(digits_features(as_uint8.numpy().astype(np.int32)), ref)
+    with pytest.raises(BadArgumentError, match=r"integer pixels in \[0, 255\], found \[0, 300\]"):
+        digits_features(torch.full((2, 1, 16, 16), 300, dtype=torch.int64).index_fill_(0, torch.tensor([0]), 0))
+    bad = x.clone()
+    bad[1, 0, 3, 3] = float("inf")
+    with pytest.raises(BadArgumentError, match="finite pixel values"):
+        digits_fd(bad)
+    with pytest.warns(UserWarning, match="taken as \\[-1, 1\\] and clamped"):
+        digits_features(as_uint8.float())
+
+
+def test_real_stats_follow_the_classifier_object():
+    """Cached reference statistics belong to one classifier: a new one (which may reuse a dead one's id) gets its
+    own."""
+    import copy
+
+    from fastdiff.metrics.digits import real_stats
+
+    base = load_classifier()
+    other = copy.deepcopy(base)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(1.5)
+    mean_base, mean_other = real_stats("test", base)[0], real_stats("test", other)[0]
+    assert not torch.allclose(torch.as_tensor(mean_base), torch.as_tensor(mean_other))
+    del other
+    for _ in range(10):  # new objects, some at a dead one's address: each computes its own
+        fresh = copy.deepcopy(base)
+        torch.testing.assert_close(torch.as_tensor(real_stats("test", fresh)[0]), torch.as_tensor(mean_base))
+
+
+def test_metric_inputs_that_make_no_sense_are_refused(tmp_path):
+    import json
+    import shutil
+
+    with pytest.raises(BadArgumentError, match="expected whole digits, found \\[3.7"):
+        class_accuracy(torch.zeros(2, 1, 16, 16), [3.7, 1.0])
+    from fastdiff.metrics.digits import CLASSIFIER_CONFIG, CLASSIFIER_WEIGHTS, PRESET_DIR
+
+    shutil.copy(os.path.join(PRESET_DIR, CLASSIFIER_WEIGHTS), tmp_path / CLASSIFIER_WEIGHTS)
+    (tmp_path / CLASSIFIER_CONFIG).write_text(json.dumps({"config": {"no_such_field": 1}}))
+    with pytest.raises(CheckpointError, match="expected classifier.json to describe"):
+        load_classifier(str(tmp_path))
+    with pytest.raises(BadArgumentError, match="images_a: expected at least one image"):
+        fid(torch.zeros(0, 3, 8, 8), torch.zeros(2, 3, 8, 8), inception_weights=str(tmp_path))
+    with pytest.raises(BadArgumentError, match="images_b: expected at least 2 images"):
+        fid(torch.zeros(2, 3, 8, 8), torch.zeros(1, 3, 8, 8), inception_weights=str(tmp_path))
+    with pytest.raises(BadArgumentError, match="images_a: expected finite"):
+        fid(torch.full((2, 3, 8, 8), float("nan")), torch.zeros(2, 3, 8, 8), inception_weights=str(tmp_path))
+
+
+def test_inception_weights_with_nan_or_non_tensors_are_refused(tmp_path):
+    x = load_digits_16("test")[0][:2]
+    path = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
+    _random_fid_weights(path, x.expand(-1, 3, -1, -1))
+    state = torch.load(path, weights_only=True)
+    with pytest.raises(BadArgumentError, match="batch_size: expected a positive integer"):
+        inception_features(x, load_fid_inception(str(path)), batch_size=0)
+    torch.save(dict(state, **{"Conv2d_1a_3x3.conv.weight": state["Conv2d_1a_3x3.conv.weight"] * float("nan")}), path)
+    with pytest.raises(CheckpointError, match="expected finite weights"):
+        load_fid_inception(str(path))
+    torch.save(dict(state, extra_list=[1, 2]), path)
+    with pytest.raises(CheckpointError, match="found 'extra_list': a list"):
+        load_fid_inception(str(path))

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import json
 import os
+import weakref
 from dataclasses import asdict, dataclass
 from typing import Optional, Sequence
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from ..errors import BadArgumentError, CheckpointError
 from .data import IMAGE_SIZE, NUM_CLASSES, load_digits_16
 from .fid import frechet_distance, frechet_distance_from_stats, feature_stats
+from .images import as_tensor, check_range, to_unit_range
 
 PRESET_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "presets", "digits")
 CLASSIFIER_WEIGHTS = "classifier.safetensors"
@@ -90,6 +91,8 @@ def _cfg_dict(cfg: ClassifierConfig) -> dict:
 
 
 _CACHE: dict = {}
+# real-digit feature statistics per classifier and split; the classifier's lifetime bounds its entries
+_STATS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def load_classifier(folder: Optional[str] = None) -> DigitsClassifier:
@@ -105,10 +108,13 @@ def load_classifier(folder: Optional[str] = None) -> DigitsClassifier:
         if not os.path.isfile(path):
             raise CheckpointError(f"the digits classifier: expected {path}, found none "
                                   f"(train it with training/train_digits_classifier.py)")
-    with open(config) as f:
-        cfg = json.load(f)["config"]
-    model = DigitsClassifier(ClassifierConfig(**cfg))
-    model.load_state_dict(read_safetensors(weights))
+    try:
+        with open(config, encoding="utf-8") as f:
+            model = DigitsClassifier(ClassifierConfig(**json.load(f)["config"]))
+        model.load_state_dict(read_safetensors(weights))
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:  # malformed JSON, unknown fields, size mismatches
+        raise CheckpointError(f"the digits classifier in {folder}: expected {CLASSIFIER_CONFIG} to describe "
+                              f"{CLASSIFIER_WEIGHTS}, found {type(e).__name__}: {str(e).strip().splitlines()[0]}") from e
     model.eval().requires_grad_(False)
     _CACHE[key] = model
     return model
@@ -120,8 +126,7 @@ def load_classifier(folder: Optional[str] = None) -> DigitsClassifier:
 
 def as_digit_images(samples, name: str = "samples") -> torch.Tensor:
     """(N, 1, 16, 16) float32 in [-1, 1] from floats in [-1, 1] or uint8 in [0, 255]; clear errors otherwise."""
-    if not isinstance(samples, torch.Tensor):
-        samples = torch.as_tensor(np.asarray(samples))
+    samples = as_tensor(samples)
     if samples.ndim == 3:
         samples = samples[:, None]
     if samples.ndim != 4 or tuple(samples.shape[1:]) != (1, IMAGE_SIZE, IMAGE_SIZE):
@@ -130,10 +135,8 @@ def as_digit_images(samples, name: str = "samples") -> torch.Tensor:
     if samples.shape[0] == 0:
         raise BadArgumentError(f"{name}: expected at least one image, found none")
     x = samples.detach().cpu()
-    x = x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x.float()
-    if not torch.isfinite(x).all():
-        raise BadArgumentError(f"{name}: expected finite pixel values, found NaN or inf")
-    return x.clamp(-1, 1)
+    check_range(x, name)
+    return to_unit_range(x)
 
 
 @torch.no_grad()
@@ -154,7 +157,10 @@ def classify(samples, classifier: Optional[DigitsClassifier] = None) -> torch.Te
 
 def class_accuracy(samples, labels, classifier: Optional[DigitsClassifier] = None) -> float:
     """Fraction of samples the classifier recognises as their intended label."""
-    labels = torch.as_tensor(labels).long().view(-1).cpu()
+    labels = torch.as_tensor(labels).view(-1).cpu()
+    if labels.is_floating_point() and not torch.equal(labels, labels.round()):
+        raise BadArgumentError(f"labels: expected whole digits, found {labels[labels != labels.round()][:3].tolist()}")
+    labels = labels.long()
     pred = classify(samples, classifier)
     if labels.shape[0] != pred.shape[0]:
         raise BadArgumentError(f"labels: expected one per sample ({pred.shape[0]}), found {labels.shape[0]}")
@@ -166,10 +172,10 @@ def class_accuracy(samples, labels, classifier: Optional[DigitsClassifier] = Non
 def real_stats(split: str = "all", classifier: Optional[DigitsClassifier] = None):
     """(mean, covariance) of the classifier features of the real digits (cached per split)."""
     net = classifier or load_classifier()
-    key = ("stats", id(net), split)
-    if key not in _CACHE:
-        _CACHE[key] = feature_stats(digits_features(load_digits_16(split)[0], net))
-    return _CACHE[key]
+    per_net = _STATS.setdefault(net, {})  # keyed by the network itself: a new one never gets a dead one's numbers
+    if split not in per_net:
+        per_net[split] = feature_stats(digits_features(load_digits_16(split)[0], net))
+    return per_net[split]
 
 
 def digits_fd(samples, reference: str = "all", classifier: Optional[DigitsClassifier] = None) -> float:

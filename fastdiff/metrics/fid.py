@@ -34,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import BadArgumentError, CheckpointError
+from .images import as_tensor, check_range, to_unit_range
 
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{FID_WEIGHTS_NAME}"
@@ -294,6 +295,7 @@ def find_inception_weights(path: Optional[str] = None) -> str:
 
 def load_fid_inception(inception_weights: Optional[str] = None, device="cpu") -> FIDInceptionV3:
     """FIDInceptionV3 with the weights of a local pytorch-fid file (read with weights_only=True)."""
+    from ..checkpoints.common import check_finite
     from ..checkpoints.io import read_torch_file
     from ..errors import StateDictMismatchError
 
@@ -309,6 +311,10 @@ def load_fid_inception(inception_weights: Optional[str] = None, device="cpu") ->
     # Files saved by old torch versions carry no BatchNorm step counters (unused in eval); torchvision-style
     # files may carry the auxiliary classifier, which the FID features never use.
     state = {k: v for k, v in state.items() if not k.startswith("AuxLogits.")}
+    odd = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if odd:
+        raise CheckpointError(f"{path}: expected a state dict of InceptionV3 tensors, found {odd[0]!r}: a "
+                              f"{type(state[odd[0]]).__name__}")
     for k in expected:
         if k.endswith("num_batches_tracked") and k not in state:
             state[k] = torch.zeros((), dtype=torch.long)
@@ -318,27 +324,37 @@ def load_fid_inception(inception_weights: Optional[str] = None, device="cpu") ->
                   if k in state and tuple(expected[k].shape) != tuple(state[k].shape)]
     if missing or unexpected or mismatched:
         raise StateDictMismatchError(missing, unexpected, mismatched, model="FID InceptionV3")
+    check_finite(state, name=f"FID InceptionV3 from {path}")
     net.load_state_dict(state, assign=True)
     return net.to(device).float().eval()
 
 
-def _to_inception_input(images: torch.Tensor, name: str) -> torch.Tensor:
-    """(N, 3, H, W) float32 in [-1, 1] from float images in [-1, 1] or uint8 in [0, 255], 1 or 3 channels."""
-    if not isinstance(images, torch.Tensor):
-        images = torch.as_tensor(np.asarray(images))
-    if images.ndim == 3:
+def _checked_images(images, name: str) -> torch.Tensor:
+    """(N, 1 or 3, H, W) images in one of the two pixel conventions (``metrics.images``), unconverted: each batch
+    is converted as it goes, so a large uint8 set never exists in float32 at once."""
+    images = as_tensor(images)
+    if images.ndim == 3:  # (N, H, W): grey images
         images = images[:, None]
     if images.ndim != 4 or images.shape[1] not in (1, 3):
         raise BadArgumentError(f"{name}: expected images (N, 1 or 3, H, W), found shape {tuple(images.shape)}")
-    x = images.float() / 127.5 - 1 if images.dtype == torch.uint8 else images.float().clamp(-1, 1)
-    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+    if images.shape[0] == 0:
+        raise BadArgumentError(f"{name}: expected at least one image, found none")
+    check_range(images, name)
+    return images
 
 
 @torch.no_grad()
-def inception_features(images, net: FIDInceptionV3, batch_size: int = 50) -> torch.Tensor:
-    x = _to_inception_input(images, "images")
+def inception_features(images, net: FIDInceptionV3, batch_size: int = 50, name: str = "images") -> torch.Tensor:
+    """pool3 features (N, 2048), float64: float images in [-1, 1] or integers in [0, 255], 1 or 3 channels."""
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise BadArgumentError(f"batch_size: expected a positive integer, found {batch_size!r}")
+    images = _checked_images(images, name)
     device = next(net.parameters()).device
-    return torch.cat([net(x[i:i + batch_size].to(device)).double().cpu() for i in range(0, len(x), batch_size)])
+    feats = []
+    for i in range(0, len(images), batch_size):
+        x = to_unit_range(images[i:i + batch_size]).to(device)
+        feats.append(net(x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x).double().cpu())
+    return torch.cat(feats)
 
 
 def fid(images_a, images_b, inception_weights: Optional[str] = None, device="cpu", batch_size: int = 50,
@@ -349,6 +365,10 @@ def fid(images_a, images_b, inception_weights: Optional[str] = None, device="cpu
     default: torch hub's checkpoint cache, where pytorch-fid keeps it. ``net`` reuses a loaded network.
     Matches pytorch-fid's numbers only with those exact weights and at least 2,048 images per set.
     """
+    a, b = _checked_images(images_a, "images_a"), _checked_images(images_b, "images_b")  # before loading the network
+    for name, images in (("images_a", a), ("images_b", b)):
+        if len(images) < 2:
+            raise BadArgumentError(f"{name}: expected at least 2 images for a covariance, found {len(images)}")
     net = net if net is not None else load_fid_inception(inception_weights, device=device)
-    feats_a = inception_features(images_a, net, batch_size)
-    return frechet_distance(feats_a, inception_features(images_b, net, batch_size))
+    return frechet_distance(inception_features(a, net, batch_size, "images_a"),
+                            inception_features(b, net, batch_size, "images_b"))
