@@ -239,9 +239,11 @@ class Pipeline:
         # Default grid: the training timesteps with the checkpoint's spacing. Heun-type samplers take
         # "leading" spacing (starting one stride below T): their trapezoidal correction breaks on a first
         # step spanning orders of magnitude, as from t=999 of a cosine schedule (sigma ~ 2e4) to t=749. So
-        # does PLMS (its warm-up is such a trapezoid; its Adams-Bashforth weights assume even steps).
-        schedule = schedule or ("leading" if sampler in _LEADING_DEFAULT else
-                                self.spec.scheduler.get("timestep_spacing", "leading"))
+        # does PLMS (its warm-up is such a trapezoid; its Adams-Bashforth weights assume even steps). One step
+        # has no correction (the step to sigma = 0 is Euler's) and would start "leading" at t=0, not from noise:
+        # it takes the checkpoint's spacing (digits, 1 step: digits-FD 7.5 instead of 54).
+        leading = sampler in _LEADING_DEFAULT and steps > 1
+        schedule = schedule or ("leading" if leading else self.spec.scheduler.get("timestep_spacing", "leading"))
         if schedule in spacings and steps > train_steps:
             raise BadArgumentError(f"steps: schedule {schedule!r} spaces the {train_steps} training timesteps: "
                                    f"expected at most {train_steps} steps, found {steps}")

@@ -134,3 +134,18 @@ def test_state_is_float32_for_low_precision_input(problem):
     gm, x, _ = problem
     out = S.sample_euler(gm, x[:4].to(torch.float16), get_sigmas_karras(4, SIGMA_MIN, SIGMA_MAX))
     assert out.dtype == torch.float32
+
+
+def test_one_heun_type_step_starts_from_noise():
+    """Heun-type samplers default to "leading" spacing on a discrete model (their correction breaks on a first step
+    from t=999 of a cosine schedule), but one step has no correction and "leading" would start it at t=0: it takes
+    the checkpoint's spacing and equals one Euler step."""
+    import fastdiff
+
+    pipe = fastdiff.load("builtin:digits")
+    euler = pipe.plan(1, "euler").sigmas
+    for sampler in ("heun", "edm", "plms"):
+        assert torch.equal(pipe.plan(1, sampler).sigmas, euler), sampler
+        assert float(pipe.plan(3, sampler).sigmas[0]) < float(pipe.plan(3, "euler").sigmas[0])  # leading for more
+    kw = dict(seeds=[0, 1], class_labels=[3, 5], cfg_scale=3.0, steps=1, progress=False)
+    torch.testing.assert_close(pipe.generate(sampler="heun", **kw), pipe.generate(sampler="euler", **kw))
