@@ -160,7 +160,7 @@ def load_scheduler_config(path: str) -> dict:
     """Read ``scheduler_config.json`` from a file, a scheduler folder or a pipeline folder."""
     for p in (path, os.path.join(path, "scheduler_config.json"), os.path.join(path, "scheduler", "scheduler_config.json")):
         if os.path.isfile(p):
-            with open(p) as f:
+            with open(p, encoding="utf-8") as f:
                 return json.load(f)
     raise BadArgumentError(f"scheduler config: expected a scheduler_config.json at or under {path!r}, found none")
 

@@ -259,3 +259,22 @@ def test_json_is_read_as_utf8_whatever_the_locale(tmp_path, ref):
     r = subprocess.run([sys.executable, "-X", "utf8=0", "-c", f"import fastdiff; fastdiff.load({str(tmp_path)!r})"],
                        env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_a_mixed_file_never_narrows_into_overflow():
+    """fp16 weights with a float32 tensor holding 1e5 (past fp16's 65504): loaded in float32, not as inf."""
+    from fastdiff.checkpoints.common import load_dtype
+
+    state = {"w": torch.zeros(1000, dtype=torch.float16), "b": torch.tensor([1e5, 1.0])}
+    assert load_dtype(state, None) == torch.float32
+    assert load_dtype(dict(state, b=torch.tensor([1.0, 2.0])), None) == torch.float16
+    assert load_dtype({"w": torch.zeros(10).to(torch.float8_e4m3fn), "n": torch.ones(2, dtype=torch.bfloat16)},
+                      None) == torch.bfloat16
+
+
+def test_variant_names_with_dashes_and_dots_are_hinted(tmp_path, ref):
+    folder(tmp_path, ref)
+    os.rename(tmp_path / WEIGHTS, tmp_path / "diffusion_pytorch_model.non-ema.safetensors")
+    with pytest.raises(CheckpointError, match=r"variant\(s\) \['non-ema'\]"):
+        fastdiff.load(str(tmp_path))
+    assert same_as(fastdiff.load(str(tmp_path), variant="non-ema"), ref) <= 1e-5

@@ -462,3 +462,9 @@ def test_replacing_an_external_data_export_with_a_plain_one_never_strands_the_gr
 
     with pytest.raises(CorruptCheckpointError, match="external data file beside it"):
         OnnxRuntimeRunner(path, device="cpu")
+    with open(path, "rb") as f:
+        graph = f.read()
+    with pytest.raises(CorruptCheckpointError, match=f"an ONNX graph of {len(graph)} bytes in memory: .* opens from "
+                                                     f"its path") as e:
+        OnnxRuntimeRunner(graph, device="cpu")
+    assert len(str(e.value)) < 600  # the graph's bytes are not in the message

@@ -232,3 +232,12 @@ def test_inception_weights_with_nan_or_non_tensors_are_refused(tmp_path):
     torch.save(dict(state, extra_list=[1, 2]), path)
     with pytest.raises(CheckpointError, match="found 'extra_list': a list"):
         load_fid_inception(str(path))
+
+
+def test_wide_unsigned_images_are_taken_as_0_to_255():
+    """16-bit PNGs read through NumPy arrive as uint16 (torch has no min / max kernel for it on the CPU)."""
+    x = ((load_digits_16("test")[0][:4] + 1) * 127.5).round().to(torch.uint8)
+    ref = digits_features(x)
+    torch.testing.assert_close(digits_features(x.numpy().astype(np.uint16)), ref)
+    with pytest.raises(BadArgumentError, match="integer pixels in"):
+        digits_features(np.full((2, 1, 16, 16), 4000, np.uint16))

@@ -40,7 +40,7 @@ def load_dtype(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> tor
     """The dtype the floating-point tensors load as: ``dtype`` when given; else the file's own when it has one
     (None: no cast); else, for mixed files (fp16 weights with a float32 layer, an fp8 checkpoint with bf16 norms),
     the one that holds most of the values, so the network computes in one dtype without growing (float8, which
-    nothing computes in, becomes bfloat16)."""
+    nothing computes in, becomes bfloat16); a wider one where a value would overflow it."""
     if dtype is not None:
         return dtype
     counts: dict = {}
@@ -53,7 +53,14 @@ def load_dtype(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> tor
     for d, n in counts.items():
         d = d if d in _PRECISION_ORDER else torch.bfloat16
         widened[d] = widened.get(d, 0) + n
-    return max(widened, key=lambda d: (widened[d], -_PRECISION_ORDER.index(d)))
+    # (float8 values, at most 57344, fit every candidate)
+    largest = max((float(v.detach().abs().amax()) for v in state.values() if v.dtype in _PRECISION_ORDER and v.numel()),
+                  default=0.0)
+    # the most common dtype, unless a value of the file overflows it (an fp32 tensor past fp16's 65504)
+    for d in sorted(widened, key=lambda d: (-widened[d], _PRECISION_ORDER.index(d))):
+        if largest <= torch.finfo(d).max:
+            return d
+    return torch.float64  # pragma: no cover - every value fits float64
 
 
 def check_finite(state: dict[str, torch.Tensor], name: str = "model") -> None:

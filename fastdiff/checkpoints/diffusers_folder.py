@@ -57,8 +57,10 @@ def _variants(names) -> set:
 
     found = set()
     for name in names:
-        m = re.fullmatch(r"(?:%s)\.([\w]+?)(?:-\d+-of-\d+)?\.(?:safetensors|bin)" % "|".join(WEIGHT_NAMES), name) or \
-            re.fullmatch(r"(?:%s)\.(?:safetensors|bin)\.index\.(\w+)\.json" % "|".join(WEIGHT_NAMES), name)
+        bases = "|".join(WEIGHT_NAMES)
+        m = re.fullmatch(r"(?:%s)\.(.+?)(?:-\d+-of-\d+)?\.(?:safetensors|bin)" % bases, name) or \
+            re.fullmatch(r"(?:%s)\.(?:safetensors|bin)\.index\.(.+)\.json" % bases, name) or \
+            re.fullmatch(r"(?:%s)\.(.+)\.(?:safetensors|bin)\.index\.json" % bases, name)
         if m:
             found.add(m.group(1))
     return found

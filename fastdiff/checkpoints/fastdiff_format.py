@@ -78,7 +78,7 @@ def save_fastdiff(path: str, model: torch.nn.Module, spec: ModelSpec, vae=None, 
 
 def load_fastdiff(path: str):
     """(spec, state dict) of a fastdiff folder."""
-    with open(os.path.join(path, SPEC_FILE)) as f:
+    with open(os.path.join(path, SPEC_FILE), encoding="utf-8") as f:
         try:
             header = json.load(f)
         except json.JSONDecodeError as e:
@@ -108,7 +108,7 @@ def load_fastdiff(path: str):
 
 def load_fastdiff_vae(path: str, device="cpu"):
     """The VAE decoder saved beside the network (``vae.safetensors``), or None."""
-    with open(os.path.join(path, SPEC_FILE)) as f:
+    with open(os.path.join(path, SPEC_FILE), encoding="utf-8") as f:
         config = json.load(f).get("vae")
     if config is None:
         return None
@@ -123,6 +123,6 @@ def load_fastdiff_vae(path: str, device="cpu"):
 
 def fastdiff_text_header(path: str) -> Optional[dict]:
     """The ``text_encoders`` entry of a fastdiff folder (None: saved without text encoders)."""
-    with open(os.path.join(path, SPEC_FILE)) as f:
+    with open(os.path.join(path, SPEC_FILE), encoding="utf-8") as f:
         entry = json.load(f).get("text_encoders")
     return entry if isinstance(entry, dict) else None

@@ -151,6 +151,9 @@ def _not_a_checkpoint(path: str, error: Exception) -> CorruptCheckpointError:
                                   f"file (zip archive or legacy pickle of tensors); {why}")
 
 
+_SNIFF_OPCODES = 100_000
+
+
 def _is_plain_pickle(path: str) -> bool:
     """A whole, well-formed pickle stream that is no torch file (torch's legacy format is pickles too, but its
     weights-only reader takes those): its opcodes are read, never run, to tell it from damaged bytes."""
@@ -163,8 +166,9 @@ def _is_plain_pickle(path: str) -> bool:
             return False
         f.seek(0)
         try:
-            for _ in pickletools.genops(f):
-                pass
+            for count, _ in enumerate(pickletools.genops(f)):
+                if count >= _SNIFF_OPCODES:  # well-formed this far: a pickle (reading on costs minutes per GB)
+                    return True
         except Exception:  # an opcode pickle does not know, a stream cut short: damaged, not a pickle
             return False
         return f.read(1) == b""  # one pickle, and nothing after it

@@ -28,7 +28,10 @@ def check_range(images: torch.Tensor, name: str) -> None:
     if images.dtype == torch.bool or images.is_complex():
         raise BadArgumentError(f"{name}: expected float images in [-1, 1] or integers in [0, 255], found "
                                f"{images.dtype}")
-    low, high = (float(v) for v in torch.aminmax(images.detach().reshape(-1)))
+    flat = images.detach().reshape(-1)
+    if flat.dtype in (torch.uint16, torch.uint32, torch.uint64):  # (no min / max kernels for these on the CPU)
+        flat = flat.to(torch.int64)
+    low, high = (float(v) for v in torch.aminmax(flat))
     if images.is_floating_point():
         if not (np.isfinite(low) and np.isfinite(high)):
             raise BadArgumentError(f"{name}: expected finite pixel values, found NaN or inf")

@@ -211,7 +211,7 @@ def fingerprint() -> dict:
 def load_cache(path: str) -> str:
     """Add the choices of a timing cache file made on this machine; returns a note saying what was read."""
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except FileNotFoundError:
         return f"tune cache {path}: not there yet (it is written after the first measurements)"
@@ -242,7 +242,7 @@ def save_cache(path: str) -> None:
         choices = {k: [b, t] for k, (b, t) in _choices.items()}
     if os.path.exists(path):  # keep what another process measured on this machine (last writer wins a race)
         try:
-            with open(path) as f:
+            with open(path, encoding="utf-8") as f:
                 old = json.load(f)
             if old.get("fingerprint") == fingerprint() and isinstance(old.get("choices"), dict):
                 choices = {**old["choices"], **choices}

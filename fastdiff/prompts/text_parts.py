@@ -59,7 +59,7 @@ def encoder_config(folder: str, sub: str) -> Optional[dict]:
     if not os.path.isfile(path):
         return None
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             config = json.load(f)
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: expected a transformers config (JSON), found a parse error ({e})") from e

@@ -96,8 +96,10 @@ class OnnxRuntimeRunner:
             if "external data" in str(e).lower():  # the weights file beside a large graph is missing or damaged
                 from ..errors import CorruptCheckpointError
 
-                raise CorruptCheckpointError(f"{src}: expected its weights in the external data file beside it, "
-                                             f"which ONNX Runtime cannot read: {str(e).strip().splitlines()[0]}") from e
+                what = f"an ONNX graph of {len(src)} bytes in memory" if isinstance(src, (bytes, bytearray)) else src
+                raise CorruptCheckpointError(f"{what}: expected its weights in the external data file beside it (a "
+                                             f"graph with external data opens from its path), which ONNX Runtime "
+                                             f"cannot read: {str(e).strip().splitlines()[0]}") from e
             raise
         self.inputs = {i.name: _NP.get(i.type, np.float32) for i in self.session.get_inputs()}
         # the fixed sizes of each input (None where the axis is symbolic), to refuse a feed the graph cannot take
