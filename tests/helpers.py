@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 
 import pytest
 import torch
@@ -76,3 +77,10 @@ def skip_unless_diffusers_has(cls, config):
         if float(probe.sigmas[0]) < 0.99:              # (the older grid starts at 1 - 1 / T = 0.9)
             pytest.skip(f"diffusers {diffusers.__version__} spaces UniPC's flow grid as DPM-Solver's (fastdiff "
                         f"follows the newer grid from t = 1)")
+
+
+class Evil:
+    """A pickle payload: unpickling it would run a shell command. Loaders must refuse it unread."""
+
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))

@@ -13,7 +13,7 @@ import fastdiff
 from fastdiff.checkpoints.common import Renamer, RequiredKeys
 from fastdiff.errors import (CheckpointError, CorruptCheckpointError, StateDictMismatchError, UnsafeCheckpointError,
                              UnsupportedConfigError)
-from helpers import perturb_, rel_err
+from helpers import Evil, perturb_, rel_err
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers writes the reference folders")
 
@@ -175,11 +175,6 @@ def test_a_training_checkpoint_with_an_unreadable_ema_is_refused(tmp_path):
     torch.save({"model": state, "ema": dict(state, step=7)}, str(path))
     with pytest.raises(CorruptCheckpointError, match="expected 'ema' to hold a state dict of tensors, found 'step': a"):
         fastdiff.load(str(path))
-
-
-class Evil:
-    def __reduce__(self):
-        return (os.system, ("echo pwned",))
 
 
 def test_refusals_name_the_global_and_never_advise_running_the_pickle(tmp_path):

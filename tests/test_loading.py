@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 import fastdiff
 from fastdiff.errors import (CorruptCheckpointError, StateDictMismatchError, UnknownFormatError,
                              UnsafeCheckpointError, UnsupportedConfigError)
-from helpers import perturb_, rel_err
+from helpers import Evil, perturb_, rel_err
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers writes the reference folders")
 
@@ -102,11 +102,6 @@ def test_unknown_format_lists_supported(tmp_path):
     assert "diffusers model folder" in str(e.value) and ".xyz" in str(e.value)
     with pytest.raises(UnknownFormatError):
         fastdiff.load(str(tmp_path))  # a folder with nothing recognisable
-
-
-class Evil:
-    def __reduce__(self):
-        return (os.system, ("echo pwned",))
 
 
 def test_pickle_of_objects_is_refused(tmp_path):
