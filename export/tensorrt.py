@@ -150,9 +150,9 @@ def make_profiles(onnx_path: str, batch=None, height=None, width=None, sequence=
     for axis in ("batch", "height", "width"):  # a range over an axis the graph fixed would be silently one size
         r = ranges[axis]
         if given[axis] and r is not None and r[0] != r[2] and axis not in dynamic:
+            how = "batch (no --static-batch)" if axis == "batch" else "height / width (--dynamic-hw)"
             raise BadArgumentError(f"{axis}: a MIN:OPT:MAX range ({r[0]}:{r[1]}:{r[2]}) needs a dynamic {axis} axis, "
-                                   f"found one fixed in this graph; give one size, or export with a dynamic "
-                                   f"{'batch (no --static-batch)' if axis == 'batch' else 'height / width (--dynamic-hw)'}")
+                                   f"found one fixed in this graph; give one size, or export with a dynamic {how}")
     return profiles
 
 

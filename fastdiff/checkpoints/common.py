@@ -10,11 +10,9 @@ import torch.nn as nn
 from ..errors import CorruptCheckpointError, StateDictMismatchError
 
 
-# what a file's floating-point tensors load as when no dtype is asked for and they disagree: the most precise one
-# present (float8 weights, which nothing computes in, are widened to bfloat16 at the least)
+# the float dtypes a network computes in, most precise first: what a mixed file loads as (``load_dtype``; float8
+# becomes bfloat16), and what ``check_finite`` reads (float8 lacks min / max kernels on some builds)
 _PRECISION_ORDER = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
-# dtypes whose values torch.isfinite reads (float8 has no such kernel everywhere)
-_CHECKED_FOR_FINITE = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 
 
 def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], name: str = "model") -> None:
@@ -54,8 +52,8 @@ def load_dtype(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> tor
         d = d if d in _PRECISION_ORDER else torch.bfloat16
         widened[d] = widened.get(d, 0) + n
     # (float8 values, at most 57344, fit every candidate)
-    largest = max((float(v.detach().abs().amax()) for v in state.values() if v.dtype in _PRECISION_ORDER and v.numel()),
-                  default=0.0)
+    largest = max((float(v.detach().abs().amax()) for v in state.values()
+                   if v.dtype in _PRECISION_ORDER and v.numel()), default=0.0)
     # the most common dtype, unless a value of the file overflows it (an fp32 tensor past fp16's 65504)
     for d in sorted(widened, key=lambda d: (-widened[d], _PRECISION_ORDER.index(d))):
         if largest <= torch.finfo(d).max:
@@ -69,7 +67,7 @@ def check_finite(state: dict[str, torch.Tensor], name: str = "model") -> None:
     ``aminmax`` is one fast pass (about 40x ``isfinite(...).all()`` on the CPU)."""
     bad = []
     for k, v in state.items():
-        if v.dtype in _CHECKED_FOR_FINITE and v.numel():
+        if v.dtype in _PRECISION_ORDER and v.numel():
             low, high = torch.aminmax(v)
             if not (bool(torch.isfinite(low)) and bool(torch.isfinite(high))):
                 bad.append(k)

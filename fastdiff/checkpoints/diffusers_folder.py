@@ -55,9 +55,8 @@ def _variants(names) -> set:
     and the index <base>.<ext>.index.<v>.json."""
     import re
 
-    found = set()
+    found, bases = set(), "|".join(WEIGHT_NAMES)
     for name in names:
-        bases = "|".join(WEIGHT_NAMES)
         m = re.fullmatch(r"(?:%s)\.(.+?)(?:-\d+-of-\d+)?\.(?:safetensors|bin)" % bases, name) or \
             re.fullmatch(r"(?:%s)\.(?:safetensors|bin)\.index\.(.+)\.json" % bases, name) or \
             re.fullmatch(r"(?:%s)\.(.+)\.(?:safetensors|bin)\.index\.json" % bases, name)

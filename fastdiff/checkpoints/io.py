@@ -210,8 +210,9 @@ def read_sharded(folder: str, index_file: str) -> dict[str, torch.Tensor]:
     index = read_json(os.path.join(folder, index_file))
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        found = type(weight_map).__name__ if not isinstance(weight_map, dict) else "other values"
         raise CorruptCheckpointError(f"{index_file}: expected a 'weight_map' object of key -> shard file name, found "
-                                     f"{type(weight_map).__name__ if not isinstance(weight_map, dict) else 'other values'}")
+                                     f"{found}")
     keys_of: dict[str, set] = {}
     for key, shard in weight_map.items():
         keys_of.setdefault(shard, set()).add(key)

@@ -180,7 +180,8 @@ def run(args) -> int:
 
     given = [f for f, v in (("--backend", args.backend), ("--kernel-ops", args.kernel_ops)) if v is not None]
     if given and not getattr(args, "model", None):
-        raise BadArgumentError(f"{' and '.join(given)}: {'apply' if len(given) > 1 else 'applies'} to a loaded MODEL's layers, found no MODEL")
+        raise BadArgumentError(f"{' and '.join(given)}: {'apply' if len(given) > 1 else 'applies'} to a loaded "
+                               f"MODEL's layers, found no MODEL")
     report = collect()
     if getattr(args, "model", None):
         backend = args.backend or ("triton" if report["backends"]["triton"] == "yes" else "eager")
