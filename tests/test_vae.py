@@ -32,10 +32,13 @@ def _reference(cfg, seed=0):
     return perturb_(diffusers.AutoencoderKL(**cfg).eval(), seed)
 
 
+def _decoder_half(ref) -> dict:
+    return {k: v for k, v in ref.state_dict().items() if k.startswith(("decoder.", "post_quant_conv."))}
+
+
 def _native(ref) -> VAEDecoder:
     vae = VAEDecoder(VAEConfig.from_diffusers(dict(ref.config, _class_name="AutoencoderKL")))
-    vae.load_state_dict({k: v for k, v in ref.state_dict().items() if k.startswith(("decoder.", "post_quant_conv."))},
-                        strict=True)
+    vae.load_state_dict(_decoder_half(ref), strict=True)
     return vae.eval()
 
 
@@ -110,30 +113,31 @@ def test_vae_false_and_a_separate_vae_folder(tmp_path):
 
 
 def vae_to_single_file(state: dict, levels: int) -> dict:
-    """A diffusers AutoencoderKL's decoder in the ldm single-file layout (first_stage_model.*)."""
+    """A diffusers AutoencoderKL (both halves, or the decoder alone) in the ldm single-file layout
+    (first_stage_model.*)."""
     out = {}
     res = {"conv_shortcut": "nin_shortcut"}
     attn = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
     for key, t in state.items():
-        if not key.startswith(("decoder.", "post_quant_conv.")):
-            continue
-        new = key.replace("decoder.conv_norm_out.", "decoder.norm_out.")
-        if key.startswith("decoder.mid_block.resnets."):
+        half = key.split(".")[0]
+        new = key.replace(f"{half}.conv_norm_out.", f"{half}.norm_out.")
+        if ".mid_block.resnets." in key:
             i = int(key.split(".")[3])
-            new = key.replace(f"decoder.mid_block.resnets.{i}.", f"decoder.mid.block_{i + 1}.")
-        elif key.startswith("decoder.mid_block.attentions.0."):
-            rest = key[len("decoder.mid_block.attentions.0."):]
+            new = key.replace(f"{half}.mid_block.resnets.{i}.", f"{half}.mid.block_{i + 1}.")
+        elif ".mid_block.attentions.0." in key:
+            rest = key[len(f"{half}.mid_block.attentions.0."):]
             name, param = rest.rsplit(".", 1)
-            new = f"decoder.mid.attn_1.{attn[name]}.{param}"
+            new = f"{half}.mid.attn_1.{attn[name]}.{param}"
             if t.dim() == 2:
                 t = t[:, :, None, None]
-        elif key.startswith("decoder.up_blocks."):
+        elif key.startswith(("decoder.up_blocks.", "encoder.down_blocks.")):
             parts = key.split(".")
-            level = levels - 1 - int(parts[2])
+            level = levels - 1 - int(parts[2]) if half == "decoder" else int(parts[2])
+            blocks = "up" if half == "decoder" else "down"
             if parts[3] == "resnets":
-                new = f"decoder.up.{level}.block.{parts[4]}.{res.get(parts[5], parts[5])}.{parts[6]}"
+                new = f"{half}.{blocks}.{level}.block.{parts[4]}.{res.get(parts[5], parts[5])}.{parts[6]}"
             else:
-                new = f"decoder.up.{level}.upsample.conv.{parts[-1]}"
+                new = f"{half}.{blocks}.{level}.{blocks}sample.conv.{parts[-1]}"
         out["first_stage_model." + new] = t
     return out
 
@@ -144,10 +148,10 @@ def test_a_single_files_first_stage_model_is_its_vae(tmp_path):
     single_file_utils = pytest.importorskip("diffusers.loaders.single_file_utils",
                                             reason="diffusers' single-file converter checks the renaming")
     ref = _reference(dict(SD_VAE, norm_num_groups=32))  # (single files always use 32 groups)
-    single = vae_to_single_file(ref.state_dict(), 2)
+    single = vae_to_single_file(_decoder_half(ref), 2)
     back = single_file_utils.convert_ldm_vae_checkpoint(dict(single), dict(ref.config))
-    decoder = {k: v for k, v in ref.state_dict().items() if k.startswith(("decoder.", "post_quant_conv."))}
-    assert all(torch.equal(back[k].reshape(v.shape), v) for k, v in decoder.items())  # the renaming is diffusers'
+    # the renaming is diffusers'
+    assert all(torch.equal(back[k].reshape(v.shape), v) for k, v in _decoder_half(ref).items())
     vae = ldm_vae(single, "sd")
     assert (vae.config.scaling_factor, vae.config.block_out_channels, vae.config.layers_per_block) == (0.18215,
                                                                                                        (32, 64), 1)

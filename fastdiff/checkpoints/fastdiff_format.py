@@ -118,7 +118,7 @@ def load_fastdiff_vae(path: str, device="cpu"):
     from ..models.vae import VAEConfig
     from .vae import build_vae
 
-    return build_vae(VAEConfig.from_dict(config), read_safetensors(weights), f"VAE decoder from {path}", device)
+    return build_vae(VAEConfig.from_dict(config), read_safetensors(weights), f"VAE from {path}", device)
 
 
 def fastdiff_text_header(path: str) -> Optional[dict]:

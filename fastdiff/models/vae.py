@@ -2,7 +2,8 @@
 SD3, Flux, and the sd-vae-ft-* VAEs DiT samples with).
 
 Parameter names are diffusers' (``decoder.up_blocks.1.resnets.0.conv1``, ``post_quant_conv``), so the ``vae/``
-folder of a pipeline loads with no renaming; the encoder's weights are not needed and not kept. Its blocks are the
+folder of a pipeline loads with no renaming. The encoder half (``fastdiff.models.vae_encoder``) is kept when the
+weights carry it: ``encode(images)`` is img2img's first step. Its blocks are the
 UNet's (``ResnetBlock`` without a time embedding, the pixel ``SpatialSelfAttention``, ``Upsample``), so GroupNorm
 and attention take the fused kernels too.
 
@@ -21,9 +22,8 @@ import torch.nn as nn
 from ..errors import BadArgumentError, UnsupportedConfigError
 from ..utils.strict_dict import check_field_types, diffusers_fields, known_fields, plain_dict
 from .layers import GroupNorm
-from .unet import MidBlock, ResnetBlock, SpatialSelfAttention, Upsample
-
-VAE_EPS = 1e-6  # every norm of diffusers' VAE decoder
+from .unet import ResnetBlock, Upsample
+from .vae_encoder import VAE_EPS, Encoder, split_moments, vae_mid_block
 
 
 @dataclass
@@ -111,9 +111,7 @@ class Decoder(nn.Module):
         ch = list(c.block_out_channels)
         groups = c.norm_num_groups
         self.conv_in = nn.Conv2d(c.latent_channels, ch[-1], 3, padding=1)
-        attn = [SpatialSelfAttention(ch[-1], 1, ch[-1], groups, VAE_EPS)] if c.mid_block_add_attention else None
-        self.mid_block = MidBlock([ResnetBlock(ch[-1], ch[-1], None, groups, VAE_EPS),
-                                   ResnetBlock(ch[-1], ch[-1], None, groups, VAE_EPS)], attn)
+        self.mid_block = vae_mid_block(ch[-1], groups, c.mid_block_add_attention)
         rev = ch[::-1]
         self.up_blocks = nn.ModuleList([
             UpDecoderBlock(rev[max(i - 1, 0)], rev[i], c.layers_per_block + 1, groups, upsample=i < len(rev) - 1)
@@ -129,13 +127,27 @@ class Decoder(nn.Module):
 
 
 class VAEDecoder(nn.Module):
-    """``post_quant_conv`` + ``decoder``: what turns a sampler's latents into images."""
+    """``post_quant_conv`` + ``decoder``: what turns a sampler's latents into images; and, when the weights carry
+    it (``with_encoder``), diffusers' ``encoder`` + ``quant_conv``: what turns images into latents (img2img)."""
 
-    def __init__(self, config: VAEConfig):
+    def __init__(self, config: VAEConfig, with_encoder: bool = False):
         super().__init__()
         self.config = c = config
         self.post_quant_conv = nn.Conv2d(c.latent_channels, c.latent_channels, 1) if c.use_post_quant_conv else None
         self.decoder = Decoder(c)
+        self.encoder = self.quant_conv = None
+        if with_encoder:
+            if any(t != "DownEncoderBlock2D" for t in c.down_block_types) or \
+                    len(c.down_block_types) != len(c.block_out_channels):
+                raise UnsupportedConfigError("down_block_types", c.down_block_types, model="AutoencoderKL encoder",
+                                             supported=f"{len(c.block_out_channels)} DownEncoderBlock2D blocks")
+            self.encoder = Encoder(c)
+            self.quant_conv = nn.Conv2d(2 * c.latent_channels, 2 * c.latent_channels, 1) if c.use_quant_conv else None
+
+    @property
+    def downscale(self) -> int:
+        """Image pixels per latent pixel (8 for every Stable Diffusion / Flux VAE)."""
+        return 2 ** (len(self.config.block_out_channels) - 1)
 
     def forward(self, z):
         """Unscaled latents (B, z, h, w) -> images in about [-1, 1] (AutoencoderKL._decode)."""
@@ -153,6 +165,27 @@ class VAEDecoder(nn.Module):
         p = next(self.parameters())
         z = latents.to(p.device, torch.float32) / c.scaling_factor + (c.shift_factor or 0.0)
         return self(z.to(p.dtype)).float().clamp(-1, 1)
+
+    def encode(self, images: torch.Tensor, noise=None) -> torch.Tensor:
+        """Images (B, in, H, W) in [-1, 1] -> float32 latents in the sampler's scaling (the pipelines'
+        ``(z - shift_factor) * scaling_factor``), z drawn from the posterior with ``noise`` (a ``NoiseSource``: one
+        draw per sample from its own generator, as diffusers' ``latent_dist.sample(generator)``), or its mean
+        when ``noise`` is None (diffusers' ``sample_mode="argmax"``). H and W: multiples of ``downscale``."""
+        c = self.config
+        if self.encoder is None:
+            raise BadArgumentError("encode(): this VAE has no encoder (its weights carry only the decoder); load a "
+                                   "VAE whose weights hold encoder.* (a diffusers AutoencoderKL folder does)")
+        f = self.downscale
+        if images.dim() != 4 or images.shape[1] != c.in_channels or images.shape[2] % f or images.shape[3] % f:
+            raise BadArgumentError(f"images: expected (B, {c.in_channels}, H, W) with H and W multiples of {f} for "
+                                   f"this VAE, found {tuple(images.shape)}")
+        p = next(self.parameters())
+        moments = self.encoder(images.to(p.device, p.dtype))
+        if self.quant_conv is not None:
+            moments = self.quant_conv(moments)
+        mean, logvar = split_moments(moments.float())  # (B, z, H / f, W / f) each
+        z = mean if noise is None else mean + torch.exp(0.5 * logvar) * noise.randn(mean.shape[1:]).to(mean.device)
+        return (z - (c.shift_factor or 0.0)) * c.scaling_factor
 
 
 __all__ = ["VAEConfig", "VAEDecoder", "Decoder"]
