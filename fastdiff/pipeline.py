@@ -281,7 +281,7 @@ class Pipeline:
                  height: Optional[int] = None, width: Optional[int] = None, output_type: str = "tensor",
                  progress: bool = True, callback=None, text_embeds=None, negative_text_embeds=None, time_ids=None,
                  negative_time_ids=None, guidance=None, prompt=None, negative_prompt=None, clip_skip=None,
-                 max_sequence_length=None, **sampler_options):
+                 max_sequence_length=None, image=None, strength: Optional[float] = None, **sampler_options):
         """Sample ``n`` images (latents for latent models).
 
         sampler / schedule: a fastdiff sampler name (``dpmpp_2m``, ``unipc``, ``ddim``, ...) and sigma
@@ -309,6 +309,11 @@ class Pipeline:
         latents: the initial unit-normal noise (B, C, H, W), as diffusers' ``latents=`` (a torch tensor or a
             NumPy array); it fixes the batch (``n`` may only repeat it) and, by default, the size.
         height / width: in latent pixels (default: the model's sample size).
+        image / strength: image-to-image (SDEdit), as diffusers' img2img pipelines: the image (one, or one per sample;
+            PIL, NumPy uint8 / [0, 1] floats, or tensors in [0, 1]; see ``fastdiff.img2img``) is encoded by the VAE's
+            encoder (a pixel model takes it as it is), noised to the grid's sigma at ``strength`` (0-1; default the
+            model's diffusers pipeline's: 0.8 SD, 0.3 SDXL, 0.6 SD3 / FLUX.1), and only the remaining steps run
+            (``int(steps * strength)`` of them, by diffusers' rounding). The image fixes the size; not with latents.
         output_type: ``tensor`` (B, C, H, W) float32 in the model's range (latents for a latent model), ``np``
             uint8 (B, H, W, C), ``pil`` a list of PIL images (1 or 3 channels); a latent model with a VAE decoder
             (``pipe.vae``) is decoded for ``np`` / ``pil``.
@@ -321,10 +326,15 @@ class Pipeline:
             raise BadArgumentError(f"output_type: expected one of {OUTPUT_TYPES}, found {output_type!r}")
         guidance_rescale = finite_number("guidance_rescale", guidance_rescale)
         latents = _as_latents(latents)
+        images = self._img2img_images(image, strength, latents)  # (k, C, H, W) in [-1, 1], or None
+        if images is not None and images.shape[0] > 1 and n == 1 and seeds is None:
+            n = images.shape[0]  # one sample per image
         if isinstance(prompt, (list, tuple)) and len(prompt) > 1 and n == 1 and seeds is None and latents is None:
             n = len(prompt)  # one sample per prompt, as diffusers' pipelines
         seeds = self._seeds(n, seed, seeds, latents)
         b = len(seeds)
+        if images is not None:
+            images, height, width = self._img2img_size(images, b, height, width)
         cfg_scales = _cfg_scales(cfg_scale, b)
         guided = any(scale != 1.0 for scale in cfg_scales)
         if latents is not None and height is None and width is None:
@@ -333,7 +343,14 @@ class Pipeline:
         shape = (self.spec.in_channels, h, w)
         plan = self.plan(steps, sampler, schedule, size=(h, w), **sampler_options)
         noise = NoiseSource(seeds, self.device)
-        if latents is None:
+        if images is not None:  # the posterior draws come first, then the start noise (diffusers' order)
+            from .img2img import default_strength, start_index
+
+            clean = images.to(self.device) if self.vae is None else self.vae.encode(images, noise=noise)
+            strength = default_strength(self.spec) if strength is None else strength
+            plan = plan.from_step(start_index(plan.steps, strength, self.spec.prediction_type == "flow_prediction"))
+            latents = plan.noised(clean, noise.randn(shape))
+        elif latents is None:
             latents = noise.randn(shape)
         else:
             latents = torch.as_tensor(latents, dtype=torch.float32, device=self.device)
@@ -466,6 +483,42 @@ class Pipeline:
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise BadArgumentError(f"seed: expected an int, found {seed!r}")
         return [check_seed(seed + i) for i in range(n)]
+
+    def _img2img_images(self, image, strength, latents) -> Optional[torch.Tensor]:
+        """generate(image=...)'s images as float32 (k, C, H, W) in [-1, 1], checked against what encodes them."""
+        if image is None:
+            if strength is not None:
+                raise BadArgumentError(f"strength: given ({strength!r}) without image=; strength is image-to-image's")
+            return None
+        if latents is not None:
+            raise BadArgumentError("image / latents: expected one of them, found both (img2img draws its own start "
+                                   "noise from the seeds)")
+        from .img2img import image_tensor, start_index
+
+        if strength is not None:
+            start_index(1000, strength, flow=False)  # (its checks, before any image is read)
+        if self.spec.in_channels in (1, 3) and self.vae is None:  # a pixel model: the image is its sample
+            return image_tensor(image, self.spec.in_channels)
+        if self.vae is None or self.vae.encoder is None:
+            raise BadArgumentError("image: a latent model encodes its image with its VAE's encoder, and this pipeline "
+                                   + ("has no VAE (fastdiff.load(..., vae='AutoencoderKL folder'))" if self.vae is None
+                                      else "VAE's weights carry only the decoder"))
+        return image_tensor(image, self.vae.config.in_channels)
+
+    def _img2img_size(self, images: torch.Tensor, b: int, height, width):
+        """The images repeated to the batch, and the latent size they fix."""
+        if images.shape[0] not in (1, b):
+            raise BadArgumentError(f"image: expected 1 or {b} images (one per sample), found {images.shape[0]}")
+        f = 1 if self.vae is None else self.vae.downscale
+        big_h, big_w = images.shape[2:]
+        if big_h % f or big_w % f:
+            raise BadArgumentError(f"image: expected a height and width that are multiples of {f} (the VAE's "
+                                   f"downscale; fastdiff does not resize), found {big_h}x{big_w}")
+        h, w = big_h // f, big_w // f
+        if (height is not None and height != h) or (width is not None and width != w):
+            raise BadArgumentError(f"height / width: the image fixes the latent size to {h}x{w}, found "
+                                   f"{height}x{width}")
+        return images.expand(b, -1, -1, -1), h, w
 
     def _size(self, height, width) -> tuple[int, int]:
         h0, w0 = self.spec.sample_size

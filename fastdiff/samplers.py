@@ -600,6 +600,10 @@ SAMPLERS = {
     "tcd": sample_tcd,
 }
 
+# Multistep solvers whose ``lower_order_final`` looks at the whole run's step count (diffusers' ``len(timesteps) <
+# 15``): a run started part-way down its grid (img2img, ``SamplingPlan.from_step``) must keep the whole count's answer.
+COUNTS_ALL_STEPS = frozenset({"dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "dpmpp_3m_sde", "deis"})
+
 # Samplers that draw noise (the others are deterministic given x).
 STOCHASTIC = frozenset({"ddpm", "euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde", "lcm", "dpm_2_ancestral",
                         "dpmpp_sde", "dpmpp_2s_ancestral", "tcd"})

@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -128,6 +129,30 @@ class SamplingPlan:
         if self.denoiser_kind == "flow":
             return FlowDenoiser(model, **opts)
         return DiscreteDenoiser(model, **opts)
+
+    def from_step(self, t_start: int) -> "SamplingPlan":
+        """The plan's last ``steps - t_start`` steps, sampled from a state given in the sampler's frame
+        (``noised``): img2img's plan, as diffusers' pipelines slice ``scheduler.timesteps[t_start * order:]``.
+
+        Multistep solvers whose last steps drop order with fewer than 15 steps count the whole run's steps in
+        diffusers (``len(scheduler.timesteps)``), not the slice's: the slice keeps that decision."""
+        from .samplers import COUNTS_ALL_STEPS
+
+        if not 0 <= t_start < self.steps:
+            raise BadArgumentError(f"t_start: expected 0 <= t_start < {self.steps}, found {t_start}")
+        options = dict(self.options)
+        if self.sampler in COUNTS_ALL_STEPS and options.get("lower_order_final", True) and self.steps >= 15:
+            options["lower_order_final"] = False  # (the slice is shorter than 15, the run is not)
+        return dataclasses.replace(self, sigmas=self.sigmas[t_start:].clone(), options=options, init_noise_sigma=1.0)
+
+    def noised(self, clean: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """The sampler's start state for clean latents ``clean`` and unit noise ``eps`` at ``sigmas[0]``: diffusers'
+        ``scheduler.add_noise`` / ``scale_noise``, in this plan's frame (x = x0 + sigma eps; on a flow time grid,
+        x_t = (1 - t) x0 + t eps)."""
+        s = float(self.sigmas[0])
+        if self.denoiser_kind == "flow" and self.denoiser_options.get("frame") == "t":
+            return (1 - s) * clean.float() + s * eps.float()
+        return clean.float() + s * eps.float()
 
     def sample(self, denoiser, latents: torch.Tensor, *, extra_args=None, noise=None, callback=None,
                **options) -> torch.Tensor:

@@ -1,0 +1,125 @@
+"""Image-to-image (SDEdit): start sampling part-way down the grid from a noised image instead of from pure noise.
+
+What diffusers' img2img pipelines (``StableDiffusionImg2ImgPipeline``, ``StableDiffusionXLImg2ImgPipeline``,
+``StableDiffusion3Img2ImgPipeline``, ``FluxImg2ImgPipeline``) do, in fastdiff's terms:
+
+1. the image, in [-1, 1], is encoded by the VAE (a pixel model takes it as it is); each sample's posterior draw comes
+   from its own generator, before its start noise;
+2. ``strength`` picks how much of the grid runs: ``t_start`` steps are skipped (``start_index``);
+3. the sampler's start state is the clean latents noised to the first remaining sigma (``SamplingPlan.noised``):
+   ``x = z0 + sigma * eps``, or ``(1 - t) z0 + t eps`` on a flow time grid.
+
+Images come as diffusers' image processor takes them: PIL images, NumPy arrays (uint8 in [0, 255], or floats in
+[0, 1], (H, W, C) or (B, H, W, C)), or torch tensors (B, C, H, W) / (C, H, W) in [0, 1] (a tensor with negative values
+is taken as [-1, 1], as diffusers does, with its warning). Unlike diffusers, nothing is resized: a size that is not a
+whole number of latent pixels is refused.
+"""
+
+from __future__ import annotations
+
+import numbers
+import warnings
+
+import numpy as np
+import torch
+
+from .errors import BadArgumentError
+
+# diffusers' default strength per pipeline: SD 1.x / 2.x img2img 0.8, SDXL img2img 0.3, SD3 / FLUX.1 img2img 0.6
+DEFAULT_STRENGTH = {"unet": 0.8, "sdxl": 0.3, "flow": 0.6}
+
+
+def default_strength(spec) -> float:
+    if spec.prediction_type == "flow_prediction":
+        return DEFAULT_STRENGTH["flow"]
+    return DEFAULT_STRENGTH["sdxl" if spec.time_ids_dim else "unet"]
+
+
+def start_index(steps: int, strength, flow: bool) -> int:
+    """How many of ``steps`` grid steps img2img skips, by the rounding of the model's diffusers pipeline: SD / SDXL
+    truncate ``steps * strength`` to an int first; SD3 / FLUX.1 subtract the unrounded product, then truncate."""
+    if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not 0 < float(strength) <= 1:
+        raise BadArgumentError(f"strength: expected a number in (0, 1] (the share of the steps that run), found "
+                               f"{strength!r}")
+    strength = float(strength)
+    t_start = int(max(steps - min(steps * strength, steps), 0)) if flow else max(steps - min(int(steps * strength),
+                                                                                             steps), 0)
+    if t_start >= steps:
+        raise BadArgumentError(f"strength: {strength} of {steps} steps leaves no step to run; raise strength or steps "
+                               f"(at least {int(np.ceil(1 / strength))} steps at this strength)")
+    return t_start
+
+
+def image_tensor(image, channels: int) -> torch.Tensor:
+    """``image`` (see the module docstring) -> float32 (B, channels, H, W) in [-1, 1]."""
+    if isinstance(image, (list, tuple)):
+        if not image:
+            raise BadArgumentError("image: expected an image or a non-empty list of them, found an empty list")
+        parts = [image_tensor(im, channels) for im in image]
+        if len({p.shape[1:] for p in parts}) > 1:
+            raise BadArgumentError(f"image: expected images of one size, found {[tuple(p.shape[2:]) for p in parts]}")
+        return torch.cat(parts)
+    if _is_pil(image):
+        image = np.asarray(image.convert("RGB" if channels == 3 else "L"))
+    if isinstance(image, np.ndarray):
+        return _from_numpy(image, channels)
+    if isinstance(image, torch.Tensor):
+        return _from_torch(image, channels)
+    raise BadArgumentError(f"image: expected a PIL image, a NumPy array or a torch tensor (or a list of them), found "
+                           f"{type(image).__name__}")
+
+
+def _is_pil(image) -> bool:
+    try:
+        from PIL import Image
+    except ImportError:  # (Pillow is a dependency; a broken install just means no PIL input)
+        return False
+    return isinstance(image, Image.Image)
+
+
+def _from_numpy(a: np.ndarray, channels: int) -> torch.Tensor:
+    """(H, W), (H, W, C) or (B, H, W, C); uint8 in [0, 255] or floats in [0, 1]."""
+    if a.ndim == 2:
+        a = a[:, :, None]
+    if a.ndim == 3:
+        a = a[None]
+    if a.ndim != 4 or a.shape[-1] != channels:
+        raise BadArgumentError(f"image: expected a NumPy array (H, W, {channels}) or (B, H, W, {channels}), found shape "
+                               f"{a.shape}")
+    if a.dtype == np.uint8:
+        unit = a.astype(np.float32) / 255.0
+    elif np.issubdtype(a.dtype, np.floating):
+        unit = a.astype(np.float32)
+        _check_unit(unit.min(), unit.max(), "a float NumPy array")
+    else:
+        raise BadArgumentError(f"image: expected a uint8 or float NumPy array, found {a.dtype}")
+    return torch.from_numpy(np.ascontiguousarray(unit.transpose(0, 3, 1, 2))) * 2 - 1
+
+
+def _from_torch(t: torch.Tensor, channels: int) -> torch.Tensor:
+    """(C, H, W) or (B, C, H, W) floats in [0, 1] (or [-1, 1] when any value is negative, as diffusers reads it)."""
+    if t.dim() == 3:
+        t = t[None]
+    if t.dim() != 4 or t.shape[1] != channels:
+        raise BadArgumentError(f"image: expected a tensor ({channels}, H, W) or (B, {channels}, H, W), found "
+                               f"{tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise BadArgumentError(f"image: expected a float tensor in [0, 1], found {t.dtype}")
+    t = t.detach().float().cpu()
+    low, high = (float(v) for v in torch.aminmax(t))
+    if low < 0:
+        warnings.warn("image: a tensor with negative values is taken as [-1, 1] (diffusers' deprecated convention); "
+                      "pass tensors in [0, 1]", stacklevel=4)
+        _check_unit(low, high, "a tensor in [-1, 1]", lowest=-1.0)
+        return t
+    _check_unit(low, high, "a float tensor")
+    return t * 2 - 1
+
+
+def _check_unit(low, high, what: str, lowest: float = 0.0) -> None:
+    if not (np.isfinite(low) and np.isfinite(high)) or low < lowest or high > 1:
+        raise BadArgumentError(f"image: expected {what} with values in [{lowest:g}, 1], found [{low:.4g}, {high:.4g}]"
+                               + (" (uint8 pixels go in as a uint8 array or a PIL image)" if high > 1 else ""))
+
+
+__all__ = ["image_tensor", "start_index", "default_strength", "DEFAULT_STRENGTH"]
