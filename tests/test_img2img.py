@@ -88,3 +88,62 @@ def test_sd_img2img_equals_diffusers(sd_parts, tmp_path, name, cfg):
                                       encoder_hidden_states=e["prompt_embeds"],
                                       negative_encoder_hidden_states=e["negative_prompt_embeds"],
                                       progress=False)) > 1e-3  # the image reaches the result
+
+
+def _text_kwargs(e: dict, guided: bool) -> dict:
+    """diffusers' embedding arguments as generate()'s (the negatives only when guided)."""
+    kw = dict(encoder_hidden_states=e["prompt_embeds"], text_embeds=e["pooled_prompt_embeds"])
+    if guided:
+        kw.update(negative_encoder_hidden_states=e["negative_prompt_embeds"],
+                  negative_text_embeds=e["negative_pooled_prompt_embeds"])
+    return kw
+
+
+@pytest.mark.parametrize("cfg", [1.0, 5.0])
+def test_sdxl_img2img_equals_diffusers(tmp_path, cfg):
+    """SDXL's img2img: its default strength 0.3, micro-conditioning of the image's own size."""
+    from test_sdxl import SCHEDULER, UNET
+
+    torch.manual_seed(0)
+    unet = perturb_(diffusers.UNet2DConditionModel(**UNET).eval(), 0)
+    scheduler = diffusers.EulerDiscreteScheduler(**SCHEDULER)
+    vae = vae_reference(dict(SD_VAE, scaling_factor=0.13025), seed=2)
+    pipe = fastdiff.load(_folder(tmp_path, "unet", unet, scheduler, vae, "StableDiffusionXLPipeline"))
+    ref = diffusers_pipeline("StableDiffusionXLImg2ImgPipeline")(
+        vae=vae, unet=unet, scheduler=scheduler, text_encoder=None, text_encoder_2=None, tokenizer=None,
+        tokenizer_2=None, requires_aesthetics_score=False)
+    ref.set_progress_bar_config(disable=True)
+    from test_sdxl import _embeds
+
+    e, images = {k: v for k, v in _embeds().items() if k != "latents"}, _images()
+    want = ref(image=images.clone(), num_inference_steps=10, guidance_scale=cfg, generator=_generators(),
+               output_type="latent", **{k: v.clone() for k, v in e.items()}).images
+    # (fastdiff's default ids take every SDXL VAE's 8 pixels per latent pixel; this tiny VAE has 2)
+    got = pipe.generate(image=images, steps=10, cfg_scale=cfg, seeds=SEEDS, progress=False,
+                        time_ids=[16, 16, 0, 0, 16, 16], **_text_kwargs(e, cfg != 1.0))  # strength: SDXL's default, 0.3
+    assert rel_err(got, want) <= 1e-5
+
+
+@pytest.mark.parametrize("cfg", [1.0, 4.5])
+def test_sd3_img2img_equals_diffusers(tmp_path, cfg):
+    """SD3's img2img: flow matching (x_t = (1 - t) x0 + t eps), a VAE shift factor, and its own step rounding
+    (10 steps at 0.65 run 7 where SD's rounding runs 6)."""
+    from test_sd3 import CONFIGS, _embeds, _reference
+
+    transformer = _reference(CONFIGS["sd3.5-large"])
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    vae = vae_reference(dict(SD_VAE, scaling_factor=1.5305, shift_factor=0.0609), seed=2)
+    pipe = fastdiff.load(_folder(tmp_path, "transformer", transformer, scheduler, vae, "StableDiffusion3Pipeline"))
+    ref = diffusers_pipeline("StableDiffusion3Img2ImgPipeline")(
+        transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None,
+        text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
+    ref.set_progress_bar_config(disable=True)
+    e = {k: v for k, v in _embeds().items() if k != "latents" and (cfg != 1.0 or not k.startswith("negative"))}
+    images = _images()
+    want = ref(image=images.clone(), strength=0.65, num_inference_steps=10, guidance_scale=cfg,
+               generator=_generators(), output_type="latent", **{k: v.clone() for k, v in e.items()}).images
+    steps_run = []
+    got = pipe.generate(image=images, strength=0.65, steps=10, cfg_scale=cfg, seeds=SEEDS, progress=False,
+                        callback=steps_run.append, **_text_kwargs(e, cfg != 1.0))
+    assert rel_err(got, want) <= 2e-5
+    assert len(steps_run) == 7
