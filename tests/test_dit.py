@@ -6,6 +6,8 @@ import os
 import pytest
 import torch
 
+import fastdiff
+
 from fastdiff.checkpoints.dit import (
     build_dit,
     convert_diffusers_dit,
@@ -283,12 +285,11 @@ DIFFUSERS_CASES = {
     "shared_embedders": ("DiTTransformer2DModel", dict(
         num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=3,
         sample_size=10, patch_size=2, num_embeds_ada_norm=7), True),
-    # the older class, with a position-table interpolation scale
+    # the older class (its folders load as DiTTransformer2DModel: test_a_large_legacy_folder_loads_as_diffusers...)
     "legacy_transformer2d": ("Transformer2DModel", dict(
         num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
         sample_size=10, patch_size=2, num_embeds_ada_norm=7, norm_type="ada_norm_zero",
-        norm_elementwise_affine=False, activation_fn="gelu-approximate", attention_bias=True,
-        interpolation_scale=2.0), False),
+        norm_elementwise_affine=False, activation_fn="gelu-approximate", attention_bias=True), False),
 }
 
 
@@ -472,3 +473,30 @@ def test_mlp_falls_back_when_the_fused_gemm_is_refused(monkeypatch):
     monkeypatch.setattr(Mlp, "fused_gelu", lambda self, x: not self.__dict__.get("_refused"))
     torch.testing.assert_close(mlp(x), want)
     assert mlp._refused and not mlp.fused_gelu(x)
+
+
+def test_a_large_legacy_folder_loads_as_diffusers_loads_it(tmp_path):
+    """A Transformer2DModel DiT folder of sample_size >= 128, or with an interpolation_scale: diffusers'
+    from_pretrained builds it as DiTTransformer2DModel, whose position table has no interpolation scale (the legacy
+    class built directly would use 2)."""
+    diffusers = pytest.importorskip("diffusers", reason="diffusers' DiT loading is the reference")
+    from helpers import perturb_
+
+    cfg = dict(num_attention_heads=1, attention_head_dim=8, in_channels=4, num_layers=1, sample_size=128,
+               patch_size=16, num_embeds_ada_norm=10, norm_type="ada_norm_zero", norm_elementwise_affine=False,
+               attention_bias=True, activation_fn="gelu-approximate")
+    for folder, extra in ((tmp_path / "default", {}), (tmp_path / "explicit", dict(interpolation_scale=2.0))):
+        torch.manual_seed(0)
+        perturb_(diffusers.Transformer2DModel(**cfg, **extra).eval(), 0).save_pretrained(folder)
+        _check_loads_as_diffusers(diffusers, folder)
+
+
+def _check_loads_as_diffusers(diffusers, folder):
+    from helpers import rel_err
+
+    ref = diffusers.Transformer2DModel.from_pretrained(str(folder)).eval()
+    pipe = fastdiff.load(str(folder))
+    g = torch.Generator().manual_seed(1)
+    x, t, y = torch.randn(2, 4, 128, 128, generator=g), torch.tensor([10, 900]), torch.tensor([1, 7])
+    with torch.no_grad():
+        assert rel_err(pipe.model(x, t, class_labels=y), ref(x, timestep=t, class_labels=y).sample) <= 1e-5

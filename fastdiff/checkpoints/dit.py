@@ -203,9 +203,10 @@ def dit_config_from_diffusers(config: dict, state_dict: Optional[dict] = None) -
         raise UnsupportedConfigError("out_channels", out_ch,
                                      supported=f"{in_ch} or {2 * in_ch} (in_channels, or twice for learned "
                                                f"sigma)", model="DiT")
-    interp = cfg["interpolation_scale"]
-    if interp is None:  # Transformer2DModel: max(sample_size // 64, 1); DiTTransformer2DModel: 1
-        interp = max(sample // 64, 1) if legacy else 1
+    # diffusers' from_pretrained builds every ada_norm_zero folder, Transformer2DModel ones too, as
+    # DiTTransformer2DModel, whose position table has no interpolation scale (1, as the official DiT): a config's
+    # interpolation_scale, and the legacy class's max(sample_size // 64, 1), never reach the numbers
+    interp = 1
     heads, head_dim = cfg["num_attention_heads"], cfg["attention_head_dim"]
     per_block = True if state_dict is None else not _embedders_identical(state_dict, cfg["num_layers"])
     return DiTConfig(
