@@ -23,6 +23,8 @@ import triton.language as tl
 
 from fastdiff.errors import BadArgumentError
 
+MAX_HEAD_DIM = 256  # one program holds a (BLOCK_M, D) accumulator; wider heads go to SDPA (Attention.forward_triton)
+
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _LOG2E = 1.4426950408889634
 
@@ -298,8 +300,8 @@ def _check(q, k, v, out):
         raise BadArgumentError(f"attention: expected k of shape ({B}, {H}, Nk, {D}), found {tuple(k.shape)}")
     if tuple(v.shape) != tuple(k.shape):
         raise BadArgumentError(f"attention: expected v of shape {tuple(k.shape)} (as k), found {tuple(v.shape)}")
-    if D > 256:
-        raise BadArgumentError(f"attention: expected head dim <= 256, found {D}")
+    if D > MAX_HEAD_DIM:
+        raise BadArgumentError(f"attention: expected head dim <= {MAX_HEAD_DIM}, found {D}")
     if k.shape[2] == 0:
         raise BadArgumentError("attention: expected at least one key/value token, found Nk = 0")
     if out is not None and (tuple(out.shape) != tuple(q.shape) or out.dtype != q.dtype or out.device != q.device):

@@ -136,6 +136,7 @@ def test_truncated_safetensors_is_reported(tmp_path, ref_unet):
 
 
 @pytest.mark.parametrize("field,value", [("act_fn", "gelu"), ("only_cross_attention", True),
+                                         ("only_cross_attention", [False, True]),
                                          ("addition_embed_type", "text_image"), ("attention_type", "gated"),
                                          ("resnet_time_scale_shift", "spatial")])
 def test_unsupported_config_field_names_field_and_value(tmp_path, ref_unet, field, value):
@@ -146,6 +147,15 @@ def test_unsupported_config_field_names_field_and_value(tmp_path, ref_unet, fiel
     with pytest.raises(UnsupportedConfigError) as e:
         fastdiff.load(str(tmp_path))
     assert field in str(e.value) and repr(value) in str(e.value)
+
+
+def test_a_per_block_list_of_a_supported_value_is_that_value(tmp_path, ref_unet):
+    """diffusers takes only_cross_attention per down block too: [False, False] is the network False gives."""
+    ref_unet.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["only_cross_attention"] = [False] * len(cfg["down_block_types"])
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    _check_same(fastdiff.load(str(tmp_path)), ref_unet)
 
 
 def test_saved_files_get_ordinary_permissions(tmp_path):

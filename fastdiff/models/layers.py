@@ -389,8 +389,13 @@ class Attention(FusedOp):
         return out
 
     def forward_triton(self, q, k, v, scale: Optional[float] = None):
+        """The Triton kernel; heads wider than it holds (a VAE's or a pixel UNet's one-head attention over 512
+        channels) run on SDPA instead, as layers the kernel cannot serve."""
         from fastdiff.kernels import attention
+        from fastdiff.kernels.attention import MAX_HEAD_DIM
 
+        if q.shape[-1] > MAX_HEAD_DIM:
+            return self.forward_native(q, k, v, scale)
         return attention(q, k, v, scale=scale)
 
     def forward_triton_tma(self, q, k, v, scale: Optional[float] = None):

@@ -503,7 +503,9 @@ class UNetConfig:
                 continue
             if key in _MUST_BE:
                 allowed = _MUST_BE[key]
-                if value not in allowed:
+                # (diffusers takes only_cross_attention per block too: a list of allowed values is the same network)
+                per_block = isinstance(value, (list, tuple)) and value and all(v in allowed for v in value)
+                if value not in allowed and not per_block:
                     raise UnsupportedConfigError(key, value, supported=list(allowed), model=class_name)
                 extra[key] = value
             elif key in _NO_EFFECT:

@@ -169,6 +169,22 @@ def test_attention_layer_triton_equals_native():
     torch.testing.assert_close(layer(q, k, v, scale=0.2), native, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["triton", "triton_tma"])
+def test_heads_wider_than_the_kernel_run_on_sdpa(backend):
+    """A VAE's mid-block attention (one head of 512 channels) on the Triton backends: SDPA, not an error."""
+    from fastdiff.models.layers import set_backend
+    from fastdiff.models.unet import SpatialSelfAttention
+
+    torch.manual_seed(0)
+    layer = SpatialSelfAttention(320, 1, 320, 32, 1e-6).eval()
+    x = torch.randn(1, 320, 3, 5)
+    with torch.no_grad():
+        want = layer(x)
+        set_backend(layer, "triton", ops={"attention": backend})
+        assert layer.core.backend == backend
+        torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
+
+
 def test_attention_layer_runs_a_pinned_sdpa_kernel():
     """kernel_ops {"attention": "sdpa_flash"}: SDPA pinned to one kernel (torch has a CPU flash kernel); a
     kernel that cannot run the problem says which and why."""
