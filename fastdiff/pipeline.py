@@ -370,7 +370,7 @@ class Pipeline:
             for name, texts in (("prompt", prompt), ("negative_prompt", negative_prompt)):
                 count = 1 if texts is None else len(prompt_list(texts, name))
                 if count not in (1, b):  # (checked before the encoders load)
-                    raise BadArgumentError(f"{name}: expected 1 or {b} prompts (one per sample; pass n= or seeds= "
+                    raise BadArgumentError(f"{name}: expected {_one_or(b)} prompts (one per sample; pass n= or seeds= "
                                            f"for more samples), found {count}")
             text = self.encode_prompt(prompt, negative_prompt, guided=guided, clip_skip=clip_skip,
                                       max_sequence_length=max_sequence_length)
@@ -508,7 +508,7 @@ class Pipeline:
     def _img2img_size(self, images: torch.Tensor, b: int, height, width):
         """The images repeated to the batch, and the latent size they fix."""
         if images.shape[0] not in (1, b):
-            raise BadArgumentError(f"image: expected 1 or {b} images (one per sample), found {images.shape[0]}")
+            raise BadArgumentError(f"image: expected {_one_or(b)} images (one per sample), found {images.shape[0]}")
         f = 1 if self.vae is None else self.vae.downscale
         big_h, big_w = images.shape[2:]
         if big_h % f or big_w % f:
@@ -709,6 +709,11 @@ def check_seed(seed: int) -> int:
 def _map_tree(d: dict, fn):
     return {k: (_map_tree(v, fn) if isinstance(v, dict) else fn(v) if torch.is_tensor(v) else v)
             for k, v in d.items()}
+
+
+def _one_or(b: int) -> str:
+    """"1 or 4" for a count that may be one, or one per sample of b; "1" where b is 1."""
+    return "1" if b == 1 else f"1 or {b}"
 
 
 def _as_latents(latents) -> Optional[torch.Tensor]:

@@ -470,6 +470,91 @@ def test_a_weight_variant_reaches_the_text_encoders(sd, tmp_path):
     want = fastdiff.load(_save(ref, str(tmp_path / "plain"))).generate(prompt="a cat", seed=1, steps=2,
                                                                         progress=False)
     assert torch.equal(pipe.generate(prompt="a cat", seed=1, steps=2, progress=False), want)
+    # its fastdiff save keeps the variant's file names, and says so in its header
+    saved = fastdiff.load(pipe.save(str(tmp_path / "saved")))
+    assert torch.equal(saved.generate(prompt="a cat", seed=1, steps=2, progress=False), want)
+
+
+def test_text_encoders_borrowed_from_a_fastdiff_save_keep_its_empty_prompt_rule(tmp_path):
+    """SDXL's refiner says force_zeros_for_empty_prompt=False; its fastdiff save records that, and so a network
+    that borrows the save's encoders (text_encoder=SAVE) encodes no negative as diffusers' "" too, not as zeros."""
+    ref = _sdxl_pipe(str(tmp_path), refiner=True)
+    folder = _save(ref, str(tmp_path / "pipe"), force_zeros_for_empty_prompt=False)
+    saved = fastdiff.load(folder).save(str(tmp_path / "saved"))
+    borrowed = fastdiff.load(folder, text_encoder=saved)
+    assert borrowed.prompt_encoder.zero_negative is False
+    with torch.no_grad():
+        want = ref.encode_prompt("a cat", device="cpu")[1]  # diffusers' negative for no negative prompt
+    got = borrowed.encode_prompt("a cat", guided=True)["negative_encoder_hidden_states"]
+    assert got.any() and torch.equal(got, want)
+
+
+def test_damaged_text_encoder_weights_are_a_fastdiff_error(sd, tmp_path):
+    from fastdiff.errors import CorruptCheckpointError
+
+    ref, _ = sd
+    for damage in ("truncated", "garbage"):
+        folder = _save(ref, str(tmp_path / damage))
+        weights = os.path.join(folder, "text_encoder", "model.safetensors")
+        data = open(weights, "rb").read()
+        with open(weights, "wb") as f:
+            f.write(data[: len(data) // 2] if damage == "truncated" else b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+        with pytest.raises(CorruptCheckpointError, match="text_encoder/'s weights are damaged"):
+            fastdiff.load(folder).generate(prompt="a cat", steps=1, progress=False)
+
+
+def test_two_pipelines_encoding_at_once_leave_the_warning_filters_alone(sd):
+    """Encoding collects its truncation warnings per thread. warnings.catch_warnings, which swaps the process's
+    filters, left them broken when two pipelines' encodings overlapped: B saved the filters A had changed, A restored
+    the originals, then B restored A's. The two encodings are made to overlap so, in that order."""
+    import threading
+    import warnings
+
+    _, pipe = sd
+    pipes = [pipe, fastdiff.load(pipe.prompt_encoder.folder)]
+    b_inside, a_done = threading.Event(), threading.Event()
+    real = [p.prompt_encoder._encode for p in pipes]
+
+    def encode_a(*args):
+        b_inside.wait(10)
+        return real[0](*args)
+
+    def encode_b(*args):
+        b_inside.set()
+        a_done.wait(10)
+        return real[1](*args)
+
+    pipes[0].prompt_encoder._encode, pipes[1].prompt_encoder._encode = encode_a, encode_b
+    filters, show = list(warnings.filters), warnings.showwarning
+
+    def run_a():
+        pipes[0].encode_prompt("a cat, first thread")
+        a_done.set()
+    threads = [threading.Thread(target=run_a),
+               threading.Thread(target=lambda: pipes[1].encode_prompt("a cat, second thread"))]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    finally:
+        del pipes[0].prompt_encoder._encode
+    assert a_done.is_set() and list(warnings.filters) == filters and warnings.showwarning is show
+    with pytest.warns(UserWarning, match="were truncated"):  # and truncation still warns
+        pipe.encode_prompt(" ".join(["dog"] * 100))
+
+
+def test_engine_refuses_a_list_of_negatives_and_text_options_without_a_prompt(sd):
+    _, pipe = sd
+    with fastdiff.Engine(pipe, max_batch=2, max_wait_ms=5) as engine:
+        listed = engine.submit(seed=0, prompt="a cat", negative_prompt=["a dog", "the red cat"], cfg_scale=3.0,
+                               steps=2)
+        alone = engine.submit(seed=0, encoder_hidden_states=torch.zeros(77, 16), clip_skip=1, steps=2)
+        with pytest.raises(BadArgumentError, match="negative_prompt: expected one string per request"):
+            listed.result(timeout=10)
+        with pytest.raises(BadArgumentError, match="clip_skip: given without prompt="):
+            alone.result(timeout=10)
+        assert engine.stats()["rejected"] == 2
 
 
 def test_clip_skip_beyond_the_encoders_depth_fails_its_own_request(sd):

@@ -150,9 +150,8 @@ def _pick_prompt_encoder(requested, own_folder, spec, device, dtype, variant=Non
 
             header = fastdiff_text_header(own_folder) if is_fastdiff_folder(own_folder) else {}
             try:  # (a fastdiff save holds them only if it kept them: its header says so)
-                found = None if header is None else find_prompt_encoder(
-                    own_folder, spec, zero_negative=(header or {}).get("force_zeros_for_empty_prompt"),
-                    variant=variant)
+                found = None if header is None else find_prompt_encoder(own_folder, spec, **_saved_text_options(
+                    header, variant))
             except CheckpointError as e:  # encoders that cannot feed the network: the network still loads
                 spec.notes.append(f"text encoders not used: {e}")
                 return None
@@ -171,7 +170,10 @@ def _pick_prompt_encoder(requested, own_folder, spec, device, dtype, variant=Non
         if family is None:
             raise BadArgumentError(f"text_encoder: given, but this model ({spec.kind}) takes no text")
         folder = os.fspath(requested)
-        found = find_prompt_encoder(folder, spec, variant=variant)
+        from .fastdiff_format import fastdiff_text_header, is_fastdiff_folder
+
+        header = (fastdiff_text_header(folder) or {}) if is_fastdiff_folder(folder) else {}  # (a fastdiff save's)
+        found = find_prompt_encoder(folder, spec, **_saved_text_options(header, variant))
         if found is None:
             raise CheckpointError(f"text_encoder: {folder} lacks the text encoders a {family} model needs: expected "
                                   f"{', '.join(m + '/' for m in missing_parts(folder, family))} (each with its "
@@ -368,6 +370,13 @@ def _read_any(path: str, *, variant=None, num_heads=None, head_channels=None, at
             f"where you trust the file: `net = pickle.load(open(path, 'rb'))['ema']; torch.save(net.state_dict(), "
             f"'edm.pt')`, then load edm.pt (an EDMPrecond state dict).")
     raise UnknownFormatError(_unknown(path, f"a file with extension {ext or '(none)'!r}"))
+
+
+def _saved_text_options(header: dict, variant):
+    """find_prompt_encoder's options for a folder: what a fastdiff save's header recorded (its SDXL empty-prompt
+    rule, the weight variant its copied encoder files are named for), else the caller's variant."""
+    return dict(zero_negative=header.get("force_zeros_for_empty_prompt"),
+                variant=header.get("variant") or variant)
 
 
 def _own_vae(spec, read):

@@ -63,7 +63,8 @@ def save_fastdiff(path: str, model: torch.nn.Module, spec: ModelSpec, vae=None, 
         header["vae"] = vae.config.to_dict()
     if prompt_encoder is not None:
         header["text_encoders"] = {"family": prompt_encoder.family, "folders": prompt_encoder.folders(),
-                                   "force_zeros_for_empty_prompt": prompt_encoder.zero_negative}
+                                   "force_zeros_for_empty_prompt": prompt_encoder.zero_negative,
+                                   "variant": prompt_encoder.variant}  # (the copies keep the variant's file names)
     with atomic_dir(path) as tmp:
         save_file(_cpu_state(model), os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt"})
         if vae is not None:

@@ -22,7 +22,7 @@ import torch
 
 from ..errors import BadArgumentError, CheckpointError
 from .cache import DEFAULT_MAX_BYTES, EncodingCache
-from .text_parts import (TRUNCATED, TextPart, clip_outputs, encoder_config, encoder_class_name, load_part,
+from .text_parts import (TextPart, clip_outputs, collecting_notes, encoder_config, encoder_class_name, load_part,
                          t5_states)
 
 # family -> (tokenizer folder, encoder folder, required?, max tokens (None: the tokenizer's own))
@@ -178,13 +178,9 @@ class PromptEncoder:
             for note in notes:
                 warnings.warn(note, stacklevel=4)
             return out
-        with warnings.catch_warnings(record=True) as caught:  # (under self._lock: one encoding at a time)
-            warnings.simplefilter("always")
+        with collecting_notes() as notes:
             out = self._encode(prompts, clip_skip, t5_length)
-        notes = tuple(str(w.message) for w in caught if TRUNCATED in str(w.message))
-        for w in caught:  # given to the caller as they came
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        self.cache.put(key, out, notes)
+        self.cache.put(key, out, tuple(notes))
         return out
 
     def _weights_version(self) -> Optional[int]:

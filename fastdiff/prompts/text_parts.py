@@ -10,17 +10,42 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from ..errors import BackendUnavailableError, CheckpointError, UnsupportedConfigError
+from safetensors import SafetensorError
+
+from ..errors import BackendUnavailableError, CheckpointError, CorruptCheckpointError, UnsupportedConfigError
 
 # the text encoders diffusers' SD 1.x / 2.x, SDXL, SD3 and FLUX.1 pipelines ship
 ENCODER_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel")
 TRUNCATED = "were truncated"  # in the warning a too-long prompt gives (the prompt cache gives it again on a hit)
+_NOTES = threading.local()  # this thread's list of warnings to keep with an encoding (``collecting_notes``)
+
+
+@contextmanager
+def collecting_notes():
+    """The truncation warnings given in this thread inside the block, as a list (the prompt cache keeps them with
+    the encoding, to warn again on a hit). Thread-local, unlike ``warnings.catch_warnings``, which swaps the
+    process-wide filters: two pipelines encoding at once would leave them broken."""
+    outer = getattr(_NOTES, "current", None)
+    _NOTES.current = notes = []
+    try:
+        yield notes
+    finally:
+        _NOTES.current = outer
+
+
+def _warn_truncated(message: str) -> None:
+    warnings.warn(message, stacklevel=6)
+    notes = getattr(_NOTES, "current", None)
+    if notes is not None:
+        notes.append(message)
 
 
 @dataclass
@@ -48,8 +73,7 @@ class TextPart:
         full = self.tokenizer(prompts, padding="longest", return_tensors="pt").input_ids
         if full.shape[-1] > batch.input_ids.shape[-1]:
             dropped = self.tokenizer.batch_decode(full[:, length - 1:-1])
-            warnings.warn(f"{self.name}: prompts longer than {length} tokens {TRUNCATED}; dropped: {dropped}",
-                          stacklevel=5)
+            _warn_truncated(f"{self.name}: prompts longer than {length} tokens {TRUNCATED}; dropped: {dropped}")
         return batch
 
 
@@ -103,6 +127,12 @@ def load_part(folder: str, tokenizer_sub: str, encoder_sub: str, max_length: Opt
     except (OSError, ValueError, KeyError) as e:  # missing / unreadable files, a config transformers refuses
         raise CheckpointError(f"{folder}: could not read {tokenizer_sub}/ + {encoder_sub}/ with transformers "
                               f"{transformers.__version__}: {e}") from e
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except (SafetensorError, RuntimeError) as e:  # truncated or garbled weights; tensors that do not fit the config
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CorruptCheckpointError(f"{folder}: {encoder_sub}/'s weights are damaged or do not fit its config.json "
+                                     f"(transformers {transformers.__version__}: {why})") from e
     encoder = encoder.to(device).eval().requires_grad_(False)
     length = max_length or int(tokenizer.model_max_length)
     return TextPart(encoder_sub, tokenizer, encoder, length)

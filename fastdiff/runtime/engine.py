@@ -281,6 +281,9 @@ class Engine:
         """
         fut: concurrent.futures.Future = concurrent.futures.Future()
         try:
+            text_options = [k for k in ("clip_skip", "max_sequence_length") if options.get(k) is not None]
+            if text_options and prompt is None:  # (they shape a prompt's encoding: alone, they would fail the batch)
+                raise BadArgumentError(f"{' / '.join(text_options)}: given without prompt=; they apply to encoding it")
             if prompt is not None or negative_prompt is not None:
                 text = self._encode_prompt(prompt, negative_prompt, cfg_scale, options,
                                            dict(encoder_hidden_states=encoder_hidden_states, text_embeds=text_embeds,
@@ -340,6 +343,8 @@ class Engine:
         if prompt is None or not isinstance(prompt, str):
             raise BadArgumentError(f"prompt: expected one string per request (negative_prompt only with it), found "
                                    f"{prompt!r}")
+        if negative_prompt is not None and not isinstance(negative_prompt, str):
+            raise BadArgumentError(f"negative_prompt: expected one string per request, found {negative_prompt!r}")
         stray = sorted(k for k, v in given.items() if v is not None)
         if stray:
             raise BadArgumentError(f"prompt: expected a prompt or encoded text, not both; found prompt and {stray}")
