@@ -141,6 +141,19 @@ class SamplingPlan:
         if not 0 <= t_start < self.steps:
             raise BadArgumentError(f"t_start: expected 0 <= t_start < {self.steps}, found {t_start}")
         options = dict(self.options)
+        fixed = sorted(k for k in _WARMUP_FROM_THE_TOP if options.get(k) is not None)
+        if fixed:  # PNDM's warm-up values are laid out for its first timesteps
+            raise BadArgumentError(f"image: the {self.scheduler} plan's {self.sampler} sampler warms up from the top of "
+                                   f"its grid ({', '.join(fixed)}) and cannot start part-way; pass another sampler "
+                                   f"(sampler='ddim', 'dpmpp_2m', 'euler', ...)")
+        for name in _PER_STEP_OPTIONS:  # one value per step (or per grid sigma): the slice's own
+            value = options.get(name)
+            if value is not None:
+                if len(value) not in (self.steps, self.steps + 1):
+                    raise BadArgumentError(f"{name}: expected one value per step ({self.steps}), found {len(value)}")
+                options[name] = list(value)[t_start:]
+        if options.get("disable_corrector"):  # UniPC's step indices, counted from the slice's first step
+            options["disable_corrector"] = [i - t_start for i in options["disable_corrector"] if i >= t_start]
         if self.sampler in COUNTS_ALL_STEPS and options.get("lower_order_final", True) and self.steps >= 15:
             options["lower_order_final"] = False  # (the slice is shorter than 15, the run is not)
         return dataclasses.replace(self, sigmas=self.sigmas[t_start:].clone(), options=options, init_noise_sigma=1.0)
@@ -163,6 +176,11 @@ class SamplingPlan:
                      callback=callback, **{**self.options, **options})
         return out * self.output_scale if self.output_scale != 1.0 else out
 
+
+# sampler options holding one value per step (or per grid sigma): SamplingPlan.from_step slices them with the grid
+_PER_STEP_OPTIONS = ("sigmas_to", "sigmas_mid", "c_skip", "c_out", "timesteps")
+# PNDM's warm-up values, laid out for its first timesteps: such a plan cannot start part-way
+_WARMUP_FROM_THE_TOP = ("warmup_from", "sigmas_mid_to")
 
 # schedulers of networks with EDM preconditioning (continuous sigma in, no training-timestep table)
 CONTINUOUS_SCHEDULERS = ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler", "CMStochasticIterativeScheduler")

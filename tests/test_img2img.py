@@ -61,6 +61,12 @@ SCHEDULERS = {
     "dpmpp_3m_short": ("DPMSolverMultistepScheduler", 8, 0.75, dict(solver_order=3, final_sigmas_type="sigma_min")),
     "unipc": ("UniPCMultistepScheduler", 9, 0.7, {}),
     "heun": ("HeunDiscreteScheduler", 5, 0.6, {}),
+    # options that hold one value per step, sliced with the grid: DDIM's own "to" sigmas off the grid (linspace
+    # spacing), KDPM2's midpoints, TCD's timesteps; and UniPC's corrector-free step indices, shifted
+    "ddim_linspace": ("DDIMScheduler", 7, 0.6, dict(timestep_spacing="linspace")),
+    "kdpm2": ("KDPM2DiscreteScheduler", 6, 0.7, {}),
+    "tcd": ("TCDScheduler", 4, 0.8, {}),  # (at fastdiff's gamma, TCD's own 0.3: diffusers' pipelines pass eta=0)
+    "unipc_no_corrector": ("UniPCMultistepScheduler", 10, 0.8, dict(disable_corrector=[2, 4])),
 }
 
 
@@ -78,7 +84,7 @@ def test_sd_img2img_equals_diffusers(sd_parts, tmp_path, name, cfg):
     images = _images()
     want = ref(image=images.clone(), strength=strength, num_inference_steps=steps, guidance_scale=cfg,
                prompt_embeds=e["prompt_embeds"], negative_prompt_embeds=e["negative_prompt_embeds"],
-               generator=_generators(), output_type="latent").images
+               generator=_generators(), output_type="latent", eta=0.3 if name == "tcd" else 0.0).images
     got = pipe.generate(image=images, strength=strength, steps=steps, cfg_scale=cfg, seeds=SEEDS,
                         encoder_hidden_states=e["prompt_embeds"],
                         negative_encoder_hidden_states=e["negative_prompt_embeds"], progress=False)
@@ -147,3 +153,148 @@ def test_sd3_img2img_equals_diffusers(tmp_path, cfg):
                         callback=steps_run.append, **_text_kwargs(e, cfg != 1.0))
     assert rel_err(got, want) <= 2e-5
     assert len(steps_run) == 7
+
+
+def test_pndm_cannot_start_part_way(sd_parts, tmp_path):
+    """PNDM's (SD 1.x's default) warm-up values are laid out for the top of its grid: refused with what to pass."""
+    unet, vae, e = sd_parts
+    pipe = fastdiff.load(_folder(tmp_path, "unet", unet, diffusers.PNDMScheduler.from_config(
+        dict(SD_SCHEDULER, skip_prk_steps=True)), vae, "StableDiffusionPipeline"))
+    kw = dict(image=_images(1), encoder_hidden_states=e["prompt_embeds"][:1], steps=6, progress=False)
+    with pytest.raises(BadArgumentError, match="cannot start part-way; pass another sampler"):
+        pipe.generate(**kw)
+    assert pipe.generate(sampler="ddim", **kw).shape == (1, 4, 8, 8)
+
+
+# --- a pixel model, the image formats, and what is refused ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def digits():
+    return fastdiff.load("builtin:digits")
+
+
+def test_a_pixel_model_keeps_what_a_light_strength_leaves(digits):
+    """SDEdit on the digits model: a few of 20 steps from a noised sample stay near it; the formats agree."""
+    a, b = digits.generate(seeds=[0, 1], class_labels=[3, 8], steps=20, progress=False).clamp(-1, 1)
+    unit = (a + 1) / 2  # (1, 16, 16) in [0, 1]
+    kw = dict(seeds=[5], class_labels=[3], steps=20, strength=0.3, progress=False)
+    edited = digits.generate(image=unit, **kw)[0].clamp(-1, 1)
+    assert rel_err(edited, a) < 0.5 * rel_err(edited, b)  # close to its image, not to another digit
+    assert rel_err(edited, digits.generate(image=unit, **dict(kw, strength=1.0))[0]) > 1e-3  # strength counts
+    pixels = (unit[0] * 255).round().to(torch.uint8).numpy()  # (16, 16) uint8
+    from PIL import Image
+
+    as_array = digits.generate(image=pixels, **kw)
+    assert torch.equal(as_array, digits.generate(image=Image.fromarray(pixels), **kw))
+    assert torch.equal(as_array, digits.generate(image=pixels[:, :, None].astype(np.float32) / 255, **kw))
+
+
+def test_one_image_per_sample_or_one_for_all(digits):
+    images = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    both = digits.generate(image=images, seeds=[4, 6], class_labels=[1, 2], steps=4, strength=0.5, progress=False)
+    one = digits.generate(image=images[1:], seeds=[6], class_labels=[2], steps=4, strength=0.5, progress=False)
+    assert rel_err(both[1:], one) <= 1e-6  # a sample depends on its own image and seed
+    assert digits.generate(image=images, class_labels=[1, 2], steps=2, strength=0.5, progress=False).shape[0] == 2
+    shared = digits.generate(image=images[:1], seeds=[4, 6], class_labels=[1, 1], steps=4, strength=0.5,
+                             progress=False)
+    assert shared.shape[0] == 2 and rel_err(shared[0], shared[1]) > 1e-3  # one image, two seeds
+
+
+def test_start_index_follows_each_pipelines_rounding():
+    assert [start_index(10, s, flow=False) for s in (1.0, 0.8, 0.65, 0.15)] == [0, 2, 4, 9]
+    assert [start_index(10, s, flow=True) for s in (1.0, 0.8, 0.65, 0.15)] == [0, 2, 3, 8]
+    with pytest.raises(BadArgumentError, match="leaves no step to run"):
+        start_index(4, 0.2, flow=False)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(strength=0.5), "without image="),
+    (dict(image=torch.rand(1, 16, 16), latents=torch.randn(1, 1, 16, 16)), "expected one of them, found both"),
+    (dict(image=torch.rand(1, 16, 16), strength=0.0), r"strength: expected a number in \(0, 1\]"),
+    (dict(image=torch.rand(1, 16, 16), strength=1.5), r"strength: expected a number in \(0, 1\]"),
+    (dict(image=torch.rand(1, 16, 16), strength=True), r"strength: expected a number in \(0, 1\]"),
+    (dict(image=torch.rand(1, 16, 16), steps=2, strength=0.3), "leaves no step to run"),
+    (dict(image=torch.rand(3, 1, 16, 16), seeds=[1, 2]), r"image: expected 1 or 2 images"),
+    (dict(image=torch.rand(1, 16, 16), height=8), "the image fixes the latent size to 16x16"),
+    (dict(image=torch.rand(3, 16, 16)), r"expected a tensor \(1, H, W\)"),
+    (dict(image=torch.rand(1, 16, 16) * 3), r"values in \[0, 1\], found"),
+    (dict(image=torch.full((1, 16, 16), float("nan"))), r"values in \[0, 1\]"),
+    (dict(image=np.zeros((16, 16), np.uint16)), "expected a uint8 or float NumPy array"),
+    (dict(image=np.zeros((16, 16, 3), np.uint8)), r"expected a NumPy array \(H, W, 1\)"),
+    (dict(image="photo.png"), "expected a PIL image, a NumPy array or a torch tensor"),
+    (dict(image=[]), "non-empty list"),
+])
+def test_bad_img2img_arguments_are_refused_by_name(digits, kwargs, match):
+    with pytest.raises(BadArgumentError, match=match):
+        digits.generate(**{"steps": 4, "progress": False, **kwargs})
+
+
+def test_a_latent_model_needs_a_vae_with_an_encoder(tmp_path):
+    from safetensors.torch import save_file
+
+    with pytest.raises(BadArgumentError, match="has no VAE"):
+        fastdiff.load("arch:tiny-dit").generate(image=torch.rand(1, 3, 16, 16), class_labels=[1], steps=2,
+                                                progress=False)
+    ref = vae_reference(SD_VAE)
+    ref.save_pretrained(tmp_path)
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items() if k.startswith(("decoder.", "post_quant"))},
+              str(tmp_path / "diffusion_pytorch_model.safetensors"))
+    pipe = fastdiff.load("arch:tiny-dit", vae=str(tmp_path))
+    with pytest.raises(BadArgumentError, match="carry only the decoder"):
+        pipe.generate(image=torch.rand(1, 3, 16, 16), class_labels=[1], steps=2, progress=False)
+
+
+def test_image_sizes_must_be_whole_latent_pixels(sd_parts, tmp_path):
+    unet, vae, e = sd_parts
+    pipe = fastdiff.load(_folder(tmp_path, "unet", unet, diffusers.DDIMScheduler(**SD_SCHEDULER), vae,
+                                 "StableDiffusionPipeline"))
+    with pytest.raises(BadArgumentError, match="multiples of 2 .*found 15x16"):
+        pipe.generate(image=torch.rand(1, 3, 15, 16), encoder_hidden_states=e["prompt_embeds"][:1], steps=2,
+                      progress=False)
+    rgba = np.zeros((12, 20, 4), np.uint8)
+    from PIL import Image
+
+    out = pipe.generate(image=Image.fromarray(rgba), encoder_hidden_states=e["prompt_embeds"][:1], steps=2,
+                        strength=1.0, progress=False, output_type="np")
+    assert out.shape == (1, 12, 20, 3)  # the image's own size; RGBA taken as RGB
+
+
+def test_cli_generate_edits_an_image(digits, tmp_path):
+    """``fastdiff generate --image IN.png --strength S`` writes what generate(image=...) returns; its mistakes are
+    one line and exit 2."""
+    from PIL import Image
+
+    from test_cli import fastdiff as run_cli
+
+    pixels = (np.arange(256).reshape(16, 16) % 255).astype(np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "in.png")
+    r = run_cli("generate", "--image", "in.png", "--strength", "0.5", "--steps", "4", "--n", "1", "--class", "2",
+                "--seed", "7", "--separate", "-o", "out.png", "--no-progress", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    want = digits.generate(image=pixels, strength=0.5, steps=4, seeds=[7], class_labels=[2], output_type="np",
+                           progress=False)[0, :, :, 0]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "out_0.png")), want)
+    (tmp_path / "not-an-image.png").write_text("hello")
+    for args, message in [(("--strength", "0.5"), "--strength: given without --image"),
+                          (("--image", "missing.png"), "no such file"),
+                          (("--image", "not-an-image.png"), "could not read"),
+                          (("--image", "in.png", "--height", "16"), "the --image fixes the size"),
+                          (("--image", "in.png", "--strength", "2"), r"strength: expected a number in (0, 1]")]:
+        r = run_cli("generate", *args, "--steps", "2", "--n", "1", "-o", "x.png", cwd=tmp_path)
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+
+
+@pytest.mark.parametrize("scope", ["step", "loop"])
+def test_captured_graphs_edit_images_as_eager(digits, scope):
+    """img2img through graph_scope "step" / "loop" (the stand-in graph of test_graph_scopes): equal to eager; a loop
+    captures once per strength (its grid is shorter), and a new image replays it."""
+    from test_graph_scopes import FakeGraph
+
+    graphed = fastdiff.load("builtin:digits").optimize(cuda_graphs=True, graph_scope=scope, batch_buckets=(1, 2),
+                                                       graph_factory=FakeGraph)
+    images = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(3))
+    kw = dict(seeds=[1, 2], class_labels=[4, 5], steps=6, cfg_scale=2.0, progress=False)
+    for image, strength in ((images, 0.5), (images.flip(0), 0.5), (images, 0.8)):
+        want = digits.generate(image=image, strength=strength, **kw)
+        assert rel_err(graphed.generate(image=image, strength=strength, **kw), want) <= 1e-5
+    if scope == "loop":
+        assert graphed.loop_graphs.captures == 2

@@ -3,6 +3,7 @@
     fastdiff generate                                   # the embedded default model (builtin:digits)
     fastdiff generate arch:tiny-unet --steps 10 --n 16 -o grid.png
     fastdiff generate ./dit.pt --class 207 360 --cfg 4 --output-latents latents.safetensors   # one image per label
+    fastdiff generate ./sd-folder --prompt "a watercolour fox" --image fox.png --strength 0.6 -o edited.png
 
 Shows the sampling progress bar, then one line of timings:
 ``load 0.12s | optimise 0.00s | sample 1.23s | decode 0.01s``.
@@ -58,6 +59,12 @@ def register(sub) -> None:
                    help="guidance-distilled models (FLUX.1 dev): the guidance input (default 3.5)")
     p.add_argument("--n", type=int, default=None, metavar="N",
                    help="number of images (default 4, or one per --class label when several are given)")
+    p.add_argument("--image", default=None, metavar="IN.png",
+                   help="image-to-image (SDEdit): start from this image (any format Pillow reads; its size is the "
+                        "output's, a multiple of the VAE's 8 pixels per latent pixel), noised to --strength")
+    p.add_argument("--strength", type=float, default=None, metavar="S",
+                   help="with --image: the share of the steps that run, in (0, 1] (default: the model's diffusers "
+                        "img2img pipeline's: 0.8 SD, 0.3 SDXL, 0.6 SD3 / FLUX.1); 1 keeps nothing of the image")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="seed of image 0; image i uses S+i (default 0)")
     p.add_argument("--height", type=int, default=None, metavar="H", help="sample height (default: the model's)")
     p.add_argument("--width", type=int, default=None, metavar="W", help="sample width (default: the model's)")
@@ -257,6 +264,26 @@ def _validate(args) -> None:
         raise BadArgumentError(f"--seed: expected an integer in [0, 2**63 - n], found {args.seed}")
     if not math.isfinite(args.cfg):
         raise BadArgumentError(f"--cfg: expected a finite number, found {args.cfg}")
+    if args.strength is not None and args.image is None:
+        raise BadArgumentError("--strength: given without --image (it is image-to-image's)")
+    if args.image is not None and (args.height is not None or args.width is not None):
+        raise BadArgumentError("--height / --width: the --image fixes the size")
+    if args.image is not None and not os.path.isfile(args.image):
+        raise BadArgumentError(f"--image: expected an image file, found {args.image!r} (no such file)")
+
+
+def _read_image(path: str):
+    """--image as a PIL image (read fully now: the file may change while sampling)."""
+    from PIL import Image, UnidentifiedImageError
+
+    from ..errors import BadArgumentError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except (OSError, UnidentifiedImageError) as e:
+        raise BadArgumentError(f"--image: could not read {path!r} as an image ({e})") from e
 
 
 def png_paths(args) -> list:
@@ -292,7 +319,7 @@ def run(args) -> int:
         raise BadArgumentError(f"--cfg {args.cfg:g}: guidance on this class-conditional model needs --class (with no "
                                f"label both passes are unconditional, and the result that of --cfg 1 at twice the "
                                f"cost)")
-    text = {}
+    inputs = {}  # generate()'s text / guidance / image arguments
     if spec.cross_attention_dim:
         if pipe.prompt_encoder is None:
             raise BadArgumentError(
@@ -303,14 +330,16 @@ def run(args) -> int:
             raise BadArgumentError("--prompt: this model is text-conditioned: expected a prompt, found none")
         if args.negative_prompt is not None and args.cfg == 1.0:
             raise BadArgumentError("--negative-prompt: given, but --cfg 1 runs no unconditional pass; pass --cfg G")
-        text = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, clip_skip=args.clip_skip)
+        inputs = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, clip_skip=args.clip_skip)
     else:
         given = [f for f, v in (("--prompt", args.prompt), ("--negative-prompt", args.negative_prompt),
                                 ("--clip-skip", args.clip_skip)) if v is not None]
         if given:
             raise BadArgumentError(f"{given[0]}: given, but this model ({spec.kind}) is not text-conditioned")
     if args.guidance is not None:
-        text["guidance"] = args.guidance
+        inputs["guidance"] = args.guidance
+    if args.image is not None:
+        inputs.update(image=_read_image(args.image), strength=args.strength)
 
     t0 = time.perf_counter()
     if args.backend is not None or args.dtype is not None:
@@ -322,7 +351,7 @@ def run(args) -> int:
     t0 = time.perf_counter()
     x = pipe.generate(n=args.n, steps=args.steps, sampler=args.sampler, schedule=args.schedule, cfg_scale=args.cfg,
                       class_labels=args.class_labels, seed=args.seed, height=args.height, width=args.width,
-                      output_type="tensor", progress=not args.no_progress, **text)
+                      output_type="tensor", progress=not args.no_progress, **inputs)
     sync(device)
     t_sample = time.perf_counter() - t0
 
