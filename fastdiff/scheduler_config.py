@@ -42,6 +42,7 @@ from .denoiser import DiscreteDenoiser, EDMDenoiser, make_x0_postprocess
 from .flow import FlowDenoiser
 from .spec import is_flow_scheduler
 from .errors import BadArgumentError, UnsupportedConfigError
+from .scheduler_keys import ignored_keys
 from .utils.checks import finite_number
 
 _COMMON = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
@@ -194,7 +195,7 @@ def continuous_model_options(config: dict) -> Optional[dict]:
     name = config.get("_class_name")
     if name not in CONTINUOUS_SCHEDULERS:
         return None
-    c = _Config({**_COMMON, **_DEFAULTS[name], **{k: v for k, v in dict(config).items() if not k.startswith("_")}}, name)
+    c = _Config(_read_config(name, config), name)
     return dict(denoiser_options=_BUILDERS[name](c, 1).denoiser_options, sigma_min=float(c["sigma_min"]),
                 sigma_max=float(c["sigma_max"]), rho=float(c["rho"]))
 
@@ -218,8 +219,7 @@ def plan_from_scheduler_config(config: dict, num_inference_steps: int, class_nam
         raise UnsupportedConfigError("_class_name", name, supported=list(SUPPORTED_SCHEDULERS), model="scheduler")
     if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
         raise BadArgumentError(f"num_inference_steps: expected a positive int, found {num_inference_steps!r}")
-    cfg = {**_COMMON, **_DEFAULTS[name], **{k: v for k, v in dict(config).items() if not k.startswith("_")}}
-    c = _Config(cfg, name)
+    c = _Config(_read_config(name, config), name)
     if c["flow_time_convention"] != "diffusers" and not is_flow_scheduler(dict(c, _class_name=name)):
         # (fastdiff's own key: a time convention means nothing to a beta-schedule scheduler)
         raise UnsupportedConfigError("flow_time_convention", c["flow_time_convention"], supported="'diffusers', or "
@@ -237,6 +237,18 @@ def plan_from_scheduler_config(config: dict, num_inference_steps: int, class_nam
 # --------------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------------
+
+# the keys only some classes take (beyond the shared ones): another class's are foreign to a config
+_CLASS_KEYS = frozenset().union(*_DEFAULTS.values()) - frozenset(_COMMON)
+
+
+def _read_config(name: str, config: dict) -> dict:
+    """``config`` as diffusers' ``name.from_config`` reads it: the class's defaults, overridden by the keys its
+    constructor takes; a key it lacks (another class's, left in the file) is dropped, as diffusers drops it."""
+    foreign = ignored_keys(name) | (_CLASS_KEYS - frozenset(_DEFAULTS[name]))
+    own = {k: v for k, v in dict(config).items() if not k.startswith("_") and k not in foreign}
+    return {**_COMMON, **_DEFAULTS[name], **own}
+
 
 class _Config(dict):
     def __init__(self, d, name):
