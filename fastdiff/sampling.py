@@ -73,7 +73,11 @@ _SCALAR_KINDS = {
     "int": ("an integer", lambda v: isinstance(_scalar(v), numbers.Integral) and not isinstance(_scalar(v), bool)),
     "bool": ("True or False", lambda v: type(v).__name__ in ("bool", "bool_") or (isinstance(v, int) and v in (0, 1))),
     "str": ("a string", lambda v: isinstance(v, str)),
+    "Sequence[int]": ("a list of step indices", lambda v: isinstance(v, (list, tuple)) and all(
+        isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in v)),
 }
+# noise amounts: a negative one has no meaning (sde samplers divide by 1 + eta: eta = -1 divided by zero)
+_NON_NEGATIVE = ("eta", "s_noise", "s_churn")
 
 
 def check_options(sampler: str, options: dict) -> None:
@@ -91,6 +95,11 @@ def check_options(sampler: str, options: dict) -> None:
     nan = sorted(k for k, v in options.items() if isinstance(_scalar(v), numbers.Real) and math.isnan(_scalar(v)))
     if nan:  # a NaN eta / churn compares False everywhere and would silently pick one branch
         raise BadArgumentError(f"sampler {sampler!r}: option(s) {nan} are NaN; expected numbers")
+    negative = sorted(k for k in _NON_NEGATIVE if isinstance(_scalar(options.get(k)), numbers.Real)
+                      and _scalar(options[k]) < 0)
+    if negative:
+        raise BadArgumentError(f"sampler {sampler!r}: option(s) {negative} must be >= 0 (noise amounts), found "
+                               f"{[options[k] for k in negative]}")
 
 
 def _option_annotations(name: str) -> dict:

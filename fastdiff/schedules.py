@@ -51,7 +51,11 @@ def make_betas(beta_schedule: str = "linear", num_train_timesteps: int = 1000, b
                beta_end: float = 0.02, trained_betas: Optional[Sequence[float]] = None) -> torch.Tensor:
     """The DDPM betas (float32, length ``num_train_timesteps``), bit-identical to diffusers."""
     if trained_betas is not None:
-        return torch.tensor(trained_betas, dtype=torch.float32)
+        betas = torch.tensor(trained_betas, dtype=torch.float32)
+        if betas.dim() != 1 or len(betas) != num_train_timesteps:  # (the timestep grids count num_train_timesteps)
+            raise BadArgumentError(f"trained_betas: expected num_train_timesteps={num_train_timesteps} values, found "
+                                   f"shape {tuple(betas.shape)}")
+        return betas
     n = num_train_timesteps
     if beta_schedule == "linear":
         return torch.linspace(beta_start, beta_end, n, dtype=torch.float32)
@@ -220,6 +224,7 @@ def get_sigmas(schedule: str, steps: int, *, sigma_min: Optional[float] = None, 
         sigma_max = float(table[-1]) if sigma_max is None else sigma_max
     sigma_min = EDM_SIGMA_MIN if sigma_min is None else sigma_min
     sigma_max = EDM_SIGMA_MAX if sigma_max is None else sigma_max
+    _check_range(schedule, sigma_min, sigma_max, rho)
     if schedule == "karras":
         return get_sigmas_karras(steps, sigma_min, sigma_max, rho, final)
     if schedule == "exponential":
@@ -230,6 +235,16 @@ def get_sigmas(schedule: str, steps: int, *, sigma_min: Optional[float] = None, 
 
 
 SCHEDULES = ("karras", "exponential", "uniform") + SPACINGS
+
+
+def _check_range(schedule: str, sigma_min, sigma_max, rho) -> None:
+    """A falling grid needs 0 <= sigma_min < sigma_max (> 0 for the exponential grid's logarithm) and rho > 0."""
+    lo_ok = sigma_min > 0 if schedule == "exponential" else sigma_min >= 0
+    if not (math.isfinite(sigma_min) and math.isfinite(sigma_max) and lo_ok and sigma_min < sigma_max):
+        raise BadArgumentError(f"schedule {schedule!r}: expected {'0 <' if schedule == 'exponential' else '0 <='} "
+                               f"sigma_min < sigma_max, finite, found sigma_min={sigma_min}, sigma_max={sigma_max}")
+    if schedule == "karras" and not (math.isfinite(rho) and rho > 0):
+        raise BadArgumentError(f"schedule 'karras': expected rho > 0, found {rho}")
 
 
 def _check_steps(n) -> None:

@@ -298,3 +298,27 @@ def test_captured_graphs_edit_images_as_eager(digits, scope):
         assert rel_err(graphed.generate(image=image, strength=strength, **kw), want) <= 1e-5
     if scope == "loop":
         assert graphed.loop_graphs.captures == 2
+
+
+def test_flux_img2img_equals_diffusers(tmp_path):
+    """FLUX.1 dev's img2img: packed latents, the resolution's shift, distilled guidance, flow rounding."""
+    from test_flux import DEV, DEV_SCHEDULER, _reference
+
+    transformer = _reference(DEV)
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**DEV_SCHEDULER)
+    vae = vae_reference(dict(SD_VAE, scaling_factor=0.3611, shift_factor=0.1159), seed=2)
+    pipe = fastdiff.load(_folder(tmp_path, "transformer", transformer, scheduler, vae, "FluxPipeline"))
+    ref = diffusers_pipeline("FluxImg2ImgPipeline")(transformer=transformer, scheduler=scheduler, vae=vae,
+                                                    text_encoder=None, tokenizer=None, text_encoder_2=None,
+                                                    tokenizer_2=None)
+    ref.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(2)
+    ctx, pooled = torch.randn(2, 5, 12, generator=g), torch.randn(2, 10, generator=g)
+    images = _images()
+    want = ref(image=images.clone(), strength=0.65, num_inference_steps=10, guidance_scale=4.0, height=16, width=16,
+               prompt_embeds=ctx, pooled_prompt_embeds=pooled, generator=_generators(), output_type="latent").images
+    got = pipe.generate(image=images, strength=0.65, steps=10, guidance=4.0, seeds=SEEDS,
+                        encoder_hidden_states=ctx, text_embeds=pooled, progress=False)  # (B, 4, 8, 8), unpacked
+    from test_flux import _pack
+
+    assert rel_err(_pack(got), want) <= 2e-5

@@ -63,6 +63,22 @@ def test_scalar_options_of_the_wrong_type(sampler, options):
         sample(lambda x, s: x * 0.5, torch.ones(1, 1, 2, 2), sampler, [1.0, 0.5, 0.0], **options)
 
 
+@pytest.mark.parametrize("sampler,options", [("dpmpp_2m_sde", dict(eta=-1.0)), ("dpmpp_3m_sde", dict(eta=-0.5)),
+                                             ("euler_ancestral", dict(eta=-1)), ("euler", dict(s_noise=-1.0)),
+                                             ("euler", dict(s_churn=-0.1)), ("ddim", dict(eta=torch.tensor(-0.3)))])
+def test_negative_noise_amounts_are_refused(sampler, options):
+    """eta = -1 divided by zero in the SDE samplers (a raw ZeroDivisionError); other negatives ran as nonsense."""
+    with pytest.raises(BadArgumentError, match=r"must be >= 0 \(noise amounts\)"):
+        sample(lambda x, s: x * 0.5, torch.ones(1, 1, 2, 2), sampler, [1.0, 0.5, 0.0], **options)
+
+
+def test_disable_corrector_takes_step_indices():
+    with pytest.raises(BadArgumentError, match="option 'disable_corrector': expected a list of step indices"):
+        sample(lambda x, s: x * 0.5, torch.ones(1, 1, 2, 2), "unipc", [1.0, 0.5, 0.0], disable_corrector="abc")
+    out = sample(lambda x, s: x * 0.5, torch.ones(1, 1, 2, 2), "unipc", [1.0, 0.5, 0.0], disable_corrector=[0])
+    assert torch.isfinite(out).all()
+
+
 @pytest.mark.parametrize("sampler,options", [("dpmpp_2m", dict(lower_order_final=np.bool_(True))),
                                              ("dpmpp_2m", dict(lower_order_final=1)),
                                              ("euler_ancestral", dict(eta=torch.tensor(0.5))),

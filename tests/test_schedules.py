@@ -31,7 +31,24 @@ def test_alphas_cumprod_match_diffusers(beta_schedule, zero_snr):
 
 
 def test_trained_betas():
-    assert torch.equal(sch.make_betas(trained_betas=[0.1, 0.2]), torch.tensor([0.1, 0.2]))
+    assert torch.equal(sch.make_betas(num_train_timesteps=2, trained_betas=[0.1, 0.2]), torch.tensor([0.1, 0.2]))
+    with pytest.raises(BadArgumentError, match=r"trained_betas: expected num_train_timesteps=1000 values, found "
+                                                r"shape \(500,\)"):
+        sch.make_betas(trained_betas=[0.01] * 500)  # (the grids would space 1000 timesteps over 500 betas)
+
+
+@pytest.mark.parametrize("schedule,kwargs,match", [
+    ("exponential", dict(sigma_min=0.0, sigma_max=10.0), r"expected 0 < sigma_min < sigma_max"),
+    ("exponential", dict(sigma_min=-1.0, sigma_max=10.0), r"expected 0 < sigma_min < sigma_max"),
+    ("karras", dict(sigma_min=10.0, sigma_max=0.5), r"expected 0 <= sigma_min < sigma_max"),
+    ("uniform", dict(sigma_min=10.0, sigma_max=0.5), r"expected 0 <= sigma_min < sigma_max"),
+    ("karras", dict(sigma_min=0.1, sigma_max=float("inf")), "finite"),
+    ("karras", dict(sigma_min=0.1, sigma_max=10.0, rho=0.0), r"expected rho > 0"),
+])
+def test_a_grid_that_cannot_fall_is_refused(schedule, kwargs, match):
+    with pytest.raises(BadArgumentError, match=match):
+        sch.get_sigmas(schedule, 5, **kwargs)
+    assert float(sch.get_sigmas("karras", 5, sigma_min=0.0, sigma_max=10.0)[0]) == pytest.approx(10.0)  # (0: allowed)
 
 
 @pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
