@@ -52,10 +52,16 @@ def start_index(steps: int, strength, flow: bool) -> int:
 
 def image_tensor(image, channels: int) -> torch.Tensor:
     """``image`` (see the module docstring) -> float32 (B, channels, H, W) in [-1, 1]."""
+    return unit_images(image, channels) * 2 - 1
+
+
+def unit_images(image, channels: int) -> torch.Tensor:
+    """``image`` (see the module docstring) -> float32 (B, channels, H, W) in [0, 1], the form generate() takes
+    tensors in (the Engine stacks its requests' images so)."""
     if isinstance(image, (list, tuple)):
         if not image:
             raise BadArgumentError("image: expected an image or a non-empty list of them, found an empty list")
-        parts = [image_tensor(im, channels) for im in image]
+        parts = [unit_images(im, channels) for im in image]
         if len({p.shape[1:] for p in parts}) > 1:
             raise BadArgumentError(f"image: expected images of one size, found {[tuple(p.shape[2:]) for p in parts]}")
         return torch.cat(parts)
@@ -93,7 +99,7 @@ def _from_numpy(a: np.ndarray, channels: int) -> torch.Tensor:
         _check_unit(unit.min(), unit.max(), "a float NumPy array")
     else:
         raise BadArgumentError(f"image: expected a uint8 or float NumPy array, found {a.dtype}")
-    return torch.from_numpy(np.ascontiguousarray(unit.transpose(0, 3, 1, 2))) * 2 - 1
+    return torch.from_numpy(np.ascontiguousarray(unit.transpose(0, 3, 1, 2)))
 
 
 def _from_torch(t: torch.Tensor, channels: int) -> torch.Tensor:
@@ -111,9 +117,9 @@ def _from_torch(t: torch.Tensor, channels: int) -> torch.Tensor:
         warnings.warn("image: a tensor with negative values is taken as [-1, 1] (diffusers' deprecated convention); "
                       "pass tensors in [0, 1]", stacklevel=4)
         _check_unit(low, high, "a tensor in [-1, 1]", lowest=-1.0)
-        return t
+        return (t + 1) / 2
     _check_unit(low, high, "a float tensor")
-    return t * 2 - 1
+    return t
 
 
 def _check_unit(low, high, what: str, lowest: float = 0.0) -> None:
@@ -122,4 +128,4 @@ def _check_unit(low, high, what: str, lowest: float = 0.0) -> None:
                                + (" (uint8 pixels go in as a uint8 array or a PIL image)" if high > 1 else ""))
 
 
-__all__ = ["image_tensor", "start_index", "default_strength", "DEFAULT_STRENGTH"]
+__all__ = ["image_tensor", "unit_images", "start_index", "default_strength", "DEFAULT_STRENGTH"]

@@ -326,7 +326,7 @@ class Pipeline:
             raise BadArgumentError(f"output_type: expected one of {OUTPUT_TYPES}, found {output_type!r}")
         guidance_rescale = finite_number("guidance_rescale", guidance_rescale)
         latents = _as_latents(latents)
-        images = self._img2img_images(image, strength, latents)  # (k, C, H, W) in [-1, 1], or None
+        images = self._img2img_images(image, strength, latents)  # (k, C, H, W) in [0, 1], or None
         if images is not None and images.shape[0] > 1 and n == 1 and seeds is None:
             n = images.shape[0]  # one sample per image
         if isinstance(prompt, (list, tuple)) and len(prompt) > 1 and n == 1 and seeds is None and latents is None:
@@ -346,7 +346,8 @@ class Pipeline:
         if images is not None:  # the posterior draws come first, then the start noise (diffusers' order)
             from .img2img import default_strength, start_index
 
-            clean = images.to(self.device) if self.vae is None else self.vae.encode(images, noise=noise)
+            pixels = images * 2 - 1  # (b, C, H, W) in [-1, 1]
+            clean = pixels.to(self.device) if self.vae is None else self.vae.encode(pixels, noise=noise)
             strength = default_strength(self.spec) if strength is None else strength
             plan = plan.from_step(start_index(plan.steps, strength, self.spec.prediction_type == "flow_prediction"))
             latents = plan.noised(clean, noise.randn(shape))
@@ -485,7 +486,7 @@ class Pipeline:
         return [check_seed(seed + i) for i in range(n)]
 
     def _img2img_images(self, image, strength, latents) -> Optional[torch.Tensor]:
-        """generate(image=...)'s images as float32 (k, C, H, W) in [-1, 1], checked against what encodes them."""
+        """generate(image=...)'s images as float32 (k, C, H, W) in [0, 1], checked against what encodes them."""
         if image is None:
             if strength is not None:
                 raise BadArgumentError(f"strength: given ({strength!r}) without image=; strength is image-to-image's")
@@ -493,17 +494,17 @@ class Pipeline:
         if latents is not None:
             raise BadArgumentError("image / latents: expected one of them, found both (img2img draws its own start "
                                    "noise from the seeds)")
-        from .img2img import image_tensor, start_index
+        from .img2img import start_index, unit_images
 
         if strength is not None:
             start_index(1000, strength, flow=False)  # (its checks, before any image is read)
         if self.spec.in_channels in (1, 3) and self.vae is None:  # a pixel model: the image is its sample
-            return image_tensor(image, self.spec.in_channels)
+            return unit_images(image, self.spec.in_channels)
         if self.vae is None or self.vae.encoder is None:
             raise BadArgumentError("image: a latent model encodes its image with its VAE's encoder, and this pipeline "
                                    + ("has no VAE (fastdiff.load(..., vae='AutoencoderKL folder'))" if self.vae is None
                                       else "VAE's weights carry only the decoder"))
-        return image_tensor(image, self.vae.config.in_channels)
+        return unit_images(image, self.vae.config.in_channels)
 
     def _img2img_size(self, images: torch.Tensor, b: int, height, width):
         """The images repeated to the batch, and the latent size they fix."""

@@ -322,3 +322,33 @@ def test_flux_img2img_equals_diffusers(tmp_path):
     from test_flux import _pack
 
     assert rel_err(_pack(got), want) <= 2e-5
+
+
+def test_engine_requests_with_images_equal_their_solo_runs(digits):
+    """Engine.submit(image=..., strength=...): each request's own image, batched with others of its strength and
+    size, equals generate(image=..., seeds=[seed]); a bad image fails its own request only, at submit."""
+    import concurrent.futures
+
+    g = torch.Generator().manual_seed(9)
+    pictures = [(torch.rand(16, 16, generator=g) * 255).to(torch.uint8).numpy() for _ in range(5)]
+    requests = [dict(seed=i, class_label=i, image=pictures[i], strength=0.5 if i % 3 else 0.75, cfg_scale=2.0)
+                for i in range(5)]
+    requests.append(dict(seed=7, class_label=1, image=pictures[0], cfg_scale=2.0))  # the model's default strength
+    with fastdiff.Engine(digits, max_batch=4, max_wait_ms=50) as engine:
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            futures = list(pool.map(lambda r: engine.submit(steps=6, **r), requests))
+        bad = [engine.submit(seed=0, image=np.zeros((16, 16, 3), np.uint8), steps=6),
+               engine.submit(seed=0, strength=0.5, steps=6),
+               engine.submit(seed=0, image=pictures[0], strength=0.1, steps=6),
+               engine.submit(seed=0, image=[pictures[0], pictures[1]], steps=6)]
+        results = [f.result(timeout=120) for f in futures]
+        stats = engine.stats()
+    for r, got in zip(requests, results):
+        want = digits.generate(seeds=[r["seed"]], class_labels=[r["class_label"]], image=r["image"],
+                               strength=r.get("strength"), cfg_scale=2.0, steps=6, progress=False)[0]
+        assert rel_err(got, want) <= 1e-5
+    for f, match in zip(bad, [r"expected a NumPy array \(H, W, 1\)", "without image=", "leaves no step to run",
+                              "one image per request"]):
+        with pytest.raises(BadArgumentError, match=match):
+            f.result(timeout=10)
+    assert stats["rejected"] == 4 and max(stats["batch_size_hist"]) >= 2  # (requests did share batches)
