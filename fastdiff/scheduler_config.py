@@ -277,7 +277,9 @@ _NO_ZERO_SNR = ("HeunDiscreteScheduler", "DPMSolverSinglestepScheduler", "PNDMSc
 def _alphas_cumprod(c: _Config, exact_zero_snr: bool = False) -> torch.Tensor:
     """The training schedule; ``exact_zero_snr``: a scheduler (DDIM, DDPM) that keeps alphas_cumprod 0 at a zero
     terminal SNR, where the sigma-based ones clamp it to 2**-24."""
-    c.choice("beta_schedule", schedules.BETA_SCHEDULES if c["trained_betas"] is None else [c["beta_schedule"]])
+    # (of the classes here, only DDPM has the sigmoid schedule; the others raise NotImplementedError for it)
+    allowed = [b for b in schedules.BETA_SCHEDULES if b != "sigmoid" or c.name == "DDPMScheduler"]
+    c.choice("beta_schedule", allowed if c["trained_betas"] is None else [c["beta_schedule"]])
     floor = schedules.EXACT_ZERO_SNR_FLOOR if exact_zero_snr else schedules.ZERO_SNR_FLOOR
     zero_snr = bool(c["rescale_betas_zero_snr"]) and c.name not in _NO_ZERO_SNR
     return schedules.make_alphas_cumprod(c["beta_schedule"], c["num_train_timesteps"], c["beta_start"], c["beta_end"],

@@ -227,6 +227,7 @@ def test_class_name_from_config_json_key():
     ({"_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "sde-dpmsolver"}, "algorithm_type"),
     ({"_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "dpmsolver"}, "final_sigmas_type"),
     ({"_class_name": "DDPMScheduler", "variance_type": "learned_range"}, "variance_type"),
+    ({"_class_name": "EulerDiscreteScheduler", "beta_schedule": "sigmoid"}, "beta_schedule"),  # (DDPM's only)
     ({"_class_name": "UniPCMultistepScheduler", "solver_p": {"x": 1}}, "solver_p"),
     ({"_class_name": "EulerDiscreteScheduler", "timestep_spacing": "middle"}, "timestep_spacing"),
     ({"_class_name": "EulerDiscreteScheduler", "prediction_type": "flow_prediction"}, "prediction_type"),
