@@ -176,23 +176,28 @@ def sample_plms(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=No
     return x
 
 
-def _integrate(denoised, s, s_next, history, k, weights):
+def _integrate(denoised, s, s_next, history, k, weights, older_nodes=()):
     """x + sum_j c_j o_j over the newest ``k`` (sigma, output) pairs of ``history`` (newest last), the weights
     from ``weights(nodes newest first, s, s_next)``, where x = denoised + s o_0 (o_0 = (x - denoised) / s, the
     newest output). Written as denoised + (s + c_0) o_0 + sum_{j>0} c_j o_j: at a large sigma (a flow model's
     sigma frame starts at 3000) x and c_0 o_0 nearly cancel, which cost float32 three digits. (Zero-length
     steps never enter a history, so its sigmas are distinct interpolation nodes.)"""
     newest = history[::-1][:k]
-    c = weights([sj for sj, _ in newest], s, s_next)
+    c = weights([sj for sj, _ in newest] + list(older_nodes), s, s_next)  # (zip below drops the extra nodes' weights)
     older = [(cj, oj) for cj, (_, oj) in zip(c[1:], newest[1:])]
     return combine([(1.0, denoised), (s + c[0], newest[0][1])] + older)
 
 
 @torch.no_grad()
-def sample_lms(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=None, order: int = 4):
+def sample_lms(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=None, order: int = 4,
+               nodes_before: Sequence[float] = ()):
     """Linear multistep (k-diffusion's ``sample_lms``, diffusers' ``LMSDiscreteScheduler``): x' = x +
     sum_j c_j d_{i-j}, d = (x - D) / sigma, with c_j the integral over [sigma_i, sigma_{i+1}] of the Lagrange
-    polynomial through the last ``order`` sigmas (order 1 is Euler)."""
+    polynomial through the last ``order`` sigmas (order 1 is Euler).
+
+    ``nodes_before``: grid sigmas before the first step (newest last). diffusers started part-way (img2img) builds
+    its first steps' polynomials through the grid's last min(step + 1, order) sigmas, visited or not, and weighs the
+    derivatives it has with the first of their weights."""
     if not isinstance(order, int) or isinstance(order, bool) or order < 1:
         raise BadArgumentError(f"order: expected a positive integer, found {order!r}")
     x, sig, extra, _ = _setup(x, sigmas, extra_args, noise)
@@ -204,7 +209,8 @@ def sample_lms(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=Non
         if s == s_next:                                # a zero-length step (x and D as at the last one; at 0: x0)
             continue
         ds.append((s, _eps(x, denoised, s)))
-        x = _integrate(denoised, s, s_next, list(ds), len(ds), lms_weights)
+        older = list(nodes_before)[::-1][:order - len(ds)] if len(ds) < order else []
+        x = _integrate(denoised, s, s_next, list(ds), len(ds), lms_weights, older)
     return x
 
 

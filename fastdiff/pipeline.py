@@ -343,14 +343,11 @@ class Pipeline:
         shape = (self.spec.in_channels, h, w)
         plan = self.plan(steps, sampler, schedule, size=(h, w), **sampler_options)
         noise = NoiseSource(seeds, self.device)
-        if images is not None:  # the posterior draws come first, then the start noise (diffusers' order)
+        if images is not None:  # the grid's tail; the image is encoded once every argument has been checked
             from .img2img import default_strength, start_index
 
-            pixels = images * 2 - 1  # (b, C, H, W) in [-1, 1]
-            clean = pixels.to(self.device) if self.vae is None else self.vae.encode(pixels, noise=noise)
             strength = default_strength(self.spec) if strength is None else strength
             plan = plan.from_step(start_index(plan.steps, strength, self.spec.prediction_type == "flow_prediction"))
-            latents = plan.noised(clean, noise.randn(shape))
         elif latents is None:
             latents = noise.randn(shape)
         else:
@@ -404,6 +401,10 @@ class Pipeline:
         if self.loop_graphs is not None and callback is not None:
             raise BadArgumentError("callback: a captured sampling loop (graph_scope='loop') runs no Python per "
                                    "step; use graph_scope='step' to get per-step callbacks")
+        if images is not None:  # the posterior draws come first, then the start noise (diffusers' order)
+            pixels = images * 2 - 1  # (b, C, H, W) in [-1, 1]
+            clean = pixels.to(self.device) if self.vae is None else self.vae.encode(pixels, noise=noise)
+            latents = plan.noised(clean, noise.randn(shape))
         bar = _progress(plan.steps, progress)
 
         def step_callback(info):

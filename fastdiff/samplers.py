@@ -406,18 +406,24 @@ def singlestep_orders(steps: int, order: int, lower_order_final: bool = False, f
 @torch.no_grad()
 def sample_dpm_solver(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=None, order: int = 2,
                       solver_type: str = "midpoint", lower_order_final: bool = False, predict_x0: bool = True,
-                      eta: float = 0.0, s_noise: float = 1.0, diffusers_sde3_coefficient: bool = False):
+                      eta: float = 0.0, s_noise: float = 1.0, diffusers_sde3_coefficient: bool = False,
+                      orders: Optional[Sequence[int]] = None):
     """Singlestep DPM-Solver(++)-k (Lu et al. 2022a/b) with its intermediate points on the grid: within a
     group of k grid steps, step j (1-based) is a j-th order update from the group's start using the
     network outputs at the group's first j points (diffusers' DPMSolverSinglestepScheduler). With
-    ``predict_x0`` the data-prediction (++) form; ``eta=1``: the SDE variant."""
+    ``predict_x0`` the data-prediction (++) form; ``eta=1``: the SDE variant. ``orders``: each step's order
+    instead of ``singlestep_orders`` (a run started part-way keeps its whole run's groups: img2img)."""
     if solver_type not in ("midpoint", "heun"):
         raise BadArgumentError(f"solver_type: expected 'midpoint' or 'heun', found {solver_type!r}")
     if not predict_x0 and eta > 0:
         raise BadArgumentError(f"predict_x0=False is deterministic: expected eta=0, found eta={eta}")
     x, sig, extra, noise = _setup(x, sigmas, extra_args, noise)
     n = len(sig) - 1
-    orders = singlestep_orders(n, order, lower_order_final, sig[-1] == 0)
+    if orders is None:
+        orders = singlestep_orders(n, order, lower_order_final, sig[-1] == 0)
+    elif len(orders) != n or any(k not in (1, (orders[i - 1] + 1) if i else 1) or k > 3 for i, k in enumerate(orders)):
+        raise BadArgumentError(f"orders: expected {n} orders, each 1 (a group starts) or the step before's + 1, up to "
+                               f"3, found {list(orders)!r}")
     x_start, j0, ms = x, 0, []
     for i in range(n):
         s, s_next = sig[i], sig[i + 1]

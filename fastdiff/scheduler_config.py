@@ -143,7 +143,7 @@ class SamplingPlan:
             raise BadArgumentError(f"t_start: expected 0 <= t_start < {self.steps}, found {t_start}")
         options = dict(self.options)
         fixed = sorted(k for k in _WARMUP_FROM_THE_TOP if options.get(k) is not None)
-        if fixed:  # PNDM's warm-up values are laid out for its first timesteps
+        if fixed and t_start:  # PNDM's warm-up values are laid out for its first timesteps
             raise BadArgumentError(f"image: the {self.scheduler} plan's {self.sampler} sampler warms up from the top of "
                                    f"its grid ({', '.join(fixed)}) and cannot start part-way; pass another sampler "
                                    f"(sampler='ddim', 'dpmpp_2m', 'euler', ...)")
@@ -155,6 +155,17 @@ class SamplingPlan:
                 options[name] = list(value)[t_start:]
         if options.get("disable_corrector"):  # UniPC's step indices, counted from the slice's first step
             options["disable_corrector"] = [i - t_start for i in options["disable_corrector"] if i >= t_start]
+        # diffusers' singlestep DPM-Solver keeps the whole run's order of each step, lowered where outputs are missing
+        if self.scheduler == "DPMSolverSinglestepScheduler" and self.sampler == "dpm_solver":
+            from .samplers import singlestep_orders
+
+            full = options.get("orders") or singlestep_orders(
+                self.steps, options.get("order", 2), options.get("lower_order_final", False), float(self.sigmas[-1]) == 0)
+            options["orders"] = [min(k, i + 1) for i, k in enumerate(full[t_start:])]
+        # diffusers' LMS builds its first polynomials through the grid's sigmas before the slice too
+        if self.scheduler == "LMSDiscreteScheduler" and self.sampler == "lms":
+            k = options.get("order", 4)
+            options["nodes_before"] = [float(v) for v in self.sigmas[max(0, t_start - (k - 1)):t_start]]
         if self.sampler in COUNTS_ALL_STEPS and options.get("lower_order_final", True) and self.steps >= 15:
             options["lower_order_final"] = False  # (the slice is shorter than 15, the run is not)
         return dataclasses.replace(self, sigmas=self.sigmas[t_start:].clone(), options=options, init_noise_sigma=1.0)
@@ -418,8 +429,10 @@ def _euler_family(c: _Config, n: int, sampler: str) -> SamplingPlan:
         raise UnsupportedConfigError("interpolation_type", c["interpolation_type"], supported=["linear"], model=c.name)
     interp = "linear"
     if kind is not None:                               # Karras / exponential over the spaced range
-        lo = c["sigma_min"] if c["sigma_min"] is not None else sig[-1]
-        hi = c["sigma_max"] if c["sigma_max"] is not None else sig[0]
+        # (a config's sigma range bounds it; LMS's and DPMSolverSDE's Karras grids alone never read it)
+        bounded = not (kind == "karras" and c.name in ("LMSDiscreteScheduler", "DPMSolverSDEScheduler"))
+        lo = c["sigma_min"] if c["sigma_min"] is not None and bounded else sig[-1]
+        hi = c["sigma_max"] if c["sigma_max"] is not None and bounded else sig[0]
         sig, interp = convert_sigmas(kind, n, lo, hi), "log"
         ts = schedules.sigma_to_timestep(sig, ac)       # diffusers: from the unrounded sigmas, not rounded
         if kind == "karras" and c.name in _KDPM2:        # ... except KDPM2's Karras timesteps, rounded
@@ -485,8 +498,9 @@ def _multistep_sigmas(c: _Config, n: int, ac, *, singlestep: bool):
         last_sigma = table[0]
         steps_t = ts
     else:
-        lo = c["sigma_min"] if c.name == "UniPCMultistepScheduler" and c["sigma_min"] is not None else table[0]
-        hi = c["sigma_max"] if c.name == "UniPCMultistepScheduler" and c["sigma_max"] is not None else table[-1]
+        # (a config's sigma_min / sigma_max bound the grid; DEIS and DPM-Solver read them from the config too)
+        lo = c["sigma_min"] if c["sigma_min"] is not None else table[0]
+        hi = c["sigma_max"] if c["sigma_max"] is not None else table[-1]
         sig = convert_sigmas(kind, n, lo, hi)
         # karras timesteps are rounded (DPM multistep: not for the cosine schedule); other grids are cast
         # to int64 (truncated).

@@ -3,7 +3,8 @@
 diffusers' ``from_config`` drops the keys a class's constructor lacks, so a config carrying one (a key left over
 from another class's config, or a ``_class_name`` swapped by hand) samples as if it were absent. fastdiff reads such
 a key as diffusers does: not at all (``scheduler_config`` resets it to its default). Read from the constructors'
-signatures of diffusers 0.42."""
+signatures of diffusers 0.42, and from the keys the classes read from their config besides (``sigma_min`` /
+``sigma_max``)."""
 
 from __future__ import annotations
 
@@ -62,10 +63,11 @@ NOT_TAKEN.update(dict.fromkeys(('lambda_min_clipped',), _classes('DDIM', 'DDPM',
     'EulerAncestralDiscrete', 'HeunDiscrete', 'UniPCMultistep', 'EDMEuler', 'EDMDPMSolverMultistep', 'PNDM',
     'LMSDiscrete', 'CMStochasticIterative', 'DPMSolverSDE', 'DEISMultistep', 'KDPM2Discrete',
     'KDPM2AncestralDiscrete', 'LCM', 'TCD', 'FlowMatchEulerDiscrete', 'FlowMatchHeunDiscrete', 'FlowMatchLCM')))
-NOT_TAKEN.update(dict.fromkeys(('sigma_min', 'sigma_max'), _classes('DDIM', 'DDPM', 'EulerAncestralDiscrete',
-    'HeunDiscrete', 'DPMSolverMultistep', 'DPMSolverSinglestep', 'PNDM', 'LMSDiscrete', 'DPMSolverSDE',
-    'DEISMultistep', 'KDPM2Discrete', 'KDPM2AncestralDiscrete', 'LCM', 'TCD', 'FlowMatchEulerDiscrete',
-    'FlowMatchHeunDiscrete', 'FlowMatchLCM')))
+# (sigma_min / sigma_max: Heun, KDPM2 (and ancestral), LMS, DPM-Solver multistep / singlestep / SDE and DEIS lack
+# them in their constructors yet read them from their config, where from_config keeps every key, for their Karras /
+# exponential / beta grids (LMS's and DPMSolverSDE's Karras grids excepted: scheduler_config)
+NOT_TAKEN.update(dict.fromkeys(('sigma_min', 'sigma_max'), _classes('DDIM', 'DDPM', 'EulerAncestralDiscrete', 'PNDM',
+    'LCM', 'TCD', 'FlowMatchEulerDiscrete', 'FlowMatchHeunDiscrete', 'FlowMatchLCM')))
 NOT_TAKEN.update(dict.fromkeys(('shift_terminal',), _classes('DDIM', 'DDPM', 'EulerDiscrete',
     'EulerAncestralDiscrete', 'HeunDiscrete', 'DPMSolverMultistep', 'DPMSolverSinglestep', 'EDMEuler',
     'EDMDPMSolverMultistep', 'PNDM', 'LMSDiscrete', 'CMStochasticIterative', 'DPMSolverSDE', 'DEISMultistep',

@@ -20,8 +20,13 @@ FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteSche
 
 def is_flow_scheduler(config: Optional[dict]) -> bool:
     """A scheduler config of a flow-matching network: a FlowMatch class, or a solver with ``use_flow_sigmas``."""
+    from .scheduler_keys import ignored_keys
+
     config = config or {}
-    return config.get("_class_name") in FLOW_SCHEDULERS or bool(config.get("use_flow_sigmas"))
+    name = config.get("_class_name")
+    # (a class without use_flow_sigmas ignores the key, as diffusers does: an Euler config carrying it is not flow)
+    return name in FLOW_SCHEDULERS or (bool(config.get("use_flow_sigmas"))
+                                       and "use_flow_sigmas" not in ignored_keys(str(name)))
 
 
 # diffusers DDPMScheduler defaults: what a model folder without a scheduler was most likely trained with.

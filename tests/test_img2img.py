@@ -67,6 +67,12 @@ SCHEDULERS = {
     "kdpm2": ("KDPM2DiscreteScheduler", 6, 0.7, {}),
     "tcd": ("TCDScheduler", 4, 0.8, {}),  # (at fastdiff's gamma, TCD's own 0.3: diffusers' pipelines pass eta=0)
     "unipc_no_corrector": ("UniPCMultistepScheduler", 10, 0.8, dict(disable_corrector=[2, 4])),
+    # diffusers' singlestep DPM-Solver keeps the whole run's groups (lowering a first step's order); its LMS builds
+    # the first polynomials through grid sigmas it never visited
+    "dpm_singlestep_2": ("DPMSolverSinglestepScheduler", 10, 0.7, {}),
+    "dpm_singlestep_3": ("DPMSolverSinglestepScheduler", 9, 0.6, dict(solver_order=3)),
+    "lms": ("LMSDiscreteScheduler", 10, 0.7, {}),
+    "lms_karras": ("LMSDiscreteScheduler", 10, 0.7, dict(use_karras_sigmas=True)),
 }
 
 
@@ -164,6 +170,21 @@ def test_pndm_cannot_start_part_way(sd_parts, tmp_path):
     with pytest.raises(BadArgumentError, match="cannot start part-way; pass another sampler"):
         pipe.generate(**kw)
     assert pipe.generate(sampler="ddim", **kw).shape == (1, 4, 8, 8)
+    assert pipe.generate(strength=1.0, **kw).shape == (1, 4, 8, 8)  # (from the top, its warm-up is its own)
+
+
+def test_bad_arguments_are_refused_before_the_image_is_encoded(sd_parts, tmp_path, monkeypatch):
+    unet, vae, e = sd_parts
+    pipe = fastdiff.load(_folder(tmp_path, "unet", unet, diffusers.PNDMScheduler.from_config(
+        dict(SD_SCHEDULER, skip_prk_steps=True)), vae, "StableDiffusionPipeline"))
+    monkeypatch.setattr(type(pipe.vae), "encode", lambda *a, **k: pytest.fail("the image was encoded first"))
+    kw = dict(image=_images(1), encoder_hidden_states=e["prompt_embeds"][:1], progress=False)
+    for extra, match in [(dict(steps=6), "cannot start part-way"),
+                         (dict(steps=2, strength=0.3, sampler="ddim"), "leaves no step to run"),
+                         (dict(steps=4, sampler="ddim", encoder_hidden_states=e["prompt_embeds"]), "encoder_hidden"),
+                         (dict(steps=4, sampler="ddim", cfg_scale=3.0), "negative_encoder_hidden_states")]:
+        with pytest.raises(BadArgumentError, match=match):
+            pipe.generate(**{**kw, **extra})
 
 
 # --- a pixel model, the image formats, and what is refused ---------------------------------------------------------

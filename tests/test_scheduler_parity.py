@@ -375,3 +375,39 @@ def test_keys_a_class_does_not_take_change_nothing(cls, extra):
             ref = run_diffusers(C.from_config({**base, **extra}), model, 6)
         got = run_fastdiff({**base, **extra}, cls, model, 6)
         assert float((got - ref).abs().max() / ref.abs().max()) <= 1e-4
+
+
+@pytest.mark.parametrize("cls", ["EulerDiscreteScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler",
+                                 "KDPM2AncestralDiscreteScheduler", "LMSDiscreteScheduler", "DPMSolverSDEScheduler",
+                                 "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler",
+                                 "DEISMultistepScheduler", "UniPCMultistepScheduler"])
+@pytest.mark.parametrize("grid", ["use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"])
+def test_a_configs_sigma_range_bounds_the_grid_as_in_diffusers(cls, grid):
+    """sigma_min / sigma_max: read by most of these classes from their config (kept there by from_config even where
+    the constructor lacks them), ignored by LMS and DPMSolverSDE; fastdiff reads them where diffusers does."""
+    logging.getLogger("diffusers").setLevel(logging.ERROR)
+    C = getattr(diffusers, cls)
+    config = {k: v for k, v in dict(C().config).items() if k != "_use_default_values"}  # (or from_config drops them)
+    config.update({grid: True, "sigma_min": 0.1, "sigma_max": 10.0})
+    model = TinyNet(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sched = C.from_config(config)
+        ref = run_diffusers(sched, model, 6)
+    plan = plan_from_scheduler_config(config, 6, class_name=cls)
+    want = sched.sigmas[sched.sigmas > 0]
+    got = plan.sigmas[plan.sigmas > 0]
+    assert abs(float(got.max()) - float(want.max())) <= 1e-4 * float(want.max())
+    if cls != "DPMSolverSDEScheduler":  # (its noise is torchsde's Brownian tree in diffusers)
+        out = run_fastdiff(config, cls, model, 6)
+        assert float((out - ref).abs().max() / ref.abs().max()) <= 1e-4
+
+
+def test_use_flow_sigmas_makes_a_flow_model_only_where_the_class_takes_it():
+    """An Euler config carrying use_flow_sigmas (diffusers' Euler ignores it, and saves it back) is not a flow model;
+    a solver's is."""
+    from fastdiff.spec import is_flow_scheduler
+
+    assert not is_flow_scheduler({"_class_name": "EulerDiscreteScheduler", "use_flow_sigmas": True})
+    assert is_flow_scheduler({"_class_name": "UniPCMultistepScheduler", "use_flow_sigmas": True})
+    assert is_flow_scheduler({"_class_name": "FlowMatchEulerDiscreteScheduler"})
