@@ -88,8 +88,10 @@ def flow_match_times(c: _Config, n: int) -> tuple:
     if c.get("shift_terminal"):
         t = stretch_to_terminal(t, float(c["shift_terminal"]))
     kind = sigma_conversion(c)
-    if kind is not None:
-        t = convert_sigmas(kind, n, float(t[-1]), float(t[0]))
+    if kind is not None:  # (over the config's sigma_min / sigma_max where it has them, as diffusers reads them)
+        lo = float(t[-1]) if c.get("sigma_min") is None else float(c["sigma_min"])
+        hi = float(t[0]) if c.get("sigma_max") is None else float(c["sigma_max"])
+        t = convert_sigmas(kind, n, lo, hi)
     t32 = torch.from_numpy(np.asarray(t)).to(torch.float32)
     timesteps = (t32 * T).double().numpy()
     return np.concatenate([t32.double().numpy(), [0.0]]), timesteps

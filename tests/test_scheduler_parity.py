@@ -411,3 +411,16 @@ def test_use_flow_sigmas_makes_a_flow_model_only_where_the_class_takes_it():
     assert not is_flow_scheduler({"_class_name": "EulerDiscreteScheduler", "use_flow_sigmas": True})
     assert is_flow_scheduler({"_class_name": "UniPCMultistepScheduler", "use_flow_sigmas": True})
     assert is_flow_scheduler({"_class_name": "FlowMatchEulerDiscreteScheduler"})
+
+
+@pytest.mark.parametrize("grid", ["use_karras_sigmas", "use_exponential_sigmas"])
+def test_a_flow_configs_sigma_range_bounds_its_grid_as_in_diffusers(grid):
+    """FlowMatchEuler reads sigma_min / sigma_max from its config for Karras / exponential grids too."""
+    logging.getLogger("diffusers").setLevel(logging.ERROR)
+    C = diffusers.FlowMatchEulerDiscreteScheduler
+    config = {k: v for k, v in dict(C().config).items() if k != "_use_default_values"}
+    config.update({grid: True, "sigma_min": 0.05, "sigma_max": 0.9, "shift": 3.0})
+    sched = C.from_config(config)
+    sched.set_timesteps(6)
+    plan = plan_from_scheduler_config(config, 6, class_name="FlowMatchEulerDiscreteScheduler")
+    torch.testing.assert_close(plan.sigmas.float(), sched.sigmas.float(), rtol=1e-5, atol=1e-6)
