@@ -298,7 +298,7 @@ def test_info_names_the_vae(tmp_path):
 
     _reference(dict(SD_VAE, scaling_factor=0.18215), seed=3).save_pretrained(tmp_path / "vae")
     r = run_cli("info", "arch:tiny-dit", "--vae", str(tmp_path / "vae"), cwd=tmp_path)
-    want = "arch:tiny-dit VAE: AutoencoderKL decoder, 4 latent channels, scaling 0.18215"
+    want = "arch:tiny-dit VAE: AutoencoderKL decoder and encoder (image-to-image), 4 latent channels, scaling 0.18215"
     assert r.returncode == 0 and want in r.stdout, r.stderr
     r = run_cli("info", "arch:tiny-dit", cwd=tmp_path)
     assert "VAE: none (latents only: pass --vae FOLDER for images)" in r.stdout

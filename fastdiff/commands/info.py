@@ -153,7 +153,8 @@ def _vae(pipe) -> str:
     if pipe.vae is None:
         return "none" if pipe.spec.in_channels in (1, 3) else "none (latents only: pass --vae FOLDER for images)"
     c = pipe.vae.config
-    return (f"AutoencoderKL decoder, {c.latent_channels} latent channels, scaling {c.scaling_factor}"
+    halves = "decoder and encoder (image-to-image)" if pipe.vae.encoder is not None else "decoder"
+    return (f"AutoencoderKL {halves}, {c.latent_channels} latent channels, scaling {c.scaling_factor}"
             + (f", shift {c.shift_factor}" if c.shift_factor else ""))
 
 
