@@ -326,7 +326,8 @@ class Pipeline:
             raise BadArgumentError(f"output_type: expected one of {OUTPUT_TYPES}, found {output_type!r}")
         guidance_rescale = finite_number("guidance_rescale", guidance_rescale)
         latents = _as_latents(latents)
-        images = self._img2img_images(image, strength, latents)  # (k, C, H, W) in [0, 1], or None
+        # (k, C, H, W): images in [0, 1], or (given_latents) a latent model's latents as generate() returns them
+        images, given_latents = self._img2img_images(image, strength, latents)
         if images is not None and images.shape[0] > 1 and n == 1 and seeds is None:
             n = images.shape[0]  # one sample per image
         if isinstance(prompt, (list, tuple)) and len(prompt) > 1 and n == 1 and seeds is None and latents is None:
@@ -334,7 +335,7 @@ class Pipeline:
         seeds = self._seeds(n, seed, seeds, latents)
         b = len(seeds)
         if images is not None:
-            images, height, width = self._img2img_size(images, b, height, width)
+            images, height, width = self._img2img_size(images, b, height, width, given_latents)
         cfg_scales = _cfg_scales(cfg_scale, b)
         guided = any(scale != 1.0 for scale in cfg_scales)
         if latents is not None and height is None and width is None:
@@ -402,8 +403,10 @@ class Pipeline:
             raise BadArgumentError("callback: a captured sampling loop (graph_scope='loop') runs no Python per "
                                    "step; use graph_scope='step' to get per-step callbacks")
         if images is not None:  # the posterior draws come first, then the start noise (diffusers' order)
-            pixels = images * 2 - 1  # (b, C, H, W) in [-1, 1]
-            clean = pixels.to(self.device) if self.vae is None else self.vae.encode(pixels, noise=noise)
+            if given_latents or self.vae is None:
+                clean = images.to(self.device) if given_latents else (images * 2 - 1).to(self.device)
+            else:
+                clean = self.vae.encode(images * 2 - 1, noise=noise)  # (b, C, H, W) pixels in [-1, 1] -> latents
             latents = plan.noised(clean, noise.randn(shape))
         bar = _progress(plan.steps, progress)
 
@@ -486,12 +489,14 @@ class Pipeline:
             raise BadArgumentError(f"seed: expected an int, found {seed!r}")
         return [check_seed(seed + i) for i in range(n)]
 
-    def _img2img_images(self, image, strength, latents) -> Optional[torch.Tensor]:
-        """generate(image=...)'s images as float32 (k, C, H, W) in [0, 1], checked against what encodes them."""
+    def _img2img_images(self, image, strength, latents) -> tuple:
+        """generate(image=...)'s (images, given_latents): float32 (k, C, H, W) images in [0, 1], checked against what
+        encodes them; or, as diffusers' img2img pipelines take a tensor with the latent channel count, a latent
+        model's latents (an SDXL base's output for its refiner), used as they are (given_latents True)."""
         if image is None:
             if strength is not None:
                 raise BadArgumentError(f"strength: given ({strength!r}) without image=; strength is image-to-image's")
-            return None
+            return None, False
         if latents is not None:
             raise BadArgumentError("image / latents: expected one of them, found both (img2img draws its own start "
                                    "noise from the seeds)")
@@ -499,19 +504,27 @@ class Pipeline:
 
         if strength is not None:
             start_index(1000, strength, flow=False)  # (its checks, before any image is read)
-        if self.spec.in_channels in (1, 3) and self.vae is None:  # a pixel model: the image is its sample
-            return unit_images(image, self.spec.in_channels)
+        channels = self.spec.in_channels
+        if channels in (1, 3) and self.vae is None:  # a pixel model: the image is its sample
+            return unit_images(image, channels), False
+        if torch.is_tensor(image) and image.dim() in (3, 4) and image.shape[-3] == channels and (
+                self.vae is None or channels != self.vae.config.in_channels):
+            t = image.detach().float()
+            if not bool(torch.isfinite(t).all()):
+                raise BadArgumentError("image: latents (a tensor with the model's latent channels) with NaN or inf")
+            return (t if t.dim() == 4 else t[None]), True
         if self.vae is None or self.vae.encoder is None:
             raise BadArgumentError("image: a latent model encodes its image with its VAE's encoder, and this pipeline "
                                    + ("has no VAE (fastdiff.load(..., vae='AutoencoderKL folder'))" if self.vae is None
-                                      else "VAE's weights carry only the decoder"))
-        return unit_images(image, self.vae.config.in_channels)
+                                      else "VAE's weights carry only the decoder")
+                                   + f"; or pass latents as the image: a ({channels}, h, w) tensor")
+        return unit_images(image, self.vae.config.in_channels), False
 
-    def _img2img_size(self, images: torch.Tensor, b: int, height, width):
+    def _img2img_size(self, images: torch.Tensor, b: int, height, width, given_latents: bool = False):
         """The images repeated to the batch, and the latent size they fix."""
         if images.shape[0] not in (1, b):
             raise BadArgumentError(f"image: expected {_one_or(b)} images (one per sample), found {images.shape[0]}")
-        f = 1 if self.vae is None else self.vae.downscale
+        f = 1 if self.vae is None or given_latents else self.vae.downscale
         big_h, big_w = images.shape[2:]
         if big_h % f or big_w % f:
             raise BadArgumentError(f"image: expected a height and width that are multiples of {f} (the VAE's "

@@ -47,7 +47,8 @@ def sd_parts():
     torch.manual_seed(0)
     unet = perturb_(diffusers.UNet2DConditionModel(**SD_UNET).eval(), 0)
     g = torch.Generator().manual_seed(1)
-    embeds = dict(prompt_embeds=torch.randn(2, 5, 12, generator=g), negative_prompt_embeds=torch.randn(2, 5, 12, generator=g))
+    embeds = dict(prompt_embeds=torch.randn(2, 5, 12, generator=g),
+                  negative_prompt_embeds=torch.randn(2, 5, 12, generator=g))
     return unet, vae_reference(SD_VAE, seed=2), embeds
 
 
@@ -373,3 +374,36 @@ def test_engine_requests_with_images_equal_their_solo_runs(digits):
         with pytest.raises(BadArgumentError, match=match):
             f.result(timeout=10)
     assert stats["rejected"] == 4 and max(stats["batch_size_hist"]) >= 2  # (requests did share batches)
+
+
+@pytest.mark.parametrize("cfg", [1.0, 5.0])
+def test_latents_as_the_image_equal_diffusers(tmp_path, cfg):
+    """A tensor with the latent channel count is taken as latents, unencoded, as diffusers' img2img pipelines take
+    it: an SDXL base's output refined by img2img (here the SDXL pipeline on its own base latents)."""
+    from test_sdxl import SCHEDULER, UNET, _embeds
+
+    torch.manual_seed(0)
+    unet = perturb_(diffusers.UNet2DConditionModel(**UNET).eval(), 0)
+    scheduler = diffusers.EulerDiscreteScheduler(**SCHEDULER)
+    vae = vae_reference(dict(SD_VAE, scaling_factor=0.13025), seed=2)
+    pipe = fastdiff.load(_folder(tmp_path, "unet", unet, scheduler, vae, "StableDiffusionXLPipeline"))
+    ref = diffusers_pipeline("StableDiffusionXLImg2ImgPipeline")(
+        vae=vae, unet=unet, scheduler=scheduler, text_encoder=None, text_encoder_2=None, tokenizer=None,
+        tokenizer_2=None, requires_aesthetics_score=False)
+    ref.set_progress_bar_config(disable=True)
+    e = {k: v for k, v in _embeds().items() if k != "latents"}
+    base = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5)) * 2  # (what a base run returns)
+    want = ref(image=base.clone(), strength=0.5, num_inference_steps=10, guidance_scale=cfg, generator=_generators(),
+               output_type="latent", **{k: v.clone() for k, v in e.items()}).images
+    got = pipe.generate(image=base, strength=0.5, steps=10, cfg_scale=cfg, seeds=SEEDS, progress=False,
+                        time_ids=[16, 16, 0, 0, 16, 16], **_text_kwargs(e, cfg != 1.0))
+    assert rel_err(got, want) <= 1e-5
+    with fastdiff.Engine(pipe, max_batch=2, max_wait_ms=20) as engine:  # the Engine takes latents rows too
+        futures = [engine.submit(seed=s, image=base[i], strength=0.5, steps=10, cfg_scale=cfg,
+                                 time_ids=[16, 16, 0, 0, 16, 16],
+                                 **{k: v[i] for k, v in _text_kwargs(e, cfg != 1.0).items()})
+                   for i, s in enumerate(SEEDS)]
+        assert rel_err(torch.stack([f.result(timeout=60) for f in futures]), want) <= 1e-5
+    with pytest.raises(BadArgumentError, match="NaN or inf"):
+        pipe.generate(image=torch.full((1, 4, 8, 8), float("nan")), steps=4, progress=False,
+                      **{k: v[:1] for k, v in _text_kwargs(e, False).items()})

@@ -345,15 +345,16 @@ class Engine:
         fut.set_running_or_notify_cancel()
 
     def _image_request(self, image, strength, steps, height, width):
-        """One request's image as a (C, H, W) row in [0, 1], its strength (the model's default for None, so that
-        both batch together) and the latent size it fixes; a strength that leaves no step fails now."""
+        """One request's image as a (C, H, W) row in [0, 1] (or latents, as generate() takes them), its strength
+        (the model's default for None, so that both batch together) and the latent size it fixes; a strength that
+        leaves no step fails now."""
         from ..img2img import default_strength, start_index
 
         pipe = self.pipe
-        images = pipe._img2img_images(image, strength, None)  # (k, C, H, W)
+        images, given_latents = pipe._img2img_images(image, strength, None)  # (k, C, H, W)
         if images.shape[0] != 1:
             raise BadArgumentError(f"image: expected one image per request, found {images.shape[0]}")
-        _, height, width = pipe._img2img_size(images, 1, height, width)
+        _, height, width = pipe._img2img_size(images, 1, height, width, given_latents)
         strength = default_strength(pipe.spec) if strength is None else strength
         start_index(_as_int("steps", steps, minimum=1), strength, pipe.spec.prediction_type == "flow_prediction")
         return images[0].clone(), float(strength), height, width
