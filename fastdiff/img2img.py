@@ -90,8 +90,8 @@ def _from_numpy(a: np.ndarray, channels: int) -> torch.Tensor:
     if a.ndim == 3:
         a = a[None]
     if a.ndim != 4 or a.shape[-1] != channels:
-        raise BadArgumentError(f"image: expected a NumPy array (H, W, {channels}) or (B, H, W, {channels}), found shape "
-                               f"{a.shape}")
+        raise BadArgumentError(f"image: expected a NumPy array (H, W, {channels}) or (B, H, W, {channels}), found "
+                               f"shape {a.shape}")
     if a.dtype == np.uint8:
         unit = a.astype(np.float32) / 255.0
     elif np.issubdtype(a.dtype, np.floating):

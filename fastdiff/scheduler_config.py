@@ -144,8 +144,8 @@ class SamplingPlan:
         options = dict(self.options)
         fixed = sorted(k for k in _WARMUP_FROM_THE_TOP if options.get(k) is not None)
         if fixed and t_start:  # PNDM's warm-up values are laid out for its first timesteps
-            raise BadArgumentError(f"image: the {self.scheduler} plan's {self.sampler} sampler warms up from the top of "
-                                   f"its grid ({', '.join(fixed)}) and cannot start part-way; pass another sampler "
+            raise BadArgumentError(f"image: the {self.scheduler} plan's {self.sampler} sampler warms up from the top "
+                                   f"of its grid ({', '.join(fixed)}) and cannot start part-way; pass another sampler "
                                    f"(sampler='ddim', 'dpmpp_2m', 'euler', ...)")
         for name in _PER_STEP_OPTIONS:  # one value per step (or per grid sigma): the slice's own
             value = options.get(name)
@@ -159,8 +159,9 @@ class SamplingPlan:
         if self.scheduler == "DPMSolverSinglestepScheduler" and self.sampler == "dpm_solver":
             from .samplers import singlestep_orders
 
-            full = options.get("orders") or singlestep_orders(
-                self.steps, options.get("order", 2), options.get("lower_order_final", False), float(self.sigmas[-1]) == 0)
+            full = options.get("orders") or singlestep_orders(self.steps, options.get("order", 2),
+                                                              options.get("lower_order_final", False),
+                                                              float(self.sigmas[-1]) == 0)
             options["orders"] = [min(k, i + 1) for i, k in enumerate(full[t_start:])]
         # diffusers' LMS builds its first polynomials through the grid's sigmas before the slice too
         if self.scheduler == "LMSDiscreteScheduler" and self.sampler == "lms":

@@ -64,8 +64,9 @@ NOT_TAKEN.update(dict.fromkeys(('lambda_min_clipped',), _classes('DDIM', 'DDPM',
     'LMSDiscrete', 'CMStochasticIterative', 'DPMSolverSDE', 'DEISMultistep', 'KDPM2Discrete',
     'KDPM2AncestralDiscrete', 'LCM', 'TCD', 'FlowMatchEulerDiscrete', 'FlowMatchHeunDiscrete', 'FlowMatchLCM')))
 # (sigma_min / sigma_max: Heun, KDPM2 (and ancestral), LMS, DPM-Solver multistep / singlestep / SDE, DEIS and
-# FlowMatchEuler / LCM lack them in their constructors yet read them from their config, where from_config keeps every key, for their Karras /
-# exponential / beta grids (LMS's and DPMSolverSDE's Karras grids excepted: scheduler_config)
+# FlowMatchEuler / LCM lack them in their constructors yet read them from their config, where from_config keeps
+# every key, for their Karras / exponential / beta grids (LMS's and DPMSolverSDE's Karras grids excepted:
+# scheduler_config)
 NOT_TAKEN.update(dict.fromkeys(('sigma_min', 'sigma_max'), _classes('DDIM', 'DDPM', 'EulerAncestralDiscrete', 'PNDM',
     'LCM', 'TCD', 'FlowMatchHeunDiscrete')))
 NOT_TAKEN.update(dict.fromkeys(('shift_terminal',), _classes('DDIM', 'DDPM', 'EulerDiscrete',

@@ -82,7 +82,8 @@ def ldm_vae(state: dict, family: str, device="cpu") -> VAEDecoder:
         down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
         latent_channels=sd["decoder.conv_in.weight"].shape[1], out_channels=sd["decoder.conv_out.weight"].shape[0],
         in_channels=sd["encoder.conv_in.weight"].shape[1] if "encoder.conv_in.weight" in sd else 3,
-        use_post_quant_conv="post_quant_conv.weight" in sd, use_quant_conv=("quant_conv.weight" if "encoder.conv_in.weight" in sd else "post_quant_conv.weight") in sd,
+        use_post_quant_conv="post_quant_conv.weight" in sd,
+        use_quant_conv=("quant_conv.weight" if "encoder.conv_in.weight" in sd else "post_quant_conv.weight") in sd,
         mid_block_add_attention="decoder.mid.attn_1.q.weight" in sd, scaling_factor=scaling, shift_factor=shift)
     return build_vae(config, {_diffusers_name(key, levels): _diffusers_shape(key, t) for key, t in sd.state.items()},
                      f"VAE of the single file's {LDM_PREFIX}*", device)
