@@ -12,7 +12,8 @@ What diffusers' img2img pipelines (``StableDiffusionImg2ImgPipeline``, ``StableD
 Images come as diffusers' image processor takes them: PIL images, NumPy arrays (uint8 in [0, 255], or floats in
 [0, 1], (H, W, C) or (B, H, W, C)), or torch tensors (B, C, H, W) / (C, H, W) in [0, 1] (a tensor with negative values
 is taken as [-1, 1], as diffusers does, with its warning). Unlike diffusers, nothing is resized: a size that is not a
-whole number of latent pixels is refused.
+whole number of latent pixels is refused. A torch tensor with a latent model's latent channel count is its latents
+(``Pipeline._img2img_images``), used unencoded, as diffusers' pipelines use them.
 """
 
 from __future__ import annotations
@@ -48,11 +49,6 @@ def start_index(steps: int, strength, flow: bool) -> int:
         raise BadArgumentError(f"strength: {strength} of {steps} steps leaves no step to run; raise strength or steps "
                                f"(at least {int(np.ceil(1 / strength))} steps at this strength)")
     return t_start
-
-
-def image_tensor(image, channels: int) -> torch.Tensor:
-    """``image`` (see the module docstring) -> float32 (B, channels, H, W) in [-1, 1]."""
-    return unit_images(image, channels) * 2 - 1
 
 
 def unit_images(image, channels: int) -> torch.Tensor:
@@ -128,4 +124,4 @@ def _check_unit(low, high, what: str, lowest: float = 0.0) -> None:
                                + (" (uint8 pixels go in as a uint8 array or a PIL image)" if high > 1 else ""))
 
 
-__all__ = ["image_tensor", "unit_images", "start_index", "default_strength", "DEFAULT_STRENGTH"]
+__all__ = ["unit_images", "start_index", "default_strength", "DEFAULT_STRENGTH"]

@@ -10,7 +10,7 @@ import torch
 
 import fastdiff
 from fastdiff.errors import BadArgumentError
-from fastdiff.img2img import image_tensor, start_index
+from fastdiff.img2img import start_index
 from helpers import diffusers_pipeline, perturb_, rel_err
 from test_vae import SD_VAE, _reference as vae_reference
 
