@@ -345,10 +345,7 @@ class Pipeline:
         plan = self.plan(steps, sampler, schedule, size=(h, w), **sampler_options)
         noise = NoiseSource(seeds, self.device)
         if images is not None:  # the grid's tail; the image is encoded once every argument has been checked
-            from .img2img import default_strength, start_index
-
-            strength = default_strength(self.spec) if strength is None else strength
-            plan = plan.from_step(start_index(plan.steps, strength, self.spec.prediction_type == "flow_prediction"))
+            plan = plan.from_step(self._img2img_strength(strength, plan.steps)[1])
         elif latents is None:
             latents = noise.randn(shape)
         else:
@@ -519,6 +516,14 @@ class Pipeline:
                                       else "VAE's weights carry only the decoder")
                                    + f"; or pass latents as the image: a ({channels}, h, w) tensor")
         return unit_images(image, self.vae.config.in_channels), False
+
+    def _img2img_strength(self, strength, steps: int) -> tuple[float, int]:
+        """(the strength, the model's diffusers default for None; the grid steps it skips, by that pipeline's
+        rounding)."""
+        from .img2img import default_strength, start_index
+
+        strength = default_strength(self.spec) if strength is None else strength
+        return float(strength), start_index(steps, strength, self.spec.prediction_type == "flow_prediction")
 
     def _img2img_size(self, images: torch.Tensor, b: int, height, width, given_latents: bool = False):
         """The images repeated to the batch, and the latent size they fix."""

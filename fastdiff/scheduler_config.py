@@ -27,10 +27,10 @@ FlowMatchLCMScheduler and the solvers' ``use_flow_sigmas`` variant. Karras, expo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -280,12 +280,6 @@ class _Config(dict):
                 raise UnsupportedConfigError(k, self[k], supported=[False], model=self.name)
 
 
-# diffusers schedulers without a rescale_betas_zero_snr argument: from_config drops the key, so it changes nothing
-_NO_ZERO_SNR = ("HeunDiscreteScheduler", "DPMSolverSinglestepScheduler", "PNDMScheduler", "LMSDiscreteScheduler",
-                "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "DEISMultistepScheduler",
-                "DPMSolverSDEScheduler")
-
-
 def _alphas_cumprod(c: _Config, exact_zero_snr: bool = False) -> torch.Tensor:
     """The training schedule; ``exact_zero_snr``: a scheduler (DDIM, DDPM) that keeps alphas_cumprod 0 at a zero
     terminal SNR, where the sigma-based ones clamp it to 2**-24."""
@@ -293,7 +287,7 @@ def _alphas_cumprod(c: _Config, exact_zero_snr: bool = False) -> torch.Tensor:
     allowed = [b for b in schedules.BETA_SCHEDULES if b != "sigmoid" or c.name == "DDPMScheduler"]
     c.choice("beta_schedule", allowed if c["trained_betas"] is None else [c["beta_schedule"]])
     floor = schedules.EXACT_ZERO_SNR_FLOOR if exact_zero_snr else schedules.ZERO_SNR_FLOOR
-    zero_snr = bool(c["rescale_betas_zero_snr"]) and c.name not in _NO_ZERO_SNR
+    zero_snr = bool(c["rescale_betas_zero_snr"])  # (_read_config dropped it for the classes that lack it)
     return schedules.make_alphas_cumprod(c["beta_schedule"], c["num_train_timesteps"], c["beta_start"], c["beta_end"],
                                          c["trained_betas"], zero_snr, zero_snr_floor=floor)
 

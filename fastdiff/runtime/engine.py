@@ -348,16 +348,13 @@ class Engine:
         """One request's image as a (C, H, W) row in [0, 1] (or latents, as generate() takes them), its strength
         (the model's default for None, so that both batch together) and the latent size it fixes; a strength that
         leaves no step fails now."""
-        from ..img2img import default_strength, start_index
-
         pipe = self.pipe
         images, given_latents = pipe._img2img_images(image, strength, None)  # (k, C, H, W)
         if images.shape[0] != 1:
             raise BadArgumentError(f"image: expected one image per request, found {images.shape[0]}")
         _, height, width = pipe._img2img_size(images, 1, height, width, given_latents)
-        strength = default_strength(pipe.spec) if strength is None else strength
-        start_index(_as_int("steps", steps, minimum=1), strength, pipe.spec.prediction_type == "flow_prediction")
-        return images[0].clone(), float(strength), height, width
+        strength, _ = pipe._img2img_strength(strength, _as_int("steps", steps, minimum=1))
+        return images[0].clone(), strength, height, width
 
     def _encode_prompt(self, prompt, negative_prompt, cfg_scale, options: dict, given: dict) -> dict:
         """One request's text tensors (rows, as submit takes them) from its prompt."""
