@@ -17,6 +17,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .errors import BadArgumentError, UnsupportedConfigError
+from .prompts.encoder import EXTRA_PROMPTS
 from .spec import ModelSpec, is_flow_scheduler
 from .state_update import update_impl
 from .text_time import guidance_conditioning, text_time_conditioning
@@ -76,10 +77,16 @@ class Pipeline:
         return self.vae.decode(latents)
 
     def encode_prompt(self, prompt, negative_prompt=None, *, guided: bool = False, clip_skip=None,
-                      max_sequence_length=None) -> dict:
+                      max_sequence_length=None, **extra_prompts) -> dict:
         """generate()'s text keyword arguments for ``prompt`` (``encoder_hidden_states``, ``text_embeds`` and, with
         ``guided``, their ``negative_`` forms), as the model's diffusers pipeline encodes it
-        (``fastdiff.prompts.PromptEncoder.encode``). Reuse the result for many generate() calls to encode once."""
+        (``fastdiff.prompts.PromptEncoder.encode``). Reuse the result for many generate() calls to encode once.
+        extra_prompts: ``prompt_2`` / ``prompt_3`` / ``negative_prompt_2`` / ``negative_prompt_3``, the texts of the
+        second and third encoders (each defaults to ``prompt`` / ``negative_prompt``)."""
+        unknown = sorted(set(extra_prompts) - set(EXTRA_PROMPTS))
+        if unknown:
+            raise BadArgumentError(f"encode_prompt(): unexpected arguments {unknown}; expected some of "
+                                   f"{list(EXTRA_PROMPTS)}")
         if self.prompt_encoder is None and not self.spec.cross_attention_dim:
             raise BadArgumentError(f"prompt: given, but this model ({self.spec.kind}) is not text-conditioned")
         if self.prompt_encoder is None:
@@ -89,7 +96,7 @@ class Pipeline:
                                    "encoder_hidden_states" + (" / text_embeds" if self.spec.text_embeds_dim else "")
                                    + " instead" + (f" ({why})" if why else ""))
         return self.prompt_encoder.encode(prompt, negative_prompt, guided=guided, clip_skip=clip_skip,
-                                          max_sequence_length=max_sequence_length)
+                                          max_sequence_length=max_sequence_length, **extra_prompts)
 
     def save(self, path: str) -> str:
         """Write the fastdiff format (folder: fastdiff.json + model.safetensors, + vae.safetensors with a VAE
@@ -281,7 +288,8 @@ class Pipeline:
                  height: Optional[int] = None, width: Optional[int] = None, output_type: str = "tensor",
                  progress: bool = True, callback=None, text_embeds=None, negative_text_embeds=None, time_ids=None,
                  negative_time_ids=None, guidance=None, prompt=None, negative_prompt=None, clip_skip=None,
-                 max_sequence_length=None, image=None, strength: Optional[float] = None, **sampler_options):
+                 max_sequence_length=None, image=None, strength: Optional[float] = None, prompt_2=None,
+                 prompt_3=None, negative_prompt_2=None, negative_prompt_3=None, **sampler_options):
         """Sample ``n`` images (latents for latent models).
 
         sampler / schedule: a fastdiff sampler name (``dpmpp_2m``, ``unipc``, ``ddim``, ...) and sigma
@@ -302,6 +310,9 @@ class Pipeline:
             with them. A list of prompts with the default ``n`` gives one sample per prompt. The negative defaults
             to the empty prompt (zeros where SDXL's force_zeros_for_empty_prompt says so; FLUX.1's true CFG needs
             one). clip_skip / max_sequence_length: diffusers' (T5's token count).
+        prompt_2 / prompt_3, negative_prompt_2 / negative_prompt_3: as diffusers' SDXL / SD3 / FLUX.1 pipelines, the
+            texts of the second encoder (SDXL's text_encoder_2, SD3's second CLIP, FLUX.1's T5) and the third (SD3's
+            T5); each defaults to ``prompt`` / ``negative_prompt``. A prompt no encoder of the model reads is refused.
         guidance: a guidance-distilled model's strength (FLUX.1 dev; diffusers' FluxPipeline ``guidance_scale``,
             default 3.5), one or one per sample: an input of the network, not classifier-free guidance (``cfg_scale``).
         seed / seeds: ``seeds=[...]`` gives one generator per sample (a sample depends on its own seed
@@ -353,7 +364,9 @@ class Pipeline:
             if tuple(latents.shape) != (b,) + shape:
                 raise BadArgumentError(f"latents: expected shape {(b,) + shape}, found {tuple(latents.shape)}")
 
-        if any(v is not None for v in (prompt, negative_prompt, clip_skip, max_sequence_length)):
+        extra_prompts = {name: value for name, value in zip(EXTRA_PROMPTS, (prompt_2, prompt_3, negative_prompt_2,
+                                                                            negative_prompt_3)) if value is not None}
+        if extra_prompts or any(v is not None for v in (prompt, negative_prompt, clip_skip, max_sequence_length)):
             from .prompts import prompt_list
 
             given = [k for k, v in dict(encoder_hidden_states=encoder_hidden_states, text_embeds=text_embeds,
@@ -361,15 +374,15 @@ class Pipeline:
                                         negative_text_embeds=negative_text_embeds).items() if v is not None]
             if prompt is None or given:
                 raise BadArgumentError("prompt: expected a prompt, or the encoded text arguments, not both and not "
-                                       f"negative_prompt / clip_skip / max_sequence_length alone; found "
+                                       f"negative_prompt / prompt_2 / clip_skip / ... alone; found "
                                        f"prompt={prompt!r} with {given or 'nothing else'}")
-            for name, texts in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+            for name, texts in (("prompt", prompt), ("negative_prompt", negative_prompt), *extra_prompts.items()):
                 count = 1 if texts is None else len(prompt_list(texts, name))
                 if count not in (1, b):  # (checked before the encoders load)
                     raise BadArgumentError(f"{name}: expected {_one_or(b)} prompts (one per sample; pass n= or seeds= "
                                            f"for more samples), found {count}")
             text = self.encode_prompt(prompt, negative_prompt, guided=guided, clip_skip=clip_skip,
-                                      max_sequence_length=max_sequence_length)
+                                      max_sequence_length=max_sequence_length, **extra_prompts)
             encoder_hidden_states = text["encoder_hidden_states"]
             negative_encoder_hidden_states = text.get("negative_encoder_hidden_states")
             text_embeds, negative_text_embeds = text.get("text_embeds"), text.get("negative_text_embeds")

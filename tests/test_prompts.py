@@ -273,25 +273,35 @@ def test_sd3_generate_from_prompts_equals_diffusers_pipeline(tmp_path, t5, cfg):
 
 
 # --- FLUX.1 ----------------------------------------------------------------------------------------------------
-def test_flux_generate_from_prompts_equals_diffusers_pipeline(tmp_path):
-    """CLIP's pooled output and T5's 512 tokens."""
+def _flux_pipe(folder):
     transformer = perturb_(diffusers.FluxTransformer2DModel(
         patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
         joint_attention_dim=16, pooled_projection_dim=8, guidance_embeds=True, axes_dims_rope=(2, 2, 4)).eval(), 0)
-    tok = diffusers_tokenizer(write_clip_tokenizer(str(tmp_path / "_tok")))
-    tok2 = diffusers_tokenizer(write_t5_tokenizer(str(tmp_path / "_tok2")))
+    tok = diffusers_tokenizer(write_clip_tokenizer(os.path.join(folder, "_tok")))
+    tok2 = diffusers_tokenizer(write_t5_tokenizer(os.path.join(folder, "_tok2")))
     ref = diffusers_pipeline("FluxPipeline")(
-        transformer=transformer, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True),
-        vae=None, text_encoder=clip_encoder(8, seed=1), tokenizer=tok, text_encoder_2=t5_encoder(16, seed=2),
-        tokenizer_2=tok2)
+        transformer=transformer, vae=None,
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True),
+        text_encoder=clip_encoder(8, seed=1), tokenizer=tok, text_encoder_2=t5_encoder(16, seed=2), tokenizer_2=tok2)
     ref.set_progress_bar_config(disable=True)
+    return ref
+
+
+def _packed(latents):
+    """(B, 4, 8, 8) latents -> FluxPipeline's packed (B, 16, 16) tokens."""
+    b = latents.shape[0]
+    return latents.reshape(b, 4, 4, 2, 4, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, 16, 16)
+
+
+def test_flux_generate_from_prompts_equals_diffusers_pipeline(tmp_path):
+    """CLIP's pooled output and T5's 512 tokens."""
+    ref = _flux_pipe(str(tmp_path))
     pipe = fastdiff.load(_save(ref, str(tmp_path / "pipe")))
     latents = _latents(channels=4, size=8)
-    packed = latents.reshape(2, 4, 4, 2, 4, 2).permute(0, 2, 4, 1, 3, 5).reshape(2, 16, 16)
-    want = ref(PROMPTS, latents=packed.clone(), num_inference_steps=3, guidance_scale=3.5, height=64, width=64,
+    want = ref(PROMPTS, latents=_packed(latents), num_inference_steps=3, guidance_scale=3.5, height=64, width=64,
                output_type="latent").images
     got = pipe.generate(prompt=PROMPTS, latents=latents, steps=3, progress=False)
-    assert rel_err(got.reshape(2, 4, 4, 2, 4, 2).permute(0, 2, 4, 1, 3, 5).reshape(2, 16, 16), want) <= 1e-5
+    assert rel_err(_packed(got), want) <= 1e-5
 
 
 # --- the CLI ---------------------------------------------------------------------------------------------------
@@ -623,26 +633,147 @@ def test_a_borrowed_folder_of_the_wrong_width_is_refused_at_load(sd, sdxl, tmp_p
 
 def test_flux_true_cfg_takes_a_negative_prompt_as_flux_pipeline(tmp_path):
     """cfg_scale != 1 on FLUX.1 is FluxPipeline's true_cfg_scale, which runs only with a negative prompt."""
-    transformer = perturb_(diffusers.FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
-        joint_attention_dim=16, pooled_projection_dim=8, guidance_embeds=True, axes_dims_rope=(2, 2, 4)).eval(), 0)
-    ref = diffusers_pipeline("FluxPipeline")(
-        transformer=transformer, vae=None,
-        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True),
-        text_encoder=clip_encoder(8, seed=1), tokenizer=diffusers_tokenizer(write_clip_tokenizer(str(tmp_path / "t"))),
-        text_encoder_2=t5_encoder(16, seed=2), tokenizer_2=diffusers_tokenizer(write_t5_tokenizer(str(tmp_path / "u"))))
-    ref.set_progress_bar_config(disable=True)
+    ref = _flux_pipe(str(tmp_path))
     pipe = fastdiff.load(_save(ref, str(tmp_path / "pipe")))
     if "true_cfg_scale" not in __import__("inspect").signature(ref.__call__).parameters:
         pytest.skip(f"diffusers {diffusers.__version__}'s FluxPipeline has no true_cfg_scale")
     latents = _latents(b=1, channels=4, size=8)
-    packed = latents.reshape(1, 4, 4, 2, 4, 2).permute(0, 2, 4, 1, 3, 5).reshape(1, 16, 16)
-    want = ref("a cat", negative_prompt="a dog", true_cfg_scale=2.0, latents=packed.clone(), num_inference_steps=3,
+    want = ref("a cat", negative_prompt="a dog", true_cfg_scale=2.0, latents=_packed(latents), num_inference_steps=3,
                height=64, width=64, max_sequence_length=64, output_type="latent").images
     got = pipe.generate(prompt="a cat", negative_prompt="a dog", cfg_scale=2.0, latents=latents, steps=3,
                         max_sequence_length=64, progress=False)
-    assert rel_err(got.reshape(1, 4, 4, 2, 4, 2).permute(0, 2, 4, 1, 3, 5).reshape(1, 16, 16), want) <= 1e-5
+    assert rel_err(_packed(got), want) <= 1e-5
     with pytest.raises(BadArgumentError, match="true classifier-free guidance"):
         pipe.generate(prompt="a cat", cfg_scale=2.0, steps=2, progress=False)
     with pytest.raises(BadArgumentError, match="max_sequence_length: expected an int"):
         pipe.generate(prompt="a cat", max_sequence_length=0, steps=2, progress=False)
+
+
+# --- prompt_2 / prompt_3: the second and third encoders' texts --------------------------------------------------
+SECOND = ["the red dog", "a photo of a cat"]
+
+
+def test_sdxl_second_prompts_equal_diffusers(sdxl):
+    """prompt_2 / negative_prompt_2 reach text_encoder_2 (its states and the pooled projection); an empty prompt_2
+    falls back to prompt, as diffusers' ``prompt_2 or prompt``."""
+    ref, pipe = sdxl
+    want = ref.encode_prompt(PROMPTS, prompt_2=SECOND, device="cpu", negative_prompt=["a dog"] * 2,
+                             negative_prompt_2=["photo"] * 2)
+    got = pipe.encode_prompt(PROMPTS, "a dog", guided=True, prompt_2=SECOND, negative_prompt_2="photo")
+    names = ("encoder_hidden_states", "negative_encoder_hidden_states", "text_embeds", "negative_text_embeds")
+    for name, w in zip(names, want):
+        assert torch.equal(got[name], w), name
+    plain = pipe.encode_prompt(PROMPTS, "a dog", guided=True)
+    assert not torch.equal(plain["text_embeds"], got["text_embeds"])  # (the second prompt changed something)
+    assert torch.equal(pipe.encode_prompt(PROMPTS, prompt_2="")["text_embeds"], plain["text_embeds"])
+    latents = _latents()
+    want = ref(PROMPTS, prompt_2=SECOND, negative_prompt=["a dog"] * 2, negative_prompt_2=["photo"] * 2,
+               latents=latents.clone(), num_inference_steps=3, guidance_scale=4.0, height=64, width=64,
+               output_type="latent").images
+    got = pipe.generate(prompt=PROMPTS, prompt_2=SECOND, negative_prompt="a dog", negative_prompt_2="photo",
+                        latents=latents, steps=3, cfg_scale=4.0, progress=False)
+    assert rel_err(got, want) <= 1e-5
+
+
+def test_sd3_second_and_third_prompts_equal_diffusers(tmp_path):
+    """prompt_2: the second CLIP; prompt_3: T5; negative_prompt_3 alone, with negative_prompt defaulting the rest."""
+    ref = _sd3_pipe(str(tmp_path))
+    pipe = fastdiff.load(_save(ref, str(tmp_path / "pipe")))
+    latents = _latents()
+    want = ref(PROMPTS, prompt_2=SECOND, prompt_3=["a dog and a cat"] * 2, negative_prompt=["a red cat"] * 2,
+               negative_prompt_3=["the photo"] * 2, latents=latents.clone(), num_inference_steps=3,
+               guidance_scale=4.5, height=64, width=64, output_type="latent").images
+    got = pipe.generate(prompt=PROMPTS, prompt_2=SECOND, prompt_3="a dog and a cat", negative_prompt="a red cat",
+                        negative_prompt_3="the photo", latents=latents, steps=3, cfg_scale=4.5, progress=False)
+    assert rel_err(got, want) <= 1e-5
+    plain = pipe.generate(prompt=PROMPTS, negative_prompt="a red cat", latents=latents, steps=3, cfg_scale=4.5,
+                          progress=False)
+    assert rel_err(plain, want) > 1e-3
+
+
+def test_flux_second_prompt_reaches_t5(tmp_path):
+    ref = _flux_pipe(str(tmp_path))
+    pipe = fastdiff.load(_save(ref, str(tmp_path / "pipe")))
+    latents = _latents(channels=4, size=8)
+    want = ref(PROMPTS, prompt_2=SECOND, latents=_packed(latents), num_inference_steps=3, height=64, width=64,
+               max_sequence_length=64, output_type="latent").images
+    got = pipe.generate(prompt=PROMPTS, prompt_2=SECOND, latents=latents, steps=3, max_sequence_length=64,
+                        progress=False)
+    assert rel_err(_packed(got), want) <= 1e-5
+    with pytest.raises(BadArgumentError, match="negative_prompt_2: given without negative_prompt"):
+        pipe.encode_prompt("a cat", guided=True, negative_prompt_2="a dog")
+    with pytest.raises(BadArgumentError, match="prompt_3: no text encoder of this flux model reads it"):
+        pipe.generate(prompt="a cat", prompt_3="a dog", steps=2, progress=False)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(prompt_2="a dog"), r"prompt_2: no text encoder of this sd model reads it \(text_encoder reads prompt\)"),
+    (dict(negative_prompt_3="a dog", cfg_scale=2.0), "negative_prompt_3: no text encoder"),
+    (dict(prompt_2=["a dog"] * 3), "prompt_2: expected 1 or 2 prompts"),
+    (dict(prompt_2=7), "prompt_2: expected a string or a non-empty list of strings"),
+    (dict(prompt=None, prompt_2="a dog"), "not both and not negative_prompt / prompt_2"),
+])
+def test_extra_prompts_no_encoder_reads_are_refused(sd, kwargs, match):
+    _, pipe = sd
+    with pytest.raises(BadArgumentError, match=match):
+        pipe.generate(**{"prompt": PROMPTS, **kwargs}, steps=2, progress=False)
+
+
+def test_sdxl_extra_prompt_rules(sdxl, tmp_path):
+    """A negative_prompt_2 where the pipeline zeroes the negative, or runs no unconditional pass, is refused rather
+    than ignored; a list of the wrong length is named; a refiner's one encoder reads prompt, so prompt_2 is refused."""
+    _, pipe = sdxl
+    with pytest.raises(BadArgumentError, match=r"negative_prompt_2: given without negative_prompt, but this SDXL "
+                                               r"pipeline zeroes"):
+        pipe.encode_prompt(PROMPTS, guided=True, negative_prompt_2="a dog")
+    with pytest.raises(BadArgumentError, match="negative_prompt_2: given, but cfg_scale == 1"):
+        pipe.encode_prompt(PROMPTS, negative_prompt_2="a dog")
+    with pytest.raises(BadArgumentError, match="negative_prompt_2: expected 1 or 3 prompts"):
+        pipe.encode_prompt(PROMPTS + ["a cat"], "a dog", guided=True,
+                           negative_prompt_2=["a", "b"])
+    with pytest.raises(BadArgumentError, match="encode_prompt\\(\\): unexpected arguments \\['prompt_4'\\]"):
+        pipe.encode_prompt("a cat", prompt_4="a dog")
+    refiner = fastdiff.load(_save(_sdxl_pipe(str(tmp_path), refiner=True), str(tmp_path / "pipe")))
+    with pytest.raises(BadArgumentError, match=r"prompt_2: no text encoder of this sdxl model reads it "
+                                               r"\(text_encoder_2 reads prompt\)"):
+        refiner.encode_prompt("a cat", prompt_2="a dog")
+
+
+def test_engine_requests_take_second_prompts(sdxl):
+    _, pipe = sdxl
+    requests = [dict(seed=0, prompt="a cat", prompt_2="a red dog", cfg_scale=3.0, negative_prompt="a dog",
+                     negative_prompt_2="photo"),
+                dict(seed=1, prompt="a cat", cfg_scale=3.0), dict(seed=2, prompt="the dog", prompt_2="a cat")]
+    with fastdiff.Engine(pipe, max_batch=4, max_wait_ms=50) as engine:
+        futures = [engine.submit(steps=2, **r) for r in requests]
+        bad = engine.submit(seed=3, prompt="a cat", prompt_2=["a", "b"], steps=2)
+        alone = engine.submit(seed=3, encoder_hidden_states=torch.zeros(77, 12), text_embeds=torch.zeros(POOLED),
+                              prompt_2="a dog", steps=2)
+        results = [f.result(timeout=120) for f in futures]
+    with pytest.raises(BadArgumentError, match="prompt_2: expected one string per request"):
+        bad.result(timeout=10)
+    with pytest.raises(BadArgumentError, match="prompt_2: given without prompt="):
+        alone.result(timeout=10)
+    for r, got in zip(requests, results):
+        want = pipe.generate(seeds=[r.pop("seed")], steps=2, progress=False, **r)[0]
+        assert rel_err(got, want) <= 1e-5
+    assert rel_err(results[0], pipe.generate(seeds=[0], prompt="a cat", cfg_scale=3.0, negative_prompt="a dog",
+                                             steps=2, progress=False)[0]) > 1e-3
+
+
+def test_cli_takes_second_prompts(sdxl, tmp_path):
+    from safetensors.torch import load_file
+
+    ref, pipe = sdxl
+    folder = _save(ref, str(tmp_path / "pipe"))
+    r = _cli("generate", folder, "--prompt", "a red cat", "--prompt-2", "a dog", "--cfg", "3",
+             "--negative-prompt", "photo", "--negative-prompt-2", "the cat", "--n", "1", "--steps", "2",
+             "--output-latents", "lat.safetensors", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    want = pipe.generate(1, prompt="a red cat", prompt_2="a dog", negative_prompt="photo",
+                         negative_prompt_2="the cat", cfg_scale=3.0, steps=2, seed=0, progress=False)
+    assert rel_err(load_file(str(tmp_path / "lat.safetensors"))["latents"], want) <= 1e-6
+    r = _cli("generate", folder, "--prompt", "a cat", "--prompt-3", "a dog", "--output-latents", "x.safetensors",
+             cwd=tmp_path)
+    assert r.returncode == 2 and "prompt_3: no text encoder of this sdxl model reads it" in r.stderr
+    assert "Traceback" not in r.stderr

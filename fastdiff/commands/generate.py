@@ -53,6 +53,11 @@ def register(sub) -> None:
                    help="text models: the prompt of every image, encoded by the model folder's own text encoders")
     p.add_argument("--negative-prompt", default=None, metavar="TEXT",
                    help="text models with --cfg: the negative prompt (default: the empty prompt, or zeros for SDXL)")
+    for n, reader in ((2, "SDXL's text_encoder_2, SD3's second CLIP, FLUX.1's T5"), (3, "SD3's T5")):
+        p.add_argument(f"--prompt-{n}", default=None, metavar="TEXT",
+                       help=f"text models: what the encoder #{n} reads ({reader}; default: --prompt)")
+        p.add_argument(f"--negative-prompt-{n}", default=None, metavar="TEXT",
+                       help=f"with --cfg: the negative the encoder #{n} reads (default: --negative-prompt)")
     p.add_argument("--clip-skip", type=int, default=None, metavar="N",
                    help="text models: CLIP layers to skip from the end (diffusers' clip_skip)")
     p.add_argument("--guidance", type=float, default=None, metavar="G",
@@ -295,6 +300,7 @@ def png_paths(args) -> list:
 
 def run(args) -> int:
     from ..errors import BadArgumentError
+    from ..prompts.encoder import EXTRA_PROMPTS
     from ..runtime.config import OptimizeConfig
 
     _validate(args)
@@ -330,10 +336,13 @@ def run(args) -> int:
             raise BadArgumentError("--prompt: this model is text-conditioned: expected a prompt, found none")
         if args.negative_prompt is not None and args.cfg == 1.0:
             raise BadArgumentError("--negative-prompt: given, but --cfg 1 runs no unconditional pass; pass --cfg G")
-        inputs = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, clip_skip=args.clip_skip)
+        inputs = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, clip_skip=args.clip_skip,
+                      **{name: getattr(args, name) for name in EXTRA_PROMPTS})
     else:
         given = [f for f, v in (("--prompt", args.prompt), ("--negative-prompt", args.negative_prompt),
-                                ("--clip-skip", args.clip_skip)) if v is not None]
+                                ("--clip-skip", args.clip_skip),
+                                *(("--" + name.replace("_", "-"), getattr(args, name)) for name in EXTRA_PROMPTS))
+                 if v is not None]
         if given:
             raise BadArgumentError(f"{given[0]}: given, but this model ({spec.kind}) is not text-conditioned")
     if args.guidance is not None:

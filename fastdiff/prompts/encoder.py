@@ -8,6 +8,10 @@
             text_encoder_3 (T5; zeros without it, as diffusers)    to T5's width ; T5] (77+256)  joined (2048)
     flux    CLIP + T5 (tokenizer_2 / text_encoder_2)               T5 (512 tokens)               CLIP's pooler
 
+Each encoder reads one of the pipeline's prompts, as diffusers' pipelines route them: ``prompt`` the first,
+``prompt_2`` the second (SDXL's text_encoder_2, SD3's second CLIP, FLUX.1's T5), ``prompt_3`` the third (SD3's
+T5); each defaults to ``prompt``, and each ``negative_prompt_N`` to ``negative_prompt``.
+
 The encoders load on first use (a pipeline that is only handed embeddings never reads them).
 """
 
@@ -35,6 +39,8 @@ FAMILY_PARTS = {
 }
 T5_PART = {"sd3": "text_encoder_3", "flux": "text_encoder_2"}  # families with a T5 (max_sequence_length applies)
 CLIP_SKIP_BASE = {"sd": 1, "sdxl": 2, "sd3": 2}  # the layer each pipeline reads counts from: -(clip_skip + base)
+# the texts of the second and third encoders (diffusers' names), beside prompt / negative_prompt
+EXTRA_PROMPTS = ("prompt_2", "prompt_3", "negative_prompt_2", "negative_prompt_3")
 
 
 def prompt_family(spec) -> Optional[str]:
@@ -114,39 +120,92 @@ class PromptEncoder:
 
     # ------------------------------------------------------------------------------------------
     def encode(self, prompt: Union[str, Sequence[str]], negative_prompt: Union[str, Sequence[str], None] = None,
-               *, guided: bool = False, clip_skip: Optional[int] = None,
-               max_sequence_length: Optional[int] = None) -> dict:
+               *, guided: bool = False, clip_skip: Optional[int] = None, max_sequence_length: Optional[int] = None,
+               prompt_2=None, prompt_3=None, negative_prompt_2=None, negative_prompt_3=None) -> dict:
         """generate()'s keyword arguments for ``prompt`` (one string or a list, one per sample):
         ``encoder_hidden_states`` (+ ``text_embeds`` for pooled-text models), and with ``guided`` their
         ``negative_`` forms from ``negative_prompt`` (default: the empty prompt, or zeros where the pipeline zeroes
         it; FLUX.1 needs one: its pipeline runs true CFG only against a negative prompt).
+        prompt_2 / prompt_3 (and their negatives): what the second / third encoder reads (``self.slots()``), as the
+        diffusers pipeline's arguments of those names; each defaults to ``prompt`` (``negative_prompt``), an empty
+        string too (diffusers' ``prompt_2 or prompt``). A prompt no encoder of this model reads is refused.
         clip_skip: as diffusers' ``clip_skip`` (1 = the layer before the one the pipeline uses), for the prompt only:
         diffusers' SD, SDXL and SD3 pipelines encode the negative prompt without it, and so does this.
         max_sequence_length: T5's token count (SD3 / FLUX.1; diffusers' defaults 256 / 512)."""
-        prompts = prompt_list(prompt, "prompt")
+        prompt_list(prompt, "prompt")
         self._check_options(clip_skip, max_sequence_length)
+        extras = {"prompt_2": prompt_2, "prompt_3": prompt_3, "negative_prompt_2": negative_prompt_2,
+                  "negative_prompt_3": negative_prompt_3}
+        self._check_extra_prompts(extras, negative_prompt, guided)
         if negative_prompt is not None and not guided:
             raise BadArgumentError("negative_prompt: given, but cfg_scale == 1 runs no unconditional pass")
         if guided and negative_prompt is None and self.family == "flux":
             raise BadArgumentError("negative_prompt: cfg_scale != 1 on FLUX.1 is true classifier-free guidance, which "
                                    "FluxPipeline runs only against a negative prompt: expected one (\"\" for the "
                                    "empty prompt), found None. FLUX.1 dev's distilled strength is guidance=")
-        negatives = None  # no unconditional pass, or zeros (SDXL with no negative prompt)
+        # slot -> texts, as the pipelines pick them (`prompt_2 or prompt`: an empty string falls back too)
+        positive = {1: prompt, 2: prompt_2 or prompt, 3: prompt_3 or prompt}
+        negative = None  # no unconditional pass, or zeros (SDXL with no negative prompt)
         if guided and not (negative_prompt is None and self.zero_negative):
-            negatives = prompt_list("" if negative_prompt is None else negative_prompt, "negative_prompt")
-            if len(prompts) == 1 and len(negatives) > 1:
-                prompts = prompts * len(negatives)  # one prompt, a negative per sample
-            if len(negatives) not in (1, len(prompts)):
-                raise BadArgumentError(f"negative_prompt: expected 1 or {len(prompts)} prompts (one per prompt), "
-                                       f"found {len(negatives)}")
-            negatives = negatives * len(prompts) if len(negatives) == 1 else negatives  # (diffusers' batch)
+            first = negative_prompt or ""
+            negative = {1: first, 2: negative_prompt_2 or first, 3: negative_prompt_3 or first}
+        positive, negative = self._texts_per_encoder(positive, negative)
         with self._lock:
-            out = self._encode_cached(prompts, clip_skip, max_sequence_length)
+            out = self._encode_cached(positive, clip_skip, max_sequence_length)
             if guided:
-                negative = ({k: torch.zeros_like(v) for k, v in out.items()} if negatives is None
-                            else self._encode_cached(negatives, None, max_sequence_length))  # (no clip_skip: diffusers)
-                out.update({f"negative_{k}": v for k, v in negative.items()})
+                unconditional = ({k: torch.zeros_like(v) for k, v in out.items()} if negative is None
+                                 else self._encode_cached(negative, None, max_sequence_length))  # (no clip_skip)
+                out.update({f"negative_{k}": v for k, v in unconditional.items()})
         return out
+
+    def slots(self) -> dict[str, int]:
+        """encoder folder -> which prompt it reads (1: ``prompt``, 2: ``prompt_2``, 3: ``prompt_3``). An SDXL
+        refiner's one encoder (text_encoder_2) reads ``prompt``: diffusers' pipeline zips [prompt, prompt_2] with the
+        encoders it has."""
+        slots = {enc: i + 1 for i, (_, enc, _, _) in enumerate(FAMILY_PARTS[self.family]) if enc in self.parts_present}
+        if self.family == "sdxl" and "text_encoder" not in slots:
+            slots["text_encoder_2"] = 1
+        return slots
+
+    def _check_extra_prompts(self, extras: dict, negative_prompt, guided: bool) -> None:
+        """prompt_2 / prompt_3 / their negatives: strings or lists, read by one of this model's encoders, and each
+        negative where an unconditional pass encodes it."""
+        read = set(self.slots().values())
+        for name, texts in extras.items():
+            if texts is None:
+                continue
+            prompt_list(texts, name)
+            slot = int(name[-1])
+            if slot not in read:
+                readers = ", ".join(f"{enc} reads {'prompt' if i == 1 else f'prompt_{i}'}"
+                                    for enc, i in sorted(self.slots().items(), key=lambda item: item[1]))
+                raise BadArgumentError(f"{name}: no text encoder of this {self.family} model reads it ({readers})")
+            if name.startswith("negative_"):
+                if not guided:
+                    raise BadArgumentError(f"{name}: given, but cfg_scale == 1 runs no unconditional pass")
+                if negative_prompt is None and (self.zero_negative or self.family == "flux"):
+                    why = ("this SDXL pipeline zeroes the unconditional embeddings when negative_prompt is None "
+                           "(force_zeros_for_empty_prompt)" if self.zero_negative else
+                           "FluxPipeline runs true CFG only against a negative_prompt")
+                    raise BadArgumentError(f"{name}: given without negative_prompt, but {why}; pass negative_prompt "
+                                           f"too (\"\" for the empty prompt)")
+
+    def _texts_per_encoder(self, positive: dict, negative: Optional[dict]) -> tuple[dict, Optional[dict]]:
+        """slot -> texts (a string or a list) => encoder folder -> one list of B prompts each, B the longest list
+        (a single prompt serves every sample; diffusers' batch)."""
+        slots = self.slots()
+        named = {**{(False, enc): prompt_list(positive[slot], _slot_name(slot)) for enc, slot in slots.items()},
+                 **{(True, enc): prompt_list(negative[slot], _slot_name(slot, True))
+                    for enc, slot in slots.items() if negative is not None}}
+        b = max(len(texts) for texts in named.values())
+        for (is_negative, enc), texts in named.items():
+            if len(texts) not in (1, b):
+                raise BadArgumentError(f"{_slot_name(slots[enc], is_negative)}: expected 1 or {b} prompts (one per "
+                                       f"sample, as the other prompts), found {len(texts)}")
+        lists = {key: texts * b if len(texts) == 1 else texts for key, texts in named.items()}
+        by_encoder = [{enc: texts for (is_negative, enc), texts in lists.items() if is_negative == side}
+                      for side in (False, True)]
+        return by_encoder[0], (by_encoder[1] if negative is not None else None)
 
     def _check_options(self, clip_skip, max_sequence_length) -> None:
         if clip_skip is not None:
@@ -166,12 +225,13 @@ class PromptEncoder:
                 raise BadArgumentError(f"max_sequence_length: expected an int in [1, 512], found "
                                        f"{max_sequence_length!r}")
 
-    def _encode_cached(self, prompts: list[str], clip_skip: Optional[int], t5_length: Optional[int]) -> dict:
-        """``_encode`` through ``self.cache``: one call's prompts, options, placement and the encoders' weights
-        (their parameters' in-place version counters) make the key (a whole call, so a hit returns exactly what
-        encoding that batch returned); a hit gives the encoding's warnings (a truncated prompt) again."""
+    def _encode_cached(self, texts: dict, clip_skip: Optional[int], t5_length: Optional[int]) -> dict:
+        """``_encode`` through ``self.cache``: one call's prompts (per encoder), options, placement and the encoders'
+        weights (their parameters' in-place version counters) make the key (a whole call, so a hit returns exactly
+        what encoding that batch returned); a hit gives the encoding's warnings (a truncated prompt) again."""
         self.parts  # loaded first: their weights are part of the key
-        key = (tuple(prompts), clip_skip, t5_length, *self._where, self._weights_version())
+        key = (tuple((enc, tuple(texts[enc])) for enc in sorted(texts)), clip_skip, t5_length, *self._where,
+               self._weights_version())
         hit = self.cache.get(key)
         if hit is not None:
             out, notes = hit
@@ -179,7 +239,7 @@ class PromptEncoder:
                 warnings.warn(note, stacklevel=4)
             return out
         with collecting_notes() as notes:
-            out = self._encode(prompts, clip_skip, t5_length)
+            out = self._encode(texts, clip_skip, t5_length)
         self.cache.put(key, out, tuple(notes))
         return out
 
@@ -191,11 +251,12 @@ class PromptEncoder:
         return hash(tuple((id(p), p._version) for part in self._parts.values() for p in part.encoder.parameters()))
 
     @torch.no_grad()
-    def _encode(self, prompts: list[str], clip_skip: Optional[int], t5_length: Optional[int]) -> dict:
+    def _encode(self, texts: dict, clip_skip: Optional[int], t5_length: Optional[int]) -> dict:
+        """texts: encoder folder -> its B prompts (``_texts_per_encoder``)."""
         parts = self.parts
         if self.family == "sd":
             part = parts["text_encoder"]
-            out = clip_outputs(part, prompts, attention_mask=True)
+            out = clip_outputs(part, texts["text_encoder"], attention_mask=True)
             if clip_skip is None:
                 states = out[0]
             else:  # an earlier layer, through the final norm (diffusers' StableDiffusionPipeline)
@@ -207,7 +268,7 @@ class PromptEncoder:
             states, pooled = [], None
             for name in ("text_encoder", "text_encoder_2"):
                 if name in parts:
-                    out = clip_outputs(parts[name], prompts)
+                    out = clip_outputs(parts[name], texts[name])
                     states.append(out.hidden_states[layer])
                     if out[0].ndim == 2:  # the projection's output (text_encoder_2's)
                         pooled = out[0]
@@ -215,22 +276,24 @@ class PromptEncoder:
             return {"encoder_hidden_states": torch.cat(states, dim=-1).to(dtype), "text_embeds": pooled.to(dtype)}
         if self.family == "sd3":
             layer = -(2 if clip_skip is None else clip_skip + 2)
-            outs = [clip_outputs(parts[name], prompts) for name in ("text_encoder", "text_encoder_2")]
+            outs = [clip_outputs(parts[name], texts[name]) for name in ("text_encoder", "text_encoder_2")]
             dtype = parts["text_encoder"].dtype
             clip_states = torch.cat([o.hidden_states[layer].to(dtype) for o in outs], dim=-1)
             length = t5_length or FAMILY_PARTS["sd3"][2][3]
             if "text_encoder_3" in parts:
-                t5 = t5_states(parts["text_encoder_3"], prompts, length).to(parts["text_encoder_3"].dtype)
+                t5_part = parts["text_encoder_3"]
+                t5 = t5_states(t5_part, texts["text_encoder_3"], length).to(t5_part.dtype)
             else:  # diffusers' SD3 pipeline without T5: zeros in its place
-                t5 = torch.zeros(len(prompts), length, self.states_dim, dtype=dtype, device=clip_states.device)
+                t5 = torch.zeros(len(texts["text_encoder"]), length, self.states_dim, dtype=dtype,
+                                 device=clip_states.device)
             clip_states = torch.nn.functional.pad(clip_states, (0, t5.shape[-1] - clip_states.shape[-1]))
             return {"encoder_hidden_states": torch.cat([clip_states, t5], dim=-2),
                     "text_embeds": torch.cat([o[0] for o in outs], dim=-1)}
         # flux: CLIP's pooled output, T5's states (both in the CLIP's dtype, as FluxPipeline casts them)
         clip = parts["text_encoder"]
-        ids = clip.tokens(prompts).input_ids.to(clip.device)
+        ids = clip.tokens(texts["text_encoder"]).input_ids.to(clip.device)
         pooled = clip.encoder(ids, output_hidden_states=False).pooler_output
-        states = t5_states(parts["text_encoder_2"], prompts, t5_length)
+        states = t5_states(parts["text_encoder_2"], texts["text_encoder_2"], t5_length)
         return {"encoder_hidden_states": states.to(clip.dtype), "text_embeds": pooled.to(clip.dtype)}
 
 
@@ -279,6 +342,10 @@ def find_prompt_encoder(folder: str, spec, zero_negative: Optional[bool] = None,
         config = read_json(index) if os.path.isfile(index) else {}
         zero_negative = bool(config.get("force_zeros_for_empty_prompt", True))
     return PromptEncoder(folder, family, spec.cross_attention_dim, zero_negative=bool(zero_negative), variant=variant)
+
+
+def _slot_name(slot: int, negative: bool = False) -> str:
+    return ("negative_" if negative else "") + ("prompt" if slot == 1 else f"prompt_{slot}")
 
 
 def prompt_list(prompt, name: str) -> list[str]:

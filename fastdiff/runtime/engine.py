@@ -56,6 +56,7 @@ import torch
 
 from ..errors import BadArgumentError, FastdiffError
 from ..pipeline import check_seed
+from ..prompts.encoder import EXTRA_PROMPTS
 from ..utils.checks import finite_number
 
 __all__ = ["Engine", "EngineClosedError"]
@@ -271,8 +272,9 @@ class Engine:
         micro-conditioning ids (N,) of this request, stacked the same way (``Pipeline.generate`` defaults the ids);
         ``guidance``: a guidance-distilled model's strength (Flux dev) for this request, batched per row.
         ``prompt`` / ``negative_prompt``: text in place of those tensors, encoded here, in the caller's thread, by
-        the pipeline's text encoders (``Pipeline.encode_prompt``); ``clip_skip`` / ``max_sequence_length`` go in
-        ``options``.
+        the pipeline's text encoders (``Pipeline.encode_prompt``); ``clip_skip`` / ``max_sequence_length`` and the
+        second / third encoders' texts (``prompt_2`` / ``prompt_3`` and their ``negative_`` forms, one string each)
+        go in ``options``.
         ``image`` / ``strength``: image-to-image (``Pipeline.generate(image=...)``), one image per request, checked
         and converted here; requests of one strength and size batch together, each with its own image.
         ``options``: further ``generate`` keywords shared by a batch (``guidance_rescale``, sampler
@@ -283,11 +285,14 @@ class Engine:
         """
         fut: concurrent.futures.Future = concurrent.futures.Future()
         try:
+            extra_prompts = {k: options.pop(k) for k in EXTRA_PROMPTS if k in options}  # (never batch options)
+            extra_prompts = {k: v for k, v in extra_prompts.items() if v is not None}
             text_options = [k for k in ("clip_skip", "max_sequence_length") if options.get(k) is not None]
+            text_options += list(extra_prompts)
             if text_options and prompt is None:  # (they shape a prompt's encoding: alone, they would fail the batch)
                 raise BadArgumentError(f"{' / '.join(text_options)}: given without prompt=; they apply to encoding it")
             if prompt is not None or negative_prompt is not None:
-                text = self._encode_prompt(prompt, negative_prompt, cfg_scale, options,
+                text = self._encode_prompt(prompt, negative_prompt, cfg_scale, options, extra_prompts,
                                            dict(encoder_hidden_states=encoder_hidden_states, text_embeds=text_embeds,
                                                 negative_encoder_hidden_states=negative_encoder_hidden_states,
                                                 negative_text_embeds=negative_text_embeds))
@@ -356,19 +361,21 @@ class Engine:
         strength, _ = pipe._img2img_strength(strength, _as_int("steps", steps, minimum=1))
         return images[0].clone(), strength, height, width
 
-    def _encode_prompt(self, prompt, negative_prompt, cfg_scale, options: dict, given: dict) -> dict:
+    def _encode_prompt(self, prompt, negative_prompt, cfg_scale, options: dict, extra_prompts: dict,
+                       given: dict) -> dict:
         """One request's text tensors (rows, as submit takes them) from its prompt."""
         if prompt is None or not isinstance(prompt, str):
             raise BadArgumentError(f"prompt: expected one string per request (negative_prompt only with it), found "
                                    f"{prompt!r}")
-        if negative_prompt is not None and not isinstance(negative_prompt, str):
-            raise BadArgumentError(f"negative_prompt: expected one string per request, found {negative_prompt!r}")
+        for name, text in (("negative_prompt", negative_prompt), *extra_prompts.items()):
+            if text is not None and not isinstance(text, str):
+                raise BadArgumentError(f"{name}: expected one string per request, found {text!r}")
         stray = sorted(k for k, v in given.items() if v is not None)
         if stray:
             raise BadArgumentError(f"prompt: expected a prompt or encoded text, not both; found prompt and {stray}")
         guided = finite_number("cfg_scale", cfg_scale) != 1.0
         text = self.pipe.encode_prompt(prompt, negative_prompt, guided=guided, clip_skip=options.pop("clip_skip", None),
-                                       max_sequence_length=options.pop("max_sequence_length", None))
+                                       max_sequence_length=options.pop("max_sequence_length", None), **extra_prompts)
         return {k: v[0] for k, v in text.items()}
 
     def asubmit(self, **kwargs) -> "asyncio.Future":
