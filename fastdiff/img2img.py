@@ -88,6 +88,7 @@ def _from_numpy(a: np.ndarray, channels: int) -> torch.Tensor:
     if a.ndim != 4 or a.shape[-1] != channels:
         raise BadArgumentError(f"image: expected a NumPy array (H, W, {channels}) or (B, H, W, {channels}), found "
                                f"shape {a.shape}")
+    _check_not_empty(a.shape[:3])
     if a.dtype == np.uint8:
         unit = a.astype(np.float32) / 255.0
     elif np.issubdtype(a.dtype, np.floating):
@@ -107,6 +108,7 @@ def _from_torch(t: torch.Tensor, channels: int) -> torch.Tensor:
                                f"{tuple(t.shape)}")
     if not t.is_floating_point():
         raise BadArgumentError(f"image: expected a float tensor in [0, 1], found {t.dtype}")
+    _check_not_empty(tuple(t.shape[:1]) + tuple(t.shape[2:]))
     t = t.detach().float().cpu()
     low, high = (float(v) for v in torch.aminmax(t))
     if low < 0:
@@ -116,6 +118,12 @@ def _from_torch(t: torch.Tensor, channels: int) -> torch.Tensor:
         return (t + 1) / 2
     _check_unit(low, high, "a float tensor")
     return t
+
+
+def _check_not_empty(batch_height_width) -> None:
+    if 0 in batch_height_width:
+        raise BadArgumentError(f"image: expected at least one image of at least one pixel, found (batch, height, "
+                               f"width) {tuple(int(n) for n in batch_height_width)}")
 
 
 def _check_unit(low, high, what: str, lowest: float = 0.0) -> None:

@@ -7,6 +7,7 @@ kernels, torch.compile, CUDA graphs, ONNX Runtime, TensorRT); ``save`` writes th
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import inspect
 import math
@@ -14,6 +15,7 @@ import numbers
 import random
 from typing import Optional, Sequence, Union
 
+import numpy as np
 import torch
 
 from .errors import BadArgumentError, UnsupportedConfigError
@@ -682,17 +684,23 @@ def _rows(t: torch.Tensor, start: int, count: int, batch: int) -> torch.Tensor:
 
 def _freeze(value):
     """A hashable, value-based key: dicts and sequences by content, tensors by shape / dtype and a digest of
-    their bytes, functions by code, defaults and closure (a fresh lambda with the same code and bound values is
-    the same key), bound methods by function and object, other callables by identity (the key holds them).
+    their bytes (NumPy arrays too), functions by code, defaults and closure (a fresh lambda with the same code and
+    bound values is the same key), partials by function and arguments, bound methods by function and object, other
+    callables by identity (the key holds them).
     A function whose result depends on module globals it reads is keyed by its code alone."""
     if isinstance(value, dict):
         return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
     if isinstance(value, (list, tuple)):
         return tuple(_freeze(v) for v in value)
+    if isinstance(value, np.ndarray):  # (an option such as DDIM's sigmas_to may be one)
+        digest = hashlib.sha256(np.ascontiguousarray(value).tobytes()).hexdigest()
+        return ("ndarray", value.shape, str(value.dtype), digest)
     if torch.is_tensor(value):
         flat = value.detach().reshape(-1).cpu().contiguous()
         digest = hashlib.sha256(flat.view(torch.uint8).numpy().tobytes()).hexdigest()
         return ("tensor", tuple(value.shape), str(value.dtype), digest)
+    if isinstance(value, functools.partial):  # an equal partial made afresh is the same key
+        return ("partial", _freeze(value.func), _freeze(value.args), _freeze(value.keywords))
     if inspect.ismethod(value):
         return ("method", _freeze(value.__func__), _by_identity(value.__self__))
     if inspect.isfunction(value):

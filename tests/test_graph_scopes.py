@@ -186,6 +186,32 @@ def test_freeze_keys_tensors_by_their_values():
     assert _freeze(torch.tensor([1.0], dtype=torch.bfloat16)) != _freeze(torch.tensor([1.0]))
 
 
+def test_loop_graph_keys_numpy_options_and_partials_by_value():
+    """A NumPy array among the options (DDIM's sigmas_to) keys the loop by its values, as a tensor does (it was a raw
+    TypeError: unhashable); an equal functools.partial made afresh replays the captured loop."""
+    import functools
+
+    import numpy as np
+    import torch
+
+    eager = fastdiff.load("arch:tiny-unet")
+    loop = fastdiff.load("arch:tiny-unet").optimize(cuda_graphs=True, graph_scope="loop", batch_buckets=(1,),
+                                                    graph_factory=FakeGraph)
+    kw = dict(seeds=[3], steps=4, sampler="ddim", progress=False)
+    targets = eager.plan(4, "ddim").sigmas[1:].numpy() * 0.9
+    for to in (targets, targets * 0.5):
+        assert rel_err(loop.generate(sigmas_to=to, **kw), eager.generate(sigmas_to=to, **kw)) <= 1e-6
+    loop.generate(sigmas_to=targets.copy(), **kw)
+    assert loop.loop_graphs.captures == 2
+    for _ in range(2):
+        clip = functools.partial(torch.clamp, min=-0.5, max=0.5)
+        assert rel_err(loop.generate(clip_x0=clip, **kw), eager.generate(clip_x0=clip, **kw)) <= 1e-6
+    assert loop.loop_graphs.captures == 3
+    from fastdiff.pipeline import _freeze
+
+    assert _freeze(np.arange(3.0)) != _freeze(np.arange(3.0).astype(np.float32))
+
+
 @pytest.mark.parametrize("scope", ["step", "loop"])
 def test_threads_sharing_a_graphed_pipe_get_their_own_samples(scope):
     """Two threads generating on one graphed pipe (two Engines over one pipe, or a direct call while an Engine

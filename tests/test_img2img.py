@@ -251,6 +251,9 @@ def test_start_index_follows_each_pipelines_rounding():
     (dict(image=np.zeros((16, 16, 3), np.uint8)), r"expected a NumPy array \(H, W, 1\)"),
     (dict(image="photo.png"), "expected a PIL image, a NumPy array or a torch tensor"),
     (dict(image=[]), "non-empty list"),
+    (dict(image=torch.rand(1, 0, 16)), r"at least one pixel, found \(batch, height, width\) \(1, 0, 16\)"),
+    (dict(image=torch.rand(0, 1, 16, 16)), r"at least one image"),
+    (dict(image=np.zeros((16, 0, 1), np.uint8)), r"at least one pixel, found \(batch, height, width\) \(1, 16, 0\)"),
 ])
 def test_bad_img2img_arguments_are_refused_by_name(digits, kwargs, match):
     with pytest.raises(BadArgumentError, match=match):
