@@ -291,7 +291,7 @@ class Pipeline:
                  progress: bool = True, callback=None, text_embeds=None, negative_text_embeds=None, time_ids=None,
                  negative_time_ids=None, guidance=None, prompt=None, negative_prompt=None, clip_skip=None,
                  max_sequence_length=None, image=None, strength: Optional[float] = None, prompt_2=None,
-                 prompt_3=None, negative_prompt_2=None, negative_prompt_3=None, **sampler_options):
+                 prompt_3=None, negative_prompt_2=None, negative_prompt_3=None, mask_image=None, **sampler_options):
         """Sample ``n`` images (latents for latent models).
 
         sampler / schedule: a fastdiff sampler name (``dpmpp_2m``, ``unipc``, ``ddim``, ...) and sigma
@@ -327,6 +327,10 @@ class Pipeline:
             encoder (a pixel model takes it as it is), noised to the grid's sigma at ``strength`` (0-1; default the
             model's diffusers pipeline's: 0.8 SD, 0.3 SDXL, 0.6 SD3 / FLUX.1), and only the remaining steps run
             (``int(steps * strength)`` of them, by diffusers' rounding). The image fixes the size; not with latents.
+        mask_image: inpainting, for an inpainting network (``spec.inpainting``: SD / SDXL inpainting UNets), which
+            needs it with ``image``: white repaints (binarized at 0.5; one mask, or one per image, at the image's size;
+            the forms ``image`` takes, with one channel), as diffusers' inpainting pipelines (``fastdiff.inpaint``).
+            strength defaults to theirs: 1.0 for SD (pure noise), 0.9999 for SDXL.
         output_type: ``tensor`` (B, C, H, W) float32 in the model's range (latents for a latent model), ``np``
             uint8 (B, H, W, C), ``pil`` a list of PIL images (1 or 3 channels); a latent model with a VAE decoder
             (``pipe.vae``) is decoded for ``np`` / ``pil``.
@@ -341,6 +345,7 @@ class Pipeline:
         latents = _as_latents(latents)
         # (k, C, H, W): images in [0, 1], or (given_latents) a latent model's latents as generate() returns them
         images, given_latents = self._img2img_images(image, strength, latents)
+        masks = self._inpaint_masks(mask_image, images, given_latents)  # (k, 1, H, W) of 0 / 1, for inpainting
         if images is not None and images.shape[0] > 1 and n == 1 and seeds is None:
             n = images.shape[0]  # one sample per image
         if isinstance(prompt, (list, tuple)) and len(prompt) > 1 and n == 1 and seeds is None and latents is None:
@@ -349,6 +354,11 @@ class Pipeline:
         b = len(seeds)
         if images is not None:
             images, height, width = self._img2img_size(images, b, height, width, given_latents)
+            if masks is not None:
+                if masks.shape[0] not in (1, b):
+                    raise BadArgumentError(f"mask_image: expected {_one_or(b)} masks (one per sample), found "
+                                           f"{masks.shape[0]}")
+                masks = masks.expand(b, -1, -1, -1)
         cfg_scales = _cfg_scales(cfg_scale, b)
         guided = any(scale != 1.0 for scale in cfg_scales)
         if latents is not None and height is None and width is None:
@@ -357,8 +367,11 @@ class Pipeline:
         shape = (self.spec.in_channels, h, w)
         plan = self.plan(steps, sampler, schedule, size=(h, w), **sampler_options)
         noise = NoiseSource(seeds, self.device)
+        pure_noise = False  # inpainting at strength 1: diffusers starts from noise alone, the image unencoded
         if images is not None:  # the grid's tail; the image is encoded once every argument has been checked
-            plan = plan.from_step(self._img2img_strength(strength, plan.steps)[1])
+            strength, t_start = self._img2img_strength(strength, plan.steps)
+            pure_noise = masks is not None and strength == 1.0
+            plan = plan if pure_noise else plan.from_step(t_start)
         elif latents is None:
             latents = noise.randn(shape)
         else:
@@ -414,12 +427,18 @@ class Pipeline:
         if self.loop_graphs is not None and callback is not None:
             raise BadArgumentError("callback: a captured sampling loop (graph_scope='loop') runs no Python per "
                                    "step; use graph_scope='step' to get per-step callbacks")
-        if images is not None:  # the posterior draws come first, then the start noise (diffusers' order)
+        if pure_noise:
+            latents = noise.randn(shape)
+        elif images is not None:  # the posterior draws come first, then the start noise (diffusers' order)
             if given_latents or self.vae is None:
                 clean = images.to(self.device) if given_latents else (images * 2 - 1).to(self.device)
             else:
                 clean = self.vae.encode(images * 2 - 1, noise=noise)  # (b, C, H, W) pixels in [-1, 1] -> latents
             latents = plan.noised(clean, noise.randn(shape))
+        if masks is not None:  # then the masked image's posterior draws; (b, 1 + C, h, w), shared by both CFG passes
+            from .inpaint import image_latents
+
+            extra["image_latents"] = image_latents(self.vae, images, masks, noise, (h, w)).to(self._network_dtype())
         bar = _progress(plan.steps, progress)
 
         def step_callback(info):
@@ -532,12 +551,36 @@ class Pipeline:
                                    + f"; or pass latents as the image: a ({channels}, h, w) tensor")
         return unit_images(image, self.vae.config.in_channels), False
 
+    def _inpaint_masks(self, mask_image, images, given_latents: bool):
+        """generate(mask_image=...) as float32 (k, 1, H, W) masks of 0 / 1 (``fastdiff.inpaint.unit_masks``): an
+        inpainting network needs one with its image; any other network is refused one."""
+        if not self.spec.inpainting:
+            if mask_image is not None:
+                raise BadArgumentError(f"mask_image: inpainting needs an inpainting network (an SD / SDXL inpainting "
+                                       f"UNet: {2 * self.spec.in_channels + 1} input channels), and this model takes "
+                                       f"its {self.spec.in_channels} latent channels alone (diffusers' blending for "
+                                       f"regular models is not implemented)")
+            return None
+        if images is None or mask_image is None:
+            raise BadArgumentError("image / mask_image: this is an inpainting network (latents + mask + masked image): "
+                                   "expected both, found " + ("image only" if images is not None else
+                                                              "mask_image only" if mask_image is not None else
+                                                              "neither"))
+        if given_latents:
+            raise BadArgumentError("image: an inpainting network takes the image in pixels (its masked part is "
+                                   "encoded), found latents")
+        from .inpaint import unit_masks
+
+        return unit_masks(mask_image, images)
+
     def _img2img_strength(self, strength, steps: int) -> tuple[float, int]:
         """(the strength, the model's diffusers default for None; the grid steps it skips, by that pipeline's
         rounding)."""
         from .img2img import default_strength, start_index
+        from .inpaint import default_strength as default_inpaint_strength
 
-        strength = default_strength(self.spec) if strength is None else strength
+        if strength is None:
+            strength = default_inpaint_strength(self.spec) if self.spec.inpainting else default_strength(self.spec)
         return float(strength), start_index(steps, strength, self.spec.prediction_type == "flow_prediction")
 
     def _img2img_size(self, images: torch.Tensor, b: int, height, width, given_latents: bool = False):
@@ -579,7 +622,7 @@ class Pipeline:
         cond, uncond = {}, {}
         out_channels = getattr(getattr(self.model, "config", None), "out_channels", None)
         if isinstance(out_channels, int) and out_channels not in (spec.in_channels, 2 * spec.in_channels):
-            # SD inpainting (9 = 4 latents + 4 masked-image latents + 1 mask), depth (5), instruct-pix2pix (8)
+            # depth (5 = 4 latents + depth), instruct-pix2pix (8); SD inpainting UNets (9) are ModelSpec.inpainting
             raise UnsupportedConfigError(
                 "in_channels", spec.in_channels, model="generate()",
                 supported=f"{out_channels} (the network's output channels): this network takes "

@@ -61,6 +61,8 @@ class ModelSpec:
         corner, aesthetic score); None for models without it.
     guidance_input: the network takes a distilled-guidance strength per sample (Flux dev's ``guidance``).
     guided_channels: CFG applies to the first K output channels only (official DiT: 3); None = all.
+    inpainting: an inpainting network (SD / SDXL inpainting UNets): beside its ``in_channels`` latents it takes the
+        mask and the masked image's latents (``image_latents``, 1 + in_channels channels; ``fastdiff.inpaint``).
     """
 
     kind: str
@@ -77,6 +79,7 @@ class ModelSpec:
     time_ids_dim: Optional[int] = None
     guidance_input: bool = False
     guided_channels: Optional[int] = None
+    inpainting: bool = False
     source: str = ""
     notes: list = field(default_factory=list)
 
@@ -129,6 +132,8 @@ class ModelSpec:
             kw["time_ids"] = torch.tensor([default_time_ids(self.time_ids_dim, *self.sample_size)]).expand(batch, -1)
         if self.guidance_input:
             kw["guidance"] = torch.full((batch,), 3.5)
+        if self.inpainting:  # the mask and the masked image's latents, at the sample size
+            kw["image_latents"] = torch.randn(batch, self.in_channels + 1, *self.sample_size, generator=generator)
         return kw
 
     def to_dict(self) -> dict:

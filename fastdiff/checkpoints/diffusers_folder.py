@@ -109,9 +109,13 @@ def spec_for(kind: str, cfg, scheduler: Optional[dict], source: str) -> ModelSpe
         cross = cfg.cross_attention_dim
         cross = cross if isinstance(cross, int) or cross is None else list(cross)[0]
         text_dim, ids = cfg.text_time_dims or (None, None)
+        # SD / SDXL inpainting UNets take C latents + the mask + the masked image's C latents (9 = 4 + 1 + 4)
+        inpainting = cfg.in_channels == 2 * cfg.out_channels + 1
+        channels = cfg.out_channels if inpainting else cfg.in_channels  # what the sampler runs on
         return ModelSpec(
             kind="unet", model_config=cfg.to_dict(), prediction_type=prediction, scheduler=scheduler,
-            in_channels=cfg.in_channels, sample_size=size, learned_variance=cfg.out_channels == 2 * cfg.in_channels,
+            in_channels=channels, sample_size=size, learned_variance=cfg.out_channels == 2 * channels,
+            inpainting=inpainting,
             num_classes=cfg.num_class_embeds, cross_attention_dim=cross if cfg.conditional else None,
             text_embeds_dim=text_dim, time_ids_dim=ids, source=source)
     if kind in ("mmdit", "flux") and prediction != "flow_prediction":

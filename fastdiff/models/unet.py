@@ -867,12 +867,16 @@ class UNet(LinearStacks, nn.Module):
         return x if out is None else Projected(x, out.split(self._stack_sizes[name], dim=-1))
 
     # ----------------------------------------------------------------------------------------------
-    def forward(self, x, timestep, class_labels=None, encoder_hidden_states=None, text_embeds=None, time_ids=None):
+    def forward(self, x, timestep, class_labels=None, encoder_hidden_states=None, text_embeds=None, time_ids=None,
+                image_latents=None):
         """x (B, C, H, W); timestep scalar / (B,); class_labels (B,); encoder_hidden_states (B, L, D);
         text_embeds (B, P) and time_ids (B, N): SDXL's pooled text and micro-conditioning (diffusers passes
-        them as ``added_cond_kwargs``)."""
+        them as ``added_cond_kwargs``); image_latents (B, K, H, W): input channels after x's (an inpainting UNet's
+        mask and masked-image latents, which diffusers' pipelines concatenate to the latents)."""
         c = self.config
         b = x.shape[0]
+        if image_latents is not None:
+            x = torch.cat([x, image_latents.to(x.dtype)], dim=1)  # (B, C + K, H, W)
         if c.center_input_sample:
             x = 2 * x - 1.0
         t = _timesteps(timestep, b, x.device)  # (B,)
