@@ -20,11 +20,12 @@ Graph interface (what ONNX diffusion pipelines expect)::
     encoder_hidden_states (B, L, D)     text-conditioned UNet          | class_labels (B,) int64: DiT,
     text_embeds           (B, P)        SDXL-style UNets and SD3 only     class-conditional UNet
     time_ids              (B, N)        float32, SDXL-style UNets only
+    image_latents         (B, 1+C, H, W) inpainting UNets only: the mask and the masked image's latents
     -> out_sample         (B, C_out, H, W)
 
 CFG-folded graph (``cfg_folded=True``): the same inputs plus ``uncond_encoder_hidden_states`` (and, for
 SDXL-style UNets, ``uncond_text_embeds`` / ``uncond_time_ids``; class models use the spec's null class
-inside) and ``guidance_scale`` ((1,) or (B,) float32);
+inside) and ``guidance_scale`` ((1,) or (B,) float32); ``guidance`` and ``image_latents`` serve both passes;
 cond and uncond run as ONE batch of 2B inside and ``out_sample`` is the guided output: channels
 ``[:g]`` are ``uncond + s * (cond - uncond)`` (g = spec.guided_channels, or the eps channels of a
 learned-variance model), the remaining (variance) channels are the conditional pass's.
@@ -102,20 +103,22 @@ def conditioning(model: nn.Module, spec: ModelSpec) -> Optional[str]:
 def cond_inputs(cond: Optional[str], spec: ModelSpec) -> list[str]:
     """The graph's conditional inputs after sample and timestep, in order (a CFG-folded text graph repeats each
     as ``uncond_<name>``)."""
+    image = ["image_latents"] if spec.inpainting else []
     if cond == "class":
-        return ["class_labels"]
+        return ["class_labels"] + image
     if cond == "text":
         return (["encoder_hidden_states"] + (["text_embeds"] if spec.text_embeds_dim else [])
-                + (["time_ids"] if spec.time_ids_dim else []) + (["guidance"] if spec.guidance_input else []))
-    return []
+                + (["time_ids"] if spec.time_ids_dim else []) + (["guidance"] if spec.guidance_input else []) + image)
+    return image
 
 
-# inputs both CFG passes share (no uncond_ counterpart): Flux dev's distilled-guidance strength
-SHARED_INPUTS = ("guidance",)
+# inputs both CFG passes share (no uncond_ counterpart): Flux dev's distilled-guidance strength, an inpainting
+# network's mask and masked-image latents
+SHARED_INPUTS = ("guidance", "image_latents")
 
 
 # float inputs that run in the network's dtype (the rest: class labels int64, SDXL's time ids float32)
-_NETWORK_DTYPE_INPUTS = ("encoder_hidden_states", "text_embeds")
+_NETWORK_DTYPE_INPUTS = ("encoder_hidden_states", "text_embeds", "image_latents")
 
 
 def _timestep_dtype(model: nn.Module, spec: ModelSpec) -> torch.dtype:
@@ -165,9 +168,10 @@ class _CFGGraphModule(_GraphModule):
         x2 = torch.cat([x, x], dim=0)  # (2B, C, H, W)
         t = timestep.reshape(-1).expand(b)
         t2 = torch.cat([t, t], dim=0)  # (2B,)
-        if self.names == ["class_labels"]:
+        if "class_labels" in self.names:  # (and the shared inputs, repeated)
             y = cond["class_labels"]
-            both = {"class_labels": torch.cat([y, torch.full_like(y, self.null_class)], dim=0)}  # (2B,)
+            both = {k: torch.cat([v, v], dim=0) for k, v in cond.items() if k in SHARED_INPUTS}
+            both["class_labels"] = torch.cat([y, torch.full_like(y, self.null_class)], dim=0)  # (2B,)
         else:  # text: every input but the shared ones has its uncond_ counterpart, in the same order
             own = [k for k in self.names if k not in SHARED_INPUTS]
             uncond = dict(zip(own, rest[n:n + len(own)]))
@@ -189,7 +193,7 @@ def graph_io(model: nn.Module, spec: ModelSpec, *, cfg_folded: bool, fp16_io: bo
     io_dtype = "float16" if (dtype == "fp16" and fp16_io) else "float32"
     inputs = [["sample", io_dtype], ["timestep", "int64" if _timestep_dtype(model, spec) == torch.int64 else "float32"]]
     kinds = {"encoder_hidden_states": io_dtype, "text_embeds": io_dtype, "time_ids": "float32",
-             "class_labels": "int64", "guidance": "float32"}
+             "class_labels": "int64", "guidance": "float32", "image_latents": io_dtype}
     names = cond_inputs(cond, spec)
     inputs += [[n, kinds[n]] for n in names]
     if cfg_folded:
@@ -269,6 +273,9 @@ def _example_inputs(spec, io, batch, h, w, device, seed=0, tokens=7):
             v = 8.0 * torch.randint(4, 160, (batch, spec.time_ids_dim), generator=g)
         elif name == "guidance":  # Flux dev's strengths, varied per row
             v = torch.linspace(1.5, 4.5, batch)
+        elif name == "image_latents":  # a 0 / 1 mask and latents
+            v = torch.cat([(torch.rand(batch, 1, h, w, generator=g) > 0.5).float(),
+                           torch.randn(batch, spec.in_channels, h, w, generator=g)], dim=1)
         elif name == "class_labels":
             v = torch.randint(0, max(int(spec.num_classes or 1), 1), (batch,), generator=g)
         elif name == "guidance_scale":
@@ -285,7 +292,7 @@ def _dynamic_axes(io, dynamic_batch, dynamic_hw):
     axes = {}
     for name, _ in io["inputs"] + io["outputs"]:
         a = {}
-        if name in ("sample", "out_sample"):
+        if name in ("sample", "out_sample", "image_latents"):
             if dynamic_batch:
                 a[0] = "batch"
             if dynamic_hw:

@@ -112,3 +112,126 @@ def test_a_regular_model_refuses_a_mask():
     with pytest.raises(BadArgumentError, match="mask_image: inpainting needs an inpainting network"):
         pipe.generate(image=torch.rand(1, pipe.spec.in_channels, 16, 16), mask_image=torch.rand(1, 16, 16), steps=2,
                       progress=False)
+
+
+def test_sdxl_inpainting_equals_diffusers(tmp_path):
+    """SDXL's inpainting pipeline: its default strength 0.9999 (the image's latents noised, not pure noise)."""
+    from test_img2img import _text_kwargs
+    from test_sdxl import SCHEDULER, UNET, _embeds
+
+    torch.manual_seed(0)
+    unet = perturb_(diffusers.UNet2DConditionModel(**dict(UNET, in_channels=9)).eval(), 0)
+    scheduler = diffusers.EulerDiscreteScheduler(**SCHEDULER)
+    vae = vae_reference(dict(SD_VAE, scaling_factor=0.13025), seed=2)
+    pipe = fastdiff.load(_folder(tmp_path, "unet", unet, scheduler, vae, "StableDiffusionXLInpaintPipeline"))
+    ref = diffusers_pipeline("StableDiffusionXLInpaintPipeline")(
+        vae=vae, unet=unet, scheduler=scheduler, text_encoder=None, text_encoder_2=None, tokenizer=None,
+        tokenizer_2=None, requires_aesthetics_score=False)
+    ref.set_progress_bar_config(disable=True)
+    e, images, masks = {k: v for k, v in _embeds().items() if k != "latents"}, _images(), _masks()
+    want = ref(image=images.clone(), mask_image=masks.clone(), num_inference_steps=8, guidance_scale=5.0,
+               generator=_generators(), output_type="latent", height=16, width=16,
+               **{k: v.clone() for k, v in e.items()}).images
+    # (fastdiff's default ids take every SDXL VAE's 8 pixels per latent pixel; this tiny VAE has 2)
+    got = pipe.generate(image=images, mask_image=masks, steps=8, cfg_scale=5.0, seeds=SEEDS, progress=False,
+                        time_ids=[16, 16, 0, 0, 16, 16], **_text_kwargs(e, True))
+    assert rel_err(got, want) <= 1e-5
+
+
+@pytest.mark.parametrize("scope", ["step", "loop"])
+def test_inpainting_in_captured_graphs_equals_eager(sd_inpaint, tmp_path, scope):
+    """The mask and masked-image latents are graph inputs: a new mask replays the captured graph."""
+    from test_graph_scopes import FakeGraph
+
+    eager, _ = _sd_pair(sd_inpaint, tmp_path)
+    graphed = fastdiff.load(str(tmp_path)).optimize(cuda_graphs=True, graph_scope=scope,
+                                                                    batch_buckets=(1, 2, 4), graph_factory=FakeGraph)
+    e = sd_inpaint[2]
+    kw = dict(steps=4, cfg_scale=3.0, seeds=SEEDS, encoder_hidden_states=e["prompt_embeds"],
+              negative_encoder_hidden_states=e["negative_prompt_embeds"], progress=False)
+    for masks, strength in ((_masks(), None), (_masks(seed=9), None), (_masks(), 0.75)):
+        got = graphed.generate(image=_images(), mask_image=masks, strength=strength, **kw)
+        assert rel_err(got, eager.generate(image=_images(), mask_image=masks, strength=strength, **kw)) <= 1e-6
+    if scope == "loop":
+        assert graphed.loop_graphs.captures == 2  # one per strength; the second mask replayed the first capture
+
+
+def test_engine_inpainting_requests_equal_their_solo_runs(sd_inpaint, tmp_path):
+    pipe, _ = _sd_pair(sd_inpaint, tmp_path)
+    e = sd_inpaint[2]
+    images, masks = _images(3), _masks(3)
+    with fastdiff.Engine(pipe, max_batch=4, max_wait_ms=50) as engine:
+        futures = [engine.submit(seed=i, image=images[i], mask_image=masks[i], steps=3, cfg_scale=2.0,
+                                 encoder_hidden_states=e["prompt_embeds"][0],
+                                 negative_encoder_hidden_states=e["negative_prompt_embeds"][0]) for i in range(3)]
+        no_mask = engine.submit(seed=5, image=images[0], steps=3, encoder_hidden_states=e["prompt_embeds"][0])
+        nothing = engine.submit(seed=5, steps=3, encoder_hidden_states=e["prompt_embeds"][0])
+        results = [f.result(timeout=120) for f in futures]
+        assert engine.stats()["batch_size_hist"] == {3: 1}  # (the three masks in one batch)
+    for fut, match in ((no_mask, "found image only"), (nothing, "found neither")):
+        with pytest.raises(BadArgumentError, match=match):
+            fut.result(timeout=10)
+    for i, got in enumerate(results):
+        want = pipe.generate(seeds=[i], image=images[i], mask_image=masks[i], steps=3, cfg_scale=2.0,
+                             encoder_hidden_states=e["prompt_embeds"][:1],
+                             negative_encoder_hidden_states=e["negative_prompt_embeds"][:1], progress=False)[0]
+        assert rel_err(got, want) <= 1e-5
+
+
+@pytest.mark.parametrize("cfg_folded", [False, True])
+def test_an_exported_inpainting_graph_inpaints_like_eager(sd_inpaint, tmp_path, cfg_folded):
+    """The mask and masked-image latents are a graph input (``image_latents``, shared by a CFG-folded graph's two
+    passes); the loaded graph, given the folder's VAE, inpaints as the PyTorch model does."""
+    pytest.importorskip("onnxruntime", reason="the exported graph runs on ONNX Runtime")
+    pytest.importorskip("onnx", reason="the exporter needs onnx")
+    from fastdiff.export.onnx import export_onnx
+
+    eager, _ = _sd_pair(sd_inpaint, tmp_path)
+    path = str(tmp_path / "inpaint.onnx")
+    res = export_onnx(eager, eager.spec, path, cfg_folded=cfg_folded, progress=False)
+    assert res.max_abs_err is not None and res.max_abs_err < 1e-4  # (the exporter's own parity check)
+    graph = fastdiff.load(path, vae=str(tmp_path / "vae"))
+    assert graph.spec.inpainting
+    e = sd_inpaint[2]
+    kw = dict(image=_images(), mask_image=_masks(), steps=3, cfg_scale=[2.0, 4.0], seeds=SEEDS,
+              encoder_hidden_states=e["prompt_embeds"], negative_encoder_hidden_states=e["negative_prompt_embeds"],
+              progress=False)
+    assert rel_err(graph.generate(**kw), eager.generate(**kw)) <= 1e-5
+    if not cfg_folded:
+        ort = fastdiff.load(str(tmp_path)).optimize(backend="onnxruntime")
+        assert rel_err(ort.generate(**kw), eager.generate(**kw)) <= 1e-5
+
+
+def test_cli_generate_inpaints_an_image(tmp_path):
+    """``fastdiff generate MODEL --image IN.png --mask MASK.png`` writes what generate(image=, mask_image=) returns
+    (an unconditional inpainting UNet, so no text encoders are needed); its mistakes are one line and exit 2."""
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from test_cli import fastdiff as run_cli
+
+    torch.manual_seed(0)
+    unet = perturb_(diffusers.UNet2DModel(sample_size=8, in_channels=9, out_channels=4, block_out_channels=(16, 32),
+                                          layers_per_block=1, norm_num_groups=8,
+                                          down_block_types=("DownBlock2D", "DownBlock2D"),
+                                          up_block_types=("UpBlock2D", "UpBlock2D")).eval(), 0)
+    folder = _folder(tmp_path / "model", "unet", unet, diffusers.DDIMScheduler.from_config(SD_SCHEDULER),
+                     vae_reference(SD_VAE, seed=2), "StableDiffusionInpaintPipeline")
+    pixels = (np.random.default_rng(1).random((16, 16, 3)) * 255).astype(np.uint8)
+    mask = np.zeros((16, 16), np.uint8)
+    mask[4:12, 2:9] = 255
+    Image.fromarray(pixels).save(tmp_path / "in.png")
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    r = run_cli("generate", folder, "--image", "in.png", "--mask", "mask.png", "--steps", "3", "--n", "1", "--seed",
+                "7", "--output-latents", "lat.safetensors", "--no-progress", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    want = fastdiff.load(folder).generate(image=pixels, mask_image=mask, steps=3, seeds=[7], progress=False)
+    assert torch.equal(load_file(str(tmp_path / "lat.safetensors"))["latents"], want)
+    for args, message in [(("--mask", "mask.png"), "--mask: given without --image"),
+                          (("--image", "in.png", "--mask", "missing.png"), "--mask: expected an image file"),
+                          (("--image", "in.png"), "image / mask_image: this is an inpainting network")]:
+        r = run_cli("generate", folder, *args, "--steps", "2", "--n", "1", "--output-latents", "x.safetensors",
+                    cwd=tmp_path)
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+    r = run_cli("info", folder, cwd=tmp_path)
+    assert "image and mask_image (an inpainting network)" in r.stdout, r.stdout

@@ -304,19 +304,21 @@ def test_a_unet_with_a_continuous_class_input_says_generate_cannot_feed_it(tmp_p
     assert out.shape == (2, 4, 8, 8)
 
 
-def test_an_inpainting_unet_says_generate_cannot_feed_its_conditioning_channels(tmp_path):
-    """An SD inpainting UNet (9 input channels: 4 latents, 4 masked-image latents, 1 mask; 4 out) failed inside the
-    first step with "network output: expected 9 (or 18) channels, found 4"; generate() now says what is missing."""
+def test_an_image_conditioned_unet_says_generate_cannot_feed_its_conditioning_channels(tmp_path):
+    """A depth-conditioned UNet (5 input channels: 4 latents + depth; 4 out): generate() says what it cannot supply
+    rather than failing inside the first step. (An inpainting UNet, 9 = 4 + 1 + 4, is ModelSpec.inpainting:
+    tests/test_inpaint.py.)"""
     diffusers = pytest.importorskip("diffusers")
     from fastdiff.errors import UnsupportedConfigError
 
     diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=9, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        sample_size=8, in_channels=5, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=16, attention_head_dim=2, norm_num_groups=8,
     ).save_pretrained(tmp_path)
     pipe = fastdiff.load(str(tmp_path))
-    with pytest.raises(UnsupportedConfigError, match="5 conditioning channels beside its 4 latent ones"):
+    assert not pipe.spec.inpainting
+    with pytest.raises(UnsupportedConfigError, match="1 conditioning channels beside its 4 latent ones"):
         pipe.generate(seeds=[1], steps=2, encoder_hidden_states=torch.randn(1, 5, 16), progress=False)
 
 

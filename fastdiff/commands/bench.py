@@ -910,6 +910,10 @@ def run(args) -> int:
         raise BadArgumentError("--cfg != 1 needs an unconditional (null) class label, and this model has none")
     if args.cfg != 1.0 and not spec.num_classes and not spec.cross_attention_dim:
         raise BadArgumentError("--cfg != 1 needs a conditional model (class labels or text states)")
+    if spec.inpainting:  # (its every call needs an image and a mask; the network's speed is its base model's)
+        raise BadArgumentError(f"{args.model}: an inpainting network; the latency bench times text-to-image "
+                               f"generation: bench the base model (the same UNet with {spec.in_channels} input "
+                               f"channels)")
     probe.plan(args.steps, args.sampler, args.schedule)
     # an exported graph (.onnx) has no PyTorch network to count
     n_params = sum(p.numel() for p in probe.model.parameters()) if probe.model is not None else 0

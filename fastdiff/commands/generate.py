@@ -67,6 +67,9 @@ def register(sub) -> None:
     p.add_argument("--image", default=None, metavar="IN.png",
                    help="image-to-image (SDEdit): start from this image (any format Pillow reads; its size is the "
                         "output's, a multiple of the VAE's 8 pixels per latent pixel), noised to --strength")
+    p.add_argument("--mask", default=None, metavar="MASK.png",
+                   help="with --image, for an inpainting model (SD / SDXL inpainting): white repaints, black keeps "
+                        "(read in grayscale, at --image's size)")
     p.add_argument("--strength", type=float, default=None, metavar="S",
                    help="with --image: the share of the steps that run, in (0, 1] (default: the model's diffusers "
                         "img2img pipeline's: 0.8 SD, 0.3 SDXL, 0.6 SD3 / FLUX.1); 1 keeps nothing of the image")
@@ -273,12 +276,15 @@ def _validate(args) -> None:
         raise BadArgumentError("--strength: given without --image (it is image-to-image's)")
     if args.image is not None and (args.height is not None or args.width is not None):
         raise BadArgumentError("--height / --width: the --image fixes the size")
-    if args.image is not None and not os.path.isfile(args.image):
-        raise BadArgumentError(f"--image: expected an image file, found {args.image!r} (no such file)")
+    if args.mask is not None and args.image is None:
+        raise BadArgumentError("--mask: given without --image; inpainting repaints part of an image")
+    for flag, path in (("--image", args.image), ("--mask", args.mask)):
+        if path is not None and not os.path.isfile(path):
+            raise BadArgumentError(f"{flag}: expected an image file, found {path!r} (no such file)")
 
 
-def _read_image(path: str):
-    """--image as a PIL image (read fully now: the file may change while sampling)."""
+def _read_image(path: str, flag: str = "--image"):
+    """--image (or --mask) as a PIL image (read fully now: the file may change while sampling)."""
     from PIL import Image, UnidentifiedImageError
 
     from ..errors import BadArgumentError
@@ -288,7 +294,7 @@ def _read_image(path: str):
             im.load()
             return im.copy()
     except (OSError, UnidentifiedImageError) as e:
-        raise BadArgumentError(f"--image: could not read {path!r} as an image ({e})") from e
+        raise BadArgumentError(f"{flag}: could not read {path!r} as an image ({e})") from e
 
 
 def png_paths(args) -> list:
@@ -349,6 +355,8 @@ def run(args) -> int:
         inputs["guidance"] = args.guidance
     if args.image is not None:
         inputs.update(image=_read_image(args.image), strength=args.strength)
+    if args.mask is not None:
+        inputs["mask_image"] = _read_image(args.mask, "--mask")
 
     t0 = time.perf_counter()
     if args.backend is not None or args.dtype is not None:

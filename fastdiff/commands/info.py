@@ -173,6 +173,8 @@ def _conditioning(spec) -> str:
         parts.append(f"text_embeds (B, {spec.text_embeds_dim}), the pooled text embedding")
     if spec.guidance_input:
         parts.append("guidance (the distilled-guidance strength, default 3.5)")
+    if spec.inpainting:
+        parts.append("image and mask_image (an inpainting network)")
     return ", ".join(parts) or "nothing (unconditional)"
 
 

@@ -263,7 +263,8 @@ class Engine:
                sampler=None, cfg_scale: float = 1.0, height: Optional[int] = None, width: Optional[int] = None,
                schedule=None, text_embeds=None, negative_text_embeds=None, time_ids=None, negative_time_ids=None,
                guidance=None, prompt: Optional[str] = None, negative_prompt: Optional[str] = None,
-               image=None, strength: Optional[float] = None, **options) -> concurrent.futures.Future:
+               image=None, strength: Optional[float] = None, mask_image=None,
+               **options) -> concurrent.futures.Future:
         """Queue one sample; the Future resolves to a (C, H, W) tensor.
 
         Thread-safe. Defaults are ``Pipeline.generate``'s (``sampler=None`` / ``schedule=None``: the
@@ -277,6 +278,8 @@ class Engine:
         go in ``options``.
         ``image`` / ``strength``: image-to-image (``Pipeline.generate(image=...)``), one image per request, checked
         and converted here; requests of one strength and size batch together, each with its own image.
+        ``mask_image``: an inpainting network's mask of this request (``Pipeline.generate(mask_image=...)``), with its
+        image.
         ``options``: further ``generate`` keywords shared by a batch (``guidance_rescale``, sampler
         options such as ``eta``); values must be hashable, and only requests with equal options batch.
         A request that fails validation returns an already failed Future (the error is
@@ -299,15 +302,17 @@ class Engine:
                 encoder_hidden_states = text["encoder_hidden_states"]
                 negative_encoder_hidden_states = text.get("negative_encoder_hidden_states")
                 text_embeds, negative_text_embeds = text.get("text_embeds"), text.get("negative_text_embeds")
-            image_row = None
-            if image is not None or strength is not None:
-                image_row, strength, height, width = self._image_request(image, strength, steps, height, width)
+            image_rows = None
+            inpainting = getattr(getattr(self.pipe, "spec", None), "inpainting", False)  # (needs image and mask)
+            if image is not None or strength is not None or mask_image is not None or inpainting:
+                image_rows, strength, height, width = self._image_request(image, strength, mask_image, steps, height,
+                                                                          width)
                 options = {**options, "strength": strength}  # (shared by a batch: its grid starts there)
             added = dict(text_embeds=text_embeds, negative_text_embeds=negative_text_embeds, time_ids=time_ids,
                          negative_time_ids=negative_time_ids,
                          guidance=None if guidance is None else [finite_number("guidance", guidance)])
             req = self._make_request(fut, seed, class_label, encoder_hidden_states, negative_encoder_hidden_states,
-                                     steps, sampler, cfg_scale, height, width, schedule, options, added, image_row)
+                                     steps, sampler, cfg_scale, height, width, schedule, options, added, image_rows)
         except Exception as e:  # a bad request (or a prompt its text encoders could not encode) fails alone
             with self._cv:
                 if self._closed:
@@ -349,17 +354,22 @@ class Engine:
         # the queue notifies those too (the worker does it for those it takes)
         fut.set_running_or_notify_cancel()
 
-    def _image_request(self, image, strength, steps, height, width):
-        """One request's image as a (C, H, W) row in [0, 1] (or latents, as generate() takes them), its strength
-        (the model's default for None, so that both batch together) and the latent size it fixes; a strength that
-        leaves no step fails now."""
+    def _image_request(self, image, strength, mask_image, steps, height, width):
+        """One request's rows for generate(): its image (C, H, W) in [0, 1] (or latents, as generate() takes them),
+        and an inpainting network's mask (1, H, W); its strength (the model's default for None, so that both batch
+        together) and the latent size it fixes; a strength that leaves no step fails now."""
         pipe = self.pipe
         images, given_latents = pipe._img2img_images(image, strength, None)  # (k, C, H, W)
-        if images.shape[0] != 1:
-            raise BadArgumentError(f"image: expected one image per request, found {images.shape[0]}")
+        masks = pipe._inpaint_masks(mask_image, images, given_latents)  # (k, 1, H, W) or None
+        for name, rows in (("image", images), ("mask_image", masks)):
+            if rows is not None and rows.shape[0] != 1:
+                raise BadArgumentError(f"{name}: expected one {name.split('_')[-1]} per request, found {rows.shape[0]}")
         _, height, width = pipe._img2img_size(images, 1, height, width, given_latents)
         strength, _ = pipe._img2img_strength(strength, _as_int("steps", steps, minimum=1))
-        return images[0].clone(), strength, height, width
+        rows = {"image": images[0].clone()}
+        if masks is not None:
+            rows["mask_image"] = masks[0].clone()
+        return rows, strength, height, width
 
     def _encode_prompt(self, prompt, negative_prompt, cfg_scale, options: dict, extra_prompts: dict,
                        given: dict) -> dict:
@@ -478,7 +488,7 @@ class Engine:
     # ------------------------------------------------------------------------------------ internals
 
     def _make_request(self, fut, seed, class_label, ehs, nehs, steps, sampler, cfg_scale, height, width,
-                      schedule, options, added, image_row=None) -> _Request:
+                      schedule, options, added, image_rows=None) -> _Request:
         seed = check_seed(_as_int("seed", seed))  # what Pipeline.generate takes
         class_label = _as_int("class_label", class_label, minimum=0, allow_none=True)
         top = getattr(getattr(self.pipe, "spec", None), "label_bound", None)  # None: generate() checks it
@@ -514,8 +524,8 @@ class Engine:
         params = dict(steps=steps, sampler=sampler, schedule=schedule, height=height,
                       width=width, options=options)
         added = {k: _own_copy(_check_row(k, v)) for k, v in added.items() if v is not None}
-        if image_row is not None:  # (C, H, W), stacked into generate(image=(B, C, H, W)) like the rows above
-            added["image"] = image_row
+        if image_rows is not None:  # (C, H, W) each, stacked into generate(image=(B, C, H, W)) like the rows above
+            added.update(image_rows)
         req = _Request(seed, class_label, ehs, nehs, cfg_scale, params, added, (), fut)
         req.key = _group_key(req)
         return req

@@ -201,10 +201,11 @@ class OnnxRuntimeRunner:
 
 
 # the graph's tensor inputs a caller hands over as they are: text states and SDXL's micro-conditioning
-_PASSED_INPUTS = ("encoder_hidden_states", "text_embeds", "time_ids", "guidance")
+_PASSED_INPUTS = ("encoder_hidden_states", "text_embeds", "time_ids", "guidance", "image_latents")
 _INPUT_KINDS = {"encoder_hidden_states": ("text-conditioned", "(B, L, D)"),
                 "text_embeds": ("conditioned on a pooled text embedding", "(B, P)"),
-                "time_ids": ("SDXL-style", "(B, N)"), "guidance": ("guidance-distilled (Flux dev)", "(B,)")}
+                "time_ids": ("SDXL-style", "(B, N)"), "guidance": ("guidance-distilled (Flux dev)", "(B,)"),
+                "image_latents": ("an inpainting network", "(B, 1 + C, H, W)")}
 
 
 def build_feeds(input_names, spec, x: torch.Tensor, timestep, class_labels=None, encoder_hidden_states=None,
