@@ -106,3 +106,33 @@ def test_the_onnxruntime_backend_keeps_the_pipelines_precision():
     assert rel_err(bf16.generate(**KW), rounded.generate(**KW)) <= 1e-2
     fp16 = fastdiff.load("arch:tiny-dit", dtype="fp16").optimize(backend="onnxruntime")
     assert fp16.runner.io["dtype"] == "fp16"
+
+
+def test_a_learned_timestep_table_rounds_fractional_timesteps_as_eager():
+    """A learned timestep table's graph takes an int64 timestep: a Karras grid's fractional timesteps are rounded,
+    as the native UNet rounds them (a plain cast truncated 499.7 to 499: 1.5e-3 off eager)."""
+    import copy
+
+    import torch
+
+    from fastdiff.checkpoints.diffusers_folder import spec_for
+    from fastdiff.checkpoints.presets import DIT_SCHEDULER
+    from fastdiff.models import build_model, unet
+    from fastdiff.pipeline import Pipeline
+    from helpers import perturb_
+
+    cfg = unet.UNetConfig.from_diffusers(dict(
+        sample_size=8, in_channels=3, out_channels=3, block_out_channels=[16, 32], layers_per_block=1,
+        down_block_types=["DownBlock2D", "AttnDownBlock2D"], up_block_types=["AttnUpBlock2D", "UpBlock2D"],
+        norm_num_groups=8, attention_head_dim=8, time_embedding_type="learned", num_train_timesteps=1000),
+        "UNet2DModel")
+    spec = spec_for("unet", cfg, DIT_SCHEDULER, source="a learned timestep table")
+    torch.manual_seed(0)
+    model = perturb_(build_model("unet", cfg, device="cpu").eval())
+    eager = Pipeline(copy.deepcopy(model), spec)
+    ort = Pipeline(copy.deepcopy(model), spec).optimize(backend="onnxruntime")
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([499.7, 10.6])
+    with torch.no_grad():
+        assert rel_err(ort.runner(x, t), eager.model(x, t)) <= 1e-5
+    kw = dict(seeds=[1, 2], steps=4, sampler="euler", schedule="karras", progress=False)
+    assert rel_err(ort.generate(**kw), eager.generate(**kw)) <= 1e-5

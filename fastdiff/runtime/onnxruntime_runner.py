@@ -163,7 +163,7 @@ class OnnxRuntimeRunner:
         if self.device.type == "cuda":
             return self._run_cuda(feeds)
         # cast in torch, then hand to NumPy: NumPy has no bfloat16 (a bf16 pipeline feeds bf16 tensors)
-        arrays = {n: torch.as_tensor(feeds[n]).detach().to("cpu", _TORCH[dt]).numpy() for n, dt in self.inputs.items()}
+        arrays = {n: cast_input(feeds[n], "cpu", _TORCH[dt]).numpy() for n, dt in self.inputs.items()}
         out = self.session.run([self.outputs[0][0]], arrays)[0]
         return torch.from_numpy(out)
 
@@ -173,7 +173,7 @@ class OnnxRuntimeRunner:
         binding = self.session.io_binding()
         keep = []
         for name, dt in self.inputs.items():
-            t = feeds[name].detach().to(dev, _TORCH[dt]).contiguous()
+            t = cast_input(feeds[name], dev, _TORCH[dt]).contiguous()
             keep.append(t)
             binding.bind_input(name, "cuda", dev.index, dt, tuple(t.shape), t.data_ptr())
         name, dt = self.outputs[0]
@@ -251,6 +251,15 @@ def build_feeds(input_names, spec, x: torch.Tensor, timestep, class_labels=None,
     return feeds
 
 
+def cast_input(value, device, dtype: torch.dtype) -> torch.Tensor:
+    """A feed in the graph input's device and dtype. Floats bound for an integer input (a learned timestep table's
+    int64 timestep) are rounded first, as the native UNet rounds them: a plain cast would truncate 499.7 to 499."""
+    t = torch.as_tensor(value).detach()
+    if t.is_floating_point() and not dtype.is_floating_point:
+        t = t.round()
+    return t.to(device, dtype)
+
+
 def _per_sample(name: str, value: torch.Tensor, batch: int) -> torch.Tensor:
     """``value`` as a (1,) or (batch,) vector; any other count is refused by name (ONNX Runtime's own error would
     name an internal node)."""
@@ -286,4 +295,4 @@ class _CudaArray:
                                          "typestr": self._TYPESTR[dtype], "version": 2, "strides": None}
 
 
-__all__ = ["OnnxRuntimeRunner", "build_feeds"]
+__all__ = ["OnnxRuntimeRunner", "build_feeds", "cast_input"]

@@ -114,6 +114,8 @@ class TensorRTRunner:
 
     def run_feeds(self, feeds: dict, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Inputs by name (torch tensors) -> ``out_sample`` (a new tensor, or written into ``out``)."""
+        from .onnxruntime_runner import cast_input
+
         ctx = self.context
         bound = []  # keep the (possibly converted) inputs alive until the work is enqueued
         for name, dt in self.inputs.items():
@@ -121,7 +123,7 @@ class TensorRTRunner:
                 raise BadArgumentError(f"engine inputs {sorted(self.inputs)} expected, missing {name!r}")
             t = feeds[name]
             if t.device != self.device or t.dtype != dt or not t.is_contiguous():
-                t = t.to(self.device, dt).contiguous()
+                t = cast_input(t, self.device, dt).contiguous()  # (rounds floats bound for an integer input)
             bound.append(t)
             if not ctx.set_input_shape(name, tuple(t.shape)):
                 raise BadArgumentError(f"input {name!r} shape {tuple(t.shape)} is outside the engine's "
