@@ -341,7 +341,7 @@ def export_onnx(pipe_or_model, spec: Optional[ModelSpec], path: str, *, opset: i
         raise BadArgumentError(f"batch must be a positive int, found {batch!r}")
     if spec.kind not in ("unet", "dit", "mmdit", "flux"):
         raise UnsupportedConfigError("kind", spec.kind, supported=["unet", "dit", "mmdit", "flux"], model="ONNX exporter")
-    from fastdiff.utils.atomic import check_file_path
+    from fastdiff.utils.atomic import check_file_path, usual_permissions
 
     path = os.fspath(path)
     parent = check_file_path(path)  # a folder, a missing or unwritable one: refused before any work
@@ -436,10 +436,15 @@ def export_onnx(pipe_or_model, spec: Optional[ModelSpec], path: str, *, opset: i
             if use_ext:
                 # the previous graph out of the way, then data, then graph: an interruption leaves the previous export
                 # or no graph, never the previous graph beside the new weights
+                # (in a folder of its own: a graph named previous.onnx must not land on the staged one)
                 if os.path.exists(path):
-                    os.replace(path, os.path.join(tmp, "previous.onnx"))
+                    aside = os.path.join(tmp, "previous")
+                    os.makedirs(aside, exist_ok=True)
+                    os.replace(path, os.path.join(aside, os.path.basename(path)))
+                usual_permissions(os.path.join(tmp, data_name), 0o666)  # (onnx writes it owner-only)
                 os.replace(os.path.join(tmp, data_name), path + ".data")
                 files.append(path + ".data")
+            usual_permissions(staged, 0o666)
             os.replace(staged, path)
             if not use_ext and os.path.exists(path + ".data"):
                 with contextlib.suppress(OSError):  # a stale data file of an earlier large export, once no graph

@@ -338,6 +338,23 @@ def test_an_interrupted_overwrite_never_pairs_the_old_graph_with_new_weights(pip
     assert sorted(os.listdir(tmp_path)) == ["ext.onnx.data"]  # no graph at the path: nothing loads them wrongly
 
 
+def test_overwriting_an_external_data_export_named_previous_onnx(pipes, tmp_path):
+    """The previous graph is set aside in a folder of its own: at a path named previous.onnx it overwrote the new
+    graph staged beside it, and the old graph stayed with the new weights. Both files get the usual permissions
+    (onnx writes the weights owner-only)."""
+    from fastdiff.export.onnx import read_onnx_io
+
+    path = str(tmp_path / "previous.onnx")
+    export_onnx(pipes["arch:tiny-sd-unet"], None, path, external_data=True, check=False, progress=False)
+    res = export_onnx(pipes["arch:tiny-sd-unet"], None, path, external_data=True, cfg_folded=True, progress=False)
+    assert res.io["cfg_folded"] and read_onnx_io(path)["cfg_folded"]  # the new graph is the one on disk
+    assert sorted(os.listdir(tmp_path)) == ["previous.onnx", "previous.onnx.data"]
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in os.listdir(tmp_path):
+        assert os.stat(tmp_path / name).st_mode & 0o777 == 0o666 & ~mask, name
+
+
 def test_bad_input(pipes, tmp_path):
     pipe = pipes["arch:tiny-unet"]
     with pytest.raises(BadArgumentError, match="ModelSpec"):

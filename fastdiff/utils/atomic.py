@@ -42,7 +42,7 @@ def _umask() -> int:
     return mask
 
 
-def _public(path: str, mode: int) -> None:
+def usual_permissions(path: str, mode: int) -> None:
     """mkstemp / mkdtemp create private (0600 / 0700) entries: give the result the usual permissions."""
     os.chmod(path, mode & ~_umask())
 
@@ -55,7 +55,7 @@ def atomic_path(path: str, suffix: str = ""):
     os.close(fd)
     try:
         yield tmp
-        _public(tmp, 0o666)
+        usual_permissions(tmp, 0o666)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -70,12 +70,12 @@ def atomic_dir(path: str):
     tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(os.path.normpath(path)) + "-", dir=parent)
     try:
         yield tmp
-        _public(tmp, 0o777)
+        usual_permissions(tmp, 0o777)
         for root, dirs, files in os.walk(tmp):
             for d in dirs:
-                _public(os.path.join(root, d), 0o777)
+                usual_permissions(os.path.join(root, d), 0o777)
             for f in files:
-                _public(os.path.join(root, f), 0o666)
+                usual_permissions(os.path.join(root, f), 0o666)
         old = None
         if os.path.exists(path):
             old = tempfile.mkdtemp(prefix=".old-", dir=parent)
