@@ -216,8 +216,9 @@ def load_scheduler_config(path: str) -> dict:
     """Read ``scheduler_config.json`` from a file, a scheduler folder or a pipeline folder."""
     for p in (path, os.path.join(path, "scheduler_config.json"), os.path.join(path, "scheduler", "scheduler_config.json")):
         if os.path.isfile(p):
-            with open(p, encoding="utf-8") as f:
-                return json.load(f)
+            from .checkpoints.io import read_json
+
+            return read_json(p)  # (a non-JSON or binary file: a CorruptCheckpointError naming it)
     raise BadArgumentError(f"scheduler config: expected a scheduler_config.json at or under {path!r}, found none")
 
 

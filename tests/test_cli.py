@@ -409,3 +409,27 @@ def test_info_refuses_layer_options_without_a_model(tmp_path):
                          "--kernel-ops: expected --backend triton")):
         r = fastdiff("info", *argv, cwd=tmp_path)
         assert r.returncode == 2 and match in r.stderr, (argv, r.stderr)
+
+
+def test_info_on_an_exported_graph_and_unreadable_scheduler_files(tmp_path, monkeypatch):
+    """`fastdiff info MODEL.onnx` reports the graph (it raised AttributeError on the missing PyTorch layers); a
+    --scheduler file that is not JSON is one line of error (it was a raw JSONDecodeError / UnicodeDecodeError); info
+    does not call the onnxruntime backend usable without onnx, which it exports with."""
+    pytest.importorskip("onnx", reason="the exporter needs onnx")
+    pytest.importorskip("onnxruntime", reason="the graph loads through onnxruntime")
+    from fastdiff.commands import info
+
+    r = fastdiff("export", "arch:tiny-unet", "--format", "onnx", "-o", "u.onnx", "--no-progress", cwd=tmp_path,
+                 timeout=300)
+    assert r.returncode == 0, r.stderr
+    r = fastdiff("info", "u.onnx", cwd=tmp_path)
+    assert r.returncode == 0 and "backend none (an exported graph: no PyTorch layers)" in r.stdout, r.stderr
+    (tmp_path / "text.json").write_text("not json")
+    (tmp_path / "binary.json").write_bytes(bytes(range(256)))
+    for name, message in (("text.json", "expected JSON, found a parse error"),
+                          ("binary.json", "expected a JSON text file, found binary data")):
+        r = fastdiff("generate", "arch:tiny-unet", "--scheduler", name, "--steps", "1", "--n", "1", cwd=tmp_path)
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+    real = info._version
+    monkeypatch.setattr(info, "_version", lambda m: "not installed" if m == "onnx" else real(m))
+    assert info.collect()["backends"]["onnxruntime"].startswith("no: onnx not installed")

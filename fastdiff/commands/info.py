@@ -72,7 +72,9 @@ def collect() -> dict:
     backends["cuda_graphs"] = "yes" if torch.cuda.is_available() else "no: needs a CUDA GPU"
     ort = _version("onnxruntime")
     backends["onnxruntime"] = "yes" if ort != "not installed" else "no: onnxruntime not installed"
-    if ort != "not installed":
+    if ort != "not installed" and _version("onnx") == "not installed":  # (the backend exports the model first)
+        backends["onnxruntime"] = "no: onnx not installed (the backend exports the model with it)"
+    elif ort != "not installed":
         import onnxruntime
 
         backends["onnxruntime"] += f" (providers: {', '.join(onnxruntime.get_available_providers())})"
@@ -126,7 +128,9 @@ def model_ops(model: str, backend: str, kernel_ops: str = "measured", **load_opt
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     pipe = load_pipeline(model, device, **load_options)
-    if backend == "triton":  # as runtime.runners.prepare_model sets the layers
+    if pipe.model is None:  # an exported graph (.onnx): no PyTorch layers to set or list
+        chosen = "none (an exported graph: no PyTorch layers)"
+    elif backend == "triton":  # as runtime.runners.prepare_model sets the layers
         config = OptimizeConfig(backend="triton", kernel_ops=kernel_ops)
         chosen = set_backend(pipe.model, "triton", ops=config.op_choices(device, pipe.model))
     else:
@@ -136,7 +140,8 @@ def model_ops(model: str, backend: str, kernel_ops: str = "measured", **load_opt
                 "default_sampler": plan.sampler, "denoiser": plan.denoiser_kind}
     if plan.denoiser_kind == "flow":
         sampling["frame"] = plan.denoiser_options["frame"]
-    return {"model": model, "device": str(device), "backend": chosen, "ops": op_backends(pipe.model),
+    ops = {} if pipe.model is None else op_backends(pipe.model)
+    return {"model": model, "device": str(device), "backend": chosen, "ops": ops,
             "sampling": sampling, "conditioning": _conditioning(pipe.spec), "vae": _vae(pipe),
             "text_encoders": _text_encoders(pipe)}
 
@@ -229,7 +234,10 @@ def run(args) -> int:
         print(f"{m['model']} takes: {m['conditioning']}")
         print(f"{m['model']} VAE: {m['vae']}")
         print(f"{m['model']} text encoders: {m['text_encoders']}")
-        print(f"{m['model']} on {m['device']}, backend {m['backend']}: each fused layer's path")
-        for k, v in m["ops"].items():
-            print(f"  {k:20s} {v}")
+        if m["ops"]:
+            print(f"{m['model']} on {m['device']}, backend {m['backend']}: each fused layer's path")
+            for k, v in m["ops"].items():
+                print(f"  {k:20s} {v}")
+        else:
+            print(f"{m['model']} on {m['device']}: backend {m['backend']}")
     return 0
