@@ -102,14 +102,22 @@ def conditioning(model: nn.Module, spec: ModelSpec) -> Optional[str]:
 
 def cond_inputs(cond: Optional[str], spec: ModelSpec) -> list[str]:
     """The graph's conditional inputs after sample and timestep, in order (a CFG-folded text graph repeats each
-    as ``uncond_<name>``)."""
+    text input as ``uncond_<name>``; the unconditional class label is the graph's own null class). A UNet with
+    both text and a class table takes both."""
     image = ["image_latents"] if spec.inpainting else []
     if cond == "class":
         return ["class_labels"] + image
     if cond == "text":
         return (["encoder_hidden_states"] + (["text_embeds"] if spec.text_embeds_dim else [])
-                + (["time_ids"] if spec.time_ids_dim else []) + (["guidance"] if spec.guidance_input else []) + image)
+                + (["time_ids"] if spec.time_ids_dim else []) + (["guidance"] if spec.guidance_input else [])
+                + (["class_labels"] if spec.num_classes else []) + image)
     return image
+
+
+def _own_uncond(names: list) -> list:
+    """The inputs a CFG-folded graph takes an ``uncond_`` counterpart of: not the shared ones, not the class label
+    (its unconditional value is the null class, inside)."""
+    return [n for n in names if n not in SHARED_INPUTS and n != "class_labels"]
 
 
 # inputs both CFG passes share (no uncond_ counterpart): Flux dev's distilled-guidance strength, an inpainting
@@ -168,14 +176,11 @@ class _CFGGraphModule(_GraphModule):
         x2 = torch.cat([x, x], dim=0)  # (2B, C, H, W)
         t = timestep.reshape(-1).expand(b)
         t2 = torch.cat([t, t], dim=0)  # (2B,)
-        if "class_labels" in self.names:  # (and the shared inputs, repeated)
-            y = cond["class_labels"]
-            both = {k: torch.cat([v, v], dim=0) for k, v in cond.items() if k in SHARED_INPUTS}
-            both["class_labels"] = torch.cat([y, torch.full_like(y, self.null_class)], dim=0)  # (2B,)
-        else:  # text: every input but the shared ones has its uncond_ counterpart, in the same order
-            own = [k for k in self.names if k not in SHARED_INPUTS]
-            uncond = dict(zip(own, rest[n:n + len(own)]))
-            both = {k: torch.cat([cond[k], uncond.get(k, cond[k])], dim=0) for k in self.names}  # (2B, ...)
+        own = _own_uncond(self.names)  # their uncond_ counterparts follow, in the same order
+        uncond = dict(zip(own, rest[n:n + len(own)]))
+        if "class_labels" in self.names:  # the unconditional pass's label: the null class
+            uncond["class_labels"] = torch.full_like(cond["class_labels"], self.null_class)
+        both = {k: torch.cat([cond[k], uncond.get(k, cond[k])], dim=0) for k in self.names}  # (2B, ...); shared: twice
         out = self._run(x2, t2, both).float()  # (2B, C_out, H, W)
         c, u = out[:b], out[b:]  # 2 x (B, C_out, H, W)
         g = self.guided
@@ -197,8 +202,7 @@ def graph_io(model: nn.Module, spec: ModelSpec, *, cfg_folded: bool, fp16_io: bo
     names = cond_inputs(cond, spec)
     inputs += [[n, kinds[n]] for n in names]
     if cfg_folded:
-        if cond == "text":
-            inputs += [["uncond_" + n, kinds[n]] for n in names if n not in SHARED_INPUTS]
+        inputs += [["uncond_" + n, kinds[n]] for n in _own_uncond(names)]
         inputs.append(["guidance_scale", "float32"])
     return {
         "inputs": inputs, "outputs": [["out_sample", io_dtype]], "conditioning": cond, "dtype": dtype,
@@ -359,7 +363,7 @@ def export_onnx(pipe_or_model, spec: Optional[ModelSpec], path: str, *, opset: i
         if cond is None:
             raise BadArgumentError("cfg_folded=True needs a conditional model (text or class labels); this one "
                                    "is unconditional")
-        if cond == "class" and spec.null_class is None:
+        if spec.num_classes and spec.null_class is None:
             raise BadArgumentError("cfg_folded=True for a class-conditional model needs spec.null_class (the "
                                    "unconditional label); this model has none")
     out_ch = _out_channels(model, spec)
@@ -571,11 +575,8 @@ def reference_output(model: nn.Module, spec: ModelSpec, io: dict, feeds: dict) -
         c = run({k: feeds[k] for k in names})
         if not io["cfg_folded"]:
             return c
-        if io["conditioning"] == "class":
-            y = feeds["class_labels"]
-            u = run({"class_labels": torch.full_like(y, io["null_class"])})
-        else:
-            u = run({k: feeds[k if k in SHARED_INPUTS else "uncond_" + k] for k in names})
+        u = run({k: torch.full_like(feeds[k], io["null_class"]) if k == "class_labels"
+                 else feeds[k if k in SHARED_INPUTS else "uncond_" + k] for k in names})
         g = io["guided_channels"]
         s = feeds["guidance_scale"].float().reshape(-1, 1, 1, 1)
         return torch.cat([u[:, :g] + s * (c[:, :g] - u[:, :g]), c[:, g:]], dim=1)

@@ -136,3 +136,45 @@ def test_a_learned_timestep_table_rounds_fractional_timesteps_as_eager():
         assert rel_err(ort.runner(x, t), eager.model(x, t)) <= 1e-5
     kw = dict(seeds=[1, 2], steps=4, sampler="euler", schedule="karras", progress=False)
     assert rel_err(ort.generate(**kw), eager.generate(**kw)) <= 1e-5
+
+
+@pytest.mark.parametrize("null_class", [None, 9])
+def test_a_unet_with_text_and_a_class_table_exports_both_inputs(tmp_path, null_class):
+    """A UNet conditioned on text and on a class table exports both inputs (export said "expected class_labels,
+    found None"); a CFG-folded graph takes the null class inside, as a class-only graph does."""
+    import copy
+    import dataclasses
+
+    import torch
+
+    from fastdiff.checkpoints.diffusers_folder import spec_for
+    from fastdiff.checkpoints.presets import SD_SCHEDULER
+    from fastdiff.export.onnx import export_onnx
+    from fastdiff.models import build_model, unet
+    from fastdiff.pipeline import Pipeline
+    from helpers import perturb_
+
+    cfg = unet.UNetConfig.from_diffusers(dict(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=[16, 32], layers_per_block=1,
+        down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
+        cross_attention_dim=16, attention_head_dim=4, norm_num_groups=8, num_class_embeds=10), "UNet2DConditionModel")
+    spec = dataclasses.replace(spec_for("unet", cfg, SD_SCHEDULER, source="text and classes"), null_class=null_class)
+    torch.manual_seed(0)
+    model = perturb_(build_model("unet", cfg, device="cpu").eval())
+    eager = Pipeline(copy.deepcopy(model), spec)
+    g = torch.Generator().manual_seed(0)
+    kw = dict(seeds=[1, 2], steps=2, sampler="ddim", class_labels=[1, 2], progress=False,
+              encoder_hidden_states=torch.randn(2, 7, 16, generator=g))
+    path = str(tmp_path / "plain.onnx")
+    export_onnx(eager, spec, path, progress=False)
+    assert rel_err(fastdiff.load(path).generate(**kw), eager.generate(**kw)) <= 1e-5
+    if null_class is None:
+        with pytest.raises(BadArgumentError, match="needs spec.null_class"):
+            export_onnx(eager, spec, str(tmp_path / "folded.onnx"), cfg_folded=True, progress=False)
+        return
+    kw.update(cfg_scale=[2.0, 3.0], negative_encoder_hidden_states=torch.randn(2, 7, 16, generator=g))
+    res = export_onnx(eager, spec, str(tmp_path / "folded.onnx"), cfg_folded=True, progress=False)
+    assert [n for n, _ in res.io["inputs"]] == ["sample", "timestep", "encoder_hidden_states", "class_labels",
+                                                 "uncond_encoder_hidden_states", "guidance_scale"]
+    assert res.max_abs_err < 1e-4
+    assert rel_err(fastdiff.load(res.path).generate(**kw), eager.generate(**kw)) <= 1e-5
