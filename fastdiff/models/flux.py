@@ -130,11 +130,15 @@ class TimeGuidanceTextEmbedding(nn.Module):
 
 def rotary_tables(ids: torch.Tensor, axes: tuple, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(cos, sin), each (S, head_dim) float32, for position ids (S, 3): per axis, frequencies in float64, each
-    repeated for the pair of features it rotates (diffusers' get_1d_rotary_pos_embed, repeat_interleave_real)."""
+    repeated for the pair of features it rotates (diffusers' get_1d_rotary_pos_embed, repeat_interleave_real).
+
+    Traced for ONNX they are float32: TensorRT has no float64, and the ids of a graph with a dynamic size are not
+    constants to fold (the angles' rounding, about 1e-5 at position 128, is far below a half-precision engine's)."""
+    wide = torch.float32 if torch.onnx.is_in_onnx_export() else torch.float64
     cos, sin = [], []
     for i, dim in enumerate(axes):
-        freqs = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=ids.device) / dim)  # (dim/2,)
-        angles = torch.outer(ids[:, i].double(), freqs)  # (S, dim/2)
+        freqs = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=wide, device=ids.device) / dim)  # (dim/2,)
+        angles = torch.outer(ids[:, i].to(wide), freqs)  # (S, dim/2)
         cos.append(angles.cos().repeat_interleave(2, dim=1).float())
         sin.append(angles.sin().repeat_interleave(2, dim=1).float())
     return torch.cat(cos, dim=-1), torch.cat(sin, dim=-1)
