@@ -212,6 +212,15 @@ def continuous_model_options(config: dict) -> Optional[dict]:
                 sigma_max=float(c["sigma_max"]), rho=float(c["rho"]))
 
 
+def unsupported_scheduler_note(config: dict) -> Optional[str]:
+    """The load note for a scheduler config fastdiff has no counterpart of (None where it has one)."""
+    name = config.get("_class_name")
+    if name in SUPPORTED_SCHEDULERS:
+        return None
+    return (f"scheduler {name!r} has no fastdiff counterpart: generate() with no sampler runs DDIM on its schedule "
+            f"(pass sampler= to choose)")
+
+
 def load_scheduler_config(path: str) -> dict:
     """Read ``scheduler_config.json`` from a file, a scheduler folder or a pipeline folder."""
     for p in (path, os.path.join(path, "scheduler_config.json"), os.path.join(path, "scheduler", "scheduler_config.json")):

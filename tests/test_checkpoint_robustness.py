@@ -226,6 +226,9 @@ def test_a_scheduler_fastdiff_does_not_have_is_noted(tmp_path, ref):
     pipe = fastdiff.load(str(tmp_path))
     assert any("'SASolverScheduler' has no fastdiff counterpart" in n for n in pipe.notes)
     assert same_as(pipe, ref) <= 1e-5
+    # given at load (the CLI's --scheduler FILE) it is noted too; it fell back to DDIM silently
+    given = fastdiff.load(str(tmp_path / "unet"), scheduler={"_class_name": "SASolverScheduler"})
+    assert any("'SASolverScheduler' has no fastdiff counterpart" in n for n in given.notes)
 
 
 

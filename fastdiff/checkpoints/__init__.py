@@ -226,7 +226,12 @@ def _override_sampling(spec, scheduler: Optional[dict], prediction_type: Optiona
         raise BadArgumentError(f"prediction_type={prediction_type!r} does not apply to an EDM network: it is "
                                f"preconditioned (it returns the denoised sample D(x))")
     if scheduler is not None:
+        from ..scheduler_config import unsupported_scheduler_note
+
         spec.scheduler = dict(scheduler)
+        note = unsupported_scheduler_note(spec.scheduler)
+        if note:  # (as a folder's own scheduler config says it)
+            spec.notes.append(note)
         if spec.scheduler.get("_class_name") in FLOW_SCHEDULERS:  # a flow-matching scheduler: velocity, always
             spec.prediction_type = "flow_prediction"
         elif spec.prediction_type != "edm":

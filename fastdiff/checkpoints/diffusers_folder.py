@@ -170,9 +170,9 @@ def load_pipeline_folder(folder: str, variant: Optional[str] = None):
     if scheduler is None:
         spec.notes.append("no scheduler/scheduler_config.json; " + spec.default_scheduler_note())
     else:
-        from ..scheduler_config import SUPPORTED_SCHEDULERS
+        from ..scheduler_config import unsupported_scheduler_note
 
-        if scheduler.get("_class_name") not in SUPPORTED_SCHEDULERS:
-            spec.notes.append(f"scheduler {scheduler.get('_class_name')!r} has no fastdiff counterpart: generate() "
-                              f"with no sampler runs DDIM on its schedule (pass sampler= to choose)")
+        note = unsupported_scheduler_note(scheduler)
+        if note:
+            spec.notes.append(note)
     return kind, cfg, state, spec
