@@ -36,13 +36,17 @@ def default_strength(spec) -> float:
     return DEFAULT_STRENGTH["sdxl" if spec.time_ids_dim else "unet"]
 
 
-def start_index(steps: int, strength, flow: bool) -> int:
-    """How many of ``steps`` grid steps img2img skips, by the rounding of the model's diffusers pipeline: SD / SDXL
-    truncate ``steps * strength`` to an int first; SD3 / FLUX.1 subtract the unrounded product, then truncate."""
+def check_strength(strength) -> float:
     if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not 0 < float(strength) <= 1:
         raise BadArgumentError(f"strength: expected a number in (0, 1] (the share of the steps that run), found "
                                f"{strength!r}")
-    strength = float(strength)
+    return float(strength)
+
+
+def start_index(steps: int, strength, flow: bool) -> int:
+    """How many of ``steps`` grid steps img2img skips, by the rounding of the model's diffusers pipeline: SD / SDXL
+    truncate ``steps * strength`` to an int first; SD3 / FLUX.1 subtract the unrounded product, then truncate."""
+    strength = check_strength(strength)
     t_start = int(max(steps - min(steps * strength, steps), 0)) if flow else max(steps - min(int(steps * strength),
                                                                                              steps), 0)
     if t_start >= steps:
@@ -62,6 +66,9 @@ def unit_images(image, channels: int) -> torch.Tensor:
             raise BadArgumentError(f"image: expected images of one size, found {[tuple(p.shape[2:]) for p in parts]}")
         return torch.cat(parts)
     if _is_pil(image):
+        if image.mode not in _PIL_8BIT_MODES:  # (convert() would clip 16-bit and float pixels to 255 silently)
+            raise BadArgumentError(f"image: expected an 8-bit PIL image, found mode {image.mode!r} (16-bit or float "
+                                   f"pixels); convert it to 8 bits first, or pass an array in [0, 1]")
         image = np.asarray(image.convert("RGB" if channels == 3 else "L"))
     if isinstance(image, np.ndarray):
         return _from_numpy(image, channels)
@@ -69,6 +76,10 @@ def unit_images(image, channels: int) -> torch.Tensor:
         return _from_torch(image, channels)
     raise BadArgumentError(f"image: expected a PIL image, a NumPy array or a torch tensor (or a list of them), found "
                            f"{type(image).__name__}")
+
+
+# PIL modes of 8-bit channels (or 1-bit), which convert("RGB" / "L") reads faithfully
+_PIL_8BIT_MODES = ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")
 
 
 def _is_pil(image) -> bool:
@@ -132,4 +143,4 @@ def _check_unit(low, high, what: str, lowest: float = 0.0) -> None:
                                + (" (uint8 pixels go in as a uint8 array or a PIL image)" if high > 1 else ""))
 
 
-__all__ = ["unit_images", "start_index", "default_strength", "DEFAULT_STRENGTH"]
+__all__ = ["unit_images", "start_index", "check_strength", "default_strength", "DEFAULT_STRENGTH"]

@@ -531,10 +531,10 @@ class Pipeline:
         if latents is not None:
             raise BadArgumentError("image / latents: expected one of them, found both (img2img draws its own start "
                                    "noise from the seeds)")
-        from .img2img import start_index, unit_images
+        from .img2img import check_strength, unit_images
 
         if strength is not None:
-            start_index(1000, strength, flow=False)  # (its checks, before any image is read)
+            check_strength(strength)  # (before any image is read)
         channels = self.spec.in_channels
         if channels in (1, 3) and self.vae is None:  # a pixel model: the image is its sample
             return unit_images(image, channels), False

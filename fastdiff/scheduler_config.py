@@ -141,6 +141,8 @@ class SamplingPlan:
 
         if not 0 <= t_start < self.steps:
             raise BadArgumentError(f"t_start: expected 0 <= t_start < {self.steps}, found {t_start}")
+        if t_start == 0:  # the whole grid, from a given state (PNDM's warm-up values too are its own)
+            return dataclasses.replace(self, sigmas=self.sigmas.clone(), init_noise_sigma=1.0)
         options = dict(self.options)
         fixed = sorted(k for k in _WARMUP_FROM_THE_TOP if options.get(k) is not None)
         if fixed and t_start:  # PNDM's warm-up values are laid out for its first timesteps

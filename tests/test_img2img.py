@@ -181,6 +181,34 @@ def test_pndm_cannot_start_part_way(sd_parts, tmp_path):
     assert pipe.generate(strength=1.0, **kw).shape == (1, 4, 8, 8)  # (from the top, its warm-up is its own)
 
 
+def test_pndm_with_its_runge_kutta_warm_up_runs_at_strength_one(sd_parts, tmp_path):
+    """PNDM's class default (skip_prk_steps=False) holds 3 warm-up midpoints, not one per step: at strength 1 its
+    whole plan runs (it was refused: "sigmas_mid: expected one value per step"), equal to diffusers."""
+    unet, vae, e = sd_parts
+    scheduler = diffusers.PNDMScheduler.from_config(SD_SCHEDULER)
+    pipe = fastdiff.load(_folder(tmp_path, "unet", unet, scheduler, vae, "StableDiffusionPipeline"))
+    ref = diffusers_pipeline("StableDiffusionImg2ImgPipeline")(
+        vae=vae, unet=unet, scheduler=scheduler, text_encoder=None, tokenizer=None, safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    images = _images()
+    want = ref(image=images.clone(), strength=1.0, num_inference_steps=6, guidance_scale=1.0,
+               prompt_embeds=e["prompt_embeds"], generator=_generators(), output_type="latent").images
+    got = pipe.generate(image=images, strength=1.0, steps=6, seeds=SEEDS, encoder_hidden_states=e["prompt_embeds"],
+                        progress=False)
+    assert rel_err(got, want) <= 1e-5
+
+
+def test_a_flow_model_takes_any_strength_that_leaves_a_step():
+    """The early strength check no longer works out SD's steps at 1000 steps: a flow model's 0.0005 of 10 steps
+    runs one step by its own rounding (it was refused, quoting 2000 steps)."""
+    pipe = fastdiff.load("arch:tiny-unet", prediction_type="flow_prediction")
+    ran = []
+    pipe.generate(image=torch.rand(1, 3, 16, 16), strength=0.0005, steps=10, seeds=[1], callback=ran.append,
+                  progress=False)
+    assert len(ran) == 1 and start_index(10, 0.0005, flow=True) == 9
+
+
 def test_bad_arguments_are_refused_before_the_image_is_encoded(sd_parts, tmp_path, monkeypatch):
     unet, vae, e = sd_parts
     pipe = fastdiff.load(_folder(tmp_path, "unet", unet, diffusers.PNDMScheduler.from_config(
@@ -251,6 +279,8 @@ def test_start_index_follows_each_pipelines_rounding():
     (dict(image=np.zeros((16, 16, 3), np.uint8)), r"expected a NumPy array \(H, W, 1\)"),
     (dict(image="photo.png"), "expected a PIL image, a NumPy array or a torch tensor"),
     (dict(image=[]), "non-empty list"),
+    (dict(image=__import__("PIL.Image").Image.new("I;16", (16, 16), 40000)), "expected an 8-bit PIL image, found mode"),
+    (dict(image=__import__("PIL.Image").Image.new("F", (16, 16), 0.5)), "expected an 8-bit PIL image, found mode 'F'"),
     (dict(image=torch.rand(1, 0, 16)), r"at least one pixel, found \(batch, height, width\) \(1, 0, 16\)"),
     (dict(image=torch.rand(0, 1, 16, 16)), r"at least one image"),
     (dict(image=np.zeros((16, 0, 1), np.uint8)), r"at least one pixel, found \(batch, height, width\) \(1, 16, 0\)"),
@@ -305,6 +335,14 @@ def test_cli_generate_edits_an_image(digits, tmp_path):
     want = digits.generate(image=pixels, strength=0.5, steps=4, seeds=[7], class_labels=[2], output_type="np",
                            progress=False)[0, :, :, 0]
     assert np.array_equal(np.asarray(Image.open(tmp_path / "out_0.png")), want)
+    sideways = Image.new("L", (32, 16), 0)  # stored 32 wide; EXIF orientation 6: shown 16 wide, 32 high
+    exif = sideways.getexif()
+    exif[0x0112] = 6
+    sideways.save(tmp_path / "sideways.png", exif=exif)
+    r = run_cli("generate", "--image", "sideways.png", "--strength", "0.5", "--steps", "2", "--n", "1",
+                "--separate", "-o", "upright.png", "--no-progress", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert Image.open(tmp_path / "upright_0.png").size == (16, 32)  # upright, as viewers and load_image show it
     (tmp_path / "not-an-image.png").write_text("hello")
     for args, message in [(("--strength", "0.5"), "--strength: given without --image"),
                           (("--image", "missing.png"), "no such file"),

@@ -285,14 +285,14 @@ def _validate(args) -> None:
 
 def _read_image(path: str, flag: str = "--image"):
     """--image (or --mask) as a PIL image (read fully now: the file may change while sampling)."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     from ..errors import BadArgumentError
 
     try:
         with Image.open(path) as im:
             im.load()
-            return im.copy()
+            return ImageOps.exif_transpose(im)  # upright, as viewers and diffusers' load_image show it (a copy)
     except (OSError, UnidentifiedImageError) as e:
         raise BadArgumentError(f"{flag}: could not read {path!r} as an image ({e})") from e
 
