@@ -13,6 +13,7 @@ import inspect
 import math
 import numbers
 import random
+import warnings
 from typing import Optional, Sequence, Union
 
 import numpy as np
@@ -44,6 +45,7 @@ class Pipeline:
         self.runner = runner if runner is not None else model  # what samplers call (replaced by optimize)
         self.vae = vae  # decodes latents for output_type "pil" / "np" and decode(); float32, not optimized
         self.prompt_encoder = prompt_encoder  # prompts -> text states (generate(prompt=...)); loads on first use
+        self._lora_saved: dict = {}  # the network weights load_lora changed: id -> (parameter, original CPU copy)
         self.config = None
         self.update_impl = "torch"  # how the samplers' state update runs (OptimizeConfig.sampler_update_impl)
         self.notes: list[str] = list(spec.notes)
@@ -106,7 +108,43 @@ class Pipeline:
         from .checkpoints.fastdiff_format import save_fastdiff
 
         self._require_model("save()")
+        if self.prompt_encoder is not None and self.prompt_encoder.loras:
+            raise BadArgumentError("save(): the text encoders carry a merged LoRA, and a save copies their folders "
+                                   "as they are on disk; save before load_lora(), or after unload_lora()")
         return save_fastdiff(path, self.model, self.spec, vae=self.vae, prompt_encoder=self.prompt_encoder)
+
+    def load_lora(self, lora, scale: float = 1.0) -> dict:
+        """Merge a LoRA into the weights, as diffusers' ``load_lora_weights(lora)`` + ``fuse_lora(lora_scale=scale)``
+        (``fastdiff.lora``: diffusers / PEFT and kohya safetensors files, a folder with diffusers' file, or a state
+        dict). The network's layers and the text encoders' (when the file has them and this pipeline encodes
+        prompts) are updated in place, so captured graphs and compiled models run the merged weights with nothing
+        recaptured; several LoRAs add up. Costs a CPU copy of each weight it touches (for ``unload_lora``).
+        Returns {part: layers merged} ("network", text encoder folders; "skipped": text-encoder parts this pipeline
+        has no encoders for, which diffusers also skips)."""
+        from .lora import by_part, merge, read_lora, targets
+
+        self._require_model("load_lora()")
+        scale = finite_number("scale", scale)
+        parts = by_part(read_lora(lora))
+        network = targets(parts.pop("network", {}), self.model, "the network")  # (all checked before any merge)
+        report = {"network": len(network)}
+        if parts and self.prompt_encoder is None:
+            report["skipped"] = sorted(parts)
+            warnings.warn(f"load_lora: layers for {sorted(parts)} skipped: this pipeline encodes no prompts",
+                          stacklevel=2)
+        elif parts:
+            report.update(self.prompt_encoder.add_lora(parts, scale))
+        merge(network, scale, self._lora_saved)
+        return report
+
+    def unload_lora(self) -> None:
+        """Undo every ``load_lora``: the network's weights are put back in place (from the copies kept), the text
+        encoders are read again from their folders on the next prompt."""
+        from .lora import restore
+
+        restore(self._lora_saved)
+        if self.prompt_encoder is not None:
+            self.prompt_encoder.clear_loras()
 
     def optimize(self, config=None, graph_factory=None, **switches) -> "Pipeline":
         """Apply an ``OptimizeConfig`` (or its fields as keywords) once; returns self.

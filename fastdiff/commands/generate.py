@@ -67,6 +67,9 @@ def register(sub) -> None:
     p.add_argument("--image", default=None, metavar="IN.png",
                    help="image-to-image (SDEdit): start from this image (any format Pillow reads; its size is the "
                         "output's, a multiple of the VAE's 8 pixels per latent pixel), noised to --strength")
+    p.add_argument("--lora", action="append", default=None, metavar="FILE[:SCALE]",
+                   help="merge a LoRA (diffusers / PEFT or kohya safetensors, or a folder with diffusers' file) into "
+                        "the weights, at SCALE (default 1); repeat for several")
     p.add_argument("--mask", default=None, metavar="MASK.png",
                    help="with --image, for an inpainting model (SD / SDXL inpainting): white repaints, black keeps "
                         "(read in grayscale, at --image's size)")
@@ -297,6 +300,22 @@ def _read_image(path: str, flag: str = "--image"):
         raise BadArgumentError(f"{flag}: could not read {path!r} as an image ({e})") from e
 
 
+def _lora_args(values: list) -> list:
+    """--lora FILE[:SCALE] values -> [(path, scale)]; a colon followed by no number is part of the path."""
+    from ..errors import BadArgumentError
+
+    out = []
+    for value in values:
+        path, _, scale = value.rpartition(":")
+        try:
+            out.append((path, float(scale)) if path else (value, 1.0))
+        except ValueError:
+            out.append((value, 1.0))
+        if not os.path.exists(os.path.expanduser(out[-1][0])):
+            raise BadArgumentError(f"--lora: expected a LoRA file or folder[:SCALE], found {value!r} (no such file)")
+    return out
+
+
 def png_paths(args) -> list:
     """The PNG file(s) the run writes: the grid, or one per image with --separate."""
     if args.separate:
@@ -316,6 +335,8 @@ def run(args) -> int:
 
     t0 = time.perf_counter()
     pipe = load_pipeline(args.model, device, **load_options(args))
+    for path, scale in _lora_args(args.lora or []):  # merged before any optimisation, as the weights are
+        pipe.load_lora(path, scale=scale)
     t_load = time.perf_counter() - t0
     spec = pipe.spec
 

@@ -75,6 +75,7 @@ class PromptEncoder:
         self._lock = threading.RLock()
         self._where = (torch.device("cpu"), torch.float32)
         self.cache = EncodingCache(cache_bytes)
+        self.loras: list = []  # [({encoder folder: {module: LoraLayer}}, scale)], merged again after every load
 
     def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "PromptEncoder":
         """Where (and in which precision) the encoders run: the pipeline's device and network dtype. A new dtype
@@ -107,8 +108,30 @@ class PromptEncoder:
                 for tok, enc, _, length in FAMILY_PARTS[self.family]:
                     if enc in self.parts_present:
                         parts[enc] = load_part(self.folder, tok, enc, length, *self._where, variant=self.variant)
+                for layers, scale in self.loras:  # (a reload in another precision keeps the merged LoRAs)
+                    _merge_lora(parts, layers, scale)
                 self._parts = parts
             return self._parts
+
+    def add_lora(self, layers: dict, scale: float) -> dict:
+        """Merge a LoRA's text-encoder layers ({encoder folder: {module: LoraLayer}}) into the encoders (loading
+        them), and keep it to merge again whenever they are read anew. Returns {encoder folder: layers merged}."""
+        missing = sorted(set(layers) - set(self.parts_present))
+        if missing:
+            raise BadArgumentError(f"lora: layers for {missing}, which this pipeline's text encoders lack (it has "
+                                   f"{self.parts_present})")
+        with self._lock:
+            _merge_lora(self.parts, layers, scale)
+            self.loras.append((layers, scale))
+            self.cache.clear()
+        return {part: len(entries) for part, entries in layers.items()}
+
+    def clear_loras(self) -> None:
+        """Drop the merged LoRAs: the encoders are read again from their folders on the next prompt."""
+        with self._lock:
+            if self.loras:
+                self.loras, self._parts = [], None
+                self.cache.clear()
 
     def max_clip_skip(self) -> Optional[int]:
         """The largest clip_skip the CLIP encoders' depth allows (None: clip_skip does not apply)."""
@@ -295,6 +318,13 @@ class PromptEncoder:
         pooled = clip.encoder(ids, output_hidden_states=False).pooler_output
         states = t5_states(parts["text_encoder_2"], texts["text_encoder_2"], t5_length)
         return {"encoder_hidden_states": states.to(clip.dtype), "text_embeds": pooled.to(clip.dtype)}
+
+
+def _merge_lora(parts: dict, layers: dict, scale: float) -> None:
+    from ..lora import merge, targets
+
+    pairs = [pair for part, entries in layers.items() for pair in targets(entries, parts[part].encoder, part)]
+    merge(pairs, scale)  # (the originals are the folders' files: nothing to keep)
 
 
 def missing_parts(folder: str, family: str) -> list[str]:

@@ -1,0 +1,208 @@
+"""LoRA weights merged into a loaded pipeline: what diffusers' ``load_lora_weights`` + ``fuse_lora`` compute,
+without PEFT at run time.
+
+A LoRA adds ``scale * (alpha / rank) * up @ down`` to a layer's weight (``down``: rank x in, ``up``: out x rank; a
+convolution's through its flattened kernels). Merged into the weights, it costs nothing per step: captured graphs,
+compiled models and stacked projections (``LinearStacks``: the layers' weights are views of the stack) read the
+merged values, as the merge writes in place.
+
+Files (safetensors only; a folder means its ``pytorch_lora_weights.safetensors``):
+
+* diffusers / PEFT (``save_lora_weights``): ``unet.<module>.lora_A.weight`` / ``lora_B.weight`` (``transformer.``
+  for SD3 / FLUX.1, ``text_encoder.`` / ``text_encoder_2.`` for the text encoders). Alphas from the file's
+  ``lora_adapter_metadata`` header (``lora_alpha``, ``alpha_pattern``, ``use_rslora``), else a module's ``.alpha``
+  key, else the rank (scale 1), as diffusers reads them.
+* kohya (sd-scripts): ``lora_unet_<module, dots as underscores>.lora_down.weight`` / ``lora_up.weight`` / ``.alpha``;
+  ``lora_te_`` / ``lora_te1_`` / ``lora_te2_`` for the text encoders. Module names in diffusers' layout (SD 1.x /
+  2.x); names of the original LDM layout (SDXL's ``input_blocks_...``) are refused by name.
+
+Not read: DoRA (``use_dora``), LoKr / LoHa, and ``.bin`` pickles.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .errors import BadArgumentError, CheckpointError, UnsupportedConfigError
+
+WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weights writes
+# diffusers' component prefixes -> fastdiff's parts: the network, or a text encoder by its folder name
+NETWORK_PREFIXES = ("unet", "transformer")
+TEXT_PREFIXES = ("text_encoder", "text_encoder_2", "text_encoder_3")
+KOHYA_PREFIXES = {"lora_unet": "network", "lora_te": "text_encoder", "lora_te1": "text_encoder",
+                  "lora_te2": "text_encoder_2"}
+
+
+@dataclass
+class LoraLayer:
+    """One layer's low-rank update: ``up @ down`` times ``alpha / rank`` (``alpha`` None: the rank)."""
+    down: torch.Tensor  # (rank, in) or (rank, in, k, k)
+    up: torch.Tensor  # (out, rank) or (out, rank, 1, 1)
+    alpha: Optional[float] = None
+    rslora: bool = False  # PEFT's rank-stabilized scaling: alpha / sqrt(rank)
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+    def delta(self, shape: torch.Size) -> torch.Tensor:
+        """The float32 update of a weight of ``shape``."""
+        alpha = float(self.rank if self.alpha is None else self.alpha)
+        factor = alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+        up, down = self.up.float().flatten(1), self.down.float().flatten(1)  # (out, r), (r, in * k * k)
+        if up.shape[1] != down.shape[0]:
+            raise CheckpointError(f"LoRA: up {tuple(self.up.shape)} and down {tuple(self.down.shape)} disagree on the "
+                                  f"rank")
+        delta = (up @ down) * factor  # (out, in * k * k)
+        if delta.numel() != math.prod(shape):
+            raise CheckpointError(f"LoRA: an update of {tuple(delta.shape)} for a weight of {tuple(shape)}")
+        return delta.reshape(shape)
+
+
+def read_lora(source) -> dict:
+    """``{(part, module): LoraLayer}`` from a safetensors file, a folder holding diffusers' file, or a state dict
+    (``part``: "network" or a text encoder's folder name). Refuses what it cannot read, by name."""
+    metadata = {}
+    if isinstance(source, dict):
+        state = source
+    else:
+        path = os.path.expanduser(str(source))
+        if os.path.isdir(path):
+            path = os.path.join(path, WEIGHT_NAME)
+        if not os.path.isfile(path):
+            raise BadArgumentError(f"lora: expected a .safetensors file or a folder with {WEIGHT_NAME}, found "
+                                   f"{source!r}")
+        from .checkpoints.io import is_safetensors, read_safetensors
+
+        if not is_safetensors(path):
+            raise UnsupportedConfigError("LoRA file", os.path.basename(path), supported="safetensors (a pickled "
+                                         ".bin / .pt is never executed: convert it to safetensors)")
+        state = read_safetensors(path)
+        metadata = _header_metadata(path)
+    if any(k.startswith(tuple(p + "_" for p in KOHYA_PREFIXES)) for k in state):
+        return _read_kohya(state)
+    return _read_peft(state, metadata)
+
+
+def _header_metadata(path: str) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        raw = (f.metadata() or {}).get("lora_adapter_metadata")
+    try:
+        return json.loads(raw) if raw else {}
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: lora_adapter_metadata is not JSON ({e})") from e
+
+
+def _read_peft(state: dict, metadata: dict) -> dict:
+    layers, seen = {}, set()
+    for key in state:
+        m = re.fullmatch(r"(.+?)\.(.+)\.(lora_A|lora_B|alpha)(\.weight)?", key)
+        if m is None or m.group(1) not in NETWORK_PREFIXES + TEXT_PREFIXES:
+            raise UnsupportedConfigError("LoRA key", key, supported="diffusers / PEFT keys (unet. / transformer. / "
+                                         "text_encoder*. + <module>.lora_A.weight / lora_B.weight) or kohya keys "
+                                         "(lora_unet_ / lora_te*_ ... lora_down.weight / lora_up.weight)")
+        seen.add((m.group(1), m.group(2)))
+    for prefix, module in sorted(seen):
+        down, up = state.get(f"{prefix}.{module}.lora_A.weight"), state.get(f"{prefix}.{module}.lora_B.weight")
+        if down is None or up is None:
+            raise CheckpointError(f"LoRA: {prefix}.{module} has lora_{'A' if down is None else 'B'}.weight missing")
+        config = {k[len(prefix) + 1:]: v for k, v in metadata.items() if k.startswith(prefix + ".")}
+        if config.get("use_dora"):
+            raise UnsupportedConfigError("use_dora", True, supported="plain LoRA (DoRA's magnitude vectors are not "
+                                         "merged)", model=f"LoRA for {prefix}")
+        alpha = state.get(f"{prefix}.{module}.alpha")
+        alpha = float(alpha) if alpha is not None else _metadata_alpha(config, module)
+        part = "network" if prefix in NETWORK_PREFIXES else prefix
+        layers[(part, module)] = LoraLayer(down, up, alpha, rslora=bool(config.get("use_rslora")))
+    return layers
+
+
+def _metadata_alpha(config: dict, module: str) -> Optional[float]:
+    """PEFT's alpha for ``module``: its ``alpha_pattern`` entry (a name suffix or regex), else ``lora_alpha``."""
+    for pattern, value in (config.get("alpha_pattern") or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return float(value)
+    alpha = config.get("lora_alpha")
+    return None if alpha is None else float(alpha)
+
+
+def _read_kohya(state: dict) -> dict:
+    layers = {}
+    names = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in state}
+    for name in sorted(names):
+        prefix = next((p for p in sorted(KOHYA_PREFIXES, key=len, reverse=True) if name.startswith(p + "_")), None)
+        down, up = state.get(f"{name}.lora_down.weight"), state.get(f"{name}.lora_up.weight")
+        if prefix is None or down is None or up is None:
+            raise UnsupportedConfigError("LoRA key", name, supported="kohya keys lora_unet_* / lora_te*_* with "
+                                         "lora_down.weight, lora_up.weight and alpha (LoKr / LoHa are not read)")
+        alpha = state.get(f"{name}.alpha")
+        # the module, dots as underscores: resolved against the part's own module names when merged
+        layers[(KOHYA_PREFIXES[prefix], "~" + name[len(prefix) + 1:])] = LoraLayer(
+            down, up, None if alpha is None else float(alpha))
+    return layers
+
+
+def resolve(module: torch.nn.Module, name: str, part: str) -> torch.nn.Module:
+    """The layer a LoRA entry names in ``module``: a dotted name, or ("~" + name) a kohya name with underscores."""
+    table = {}
+    for full, sub in module.named_modules():
+        for alias in (full, "text_model." + full):  # (transformers 5's CLIP has no text_model. level; the keys do)
+            table[alias] = sub
+            table["~" + alias.replace(".", "_")] = sub
+    found = table.get(name)
+    if found is None or not hasattr(found, "weight"):
+        shown = name[1:] if name.startswith("~") else name
+        hint = (" (an LDM-layout name, as SDXL's kohya files use: not read)" if
+                re.match(r"~?(input_blocks|output_blocks|middle_block)", shown) else "")
+        raise CheckpointError(f"LoRA: {part} has no layer {shown!r}{hint}")
+    return found
+
+
+def targets(layers: dict, module: torch.nn.Module, part: str) -> list:
+    """[(layer module, LoraLayer)] for ``layers`` (one part's entries), every name resolved and every shape checked
+    before anything is merged: a file that does not fit changes nothing."""
+    out = []
+    for name, layer in layers.items():
+        target = resolve(module, name, part)
+        layer.delta(target.weight.shape)  # (its checks; the update itself is made again when merged)
+        out.append((target, layer))
+    return out
+
+
+@torch.no_grad()
+def merge(pairs: list, scale: float, saved: Optional[dict] = None) -> None:
+    """Add each LoRA's ``scale``-d update to its layer's weight, in place (in float32, then the weight's dtype). The
+    first merge into a weight keeps a CPU copy of it in ``saved`` (``restore`` puts it back; None: keep none)."""
+    for target, layer in pairs:
+        w = target.weight
+        if saved is not None and id(w) not in saved:
+            saved[id(w)] = (w, w.detach().to("cpu", copy=True))
+        w.add_((layer.delta(w.shape) * scale).to(w.device, w.dtype))
+
+
+@torch.no_grad()
+def restore(saved: dict) -> None:
+    """Put back the weights ``merge`` kept, in place (captured graphs keep reading the same storage)."""
+    for w, original in saved.values():
+        w.copy_(original)
+    saved.clear()
+
+
+def by_part(layers: dict) -> dict:
+    """{(part, module): layer} -> {part: {module: layer}}."""
+    out: dict = {}
+    for (part, name), layer in layers.items():
+        out.setdefault(part, {})[name] = layer
+    return out
+
+
+__all__ = ["LoraLayer", "read_lora", "resolve", "targets", "merge", "restore", "by_part", "WEIGHT_NAME"]

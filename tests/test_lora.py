@@ -1,0 +1,253 @@
+"""LoRA (``pipe.load_lora``) against diffusers' ``load_lora_weights`` + ``fuse_lora`` on the same weights: the
+diffusers / PEFT format (UNet and text encoder, alphas from the file's metadata or the rank), kohya's format, and
+what is refused."""
+
+import copy
+import os
+
+import pytest
+import torch
+
+import fastdiff
+from fastdiff.errors import BadArgumentError, CheckpointError, UnsupportedConfigError
+from helpers import diffusers_pipeline, rel_err
+from test_prompts import DDIM, PROMPTS, _latents, _save, _unet, diffusers_tokenizer
+from tiny_text import clip_encoder, write_clip_tokenizer
+
+diffusers = pytest.importorskip("diffusers", reason="diffusers' load_lora_weights is the reference")
+peft = pytest.importorskip("peft", reason="diffusers loads LoRAs through PEFT (the reference only)")
+
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
+                "conv2", "time_emb_proj"]
+TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+
+
+def _reference(folder, unet, text_encoder):
+    ref = diffusers_pipeline("StableDiffusionPipeline")(
+        vae=None, text_encoder=text_encoder, tokenizer=diffusers_tokenizer(write_clip_tokenizer(
+            os.path.join(folder, "_tok"))), unet=unet, scheduler=diffusers.DDIMScheduler(**DDIM), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    return ref
+
+
+def _adapter(model, targets, r, alpha, seed, **extra):
+    """A LoRA state for ``model`` in PEFT's names (random up and down weights on every layer whose name ends in one
+    of ``targets``: Linear, or Conv2d with a kxk down and a 1x1 up), and its PEFT config."""
+    from peft import LoraConfig
+
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, layer in model.named_modules():
+        if not any(name == t or name.endswith("." + t) for t in targets):
+            continue
+        w = layer.weight
+        if w.dim() == 4:
+            down, up = (r, w.shape[1], *w.shape[2:]), (w.shape[0], r, 1, 1)
+        else:
+            down, up = (r, w.shape[1]), (w.shape[0], r)
+        state[f"{name}.lora_A.weight"] = torch.randn(down, generator=g) * 0.1
+        state[f"{name}.lora_B.weight"] = torch.randn(up, generator=g) * 0.1
+    return state, LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, **extra)
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    """(folder of the base pipeline, its UNet, its text encoder, a LoRA folder in diffusers' format)."""
+    root = str(tmp_path_factory.mktemp("lora"))
+    unet, text_encoder = _unet(16), clip_encoder(16)
+    folder = _save(_reference(root, unet, text_encoder), os.path.join(root, "pipe"))
+    unet_state, unet_config = _adapter(unet, UNET_TARGETS, r=4, alpha=8, seed=1)
+    text_state, text_config = _adapter(text_encoder, TEXT_TARGETS, r=2, alpha=3, seed=2,
+                                       alpha_pattern={"fc2": 5})
+    lora = os.path.join(root, "lora")
+    diffusers.StableDiffusionPipeline.save_lora_weights(
+        lora, unet_lora_layers=unet_state, text_encoder_lora_layers=text_state,
+        unet_lora_adapter_metadata=unet_config.to_dict(), text_encoder_lora_adapter_metadata=text_config.to_dict())
+    return folder, unet, text_encoder, lora, unet_state, text_state
+
+
+def _fused_reference(parts, lora, scale):
+    folder, unet, text_encoder = parts[:3]
+    ref = _reference(os.path.dirname(folder), copy.deepcopy(unet), copy.deepcopy(text_encoder))
+    ref.load_lora_weights(lora)
+    ref.fuse_lora(lora_scale=scale)
+    return ref
+
+
+GEN = dict(steps=3, cfg_scale=3.0, progress=False)
+
+
+def _want(ref, latents):
+    return ref(PROMPTS, latents=latents.clone(), num_inference_steps=3, guidance_scale=3.0, height=64, width=64,
+               output_type="latent").images
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.6])
+def test_a_diffusers_lora_equals_load_lora_weights_and_fuse_lora(parts, scale):
+    """UNet and text-encoder layers (convolutions, projections, the time projection), alphas from the file's PEFT
+    metadata (an alpha_pattern entry too)."""
+    folder, lora = parts[0], parts[3]
+    latents = _latents()
+    pipe = fastdiff.load(folder)
+    plain = pipe.generate(prompt=PROMPTS, latents=latents, **GEN)
+    report = pipe.load_lora(lora, scale=scale)
+    assert report == {"network": len(parts[4]) // 2, "text_encoder": len(parts[5]) // 2}
+    got = pipe.generate(prompt=PROMPTS, latents=latents, **GEN)
+    ref = _fused_reference(parts, lora, scale)
+    assert rel_err(got, _want(ref, latents)) <= 1e-5
+    assert rel_err(got, plain) > 1e-3  # (the LoRA changed the result)
+    # the merged weights themselves equal diffusers' fused ones (PEFT keeps them as <layer>.base_layer.weight)
+    for mine, theirs in ((pipe.model, ref.unet), (pipe.prompt_encoder.parts["text_encoder"].encoder, ref.text_encoder)):
+        fused = {k.replace(".base_layer.", "."): v for k, v in theirs.state_dict().items() if "lora_" not in k}
+        shared = [k for k in mine.state_dict() if k in fused]
+        assert len(shared) > 20
+        for k in shared:
+            assert rel_err(mine.state_dict()[k], fused[k]) <= 1e-6, k
+    pipe.unload_lora()  # the weights as they were, bit for bit
+    assert torch.equal(pipe.generate(prompt=PROMPTS, latents=latents, **GEN), plain)
+
+
+def test_without_metadata_the_alpha_is_the_rank(parts, tmp_path):
+    """A file with no lora_adapter_metadata (and no .alpha keys): scale 1 per layer, as diffusers reads it."""
+    from safetensors.torch import save_file
+
+    state = {"unet." + k: v.contiguous() for k, v in parts[4].items()}
+    path = str(tmp_path / "plain.safetensors")
+    save_file(state, path)
+    latents = _latents()
+    pipe = fastdiff.load(parts[0])
+    pipe.load_lora(path)
+    assert rel_err(pipe.generate(prompt=PROMPTS, latents=latents, **GEN),
+                   _want(_fused_reference(parts, path, 1.0), latents)) <= 1e-5
+
+
+def _kohya(state: dict, prefix: str, alpha: float) -> dict:
+    """A PEFT state in kohya's names: lora_unet_<module with underscores>.lora_down / lora_up / alpha."""
+    out = {}
+    for key, value in state.items():
+        module, which = key.rsplit(".", 2)[0], key.rsplit(".", 2)[1]
+        name = f"{prefix}_{module.replace('.', '_')}"
+        out[f"{name}.{'lora_down' if which == 'lora_A' else 'lora_up'}.weight"] = value
+        out[f"{name}.alpha"] = torch.tensor(alpha)
+    return out
+
+
+def test_a_kohya_lora_equals_the_same_layers_in_diffusers_format(parts):
+    folder, lora, unet_state, text_state = parts[0], parts[3], parts[4], parts[5]
+    kohya = {**_kohya(unet_state, "lora_unet", 8.0), **_kohya(text_state, "lora_te", 3.0)}
+    latents = _latents()
+    a, b = fastdiff.load(folder), fastdiff.load(folder)
+    a.load_lora(kohya, scale=0.8)
+    peft_state = {**{"unet." + k: v for k, v in unet_state.items()},
+                  **{"text_encoder." + k: v for k, v in text_state.items()},
+                  **{f"unet.{k.rsplit('.', 2)[0]}.alpha": torch.tensor(8.0) for k in unet_state},
+                  **{f"text_encoder.{k.rsplit('.', 2)[0]}.alpha": torch.tensor(3.0) for k in text_state}}
+    b.load_lora(peft_state, scale=0.8)
+    assert torch.equal(a.generate(prompt=PROMPTS, latents=latents, **GEN),
+                       b.generate(prompt=PROMPTS, latents=latents, **GEN))
+
+
+def test_loras_add_up_and_survive_a_new_precision(parts):
+    """Two loads at 0.5 are one at 1.0 (to float rounding); the text encoders, read again in another precision,
+    keep the merged LoRA."""
+    folder, lora = parts[0], parts[3]
+    latents = _latents()
+    once, twice = fastdiff.load(folder), fastdiff.load(folder)
+    once.load_lora(lora)
+    twice.load_lora(lora, scale=0.5)
+    twice.load_lora(lora, scale=0.5)
+    assert rel_err(twice.generate(prompt=PROMPTS, latents=latents, **GEN),
+                   once.generate(prompt=PROMPTS, latents=latents, **GEN)) <= 1e-5
+    states = once.encode_prompt(PROMPTS)["encoder_hidden_states"]
+    once.optimize(dtype="bf16")
+    assert rel_err(once.encode_prompt(PROMPTS)["encoder_hidden_states"].float(), states) <= 2e-2
+
+
+@pytest.mark.parametrize("scope", ["step", "loop"])
+def test_captured_graphs_run_the_merged_weights(parts, scope):
+    """The merge writes in place: a graph captured before it replays with the LoRA, nothing recaptured."""
+    from test_graph_scopes import FakeGraph
+
+    folder, lora = parts[0], parts[3]
+    eager = fastdiff.load(folder)
+    graphed = fastdiff.load(folder).optimize(cuda_graphs=True, graph_scope=scope, batch_buckets=(2,),
+                                             graph_factory=FakeGraph)
+    kw = dict(prompt=PROMPTS, latents=_latents(), **GEN)
+    graphed.generate(**kw)
+    for pipe in (eager, graphed):
+        pipe.load_lora(lora, scale=0.7)
+    assert rel_err(graphed.generate(**kw), eager.generate(**kw)) <= 1e-6
+    if scope == "loop":
+        assert graphed.loop_graphs.captures == 1
+
+
+def test_what_load_lora_refuses(parts, tmp_path):
+    from safetensors.torch import save_file
+
+    folder, lora, unet_state = parts[0], parts[3], parts[4]
+    pipe = fastdiff.load(folder)
+    before = {k: v.clone() for k, v in pipe.model.state_dict().items()}
+    first = next(iter(unet_state))
+    module = first.rsplit(".", 2)[0]
+    bad = {"unet." + k: v for k, v in unet_state.items()}
+    bad[f"unet.{module}.lora_B.weight"] = torch.zeros(3, 4)  # the wrong shape, after good layers
+    with pytest.raises(CheckpointError, match="LoRA: an update of"):
+        pipe.load_lora(bad)
+    assert all(torch.equal(v, before[k]) for k, v in pipe.model.state_dict().items())  # nothing merged
+    cases = [
+        ({"unet.down_blocks.9.attn.to_q.lora_A.weight": torch.zeros(2, 4),
+          "unet.down_blocks.9.attn.to_q.lora_B.weight": torch.zeros(4, 2)}, CheckpointError,
+         "the network has no layer 'down_blocks.9.attn.to_q'"),
+        ({"lora_unet_input_blocks_4_1_proj_in.lora_down.weight": torch.zeros(2, 4),
+          "lora_unet_input_blocks_4_1_proj_in.lora_up.weight": torch.zeros(4, 2)}, CheckpointError,
+         "an LDM-layout name"),
+        ({f"unet.{module}.lora_A.weight": unet_state[first]}, CheckpointError, "lora_B.weight missing"),
+        ({"vae.decoder.conv_in.lora_A.weight": torch.zeros(2, 4)}, UnsupportedConfigError, "LoRA key"),
+        ({"lora_unet_x.hada_w1_a": torch.zeros(2, 4)}, UnsupportedConfigError, "LoKr / LoHa"),
+    ]
+    for state, error, match in cases:
+        with pytest.raises(error, match=match):
+            pipe.load_lora(state)
+    (tmp_path / "lora.bin").write_bytes(b"\x80\x04not safetensors")
+    with pytest.raises(UnsupportedConfigError, match="safetensors"):
+        pipe.load_lora(str(tmp_path / "lora.bin"))
+    with pytest.raises(BadArgumentError, match="expected a .safetensors file or a folder"):
+        pipe.load_lora(str(tmp_path / "missing"))
+    dora_state, dora_config = _adapter(parts[1], ["to_q"], r=2, alpha=2, seed=3, use_dora=True)
+    diffusers.StableDiffusionPipeline.save_lora_weights(str(tmp_path / "dora"), unet_lora_layers=dora_state,
+                                                        unet_lora_adapter_metadata=dora_config.to_dict())
+    with pytest.raises(UnsupportedConfigError, match="use_dora"):
+        pipe.load_lora(str(tmp_path / "dora"))
+    pipe.load_lora(lora)
+    with pytest.raises(BadArgumentError, match="save\\(\\): the text encoders carry a merged LoRA"):
+        pipe.save(str(tmp_path / "saved"))
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "x.safetensors"))
+    with pytest.raises(UnsupportedConfigError, match="LoRA key"):
+        pipe.load_lora(str(tmp_path / "x.safetensors"))
+
+
+def test_a_pipeline_without_text_encoders_merges_the_network_and_says_what_it_skipped(parts):
+    folder, lora = parts[0], parts[3]
+    pipe = fastdiff.load(folder, text_encoder=False)
+    with pytest.warns(UserWarning, match="skipped: this pipeline encodes no prompts"):
+        report = pipe.load_lora(lora)
+    assert report == {"network": len(parts[4]) // 2, "skipped": ["text_encoder"]}
+
+
+def test_cli_generate_merges_loras(parts, tmp_path):
+    from safetensors.torch import load_file
+
+    from test_cli import fastdiff as run_cli
+
+    folder, lora = parts[0], parts[3]
+    r = run_cli("generate", folder, "--prompt", "a red cat", "--lora", f"{lora}:0.6", "--n", "1", "--steps", "2",
+                "--seed", "3", "--output-latents", "lat.safetensors", "--no-progress", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    pipe = fastdiff.load(folder)
+    pipe.load_lora(lora, scale=0.6)
+    want = pipe.generate(1, prompt="a red cat", steps=2, seed=3, progress=False)
+    assert torch.equal(load_file(str(tmp_path / "lat.safetensors"))["latents"], want)
+    r = run_cli("generate", folder, "--prompt", "a cat", "--lora", "missing.safetensors", "--output-latents",
+                "x.safetensors", cwd=tmp_path)
+    assert r.returncode == 2 and "--lora: expected a LoRA file" in r.stderr and "Traceback" not in r.stderr
