@@ -251,3 +251,30 @@ def test_cli_generate_merges_loras(parts, tmp_path):
     r = run_cli("generate", folder, "--prompt", "a cat", "--lora", "missing.safetensors", "--output-latents",
                 "x.safetensors", cwd=tmp_path)
     assert r.returncode == 2 and "--lora: expected a LoRA file" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_flux_transformer_lora_equals_diffusers_fused_weights(tmp_path):
+    """``transformer.`` keys reach FLUX.1's layers (fastdiff's Flux keeps diffusers' names), with per-layer alphas."""
+    from helpers import perturb_
+
+    flux = perturb_(diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, pooled_projection_dim=8, guidance_embeds=True, axes_dims_rope=(2, 2, 4)).eval(), 0)
+    state, _ = _adapter(flux, ["to_q", "to_k", "to_v", "to_out.0", "proj_mlp", "ff.net.2", "norm1.linear"], r=2,
+                        alpha=4, seed=5)
+    alphas = {f"transformer.{k.rsplit('.', 2)[0]}": 4.0 for k in state}
+    ref = copy.deepcopy(flux)
+    ref.load_lora_adapter({"transformer." + k: v for k, v in state.items()}, prefix="transformer", adapter_name="a",
+                          network_alphas=alphas)
+    ref.fuse_lora(lora_scale=0.5)
+    fused = {k.replace(".base_layer.", "."): v for k, v in ref.state_dict().items() if "lora_" not in k}
+    flux.save_pretrained(tmp_path)
+    pipe = fastdiff.load(str(tmp_path))
+    report = pipe.load_lora({**{"transformer." + k: v for k, v in state.items()},
+                             **{k + ".alpha": torch.tensor(v) for k, v in alphas.items()}}, scale=0.5)
+    assert report == {"network": len(state) // 2}
+    mine = pipe.model.state_dict()
+    changed = [k for k in mine if k in fused and not torch.equal(fused[k], flux.state_dict()[k])]
+    assert len(changed) == len(state) // 2
+    for k in (k for k in mine if k in fused):
+        assert rel_err(mine[k], fused[k]) <= 1e-6, k
