@@ -42,14 +42,30 @@ def _generators():
     return [torch.Generator().manual_seed(s) for s in SEEDS]
 
 
-@pytest.fixture(scope="module")
-def sd_parts():
+def sd_unet_vae_embeds(**unet_config):
+    """(a tiny SD UNet (SD_UNET with ``unet_config``), a VAE, prompt and negative embeddings)."""
     torch.manual_seed(0)
-    unet = perturb_(diffusers.UNet2DConditionModel(**SD_UNET).eval(), 0)
+    unet = perturb_(diffusers.UNet2DConditionModel(**{**SD_UNET, **unet_config}).eval(), 0)
     g = torch.Generator().manual_seed(1)
     embeds = dict(prompt_embeds=torch.randn(2, 5, 12, generator=g),
                   negative_prompt_embeds=torch.randn(2, 5, 12, generator=g))
     return unet, vae_reference(SD_VAE, seed=2), embeds
+
+
+@pytest.fixture(scope="module")
+def sd_parts():
+    return sd_unet_vae_embeds()
+
+
+def sd_pair(parts, folder, scheduler, pipeline="StableDiffusionImg2ImgPipeline", index="StableDiffusionPipeline"):
+    """(fastdiff's pipeline from a folder of ``parts``' UNet and VAE, diffusers' ``pipeline`` on the same parts)."""
+    unet, vae, _ = parts
+    pipe = fastdiff.load(_folder(folder, "unet", unet, scheduler, vae, index))
+    ref = diffusers_pipeline(pipeline)(
+        vae=vae, unet=unet, scheduler=scheduler, text_encoder=None, tokenizer=None, safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    return pipe, ref
 
 
 # (class, steps, strength, config): third-order DPM-Solver's 20 steps at 0.5 run 10, at full order to the end (its
@@ -80,14 +96,9 @@ SCHEDULERS = {
 @pytest.mark.parametrize("cfg", [1.0, 4.0])
 @pytest.mark.parametrize("name", sorted(SCHEDULERS))
 def test_sd_img2img_equals_diffusers(sd_parts, tmp_path, name, cfg):
-    unet, vae, e = sd_parts
+    e = sd_parts[2]
     cls, steps, strength, config = SCHEDULERS[name]
-    scheduler = getattr(diffusers, cls).from_config({**SD_SCHEDULER, **config})
-    pipe = fastdiff.load(_folder(tmp_path, "unet", unet, scheduler, vae, "StableDiffusionPipeline"))
-    ref = diffusers_pipeline("StableDiffusionImg2ImgPipeline")(
-        vae=vae, unet=unet, scheduler=scheduler, text_encoder=None, tokenizer=None, safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False)
-    ref.set_progress_bar_config(disable=True)
+    pipe, ref = sd_pair(sd_parts, tmp_path, getattr(diffusers, cls).from_config({**SD_SCHEDULER, **config}))
     images = _images()
     want = ref(image=images.clone(), strength=strength, num_inference_steps=steps, guidance_scale=cfg,
                prompt_embeds=e["prompt_embeds"], negative_prompt_embeds=e["negative_prompt_embeds"],
@@ -184,13 +195,8 @@ def test_pndm_cannot_start_part_way(sd_parts, tmp_path):
 def test_pndm_with_its_runge_kutta_warm_up_runs_at_strength_one(sd_parts, tmp_path):
     """PNDM's class default (skip_prk_steps=False) holds 3 warm-up midpoints, not one per step: at strength 1 its
     whole plan runs (it was refused: "sigmas_mid: expected one value per step"), equal to diffusers."""
-    unet, vae, e = sd_parts
-    scheduler = diffusers.PNDMScheduler.from_config(SD_SCHEDULER)
-    pipe = fastdiff.load(_folder(tmp_path, "unet", unet, scheduler, vae, "StableDiffusionPipeline"))
-    ref = diffusers_pipeline("StableDiffusionImg2ImgPipeline")(
-        vae=vae, unet=unet, scheduler=scheduler, text_encoder=None, tokenizer=None, safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False)
-    ref.set_progress_bar_config(disable=True)
+    e = sd_parts[2]
+    pipe, ref = sd_pair(sd_parts, tmp_path, diffusers.PNDMScheduler.from_config(SD_SCHEDULER))
     images = _images()
     want = ref(image=images.clone(), strength=1.0, num_inference_steps=6, guidance_scale=1.0,
                prompt_embeds=e["prompt_embeds"], generator=_generators(), output_type="latent").images

@@ -9,13 +9,10 @@ import torch
 import fastdiff
 from fastdiff.errors import BadArgumentError
 from helpers import diffusers_pipeline, perturb_, rel_err
-from test_img2img import SD_SCHEDULER, SD_UNET, SEEDS, _folder, _generators, _images
+from test_img2img import SD_SCHEDULER, SEEDS, _folder, _generators, _images, sd_pair, sd_unet_vae_embeds
 from test_vae import SD_VAE, _reference as vae_reference
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers' inpainting pipelines are the reference")
-
-INPAINT_UNET = dict(SD_UNET, in_channels=9)  # 4 latents + 1 mask + 4 masked-image latents
-
 
 def _masks(b=2, size=16, seed=5):
     """Soft masks in [0, 1] (binarized at 0.5 by both sides), with values on both sides of the threshold."""
@@ -24,23 +21,12 @@ def _masks(b=2, size=16, seed=5):
 
 @pytest.fixture(scope="module")
 def sd_inpaint():
-    torch.manual_seed(0)
-    unet = perturb_(diffusers.UNet2DConditionModel(**INPAINT_UNET).eval(), 0)
-    g = torch.Generator().manual_seed(1)
-    embeds = dict(prompt_embeds=torch.randn(2, 5, 12, generator=g),
-                  negative_prompt_embeds=torch.randn(2, 5, 12, generator=g))
-    return unet, vae_reference(SD_VAE, seed=2), embeds
+    return sd_unet_vae_embeds(in_channels=9)  # 4 latents + 1 mask + 4 masked-image latents
 
 
-def _sd_pair(parts, folder, cls="DDIMScheduler", **config):
-    unet, vae, _ = parts
-    scheduler = getattr(diffusers, cls).from_config({**SD_SCHEDULER, **config})
-    pipe = fastdiff.load(_folder(folder, "unet", unet, scheduler, vae, "StableDiffusionInpaintPipeline"))
-    ref = diffusers_pipeline("StableDiffusionInpaintPipeline")(
-        vae=vae, unet=unet, scheduler=scheduler, text_encoder=None, tokenizer=None, safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False)
-    ref.set_progress_bar_config(disable=True)
-    return pipe, ref
+def _sd_pair(parts, folder, cls="DDIMScheduler"):
+    return sd_pair(parts, folder, getattr(diffusers, cls).from_config(SD_SCHEDULER), "StableDiffusionInpaintPipeline",
+                   "StableDiffusionInpaintPipeline")
 
 
 @pytest.mark.parametrize("cls, steps, strength, cfg", [

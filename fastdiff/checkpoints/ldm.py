@@ -141,6 +141,9 @@ def single_file_sampling(config: UNetConfig, checkpoint) -> tuple[str, int, str]
                                 "SDXL base and refiner are; pass prediction_type= for a v-prediction fine-tune")
     if config.cross_attention_dim != 1024:
         return "epsilon", 64, "SD 1.x-style single file: epsilon prediction at 512x512 (64x64 latents)"
+    if config.in_channels == 2 * config.out_channels + 1:  # diffusers checks for an inpainting conv_in first
+        return "epsilon", 64, ("SD 2.x inpainting single file: epsilon prediction at 512x512 (64x64 latents), as "
+                               "stable-diffusion-2-inpainting is")
     step = checkpoint.get("global_step") if isinstance(checkpoint, dict) else None
     step = int(step) if isinstance(step, (int, torch.Tensor)) and not isinstance(step, bool) else None
     if step == SD2_BASE_GLOBAL_STEP:

@@ -136,3 +136,27 @@ def test_an_unclip_single_file_is_refused_not_read_as_sdxl(tmp_path):
     save_file({k: v.contiguous() for k, v in single.items()}, path)
     with pytest.raises(CheckpointError, match="unCLIP"):
         fastdiff.load(path)
+
+
+_SD1_INPAINTING = dict(sample_size=8, in_channels=9, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+                       down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
+                       attention_head_dim=8, norm_num_groups=32)
+_SD2_INPAINTING = dict(_SD1_INPAINTING, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                       up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), block_out_channels=(64, 128),
+                       cross_attention_dim=1024, attention_head_dim=[1, 2], use_linear_projection=True,
+                       layers_per_block=2)
+
+
+@pytest.mark.parametrize("cfg, model_type", [(_SD1_INPAINTING, "inpainting"), (_SD2_INPAINTING, "inpainting_v2")])
+def test_an_inpainting_single_file_samples_as_diffusers_infers(tmp_path, cfg, model_type):
+    """A single file whose conv_in takes 9 channels is an inpainting UNet; SD 2's (1024-wide text states) is
+    epsilon at 512 px like stable-diffusion-2-inpainting (it was taken for the 768 v-model), as diffusers'
+    infer_diffusers_model_type says."""
+    torch.manual_seed(0)
+    single = to_single_file(diffusers.UNet2DConditionModel(**cfg).state_dict(), cfg)
+    assert single_file_utils.infer_diffusers_model_type(single) == model_type
+    path = str(tmp_path / "inpainting.safetensors")
+    save_file({k: v.contiguous() for k, v in single.items()}, path)
+    spec = fastdiff.load(path).spec
+    assert (spec.inpainting, spec.in_channels, spec.prediction_type, spec.sample_size) == (True, 4, "epsilon", (64, 64))
