@@ -18,6 +18,7 @@ after every step) is not implemented.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -33,18 +34,49 @@ def default_strength(spec) -> float:
 
 
 def unit_masks(mask, images: torch.Tensor) -> torch.Tensor:
-    """``mask`` (what ``image=`` takes, with one channel, or an (H, W) tensor; one, or one per image) -> float32
-    (k, 1, H, W) of 0 / 1 at the size of ``images`` (k, C, H, W), as diffusers' mask processor binarizes it."""
-    if torch.is_tensor(mask) and mask.dim() == 2:
-        mask = mask[None]  # (H, W) -> (1, H, W)
-    try:
-        masks = unit_images(mask, 1)
-    except BadArgumentError as e:
-        raise BadArgumentError("mask_image" + str(e)[len("image"):]) from None
+    """``mask`` (one, or a list / batch of one per image) -> float32 (k, 1, H, W) of 0 / 1 at the size of ``images``
+    (k, C, H, W). PIL images (read in grayscale) and uint8 arrays are pixels, 0-255; float arrays and tensors (the
+    shapes diffusers' mask processor takes) are binarized at 0.5 as they are, as that processor (no normalisation)
+    binarizes them."""
+    masks = _raw_masks(mask)
     if masks.shape[2:] != images.shape[2:]:
         raise BadArgumentError(f"mask_image: expected the image's size {tuple(images.shape[2:])}, found "
                                f"{tuple(masks.shape[2:])} (fastdiff does not resize)")
     return (masks >= 0.5).float()
+
+
+def _raw_masks(mask) -> torch.Tensor:
+    """(k, 1, H, W) float32 mask values, unbinarized."""
+    if isinstance(mask, (list, tuple)) and mask:
+        parts = [_raw_masks(m) for m in mask]
+        if len({p.shape[1:] for p in parts}) > 1:
+            sizes = [tuple(p.shape[2:]) for p in parts]
+            raise BadArgumentError(f"mask_image: expected masks of one size, found {sizes}")
+        return torch.cat(parts)
+    floats = torch.is_tensor(mask) or (isinstance(mask, np.ndarray) and np.issubdtype(mask.dtype, np.floating))
+    if not floats:  # PIL images, uint8 arrays: pixels, as image= reads them
+        try:
+            return unit_images(mask, 1)
+        except BadArgumentError as e:
+            raise BadArgumentError("mask_image" + str(e)[len("image"):]) from None
+    given = tuple(mask.shape)
+    if torch.is_tensor(mask):  # (H, W), (B, H, W) (the (1, H, W) of one mask too), (B, 1, H, W), as diffusers
+        t = mask.detach().float().cpu()
+        t = t[None, None] if t.dim() == 2 else t[:, None] if t.dim() == 3 else t
+        layout = "(H, W), (B, H, W) or (B, 1, H, W) tensor"
+    else:  # (H, W), (H, W, 1), (B, H, W), (B, H, W, 1)
+        a = mask.astype(np.float32)
+        a = a[None, :, :, None] if a.ndim == 2 else (a[None] if a.shape[-1] == 1 else a[..., None]) if a.ndim == 3 \
+            else a
+        t = torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2))) if a.ndim == 4 else torch.from_numpy(a)
+        layout = "(H, W), (H, W, 1), (B, H, W) or (B, H, W, 1) array"
+    if t.dim() != 4 or t.shape[1] != 1:
+        raise BadArgumentError(f"mask_image: expected a {layout}, found shape {given}")
+    if 0 in (t.shape[0], t.shape[2], t.shape[3]):
+        raise BadArgumentError(f"mask_image: expected at least one mask of at least one pixel, found shape {given}")
+    if not bool(torch.isfinite(t).all()):
+        raise BadArgumentError("mask_image: expected finite values, found NaN or inf")
+    return t
 
 
 def masked_images(images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:

@@ -607,6 +607,10 @@ class Pipeline:
         if given_latents:
             raise BadArgumentError("image: an inpainting network takes the image in pixels (its masked part is "
                                    "encoded), found latents")
+        if self.vae is None or self.vae.encoder is None:
+            raise BadArgumentError("mask_image: an inpainting network reads the masked image's VAE latents, and this "
+                                   "pipeline " + ("has no VAE (fastdiff.load(..., vae='AutoencoderKL folder'))"
+                                                  if self.vae is None else "VAE's weights carry only the decoder"))
         from .inpaint import unit_masks
 
         return unit_masks(mask_image, images)

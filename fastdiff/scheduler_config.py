@@ -274,6 +274,15 @@ def _read_config(name: str, config: dict) -> dict:
     return {**_COMMON, **_DEFAULTS[name], **own}
 
 
+def effective_config(config: dict) -> Optional[dict]:
+    """The settings diffusers' scheduler class of ``config`` runs with (its defaults for keys the file lacks), only
+    the keys it takes; None for a class fastdiff has no counterpart of."""
+    name = config.get("_class_name")
+    if name not in _DEFAULTS:
+        return None
+    return {k: v for k, v in _read_config(name, config).items() if k not in ignored_keys(name)}
+
+
 class _Config(dict):
     def __init__(self, d, name):
         super().__init__(d)

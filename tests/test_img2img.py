@@ -205,6 +205,21 @@ def test_pndm_with_its_runge_kutta_warm_up_runs_at_strength_one(sd_parts, tmp_pa
     assert rel_err(got, want) <= 1e-5
 
 
+def test_an_outdated_scheduler_config_runs_as_the_sd_pipelines_rewrite_it(sd_parts, tmp_path):
+    """diffusers' SD pipelines run DDIM with steps_offset 1 and clip_sample False whatever the folder says (the
+    class defaults, 0 and True, here): so does a folder of theirs (it was 1.0 off with clipping)."""
+    e = sd_parts[2]
+    config = {k: v for k, v in SD_SCHEDULER.items() if k not in ("steps_offset", "clip_sample")}
+    pipe, ref = sd_pair(sd_parts, tmp_path, diffusers.DDIMScheduler.from_config(config))
+    assert ref.scheduler.config.steps_offset == 1 and not ref.scheduler.config.clip_sample
+    assert sum("rewrites it" in n for n in pipe.notes) == 2
+    want = ref(image=_images(), strength=0.7, num_inference_steps=8, guidance_scale=1.0,
+               prompt_embeds=e["prompt_embeds"], generator=_generators(), output_type="latent").images
+    got = pipe.generate(image=_images(), strength=0.7, steps=8, seeds=SEEDS, encoder_hidden_states=e["prompt_embeds"],
+                        progress=False)
+    assert rel_err(got, want) <= 1e-5
+
+
 def test_a_flow_model_takes_any_strength_that_leaves_a_step():
     """The early strength check no longer works out SD's steps at 1000 steps: a flow model's 0.0005 of 10 steps
     runs one step by its own rounding (it was refused, quoting 2000 steps)."""

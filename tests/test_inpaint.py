@@ -71,6 +71,13 @@ def test_pil_and_numpy_masks_and_one_mask_for_every_image(sd_inpaint, tmp_path):
     assert rel_err(pipe.generate(image=images, mask_image=pixels, **kw), want) <= 1e-5
     assert rel_err(pipe.generate(image=images, mask_image=torch.from_numpy(pixels / 255.0).float(), **kw),
                    want) <= 1e-5  # an (H, W) tensor
+    # float masks are binarized as they are, negative values too (they were read as [-1, 1] and rescaled)
+    signed = torch.rand(2, 16, 16, generator=torch.Generator().manual_seed(3)) * 2 - 1  # (B, H, W)
+    want = ref(image=images.clone(), mask_image=signed.clone(), num_inference_steps=4, guidance_scale=1.0,
+               prompt_embeds=e["prompt_embeds"], generator=_generators(), output_type="latent", height=16,
+               width=16).images
+    assert rel_err(pipe.generate(image=images, mask_image=signed, **kw), want) <= 1e-5
+    assert rel_err(pipe.generate(image=images, mask_image=signed.numpy(), **kw), want) <= 1e-5  # (B, H, W) array
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -79,8 +86,10 @@ def test_pil_and_numpy_masks_and_one_mask_for_every_image(sd_inpaint, tmp_path):
     (dict(image=None, mask_image=None), "found neither"),
     (dict(mask_image=torch.rand(1, 1, 8, 8)), r"mask_image: expected the image's size \(16, 16\), found \(8, 8\)"),
     (dict(mask_image=torch.rand(3, 1, 16, 16)), "mask_image: expected 1 or 2 masks"),
-    (dict(mask_image=torch.rand(1, 3, 16, 16)), r"mask_image: expected a tensor \(1, H, W\)"),
-    (dict(mask_image=torch.rand(1, 16, 16) * 3), r"mask_image: expected a float tensor with values in \[0, 1\]"),
+    (dict(mask_image=torch.rand(1, 3, 16, 16)), r"mask_image: expected a \(H, W\), \(B, H, W\) or \(B, 1, H, W\) "
+                                                r"tensor, found shape \(1, 3, 16, 16\)"),
+    (dict(mask_image=torch.full((16, 16), float("nan"))), "mask_image: expected finite values"),
+    (dict(mask_image=np.zeros((2, 16, 16, 3), np.float32)), r"mask_image: expected a \(H, W\), \(H, W, 1\)"),
     (dict(image=torch.randn(2, 4, 2, 2)), "an inpainting network takes the image in pixels"),
     (dict(strength=0.1), "leaves no step to run"),
 ])
@@ -221,3 +230,33 @@ def test_cli_generate_inpaints_an_image(tmp_path):
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
     r = run_cli("info", folder, cwd=tmp_path)
     assert "image and mask_image (an inpainting network)" in r.stdout, r.stdout
+
+
+def test_sd_inpainting_runs_the_scheduler_config_as_its_pipeline_rewrites_it(sd_inpaint, tmp_path):
+    """StableDiffusionInpaintPipeline runs PNDM without its Runge-Kutta warm-up (skip_prk_steps -> True) and any
+    scheduler with steps_offset 1 and clip_sample False, whatever the folder says: fastdiff loads the folder so,
+    with a note per rewrite."""
+    config = dict(SD_SCHEDULER, steps_offset=0, skip_prk_steps=False)
+    pipe, ref = sd_pair(sd_inpaint, tmp_path, diffusers.PNDMScheduler.from_config(config),
+                        "StableDiffusionInpaintPipeline", "StableDiffusionInpaintPipeline")
+    assert ref.scheduler.config.skip_prk_steps and ref.scheduler.config.steps_offset == 1
+    assert {n.split()[1] for n in pipe.notes if "rewrites it" in n} == {"steps_offset=0", "skip_prk_steps=False"}
+    e = sd_inpaint[2]
+    want = ref(image=_images(), mask_image=_masks(), num_inference_steps=6, guidance_scale=3.0,
+               prompt_embeds=e["prompt_embeds"], negative_prompt_embeds=e["negative_prompt_embeds"],
+               generator=_generators(), output_type="latent", height=16, width=16).images
+    got = pipe.generate(image=_images(), mask_image=_masks(), steps=6, cfg_scale=3.0, seeds=SEEDS,
+                        encoder_hidden_states=e["prompt_embeds"],
+                        negative_encoder_hidden_states=e["negative_prompt_embeds"], progress=False)
+    assert rel_err(got, want) <= 1e-5
+
+
+def test_a_pixel_inpainting_unet_without_a_vae_is_refused_by_name(tmp_path):
+    """A pixel UNet with 2C + 1 input channels loads as an inpainting network, which needs a VAE's encoder."""
+    diffusers.UNet2DModel(sample_size=8, in_channels=7, out_channels=3, block_out_channels=(16, 32), layers_per_block=1,
+                          norm_num_groups=8, down_block_types=("DownBlock2D", "DownBlock2D"),
+                          up_block_types=("UpBlock2D", "UpBlock2D")).save_pretrained(tmp_path)
+    pipe = fastdiff.load(str(tmp_path))
+    assert pipe.spec.inpainting
+    with pytest.raises(BadArgumentError, match="reads the masked image's VAE latents, and this pipeline has no VAE"):
+        pipe.generate(image=torch.rand(1, 3, 8, 8), mask_image=torch.rand(1, 8, 8), steps=2, progress=False)

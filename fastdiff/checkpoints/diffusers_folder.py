@@ -143,6 +143,30 @@ def spec_for(kind: str, cfg, scheduler: Optional[dict], source: str) -> ModelSpe
         num_classes=num_classes, null_class=null, source=source)
 
 
+# diffusers' SD 1.x / 2.x pipelines rewrite an outdated scheduler config in their constructors (with a deprecation
+# warning): steps_offset -> 1, clip_sample -> False; the inpainting pipeline also PNDM's skip_prk_steps -> True
+_SD_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline",
+                 "OnnxStableDiffusionPipeline", "OnnxStableDiffusionImg2ImgPipeline",
+                 "OnnxStableDiffusionInpaintPipeline", "StableDiffusionPAGPipeline", "StableDiffusionPAGImg2ImgPipeline",
+                 "StableDiffusionPAGInpaintPipeline", "AltDiffusionPipeline", "AltDiffusionImg2ImgPipeline")
+_REWRITES = {"steps_offset": (lambda v: v != 1, 1), "clip_sample": (lambda v: v is True, False)}
+_INPAINT_REWRITES = {"skip_prk_steps": (lambda v: v is False, True)}
+
+
+def pipeline_scheduler_rewrites(pipeline_class: Optional[str], scheduler: Optional[dict]) -> tuple:
+    """(the scheduler config as the folder's diffusers pipeline class runs it, a note per rewritten key)."""
+    from ..scheduler_config import effective_config
+
+    runs = None if scheduler is None or pipeline_class not in _SD_PIPELINES else effective_config(scheduler)
+    if runs is None:
+        return scheduler, []
+    rules = {**_REWRITES, **(_INPAINT_REWRITES if pipeline_class == "StableDiffusionInpaintPipeline" else {})}
+    changed = {key: new for key, (outdated, new) in rules.items() if key in runs and outdated(runs[key])}
+    notes = [f"scheduler {key}={runs[key]!r} run as {new!r}, as diffusers' {pipeline_class} rewrites it"
+             for key, new in changed.items()]
+    return {**scheduler, **changed}, notes
+
+
 def load_pipeline_folder(folder: str, variant: Optional[str] = None):
     """(kind, config, state, spec) from a diffusers pipeline folder."""
     for sub in ("unet", "transformer"):
@@ -154,11 +178,14 @@ def load_pipeline_folder(folder: str, variant: Optional[str] = None):
                               f"UNet / DiT config.json; found {sorted(os.listdir(folder))}")
     sched_path = os.path.join(folder, "scheduler", "scheduler_config.json")
     scheduler = read_json(sched_path) if os.path.isfile(sched_path) else None
-    spec = spec_for(kind, cfg, scheduler, source=f"diffusers pipeline {folder}")
     index_path = os.path.join(folder, "model_index.json")
-    if spec.time_ids_dim is not None and os.path.isfile(index_path):
+    index = read_json(index_path) if os.path.isfile(index_path) else {}
+    scheduler, rewritten = pipeline_scheduler_rewrites(index.get("_class_name"), scheduler)
+    spec = spec_for(kind, cfg, scheduler, source=f"diffusers pipeline {folder}")
+    spec.notes.extend(rewritten)
+    if spec.time_ids_dim is not None and index:
         # SDXL's refiner pipeline says it takes the aesthetic score: 5 time ids, whatever its widths suggest
-        aesthetic = read_json(index_path).get("requires_aesthetics_score")
+        aesthetic = index.get("requires_aesthetics_score")
         ids = 5 if aesthetic else 6
         pooled = cfg.projection_class_embeddings_input_dim - ids * cfg.addition_time_embed_dim
         if isinstance(aesthetic, bool) and pooled > 0:
