@@ -147,8 +147,9 @@ def spec_for(kind: str, cfg, scheduler: Optional[dict], source: str) -> ModelSpe
 # warning): steps_offset -> 1, clip_sample -> False; the inpainting pipeline also PNDM's skip_prk_steps -> True
 _SD_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline",
                  "OnnxStableDiffusionPipeline", "OnnxStableDiffusionImg2ImgPipeline",
-                 "OnnxStableDiffusionInpaintPipeline", "StableDiffusionPAGPipeline", "StableDiffusionPAGImg2ImgPipeline",
-                 "StableDiffusionPAGInpaintPipeline", "AltDiffusionPipeline", "AltDiffusionImg2ImgPipeline")
+                 "OnnxStableDiffusionInpaintPipeline", "StableDiffusionPAGPipeline",
+                 "StableDiffusionPAGImg2ImgPipeline", "StableDiffusionPAGInpaintPipeline", "AltDiffusionPipeline",
+                 "AltDiffusionImg2ImgPipeline")
 _REWRITES = {"steps_offset": (lambda v: v != 1, 1), "clip_sample": (lambda v: v is True, False)}
 _INPAINT_REWRITES = {"skip_prk_steps": (lambda v: v is False, True)}
 
