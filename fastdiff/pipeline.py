@@ -124,6 +124,9 @@ class Pipeline:
         from .lora import by_part, merge, read_lora, targets
 
         self._require_model("load_lora()")
+        if self.config is not None and self.config.backend in ("onnxruntime", "tensorrt"):
+            raise BadArgumentError(f"load_lora(): this pipeline runs an exported {self.config.backend} graph, which "
+                                   f"holds its own copy of the weights; load the LoRA first, then optimize()")
         scale = finite_number("scale", scale)
         parts = by_part(read_lora(lora))
         network = targets(parts.pop("network", {}), self.model, "the network")  # (all checked before any merge)

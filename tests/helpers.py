@@ -84,3 +84,17 @@ class Evil:
 
     def __reduce__(self):
         return (os.system, ("echo pwned",))
+
+
+def lora_state(model, suffixes=("to_q", "to_k", "to_v", "to_out.0", "proj_in", "time_emb_proj"), seed=0) -> dict:
+    """A diffusers-format LoRA state (rank 2, small random weights) for ``model``'s layers ending in ``suffixes``."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, layer in model.named_modules():
+        if any(name.endswith(s) for s in suffixes) and hasattr(layer, "weight"):
+            w = layer.weight
+            state[f"unet.{name}.lora_A.weight"] = torch.randn(2, *w.shape[1:], generator=g) * 0.1
+            state[f"unet.{name}.lora_B.weight"] = torch.randn(w.shape[0], 2, *([1] * (w.dim() - 2)), generator=g) * 0.1
+    return state

@@ -373,6 +373,29 @@ def test_image_to_image_in_cuda_graphs_equals_eager(scope):
         assert graphed.loop_graphs.captures == 1
 
 
+@pytest.mark.parametrize("scope", ["step", "loop"])
+def test_a_lora_merged_after_capture_reaches_the_replayed_graphs(scope):
+    """load_lora writes the weights in place: graphs captured before it (with CUDA's defaults, stacked q / k / v
+    and conditioning projections among them) replay with the LoRA, equal to eager with it, nothing recaptured."""
+    from helpers import lora_state
+
+    g = torch.Generator().manual_seed(1)
+    eager = fastdiff.load("arch:tiny-sd-unet", device="cuda")
+    states = torch.randn(2, 2, 77, eager.spec.cross_attention_dim, generator=g).cuda()
+    kw = dict(seeds=[1, 2], steps=4, cfg_scale=2.0, encoder_hidden_states=states[0],
+              negative_encoder_hidden_states=states[1], progress=False)
+    graphed = fastdiff.load("arch:tiny-sd-unet", device="cuda").optimize(cuda_graphs=True, graph_scope=scope,
+                                                                         batch_buckets=(2,))
+    before = graphed.generate(**kw)
+    state = lora_state(eager.model)
+    eager.load_lora(state, scale=0.8)
+    graphed.load_lora(state, scale=0.8)
+    after = graphed.generate(**kw)
+    assert rel_err(after, eager.generate(**kw)) <= 1e-4 and rel_err(after, before) > 1e-3
+    if scope == "loop":
+        assert graphed.loop_graphs.captures == 1
+
+
 def test_compile_with_cuda_graphs_equals_eager():
     kw = dict(seeds=[1, 2], class_labels=[1, 2], steps=3, sampler="dpmpp_2m", cfg_scale=2.0, progress=False)
     eager = fastdiff.load("arch:tiny-dit", device="cuda").generate(**kw)

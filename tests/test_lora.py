@@ -10,7 +10,7 @@ import torch
 
 import fastdiff
 from fastdiff.errors import BadArgumentError, CheckpointError, UnsupportedConfigError
-from helpers import diffusers_pipeline, rel_err
+from helpers import diffusers_pipeline, lora_state, rel_err
 from test_prompts import DDIM, PROMPTS, _latents, _save, _unet, diffusers_tokenizer
 from tiny_text import clip_encoder, write_clip_tokenizer
 
@@ -278,3 +278,25 @@ def test_a_flux_transformer_lora_equals_diffusers_fused_weights(tmp_path):
     assert len(changed) == len(state) // 2
     for k in (k for k in mine if k in fused):
         assert rel_err(mine[k], fused[k]) <= 1e-6, k
+
+
+def test_stacked_projections_take_the_merge():
+    """With fuse_qkv / fuse_conditioning a layer's weight is a view of its group's stack: the in-place merge
+    reaches the stacked matmul (equal to the unstacked model with the same LoRA), and an exported backend, which
+    holds its own weights, is refused."""
+    eager = fastdiff.load("arch:tiny-sd-unet")
+    fused = fastdiff.load("arch:tiny-sd-unet").optimize(fuse_qkv=True, fuse_conditioning=True)
+    assert any(name.endswith("qkv_weight") for name, _ in fused.model.named_buffers())
+    g = torch.Generator().manual_seed(1)
+    states = torch.randn(2, 2, 77, eager.spec.cross_attention_dim, generator=g)
+    kw = dict(seeds=[1, 2], steps=3, cfg_scale=2.0, encoder_hidden_states=states[0],
+              negative_encoder_hidden_states=states[1], progress=False)
+    before = fused.generate(**kw)
+    state = lora_state(eager.model)
+    assert eager.load_lora(state, scale=0.8) == fused.load_lora(state, scale=0.8) == {"network": len(state) // 2}
+    after = fused.generate(**kw)
+    assert rel_err(after, eager.generate(**kw)) <= 1e-6 and rel_err(after, before) > 1e-3
+    pytest.importorskip("onnxruntime", reason="the onnxruntime backend")
+    exported = fastdiff.load("arch:tiny-sd-unet").optimize(backend="onnxruntime")
+    with pytest.raises(BadArgumentError, match="exported onnxruntime graph, which holds its own copy"):
+        exported.load_lora(state)
