@@ -369,8 +369,9 @@ class Pipeline:
             model's diffusers pipeline's: 0.8 SD, 0.3 SDXL, 0.6 SD3 / FLUX.1), and only the remaining steps run
             (``int(steps * strength)`` of them, by diffusers' rounding). The image fixes the size; not with latents.
         mask_image: inpainting, for an inpainting network (``spec.inpainting``: SD / SDXL inpainting UNets), which
-            needs it with ``image``: white repaints (binarized at 0.5; one mask, or one per image, at the image's size;
-            the forms ``image`` takes, with one channel), as diffusers' inpainting pipelines (``fastdiff.inpaint``).
+            needs it with ``image``: white repaints (one mask, or one per image, at the image's size; PIL images and
+            uint8 arrays as pixels, float arrays and tensors as they are, binarized at 0.5), as diffusers' inpainting
+            pipelines (``fastdiff.inpaint``).
             strength defaults to theirs: 1.0 for SD (pure noise), 0.9999 for SDXL.
         output_type: ``tensor`` (B, C, H, W) float32 in the model's range (latents for a latent model), ``np``
             uint8 (B, H, W, C), ``pil`` a list of PIL images (1 or 3 channels); a latent model with a VAE decoder
