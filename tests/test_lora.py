@@ -54,6 +54,11 @@ def _adapter(model, targets, r, alpha, seed, **extra):
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
     """(folder of the base pipeline, its UNet, its text encoder, a LoRA folder in diffusers' format)."""
+    import inspect
+
+    saver = diffusers.StableDiffusionPipeline.save_lora_weights
+    if "unet_lora_adapter_metadata" not in inspect.signature(saver).parameters:
+        pytest.skip(f"diffusers {diffusers.__version__} writes no LoRA metadata (the alphas these files carry)")
     root = str(tmp_path_factory.mktemp("lora"))
     unet, text_encoder = _unet(16), clip_encoder(16)
     folder = _save(_reference(root, unet, text_encoder), os.path.join(root, "pipe"))

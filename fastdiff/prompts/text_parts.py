@@ -26,6 +26,10 @@ from ..errors import BackendUnavailableError, CheckpointError, CorruptCheckpoint
 ENCODER_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel")
 TRUNCATED = "were truncated"  # in the warning a too-long prompt gives (the prompt cache gives it again on a hit)
 _NOTES = threading.local()  # this thread's list of warnings to keep with an encoding (``collecting_notes``)
+# one from_pretrained at a time in the process: with accelerate installed, transformers 4.x builds models under
+# init_empty_weights, which patches nn.Module globally: two pipelines loading at once (an Engine each, encoding their
+# first prompts) left one's weights on the meta device ("Cannot copy out of meta tensor")
+_LOADING = threading.Lock()
 
 
 @contextmanager
@@ -116,6 +120,13 @@ def load_part(folder: str, tokenizer_sub: str, encoder_sub: str, max_length: Opt
     # transformers 5 names the load precision `dtype`; 4.x `torch_dtype`
     precision = {"dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype": dtype}
     cls = getattr(transformers, cls_name)
+    with _LOADING:
+        return _load_part(transformers, cls, folder, tokenizer_sub, encoder_sub, tok_path, enc_path, precision,
+                          max_length, device, variant)
+
+
+def _load_part(transformers, cls, folder, tokenizer_sub, encoder_sub, tok_path, enc_path, precision, max_length,
+               device, variant) -> TextPart:
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(tok_path)
         try:
