@@ -123,16 +123,16 @@ def _text_kwargs(e: dict, guided: bool) -> dict:
     return kw
 
 
-def _sdxl_pair(folder):
-    """(fastdiff's pipeline, diffusers' StableDiffusionXLImg2ImgPipeline) on one tiny SDXL UNet and VAE."""
+def sdxl_pair(folder, pipeline="StableDiffusionXLImg2ImgPipeline", index="StableDiffusionXLPipeline", **unet_config):
+    """(fastdiff's pipeline, diffusers' ``pipeline``) on one tiny SDXL UNet (with ``unet_config``) and VAE."""
     from test_sdxl import SCHEDULER, UNET
 
     torch.manual_seed(0)
-    unet = perturb_(diffusers.UNet2DConditionModel(**UNET).eval(), 0)
+    unet = perturb_(diffusers.UNet2DConditionModel(**{**UNET, **unet_config}).eval(), 0)
     scheduler = diffusers.EulerDiscreteScheduler(**SCHEDULER)
     vae = vae_reference(dict(SD_VAE, scaling_factor=0.13025), seed=2)
-    pipe = fastdiff.load(_folder(folder, "unet", unet, scheduler, vae, "StableDiffusionXLPipeline"))
-    ref = diffusers_pipeline("StableDiffusionXLImg2ImgPipeline")(
+    pipe = fastdiff.load(_folder(folder, "unet", unet, scheduler, vae, index))
+    ref = diffusers_pipeline(pipeline)(
         vae=vae, unet=unet, scheduler=scheduler, text_encoder=None, text_encoder_2=None, tokenizer=None,
         tokenizer_2=None, requires_aesthetics_score=False)
     ref.set_progress_bar_config(disable=True)
@@ -144,7 +144,7 @@ def test_sdxl_img2img_equals_diffusers(tmp_path, cfg):
     """SDXL's img2img: its default strength 0.3, micro-conditioning of the image's own size."""
     from test_sdxl import _embeds
 
-    pipe, ref = _sdxl_pair(tmp_path)
+    pipe, ref = sdxl_pair(tmp_path)
 
     e, images = {k: v for k, v in _embeds().items() if k != "latents"}, _images()
     want = ref(image=images.clone(), num_inference_steps=10, guidance_scale=cfg, generator=_generators(),
@@ -451,7 +451,7 @@ def test_latents_as_the_image_equal_diffusers(tmp_path, cfg):
     it: an SDXL base's output refined by img2img (here the SDXL pipeline on its own base latents)."""
     from test_sdxl import _embeds
 
-    pipe, ref = _sdxl_pair(tmp_path)
+    pipe, ref = sdxl_pair(tmp_path)
     e = {k: v for k, v in _embeds().items() if k != "latents"}
     base = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5)) * 2  # (what a base run returns)
     want = ref(image=base.clone(), strength=0.5, num_inference_steps=10, guidance_scale=cfg, generator=_generators(),

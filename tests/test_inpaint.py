@@ -8,7 +8,7 @@ import torch
 
 import fastdiff
 from fastdiff.errors import BadArgumentError
-from helpers import diffusers_pipeline, perturb_, rel_err
+from helpers import perturb_, rel_err
 from test_img2img import SD_SCHEDULER, SEEDS, _folder, _generators, _images, sd_pair, sd_unet_vae_embeds
 from test_vae import SD_VAE, _reference as vae_reference
 
@@ -111,18 +111,11 @@ def test_a_regular_model_refuses_a_mask():
 
 def test_sdxl_inpainting_equals_diffusers(tmp_path):
     """SDXL's inpainting pipeline: its default strength 0.9999 (the image's latents noised, not pure noise)."""
-    from test_img2img import _text_kwargs
-    from test_sdxl import SCHEDULER, UNET, _embeds
+    from test_img2img import _text_kwargs, sdxl_pair
+    from test_sdxl import _embeds
 
-    torch.manual_seed(0)
-    unet = perturb_(diffusers.UNet2DConditionModel(**dict(UNET, in_channels=9)).eval(), 0)
-    scheduler = diffusers.EulerDiscreteScheduler(**SCHEDULER)
-    vae = vae_reference(dict(SD_VAE, scaling_factor=0.13025), seed=2)
-    pipe = fastdiff.load(_folder(tmp_path, "unet", unet, scheduler, vae, "StableDiffusionXLInpaintPipeline"))
-    ref = diffusers_pipeline("StableDiffusionXLInpaintPipeline")(
-        vae=vae, unet=unet, scheduler=scheduler, text_encoder=None, text_encoder_2=None, tokenizer=None,
-        tokenizer_2=None, requires_aesthetics_score=False)
-    ref.set_progress_bar_config(disable=True)
+    pipe, ref = sdxl_pair(tmp_path, "StableDiffusionXLInpaintPipeline", "StableDiffusionXLInpaintPipeline",
+                          in_channels=9)
     e, images, masks = {k: v for k, v in _embeds().items() if k != "latents"}, _images(), _masks()
     want = ref(image=images.clone(), mask_image=masks.clone(), num_inference_steps=8, guidance_scale=5.0,
                generator=_generators(), output_type="latent", height=16, width=16,
