@@ -52,18 +52,22 @@ class LoraLayer:
     def rank(self) -> int:
         return int(self.down.shape[0])
 
+    def check(self, shape: torch.Size) -> None:
+        """Refuse an update that cannot be added to a weight of ``shape`` (from the shapes alone)."""
+        if self.up.shape[1] != self.rank:
+            raise CheckpointError(f"LoRA: up {tuple(self.up.shape)} and down {tuple(self.down.shape)} disagree on the "
+                                  f"rank")
+        update = (int(self.up.shape[0]), math.prod(self.down.shape[1:]))  # (out, in * k * k)
+        if math.prod(update) != math.prod(shape):
+            raise CheckpointError(f"LoRA: an update of {update} for a weight of {tuple(shape)}")
+
     def delta(self, shape: torch.Size) -> torch.Tensor:
         """The float32 update of a weight of ``shape``."""
+        self.check(shape)
         alpha = float(self.rank if self.alpha is None else self.alpha)
         factor = alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
         up, down = self.up.float().flatten(1), self.down.float().flatten(1)  # (out, r), (r, in * k * k)
-        if up.shape[1] != down.shape[0]:
-            raise CheckpointError(f"LoRA: up {tuple(self.up.shape)} and down {tuple(self.down.shape)} disagree on the "
-                                  f"rank")
-        delta = (up @ down) * factor  # (out, in * k * k)
-        if delta.numel() != math.prod(shape):
-            raise CheckpointError(f"LoRA: an update of {tuple(delta.shape)} for a weight of {tuple(shape)}")
-        return delta.reshape(shape)
+        return ((up @ down) * factor).reshape(shape)
 
 
 def read_lora(source) -> dict:
@@ -111,11 +115,13 @@ def _read_peft(state: dict, metadata: dict) -> dict:
                                          "text_encoder*. + <module>.lora_A.weight / lora_B.weight) or kohya keys "
                                          "(lora_unet_ / lora_te*_ ... lora_down.weight / lora_up.weight)")
         seen.add((m.group(1), m.group(2)))
+    configs = {prefix: {k[len(prefix) + 1:]: v for k, v in metadata.items() if k.startswith(prefix + ".")}
+               for prefix in {prefix for prefix, _ in seen}}  # the PEFT config of each part (diffusers' header)
     for prefix, module in sorted(seen):
         down, up = state.get(f"{prefix}.{module}.lora_A.weight"), state.get(f"{prefix}.{module}.lora_B.weight")
         if down is None or up is None:
             raise CheckpointError(f"LoRA: {prefix}.{module} has lora_{'A' if down is None else 'B'}.weight missing")
-        config = {k[len(prefix) + 1:]: v for k, v in metadata.items() if k.startswith(prefix + ".")}
+        config = configs[prefix]
         if config.get("use_dora"):
             raise UnsupportedConfigError("use_dora", True, supported="plain LoRA (DoRA's magnitude vectors are not "
                                          "merged)", model=f"LoRA for {prefix}")
@@ -151,13 +157,18 @@ def _read_kohya(state: dict) -> dict:
     return layers
 
 
-def resolve(module: torch.nn.Module, name: str, part: str) -> torch.nn.Module:
-    """The layer a LoRA entry names in ``module``: a dotted name, or ("~" + name) a kohya name with underscores."""
+def layer_names(module: torch.nn.Module) -> dict:
+    """Every name a LoRA entry may give a layer of ``module``: dotted, and ("~" + name) kohya's underscores."""
     table = {}
     for full, sub in module.named_modules():
         for alias in (full, "text_model." + full):  # (transformers 5's CLIP has no text_model. level; the keys do)
             table[alias] = sub
             table["~" + alias.replace(".", "_")] = sub
+    return table
+
+
+def resolve(table: dict, name: str, part: str) -> torch.nn.Module:
+    """The layer a LoRA entry names, from ``layer_names``' table."""
     found = table.get(name)
     if found is None or not hasattr(found, "weight"):
         shown = name[1:] if name.startswith("~") else name
@@ -170,10 +181,11 @@ def resolve(module: torch.nn.Module, name: str, part: str) -> torch.nn.Module:
 def targets(layers: dict, module: torch.nn.Module, part: str) -> list:
     """[(layer module, LoraLayer)] for ``layers`` (one part's entries), every name resolved and every shape checked
     before anything is merged: a file that does not fit changes nothing."""
+    table = layer_names(module) if layers else {}
     out = []
     for name, layer in layers.items():
-        target = resolve(module, name, part)
-        layer.delta(target.weight.shape)  # (its checks; the update itself is made again when merged)
+        target = resolve(table, name, part)
+        layer.check(target.weight.shape)
         out.append((target, layer))
     return out
 
@@ -205,4 +217,4 @@ def by_part(layers: dict) -> dict:
     return out
 
 
-__all__ = ["LoraLayer", "read_lora", "resolve", "targets", "merge", "restore", "by_part", "WEIGHT_NAME"]
+__all__ = ["LoraLayer", "read_lora", "layer_names", "resolve", "targets", "merge", "restore", "by_part", "WEIGHT_NAME"]
