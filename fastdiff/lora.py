@@ -158,12 +158,40 @@ def _read_kohya(state: dict) -> dict:
 
 
 def layer_names(module: torch.nn.Module) -> dict:
-    """Every name a LoRA entry may give a layer of ``module``: dotted, and ("~" + name) kohya's underscores."""
+    """Every name a LoRA entry may give a layer of ``module``: dotted, and ("~" + name) kohya's underscores; for a
+    UNet also kohya's names in the original ldm layout (``~input_blocks_4_1_...``, SDXL's files)."""
     table = {}
     for full, sub in module.named_modules():
         for alias in (full, "text_model." + full):  # (transformers 5's CLIP has no text_model. level; the keys do)
             table[alias] = sub
             table["~" + alias.replace(".", "_")] = sub
+    table.update(_ldm_names(module))
+    return table
+
+
+def _ldm_names(module: torch.nn.Module) -> dict:
+    """{"~" + ldm name with underscores: layer} for a UNet's layers (the single-file reader's renaming, reversed)."""
+    from .models.unet import UNet
+
+    if not isinstance(module, UNet):
+        return {}
+    from .checkpoints.ldm import RESNET_PARTS, ldm_unet_blocks
+
+    modules = dict(module.named_modules())
+    per = module.config.layers_per_block
+    output_attention = {lvl * (per + 1) + j for lvl in range(len(module.config.block_out_channels))
+                        for j in range(per + 1) if f"up_blocks.{lvl}.attentions.{j}" in modules}
+    to_ldm = {new: old for old, new in RESNET_PARTS.items()}
+    table = {}
+    for src, dst, kind in ldm_unet_blocks(module.config, output_attention):
+        for name, sub in modules.items():
+            if name != dst and not name.startswith(dst + "."):
+                continue
+            rest = name[len(dst) + 1:]
+            if kind == "resnet":
+                head, dot, tail = rest.partition(".")
+                rest = to_ldm.get(head, head) + dot + tail
+            table["~" + (f"{src}.{rest}" if rest else src).replace(".", "_")] = sub
     return table
 
 
@@ -172,8 +200,8 @@ def resolve(table: dict, name: str, part: str) -> torch.nn.Module:
     found = table.get(name)
     if found is None or not hasattr(found, "weight"):
         shown = name[1:] if name.startswith("~") else name
-        hint = (" (an LDM-layout name, as SDXL's kohya files use: not read)" if
-                re.match(r"~?(input_blocks|output_blocks|middle_block)", shown) else "")
+        hint = (" (an ldm-layout name: read for UNets only)" if "~input_blocks_0_0" not in table and
+                re.match(r"(input_blocks|output_blocks|middle_block)", shown) else "")
         raise CheckpointError(f"LoRA: {part} has no layer {shown!r}{hint}")
     return found
 

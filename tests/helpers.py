@@ -98,3 +98,47 @@ def lora_state(model, suffixes=("to_q", "to_k", "to_v", "to_out.0", "proj_in", "
             state[f"unet.{name}.lora_A.weight"] = torch.randn(2, *w.shape[1:], generator=g) * 0.1
             state[f"unet.{name}.lora_B.weight"] = torch.randn(w.shape[0], 2, *([1] * (w.dim() - 2)), generator=g) * 0.1
     return state
+
+
+# diffusers' resnet sub-layers -> their ldm names (the tests' own table: it checks fastdiff's renaming)
+LDM_RESNET_PARTS = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+                    "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+
+
+def ldm_single_file(state: dict, config: dict) -> dict:
+    """A diffusers UNet state dict in the sgm / ldm single-file layout (model.diffusion_model.*)."""
+    per, levels = config["layers_per_block"], len(config["block_out_channels"])
+    out = {}
+
+    def move(src, dst, resnet=False):
+        for k in [k for k in state if k.startswith(src + ".")]:
+            rest = k[len(src) + 1:]
+            if resnet:
+                head, _, tail = rest.partition(".")
+                rest = LDM_RESNET_PARTS.get(head, head) + "." + tail
+            out[f"model.diffusion_model.{dst}.{rest}"] = state[k]
+
+    move("conv_in", "input_blocks.0.0")
+    move("time_embedding.linear_1", "time_embed.0")
+    move("time_embedding.linear_2", "time_embed.2")
+    move("add_embedding.linear_1", "label_emb.0.0")
+    move("add_embedding.linear_2", "label_emb.0.2")
+    for lvl in range(levels):
+        for j in range(per):
+            k = 1 + lvl * (per + 1) + j
+            move(f"down_blocks.{lvl}.resnets.{j}", f"input_blocks.{k}.0", resnet=True)
+            move(f"down_blocks.{lvl}.attentions.{j}", f"input_blocks.{k}.1")
+        move(f"down_blocks.{lvl}.downsamplers.0.conv", f"input_blocks.{1 + lvl * (per + 1) + per}.0.op")
+    move("mid_block.resnets.0", "middle_block.0", resnet=True)
+    move("mid_block.attentions.0", "middle_block.1")
+    move("mid_block.resnets.1", "middle_block.2", resnet=True)
+    for lvl in range(levels):
+        attn = any(k.startswith(f"up_blocks.{lvl}.attentions.") for k in state)
+        for j in range(per + 1):
+            move(f"up_blocks.{lvl}.resnets.{j}", f"output_blocks.{lvl * (per + 1) + j}.0", resnet=True)
+            move(f"up_blocks.{lvl}.attentions.{j}", f"output_blocks.{lvl * (per + 1) + j}.1")
+        move(f"up_blocks.{lvl}.upsamplers.0.conv", f"output_blocks.{lvl * (per + 1) + per}.{2 if attn else 1}.conv")
+    move("conv_norm_out", "out.0")
+    move("conv_out", "out.2")
+    assert len(out) == len(state), sorted(set(state) - {k for k in state if any(v is state[k] for v in out.values())})
+    return out

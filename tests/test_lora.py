@@ -4,13 +4,14 @@ what is refused."""
 
 import copy
 import os
+import re
 
 import pytest
 import torch
 
 import fastdiff
 from fastdiff.errors import BadArgumentError, CheckpointError, UnsupportedConfigError
-from helpers import diffusers_pipeline, lora_state, rel_err
+from helpers import diffusers_pipeline, ldm_single_file, lora_state, perturb_, rel_err
 from test_prompts import DDIM, PROMPTS, _latents, _save, _unet, diffusers_tokenizer
 from tiny_text import clip_encoder, write_clip_tokenizer
 
@@ -153,6 +154,73 @@ def test_a_kohya_lora_equals_the_same_layers_in_diffusers_format(parts):
                        b.generate(prompt=PROMPTS, latents=latents, **GEN))
 
 
+def _peft_name(key: str) -> str:
+    """A key of diffusers' converted kohya state in PEFT's names (its attention layers come in the old
+    attention-processor names, which diffusers renames the same way when it loads them)."""
+    key = re.sub(r"\.processor\.to_out_lora\.", ".to_out.0.lora.", key)
+    key = re.sub(r"\.processor\.(to_[qkv])_lora\.", r".\1.lora.", key)
+    key = key.replace(".lora.down.weight.alpha", ".alpha")  # (an attention layer's alpha)
+    return key.replace(".lora.down.", ".lora_A.").replace(".lora.up.", ".lora_B.")
+
+
+SDXL_LIKE = {  # small UNets with SDXL's layouts: the base (no attention at the top level) and the refiner (4 levels)
+    "base": dict(block_out_channels=(32, 64, 64), layers_per_block=2,
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                 attention_head_dim=[1, 1, 2], transformer_layers_per_block=[1, 1, 2],
+                 projection_class_embeddings_input_dim=32 + 6 * 8),
+    "refiner": dict(block_out_channels=(32, 64, 64, 32), layers_per_block=1,
+                    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                    attention_head_dim=1, transformer_layers_per_block=2, mid_block_type="UNetMidBlock2DCrossAttn",
+                    projection_class_embeddings_input_dim=32 + 5 * 8),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SDXL_LIKE))
+def test_a_kohya_sdxl_lora_in_ldm_names_merges_where_the_single_file_layout_puts_it(tmp_path, name):
+    """kohya's SDXL files name the UNet's layers in the original ldm layout (``input_blocks_4_1_...``). Every layer's
+    update must land on the layer the single-file layout names so (the tests' renaming, which
+    ``test_ldm_sdxl`` checks against diffusers' single-file converter), with its own alpha; and where diffusers'
+    kohya converter (``lora_state_dict`` with the UNet's config) maps the file, on the same layers."""
+    cfg = dict(sample_size=8, in_channels=4, out_channels=4, cross_attention_dim=32, use_linear_projection=True,
+               norm_num_groups=32, addition_embed_type="text_time", addition_time_embed_dim=8, **SDXL_LIKE[name])
+    torch.manual_seed(0)
+    unet = perturb_(diffusers.UNet2DConditionModel(**cfg).eval(), 0)
+    unet.save_pretrained(tmp_path)
+    state = unet.state_dict()
+    native = {id(v): k for k, v in state.items()}
+    g = torch.Generator().manual_seed(0)
+    kohya, peft = {}, {}
+    for key, w in ldm_single_file(state, cfg).items():  # every layer with a matrix or a kernel
+        if key.endswith(".weight") and w.dim() >= 2:
+            layer = "lora_unet_" + key[len("model.diffusion_model."):-len(".weight")].replace(".", "_")
+            module = "unet." + native[id(w)][:-len(".weight")]
+            down = torch.randn(2, *w.shape[1:], generator=g) * 0.1
+            up = torch.randn(w.shape[0], 2, *[1] * (w.dim() - 2), generator=g) * 0.1
+            alpha = torch.tensor(float(1 + len(kohya) % 3))  # alphas differ between layers
+            kohya.update({f"{layer}.lora_down.weight": down, f"{layer}.lora_up.weight": up, f"{layer}.alpha": alpha})
+            peft.update({f"{module}.lora_A.weight": down, f"{module}.lora_B.weight": up, f"{module}.alpha": alpha})
+    a, b = fastdiff.load(str(tmp_path)), fastdiff.load(str(tmp_path))
+    assert a.load_lora(kohya, scale=0.7) == b.load_lora(peft, scale=0.7) == {"network": len(kohya) // 3}
+    mine, theirs = a.model.state_dict(), b.model.state_dict()
+    assert all(torch.equal(v, theirs[k]) for k, v in mine.items())
+    changed = [k for k, v in mine.items() if k in state and not torch.equal(v, state[k])]
+    assert len(changed) == len(kohya) // 3
+
+    converted, alphas = diffusers_pipeline("StableDiffusionXLPipeline").lora_state_dict(
+        dict(kohya), unet_config=unet.config)
+    converted = {_peft_name(k): v for k, v in converted.items()}
+    converted.update({_peft_name(k): torch.tensor(v) for k, v in alphas.items()})
+    # diffusers' converter takes an output block's second entry for attention, so the upsampler of a level without
+    # attention (the refiner's lowest) lands on a missing layer there: those keys are left out of the comparison
+    wrong = {k for k in converted if ".attentions." in k and ".conv." in k}
+    assert bool(wrong) == (name == "refiner")
+    expected = {k: v for k, v in peft.items() if not (name == "refiner" and "up_blocks.0.upsamplers." in k)}
+    assert set(converted) - wrong == set(expected)
+    assert all(torch.equal(converted[k], v) for k, v in expected.items())
+
+
 def test_loras_add_up_and_survive_a_new_precision(parts):
     """Two loads at 0.5 are one at 1.0 (to float rounding); the text encoders, read again in another precision,
     keep the merged LoRA."""
@@ -204,9 +272,9 @@ def test_what_load_lora_refuses(parts, tmp_path):
         ({"unet.down_blocks.9.attn.to_q.lora_A.weight": torch.zeros(2, 4),
           "unet.down_blocks.9.attn.to_q.lora_B.weight": torch.zeros(4, 2)}, CheckpointError,
          "the network has no layer 'down_blocks.9.attn.to_q'"),
-        ({"lora_unet_input_blocks_4_1_proj_in.lora_down.weight": torch.zeros(2, 4),
-          "lora_unet_input_blocks_4_1_proj_in.lora_up.weight": torch.zeros(4, 2)}, CheckpointError,
-         "an LDM-layout name"),
+        ({"lora_unet_input_blocks_40_1_proj_in.lora_down.weight": torch.zeros(2, 4),
+          "lora_unet_input_blocks_40_1_proj_in.lora_up.weight": torch.zeros(4, 2)}, CheckpointError,
+         "the network has no layer 'input_blocks_40_1_proj_in'$"),
         ({f"unet.{module}.lora_A.weight": unet_state[first]}, CheckpointError, "lora_B.weight missing"),
         ({"vae.decoder.conv_in.lora_A.weight": torch.zeros(2, 4)}, UnsupportedConfigError, "LoRA key"),
         ({"lora_unet_x.hada_w1_a": torch.zeros(2, 4)}, UnsupportedConfigError, "LoKr / LoHa"),

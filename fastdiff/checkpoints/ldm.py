@@ -23,7 +23,7 @@ from ..models.unet import UNetConfig
 from .common import RequiredKeys
 
 PREFIX = "model.diffusion_model."
-_RESNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
+RESNET_PARTS = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
            "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
 
 
@@ -170,48 +170,57 @@ def convert_ldm_unet(state: dict, config: UNetConfig) -> dict[str, torch.Tensor]
         for k in [k for k in sd if k.startswith(src + ".")]:
             rest = k[len(src) + 1:]
             if kind == "resnet":
-                for old, new in _RESNET.items():
+                for old, new in RESNET_PARTS.items():
                     if rest.startswith(old + "."):
                         rest = new + rest[len(old):]
                         break
             put(f"{dst}.{rest}", k)
 
-    put("conv_in.weight", "input_blocks.0.0.weight")
-    put("conv_in.bias", "input_blocks.0.0.bias")
-    for i, name in ((0, "linear_1"), (2, "linear_2")):
-        put(f"time_embedding.{name}.weight", f"time_embed.{i}.weight")
-        put(f"time_embedding.{name}.bias", f"time_embed.{i}.bias")
-        if config.addition_embed_type == "text_time":  # SDXL: pooled text + size / crop ids
-            put(f"add_embedding.{name}.weight", f"label_emb.0.{i}.weight")
-            put(f"add_embedding.{name}.bias", f"label_emb.0.{i}.bias")
-    for lvl in range(levels):
-        for j in range(per):
-            k = 1 + lvl * (per + 1) + j
-            block(f"input_blocks.{k}.0", f"down_blocks.{lvl}.resnets.{j}", "resnet")
-            block(f"input_blocks.{k}.1", f"down_blocks.{lvl}.attentions.{j}", "attn")
-        if lvl < levels - 1:
-            k = 1 + lvl * (per + 1) + per
-            block(f"input_blocks.{k}.0.op", f"down_blocks.{lvl}.downsamplers.0.conv", "conv")
-    block("middle_block.0", "mid_block.resnets.0", "resnet")
-    block("middle_block.1", "mid_block.attentions.0", "attn")
-    block("middle_block.2", "mid_block.resnets.1", "resnet")
-    for lvl in range(levels):
-        for j in range(per + 1):
-            k = lvl * (per + 1) + j
-            block(f"output_blocks.{k}.0", f"up_blocks.{lvl}.resnets.{j}", "resnet")
-            if f"output_blocks.{k}.1.proj_in.weight" in sd:
-                block(f"output_blocks.{k}.1", f"up_blocks.{lvl}.attentions.{j}", "attn")
-            for m in (1, 2):
-                if f"output_blocks.{k}.{m}.conv.weight" in sd:
-                    block(f"output_blocks.{k}.{m}.conv", f"up_blocks.{lvl}.upsamplers.0.conv", "conv")
-    for i, name in ((0, "conv_norm_out"), (2, "conv_out")):
-        put(f"{name}.weight", f"out.{i}.weight")
-        put(f"{name}.bias", f"out.{i}.bias")
+    output_attention = {k for k in range(levels * (per + 1)) if f"output_blocks.{k}.1.proj_in.weight" in sd}
+    for src, dst, kind in ldm_unet_blocks(config, output_attention):
+        if kind == "layer":  # one required layer: a missing weight or bias is named
+            put(f"{dst}.weight", f"{src}.weight")
+            put(f"{dst}.bias", f"{src}.bias")
+        else:
+            block(src, dst, kind)
     leftover = sorted(set(sd) - _used(sd, out))
     if leftover:
         raise CheckpointError(f"ldm UNet: {len(leftover)} tensor(s) with no native counterpart (not supported): "
                               f"{leftover[:5]}")
     return out
+
+
+def ldm_unet_blocks(config: UNetConfig, output_attention: set) -> list[tuple[str, str, str]]:
+    """``(ldm prefix, native prefix, kind)`` for every part of a UNet of ``config``: ``kind`` "layer" (one layer),
+    "resnet" (its sub-layers renamed by ``RESNET_PARTS``) or "block" (the same names below the prefix).
+    ``output_attention``: the ldm ``output_blocks`` indices holding a spatial transformer (an upsampler follows it
+    at sub-index 2 there, else at 1). Shared by the single-file reader and LoRA files in ldm names (kohya's SDXL)."""
+    levels, per = len(config.block_out_channels), config.layers_per_block
+    out = [("input_blocks.0.0", "conv_in", "layer"), ("time_embed.0", "time_embedding.linear_1", "layer"),
+           ("time_embed.2", "time_embedding.linear_2", "layer")]
+    if config.addition_embed_type == "text_time":  # SDXL: pooled text + size / crop ids
+        out += [("label_emb.0.0", "add_embedding.linear_1", "layer"), ("label_emb.0.2", "add_embedding.linear_2",
+                                                                          "layer")]
+    for lvl in range(levels):
+        for j in range(per):
+            k = 1 + lvl * (per + 1) + j
+            out += [(f"input_blocks.{k}.0", f"down_blocks.{lvl}.resnets.{j}", "resnet"),
+                    (f"input_blocks.{k}.1", f"down_blocks.{lvl}.attentions.{j}", "block")]
+        if lvl < levels - 1:
+            out.append((f"input_blocks.{1 + lvl * (per + 1) + per}.0.op", f"down_blocks.{lvl}.downsamplers.0.conv",
+                        "block"))
+    out += [("middle_block.0", "mid_block.resnets.0", "resnet"), ("middle_block.1", "mid_block.attentions.0", "block"),
+            ("middle_block.2", "mid_block.resnets.1", "resnet")]
+    for lvl in range(levels):
+        for j in range(per + 1):
+            k = lvl * (per + 1) + j
+            out.append((f"output_blocks.{k}.0", f"up_blocks.{lvl}.resnets.{j}", "resnet"))
+            if k in output_attention:
+                out.append((f"output_blocks.{k}.1", f"up_blocks.{lvl}.attentions.{j}", "block"))
+            if lvl < levels - 1 and j == per:
+                out.append((f"output_blocks.{k}.{2 if k in output_attention else 1}.conv",
+                            f"up_blocks.{lvl}.upsamplers.0.conv", "block"))
+    return out + [("out.0", "conv_norm_out", "layer"), ("out.2", "conv_out", "layer")]
 
 
 def _used(sd: dict, out: dict) -> set:
