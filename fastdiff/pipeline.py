@@ -46,6 +46,8 @@ class Pipeline:
         self.vae = vae  # decodes latents for output_type "pil" / "np" and decode(); float32, not optimized
         self.prompt_encoder = prompt_encoder  # prompts -> text states (generate(prompt=...)); loads on first use
         self._lora_saved: dict = {}  # the network weights load_lora changed: id -> (parameter, original CPU copy)
+        self.controlnet = None  # a fastdiff.models.controlnet.ControlNet driving the UNet (set_controlnet)
+        self._graph_factory = None  # optimize()'s, kept for set_controlnet's rebuild of the runner
         self.config = None
         self.update_impl = "torch"  # how the samplers' state update runs (OptimizeConfig.sampler_update_impl)
         self.notes: list[str] = list(spec.notes)
@@ -113,6 +115,44 @@ class Pipeline:
                                    "as they are on disk; save before load_lora(), or after unload_lora()")
         return save_fastdiff(path, self.model, self.spec, vae=self.vae, prompt_encoder=self.prompt_encoder)
 
+    def set_controlnet(self, controlnet, variant: Optional[str] = None) -> "Pipeline":
+        """Drive the UNet with a ControlNet: a diffusers ``ControlNetModel`` folder, a loaded
+        ``fastdiff.models.controlnet.ControlNet``, or None to take it away. It is moved to the UNet's device and
+        dtype, and the runner is rebuilt around both (with ``optimize()``'s settings, applied to the ControlNet too:
+        its graphs capture both networks), so ``generate`` then takes ``control_image=``."""
+        from .models.controlnet import ControlNet
+        from .models.unet import UNet
+
+        self._require_model("set_controlnet()")
+        if controlnet is not None:
+            if not isinstance(self.model, UNet) or not self.model.config.conditional:
+                raise BadArgumentError(f"set_controlnet: a ControlNet drives a text-conditioned UNet (SD 1.x / 2.x / "
+                                       f"SDXL), and this model is a {self.spec.kind} "
+                                       f"{type(self.model).__name__}")
+            if self.config is not None and self.config.backend in ("onnxruntime", "tensorrt"):
+                raise BadArgumentError(f"set_controlnet: the {self.config.backend} backend runs the UNet's exported "
+                                       f"graph, which takes no ControlNet; use backend 'eager', 'triton' or 'compile'")
+            if not isinstance(controlnet, ControlNet):
+                from .checkpoints.controlnet import load_controlnet
+
+                controlnet = load_controlnet(controlnet, variant=variant)
+            _check_controlnet_fits(controlnet, self.model)
+            controlnet = controlnet.to(device=self.device, dtype=self._network_dtype())
+        self.controlnet = controlnet
+        if self.config is None:
+            from .models.controlnet import ControlledUNet
+
+            self.runner = self.model if controlnet is None else ControlledUNet(self.model, controlnet)
+        else:  # the same optimisations around the new network (the captured loops were of the old one)
+            from .runtime.loop_graph import LoopGraphCache
+            from .runtime.runners import build_runner
+
+            self.runner, notes = build_runner(self, self.config, graph_factory=self._graph_factory)
+            self.notes.extend(notes)
+            if self.loop_graphs is not None:
+                self.loop_graphs = LoopGraphCache(self.config.max_graphs, self._graph_factory)
+        return self
+
     def load_lora(self, lora, scale: float = 1.0) -> dict:
         """Merge a LoRA into the weights, as diffusers' ``load_lora_weights(lora)`` + ``fuse_lora(lora_scale=scale)``
         (``fastdiff.lora``: diffusers / PEFT and kohya safetensors files, a folder with diffusers' file, or a state
@@ -171,6 +211,7 @@ class Pipeline:
         elif switches:
             config = config.replace(**switches)
         self._require_model("optimize()")
+        self._graph_factory = graph_factory
         self.runner, notes = build_runner(self, config, graph_factory=graph_factory)
         self.config = config
         self.update_impl = config.sampler_update_impl(self.device)
@@ -332,7 +373,9 @@ class Pipeline:
                  progress: bool = True, callback=None, text_embeds=None, negative_text_embeds=None, time_ids=None,
                  negative_time_ids=None, guidance=None, prompt=None, negative_prompt=None, clip_skip=None,
                  max_sequence_length=None, image=None, strength: Optional[float] = None, prompt_2=None,
-                 prompt_3=None, negative_prompt_2=None, negative_prompt_3=None, mask_image=None, **sampler_options):
+                 prompt_3=None, negative_prompt_2=None, negative_prompt_3=None, mask_image=None, control_image=None,
+                 controlnet_conditioning_scale: float = 1.0, control_guidance_start: float = 0.0,
+                 control_guidance_end: float = 1.0, guess_mode: bool = False, **sampler_options):
         """Sample ``n`` images (latents for latent models).
 
         sampler / schedule: a fastdiff sampler name (``dpmpp_2m``, ``unipc``, ``ddim``, ...) and sigma
@@ -373,6 +416,10 @@ class Pipeline:
             uint8 arrays as pixels, float arrays and tensors as they are, binarized at 0.5), as diffusers' inpainting
             pipelines (``fastdiff.inpaint``).
             strength defaults to theirs: 1.0 for SD (pure noise), 0.9999 for SDXL.
+        control_image / controlnet_conditioning_scale / control_guidance_start / control_guidance_end / guess_mode:
+            a ControlNet's conditioning image (one, or one per sample; read as ``image``, not resized: its size fixes
+            the output's) and diffusers' ControlNet pipelines' options (``fastdiff.controlnet``), once
+            ``set_controlnet`` has given the pipeline a ControlNet.
         output_type: ``tensor`` (B, C, H, W) float32 in the model's range (latents for a latent model), ``np``
             uint8 (B, H, W, C), ``pil`` a list of PIL images (1 or 3 channels); a latent model with a VAE decoder
             (``pipe.vae``) is decoded for ``np`` / ``pil``.
@@ -388,6 +435,10 @@ class Pipeline:
         # (k, C, H, W): images in [0, 1], or (given_latents) a latent model's latents as generate() returns them
         images, given_latents = self._img2img_images(image, strength, latents)
         masks = self._inpaint_masks(mask_image, images, given_latents)  # (k, 1, H, W) of 0 / 1, for inpainting
+        control = self._control_images(control_image, controlnet_conditioning_scale, control_guidance_start,
+                                       control_guidance_end, guess_mode)  # (k, 3, H, W) in [0, 1], or None
+        if control is not None:
+            height, width = self._control_size(control, height, width)
         if images is not None and images.shape[0] > 1 and n == 1 and seeds is None:
             n = images.shape[0]  # one sample per image
         if isinstance(prompt, (list, tuple)) and len(prompt) > 1 and n == 1 and seeds is None and latents is None:
@@ -452,6 +503,15 @@ class Pipeline:
         uncond.update(added_uncond)
         cond.update(guidance_conditioning(self.spec, b, guidance, self.device))  # (both CFG passes share it)
         denoiser = plan.make_denoiser(self.runner, dtype=self._network_dtype())
+        if control is not None:
+            from .controlnet import ControlWindow, control_inputs
+
+            added, added_uncond = control_inputs(control, b, plan, float(controlnet_conditioning_scale),
+                                                 float(control_guidance_start), float(control_guidance_end),
+                                                 guess_mode, guided, self.device, self._network_dtype())
+            cond.update(added)
+            uncond.update(added_uncond)
+            denoiser = ControlWindow(denoiser)
         extra = dict(cond)
         if getattr(self.runner, "cfg_folded", False):  # an exported graph that guides inside: one call of batch B
             if guidance_rescale:
@@ -592,6 +652,35 @@ class Pipeline:
                                       else "VAE's weights carry only the decoder")
                                    + f"; or pass latents as the image: a ({channels}, h, w) tensor")
         return unit_images(image, self.vae.config.in_channels), False
+
+    def _control_images(self, control_image, scale, start, end, guess_mode):
+        """generate(control_image=...) as float32 (k, C, H, W) images in [0, 1], its options checked; None without a
+        ControlNet (whose options are then refused if set)."""
+        from .controlnet import check_control_options, control_images
+
+        check_control_options(scale, start, end, guess_mode)
+        if self.controlnet is None:
+            changed = (["control_image"] if control_image is not None else []) + [
+                name for name, value, default in (
+                    ("controlnet_conditioning_scale", scale, 1.0), ("control_guidance_start", start, 0.0),
+                    ("control_guidance_end", end, 1.0), ("guess_mode", guess_mode, False)) if value != default]
+            if changed:
+                raise BadArgumentError(f"{', '.join(changed)}: given, but this pipeline has no ControlNet "
+                                       f"(pipe.set_controlnet(FOLDER) first)")
+            return None
+        if control_image is None:
+            raise BadArgumentError("control_image: this pipeline is driven by a ControlNet, which needs its "
+                                   "conditioning image (pipe.set_controlnet(None) takes the ControlNet away)")
+        return control_images(self.controlnet, control_image)
+
+    def _control_size(self, control: torch.Tensor, height, width) -> tuple[int, int]:
+        """The latent size a control image fixes (checked against any height / width given)."""
+        f = self.controlnet.image_downscale
+        h, w = int(control.shape[2]) // f, int(control.shape[3]) // f
+        if (height is not None and height != h) or (width is not None and width != w):
+            raise BadArgumentError(f"height / width: the control image ({control.shape[2]}x{control.shape[3]} "
+                                   f"pixels) fixes the latent size to {h}x{w}, found {height}x{width}")
+        return h, w
 
     def _inpaint_masks(self, mask_image, images, given_latents: bool):
         """generate(mask_image=...) as float32 (k, 1, H, W) masks of 0 / 1 (``fastdiff.inpaint.unit_masks``): an
@@ -844,6 +933,22 @@ def _map_tree(d: dict, fn):
 def _one_or(b: int) -> str:
     """"1 or 4" for a count that may be one, or one per sample of b; "1" where b is 1."""
     return "1" if b == 1 else f"1 or {b}"
+
+
+def _check_controlnet_fits(controlnet, unet) -> None:
+    """Refuse a ControlNet whose outputs do not match the UNet's skips (another base model's)."""
+    mine, theirs = controlnet.config, unet.config
+    fields = ("in_channels", "block_out_channels", "layers_per_block", "cross_attention_dim", "addition_embed_type")
+    wrong = [f"{k}: {getattr(mine, k)!r} against the UNet's {getattr(theirs, k)!r}" for k in fields
+             if k != "in_channels" and _listed(getattr(mine, k)) != _listed(getattr(theirs, k))]
+    if mine.in_channels not in (theirs.in_channels, theirs.out_channels):  # (an inpainting UNet's: its latents')
+        wrong.insert(0, f"in_channels: {mine.in_channels} against the UNet's {theirs.out_channels} latent channels")
+    if wrong:
+        raise BadArgumentError("set_controlnet: this ControlNet was made for another UNet; " + "; ".join(wrong))
+
+
+def _listed(v):
+    return list(v) if isinstance(v, (list, tuple)) else v
 
 
 def _as_latents(latents) -> Optional[torch.Tensor]:

@@ -712,7 +712,7 @@ class UNet(LinearStacks, nn.Module):
 
     STACKS = ("temb", "cross_kv")
 
-    def __init__(self, config: UNetConfig):
+    def __init__(self, config: UNetConfig, up_path: bool = True):
         super().__init__()
         config.validate()
         self.config = c = config
@@ -806,36 +806,37 @@ class UNet(LinearStacks, nn.Module):
                     if c.add_attention else None
                 self.mid_block = MidBlock([resnet(mid_ch, mid_ch, mscale), resnet(mid_ch, mid_ch, mscale)], attns)
 
-        # Up path ------------------------------------------------------------------------------
-        self.up_blocks = nn.ModuleList()
-        rch = ch[::-1]
-        out_ch = rch[0]
-        for i, kind in enumerate(c.up_block_types):
-            prev_ch, out_ch = out_ch, rch[i]
-            skip_in = rch[min(i + 1, n - 1)]
-            nl = layers[n - 1 - i] + 1
-            attn_kind = _attn_kind(kind)
-            resnets = []
-            for j in range(nl):
-                res_skip = skip_in if j == nl - 1 else out_ch
-                resnets.append(resnet((prev_ch if j == 0 else out_ch) + res_skip, out_ch))
-            attns = None
-            if attn_kind is not None:
-                bi = n - 1 - i
-                d_up = up_depth[i] if up_depth is not None else [depth[bi][0]] * nl
-                if attn_kind == "cross" and len(d_up) != nl:
-                    d_up = [d_up[0]] * nl
-                attns = [attention(attn_kind, out_ch, bi, d_up[j]) for j in range(nl)]
-            up = None
-            if i < n - 1:
-                resnet_up = kind == "ResnetUpsampleBlock2D" or (c.upsample_type == "resnet" and attn_kind == "self")
-                up = ResnetBlock(out_ch, out_ch, block_temb, groups, eps, c.resnet_time_scale_shift,
-                                 resample="up") if resnet_up else Upsample(out_ch)
-            self.up_blocks.append(UpBlock(resnets, attns, up))
+        if up_path:  # (a ControlNet stops after the middle: fastdiff.models.controlnet)
+            # Up path ------------------------------------------------------------------------------
+            self.up_blocks = nn.ModuleList()
+            rch = ch[::-1]
+            out_ch = rch[0]
+            for i, kind in enumerate(c.up_block_types):
+                prev_ch, out_ch = out_ch, rch[i]
+                skip_in = rch[min(i + 1, n - 1)]
+                nl = layers[n - 1 - i] + 1
+                attn_kind = _attn_kind(kind)
+                resnets = []
+                for j in range(nl):
+                    res_skip = skip_in if j == nl - 1 else out_ch
+                    resnets.append(resnet((prev_ch if j == 0 else out_ch) + res_skip, out_ch))
+                attns = None
+                if attn_kind is not None:
+                    bi = n - 1 - i
+                    d_up = up_depth[i] if up_depth is not None else [depth[bi][0]] * nl
+                    if attn_kind == "cross" and len(d_up) != nl:
+                        d_up = [d_up[0]] * nl
+                    attns = [attention(attn_kind, out_ch, bi, d_up[j]) for j in range(nl)]
+                up = None
+                if i < n - 1:
+                    resnet_up = kind == "ResnetUpsampleBlock2D" or (c.upsample_type == "resnet" and attn_kind == "self")
+                    up = ResnetBlock(out_ch, out_ch, block_temb, groups, eps, c.resnet_time_scale_shift,
+                                     resample="up") if resnet_up else Upsample(out_ch)
+                self.up_blocks.append(UpBlock(resnets, attns, up))
 
-        # Output -------------------------------------------------------------------------------
-        self.conv_norm_out = GroupNorm(groups, ch[0], eps, activation="silu")
-        self.conv_out = nn.Conv2d(ch[0], c.out_channels, c.conv_out_kernel, padding=(c.conv_out_kernel - 1) // 2)
+            # Output -------------------------------------------------------------------------------
+            self.conv_norm_out = GroupNorm(groups, ch[0], eps, activation="silu")
+            self.conv_out = nn.Conv2d(ch[0], c.out_channels, c.conv_out_kernel, padding=(c.conv_out_kernel - 1) // 2)
         self._stack_sizes: dict = {}  # stack name -> each consumer's output width (how the stacked output splits)
         self._init_stacks()
 
@@ -868,18 +869,44 @@ class UNet(LinearStacks, nn.Module):
 
     # ----------------------------------------------------------------------------------------------
     def forward(self, x, timestep, class_labels=None, encoder_hidden_states=None, text_embeds=None, time_ids=None,
-                image_latents=None):
+                image_latents=None, down_residuals=None, mid_residual=None):
         """x (B, C, H, W); timestep scalar / (B,); class_labels (B,); encoder_hidden_states (B, L, D);
         text_embeds (B, P) and time_ids (B, N): SDXL's pooled text and micro-conditioning (diffusers passes
         them as ``added_cond_kwargs``); image_latents (B, K, H, W): input channels after x's (an inpainting UNet's
-        mask and masked-image latents, which diffusers' pipelines concatenate to the latents)."""
+        mask and masked-image latents, which diffusers' pipelines concatenate to the latents); down_residuals (one
+        per skip connection, each its shape) and mid_residual (the middle block's output shape): a ControlNet's
+        outputs, added to the skips and the middle (diffusers' ``down_block_additional_residuals`` /
+        ``mid_block_additional_residual``)."""
         c = self.config
-        b = x.shape[0]
         if image_latents is not None:
             x = torch.cat([x, image_latents.to(x.dtype)], dim=1)  # (B, C + K, H, W)
-        if c.center_input_sample:
-            x = 2 * x - 1.0
-        t = _timesteps(timestep, b, x.device)  # (B,)
+        t, emb, ctx = self._conditioning(x, timestep, class_labels, encoder_hidden_states, text_embeds, time_ids)
+        h, skips = self._down_and_middle(self.conv_in(self._centered(x)), emb, ctx)
+        if down_residuals is not None:
+            if len(down_residuals) != len(skips):
+                raise BadArgumentError(f"down_residuals: expected {len(skips)} (one per skip connection), found "
+                                       f"{len(down_residuals)}")
+            skips = [s + r for s, r in zip(skips, down_residuals)]
+        if mid_residual is not None:
+            h = h + mid_residual
+        for block in self.up_blocks:
+            nres = len(block.resnets)
+            block_skips, skips = skips[-nres:], skips[:-nres]
+            size = tuple(skips[-1].shape[2:]) if skips and block.upsamplers is not None else None
+            h = block(h, block_skips, emb, ctx, size)
+        h = self.conv_out(self.conv_norm_out(h))  # (B, out, H, W)
+        if c.time_embedding_type == "fourier" and not c.conditional:
+            h = h / t.reshape(x.shape[0], *([1] * (h.dim() - 1)))  # NCSN++: the output is scaled by 1/sigma
+        return h
+
+    def _centered(self, x):
+        return 2 * x - 1.0 if self.config.center_input_sample else x
+
+    def _conditioning(self, x, timestep, class_labels, encoder_hidden_states, text_embeds, time_ids):
+        """(t (B,), SiLU of the embedding every resnet reads, the text states), each with its stacked projections
+        where the conditioning projections are stacked (``Projected``)."""
+        c = self.config
+        t = _timesteps(timestep, x.shape[0], x.device)  # (B,)
         if c.time_embedding_type == "learned" and t.is_floating_point():
             t = t.round().long()  # an embedding table: samplers may hand over fractional timesteps
         emb = self.time_embedding(self.time_proj(t).to(x.dtype))  # (B, temb)
@@ -900,24 +927,17 @@ class UNet(LinearStacks, nn.Module):
         ctx = encoder_hidden_states
         if ctx is not None:
             ctx = self._projected("cross_kv", ctx)  # with every cross-attention's keys and values, when stacked
+        return t, emb, ctx
 
-        h = self.conv_in(x)  # (B, C0, H, W)
+    def _down_and_middle(self, h, emb, ctx) -> tuple:
+        """(the middle block's output, the skip connections) from the input convolution's output h (B, C0, H, W)."""
         skips = [h]
         for block in self.down_blocks:
             h, block_skips = block(h, emb, ctx)
             skips.extend(block_skips)
         if self.mid_block is not None:
             h = self.mid_block(h, emb, ctx)  # (B, C_last, H/2^(n-1), W/2^(n-1))
-        for block in self.up_blocks:
-            nres = len(block.resnets)
-            block_skips, skips = skips[-nres:], skips[:-nres]
-            size = tuple(skips[-1].shape[2:]) if skips and block.upsamplers is not None else None
-            h = block(h, block_skips, emb, ctx, size)
-        h = self.conv_out(self.conv_norm_out(h))  # (B, out, H, W)
-        if c.time_embedding_type == "fourier" and not c.conditional:
-            h = h / t.reshape(b, *([1] * (h.dim() - 1)))  # NCSN++: the output is scaled by 1/sigma
-        return h
-
+        return h, skips
 
     def _add_text_time(self, emb, text_embeds, time_ids):
         """emb + add_embedding([pooled text, sinusoids of each time id]) for SDXL-style UNets."""

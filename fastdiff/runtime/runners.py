@@ -75,8 +75,13 @@ def build_runner(pipe, config: OptimizeConfig, graph_factory=None) -> tuple[Call
         model = prepare_model(pipe.model, config, device, notes)
         pipe.model = model
         runner: Callable = model
+        if getattr(pipe, "controlnet", None) is not None:  # one network of both: graphs and compile take them together
+            from ..models.controlnet import ControlledUNet
+
+            pipe.controlnet = prepare_model(pipe.controlnet, config, device, notes)
+            runner = ControlledUNet(model, pipe.controlnet)
         if backend == "compile":
-            runner = compile_network(model, config, device, notes)
+            runner = compile_network(runner, config, device, notes)
             if not graphs_apply:  # one static shape per bucket (graphs pad to buckets themselves)
                 from .graphs import BucketPadded, network_buckets
 
@@ -86,6 +91,9 @@ def build_runner(pipe, config: OptimizeConfig, graph_factory=None) -> tuple[Call
             runner = lambda x, *a, **k: inner(x.contiguous(memory_format=torch.channels_last), *a, **k)  # noqa: E731
         if config.cudnn_benchmark:
             runner = CudnnBenchmark(runner)
+    elif getattr(pipe, "controlnet", None) is not None:
+        raise BackendUnavailableError(f"backend {backend!r}: its exported graph takes no ControlNet "
+                                      f"(pipe.set_controlnet(None) first, or use 'eager', 'triton' or 'compile')")
     elif backend == "onnxruntime":
         try:
             from .onnxruntime_runner import OnnxRuntimeRunner

@@ -1,0 +1,159 @@
+"""ControlNet (Zhang et al. 2023), as diffusers' ``ControlNetModel``, and a UNet driven by one.
+
+A ControlNet is a copy of a UNet's embeddings, down path and middle block that also reads a conditioning image
+(edges, depth, pose, ...). Its outputs, one per skip connection and one for the middle, pass through zero-initialised
+1x1 convolutions and are added to the UNet's skips and middle. The weights keep diffusers' names, so a diffusers
+``ControlNetModel`` folder loads as it is (``fastdiff.checkpoints.controlnet``).
+
+Per sample, the network takes:
+
+* ``control_image`` (B, 3, H * 8, W * 8), in [0, 1], as diffusers' control image processor leaves it;
+* ``control_scale`` (B,): ``controlnet_conditioning_scale``. It is 0 where a sample's call falls outside its
+  ``control_guidance_start`` / ``_end`` window: ``fastdiff.controlnet.ControlWindow`` sets it per call;
+* ``control_guess`` (B,): 1 for diffusers' ``guess_mode``, whose residuals are weighted from 0.1 (the first
+  skip) to 1 (the middle) on a log scale.
+
+These are tensors, so captured graphs and compiled models take new values without a recapture.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import BadArgumentError, UnsupportedConfigError
+from .unet import UNet, UNetConfig
+
+# ControlNetModel's own config fields (the rest are UNet2DConditionModel's, with the same defaults)
+CONTROLNET_FIELDS = dict(conditioning_channels=3, controlnet_conditioning_channel_order="rgb",
+                         conditioning_embedding_out_channels=(16, 32, 96, 256), global_pool_conditions=False)
+
+
+class ConditioningEmbedding(nn.Module):
+    """The conditioning image (B, 3, 8H, 8W) -> (B, C0, H, W): diffusers' ``ControlNetConditioningEmbedding``. Each
+    stage is a 3x3 convolution and a strided one (2x down), with SiLU between them all."""
+
+    def __init__(self, in_channels: int, channels: tuple, out_channels: int):
+        super().__init__()
+        self.conv_in = nn.Conv2d(in_channels, channels[0], 3, padding=1)
+        self.blocks = nn.ModuleList()
+        for a, b in zip(channels[:-1], channels[1:]):
+            self.blocks.append(nn.Conv2d(a, a, 3, padding=1))
+            self.blocks.append(nn.Conv2d(a, b, 3, padding=1, stride=2))
+        self.conv_out = nn.Conv2d(channels[-1], out_channels, 3, padding=1)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        h = F.silu(self.conv_in(image))
+        for conv in self.blocks:
+            h = F.silu(conv(h))
+        return self.conv_out(h)
+
+
+class ControlNet(UNet):
+    """diffusers' ``ControlNetModel``: a UNet's embeddings, down path and middle (its own weights), the conditioning
+    embedding, and one zero convolution per output. ``forward`` returns (down residuals, mid residual) for
+    ``UNet.forward(down_residuals=, mid_residual=)``."""
+
+    def __init__(self, config: UNetConfig, conditioning_channels: int = 3,
+                 conditioning_embedding_out_channels: tuple = (16, 32, 96, 256), global_pool_conditions: bool = False,
+                 controlnet_conditioning_channel_order: str = "rgb"):
+        super().__init__(config, up_path=False)
+        if controlnet_conditioning_channel_order not in ("rgb", "bgr"):
+            raise UnsupportedConfigError("controlnet_conditioning_channel_order", controlnet_conditioning_channel_order,
+                                         supported=["rgb", "bgr"], model="ControlNetModel")
+        self.conditioning_channels = int(conditioning_channels)
+        self.global_pool_conditions = bool(global_pool_conditions)
+        self.bgr = controlnet_conditioning_channel_order == "bgr"
+        ch = list(config.block_out_channels)
+        self.controlnet_cond_embedding = ConditioningEmbedding(self.conditioning_channels,
+                                                               tuple(conditioning_embedding_out_channels), ch[0])
+        widths = [ch[0]]  # every skip's channels, in the UNet's order
+        for i, block in enumerate(self.down_blocks):
+            widths += [ch[i]] * len(block.resnets) + ([ch[i]] if block.downsamplers is not None else [])
+        self.controlnet_down_blocks = nn.ModuleList(nn.Conv2d(w, w, 1) for w in widths)
+        self.controlnet_mid_block = nn.Conv2d(ch[-1], ch[-1], 1)
+
+    @property
+    def controlnet_config(self) -> dict:
+        """The ControlNetModel fields beyond the UNet's (what a save writes back)."""
+        return dict(conditioning_channels=self.conditioning_channels,
+                    controlnet_conditioning_channel_order="bgr" if self.bgr else "rgb",
+                    conditioning_embedding_out_channels=[m.out_channels for m in self._embedding_convs()],
+                    global_pool_conditions=self.global_pool_conditions)
+
+    @property
+    def image_downscale(self) -> int:
+        """Control image pixels per latent pixel (8 for SD's ControlNets: three strided convolutions)."""
+        return 2 ** len(self.controlnet_cond_embedding.blocks[1::2])
+
+    def _embedding_convs(self) -> list:
+        e = self.controlnet_cond_embedding
+        return [e.conv_in] + list(e.blocks)[1::2]
+
+    def forward(self, x, timestep, control_image, control_scale, control_guess=None, class_labels=None,
+                encoder_hidden_states=None, text_embeds=None, time_ids=None):
+        """x (B, C, H, W) latents; control_image (B, 3, 8H, 8W) in [0, 1]; control_scale (B,) or a number;
+        control_guess (B,): 1 where guess mode weights the outputs. -> ([skip residual (B, Ci, Hi, Wi)], mid
+        residual (B, C_last, h, w))."""
+        b = x.shape[0]
+        if control_image.dim() != 4 or control_image.shape[0] != b or control_image.shape[1] != \
+                self.conditioning_channels:
+            raise BadArgumentError(f"control_image: expected ({b}, {self.conditioning_channels}, H, W), found "
+                                   f"{tuple(control_image.shape)}")
+        _, emb, ctx = self._conditioning(x, timestep, class_labels, encoder_hidden_states, text_embeds, time_ids)
+        image = control_image.to(x.dtype)
+        if self.bgr:
+            image = image.flip(1)
+        cond = self.controlnet_cond_embedding(image)  # (B, C0, H, W)
+        if cond.shape[2:] != x.shape[2:]:
+            f = self.image_downscale
+            raise BadArgumentError(f"control_image: expected {x.shape[2] * f}x{x.shape[3] * f} pixels for "
+                                   f"{x.shape[2]}x{x.shape[3]} latents, found "
+                                   f"{control_image.shape[2]}x{control_image.shape[3]}")
+        h, skips = self._down_and_middle(self.conv_in(x) + cond, emb, ctx)
+        outputs = [conv(s) for conv, s in zip(self.controlnet_down_blocks, skips)] + [self.controlnet_mid_block(h)]
+        weights = self._weights(control_scale, control_guess, len(outputs), b, x)  # (len(outputs), B, 1, 1, 1)
+        outputs = [o * w for o, w in zip(outputs, weights)]
+        if self.global_pool_conditions:
+            outputs = [o.mean(dim=(2, 3), keepdim=True) for o in outputs]
+        return outputs[:-1], outputs[-1]
+
+    def _weights(self, scale, guess: Optional[torch.Tensor], n: int, b: int, x: torch.Tensor) -> torch.Tensor:
+        """Each output's weight per sample: the scale, times (guess mode, without global pooling) diffusers' log
+        ramp from 0.1 to 1 over the outputs."""
+        scale = torch.as_tensor(scale, dtype=torch.float32, device=x.device).reshape(-1).expand(b)  # (B,)
+        w = scale[None, :].expand(n, b)  # (n, B)
+        if guess is not None and not self.global_pool_conditions:
+            ramp = torch.logspace(-1, 0, n, device=x.device)[:, None]  # (n, 1)
+            g = guess.to(device=x.device, dtype=torch.float32).reshape(1, -1)
+            w = w * (g * ramp + (1 - g))
+        return w.to(x.dtype).reshape(n, b, 1, 1, 1)
+
+
+class ControlledUNet(nn.Module):
+    """A UNet and the ControlNet that drives it, as one network with the UNet's signature plus the control inputs
+    (what a Pipeline's runner calls once a ControlNet is set: captured graphs and compiled models take both)."""
+
+    def __init__(self, unet: UNet, controlnet: ControlNet):
+        super().__init__()
+        self.unet, self.controlnet = unet, controlnet
+
+    def forward(self, x, timestep, class_labels=None, encoder_hidden_states=None, text_embeds=None, time_ids=None,
+                image_latents=None, control_image=None, control_scale=None, control_guess=None):
+        if control_image is None or control_scale is None:
+            raise BadArgumentError("this network is driven by a ControlNet: expected control_image and "
+                                   "control_scale, found " + ("neither" if control_image is None and control_scale
+                                                              is None else "one of them"))
+        # (an inpainting UNet's ControlNet reads the latents alone, as diffusers' ControlNet inpainting pipeline)
+        down, mid = self.controlnet(x, timestep, control_image, control_scale, control_guess,
+                                    class_labels=class_labels, encoder_hidden_states=encoder_hidden_states,
+                                    text_embeds=text_embeds, time_ids=time_ids)
+        return self.unet(x, timestep, class_labels=class_labels, encoder_hidden_states=encoder_hidden_states,
+                         text_embeds=text_embeds, time_ids=time_ids, image_latents=image_latents,
+                         down_residuals=down, mid_residual=mid)
+
+
+__all__ = ["ControlNet", "ControlledUNet", "ConditioningEmbedding", "CONTROLNET_FIELDS"]

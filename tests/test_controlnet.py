@@ -1,0 +1,211 @@
+"""ControlNet: the network against diffusers' ``ControlNetModel``, and ``generate(control_image=...)`` against
+diffusers' ``StableDiffusionControlNetPipeline`` (tiny random models, the same latents, embeddings and image); its
+options, captured graphs, and what is refused."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import fastdiff
+from fastdiff.errors import BackendUnavailableError, BadArgumentError, StateDictMismatchError
+from helpers import diffusers_pipeline, perturb_, rel_err
+from test_graph_scopes import FakeGraph
+from test_prompts import DDIM, _latents, _save, _unet
+
+diffusers = pytest.importorskip("diffusers", reason="diffusers' ControlNetModel and ControlNet pipeline are the reference")
+Image = pytest.importorskip("PIL.Image", reason="the control images are PIL images, as users pass them")
+
+CROSS = 16
+CONTROLNET = dict(in_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), cross_attention_dim=CROSS,
+                  attention_head_dim=4, norm_num_groups=8, conditioning_embedding_out_channels=(4, 8, 8, 16))
+
+
+def _controlnet(seed=1, **extra):
+    torch.manual_seed(seed)
+    return perturb_(diffusers.ControlNetModel(**{**CONTROLNET, **extra}).eval(), seed)  # (no zero convolutions left)
+
+
+def _image(seed=0, size=64) -> np.ndarray:
+    """An 8-bit RGB control image (H, W, 3)."""
+    return np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+
+
+def _states(seed=5, b=2):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, 7, CROSS, generator=g), torch.randn(b, 7, CROSS, generator=g)
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    """(SD pipeline folder, ControlNet folder, the diffusers UNet, the diffusers ControlNet)."""
+    root = str(tmp_path_factory.mktemp("controlnet"))
+    unet, controlnet = _unet(CROSS), _controlnet()
+    sd = diffusers_pipeline("StableDiffusionPipeline")(
+        vae=None, text_encoder=None, tokenizer=None, unet=unet, scheduler=diffusers.DDIMScheduler(**DDIM),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    folder = _save(sd, os.path.join(root, "pipe"))
+    controlnet.save_pretrained(os.path.join(root, "controlnet"))
+    return folder, os.path.join(root, "controlnet"), unet, controlnet
+
+
+def _reference(parts, scheduler):
+    ref = diffusers_pipeline("StableDiffusionControlNetPipeline")(
+        vae=None, text_encoder=None, tokenizer=None, unet=parts[2], controlnet=parts[3], scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    return ref
+
+
+@pytest.mark.parametrize("extra", [{}, {"controlnet_conditioning_channel_order": "bgr"},
+                                   {"global_pool_conditions": True}], ids=["rgb", "bgr", "pooled"])
+@pytest.mark.parametrize("guess", [False, True])
+def test_the_controlnet_equals_controlnetmodel(tmp_path, extra, guess):
+    from fastdiff.checkpoints.controlnet import load_controlnet
+
+    ref = _controlnet(2, **extra)
+    ref.save_pretrained(tmp_path)
+    mine = load_controlnet(str(tmp_path))
+    g = torch.Generator().manual_seed(0)
+    x, image, ctx = torch.randn(2, 4, 8, 16, generator=g), torch.rand(2, 3, 64, 128, generator=g), \
+        torch.randn(2, 5, CROSS, generator=g)
+    t = torch.tensor([10, 700])
+    with torch.no_grad():
+        down, mid = ref(x, t, encoder_hidden_states=ctx, controlnet_cond=image, conditioning_scale=0.7,
+                        guess_mode=guess, return_dict=False)
+        got_down, got_mid = mine(x, t, image, torch.tensor([0.7, 0.7]), torch.full((2,), float(guess)),
+                                 encoder_hidden_states=ctx)
+    assert len(got_down) == len(down) == 4  # conv_in, level 0 (resnet, downsampler), level 1 (resnet)
+    for a, b in zip(got_down + [got_mid], list(down) + [mid]):
+        assert a.shape == b.shape and rel_err(a, b) <= 1e-6 and float(b.abs().max()) > 0
+
+
+SCHEDULERS = {"ddim": lambda: diffusers.DDIMScheduler(**DDIM),
+              "dpm": lambda: diffusers.DPMSolverMultistepScheduler(**{k: v for k, v in DDIM.items()
+                                                                      if k in ("beta_start", "beta_end",
+                                                                               "beta_schedule", "steps_offset")}),
+              "euler": lambda: diffusers.EulerDiscreteScheduler(**{k: v for k, v in DDIM.items()
+                                                                  if k in ("beta_start", "beta_end", "beta_schedule",
+                                                                           "steps_offset")})}
+CASES = {  # generate's options -> diffusers'
+    "plain": {},
+    "scaled": dict(controlnet_conditioning_scale=0.6),
+    "window": dict(control_guidance_start=0.25, control_guidance_end=0.75),
+    "guess": dict(guess_mode=True, controlnet_conditioning_scale=0.8),
+}
+
+
+@pytest.mark.parametrize("scheduler", sorted(SCHEDULERS))
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_generate_equals_the_controlnet_pipeline(parts, scheduler, case):
+    ref = _reference(parts, SCHEDULERS[scheduler]())
+    scheduler_config = {**ref.scheduler.config, "_class_name": type(ref.scheduler).__name__}
+    pipe = fastdiff.load(parts[0], scheduler=scheduler_config).set_controlnet(parts[1])
+    cond, uncond = _states()
+    latents, image = _latents(), _image()
+    options = CASES[case]
+    want = ref(prompt_embeds=cond, negative_prompt_embeds=uncond, image=Image.fromarray(image), latents=latents.clone(),
+               num_inference_steps=4, guidance_scale=3.0, output_type="latent", **options).images
+    got = pipe.generate(encoder_hidden_states=cond, negative_encoder_hidden_states=uncond,
+                        control_image=Image.fromarray(image), latents=latents, steps=4, cfg_scale=3.0, progress=False,
+                        **options)
+    assert rel_err(got, want) <= 1e-5
+    plain = fastdiff.load(parts[0], scheduler=scheduler_config).generate(
+        encoder_hidden_states=cond, negative_encoder_hidden_states=uncond, latents=latents, steps=4, cfg_scale=3.0,
+        progress=False)
+    assert rel_err(got, plain) > 1e-3  # the ControlNet changed the result
+
+
+def test_the_window_and_guess_mode_without_guidance_equal_diffusers(parts):
+    """Unguided: guess mode only reweights the outputs; a window that keeps no step gives the plain UNet."""
+    ref = _reference(parts, SCHEDULERS["ddim"]())
+    pipe = fastdiff.load(parts[0]).set_controlnet(parts[1])
+    cond, _ = _states()
+    latents, image = _latents(), torch.from_numpy(_image(1)).permute(2, 0, 1)[None].float() / 255
+    for options in (dict(guess_mode=True), dict(control_guidance_start=0.5, control_guidance_end=0.6)):
+        want = ref(prompt_embeds=cond, image=image, latents=latents.clone(), num_inference_steps=4, guidance_scale=1.0,
+                   output_type="latent", **options).images
+        got = pipe.generate(encoder_hidden_states=cond, control_image=image, latents=latents, steps=4, progress=False,
+                            **options)
+        assert rel_err(got, want) <= 1e-5
+    plain = fastdiff.load(parts[0]).generate(encoder_hidden_states=cond, latents=latents, steps=4, progress=False)
+    assert torch.equal(got, plain)  # (0.5 - 0.6 keeps none of 4 steps: every residual scaled by 0)
+
+
+@pytest.mark.parametrize("scope", ["step", "loop"])
+def test_captured_graphs_take_new_control_inputs_without_a_recapture(parts, scope):
+    eager = fastdiff.load(parts[0]).set_controlnet(parts[1])
+    graphed = fastdiff.load(parts[0]).optimize(cuda_graphs=True, graph_scope=scope, batch_buckets=(2,),
+                                               graph_factory=FakeGraph).set_controlnet(parts[1])
+    cond, uncond = _states()
+    kw = dict(encoder_hidden_states=cond, negative_encoder_hidden_states=uncond, latents=_latents(), steps=3,
+              cfg_scale=2.0, progress=False)
+    for seed, options in ((0, {}), (1, dict(controlnet_conditioning_scale=0.5, control_guidance_end=0.7)),
+                          (2, dict(guess_mode=True))):
+        image = _image(seed)
+        assert rel_err(graphed.generate(control_image=image, **options, **kw),
+                       eager.generate(control_image=image, **options, **kw)) <= 1e-6
+    captures = graphed.loop_graphs.captures if scope == "loop" else graphed.runner.captures
+    assert captures == 1
+
+
+def test_set_controlnet_after_optimize_and_back(parts):
+    pipe = fastdiff.load(parts[0]).optimize(backend="eager", fuse_qkv=True)
+    cond, _ = _states()
+    kw = dict(encoder_hidden_states=cond, latents=_latents(), steps=2, progress=False)
+    plain = pipe.generate(**kw)
+    controlled = pipe.set_controlnet(parts[1]).generate(control_image=_image(), **kw)
+    want = fastdiff.load(parts[0]).set_controlnet(parts[1]).generate(control_image=_image(), **kw)
+    assert rel_err(controlled, want) <= 1e-5 and rel_err(controlled, plain) > 1e-3
+    assert torch.equal(pipe.set_controlnet(None).generate(**kw), plain)
+
+
+def test_what_controlnets_refuse(parts, tmp_path):
+    from fastdiff.checkpoints.controlnet import load_controlnet
+
+    pipe = fastdiff.load(parts[0])
+    cond, _ = _states()
+    kw = dict(encoder_hidden_states=cond, seeds=[1, 2], steps=2, progress=False)
+    with pytest.raises(BadArgumentError, match="control_image, guess_mode: given, but this pipeline has no ControlNet"):
+        pipe.generate(control_image=_image(), guess_mode=True, **kw)
+    pipe.set_controlnet(parts[1])
+    cases = [(dict(), "control_image: this pipeline is driven by a ControlNet"),
+             (dict(control_image=_image(size=60)), "multiples of 8"),
+             (dict(control_image=_image(), height=16), "fixes the latent size to 8x8"),
+             (dict(control_image=_image(), control_guidance_start=0.8, control_guidance_end=0.2),
+              "expected 0 <= start < end <= 1"),
+             (dict(control_image=_image(), controlnet_conditioning_scale=float("nan")), "controlnet_conditioning_scale"),
+             (dict(control_image=_image(), guess_mode=1), "guess_mode: expected True or False"),
+             (dict(control_image=[_image(), _image(1), _image(2)]), "expected 1 or 2 images")]
+    for options, match in cases:
+        with pytest.raises(BadArgumentError, match=match):
+            pipe.generate(**{**kw, **options})
+    other = _controlnet(block_out_channels=(8, 16), norm_num_groups=4)
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(BadArgumentError, match="made for another UNet; block_out_channels"):
+        pipe.set_controlnet(str(tmp_path / "other"))
+    with pytest.raises(BadArgumentError, match="expected a diffusers ControlNetModel folder"):
+        pipe.set_controlnet(str(tmp_path / "missing"))
+    broken = tmp_path / "broken"
+    _controlnet().save_pretrained(broken)
+    from safetensors.torch import load_file, save_file
+
+    weights = broken / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights)
+    state.pop("controlnet_mid_block.weight")
+    save_file(state, weights)
+    with pytest.raises(StateDictMismatchError, match="controlnet_mid_block.weight"):
+        load_controlnet(str(broken))
+    with pytest.raises(BadArgumentError, match="drives a text-conditioned UNet"):
+        fastdiff.load("arch:tiny-dit").set_controlnet(parts[1])
+    exported = fastdiff.load(parts[0])
+    exported.config = type("Config", (), {"backend": "onnxruntime"})()
+    with pytest.raises(BadArgumentError, match="the onnxruntime backend runs the UNet's exported graph"):
+        exported.set_controlnet(parts[1])
+    from fastdiff.runtime.runners import build_runner
+    from fastdiff.runtime.config import OptimizeConfig
+
+    with pytest.raises(BackendUnavailableError, match="its exported graph takes no ControlNet"):
+        build_runner(pipe, OptimizeConfig(backend="onnxruntime"))
