@@ -209,3 +209,58 @@ def test_what_controlnets_refuse(parts, tmp_path):
 
     with pytest.raises(BackendUnavailableError, match="its exported graph takes no ControlNet"):
         build_runner(pipe, OptimizeConfig(backend="onnxruntime"))
+
+
+def test_the_engine_batches_control_images_each_equal_to_its_solo_run(parts):
+    pipe = fastdiff.load(parts[0]).set_controlnet(parts[1])
+    cond, uncond = _states()
+    kw = dict(steps=3, cfg_scale=2.0, encoder_hidden_states=cond[0], negative_encoder_hidden_states=uncond[0])
+    with fastdiff.Engine(pipe, max_batch=4, max_wait_ms=50) as engine:
+        futures = [engine.submit(seed=i, control_image=_image(i), controlnet_conditioning_scale=0.7, **kw)
+                   for i in range(3)]
+        guessed = engine.submit(seed=3, control_image=_image(3), guess_mode=True, **kw)  # (another batch: its option)
+        missing = engine.submit(seed=4, **kw)
+        too_small = engine.submit(seed=5, control_image=_image(size=60), **kw)
+        results = [f.result(timeout=120) for f in futures] + [guessed.result(timeout=120)]
+        assert engine.stats()["batch_size_hist"] == {3: 1, 1: 1}
+    for fut, match in ((missing, "control_image: this pipeline is driven by a ControlNet"),
+                       (too_small, "multiples of 8")):
+        with pytest.raises(BadArgumentError, match=match):
+            fut.result(timeout=10)
+    for i, got in enumerate(results):
+        options = dict(guess_mode=True) if i == 3 else dict(controlnet_conditioning_scale=0.7)
+        want = pipe.generate(seeds=[i], control_image=_image(i), steps=3, cfg_scale=2.0,
+                             encoder_hidden_states=cond[:1], negative_encoder_hidden_states=uncond[:1], progress=False,
+                             **options)[0]
+        assert rel_err(got, want) <= 1e-5
+
+
+def test_cli_generate_with_a_controlnet(parts, tmp_path):
+    from safetensors.torch import load_file
+
+    from test_cli import fastdiff as run_cli
+    from test_prompts import diffusers_tokenizer
+    from tiny_text import clip_encoder, write_clip_tokenizer
+
+    pytest.importorskip("transformers", reason="the folder's text encoder is transformers' CLIP")
+    ref = diffusers_pipeline("StableDiffusionPipeline")(
+        vae=None, text_encoder=clip_encoder(CROSS), tokenizer=diffusers_tokenizer(write_clip_tokenizer(
+            str(tmp_path / "tok"))), unet=parts[2], scheduler=diffusers.DDIMScheduler(**DDIM), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    folder = _save(ref, str(tmp_path / "pipe"))
+    Image.fromarray(_image(4)).save(tmp_path / "edges.png")
+    r = run_cli("generate", folder, "--prompt", "a red cat", "--controlnet", parts[1], "--control-image", "edges.png",
+                "--controlnet-scale", "0.5", "--control-end", "0.5", "--cfg", "2", "--n", "1", "--steps", "2",
+                "--seed", "3", "--output-latents", "lat.safetensors", "--no-progress", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    pipe = fastdiff.load(folder).set_controlnet(parts[1])
+    want = pipe.generate(1, prompt="a red cat", control_image=Image.open(tmp_path / "edges.png"),
+                         controlnet_conditioning_scale=0.5, control_guidance_end=0.5, cfg_scale=2.0, steps=2, seed=3,
+                         progress=False)
+    assert torch.equal(load_file(str(tmp_path / "lat.safetensors"))["latents"], want)
+    for flags, message in ((["--control-image", "edges.png"], "--control-image: given without --controlnet"),
+                           (["--controlnet", parts[1]], "--controlnet: expected --control-image"),
+                           (["--controlnet", parts[1], "--control-image", "edges.png", "--height", "8"],
+                            "the --control-image fixes the size")):
+        r = run_cli("generate", folder, "--prompt", "a cat", *flags, "--output-latents", "x.safetensors", cwd=tmp_path)
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -67,6 +67,20 @@ def register(sub) -> None:
     p.add_argument("--image", default=None, metavar="IN.png",
                    help="image-to-image (SDEdit): start from this image (any format Pillow reads; its size is the "
                         "output's, a multiple of the VAE's 8 pixels per latent pixel), noised to --strength")
+    p.add_argument("--controlnet", default=None, metavar="FOLDER",
+                   help="drive the UNet with a ControlNet (a diffusers ControlNetModel folder); needs --control-image")
+    p.add_argument("--control-image", default=None, metavar="COND.png",
+                   help="with --controlnet: its conditioning image (edges, depth, pose...), not resized: its size is "
+                        "the output's, a multiple of 8 pixels per latent pixel")
+    p.add_argument("--controlnet-scale", type=float, default=1.0, metavar="S",
+                   help="with --controlnet: the weight of its outputs (diffusers' controlnet_conditioning_scale, "
+                        "default 1)")
+    p.add_argument("--control-start", type=float, default=0.0, metavar="F",
+                   help="with --controlnet: the share of the steps before it starts (default 0)")
+    p.add_argument("--control-end", type=float, default=1.0, metavar="F",
+                   help="with --controlnet: the share of the steps after which it stops (default 1)")
+    p.add_argument("--guess-mode", action="store_true",
+                   help="with --controlnet: diffusers' guess mode (the ControlNet guides the conditional pass only)")
     p.add_argument("--lora", action="append", default=None, metavar="FILE[:SCALE]",
                    help="merge a LoRA (diffusers / PEFT or kohya safetensors, or a folder with diffusers' file) into "
                         "the weights, at SCALE (default 1); repeat for several")
@@ -281,7 +295,18 @@ def _validate(args) -> None:
         raise BadArgumentError("--height / --width: the --image fixes the size")
     if args.mask is not None and args.image is None:
         raise BadArgumentError("--mask: given without --image; inpainting repaints part of an image")
-    for flag, path in (("--image", args.image), ("--mask", args.mask)):
+    control_flags = [f for f, given in (("--control-image", args.control_image is not None),
+                                        ("--controlnet-scale", args.controlnet_scale != 1.0),
+                                        ("--control-start", args.control_start != 0.0),
+                                        ("--control-end", args.control_end != 1.0), ("--guess-mode", args.guess_mode))
+                     if given]
+    if control_flags and args.controlnet is None:
+        raise BadArgumentError(f"{control_flags[0]}: given without --controlnet FOLDER")
+    if args.controlnet is not None and args.control_image is None:
+        raise BadArgumentError("--controlnet: expected --control-image COND.png (the ControlNet's conditioning image)")
+    if args.control_image is not None and (args.height is not None or args.width is not None):
+        raise BadArgumentError("--height / --width: the --control-image fixes the size")
+    for flag, path in (("--image", args.image), ("--mask", args.mask), ("--control-image", args.control_image)):
         if path is not None and not os.path.isfile(path):
             raise BadArgumentError(f"{flag}: expected an image file, found {path!r} (no such file)")
 
@@ -337,6 +362,8 @@ def run(args) -> int:
     pipe = load_pipeline(args.model, device, **load_options(args))
     for path, scale in _lora_args(args.lora or []):  # merged before any optimisation, as the weights are
         pipe.load_lora(path, scale=scale)
+    if args.controlnet is not None:
+        pipe.set_controlnet(args.controlnet)
     t_load = time.perf_counter() - t0
     spec = pipe.spec
 
@@ -378,6 +405,10 @@ def run(args) -> int:
         inputs.update(image=_read_image(args.image), strength=args.strength)
     if args.mask is not None:
         inputs["mask_image"] = _read_image(args.mask, "--mask")
+    if args.control_image is not None:
+        inputs.update(control_image=_read_image(args.control_image, "--control-image"),
+                      controlnet_conditioning_scale=args.controlnet_scale, control_guidance_start=args.control_start,
+                      control_guidance_end=args.control_end, guess_mode=args.guess_mode)
 
     t0 = time.perf_counter()
     if args.backend is not None or args.dtype is not None:

@@ -263,7 +263,7 @@ class Engine:
                sampler=None, cfg_scale: float = 1.0, height: Optional[int] = None, width: Optional[int] = None,
                schedule=None, text_embeds=None, negative_text_embeds=None, time_ids=None, negative_time_ids=None,
                guidance=None, prompt: Optional[str] = None, negative_prompt: Optional[str] = None,
-               image=None, strength: Optional[float] = None, mask_image=None,
+               image=None, strength: Optional[float] = None, mask_image=None, control_image=None,
                **options) -> concurrent.futures.Future:
         """Queue one sample; the Future resolves to a (C, H, W) tensor.
 
@@ -280,6 +280,9 @@ class Engine:
         and converted here; requests of one strength and size batch together, each with its own image.
         ``mask_image``: an inpainting network's mask of this request (``Pipeline.generate(mask_image=...)``), with its
         image.
+        ``control_image``: this request's ControlNet image, for a pipeline with a ControlNet (``set_controlnet``); it
+        fixes the size. The ControlNet's other options (``controlnet_conditioning_scale``, ``guess_mode``, ...) go
+        in ``options``.
         ``options``: further ``generate`` keywords shared by a batch (``guidance_rescale``, sampler
         options such as ``eta``); values must be hashable, and only requests with equal options batch.
         A request that fails validation returns an already failed Future (the error is
@@ -303,10 +306,12 @@ class Engine:
                 negative_encoder_hidden_states = text.get("negative_encoder_hidden_states")
                 text_embeds, negative_text_embeds = text.get("text_embeds"), text.get("negative_text_embeds")
             image_rows = None
+            if control_image is not None or getattr(self.pipe, "controlnet", None) is not None:
+                image_rows, height, width = self._control_request(control_image, options, height, width)
             inpainting = getattr(getattr(self.pipe, "spec", None), "inpainting", False)  # (needs image and mask)
             if image is not None or strength is not None or mask_image is not None or inpainting:
-                image_rows, strength, height, width = self._image_request(image, strength, mask_image, steps, height,
-                                                                          width)
+                rows, strength, height, width = self._image_request(image, strength, mask_image, steps, height, width)
+                image_rows = {**(image_rows or {}), **rows}
                 options = {**options, "strength": strength}  # (shared by a batch: its grid starts there)
             added = dict(text_embeds=text_embeds, negative_text_embeds=negative_text_embeds, time_ids=time_ids,
                          negative_time_ids=negative_time_ids,
@@ -370,6 +375,18 @@ class Engine:
         if masks is not None:
             rows["mask_image"] = masks[0].clone()
         return rows, strength, height, width
+
+    def _control_request(self, control_image, options: dict, height, width):
+        """One request's ControlNet image row (C, H, W) in [0, 1], its options checked, and the latent size it
+        fixes."""
+        pipe = self.pipe
+        control = pipe._control_images(control_image, options.get("controlnet_conditioning_scale", 1.0),
+                                       options.get("control_guidance_start", 0.0),
+                                       options.get("control_guidance_end", 1.0), options.get("guess_mode", False))
+        if control.shape[0] != 1:
+            raise BadArgumentError(f"control_image: expected one image per request, found {control.shape[0]}")
+        height, width = pipe._control_size(control, height, width)
+        return {"control_image": control[0].clone()}, height, width
 
     def _encode_prompt(self, prompt, negative_prompt, cfg_scale, options: dict, extra_prompts: dict,
                        given: dict) -> dict:
