@@ -264,3 +264,46 @@ def test_cli_generate_with_a_controlnet(parts, tmp_path):
                             "the --control-image fixes the size")):
         r = run_cli("generate", folder, "--prompt", "a cat", *flags, "--output-latents", "x.safetensors", cwd=tmp_path)
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("guess", [False, True])
+def test_an_sdxl_controlnet_equals_the_sdxl_controlnet_pipeline(tmp_path, guess):
+    """SDXL's ControlNets read the pooled text and the size / crop ids too (diffusers passes them its
+    added_cond_kwargs)."""
+    from test_sdxl import POOLED, SCHEDULER, UNET, _diffusers_pipe, _embeds, _fastdiff_kwargs
+    from test_sdxl import _save as save_sdxl
+
+    base = _diffusers_pipe()
+    sdxl_fields = {k: UNET[k] for k in ("cross_attention_dim", "attention_head_dim", "transformer_layers_per_block",
+                                        "use_linear_projection", "addition_embed_type", "addition_time_embed_dim",
+                                        "projection_class_embeddings_input_dim")}
+    controlnet = _controlnet(3, **sdxl_fields)
+    controlnet.save_pretrained(tmp_path / "controlnet")
+    ref = diffusers_pipeline("StableDiffusionXLControlNetPipeline")(
+        vae=None, text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None, unet=base.unet,
+        controlnet=controlnet, scheduler=diffusers.EulerDiscreteScheduler(**SCHEDULER))
+    ref.set_progress_bar_config(disable=True)
+    pipe = fastdiff.load(save_sdxl(base, tmp_path / "sdxl")).set_controlnet(str(tmp_path / "controlnet"))
+    assert pipe.spec.text_embeds_dim == POOLED
+    e, image = _embeds(), Image.fromarray(_image(2))
+    want = ref(**{k: v.clone() for k, v in e.items()}, image=image, num_inference_steps=4, guidance_scale=3.0,
+               controlnet_conditioning_scale=0.8, guess_mode=guess, output_type="latent").images
+    got = pipe.generate(steps=4, cfg_scale=3.0, control_image=image, controlnet_conditioning_scale=0.8,
+                        guess_mode=guess, **_fastdiff_kwargs(e))
+    assert rel_err(got, want) <= 2e-5
+
+
+def test_a_controlnet_pipeline_folder_loads_with_its_controlnet(parts, tmp_path):
+    """A StableDiffusionControlNetPipeline's save_pretrained folder: its controlnet/ drives the UNet, as diffusers'
+    from_pretrained of that folder."""
+    ref = _reference(parts, diffusers.DDIMScheduler(**DDIM))
+    folder = _save(ref, str(tmp_path / "pipe"))
+    pipe = fastdiff.load(folder)
+    assert pipe.controlnet is not None and any("controlnet/" in note for note in pipe.notes)
+    cond, uncond = _states()
+    latents, image = _latents(), _image(5)
+    want = ref(prompt_embeds=cond, negative_prompt_embeds=uncond, image=Image.fromarray(image),
+               latents=latents.clone(), num_inference_steps=3, guidance_scale=2.0, output_type="latent").images
+    got = pipe.generate(encoder_hidden_states=cond, negative_encoder_hidden_states=uncond, control_image=image,
+                        latents=latents, steps=3, cfg_scale=2.0, progress=False)
+    assert rel_err(got, want) <= 1e-5

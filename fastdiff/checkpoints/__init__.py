@@ -108,8 +108,14 @@ def load(path: str, device="cpu", dtype: Optional[torch.dtype] = None, *, varian
     model = build_model(kind, cfg)
     strict_load(model, state, name=f"{kind.upper()} from {path}", dtype=dtype, device=device, notes=spec.notes)
     own_folder = path if os.path.isdir(path) else None
-    return Pipeline(model.eval(), spec, device=device, vae=_pick_vae(vae, found_vae, device),
+    pipe = Pipeline(model.eval(), spec, device=device, vae=_pick_vae(vae, found_vae, device),
                     prompt_encoder=_pick_prompt_encoder(text_encoder, own_folder, spec, device, dtype, variant))
+    controlnet = os.path.join(path, "controlnet")
+    if os.path.isfile(os.path.join(controlnet, "config.json")):  # a ControlNet pipeline's folder drives its UNet
+        pipe.set_controlnet(controlnet, variant=variant)
+        pipe.notes.append("the folder's controlnet/ drives the UNet: generate() needs control_image= "
+                          "(pipe.set_controlnet(None) takes it away)")
+    return pipe
 
 
 # the loading options each source reads (by the first word of ModelSpec.source); any other given option is
