@@ -64,8 +64,9 @@ def sigma_window(sigmas, steps: int, start: float, end: float) -> tuple[float, f
     return min(kept) * (1 - _MARGIN), max(kept) * (1 + _MARGIN)
 
 
-def check_control_options(scale, start, end, guess_mode) -> tuple[float, float, float, bool]:
-    scale = finite_number("controlnet_conditioning_scale", scale)
+def check_control_options(scale, start, end, guess_mode) -> tuple:
+    """The options as numbers (a scale of None stays None: the task's default), or a clear error."""
+    scale = None if scale is None else finite_number("controlnet_conditioning_scale", scale)
     start = finite_number("control_guidance_start", start)
     end = finite_number("control_guidance_end", end)
     if not 0.0 <= start < end <= 1.0:

@@ -374,7 +374,7 @@ class Pipeline:
                  negative_time_ids=None, guidance=None, prompt=None, negative_prompt=None, clip_skip=None,
                  max_sequence_length=None, image=None, strength: Optional[float] = None, prompt_2=None,
                  prompt_3=None, negative_prompt_2=None, negative_prompt_3=None, mask_image=None, control_image=None,
-                 controlnet_conditioning_scale: float = 1.0, control_guidance_start: float = 0.0,
+                 controlnet_conditioning_scale: Optional[float] = None, control_guidance_start: float = 0.0,
                  control_guidance_end: float = 1.0, guess_mode: bool = False, **sampler_options):
         """Sample ``n`` images (latents for latent models).
 
@@ -419,7 +419,8 @@ class Pipeline:
         control_image / controlnet_conditioning_scale / control_guidance_start / control_guidance_end / guess_mode:
             a ControlNet's conditioning image (one, or one per sample; read as ``image``, not resized: its size fixes
             the output's) and diffusers' ControlNet pipelines' options (``fastdiff.controlnet``), once
-            ``set_controlnet`` has given the pipeline a ControlNet.
+            ``set_controlnet`` has given the pipeline a ControlNet. The scale defaults to diffusers' for the task: 1.0,
+            0.8 with an image to edit (its ControlNet img2img pipelines'), 1.0 with a mask (inpainting).
         output_type: ``tensor`` (B, C, H, W) float32 in the model's range (latents for a latent model), ``np``
             uint8 (B, H, W, C), ``pil`` a list of PIL images (1 or 3 channels); a latent model with a VAE decoder
             (``pipe.vae``) is decoded for ``np`` / ``pil``.
@@ -506,6 +507,8 @@ class Pipeline:
         if control is not None:
             from .controlnet import ControlWindow, control_inputs
 
+            if controlnet_conditioning_scale is None:  # diffusers' ControlNet img2img pipelines default to 0.8
+                controlnet_conditioning_scale = 0.8 if images is not None and masks is None else 1.0
             added, added_uncond = control_inputs(control, b, plan, float(controlnet_conditioning_scale),
                                                  float(control_guidance_start), float(control_guidance_end),
                                                  guess_mode, guided, self.device, self._network_dtype())
@@ -662,7 +665,7 @@ class Pipeline:
         if self.controlnet is None:
             changed = (["control_image"] if control_image is not None else []) + [
                 name for name, value, default in (
-                    ("controlnet_conditioning_scale", scale, 1.0), ("control_guidance_start", start, 0.0),
+                    ("controlnet_conditioning_scale", scale, None), ("control_guidance_start", start, 0.0),
                     ("control_guidance_end", end, 1.0), ("guess_mode", guess_mode, False)) if value != default]
             if changed:
                 raise BadArgumentError(f"{', '.join(changed)}: given, but this pipeline has no ControlNet "

@@ -307,3 +307,30 @@ def test_a_controlnet_pipeline_folder_loads_with_its_controlnet(parts, tmp_path)
     got = pipe.generate(encoder_hidden_states=cond, negative_encoder_hidden_states=uncond, control_image=image,
                         latents=latents, steps=3, cfg_scale=2.0, progress=False)
     assert rel_err(got, want) <= 1e-5
+
+
+@pytest.mark.parametrize("options", [{}, dict(controlnet_conditioning_scale=1.2, control_guidance_start=0.3)],
+                         ids=["defaults", "options"])
+def test_img2img_with_a_controlnet_equals_the_controlnet_img2img_pipeline(tmp_path, options):
+    """The grid's tail and its window as diffusers' ControlNet img2img pipeline (whose scale defaults to 0.8); the
+    tiny VAE halves the size, so the ControlNet's embedding does too."""
+    from test_img2img import SD_SCHEDULER, SEEDS, _generators, _images, sd_pair, sd_unet_vae_embeds
+
+    unet, vae, e = parts = sd_unet_vae_embeds()
+    controlnet = _controlnet(4, cross_attention_dim=12, conditioning_embedding_out_channels=(4, 16))
+    controlnet.save_pretrained(tmp_path / "controlnet")
+    scheduler = diffusers.DDIMScheduler.from_config(SD_SCHEDULER)
+    pipe, _ = sd_pair(parts, tmp_path / "pipe", scheduler)
+    pipe.set_controlnet(str(tmp_path / "controlnet"))
+    ref = diffusers_pipeline("StableDiffusionControlNetImg2ImgPipeline")(
+        vae=vae, unet=unet, controlnet=controlnet, scheduler=scheduler, text_encoder=None, tokenizer=None,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    images, control = _images(), _images(seed=9)
+    want = ref(image=images.clone(), control_image=control.clone(), strength=0.7, num_inference_steps=6,
+               guidance_scale=2.5, prompt_embeds=e["prompt_embeds"], negative_prompt_embeds=e["negative_prompt_embeds"],
+               generator=_generators(), output_type="latent", **options).images
+    got = pipe.generate(image=images, control_image=control, strength=0.7, steps=6, cfg_scale=2.5, seeds=SEEDS,
+                        encoder_hidden_states=e["prompt_embeds"], negative_encoder_hidden_states=e["negative_prompt_embeds"],
+                        progress=False, **options)
+    assert rel_err(got, want) <= 1e-5

@@ -72,9 +72,9 @@ def register(sub) -> None:
     p.add_argument("--control-image", default=None, metavar="COND.png",
                    help="with --controlnet: its conditioning image (edges, depth, pose...), not resized: its size is "
                         "the output's, a multiple of 8 pixels per latent pixel")
-    p.add_argument("--controlnet-scale", type=float, default=1.0, metavar="S",
-                   help="with --controlnet: the weight of its outputs (diffusers' controlnet_conditioning_scale, "
-                        "default 1)")
+    p.add_argument("--controlnet-scale", type=float, default=None, metavar="S",
+                   help="with --controlnet: the weight of its outputs (diffusers' controlnet_conditioning_scale; "
+                        "default 1, 0.8 with --image and no --mask, as diffusers' ControlNet img2img pipelines)")
     p.add_argument("--control-start", type=float, default=0.0, metavar="F",
                    help="with --controlnet: the share of the steps before it starts (default 0)")
     p.add_argument("--control-end", type=float, default=1.0, metavar="F",
@@ -296,7 +296,7 @@ def _validate(args) -> None:
     if args.mask is not None and args.image is None:
         raise BadArgumentError("--mask: given without --image; inpainting repaints part of an image")
     control_flags = [f for f, given in (("--control-image", args.control_image is not None),
-                                        ("--controlnet-scale", args.controlnet_scale != 1.0),
+                                        ("--controlnet-scale", args.controlnet_scale is not None),
                                         ("--control-start", args.control_start != 0.0),
                                         ("--control-end", args.control_end != 1.0), ("--guess-mode", args.guess_mode))
                      if given]

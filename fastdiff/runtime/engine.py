@@ -380,7 +380,7 @@ class Engine:
         """One request's ControlNet image row (C, H, W) in [0, 1], its options checked, and the latent size it
         fixes."""
         pipe = self.pipe
-        control = pipe._control_images(control_image, options.get("controlnet_conditioning_scale", 1.0),
+        control = pipe._control_images(control_image, options.get("controlnet_conditioning_scale"),
                                        options.get("control_guidance_start", 0.0),
                                        options.get("control_guidance_end", 1.0), options.get("guess_mode", False))
         if control.shape[0] != 1:
