@@ -334,3 +334,33 @@ def test_img2img_with_a_controlnet_equals_the_controlnet_img2img_pipeline(tmp_pa
                         encoder_hidden_states=e["prompt_embeds"], negative_encoder_hidden_states=e["negative_prompt_embeds"],
                         progress=False, **options)
     assert rel_err(got, want) <= 1e-5
+
+
+def test_inpainting_with_a_controlnet_equals_the_controlnet_inpaint_pipeline(tmp_path):
+    """An inpainting UNet's ControlNet reads the latents alone (4 channels); the UNet reads them with the mask and
+    the masked image's latents."""
+    from test_img2img import SD_SCHEDULER, SEEDS, _generators, _images, sd_pair, sd_unet_vae_embeds
+    from test_inpaint import _masks
+
+    unet, vae, e = parts = sd_unet_vae_embeds(in_channels=9)
+    controlnet = _controlnet(5, cross_attention_dim=12, conditioning_embedding_out_channels=(4, 16))
+    controlnet.save_pretrained(tmp_path / "controlnet")
+    scheduler = diffusers.EulerDiscreteScheduler.from_config(SD_SCHEDULER)
+    pipe, _ = sd_pair(parts, tmp_path / "pipe", scheduler, "StableDiffusionInpaintPipeline",
+                      "StableDiffusionInpaintPipeline")
+    pipe.set_controlnet(str(tmp_path / "controlnet"))
+    ref = diffusers_pipeline("StableDiffusionControlNetInpaintPipeline")(
+        vae=vae, unet=unet, controlnet=controlnet, scheduler=scheduler, text_encoder=None, tokenizer=None,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    images, masks, control = _images(), _masks(), _images(seed=9)
+    for strength in (1.0, 0.6):
+        want = ref(image=images.clone(), mask_image=masks.clone(), control_image=control.clone(), strength=strength,
+                   num_inference_steps=5, guidance_scale=3.0, prompt_embeds=e["prompt_embeds"],
+                   negative_prompt_embeds=e["negative_prompt_embeds"], generator=_generators(), output_type="latent",
+                   controlnet_conditioning_scale=0.9).images
+        got = pipe.generate(image=images, mask_image=masks, control_image=control, strength=strength, steps=5,
+                            cfg_scale=3.0, seeds=SEEDS, encoder_hidden_states=e["prompt_embeds"],
+                            negative_encoder_hidden_states=e["negative_prompt_embeds"],
+                            controlnet_conditioning_scale=0.9, progress=False)
+        assert rel_err(got, want) <= 1e-5
