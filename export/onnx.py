@@ -21,11 +21,15 @@ Graph interface (what ONNX diffusion pipelines expect)::
     text_embeds           (B, P)        SDXL-style UNets and SD3 only     class-conditional UNet
     time_ids              (B, N)        float32, SDXL-style UNets only
     image_latents         (B, 1+C, H, W) inpainting UNets only: the mask and the masked image's latents
+    control_image         (B, 3, fH, fW) a UNet exported with its ControlNet (``pipe.set_controlnet``): the image
+    control_scale         (B,) float32   in [0, 1] (f: the ControlNet's downscale, 8 for SD), each sample's scale
+    control_guess         (B,) float32   (0 outside the step window) and 1 for guess mode's weighting
     -> out_sample         (B, C_out, H, W)
 
 CFG-folded graph (``cfg_folded=True``): the same inputs plus ``uncond_encoder_hidden_states`` (and, for
 SDXL-style UNets, ``uncond_text_embeds`` / ``uncond_time_ids``; class models use the spec's null class
-inside) and ``guidance_scale`` ((1,) or (B,) float32); ``guidance`` and ``image_latents`` serve both passes;
+inside) and ``guidance_scale`` ((1,) or (B,) float32); ``guidance``, ``image_latents``, ``control_image`` and
+``control_guess`` serve both passes (``uncond_control_scale`` is guess mode's 0);
 cond and uncond run as ONE batch of 2B inside and ``out_sample`` is the guided output: channels
 ``[:g]`` are ``uncond + s * (cond - uncond)`` (g = spec.guided_channels, or the eps channels of a
 learned-variance model), the remaining (variance) channels are the conditional pass's.
@@ -100,11 +104,11 @@ def conditioning(model: nn.Module, spec: ModelSpec) -> Optional[str]:
     return None
 
 
-def cond_inputs(cond: Optional[str], spec: ModelSpec) -> list[str]:
+def cond_inputs(cond: Optional[str], spec: ModelSpec, control: bool = False) -> list[str]:
     """The graph's conditional inputs after sample and timestep, in order (a CFG-folded text graph repeats each
     text input as ``uncond_<name>``; the unconditional class label is the graph's own null class). A UNet with
-    both text and a class table takes both."""
-    image = ["image_latents"] if spec.inpainting else []
+    both text and a class table takes both; one exported with its ControlNet (``control``) the control inputs."""
+    image = (["image_latents"] if spec.inpainting else []) + (list(CONTROL_INPUTS) if control else [])
     if cond == "class":
         return ["class_labels"] + image
     if cond == "text":
@@ -121,12 +125,23 @@ def _own_uncond(names: list) -> list:
 
 
 # inputs both CFG passes share (no uncond_ counterpart): Flux dev's distilled-guidance strength, an inpainting
-# network's mask and masked-image latents
-SHARED_INPUTS = ("guidance", "image_latents")
+# network's mask and masked-image latents, a ControlNet's image and guess-mode flags
+SHARED_INPUTS = ("guidance", "image_latents", "control_image", "control_guess")
+CONTROL_INPUTS = ("control_image", "control_scale", "control_guess")  # a UNet exported with its ControlNet
 
 
 # float inputs that run in the network's dtype (the rest: class labels int64, SDXL's time ids float32)
-_NETWORK_DTYPE_INPUTS = ("encoder_hidden_states", "text_embeds", "image_latents")
+_NETWORK_DTYPE_INPUTS = ("encoder_hidden_states", "text_embeds", "image_latents", "control_image")
+
+
+def control_format(model: nn.Module) -> Optional[dict]:
+    """The control image a UNet exported with its ControlNet takes (None for any other network)."""
+    from fastdiff.models.controlnet import ControlledUNet
+
+    if not isinstance(model, ControlledUNet):
+        return None
+    return {"conditioning_channels": model.controlnet.conditioning_channels,
+            "image_downscale": model.controlnet.image_downscale}
 
 
 def _timestep_dtype(model: nn.Module, spec: ModelSpec) -> torch.dtype:
@@ -198,8 +213,10 @@ def graph_io(model: nn.Module, spec: ModelSpec, *, cfg_folded: bool, fp16_io: bo
     io_dtype = "float16" if (dtype == "fp16" and fp16_io) else "float32"
     inputs = [["sample", io_dtype], ["timestep", "int64" if _timestep_dtype(model, spec) == torch.int64 else "float32"]]
     kinds = {"encoder_hidden_states": io_dtype, "text_embeds": io_dtype, "time_ids": "float32",
-             "class_labels": "int64", "guidance": "float32", "image_latents": io_dtype}
-    names = cond_inputs(cond, spec)
+             "class_labels": "int64", "guidance": "float32", "image_latents": io_dtype, "control_image": io_dtype,
+             "control_scale": "float32", "control_guess": "float32"}
+    control = control_format(model)
+    names = cond_inputs(cond, spec, control is not None)
     inputs += [[n, kinds[n]] for n in names]
     if cfg_folded:
         inputs += [["uncond_" + n, kinds[n]] for n in _own_uncond(names)]
@@ -209,7 +226,7 @@ def graph_io(model: nn.Module, spec: ModelSpec, *, cfg_folded: bool, fp16_io: bo
         "fp16_io": bool(fp16_io), "cfg_folded": bool(cfg_folded), "dynamic_batch": bool(dynamic_batch),
         "dynamic_hw": bool(dynamic_hw), "out_channels": int(out_channels),
         "guided_channels": _guided_channels(spec, out_channels) if cfg_folded else None,
-        "null_class": spec.null_class,
+        "null_class": spec.null_class, "control": control,
     }
 
 
@@ -220,6 +237,11 @@ def graph_io(model: nn.Module, spec: ModelSpec, *, cfg_folded: bool, fp16_io: bo
 def _unpack(pipe_or_model, spec):
     model = getattr(pipe_or_model, "model", None)
     if isinstance(model, nn.Module) and hasattr(pipe_or_model, "spec"):
+        controlnet = getattr(pipe_or_model, "controlnet", None)
+        if controlnet is not None:  # one graph of both networks, with the control inputs
+            from fastdiff.models.controlnet import ControlledUNet
+
+            model = ControlledUNet(model, controlnet)
         return model, spec if spec is not None else pipe_or_model.spec
     if isinstance(pipe_or_model, nn.Module):
         if spec is None:
@@ -280,6 +302,13 @@ def _example_inputs(spec, io, batch, h, w, device, seed=0, tokens=7):
         elif name == "image_latents":  # a 0 / 1 mask and latents
             v = torch.cat([(torch.rand(batch, 1, h, w, generator=g) > 0.5).float(),
                            torch.randn(batch, spec.in_channels, h, w, generator=g)], dim=1)
+        elif name == "control_image":  # in [0, 1], at the ControlNet's pixels per latent pixel
+            f, c = io["control"]["image_downscale"], io["control"]["conditioning_channels"]
+            v = torch.rand(batch, c, h * f, w * f, generator=g)
+        elif name in ("control_scale", "uncond_control_scale"):  # varied per row, one row off (outside its window)
+            v = torch.linspace(1.3, 0.4, batch) * (torch.arange(batch) != 1)
+        elif name == "control_guess":  # guess mode's weighting on every other row
+            v = (torch.arange(batch) % 2).float()
         elif name == "class_labels":
             v = torch.randint(0, max(int(spec.num_classes or 1), 1), (batch,), generator=g)
         elif name == "guidance_scale":
@@ -296,14 +325,15 @@ def _dynamic_axes(io, dynamic_batch, dynamic_hw):
     axes = {}
     for name, _ in io["inputs"] + io["outputs"]:
         a = {}
-        if name in ("sample", "out_sample", "image_latents"):
+        if name in ("sample", "out_sample", "image_latents", "control_image"):
             if dynamic_batch:
                 a[0] = "batch"
-            if dynamic_hw:
-                a[2], a[3] = "height", "width"
+            if dynamic_hw:  # (the control image in pixels: its own axes, f times the latents')
+                a[2], a[3] = ("control_height", "control_width") if name == "control_image" else ("height", "width")
         elif name in ("timestep", "guidance_scale"):
             a[0] = f"{name}_batch"  # (1,) or (B,)
-        elif name in ("class_labels", "text_embeds", "time_ids", "uncond_text_embeds", "uncond_time_ids", "guidance"):
+        elif name in ("class_labels", "text_embeds", "time_ids", "uncond_text_embeds", "uncond_time_ids", "guidance",
+                      "control_scale", "uncond_control_scale", "control_guess"):
             if dynamic_batch:
                 a[0] = "batch"
         else:  # (uncond_)encoder_hidden_states
@@ -378,7 +408,7 @@ def export_onnx(pipe_or_model, spec: Optional[ModelSpec], path: str, *, opset: i
         if next(iter(model.parameters()), torch.empty(0)).dtype != compute:
             ref_model = copy.deepcopy(model).to(compute)  # never change the caller's model
         io_dtype = torch.float16 if io["inputs"][0][1] == "float16" else torch.float32
-        names = cond_inputs(cond, spec)
+        names = cond_inputs(cond, spec, io["control"] is not None)
         if cfg_folded:
             wrapper = _CFGGraphModule(ref_model, names, compute, io_dtype, io["guided_channels"], spec.null_class)
         else:

@@ -128,6 +128,12 @@ def make_profiles(onnx_path: str, batch=None, height=None, width=None, sequence=
     b = parse_range(DEFAULT_BATCH if batch is None else batch, "batch")
     ranges = {"batch": b, "height": parse_range(height, "height"), "width": parse_range(width, "width"),
               "sequence": parse_range(sequence if sequence is not None else DEFAULT_SEQUENCE, "sequence")}
+    from fastdiff.export.onnx import read_onnx_io
+
+    control = read_onnx_io(onnx_path).get("control")
+    for axis in ("height", "width"):  # a ControlNet's image, in pixels: the latents' range times its downscale
+        if control and ranges[axis] is not None:
+            ranges["control_" + axis] = tuple(v * control["image_downscale"] for v in ranges[axis])
     profiles, dynamic = {}, set()
     for name, dims in onnx_input_dims(onnx_path).items():
         mins, opts, maxs = [], [], []
@@ -311,7 +317,7 @@ def build_engine(onnx_path: str, engine_path: str, *, batch=None, height=None, w
     data = bytes(serialized)
 
     from fastdiff import __version__
-    from .onnx import read_onnx_io, read_onnx_spec
+    from fastdiff.export.onnx import read_onnx_io, read_onnx_spec
 
     try:
         spec = read_onnx_spec(onnx_path).to_dict()

@@ -52,7 +52,8 @@ def _windowed(sigma, window, cond: dict) -> dict:
     if torch.is_tensor(sigma):
         sigma = sigma.to(window.device, torch.float32)
     keep = (window[:, 0] <= sigma) & (sigma <= window[:, 1])  # (B,)
-    return {**cond, "control_scale": cond["control_scale"] * keep}
+    # (a CFG-folded graph takes the unconditional pass's scale as its own input)
+    return {**cond, **{k: cond[k] * keep for k in ("control_scale", "uncond_control_scale") if k in cond}}
 
 
 def sigma_window(sigmas, steps: int, start: float, end: float) -> tuple[float, float]:

@@ -13,6 +13,7 @@ import inspect
 import math
 import numbers
 import random
+import types
 import warnings
 from typing import Optional, Sequence, Union
 
@@ -119,7 +120,8 @@ class Pipeline:
         """Drive the UNet with a ControlNet: a diffusers ``ControlNetModel`` folder, a loaded
         ``fastdiff.models.controlnet.ControlNet``, or None to take it away. It is moved to the UNet's device and
         dtype, and the runner is rebuilt around both (with ``optimize()``'s settings, applied to the ControlNet too:
-        its graphs capture both networks), so ``generate`` then takes ``control_image=``."""
+        its graphs capture both networks; an onnxruntime / TensorRT backend exports both in one graph again), so
+        ``generate`` then takes ``control_image=``."""
         from .models.controlnet import ControlNet
         from .models.unet import UNet
 
@@ -129,9 +131,6 @@ class Pipeline:
                 raise BadArgumentError(f"set_controlnet: a ControlNet drives a text-conditioned UNet (SD 1.x / 2.x / "
                                        f"SDXL), and this model is a {self.spec.kind} "
                                        f"{type(self.model).__name__}")
-            if self.config is not None and self.config.backend in ("onnxruntime", "tensorrt"):
-                raise BadArgumentError(f"set_controlnet: the {self.config.backend} backend runs the UNet's exported "
-                                       f"graph, which takes no ControlNet; use backend 'eager', 'triton' or 'compile'")
             if not isinstance(controlnet, ControlNet):
                 from .checkpoints.controlnet import load_controlnet
 
@@ -662,7 +661,8 @@ class Pipeline:
         from .controlnet import check_control_options, control_images
 
         check_control_options(scale, start, end, guess_mode)
-        if self.controlnet is None:
+        control_format = self._control_format()
+        if control_format is None:
             changed = (["control_image"] if control_image is not None else []) + [
                 name for name, value, default in (
                     ("controlnet_conditioning_scale", scale, None), ("control_guidance_start", start, 0.0),
@@ -674,11 +674,20 @@ class Pipeline:
         if control_image is None:
             raise BadArgumentError("control_image: this pipeline is driven by a ControlNet, which needs its "
                                    "conditioning image (pipe.set_controlnet(None) takes the ControlNet away)")
-        return control_images(self.controlnet, control_image)
+        return control_images(control_format, control_image)
+
+    def _control_format(self):
+        """What drives the network: the ControlNet, or (a loaded ONNX graph exported with one) its image format, both
+        with ``conditioning_channels`` and ``image_downscale``; None."""
+        if self.controlnet is not None:
+            return self.controlnet
+        io = getattr(self.runner, "io", None)
+        control = io.get("control") if isinstance(io, dict) else None
+        return None if control is None else types.SimpleNamespace(**control)
 
     def _control_size(self, control: torch.Tensor, height, width) -> tuple[int, int]:
         """The latent size a control image fixes (checked against any height / width given)."""
-        f = self.controlnet.image_downscale
+        f = self._control_format().image_downscale
         h, w = int(control.shape[2]) // f, int(control.shape[3]) // f
         if (height is not None and height != h) or (width is not None and width != w):
             raise BadArgumentError(f"height / width: the control image ({control.shape[2]}x{control.shape[3]} "

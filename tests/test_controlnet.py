@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fastdiff
-from fastdiff.errors import BackendUnavailableError, BadArgumentError, StateDictMismatchError
+from fastdiff.errors import BadArgumentError, StateDictMismatchError
 from helpers import diffusers_pipeline, perturb_, rel_err
 from test_graph_scopes import FakeGraph
 from test_prompts import DDIM, _latents, _save, _unet
@@ -200,15 +200,8 @@ def test_what_controlnets_refuse(parts, tmp_path):
         load_controlnet(str(broken))
     with pytest.raises(BadArgumentError, match="drives a text-conditioned UNet"):
         fastdiff.load("arch:tiny-dit").set_controlnet(parts[1])
-    exported = fastdiff.load(parts[0])
-    exported.config = type("Config", (), {"backend": "onnxruntime"})()
-    with pytest.raises(BadArgumentError, match="the onnxruntime backend runs the UNet's exported graph"):
-        exported.set_controlnet(parts[1])
-    from fastdiff.runtime.runners import build_runner
-    from fastdiff.runtime.config import OptimizeConfig
-
-    with pytest.raises(BackendUnavailableError, match="its exported graph takes no ControlNet"):
-        build_runner(pipe, OptimizeConfig(backend="onnxruntime"))
+    with pytest.raises(BadArgumentError, match="controlnet_conditioning_scale: given, but this pipeline has no ControlNet"):
+        fastdiff.load(parts[0]).generate(controlnet_conditioning_scale=0.5, **kw)
 
 
 def test_the_engine_batches_control_images_each_equal_to_its_solo_run(parts):
@@ -364,3 +357,53 @@ def test_inpainting_with_a_controlnet_equals_the_controlnet_inpaint_pipeline(tmp
                             negative_encoder_hidden_states=e["negative_prompt_embeds"],
                             controlnet_conditioning_scale=0.9, progress=False)
         assert rel_err(got, want) <= 1e-5
+
+
+@pytest.mark.parametrize("cfg_folded", [False, True])
+def test_an_exported_controlled_unet_runs_like_eager(parts, tmp_path, cfg_folded):
+    """export_onnx of a pipeline with a ControlNet: one graph of both networks, taking the control inputs (the step
+    window stays outside it, in the scale it is fed); through ONNX Runtime it equals the eager pipeline, loaded back
+    from the file too. TensorRT's profiles scale the image's axes by the ControlNet's downscale."""
+    pytest.importorskip("onnxruntime", reason="the exported graph runs in ONNX Runtime")
+    from fastdiff.export.onnx import export_onnx, read_onnx_io
+    from fastdiff.export.tensorrt import make_profiles
+
+    pipe = fastdiff.load(parts[0]).set_controlnet(parts[1])
+    path = str(tmp_path / "controlled.onnx")
+    result = export_onnx(pipe, None, path, cfg_folded=cfg_folded, dynamic_hw=True, progress=False)
+    assert result.max_rel_err is not None and result.max_rel_err <= 1e-5, result.check_note
+    io = read_onnx_io(path)
+    names = [n for n, _ in io["inputs"]]
+    assert {"control_image", "control_scale", "control_guess"} <= set(names)
+    assert ("uncond_control_scale" in names) == cfg_folded and "uncond_control_image" not in names
+    assert io["control"] == {"conditioning_channels": 3, "image_downscale": 8}
+    profiles = make_profiles(path, batch=(1, 2, 4), height=(8, 8, 16), width=(8, 12, 16))
+    assert profiles["control_image"] == ((1, 3, 64, 64), (2, 3, 64, 96), (4, 3, 128, 128))
+
+    cond, uncond = _states()
+    kw = dict(encoder_hidden_states=cond, negative_encoder_hidden_states=uncond, latents=_latents(), steps=3,
+              cfg_scale=2.5, progress=False)
+    exported = fastdiff.load(path)
+    for options in ({}, dict(controlnet_conditioning_scale=0.6, control_guidance_end=0.5), dict(guess_mode=True)):
+        want = pipe.generate(control_image=_image(1), **options, **kw)
+        assert rel_err(exported.generate(control_image=_image(1), **options, **kw), want) <= 1e-5
+    with pytest.raises(BadArgumentError, match="control_image: this pipeline is driven by a ControlNet"):
+        exported.generate(**kw)
+    optimized = fastdiff.load(parts[0]).set_controlnet(parts[1]).optimize(backend="onnxruntime")
+    want = pipe.generate(control_image=_image(1), **kw)
+    assert rel_err(optimized.generate(control_image=_image(1), **kw), want) <= 1e-5
+
+
+def test_cli_export_writes_the_controlled_graph(parts, tmp_path):
+    pytest.importorskip("onnx", reason="the export writes ONNX")
+    from fastdiff.export.onnx import read_onnx_io
+    from test_cli import fastdiff as run_cli
+
+    r = run_cli("export", parts[0], "--format", "onnx", "--controlnet", parts[1], "-o", "controlled.onnx",
+                "--no-progress", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "parity check: max abs error" in r.stdout or "skipped" in r.stdout
+    assert read_onnx_io(str(tmp_path / "controlled.onnx"))["control"]["image_downscale"] == 8
+    r = run_cli("export", parts[0], "--format", "onnx", "--controlnet", parts[1], "--component", "vae", "-o", "v.onnx",
+                cwd=tmp_path)
+    assert r.returncode == 2 and "--controlnet: given with --component vae" in r.stderr

@@ -52,6 +52,10 @@ def register(sub) -> None:
     p.add_argument("--cfg-folded", action="store_true",
                    help="fold classifier-free guidance into the graph (inputs: cond, uncond, guidance_scale)")
     p.add_argument("--timing-cache", default=None, metavar="FILE", help="tensorrt: timing cache file (read + updated)")
+    p.add_argument("--controlnet", default=None, metavar="FOLDER",
+                   help="export the UNet with this ControlNet (a diffusers ControlNetModel folder) as one graph taking "
+                        "control_image / control_scale / control_guess (a ControlNet pipeline folder's own "
+                        "controlnet/ is exported with its UNet without it)")
     p.add_argument("--no-check", action="store_true", help="skip the parity check against PyTorch")
     p.add_argument("--no-progress", action="store_true", help="no progress display")
     add_load_arguments(p)
@@ -69,7 +73,7 @@ def _human(n: int) -> str:
 def export_model(model: str, output: str, *, format: str = "onnx", dtype=None, fp16_io=False, opset=17,
                  batch="1", static_batch=False, height=None, width=None, dynamic_hw=False, cfg_folded=False,
                  timing_cache=None, check=True, progress=True, load_options: Optional[dict] = None,
-                 component: str = "network", sequence=None) -> dict:
+                 component: str = "network", sequence=None, controlnet=None) -> dict:
     """The command as a function: returns a report dict (path, size_bytes, seconds, max errors, ...);
     ``load_options`` go to ``fastdiff.load`` (num_heads, head_channels, attention_order, prediction_type)."""
     from ..errors import BadArgumentError
@@ -115,6 +119,10 @@ def export_model(model: str, output: str, *, format: str = "onnx", dtype=None, f
     from fastdiff.export.onnx import export_onnx
 
     pipe = fastdiff.load(model, **(load_options or {}))
+    if controlnet is not None:
+        if component == "vae":
+            raise BadArgumentError("--controlnet: given with --component vae; a ControlNet drives the network")
+        pipe.set_controlnet(controlnet)
     if component == "vae":
         return _export_vae(pipe, output, format, dtype, opset, b, hr, wr, static_batch, check)
     kw = dict(opset=opset, fp16_io=fp16_io, dynamic_batch=not static_batch, dynamic_hw=dynamic_hw,
@@ -186,7 +194,7 @@ def run(args) -> int:
                           width=args.width, dynamic_hw=args.dynamic_hw, cfg_folded=args.cfg_folded,
                           timing_cache=args.timing_cache, check=not args.no_check,
                           progress=not args.no_progress, load_options=load_options(args), component=args.component,
-                          sequence=args.sequence)
+                          sequence=args.sequence, controlnet=args.controlnet)
     for note in report.get("notes", []):
         print(f"note: {note}", file=sys.stderr)
     print(f"wrote {report['path']}")

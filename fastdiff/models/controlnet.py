@@ -141,6 +141,11 @@ class ControlledUNet(nn.Module):
         super().__init__()
         self.unet, self.controlnet = unet, controlnet
 
+    @property
+    def config(self) -> UNetConfig:
+        """The UNet's (what exporters and runners read of the network)."""
+        return self.unet.config
+
     def forward(self, x, timestep, class_labels=None, encoder_hidden_states=None, text_embeds=None, time_ids=None,
                 image_latents=None, control_image=None, control_scale=None, control_guess=None):
         if control_image is None or control_scale is None:

@@ -91,9 +91,6 @@ def build_runner(pipe, config: OptimizeConfig, graph_factory=None) -> tuple[Call
             runner = lambda x, *a, **k: inner(x.contiguous(memory_format=torch.channels_last), *a, **k)  # noqa: E731
         if config.cudnn_benchmark:
             runner = CudnnBenchmark(runner)
-    elif getattr(pipe, "controlnet", None) is not None:
-        raise BackendUnavailableError(f"backend {backend!r}: its exported graph takes no ControlNet "
-                                      f"(pipe.set_controlnet(None) first, or use 'eager', 'triton' or 'compile')")
     elif backend == "onnxruntime":
         try:
             from .onnxruntime_runner import OnnxRuntimeRunner
