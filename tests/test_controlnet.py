@@ -407,3 +407,21 @@ def test_cli_export_writes_the_controlled_graph(parts, tmp_path):
     r = run_cli("export", parts[0], "--format", "onnx", "--controlnet", parts[1], "--component", "vae", "-o", "v.onnx",
                 cwd=tmp_path)
     assert r.returncode == 2 and "--controlnet: given with --component vae" in r.stderr
+
+
+def test_from_unet_equals_diffusers_from_unet_and_changes_nothing_untrained(parts):
+    from fastdiff.models.controlnet import ControlNet
+
+    pipe = fastdiff.load(parts[0])
+    mine = ControlNet.from_unet(pipe.model, conditioning_embedding_out_channels=(4, 8, 8, 16))
+    theirs = diffusers.ControlNetModel.from_unet(parts[2], conditioning_embedding_out_channels=(4, 8, 8, 16))
+    want = theirs.state_dict()
+    assert set(mine.state_dict()) == set(want)
+    embedding = "controlnet_cond_embedding."  # (randomly initialised on both sides, save its zero conv_out)
+    for k, v in mine.state_dict().items():
+        if not k.startswith(embedding) or k.startswith(embedding + "conv_out"):
+            assert torch.equal(v, want[k]), k
+    cond, _ = _states()
+    kw = dict(encoder_hidden_states=cond, latents=_latents(), steps=2, progress=False)
+    assert torch.equal(pipe.set_controlnet(mine).generate(control_image=_image(), **kw),
+                       fastdiff.load(parts[0]).generate(**kw))

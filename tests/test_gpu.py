@@ -396,6 +396,38 @@ def test_a_lora_merged_after_capture_reaches_the_replayed_graphs(scope):
         assert graphed.loop_graphs.captures == 1
 
 
+@pytest.mark.parametrize("scope", ["step", "loop"])
+def test_a_controlnet_in_cuda_graphs_equals_eager(scope):
+    """The UNet and its ControlNet captured as one network (CUDA's defaults, fused projections in both) equal eager;
+    new images, scales, windows and guess mode replay the same graph."""
+    import copy
+
+    from fastdiff.models.controlnet import ControlNet
+
+    g = torch.Generator().manual_seed(2)
+    eager = fastdiff.load("arch:tiny-sd-unet", device="cuda")
+    controlnet = ControlNet.from_unet(eager.model, conditioning_embedding_out_channels=(8, 16, 16, 32))
+    with torch.no_grad():  # (from_unet's zero convolutions would make it change nothing)
+        for conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
+                     controlnet.controlnet_cond_embedding.conv_out]:
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * 0.05)
+    graphed = fastdiff.load("arch:tiny-sd-unet", device="cuda").optimize(cuda_graphs=True, graph_scope=scope,
+                                                                         batch_buckets=(2,))
+    graphed.set_controlnet(copy.deepcopy(controlnet))
+    eager.set_controlnet(controlnet)
+    h, w = eager.spec.sample_size
+    states = torch.randn(2, 2, 77, eager.spec.cross_attention_dim, generator=g).cuda()
+    kw = dict(seeds=[1, 2], steps=4, cfg_scale=2.0, encoder_hidden_states=states[0],
+              negative_encoder_hidden_states=states[1], progress=False)
+    for seed, options in ((0, {}), (1, dict(controlnet_conditioning_scale=0.5, control_guidance_end=0.5)),
+                          (2, dict(guess_mode=True))):
+        image = torch.rand(2, 3, 8 * h, 8 * w, generator=torch.Generator().manual_seed(seed))
+        want = eager.generate(control_image=image, **options, **kw)
+        assert rel_err(graphed.generate(control_image=image, **options, **kw), want) <= 1e-4
+    if scope == "loop":
+        assert graphed.loop_graphs.captures == 1
+
+
 def test_compile_with_cuda_graphs_equals_eager():
     kw = dict(seeds=[1, 2], class_labels=[1, 2], steps=3, sampler="dpmpp_2m", cfg_scale=2.0, progress=False)
     eager = fastdiff.load("arch:tiny-dit", device="cuda").generate(**kw)

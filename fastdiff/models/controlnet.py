@@ -76,6 +76,30 @@ class ControlNet(UNet):
         self.controlnet_down_blocks = nn.ModuleList(nn.Conv2d(w, w, 1) for w in widths)
         self.controlnet_mid_block = nn.Conv2d(ch[-1], ch[-1], 1)
 
+    @classmethod
+    def from_unet(cls, unet: UNet, conditioning_embedding_out_channels: tuple = (16, 32, 96, 256),
+                  load_weights_from_unet: bool = True, **fields) -> "ControlNet":
+        """A ControlNet for ``unet``, as diffusers' ``ControlNetModel.from_unet`` (how training starts one): the
+        UNet's config, its embeddings', down path's and middle's weights copied, and the zero convolutions (the
+        outputs and the conditioning embedding's last) at zero, so it changes nothing until trained. ``fields``:
+        ``conditioning_channels``, ``controlnet_conditioning_channel_order``, ``global_pool_conditions``."""
+        import dataclasses
+
+        n = len(unet.config.block_out_channels)
+        config = dataclasses.replace(unet.config, up_block_types=("UpBlock2D",) * n)
+        p = next(unet.parameters())
+        with torch.device(p.device):
+            net = cls(config, conditioning_embedding_out_channels=conditioning_embedding_out_channels, **fields)
+        net = net.to(p.dtype)
+        with torch.no_grad():
+            zero = [*net.controlnet_down_blocks, net.controlnet_mid_block, net.controlnet_cond_embedding.conv_out]
+            for conv in zero:
+                conv.weight.zero_(), conv.bias.zero_()
+            if load_weights_from_unet:
+                mine, theirs = net.state_dict(), unet.state_dict()
+                net.load_state_dict({k: theirs[k] for k in mine if k in theirs}, strict=False)
+        return net.eval()
+
     @property
     def controlnet_config(self) -> dict:
         """The ControlNetModel fields beyond the UNet's (what a save writes back)."""
