@@ -140,6 +140,10 @@ def control_format(model: nn.Module) -> Optional[dict]:
 
     if not isinstance(model, ControlledUNet):
         return None
+    nets = getattr(model.controlnet, "nets", None)
+    if nets is not None:
+        raise UnsupportedConfigError("ControlNets", len(nets), supported="one ControlNet per exported graph",
+                                     model="ONNX exporter")
     return {"conditioning_channels": model.controlnet.conditioning_channels,
             "image_downscale": model.controlnet.image_downscale}
 

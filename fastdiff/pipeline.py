@@ -118,7 +118,9 @@ class Pipeline:
 
     def set_controlnet(self, controlnet, variant: Optional[str] = None) -> "Pipeline":
         """Drive the UNet with a ControlNet: a diffusers ``ControlNetModel`` folder, a loaded
-        ``fastdiff.models.controlnet.ControlNet``, or None to take it away. It is moved to the UNet's device and
+        ``fastdiff.models.controlnet.ControlNet``, a list of those (diffusers' MultiControlNetModel: their outputs
+        add up, and ``generate`` then takes lists: one image, scale and window per ControlNet), or None to take it
+        away. It is moved to the UNet's device and
         dtype, and the runner is rebuilt around both (with ``optimize()``'s settings, applied to the ControlNet too:
         its graphs capture both networks; an onnxruntime / TensorRT backend exports both in one graph again), so
         ``generate`` then takes ``control_image=``."""
@@ -131,11 +133,17 @@ class Pipeline:
                 raise BadArgumentError(f"set_controlnet: a ControlNet drives a text-conditioned UNet (SD 1.x / 2.x / "
                                        f"SDXL), and this model is a {self.spec.kind} "
                                        f"{type(self.model).__name__}")
-            if not isinstance(controlnet, ControlNet):
-                from .checkpoints.controlnet import load_controlnet
+            from .checkpoints.controlnet import load_controlnet
+            from .models.controlnet import MultiControlNet
 
-                controlnet = load_controlnet(controlnet, variant=variant)
-            _check_controlnet_fits(controlnet, self.model)
+            several = isinstance(controlnet, (list, tuple))
+            nets = [c if isinstance(c, ControlNet) else load_controlnet(c, variant=variant)
+                    for c in (controlnet if several else [controlnet])]
+            if not nets:
+                raise BadArgumentError("set_controlnet: expected a ControlNet or a list of them, found an empty list")
+            for net in nets:
+                _check_controlnet_fits(net, self.model)
+            controlnet = MultiControlNet(nets) if several else nets[0]
             controlnet = controlnet.to(device=self.device, dtype=self._network_dtype())
         self.controlnet = controlnet
         if self.config is None:
@@ -506,11 +514,15 @@ class Pipeline:
         if control is not None:
             from .controlnet import ControlWindow, control_inputs
 
+            from .controlnet import check_control_options
+
+            count = getattr(self._control_format(), "count", None) or 1
             if controlnet_conditioning_scale is None:  # diffusers' ControlNet img2img pipelines default to 0.8
                 controlnet_conditioning_scale = 0.8 if images is not None and masks is None else 1.0
-            added, added_uncond = control_inputs(control, b, plan, float(controlnet_conditioning_scale),
-                                                 float(control_guidance_start), float(control_guidance_end),
-                                                 guess_mode, guided, self.device, self._network_dtype())
+            scales, starts, ends, _ = check_control_options(controlnet_conditioning_scale, control_guidance_start,
+                                                            control_guidance_end, guess_mode, count)
+            added, added_uncond = control_inputs(control, b, plan, scales, starts, ends, guess_mode, guided,
+                                                 self.device, self._network_dtype())
             cond.update(added)
             uncond.update(added_uncond)
             denoiser = ControlWindow(denoiser)
@@ -656,12 +668,13 @@ class Pipeline:
         return unit_images(image, self.vae.config.in_channels), False
 
     def _control_images(self, control_image, scale, start, end, guess_mode):
-        """generate(control_image=...) as float32 (k, C, H, W) images in [0, 1], its options checked; None without a
-        ControlNet (whose options are then refused if set)."""
+        """generate(control_image=...) as float32 images in [0, 1] ((k, C, H, W); (k, K, C, H, W) for K ControlNets),
+        its options checked; None without a ControlNet (whose options are then refused if set)."""
         from .controlnet import check_control_options, control_images
 
-        check_control_options(scale, start, end, guess_mode)
         control_format = self._control_format()
+        count = getattr(control_format, "count", None)
+        check_control_options(scale, start, end, guess_mode, count or 1)
         if control_format is None:
             changed = (["control_image"] if control_image is not None else []) + [
                 name for name, value, default in (
@@ -674,13 +687,16 @@ class Pipeline:
         if control_image is None:
             raise BadArgumentError("control_image: this pipeline is driven by a ControlNet, which needs its "
                                    "conditioning image (pipe.set_controlnet(None) takes the ControlNet away)")
-        return control_images(control_format, control_image)
+        return control_images(control_format, control_image, count)
 
     def _control_format(self):
-        """What drives the network: the ControlNet, or (a loaded ONNX graph exported with one) its image format, both
-        with ``conditioning_channels`` and ``image_downscale``; None."""
+        """What drives the network: the ControlNet (a MultiControlNet: with ``count``), or (a loaded ONNX graph
+        exported with one) its image format, all with ``conditioning_channels`` and ``image_downscale``; None."""
         if self.controlnet is not None:
-            return self.controlnet
+            nets = getattr(self.controlnet, "nets", None)
+            return self.controlnet if nets is None else types.SimpleNamespace(
+                conditioning_channels=self.controlnet.conditioning_channels,
+                image_downscale=self.controlnet.image_downscale, count=len(nets))
         io = getattr(self.runner, "io", None)
         control = io.get("control") if isinstance(io, dict) else None
         return None if control is None else types.SimpleNamespace(**control)
@@ -688,9 +704,10 @@ class Pipeline:
     def _control_size(self, control: torch.Tensor, height, width) -> tuple[int, int]:
         """The latent size a control image fixes (checked against any height / width given)."""
         f = self._control_format().image_downscale
-        h, w = int(control.shape[2]) // f, int(control.shape[3]) // f
+        big_h, big_w = int(control.shape[-2]), int(control.shape[-1])
+        h, w = big_h // f, big_w // f
         if (height is not None and height != h) or (width is not None and width != w):
-            raise BadArgumentError(f"height / width: the control image ({control.shape[2]}x{control.shape[3]} "
+            raise BadArgumentError(f"height / width: the control image ({big_h}x{big_w} "
                                    f"pixels) fixes the latent size to {h}x{w}, found {height}x{width}")
         return h, w
 

@@ -251,8 +251,21 @@ def test_cli_generate_with_a_controlnet(parts, tmp_path):
                          controlnet_conditioning_scale=0.5, control_guidance_end=0.5, cfg_scale=2.0, steps=2, seed=3,
                          progress=False)
     assert torch.equal(load_file(str(tmp_path / "lat.safetensors"))["latents"], want)
+    Image.fromarray(_image(6)).save(tmp_path / "depth.png")
+    r = run_cli("generate", folder, "--prompt", "a red cat", "--controlnet", parts[1], "--control-image", "edges.png",
+                "--controlnet", parts[1], "--control-image", "depth.png", "--n", "1", "--steps", "2", "--seed", "3",
+                "--output-latents", "two.safetensors", "--no-progress", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    pipe.set_controlnet([parts[1], parts[1]])
+    want = pipe.generate(1, prompt="a red cat", control_image=[Image.open(tmp_path / name) for name in
+                                                               ("edges.png", "depth.png")], steps=2, seed=3,
+                         progress=False)
+    assert torch.equal(load_file(str(tmp_path / "two.safetensors"))["latents"], want)
     for flags, message in ((["--control-image", "edges.png"], "--control-image: given without --controlnet"),
-                           (["--controlnet", parts[1]], "--controlnet: expected --control-image"),
+                           (["--controlnet", parts[1]], "--controlnet: expected one --control-image COND.png per "
+                                                        "ControlNet"),
+                           (["--controlnet", parts[1], "--controlnet", parts[1], "--control-image", "edges.png"],
+                            "found 2 ControlNet(s) and 1 image(s)"),
                            (["--controlnet", parts[1], "--control-image", "edges.png", "--height", "8"],
                             "the --control-image fixes the size")):
         r = run_cli("generate", folder, "--prompt", "a cat", *flags, "--output-latents", "x.safetensors", cwd=tmp_path)
@@ -425,3 +438,47 @@ def test_from_unet_equals_diffusers_from_unet_and_changes_nothing_untrained(part
     kw = dict(encoder_hidden_states=cond, latents=_latents(), steps=2, progress=False)
     assert torch.equal(pipe.set_controlnet(mine).generate(control_image=_image(), **kw),
                        fastdiff.load(parts[0]).generate(**kw))
+
+
+@pytest.mark.parametrize("guess", [False, True])
+def test_several_controlnets_equal_diffusers_multicontrolnet(parts, tmp_path, guess):
+    """A list of ControlNets: one image, scale and window each, their outputs summed, as diffusers'
+    MultiControlNetModel; in captured graphs too, and through the Engine."""
+    second = _controlnet(6)
+    second.save_pretrained(tmp_path / "second")
+    ref = diffusers_pipeline("StableDiffusionControlNetPipeline")(
+        vae=None, text_encoder=None, tokenizer=None, unet=parts[2], controlnet=[parts[3], second],
+        scheduler=diffusers.DDIMScheduler(**DDIM), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    pipe = fastdiff.load(parts[0]).set_controlnet([parts[1], str(tmp_path / "second")])
+    cond, uncond = _states()
+    latents, images = _latents(), [Image.fromarray(_image(7)), Image.fromarray(_image(8))]
+    options = dict(controlnet_conditioning_scale=[0.5, 1.2], control_guidance_start=[0.0, 0.25],
+                   control_guidance_end=[0.75, 1.0], guess_mode=guess)
+    want = ref(prompt_embeds=cond, negative_prompt_embeds=uncond, image=images, latents=latents.clone(),
+               num_inference_steps=4, guidance_scale=3.0, output_type="latent", **options).images
+    kw = dict(encoder_hidden_states=cond, negative_encoder_hidden_states=uncond, steps=4, cfg_scale=3.0,
+              progress=False)
+    got = pipe.generate(control_image=images, latents=latents, **options, **kw)
+    assert rel_err(got, want) <= 1e-5
+    graphed = fastdiff.load(parts[0]).optimize(cuda_graphs=True, graph_scope="loop", batch_buckets=(2,),
+                                               graph_factory=FakeGraph)
+    graphed.set_controlnet([parts[1], str(tmp_path / "second")])
+    assert rel_err(graphed.generate(control_image=images, latents=latents, **options, **kw), want) <= 1e-5
+    with pytest.raises(BadArgumentError, match="expected a list of 2 images, one per ControlNet"):
+        pipe.generate(control_image=images[0], latents=latents, **kw)
+    with pytest.raises(BadArgumentError, match="expected one value or 2 \\(one per ControlNet\\), found 3"):
+        pipe.generate(control_image=images, latents=latents, controlnet_conditioning_scale=[1, 1, 1], **kw)
+    if guess:
+        return
+    engine_options = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
+    with fastdiff.Engine(pipe, max_batch=2, max_wait_ms=50) as engine:
+        futures = [engine.submit(seed=s, control_image=images, encoder_hidden_states=cond[0],
+                                 negative_encoder_hidden_states=uncond[0], steps=4, cfg_scale=3.0, **engine_options)
+                   for s in (1, 2)]
+        results = [f.result(timeout=120) for f in futures]
+    for s, result in zip((1, 2), results):
+        solo = pipe.generate(seeds=[s], control_image=images, **{**kw, **options, "encoder_hidden_states": cond[:1],
+                                                                  "negative_encoder_hidden_states": uncond[:1]})
+        assert rel_err(result, solo[0]) <= 1e-5

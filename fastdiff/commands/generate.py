@@ -67,9 +67,10 @@ def register(sub) -> None:
     p.add_argument("--image", default=None, metavar="IN.png",
                    help="image-to-image (SDEdit): start from this image (any format Pillow reads; its size is the "
                         "output's, a multiple of the VAE's 8 pixels per latent pixel), noised to --strength")
-    p.add_argument("--controlnet", default=None, metavar="FOLDER",
-                   help="drive the UNet with a ControlNet (a diffusers ControlNetModel folder); needs --control-image")
-    p.add_argument("--control-image", default=None, metavar="COND.png",
+    p.add_argument("--controlnet", action="append", default=None, metavar="FOLDER",
+                   help="drive the UNet with a ControlNet (a diffusers ControlNetModel folder); needs --control-image; "
+                        "repeat for several (their outputs add up), each with its own --control-image, in order")
+    p.add_argument("--control-image", action="append", default=None, metavar="COND.png",
                    help="with --controlnet: its conditioning image (edges, depth, pose...), not resized: its size is "
                         "the output's, a multiple of 8 pixels per latent pixel")
     p.add_argument("--controlnet-scale", type=float, default=None, metavar="S",
@@ -302,11 +303,14 @@ def _validate(args) -> None:
                      if given]
     if control_flags and args.controlnet is None:
         raise BadArgumentError(f"{control_flags[0]}: given without --controlnet FOLDER")
-    if args.controlnet is not None and args.control_image is None:
-        raise BadArgumentError("--controlnet: expected --control-image COND.png (the ControlNet's conditioning image)")
+    if args.controlnet is not None and len(args.control_image or []) != len(args.controlnet):
+        raise BadArgumentError(f"--controlnet: expected one --control-image COND.png per ControlNet (its conditioning "
+                               f"image), found {len(args.controlnet)} ControlNet(s) and "
+                               f"{len(args.control_image or [])} image(s)")
     if args.control_image is not None and (args.height is not None or args.width is not None):
         raise BadArgumentError("--height / --width: the --control-image fixes the size")
-    for flag, path in (("--image", args.image), ("--mask", args.mask), ("--control-image", args.control_image)):
+    for flag, path in (("--image", args.image), ("--mask", args.mask),
+                       *(("--control-image", p) for p in args.control_image or [])):
         if path is not None and not os.path.isfile(path):
             raise BadArgumentError(f"{flag}: expected an image file, found {path!r} (no such file)")
 
@@ -363,7 +367,7 @@ def run(args) -> int:
     for path, scale in _lora_args(args.lora or []):  # merged before any optimisation, as the weights are
         pipe.load_lora(path, scale=scale)
     if args.controlnet is not None:
-        pipe.set_controlnet(args.controlnet)
+        pipe.set_controlnet(args.controlnet if len(args.controlnet) > 1 else args.controlnet[0])
     t_load = time.perf_counter() - t0
     spec = pipe.spec
 
@@ -406,7 +410,8 @@ def run(args) -> int:
     if args.mask is not None:
         inputs["mask_image"] = _read_image(args.mask, "--mask")
     if args.control_image is not None:
-        inputs.update(control_image=_read_image(args.control_image, "--control-image"),
+        images = [_read_image(path, "--control-image") for path in args.control_image]
+        inputs.update(control_image=images if len(images) > 1 else images[0],
                       controlnet_conditioning_scale=args.controlnet_scale, control_guidance_start=args.control_start,
                       control_guidance_end=args.control_end, guess_mode=args.guess_mode)
 

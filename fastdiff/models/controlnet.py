@@ -157,13 +157,42 @@ class ControlNet(UNet):
         return w.to(x.dtype).reshape(n, b, 1, 1, 1)
 
 
+class MultiControlNet(nn.Module):
+    """Several ControlNets driving one UNet, their outputs summed: diffusers' ``MultiControlNetModel``. Each takes
+    its own image, scale and step window; the inputs stack them on a second axis: control_image (B, K, C, H, W),
+    control_scale (B, K); control_guess (B,) is shared."""
+
+    def __init__(self, nets):
+        super().__init__()
+        self.nets = nn.ModuleList(nets)
+        for name in ("conditioning_channels", "image_downscale"):
+            values = {getattr(net, name) for net in self.nets}
+            if len(values) > 1:
+                raise BadArgumentError(f"set_controlnet: expected ControlNets of one {name} (their images stack), "
+                                       f"found {sorted(values)}")
+        self.conditioning_channels = self.nets[0].conditioning_channels
+        self.image_downscale = self.nets[0].image_downscale
+
+    def forward(self, x, timestep, control_image, control_scale, control_guess=None, **conditioning):
+        """x (B, C, H, W); control_image (B, K, C', fH, fW); control_scale (B, K) -> the summed residuals."""
+        if control_image.dim() != 5 or control_image.shape[1] != len(self.nets):
+            raise BadArgumentError(f"control_image: expected (B, {len(self.nets)}, C, H, W), one image per ControlNet, "
+                                   f"found {tuple(control_image.shape)}")
+        down, mid = None, None
+        for k, net in enumerate(self.nets):
+            d, m = net(x, timestep, control_image[:, k], control_scale[:, k], control_guess, **conditioning)
+            down = d if down is None else [a + b for a, b in zip(down, d)]
+            mid = m if mid is None else mid + m
+        return down, mid
+
+
 class ControlledUNet(nn.Module):
     """A UNet and the ControlNet that drives it, as one network with the UNet's signature plus the control inputs
     (what a Pipeline's runner calls once a ControlNet is set: captured graphs and compiled models take both)."""
 
-    def __init__(self, unet: UNet, controlnet: ControlNet):
+    def __init__(self, unet: UNet, controlnet):
         super().__init__()
-        self.unet, self.controlnet = unet, controlnet
+        self.unet, self.controlnet = unet, controlnet  # a ControlNet or a MultiControlNet
 
     @property
     def config(self) -> UNetConfig:
@@ -185,4 +214,4 @@ class ControlledUNet(nn.Module):
                          down_residuals=down, mid_residual=mid)
 
 
-__all__ = ["ControlNet", "ControlledUNet", "ConditioningEmbedding", "CONTROLNET_FIELDS"]
+__all__ = ["ControlNet", "MultiControlNet", "ControlledUNet", "ConditioningEmbedding", "CONTROLNET_FIELDS"]

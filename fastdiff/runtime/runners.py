@@ -78,7 +78,8 @@ def build_runner(pipe, config: OptimizeConfig, graph_factory=None) -> tuple[Call
         if getattr(pipe, "controlnet", None) is not None:  # one network of both: graphs and compile take them together
             from ..models.controlnet import ControlledUNet
 
-            pipe.controlnet = prepare_model(pipe.controlnet, config, device, notes)
+            for net in getattr(pipe.controlnet, "nets", [pipe.controlnet]):  # (each a UNet: its fusions apply)
+                prepare_model(net, config, device, notes)
             runner = ControlledUNet(model, pipe.controlnet)
         if backend == "compile":
             runner = compile_network(runner, config, device, notes)
