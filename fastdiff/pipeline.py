@@ -107,14 +107,16 @@ class Pipeline:
 
     def save(self, path: str) -> str:
         """Write the fastdiff format (folder: fastdiff.json + model.safetensors, + vae.safetensors with a VAE
-        decoder, + copies of the text encoders' folders), atomically."""
+        decoder, + copies of the text encoders' folders, + the ControlNets as diffusers' controlnet/ folders),
+        atomically."""
         from .checkpoints.fastdiff_format import save_fastdiff
 
         self._require_model("save()")
         if self.prompt_encoder is not None and self.prompt_encoder.loras:
             raise BadArgumentError("save(): the text encoders carry a merged LoRA, and a save copies their folders "
                                    "as they are on disk; save before load_lora(), or after unload_lora()")
-        return save_fastdiff(path, self.model, self.spec, vae=self.vae, prompt_encoder=self.prompt_encoder)
+        return save_fastdiff(path, self.model, self.spec, vae=self.vae, prompt_encoder=self.prompt_encoder,
+                             controlnet=self.controlnet)
 
     def set_controlnet(self, controlnet, variant: Optional[str] = None) -> "Pipeline":
         """Drive the UNet with a ControlNet: a diffusers ``ControlNetModel`` folder, a loaded

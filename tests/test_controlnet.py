@@ -482,3 +482,20 @@ def test_several_controlnets_equal_diffusers_multicontrolnet(parts, tmp_path, gu
         solo = pipe.generate(seeds=[s], control_image=images, **{**kw, **options, "encoder_hidden_states": cond[:1],
                                                                   "negative_encoder_hidden_states": uncond[:1]})
         assert rel_err(result, solo[0]) <= 1e-5
+
+
+def test_save_keeps_the_controlnets_and_load_attaches_them(parts, tmp_path):
+    """save() writes each ControlNet as a diffusers ControlNetModel folder (diffusers reads it back to the same
+    weights) beside the fastdiff files; load() drives the UNet with them again, one or several."""
+    cond, _ = _states()
+    kw = dict(encoder_hidden_states=cond, latents=_latents(), steps=2, progress=False)
+    for nets, image in ((parts[1], _image(1)), ([parts[1], parts[1]], [_image(1), _image(2)])):
+        pipe = fastdiff.load(parts[0]).optimize(backend="eager", fuse_qkv=True).set_controlnet(nets)
+        want = pipe.generate(control_image=image, **kw)
+        path = pipe.save(str(tmp_path / "saved"))  # (the second save replaces the first)
+        back = fastdiff.load(path)
+        assert type(back.controlnet) is type(pipe.controlnet)
+        assert torch.equal(back.generate(control_image=image, **kw), want)
+    theirs = diffusers.ControlNetModel.from_pretrained(str(tmp_path / "saved" / "controlnet_1"))
+    assert all(torch.equal(v, parts[3].state_dict()[k]) for k, v in theirs.state_dict().items())
+    assert dict(theirs.config)["conditioning_embedding_out_channels"] == [4, 8, 8, 16]

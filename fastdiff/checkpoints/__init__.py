@@ -110,11 +110,14 @@ def load(path: str, device="cpu", dtype: Optional[torch.dtype] = None, *, varian
     own_folder = path if os.path.isdir(path) else None
     pipe = Pipeline(model.eval(), spec, device=device, vae=_pick_vae(vae, found_vae, device),
                     prompt_encoder=_pick_prompt_encoder(text_encoder, own_folder, spec, device, dtype, variant))
-    controlnet = os.path.join(path, "controlnet")
-    if os.path.isfile(os.path.join(controlnet, "config.json")):  # a ControlNet pipeline's folder drives its UNet
-        pipe.set_controlnet(controlnet, variant=variant)
-        pipe.notes.append("the folder's controlnet/ drives the UNet: generate() needs control_image= "
-                          "(pipe.set_controlnet(None) takes it away)")
+    from .controlnet import controlnet_folders
+
+    controlnets = controlnet_folders(path) if os.path.isdir(path) else []
+    if controlnets:  # a ControlNet pipeline's folder (diffusers' or a fastdiff save) drives its UNet
+        pipe.set_controlnet(controlnets[0] if len(controlnets) == 1 else controlnets, variant=variant)
+        pipe.notes.append(f"the folder's {', '.join(os.path.basename(c) + '/' for c in controlnets)} drive"
+                          f"{'s' if len(controlnets) == 1 else ''} the UNet: generate() needs control_image= "
+                          f"(pipe.set_controlnet(None) takes {'it' if len(controlnets) == 1 else 'them'} away)")
     return pipe
 
 

@@ -51,4 +51,53 @@ def load_controlnet(folder: str, variant: Optional[str] = None, dtype: Optional[
     return strict_load(model, state, f"ControlNet {path}", dtype=dtype, device=device).eval()
 
 
-__all__ = ["load_controlnet", "controlnet_config"]
+def diffusers_config(net: ControlNet) -> dict:
+    """``net``'s config.json as diffusers' ControlNetModel reads it: its own fields, and every UNet field it takes or
+    that differs from UNet2DConditionModel's default (what fastdiff needs to read the network back)."""
+    from ..models.unet import _DIFFUSERS_DEFAULTS
+
+    c, defaults = net.config, _DIFFUSERS_DEFAULTS["UNet2DConditionModel"]
+    out = {"_class_name": CLASS_NAME}
+    for key, default in defaults.items():
+        value = getattr(c, key)
+        if key not in ("out_channels", "up_block_types", "sample_size") and (
+                key in _CONTROLNET_MODEL_FIELDS or value != default):
+            out[key] = list(value) if isinstance(value, tuple) else value
+    out.update(c.extra)
+    out.update(net.controlnet_config)
+    return out
+
+
+# the UNet fields diffusers' ControlNetModel takes (always written)
+_CONTROLNET_MODEL_FIELDS = ("in_channels", "flip_sin_to_cos", "freq_shift", "down_block_types", "mid_block_type",
+                            "block_out_channels", "layers_per_block", "cross_attention_dim", "attention_head_dim",
+                            "num_attention_heads", "transformer_layers_per_block", "use_linear_projection",
+                            "addition_embed_type", "addition_time_embed_dim", "projection_class_embeddings_input_dim")
+
+
+def save_controlnet(net: ControlNet, folder: str) -> None:
+    """A diffusers ControlNetModel folder (config.json + diffusion_pytorch_model.safetensors) of ``net``."""
+    import json
+
+    from safetensors.torch import save_file
+
+    with torch.device("meta"):
+        fresh = ControlNet(net.config, **net.controlnet_config)
+    keys = set(fresh.state_dict())  # (the weights alone: no stacked copies of optimised projections)
+    os.makedirs(folder, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items() if k in keys}
+    save_file(state, os.path.join(folder, "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(diffusers_config(net), f, indent=2)
+
+
+def controlnet_folders(path: str) -> list:
+    """A pipeline folder's ControlNet folders, as diffusers saves one or several: controlnet/, controlnet_1/, ..."""
+    folders, i = [], 0
+    while os.path.isfile(os.path.join(path, "controlnet" + (f"_{i}" if i else ""), "config.json")):
+        folders.append(os.path.join(path, "controlnet" + (f"_{i}" if i else "")))
+        i += 1
+    return folders
+
+
+__all__ = ["load_controlnet", "controlnet_config", "save_controlnet", "diffusers_config", "controlnet_folders"]

@@ -42,7 +42,10 @@ def _check_replaceable(path: str) -> None:
     if not os.path.isdir(path):
         raise BadArgumentError(f"save: {path} exists and is a file; expected a new path or a folder written by "
                                f"save()")
-    extra = sorted(set(os.listdir(path)) - {SPEC_FILE, WEIGHTS_FILE, VAE_FILE} - set(TEXT_FOLDERS))
+    import re
+
+    extra = sorted(name for name in set(os.listdir(path)) - {SPEC_FILE, WEIGHTS_FILE, VAE_FILE} - set(TEXT_FOLDERS)
+                   if not re.fullmatch(r"controlnet(_\d+)?", name))  # (a save's ControlNets)
     if extra or not is_fastdiff_folder(path):
         found = ", ".join(extra[:5]) + (" ..." if len(extra) > 5 else "") if extra else f"no {SPEC_FILE}"
         raise BadArgumentError(f"save: {path} exists and is not a fastdiff folder (found {found}); refusing to "
@@ -53,7 +56,10 @@ def _cpu_state(module: torch.nn.Module) -> dict:
     return {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
 
 
-def save_fastdiff(path: str, model: torch.nn.Module, spec: ModelSpec, vae=None, prompt_encoder=None) -> str:
+def save_fastdiff(path: str, model: torch.nn.Module, spec: ModelSpec, vae=None, prompt_encoder=None,
+                  controlnet=None) -> str:
+    """Write the fastdiff folder (atomically); a ControlNet (or several: ``controlnet.nets``) goes beside it as
+    diffusers' ControlNetModel folders controlnet/, controlnet_1/, ..., which ``load`` attaches again."""
     from .. import __version__
 
     _check_replaceable(path)
@@ -72,6 +78,11 @@ def save_fastdiff(path: str, model: torch.nn.Module, spec: ModelSpec, vae=None, 
         if prompt_encoder is not None:  # the folders as read (safetensors or weights-only .bin), not re-serialised
             for sub in prompt_encoder.folders():
                 shutil.copytree(os.path.join(prompt_encoder.folder, sub), os.path.join(tmp, sub))
+        if controlnet is not None:
+            from .controlnet import save_controlnet
+
+            for i, net in enumerate(getattr(controlnet, "nets", None) or [controlnet]):
+                save_controlnet(net, os.path.join(tmp, "controlnet" + (f"_{i}" if i else "")))
         with open(os.path.join(tmp, SPEC_FILE), "w") as f:
             json.dump(header, f, indent=2)
     return path
