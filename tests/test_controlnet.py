@@ -499,3 +499,12 @@ def test_save_keeps_the_controlnets_and_load_attaches_them(parts, tmp_path):
     theirs = diffusers.ControlNetModel.from_pretrained(str(tmp_path / "saved" / "controlnet_1"))
     assert all(torch.equal(v, parts[3].state_dict()[k]) for k, v in theirs.state_dict().items())
     assert dict(theirs.config)["conditioning_embedding_out_channels"] == [4, 8, 8, 16]
+
+
+def test_info_names_the_control_image(parts, tmp_path):
+    from fastdiff.commands.info import model_ops
+
+    folder = _save(_reference(parts, diffusers.DDIMScheduler(**DDIM)), str(tmp_path / "pipe"))
+    assert "(a ControlNet: control_image, 3 channels at 8 pixels per latent pixel)" in \
+        model_ops(folder, "eager")["conditioning"]
+    assert "ControlNet" not in model_ops(parts[0], "eager")["conditioning"]

@@ -142,8 +142,19 @@ def model_ops(model: str, backend: str, kernel_ops: str = "measured", **load_opt
         sampling["frame"] = plan.denoiser_options["frame"]
     ops = {} if pipe.model is None else op_backends(pipe.model)
     return {"model": model, "device": str(device), "backend": chosen, "ops": ops,
-            "sampling": sampling, "conditioning": _conditioning(pipe.spec), "vae": _vae(pipe),
+            "sampling": sampling, "conditioning": _conditioning(pipe.spec) + _control(pipe), "vae": _vae(pipe),
             "text_encoders": _text_encoders(pipe)}
+
+
+def _control(pipe) -> str:
+    """The control images a pipeline driven by ControlNets (its folder's, or an exported graph's) needs."""
+    control = pipe._control_format()
+    if control is None:
+        return ""
+    count = getattr(control, "count", None)
+    what = f"{count} ControlNets: a list of {count} control images" if count else "a ControlNet: control_image"
+    return (f", and ({what}, {control.conditioning_channels} channels at {control.image_downscale} pixels per latent "
+            f"pixel)")
 
 
 def _text_encoders(pipe) -> str:
