@@ -145,7 +145,8 @@ def control_format(model: nn.Module) -> Optional[dict]:
         raise UnsupportedConfigError("ControlNets", len(nets), supported="one ControlNet per exported graph",
                                      model="ONNX exporter")
     return {"conditioning_channels": model.controlnet.conditioning_channels,
-            "image_downscale": model.controlnet.image_downscale}
+            "image_downscale": model.controlnet.image_downscale,
+            "global_pool_conditions": model.controlnet.global_pool_conditions}
 
 
 def _timestep_dtype(model: nn.Module, spec: ModelSpec) -> torch.dtype:

@@ -1,21 +1,23 @@
 """``generate(control_image=...)``: a ControlNet's inputs, as diffusers' ``StableDiffusionControlNetPipeline`` and its
 img2img / inpainting / SDXL siblings prepare them.
 
-* The control image is read as img2img reads an image (PIL, NumPy, tensor; ``fastdiff.img2img.unit_images``) into
-  [0, 1], and is not resized: its size fixes the output's, as a control image does in diffusers when no height or
-  width is given. Both CFG passes read it.
-* ``controlnet_conditioning_scale`` weights the ControlNet's outputs; in ``guess_mode`` the unconditional pass gets
-  none of them (scale 0, which is diffusers' zeros) and the conditional pass's are weighted from 0.1 to 1.
-* ``control_guidance_start`` / ``_end`` keep the ControlNet for the steps ``i`` (of ``N``) with ``start <= i / N``
-  and ``(i + 1) / N <= end``, diffusers' ``controlnet_keep``. The window is handed to the network as the range of
-  sigmas of those steps (``ControlWindow``), a tensor, so a captured loop takes new windows without a recapture.
-  For samplers that evaluate the network twice per step (Heun, DPM2) diffusers counts each evaluation as a step;
-  fastdiff counts steps, and evaluations between two kept steps' sigmas are kept.
+* The control image is read as img2img reads an image (PIL, NumPy, tensor; ``fastdiff.img2img.unit_images``), PIL
+  and uint8 pixels into [0, 1] and float arrays and tensors as they are (diffusers' control image processor does not
+  normalise), and is not resized: its size fixes the output's, as a control image does in diffusers when no height
+  or width is given. Both CFG passes read it.
+* ``controlnet_conditioning_scale`` weights the ControlNet's outputs; in ``guess_mode`` (forced on by a ControlNet
+  with ``global_pool_conditions``, as diffusers does) the unconditional pass gets none of them (scale 0, which is
+  diffusers' zeros) and the conditional pass's are weighted from 0.1 to 1.
+* ``control_guidance_start`` / ``_end`` keep the ControlNet for the network evaluations ``i`` (of ``M``) with
+  ``start <= i / M`` and ``(i + 1) / M <= end``: diffusers' ``controlnet_keep`` over its ``timesteps``, which hold
+  one entry per evaluation (two per step for Heun / KDPM2, PNDM's repeated one). ``M`` is counted by running the
+  sampler once on a 1x1 state; each sample's keep factors (B, M) are an input (``control_keep``), read by
+  ``ControlWindow`` at its evaluation's index, so a captured loop takes new windows without a recapture.
+* Several ControlNets (diffusers' MultiControlNetModel): one image, scale and window each, on a second axis.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -24,48 +26,56 @@ from .denoiser import Denoiser
 from .errors import BadArgumentError
 from .utils.checks import finite_number
 
-_MARGIN = 1e-5  # relative: a step's sigma, rounded to the window's float32, still falls inside it
-
 
 class ControlWindow(Denoiser):
-    """Sets each sample's ``control_scale`` to 0 at the sigmas outside its ``control_window`` (B, 2) = (lowest,
-    highest kept sigma), around any ``Denoiser`` (inside CFG, which stacks both passes' inputs)."""
+    """Multiplies each sample's ``control_scale`` by its keep factor for this network evaluation (``control_keep``
+    (B, M) or (B, M, K): evaluation ``i`` of the ``M`` the sampler makes reads column ``i``), around any ``Denoiser``
+    (inside CFG, which stacks both passes' inputs). It counts the evaluations of one sampling run, from 0 again
+    after ``M``: one instance per ``generate`` call (a captured loop runs the Python once, baking each index in)."""
 
     def __init__(self, inner: Denoiser):
         self.inner = inner
         self.postprocess_x0 = getattr(inner, "postprocess_x0", None)
+        self.calls = 0
 
     def c_skip(self, sigma):
         return self.inner.c_skip(sigma)
 
-    def predict(self, x, sigma, control_window=None, **cond):
-        return self.inner.predict(x, sigma, **_windowed(sigma, control_window, cond))
+    def predict(self, x, sigma, control_keep=None, **cond):
+        return self.inner.predict(x, sigma, **self._kept(control_keep, cond))
 
-    def predict_at(self, x, sigma: float, control_window=None, **cond):
-        return self.inner.predict_at(x, sigma, **_windowed(sigma, control_window, cond))
+    def predict_at(self, x, sigma: float, control_keep=None, **cond):
+        return self.inner.predict_at(x, sigma, **self._kept(control_keep, cond))
 
-
-def _windowed(sigma, window, cond: dict) -> dict:
-    """``cond`` with control_scale zeroed where sigma (a host float, or one per sample) is outside the window (tensor
-    comparisons only: nothing is copied from the host inside a captured graph). One ControlNet: window (B, 2) and
-    scale (B,); several: (B, K, 2) and (B, K)."""
-    if window is None:
-        return cond
-    if torch.is_tensor(sigma):
-        sigma = sigma.to(window.device, torch.float32)
-        sigma = sigma.reshape(-1, *([1] * (window.dim() - 2)))  # (B,) or (B, 1)
-    keep = (window[..., 0] <= sigma) & (sigma <= window[..., 1])  # (B,) or (B, K)
-    # (a CFG-folded graph takes the unconditional pass's scale as its own input)
-    return {**cond, **{k: cond[k] * keep for k in ("control_scale", "uncond_control_scale") if k in cond}}
+    def _kept(self, keep, cond: dict) -> dict:
+        if keep is None:
+            return cond
+        i = self.calls % keep.shape[1]
+        self.calls += 1
+        column = keep[:, i]  # (B,) or (B, K): a view, no copy from the host
+        # (a CFG-folded graph takes the unconditional pass's scale as its own input)
+        return {**cond, **{k: cond[k] * column for k in ("control_scale", "uncond_control_scale") if k in cond}}
 
 
-def sigma_window(sigmas, steps: int, start: float, end: float) -> tuple[float, float]:
-    """(lowest, highest) sigma of the steps diffusers' ``controlnet_keep`` keeps, widened by a hair; (inf, -inf) when
-    it keeps none."""
-    kept = [float(sigmas[i]) for i in range(steps) if not (i / steps < start or (i + 1) / steps > end)]
-    if not kept:
-        return math.inf, -math.inf
-    return min(kept) * (1 - _MARGIN), max(kept) * (1 + _MARGIN)
+def evaluations(plan) -> int:
+    """How many network evaluations ``plan`` makes: its sampler run once on a 1x1 state with a network of zeros."""
+    from .noise import NoiseSource
+
+    count = [0]
+
+    def zeros(x, t, **kw):
+        count[0] += 1
+        return torch.zeros_like(x)
+
+    x = torch.zeros(1, 1, 1, 1)
+    plan.sample(plan.make_denoiser(zeros, dtype=torch.float32), x, extra_args={}, noise=NoiseSource([0], "cpu"))
+    return count[0]
+
+
+def keep_factors(m: int, start: float, end: float) -> list:
+    """diffusers' ``controlnet_keep`` for ``m`` evaluations: 1.0 where evaluation i's share of the run lies in
+    [start, end], else 0.0."""
+    return [1.0 - float(i / m < start or (i + 1) / m > end) for i in range(m)]
 
 
 def check_control_options(scale, start, end, guess_mode, count: int = 1) -> tuple:
@@ -95,6 +105,12 @@ def control_images(control, control_image, count: Optional[int] = None) -> torch
     if count is not None:
         if torch.is_tensor(control_image) and control_image.dim() == 5:
             control_image = list(control_image.unbind(1))
+        elif isinstance(control_image, (list, tuple)) and control_image and isinstance(control_image[0], (list, tuple)):
+            # nested lists are one list per sample, one image per ControlNet each: transposed, as diffusers does
+            if len({len(row) for row in control_image}) > 1:
+                raise BadArgumentError(f"control_image: expected one image per ControlNet for every sample, found "
+                                       f"rows of {[len(row) for row in control_image]}")
+            control_image = [list(column) for column in zip(*control_image)]
         if not isinstance(control_image, (list, tuple)) or len(control_image) != count:
             raise BadArgumentError(f"control_image: expected a list of {count} images, one per ControlNet (each an image "
                                    f"or one per sample), found {type(control_image).__name__}"
@@ -110,7 +126,7 @@ def control_images(control, control_image, count: Optional[int] = None) -> torch
         return torch.stack([p.expand(n, -1, -1, -1) for p in parts], dim=1)
     from .img2img import unit_images
 
-    images = unit_images(control_image, control.conditioning_channels)
+    images = unit_images(control_image, control.conditioning_channels, raw=True)
     f = control.image_downscale
     if images.shape[2] % f or images.shape[3] % f:
         raise BadArgumentError(f"control_image: expected a height and width that are multiples of {f} (the "
@@ -122,17 +138,18 @@ def control_images(control, control_image, count: Optional[int] = None) -> torch
 def control_inputs(images: torch.Tensor, b: int, plan, scales: list, starts: list, ends: list, guess_mode: bool,
                    guided: bool, device, dtype) -> tuple[dict, dict]:
     """(the conditional pass's control inputs, the unconditional pass's) for ``b`` samples; ``images`` (k, C, H, W)
-    for one ControlNet, (k, K, C, H, W) for K of them, whose scales and windows then take a K axis too."""
+    for one ControlNet, (k, K, C, H, W) for K of them, whose scales and keep factors then take a K axis too."""
     if images.shape[0] not in (1, b):
         raise BadArgumentError(f"control_image: expected 1 or {b} images (one per sample), found {images.shape[0]}")
     several = images.dim() == 5
-    windows = torch.tensor([sigma_window(plan.sigmas, plan.steps, s, e) for s, e in zip(starts, ends)],
-                           dtype=torch.float32, device=device)  # (K, 2)
+    m = evaluations(plan)
+    keep = torch.tensor([keep_factors(m, s, e) for s, e in zip(starts, ends)], dtype=torch.float32,
+                        device=device).T  # (M, K)
     scale = torch.tensor(scales, dtype=torch.float32, device=device)  # (K,)
     cond = {"control_image": images.expand(b, *images.shape[1:]).to(device=device, dtype=dtype),
             "control_scale": scale[None].expand(b, -1) if several else scale[0].expand(b),  # (B, K) or (B,)
             "control_guess": torch.full((b,), float(guess_mode), dtype=torch.float32, device=device),
-            "control_window": windows[None].expand(b, -1, 2) if several else windows[0][None].expand(b, 2)}
+            "control_keep": keep[None].expand(b, -1, -1) if several else keep[:, 0][None].expand(b, -1)}
     uncond = {}
     if guided:  # (always its own input: a captured loop then serves guess mode and the rest alike)
         # diffusers runs guess mode's ControlNet on the conditional pass only: zeros for the other
@@ -140,4 +157,5 @@ def control_inputs(images: torch.Tensor, b: int, plan, scales: list, starts: lis
     return cond, uncond
 
 
-__all__ = ["ControlWindow", "sigma_window", "check_control_options", "control_images", "control_inputs"]
+__all__ = ["ControlWindow", "evaluations", "keep_factors", "check_control_options", "control_images",
+           "control_inputs"]

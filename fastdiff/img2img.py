@@ -55,13 +55,14 @@ def start_index(steps: int, strength, flow: bool) -> int:
     return t_start
 
 
-def unit_images(image, channels: int) -> torch.Tensor:
+def unit_images(image, channels: int, raw: bool = False) -> torch.Tensor:
     """``image`` (see the module docstring) -> float32 (B, channels, H, W) in [0, 1], the form generate() takes
-    tensors in (the Engine stacks its requests' images so)."""
+    tensors in (the Engine stacks its requests' images so). ``raw``: float arrays and tensors are taken as they are
+    (finite values, no range check or [-1, 1] remapping), as diffusers' control image processor takes them."""
     if isinstance(image, (list, tuple)):
         if not image:
             raise BadArgumentError("image: expected an image or a non-empty list of them, found an empty list")
-        parts = [unit_images(im, channels) for im in image]
+        parts = [unit_images(im, channels, raw) for im in image]
         if len({p.shape[1:] for p in parts}) > 1:
             raise BadArgumentError(f"image: expected images of one size, found {[tuple(p.shape[2:]) for p in parts]}")
         return torch.cat(parts)
@@ -71,9 +72,9 @@ def unit_images(image, channels: int) -> torch.Tensor:
                                    f"pixels); convert it to 8 bits first, or pass an array in [0, 1]")
         image = np.asarray(image.convert("RGB" if channels == 3 else "L"))
     if isinstance(image, np.ndarray):
-        return _from_numpy(image, channels)
+        return _from_numpy(image, channels, raw)
     if isinstance(image, torch.Tensor):
-        return _from_torch(image, channels)
+        return _from_torch(image, channels, raw)
     raise BadArgumentError(f"image: expected a PIL image, a NumPy array or a torch tensor (or a list of them), found "
                            f"{type(image).__name__}")
 
@@ -90,7 +91,7 @@ def _is_pil(image) -> bool:
     return isinstance(image, Image.Image)
 
 
-def _from_numpy(a: np.ndarray, channels: int) -> torch.Tensor:
+def _from_numpy(a: np.ndarray, channels: int, raw: bool = False) -> torch.Tensor:
     """(H, W), (H, W, C) or (B, H, W, C); uint8 in [0, 255] or floats in [0, 1]."""
     if a.ndim == 2:
         a = a[:, :, None]
@@ -104,13 +105,13 @@ def _from_numpy(a: np.ndarray, channels: int) -> torch.Tensor:
         unit = a.astype(np.float32) / 255.0
     elif np.issubdtype(a.dtype, np.floating):
         unit = a.astype(np.float32)
-        _check_unit(unit.min(), unit.max(), "a float NumPy array")
+        _check_unit(unit.min(), unit.max(), "a float NumPy array", raw=raw)
     else:
         raise BadArgumentError(f"image: expected a uint8 or float NumPy array, found {a.dtype}")
     return torch.from_numpy(np.ascontiguousarray(unit.transpose(0, 3, 1, 2)))
 
 
-def _from_torch(t: torch.Tensor, channels: int) -> torch.Tensor:
+def _from_torch(t: torch.Tensor, channels: int, raw: bool = False) -> torch.Tensor:
     """(C, H, W) or (B, C, H, W) floats in [0, 1] (or [-1, 1] when any value is negative, as diffusers reads it)."""
     if t.dim() == 3:
         t = t[None]
@@ -122,6 +123,9 @@ def _from_torch(t: torch.Tensor, channels: int) -> torch.Tensor:
     _check_not_empty(tuple(t.shape[:1]) + tuple(t.shape[2:]))
     t = t.detach().float().cpu()
     low, high = (float(v) for v in torch.aminmax(t))
+    if raw:
+        _check_unit(low, high, "a float tensor", raw=True)
+        return t
     if low < 0:
         warnings.warn("image: a tensor with negative values is taken as [-1, 1] (diffusers' deprecated convention); "
                       "pass tensors in [0, 1]", stacklevel=4)
@@ -137,7 +141,11 @@ def _check_not_empty(batch_height_width) -> None:
                                f"width) {tuple(int(n) for n in batch_height_width)}")
 
 
-def _check_unit(low, high, what: str, lowest: float = 0.0) -> None:
+def _check_unit(low, high, what: str, lowest: float = 0.0, raw: bool = False) -> None:
+    if raw:  # (any finite values)
+        if not (np.isfinite(low) and np.isfinite(high)):
+            raise BadArgumentError(f"image: expected {what} of finite values, found NaN or infinity")
+        return
     if not (np.isfinite(low) and np.isfinite(high)) or low < lowest or high > 1:
         raise BadArgumentError(f"image: expected {what} with values in [{lowest:g}, 1], found [{low:.4g}, {high:.4g}]"
                                + (" (uint8 pixels go in as a uint8 array or a PIL image)" if high > 1 else ""))

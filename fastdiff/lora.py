@@ -173,8 +173,8 @@ def _ldm_names(module: torch.nn.Module) -> dict:
     """{"~" + ldm name with underscores: layer} for a UNet's layers (the single-file reader's renaming, reversed)."""
     from .models.unet import UNet
 
-    if not isinstance(module, UNet):
-        return {}
+    if not isinstance(module, UNet) or not isinstance(module.config.layers_per_block, int):
+        return {}  # (the ldm layout has one resnet count for every level)
     from .checkpoints.ldm import RESNET_PARTS, ldm_unet_blocks
 
     modules = dict(module.named_modules())

@@ -426,10 +426,11 @@ class Pipeline:
             pipelines (``fastdiff.inpaint``).
             strength defaults to theirs: 1.0 for SD (pure noise), 0.9999 for SDXL.
         control_image / controlnet_conditioning_scale / control_guidance_start / control_guidance_end / guess_mode:
-            a ControlNet's conditioning image (one, or one per sample; read as ``image``, not resized: its size fixes
-            the output's) and diffusers' ControlNet pipelines' options (``fastdiff.controlnet``), once
-            ``set_controlnet`` has given the pipeline a ControlNet. The scale defaults to diffusers' for the task: 1.0,
-            0.8 with an image to edit (its ControlNet img2img pipelines'), 1.0 with a mask (inpainting).
+            a ControlNet's conditioning image (one, or one per sample; PIL and uint8 pixels in [0, 1], float arrays and
+            tensors as they are; not resized: its size fixes the output's) and diffusers' ControlNet pipelines'
+            options (``fastdiff.controlnet``), once ``set_controlnet`` has given the pipeline a ControlNet. Defaults
+            follow diffusers' pipeline for the task: scale 1.0, 0.8 with an image to edit (and strength 0.8, SDXL
+            too), 0.5 with a mask on SD (1.0 on SDXL).
         output_type: ``tensor`` (B, C, H, W) float32 in the model's range (latents for a latent model), ``np``
             uint8 (B, H, W, C), ``pil`` a list of PIL images (1 or 3 channels); a latent model with a VAE decoder
             (``pipe.vae``) is decoded for ``np`` / ``pil``.
@@ -514,15 +515,16 @@ class Pipeline:
         cond.update(guidance_conditioning(self.spec, b, guidance, self.device))  # (both CFG passes share it)
         denoiser = plan.make_denoiser(self.runner, dtype=self._network_dtype())
         if control is not None:
-            from .controlnet import ControlWindow, control_inputs
+            from .controlnet import ControlWindow, check_control_options, control_inputs
 
-            from .controlnet import check_control_options
-
-            count = getattr(self._control_format(), "count", None) or 1
-            if controlnet_conditioning_scale is None:  # diffusers' ControlNet img2img pipelines default to 0.8
-                controlnet_conditioning_scale = 0.8 if images is not None and masks is None else 1.0
+            control_format = self._control_format()
+            if controlnet_conditioning_scale is None:
+                controlnet_conditioning_scale = self._default_control_scale(images is not None, masks is not None)
+            # (diffusers: a ControlNet that pools its outputs guides the conditional pass only)
+            guess_mode = guess_mode or bool(getattr(control_format, "global_pool_conditions", False))
             scales, starts, ends, _ = check_control_options(controlnet_conditioning_scale, control_guidance_start,
-                                                            control_guidance_end, guess_mode, count)
+                                                            control_guidance_end, guess_mode,
+                                                            getattr(control_format, "count", None) or 1)
             added, added_uncond = control_inputs(control, b, plan, scales, starts, ends, guess_mode, guided,
                                                  self.device, self._network_dtype())
             cond.update(added)
@@ -687,9 +689,16 @@ class Pipeline:
                                        f"(pipe.set_controlnet(FOLDER) first)")
             return None
         if control_image is None:
-            raise BadArgumentError("control_image: this pipeline is driven by a ControlNet, which needs its "
-                                   "conditioning image (pipe.set_controlnet(None) takes the ControlNet away)")
+            raise BadArgumentError("control_image: this pipeline is driven by a ControlNet: expected its conditioning "
+                                   "image, found none" + (" (pipe.set_controlnet(None) takes the ControlNet away)"
+                                                          if self.controlnet is not None else ""))
         return control_images(control_format, control_image, count)
+
+    def _default_control_scale(self, edits: bool, inpaints: bool) -> float:
+        """diffusers' ControlNet pipelines' default scale: 1.0; 0.8 for img2img; 0.5 for SD inpainting (SDXL's 1.0)."""
+        if inpaints:
+            return 1.0 if self.spec.time_ids_dim else 0.5
+        return 0.8 if edits else 1.0
 
     def _control_format(self):
         """What drives the network: the ControlNet (a MultiControlNet: with ``count``), or (a loaded ONNX graph
@@ -698,7 +707,8 @@ class Pipeline:
             nets = getattr(self.controlnet, "nets", None)
             return self.controlnet if nets is None else types.SimpleNamespace(
                 conditioning_channels=self.controlnet.conditioning_channels,
-                image_downscale=self.controlnet.image_downscale, count=len(nets))
+                image_downscale=self.controlnet.image_downscale, count=len(nets),
+                global_pool_conditions=nets[0].global_pool_conditions)  # (diffusers reads the first one's)
         io = getattr(self.runner, "io", None)
         control = io.get("control") if isinstance(io, dict) else None
         return None if control is None else types.SimpleNamespace(**control)
@@ -747,6 +757,8 @@ class Pipeline:
 
         if strength is None:
             strength = default_inpaint_strength(self.spec) if self.spec.inpainting else default_strength(self.spec)
+            if self._control_format() is not None and not self.spec.inpainting:
+                strength = 0.8  # (diffusers' ControlNet img2img pipelines, SDXL's too: 0.8)
         return float(strength), start_index(steps, strength, self.spec.prediction_type == "flow_prediction")
 
     def _img2img_size(self, images: torch.Tensor, b: int, height, width, given_latents: bool = False):

@@ -24,8 +24,14 @@ CONTROLNET = dict(in_channels=4, block_out_channels=(16, 32), layers_per_block=1
 
 
 def _controlnet(seed=1, **extra):
+    """A tiny diffusers ControlNet with no zero convolutions left, whose conditioning embedding is scaled up so that
+    the control image moves the result well beyond rounding (a mixed-up image fails the comparisons)."""
     torch.manual_seed(seed)
-    return perturb_(diffusers.ControlNetModel(**{**CONTROLNET, **extra}).eval(), seed)  # (no zero convolutions left)
+    net = perturb_(diffusers.ControlNetModel(**{**CONTROLNET, **extra}).eval(), seed)
+    with torch.no_grad():
+        for p in net.controlnet_cond_embedding.parameters():
+            p.mul_(8)
+    return net
 
 
 def _image(seed=0, size=64) -> np.ndarray:
@@ -261,7 +267,20 @@ def test_cli_generate_with_a_controlnet(parts, tmp_path):
                                                                ("edges.png", "depth.png")], steps=2, seed=3,
                          progress=False)
     assert torch.equal(load_file(str(tmp_path / "two.safetensors"))["latents"], want)
-    for flags, message in ((["--control-image", "edges.png"], "--control-image: given without --controlnet"),
+    controlled = _save(diffusers_pipeline("StableDiffusionControlNetPipeline")(
+        vae=None, text_encoder=ref.text_encoder, tokenizer=ref.tokenizer, unet=ref.unet, controlnet=parts[3],
+        scheduler=ref.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False),
+        str(tmp_path / "controlled"))  # its controlnet/ is attached at load: --control-image alone
+    r = run_cli("generate", controlled, "--prompt", "a red cat", "--control-image", "edges.png", "--n", "1",
+                "--steps", "2", "--seed", "3", "--output-latents", "own.safetensors", "--no-progress", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    want = fastdiff.load(controlled).generate(1, prompt="a red cat", control_image=Image.open(tmp_path / "edges.png"),
+                                              steps=2, seed=3, progress=False)
+    assert torch.equal(load_file(str(tmp_path / "own.safetensors"))["latents"], want)
+    r = run_cli("generate", controlled, "--prompt", "a cat", "--output-latents", "x.safetensors", cwd=tmp_path)
+    assert r.returncode == 2 and "driven by 1 ControlNet(s): expected one --control-image" in r.stderr, r.stderr
+    for flags, message in ((["--control-image", "edges.png"], "has no ControlNet (pass --controlnet FOLDER)"),
+                           (["--controlnet-scale", "0.5"], "--controlnet-scale: given without --control-image"),
                            (["--controlnet", parts[1]], "--controlnet: expected one --control-image COND.png per "
                                                         "ControlNet"),
                            (["--controlnet", parts[1], "--controlnet", parts[1], "--control-image", "edges.png"],
@@ -389,7 +408,7 @@ def test_an_exported_controlled_unet_runs_like_eager(parts, tmp_path, cfg_folded
     names = [n for n, _ in io["inputs"]]
     assert {"control_image", "control_scale", "control_guess"} <= set(names)
     assert ("uncond_control_scale" in names) == cfg_folded and "uncond_control_image" not in names
-    assert io["control"] == {"conditioning_channels": 3, "image_downscale": 8}
+    assert io["control"] == {"conditioning_channels": 3, "image_downscale": 8, "global_pool_conditions": False}
     profiles = make_profiles(path, batch=(1, 2, 4), height=(8, 8, 16), width=(8, 12, 16))
     assert profiles["control_image"] == ((1, 3, 64, 64), (2, 3, 64, 96), (4, 3, 128, 128))
 
@@ -508,3 +527,162 @@ def test_info_names_the_control_image(parts, tmp_path):
     assert "(a ControlNet: control_image, 3 channels at 8 pixels per latent pixel)" in \
         model_ops(folder, "eager")["conditioning"]
     assert "ControlNet" not in model_ops(parts[0], "eager")["conditioning"]
+
+
+# --- what a review found (each test fails without its fix) ---------------------------------------------------------
+
+def _two_images_differ(pipe, kw, a, b):
+    """The control image reaches the result: two images give results far apart (beyond rounding)."""
+    return rel_err(pipe.generate(control_image=a, **kw), pipe.generate(control_image=b, **kw)) > 1e-3
+
+
+@pytest.mark.parametrize("scheduler, start, end", [("PNDMScheduler", 0.25, 0.75), ("PNDMScheduler", 0.0, 0.5),
+                                                   ("HeunDiscreteScheduler", 0.25, 0.75),
+                                                   ("KDPM2DiscreteScheduler", 0.2, 0.9)])
+def test_the_window_counts_network_evaluations_as_diffusers_timesteps(parts, scheduler, start, end):
+    """diffusers' controlnet_keep runs over its timesteps, one per network evaluation: PNDM repeats one, Heun and
+    KDPM2 evaluate twice per step."""
+    config = {k: v for k, v in DDIM.items() if k in ("beta_start", "beta_end", "beta_schedule", "steps_offset")}
+    sched = getattr(diffusers, scheduler)(**config, **({"skip_prk_steps": True} if scheduler == "PNDMScheduler"
+                                                        else {}))
+    ref = _reference(parts, sched)
+    pipe = fastdiff.load(parts[0], scheduler={**sched.config, "_class_name": scheduler}).set_controlnet(parts[1])
+    cond, uncond = _states()
+    latents, image = _latents(), _image(3)
+    options = dict(control_guidance_start=start, control_guidance_end=end)
+    want = ref(prompt_embeds=cond, negative_prompt_embeds=uncond, image=Image.fromarray(image),
+               latents=latents.clone(), num_inference_steps=5, guidance_scale=2.0, output_type="latent",
+               **options).images
+    got = pipe.generate(encoder_hidden_states=cond, negative_encoder_hidden_states=uncond, control_image=image,
+                        latents=latents, steps=5, cfg_scale=2.0, progress=False, **options)
+    assert rel_err(got, want) <= 1e-5
+
+
+def test_a_pooling_controlnet_guides_the_conditional_pass_only(parts, tmp_path):
+    """diffusers: guess_mode = guess_mode or global_pool_conditions."""
+    pooled = _controlnet(7, global_pool_conditions=True)
+    pooled.save_pretrained(tmp_path / "pooled")
+    ref = diffusers_pipeline("StableDiffusionControlNetPipeline")(
+        vae=None, text_encoder=None, tokenizer=None, unet=parts[2], controlnet=pooled,
+        scheduler=diffusers.DDIMScheduler(**DDIM), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    pipe = fastdiff.load(parts[0]).set_controlnet(str(tmp_path / "pooled"))
+    cond, uncond = _states()
+    latents, image = _latents(), _image(4)
+    want = ref(prompt_embeds=cond, negative_prompt_embeds=uncond, image=Image.fromarray(image),
+               latents=latents.clone(), num_inference_steps=3, guidance_scale=3.0, output_type="latent").images
+    kw = dict(encoder_hidden_states=cond, negative_encoder_hidden_states=uncond, latents=latents, steps=3,
+              cfg_scale=3.0, progress=False)
+    assert rel_err(pipe.generate(control_image=image, **kw), want) <= 1e-5
+    exported = tmp_path / "pooled.onnx"
+    pytest.importorskip("onnxruntime", reason="the exported graph runs in ONNX Runtime")
+    from fastdiff.export.onnx import export_onnx
+
+    export_onnx(pipe, None, str(exported), progress=False, check=False)
+    assert rel_err(fastdiff.load(str(exported)).generate(control_image=image, **kw), want) <= 1e-5
+
+
+def test_control_tensors_are_read_as_they_are_and_nested_lists_are_per_sample(parts, tmp_path):
+    """diffusers' control image processor does not normalise: a tensor with negative values goes in as it is. With
+    several ControlNets, nested lists are one list per sample, one image per ControlNet each (diffusers transposes
+    them)."""
+    second = _controlnet(6)
+    second.save_pretrained(tmp_path / "second")
+    ref = diffusers_pipeline("StableDiffusionControlNetPipeline")(
+        vae=None, text_encoder=None, tokenizer=None, unet=parts[2], controlnet=[parts[3], second],
+        scheduler=diffusers.DDIMScheduler(**DDIM), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    pipe = fastdiff.load(parts[0]).set_controlnet([parts[1], str(tmp_path / "second")])
+    cond, uncond = _states()
+    g = torch.Generator().manual_seed(5)
+    a0, a1, b0, b1 = (torch.rand(1, 3, 64, 64, generator=g) * 2 - 1 for _ in range(4))  # (values in [-1, 1])
+    kw = dict(encoder_hidden_states=cond, negative_encoder_hidden_states=uncond, latents=_latents(), steps=3,
+              cfg_scale=2.0, progress=False)
+    nested = [[a0, b0], [a1, b1]]  # sample 0: a0 for the first ControlNet, b0 for the second
+    want = ref(prompt_embeds=cond, negative_prompt_embeds=uncond, image=nested, latents=kw["latents"].clone(),
+               num_inference_steps=3, guidance_scale=2.0, output_type="latent").images
+    assert rel_err(pipe.generate(control_image=nested, **kw), want) <= 1e-5
+    assert rel_err(pipe.generate(control_image=[[a0, a1], [b0, b1]], **kw), want) > 1e-3  # (the images matter)
+
+
+def test_a_multi_controlnet_pipeline_folder_loads_both(parts, tmp_path):
+    second = _controlnet(6)
+    ref = diffusers_pipeline("StableDiffusionControlNetPipeline")(
+        vae=None, text_encoder=None, tokenizer=None, unet=parts[2], controlnet=[parts[3], second],
+        scheduler=diffusers.DDIMScheduler(**DDIM), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    pipe = fastdiff.load(_save(ref, str(tmp_path / "pipe")))
+    assert len(pipe.controlnet.nets) == 2
+    cond, uncond = _states()
+    images = [_image(1), _image(2)]
+    latents = _latents()
+    want = ref(prompt_embeds=cond, negative_prompt_embeds=uncond, image=[Image.fromarray(i) for i in images],
+               latents=latents.clone(), num_inference_steps=3, guidance_scale=2.0, output_type="latent").images
+    got = pipe.generate(encoder_hidden_states=cond, negative_encoder_hidden_states=uncond, control_image=images,
+                        latents=latents, steps=3, cfg_scale=2.0, progress=False)
+    assert rel_err(got, want) <= 1e-5
+
+
+def test_a_lora_loads_on_a_unet_with_per_level_resnet_counts(tmp_path):
+    """(the ldm-name table is for UNets with one resnet count: another UNet's LoRA must still load)"""
+    from helpers import lora_state
+
+    torch.manual_seed(0)
+    diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=[1, 2],
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=CROSS, attention_head_dim=4, norm_num_groups=8).save_pretrained(tmp_path)
+    pipe = fastdiff.load(str(tmp_path))
+    before = {k: v.clone() for k, v in pipe.model.state_dict().items()}
+    assert pipe.load_lora(lora_state(pipe.model), scale=0.5)["network"] > 0
+    assert any(not torch.equal(v, before[k]) for k, v in pipe.model.state_dict().items())
+
+
+def test_defaults_follow_each_controlnet_pipeline(tmp_path):
+    """Left unset, the scale and strength are those of diffusers' pipeline for the task: SDXL ControlNet img2img's
+    strength 0.8 (SDXL img2img's own is 0.3) and scale 0.8; SD ControlNet inpainting's scale 0.5."""
+    from test_img2img import SD_SCHEDULER, SEEDS, _generators, _images, _text_kwargs, sd_pair, sd_unet_vae_embeds, \
+        sdxl_pair
+    from test_inpaint import _masks
+    from test_sdxl import UNET, _embeds
+
+    pipe, base = sdxl_pair(tmp_path / "sdxl")
+    sdxl_fields = {k: UNET[k] for k in ("cross_attention_dim", "attention_head_dim", "transformer_layers_per_block",
+                                        "use_linear_projection", "addition_embed_type", "addition_time_embed_dim",
+                                        "projection_class_embeddings_input_dim")}
+    controlnet = _controlnet(8, conditioning_embedding_out_channels=(4, 16), **sdxl_fields)
+    controlnet.save_pretrained(tmp_path / "sdxl_controlnet")
+    pipe.set_controlnet(str(tmp_path / "sdxl_controlnet"))
+    ref = diffusers_pipeline("StableDiffusionXLControlNetImg2ImgPipeline")(
+        vae=base.vae, unet=base.unet, controlnet=controlnet, scheduler=base.scheduler, text_encoder=None,
+        text_encoder_2=None, tokenizer=None, tokenizer_2=None, requires_aesthetics_score=False)
+    ref.set_progress_bar_config(disable=True)
+    e, images, control = {k: v for k, v in _embeds().items() if k != "latents"}, _images(), _images(seed=9)
+    want = ref(image=images.clone(), control_image=control.clone(), num_inference_steps=5, guidance_scale=3.0,
+               generator=_generators(), output_type="latent", **{k: v.clone() for k, v in e.items()}).images
+    got = pipe.generate(image=images, control_image=control, steps=5, cfg_scale=3.0, seeds=SEEDS, progress=False,
+                        time_ids=[16, 16, 0, 0, 16, 16], **_text_kwargs(e, True))
+    assert rel_err(got, want) <= 1e-5
+
+    unet, vae, e = parts = sd_unet_vae_embeds(in_channels=9)
+    sd_controlnet = _controlnet(5, cross_attention_dim=12, conditioning_embedding_out_channels=(4, 16))
+    sd_controlnet.save_pretrained(tmp_path / "sd_controlnet")
+    scheduler = diffusers.DDIMScheduler.from_config(SD_SCHEDULER)
+    pipe, _ = sd_pair(parts, tmp_path / "sd", scheduler, "StableDiffusionInpaintPipeline",
+                      "StableDiffusionInpaintPipeline")
+    pipe.set_controlnet(str(tmp_path / "sd_controlnet"))
+    ref = diffusers_pipeline("StableDiffusionControlNetInpaintPipeline")(
+        vae=vae, unet=unet, controlnet=sd_controlnet, scheduler=scheduler, text_encoder=None, tokenizer=None,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    masks = _masks()
+    want = ref(image=images.clone(), mask_image=masks.clone(), control_image=control.clone(), num_inference_steps=4,
+               guidance_scale=3.0, prompt_embeds=e["prompt_embeds"], negative_prompt_embeds=e["negative_prompt_embeds"],
+               generator=_generators(), output_type="latent").images
+    got = pipe.generate(image=images, mask_image=masks, control_image=control, steps=4, cfg_scale=3.0, seeds=SEEDS,
+                        encoder_hidden_states=e["prompt_embeds"], negative_encoder_hidden_states=e["negative_prompt_embeds"],
+                        progress=False)
+    assert rel_err(got, want) <= 1e-5

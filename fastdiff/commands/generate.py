@@ -301,12 +301,12 @@ def _validate(args) -> None:
                                         ("--control-start", args.control_start != 0.0),
                                         ("--control-end", args.control_end != 1.0), ("--guess-mode", args.guess_mode))
                      if given]
-    if control_flags and args.controlnet is None:
-        raise BadArgumentError(f"{control_flags[0]}: given without --controlnet FOLDER")
     if args.controlnet is not None and len(args.control_image or []) != len(args.controlnet):
         raise BadArgumentError(f"--controlnet: expected one --control-image COND.png per ControlNet (its conditioning "
                                f"image), found {len(args.controlnet)} ControlNet(s) and "
                                f"{len(args.control_image or [])} image(s)")
+    if control_flags and args.control_image is None:
+        raise BadArgumentError(f"{control_flags[0]}: given without --control-image COND.png")
     if args.control_image is not None and (args.height is not None or args.width is not None):
         raise BadArgumentError("--height / --width: the --control-image fixes the size")
     for flag, path in (("--image", args.image), ("--mask", args.mask),
@@ -368,6 +368,13 @@ def run(args) -> int:
         pipe.load_lora(path, scale=scale)
     if args.controlnet is not None:
         pipe.set_controlnet(args.controlnet if len(args.controlnet) > 1 else args.controlnet[0])
+    control = pipe._control_format()  # (--controlnet's, or the folder's own controlnet/ folders)
+    if args.control_image is not None and control is None:
+        raise BadArgumentError(f"--control-image: given, but {args.model} has no ControlNet (pass --controlnet FOLDER)")
+    if control is not None and len(args.control_image or []) != (getattr(control, "count", None) or 1):
+        raise BadArgumentError(f"--control-image: this model is driven by {getattr(control, 'count', None) or 1} "
+                               f"ControlNet(s): expected one --control-image COND.png each, found "
+                               f"{len(args.control_image or [])}")
     t_load = time.perf_counter() - t0
     spec = pipe.spec
 

@@ -306,7 +306,8 @@ class Engine:
                 negative_encoder_hidden_states = text.get("negative_encoder_hidden_states")
                 text_embeds, negative_text_embeds = text.get("text_embeds"), text.get("negative_text_embeds")
             image_rows = None
-            if control_image is not None or getattr(self.pipe, "controlnet", None) is not None:
+            control_format = getattr(self.pipe, "_control_format", None)
+            if control_image is not None or (control_format is not None and control_format() is not None):
                 image_rows, height, width = self._control_request(control_image, options, height, width)
             inpainting = getattr(getattr(self.pipe, "spec", None), "inpainting", False)  # (needs image and mask)
             if image is not None or strength is not None or mask_image is not None or inpainting:

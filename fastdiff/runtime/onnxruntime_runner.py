@@ -241,6 +241,8 @@ def build_feeds(input_names, spec, x: torch.Tensor, timestep, class_labels=None,
                                f"{', '.join(_PASSED_INPUTS)} and their uncond_ forms, guidance_scale")
     given = dict(added, encoder_hidden_states=encoder_hidden_states,
                  uncond_encoder_hidden_states=uncond_encoder_hidden_states)
+    if "control_guess" not in names:  # (a pooling ControlNet ignores guess mode: the exporter drops the unused input)
+        given.pop("control_guess", None)
     _pass(feeds, names, given, _PASSED_INPUTS, "")
     if "guidance_scale" in names:
         if guidance_scale is None:
