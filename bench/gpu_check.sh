@@ -34,6 +34,8 @@
 #                 fastdiff's loop graph) vs diffusers eager
 #   dit-compile   fastdiff's compile backend (+ loop graphs) vs diffusers eager
 #   sd15-compile  the same for the SD1.5 UNet
+#   sd15-controlnet  SD1.5 driven by a ControlNet (--controlnet random): eager / triton+loop vs diffusers eager with
+#                 the same ControlNet
 #   sdxl          arch:sdxl-unet (SDXL base, 128x128 latents = 1024x1024, 77 text tokens, pooled text and
 #                 default ids, cfg 5): eager / triton+loop, channels-last, vs diffusers eager (last: least urgent)
 #   sd3           arch:sd3-medium (SD3 Medium's MMDiT, 128x128 latents, 333 text tokens, pooled text, cfg 5,
@@ -55,7 +57,7 @@ ROOT=$(pwd)
 START=$(date +%s)
 BUDGET=${FASTDIFF_GPU_BUDGET_S:-480}     # seconds for everything, summary included
 DEADLINE=$((START + BUDGET))
-STAGES=" ${FASTDIFF_GPU_STAGES:-cuda-ext tests kernels gn-sweep attn-split launch profile dit dit-new sd15 sd15-new sd15-cudnn dit-vs-compile dit-autotune sd15-vs-compile sd15-autotune dit-compile sd15-compile sdxl sd3 flux} "
+STAGES=" ${FASTDIFF_GPU_STAGES:-cuda-ext tests kernels gn-sweep attn-split launch profile dit dit-new sd15 sd15-new sd15-cudnn dit-vs-compile dit-autotune sd15-vs-compile sd15-autotune dit-compile sd15-compile sd15-controlnet sdxl sd3 flux} "
 RESULTS=${FASTDIFF_GPU_OUT:-$ROOT/gpu_out}
 mkdir -p "$RESULTS"
 RESULTS=$(cd "$RESULTS" && pwd)   # absolute: the bench steps run from /tmp
@@ -242,11 +244,12 @@ fi
 # are compared in the same run. Run from /tmp: with the repository root as the working directory,
 # `python -m` puts it on sys.path and its kernels/ folder shadows the `kernels` package that transformers
 # (imported by diffusers) probes for.
-bench_e2e() {  # NAME ARCH CFG LIMIT BACKENDS COMPARE
-    local name=$1 arch=$2 cfg=$3 limit=$4 backends=$5 compare=$6
+bench_e2e() {  # NAME ARCH CFG LIMIT BACKENDS COMPARE [EXTRA FLAGS]
+    local name=$1 arch=$2 cfg=$3 limit=$4 backends=$5 compare=$6 extra=${7:-}
     [ -n "$COMPARE" ] || compare=""
+    # shellcheck disable=SC2086  # (EXTRA is a list of flags)
     step "$name" "$limit" env -C /tmp $PY -m fastdiff.cli bench "$arch" --backends "$backends" --batch 1 --steps 20 \
-        --sampler dpmpp_2m --cfg "$cfg" --dtype fp16 --warmup 2 --repeat 10 ${compare:+--compare $compare} \
+        --sampler dpmpp_2m --cfg "$cfg" --dtype fp16 --warmup 2 --repeat 10 ${compare:+--compare $compare} $extra \
         ${FASTDIFF_COMPILE_MODE:+--compile-mode $FASTDIFF_COMPILE_MODE} \
         --json "$RESULTS/$name.json"
 }
@@ -290,6 +293,10 @@ wants sd15-autotune && bench_e2e sd15-unet-autotune "$SD" 7.5 400 compile+loop+c
 # fastdiff's own torch.compile backend (Inductor on the native ops, plus fastdiff's CUDA graphs)
 wants dit-compile && bench_e2e dit-xl-2-256-compile "$DIT" 4 150 compile+loop diffusers
 wants sd15-compile && bench_e2e sd15-unet-compile "$SD" 7.5 200 compile+loop+cl diffusers
+# SD1.5 driven by a ControlNet (ControlNet.from_unet of the UNet, random outputs): fastdiff captures both networks in
+# one loop graph; diffusers eager runs StableDiffusionControlNetPipeline's two calls per step
+wants sd15-controlnet && bench_e2e sd15-unet-controlnet "$SD" 7.5 200 \
+    "${FASTDIFF_GPU_SD_CONTROLNET_VARIANTS:-eager+cl,triton+loop+cl}" diffusers "--controlnet random"
 # SDXL base (2.6 B parameters, 5 GB in fp16; SDXL's 10-deep transformers at 32x32 tokens)
 SDXL=${FASTDIFF_GPU_SDXL:-arch:sdxl-unet}
 wants sdxl && bench_e2e sdxl-unet "$SDXL" 5 240 "${FASTDIFF_GPU_SDXL_VARIANTS:-eager+cl,triton+loop+cl}" diffusers

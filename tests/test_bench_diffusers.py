@@ -72,3 +72,54 @@ def test_the_diffusers_comparison_takes_karras_where_its_scheduler_has_it():
     assert scheduler.config.use_karras_sigmas and note is None
     scheduler, note = _diffusers_sampler(SimpleNamespace(sampler="ddim", schedule="karras"), spec, _import_diffusers())
     assert "has no karras grid" in note
+
+
+@pytest.mark.parametrize("arch", ["tiny-sd-unet", "tiny-sdxl-unet"])
+def test_bench_with_a_controlnet_times_the_same_networks_on_both_sides(arch, tmp_path):
+    """``fastdiff bench --controlnet random``: the diffusers side's ControlNet (rebuilt from the config fastdiff
+    writes) and its call equal fastdiff's ControlledUNet; the bench itself runs both sides."""
+    import json
+    from types import SimpleNamespace
+
+    import diffusers
+
+    from fastdiff.checkpoints.controlnet import diffusers_config
+    from fastdiff.commands.bench import _conditioning, _diffusers_generate, _diffusers_sampler, _import_diffusers, \
+        bench_controlnet, build_diffusers_model
+    from fastdiff.models.controlnet import ControlledUNet
+    from test_cli import fastdiff as run_cli
+
+    pipe = fastdiff.load(f"arch:{arch}")
+    net = bench_controlnet(pipe, "random", 0)
+    theirs = diffusers.ControlNetModel.from_config(
+        {k: v for k, v in diffusers_config(net).items() if not k.startswith("_")})
+    theirs.load_state_dict(net.state_dict())
+    unet, _ = build_diffusers_model(pipe)
+    spec = pipe.spec
+    cond = _conditioning(spec, 2, 2.0, 0, "cpu", torch.float32, control=True)
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn((2, spec.in_channels) + tuple(spec.sample_size), generator=g), torch.tensor([10.0, 500.0])
+    kw, dkw = dict(encoder_hidden_states=cond["states"]), dict(encoder_hidden_states=cond["states"])
+    if spec.time_ids_dim:
+        kw.update(text_embeds=cond["text_embeds"], time_ids=torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2))
+        dkw["added_cond_kwargs"] = dict(text_embeds=kw["text_embeds"], time_ids=kw["time_ids"])
+    with torch.no_grad():
+        want = ControlledUNet(pipe.model, net)(x, t, control_image=cond["control_image"],
+                                               control_scale=torch.ones(2), **kw)
+        down, mid = theirs.eval()(x, t, controlnet_cond=cond["control_image"], conditioning_scale=1.0,
+                                  return_dict=False, **dkw)  # (as _diffusers_generate calls them)
+        got = unet(x, t, down_block_additional_residuals=down, mid_block_additional_residual=mid, **dkw).sample
+        plain = unet(x, t, **dkw).sample
+    assert rel_err(got, want) <= 1e-5 and rel_err(got, plain) > 1e-3
+    scheduler, _ = _diffusers_sampler(SimpleNamespace(sampler="ddim", schedule=None), spec, _import_diffusers())
+    with torch.no_grad():  # the loop's ControlNet branch runs
+        assert rel_err(_diffusers_generate(unet, scheduler, spec, 2, 2, 2.0, cond, "cpu", torch.float32, 0, theirs),
+                       _diffusers_generate(unet, scheduler, spec, 2, 2, 2.0, cond, "cpu", torch.float32, 0)) > 1e-3
+    if arch == "tiny-sd-unet":
+        r = run_cli("bench", f"arch:{arch}", "--controlnet", "random", "--compare", "diffusers", "--steps", "2",
+                    "--repeat", "1", "--warmup", "1", "--cfg", "2", "--json", "out.json", cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        rows = json.loads((tmp_path / "out.json").read_text())
+        assert [row["status"] for row in rows["results"] + rows["compare"]] == ["ok", "ok"]
+        r = run_cli("bench", "arch:tiny-dit", "--controlnet", "random", cwd=tmp_path)
+        assert r.returncode == 2 and "a ControlNet drives a text-conditioned UNet" in r.stderr

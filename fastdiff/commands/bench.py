@@ -75,6 +75,10 @@ def register(sub) -> None:
                    choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
                    help="torch.compile mode of the diffusers comparison (default: max-autotune on a GPU, default on "
                         "the CPU)")
+    p.add_argument("--controlnet", default=None, metavar="FOLDER|random",
+                   help="time text-to-image driven by a ControlNet: a diffusers ControlNetModel folder, or 'random' "
+                        "(ControlNet.from_unet of the model, seeded random outputs); the diffusers comparison runs "
+                        "the same ControlNet")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the noise and random text states")
     p.add_argument("--quality", action="store_true",
                    help="instead of latency: digits-FD and class accuracy vs NFE for every sampler on a digits "
@@ -97,7 +101,7 @@ def register(sub) -> None:
 
 # options that only one mode reads: given to the other, they are refused (never silently ignored)
 LATENCY_ONLY = ("backends", "batch", "steps", "sampler", "schedule", "dtype", "warmup", "repeat", "compare",
-                "compile_mode")
+                "compile_mode", "controlnet")
 QUALITY_ONLY = ("nfe", "samplers", "per_class")
 
 
@@ -279,13 +283,18 @@ def _parse_batches(text: str) -> list[int]:
 # Conditioning shared by fastdiff and diffusers (same labels, same text states)
 # ---------------------------------------------------------------------------------------------------
 
-def _conditioning(spec, b: int, cfg: float, seed: int, device, dtype):
-    """dict of (labels, null_labels, states, negative_states, text_embeds, negative_text_embeds) for batch b (None
-    where not used; SDXL-style models get random pooled embeddings and their default time ids)."""
+def _conditioning(spec, b: int, cfg: float, seed: int, device, dtype, control: bool = False):
+    """dict of (labels, null_labels, states, negative_states, text_embeds, negative_text_embeds, control_image) for
+    batch b (None where not used; SDXL-style models get random pooled embeddings and their default time ids;
+    ``control``: a random control image in [0, 1] at 8 pixels per latent pixel)."""
     import torch
 
     cond = {"labels": None, "null_labels": None, "states": None, "negative_states": None, "text_embeds": None,
-            "negative_text_embeds": None}
+            "negative_text_embeds": None, "control_image": None}
+    if control:
+        h, w = spec.sample_size
+        g = torch.Generator().manual_seed(seed + 2)
+        cond["control_image"] = torch.rand(b, 3, 8 * h, 8 * w, generator=g).to(device, dtype)
     if spec.num_classes:
         cond["labels"] = torch.arange(b, device=device) % spec.num_classes
         if spec.null_class is not None:
@@ -335,6 +344,8 @@ def _bench_fastdiff(args, label: str, backend: str, switches: dict, batches, dev
     try:
         check_backend(backend, device)
         pipe = fastdiff.load(args.model, device=device, **load_options(args))
+        if args.controlnet is not None:
+            pipe.set_controlnet(bench_controlnet(pipe, args.controlnet, args.seed))
         t0 = time.perf_counter()
         pipe.optimize(OptimizeConfig(backend=backend, dtype=args.dtype, batch_buckets=tuple(batches), **switches))
         _sync(device)
@@ -349,14 +360,16 @@ def _bench_fastdiff(args, label: str, backend: str, switches: dict, batches, dev
         log(f"  {label:12s} batch {b} ...")
         row = dict(base, batch=b, optimize_s=optimize_s, notes=list(pipe.notes))
         try:
-            cond = _conditioning(pipe.spec, b, args.cfg, args.seed, device, pipe._network_dtype())
+            cond = _conditioning(pipe.spec, b, args.cfg, args.seed, device, pipe._network_dtype(),
+                                 control=args.controlnet is not None)
             kw = dict(n=b, steps=args.steps, sampler=args.sampler, schedule=args.schedule, cfg_scale=args.cfg,
                       seed=args.seed, progress=False, class_labels=cond["labels"],
                       encoder_hidden_states=cond["states"],
                       negative_encoder_hidden_states=cond["negative_states"] if args.cfg != 1.0 else None,
                       **({} if cond["text_embeds"] is None else dict(
                           text_embeds=cond["text_embeds"],
-                          negative_text_embeds=cond["negative_text_embeds"] if args.cfg != 1.0 else None)))
+                          negative_text_embeds=cond["negative_text_embeds"] if args.cfg != 1.0 else None)),
+                      **({} if cond["control_image"] is None else dict(control_image=cond["control_image"])))
             counter = _CountCalls(pipe.runner)
 
             def first_call():  # the true first call: timed as such, and counts the network evaluations
@@ -383,6 +396,26 @@ def _bench_fastdiff(args, label: str, backend: str, switches: dict, batches, dev
                        detail=traceback.format_exc(limit=3))
         rows.append(emit(row))
     return rows
+
+
+def bench_controlnet(pipe, source: str, seed: int):
+    """The ControlNet a bench runs (on ``pipe``'s device): a folder's, or ``random``: ``ControlNet.from_unet`` of
+    the pipe's UNet with seeded random zero convolutions (from_unet's zeros would make it change nothing)."""
+    import torch
+
+    if source != "random":
+        from ..checkpoints.controlnet import load_controlnet
+
+        return load_controlnet(source)
+    from ..models.controlnet import ControlNet
+
+    net = ControlNet.from_unet(pipe.model)
+    g = torch.Generator().manual_seed(seed + 3)  # (on the CPU: the same ControlNet whatever the device)
+    with torch.no_grad():
+        for conv in [*net.controlnet_down_blocks, net.controlnet_mid_block, *net.controlnet_cond_embedding.modules()]:
+            if isinstance(conv, torch.nn.Conv2d):
+                conv.weight.copy_((torch.randn(conv.weight.shape, generator=g) * 0.02).to(conv.weight))
+    return net
 
 
 def _row_line(row: dict) -> str:
@@ -640,8 +673,9 @@ def _diffusers_flux_generate(model, scheduler, spec, b, steps, cfg, cond, device
     return latents
 
 
-def _diffusers_generate(model, scheduler, spec, b, steps, cfg, cond, device, dtype, seed):
-    """One diffusers-pipeline style sampling loop (as DiTPipeline / StableDiffusionPipeline do)."""
+def _diffusers_generate(model, scheduler, spec, b, steps, cfg, cond, device, dtype, seed, controlnet=None):
+    """One diffusers-pipeline style sampling loop (as DiTPipeline / StableDiffusionPipeline do; with ``controlnet``,
+    as StableDiffusionControlNetPipeline does)."""
     import torch
 
     if spec.kind == "flux":
@@ -678,6 +712,12 @@ def _diffusers_generate(model, scheduler, spec, b, steps, cfg, cond, device, dty
                         pooled_projections=kw["added_cond_kwargs"]["text_embeds"]).sample
         elif spec.kind == "dit":
             out = model(x_in.to(dtype), timestep=ts, class_labels=kw["class_labels"]).sample
+        elif controlnet is not None:
+            image = torch.cat([cond["control_image"]] * 2) if guided else cond["control_image"]
+            down, mid = controlnet(x_in.to(dtype), ts, controlnet_cond=image, conditioning_scale=1.0,
+                                   return_dict=False, **kw)
+            out = model(x_in.to(dtype), ts, down_block_additional_residuals=down, mid_block_additional_residual=mid,
+                        **kw).sample
         else:
             out = model(x_in.to(dtype), ts, **{k: v for k, v in kw.items()}).sample
         out = out.float()
@@ -709,6 +749,17 @@ def _bench_diffusers(args, pipe_source, compare, batches, device, log, on_row=No
         model, note = build_diffusers_model(pipe)
         dtype = DTYPES[args.dtype] if args.dtype else torch.float32
         model = model.to(device=device, dtype=dtype)
+        controlnet = None
+        if args.controlnet is not None:  # the same ControlNet in diffusers' class
+            from ..checkpoints.controlnet import diffusers_config
+
+            import diffusers
+
+            net = bench_controlnet(pipe, args.controlnet, args.seed)
+            config = {k: v for k, v in diffusers_config(net).items() if not k.startswith("_")}
+            controlnet = diffusers.ControlNetModel.from_config(config)
+            controlnet.load_state_dict({k: v.float() for k, v in net.state_dict().items()})
+            controlnet = controlnet.eval().to(device=device, dtype=dtype)
         spec = pipe.spec
         scheduler, snote = _diffusers_sampler(args, spec, schedulers)
     except Exception as e:
@@ -717,23 +768,24 @@ def _bench_diffusers(args, pipe_source, compare, batches, device, log, on_row=No
     notes = [n for n in (note, snote) if n]
     rows = []
     for impl in impls:
-        runner = model
+        runner, control_runner = model, controlnet
         compile_s = None
         if impl == "diffusers+compile":
             mode = args.compile_mode or ("max-autotune" if device.type == "cuda" else "default")
             notes_c = notes + [f"torch.compile(mode={mode!r})"]
             runner = torch.compile(model, mode=mode)
+            control_runner = None if controlnet is None else torch.compile(controlnet, mode=mode)
         else:
             notes_c = notes
         for b in batches:
             log(f"  {impl:12s} batch {b} ...")
             row = dict(impl=impl, batch=b, scheduler=type(scheduler).__name__, notes=notes_c)
             try:
-                cond = _conditioning(spec, b, args.cfg, args.seed, device, dtype)
+                cond = _conditioning(spec, b, args.cfg, args.seed, device, dtype, control=controlnet is not None)
                 if args.cfg != 1.0 and spec.num_classes and cond["null_labels"] is None:
                     raise ValueError("cfg != 1 needs a null class label")
                 fn = lambda: _diffusers_generate(runner, scheduler, spec, b, args.steps, args.cfg, cond,  # noqa: E731
-                                                 device, dtype, args.seed)
+                                                 device, dtype, args.seed, control_runner)
                 with torch.no_grad():
                     m = measure(fn, device, warmup=args.warmup, repeat=args.repeat)
                 nfe = len(scheduler.timesteps)
@@ -910,6 +962,9 @@ def run(args) -> int:
         raise BadArgumentError("--cfg != 1 needs an unconditional (null) class label, and this model has none")
     if args.cfg != 1.0 and not spec.num_classes and not spec.cross_attention_dim:
         raise BadArgumentError("--cfg != 1 needs a conditional model (class labels or text states)")
+    if args.controlnet is not None and (spec.kind != "unet" or not spec.cross_attention_dim):
+        raise BadArgumentError(f"--controlnet: a ControlNet drives a text-conditioned UNet, and {args.model} is a "
+                               f"{spec.kind}")
     if spec.inpainting:  # (its every call needs an image and a mask; the network's speed is its base model's)
         raise BadArgumentError(f"{args.model}: an inpainting network; the latency bench times text-to-image "
                                f"generation: bench the base model (the same UNet with {spec.in_channels} input "
