@@ -126,7 +126,12 @@ def control_images(control, control_image, count: Optional[int] = None) -> torch
         return torch.stack([p.expand(n, -1, -1, -1) for p in parts], dim=1)
     from .img2img import unit_images
 
-    images = unit_images(control_image, control.conditioning_channels, raw=True)
+    try:
+        images = unit_images(control_image, control.conditioning_channels, raw=True)
+    except BadArgumentError as e:  # (its messages name img2img's argument)
+        message = str(e)
+        raise BadArgumentError("control_image:" + message[len("image:"):] if message.startswith("image:")
+                               else message) from None
     f = control.image_downscale
     if images.shape[2] % f or images.shape[3] % f:
         raise BadArgumentError(f"control_image: expected a height and width that are multiples of {f} (the "

@@ -120,12 +120,14 @@ class Pipeline:
 
     def set_controlnet(self, controlnet, variant: Optional[str] = None) -> "Pipeline":
         """Drive the UNet with a ControlNet: a diffusers ``ControlNetModel`` folder, a loaded
-        ``fastdiff.models.controlnet.ControlNet``, a list of those (diffusers' MultiControlNetModel: their outputs
-        add up, and ``generate`` then takes lists: one image, scale and window per ControlNet), or None to take it
-        away. It is moved to the UNet's device and
-        dtype, and the runner is rebuilt around both (with ``optimize()``'s settings, applied to the ControlNet too:
-        its graphs capture both networks; an onnxruntime / TensorRT backend exports both in one graph again), so
-        ``generate`` then takes ``control_image=``."""
+        ``fastdiff.models.controlnet.ControlNet`` (a copy is taken: the pipeline moves, casts and fuses its own), a
+        list of those (diffusers' MultiControlNetModel: their outputs add up, and ``generate`` then takes lists: one
+        image, scale and window per ControlNet), or None to take it away. It is put on the UNet's device and dtype,
+        and the runner is rebuilt around both (with ``optimize()``'s settings, applied to the ControlNet too: its
+        graphs capture both networks; an onnxruntime / TensorRT backend exports both in one graph again), so
+        ``generate`` then takes ``control_image=``. If that fails, the pipeline stays as it was."""
+        import copy
+
         from .models.controlnet import ControlNet
         from .models.unet import UNet
 
@@ -139,7 +141,7 @@ class Pipeline:
             from .models.controlnet import MultiControlNet
 
             several = isinstance(controlnet, (list, tuple))
-            nets = [c if isinstance(c, ControlNet) else load_controlnet(c, variant=variant)
+            nets = [copy.deepcopy(c) if isinstance(c, ControlNet) else load_controlnet(c, variant=variant)
                     for c in (controlnet if several else [controlnet])]
             if not nets:
                 raise BadArgumentError("set_controlnet: expected a ControlNet or a list of them, found an empty list")
@@ -147,19 +149,26 @@ class Pipeline:
                 _check_controlnet_fits(net, self.model)
             controlnet = MultiControlNet(nets) if several else nets[0]
             controlnet = controlnet.to(device=self.device, dtype=self._network_dtype())
+        previous = self.controlnet
         self.controlnet = controlnet
-        if self.config is None:
-            from .models.controlnet import ControlledUNet
+        try:
+            if self.config is None:
+                from .models.controlnet import ControlledUNet
 
-            self.runner = self.model if controlnet is None else ControlledUNet(self.model, controlnet)
-        else:  # the same optimisations around the new network (the captured loops were of the old one)
+                runner, notes = (self.model if controlnet is None else ControlledUNet(self.model, controlnet)), []
+            else:  # the same optimisations around the new network (the captured loops were of the old one)
+                from .runtime.runners import build_runner
+
+                runner, notes = build_runner(self, self.config, graph_factory=self._graph_factory)
+        except BaseException:
+            self.controlnet = previous
+            raise
+        self.runner = runner
+        self.notes.extend(notes)
+        if self.loop_graphs is not None:
             from .runtime.loop_graph import LoopGraphCache
-            from .runtime.runners import build_runner
 
-            self.runner, notes = build_runner(self, self.config, graph_factory=self._graph_factory)
-            self.notes.extend(notes)
-            if self.loop_graphs is not None:
-                self.loop_graphs = LoopGraphCache(self.config.max_graphs, self._graph_factory)
+            self.loop_graphs = LoopGraphCache(self.config.max_graphs, self._graph_factory)
         return self
 
     def load_lora(self, lora, scale: float = 1.0) -> dict:
@@ -450,6 +459,12 @@ class Pipeline:
                                        control_guidance_end, guess_mode)  # (k, 3, H, W) in [0, 1], or None
         if control is not None:
             height, width = self._control_size(control, height, width)
+            if images is not None:  # (both fix the size: they must agree)
+                f = 1 if self.vae is None or given_latents else self.vae.downscale
+                if (images.shape[2] // f, images.shape[3] // f) != (height, width):
+                    raise BadArgumentError(f"control_image / image: the control image fixes the latent size to "
+                                           f"{height}x{width} and the image to {images.shape[2] // f}x"
+                                           f"{images.shape[3] // f}; expected one size")
         if images is not None and images.shape[0] > 1 and n == 1 and seeds is None:
             n = images.shape[0]  # one sample per image
         if isinstance(prompt, (list, tuple)) and len(prompt) > 1 and n == 1 and seeds is None and latents is None:

@@ -96,7 +96,7 @@ def test_bench_with_a_controlnet_times_the_same_networks_on_both_sides(arch, tmp
     theirs.load_state_dict(net.state_dict())
     unet, _ = build_diffusers_model(pipe)
     spec = pipe.spec
-    cond = _conditioning(spec, 2, 2.0, 0, "cpu", torch.float32, control=True)
+    cond = _conditioning(spec, 2, 2.0, 0, "cpu", torch.float32, control=net)
     g = torch.Generator().manual_seed(1)
     x, t = torch.randn((2, spec.in_channels) + tuple(spec.sample_size), generator=g), torch.tensor([10.0, 500.0])
     kw, dkw = dict(encoder_hidden_states=cond["states"]), dict(encoder_hidden_states=cond["states"])

@@ -184,7 +184,9 @@ def test_what_controlnets_refuse(parts, tmp_path):
               "expected 0 <= start < end <= 1"),
              (dict(control_image=_image(), controlnet_conditioning_scale=float("nan")), "controlnet_conditioning_scale"),
              (dict(control_image=_image(), guess_mode=1), "guess_mode: expected True or False"),
-             (dict(control_image=[_image(), _image(1), _image(2)]), "expected 1 or 2 images")]
+             (dict(control_image=[_image(), _image(1), _image(2)]), "expected 1 or 2 images"),
+             (dict(control_image=_image(), image=torch.randn(4, 16, 16)),  # (latents as the image)
+              "the control image fixes the latent size to 8x8 and the image to 16x16")]
     for options, match in cases:
         with pytest.raises(BadArgumentError, match=match):
             pipe.generate(**{**kw, **options})
@@ -686,3 +688,63 @@ def test_defaults_follow_each_controlnet_pipeline(tmp_path):
                         encoder_hidden_states=e["prompt_embeds"], negative_encoder_hidden_states=e["negative_prompt_embeds"],
                         progress=False)
     assert rel_err(got, want) <= 1e-5
+
+
+def test_a_failed_set_controlnet_changes_nothing_and_a_callers_controlnet_is_not_touched(parts):
+    from fastdiff.checkpoints.controlnet import load_controlnet
+
+    pytest.importorskip("onnxruntime", reason="the exported backend is ONNX Runtime's")
+    cond, _ = _states()
+    kw = dict(encoder_hidden_states=cond, latents=_latents(), steps=2, progress=False)
+    pipe = fastdiff.load(parts[0]).optimize(backend="onnxruntime")
+    plain, runner = pipe.generate(**kw), pipe.runner
+    with pytest.raises(fastdiff.errors.UnsupportedConfigError, match="one ControlNet per exported graph"):
+        pipe.set_controlnet([parts[1], parts[1]])
+    assert pipe.controlnet is None and pipe.runner is runner and torch.equal(pipe.generate(**kw), plain)
+
+    net = load_controlnet(parts[1])
+    a = fastdiff.load(parts[0]).set_controlnet(net)
+    fastdiff.load(parts[0]).optimize(dtype="bf16", fuse_qkv=True).set_controlnet(net)
+    assert next(net.parameters()).dtype == torch.float32 and not any("qkv" in k for k in net.state_dict())
+    a.generate(control_image=_image(), **kw)  # (the first pipeline's copy is its own)
+
+
+def test_a_controlnet_fastdiff_cannot_run_leaves_the_base_model_loading(parts, tmp_path):
+    """A pipeline folder whose controlnet/ holds another class (SD3's, FLUX.1's, the union model) loads its base
+    model with a note."""
+    import json
+    import shutil
+
+    folder = str(tmp_path / "pipe")
+    shutil.copytree(parts[0], folder)
+    shutil.copytree(parts[1], os.path.join(folder, "controlnet"))
+    config = os.path.join(folder, "controlnet", "config.json")
+    with open(config) as f:
+        data = json.load(f)
+    with open(config, "w") as f:
+        json.dump({**data, "_class_name": "ControlNetUnionModel"}, f)
+    pipe = fastdiff.load(folder)
+    assert pipe.controlnet is None and any("ControlNetUnionModel" in n and "not attached" in n for n in pipe.notes)
+
+
+def test_control_image_errors_name_the_control_image(parts):
+    pipe = fastdiff.load(parts[0]).set_controlnet(parts[1])
+    cond, _ = _states(b=1)
+    with pytest.raises(BadArgumentError, match="^control_image: expected a float tensor"):
+        pipe.generate(encoder_hidden_states=cond, control_image=torch.zeros(1, 3, 64, 64, dtype=torch.uint8),
+                      steps=2, progress=False)
+
+
+def test_bench_runs_a_controlnet_pipeline_folder_and_checks_its_controlnet_first(parts, tmp_path):
+    import json
+
+    from test_cli import fastdiff as run_cli
+
+    folder = _save(_reference(parts, diffusers.DDIMScheduler(**DDIM)), str(tmp_path / "pipe"))
+    r = run_cli("bench", folder, "--steps", "2", "--repeat", "1", "--warmup", "1", "--compare", "diffusers",
+                "--json", "out.json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    report = json.loads((tmp_path / "out.json").read_text())
+    assert [row["status"] for row in report["results"] + report["compare"]] == ["ok", "ok"]
+    r = run_cli("bench", parts[0], "--controlnet", str(tmp_path / "missing"), cwd=tmp_path)
+    assert r.returncode == 2 and "expected a diffusers ControlNetModel folder" in r.stderr, r.stderr

@@ -110,10 +110,13 @@ def load(path: str, device="cpu", dtype: Optional[torch.dtype] = None, *, varian
     own_folder = path if os.path.isdir(path) else None
     pipe = Pipeline(model.eval(), spec, device=device, vae=_pick_vae(vae, found_vae, device),
                     prompt_encoder=_pick_prompt_encoder(text_encoder, own_folder, spec, device, dtype, variant))
-    from .controlnet import controlnet_folders
+    from .controlnet import controlnet_folders, unattachable
 
     controlnets = controlnet_folders(path) if os.path.isdir(path) else []
-    if controlnets:  # a ControlNet pipeline's folder (diffusers' or a fastdiff save) drives its UNet
+    why_not = unattachable(controlnets, pipe)
+    if why_not:  # (the base model loads: a ControlNet fastdiff does not run is noted, not an error)
+        pipe.notes.append(why_not)
+    elif controlnets:  # a ControlNet pipeline's folder (diffusers' or a fastdiff save) drives its UNet
         pipe.set_controlnet(controlnets[0] if len(controlnets) == 1 else controlnets, variant=variant)
         pipe.notes.append(f"the folder's {', '.join(os.path.basename(c) + '/' for c in controlnets)} drive"
                           f"{'s' if len(controlnets) == 1 else ''} the UNet: generate() needs control_image= "

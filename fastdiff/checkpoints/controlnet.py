@@ -100,4 +100,20 @@ def controlnet_folders(path: str) -> list:
     return folders
 
 
-__all__ = ["load_controlnet", "controlnet_config", "save_controlnet", "diffusers_config", "controlnet_folders"]
+def unattachable(folders: list, pipe) -> Optional[str]:
+    """Why a pipeline folder's ControlNet folders cannot drive ``pipe`` (another class than ControlNetModel, such as
+    SD3's or FLUX.1's, or a base model that is not a text UNet), or None."""
+    if not folders:
+        return None
+    classes = sorted({read_json(os.path.join(f, "config.json")).get("_class_name") for f in folders} - {CLASS_NAME})
+    unet = getattr(pipe.model, "config", None) is not None and getattr(pipe.model.config, "conditional", False) \
+        and pipe.spec.kind == "unet"
+    if classes or not unet:
+        what = f"{', '.join(str(c) for c in classes)} (fastdiff runs ControlNetModel only)" if classes else \
+            f"a ControlNet for a {pipe.spec.kind} (fastdiff's drive text UNets)"
+        return (f"the folder's {', '.join(os.path.basename(f) + '/' for f in folders)} holds {what}: not attached; the "
+                f"base model loads alone")
+    return None
+
+
+__all__ = ["unattachable", "load_controlnet", "controlnet_config", "save_controlnet", "diffusers_config", "controlnet_folders"]

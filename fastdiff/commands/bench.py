@@ -283,18 +283,19 @@ def _parse_batches(text: str) -> list[int]:
 # Conditioning shared by fastdiff and diffusers (same labels, same text states)
 # ---------------------------------------------------------------------------------------------------
 
-def _conditioning(spec, b: int, cfg: float, seed: int, device, dtype, control: bool = False):
+def _conditioning(spec, b: int, cfg: float, seed: int, device, dtype, control=None):
     """dict of (labels, null_labels, states, negative_states, text_embeds, negative_text_embeds, control_image) for
     batch b (None where not used; SDXL-style models get random pooled embeddings and their default time ids;
-    ``control``: a random control image in [0, 1] at 8 pixels per latent pixel)."""
+    ``control``: what drives the network (``conditioning_channels``, ``image_downscale``): a random control image
+    in [0, 1])."""
     import torch
 
     cond = {"labels": None, "null_labels": None, "states": None, "negative_states": None, "text_embeds": None,
             "negative_text_embeds": None, "control_image": None}
-    if control:
-        h, w = spec.sample_size
+    if control is not None:
+        (h, w), f = spec.sample_size, control.image_downscale
         g = torch.Generator().manual_seed(seed + 2)
-        cond["control_image"] = torch.rand(b, 3, 8 * h, 8 * w, generator=g).to(device, dtype)
+        cond["control_image"] = torch.rand(b, control.conditioning_channels, f * h, f * w, generator=g).to(device, dtype)
     if spec.num_classes:
         cond["labels"] = torch.arange(b, device=device) % spec.num_classes
         if spec.null_class is not None:
@@ -361,7 +362,7 @@ def _bench_fastdiff(args, label: str, backend: str, switches: dict, batches, dev
         row = dict(base, batch=b, optimize_s=optimize_s, notes=list(pipe.notes))
         try:
             cond = _conditioning(pipe.spec, b, args.cfg, args.seed, device, pipe._network_dtype(),
-                                 control=args.controlnet is not None)
+                                 control=pipe._control_format())
             kw = dict(n=b, steps=args.steps, sampler=args.sampler, schedule=args.schedule, cfg_scale=args.cfg,
                       seed=args.seed, progress=False, class_labels=cond["labels"],
                       encoder_hidden_states=cond["states"],
@@ -398,11 +399,14 @@ def _bench_fastdiff(args, label: str, backend: str, switches: dict, batches, dev
     return rows
 
 
-def bench_controlnet(pipe, source: str, seed: int):
-    """The ControlNet a bench runs (on ``pipe``'s device): a folder's, or ``random``: ``ControlNet.from_unet`` of
-    the pipe's UNet with seeded random zero convolutions (from_unet's zeros would make it change nothing)."""
+def bench_controlnet(pipe, source, seed: int):
+    """The ControlNet a bench runs: a folder's; ``random``: ``ControlNet.from_unet`` of the pipe's UNet with seeded
+    random zero convolutions (from_unet's zeros would make it change nothing); None: the pipe's own (its folder's
+    controlnet/), or none."""
     import torch
 
+    if source is None:
+        return pipe.controlnet
     if source != "random":
         from ..checkpoints.controlnet import load_controlnet
 
@@ -750,12 +754,12 @@ def _bench_diffusers(args, pipe_source, compare, batches, device, log, on_row=No
         dtype = DTYPES[args.dtype] if args.dtype else torch.float32
         model = model.to(device=device, dtype=dtype)
         controlnet = None
-        if args.controlnet is not None:  # the same ControlNet in diffusers' class
+        net = bench_controlnet(pipe, args.controlnet, args.seed)
+        if net is not None:  # the same ControlNet in diffusers' class
             from ..checkpoints.controlnet import diffusers_config
 
             import diffusers
 
-            net = bench_controlnet(pipe, args.controlnet, args.seed)
             config = {k: v for k, v in diffusers_config(net).items() if not k.startswith("_")}
             controlnet = diffusers.ControlNetModel.from_config(config)
             controlnet.load_state_dict({k: v.float() for k, v in net.state_dict().items()})
@@ -781,7 +785,7 @@ def _bench_diffusers(args, pipe_source, compare, batches, device, log, on_row=No
             log(f"  {impl:12s} batch {b} ...")
             row = dict(impl=impl, batch=b, scheduler=type(scheduler).__name__, notes=notes_c)
             try:
-                cond = _conditioning(spec, b, args.cfg, args.seed, device, dtype, control=controlnet is not None)
+                cond = _conditioning(spec, b, args.cfg, args.seed, device, dtype, control=net)
                 if args.cfg != 1.0 and spec.num_classes and cond["null_labels"] is None:
                     raise ValueError("cfg != 1 needs a null class label")
                 fn = lambda: _diffusers_generate(runner, scheduler, spec, b, args.steps, args.cfg, cond,  # noqa: E731
@@ -965,6 +969,11 @@ def run(args) -> int:
     if args.controlnet is not None and (spec.kind != "unet" or not spec.cross_attention_dim):
         raise BadArgumentError(f"--controlnet: a ControlNet drives a text-conditioned UNet, and {args.model} is a "
                                f"{spec.kind}")
+    if args.controlnet is not None:  # (a missing or ill-fitting folder: one line now, not a failed row per variant)
+        probe.set_controlnet(bench_controlnet(probe, args.controlnet, args.seed))
+    if getattr(probe._control_format(), "count", None):
+        raise BadArgumentError(f"{args.model}: driven by several ControlNets; the bench times one (pass --controlnet "
+                               f"FOLDER with the base model)")
     if spec.inpainting:  # (its every call needs an image and a mask; the network's speed is its base model's)
         raise BadArgumentError(f"{args.model}: an inpainting network; the latency bench times text-to-image "
                                f"generation: bench the base model (the same UNet with {spec.in_channels} input "
