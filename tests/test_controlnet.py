@@ -57,12 +57,20 @@ def parts(tmp_path_factory):
     return folder, os.path.join(root, "controlnet"), unet, controlnet
 
 
-def _reference(parts, scheduler):
+def _reference(parts, scheduler, controlnet=None):
     ref = diffusers_pipeline("StableDiffusionControlNetPipeline")(
-        vae=None, text_encoder=None, tokenizer=None, unet=parts[2], controlnet=parts[3], scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        vae=None, text_encoder=None, tokenizer=None, unet=parts[2], controlnet=controlnet or parts[3],
+        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     ref.set_progress_bar_config(disable=True)
     return ref
+
+
+def _two_controlnets(parts, tmp_path):
+    """(fastdiff's pipeline driven by two ControlNets, diffusers' multi-ControlNet pipeline on the same ones)."""
+    second = _controlnet(6)
+    second.save_pretrained(tmp_path / "second")
+    ref = _reference(parts, diffusers.DDIMScheduler(**DDIM), controlnet=[parts[3], second])
+    return fastdiff.load(parts[0]).set_controlnet([parts[1], str(tmp_path / "second")]), ref
 
 
 @pytest.mark.parametrize("extra", [{}, {"controlnet_conditioning_channel_order": "bgr"},
@@ -363,23 +371,33 @@ def test_img2img_with_a_controlnet_equals_the_controlnet_img2img_pipeline(tmp_pa
     assert rel_err(got, want) <= 1e-5
 
 
-def test_inpainting_with_a_controlnet_equals_the_controlnet_inpaint_pipeline(tmp_path):
-    """An inpainting UNet's ControlNet reads the latents alone (4 channels); the UNet reads them with the mask and
-    the masked image's latents."""
-    from test_img2img import SD_SCHEDULER, SEEDS, _generators, _images, sd_pair, sd_unet_vae_embeds
-    from test_inpaint import _masks
+def _controlnet_inpaint_pair(folder, scheduler_class: str):
+    """(fastdiff's SD inpainting pipeline with a ControlNet, diffusers' ControlNet inpaint pipeline on the same
+    parts, the embeddings): a tiny inpainting UNet (9 input channels), VAE (2 pixels per latent pixel) and
+    ControlNet."""
+    from test_img2img import SD_SCHEDULER, sd_pair, sd_unet_vae_embeds
 
     unet, vae, e = parts = sd_unet_vae_embeds(in_channels=9)
     controlnet = _controlnet(5, cross_attention_dim=12, conditioning_embedding_out_channels=(4, 16))
-    controlnet.save_pretrained(tmp_path / "controlnet")
-    scheduler = diffusers.EulerDiscreteScheduler.from_config(SD_SCHEDULER)
-    pipe, _ = sd_pair(parts, tmp_path / "pipe", scheduler, "StableDiffusionInpaintPipeline",
+    controlnet.save_pretrained(folder / "controlnet")
+    scheduler = getattr(diffusers, scheduler_class).from_config(SD_SCHEDULER)
+    pipe, _ = sd_pair(parts, folder / "pipe", scheduler, "StableDiffusionInpaintPipeline",
                       "StableDiffusionInpaintPipeline")
-    pipe.set_controlnet(str(tmp_path / "controlnet"))
+    pipe.set_controlnet(str(folder / "controlnet"))
     ref = diffusers_pipeline("StableDiffusionControlNetInpaintPipeline")(
         vae=vae, unet=unet, controlnet=controlnet, scheduler=scheduler, text_encoder=None, tokenizer=None,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     ref.set_progress_bar_config(disable=True)
+    return pipe, ref, e
+
+
+def test_inpainting_with_a_controlnet_equals_the_controlnet_inpaint_pipeline(tmp_path):
+    """An inpainting UNet's ControlNet reads the latents alone (4 channels); the UNet reads them with the mask and
+    the masked image's latents."""
+    from test_img2img import SEEDS, _generators, _images
+    from test_inpaint import _masks
+
+    pipe, ref, e = _controlnet_inpaint_pair(tmp_path, "EulerDiscreteScheduler")
     images, masks, control = _images(), _masks(), _images(seed=9)
     for strength in (1.0, 0.6):
         want = ref(image=images.clone(), mask_image=masks.clone(), control_image=control.clone(), strength=strength,
@@ -465,14 +483,7 @@ def test_from_unet_equals_diffusers_from_unet_and_changes_nothing_untrained(part
 def test_several_controlnets_equal_diffusers_multicontrolnet(parts, tmp_path, guess):
     """A list of ControlNets: one image, scale and window each, their outputs summed, as diffusers'
     MultiControlNetModel; in captured graphs too, and through the Engine."""
-    second = _controlnet(6)
-    second.save_pretrained(tmp_path / "second")
-    ref = diffusers_pipeline("StableDiffusionControlNetPipeline")(
-        vae=None, text_encoder=None, tokenizer=None, unet=parts[2], controlnet=[parts[3], second],
-        scheduler=diffusers.DDIMScheduler(**DDIM), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False)
-    ref.set_progress_bar_config(disable=True)
-    pipe = fastdiff.load(parts[0]).set_controlnet([parts[1], str(tmp_path / "second")])
+    pipe, ref = _two_controlnets(parts, tmp_path)
     cond, uncond = _states()
     latents, images = _latents(), [Image.fromarray(_image(7)), Image.fromarray(_image(8))]
     options = dict(controlnet_conditioning_scale=[0.5, 1.2], control_guidance_start=[0.0, 0.25],
@@ -589,14 +600,7 @@ def test_control_tensors_are_read_as_they_are_and_nested_lists_are_per_sample(pa
     """diffusers' control image processor does not normalise: a tensor with negative values goes in as it is. With
     several ControlNets, nested lists are one list per sample, one image per ControlNet each (diffusers transposes
     them)."""
-    second = _controlnet(6)
-    second.save_pretrained(tmp_path / "second")
-    ref = diffusers_pipeline("StableDiffusionControlNetPipeline")(
-        vae=None, text_encoder=None, tokenizer=None, unet=parts[2], controlnet=[parts[3], second],
-        scheduler=diffusers.DDIMScheduler(**DDIM), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False)
-    ref.set_progress_bar_config(disable=True)
-    pipe = fastdiff.load(parts[0]).set_controlnet([parts[1], str(tmp_path / "second")])
+    pipe, ref = _two_controlnets(parts, tmp_path)
     cond, uncond = _states()
     g = torch.Generator().manual_seed(5)
     a0, a1, b0, b1 = (torch.rand(1, 3, 64, 64, generator=g) * 2 - 1 for _ in range(4))  # (values in [-1, 1])
@@ -610,12 +614,7 @@ def test_control_tensors_are_read_as_they_are_and_nested_lists_are_per_sample(pa
 
 
 def test_a_multi_controlnet_pipeline_folder_loads_both(parts, tmp_path):
-    second = _controlnet(6)
-    ref = diffusers_pipeline("StableDiffusionControlNetPipeline")(
-        vae=None, text_encoder=None, tokenizer=None, unet=parts[2], controlnet=[parts[3], second],
-        scheduler=diffusers.DDIMScheduler(**DDIM), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False)
-    ref.set_progress_bar_config(disable=True)
+    _, ref = _two_controlnets(parts, tmp_path)
     pipe = fastdiff.load(_save(ref, str(tmp_path / "pipe")))
     assert len(pipe.controlnet.nets) == 2
     cond, uncond = _states()
@@ -646,8 +645,7 @@ def test_a_lora_loads_on_a_unet_with_per_level_resnet_counts(tmp_path):
 def test_defaults_follow_each_controlnet_pipeline(tmp_path):
     """Left unset, the scale and strength are those of diffusers' pipeline for the task: SDXL ControlNet img2img's
     strength 0.8 (SDXL img2img's own is 0.3) and scale 0.8; SD ControlNet inpainting's scale 0.5."""
-    from test_img2img import SD_SCHEDULER, SEEDS, _generators, _images, _text_kwargs, sd_pair, sd_unet_vae_embeds, \
-        sdxl_pair
+    from test_img2img import SEEDS, _generators, _images, _text_kwargs, sdxl_pair
     from test_inpaint import _masks
     from test_sdxl import UNET, _embeds
 
@@ -669,17 +667,7 @@ def test_defaults_follow_each_controlnet_pipeline(tmp_path):
                         time_ids=[16, 16, 0, 0, 16, 16], **_text_kwargs(e, True))
     assert rel_err(got, want) <= 1e-5
 
-    unet, vae, e = parts = sd_unet_vae_embeds(in_channels=9)
-    sd_controlnet = _controlnet(5, cross_attention_dim=12, conditioning_embedding_out_channels=(4, 16))
-    sd_controlnet.save_pretrained(tmp_path / "sd_controlnet")
-    scheduler = diffusers.DDIMScheduler.from_config(SD_SCHEDULER)
-    pipe, _ = sd_pair(parts, tmp_path / "sd", scheduler, "StableDiffusionInpaintPipeline",
-                      "StableDiffusionInpaintPipeline")
-    pipe.set_controlnet(str(tmp_path / "sd_controlnet"))
-    ref = diffusers_pipeline("StableDiffusionControlNetInpaintPipeline")(
-        vae=vae, unet=unet, controlnet=sd_controlnet, scheduler=scheduler, text_encoder=None, tokenizer=None,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    ref.set_progress_bar_config(disable=True)
+    pipe, ref, e = _controlnet_inpaint_pair(tmp_path / "sd", "DDIMScheduler")
     masks = _masks()
     want = ref(image=images.clone(), mask_image=masks.clone(), control_image=control.clone(), num_inference_steps=4,
                guidance_scale=3.0, prompt_embeds=e["prompt_embeds"], negative_prompt_embeds=e["negative_prompt_embeds"],
