@@ -57,10 +57,24 @@ class ControlWindow(Denoiser):
         return {**cond, **{k: cond[k] * column for k in ("control_scale", "uncond_control_scale") if k in cond}}
 
 
-def evaluations(plan) -> int:
-    """How many network evaluations ``plan`` makes: its sampler run once on a 1x1 state with a network of zeros."""
-    from .noise import NoiseSource
+_EVALUATIONS: dict = {}  # (sampler, grid, options) -> evaluations: a serving loop asks for the same few plans
 
+
+def evaluations(plan) -> int:
+    """How many network evaluations ``plan`` makes: its sampler run once on a 1x1 state with a network of zeros
+    (a few ms of host time: counted once per sampler, grid and options)."""
+    from .noise import NoiseSource
+    from .pipeline import _freeze
+
+    key = (plan.sampler, tuple(plan.sigmas.tolist()), _freeze(plan.options))
+    if key not in _EVALUATIONS:
+        if len(_EVALUATIONS) >= 256:
+            _EVALUATIONS.clear()
+        _EVALUATIONS[key] = _count_evaluations(plan, NoiseSource)
+    return _EVALUATIONS[key]
+
+
+def _count_evaluations(plan, noise_source) -> int:
     count = [0]
 
     def zeros(x, t, **kw):
@@ -68,7 +82,7 @@ def evaluations(plan) -> int:
         return torch.zeros_like(x)
 
     x = torch.zeros(1, 1, 1, 1)
-    plan.sample(plan.make_denoiser(zeros, dtype=torch.float32), x, extra_args={}, noise=NoiseSource([0], "cpu"))
+    plan.sample(plan.make_denoiser(zeros, dtype=torch.float32), x, extra_args={}, noise=noise_source([0], "cpu"))
     return count[0]
 
 
@@ -112,8 +126,8 @@ def control_images(control, control_image, count: Optional[int] = None) -> torch
                                        f"rows of {[len(row) for row in control_image]}")
             control_image = [list(column) for column in zip(*control_image)]
         if not isinstance(control_image, (list, tuple)) or len(control_image) != count:
-            raise BadArgumentError(f"control_image: expected a list of {count} images, one per ControlNet (each an image "
-                                   f"or one per sample), found {type(control_image).__name__}"
+            raise BadArgumentError(f"control_image: expected a list of {count} images, one per ControlNet (each an "
+                                   f"image or one per sample), found {type(control_image).__name__}"
                                    + (f" of {len(control_image)}" if isinstance(control_image, (list, tuple)) else ""))
         parts = [control_images(control, image) for image in control_image]
         if len({p.shape[1:] for p in parts}) > 1:

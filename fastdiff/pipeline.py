@@ -996,9 +996,9 @@ def _one_or(b: int) -> str:
 def _check_controlnet_fits(controlnet, unet) -> None:
     """Refuse a ControlNet whose outputs do not match the UNet's skips (another base model's)."""
     mine, theirs = controlnet.config, unet.config
-    fields = ("in_channels", "block_out_channels", "layers_per_block", "cross_attention_dim", "addition_embed_type")
+    fields = ("block_out_channels", "layers_per_block", "cross_attention_dim", "addition_embed_type")
     wrong = [f"{k}: {getattr(mine, k)!r} against the UNet's {getattr(theirs, k)!r}" for k in fields
-             if k != "in_channels" and _listed(getattr(mine, k)) != _listed(getattr(theirs, k))]
+             if _listed(getattr(mine, k)) != _listed(getattr(theirs, k))]
     if mine.in_channels not in (theirs.in_channels, theirs.out_channels):  # (an inpainting UNet's: its latents')
         wrong.insert(0, f"in_channels: {mine.in_channels} against the UNet's {theirs.out_channels} latent channels")
     if wrong:

@@ -14,7 +14,8 @@ from helpers import diffusers_pipeline, perturb_, rel_err
 from test_graph_scopes import FakeGraph
 from test_prompts import DDIM, _latents, _save, _unet
 
-diffusers = pytest.importorskip("diffusers", reason="diffusers' ControlNetModel and ControlNet pipeline are the reference")
+diffusers = pytest.importorskip("diffusers",
+                                reason="diffusers' ControlNetModel and ControlNet pipelines are the reference")
 Image = pytest.importorskip("PIL.Image", reason="the control images are PIL images, as users pass them")
 
 CROSS = 16
@@ -190,7 +191,8 @@ def test_what_controlnets_refuse(parts, tmp_path):
              (dict(control_image=_image(), height=16), "fixes the latent size to 8x8"),
              (dict(control_image=_image(), control_guidance_start=0.8, control_guidance_end=0.2),
               "expected 0 <= start < end <= 1"),
-             (dict(control_image=_image(), controlnet_conditioning_scale=float("nan")), "controlnet_conditioning_scale"),
+             (dict(control_image=_image(), controlnet_conditioning_scale=float("nan")),
+              "controlnet_conditioning_scale"),
              (dict(control_image=_image(), guess_mode=1), "guess_mode: expected True or False"),
              (dict(control_image=[_image(), _image(1), _image(2)]), "expected 1 or 2 images"),
              (dict(control_image=_image(), image=torch.randn(4, 16, 16)),  # (latents as the image)
@@ -216,7 +218,8 @@ def test_what_controlnets_refuse(parts, tmp_path):
         load_controlnet(str(broken))
     with pytest.raises(BadArgumentError, match="drives a text-conditioned UNet"):
         fastdiff.load("arch:tiny-dit").set_controlnet(parts[1])
-    with pytest.raises(BadArgumentError, match="controlnet_conditioning_scale: given, but this pipeline has no ControlNet"):
+    with pytest.raises(BadArgumentError,
+                       match="controlnet_conditioning_scale: given, but this pipeline has no ControlNet"):
         fastdiff.load(parts[0]).generate(controlnet_conditioning_scale=0.5, **kw)
 
 
@@ -366,7 +369,8 @@ def test_img2img_with_a_controlnet_equals_the_controlnet_img2img_pipeline(tmp_pa
                guidance_scale=2.5, prompt_embeds=e["prompt_embeds"], negative_prompt_embeds=e["negative_prompt_embeds"],
                generator=_generators(), output_type="latent", **options).images
     got = pipe.generate(image=images, control_image=control, strength=0.7, steps=6, cfg_scale=2.5, seeds=SEEDS,
-                        encoder_hidden_states=e["prompt_embeds"], negative_encoder_hidden_states=e["negative_prompt_embeds"],
+                        encoder_hidden_states=e["prompt_embeds"],
+                        negative_encoder_hidden_states=e["negative_prompt_embeds"],
                         progress=False, **options)
     assert rel_err(got, want) <= 1e-5
 
@@ -673,7 +677,8 @@ def test_defaults_follow_each_controlnet_pipeline(tmp_path):
                guidance_scale=3.0, prompt_embeds=e["prompt_embeds"], negative_prompt_embeds=e["negative_prompt_embeds"],
                generator=_generators(), output_type="latent").images
     got = pipe.generate(image=images, mask_image=masks, control_image=control, steps=4, cfg_scale=3.0, seeds=SEEDS,
-                        encoder_hidden_states=e["prompt_embeds"], negative_encoder_hidden_states=e["negative_prompt_embeds"],
+                        encoder_hidden_states=e["prompt_embeds"],
+                        negative_encoder_hidden_states=e["negative_prompt_embeds"],
                         progress=False)
     assert rel_err(got, want) <= 1e-5
 

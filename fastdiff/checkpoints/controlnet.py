@@ -93,11 +93,12 @@ def save_controlnet(net: ControlNet, folder: str) -> None:
 
 def controlnet_folders(path: str) -> list:
     """A pipeline folder's ControlNet folders, as diffusers saves one or several: controlnet/, controlnet_1/, ..."""
-    folders, i = [], 0
-    while os.path.isfile(os.path.join(path, "controlnet" + (f"_{i}" if i else ""), "config.json")):
-        folders.append(os.path.join(path, "controlnet" + (f"_{i}" if i else "")))
-        i += 1
-    return folders
+    folders = []
+    while True:
+        folder = os.path.join(path, "controlnet" + (f"_{len(folders)}" if folders else ""))
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            return folders
+        folders.append(folder)
 
 
 def unattachable(folders: list, pipe) -> Optional[str]:
@@ -116,4 +117,5 @@ def unattachable(folders: list, pipe) -> Optional[str]:
     return None
 
 
-__all__ = ["unattachable", "load_controlnet", "controlnet_config", "save_controlnet", "diffusers_config", "controlnet_folders"]
+__all__ = ["load_controlnet", "controlnet_config", "save_controlnet", "diffusers_config", "controlnet_folders",
+           "unattachable"]

@@ -24,7 +24,7 @@ from .common import RequiredKeys
 
 PREFIX = "model.diffusion_model."
 RESNET_PARTS = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
-           "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
+                "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
 
 
 def is_ldm_state_dict(state: dict) -> bool:

@@ -295,7 +295,8 @@ def _conditioning(spec, b: int, cfg: float, seed: int, device, dtype, control=No
     if control is not None:
         (h, w), f = spec.sample_size, control.image_downscale
         g = torch.Generator().manual_seed(seed + 2)
-        cond["control_image"] = torch.rand(b, control.conditioning_channels, f * h, f * w, generator=g).to(device, dtype)
+        image = torch.rand(b, control.conditioning_channels, f * h, f * w, generator=g)
+        cond["control_image"] = image.to(device, dtype)
     if spec.num_classes:
         cond["labels"] = torch.arange(b, device=device) % spec.num_classes
         if spec.null_class is not None:

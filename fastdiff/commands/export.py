@@ -55,7 +55,7 @@ def register(sub) -> None:
     p.add_argument("--controlnet", default=None, metavar="FOLDER",
                    help="export the UNet with this ControlNet (a diffusers ControlNetModel folder) as one graph taking "
                         "control_image / control_scale / control_guess (a ControlNet pipeline folder's own "
-                        "controlnet/ is exported with its UNet without it)")
+                        "controlnet/ is exported so without this flag)")
     p.add_argument("--no-check", action="store_true", help="skip the parity check against PyTorch")
     p.add_argument("--no-progress", action="store_true", help="no progress display")
     add_load_arguments(p)

@@ -75,7 +75,7 @@ def register(sub) -> None:
                         "the output's, a multiple of 8 pixels per latent pixel")
     p.add_argument("--controlnet-scale", type=float, default=None, metavar="S",
                    help="with --controlnet: the weight of its outputs (diffusers' controlnet_conditioning_scale; "
-                        "default 1, 0.8 with --image and no --mask, as diffusers' ControlNet img2img pipelines)")
+                        "default: diffusers' for the task: 1, 0.8 with --image, 0.5 with --mask on SD)")
     p.add_argument("--control-start", type=float, default=0.0, metavar="F",
                    help="with --controlnet: the share of the steps before it starts (default 0)")
     p.add_argument("--control-end", type=float, default=1.0, metavar="F",

@@ -203,9 +203,9 @@ class OnnxRuntimeRunner:
 # the graph's tensor inputs a caller hands over as they are: text states and SDXL's micro-conditioning
 _PASSED_INPUTS = ("encoder_hidden_states", "text_embeds", "time_ids", "guidance", "image_latents", "control_image",
                   "control_scale", "control_guess")
-_CONTROL = ("exported with its ControlNet", "")
-_INPUT_KINDS = {"control_image": (_CONTROL[0], "(B, 3, fH, fW)"), "control_scale": (_CONTROL[0], "(B,)"),
-                "control_guess": (_CONTROL[0], "(B,)"), "encoder_hidden_states": ("text-conditioned", "(B, L, D)"),
+_CONTROLLED = "exported with its ControlNet"
+_INPUT_KINDS = {"control_image": (_CONTROLLED, "(B, 3, fH, fW)"), "control_scale": (_CONTROLLED, "(B,)"),
+                "control_guess": (_CONTROLLED, "(B,)"), "encoder_hidden_states": ("text-conditioned", "(B, L, D)"),
                 "text_embeds": ("conditioned on a pooled text embedding", "(B, P)"),
                 "time_ids": ("SDXL-style", "(B, N)"), "guidance": ("guidance-distilled (Flux dev)", "(B,)"),
                 "image_latents": ("an inpainting network", "(B, 1 + C, H, W)")}
