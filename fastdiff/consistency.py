@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .errors import BadArgumentError
-from .sampler_base import _call, _cb, _setup, host_floats
+from .sampler_base import _after, _call, _cb, _setup, host_floats
 from .state_update import combine
 
 __all__ = ["sample_lcm", "sample_tcd", "lcm_boundary_scalings"]
@@ -33,7 +33,7 @@ def lcm_boundary_scalings(timestep: float, timestep_scaling: float = 10.0, sigma
 
 
 @torch.no_grad()
-def sample_lcm(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=None,
+def sample_lcm(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=None, after_step=None,
                c_skip: Optional[Sequence[float]] = None, c_out: Optional[Sequence[float]] = None,
                s_noise: float = 1.0, sigma_floor: float = 0.0):
     """Consistency sampling: jump to x0, re-noise to the next sigma with fresh noise (std sigma_{i+1}).
@@ -58,11 +58,12 @@ def sample_lcm(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=Non
         std = math.sqrt(max(s_next * s_next - sigma_floor * sigma_floor, 0.0))
         if std > 0:
             x = combine([(1.0, x), (std * s_noise, noise(i, x))])
+        x = _after(after_step, x, s_next, i == n - 1)
     return x
 
 
 @torch.no_grad()
-def sample_tcd(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=None, eta: float = 0.3,
+def sample_tcd(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=None, after_step=None, eta: float = 0.3,
                sigma_table: Optional[Sequence[float]] = None, timesteps: Optional[Sequence[float]] = None):
     """TCD (diffusers' ``TCDScheduler``, ComfyUI's ``tcd``): from (x, sigma_i) jump along the predicted trajectory
     to sigma_s, the training sigma at timestep floor((1 - eta) t_{i+1}), x_s = x0 + sigma_s * eps; then re-noise
@@ -99,4 +100,5 @@ def sample_tcd(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=Non
             x = torch.add(x, noise(i, x), alpha=math.sqrt(max(s_next * s_next - s_s * s_s, 0.0)))
         elif s_s != s_next:  # floor() of a fractional timestep: the variance-preserving sample read at s_next
             x = x * math.sqrt((1 + s_next * s_next) / (1 + s_s * s_s))
+        x = _after(after_step, x, s_next, False)
     return x

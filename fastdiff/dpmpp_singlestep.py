@@ -22,7 +22,7 @@ import math
 import torch
 
 from .errors import BadArgumentError
-from .sampler_base import _ancestral, _call, _cb, _setup
+from .sampler_base import _after, _ancestral, _call, _cb, _setup
 
 __all__ = ["sample_dpmpp_2s_ancestral", "sample_dpmpp_sde", "joined_increment"]
 
@@ -36,8 +36,8 @@ def joined_increment(z1: torch.Tensor, z2: torch.Tensor, sigma: float, sigma_mid
 
 
 @torch.no_grad()
-def sample_dpmpp_sde(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=None, eta: float = 1.0,
-                     s_noise: float = 1.0, r: float = 0.5):
+def sample_dpmpp_sde(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=None, after_step=None,
+                     eta: float = 1.0, s_noise: float = 1.0, r: float = 0.5):
     """DPM-Solver++ SDE (see the module doc). ``eta`` scales the injected noise (0: the deterministic
     DPM-Solver++(2S)); ``r`` places the intermediate point (1/2: the geometric mean of sigma and sigma').
     ``noise`` is called twice per step with the same step index: it must return fresh draws on each call (as
@@ -50,10 +50,8 @@ def sample_dpmpp_sde(denoiser, x, sigmas, *, extra_args=None, noise=None, callba
         s, s_next = sig[i], sig[i + 1]
         denoised = _call(denoiser, x, s, extra)
         _cb(callback, x, i, s, s, denoised)
-        if s_next == 0:
-            x = denoised
-            continue
-        if s_next == s:                               # a zero-length step
+        if s_next == 0 or s_next == s:               # the end (x0), or a zero-length step
+            x = _after(after_step, denoised if s_next == 0 else x, s_next, i == len(sig) - 2)
             continue
         # clamped: for r = 1 (or a tiny r) the rounding of exp(log) can land just outside [sigma', sigma]
         s_mid = min(max(math.exp((1 - r) * math.log(s) + r * math.log(s_next)), s_next), s)
@@ -62,18 +60,19 @@ def sample_dpmpp_sde(denoiser, x, sigmas, *, extra_args=None, noise=None, callba
         if eta > 0:
             z1, z2 = noise(i, x), noise(i, x)
             x_2 = torch.add(x_2, z1, alpha=up * s_noise)
-        denoised_2 = _call(denoiser, x_2, s_mid, extra)
+        denoised_2 = _call(denoiser, _after(after_step, x_2, s_next, False), s_mid, extra)
         down, up = _ancestral(s, s_next, eta)
         denoised_d = torch.lerp(denoised, denoised_2, fac)   # (1 - fac) D + fac D_s
         x = torch.lerp(denoised_d, x, down / s)
         if eta > 0:
             x = torch.add(x, joined_increment(z1, z2, s, s_mid, s_next), alpha=up * s_noise)
+        x = _after(after_step, x, s_next, i == len(sig) - 2)
     return x
 
 
 @torch.no_grad()
-def sample_dpmpp_2s_ancestral(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=None, eta: float = 1.0,
-                              s_noise: float = 1.0):
+def sample_dpmpp_2s_ancestral(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=None, after_step=None,
+                              eta: float = 1.0, s_noise: float = 1.0):
     """DPM-Solver++(2S) ancestral (see the module doc); ``eta=0`` is the deterministic DPM-Solver++(2S)."""
     x, sig, extra, noise = _setup(x, sigmas, extra_args, noise)
     for i in range(len(sig) - 1):
@@ -81,14 +80,16 @@ def sample_dpmpp_2s_ancestral(denoiser, x, sigmas, *, extra_args=None, noise=Non
         denoised = _call(denoiser, x, s, extra)
         _cb(callback, x, i, s, s, denoised)
         if s == s_next:                               # a zero-length step
+            x = _after(after_step, x, s_next, i == len(sig) - 2)
             continue
         down, up = _ancestral(s, s_next, eta)
         if down == 0:
             x = denoised
         else:                                         # the half step in lambda: sigma_mid = sqrt(sigma sigma_down)
             s_mid = math.sqrt(s * down)
-            x_2 = torch.lerp(denoised, x, s_mid / s)
+            x_2 = _after(after_step, torch.lerp(denoised, x, s_mid / s), s_next, False)
             x = torch.lerp(_call(denoiser, x_2, s_mid, extra), x, down / s)
         if up > 0:
             x = torch.add(x, noise(i, x), alpha=up * s_noise)
+        x = _after(after_step, x, s_next, i == len(sig) - 2)
     return x

@@ -12,8 +12,10 @@ channels: its C latents, the mask, and the masked image's C latents. ``StableDif
    the latents' size (nearest), and both go to the network beside the latents at every call (``image_latents``,
    (B, 1 + C, h, w), shared by both CFG passes).
 
-A regular (C-channel) model is refused: diffusers' legacy blending for it (the known region pasted back, noised,
-after every step) is not implemented.
+A regular (C-channel) model inpaints as diffusers' pipelines make a 4-channel UNet do: the image's latents are the
+known region (mask 0), pasted back after every step noised to the new state's sigma with the run's own start noise,
+and pasted back clean on the result (``KnownRegion``). The RNG draws follow that pipeline: the image's posterior, the
+start noise, then the masked image's posterior (which only an inpainting network reads; diffusers draws it anyway).
 """
 
 from __future__ import annotations
@@ -88,8 +90,40 @@ def image_latents(vae, images: torch.Tensor, masks: torch.Tensor, noise, size: t
     """The inpainting network's extra input (B, 1 + C, h, w): the mask at the latents' ``size`` (nearest, as
     diffusers resizes it) and the masked images' latents, each sample's posterior drawn from its own generator."""
     masked = vae.encode(masked_images(images, masks), noise=noise)  # (B, C, h, w) float32
-    small = F.interpolate(masks, size=tuple(size))  # (B, 1, h, w)
+    small = latent_masks(masks, size)  # (B, 1, h, w)
     return torch.cat([small.to(masked.device), masked], dim=1)
 
 
-__all__ = ["unit_masks", "masked_images", "image_latents", "default_strength", "DEFAULT_STRENGTH"]
+class KnownRegion:
+    """diffusers' inpainting with a regular model: the state keeps what the model made where the mask repaints
+    (1), and elsewhere takes the image's latents noised to the state's sigma with the start noise.
+
+    clean / noise: (B, C, h, w) float32, the image's latents and the run's unit start noise; mask: (B, 1, h, w) of
+    0 / 1 at the latents' size. time_frame: the plan samples a flow model on its time grid (x_t = (1 - t) x0 + t
+    eps, diffusers' ``scale_noise``), not in x = x0 + sigma eps (``add_noise``, in the samplers' frame).
+    A sampler calls it after each step (``after_step``); the plan calls ``final`` on its scaled result."""
+
+    def __init__(self, clean: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor, time_frame: bool = False):
+        self.clean, self.noise, self.time_frame = clean, noise, time_frame
+        self.repaint = mask >= 0.5  # (B, 1, h, w) bool: where the state is the model's
+
+    def __call__(self, x: torch.Tensor, sigma: float, last: bool) -> torch.Tensor:
+        if last:  # (the plan pastes the clean latents on its result, after any change of frame)
+            return x
+        if self.time_frame:
+            known = torch.lerp(self.clean, self.noise, sigma)  # (1 - t) x0 + t eps
+        else:
+            known = torch.add(self.clean, self.noise, alpha=sigma)  # x0 + sigma eps
+        return torch.where(self.repaint, x, known.to(x.dtype))
+
+    def final(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.where(self.repaint, x, self.clean.to(x.dtype))
+
+
+def latent_masks(masks: torch.Tensor, size: tuple) -> torch.Tensor:
+    """(B, 1, H, W) 0 / 1 masks at the latents' ``size`` (h, w), as diffusers resizes them: nearest."""
+    return F.interpolate(masks, size=tuple(size))
+
+
+__all__ = ["unit_masks", "masked_images", "image_latents", "default_strength", "DEFAULT_STRENGTH", "KnownRegion",
+           "latent_masks"]

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .errors import BadArgumentError
-from .sampler_base import _call, _cb, _setup, host_floats, multistep_order
+from .sampler_base import _after, _call, _cb, _setup, host_floats, multistep_order
 from .state_update import combine
 
 __all__ = ["sample_plms", "sample_lms", "sample_deis", "adams_bashforth_weights", "lms_weights", "deis_weights"]
@@ -104,8 +104,8 @@ def _transfer(x: torch.Tensor, frm: float, to: float, outputs: list, multistep_o
 
 
 @torch.no_grad()
-def sample_plms(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=None, warmup: str = "euler",
-                sigmas_to: Optional[Sequence[float]] = None, warmup_from: Optional[float] = None,
+def sample_plms(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=None, after_step=None,
+                warmup: str = "euler", sigmas_to: Optional[Sequence[float]] = None, warmup_from: Optional[float] = None,
                 sigmas_mid: Optional[Sequence[float]] = None, sigmas_mid_to: Optional[Sequence[float]] = None,
                 multistep_on: str = "eps"):
     """PLMS (pseudo linear multistep, PNDM's 4th-order method).
@@ -164,15 +164,20 @@ def sample_plms(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=No
             _, e2 = output_at(_relabel(transfer(x, s, a, [(1.0, e)]), a, m), m)
             _, e3 = output_at(transfer(x, s, m, [(1.0, e2)]), m)
             _, e4 = output_at(transfer(x, s, s_next, [(1.0, e3)]), s_next)
-            x = transfer(x, s, s_next, [(1 / 6, e), (1 / 3, e2), (1 / 3, e3), (1 / 6, e4)])
+            # (after_step at the step's end only: diffusers' inpainting pipelines never run this warm-up)
+            x = _after(after_step, transfer(x, s, s_next, [(1 / 6, e), (1 / 3, e2), (1 / 3, e3), (1 / 6, e4)]),
+                       s_next, i == n - 1)
             continue
         if i == 0 and n_rk == 0 and n > 1 and s_next > 0:   # pseudo improved Euler: both ends, their mean
-            _, e1 = output_at(_relabel(transfer(x, s, to[0], [(1.0, e)]), to[0], s_next), s_next)
-            frm = s if warmup_from is None else warmup_from
-            x = transfer(_relabel(x, s, frm), frm, s_next, [(0.5, e), (0.5, e1)])
+            _, e1 = output_at(_after(after_step, _relabel(transfer(x, s, to[0], [(1.0, e)]), to[0], s_next), s_next,
+                                     False), s_next)
+            frm = s if warmup_from is None else warmup_from  # (from the unchanged x, as diffusers' PNDM)
+            x = _after(after_step, transfer(_relabel(x, s, frm), frm, s_next, [(0.5, e), (0.5, e1)]), s_next,
+                       i == n - 1)
             continue
         w = adams_bashforth_weights(len(outs))
         x = _relabel(transfer(x, s, to[i], [(wj, outs[-1 - j]) for j, wj in enumerate(w)]), to[i], s_next)
+        x = _after(after_step, x, s_next, i == n - 1)
     return x
 
 
@@ -189,7 +194,7 @@ def _integrate(denoised, s, s_next, history, k, weights, older_nodes=()):
 
 
 @torch.no_grad()
-def sample_lms(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=None, order: int = 4,
+def sample_lms(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=None, after_step=None, order: int = 4,
                nodes_before: Sequence[float] = ()):
     """Linear multistep (k-diffusion's ``sample_lms``, diffusers' ``LMSDiscreteScheduler``): x' = x +
     sum_j c_j d_{i-j}, d = (x - D) / sigma, with c_j the integral over [sigma_i, sigma_{i+1}] of the Lagrange
@@ -207,15 +212,17 @@ def sample_lms(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=Non
         denoised = _call(denoiser, x, s, extra)
         _cb(callback, x, i, s, s, denoised)
         if s == s_next:                                # a zero-length step (x and D as at the last one; at 0: x0)
+            x = _after(after_step, x, s_next, i == len(sig) - 2)
             continue
         ds.append((s, _eps(x, denoised, s)))
         older = list(nodes_before)[::-1][:order - len(ds)] if len(ds) < order else []
-        x = _integrate(denoised, s, s_next, list(ds), len(ds), lms_weights, older)
+        x = _after(after_step, _integrate(denoised, s, s_next, list(ds), len(ds), lms_weights, older), s_next,
+                   i == len(sig) - 2)
     return x
 
 
 @torch.no_grad()
-def sample_deis(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=None, order: int = 2,
+def sample_deis(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=None, after_step=None, order: int = 2,
                 lower_order_final: bool = True):
     """DEIS (Zhang & Chen 2023, "log-rho" multistep; diffusers' ``DEISMultistepScheduler``): the exponential
     integrator of the probability-flow ODE in the noise prediction, x' = x + sum_j c_j eps_{i-j}, with eps
@@ -232,7 +239,9 @@ def sample_deis(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=No
         denoised = _call(denoiser, x, s, extra)
         _cb(callback, x, i, s, s, denoised)
         if s_next == s:                                # a zero-length step (a grid ending at sigma_min, or at 0)
+            x = _after(after_step, x, s_next, i == n - 1)
             continue
         eps.append((s, _eps(x, denoised, s)))
         x = _integrate(denoised, s, s_next, list(eps), multistep_order(i, n, order, lower_order_final), deis_weights)
+        x = _after(after_step, x, s_next, i == n - 1)
     return x

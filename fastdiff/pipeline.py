@@ -28,6 +28,8 @@ from .text_time import guidance_conditioning, text_time_conditioning
 from .utils.checks import finite_number
 
 OUTPUT_TYPES = ("tensor", "np", "pil")
+# the conditioning entry that carries a regular model's inpainting (``_sample_plan``); never a network input
+KNOWN_REGION = "known_region"
 _LEADING_DEFAULT = ("heun", "edm", "plms")  # samplers whose default grid on discrete-time models is "leading"
 _SIGMA_MAX_CAP = 80.0  # EDM's sigma_max: the top of continuous (karras / exponential / uniform) grids
 
@@ -488,7 +490,7 @@ class Pipeline:
         noise = NoiseSource(seeds, self.device)
         pure_noise = False  # inpainting at strength 1: diffusers starts from noise alone, the image unencoded
         if images is not None:  # the grid's tail; the image is encoded once every argument has been checked
-            strength, t_start = self._img2img_strength(strength, plan.steps)
+            strength, t_start = self._img2img_strength(strength, plan.steps, inpaints=masks is not None)
             pure_noise = masks is not None and strength == 1.0
             plan = plan if pure_noise else plan.from_step(t_start)
         elif latents is None:
@@ -562,18 +564,23 @@ class Pipeline:
         if self.loop_graphs is not None and callback is not None:
             raise BadArgumentError("callback: a captured sampling loop (graph_scope='loop') runs no Python per "
                                    "step; use graph_scope='step' to get per-step callbacks")
-        if pure_noise:
-            latents = noise.randn(shape)
-        elif images is not None:  # the posterior draws come first, then the start noise (diffusers' order)
-            if given_latents or self.vae is None:
-                clean = images.to(self.device) if given_latents else (images * 2 - 1).to(self.device)
-            else:
-                clean = self.vae.encode(images * 2 - 1, noise=noise)  # (b, C, H, W) pixels in [-1, 1] -> latents
-            latents = plan.noised(clean, noise.randn(shape))
-        if masks is not None:  # then the masked image's posterior draws; (b, 1 + C, h, w), shared by both CFG passes
-            from .inpaint import image_latents
+        blends = masks is not None and not self.spec.inpainting  # a regular model: the image pasted back per step
+        if images is not None:  # the posterior draws come first, then the start noise (diffusers' order)
+            # (an inpainting network at strength 1 starts from noise alone: its pipeline encodes no image then)
+            clean = None if pure_noise and not blends else self._clean_latents(images, given_latents, noise)
+            start_noise = noise.randn(shape)
+            latents = start_noise if pure_noise else plan.noised(clean, start_noise)
+        if masks is not None:  # then the masked image's posterior draws
+            from .inpaint import image_latents, latent_masks
 
-            extra["image_latents"] = image_latents(self.vae, images, masks, noise, (h, w)).to(self._network_dtype())
+            if blends:  # (an inpainting network alone reads the masked image, but diffusers draws its posterior)
+                if self.vae is not None:
+                    noise.randn(shape)  # (the encoder's draw: one (C, h, w) per sample, as VAE.encode makes it)
+                extra[KNOWN_REGION] = dict(clean=clean, noise=start_noise, mask=latent_masks(masks, (h, w)).to(
+                    self.device))
+            else:  # (b, 1 + C, h, w), shared by both CFG passes
+                extra["image_latents"] = image_latents(self.vae, images, masks, noise, (h, w)).to(
+                    self._network_dtype())
         bar = _progress(plan.steps, progress)
 
         def step_callback(info):
@@ -589,7 +596,7 @@ class Pipeline:
                     if bar is not None:
                         bar.update(plan.steps)
                 else:
-                    x = plan.sample(denoiser, latents, extra_args=extra, noise=noise, callback=step_callback)
+                    x = _sample_plan(plan, denoiser, latents, extra, noise, step_callback)
         finally:  # a run that raises must not leave its bar on the terminal
             if bar is not None:
                 bar.close()
@@ -625,7 +632,7 @@ class Pipeline:
 
         def run_loop(x, cond, step_noise):
             with scheduled(self.model, schedule):
-                return plan.sample(denoiser, x, extra_args=cond, noise=step_noise)
+                return _sample_plan(plan, denoiser, x, cond, step_noise)
 
         def padded_noise(i, like):  # real rows from their own generators, padded rows repeat the last
             return pad_to(noise(i, like[:b]), like.shape[0])
@@ -740,14 +747,20 @@ class Pipeline:
 
     def _inpaint_masks(self, mask_image, images, given_latents: bool):
         """generate(mask_image=...) as float32 (k, 1, H, W) masks of 0 / 1 (``fastdiff.inpaint.unit_masks``): an
-        inpainting network needs one with its image; any other network is refused one."""
+        inpainting network needs one with its image; any other network takes one with an image in pixels, and
+        repaints by pasting the image back after every step (``fastdiff.inpaint.KnownRegion``)."""
         if not self.spec.inpainting:
-            if mask_image is not None:
-                raise BadArgumentError(f"mask_image: inpainting needs an inpainting network (an SD / SDXL inpainting "
-                                       f"UNet: {2 * self.spec.in_channels + 1} input channels), and this model takes "
-                                       f"its {self.spec.in_channels} latent channels alone (diffusers' blending for "
-                                       f"regular models is not implemented)")
-            return None
+            if mask_image is None:
+                return None
+            if images is None or given_latents:
+                raise BadArgumentError("mask_image: inpainting repaints part of an image in pixels (image=): expected "
+                                       "one, found " + ("latents" if given_latents else "none"))
+            if self.spec.prediction_type == "flow_prediction":
+                raise BadArgumentError("mask_image: inpainting with a flow-matching model's own network (diffusers' "
+                                       "SD3 / FLUX.1 inpainting pipelines) is not implemented")
+            from .inpaint import unit_masks
+
+            return unit_masks(mask_image, images)
         if images is None or mask_image is None:
             raise BadArgumentError("image / mask_image: this is an inpainting network (latents + mask + masked image): "
                                    "expected both, found " + ("image only" if images is not None else
@@ -764,17 +777,24 @@ class Pipeline:
 
         return unit_masks(mask_image, images)
 
-    def _img2img_strength(self, strength, steps: int) -> tuple[float, int]:
-        """(the strength, the model's diffusers default for None; the grid steps it skips, by that pipeline's
-        rounding)."""
+    def _img2img_strength(self, strength, steps: int, inpaints: bool = False) -> tuple[float, int]:
+        """(the strength, the model's diffusers default for None (``inpaints``: its inpainting pipeline's); the grid
+        steps it skips, by that pipeline's rounding)."""
         from .img2img import default_strength, start_index
         from .inpaint import default_strength as default_inpaint_strength
 
         if strength is None:
-            strength = default_inpaint_strength(self.spec) if self.spec.inpainting else default_strength(self.spec)
-            if self._control_format() is not None and not self.spec.inpainting:
+            strength = default_inpaint_strength(self.spec) if inpaints else default_strength(self.spec)
+            if self._control_format() is not None and not inpaints:
                 strength = 0.8  # (diffusers' ControlNet img2img pipelines, SDXL's too: 0.8)
         return float(strength), start_index(steps, strength, self.spec.prediction_type == "flow_prediction")
+
+    def _clean_latents(self, images: torch.Tensor, given_latents: bool, noise) -> torch.Tensor:
+        """img2img's clean start: (b, C, h, w) the images' VAE latents (each sample's posterior drawn from its own
+        generator), the latents given as the image, or a pixel model's images in [-1, 1]."""
+        if given_latents or self.vae is None:
+            return images.to(self.device) if given_latents else (images * 2 - 1).to(self.device)
+        return self.vae.encode(images * 2 - 1, noise=noise)  # pixels in [-1, 1] -> latents
 
     def _img2img_size(self, images: torch.Tensor, b: int, height, width, given_latents: bool = False):
         """The images repeated to the batch, and the latent size they fix."""
@@ -911,6 +931,18 @@ class Pipeline:
         n = sum(p.numel() for p in self.model.parameters()) if self.model is not None else 0
         return (f"Pipeline({self.spec.kind}, {n / 1e6:.2f}M params, {self.dtype}, {self.device}, "
                 f"prediction={self.spec.prediction_type}, source={self.spec.source!r})")
+
+
+def _sample_plan(plan, denoiser, latents, cond: dict, noise, callback=None) -> torch.Tensor:
+    """``plan.sample`` with inpainting's known region (a regular model's: ``fastdiff.inpaint.KnownRegion``) taken
+    out of the conditioning, where it travels so that a captured loop reads its tensors from static inputs."""
+    known = cond.get(KNOWN_REGION)
+    if known is not None:
+        from .inpaint import KnownRegion
+
+        cond = {k: v for k, v in cond.items() if k != KNOWN_REGION}
+        known = KnownRegion(**known, time_frame=plan.time_frame)
+    return plan.sample(denoiser, latents, extra_args=cond, noise=noise, callback=callback, known=known)
 
 
 def _rows(t: torch.Tensor, start: int, count: int, batch: int) -> torch.Tensor:

@@ -68,6 +68,16 @@ def _cb(callback, x, i, sigma, sigma_hat, denoised):
         callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma_hat, "denoised": denoised})
 
 
+def _after(after_step, x, sigma: float, last: bool):
+    """The state a step hands on, through ``after_step(x, sigma, last)`` where one is given: a sampler calls it at
+    the end of every step (``last`` on the run's final step) and on the state a two-stage step hands to its second
+    network evaluation. ``sigma`` is the step's end sigma in both cases, as diffusers' two-stage schedulers report
+    it (their ``add_noise`` reads a sigma table that repeats each step's end), even where the first stage lands on
+    a midpoint. diffusers' inpainting pipelines paste the image's known region back at those points
+    (``fastdiff.inpaint.KnownRegion``); a sampler keeps using what it returns."""
+    return x if after_step is None else after_step(x, sigma, last)
+
+
 def host_floats(name: str, values, n: int, *, positive: bool = False) -> list:
     """A per-step option (``sigmas_to``, ``c_skip``, ...) as ``n`` finite host floats, or a clear error."""
     if isinstance(values, (str, bytes)) or not hasattr(values, "__len__"):

@@ -2,7 +2,8 @@
 
 Every sampler has the signature
 
-    sample_<name>(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=None, **options) -> x0
+    sample_<name>(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=None, after_step=None,
+                  **options) -> x0
 
 * ``denoiser(x, sigma, **extra_args) -> x0`` (see ``fastdiff.denoiser``), sigma a (B,) float32 tensor.
 * ``x``: the initial state at ``sigmas[0]`` (already scaled: ``x = latents * sigmas[0]`` or what the plan
@@ -13,6 +14,8 @@ Every sampler has the signature
 * ``noise(step_index, like) -> Tensor``: the noise source of stochastic samplers (None -> randn_like).
   Pass ``fastdiff.noise.NoiseSource(seeds)`` so that sample i depends on seed i only.
 * ``callback(dict(x=, i=, sigma=, sigma_hat=, denoised=))`` after each network evaluation.
+* ``after_step(x, sigma, last) -> x``: the state each step hands on passes through it (``sampler_base._after``;
+  inpainting with a regular model pastes the known region back there).
 
 The math is written in sigma units (x = x0 + sigma * eps; lambda = -log sigma is DPM-Solver's
 half-log-SNR). Diffusers' variance-preserving schedulers are the same methods in another frame; the
@@ -31,8 +34,8 @@ from .consistency import sample_lcm, sample_tcd
 from .dpmpp_singlestep import sample_dpmpp_2s_ancestral, sample_dpmpp_sde
 from .errors import BadArgumentError
 from .linear_multistep import sample_deis, sample_lms, sample_plms
-from .sampler_base import (_ancestral, _call, _cb, _setup, host_floats, host_sigmas,  # noqa: F401  (host_sigmas: API)
-                           multistep_order)
+from .sampler_base import (_after, _ancestral, _call, _cb, _setup, host_floats,  # noqa: F401  (host_sigmas: API)
+                           host_sigmas, multistep_order)
 from .state_update import combine
 
 __all__ = [
@@ -63,7 +66,7 @@ def _churn(x, i, sigma, n, noise, s_churn, s_tmin, s_tmax, s_noise):
 # --------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def sample_ddim(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=None, eta: float = 0.0,
+def sample_ddim(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=None, after_step=None, eta: float = 0.0,
                 s_noise: float = 1.0, clip_x0: Optional[Callable] = None, sigmas_to: Optional[Sequence] = None):
     """DDIM (Song et al. 2021, eq. 12), in sigma units: x' = x0 + sigma_down * eps + sigma_up * z.
 
@@ -88,12 +91,13 @@ def sample_ddim(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=No
             x = torch.add(x, noise(i, x), alpha=up * s_noise)   # fresh noise, std sigma_t(eta)
         if s_to != s_next:
             x = x * math.sqrt((1 + s_next ** 2) / (1 + s_to ** 2))
+        x = _after(after_step, x, s_next, i == len(sig) - 2)
     return x
 
 
 @torch.no_grad()
-def sample_ddpm(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=None, variance: str = "fixed_small",
-                s_noise: float = 1.0, final_noise: bool = False):
+def sample_ddpm(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=None, after_step=None,
+                variance: str = "fixed_small", s_noise: float = 1.0, final_noise: bool = False):
     """Ancestral DDPM sampling (Ho et al. 2020, eq. 6-7) on any grid: sample the posterior
     q(x_{t'} | x_t, x0 = D(x_t)). ``variance``: "fixed_small" (posterior variance, beta~) or
     "fixed_large" (beta_t), diffusers' ``variance_type``. ``final_noise`` (fixed_large only): also add
@@ -109,12 +113,14 @@ def sample_ddpm(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=No
             x = denoised
             if final_noise and variance == "fixed_large":
                 x = x + noise(i, x) * (s_noise * s / math.sqrt(1 + s ** 2))
+            x = _after(after_step, x, s_next, i == len(sig) - 2)
             continue
         down, up = _ancestral(s, s_next, 1.0)
         x = torch.lerp(denoised, x, down / s)         # posterior mean: x0 + sigma_down * eps
         if variance == "fixed_large":                 # std sqrt(beta_t), in sigma units
             up = math.sqrt((s ** 2 - s_next ** 2) * (1 + s_next ** 2) / (1 + s ** 2))
         x = torch.add(x, noise(i, x), alpha=up * s_noise)
+        x = _after(after_step, x, s_next, i == len(sig) - 2)
     return x
 
 
@@ -123,8 +129,8 @@ def sample_ddpm(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=No
 # --------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def sample_euler(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=None, s_churn: float = 0.0,
-                 s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0):
+def sample_euler(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=None, after_step=None,
+                 s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0):
     """Euler on the probability-flow ODE dx/dsigma = (x - D(x, sigma)) / sigma (Karras et al. 2022,
     Algorithm 2 without the 2nd-order correction), with optional churn."""
     x, sig, extra, noise = _setup(x, sigmas, extra_args, noise)
@@ -135,13 +141,13 @@ def sample_euler(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=N
         denoised = _call(denoiser, x, s_hat, extra)
         _cb(callback, x, i, s, s_hat, denoised)
         # Euler step with d = (x - denoised) / sigma_hat: x + d (sigma' - sigma_hat), as one lerp
-        x = torch.lerp(denoised, x, s_next / s_hat)
+        x = _after(after_step, torch.lerp(denoised, x, s_next / s_hat), s_next, i == n - 1)
     return x
 
 
 @torch.no_grad()
-def sample_euler_ancestral(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=None, eta: float = 1.0,
-                           s_noise: float = 1.0):
+def sample_euler_ancestral(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=None, after_step=None,
+                           eta: float = 1.0, s_noise: float = 1.0):
     """Ancestral Euler: an Euler step down to sigma_down, then fresh noise of std sigma_up."""
     x, sig, extra, noise = _setup(x, sigmas, extra_args, noise)
     for i in range(len(sig) - 1):
@@ -152,12 +158,13 @@ def sample_euler_ancestral(denoiser, x, sigmas, *, extra_args=None, noise=None, 
         x = torch.lerp(denoised, x, down / s)         # Euler step to sigma_down
         if up > 0:
             x = torch.add(x, noise(i, x), alpha=up * s_noise)   # noise back up to sigma_next
+        x = _after(after_step, x, s_next, i == len(sig) - 2)
     return x
 
 
 @torch.no_grad()
-def sample_edm(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=None, s_churn: float = 0.0,
-               s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0):
+def sample_edm(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=None, after_step=None,
+               s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0):
     """EDM's stochastic sampler (Karras et al. 2022, Algorithm 2): churn, Euler step, 2nd-order
     (trapezoidal) correction except on the step to sigma = 0. With s_churn=0 it is deterministic Heun."""
     x, sig, extra, noise = _setup(x, sigmas, extra_args, noise)
@@ -170,24 +177,26 @@ def sample_edm(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=Non
         # Euler step with d = (x - denoised) / sigma_hat (dx/dsigma at sigma_hat)
         x_next = torch.lerp(denoised, x, s_next / s_hat)
         if s_next != 0:                               # apply 2nd-order correction
+            x_next = _after(after_step, x_next, s_next, False)
             denoised_2 = _call(denoiser, x_next, s_next, extra)
             # trapezoid x + (d + d_2) / 2 * dt, with d_2 = (x_next - denoised_2) / sigma_next
             half_dt = 0.5 * (s_next - s_hat)
             x_next = torch.add(x, x - denoised, alpha=half_dt / s_hat).add_(x_next - denoised_2,
                                                                              alpha=half_dt / s_next)
-        x = x_next
+        x = _after(after_step, x_next, s_next, i == n - 1)
     return x
 
 
 @torch.no_grad()
-def sample_heun(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=None):
+def sample_heun(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=None, after_step=None):
     """Heun's 2nd-order method (EDM without churn); the step to sigma = 0 is a plain Euler step."""
-    return sample_edm(denoiser, x, sigmas, extra_args=extra_args, noise=noise, callback=callback)
+    return sample_edm(denoiser, x, sigmas, extra_args=extra_args, noise=noise, callback=callback,
+                      after_step=after_step)
 
 
 @torch.no_grad()
-def sample_dpm_2(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=None, s_churn: float = 0.0,
-                 s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0,
+def sample_dpm_2(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=None, after_step=None,
+                 s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0,
                  sigmas_mid: Optional[Sequence[float]] = None):
     """DPM-Solver-2 as k-diffusion's ``sample_dpm_2`` (diffusers' ``KDPM2DiscreteScheduler``): a midpoint
     method on the probability-flow ODE, the midpoint at the geometric mean of sigma and sigma'; the step to
@@ -201,13 +210,15 @@ def sample_dpm_2(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=N
         x, s_hat = _churn(x, i, s, n, noise, s_churn, s_tmin, s_tmax, s_noise)
         denoised = _call(denoiser, x, s_hat, extra)
         _cb(callback, x, i, s, s_hat, denoised)
-        x = _midpoint_step(denoiser, x, denoised, s_hat, s_next, extra, mids[i] if mids and s_hat == s else None)
+        x = _midpoint_step(denoiser, x, denoised, s_hat, s_next, extra, mids[i] if mids and s_hat == s else None,
+                           after=(after_step, s_next))
+        x = _after(after_step, x, s_next, i == n - 1)
     return x
 
 
 @torch.no_grad()
-def sample_dpm_2_ancestral(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=None, eta: float = 1.0,
-                           s_noise: float = 1.0, sigmas_mid: Optional[Sequence[float]] = None):
+def sample_dpm_2_ancestral(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=None, after_step=None,
+                           eta: float = 1.0, s_noise: float = 1.0, sigmas_mid: Optional[Sequence[float]] = None):
     """Ancestral DPM-Solver-2 (k-diffusion's ``sample_dpm_2_ancestral``, diffusers'
     ``KDPM2AncestralDiscreteScheduler``): the midpoint step down to sigma_down, then fresh noise of std
     sigma_up. With eta = 1 the midpoint sqrt(sigma * sigma_down) is sigma' itself; ``sigmas_mid`` (a diffusers
@@ -220,9 +231,10 @@ def sample_dpm_2_ancestral(denoiser, x, sigmas, *, extra_args=None, noise=None, 
         denoised = _call(denoiser, x, s, extra)
         _cb(callback, x, i, s, s, denoised)
         down, up = _ancestral(s, s_next, eta)
-        x = _midpoint_step(denoiser, x, denoised, s, down, extra, mids[i] if mids else None)
+        x = _midpoint_step(denoiser, x, denoised, s, down, extra, mids[i] if mids else None, after=(after_step, s_next))
         if up > 0 and down > 0:
             x = torch.add(x, noise(i, x), alpha=up * s_noise)
+        x = _after(after_step, x, s_next, i == len(sig) - 2)
     return x
 
 
@@ -235,16 +247,17 @@ def midpoint_sigma(s: float, s_to: float) -> float:
     return math.exp(0.5 * (math.log(s) + math.log(s_to)))
 
 
-def _midpoint_step(denoiser, x, denoised, s, s_to, extra, s_mid=None):
+def _midpoint_step(denoiser, x, denoised, s, s_to, extra, s_mid=None, after=(None, 0.0)):
     """x from sigma s to s_to with the slope at the log-midpoint (``s_mid``, by default sqrt(s * s_to)),
-    reached by an Euler half step; to s_to = 0 a plain Euler step (x0)."""
+    reached by an Euler half step; to s_to = 0 a plain Euler step (x0). ``after``: (after_step, the step's end
+    sigma), for the midpoint state."""
     if s_to == 0:
         return denoised
     if s_mid is not None and not s_to < s_mid <= s:
         raise BadArgumentError(f"sigmas_mid: expected a midpoint in ({s_to}, {s}] for the step from sigma {s}, "
                                f"found {s_mid}")
     s_mid = midpoint_sigma(s, s_to) if s_mid is None else s_mid
-    x_mid = torch.lerp(denoised, x, s_mid / s)        # Euler to sigma_mid
+    x_mid = _after(after[0], torch.lerp(denoised, x, s_mid / s), after[1], False)  # Euler to sigma_mid
     denoised_mid = _call(denoiser, x_mid, s_mid, extra)
     # x + d_mid (s_to - s), d_mid = (x_mid - denoised_mid) / s_mid
     return torch.add(x, x_mid - denoised_mid, alpha=(s_to - s) / s_mid)
@@ -280,8 +293,8 @@ def _eps_coeffs(h: float, s_next: float):
 
 
 @torch.no_grad()
-def _dpm_multistep(denoiser, x, sigmas, *, extra_args, noise, callback, order: int, eta: float, s_noise: float,
-                   solver_type: str, lower_order_final: bool, euler_at_final: bool, predict_x0: bool,
+def _dpm_multistep(denoiser, x, sigmas, *, extra_args, noise, callback, after_step, order: int, eta: float,
+                   s_noise: float, solver_type: str, lower_order_final: bool, euler_at_final: bool, predict_x0: bool,
                    diffusers_sde3: bool):
     if order not in (1, 2, 3):
         raise BadArgumentError(f"order: expected 1, 2 or 3, found {order!r}")
@@ -299,9 +312,10 @@ def _dpm_multistep(denoiser, x, sigmas, *, extra_args, noise, callback, order: i
         _cb(callback, x, i, s, s, denoised)
         ms = (ms + [denoised if predict_x0 else (x - denoised) / s])[-order:]
         if s_next == 0:                               # the limit of every order: x0
-            x = denoised
+            x = _after(after_step, denoised, s_next, i == n - 1)
             continue
         if s_next == s:                               # a zero-length step (a grid ending at sigma_min)
+            x = _after(after_step, x, s_next, i == n - 1)
             continue
         k = multistep_order(i, n, order, lower_order_final, euler_at_final)
         h = math.log(s / s_next)                      # lambda step, lambda = -log sigma
@@ -328,11 +342,11 @@ def _dpm_multistep(denoiser, x, sigmas, *, extra_args, noise, callback, order: i
         if eta > 0:                                   # SDE noise, std s' sqrt(1 - e^{-2 eta h})
             # (max: a step that rises by a rounding error, as diffusers' float32 EDM grids can end, adds no noise)
             terms.append((s_next * math.sqrt(max(0.0, -math.expm1(-2 * eta * h))) * s_noise, noise(i, x)))
-        x = combine(terms)
+        x = _after(after_step, combine(terms), s_next, i == n - 1)
     return x
 
 
-def sample_dpmpp_2m(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=None, order: int = 2,
+def sample_dpmpp_2m(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=None, after_step=None, order: int = 2,
                     solver_type: str = "midpoint", lower_order_final: bool = True, euler_at_final: bool = False,
                     predict_x0: bool = True):
     """DPM-Solver++(2M) (Lu et al. 2022b, Algorithm 2): multistep exponential integrator in
@@ -340,6 +354,7 @@ def sample_dpmpp_2m(denoiser, x, sigmas, *, extra_args=None, noise=None, callbac
     weight); ``lower_order_final``: with fewer than 15 steps the last steps drop to 1st/2nd order;
     ``predict_x0=False`` is the original noise-prediction DPM-Solver (diffusers' "dpmsolver")."""
     return _dpm_multistep(denoiser, x, sigmas, extra_args=extra_args, noise=noise, callback=callback,
+                          after_step=after_step,
                           order=order, eta=0.0, s_noise=1.0, solver_type=solver_type,
                           lower_order_final=lower_order_final, euler_at_final=euler_at_final,
                           predict_x0=predict_x0, diffusers_sde3=False)
@@ -357,8 +372,8 @@ def sample_dpmpp_3m(denoiser, x, sigmas, **kw):
     return sample_dpmpp_2m(denoiser, x, sigmas, **{**_K_DIFFUSION_3M, **kw})
 
 
-def sample_dpmpp_2m_sde(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=None, eta: float = 1.0,
-                        s_noise: float = 1.0, order: int = 2, solver_type: str = "midpoint",
+def sample_dpmpp_2m_sde(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=None, after_step=None,
+                        eta: float = 1.0, s_noise: float = 1.0, order: int = 2, solver_type: str = "midpoint",
                         lower_order_final: bool = True, euler_at_final: bool = False,
                         diffusers_sde3_coefficient: bool = False):
     """SDE-DPM-Solver++(2M) (Lu et al. 2022b, appendix; k-diffusion's dpmpp_2m_sde): the same multistep
@@ -366,6 +381,7 @@ def sample_dpmpp_2m_sde(denoiser, x, sigmas, *, extra_args=None, noise=None, cal
     eta=1 is diffusers' "sde-dpmsolver++". ``diffusers_sde3_coefficient`` reproduces diffusers' 3rd-order
     D2 weight (phi_3 with the opposite sign of 1/2); off, the weight is -phi_3 as in k-diffusion."""
     return _dpm_multistep(denoiser, x, sigmas, extra_args=extra_args, noise=noise, callback=callback,
+                          after_step=after_step,
                           order=order, eta=eta, s_noise=s_noise, solver_type=solver_type,
                           lower_order_final=lower_order_final, euler_at_final=euler_at_final, predict_x0=True,
                           diffusers_sde3=diffusers_sde3_coefficient)
@@ -404,10 +420,10 @@ def singlestep_orders(steps: int, order: int, lower_order_final: bool = False, f
 
 
 @torch.no_grad()
-def sample_dpm_solver(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=None, order: int = 2,
-                      solver_type: str = "midpoint", lower_order_final: bool = False, predict_x0: bool = True,
-                      eta: float = 0.0, s_noise: float = 1.0, diffusers_sde3_coefficient: bool = False,
-                      orders: Optional[Sequence[int]] = None):
+def sample_dpm_solver(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=None, after_step=None,
+                      order: int = 2, solver_type: str = "midpoint", lower_order_final: bool = False,
+                      predict_x0: bool = True, eta: float = 0.0, s_noise: float = 1.0,
+                      diffusers_sde3_coefficient: bool = False, orders: Optional[Sequence[int]] = None):
     """Singlestep DPM-Solver(++)-k (Lu et al. 2022a/b) with its intermediate points on the grid: within a
     group of k grid steps, step j (1-based) is a j-th order update from the group's start using the
     network outputs at the group's first j points (diffusers' DPMSolverSinglestepScheduler). With
@@ -436,10 +452,11 @@ def sample_dpm_solver(denoiser, x, sigmas, *, extra_args=None, noise=None, callb
         else:
             ms.append(m)
         if s_next == 0:
-            x = denoised
+            x = _after(after_step, denoised, s_next, i == n - 1)
             continue
         s0 = sig[j0]                                  # group start
         if s_next == s0:
+            x = _after(after_step, x, s_next, i == n - 1)
             continue
         h = math.log(s0 / s_next)
         if predict_x0:
@@ -463,7 +480,7 @@ def sample_dpm_solver(denoiser, x, sigmas, *, extra_args=None, noise=None, callb
                 x_new = x_new + d1 * c1 + d2 * c2
         if eta > 0:
             x_new = x_new + noise(i, x) * (s_next * math.sqrt(-math.expm1(-2 * eta * h)) * s_noise)
-        x = x_new
+        x = _after(after_step, x_new, s_next, i == n - 1)
     return x
 
 
@@ -501,7 +518,7 @@ def _unipc_weights(rks: list, hh: float, variant: str, corrector: bool):
 
 
 @torch.no_grad()
-def sample_unipc(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=None, order: int = 2,
+def sample_unipc(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=None, after_step=None, order: int = 2,
                  variant: str = "bh2", lower_order_final: bool = True, disable_corrector: Sequence[int] = (),
                  predict_x0: bool = True):
     """UniPC (Zhao et al. 2023, Algorithms 1-2): a multistep predictor UniP-p, and after each network
@@ -551,11 +568,14 @@ def sample_unipc(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=N
         p = min(p, i + 1)                             # warm-up
         x_last, p_last = x, p
         if s_next == 0:
-            x = denoised
+            x = _after(after_step, denoised, s_next, i == n - 1)
             continue
         if s_next == s:                               # a zero-length step (a grid ending at sigma_min)
+            x = _after(after_step, x, s_next, i == n - 1)
             continue
-        x = update(x, i, ms, p, False)                # UniP: predict x_{i+1}
+        # UniP: predict x_{i+1} (the corrector later starts again from x_last, as diffusers' does: what
+        # after_step changes reaches the next evaluation only)
+        x = _after(after_step, update(x, i, ms, p, False), s_next, i == n - 1)
     return x
 
 

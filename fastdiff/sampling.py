@@ -39,7 +39,7 @@ from .schedules import SCHEDULES, get_sigmas  # noqa: F401
 __all__ = ["sample", "sampler_options", "get_sigmas", "SCHEDULES", "SAMPLERS", "STOCHASTIC", "NoiseSource",
            "SamplingPlan", "plan_from_scheduler_config", "load_scheduler_config"]
 
-_COMMON_ARGS = {"denoiser", "x", "sigmas", "extra_args", "noise", "callback"}
+_COMMON_ARGS = {"denoiser", "x", "sigmas", "extra_args", "noise", "callback", "after_step"}
 
 
 def sampler_options(name: str) -> list:
@@ -107,11 +107,14 @@ def _option_annotations(name: str) -> dict:
     return {k: p.annotation for k, p in _parameters(name).items() if isinstance(p.annotation, str)}
 
 
-def sample(denoiser, x, sampler: str, sigmas, *, extra_args=None, noise=None, callback=None, **options):
-    """Run sampler ``sampler`` from state ``x`` at ``sigmas[0]`` down the host grid ``sigmas``."""
+def sample(denoiser, x, sampler: str, sigmas, *, extra_args=None, noise=None, callback=None, after_step=None,
+           **options):
+    """Run sampler ``sampler`` from state ``x`` at ``sigmas[0]`` down the host grid ``sigmas``. ``after_step(x,
+    sigma, last) -> x`` sees every state a step hands on (``fastdiff.sampler_base._after``)."""
     fn = _lookup(sampler)
     check_options(sampler, options)
-    return fn(denoiser, x, sigmas, extra_args=extra_args, noise=noise, callback=callback, **options)
+    return fn(denoiser, x, sigmas, extra_args=extra_args, noise=noise, callback=callback, after_step=after_step,
+              **options)
 
 
 def _lookup(name: str):

@@ -173,23 +173,31 @@ class SamplingPlan:
             options["lower_order_final"] = False  # (the slice is shorter than 15, the run is not)
         return dataclasses.replace(self, sigmas=self.sigmas[t_start:].clone(), options=options, init_noise_sigma=1.0)
 
+    @property
+    def time_frame(self) -> bool:
+        """The samplers run a flow model on its time grid (x_t = (1 - t) x0 + t eps), not in x = x0 + sigma eps."""
+        return self.denoiser_kind == "flow" and self.denoiser_options.get("frame") == "t"
+
     def noised(self, clean: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """The sampler's start state for clean latents ``clean`` and unit noise ``eps`` at ``sigmas[0]``: diffusers'
         ``scheduler.add_noise`` / ``scale_noise``, in this plan's frame (x = x0 + sigma eps; on a flow time grid,
         x_t = (1 - t) x0 + t eps)."""
         s = float(self.sigmas[0])
-        if self.denoiser_kind == "flow" and self.denoiser_options.get("frame") == "t":
+        if self.time_frame:
             return (1 - s) * clean.float() + s * eps.float()
         return clean.float() + s * eps.float()
 
-    def sample(self, denoiser, latents: torch.Tensor, *, extra_args=None, noise=None, callback=None,
+    def sample(self, denoiser, latents: torch.Tensor, *, extra_args=None, noise=None, callback=None, known=None,
                **options) -> torch.Tensor:
-        """Run the plan from unit-normal ``latents`` (what diffusers' ``prepare_latents`` draws)."""
+        """Run the plan from unit-normal ``latents`` (what diffusers' ``prepare_latents`` draws). ``known``: a
+        ``fastdiff.inpaint.KnownRegion`` pasted back after every step, and on the result once scaled (diffusers'
+        inpainting pipelines blend their final latents with the image's, whatever frame the grid ends in)."""
         from .sampling import sample
         x = latents.to(torch.float32) * self.init_noise_sigma
         out = sample(denoiser, x, self.sampler, self.sigmas, extra_args=extra_args, noise=noise,
-                     callback=callback, **{**self.options, **options})
-        return out * self.output_scale if self.output_scale != 1.0 else out
+                     callback=callback, after_step=known, **{**self.options, **options})
+        out = out * self.output_scale if self.output_scale != 1.0 else out
+        return out if known is None else known.final(out)
 
 
 # sampler options holding one value per step (or per grid sigma): SamplingPlan.from_step slices them with the grid

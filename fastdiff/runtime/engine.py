@@ -362,7 +362,7 @@ class Engine:
 
     def _image_request(self, image, strength, mask_image, steps, height, width):
         """One request's rows for generate(): its image (C, H, W) in [0, 1] (or latents, as generate() takes them),
-        and an inpainting network's mask (1, H, W); its strength (the model's default for None, so that both batch
+        and its mask (1, H, W) when it inpaints; its strength (the model's default for None, so that both batch
         together) and the latent size it fixes; a strength that leaves no step fails now."""
         pipe = self.pipe
         images, given_latents = pipe._img2img_images(image, strength, None)  # (k, C, H, W)
@@ -371,7 +371,7 @@ class Engine:
             if rows is not None and rows.shape[0] != 1:
                 raise BadArgumentError(f"{name}: expected one {name.split('_')[-1]} per request, found {rows.shape[0]}")
         _, height, width = pipe._img2img_size(images, 1, height, width, given_latents)
-        strength, _ = pipe._img2img_strength(strength, _as_int("steps", steps, minimum=1))
+        strength, _ = pipe._img2img_strength(strength, _as_int("steps", steps, minimum=1), inpaints=masks is not None)
         rows = {"image": images[0].clone()}
         if masks is not None:
             rows["mask_image"] = masks[0].clone()
