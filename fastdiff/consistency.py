@@ -95,6 +95,7 @@ def sample_tcd(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=Non
         s_s = table[t_s[i]]                            # eta = 0: s_next itself on integer timesteps
         x = torch.lerp(denoised, x, s_s / s)          # x0 + sigma_s * eps, eps = (x - x0) / sigma
         if i == n - 1:
+            x = _after(after_step, x, s_next, True)
             break
         if eta > 0:
             x = torch.add(x, noise(i, x), alpha=math.sqrt(max(s_next * s_next - s_s * s_s, 0.0)))

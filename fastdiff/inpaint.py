@@ -12,10 +12,12 @@ channels: its C latents, the mask, and the masked image's C latents. ``StableDif
    the latents' size (nearest), and both go to the network beside the latents at every call (``image_latents``,
    (B, 1 + C, h, w), shared by both CFG passes).
 
-A regular (C-channel) model inpaints as diffusers' pipelines make a 4-channel UNet do: the image's latents are the
-known region (mask 0), pasted back after every step noised to the new state's sigma with the run's own start noise,
-and pasted back clean on the result (``KnownRegion``). The RNG draws follow that pipeline: the image's posterior, the
-start noise, then the masked image's posterior (which only an inpainting network reads; diffusers draws it anyway).
+Any other model (a regular SD / SDXL UNet, SD3's and FLUX.1's transformers, a pixel model) inpaints as diffusers'
+pipelines make a 4-channel UNet (a 16-channel transformer) do: the image's latents are the known region (mask 0),
+pasted back after every step noised to the new state's sigma with the run's own start noise, and pasted back clean
+on the result (``KnownRegion``). The RNG draws follow those pipelines: the image's posterior, the start noise, then
+the masked image's posterior (which only an inpainting network reads; diffusers draws it anyway). Default strengths
+are theirs: 1.0 for SD, 0.9999 for SDXL, 0.6 for SD3 and FLUX.1.
 """
 
 from __future__ import annotations
@@ -27,11 +29,14 @@ import torch.nn.functional as F
 from .errors import BadArgumentError
 from .img2img import unit_images
 
-# diffusers' default strength: StableDiffusionInpaintPipeline 1.0 (pure noise), StableDiffusionXLInpaintPipeline 0.9999
-DEFAULT_STRENGTH = {"sd": 1.0, "sdxl": 0.9999}
+# diffusers' default strength: StableDiffusionInpaintPipeline 1.0 (pure noise), StableDiffusionXLInpaintPipeline
+# 0.9999, StableDiffusion3InpaintPipeline and FluxInpaintPipeline 0.6
+DEFAULT_STRENGTH = {"sd": 1.0, "sdxl": 0.9999, "flow": 0.6}
 
 
 def default_strength(spec) -> float:
+    if spec.prediction_type == "flow_prediction":
+        return DEFAULT_STRENGTH["flow"]
     return DEFAULT_STRENGTH["sdxl" if spec.time_ids_dim else "sd"]
 
 

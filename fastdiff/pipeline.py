@@ -431,11 +431,12 @@ class Pipeline:
             encoder (a pixel model takes it as it is), noised to the grid's sigma at ``strength`` (0-1; default the
             model's diffusers pipeline's: 0.8 SD, 0.3 SDXL, 0.6 SD3 / FLUX.1), and only the remaining steps run
             (``int(steps * strength)`` of them, by diffusers' rounding). The image fixes the size; not with latents.
-        mask_image: inpainting, for an inpainting network (``spec.inpainting``: SD / SDXL inpainting UNets), which
-            needs it with ``image``: white repaints (one mask, or one per image, at the image's size; PIL images and
-            uint8 arrays as pixels, float arrays and tensors as they are, binarized at 0.5), as diffusers' inpainting
-            pipelines (``fastdiff.inpaint``).
-            strength defaults to theirs: 1.0 for SD (pure noise), 0.9999 for SDXL.
+        mask_image: inpainting, with ``image``: white repaints (one mask, or one per image, at the image's size; PIL
+            images and uint8 arrays as pixels, float arrays and tensors as they are, binarized at 0.5), as diffusers'
+            inpainting pipelines (``fastdiff.inpaint``). An inpainting network (``spec.inpainting``: SD / SDXL
+            inpainting UNets, which need it) reads the mask and the masked image; any other model has the kept part
+            of the image pasted back after every step. strength defaults to theirs: 1.0 for SD (pure noise), 0.9999
+            for SDXL, 0.6 for SD3 / FLUX.1.
         control_image / controlnet_conditioning_scale / control_guidance_start / control_guidance_end / guess_mode:
             a ControlNet's conditioning image (one, or one per sample; PIL and uint8 pixels in [0, 1], float arrays and
             tensors as they are; not resized: its size fixes the output's) and diffusers' ControlNet pipelines'
@@ -755,9 +756,6 @@ class Pipeline:
             if images is None or given_latents:
                 raise BadArgumentError("mask_image: inpainting repaints part of an image in pixels (image=): expected "
                                        "one, found " + ("latents" if given_latents else "none"))
-            if self.spec.prediction_type == "flow_prediction":
-                raise BadArgumentError("mask_image: inpainting with a flow-matching model's own network (diffusers' "
-                                       "SD3 / FLUX.1 inpainting pipelines) is not implemented")
             from .inpaint import unit_masks
 
             return unit_masks(mask_image, images)

@@ -375,13 +375,13 @@ def test_img2img_with_a_controlnet_equals_the_controlnet_img2img_pipeline(tmp_pa
     assert rel_err(got, want) <= 1e-5
 
 
-def _controlnet_inpaint_pair(folder, scheduler_class: str):
+def _controlnet_inpaint_pair(folder, scheduler_class: str, in_channels: int = 9):
     """(fastdiff's SD inpainting pipeline with a ControlNet, diffusers' ControlNet inpaint pipeline on the same
-    parts, the embeddings): a tiny inpainting UNet (9 input channels), VAE (2 pixels per latent pixel) and
-    ControlNet."""
+    parts, the embeddings): a tiny UNet (an inpainting one: 9 input channels; a regular one: 4), VAE (2 pixels per
+    latent pixel) and ControlNet."""
     from test_img2img import SD_SCHEDULER, sd_pair, sd_unet_vae_embeds
 
-    unet, vae, e = parts = sd_unet_vae_embeds(in_channels=9)
+    unet, vae, e = parts = sd_unet_vae_embeds(in_channels=in_channels)
     controlnet = _controlnet(5, cross_attention_dim=12, conditioning_embedding_out_channels=(4, 16))
     controlnet.save_pretrained(folder / "controlnet")
     scheduler = getattr(diffusers, scheduler_class).from_config(SD_SCHEDULER)
@@ -413,6 +413,26 @@ def test_inpainting_with_a_controlnet_equals_the_controlnet_inpaint_pipeline(tmp
                             negative_encoder_hidden_states=e["negative_prompt_embeds"],
                             controlnet_conditioning_scale=0.9, progress=False)
         assert rel_err(got, want) <= 1e-5
+
+
+def test_a_regular_unet_inpaints_with_a_controlnet_as_the_controlnet_inpaint_pipeline(tmp_path):
+    """A 4-channel UNet under diffusers' ControlNet inpaint pipeline pastes the image back after every step, at the
+    pipeline's defaults (strength 1.0, scale 0.5): so does fastdiff."""
+    from test_img2img import SEEDS, _generators, _images
+    from test_inpaint import _masks
+
+    pipe, ref, e = _controlnet_inpaint_pair(tmp_path, "DPMSolverMultistepScheduler", in_channels=4)
+    assert not pipe.spec.inpainting
+    images, masks, control = _images(), _masks(), _images(seed=9)
+    want = ref(image=images.clone(), mask_image=masks.clone(), control_image=control.clone(), num_inference_steps=6,
+               guidance_scale=3.0, prompt_embeds=e["prompt_embeds"], negative_prompt_embeds=e["negative_prompt_embeds"],
+               generator=_generators(), output_type="latent").images
+    kw = dict(image=images, mask_image=masks, steps=6, cfg_scale=3.0, seeds=SEEDS,
+              encoder_hidden_states=e["prompt_embeds"], negative_encoder_hidden_states=e["negative_prompt_embeds"],
+              progress=False)
+    got = pipe.generate(control_image=control, **kw)
+    assert rel_err(got, want) <= 1e-5
+    assert rel_err(got, pipe.generate(control_image=control.flip(0), **kw)) > 1e-3  # the control image reaches it
 
 
 @pytest.mark.parametrize("cfg_folded", [False, True])

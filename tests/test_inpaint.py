@@ -102,13 +102,6 @@ def test_bad_inpainting_arguments_are_refused_by_name(sd_inpaint, tmp_path, kwar
         pipe.generate(**{**kw, **kwargs})
 
 
-def test_a_regular_model_refuses_a_mask():
-    pipe = fastdiff.load("arch:tiny-unet")
-    with pytest.raises(BadArgumentError, match="mask_image: inpainting needs an inpainting network"):
-        pipe.generate(image=torch.rand(1, pipe.spec.in_channels, 16, 16), mask_image=torch.rand(1, 16, 16), steps=2,
-                      progress=False)
-
-
 def test_sdxl_inpainting_equals_diffusers(tmp_path):
     """SDXL's inpainting pipeline: its default strength 0.9999 (the image's latents noised, not pure noise)."""
     from test_img2img import _text_kwargs, sdxl_pair

@@ -86,8 +86,8 @@ def register(sub) -> None:
                    help="merge a LoRA (diffusers / PEFT or kohya safetensors, or a folder with diffusers' file) into "
                         "the weights, at SCALE (default 1); repeat for several")
     p.add_argument("--mask", default=None, metavar="MASK.png",
-                   help="with --image, for an inpainting model (SD / SDXL inpainting): white repaints, black keeps "
-                        "(read in grayscale, at --image's size)")
+                   help="with --image: inpaint; white repaints, black keeps (read in grayscale, at --image's size). "
+                        "An inpainting UNet reads it; any other model has the kept part pasted back after each step")
     p.add_argument("--strength", type=float, default=None, metavar="S",
                    help="with --image: the share of the steps that run, in (0, 1] (default: the model's diffusers "
                         "img2img pipeline's: 0.8 SD, 0.3 SDXL, 0.6 SD3 / FLUX.1); 1 keeps nothing of the image")

@@ -1,0 +1,348 @@
+"""Inpainting with a regular model (``generate(image=..., mask_image=...)`` on a 4-channel UNet): the image's known
+region pasted back after every step, against diffusers' StableDiffusionInpaintPipeline /
+StableDiffusionXLInpaintPipeline run with a 4-channel UNet, on the same weights, embeddings, images, masks and generators, for every scheduler family;
+and the same through captured graphs, the Engine, a pixel model and the CLI."""
+
+import numpy as np
+import pytest
+import torch
+
+import fastdiff
+from fastdiff.errors import BadArgumentError
+from fastdiff.inpaint import KnownRegion
+from fastdiff.samplers import SAMPLERS
+from helpers import rel_err
+from test_img2img import SD_SCHEDULER, SEEDS, _generators, _images, sd_pair, sd_unet_vae_embeds
+from test_inpaint import _masks
+
+diffusers = pytest.importorskip("diffusers", reason="diffusers' inpainting pipelines are the reference")
+
+
+@pytest.fixture(scope="module")
+def sd_parts():
+    return sd_unet_vae_embeds()  # a regular UNet: 4 input channels
+
+
+def _sd_pair(parts, folder, cls="DDIMScheduler", **config):
+    return sd_pair(parts, folder, getattr(diffusers, cls).from_config({**SD_SCHEDULER, **config}),
+                   "StableDiffusionInpaintPipeline", "StableDiffusionInpaintPipeline")
+
+
+def _kwargs(e: dict, steps: int, cfg: float) -> dict:
+    return dict(steps=steps, cfg_scale=cfg, seeds=SEEDS, encoder_hidden_states=e["prompt_embeds"],
+                negative_encoder_hidden_states=e["negative_prompt_embeds"], progress=False)
+
+
+def _reference(ref, e, images, masks, steps, cfg, strength=1.0, generators=None, **kw):
+    return ref(image=images.clone(), mask_image=masks.clone(), strength=strength, num_inference_steps=steps,
+               guidance_scale=cfg, prompt_embeds=e["prompt_embeds"], negative_prompt_embeds=e["negative_prompt_embeds"],
+               generator=generators or _generators(), output_type="latent", height=16, width=16, **kw).images
+
+
+# (scheduler class, steps, strength, its config): one per sampler family, the two-stage ones (Heun, KDPM2, DPM-Solver
+# SDE: their midpoint states are pasted at the step's end sigma, as diffusers' add_noise reads it), the stochastic ones
+# (the masked image's posterior draw sits between the start noise and the samplers' draws), PNDM's warm-up (its second
+# pass steps from the unpasted start) and the grids whose steps land off the next timestep (DDIM 'linspace', TCD)
+SCHEDULERS = {
+    "ddim": ("DDIMScheduler", 6, 1.0, {}),
+    "ddim_linspace": ("DDIMScheduler", 7, 0.6, dict(timestep_spacing="linspace")),
+    "ddpm": ("DDPMScheduler", 5, 1.0, {}),
+    "euler": ("EulerDiscreteScheduler", 8, 0.6, {}),
+    "euler_ancestral": ("EulerAncestralDiscreteScheduler", 5, 1.0, {}),
+    "heun": ("HeunDiscreteScheduler", 5, 0.8, {}),
+    "kdpm2": ("KDPM2DiscreteScheduler", 5, 1.0, {}),
+    "kdpm2_ancestral": ("KDPM2AncestralDiscreteScheduler", 5, 1.0, {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", 10, 0.7, {}),
+    "dpmpp_3m_sde": ("DPMSolverMultistepScheduler", 8, 1.0, dict(solver_order=3, algorithm_type="sde-dpmsolver++")),
+    "dpm_singlestep": ("DPMSolverSinglestepScheduler", 9, 1.0, dict(solver_order=3)),
+    "unipc": ("UniPCMultistepScheduler", 8, 1.0, dict(disable_corrector=[2])),
+    "deis": ("DEISMultistepScheduler", 7, 0.8, {}),
+    "pndm": ("PNDMScheduler", 6, 1.0, {}),
+    "lms": ("LMSDiscreteScheduler", 8, 0.7, {}),
+    "lcm": ("LCMScheduler", 4, 1.0, {}),
+    "tcd": ("TCDScheduler", 4, 0.8, {}),
+    "dpmpp_sde": ("DPMSolverSDEScheduler", 4, 1.0, {}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_a_regular_unet_inpaints_as_diffusers(sd_parts, tmp_path, name, monkeypatch):
+    cls, steps, strength, config = SCHEDULERS[name]
+    generators = _generators()
+    if cls == "DPMSolverSDEScheduler":
+        pytest.importorskip("torchsde", reason="diffusers' DPMSolverSDEScheduler draws its noise with torchsde")
+        _same_sde_noise(monkeypatch, generators)
+    pipe, ref = _sd_pair(sd_parts, tmp_path, cls, **config)
+    e = sd_parts[2]
+    assert not pipe.spec.inpainting and pipe.spec.in_channels == 4
+    images, masks = _images(), _masks()
+    # (TCD at fastdiff's gamma, TCDScheduler's own 0.3: diffusers' pipelines pass eta=0 unless told)
+    want = _reference(ref, e, images, masks, steps, 3.0, strength, generators, eta=0.3 if name == "tcd" else 0.0)
+    got = pipe.generate(image=images, mask_image=masks, strength=None if strength == 1.0 else strength,
+                        **_kwargs(e, steps, 3.0))
+    assert got.shape == (2, 4, 8, 8)
+    assert rel_err(got, want) <= 1e-5
+
+
+def _same_sde_noise(monkeypatch, generators):
+    """DPMSolverSDEScheduler's Brownian tree replaced by the increments fastdiff draws from each sample's generator
+    (as test_scheduler_parity does), drawn from the generators the pipeline runs with, after its own draws."""
+    import diffusers.schedulers.scheduling_dpmsolver_sde as sde
+
+    from fastdiff.dpmpp_singlestep import joined_increment
+
+    class SameNoise:  # per step: z1 for [sigma_mid, sigma], then the increment over [sigma_next, sigma] holding it
+        def __init__(self, x, *args, **kwargs):
+            self.shape, self.pending = tuple(x.shape[1:]), None
+
+        def __call__(self, sigma, sigma_next):
+            if self.pending is None:
+                z1, z2 = (torch.cat([torch.randn((1,) + self.shape, generator=g) for g in generators])
+                          for _ in range(2))
+                self.pending = (z1, z2, float(sigma_next))
+                return z1
+            (z1, z2, mid), self.pending = self.pending, None
+            return joined_increment(z1, z2, float(sigma), mid, float(sigma_next))
+
+    monkeypatch.setattr(sde, "BrownianTreeNoiseSampler", SameNoise)
+
+
+def test_the_known_region_is_the_images_and_the_rest_the_models(sd_parts, tmp_path):
+    """What a wrong paste would break: the result is the image's latents exactly where the latent-size mask keeps, and
+    the model's work where it repaints, which the pasting along the way steers."""
+    pipe, ref = _sd_pair(sd_parts, tmp_path)
+    e = sd_parts[2]
+    images, masks = _images(), _masks()
+    got = pipe.generate(image=images, mask_image=masks, **_kwargs(e, 4, 1.0))
+    keep = torch.nn.functional.interpolate(masks, size=(8, 8)) < 0.5  # (2, 1, 8, 8)
+    assert 0 < int(keep.sum()) < keep.numel()
+    # the known region: the image's latents as the run drew them (the posterior comes first from each generator)
+    noise = fastdiff.noise.NoiseSource(SEEDS, "cpu")
+    clean = pipe.vae.encode(images * 2 - 1, noise=noise)
+    assert torch.equal(torch.where(keep, got, 0), torch.where(keep, clean, 0))
+    # where the mask repaints, the model's work: another mask, or none pasted (img2img at strength 1), differs
+    repainted = ~keep.expand_as(got)
+    assert rel_err(got[repainted], pipe.generate(image=images, mask_image=1 - masks,
+                                                   **_kwargs(e, 4, 1.0))[repainted]) > 1e-3
+    assert rel_err(got, pipe.generate(image=images, strength=1.0, **_kwargs(e, 4, 1.0))) > 1e-2
+    # an all-repaint mask is text-to-image's run from the same start noise, the image's posterior drawn first
+    everywhere = pipe.generate(image=images, mask_image=torch.ones(2, 16, 16), **_kwargs(e, 4, 1.0))
+    assert rel_err(everywhere, _reference(ref, e, images, torch.ones(2, 1, 16, 16), 4, 1.0)) <= 1e-5
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_every_sampler_hands_each_steps_state_through_after_step(name):
+    """Each sampler calls after_step once per step at least, at the grid's sigmas, the last call alone ``last`` (on
+    the final state, at the grid's end); and what after_step returns is what the next network evaluation sees."""
+    from fastdiff.noise import NoiseSource
+    from fastdiff.schedules import get_sigmas, make_alphas_cumprod
+    from helpers import sampler_test_options, smooth_denoiser
+
+    ac = make_alphas_cumprod("linear")
+    sigmas = get_sigmas("karras", 5, alphas_cumprod=ac)
+    grid = [float(v) for v in sigmas]
+    calls, handed, seen = [], [], []
+
+    def after_step(x, sigma, last):
+        calls.append((sigma, last))
+        handed.append(x.clone())  # a new tensor: only the sampler using it can hand it to the network
+        return handed[-1]
+
+    def denoiser(x, sigma, **kw):
+        seen.append(x)
+        return smooth_denoiser(x, sigma, **kw)
+
+    src = NoiseSource([1, 2])
+    x = src.randn((2, 4, 4)) * grid[0]
+    SAMPLERS[name](denoiser, x, sigmas, noise=src, after_step=after_step, **sampler_test_options(name, ac, sigmas))
+    assert len([c for c in calls if not c[1]]) >= len(grid) - 2 and calls[-1] == (grid[-1], True)
+    assert [c for c in calls if c[1]] == [calls[-1]]
+    assert all(any(abs(sigma - g) <= 1e-9 * g for g in grid) for sigma, _ in calls)
+    # every state handed on before the end is what the next network evaluation reads
+    assert all(any(t is h for t in seen) for h in handed[:-1])
+
+
+def test_known_region_pastes_in_each_frame():
+    clean, noise = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    mask = (torch.rand(2, 1, 4, 4) > 0.5).float()
+    x = torch.randn(2, 3, 4, 4)
+    region = KnownRegion(clean, noise, mask)
+    keep = mask.expand_as(x) == 0
+    assert torch.equal(region(x, 0.7, False)[~keep], x[~keep])
+    assert torch.allclose(region(x, 0.7, False)[keep], (clean + 0.7 * noise)[keep])
+    assert torch.equal(region(x, 0.7, True), x)  # the last step: the plan pastes the clean latents after scaling
+    assert torch.equal(region.final(x)[keep], clean[keep])
+    flow = KnownRegion(clean, noise, mask, time_frame=True)  # x_t = (1 - t) x0 + t eps
+    assert torch.allclose(flow(x, 0.3, False)[keep], (0.7 * clean + 0.3 * noise)[keep], atol=1e-6)
+
+
+@pytest.mark.parametrize("cfg", [1.0, 5.0])
+def test_sdxl_with_a_regular_unet_inpaints_as_diffusers(tmp_path, cfg):
+    """SDXL's inpainting pipeline with its base UNet: default strength 0.9999, the image's latents noised."""
+    from test_img2img import _text_kwargs, sdxl_pair
+    from test_sdxl import _embeds
+
+    pipe, ref = sdxl_pair(tmp_path, "StableDiffusionXLInpaintPipeline", "StableDiffusionXLInpaintPipeline")
+    assert not pipe.spec.inpainting
+    e, images, masks = {k: v for k, v in _embeds().items() if k != "latents"}, _images(), _masks()
+    if cfg == 1.0:
+        e = {k: v for k, v in e.items() if not k.startswith("negative")}
+    want = ref(image=images.clone(), mask_image=masks.clone(), num_inference_steps=6, guidance_scale=cfg,
+               generator=_generators(), output_type="latent", height=16, width=16,
+               **{k: v.clone() for k, v in e.items()}).images
+    got = pipe.generate(image=images, mask_image=masks, steps=6, cfg_scale=cfg, seeds=SEEDS, progress=False,
+                        time_ids=[16, 16, 0, 0, 16, 16], **_text_kwargs(e, cfg != 1.0))
+    assert rel_err(got, want) <= 1e-5
+
+
+@pytest.mark.parametrize("scope", ["step", "loop"])
+def test_captured_graphs_inpaint_as_eager(sd_parts, tmp_path, scope):
+    """The known region's latents, noise and mask are loop inputs: a new mask or image replays the capture."""
+    from test_graph_scopes import FakeGraph
+
+    eager, _ = _sd_pair(sd_parts, tmp_path, "EulerAncestralDiscreteScheduler")
+    graphed = fastdiff.load(str(tmp_path)).optimize(cuda_graphs=True, graph_scope=scope, batch_buckets=(1, 4),
+                                                    graph_factory=FakeGraph)
+    kw = _kwargs(sd_parts[2], 4, 3.0)
+    for images, masks, strength in ((_images(), _masks(), None), (_images(seed=8), _masks(seed=9), None),
+                                    (_images(), _masks(), 0.75)):
+        got = graphed.generate(image=images, mask_image=masks, strength=strength, **kw)
+        assert rel_err(got, eager.generate(image=images, mask_image=masks, strength=strength, **kw)) <= 1e-5
+    if scope == "loop":
+        assert graphed.loop_graphs.captures == 2  # one per strength; the second image and mask replayed the first
+
+
+def test_engine_inpainting_requests_equal_their_solo_runs(sd_parts, tmp_path):
+    """Requests with masks batch together (at the inpainting default strength, 1.0), apart from img2img ones."""
+    pipe, _ = _sd_pair(sd_parts, tmp_path)
+    e = sd_parts[2]
+    images, masks = _images(3), _masks(3)
+    one = dict(steps=3, cfg_scale=2.0, encoder_hidden_states=e["prompt_embeds"][0],
+               negative_encoder_hidden_states=e["negative_prompt_embeds"][0])
+    with fastdiff.Engine(pipe, max_batch=4, max_wait_ms=50) as engine:
+        futures = [engine.submit(seed=i, image=images[i], mask_image=masks[i], **one) for i in range(3)]
+        edit = engine.submit(seed=7, image=images[0], **one)  # img2img: strength 0.8, another batch
+        latents = engine.submit(seed=5, image=torch.randn(4, 8, 8), mask_image=masks[0], **one)
+        results = [f.result(timeout=120) for f in futures]
+        edited = edit.result(timeout=120)
+        assert sorted(engine.stats()["batch_size_hist"].items()) == [(1, 1), (3, 1)]
+    with pytest.raises(BadArgumentError, match="expected one, found latents"):
+        latents.result(timeout=10)
+    batched = dict(steps=3, cfg_scale=2.0, encoder_hidden_states=e["prompt_embeds"][:1],
+                   negative_encoder_hidden_states=e["negative_prompt_embeds"][:1], progress=False)
+    for i, got in enumerate(results):
+        want = pipe.generate(seeds=[i], image=images[i], mask_image=masks[i], **batched)[0]
+        assert rel_err(got, want) <= 1e-5
+    assert rel_err(edited, pipe.generate(seeds=[7], image=images[0], **batched)[0]) <= 1e-5
+
+
+def test_a_pixel_model_inpaints_its_pixels():
+    """No VAE: the known pixels are the image's (in [-1, 1]) on the result, whatever the sampler made there."""
+    pipe = fastdiff.load("arch:tiny-unet")
+    c, (h, w) = pipe.spec.in_channels, pipe.spec.sample_size
+    images = torch.rand(2, c, h, w, generator=torch.Generator().manual_seed(1))
+    masks = torch.zeros(2, 1, h, w)
+    masks[:, :, h // 4: 3 * h // 4, : w // 2] = 1
+    got = pipe.generate(image=images, mask_image=masks, steps=3, seeds=SEEDS, progress=False)
+    keep = (masks < 0.5).expand_as(got)
+    assert torch.equal(got[keep], (images * 2 - 1)[keep])
+    plain = pipe.generate(image=images, strength=1.0, steps=3, seeds=SEEDS, progress=False)
+    assert rel_err(got[~keep], plain[~keep]) > 1e-3  # the pasting reached the repainted pixels too
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(image=None), "mask_image: inpainting repaints part of an image in pixels .image=.: expected one, found none"),
+    (dict(image=torch.randn(2, 4, 8, 8)), "expected one, found latents"),
+    (dict(mask_image=torch.rand(1, 1, 8, 8)), r"mask_image: expected the image's size \(16, 16\), found \(8, 8\)"),
+    (dict(mask_image=torch.rand(3, 1, 16, 16)), "mask_image: expected 1 or 2 masks"),
+    (dict(strength=0.1), "leaves no step to run"),
+])
+def test_bad_arguments_are_refused_by_name(sd_parts, tmp_path, kwargs, match):
+    pipe, _ = _sd_pair(sd_parts, tmp_path)
+    kw = dict(image=_images(), mask_image=_masks(b=1), **_kwargs(sd_parts[2], 4, 1.0))
+    with pytest.raises(BadArgumentError, match=match):
+        pipe.generate(**{**kw, **kwargs})
+
+
+@pytest.mark.parametrize("strength, cfg", [(None, 1.0), (1.0, 4.5)])
+def test_sd3_inpaints_as_diffusers(tmp_path, strength, cfg):
+    """SD3's inpainting pipeline with its 16-channel transformer: the known region noised on the flow's time grid
+    ((1 - t) x0 + t eps, diffusers' scale_noise); default strength 0.6."""
+    from test_img2img import _folder, _text_kwargs
+    from test_sd3 import CONFIGS, _embeds, _reference as sd3_reference
+    from test_vae import CONFIGS as VAE_CONFIGS, _reference as vae_reference
+
+    from helpers import diffusers_pipeline
+
+    # (the pipeline blends for a 16-channel transformer only: SD3's own VAE layout)
+    transformer = sd3_reference(dict(CONFIGS["sd3.5-large"], in_channels=16, out_channels=16))
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    vae = vae_reference(VAE_CONFIGS["sd3-flux"], seed=2)
+    pipe = fastdiff.load(_folder(tmp_path, "transformer", transformer, scheduler, vae, "StableDiffusion3Pipeline"))
+    ref = diffusers_pipeline("StableDiffusion3InpaintPipeline")(
+        transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None,
+        text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
+    ref.set_progress_bar_config(disable=True)
+    e = {k: v for k, v in _embeds().items() if k != "latents" and (cfg != 1.0 or not k.startswith("negative"))}
+    images, masks = _images(), _masks()
+    want = ref(image=images.clone(), mask_image=masks.clone(), num_inference_steps=10, guidance_scale=cfg,
+               generator=_generators(), output_type="latent", height=16, width=16,
+               **({} if strength is None else dict(strength=strength)), **{k: v.clone() for k, v in e.items()}).images
+    got = pipe.generate(image=images, mask_image=masks, strength=strength, steps=10, cfg_scale=cfg, seeds=SEEDS,
+                        progress=False, **_text_kwargs(e, cfg != 1.0))
+    assert rel_err(got, want) <= 2e-5
+
+
+def test_flux_inpaints_as_diffusers(tmp_path):
+    """FLUX.1's inpainting pipeline: packed latents (the paste is element-wise: packing changes nothing), the
+    resolution's shift, distilled guidance, default strength 0.6."""
+    from test_flux import DEV, DEV_SCHEDULER, _pack, _reference as flux_reference
+    from test_img2img import _folder
+    from test_vae import SD_VAE, _reference as vae_reference
+
+    from helpers import diffusers_pipeline
+
+    transformer = flux_reference(DEV)
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**DEV_SCHEDULER)
+    vae = vae_reference(dict(SD_VAE, scaling_factor=0.3611, shift_factor=0.1159), seed=2)
+    pipe = fastdiff.load(_folder(tmp_path, "transformer", transformer, scheduler, vae, "FluxPipeline"))
+    ref = diffusers_pipeline("FluxInpaintPipeline")(transformer=transformer, scheduler=scheduler, vae=vae,
+                                                    text_encoder=None, tokenizer=None, text_encoder_2=None,
+                                                    tokenizer_2=None)
+    ref.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(2)
+    ctx, pooled = torch.randn(2, 5, 12, generator=g), torch.randn(2, 10, generator=g)
+    images, masks = _images(), _masks()
+    want = ref(image=images.clone(), mask_image=masks.clone(), num_inference_steps=10, guidance_scale=4.0, height=16,
+               width=16, prompt_embeds=ctx, pooled_prompt_embeds=pooled, generator=_generators(),
+               output_type="latent").images
+    got = pipe.generate(image=images, mask_image=masks, steps=10, guidance=4.0, seeds=SEEDS, encoder_hidden_states=ctx,
+                        text_embeds=pooled, progress=False)  # (B, 4, 8, 8), unpacked
+    assert rel_err(_pack(got), want) <= 2e-5
+
+
+def test_cli_generate_inpaints_with_a_regular_model(sd_parts, tmp_path):
+    """``fastdiff generate MODEL --image IN.png --mask MASK.png`` on a regular model writes generate()'s result."""
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from test_cli import fastdiff as run_cli
+
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32),
+                                 layers_per_block=1, norm_num_groups=8, down_block_types=("DownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "UpBlock2D")).eval()
+    from test_img2img import _folder
+    from test_vae import SD_VAE, _reference as vae_reference
+
+    folder = _folder(tmp_path / "model", "unet", unet, diffusers.DDIMScheduler.from_config(SD_SCHEDULER),
+                     vae_reference(SD_VAE, seed=2), "StableDiffusionInpaintPipeline")
+    pixels = (np.random.default_rng(1).random((16, 16, 3)) * 255).astype(np.uint8)
+    mask = np.zeros((16, 16), np.uint8)
+    mask[4:12, 2:9] = 255
+    Image.fromarray(pixels).save(tmp_path / "in.png")
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    r = run_cli("generate", folder, "--image", "in.png", "--mask", "mask.png", "--steps", "3", "--n", "1", "--seed",
+                "7", "--output-latents", "lat.safetensors", "--no-progress", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    want = fastdiff.load(folder).generate(image=pixels, mask_image=mask, steps=3, seeds=[7], progress=False)
+    assert torch.equal(load_file(str(tmp_path / "lat.safetensors"))["latents"], want)
