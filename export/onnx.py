@@ -20,7 +20,8 @@ Graph interface (what ONNX diffusion pipelines expect)::
     encoder_hidden_states (B, L, D)     text-conditioned UNet          | class_labels (B,) int64: DiT,
     text_embeds           (B, P)        SDXL-style UNets and SD3 only     class-conditional UNet
     time_ids              (B, N)        float32, SDXL-style UNets only
-    image_latents         (B, 1+C, H, W) inpainting UNets only: the mask and the masked image's latents
+    image_latents         (B, K, H, W) inpainting networks only: the mask and the masked image's latents (K = 1 + C,
+                          FLUX.1 Fill's C + f*f: ModelSpec.image_latents_channels)
     control_image         (B, 3, fH, fW) a UNet exported with its ControlNet (``pipe.set_controlnet``): the image
     control_scale         (B,) float32   in [0, 1] (f: the ControlNet's downscale, 8 for SD), each sample's scale
     control_guess         (B,) float32   (0 outside the step window) and 1 for guess mode's weighting
@@ -304,9 +305,10 @@ def _example_inputs(spec, io, batch, h, w, device, seed=0, tokens=7):
             v = 8.0 * torch.randint(4, 160, (batch, spec.time_ids_dim), generator=g)
         elif name == "guidance":  # Flux dev's strengths, varied per row
             v = torch.linspace(1.5, 4.5, batch)
-        elif name == "image_latents":  # a 0 / 1 mask and latents
-            v = torch.cat([(torch.rand(batch, 1, h, w, generator=g) > 0.5).float(),
-                           torch.randn(batch, spec.in_channels, h, w, generator=g)], dim=1)
+        elif name == "image_latents":  # a 0 / 1 mask and latents (FLUX.1 Fill: latents, then the mask's channels)
+            mask = (torch.rand(batch, spec.image_latents_channels - spec.in_channels, h, w, generator=g) > 0.5).float()
+            latents = torch.randn(batch, spec.in_channels, h, w, generator=g)
+            v = torch.cat([latents, mask] if spec.kind == "flux" else [mask, latents], dim=1)
         elif name == "control_image":  # in [0, 1], at the ControlNet's pixels per latent pixel
             f, c = io["control"]["image_downscale"], io["control"]["conditioning_channels"]
             v = torch.rand(batch, c, h * f, w * f, generator=g)

@@ -30,13 +30,13 @@ from .errors import BadArgumentError
 from .img2img import unit_images
 
 # diffusers' default strength: StableDiffusionInpaintPipeline 1.0 (pure noise), StableDiffusionXLInpaintPipeline
-# 0.9999, StableDiffusion3InpaintPipeline and FluxInpaintPipeline 0.6
-DEFAULT_STRENGTH = {"sd": 1.0, "sdxl": 0.9999, "flow": 0.6}
+# 0.9999, StableDiffusion3InpaintPipeline and FluxInpaintPipeline 0.6, FluxFillPipeline 1.0
+DEFAULT_STRENGTH = {"sd": 1.0, "sdxl": 0.9999, "flow": 0.6, "fill": 1.0}
 
 
 def default_strength(spec) -> float:
     if spec.prediction_type == "flow_prediction":
-        return DEFAULT_STRENGTH["flow"]
+        return DEFAULT_STRENGTH["fill" if spec.inpainting else "flow"]
     return DEFAULT_STRENGTH["sdxl" if spec.time_ids_dim else "sd"]
 
 
@@ -125,10 +125,23 @@ class KnownRegion:
         return torch.where(self.repaint, x, self.clean.to(x.dtype))
 
 
+def fill_image_latents(vae, images: torch.Tensor, masks: torch.Tensor, noise, channels: int) -> torch.Tensor:
+    """FLUX.1 Fill's extra input (B, C + f*f, h, w), as FluxFillPipeline builds it: the masked images' latents (each
+    sample's posterior from its own generator), then the mask in pixels, each latent pixel's f x f block (f: the
+    VAE's downscale) as channels dy * f + dx. ``channels``: what the transformer takes (C + f*f)."""
+    f = vae.downscale
+    masked = vae.encode(masked_images(images, masks), noise=noise)  # (B, C, h, w) float32
+    if masked.shape[1] + f * f != channels:
+        raise BadArgumentError(f"mask_image: this FLUX.1 Fill transformer takes {channels} conditioning channels, and "
+                               f"this VAE gives {masked.shape[1]} latent channels + a {f}x{f} mask block per latent "
+                               f"pixel = {masked.shape[1] + f * f}")
+    return torch.cat([masked, F.pixel_unshuffle(masks, f).to(masked.device)], dim=1)
+
+
 def latent_masks(masks: torch.Tensor, size: tuple) -> torch.Tensor:
     """(B, 1, H, W) 0 / 1 masks at the latents' ``size`` (h, w), as diffusers resizes them: nearest."""
     return F.interpolate(masks, size=tuple(size))
 
 
-__all__ = ["unit_masks", "masked_images", "image_latents", "default_strength", "DEFAULT_STRENGTH", "KnownRegion",
-           "latent_masks"]
+__all__ = ["unit_masks", "masked_images", "image_latents", "fill_image_latents", "default_strength", "DEFAULT_STRENGTH",
+           "KnownRegion", "latent_masks"]

@@ -567,8 +567,10 @@ class Pipeline:
                                    "step; use graph_scope='step' to get per-step callbacks")
         blends = masks is not None and not self.spec.inpainting  # a regular model: the image pasted back per step
         if images is not None:  # the posterior draws come first, then the start noise (diffusers' order)
-            # (an inpainting network at strength 1 starts from noise alone: its pipeline encodes no image then)
-            clean = None if pure_noise and not blends else self._clean_latents(images, given_latents, noise)
+            # (an inpainting UNet at strength 1 starts from noise alone: its pipeline encodes no image then;
+            # FluxFillPipeline encodes it whatever the strength)
+            unread = pure_noise and not blends and self.spec.kind != "flux"
+            clean = None if unread else self._clean_latents(images, given_latents, noise)
             start_noise = noise.randn(shape)
             latents = start_noise if pure_noise else plan.noised(clean, start_noise)
         if masks is not None:  # then the masked image's posterior draws
@@ -579,6 +581,11 @@ class Pipeline:
                     noise.randn(shape)  # (the encoder's draw: one (C, h, w) per sample, as VAE.encode makes it)
                 extra[KNOWN_REGION] = dict(clean=clean, noise=start_noise, mask=latent_masks(masks, (h, w)).to(
                     self.device))
+            elif self.spec.kind == "flux":  # FLUX.1 Fill: (b, C + f*f, h, w), shared by both CFG passes
+                from .inpaint import fill_image_latents
+
+                extra["image_latents"] = fill_image_latents(self.vae, images, masks, noise,
+                                                            self.spec.image_latents_channels).to(self._network_dtype())
             else:  # (b, 1 + C, h, w), shared by both CFG passes
                 extra["image_latents"] = image_latents(self.vae, images, masks, noise, (h, w)).to(
                     self._network_dtype())
@@ -832,6 +839,8 @@ class Pipeline:
         spec = self.spec
         cond, uncond = {}, {}
         out_channels = getattr(getattr(self.model, "config", None), "out_channels", None)
+        if spec.kind == "flux":  # (its config counts packed channels; FluxConfig checks the layout)
+            out_channels = None
         if isinstance(out_channels, int) and out_channels not in (spec.in_channels, 2 * spec.in_channels):
             # depth (5 = 4 latents + depth), instruct-pix2pix (8); SD inpainting UNets (9) are ModelSpec.inpainting
             raise UnsupportedConfigError(

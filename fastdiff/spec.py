@@ -61,8 +61,10 @@ class ModelSpec:
         corner, aesthetic score); None for models without it.
     guidance_input: the network takes a distilled-guidance strength per sample (Flux dev's ``guidance``).
     guided_channels: CFG applies to the first K output channels only (official DiT: 3); None = all.
-    inpainting: an inpainting network (SD / SDXL inpainting UNets): beside its ``in_channels`` latents it takes the
-        mask and the masked image's latents (``image_latents``, 1 + in_channels channels; ``fastdiff.inpaint``).
+    inpainting: an inpainting network: beside its ``in_channels`` latents it takes the mask and the masked image's
+        latents (``image_latents``; ``fastdiff.inpaint``): SD / SDXL inpainting UNets the mask at the latents' size,
+        then the latents (1 + in_channels channels); FLUX.1 Fill (``kind == "flux"``) the latents, then the mask in
+        pixels, each latent pixel's f x f mask pixels as channels (``image_latents_channels`` in all).
     """
 
     kind: str
@@ -106,6 +108,14 @@ class ModelSpec:
         return "no scheduler config: assuming DDPM linear betas, epsilon prediction"
 
     @property
+    def image_latents_channels(self) -> int:
+        """An inpainting network's ``image_latents`` channels (see ``inpainting``)."""
+        if self.kind == "flux":  # FLUX.1 Fill: the transformer's packed input beyond the latents', unpacked
+            c = self.model_config
+            return c["in_channels"] // 4 - (c.get("out_channels") or c["in_channels"]) // 4
+        return self.in_channels + 1
+
+    @property
     def label_bound(self) -> Optional[int]:
         """One past the largest class label the model takes (its null label included); None without a label
         table."""
@@ -133,7 +143,8 @@ class ModelSpec:
         if self.guidance_input:
             kw["guidance"] = torch.full((batch,), 3.5)
         if self.inpainting:  # the mask and the masked image's latents, at the sample size
-            kw["image_latents"] = torch.randn(batch, self.in_channels + 1, *self.sample_size, generator=generator)
+            kw["image_latents"] = torch.randn(batch, self.image_latents_channels, *self.sample_size,
+                                              generator=generator)
         return kw
 
     def to_dict(self) -> dict:

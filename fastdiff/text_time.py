@@ -88,6 +88,7 @@ def text_time_conditioning(spec: ModelSpec, b: int, size: tuple[int, int], guide
 
 
 FLUX_GUIDANCE = 3.5  # diffusers' FluxPipeline default guidance_scale
+FLUX_FILL_GUIDANCE = 30.0  # FluxFillPipeline's
 
 
 def guidance_conditioning(spec: ModelSpec, b: int, guidance, device) -> dict:
@@ -99,7 +100,9 @@ def guidance_conditioning(spec: ModelSpec, b: int, guidance, device) -> dict:
                                    f"strength (only guidance-distilled models such as FLUX.1 dev do; cfg_scale is "
                                    f"classifier-free guidance)")
         return {}
-    g = _floats(FLUX_GUIDANCE if guidance is None else guidance, "guidance", device).reshape(-1)
+    if guidance is None:  # (FLUX.1 Fill, the one inpainting network with a guidance input, defaults to its own)
+        guidance = FLUX_FILL_GUIDANCE if spec.inpainting else FLUX_GUIDANCE
+    g = _floats(guidance, "guidance", device).reshape(-1)
     if g.numel() not in (1, b):
         raise BadArgumentError(f"guidance: expected one strength or {b} (one per sample), found {g.numel()}")
     return {"guidance": g.float().expand(b).contiguous()}

@@ -346,3 +346,77 @@ def test_cli_generate_inpaints_with_a_regular_model(sd_parts, tmp_path):
     assert r.returncode == 0, r.stderr
     want = fastdiff.load(folder).generate(image=pixels, mask_image=mask, steps=3, seeds=[7], progress=False)
     assert torch.equal(load_file(str(tmp_path / "lat.safetensors"))["latents"], want)
+
+
+def _fill_pair(tmp_path):
+    """(fastdiff's pipeline of a tiny FLUX.1 Fill transformer, diffusers' FluxFillPipeline on the same parts): the
+    transformer takes the latents' 16 packed channels, the masked image's 16 and the mask's 16 (a VAE with 2 pixels
+    per latent pixel: a 2x2 mask block per latent pixel, packed 2x2)."""
+    from test_flux import DEV, DEV_SCHEDULER, _reference as flux_reference
+    from test_img2img import _folder
+    from test_vae import SD_VAE, _reference as vae_reference
+
+    from helpers import diffusers_pipeline
+
+    transformer = flux_reference(dict(DEV, in_channels=48, out_channels=16))
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**DEV_SCHEDULER)
+    vae = vae_reference(dict(SD_VAE, scaling_factor=0.3611, shift_factor=0.1159), seed=2)
+    pipe = fastdiff.load(_folder(tmp_path, "transformer", transformer, scheduler, vae, "FluxFillPipeline"))
+    ref = diffusers_pipeline("FluxFillPipeline")(transformer=transformer, scheduler=scheduler, vae=vae,
+                                                 text_encoder=None, tokenizer=None, text_encoder_2=None,
+                                                 tokenizer_2=None)
+    ref.set_progress_bar_config(disable=True)
+    return pipe, ref
+
+
+@pytest.mark.parametrize("strength, guidance", [(None, None), (0.7, 12.0)])
+def test_flux_fill_inpaints_as_diffusers(tmp_path, strength, guidance):
+    """FLUX.1 Fill: an inpainting transformer (the masked image's latents and the pixel mask packed after the
+    latents); its pipeline's defaults: strength 1.0 (the image still encoded first), guidance 30."""
+    from test_flux import _pack
+
+    pipe, ref = _fill_pair(tmp_path)
+    assert pipe.spec.inpainting and pipe.spec.in_channels == 4 and pipe.spec.image_latents_channels == 8
+    g = torch.Generator().manual_seed(2)
+    ctx, pooled = torch.randn(2, 5, 12, generator=g), torch.randn(2, 10, generator=g)
+    images, masks = _images(), _masks()
+    options = {k: v for k, v in dict(strength=strength, guidance_scale=guidance).items() if v is not None}
+    want = ref(image=images.clone(), mask_image=masks.clone(), num_inference_steps=6, height=16, width=16,
+               prompt_embeds=ctx, pooled_prompt_embeds=pooled, generator=_generators(), output_type="latent",
+               **options).images
+    kw = dict(steps=6, seeds=SEEDS, encoder_hidden_states=ctx, text_embeds=pooled, strength=strength,
+              guidance=guidance, progress=False)
+    got = pipe.generate(image=images, mask_image=masks, **kw)
+    assert rel_err(_pack(got), want) <= 2e-5
+    # the mask and the image reach the result
+    assert rel_err(got, pipe.generate(image=images, mask_image=1 - masks, **kw)) > 1e-3
+    assert rel_err(got, pipe.generate(image=images.flip(0), mask_image=masks, **kw)) > 1e-3
+
+
+def test_flux_depth_and_canny_transformers_are_refused_by_name():
+    """A transformer whose extra channels are the latents' count (FLUX.1 Depth / Canny's control latents)."""
+    from fastdiff.errors import UnsupportedConfigError
+    from fastdiff.models.flux import FluxConfig
+
+    with pytest.raises(UnsupportedConfigError, match="Depth / Canny's control latents .* not implemented"):
+        FluxConfig(in_channels=128, out_channels=64)
+    assert FluxConfig(in_channels=384, out_channels=64).condition_channels == 80  # FLUX.1 Fill dev
+
+
+def test_flux_fill_through_onnx_runtime_and_a_captured_loop_equals_eager(tmp_path):
+    """The Fill conditioning is one more graph input (``image_latents``, C + f*f channels) for the exporter, and a
+    loop input for a captured loop."""
+    pytest.importorskip("onnxruntime", reason="the exported graph runs on ONNX Runtime")
+    pytest.importorskip("onnx", reason="the exporter needs onnx")
+    from test_graph_scopes import FakeGraph
+
+    eager, _ = _fill_pair(tmp_path)
+    g = torch.Generator().manual_seed(2)
+    kw = dict(image=_images(), mask_image=_masks(), steps=3, seeds=SEEDS, encoder_hidden_states=torch.randn(
+        2, 5, 12, generator=g), text_embeds=torch.randn(2, 10, generator=g), progress=False)
+    want = eager.generate(**kw)
+    ort = fastdiff.load(str(tmp_path)).optimize(backend="onnxruntime")
+    assert rel_err(ort.generate(**kw), want) <= 1e-5
+    graphed = fastdiff.load(str(tmp_path)).optimize(cuda_graphs=True, graph_scope="loop", batch_buckets=(2,),
+                                                    graph_factory=FakeGraph)
+    assert rel_err(graphed.generate(**kw), want) <= 1e-5

@@ -46,7 +46,9 @@ def flux_single_config(state: dict) -> FluxConfig:
     if head_dim != sum(FLUX_AXES):
         raise CheckpointError(f"FLUX single file with head dim {head_dim}: its rotary axes are unknown (FLUX.1's "
                               f"{FLUX_AXES} sum to {sum(FLUX_AXES)})")
-    return FluxConfig(in_channels=in_channels, num_layers=_count(sd, r"double_blocks\.(\d+)\."),
+    out_channels = sd["final_layer.linear.weight"].shape[0]  # (FLUX.1 Fill: fewer than in_channels)
+    return FluxConfig(in_channels=in_channels, out_channels=None if out_channels == in_channels else out_channels,
+                      num_layers=_count(sd, r"double_blocks\.(\d+)\."),
                       num_single_layers=_count(sd, r"single_blocks\.(\d+)\."), attention_head_dim=head_dim,
                       num_attention_heads=inner // head_dim, joint_attention_dim=sd["txt_in.weight"].shape[1],
                       pooled_projection_dim=sd["vector_in.in_layer.weight"].shape[1],
@@ -54,7 +56,7 @@ def flux_single_config(state: dict) -> FluxConfig:
 
 
 def convert_flux_single(state: dict, config: FluxConfig) -> dict[str, torch.Tensor]:
-    r = Renamer(_keys(state), "FLUX single file (Fill / Depth / LoRA-merged extras are not supported)")
+    r = Renamer(_keys(state), "FLUX single file (Depth / Canny / LoRA-merged extras are not supported)")
     inner = config.inner_dim
     r.linear("time_text_embed.timestep_embedder.linear_1", "time_in.in_layer")
     r.linear("time_text_embed.timestep_embedder.linear_2", "time_in.out_layer")

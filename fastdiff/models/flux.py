@@ -73,9 +73,15 @@ class FluxConfig:
             bad("patch_size", [1])
         if self.in_channels % (PACK * PACK):
             bad("in_channels", "a multiple of 4 (2x2 packed latent channels)")
-        if self.out_channels not in (None, self.in_channels):
-            bad("out_channels", f"None or in_channels={self.in_channels}: a wider input carries conditioning "
-                                f"channels (Flux Fill / Depth / Canny), which fastdiff's generate cannot supply")
+        out = self.out_channels
+        if out is not None and (isinstance(out, bool) or not isinstance(out, int) or out < 1 or out % (PACK * PACK)
+                                or out > self.in_channels):
+            bad("out_channels", f"None, or a multiple of 4 up to in_channels={self.in_channels} (a wider input "
+                                f"carries conditioning channels after the latents': FLUX.1 Fill's)")
+        if self.condition_channels and self.condition_channels <= self.latent_channels:
+            bad("in_channels", f"the latents' {self.latent_channels} channels alone, or with FLUX.1 Fill's masked "
+                               f"image latents and pixel mask ({self.latent_channels} + f*f); FLUX.1 Depth / Canny's "
+                               f"control latents ({self.latent_channels}) are not implemented")
         if sum(self.axes_dims_rope) != self.attention_head_dim or any(d % 2 for d in self.axes_dims_rope) or \
                 len(self.axes_dims_rope) != 3:
             bad("axes_dims_rope", f"three even dims summing to attention_head_dim={self.attention_head_dim}")
@@ -86,7 +92,14 @@ class FluxConfig:
 
     @property
     def latent_channels(self) -> int:
-        return self.in_channels // (PACK * PACK)
+        """The latents' channels (unpacked): what the network outputs."""
+        return (self.out_channels or self.in_channels) // (PACK * PACK)
+
+    @property
+    def condition_channels(self) -> int:
+        """Unpacked input channels after the latents' (FLUX.1 Fill: the masked image's latents, then its mask
+        unfolded into f x f channels per latent pixel); 0 for a text-to-image transformer."""
+        return self.in_channels // (PACK * PACK) - self.latent_channels
 
     def to_dict(self) -> dict:
         return plain_dict(self)
@@ -277,10 +290,12 @@ class Flux(nn.Module):
         self.single_transformer_blocks = nn.ModuleList([FluxSingleTransformerBlock(c)
                                                         for _ in range(c.num_single_layers)])
         self.norm_out = AdaNormContinuous(c.inner_dim)
-        self.proj_out = nn.Linear(c.inner_dim, c.in_channels)
+        self.proj_out = nn.Linear(c.inner_dim, c.latent_channels * PACK * PACK)
 
     def forward(self, x, timestep, class_labels=None, encoder_hidden_states=None, text_embeds=None, time_ids=None,
-                guidance=None):
+                guidance=None, image_latents=None):
+        """image_latents (B, K, H, W): FLUX.1 Fill's conditioning channels (``config.condition_channels``), packed
+        after the latents' as FluxFillPipeline concatenates them."""
         c = self.config
         if class_labels is not None or time_ids is not None:
             raise BadArgumentError("Flux takes no class_labels / time_ids (it conditions on T5 states, a pooled "
@@ -300,8 +315,17 @@ class Flux(nn.Module):
         if ch != c.latent_channels or hgt % PACK or wid % PACK:
             raise BadArgumentError(f"latents: expected (B, {c.latent_channels}, H, W) with even H and W, found "
                                    f"{tuple(x.shape)}")
+        if (image_latents is None) != (not c.condition_channels) or (
+                image_latents is not None and tuple(image_latents.shape) != (b, c.condition_channels, hgt, wid)):
+            raise BadArgumentError(f"image_latents: expected " + (
+                f"({b}, {c.condition_channels}, {hgt}, {wid}) (FLUX.1 Fill's masked image latents and mask)"
+                if c.condition_channels else "none (this transformer takes the latents alone)") + ", found "
+                + ("none" if image_latents is None else str(tuple(image_latents.shape))))
         gh, gw = hgt // PACK, wid // PACK
-        packed = x.reshape(b, ch, gh, PACK, gw, PACK).permute(0, 2, 4, 1, 3, 5).reshape(b, gh * gw, ch * PACK * PACK)
+        if image_latents is not None:  # packing is per channel: packing the concatenation concatenates the packings
+            x = torch.cat([x, image_latents.to(x.dtype)], dim=1)  # (B, C + K, H, W)
+        cin = x.shape[1]
+        packed = x.reshape(b, cin, gh, PACK, gw, PACK).permute(0, 2, 4, 1, 3, 5).reshape(b, gh * gw, cin * PACK * PACK)
         h = self.x_embedder(packed)  # (B, N, D)
         t = timestep if torch.is_tensor(timestep) else torch.tensor([float(timestep)], device=x.device)
         # FluxPipeline hands the transformer t.to(dtype) / 1000, which multiplies by 1000 again: the same roundings
