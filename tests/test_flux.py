@@ -152,8 +152,10 @@ def test_guidance_is_refused_where_the_model_has_no_guidance_input():
 
 
 def test_config_fields_flux_does_not_implement_are_refused():
-    with pytest.raises(UnsupportedConfigError, match="out_channels"):  # Flux Fill / Depth: conditioning channels
-        FluxConfig.from_diffusers(dict(DEV, in_channels=384, out_channels=64))
+    with pytest.raises(UnsupportedConfigError, match="in_channels.*Depth / Canny"):  # control latents' channels
+        FluxConfig.from_diffusers(dict(DEV, in_channels=128, out_channels=64))
+    with pytest.raises(UnsupportedConfigError, match="out_channels"):  # wider than its input
+        FluxConfig.from_diffusers(dict(DEV, in_channels=64, out_channels=128))
     with pytest.raises(UnsupportedConfigError, match="axes_dims_rope"):
         FluxConfig.from_diffusers(dict(DEV, axes_dims_rope=(4, 6, 8)))
 
@@ -369,8 +371,10 @@ def _diffusers_bfl_converter(inner_dim: int):
     return namespace["convert_flux_transformer_checkpoint_to_diffusers"]
 
 
-@pytest.mark.parametrize("cfg", [SINGLE, dict(SINGLE, guidance_embeds=False)], ids=["dev", "schnell"])
+@pytest.mark.parametrize("cfg", [SINGLE, dict(SINGLE, guidance_embeds=False), dict(SINGLE, in_channels=48, out_channels=16)],
+                         ids=["dev", "schnell", "fill"])
 def test_bfl_single_file_matches_diffusers(tmp_path, cfg):
+    """dev, schnell and Fill (its input: the latents, then the masked image's latents and the pixel mask)."""
     ref = _reference(cfg)
     single = to_bfl_single_file(ref.state_dict(), cfg)
     back = _diffusers_bfl_converter(128)({"model.diffusion_model." + k: v for k, v in single.items()})
@@ -379,16 +383,18 @@ def test_bfl_single_file_matches_diffusers(tmp_path, cfg):
     path = str(tmp_path / "flux.safetensors")
     save_file({k: v.contiguous() for k, v in single.items()}, path)
     pipe = fastdiff.load(path)
-    assert (pipe.spec.kind, pipe.spec.guidance_input, pipe.spec.scheduler["use_dynamic_shifting"]) == (
-        "flux", cfg["guidance_embeds"], cfg["guidance_embeds"])
+    fill = "out_channels" in cfg
+    assert (pipe.spec.kind, pipe.spec.guidance_input, pipe.spec.scheduler["use_dynamic_shifting"],
+            pipe.spec.inpainting) == ("flux", cfg["guidance_embeds"], cfg["guidance_embeds"], fill)
     g = torch.Generator().manual_seed(1)
     x, ctx = torch.randn(2, 4, 6, 8, generator=g), torch.randn(2, 5, 12, generator=g)
     pooled = torch.randn(2, 10, generator=g)
     t = torch.tensor([375.0, 842.0])
     guidance = torch.tensor([3.5, 5.0]) if cfg["guidance_embeds"] else None
+    cond = torch.randn(2, 8, 6, 8, generator=g) if fill else None
     with torch.no_grad():
-        want = _diffusers_call(ref, x, t, ctx, pooled, guidance)
-        got = pipe.model(x, t, encoder_hidden_states=ctx, text_embeds=pooled, guidance=guidance)
+        want = _diffusers_call(ref, x if cond is None else torch.cat([x, cond], 1), t, ctx, pooled, guidance)
+        got = pipe.model(x, t, encoder_hidden_states=ctx, text_embeds=pooled, guidance=guidance, image_latents=cond)
     assert rel_err(got, want) <= 1e-5
     # ComfyUI's all-in-one layout: the same keys under model.diffusion_model., a VAE beside them
     comfy = {"model.diffusion_model." + k: v.contiguous() for k, v in single.items()}
@@ -396,5 +402,6 @@ def test_bfl_single_file_matches_diffusers(tmp_path, cfg):
     save_file(comfy, str(tmp_path / "comfy.safetensors"))
     with torch.no_grad():
         again = fastdiff.load(str(tmp_path / "comfy.safetensors")).model(x, t, encoder_hidden_states=ctx,
-                                                                        text_embeds=pooled, guidance=guidance)
+                                                                        text_embeds=pooled, guidance=guidance,
+                                                                        image_latents=cond)
     assert torch.equal(again, got)

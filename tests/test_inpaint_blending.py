@@ -1,7 +1,8 @@
-"""Inpainting with a regular model (``generate(image=..., mask_image=...)`` on a 4-channel UNet): the image's known
-region pasted back after every step, against diffusers' StableDiffusionInpaintPipeline /
-StableDiffusionXLInpaintPipeline run with a 4-channel UNet, on the same weights, embeddings, images, masks and generators, for every scheduler family;
-and the same through captured graphs, the Engine, a pixel model and the CLI."""
+"""Inpainting with a model that is not an inpainting network (``generate(image=..., mask_image=...)`` on a
+4-channel UNet, SD3's and FLUX.1's transformers, a pixel model): the image's known region pasted back after every
+step, against diffusers' inpainting pipelines run with such a network, on the same weights, embeddings, images, masks
+and generators, for every scheduler family; the same through captured graphs, the Engine and the CLI; and FLUX.1
+Fill, an inpainting transformer, against FluxFillPipeline."""
 
 import numpy as np
 import pytest

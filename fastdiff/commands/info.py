@@ -188,7 +188,7 @@ def _conditioning(spec) -> str:
     elif spec.text_embeds_dim:  # SD3's / Flux's pooled projections
         parts.append(f"text_embeds (B, {spec.text_embeds_dim}), the pooled text embedding")
     if spec.guidance_input:
-        parts.append("guidance (the distilled-guidance strength, default 3.5)")
+        parts.append(f"guidance (the distilled-guidance strength, default {30 if spec.inpainting else 3.5})")
     if spec.inpainting:
         parts.append("image and mask_image (an inpainting network)")
     return ", ".join(parts) or "nothing (unconditional)"
