@@ -371,8 +371,8 @@ def _diffusers_bfl_converter(inner_dim: int):
     return namespace["convert_flux_transformer_checkpoint_to_diffusers"]
 
 
-@pytest.mark.parametrize("cfg", [SINGLE, dict(SINGLE, guidance_embeds=False), dict(SINGLE, in_channels=48, out_channels=16)],
-                         ids=["dev", "schnell", "fill"])
+@pytest.mark.parametrize("cfg", [SINGLE, dict(SINGLE, guidance_embeds=False),
+                                 dict(SINGLE, in_channels=48, out_channels=16)], ids=["dev", "schnell", "fill"])
 def test_bfl_single_file_matches_diffusers(tmp_path, cfg):
     """dev, schnell and Fill (its input: the latents, then the masked image's latents and the pixel mask)."""
     ref = _reference(cfg)
