@@ -109,7 +109,8 @@ def cond_inputs(cond: Optional[str], spec: ModelSpec, control: bool = False) -> 
     """The graph's conditional inputs after sample and timestep, in order (a CFG-folded text graph repeats each
     text input as ``uncond_<name>``; the unconditional class label is the graph's own null class). A UNet with
     both text and a class table takes both; one exported with its ControlNet (``control``) the control inputs."""
-    image = (["image_latents"] if spec.inpainting else []) + (list(CONTROL_INPUTS) if control else [])
+    image = (["image_latents"] if spec.inpainting or spec.latent_control else []) + (
+        list(CONTROL_INPUTS) if control else [])
     if cond == "class":
         return ["class_labels"] + image
     if cond == "text":

@@ -494,8 +494,8 @@ class Pipeline:
             strength, t_start = self._img2img_strength(strength, plan.steps, inpaints=masks is not None)
             pure_noise = masks is not None and strength == 1.0
             plan = plan if pure_noise else plan.from_step(t_start)
-        elif latents is None:
-            latents = noise.randn(shape)
+        elif latents is None:  # (FLUX.1 Depth / Canny: after the control image's posterior draws, below)
+            latents = None if self.spec.latent_control else noise.randn(shape)
         else:
             latents = torch.as_tensor(latents, dtype=torch.float32, device=self.device)
             if tuple(latents.shape) != (b,) + shape:
@@ -532,7 +532,10 @@ class Pipeline:
         uncond.update(added_uncond)
         cond.update(guidance_conditioning(self.spec, b, guidance, self.device))  # (both CFG passes share it)
         denoiser = plan.make_denoiser(self.runner, dtype=self._network_dtype())
-        if control is not None:
+        if control is not None and self.spec.latent_control:  # FLUX.1 Depth / Canny: the posteriors, then the noise
+            cond["image_latents"] = self._control_latents(control, b, noise).to(self._network_dtype())
+            latents = noise.randn(shape) if latents is None else latents
+        elif control is not None:
             from .controlnet import ControlWindow, check_control_options, control_inputs
 
             control_format = self._control_format()
@@ -681,6 +684,9 @@ class Pipeline:
         if latents is not None:
             raise BadArgumentError("image / latents: expected one of them, found both (img2img draws its own start "
                                    "noise from the seeds)")
+        if self.spec.latent_control:
+            raise BadArgumentError("image: FLUX.1 Depth / Canny with an image to edit or inpaint (diffusers' "
+                                   "FluxControlImg2ImgPipeline / FluxControlInpaintPipeline) is not implemented")
         from .img2img import check_strength, unit_images
 
         if strength is not None:
@@ -709,6 +715,17 @@ class Pipeline:
         control_format = self._control_format()
         count = getattr(control_format, "count", None)
         check_control_options(scale, start, end, guess_mode, count or 1)
+        if self.spec.latent_control:  # FLUX.1 Depth / Canny: the image is an input, not a ControlNet's
+            changed = [name for name, value, default in (
+                ("controlnet_conditioning_scale", scale, None), ("control_guidance_start", start, 0.0),
+                ("control_guidance_end", end, 1.0), ("guess_mode", guess_mode, False)) if value != default]
+            if changed:
+                raise BadArgumentError(f"{', '.join(changed)}: a ControlNet's options; FLUX.1 Depth / Canny reads its "
+                                       f"control image's latents as input channels, at no scale or step window")
+            if control_image is None:
+                raise BadArgumentError("control_image: this FLUX.1 Depth / Canny transformer reads a control image's "
+                                       "latents beside its own: expected one, found none")
+            return control_images(control_format, control_image)
         if control_format is None:
             changed = (["control_image"] if control_image is not None else []) + [
                 name for name, value, default in (
@@ -724,6 +741,18 @@ class Pipeline:
                                                           if self.controlnet is not None else ""))
         return control_images(control_format, control_image, count)
 
+    def _control_latents(self, control: torch.Tensor, b: int, noise) -> torch.Tensor:
+        """FLUX.1 Depth / Canny's extra input (b, C, h, w): the control images (one, or one per sample; in [0, 1])
+        encoded by the VAE, each sample's posterior drawn from its own generator, as FluxControlPipeline does."""
+        if control.shape[0] not in (1, b):
+            raise BadArgumentError(f"control_image: expected {_one_or(b)} images (one per sample), found "
+                                   f"{control.shape[0]}")
+        if self.vae is None or self.vae.encoder is None:
+            raise BadArgumentError("control_image: FLUX.1 Depth / Canny reads its control image's VAE latents, and this "
+                                   "pipeline " + ("has no VAE (fastdiff.load(..., vae='AutoencoderKL folder'))"
+                                                  if self.vae is None else "VAE's weights carry only the decoder"))
+        return self.vae.encode(control.expand(b, -1, -1, -1) * 2 - 1, noise=noise)
+
     def _default_control_scale(self, edits: bool, inpaints: bool) -> float:
         """diffusers' ControlNet pipelines' default scale: 1.0; 0.8 for img2img; 0.5 for SD inpainting (SDXL's 1.0)."""
         if inpaints:
@@ -732,7 +761,11 @@ class Pipeline:
 
     def _control_format(self):
         """What drives the network: the ControlNet (a MultiControlNet: with ``count``), or (a loaded ONNX graph
-        exported with one) its image format, all with ``conditioning_channels`` and ``image_downscale``; None."""
+        exported with one) its image format, all with ``conditioning_channels`` and ``image_downscale``; for FLUX.1
+        Depth / Canny (``spec.latent_control``) the image its VAE encodes (``latent``); None."""
+        if self.spec.latent_control:
+            return types.SimpleNamespace(conditioning_channels=3, image_downscale=getattr(self.vae, "downscale", 8),
+                                         latent=True)
         if self.controlnet is not None:
             nets = getattr(self.controlnet, "nets", None)
             return self.controlnet if nets is None else types.SimpleNamespace(

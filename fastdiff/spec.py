@@ -116,6 +116,12 @@ class ModelSpec:
         return self.in_channels + 1
 
     @property
+    def latent_control(self) -> bool:
+        """FLUX.1 Depth / Canny: beside its latents the network takes its control image's VAE latents
+        (``image_latents``, in_channels more channels), as FluxControlPipeline gives them."""
+        return self.kind == "flux" and not self.inpainting and self.image_latents_channels == self.in_channels
+
+    @property
     def label_bound(self) -> Optional[int]:
         """One past the largest class label the model takes (its null label included); None without a label
         table."""
@@ -142,7 +148,7 @@ class ModelSpec:
             kw["time_ids"] = torch.tensor([default_time_ids(self.time_ids_dim, *self.sample_size)]).expand(batch, -1)
         if self.guidance_input:
             kw["guidance"] = torch.full((batch,), 3.5)
-        if self.inpainting:  # the mask and the masked image's latents, at the sample size
+        if self.inpainting or self.latent_control:  # the mask and the masked image's latents, at the sample size
             kw["image_latents"] = torch.randn(batch, self.image_latents_channels, *self.sample_size,
                                               generator=generator)
         return kw

@@ -394,30 +394,101 @@ def test_flux_fill_inpaints_as_diffusers(tmp_path, strength, guidance):
     assert rel_err(got, pipe.generate(image=images.flip(0), mask_image=masks, **kw)) > 1e-3
 
 
-def test_flux_depth_and_canny_transformers_are_refused_by_name():
-    """A transformer whose extra channels are the latents' count (FLUX.1 Depth / Canny's control latents)."""
+def test_flux_transformers_with_unknown_extra_channels_are_refused_by_name():
+    """Fewer extra channels than the latents' (neither Fill's nor Depth / Canny's layout)."""
     from fastdiff.errors import UnsupportedConfigError
     from fastdiff.models.flux import FluxConfig
 
-    with pytest.raises(UnsupportedConfigError, match="Depth / Canny's control latents .* not implemented"):
-        FluxConfig(in_channels=128, out_channels=64)
+    with pytest.raises(UnsupportedConfigError, match="Depth / Canny's control image latents"):
+        FluxConfig(in_channels=96, out_channels=64)
     assert FluxConfig(in_channels=384, out_channels=64).condition_channels == 80  # FLUX.1 Fill dev
+    assert FluxConfig(in_channels=128, out_channels=64).condition_channels == 16  # FLUX.1 Depth / Canny dev
 
 
-def test_flux_fill_through_onnx_runtime_and_a_captured_loop_equals_eager(tmp_path):
-    """The Fill conditioning is one more graph input (``image_latents``, C + f*f channels) for the exporter, and a
-    loop input for a captured loop."""
+@pytest.mark.parametrize("kind", ["fill", "control"])
+def test_flux_fill_and_control_through_onnx_runtime_and_a_captured_loop_equal_eager(tmp_path, kind):
+    """The Fill / Depth conditioning is one more graph input (``image_latents``, C + f*f or C channels) for the
+    exporter, and a loop input for a captured loop."""
     pytest.importorskip("onnxruntime", reason="the exported graph runs on ONNX Runtime")
     pytest.importorskip("onnx", reason="the exporter needs onnx")
     from test_graph_scopes import FakeGraph
 
-    eager, _ = _fill_pair(tmp_path)
+    eager, _ = (_fill_pair if kind == "fill" else _control_pair)(tmp_path)
     g = torch.Generator().manual_seed(2)
-    kw = dict(image=_images(), mask_image=_masks(), steps=3, seeds=SEEDS, encoder_hidden_states=torch.randn(
-        2, 5, 12, generator=g), text_embeds=torch.randn(2, 10, generator=g), progress=False)
+    kw = dict(steps=3, seeds=SEEDS, encoder_hidden_states=torch.randn(2, 5, 12, generator=g),
+              text_embeds=torch.randn(2, 10, generator=g), progress=False)
+    kw.update(dict(image=_images(), mask_image=_masks()) if kind == "fill" else dict(control_image=_images()))
     want = eager.generate(**kw)
     ort = fastdiff.load(str(tmp_path)).optimize(backend="onnxruntime")
     assert rel_err(ort.generate(**kw), want) <= 1e-5
     graphed = fastdiff.load(str(tmp_path)).optimize(cuda_graphs=True, graph_scope="loop", batch_buckets=(2,),
                                                     graph_factory=FakeGraph)
     assert rel_err(graphed.generate(**kw), want) <= 1e-5
+
+
+def _control_pair(tmp_path):
+    """(fastdiff's pipeline of a tiny FLUX.1 Depth / Canny-style transformer, diffusers' FluxControlPipeline on the
+    same parts): the transformer takes the latents' 16 packed channels and the control image latents' 16."""
+    from test_flux import DEV, DEV_SCHEDULER, _reference as flux_reference
+    from test_img2img import _folder
+    from test_vae import SD_VAE, _reference as vae_reference
+
+    from helpers import diffusers_pipeline
+
+    transformer = flux_reference(dict(DEV, in_channels=32, out_channels=16))
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**DEV_SCHEDULER)
+    vae = vae_reference(dict(SD_VAE, scaling_factor=0.3611, shift_factor=0.1159), seed=2)
+    pipe = fastdiff.load(_folder(tmp_path, "transformer", transformer, scheduler, vae, "FluxControlPipeline"))
+    ref = diffusers_pipeline("FluxControlPipeline")(transformer=transformer, scheduler=scheduler, vae=vae,
+                                                    text_encoder=None, tokenizer=None, text_encoder_2=None,
+                                                    tokenizer_2=None)
+    ref.set_progress_bar_config(disable=True)
+    return pipe, ref
+
+
+def test_flux_depth_and_canny_equal_flux_control_pipeline(tmp_path):
+    """FLUX.1 Depth / Canny: the control image's VAE latents (its posterior drawn before the start noise) packed
+    after the latents; guidance 3.5 by default, as FluxControlPipeline."""
+    from PIL import Image
+
+    from test_flux import _pack
+
+    pipe, ref = _control_pair(tmp_path)
+    assert pipe.spec.latent_control and not pipe.spec.inpainting
+    g = torch.Generator().manual_seed(2)
+    ctx, pooled = torch.randn(2, 5, 12, generator=g), torch.randn(2, 10, generator=g)
+    rng = np.random.default_rng(3)
+    images = [Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)) for _ in range(2)]
+    for guidance in (None, 10.0):
+        want = ref(control_image=images, num_inference_steps=5, height=16, width=16, prompt_embeds=ctx,
+                   pooled_prompt_embeds=pooled, generator=_generators(), output_type="latent",
+                   **({} if guidance is None else dict(guidance_scale=guidance))).images
+        got = pipe.generate(control_image=images, steps=5, seeds=SEEDS, encoder_hidden_states=ctx, text_embeds=pooled,
+                            guidance=guidance, progress=False)
+        assert rel_err(_pack(got), want) <= 2e-5
+    # one image for every sample; the image reaches the result
+    kw = dict(steps=3, seeds=SEEDS, encoder_hidden_states=ctx, text_embeds=pooled, progress=False)
+    one = pipe.generate(control_image=images[0], **kw)
+    assert rel_err(one[0], pipe.generate(control_image=images, **kw)[0]) <= 1e-6
+    assert rel_err(one, pipe.generate(control_image=images[::-1], **kw)) > 1e-3
+    for bad, match in ((dict(control_image=None), "expected one, found none"),
+                       (dict(control_image=images, controlnet_conditioning_scale=0.5), "a ControlNet's options"),
+                       (dict(control_image=images, image=_images()), "FluxControlImg2ImgPipeline .* not implemented")):
+        with pytest.raises(BadArgumentError, match=match):
+            pipe.generate(**{**kw, **bad})
+
+
+def test_engine_flux_control_requests_equal_their_solo_runs(tmp_path):
+    pipe, _ = _control_pair(tmp_path)
+    g = torch.Generator().manual_seed(2)
+    ctx, pooled = torch.randn(1, 5, 12, generator=g), torch.randn(1, 10, generator=g)
+    images = _images(3)
+    with fastdiff.Engine(pipe, max_batch=4, max_wait_ms=50) as engine:
+        futures = [engine.submit(seed=i, control_image=images[i], steps=3, encoder_hidden_states=ctx[0],
+                                 text_embeds=pooled[0]) for i in range(3)]
+        results = [f.result(timeout=120) for f in futures]
+        assert engine.stats()["batch_size_hist"] == {3: 1}
+    for i, got in enumerate(results):
+        want = pipe.generate(seeds=[i], control_image=images[i], steps=3, encoder_hidden_states=ctx,
+                             text_embeds=pooled, progress=False)[0]
+        assert rel_err(got, want) <= 1e-5

@@ -135,7 +135,7 @@ def spec_for(kind: str, cfg, scheduler: Optional[dict], source: str) -> ModelSpe
             kind="flux", model_config=cfg.to_dict(), prediction_type=prediction, scheduler=scheduler,
             in_channels=cfg.latent_channels, sample_size=128, cross_attention_dim=cfg.joint_attention_dim,
             text_embeds_dim=cfg.pooled_projection_dim, guidance_input=cfg.guidance_embeds,
-            inpainting=cfg.condition_channels > 0, source=source)  # (FLUX.1 Fill)
+            inpainting=cfg.condition_channels > cfg.latent_channels, source=source)  # (FLUX.1 Fill)
     num_classes = cfg.num_classes or None
     null = num_classes if (num_classes and cfg.class_dropout_prob > 0) else None
     return ModelSpec(

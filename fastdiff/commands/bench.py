@@ -975,6 +975,9 @@ def run(args) -> int:
     if getattr(probe._control_format(), "count", None):
         raise BadArgumentError(f"{args.model}: driven by several ControlNets; the bench times one (pass --controlnet "
                                f"FOLDER with the base model)")
+    if spec.latent_control:  # (its every call needs a control image: FLUX.1 dev's speed plus a wider input layer)
+        raise BadArgumentError(f"{args.model}: a FLUX.1 Depth / Canny transformer; the latency bench times "
+                               f"text-to-image generation: bench FLUX.1 dev")
     if spec.inpainting:  # (its every call needs an image and a mask; the network's speed is its base model's)
         raise BadArgumentError(f"{args.model}: an inpainting network; the latency bench times text-to-image "
                                f"generation: bench the base model (the same UNet with {spec.in_channels} input "

@@ -152,7 +152,9 @@ def _control(pipe) -> str:
     if control is None:
         return ""
     count = getattr(control, "count", None)
-    what = f"{count} ControlNets: a list of {count} control images" if count else "a ControlNet: control_image"
+    what = f"{count} ControlNets: a list of {count} control images" if count else \
+        "FLUX.1 Depth / Canny: control_image, encoded by its VAE" if getattr(control, "latent", False) else \
+        "a ControlNet: control_image"
     return (f", and ({what}, {control.conditioning_channels} channels at {control.image_downscale} pixels per latent "
             f"pixel)")
 

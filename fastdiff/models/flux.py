@@ -78,10 +78,10 @@ class FluxConfig:
                                 or out > self.in_channels):
             bad("out_channels", f"None, or a multiple of 4 up to in_channels={self.in_channels} (a wider input "
                                 f"carries conditioning channels after the latents': FLUX.1 Fill's)")
-        if self.condition_channels and self.condition_channels <= self.latent_channels:
-            bad("in_channels", f"the latents' {self.latent_channels} channels alone, or with FLUX.1 Fill's masked "
-                               f"image latents and pixel mask ({self.latent_channels} + f*f); FLUX.1 Depth / Canny's "
-                               f"control latents ({self.latent_channels}) are not implemented")
+        if 0 < self.condition_channels < self.latent_channels:
+            bad("in_channels", f"the latents' {self.latent_channels} channels alone, with FLUX.1 Depth / Canny's "
+                               f"control image latents ({self.latent_channels} more), or with FLUX.1 Fill's masked "
+                               f"image latents and pixel mask ({self.latent_channels} + f*f more)")
         if sum(self.axes_dims_rope) != self.attention_head_dim or any(d % 2 for d in self.axes_dims_rope) or \
                 len(self.axes_dims_rope) != 3:
             bad("axes_dims_rope", f"three even dims summing to attention_head_dim={self.attention_head_dim}")
@@ -98,7 +98,8 @@ class FluxConfig:
     @property
     def condition_channels(self) -> int:
         """Unpacked input channels after the latents' (FLUX.1 Fill: the masked image's latents, then its mask
-        unfolded into f x f channels per latent pixel); 0 for a text-to-image transformer."""
+        unfolded into f x f channels per latent pixel; FLUX.1 Depth / Canny: the control image's latents); 0 for a
+        text-to-image transformer."""
         return self.in_channels // (PACK * PACK) - self.latent_channels
 
     def to_dict(self) -> dict:
@@ -294,8 +295,9 @@ class Flux(nn.Module):
 
     def forward(self, x, timestep, class_labels=None, encoder_hidden_states=None, text_embeds=None, time_ids=None,
                 guidance=None, image_latents=None):
-        """image_latents (B, K, H, W): FLUX.1 Fill's conditioning channels (``config.condition_channels``), packed
-        after the latents' as FluxFillPipeline concatenates them."""
+        """image_latents (B, K, H, W): FLUX.1 Fill's / Depth's / Canny's conditioning channels
+        (``config.condition_channels``), packed after the latents' as FluxFillPipeline / FluxControlPipeline
+        concatenate them."""
         c = self.config
         if class_labels is not None or time_ids is not None:
             raise BadArgumentError("Flux takes no class_labels / time_ids (it conditions on T5 states, a pooled "
@@ -318,7 +320,7 @@ class Flux(nn.Module):
         if (image_latents is None) != (not c.condition_channels) or (
                 image_latents is not None and tuple(image_latents.shape) != (b, c.condition_channels, hgt, wid)):
             raise BadArgumentError(f"image_latents: expected " + (
-                f"({b}, {c.condition_channels}, {hgt}, {wid}) (FLUX.1 Fill's masked image latents and mask)"
+                f"({b}, {c.condition_channels}, {hgt}, {wid}) (FLUX.1 Fill's / Depth's / Canny's conditioning)"
                 if c.condition_channels else "none (this transformer takes the latents alone)") + ", found "
                 + ("none" if image_latents is None else str(tuple(image_latents.shape))))
         gh, gw = hgt // PACK, wid // PACK

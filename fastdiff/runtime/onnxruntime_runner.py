@@ -208,7 +208,7 @@ _INPUT_KINDS = {"control_image": (_CONTROLLED, "(B, 3, fH, fW)"), "control_scale
                 "control_guess": (_CONTROLLED, "(B,)"), "encoder_hidden_states": ("text-conditioned", "(B, L, D)"),
                 "text_embeds": ("conditioned on a pooled text embedding", "(B, P)"),
                 "time_ids": ("SDXL-style", "(B, N)"), "guidance": ("guidance-distilled (Flux dev)", "(B,)"),
-                "image_latents": ("an inpainting network", "(B, 1 + C, H, W)")}
+                "image_latents": ("an inpainting network (FLUX.1 Depth / Canny: the control latents)", "(B, K, H, W)")}
 
 
 def build_feeds(input_names, spec, x: torch.Tensor, timestep, class_labels=None, encoder_hidden_states=None,
