@@ -442,7 +442,9 @@ class Pipeline:
             tensors as they are; not resized: its size fixes the output's) and diffusers' ControlNet pipelines'
             options (``fastdiff.controlnet``), once ``set_controlnet`` has given the pipeline a ControlNet. Defaults
             follow diffusers' pipeline for the task: scale 1.0, 0.8 with an image to edit (and strength 0.8, SDXL
-            too), 0.5 with a mask on SD (1.0 on SDXL).
+            too), 0.5 with a mask on SD (1.0 on SDXL). FLUX.1 Depth / Canny (``spec.latent_control``) take the
+            control image alone, encoded by the VAE from [0, 1] as FluxControlPipeline encodes PIL images (a tensor
+            too: diffusers hands tensors to the VAE unnormalised).
         output_type: ``tensor`` (B, C, H, W) float32 in the model's range (latents for a latent model), ``np``
             uint8 (B, H, W, C), ``pil`` a list of PIL images (1 or 3 channels); a latent model with a VAE decoder
             (``pipe.vae``) is decoded for ``np`` / ``pil``.
