@@ -476,12 +476,15 @@ class Pipeline:
             n = len(prompt)  # one sample per prompt, as diffusers' pipelines
         seeds = self._seeds(n, seed, seeds, latents)
         b = len(seeds)
+        given_rows = None  # inpainting: (images, masked images) given, which diffusers encodes before repeating
         if images is not None:
+            given_rows = images.shape[0]
             images, height, width = self._img2img_size(images, b, height, width, given_latents)
             if masks is not None:
                 if masks.shape[0] not in (1, b):
                     raise BadArgumentError(f"mask_image: expected {_one_or(b)} masks (one per sample), found "
                                            f"{masks.shape[0]}")
+                given_rows = (given_rows, max(given_rows, masks.shape[0]))
                 masks = masks.expand(b, -1, -1, -1)
         cfg_scales = _cfg_scales(cfg_scale, b)
         guided = any(scale != 1.0 for scale in cfg_scales)
@@ -532,7 +535,8 @@ class Pipeline:
             negative_text_embeds=negative_text_embeds, time_ids=time_ids, negative_time_ids=negative_time_ids)
         cond.update(added)
         uncond.update(added_uncond)
-        cond.update(guidance_conditioning(self.spec, b, guidance, self.device))  # (both CFG passes share it)
+        # (both CFG passes share it; FluxImg2Img / FluxInpaintPipeline default to 7, FluxPipeline to 3.5)
+        cond.update(guidance_conditioning(self.spec, b, guidance, self.device, edits=images is not None))
         denoiser = plan.make_denoiser(self.runner, dtype=self._network_dtype())
         if control is not None and self.spec.latent_control:  # FLUX.1 Depth / Canny: the posteriors, then the noise
             cond["image_latents"] = self._control_latents(control, b, noise).to(self._network_dtype())
@@ -575,24 +579,26 @@ class Pipeline:
             # (an inpainting UNet at strength 1 starts from noise alone: its pipeline encodes no image then;
             # FluxFillPipeline encodes it whatever the strength)
             unread = pure_noise and not blends and self.spec.kind != "flux"
-            clean = None if unread else self._clean_latents(images, given_latents, noise)
+            clean = None if unread else self._clean_latents(images, given_latents, noise,
+                                                            given_rows[0] if masks is not None else None)
             start_noise = noise.randn(shape)
             latents = start_noise if pure_noise else plan.noised(clean, start_noise)
         if masks is not None:  # then the masked image's posterior draws
             from .inpaint import image_latents, latent_masks
 
             if blends:  # (an inpainting network alone reads the masked image, but diffusers draws its posterior)
-                if self.vae is not None:
-                    noise.randn(shape)  # (the encoder's draw: one (C, h, w) per sample, as VAE.encode makes it)
+                if self.vae is not None:  # (the encoder's draw: one (C, h, w) per masked image, as VAE.encode makes it)
+                    noise.subset(0, given_rows[1]).randn(shape)
                 extra[KNOWN_REGION] = dict(clean=clean, noise=start_noise, mask=latent_masks(masks, (h, w)).to(
                     self.device))
             elif self.spec.kind == "flux":  # FLUX.1 Fill: (b, C + f*f, h, w), shared by both CFG passes
                 from .inpaint import fill_image_latents
 
                 extra["image_latents"] = fill_image_latents(self.vae, images, masks, noise,
-                                                            self.spec.image_latents_channels).to(self._network_dtype())
+                                                            self.spec.image_latents_channels, given_rows[1]).to(
+                    self._network_dtype())
             else:  # (b, 1 + C, h, w), shared by both CFG passes
-                extra["image_latents"] = image_latents(self.vae, images, masks, noise, (h, w)).to(
+                extra["image_latents"] = image_latents(self.vae, images, masks, noise, (h, w), given_rows[1]).to(
                     self._network_dtype())
         bar = _progress(plan.steps, progress)
 
@@ -750,8 +756,8 @@ class Pipeline:
             raise BadArgumentError(f"control_image: expected {_one_or(b)} images (one per sample), found "
                                    f"{control.shape[0]}")
         if self.vae is None or self.vae.encoder is None:
-            raise BadArgumentError("control_image: FLUX.1 Depth / Canny reads its control image's VAE latents, and this "
-                                   "pipeline " + ("has no VAE (fastdiff.load(..., vae='AutoencoderKL folder'))"
+            raise BadArgumentError("control_image: FLUX.1 Depth / Canny reads its control image's VAE latents, and "
+                                   "this pipeline " + ("has no VAE (fastdiff.load(..., vae='AutoencoderKL folder'))"
                                                   if self.vae is None else "VAE's weights carry only the decoder"))
         return self.vae.encode(control.expand(b, -1, -1, -1) * 2 - 1, noise=noise)
 
@@ -829,11 +835,16 @@ class Pipeline:
                 strength = 0.8  # (diffusers' ControlNet img2img pipelines, SDXL's too: 0.8)
         return float(strength), start_index(steps, strength, self.spec.prediction_type == "flow_prediction")
 
-    def _clean_latents(self, images: torch.Tensor, given_latents: bool, noise) -> torch.Tensor:
+    def _clean_latents(self, images: torch.Tensor, given_latents: bool, noise, rows: Optional[int] = None):
         """img2img's clean start: (b, C, h, w) the images' VAE latents (each sample's posterior drawn from its own
-        generator), the latents given as the image, or a pixel model's images in [-1, 1]."""
+        generator; inpainting: ``rows`` images given, encoded before repeating, ``fastdiff.inpaint.encode_given``),
+        the latents given as the image, or a pixel model's images in [-1, 1]."""
         if given_latents or self.vae is None:
             return images.to(self.device) if given_latents else (images * 2 - 1).to(self.device)
+        if rows is not None:
+            from .inpaint import encode_given
+
+            return encode_given(self.vae, images * 2 - 1, noise, rows)
         return self.vae.encode(images * 2 - 1, noise=noise)  # pixels in [-1, 1] -> latents
 
     def _img2img_size(self, images: torch.Tensor, b: int, height, width, given_latents: bool = False):

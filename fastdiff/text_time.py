@@ -87,13 +87,15 @@ def text_time_conditioning(spec: ModelSpec, b: int, size: tuple[int, int], guide
     return cond, uncond
 
 
-FLUX_GUIDANCE = 3.5  # diffusers' FluxPipeline default guidance_scale
+FLUX_GUIDANCE = 3.5  # diffusers' FluxPipeline default guidance_scale (FluxControlPipeline's too)
+FLUX_EDIT_GUIDANCE = 7.0  # FluxImg2ImgPipeline's and FluxInpaintPipeline's
 FLUX_FILL_GUIDANCE = 30.0  # FluxFillPipeline's
 
 
-def guidance_conditioning(spec: ModelSpec, b: int, guidance, device) -> dict:
+def guidance_conditioning(spec: ModelSpec, b: int, guidance, device, edits: bool = False) -> dict:
     """{"guidance": (B,) float32} for a guidance-distilled network (Flux dev), shared by both CFG passes; {} for
-    any other model, which must not be given one. ``guidance``: one strength, or one per sample."""
+    any other model, which must not be given one. ``guidance``: one strength, or one per sample; None: the default
+    of diffusers' pipeline for the task (``edits``: an image to edit or inpaint)."""
     if not spec.guidance_input:
         if guidance is not None:
             raise BadArgumentError(f"guidance: given ({guidance!r}), but this model takes no distilled-guidance "
@@ -101,7 +103,7 @@ def guidance_conditioning(spec: ModelSpec, b: int, guidance, device) -> dict:
                                    f"classifier-free guidance)")
         return {}
     if guidance is None:  # (FLUX.1 Fill, the one inpainting network with a guidance input, defaults to its own)
-        guidance = FLUX_FILL_GUIDANCE if spec.inpainting else FLUX_GUIDANCE
+        guidance = FLUX_FILL_GUIDANCE if spec.inpainting else FLUX_EDIT_GUIDANCE if edits else FLUX_GUIDANCE
     g = _floats(guidance, "guidance", device).reshape(-1)
     if g.numel() not in (1, b):
         raise BadArgumentError(f"guidance: expected one strength or {b} (one per sample), found {g.numel()}")
@@ -144,5 +146,5 @@ def _floats(t, name: str, device) -> torch.Tensor:
     return t.to(device)
 
 
-__all__ = ["FLUX_GUIDANCE", "guidance_conditioning", "AESTHETIC_SCORE", "NEGATIVE_AESTHETIC_SCORE", "VAE_SCALE_FACTOR", "default_time_ids",
-           "text_time_conditioning"]
+__all__ = ["FLUX_GUIDANCE", "FLUX_EDIT_GUIDANCE", "FLUX_FILL_GUIDANCE", "guidance_conditioning", "AESTHETIC_SCORE",
+           "NEGATIVE_AESTHETIC_SCORE", "VAE_SCALE_FACTOR", "default_time_ids", "text_time_conditioning"]

@@ -492,3 +492,55 @@ def test_engine_flux_control_requests_equal_their_solo_runs(tmp_path):
         want = pipe.generate(seeds=[i], control_image=images[i], steps=3, encoder_hidden_states=ctx,
                              text_embeds=pooled, progress=False)[0]
         assert rel_err(got, want) <= 1e-5
+
+
+@pytest.mark.parametrize("in_channels", [4, 9])
+@pytest.mark.parametrize("strength, image_rows, mask_rows", [(1.0, 1, 1), (0.7, 1, 2), (1.0, 2, 1)])
+def test_one_image_for_several_samples_is_encoded_once_as_diffusers_does(tmp_path, in_channels, strength, image_rows,
+                                                                        mask_rows):
+    """diffusers' inpainting pipelines encode the images (and masked images) they are given before repeating them to
+    the batch: one image for two seeds draws its posterior from the first seed's generator alone, as does one masked
+    image; fastdiff follows (img2img encodes each sample's copy: its pipelines repeat first)."""
+    from test_img2img import SD_SCHEDULER, sd_pair
+
+    parts = sd_unet_vae_embeds(in_channels=in_channels)
+    pipe, ref = sd_pair(parts, tmp_path, diffusers.EulerAncestralDiscreteScheduler.from_config(SD_SCHEDULER),
+                        "StableDiffusionInpaintPipeline", "StableDiffusionInpaintPipeline")
+    e = parts[2]
+    images, masks = _images(image_rows), _masks(mask_rows)
+    want = _reference(ref, e, images, masks, 4, 3.0, strength)
+    got = pipe.generate(image=images, mask_image=masks, strength=strength, **_kwargs(e, 4, 3.0))
+    assert rel_err(got, want) <= 1e-5
+    if image_rows == mask_rows == 1:  # the second sample's known region is the first's
+        assert rel_err(got, pipe.generate(image=images.expand(2, -1, -1, -1), mask_image=masks, strength=strength,
+                                          **_kwargs(e, 4, 3.0))) > 1e-3
+
+
+@pytest.mark.parametrize("model", ["fill", "flux"])
+def test_flux_inpainting_one_image_for_two_seeds_equals_diffusers(tmp_path, model):
+    """FluxFillPipeline and FluxInpaintPipeline encode one given image once too (the first generator's draw)."""
+    from test_flux import DEV, DEV_SCHEDULER, _pack, _reference as flux_reference
+    from test_img2img import _folder
+    from test_vae import SD_VAE, _reference as vae_reference
+
+    from helpers import diffusers_pipeline
+
+    if model == "fill":
+        pipe, ref = _fill_pair(tmp_path)
+    else:
+        transformer = flux_reference(DEV)
+        scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**DEV_SCHEDULER)
+        vae = vae_reference(dict(SD_VAE, scaling_factor=0.3611, shift_factor=0.1159), seed=2)
+        pipe = fastdiff.load(_folder(tmp_path, "transformer", transformer, scheduler, vae, "FluxPipeline"))
+        ref = diffusers_pipeline("FluxInpaintPipeline")(transformer=transformer, scheduler=scheduler, vae=vae,
+                                                        text_encoder=None, tokenizer=None, text_encoder_2=None,
+                                                        tokenizer_2=None)
+        ref.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(2)
+    ctx, pooled = torch.randn(2, 5, 12, generator=g), torch.randn(2, 10, generator=g)
+    images, masks = _images(1), _masks(1)
+    want = ref(image=images.clone(), mask_image=masks.clone(), num_inference_steps=4, height=16, width=16,
+               prompt_embeds=ctx, pooled_prompt_embeds=pooled, generator=_generators(), output_type="latent").images
+    got = pipe.generate(image=images, mask_image=masks, steps=4, seeds=SEEDS, encoder_hidden_states=ctx,
+                        text_embeds=pooled, progress=False)
+    assert rel_err(_pack(got), want) <= 2e-5

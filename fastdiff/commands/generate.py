@@ -61,7 +61,8 @@ def register(sub) -> None:
     p.add_argument("--clip-skip", type=int, default=None, metavar="N",
                    help="text models: CLIP layers to skip from the end (diffusers' clip_skip)")
     p.add_argument("--guidance", type=float, default=None, metavar="G",
-                   help="guidance-distilled models (FLUX.1 dev): the guidance input (default 3.5; FLUX.1 Fill's 30)")
+                   help="guidance-distilled models (FLUX.1 dev): the guidance input (default diffusers' for the task: "
+                        "3.5; 7 with --image; FLUX.1 Fill's 30)")
     p.add_argument("--n", type=int, default=None, metavar="N",
                    help="number of images (default 4, or one per --class label when several are given)")
     p.add_argument("--image", default=None, metavar="IN.png",
