@@ -87,7 +87,7 @@ def sample_dpmpp_2s_ancestral(denoiser, x, sigmas, *, extra_args=None, noise=Non
             x = denoised
         else:                                         # the half step in lambda: sigma_mid = sqrt(sigma sigma_down)
             s_mid = math.sqrt(s * down)
-            x_2 = _after(after_step, torch.lerp(denoised, x, s_mid / s), s_next, False)
+            x_2 = _after(after_step, torch.lerp(denoised, x, s_mid / s), s_mid, False)  # (no diffusers counterpart)
             x = torch.lerp(_call(denoiser, x_2, s_mid, extra), x, down / s)
         if up > 0:
             x = torch.add(x, noise(i, x), alpha=up * s_noise)

@@ -71,10 +71,11 @@ def _cb(callback, x, i, sigma, sigma_hat, denoised):
 def _after(after_step, x, sigma: float, last: bool):
     """The state a step hands on, through ``after_step(x, sigma, last)`` where one is given: a sampler calls it at
     the end of every step (``last`` on the run's final step) and on the state a two-stage step hands to its second
-    network evaluation. ``sigma`` is the step's end sigma in both cases, as diffusers' two-stage schedulers report
-    it (their ``add_noise`` reads a sigma table that repeats each step's end), even where the first stage lands on
-    a midpoint. diffusers' inpainting pipelines paste the image's known region back at those points
-    (``fastdiff.inpaint.KnownRegion``); a sampler keeps using what it returns."""
+    network evaluation. ``sigma`` is the state's noise level, except on the first stage of the samplers that
+    reproduce diffusers' two-stage schedulers (Heun, KDPM2 and its ancestral form, DPM-Solver SDE): the step's
+    end sigma there, as those schedulers report it (their ``add_noise`` reads a sigma table that repeats each
+    step's end), even where the stage lands on a midpoint. diffusers' inpainting pipelines paste the image's known
+    region back at those points (``fastdiff.inpaint.KnownRegion``); a sampler keeps using what it returns."""
     return x if after_step is None else after_step(x, sigma, last)
 
 

@@ -158,6 +158,8 @@ def test_every_sampler_hands_each_steps_state_through_after_step(name):
     SAMPLERS[name](denoiser, x, sigmas, noise=src, after_step=after_step, **sampler_test_options(name, ac, sigmas))
     assert len([c for c in calls if not c[1]]) >= len(grid) - 2 and calls[-1] == (grid[-1], True)
     assert [c for c in calls if c[1]] == [calls[-1]]
+    # (diffusers' two-stage schedulers' midpoints at the step's end sigma; dpmpp_2s_ancestral's at its own, which at
+    # eta = 1 is the step's end too)
     assert all(any(abs(sigma - g) <= 1e-9 * g for g in grid) for sigma, _ in calls)
     # every state handed on before the end is what the next network evaluation reads
     assert all(any(t is h for t in seen) for h in handed[:-1])
