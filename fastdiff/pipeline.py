@@ -395,7 +395,8 @@ class Pipeline:
                  max_sequence_length=None, image=None, strength: Optional[float] = None, prompt_2=None,
                  prompt_3=None, negative_prompt_2=None, negative_prompt_3=None, mask_image=None, control_image=None,
                  controlnet_conditioning_scale: Optional[float] = None, control_guidance_start: float = 0.0,
-                 control_guidance_end: float = 1.0, guess_mode: bool = False, **sampler_options):
+                 control_guidance_end: float = 1.0, guess_mode: bool = False,
+                 denoising_end: Optional[float] = None, denoising_start: Optional[float] = None, **sampler_options):
         """Sample ``n`` images (latents for latent models).
 
         sampler / schedule: a fastdiff sampler name (``dpmpp_2m``, ``unipc``, ``ddim``, ...) and sigma
@@ -445,6 +446,12 @@ class Pipeline:
             too), 0.5 with a mask on SD (1.0 on SDXL). FLUX.1 Depth / Canny (``spec.latent_control``) take the
             control image alone, encoded by the VAE from [0, 1] as FluxControlPipeline encodes PIL images (a tensor
             too: diffusers hands tensors to the VAE unnormalised).
+        denoising_end / denoising_start: SDXL's ensemble of expert denoisers, as diffusers' SDXL pipelines
+            (``fastdiff.experts``): with ``denoising_end`` the run stops after the steps whose training timestep is
+            >= round(T (1 - end)) and returns its state (diffusers' noisy latents), not x0; with
+            ``denoising_start`` (and ``image``: those latents, or an image to encode) it starts at the first step
+            below round(T (1 - start)) from the image's latents as they are, unnoised (no ``strength``).
+            Samplers with one network evaluation per step; not with a mask or a control image.
         output_type: ``tensor`` (B, C, H, W) float32 in the model's range (latents for a latent model), ``np``
             uint8 (B, H, W, C), ``pil`` a list of PIL images (1 or 3 channels); a latent model with a VAE decoder
             (``pipe.vae``) is decoded for ``np`` / ``pil``.
@@ -493,9 +500,12 @@ class Pipeline:
         h, w = self._size(height, width)
         shape = (self.spec.in_channels, h, w)
         plan = self.plan(steps, sampler, schedule, size=(h, w), **sampler_options)
+        experts = self._check_experts(plan, denoising_end, denoising_start, images, strength, masks, control)
         noise = NoiseSource(seeds, self.device)
         pure_noise = False  # inpainting at strength 1: diffusers starts from noise alone, the image unencoded
-        if images is not None:  # the grid's tail; the image is encoded once every argument has been checked
+        if images is not None and denoising_start is not None:  # a refiner: from the first step below the cutoff
+            plan = plan.from_step(experts.start_index(plan, denoising_start, self._train_steps()))
+        elif images is not None:  # the grid's tail; the image is encoded once every argument has been checked
             strength, t_start = self._img2img_strength(strength, plan.steps, inpaints=masks is not None)
             pure_noise = masks is not None and strength == 1.0
             plan = plan if pure_noise else plan.from_step(t_start)
@@ -505,6 +515,9 @@ class Pipeline:
             latents = torch.as_tensor(latents, dtype=torch.float32, device=self.device)
             if tuple(latents.shape) != (b,) + shape:
                 raise BadArgumentError(f"latents: expected shape {(b,) + shape}, found {tuple(latents.shape)}")
+        if denoising_end is not None:  # a base run: the steps down to the cutoff, handing on its state
+            k = experts.steps_until(plan, denoising_end, self._train_steps())
+            plan = plan.to_step(k) if k < plan.steps else plan
 
         extra_prompts = {name: value for name, value in zip(EXTRA_PROMPTS, (prompt_2, prompt_3, negative_prompt_2,
                                                                             negative_prompt_3)) if value is not None}
@@ -581,8 +594,11 @@ class Pipeline:
             unread = pure_noise and not blends and self.spec.kind != "flux"
             clean = None if unread else self._clean_latents(images, given_latents, noise,
                                                             given_rows[0] if masks is not None else None)
-            start_noise = noise.randn(shape)
-            latents = start_noise if pure_noise else plan.noised(clean, start_noise)
+            if denoising_start is not None:  # (a base run's state, in the scheduler's frame: no noise added)
+                latents = clean / experts.latents_scale(plan, float(plan.sigmas[0]))
+            else:
+                start_noise = noise.randn(shape)
+                latents = start_noise if pure_noise else plan.noised(clean, start_noise)
         if masks is not None:  # then the masked image's posterior draws
             from .inpaint import image_latents, latent_masks
 
@@ -748,6 +764,32 @@ class Pipeline:
                                    "image, found none" + (" (pipe.set_controlnet(None) takes the ControlNet away)"
                                                           if self.controlnet is not None else ""))
         return control_images(control_format, control_image, count)
+
+    def _train_steps(self) -> int:
+        return int(self.spec.scheduler.get("num_train_timesteps", 1000))
+
+    def _check_experts(self, plan, end, start, images, strength, masks, control):
+        """``fastdiff.experts`` once denoising_end / denoising_start are checked against the run (None without
+        them)."""
+        if end is None and start is None:
+            return None
+        from . import experts
+
+        end = None if end is None else experts.check_fraction("denoising_end", end)
+        start = None if start is None else experts.check_fraction("denoising_start", start)
+        name = "denoising_start" if start is not None else "denoising_end"
+        if start is not None and images is None:
+            raise BadArgumentError("denoising_start: a refiner run starts from a base run's latents (or an image to "
+                                   "encode): expected image=, found none")
+        if start is not None and strength is not None:
+            raise BadArgumentError("strength: not with denoising_start, which sets where the run starts")
+        if start is not None and end is not None and start >= end:
+            raise BadArgumentError(f"denoising_start / denoising_end: expected start < end, found {start} and {end}")
+        if masks is not None or control is not None:
+            raise BadArgumentError(f"{name}: with " + ("a mask" if masks is not None else "a control image")
+                                   + " (diffusers' SDXL inpainting / ControlNet experts) is not implemented")
+        experts.check_plan(plan, name)
+        return experts
 
     def _control_latents(self, control: torch.Tensor, b: int, noise) -> torch.Tensor:
         """FLUX.1 Depth / Canny's extra input (b, C, h, w): the control images (one, or one per sample; in [0, 1])

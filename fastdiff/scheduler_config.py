@@ -173,6 +173,34 @@ class SamplingPlan:
             options["lower_order_final"] = False  # (the slice is shorter than 15, the run is not)
         return dataclasses.replace(self, sigmas=self.sigmas[t_start:].clone(), options=options, init_noise_sigma=1.0)
 
+    def to_step(self, k: int) -> "SamplingPlan":
+        """The plan's first ``k`` steps, returning the state at ``sigmas[k]`` (times ``output_scale``: diffusers'
+        latents in its scheduler's frame, ``fastdiff.experts.latents_scale``), not x0: a base run of SDXL's ensemble
+        of experts (``denoising_end``), as diffusers stops its loop early. The end-of-run decisions of the whole run
+        (lower orders on its last steps) lie past the cut and are switched off; a third-order solver cut one step
+        short of the end would take one, and is refused."""
+        from .experts import latents_scale
+        from .sampling import sampler_options
+
+        if not 0 < k < self.steps:
+            raise BadArgumentError(f"k: expected 0 < k < {self.steps}, found {k}")
+        options = dict(self.options)
+        for name in _PER_STEP_OPTIONS:
+            value = options.get(name)
+            if value is not None:
+                options[name] = list(value)[:k + (len(value) > self.steps)]
+        accepted = sampler_options(self.sampler)
+        if options.get("order", 2) == 3 and k >= self.steps - 1 and options.get("lower_order_final", True) and (
+                "lower_order_final" in accepted):
+            raise BadArgumentError(f"denoising_end: a third-order {self.sampler} cut one step short of its end takes "
+                                   f"that step at a lower order, which is not implemented; cut earlier")
+        for name in ("lower_order_final", "euler_at_final"):
+            if name in accepted:
+                options[name] = False
+        s = float(self.sigmas[k])
+        return dataclasses.replace(self, sigmas=self.sigmas[:k + 1].clone(), options=options,
+                                   output_scale=latents_scale(self, s))
+
     @property
     def time_frame(self) -> bool:
         """The samplers run a flow model on its time grid (x_t = (1 - t) x0 + t eps), not in x = x0 + sigma eps."""

@@ -1,0 +1,119 @@
+"""SDXL's ensemble of expert denoisers (``generate(denoising_end=...)`` on a base, ``generate(denoising_start=...,
+image=latents)`` on a refiner) against diffusers' StableDiffusionXLPipeline / StableDiffusionXLImg2ImgPipeline with
+the same options, weights, embeddings and generators: the base's noisy latents, and the refiner's result from them,
+for each first-order scheduler family (the variance-preserving ones hand on x / sqrt(1 + sigma^2), the Euler family
+and LMS x itself)."""
+
+import pytest
+import torch
+
+import fastdiff
+from fastdiff.errors import BadArgumentError
+from helpers import diffusers_pipeline, perturb_, rel_err
+from test_img2img import SEEDS, _folder, _generators, _images, _text_kwargs
+
+diffusers = pytest.importorskip("diffusers", reason="diffusers' SDXL pipelines are the reference")
+
+IDS = [16, 16, 0, 0, 16, 16]  # (the tiny VAE's 2 pixels per latent pixel: 8x8 latents are 16x16 pixels)
+
+
+def _experts(tmp_path, cls: str, **config):
+    """(fastdiff's pipeline, diffusers' SDXL base and refiner pipelines) on one tiny SDXL UNet, VAE and scheduler
+    (the refiner is the same UNet here: what is checked is the hand-over, not a second network)."""
+    from test_sdxl import SCHEDULER, UNET
+    from test_vae import SD_VAE, _reference as vae_reference
+
+    torch.manual_seed(0)
+    unet = perturb_(diffusers.UNet2DConditionModel(**UNET).eval(), 0)
+    scheduler = getattr(diffusers, cls).from_config({**SCHEDULER, **config})
+    vae = vae_reference(dict(SD_VAE, scaling_factor=0.13025), seed=2)
+    pipe = fastdiff.load(_folder(tmp_path, "unet", unet, scheduler, vae, "StableDiffusionXLPipeline"))
+    parts = dict(vae=vae, unet=unet, scheduler=scheduler, text_encoder=None, text_encoder_2=None, tokenizer=None,
+                 tokenizer_2=None)
+    base = diffusers_pipeline("StableDiffusionXLPipeline")(**parts)
+    refiner = diffusers_pipeline("StableDiffusionXLImg2ImgPipeline")(**parts, requires_aesthetics_score=False)
+    base.set_progress_bar_config(disable=True)
+    refiner.set_progress_bar_config(disable=True)
+    return pipe, base, refiner
+
+
+def _embeddings():
+    from test_sdxl import _embeds
+
+    return {k: v for k, v in _embeds().items() if k != "latents"}
+
+
+# (class, its config, steps, denoising_end): DDIM without clip_sample (clipping a tiny random UNet's x0 makes a run
+# amplify float32 rounding: diffusers against itself, started 1e-7 apart, ends 3.5e-5 apart)
+CASES = {
+    "euler": ("EulerDiscreteScheduler", {}, 10, 0.7),
+    "euler_ancestral": ("EulerAncestralDiscreteScheduler", {}, 10, 0.8),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}, 10, 0.7),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", dict(use_karras_sigmas=True), 12, 0.6),
+    "dpmpp_3m": ("DPMSolverMultistepScheduler", dict(solver_order=3), 10, 0.5),
+    "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", dict(algorithm_type="sde-dpmsolver++"), 8, 0.7),
+    "ddim": ("DDIMScheduler", dict(clip_sample=False), 10, 0.7),
+    "unipc": ("UniPCMultistepScheduler", {}, 9, 0.75),
+    "lms": ("LMSDiscreteScheduler", {}, 10, 0.7),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_base_and_refiner_hand_over_as_diffusers(tmp_path, name):
+    cls, config, steps, cut = CASES[name]
+    pipe, base, refiner = _experts(tmp_path, cls, **config)
+    e = _embeddings()
+    want = base(num_inference_steps=steps, guidance_scale=5.0, generator=_generators(), output_type="latent",
+                height=16, width=16, denoising_end=cut, **{k: v.clone() for k, v in e.items()}).images
+    kw = dict(steps=steps, cfg_scale=5.0, seeds=SEEDS, progress=False, time_ids=IDS, **_text_kwargs(e, True))
+    got = pipe.generate(denoising_end=cut, **kw)
+    assert rel_err(got, want) <= 1e-5
+    # the base hands on noisy latents, not x0: they differ from its whole run's result
+    assert rel_err(got, pipe.generate(**kw)) > 1e-2
+    want = refiner(image=want.clone(), num_inference_steps=steps, guidance_scale=5.0, generator=_generators(),
+                   output_type="latent", denoising_start=cut, **{k: v.clone() for k, v in e.items()}).images
+    assert rel_err(pipe.generate(image=got, denoising_start=cut, **kw), want) <= 1e-5
+
+
+def test_a_middle_expert_takes_both_ends_as_diffusers(tmp_path):
+    """SDXL img2img with denoising_start and denoising_end: the steps between both cutoffs, from the latents given."""
+    pipe, base, refiner = _experts(tmp_path, "DPMSolverMultistepScheduler")
+    e = _embeddings()
+    first = base(num_inference_steps=12, guidance_scale=5.0, generator=_generators(), output_type="latent",
+                 height=16, width=16, denoising_end=0.4, **{k: v.clone() for k, v in e.items()}).images
+    want = refiner(image=first.clone(), num_inference_steps=12, guidance_scale=5.0, generator=_generators(),
+                   output_type="latent", denoising_start=0.4, denoising_end=0.8,
+                   **{k: v.clone() for k, v in e.items()}).images
+    got = pipe.generate(image=first, steps=12, cfg_scale=5.0, seeds=SEEDS, progress=False, time_ids=IDS,
+                        denoising_start=0.4, denoising_end=0.8, **_text_kwargs(e, True))
+    assert rel_err(got, want) <= 1e-5
+
+
+def test_a_cut_run_in_a_captured_loop_equals_eager(tmp_path):
+    from test_graph_scopes import FakeGraph
+
+    pipe, _, _ = _experts(tmp_path, "EulerAncestralDiscreteScheduler")
+    graphed = fastdiff.load(str(tmp_path)).optimize(cuda_graphs=True, graph_scope="loop", batch_buckets=(2,),
+                                                    graph_factory=FakeGraph)
+    kw = dict(steps=8, cfg_scale=5.0, seeds=SEEDS, progress=False, time_ids=IDS, **_text_kwargs(_embeddings(), True))
+    for cut in (0.7, 0.5):
+        assert rel_err(graphed.generate(denoising_end=cut, **kw), pipe.generate(denoising_end=cut, **kw)) <= 1e-6
+    assert graphed.loop_graphs.captures == 2  # (each cut is its own grid)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(denoising_end=1.0), r"denoising_end: expected a fraction of the denoising in \(0, 1\), found 1.0"),
+    (dict(denoising_start=0.5), "denoising_start: a refiner run starts from a base run's latents"),
+    (dict(denoising_start=0.5, image=torch.randn(2, 4, 8, 8), strength=0.3), "strength: not with denoising_start"),
+    (dict(denoising_start=0.8, denoising_end=0.5, image=torch.randn(2, 4, 8, 8)), "expected start < end"),
+    (dict(denoising_end=0.5, image=_images(), mask_image=torch.rand(16, 16)), "with a mask .* not implemented"),
+    (dict(denoising_end=0.5, sampler="heun"), "sampler 'heun' .* is not implemented"),
+    (dict(denoising_end=0.95, sampler="dpmpp_2m", order=3, lower_order_final=True, steps=10),
+     "third-order dpmpp_2m cut one step short"),
+    (dict(denoising_end=0.01), "leaves no step to run"),
+])
+def test_bad_expert_arguments_are_refused_by_name(tmp_path, kwargs, match):
+    pipe, _, _ = _experts(tmp_path, "EulerDiscreteScheduler")
+    kw = dict(steps=6, seeds=SEEDS, progress=False, time_ids=IDS, **_text_kwargs(_embeddings(), False))
+    with pytest.raises(BadArgumentError, match=match):
+        pipe.generate(**{**kw, **kwargs})
