@@ -117,3 +117,36 @@ def test_bad_expert_arguments_are_refused_by_name(tmp_path, kwargs, match):
     kw = dict(steps=6, seeds=SEEDS, progress=False, time_ids=IDS, **_text_kwargs(_embeddings(), False))
     with pytest.raises(BadArgumentError, match=match):
         pipe.generate(**{**kw, **kwargs})
+
+
+def test_cli_hands_a_base_runs_latents_to_a_refiner_run(tmp_path):
+    """``fastdiff generate BASE --denoising-end F --output-latents L`` then ``fastdiff generate REFINER
+    --denoising-start F --image L``: what the Python API gives (an unconditional UNet: no text encoders needed)."""
+    from safetensors.torch import load_file
+
+    from test_cli import fastdiff as run_cli
+    from test_img2img import SD_SCHEDULER
+    from test_vae import SD_VAE, _reference as vae_reference
+
+    torch.manual_seed(0)
+    unet = perturb_(diffusers.UNet2DModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32),
+                                          layers_per_block=1, norm_num_groups=8,
+                                          down_block_types=("DownBlock2D", "DownBlock2D"),
+                                          up_block_types=("UpBlock2D", "UpBlock2D")).eval(), 0)
+    folder = _folder(tmp_path / "model", "unet", unet, diffusers.EulerDiscreteScheduler.from_config(SD_SCHEDULER),
+                     vae_reference(SD_VAE, seed=2), "StableDiffusionPipeline")
+    common = ("--steps", "6", "--n", "2", "--seed", "7", "--no-progress")
+    r = run_cli("generate", folder, "--denoising-end", "0.6", "--output-latents", "base.safetensors", *common,
+                cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = run_cli("generate", folder, "--denoising-start", "0.6", "--image", "base.safetensors", "--output-latents",
+                "refined.safetensors", *common, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    pipe = fastdiff.load(folder)
+    base = pipe.generate(steps=6, seeds=[7, 8], denoising_end=0.6, progress=False)
+    assert torch.equal(load_file(str(tmp_path / "base.safetensors"))["latents"], base)
+    refined = pipe.generate(steps=6, seeds=[7, 8], denoising_start=0.6, image=base, progress=False)
+    assert torch.equal(load_file(str(tmp_path / "refined.safetensors"))["latents"], refined)
+    r = run_cli("generate", folder, "--denoising-start", "0.6", "--output-latents", "x.safetensors", *common,
+                cwd=tmp_path)
+    assert r.returncode == 2 and "--denoising-start: given without --image" in r.stderr, r.stderr

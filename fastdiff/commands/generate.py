@@ -67,7 +67,8 @@ def register(sub) -> None:
                    help="number of images (default 4, or one per --class label when several are given)")
     p.add_argument("--image", default=None, metavar="IN.png",
                    help="image-to-image (SDEdit): start from this image (any format Pillow reads; its size is the "
-                        "output's, a multiple of the VAE's 8 pixels per latent pixel), noised to --strength")
+                        "output's, a multiple of the VAE's 8 pixels per latent pixel), noised to --strength; or a "
+                        "LATENTS.safetensors a run wrote with --output-latents, taken as latents")
     p.add_argument("--controlnet", action="append", default=None, metavar="FOLDER",
                    help="drive the UNet with a ControlNet (a diffusers ControlNetModel folder); needs --control-image; "
                         "repeat for several (their outputs add up), each with its own --control-image, in order")
@@ -92,6 +93,12 @@ def register(sub) -> None:
     p.add_argument("--strength", type=float, default=None, metavar="S",
                    help="with --image: the share of the steps that run, in (0, 1] (default: the model's diffusers "
                         "img2img pipeline's: 0.8 SD, 0.3 SDXL, 0.6 SD3 / FLUX.1); 1 keeps nothing of the image")
+    p.add_argument("--denoising-end", type=float, default=None, metavar="F",
+                   help="SDXL's ensemble of experts, the base: stop where the fraction F of the denoising is done "
+                        "and write the noisy latents there (--output-latents) for a refiner")
+    p.add_argument("--denoising-start", type=float, default=None, metavar="F",
+                   help="SDXL's ensemble of experts, the refiner: start where the fraction F is done, from "
+                        "--image LATENTS.safetensors (a base run's --output-latents), unnoised")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="seed of image 0; image i uses S+i (default 0)")
     p.add_argument("--height", type=int, default=None, metavar="H", help="sample height (default: the model's)")
     p.add_argument("--width", type=int, default=None, metavar="W", help="sample width (default: the model's)")
@@ -293,6 +300,8 @@ def _validate(args) -> None:
         raise BadArgumentError(f"--cfg: expected a finite number, found {args.cfg}")
     if args.strength is not None and args.image is None:
         raise BadArgumentError("--strength: given without --image (it is image-to-image's)")
+    if args.denoising_start is not None and args.image is None:
+        raise BadArgumentError("--denoising-start: given without --image LATENTS.safetensors (a base run's latents)")
     if args.image is not None and (args.height is not None or args.width is not None):
         raise BadArgumentError("--height / --width: the --image fixes the size")
     if args.mask is not None and args.image is None:
@@ -314,6 +323,23 @@ def _validate(args) -> None:
                        *(("--control-image", p) for p in args.control_image or [])):
         if path is not None and not os.path.isfile(path):
             raise BadArgumentError(f"{flag}: expected an image file, found {path!r} (no such file)")
+
+
+def _read_latents(path: str):
+    """--image LATENTS.safetensors: the 'latents' tensor a run wrote with --output-latents (safetensors only)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from ..errors import BadArgumentError
+
+    try:
+        tensors = load_file(path)
+    except (OSError, SafetensorError) as e:
+        raise BadArgumentError(f"--image: could not read {path!r} as safetensors ({e})") from e
+    if "latents" not in tensors:
+        raise BadArgumentError(f"--image: expected a 'latents' tensor in {path!r} (what --output-latents writes), "
+                               f"found {sorted(tensors)}")
+    return tensors["latents"]
 
 
 def _read_image(path: str, flag: str = "--image"):
@@ -414,7 +440,11 @@ def run(args) -> int:
     if args.guidance is not None:
         inputs["guidance"] = args.guidance
     if args.image is not None:
-        inputs.update(image=_read_image(args.image), strength=args.strength)
+        image = _read_latents(args.image) if args.image.endswith(".safetensors") else _read_image(args.image)
+        inputs.update(image=image, strength=args.strength)
+    for name in ("denoising_end", "denoising_start"):
+        if getattr(args, name) is not None:
+            inputs[name] = getattr(args, name)
     if args.mask is not None:
         inputs["mask_image"] = _read_image(args.mask, "--mask")
     if args.control_image is not None:
