@@ -749,7 +749,18 @@ class Pipeline:
             if control_image is None:
                 raise BadArgumentError("control_image: this FLUX.1 Depth / Canny transformer reads a control image's "
                                        "latents beside its own: expected one, found none")
-            return control_images(control_format, control_image)
+            from .img2img import unit_images
+
+            try:  # (an image its VAE encodes: read as img2img's, [-1, 1] arrays and tensors too)
+                images = unit_images(control_image, control_format.conditioning_channels)
+            except BadArgumentError as e:
+                raise BadArgumentError("control_image" + str(e)[len("image"):]) from None
+            f = control_format.image_downscale
+            if images.shape[2] % f or images.shape[3] % f:
+                raise BadArgumentError(f"control_image: expected a height and width that are multiples of {f} (the "
+                                       f"VAE's downscale; fastdiff does not resize), found "
+                                       f"{images.shape[2]}x{images.shape[3]}")
+            return images
         if control_format is None:
             changed = (["control_image"] if control_image is not None else []) + [
                 name for name, value, default in (

@@ -189,9 +189,13 @@ class SamplingPlan:
             value = options.get(name)
             if value is not None:
                 options[name] = list(value)[:k + (len(value) > self.steps)]
+        from .samplers import COUNTS_ALL_STEPS
+
         accepted = sampler_options(self.sampler)
+        # (DPM-Solver++ / DEIS drop order near the end of runs under 15 steps only; UniPC in any run)
+        drops = self.steps < 15 or self.sampler not in COUNTS_ALL_STEPS
         if options.get("order", 2) == 3 and k >= self.steps - 1 and options.get("lower_order_final", True) and (
-                "lower_order_final" in accepted):
+                "lower_order_final" in accepted) and drops:
             raise BadArgumentError(f"denoising_end: a third-order {self.sampler} cut one step short of its end takes "
                                    f"that step at a lower order, which is not implemented; cut earlier")
         for name in ("lower_order_final", "euler_at_final"):

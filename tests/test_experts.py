@@ -150,3 +150,33 @@ def test_cli_hands_a_base_runs_latents_to_a_refiner_run(tmp_path):
     r = run_cli("generate", folder, "--denoising-start", "0.6", "--output-latents", "x.safetensors", *common,
                 cwd=tmp_path)
     assert r.returncode == 2 and "--denoising-start: given without --image" in r.stderr, r.stderr
+
+
+def test_a_third_order_cut_one_step_short_runs_where_diffusers_keeps_the_order(tmp_path):
+    """DPM-Solver++ drops order at a run's end under 15 steps only: a 16-step run cut at its 15th step is exact."""
+    pipe, base, _ = _experts(tmp_path, "DPMSolverMultistepScheduler", solver_order=3)
+    e = _embeddings()
+    want = base(num_inference_steps=16, guidance_scale=5.0, generator=_generators(), output_type="latent",
+                height=16, width=16, denoising_end=0.9, **{k: v.clone() for k, v in e.items()}).images
+    got = pipe.generate(steps=16, cfg_scale=5.0, seeds=SEEDS, progress=False, time_ids=IDS, denoising_end=0.9,
+                        **_text_kwargs(e, True))
+    assert rel_err(got, want) <= 1e-5
+
+
+def test_engine_base_and_refiner_requests_equal_their_solo_runs(tmp_path):
+    pipe, _, _ = _experts(tmp_path, "EulerAncestralDiscreteScheduler")
+    e = _embeddings()
+    one = dict(steps=6, cfg_scale=5.0, time_ids=IDS, encoder_hidden_states=e["prompt_embeds"][0],
+               negative_encoder_hidden_states=e["negative_prompt_embeds"][0], text_embeds=e["pooled_prompt_embeds"][0],
+               negative_text_embeds=e["negative_pooled_prompt_embeds"][0])
+    solo = dict(steps=6, cfg_scale=5.0, time_ids=IDS, progress=False, **_text_kwargs({k: v[:1] for k, v in e.items()},
+                                                                                     True))
+    with fastdiff.Engine(pipe, max_batch=4, max_wait_ms=50) as engine:
+        bases = [engine.submit(seed=i, denoising_end=0.6, **one) for i in range(2)]
+        latents = [f.result(timeout=120) for f in bases]
+        refined = [engine.submit(seed=i, image=latents[i], denoising_start=0.6, **one) for i in range(2)]
+        refined = [f.result(timeout=120) for f in refined]
+    for i in range(2):
+        base = pipe.generate(seeds=[i], denoising_end=0.6, **solo)
+        assert rel_err(latents[i], base[0]) <= 1e-5
+        assert rel_err(refined[i], pipe.generate(seeds=[i], image=base, denoising_start=0.6, **solo)[0]) <= 1e-5

@@ -546,3 +546,19 @@ def test_flux_inpainting_one_image_for_two_seeds_equals_diffusers(tmp_path, mode
     got = pipe.generate(image=images, mask_image=masks, steps=4, seeds=SEEDS, encoder_hidden_states=ctx,
                         text_embeds=pooled, progress=False)
     assert rel_err(_pack(got), want) <= 2e-5
+
+
+def test_flux_control_reads_tensors_as_images_in_either_range(tmp_path):
+    """A [0, 1] tensor, its [-1, 1] form and the PIL image give one result (the VAE encodes [-1, 1]); sizes that are
+    not whole latent pixels are refused by name."""
+    pipe, _ = _control_pair(tmp_path)
+    g = torch.Generator().manual_seed(2)
+    kw = dict(steps=2, seeds=SEEDS, encoder_hidden_states=torch.randn(2, 5, 12, generator=g),
+              text_embeds=torch.randn(2, 10, generator=g), progress=False)
+    pixels = np.random.default_rng(3).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    unit = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
+    want = pipe.generate(control_image=pixels, **kw)  # (uint8 arrays: pixels, as PIL images)
+    assert rel_err(pipe.generate(control_image=unit, **kw), want) <= 1e-6
+    assert rel_err(pipe.generate(control_image=unit * 2 - 1, **kw), want) <= 1e-6
+    with pytest.raises(BadArgumentError, match="control_image: expected a height and width that are multiples of 2"):
+        pipe.generate(control_image=torch.rand(2, 3, 15, 16), **kw)

@@ -56,7 +56,7 @@ def flux_single_config(state: dict) -> FluxConfig:
 
 
 def convert_flux_single(state: dict, config: FluxConfig) -> dict[str, torch.Tensor]:
-    r = Renamer(_keys(state), "FLUX single file (Depth / Canny / LoRA-merged extras are not supported)")
+    r = Renamer(_keys(state), "FLUX single file (LoRA-merged extras are not supported)")
     inner = config.inner_dim
     r.linear("time_text_embed.timestep_embedder.linear_1", "time_in.in_layer")
     r.linear("time_text_embed.timestep_embedder.linear_2", "time_in.out_layer")

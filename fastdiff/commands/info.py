@@ -191,7 +191,8 @@ def _conditioning(spec) -> str:
         parts.append(f"text_embeds (B, {spec.text_embeds_dim}), the pooled text embedding")
     if spec.guidance_input:
         parts.append("guidance (the distilled-guidance strength, default " + (
-            "30)" if spec.inpainting else "3.5; 7 with an image to edit or inpaint)"))
+            "30)" if spec.inpainting else "3.5)" if spec.latent_control else
+            "3.5; 7 with an image to edit or inpaint)"))
     if spec.inpainting:
         parts.append("image and mask_image (an inpainting network)")
     return ", ".join(parts) or "nothing (unconditional)"

@@ -311,9 +311,11 @@ class Engine:
                 image_rows, height, width = self._control_request(control_image, options, height, width)
             inpainting = getattr(getattr(self.pipe, "spec", None), "inpainting", False)  # (needs image and mask)
             if image is not None or strength is not None or mask_image is not None or inpainting:
-                rows, strength, height, width = self._image_request(image, strength, mask_image, steps, height, width)
+                rows, strength, height, width = self._image_request(image, strength, mask_image, steps, height, width,
+                                                                    options.get("denoising_start") is not None)
                 image_rows = {**(image_rows or {}), **rows}
-                options = {**options, "strength": strength}  # (shared by a batch: its grid starts there)
+                if strength is not None:
+                    options = {**options, "strength": strength}  # (shared by a batch: its grid starts there)
             added = dict(text_embeds=text_embeds, negative_text_embeds=negative_text_embeds, time_ids=time_ids,
                          negative_time_ids=negative_time_ids,
                          guidance=None if guidance is None else [finite_number("guidance", guidance)])
@@ -360,10 +362,11 @@ class Engine:
         # the queue notifies those too (the worker does it for those it takes)
         fut.set_running_or_notify_cancel()
 
-    def _image_request(self, image, strength, mask_image, steps, height, width):
+    def _image_request(self, image, strength, mask_image, steps, height, width, refines: bool = False):
         """One request's rows for generate(): its image (C, H, W) in [0, 1] (or latents, as generate() takes them),
         and its mask (1, H, W) when it inpaints; its strength (the model's default for None, so that both batch
-        together) and the latent size it fixes; a strength that leaves no step fails now."""
+        together; None for a refiner run, ``refines``, which denoising_start places) and the latent size it fixes; a
+        strength that leaves no step fails now."""
         pipe = self.pipe
         images, given_latents = pipe._img2img_images(image, strength, None)  # (k, C, H, W)
         masks = pipe._inpaint_masks(mask_image, images, given_latents)  # (k, 1, H, W) or None
@@ -371,7 +374,9 @@ class Engine:
             if rows is not None and rows.shape[0] != 1:
                 raise BadArgumentError(f"{name}: expected one {name.split('_')[-1]} per request, found {rows.shape[0]}")
         _, height, width = pipe._img2img_size(images, 1, height, width, given_latents)
-        strength, _ = pipe._img2img_strength(strength, _as_int("steps", steps, minimum=1), inpaints=masks is not None)
+        if not refines:
+            strength, _ = pipe._img2img_strength(strength, _as_int("steps", steps, minimum=1),
+                                                 inpaints=masks is not None)
         rows = {"image": images[0].clone()}
         if masks is not None:
             rows["mask_image"] = masks[0].clone()
