@@ -138,7 +138,7 @@ def control_images(control, control_image, count: Optional[int] = None) -> torch
             raise BadArgumentError(f"control_image: expected 1 or {n} images per ControlNet, found "
                                    f"{[p.shape[0] for p in parts]}")
         return torch.stack([p.expand(n, -1, -1, -1) for p in parts], dim=1)
-    from .img2img import unit_images
+    from .img2img import check_whole_pixels, unit_images
 
     try:
         images = unit_images(control_image, control.conditioning_channels, raw=True)
@@ -146,11 +146,7 @@ def control_images(control, control_image, count: Optional[int] = None) -> torch
         message = str(e)
         raise BadArgumentError("control_image:" + message[len("image:"):] if message.startswith("image:")
                                else message) from None
-    f = control.image_downscale
-    if images.shape[2] % f or images.shape[3] % f:
-        raise BadArgumentError(f"control_image: expected a height and width that are multiples of {f} (the "
-                               f"ControlNet's downscale; fastdiff does not resize), found "
-                               f"{images.shape[2]}x{images.shape[3]}")
+    check_whole_pixels(images, control.image_downscale, "control_image", "the ControlNet's")
     return images
 
 

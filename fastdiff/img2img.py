@@ -55,6 +55,14 @@ def start_index(steps: int, strength, flow: bool) -> int:
     return t_start
 
 
+def check_whole_pixels(images: torch.Tensor, f: int, name: str, whose: str) -> None:
+    """BadArgumentError unless (k, C, H, W) ``images`` span whole latent pixels of ``f`` pixels each (``whose``
+    downscale: "the VAE's", ...): fastdiff does not resize."""
+    if images.shape[2] % f or images.shape[3] % f:
+        raise BadArgumentError(f"{name}: expected a height and width that are multiples of {f} ({whose} downscale; "
+                               f"fastdiff does not resize), found {images.shape[2]}x{images.shape[3]}")
+
+
 def unit_images(image, channels: int, raw: bool = False) -> torch.Tensor:
     """``image`` (see the module docstring) -> float32 (B, channels, H, W) in [0, 1], the form generate() takes
     tensors in (the Engine stacks its requests' images so). ``raw``: float arrays and tensors are taken as they are

@@ -749,17 +749,13 @@ class Pipeline:
             if control_image is None:
                 raise BadArgumentError("control_image: this FLUX.1 Depth / Canny transformer reads a control image's "
                                        "latents beside its own: expected one, found none")
-            from .img2img import unit_images
+            from .img2img import check_whole_pixels, unit_images
 
             try:  # (an image its VAE encodes: read as img2img's, [-1, 1] arrays and tensors too)
                 images = unit_images(control_image, control_format.conditioning_channels)
             except BadArgumentError as e:
                 raise BadArgumentError("control_image" + str(e)[len("image"):]) from None
-            f = control_format.image_downscale
-            if images.shape[2] % f or images.shape[3] % f:
-                raise BadArgumentError(f"control_image: expected a height and width that are multiples of {f} (the "
-                                       f"VAE's downscale; fastdiff does not resize), found "
-                                       f"{images.shape[2]}x{images.shape[3]}")
+            check_whole_pixels(images, control_format.image_downscale, "control_image", "the VAE's")
             return images
         if control_format is None:
             changed = (["control_image"] if control_image is not None else []) + [
@@ -904,12 +900,11 @@ class Pipeline:
         """The images repeated to the batch, and the latent size they fix."""
         if images.shape[0] not in (1, b):
             raise BadArgumentError(f"image: expected {_one_or(b)} images (one per sample), found {images.shape[0]}")
+        from .img2img import check_whole_pixels
+
         f = 1 if self.vae is None or given_latents else self.vae.downscale
-        big_h, big_w = images.shape[2:]
-        if big_h % f or big_w % f:
-            raise BadArgumentError(f"image: expected a height and width that are multiples of {f} (the VAE's "
-                                   f"downscale; fastdiff does not resize), found {big_h}x{big_w}")
-        h, w = big_h // f, big_w // f
+        check_whole_pixels(images, f, "image", "the VAE's")
+        h, w = images.shape[2] // f, images.shape[3] // f
         if (height is not None and height != h) or (width is not None and width != w):
             raise BadArgumentError(f"height / width: the image fixes the latent size to {h}x{w}, found "
                                    f"{height}x{width}")

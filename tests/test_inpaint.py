@@ -183,17 +183,15 @@ def test_an_exported_inpainting_graph_inpaints_like_eager(sd_inpaint, tmp_path, 
         assert rel_err(ort.generate(**kw), eager.generate(**kw)) <= 1e-5
 
 
-def test_cli_generate_inpaints_an_image(tmp_path):
-    """``fastdiff generate MODEL --image IN.png --mask MASK.png`` writes what generate(image=, mask_image=) returns
-    (an unconditional inpainting UNet, so no text encoders are needed); its mistakes are one line and exit 2."""
+def unconditional_inpainting_folder(tmp_path, in_channels: int):
+    """(a folder of a tiny unconditional UNet with ``in_channels`` (9: an inpainting one; 4: a regular one), a DDIM
+    scheduler and a VAE; an image and a mask as uint8 arrays, also written to tmp_path / in.png and mask.png): what
+    the CLI inpaints without text encoders."""
     from PIL import Image
-    from safetensors.torch import load_file
-
-    from test_cli import fastdiff as run_cli
 
     torch.manual_seed(0)
-    unet = perturb_(diffusers.UNet2DModel(sample_size=8, in_channels=9, out_channels=4, block_out_channels=(16, 32),
-                                          layers_per_block=1, norm_num_groups=8,
+    unet = perturb_(diffusers.UNet2DModel(sample_size=8, in_channels=in_channels, out_channels=4,
+                                          block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
                                           down_block_types=("DownBlock2D", "DownBlock2D"),
                                           up_block_types=("UpBlock2D", "UpBlock2D")).eval(), 0)
     folder = _folder(tmp_path / "model", "unet", unet, diffusers.DDIMScheduler.from_config(SD_SCHEDULER),
@@ -203,6 +201,17 @@ def test_cli_generate_inpaints_an_image(tmp_path):
     mask[4:12, 2:9] = 255
     Image.fromarray(pixels).save(tmp_path / "in.png")
     Image.fromarray(mask).save(tmp_path / "mask.png")
+    return folder, pixels, mask
+
+
+def test_cli_generate_inpaints_an_image(tmp_path):
+    """``fastdiff generate MODEL --image IN.png --mask MASK.png`` writes what generate(image=, mask_image=) returns
+    (an unconditional inpainting UNet, so no text encoders are needed); its mistakes are one line and exit 2."""
+    from safetensors.torch import load_file
+
+    from test_cli import fastdiff as run_cli
+
+    folder, pixels, mask = unconditional_inpainting_folder(tmp_path, 9)
     r = run_cli("generate", folder, "--image", "in.png", "--mask", "mask.png", "--steps", "3", "--n", "1", "--seed",
                 "7", "--output-latents", "lat.safetensors", "--no-progress", cwd=tmp_path)
     assert r.returncode == 0, r.stderr

@@ -299,20 +299,9 @@ def test_sd3_inpaints_as_diffusers(tmp_path, strength, cfg):
 def test_flux_inpaints_as_diffusers(tmp_path):
     """FLUX.1's inpainting pipeline: packed latents (the paste is element-wise: packing changes nothing), the
     resolution's shift, distilled guidance, default strength 0.6."""
-    from test_flux import DEV, DEV_SCHEDULER, _pack, _reference as flux_reference
-    from test_img2img import _folder
-    from test_vae import SD_VAE, _reference as vae_reference
+    from test_flux import _pack
 
-    from helpers import diffusers_pipeline
-
-    transformer = flux_reference(DEV)
-    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**DEV_SCHEDULER)
-    vae = vae_reference(dict(SD_VAE, scaling_factor=0.3611, shift_factor=0.1159), seed=2)
-    pipe = fastdiff.load(_folder(tmp_path, "transformer", transformer, scheduler, vae, "FluxPipeline"))
-    ref = diffusers_pipeline("FluxInpaintPipeline")(transformer=transformer, scheduler=scheduler, vae=vae,
-                                                    text_encoder=None, tokenizer=None, text_encoder_2=None,
-                                                    tokenizer_2=None)
-    ref.set_progress_bar_config(disable=True)
+    pipe, ref = _flux_pair(tmp_path, "FluxInpaintPipeline", "FluxPipeline")
     g = torch.Generator().manual_seed(2)
     ctx, pooled = torch.randn(2, 5, 12, generator=g), torch.randn(2, 10, generator=g)
     images, masks = _images(), _masks()
@@ -324,26 +313,14 @@ def test_flux_inpaints_as_diffusers(tmp_path):
     assert rel_err(_pack(got), want) <= 2e-5
 
 
-def test_cli_generate_inpaints_with_a_regular_model(sd_parts, tmp_path):
+def test_cli_generate_inpaints_with_a_regular_model(tmp_path):
     """``fastdiff generate MODEL --image IN.png --mask MASK.png`` on a regular model writes generate()'s result."""
-    from PIL import Image
     from safetensors.torch import load_file
 
     from test_cli import fastdiff as run_cli
+    from test_inpaint import unconditional_inpainting_folder
 
-    unet = diffusers.UNet2DModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32),
-                                 layers_per_block=1, norm_num_groups=8, down_block_types=("DownBlock2D", "DownBlock2D"),
-                                 up_block_types=("UpBlock2D", "UpBlock2D")).eval()
-    from test_img2img import _folder
-    from test_vae import SD_VAE, _reference as vae_reference
-
-    folder = _folder(tmp_path / "model", "unet", unet, diffusers.DDIMScheduler.from_config(SD_SCHEDULER),
-                     vae_reference(SD_VAE, seed=2), "StableDiffusionInpaintPipeline")
-    pixels = (np.random.default_rng(1).random((16, 16, 3)) * 255).astype(np.uint8)
-    mask = np.zeros((16, 16), np.uint8)
-    mask[4:12, 2:9] = 255
-    Image.fromarray(pixels).save(tmp_path / "in.png")
-    Image.fromarray(mask).save(tmp_path / "mask.png")
+    folder, pixels, mask = unconditional_inpainting_folder(tmp_path, 4)
     r = run_cli("generate", folder, "--image", "in.png", "--mask", "mask.png", "--steps", "3", "--n", "1", "--seed",
                 "7", "--output-latents", "lat.safetensors", "--no-progress", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -351,25 +328,29 @@ def test_cli_generate_inpaints_with_a_regular_model(sd_parts, tmp_path):
     assert torch.equal(load_file(str(tmp_path / "lat.safetensors"))["latents"], want)
 
 
-def _fill_pair(tmp_path):
-    """(fastdiff's pipeline of a tiny FLUX.1 Fill transformer, diffusers' FluxFillPipeline on the same parts): the
-    transformer takes the latents' 16 packed channels, the masked image's 16 and the mask's 16 (a VAE with 2 pixels
-    per latent pixel: a 2x2 mask block per latent pixel, packed 2x2)."""
+def _flux_pair(tmp_path, pipeline: str, index: str = None, **config):
+    """(fastdiff's pipeline of a tiny FLUX.1 dev transformer (test_flux's DEV with ``config``), diffusers'
+    ``pipeline`` on the same parts); the folder's model index names ``index`` (default: ``pipeline``)."""
     from test_flux import DEV, DEV_SCHEDULER, _reference as flux_reference
     from test_img2img import _folder
     from test_vae import SD_VAE, _reference as vae_reference
 
     from helpers import diffusers_pipeline
 
-    transformer = flux_reference(dict(DEV, in_channels=48, out_channels=16))
+    transformer = flux_reference(dict(DEV, **config))
     scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**DEV_SCHEDULER)
     vae = vae_reference(dict(SD_VAE, scaling_factor=0.3611, shift_factor=0.1159), seed=2)
-    pipe = fastdiff.load(_folder(tmp_path, "transformer", transformer, scheduler, vae, "FluxFillPipeline"))
-    ref = diffusers_pipeline("FluxFillPipeline")(transformer=transformer, scheduler=scheduler, vae=vae,
-                                                 text_encoder=None, tokenizer=None, text_encoder_2=None,
-                                                 tokenizer_2=None)
+    pipe = fastdiff.load(_folder(tmp_path, "transformer", transformer, scheduler, vae, index or pipeline))
+    ref = diffusers_pipeline(pipeline)(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=None,
+                                       tokenizer=None, text_encoder_2=None, tokenizer_2=None)
     ref.set_progress_bar_config(disable=True)
     return pipe, ref
+
+
+def _fill_pair(tmp_path):
+    """FLUX.1 Fill: the transformer takes the latents' 16 packed channels, the masked image's 16 and the mask's 16 (a
+    VAE with 2 pixels per latent pixel: a 2x2 mask block per latent pixel, packed 2x2)."""
+    return _flux_pair(tmp_path, "FluxFillPipeline", in_channels=48, out_channels=16)
 
 
 @pytest.mark.parametrize("strength, guidance", [(None, None), (0.7, 12.0)])
@@ -429,23 +410,8 @@ def test_flux_fill_and_control_through_onnx_runtime_and_a_captured_loop_equal_ea
 
 
 def _control_pair(tmp_path):
-    """(fastdiff's pipeline of a tiny FLUX.1 Depth / Canny-style transformer, diffusers' FluxControlPipeline on the
-    same parts): the transformer takes the latents' 16 packed channels and the control image latents' 16."""
-    from test_flux import DEV, DEV_SCHEDULER, _reference as flux_reference
-    from test_img2img import _folder
-    from test_vae import SD_VAE, _reference as vae_reference
-
-    from helpers import diffusers_pipeline
-
-    transformer = flux_reference(dict(DEV, in_channels=32, out_channels=16))
-    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**DEV_SCHEDULER)
-    vae = vae_reference(dict(SD_VAE, scaling_factor=0.3611, shift_factor=0.1159), seed=2)
-    pipe = fastdiff.load(_folder(tmp_path, "transformer", transformer, scheduler, vae, "FluxControlPipeline"))
-    ref = diffusers_pipeline("FluxControlPipeline")(transformer=transformer, scheduler=scheduler, vae=vae,
-                                                    text_encoder=None, tokenizer=None, text_encoder_2=None,
-                                                    tokenizer_2=None)
-    ref.set_progress_bar_config(disable=True)
-    return pipe, ref
+    """FLUX.1 Depth / Canny: the transformer takes the latents' 16 packed channels and the control image latents'."""
+    return _flux_pair(tmp_path, "FluxControlPipeline", in_channels=32, out_channels=16)
 
 
 def test_flux_depth_and_canny_equal_flux_control_pipeline(tmp_path):
@@ -521,23 +487,9 @@ def test_one_image_for_several_samples_is_encoded_once_as_diffusers_does(tmp_pat
 @pytest.mark.parametrize("model", ["fill", "flux"])
 def test_flux_inpainting_one_image_for_two_seeds_equals_diffusers(tmp_path, model):
     """FluxFillPipeline and FluxInpaintPipeline encode one given image once too (the first generator's draw)."""
-    from test_flux import DEV, DEV_SCHEDULER, _pack, _reference as flux_reference
-    from test_img2img import _folder
-    from test_vae import SD_VAE, _reference as vae_reference
+    from test_flux import _pack
 
-    from helpers import diffusers_pipeline
-
-    if model == "fill":
-        pipe, ref = _fill_pair(tmp_path)
-    else:
-        transformer = flux_reference(DEV)
-        scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**DEV_SCHEDULER)
-        vae = vae_reference(dict(SD_VAE, scaling_factor=0.3611, shift_factor=0.1159), seed=2)
-        pipe = fastdiff.load(_folder(tmp_path, "transformer", transformer, scheduler, vae, "FluxPipeline"))
-        ref = diffusers_pipeline("FluxInpaintPipeline")(transformer=transformer, scheduler=scheduler, vae=vae,
-                                                        text_encoder=None, tokenizer=None, text_encoder_2=None,
-                                                        tokenizer_2=None)
-        ref.set_progress_bar_config(disable=True)
+    pipe, ref = _fill_pair(tmp_path) if model == "fill" else _flux_pair(tmp_path, "FluxInpaintPipeline", "FluxPipeline")
     g = torch.Generator().manual_seed(2)
     ctx, pooled = torch.randn(2, 5, 12, generator=g), torch.randn(2, 10, generator=g)
     images, masks = _images(1), _masks(1)

@@ -319,7 +319,7 @@ class Flux(nn.Module):
                                    f"{tuple(x.shape)}")
         if (image_latents is None) != (not c.condition_channels) or (
                 image_latents is not None and tuple(image_latents.shape) != (b, c.condition_channels, hgt, wid)):
-            raise BadArgumentError(f"image_latents: expected " + (
+            raise BadArgumentError("image_latents: expected " + (
                 f"({b}, {c.condition_channels}, {hgt}, {wid}) (FLUX.1 Fill's / Depth's / Canny's conditioning)"
                 if c.condition_channels else "none (this transformer takes the latents alone)") + ", found "
                 + ("none" if image_latents is None else str(tuple(image_latents.shape))))
