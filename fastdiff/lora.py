@@ -14,7 +14,8 @@ Files (safetensors only; a folder means its ``pytorch_lora_weights.safetensors``
   key, else the rank (scale 1), as diffusers reads them.
 * kohya (sd-scripts): ``lora_unet_<module, dots as underscores>.lora_down.weight`` / ``lora_up.weight`` / ``.alpha``;
   ``lora_te_`` / ``lora_te1_`` / ``lora_te2_`` for the text encoders. Module names in diffusers' layout (SD 1.x /
-  2.x); names of the original LDM layout (SDXL's ``input_blocks_...``) are refused by name.
+  2.x), or in the original LDM layout (SDXL's ``input_blocks_...`` / ``middle_block_...`` / ``output_blocks_...``,
+  mapped through the single-file reader's renaming).
 
 Not read: DoRA (``use_dora``), LoKr / LoHa, and ``.bin`` pickles.
 """
