@@ -15,7 +15,8 @@ Files (safetensors only; a folder means its ``pytorch_lora_weights.safetensors``
 * kohya (sd-scripts): ``lora_unet_<module, dots as underscores>.lora_down.weight`` / ``lora_up.weight`` / ``.alpha``;
   ``lora_te_`` / ``lora_te1_`` / ``lora_te2_`` for the text encoders. Module names in diffusers' layout (SD 1.x /
   2.x), or in the original LDM layout (SDXL's ``input_blocks_...`` / ``middle_block_...`` / ``output_blocks_...``,
-  mapped through the single-file reader's renaming).
+  mapped through the single-file reader's renaming); FLUX.1 files in BFL's layout (``lora_unet_double_blocks_...``,
+  ``fastdiff.lora_flux``).
 
 Not read: DoRA (``use_dora``), LoKr / LoHa, and ``.bin`` pickles.
 """
@@ -32,6 +33,7 @@ from typing import Optional
 import torch
 
 from .errors import BadArgumentError, CheckpointError, UnsupportedConfigError
+from .lora_flux import bfl_layers, is_bfl_name
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weights writes
 # diffusers' component prefixes -> fastdiff's parts: the network, or a text encoder by its folder name
@@ -152,9 +154,12 @@ def _read_kohya(state: dict) -> dict:
             raise UnsupportedConfigError("LoRA key", name, supported="kohya keys lora_unet_* / lora_te*_* with "
                                          "lora_down.weight, lora_up.weight and alpha (LoKr / LoHa are not read)")
         alpha = state.get(f"{name}.alpha")
-        # the module, dots as underscores: resolved against the part's own module names when merged
-        layers[(KOHYA_PREFIXES[prefix], "~" + name[len(prefix) + 1:])] = LoraLayer(
-            down, up, None if alpha is None else float(alpha))
+        layer = LoraLayer(down, up, None if alpha is None else float(alpha))
+        module, part = name[len(prefix) + 1:], KOHYA_PREFIXES[prefix]
+        if part == "network" and is_bfl_name(module):  # FLUX.1 in BFL's layout: diffusers' layers, fused ones split
+            layers.update({(part, target): sub for target, sub in bfl_layers(module, layer)})
+        else:  # the module, dots as underscores: resolved against the part's own module names when merged
+            layers[(part, "~" + module)] = layer
     return layers
 
 
