@@ -1,6 +1,6 @@
-"""kohya / sd-scripts LoRAs for FLUX.1, named after Black Forest Labs' layers (``lora_unet_double_blocks_0_img_attn_qkv``,
-``lora_unet_single_blocks_3_linear1``, ...): each update mapped onto fastdiff's layers (diffusers' names), as
-diffusers' ``_convert_kohya_flux_lora_to_diffusers`` maps them.
+"""kohya / sd-scripts LoRAs for FLUX.1, named after Black Forest Labs' layers
+(``lora_unet_double_blocks_0_img_attn_qkv``, ``lora_unet_single_blocks_3_linear1``, ...): each update mapped onto
+fastdiff's layers (diffusers' names), as diffusers' ``_convert_kohya_flux_lora_to_diffusers`` maps them.
 
 BFL fuses layers diffusers keeps apart: a double block's ``qkv`` (q, k, v: equal thirds) and a single block's
 ``linear1`` (q, k, v and the MLP's input: 3 x inner + 4 x inner rows). A fused update ``up @ down`` splits by rows
