@@ -24,7 +24,8 @@ LAYERS = {"double_blocks_0_img_attn_qkv": (48, 16), "double_blocks_0_img_attn_pr
           "double_blocks_0_txt_mlp_2": (16, 64), "double_blocks_0_txt_mod_lin": (96, 16),
           "single_blocks_0_linear1": (112, 16), "single_blocks_0_linear2": (16, 80),
           "single_blocks_0_modulation_lin": (48, 16), "img_in": (16, 16), "txt_in": (16, 16),
-          "time_in_in_layer": (16, 256), "vector_in_in_layer": (16, 8), "guidance_in_out_layer": (16, 16),
+          "time_in_in_layer": (16, 256), "time_in_out_layer": (16, 16), "vector_in_in_layer": (16, 8),
+          "vector_in_out_layer": (16, 16), "guidance_in_in_layer": (16, 256), "guidance_in_out_layer": (16, 16),
           "final_layer_linear": (16, 16), "final_layer_adaLN_modulation_1": (32, 16)}
 
 
@@ -57,7 +58,13 @@ def test_a_kohya_flux_lora_merges_where_diffusers_converter_puts_it(tmp_path):
     flux = perturb_(diffusers.FluxTransformer2DModel(**CONFIG).eval(), 0)
     flux.save_pretrained(tmp_path)
     kohya = _kohya_flux()
-    converted = _diffusers_converter()({k: v.clone() for k, v in kohya.items()})
+    try:
+        converted = _diffusers_converter()({k: v.clone() for k, v in kohya.items()})
+    except ValueError as e:  # (diffusers 0.33's converter reads no alphas on the embedders and the final layer)
+        if "Incompatible keys" not in str(e):
+            raise
+        pytest.skip(f"diffusers {diffusers.__version__}'s kohya FLUX.1 converter refuses alphas on the embedders and "
+                    f"the final layer")
     # (the converter leaves some top-level layers without the transformer. prefix its loader adds)
     converted = {k if k.startswith("transformer.") else "transformer." + k: v for k, v in converted.items()}
 
