@@ -444,8 +444,8 @@ class Pipeline:
             options (``fastdiff.controlnet``), once ``set_controlnet`` has given the pipeline a ControlNet. Defaults
             follow diffusers' pipeline for the task: scale 1.0, 0.8 with an image to edit (and strength 0.8, SDXL
             too), 0.5 with a mask on SD (1.0 on SDXL). FLUX.1 Depth / Canny (``spec.latent_control``) take the
-            control image alone, encoded by the VAE from [0, 1] as FluxControlPipeline encodes PIL images (a tensor
-            too: diffusers hands tensors to the VAE unnormalised).
+            control image alone, read as ``image`` is (float arrays and tensors in [0, 1], or [-1, 1]) and encoded
+            by the VAE as FluxControlPipeline encodes PIL images (diffusers hands a tensor to the VAE as it is).
         denoising_end / denoising_start: SDXL's ensemble of expert denoisers, as diffusers' SDXL pipelines
             (``fastdiff.experts``): with ``denoising_end`` the run stops after the steps whose training timestep is
             >= round(T (1 - end)) and returns its state (diffusers' noisy latents), not x0; with
