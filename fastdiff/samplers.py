@@ -293,9 +293,9 @@ def _eps_coeffs(h: float, s_next: float):
 
 
 @torch.no_grad()
-def _dpm_multistep(denoiser, x, sigmas, *, extra_args, noise, callback, after_step, order: int, eta: float,
+def _dpm_multistep(denoiser, x, sigmas, *, extra_args, noise, callback, order: int, eta: float,
                    s_noise: float, solver_type: str, lower_order_final: bool, euler_at_final: bool, predict_x0: bool,
-                   diffusers_sde3: bool):
+                   diffusers_sde3: bool, after_step=None):
     if order not in (1, 2, 3):
         raise BadArgumentError(f"order: expected 1, 2 or 3, found {order!r}")
     if solver_type not in ("midpoint", "heun"):
