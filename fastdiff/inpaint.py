@@ -153,5 +153,5 @@ def latent_masks(masks: torch.Tensor, size: tuple) -> torch.Tensor:
     return F.interpolate(masks, size=tuple(size))
 
 
-__all__ = ["unit_masks", "masked_images", "encode_given", "image_latents", "fill_image_latents", "default_strength", "DEFAULT_STRENGTH",
-           "KnownRegion", "latent_masks"]
+__all__ = ["unit_masks", "masked_images", "encode_given", "image_latents", "fill_image_latents", "default_strength",
+           "DEFAULT_STRENGTH", "KnownRegion", "latent_masks"]

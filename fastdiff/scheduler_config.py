@@ -180,6 +180,7 @@ class SamplingPlan:
         (lower orders on its last steps) lie past the cut and are switched off; a third-order solver cut one step
         short of the end would take one, and is refused."""
         from .experts import latents_scale
+        from .samplers import COUNTS_ALL_STEPS
         from .sampling import sampler_options
 
         if not 0 < k < self.steps:
@@ -189,8 +190,6 @@ class SamplingPlan:
             value = options.get(name)
             if value is not None:
                 options[name] = list(value)[:k + (len(value) > self.steps)]
-        from .samplers import COUNTS_ALL_STEPS
-
         accepted = sampler_options(self.sampler)
         # (DPM-Solver++ / DEIS drop order near the end of runs under 15 steps only; UniPC in any run)
         drops = self.steps < 15 or self.sampler not in COUNTS_ALL_STEPS
