@@ -444,8 +444,10 @@ class Pipeline:
             options (``fastdiff.controlnet``), once ``set_controlnet`` has given the pipeline a ControlNet. Defaults
             follow diffusers' pipeline for the task: scale 1.0, 0.8 with an image to edit (and strength 0.8, SDXL
             too), 0.5 with a mask on SD (1.0 on SDXL). FLUX.1 Depth / Canny (``spec.latent_control``) take the
-            control image alone, read as ``image`` is (float arrays and tensors in [0, 1], or [-1, 1]) and encoded
-            by the VAE as FluxControlPipeline encodes PIL images (diffusers hands a tensor to the VAE as it is).
+            control image without a scale or window, read as ``image`` is (float arrays and tensors in [0, 1], or
+            [-1, 1]) and encoded by the VAE as FluxControlPipeline encodes PIL images (diffusers hands a tensor to
+            the VAE as it is); with ``image`` (and ``mask_image``) as FluxControlImg2ImgPipeline (and
+            FluxControlInpaintPipeline), its posterior drawn before the image's.
         denoising_end / denoising_start: SDXL's ensemble of expert denoisers, as diffusers' SDXL pipelines
             (``fastdiff.experts``): with ``denoising_end`` the run stops after the steps whose training timestep is
             >= round(T (1 - end)) and returns its state (diffusers' noisy latents), not x0; with
@@ -551,9 +553,13 @@ class Pipeline:
         # (both CFG passes share it; FluxImg2Img / FluxInpaintPipeline default to 7, FluxPipeline to 3.5)
         cond.update(guidance_conditioning(self.spec, b, guidance, self.device, edits=images is not None))
         denoiser = plan.make_denoiser(self.runner, dtype=self._network_dtype())
+        blends = masks is not None and not self.spec.inpainting  # a regular model: the image pasted back per step
         if control is not None and self.spec.latent_control:  # FLUX.1 Depth / Canny: the posteriors, then the noise
+            if blends and self.vae is not None:  # FluxControlInpaintPipeline encodes the (unread) masked image first
+                noise.subset(0, given_rows[1]).randn(shape)
             cond["image_latents"] = self._control_latents(control, b, noise).to(self._network_dtype())
-            latents = noise.randn(shape) if latents is None else latents
+            if images is None:  # (FluxControlImg2Img / Inpaint: the image's posterior and the noise come below)
+                latents = noise.randn(shape) if latents is None else latents
         elif control is not None:
             from .controlnet import ControlWindow, check_control_options, control_inputs
 
@@ -587,7 +593,6 @@ class Pipeline:
         if self.loop_graphs is not None and callback is not None:
             raise BadArgumentError("callback: a captured sampling loop (graph_scope='loop') runs no Python per "
                                    "step; use graph_scope='step' to get per-step callbacks")
-        blends = masks is not None and not self.spec.inpainting  # a regular model: the image pasted back per step
         if images is not None:  # the posterior draws come first, then the start noise (diffusers' order)
             # (an inpainting UNet at strength 1 starts from noise alone: its pipeline encodes no image then;
             # FluxFillPipeline encodes it whatever the strength)
@@ -603,8 +608,8 @@ class Pipeline:
             from .inpaint import image_latents, latent_masks
 
             if blends:  # (an inpainting network alone reads the masked image, but diffusers draws its posterior)
-                if self.vae is not None:  # (the encoder's draw: one (C, h, w) per masked image, as VAE.encode makes it)
-                    noise.subset(0, given_rows[1]).randn(shape)
+                if self.vae is not None and not self.spec.latent_control:  # (the encoder's draw: one (C, h, w) per
+                    noise.subset(0, given_rows[1]).randn(shape)  # masked image, as VAE.encode makes it)
                 extra[KNOWN_REGION] = dict(clean=clean, noise=start_noise, mask=latent_masks(masks, (h, w)).to(
                     self.device))
             elif self.spec.kind == "flux":  # FLUX.1 Fill: (b, C + f*f, h, w), shared by both CFG passes
@@ -708,9 +713,6 @@ class Pipeline:
         if latents is not None:
             raise BadArgumentError("image / latents: expected one of them, found both (img2img draws its own start "
                                    "noise from the seeds)")
-        if self.spec.latent_control:
-            raise BadArgumentError("image: FLUX.1 Depth / Canny with an image to edit or inpaint (diffusers' "
-                                   "FluxControlImg2ImgPipeline / FluxControlInpaintPipeline) is not implemented")
         from .img2img import check_strength, unit_images
 
         if strength is not None:
@@ -880,8 +882,8 @@ class Pipeline:
 
         if strength is None:
             strength = default_inpaint_strength(self.spec) if inpaints else default_strength(self.spec)
-            if self._control_format() is not None and not inpaints:
-                strength = 0.8  # (diffusers' ControlNet img2img pipelines, SDXL's too: 0.8)
+            if self._control_format() is not None and not inpaints and not self.spec.latent_control:
+                strength = 0.8  # (diffusers' ControlNet img2img pipelines, SDXL's too: 0.8; FluxControlImg2Img 0.6)
         return float(strength), start_index(steps, strength, self.spec.prediction_type == "flow_prediction")
 
     def _clean_latents(self, images: torch.Tensor, given_latents: bool, noise, rows: Optional[int] = None):

@@ -388,10 +388,10 @@ def test_flux_transformers_with_unknown_extra_channels_are_refused_by_name():
     assert FluxConfig(in_channels=128, out_channels=64).condition_channels == 16  # FLUX.1 Depth / Canny dev
 
 
-@pytest.mark.parametrize("kind", ["fill", "control"])
+@pytest.mark.parametrize("kind", ["fill", "control", "control_inpaint"])
 def test_flux_fill_and_control_through_onnx_runtime_and_a_captured_loop_equal_eager(tmp_path, kind):
     """The Fill / Depth conditioning is one more graph input (``image_latents``, C + f*f or C channels) for the
-    exporter, and a loop input for a captured loop."""
+    exporter, and a loop input for a captured loop (Depth's with a known region pasted back too)."""
     pytest.importorskip("onnxruntime", reason="the exported graph runs on ONNX Runtime")
     pytest.importorskip("onnx", reason="the exporter needs onnx")
     from test_graph_scopes import FakeGraph
@@ -400,7 +400,8 @@ def test_flux_fill_and_control_through_onnx_runtime_and_a_captured_loop_equal_ea
     g = torch.Generator().manual_seed(2)
     kw = dict(steps=3, seeds=SEEDS, encoder_hidden_states=torch.randn(2, 5, 12, generator=g),
               text_embeds=torch.randn(2, 10, generator=g), progress=False)
-    kw.update(dict(image=_images(), mask_image=_masks()) if kind == "fill" else dict(control_image=_images()))
+    kw.update(dict(image=_images(), mask_image=_masks()) if kind != "control" else {})
+    kw.update(dict(control_image=_images(seed=5)) if kind != "fill" else {})
     want = eager.generate(**kw)
     ort = fastdiff.load(str(tmp_path)).optimize(backend="onnxruntime")
     assert rel_err(ort.generate(**kw), want) <= 1e-5
@@ -441,9 +442,44 @@ def test_flux_depth_and_canny_equal_flux_control_pipeline(tmp_path):
     assert rel_err(one, pipe.generate(control_image=images[::-1], **kw)) > 1e-3
     for bad, match in ((dict(control_image=None), "expected one, found none"),
                        (dict(control_image=images, controlnet_conditioning_scale=0.5), "a ControlNet's options"),
-                       (dict(control_image=images, image=_images()), "FluxControlImg2ImgPipeline .* not implemented")):
+                       (dict(control_image=images, image=_images(), denoising_end=0.5), "with a control image")):
         with pytest.raises(BadArgumentError, match=match):
             pipe.generate(**{**kw, **bad})
+
+
+@pytest.mark.parametrize("task, strength, guidance", [("img2img", None, None), ("img2img", 0.8, 5.0),
+                                                       ("inpaint", None, None), ("inpaint", 1.0, 5.0)])
+def test_flux_depth_and_canny_edit_and_inpaint_as_diffusers(tmp_path, task, strength, guidance):
+    """FluxControlImg2ImgPipeline / FluxControlInpaintPipeline: the control image's posterior is drawn before the
+    image's (and after the masked image's, which inpainting encodes first and never reads); defaults strength 0.6
+    and guidance 7."""
+    from PIL import Image
+
+    from helpers import diffusers_pipeline
+    from test_flux import _pack
+
+    pipe, control_ref = _control_pair(tmp_path)
+    ref = diffusers_pipeline("FluxControlImg2ImgPipeline" if task == "img2img" else "FluxControlInpaintPipeline")(
+        **control_ref.components)
+    ref.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(2)
+    ctx, pooled = torch.randn(2, 5, 12, generator=g), torch.randn(2, 10, generator=g)
+    rng = np.random.default_rng(3)  # (PIL: diffusers hands a control tensor to the VAE as it is, unshifted)
+    control = [Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)) for _ in range(2)]
+    images, masks = _images(), _masks()
+    edit = dict(image=images.clone()) if task == "img2img" else dict(image=images.clone(), mask_image=masks.clone())
+    options = {k: v for k, v in dict(strength=strength, guidance_scale=guidance).items() if v is not None}
+    want = ref(control_image=control, num_inference_steps=6, height=16, width=16, prompt_embeds=ctx,
+               pooled_prompt_embeds=pooled, generator=_generators(), output_type="latent", **edit, **options).images
+    kw = dict(steps=6, seeds=SEEDS, encoder_hidden_states=ctx, text_embeds=pooled, strength=strength,
+              guidance=guidance, progress=False)
+    got = pipe.generate(control_image=control, **edit, **kw)
+    assert rel_err(_pack(got), want) <= 2e-5
+    # the control image, the image and the mask each reach the result
+    assert rel_err(got, pipe.generate(control_image=control[::-1], **edit, **kw)) > 1e-3
+    assert rel_err(got, pipe.generate(control_image=control, **{**edit, "image": 1 - images}, **kw)) > 1e-3
+    if task == "inpaint":
+        assert rel_err(got, pipe.generate(control_image=control, **{**edit, "mask_image": 1 - masks}, **kw)) > 1e-3
 
 
 def test_engine_flux_control_requests_equal_their_solo_runs(tmp_path):
@@ -456,10 +492,16 @@ def test_engine_flux_control_requests_equal_their_solo_runs(tmp_path):
                                  text_embeds=pooled[0]) for i in range(3)]
         results = [f.result(timeout=120) for f in futures]
         assert engine.stats()["batch_size_hist"] == {3: 1}
+        # a FluxControlInpaint request: its own solo run
+        inpaint = dict(image=_images(1)[0], mask_image=_masks(1)[0])
+        results.append(engine.submit(seed=3, control_image=images[0], steps=3, encoder_hidden_states=ctx[0],
+                                     text_embeds=pooled[0], **inpaint).result(timeout=120))
     for i, got in enumerate(results):
-        want = pipe.generate(seeds=[i], control_image=images[i], steps=3, encoder_hidden_states=ctx,
-                             text_embeds=pooled, progress=False)[0]
+        want = pipe.generate(seeds=[i], control_image=images[i % 3], steps=3, encoder_hidden_states=ctx,
+                             text_embeds=pooled, progress=False, **(inpaint if i == 3 else {}))[0]
         assert rel_err(got, want) <= 1e-5
+    assert rel_err(results[3], pipe.generate(seeds=[3], control_image=images[0], steps=3, encoder_hidden_states=ctx,
+                                             text_embeds=pooled, progress=False)[0]) > 1e-3
 
 
 @pytest.mark.parametrize("in_channels", [4, 9])
