@@ -396,7 +396,8 @@ class Pipeline:
                  prompt_3=None, negative_prompt_2=None, negative_prompt_3=None, mask_image=None, control_image=None,
                  controlnet_conditioning_scale: Optional[float] = None, control_guidance_start: float = 0.0,
                  control_guidance_end: float = 1.0, guess_mode: bool = False,
-                 denoising_end: Optional[float] = None, denoising_start: Optional[float] = None, **sampler_options):
+                 denoising_end: Optional[float] = None, denoising_start: Optional[float] = None,
+                 padding_mask_crop: Optional[int] = None, **sampler_options):
         """Sample ``n`` images (latents for latent models).
 
         sampler / schedule: a fastdiff sampler name (``dpmpp_2m``, ``unipc``, ``ddim``, ...) and sigma
@@ -438,6 +439,10 @@ class Pipeline:
             inpainting UNets, which need it) reads the mask and the masked image; any other model has the kept part
             of the image pasted back after every step. strength defaults to theirs: 1.0 for SD (pure noise), 0.9999
             for SDXL, 0.6 for SD3 / FLUX.1.
+        padding_mask_crop: inpaint only a box around the mask, this many pixels wider on each side and grown to the
+            output's aspect ratio, resized to the output size (``height`` / ``width``, default the model's), then
+            pasted back into the image (``fastdiff.mask_crop``, as diffusers' ``padding_mask_crop``): one PIL image
+            and one PIL mask, ``output_type="pil"``; the results have the image's own size.
         control_image / controlnet_conditioning_scale / control_guidance_start / control_guidance_end / guess_mode:
             a ControlNet's conditioning image (one, or one per sample; PIL and uint8 pixels in [0, 1], float arrays and
             tensors as they are; not resized: its size fixes the output's) and diffusers' ControlNet pipelines'
@@ -465,6 +470,15 @@ class Pipeline:
         if output_type not in OUTPUT_TYPES:
             raise BadArgumentError(f"output_type: expected one of {OUTPUT_TYPES}, found {output_type!r}")
         guidance_rescale = finite_number("guidance_rescale", guidance_rescale)
+        crop = None  # padding_mask_crop: the crop inpainted in place of the image, then pasted back
+        if padding_mask_crop is not None:
+            from .mask_crop import crop_to_mask
+
+            f = 1 if self.vae is None else self.vae.downscale
+            crop = crop_to_mask(image, mask_image, padding_mask_crop, output_type,
+                                tuple(f * v for v in self._size(height, width)))
+            image, mask_image = crop.image, crop.mask
+            control_image = None if control_image is None else crop.control(control_image)
         latents = _as_latents(latents)
         # (k, C, H, W): images in [0, 1], or (given_latents) a latent model's latents as generate() returns them
         images, given_latents = self._img2img_images(image, strength, latents)
@@ -642,7 +656,7 @@ class Pipeline:
                 bar.close()
         if output_type != "tensor" and self.vae is not None and self.spec.in_channels not in (1, 3):
             x = self.decode(x)  # latents -> images, as diffusers' pipelines do for "pil" / "np"
-        return _to_output(x, output_type)
+        return _to_output(x, output_type) if crop is None else crop.overlay(_to_output(x, output_type))
 
     def _sample_loop_graph(self, plan, denoiser, latents, extra, noise, guidance) -> torch.Tensor:
         """The whole loop from a captured graph, padded to the batch bucket (graph_scope="loop").

@@ -90,6 +90,10 @@ def register(sub) -> None:
     p.add_argument("--mask", default=None, metavar="MASK.png",
                    help="with --image: inpaint; white repaints, black keeps (read in grayscale, at --image's size). "
                         "An inpainting UNet reads it; any other model has the kept part pasted back after each step")
+    p.add_argument("--padding-mask-crop", type=int, default=None, metavar="PX",
+                   help="with --mask: inpaint only a box around the mask, PX pixels wider on each side, at the model's "
+                        "size (or --height / --width), and paste it back into --image (diffusers' padding_mask_crop); "
+                        "the PNG keeps --image's size")
     p.add_argument("--strength", type=float, default=None, metavar="S",
                    help="with --image: the share of the steps that run, in (0, 1] (default: the model's diffusers "
                         "img2img pipeline's: 0.8 SD, 0.3 SDXL, 0.6 SD3 / FLUX.1); 1 keeps nothing of the image")
@@ -302,10 +306,16 @@ def _validate(args) -> None:
         raise BadArgumentError("--strength: given without --image (it is image-to-image's)")
     if args.denoising_start is not None and args.image is None:
         raise BadArgumentError("--denoising-start: given without --image LATENTS.safetensors (a base run's latents)")
-    if args.image is not None and (args.height is not None or args.width is not None):
+    if args.image is not None and (args.height is not None or args.width is not None) and (
+            args.padding_mask_crop is None):
         raise BadArgumentError("--height / --width: the --image fixes the size")
     if args.mask is not None and args.image is None:
         raise BadArgumentError("--mask: given without --image; inpainting repaints part of an image")
+    if args.padding_mask_crop is not None and args.mask is None:
+        raise BadArgumentError("--padding-mask-crop: given without --mask (it crops around the mask)")
+    if args.padding_mask_crop is not None and args.output_latents is not None:
+        raise BadArgumentError("--output-latents: the latents of a --padding-mask-crop run are the crop's, not the "
+                               "image's; write the PNG alone")
     control_flags = [f for f, given in (("--control-image", args.control_image is not None),
                                         ("--controlnet-scale", args.controlnet_scale is not None),
                                         ("--control-start", args.control_start != 0.0),
@@ -447,6 +457,8 @@ def run(args) -> int:
             inputs[name] = getattr(args, name)
     if args.mask is not None:
         inputs["mask_image"] = _read_image(args.mask, "--mask")
+    if args.padding_mask_crop is not None:  # (generate() pastes the crop back into PIL images)
+        inputs.update(padding_mask_crop=args.padding_mask_crop, output_type="pil")
     if args.control_image is not None:
         images = [_read_image(path, "--control-image") for path in args.control_image]
         inputs.update(control_image=images if len(images) > 1 else images[0],
@@ -461,14 +473,18 @@ def run(args) -> int:
     t_opt = time.perf_counter() - t0
 
     t0 = time.perf_counter()
+    inputs.setdefault("output_type", "tensor")
     x = pipe.generate(n=args.n, steps=args.steps, sampler=args.sampler, schedule=args.schedule, cfg_scale=args.cfg,
                       class_labels=args.class_labels, seed=args.seed, height=args.height, width=args.width,
-                      output_type="tensor", progress=not args.no_progress, **inputs)
+                      progress=not args.no_progress, **inputs)
     sync(device)
     t_sample = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    images = pipe.decode(x) if decoded else x
+    if inputs["output_type"] == "pil":  # (decoded and pasted back already)
+        x = images = _signed_pixels(x)
+    else:
+        images = pipe.decode(x) if decoded else x
     try:
         written = _write_outputs(args, x, images, is_image)
     except (OSError, RuntimeError) as e:  # a folder that exists but refuses files (/proc); safetensors' own errors
@@ -481,6 +497,15 @@ def run(args) -> int:
         print(path)
     print(f"load {t_load:.2f}s | optimise {t_opt:.2f}s | sample {t_sample:.2f}s | decode {t_decode:.2f}s")
     return 0
+
+
+def _signed_pixels(pictures: list):
+    """PIL images (one size) -> (B, 3, H, W) in [-1, 1], which the PNG writer turns back into the same bytes."""
+    import numpy as np
+    import torch
+
+    return torch.stack([torch.from_numpy(np.array(im.convert("RGB"))) for im in pictures]).permute(
+        0, 3, 1, 2).float() / 127.5 - 1
 
 
 def _write_outputs(args, x, images, is_image: bool) -> list:
