@@ -139,7 +139,12 @@ _NETWORK_DTYPE_INPUTS = ("encoder_hidden_states", "text_embeds", "image_latents"
 def control_format(model: nn.Module) -> Optional[dict]:
     """The control image a UNet exported with its ControlNet takes (None for any other network)."""
     from fastdiff.models.controlnet import ControlledUNet
+    from fastdiff.models.flux_controlnet import ControlledFlux
 
+    if isinstance(model, ControlledFlux):
+        raise UnsupportedConfigError("controlnet", type(model.controlnet).__name__, supported="ControlNetModel (a "
+                                     "UNet's); a FLUX.1 ControlNet runs eager, compiled or in captured graphs",
+                                     model="ONNX exporter")
     if not isinstance(model, ControlledUNet):
         return None
     nets = getattr(model.controlnet, "nets", None)
@@ -246,9 +251,9 @@ def _unpack(pipe_or_model, spec):
     if isinstance(model, nn.Module) and hasattr(pipe_or_model, "spec"):
         controlnet = getattr(pipe_or_model, "controlnet", None)
         if controlnet is not None:  # one graph of both networks, with the control inputs
-            from fastdiff.models.controlnet import ControlledUNet
+            from fastdiff.models.controlnet import controlled
 
-            model = ControlledUNet(model, controlnet)
+            model = controlled(model, controlnet)
         return model, spec if spec is not None else pipe_or_model.spec
     if isinstance(pipe_or_model, nn.Module):
         if spec is None:

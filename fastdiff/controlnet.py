@@ -111,15 +111,20 @@ def check_control_options(scale, start, end, guess_mode, count: int = 1) -> tupl
     return scales, starts, ends, guess_mode
 
 
-def control_images(control, control_image, count: Optional[int] = None) -> torch.Tensor:
+def control_images(control, control_image, count: Optional[int] = None, raw: bool = True,
+                   rows_first: bool = True) -> torch.Tensor:
     """float32 control images in [0, 1] for ``control`` (what drives the network: ``conditioning_channels``,
     ``image_downscale``): (k, C, H, W) for one ControlNet; for ``count`` of them (diffusers' MultiControlNetModel)
     one entry per ControlNet (each an image or a batch of them; or a (k, count, C, H, W) tensor, how the Engine
-    stacks its requests' rows), as (k, count, C, H, W)."""
+    stacks its requests' rows), as (k, count, C, H, W). ``raw``: float arrays and tensors as they are (a UNet
+    ControlNet's processor does not normalise); else read as img2img reads images ([-1, 1] ones shifted).
+    ``rows_first``: nested lists are one list per sample (SD's ControlNet pipelines transpose them); else one list
+    per ControlNet, as FluxControlNetPipeline reads them."""
     if count is not None:
         if torch.is_tensor(control_image) and control_image.dim() == 5:
             control_image = list(control_image.unbind(1))
-        elif isinstance(control_image, (list, tuple)) and control_image and isinstance(control_image[0], (list, tuple)):
+        elif rows_first and isinstance(control_image, (list, tuple)) and control_image and isinstance(
+                control_image[0], (list, tuple)):
             # nested lists are one list per sample, one image per ControlNet each: transposed, as diffusers does
             if len({len(row) for row in control_image}) > 1:
                 raise BadArgumentError(f"control_image: expected one image per ControlNet for every sample, found "
@@ -129,7 +134,7 @@ def control_images(control, control_image, count: Optional[int] = None) -> torch
             raise BadArgumentError(f"control_image: expected a list of {count} images, one per ControlNet (each an "
                                    f"image or one per sample), found {type(control_image).__name__}"
                                    + (f" of {len(control_image)}" if isinstance(control_image, (list, tuple)) else ""))
-        parts = [control_images(control, image) for image in control_image]
+        parts = [control_images(control, image, raw=raw) for image in control_image]
         if len({p.shape[1:] for p in parts}) > 1:
             raise BadArgumentError(f"control_image: expected the ControlNets' images at one size, found "
                                    f"{[tuple(p.shape[2:]) for p in parts]}")
@@ -141,7 +146,7 @@ def control_images(control, control_image, count: Optional[int] = None) -> torch
     from .img2img import check_whole_pixels, unit_images
 
     try:
-        images = unit_images(control_image, control.conditioning_channels, raw=True)
+        images = unit_images(control_image, control.conditioning_channels, raw=raw)
     except BadArgumentError as e:  # (its messages name img2img's argument)
         message = str(e)
         raise BadArgumentError("control_image:" + message[len("image:"):] if message.startswith("image:")

@@ -131,33 +131,41 @@ class Pipeline:
         import copy
 
         from .models.controlnet import ControlNet
+        from .models.flux import Flux
+        from .models.flux_controlnet import FluxControlNet
         from .models.unet import UNet
 
         self._require_model("set_controlnet()")
         if controlnet is not None:
-            if not isinstance(self.model, UNet) or not self.model.config.conditional:
+            flux = isinstance(self.model, Flux)
+            if not flux and (not isinstance(self.model, UNet) or not self.model.config.conditional):
                 raise BadArgumentError(f"set_controlnet: a ControlNet drives a text-conditioned UNet (SD 1.x / 2.x / "
-                                       f"SDXL), and this model is a {self.spec.kind} "
+                                       f"SDXL) or a FLUX.1 transformer, and this model is a {self.spec.kind} "
                                        f"{type(self.model).__name__}")
             from .checkpoints.controlnet import load_controlnet
             from .models.controlnet import MultiControlNet
+            from .models.flux_controlnet import MultiFluxControlNet, check_fits
 
             several = isinstance(controlnet, (list, tuple))
-            nets = [copy.deepcopy(c) if isinstance(c, ControlNet) else load_controlnet(c, variant=variant)
-                    for c in (controlnet if several else [controlnet])]
+            nets = [copy.deepcopy(c) if isinstance(c, (ControlNet, FluxControlNet)) else
+                    load_controlnet(c, variant=variant) for c in (controlnet if several else [controlnet])]
             if not nets:
                 raise BadArgumentError("set_controlnet: expected a ControlNet or a list of them, found an empty list")
             for net in nets:
-                _check_controlnet_fits(net, self.model)
-            controlnet = MultiControlNet(nets) if several else nets[0]
+                if isinstance(net, FluxControlNet) != flux:
+                    raise BadArgumentError(f"set_controlnet: a {type(net).__name__} cannot drive a "
+                                           f"{type(self.model).__name__} (FLUX.1 ControlNets drive FLUX.1, "
+                                           f"ControlNetModels drive text UNets)")
+                check_fits(net, self.model) if flux else _check_controlnet_fits(net, self.model)
+            controlnet = (MultiFluxControlNet if flux else MultiControlNet)(nets) if several else nets[0]
             controlnet = controlnet.to(device=self.device, dtype=self._network_dtype())
         previous = self.controlnet
         self.controlnet = controlnet
         try:
             if self.config is None:
-                from .models.controlnet import ControlledUNet
+                from .models.controlnet import controlled
 
-                runner, notes = (self.model if controlnet is None else ControlledUNet(self.model, controlnet)), []
+                runner, notes = (self.model if controlnet is None else controlled(self.model, controlnet)), []
             else:  # the same optimisations around the new network (the captured loops were of the old one)
                 from .runtime.runners import build_runner
 
@@ -397,7 +405,7 @@ class Pipeline:
                  controlnet_conditioning_scale: Optional[float] = None, control_guidance_start: float = 0.0,
                  control_guidance_end: float = 1.0, guess_mode: bool = False,
                  denoising_end: Optional[float] = None, denoising_start: Optional[float] = None,
-                 padding_mask_crop: Optional[int] = None, **sampler_options):
+                 padding_mask_crop: Optional[int] = None, control_mode=None, **sampler_options):
         """Sample ``n`` images (latents for latent models).
 
         sampler / schedule: a fastdiff sampler name (``dpmpp_2m``, ``unipc``, ``ddim``, ...) and sigma
@@ -453,6 +461,11 @@ class Pipeline:
             [-1, 1]) and encoded by the VAE as FluxControlPipeline encodes PIL images (diffusers hands a tensor to
             the VAE as it is); with ``image`` (and ``mask_image``) as FluxControlImg2ImgPipeline (and
             FluxControlInpaintPipeline), its posterior drawn before the image's.
+        control_mode: a FLUX.1 Union ControlNet's control type (an int; one per ControlNet for several), as
+            FluxControlNetPipeline's. A FLUX.1 ControlNet (``set_controlnet`` of a FluxControlNetModel folder) reads
+            the control image's VAE latents (read as ``image`` is; each sample's posterior drawn before its start
+            noise), with diffusers' scale and step window (no guess mode); guidance defaults to 7 there, as
+            FluxControlNetPipeline's. Not with true CFG (cfg_scale) or an image to edit.
         denoising_end / denoising_start: SDXL's ensemble of expert denoisers, as diffusers' SDXL pipelines
             (``fastdiff.experts``): with ``denoising_end`` the run stops after the steps whose training timestep is
             >= round(T (1 - end)) and returns its state (diffusers' noisy latents), not x0; with
@@ -525,8 +538,8 @@ class Pipeline:
             strength, t_start = self._img2img_strength(strength, plan.steps, inpaints=masks is not None)
             pure_noise = masks is not None and strength == 1.0
             plan = plan if pure_noise else plan.from_step(t_start)
-        elif latents is None:  # (FLUX.1 Depth / Canny: after the control image's posterior draws, below)
-            latents = None if self.spec.latent_control else noise.randn(shape)
+        elif latents is None:  # (FLUX.1 Depth / Canny and ControlNets: after the control image's posteriors, below)
+            latents = None if self.spec.latent_control or self._flux_controlnet() else noise.randn(shape)
         else:
             latents = torch.as_tensor(latents, dtype=torch.float32, device=self.device)
             if tuple(latents.shape) != (b,) + shape:
@@ -565,7 +578,8 @@ class Pipeline:
         cond.update(added)
         uncond.update(added_uncond)
         # (both CFG passes share it; FluxImg2Img / FluxInpaintPipeline default to 7, FluxPipeline to 3.5)
-        cond.update(guidance_conditioning(self.spec, b, guidance, self.device, edits=images is not None))
+        cond.update(guidance_conditioning(self.spec, b, guidance, self.device,
+                                          edits=images is not None or self._flux_controlnet()))
         denoiser = plan.make_denoiser(self.runner, dtype=self._network_dtype())
         blends = masks is not None and not self.spec.inpainting  # a regular model: the image pasted back per step
         if control is not None and self.spec.latent_control:  # FLUX.1 Depth / Canny: the posteriors, then the noise
@@ -585,10 +599,18 @@ class Pipeline:
             scales, starts, ends, _ = check_control_options(controlnet_conditioning_scale, control_guidance_start,
                                                             control_guidance_end, guess_mode,
                                                             getattr(control_format, "count", None) or 1)
+            if self._flux_controlnet():  # the control images' latents, each sample's posterior before its noise
+                control = self._flux_control_latents(control, b, noise, guided, images, masks)
+                latents = noise.randn(shape) if latents is None else latents
             added, added_uncond = control_inputs(control, b, plan, scales, starts, ends, guess_mode, guided,
                                                  self.device, self._network_dtype())
             cond.update(added)
             uncond.update(added_uncond)
+            if self._flux_controlnet():
+                cond.update(self._control_modes(control_mode, b))
+            elif control_mode is not None:
+                raise BadArgumentError("control_mode: a FLUX.1 Union ControlNet's control type; this pipeline's "
+                                       "ControlNet takes none")
             denoiser = ControlWindow(denoiser)
         extra = dict(cond)
         if getattr(self.runner, "cfg_folded", False):  # an exported graph that guides inside: one call of batch B
@@ -786,7 +808,12 @@ class Pipeline:
             raise BadArgumentError("control_image: this pipeline is driven by a ControlNet: expected its conditioning "
                                    "image, found none" + (" (pipe.set_controlnet(None) takes the ControlNet away)"
                                                           if self.controlnet is not None else ""))
-        return control_images(control_format, control_image, count)
+        if getattr(control_format, "latent", False) and guess_mode:
+            raise BadArgumentError("guess_mode: FluxControlNetPipeline has none (a FLUX.1 ControlNet guides the "
+                                   "transformer's one pass)")
+        # (a FLUX.1 ControlNet's image is encoded by the VAE: read as img2img's, [-1, 1] arrays and tensors too)
+        latent = getattr(control_format, "latent", False)
+        return control_images(control_format, control_image, count, raw=not latent, rows_first=not latent)
 
     def _train_steps(self) -> int:
         return int(self.spec.scheduler.get("num_train_timesteps", 1000))
@@ -821,8 +848,8 @@ class Pipeline:
             raise BadArgumentError(f"control_image: expected {_one_or(b)} images (one per sample), found "
                                    f"{control.shape[0]}")
         if self.vae is None or self.vae.encoder is None:
-            raise BadArgumentError("control_image: FLUX.1 Depth / Canny reads its control image's VAE latents, and "
-                                   "this pipeline " + ("has no VAE (fastdiff.load(..., vae='AutoencoderKL folder'))"
+            raise BadArgumentError("control_image: this model reads its control image's VAE latents (FLUX.1 Depth / "
+                                   "Canny, a FLUX.1 ControlNet), and this pipeline " + ("has no VAE (fastdiff.load(..., vae='AutoencoderKL folder'))"
                                                   if self.vae is None else "VAE's weights carry only the decoder"))
         return self.vae.encode(control.expand(b, -1, -1, -1) * 2 - 1, noise=noise)
 
@@ -839,6 +866,9 @@ class Pipeline:
         if self.spec.latent_control:
             return types.SimpleNamespace(conditioning_channels=3, image_downscale=getattr(self.vae, "downscale", 8),
                                          latent=True)
+        if self._flux_controlnet():  # (its image is encoded by the VAE, as FLUX.1 Depth's)
+            return types.SimpleNamespace(conditioning_channels=3, image_downscale=getattr(self.vae, "downscale", 8),
+                                         latent=True, count=self.controlnet.count, global_pool_conditions=False)
         if self.controlnet is not None:
             nets = getattr(self.controlnet, "nets", None)
             return self.controlnet if nets is None else types.SimpleNamespace(
@@ -848,6 +878,48 @@ class Pipeline:
         io = getattr(self.runner, "io", None)
         control = io.get("control") if isinstance(io, dict) else None
         return None if control is None else types.SimpleNamespace(**control)
+
+    def _flux_control_latents(self, control: torch.Tensor, b: int, noise, guided: bool, images, masks):
+        """A FLUX.1 ControlNet's input: the control images (k, [K,] 3, H, W) in [0, 1] encoded by the VAE, (b, [K,]
+        C, h, w), ControlNet by ControlNet, each sample's posterior from its own generator (FluxControlNetPipeline's
+        order); what this fastdiff does not run yet is refused by name."""
+        if guided:
+            raise BadArgumentError("cfg_scale: true CFG with a FLUX.1 ControlNet is not implemented (diffusers gives "
+                                   "both passes the conditional pass's ControlNet outputs); use guidance= alone")
+        if images is not None:
+            raise BadArgumentError("image: a FLUX.1 ControlNet with an image to edit or inpaint "
+                                   "(FluxControlNetImg2ImgPipeline / FluxControlNetInpaintPipeline) is not "
+                                   "implemented")
+        if control.dim() == 4:
+            return self._control_latents(control, b, noise)
+        return torch.stack([self._control_latents(control[:, k], b, noise) for k in range(control.shape[1])], dim=1)
+
+    def _control_modes(self, control_mode, b: int) -> dict:
+        """{"control_mode": (b,) or (b, K) int64} for Union ControlNets (one type per ControlNet), {} for none."""
+        nets = getattr(self.controlnet, "nets", [self.controlnet])
+        unions = [net.num_mode for net in nets]
+        modes = control_mode if isinstance(control_mode, (list, tuple)) else [control_mode] * len(nets)
+        if len(modes) != len(nets):
+            raise BadArgumentError(f"control_mode: expected one per ControlNet ({len(nets)}), found {len(modes)}")
+        for mode, top in zip(modes, unions):
+            if top is None and mode is not None:
+                raise BadArgumentError(f"control_mode: given ({mode!r}) for a FLUX.1 ControlNet that is not a Union "
+                                       f"one (it has no control types)")
+            if top is not None and (isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode < top):
+                raise BadArgumentError(f"control_mode: this Union ControlNet takes a control type, an int in [0, "
+                                       f"{top}), found {mode!r}")
+        if all(top is None for top in unions):
+            return {}
+        # (a tensor input: a captured loop takes another type without a recapture; 0 for a net without types)
+        t = torch.tensor([0 if m is None else m for m in modes], dtype=torch.int64, device=self.device)
+        several = getattr(self.controlnet, "nets", None) is not None
+        return {"control_mode": t[None].expand(b, -1).contiguous() if several else t.expand(b).contiguous()}
+
+    def _flux_controlnet(self) -> bool:
+        """Whether a FLUX.1 ControlNet drives the network."""
+        from .models.flux_controlnet import FluxControlNet, MultiFluxControlNet
+
+        return isinstance(self.controlnet, (FluxControlNet, MultiFluxControlNet))
 
     def _control_size(self, control: torch.Tensor, height, width) -> tuple[int, int]:
         """The latent size a control image fixes (checked against any height / width given)."""

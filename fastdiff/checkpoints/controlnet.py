@@ -20,6 +20,7 @@ from .diffusers_unet import convert_diffusers_unet
 from .io import read_json
 
 CLASS_NAME = "ControlNetModel"
+FLUX_CLASS_NAME = "FluxControlNetModel"
 
 
 def controlnet_config(config: dict) -> tuple[UNetConfig, dict]:
@@ -36,14 +37,17 @@ def controlnet_config(config: dict) -> tuple[UNetConfig, dict]:
 
 
 def load_controlnet(folder: str, variant: Optional[str] = None, dtype: Optional[torch.dtype] = None,
-                    device="cpu") -> ControlNet:
-    """A ControlNet from a diffusers ControlNetModel folder (its weights checked key by key)."""
+                    device="cpu"):
+    """A ControlNet from a diffusers ControlNetModel folder, or a FLUX.1 ControlNet from a FluxControlNetModel one
+    (its weights checked key by key)."""
     path = os.path.expanduser(str(folder))
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
-        raise BadArgumentError(f"controlnet: expected a diffusers ControlNetModel folder (config.json + weights), "
-                               f"found {folder!r}")
+        raise BadArgumentError(f"controlnet: expected a diffusers ControlNetModel or FluxControlNetModel folder "
+                               f"(config.json + weights), found {folder!r}")
     config = read_json(config_path)
+    if config.get("_class_name") == FLUX_CLASS_NAME:
+        return _load_flux_controlnet(path, config, variant, dtype, device)
     unet_config, own = controlnet_config(config)
     with torch.device("meta"):
         model = ControlNet(unet_config, **own)
@@ -51,11 +55,37 @@ def load_controlnet(folder: str, variant: Optional[str] = None, dtype: Optional[
     return strict_load(model, state, f"ControlNet {path}", dtype=dtype, device=device).eval()
 
 
-def diffusers_config(net: ControlNet) -> dict:
+def _load_flux_controlnet(path: str, config: dict, variant, dtype, device):
+    from ..models.flux import FluxConfig
+    from ..models.flux_controlnet import FluxControlNet
+
+    config = dict(config)
+    num_mode = config.pop("num_mode", None)
+    hint = config.pop("conditioning_embedding_channels", None)
+    if hint is not None:
+        raise UnsupportedConfigError("conditioning_embedding_channels", hint, supported=[None],
+                                     model="FluxControlNetModel (XLabs' pixel-space hint encoder is not implemented)")
+    with torch.device("meta"):
+        model = FluxControlNet(FluxConfig.from_diffusers({**config, "_class_name": "FluxTransformer2DModel"}),
+                               num_mode=num_mode)
+    return strict_load(model, find_weights(path, variant), f"FLUX.1 ControlNet {path}", dtype=dtype,
+                       device=device).eval()
+
+
+def _flux_diffusers_config(net) -> dict:
+    out = {"_class_name": FLUX_CLASS_NAME, **{k: v for k, v in net.config.to_dict().items()
+                                            if k not in ("out_channels", "extra")}}
+    out["axes_dims_rope"] = list(out["axes_dims_rope"])
+    return {**out, "num_mode": net.num_mode, "conditioning_embedding_channels": None}
+
+
+def diffusers_config(net) -> dict:
     """``net``'s config.json as diffusers' ControlNetModel reads it: its own fields, and every UNet field it takes or
     that differs from UNet2DConditionModel's default (what fastdiff needs to read the network back)."""
     from ..models.unet import _DIFFUSERS_DEFAULTS
 
+    if not isinstance(net, ControlNet):  # a FLUX.1 ControlNet
+        return _flux_diffusers_config(net)
     c, defaults = net.config, _DIFFUSERS_DEFAULTS["UNet2DConditionModel"]
     out = {"_class_name": CLASS_NAME}
     for key, default in defaults.items():
@@ -82,7 +112,8 @@ def save_controlnet(net: ControlNet, folder: str) -> None:
     from safetensors.torch import save_file
 
     with torch.device("meta"):
-        fresh = ControlNet(net.config, **net.controlnet_config)
+        fresh = ControlNet(net.config, **net.controlnet_config) if isinstance(net, ControlNet) else type(net)(
+            net.config, num_mode=net.num_mode)
     keys = set(fresh.state_dict())  # (the weights alone: no stacked copies of optimised projections)
     os.makedirs(folder, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items() if k in keys}
@@ -106,12 +137,14 @@ def unattachable(folders: list, pipe) -> Optional[str]:
     SD3's or FLUX.1's, or a base model that is not a text UNet), or None."""
     if not folders:
         return None
-    classes = sorted({read_json(os.path.join(f, "config.json")).get("_class_name") for f in folders} - {CLASS_NAME})
     unet = getattr(pipe.model, "config", None) is not None and getattr(pipe.model.config, "conditional", False) \
         and pipe.spec.kind == "unet"
-    if classes or not unet:
-        what = f"{', '.join(str(c) for c in classes)} (fastdiff runs ControlNetModel only)" if classes else \
-            f"a ControlNet for a {pipe.spec.kind} (fastdiff's drive text UNets)"
+    runs = CLASS_NAME if unet else FLUX_CLASS_NAME if pipe.spec.kind == "flux" else None
+    classes = sorted({read_json(os.path.join(f, "config.json")).get("_class_name") for f in folders} - {runs})
+    if classes or runs is None:
+        what = f"{', '.join(str(c) for c in classes)} (fastdiff runs ControlNetModel for text UNets and " \
+               f"FluxControlNetModel for FLUX.1)" if classes else \
+            f"a ControlNet for a {pipe.spec.kind} (fastdiff's drive text UNets and FLUX.1)"
         return (f"the folder's {', '.join(os.path.basename(f) + '/' for f in folders)} holds {what}: not attached; the "
                 f"base model loads alone")
     return None

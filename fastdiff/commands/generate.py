@@ -70,7 +70,8 @@ def register(sub) -> None:
                         "output's, a multiple of the VAE's 8 pixels per latent pixel), noised to --strength; or a "
                         "LATENTS.safetensors a run wrote with --output-latents, taken as latents")
     p.add_argument("--controlnet", action="append", default=None, metavar="FOLDER",
-                   help="drive the UNet with a ControlNet (a diffusers ControlNetModel folder); needs --control-image; "
+                   help="drive the network with a ControlNet (a diffusers ControlNetModel folder for an SD / SDXL "
+                        "UNet, a FluxControlNetModel one for FLUX.1); needs --control-image; "
                         "repeat for several (their outputs add up), each with its own --control-image, in order")
     p.add_argument("--control-image", action="append", default=None, metavar="COND.png",
                    help="with --controlnet: its conditioning image (edges, depth, pose...), not resized: its size is "
@@ -84,6 +85,9 @@ def register(sub) -> None:
                    help="with --controlnet: the share of the steps after which it stops (default 1)")
     p.add_argument("--guess-mode", action="store_true",
                    help="with --controlnet: diffusers' guess mode (the ControlNet guides the conditional pass only)")
+    p.add_argument("--control-mode", action="append", type=int, default=None, metavar="N",
+                   help="with a FLUX.1 Union ControlNet: its control type (canny, depth, pose, ... as the ControlNet "
+                        "numbers them); repeat for several ControlNets, in order")
     p.add_argument("--lora", action="append", default=None, metavar="FILE[:SCALE]",
                    help="merge a LoRA (diffusers / PEFT or kohya safetensors, or a folder with diffusers' file) into "
                         "the weights, at SCALE (default 1); repeat for several")
@@ -317,6 +321,7 @@ def _validate(args) -> None:
         raise BadArgumentError("--output-latents: the latents of a --padding-mask-crop run are the crop's, not the "
                                "image's; write the PNG alone")
     control_flags = [f for f, given in (("--control-image", args.control_image is not None),
+                                        ("--control-mode", args.control_mode is not None),
                                         ("--controlnet-scale", args.controlnet_scale is not None),
                                         ("--control-start", args.control_start != 0.0),
                                         ("--control-end", args.control_end != 1.0), ("--guess-mode", args.guess_mode))
@@ -464,6 +469,8 @@ def run(args) -> int:
         inputs.update(control_image=images if len(images) > 1 else images[0],
                       controlnet_conditioning_scale=args.controlnet_scale, control_guidance_start=args.control_start,
                       control_guidance_end=args.control_end, guess_mode=args.guess_mode)
+        if args.control_mode is not None:  # (a FLUX.1 Union ControlNet's control type; one per ControlNet)
+            inputs["control_mode"] = args.control_mode if len(args.control_mode) > 1 else args.control_mode[0]
 
     t0 = time.perf_counter()
     if args.backend is not None or args.dtype is not None:

@@ -214,4 +214,17 @@ class ControlledUNet(nn.Module):
                          down_residuals=down, mid_residual=mid)
 
 
-__all__ = ["ControlNet", "MultiControlNet", "ControlledUNet", "ConditioningEmbedding", "CONTROLNET_FIELDS"]
+def controlled(model: nn.Module, controlnet: nn.Module) -> nn.Module:
+    """``model`` driven by ``controlnet`` as one network: a ``ControlledUNet``, or a FLUX.1 transformer's
+    ``ControlledFlux``."""
+    from .flux import Flux
+
+    if isinstance(model, Flux):
+        from .flux_controlnet import ControlledFlux
+
+        return ControlledFlux(model, controlnet)
+    return ControlledUNet(model, controlnet)
+
+
+__all__ = ["ControlNet", "MultiControlNet", "ControlledUNet", "ConditioningEmbedding", "CONTROLNET_FIELDS",
+           "controlled"]

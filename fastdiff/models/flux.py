@@ -294,10 +294,12 @@ class Flux(nn.Module):
         self.proj_out = nn.Linear(c.inner_dim, c.latent_channels * PACK * PACK)
 
     def forward(self, x, timestep, class_labels=None, encoder_hidden_states=None, text_embeds=None, time_ids=None,
-                guidance=None, image_latents=None):
+                guidance=None, image_latents=None, block_residuals=None, single_residuals=None):
         """image_latents (B, K, H, W): FLUX.1 Fill's / Depth's / Canny's conditioning channels
         (``config.condition_channels``), packed after the latents' as FluxFillPipeline / FluxControlPipeline
-        concatenate them."""
+        concatenate them. block_residuals / single_residuals: a FLUX.1 ControlNet's outputs, each (B, N, D) (N image
+        tokens), added to the image tokens after the double / single blocks; with fewer outputs than blocks, each
+        serves ceil(blocks / outputs) blocks in turn, as diffusers' transformer spreads them."""
         c = self.config
         if class_labels is not None or time_ids is not None:
             raise BadArgumentError("Flux takes no class_labels / time_ids (it conditions on T5 states, a pooled "
@@ -326,24 +328,48 @@ class Flux(nn.Module):
         gh, gw = hgt // PACK, wid // PACK
         if image_latents is not None:  # packing is per channel: packing the concatenation concatenates the packings
             x = torch.cat([x, image_latents.to(x.dtype)], dim=1)  # (B, C + K, H, W)
-        cin = x.shape[1]
-        packed = x.reshape(b, cin, gh, PACK, gw, PACK).permute(0, 2, 4, 1, 3, 5).reshape(b, gh * gw, cin * PACK * PACK)
-        h = self.x_embedder(packed)  # (B, N, D)
-        t = timestep if torch.is_tensor(timestep) else torch.tensor([float(timestep)], device=x.device)
-        # FluxPipeline hands the transformer t.to(dtype) / 1000, which multiplies by 1000 again: the same roundings
-        t = (t.to(x.device, h.dtype).reshape(-1).expand(b) / 1000) * 1000  # (B,)
-        g = None
-        if guidance is not None:
-            g = torch.as_tensor(guidance, device=x.device).to(h.dtype).reshape(-1).expand(b) * 1000
-        temb_act = F.silu(self.time_text_embed(t, g, text_embeds.to(h.dtype)))  # (B, D)
-        ctx = self.context_embedder(encoder_hidden_states.to(h.dtype))  # (B, L, D)
+        h = self.x_embedder(pack(x))  # (B, N, D)
+        temb_act, ctx = embed_conditioning(self, timestep, guidance, text_embeds, encoder_hidden_states, h)
         rope = rotary_tables(position_ids(ctx.shape[1], gh, gw, x.device), c.axes_dims_rope)  # 2 x (L+N, Dh)
-        for block in self.transformer_blocks:
+        for i, block in enumerate(self.transformer_blocks):
             ctx, h = block(h, ctx, temb_act, rope)
-        for block in self.single_transformer_blocks:
+            h = _with_residual(h, block_residuals, i, len(self.transformer_blocks))
+        for i, block in enumerate(self.single_transformer_blocks):
             ctx, h = block(h, ctx, temb_act, rope)
+            h = _with_residual(h, single_residuals, i, len(self.single_transformer_blocks))
         h = self.proj_out(self.norm_out(h, temb_act))  # (B, N, 4C)
         return h.reshape(b, gh, gw, ch, PACK, PACK).permute(0, 3, 1, 4, 2, 5).reshape(b, ch, hgt, wid)
 
 
-__all__ = ["Flux", "FluxConfig", "flux_dev_config", "rotary_tables", "apply_rotary"]
+def pack(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H/2 * W/2, 4C): each 2x2 patch one token, as FluxPipeline's ``_pack_latents``."""
+    b, cin, hgt, wid = x.shape
+    gh, gw = hgt // PACK, wid // PACK
+    return x.reshape(b, cin, gh, PACK, gw, PACK).permute(0, 2, 4, 1, 3, 5).reshape(b, gh * gw, cin * PACK * PACK)
+
+
+def embed_conditioning(net: nn.Module, timestep, guidance, text_embeds, encoder_hidden_states,
+                       h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(SiLU of the time / guidance / pooled-text embedding (B, D), the text tokens (B, L, D)) of a Flux network
+    (``net``: its ``time_text_embed`` and ``context_embedder``), in the dtype and on the device of the image tokens
+    ``h`` (B, N, D); ``guidance`` is dropped by a network without a guidance embedder."""
+    b, device = h.shape[0], h.device
+    t = timestep if torch.is_tensor(timestep) else torch.tensor([float(timestep)], device=device)
+    # FluxPipeline hands the transformer t.to(dtype) / 1000, which multiplies by 1000 again: the same roundings
+    t = (t.to(device, h.dtype).reshape(-1).expand(b) / 1000) * 1000  # (B,)
+    g = None
+    if guidance is not None and net.time_text_embed.guidance_embedder is not None:
+        g = torch.as_tensor(guidance, device=device).to(h.dtype).reshape(-1).expand(b) * 1000
+    temb_act = F.silu(net.time_text_embed(t, g, text_embeds.to(h.dtype)))  # (B, D)
+    return temb_act, net.context_embedder(encoder_hidden_states.to(h.dtype))  # (B, L, D)
+
+
+def _with_residual(h: torch.Tensor, residuals, i: int, blocks: int) -> torch.Tensor:
+    """h plus the ControlNet output that block ``i`` (of ``blocks``) reads: output i // ceil(blocks / outputs)."""
+    if not residuals:
+        return h
+    return h + residuals[i // -(-blocks // len(residuals))]
+
+
+__all__ = ["Flux", "FluxConfig", "flux_dev_config", "rotary_tables", "apply_rotary", "pack", "embed_conditioning",
+           "position_ids"]

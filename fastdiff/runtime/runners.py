@@ -76,11 +76,11 @@ def build_runner(pipe, config: OptimizeConfig, graph_factory=None) -> tuple[Call
         pipe.model = model
         runner: Callable = model
         if getattr(pipe, "controlnet", None) is not None:  # one network of both: graphs and compile take them together
-            from ..models.controlnet import ControlledUNet
+            from ..models.controlnet import controlled
 
-            for net in getattr(pipe.controlnet, "nets", [pipe.controlnet]):  # (each a UNet: its fusions apply)
+            for net in getattr(pipe.controlnet, "nets", [pipe.controlnet]):  # (each its base's kind: fusions apply)
                 prepare_model(net, config, device, notes)
-            runner = ControlledUNet(model, pipe.controlnet)
+            runner = controlled(model, pipe.controlnet)
         if backend == "compile":
             runner = compile_network(runner, config, device, notes)
             if not graphs_apply:  # one static shape per bucket (graphs pad to buckets themselves)

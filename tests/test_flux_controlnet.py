@@ -1,0 +1,243 @@
+"""FLUX.1 ControlNets (diffusers' FluxControlNetModel: InstantX / Shakker-Labs style, Union ones too): the native
+network against diffusers' with the transformer it drives, and ``set_controlnet`` + ``generate(control_image=...)``
+against FluxControlNetPipeline (one ControlNet, a Union one, several) on the same weights, embeddings, images and
+generators; the same through captured loops, the Engine, a save and a diffusers folder; and what is refused."""
+
+import numpy as np
+import pytest
+import torch
+
+import fastdiff
+from fastdiff.errors import BadArgumentError, UnsupportedConfigError
+from helpers import diffusers_pipeline, perturb_, rel_err
+from test_flux import DEV, _diffusers_call, _image_ids, _pack
+from test_img2img import SEEDS, _generators
+
+diffusers = pytest.importorskip("diffusers", reason="diffusers' FLUX.1 ControlNet and pipeline are the reference")
+
+
+def _controlnet(seed=5, **config):
+    """A tiny FluxControlNetModel for test_flux's DEV transformer (fewer blocks: each output serves several), its
+    zero-initialised layers perturbed so that it changes the result."""
+    torch.manual_seed(seed)
+    return perturb_(diffusers.FluxControlNetModel(**{**DEV, "num_layers": 1, "num_single_layers": 3, **config}).eval(),
+                    seed)
+
+
+def _pictures(n=2, seed=3):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def _text():
+    g = torch.Generator().manual_seed(2)
+    return torch.randn(2, 5, 12, generator=g), torch.randn(2, 10, generator=g)
+
+
+def _pair(tmp_path, nets):
+    """(fastdiff's FLUX.1 dev pipeline driven by ``nets`` (saved as diffusers folders), diffusers'
+    FluxControlNetPipeline on the same parts)."""
+    from test_inpaint_blending import _flux_pair
+
+    pipe, ref = _flux_pair(tmp_path / "pipe", "FluxPipeline")
+    folders = []
+    for i, net in enumerate(nets):
+        net.save_pretrained(tmp_path / f"cn{i}")
+        folders.append(str(tmp_path / f"cn{i}"))
+    pipe.set_controlnet(folders[0] if len(folders) == 1 else folders)
+    controlnet = nets[0] if len(nets) == 1 else diffusers.FluxMultiControlNetModel(nets)
+    ref = diffusers_pipeline("FluxControlNetPipeline")(controlnet=controlnet, **ref.components)
+    ref.set_progress_bar_config(disable=True)
+    return pipe, ref
+
+
+@pytest.mark.parametrize("layers, single, num_mode", [(1, 3, None), (2, 2, None), (1, 0, 4)])
+def test_the_controlled_transformer_equals_diffusers(layers, single, num_mode):
+    """FluxControlNetModel's outputs, each serving ceil(blocks / outputs) transformer blocks (none for the single
+    blocks when it has no single blocks), a Union ControlNet's control type as one more text token."""
+    from fastdiff.models.flux import Flux, FluxConfig
+    from fastdiff.models.flux_controlnet import ControlledFlux, FluxControlNet
+    from test_flux import _reference
+
+    ref = _reference(DEV)
+    cn = _controlnet(num_layers=layers, num_single_layers=single, num_mode=num_mode)
+    flux = Flux(FluxConfig.from_diffusers(dict(ref.config)))
+    flux.load_state_dict(ref.state_dict())
+    net = FluxControlNet(FluxConfig.from_diffusers({**DEV, "num_layers": layers, "num_single_layers": single}),
+                         num_mode=num_mode)
+    net.load_state_dict(cn.state_dict())  # diffusers' names
+    g = torch.Generator().manual_seed(1)
+    x, control = torch.randn(2, 4, 8, 6, generator=g), torch.randn(2, 4, 8, 6, generator=g)
+    ctx, pooled = torch.randn(2, 5, 12, generator=g), torch.randn(2, 10, generator=g)
+    t, guidance, mode = torch.tensor([375.0, 842.0]), torch.tensor([3.5, 5.0]), torch.tensor([2, 1])
+    with torch.no_grad():
+        double, single_out = cn(hidden_states=_pack(x), controlnet_cond=_pack(control), conditioning_scale=0.7,
+                                controlnet_mode=mode[:, None] if num_mode else None, encoder_hidden_states=ctx,
+                                pooled_projections=pooled, timestep=t / 1000, img_ids=_image_ids(8, 6),
+                                txt_ids=torch.zeros(5, 3), guidance=guidance, return_dict=False)
+        want = ref(hidden_states=_pack(x), encoder_hidden_states=ctx, pooled_projections=pooled, timestep=t / 1000,
+                   img_ids=_image_ids(8, 6), txt_ids=torch.zeros(5, 3), guidance=guidance,
+                   controlnet_block_samples=double, controlnet_single_block_samples=single_out).sample
+        kw = dict(encoder_hidden_states=ctx, text_embeds=pooled, guidance=guidance, control_image=control,
+                  control_scale=torch.tensor([0.7, 0.7]), control_mode=mode if num_mode else None)
+        got = ControlledFlux(flux, net)(x, t, **kw)
+        assert rel_err(_pack(got), want) <= 1e-5
+        plain = _diffusers_call(ref, x, t, ctx, pooled, guidance)
+        assert rel_err(got, plain) > 1e-3  # the ControlNet reaches the output
+        assert rel_err(ControlledFlux(flux, net)(x, t, **{**kw, "control_scale": torch.tensor([0.0, 0.0])}),
+                       plain) <= 1e-6  # scale 0: the transformer alone
+        if num_mode:
+            assert rel_err(ControlledFlux(flux, net)(x, t, **{**kw, "control_mode": mode.flip(0)}), got) > 1e-4
+
+
+def test_generate_equals_flux_controlnet_pipeline(tmp_path):
+    """One ControlNet: its images' posteriors drawn before the start noise; scale and step window; guidance 7 by
+    default, as FluxControlNetPipeline's; one image for every sample."""
+    pipe, ref = _pair(tmp_path, [_controlnet()])
+    ctx, pooled = _text()
+    images = _pictures()
+    for options in (dict(), dict(controlnet_conditioning_scale=0.6, control_guidance_start=0.2,
+                                 control_guidance_end=0.7, guidance=4.0)):
+        ref_options = {("guidance_scale" if k == "guidance" else k): v for k, v in options.items()}
+        want = ref(control_image=images, num_inference_steps=5, height=16, width=16, prompt_embeds=ctx,
+                   pooled_prompt_embeds=pooled, generator=_generators(), output_type="latent", **ref_options).images
+        got = pipe.generate(control_image=images, steps=5, seeds=SEEDS, encoder_hidden_states=ctx, text_embeds=pooled,
+                            progress=False, **options)
+        assert rel_err(_pack(got), want) <= 2e-5
+    kw = dict(steps=3, seeds=SEEDS, encoder_hidden_states=ctx, text_embeds=pooled, progress=False)
+    one = pipe.generate(control_image=images[0], **kw)
+    assert rel_err(one[0], pipe.generate(control_image=images, **kw)[0]) <= 1e-6
+    assert rel_err(one, pipe.generate(control_image=images[::-1], **kw)) > 1e-3
+
+
+def test_a_union_controlnet_takes_its_control_mode_as_diffusers(tmp_path):
+    pipe, ref = _pair(tmp_path, [_controlnet(num_mode=5)])
+    ctx, pooled = _text()
+    images = _pictures()
+    want = ref(control_image=images, control_mode=3, num_inference_steps=4, height=16, width=16, prompt_embeds=ctx,
+               pooled_prompt_embeds=pooled, generator=_generators(), output_type="latent").images
+    kw = dict(control_image=images, steps=4, seeds=SEEDS, encoder_hidden_states=ctx, text_embeds=pooled,
+              progress=False)
+    got = pipe.generate(control_mode=3, **kw)
+    assert rel_err(_pack(got), want) <= 2e-5
+    assert rel_err(got, pipe.generate(control_mode=1, **kw)) > 1e-4
+    for mode, match in ((None, "found None"), (5, "found 5"), (True, "found True")):
+        with pytest.raises(BadArgumentError, match=r"control_mode: this Union ControlNet takes a control type, an "
+                                                   r"int in \[0, 5\), " + match):
+            pipe.generate(control_mode=mode, **kw)
+
+
+def test_several_controlnets_equal_flux_multi_controlnet(tmp_path):
+    """FluxMultiControlNetModel: each ControlNet's image encoded in turn (its posteriors, then the next's), its own
+    scale and window; a Union one beside a plain one takes its mode, the other None."""
+    nets = [_controlnet(5, num_mode=4), _controlnet(6)]
+    pipe, ref = _pair(tmp_path, nets)
+    ctx, pooled = _text()
+    first, second = _pictures(), _pictures(seed=4)
+    options = dict(controlnet_conditioning_scale=[0.8, 0.5], control_guidance_start=[0.0, 0.3],
+                   control_guidance_end=[0.8, 1.0])
+    want = ref(control_image=[first, second], control_mode=[2, None], num_inference_steps=5, height=16, width=16,
+               prompt_embeds=ctx, pooled_prompt_embeds=pooled, generator=_generators(), output_type="latent",
+               **options).images
+    kw = dict(steps=5, seeds=SEEDS, encoder_hidden_states=ctx, text_embeds=pooled, progress=False, **options)
+    got = pipe.generate(control_image=[first, second], control_mode=[2, None], **kw)
+    assert rel_err(_pack(got), want) <= 2e-5
+    assert rel_err(got, pipe.generate(control_image=[second, first], control_mode=[2, None], **kw)) > 1e-3
+    with pytest.raises(BadArgumentError, match="control_mode: given \\(1\\) for a FLUX.1 ControlNet that is not a Union"):
+        pipe.generate(control_image=[first, second], control_mode=[2, 1], **kw)
+
+
+def test_captured_loops_and_the_engine_equal_eager(tmp_path):
+    """The control latents, scales, windows and modes are tensor inputs: a captured loop replays them, and Engine
+    requests (batched together) equal their solo runs."""
+    from test_graph_scopes import FakeGraph
+
+    pipe, _ = _pair(tmp_path, [_controlnet(num_mode=4)])
+    ctx, pooled = _text()
+    images = _pictures()
+    kw = dict(steps=3, seeds=SEEDS, encoder_hidden_states=ctx, text_embeds=pooled, progress=False, control_mode=1,
+              controlnet_conditioning_scale=0.8)
+    want = pipe.generate(control_image=images, **kw)
+    graphed = pipe.optimize(cuda_graphs=True, graph_scope="loop", batch_buckets=(2,), graph_factory=FakeGraph)
+    assert rel_err(graphed.generate(control_image=images, **kw), want) <= 1e-5
+    assert rel_err(graphed.generate(control_image=images, **{**kw, "control_mode": 3}), want) > 1e-4
+    with fastdiff.Engine(pipe, max_batch=4, max_wait_ms=50) as engine:
+        futures = [engine.submit(seed=s, control_image=images[i], steps=3, encoder_hidden_states=ctx[0],
+                                 text_embeds=pooled[0], control_mode=1, controlnet_conditioning_scale=0.8)
+                   for i, s in enumerate(SEEDS)]
+        results = [f.result(timeout=120) for f in futures]
+    for i, got in enumerate(results):
+        solo = pipe.generate(control_image=images[i], **{**kw, "seeds": [SEEDS[i]], "encoder_hidden_states": ctx[:1],
+                                                         "text_embeds": pooled[:1]})[0]
+        assert rel_err(got, solo) <= 1e-5
+
+
+def test_a_save_and_a_diffusers_folder_attach_their_controlnets(tmp_path):
+    """``pipe.save`` writes the FLUX.1 ControlNet as a FluxControlNetModel folder beside the model, and
+    ``fastdiff.load`` of that save (or of a diffusers FluxControlNetPipeline folder with controlnet/) attaches it."""
+    pipe, ref = _pair(tmp_path, [_controlnet(num_mode=4)])
+    ctx, pooled = _text()
+    kw = dict(control_image=_pictures(), control_mode=2, steps=3, seeds=SEEDS, encoder_hidden_states=ctx,
+              text_embeds=pooled, progress=False)
+    want = pipe.generate(**kw)
+    pipe.save(str(tmp_path / "saved"))
+    assert rel_err(fastdiff.load(str(tmp_path / "saved")).generate(**kw), want) <= 1e-6
+    ref.save_pretrained(str(tmp_path / "theirs"))
+    assert rel_err(fastdiff.load(str(tmp_path / "theirs")).generate(**kw), want) <= 1e-6
+
+
+def test_what_is_not_implemented_is_refused_by_name(tmp_path):
+    pipe, _ = _pair(tmp_path, [_controlnet()])
+    ctx, pooled = _text()
+    kw = dict(control_image=_pictures(), steps=2, seeds=SEEDS, encoder_hidden_states=ctx, text_embeds=pooled,
+              progress=False)
+    for bad, error, match in (
+            (dict(cfg_scale=3.0, negative_encoder_hidden_states=ctx, negative_text_embeds=pooled), BadArgumentError,
+             "cfg_scale: true CFG with a FLUX.1 ControlNet is not implemented"),
+            (dict(image=_pictures()), BadArgumentError, "FluxControlNetImg2ImgPipeline"),
+            (dict(guess_mode=True), BadArgumentError, "guess_mode: FluxControlNetPipeline has none"),
+            (dict(control_mode=1), BadArgumentError, "not a Union one"),
+            (dict(control_image=None), BadArgumentError, "control_image: this pipeline is driven by a ControlNet")):
+        with pytest.raises(error, match=match):
+            pipe.generate(**{**kw, **bad})
+    pytest.importorskip("onnx", reason="the exporter needs onnx")
+    from fastdiff.export.onnx import export_onnx
+
+    with pytest.raises(UnsupportedConfigError, match="FLUX.1 ControlNet runs eager"):
+        export_onnx(pipe, None, str(tmp_path / "x.onnx"), progress=False)
+
+
+def test_controlnets_for_another_model_are_refused_by_name(tmp_path):
+    """A FLUX.1 ControlNet of other widths, an XLabs one, a UNet's ControlNet on FLUX.1 and FLUX.1's on a UNet."""
+    from fastdiff.checkpoints.controlnet import load_controlnet
+    from test_inpaint_blending import _flux_pair
+
+    pipe, _ = _flux_pair(tmp_path / "pipe", "FluxPipeline")
+    _controlnet(joint_attention_dim=8).save_pretrained(tmp_path / "narrow")
+    with pytest.raises(BadArgumentError, match="made for another transformer; joint_attention_dim: 8"):
+        pipe.set_controlnet(str(tmp_path / "narrow"))
+    _controlnet(conditioning_embedding_channels=16).save_pretrained(tmp_path / "xlabs")
+    with pytest.raises(UnsupportedConfigError, match="conditioning_embedding_channels"):
+        load_controlnet(str(tmp_path / "xlabs"))
+    from test_controlnet import _controlnet as unet_controlnet
+
+    unet_controlnet(5, cross_attention_dim=12).save_pretrained(tmp_path / "unet_cn")
+    with pytest.raises(BadArgumentError, match="a ControlNet cannot drive a Flux"):
+        pipe.set_controlnet(str(tmp_path / "unet_cn"))
+    from test_img2img import SD_SCHEDULER, sd_pair, sd_unet_vae_embeds
+
+    unet_pipe, _ = sd_pair(sd_unet_vae_embeds(), tmp_path / "sd", diffusers.DDIMScheduler.from_config(SD_SCHEDULER))
+    _controlnet().save_pretrained(tmp_path / "flux_cn")
+    with pytest.raises(BadArgumentError, match="a FluxControlNet cannot drive a UNet"):
+        unet_pipe.set_controlnet(str(tmp_path / "flux_cn"))
+
+
+def test_cli_control_mode_needs_a_control_image(tmp_path):
+    """``--control-mode`` (a FLUX.1 Union ControlNet's type) without ``--control-image`` is one line and exit 2."""
+    from test_cli import fastdiff as run_cli
+
+    r = run_cli("generate", "digits", "--control-mode", "2", "--steps", "2", cwd=tmp_path)
+    assert r.returncode == 2 and "--control-mode: given without --control-image" in r.stderr
+    assert "Traceback" not in r.stderr
