@@ -20,6 +20,7 @@ PIL images at the original image's size.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,7 +32,7 @@ def check_padding(pad, image, mask, output_type: str) -> int:
     """The padding in pixels, once the image, the mask and the output type allow a crop; or a clear error."""
     from PIL import Image
 
-    if isinstance(pad, bool) or not isinstance(pad, int) or pad < 0:
+    if isinstance(pad, bool) or not isinstance(pad, numbers.Integral) or pad < 0:
         raise BadArgumentError(f"padding_mask_crop: expected a number of pixels (an int >= 0), found {pad!r}")
     for name, value in (("image", image), ("mask_image", mask)):
         if not isinstance(value, Image.Image):
@@ -45,7 +46,7 @@ def check_padding(pad, image, mask, output_type: str) -> int:
     if not np.asarray(mask.convert("L")).any():
         raise BadArgumentError("mask_image: padding_mask_crop crops around the mask, and this mask is all black "
                                "(nothing to repaint)")
-    return pad
+    return int(pad)
 
 
 def crop_region(mask, width: int, height: int, pad: int) -> tuple[int, int, int, int]:
@@ -158,11 +159,12 @@ class MaskCrop:
         return out
 
 
-def crop_to_mask(image, mask, pad, output_type: str, size: tuple[int, int]) -> MaskCrop:
+def crop_to_mask(image, mask, pad, output_type: str, size: tuple, multiple: int = 1) -> MaskCrop:
     """The crop of ``image`` and ``mask`` (one PIL image each) around the mask, ``pad`` pixels wider, resized to
-    ``size`` (height, width in pixels: the output's)."""
+    ``size`` (height, width in pixels: the output's; a None is the image's own, rounded down to ``multiple``, as
+    diffusers' ControlNet inpainting pipelines default it)."""
     pad = check_padding(pad, image, mask, output_type)
-    height, width = size
+    height, width = (own - own % multiple if v is None else v for v, own in zip(size, (image.height, image.width)))
     region = crop_region(mask, width, height, pad)
     return MaskCrop(original=image, original_mask=mask, region=region,
                     image=resize_fill(image.crop(region), width, height).convert("RGB"),

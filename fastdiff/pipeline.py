@@ -488,8 +488,11 @@ class Pipeline:
             from .mask_crop import crop_to_mask
 
             f = 1 if self.vae is None else self.vae.downscale
-            crop = crop_to_mask(image, mask_image, padding_mask_crop, output_type,
-                                tuple(f * v for v in self._size(height, width)))
+            if self.controlnet is not None and not self._flux_controlnet():  # (the image's own size by default, as
+                size = tuple(None if v is None else f * v for v in (height, width))  # its ControlNet pipelines)
+            else:
+                size = tuple(f * v for v in self._size(height, width))
+            crop = crop_to_mask(image, mask_image, padding_mask_crop, output_type, size, multiple=f)
             image, mask_image = crop.image, crop.mask
             control_image = None if control_image is None else crop.control(control_image)
         latents = _as_latents(latents)
@@ -633,8 +636,10 @@ class Pipeline:
             # (an inpainting UNet at strength 1 starts from noise alone: its pipeline encodes no image then;
             # FluxFillPipeline encodes it whatever the strength)
             unread = pure_noise and not blends and self.spec.kind != "flux"
-            clean = None if unread else self._clean_latents(images, given_latents, noise,
-                                                            given_rows[0] if masks is not None else None)
+            # (inpainting pipelines and FLUX.1's img2img ones encode the images given, then repeat them; SD's and
+            # SD3's img2img ones repeat first)
+            rows = given_rows[0] if masks is not None else given_rows if self.spec.kind == "flux" else None
+            clean = None if unread else self._clean_latents(images, given_latents, noise, rows)
             if denoising_start is not None:  # (a base run's state, in the scheduler's frame: no noise added)
                 latents = clean / experts.latents_scale(plan, float(plan.sigmas[0]))
             else:

@@ -480,6 +480,11 @@ def test_flux_depth_and_canny_edit_and_inpaint_as_diffusers(tmp_path, task, stre
     assert rel_err(got, pipe.generate(control_image=control, **{**edit, "image": 1 - images}, **kw)) > 1e-3
     if task == "inpaint":
         assert rel_err(got, pipe.generate(control_image=control, **{**edit, "mask_image": 1 - masks}, **kw)) > 1e-3
+    # one image (and mask) for both seeds: encoded once, from the first generator, as the pipelines do
+    one = {k: v[:1].clone() for k, v in edit.items()}
+    want = ref(control_image=control, num_inference_steps=6, height=16, width=16, prompt_embeds=ctx,
+               pooled_prompt_embeds=pooled, generator=_generators(), output_type="latent", **one, **options).images
+    assert rel_err(_pack(pipe.generate(control_image=control, **one, **kw)), want) <= 2e-5
 
 
 def test_engine_flux_control_requests_equal_their_solo_runs(tmp_path):

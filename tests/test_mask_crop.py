@@ -161,20 +161,22 @@ def test_a_pixel_model_crops_at_its_own_resolution():
 
 def test_controlnet_inpainting_crops_the_control_image_as_diffusers(tmp_path):
     """StableDiffusionControlNetInpaintPipeline(padding_mask_crop=...): the control image is cropped and resized with
-    the image; a control image of another size (or a tensor) is refused by name."""
+    the image, to the size given or (its default) the image's own, rounded down to whole latent pixels (41x29 ->
+    40x28 pixels here); a control image of another size (or a tensor) is refused by name."""
     from test_controlnet import _controlnet_inpaint_pair
 
     pipe, ref, e = _controlnet_inpaint_pair(tmp_path, "DDIMScheduler", in_channels=4)
-    image, mask = _pil_inputs()
+    image, mask = _picture((41, 29), seed=7), _mask((41, 29), [(12, 9, 19, 17), (20, 14, 23, 15, 140)])
     control = _picture(image.size, seed=9)
-    want = ref(image=image, mask_image=mask, control_image=control, padding_mask_crop=3, num_inference_steps=4,
-               guidance_scale=3.0, prompt_embeds=e["prompt_embeds"], negative_prompt_embeds=e["negative_prompt_embeds"],
-               generator=_generators(), height=16, width=16, output_type="pil").images
     kw = dict(image=image, mask_image=mask, padding_mask_crop=3, steps=4, cfg_scale=3.0, seeds=SEEDS,
               encoder_hidden_states=e["prompt_embeds"], negative_encoder_hidden_states=e["negative_prompt_embeds"],
               progress=False, output_type="pil")
-    got = pipe.generate(control_image=control, **kw)
-    assert _max_level_difference(got, want) <= 1
+    for size in ({}, dict(height=16, width=24), dict(height=24)):
+        want = ref(image=image, mask_image=mask, control_image=control, padding_mask_crop=3, num_inference_steps=4,
+                   guidance_scale=3.0, prompt_embeds=e["prompt_embeds"], generator=_generators(), output_type="pil",
+                   negative_prompt_embeds=e["negative_prompt_embeds"], **size).images
+        got = pipe.generate(control_image=control, **kw, **{k: v // 2 for k, v in size.items()})  # (latent pixels)
+        assert _max_level_difference(got, want) <= 1
     assert _max_level_difference(got, pipe.generate(control_image=_picture(image.size, seed=10), **kw)) > 5
     for bad, found in ((control.resize((20, 14)), r"found a PIL image of \(14, 20\)"), (torch.rand(1, 3, 28, 40),
                                                                                        "found Tensor")):
@@ -207,3 +209,18 @@ def test_cli_generate_with_a_padding_mask_crop_writes_the_pasted_image(tmp_path)
         assert r.returncode == 2 and match in r.stderr and "Traceback" not in r.stderr
     r = run_cli("generate", folder, "--padding-mask-crop", "2", "--steps", "2", cwd=tmp_path)
     assert r.returncode == 2 and "--padding-mask-crop: given without --mask" in r.stderr
+
+
+def test_the_engine_refuses_a_padding_mask_crop_by_name():
+    """Engine requests resolve to tensors: a crop (pasted into a PIL image) is refused on its own future; a NumPy
+    integer padding is a padding."""
+    pipe = fastdiff.load("arch:tiny-unet")
+    image, mask = _pil_inputs()
+    with fastdiff.Engine(pipe, max_batch=2, max_wait_ms=1) as engine:
+        future = engine.submit(seed=0, image=image, mask_image=mask, padding_mask_crop=2, steps=2)
+        with pytest.raises(BadArgumentError, match="padding_mask_crop: not through the Engine"):
+            future.result(timeout=60)
+    got = pipe.generate(image=image, mask_image=mask, padding_mask_crop=np.int64(2), steps=2, seeds=[0],
+                        output_type="pil", progress=False)
+    assert np.array_equal(np.asarray(got[0]), np.asarray(pipe.generate(
+        image=image, mask_image=mask, padding_mask_crop=2, steps=2, seeds=[0], output_type="pil", progress=False)[0]))

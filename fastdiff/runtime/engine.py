@@ -291,6 +291,10 @@ class Engine:
         """
         fut: concurrent.futures.Future = concurrent.futures.Future()
         try:
+            if options.get("padding_mask_crop") is not None:
+                raise BadArgumentError("padding_mask_crop: not through the Engine, whose requests resolve to (C, H, W) "
+                                       "tensors, while the crop is pasted back into a PIL image; call "
+                                       "pipe.generate(..., padding_mask_crop=..., output_type='pil')")
             extra_prompts = {k: options.pop(k) for k in EXTRA_PROMPTS if k in options}  # (never batch options)
             extra_prompts = {k: v for k, v in extra_prompts.items() if v is not None}
             text_options = [k for k in ("clip_skip", "max_sequence_length") if options.get(k) is not None]
