@@ -465,7 +465,8 @@ class Pipeline:
             FluxControlNetPipeline's. A FLUX.1 ControlNet (``set_controlnet`` of a FluxControlNetModel folder) reads
             the control image's VAE latents (read as ``image`` is; each sample's posterior drawn before its start
             noise), with diffusers' scale and step window (no guess mode); guidance defaults to 7 there, as
-            FluxControlNetPipeline's. Not with true CFG (cfg_scale) or an image to edit.
+            FluxControlNetPipeline's; with ``image`` (and ``mask_image``) as FluxControlNetImg2ImgPipeline (and
+            FluxControlNetInpaintPipeline), strength 0.6 and scale 1.0 by default. Not with true CFG (cfg_scale).
         denoising_end / denoising_start: SDXL's ensemble of expert denoisers, as diffusers' SDXL pipelines
             (``fastdiff.experts``): with ``denoising_end`` the run stops after the steps whose training timestep is
             >= round(T (1 - end)) and returns its state (diffusers' noisy latents), not x0; with
@@ -603,8 +604,9 @@ class Pipeline:
                                                             control_guidance_end, guess_mode,
                                                             getattr(control_format, "count", None) or 1)
             if self._flux_controlnet():  # the control images' latents, each sample's posterior before its noise
-                control = self._flux_control_latents(control, b, noise, guided, images, masks)
-                latents = noise.randn(shape) if latents is None else latents
+                control = self._flux_control_latents(control, b, noise, guided)
+                if images is None:  # (an image's posterior and its start noise come below)
+                    latents = noise.randn(shape) if latents is None else latents
             added, added_uncond = control_inputs(control, b, plan, scales, starts, ends, guess_mode, guided,
                                                  self.device, self._network_dtype())
             cond.update(added)
@@ -859,7 +861,10 @@ class Pipeline:
         return self.vae.encode(control.expand(b, -1, -1, -1) * 2 - 1, noise=noise)
 
     def _default_control_scale(self, edits: bool, inpaints: bool) -> float:
-        """diffusers' ControlNet pipelines' default scale: 1.0; 0.8 for img2img; 0.5 for SD inpainting (SDXL's 1.0)."""
+        """diffusers' ControlNet pipelines' default scale: 1.0; 0.8 for img2img; 0.5 for SD inpainting (SDXL's 1.0);
+        FLUX.1's 1.0 for every task."""
+        if self._flux_controlnet():
+            return 1.0
         if inpaints:
             return 1.0 if self.spec.time_ids_dim else 0.5
         return 0.8 if edits else 1.0
@@ -884,17 +889,13 @@ class Pipeline:
         control = io.get("control") if isinstance(io, dict) else None
         return None if control is None else types.SimpleNamespace(**control)
 
-    def _flux_control_latents(self, control: torch.Tensor, b: int, noise, guided: bool, images, masks):
+    def _flux_control_latents(self, control: torch.Tensor, b: int, noise, guided: bool):
         """A FLUX.1 ControlNet's input: the control images (k, [K,] 3, H, W) in [0, 1] encoded by the VAE, (b, [K,]
-        C, h, w), ControlNet by ControlNet, each sample's posterior from its own generator (FluxControlNetPipeline's
-        order); what this fastdiff does not run yet is refused by name."""
+        C, h, w), ControlNet by ControlNet, each sample's posterior from its own generator, before an image's
+        (FluxControlNetPipeline's order, its img2img and inpainting siblings' too); true CFG is refused by name."""
         if guided:
             raise BadArgumentError("cfg_scale: true CFG with a FLUX.1 ControlNet is not implemented (diffusers gives "
                                    "both passes the conditional pass's ControlNet outputs); use guidance= alone")
-        if images is not None:
-            raise BadArgumentError("image: a FLUX.1 ControlNet with an image to edit or inpaint "
-                                   "(FluxControlNetImg2ImgPipeline / FluxControlNetInpaintPipeline) is not "
-                                   "implemented")
         if control.dim() == 4:
             return self._control_latents(control, b, noise)
         return torch.stack([self._control_latents(control[:, k], b, noise) for k in range(control.shape[1])], dim=1)
@@ -973,8 +974,10 @@ class Pipeline:
 
         if strength is None:
             strength = default_inpaint_strength(self.spec) if inpaints else default_strength(self.spec)
-            if self._control_format() is not None and not inpaints and not self.spec.latent_control:
-                strength = 0.8  # (diffusers' ControlNet img2img pipelines, SDXL's too: 0.8; FluxControlImg2Img 0.6)
+            if self._control_format() is not None and not inpaints and not getattr(self._control_format(), "latent",
+                                                                                   False):
+                # (diffusers' ControlNet img2img pipelines, SDXL's too: 0.8; FLUX.1's control ones keep 0.6)
+                strength = 0.8
         return float(strength), start_index(steps, strength, self.spec.prediction_type == "flow_prediction")
 
     def _clean_latents(self, images: torch.Tensor, given_latents: bool, noise, rows: Optional[int] = None):

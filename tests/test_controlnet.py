@@ -204,7 +204,7 @@ def test_what_controlnets_refuse(parts, tmp_path):
     other.save_pretrained(tmp_path / "other")
     with pytest.raises(BadArgumentError, match="made for another UNet; block_out_channels"):
         pipe.set_controlnet(str(tmp_path / "other"))
-    with pytest.raises(BadArgumentError, match="expected a diffusers ControlNetModel folder"):
+    with pytest.raises(BadArgumentError, match="expected a diffusers ControlNetModel or FluxControlNetModel folder"):
         pipe.set_controlnet(str(tmp_path / "missing"))
     broken = tmp_path / "broken"
     _controlnet().save_pretrained(broken)
@@ -760,4 +760,4 @@ def test_bench_runs_a_controlnet_pipeline_folder_and_checks_its_controlnet_first
     report = json.loads((tmp_path / "out.json").read_text())
     assert [row["status"] for row in report["results"] + report["compare"]] == ["ok", "ok"]
     r = run_cli("bench", parts[0], "--controlnet", str(tmp_path / "missing"), cwd=tmp_path)
-    assert r.returncode == 2 and "expected a diffusers ControlNetModel folder" in r.stderr, r.stderr
+    assert r.returncode == 2 and "expected a diffusers ControlNetModel or FluxControlNetModel folder" in r.stderr, r.stderr

@@ -412,8 +412,13 @@ def bench_controlnet(pipe, source, seed: int):
         from ..checkpoints.controlnet import load_controlnet
 
         return load_controlnet(source)
+    from ..errors import BadArgumentError
     from ..models.controlnet import ControlNet
+    from ..models.unet import UNet
 
+    if not isinstance(pipe.model, UNet):
+        raise BadArgumentError(f"--controlnet random: a ControlNet made from the model's UNet, and this model is a "
+                               f"{pipe.spec.kind}; give a ControlNet folder (FluxControlNetModel for FLUX.1)")
     net = ControlNet.from_unet(pipe.model)
     g = torch.Generator().manual_seed(seed + 3)  # (on the CPU: the same ControlNet whatever the device)
     with torch.no_grad():
