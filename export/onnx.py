@@ -140,10 +140,11 @@ def control_format(model: nn.Module) -> Optional[dict]:
     """The control image a UNet exported with its ControlNet takes (None for any other network)."""
     from fastdiff.models.controlnet import ControlledUNet
     from fastdiff.models.flux_controlnet import ControlledFlux
+    from fastdiff.models.sd3_controlnet import ControlledMMDiT
 
-    if isinstance(model, ControlledFlux):
+    if isinstance(model, (ControlledFlux, ControlledMMDiT)):
         raise UnsupportedConfigError("controlnet", type(model.controlnet).__name__, supported="ControlNetModel (a "
-                                     "UNet's); a FLUX.1 ControlNet runs eager, compiled or in captured graphs",
+                                     "UNet's); an SD3 / FLUX.1 ControlNet runs eager, compiled or in captured graphs",
                                      model="ONNX exporter")
     if not isinstance(model, ControlledUNet):
         return None

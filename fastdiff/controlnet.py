@@ -131,8 +131,8 @@ def control_images(control, control_image, count: Optional[int] = None, raw: boo
                                        f"rows of {[len(row) for row in control_image]}")
             control_image = [list(column) for column in zip(*control_image)]
         if not isinstance(control_image, (list, tuple)) or len(control_image) != count:
-            raise BadArgumentError(f"control_image: expected a list of {count} images, one per ControlNet (each an "
-                                   f"image or one per sample), found {type(control_image).__name__}"
+            raise BadArgumentError(f"control_image: expected a list of {count} image(s), one per ControlNet (each "
+                                   f"an image or one per sample), found {type(control_image).__name__}"
                                    + (f" of {len(control_image)}" if isinstance(control_image, (list, tuple)) else ""))
         parts = [control_images(control, image, raw=raw) for image in control_image]
         if len({p.shape[1:] for p in parts}) > 1:

@@ -121,43 +121,40 @@ class Pipeline:
                              controlnet=self.controlnet)
 
     def set_controlnet(self, controlnet, variant: Optional[str] = None) -> "Pipeline":
-        """Drive the UNet with a ControlNet: a diffusers ``ControlNetModel`` folder, a loaded
-        ``fastdiff.models.controlnet.ControlNet`` (a copy is taken: the pipeline moves, casts and fuses its own), a
-        list of those (diffusers' MultiControlNetModel: their outputs add up, and ``generate`` then takes lists: one
-        image, scale and window per ControlNet), or None to take it away. It is put on the UNet's device and dtype,
-        and the runner is rebuilt around both (with ``optimize()``'s settings, applied to the ControlNet too: its
-        graphs capture both networks; an onnxruntime / TensorRT backend exports both in one graph again), so
-        ``generate`` then takes ``control_image=``. If that fails, the pipeline stays as it was."""
+        """Drive the network with a ControlNet: a diffusers ``ControlNetModel`` folder for a text UNet
+        (``SD3ControlNetModel`` for SD3, ``FluxControlNetModel`` for FLUX.1), a loaded one (a copy is taken: the
+        pipeline moves, casts and fuses its own), a list of those (diffusers' Multi* ControlNet models: their outputs
+        add up, and ``generate`` then takes lists: one image, scale and window per ControlNet), or None to take it
+        away. It is put on the network's device and dtype, and the runner is rebuilt around both (with
+        ``optimize()``'s settings, applied to the ControlNet too: its graphs capture both networks; an onnxruntime /
+        TensorRT backend exports a UNet and its ControlNet in one graph again), so ``generate`` then takes
+        ``control_image=``. If that fails, the pipeline stays as it was."""
         import copy
 
-        from .models.controlnet import ControlNet
-        from .models.flux import Flux
-        from .models.flux_controlnet import FluxControlNet
-        from .models.unet import UNet
+        from .models.controlnet import controlnet_family
 
         self._require_model("set_controlnet()")
         if controlnet is not None:
-            flux = isinstance(self.model, Flux)
-            if not flux and (not isinstance(self.model, UNet) or not self.model.config.conditional):
+            family = controlnet_family(self.model)  # (its ControlNet class, their sum, the fit check)
+            if family is None:
                 raise BadArgumentError(f"set_controlnet: a ControlNet drives a text-conditioned UNet (SD 1.x / 2.x / "
-                                       f"SDXL) or a FLUX.1 transformer, and this model is a {self.spec.kind} "
+                                       f"SDXL), an SD3 or a FLUX.1 transformer, and this model is a {self.spec.kind} "
                                        f"{type(self.model).__name__}")
             from .checkpoints.controlnet import load_controlnet
-            from .models.controlnet import MultiControlNet
-            from .models.flux_controlnet import MultiFluxControlNet, check_fits
 
+            net_class, several_class, check_fits = family
             several = isinstance(controlnet, (list, tuple))
-            nets = [copy.deepcopy(c) if isinstance(c, (ControlNet, FluxControlNet)) else
-                    load_controlnet(c, variant=variant) for c in (controlnet if several else [controlnet])]
+            nets = [copy.deepcopy(c) if isinstance(c, torch.nn.Module) else load_controlnet(c, variant=variant)
+                    for c in (controlnet if several else [controlnet])]
             if not nets:
                 raise BadArgumentError("set_controlnet: expected a ControlNet or a list of them, found an empty list")
             for net in nets:
-                if isinstance(net, FluxControlNet) != flux:
+                if not isinstance(net, net_class):
                     raise BadArgumentError(f"set_controlnet: a {type(net).__name__} cannot drive a "
-                                           f"{type(self.model).__name__} (FLUX.1 ControlNets drive FLUX.1, "
-                                           f"ControlNetModels drive text UNets)")
-                check_fits(net, self.model) if flux else _check_controlnet_fits(net, self.model)
-            controlnet = (MultiFluxControlNet if flux else MultiControlNet)(nets) if several else nets[0]
+                                           f"{type(self.model).__name__} (ControlNetModels drive text UNets, "
+                                           f"SD3ControlNetModels SD3, FluxControlNetModels FLUX.1)")
+                check_fits(net, self.model)
+            controlnet = several_class(nets) if several else nets[0]
             controlnet = controlnet.to(device=self.device, dtype=self._network_dtype())
         previous = self.controlnet
         self.controlnet = controlnet
@@ -453,18 +450,20 @@ class Pipeline:
             and one PIL mask, ``output_type="pil"``; the results have the image's own size.
         control_image / controlnet_conditioning_scale / control_guidance_start / control_guidance_end / guess_mode:
             a ControlNet's conditioning image (one, or one per sample; PIL and uint8 pixels in [0, 1], float arrays and
-            tensors as they are; not resized: its size fixes the output's) and diffusers' ControlNet pipelines'
-            options (``fastdiff.controlnet``), once ``set_controlnet`` has given the pipeline a ControlNet. Defaults
+            tensors as they are; not resized: its size fixes the output's, as in diffusers' SD ControlNet pipelines
+            given no height / width, while its SD3 / FLUX.1 ones resize it to their default size) and diffusers'
+            ControlNet pipelines' options (``fastdiff.controlnet``), once ``set_controlnet`` has given the pipeline a ControlNet. Defaults
             follow diffusers' pipeline for the task: scale 1.0, 0.8 with an image to edit (and strength 0.8, SDXL
             too), 0.5 with a mask on SD (1.0 on SDXL). FLUX.1 Depth / Canny (``spec.latent_control``) take the
             control image without a scale or window, read as ``image`` is (float arrays and tensors in [0, 1], or
             [-1, 1]) and encoded by the VAE as FluxControlPipeline encodes PIL images (diffusers hands a tensor to
             the VAE as it is); with ``image`` (and ``mask_image``) as FluxControlImg2ImgPipeline (and
             FluxControlInpaintPipeline), its posterior drawn before the image's.
-        control_mode: a FLUX.1 Union ControlNet's control type (an int; one per ControlNet for several), as
-            FluxControlNetPipeline's. A FLUX.1 ControlNet (``set_controlnet`` of a FluxControlNetModel folder) reads
-            the control image's VAE latents (read as ``image`` is; each sample's posterior drawn before its start
-            noise), with diffusers' scale and step window (no guess mode); guidance defaults to 7 there, as
+        control_mode: a FLUX.1 Union ControlNet's control type (an int; for several ControlNets one each, None for
+            a plain one, or one int for every Union one), as FluxControlNetPipeline's. A FLUX.1 ControlNet
+            (``set_controlnet`` of a FluxControlNetModel folder) reads the control image's VAE latents (read as
+            ``image`` is, float tensors in [0, 1] shifted to [-1, 1], which diffusers hands to the VAE unshifted;
+            each sample's posterior drawn before its start noise), with diffusers' scale and step window (no guess mode); guidance defaults to 7 there, as
             FluxControlNetPipeline's; with ``image`` (and ``mask_image``) as FluxControlNetImg2ImgPipeline (and
             FluxControlNetInpaintPipeline), strength 0.6 and scale 1.0 by default. Not with true CFG (cfg_scale).
         denoising_end / denoising_start: SDXL's ensemble of expert denoisers, as diffusers' SDXL pipelines
@@ -489,7 +488,7 @@ class Pipeline:
             from .mask_crop import crop_to_mask
 
             f = 1 if self.vae is None else self.vae.downscale
-            if self.controlnet is not None and not self._flux_controlnet():  # (the image's own size by default, as
+            if self.controlnet is not None and not self._latent_controlnet():  # (the image's own size by default, as
                 size = tuple(None if v is None else f * v for v in (height, width))  # its ControlNet pipelines)
             else:
                 size = tuple(f * v for v in self._size(height, width))
@@ -543,7 +542,7 @@ class Pipeline:
             pure_noise = masks is not None and strength == 1.0
             plan = plan if pure_noise else plan.from_step(t_start)
         elif latents is None:  # (FLUX.1 Depth / Canny and ControlNets: after the control image's posteriors, below)
-            latents = None if self.spec.latent_control or self._flux_controlnet() else noise.randn(shape)
+            latents = None if self.spec.latent_control or self._latent_controlnet() == "flux" else noise.randn(shape)
         else:
             latents = torch.as_tensor(latents, dtype=torch.float32, device=self.device)
             if tuple(latents.shape) != (b,) + shape:
@@ -583,7 +582,7 @@ class Pipeline:
         uncond.update(added_uncond)
         # (both CFG passes share it; FluxImg2Img / FluxInpaintPipeline default to 7, FluxPipeline to 3.5)
         cond.update(guidance_conditioning(self.spec, b, guidance, self.device,
-                                          edits=images is not None or self._flux_controlnet()))
+                                          edits=images is not None or self._latent_controlnet() == "flux"))
         denoiser = plan.make_denoiser(self.runner, dtype=self._network_dtype())
         blends = masks is not None and not self.spec.inpainting  # a regular model: the image pasted back per step
         if control is not None and self.spec.latent_control:  # FLUX.1 Depth / Canny: the posteriors, then the noise
@@ -603,15 +602,15 @@ class Pipeline:
             scales, starts, ends, _ = check_control_options(controlnet_conditioning_scale, control_guidance_start,
                                                             control_guidance_end, guess_mode,
                                                             getattr(control_format, "count", None) or 1)
-            if self._flux_controlnet():  # the control images' latents, each sample's posterior before its noise
-                control = self._flux_control_latents(control, b, noise, guided)
+            if self._latent_controlnet():  # the control images' latents (FLUX.1's: posteriors before the noise)
+                control = self._controlnet_latents(control, b, noise, guided, images)
                 if images is None:  # (an image's posterior and its start noise come below)
                     latents = noise.randn(shape) if latents is None else latents
             added, added_uncond = control_inputs(control, b, plan, scales, starts, ends, guess_mode, guided,
                                                  self.device, self._network_dtype())
             cond.update(added)
             uncond.update(added_uncond)
-            if self._flux_controlnet():
+            if self._latent_controlnet() == "flux":
                 cond.update(self._control_modes(control_mode, b))
             elif control_mode is not None:
                 raise BadArgumentError("control_mode: a FLUX.1 Union ControlNet's control type; this pipeline's "
@@ -816,8 +815,7 @@ class Pipeline:
                                    "image, found none" + (" (pipe.set_controlnet(None) takes the ControlNet away)"
                                                           if self.controlnet is not None else ""))
         if getattr(control_format, "latent", False) and guess_mode:
-            raise BadArgumentError("guess_mode: FluxControlNetPipeline has none (a FLUX.1 ControlNet guides the "
-                                   "transformer's one pass)")
+            raise BadArgumentError("guess_mode: the SD3 and FLUX.1 ControlNet pipelines have none")
         # (a FLUX.1 ControlNet's image is encoded by the VAE: read as img2img's, [-1, 1] arrays and tensors too)
         latent = getattr(control_format, "latent", False)
         return control_images(control_format, control_image, count, raw=not latent, rows_first=not latent)
@@ -862,8 +860,8 @@ class Pipeline:
 
     def _default_control_scale(self, edits: bool, inpaints: bool) -> float:
         """diffusers' ControlNet pipelines' default scale: 1.0; 0.8 for img2img; 0.5 for SD inpainting (SDXL's 1.0);
-        FLUX.1's 1.0 for every task."""
-        if self._flux_controlnet():
+        SD3's and FLUX.1's 1.0 for every task."""
+        if self._latent_controlnet():
             return 1.0
         if inpaints:
             return 1.0 if self.spec.time_ids_dim else 0.5
@@ -876,7 +874,7 @@ class Pipeline:
         if self.spec.latent_control:
             return types.SimpleNamespace(conditioning_channels=3, image_downscale=getattr(self.vae, "downscale", 8),
                                          latent=True)
-        if self._flux_controlnet():  # (its image is encoded by the VAE, as FLUX.1 Depth's)
+        if self._latent_controlnet():  # (its image is encoded by the VAE, as FLUX.1 Depth's)
             return types.SimpleNamespace(conditioning_channels=3, image_downscale=getattr(self.vae, "downscale", 8),
                                          latent=True, count=self.controlnet.count, global_pool_conditions=False)
         if self.controlnet is not None:
@@ -889,22 +887,43 @@ class Pipeline:
         control = io.get("control") if isinstance(io, dict) else None
         return None if control is None else types.SimpleNamespace(**control)
 
-    def _flux_control_latents(self, control: torch.Tensor, b: int, noise, guided: bool):
-        """A FLUX.1 ControlNet's input: the control images (k, [K,] 3, H, W) in [0, 1] encoded by the VAE, (b, [K,]
-        C, h, w), ControlNet by ControlNet, each sample's posterior from its own generator, before an image's
-        (FluxControlNetPipeline's order, its img2img and inpainting siblings' too); true CFG is refused by name."""
-        if guided:
-            raise BadArgumentError("cfg_scale: true CFG with a FLUX.1 ControlNet is not implemented (diffusers gives "
-                                   "both passes the conditional pass's ControlNet outputs); use guidance= alone")
+    def _controlnet_latents(self, control: torch.Tensor, b: int, noise, guided: bool, images):
+        """An SD3 / FLUX.1 ControlNet's input: the control images (k, [K,] 3, H, W) in [0, 1] encoded by the VAE,
+        (b, [K,] C, h, w), ControlNet by ControlNet. FLUX.1's: each sample's posterior from its own generator, before
+        an image's (FluxControlNetPipeline's order, its img2img and inpainting siblings' too). SD3's: the posterior's
+        mean (diffusers draws from torch's global RNG there, which no seed reproduces), without the VAE's shift for
+        InstantX's ControlNets, as StableDiffusion3ControlNetPipeline shifts them. What is not implemented is
+        refused by name."""
+        if self._latent_controlnet() == "sd3":
+            if images is not None:
+                raise BadArgumentError("image: an SD3 ControlNet with an image to edit or inpaint "
+                                       "(StableDiffusion3ControlNetInpaintingPipeline) is not implemented")
+
+            def encode(images, b, noise):
+                z = self._control_latents(images, b, None)  # (b, C, h, w): (mean - shift) * scale
+                if not self.controlnet.vae_shift:
+                    z = z + self.vae.config.shift_factor * self.vae.config.scaling_factor
+                return z
+        else:
+            if guided:
+                raise BadArgumentError("cfg_scale: true CFG with a FLUX.1 ControlNet is not implemented (diffusers "
+                                       "gives both passes the conditional pass's ControlNet outputs); use guidance= "
+                                       "alone")
+            encode = self._control_latents
         if control.dim() == 4:
-            return self._control_latents(control, b, noise)
-        return torch.stack([self._control_latents(control[:, k], b, noise) for k in range(control.shape[1])], dim=1)
+            return encode(control, b, noise)
+        return torch.stack([encode(control[:, k], b, noise) for k in range(control.shape[1])], dim=1)
 
     def _control_modes(self, control_mode, b: int) -> dict:
         """{"control_mode": (b,) or (b, K) int64} for Union ControlNets (one type per ControlNet), {} for none."""
         nets = getattr(self.controlnet, "nets", [self.controlnet])
         unions = [net.num_mode for net in nets]
-        modes = control_mode if isinstance(control_mode, (list, tuple)) else [control_mode] * len(nets)
+        if isinstance(control_mode, (list, tuple)):
+            modes = list(control_mode)
+        elif len(nets) > 1 and any(top is not None for top in unions):  # (one type for every Union one, as diffusers)
+            modes = [None if top is None else control_mode for top in unions]
+        else:
+            modes = [control_mode] * len(nets)
         if len(modes) != len(nets):
             raise BadArgumentError(f"control_mode: expected one per ControlNet ({len(nets)}), found {len(modes)}")
         for mode, top in zip(modes, unions):
@@ -921,11 +940,15 @@ class Pipeline:
         several = getattr(self.controlnet, "nets", None) is not None
         return {"control_mode": t[None].expand(b, -1).contiguous() if several else t.expand(b).contiguous()}
 
-    def _flux_controlnet(self) -> bool:
-        """Whether a FLUX.1 ControlNet drives the network."""
+    def _latent_controlnet(self) -> Optional[str]:
+        """"flux" / "sd3" when a FLUX.1 / SD3 ControlNet drives the network (it reads its image's VAE latents),
+        else None."""
         from .models.flux_controlnet import FluxControlNet, MultiFluxControlNet
+        from .models.sd3_controlnet import MultiSD3ControlNet, SD3ControlNet
 
-        return isinstance(self.controlnet, (FluxControlNet, MultiFluxControlNet))
+        if isinstance(self.controlnet, (FluxControlNet, MultiFluxControlNet)):
+            return "flux"
+        return "sd3" if isinstance(self.controlnet, (SD3ControlNet, MultiSD3ControlNet)) else None
 
     def _control_size(self, control: torch.Tensor, height, width) -> tuple[int, int]:
         """The latent size a control image fixes (checked against any height / width given)."""
@@ -1220,22 +1243,6 @@ def _map_tree(d: dict, fn):
 def _one_or(b: int) -> str:
     """"1 or 4" for a count that may be one, or one per sample of b; "1" where b is 1."""
     return "1" if b == 1 else f"1 or {b}"
-
-
-def _check_controlnet_fits(controlnet, unet) -> None:
-    """Refuse a ControlNet whose outputs do not match the UNet's skips (another base model's)."""
-    mine, theirs = controlnet.config, unet.config
-    fields = ("block_out_channels", "layers_per_block", "cross_attention_dim", "addition_embed_type")
-    wrong = [f"{k}: {getattr(mine, k)!r} against the UNet's {getattr(theirs, k)!r}" for k in fields
-             if _listed(getattr(mine, k)) != _listed(getattr(theirs, k))]
-    if mine.in_channels not in (theirs.in_channels, theirs.out_channels):  # (an inpainting UNet's: its latents')
-        wrong.insert(0, f"in_channels: {mine.in_channels} against the UNet's {theirs.out_channels} latent channels")
-    if wrong:
-        raise BadArgumentError("set_controlnet: this ControlNet was made for another UNet; " + "; ".join(wrong))
-
-
-def _listed(v):
-    return list(v) if isinstance(v, (list, tuple)) else v
 
 
 def _as_latents(latents) -> Optional[torch.Tensor]:

@@ -204,7 +204,8 @@ def test_what_controlnets_refuse(parts, tmp_path):
     other.save_pretrained(tmp_path / "other")
     with pytest.raises(BadArgumentError, match="made for another UNet; block_out_channels"):
         pipe.set_controlnet(str(tmp_path / "other"))
-    with pytest.raises(BadArgumentError, match="expected a diffusers ControlNetModel or FluxControlNetModel folder"):
+    with pytest.raises(BadArgumentError, match="expected a diffusers ControlNetModel, SD3ControlNetModel or "
+                                               "FluxControlNetModel folder"):
         pipe.set_controlnet(str(tmp_path / "missing"))
     broken = tmp_path / "broken"
     _controlnet().save_pretrained(broken)
@@ -522,7 +523,7 @@ def test_several_controlnets_equal_diffusers_multicontrolnet(parts, tmp_path, gu
                                                graph_factory=FakeGraph)
     graphed.set_controlnet([parts[1], str(tmp_path / "second")])
     assert rel_err(graphed.generate(control_image=images, latents=latents, **options, **kw), want) <= 1e-5
-    with pytest.raises(BadArgumentError, match="expected a list of 2 images, one per ControlNet"):
+    with pytest.raises(BadArgumentError, match=r"expected a list of 2 image\(s\), one per ControlNet"):
         pipe.generate(control_image=images[0], latents=latents, **kw)
     with pytest.raises(BadArgumentError, match="expected one value or 2 \\(one per ControlNet\\), found 3"):
         pipe.generate(control_image=images, latents=latents, controlnet_conditioning_scale=[1, 1, 1], **kw)
@@ -760,4 +761,4 @@ def test_bench_runs_a_controlnet_pipeline_folder_and_checks_its_controlnet_first
     report = json.loads((tmp_path / "out.json").read_text())
     assert [row["status"] for row in report["results"] + report["compare"]] == ["ok", "ok"]
     r = run_cli("bench", parts[0], "--controlnet", str(tmp_path / "missing"), cwd=tmp_path)
-    assert r.returncode == 2 and "expected a diffusers ControlNetModel or FluxControlNetModel folder" in r.stderr, r.stderr
+    assert r.returncode == 2 and "expected a diffusers ControlNetModel, SD3ControlNetModel" in r.stderr, r.stderr

@@ -147,6 +147,8 @@ def test_several_controlnets_equal_flux_multi_controlnet(tmp_path):
     assert rel_err(got, pipe.generate(control_image=[second, first], control_mode=[2, None], **kw)) > 1e-3
     with pytest.raises(BadArgumentError, match="control_mode: given \\(1\\) for a FLUX.1 ControlNet that is not a Union"):
         pipe.generate(control_image=[first, second], control_mode=[2, 1], **kw)
+    # one type for every Union ControlNet, as diffusers broadcasts it (a plain one ignores it)
+    assert rel_err(pipe.generate(control_image=[first, second], control_mode=2, **kw), got) <= 1e-6
 
 
 def _edit_pair(tmp_path, task: str, nets):
@@ -232,7 +234,7 @@ def test_what_is_not_implemented_is_refused_by_name(tmp_path):
     for bad, error, match in (
             (dict(cfg_scale=3.0, negative_encoder_hidden_states=ctx, negative_text_embeds=pooled), BadArgumentError,
              "cfg_scale: true CFG with a FLUX.1 ControlNet is not implemented"),
-            (dict(guess_mode=True), BadArgumentError, "guess_mode: FluxControlNetPipeline has none"),
+            (dict(guess_mode=True), BadArgumentError, "guess_mode: the SD3 and FLUX.1 ControlNet pipelines have none"),
             (dict(control_mode=1), BadArgumentError, "not a Union one"),
             (dict(control_image=None), BadArgumentError, "control_image: this pipeline is driven by a ControlNet")):
         with pytest.raises(error, match=match):
@@ -244,8 +246,33 @@ def test_what_is_not_implemented_is_refused_by_name(tmp_path):
         export_onnx(pipe, None, str(tmp_path / "x.onnx"), progress=False)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_scales_equal_diffusers(dtype):
+    """A conditioning scale below 1 weights the outputs in float32, rounded once, as diffusers' ``sample * scale``
+    (a Python float) does in half precision."""
+    from fastdiff.models.flux import FluxConfig
+    from fastdiff.models.flux_controlnet import FluxControlNet
+
+    cn = _controlnet().to(dtype)
+    net = FluxControlNet(FluxConfig.from_diffusers({**DEV, "num_layers": 1, "num_single_layers": 3})).to(dtype)
+    net.load_state_dict(cn.state_dict())
+    g = torch.Generator().manual_seed(1)
+    x, control = torch.randn(2, 4, 8, 8, generator=g).to(dtype), torch.randn(2, 4, 8, 8, generator=g).to(dtype)
+    ctx, pooled = torch.randn(2, 5, 12, generator=g).to(dtype), torch.randn(2, 10, generator=g).to(dtype)
+    t, guidance = torch.tensor([375.0, 842.0]), torch.tensor([3.5, 3.5])
+    with torch.no_grad():
+        want, _ = cn(hidden_states=_pack(x), controlnet_cond=_pack(control), conditioning_scale=0.7,
+                     encoder_hidden_states=ctx, pooled_projections=pooled, timestep=t.to(dtype) / 1000,
+                     img_ids=_image_ids(8, 8), txt_ids=torch.zeros(5, 3), guidance=guidance.to(dtype),
+                     return_dict=False)
+        got, _ = net(x, t, control, torch.tensor([0.7, 0.7]), encoder_hidden_states=ctx, text_embeds=pooled,
+                     guidance=guidance)
+    assert max(rel_err(a.float(), b.float()) for a, b in zip(got, want)) <= 1e-3
+
+
 def test_controlnets_for_another_model_are_refused_by_name(tmp_path):
-    """A FLUX.1 ControlNet of other widths, an XLabs one, a UNet's ControlNet on FLUX.1 and FLUX.1's on a UNet."""
+    """A FLUX.1 ControlNet of other widths, an XLabs one, a UNet's ControlNet on FLUX.1 and FLUX.1's on a UNet, and
+    a FLUX.1 ControlNet on a Fill or Depth transformer (which no diffusers pipeline drives so)."""
     from fastdiff.checkpoints.controlnet import load_controlnet
     from test_inpaint_blending import _flux_pair
 
@@ -253,6 +280,11 @@ def test_controlnets_for_another_model_are_refused_by_name(tmp_path):
     _controlnet(joint_attention_dim=8).save_pretrained(tmp_path / "narrow")
     with pytest.raises(BadArgumentError, match="made for another transformer; joint_attention_dim: 8"):
         pipe.set_controlnet(str(tmp_path / "narrow"))
+    from test_inpaint_blending import _control_pair
+
+    _controlnet().save_pretrained(tmp_path / "plain")
+    with pytest.raises(BadArgumentError, match="reads 4 conditioning channels beside the latents"):
+        _control_pair(tmp_path / "depth")[0].set_controlnet(str(tmp_path / "plain"))
     _controlnet(conditioning_embedding_channels=16).save_pretrained(tmp_path / "xlabs")
     with pytest.raises(UnsupportedConfigError, match="conditioning_embedding_channels"):
         load_controlnet(str(tmp_path / "xlabs"))
@@ -273,6 +305,9 @@ def test_cli_control_mode_needs_a_control_image(tmp_path):
     """``--control-mode`` (a FLUX.1 Union ControlNet's type) without ``--control-image`` is one line and exit 2."""
     from test_cli import fastdiff as run_cli
 
-    r = run_cli("generate", "digits", "--control-mode", "2", "--steps", "2", cwd=tmp_path)
-    assert r.returncode == 2 and "--control-mode: given without --control-image" in r.stderr
-    assert "Traceback" not in r.stderr
+    for mode in ("2", "none"):  # ('none': a plain ControlNet beside a Union one)
+        r = run_cli("generate", "digits", "--control-mode", mode, "--steps", "2", cwd=tmp_path)
+        assert r.returncode == 2 and "--control-mode: given without --control-image" in r.stderr
+        assert "Traceback" not in r.stderr
+    r = run_cli("generate", "digits", "--control-mode", "canny", cwd=tmp_path)
+    assert r.returncode == 2 and "expected an int or 'none', found 'canny'" in r.stderr

@@ -21,6 +21,7 @@ from .io import read_json
 
 CLASS_NAME = "ControlNetModel"
 FLUX_CLASS_NAME = "FluxControlNetModel"
+SD3_CLASS_NAME = "SD3ControlNetModel"
 
 
 def controlnet_config(config: dict) -> tuple[UNetConfig, dict]:
@@ -38,16 +39,18 @@ def controlnet_config(config: dict) -> tuple[UNetConfig, dict]:
 
 def load_controlnet(folder: str, variant: Optional[str] = None, dtype: Optional[torch.dtype] = None,
                     device="cpu"):
-    """A ControlNet from a diffusers ControlNetModel folder, or a FLUX.1 ControlNet from a FluxControlNetModel one
-    (its weights checked key by key)."""
+    """A ControlNet from a diffusers ControlNetModel folder, an SD3 one from an SD3ControlNetModel folder, a FLUX.1
+    one from a FluxControlNetModel folder (its weights checked key by key)."""
     path = os.path.expanduser(str(folder))
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
-        raise BadArgumentError(f"controlnet: expected a diffusers ControlNetModel or FluxControlNetModel folder "
-                               f"(config.json + weights), found {folder!r}")
+        raise BadArgumentError(f"controlnet: expected a diffusers ControlNetModel, SD3ControlNetModel or "
+                               f"FluxControlNetModel folder (config.json + weights), found {folder!r}")
     config = read_json(config_path)
     if config.get("_class_name") == FLUX_CLASS_NAME:
         return _load_flux_controlnet(path, config, variant, dtype, device)
+    if config.get("_class_name") == SD3_CLASS_NAME:
+        return _load_sd3_controlnet(path, config, variant, dtype, device)
     unet_config, own = controlnet_config(config)
     with torch.device("meta"):
         model = ControlNet(unet_config, **own)
@@ -72,11 +75,29 @@ def _load_flux_controlnet(path: str, config: dict, variant, dtype, device):
                        device=device).eval()
 
 
-def _flux_diffusers_config(net) -> dict:
-    out = {"_class_name": FLUX_CLASS_NAME, **{k: v for k, v in net.config.to_dict().items()
-                                            if k not in ("out_channels", "extra")}}
-    out["axes_dims_rope"] = list(out["axes_dims_rope"])
-    return {**out, "num_mode": net.num_mode, "conditioning_embedding_channels": None}
+def _load_sd3_controlnet(path: str, config: dict, variant, dtype, device):
+    from ..models.sd3_controlnet import SD3ControlNet, split_config
+
+    mmdit_config, force_zeros = split_config(config)
+    with torch.device("meta"):
+        model = SD3ControlNet(mmdit_config, force_zeros_for_pooled_projection=force_zeros)
+    return strict_load(model, find_weights(path, variant), f"SD3 ControlNet {path}", dtype=dtype,
+                       device=device).eval()
+
+
+def _transformer_diffusers_config(net) -> dict:
+    """An SD3 / FLUX.1 ControlNet's config.json: its transformer fields and its own."""
+    from ..models.flux_controlnet import FluxControlNet
+
+    flux = isinstance(net, FluxControlNet)
+    out = {"_class_name": FLUX_CLASS_NAME if flux else SD3_CLASS_NAME}
+    out.update({k: v for k, v in net.config.to_dict().items() if k not in ("extra",) + (("out_channels",) if flux
+                                                                                        else ())})
+    if flux:
+        return {**out, "num_mode": net.num_mode, "conditioning_embedding_channels": None}
+    from ..models.sd3_controlnet import OWN_FIELDS
+
+    return {**out, **OWN_FIELDS, "force_zeros_for_pooled_projection": net.force_zeros_for_pooled_projection}
 
 
 def diffusers_config(net) -> dict:
@@ -84,8 +105,8 @@ def diffusers_config(net) -> dict:
     that differs from UNet2DConditionModel's default (what fastdiff needs to read the network back)."""
     from ..models.unet import _DIFFUSERS_DEFAULTS
 
-    if not isinstance(net, ControlNet):  # a FLUX.1 ControlNet
-        return _flux_diffusers_config(net)
+    if not isinstance(net, ControlNet):  # an SD3 / FLUX.1 ControlNet
+        return _transformer_diffusers_config(net)
     c, defaults = net.config, _DIFFUSERS_DEFAULTS["UNet2DConditionModel"]
     out = {"_class_name": CLASS_NAME}
     for key, default in defaults.items():
@@ -113,7 +134,7 @@ def save_controlnet(net: ControlNet, folder: str) -> None:
 
     with torch.device("meta"):
         fresh = ControlNet(net.config, **net.controlnet_config) if isinstance(net, ControlNet) else type(net)(
-            net.config, num_mode=net.num_mode)
+            net.config, **net.own_config)
     keys = set(fresh.state_dict())  # (the weights alone: no stacked copies of optimised projections)
     os.makedirs(folder, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items() if k in keys}
@@ -139,12 +160,12 @@ def unattachable(folders: list, pipe) -> Optional[str]:
         return None
     unet = getattr(pipe.model, "config", None) is not None and getattr(pipe.model.config, "conditional", False) \
         and pipe.spec.kind == "unet"
-    runs = CLASS_NAME if unet else FLUX_CLASS_NAME if pipe.spec.kind == "flux" else None
+    runs = CLASS_NAME if unet else {"flux": FLUX_CLASS_NAME, "mmdit": SD3_CLASS_NAME}.get(pipe.spec.kind)
     classes = sorted({read_json(os.path.join(f, "config.json")).get("_class_name") for f in folders} - {runs})
     if classes or runs is None:
-        what = f"{', '.join(str(c) for c in classes)} (fastdiff runs ControlNetModel for text UNets and " \
-               f"FluxControlNetModel for FLUX.1)" if classes else \
-            f"a ControlNet for a {pipe.spec.kind} (fastdiff's drive text UNets and FLUX.1)"
+        what = f"{', '.join(str(c) for c in classes)} (fastdiff runs ControlNetModel for text UNets, " \
+               f"SD3ControlNetModel for SD3 and FluxControlNetModel for FLUX.1)" if classes else \
+            f"a ControlNet for a {pipe.spec.kind} (fastdiff's drive text UNets, SD3 and FLUX.1)"
         return (f"the folder's {', '.join(os.path.basename(f) + '/' for f in folders)} holds {what}: not attached; the "
                 f"base model loads alone")
     return None

@@ -71,7 +71,7 @@ def register(sub) -> None:
                         "LATENTS.safetensors a run wrote with --output-latents, taken as latents")
     p.add_argument("--controlnet", action="append", default=None, metavar="FOLDER",
                    help="drive the network with a ControlNet (a diffusers ControlNetModel folder for an SD / SDXL "
-                        "UNet, a FluxControlNetModel one for FLUX.1); needs --control-image; "
+                        "UNet, SD3ControlNetModel for SD3, FluxControlNetModel for FLUX.1); needs --control-image; "
                         "repeat for several (their outputs add up), each with its own --control-image, in order")
     p.add_argument("--control-image", action="append", default=None, metavar="COND.png",
                    help="with --controlnet: its conditioning image (edges, depth, pose...), not resized: its size is "
@@ -85,9 +85,9 @@ def register(sub) -> None:
                    help="with --controlnet: the share of the steps after which it stops (default 1)")
     p.add_argument("--guess-mode", action="store_true",
                    help="with --controlnet: diffusers' guess mode (the ControlNet guides the conditional pass only)")
-    p.add_argument("--control-mode", action="append", type=int, default=None, metavar="N",
+    p.add_argument("--control-mode", action="append", type=_mode, default=None, metavar="N|none",
                    help="with a FLUX.1 Union ControlNet: its control type (canny, depth, pose, ... as the ControlNet "
-                        "numbers them); repeat for several ControlNets, in order")
+                        "numbers them); repeat for several ControlNets, in order ('none' for a plain one)")
     p.add_argument("--lora", action="append", default=None, metavar="FILE[:SCALE]",
                    help="merge a LoRA (diffusers / PEFT or kohya safetensors, or a folder with diffusers' file) into "
                         "the weights, at SCALE (default 1); repeat for several")
@@ -338,6 +338,18 @@ def _validate(args) -> None:
                        *(("--control-image", p) for p in args.control_image or [])):
         if path is not None and not os.path.isfile(path):
             raise BadArgumentError(f"{flag}: expected an image file, found {path!r} (no such file)")
+
+
+def _mode(value: str):
+    """--control-mode N or 'none' (a plain ControlNet beside a Union one)."""
+    import argparse
+
+    if value.lower() == "none":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int or 'none', found {value!r}") from None
 
 
 def _read_latents(path: str):

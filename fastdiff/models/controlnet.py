@@ -140,7 +140,8 @@ class ControlNet(UNet):
         h, skips = self._down_and_middle(self.conv_in(x) + cond, emb, ctx)
         outputs = [conv(s) for conv, s in zip(self.controlnet_down_blocks, skips)] + [self.controlnet_mid_block(h)]
         weights = self._weights(control_scale, control_guess, len(outputs), b, x)  # (len(outputs), B, 1, 1, 1)
-        outputs = [o * w for o, w in zip(outputs, weights)]
+        # (in float32, rounded once: diffusers multiplies by a Python float / float32 scalar)
+        outputs = [(o.float() * w).to(o.dtype) for o, w in zip(outputs, weights)]
         if self.global_pool_conditions:
             outputs = [o.mean(dim=(2, 3), keepdim=True) for o in outputs]
         return outputs[:-1], outputs[-1]
@@ -154,7 +155,7 @@ class ControlNet(UNet):
             ramp = torch.logspace(-1, 0, n, device=x.device)[:, None]  # (n, 1)
             g = guess.to(device=x.device, dtype=torch.float32).reshape(1, -1)
             w = w * (g * ramp + (1 - g))
-        return w.to(x.dtype).reshape(n, b, 1, 1, 1)
+        return w.reshape(n, b, 1, 1, 1)  # float32
 
 
 class MultiControlNet(nn.Module):
@@ -214,17 +215,54 @@ class ControlledUNet(nn.Module):
                          down_residuals=down, mid_residual=mid)
 
 
-def controlled(model: nn.Module, controlnet: nn.Module) -> nn.Module:
-    """``model`` driven by ``controlnet`` as one network: a ``ControlledUNet``, or a FLUX.1 transformer's
-    ``ControlledFlux``."""
+def check_fits(controlnet: ControlNet, unet: UNet) -> None:
+    """Refuse a ControlNet whose outputs do not match the UNet's skips (another base model's)."""
+    def listed(v):
+        return list(v) if isinstance(v, (list, tuple)) else v
+
+    mine, theirs = controlnet.config, unet.config
+    fields = ("block_out_channels", "layers_per_block", "cross_attention_dim", "addition_embed_type")
+    wrong = [f"{k}: {getattr(mine, k)!r} against the UNet's {getattr(theirs, k)!r}" for k in fields
+             if listed(getattr(mine, k)) != listed(getattr(theirs, k))]
+    if mine.in_channels not in (theirs.in_channels, theirs.out_channels):  # (an inpainting UNet's: its latents')
+        wrong.insert(0, f"in_channels: {mine.in_channels} against the UNet's {theirs.out_channels} latent channels")
+    if wrong:
+        raise BadArgumentError("set_controlnet: this ControlNet was made for another UNet; " + "; ".join(wrong))
+
+
+def controlnet_family(model: nn.Module) -> Optional[tuple]:
+    """(the ControlNet class that drives ``model``, the class that sums several, their fit check), or None for a
+    network no ControlNet drives: a text UNet's ``ControlNet``, SD3's ``SD3ControlNet``, FLUX.1's
+    ``FluxControlNet``."""
+    from . import flux_controlnet, sd3_controlnet
     from .flux import Flux
+    from .mmdit import MMDiT
+
+    if isinstance(model, Flux):
+        return flux_controlnet.FluxControlNet, flux_controlnet.MultiFluxControlNet, flux_controlnet.check_fits
+    if isinstance(model, MMDiT):
+        return sd3_controlnet.SD3ControlNet, sd3_controlnet.MultiSD3ControlNet, sd3_controlnet.check_fits
+    if isinstance(model, UNet) and model.config.conditional:
+        return ControlNet, MultiControlNet, check_fits
+    return None
+
+
+def controlled(model: nn.Module, controlnet: nn.Module) -> nn.Module:
+    """``model`` driven by ``controlnet`` as one network: a ``ControlledUNet``, an SD3 transformer's
+    ``ControlledMMDiT`` or a FLUX.1 transformer's ``ControlledFlux``."""
+    from .flux import Flux
+    from .mmdit import MMDiT
 
     if isinstance(model, Flux):
         from .flux_controlnet import ControlledFlux
 
         return ControlledFlux(model, controlnet)
+    if isinstance(model, MMDiT):
+        from .sd3_controlnet import ControlledMMDiT
+
+        return ControlledMMDiT(model, controlnet)
     return ControlledUNet(model, controlnet)
 
 
 __all__ = ["ControlNet", "MultiControlNet", "ControlledUNet", "ConditioningEmbedding", "CONTROLNET_FIELDS",
-           "controlled"]
+           "check_fits", "controlnet_family", "controlled"]

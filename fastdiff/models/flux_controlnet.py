@@ -67,6 +67,11 @@ class FluxControlNet(nn.Module):
     def count(self) -> None:
         return None  # (one ControlNet: MultiFluxControlNet has a count)
 
+    @property
+    def own_config(self) -> dict:
+        """Its constructor's arguments beyond the transformer config (what a save writes back)."""
+        return {"num_mode": self.num_mode}
+
     def forward(self, x, timestep, control_image, control_scale, control_mode=None, encoder_hidden_states=None,
                 text_embeds=None, guidance=None) -> tuple[list, list]:
         """x (B, C, H, W) latents; control_image (B, C, H, W) its latents; control_scale (B,) or a number;
@@ -93,9 +98,14 @@ class FluxControlNet(nn.Module):
             ctx, h = block(h, ctx, temb_act, rope)
             single.append(h)
         scale = torch.as_tensor(control_scale, dtype=torch.float32, device=x.device).reshape(-1).expand(b)
-        scale = scale.to(h.dtype)[:, None, None]  # (B, 1, 1)
-        return ([lin(s) * scale for lin, s in zip(self.controlnet_blocks, double)],
-                [lin(s) * scale for lin, s in zip(self.controlnet_single_blocks, single)])
+        return ([scaled(lin(s), scale) for lin, s in zip(self.controlnet_blocks, double)],
+                [scaled(lin(s), scale) for lin, s in zip(self.controlnet_single_blocks, single)])
+
+
+def scaled(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """t (B, N, D) times the per-sample scale (B,) float32, in float32 and rounded once to t's dtype: what diffusers'
+    ``sample * conditioning_scale`` (a Python float) computes in half precision."""
+    return (t.float() * scale[:, None, None]).to(t.dtype)
 
 
 class MultiFluxControlNet(nn.Module):
@@ -160,6 +170,9 @@ def check_fits(controlnet: FluxControlNet, flux: Flux) -> None:
     wrong = [f"{k}: {getattr(mine, k)!r} against the transformer's {getattr(theirs, k)!r}"
              for k in ("inner_dim", "attention_head_dim", "joint_attention_dim", "pooled_projection_dim",
                        "latent_channels", "axes_dims_rope") if getattr(mine, k) != getattr(theirs, k)]
+    if theirs.condition_channels:  # (FLUX.1 Fill / Depth / Canny: diffusers drives neither with a ControlNet)
+        wrong.append(f"the transformer reads {theirs.condition_channels} conditioning channels beside the latents "
+                     f"(FLUX.1 Fill / Depth / Canny), which no FLUX.1 ControlNet pipeline drives")
     if mine.guidance_embeds and not theirs.guidance_embeds:  # (it would read a guidance the transformer has not)
         wrong.append("guidance_embeds: a guidance-distilled ControlNet for a transformer without a guidance input")
     if wrong:
@@ -167,4 +180,4 @@ def check_fits(controlnet: FluxControlNet, flux: Flux) -> None:
                                + "; ".join(wrong))
 
 
-__all__ = ["FluxControlNet", "MultiFluxControlNet", "ControlledFlux", "check_fits", "CLASS_NAME"]
+__all__ = ["FluxControlNet", "MultiFluxControlNet", "ControlledFlux", "check_fits", "scaled", "CLASS_NAME"]

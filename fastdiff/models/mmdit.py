@@ -270,11 +270,12 @@ class FeedForward(nn.Module):
 class JointTransformerBlock(nn.Module):
     """adaLN-Zero on both streams, one joint attention, one feed-forward per stream (the last block: image only)."""
 
-    def __init__(self, config: MMDiTConfig, index: int):
+    def __init__(self, config: MMDiTConfig, index: int, context_pre_only: Optional[bool] = None):
         super().__init__()
         c = config
         dim = c.inner_dim
-        self.context_pre_only = index == c.num_layers - 1
+        # (the transformer's last block; an SD3 ControlNet's blocks all update both streams)
+        self.context_pre_only = index == c.num_layers - 1 if context_pre_only is None else context_pre_only
         self.dual = index in c.dual_attention_layers
         self.norm1 = AdaNormZero(dim, 9 if self.dual else 6)
         self.norm1_context = AdaNormContinuous(dim) if self.context_pre_only else AdaNormZero(dim, 6)
@@ -337,7 +338,11 @@ class MMDiT(nn.Module):
         self.norm_out = AdaNormContinuous(c.inner_dim)
         self.proj_out = nn.Linear(c.inner_dim, c.patch_size ** 2 * c.out_channels)
 
-    def forward(self, x, timestep, class_labels=None, encoder_hidden_states=None, text_embeds=None, time_ids=None):
+    def forward(self, x, timestep, class_labels=None, encoder_hidden_states=None, text_embeds=None, time_ids=None,
+                block_residuals=None):
+        """block_residuals: an SD3 ControlNet's outputs, each (B, N, D), added to the image tokens after every block
+        that updates both streams (not the last), block i reading output int(i / (blocks / outputs)), as diffusers'
+        transformer spreads them."""
         if class_labels is not None or time_ids is not None:
             raise BadArgumentError("this MMDiT takes no class_labels / time_ids (it conditions on text states and "
                                    "a pooled text embedding)")
@@ -356,12 +361,15 @@ class MMDiT(nn.Module):
         h = self.pos_embed(x)  # (B, N, D)
         temb_act = F.silu(self.time_text_embed(t, text_embeds.to(h.dtype)))  # (B, D): what every norm reads
         ctx = self.context_embedder(encoder_hidden_states.to(h.dtype))  # (B, L, D)
-        for block in self.transformer_blocks:
+        for i, block in enumerate(self.transformer_blocks):
             h, ctx = block(h, ctx, temb_act)
+            if block_residuals and not block.context_pre_only:
+                h = h + block_residuals[int(i / (len(self.transformer_blocks) / len(block_residuals)))]
         h = self.proj_out(self.norm_out(h, temb_act))  # (B, N, p*p*C)
         gh, gw, c = hgt // p, wid // p, self.config.out_channels
         h = h.reshape(b, gh, gw, p, p, c).permute(0, 5, 1, 3, 2, 4)  # (B, C, gh, p, gw, p)
         return h.reshape(b, c, hgt, wid)
 
 
-__all__ = ["MMDiT", "MMDiTConfig", "JointTransformerBlock", "check_text_inputs", "sd3_medium_config"]
+__all__ = ["MMDiT", "MMDiTConfig", "JointTransformerBlock", "check_text_inputs", "sd3_medium_config", "PatchEmbed",
+           "TimeTextEmbedding"]

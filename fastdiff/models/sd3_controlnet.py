@@ -1,0 +1,187 @@
+"""SD3 ControlNets (InstantX style), as diffusers' ``SD3ControlNetModel``, and an SD3 transformer driven by them.
+
+An SD3 ControlNet is a shorter copy of the MMDiT (its own patch embedding with the position table, time / pooled
+text embedding, text projection and joint blocks, every block updating both streams) whose image tokens also read
+the control image's VAE latents through a zero-initialised patch embedding without positions
+(``pos_embed_input``). Each block's image tokens pass through a zero-initialised linear layer
+(``controlnet_blocks``), are weighted by ``controlnet_conditioning_scale``, and are added to the transformer's image
+tokens after its blocks (``MMDiT.forward(block_residuals=)``). InstantX's ControlNets read zeros for the pooled text
+embedding (``force_zeros_for_pooled_projection``) and latents encoded without the VAE's shift. Parameter names are
+diffusers', so an ``SD3ControlNetModel`` folder loads as it is (``fastdiff.checkpoints.controlnet``).
+
+Per sample the network takes ``control_image`` (B, C, H, W), the control image's latents, and ``control_scale``
+(B,) (0 outside the sample's step window: ``fastdiff.controlnet.ControlWindow``). Several ControlNets
+(``SD3MultiControlNetModel``) take them stacked on a second axis, and their outputs add up.
+
+Not implemented: SD3.5's official ControlNets (``use_pos_embed=False`` with single-stream blocks and no text
+input), and ``extra_conditioning_channels`` (the inpainting ControlNet's masked-image input).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import BadArgumentError, UnsupportedConfigError
+from .flux_controlnet import scaled
+from .mmdit import MMDiT, MMDiTConfig, JointTransformerBlock, PatchEmbed, TimeTextEmbedding
+
+CLASS_NAME = "SD3ControlNetModel"
+# SD3ControlNetModel's own config fields (the rest are SD3Transformer2DModel's) and the values implemented
+OWN_FIELDS = dict(extra_conditioning_channels=0, pos_embed_type="sincos", use_pos_embed=True,
+                  force_zeros_for_pooled_projection=True)
+
+
+class ControlPatchEmbed(nn.Module):
+    """The control latents (B, C, H, W) -> (B, H/p * W/p, D): a patch convolution, no positions."""
+
+    def __init__(self, config: MMDiTConfig):
+        super().__init__()
+        self.proj = nn.Conv2d(config.in_channels, config.inner_dim, config.patch_size, stride=config.patch_size)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class SD3ControlNet(nn.Module):
+    """diffusers' ``SD3ControlNetModel`` (InstantX's layout). ``forward`` returns one (B, N, D) residual per block."""
+
+    def __init__(self, config: MMDiTConfig, force_zeros_for_pooled_projection: bool = True):
+        super().__init__()
+        self.config = c = config
+        self.force_zeros_for_pooled_projection = bool(force_zeros_for_pooled_projection)
+        d = c.inner_dim
+        self.pos_embed = PatchEmbed(c)
+        self.time_text_embed = TimeTextEmbedding(d, c.pooled_projection_dim)
+        self.context_embedder = nn.Linear(c.joint_attention_dim, c.caption_projection_dim)
+        self.transformer_blocks = nn.ModuleList([JointTransformerBlock(c, i, context_pre_only=False)
+                                                 for i in range(c.num_layers)])
+        self.controlnet_blocks = nn.ModuleList(nn.Linear(d, d) for _ in range(c.num_layers))
+        self.pos_embed_input = ControlPatchEmbed(c)
+
+    @property
+    def count(self) -> None:
+        return None  # (one ControlNet: MultiSD3ControlNet has a count)
+
+    @property
+    def own_config(self) -> dict:
+        """Its constructor's arguments beyond the transformer config (what a save writes back)."""
+        return {"force_zeros_for_pooled_projection": self.force_zeros_for_pooled_projection}
+
+    @property
+    def vae_shift(self) -> bool:
+        """Whether its control latents carry the VAE's shift (InstantX's were trained without it)."""
+        return not self.force_zeros_for_pooled_projection
+
+    def forward(self, x, timestep, control_image, control_scale, encoder_hidden_states=None,
+                text_embeds=None) -> list:
+        """x (B, C, H, W) latents; control_image (B, C, H, W) its latents; control_scale (B,) or a number ->
+        [(B, N, D)] per block, weighted by the scale."""
+        b = x.shape[0]
+        if tuple(control_image.shape) != tuple(x.shape):
+            raise BadArgumentError(f"control_image: expected the control image's latents {tuple(x.shape)}, found "
+                                   f"{tuple(control_image.shape)}")
+        t = timestep if torch.is_tensor(timestep) else torch.tensor([float(timestep)], device=x.device)
+        t = t.to(x.device).reshape(-1).expand(b)  # (B,)
+        h = self.pos_embed(x)  # (B, N, D)
+        pooled = text_embeds.to(h.dtype)
+        if self.force_zeros_for_pooled_projection:  # (diffusers' pipeline hands it zeros)
+            pooled = torch.zeros_like(pooled)
+        temb_act = F.silu(self.time_text_embed(t, pooled))  # (B, D)
+        ctx = self.context_embedder(encoder_hidden_states.to(h.dtype))  # (B, L, D)
+        h = h + self.pos_embed_input(control_image.to(h.dtype))
+        outputs = []
+        for block in self.transformer_blocks:
+            h, ctx = block(h, ctx, temb_act)
+            outputs.append(h)
+        scale = torch.as_tensor(control_scale, dtype=torch.float32, device=x.device).reshape(-1).expand(b)
+        return [scaled(lin(o), scale) for lin, o in zip(self.controlnet_blocks, outputs)]
+
+
+class MultiSD3ControlNet(nn.Module):
+    """Several SD3 ControlNets, their outputs summed (diffusers' ``SD3MultiControlNetModel``): control_image
+    (B, K, C, H, W), control_scale (B, K)."""
+
+    def __init__(self, nets):
+        super().__init__()
+        self.nets = nn.ModuleList(nets)
+        if len({n.config.num_layers for n in self.nets}) > 1:
+            raise BadArgumentError(f"set_controlnet: expected SD3 ControlNets of one depth (their outputs add up "
+                                   f"block by block), found {[n.config.num_layers for n in self.nets]} blocks")
+        if len({n.vae_shift for n in self.nets}) > 1:
+            raise BadArgumentError("set_controlnet: expected SD3 ControlNets that all read their control latents "
+                                   "with the VAE's shift, or all without (force_zeros_for_pooled_projection)")
+        self.config = self.nets[0].config
+
+    @property
+    def count(self) -> int:
+        return len(self.nets)
+
+    @property
+    def vae_shift(self) -> bool:
+        return self.nets[0].vae_shift  # (diffusers' pipeline reads the first one's config)
+
+    def forward(self, x, timestep, control_image, control_scale, **conditioning):
+        if control_image.dim() != 5 or control_image.shape[1] != len(self.nets):
+            raise BadArgumentError(f"control_image: expected (B, {len(self.nets)}, C, H, W), one per ControlNet, "
+                                   f"found {tuple(control_image.shape)}")
+        total = None
+        for k, net in enumerate(self.nets):
+            out = net(x, timestep, control_image[:, k], control_scale[:, k], **conditioning)
+            total = out if total is None else [a + r for a, r in zip(total, out)]
+        return total
+
+
+class ControlledMMDiT(nn.Module):
+    """An SD3 transformer and the ControlNet(s) driving it, as one network with the transformer's signature plus the
+    control inputs (what a Pipeline's runner calls)."""
+
+    def __init__(self, mmdit: MMDiT, controlnet):
+        super().__init__()
+        self.mmdit, self.controlnet = mmdit, controlnet
+
+    @property
+    def config(self) -> MMDiTConfig:
+        return self.mmdit.config
+
+    def forward(self, x, timestep, class_labels=None, encoder_hidden_states=None, text_embeds=None, time_ids=None,
+                control_image=None, control_scale=None, control_guess=None):
+        if control_image is None or control_scale is None:
+            raise BadArgumentError("this SD3 transformer is driven by a ControlNet: expected control_image and "
+                                   "control_scale")
+        residuals = self.controlnet(x, timestep, control_image, control_scale,
+                                    encoder_hidden_states=encoder_hidden_states, text_embeds=text_embeds)
+        return self.mmdit(x, timestep, class_labels=class_labels, encoder_hidden_states=encoder_hidden_states,
+                          text_embeds=text_embeds, time_ids=time_ids, block_residuals=residuals)
+
+
+def split_config(config: dict) -> tuple[MMDiTConfig, bool]:
+    """(the transformer part's config, force_zeros_for_pooled_projection) of an SD3ControlNetModel config.json
+    dict; the layouts not implemented are refused by name."""
+    config = dict(config)
+    own = {k: config.pop(k, v) for k, v in OWN_FIELDS.items()}
+    for name in ("extra_conditioning_channels", "pos_embed_type", "use_pos_embed"):
+        if own[name] != OWN_FIELDS[name]:
+            raise UnsupportedConfigError(name, own[name], supported=[OWN_FIELDS[name]],
+                                         model=f"{CLASS_NAME} (InstantX's layout; SD3.5's official ControlNets and "
+                                               f"the inpainting one are not implemented)")
+    if config.get("joint_attention_dim", 4096) is None:
+        raise UnsupportedConfigError("joint_attention_dim", None, supported="an int (joint blocks with text)",
+                                     model=CLASS_NAME)
+    config["_class_name"] = "SD3Transformer2DModel"
+    return MMDiTConfig.from_diffusers(config), bool(own["force_zeros_for_pooled_projection"])
+
+
+def check_fits(controlnet: SD3ControlNet, mmdit: MMDiT) -> None:
+    """Refuse an SD3 ControlNet made for another transformer."""
+    mine, theirs = controlnet.config, mmdit.config
+    wrong = [f"{k}: {getattr(mine, k)!r} against the transformer's {getattr(theirs, k)!r}"
+             for k in ("inner_dim", "patch_size", "in_channels", "joint_attention_dim", "pooled_projection_dim")
+             if getattr(mine, k) != getattr(theirs, k)]
+    if wrong:
+        raise BadArgumentError("set_controlnet: this SD3 ControlNet was made for another transformer; "
+                               + "; ".join(wrong))
+
+
+__all__ = ["SD3ControlNet", "MultiSD3ControlNet", "ControlledMMDiT", "split_config", "check_fits", "CLASS_NAME"]

@@ -1,0 +1,198 @@
+"""SD3 ControlNets (diffusers' SD3ControlNetModel, InstantX's layout): the native network against diffusers' with
+the transformer it drives, and ``set_controlnet`` + ``generate(control_image=...)`` against
+StableDiffusion3ControlNetPipeline (one ControlNet, several; with and without CFG) on the same weights, embeddings,
+images and generators. diffusers encodes the control image with a draw from torch's global RNG, which no seed
+reproduces: fastdiff reads the posterior's mean, and the reference here is made to read it too."""
+
+import numpy as np
+import pytest
+import torch
+
+import fastdiff
+from fastdiff.errors import BadArgumentError, UnsupportedConfigError
+from helpers import diffusers_pipeline, perturb_, rel_err
+from test_img2img import SEEDS, _folder, _generators, _text_kwargs
+from test_sd3 import CONFIGS, _embeds, _reference
+
+diffusers = pytest.importorskip("diffusers", reason="diffusers' SD3 ControlNet and pipeline are the reference")
+
+TRANSFORMER = dict(CONFIGS["sd3.5-large"], in_channels=16, out_channels=16, num_layers=4)
+
+
+def _controlnet(seed=5, **config):
+    """A tiny SD3ControlNetModel for TRANSFORMER (2 blocks: each output serves two), its zero layers perturbed."""
+    torch.manual_seed(seed)
+    return perturb_(diffusers.SD3ControlNetModel(**{**TRANSFORMER, "num_layers": 2, **config}).eval(), seed)
+
+
+@pytest.fixture
+def posterior_means(monkeypatch):
+    """diffusers' VAE posteriors read as their means (what fastdiff encodes an SD3 control image to)."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    monkeypatch.setattr(DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mean)
+
+
+def _pictures(n=2, seed=3):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def _pair(tmp_path, nets):
+    """(fastdiff's SD3 pipeline (16-channel latents, the SD3 VAE layout) driven by ``nets``, diffusers'
+    StableDiffusion3ControlNetPipeline on the same parts)."""
+    from test_vae import CONFIGS as VAE_CONFIGS, _reference as vae_reference
+
+    transformer = _reference(TRANSFORMER)
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    vae = vae_reference(VAE_CONFIGS["sd3-flux"], seed=2)
+    pipe = fastdiff.load(_folder(tmp_path / "pipe", "transformer", transformer, scheduler, vae,
+                                 "StableDiffusion3Pipeline"))
+    folders = []
+    for i, net in enumerate(nets):
+        net.save_pretrained(tmp_path / f"cn{i}")
+        folders.append(str(tmp_path / f"cn{i}"))
+    pipe.set_controlnet(folders[0] if len(folders) == 1 else folders)
+    controlnet = nets[0] if len(nets) == 1 else diffusers.SD3MultiControlNetModel(nets)
+    ref = diffusers_pipeline("StableDiffusion3ControlNetPipeline")(
+        transformer=transformer, scheduler=scheduler, vae=vae, controlnet=controlnet, text_encoder=None,
+        tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
+    ref.set_progress_bar_config(disable=True)
+    return pipe, ref
+
+
+@pytest.mark.parametrize("layers, force_zeros", [(2, True), (3, False), (4, True)])
+def test_the_controlled_transformer_equals_diffusers(layers, force_zeros):
+    """SD3ControlNetModel's outputs, block i of the transformer reading output int(i / (blocks / outputs)) (none
+    after the last block), its pooled input zeros for InstantX's (force_zeros_for_pooled_projection)."""
+    from fastdiff.models.mmdit import MMDiT, MMDiTConfig
+    from fastdiff.models.sd3_controlnet import ControlledMMDiT, SD3ControlNet
+
+    ref = _reference(TRANSFORMER)
+    cn = _controlnet(num_layers=layers, force_zeros_for_pooled_projection=force_zeros)
+    mmdit = MMDiT(MMDiTConfig.from_diffusers(dict(ref.config)))
+    mmdit.load_state_dict(ref.state_dict())
+    net = SD3ControlNet(MMDiTConfig.from_diffusers({**TRANSFORMER, "num_layers": layers}),
+                        force_zeros_for_pooled_projection=force_zeros)
+    net.load_state_dict(cn.state_dict())  # diffusers' names
+    g = torch.Generator().manual_seed(1)
+    x, control = torch.randn(2, 16, 8, 6, generator=g), torch.randn(2, 16, 8, 6, generator=g)
+    ctx, pooled = torch.randn(2, 5, 12, generator=g), torch.randn(2, 10, generator=g)
+    t = torch.tensor([375.0, 842.0])
+    with torch.no_grad():
+        samples = cn(hidden_states=x, controlnet_cond=control, conditioning_scale=0.7, encoder_hidden_states=ctx,
+                     pooled_projections=torch.zeros_like(pooled) if force_zeros else pooled, timestep=t,
+                     return_dict=False)[0]
+        want = ref(hidden_states=x, encoder_hidden_states=ctx, pooled_projections=pooled, timestep=t,
+                   block_controlnet_hidden_states=samples).sample
+        kw = dict(encoder_hidden_states=ctx, text_embeds=pooled, control_image=control,
+                  control_scale=torch.tensor([0.7, 0.7]))
+        got = ControlledMMDiT(mmdit, net)(x, t, **kw)
+        assert rel_err(got, want) <= 1e-5
+        plain = mmdit(x, t, encoder_hidden_states=ctx, text_embeds=pooled)
+        assert rel_err(got, plain) > 1e-3  # the ControlNet reaches the output
+        assert rel_err(ControlledMMDiT(mmdit, net)(x, t, **{**kw, "control_scale": torch.zeros(2)}), plain) <= 1e-6
+
+
+@pytest.mark.parametrize("cfg", [1.0, 4.0])
+def test_generate_equals_the_sd3_controlnet_pipeline(tmp_path, posterior_means, cfg):
+    """One ControlNet, with and without CFG (both passes run it on their own text), its scale and step window;
+    one image for every sample."""
+    pipe, ref = _pair(tmp_path, [_controlnet()])
+    e = {k: v for k, v in _embeds().items() if k != "latents" and (cfg != 1.0 or not k.startswith("negative"))}
+    images = _pictures()
+    for options in ({}, dict(controlnet_conditioning_scale=0.6, control_guidance_start=0.2,
+                             control_guidance_end=0.7)):
+        want = ref(control_image=images, num_inference_steps=5, guidance_scale=cfg, height=16, width=16,
+                   generator=_generators(), output_type="latent", **options,
+                   **{k: v.clone() for k, v in e.items()}).images
+        got = pipe.generate(control_image=images, steps=5, cfg_scale=cfg, seeds=SEEDS, progress=False, **options,
+                            **_text_kwargs(e, cfg != 1.0))
+        assert rel_err(got, want) <= 2e-5
+    kw = dict(steps=3, cfg_scale=cfg, seeds=SEEDS, progress=False, **_text_kwargs(e, cfg != 1.0))
+    one = pipe.generate(control_image=images[0], **kw)
+    assert rel_err(one[0], pipe.generate(control_image=images, **kw)[0]) <= 1e-6
+    assert rel_err(one, pipe.generate(control_image=images[::-1], **kw)) > 1e-3
+
+
+def test_several_controlnets_equal_the_multi_controlnet(tmp_path, posterior_means):
+    """SD3MultiControlNetModel: one image, scale and window per ControlNet, their outputs summed; a ControlNet that
+    reads its latents with the VAE's shift (force_zeros_for_pooled_projection off) beside another is refused."""
+    pipe, ref = _pair(tmp_path, [_controlnet(5), _controlnet(6)])
+    e = {k: v for k, v in _embeds().items() if k != "latents"}
+    first, second = _pictures(), _pictures(seed=4)
+    options = dict(controlnet_conditioning_scale=[0.8, 0.5], control_guidance_start=[0.0, 0.3],
+                   control_guidance_end=[0.8, 1.0])
+    want = ref(control_image=[first, second], num_inference_steps=5, guidance_scale=3.0, height=16, width=16,
+               generator=_generators(), output_type="latent", **options, **{k: v.clone() for k, v in e.items()}).images
+    kw = dict(steps=5, cfg_scale=3.0, seeds=SEEDS, progress=False, **options, **_text_kwargs(e, True))
+    got = pipe.generate(control_image=[first, second], **kw)
+    assert rel_err(got, want) <= 2e-5
+    assert rel_err(got, pipe.generate(control_image=[second, first], **kw)) > 1e-3
+    _controlnet(7, force_zeros_for_pooled_projection=False).save_pretrained(tmp_path / "shifted")
+    with pytest.raises(BadArgumentError, match="with the VAE's shift, or all without"):
+        pipe.set_controlnet([str(tmp_path / "cn0"), str(tmp_path / "shifted")])
+
+
+def test_a_controlnet_reading_shifted_latents_equals_diffusers(tmp_path, posterior_means):
+    """force_zeros_for_pooled_projection off: the pooled embedding reaches it, and its latents keep the VAE's
+    shift."""
+    pipe, ref = _pair(tmp_path, [_controlnet(force_zeros_for_pooled_projection=False)])
+    e = {k: v for k, v in _embeds().items() if k != "latents" and not k.startswith("negative")}
+    want = ref(control_image=_pictures(), num_inference_steps=4, guidance_scale=1.0, height=16, width=16,
+               generator=_generators(), output_type="latent", **{k: v.clone() for k, v in e.items()}).images
+    got = pipe.generate(control_image=_pictures(), steps=4, seeds=SEEDS, progress=False, **_text_kwargs(e, False))
+    assert rel_err(got, want) <= 2e-5
+
+
+def test_captured_loops_the_engine_and_a_save_equal_eager(tmp_path):
+    from test_graph_scopes import FakeGraph
+
+    pipe, ref = _pair(tmp_path, [_controlnet()])
+    e = {k: v for k, v in _embeds().items() if k != "latents"}
+    images = _pictures()
+    kw = dict(steps=3, cfg_scale=3.0, seeds=SEEDS, progress=False, controlnet_conditioning_scale=0.8,
+              **_text_kwargs(e, True))
+    want = pipe.generate(control_image=images, **kw)
+    pipe.save(str(tmp_path / "saved"))
+    assert rel_err(fastdiff.load(str(tmp_path / "saved")).generate(control_image=images, **kw), want) <= 1e-6
+    ref.save_pretrained(str(tmp_path / "theirs"))
+    assert rel_err(fastdiff.load(str(tmp_path / "theirs")).generate(control_image=images, **kw), want) <= 1e-6
+    graphed = fastdiff.load(str(tmp_path / "saved")).optimize(cuda_graphs=True, graph_scope="loop",
+                                                              batch_buckets=(2,), graph_factory=FakeGraph)
+    assert rel_err(graphed.generate(control_image=images, **kw), want) <= 1e-5
+    with fastdiff.Engine(pipe, max_batch=4, max_wait_ms=50) as engine:
+        futures = [engine.submit(seed=s, control_image=images[i], steps=3, cfg_scale=3.0,
+                                 encoder_hidden_states=e["prompt_embeds"][i], text_embeds=e["pooled_prompt_embeds"][i],
+                                 negative_encoder_hidden_states=e["negative_prompt_embeds"][i],
+                                 negative_text_embeds=e["negative_pooled_prompt_embeds"][i],
+                                 controlnet_conditioning_scale=0.8) for i, s in enumerate(SEEDS)]
+        results = [f.result(timeout=120) for f in futures]
+    for i, got in enumerate(results):
+        assert rel_err(got, want[i]) <= 1e-5
+
+
+def test_what_is_not_implemented_is_refused_by_name(tmp_path):
+    from fastdiff.checkpoints.controlnet import load_controlnet
+
+    pipe, _ = _pair(tmp_path, [_controlnet()])
+    e = {k: v for k, v in _embeds().items() if k != "latents" and not k.startswith("negative")}
+    kw = dict(control_image=_pictures(), steps=2, seeds=SEEDS, progress=False, **_text_kwargs(e, False))
+    for bad, match in ((dict(image=_pictures()), "StableDiffusion3ControlNetInpaintingPipeline"),
+                       (dict(guess_mode=True), "guess_mode: the SD3 and FLUX.1 ControlNet pipelines have none"),
+                       (dict(control_mode=1), "control_mode: a FLUX.1 Union ControlNet's control type")):
+        with pytest.raises(BadArgumentError, match=match):
+            pipe.generate(**{**kw, **bad})
+    _controlnet(extra_conditioning_channels=1).save_pretrained(tmp_path / "inpainting")
+    with pytest.raises(UnsupportedConfigError, match="extra_conditioning_channels"):
+        load_controlnet(str(tmp_path / "inpainting"))
+    _controlnet(joint_attention_dim=8).save_pretrained(tmp_path / "narrow")
+    with pytest.raises(BadArgumentError, match="made for another transformer; joint_attention_dim: 8"):
+        pipe.set_controlnet(str(tmp_path / "narrow"))
+    pytest.importorskip("onnx", reason="the exporter needs onnx")
+    from fastdiff.export.onnx import export_onnx
+
+    with pytest.raises(UnsupportedConfigError, match="an SD3 / FLUX.1 ControlNet runs eager"):
+        export_onnx(pipe, None, str(tmp_path / "x.onnx"), progress=False)
