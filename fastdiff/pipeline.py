@@ -452,9 +452,9 @@ class Pipeline:
             a ControlNet's conditioning image (one, or one per sample; PIL and uint8 pixels in [0, 1], float arrays and
             tensors as they are; not resized: its size fixes the output's, as in diffusers' SD ControlNet pipelines
             given no height / width, while its SD3 / FLUX.1 ones resize it to their default size) and diffusers'
-            ControlNet pipelines' options (``fastdiff.controlnet``), once ``set_controlnet`` has given the pipeline a ControlNet. Defaults
-            follow diffusers' pipeline for the task: scale 1.0, 0.8 with an image to edit (and strength 0.8, SDXL
-            too), 0.5 with a mask on SD (1.0 on SDXL). FLUX.1 Depth / Canny (``spec.latent_control``) take the
+            ControlNet pipelines' options (``fastdiff.controlnet``), once ``set_controlnet`` has given the pipeline
+            a ControlNet. Defaults follow diffusers' pipeline for the task: scale 1.0, 0.8 with an image to edit (and
+            strength 0.8, SDXL too), 0.5 with a mask on SD (1.0 on SDXL). FLUX.1 Depth / Canny (``spec.latent_control``) take the
             control image without a scale or window, read as ``image`` is (float arrays and tensors in [0, 1], or
             [-1, 1]) and encoded by the VAE as FluxControlPipeline encodes PIL images (diffusers hands a tensor to
             the VAE as it is); with ``image`` (and ``mask_image``) as FluxControlImg2ImgPipeline (and
@@ -463,8 +463,8 @@ class Pipeline:
             a plain one, or one int for every Union one), as FluxControlNetPipeline's. A FLUX.1 ControlNet
             (``set_controlnet`` of a FluxControlNetModel folder) reads the control image's VAE latents (read as
             ``image`` is, float tensors in [0, 1] shifted to [-1, 1], which diffusers hands to the VAE unshifted;
-            each sample's posterior drawn before its start noise), with diffusers' scale and step window (no guess mode); guidance defaults to 7 there, as
-            FluxControlNetPipeline's; with ``image`` (and ``mask_image``) as FluxControlNetImg2ImgPipeline (and
+            each sample's posterior drawn before its start noise), with diffusers' scale and step window (no guess
+            mode); guidance defaults to 7 there, as FluxControlNetPipeline's; with ``image`` (and ``mask_image``) as FluxControlNetImg2ImgPipeline (and
             FluxControlNetInpaintPipeline), strength 0.6 and scale 1.0 by default. Not with true CFG (cfg_scale).
         denoising_end / denoising_start: SDXL's ensemble of expert denoisers, as diffusers' SDXL pipelines
             (``fastdiff.experts``): with ``denoising_end`` the run stops after the steps whose training timestep is
@@ -854,8 +854,9 @@ class Pipeline:
                                    f"{control.shape[0]}")
         if self.vae is None or self.vae.encoder is None:
             raise BadArgumentError("control_image: this model reads its control image's VAE latents (FLUX.1 Depth / "
-                                   "Canny, a FLUX.1 ControlNet), and this pipeline " + ("has no VAE (fastdiff.load(..., vae='AutoencoderKL folder'))"
-                                                  if self.vae is None else "VAE's weights carry only the decoder"))
+                                   "Canny, an SD3 / FLUX.1 ControlNet), and this pipeline "
+                                   + ("has no VAE (fastdiff.load(..., vae='AutoencoderKL folder'))"
+                                      if self.vae is None else "VAE's weights carry only the decoder"))
         return self.vae.encode(control.expand(b, -1, -1, -1) * 2 - 1, noise=noise)
 
     def _default_control_scale(self, edits: bool, inpaints: bool) -> float:

@@ -145,7 +145,8 @@ def test_several_controlnets_equal_flux_multi_controlnet(tmp_path):
     got = pipe.generate(control_image=[first, second], control_mode=[2, None], **kw)
     assert rel_err(_pack(got), want) <= 2e-5
     assert rel_err(got, pipe.generate(control_image=[second, first], control_mode=[2, None], **kw)) > 1e-3
-    with pytest.raises(BadArgumentError, match="control_mode: given \\(1\\) for a FLUX.1 ControlNet that is not a Union"):
+    with pytest.raises(BadArgumentError, match="control_mode: given \\(1\\) for a FLUX.1 ControlNet that is not a "
+                                               "Union"):
         pipe.generate(control_image=[first, second], control_mode=[2, 1], **kw)
     # one type for every Union ControlNet, as diffusers broadcasts it (a plain one ignores it)
     assert rel_err(pipe.generate(control_image=[first, second], control_mode=2, **kw), got) <= 1e-6

@@ -118,7 +118,12 @@ def test_flux_inpainting_with_a_padding_mask_crop_equals_diffusers(tmp_path):
     """FluxInpaintPipeline(padding_mask_crop=...) at a non-square output size (its crop grown to that ratio)."""
     from test_inpaint_blending import _flux_pair
 
+    import inspect
+
     pipe, ref = _flux_pair(tmp_path, "FluxInpaintPipeline", "FluxPipeline")
+    if "apply_overlay" not in inspect.getsource(type(ref).__call__):
+        pytest.skip(f"diffusers {diffusers.__version__}'s FluxInpaintPipeline returns the crop without pasting it "
+                    f"back (no apply_overlay): no reference")
     g = torch.Generator().manual_seed(2)
     ctx, pooled = torch.randn(2, 5, 12, generator=g), torch.randn(2, 10, generator=g)
     image, mask = _pil_inputs()
@@ -175,7 +180,7 @@ def test_controlnet_inpainting_crops_the_control_image_as_diffusers(tmp_path):
         want = ref(image=image, mask_image=mask, control_image=control, padding_mask_crop=3, num_inference_steps=4,
                    guidance_scale=3.0, prompt_embeds=e["prompt_embeds"], generator=_generators(), output_type="pil",
                    negative_prompt_embeds=e["negative_prompt_embeds"], **size).images
-        got = pipe.generate(control_image=control, **kw, **{k: v // 2 for k, v in size.items()})  # (latent pixels)
+        got = pipe.generate(control_image=control, **kw, **{k: v // 2 for k, v in size.items()})  # (latent px)
         assert _max_level_difference(got, want) <= 1
     assert _max_level_difference(got, pipe.generate(control_image=_picture(image.size, seed=10), **kw)) > 5
     for bad, found in ((control.resize((20, 14)), r"found a PIL image of \(14, 20\)"), (torch.rand(1, 3, 28, 40),
