@@ -5,6 +5,7 @@ model shapes, the fused backend at model level, CUDA-graph replay (step and loop
 no recapture for a batch that fits a captured bucket, and compile + graphs together.
 """
 
+import dataclasses
 import os
 
 import pytest
@@ -442,6 +443,56 @@ def test_a_controlnet_in_cuda_graphs_equals_eager(scope):
         image = torch.rand(2, 3, 8 * h, 8 * w, generator=torch.Generator().manual_seed(seed))
         want = eager.generate(control_image=image, **options, **kw)
         assert rel_err(graphed.generate(control_image=image, **options, **kw), want) <= 1e-4
+    if scope == "loop":
+        assert graphed.loop_graphs.captures == 1
+
+
+def _transformer_with_controlnet(kind: str, device: str):
+    """(``arch:tiny-flux`` / ``arch:tiny-sd3`` with a random VAE (an encoder: the control image is encoded) and a
+    random FLUX.1 / SD3 ControlNet of fewer blocks, its layers not zeroed, on ``device``; the text arguments)."""
+    from fastdiff.models.vae import VAEConfig, VAEDecoder
+
+    torch.manual_seed(3)
+    pipe = fastdiff.load(f"arch:tiny-{kind}", device=device)
+    pipe.vae = VAEDecoder(VAEConfig(block_out_channels=(16, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                                    up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
+                                    scaling_factor=0.3611, shift_factor=0.1159), with_encoder=True).to(device).eval()
+    if kind == "flux":
+        from fastdiff.models.flux_controlnet import FluxControlNet
+
+        controlnet = FluxControlNet(dataclasses.replace(pipe.model.config, num_layers=1, num_single_layers=1),
+                                    num_mode=3)
+    else:
+        from fastdiff.models.sd3_controlnet import SD3ControlNet
+
+        controlnet = SD3ControlNet(dataclasses.replace(pipe.model.config, num_layers=2))
+    pipe.set_controlnet(controlnet.eval())
+    g = torch.Generator().manual_seed(4)
+    ctx = torch.randn(2, 7, pipe.spec.cross_attention_dim, generator=g).to(device)
+    pooled = torch.randn(2, pipe.spec.text_embeds_dim, generator=g).to(device)
+    text = dict(encoder_hidden_states=ctx, text_embeds=pooled)
+    if kind == "sd3":  # (SD3 with CFG: each pass runs the ControlNet on its own text)
+        text.update(cfg_scale=3.0, negative_encoder_hidden_states=ctx.flip(0), negative_text_embeds=pooled.flip(0))
+    return pipe, text
+
+
+@pytest.mark.parametrize("kind", ["flux", "sd3"])
+@pytest.mark.parametrize("scope", ["step", "loop"])
+def test_transformer_controlnets_in_cuda_graphs_equal_eager(kind, scope):
+    """An SD3 / FLUX.1 transformer and its ControlNet captured as one network equal eager; new images, scales,
+    windows (and a Union ControlNet's types) replay the same graph."""
+    import copy
+
+    eager, text = _transformer_with_controlnet(kind, "cuda")
+    graphed = copy.deepcopy(eager).optimize(cuda_graphs=True, graph_scope=scope, batch_buckets=(2,))
+    f = eager.vae.downscale
+    h, w = eager.spec.sample_size
+    for seed, options in ((0, {}), (1, dict(controlnet_conditioning_scale=0.5, control_guidance_end=0.5))):
+        if kind == "flux":
+            options["control_mode"] = seed + 1
+        image = torch.rand(2, 3, f * h, f * w, generator=torch.Generator().manual_seed(seed))
+        kw = dict(seeds=[1, 2], steps=4, control_image=image, progress=False, **options, **text)
+        assert rel_err(graphed.generate(**kw), eager.generate(**kw)) <= 1e-4
     if scope == "loop":
         assert graphed.loop_graphs.captures == 1
 
