@@ -465,7 +465,8 @@ class Pipeline:
             ``image`` is, float tensors in [0, 1] shifted to [-1, 1], which diffusers hands to the VAE unshifted;
             each sample's posterior drawn before its start noise), with diffusers' scale and step window (no guess
             mode); guidance defaults to 7 there, as FluxControlNetPipeline's; with ``image`` (and ``mask_image``) as FluxControlNetImg2ImgPipeline (and
-            FluxControlNetInpaintPipeline), strength 0.6 and scale 1.0 by default. Not with true CFG (cfg_scale).
+            FluxControlNetInpaintPipeline), strength 0.6 and scale 1.0 by default; with true CFG (cfg_scale) both
+            passes read the ControlNet's outputs for the conditional text, as that pipeline's true_cfg_scale.
         denoising_end / denoising_start: SDXL's ensemble of expert denoisers, as diffusers' SDXL pipelines
             (``fastdiff.experts``): with ``denoising_end`` the run stops after the steps whose training timestep is
             >= round(T (1 - end)) and returns its state (diffusers' noisy latents), not x0; with
@@ -603,7 +604,7 @@ class Pipeline:
                                                             control_guidance_end, guess_mode,
                                                             getattr(control_format, "count", None) or 1)
             if self._latent_controlnet():  # the control images' latents (FLUX.1's: posteriors before the noise)
-                control = self._controlnet_latents(control, b, noise, guided, images)
+                control = self._controlnet_latents(control, b, noise, images)
                 if images is None:  # (an image's posterior and its start noise come below)
                     latents = noise.randn(shape) if latents is None else latents
             added, added_uncond = control_inputs(control, b, plan, scales, starts, ends, guess_mode, guided,
@@ -612,6 +613,9 @@ class Pipeline:
             uncond.update(added_uncond)
             if self._latent_controlnet() == "flux":
                 cond.update(self._control_modes(control_mode, b))
+                if guided:  # (true CFG: both passes' ControlNet reads the conditional text, shared by the passes)
+                    cond.update(control_encoder_hidden_states=cond["encoder_hidden_states"],
+                                control_text_embeds=cond["text_embeds"])
             elif control_mode is not None:
                 raise BadArgumentError("control_mode: a FLUX.1 Union ControlNet's control type; this pipeline's "
                                        "ControlNet takes none")
@@ -888,13 +892,12 @@ class Pipeline:
         control = io.get("control") if isinstance(io, dict) else None
         return None if control is None else types.SimpleNamespace(**control)
 
-    def _controlnet_latents(self, control: torch.Tensor, b: int, noise, guided: bool, images):
+    def _controlnet_latents(self, control: torch.Tensor, b: int, noise, images):
         """An SD3 / FLUX.1 ControlNet's input: the control images (k, [K,] 3, H, W) in [0, 1] encoded by the VAE,
         (b, [K,] C, h, w), ControlNet by ControlNet. FLUX.1's: each sample's posterior from its own generator, before
         an image's (FluxControlNetPipeline's order, its img2img and inpainting siblings' too). SD3's: the posterior's
         mean (diffusers draws from torch's global RNG there, which no seed reproduces), without the VAE's shift for
-        InstantX's ControlNets, as StableDiffusion3ControlNetPipeline shifts them. What is not implemented is
-        refused by name."""
+        InstantX's ControlNets, as StableDiffusion3ControlNetPipeline shifts them."""
         if self._latent_controlnet() == "sd3":
             if images is not None:
                 raise BadArgumentError("image: an SD3 ControlNet with an image to edit or inpaint "
@@ -906,10 +909,6 @@ class Pipeline:
                     z = z + self.vae.config.shift_factor * self.vae.config.scaling_factor
                 return z
         else:
-            if guided:
-                raise BadArgumentError("cfg_scale: true CFG with a FLUX.1 ControlNet is not implemented (diffusers "
-                                       "gives both passes the conditional pass's ControlNet outputs); use guidance= "
-                                       "alone")
             encode = self._control_latents
         if control.dim() == 4:
             return encode(control, b, noise)

@@ -112,6 +112,25 @@ def test_generate_equals_flux_controlnet_pipeline(tmp_path):
     assert rel_err(one, pipe.generate(control_image=images[::-1], **kw)) > 1e-3
 
 
+def test_true_cfg_gives_both_passes_the_conditional_controlnet_outputs(tmp_path):
+    """FluxControlNetPipeline(true_cfg_scale=...): the ControlNet runs on the conditional text alone and both
+    transformer passes add its outputs; one ControlNet and several."""
+    ctx, pooled = _text()
+    neg_ctx, neg_pooled = ctx.flip(0) * 0.5, pooled.flip(0) * 0.5
+    for nets, images in (([_controlnet()], _pictures()), ([_controlnet(5), _controlnet(6)],
+                                                          [_pictures(), _pictures(seed=4)])):
+        pipe, ref = _pair(tmp_path / str(len(nets)), nets)
+        scale = {} if len(nets) == 1 else dict(controlnet_conditioning_scale=[1.0, 0.6])
+        want = ref(control_image=images, true_cfg_scale=3.0, num_inference_steps=4, height=16, width=16,
+                   prompt_embeds=ctx, pooled_prompt_embeds=pooled, negative_prompt_embeds=neg_ctx,
+                   negative_pooled_prompt_embeds=neg_pooled, generator=_generators(), output_type="latent",
+                   **scale).images
+        got = pipe.generate(control_image=images, cfg_scale=3.0, steps=4, seeds=SEEDS, encoder_hidden_states=ctx,
+                            text_embeds=pooled, negative_encoder_hidden_states=neg_ctx,
+                            negative_text_embeds=neg_pooled, progress=False, **scale)
+        assert rel_err(_pack(got), want) <= 2e-5
+
+
 def test_a_union_controlnet_takes_its_control_mode_as_diffusers(tmp_path):
     pipe, ref = _pair(tmp_path, [_controlnet(num_mode=5)])
     ctx, pooled = _text()
@@ -233,8 +252,6 @@ def test_what_is_not_implemented_is_refused_by_name(tmp_path):
     kw = dict(control_image=_pictures(), steps=2, seeds=SEEDS, encoder_hidden_states=ctx, text_embeds=pooled,
               progress=False)
     for bad, error, match in (
-            (dict(cfg_scale=3.0, negative_encoder_hidden_states=ctx, negative_text_embeds=pooled), BadArgumentError,
-             "cfg_scale: true CFG with a FLUX.1 ControlNet is not implemented"),
             (dict(guess_mode=True), BadArgumentError, "guess_mode: the SD3 and FLUX.1 ControlNet pipelines have none"),
             (dict(control_mode=1), BadArgumentError, "not a Union one"),
             (dict(control_image=None), BadArgumentError, "control_image: this pipeline is driven by a ControlNet")):

@@ -152,13 +152,18 @@ class ControlledFlux(nn.Module):
 
     def forward(self, x, timestep, class_labels=None, encoder_hidden_states=None, text_embeds=None, time_ids=None,
                 guidance=None, image_latents=None, control_image=None, control_scale=None, control_guess=None,
-                control_mode=None):
+                control_mode=None, control_encoder_hidden_states=None, control_text_embeds=None):
+        """control_encoder_hidden_states / control_text_embeds: the text the ControlNet reads, when not the
+        transformer's (true CFG: diffusers runs the ControlNet once, on the conditional text, and gives both passes
+        its outputs; fastdiff hands the unconditional pass the conditional text for the ControlNet)."""
         if control_image is None or control_scale is None:
             raise BadArgumentError("this FLUX.1 transformer is driven by a ControlNet: expected control_image and "
                                    "control_scale")
-        double, single = self.controlnet(x, timestep, control_image, control_scale, control_mode,
-                                         encoder_hidden_states=encoder_hidden_states, text_embeds=text_embeds,
-                                         guidance=guidance)
+        double, single = self.controlnet(
+            x, timestep, control_image, control_scale, control_mode,
+            encoder_hidden_states=encoder_hidden_states if control_encoder_hidden_states is None
+            else control_encoder_hidden_states,
+            text_embeds=text_embeds if control_text_embeds is None else control_text_embeds, guidance=guidance)
         return self.flux(x, timestep, class_labels=class_labels, encoder_hidden_states=encoder_hidden_states,
                          text_embeds=text_embeds, time_ids=time_ids, guidance=guidance, image_latents=image_latents,
                          block_residuals=double, single_residuals=single)
