@@ -60,6 +60,17 @@ def diffusers_pipeline(name: str):
     return getattr(diffusers, name)
 
 
+def attach_controlnets(pipe, nets: list, folder, multi_class):
+    """Save diffusers ControlNet models ``nets`` as folders under ``folder``, attach them to fastdiff's ``pipe``
+    (one, or a list: several), and return what drives diffusers' pipeline: the one net, or ``multi_class(nets)``."""
+    folders = []
+    for i, net in enumerate(nets):
+        net.save_pretrained(folder / f"cn{i}")
+        folders.append(str(folder / f"cn{i}"))
+    pipe.set_controlnet(folders[0] if len(folders) == 1 else folders)
+    return nets[0] if len(nets) == 1 else multi_class(nets)
+
+
 def skip_unless_diffusers_has(cls, config):
     """Skip (with the reason) on an older diffusers that lacks a setting of ``config``, or whose UniPC flow grid is
     still DPM-Solver's (diffusers 0.33 spaced it so; newer versions start it at t = 1 - 1e-6, and fastdiff follows

@@ -9,7 +9,7 @@ import torch
 
 import fastdiff
 from fastdiff.errors import BadArgumentError, UnsupportedConfigError
-from helpers import diffusers_pipeline, perturb_, rel_err
+from helpers import attach_controlnets, diffusers_pipeline, perturb_, rel_err
 from test_flux import DEV, _diffusers_call, _image_ids, _pack
 from test_img2img import SEEDS, _generators
 
@@ -42,12 +42,7 @@ def _pair(tmp_path, nets):
     from test_inpaint_blending import _flux_pair
 
     pipe, ref = _flux_pair(tmp_path / "pipe", "FluxPipeline")
-    folders = []
-    for i, net in enumerate(nets):
-        net.save_pretrained(tmp_path / f"cn{i}")
-        folders.append(str(tmp_path / f"cn{i}"))
-    pipe.set_controlnet(folders[0] if len(folders) == 1 else folders)
-    controlnet = nets[0] if len(nets) == 1 else diffusers.FluxMultiControlNetModel(nets)
+    controlnet = attach_controlnets(pipe, nets, tmp_path, diffusers.FluxMultiControlNetModel)
     ref = diffusers_pipeline("FluxControlNetPipeline")(controlnet=controlnet, **ref.components)
     ref.set_progress_bar_config(disable=True)
     return pipe, ref

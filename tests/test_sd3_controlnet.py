@@ -10,7 +10,7 @@ import torch
 
 import fastdiff
 from fastdiff.errors import BadArgumentError, UnsupportedConfigError
-from helpers import diffusers_pipeline, perturb_, rel_err
+from helpers import attach_controlnets, diffusers_pipeline, perturb_, rel_err
 from test_img2img import SEEDS, _folder, _generators, _text_kwargs
 from test_sd3 import CONFIGS, _embeds, _reference
 
@@ -50,12 +50,7 @@ def _pair(tmp_path, nets):
     vae = vae_reference(VAE_CONFIGS["sd3-flux"], seed=2)
     pipe = fastdiff.load(_folder(tmp_path / "pipe", "transformer", transformer, scheduler, vae,
                                  "StableDiffusion3Pipeline"))
-    folders = []
-    for i, net in enumerate(nets):
-        net.save_pretrained(tmp_path / f"cn{i}")
-        folders.append(str(tmp_path / f"cn{i}"))
-    pipe.set_controlnet(folders[0] if len(folders) == 1 else folders)
-    controlnet = nets[0] if len(nets) == 1 else diffusers.SD3MultiControlNetModel(nets)
+    controlnet = attach_controlnets(pipe, nets, tmp_path, diffusers.SD3MultiControlNetModel)
     ref = diffusers_pipeline("StableDiffusion3ControlNetPipeline")(
         transformer=transformer, scheduler=scheduler, vae=vae, controlnet=controlnet, text_encoder=None,
         tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
