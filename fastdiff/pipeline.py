@@ -13,7 +13,6 @@ import inspect
 import math
 import numbers
 import random
-import types
 import warnings
 from typing import Optional, Sequence, Union
 
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 
 from .errors import BadArgumentError, UnsupportedConfigError
+from .pipeline_control import ControlNetMixin
 from .prompts.encoder import EXTRA_PROMPTS
 from .spec import ModelSpec, is_flow_scheduler
 from .state_update import update_impl
@@ -34,7 +34,7 @@ _LEADING_DEFAULT = ("heun", "edm", "plms")  # samplers whose default grid on dis
 _SIGMA_MAX_CAP = 80.0  # EDM's sigma_max: the top of continuous (karras / exponential / uniform) grids
 
 
-class Pipeline:
+class Pipeline(ControlNetMixin):
     def __init__(self, model: Optional[torch.nn.Module], spec: ModelSpec, device="cpu", runner=None, vae=None,
                  prompt_encoder=None):
         """model: the native network (None for an artifact-only pipeline, e.g. a loaded .onnx file, whose
@@ -119,64 +119,6 @@ class Pipeline:
                                    "as they are on disk; save before load_lora(), or after unload_lora()")
         return save_fastdiff(path, self.model, self.spec, vae=self.vae, prompt_encoder=self.prompt_encoder,
                              controlnet=self.controlnet)
-
-    def set_controlnet(self, controlnet, variant: Optional[str] = None) -> "Pipeline":
-        """Drive the network with a ControlNet: a diffusers ``ControlNetModel`` folder for a text UNet
-        (``SD3ControlNetModel`` for SD3, ``FluxControlNetModel`` for FLUX.1), a loaded one (a copy is taken: the
-        pipeline moves, casts and fuses its own), a list of those (diffusers' Multi* ControlNet models: their outputs
-        add up, and ``generate`` then takes lists: one image, scale and window per ControlNet), or None to take it
-        away. It is put on the network's device and dtype, and the runner is rebuilt around both (with
-        ``optimize()``'s settings, applied to the ControlNet too: its graphs capture both networks; an onnxruntime /
-        TensorRT backend exports a UNet and its ControlNet in one graph again), so ``generate`` then takes
-        ``control_image=``. If that fails, the pipeline stays as it was."""
-        import copy
-
-        from .models.controlnet import controlnet_family
-
-        self._require_model("set_controlnet()")
-        if controlnet is not None:
-            family = controlnet_family(self.model)  # (its ControlNet class, their sum, the fit check)
-            if family is None:
-                raise BadArgumentError(f"set_controlnet: a ControlNet drives a text-conditioned UNet (SD 1.x / 2.x / "
-                                       f"SDXL), an SD3 or a FLUX.1 transformer, and this model is a {self.spec.kind} "
-                                       f"{type(self.model).__name__}")
-            from .checkpoints.controlnet import load_controlnet
-
-            net_class, several_class, check_fits = family
-            several = isinstance(controlnet, (list, tuple))
-            nets = [copy.deepcopy(c) if isinstance(c, torch.nn.Module) else load_controlnet(c, variant=variant)
-                    for c in (controlnet if several else [controlnet])]
-            if not nets:
-                raise BadArgumentError("set_controlnet: expected a ControlNet or a list of them, found an empty list")
-            for net in nets:
-                if not isinstance(net, net_class):
-                    raise BadArgumentError(f"set_controlnet: a {type(net).__name__} cannot drive a "
-                                           f"{type(self.model).__name__} (ControlNetModels drive text UNets, "
-                                           f"SD3ControlNetModels SD3, FluxControlNetModels FLUX.1)")
-                check_fits(net, self.model)
-            controlnet = several_class(nets) if several else nets[0]
-            controlnet = controlnet.to(device=self.device, dtype=self._network_dtype())
-        previous = self.controlnet
-        self.controlnet = controlnet
-        try:
-            if self.config is None:
-                from .models.controlnet import controlled
-
-                runner, notes = (self.model if controlnet is None else controlled(self.model, controlnet)), []
-            else:  # the same optimisations around the new network (the captured loops were of the old one)
-                from .runtime.runners import build_runner
-
-                runner, notes = build_runner(self, self.config, graph_factory=self._graph_factory)
-        except BaseException:
-            self.controlnet = previous
-            raise
-        self.runner = runner
-        self.notes.extend(notes)
-        if self.loop_graphs is not None:
-            from .runtime.loop_graph import LoopGraphCache
-
-            self.loop_graphs = LoopGraphCache(self.config.max_graphs, self._graph_factory)
-        return self
 
     def load_lora(self, lora, scale: float = 1.0) -> dict:
         """Merge a LoRA into the weights, as diffusers' ``load_lora_weights(lora)`` + ``fuse_lora(lora_scale=scale)``
@@ -462,7 +404,8 @@ class Pipeline:
         control_mode: a FLUX.1 Union ControlNet's control type (an int; for several ControlNets one each, None for
             a plain one, or one int for every Union one), as FluxControlNetPipeline's. A FLUX.1 ControlNet
             (``set_controlnet`` of a FluxControlNetModel folder) reads the control image's VAE latents (read as
-            ``image`` is, float tensors in [0, 1] shifted to [-1, 1], which diffusers hands to the VAE unshifted;
+            ``image`` is, float tensors in [0, 1] shifted to [-1, 1], which diffusers' SD3 / FLUX.1 ControlNet
+            pipelines hand to the VAE unshifted;
             each sample's posterior drawn before its start noise), with diffusers' scale and step window (no guess
             mode); guidance defaults to 7 there, as FluxControlNetPipeline's; with ``image`` (and ``mask_image``) as FluxControlNetImg2ImgPipeline (and
             FluxControlNetInpaintPipeline), strength 0.6 and scale 1.0 by default; with true CFG (cfg_scale) both
@@ -592,33 +535,16 @@ class Pipeline:
             cond["image_latents"] = self._control_latents(control, b, noise).to(self._network_dtype())
             if images is None:  # (FluxControlImg2Img / Inpaint: the image's posterior and the noise come below)
                 latents = noise.randn(shape) if latents is None else latents
-        elif control is not None:
-            from .controlnet import ControlWindow, check_control_options, control_inputs
+        elif control is not None:  # a ControlNet's inputs (an SD3 / FLUX.1 one's: its image's latents)
+            from .controlnet import ControlWindow
 
-            control_format = self._control_format()
-            if controlnet_conditioning_scale is None:
-                controlnet_conditioning_scale = self._default_control_scale(images is not None, masks is not None)
-            # (diffusers: a ControlNet that pools its outputs guides the conditional pass only)
-            guess_mode = guess_mode or bool(getattr(control_format, "global_pool_conditions", False))
-            scales, starts, ends, _ = check_control_options(controlnet_conditioning_scale, control_guidance_start,
-                                                            control_guidance_end, guess_mode,
-                                                            getattr(control_format, "count", None) or 1)
-            if self._latent_controlnet():  # the control images' latents (FLUX.1's: posteriors before the noise)
-                control = self._controlnet_latents(control, b, noise, images)
-                if images is None:  # (an image's posterior and its start noise come below)
-                    latents = noise.randn(shape) if latents is None else latents
-            added, added_uncond = control_inputs(control, b, plan, scales, starts, ends, guess_mode, guided,
-                                                 self.device, self._network_dtype())
+            added, added_uncond = self._controlnet_inputs(
+                control, b, plan, noise, guided, images, masks, cond, controlnet_conditioning_scale,
+                control_guidance_start, control_guidance_end, guess_mode, control_mode)
+            if images is None and latents is None:  # (FLUX.1's: after its posteriors; an image's come below)
+                latents = noise.randn(shape)
             cond.update(added)
             uncond.update(added_uncond)
-            if self._latent_controlnet() == "flux":
-                cond.update(self._control_modes(control_mode, b))
-                if guided:  # (true CFG: both passes' ControlNet reads the conditional text, shared by the passes)
-                    cond.update(control_encoder_hidden_states=cond["encoder_hidden_states"],
-                                control_text_embeds=cond["text_embeds"])
-            elif control_mode is not None:
-                raise BadArgumentError("control_mode: a FLUX.1 Union ControlNet's control type; this pipeline's "
-                                       "ControlNet takes none")
             denoiser = ControlWindow(denoiser)
         extra = dict(cond)
         if getattr(self.runner, "cfg_folded", False):  # an exported graph that guides inside: one call of batch B
@@ -779,51 +705,6 @@ class Pipeline:
                                    + f"; or pass latents as the image: a ({channels}, h, w) tensor")
         return unit_images(image, self.vae.config.in_channels), False
 
-    def _control_images(self, control_image, scale, start, end, guess_mode):
-        """generate(control_image=...) as float32 images in [0, 1] ((k, C, H, W); (k, K, C, H, W) for K ControlNets),
-        its options checked; None without a ControlNet (whose options are then refused if set)."""
-        from .controlnet import check_control_options, control_images
-
-        control_format = self._control_format()
-        count = getattr(control_format, "count", None)
-        check_control_options(scale, start, end, guess_mode, count or 1)
-        if self.spec.latent_control:  # FLUX.1 Depth / Canny: the image is an input, not a ControlNet's
-            changed = [name for name, value, default in (
-                ("controlnet_conditioning_scale", scale, None), ("control_guidance_start", start, 0.0),
-                ("control_guidance_end", end, 1.0), ("guess_mode", guess_mode, False)) if value != default]
-            if changed:
-                raise BadArgumentError(f"{', '.join(changed)}: a ControlNet's options; FLUX.1 Depth / Canny reads its "
-                                       f"control image's latents as input channels, at no scale or step window")
-            if control_image is None:
-                raise BadArgumentError("control_image: this FLUX.1 Depth / Canny transformer reads a control image's "
-                                       "latents beside its own: expected one, found none")
-            from .img2img import check_whole_pixels, unit_images
-
-            try:  # (an image its VAE encodes: read as img2img's, [-1, 1] arrays and tensors too)
-                images = unit_images(control_image, control_format.conditioning_channels)
-            except BadArgumentError as e:
-                raise BadArgumentError("control_image" + str(e)[len("image"):]) from None
-            check_whole_pixels(images, control_format.image_downscale, "control_image", "the VAE's")
-            return images
-        if control_format is None:
-            changed = (["control_image"] if control_image is not None else []) + [
-                name for name, value, default in (
-                    ("controlnet_conditioning_scale", scale, None), ("control_guidance_start", start, 0.0),
-                    ("control_guidance_end", end, 1.0), ("guess_mode", guess_mode, False)) if value != default]
-            if changed:
-                raise BadArgumentError(f"{', '.join(changed)}: given, but this pipeline has no ControlNet "
-                                       f"(pipe.set_controlnet(FOLDER) first)")
-            return None
-        if control_image is None:
-            raise BadArgumentError("control_image: this pipeline is driven by a ControlNet: expected its conditioning "
-                                   "image, found none" + (" (pipe.set_controlnet(None) takes the ControlNet away)"
-                                                          if self.controlnet is not None else ""))
-        if getattr(control_format, "latent", False) and guess_mode:
-            raise BadArgumentError("guess_mode: the SD3 and FLUX.1 ControlNet pipelines have none")
-        # (a FLUX.1 ControlNet's image is encoded by the VAE: read as img2img's, [-1, 1] arrays and tensors too)
-        latent = getattr(control_format, "latent", False)
-        return control_images(control_format, control_image, count, raw=not latent, rows_first=not latent)
-
     def _train_steps(self) -> int:
         return int(self.spec.scheduler.get("num_train_timesteps", 1000))
 
@@ -849,116 +730,6 @@ class Pipeline:
                                    + " (diffusers' SDXL inpainting / ControlNet experts) is not implemented")
         experts.check_plan(plan, name)
         return experts
-
-    def _control_latents(self, control: torch.Tensor, b: int, noise) -> torch.Tensor:
-        """FLUX.1 Depth / Canny's extra input (b, C, h, w): the control images (one, or one per sample; in [0, 1])
-        encoded by the VAE, each sample's posterior drawn from its own generator, as FluxControlPipeline does."""
-        if control.shape[0] not in (1, b):
-            raise BadArgumentError(f"control_image: expected {_one_or(b)} images (one per sample), found "
-                                   f"{control.shape[0]}")
-        if self.vae is None or self.vae.encoder is None:
-            raise BadArgumentError("control_image: this model reads its control image's VAE latents (FLUX.1 Depth / "
-                                   "Canny, an SD3 / FLUX.1 ControlNet), and this pipeline "
-                                   + ("has no VAE (fastdiff.load(..., vae='AutoencoderKL folder'))"
-                                      if self.vae is None else "VAE's weights carry only the decoder"))
-        return self.vae.encode(control.expand(b, -1, -1, -1) * 2 - 1, noise=noise)
-
-    def _default_control_scale(self, edits: bool, inpaints: bool) -> float:
-        """diffusers' ControlNet pipelines' default scale: 1.0; 0.8 for img2img; 0.5 for SD inpainting (SDXL's 1.0);
-        SD3's and FLUX.1's 1.0 for every task."""
-        if self._latent_controlnet():
-            return 1.0
-        if inpaints:
-            return 1.0 if self.spec.time_ids_dim else 0.5
-        return 0.8 if edits else 1.0
-
-    def _control_format(self):
-        """What drives the network: the ControlNet (a MultiControlNet: with ``count``), or (a loaded ONNX graph
-        exported with one) its image format, all with ``conditioning_channels`` and ``image_downscale``; for FLUX.1
-        Depth / Canny (``spec.latent_control``) the image its VAE encodes (``latent``); None."""
-        if self.spec.latent_control:
-            return types.SimpleNamespace(conditioning_channels=3, image_downscale=getattr(self.vae, "downscale", 8),
-                                         latent=True)
-        if self._latent_controlnet():  # (its image is encoded by the VAE, as FLUX.1 Depth's)
-            return types.SimpleNamespace(conditioning_channels=3, image_downscale=getattr(self.vae, "downscale", 8),
-                                         latent=True, count=self.controlnet.count, global_pool_conditions=False)
-        if self.controlnet is not None:
-            nets = getattr(self.controlnet, "nets", None)
-            return self.controlnet if nets is None else types.SimpleNamespace(
-                conditioning_channels=self.controlnet.conditioning_channels,
-                image_downscale=self.controlnet.image_downscale, count=len(nets),
-                global_pool_conditions=nets[0].global_pool_conditions)  # (diffusers reads the first one's)
-        io = getattr(self.runner, "io", None)
-        control = io.get("control") if isinstance(io, dict) else None
-        return None if control is None else types.SimpleNamespace(**control)
-
-    def _controlnet_latents(self, control: torch.Tensor, b: int, noise, images):
-        """An SD3 / FLUX.1 ControlNet's input: the control images (k, [K,] 3, H, W) in [0, 1] encoded by the VAE,
-        (b, [K,] C, h, w), ControlNet by ControlNet. FLUX.1's: each sample's posterior from its own generator, before
-        an image's (FluxControlNetPipeline's order, its img2img and inpainting siblings' too). SD3's: the posterior's
-        mean (diffusers draws from torch's global RNG there, which no seed reproduces), without the VAE's shift for
-        InstantX's ControlNets, as StableDiffusion3ControlNetPipeline shifts them."""
-        if self._latent_controlnet() == "sd3":
-            if images is not None:
-                raise BadArgumentError("image: an SD3 ControlNet with an image to edit or inpaint "
-                                       "(StableDiffusion3ControlNetInpaintingPipeline) is not implemented")
-
-            def encode(images, b, noise):
-                z = self._control_latents(images, b, None)  # (b, C, h, w): (mean - shift) * scale
-                if not self.controlnet.vae_shift:
-                    z = z + self.vae.config.shift_factor * self.vae.config.scaling_factor
-                return z
-        else:
-            encode = self._control_latents
-        if control.dim() == 4:
-            return encode(control, b, noise)
-        return torch.stack([encode(control[:, k], b, noise) for k in range(control.shape[1])], dim=1)
-
-    def _control_modes(self, control_mode, b: int) -> dict:
-        """{"control_mode": (b,) or (b, K) int64} for Union ControlNets (one type per ControlNet), {} for none."""
-        nets = getattr(self.controlnet, "nets", [self.controlnet])
-        unions = [net.num_mode for net in nets]
-        if isinstance(control_mode, (list, tuple)):
-            modes = list(control_mode)
-        elif len(nets) > 1 and any(top is not None for top in unions):  # (one type for every Union one, as diffusers)
-            modes = [None if top is None else control_mode for top in unions]
-        else:
-            modes = [control_mode] * len(nets)
-        if len(modes) != len(nets):
-            raise BadArgumentError(f"control_mode: expected one per ControlNet ({len(nets)}), found {len(modes)}")
-        for mode, top in zip(modes, unions):
-            if top is None and mode is not None:
-                raise BadArgumentError(f"control_mode: given ({mode!r}) for a FLUX.1 ControlNet that is not a Union "
-                                       f"one (it has no control types)")
-            if top is not None and (isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode < top):
-                raise BadArgumentError(f"control_mode: this Union ControlNet takes a control type, an int in [0, "
-                                       f"{top}), found {mode!r}")
-        if all(top is None for top in unions):
-            return {}
-        # (a tensor input: a captured loop takes another type without a recapture; 0 for a net without types)
-        t = torch.tensor([0 if m is None else m for m in modes], dtype=torch.int64, device=self.device)
-        several = getattr(self.controlnet, "nets", None) is not None
-        return {"control_mode": t[None].expand(b, -1).contiguous() if several else t.expand(b).contiguous()}
-
-    def _latent_controlnet(self) -> Optional[str]:
-        """"flux" / "sd3" when a FLUX.1 / SD3 ControlNet drives the network (it reads its image's VAE latents),
-        else None."""
-        from .models.flux_controlnet import FluxControlNet, MultiFluxControlNet
-        from .models.sd3_controlnet import MultiSD3ControlNet, SD3ControlNet
-
-        if isinstance(self.controlnet, (FluxControlNet, MultiFluxControlNet)):
-            return "flux"
-        return "sd3" if isinstance(self.controlnet, (SD3ControlNet, MultiSD3ControlNet)) else None
-
-    def _control_size(self, control: torch.Tensor, height, width) -> tuple[int, int]:
-        """The latent size a control image fixes (checked against any height / width given)."""
-        f = self._control_format().image_downscale
-        big_h, big_w = int(control.shape[-2]), int(control.shape[-1])
-        h, w = big_h // f, big_w // f
-        if (height is not None and height != h) or (width is not None and width != w):
-            raise BadArgumentError(f"height / width: the control image ({big_h}x{big_w} "
-                                   f"pixels) fixes the latent size to {h}x{w}, found {height}x{width}")
-        return h, w
 
     def _inpaint_masks(self, mask_image, images, given_latents: bool):
         """generate(mask_image=...) as float32 (k, 1, H, W) masks of 0 / 1 (``fastdiff.inpaint.unit_masks``): an

@@ -191,3 +191,24 @@ def test_what_is_not_implemented_is_refused_by_name(tmp_path):
 
     with pytest.raises(UnsupportedConfigError, match="an SD3 / FLUX.1 ControlNet runs eager"):
         export_onnx(pipe, None, str(tmp_path / "x.onnx"), progress=False)
+
+
+def test_dual_attention_blocks_past_the_controlnets_depth_are_ignored_as_diffusers_does():
+    """A ControlNet made from an SD3.5 Medium-style transformer keeps its dual-attention list, which may name blocks
+    past the ControlNet's own depth: diffusers ignores those, and so does fastdiff."""
+    from fastdiff.models.sd3_controlnet import split_config
+
+    cn = _controlnet(num_layers=1, dual_attention_layers=(0, 1))
+    config, _ = split_config(dict(cn.config))
+    assert config.dual_attention_layers == (0,) and config.num_layers == 1
+
+
+def test_a_pipeline_folder_with_a_controlnet_fastdiff_does_not_run_loads_its_base_alone(tmp_path):
+    """A StableDiffusion3ControlNetPipeline folder whose controlnet/ is SD3's inpainting ControlNet: the base model
+    loads, and a note says why the ControlNet is not attached."""
+    pipe, ref = _pair(tmp_path, [_controlnet()])
+    ref.controlnet = _controlnet(extra_conditioning_channels=1)
+    ref.save_pretrained(str(tmp_path / "theirs"))
+    loaded = fastdiff.load(str(tmp_path / "theirs"))
+    assert loaded.controlnet is None
+    assert any("controlnet/ not attached" in n and "extra_conditioning_channels" in n for n in loaded.notes)

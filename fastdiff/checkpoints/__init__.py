@@ -116,11 +116,16 @@ def load(path: str, device="cpu", dtype: Optional[torch.dtype] = None, *, varian
     why_not = unattachable(controlnets, pipe)
     if why_not:  # (the base model loads: a ControlNet fastdiff does not run is noted, not an error)
         pipe.notes.append(why_not)
-    elif controlnets:  # a ControlNet pipeline's folder (diffusers' or a fastdiff save) drives its UNet
-        pipe.set_controlnet(controlnets[0] if len(controlnets) == 1 else controlnets, variant=variant)
-        pipe.notes.append(f"the folder's {', '.join(os.path.basename(c) + '/' for c in controlnets)} drive"
-                          f"{'s' if len(controlnets) == 1 else ''} the UNet: generate() needs control_image= "
-                          f"(pipe.set_controlnet(None) takes {'it' if len(controlnets) == 1 else 'them'} away)")
+    elif controlnets:  # a ControlNet pipeline's folder (diffusers' or a fastdiff save) drives its network
+        names = ", ".join(os.path.basename(c) + "/" for c in controlnets)
+        try:
+            pipe.set_controlnet(controlnets[0] if len(controlnets) == 1 else controlnets, variant=variant)
+        except UnsupportedConfigError as e:  # (a layout fastdiff does not run, such as SD3.5's official ones)
+            pipe.notes.append(f"the folder's {names} not attached ({e}); the base model loads alone")
+            return pipe
+        pipe.notes.append(f"the folder's {names} drive{'s' if len(controlnets) == 1 else ''} the network: "
+                          f"generate() needs control_image= (pipe.set_controlnet(None) takes "
+                          f"{'it' if len(controlnets) == 1 else 'them'} away)")
     return pipe
 
 

@@ -170,6 +170,9 @@ def split_config(config: dict) -> tuple[MMDiTConfig, bool]:
         raise UnsupportedConfigError("joint_attention_dim", None, supported="an int (joint blocks with text)",
                                      model=CLASS_NAME)
     config["_class_name"] = "SD3Transformer2DModel"
+    # (copied from its transformer's, the dual-attention blocks may lie past its own depth: diffusers ignores those)
+    depth = config.get("num_layers", 18)
+    config["dual_attention_layers"] = [i for i in config.get("dual_attention_layers", ()) if i < depth]
     return MMDiTConfig.from_diffusers(config), bool(own["force_zeros_for_pooled_projection"])
 
 
