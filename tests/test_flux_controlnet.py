@@ -110,6 +110,11 @@ def test_generate_equals_flux_controlnet_pipeline(tmp_path):
 def test_true_cfg_gives_both_passes_the_conditional_controlnet_outputs(tmp_path):
     """FluxControlNetPipeline(true_cfg_scale=...): the ControlNet runs on the conditional text alone and both
     transformer passes add its outputs; one ControlNet and several."""
+    import inspect
+
+    if "has_neg_prompt" not in inspect.getsource(diffusers.FluxControlNetPipeline.__call__):
+        pytest.skip(f"diffusers {diffusers.__version__}'s FluxControlNetPipeline runs true CFG for a negative prompt "
+                    f"in text only, not for negative embeddings: no reference")
     ctx, pooled = _text()
     neg_ctx, neg_pooled = ctx.flip(0) * 0.5, pooled.flip(0) * 0.5
     for nets, images in (([_controlnet()], _pictures()), ([_controlnet(5), _controlnet(6)],
