@@ -85,6 +85,8 @@ class ControlNetMixin:
                                            f"{type(self.model).__name__} (ControlNetModels drive text UNets, "
                                            f"SD3ControlNetModels SD3, FluxControlNetModels FLUX.1)")
                 check_fits(net, self.model)
+                if hasattr(net, "share_positions"):  # (SD3.5's ControlNets read the transformer's patch embedding)
+                    net.share_positions(self.model)
             controlnet = several_class(nets) if several else nets[0]
             controlnet = controlnet.to(device=self.device, dtype=self._network_dtype())
         previous = self.controlnet

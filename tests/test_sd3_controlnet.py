@@ -169,6 +169,38 @@ def test_captured_loops_the_engine_and_a_save_equal_eager(tmp_path):
         assert rel_err(got, want[i]) <= 1e-5
 
 
+SD35 = dict(joint_attention_dim=None, use_pos_embed=False, pos_embed_type=None, pos_embed_max_size=None,
+            force_zeros_for_pooled_projection=False, qk_norm=None)  # SD3.5's official ControlNets' layout
+
+
+def test_sd35_controlnets_equal_diffusers(tmp_path, posterior_means):
+    """SD3.5's official layout: image-only blocks, no text input, the pooled embedding, latents with the VAE's
+    shift, and the transformer's patch embedding (which diffusers' pipeline copies into the ControlNet); with CFG,
+    two of them, and through a save (which writes no positions: they are the transformer's)."""
+    pipe, ref = _pair(tmp_path, [_controlnet(**SD35)])
+    assert pipe.controlnet.image_only and pipe.controlnet.pos_embed is not None
+    e = {k: v for k, v in _embeds().items() if k != "latents"}
+    images = _pictures()
+    kw = dict(steps=4, cfg_scale=3.0, seeds=SEEDS, progress=False, **_text_kwargs(e, True))
+    want = ref(control_image=images, num_inference_steps=4, guidance_scale=3.0, height=16, width=16,
+               generator=_generators(), output_type="latent", **{k: v.clone() for k, v in e.items()}).images
+    got = pipe.generate(control_image=images, **kw)
+    assert rel_err(got, want) <= 2e-5
+    assert rel_err(got, pipe.generate(control_image=images[::-1], **kw)) > 1e-3
+    pipe.save(str(tmp_path / "saved"))
+    from safetensors.torch import load_file
+
+    assert not any(k.startswith("pos_embed.") for k in load_file(str(tmp_path / "saved" / "controlnet" /
+                                                                    "diffusion_pytorch_model.safetensors")))
+    assert rel_err(fastdiff.load(str(tmp_path / "saved")).generate(control_image=images, **kw), got) <= 1e-6
+    two, ref_two = _pair(tmp_path / "two", [_controlnet(5, **SD35), _controlnet(6, **SD35)])
+    options = dict(controlnet_conditioning_scale=[0.7, 0.4])
+    want = ref_two(control_image=[images, images[::-1]], num_inference_steps=4, guidance_scale=3.0, height=16,
+                   width=16, generator=_generators(), output_type="latent", **options,
+                   **{k: v.clone() for k, v in e.items()}).images
+    assert rel_err(two.generate(control_image=[images, images[::-1]], **options, **kw), want) <= 2e-5
+
+
 def test_what_is_not_implemented_is_refused_by_name(tmp_path):
     from fastdiff.checkpoints.controlnet import load_controlnet
 
@@ -183,6 +215,9 @@ def test_what_is_not_implemented_is_refused_by_name(tmp_path):
     _controlnet(extra_conditioning_channels=1).save_pretrained(tmp_path / "inpainting")
     with pytest.raises(UnsupportedConfigError, match="extra_conditioning_channels"):
         load_controlnet(str(tmp_path / "inpainting"))
+    _controlnet(use_pos_embed=False).save_pretrained(tmp_path / "mixed")  # (no positions, but a text stream)
+    with pytest.raises(UnsupportedConfigError, match="InstantX's layout; .* SD3.5's"):
+        load_controlnet(str(tmp_path / "mixed"))
     _controlnet(joint_attention_dim=8).save_pretrained(tmp_path / "narrow")
     with pytest.raises(BadArgumentError, match="made for another transformer; joint_attention_dim: 8"):
         pipe.set_controlnet(str(tmp_path / "narrow"))

@@ -78,9 +78,9 @@ def _load_flux_controlnet(path: str, config: dict, variant, dtype, device):
 def _load_sd3_controlnet(path: str, config: dict, variant, dtype, device):
     from ..models.sd3_controlnet import SD3ControlNet, split_config
 
-    mmdit_config, force_zeros = split_config(config)
+    mmdit_config, own = split_config(config)
     with torch.device("meta"):
-        model = SD3ControlNet(mmdit_config, force_zeros_for_pooled_projection=force_zeros)
+        model = SD3ControlNet(mmdit_config, **own)
     return strict_load(model, find_weights(path, variant), f"SD3 ControlNet {path}", dtype=dtype,
                        device=device).eval()
 
@@ -97,7 +97,10 @@ def _transformer_diffusers_config(net) -> dict:
         return {**out, "num_mode": net.num_mode, "conditioning_embedding_channels": None}
     from ..models.sd3_controlnet import OWN_FIELDS
 
-    return {**out, **OWN_FIELDS, "force_zeros_for_pooled_projection": net.force_zeros_for_pooled_projection}
+    out = {**out, **OWN_FIELDS, "force_zeros_for_pooled_projection": net.force_zeros_for_pooled_projection}
+    if net.image_only:  # (SD3.5's official layout: the transformer's positions, no text input)
+        out.update(joint_attention_dim=None, use_pos_embed=False, pos_embed_type=None, pos_embed_max_size=None)
+    return out
 
 
 def diffusers_config(net) -> dict:

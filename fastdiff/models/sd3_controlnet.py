@@ -13,11 +13,16 @@ Per sample the network takes ``control_image`` (B, C, H, W), the control image's
 (B,) (0 outside the sample's step window: ``fastdiff.controlnet.ControlWindow``). Several ControlNets
 (``SD3MultiControlNetModel``) take them stacked on a second axis, and their outputs add up.
 
-Not implemented: SD3.5's official ControlNets (``use_pos_embed=False`` with single-stream blocks and no text
-input), and ``extra_conditioning_channels`` (the inpainting ControlNet's masked-image input).
+SD3.5's official ControlNets (``use_pos_embed=False``, ``joint_attention_dim=None``) have image-only blocks (no text
+stream: diffusers' ``SD3SingleTransformerBlock``) and no position table of their own: they share the transformer's
+patch embedding, which ``set_controlnet`` copies in (``share_positions``), as diffusers' pipeline does.
+
+Not implemented: ``extra_conditioning_channels`` (the inpainting ControlNet's masked-image input).
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 import torch.nn.functional as F
@@ -25,12 +30,31 @@ from torch import nn
 
 from ..errors import BadArgumentError, UnsupportedConfigError
 from .flux_controlnet import scaled
-from .mmdit import MMDiT, MMDiTConfig, JointTransformerBlock, PatchEmbed, TimeTextEmbedding
+from .layers import ModulatedLayerNorm
+from .mmdit import (AdaNormZero, FeedForward, JointAttention, JointTransformerBlock, MMDiT, MMDiTConfig, PatchEmbed,
+                    TimeTextEmbedding)
 
 CLASS_NAME = "SD3ControlNetModel"
 # SD3ControlNetModel's own config fields (the rest are SD3Transformer2DModel's) and the values implemented
 OWN_FIELDS = dict(extra_conditioning_channels=0, pos_embed_type="sincos", use_pos_embed=True,
                   force_zeros_for_pooled_projection=True)
+
+
+class ImageOnlyBlock(nn.Module):
+    """diffusers' ``SD3SingleTransformerBlock``: adaLN-Zero, self-attention over the image tokens, a feed-forward."""
+
+    def __init__(self, config: MMDiTConfig):
+        super().__init__()
+        dim = config.inner_dim
+        self.norm1 = AdaNormZero(dim, 6)
+        self.attn = JointAttention(dim, config.num_attention_heads, config.attention_head_dim, None, joint=False)
+        self.norm2 = ModulatedLayerNorm(dim, eps=1e-6)
+        self.ff = FeedForward(dim)
+
+    def forward(self, x, temb_act):
+        h, (gate, shift_mlp, scale_mlp, gate_mlp) = self.norm1(x, temb_act)
+        x = x + gate[:, None] * self.attn(h)  # (B, N, D)
+        return x + gate_mlp[:, None] * self.ff(self.norm2(x, shift_mlp, scale_mlp))
 
 
 class ControlPatchEmbed(nn.Module):
@@ -47,16 +71,21 @@ class ControlPatchEmbed(nn.Module):
 class SD3ControlNet(nn.Module):
     """diffusers' ``SD3ControlNetModel`` (InstantX's layout). ``forward`` returns one (B, N, D) residual per block."""
 
-    def __init__(self, config: MMDiTConfig, force_zeros_for_pooled_projection: bool = True):
+    def __init__(self, config: MMDiTConfig, force_zeros_for_pooled_projection: bool = True, image_only: bool = False):
         super().__init__()
         self.config = c = config
         self.force_zeros_for_pooled_projection = bool(force_zeros_for_pooled_projection)
+        self.image_only = bool(image_only)  # SD3.5's official layout: no text, the transformer's positions
         d = c.inner_dim
-        self.pos_embed = PatchEmbed(c)
+        self.pos_embed = None if image_only else PatchEmbed(c)
         self.time_text_embed = TimeTextEmbedding(d, c.pooled_projection_dim)
-        self.context_embedder = nn.Linear(c.joint_attention_dim, c.caption_projection_dim)
-        self.transformer_blocks = nn.ModuleList([JointTransformerBlock(c, i, context_pre_only=False)
-                                                 for i in range(c.num_layers)])
+        if image_only:
+            self.context_embedder = None
+            self.transformer_blocks = nn.ModuleList([ImageOnlyBlock(c) for _ in range(c.num_layers)])
+        else:
+            self.context_embedder = nn.Linear(c.joint_attention_dim, c.caption_projection_dim)
+            self.transformer_blocks = nn.ModuleList([JointTransformerBlock(c, i, context_pre_only=False)
+                                                     for i in range(c.num_layers)])
         self.controlnet_blocks = nn.ModuleList(nn.Linear(d, d) for _ in range(c.num_layers))
         self.pos_embed_input = ControlPatchEmbed(c)
 
@@ -67,7 +96,14 @@ class SD3ControlNet(nn.Module):
     @property
     def own_config(self) -> dict:
         """Its constructor's arguments beyond the transformer config (what a save writes back)."""
-        return {"force_zeros_for_pooled_projection": self.force_zeros_for_pooled_projection}
+        return {"force_zeros_for_pooled_projection": self.force_zeros_for_pooled_projection,
+                "image_only": self.image_only}
+
+    def share_positions(self, mmdit: MMDiT) -> None:
+        """An image-only ControlNet takes a copy of the transformer's patch embedding (diffusers' pipeline sets
+        ``controlnet.pos_embed`` from the transformer's); the others keep their own."""
+        if self.image_only:
+            self.pos_embed = copy.deepcopy(mmdit.pos_embed)
 
     @property
     def vae_shift(self) -> bool:
@@ -82,6 +118,9 @@ class SD3ControlNet(nn.Module):
         if tuple(control_image.shape) != tuple(x.shape):
             raise BadArgumentError(f"control_image: expected the control image's latents {tuple(x.shape)}, found "
                                    f"{tuple(control_image.shape)}")
+        if self.pos_embed is None:
+            raise BadArgumentError("this SD3.5 ControlNet shares its transformer's patch embedding: attach it with "
+                                   "pipe.set_controlnet first")
         t = timestep if torch.is_tensor(timestep) else torch.tensor([float(timestep)], device=x.device)
         t = t.to(x.device).reshape(-1).expand(b)  # (B,)
         h = self.pos_embed(x)  # (B, N, D)
@@ -89,11 +128,14 @@ class SD3ControlNet(nn.Module):
         if self.force_zeros_for_pooled_projection:  # (diffusers' pipeline hands it zeros)
             pooled = torch.zeros_like(pooled)
         temb_act = F.silu(self.time_text_embed(t, pooled))  # (B, D)
-        ctx = self.context_embedder(encoder_hidden_states.to(h.dtype))  # (B, L, D)
+        ctx = None if self.image_only else self.context_embedder(encoder_hidden_states.to(h.dtype))  # (B, L, D)
         h = h + self.pos_embed_input(control_image.to(h.dtype))
         outputs = []
         for block in self.transformer_blocks:
-            h, ctx = block(h, ctx, temb_act)
+            if self.image_only:
+                h = block(h, temb_act)
+            else:
+                h, ctx = block(h, ctx, temb_act)
             outputs.append(h)
         scale = torch.as_tensor(control_scale, dtype=torch.float32, device=x.device).reshape(-1).expand(b)
         return [scaled(lin(o), scale) for lin, o in zip(self.controlnet_blocks, outputs)]
@@ -156,35 +198,45 @@ class ControlledMMDiT(nn.Module):
                           text_embeds=text_embeds, time_ids=time_ids, block_residuals=residuals)
 
 
-def split_config(config: dict) -> tuple[MMDiTConfig, bool]:
-    """(the transformer part's config, force_zeros_for_pooled_projection) of an SD3ControlNetModel config.json
-    dict; the layouts not implemented are refused by name."""
+def split_config(config: dict) -> tuple[MMDiTConfig, dict]:
+    """(the transformer part's config, SD3ControlNet's own arguments) of an SD3ControlNetModel config.json dict;
+    the layouts not implemented are refused by name."""
     config = dict(config)
     own = {k: config.pop(k, v) for k, v in OWN_FIELDS.items()}
-    for name in ("extra_conditioning_channels", "pos_embed_type", "use_pos_embed"):
-        if own[name] != OWN_FIELDS[name]:
-            raise UnsupportedConfigError(name, own[name], supported=[OWN_FIELDS[name]],
-                                         model=f"{CLASS_NAME} (InstantX's layout; SD3.5's official ControlNets and "
-                                               f"the inpainting one are not implemented)")
-    if config.get("joint_attention_dim", 4096) is None:
-        raise UnsupportedConfigError("joint_attention_dim", None, supported="an int (joint blocks with text)",
-                                     model=CLASS_NAME)
+    if own["extra_conditioning_channels"]:
+        raise UnsupportedConfigError("extra_conditioning_channels", own["extra_conditioning_channels"], supported=[0],
+                                     model=f"{CLASS_NAME} (the inpainting ControlNet is not implemented)")
+    # InstantX's layout (its own positions, joint blocks) or SD3.5's official one (neither)
+    image_only = own["use_pos_embed"] is False and config.get("joint_attention_dim", 4096) is None
+    if not image_only and (own["use_pos_embed"] is not True or config.get("joint_attention_dim", 4096) is None
+                           or own["pos_embed_type"] != "sincos"):
+        raise UnsupportedConfigError(
+            "use_pos_embed / joint_attention_dim / pos_embed_type",
+            (own["use_pos_embed"], config.get("joint_attention_dim"), own["pos_embed_type"]),
+            supported="(True, an int, 'sincos'): InstantX's layout; (False, None, any): SD3.5's", model=CLASS_NAME)
+    if image_only:  # (fields its layout leaves empty: placeholders its modules never read)
+        config["joint_attention_dim"] = 1
+        config["pos_embed_max_size"] = config.get("pos_embed_max_size") or 96
+        config["sample_size"] = min(config.get("sample_size", 128), 2 * config["pos_embed_max_size"])
     config["_class_name"] = "SD3Transformer2DModel"
     # (copied from its transformer's, the dual-attention blocks may lie past its own depth: diffusers ignores those)
     depth = config.get("num_layers", 18)
     config["dual_attention_layers"] = [i for i in config.get("dual_attention_layers", ()) if i < depth]
-    return MMDiTConfig.from_diffusers(config), bool(own["force_zeros_for_pooled_projection"])
+    return MMDiTConfig.from_diffusers(config), dict(
+        force_zeros_for_pooled_projection=bool(own["force_zeros_for_pooled_projection"]), image_only=image_only)
 
 
 def check_fits(controlnet: SD3ControlNet, mmdit: MMDiT) -> None:
     """Refuse an SD3 ControlNet made for another transformer."""
     mine, theirs = controlnet.config, mmdit.config
-    wrong = [f"{k}: {getattr(mine, k)!r} against the transformer's {getattr(theirs, k)!r}"
-             for k in ("inner_dim", "patch_size", "in_channels", "joint_attention_dim", "pooled_projection_dim")
+    fields = ("inner_dim", "patch_size", "in_channels", "pooled_projection_dim") + (
+        () if controlnet.image_only else ("joint_attention_dim",))
+    wrong = [f"{k}: {getattr(mine, k)!r} against the transformer's {getattr(theirs, k)!r}" for k in fields
              if getattr(mine, k) != getattr(theirs, k)]
     if wrong:
         raise BadArgumentError("set_controlnet: this SD3 ControlNet was made for another transformer; "
                                + "; ".join(wrong))
 
 
-__all__ = ["SD3ControlNet", "MultiSD3ControlNet", "ControlledMMDiT", "split_config", "check_fits", "CLASS_NAME"]
+__all__ = ["SD3ControlNet", "MultiSD3ControlNet", "ControlledMMDiT", "ImageOnlyBlock", "split_config", "check_fits",
+           "CLASS_NAME"]
