@@ -193,12 +193,35 @@ def test_sd35_controlnets_equal_diffusers(tmp_path, posterior_means):
     assert not any(k.startswith("pos_embed.") for k in load_file(str(tmp_path / "saved" / "controlnet" /
                                                                     "diffusion_pytorch_model.safetensors")))
     assert rel_err(fastdiff.load(str(tmp_path / "saved")).generate(control_image=images, **kw), got) <= 1e-6
+    # diffusers' own save of the pipeline writes the positions its pipeline copied into the ControlNet
+    ref.save_pretrained(str(tmp_path / "theirs"))
+    assert rel_err(fastdiff.load(str(tmp_path / "theirs")).generate(control_image=images, **kw), got) <= 1e-6
     two, ref_two = _pair(tmp_path / "two", [_controlnet(5, **SD35), _controlnet(6, **SD35)])
     options = dict(controlnet_conditioning_scale=[0.7, 0.4])
     want = ref_two(control_image=[images, images[::-1]], num_inference_steps=4, guidance_scale=3.0, height=16,
                    width=16, generator=_generators(), output_type="latent", **options,
                    **{k: v.clone() for k, v in e.items()}).images
     assert rel_err(two.generate(control_image=[images, images[::-1]], **options, **kw), want) <= 2e-5
+
+
+def test_sd35_large_controlnet_configs_load():
+    """SD3.5 Large's ControlNets keep caption_projection_dim 2048 beside a 38 x 64 width, and no position table size:
+    fields their layout never reads."""
+    from fastdiff.models.sd3_controlnet import SD3ControlNet, split_config
+
+    config = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=19, attention_head_dim=64,
+                  num_attention_heads=38, joint_attention_dim=None, caption_projection_dim=2048,
+                  pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=None, pos_embed_type=None,
+                  use_pos_embed=False, force_zeros_for_pooled_projection=False, qk_norm=None,
+                  extra_conditioning_channels=0, _class_name="SD3ControlNetModel")
+    mmdit_config, own = split_config(config)
+    assert own == dict(force_zeros_for_pooled_projection=False, image_only=True)
+    with torch.device("meta"):
+        net = SD3ControlNet(mmdit_config, **own)
+    with torch.device("meta"):
+        theirs = diffusers.SD3ControlNetModel(**{k: v for k, v in config.items() if k != "_class_name"})
+    assert {k: tuple(v.shape) for k, v in net.state_dict().items()} == {
+        k: tuple(v.shape) for k, v in theirs.state_dict().items()}
 
 
 def test_what_is_not_implemented_is_refused_by_name(tmp_path):

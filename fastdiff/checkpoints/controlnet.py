@@ -81,8 +81,10 @@ def _load_sd3_controlnet(path: str, config: dict, variant, dtype, device):
     mmdit_config, own = split_config(config)
     with torch.device("meta"):
         model = SD3ControlNet(mmdit_config, **own)
-    return strict_load(model, find_weights(path, variant), f"SD3 ControlNet {path}", dtype=dtype,
-                       device=device).eval()
+    state = find_weights(path, variant)
+    if own["image_only"]:  # (diffusers' pipeline save writes the transformer's positions it copied in: not its own)
+        state = {k: v for k, v in state.items() if not k.startswith("pos_embed.")}
+    return strict_load(model, state, f"SD3 ControlNet {path}", dtype=dtype, device=device).eval()
 
 
 def _transformer_diffusers_config(net) -> dict:

@@ -214,10 +214,14 @@ def split_config(config: dict) -> tuple[MMDiTConfig, dict]:
             "use_pos_embed / joint_attention_dim / pos_embed_type",
             (own["use_pos_embed"], config.get("joint_attention_dim"), own["pos_embed_type"]),
             supported="(True, an int, 'sincos'): InstantX's layout; (False, None, any): SD3.5's", model=CLASS_NAME)
-    if image_only:  # (fields its layout leaves empty: placeholders its modules never read)
+    if image_only:  # (fields its layout leaves empty or unread: placeholders its modules never read; SD3.5 Large's
+        # ControlNets keep caption_projection_dim 2048 beside a 2432 width)
         config["joint_attention_dim"] = 1
+        config["caption_projection_dim"] = config.get("num_attention_heads", 18) * config.get("attention_head_dim",
+                                                                                                64)
         config["pos_embed_max_size"] = config.get("pos_embed_max_size") or 96
-        config["sample_size"] = min(config.get("sample_size", 128), 2 * config["pos_embed_max_size"])
+        config["sample_size"] = min(config.get("sample_size", 128),
+                                    config["pos_embed_max_size"] * config.get("patch_size", 2))
     config["_class_name"] = "SD3Transformer2DModel"
     # (copied from its transformer's, the dual-attention blocks may lie past its own depth: diffusers ignores those)
     depth = config.get("num_layers", 18)
