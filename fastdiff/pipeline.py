@@ -387,29 +387,30 @@ class Pipeline(ControlNetMixin):
             of the image pasted back after every step. strength defaults to theirs: 1.0 for SD (pure noise), 0.9999
             for SDXL, 0.6 for SD3 / FLUX.1.
         padding_mask_crop: inpaint only a box around the mask, this many pixels wider on each side and grown to the
-            output's aspect ratio, resized to the output size (``height`` / ``width``, default the model's), then
-            pasted back into the image (``fastdiff.mask_crop``, as diffusers' ``padding_mask_crop``): one PIL image
-            and one PIL mask, ``output_type="pil"``; the results have the image's own size.
+            output's aspect ratio, resized to the output size (``height`` / ``width``; by default the model's, and
+            with a UNet's ControlNet the image's own, as diffusers' ControlNet inpainting pipelines), then pasted
+            back into the image (``fastdiff.mask_crop``, as diffusers' ``padding_mask_crop``): one PIL image and one
+            PIL mask, ``output_type="pil"``; the results have the image's own size.
         control_image / controlnet_conditioning_scale / control_guidance_start / control_guidance_end / guess_mode:
             a ControlNet's conditioning image (one, or one per sample; PIL and uint8 pixels in [0, 1], float arrays and
             tensors as they are; not resized: its size fixes the output's, as in diffusers' SD ControlNet pipelines
             given no height / width, while its SD3 / FLUX.1 ones resize it to their default size) and diffusers'
             ControlNet pipelines' options (``fastdiff.controlnet``), once ``set_controlnet`` has given the pipeline
             a ControlNet. Defaults follow diffusers' pipeline for the task: scale 1.0, 0.8 with an image to edit (and
-            strength 0.8, SDXL too), 0.5 with a mask on SD (1.0 on SDXL). FLUX.1 Depth / Canny (``spec.latent_control``) take the
-            control image without a scale or window, read as ``image`` is (float arrays and tensors in [0, 1], or
-            [-1, 1]) and encoded by the VAE as FluxControlPipeline encodes PIL images (diffusers hands a tensor to
-            the VAE as it is); with ``image`` (and ``mask_image``) as FluxControlImg2ImgPipeline (and
-            FluxControlInpaintPipeline), its posterior drawn before the image's.
+            strength 0.8, SDXL too), 0.5 with a mask on SD (1.0 on SDXL). FLUX.1 Depth / Canny
+            (``spec.latent_control``) take the control image without a scale or window, read as ``image`` is (float
+            arrays and tensors in [0, 1], or [-1, 1]) and encoded by the VAE as FluxControlPipeline encodes PIL
+            images (diffusers hands a tensor to the VAE as it is); with ``image`` (and ``mask_image``) as
+            FluxControlImg2ImgPipeline (and FluxControlInpaintPipeline), its posterior drawn before the image's.
         control_mode: a FLUX.1 Union ControlNet's control type (an int; for several ControlNets one each, None for
-            a plain one, or one int for every Union one), as FluxControlNetPipeline's. A FLUX.1 ControlNet
-            (``set_controlnet`` of a FluxControlNetModel folder) reads the control image's VAE latents (read as
-            ``image`` is, float tensors in [0, 1] shifted to [-1, 1], which diffusers' SD3 / FLUX.1 ControlNet
-            pipelines hand to the VAE unshifted;
-            each sample's posterior drawn before its start noise), with diffusers' scale and step window (no guess
-            mode); guidance defaults to 7 there, as FluxControlNetPipeline's; with ``image`` (and ``mask_image``) as FluxControlNetImg2ImgPipeline (and
-            FluxControlNetInpaintPipeline), strength 0.6 and scale 1.0 by default; with true CFG (cfg_scale) both
-            passes read the ControlNet's outputs for the conditional text, as that pipeline's true_cfg_scale.
+            a plain one, or one int for every Union one), as FluxControlNetPipeline's. An SD3 / FLUX.1 ControlNet
+            (``set_controlnet`` of an SD3ControlNetModel / FluxControlNetModel folder) reads the control image's VAE
+            latents (read as ``image`` is, float tensors in [0, 1] shifted to [-1, 1], which diffusers' SD3 / FLUX.1
+            ControlNet pipelines hand to the VAE unshifted; FLUX.1's posterior drawn per sample before its start
+            noise, SD3's mean), with diffusers' scale and step window (no guess mode). FLUX.1's: guidance defaults
+            to 7, as FluxControlNetPipeline's; with ``image`` (and ``mask_image``) as FluxControlNetImg2ImgPipeline
+            (and FluxControlNetInpaintPipeline), strength 0.6 and scale 1.0 by default; with true CFG (cfg_scale)
+            both passes read the ControlNet's outputs for the conditional text, as that pipeline's true_cfg_scale.
         denoising_end / denoising_start: SDXL's ensemble of expert denoisers, as diffusers' SDXL pipelines
             (``fastdiff.experts``): with ``denoising_end`` the run stops after the steps whose training timestep is
             >= round(T (1 - end)) and returns its state (diffusers' noisy latents), not x0; with
@@ -533,8 +534,8 @@ class Pipeline(ControlNetMixin):
             if blends and self.vae is not None:  # FluxControlInpaintPipeline encodes the (unread) masked image first
                 noise.subset(0, given_rows[1]).randn(shape)
             cond["image_latents"] = self._control_latents(control, b, noise).to(self._network_dtype())
-            if images is None:  # (FluxControlImg2Img / Inpaint: the image's posterior and the noise come below)
-                latents = noise.randn(shape) if latents is None else latents
+            if images is None and latents is None:  # (FluxControlImg2Img / Inpaint: the image's posterior and the
+                latents = noise.randn(shape)  # noise come below)
         elif control is not None:  # a ControlNet's inputs (an SD3 / FLUX.1 one's: its image's latents)
             from .controlnet import ControlWindow
 

@@ -139,9 +139,8 @@ class ControlNet(UNet):
                                    f"{control_image.shape[2]}x{control_image.shape[3]}")
         h, skips = self._down_and_middle(self.conv_in(x) + cond, emb, ctx)
         outputs = [conv(s) for conv, s in zip(self.controlnet_down_blocks, skips)] + [self.controlnet_mid_block(h)]
-        weights = self._weights(control_scale, control_guess, len(outputs), b, x)  # (len(outputs), B, 1, 1, 1)
-        # (in float32, rounded once: diffusers multiplies by a Python float / float32 scalar)
-        outputs = [(o.float() * w).to(o.dtype) for o, w in zip(outputs, weights)]
+        weights = self._weights(control_scale, control_guess, len(outputs), b, x)  # (len(outputs), B)
+        outputs = [scaled(o, w) for o, w in zip(outputs, weights)]
         if self.global_pool_conditions:
             outputs = [o.mean(dim=(2, 3), keepdim=True) for o in outputs]
         return outputs[:-1], outputs[-1]
@@ -155,7 +154,14 @@ class ControlNet(UNet):
             ramp = torch.logspace(-1, 0, n, device=x.device)[:, None]  # (n, 1)
             g = guess.to(device=x.device, dtype=torch.float32).reshape(1, -1)
             w = w * (g * ramp + (1 - g))
-        return w.reshape(n, b, 1, 1, 1)  # float32
+        return w  # (n, B) float32
+
+
+def scaled(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """t (B, ...) times the per-sample scale (B,) float32, in float32 and rounded once to t's dtype: what diffusers'
+    ``sample * conditioning_scale`` (a Python float) computes in half precision. Every ControlNet weights its
+    outputs so."""
+    return (t.float() * scale.reshape(-1, *[1] * (t.dim() - 1))).to(t.dtype)
 
 
 class MultiControlNet(nn.Module):
@@ -265,4 +271,4 @@ def controlled(model: nn.Module, controlnet: nn.Module) -> nn.Module:
 
 
 __all__ = ["ControlNet", "MultiControlNet", "ControlledUNet", "ConditioningEmbedding", "CONTROLNET_FIELDS",
-           "check_fits", "controlnet_family", "controlled"]
+           "check_fits", "controlnet_family", "controlled", "scaled"]

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ..errors import BadArgumentError, UnsupportedConfigError
+from .controlnet import scaled
 from .flux import (Flux, FluxConfig, FluxSingleTransformerBlock, FluxTransformerBlock, PACK,
                    TimeGuidanceTextEmbedding, embed_conditioning, pack, position_ids, rotary_tables)
 
@@ -100,12 +101,6 @@ class FluxControlNet(nn.Module):
         scale = torch.as_tensor(control_scale, dtype=torch.float32, device=x.device).reshape(-1).expand(b)
         return ([scaled(lin(s), scale) for lin, s in zip(self.controlnet_blocks, double)],
                 [scaled(lin(s), scale) for lin, s in zip(self.controlnet_single_blocks, single)])
-
-
-def scaled(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """t (B, N, D) times the per-sample scale (B,) float32, in float32 and rounded once to t's dtype: what diffusers'
-    ``sample * conditioning_scale`` (a Python float) computes in half precision."""
-    return (t.float() * scale[:, None, None]).to(t.dtype)
 
 
 class MultiFluxControlNet(nn.Module):
@@ -185,4 +180,4 @@ def check_fits(controlnet: FluxControlNet, flux: Flux) -> None:
                                + "; ".join(wrong))
 
 
-__all__ = ["FluxControlNet", "MultiFluxControlNet", "ControlledFlux", "check_fits", "scaled", "CLASS_NAME"]
+__all__ = ["FluxControlNet", "MultiFluxControlNet", "ControlledFlux", "check_fits", "CLASS_NAME"]

@@ -1,4 +1,5 @@
-"""SD3 ControlNets (InstantX style), as diffusers' ``SD3ControlNetModel``, and an SD3 transformer driven by them.
+"""SD3 ControlNets (InstantX's and SD3.5's layouts), as diffusers' ``SD3ControlNetModel``, and an SD3 transformer
+driven by them.
 
 An SD3 ControlNet is a shorter copy of the MMDiT (its own patch embedding with the position table, time / pooled
 text embedding, text projection and joint blocks, every block updating both streams) whose image tokens also read
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import BadArgumentError, UnsupportedConfigError
-from .flux_controlnet import scaled
+from .controlnet import scaled
 from .layers import ModulatedLayerNorm
 from .mmdit import (AdaNormZero, FeedForward, JointAttention, JointTransformerBlock, MMDiT, MMDiTConfig, PatchEmbed,
                     TimeTextEmbedding)
@@ -69,7 +70,8 @@ class ControlPatchEmbed(nn.Module):
 
 
 class SD3ControlNet(nn.Module):
-    """diffusers' ``SD3ControlNetModel`` (InstantX's layout). ``forward`` returns one (B, N, D) residual per block."""
+    """diffusers' ``SD3ControlNetModel`` (InstantX's layout, or SD3.5's: ``image_only``). ``forward`` returns one
+    (B, N, D) residual per block."""
 
     def __init__(self, config: MMDiTConfig, force_zeros_for_pooled_projection: bool = True, image_only: bool = False):
         super().__init__()
