@@ -279,12 +279,14 @@ def test_gpu_defaults_equal_eager(arch):
     pipe = fastdiff.load(f"arch:{arch}", device="cuda", dtype=torch.float16)
     for p in (eager, pipe):
         p.model.load_state_dict(model.state_dict())
-    pipe.optimize(backend="triton", cuda_graphs=True, graph_scope="loop", batch_buckets=(2,))
+    pipe.optimize(backend="triton", cuda_graphs=True, graph_scope="loop", batch_buckets=(2,),
+                  channels_last=arch != "tiny-dit")
     if arch == "tiny-dit":
         assert pipe.precompute_adaln and op_backends(pipe.model) == {"ModulatedLayerNorm": "triton",
                                                                      "Attention": "triton_tma"}
     else:
         assert pipe.model.temb_weight is not None and pipe.model.cross_kv_weight is not None
+        assert all(m.fuse_conv_bias for m in pipe.model.modules() if isinstance(m, ResnetBlock))
     assert rel_err(pipe.generate(**kw), eager.generate(**kw)) <= 2e-2
 
 

@@ -202,7 +202,9 @@ VARIANT_SWITCHES = {
     "cond": dict(fuse_conditioning=True),
     "nocond": dict(fuse_conditioning=False),  # ... one matmul per layer
     # UNet, channels-last: the convolution biases in GEMM epilogues, the time embedding and the shortcut GEMM
+    # (default on CUDA with channels-last since run 5)
     "convbias": dict(fuse_conv_bias=True),
+    "noconvbias": dict(fuse_conv_bias=False),  # ... each bias in its own element-wise kernel
     # DiT: each residual and the adaLN norm after it in one Triton kernel (the default since run 4) ...
     "resnorm": dict(kernel_ops={"adaln_modulate": "triton"}),
     "pair": dict(kernel_ops={"adaln_modulate": "triton_pair"}),  # ... or the residual's kernel, then the norm's
@@ -826,6 +828,20 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+def release_memory(device) -> None:
+    """Free what the variant before still holds before the next one is measured: its pipeline sits in reference
+    cycles (runner wrappers, graph caches) until the collector runs, and with it its weights and graph pools. Its
+    tensors would otherwise count in the next row's peak memory (run 5: an SD1.5 row read 3485 MiB, 1754 alone)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
 def _ms(s):
     return "-" if s is None else f"{s * 1e3:.1f}"
 
@@ -1018,7 +1034,9 @@ def run(args) -> int:
             # cuDNN keys its plan cache without the flag: earlier variants' plans are reused
             note = (f"{label}: cuDNN reuses the convolution plans the variants before it chose in this process (its "
                     f"plan cache ignores the benchmark flag); run it in a process of its own, first")
+        release_memory(device)
         _bench_fastdiff(args, label, backend, switches, batches, device, log, on_row=keep(results), note=note)
+    release_memory(device)
     compare_rows = _bench_diffusers(args, args.model, compare, batches, device, log,
                                     on_row=keep(measured)) if compare else []
     ratios = _ratios(results, compare_rows)

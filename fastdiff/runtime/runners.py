@@ -37,10 +37,18 @@ def prepare_model(model: torch.nn.Module, config: OptimizeConfig, device: torch.
     from ..models.fuse import apply_fusions
 
     notes.extend(apply_fusions(model, **weight_fusions(model, config, device)))
-    if set_conv_bias_fusion(model, config.fuse_conv_bias) == 0 and config.fuse_conv_bias:
+    if set_conv_bias_fusion(model, conv_bias_fusion(config, device)) == 0 and config.fuse_conv_bias:
         notes.append("fuse_conv_bias ignored: only fastdiff's diffusers-style UNet (its resnets and attention "
                      "blocks) has biases to move")
     return model
+
+
+def conv_bias_fusion(config: OptimizeConfig, device) -> bool:
+    """Whether ``config`` moves a UNet's convolution biases (``OptimizeConfig.fuse_conv_bias``): an explicit True /
+    False as given; None (auto) on for a channels-last model on CUDA, the one setting measured (run 5, H100)."""
+    if config.fuse_conv_bias is not None:
+        return config.fuse_conv_bias
+    return torch.device(device).type == "cuda" and config.channels_last
 
 
 def weight_fusions(model: torch.nn.Module, config: OptimizeConfig, device) -> dict[str, bool]:

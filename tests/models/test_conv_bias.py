@@ -102,7 +102,23 @@ def test_optimize_switch_on_a_unet_and_elsewhere():
     dit = fastdiff.load("arch:tiny-dit").optimize(channels_last=True, fuse_conv_bias=True)
     assert any("fuse_conv_bias ignored: only fastdiff's diffusers-style UNet" in n for n in dit.notes)
     with pytest.raises(fastdiff.BadArgumentError, match="fuse_conv_bias"):
-        fastdiff.OptimizeConfig(fuse_conv_bias=None)
+        fastdiff.OptimizeConfig(fuse_conv_bias="yes")
+
+
+def test_default_moves_the_biases_only_for_a_channels_last_model_on_cuda():
+    """None (the default) is on where it was measured faster (a channels-last UNet on CUDA, run 5), off elsewhere;
+    an explicit value is kept; on the CPU the default leaves every block's switch off."""
+    from fastdiff.runtime.runners import conv_bias_fusion
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    auto = fastdiff.OptimizeConfig(channels_last=True)
+    assert auto.fuse_conv_bias is None
+    assert conv_bias_fusion(auto, cuda) and not conv_bias_fusion(auto, cpu)
+    assert not conv_bias_fusion(fastdiff.OptimizeConfig(), cuda)  # NCHW: not measured, so off
+    assert not conv_bias_fusion(fastdiff.OptimizeConfig(channels_last=True, fuse_conv_bias=False), cuda)
+    assert conv_bias_fusion(fastdiff.OptimizeConfig(fuse_conv_bias=True), cpu)
+    pipe = fastdiff.load("arch:tiny-sd-unet").optimize(channels_last=True)
+    assert not any(getattr(m, "fuse_conv_bias", False) for m in pipe.model.modules())
 
 
 def test_fused_biases_on_the_triton_backend():
