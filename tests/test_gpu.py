@@ -264,8 +264,10 @@ def test_unet_fused_conditioning_in_a_loop_graph_on_gpu(conv_bias):
 def test_gpu_defaults_equal_eager(arch):
     """optimize() with the measured defaults on CUDA (run 4): a DiT precomputes its adaLN modulation in the loop
     graph and runs its attention on the TMA kernel (the pointer kernel before Hopper), each residual and its norm
-    in one pass; a UNet stacks its conditioning projections. Samples equal eager sampling."""
+    in one pass; a UNet stacks its conditioning projections and, channels-last, moves its convolution biases
+    (run 5). Samples equal eager sampling."""
     from fastdiff.models.layers import op_backends
+    from fastdiff.models.unet import ResnetBlock
     from helpers import perturb_
 
     model = perturb_(fastdiff.load(f"arch:{arch}").model, seed=4, std=0.1)
