@@ -19,14 +19,15 @@
 #                 process, against SDPA), then bench_attention.py --split (the forced head-dim split, timed)
 #   launch        bench/bench_graph_launch.py: host cost of replaying graphs of SDPA (per backend) / Triton
 #   profile       bench/profile_network.py: one DiT-XL/2 and one SD1.5 network call's device time per kernel
-#                 family (GEMM, convolution, attention, GroupNorm, ...), with fastdiff's GPU defaults
+#                 family (GEMM, convolution, attention, GroupNorm, ...), with fastdiff's GPU defaults, and SD1.5's
+#                 again with its attention on Triton
 #   dit           fastdiff bench arch:dit-xl-2-256, fp16, dpmpp_2m x 20, cfg 4: eager / triton / CUDA-graph
 #                 variants vs diffusers eager (DiTTransformer2DModel + DPMSolverMultistepScheduler)
 #   dit-new       DiT variants with every op on Triton and with per-layer tuning, beside triton+loop, in a process of
 #                 their own (the TMA attention and the one-pass residual + norm ran there in run 4; now defaults)
 #   sd15          the same for arch:sd15-unet (64x64 latents, 77 text tokens, cfg 7.5), channels-last
-#   sd15-new      SD1.5 variants whose kernels have not run in the UNet on a GPU yet (TMA attention, residual +
-#                 LayerNorm, every op, tuning), beside triton+loop+cl, in a process of their own
+#   sd15-new      SD1.5 variants whose kernels have not run in the UNet on a GPU yet (Triton pointer / TMA attention,
+#                 residual + LayerNorm, every op, tuning), beside triton+loop+cl, in a process of their own
 #   sd15-cudnn    SD1.5 triton+loop+cl with and without cudnn_benchmark, each in a process of its own
 #   dit-vs-compile / sd15-vs-compile   fastdiff triton+loop, diffusers eager and
 #                 torch.compile(diffusers model, mode="max-autotune"), in one run
@@ -234,9 +235,10 @@ fi
 if wants profile; then
     step profile_dit 90 $PY bench/profile_network.py "${FASTDIFF_GPU_DIT:-arch:dit-xl-2-256}" --json "$RESULTS/profile_dit.json"
     step profile_sd15 120 $PY bench/profile_network.py "${FASTDIFF_GPU_SD:-arch:sd15-unet}" --json "$RESULTS/profile_sd15.json"
-    # the same with the convolution biases moved (fuse_conv_bias): which kernels go, which come
-    step profile_sd15_convbias 120 $PY bench/profile_network.py "${FASTDIFF_GPU_SD:-arch:sd15-unet}" --switches convbias \
-        --json "$RESULTS/profile_sd15_convbias.json"
+    # the same with the attention on Triton's pointer kernel instead of SDPA (cuDNN), whose graph nodes cost SD1.5
+    # 2.7 ms of launch per step in run 5: what the attention's device time becomes
+    step profile_sd15_tattn 120 $PY bench/profile_network.py "${FASTDIFF_GPU_SD:-arch:sd15-unet}" --switches tattn \
+        --json "$RESULTS/profile_sd15_tattn.json"
 fi
 
 # --- 6. end-to-end against diffusers ---------------------------------------------------------------
@@ -268,9 +270,9 @@ wants dit && bench_e2e dit-xl-2-256 "$DIT" 4 150 \
 wants dit-new && bench_e2e dit-xl-2-256-new "$DIT" 4 150 \
     "${FASTDIFF_GPU_DIT_NEW_VARIANTS:-triton+loop,triton+loop+allk,triton+loop+tune}" ""
 wants sd15 && bench_e2e sd15-unet "$SD" 7.5 300 \
-    "${FASTDIFF_GPU_SD_VARIANTS:-eager+cl,eager+loop+cl,triton+step+cl,triton+loop+cl,triton+loop+cl+nocond,triton+loop+cl+convbias,triton+loop+cl+upd}" diffusers
+    "${FASTDIFF_GPU_SD_VARIANTS:-eager+cl,eager+loop+cl,triton+step+cl,triton+loop+cl,triton+loop+cl+nocond,triton+loop+cl+noconvbias,triton+loop+cl+upd}" diffusers
 wants sd15-new && bench_e2e sd15-unet-new "$SD" 7.5 240 \
-    "${FASTDIFF_GPU_SD_NEW_VARIANTS:-triton+loop+cl,triton+loop+cl+resln,triton+loop+cl+tma,triton+loop+cl+allk,triton+loop+cl+tune}" ""
+    "${FASTDIFF_GPU_SD_NEW_VARIANTS:-triton+loop+cl,triton+loop+cl+tattn,triton+loop+cl+tma,triton+loop+cl+resln,triton+loop+cl+allk,triton+loop+cl+tune}" ""
 # cudnn_benchmark against the same variant without it, each in a process of its own: cuDNN's plan cache ignores
 # the benchmark flag, so in one process whichever ran first would choose the convolutions' plans for both
 wants sd15-cudnn && bench_e2e sd15-unet-cudnn-off "$SD" 7.5 120 triton+loop+cl ""
@@ -322,7 +324,7 @@ except OSError:
 # kernel tables: each bench log's table as printed
 for name in ("bench_group_norm", "bench_attention", "check_attention_tiles", "bench_attention_split", "bench_adaln",
              "bench_sampler_update", "bench_geglu", "bench_group_norm_ext", "bench_sampler_update_ext",
-             "bench_group_norm_sweep", "bench_graph_launch", "profile_dit", "profile_sd15", "profile_sd15_convbias"):
+             "bench_group_norm_sweep", "bench_graph_launch", "profile_dit", "profile_sd15", "profile_sd15_tattn"):
     try:
         lines = open(os.path.join(results, name + ".log")).read().strip().splitlines()
     except OSError:

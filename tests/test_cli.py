@@ -166,6 +166,10 @@ def test_parse_backend_variants():
         cuda_graphs=True, graph_scope="loop", compile_mode="max-autotune")
     assert parse_backend_variants("triton+gnext+upd")[0][2] == dict(
         kernel_ops={"group_norm": "cuda_ext", "sampler_update": "triton"})
+    # the switches run 5's plan names: the biases kept in their own kernels, the attention on Triton's pointer kernel
+    assert parse_backend_variants("triton+loop+cl+noconvbias+tattn")[0][2] == dict(
+        cuda_graphs=True, graph_scope="loop", channels_last=True, fuse_conv_bias=False,
+        kernel_ops={"attention": "triton"})
     for bad, match in (("triton+upd+updext", "same op"), ("triton+allk+upd", "choose one of"),
                        ("triton+loop+step", "choose one of"), ("triton+loop+autotune", "needs backend='compile'"),
                        ("compile+autotune+autotune", "appears twice")):

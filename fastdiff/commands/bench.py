@@ -224,6 +224,7 @@ VARIANT_SWITCHES = {
     "efficient": dict(sdpa_backend="efficient"),
     # attention through TMA descriptors (Hopper+; a DiT's default on CUDA since run 4)
     "tma": dict(kernel_ops={"attention": "triton_tma"}),
+    "tattn": dict(kernel_ops={"attention": "triton"}),  # attention on the Triton pointer kernel
     "sdpa": dict(kernel_ops={"attention": "torch"}),  # attention on torch's SDPA (its own backend choice)
     "cudnnbench": dict(cudnn_benchmark=True),  # cuDNN times its convolution algorithms per new shape
 }
