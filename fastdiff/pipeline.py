@@ -344,7 +344,7 @@ class Pipeline(ControlNetMixin):
                  controlnet_conditioning_scale: Optional[float] = None, control_guidance_start: float = 0.0,
                  control_guidance_end: float = 1.0, guess_mode: bool = False,
                  denoising_end: Optional[float] = None, denoising_start: Optional[float] = None,
-                 padding_mask_crop: Optional[int] = None, control_mode=None, **sampler_options):
+                 padding_mask_crop: Optional[int] = None, control_mode=None, control_mask=None, **sampler_options):
         """Sample ``n`` images (latents for latent models).
 
         sampler / schedule: a fastdiff sampler name (``dpmpp_2m``, ``unipc``, ``ddim``, ...) and sigma
@@ -411,6 +411,10 @@ class Pipeline(ControlNetMixin):
             to 7, as FluxControlNetPipeline's; with ``image`` (and ``mask_image``) as FluxControlNetImg2ImgPipeline
             (and FluxControlNetInpaintPipeline), strength 0.6 and scale 1.0 by default; with true CFG (cfg_scale)
             both passes read the ControlNet's outputs for the conditional text, as that pipeline's true_cfg_scale.
+        control_mask: an SD3 inpainting ControlNet's mask (white: repaint; one, or one per sample, at the control
+            image's size, read as ``mask_image`` is), as StableDiffusion3ControlNetInpaintingPipeline's: the
+            ControlNet reads the control image with its masked pixels black, encoded, and the inverted mask; the
+            sample starts from noise, and nothing is pasted back.
         denoising_end / denoising_start: SDXL's ensemble of expert denoisers, as diffusers' SDXL pipelines
             (``fastdiff.experts``): with ``denoising_end`` the run stops after the steps whose training timestep is
             >= round(T (1 - end)) and returns its state (diffusers' noisy latents), not x0; with
@@ -446,6 +450,7 @@ class Pipeline(ControlNetMixin):
         masks = self._inpaint_masks(mask_image, images, given_latents)  # (k, 1, H, W) of 0 / 1, for inpainting
         control = self._control_images(control_image, controlnet_conditioning_scale, control_guidance_start,
                                        control_guidance_end, guess_mode)  # (k, 3, H, W) in [0, 1], or None
+        control_masks = self._control_masks(control_mask, control)  # (k, 1, H, W) of 0 / 1: SD3 inpainting ControlNets
         if control is not None:
             height, width = self._control_size(control, height, width)
             if images is not None:  # (both fix the size: they must agree)
@@ -541,7 +546,7 @@ class Pipeline(ControlNetMixin):
 
             added, added_uncond = self._controlnet_inputs(
                 control, b, plan, noise, guided, images, masks, cond, controlnet_conditioning_scale,
-                control_guidance_start, control_guidance_end, guess_mode, control_mode)
+                control_guidance_start, control_guidance_end, guess_mode, control_mode, control_masks)
             if images is None and latents is None:  # (FLUX.1's: after its posteriors; an image's come below)
                 latents = noise.randn(shape)
             cond.update(added)

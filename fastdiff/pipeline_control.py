@@ -23,11 +23,13 @@ class ControlNetMixin:
     """``set_controlnet`` and the ``_control*`` helpers of ``Pipeline.generate``."""
 
     def _controlnet_inputs(self, control: torch.Tensor, b: int, plan, noise, guided: bool, images, masks,
-                           cond: dict, scale, start, end, guess_mode: bool, control_mode) -> tuple[dict, dict]:
+                           cond: dict, scale, start, end, guess_mode: bool, control_mode,
+                           control_masks=None) -> tuple[dict, dict]:
         """(the conditional pass's ControlNet inputs, the unconditional pass's) for ``b`` samples: the control
         images (an SD3 / FLUX.1 ControlNet's encoded to latents, FLUX.1's posteriors drawn here, before the start
-        noise), scales, step windows and guess mode (``fastdiff.controlnet.control_inputs``); a FLUX.1 Union
-        ControlNet's types; under true CFG a FLUX.1 ControlNet reads the conditional text in both passes."""
+        noise; an SD3 inpainting ControlNet's with its ``control_masks``), scales, step windows and guess mode
+        (``fastdiff.controlnet.control_inputs``); a FLUX.1 Union ControlNet's types; under true CFG a FLUX.1
+        ControlNet reads the conditional text in both passes."""
         from .controlnet import check_control_options, control_inputs
 
         control_format = self._control_format()
@@ -38,7 +40,7 @@ class ControlNetMixin:
         scales, starts, ends, _ = check_control_options(scale, start, end, guess_mode,
                                                         getattr(control_format, "count", None) or 1)
         if self._latent_controlnet():
-            control = self._controlnet_latents(control, b, noise, images)
+            control = self._controlnet_latents(control, b, noise, images, control_masks)
         added, added_uncond = control_inputs(control, b, plan, scales, starts, ends, guess_mode, guided, self.device,
                                              self._network_dtype())
         if self._latent_controlnet() == "flux":
@@ -200,21 +202,56 @@ class ControlNetMixin:
         control = io.get("control") if isinstance(io, dict) else None
         return None if control is None else types.SimpleNamespace(**control)
 
-    def _controlnet_latents(self, control: torch.Tensor, b: int, noise, images):
+    def _control_masks(self, control_mask, control: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """generate(control_mask=...): an SD3 inpainting ControlNet's masks (white: repaint) as float32 (k, 1, H, W)
+        of 0 / 1 at the control image's size (``fastdiff.inpaint.unit_masks``, read as diffusers' mask processor
+        reads them); None for any other pipeline, which refuses a mask given."""
+        if not (self._latent_controlnet() == "sd3" and self.controlnet.inpaints):
+            if control_mask is not None:
+                raise BadArgumentError("control_mask: the mask of an SD3 inpainting ControlNet (its "
+                                       "extra_conditioning_channels); this pipeline has "
+                                       + ("no ControlNet" if self.controlnet is None else "a ControlNet that reads "
+                                          "none") + " (mask_image= with image= inpaints an image)")
+            return None
+        if control_mask is None:
+            raise BadArgumentError("control_mask: this SD3 inpainting ControlNet repaints the masked part of its "
+                                   "control image: expected a mask (white: repaint), found none")
+        from .inpaint import unit_masks
+
+        try:
+            return unit_masks(control_mask, control if control.dim() == 4 else control[:, 0])
+        except BadArgumentError as e:
+            raise BadArgumentError("control_mask" + str(e)[len("mask_image"):]) from None
+
+    def _controlnet_latents(self, control: torch.Tensor, b: int, noise, images, control_masks=None):
         """An SD3 / FLUX.1 ControlNet's input: the control images (k, [K,] 3, H, W) in [0, 1] encoded by the VAE,
         (b, [K,] C, h, w), ControlNet by ControlNet. FLUX.1's: each sample's posterior from its own generator, before
         an image's (FluxControlNetPipeline's order, its img2img and inpainting siblings' too). SD3's: the posterior's
         mean (diffusers draws from torch's global RNG there, which no seed reproduces), without the VAE's shift for
-        InstantX's ControlNets, as StableDiffusion3ControlNetPipeline shifts them."""
+        InstantX's ControlNets, as StableDiffusion3ControlNetPipeline shifts them. An SD3 inpainting ControlNet's
+        (StableDiffusion3ControlNetInpaintingPipeline): the image with its masked pixels black, encoded, then the
+        inverted mask at the latent size (nearest)."""
         if self._latent_controlnet() == "sd3":
             if images is not None:
                 raise BadArgumentError("image: an SD3 ControlNet with an image to edit or inpaint "
                                        "(StableDiffusion3ControlNetInpaintingPipeline) is not implemented")
 
+            masks = control_masks
+            if masks is not None and masks.shape[0] not in (1, b):
+                from .pipeline import _one_or
+
+                raise BadArgumentError(f"control_mask: expected {_one_or(b)} masks (one per sample), found "
+                                       f"{masks.shape[0]}")
+
             def encode(images, b, noise):
+                if masks is not None:  # (the masked pixels black: -1 once mapped to [-1, 1])
+                    images = images * (1 - masks)
                 z = self._control_latents(images, b, None)  # (b, C, h, w): (mean - shift) * scale
                 if not self.controlnet.vae_shift:
                     z = z + self.vae.config.shift_factor * self.vae.config.scaling_factor
+                if masks is not None:  # (b, C + 1, h, w): the part to keep, 1
+                    keep = 1 - torch.nn.functional.interpolate(masks, size=tuple(z.shape[-2:]))
+                    z = torch.cat([z, keep.to(z).expand(z.shape[0], -1, -1, -1)], dim=1)
                 return z
         else:
             encode = self._control_latents

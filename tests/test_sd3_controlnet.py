@@ -40,9 +40,9 @@ def _pictures(n=2, seed=3):
     return [Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)) for _ in range(n)]
 
 
-def _pair(tmp_path, nets):
+def _pair(tmp_path, nets, reference="StableDiffusion3ControlNetPipeline"):
     """(fastdiff's SD3 pipeline (16-channel latents, the SD3 VAE layout) driven by ``nets``, diffusers'
-    StableDiffusion3ControlNetPipeline on the same parts)."""
+    ``reference`` pipeline (StableDiffusion3ControlNetPipeline) on the same parts)."""
     from test_vae import CONFIGS as VAE_CONFIGS, _reference as vae_reference
 
     transformer = _reference(TRANSFORMER)
@@ -51,7 +51,7 @@ def _pair(tmp_path, nets):
     pipe = fastdiff.load(_folder(tmp_path / "pipe", "transformer", transformer, scheduler, vae,
                                  "StableDiffusion3Pipeline"))
     controlnet = attach_controlnets(pipe, nets, tmp_path, diffusers.SD3MultiControlNetModel)
-    ref = diffusers_pipeline("StableDiffusion3ControlNetPipeline")(
+    ref = diffusers_pipeline(reference)(
         transformer=transformer, scheduler=scheduler, vae=vae, controlnet=controlnet, text_encoder=None,
         tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
     ref.set_progress_bar_config(disable=True)
@@ -215,7 +215,7 @@ def test_sd35_large_controlnet_configs_load():
                   use_pos_embed=False, force_zeros_for_pooled_projection=False, qk_norm=None,
                   extra_conditioning_channels=0, _class_name="SD3ControlNetModel")
     mmdit_config, own = split_config(config)
-    assert own == dict(force_zeros_for_pooled_projection=False, image_only=True)
+    assert own == dict(force_zeros_for_pooled_projection=False, image_only=True, extra_conditioning_channels=0)
     with torch.device("meta"):
         net = SD3ControlNet(mmdit_config, **own)
     with torch.device("meta"):
@@ -235,9 +235,11 @@ def test_what_is_not_implemented_is_refused_by_name(tmp_path):
                        (dict(control_mode=1), "control_mode: a FLUX.1 Union ControlNet's control type")):
         with pytest.raises(BadArgumentError, match=match):
             pipe.generate(**{**kw, **bad})
-    _controlnet(extra_conditioning_channels=1).save_pretrained(tmp_path / "inpainting")
+    _controlnet(extra_conditioning_channels=-1).save_pretrained(tmp_path / "negative")
     with pytest.raises(UnsupportedConfigError, match="extra_conditioning_channels"):
-        load_controlnet(str(tmp_path / "inpainting"))
+        load_controlnet(str(tmp_path / "negative"))
+    with pytest.raises(BadArgumentError, match="control_mask: the mask of an SD3 inpainting ControlNet"):
+        pipe.generate(**kw, control_mask=_masks()[0])
     _controlnet(use_pos_embed=False).save_pretrained(tmp_path / "mixed")  # (no positions, but a text stream)
     with pytest.raises(UnsupportedConfigError, match="InstantX's layout; .* SD3.5's"):
         load_controlnet(str(tmp_path / "mixed"))
@@ -262,11 +264,112 @@ def test_dual_attention_blocks_past_the_controlnets_depth_are_ignored_as_diffuse
 
 
 def test_a_pipeline_folder_with_a_controlnet_fastdiff_does_not_run_loads_its_base_alone(tmp_path):
-    """A StableDiffusion3ControlNetPipeline folder whose controlnet/ is SD3's inpainting ControlNet: the base model
-    loads, and a note says why the ControlNet is not attached."""
+    """A StableDiffusion3ControlNetPipeline folder whose controlnet/ mixes the two layouts (no positions of its own,
+    but a text stream): the base model loads, and a note says why the ControlNet is not attached. A
+    StableDiffusion3ControlNetInpaintingPipeline folder loads with its inpainting ControlNet."""
     pipe, ref = _pair(tmp_path, [_controlnet()])
-    ref.controlnet = _controlnet(extra_conditioning_channels=1)
+    ref.controlnet = _controlnet(use_pos_embed=False)
     ref.save_pretrained(str(tmp_path / "theirs"))
     loaded = fastdiff.load(str(tmp_path / "theirs"))
     assert loaded.controlnet is None
-    assert any("controlnet/ not attached" in n and "extra_conditioning_channels" in n for n in loaded.notes)
+    assert any("controlnet/ not attached" in n and "use_pos_embed" in n for n in loaded.notes)
+    _, inpainting = _pair(tmp_path / "inp", [_controlnet(extra_conditioning_channels=1)], INPAINT_PIPELINE)
+    inpainting.save_pretrained(str(tmp_path / "inpainting"))
+    assert fastdiff.load(str(tmp_path / "inpainting")).controlnet.inpaints
+
+
+def _masks(n=2, seed=8):
+    """Masks (white: repaint) for _pictures, each a random box."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        m = np.zeros((16, 16), dtype=np.uint8)
+        top, left = rng.integers(0, 8, 2)
+        m[top:top + 8, left:left + 6] = 255
+        out.append(Image.fromarray(m, "L"))
+    return out
+
+
+INPAINT_PIPELINE = "StableDiffusion3ControlNetInpaintingPipeline"
+
+
+@pytest.mark.parametrize("cfg", [1.0, 4.0])
+def test_an_inpainting_controlnet_equals_diffusers(tmp_path, posterior_means, cfg):
+    """Alimama's layout (extra_conditioning_channels=1) as StableDiffusion3ControlNetInpaintingPipeline drives it:
+    the control image with its masked pixels black, encoded with the VAE's shift, then the inverted mask; zeros for
+    the pooled embedding; one image and mask per sample, or one for every sample; its scale and step window."""
+    pipe, ref = _pair(tmp_path, [_controlnet(extra_conditioning_channels=1)], INPAINT_PIPELINE)
+    e = {k: v for k, v in _embeds().items() if k != "latents" and (cfg != 1.0 or not k.startswith("negative"))}
+    images, masks = _pictures(), _masks()
+    for options in ({}, dict(controlnet_conditioning_scale=0.6, control_guidance_start=0.2,
+                             control_guidance_end=0.7)):
+        want = ref(control_image=images, control_mask=masks, num_inference_steps=5, guidance_scale=cfg, height=16,
+                   width=16, generator=_generators(), output_type="latent", **options,
+                   **{k: v.clone() for k, v in e.items()}).images
+        got = pipe.generate(control_image=images, control_mask=masks, steps=5, cfg_scale=cfg, seeds=SEEDS,
+                            progress=False, **options, **_text_kwargs(e, cfg != 1.0))
+        assert rel_err(got, want) <= 2e-5
+    kw = dict(steps=3, cfg_scale=cfg, seeds=SEEDS, progress=False, **_text_kwargs(e, cfg != 1.0))
+    want = ref(control_image=images[0], control_mask=masks[0], num_inference_steps=3, guidance_scale=cfg, height=16,
+               width=16, generator=_generators(), output_type="latent", **{k: v.clone() for k, v in e.items()}).images
+    one = pipe.generate(control_image=images[0], control_mask=masks[0], **kw)
+    assert rel_err(one, want) <= 2e-5
+    # the mask reaches the output both ways: through the masked pixels and as the extra channel
+    assert rel_err(pipe.generate(control_image=images[0], control_mask=masks[1], **kw), one) > 1e-3
+
+
+def test_an_inpainting_controlnet_through_loops_the_engine_and_a_save(tmp_path):
+    """Captured loops (the masked latents are the loop's input), the Engine (each request its own image and mask)
+    and a save (extra_conditioning_channels written back) equal eager; a missing, surplus or misshapen mask and a
+    ControlNet mixing the two kinds are refused by name."""
+    from test_graph_scopes import FakeGraph
+
+    pipe, _ = _pair(tmp_path, [_controlnet(extra_conditioning_channels=1)], INPAINT_PIPELINE)
+    e = {k: v for k, v in _embeds().items() if k != "latents"}
+    images, masks = _pictures(), _masks()
+    kw = dict(steps=3, cfg_scale=3.0, seeds=SEEDS, progress=False, **_text_kwargs(e, True))
+    want = pipe.generate(control_image=images, control_mask=masks, **kw)
+    pipe.save(str(tmp_path / "saved"))
+    again = fastdiff.load(str(tmp_path / "saved"))
+    assert again.controlnet.extra_conditioning_channels == 1
+    assert rel_err(again.generate(control_image=images, control_mask=masks, **kw), want) <= 1e-6
+    graphed = again.optimize(cuda_graphs=True, graph_scope="loop", batch_buckets=(2,), graph_factory=FakeGraph)
+    assert rel_err(graphed.generate(control_image=images, control_mask=masks, **kw), want) <= 1e-5
+    with fastdiff.Engine(pipe, max_batch=4, max_wait_ms=50) as engine:
+        futures = [engine.submit(seed=s, control_image=images[i], control_mask=masks[i], steps=3, cfg_scale=3.0,
+                                 encoder_hidden_states=e["prompt_embeds"][i], text_embeds=e["pooled_prompt_embeds"][i],
+                                 negative_encoder_hidden_states=e["negative_prompt_embeds"][i],
+                                 negative_text_embeds=e["negative_pooled_prompt_embeds"][i])
+                   for i, s in enumerate(SEEDS)]
+        bad = engine.submit(seed=1, control_image=images[0], steps=3, encoder_hidden_states=e["prompt_embeds"][0],
+                            text_embeds=e["pooled_prompt_embeds"][0])
+        results = [f.result(timeout=120) for f in futures]
+    for i, got in enumerate(results):
+        assert rel_err(got, want[i]) <= 1e-5
+    with pytest.raises(BadArgumentError, match="control_mask: this SD3 inpainting ControlNet .* found none"):
+        bad.result(timeout=60)
+    for bad_kw, match in ((dict(), "expected a mask"),
+                          (dict(control_mask=masks + masks[:1]), "control_mask: expected 1 or 2 masks"),
+                          (dict(control_mask=torch.ones(1, 1, 8, 8)), "control_mask: expected the image's size")):
+        with pytest.raises(BadArgumentError, match=match):
+            pipe.generate(control_image=images, **bad_kw, **kw)
+    _controlnet(6).save_pretrained(tmp_path / "plain")
+    with pytest.raises(BadArgumentError, match="all inpaint .* or none"):
+        pipe.set_controlnet([str(tmp_path / "saved" / "controlnet"), str(tmp_path / "plain")])
+
+
+def test_cli_control_mask_needs_a_control_image(tmp_path):
+    """``--control-mask`` (an SD3 inpainting ControlNet's) without ``--control-image``, or naming no file, is one line
+    and exit 2."""
+    from test_cli import fastdiff as run_cli
+
+    _masks()[0].save(tmp_path / "mask.png")
+    r = run_cli("generate", "digits", "--control-mask", "mask.png", "--steps", "2", cwd=tmp_path)
+    assert r.returncode == 2 and "--control-mask: given without --control-image" in r.stderr
+    _pictures()[0].save(tmp_path / "edges.png")
+    r = run_cli("generate", "digits", "--controlnet", "cn", "--control-image", "edges.png", "--control-mask",
+                "missing.png", cwd=tmp_path)
+    assert r.returncode == 2 and "--control-mask: expected an image file, found 'missing.png'" in r.stderr
+    assert "Traceback" not in r.stderr

@@ -99,7 +99,8 @@ def _transformer_diffusers_config(net) -> dict:
         return {**out, "num_mode": net.num_mode, "conditioning_embedding_channels": None}
     from ..models.sd3_controlnet import OWN_FIELDS
 
-    out = {**out, **OWN_FIELDS, "force_zeros_for_pooled_projection": net.force_zeros_for_pooled_projection}
+    out = {**out, **OWN_FIELDS, "force_zeros_for_pooled_projection": net.force_zeros_for_pooled_projection,
+           "extra_conditioning_channels": net.extra_conditioning_channels}
     if net.image_only:  # (SD3.5's official layout: the transformer's positions, no text input)
         out.update(joint_attention_dim=None, use_pos_embed=False, pos_embed_type=None, pos_embed_max_size=None)
     return out

@@ -88,6 +88,9 @@ def register(sub) -> None:
     p.add_argument("--control-mode", action="append", type=_mode, default=None, metavar="N|none",
                    help="with a FLUX.1 Union ControlNet: its control type (canny, depth, pose, ... as the ControlNet "
                         "numbers them); repeat for several ControlNets, in order ('none' for a plain one)")
+    p.add_argument("--control-mask", default=None, metavar="MASK.png",
+                   help="with an SD3 inpainting ControlNet: white repaints, black keeps, in its --control-image (read "
+                        "in grayscale, at that image's size)")
     p.add_argument("--lora", action="append", default=None, metavar="FILE[:SCALE]",
                    help="merge a LoRA (diffusers / PEFT or kohya safetensors, or a folder with diffusers' file) into "
                         "the weights, at SCALE (default 1); repeat for several")
@@ -322,6 +325,7 @@ def _validate(args) -> None:
                                "image's; write the PNG alone")
     control_flags = [f for f, given in (("--control-image", args.control_image is not None),
                                         ("--control-mode", args.control_mode is not None),
+                                        ("--control-mask", args.control_mask is not None),
                                         ("--controlnet-scale", args.controlnet_scale is not None),
                                         ("--control-start", args.control_start != 0.0),
                                         ("--control-end", args.control_end != 1.0), ("--guess-mode", args.guess_mode))
@@ -334,7 +338,7 @@ def _validate(args) -> None:
         raise BadArgumentError(f"{control_flags[0]}: given without --control-image COND.png")
     if args.control_image is not None and (args.height is not None or args.width is not None):
         raise BadArgumentError("--height / --width: the --control-image fixes the size")
-    for flag, path in (("--image", args.image), ("--mask", args.mask),
+    for flag, path in (("--image", args.image), ("--mask", args.mask), ("--control-mask", args.control_mask),
                        *(("--control-image", p) for p in args.control_image or [])):
         if path is not None and not os.path.isfile(path):
             raise BadArgumentError(f"{flag}: expected an image file, found {path!r} (no such file)")
@@ -481,6 +485,8 @@ def run(args) -> int:
         inputs.update(control_image=images if len(images) > 1 else images[0],
                       controlnet_conditioning_scale=args.controlnet_scale, control_guidance_start=args.control_start,
                       control_guidance_end=args.control_end, guess_mode=args.guess_mode)
+        if args.control_mask is not None:  # (an SD3 inpainting ControlNet's)
+            inputs["control_mask"] = _read_image(args.control_mask, "--control-mask")
         if args.control_mode is not None:  # (a FLUX.1 Union ControlNet's control type; one per ControlNet)
             inputs["control_mode"] = args.control_mode if len(args.control_mode) > 1 else args.control_mode[0]
 

@@ -18,7 +18,11 @@ SD3.5's official ControlNets (``use_pos_embed=False``, ``joint_attention_dim=Non
 stream: diffusers' ``SD3SingleTransformerBlock``) and no position table of their own: they share the transformer's
 patch embedding, which ``set_controlnet`` copies in (``share_positions``), as diffusers' pipeline does.
 
-Not implemented: ``extra_conditioning_channels`` (the inpainting ControlNet's masked-image input).
+The inpainting ControlNet (``extra_conditioning_channels``, Alimama's layout, as diffusers'
+``StableDiffusion3ControlNetInpaintingPipeline`` drives it) reads, instead of an image's latents, those of the
+image with its masked pixels set to black (-1), followed by the inverted mask at the latent size: C + 1 channels.
+That pipeline hands it zeros for the pooled text embedding and latents with the VAE's shift, whatever its config
+says.
 """
 
 from __future__ import annotations
@@ -61,9 +65,10 @@ class ImageOnlyBlock(nn.Module):
 class ControlPatchEmbed(nn.Module):
     """The control latents (B, C, H, W) -> (B, H/p * W/p, D): a patch convolution, no positions."""
 
-    def __init__(self, config: MMDiTConfig):
+    def __init__(self, config: MMDiTConfig, extra_channels: int = 0):
         super().__init__()
-        self.proj = nn.Conv2d(config.in_channels, config.inner_dim, config.patch_size, stride=config.patch_size)
+        self.proj = nn.Conv2d(config.in_channels + extra_channels, config.inner_dim, config.patch_size,
+                              stride=config.patch_size)
 
     def forward(self, x):
         return self.proj(x).flatten(2).transpose(1, 2)
@@ -73,10 +78,13 @@ class SD3ControlNet(nn.Module):
     """diffusers' ``SD3ControlNetModel`` (InstantX's layout, or SD3.5's: ``image_only``). ``forward`` returns one
     (B, N, D) residual per block."""
 
-    def __init__(self, config: MMDiTConfig, force_zeros_for_pooled_projection: bool = True, image_only: bool = False):
+    def __init__(self, config: MMDiTConfig, force_zeros_for_pooled_projection: bool = True, image_only: bool = False,
+                 extra_conditioning_channels: int = 0):
         super().__init__()
         self.config = c = config
         self.force_zeros_for_pooled_projection = bool(force_zeros_for_pooled_projection)
+        # the inpainting ControlNet's mask channel(s) after the masked image's latents
+        self.extra_conditioning_channels = int(extra_conditioning_channels)
         self.image_only = bool(image_only)  # SD3.5's official layout: no text, the transformer's positions
         d = c.inner_dim
         self.pos_embed = None if image_only else PatchEmbed(c)
@@ -89,7 +97,7 @@ class SD3ControlNet(nn.Module):
             self.transformer_blocks = nn.ModuleList([JointTransformerBlock(c, i, context_pre_only=False)
                                                      for i in range(c.num_layers)])
         self.controlnet_blocks = nn.ModuleList(nn.Linear(d, d) for _ in range(c.num_layers))
-        self.pos_embed_input = ControlPatchEmbed(c)
+        self.pos_embed_input = ControlPatchEmbed(c, self.extra_conditioning_channels)
 
     @property
     def count(self) -> None:
@@ -99,7 +107,7 @@ class SD3ControlNet(nn.Module):
     def own_config(self) -> dict:
         """Its constructor's arguments beyond the transformer config (what a save writes back)."""
         return {"force_zeros_for_pooled_projection": self.force_zeros_for_pooled_projection,
-                "image_only": self.image_only}
+                "image_only": self.image_only, "extra_conditioning_channels": self.extra_conditioning_channels}
 
     def share_positions(self, mmdit: MMDiT) -> None:
         """An image-only ControlNet takes a copy of the transformer's patch embedding (diffusers' pipeline sets
@@ -108,17 +116,30 @@ class SD3ControlNet(nn.Module):
             self.pos_embed = copy.deepcopy(mmdit.pos_embed)
 
     @property
+    def inpaints(self) -> bool:
+        """Whether it is an inpainting ControlNet (a masked image and its mask: ``extra_conditioning_channels``)."""
+        return self.extra_conditioning_channels > 0
+
+    @property
     def vae_shift(self) -> bool:
-        """Whether its control latents carry the VAE's shift (InstantX's were trained without it)."""
-        return not self.force_zeros_for_pooled_projection
+        """Whether its control latents carry the VAE's shift (InstantX's were trained without it; the inpainting
+        pipeline shifts them whatever the config says)."""
+        return self.inpaints or not self.force_zeros_for_pooled_projection
+
+    @property
+    def zero_pooled(self) -> bool:
+        """Whether it reads zeros for the pooled text embedding (InstantX's; the inpainting pipeline's always)."""
+        return self.inpaints or self.force_zeros_for_pooled_projection
 
     def forward(self, x, timestep, control_image, control_scale, encoder_hidden_states=None,
                 text_embeds=None) -> list:
-        """x (B, C, H, W) latents; control_image (B, C, H, W) its latents; control_scale (B,) or a number ->
-        [(B, N, D)] per block, weighted by the scale."""
+        """x (B, C, H, W) latents; control_image (B, C, H, W) its latents (an inpainting ControlNet's: the masked
+        image's, then the inverted mask: (B, C + extra, H, W)); control_scale (B,) or a number -> [(B, N, D)] per
+        block, weighted by the scale."""
         b = x.shape[0]
-        if tuple(control_image.shape) != tuple(x.shape):
-            raise BadArgumentError(f"control_image: expected the control image's latents {tuple(x.shape)}, found "
+        want = (b, x.shape[1] + self.extra_conditioning_channels, *x.shape[2:])
+        if tuple(control_image.shape) != want:
+            raise BadArgumentError(f"control_image: expected the control image's latents {want}, found "
                                    f"{tuple(control_image.shape)}")
         if self.pos_embed is None:
             raise BadArgumentError("this SD3.5 ControlNet shares its transformer's patch embedding: attach it with "
@@ -127,7 +148,7 @@ class SD3ControlNet(nn.Module):
         t = t.to(x.device).reshape(-1).expand(b)  # (B,)
         h = self.pos_embed(x)  # (B, N, D)
         pooled = text_embeds.to(h.dtype)
-        if self.force_zeros_for_pooled_projection:  # (diffusers' pipeline hands it zeros)
+        if self.zero_pooled:  # (diffusers' pipelines hand it zeros)
             pooled = torch.zeros_like(pooled)
         temb_act = F.silu(self.time_text_embed(t, pooled))  # (B, D)
         ctx = None if self.image_only else self.context_embedder(encoder_hidden_states.to(h.dtype))  # (B, L, D)
@@ -153,6 +174,10 @@ class MultiSD3ControlNet(nn.Module):
         if len({n.config.num_layers for n in self.nets}) > 1:
             raise BadArgumentError(f"set_controlnet: expected SD3 ControlNets of one depth (their outputs add up "
                                    f"block by block), found {[n.config.num_layers for n in self.nets]} blocks")
+        if len({n.extra_conditioning_channels for n in self.nets}) > 1:
+            raise BadArgumentError("set_controlnet: expected SD3 ControlNets that all inpaint (a masked image and its "
+                                   "mask) or none, found "
+                                   f"{[n.extra_conditioning_channels for n in self.nets]} extra channels")
         if len({n.vae_shift for n in self.nets}) > 1:
             raise BadArgumentError("set_controlnet: expected SD3 ControlNets that all read their control latents "
                                    "with the VAE's shift, or all without (force_zeros_for_pooled_projection)")
@@ -165,6 +190,14 @@ class MultiSD3ControlNet(nn.Module):
     @property
     def vae_shift(self) -> bool:
         return self.nets[0].vae_shift  # (diffusers' pipeline reads the first one's config)
+
+    @property
+    def inpaints(self) -> bool:
+        return self.nets[0].inpaints
+
+    @property
+    def extra_conditioning_channels(self) -> int:
+        return self.nets[0].extra_conditioning_channels
 
     def forward(self, x, timestep, control_image, control_scale, **conditioning):
         if control_image.dim() != 5 or control_image.shape[1] != len(self.nets):
@@ -205,9 +238,9 @@ def split_config(config: dict) -> tuple[MMDiTConfig, dict]:
     the layouts not implemented are refused by name."""
     config = dict(config)
     own = {k: config.pop(k, v) for k, v in OWN_FIELDS.items()}
-    if own["extra_conditioning_channels"]:
-        raise UnsupportedConfigError("extra_conditioning_channels", own["extra_conditioning_channels"], supported=[0],
-                                     model=f"{CLASS_NAME} (the inpainting ControlNet is not implemented)")
+    extra = own["extra_conditioning_channels"]
+    if isinstance(extra, bool) or not isinstance(extra, int) or extra < 0:
+        raise UnsupportedConfigError("extra_conditioning_channels", extra, supported="an int >= 0", model=CLASS_NAME)
     # InstantX's layout (its own positions, joint blocks) or SD3.5's official one (neither)
     image_only = own["use_pos_embed"] is False and config.get("joint_attention_dim", 4096) is None
     if not image_only and (own["use_pos_embed"] is not True or config.get("joint_attention_dim", 4096) is None
@@ -229,7 +262,8 @@ def split_config(config: dict) -> tuple[MMDiTConfig, dict]:
     depth = config.get("num_layers", 18)
     config["dual_attention_layers"] = [i for i in config.get("dual_attention_layers", ()) if i < depth]
     return MMDiTConfig.from_diffusers(config), dict(
-        force_zeros_for_pooled_projection=bool(own["force_zeros_for_pooled_projection"]), image_only=image_only)
+        force_zeros_for_pooled_projection=bool(own["force_zeros_for_pooled_projection"]), image_only=image_only,
+        extra_conditioning_channels=extra)
 
 
 def check_fits(controlnet: SD3ControlNet, mmdit: MMDiT) -> None:

@@ -264,7 +264,7 @@ class Engine:
                schedule=None, text_embeds=None, negative_text_embeds=None, time_ids=None, negative_time_ids=None,
                guidance=None, prompt: Optional[str] = None, negative_prompt: Optional[str] = None,
                image=None, strength: Optional[float] = None, mask_image=None, control_image=None,
-               **options) -> concurrent.futures.Future:
+               control_mask=None, **options) -> concurrent.futures.Future:
         """Queue one sample; the Future resolves to a (C, H, W) tensor.
 
         Thread-safe. Defaults are ``Pipeline.generate``'s (``sampler=None`` / ``schedule=None``: the
@@ -281,8 +281,8 @@ class Engine:
         ``mask_image``: an inpainting network's mask of this request (``Pipeline.generate(mask_image=...)``), with its
         image.
         ``control_image``: this request's ControlNet image, for a pipeline with a ControlNet (``set_controlnet``); it
-        fixes the size. The ControlNet's other options (``controlnet_conditioning_scale``, ``guess_mode``, ...) go
-        in ``options``.
+        fixes the size; ``control_mask``: an SD3 inpainting ControlNet's mask of this request. The ControlNet's other
+        options (``controlnet_conditioning_scale``, ``guess_mode``, ...) go in ``options``.
         ``options``: further ``generate`` keywords shared by a batch (``guidance_rescale``, sampler
         options such as ``eta``); values must be hashable, and only requests with equal options batch.
         A request that fails validation returns an already failed Future (the error is
@@ -312,7 +312,11 @@ class Engine:
             image_rows = None
             control_format = getattr(self.pipe, "_control_format", None)
             if control_image is not None or (control_format is not None and control_format() is not None):
-                image_rows, height, width = self._control_request(control_image, options, height, width)
+                image_rows, height, width = self._control_request(control_image, control_mask, options, height,
+                                                                  width)
+            elif control_mask is not None:
+                raise BadArgumentError("control_mask: given without control_image (an SD3 inpainting ControlNet's "
+                                       "mask of its control image)")
             inpainting = getattr(getattr(self.pipe, "spec", None), "inpainting", False)  # (needs image and mask)
             if image is not None or strength is not None or mask_image is not None or inpainting:
                 rows, strength, height, width = self._image_request(image, strength, mask_image, steps, height, width,
@@ -386,9 +390,9 @@ class Engine:
             rows["mask_image"] = masks[0].clone()
         return rows, strength, height, width
 
-    def _control_request(self, control_image, options: dict, height, width):
-        """One request's ControlNet image row (C, H, W) in [0, 1], its options checked, and the latent size it
-        fixes."""
+    def _control_request(self, control_image, control_mask, options: dict, height, width):
+        """One request's ControlNet image row (C, H, W) in [0, 1] (and an SD3 inpainting ControlNet's mask row
+        (1, H, W)), its options checked, and the latent size it fixes."""
         pipe = self.pipe
         control = pipe._control_images(control_image, options.get("controlnet_conditioning_scale"),
                                        options.get("control_guidance_start", 0.0),
@@ -396,7 +400,13 @@ class Engine:
         if control.shape[0] != 1:
             raise BadArgumentError(f"control_image: expected one image per request, found {control.shape[0]}")
         height, width = pipe._control_size(control, height, width)
-        return {"control_image": control[0].clone()}, height, width
+        rows = {"control_image": control[0].clone()}
+        masks = pipe._control_masks(control_mask, control)
+        if masks is not None:
+            if masks.shape[0] != 1:
+                raise BadArgumentError(f"control_mask: expected one mask per request, found {masks.shape[0]}")
+            rows["control_mask"] = masks[0].clone()
+        return rows, height, width
 
     def _encode_prompt(self, prompt, negative_prompt, cfg_scale, options: dict, extra_prompts: dict,
                        given: dict) -> dict:
