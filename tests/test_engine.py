@@ -328,12 +328,41 @@ def test_generate_options_are_passed_and_split_batches():
         with pytest.raises(BadArgumentError, match="class_labels"):
             engine.submit(seed=1, class_labels=[3]).result(TIMEOUT)
         with pytest.raises(BadArgumentError, match="hashable"):
-            engine.submit(seed=1, eta=[1.0]).result(TIMEOUT)
+            engine.submit(seed=1, eta={1.0}).result(TIMEOUT)
         outs = [f.result(TIMEOUT) for f in futs]
     for i, out in enumerate(outs):
         torch.testing.assert_close(out, _solo(dict(seed=i, steps=2)) * [0.5, 2.0][i % 2], atol=1e-5, rtol=0)
     # One batch per eta; height None was filled in with the model's 8, so it batched with height=8.
     assert sorted((c["eta"], c["height"], len(c["seeds"])) for c in pipe.calls) == [(0.5, 8, 4), (2.0, 8, 4)]
+
+
+def test_tensor_options_are_copied_at_submit_and_batch_by_value():
+    """A tensor option (DDIM's sigmas_to, say) is the request's as submitted: the caller may reuse its buffer once
+    submit returns. Equal ones made apart share a batch; lists of numbers (a scale per ControlNet) are options too."""
+    class WithScale(FakePipeline):
+        def generate(self, scale=None, per_net=None, **kw):
+            out = FakePipeline.generate(self, **kw)
+            if scale is None:  # (the hold's requests)
+                return out
+            with self.lock:
+                self.calls[-1].update(scale=scale.clone(), per_net=per_net)
+            return out * scale.sum()
+
+    pipe = WithScale()
+    with Engine(pipe, max_batch=4, max_wait_ms=60_000) as engine:
+        hold = _held(engine, pipe, n=4)
+        buffer = torch.tensor([1.0, 2.0])
+        first = engine.submit(seed=1, steps=2, scale=buffer, per_net=[0.8, 0.5])
+        buffer.mul_(10.0)  # reused by the caller: the queued request keeps [1, 2]
+        rest = [engine.submit(seed=s, steps=2, scale=torch.tensor([1.0, 2.0]), per_net=[0.8, 0.5]) for s in (2, 3, 4)]
+        pipe.gate.set()
+        hold.result(TIMEOUT)
+        outs = [f.result(TIMEOUT) for f in [first, *rest]]
+    for s, out in zip((1, 2, 3, 4), outs):
+        torch.testing.assert_close(out, _solo(dict(seed=s, steps=2)) * 3.0, atol=1e-5, rtol=0)
+    batch = [c for c in pipe.calls if 1 in c["seeds"]][0]
+    assert batch["seeds"] == [1, 2, 3, 4] and batch["per_net"] == [0.8, 0.5]  # one batch: equal values
+    assert torch.equal(batch["scale"], torch.tensor([1.0, 2.0]))
 
 
 def test_engine_arguments_are_checked():

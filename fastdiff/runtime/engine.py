@@ -52,10 +52,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+import numpy as np
 import torch
 
 from ..errors import BadArgumentError, FastdiffError
-from ..pipeline import check_seed
+from ..pipeline import _freeze, check_seed
 from ..prompts.encoder import EXTRA_PROMPTS
 from ..utils.checks import finite_number
 
@@ -175,6 +176,18 @@ def _states_key(states: Optional[torch.Tensor]):
     return None if states is None else (tuple(states.shape), states.dtype, str(states.device))
 
 
+def _own_option(value):
+    """A ``submit`` option as the request keeps it: tensors and arrays (DDIM's ``sigmas_to``, say) copied, inside
+    lists and tuples too."""
+    if torch.is_tensor(value):
+        return value.detach().clone()
+    if isinstance(value, np.ndarray):
+        return value.copy()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_own_option(v) for v in value)
+    return value
+
+
 def _group_key(r: _Request) -> tuple:
     """Requests with equal keys can share one ``generate`` call without changing any sample."""
     p = r.params
@@ -184,7 +197,7 @@ def _group_key(r: _Request) -> tuple:
     schedule = ("callable", id(schedule)) if callable(schedule) else schedule
     return (p["height"], p["width"], p["steps"], sampler, schedule, r.cfg_scale != 1.0,
             r.class_label is None, _states_key(r.encoder_hidden_states),
-            _states_key(r.negative_encoder_hidden_states), p["options"],
+            _states_key(r.negative_encoder_hidden_states), p["options_key"],
             tuple((k, _states_key(v)) for k, v in sorted(r.added.items())))
 
 
@@ -542,9 +555,12 @@ class Engine:
         reserved = sorted(set(options) & _GENERATE_OWN)
         if reserved:
             raise BadArgumentError(f"submit: {reserved} cannot be set per request (the Engine sets them)")
+        # (tensors and arrays copied: the caller may reuse its buffer once submit returns; keyed by value, so equal
+        # ones made apart batch together)
+        options = tuple(sorted((k, _own_option(v)) for k, v in options.items()))
+        options_key = _freeze(options)
         try:
-            options = tuple(sorted(options.items()))
-            hash(options)
+            hash(options_key)
         except TypeError:
             raise BadArgumentError(f"submit options: expected hashable values, found {dict(options)!r}") from None
         cfg_scale = finite_number("cfg_scale", cfg_scale)
@@ -559,7 +575,7 @@ class Engine:
                 raise BadArgumentError(f"negative_encoder_hidden_states: expected the shape of encoder_hidden_states "
                                        f"{tuple(ehs.shape)}, found {tuple(nehs.shape)}")
         params = dict(steps=steps, sampler=sampler, schedule=schedule, height=height,
-                      width=width, options=options)
+                      width=width, options=options, options_key=options_key)
         added = {k: _own_copy(_check_row(k, v)) for k, v in added.items() if v is not None}
         if image_rows is not None:  # (C, H, W) each, stacked into generate(image=(B, C, H, W)) like the rows above
             added.update(image_rows)
