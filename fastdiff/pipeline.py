@@ -407,7 +407,8 @@ class Pipeline(ControlNetMixin):
             (``set_controlnet`` of an SD3ControlNetModel / FluxControlNetModel folder) reads the control image's VAE
             latents (read as ``image`` is, float tensors in [0, 1] shifted to [-1, 1], which diffusers' SD3 / FLUX.1
             ControlNet pipelines hand to the VAE unshifted; FLUX.1's posterior drawn per sample before its start
-            noise, SD3's mean), with diffusers' scale and step window (no guess mode). FLUX.1's: guidance defaults
+            noise, SD3's mean; XLabs' FLUX.1 ControlNets read the image itself, in [-1, 1]), with diffusers' scale
+            and step window (no guess mode). FLUX.1's: guidance defaults
             to 7, as FluxControlNetPipeline's; with ``image`` (and ``mask_image``) as FluxControlNetImg2ImgPipeline
             (and FluxControlNetInpaintPipeline), strength 0.6 and scale 1.0 by default; with true CFG (cfg_scale)
             both passes read the ControlNet's outputs for the conditional text, as that pipeline's true_cfg_scale.

@@ -189,9 +189,11 @@ class ControlNetMixin:
         if self.spec.latent_control:
             return types.SimpleNamespace(conditioning_channels=3, image_downscale=getattr(self.vae, "downscale", 8),
                                          latent=True)
-        if self._latent_controlnet():  # (its image is encoded by the VAE, as FLUX.1 Depth's)
-            return types.SimpleNamespace(conditioning_channels=3, image_downscale=getattr(self.vae, "downscale", 8),
-                                         latent=True, count=self.controlnet.count, global_pool_conditions=False)
+        if self._latent_controlnet():  # (its image is encoded by the VAE, as FLUX.1 Depth's; XLabs' by its own)
+            downscale = self.controlnet.image_downscale if getattr(self.controlnet, "reads_pixels", False) else \
+                getattr(self.vae, "downscale", 8)
+            return types.SimpleNamespace(conditioning_channels=3, image_downscale=downscale, latent=True,
+                                         count=self.controlnet.count, global_pool_conditions=False)
         if self.controlnet is not None:
             nets = getattr(self.controlnet, "nets", None)
             return self.controlnet if nets is None else types.SimpleNamespace(
@@ -225,7 +227,8 @@ class ControlNetMixin:
 
     def _controlnet_latents(self, control: torch.Tensor, b: int, noise, images, control_masks=None):
         """An SD3 / FLUX.1 ControlNet's input: the control images (k, [K,] 3, H, W) in [0, 1] encoded by the VAE,
-        (b, [K,] C, h, w), ControlNet by ControlNet. FLUX.1's: each sample's posterior from its own generator, before
+        (b, [K,] C, h, w), ControlNet by ControlNet (XLabs' FLUX.1 ControlNets: the images in [-1, 1], which their
+        hint encoder reads). FLUX.1's: each sample's posterior from its own generator, before
         an image's (FluxControlNetPipeline's order, its img2img and inpainting siblings' too). SD3's: the posterior's
         mean (diffusers draws from torch's global RNG there, which no seed reproduces), without the VAE's shift for
         InstantX's ControlNets, as StableDiffusion3ControlNetPipeline shifts them. An SD3 inpainting ControlNet's
@@ -253,6 +256,14 @@ class ControlNetMixin:
                     keep = 1 - torch.nn.functional.interpolate(masks, size=tuple(z.shape[-2:]))
                     z = torch.cat([z, keep.to(z).expand(z.shape[0], -1, -1, -1)], dim=1)
                 return z
+        elif self.controlnet.reads_pixels:  # XLabs': the image itself, in [-1, 1] (nothing drawn)
+            def encode(images, b, noise):
+                from .pipeline import _one_or
+
+                if images.shape[0] not in (1, b):
+                    raise BadArgumentError(f"control_image: expected {_one_or(b)} images (one per sample), found "
+                                           f"{images.shape[0]}")
+                return (images * 2 - 1).expand(b, -1, -1, -1)
         else:
             encode = self._control_latents
         if control.dim() == 4:

@@ -294,8 +294,9 @@ def test_half_precision_scales_equal_diffusers(dtype):
 
 
 def test_controlnets_for_another_model_are_refused_by_name(tmp_path):
-    """A FLUX.1 ControlNet of other widths, an XLabs one, a UNet's ControlNet on FLUX.1 and FLUX.1's on a UNet, and
-    a FLUX.1 ControlNet on a Fill or Depth transformer (which no diffusers pipeline drives so)."""
+    """A FLUX.1 ControlNet of other widths, XLabs ones whose hint does not pack into the latents' width, a UNet's
+    ControlNet on FLUX.1 and FLUX.1's on a UNet, and a FLUX.1 ControlNet on a Fill or Depth transformer (which no
+    diffusers pipeline drives so)."""
     from fastdiff.checkpoints.controlnet import load_controlnet
     from test_inpaint_blending import _flux_pair
 
@@ -308,9 +309,12 @@ def test_controlnets_for_another_model_are_refused_by_name(tmp_path):
     _controlnet().save_pretrained(tmp_path / "plain")
     with pytest.raises(BadArgumentError, match="reads 4 conditioning channels beside the latents"):
         _control_pair(tmp_path / "depth")[0].set_controlnet(str(tmp_path / "plain"))
-    _controlnet(conditioning_embedding_channels=16).save_pretrained(tmp_path / "xlabs")
-    with pytest.raises(UnsupportedConfigError, match="conditioning_embedding_channels"):
-        load_controlnet(str(tmp_path / "xlabs"))
+    _controlnet(conditioning_embedding_channels=4).save_pretrained(tmp_path / "xlabs1")  # (diffusers packs by 1)
+    with pytest.raises(UnsupportedConfigError, match="patch_size' = 1 is not supported; supported: \\[2\\]"):
+        load_controlnet(str(tmp_path / "xlabs1"))
+    _controlnet(conditioning_embedding_channels=16, patch_size=2).save_pretrained(tmp_path / "xlabs16")
+    with pytest.raises(UnsupportedConfigError, match="conditioning_embedding_channels' = 16"):
+        load_controlnet(str(tmp_path / "xlabs16"))
     from test_controlnet import _controlnet as unet_controlnet
 
     unet_controlnet(5, cross_attention_dim=12).save_pretrained(tmp_path / "unet_cn")
@@ -334,3 +338,110 @@ def test_cli_control_mode_needs_a_control_image(tmp_path):
         assert "Traceback" not in r.stderr
     r = run_cli("generate", "digits", "--control-mode", "canny", cwd=tmp_path)
     assert r.returncode == 2 and "expected an int or 'none', found 'canny'" in r.stderr
+
+
+# --- XLabs' ControlNets: a pixel-space hint encoder, outputs repeated over the double blocks --------------------
+XLABS = dict(num_layers=2, num_single_layers=0, conditioning_embedding_channels=4, patch_size=2)
+
+
+def _xlabs(seed=5, **config):
+    return _controlnet(seed, **{**XLABS, **config})
+
+
+def _xlabs_pair(tmp_path, nets):
+    """(fastdiff's FLUX.1 dev pipeline with 3 double blocks (2 XLabs outputs repeat 0, 1, 0; spread they would be
+    0, 0, 1) and a VAE of 8 pixels per latent pixel, as the hint encoder's; diffusers' FluxControlNetPipeline on the
+    same parts)."""
+    from test_flux import DEV_SCHEDULER, _reference as flux_reference
+    from test_img2img import _folder
+    from test_vae import SD_VAE, _reference as vae_reference
+
+    transformer = flux_reference(dict(DEV, num_layers=3))
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**DEV_SCHEDULER)
+    vae = vae_reference(dict(SD_VAE, block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
+                             up_block_types=("UpDecoderBlock2D",) * 4), seed=2)
+    pipe = fastdiff.load(_folder(tmp_path / "pipe", "transformer", transformer, scheduler, vae, "FluxPipeline"))
+    controlnet = attach_controlnets(pipe, nets, tmp_path, diffusers.FluxMultiControlNetModel)
+    ref = diffusers_pipeline("FluxControlNetPipeline")(transformer=transformer, scheduler=scheduler, vae=vae,
+                                                       controlnet=controlnet, text_encoder=None, tokenizer=None,
+                                                       text_encoder_2=None, tokenizer_2=None)
+    ref.set_progress_bar_config(disable=True)
+    return pipe, ref
+
+
+def test_an_xlabs_controlled_transformer_equals_diffusers():
+    """The hint encoder reads the image itself ((B, 3, 8H, 8W) in [-1, 1]), packed 2x2 like the latents; double block
+    i of the transformer reads output i % outputs (controlnet_blocks_repeat)."""
+    from fastdiff.models.flux import Flux, FluxConfig
+    from fastdiff.models.flux_controlnet import ControlledFlux, FluxControlNet
+    from test_flux import _reference
+
+    ref = _reference(dict(DEV, num_layers=3))
+    cn = _xlabs()
+    flux = Flux(FluxConfig.from_diffusers(dict(ref.config)))
+    flux.load_state_dict(ref.state_dict())
+    net = FluxControlNet(FluxConfig.from_diffusers({**DEV, "num_layers": 2, "num_single_layers": 0}),
+                         conditioning_embedding_channels=4)
+    net.load_state_dict(cn.state_dict())  # diffusers' names
+    g = torch.Generator().manual_seed(1)
+    x, image = torch.randn(2, 4, 8, 6, generator=g), torch.rand(2, 3, 64, 48, generator=g) * 2 - 1
+    ctx, pooled = torch.randn(2, 5, 12, generator=g), torch.randn(2, 10, generator=g)
+    t, guidance = torch.tensor([375.0, 842.0]), torch.tensor([3.5, 5.0])
+    with torch.no_grad():
+        double, _ = cn(hidden_states=_pack(x), controlnet_cond=image, conditioning_scale=0.7, encoder_hidden_states=ctx,
+                       pooled_projections=pooled, timestep=t / 1000, img_ids=_image_ids(8, 6),
+                       txt_ids=torch.zeros(5, 3), guidance=guidance, return_dict=False)
+        kw = dict(hidden_states=_pack(x), encoder_hidden_states=ctx, pooled_projections=pooled, timestep=t / 1000,
+                  img_ids=_image_ids(8, 6), txt_ids=torch.zeros(5, 3), guidance=guidance,
+                  controlnet_block_samples=double)
+        want = ref(**kw, controlnet_blocks_repeat=True).sample
+        got = ControlledFlux(flux, net)(x, t, encoder_hidden_states=ctx, text_embeds=pooled, guidance=guidance,
+                                        control_image=image, control_scale=torch.tensor([0.7, 0.7]))
+        assert rel_err(_pack(got), want) <= 1e-5
+        assert rel_err(_pack(got), ref(**kw).sample) > 1e-4  # spread instead of repeated: another result
+        with pytest.raises(BadArgumentError, match=r"expected the control image \(2, 3, 64, 48\)"):
+            ControlledFlux(flux, net)(x, t, encoder_hidden_states=ctx, text_embeds=pooled, guidance=guidance,
+                                      control_image=image[..., :32], control_scale=torch.tensor([0.7, 0.7]))
+
+
+def test_xlabs_controlnets_equal_flux_controlnet_pipeline(tmp_path):
+    """FluxControlNetPipeline with XLabs' ControlNets: the image reaches the hint encoder in [-1, 1] (no VAE, no
+    posterior drawn), with scale and window; one, and two summed; saved and loaded back (patch_size 2 written)."""
+    ctx, pooled = _text()
+    images = [_pictures(seed=s)[0].resize((32, 32)) for s in (3, 4)]
+    kw = dict(steps=4, seeds=SEEDS, encoder_hidden_states=ctx, text_embeds=pooled, progress=False)
+    for nets, control, options in (([_xlabs()], images, dict(controlnet_conditioning_scale=0.6,
+                                                              control_guidance_end=0.7)),
+                                   ([_xlabs(5), _xlabs(6)], [images, images[::-1]],
+                                    dict(controlnet_conditioning_scale=[1.0, 0.5]))):
+        pipe, ref = _xlabs_pair(tmp_path / str(len(nets)), nets)
+        want = ref(control_image=control, num_inference_steps=4, height=32, width=32, prompt_embeds=ctx,
+                   pooled_prompt_embeds=pooled, generator=_generators(), output_type="latent", **options).images
+        got = pipe.generate(control_image=control, **options, **kw)
+        assert rel_err(_pack(got), want) <= 2e-5
+    pipe.save(str(tmp_path / "saved"))
+    again = fastdiff.load(str(tmp_path / "saved"))
+    assert rel_err(again.generate(control_image=control, **options, **kw), got) <= 1e-6
+    with pytest.raises(BadArgumentError, match="all of XLabs' kind .* or none"):
+        _controlnet(7, num_layers=2, num_single_layers=0).save_pretrained(tmp_path / "instantx")
+        pipe.set_controlnet([str(tmp_path / "1" / "cn0"), str(tmp_path / "instantx")])
+
+
+def test_an_xlabs_controlnet_through_loops_and_the_engine(tmp_path):
+    from test_graph_scopes import FakeGraph
+
+    pipe, _ = _xlabs_pair(tmp_path, [_xlabs()])
+    ctx, pooled = _text()
+    images = [_pictures(seed=s)[0].resize((32, 32)) for s in (3, 4)]
+    kw = dict(steps=3, seeds=SEEDS, encoder_hidden_states=ctx, text_embeds=pooled, progress=False)
+    want = pipe.generate(control_image=images, **kw)
+    pipe.save(str(tmp_path / "saved"))
+    graphed = fastdiff.load(str(tmp_path / "saved")).optimize(cuda_graphs=True, graph_scope="loop",
+                                                              batch_buckets=(2,), graph_factory=FakeGraph)
+    assert rel_err(graphed.generate(control_image=images, **kw), want) <= 1e-5
+    with fastdiff.Engine(pipe, max_batch=4, max_wait_ms=50) as engine:
+        futures = [engine.submit(seed=s, control_image=images[i], steps=3, encoder_hidden_states=ctx[i],
+                                 text_embeds=pooled[i]) for i, s in enumerate(SEEDS)]
+        results = [f.result(timeout=120) for f in futures]
+    for i, got in enumerate(results):
+        assert rel_err(got, want[i]) <= 1e-5

@@ -65,12 +65,14 @@ def _load_flux_controlnet(path: str, config: dict, variant, dtype, device):
     config = dict(config)
     num_mode = config.pop("num_mode", None)
     hint = config.pop("conditioning_embedding_channels", None)
-    if hint is not None:
-        raise UnsupportedConfigError("conditioning_embedding_channels", hint, supported=[None],
-                                     model="FluxControlNetModel (XLabs' pixel-space hint encoder is not implemented)")
+    if hint is not None:  # (XLabs' configs name patch_size 2, the hint's 2x2 packing: the transformer's is 1)
+        if config.get("patch_size", 1) != 2:
+            raise UnsupportedConfigError("patch_size", config.get("patch_size", 1), supported=[2],
+                                         model="FluxControlNetModel with a hint encoder (XLabs')")
+        config["patch_size"] = 1
     with torch.device("meta"):
         model = FluxControlNet(FluxConfig.from_diffusers({**config, "_class_name": "FluxTransformer2DModel"}),
-                               num_mode=num_mode)
+                               num_mode=num_mode, conditioning_embedding_channels=hint)
     return strict_load(model, find_weights(path, variant), f"FLUX.1 ControlNet {path}", dtype=dtype,
                        device=device).eval()
 
@@ -96,7 +98,10 @@ def _transformer_diffusers_config(net) -> dict:
     out.update({k: v for k, v in net.config.to_dict().items() if k not in ("extra",) + (("out_channels",) if flux
                                                                                         else ())})
     if flux:
-        return {**out, "num_mode": net.num_mode, "conditioning_embedding_channels": None}
+        out.update(num_mode=net.num_mode, conditioning_embedding_channels=net.conditioning_embedding_channels)
+        if net.reads_pixels:
+            out["patch_size"] = 2  # (XLabs': diffusers packs the hint by it)
+        return out
     from ..models.sd3_controlnet import OWN_FIELDS
 
     out = {**out, **OWN_FIELDS, "force_zeros_for_pooled_projection": net.force_zeros_for_pooled_projection,

@@ -294,12 +294,13 @@ class Flux(nn.Module):
         self.proj_out = nn.Linear(c.inner_dim, c.latent_channels * PACK * PACK)
 
     def forward(self, x, timestep, class_labels=None, encoder_hidden_states=None, text_embeds=None, time_ids=None,
-                guidance=None, image_latents=None, block_residuals=None, single_residuals=None):
+                guidance=None, image_latents=None, block_residuals=None, single_residuals=None, residuals_repeat=False):
         """image_latents (B, K, H, W): FLUX.1 Fill's / Depth's / Canny's conditioning channels
         (``config.condition_channels``), packed after the latents' as FluxFillPipeline / FluxControlPipeline
         concatenate them. block_residuals / single_residuals: a FLUX.1 ControlNet's outputs, each (B, N, D) (N image
         tokens), added to the image tokens after the double / single blocks; with fewer outputs than blocks, each
-        serves ceil(blocks / outputs) blocks in turn, as diffusers' transformer spreads them."""
+        serves ceil(blocks / outputs) blocks in turn, as diffusers' transformer spreads them; residuals_repeat (XLabs'
+        ControlNets, ``controlnet_blocks_repeat``): double block i reads output i % outputs instead."""
         c = self.config
         if class_labels is not None or time_ids is not None:
             raise BadArgumentError("Flux takes no class_labels / time_ids (it conditions on T5 states, a pooled "
@@ -333,7 +334,7 @@ class Flux(nn.Module):
         rope = rotary_tables(position_ids(ctx.shape[1], gh, gw, x.device), c.axes_dims_rope)  # 2 x (L+N, Dh)
         for i, block in enumerate(self.transformer_blocks):
             ctx, h = block(h, ctx, temb_act, rope)
-            h = _with_residual(h, block_residuals, i, len(self.transformer_blocks))
+            h = _with_residual(h, block_residuals, i, len(self.transformer_blocks), residuals_repeat)
         for i, block in enumerate(self.single_transformer_blocks):
             ctx, h = block(h, ctx, temb_act, rope)
             h = _with_residual(h, single_residuals, i, len(self.single_transformer_blocks))
@@ -364,11 +365,12 @@ def embed_conditioning(net: nn.Module, timestep, guidance, text_embeds, encoder_
     return temb_act, net.context_embedder(encoder_hidden_states.to(h.dtype))  # (B, L, D)
 
 
-def _with_residual(h: torch.Tensor, residuals, i: int, blocks: int) -> torch.Tensor:
-    """h plus the ControlNet output that block ``i`` (of ``blocks``) reads: output i // ceil(blocks / outputs)."""
+def _with_residual(h: torch.Tensor, residuals, i: int, blocks: int, repeat: bool = False) -> torch.Tensor:
+    """h plus the ControlNet output that block ``i`` (of ``blocks``) reads: output i // ceil(blocks / outputs), or
+    (``repeat``) i % outputs."""
     if not residuals:
         return h
-    return h + residuals[i // -(-blocks // len(residuals))]
+    return h + residuals[i % len(residuals) if repeat else i // -(-blocks // len(residuals))]
 
 
 __all__ = ["Flux", "FluxConfig", "flux_dev_config", "rotary_tables", "apply_rotary", "pack", "embed_conditioning",

@@ -19,8 +19,13 @@ Per sample, the network takes:
 * ``control_mode`` (B,) int64: a Union ControlNet's control type.
 
 Several ControlNets (diffusers' ``FluxMultiControlNetModel``) take them stacked on a second axis, and their outputs
-add up. Not implemented: XLabs' ControlNets (``conditioning_embedding_channels``: a pixel-space hint encoder, outputs
-repeated over the blocks), and one Union ControlNet given several images and modes at once.
+add up. Not implemented: one Union ControlNet given several images and modes at once.
+
+XLabs' ControlNets (``conditioning_embedding_channels``) read the control image itself, not its latents: a
+pixel-space hint encoder (diffusers' ``ControlNetConditioningEmbedding``, 8x down) maps it (B, 3, 8H, 8W) in
+[-1, 1] to (B, K, H, W), packed like the latents; their outputs repeat over the transformer's double blocks
+(block i reads output i % outputs: diffusers' ``controlnet_blocks_repeat``). Their configs name ``patch_size`` 2,
+the packing's.
 """
 
 from __future__ import annotations
@@ -31,18 +36,20 @@ import torch
 from torch import nn
 
 from ..errors import BadArgumentError, UnsupportedConfigError
-from .controlnet import scaled
+from .controlnet import ConditioningEmbedding, scaled
 from .flux import (Flux, FluxConfig, FluxSingleTransformerBlock, FluxTransformerBlock, PACK,
                    TimeGuidanceTextEmbedding, embed_conditioning, pack, position_ids, rotary_tables)
 
 CLASS_NAME = "FluxControlNetModel"
+HINT_CHANNELS = (16, 16, 16, 16)  # XLabs' hint encoder (diffusers' FluxControlNetModel builds it so): 8x down
 
 
 class FluxControlNet(nn.Module):
-    """diffusers' ``FluxControlNetModel`` (without XLabs' hint encoder). ``forward`` returns (double-block residuals,
-    single-block residuals), each a list of (B, N, D), for ``Flux.forward``."""
+    """diffusers' ``FluxControlNetModel`` (XLabs' too: ``conditioning_embedding_channels``). ``forward`` returns
+    (double-block residuals, single-block residuals), each a list of (B, N, D), for ``Flux.forward``."""
 
-    def __init__(self, config: FluxConfig, num_mode: Optional[int] = None):
+    def __init__(self, config: FluxConfig, num_mode: Optional[int] = None,
+                 conditioning_embedding_channels: Optional[int] = None):
         super().__init__()
         self.config = c = config
         if c.condition_channels:
@@ -63,6 +70,15 @@ class FluxControlNet(nn.Module):
         if num_mode is not None:
             self.controlnet_mode_embedder = nn.Embedding(num_mode, d)
         self.controlnet_x_embedder = nn.Linear(c.in_channels, d)
+        hint = conditioning_embedding_channels
+        if hint is not None and (isinstance(hint, bool) or not isinstance(hint, int) or hint * PACK * PACK
+                                 != c.in_channels):
+            raise UnsupportedConfigError("conditioning_embedding_channels", hint,
+                                         supported=f"None, or {c.in_channels // (PACK * PACK)} (in_channels / 4: "
+                                                   f"the hint is packed 2x2 like the latents)", model=CLASS_NAME)
+        self.conditioning_embedding_channels = hint
+        # (XLabs: the control image in pixels -> (B, K, H, W), 8x down)
+        self.input_hint_block = None if hint is None else ConditioningEmbedding(3, HINT_CHANNELS, hint)
 
     @property
     def count(self) -> None:
@@ -71,15 +87,33 @@ class FluxControlNet(nn.Module):
     @property
     def own_config(self) -> dict:
         """Its constructor's arguments beyond the transformer config (what a save writes back)."""
-        return {"num_mode": self.num_mode}
+        return {"num_mode": self.num_mode, "conditioning_embedding_channels": self.conditioning_embedding_channels}
+
+    @property
+    def reads_pixels(self) -> bool:
+        """XLabs': the control image itself (in [-1, 1]) through the hint encoder, not its VAE latents; its outputs
+        repeat over the transformer's double blocks."""
+        return self.input_hint_block is not None
+
+    @property
+    def image_downscale(self) -> int:
+        """Pixels per latent pixel of its hint encoder (XLabs')."""
+        return 2 ** (len(HINT_CHANNELS) - 1)
 
     def forward(self, x, timestep, control_image, control_scale, control_mode=None, encoder_hidden_states=None,
                 text_embeds=None, guidance=None) -> tuple[list, list]:
-        """x (B, C, H, W) latents; control_image (B, C, H, W) its latents; control_scale (B,) or a number;
-        control_mode (B,) int64 (Union ControlNets) -> ([(B, N, D)] per double block, [(B, N, D)] per single
-        block), weighted by the scale."""
+        """x (B, C, H, W) latents; control_image (B, C, H, W) its latents (XLabs': the image, (B, 3, 8H, 8W) in
+        [-1, 1]); control_scale (B,) or a number; control_mode (B,) int64 (Union ControlNets) -> ([(B, N, D)] per
+        double block, [(B, N, D)] per single block), weighted by the scale."""
         b, _, hgt, wid = x.shape
-        if tuple(control_image.shape) != tuple(x.shape):
+        if self.reads_pixels:
+            f = self.image_downscale
+            want = (b, 3, hgt * f, wid * f)
+            if tuple(control_image.shape) != want:
+                raise BadArgumentError(f"control_image: expected the control image {want} ({f} pixels per latent "
+                                       f"pixel), found {tuple(control_image.shape)}")
+            control_image = self.input_hint_block(control_image.to(x.dtype))  # (B, K, H, W)
+        elif tuple(control_image.shape) != tuple(x.shape):
             raise BadArgumentError(f"control_image: expected the control image's latents {tuple(x.shape)}, found "
                                    f"{tuple(control_image.shape)}")
         if self.num_mode is not None and control_mode is None:
@@ -114,7 +148,18 @@ class MultiFluxControlNet(nn.Module):
         if len(depths) > 1:  # (diffusers adds their outputs block by block)
             raise BadArgumentError(f"set_controlnet: expected FLUX.1 ControlNets of one depth (their outputs add up "
                                    f"block by block), found (double, single) blocks {sorted(depths)}")
+        if len({n.reads_pixels for n in self.nets}) > 1:  # (diffusers reads the first one's kind for every image)
+            raise BadArgumentError("set_controlnet: expected FLUX.1 ControlNets all of XLabs' kind (a pixel-space "
+                                   "hint encoder) or none")
         self.config = self.nets[0].config
+
+    @property
+    def reads_pixels(self) -> bool:
+        return self.nets[0].reads_pixels
+
+    @property
+    def image_downscale(self) -> int:
+        return self.nets[0].image_downscale
 
     @property
     def count(self) -> int:
@@ -161,7 +206,8 @@ class ControlledFlux(nn.Module):
             text_embeds=text_embeds if control_text_embeds is None else control_text_embeds, guidance=guidance)
         return self.flux(x, timestep, class_labels=class_labels, encoder_hidden_states=encoder_hidden_states,
                          text_embeds=text_embeds, time_ids=time_ids, guidance=guidance, image_latents=image_latents,
-                         block_residuals=double, single_residuals=single)
+                         block_residuals=double, single_residuals=single,
+                         residuals_repeat=self.controlnet.reads_pixels)
 
 
 def check_fits(controlnet: FluxControlNet, flux: Flux) -> None:
