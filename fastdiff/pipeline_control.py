@@ -57,12 +57,14 @@ class ControlNetMixin:
         """Drive the network with a ControlNet: a diffusers ``ControlNetModel`` folder for a text UNet
         (``SD3ControlNetModel`` for SD3, ``FluxControlNetModel`` for FLUX.1), a loaded one (a copy is taken: the
         pipeline moves, casts and fuses its own), a list of those (diffusers' Multi* ControlNet models: their outputs
-        add up, and ``generate`` then takes lists: one image, scale and window per ControlNet), or None to take it
+        add up, and ``generate`` then takes lists: one image, scale and window per ControlNet; one named twice is
+        loaded once, as a FLUX.1 Union ControlNet given several images and modes runs), or None to take it
         away. It is put on the network's device and dtype, and the runner is rebuilt around both (with
         ``optimize()``'s settings, applied to the ControlNet too: its graphs capture both networks; an onnxruntime /
         TensorRT backend exports a UNet and its ControlNet in one graph again), so ``generate`` then takes
         ``control_image=``. If that fails, the pipeline stays as it was."""
         import copy
+        import os
 
         from .models.controlnet import controlnet_family
 
@@ -77,8 +79,16 @@ class ControlNetMixin:
 
             net_class, several_class, check_fits = family
             several = isinstance(controlnet, (list, tuple))
-            nets = [copy.deepcopy(c) if isinstance(c, torch.nn.Module) else load_controlnet(c, variant=variant)
-                    for c in (controlnet if several else [controlnet])]
+            loaded = {}  # (one ControlNet named twice is one module: a Union ControlNet given several modes)
+
+            def one(c):
+                key = os.path.realpath(c) if isinstance(c, (str, os.PathLike)) else id(c)
+                if key not in loaded:
+                    loaded[key] = copy.deepcopy(c) if isinstance(c, torch.nn.Module) else load_controlnet(
+                        c, variant=variant)
+                return loaded[key]
+
+            nets = [one(c) for c in (controlnet if several else [controlnet])]
             if not nets:
                 raise BadArgumentError("set_controlnet: expected a ControlNet or a list of them, found an empty list")
             for net in nets:

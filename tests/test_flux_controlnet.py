@@ -445,3 +445,30 @@ def test_an_xlabs_controlnet_through_loops_and_the_engine(tmp_path):
         results = [f.result(timeout=120) for f in futures]
     for i, got in enumerate(results):
         assert rel_err(got, want[i]) <= 1e-5
+
+
+def test_one_union_controlnet_given_several_modes_runs_once_loaded(tmp_path):
+    """A Union ControlNet named twice is loaded once (one module in both places) and runs once per image and mode,
+    as diffusers' FluxMultiControlNetModel of that one ControlNet does. (With default windows diffusers applies only
+    the first image there: its windows count ControlNets, not images; with a window per image given, as here, the
+    two agree.)"""
+    union = _controlnet(num_mode=5)
+    pipe, one = _pair(tmp_path, [union])
+    folder = str(tmp_path / "cn0")
+    pipe.set_controlnet([folder, folder])
+    assert pipe.controlnet.nets[0] is pipe.controlnet.nets[1]
+    ref = diffusers_pipeline("FluxControlNetPipeline")(controlnet=diffusers.FluxMultiControlNetModel([union]),
+                                                       **{k: v for k, v in one.components.items() if k != "controlnet"})
+    ref.set_progress_bar_config(disable=True)
+    ctx, pooled = _text()
+    images = [_pictures(), _pictures(seed=4)]
+    options = dict(controlnet_conditioning_scale=[0.8, 0.5], control_guidance_start=[0.0, 0.25],
+                   control_guidance_end=[1.0, 1.0])
+    want = ref(control_image=images, control_mode=[3, 1], num_inference_steps=4, height=16, width=16,
+               prompt_embeds=ctx, pooled_prompt_embeds=pooled, generator=_generators(), output_type="latent",
+               **options).images
+    kw = dict(steps=4, seeds=SEEDS, encoder_hidden_states=ctx, text_embeds=pooled, progress=False, **options)
+    got = pipe.generate(control_image=images, control_mode=[3, 1], **kw)
+    assert rel_err(_pack(got), want) <= 2e-5
+    # each run reads its own mode (a tiny test net's mode embedding moves the result by about 1.5e-4)
+    assert rel_err(got, pipe.generate(control_image=images, control_mode=[1, 3], **kw)) > 5e-5

@@ -19,7 +19,8 @@ Per sample, the network takes:
 * ``control_mode`` (B,) int64: a Union ControlNet's control type.
 
 Several ControlNets (diffusers' ``FluxMultiControlNetModel``) take them stacked on a second axis, and their outputs
-add up. Not implemented: one Union ControlNet given several images and modes at once.
+add up; a Union ControlNet given several images and modes at once is one module named once per image
+(``set_controlnet([FOLDER, FOLDER])`` loads it once), as diffusers' ``FluxMultiControlNetModel([union])`` runs it.
 
 XLabs' ControlNets (``conditioning_embedding_channels``) read the control image itself, not its latents: a
 pixel-space hint encoder (diffusers' ``ControlNetConditioningEmbedding``, 8x down) maps it (B, 3, 8H, 8W) in
