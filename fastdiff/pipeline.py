@@ -964,7 +964,7 @@ def _freeze(value):
     if torch.is_tensor(value):
         flat = value.detach().reshape(-1).cpu().contiguous()
         digest = hashlib.sha256(flat.view(torch.uint8).numpy().tobytes()).hexdigest()
-        return ("tensor", tuple(value.shape), str(value.dtype), digest)
+        return ("tensor", tuple(value.shape), str(value.dtype), str(value.device), digest)
     if isinstance(value, functools.partial):  # an equal partial made afresh is the same key
         return ("partial", _freeze(value.func), _freeze(value.args), _freeze(value.keywords))
     if inspect.ismethod(value):

@@ -97,6 +97,11 @@ class ControlNetMixin:
                                            f"{type(self.model).__name__} (ControlNetModels drive text UNets, "
                                            f"SD3ControlNetModels SD3, FluxControlNetModels FLUX.1)")
                 check_fits(net, self.model)
+                f = getattr(self.vae, "downscale", None)
+                if getattr(net, "reads_pixels", False) and f is not None and f != net.image_downscale:
+                    raise BadArgumentError(f"set_controlnet: this XLabs ControlNet's hint encoder reads "
+                                           f"{net.image_downscale} pixels per latent pixel, and this pipeline's VAE "
+                                           f"{f}; expected one scale")
                 if hasattr(net, "share_positions"):  # (SD3.5's ControlNets read the transformer's patch embedding)
                     net.share_positions(self.model)
             controlnet = several_class(nets) if several else nets[0]
@@ -216,8 +221,10 @@ class ControlNetMixin:
 
     def _control_masks(self, control_mask, control: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """generate(control_mask=...): an SD3 inpainting ControlNet's masks (white: repaint) as float32 (k, 1, H, W)
-        of 0 / 1 at the control image's size (``fastdiff.inpaint.unit_masks``, read as diffusers' mask processor
-        reads them); None for any other pipeline, which refuses a mask given."""
+        at the control image's size: PIL images and arrays binarized as diffusers' mask processor reads them
+        (``fastdiff.inpaint.unit_masks``); tensors as they are (StableDiffusion3ControlNetInpaintingPipeline hands
+        them on unprocessed: pixels above 0.5 are masked, and the ControlNet reads the soft mask); None for any other
+        pipeline, which refuses a mask given."""
         if not (self._latent_controlnet() == "sd3" and self.controlnet.inpaints):
             if control_mask is not None:
                 raise BadArgumentError("control_mask: the mask of an SD3 inpainting ControlNet (its "
@@ -228,10 +235,17 @@ class ControlNetMixin:
         if control_mask is None:
             raise BadArgumentError("control_mask: this SD3 inpainting ControlNet repaints the masked part of its "
                                    "control image: expected a mask (white: repaint), found none")
-        from .inpaint import unit_masks
+        from .inpaint import _raw_masks, unit_masks
 
+        images = control if control.dim() == 4 else control[:, 0]
         try:
-            return unit_masks(control_mask, control if control.dim() == 4 else control[:, 0])
+            if not torch.is_tensor(control_mask):
+                return unit_masks(control_mask, images)
+            masks = _raw_masks(control_mask)
+            if masks.shape[2:] != images.shape[2:]:
+                raise BadArgumentError(f"mask_image: expected the image's size {tuple(images.shape[2:])}, found "
+                                       f"{tuple(masks.shape[2:])} (fastdiff does not resize)")
+            return masks
         except BadArgumentError as e:
             raise BadArgumentError("control_mask" + str(e)[len("mask_image"):]) from None
 
@@ -246,8 +260,9 @@ class ControlNetMixin:
         inverted mask at the latent size (nearest)."""
         if self._latent_controlnet() == "sd3":
             if images is not None:
-                raise BadArgumentError("image: an SD3 ControlNet with an image to edit or inpaint "
-                                       "(StableDiffusion3ControlNetInpaintingPipeline) is not implemented")
+                raise BadArgumentError("image: an SD3 ControlNet with an image to edit is not implemented (no "
+                                       "diffusers pipeline does it); to inpaint, an SD3 inpainting ControlNet takes "
+                                       "the image as control_image and the mask as control_mask")
 
             masks = control_masks
             if masks is not None and masks.shape[0] not in (1, b):
@@ -258,7 +273,7 @@ class ControlNetMixin:
 
             def encode(images, b, noise):
                 if masks is not None:  # (the masked pixels black: -1 once mapped to [-1, 1])
-                    images = images * (1 - masks)
+                    images = images * (masks <= 0.5)
                 z = self._control_latents(images, b, None)  # (b, C, h, w): (mean - shift) * scale
                 if not self.controlnet.vae_shift:
                     z = z + self.vae.config.shift_factor * self.vae.config.scaling_factor

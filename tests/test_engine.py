@@ -365,6 +365,40 @@ def test_tensor_options_are_copied_at_submit_and_batch_by_value():
     assert torch.equal(batch["scale"], torch.tensor([1.0, 2.0]))
 
 
+
+def test_options_inside_dicts_and_namedtuples_are_copied_and_closures_keep_working():
+    """Tensors inside a dict or a namedtuple option are copied too; a function option whose closure holds something
+    unhashable is keyed by identity (as before options were keyed by value); a set is refused by name."""
+    import collections
+
+    Pair = collections.namedtuple("Pair", "a b")
+
+    class Recording(FakePipeline):
+        def generate(self, table=None, pair=None, fn=None, **kw):
+            out = FakePipeline.generate(self, **kw)
+            if table is not None:
+                with self.lock:
+                    self.calls[-1].update(table=table["w"].clone(), pair=pair, fn=fn)
+            return out
+
+    pipe = Recording()
+    shared = {1, 2}
+    fn = lambda x: x + len(shared)  # noqa: E731
+    with Engine(pipe, max_batch=1, max_wait_ms=0) as engine:
+        hold = _held(engine, pipe)
+        w = torch.ones(3)
+        f = engine.submit(seed=1, steps=2, table={"w": w}, pair=Pair(w, 2), fn=fn)
+        w.add_(5.0)
+        with pytest.raises(BadArgumentError, match="hashable .* found bad="):
+            engine.submit(seed=2, steps=2, bad={1.0}).result(TIMEOUT)
+        pipe.gate.set()
+        hold.result(TIMEOUT)
+        f.result(TIMEOUT)
+    call = [c for c in pipe.calls if c.get("table") is not None][0]
+    assert torch.equal(call["table"], torch.ones(3)) and torch.equal(call["pair"].a, torch.ones(3))
+    assert isinstance(call["pair"], Pair) and call["fn"] is fn
+
+
 def test_engine_arguments_are_checked():
     with pytest.raises(BadArgumentError, match="max_batch"):
         Engine(FakePipeline(), max_batch=0)

@@ -422,6 +422,11 @@ def test_xlabs_controlnets_equal_flux_controlnet_pipeline(tmp_path):
     pipe.save(str(tmp_path / "saved"))
     again = fastdiff.load(str(tmp_path / "saved"))
     assert rel_err(again.generate(control_image=control, **options, **kw), got) <= 1e-6
+    from test_inpaint_blending import _flux_pair
+
+    two, _ = _flux_pair(tmp_path / "vae2", "FluxPipeline")  # (its VAE: 2 pixels per latent pixel)
+    with pytest.raises(BadArgumentError, match="reads 8 pixels per latent pixel, and this pipeline's VAE 2"):
+        two.set_controlnet(str(tmp_path / "1" / "cn0"))
     with pytest.raises(BadArgumentError, match="all of XLabs' kind .* or none"):
         _controlnet(7, num_layers=2, num_single_layers=0).save_pretrained(tmp_path / "instantx")
         pipe.set_controlnet([str(tmp_path / "1" / "cn0"), str(tmp_path / "instantx")])

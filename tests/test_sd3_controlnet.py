@@ -230,14 +230,15 @@ def test_what_is_not_implemented_is_refused_by_name(tmp_path):
     pipe, _ = _pair(tmp_path, [_controlnet()])
     e = {k: v for k, v in _embeds().items() if k != "latents" and not k.startswith("negative")}
     kw = dict(control_image=_pictures(), steps=2, seeds=SEEDS, progress=False, **_text_kwargs(e, False))
-    for bad, match in ((dict(image=_pictures()), "StableDiffusion3ControlNetInpaintingPipeline"),
+    for bad, match in ((dict(image=_pictures()), "takes the image as control_image and the mask as control_mask"),
                        (dict(guess_mode=True), "guess_mode: the SD3 and FLUX.1 ControlNet pipelines have none"),
                        (dict(control_mode=1), "control_mode: a FLUX.1 Union ControlNet's control type")):
         with pytest.raises(BadArgumentError, match=match):
             pipe.generate(**{**kw, **bad})
-    _controlnet(extra_conditioning_channels=-1).save_pretrained(tmp_path / "negative")
-    with pytest.raises(UnsupportedConfigError, match="extra_conditioning_channels"):
-        load_controlnet(str(tmp_path / "negative"))
+    for extra, layout in ((2, {}), (1, SD35)):  # (the pipeline adds one mask channel; SD3.5's blocks need positions)
+        _controlnet(extra_conditioning_channels=extra, **layout).save_pretrained(tmp_path / f"extra{extra}")
+        with pytest.raises(UnsupportedConfigError, match=f"extra_conditioning_channels' = {extra}"):
+            load_controlnet(str(tmp_path / f"extra{extra}"))
     with pytest.raises(BadArgumentError, match="control_mask: the mask of an SD3 inpainting ControlNet"):
         pipe.generate(**kw, control_mask=_masks()[0])
     _controlnet(use_pos_embed=False).save_pretrained(tmp_path / "mixed")  # (no positions, but a text stream)
@@ -318,6 +319,11 @@ def test_an_inpainting_controlnet_equals_diffusers(tmp_path, posterior_means, cf
     assert rel_err(one, want) <= 2e-5
     # the mask reaches the output both ways: through the masked pixels and as the extra channel
     assert rel_err(pipe.generate(control_image=images[0], control_mask=masks[1], **kw), one) > 1e-3
+    # a tensor mask goes unprocessed, as that pipeline hands it on: pixels above 0.5 masked, the soft mask read
+    soft = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(3))
+    want = ref(control_image=images, control_mask=soft.clone(), num_inference_steps=3, guidance_scale=cfg, height=16,
+               width=16, generator=_generators(), output_type="latent", **{k: v.clone() for k, v in e.items()}).images
+    assert rel_err(pipe.generate(control_image=images, control_mask=soft, **kw), want) <= 2e-5
 
 
 def test_an_inpainting_controlnet_through_loops_the_engine_and_a_save(tmp_path):

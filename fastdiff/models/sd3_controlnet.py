@@ -239,8 +239,9 @@ def split_config(config: dict) -> tuple[MMDiTConfig, dict]:
     config = dict(config)
     own = {k: config.pop(k, v) for k, v in OWN_FIELDS.items()}
     extra = own["extra_conditioning_channels"]
-    if isinstance(extra, bool) or not isinstance(extra, int) or extra < 0:
-        raise UnsupportedConfigError("extra_conditioning_channels", extra, supported="an int >= 0", model=CLASS_NAME)
+    if extra not in (0, 1) or isinstance(extra, bool):  # (the inpainting pipeline adds one mask channel)
+        raise UnsupportedConfigError("extra_conditioning_channels", extra, supported="0, or 1 (the inpainting "
+                                     "ControlNet's mask)", model=CLASS_NAME)
     # InstantX's layout (its own positions, joint blocks) or SD3.5's official one (neither)
     image_only = own["use_pos_embed"] is False and config.get("joint_attention_dim", 4096) is None
     if not image_only and (own["use_pos_embed"] is not True or config.get("joint_attention_dim", 4096) is None
@@ -249,6 +250,9 @@ def split_config(config: dict) -> tuple[MMDiTConfig, dict]:
             "use_pos_embed / joint_attention_dim / pos_embed_type",
             (own["use_pos_embed"], config.get("joint_attention_dim"), own["pos_embed_type"]),
             supported="(True, an int, 'sincos'): InstantX's layout; (False, None, any): SD3.5's", model=CLASS_NAME)
+    if image_only and extra:  # (diffusers' inpainting pipeline cannot run it: its blocks need positions)
+        raise UnsupportedConfigError("extra_conditioning_channels", extra, supported="0 in SD3.5's image-only "
+                                     "layout (the inpainting ControlNet is InstantX's layout)", model=CLASS_NAME)
     if image_only:  # (fields its layout leaves empty or unread: placeholders its modules never read; SD3.5 Large's
         # ControlNets keep caption_projection_dim 2048 beside a 2432 width)
         config["joint_attention_dim"] = 1

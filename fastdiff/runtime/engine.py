@@ -183,9 +183,26 @@ def _own_option(value):
         return value.detach().clone()
     if isinstance(value, np.ndarray):
         return value.copy()
+    if isinstance(value, dict):
+        return {k: _own_option(v) for k, v in value.items()}
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a namedtuple
+        return type(value)(*(_own_option(v) for v in value))
     if isinstance(value, (list, tuple)):
         return type(value)(_own_option(v) for v in value)
     return value
+
+
+def _option_key(value):
+    """A hashable key of one option by value (``pipeline._freeze``); a callable whose closure holds something
+    unhashable by identity, as before; None for a value no key can be made of."""
+    from ..pipeline import _by_identity
+
+    try:
+        key = _freeze(value)
+        hash(key)
+        return key
+    except (TypeError, RuntimeError, ValueError):  # (an unhashable leaf; a sparse tensor's bytes)
+        return ("callable", _by_identity(value)) if callable(value) else None
 
 
 def _group_key(r: _Request) -> tuple:
@@ -558,11 +575,11 @@ class Engine:
         # (tensors and arrays copied: the caller may reuse its buffer once submit returns; keyed by value, so equal
         # ones made apart batch together)
         options = tuple(sorted((k, _own_option(v)) for k, v in options.items()))
-        options_key = _freeze(options)
-        try:
-            hash(options_key)
-        except TypeError:
-            raise BadArgumentError(f"submit options: expected hashable values, found {dict(options)!r}") from None
+        options_key = tuple((k, _option_key(v)) for k, v in options)
+        bad = [k for (k, v), (_, key) in zip(options, options_key) if key is None]
+        if bad:
+            raise BadArgumentError(f"submit options: expected hashable values (or tensors, arrays, lists of them), "
+                                   f"found {', '.join(f'{k}={dict(options)[k]!r}' for k in bad)}")
         cfg_scale = finite_number("cfg_scale", cfg_scale)
         sampler = _check_name("sampler", sampler, "fastdiff.samplers", "SAMPLERS")
         schedule = _check_name("schedule", schedule, "fastdiff.schedules", "SCHEDULES")
