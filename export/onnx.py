@@ -1,4 +1,4 @@
-"""Native UNet / DiT -> ONNX, checked against PyTorch, with the ModelSpec in the file's metadata.
+"""Native UNet / DiT / MMDiT / FLUX.1 -> ONNX, checked against PyTorch, with the ModelSpec in the file's metadata.
 
 ``export_onnx(pipe_or_model, spec, path, ...)`` traces the network with torch's TorchScript-based
 exporter (``torch.onnx.export(..., dynamo=False)``), validates the graph with ``onnx.checker``, writes
@@ -27,10 +27,22 @@ Graph interface (what ONNX diffusion pipelines expect)::
     control_guess         (B,) float32   (0 outside the step window) and 1 for guess mode's weighting
     -> out_sample         (B, C_out, H, W)
 
+An SD3 / FLUX.1 transformer exported with its ControlNet(s) takes instead (metadata ``control``: ``latent``,
+``count``, ``num_mode``, ``vae_shift``, ``inpaints``, ``reads_pixels``, what a pipeline loading the graph reads)::
+
+    control_image         (B, [K,] C', H, W) the control image's VAE latents as the pipeline makes them (C' = C, or
+                          C + 1 for SD3's inpainting ControlNet: the masked image's and the inverted mask; XLabs'
+                          FLUX.1 ControlNets: the image itself, (B, [K,] 3, 8H, 8W) in [-1, 1]); K: several
+    control_scale         (B, [K]) float32   each sample's scale, 0 outside its step window
+    control_mode          (B, [K]) int64     a FLUX.1 Union ControlNet's types
+    control_encoder_hidden_states, control_text_embeds   FLUX.1: the text its ControlNet reads (the pass's own, or
+                          the conditional text under true CFG)
+
 CFG-folded graph (``cfg_folded=True``): the same inputs plus ``uncond_encoder_hidden_states`` (and, for
 SDXL-style UNets, ``uncond_text_embeds`` / ``uncond_time_ids``; class models use the spec's null class
-inside) and ``guidance_scale`` ((1,) or (B,) float32); ``guidance``, ``image_latents``, ``control_image`` and
-``control_guess`` serve both passes (``uncond_control_scale`` is guess mode's 0);
+inside) and ``guidance_scale`` ((1,) or (B,) float32); ``guidance``, ``image_latents``, ``control_image``,
+``control_guess``, ``control_mode`` and a FLUX.1 ControlNet's text serve both passes (``uncond_control_scale`` is
+guess mode's 0);
 cond and uncond run as ONE batch of 2B inside and ``out_sample`` is the guided output: channels
 ``[:g]`` are ``uncond + s * (cond - uncond)`` (g = spec.guided_channels, or the eps channels of a
 learned-variance model), the remaining (variance) channels are the conditional pass's.
@@ -105,12 +117,12 @@ def conditioning(model: nn.Module, spec: ModelSpec) -> Optional[str]:
     return None
 
 
-def cond_inputs(cond: Optional[str], spec: ModelSpec, control: bool = False) -> list[str]:
+def cond_inputs(cond: Optional[str], spec: ModelSpec, control=None) -> list[str]:
     """The graph's conditional inputs after sample and timestep, in order (a CFG-folded text graph repeats each
     text input as ``uncond_<name>``; the unconditional class label is the graph's own null class). A UNet with
-    both text and a class table takes both; one exported with its ControlNet (``control``) the control inputs."""
-    image = (["image_latents"] if spec.inpainting or spec.latent_control else []) + (
-        list(CONTROL_INPUTS) if control else [])
+    both text and a class table takes both; one exported with its ControlNet (``control``: ``control_format``'s
+    dict) the control inputs."""
+    image = (["image_latents"] if spec.inpainting or spec.latent_control else []) + control_inputs(control)
     if cond == "class":
         return ["class_labels"] + image
     if cond == "text":
@@ -118,6 +130,18 @@ def cond_inputs(cond: Optional[str], spec: ModelSpec, control: bool = False) -> 
                 + (["time_ids"] if spec.time_ids_dim else []) + (["guidance"] if spec.guidance_input else [])
                 + (["class_labels"] if spec.num_classes else []) + image)
     return image
+
+
+def control_inputs(control) -> list[str]:
+    """The control inputs of a graph exported with ``control`` (``control_format``'s dict, or None): a UNet
+    ControlNet's image, scale and guess-mode flags; an SD3 / FLUX.1 ControlNet's latents (XLabs': the image) and scale,
+    a FLUX.1 Union ControlNet's types, and the text a FLUX.1 ControlNet reads (the conditional text under true CFG)."""
+    if not control:
+        return []
+    if not control.get("latent"):
+        return list(CONTROL_INPUTS)
+    names = ["control_image", "control_scale"] + (["control_mode"] if control.get("num_mode") else [])
+    return names + (["control_encoder_hidden_states", "control_text_embeds"] if control["latent"] == "flux" else [])
 
 
 def _own_uncond(names: list) -> list:
@@ -128,24 +152,37 @@ def _own_uncond(names: list) -> list:
 
 # inputs both CFG passes share (no uncond_ counterpart): Flux dev's distilled-guidance strength, an inpainting
 # network's mask and masked-image latents, a ControlNet's image and guess-mode flags
-SHARED_INPUTS = ("guidance", "image_latents", "control_image", "control_guess")
+SHARED_INPUTS = ("guidance", "image_latents", "control_image", "control_guess", "control_mode",
+                 "control_encoder_hidden_states", "control_text_embeds")
 CONTROL_INPUTS = ("control_image", "control_scale", "control_guess")  # a UNet exported with its ControlNet
 
 
 # float inputs that run in the network's dtype (the rest: class labels int64, SDXL's time ids float32)
-_NETWORK_DTYPE_INPUTS = ("encoder_hidden_states", "text_embeds", "image_latents", "control_image")
+_NETWORK_DTYPE_INPUTS = ("encoder_hidden_states", "text_embeds", "image_latents", "control_image",
+                         "control_encoder_hidden_states", "control_text_embeds")
 
 
 def control_format(model: nn.Module) -> Optional[dict]:
-    """The control image a UNet exported with its ControlNet takes (None for any other network)."""
+    """The control input of a network exported with its ControlNet (None for any other network): a UNet
+    ControlNet's image; an SD3 / FLUX.1 ControlNet's ``latent`` kind, its input's channels and size per latent pixel
+    (1: the control image's VAE latents; XLabs': the image itself), its count, Union types and how the pipeline
+    makes its latents (``vae_shift``, ``inpaints``, ``reads_pixels``): what a pipeline loading the graph needs."""
     from fastdiff.models.controlnet import ControlledUNet
     from fastdiff.models.flux_controlnet import ControlledFlux
     from fastdiff.models.sd3_controlnet import ControlledMMDiT
 
     if isinstance(model, (ControlledFlux, ControlledMMDiT)):
-        raise UnsupportedConfigError("controlnet", type(model.controlnet).__name__, supported="ControlNetModel (a "
-                                     "UNet's); an SD3 / FLUX.1 ControlNet runs eager, compiled or in captured graphs",
-                                     model="ONNX exporter")
+        net, flux = model.controlnet, isinstance(model, ControlledFlux)
+        nets = list(getattr(net, "nets", [net]))
+        pixels = bool(getattr(net, "reads_pixels", False))
+        latent_channels = model.config.latent_channels if flux else model.config.in_channels
+        modes = [n.num_mode for n in nets] if flux and any(n.num_mode for n in nets) else None
+        return {"latent": "flux" if flux else "sd3",
+                "conditioning_channels": 3 if pixels else latent_channels + getattr(net, "extra_conditioning_channels",
+                                                                                   0),
+                "image_downscale": net.image_downscale if pixels else 1, "global_pool_conditions": False,
+                "count": len(nets) if hasattr(net, "nets") else None, "num_mode": modes, "reads_pixels": pixels,
+                "inpaints": bool(getattr(net, "inpaints", False)), "vae_shift": bool(getattr(net, "vae_shift", True))}
     if not isinstance(model, ControlledUNet):
         return None
     nets = getattr(model.controlnet, "nets", None)
@@ -227,9 +264,10 @@ def graph_io(model: nn.Module, spec: ModelSpec, *, cfg_folded: bool, fp16_io: bo
     inputs = [["sample", io_dtype], ["timestep", "int64" if _timestep_dtype(model, spec) == torch.int64 else "float32"]]
     kinds = {"encoder_hidden_states": io_dtype, "text_embeds": io_dtype, "time_ids": "float32",
              "class_labels": "int64", "guidance": "float32", "image_latents": io_dtype, "control_image": io_dtype,
-             "control_scale": "float32", "control_guess": "float32"}
+             "control_scale": "float32", "control_guess": "float32", "control_mode": "int64",
+             "control_encoder_hidden_states": io_dtype, "control_text_embeds": io_dtype}
     control = control_format(model)
-    names = cond_inputs(cond, spec, control is not None)
+    names = cond_inputs(cond, spec, control)
     inputs += [[n, kinds[n]] for n in names]
     if cfg_folded:
         inputs += [["uncond_" + n, kinds[n]] for n in _own_uncond(names)]
@@ -316,11 +354,24 @@ def _example_inputs(spec, io, batch, h, w, device, seed=0, tokens=7):
             mask = (torch.rand(batch, spec.image_latents_channels - spec.in_channels, h, w, generator=g) > 0.5).float()
             latents = torch.randn(batch, spec.in_channels, h, w, generator=g)
             v = torch.cat([latents, mask] if spec.kind == "flux" else [mask, latents], dim=1)
-        elif name == "control_image":  # in [0, 1], at the ControlNet's pixels per latent pixel
-            f, c = io["control"]["image_downscale"], io["control"]["conditioning_channels"]
-            v = torch.rand(batch, c, h * f, w * f, generator=g)
+        elif name == "control_image":  # in [0, 1], at the ControlNet's pixels per latent pixel (latents: randn)
+            control = io["control"]
+            f, c, k = control["image_downscale"], control["conditioning_channels"], control.get("count")
+            shape = (batch,) + ((k,) if control.get("latent") and k else ()) + (c, h * f, w * f)
+            latents = control.get("latent") and f == 1
+            v = torch.randn(*shape, generator=g) if latents else torch.rand(*shape, generator=g)
         elif name in ("control_scale", "uncond_control_scale"):  # varied per row, one row off (outside its window)
             v = torch.linspace(1.3, 0.4, batch) * (torch.arange(batch) != 1)
+            k = io["control"].get("count") if io["control"].get("latent") else None
+            v = v if not k else v[:, None] * torch.linspace(1.0, 0.5, k)  # (B, K): one per ControlNet
+        elif name == "control_mode":  # a Union ControlNet's types, one per row (and ControlNet)
+            top = min(m for m in io["control"]["num_mode"] if m)
+            k = io["control"].get("count")
+            v = torch.randint(0, top, (batch,) + ((k,) if k else ()), generator=g)
+        elif name == "control_encoder_hidden_states":
+            v = torch.randn(batch, tokens, spec.cross_attention_dim, generator=g)
+        elif name == "control_text_embeds":
+            v = torch.randn(batch, spec.text_embeds_dim, generator=g)
         elif name == "control_guess":  # guess mode's weighting on every other row
             v = (torch.arange(batch) % 2).float()
         elif name == "class_labels":
@@ -342,12 +393,15 @@ def _dynamic_axes(io, dynamic_batch, dynamic_hw):
         if name in ("sample", "out_sample", "image_latents", "control_image"):
             if dynamic_batch:
                 a[0] = "batch"
-            if dynamic_hw:  # (the control image in pixels: its own axes, f times the latents')
-                a[2], a[3] = ("control_height", "control_width") if name == "control_image" else ("height", "width")
+            if dynamic_hw:  # (the control image: its own axes, f times the latents'; several ControlNets': (B, K, ...))
+                several = name == "control_image" and io["control"].get("latent") and io["control"].get("count")
+                hw = (3, 4) if several else (2, 3)
+                a[hw[0]], a[hw[1]] = ("control_height", "control_width") if name == "control_image" else ("height",
+                                                                                                        "width")
         elif name in ("timestep", "guidance_scale"):
             a[0] = f"{name}_batch"  # (1,) or (B,)
         elif name in ("class_labels", "text_embeds", "time_ids", "uncond_text_embeds", "uncond_time_ids", "guidance",
-                      "control_scale", "uncond_control_scale", "control_guess"):
+                      "control_scale", "uncond_control_scale", "control_guess", "control_mode", "control_text_embeds"):
             if dynamic_batch:
                 a[0] = "batch"
         else:  # (uncond_)encoder_hidden_states
@@ -422,7 +476,7 @@ def export_onnx(pipe_or_model, spec: Optional[ModelSpec], path: str, *, opset: i
         if next(iter(model.parameters()), torch.empty(0)).dtype != compute:
             ref_model = copy.deepcopy(model).to(compute)  # never change the caller's model
         io_dtype = torch.float16 if io["inputs"][0][1] == "float16" else torch.float32
-        names = cond_inputs(cond, spec, io["control"] is not None)
+        names = cond_inputs(cond, spec, io["control"])
         if cfg_folded:
             wrapper = _CFGGraphModule(ref_model, names, compute, io_dtype, io["guided_channels"], spec.null_class)
         else:

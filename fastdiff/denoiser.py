@@ -468,8 +468,10 @@ class CFGDenoiser(Denoiser):
 
 # conditioning a CFG-folded graph has no uncond_ input for: the null class label is inside the graph; FLUX.1 dev's
 # distilled guidance, an inpainting network's image latents and a ControlNet's image, guess-mode flags and step
-# window (applied before the graph) are shared by both passes
-_FOLDED_INSIDE = ("class_labels", "guidance", "image_latents", "control_image", "control_guess", "control_keep")
+# window (applied before the graph), a FLUX.1 Union ControlNet's types and the text a FLUX.1 ControlNet reads are
+# shared by both passes
+_FOLDED_INSIDE = ("class_labels", "guidance", "image_latents", "control_image", "control_guess", "control_keep",
+                  "control_mode", "control_encoder_hidden_states", "control_text_embeds")
 
 
 class FoldedCFGDenoiser(Denoiser):

@@ -205,10 +205,11 @@ class ControlNetMixin:
             return types.SimpleNamespace(conditioning_channels=3, image_downscale=getattr(self.vae, "downscale", 8),
                                          latent=True)
         if self._latent_controlnet():  # (its image is encoded by the VAE, as FLUX.1 Depth's; XLabs' by its own)
-            downscale = self.controlnet.image_downscale if getattr(self.controlnet, "reads_pixels", False) else \
-                getattr(self.vae, "downscale", 8)
+            net = self._latent_net()
+            downscale = net.image_downscale if getattr(net, "reads_pixels", False) else getattr(self.vae, "downscale",
+                                                                                                   8)
             return types.SimpleNamespace(conditioning_channels=3, image_downscale=downscale, latent=True,
-                                         count=self.controlnet.count, global_pool_conditions=False)
+                                         count=net.count, global_pool_conditions=False)
         if self.controlnet is not None:
             nets = getattr(self.controlnet, "nets", None)
             return self.controlnet if nets is None else types.SimpleNamespace(
@@ -225,7 +226,7 @@ class ControlNetMixin:
         (``fastdiff.inpaint.unit_masks``); tensors as they are (StableDiffusion3ControlNetInpaintingPipeline hands
         them on unprocessed: pixels above 0.5 are masked, and the ControlNet reads the soft mask); None for any other
         pipeline, which refuses a mask given."""
-        if not (self._latent_controlnet() == "sd3" and self.controlnet.inpaints):
+        if not (self._latent_controlnet() == "sd3" and self._latent_net().inpaints):
             if control_mask is not None:
                 raise BadArgumentError("control_mask: the mask of an SD3 inpainting ControlNet (its "
                                        "extra_conditioning_channels); this pipeline has "
@@ -258,6 +259,7 @@ class ControlNetMixin:
         InstantX's ControlNets, as StableDiffusion3ControlNetPipeline shifts them. An SD3 inpainting ControlNet's
         (StableDiffusion3ControlNetInpaintingPipeline): the image with its masked pixels black, encoded, then the
         inverted mask at the latent size (nearest)."""
+        net = self._latent_net()
         if self._latent_controlnet() == "sd3":
             if images is not None:
                 raise BadArgumentError("image: an SD3 ControlNet with an image to edit is not implemented (no "
@@ -275,13 +277,13 @@ class ControlNetMixin:
                 if masks is not None:  # (the masked pixels black: -1 once mapped to [-1, 1])
                     images = images * (masks <= 0.5)
                 z = self._control_latents(images, b, None)  # (b, C, h, w): (mean - shift) * scale
-                if not self.controlnet.vae_shift:
+                if not net.vae_shift:
                     z = z + self.vae.config.shift_factor * self.vae.config.scaling_factor
                 if masks is not None:  # (b, C + 1, h, w): the part to keep, 1
                     keep = 1 - torch.nn.functional.interpolate(masks, size=tuple(z.shape[-2:]))
                     z = torch.cat([z, keep.to(z).expand(z.shape[0], -1, -1, -1)], dim=1)
                 return z
-        elif self.controlnet.reads_pixels:  # XLabs': the image itself, in [-1, 1] (nothing drawn)
+        elif net.reads_pixels:  # XLabs': the image itself, in [-1, 1] (nothing drawn)
             def encode(images, b, noise):
                 from .pipeline import _one_or
 
@@ -297,7 +299,8 @@ class ControlNetMixin:
 
     def _control_modes(self, control_mode, b: int) -> dict:
         """{"control_mode": (b,) or (b, K) int64} for Union ControlNets (one type per ControlNet), {} for none."""
-        nets = getattr(self.controlnet, "nets", [self.controlnet])
+        info = self._latent_net()
+        nets = getattr(info, "nets", None) or [info]
         unions = [net.num_mode for net in nets]
         if isinstance(control_mode, (list, tuple)):
             modes = list(control_mode)
@@ -318,7 +321,7 @@ class ControlNetMixin:
             return {}
         # (a tensor input: a captured loop takes another type without a recapture; 0 for a net without types)
         t = torch.tensor([0 if m is None else m for m in modes], dtype=torch.int64, device=self.device)
-        several = getattr(self.controlnet, "nets", None) is not None
+        several = getattr(info, "nets", None) is not None
         return {"control_mode": t[None].expand(b, -1).contiguous() if several else t.expand(b).contiguous()}
 
     def _latent_controlnet(self) -> Optional[str]:
@@ -329,7 +332,33 @@ class ControlNetMixin:
 
         if isinstance(self.controlnet, (FluxControlNet, MultiFluxControlNet)):
             return "flux"
-        return "sd3" if isinstance(self.controlnet, (SD3ControlNet, MultiSD3ControlNet)) else None
+        if isinstance(self.controlnet, (SD3ControlNet, MultiSD3ControlNet)):
+            return "sd3"
+        control = self._graph_control()  # (a loaded graph exported with its ControlNet)
+        return None if control is None else control.get("latent")
+
+    def _graph_control(self) -> Optional[dict]:
+        """The control input a loaded graph was exported with (``fastdiff.export.onnx.control_format``), or None."""
+        if self.controlnet is not None:
+            return None
+        io = getattr(self.runner, "io", None)
+        control = io.get("control") if isinstance(io, dict) else None
+        return control if isinstance(control, dict) else None
+
+    def _latent_net(self):
+        """What the pipeline reads of an SD3 / FLUX.1 ControlNet to make its inputs (``vae_shift``, ``inpaints``,
+        ``reads_pixels``, ``image_downscale``, ``count``, Union types): the attached one, or the description a
+        loaded graph's metadata keeps of the one it was exported with."""
+        if self.controlnet is not None:
+            return self.controlnet
+        c = self._graph_control()
+        nets = [types.SimpleNamespace(num_mode=m) for m in (c.get("num_mode") or [None] * (c.get("count") or 1))]
+        info = types.SimpleNamespace(vae_shift=c["vae_shift"], inpaints=c["inpaints"], reads_pixels=c["reads_pixels"],
+                                     image_downscale=c["image_downscale"], count=c.get("count"),
+                                     num_mode=nets[0].num_mode)
+        if c.get("count"):
+            info.nets = nets
+        return info
 
     def _control_size(self, control: torch.Tensor, height, width) -> tuple[int, int]:
         """The latent size a control image fixes (checked against any height / width given)."""

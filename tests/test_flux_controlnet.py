@@ -257,11 +257,6 @@ def test_what_is_not_implemented_is_refused_by_name(tmp_path):
             (dict(control_image=None), BadArgumentError, "control_image: this pipeline is driven by a ControlNet")):
         with pytest.raises(error, match=match):
             pipe.generate(**{**kw, **bad})
-    pytest.importorskip("onnx", reason="the exporter needs onnx")
-    from fastdiff.export.onnx import export_onnx
-
-    with pytest.raises(UnsupportedConfigError, match="FLUX.1 ControlNet runs eager"):
-        export_onnx(pipe, None, str(tmp_path / "x.onnx"), progress=False)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -477,3 +472,43 @@ def test_one_union_controlnet_given_several_modes_runs_once_loaded(tmp_path):
     assert rel_err(_pack(got), want) <= 2e-5
     # each run reads its own mode (a tiny test net's mode embedding moves the result by about 1.5e-4)
     assert rel_err(got, pipe.generate(control_image=images, control_mode=[1, 3], **kw)) > 5e-5
+
+
+
+@pytest.mark.parametrize("cfg_folded", [False, True])
+def test_exported_flux_controlnets_run_like_eager(tmp_path, cfg_folded):
+    """export_onnx of a FLUX.1 pipeline with its ControlNet(s): one graph taking the control latents (XLabs': the
+    image), scales, Union types and the text the ControlNet reads (the conditional text under true CFG); through the
+    onnxruntime backend and loaded back from the file it equals eager: a Union ControlNet with true CFG, two, and
+    XLabs'."""
+    pytest.importorskip("onnxruntime", reason="the exported graph runs in ONNX Runtime")
+    from fastdiff.export.onnx import export_onnx, read_onnx_io
+
+    ctx, pooled = _text()
+    text = dict(encoder_hidden_states=ctx, text_embeds=pooled)
+    true_cfg = dict(cfg_scale=3.0, negative_encoder_hidden_states=ctx.flip(0) * 0.5,
+                    negative_text_embeds=pooled.flip(0) * 0.5)
+    xlabs_images = [_pictures(seed=s)[0].resize((32, 32)) for s in (3, 4)]
+    cases = ((lambda d: _pair(d, [_controlnet(num_mode=5)]),
+              dict(control_image=_pictures(), control_mode=3, **true_cfg)),
+             (lambda d: _pair(d, [_controlnet(5), _controlnet(6, num_mode=4)]),
+              dict(control_image=[_pictures(), _pictures(seed=4)], control_mode=[None, 2],
+                   controlnet_conditioning_scale=[1.0, 0.6])),
+             (lambda d: _xlabs_pair(d, [_xlabs()]), dict(control_image=xlabs_images, control_guidance_end=0.7)))
+    for i, (make, inputs) in enumerate(cases):
+        pipe, _ = make(tmp_path / str(i))
+        kw = dict(steps=3, seeds=SEEDS, progress=False, **text, **inputs)
+        want = pipe.generate(**kw)
+        path = str(tmp_path / f"controlled{i}.onnx")
+        dynamic_hw = i != 2  # (XLabs' image at 8x the latents: one size here)
+        result = export_onnx(pipe, None, path, cfg_folded=cfg_folded, dynamic_hw=dynamic_hw, progress=False,
+                             **({} if dynamic_hw else dict(height=4, width=4)))
+        assert result.max_rel_err is not None and result.max_rel_err <= 1e-5, result.check_note
+        control = read_onnx_io(path)["control"]
+        assert control["latent"] == "flux" and control["reads_pixels"] == (i == 2)
+        assert control["num_mode"] == ([5], [None, 4], None)[i]
+        vae = tmp_path / str(i) / "pipe" / "vae"
+        exported = fastdiff.load(path, vae=str(vae))
+        assert rel_err(exported.generate(**kw), want) <= 1e-5
+        optimized = pipe.optimize(backend="onnxruntime")
+        assert rel_err(optimized.generate(**kw), want) <= 1e-5

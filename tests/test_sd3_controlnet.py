@@ -247,11 +247,6 @@ def test_what_is_not_implemented_is_refused_by_name(tmp_path):
     _controlnet(joint_attention_dim=8).save_pretrained(tmp_path / "narrow")
     with pytest.raises(BadArgumentError, match="made for another transformer; joint_attention_dim: 8"):
         pipe.set_controlnet(str(tmp_path / "narrow"))
-    pytest.importorskip("onnx", reason="the exporter needs onnx")
-    from fastdiff.export.onnx import export_onnx
-
-    with pytest.raises(UnsupportedConfigError, match="an SD3 / FLUX.1 ControlNet runs eager"):
-        export_onnx(pipe, None, str(tmp_path / "x.onnx"), progress=False)
 
 
 def test_dual_attention_blocks_past_the_controlnets_depth_are_ignored_as_diffusers_does():
@@ -379,3 +374,53 @@ def test_cli_control_mask_needs_a_control_image(tmp_path):
                 "missing.png", cwd=tmp_path)
     assert r.returncode == 2 and "--control-mask: expected an image file, found 'missing.png'" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+
+@pytest.mark.parametrize("cfg_folded", [False, True])
+def test_exported_sd3_controlnets_run_like_eager(tmp_path, cfg_folded):
+    """export_onnx of an SD3 pipeline with its ControlNet(s): one graph taking the control latents (B, [K,] C', H, W)
+    and scales; through the onnxruntime backend and loaded back from the file (with the VAE that encodes the control
+    image) it equals eager: one InstantX ControlNet, two, and the inpainting one with its mask."""
+    pytest.importorskip("onnxruntime", reason="the exported graph runs in ONNX Runtime")
+    from fastdiff.export.onnx import export_onnx, read_onnx_io
+    from fastdiff.export.tensorrt import make_profiles
+
+    e = {k: v for k, v in _embeds().items() if k != "latents"}
+    kw = dict(steps=3, cfg_scale=3.0, seeds=SEEDS, progress=False, **_text_kwargs(e, True))
+    images, masks = _pictures(), _masks()
+    cases = (([_controlnet()], dict(control_image=images, controlnet_conditioning_scale=0.8, control_guidance_end=0.6)),
+             ([_controlnet(5), _controlnet(6)], dict(control_image=[images, images[::-1]],
+                                                      controlnet_conditioning_scale=[0.8, 0.5])),
+             ([_controlnet(extra_conditioning_channels=1)], dict(control_image=images, control_mask=masks)))
+    for i, (nets, inputs) in enumerate(cases):
+        pipe, _ = _pair(tmp_path / str(i), nets)
+        want = pipe.generate(**inputs, **kw)
+        path = str(tmp_path / f"controlled{i}.onnx")
+        result = export_onnx(pipe, None, path, cfg_folded=cfg_folded, dynamic_hw=True, progress=False)
+        assert result.max_rel_err is not None and result.max_rel_err <= 1e-5, result.check_note
+        io = read_onnx_io(path)
+        assert io["control"]["latent"] == "sd3" and io["control"]["count"] == (2 if i == 1 else None)
+        assert io["control"]["conditioning_channels"] == (17 if i == 2 else 16)
+        assert io["control"]["image_downscale"] == 1
+        shape = make_profiles(path, batch=(1, 2, 4), height=(2, 2, 4), width=(2, 2, 4))["control_image"][2]
+        assert shape == ((4, 2) if i == 1 else (4,)) + ((17,) if i == 2 else (16,)) + (4, 4)
+        exported = fastdiff.load(path, vae=str(tmp_path / str(i) / "pipe" / "vae"))
+        assert rel_err(exported.generate(**inputs, **kw), want) <= 1e-5
+        optimized = pipe.optimize(backend="onnxruntime")
+        assert rel_err(optimized.generate(**inputs, **kw), want) <= 1e-5
+    with pytest.raises(BadArgumentError, match="control_mask: this SD3 inpainting ControlNet .* found none"):
+        exported.generate(control_image=images, **kw)
+
+
+def test_cli_export_writes_an_sd3_controlled_graph(tmp_path):
+    pytest.importorskip("onnx", reason="the export writes ONNX")
+    from fastdiff.export.onnx import read_onnx_io
+    from test_cli import fastdiff as run_cli
+
+    _pair(tmp_path, [_controlnet(extra_conditioning_channels=1)], INPAINT_PIPELINE)
+    r = run_cli("export", str(tmp_path / "pipe"), "--format", "onnx", "--controlnet", str(tmp_path / "cn0"), "-o",
+                "controlled.onnx", "--no-progress", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    control = read_onnx_io(str(tmp_path / "controlled.onnx"))["control"]
+    assert control["latent"] == "sd3" and control["inpaints"] and control["conditioning_channels"] == 17

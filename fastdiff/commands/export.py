@@ -53,9 +53,11 @@ def register(sub) -> None:
                    help="fold classifier-free guidance into the graph (inputs: cond, uncond, guidance_scale)")
     p.add_argument("--timing-cache", default=None, metavar="FILE", help="tensorrt: timing cache file (read + updated)")
     p.add_argument("--controlnet", default=None, metavar="FOLDER",
-                   help="export the UNet with this ControlNet (a diffusers ControlNetModel folder) as one graph taking "
-                        "control_image / control_scale / control_guess (a ControlNet pipeline folder's own "
-                        "controlnet/ is exported so without this flag)")
+                   help="export the network with this ControlNet (a diffusers ControlNetModel folder for a UNet, "
+                        "SD3ControlNetModel / FluxControlNetModel for SD3 / FLUX.1) as one graph taking its control "
+                        "inputs (control_image / control_scale, and the UNet's control_guess; an SD3 / FLUX.1 "
+                        "ControlNet's image as VAE latents); a ControlNet pipeline folder's own controlnet/ is "
+                        "exported so without this flag")
     p.add_argument("--no-check", action="store_true", help="skip the parity check against PyTorch")
     p.add_argument("--no-progress", action="store_true", help="no progress display")
     add_load_arguments(p)

@@ -202,9 +202,13 @@ class OnnxRuntimeRunner:
 
 # the graph's tensor inputs a caller hands over as they are: text states and SDXL's micro-conditioning
 _PASSED_INPUTS = ("encoder_hidden_states", "text_embeds", "time_ids", "guidance", "image_latents", "control_image",
-                  "control_scale", "control_guess")
+                  "control_scale", "control_guess", "control_mode", "control_encoder_hidden_states",
+                  "control_text_embeds")
 _CONTROLLED = "exported with its ControlNet"
 _INPUT_KINDS = {"control_image": (_CONTROLLED, "(B, 3, fH, fW)"), "control_scale": (_CONTROLLED, "(B,)"),
+                "control_mode": ("exported with a FLUX.1 Union ControlNet", "(B,) int64"),
+                "control_encoder_hidden_states": ("exported with a FLUX.1 ControlNet", "(B, L, D)"),
+                "control_text_embeds": ("exported with a FLUX.1 ControlNet", "(B, P)"),
                 "control_guess": (_CONTROLLED, "(B,)"), "encoder_hidden_states": ("text-conditioned", "(B, L, D)"),
                 "text_embeds": ("conditioned on a pooled text embedding", "(B, P)"),
                 "time_ids": ("SDXL-style", "(B, N)"), "guidance": ("guidance-distilled (Flux dev)", "(B,)"),
@@ -243,6 +247,11 @@ def build_feeds(input_names, spec, x: torch.Tensor, timestep, class_labels=None,
                  uncond_encoder_hidden_states=uncond_encoder_hidden_states)
     if "control_guess" not in names:  # (a pooling ControlNet ignores guess mode: the exporter drops the unused input)
         given.pop("control_guess", None)
+    # (a FLUX.1 ControlNet reads its pass's own text unless true CFG hands it the conditional text)
+    for name, own in (("control_encoder_hidden_states", encoder_hidden_states),
+                      ("control_text_embeds", added.get("text_embeds"))):
+        if name in names and given.get(name) is None:
+            given[name] = own
     _pass(feeds, names, given, _PASSED_INPUTS, "")
     if "guidance_scale" in names:
         if guidance_scale is None:
