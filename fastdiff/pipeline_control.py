@@ -230,8 +230,8 @@ class ControlNetMixin:
             if control_mask is not None:
                 raise BadArgumentError("control_mask: the mask of an SD3 inpainting ControlNet (its "
                                        "extra_conditioning_channels); this pipeline has "
-                                       + ("no ControlNet" if self.controlnet is None else "a ControlNet that reads "
-                                          "none") + " (mask_image= with image= inpaints an image)")
+                                       + ("no ControlNet" if self._control_format() is None else "a ControlNet that "
+                                          "reads none") + " (mask_image= with image= inpaints an image)")
             return None
         if control_mask is None:
             raise BadArgumentError("control_mask: this SD3 inpainting ControlNet repaints the masked part of its "

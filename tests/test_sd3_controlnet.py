@@ -383,7 +383,8 @@ def test_exported_sd3_controlnets_run_like_eager(tmp_path, cfg_folded):
     and scales; through the onnxruntime backend and loaded back from the file (with the VAE that encodes the control
     image) it equals eager: one InstantX ControlNet, two, and the inpainting one with its mask."""
     pytest.importorskip("onnxruntime", reason="the exported graph runs in ONNX Runtime")
-    from fastdiff.export.onnx import export_onnx, read_onnx_io
+    from fastdiff.commands.export import reference_network
+    from fastdiff.export.onnx import _example_inputs, export_onnx, read_onnx_io, reference_output
     from fastdiff.export.tensorrt import make_profiles
 
     e = {k: v for k, v in _embeds().items() if k != "latents"}
@@ -407,10 +408,20 @@ def test_exported_sd3_controlnets_run_like_eager(tmp_path, cfg_folded):
         assert shape == ((4, 2) if i == 1 else (4,)) + ((17,) if i == 2 else (16,)) + (4, 4)
         exported = fastdiff.load(path, vae=str(tmp_path / str(i) / "pipe" / "vae"))
         assert rel_err(exported.generate(**inputs, **kw), want) <= 1e-5
+        # what `fastdiff export --format tensorrt` checks its engine against: both networks (the graph holds both)
+        feeds = _example_inputs(pipe.spec, io, 2, 2, 2, "cpu", seed=1)
+        assert rel_err(exported.runner.run_feeds(feeds), reference_output(reference_network(pipe, "cpu"), pipe.spec,
+                                                                          io, feeds)) <= 1e-5
         optimized = pipe.optimize(backend="onnxruntime")
         assert rel_err(optimized.generate(**inputs, **kw), want) <= 1e-5
     with pytest.raises(BadArgumentError, match="control_mask: this SD3 inpainting ControlNet .* found none"):
         exported.generate(control_image=images, **kw)
+    plain = fastdiff.load(str(tmp_path / "controlled0.onnx"), vae=str(tmp_path / "0" / "pipe" / "vae"))
+    with pytest.raises(BadArgumentError, match="control_mask: .* this pipeline has a ControlNet that reads none"):
+        plain.generate(control_image=images, control_mask=masks, **kw)
+    from fastdiff.commands.info import _control  # (what `fastdiff info` says it needs)
+
+    assert "(an SD3 ControlNet: control_image, encoded by its VAE" in _control(plain)
 
 
 def test_cli_export_writes_an_sd3_controlled_graph(tmp_path):

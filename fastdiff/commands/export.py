@@ -159,7 +159,6 @@ def export_model(model: str, output: str, *, format: str = "onnx", dtype=None, f
 
 
 def _export_vae(pipe, output, format, dtype, opset, b, hr, wr, static_batch, check) -> dict:
-    from ..errors import BadArgumentError
     from fastdiff.export.vae_onnx import export_vae_onnx
 
     res = export_vae_onnx(pipe, output, opset=opset, dtype=dtype, dynamic_batch=not static_batch, batch=b[1],
@@ -167,6 +166,24 @@ def _export_vae(pipe, output, format, dtype, opset, b, hr, wr, static_batch, che
     return dict(format="onnx", path=res.path, files=res.files, size_bytes=res.size_bytes, seconds=res.seconds,
                 max_abs_err=res.max_abs_err, max_rel_err=res.max_rel_err, check_note=res.check_note,
                 notes=list(pipe.notes))
+
+
+def reference_network(pipe, device):
+    """The float32 network on ``device`` an exported graph is checked against: the pipeline's, with its ControlNet
+    (the graph holds both); a copy where it must move or cast, so the pipeline stays as it is."""
+    import copy
+
+    import torch
+
+    model = pipe.model
+    if pipe.controlnet is not None:
+        from ..models.controlnet import controlled
+
+        model = controlled(model, pipe.controlnet)
+    param = next(model.parameters())
+    if param.device.type != torch.device(device).type or param.dtype != torch.float32:
+        model = copy.deepcopy(model).to(device=device, dtype=torch.float32)
+    return model
 
 
 def _check_engine(pipe, engine_path, io, batch, kw, tokens) -> dict:
@@ -180,9 +197,8 @@ def _check_engine(pipe, engine_path, io, batch, kw, tokens) -> dict:
     h = kw["height"] or pipe.spec.sample_size[0]
     w = kw["width"] or pipe.spec.sample_size[1]
     feeds = _example_inputs(pipe.spec, io, batch, h, w, "cuda", seed=1, tokens=tokens)
-    model = pipe.model.float().cuda() if pipe.device.type != "cuda" else pipe.model
-    ref = reference_output(model, pipe.spec, io, {k: v.float() if v.is_floating_point() else v
-                                                  for k, v in feeds.items()})
+    ref = reference_output(reference_network(pipe, torch.device("cuda")), pipe.spec, io,
+                           {k: v.float() if v.is_floating_point() else v for k, v in feeds.items()})
     out = runner.run_feeds(feeds).float().cpu()
     torch.cuda.synchronize()
     err = (out.double() - ref.double()).abs().max().item()

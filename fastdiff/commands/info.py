@@ -152,9 +152,10 @@ def _control(pipe) -> str:
     if control is None:
         return ""
     count = getattr(control, "count", None)
+    latent = {"flux": "a FLUX.1 ControlNet", "sd3": "an SD3 ControlNet"}.get(pipe._latent_controlnet())
     what = f"{count} ControlNets: a list of {count} control images" if count else \
-        "FLUX.1 Depth / Canny: control_image, encoded by its VAE" if getattr(control, "latent", False) else \
-        "a ControlNet: control_image"
+        "FLUX.1 Depth / Canny: control_image, encoded by its VAE" if pipe.spec.latent_control else \
+        f"{latent}: control_image, encoded by its VAE" if latent else "a ControlNet: control_image"
     return (f", and ({what}, {control.conditioning_channels} channels at {control.image_downscale} pixels per latent "
             f"pixel)")
 

@@ -205,7 +205,8 @@ _PASSED_INPUTS = ("encoder_hidden_states", "text_embeds", "time_ids", "guidance"
                   "control_scale", "control_guess", "control_mode", "control_encoder_hidden_states",
                   "control_text_embeds")
 _CONTROLLED = "exported with its ControlNet"
-_INPUT_KINDS = {"control_image": (_CONTROLLED, "(B, 3, fH, fW)"), "control_scale": (_CONTROLLED, "(B,)"),
+_INPUT_KINDS = {"control_image": (_CONTROLLED, "(B, 3, fH, fW), or an SD3 / FLUX.1 ControlNet's latents"),
+                "control_scale": (_CONTROLLED, "(B,), or (B, K) for K ControlNets"),
                 "control_mode": ("exported with a FLUX.1 Union ControlNet", "(B,) int64"),
                 "control_encoder_hidden_states": ("exported with a FLUX.1 ControlNet", "(B, L, D)"),
                 "control_text_embeds": ("exported with a FLUX.1 ControlNet", "(B, P)"),
