@@ -27,6 +27,9 @@ Graph interface (what ONNX diffusion pipelines expect)::
     control_guess         (B,) float32   (0 outside the step window) and 1 for guess mode's weighting
     -> out_sample         (B, C_out, H, W)
 
+K ControlNets (``set_controlnet([A, B])``, metadata ``control.count``): control_image (B, K, 3, fH, fW) and
+control_scale (B, K), one per ControlNet; control_guess stays (B,).
+
 An SD3 / FLUX.1 transformer exported with its ControlNet(s) takes instead (metadata ``control``: ``latent``,
 ``count``, ``num_mode``, ``vae_shift``, ``inpaints``, ``reads_pixels``, what a pipeline loading the graph reads)::
 
@@ -186,12 +189,10 @@ def control_format(model: nn.Module) -> Optional[dict]:
     if not isinstance(model, ControlledUNet):
         return None
     nets = getattr(model.controlnet, "nets", None)
-    if nets is not None:
-        raise UnsupportedConfigError("ControlNets", len(nets), supported="one ControlNet per exported graph",
-                                     model="ONNX exporter")
-    return {"conditioning_channels": model.controlnet.conditioning_channels,
-            "image_downscale": model.controlnet.image_downscale,
-            "global_pool_conditions": model.controlnet.global_pool_conditions}
+    out = {"conditioning_channels": model.controlnet.conditioning_channels,
+           "image_downscale": model.controlnet.image_downscale,
+           "global_pool_conditions": (nets[0] if nets else model.controlnet).global_pool_conditions}
+    return out if nets is None else dict(out, count=len(nets))  # (several: images (B, K, ...), scales (B, K))
 
 
 def _timestep_dtype(model: nn.Module, spec: ModelSpec) -> torch.dtype:
@@ -357,12 +358,12 @@ def _example_inputs(spec, io, batch, h, w, device, seed=0, tokens=7):
         elif name == "control_image":  # in [0, 1], at the ControlNet's pixels per latent pixel (latents: randn)
             control = io["control"]
             f, c, k = control["image_downscale"], control["conditioning_channels"], control.get("count")
-            shape = (batch,) + ((k,) if control.get("latent") and k else ()) + (c, h * f, w * f)
+            shape = (batch,) + ((k,) if k else ()) + (c, h * f, w * f)
             latents = control.get("latent") and f == 1
             v = torch.randn(*shape, generator=g) if latents else torch.rand(*shape, generator=g)
         elif name in ("control_scale", "uncond_control_scale"):  # varied per row, one row off (outside its window)
             v = torch.linspace(1.3, 0.4, batch) * (torch.arange(batch) != 1)
-            k = io["control"].get("count") if io["control"].get("latent") else None
+            k = io["control"].get("count")
             v = v if not k else v[:, None] * torch.linspace(1.0, 0.5, k)  # (B, K): one per ControlNet
         elif name == "control_mode":  # a Union ControlNet's types, one per row (and ControlNet)
             top = min(m for m in io["control"]["num_mode"] if m)
@@ -394,7 +395,7 @@ def _dynamic_axes(io, dynamic_batch, dynamic_hw):
             if dynamic_batch:
                 a[0] = "batch"
             if dynamic_hw:  # (the control image: its own axes, f times the latents'; several ControlNets': (B, K, ...))
-                several = name == "control_image" and io["control"].get("latent") and io["control"].get("count")
+                several = name == "control_image" and io["control"].get("count")
                 hw = (3, 4) if several else (2, 3)
                 a[hw[0]], a[hw[1]] = ("control_height", "control_width") if name == "control_image" else ("height",
                                                                                                         "width")

@@ -471,6 +471,36 @@ def test_an_exported_controlled_unet_runs_like_eager(parts, tmp_path, cfg_folded
     assert rel_err(optimized.generate(control_image=_image(1), **kw), want) <= 1e-5
 
 
+@pytest.mark.parametrize("cfg_folded", [False, True])
+def test_two_exported_controlnets_run_like_eager(parts, tmp_path, cfg_folded):
+    """export_onnx of a UNet driven by two ControlNets: one graph taking (B, 2, 3, 8H, 8W) images and (B, 2) scales;
+    through ONNX Runtime, loaded back and as the onnxruntime backend, it equals eager (scales, windows, guess mode)."""
+    pytest.importorskip("onnxruntime", reason="the exported graph runs in ONNX Runtime")
+    from fastdiff.export.onnx import export_onnx, read_onnx_io
+    from fastdiff.export.tensorrt import make_profiles
+
+    pipe, _ = _two_controlnets(parts, tmp_path)
+    path = str(tmp_path / "two.onnx")
+    result = export_onnx(pipe, None, path, cfg_folded=cfg_folded, dynamic_hw=True, progress=False)
+    assert result.max_rel_err is not None and result.max_rel_err <= 1e-5, result.check_note
+    io = read_onnx_io(path)
+    assert io["control"] == {"conditioning_channels": 3, "image_downscale": 8, "global_pool_conditions": False,
+                             "count": 2}
+    profiles = make_profiles(path, batch=(1, 2, 4), height=(8, 8, 16), width=(8, 12, 16))
+    assert profiles["control_image"] == ((1, 2, 3, 64, 64), (2, 2, 3, 64, 96), (4, 2, 3, 128, 128))
+    cond, uncond = _states()
+    kw = dict(encoder_hidden_states=cond, negative_encoder_hidden_states=uncond, latents=_latents(), steps=3,
+              cfg_scale=2.5, progress=False)
+    exported = fastdiff.load(path)
+    optimized = _two_controlnets(parts, tmp_path / "again")[0].optimize(backend="onnxruntime")
+    for options in ({}, dict(controlnet_conditioning_scale=[0.6, 1.2], control_guidance_end=[0.5, 1.0]),
+                    dict(guess_mode=True)):
+        want = pipe.generate(control_image=[_image(1), _image(2)], **options, **kw)
+        assert rel_err(want, pipe.generate(control_image=[_image(2), _image(1)], **options, **kw)) > 1e-4
+        for other in (exported, optimized):
+            assert rel_err(other.generate(control_image=[_image(1), _image(2)], **options, **kw), want) <= 1e-5
+
+
 def test_cli_export_writes_the_controlled_graph(parts, tmp_path):
     pytest.importorskip("onnx", reason="the export writes ONNX")
     from fastdiff.export.onnx import read_onnx_io
@@ -481,6 +511,10 @@ def test_cli_export_writes_the_controlled_graph(parts, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "parity check: max abs error" in r.stdout or "skipped" in r.stdout
     assert read_onnx_io(str(tmp_path / "controlled.onnx"))["control"]["image_downscale"] == 8
+    r = run_cli("export", parts[0], "--format", "onnx", "--controlnet", parts[1], "--controlnet", parts[1], "-o",
+                "two.onnx", "--no-progress", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert read_onnx_io(str(tmp_path / "two.onnx"))["control"]["count"] == 2
     r = run_cli("export", parts[0], "--format", "onnx", "--controlnet", parts[1], "--component", "vae", "-o", "v.onnx",
                 cwd=tmp_path)
     assert r.returncode == 2 and "--controlnet: given with --component vae" in r.stderr
@@ -704,16 +738,23 @@ def test_defaults_follow_each_controlnet_pipeline(tmp_path):
     assert rel_err(got, want) <= 1e-5
 
 
-def test_a_failed_set_controlnet_changes_nothing_and_a_callers_controlnet_is_not_touched(parts):
+def test_a_failed_set_controlnet_changes_nothing_and_a_callers_controlnet_is_not_touched(parts, monkeypatch):
     from fastdiff.checkpoints.controlnet import load_controlnet
+    from fastdiff.runtime import runners
 
     pytest.importorskip("onnxruntime", reason="the exported backend is ONNX Runtime's")
     cond, _ = _states()
     kw = dict(encoder_hidden_states=cond, latents=_latents(), steps=2, progress=False)
     pipe = fastdiff.load(parts[0]).optimize(backend="onnxruntime")
     plain, runner = pipe.generate(**kw), pipe.runner
-    with pytest.raises(fastdiff.errors.UnsupportedConfigError, match="one ControlNet per exported graph"):
+
+    def export_fails(*a, **k):  # (an export that fails while the runner is rebuilt around the ControlNet)
+        raise fastdiff.errors.UnsupportedConfigError("opset", 99, model="ONNX exporter")
+
+    monkeypatch.setattr(runners, "build_runner", export_fails)
+    with pytest.raises(fastdiff.errors.UnsupportedConfigError, match="opset"):
         pipe.set_controlnet([parts[1], parts[1]])
+    monkeypatch.undo()
     assert pipe.controlnet is None and pipe.runner is runner and torch.equal(pipe.generate(**kw), plain)
 
     net = load_controlnet(parts[1])

@@ -52,12 +52,12 @@ def register(sub) -> None:
     p.add_argument("--cfg-folded", action="store_true",
                    help="fold classifier-free guidance into the graph (inputs: cond, uncond, guidance_scale)")
     p.add_argument("--timing-cache", default=None, metavar="FILE", help="tensorrt: timing cache file (read + updated)")
-    p.add_argument("--controlnet", default=None, metavar="FOLDER",
+    p.add_argument("--controlnet", action="append", default=None, metavar="FOLDER",
                    help="export the network with this ControlNet (a diffusers ControlNetModel folder for a UNet, "
                         "SD3ControlNetModel / FluxControlNetModel for SD3 / FLUX.1) as one graph taking its control "
                         "inputs (control_image / control_scale, and the UNet's control_guess; an SD3 / FLUX.1 "
-                        "ControlNet's image as VAE latents); a ControlNet pipeline folder's own controlnet/ is "
-                        "exported so without this flag")
+                        "ControlNet's image as VAE latents); repeat for several (their outputs add up: one image and "
+                        "scale each); a ControlNet pipeline folder's own controlnet/ is exported so without this flag")
     p.add_argument("--no-check", action="store_true", help="skip the parity check against PyTorch")
     p.add_argument("--no-progress", action="store_true", help="no progress display")
     add_load_arguments(p)
@@ -124,7 +124,8 @@ def export_model(model: str, output: str, *, format: str = "onnx", dtype=None, f
     if controlnet is not None:
         if component == "vae":
             raise BadArgumentError("--controlnet: given with --component vae; a ControlNet drives the network")
-        pipe.set_controlnet(controlnet)
+        several = isinstance(controlnet, (list, tuple))
+        pipe.set_controlnet(controlnet[0] if several and len(controlnet) == 1 else controlnet)
     if component == "vae":
         return _export_vae(pipe, output, format, dtype, opset, b, hr, wr, static_batch, check)
     kw = dict(opset=opset, fp16_io=fp16_io, dynamic_batch=not static_batch, dynamic_hw=dynamic_hw,
