@@ -176,17 +176,13 @@ class ControlNetMixin:
     def _control_latents(self, control: torch.Tensor, b: int, noise) -> torch.Tensor:
         """FLUX.1 Depth / Canny's extra input (b, C, h, w): the control images (one, or one per sample; in [0, 1])
         encoded by the VAE, each sample's posterior drawn from its own generator, as FluxControlPipeline does."""
-        from .pipeline import _one_or
-
-        if control.shape[0] not in (1, b):
-            raise BadArgumentError(f"control_image: expected {_one_or(b)} images (one per sample), found "
-                                   f"{control.shape[0]}")
+        control = _per_sample_rows(control, b)
         if self.vae is None or self.vae.encoder is None:
             raise BadArgumentError("control_image: this model reads its control image's VAE latents (FLUX.1 Depth / "
                                    "Canny, an SD3 / FLUX.1 ControlNet), and this pipeline "
                                    + ("has no VAE (fastdiff.load(..., vae='AutoencoderKL folder'))"
                                       if self.vae is None else "VAE's weights carry only the decoder"))
-        return self.vae.encode(control.expand(b, -1, -1, -1) * 2 - 1, noise=noise)
+        return self.vae.encode(control * 2 - 1, noise=noise)
 
     def _default_control_scale(self, edits: bool, inpaints: bool) -> float:
         """diffusers' ControlNet pipelines' default scale: 1.0; 0.8 for img2img; 0.5 for SD inpainting (SDXL's 1.0);
@@ -236,17 +232,10 @@ class ControlNetMixin:
         if control_mask is None:
             raise BadArgumentError("control_mask: this SD3 inpainting ControlNet repaints the masked part of its "
                                    "control image: expected a mask (white: repaint), found none")
-        from .inpaint import _raw_masks, unit_masks
+        from .inpaint import unit_masks
 
-        images = control if control.dim() == 4 else control[:, 0]
         try:
-            if not torch.is_tensor(control_mask):
-                return unit_masks(control_mask, images)
-            masks = _raw_masks(control_mask)
-            if masks.shape[2:] != images.shape[2:]:
-                raise BadArgumentError(f"mask_image: expected the image's size {tuple(images.shape[2:])}, found "
-                                       f"{tuple(masks.shape[2:])} (fastdiff does not resize)")
-            return masks
+            return unit_masks(control_mask, control if control.dim() == 4 else control[:, 0], binarize_tensors=False)
         except BadArgumentError as e:
             raise BadArgumentError("control_mask" + str(e)[len("mask_image"):]) from None
 
@@ -285,12 +274,7 @@ class ControlNetMixin:
                 return z
         elif net.reads_pixels:  # XLabs': the image itself, in [-1, 1] (nothing drawn)
             def encode(images, b, noise):
-                from .pipeline import _one_or
-
-                if images.shape[0] not in (1, b):
-                    raise BadArgumentError(f"control_image: expected {_one_or(b)} images (one per sample), found "
-                                           f"{images.shape[0]}")
-                return (images * 2 - 1).expand(b, -1, -1, -1)
+                return _per_sample_rows(images, b) * 2 - 1
         else:
             encode = self._control_latents
         if control.dim() == 4:
@@ -369,6 +353,16 @@ class ControlNetMixin:
             raise BadArgumentError(f"height / width: the control image ({big_h}x{big_w} "
                                    f"pixels) fixes the latent size to {h}x{w}, found {height}x{width}")
         return h, w
+
+
+def _per_sample_rows(control: torch.Tensor, b: int) -> torch.Tensor:
+    """Control images (1 or b, C, H, W) as (b, C, H, W): one for every sample, or one each."""
+    from .pipeline import _one_or
+
+    if control.shape[0] not in (1, b):
+        raise BadArgumentError(f"control_image: expected {_one_or(b)} images (one per sample), found "
+                               f"{control.shape[0]}")
+    return control.expand(b, -1, -1, -1)
 
 
 __all__ = ["ControlNetMixin"]
