@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fastdiff
-from fastdiff.errors import BadArgumentError, StateDictMismatchError
+from fastdiff.errors import BadArgumentError, CorruptCheckpointError, StateDictMismatchError
 from helpers import diffusers_pipeline, perturb_, rel_err
 from test_graph_scopes import FakeGraph
 from test_prompts import DDIM, _latents, _save, _unet
@@ -577,19 +577,36 @@ def test_several_controlnets_equal_diffusers_multicontrolnet(parts, tmp_path, gu
 
 def test_save_keeps_the_controlnets_and_load_attaches_them(parts, tmp_path):
     """save() writes each ControlNet as a diffusers ControlNetModel folder (diffusers reads it back to the same
-    weights) beside the fastdiff files; load() drives the UNet with them again, one or several."""
+    weights) beside the fastdiff files; load() drives the UNet with them again, one or several (one named twice is
+    written once and loads back as one module)."""
+    import json
+
     cond, _ = _states()
     kw = dict(encoder_hidden_states=cond, latents=_latents(), steps=2, progress=False)
-    for nets, image in ((parts[1], _image(1)), ([parts[1], parts[1]], [_image(1), _image(2)])):
+    _controlnet(6).save_pretrained(tmp_path / "second")
+    second = str(tmp_path / "second")
+    for nets, image, folders in ((parts[1], _image(1), ["controlnet"]),
+                                 ([parts[1], parts[1]], [_image(1), _image(2)], ["controlnet", "controlnet"]),
+                                 ([parts[1], second], [_image(1), _image(2)], ["controlnet", "controlnet_1"])):
         pipe = fastdiff.load(parts[0]).optimize(backend="eager", fuse_qkv=True).set_controlnet(nets)
         want = pipe.generate(control_image=image, **kw)
-        path = pipe.save(str(tmp_path / "saved"))  # (the second save replaces the first)
+        path = pipe.save(str(tmp_path / "saved"))  # (each save replaces the one before)
+        assert json.loads((tmp_path / "saved" / "fastdiff.json").read_text())["controlnets"] == folders
+        assert sorted(p.name for p in (tmp_path / "saved").glob("controlnet*")) == sorted(set(folders))
         back = fastdiff.load(path)
         assert type(back.controlnet) is type(pipe.controlnet)
+        if len(folders) == 2:
+            assert (back.controlnet.nets[0] is back.controlnet.nets[1]) == (folders[0] == folders[1])
         assert torch.equal(back.generate(control_image=image, **kw), want)
-    theirs = diffusers.ControlNetModel.from_pretrained(str(tmp_path / "saved" / "controlnet_1"))
-    assert all(torch.equal(v, parts[3].state_dict()[k]) for k, v in theirs.state_dict().items())
-    assert dict(theirs.config)["conditioning_embedding_out_channels"] == [4, 8, 8, 16]
+        theirs = diffusers.ControlNetModel.from_pretrained(str(tmp_path / "saved" / "controlnet"))
+        assert all(torch.equal(v, parts[3].state_dict()[k]) for k, v in theirs.state_dict().items())
+        assert dict(theirs.config)["conditioning_embedding_out_channels"] == [4, 8, 8, 16]
+    header = json.loads((tmp_path / "saved" / "fastdiff.json").read_text())
+    for bad, match in ((["controlnet", "controlnet_2"], "names the ControlNet folder.s. controlnet_2"),
+                       (["../second"], "expected a list of folder names")):
+        (tmp_path / "saved" / "fastdiff.json").write_text(json.dumps({**header, "controlnets": bad}))
+        with pytest.raises(CorruptCheckpointError, match=match):
+            fastdiff.load(path)
 
 
 def test_info_names_the_control_image(parts, tmp_path):

@@ -472,6 +472,12 @@ def test_one_union_controlnet_given_several_modes_runs_once_loaded(tmp_path):
     assert rel_err(_pack(got), want) <= 2e-5
     # each run reads its own mode (a tiny test net's mode embedding moves the result by about 1.5e-4)
     assert rel_err(got, pipe.generate(control_image=images, control_mode=[1, 3], **kw)) > 5e-5
+    # a save writes it once and loads it back as one module
+    pipe.save(str(tmp_path / "saved"))
+    assert not (tmp_path / "saved" / "controlnet_1").exists()
+    back = fastdiff.load(str(tmp_path / "saved"))
+    assert back.controlnet.nets[0] is back.controlnet.nets[1]
+    assert rel_err(back.generate(control_image=images, control_mode=[3, 1], **kw), got) <= 1e-6
 
 
 

@@ -117,7 +117,7 @@ def load(path: str, device="cpu", dtype: Optional[torch.dtype] = None, *, varian
     if why_not:  # (the base model loads: a ControlNet fastdiff does not run is noted, not an error)
         pipe.notes.append(why_not)
     elif controlnets:  # a ControlNet pipeline's folder (diffusers' or a fastdiff save) drives its network
-        names = ", ".join(os.path.basename(c) + "/" for c in controlnets)
+        names = ", ".join(dict.fromkeys(os.path.basename(c) + "/" for c in controlnets))
         try:
             pipe.set_controlnet(controlnets[0] if len(controlnets) == 1 else controlnets, variant=variant)
         except UnsupportedConfigError as e:  # (a layout fastdiff does not run, such as SD3.5's official ones)

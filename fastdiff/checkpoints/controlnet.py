@@ -17,6 +17,7 @@ from ..models.unet import UNetConfig
 from .common import strict_load
 from .diffusers_folder import find_weights
 from .diffusers_unet import convert_diffusers_unet
+from .fastdiff_format import fastdiff_controlnet_folders, is_fastdiff_folder
 from .io import read_json
 
 CLASS_NAME = "ControlNetModel"
@@ -155,7 +156,11 @@ def save_controlnet(net: ControlNet, folder: str) -> None:
 
 
 def controlnet_folders(path: str) -> list:
-    """A pipeline folder's ControlNet folders, as diffusers saves one or several: controlnet/, controlnet_1/, ..."""
+    """A pipeline folder's ControlNet folders, as diffusers saves one or several: controlnet/, controlnet_1/, ...
+    (a fastdiff save lists them, repeating a shared one)."""
+    listed = fastdiff_controlnet_folders(path) if is_fastdiff_folder(path) else None
+    if listed is not None:
+        return listed
     folders = []
     while True:
         folder = os.path.join(path, "controlnet" + (f"_{len(folders)}" if folders else ""))

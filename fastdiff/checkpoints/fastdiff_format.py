@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import torch
@@ -25,6 +26,7 @@ SPEC_FILE = "fastdiff.json"
 WEIGHTS_FILE = "model.safetensors"
 VAE_FILE = "vae.safetensors"
 FORMAT_VERSION = 1
+CONTROLNET_FOLDER = r"controlnet(_\d+)?"  # a save's ControlNets, as diffusers names them
 # the text-encoder folders a save may hold (fastdiff.prompts.encoder.FAMILY_PARTS's names)
 TEXT_FOLDERS = tuple(f"{name}{suffix}" for suffix in ("", "_2", "_3") for name in ("tokenizer", "text_encoder"))
 
@@ -42,10 +44,8 @@ def _check_replaceable(path: str) -> None:
     if not os.path.isdir(path):
         raise BadArgumentError(f"save: {path} exists and is a file; expected a new path or a folder written by "
                                f"save()")
-    import re
-
     extra = sorted(name for name in set(os.listdir(path)) - {SPEC_FILE, WEIGHTS_FILE, VAE_FILE} - set(TEXT_FOLDERS)
-                   if not re.fullmatch(r"controlnet(_\d+)?", name))  # (a save's ControlNets)
+                   if not re.fullmatch(CONTROLNET_FOLDER, name))  # (a save's ControlNets)
     if extra or not is_fastdiff_folder(path):
         found = ", ".join(extra[:5]) + (" ..." if len(extra) > 5 else "") if extra else f"no {SPEC_FILE}"
         raise BadArgumentError(f"save: {path} exists and is not a fastdiff folder (found {found}); refusing to "
@@ -81,11 +81,42 @@ def save_fastdiff(path: str, model: torch.nn.Module, spec: ModelSpec, vae=None, 
         if controlnet is not None:
             from .controlnet import save_controlnet
 
-            for i, net in enumerate(getattr(controlnet, "nets", None) or [controlnet]):
-                save_controlnet(net, os.path.join(tmp, "controlnet" + (f"_{i}" if i else "")))
+            header["controlnets"] = _controlnet_names(getattr(controlnet, "nets", None) or [controlnet])
+            written = set()
+            for net, name in zip(getattr(controlnet, "nets", None) or [controlnet], header["controlnets"]):
+                if name not in written:  # (a ControlNet in several places, a Union one given several modes: once)
+                    save_controlnet(net, os.path.join(tmp, name))
+                    written.add(name)
         with open(os.path.join(tmp, SPEC_FILE), "w") as f:
             json.dump(header, f, indent=2)
     return path
+
+
+def _controlnet_names(nets: list) -> list:
+    """The folder of each ControlNet in order: controlnet/, controlnet_1/, ... one per distinct module, so one module
+    named twice (``set_controlnet([F, F])``) is saved once and loads back as one module again."""
+    folders = {}
+    for net in nets:
+        folders.setdefault(id(net), "controlnet" + (f"_{len(folders)}" if folders else ""))
+    return [folders[id(net)] for net in nets]
+
+
+def fastdiff_controlnet_folders(path: str) -> Optional[list]:
+    """The ControlNet folders a fastdiff save drives its network with, in order and repeated where one module was
+    shared (``fastdiff.json``'s ``controlnets``), or None for a save that predates the entry."""
+    with open(os.path.join(path, SPEC_FILE), encoding="utf-8") as f:
+        names = json.load(f).get("controlnets")
+    if names is None:
+        return None
+    if not isinstance(names, list) or not names or not all(
+            isinstance(n, str) and re.fullmatch(CONTROLNET_FOLDER, n) for n in names):
+        raise CorruptCheckpointError(f"{path}/{SPEC_FILE}: 'controlnets': expected a list of folder names "
+                                     f"controlnet, controlnet_1, ..., found {names!r}")
+    missing = sorted({n for n in names if not os.path.isfile(os.path.join(path, n, "config.json"))})
+    if missing:
+        raise CorruptCheckpointError(f"{path}: {SPEC_FILE} names the ControlNet folder(s) {', '.join(missing)}, "
+                                     f"expected each with its config.json, found none")
+    return [os.path.join(path, n) for n in names]
 
 
 def load_fastdiff(path: str):
