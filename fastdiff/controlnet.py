@@ -156,14 +156,16 @@ def control_images(control, control_image, count: Optional[int] = None, raw: boo
 
 
 def control_inputs(images: torch.Tensor, b: int, plan, scales: list, starts: list, ends: list, guess_mode: bool,
-                   guided: bool, device, dtype) -> tuple[dict, dict]:
+                   guided: bool, device, dtype, window_plan=None) -> tuple[dict, dict]:
     """(the conditional pass's control inputs, the unconditional pass's) for ``b`` samples; ``images`` (k, C, H, W)
-    for one ControlNet, (k, K, C, H, W) for K of them, whose scales and keep factors then take a K axis too."""
+    for one ControlNet, (k, K, C, H, W) for K of them, whose scales and keep factors then take a K axis too.
+    The windows are shares of ``window_plan``'s evaluations (default ``plan``): a base run of SDXL's experts
+    (``denoising_end``) keeps the first ones of its whole grid's, as diffusers' SDXL ControlNet pipeline does."""
     if images.shape[0] not in (1, b):
         raise BadArgumentError(f"control_image: expected 1 or {b} images (one per sample), found {images.shape[0]}")
     several = images.dim() == 5
-    m = evaluations(plan)
-    keep = torch.tensor([keep_factors(m, s, e) for s, e in zip(starts, ends)], dtype=torch.float32,
+    m, whole = evaluations(plan), evaluations(window_plan or plan)
+    keep = torch.tensor([keep_factors(whole, s, e)[:m] for s, e in zip(starts, ends)], dtype=torch.float32,
                         device=device).T  # (M, K)
     scale = torch.tensor(scales, dtype=torch.float32, device=device)  # (K,)
     cond = {"control_image": images.expand(b, *images.shape[1:]).to(device=device, dtype=dtype),

@@ -498,6 +498,7 @@ class Pipeline(ControlNetMixin):
             latents = torch.as_tensor(latents, dtype=torch.float32, device=self.device)
             if tuple(latents.shape) != (b,) + shape:
                 raise BadArgumentError(f"latents: expected shape {(b,) + shape}, found {tuple(latents.shape)}")
+        window_plan = plan  # (a ControlNet's step window spans the grid before a base run's cut, as diffusers')
         if denoising_end is not None:  # a base run: the steps down to the cutoff, handing on its state
             k = experts.steps_until(plan, denoising_end, self._train_steps())
             plan = plan.to_step(k) if k < plan.steps else plan
@@ -547,7 +548,7 @@ class Pipeline(ControlNetMixin):
 
             added, added_uncond = self._controlnet_inputs(
                 control, b, plan, noise, guided, images, masks, cond, controlnet_conditioning_scale,
-                control_guidance_start, control_guidance_end, guess_mode, control_mode, control_masks)
+                control_guidance_start, control_guidance_end, guess_mode, control_mode, control_masks, window_plan)
             if images is None and latents is None:  # (FLUX.1's: after its posteriors; an image's come below)
                 latents = noise.randn(shape)
             cond.update(added)
@@ -732,9 +733,12 @@ class Pipeline(ControlNetMixin):
             raise BadArgumentError("strength: not with denoising_start, which sets where the run starts")
         if start is not None and end is not None and start >= end:
             raise BadArgumentError(f"denoising_start / denoising_end: expected start < end, found {start} and {end}")
-        if masks is not None or control is not None:
-            raise BadArgumentError(f"{name}: with " + ("a mask" if masks is not None else "a control image")
-                                   + " (diffusers' SDXL inpainting / ControlNet experts) is not implemented")
+        if masks is not None:
+            raise BadArgumentError(f"{name}: with a mask (diffusers' SDXL inpainting experts) is not implemented")
+        if control is not None and images is not None:  # (SDXL's ControlNet img2img pipeline takes neither)
+            raise BadArgumentError(f"{name}: with a control image and an image (diffusers' SDXL ControlNet "
+                                   f"inpainting experts) is not implemented; a ControlNet base run "
+                                   f"(denoising_end, no image) is")
         experts.check_plan(plan, name)
         return experts
 

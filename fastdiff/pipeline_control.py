@@ -24,12 +24,13 @@ class ControlNetMixin:
 
     def _controlnet_inputs(self, control: torch.Tensor, b: int, plan, noise, guided: bool, images, masks,
                            cond: dict, scale, start, end, guess_mode: bool, control_mode,
-                           control_masks=None) -> tuple[dict, dict]:
+                           control_masks=None, window_plan=None) -> tuple[dict, dict]:
         """(the conditional pass's ControlNet inputs, the unconditional pass's) for ``b`` samples: the control
         images (an SD3 / FLUX.1 ControlNet's encoded to latents, FLUX.1's posteriors drawn here, before the start
         noise; an SD3 inpainting ControlNet's with its ``control_masks``), scales, step windows and guess mode
-        (``fastdiff.controlnet.control_inputs``); a FLUX.1 Union ControlNet's types; under true CFG a FLUX.1
-        ControlNet reads the conditional text in both passes."""
+        (``fastdiff.controlnet.control_inputs``; the windows span ``window_plan``, the grid before a base run's
+        cut); a FLUX.1 Union ControlNet's types; under true CFG a FLUX.1 ControlNet reads the conditional text in
+        both passes."""
         from .controlnet import check_control_options, control_inputs
 
         control_format = self._control_format()
@@ -42,7 +43,7 @@ class ControlNetMixin:
         if self._latent_controlnet():
             control = self._controlnet_latents(control, b, noise, images, control_masks)
         added, added_uncond = control_inputs(control, b, plan, scales, starts, ends, guess_mode, guided, self.device,
-                                             self._network_dtype())
+                                             self._network_dtype(), window_plan)
         if self._latent_controlnet() == "flux":
             added.update(self._control_modes(control_mode, b))
             if guided:  # (true CFG: both passes' ControlNet reads the conditional text, shared by the passes)

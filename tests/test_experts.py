@@ -101,6 +101,40 @@ def test_a_cut_run_in_a_captured_loop_equals_eager(tmp_path):
     assert graphed.loop_graphs.captures == 2  # (each cut is its own grid)
 
 
+@pytest.mark.parametrize("window", [dict(control_guidance_end=0.5), dict(control_guidance_start=0.4)])
+def test_a_controlnet_base_run_equals_the_sdxl_controlnet_pipeline(tmp_path, window):
+    """StableDiffusionXLControlNetPipeline with denoising_end: the ControlNet's window is a share of the whole grid
+    (diffusers' controlnet_keep is laid out before the cut), and the run stops at the cutoff."""
+    from test_controlnet import _controlnet
+    from test_img2img import _images
+    from test_sdxl import UNET
+
+    pipe, base, _ = _experts(tmp_path, "EulerDiscreteScheduler")
+    fields = {k: UNET[k] for k in ("cross_attention_dim", "attention_head_dim", "transformer_layers_per_block",
+                                   "use_linear_projection", "addition_embed_type", "addition_time_embed_dim",
+                                   "projection_class_embeddings_input_dim")}
+    controlnet = _controlnet(8, conditioning_embedding_out_channels=(4, 16), **fields)
+    controlnet.save_pretrained(tmp_path / "controlnet")
+    pipe.set_controlnet(str(tmp_path / "controlnet"))
+    ref = diffusers_pipeline("StableDiffusionXLControlNetPipeline")(**{**base.components, "controlnet": controlnet})
+    ref.set_progress_bar_config(disable=True)
+    e, control = _embeddings(), _images(seed=9)
+    want = ref(image=control.clone(), num_inference_steps=10, guidance_scale=5.0, generator=_generators(),
+               output_type="latent", height=16, width=16, denoising_end=0.7, **window,
+               **{k: v.clone() for k, v in e.items()}).images
+    kw = dict(control_image=control, steps=10, cfg_scale=5.0, seeds=SEEDS, progress=False, time_ids=IDS,
+              **_text_kwargs(e, True))
+    got = pipe.generate(denoising_end=0.7, **window, **kw)
+    assert rel_err(got, want) <= 1e-5
+    # a window laid out over the 7 steps run instead of the 10 of the grid is another result
+    from fastdiff.controlnet import keep_factors
+
+    assert keep_factors(10, window.get("control_guidance_start", 0.0), window.get("control_guidance_end", 1.0))[:7] \
+        != keep_factors(7, window.get("control_guidance_start", 0.0), window.get("control_guidance_end", 1.0))
+    with pytest.raises(BadArgumentError, match="with a control image and an image .* not implemented"):
+        pipe.generate(image=got, denoising_start=0.7, **kw)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(denoising_end=1.0), r"denoising_end: expected a fraction of the denoising in \(0, 1\), found 1.0"),
     (dict(denoising_start=0.5), "denoising_start: a refiner run starts from a base run's latents"),
