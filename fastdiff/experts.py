@@ -13,7 +13,8 @@ x0 + sigma eps for the Euler family and LMS), and the refiner reads it in its ow
 
 Samplers taking one network evaluation per step only (diffusers' first-order schedulers): the two-stage ones
 (Heun, KDPM2, DPM-Solver SDE) cut a step in two, and PNDM, singlestep DPM-Solver, LCM and TCD plan their steps
-from the run's end; those are refused by name.
+from the run's end; those are refused by name. A ControlNet's step window spans the whole grid, and inpainting runs
+blend as diffusers' SDXL inpainting pipeline does (``fastdiff.pipeline``).
 """
 
 from __future__ import annotations

@@ -40,16 +40,19 @@ def default_strength(spec) -> float:
     return DEFAULT_STRENGTH["sdxl" if spec.time_ids_dim else "sd"]
 
 
-def unit_masks(mask, images: torch.Tensor, binarize_tensors: bool = True) -> torch.Tensor:
+def unit_masks(mask, images: torch.Tensor, binarize_tensors: bool = True, upscale: int = 1) -> torch.Tensor:
     """``mask`` (one, or a list / batch of one per image) -> float32 (k, 1, H, W) of 0 / 1 at the size of ``images``
-    (k, C, H, W). PIL images (read in grayscale) and uint8 arrays are pixels, 0-255; float arrays and tensors (the
-    shapes diffusers' mask processor takes) are binarized at 0.5 as they are, as that processor (no normalisation)
-    binarizes them. ``binarize_tensors=False``: tensors as they are (SD3's ControlNet inpainting pipeline hands
-    them on unprocessed)."""
+    (k, C, H, W), times ``upscale`` (latents given for a refiner run: the VAE's pixels per latent pixel). PIL images
+    (read in grayscale) and uint8 arrays are pixels, 0-255; float arrays and tensors (the shapes diffusers' mask
+    processor takes) are binarized at 0.5 as they are, as that processor (no normalisation) binarizes them.
+    ``binarize_tensors=False``: tensors as they are (SD3's ControlNet inpainting pipeline hands them on
+    unprocessed)."""
     masks = _raw_masks(mask)
-    if masks.shape[2:] != images.shape[2:]:
-        raise BadArgumentError(f"mask_image: expected the image's size {tuple(images.shape[2:])}, found "
-                               f"{tuple(masks.shape[2:])} (fastdiff does not resize)")
+    size = tuple(upscale * v for v in images.shape[2:])
+    if tuple(masks.shape[2:]) != size:
+        raise BadArgumentError(f"mask_image: expected the image's size {size}" + (
+            f" (its latents' {tuple(images.shape[2:])} times {upscale} pixels)" if upscale != 1 else "")
+            + f", found {tuple(masks.shape[2:])} (fastdiff does not resize)")
     return masks if torch.is_tensor(mask) and not binarize_tensors else (masks >= 0.5).float()
 
 

@@ -448,7 +448,8 @@ class Pipeline(ControlNetMixin):
         latents = _as_latents(latents)
         # (k, C, H, W): images in [0, 1], or (given_latents) a latent model's latents as generate() returns them
         images, given_latents = self._img2img_images(image, strength, latents)
-        masks = self._inpaint_masks(mask_image, images, given_latents)  # (k, 1, H, W) of 0 / 1, for inpainting
+        # (k, 1, H, W) of 0 / 1, for inpainting (a refiner's from a base run's latents too)
+        masks = self._inpaint_masks(mask_image, images, given_latents, refiner=denoising_start is not None)
         control = self._control_images(control_image, controlnet_conditioning_scale, control_guidance_start,
                                        control_guidance_end, guess_mode)  # (k, 3, H, W) in [0, 1], or None
         control_masks = self._control_masks(control_mask, control)  # (k, 1, H, W) of 0 / 1: SD3 inpainting ControlNets
@@ -483,7 +484,7 @@ class Pipeline(ControlNetMixin):
         h, w = self._size(height, width)
         shape = (self.spec.in_channels, h, w)
         plan = self.plan(steps, sampler, schedule, size=(h, w), **sampler_options)
-        experts = self._check_experts(plan, denoising_end, denoising_start, images, strength, masks, control)
+        experts = self._check_experts(plan, denoising_end, denoising_start, images, strength, control, crop)
         noise = NoiseSource(seeds, self.device)
         pure_noise = False  # inpainting at strength 1: diffusers starts from noise alone, the image unencoded
         if images is not None and denoising_start is not None:  # a refiner: from the first step below the cutoff
@@ -581,6 +582,8 @@ class Pipeline(ControlNetMixin):
             clean = None if unread else self._clean_latents(images, given_latents, noise, rows)
             if denoising_start is not None:  # (a base run's state, in the scheduler's frame: no noise added)
                 latents = clean / experts.latents_scale(plan, float(plan.sigmas[0]))
+                # (SDXL's inpainting pipeline still draws the noise its blend reads)
+                start_noise = noise.randn(shape) if masks is not None else None
             else:
                 start_noise = noise.randn(shape)
                 latents = start_noise if pure_noise else plan.noised(clean, start_noise)
@@ -588,8 +591,8 @@ class Pipeline(ControlNetMixin):
             from .inpaint import image_latents, latent_masks
 
             if blends:  # (an inpainting network alone reads the masked image, but diffusers draws its posterior)
-                if self.vae is not None and not self.spec.latent_control:  # (the encoder's draw: one (C, h, w) per
-                    noise.subset(0, given_rows[1]).randn(shape)  # masked image, as VAE.encode makes it)
+                if self.vae is not None and not self.spec.latent_control and not given_latents:  # (the encoder's
+                    noise.subset(0, given_rows[1]).randn(shape)  # draw: one (C, h, w) per masked image)
                 extra[KNOWN_REGION] = dict(clean=clean, noise=start_noise, mask=latent_masks(masks, (h, w)).to(
                     self.device))
             elif self.spec.kind == "flux":  # FLUX.1 Fill: (b, C + f*f, h, w), shared by both CFG passes
@@ -716,7 +719,7 @@ class Pipeline(ControlNetMixin):
     def _train_steps(self) -> int:
         return int(self.spec.scheduler.get("num_train_timesteps", 1000))
 
-    def _check_experts(self, plan, end, start, images, strength, masks, control):
+    def _check_experts(self, plan, end, start, images, strength, control, crop):
         """``fastdiff.experts`` once denoising_end / denoising_start are checked against the run (None without
         them)."""
         if end is None and start is None:
@@ -733,8 +736,9 @@ class Pipeline(ControlNetMixin):
             raise BadArgumentError("strength: not with denoising_start, which sets where the run starts")
         if start is not None and end is not None and start >= end:
             raise BadArgumentError(f"denoising_start / denoising_end: expected start < end, found {start} and {end}")
-        if masks is not None:
-            raise BadArgumentError(f"{name}: with a mask (diffusers' SDXL inpainting experts) is not implemented")
+        if crop is not None:
+            raise BadArgumentError(f"{name}: with padding_mask_crop is not implemented (the expert runs hand on "
+                                   f"latents, which have no pixels to paste back)")
         if control is not None and images is not None:  # (SDXL's ControlNet img2img pipeline takes neither)
             raise BadArgumentError(f"{name}: with a control image and an image (diffusers' SDXL ControlNet "
                                    f"inpainting experts) is not implemented; a ControlNet base run "
@@ -742,19 +746,22 @@ class Pipeline(ControlNetMixin):
         experts.check_plan(plan, name)
         return experts
 
-    def _inpaint_masks(self, mask_image, images, given_latents: bool):
+    def _inpaint_masks(self, mask_image, images, given_latents: bool, refiner: bool = False):
         """generate(mask_image=...) as float32 (k, 1, H, W) masks of 0 / 1 (``fastdiff.inpaint.unit_masks``): an
-        inpainting network needs one with its image; any other network takes one with an image in pixels, and
-        repaints by pasting the image back after every step (``fastdiff.inpaint.KnownRegion``)."""
+        inpainting network needs one with its image; any other network takes one with an image in pixels (or a
+        ``refiner`` run, ``denoising_start``, a base run's latents), and repaints by pasting the image back after
+        every step (``fastdiff.inpaint.KnownRegion``)."""
         if not self.spec.inpainting:
             if mask_image is None:
                 return None
-            if images is None or given_latents:
+            if images is None or (given_latents and not refiner):
                 raise BadArgumentError("mask_image: inpainting repaints part of an image in pixels (image=): expected "
                                        "one, found " + ("latents" if given_latents else "none"))
             from .inpaint import unit_masks
 
-            return unit_masks(mask_image, images)
+            # (a refiner's latents: the mask in the base run's pixels, diffusers resizes it to the latents)
+            upscale = self.vae.downscale if given_latents and self.vae is not None else 1
+            return unit_masks(mask_image, images, upscale=upscale)
         if images is None or mask_image is None:
             raise BadArgumentError("image / mask_image: this is an inpainting network (latents + mask + masked image): "
                                    "expected both, found " + ("image only" if images is not None else

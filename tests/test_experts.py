@@ -6,6 +6,7 @@ and LMS x itself)."""
 
 import pytest
 import torch
+from PIL import Image
 
 import fastdiff
 from fastdiff.errors import BadArgumentError
@@ -135,12 +136,65 @@ def test_a_controlnet_base_run_equals_the_sdxl_controlnet_pipeline(tmp_path, win
         pipe.generate(image=got, denoising_start=0.7, **kw)
 
 
+@pytest.mark.parametrize("name", ["euler", "euler_ancestral", "dpmpp_2m", "ddim"])
+def test_inpainting_base_and_refiner_hand_over_as_diffusers(tmp_path, name):
+    """StableDiffusionXLInpaintPipeline with denoising_end, then with denoising_start from the base's latents and
+    the same mask (in pixels): the base's last blend pastes the image's clean latents on its noisy state, and the
+    refiner blends the latents it was given, noised with noise it draws for that, as diffusers does."""
+    from test_inpaint import _masks
+
+    cls, config, steps, cut = CASES[name]
+    pipe, base, _ = _experts(tmp_path, cls, **config)
+    ref = diffusers_pipeline("StableDiffusionXLInpaintPipeline")(**base.components, requires_aesthetics_score=False)
+    ref.set_progress_bar_config(disable=True)
+    e, images, masks = _embeddings(), _images(), _masks()
+    common = dict(num_inference_steps=steps, guidance_scale=5.0, output_type="latent", height=16, width=16)
+    want = ref(image=images.clone(), mask_image=masks.clone(), generator=_generators(), denoising_end=cut, **common,
+               **{k: v.clone() for k, v in e.items()}).images
+    kw = dict(steps=steps, cfg_scale=5.0, seeds=SEEDS, progress=False, time_ids=IDS, **_text_kwargs(e, True))
+    got = pipe.generate(image=images, mask_image=masks, denoising_end=cut, **kw)
+    assert rel_err(got, want) <= 1e-5
+    want = ref(image=want.clone(), mask_image=masks.clone(), generator=_generators(), denoising_start=cut, **common,
+               **{k: v.clone() for k, v in e.items()}).images
+    refined = pipe.generate(image=got, mask_image=masks, denoising_start=cut, **kw)
+    assert rel_err(refined, want) <= 1e-5
+    # the mask reaches the refiner: without it the run is another
+    assert rel_err(refined, pipe.generate(image=got, denoising_start=cut, **kw)) > 1e-3
+    with pytest.raises(BadArgumentError, match=r"expected the image's size \(16, 16\) \(its latents' \(8, 8\)"):
+        pipe.generate(image=got, mask_image=masks[..., :8, :8], denoising_start=cut, **kw)
+
+
+def test_an_inpainting_unet_base_run_equals_diffusers(tmp_path):
+    """An inpainting UNet (9 input channels) cut at denoising_end; as a refiner it needs the image in pixels (its
+    masked part is encoded), as diffusers' pipeline does without masked_image_latents."""
+    from test_img2img import sdxl_pair
+    from test_inpaint import _masks
+
+    pipe, ref = sdxl_pair(tmp_path, "StableDiffusionXLInpaintPipeline", "StableDiffusionXLInpaintPipeline",
+                          in_channels=9)
+    e, images, masks = _embeddings(), _images(), _masks()
+    want = ref(image=images.clone(), mask_image=masks.clone(), num_inference_steps=8, guidance_scale=5.0,
+               generator=_generators(), output_type="latent", height=16, width=16, denoising_end=0.6,
+               **{k: v.clone() for k, v in e.items()}).images
+    kw = dict(steps=8, cfg_scale=5.0, seeds=SEEDS, progress=False, time_ids=IDS, **_text_kwargs(e, True))
+    got = pipe.generate(image=images, mask_image=masks, denoising_end=0.6, **kw)
+    assert rel_err(got, want) <= 1e-5
+    want = ref(image=images.clone(), mask_image=masks.clone(), num_inference_steps=8, guidance_scale=5.0,
+               generator=_generators(), output_type="latent", height=16, width=16, denoising_start=0.6,
+               **{k: v.clone() for k, v in e.items()}).images
+    assert rel_err(pipe.generate(image=images, mask_image=masks, denoising_start=0.6, **kw), want) <= 1e-5
+    with pytest.raises(BadArgumentError, match="an inpainting network takes the image in pixels"):
+        pipe.generate(image=got, mask_image=masks, denoising_start=0.6, **kw)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(denoising_end=1.0), r"denoising_end: expected a fraction of the denoising in \(0, 1\), found 1.0"),
     (dict(denoising_start=0.5), "denoising_start: a refiner run starts from a base run's latents"),
     (dict(denoising_start=0.5, image=torch.randn(2, 4, 8, 8), strength=0.3), "strength: not with denoising_start"),
     (dict(denoising_start=0.8, denoising_end=0.5, image=torch.randn(2, 4, 8, 8)), "expected start < end"),
-    (dict(denoising_end=0.5, image=_images(), mask_image=torch.rand(16, 16)), "with a mask .* not implemented"),
+    (dict(denoising_end=0.5, image=Image.new("RGB", (16, 16), "gray"), mask_image=Image.new("L", (16, 16), 255),
+          padding_mask_crop=2, output_type="pil"),
+     "denoising_end: with padding_mask_crop is not implemented"),
     (dict(denoising_end=0.5, sampler="heun"), "sampler 'heun' .* is not implemented"),
     (dict(denoising_end=0.95, sampler="dpmpp_2m", order=3, lower_order_final=True, steps=10),
      "third-order dpmpp_2m cut one step short"),
