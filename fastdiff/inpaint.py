@@ -95,19 +95,10 @@ def masked_images(images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     return (images * 2 - 1) * (masks < 0.5)
 
 
-def encode_given(vae, pixels: torch.Tensor, noise, rows: int) -> torch.Tensor:
-    """(B, C, h, w) latents of (B, 3, H, W) pixels in [-1, 1] whose first ``rows`` rows are those the caller gave
-    (the rest repeat them: ``rows`` is 1 or B). diffusers' inpainting pipelines encode the images they are given
-    before repeating them to the batch: one image for several samples draws its posterior once, from the first
-    sample's generator; one image per sample, each from its own."""
-    z = vae.encode(pixels[:rows], noise=noise.subset(0, rows))
-    return z if rows == pixels.shape[0] else z.expand(pixels.shape[0], *z.shape[1:])
-
-
-def image_latents(vae, images: torch.Tensor, masks: torch.Tensor, noise, size: tuple, rows: int) -> torch.Tensor:
+def image_latents(vae, images: torch.Tensor, masks: torch.Tensor, noise, size: tuple) -> torch.Tensor:
     """The inpainting network's extra input (B, 1 + C, h, w): the mask at the latents' ``size`` (nearest, as
-    diffusers resizes it) and the masked images' latents (``encode_given``: ``rows`` masked images given)."""
-    masked = encode_given(vae, masked_images(images, masks), noise, rows)  # (B, C, h, w) float32
+    diffusers resizes it) and the masked images' latents (each sample's posterior from its own generator)."""
+    masked = vae.encode(masked_images(images, masks), noise=noise)  # (B, C, h, w) float32
     small = latent_masks(masks, size)  # (B, 1, h, w)
     return torch.cat([small.to(masked.device), masked], dim=1)
 
@@ -138,13 +129,12 @@ class KnownRegion:
         return torch.where(self.repaint, x, self.clean.to(x.dtype))
 
 
-def fill_image_latents(vae, images: torch.Tensor, masks: torch.Tensor, noise, channels: int,
-                       rows: int) -> torch.Tensor:
-    """FLUX.1 Fill's extra input (B, C + f*f, h, w), as FluxFillPipeline builds it: the masked images' latents
-    (``encode_given``: ``rows`` masked images given), then the mask in pixels, each latent pixel's f x f block (f: the
+def fill_image_latents(vae, images: torch.Tensor, masks: torch.Tensor, noise, channels: int) -> torch.Tensor:
+    """FLUX.1 Fill's extra input (B, C + f*f, h, w), as FluxFillPipeline builds it: the masked images' latents (each
+    sample's posterior from its own generator), then the mask in pixels, each latent pixel's f x f block (f: the
     VAE's downscale) as channels dy * f + dx. ``channels``: what the transformer takes (C + f*f)."""
     f = vae.downscale
-    masked = encode_given(vae, masked_images(images, masks), noise, rows)  # (B, C, h, w) float32
+    masked = vae.encode(masked_images(images, masks), noise=noise)  # (B, C, h, w) float32
     if masked.shape[1] + f * f != channels:
         raise BadArgumentError(f"mask_image: this FLUX.1 Fill transformer takes {channels} conditioning channels, and "
                                f"this VAE gives {masked.shape[1]} latent channels + a {f}x{f} mask block per latent "
@@ -157,5 +147,5 @@ def latent_masks(masks: torch.Tensor, size: tuple) -> torch.Tensor:
     return F.interpolate(masks, size=tuple(size))
 
 
-__all__ = ["unit_masks", "masked_images", "encode_given", "image_latents", "fill_image_latents", "default_strength",
+__all__ = ["unit_masks", "masked_images", "image_latents", "fill_image_latents", "default_strength",
            "DEFAULT_STRENGTH", "KnownRegion", "latent_masks"]

@@ -467,15 +467,12 @@ class Pipeline(ControlNetMixin):
             n = len(prompt)  # one sample per prompt, as diffusers' pipelines
         seeds = self._seeds(n, seed, seeds, latents)
         b = len(seeds)
-        given_rows = None  # inpainting: (images, masked images) given, which diffusers encodes before repeating
-        if images is not None:
-            given_rows = images.shape[0]
+        if images is not None:  # (one image for several samples: each encodes its own copy, from its own generator)
             images, height, width = self._img2img_size(images, b, height, width, given_latents)
             if masks is not None:
                 if masks.shape[0] not in (1, b):
                     raise BadArgumentError(f"mask_image: expected {_one_or(b)} masks (one per sample), found "
                                            f"{masks.shape[0]}")
-                given_rows = (given_rows, max(given_rows, masks.shape[0]))
                 masks = masks.expand(b, -1, -1, -1)
         cfg_scales = _cfg_scales(cfg_scale, b)
         guided = any(scale != 1.0 for scale in cfg_scales)
@@ -540,7 +537,7 @@ class Pipeline(ControlNetMixin):
         blends = masks is not None and not self.spec.inpainting  # a regular model: the image pasted back per step
         if control is not None and self.spec.latent_control:  # FLUX.1 Depth / Canny: the posteriors, then the noise
             if blends and self.vae is not None:  # FluxControlInpaintPipeline encodes the (unread) masked image first
-                noise.subset(0, given_rows[1]).randn(shape)
+                noise.randn(shape)
             cond["image_latents"] = self._control_latents(control, b, noise).to(self._network_dtype())
             if images is None and latents is None:  # (FluxControlImg2Img / Inpaint: the image's posterior and the
                 latents = noise.randn(shape)  # noise come below)
@@ -576,10 +573,10 @@ class Pipeline(ControlNetMixin):
             # (an inpainting UNet at strength 1 starts from noise alone: its pipeline encodes no image then;
             # FluxFillPipeline encodes it whatever the strength)
             unread = pure_noise and not blends and self.spec.kind != "flux"
-            # (inpainting pipelines and FLUX.1's img2img ones encode the images given, then repeat them; SD's and
-            # SD3's img2img ones repeat first)
-            rows = given_rows[0] if masks is not None else given_rows if self.spec.kind == "flux" else None
-            clean = None if unread else self._clean_latents(images, given_latents, noise, rows)
+            # (one image for several samples: each sample's posterior, as SD's img2img pipelines draw them; diffusers'
+            # inpainting and FLUX.1 img2img pipelines draw it once, from the first generator, and repeat it, which
+            # makes a sample depend on the batch's first seed)
+            clean = None if unread else self._clean_latents(images, given_latents, noise)
             if denoising_start is not None:  # (a base run's state, in the scheduler's frame: no noise added)
                 latents = clean / experts.latents_scale(plan, float(plan.sigmas[0]))
                 # (SDXL's inpainting pipeline still draws the noise its blend reads)
@@ -592,17 +589,17 @@ class Pipeline(ControlNetMixin):
 
             if blends:  # (an inpainting network alone reads the masked image, but diffusers draws its posterior)
                 if self.vae is not None and not self.spec.latent_control and not given_latents:  # (the encoder's
-                    noise.subset(0, given_rows[1]).randn(shape)  # draw: one (C, h, w) per masked image)
+                    noise.randn(shape)  # draw: one (C, h, w) per masked image)
                 extra[KNOWN_REGION] = dict(clean=clean, noise=start_noise, mask=latent_masks(masks, (h, w)).to(
                     self.device))
             elif self.spec.kind == "flux":  # FLUX.1 Fill: (b, C + f*f, h, w), shared by both CFG passes
                 from .inpaint import fill_image_latents
 
                 extra["image_latents"] = fill_image_latents(self.vae, images, masks, noise,
-                                                            self.spec.image_latents_channels, given_rows[1]).to(
+                                                            self.spec.image_latents_channels).to(
                     self._network_dtype())
             else:  # (b, 1 + C, h, w), shared by both CFG passes
-                extra["image_latents"] = image_latents(self.vae, images, masks, noise, (h, w), given_rows[1]).to(
+                extra["image_latents"] = image_latents(self.vae, images, masks, noise, (h, w)).to(
                     self._network_dtype())
         bar = _progress(plan.steps, progress)
 
@@ -792,16 +789,11 @@ class Pipeline(ControlNetMixin):
                 strength = 0.8
         return float(strength), start_index(steps, strength, self.spec.prediction_type == "flow_prediction")
 
-    def _clean_latents(self, images: torch.Tensor, given_latents: bool, noise, rows: Optional[int] = None):
+    def _clean_latents(self, images: torch.Tensor, given_latents: bool, noise):
         """img2img's clean start: (b, C, h, w) the images' VAE latents (each sample's posterior drawn from its own
-        generator; inpainting: ``rows`` images given, encoded before repeating, ``fastdiff.inpaint.encode_given``),
-        the latents given as the image, or a pixel model's images in [-1, 1]."""
+        generator), the latents given as the image, or a pixel model's images in [-1, 1]."""
         if given_latents or self.vae is None:
             return images.to(self.device) if given_latents else (images * 2 - 1).to(self.device)
-        if rows is not None:
-            from .inpaint import encode_given
-
-            return encode_given(self.vae, images * 2 - 1, noise, rows)
         return self.vae.encode(images * 2 - 1, noise=noise)  # pixels in [-1, 1] -> latents
 
     def _img2img_size(self, images: torch.Tensor, b: int, height, width, given_latents: bool = False):

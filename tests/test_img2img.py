@@ -419,8 +419,9 @@ def test_flux_img2img_equals_diffusers(tmp_path):
     got = pipe.generate(image=images, steps=5, seeds=SEEDS, encoder_hidden_states=ctx, text_embeds=pooled,
                         progress=False)
     assert rel_err(_pack(got), want) <= 2e-5
-    # one image for both seeds: FluxImg2ImgPipeline encodes it once (the first generator's posterior), then repeats
-    want = ref(image=images[:1].clone(), num_inference_steps=5, height=16, width=16, prompt_embeds=ctx,
+    # one image for both seeds: each sample encodes its own copy, as FluxImg2ImgPipeline given it once per sample
+    # (given it once, it draws the posterior from the first generator alone and repeats it)
+    want = ref(image=images[:1].repeat(2, 1, 1, 1), num_inference_steps=5, height=16, width=16, prompt_embeds=ctx,
                pooled_prompt_embeds=pooled, generator=_generators(), output_type="latent").images
     got = pipe.generate(image=images[:1], steps=5, seeds=SEEDS, encoder_hidden_states=ctx, text_embeds=pooled,
                         progress=False)

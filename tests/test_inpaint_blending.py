@@ -480,10 +480,11 @@ def test_flux_depth_and_canny_edit_and_inpaint_as_diffusers(tmp_path, task, stre
     assert rel_err(got, pipe.generate(control_image=control, **{**edit, "image": 1 - images}, **kw)) > 1e-3
     if task == "inpaint":
         assert rel_err(got, pipe.generate(control_image=control, **{**edit, "mask_image": 1 - masks}, **kw)) > 1e-3
-    # one image (and mask) for both seeds: encoded once, from the first generator, as the pipelines do
+    # one image (and mask) for both seeds: each sample encodes its own copy (diffusers given it once per sample)
     one = {k: v[:1].clone() for k, v in edit.items()}
     want = ref(control_image=control, num_inference_steps=6, height=16, width=16, prompt_embeds=ctx,
-               pooled_prompt_embeds=pooled, generator=_generators(), output_type="latent", **one, **options).images
+               pooled_prompt_embeds=pooled, generator=_generators(), output_type="latent",
+               **{k: v.repeat(2, 1, 1, 1) for k, v in one.items()}, **options).images
     assert rel_err(_pack(pipe.generate(control_image=control, **one, **kw)), want) <= 2e-5
 
 
@@ -511,11 +512,10 @@ def test_engine_flux_control_requests_equal_their_solo_runs(tmp_path):
 
 @pytest.mark.parametrize("in_channels", [4, 9])
 @pytest.mark.parametrize("strength, image_rows, mask_rows", [(1.0, 1, 1), (0.7, 1, 2), (1.0, 2, 1)])
-def test_one_image_for_several_samples_is_encoded_once_as_diffusers_does(tmp_path, in_channels, strength, image_rows,
-                                                                        mask_rows):
-    """diffusers' inpainting pipelines encode the images (and masked images) they are given before repeating them to
-    the batch: one image for two seeds draws its posterior from the first seed's generator alone, as does one masked
-    image; fastdiff follows (img2img encodes each sample's copy: its pipelines repeat first)."""
+def test_one_image_for_several_samples_is_encoded_per_sample(tmp_path, in_channels, strength, image_rows, mask_rows):
+    """One image (or mask) for two seeds: each sample encodes its own copy from its own generator, so a sample depends
+    on its own seed only: it equals diffusers given the image once per sample, and its solo run. (diffusers' inpainting
+    pipelines, given it once, draw its posterior from the first generator alone and repeat it.)"""
     from test_img2img import SD_SCHEDULER, sd_pair
 
     parts = sd_unet_vae_embeds(in_channels=in_channels)
@@ -523,28 +523,33 @@ def test_one_image_for_several_samples_is_encoded_once_as_diffusers_does(tmp_pat
                         "StableDiffusionInpaintPipeline", "StableDiffusionInpaintPipeline")
     e = parts[2]
     images, masks = _images(image_rows), _masks(mask_rows)
-    want = _reference(ref, e, images, masks, 4, 3.0, strength)
+    want = _reference(ref, e, images.repeat(2 // image_rows, 1, 1, 1), masks.repeat(2 // mask_rows, 1, 1, 1), 4, 3.0,
+                      strength)
     got = pipe.generate(image=images, mask_image=masks, strength=strength, **_kwargs(e, 4, 3.0))
     assert rel_err(got, want) <= 1e-5
-    if image_rows == mask_rows == 1:  # the second sample's known region is the first's
-        assert rel_err(got, pipe.generate(image=images.expand(2, -1, -1, -1), mask_image=masks, strength=strength,
-                                          **_kwargs(e, 4, 3.0))) > 1e-3
+    second = {**_kwargs({k: v[1:] for k, v in e.items()}, 4, 3.0), "seeds": SEEDS[1:]}  # the second seed alone
+    assert rel_err(got[1:], pipe.generate(image=images[-1:], mask_image=masks[-1:], strength=strength, **second)) <= 1e-5
 
 
 @pytest.mark.parametrize("model", ["fill", "flux"])
 def test_flux_inpainting_one_image_for_two_seeds_equals_diffusers(tmp_path, model):
-    """FluxFillPipeline and FluxInpaintPipeline encode one given image once too (the first generator's draw)."""
+    """One image for two seeds with FLUX.1 Fill and FLUX.1 inpainting: each sample encodes its own copy, as
+    FluxFillPipeline / FluxInpaintPipeline given it once per sample (given it once, they draw from the first
+    generator alone)."""
     from test_flux import _pack
 
     pipe, ref = _fill_pair(tmp_path) if model == "fill" else _flux_pair(tmp_path, "FluxInpaintPipeline", "FluxPipeline")
     g = torch.Generator().manual_seed(2)
     ctx, pooled = torch.randn(2, 5, 12, generator=g), torch.randn(2, 10, generator=g)
     images, masks = _images(1), _masks(1)
-    want = ref(image=images.clone(), mask_image=masks.clone(), num_inference_steps=4, height=16, width=16,
-               prompt_embeds=ctx, pooled_prompt_embeds=pooled, generator=_generators(), output_type="latent").images
+    want = ref(image=images.repeat(2, 1, 1, 1), mask_image=masks.repeat(2, 1, 1, 1), num_inference_steps=4,
+               height=16, width=16, prompt_embeds=ctx, pooled_prompt_embeds=pooled, generator=_generators(),
+               output_type="latent").images
     got = pipe.generate(image=images, mask_image=masks, steps=4, seeds=SEEDS, encoder_hidden_states=ctx,
                         text_embeds=pooled, progress=False)
     assert rel_err(_pack(got), want) <= 2e-5
+    assert rel_err(got[1:], pipe.generate(image=images, mask_image=masks, steps=4, seeds=SEEDS[1:],
+                                          encoder_hidden_states=ctx[1:], text_embeds=pooled[1:], progress=False)) <= 1e-5
 
 
 def test_flux_control_reads_tensors_as_images_in_either_range(tmp_path):
