@@ -912,7 +912,10 @@ class Pipeline(ControlNetMixin):
         return cond, uncond
 
     def _states(self, t, b, name):
-        t = torch.as_tensor(t, device=self.device)
+        t = torch.as_tensor(t)
+        if t.is_floating_point() and t.device.type == "cpu" and not bool(torch.isfinite(t).all()):
+            raise BadArgumentError(f"{name}: expected finite values, found NaN or inf")  # (device tensors: not read)
+        t = t.to(self.device)
         if t.dim() == 2:
             t = t.unsqueeze(0)
         if t.dim() != 3 or t.shape[-1] != self.spec.cross_attention_dim or t.shape[0] not in (1, b):

@@ -776,7 +776,9 @@ def test_real_text_conditioned_with_a_bad_request(real_pipes):
     with Engine(rec, max_batch=8, max_wait_ms=50) as engine:
         bad = [engine.submit(seed=1, steps=2, sampler="euler", encoder_hidden_states=torch.randn(5, d + 1)),
                engine.submit(seed=2, steps=2, sampler="euler", cfg_scale=3.0,  # guided without negative states
-                             encoder_hidden_states=torch.randn(5, d))]
+                             encoder_hidden_states=torch.randn(5, d)),
+               engine.submit(seed=3, steps=2, sampler="euler",  # NaN text: an all-NaN sample before (review)
+                             encoder_hidden_states=torch.full((5, d), float("nan")))]
         futs = [engine.submit(**r) for r in reqs]
         outs = [f.result(TIMEOUT) for f in futs]
         for f in bad:

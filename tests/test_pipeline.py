@@ -156,6 +156,13 @@ def test_text_states_errors_say_what_they_found():
         pipe.generate(encoder_hidden_states=ctx.long(), **kw)
     with pytest.raises(BadArgumentError, match="negative_encoder_hidden_states: expected a floating-point"):
         pipe.generate(encoder_hidden_states=ctx, negative_encoder_hidden_states=ctx.long(), cfg_scale=3.0, **kw)
+    # NaN text made an all-NaN sample, no error (review)
+    nan = ctx.clone()
+    nan[0, 2, 3] = float("nan")
+    with pytest.raises(BadArgumentError, match="negative_encoder_hidden_states: expected finite values"):
+        pipe.generate(encoder_hidden_states=ctx, negative_encoder_hidden_states=nan, cfg_scale=3.0, **kw)
+    with pytest.raises(BadArgumentError, match="encoder_hidden_states: expected finite values"):
+        pipe.generate(encoder_hidden_states=nan * float("inf"), **kw)
 
 
 def test_negative_states_are_the_unconditional_pass():

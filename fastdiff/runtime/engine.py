@@ -138,6 +138,8 @@ def _check_states(name: str, states) -> Optional[torch.Tensor]:
                                f"into (B, M, D)), found shape {tuple(states.shape)}")
     if not states.is_floating_point():
         raise BadArgumentError(f"{name}: expected a floating-point tensor, found {states.dtype}")
+    if states.device.type == "cpu" and not bool(torch.isfinite(states).all()):  # (device tensors: not read back)
+        raise BadArgumentError(f"{name}: expected finite values, found NaN or inf")
     return states
 
 
