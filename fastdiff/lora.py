@@ -56,13 +56,20 @@ class LoraLayer:
         return int(self.down.shape[0])
 
     def check(self, shape: torch.Size) -> None:
-        """Refuse an update that cannot be added to a weight of ``shape`` (from the shapes alone)."""
-        if self.up.shape[1] != self.rank:
+        """Refuse an update that cannot be added to a weight of ``shape`` (from the shapes alone): its output rows
+        must be the weight's, and its inputs the weight's per row (in * k * k: a linear LoRA fits a 1x1
+        convolution, as diffusers merges one)."""
+        if self.up.dim() < 2 or self.down.dim() < 2:
+            raise CheckpointError(f"LoRA: expected up (out, rank) and down (rank, in) matrices, found up "
+                                  f"{tuple(self.up.shape)} and down {tuple(self.down.shape)}")
+        if self.up.shape[1] != self.rank or math.prod(self.up.shape[2:]) != 1:
             raise CheckpointError(f"LoRA: up {tuple(self.up.shape)} and down {tuple(self.down.shape)} disagree on the "
                                   f"rank")
         update = (int(self.up.shape[0]), math.prod(self.down.shape[1:]))  # (out, in * k * k)
-        if math.prod(update) != math.prod(shape):
-            raise CheckpointError(f"LoRA: an update of {update} for a weight of {tuple(shape)}")
+        if len(shape) < 2 or update != (int(shape[0]), math.prod(shape[1:])) or (
+                self.down.dim() > 2 and tuple(self.down.shape[1:]) != tuple(shape[1:])):
+            raise CheckpointError(f"LoRA: an update of {update} (up {tuple(self.up.shape)}, down "
+                                  f"{tuple(self.down.shape)}) for a weight of {tuple(shape)}")
 
     def delta(self, shape: torch.Size) -> torch.Tensor:
         """The float32 update of a weight of ``shape``."""
@@ -93,6 +100,9 @@ def read_lora(source) -> dict:
                                          ".bin / .pt is never executed: convert it to safetensors)")
         state = read_safetensors(path)
         metadata = _header_metadata(path)
+    from .checkpoints.common import check_finite
+
+    check_finite({k: v for k, v in state.items() if torch.is_tensor(v)}, "LoRA")  # (merged, NaN breaks every weight)
     if any(k.startswith(tuple(p + "_" for p in KOHYA_PREFIXES)) for k in state):
         return _read_kohya(state)
     return _read_peft(state, metadata)
@@ -104,9 +114,13 @@ def _header_metadata(path: str) -> dict:
     with safe_open(path, "pt") as f:
         raw = (f.metadata() or {}).get("lora_adapter_metadata")
     try:
-        return json.loads(raw) if raw else {}
+        metadata = json.loads(raw) if raw else {}
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: lora_adapter_metadata is not JSON ({e})") from e
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{path}: lora_adapter_metadata: expected a JSON object, found "
+                              f"{type(metadata).__name__}")
+    return metadata
 
 
 def _read_peft(state: dict, metadata: dict) -> dict:
@@ -129,7 +143,7 @@ def _read_peft(state: dict, metadata: dict) -> dict:
             raise UnsupportedConfigError("use_dora", True, supported="plain LoRA (DoRA's magnitude vectors are not "
                                          "merged)", model=f"LoRA for {prefix}")
         alpha = state.get(f"{prefix}.{module}.alpha")
-        alpha = float(alpha) if alpha is not None else _metadata_alpha(config, module)
+        alpha = _alpha(alpha, f"{prefix}.{module}.alpha") if alpha is not None else _metadata_alpha(config, module)
         part = "network" if prefix in NETWORK_PREFIXES else prefix
         layers[(part, module)] = LoraLayer(down, up, alpha, rslora=bool(config.get("use_rslora")))
     return layers
@@ -137,11 +151,27 @@ def _read_peft(state: dict, metadata: dict) -> dict:
 
 def _metadata_alpha(config: dict, module: str) -> Optional[float]:
     """PEFT's alpha for ``module``: its ``alpha_pattern`` entry (a name suffix or regex), else ``lora_alpha``."""
-    for pattern, value in (config.get("alpha_pattern") or {}).items():
+    patterns = config.get("alpha_pattern") or {}
+    if not isinstance(patterns, dict):
+        raise CheckpointError(f"LoRA: lora_adapter_metadata's alpha_pattern: expected an object, found {patterns!r}")
+    for pattern, value in patterns.items():
         if re.match(rf"(.*\.)?({pattern})$", module):
-            return float(value)
+            return _alpha(value, f"alpha_pattern {pattern!r}")
     alpha = config.get("lora_alpha")
-    return None if alpha is None else float(alpha)
+    return None if alpha is None else _alpha(alpha, "lora_alpha")
+
+
+def _alpha(value, name: str) -> float:
+    """One finite number (a scalar tensor, or a number from the header's JSON), or a clear error."""
+    try:
+        if torch.is_tensor(value) and value.numel() != 1:
+            raise ValueError(f"{value.numel()} values")
+        alpha = float(value)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"LoRA: {name}: expected one number, found {value!r}"[:300] + f" ({e})") from None
+    if not math.isfinite(alpha):
+        raise CheckpointError(f"LoRA: {name}: expected a finite number, found {alpha}")
+    return alpha
 
 
 def _read_kohya(state: dict) -> dict:
@@ -154,7 +184,7 @@ def _read_kohya(state: dict) -> dict:
             raise UnsupportedConfigError("LoRA key", name, supported="kohya keys lora_unet_* / lora_te*_* with "
                                          "lora_down.weight, lora_up.weight and alpha (LoKr / LoHa are not read)")
         alpha = state.get(f"{name}.alpha")
-        layer = LoraLayer(down, up, None if alpha is None else float(alpha))
+        layer = LoraLayer(down, up, None if alpha is None else _alpha(alpha, f"{name}.alpha"))
         module, part = name[len(prefix) + 1:], KOHYA_PREFIXES[prefix]
         if part == "network" and is_bfl_name(module):  # FLUX.1 in BFL's layout: diffusers' layers, fused ones split
             layers.update({(part, target): sub for target, sub in bfl_layers(module, layer)})

@@ -376,3 +376,41 @@ def test_stacked_projections_take_the_merge():
     exported = fastdiff.load("arch:tiny-sd-unet").optimize(backend="onnxruntime")
     with pytest.raises(BadArgumentError, match="exported onnxruntime graph, which holds its own copy"):
         exported.load_lora(state)
+
+
+def test_malformed_loras_are_refused_by_name_and_merge_nothing(tmp_path):
+    """From a review: a transposed update of the weight's element count was reshaped and merged; a NaN LoRA merged
+    (and the save then did not load back); a 1-D matrix, two alphas or a header that is not an object were raw
+    IndexError / ValueError / AttributeError."""
+    import json
+
+    from safetensors.torch import save_file
+
+    pipe = fastdiff.load("arch:tiny-sd-unet")
+    name = "time_embedding.linear_1"
+    out_f, in_f = pipe.model.get_submodule(name).weight.shape  # (128, 32)
+    before = {k: v.clone() for k, v in pipe.model.state_dict().items()}
+    peft = {f"unet.{name}.lora_A.weight": torch.randn(2, in_f), f"unet.{name}.lora_B.weight": torch.randn(out_f, 2)}
+    kohya = {"lora_unet_time_embedding_linear_1.lora_down.weight": peft[f"unet.{name}.lora_A.weight"],
+             "lora_unet_time_embedding_linear_1.lora_up.weight": peft[f"unet.{name}.lora_B.weight"]}
+    nan = peft[f"unet.{name}.lora_A.weight"].clone()
+    nan[0, 0] = float("nan")
+    cases = [
+        ({f"unet.{name}.lora_A.weight": torch.randn(2, out_f), f"unet.{name}.lora_B.weight": torch.randn(in_f, 2)},
+         r"an update of \(32, 128\) .* for a weight of \(128, 32\)"),
+        ({**peft, f"unet.{name}.lora_B.weight": torch.randn(out_f)}, "expected up .out, rank. and down"),
+        ({**peft, f"unet.{name}.lora_A.weight": nan}, "LoRA: expected finite weights"),
+        ({**peft, f"unet.{name}.alpha": torch.tensor([1.0, 2.0])}, r"alpha: expected one number"),
+        ({**peft, f"unet.{name}.alpha": torch.tensor(float("inf"))}, "LoRA: expected finite weights"),
+        ({**kohya, "lora_unet_time_embedding_linear_1.alpha": torch.tensor([1.0, 2.0])}, "expected one number"),
+    ]
+    for state, match in cases:
+        with pytest.raises(CheckpointError, match=match):
+            pipe.load_lora(state)
+    for metadata, match in (("[1, 2]", "expected a JSON object, found list"),
+                            (json.dumps({"unet.lora_alpha": "two"}), "lora_alpha: expected one number")):
+        save_file(peft, str(tmp_path / "lora.safetensors"), metadata={"lora_adapter_metadata": metadata})
+        with pytest.raises(CheckpointError, match=match):
+            pipe.load_lora(str(tmp_path / "lora.safetensors"))
+    assert all(torch.equal(v, before[k]) for k, v in pipe.model.state_dict().items())  # nothing merged
+    assert pipe.load_lora(peft)["network"] == 1  # the well-formed one merges
