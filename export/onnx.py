@@ -538,14 +538,20 @@ def export_onnx(pipe_or_model, spec: Optional[ModelSpec], path: str, *, opset: i
             files = [path]
             if use_ext:
                 # the previous graph out of the way, then data, then graph: an interruption leaves the previous export
-                # or no graph, never the previous graph beside the new weights
-                # (in a folder of its own: a graph named previous.onnx must not land on the staged one)
-                if os.path.exists(path):
-                    aside = os.path.join(tmp, "previous")
-                    os.makedirs(aside, exist_ok=True)
-                    os.replace(path, os.path.join(aside, os.path.basename(path)))
-                usual_permissions(os.path.join(tmp, data_name), 0o666)  # (onnx writes it owner-only)
-                os.replace(os.path.join(tmp, data_name), path + ".data")
+                # (its graph put back while its weights are still there) or no graph, never the previous graph beside
+                # the new weights (set aside in a folder of its own: a graph named previous.onnx must not land on the
+                # staged one)
+                aside = os.path.join(tmp, "previous", os.path.basename(path))
+                try:
+                    if os.path.exists(path):
+                        os.makedirs(os.path.dirname(aside), exist_ok=True)
+                        os.replace(path, aside)
+                    usual_permissions(os.path.join(tmp, data_name), 0o666)  # (onnx writes it owner-only)
+                    os.replace(os.path.join(tmp, data_name), path + ".data")
+                except BaseException:
+                    if os.path.exists(aside) and not os.path.exists(path):
+                        os.replace(aside, path)
+                    raise
                 files.append(path + ".data")
             usual_permissions(staged, 0o666)
             os.replace(staged, path)

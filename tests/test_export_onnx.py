@@ -338,6 +338,25 @@ def test_an_interrupted_overwrite_never_pairs_the_old_graph_with_new_weights(pip
     assert sorted(os.listdir(tmp_path)) == ["ext.onnx.data"]  # no graph at the path: nothing loads them wrongly
 
 
+def test_an_overwrite_interrupted_before_its_weights_move_keeps_the_previous_export(pipes, tmp_path, monkeypatch):
+    """Interrupted while the new weights move into place, the previous graph comes back beside its own weights (it
+    was deleted with the staging folder before: a review)."""
+    path = str(tmp_path / "ext.onnx")
+    export_onnx(pipes["arch:tiny-dit"], None, path, external_data=True, check=False, progress=False)
+    before = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if dst == path + ".data":
+            raise KeyboardInterrupt("simulated interruption")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        export_onnx(pipes["arch:tiny-unet"], None, path, external_data=True, check=False, progress=False)
+    assert {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)} == before
+
+
 def test_overwriting_an_external_data_export_named_previous_onnx(pipes, tmp_path):
     """The previous graph is set aside in a folder of its own: at a path named previous.onnx it overwrote the new
     graph staged beside it, and the old graph stayed with the new weights. Both files get the usual permissions
