@@ -276,3 +276,35 @@ def test_variant_names_with_dashes_and_dots_are_hinted(tmp_path, ref):
     with pytest.raises(CheckpointError, match=r"variant\(s\) \['non-ema'\]"):
         fastdiff.load(str(tmp_path))
     assert same_as(fastdiff.load(str(tmp_path), variant="non-ema"), ref) <= 1e-5
+
+
+@pytest.mark.parametrize("kind, change, field", [
+    ("dit", dict(patch_size=0), "patch_size"), ("dit", dict(patch_size="2"), "patch_size"),
+    ("dit", dict(sample_size="32"), "sample_size"), ("dit", dict(sample_size=[32, 32]), "sample_size"),
+    ("dit", dict(num_layers="2"), "num_layers"), ("dit", dict(norm_eps="1e-6x"), "norm_eps"),
+    ("unet", dict(num_class_embeds=-1), "num_class_embeds"),
+    ("unet", dict(transformer_layers_per_block=[1, "2"]), "transformer_layers_per_block"),
+    ("unet", dict(transformer_layers_per_block=[[1], [0]]), "transformer_layers_per_block"),
+    ("vae", dict(latent_channels=-4), "latent_channels"), ("vae", dict(norm_num_groups=0), "norm_num_groups"),
+    ("vae", dict(block_out_channels=[]), "block_out_channels")])
+def test_odd_config_values_are_refused_by_field(kind, change, field):
+    """From a review: each was a ZeroDivisionError, TypeError, ValueError or torch RuntimeError (a negative
+    dimension) before; a pipeline's VAE that failed so failed the whole load instead of becoming a note."""
+    from fastdiff.checkpoints.dit import dit_config_from_diffusers
+    from fastdiff.errors import UnsupportedConfigError
+    from fastdiff.models.unet import UNet, UNetConfig
+    from fastdiff.models.vae import VAEConfig
+
+    base = {"dit": dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=2,
+                        sample_size=8, patch_size=2, num_embeds_ada_norm=10),
+            "unet": dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+                         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), norm_num_groups=8,
+                         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                         attention_head_dim=8),
+            "vae": dict(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4)}[kind]
+    build = {"dit": dit_config_from_diffusers, "vae": VAEConfig.from_diffusers,
+             "unet": lambda c: UNet(UNetConfig.from_diffusers({**c, "_class_name": "UNet2DConditionModel"}))}[kind]
+    build(base)  # the unchanged config builds
+    with pytest.raises(UnsupportedConfigError, match=f"'{field}'"):
+        build({**base, **change})

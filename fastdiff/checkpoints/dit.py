@@ -189,12 +189,14 @@ def dit_config_from_diffusers(config: dict, state_dict: Optional[dict] = None) -
     act = cfg["activation_fn"]
     if act not in _ACTIVATIONS:
         raise UnsupportedConfigError("activation_fn", act, supported=list(_ACTIVATIONS), model="DiT")
-    for k in ("in_channels", "patch_size", "sample_size", "num_embeds_ada_norm"):
-        if cfg[k] is None:
-            raise UnsupportedConfigError(k, None, supported="an int", model="DiT")
+    for k in ("in_channels", "patch_size", "sample_size", "num_embeds_ada_norm", "num_layers", "num_attention_heads",
+              "attention_head_dim", "out_channels"):
+        v = cfg[k]
+        if (v is not None or k != "out_channels") and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise UnsupportedConfigError(k, v, supported="a positive int", model="DiT")
+    if isinstance(cfg["norm_eps"], bool) or not isinstance(cfg["norm_eps"], (int, float)) or not cfg["norm_eps"] > 0:
+        raise UnsupportedConfigError("norm_eps", cfg["norm_eps"], supported="a positive number", model="DiT")
     in_ch, sample, patch = cfg["in_channels"], cfg["sample_size"], cfg["patch_size"]
-    if isinstance(sample, (list, tuple)):
-        raise UnsupportedConfigError("sample_size", sample, supported="an int (square latents)", model="DiT")
     if sample % patch:
         raise UnsupportedConfigError("sample_size", sample, supported=f"a multiple of patch_size={patch}",
                                      model="DiT")

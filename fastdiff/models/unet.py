@@ -538,6 +538,15 @@ class UNetConfig:
         for name in ("in_channels", "out_channels", "block_out_channels", "layers_per_block", "norm_num_groups",
                      "conv_in_kernel", "conv_out_kernel"):
             positive(name, getattr(self, name))
+        if self.num_class_embeds is not None:
+            positive("num_class_embeds", self.num_class_embeds)
+        for name in ("transformer_layers_per_block", "reverse_transformer_layers_per_block"):
+            value = getattr(self, name)
+            flat = [] if value is None else [value] if not isinstance(value, (list, tuple)) else [
+                w for v in value for w in (v if isinstance(v, (list, tuple)) else [v])]
+            if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in flat):
+                raise UnsupportedConfigError(name, value, supported="positive ints (one, one per block, or one list "
+                                             "per block)", model="UNet")
         if not self.block_out_channels:
             raise UnsupportedConfigError("block_out_channels", self.block_out_channels, supported="one or more ints")
         if self.norm_eps <= 0:

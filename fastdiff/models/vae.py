@@ -59,6 +59,11 @@ class VAEConfig:
         def bad(name, why):
             raise UnsupportedConfigError(name, getattr(self, name), supported=why, model="AutoencoderKL")
 
+        for name in ("in_channels", "out_channels", "latent_channels", "layers_per_block", "norm_num_groups"):
+            if getattr(self, name) < 1:
+                bad(name, "a positive int")
+        if not self.block_out_channels or any(c < 1 for c in self.block_out_channels):
+            bad("block_out_channels", "one or more positive ints")
         if any(t != "UpDecoderBlock2D" for t in self.up_block_types):
             bad("up_block_types", "UpDecoderBlock2D blocks")
         if len(self.up_block_types) != len(self.block_out_channels):
