@@ -7,11 +7,12 @@ into an ONNX file's metadata by the exporter, so any artifact can be sampled fro
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass, field
 from typing import Optional
 
 from .errors import UnsupportedConfigError
-from .utils.strict_dict import known_fields
+from .utils.strict_dict import check_field_types, known_fields
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "edm", "flow_prediction")
 # diffusers schedulers of flow-matching networks (their configs carry no prediction_type: it is always velocity)
@@ -89,7 +90,12 @@ class ModelSpec:
         if self.prediction_type not in PREDICTION_TYPES:
             raise UnsupportedConfigError("prediction_type", self.prediction_type, supported=list(PREDICTION_TYPES))
         s = self.sample_size
-        self.sample_size = (int(s), int(s)) if isinstance(s, (int, float)) else tuple(int(v) for v in s)
+        if isinstance(s, bool) or not isinstance(s, (numbers.Real, list, tuple)) or isinstance(s, (list, tuple)) and (
+                len(s) != 2 or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in s)):
+            raise UnsupportedConfigError("sample_size", s, supported="a size or a (height, width) pair",
+                                         model="ModelSpec")
+        self.sample_size = (int(s), int(s)) if isinstance(s, numbers.Real) else tuple(int(v) for v in s)
+        check_field_types(self, "ModelSpec")  # (a damaged fastdiff.json: a list for a dict fails here, by name)
 
     @property
     def text_tokens(self) -> int:

@@ -308,3 +308,20 @@ def test_odd_config_values_are_refused_by_field(kind, change, field):
     build(base)  # the unchanged config builds
     with pytest.raises(UnsupportedConfigError, match=f"'{field}'"):
         build({**base, **change})
+
+
+def test_a_damaged_fastdiff_json_is_refused_by_name(tmp_path):
+    """From a review: binary bytes were a UnicodeDecodeError, a list for the model config an AttributeError, and a
+    list for the scheduler loaded, then failed in generate() with a TypeError."""
+    from fastdiff.errors import CorruptCheckpointError, FastdiffError
+
+    path = fastdiff.load("arch:tiny-unet").save(str(tmp_path / "saved"))
+    spec_file = tmp_path / "saved" / "fastdiff.json"
+    header = json.loads(spec_file.read_text())
+    spec_file.write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(CorruptCheckpointError, match="expected a JSON text file"):
+        fastdiff.load(path)
+    for field, value in (("model_config", [1]), ("scheduler", [1]), ("notes", "x"), ("sample_size", "32")):
+        spec_file.write_text(json.dumps({**header, "spec": {**header["spec"], field: value}}))
+        with pytest.raises(FastdiffError, match=f"'{field}'"):
+            fastdiff.load(path)

@@ -20,7 +20,7 @@ from typing import Optional
 from ..errors import BadArgumentError, CorruptCheckpointError, FastdiffError
 from ..spec import ModelSpec
 from ..utils.atomic import atomic_dir
-from .io import read_safetensors
+from .io import read_json, read_safetensors
 
 SPEC_FILE = "fastdiff.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -104,8 +104,7 @@ def _controlnet_names(nets: list) -> list:
 def fastdiff_controlnet_folders(path: str) -> Optional[list]:
     """The ControlNet folders a fastdiff save drives its network with, in order and repeated where one module was
     shared (``fastdiff.json``'s ``controlnets``), or None for a save that predates the entry."""
-    with open(os.path.join(path, SPEC_FILE), encoding="utf-8") as f:
-        names = json.load(f).get("controlnets")
+    names = read_json(os.path.join(path, SPEC_FILE)).get("controlnets")
     if names is None:
         return None
     if not isinstance(names, list) or not names or not all(
@@ -121,13 +120,7 @@ def fastdiff_controlnet_folders(path: str) -> Optional[list]:
 
 def load_fastdiff(path: str):
     """(spec, state dict) of a fastdiff folder."""
-    with open(os.path.join(path, SPEC_FILE), encoding="utf-8") as f:
-        try:
-            header = json.load(f)
-        except json.JSONDecodeError as e:
-            raise CorruptCheckpointError(f"{path}/{SPEC_FILE}: expected JSON, found a parse error ({e})") from e
-    if not isinstance(header, dict):
-        raise CorruptCheckpointError(f"{path}/{SPEC_FILE}: expected a JSON object, found {type(header).__name__}")
+    header = read_json(os.path.join(path, SPEC_FILE))
     version = header.get("format_version", 0)
     if header.get("format") != "fastdiff" or not isinstance(version, int) or version > FORMAT_VERSION:
         raise CorruptCheckpointError(
@@ -151,8 +144,7 @@ def load_fastdiff(path: str):
 
 def load_fastdiff_vae(path: str, device="cpu"):
     """The VAE decoder saved beside the network (``vae.safetensors``), or None."""
-    with open(os.path.join(path, SPEC_FILE), encoding="utf-8") as f:
-        config = json.load(f).get("vae")
+    config = read_json(os.path.join(path, SPEC_FILE)).get("vae")
     if config is None:
         return None
     weights = os.path.join(path, VAE_FILE)
@@ -166,6 +158,5 @@ def load_fastdiff_vae(path: str, device="cpu"):
 
 def fastdiff_text_header(path: str) -> Optional[dict]:
     """The ``text_encoders`` entry of a fastdiff folder (None: saved without text encoders)."""
-    with open(os.path.join(path, SPEC_FILE), encoding="utf-8") as f:
-        entry = json.load(f).get("text_encoders")
+    entry = read_json(os.path.join(path, SPEC_FILE)).get("text_encoders")
     return entry if isinstance(entry, dict) else None
