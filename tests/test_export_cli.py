@@ -137,6 +137,27 @@ def test_an_output_that_is_no_file_path_is_one_line_of_error(tmp_path, output):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["existing", "sub"]  # no temp folder left behind
 
 
+def test_a_full_disk_is_one_line_of_error_and_keeps_the_previous_export(tmp_path, monkeypatch, capsys):
+    """From a review: an OSError while writing (a full disk, a folder that refuses files) was a traceback."""
+    import errno
+
+    import onnx
+
+    from fastdiff.cli import main
+
+    out = tmp_path / "m.onnx"
+    out.write_bytes(b"previous")
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(onnx, "save_model", full)
+    code = main(["export", "arch:tiny-unet", "--format", "onnx", "--no-progress", "-o", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "failed: [Errno 28] No space left on device" in err and "Traceback" not in err, err
+    assert os.listdir(tmp_path) == ["m.onnx"] and out.read_bytes() == b"previous"
+
+
 def test_exporting_an_exported_graph_is_refused_by_name(tmp_path):
     first = tmp_path / "u.onnx"
     assert fastdiff("export", "arch:tiny-unet", "--format", "onnx", "-o", str(first), "--no-progress").returncode == 0

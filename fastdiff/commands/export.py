@@ -208,12 +208,17 @@ def _check_engine(pipe, engine_path, io, batch, kw, tokens) -> dict:
 
 
 def run(args) -> int:
-    report = export_model(args.model, args.output, format=args.format, dtype=args.dtype, fp16_io=args.fp16_io,
-                          opset=args.opset, batch=args.batch, static_batch=args.static_batch, height=args.height,
-                          width=args.width, dynamic_hw=args.dynamic_hw, cfg_folded=args.cfg_folded,
-                          timing_cache=args.timing_cache, check=not args.no_check,
-                          progress=not args.no_progress, load_options=load_options(args), component=args.component,
-                          sequence=args.sequence, controlnet=args.controlnet)
+    try:
+        report = export_model(args.model, args.output, format=args.format, dtype=args.dtype, fp16_io=args.fp16_io,
+                              opset=args.opset, batch=args.batch, static_batch=args.static_batch, height=args.height,
+                              width=args.width, dynamic_hw=args.dynamic_hw, cfg_folded=args.cfg_folded,
+                              timing_cache=args.timing_cache, check=not args.no_check,
+                              progress=not args.no_progress, load_options=load_options(args),
+                              component=args.component, sequence=args.sequence, controlnet=args.controlnet)
+    except OSError as e:  # a folder that refuses files (/proc), a full disk: one line, the target left as it was
+        from ..errors import BadArgumentError
+
+        raise BadArgumentError(f"export to {args.output} failed: {e}") from e
     for note in report.get("notes", []):
         print(f"note: {note}", file=sys.stderr)
     print(f"wrote {report['path']}")
