@@ -28,7 +28,6 @@ FlowMatchLCMScheduler and the solvers' ``use_flow_sigmas`` variant. Karras, expo
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -334,6 +333,19 @@ class _Config(dict):
             raise UnsupportedConfigError(key, v, supported=list(allowed), model=self.name)
         return v
 
+    def remap(self, key, allowed, rewrites: dict):
+        """One of ``allowed``, after diffusers' constructor rewrites (``rewrites``: what a value from another
+        scheduler's config becomes: DEIS takes DPM-Solver's solver types as "logrho", ...); else refused."""
+        v = self[key]
+        return rewrites[v] if isinstance(v, str) and v in rewrites else self.choice(key, allowed)
+
+    def refuse_zero_final_unless_plus_plus(self):
+        """diffusers refuses final_sigmas_type "zero" for an algorithm_type other than dpmsolver++ /
+        sde-dpmsolver++, as given (before its rewrite of "deis")."""
+        if self["algorithm_type"] not in ("dpmsolver++", "sde-dpmsolver++") and self["final_sigmas_type"] == "zero":
+            raise UnsupportedConfigError("final_sigmas_type", "zero", supported=["sigma_min"],
+                                         model=f"{self.name} ({self['algorithm_type']})")
+
     def refuse_true(self, *keys):
         for k in keys:
             if self.get(k):
@@ -568,14 +580,17 @@ def _multistep_sigmas(c: _Config, n: int, ac, *, singlestep: bool):
     return _grid(sig, last_sigma if final == "sigma_min" else 0.0), rounding, _timestep_map(sig, steps_t)
 
 
+# what DPM-Solver's constructors rewrite a config from another solver to (diffusers' own swaps)
+_DPM_ALGORITHM_REWRITES = {"deis": "dpmsolver++"}
+_DPM_SOLVER_TYPE_REWRITES = dict.fromkeys(("logrho", "bh1", "bh2"), "midpoint")
+
+
 def _dpm_multistep(c: _Config, n: int) -> SamplingPlan:
     ac = _alphas_cumprod(c)
-    algo = c["algorithm_type"]
-    algo = "dpmsolver++" if algo == "deis" else c.choice("algorithm_type", ("dpmsolver++", "dpmsolver", "sde-dpmsolver++"))
+    algo = c.remap("algorithm_type", ("dpmsolver++", "dpmsolver", "sde-dpmsolver++"), _DPM_ALGORITHM_REWRITES)
     order = c.choice("solver_order", (1, 2, 3))
-    solver_type = c["solver_type"] if c["solver_type"] in ("midpoint", "heun") else "midpoint"
-    if algo == "dpmsolver" and c["final_sigmas_type"] == "zero":
-        raise UnsupportedConfigError("final_sigmas_type", "zero", supported=["sigma_min"] , model=c.name + " (dpmsolver)")
+    solver_type = c.remap("solver_type", ("midpoint", "heun"), _DPM_SOLVER_TYPE_REWRITES)
+    c.refuse_zero_final_unless_plus_plus()
     if algo == "dpmsolver" and c["thresholding"]:
         raise UnsupportedConfigError("thresholding", True, supported=[False], model=c.name + " (dpmsolver)")
     c.choice("variance_type", (None, "learned", "learned_range"))
@@ -596,13 +611,14 @@ def _dpm_multistep(c: _Config, n: int) -> SamplingPlan:
 
 def _dpm_singlestep(c: _Config, n: int) -> SamplingPlan:
     ac = _alphas_cumprod(c)
-    algo = c.choice("algorithm_type", ("dpmsolver++", "dpmsolver", "sde-dpmsolver++"))
+    algo = c.remap("algorithm_type", ("dpmsolver++", "dpmsolver", "sde-dpmsolver++"), _DPM_ALGORITHM_REWRITES)
     order = c.choice("solver_order", (1, 2, 3))
-    c.choice("solver_type", ("midpoint", "heun"))
+    solver_type = c.remap("solver_type", ("midpoint", "heun"), _DPM_SOLVER_TYPE_REWRITES)
+    c.refuse_zero_final_unless_plus_plus()
     if algo == "dpmsolver" and c["thresholding"]:
         raise UnsupportedConfigError("thresholding", True, supported=[False], model=c.name + " (dpmsolver)")
     c.choice("variance_type", (None, "learned", "learned_range"))
-    options = dict(order=order, solver_type=c["solver_type"], lower_order_final=bool(c["lower_order_final"]),
+    options = dict(order=order, solver_type=solver_type, lower_order_final=bool(c["lower_order_final"]),
                    predict_x0=algo != "dpmsolver")
     if algo == "sde-dpmsolver++":
         options.update(eta=1.0, diffusers_sde3_coefficient=True)
@@ -636,8 +652,8 @@ def _unipc(c: _Config, n: int) -> SamplingPlan:
 def _deis(c: _Config, n: int) -> SamplingPlan:
     """DEIS: the DPM-Solver multistep grid (its last sigma the table's first, or a Karras grid's own last)."""
     ac = _alphas_cumprod(c)
-    c.choice("algorithm_type", ("deis",))
-    c.choice("solver_type", ("logrho",))
+    c.remap("algorithm_type", ("deis",), dict.fromkeys(("dpmsolver", "dpmsolver++"), "deis"))
+    c.remap("solver_type", ("logrho",), dict.fromkeys(("midpoint", "heun", "bh1", "bh2"), "logrho"))
     order = c.choice("solver_order", (1, 2, 3))
     c.choice("final_sigmas_type", ("sigma_min",))
     options = dict(order=order, lower_order_final=bool(c["lower_order_final"]))
@@ -681,9 +697,10 @@ def _edm_euler(c: _Config, n: int) -> SamplingPlan:
 
 def _edm_dpm_multistep(c: _Config, n: int) -> SamplingPlan:
     """EDM DPM-Solver++: the multistep solver in the sigma frame itself (its alpha_t is 1)."""
-    algo = c.choice("algorithm_type", ("dpmsolver++", "sde-dpmsolver++", "deis"))  # diffusers turns deis into ++
+    algo = c.remap("algorithm_type", ("dpmsolver++", "sde-dpmsolver++"), _DPM_ALGORITHM_REWRITES)
+    c.refuse_zero_final_unless_plus_plus()
     options = dict(order=c.choice("solver_order", (1, 2, 3)),
-                   solver_type=c["solver_type"] if c["solver_type"] in ("midpoint", "heun") else "midpoint",
+                   solver_type=c.remap("solver_type", ("midpoint", "heun"), _DPM_SOLVER_TYPE_REWRITES),
                    lower_order_final=bool(c["lower_order_final"]), euler_at_final=bool(c["euler_at_final"]))
     if c["thresholding"]:
         raise UnsupportedConfigError("thresholding", True, supported=[False], model=c.name)

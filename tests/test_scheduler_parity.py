@@ -218,7 +218,11 @@ def test_class_name_from_config_json_key():
     ({"_class_name": "UniPCMultistepScheduler", "use_flow_sigmas": True, "prediction_type": "flow_prediction",
       "predict_x0": False}, "predict_x0"),
     ({"_class_name": "EDMDPMSolverMultistepScheduler", "thresholding": True}, "thresholding"),
-    ({"_class_name": "DEISMultistepScheduler", "solver_type": "bh2"}, "solver_type"),
+    ({"_class_name": "DEISMultistepScheduler", "solver_type": "foo"}, "solver_type"),
+    ({"_class_name": "DPMSolverMultistepScheduler", "solver_type": "Heun"}, "solver_type"),  # (ran as midpoint)
+    ({"_class_name": "EDMDPMSolverMultistepScheduler", "solver_type": "heun "}, "solver_type"),
+    ({"_class_name": "DPMSolverSinglestepScheduler", "algorithm_type": "deis"}, "final_sigmas_type"),
+    ({"_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "deis"}, "final_sigmas_type"),
     ({"_class_name": "KDPM2DiscreteScheduler", "prediction_type": "sample"}, "prediction_type"),
     ({"_class_name": "PNDMScheduler", "prediction_type": "sample"}, "prediction_type"),
     ({"_class_name": "LCMScheduler", "original_inference_steps": 2000}, "original_inference_steps"),
@@ -237,6 +241,25 @@ def test_unsupported_config(config, field):
         plan_from_scheduler_config(config, 10)
     assert e.value.field == field
     assert "supported" in str(e.value)
+
+
+@pytest.mark.parametrize("source, target", [("DPMSolverMultistepScheduler", "DEISMultistepScheduler"),
+                                            ("UniPCMultistepScheduler", "DEISMultistepScheduler"),
+                                            ("UniPCMultistepScheduler", "DPMSolverSinglestepScheduler"),
+                                            ("DEISMultistepScheduler", "DPMSolverMultistepScheduler")])
+def test_another_solvers_config_runs_as_diffusers_rewrites_it(source, target):
+    """diffusers' scheduler swap ``Target.from_config(source.config)``: the target's constructor rewrites the
+    algorithm / solver types it does not have (DEIS takes "dpmsolver++" as "deis" and "bh2" as "logrho", ...);
+    fastdiff refused those configs (a review)."""
+    logging.getLogger("diffusers").setLevel(logging.ERROR)
+    model = TinyNet(3)
+    config = dict(getattr(diffusers, source)().config)
+    if source == "DEISMultistepScheduler":  # (its "deis" with DPM-Solver's default final "zero": refused by both)
+        config["final_sigmas_type"] = "sigma_min"
+    sched = getattr(diffusers, target).from_config(config)
+    ref = run_diffusers(sched, model, 9)
+    got = run_fastdiff(config, target, model, 9)
+    assert float((got - ref).abs().max() / ref.abs().max()) <= 1e-5
 
 
 @pytest.mark.parametrize("cls", ["HeunDiscreteScheduler", "DPMSolverSinglestepScheduler"])
