@@ -35,6 +35,18 @@ def _controlnet(seed=1, **extra):
     return net
 
 
+def sdxl_controlnet(seed, folder, **extra):
+    """A tiny diffusers ControlNet for test_sdxl's UNet (its text, pooled text and ids), saved to ``folder``."""
+    from test_sdxl import UNET
+
+    fields = {k: UNET[k] for k in ("cross_attention_dim", "attention_head_dim", "transformer_layers_per_block",
+                                   "use_linear_projection", "addition_embed_type", "addition_time_embed_dim",
+                                   "projection_class_embeddings_input_dim")}
+    net = _controlnet(seed, **fields, **extra)
+    net.save_pretrained(folder)
+    return net
+
+
 def _image(seed=0, size=64) -> np.ndarray:
     """An 8-bit RGB control image (H, W, 3)."""
     return np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
@@ -309,15 +321,11 @@ def test_cli_generate_with_a_controlnet(parts, tmp_path):
 def test_an_sdxl_controlnet_equals_the_sdxl_controlnet_pipeline(tmp_path, guess):
     """SDXL's ControlNets read the pooled text and the size / crop ids too (diffusers passes them its
     added_cond_kwargs)."""
-    from test_sdxl import POOLED, SCHEDULER, UNET, _diffusers_pipe, _embeds, _fastdiff_kwargs
+    from test_sdxl import POOLED, SCHEDULER, _diffusers_pipe, _embeds, _fastdiff_kwargs
     from test_sdxl import _save as save_sdxl
 
     base = _diffusers_pipe()
-    sdxl_fields = {k: UNET[k] for k in ("cross_attention_dim", "attention_head_dim", "transformer_layers_per_block",
-                                        "use_linear_projection", "addition_embed_type", "addition_time_embed_dim",
-                                        "projection_class_embeddings_input_dim")}
-    controlnet = _controlnet(3, **sdxl_fields)
-    controlnet.save_pretrained(tmp_path / "controlnet")
+    controlnet = sdxl_controlnet(3, tmp_path / "controlnet")
     ref = diffusers_pipeline("StableDiffusionXLControlNetPipeline")(
         vae=None, text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None, unet=base.unet,
         controlnet=controlnet, scheduler=diffusers.EulerDiscreteScheduler(**SCHEDULER))
@@ -723,14 +731,10 @@ def test_defaults_follow_each_controlnet_pipeline(tmp_path):
     strength 0.8 (SDXL img2img's own is 0.3) and scale 0.8; SD ControlNet inpainting's scale 0.5."""
     from test_img2img import SEEDS, _generators, _images, _text_kwargs, sdxl_pair
     from test_inpaint import _masks
-    from test_sdxl import UNET, _embeds
+    from test_sdxl import _embeds
 
     pipe, base = sdxl_pair(tmp_path / "sdxl")
-    sdxl_fields = {k: UNET[k] for k in ("cross_attention_dim", "attention_head_dim", "transformer_layers_per_block",
-                                        "use_linear_projection", "addition_embed_type", "addition_time_embed_dim",
-                                        "projection_class_embeddings_input_dim")}
-    controlnet = _controlnet(8, conditioning_embedding_out_channels=(4, 16), **sdxl_fields)
-    controlnet.save_pretrained(tmp_path / "sdxl_controlnet")
+    controlnet = sdxl_controlnet(8, tmp_path / "sdxl_controlnet", conditioning_embedding_out_channels=(4, 16))
     pipe.set_controlnet(str(tmp_path / "sdxl_controlnet"))
     ref = diffusers_pipeline("StableDiffusionXLControlNetImg2ImgPipeline")(
         vae=base.vae, unet=base.unet, controlnet=controlnet, scheduler=base.scheduler, text_encoder=None,

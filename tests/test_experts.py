@@ -106,16 +106,11 @@ def test_a_cut_run_in_a_captured_loop_equals_eager(tmp_path):
 def test_a_controlnet_base_run_equals_the_sdxl_controlnet_pipeline(tmp_path, window):
     """StableDiffusionXLControlNetPipeline with denoising_end: the ControlNet's window is a share of the whole grid
     (diffusers' controlnet_keep is laid out before the cut), and the run stops at the cutoff."""
-    from test_controlnet import _controlnet
+    from test_controlnet import sdxl_controlnet
     from test_img2img import _images
-    from test_sdxl import UNET
 
     pipe, base, _ = _experts(tmp_path, "EulerDiscreteScheduler")
-    fields = {k: UNET[k] for k in ("cross_attention_dim", "attention_head_dim", "transformer_layers_per_block",
-                                   "use_linear_projection", "addition_embed_type", "addition_time_embed_dim",
-                                   "projection_class_embeddings_input_dim")}
-    controlnet = _controlnet(8, conditioning_embedding_out_channels=(4, 16), **fields)
-    controlnet.save_pretrained(tmp_path / "controlnet")
+    controlnet = sdxl_controlnet(8, tmp_path / "controlnet", conditioning_embedding_out_channels=(4, 16))
     pipe.set_controlnet(str(tmp_path / "controlnet"))
     ref = diffusers_pipeline("StableDiffusionXLControlNetPipeline")(**{**base.components, "controlnet": controlnet})
     ref.set_progress_bar_config(disable=True)
