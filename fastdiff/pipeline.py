@@ -481,7 +481,8 @@ class Pipeline(ControlNetMixin):
         h, w = self._size(height, width)
         shape = (self.spec.in_channels, h, w)
         plan = self.plan(steps, sampler, schedule, size=(h, w), **sampler_options)
-        experts = self._check_experts(plan, denoising_end, denoising_start, images, strength, control, crop)
+        experts = self._check_experts(plan, denoising_end, denoising_start, images, strength, control, crop,
+                                      masks is not None, given_latents)
         noise = NoiseSource(seeds, self.device)
         pure_noise = False  # inpainting at strength 1: diffusers starts from noise alone, the image unencoded
         if images is not None and denoising_start is not None:  # a refiner: from the first step below the cutoff
@@ -716,7 +717,7 @@ class Pipeline(ControlNetMixin):
     def _train_steps(self) -> int:
         return int(self.spec.scheduler.get("num_train_timesteps", 1000))
 
-    def _check_experts(self, plan, end, start, images, strength, control, crop):
+    def _check_experts(self, plan, end, start, images, strength, control, crop, masked: bool, given_latents: bool):
         """``fastdiff.experts`` once denoising_end / denoising_start are checked against the run (None without
         them)."""
         if end is None and start is None:
@@ -736,10 +737,13 @@ class Pipeline(ControlNetMixin):
         if crop is not None:
             raise BadArgumentError(f"{name}: with padding_mask_crop is not implemented (the expert runs hand on "
                                    f"latents, which have no pixels to paste back)")
-        if control is not None and images is not None:  # (SDXL's ControlNet img2img pipeline takes neither)
-            raise BadArgumentError(f"{name}: with a control image and an image (diffusers' SDXL ControlNet "
-                                   f"inpainting experts) is not implemented; a ControlNet base run "
-                                   f"(denoising_end, no image) is")
+        if control is not None and images is not None and not masked:  # (SDXL's ControlNet img2img takes neither)
+            raise BadArgumentError(f"{name}: with a control image and an image, no mask: diffusers' SDXL ControlNet "
+                                   f"img2img pipeline takes no denoising_start / denoising_end (its text-to-image and "
+                                   f"inpainting ControlNet pipelines do)")
+        if control is not None and given_latents:  # (its mask and masked image are laid out in pixels)
+            raise BadArgumentError(f"{name}: a ControlNet inpainting run takes the image in pixels, found latents "
+                                   f"(diffusers' SDXL ControlNet inpainting pipeline cannot mask them either)")
         experts.check_plan(plan, name)
         return experts
 

@@ -127,8 +127,34 @@ def test_a_controlnet_base_run_equals_the_sdxl_controlnet_pipeline(tmp_path, win
 
     assert keep_factors(10, window.get("control_guidance_start", 0.0), window.get("control_guidance_end", 1.0))[:7] \
         != keep_factors(7, window.get("control_guidance_start", 0.0), window.get("control_guidance_end", 1.0))
-    with pytest.raises(BadArgumentError, match="with a control image and an image .* not implemented"):
-        pipe.generate(image=got, denoising_start=0.7, **kw)
+    with pytest.raises(BadArgumentError, match="with a control image and an image, no mask: diffusers' SDXL"):
+        pipe.generate(image=_images(), denoising_start=0.7, **kw)
+    with pytest.raises(BadArgumentError, match="ControlNet inpainting run takes the image in pixels, found latents"):
+        pipe.generate(image=got, mask_image=torch.ones(2, 1, 16, 16), denoising_start=0.7, **kw)
+
+
+@pytest.mark.parametrize("expert", [dict(denoising_end=0.7), dict(denoising_start=0.7),
+                                    dict(denoising_start=0.3, denoising_end=0.8)])
+def test_controlnet_inpainting_experts_equal_the_sdxl_controlnet_inpaint_pipeline(tmp_path, expert):
+    """StableDiffusionXLControlNetInpaintPipeline with denoising_end / denoising_start, the image in pixels: the
+    ControlNet's window spans the steps left after the start, before the end's cut."""
+    from test_controlnet import sdxl_controlnet
+    from test_img2img import _images
+    from test_inpaint import _masks
+
+    pipe, base, _ = _experts(tmp_path, "EulerDiscreteScheduler")
+    controlnet = sdxl_controlnet(8, tmp_path / "controlnet", conditioning_embedding_out_channels=(4, 16))
+    pipe.set_controlnet(str(tmp_path / "controlnet"))
+    ref = diffusers_pipeline("StableDiffusionXLControlNetInpaintPipeline")(
+        **{**base.components, "controlnet": controlnet}, requires_aesthetics_score=False)
+    ref.set_progress_bar_config(disable=True)
+    e, images, masks, control = _embeddings(), _images(), _masks(), _images(seed=9)
+    want = ref(image=images.clone(), mask_image=masks.clone(), control_image=control.clone(), num_inference_steps=10,
+               guidance_scale=5.0, generator=_generators(), output_type="latent", height=16, width=16,
+               control_guidance_end=0.5, **expert, **{k: v.clone() for k, v in e.items()}).images
+    got = pipe.generate(image=images, mask_image=masks, control_image=control, control_guidance_end=0.5, steps=10,
+                        cfg_scale=5.0, seeds=SEEDS, progress=False, time_ids=IDS, **expert, **_text_kwargs(e, True))
+    assert rel_err(got, want) <= 1e-5
 
 
 @pytest.mark.parametrize("name", ["euler", "euler_ancestral", "dpmpp_2m", "ddim"])
