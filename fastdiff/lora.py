@@ -66,8 +66,10 @@ class LoraLayer:
             raise CheckpointError(f"LoRA: up {tuple(self.up.shape)} and down {tuple(self.down.shape)} disagree on the "
                                   f"rank")
         update = (int(self.up.shape[0]), math.prod(self.down.shape[1:]))  # (out, in * k * k)
+        # (a 1x1-convolution-shaped LoRA on a linear weight, older sd-scripts files of SD 2.x's proj_in / proj_out,
+        # merges as A1111 and ComfyUI merge it)
         if len(shape) < 2 or update != (int(shape[0]), math.prod(shape[1:])) or (
-                self.down.dim() > 2 and tuple(self.down.shape[1:]) != tuple(shape[1:])):
+                self.down.dim() > 2 and len(shape) > 2 and tuple(self.down.shape[1:]) != tuple(shape[1:])):
             raise CheckpointError(f"LoRA: an update of {update} (up {tuple(self.up.shape)}, down "
                                   f"{tuple(self.down.shape)}) for a weight of {tuple(shape)}")
 

@@ -421,7 +421,9 @@ class Pipeline(ControlNetMixin):
             >= round(T (1 - end)) and returns its state (diffusers' noisy latents), not x0; with
             ``denoising_start`` (and ``image``: those latents, or an image to encode) it starts at the first step
             below round(T (1 - start)) from the image's latents as they are, unnoised (no ``strength``).
-            Samplers with one network evaluation per step; not with a mask or a control image.
+            Samplers with one network evaluation per step; with a mask (a regular UNet's refiner takes the base's
+            latents and the mask in pixels), and with a ControlNet (a base run, or inpainting: diffusers' SDXL
+            ControlNet and ControlNet inpainting pipelines), not with padding_mask_crop.
         output_type: ``tensor`` (B, C, H, W) float32 in the model's range (latents for a latent model), ``np``
             uint8 (B, H, W, C), ``pil`` a list of PIL images (1 or 3 channels); a latent model with a VAE decoder
             (``pipe.vae``) is decoded for ``np`` / ``pil``.

@@ -289,3 +289,27 @@ def test_engine_base_and_refiner_requests_equal_their_solo_runs(tmp_path):
         base = pipe.generate(seeds=[i], denoising_end=0.6, **solo)
         assert rel_err(latents[i], base[0]) <= 1e-5
         assert rel_err(refined[i], pipe.generate(seeds=[i], image=base, denoising_start=0.6, **solo)[0]) <= 1e-5
+
+
+def test_engine_inpainting_base_and_refiner_requests_equal_their_solo_runs(tmp_path):
+    """A refiner request with the base's latents and a mask (the Engine refused its latents before: a review)."""
+    from test_inpaint import _masks
+
+    pipe, _, _ = _experts(tmp_path, "EulerAncestralDiscreteScheduler")
+    e, images, masks = _embeddings(), _images(), _masks()
+    one = dict(steps=6, cfg_scale=5.0, time_ids=IDS, encoder_hidden_states=e["prompt_embeds"][0],
+               negative_encoder_hidden_states=e["negative_prompt_embeds"][0], text_embeds=e["pooled_prompt_embeds"][0],
+               negative_text_embeds=e["negative_pooled_prompt_embeds"][0])
+    solo = dict(steps=6, cfg_scale=5.0, time_ids=IDS, progress=False, **_text_kwargs({k: v[:1] for k, v in e.items()},
+                                                                                     True))
+    with fastdiff.Engine(pipe, max_batch=4, max_wait_ms=50) as engine:
+        bases = [engine.submit(seed=i, image=images[i], mask_image=masks[i], denoising_end=0.6, **one) for i in range(2)]
+        latents = [f.result(timeout=120) for f in bases]
+        refined = [engine.submit(seed=i, image=latents[i], mask_image=masks[i], denoising_start=0.6, **one)
+                   for i in range(2)]
+        refined = [f.result(timeout=120) for f in refined]
+    for i in range(2):
+        base = pipe.generate(seeds=[i], image=images[i:i + 1], mask_image=masks[i:i + 1], denoising_end=0.6, **solo)
+        assert rel_err(latents[i], base[0]) <= 1e-5
+        assert rel_err(refined[i], pipe.generate(seeds=[i], image=base, mask_image=masks[i:i + 1], denoising_start=0.6,
+                                                 **solo)[0]) <= 1e-5

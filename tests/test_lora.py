@@ -413,4 +413,10 @@ def test_malformed_loras_are_refused_by_name_and_merge_nothing(tmp_path):
         with pytest.raises(CheckpointError, match=match):
             pipe.load_lora(str(tmp_path / "lora.safetensors"))
     assert all(torch.equal(v, before[k]) for k, v in pipe.model.state_dict().items())  # nothing merged
+    w0 = pipe.model.get_submodule(name).weight.detach().clone()
     assert pipe.load_lora(peft)["network"] == 1  # the well-formed one merges
+    w1 = pipe.model.get_submodule(name).weight.detach().clone()
+    # a 1x1-convolution-shaped LoRA on a linear weight (older sd-scripts files) merges as its linear form does
+    assert pipe.load_lora({k: v[..., None, None] for k, v in peft.items()})["network"] == 1
+    w2 = pipe.model.get_submodule(name).weight.detach()
+    assert (w1 - w0).abs().max() > 1e-3 and torch.allclose(w2 - w1, w1 - w0, atol=1e-6)

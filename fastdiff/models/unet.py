@@ -544,9 +544,9 @@ class UNetConfig:
             value = getattr(self, name)
             flat = [] if value is None else [value] if not isinstance(value, (list, tuple)) else [
                 w for v in value for w in (v if isinstance(v, (list, tuple)) else [v])]
-            if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in flat):
-                raise UnsupportedConfigError(name, value, supported="positive ints (one, one per block, or one list "
-                                             "per block)", model="UNet")
+            if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in flat):  # (0: SDXL's first level,
+                raise UnsupportedConfigError(name, value, supported="ints >= 0 (one, one per block, or one list "  # the
+                                             "per block)", model="UNet")  # small / mid SDXL ControlNets' blocks)
         if not self.block_out_channels:
             raise UnsupportedConfigError("block_out_channels", self.block_out_channels, supported="one or more ints")
         if self.norm_eps <= 0:

@@ -409,7 +409,7 @@ class Engine:
         strength that leaves no step fails now."""
         pipe = self.pipe
         images, given_latents = pipe._img2img_images(image, strength, None)  # (k, C, H, W)
-        masks = pipe._inpaint_masks(mask_image, images, given_latents)  # (k, 1, H, W) or None
+        masks = pipe._inpaint_masks(mask_image, images, given_latents, refiner=refines)  # (k, 1, H, W) or None
         for name, rows in (("image", images), ("mask_image", masks)):
             if rows is not None and rows.shape[0] != 1:
                 raise BadArgumentError(f"{name}: expected one {name.split('_')[-1]} per request, found {rows.shape[0]}")
