@@ -153,7 +153,7 @@ def profile(model: str, calls: int = 5, batch: int = 2, dtype: str = "fp16", war
     on_cuda = torch.cuda.is_available()
     device = "cuda" if on_cuda else "cpu"
     pipe = fastdiff.load(model, device=device)
-    is_unet = pipe.spec.kind != "dit"
+    is_unet = pipe.spec.kind == "unet"  # (channels-last: UNets only, not SD3's / FLUX.1's transformers)
     from fastdiff.commands.bench import parse_backend_variants
     from fastdiff.errors import BadArgumentError
 

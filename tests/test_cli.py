@@ -466,3 +466,47 @@ def test_info_on_an_exported_graph_and_unreadable_scheduler_files(tmp_path, monk
     real = info._version
     monkeypatch.setattr(info, "_version", lambda m: "not installed" if m == "onnx" else real(m))
     assert info.collect()["backends"]["onnxruntime"].startswith("no: onnx not installed")
+
+
+def test_bench_counts_a_loop_variants_evaluations_and_refuses_contradictions(tmp_path, monkeypatch):
+    """From a review: a loop variant's first call also records, warms up and captures its loop, which counted 4x
+    its network evaluations (every run-5 +loop row read nfe=80 for 20 steps); +qkv+noqkv ran one of them under a
+    label naming both."""
+    from fastdiff import pipeline as pipeline_module
+    from fastdiff.cli import main
+    from fastdiff.commands.bench import parse_backend_variants
+    from fastdiff.errors import BadArgumentError
+    from test_graph_scopes import FakeGraph
+
+    real_optimize = pipeline_module.Pipeline.optimize
+
+    def optimize(self, config=None, graph_factory=None, **kw):  # a GPU's capture pattern on the CPU
+        return real_optimize(self, config, graph_factory=FakeGraph if config is not None and config.cuda_graphs
+                             else graph_factory, **kw)
+
+    monkeypatch.setattr(pipeline_module.Pipeline, "optimize", optimize)
+    rc = main(["bench", "arch:tiny-dit", "--backends", "eager,eager+loop", "--steps", "5", "--cfg", "4",
+               "--repeat", "2", "--warmup", "2", "--json", str(tmp_path / "r.json")])
+    rows = {r["backend"]: r for r in json.loads((tmp_path / "r.json").read_text())["results"]}
+    assert rc == 0 and rows["eager"]["nfe"] == rows["eager+loop"]["nfe"] == 5
+    assert rows["eager+loop"]["per_nfe_s"] == pytest.approx(rows["eager+loop"]["median_s"] / 5)
+    assert rows["eager+loop"]["replay_host_per_step_s"] > 0 and rows["eager"]["dtype"] == "torch.float32"
+    for bad in ("triton+qkv+noqkv", "triton+convbias+noconvbias", "triton+precompute+noprecompute"):
+        with pytest.raises(BadArgumentError, match="choose one of"):
+            parse_backend_variants(bad)
+
+
+def test_bench_ratios_compare_per_evaluation_where_the_counts_differ():
+    """A sampler diffusers has no scheduler for runs as DPM-Solver++ there, with another number of network calls:
+    the ratio is per call then, and the table says so (a review: 7 calls against 4 read as 1.40x slower)."""
+    from fastdiff.commands.bench import _ratios, format_table
+
+    row = dict(status="ok", batch=1, median_s=0.7, per_nfe_s=0.1, nfe=7, p90_s=0.7, p99_s=0.7, per_step_s=0.1,
+               images_per_s=1.4, warmup_overhead_s=0.0)
+    same = dict(row, backend="same", median_s=0.4, per_nfe_s=0.1, nfe=4)
+    theirs = dict(row, impl="diffusers", median_s=0.5, per_nfe_s=0.125, nfe=4)
+    ratios = _ratios([dict(row, backend="fewer"), same], [theirs])
+    assert [(r["backend"], round(r["ratio"], 3), r["per_nfe"]) for r in ratios] == [("fewer", 0.8, True),
+                                                                                   ("same", 0.8, False)]
+    table = format_table([dict(row, backend="fewer"), same], [theirs], ratios)
+    assert [l.split()[-2] for l in table.splitlines()[2:4]] == ["0.80/nfe", "0.80"]

@@ -20,6 +20,7 @@ is faster).
 from __future__ import annotations
 
 import math
+import statistics
 import sys
 import time
 import traceback
@@ -253,7 +254,8 @@ def parse_backend_variants(text: str) -> list[tuple[str, str, dict]]:
                 new["kernel_ops"] = {**ops[0], **ops[1]}
                 if len(new["kernel_ops"]) < len(ops[0]) + len(ops[1]):
                     raise BadArgumentError(f"--backends: {label!r}: two switches choose the same op")
-            clash = set(switches) & set(VARIANT_SWITCHES[m]) & {"graph_scope", "kernel_ops", "sdpa_backend"}
+            # (two switches setting one option: +qkv+noqkv ran one of them under a label naming both)
+            clash = {k for k in set(switches) & set(VARIANT_SWITCHES[m]) if switches[k] != VARIANT_SWITCHES[m][k]}
             clash -= {"kernel_ops"} if isinstance(ops[0], dict) and isinstance(ops[1], dict) else set()
             if clash:
                 raise BadArgumentError(f"--backends: {label!r}: choose one of "
@@ -384,18 +386,29 @@ def _bench_fastdiff(args, label: str, backend: str, switches: dict, batches, dev
                 finally:
                     pipe.runner = counter.fn
 
-            m = measure(lambda: pipe.generate(**kw), device, warmup=args.warmup, repeat=args.repeat,
-                        first=first_call)
-            nfe = counter.calls
-            row.update(_row_stats(m, b, args.steps, nfe), status="ok")
+            from ..controlnet import evaluations
+
+            replays = []  # the captured loop's launch host time of each timed call
+
+            def timed_call():
+                out = pipe.generate(**kw)
+                if pipe.loop_graphs is not None and pipe.loop_graphs.last_replay_host_s is not None:
+                    replays.append(pipe.loop_graphs.last_replay_host_s)
+                return out
+
+            m = measure(timed_call, device, warmup=args.warmup, repeat=args.repeat, first=first_call)
+            # a loop variant's first call records, warms up and captures its loop: 4 runs of the network; its
+            # evaluations are the plan's
+            nfe = counter.calls if pipe.loop_graphs is None else evaluations(
+                pipe.plan(args.steps, args.sampler, args.schedule))
+            row.update(_row_stats(m, b, args.steps, nfe), status="ok", dtype=str(pipe._network_dtype()))
             log(_row_line(row))
             if getattr(pipe, "model", None) is not None:  # which kernel each fused op ran ("tune": per layer)
                 from ..models.layers import op_backends
 
                 row["kernels"] = op_backends(pipe.model)
-            if pipe.loop_graphs is not None and pipe.loop_graphs.last_replay_host_s is not None:
-                # the launch of the captured loop alone (the rest of the host time is per-call set-up)
-                row["replay_host_per_step_s"] = pipe.loop_graphs.last_replay_host_s / args.steps
+            if replays:  # the launch of the captured loop alone (the rest of the host time is per-call set-up)
+                row["replay_host_per_step_s"] = statistics.median(replays[-args.repeat:]) / args.steps
         except Exception as e:
             row.update(status="failed", reason=f"{type(e).__name__}: {_one_line(e)}",
                        detail=traceback.format_exc(limit=3))
@@ -760,7 +773,7 @@ def _bench_diffusers(args, pipe_source, compare, batches, device, log, on_row=No
     try:
         pipe = fastdiff.load(pipe_source, device="cpu", **load_options(args))
         model, note = build_diffusers_model(pipe)
-        dtype = DTYPES[args.dtype] if args.dtype else torch.float32
+        dtype = DTYPES[args.dtype] if args.dtype else pipe.dtype  # (the checkpoint's precision, as fastdiff's)
         model = model.to(device=device, dtype=dtype)
         controlnet = None
         net = bench_controlnet(pipe, args.controlnet, args.seed)
@@ -775,8 +788,12 @@ def _bench_diffusers(args, pipe_source, compare, batches, device, log, on_row=No
             controlnet = controlnet.eval().to(device=device, dtype=dtype)
         spec = pipe.spec
         scheduler, snote = _diffusers_sampler(args, spec, schedulers)
-    except Exception as e:
-        return [dict(impl=i, batch=b, status="skipped", reason=f"diffusers model not built: {_one_line(e)}")
+    except Exception as e:  # no counterpart / weights that do not map: skipped; a device error is a failure
+        from ..errors import FastdiffError
+
+        status = "skipped" if isinstance(e, (ValueError, NotImplementedError, ImportError, FastdiffError)) else \
+            "failed"
+        return [dict(impl=i, batch=b, status=status, reason=f"diffusers model not built: {_one_line(e)}")
                 for i in impls for b in batches]
     notes = [n for n in (note, snote) if n]
     rows = []
@@ -786,8 +803,9 @@ def _bench_diffusers(args, pipe_source, compare, batches, device, log, on_row=No
         if impl == "diffusers+compile":
             mode = args.compile_mode or ("max-autotune" if device.type == "cuda" else "default")
             notes_c = notes + [f"torch.compile(mode={mode!r})"]
-            runner = torch.compile(model, mode=mode)
-            control_runner = None if controlnet is None else torch.compile(controlnet, mode=mode)
+            # (one static shape per batch, as fastdiff's compile backend: not a dynamic-batch graph after the first)
+            runner = torch.compile(model, mode=mode, dynamic=False)
+            control_runner = None if controlnet is None else torch.compile(controlnet, mode=mode, dynamic=False)
         else:
             notes_c = notes
         for b in batches:
@@ -856,15 +874,20 @@ def _mib(b):
 
 
 def _ratios(results, compare_rows) -> list[dict]:
-    ref = {(r["impl"], r["batch"]): r["median_s"] for r in compare_rows if r.get("status") == "ok"}
+    """fastdiff's median over diffusers' for each row and batch; per network evaluation where the two ran different
+    counts (a sampler diffusers has no scheduler for: it runs DPM-Solver++), marked ``per_nfe``."""
+    ref = {(r["impl"], r["batch"]): r for r in compare_rows if r.get("status") == "ok"}
     out = []
     for r in results:
         if r.get("status") != "ok":
             continue
         for impl in ("diffusers", "diffusers+compile"):
             d = ref.get((impl, r["batch"]))
-            if d:
-                out.append({"backend": r["backend"], "batch": r["batch"], "vs": impl, "ratio": r["median_s"] / d})
+            if d and d["median_s"]:
+                per_nfe = bool(r.get("nfe") and d.get("nfe") and r["nfe"] != d["nfe"])
+                ratio = r["per_nfe_s"] / d["per_nfe_s"] if per_nfe else r["median_s"] / d["median_s"]
+                out.append({"backend": r["backend"], "batch": r["batch"], "vs": impl, "ratio": ratio,
+                            "per_nfe": per_nfe})
     return out
 
 
@@ -872,18 +895,19 @@ def format_table(results, compare_rows, ratios) -> str:
     head = ("backend", "batch", "median ms", "p90 ms", "p99 ms", "ms/step", "host us/step", "img/s", "peak MiB",
             "1st-call +s", "optimize s", "/diffusers", "/diff+compile")
     lines = []
-    rat = {(x["backend"], x["batch"], x["vs"]): x["ratio"] for x in ratios}
+    rat = {(x["backend"], x["batch"], x["vs"]): x for x in ratios}
     for r in list(results) + list(compare_rows):
         name = r.get("backend") or r.get("impl")
         if r.get("status") != "ok":
             lines.append((name, str(r["batch"]), f"{r['status']}: {r.get('reason', '')}"))
             continue
         f = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+        r_ = lambda x: "-" if x is None else f"{x['ratio']:.2f}" + ("/nfe" if x.get("per_nfe") else "")  # noqa: E731
         lines.append((name, str(r["batch"]), _ms(r["median_s"]), _ms(r["p90_s"]), _ms(r["p99_s"]),
                       _ms(r["per_step_s"]), _us(r.get("host_per_step_s")), f"{r['images_per_s']:.2f}",
                       _mib(r.get("peak_memory_bytes")),
                       f"{r['warmup_overhead_s']:.2f}", f(r.get("optimize_s")),
-                      f(rat.get((name, r["batch"], "diffusers"))), f(rat.get((name, r["batch"], "diffusers+compile")))))
+                      r_(rat.get((name, r["batch"], "diffusers"))), r_(rat.get((name, r["batch"], "diffusers+compile")))))
     widths = [max([len(head[i])] + [len(l[i]) for l in lines if len(l) == len(head)]) for i in range(len(head))]
     fmt = lambda row: "  ".join(c.rjust(widths[i]) if i > 1 or True else c for i, c in enumerate(row))  # noqa: E731
     out = [fmt(head), "  ".join("-" * w for w in widths)]
@@ -980,6 +1004,8 @@ def run(args) -> int:
     if args.warmup < 1:
         raise BadArgumentError(f"--warmup: expected >= 1 (the first call is always a warm-up), found {args.warmup}")
     device = default_device(args.device)
+    if device.type == "cuda" and device.index is not None:  # (CUDA events and graphs are recorded on the current one)
+        torch.cuda.set_device(device)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
 
     # validate the model and the conditioning once, before any timing
