@@ -147,7 +147,7 @@ def _attention_configs(dtypes) -> list[Config]:
             # CUDA's default (a padded head dim) and, off a power of two, the forced main + tail split
             out_t = torch.empty(B, H, NQ, D, dtype=dtype, device="meta")
             for split in (False, True) if D & (D - 1) else (False,):
-                for grid, args, meta in _launches(q, kv, kv, out_t, None, "cuda", split):
+                for grid, args, meta in _launches(q, kv, kv, out_t, None, "cuda", split, interpret=False):
                     label = (f"B{B} H{H} Nq{NQ} Nk{NK} D{D}{' split' if split else ''}"
                              f"{' unaligned' if unaligned else ''}")
                     out += _attention_with_tiles(label, dtype, args, meta)
@@ -192,7 +192,7 @@ def _attention_tma_configs(dtypes) -> list[Config]:
             q = torch.empty(B, NQ, H, D, dtype=dtype, device="meta").transpose(1, 2)
             kv = torch.empty(B, NK, H, D, dtype=dtype, device="meta").transpose(1, 2)
             o = torch.empty(B, NQ, H, D, dtype=dtype, device="meta").transpose(1, 2)
-            for grid, args, meta in tma._launches(q, kv, kv, o, None, "cuda"):
+            for grid, args, meta in tma._launches(q, kv, kv, o, None, "cuda", interpret=False):
                 out += _attention_tma_with_tiles(f"B{B} H{H} Nq{NQ} Nk{NK} D{D} tma", dtype, args, meta)
     return out
 

@@ -260,10 +260,11 @@ def row_alignment(*tensors: torch.Tensor) -> int:
     return elems
 
 
-def _launches(q, k, v, out, scale, device_type, split: Optional[bool] = None):
+def _launches(q, k, v, out, scale, device_type, split: Optional[bool] = None, interpret: Optional[bool] = None):
     """The launch for (q, k, v) -> out as [(grid, positional args, constexprs + launch options)].
 
-    Also used by ``fastdiff.kernels.aot`` with meta tensors, so the AOT check compiles exactly what runs.
+    Also used by ``fastdiff.kernels.aot`` with meta tensors, so the AOT check compiles exactly what runs
+    (``interpret=False``: the compiled kernel; None: whether this process interprets, CUDA tensors included).
     """
     B, H, NQ, D = q.shape
     NK = k.shape[2]
@@ -277,9 +278,9 @@ def _launches(q, k, v, out, scale, device_type, split: Optional[bool] = None):
                 BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_D=cfg["block_d"], BLOCK_D2=cfg["block_d2"],
                 EVEN_N=cfg["even_n"], EVEN_D=cfg["even_d"], MAIN_EVEN_D=cfg["even_d"] or cfg["block_d2"] > 0,
                 DOT_PRECISION=cfg["dot_precision"],
-                # Triton 3.9's interpreter multiplies bfloat16 tl.dot operands as raw bits: upcast there (the
-                # P -> bfloat16 rounding is kept, so the numerics match the compiled kernel's).
-                DOT_FP32=q.dtype == torch.bfloat16 and device_type != "cuda" and _interpreting(),
+                # Triton 3.9's interpreter multiplies bfloat16 tl.dot operands as raw bits: upcast there, CUDA
+                # tensors too (the P -> bfloat16 rounding is kept, so the numerics match the compiled kernel's).
+                DOT_FP32=q.dtype == torch.bfloat16 and (_interpreting() if interpret is None else interpret),
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return [(grid, args, meta)]
 

@@ -71,6 +71,9 @@ def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: Optional[t
                 or 0 in strides):
             return False, f"{name}: TMA needs a unit head-dim stride and 16-byte aligned base and non-zero " \
                           f"strides, found strides {t.stride()} ({t.element_size()}-byte elements)"
+    if out is None and (q.shape[-1] * q.element_size()) % 16:  # (the (B, Nq, H, D) output it allocates itself)
+        return False, f"out: the output's rows of {q.shape[-1]} {q.element_size()}-byte elements are not 16-byte " \
+                      f"aligned, as TMA needs"
     return True, "ok"
 
 
@@ -164,8 +167,9 @@ def launch_config(nq: int, nk: int, d: int, dtype: torch.dtype, device_type: str
                 even_n=nk % block_n == 0, dot_precision="ieee" if dtype == torch.float32 else "tf32")
 
 
-def _launches(q, k, v, out, scale, device_type):
-    """[(grid, positional args, constexprs + launch options)] with the fixed tiles; also used by the AOT check."""
+def _launches(q, k, v, out, scale, device_type, interpret: Optional[bool] = None):
+    """[(grid, positional args, constexprs + launch options)] with the fixed tiles; also used by the AOT check
+    (``interpret=False``: the compiled kernel; None: whether this process interprets, CUDA tensors included)."""
     desc = _descriptor_class()
     B, H, NQ, D = q.shape
     NK = k.shape[2]
@@ -177,7 +181,7 @@ def _launches(q, k, v, out, scale, device_type):
     grid = (triton.cdiv(NQ, bm), B * H)
     args = (*descs, H, NQ, NK, _DTYPES.index(q.dtype), sm_scale * _LOG2E)
     meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, EVEN_N=cfg["even_n"], DOT_PRECISION=cfg["dot_precision"],
-                DOT_FP32=q.dtype == torch.bfloat16 and device_type != "cuda" and _interpreting(),
+                DOT_FP32=q.dtype == torch.bfloat16 and (_interpreting() if interpret is None else interpret),
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return [(grid, args, meta)]
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -60,7 +62,7 @@ def geglu(x: torch.Tensor, *, out: Optional[torch.Tensor] = None) -> torch.Tenso
     if out is not None and (tuple(out.shape) != tuple(shape) or out.dtype != x.dtype or out.device != x.device):
         raise BadArgumentError(f"geglu: expected out of shape {tuple(shape)}, {x.dtype} on {x.device}, found "
                                f"{tuple(out.shape)}, {out.dtype} on {out.device}")
-    x2d = x.reshape(-1, x.shape[-1])
+    x2d = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # (not -1: a zero-width x has no inferable rows)
     if x2d.stride(-1) != 1 or (x2d.shape[0] > 1 and x2d.stride(0) != x2d.shape[1]):
         x2d = x2d.contiguous()
     target = out if out is not None and out.is_contiguous() else torch.empty(shape, device=x.device, dtype=x.dtype)

@@ -124,3 +124,24 @@ def test_a_failing_tma_launch_leaves_the_layer_on_the_pointer_kernel(monkeypatch
     assert_close(out, reference(q, k, v), torch.float32)
     out = layer(q, k, v)  # no second warning, no second try
     assert layer._tma_failed
+
+
+def test_supported_checks_the_output_it_allocates_itself():
+    """q, k, v views of a wider buffer pass TMA's checks, and the (B, Nq, H, D) output the launcher allocates would
+    not: supported() says so, and the layer falls back without a warning or a 'failed' mark (a review)."""
+    big = torch.randn(3, 1, 2, 8, 64).half()
+    q, k, v = big[0, ..., :36], big[1, ..., :36], big[2, ..., :36]
+    ok, why = tma.supported(q, k, v)
+    assert not ok and "out: the output's rows of 36" in why
+
+
+def test_the_interpreter_upcasts_bfloat16_dots_of_cuda_tensors_too():
+    """Under TRITON_INTERPRET=1 a CUDA tensor is interpreted too, and the interpreter's bfloat16 dot is wrong without
+    the upcast (max error 8e8 before: a review); the AOT check still compiles the GPU kernel (no upcast)."""
+    pointer = importlib.import_module("fastdiff.kernels.attention")  # (the module, not the launcher)
+
+    q, k, v = make_qkv(1, 1, 16, 16, 64, torch.bfloat16, "contiguous")
+    out = torch.empty_like(q)
+    for launches in (pointer._launches, tma._launches):
+        assert launches(q, k, v, out, None, "cuda")[0][2]["DOT_FP32"]
+        assert not launches(q, k, v, out, None, "cuda", interpret=False)[0][2]["DOT_FP32"]

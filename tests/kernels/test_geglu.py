@@ -26,6 +26,11 @@ def test_geglu_matches_reference(shape, dtype):
     torch.testing.assert_close(y.double(), reference(x), rtol=rtol, atol=atol)
 
 
+def test_geglu_of_a_zero_width_input_is_empty():
+    """As the native op: reshape(-1, 0) raised before (a review)."""
+    assert geglu(torch.randn(2, 3, 0)).shape == (2, 3, 0)
+
+
 def test_geglu_reads_a_strided_input():
     x = torch.randn(2, 10, 6).transpose(0, 1)  # rows not contiguous: copied first
     torch.testing.assert_close(geglu(x).double(), reference(x), rtol=1e-5, atol=1e-5)
