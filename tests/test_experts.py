@@ -272,27 +272,10 @@ def test_a_third_order_cut_one_step_short_runs_where_diffusers_keeps_the_order(t
     assert rel_err(got, want) <= 1e-5
 
 
-def test_engine_base_and_refiner_requests_equal_their_solo_runs(tmp_path):
-    pipe, _, _ = _experts(tmp_path, "EulerAncestralDiscreteScheduler")
-    e = _embeddings()
-    one = dict(steps=6, cfg_scale=5.0, time_ids=IDS, encoder_hidden_states=e["prompt_embeds"][0],
-               negative_encoder_hidden_states=e["negative_prompt_embeds"][0], text_embeds=e["pooled_prompt_embeds"][0],
-               negative_text_embeds=e["negative_pooled_prompt_embeds"][0])
-    solo = dict(steps=6, cfg_scale=5.0, time_ids=IDS, progress=False, **_text_kwargs({k: v[:1] for k, v in e.items()},
-                                                                                     True))
-    with fastdiff.Engine(pipe, max_batch=4, max_wait_ms=50) as engine:
-        bases = [engine.submit(seed=i, denoising_end=0.6, **one) for i in range(2)]
-        latents = [f.result(timeout=120) for f in bases]
-        refined = [engine.submit(seed=i, image=latents[i], denoising_start=0.6, **one) for i in range(2)]
-        refined = [f.result(timeout=120) for f in refined]
-    for i in range(2):
-        base = pipe.generate(seeds=[i], denoising_end=0.6, **solo)
-        assert rel_err(latents[i], base[0]) <= 1e-5
-        assert rel_err(refined[i], pipe.generate(seeds=[i], image=base, denoising_start=0.6, **solo)[0]) <= 1e-5
-
-
-def test_engine_inpainting_base_and_refiner_requests_equal_their_solo_runs(tmp_path):
-    """A refiner request with the base's latents and a mask (the Engine refused its latents before: a review)."""
+@pytest.mark.parametrize("inpaint", [False, True], ids=["plain", "mask"])
+def test_engine_base_and_refiner_requests_equal_their_solo_runs(tmp_path, inpaint):
+    """Base and refiner requests through the Engine, with a mask too (the Engine refused a refiner's latents with a
+    mask before: a review)."""
     from test_inpaint import _masks
 
     pipe, _, _ = _experts(tmp_path, "EulerAncestralDiscreteScheduler")
@@ -302,14 +285,16 @@ def test_engine_inpainting_base_and_refiner_requests_equal_their_solo_runs(tmp_p
                negative_text_embeds=e["negative_pooled_prompt_embeds"][0])
     solo = dict(steps=6, cfg_scale=5.0, time_ids=IDS, progress=False, **_text_kwargs({k: v[:1] for k, v in e.items()},
                                                                                      True))
+    mask = lambda i, one_row: dict(mask_image=masks[i] if one_row else masks[i:i + 1]) if inpaint else {}  # noqa: E731
+    image = lambda i, one_row: dict(image=images[i] if one_row else images[i:i + 1]) if inpaint else {}  # noqa: E731
     with fastdiff.Engine(pipe, max_batch=4, max_wait_ms=50) as engine:
-        bases = [engine.submit(seed=i, image=images[i], mask_image=masks[i], denoising_end=0.6, **one) for i in range(2)]
+        bases = [engine.submit(seed=i, denoising_end=0.6, **image(i, True), **mask(i, True), **one) for i in range(2)]
         latents = [f.result(timeout=120) for f in bases]
-        refined = [engine.submit(seed=i, image=latents[i], mask_image=masks[i], denoising_start=0.6, **one)
+        refined = [engine.submit(seed=i, image=latents[i], denoising_start=0.6, **mask(i, True), **one)
                    for i in range(2)]
         refined = [f.result(timeout=120) for f in refined]
     for i in range(2):
-        base = pipe.generate(seeds=[i], image=images[i:i + 1], mask_image=masks[i:i + 1], denoising_end=0.6, **solo)
+        base = pipe.generate(seeds=[i], denoising_end=0.6, **image(i, False), **mask(i, False), **solo)
         assert rel_err(latents[i], base[0]) <= 1e-5
-        assert rel_err(refined[i], pipe.generate(seeds=[i], image=base, mask_image=masks[i:i + 1], denoising_start=0.6,
+        assert rel_err(refined[i], pipe.generate(seeds=[i], image=base, denoising_start=0.6, **mask(i, False),
                                                  **solo)[0]) <= 1e-5
