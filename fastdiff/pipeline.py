@@ -557,7 +557,7 @@ class Pipeline(ControlNetMixin):
             denoiser = ControlWindow(denoiser)
         extra = dict(cond)
         if getattr(self.runner, "cfg_folded", False):  # an exported graph that guides inside: one call of batch B
-            if guidance_rescale:
+            if guidance_rescale and guided:  # (unguided, the rescale is a no-op, as eager ignores it)
                 raise BadArgumentError("guidance_rescale: this CFG-folded graph returns the guided output only, and "
                                        "rescaling needs the conditional pass; export without cfg_folded for it")
             denoiser = FoldedCFGDenoiser(denoiser)

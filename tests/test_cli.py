@@ -457,6 +457,7 @@ def test_info_on_an_exported_graph_and_unreadable_scheduler_files(tmp_path, monk
     assert r.returncode == 0, r.stderr
     r = fastdiff("info", "u.onnx", cwd=tmp_path)
     assert r.returncode == 0 and "backend none (an exported graph: no PyTorch layers)" in r.stdout, r.stderr
+    assert "u.onnx graph: any batch, latents of 16x16 only; CFG not folded" in r.stdout  # (what the export fixed)
     (tmp_path / "text.json").write_text("not json")
     (tmp_path / "binary.json").write_bytes(bytes(range(256)))
     for name, message in (("text.json", "expected JSON, found a parse error"),

@@ -141,9 +141,23 @@ def model_ops(model: str, backend: str, kernel_ops: str = "measured", **load_opt
     if plan.denoiser_kind == "flow":
         sampling["frame"] = plan.denoiser_options["frame"]
     ops = {} if pipe.model is None else op_backends(pipe.model)
-    return {"model": model, "device": str(device), "backend": chosen, "ops": ops,
-            "sampling": sampling, "conditioning": _conditioning(pipe.spec) + _control(pipe), "vae": _vae(pipe),
-            "text_encoders": _text_encoders(pipe)}
+    report = {"model": model, "device": str(device), "backend": chosen, "ops": ops,
+              "sampling": sampling, "conditioning": _conditioning(pipe.spec) + _control(pipe), "vae": _vae(pipe),
+              "text_encoders": _text_encoders(pipe)}
+    if getattr(pipe.runner, "input_shapes", None) is not None:  # an exported graph: its fixed axes, folded CFG
+        report["graph"] = _graph(pipe.runner)
+    return report
+
+
+def _graph(runner) -> str:
+    """What an exported graph fixed when it was written: its batch, its latent size, CFG folded in."""
+    shape = runner.input_shapes.get("sample") or ()
+    batch = "any batch" if not shape or shape[0] is None else f"a fixed network batch of {shape[0]} (guided " \
+        f"sampling runs 2 x samples unless CFG is folded)"
+    size = "any size" if len(shape) < 4 or None in shape[2:] else f"latents of {shape[2]}x{shape[3]} only"
+    folded = "CFG folded in (one call per step returns the guided output; no guidance_rescale)" if \
+        runner.io.get("cfg_folded") else "CFG not folded (both passes in one network batch)"
+    return f"{batch}, {size}; {folded}"
 
 
 def _control(pipe) -> str:
@@ -250,6 +264,8 @@ def run(args) -> int:
         print(f"{m['model']} takes: {m['conditioning']}")
         print(f"{m['model']} VAE: {m['vae']}")
         print(f"{m['model']} text encoders: {m['text_encoders']}")
+        if "graph" in m:
+            print(f"{m['model']} graph: {m['graph']}")
         if m["ops"]:
             print(f"{m['model']} on {m['device']}, backend {m['backend']}: each fused layer's path")
             for k, v in m["ops"].items():

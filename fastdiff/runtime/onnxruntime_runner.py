@@ -155,9 +155,13 @@ class OnnxRuntimeRunner:
             found = tuple(feeds[name].shape)
             if len(found) != len(fixed) or any(f is not None and f != d for f, d in zip(fixed, found)):
                 want = "x".join("N" if f is None else str(f) for f in fixed) or "a scalar"
+                guided = bool(found and fixed and fixed[0] is not None and found[0] == 2 * fixed[0])
                 raise BadArgumentError(f"ONNX graph input {name!r}: expected shape {want} (fixed when it was "
                                        f"exported), found {'x'.join(map(str, found)) or 'a scalar'}; export with "
-                                       f"dynamic axes (or at this size) to run it")
+                                       f"dynamic axes (or at this size) to run it" + (
+                                           f" (a guided run feeds both passes as one batch, 2 x its samples: for "
+                                           f"{fixed[0]} guided sample(s), export at batch {2 * fixed[0]}, with "
+                                           f"cfg_folded, or with a dynamic batch)" if guided else ""))
         if self.session is None:
             raise BadArgumentError("this OnnxRuntimeRunner was closed")
         if self.device.type == "cuda":
