@@ -25,7 +25,7 @@ from .prompts.encoder import EXTRA_PROMPTS
 from .spec import ModelSpec, is_flow_scheduler
 from .state_update import update_impl
 from .text_time import guidance_conditioning, text_time_conditioning
-from .utils.checks import finite_number
+from .utils.checks import finite_host_values, finite_number
 
 OUTPUT_TYPES = ("tensor", "np", "pil")
 # the conditioning entry that carries a regular model's inpainting (``_sample_plan``); never a network input
@@ -919,8 +919,7 @@ class Pipeline(ControlNetMixin):
 
     def _states(self, t, b, name):
         t = torch.as_tensor(t)
-        if t.is_floating_point() and t.device.type == "cpu" and not bool(torch.isfinite(t).all()):
-            raise BadArgumentError(f"{name}: expected finite values, found NaN or inf")  # (device tensors: not read)
+        finite_host_values(name, t)
         t = t.to(self.device)
         if t.dim() == 2:
             t = t.unsqueeze(0)

@@ -20,6 +20,7 @@ import torch
 
 from .errors import BadArgumentError
 from .spec import ModelSpec
+from .utils.checks import finite_host_values
 
 VAE_SCALE_FACTOR = 8
 AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE = 6.0, 2.5  # diffusers' StableDiffusionXLImg2ImgPipeline defaults
@@ -141,8 +142,7 @@ def _floats(t, name: str, device) -> torch.Tensor:
     if t.dtype == torch.bool or t.is_complex():
         raise BadArgumentError(f"{name}: expected real numbers, found {t.dtype}")
     t = t.float() if not t.is_floating_point() else t
-    if t.device.type == "cpu" and not bool(torch.isfinite(t).all()):
-        raise BadArgumentError(f"{name}: expected finite values, found NaN or inf")
+    finite_host_values(name, t)
     return t.to(device)
 
 

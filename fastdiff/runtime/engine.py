@@ -58,7 +58,7 @@ import torch
 from ..errors import BadArgumentError, FastdiffError
 from ..pipeline import _freeze, check_seed
 from ..prompts.encoder import EXTRA_PROMPTS
-from ..utils.checks import finite_number
+from ..utils.checks import finite_host_values, finite_number
 
 __all__ = ["Engine", "EngineClosedError"]
 
@@ -138,8 +138,7 @@ def _check_states(name: str, states) -> Optional[torch.Tensor]:
                                f"into (B, M, D)), found shape {tuple(states.shape)}")
     if not states.is_floating_point():
         raise BadArgumentError(f"{name}: expected a floating-point tensor, found {states.dtype}")
-    if states.device.type == "cpu" and not bool(torch.isfinite(states).all()):  # (device tensors: not read back)
-        raise BadArgumentError(f"{name}: expected finite values, found NaN or inf")
+    finite_host_values(name, states)
     return states
 
 

@@ -14,3 +14,10 @@ def finite_number(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise BadArgumentError(f"{name}: expected a finite number, found {value!r}")
     return float(value)
+
+
+def finite_host_values(name: str, t) -> None:
+    """A BadArgumentError when host tensor ``t`` holds NaN or inf (a NaN input makes an all-NaN sample, no error);
+    a tensor already on a device is not read back (no sync)."""
+    if t.is_floating_point() and t.device.type == "cpu" and not bool(t.isfinite().all()):
+        raise BadArgumentError(f"{name}: expected finite values, found NaN or inf")
