@@ -81,12 +81,11 @@ def save_fastdiff(path: str, model: torch.nn.Module, spec: ModelSpec, vae=None, 
         if controlnet is not None:
             from .controlnet import save_controlnet
 
-            header["controlnets"] = _controlnet_names(getattr(controlnet, "nets", None) or [controlnet])
-            written = set()
-            for net, name in zip(getattr(controlnet, "nets", None) or [controlnet], header["controlnets"]):
-                if name not in written:  # (a ControlNet in several places, a Union one given several modes: once)
-                    save_controlnet(net, os.path.join(tmp, name))
-                    written.add(name)
+            nets = getattr(controlnet, "nets", None) or [controlnet]
+            header["controlnets"] = _controlnet_names(nets)
+            # (a ControlNet in several places, a Union one given several modes: one folder)
+            for name, net in dict(zip(header["controlnets"], nets)).items():
+                save_controlnet(net, os.path.join(tmp, name))
         with open(os.path.join(tmp, SPEC_FILE), "w") as f:
             json.dump(header, f, indent=2)
     return path
