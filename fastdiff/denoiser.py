@@ -393,7 +393,9 @@ class CFGDenoiser(Denoiser):
             ``Pipeline.generate`` passes: samples of different scales then share a batch, and a captured loop takes
             the scales as an input instead of baking one in).
         guidance_rescale: phi of Lin et al. 2023 (diffusers' ``rescale_noise_cfg``), computed in the
-            network's output space (std ratio of cond vs guided prediction, per sample).
+            network's output space (std ratio of cond vs guided prediction, per sample). A call may bring its
+            own, ``guidance_rescale=`` a (B,) tensor among the conditioning (what ``Pipeline.generate`` passes: a
+            captured loop then reads phi from its inputs, and a new value replays the same graph).
         guided_channels: guide only the first K channels (official DiT guides channels 0..2; the rest
             keep the conditional prediction).
     """
@@ -409,7 +411,7 @@ class CFGDenoiser(Denoiser):
     def c_skip(self, sigma):
         return self.inner.c_skip(sigma)
 
-    def predict(self, x, sigma, uncond: Optional[dict] = None, guidance_scale=None, **cond):
+    def predict(self, x, sigma, uncond: Optional[dict] = None, guidance_scale=None, guidance_rescale=None, **cond):
         w = self._scale(guidance_scale)
         if w is None:
             return self.inner.predict(x, sigma, **cond)
@@ -418,14 +420,15 @@ class CFGDenoiser(Denoiser):
             sigma = sigma.expand(x.shape[0])
         both = self._stack(cond, uncond)
         x0_u, x0_c = self.inner.predict(torch.cat([x, x]), torch.cat([sigma, sigma]), **both).chunk(2)
-        return self._guide(x, x0_u, x0_c, _bcast(self.c_skip(sigma), x), w)
+        return self._guide(x, x0_u, x0_c, _bcast(self.c_skip(sigma), x), w, guidance_rescale)
 
-    def predict_at(self, x, sigma: float, uncond: Optional[dict] = None, guidance_scale=None, **cond):
+    def predict_at(self, x, sigma: float, uncond: Optional[dict] = None, guidance_scale=None, guidance_rescale=None,
+                   **cond):
         w = self._scale(guidance_scale)
         if w is None:
             return self.inner.predict_at(x, sigma, **cond)
         x0_u, x0_c = self.inner.predict_at(torch.cat([x, x]), sigma, **self._stack(cond, uncond)).chunk(2)
-        return self._guide(x, x0_u, x0_c, float(self.c_skip(float(sigma))), w)
+        return self._guide(x, x0_u, x0_c, float(self.c_skip(float(sigma))), w, guidance_rescale)
 
     def _scale(self, per_call):
         """This call's w: the per-sample (B,) tensor it was given, else the fixed scale; None for no guidance."""
@@ -445,7 +448,7 @@ class CFGDenoiser(Denoiser):
                 raise BadArgumentError(f"uncond: expected keys among the conditioning {sorted(cond)}, found {k!r}")
         return {k: torch.cat([uncond.get(k, v), v]) if torch.is_tensor(v) else v for k, v in cond.items()}
 
-    def _guide(self, x, x0_u, x0_c, c_skip, w):
+    def _guide(self, x, x0_u, x0_c, c_skip, w, phi=None):
         k = self.guided_channels
         if torch.is_tensor(w):
             w = _bcast(w.to(x0_c.device), x0_c)  # (B,) -> (B, 1, ..., 1), in x0's precision
@@ -453,16 +456,19 @@ class CFGDenoiser(Denoiser):
             x0 = x0_u + w * (x0_c - x0_u)
         else:
             x0 = torch.cat([x0_u[:, :k] + w * (x0_c[:, :k] - x0_u[:, :k]), x0_c[:, k:]], dim=1)
-        if self.guidance_rescale > 0:
-            # rescale_noise_cfg in the network-output space: out = (x0 - c_skip x) / c_out, and the per-
-            # sample std ratio does not depend on c_out.
-            base = c_skip * x
-            g, c = x0 - base, x0_c - base
-            dims = list(range(1, x.ndim))
-            ratio = c.std(dim=dims, keepdim=True) / g.std(dim=dims, keepdim=True)
+        if phi is None:
             phi = self.guidance_rescale
-            x0 = base + g * (phi * ratio + (1 - phi))
-        return x0
+            if phi <= 0:
+                return x0
+        else:  # this call's (B,) phi; a 0 row gets its guided x0 back (times 1)
+            phi = _bcast(phi.to(x0.device), x0)
+        # rescale_noise_cfg in the network-output space: out = (x0 - c_skip x) / c_out, and the per-sample std
+        # ratio does not depend on c_out.
+        base = c_skip * x
+        g, c = x0 - base, x0_c - base
+        dims = list(range(1, x.ndim))
+        ratio = c.std(dim=dims, keepdim=True) / g.std(dim=dims, keepdim=True)
+        return base + g * (phi * ratio + (1 - phi))
 
 
 

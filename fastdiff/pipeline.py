@@ -565,9 +565,12 @@ class Pipeline(ControlNetMixin):
                 extra["uncond"] = uncond
             extra["guidance_scale"] = torch.tensor(cfg_scales, dtype=torch.float32, device=self.device)  # (B,)
         elif guided:  # the scales travel with the conditioning: a captured loop reads them from its inputs
-            denoiser = CFGDenoiser(denoiser, None, guidance_rescale, guided_channels=self.spec.guided_channels)
+            denoiser = CFGDenoiser(denoiser, None, guided_channels=self.spec.guided_channels)
             extra["uncond"] = uncond
             extra["guidance_scale"] = torch.tensor(cfg_scales, dtype=torch.float32, device=self.device)  # (B,)
+            if guidance_rescale > 0:  # phi an input too: a captured loop replays for a new value
+                extra["guidance_rescale"] = torch.full((b,), guidance_rescale, dtype=torch.float32,
+                                                       device=self.device)
 
         if self.loop_graphs is not None and callback is not None:
             raise BadArgumentError("callback: a captured sampling loop (graph_scope='loop') runs no Python per "
@@ -615,7 +618,7 @@ class Pipeline(ControlNetMixin):
         try:
             with update_impl(self.update_impl):  # the samplers' state update: torch or one fused kernel
                 if self.loop_graphs is not None:
-                    x = self._sample_loop_graph(plan, denoiser, latents, extra, noise, (guided, guidance_rescale))
+                    x = self._sample_loop_graph(plan, denoiser, latents, extra, noise, guided)
                     if bar is not None:
                         bar.update(plan.steps)
                 else:
@@ -627,7 +630,7 @@ class Pipeline(ControlNetMixin):
             x = self.decode(x)  # latents -> images, as diffusers' pipelines do for "pil" / "np"
         return _to_output(x, output_type) if crop is None else crop.overlay(_to_output(x, output_type))
 
-    def _sample_loop_graph(self, plan, denoiser, latents, extra, noise, guidance) -> torch.Tensor:
+    def _sample_loop_graph(self, plan, denoiser, latents, extra, noise, guided) -> torch.Tensor:
         """The whole loop from a captured graph, padded to the batch bucket (graph_scope="loop").
 
         Batches beyond the largest bucket run in bucket-sized chunks, each from its own samples' generators.
@@ -639,7 +642,7 @@ class Pipeline(ControlNetMixin):
         if b > top:
             parts = [self._sample_loop_graph(plan, denoiser, latents[i:i + top],
                                              _map_tree(extra, lambda t, i=i: _rows(t, i, top, b)),
-                                             noise.subset(i, i + top), guidance) for i in range(0, b, top)]
+                                             noise.subset(i, i + top), guided) for i in range(0, b, top)]
             return torch.cat(parts)
         bucket = bucket_for(b, self.config.batch_buckets)
         padded = _map_tree(extra, lambda t: pad_to(t, bucket))
@@ -647,7 +650,7 @@ class Pipeline(ControlNetMixin):
         # the kernels of the state update
         key = (bucket, tuple(latents.shape[1:]), plan.scheduler, plan.sampler, tuple(plan.sigmas.tolist()),
                _freeze(plan.options), plan.denoiser_kind, _freeze(plan.denoiser_options), plan.init_noise_sigma,
-               plan.output_scale, guidance, _freeze(_map_tree(padded, lambda t: (tuple(t.shape), t.dtype))),
+               plan.output_scale, guided, _freeze(_map_tree(padded, lambda t: (tuple(t.shape), t.dtype))),
                self.update_impl)
 
         # used only if this call captures: the loop's warm-up run teaches it the network calls

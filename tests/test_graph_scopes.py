@@ -69,6 +69,21 @@ def test_loop_graph_recaptures_for_new_steps_and_guidance(eager):
     assert graphed.loop_graphs.captures == 3  # another scale: an input of the same loop
 
 
+def test_guidance_rescale_is_an_input_of_the_captured_loop(eager):
+    """A new guidance_rescale replays the loop captured for the first (phi is an input, not a baked-in float), and
+    each run equals eager at its phi; phi = 0 runs without the rescale's arithmetic (its own loop)."""
+    graphed = fastdiff.load("arch:tiny-dit").optimize(cuda_graphs=True, graph_scope="loop", batch_buckets=(2,),
+                                                      graph_factory=FakeGraph)
+    kw = dict(seeds=[1, 2], class_labels=[1, 7], steps=3, sampler="dpmpp_2m", cfg_scale=4.0, progress=False)
+    runs = {phi: graphed.generate(guidance_rescale=phi, **kw) for phi in (0.3, 0.9)}
+    assert graphed.loop_graphs.captures == 1
+    for phi, got in runs.items():
+        assert rel_err(got, eager.generate(guidance_rescale=phi, **kw)) <= 1e-5
+    assert rel_err(runs[0.3], runs[0.9]) > 1e-3  # (phi reached the replayed loop)
+    assert rel_err(graphed.generate(guidance_rescale=0.0, **kw), eager.generate(**kw)) <= 1e-5
+    assert graphed.loop_graphs.captures == 2
+
+
 @pytest.mark.parametrize("scope", ["step", "loop"])
 def test_per_sample_cfg_scales_batch_and_need_no_new_capture(eager, scope):
     """cfg_scale one per sample: each sample equals its own run at its scale (eager, solo), and a captured loop takes

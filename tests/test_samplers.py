@@ -348,6 +348,13 @@ def test_cfg_guidance_rescale_matches_diffusers():
     v = rescale_noise_cfg(v_u + 5.0 * (v_c - v_u), v_c, guidance_rescale=0.7)
     expect = math.sqrt(a) * x_vp - math.sqrt(1 - a) * v                        # diffusers' x0 from v
     torch.testing.assert_close(got, expect, rtol=1e-4, atol=1e-4)
+    # phi one per sample with the call (what generate passes): row 0 rescaled at 0.7, row 1 not at all
+    per_call = CFGDenoiser(DiscreteDenoiser(outs, ac, "v_prediction"), guidance_scale=5.0)
+    got = per_call(x_vp * math.sqrt(1 + sigma ** 2), torch.full((2,), sigma), class_labels=torch.ones(2),
+                   uncond={"class_labels": torch.zeros(2)}, guidance_rescale=torch.tensor([0.7, 0.0]))
+    torch.testing.assert_close(got[0], expect[0], rtol=1e-4, atol=1e-4)
+    plain = math.sqrt(a) * x_vp - math.sqrt(1 - a) * (v_u + 5.0 * (v_c - v_u))
+    torch.testing.assert_close(got[1], plain[1], rtol=1e-4, atol=1e-4)
 
 
 def test_cfg_uncond_unknown_key():
