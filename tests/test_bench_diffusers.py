@@ -12,7 +12,7 @@ pytest.importorskip("diffusers", reason="diffusers is needed for the comparison"
 
 @pytest.mark.parametrize("arch", ["tiny-unet", "tiny-sd-unet", "tiny-sdxl-unet", "tiny-dit"])
 def test_diffusers_counterpart_holds_the_same_network(arch):
-    from fastdiff.commands.bench import build_diffusers_model
+    from fastdiff.commands.bench_diffusers import build_diffusers_model
 
     pipe = fastdiff.load(f"arch:{arch}")
     for p in pipe.model.parameters():  # random weights everywhere (some inits are zero)
@@ -50,7 +50,7 @@ def test_the_diffusers_comparison_samples_on_fastdiffs_grid(schedule):
 
     import numpy as np
 
-    from fastdiff.commands.bench import _diffusers_sampler, _import_diffusers
+    from fastdiff.commands.bench_diffusers import _diffusers_sampler, _import_diffusers
 
     pipe = fastdiff.load("builtin:digits")
     args = SimpleNamespace(sampler="euler", schedule=schedule)
@@ -64,7 +64,7 @@ def test_the_diffusers_comparison_samples_on_fastdiffs_grid(schedule):
 def test_the_diffusers_comparison_takes_karras_where_its_scheduler_has_it():
     from types import SimpleNamespace
 
-    from fastdiff.commands.bench import _diffusers_sampler, _import_diffusers
+    from fastdiff.commands.bench_diffusers import _diffusers_sampler, _import_diffusers
 
     spec = fastdiff.load("builtin:digits").spec
     scheduler, note = _diffusers_sampler(SimpleNamespace(sampler="dpmpp_2m", schedule="karras"), spec,
@@ -84,8 +84,9 @@ def test_bench_with_a_controlnet_times_the_same_networks_on_both_sides(arch, tmp
     import diffusers
 
     from fastdiff.checkpoints.controlnet import diffusers_config
-    from fastdiff.commands.bench import _conditioning, _diffusers_generate, _diffusers_sampler, _import_diffusers, \
-        bench_controlnet, build_diffusers_model
+    from fastdiff.commands.bench_diffusers import _diffusers_generate, _diffusers_sampler, _import_diffusers, \
+        build_diffusers_model
+    from fastdiff.commands.bench_inputs import _conditioning, bench_controlnet
     from fastdiff.models.controlnet import ControlledUNet
     from test_cli import fastdiff as run_cli
 

@@ -500,7 +500,7 @@ def test_bench_counts_a_loop_variants_evaluations_and_refuses_contradictions(tmp
 def test_bench_ratios_compare_per_evaluation_where_the_counts_differ():
     """A sampler diffusers has no scheduler for runs as DPM-Solver++ there, with another number of network calls:
     the ratio is per call then, and the table says so (a review: 7 calls against 4 read as 1.40x slower)."""
-    from fastdiff.commands.bench import _ratios, format_table
+    from fastdiff.commands.bench_report import _ratios, format_table
 
     row = dict(status="ok", batch=1, median_s=0.7, per_nfe_s=0.1, nfe=7, p90_s=0.7, p99_s=0.7, per_step_s=0.1,
                images_per_s=1.4, warmup_overhead_s=0.0)

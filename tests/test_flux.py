@@ -221,8 +221,8 @@ def test_bench_drives_the_same_diffusers_network_as_flux_pipeline(tmp_path):
     import json as json_lib
     from types import SimpleNamespace
 
-    from fastdiff.commands.bench import _conditioning, _diffusers_flow_sampler, _diffusers_generate, \
-        build_diffusers_model
+    from fastdiff.commands.bench_diffusers import _diffusers_flow_sampler, _diffusers_generate, build_diffusers_model
+    from fastdiff.commands.bench_inputs import _conditioning
     from test_cli import fastdiff as run_cli
 
     pipe = fastdiff.load("arch:tiny-flux")

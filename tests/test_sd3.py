@@ -214,7 +214,7 @@ def test_bench_compares_with_the_same_diffusers_network(tmp_path):
     """``fastdiff bench --compare diffusers`` rebuilds the same SD3 transformer and drives it as SD3's pipeline."""
     import json as json_lib
 
-    from fastdiff.commands.bench import build_diffusers_model
+    from fastdiff.commands.bench_diffusers import build_diffusers_model
     from test_cli import fastdiff as run_cli
 
     pipe = fastdiff.load("arch:tiny-sd3")
