@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 
 from .errors import BadArgumentError
+from .utils.checks import one_or
 
 if TYPE_CHECKING:
     from .pipeline import Pipeline
@@ -258,9 +259,7 @@ class ControlNetMixin:
 
             masks = control_masks
             if masks is not None and masks.shape[0] not in (1, b):
-                from .pipeline import _one_or
-
-                raise BadArgumentError(f"control_mask: expected {_one_or(b)} masks (one per sample), found "
+                raise BadArgumentError(f"control_mask: expected {one_or(b)} masks (one per sample), found "
                                        f"{masks.shape[0]}")
 
             def encode(images, b, noise):
@@ -358,10 +357,8 @@ class ControlNetMixin:
 
 def _per_sample_rows(control: torch.Tensor, b: int) -> torch.Tensor:
     """Control images (1 or b, C, H, W) as (b, C, H, W): one for every sample, or one each."""
-    from .pipeline import _one_or
-
     if control.shape[0] not in (1, b):
-        raise BadArgumentError(f"control_image: expected {_one_or(b)} images (one per sample), found "
+        raise BadArgumentError(f"control_image: expected {one_or(b)} images (one per sample), found "
                                f"{control.shape[0]}")
     return control.expand(b, -1, -1, -1)
 

@@ -21,3 +21,8 @@ def finite_host_values(name: str, t) -> None:
     a tensor already on a device is not read back (no sync)."""
     if t.is_floating_point() and t.device.type == "cpu" and not bool(t.isfinite().all()):
         raise BadArgumentError(f"{name}: expected finite values, found NaN or inf")
+
+
+def one_or(b: int) -> str:
+    """"1 or 4" for a count that may be one, or one per sample of b; "1" where b is 1."""
+    return "1" if b == 1 else f"1 or {b}"
