@@ -154,7 +154,7 @@ def test_refiner_widths_are_recognised_without_a_pipeline_folder():
 
 
 def test_sdxl_architecture_preset_is_sdxl_base():
-    from fastdiff.models.unet import sdxl_config
+    from fastdiff.models.unet_config import sdxl_config
     from fastdiff.models import build_model
 
     with torch.device("meta"):

@@ -115,7 +115,7 @@ def _transformer_diffusers_config(net) -> dict:
 def diffusers_config(net) -> dict:
     """``net``'s config.json as diffusers' ControlNetModel reads it: its own fields, and every UNet field it takes or
     that differs from UNet2DConditionModel's default (what fastdiff needs to read the network back)."""
-    from ..models.unet import _DIFFUSERS_DEFAULTS
+    from ..models.unet_config import _DIFFUSERS_DEFAULTS
 
     if not isinstance(net, ControlNet):  # an SD3 / FLUX.1 ControlNet
         return _transformer_diffusers_config(net)

@@ -84,7 +84,7 @@ def _flux_arch(make_config, sample_size=128):
 
 
 def _arch_table():
-    from ..models import flux, mmdit, unet
+    from ..models import flux, mmdit, unet, unet_config
 
     tiny_unet = lambda: unet.UNetConfig.from_diffusers(dict(  # noqa: E731
         sample_size=16, in_channels=3, out_channels=3, block_out_channels=[32, 64], layers_per_block=1,
@@ -111,10 +111,10 @@ def _arch_table():
             in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
             joint_attention_dim=24, pooled_projection_dim=12, guidance_embeds=True, axes_dims_rope=(4, 6, 6)),
             sample_size=8),
-        "sd15-unet": _unet_arch(unet.sd15_config, SD_SCHEDULER),
-        "sdxl-unet": _unet_arch(unet.sdxl_config, SDXL_SCHEDULER),
-        "sd21-unet": _unet_arch(unet.sd21_config, SD_V_SCHEDULER),
-        "ddpm-cifar10": _unet_arch(unet.ddpm_cifar10_config, DIT_SCHEDULER),
+        "sd15-unet": _unet_arch(unet_config.sd15_config, SD_SCHEDULER),
+        "sdxl-unet": _unet_arch(unet_config.sdxl_config, SDXL_SCHEDULER),
+        "sd21-unet": _unet_arch(unet_config.sd21_config, SD_V_SCHEDULER),
+        "ddpm-cifar10": _unet_arch(unet_config.ddpm_cifar10_config, DIT_SCHEDULER),
         "dit-xl-2-256": _dit_arch("DiT-XL/2", 256),
         "dit-xl-2-512": _dit_arch("DiT-XL/2", 512),
         "tiny-unet": _unet_arch(tiny_unet, DIT_SCHEDULER),
