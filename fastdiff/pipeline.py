@@ -474,7 +474,7 @@ class Pipeline(ControlNetMixin, ImageInputsMixin):
             images, height, width = self._img2img_size(images, b, height, width, given_latents)
             if masks is not None:
                 if masks.shape[0] not in (1, b):
-                    raise BadArgumentError(f"mask_image: expected {one_or(b)} masks (one per sample), found "
+                    raise BadArgumentError(f"mask_image: expected {one_or(b, 'masks')} (one per sample), found "
                                            f"{masks.shape[0]}")
                 masks = masks.expand(b, -1, -1, -1)
         cfg_scales = _cfg_scales(cfg_scale, b)
@@ -520,7 +520,7 @@ class Pipeline(ControlNetMixin, ImageInputsMixin):
             for name, texts in (("prompt", prompt), ("negative_prompt", negative_prompt), *extra_prompts.items()):
                 count = 1 if texts is None else len(prompt_list(texts, name))
                 if count not in (1, b):  # (checked before the encoders load)
-                    raise BadArgumentError(f"{name}: expected {one_or(b)} prompts (one per sample; pass n= or seeds= "
+                    raise BadArgumentError(f"{name}: expected {one_or(b, 'prompts')} (one per sample; pass n= or seeds= "
                                            f"for more samples), found {count}")
             text = self.encode_prompt(prompt, negative_prompt, guided=guided, clip_skip=clip_skip,
                                       max_sequence_length=max_sequence_length, **extra_prompts)

@@ -259,7 +259,7 @@ class ControlNetMixin:
 
             masks = control_masks
             if masks is not None and masks.shape[0] not in (1, b):
-                raise BadArgumentError(f"control_mask: expected {one_or(b)} masks (one per sample), found "
+                raise BadArgumentError(f"control_mask: expected {one_or(b, 'masks')} (one per sample), found "
                                        f"{masks.shape[0]}")
 
             def encode(images, b, noise):
@@ -358,7 +358,7 @@ class ControlNetMixin:
 def _per_sample_rows(control: torch.Tensor, b: int) -> torch.Tensor:
     """Control images (1 or b, C, H, W) as (b, C, H, W): one for every sample, or one each."""
     if control.shape[0] not in (1, b):
-        raise BadArgumentError(f"control_image: expected {one_or(b)} images (one per sample), found "
+        raise BadArgumentError(f"control_image: expected {one_or(b, 'images')} (one per sample), found "
                                f"{control.shape[0]}")
     return control.expand(b, -1, -1, -1)
 

@@ -134,7 +134,7 @@ class ImageInputsMixin:
     def _img2img_size(self, images: torch.Tensor, b: int, height, width, given_latents: bool = False):
         """The images repeated to the batch, and the latent size they fix."""
         if images.shape[0] not in (1, b):
-            raise BadArgumentError(f"image: expected {one_or(b)} images (one per sample), found {images.shape[0]}")
+            raise BadArgumentError(f"image: expected {one_or(b, 'images')} (one per sample), found {images.shape[0]}")
         from .img2img import check_whole_pixels
 
         f = 1 if self.vae is None or given_latents else self.vae.downscale

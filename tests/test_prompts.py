@@ -97,6 +97,14 @@ def test_sd_generate_from_prompts_equals_diffusers_pipeline(sd, cfg, negative):
     assert rel_err(got, want) <= 1e-5
 
 
+@pytest.mark.parametrize("negative", [[], 0, ("a", 2)])
+def test_encode_prompt_refuses_a_negative_prompt_generate_refuses(sd, negative):
+    """([] or 0 read as the empty prompt; generate refused them, encode_prompt encoded "")"""
+    _, pipe = sd
+    with pytest.raises(BadArgumentError, match="negative_prompt: expected a string or a non-empty list of strings"):
+        pipe.encode_prompt("a cat", negative, guided=True)
+
+
 def test_one_prompt_serves_every_sample(sd):
     _, pipe = sd
     one = pipe.generate(2, prompt="a cat", seed=5, steps=3, cfg_scale=3.0, progress=False)
@@ -117,6 +125,9 @@ def test_one_prompt_serves_every_sample(sd):
     (dict(prompt=[]), "non-empty list"),
     (dict(prompt=3), "string"),
     (dict(prompt="a cat", clip_skip=-1), "clip_skip"),
+    (dict(prompt="a cat\ud800"), r"prompt: expected text that UTF-8 can encode, found '\\ud800' .* at character 5"),
+    (dict(prompt=["a cat", "\udc00"], cfg_scale=2.0), r"prompt\[1\]: expected text that UTF-8 can encode"),
+    (dict(prompt="a cat", negative_prompt=["\udfff"], cfg_scale=2.0), r"negative_prompt\[0\]: expected text that UTF-8"),
 ])
 def test_bad_prompt_arguments_are_refused_by_name(sd, kwargs, match):
     _, pipe = sd
@@ -403,11 +414,21 @@ def test_repeated_prompts_come_from_the_cache(sd, monkeypatch):
         edited = pipe.encode_prompt("a cat")
         layer.weight.div_(1.5)
     assert len(calls) == 5 and not torch.equal(edited["encoder_hidden_states"], first["encoder_hidden_states"])
+    # a write through .data bumps no version counter (PEFT's merge_and_unload merges so): the values tell
+    weights = [p for p in enc.parts["text_encoder"].encoder.parameters() if p.dim() == 2][1:3]
+    saved = [w.detach().clone() for w in weights]
+    before = pipe.encode_prompt("a cat")  # (cached at these weights' version counters)
+    for w in weights:
+        w.data += 0.01 * torch.randn(w.shape, generator=torch.Generator().manual_seed(0))
+    merged = pipe.encode_prompt("a cat")
+    for w, old in zip(weights, saved):
+        w.data.copy_(old)
+    assert len(calls) == 7 and not torch.equal(merged["encoder_hidden_states"], before["encoder_hidden_states"])
     long = " ".join(["cat"] * 100)
     for _ in range(2):  # a truncated prompt warns on every call, from the cache too
         with pytest.warns(UserWarning, match="were truncated"):
             pipe.encode_prompt(long)
-    assert calls[-1] == [long] and len(calls) == 6  # encoded once: the second call is a hit
+    assert calls[-1] == [long] and len(calls) == 8  # encoded once: the second call is a hit
     enc.to(dtype=torch.float64)  # another precision: nothing kept from before
     assert len(enc.cache) == 0
     enc.to(dtype=torch.float32)
@@ -728,7 +749,7 @@ def test_sdxl_extra_prompt_rules(sdxl, tmp_path):
         pipe.encode_prompt(PROMPTS, guided=True, negative_prompt_2="a dog")
     with pytest.raises(BadArgumentError, match="negative_prompt_2: given, but cfg_scale == 1"):
         pipe.encode_prompt(PROMPTS, negative_prompt_2="a dog")
-    with pytest.raises(BadArgumentError, match="negative_prompt_2: expected 1 or 3 prompts"):
+    with pytest.raises(BadArgumentError, match="the lists of the same length.*prompt: 3.*negative_prompt_2: 2"):
         pipe.encode_prompt(PROMPTS + ["a cat"], "a dog", guided=True,
                            negative_prompt_2=["a", "b"])
     with pytest.raises(BadArgumentError, match="encode_prompt\\(\\): unexpected arguments \\['prompt_4'\\]"):

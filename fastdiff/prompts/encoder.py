@@ -75,6 +75,7 @@ class PromptEncoder:
         self._lock = threading.RLock()
         self._where = (torch.device("cpu"), torch.float32)
         self.cache = EncodingCache(cache_bytes)
+        self._probe = None  # (the parameters' ids, views of two values of each): see _weights_version
         self.loras: list = []  # [({encoder folder: {module: LoraLayer}}, scale)], merged again after every load
 
     def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "PromptEncoder":
@@ -84,7 +85,7 @@ class PromptEncoder:
             device = torch.device(device) if device is not None else self._where[0]
             new_dtype = dtype or self._where[1]
             if self._parts is not None and new_dtype != self._where[1]:
-                self._parts = None
+                self._parts = self._probe = None  # (the probe's views would keep the old weights alive)
             if (device, new_dtype) != self._where:
                 self.cache.clear()  # encodings made elsewhere, or in another precision
             self._where = (device, new_dtype)
@@ -110,7 +111,7 @@ class PromptEncoder:
                         parts[enc] = load_part(self.folder, tok, enc, length, *self._where, variant=self.variant)
                 for layers, scale in self.loras:  # (a reload in another precision keeps the merged LoRAs)
                     _merge_lora(parts, layers, scale)
-                self._parts = parts
+                self._parts, self._probe = parts, None
             return self._parts
 
     def add_lora(self, layers: dict, scale: float) -> dict:
@@ -130,7 +131,7 @@ class PromptEncoder:
         """Drop the merged LoRAs: the encoders are read again from their folders on the next prompt."""
         with self._lock:
             if self.loras:
-                self.loras, self._parts = [], None
+                self.loras, self._parts, self._probe = [], None, None
                 self.cache.clear()
 
     def max_clip_skip(self) -> Optional[int]:
@@ -168,6 +169,8 @@ class PromptEncoder:
                                    "empty prompt), found None. FLUX.1 dev's distilled strength is guidance=")
         # slot -> texts, as the pipelines pick them (`prompt_2 or prompt`: an empty string falls back too)
         positive = {1: prompt, 2: prompt_2 or prompt, 3: prompt_3 or prompt}
+        if negative_prompt is not None:  # ([] or 0 would read as "" below)
+            prompt_list(negative_prompt, "negative_prompt")
         negative = None  # no unconditional pass, or zeros (SDXL with no negative prompt)
         if guided and not (negative_prompt is None and self.zero_negative):
             first = negative_prompt or ""
@@ -221,10 +224,10 @@ class PromptEncoder:
                  **{(True, enc): prompt_list(negative[slot], _slot_name(slot, True))
                     for enc, slot in slots.items() if negative is not None}}
         b = max(len(texts) for texts in named.values())
-        for (is_negative, enc), texts in named.items():
-            if len(texts) not in (1, b):
-                raise BadArgumentError(f"{_slot_name(slots[enc], is_negative)}: expected 1 or {b} prompts (one per "
-                                       f"sample, as the other prompts), found {len(texts)}")
+        if any(len(texts) not in (1, b) for texts in named.values()):
+            counts = {_slot_name(slots[enc], is_negative): len(texts) for (is_negative, enc), texts in named.items()}
+            raise BadArgumentError("prompts: expected one each, or one per sample in every list (the lists of the "
+                                   "same length), found " + ", ".join(f"{n}: {c}" for n, c in counts.items()))
         lists = {key: texts * b if len(texts) == 1 else texts for key, texts in named.items()}
         by_encoder = [{enc: texts for (is_negative, enc), texts in lists.items() if is_negative == side}
                       for side in (False, True)]
@@ -250,7 +253,7 @@ class PromptEncoder:
 
     def _encode_cached(self, texts: dict, clip_skip: Optional[int], t5_length: Optional[int]) -> dict:
         """``_encode`` through ``self.cache``: one call's prompts (per encoder), options, placement and the encoders'
-        weights (their parameters' in-place version counters) make the key (a whole call, so a hit returns exactly
+        weights (``_weights_version``) make the key (a whole call, so a hit returns exactly
         what encoding that batch returned); a hit gives the encoding's warnings (a truncated prompt) again."""
         self.parts  # loaded first: their weights are part of the key
         key = (tuple((enc, tuple(texts[enc])) for enc in sorted(texts)), clip_skip, t5_length, *self._where,
@@ -266,12 +269,23 @@ class PromptEncoder:
         self.cache.put(key, out, tuple(notes))
         return out
 
-    def _weights_version(self) -> Optional[int]:
-        """A fingerprint of the loaded encoders' parameters (their objects and in-place version counters): an
-        edited or reloaded weight makes earlier encodings stale. None before the encoders load."""
+    def _weights_version(self) -> Optional[tuple]:
+        """A fingerprint of the loaded encoders' parameters: an edited or reloaded weight makes earlier encodings
+        stale. Their objects and in-place version counters see ``load_state_dict``, in-place ops and new modules;
+        a write through ``.data`` (what PEFT's ``merge_and_unload`` does) bumps no counter, so two values of every
+        parameter are read too (a merged update changes nearly all of a weight's values): one gather of 1-element
+        views and one copy to the host per call. None before the encoders load."""
         if self._parts is None:
             return None
-        return hash(tuple((id(p), p._version) for part in self._parts.values() for p in part.encoder.parameters()))
+        params = [p for part in self._parts.values() for p in part.encoder.parameters()]
+        where = tuple((id(p), p.data_ptr()) for p in params)
+        if self._probe is None or self._probe[0] != where:
+            views = [p.detach().reshape(-1)[i:i + 1] for p in params if p.numel()
+                     for i in {p.numel() // 3, (2 * p.numel()) // 3}]  # (views: they read the storage as it is now)
+            self._probe = (where, views)
+        views = self._probe[1]
+        values = torch.cat(views).float().cpu().numpy().tobytes() if views else b""
+        return tuple(p._version for p in params), where, values
 
     @torch.no_grad()
     def _encode(self, texts: dict, clip_skip: Optional[int], t5_length: Optional[int]) -> dict:
@@ -382,4 +396,11 @@ def prompt_list(prompt, name: str) -> list[str]:
     prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else None
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise BadArgumentError(f"{name}: expected a string or a non-empty list of strings, found {prompt!r}")
+    for i, text in enumerate(prompts):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate (json.loads('"\\ud800"') makes one): no tokenizer reads it
+            where = "" if isinstance(prompt, str) else f"[{i}]"
+            raise BadArgumentError(f"{name}{where}: expected text that UTF-8 can encode, found {text[e.start]!r} "
+                                   f"(a lone surrogate) at character {e.start}") from None
     return prompts

@@ -23,6 +23,7 @@ def finite_host_values(name: str, t) -> None:
         raise BadArgumentError(f"{name}: expected finite values, found NaN or inf")
 
 
-def one_or(b: int) -> str:
-    """"1 or 4" for a count that may be one, or one per sample of b; "1" where b is 1."""
-    return "1" if b == 1 else f"1 or {b}"
+def one_or(b: int, noun: str) -> str:
+    """"1 or 4 images" for a count that may be one, or one per sample of b; "1 image" where b is 1 (``noun``:
+    the plural)."""
+    return f"1 {noun[:-1]}" if b == 1 else f"1 or {b} {noun}"
