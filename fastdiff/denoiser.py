@@ -456,19 +456,22 @@ class CFGDenoiser(Denoiser):
             x0 = x0_u + w * (x0_c - x0_u)
         else:
             x0 = torch.cat([x0_u[:, :k] + w * (x0_c[:, :k] - x0_u[:, :k]), x0_c[:, k:]], dim=1)
-        if phi is None:
+        per_sample = phi is not None
+        if per_sample:  # this call's (B,) phi
+            phi = _bcast(phi.to(x0.device), x0)
+        else:
             phi = self.guidance_rescale
             if phi <= 0:
                 return x0
-        else:  # this call's (B,) phi; a 0 row gets its guided x0 back (times 1)
-            phi = _bcast(phi.to(x0.device), x0)
         # rescale_noise_cfg in the network-output space: out = (x0 - c_skip x) / c_out, and the per-sample std
         # ratio does not depend on c_out.
         base = c_skip * x
         g, c = x0 - base, x0_c - base
         dims = list(range(1, x.ndim))
         ratio = c.std(dim=dims, keepdim=True) / g.std(dim=dims, keepdim=True)
-        return base + g * (phi * ratio + (1 - phi))
+        rescaled = base + g * (phi * ratio + (1 - phi))
+        # a row at phi <= 0 keeps its guided x0 exactly, as its own run without the rescale (diffusers: phi > 0)
+        return torch.where(phi > 0, rescaled, x0) if per_sample else rescaled
 
 
 

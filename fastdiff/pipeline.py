@@ -333,7 +333,7 @@ class Pipeline(ControlNetMixin, ImageInputsMixin):
 
     @torch.no_grad()
     def generate(self, n: int = 1, steps: int = 20, sampler: Optional[str] = None, schedule: Optional[str] = None,
-                 cfg_scale=1.0, guidance_rescale: float = 0.0, class_labels=None,
+                 cfg_scale=1.0, guidance_rescale=0.0, class_labels=None,
                  encoder_hidden_states: Optional[torch.Tensor] = None,
                  negative_encoder_hidden_states: Optional[torch.Tensor] = None, seed: Optional[int] = None,
                  seeds: Optional[Sequence[int]] = None, latents: Optional[torch.Tensor] = None,
@@ -357,6 +357,8 @@ class Pipeline(ControlNetMixin, ImageInputsMixin):
             and a captured loop (``graph_scope="loop"``) takes the scales as an input, so a new scale captures
             nothing new. A sample's result does not depend on the others' scales; a sample at 1.0 among guided
             ones is computed guided (equal to its unguided run up to float rounding).
+        guidance_rescale: phi of Lin et al. 2023 (diffusers' ``guidance_rescale``; 0 or less: none), one or one per
+            sample as ``cfg_scale``; an input of a captured loop too.
         text_embeds / time_ids (SDXL-style UNets, ``fastdiff.text_time``): the pooled text embedding (B, P) and
             the micro-conditioning ids (N numbers or (B, N)); ids default to diffusers' (the image's own size,
             no crop). Guided runs also take ``negative_text_embeds`` (and optionally ``negative_time_ids``).
@@ -435,7 +437,6 @@ class Pipeline(ControlNetMixin, ImageInputsMixin):
 
         if output_type not in OUTPUT_TYPES:
             raise BadArgumentError(f"output_type: expected one of {OUTPUT_TYPES}, found {output_type!r}")
-        guidance_rescale = finite_number("guidance_rescale", guidance_rescale)
         crop = None  # padding_mask_crop: the crop inpainted in place of the image, then pasted back
         if padding_mask_crop is not None:
             from .mask_crop import crop_to_mask
@@ -477,7 +478,8 @@ class Pipeline(ControlNetMixin, ImageInputsMixin):
                     raise BadArgumentError(f"mask_image: expected {one_or(b, 'masks')} (one per sample), found "
                                            f"{masks.shape[0]}")
                 masks = masks.expand(b, -1, -1, -1)
-        cfg_scales = _cfg_scales(cfg_scale, b)
+        cfg_scales = _per_sample_numbers("cfg_scale", cfg_scale, b)
+        rescales = _per_sample_numbers("guidance_rescale", guidance_rescale, b)
         guided = any(scale != 1.0 for scale in cfg_scales)
         if latents is not None and height is None and width is None:
             height, width = int(latents.shape[2]), int(latents.shape[3])  # the latents fix the size
@@ -558,7 +560,7 @@ class Pipeline(ControlNetMixin, ImageInputsMixin):
             denoiser = ControlWindow(denoiser)
         extra = dict(cond)
         if getattr(self.runner, "cfg_folded", False):  # an exported graph that guides inside: one call of batch B
-            if guidance_rescale and guided:  # (unguided, the rescale is a no-op, as eager ignores it)
+            if any(r > 0 for r in rescales) and guided:  # (unguided, the rescale is a no-op, as eager ignores it)
                 raise BadArgumentError("guidance_rescale: this CFG-folded graph returns the guided output only, and "
                                        "rescaling needs the conditional pass; export without cfg_folded for it")
             denoiser = FoldedCFGDenoiser(denoiser)
@@ -569,9 +571,8 @@ class Pipeline(ControlNetMixin, ImageInputsMixin):
             denoiser = CFGDenoiser(denoiser, None, guided_channels=self.spec.guided_channels)
             extra["uncond"] = uncond
             extra["guidance_scale"] = torch.tensor(cfg_scales, dtype=torch.float32, device=self.device)  # (B,)
-            if guidance_rescale > 0:  # phi an input too: a captured loop replays for a new value
-                extra["guidance_rescale"] = torch.full((b,), guidance_rescale, dtype=torch.float32,
-                                                       device=self.device)
+            if any(r > 0 for r in rescales):  # phi an input too: a captured loop replays for a new value
+                extra["guidance_rescale"] = torch.tensor(rescales, dtype=torch.float32, device=self.device)  # (B,)
 
         if self.loop_graphs is not None and callback is not None:
             raise BadArgumentError("callback: a captured sampling loop (graph_scope='loop') runs no Python per "
@@ -862,6 +863,8 @@ def _freeze(value):
                 _freeze(value.__kwdefaults__ or {}), cells)
     if callable(value):
         return ("callable", _by_identity(value))
+    if isinstance(value, (bool, np.bool_)):  # (True == 1 and hashes alike: a bool option is no number)
+        return ("bool", bool(value))
     return value
 
 
@@ -874,22 +877,21 @@ def _by_identity(obj):
     return obj
 
 
-def _cfg_scales(cfg_scale, b: int) -> list:
-    """``generate``'s cfg_scale as one float per sample: a number, or 1 or ``b`` of them (a list, an array, a
-    tensor)."""
-    if isinstance(cfg_scale, numbers.Real) and not isinstance(cfg_scale, bool):
-        return [finite_number("cfg_scale", cfg_scale)] * b
+def _per_sample_numbers(name: str, value, b: int) -> list:
+    """``generate``'s cfg_scale / guidance_rescale as one float per sample: a number, or 1 or ``b`` of them (a list,
+    an array, a tensor)."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return [finite_number(name, value)] * b
     try:
-        raw = torch.as_tensor(cfg_scale)
+        raw = torch.as_tensor(value)
     except (TypeError, ValueError, RuntimeError):
-        raise BadArgumentError(f"cfg_scale: expected a finite number, or one per sample, found {cfg_scale!r}") from None
-    # a bool is no scale, also among numbers (where the list's dtype no longer shows it)
-    bools = raw.dtype == torch.bool or (isinstance(cfg_scale, (list, tuple))
-                                        and any(type(v).__name__ in ("bool", "bool_") for v in cfg_scale))
+        raise BadArgumentError(f"{name}: expected a finite number, or one per sample, found {value!r}") from None
+    # a bool is no number here, also among numbers (where the list's dtype no longer shows it)
+    bools = raw.dtype == torch.bool or (isinstance(value, (list, tuple))
+                                        and any(type(v).__name__ in ("bool", "bool_") for v in value))
     if bools or raw.is_complex() or raw.dim() > 1 or raw.numel() not in (1, b):
-        raise BadArgumentError(f"cfg_scale: expected a finite number, or {b} of them (one per sample), found "
-                               f"{cfg_scale!r}")
-    values = [finite_number("cfg_scale", v) for v in raw.to(torch.float64).reshape(-1).tolist()]
+        raise BadArgumentError(f"{name}: expected a finite number, or {b} of them (one per sample), found {value!r}")
+    values = [finite_number(name, v) for v in raw.to(torch.float64).reshape(-1).tolist()]
     return values * b if len(values) == 1 else values
 
 

@@ -785,3 +785,29 @@ def test_real_text_conditioned_with_a_bad_request(real_pipes):
             with pytest.raises(FastdiffError):
                 f.result(TIMEOUT)
     _check_real(rec, reqs, outs)
+
+
+def test_real_guidance_rescale_per_request_shares_a_batch(real_pipes):
+    """guidance_rescale is per sample, as cfg_scale: requests at 0.3, 0.9, none and 0 run in one batch, each equal
+    to its solo run (a row at 0 keeps its guided x0 exactly); True is no rescale value (it equalled 1 as a batch
+    option, and ran)."""
+    pipe = real_pipes("tiny-dit")
+    reqs = [dict(seed=500 + i, steps=3, sampler="dpmpp_2m", class_label=i, cfg_scale=4.0,
+                 **({} if phi is None else dict(guidance_rescale=phi))) for i, phi in enumerate([0.3, 0.9, None, 0.0])]
+    stats = _run_real(pipe, reqs)
+    assert stats["batch_size_hist"] == {4: 1}
+    with Engine(pipe, max_batch=8, max_wait_ms=50) as engine:
+        with pytest.raises(BadArgumentError, match="guidance_rescale: expected a finite number, found True"):
+            engine.submit(seed=1, steps=2, cfg_scale=3.0, class_label=1, guidance_rescale=True).result(TIMEOUT)
+
+
+def test_real_options_at_their_none_default_are_taken(real_pipes):
+    """generate's options given as None (their defaults) are accepted, as generate accepts them (they were refused
+    as "not hashable"), and a bool option does not batch with the number it equals."""
+    pipe = real_pipes("tiny-dit")
+    reqs = [dict(seed=600, steps=2, sampler="ddim", class_label=3, denoising_end=None, denoising_start=None),
+            dict(seed=601, steps=2, sampler="ddim", class_label=4)]
+    _run_real(pipe, reqs)
+    from fastdiff.runtime.engine import _option_key
+
+    assert _option_key(True) != _option_key(1) and _option_key(None) is None

@@ -82,6 +82,12 @@ def test_guidance_rescale_is_an_input_of_the_captured_loop(eager):
     assert rel_err(runs[0.3], runs[0.9]) > 1e-3  # (phi reached the replayed loop)
     assert rel_err(graphed.generate(guidance_rescale=0.0, **kw), eager.generate(**kw)) <= 1e-5
     assert graphed.loop_graphs.captures == 2
+    # one phi per sample (the Engine batches requests so): each row its own run's, the loop the first one
+    both = graphed.generate(guidance_rescale=[0.9, 0.0], **kw)
+    assert graphed.loop_graphs.captures == 2
+    assert rel_err(both[0], runs[0.9][0]) <= 1e-5 and rel_err(both[1], eager.generate(**kw)[1]) <= 1e-5
+    with pytest.raises(fastdiff.errors.BadArgumentError, match=r"guidance_rescale: expected a finite number, or 2"):
+        eager.generate(guidance_rescale=[0.1, 0.2, 0.3], **kw)
 
 
 @pytest.mark.parametrize("scope", ["step", "loop"])

@@ -84,6 +84,7 @@ class _Request:
     added: Dict[str, torch.Tensor]  # text_embeds / time_ids (and negatives), guidance given: one row each
     key: tuple
     future: concurrent.futures.Future
+    guidance_rescale: Optional[float] = None  # per sample as cfg_scale (None: not given, 0 in a batch with others)
     t_submit: float = field(default_factory=time.perf_counter)
     in_flight: bool = False         # taken by the worker and counted in Engine._in_flight
 
@@ -193,9 +194,12 @@ def _own_option(value):
     return value
 
 
+_NO_KEY = object()  # _option_key of a value no key can be made of (None is an option's value, and its own key)
+
+
 def _option_key(value):
     """A hashable key of one option by value (``pipeline._freeze``); a callable whose closure holds something
-    unhashable by identity, as before; None for a value no key can be made of."""
+    unhashable by identity, as before; ``_NO_KEY`` for a value no key can be made of."""
     from ..pipeline import _by_identity
 
     try:
@@ -203,7 +207,7 @@ def _option_key(value):
         hash(key)
         return key
     except (TypeError, RuntimeError, ValueError):  # (an unhashable leaf; a sparse tensor's bytes)
-        return ("callable", _by_identity(value)) if callable(value) else None
+        return ("callable", _by_identity(value)) if callable(value) else _NO_KEY
 
 
 def _group_key(r: _Request) -> tuple:
@@ -217,6 +221,14 @@ def _group_key(r: _Request) -> tuple:
             r.class_label is None, _states_key(r.encoder_hidden_states),
             _states_key(r.negative_encoder_hidden_states), p["options_key"],
             tuple((k, _states_key(v)) for k, v in sorted(r.added.items())))
+
+
+def _rescales(reqs: List[_Request]) -> dict:
+    """generate's ``guidance_rescale``, one per sample, where a request of the batch gave one (0: none)."""
+    given = [r.guidance_rescale for r in reqs]
+    if all(v is None for v in given):
+        return {}  # (a pipe of the Engine's protocol need not take it)
+    return {"guidance_rescale": [0.0 if v is None else v for v in given]}
 
 
 def _percentile(sorted_values: List[float], q: float) -> Optional[float]:
@@ -295,7 +307,7 @@ class Engine:
                schedule=None, text_embeds=None, negative_text_embeds=None, time_ids=None, negative_time_ids=None,
                guidance=None, prompt: Optional[str] = None, negative_prompt: Optional[str] = None,
                image=None, strength: Optional[float] = None, mask_image=None, control_image=None,
-               control_mask=None, **options) -> concurrent.futures.Future:
+               control_mask=None, guidance_rescale: Optional[float] = None, **options) -> concurrent.futures.Future:
         """Queue one sample; the Future resolves to a (C, H, W) tensor.
 
         Thread-safe. Defaults are ``Pipeline.generate``'s (``sampler=None`` / ``schedule=None``: the
@@ -314,8 +326,10 @@ class Engine:
         ``control_image``: this request's ControlNet image, for a pipeline with a ControlNet (``set_controlnet``); it
         fixes the size; ``control_mask``: an SD3 inpainting ControlNet's mask of this request. The ControlNet's other
         options (``controlnet_conditioning_scale``, ``guess_mode``, ...) go in ``options``.
-        ``options``: further ``generate`` keywords shared by a batch (``guidance_rescale``, sampler
-        options such as ``eta``); values must be hashable, and only requests with equal options batch.
+        ``guidance_rescale``: this request's (``Pipeline.generate``'s, per sample): requests of different values
+        share a batch, as of different ``cfg_scale``.
+        ``options``: further ``generate`` keywords shared by a batch (sampler options such as ``eta``, ...); values
+        must be hashable, and only requests with equal options batch.
         A request that fails validation returns an already failed Future (the error is
         ``BadArgumentError``, or whatever its text encoders raised); only a closed engine makes ``submit`` itself
         raise (``EngineClosedError``).
@@ -359,7 +373,8 @@ class Engine:
                          negative_time_ids=negative_time_ids,
                          guidance=None if guidance is None else [finite_number("guidance", guidance)])
             req = self._make_request(fut, seed, class_label, encoder_hidden_states, negative_encoder_hidden_states,
-                                     steps, sampler, cfg_scale, height, width, schedule, options, added, image_rows)
+                                     steps, sampler, cfg_scale, height, width, schedule, options, added, image_rows,
+                                     guidance_rescale)
         except Exception as e:  # a bad request (or a prompt its text encoders could not encode) fails alone
             with self._cv:
                 if self._closed:
@@ -556,7 +571,7 @@ class Engine:
     # ------------------------------------------------------------------------------------ internals
 
     def _make_request(self, fut, seed, class_label, ehs, nehs, steps, sampler, cfg_scale, height, width,
-                      schedule, options, added, image_rows=None) -> _Request:
+                      schedule, options, added, image_rows=None, guidance_rescale=None) -> _Request:
         seed = check_seed(_as_int("seed", seed))  # what Pipeline.generate takes
         class_label = _as_int("class_label", class_label, minimum=0, allow_none=True)
         top = getattr(getattr(self.pipe, "spec", None), "label_bound", None)  # None: generate() checks it
@@ -577,11 +592,13 @@ class Engine:
         # ones made apart batch together)
         options = tuple(sorted((k, _own_option(v)) for k, v in options.items()))
         options_key = tuple((k, _option_key(v)) for k, v in options)
-        bad = [k for (k, v), (_, key) in zip(options, options_key) if key is None]
+        bad = [k for (k, v), (_, key) in zip(options, options_key) if key is _NO_KEY]
         if bad:
             raise BadArgumentError(f"submit options: expected hashable values (or tensors, arrays, lists of them), "
                                    f"found {', '.join(f'{k}={dict(options)[k]!r}' for k in bad)}")
         cfg_scale = finite_number("cfg_scale", cfg_scale)
+        if guidance_rescale is not None:
+            guidance_rescale = finite_number("guidance_rescale", guidance_rescale)
         sampler = _check_name("sampler", sampler, "fastdiff.samplers", "SAMPLERS")
         schedule = _check_name("schedule", schedule, "fastdiff.schedules", "SCHEDULES")
         ehs = _own_copy(_check_states("encoder_hidden_states", ehs))
@@ -597,7 +614,7 @@ class Engine:
         added = {k: _own_copy(_check_row(k, v)) for k, v in added.items() if v is not None}
         if image_rows is not None:  # (C, H, W) each, stacked into generate(image=(B, C, H, W)) like the rows above
             added.update(image_rows)
-        req = _Request(seed, class_label, ehs, nehs, cfg_scale, params, added, (), fut)
+        req = _Request(seed, class_label, ehs, nehs, cfg_scale, params, added, (), fut, guidance_rescale)
         req.key = _group_key(req)
         return req
 
@@ -677,7 +694,7 @@ class Engine:
             cfg_scale=[r.cfg_scale for r in reqs], class_labels=labels, encoder_hidden_states=ehs,
             negative_encoder_hidden_states=nehs, height=p["height"], width=p["width"], output_type="tensor",
             progress=False, **{k: torch.stack([r.added[k] for r in reqs]) for k in reqs[0].added},
-            **dict(p["options"]))
+            **_rescales(reqs), **dict(p["options"]))
         if not torch.is_tensor(out) or out.dim() < 1 or out.shape[0] != len(reqs):
             found = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
             raise FastdiffError(f"pipe.generate: expected a tensor with {len(reqs)} samples on dim 0, found {found}")
