@@ -808,6 +808,6 @@ def test_real_options_at_their_none_default_are_taken(real_pipes):
     reqs = [dict(seed=600, steps=2, sampler="ddim", class_label=3, denoising_end=None, denoising_start=None),
             dict(seed=601, steps=2, sampler="ddim", class_label=4)]
     _run_real(pipe, reqs)
-    from fastdiff.runtime.engine import _option_key
+    from fastdiff.runtime.requests import option_key
 
-    assert _option_key(True) != _option_key(1) and _option_key(None) is None
+    assert option_key(True) != option_key(1) and option_key(None) is None

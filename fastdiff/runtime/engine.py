@@ -8,7 +8,7 @@ An application loads a model once and serves many single-sample requests, each w
         img = await engine.agenerate(seed=7, steps=20)                  # from asyncio code
 
 How it works. ``submit`` validates what is cheap to validate, puts the request on a queue and returns
-a Future. One worker thread groups *compatible* requests (see ``_group_key``: same resolution, steps,
+a Future. One worker thread groups *compatible* requests (see ``requests.group_key``: same resolution, steps,
 sampler, schedule, guided or not, and the same kind/shape of conditioning) into one batch of at most
 ``max_batch`` and calls ``pipe.generate(seeds=[...], ...)`` once for the whole batch.
 
@@ -46,19 +46,18 @@ import collections
 import concurrent.futures
 import math
 import numbers
-import operator
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Dict, List, Optional
 
-import numpy as np
 import torch
 
 from ..errors import BadArgumentError, FastdiffError
-from ..pipeline import _freeze, check_seed
+from ..pipeline import check_seed
 from ..prompts.encoder import EXTRA_PROMPTS
-from ..utils.checks import finite_host_values, finite_number
+from ..utils.checks import finite_number
+from .requests import (NO_KEY, Request, as_int, check_name, check_row, check_states, group_key, option_key, own_copy,
+                       own_option, rescales_of)
 
 __all__ = ["Engine", "EngineClosedError"]
 
@@ -73,162 +72,15 @@ class EngineClosedError(FastdiffError, RuntimeError):
     """``submit`` was called on an Engine that is closed (or closing)."""
 
 
-@dataclass
-class _Request:
-    seed: int
-    class_label: Optional[int]
-    encoder_hidden_states: Optional[torch.Tensor]
-    negative_encoder_hidden_states: Optional[torch.Tensor]
-    cfg_scale: float                # per sample: guided requests of different scales share a batch
-    params: Dict[str, Any]          # steps, sampler, schedule, height, width, options: shared by a batch
-    added: Dict[str, torch.Tensor]  # text_embeds / time_ids (and negatives), guidance given: one row each
-    key: tuple
-    future: concurrent.futures.Future
-    guidance_rescale: Optional[float] = None  # per sample as cfg_scale (None: not given, 0 in a batch with others)
-    t_submit: float = field(default_factory=time.perf_counter)
-    in_flight: bool = False         # taken by the worker and counted in Engine._in_flight
-
-
-# --------------------------------------------------------------------------------------------------
-# Validation (cheap, at submit time)
-# --------------------------------------------------------------------------------------------------
-
-def _as_int(name: str, value, *, minimum: Optional[int] = None, allow_none: bool = False) -> Optional[int]:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or (torch.is_tensor(value) and value.numel() != 1):
-        raise BadArgumentError(f"{name}: expected an integer, found {value!r}")
-    try:
-        v = operator.index(value.item() if torch.is_tensor(value) else value)
-    except TypeError:
-        raise BadArgumentError(f"{name}: expected an integer, found {type(value).__name__} {value!r}") from None
-    if minimum is not None and v < minimum:
-        raise BadArgumentError(f"{name}: expected an integer >= {minimum}, found {v}")
-    return v
-
-
-def _known_names(module: str, attr: str):
-    """A registry of names (samplers, schedules) if that module is there; None means "don't check"."""
-    try:
-        import importlib
-
-        names = getattr(importlib.import_module(module), attr)
-    except Exception:  # the module may not exist yet, or fail to import: generate will judge then
-        return None
-    return tuple(names)
-
-
-def _check_name(name: str, value, module: str, attr: str):
-    if value is None or callable(value):
-        return value
-    if not isinstance(value, str):
-        raise BadArgumentError(f"{name}: expected a name (str), found {type(value).__name__} {value!r}")
-    known = _known_names(module, attr)
-    if known is not None and value not in known:
-        raise BadArgumentError(f"{name}: expected one of {sorted(known)}, found {value!r}")
-    return value
-
-
-def _check_states(name: str, states) -> Optional[torch.Tensor]:
-    if states is None:
-        return None
-    if not torch.is_tensor(states):
-        raise BadArgumentError(f"{name}: expected a (M, D) tensor for one request, found {type(states).__name__}")
-    if states.dim() != 2:
-        raise BadArgumentError(f"{name}: expected a (M, D) tensor for one request (the Engine stacks requests "
-                               f"into (B, M, D)), found shape {tuple(states.shape)}")
-    if not states.is_floating_point():
-        raise BadArgumentError(f"{name}: expected a floating-point tensor, found {states.dtype}")
-    finite_host_values(name, states)
-    return states
-
-
 # per-request conditioning beyond the text states (SDXL's pooled text and ids, SD3's / Flux's pooled text, Flux dev's
 # guidance): one 1-d row each, stacked into (B, ...) per batch
 _ADDED_INPUTS = ("text_embeds", "negative_text_embeds", "time_ids", "negative_time_ids", "guidance")
-
-
-def _check_row(name: str, value) -> torch.Tensor:
-    """One request's row of ``_ADDED_INPUTS``: a 1-d tensor of numbers (a list or an array accepted)."""
-    try:
-        t = value if torch.is_tensor(value) else torch.as_tensor(value, dtype=torch.float32)
-    except (TypeError, ValueError, RuntimeError):
-        raise BadArgumentError(f"{name}: expected a 1-d tensor or a list of numbers for one request, found "
-                               f"{type(value).__name__} {value!r}") from None
-    if t.dim() != 1 or not t.is_floating_point() and t.dtype not in (torch.int32, torch.int64):
-        raise BadArgumentError(f"{name}: expected a 1-d tensor of numbers for one request (the Engine stacks "
-                               f"requests into (B, ...)), found shape {tuple(t.shape)}, {t.dtype}")
-    return t
 
 
 def _cancel_submitted(submitting: "asyncio.Future") -> None:
     """Cancel the request behind an ``asubmit`` whose caller gave up while ``submit`` still ran in the executor."""
     if not submitting.cancelled() and submitting.exception() is None:
         submitting.result().cancel()  # not started yet: the worker drops it; started: it finishes, unread
-
-
-def _own_copy(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """A request's own copy of a tensor it was given: the caller may reuse its buffer once ``submit`` returns,
-    while the request waits for its batch (a copy on the tensor's device; text states are a few hundred KB)."""
-    return None if t is None else t.detach().clone()
-
-
-def _states_key(states: Optional[torch.Tensor]):
-    # Stacking needs the same shape, dtype and device.
-    return None if states is None else (tuple(states.shape), states.dtype, str(states.device))
-
-
-def _own_option(value):
-    """A ``submit`` option as the request keeps it: tensors and arrays (DDIM's ``sigmas_to``, say) copied, inside
-    lists and tuples too."""
-    if torch.is_tensor(value):
-        return value.detach().clone()
-    if isinstance(value, np.ndarray):
-        return value.copy()
-    if isinstance(value, dict):
-        return {k: _own_option(v) for k, v in value.items()}
-    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a namedtuple
-        return type(value)(*(_own_option(v) for v in value))
-    if isinstance(value, (list, tuple)):
-        return type(value)(_own_option(v) for v in value)
-    return value
-
-
-_NO_KEY = object()  # _option_key of a value no key can be made of (None is an option's value, and its own key)
-
-
-def _option_key(value):
-    """A hashable key of one option by value (``pipeline._freeze``); a callable whose closure holds something
-    unhashable by identity, as before; ``_NO_KEY`` for a value no key can be made of."""
-    from ..pipeline import _by_identity
-
-    try:
-        key = _freeze(value)
-        hash(key)
-        return key
-    except (TypeError, RuntimeError, ValueError):  # (an unhashable leaf; a sparse tensor's bytes)
-        return ("callable", _by_identity(value)) if callable(value) else _NO_KEY
-
-
-def _group_key(r: _Request) -> tuple:
-    """Requests with equal keys can share one ``generate`` call without changing any sample."""
-    p = r.params
-    sampler = p["sampler"]
-    sampler = ("callable", id(sampler)) if callable(sampler) else sampler
-    schedule = p["schedule"]
-    schedule = ("callable", id(schedule)) if callable(schedule) else schedule
-    return (p["height"], p["width"], p["steps"], sampler, schedule, r.cfg_scale != 1.0,
-            r.class_label is None, _states_key(r.encoder_hidden_states),
-            _states_key(r.negative_encoder_hidden_states), p["options_key"],
-            tuple((k, _states_key(v)) for k, v in sorted(r.added.items())))
-
-
-def _rescales(reqs: List[_Request]) -> dict:
-    """generate's ``guidance_rescale``, one per sample, where a request of the batch gave one (0: none)."""
-    given = [r.guidance_rescale for r in reqs]
-    if all(v is None for v in given):
-        return {}  # (a pipe of the Engine's protocol need not take it)
-    return {"guidance_rescale": [0.0 if v is None else v for v in given]}
 
 
 def _percentile(sorted_values: List[float], q: float) -> Optional[float]:
@@ -268,7 +120,7 @@ class Engine:
             raise BadArgumentError("decode=True: this pipeline has no VAE decoder (fastdiff.load(..., vae=...))")
         self.decode = bool(decode)
         self.pipe = pipe
-        self.max_batch = _as_int("max_batch", max_batch, minimum=1)
+        self.max_batch = as_int("max_batch", max_batch, minimum=1)
         if (isinstance(max_wait_ms, bool) or not isinstance(max_wait_ms, numbers.Real)
                 or not math.isfinite(max_wait_ms) or max_wait_ms < 0):
             raise BadArgumentError(f"max_wait_ms: expected a finite number >= 0, found {max_wait_ms!r}")
@@ -429,7 +281,7 @@ class Engine:
                 raise BadArgumentError(f"{name}: expected one {name.split('_')[-1]} per request, found {rows.shape[0]}")
         _, height, width = pipe._img2img_size(images, 1, height, width, given_latents)
         if not refines:
-            strength, _ = pipe._img2img_strength(strength, _as_int("steps", steps, minimum=1),
+            strength, _ = pipe._img2img_strength(strength, as_int("steps", steps, minimum=1),
                                                  inpaints=masks is not None)
         rows = {"image": images[0].clone()}
         if masks is not None:
@@ -502,7 +354,7 @@ class Engine:
         ``CancelledError``); the batch already running is allowed to finish. Idempotent. ``timeout``
         bounds the wait for the worker (None: wait until it is done).
         """
-        to_cancel: List[_Request] = []
+        to_cancel: List[Request] = []
         with self._cv:
             self._closed = True
             if cancel_pending:
@@ -571,16 +423,16 @@ class Engine:
     # ------------------------------------------------------------------------------------ internals
 
     def _make_request(self, fut, seed, class_label, ehs, nehs, steps, sampler, cfg_scale, height, width,
-                      schedule, options, added, image_rows=None, guidance_rescale=None) -> _Request:
-        seed = check_seed(_as_int("seed", seed))  # what Pipeline.generate takes
-        class_label = _as_int("class_label", class_label, minimum=0, allow_none=True)
+                      schedule, options, added, image_rows=None, guidance_rescale=None) -> Request:
+        seed = check_seed(as_int("seed", seed))  # what Pipeline.generate takes
+        class_label = as_int("class_label", class_label, minimum=0, allow_none=True)
         top = getattr(getattr(self.pipe, "spec", None), "label_bound", None)  # None: generate() checks it
         if class_label is not None and isinstance(top, int) and class_label >= top:
             raise BadArgumentError(f"class_label: expected a label in [0, {top - 1}] for this model, found "
                                    f"{class_label}")
-        steps = _as_int("steps", steps, minimum=1)
-        height = _as_int("height", height, minimum=1, allow_none=True)
-        width = _as_int("width", width, minimum=1, allow_none=True)
+        steps = as_int("steps", steps, minimum=1)
+        height = as_int("height", height, minimum=1, allow_none=True)
+        width = as_int("width", width, minimum=1, allow_none=True)
         if self._default_hw is not None:
             # None means the model's size: spell it out so that "None" and "16" requests batch together.
             height = self._default_hw[0] if height is None else height
@@ -590,19 +442,19 @@ class Engine:
             raise BadArgumentError(f"submit: {reserved} cannot be set per request (the Engine sets them)")
         # (tensors and arrays copied: the caller may reuse its buffer once submit returns; keyed by value, so equal
         # ones made apart batch together)
-        options = tuple(sorted((k, _own_option(v)) for k, v in options.items()))
-        options_key = tuple((k, _option_key(v)) for k, v in options)
-        bad = [k for (k, v), (_, key) in zip(options, options_key) if key is _NO_KEY]
+        options = tuple(sorted((k, own_option(v)) for k, v in options.items()))
+        options_key = tuple((k, option_key(v)) for k, v in options)
+        bad = [k for (k, v), (_, key) in zip(options, options_key) if key is NO_KEY]
         if bad:
             raise BadArgumentError(f"submit options: expected hashable values (or tensors, arrays, lists of them), "
                                    f"found {', '.join(f'{k}={dict(options)[k]!r}' for k in bad)}")
         cfg_scale = finite_number("cfg_scale", cfg_scale)
         if guidance_rescale is not None:
             guidance_rescale = finite_number("guidance_rescale", guidance_rescale)
-        sampler = _check_name("sampler", sampler, "fastdiff.samplers", "SAMPLERS")
-        schedule = _check_name("schedule", schedule, "fastdiff.schedules", "SCHEDULES")
-        ehs = _own_copy(_check_states("encoder_hidden_states", ehs))
-        nehs = _own_copy(_check_states("negative_encoder_hidden_states", nehs))
+        sampler = check_name("sampler", sampler, "fastdiff.samplers", "SAMPLERS")
+        schedule = check_name("schedule", schedule, "fastdiff.schedules", "SCHEDULES")
+        ehs = own_copy(check_states("encoder_hidden_states", ehs))
+        nehs = own_copy(check_states("negative_encoder_hidden_states", nehs))
         if nehs is not None:
             if ehs is None:
                 raise BadArgumentError("negative_encoder_hidden_states: given without encoder_hidden_states")
@@ -611,14 +463,14 @@ class Engine:
                                        f"{tuple(ehs.shape)}, found {tuple(nehs.shape)}")
         params = dict(steps=steps, sampler=sampler, schedule=schedule, height=height,
                       width=width, options=options, options_key=options_key)
-        added = {k: _own_copy(_check_row(k, v)) for k, v in added.items() if v is not None}
+        added = {k: own_copy(check_row(k, v)) for k, v in added.items() if v is not None}
         if image_rows is not None:  # (C, H, W) each, stacked into generate(image=(B, C, H, W)) like the rows above
             added.update(image_rows)
-        req = _Request(seed, class_label, ehs, nehs, cfg_scale, params, added, (), fut, guidance_rescale)
-        req.key = _group_key(req)
+        req = Request(seed, class_label, ehs, nehs, cfg_scale, params, added, (), fut, guidance_rescale)
+        req.key = group_key(req)
         return req
 
-    def _next_batch(self) -> Optional[List[_Request]]:
+    def _next_batch(self) -> Optional[List[Request]]:
         """Block until a batch is ready (see the module docstring) and pop it; None when it is time to stop."""
         with self._cv:
             while True:
@@ -656,7 +508,7 @@ class Engine:
             self._serve(batch)
             del batch  # an idle worker holds no request of the last batch (their Futures, results, tensors)
 
-    def _serve(self, batch: List[_Request]) -> None:
+    def _serve(self, batch: List[Request]) -> None:
         """Run one batch (its locals, and so its requests, are gone when this returns)."""
         try:
             # A request whose Future was cancelled while queued is dropped here.
@@ -677,13 +529,13 @@ class Engine:
                 for r in batch:
                     self._release(r)
 
-    def _release(self, r: _Request) -> None:
+    def _release(self, r: Request) -> None:
         """Stop counting ``r`` as in flight (once; the caller holds ``self._cv``)."""
         if r.in_flight:
             r.in_flight = False
             self._in_flight -= 1
 
-    def _generate(self, reqs: List[_Request]) -> torch.Tensor:
+    def _generate(self, reqs: List[Request]) -> torch.Tensor:
         p = reqs[0].params
         labels = None if reqs[0].class_label is None else [r.class_label for r in reqs]
         ehs = None if reqs[0].encoder_hidden_states is None else torch.stack([r.encoder_hidden_states for r in reqs])
@@ -694,7 +546,7 @@ class Engine:
             cfg_scale=[r.cfg_scale for r in reqs], class_labels=labels, encoder_hidden_states=ehs,
             negative_encoder_hidden_states=nehs, height=p["height"], width=p["width"], output_type="tensor",
             progress=False, **{k: torch.stack([r.added[k] for r in reqs]) for k in reqs[0].added},
-            **_rescales(reqs), **dict(p["options"]))
+            **rescales_of(reqs), **dict(p["options"]))
         if not torch.is_tensor(out) or out.dim() < 1 or out.shape[0] != len(reqs):
             found = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
             raise FastdiffError(f"pipe.generate: expected a tensor with {len(reqs)} samples on dim 0, found {found}")
@@ -702,7 +554,7 @@ class Engine:
             out = self.pipe.decode(out)  # (B, 3, H, W): the batch's images at once
         return out
 
-    def _run_batch(self, reqs: List[_Request]) -> None:
+    def _run_batch(self, reqs: List[Request]) -> None:
         with self._cv:
             self._batches += 1
             self._hist[len(reqs)] += 1
@@ -725,7 +577,7 @@ class Engine:
             # clone: each result owns its memory instead of keeping the whole batch tensor alive.
             self._finish(r, result=out[i].clone())
 
-    def _finish(self, r: _Request, result=None, exc: Optional[BaseException] = None) -> None:
+    def _finish(self, r: Request, result=None, exc: Optional[BaseException] = None) -> None:
         # The counters change before the Future resolves: whoever wakes on result() (or a done-callback) and reads
         # stats() then sees this request finished, not in flight.
         if exc is not None:
