@@ -128,6 +128,9 @@ def register(sub) -> None:
     p.add_argument("--output-latents", default=None, metavar="OUT.safetensors",
                    help="also write the raw samples (B, C, H, W float32) as safetensors key 'latents'; "
                         "required for latent models, which need a VAE fastdiff does not ship")
+    p.add_argument("--vae-tiling", action="store_true",
+                   help="decode (and encode --image) in overlapping tiles, as diffusers' vae.enable_tiling(): memory "
+                        "of one tile whatever the size, seams blended (the result differs slightly near them)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_load_arguments(p)
     p.set_defaults(func=run)
@@ -433,6 +436,10 @@ def run(args) -> int:
         raise BadArgumentError(f"--control-image: this model is driven by {getattr(control, 'count', None) or 1} "
                                f"ControlNet(s): expected one --control-image COND.png each, found "
                                f"{len(args.control_image or [])}")
+    if args.vae_tiling:
+        if pipe.vae is None:
+            raise BadArgumentError(f"--vae-tiling: {args.model} has no VAE to tile (pass --vae FOLDER)")
+        pipe.vae.enable_tiling()
     t_load = time.perf_counter() - t0
     spec = pipe.spec
 

@@ -24,6 +24,7 @@ from ..utils.strict_dict import check_field_types, diffusers_fields, known_field
 from .layers import GroupNorm
 from .unet import ResnetBlock, Upsample
 from .vae_encoder import VAE_EPS, Encoder, split_moments, vae_mid_block
+from .vae_tiling import VAETiling
 
 
 @dataclass
@@ -131,9 +132,10 @@ class Decoder(nn.Module):
         return self.conv_out(self.conv_norm_out(h))  # (B, out, H, W)
 
 
-class VAEDecoder(nn.Module):
+class VAEDecoder(VAETiling, nn.Module):
     """``post_quant_conv`` + ``decoder``: what turns a sampler's latents into images; and, when the weights carry
-    it (``with_encoder``), diffusers' ``encoder`` + ``quant_conv``: what turns images into latents (img2img)."""
+    it (``with_encoder``), diffusers' ``encoder`` + ``quant_conv``: what turns images into latents (img2img).
+    ``enable_tiling()`` / ``enable_slicing()`` as diffusers' AutoencoderKL (``fastdiff.models.vae_tiling``)."""
 
     def __init__(self, config: VAEConfig, with_encoder: bool = False):
         super().__init__()
@@ -169,7 +171,7 @@ class VAEDecoder(nn.Module):
                                    f"{tuple(latents.shape)}")
         p = next(self.parameters())
         z = latents.to(p.device, torch.float32) / c.scaling_factor + (c.shift_factor or 0.0)
-        return self(z.to(p.dtype)).float().clamp(-1, 1)
+        return self._sliced(z.to(p.dtype), self._decode_unscaled).float().clamp(-1, 1)
 
     def encode(self, images: torch.Tensor, noise=None) -> torch.Tensor:
         """Images (B, in, H, W) in [-1, 1] -> float32 latents in the sampler's scaling (the pipelines'
@@ -185,9 +187,7 @@ class VAEDecoder(nn.Module):
             raise BadArgumentError(f"images: expected (B, {c.in_channels}, H, W) with H and W multiples of {f} for "
                                    f"this VAE, found {tuple(images.shape)}")
         p = next(self.parameters())
-        moments = self.encoder(images.to(p.device, p.dtype))
-        if self.quant_conv is not None:
-            moments = self.quant_conv(moments)
+        moments = self._sliced(images.to(p.device, p.dtype), self._moments)  # (B, 2z, H / f, W / f)
         mean, logvar = split_moments(moments.float())  # (B, z, H / f, W / f) each
         z = mean if noise is None else mean + torch.exp(0.5 * logvar) * noise.randn(mean.shape[1:]).to(mean.device)
         return (z - (c.shift_factor or 0.0)) * c.scaling_factor
