@@ -6,8 +6,8 @@ Graph interface::
     latents  (B, z, h, w)  float32: the sampler's latents, as ``generate(output_type="tensor")`` returns them
     -> image (B, 3, 8h, 8w) float32 in [-1, 1]
 
-The latent scaling (``latents / scaling_factor + shift_factor``) and the final clamp are inside the graph, so a
-consumer feeds the sampler's output directly. Height and width are dynamic unless asked otherwise; the VAE config
+The latent scaling (``VAEDecoder.unscale``: ``latents / scaling_factor + shift_factor``, or SDXL's per-channel
+statistics) and the final clamp are inside the graph, so a consumer feeds the sampler's output directly. Height and width are dynamic unless asked otherwise; the VAE config
 is stored in the file's metadata (``fastdiff.vae``). Written atomically, like the network's export.
 """
 
@@ -36,8 +36,7 @@ class _DecodeGraph(nn.Module):
         self.vae, self.dtype = vae, dtype
 
     def forward(self, latents):
-        c = self.vae.config
-        z = latents.float() / c.scaling_factor + (c.shift_factor or 0.0)  # (B, z, h, w)
+        z = self.vae.unscale(latents.float())  # (B, z, h, w)
         return self.vae(z.to(self.dtype)).float().clamp(-1, 1)  # (B, 3, 8h, 8w)
 
 

@@ -14,10 +14,18 @@ import sys
 COMMANDS = ("generate", "export", "bench", "info")
 
 
+class _OneLineErrors(argparse.ArgumentParser):
+    """argparse's own errors (an unknown flag, a bad choice) as one line too, not the usage block first; its
+    subcommands' parsers are of this class as well (add_subparsers makes them of the parent's)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _OneLineErrors(
         prog="fastdiff",
         description="fastdiff: fast inference for diffusion models (UNet, DiT) - generate images, export "
                     "ONNX / TensorRT artifacts, benchmark latency, inspect the machine.")

@@ -70,6 +70,11 @@ def unit_images(image, channels: int, raw: bool = False) -> torch.Tensor:
     if isinstance(image, (list, tuple)):
         if not image:
             raise BadArgumentError("image: expected an image or a non-empty list of them, found an empty list")
+        if not raw and all(isinstance(im, torch.Tensor) for im in image) and \
+                all(im.dim() in (3, 4) for im in image) and len({im.shape[-3:] for im in image}) == 1:
+            # (one batch, as diffusers concatenates the list first: one negative value anywhere makes every
+            # tensor of it [-1, 1])
+            return _from_torch(torch.cat([im if im.dim() == 4 else im[None] for im in image]), channels)
         parts = [unit_images(im, channels, raw) for im in image]
         if len({p.shape[1:] for p in parts}) > 1:
             raise BadArgumentError(f"image: expected images of one size, found {[tuple(p.shape[2:]) for p in parts]}")
@@ -78,7 +83,12 @@ def unit_images(image, channels: int, raw: bool = False) -> torch.Tensor:
         if image.mode not in _PIL_8BIT_MODES:  # (convert() would clip 16-bit and float pixels to 255 silently)
             raise BadArgumentError(f"image: expected an 8-bit PIL image, found mode {image.mode!r} (16-bit or float "
                                    f"pixels); convert it to 8 bits first, or pass an array in [0, 1]")
-        image = np.asarray(image.convert("RGB" if channels == 3 else "L"))
+        try:
+            image = np.asarray(image.convert("RGB" if channels == 3 else "L"))
+        except ValueError as e:  # (Pillow converts some modes to RGB only)
+            raise BadArgumentError(f"image: a PIL image of mode {image.mode!r}, which Pillow cannot convert to "
+                                   f"{'RGB' if channels == 3 else 'L (one channel)'} ({e}); convert it to RGB or L "
+                                   f"first") from None
     if isinstance(image, np.ndarray):
         return _from_numpy(image, channels, raw)
     if isinstance(image, torch.Tensor):
@@ -89,6 +99,7 @@ def unit_images(image, channels: int, raw: bool = False) -> torch.Tensor:
 
 # PIL modes of 8-bit channels (or 1-bit), which convert("RGB" / "L") reads faithfully
 _PIL_8BIT_MODES = ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")
+# (Pillow reads some of them to RGB only, or to neither: "La" -> "L" and "LAB" -> "L" raise ValueError)
 
 
 def _is_pil(image) -> bool:
@@ -101,13 +112,15 @@ def _is_pil(image) -> bool:
 
 def _from_numpy(a: np.ndarray, channels: int, raw: bool = False) -> torch.Tensor:
     """(H, W), (H, W, C) or (B, H, W, C); uint8 in [0, 255] or floats in [0, 1]."""
+    given = a.shape
     if a.ndim == 2:
         a = a[:, :, None]
     if a.ndim == 3:
         a = a[None]
     if a.ndim != 4 or a.shape[-1] != channels:
         raise BadArgumentError(f"image: expected a NumPy array (H, W, {channels}) or (B, H, W, {channels}), found "
-                               f"shape {a.shape}")
+                               f"shape {given}" + (" (channels first? NumPy images are channels last)"
+                                                   if len(given) == 3 and given[0] == channels else ""))
     _check_not_empty(a.shape[:3])
     if a.dtype == np.uint8:
         unit = a.astype(np.float32) / 255.0

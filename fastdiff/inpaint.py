@@ -50,9 +50,13 @@ def unit_masks(mask, images: torch.Tensor, binarize_tensors: bool = True, upscal
     masks = _raw_masks(mask)
     size = tuple(upscale * v for v in images.shape[2:])
     if tuple(masks.shape[2:]) != size:
+        given = tuple(mask.shape) if isinstance(mask, (np.ndarray, torch.Tensor)) else None
         raise BadArgumentError(f"mask_image: expected the image's size {size}" + (
             f" (its latents' {tuple(images.shape[2:])} times {upscale} pixels)" if upscale != 1 else "")
-            + f", found {tuple(masks.shape[2:])} (fastdiff does not resize)")
+            + f", found {tuple(masks.shape[2:])} (fastdiff does not resize)" + (
+            f"; the {'array' if isinstance(mask, np.ndarray) else 'tensor'} of shape {given} reads as "
+            f"{tuple(masks.shape)} (masks, 1, H, W), as diffusers' mask processor reads it"
+            if given is not None and given != tuple(masks.shape) else ""))
     return masks if torch.is_tensor(mask) and not binarize_tensors else (masks >= 0.5).float()
 
 

@@ -43,6 +43,11 @@ class Pipeline(ControlNetMixin, ImageInputsMixin):
         prompt_encoder: a ``fastdiff.prompts.PromptEncoder`` (the folder's tokenizers and text encoders)."""
         if model is None and runner is None:
             raise BadArgumentError("Pipeline needs a model or a runner, found neither")
+        if vae is not None and vae.config.latent_channels != spec.in_channels:
+            raise BadArgumentError(f"vae: its latents have {vae.config.latent_channels} channels and this "
+                                   f"{spec.kind} network samples {spec.in_channels}"
+                                   + (" (a pixel model: it takes no VAE)" if spec.in_channels in (1, 3) else "")
+                                   + "; expected the VAE the network was trained with")
         self.model = model
         self.spec = spec
         self.device = torch.device(device)
@@ -437,6 +442,10 @@ class Pipeline(ControlNetMixin, ImageInputsMixin):
 
         if output_type not in OUTPUT_TYPES:
             raise BadArgumentError(f"output_type: expected one of {OUTPUT_TYPES}, found {output_type!r}")
+        if output_type != "tensor" and self.vae is None and self.spec.in_channels not in (1, 3):
+            raise BadArgumentError(f"output_type={output_type!r}: images of a latent model ({self.spec.in_channels} "
+                                   f"channels) come from a VAE, and this pipeline has none (fastdiff.load(..., "
+                                   f"vae='AutoencoderKL folder')); output_type='tensor' returns the latents")
         crop = None  # padding_mask_crop: the crop inpainted in place of the image, then pasted back
         if padding_mask_crop is not None:
             from .mask_crop import crop_to_mask
@@ -533,7 +542,8 @@ class Pipeline(ControlNetMixin, ImageInputsMixin):
                                           guided)
         added, added_uncond = text_time_conditioning(
             self.spec, b, (h, w), guided, self.device, self._network_dtype(), text_embeds=text_embeds,
-            negative_text_embeds=negative_text_embeds, time_ids=time_ids, negative_time_ids=negative_time_ids)
+            negative_text_embeds=negative_text_embeds, time_ids=time_ids, negative_time_ids=negative_time_ids,
+            **({} if self.vae is None else dict(scale=self.vae.downscale)))  # (default ids in the VAE's pixels)
         cond.update(added)
         uncond.update(added_uncond)
         # (both CFG passes share it; FluxImg2Img / FluxInpaintPipeline default to 7, FluxPipeline to 3.5)
@@ -921,6 +931,9 @@ def _as_latents(latents) -> Optional[torch.Tensor]:
         latents = torch.from_numpy(np.array(latents, dtype=np.float32))  # a copy: any strides, writable
     if latents.dim() != 4:
         raise BadArgumentError(f"latents: expected a (B, C, H, W) tensor, found shape {tuple(latents.shape)}")
+    if not latents.is_floating_point() or not bool(torch.isfinite(latents).all()):  # (an all-NaN sample, else)
+        raise BadArgumentError("latents: expected finite float values, found " + (
+            str(latents.dtype) if not latents.is_floating_point() else "NaN or inf"))
     return latents
 
 

@@ -11,7 +11,8 @@ them here, as ``StableDiffusionXLPipeline._get_add_time_ids`` does:
   aesthetic score of 6.0 (positive) and 2.5 (negative), diffusers' img2img defaults. The negative ids default to
   the positive original size, no crop and the score 2.5, as diffusers' defaults make them.
 
-Image pixels are latent pixels times the VAE's scale factor, 8 for every SDXL VAE.
+Image pixels are latent pixels times the VAE's scale factor (8 for every SDXL VAE; the pipeline's own VAE's when it
+has one, as diffusers' ``vae_scale_factor``).
 """
 
 from __future__ import annotations
@@ -26,9 +27,11 @@ VAE_SCALE_FACTOR = 8
 AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE = 6.0, 2.5  # diffusers' StableDiffusionXLImg2ImgPipeline defaults
 
 
-def default_time_ids(ids: int, height: int, width: int, negative: bool = False) -> list[float]:
-    """The ids diffusers' SDXL pipelines build for a (height, width) *latent* with no size / crop arguments."""
-    h, w = height * VAE_SCALE_FACTOR, width * VAE_SCALE_FACTOR
+def default_time_ids(ids: int, height: int, width: int, negative: bool = False,
+                     scale: int = VAE_SCALE_FACTOR) -> list[float]:
+    """The ids diffusers' SDXL pipelines build for a (height, width) *latent* with no size / crop arguments
+    (``scale``: image pixels per latent pixel)."""
+    h, w = height * scale, width * scale
     if ids == 6:
         return [h, w, 0, 0, h, w]
     if ids == 5:
@@ -39,9 +42,10 @@ def default_time_ids(ids: int, height: int, width: int, negative: bool = False) 
 
 def text_time_conditioning(spec: ModelSpec, b: int, size: tuple[int, int], guided: bool, device, dtype, *,
                            text_embeds=None, negative_text_embeds=None, time_ids=None,
-                           negative_time_ids=None) -> tuple[dict, dict]:
+                           negative_time_ids=None, scale: int = VAE_SCALE_FACTOR) -> tuple[dict, dict]:
     """(cond, uncond) keyword tensors for a model with a pooled text input (SDXL-style UNets, SD3); both empty for
-    any other model (which then must not be given any of these arguments). Time ids only where the model takes them.
+    any other model (which then must not be given any of these arguments). Time ids only where the model takes them
+    (``scale``: the VAE's image pixels per latent pixel, for the default ids).
     """
     given = {k: v for k, v in dict(text_embeds=text_embeds, negative_text_embeds=negative_text_embeds,
                                    time_ids=time_ids, negative_time_ids=negative_time_ids).items() if v is not None}
@@ -72,12 +76,12 @@ def text_time_conditioning(spec: ModelSpec, b: int, size: tuple[int, int], guide
         return cond, uncond
     explicit_ids = time_ids is not None
     if time_ids is None:
-        time_ids = default_time_ids(spec.time_ids_dim, *size)
+        time_ids = default_time_ids(spec.time_ids_dim, *size, scale=scale)
     cond["time_ids"] = _ids(time_ids, spec, b, "time_ids", device, dtype)
     if guided:
         if negative_time_ids is None:  # as diffusers: the same sizes and crop; the refiner's negative score
             if not explicit_ids:
-                negative_time_ids = default_time_ids(spec.time_ids_dim, *size, negative=True)
+                negative_time_ids = default_time_ids(spec.time_ids_dim, *size, negative=True, scale=scale)
             elif spec.time_ids_dim == 5:  # diffusers' img2img: its negative crop corner defaults to (0, 0) too
                 negative_time_ids = cond["time_ids"].clone()
                 negative_time_ids[:, 2:4] = 0

@@ -123,14 +123,16 @@ def _text_kwargs(e: dict, guided: bool) -> dict:
     return kw
 
 
-def sdxl_pair(folder, pipeline="StableDiffusionXLImg2ImgPipeline", index="StableDiffusionXLPipeline", **unet_config):
-    """(fastdiff's pipeline, diffusers' ``pipeline``) on one tiny SDXL UNet (with ``unet_config``) and VAE."""
+def sdxl_pair(folder, pipeline="StableDiffusionXLImg2ImgPipeline", index="StableDiffusionXLPipeline", vae_config=None,
+              **unet_config):
+    """(fastdiff's pipeline, diffusers' ``pipeline``) on one tiny SDXL UNet (with ``unet_config``) and VAE (with
+    ``vae_config``)."""
     from test_sdxl import SCHEDULER, UNET
 
     torch.manual_seed(0)
     unet = perturb_(diffusers.UNet2DConditionModel(**{**UNET, **unet_config}).eval(), 0)
     scheduler = diffusers.EulerDiscreteScheduler(**SCHEDULER)
-    vae = vae_reference(dict(SD_VAE, scaling_factor=0.13025), seed=2)
+    vae = vae_reference(dict(SD_VAE, scaling_factor=0.13025, **(vae_config or {})), seed=2)
     pipe = fastdiff.load(_folder(folder, "unet", unet, scheduler, vae, index))
     ref = diffusers_pipeline(pipeline)(
         vae=vae, unet=unet, scheduler=scheduler, text_encoder=None, text_encoder_2=None, tokenizer=None,
@@ -139,19 +141,21 @@ def sdxl_pair(folder, pipeline="StableDiffusionXLImg2ImgPipeline", index="Stable
     return pipe, ref
 
 
-@pytest.mark.parametrize("cfg", [1.0, 5.0])
-def test_sdxl_img2img_equals_diffusers(tmp_path, cfg):
-    """SDXL's img2img: its default strength 0.3, micro-conditioning of the image's own size."""
+@pytest.mark.parametrize("cfg, stats", [(1.0, False), (5.0, False), (5.0, True)])
+def test_sdxl_img2img_equals_diffusers(tmp_path, cfg, stats):
+    """SDXL's img2img: its default strength 0.3, micro-conditioning of the image's own size (stats: a VAE with
+    per-channel latents_mean / latents_std, which the pipeline encodes with)."""
     from test_sdxl import _embeds
 
-    pipe, ref = sdxl_pair(tmp_path)
+    pipe, ref = sdxl_pair(tmp_path, vae_config=dict(latents_mean=[0.3, -0.2, 0.1, 0.5],
+                                                    latents_std=[0.8, 1.3, 0.6, 1.1]) if stats else None)
 
     e, images = {k: v for k, v in _embeds().items() if k != "latents"}, _images()
     want = ref(image=images.clone(), num_inference_steps=10, guidance_scale=cfg, generator=_generators(),
                output_type="latent", **{k: v.clone() for k, v in e.items()}).images
-    # (fastdiff's default ids take every SDXL VAE's 8 pixels per latent pixel; this tiny VAE has 2)
+    # (the default ids in the pipeline's VAE's pixels, as diffusers' vae_scale_factor: this tiny VAE has 2)
     got = pipe.generate(image=images, steps=10, cfg_scale=cfg, seeds=SEEDS, progress=False,
-                        time_ids=[16, 16, 0, 0, 16, 16], **_text_kwargs(e, cfg != 1.0))  # strength: SDXL's default, 0.3
+                        **_text_kwargs(e, cfg != 1.0))  # strength: SDXL's default, 0.3
     assert rel_err(got, want) <= 1e-5
 
 
@@ -305,10 +309,30 @@ def test_start_index_follows_each_pipelines_rounding():
     (dict(image=torch.rand(1, 0, 16)), r"at least one pixel, found \(batch, height, width\) \(1, 0, 16\)"),
     (dict(image=torch.rand(0, 1, 16, 16)), r"at least one image"),
     (dict(image=np.zeros((16, 0, 1), np.uint8)), r"at least one pixel, found \(batch, height, width\) \(1, 16, 0\)"),
+    # (Pillow converts these modes to RGB but not to L: a raw ValueError before)
+    (dict(image=__import__("PIL.Image").Image.new("RGB", (16, 16)).convert("La")), "mode 'La', which Pillow cannot"),
+    (dict(image=__import__("PIL.Image").Image.new("RGB", (16, 16)).convert("LAB")), "mode 'LAB', which Pillow cannot"),
+    (dict(image=np.zeros((1, 16, 16), np.float32), seeds=[1, 2]), r"found shape \(1, 16, 16\) \(channels first\?"),
+    (dict(image=np.zeros((3, 16, 16), np.float32)), r"found shape \(3, 16, 16\)$"),
+    (dict(latents=torch.full((1, 1, 16, 16), float("nan"))), "latents: expected finite float values, found NaN"),
+    (dict(latents=torch.zeros((1, 1, 16, 16), dtype=torch.int64)), "latents: expected finite float values, found "
+                                                                   "torch.int64"),
 ])
 def test_bad_img2img_arguments_are_refused_by_name(digits, kwargs, match):
     with pytest.raises(BadArgumentError, match=match):
         digits.generate(**{"steps": 4, "progress": False, **kwargs})
+
+
+def test_a_list_of_tensors_is_one_batch_for_the_range(digits):
+    """diffusers concatenates a list of tensors before it looks for negative values: one image of the list in
+    [-1, 1] makes all of them [-1, 1] (a bright one without negatives was read as [0, 1] on its own)."""
+    from fastdiff.img2img import unit_images
+
+    dark, bright = torch.rand(1, 16, 16) * 2 - 1, torch.rand(1, 16, 16) * 0.5 + 0.5
+    with pytest.warns(UserWarning, match=r"taken as \[-1, 1\]"):
+        both = unit_images([dark, bright], 1)
+    assert torch.allclose(both[1], (bright + 1) / 2) and torch.allclose(both[0], (dark + 1) / 2)
+    assert torch.equal(unit_images([bright, bright], 1)[0], bright)  # no negatives anywhere: [0, 1]
 
 
 def test_a_latent_model_needs_a_vae_with_an_encoder(tmp_path):

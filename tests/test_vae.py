@@ -72,8 +72,11 @@ def _sdxl_folder(tmp_path, vae_cfg=SD_VAE):
     return unet, vae, sched
 
 
-def test_a_pipeline_folder_decodes_like_diffusers_sdxl_pipeline(tmp_path):
-    unet, vae, sched = _sdxl_folder(tmp_path)
+@pytest.mark.parametrize("stats", [False, True])
+def test_a_pipeline_folder_decodes_like_diffusers_sdxl_pipeline(tmp_path, stats):
+    """(stats: a VAE with per-channel latents_mean / latents_std, as Playground v2.5's, which SDXL's pipelines read)"""
+    vae_cfg = dict(SD_VAE, latents_mean=[0.3, -0.2, 0.1, 0.5], latents_std=[0.8, 1.3, 0.6, 1.1]) if stats else SD_VAE
+    unet, vae, sched = _sdxl_folder(tmp_path, vae_cfg)
     pipe = fastdiff.load(str(tmp_path))
     assert pipe.vae is not None and pipe.vae.config.scaling_factor == 0.13025
     parts = dict(text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None)
@@ -82,7 +85,8 @@ def test_a_pipeline_folder_decodes_like_diffusers_sdxl_pipeline(tmp_path):
     g = torch.Generator().manual_seed(1)
     e = dict(prompt_embeds=torch.randn(2, 5, 12, generator=g), pooled_prompt_embeds=torch.randn(2, 10, generator=g),
              latents=torch.randn(2, 4, 8, 8, generator=g))
-    want = ref(**{k: v.clone() for k, v in e.items()}, num_inference_steps=3, guidance_scale=1.0, height=64, width=64,
+    # (the image's size: 8 latent pixels of this tiny VAE's 2; the default time ids read it)
+    want = ref(**{k: v.clone() for k, v in e.items()}, num_inference_steps=3, guidance_scale=1.0, height=16, width=16,
                output_type="pt").images  # decoded, in [0, 1]
     got = pipe.generate(latents=e["latents"], steps=3, encoder_hidden_states=e["prompt_embeds"],
                         text_embeds=e["pooled_prompt_embeds"], output_type="np", progress=False)
@@ -207,16 +211,17 @@ def test_the_decoder_exports_to_onnx(tmp_path, dynamic_hw):
     ort = pytest.importorskip("onnxruntime", reason="ONNX Runtime runs the exported graph")
     from fastdiff.export.vae_onnx import export_vae_onnx
 
-    _reference(dict(CONFIGS["sd3-flux"]), seed=5).save_pretrained(tmp_path / "vae")
+    # (FLUX.1's scaling and shift; the tiny transformer's 4 latent channels)
+    _reference(dict(CONFIGS["sd3-flux"], latent_channels=4), seed=5).save_pretrained(tmp_path / "vae")
     pipe = fastdiff.load("arch:tiny-flux", vae=str(tmp_path / "vae"))
     res = export_vae_onnx(pipe, str(tmp_path / "vae.onnx"), dynamic_hw=dynamic_hw, height=6, width=8)
     assert res.max_rel_err is not None and res.max_rel_err <= 1e-5
     session = ort.InferenceSession(res.path, providers=["CPUExecutionProvider"])
-    z = torch.randn(3, 16, 6, 8)
+    z = torch.randn(3, 4, 6, 8)
     got = session.run(None, {"latents": z.numpy()})[0]
     assert got.shape == (3, 3, 12, 16) and rel_err(torch.from_numpy(got), pipe.decode(z)) <= 1e-5
     if dynamic_hw:
-        z = torch.randn(1, 16, 10, 4)  # another latent size
+        z = torch.randn(1, 4, 10, 4)  # another latent size
         assert rel_err(torch.from_numpy(session.run(None, {"latents": z.numpy()})[0]), pipe.decode(z)) <= 1e-5
     with pytest.raises(BadArgumentError, match="VAE decoder"):
         export_vae_onnx(fastdiff.load("arch:tiny-flux"), str(tmp_path / "x.onnx"))
@@ -257,11 +262,12 @@ def test_old_attention_names_and_opting_out_of_a_broken_vae(tmp_path):
     z = torch.randn(1, 4, 6, 6)
     with torch.no_grad():
         assert rel_err(pipe.vae(z), ref.decode(z).sample) <= 1e-5
-    # a pipeline folder whose vae/ fastdiff cannot read (per-channel latent statistics): the network still loads
+    # a pipeline folder whose vae/ fastdiff cannot read (an activation it does not implement): the network still
+    # loads
     _sdxl_folder(tmp_path / "pipe")
     cfg_path = tmp_path / "pipe" / "vae" / "config.json"
     cfg = json.loads(cfg_path.read_text())
-    cfg["latents_mean"], cfg["latents_std"] = [0.0] * 4, [1.0] * 4
+    cfg["act_fn"] = "gelu"
     cfg_path.write_text(json.dumps(cfg))
     auto = fastdiff.load(str(tmp_path / "pipe"))
     assert auto.vae is None and any("VAE decoder not loaded" in n for n in auto.spec.notes)
@@ -302,3 +308,26 @@ def test_info_names_the_vae(tmp_path):
     assert r.returncode == 0 and want in r.stdout, r.stderr
     r = run_cli("info", "arch:tiny-dit", cwd=tmp_path)
     assert "VAE: none (latents only: pass --vae FOLDER for images)" in r.stdout
+
+
+def test_decode_refuses_what_would_be_a_raw_error_or_a_black_image(tmp_path):
+    """decode() of a NumPy array, an empty batch, or NaN latents (one NaN blackens the whole image, silently) is
+    refused by name; a latent model without a VAE refuses output_type='np' before sampling, as it refuses 'pil'; a
+    VAE whose latent channels are not the network's is refused at load."""
+    _reference(SD_VAE).save_pretrained(tmp_path / "vae")
+    _reference(dict(SD_VAE, latent_channels=8, norm_num_groups=8)).save_pretrained(tmp_path / "vae8")
+    pipe = fastdiff.load("arch:tiny-dit", vae=str(tmp_path / "vae"))
+    z = torch.randn(1, 4, 4, 4)
+    for bad, match in ((z.numpy(), "found ndarray"), (z[:0], r"found \(0, 4, 4, 4\)"),
+                       (torch.zeros(1, 4, 0, 0), r"found \(1, 4, 0, 0\)"),
+                       (z.index_put((torch.tensor([0]),) * 4, torch.tensor(float("nan"))), "NaN or inf")):
+        with pytest.raises(BadArgumentError, match=match):
+            pipe.decode(bad)
+    bare = fastdiff.load("arch:tiny-dit")
+    for output_type in ("np", "pil"):
+        with pytest.raises(BadArgumentError, match=f"output_type='{output_type}': images of a latent model"):
+            bare.generate(class_labels=[1], steps=1, output_type=output_type, progress=False)
+    with pytest.raises(BadArgumentError, match="vae: its latents have 8 channels and this dit network samples 4"):
+        fastdiff.load("arch:tiny-dit", vae=str(tmp_path / "vae8"))
+    with pytest.raises(BadArgumentError, match=r"a pixel model: it takes no VAE"):
+        fastdiff.load("arch:tiny-unet", vae=str(tmp_path / "vae"))

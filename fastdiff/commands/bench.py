@@ -45,10 +45,11 @@ def register(sub) -> None:
                     "GPU), median / p90 / p99 latency, per-step latency, images/s, peak memory and "
                     "compile / capture time. Backends that cannot run here are listed as skipped with the "
                     "reason. arch:NAME builds a well-known architecture with random weights (no download).")
+    from ..checkpoints.presets import ARCH_NAMES
+
     p.add_argument("model", metavar="MODEL", nargs="?", default="builtin:digits",
-                   help="checkpoint path, builtin:NAME, or arch:NAME (random weights: sd15-unet, sd21-unet, "
-                        "ddpm-cifar10, dit-xl-2-256, dit-xl-2-512, tiny-unet, tiny-sd-unet, tiny-dit); "
-                        "default builtin:digits")
+                   help=f"checkpoint path, builtin:NAME, or arch:NAME (random weights: {', '.join(ARCH_NAMES)}); "
+                        f"default builtin:digits")
     p.add_argument("--backends", default="eager", metavar="LIST",
                    help=f"comma-separated backends from {', '.join(BACKENDS)} (default eager), each optionally "
                         f"with switches joined by '+': step / loop (CUDA graphs of one network call / of the "

@@ -126,8 +126,8 @@ def register(sub) -> None:
     p.add_argument("--device", default=None, metavar="DEV", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--separate", action="store_true", help="one PNG per image instead of a grid")
     p.add_argument("--output-latents", default=None, metavar="OUT.safetensors",
-                   help="also write the raw samples (B, C, H, W float32) as safetensors key 'latents'; "
-                        "required for latent models, which need a VAE fastdiff does not ship")
+                   help="also write the raw samples (B, C, H, W float32) as safetensors key 'latents'; a latent "
+                        "model without a VAE (--vae FOLDER, or its folder's vae/) writes only these")
     p.add_argument("--vae-tiling", action="store_true",
                    help="decode (and encode --image) in overlapping tiles, as diffusers' vae.enable_tiling(): memory "
                         "of one tile whatever the size, seams blended (the result differs slightly near them)")

@@ -13,6 +13,7 @@ images in [-1, 1], as ``AutoencoderKL.decode`` does after the pipelines' scaling
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -73,8 +74,17 @@ class VAEConfig:
             bad("act_fn", ["silu"])
         if any(c % self.norm_num_groups for c in self.block_out_channels):
             bad("norm_num_groups", "a divisor of every block_out_channels entry")
-        if self.latents_mean is not None or self.latents_std is not None:
-            bad("latents_mean", "None (per-channel latent statistics are not implemented)")
+        for name in ("latents_mean", "latents_std"):
+            value = getattr(self, name)
+            if value is not None:
+                if isinstance(value, list):
+                    value = tuple(value)
+                    setattr(self, name, value)
+                if not isinstance(value, tuple) or len(value) != self.latent_channels or not all(
+                        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value):
+                    bad(name, f"None or {self.latent_channels} finite numbers (one per latent channel)")
+        if self.latents_std is not None and not all(self.latents_std):
+            bad("latents_std", "non-zero numbers")
         if not self.scaling_factor:
             bad("scaling_factor", "a non-zero number")
 
@@ -162,15 +172,47 @@ class VAEDecoder(VAETiling, nn.Module):
             z = self.post_quant_conv(z)
         return self.decoder(z)
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """A sampler's latents -> float32 images in [-1, 1] (the pipelines' ``latents / scaling_factor +
-        shift_factor``, then the decoder in the VAE's own dtype)."""
+    def _statistics(self, like: torch.Tensor):
+        """SDXL's per-channel (mean, std) as (1, z, 1, 1) tensors, or None: diffusers' SDXL pipelines read them when
+        the config has both (Playground v2.5's VAE), in place of shift_factor."""
         c = self.config
-        if latents.dim() != 4 or latents.shape[1] != c.latent_channels:
-            raise BadArgumentError(f"latents: expected (B, {c.latent_channels}, h, w) for this VAE, found "
-                                   f"{tuple(latents.shape)}")
+        if c.latents_mean is None or c.latents_std is None:
+            return None
+        return tuple(torch.tensor(v, dtype=torch.float32, device=like.device).view(1, -1, 1, 1)
+                     for v in (c.latents_mean, c.latents_std))
+
+    def unscale(self, latents: torch.Tensor) -> torch.Tensor:
+        """A sampler's float32 latents -> the decoder's input: ``latents / scaling_factor + shift_factor``, or with
+        per-channel statistics ``latents * std / scaling_factor + mean`` (diffusers' pipelines)."""
+        c = self.config
+        stats = self._statistics(latents)
+        if stats is not None:
+            return latents * stats[1] / c.scaling_factor + stats[0]
+        return latents / c.scaling_factor + (c.shift_factor or 0.0)
+
+    def scale(self, z: torch.Tensor) -> torch.Tensor:
+        """The encoder's float32 latents -> the sampler's: ``unscale`` undone."""
+        c = self.config
+        stats = self._statistics(z)
+        if stats is not None:
+            return (z - stats[0]) * c.scaling_factor / stats[1]
+        return (z - (c.shift_factor or 0.0)) * c.scaling_factor
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """A sampler's latents -> float32 images in [-1, 1] (the pipelines' latent scaling undone: ``unscale``,
+        then the decoder in the VAE's own dtype)."""
+        c = self.config
+        if not torch.is_tensor(latents) or latents.dim() != 4 or latents.shape[1] != c.latent_channels or \
+                0 in latents.shape:
+            found = tuple(latents.shape) if torch.is_tensor(latents) else type(latents).__name__
+            raise BadArgumentError(f"latents: expected a (B, {c.latent_channels}, h, w) tensor for this VAE, "
+                                   f"found {found}")
+        if not latents.is_floating_point() or not bool(torch.isfinite(latents).all()):
+            raise BadArgumentError("latents: expected finite float values, found " + (
+                str(latents.dtype) if not latents.is_floating_point() else
+                "NaN or inf (a sampler that diverged, or a half-precision overflow); the images would be black"))
         p = next(self.parameters())
-        z = latents.to(p.device, torch.float32) / c.scaling_factor + (c.shift_factor or 0.0)
+        z = self.unscale(latents.to(p.device, torch.float32))
         return self._sliced(z.to(p.dtype), self._decode_unscaled).float().clamp(-1, 1)
 
     def encode(self, images: torch.Tensor, noise=None) -> torch.Tensor:
@@ -190,7 +232,7 @@ class VAEDecoder(VAETiling, nn.Module):
         moments = self._sliced(images.to(p.device, p.dtype), self._moments)  # (B, 2z, H / f, W / f)
         mean, logvar = split_moments(moments.float())  # (B, z, H / f, W / f) each
         z = mean if noise is None else mean + torch.exp(0.5 * logvar) * noise.randn(mean.shape[1:]).to(mean.device)
-        return (z - (c.shift_factor or 0.0)) * c.scaling_factor
+        return self.scale(z)
 
 
 __all__ = ["VAEConfig", "VAEDecoder", "Decoder"]
