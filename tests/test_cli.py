@@ -511,3 +511,16 @@ def test_bench_ratios_compare_per_evaluation_where_the_counts_differ():
                                                                                    ("same", 0.8, False)]
     table = format_table([dict(row, backend="fewer"), same], [theirs], ratios)
     assert [l.split()[-2] for l in table.splitlines()[2:4]] == ["0.80/nfe", "0.80"]
+
+
+@pytest.mark.parametrize("args, match", [
+    (["generate", "--steps", "abc"], "fastdiff generate: error: argument --steps: invalid int value: 'abc' (see "
+                                     "fastdiff generate --help)"),
+    (["export", "builtin:digits", "-o", "x.onnx"], "fastdiff export: error: the following arguments are required: "
+                                                   "--format"),
+    (["nosuch"], "fastdiff: error: argument COMMAND: invalid choice: 'nosuch'"),
+])
+def test_argparse_errors_are_one_line_too(tmp_path, args, match):
+    """Bad arguments exit with status 2 and one line, argparse's own (a bad value, a missing flag) as well."""
+    r = fastdiff(*args, cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and match in r.stderr, r.stderr
