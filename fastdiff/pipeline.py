@@ -437,7 +437,6 @@ class Pipeline(ControlNetMixin, ImageInputsMixin):
             (``pipe.vae``) is decoded for ``np`` / ``pil``.
         Returns float32 results whatever the network dtype (the sampler state is always float32).
         """
-        from .denoiser import CFGDenoiser, FoldedCFGDenoiser
         from .noise import NoiseSource
 
         if output_type not in OUTPUT_TYPES:
@@ -516,28 +515,11 @@ class Pipeline(ControlNetMixin, ImageInputsMixin):
             k = experts.steps_until(plan, denoising_end, self._train_steps())
             plan = plan.to_step(k) if k < plan.steps else plan
 
-        extra_prompts = {name: value for name, value in zip(EXTRA_PROMPTS, (prompt_2, prompt_3, negative_prompt_2,
-                                                                            negative_prompt_3)) if value is not None}
-        if extra_prompts or any(v is not None for v in (prompt, negative_prompt, clip_skip, max_sequence_length)):
-            from .prompts import prompt_list
-
-            given = [k for k, v in dict(encoder_hidden_states=encoder_hidden_states, text_embeds=text_embeds,
-                                        negative_encoder_hidden_states=negative_encoder_hidden_states,
-                                        negative_text_embeds=negative_text_embeds).items() if v is not None]
-            if prompt is None or given:
-                raise BadArgumentError("prompt: expected a prompt, or the encoded text arguments, not both and not "
-                                       f"negative_prompt / prompt_2 / clip_skip / ... alone; found "
-                                       f"prompt={prompt!r} with {given or 'nothing else'}")
-            for name, texts in (("prompt", prompt), ("negative_prompt", negative_prompt), *extra_prompts.items()):
-                count = 1 if texts is None else len(prompt_list(texts, name))
-                if count not in (1, b):  # (checked before the encoders load)
-                    raise BadArgumentError(f"{name}: expected {one_or(b, 'prompts')} (one per sample; pass n= or seeds= "
-                                           f"for more samples), found {count}")
-            text = self.encode_prompt(prompt, negative_prompt, guided=guided, clip_skip=clip_skip,
-                                      max_sequence_length=max_sequence_length, **extra_prompts)
-            encoder_hidden_states = text["encoder_hidden_states"]
-            negative_encoder_hidden_states = text.get("negative_encoder_hidden_states")
-            text_embeds, negative_text_embeds = text.get("text_embeds"), text.get("negative_text_embeds")
+        encoder_hidden_states, negative_encoder_hidden_states, text_embeds, negative_text_embeds = self._text_arguments(
+            b, guided, prompt, negative_prompt, dict(zip(EXTRA_PROMPTS, (prompt_2, prompt_3, negative_prompt_2,
+                                                                         negative_prompt_3))),
+            clip_skip, max_sequence_length, encoder_hidden_states, negative_encoder_hidden_states, text_embeds,
+            negative_text_embeds)
         cond, uncond = self._conditioning(b, class_labels, encoder_hidden_states, negative_encoder_hidden_states,
                                           guided)
         added, added_uncond = text_time_conditioning(
@@ -569,20 +551,7 @@ class Pipeline(ControlNetMixin, ImageInputsMixin):
             uncond.update(added_uncond)
             denoiser = ControlWindow(denoiser)
         extra = dict(cond)
-        if getattr(self.runner, "cfg_folded", False):  # an exported graph that guides inside: one call of batch B
-            if any(r > 0 for r in rescales) and guided:  # (unguided, the rescale is a no-op, as eager ignores it)
-                raise BadArgumentError("guidance_rescale: this CFG-folded graph returns the guided output only, and "
-                                       "rescaling needs the conditional pass; export without cfg_folded for it")
-            denoiser = FoldedCFGDenoiser(denoiser)
-            if guided:
-                extra["uncond"] = uncond
-            extra["guidance_scale"] = torch.tensor(cfg_scales, dtype=torch.float32, device=self.device)  # (B,)
-        elif guided:  # the scales travel with the conditioning: a captured loop reads them from its inputs
-            denoiser = CFGDenoiser(denoiser, None, guided_channels=self.spec.guided_channels)
-            extra["uncond"] = uncond
-            extra["guidance_scale"] = torch.tensor(cfg_scales, dtype=torch.float32, device=self.device)  # (B,)
-            if any(r > 0 for r in rescales):  # phi an input too: a captured loop replays for a new value
-                extra["guidance_rescale"] = torch.tensor(rescales, dtype=torch.float32, device=self.device)  # (B,)
+        denoiser = self._guided(denoiser, extra, uncond, guided, cfg_scales, rescales)
 
         if self.loop_graphs is not None and callback is not None:
             raise BadArgumentError("callback: a captured sampling loop (graph_scope='loop') runs no Python per "
@@ -619,6 +588,61 @@ class Pipeline(ControlNetMixin, ImageInputsMixin):
             else:  # (b, 1 + C, h, w), shared by both CFG passes
                 extra["image_latents"] = image_latents(self.vae, images, masks, noise, (h, w)).to(
                     self._network_dtype())
+        x = self._run(plan, denoiser, latents, extra, noise, guided, progress, callback)
+        if output_type != "tensor" and self.vae is not None and self.spec.in_channels not in (1, 3):
+            x = self.decode(x)  # latents -> images, as diffusers' pipelines do for "pil" / "np"
+        return _to_output(x, output_type) if crop is None else crop.overlay(_to_output(x, output_type))
+
+    def _text_arguments(self, b, guided, prompt, negative_prompt, extra_prompts: dict, clip_skip, max_sequence_length,
+                        encoder_hidden_states, negative_encoder_hidden_states, text_embeds, negative_text_embeds):
+        """generate's text states and pooled embeddings (and their negatives): the ones given, or its prompts
+        encoded (``encode_prompt``), once their counts are checked against the ``b`` samples."""
+        extra_prompts = {name: value for name, value in extra_prompts.items() if value is not None}
+        if extra_prompts or any(v is not None for v in (prompt, negative_prompt, clip_skip, max_sequence_length)):
+            from .prompts import prompt_list
+
+            given = [k for k, v in dict(encoder_hidden_states=encoder_hidden_states, text_embeds=text_embeds,
+                                        negative_encoder_hidden_states=negative_encoder_hidden_states,
+                                        negative_text_embeds=negative_text_embeds).items() if v is not None]
+            if prompt is None or given:
+                raise BadArgumentError("prompt: expected a prompt, or the encoded text arguments, not both and not "
+                                       f"negative_prompt / prompt_2 / clip_skip / ... alone; found "
+                                       f"prompt={prompt!r} with {given or 'nothing else'}")
+            for name, texts in (("prompt", prompt), ("negative_prompt", negative_prompt), *extra_prompts.items()):
+                count = 1 if texts is None else len(prompt_list(texts, name))
+                if count not in (1, b):  # (checked before the encoders load)
+                    raise BadArgumentError(f"{name}: expected {one_or(b, 'prompts')} (one per sample; pass n= or seeds= "
+                                           f"for more samples), found {count}")
+            text = self.encode_prompt(prompt, negative_prompt, guided=guided, clip_skip=clip_skip,
+                                      max_sequence_length=max_sequence_length, **extra_prompts)
+            encoder_hidden_states = text["encoder_hidden_states"]
+            negative_encoder_hidden_states = text.get("negative_encoder_hidden_states")
+            text_embeds, negative_text_embeds = text.get("text_embeds"), text.get("negative_text_embeds")
+        return encoder_hidden_states, negative_encoder_hidden_states, text_embeds, negative_text_embeds
+
+    def _guided(self, denoiser, extra: dict, uncond: dict, guided: bool, cfg_scales: list, rescales: list):
+        """The denoiser that guides (classifier-free guidance, or a CFG-folded graph's), its per-sample scales and
+        rescales put into ``extra`` (inputs of a captured loop, not constants of it); ``denoiser`` unguided."""
+        from .denoiser import CFGDenoiser, FoldedCFGDenoiser
+
+        if getattr(self.runner, "cfg_folded", False):  # an exported graph that guides inside: one call of batch B
+            if any(r > 0 for r in rescales) and guided:  # (unguided, the rescale is a no-op, as eager ignores it)
+                raise BadArgumentError("guidance_rescale: this CFG-folded graph returns the guided output only, and "
+                                       "rescaling needs the conditional pass; export without cfg_folded for it")
+            denoiser = FoldedCFGDenoiser(denoiser)
+            if guided:
+                extra["uncond"] = uncond
+            extra["guidance_scale"] = torch.tensor(cfg_scales, dtype=torch.float32, device=self.device)  # (B,)
+        elif guided:  # the scales travel with the conditioning: a captured loop reads them from its inputs
+            denoiser = CFGDenoiser(denoiser, None, guided_channels=self.spec.guided_channels)
+            extra["uncond"] = uncond
+            extra["guidance_scale"] = torch.tensor(cfg_scales, dtype=torch.float32, device=self.device)  # (B,)
+            if any(r > 0 for r in rescales):  # phi an input too: a captured loop replays for a new value
+                extra["guidance_rescale"] = torch.tensor(rescales, dtype=torch.float32, device=self.device)  # (B,)
+        return denoiser
+
+    def _run(self, plan, denoiser, latents, extra: dict, noise, guided: bool, progress: bool, callback):
+        """The sampling loop, eager or from a captured graph, under a progress bar (closed if the run raises)."""
         bar = _progress(plan.steps, progress)
 
         def step_callback(info):
@@ -638,9 +662,7 @@ class Pipeline(ControlNetMixin, ImageInputsMixin):
         finally:  # a run that raises must not leave its bar on the terminal
             if bar is not None:
                 bar.close()
-        if output_type != "tensor" and self.vae is not None and self.spec.in_channels not in (1, 3):
-            x = self.decode(x)  # latents -> images, as diffusers' pipelines do for "pil" / "np"
-        return _to_output(x, output_type) if crop is None else crop.overlay(_to_output(x, output_type))
+        return x
 
     def _sample_loop_graph(self, plan, denoiser, latents, extra, noise, guided) -> torch.Tensor:
         """The whole loop from a captured graph, padded to the batch bucket (graph_scope="loop").
