@@ -255,3 +255,48 @@ def test_a_pixel_inpainting_unet_without_a_vae_is_refused_by_name(tmp_path):
     assert pipe.spec.inpainting
     with pytest.raises(BadArgumentError, match="reads the masked image's VAE latents, and this pipeline has no VAE"):
         pipe.generate(image=torch.rand(1, 3, 8, 8), mask_image=torch.rand(1, 8, 8), steps=2, progress=False)
+
+
+@pytest.mark.parametrize("cfg", [1.0, 3.0])
+def test_bench_times_an_inpainting_unet_against_diffusers_loop(sd_inpaint, tmp_path, cfg):
+    """``fastdiff bench`` of an inpainting UNet: a random image and a centred mask, the masked image encoded in each
+    call on both sides; the bench's diffusers loop equals StableDiffusionInpaintPipeline at strength 1 (one
+    generator: the start noise, then the masked image's posterior), and the bench runs both sides."""
+    import json
+
+    from fastdiff.commands.bench_diffusers import (_diffusers_generate, _diffusers_inpaint_inputs,
+                                                   build_diffusers_model, diffusers_vae)
+    from fastdiff.commands.bench_inputs import _conditioning
+    from fastdiff.inpaint import image_latents
+    from test_cli import fastdiff as run_cli
+
+    pipe, ref = _sd_pair(sd_inpaint, tmp_path / "model")
+    spec = pipe.spec
+    cond = _conditioning(spec, 2, cfg, 0, "cpu", torch.float32, pixels=pipe.vae.downscale)
+    assert cond["image"].shape == (2, 3, 16, 16) and 0 < float(cond["mask"].mean()) < 1
+    theirs = diffusers_vae(pipe.vae)
+    with torch.no_grad():  # the extra input at the posterior's mean: fastdiff's own
+        assert rel_err(_diffusers_inpaint_inputs(theirs, cond["image"], cond["mask"], (8, 8), None),
+                       image_latents(pipe.vae, cond["image"], cond["mask"], None, (8, 8))) <= 1e-5
+        unet, _ = build_diffusers_model(pipe)
+        scheduler = diffusers.DDIMScheduler.from_config(SD_SCHEDULER)
+        got = _diffusers_generate(unet, scheduler, spec, 2, 4, cfg, cond, "cpu", torch.float32, 0, vae=theirs)
+    want = ref(prompt_embeds=cond["states"], negative_prompt_embeds=cond["negative_states"] if cfg != 1 else None,
+               image=cond["image"], mask_image=cond["mask"], strength=1.0, num_inference_steps=4,
+               guidance_scale=cfg, generator=torch.Generator().manual_seed(0), output_type="latent").images
+    assert rel_err(got, want) <= 1e-5
+    r = run_cli("bench", str(tmp_path / "model"), "--compare", "diffusers", "--steps", "2", "--repeat", "1",
+                "--warmup", "1", "--cfg", str(cfg), "--sampler", "ddim", "--json", "out.json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads((tmp_path / "out.json").read_text())
+    assert [row["status"] for row in rows["results"] + rows["compare"]] == ["ok", "ok"], rows
+
+
+def test_bench_refuses_an_inpainting_unet_without_a_vae_encoder(tmp_path):
+    from test_cli import fastdiff as run_cli
+
+    folder, _, _ = unconditional_inpainting_folder(tmp_path, 9)
+    r = run_cli("bench", folder, "--vae", "none", "--steps", "1", cwd=tmp_path)
+    assert r.returncode == 2 and "an inpainting network without a VAE encoder" in r.stderr, r.stderr
+    r = run_cli("bench", folder, "--steps", "1", "--repeat", "1", "--warmup", "1", cwd=tmp_path)  # (with its VAE)
+    assert r.returncode == 0, r.stderr

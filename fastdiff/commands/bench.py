@@ -3,7 +3,8 @@
     fastdiff bench arch:sd15-unet --backends eager,compile --batch 1,4 --steps 20 --cfg 7.5 --dtype fp16 \
         --compare diffusers,compile --json sd15.json --plot sd15.png
 
-What is measured: one ``pipe.generate`` call (noise, the whole sampling loop, CFG included; no decoding)
+What is measured: one ``pipe.generate`` call (noise, the whole sampling loop, CFG included; no decoding; an
+inpainting UNet's call also encodes its masked image: a random image and a centred mask, at strength 1)
 with its result on the host's side of a device synchronisation. Per backend and batch: the first call
 timed on its own (compilation / graph capture / kernel JIT show up as ``warm-up overhead`` = first call
 minus a steady call), ``--warmup - 1`` more untimed calls, then ``--repeat`` timed calls (CUDA events on
@@ -254,6 +255,11 @@ class _CountCalls:
         return self.fn(*a, **k)
 
 
+def _pixels(pipe) -> int:
+    """Image pixels per latent pixel: the pipe's VAE's (an inpainting network's image is in pixels)."""
+    return pipe.vae.downscale if getattr(pipe, "vae", None) is not None else 8
+
+
 def _bench_fastdiff(args, label: str, backend: str, switches: dict, batches, device, log, on_row=None,
                     note: str | None = None) -> list[dict]:
     """Rows for one fastdiff variant (``note`` added to each): every row passed to ``on_row`` when it is made."""
@@ -292,7 +298,7 @@ def _bench_fastdiff(args, label: str, backend: str, switches: dict, batches, dev
         row = dict(base, batch=b, optimize_s=optimize_s, notes=list(pipe.notes))
         try:
             cond = _conditioning(pipe.spec, b, args.cfg, args.seed, device, pipe._network_dtype(),
-                                 control=pipe._control_format())
+                                 control=pipe._control_format(), pixels=_pixels(pipe))
             kw = dict(n=b, steps=args.steps, sampler=args.sampler, schedule=args.schedule, cfg_scale=args.cfg,
                       seed=args.seed, progress=False, class_labels=cond["labels"],
                       encoder_hidden_states=cond["states"],
@@ -300,7 +306,9 @@ def _bench_fastdiff(args, label: str, backend: str, switches: dict, batches, dev
                       **({} if cond["text_embeds"] is None else dict(
                           text_embeds=cond["text_embeds"],
                           negative_text_embeds=cond["negative_text_embeds"] if args.cfg != 1.0 else None)),
-                      **({} if cond["control_image"] is None else dict(control_image=cond["control_image"])))
+                      **({} if cond["control_image"] is None else dict(control_image=cond["control_image"])),
+                      **({} if cond["image"] is None else dict(image=cond["image"], mask_image=cond["mask"],
+                                                               strength=1.0)))
             counter = _CountCalls(pipe.runner)
 
             def first_call():  # the true first call: timed as such, and counts the network evaluations
@@ -418,10 +426,10 @@ def run(args) -> int:
     if spec.latent_control:  # (its every call needs a control image: FLUX.1 dev's speed plus a wider input layer)
         raise BadArgumentError(f"{args.model}: a FLUX.1 Depth / Canny transformer; the latency bench times "
                                f"text-to-image generation: bench FLUX.1 dev")
-    if spec.inpainting:  # (its every call needs an image and a mask; the network's speed is its base model's)
-        raise BadArgumentError(f"{args.model}: an inpainting network; the latency bench times text-to-image "
-                               f"generation: bench the base model (the same UNet with {spec.in_channels} input "
-                               f"channels)")
+    if spec.inpainting and (spec.kind != "unet" or probe.vae is None or probe.vae.encoder is None):
+        raise BadArgumentError(f"{args.model}: an inpainting network " + (
+            "other than a UNet (FLUX.1 Fill): bench FLUX.1 dev" if spec.kind != "unet" else
+            "without a VAE encoder, which its masked image needs (pass --vae FOLDER)"))
     probe.plan(args.steps, args.sampler, args.schedule)
     # an exported graph (.onnx) has no PyTorch network to count
     n_params = sum(p.numel() for p in probe.model.parameters()) if probe.model is not None else 0

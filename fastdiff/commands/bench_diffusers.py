@@ -244,9 +244,32 @@ def _diffusers_flux_generate(model, scheduler, spec, b, steps, cfg, cond, device
     return latents
 
 
-def _diffusers_generate(model, scheduler, spec, b, steps, cfg, cond, device, dtype, seed, controlnet=None):
+def diffusers_vae(vae):
+    """A diffusers AutoencoderKL holding a fastdiff VAE's weights (both halves: diffusers' names)."""
+    import diffusers
+
+    config = {k: v for k, v in vae.config.to_dict().items() if k != "extra"}
+    theirs = diffusers.AutoencoderKL(**config)
+    theirs.load_state_dict({k: v.float() for k, v in vae.state_dict().items()})
+    return theirs.eval()
+
+
+def _diffusers_inpaint_inputs(vae, image, mask, size, generator):
+    """StableDiffusionInpaintPipeline's extra UNet input (B, 1 + C, h, w): the mask at the latents' size (nearest)
+    and the masked image's latents (a posterior draw from ``generator``; its mean for None), scaled."""
+    import torch
+
+    masked = (image * 2 - 1) * (mask < 0.5)
+    dist = vae.encode(masked.to(vae.dtype)).latent_dist
+    latents = (dist.mean if generator is None else dist.sample(generator)) * vae.config.scaling_factor
+    small = torch.nn.functional.interpolate(mask, size=size)
+    return torch.cat([small.to(latents), latents], dim=1)
+
+
+def _diffusers_generate(model, scheduler, spec, b, steps, cfg, cond, device, dtype, seed, controlnet=None, vae=None):
     """One diffusers-pipeline style sampling loop (as DiTPipeline / StableDiffusionPipeline do; with ``controlnet``,
-    as StableDiffusionControlNetPipeline does)."""
+    as StableDiffusionControlNetPipeline does; an inpainting UNet with its ``vae``, as StableDiffusionInpaintPipeline
+    at strength 1: the masked image encoded, then its latents and the mask beside the sample at every step)."""
     import torch
 
     if spec.kind == "flux":
@@ -258,6 +281,10 @@ def _diffusers_generate(model, scheduler, spec, b, steps, cfg, cond, device, dty
     latents = torch.randn((b, c, h, w), generator=g).to(device) * scheduler.init_noise_sigma
     scheduler.set_timesteps(steps, device=device)
     guided = cfg != 1.0
+    extra = None
+    if spec.inpainting:  # (b, 1 + C, h, w), the same for both CFG passes
+        extra = _diffusers_inpaint_inputs(vae, cond["image"], cond["mask"], (h, w), g).to(dtype)
+        extra = torch.cat([extra, extra]) if guided else extra
     kw = {}
     if cond["labels"] is not None:
         kw["class_labels"] = torch.cat([cond["labels"], cond["null_labels"]]) if guided else cond["labels"]
@@ -277,6 +304,8 @@ def _diffusers_generate(model, scheduler, spec, b, steps, cfg, cond, device, dty
         x_in = torch.cat([latents, latents]) if guided else latents
         if hasattr(scheduler, "scale_model_input"):  # (FlowMatch schedulers have none: SD3's pipeline skips it)
             x_in = scheduler.scale_model_input(x_in, t)
+        if extra is not None:
+            x_in = torch.cat([x_in.to(dtype), extra], dim=1)
         ts = t.expand(x_in.shape[0]) if spec.kind in ("dit", "mmdit") else t
         if spec.kind == "mmdit":  # StableDiffusion3Pipeline's call
             out = model(hidden_states=x_in.to(dtype), timestep=ts, encoder_hidden_states=kw["encoder_hidden_states"],
@@ -320,6 +349,7 @@ def _bench_diffusers(args, pipe_source, compare, batches, device, log, on_row=No
         model, note = build_diffusers_model(pipe)
         dtype = DTYPES[args.dtype] if args.dtype else pipe.dtype  # (the checkpoint's precision, as fastdiff's)
         model = model.to(device=device, dtype=dtype)
+        vae = None if not pipe.spec.inpainting else diffusers_vae(pipe.vae).to(device)  # (float32, as fastdiff's)
         controlnet = None
         net = bench_controlnet(pipe, args.controlnet, args.seed)
         if net is not None:  # the same ControlNet in diffusers' class
@@ -357,11 +387,12 @@ def _bench_diffusers(args, pipe_source, compare, batches, device, log, on_row=No
             log(f"  {impl:12s} batch {b} ...")
             row = dict(impl=impl, batch=b, scheduler=type(scheduler).__name__, notes=notes_c)
             try:
-                cond = _conditioning(spec, b, args.cfg, args.seed, device, dtype, control=net)
+                cond = _conditioning(spec, b, args.cfg, args.seed, device, dtype, control=net,
+                                     pixels=8 if pipe.vae is None else pipe.vae.downscale)
                 if args.cfg != 1.0 and spec.num_classes and cond["null_labels"] is None:
                     raise ValueError("cfg != 1 needs a null class label")
                 fn = lambda: _diffusers_generate(runner, scheduler, spec, b, args.steps, args.cfg, cond,  # noqa: E731
-                                                 device, dtype, args.seed, control_runner)
+                                                 device, dtype, args.seed, control_runner, vae)
                 with torch.no_grad():
                     m = measure(fn, device, warmup=args.warmup, repeat=args.repeat)
                 nfe = len(scheduler.timesteps)

@@ -4,15 +4,23 @@ image, all drawn from the run's seed."""
 from __future__ import annotations
 
 
-def _conditioning(spec, b: int, cfg: float, seed: int, device, dtype, control=None):
-    """dict of (labels, null_labels, states, negative_states, text_embeds, negative_text_embeds, control_image) for
-    batch b (None where not used; SDXL-style models get random pooled embeddings and their default time ids;
-    ``control``: what drives the network (``conditioning_channels``, ``image_downscale``): a random control image
-    in [0, 1])."""
+def _conditioning(spec, b: int, cfg: float, seed: int, device, dtype, control=None, pixels: int = 8):
+    """dict of (labels, null_labels, states, negative_states, text_embeds, negative_text_embeds, control_image,
+    image, mask) for batch b (None where not used; SDXL-style models get random pooled embeddings and their default
+    time ids; ``control``: what drives the network (``conditioning_channels``, ``image_downscale``): a random control
+    image in [0, 1]; an inpainting network: a random image in [0, 1] and a mask repainting its centre, ``pixels``
+    image pixels per latent pixel)."""
     import torch
 
     cond = {"labels": None, "null_labels": None, "states": None, "negative_states": None, "text_embeds": None,
-            "negative_text_embeds": None, "control_image": None}
+            "negative_text_embeds": None, "control_image": None, "image": None, "mask": None}
+    if spec.inpainting:
+        (h, w), f = spec.sample_size, pixels
+        g = torch.Generator().manual_seed(seed + 4)
+        cond["image"] = torch.rand(b, 3, f * h, f * w, generator=g).to(device)
+        mask = torch.zeros(b, 1, f * h, f * w)
+        mask[:, :, f * h // 4: 3 * f * h // 4, f * w // 4: 3 * f * w // 4] = 1.0  # white repaints: the centre
+        cond["mask"] = mask.to(device)
     if control is not None:
         (h, w), f = spec.sample_size, control.image_downscale
         g = torch.Generator().manual_seed(seed + 2)
