@@ -117,6 +117,15 @@ def test_sdxl_inpainting_equals_diffusers(tmp_path):
     got = pipe.generate(image=images, mask_image=masks, steps=8, cfg_scale=5.0, seeds=SEEDS, progress=False,
                         time_ids=[16, 16, 0, 0, 16, 16], **_text_kwargs(e, True))
     assert rel_err(got, want) <= 1e-5
+    from test_cli import fastdiff as run_cli  # the bench times it too, against its diffusers loop
+
+    import json
+
+    r = run_cli("bench", str(tmp_path), "--compare", "diffusers", "--steps", "2", "--repeat", "1", "--warmup", "1",
+                "--cfg", "3", "--json", "out.json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads((tmp_path / "out.json").read_text())
+    assert [row["status"] for row in rows["results"] + rows["compare"]] == ["ok", "ok"], rows
 
 
 @pytest.mark.parametrize("scope", ["step", "loop"])
