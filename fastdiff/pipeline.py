@@ -123,6 +123,10 @@ class Pipeline(ControlNetMixin, ImageInputsMixin):
         if self.prompt_encoder is not None and self.prompt_encoder.loras:
             raise BadArgumentError("save(): the text encoders carry a merged LoRA, and a save copies their folders "
                                    "as they are on disk; save before load_lora(), or after unload_lora()")
+        if self.prompt_encoder is not None and self.prompt_encoder.embeddings:
+            raise BadArgumentError("save(): the tokenizers carry textual inversion tokens, and a save copies their "
+                                   "folders as they are on disk; save before load_textual_inversion(), or after "
+                                   "unload_textual_inversion()")
         return save_fastdiff(path, self.model, self.spec, vae=self.vae, prompt_encoder=self.prompt_encoder,
                              controlnet=self.controlnet)
 
@@ -161,6 +165,22 @@ class Pipeline(ControlNetMixin, ImageInputsMixin):
         restore(self._lora_saved)
         if self.prompt_encoder is not None:
             self.prompt_encoder.clear_loras()
+
+    def load_textual_inversion(self, embedding, token: Optional[str] = None,
+                               text_encoder: Optional[str] = None) -> dict:
+        """Add a textual inversion embedding to the text encoders, as diffusers' ``load_textual_inversion``
+        (``fastdiff.prompts.textual_inversion``: diffusers' .bin / .safetensors, A1111's .pt, SDXL's clip_l /
+        clip_g pair, or a loaded state dict / tensor). ``token``: the prompt word (default: the file's own);
+        ``text_encoder``: its encoder folder (default: the first; an SDXL pair fills both). Prompts naming the token
+        then read its vectors. Returns {encoder folder: {token: vectors}}."""
+        if self.prompt_encoder is None:
+            raise BadArgumentError("load_textual_inversion(): this pipeline encodes no prompts (no text encoders)")
+        return self.prompt_encoder.add_textual_inversion(embedding, token, text_encoder)
+
+    def unload_textual_inversion(self) -> None:
+        """Drop every added token: the tokenizers and encoders are read again from their folders."""
+        if self.prompt_encoder is not None:
+            self.prompt_encoder.clear_textual_inversions()
 
     def optimize(self, config=None, graph_factory=None, **switches) -> "Pipeline":
         """Apply an ``OptimizeConfig`` (or its fields as keywords) once; returns self.

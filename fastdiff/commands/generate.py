@@ -94,6 +94,10 @@ def register(sub) -> None:
     p.add_argument("--lora", action="append", default=None, metavar="FILE[:SCALE]",
                    help="merge a LoRA (diffusers / PEFT or kohya safetensors, or a folder with diffusers' file) into "
                         "the weights, at SCALE (default 1); repeat for several")
+    p.add_argument("--textual-inversion", action="append", default=None, metavar="FILE[:TOKEN]",
+                   help="add a textual inversion embedding (diffusers' .bin / .safetensors, A1111's .pt, SDXL's "
+                        "clip_l / clip_g pair) to the text encoders, as TOKEN (default: the file's own); repeat for "
+                        "several")
     p.add_argument("--mask", default=None, metavar="MASK.png",
                    help="with --image: inpaint; white repaints, black keeps (read in grayscale, at --image's size). "
                         "An inpainting UNet reads it; any other model has the kept part pasted back after each step")
@@ -406,6 +410,23 @@ def _lora_args(values: list) -> list:
     return out
 
 
+def _embedding_args(values: list) -> list:
+    """--textual-inversion FILE[:TOKEN] values -> [(path, token or None)]: the path is what exists."""
+    from ..errors import BadArgumentError
+
+    out = []
+    for value in values:
+        path, _, token = value.rpartition(":")
+        if os.path.isfile(os.path.expanduser(value)) or not path:
+            out.append((value, None))
+        elif os.path.isfile(os.path.expanduser(path)) and token:
+            out.append((path, token))
+        else:
+            raise BadArgumentError(f"--textual-inversion: expected an embedding file[:TOKEN], found {value!r} (no "
+                                   f"such file)")
+    return out
+
+
 def png_paths(args) -> list:
     """The PNG file(s) the run writes: the grid, or one per image with --separate."""
     if args.separate:
@@ -427,6 +448,8 @@ def run(args) -> int:
     pipe = load_pipeline(args.model, device, **load_options(args))
     for path, scale in _lora_args(args.lora or []):  # merged before any optimisation, as the weights are
         pipe.load_lora(path, scale=scale)
+    for path, token in _embedding_args(args.textual_inversion or []):
+        pipe.load_textual_inversion(path, token=token)
     if args.controlnet is not None:
         pipe.set_controlnet(args.controlnet if len(args.controlnet) > 1 else args.controlnet[0])
     control = pipe._control_format()  # (--controlnet's, or the folder's own controlnet/ folders)

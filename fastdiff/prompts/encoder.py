@@ -28,6 +28,7 @@ from ..errors import BadArgumentError, CheckpointError
 from .cache import DEFAULT_MAX_BYTES, EncodingCache
 from .text_parts import (TextPart, clip_outputs, collecting_notes, encoder_config, encoder_class_name, load_part,
                          t5_states)
+from .textual_inversion import SDXL_KEYS, add_tokens, read_embeddings, token_and_vectors
 
 # family -> (tokenizer folder, encoder folder, required?, max tokens (None: the tokenizer's own))
 FAMILY_PARTS = {
@@ -39,6 +40,8 @@ FAMILY_PARTS = {
 }
 T5_PART = {"sd3": "text_encoder_3", "flux": "text_encoder_2"}  # families with a T5 (max_sequence_length applies)
 CLIP_SKIP_BASE = {"sd": 1, "sdxl": 2, "sd3": 2}  # the layer each pipeline reads counts from: -(clip_skip + base)
+# the families whose diffusers pipelines read textual inversion tokens (TextualInversionLoaderMixin)
+TEXTUAL_INVERSION_FAMILIES = ("sd", "sdxl", "flux")
 # the texts of the second and third encoders (diffusers' names), beside prompt / negative_prompt
 EXTRA_PROMPTS = ("prompt_2", "prompt_3", "negative_prompt_2", "negative_prompt_3")
 
@@ -77,6 +80,7 @@ class PromptEncoder:
         self.cache = EncodingCache(cache_bytes)
         self._probe = None  # (the parameters' ids, views of two values of each): see _weights_version
         self.loras: list = []  # [({encoder folder: {module: LoraLayer}}, scale)], merged again after every load
+        self.embeddings: list = []  # [(encoder folder, token, (n, d) vectors)]: textual inversion, added again too
 
     def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "PromptEncoder":
         """Where (and in which precision) the encoders run: the pipeline's device and network dtype. A new dtype
@@ -111,6 +115,10 @@ class PromptEncoder:
                         parts[enc] = load_part(self.folder, tok, enc, length, *self._where, variant=self.variant)
                 for layers, scale in self.loras:  # (a reload in another precision keeps the merged LoRAs)
                     _merge_lora(parts, layers, scale)
+                for part in parts.values():
+                    part.expand_tokens = self.family in TEXTUAL_INVERSION_FAMILIES
+                for enc, token, vectors in self.embeddings:  # (and the textual inversion tokens)
+                    add_tokens(parts[enc], token, vectors)
                 self._parts, self._probe = parts, None
             return self._parts
 
@@ -126,6 +134,46 @@ class PromptEncoder:
             self.loras.append((layers, scale))
             self.cache.clear()
         return {part: len(entries) for part, entries in layers.items()}
+
+    def add_textual_inversion(self, source, token: Optional[str] = None, text_encoder: Optional[str] = None) -> dict:
+        """Add a textual inversion embedding (``fastdiff.prompts.textual_inversion``) to the encoders (loading
+        them), kept to add again whenever they are read anew. ``text_encoder``: the encoder folder it belongs to
+        (default: the first CLIP; an SDXL file with ``clip_l`` / ``clip_g`` goes to both). Returns {token: vectors}
+        per encoder folder."""
+        if self.family not in TEXTUAL_INVERSION_FAMILIES:
+            raise BadArgumentError(f"textual inversion: the {self.family} pipeline reads none (diffusers' SD, SDXL "
+                                   f"and FLUX.1 pipelines do)")
+        state = read_embeddings(source)
+        if isinstance(state, dict) and set(state) == set(SDXL_KEYS):  # (one tensor per SDXL encoder)
+            if text_encoder is not None:
+                raise BadArgumentError("text_encoder: an SDXL embedding (clip_l / clip_g) names its own encoders")
+            if token is None:
+                raise BadArgumentError("textual inversion: an SDXL embedding (clip_l / clip_g) names no token: pass "
+                                       "token='<name>'")
+            jobs = [(SDXL_KEYS[k], v) for k, v in state.items() if SDXL_KEYS[k] in self.parts_present]
+        else:
+            jobs = [(text_encoder or self.parts_present[0], state)]
+        for enc, _ in jobs:
+            if enc not in self.parts_present:
+                raise BadArgumentError(f"text_encoder: expected one of this pipeline's {self.parts_present}, found "
+                                       f"{enc!r}")
+        added = {}
+        with self._lock:
+            parts = self.parts
+            for enc, one in jobs:
+                name, vectors = token_and_vectors(one, token)
+                add_tokens(parts[enc], name, vectors)
+                self.embeddings.append((enc, name, vectors))
+                added.setdefault(enc, {})[name] = vectors.shape[0]
+            self.cache.clear()
+        return added
+
+    def clear_textual_inversions(self) -> None:
+        """Drop the added tokens: the tokenizers and encoders are read again from their folders on the next prompt."""
+        with self._lock:
+            if self.embeddings:
+                self.embeddings, self._parts, self._probe = [], None, None
+                self.cache.clear()
 
     def clear_loras(self) -> None:
         """Drop the merged LoRAs: the encoders are read again from their folders on the next prompt."""

@@ -59,6 +59,8 @@ class TextPart:
     tokenizer: object
     encoder: torch.nn.Module
     max_length: int
+    # write multi-vector textual inversion tokens out before tokenizing (the SD, SDXL and FLUX.1 pipelines do)
+    expand_tokens: bool = False
 
     @property
     def dtype(self) -> torch.dtype:
@@ -72,6 +74,10 @@ class TextPart:
         """transformers' BatchEncoding of ``prompts``, padded and truncated to ``max_length`` tokens as diffusers'
         pipelines do; a truncated prompt is warned about."""
         length = max_length or self.max_length
+        if self.expand_tokens:
+            from .textual_inversion import expand_prompt
+
+            prompts = [expand_prompt(p, self.tokenizer) for p in prompts]
         batch = self.tokenizer(prompts, padding="max_length", max_length=length, truncation=True,
                                return_tensors="pt")
         full = self.tokenizer(prompts, padding="longest", return_tensors="pt").input_ids
