@@ -43,10 +43,14 @@ class Pipeline(ControlNetMixin, ImageInputsMixin):
         prompt_encoder: a ``fastdiff.prompts.PromptEncoder`` (the folder's tokenizers and text encoders)."""
         if model is None and runner is None:
             raise BadArgumentError("Pipeline needs a model or a runner, found neither")
-        if vae is not None and vae.config.latent_channels != spec.in_channels:
+        # (a network with conditioning channels beside its latents, InstructPix2Pix's 8 or depth2img's 5, samples
+        # its output's)
+        out = getattr(getattr(model, "config", None), "out_channels", None)
+        latent = out if isinstance(out, int) and out < spec.in_channels and spec.kind != "flux" else spec.in_channels
+        if vae is not None and vae.config.latent_channels != latent:
             raise BadArgumentError(f"vae: its latents have {vae.config.latent_channels} channels and this "
-                                   f"{spec.kind} network samples {spec.in_channels}"
-                                   + (" (a pixel model: it takes no VAE)" if spec.in_channels in (1, 3) else "")
+                                   f"{spec.kind} network samples {latent}"
+                                   + (" (a pixel model: it takes no VAE)" if latent in (1, 3) else "")
                                    + "; expected the VAE the network was trained with")
         self.model = model
         self.spec = spec
@@ -57,6 +61,7 @@ class Pipeline(ControlNetMixin, ImageInputsMixin):
         self._lora_saved: dict = {}  # the network weights load_lora changed: id -> (parameter, original CPU copy)
         self.controlnet = None  # a fastdiff.models.controlnet.ControlNet driving the UNet (set_controlnet)
         self._graph_factory = None  # optimize()'s, kept for set_controlnet's rebuild of the runner
+        self._optimize_notes: list[str] = []  # the last optimize()'s notes among self.notes (the next replaces them)
         self.config = None
         self.update_impl = "torch"  # how the samplers' state update runs (OptimizeConfig.sampler_update_impl)
         self.notes: list[str] = list(spec.notes)
@@ -162,6 +167,9 @@ class Pipeline(ControlNetMixin, ImageInputsMixin):
         encoders are read again from their folders on the next prompt."""
         from .lora import restore
 
+        if self._lora_saved and self.config is not None and self.config.backend in ("onnxruntime", "tensorrt"):
+            raise BadArgumentError(f"unload_lora(): this pipeline runs an exported {self.config.backend} graph, which "
+                                   f"holds the merged weights; unload_lora() first, then optimize()")
         restore(self._lora_saved)
         if self.prompt_encoder is not None:
             self.prompt_encoder.clear_loras()
@@ -204,15 +212,15 @@ class Pipeline(ControlNetMixin, ImageInputsMixin):
         elif switches:
             config = config.replace(**switches)
         self._require_model("optimize()")
-        self._graph_factory = graph_factory
         self.runner, notes = build_runner(self, config, graph_factory=graph_factory)
+        self._graph_factory = graph_factory  # (kept once the runner is built: set_controlnet rebuilds with it)
         self.config = config
         self.update_impl = config.sampler_update_impl(self.device)
-        self.notes.extend(notes)
-        if config.dtype is not None and self.prompt_encoder is not None:  # the text encoders follow (as pipe.to)
-            from .runtime.config import DTYPES
-
-            self.prompt_encoder.to(dtype=DTYPES[config.dtype])
+        # this config's notes replace the last one's (the loader's stay)
+        self.notes = [n for n in self.notes if n not in self._optimize_notes] + notes
+        self._optimize_notes = notes
+        if self.prompt_encoder is not None:  # the text encoders follow the network's precision (as pipe.to)
+            self.prompt_encoder.to(dtype=self._network_dtype())
         self.loop_graphs = None
         capturable = graph_factory is not None or (self.device.type == "cuda" and torch.cuda.is_available())
         if config.cuda_graphs and config.graph_scope == "loop" and capturable and config.backend != "onnxruntime":
@@ -223,9 +231,9 @@ class Pipeline(ControlNetMixin, ImageInputsMixin):
         wanted = config.precompute_adaln if config.precompute_adaln is not None else self.device.type == "cuda"
         self.precompute_adaln = bool(wanted and applies)
         if config.precompute_adaln and not self.precompute_adaln:
-            self.notes.append("precompute_adaln ignored: it needs a DiT with stacked adaLN projections (fuse_adaln), "
-                              "a captured loop (cuda_graphs=True, graph_scope='loop') and backend 'eager' or "
-                              "'triton'")
+            notes.append("precompute_adaln ignored: it needs a DiT with stacked adaLN projections (fuse_adaln), "
+                         "a captured loop (cuda_graphs=True, graph_scope='loop') and backend 'eager' or 'triton'")
+            self.notes.append(notes[-1])
         return self
 
     # ------------------------------------------------------------------------------------------

@@ -709,6 +709,10 @@ def _check_real(rec: Recorder, reqs, outs):
         assert err <= 1e-5, f"seed {r['seed']}: batched vs solo relative error {err:.2e}"
 
 
+def rel_err_ok(a, b, tol=1e-5) -> bool:
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max()) <= tol
+
+
 def _run_real(pipe, reqs, max_batch=8):
     rec = Recorder(pipe)
     with Engine(rec, max_batch=max_batch, max_wait_ms=50) as engine:
@@ -808,6 +812,11 @@ def test_real_options_at_their_none_default_are_taken(real_pipes):
     reqs = [dict(seed=600, steps=2, sampler="ddim", class_label=3, denoising_end=None, denoising_start=None),
             dict(seed=601, steps=2, sampler="ddim", class_label=4)]
     _run_real(pipe, reqs)
+    with Engine(pipe, max_batch=8, max_wait_ms=50) as engine:  # (the pipe itself: its generate's defaults are read)
+        outs = [f.result(TIMEOUT) for f in [engine.submit(**r) for r in reqs]]
+        stats = engine.stats()
+    assert stats["batch_size_hist"] == {2: 1}  # (None is generate's default: the two batch together)
+    assert rel_err_ok(outs[1], _real_solo(pipe, reqs[1]))
     from fastdiff.runtime.requests import option_key
 
     assert option_key(True) != option_key(1) and option_key(None) is None

@@ -440,3 +440,49 @@ def test_compile_falls_back_to_graph_breaks_where_a_model_cannot_be_traced_whole
                        pipe.model(x, torch.tensor([3.0, 500.0]), class_labels=torch.tensor([1, 2]))) <= 1e-5
     assert calls == [True] and runner.fullgraph is True
     torch._dynamo.reset()
+
+
+def test_a_failed_optimize_changes_nothing_and_notes_are_the_last_configs(monkeypatch):
+    """A backend that cannot run is refused before the weights are cast (a half-converted bf16 network was left);
+    a cast up from bf16 says the rounding stays; each optimize's notes replace the last one's."""
+    pipe = fastdiff.load("arch:tiny-dit")
+    want = pipe.generate(seeds=[1], class_labels=[2], steps=2, progress=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(BackendUnavailableError, match="backend 'triton' was requested"):
+        pipe.optimize(backend="triton", dtype="bf16", channels_last=True)
+    assert pipe.dtype == torch.float32 and pipe.config is None and pipe._graph_factory is None
+    assert torch.equal(pipe.generate(seeds=[1], class_labels=[2], steps=2, progress=False), want)
+    pipe.optimize(fuse_qkv=True, fuse_conditioning=True)  # (a DiT: nothing for fuse_conditioning)
+    assert any("fuse_conditioning" in n for n in pipe.notes)
+    pipe.optimize(dtype="bf16")
+    assert not any("fuse_conditioning" in n for n in pipe.notes)
+    pipe.optimize(dtype="fp32")
+    assert any("rounded to bfloat16 by an earlier optimize()" in n for n in pipe.notes)
+
+
+def test_an_export_backend_then_eager_brings_the_text_encoders_and_controlnet_back(tmp_path):
+    """optimize(backend='onnxruntime', dtype='fp16') casts the text encoders (and a ControlNet set then) to fp16, the
+    network staying fp32 under the graph; a later eager optimize() brings both back to the network's precision
+    (they stayed fp16: other prompt states, and a dtype error with the ControlNet); unload_lora() is refused while
+    the exported graph holds the merged weights, as load_lora() is."""
+    pytest.importorskip("onnxruntime", reason="the onnxruntime backend")
+    from fastdiff.models.controlnet import ControlNet
+    from test_textual_inversion import _sd
+
+    _, pipe = _sd(str(tmp_path))
+    fresh = fastdiff.load(str(tmp_path / "pipe"))
+    layer = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k"  # (32, 16): text -> keys
+    lora = {f"{layer}.lora_down.weight": torch.randn(2, 16) * 0.3, f"{layer}.lora_up.weight": torch.randn(32, 2) * 0.3}
+    pipe.load_lora(lora)
+    pipe.optimize(backend="onnxruntime", dtype="fp16")
+    with pytest.raises(BadArgumentError, match="unload_lora\\(\\): this pipeline runs an exported onnxruntime"):
+        pipe.unload_lora()
+    net = ControlNet.from_unet(pipe.model)
+    pipe.set_controlnet(net)
+    pipe.optimize()
+    pipe.unload_lora()
+    assert pipe.prompt_encoder.parts["text_encoder"].dtype == torch.float32
+    assert next(net.parameters()).dtype == torch.float32
+    fresh.set_controlnet(net)
+    kw = dict(prompt="a cat", seeds=[1], steps=2, control_image=torch.rand(1, 3, 16, 16), progress=False)
+    assert rel_err(pipe.generate(**kw), fresh.generate(**kw)) <= 1e-5

@@ -170,6 +170,8 @@ def test_a_single_files_first_stage_model_is_its_vae(tmp_path):
     save_file(state, str(tmp_path / "sd.safetensors"))
     pipe = fastdiff.load(str(tmp_path / "sd.safetensors"), num_heads=4)
     assert pipe.vae is not None and any("first_stage_model" in n for n in pipe.spec.notes)
+    # its sample_size (enable_tiling's tiles) is the model's image size, as diffusers' single-file loader sets it
+    assert pipe.vae.config.sample_size == pipe.spec.sample_size[0] * pipe.vae.downscale
     with torch.no_grad():
         assert rel_err(pipe.vae(z), ref.decode(z).sample) <= 1e-5
 

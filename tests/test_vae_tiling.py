@@ -118,3 +118,18 @@ def test_cli_vae_tiling(tmp_path):
     r = run_cli("generate", "arch:tiny-dit", "--vae-tiling", "--steps", "1", "--class", "3", "--output-latents",
                 "x.safetensors", cwd=tmp_path)
     assert r.returncode == 2 and "--vae-tiling" in r.stderr
+
+
+def test_half_precision_tiles_blend_as_diffusers_rounds_them():
+    """In float16 each blend product is rounded before the sum, as diffusers' per-row arithmetic rounds it: bit-equal
+    (a single rounding after float32 math was one float16 step off); tile_latent_min_size is settable too."""
+    ref, vae = _pair("sd")
+    ref, vae = ref.half(), vae.half()
+    ref.enable_tiling()
+    vae.enable_tiling()
+    ref.tile_latent_min_size = vae.tile_latent_min_size = 6
+    z = torch.randn(1, 4, 13, 11, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = ref.decode(z.half()).sample.float().clamp(-1, 1)
+        got = vae.decode(z * ref.config.scaling_factor)
+    assert vae.tile_latent_min_size == 6 and torch.equal(got, want)

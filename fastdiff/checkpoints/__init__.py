@@ -431,7 +431,9 @@ def _single_file_vae(state: dict, spec):
         return None
     family = "sd3" if spec.kind == "mmdit" else "sdxl" if spec.time_ids_dim else "sd"
     spec.notes.append(f"VAE decoder from the single file's first_stage_model ({family} latent scaling)")
-    return ldm_vae(state, family)
+    vae = ldm_vae(state, family)
+    vae.config.sample_size = spec.sample_size[0] * vae.downscale  # (the image size: enable_tiling's tiles)
+    return vae
 
 
 def _unknown(path: str, found: str) -> str:

@@ -268,7 +268,7 @@ def _bench_fastdiff(args, label: str, backend: str, switches: dict, batches, dev
     from ..errors import BackendUnavailableError
     from ..runtime.config import OptimizeConfig
     from ..runtime.timing import measure
-    from .generate import check_backend
+    from ..runtime.runners import check_backend
 
     def emit(row):
         if note:

@@ -162,41 +162,6 @@ def default_device(device=None):
     return dev
 
 
-def check_backend(backend: str, device) -> None:
-    """Raise BackendUnavailableError (one clear line) if ``backend`` cannot run on ``device`` here.
-
-    Checked before any work, so an explicit request fails fast and the same way for every backend.
-    """
-    import importlib.util
-
-    from ..errors import BackendUnavailableError
-
-    if backend in ("eager", "compile"):
-        return
-    if backend == "triton":
-        from ..models.layers import triton_available
-
-        ok, why = triton_available()
-        if not ok:
-            raise BackendUnavailableError(f"backend 'triton' was requested but {why}")
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise BackendUnavailableError("backend 'triton' was requested but the device is "
-                                          f"{device.type}: Triton kernels need a CUDA device (or TRITON_INTERPRET=1)")
-        return
-    if backend == "onnxruntime":
-        if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None:
-            raise BackendUnavailableError("backend 'onnxruntime' was requested but onnx / onnxruntime is not "
-                                          "installed (pip install onnx onnxruntime)")
-        return
-    if backend == "tensorrt":
-        if importlib.util.find_spec("tensorrt") is None:
-            raise BackendUnavailableError("backend 'tensorrt' was requested but tensorrt is not installed")
-        if device.type != "cuda":
-            raise BackendUnavailableError(f"backend 'tensorrt' was requested but the device is {device.type}: "
-                                          f"TensorRT needs a CUDA GPU")
-        return
-
-
 def add_load_arguments(p) -> None:
     """The fastdiff.load options the weights of some formats cannot say (generate, export and bench)."""
     g = p.add_argument_group("loading (what some checkpoints cannot say)")
@@ -442,6 +407,8 @@ def run(args) -> int:
     _validate(args)
     device = default_device(args.device)
     if args.backend is not None:
+        from ..runtime.runners import check_backend
+
         check_backend(args.backend, device)
 
     t0 = time.perf_counter()

@@ -24,13 +24,14 @@ def _blend(a: torch.Tensor, b: torch.Tensor, extent: int, dim: int) -> torch.Ten
     extent = min(a.shape[dim], b.shape[dim], extent)
     if extent <= 0:
         return b
-    # the weights as diffusers' Python floats reach a float32 kernel (a half tile blends in float32, then rounds)
+    # the weights as diffusers' Python floats reach a kernel: in float32
     shape = [1, 1, 1, 1]
     shape[dim] = extent
     keep = torch.tensor([y / extent for y in range(extent)], dtype=torch.float32, device=b.device).reshape(shape)
     fade = torch.tensor([1 - y / extent for y in range(extent)], dtype=torch.float32, device=b.device).reshape(shape)
     head = b.narrow(dim, 0, extent)
-    head.copy_(a.narrow(dim, a.shape[dim] - extent, extent) * fade + head * keep)
+    # each product rounded to the tile's precision before the sum, as diffusers' half-precision arithmetic rounds
+    head.copy_((a.narrow(dim, a.shape[dim] - extent, extent) * fade).to(b.dtype) + (head * keep).to(b.dtype))
     return b
 
 
@@ -75,7 +76,11 @@ class VAETiling:
 
     @property
     def tile_latent_min_size(self) -> int:
-        return int(self.tile_sample_min_size / self.downscale)
+        return getattr(self, "_tile_latent", None) or int(self.tile_sample_min_size / self.downscale)
+
+    @tile_latent_min_size.setter
+    def tile_latent_min_size(self, value: int) -> None:  # (diffusers' attributes are set one by one)
+        self._tile_latent = int(value)
 
     def enable_tiling(self, use_tiling: bool = True) -> None:
         self.use_tiling = use_tiling

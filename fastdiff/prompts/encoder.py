@@ -92,6 +92,7 @@ class PromptEncoder:
                 self._parts = self._probe = None  # (the probe's views would keep the old weights alive)
             if (device, new_dtype) != self._where:
                 self.cache.clear()  # encodings made elsewhere, or in another precision
+                self._probe = None  # (its views would keep the weights' old copies alive)
             self._where = (device, new_dtype)
             for part in (self._parts or {}).values():
                 part.encoder.to(device)
@@ -322,7 +323,9 @@ class PromptEncoder:
         stale. Their objects and in-place version counters see ``load_state_dict``, in-place ops and new modules;
         a write through ``.data`` (what PEFT's ``merge_and_unload`` does) bumps no counter, so two values of every
         parameter are read too (a merged update changes nearly all of a weight's values): one gather of 1-element
-        views and one copy to the host per call. None before the encoders load."""
+        views and one copy to the host per call. A write of a few rows through ``.data`` (a token's embedding
+        set by hand) can go unseen: ``self.cache.clear()`` after one (``add_textual_inversion`` clears it). None
+        before the encoders load."""
         if self._parts is None:
             return None
         params = [p for part in self._parts.values() for p in part.encoder.parameters()]

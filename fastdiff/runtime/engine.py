@@ -44,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import inspect
 import math
 import numbers
 import threading
@@ -127,6 +128,13 @@ class Engine:
         self.max_wait_ms = float(max_wait_ms)
         size = getattr(getattr(pipe, "spec", None), "sample_size", None)
         self._default_hw = tuple(int(v) for v in size) if isinstance(size, (tuple, list)) and len(size) == 2 else None
+        # generate's keywords whose default is None: such an option given as None is the default, and batches with
+        # requests that leave it out
+        try:
+            params = inspect.signature(pipe.generate).parameters.values()
+        except (TypeError, ValueError, AttributeError):
+            params = ()
+        self._none_defaults = frozenset(p.name for p in params if p.default is None)
 
         self._cv = threading.Condition()
         # key -> deque of requests (FIFO). A dict keeps insertion order, but the group to run is chosen
@@ -437,6 +445,7 @@ class Engine:
             # None means the model's size: spell it out so that "None" and "16" requests batch together.
             height = self._default_hw[0] if height is None else height
             width = self._default_hw[1] if width is None else width
+        options = {k: v for k, v in options.items() if not (v is None and k in self._none_defaults)}
         reserved = sorted(set(options) & _GENERATE_OWN)
         if reserved:
             raise BadArgumentError(f"submit: {reserved} cannot be set per request (the Engine sets them)")

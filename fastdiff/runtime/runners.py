@@ -23,6 +23,10 @@ def prepare_model(model: torch.nn.Module, config: OptimizeConfig, device: torch.
     weight fusion that finds nothing to fuse says so in ``notes``."""
     notes = [] if notes is None else notes
     if config.torch_dtype is not None:
+        now = next(model.parameters()).dtype
+        if now.is_floating_point and torch.finfo(config.torch_dtype).bits > torch.finfo(now).bits:
+            notes.append(f"dtype {config.dtype}: the weights were rounded to {str(now).replace('torch.', '')} by an "
+                         f"earlier optimize(); load the checkpoint again for its full precision")
         model = model.to(config.torch_dtype)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -66,11 +70,47 @@ def weight_fusions(model: torch.nn.Module, config: OptimizeConfig, device) -> di
                 conditioning=auto(config.fuse_conditioning, conditioning_stackable))
 
 
+def check_backend(backend: str, device) -> None:
+    """Raise BackendUnavailableError (one clear line) if ``backend`` cannot run on ``device`` here.
+
+    Checked before any work, so an explicit request fails fast and the same way for every backend.
+    """
+    import importlib.util
+    import os
+
+    if backend in ("eager", "compile"):
+        return
+    if backend == "triton":
+        from ..models.layers import triton_available
+
+        ok, why = triton_available()
+        if not ok:
+            raise BackendUnavailableError(f"backend 'triton' was requested but {why}")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise BackendUnavailableError("backend 'triton' was requested but the device is "
+                                          f"{device.type}: Triton kernels need a CUDA device (or TRITON_INTERPRET=1)")
+        return
+    if backend == "onnxruntime":
+        if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None:
+            raise BackendUnavailableError("backend 'onnxruntime' was requested but onnx / onnxruntime is not "
+                                          "installed (pip install onnx onnxruntime)")
+        return
+    if backend == "tensorrt":
+        if importlib.util.find_spec("tensorrt") is None:
+            raise BackendUnavailableError("backend 'tensorrt' was requested but tensorrt is not installed")
+        if device.type != "cuda":
+            raise BackendUnavailableError(f"backend 'tensorrt' was requested but the device is {device.type}: "
+                                          f"TensorRT needs a CUDA GPU")
+        return
+
+
 def build_runner(pipe, config: OptimizeConfig, graph_factory=None) -> tuple[Callable, list[str]]:
-    """(network callable, notes) for ``config``; an explicitly requested backend that cannot run raises."""
+    """(network callable, notes) for ``config``; an explicitly requested backend that cannot run raises, before
+    anything of the pipe changes."""
     notes: list[str] = []
     device = pipe.device
     backend = config.backend
+    check_backend(backend, device)
     # whether CUDA graphs will really capture (they pad to buckets themselves); else static-shape runners
     # need BucketPadded
     graphs_apply = config.cuda_graphs and backend != "onnxruntime" and (
@@ -88,6 +128,8 @@ def build_runner(pipe, config: OptimizeConfig, graph_factory=None) -> tuple[Call
 
             for net in getattr(pipe.controlnet, "nets", [pipe.controlnet]):  # (each its base's kind: fusions apply)
                 prepare_model(net, config, device, notes)
+                if config.torch_dtype is None:  # (the network's precision: an export backend's may have cast it)
+                    net.to(next(model.parameters()).dtype)
             runner = controlled(model, pipe.controlnet)
         if backend == "compile":
             runner = compile_network(runner, config, device, notes)
