@@ -333,3 +333,19 @@ def test_decode_refuses_what_would_be_a_raw_error_or_a_black_image(tmp_path):
         fastdiff.load("arch:tiny-dit", vae=str(tmp_path / "vae8"))
     with pytest.raises(BadArgumentError, match=r"a pixel model: it takes no VAE"):
         fastdiff.load("arch:tiny-unet", vae=str(tmp_path / "vae"))
+
+
+def test_a_network_with_conditioning_channels_keeps_its_vae(tmp_path):
+    """InstructPix2Pix's UNet takes 8 channels (4 latents + 4 image latents) and samples 4: its 4-channel VAE is its
+    own (the latent-channel check read the 8 and refused the folder)."""
+    from test_img2img import _folder
+
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(sample_size=8, in_channels=8, out_channels=4, block_out_channels=(16, 32),
+                                          layers_per_block=1, cross_attention_dim=8, attention_head_dim=4,
+                                          down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                          up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=8)
+    folder = _folder(tmp_path, "unet", unet, diffusers.DDIMScheduler(), _reference(SD_VAE),
+                     "StableDiffusionInstructPix2PixPipeline")
+    pipe = fastdiff.load(folder)
+    assert pipe.spec.in_channels == 8 and pipe.vae is not None
