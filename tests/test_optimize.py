@@ -467,9 +467,9 @@ def test_an_export_backend_then_eager_brings_the_text_encoders_and_controlnet_ba
     the exported graph holds the merged weights, as load_lora() is."""
     pytest.importorskip("onnxruntime", reason="the onnxruntime backend")
     from fastdiff.models.controlnet import ControlNet
-    from test_textual_inversion import _sd
+    from test_prompts import sd_pipelines
 
-    _, pipe = _sd(str(tmp_path))
+    _, pipe = sd_pipelines(str(tmp_path))
     fresh = fastdiff.load(str(tmp_path / "pipe"))
     layer = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k"  # (32, 16): text -> keys
     lora = {f"{layer}.lora_down.weight": torch.randn(2, 16) * 0.3, f"{layer}.lora_up.weight": torch.randn(32, 2) * 0.3}

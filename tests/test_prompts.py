@@ -46,9 +46,9 @@ def _latents(b=2, channels=4, size=8, seed=3):
 
 
 # --- Stable Diffusion 1.x / 2.x --------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def sd(tmp_path_factory):
-    folder = str(tmp_path_factory.mktemp("sd"))
+def sd_pipelines(folder: str):
+    """(diffusers' StableDiffusionPipeline, fastdiff's pipeline of its saved folder, ``folder``/pipe): a tiny SD 1.x
+    with its CLIP tokenizer and text encoder."""
     tok = write_clip_tokenizer(os.path.join(folder, "_tok"))
     ref = diffusers_pipeline("StableDiffusionPipeline")(
         vae=None, text_encoder=clip_encoder(16), tokenizer=diffusers_tokenizer(tok), unet=_unet(16),
@@ -56,6 +56,11 @@ def sd(tmp_path_factory):
         requires_safety_checker=False)
     ref.set_progress_bar_config(disable=True)
     return ref, fastdiff.load(_save(ref, os.path.join(folder, "pipe")))
+
+
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory):
+    return sd_pipelines(str(tmp_path_factory.mktemp("sd")))
 
 
 def diffusers_tokenizer(folder):

@@ -2,32 +2,19 @@
 SD / SDXL pipelines: single- and multi-vector tokens, diffusers' / A1111's / safetensors / SDXL clip_l + clip_g files,
 prompts and negative prompts naming them; and the refusals."""
 
-import os
-
 import pytest
 import torch
 from safetensors.torch import save_file
 
 import fastdiff
 from fastdiff.errors import BadArgumentError, CheckpointError
-from helpers import diffusers_pipeline, rel_err
-from test_prompts import DDIM, _save, _sdxl_pipe, _unet, diffusers_tokenizer
-from tiny_text import clip_encoder, write_clip_tokenizer
+from helpers import rel_err
+from test_prompts import _save, _sdxl_pipe, sd_pipelines
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers' load_textual_inversion is the reference")
 pytest.importorskip("transformers", reason="the text encoders are transformers' classes")
 
 PROMPTS = ["a photo of <toy> and a cat", "the <toy> dog"]
-
-
-def _sd(folder):
-    tok = write_clip_tokenizer(os.path.join(folder, "_tok"))
-    ref = diffusers_pipeline("StableDiffusionPipeline")(
-        vae=None, text_encoder=clip_encoder(16), tokenizer=diffusers_tokenizer(tok), unet=_unet(16),
-        scheduler=diffusers.DDIMScheduler(**DDIM), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False)
-    ref.set_progress_bar_config(disable=True)
-    return ref, fastdiff.load(_save(ref, os.path.join(folder, "pipe")))
 
 
 def _vectors(n, width, seed=0):
@@ -37,7 +24,7 @@ def _vectors(n, width, seed=0):
 @pytest.mark.parametrize("n, layout", [(1, "diffusers"), (3, "diffusers"), (2, "a1111"), (3, "safetensors")])
 def test_sd_textual_inversion_equals_diffusers(tmp_path, n, layout):
     """One or several vectors; the token in prompts and in the negative prompt; the file as each tool writes it."""
-    ref, pipe = _sd(str(tmp_path))
+    ref, pipe = sd_pipelines(str(tmp_path))
     vectors = _vectors(n, 16)
     if layout == "diffusers":
         path = str(tmp_path / "toy.bin")
@@ -82,7 +69,7 @@ def test_sdxl_pair_file_fills_both_encoders_as_two_diffusers_loads(tmp_path):
 def test_tokens_survive_a_reload_and_unload_drops_them(tmp_path):
     """The encoders read anew (another precision, unload_lora) keep the tokens; unload_textual_inversion drops them,
     and a save refuses while they are there (it copies the tokenizer folders as they are on disk)."""
-    _, pipe = _sd(str(tmp_path))
+    _, pipe = sd_pipelines(str(tmp_path))
     plain = pipe.encode_prompt(PROMPTS)["encoder_hidden_states"]
     pipe.load_textual_inversion({"<toy>": _vectors(2, 16)})
     with_toy = pipe.encode_prompt(PROMPTS)["encoder_hidden_states"]
@@ -97,7 +84,7 @@ def test_tokens_survive_a_reload_and_unload_drops_them(tmp_path):
 
 
 def test_bad_embeddings_are_refused_by_name(tmp_path):
-    _, pipe = _sd(str(tmp_path))
+    _, pipe = sd_pipelines(str(tmp_path))
     torch.save({"<toy>": _vectors(1, 16)}, str(tmp_path / "ok.bin"))
     (tmp_path / "junk.bin").write_bytes(b"not a pickle")
     cases = [
@@ -125,7 +112,7 @@ def test_cli_generate_reads_textual_inversions(tmp_path):
 
     from test_cli import fastdiff as run_cli
 
-    _, pipe = _sd(str(tmp_path))
+    _, pipe = sd_pipelines(str(tmp_path))
     save_file({"emb_params": _vectors(2, 16)}, str(tmp_path / "toy.safetensors"))
     r = run_cli("generate", str(tmp_path / "pipe"), "--prompt", "a <toy> cat", "--textual-inversion",
                 f"{tmp_path / 'toy.safetensors'}:<toy>", "--steps", "2", "--output-latents", "out.safetensors",
