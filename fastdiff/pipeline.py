@@ -190,6 +190,35 @@ class Pipeline(ControlNetMixin, ImageInputsMixin):
         if self.prompt_encoder is not None:
             self.prompt_encoder.clear_textual_inversions()
 
+    def enable_freeu(self, s1: float, s2: float, b1: float, b2: float) -> "Pipeline":
+        """FreeU on a text UNet, as diffusers' ``enable_freeu(s1, s2, b1, b2)`` (``fastdiff.models.freeu``; any
+        factor 0 turns it off, as diffusers reads them). No weight changes; the runner is built again (captured
+        graphs and loops ran the network without it)."""
+        from .models.freeu import set_freeu
+        from .models.unet import UNet
+
+        self._require_model("enable_freeu()")
+        if not isinstance(self.model, UNet) or not self.model.config.conditional:
+            raise BadArgumentError(f"enable_freeu(): FreeU scales a text UNet's up blocks (diffusers' "
+                                   f"UNet2DConditionModel), and this model is a {self.spec.kind} "
+                                   f"{type(self.model).__name__}")
+        if self.config is not None and self.config.backend in ("onnxruntime", "tensorrt"):
+            raise BadArgumentError(f"enable_freeu(): this pipeline runs an exported {self.config.backend} graph of "
+                                   f"the network; enable_freeu() first (eager / triton / compile backends run it)")
+        factors = [finite_number(name, v) for name, v in (("s1", s1), ("s2", s2), ("b1", b1), ("b2", b2))]
+        set_freeu(self.model, *factors)
+        self._rebuild_runner()
+        return self
+
+    def disable_freeu(self) -> "Pipeline":
+        """FreeU off (diffusers' ``disable_freeu``)."""
+        from .models.freeu import set_freeu
+
+        if self.model is not None and hasattr(self.model, "up_blocks"):
+            set_freeu(self.model)
+            self._rebuild_runner()
+        return self
+
     def optimize(self, config=None, graph_factory=None, **switches) -> "Pipeline":
         """Apply an ``OptimizeConfig`` (or its fields as keywords) once; returns self.
 

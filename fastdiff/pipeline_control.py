@@ -111,24 +111,29 @@ class ControlNetMixin:
         previous = self.controlnet
         self.controlnet = controlnet
         try:
-            if self.config is None:
-                from .models.controlnet import controlled
-
-                runner, notes = (self.model if controlnet is None else controlled(self.model, controlnet)), []
-            else:  # the same optimisations around the new network (the captured loops were of the old one)
-                from .runtime.runners import build_runner
-
-                runner, notes = build_runner(self, self.config, graph_factory=self._graph_factory)
+            self._rebuild_runner()
         except BaseException:
             self.controlnet = previous
             raise
+        return self
+
+    def _rebuild_runner(self) -> None:
+        """The runner built again around the network as it now is (a ControlNet set, FreeU switched): with
+        ``optimize()``'s settings, its captured graphs and loops new (those of before ran the old network)."""
+        if self.config is None:
+            from .models.controlnet import controlled
+
+            runner, notes = (self.model if self.controlnet is None else controlled(self.model, self.controlnet)), []
+        else:
+            from .runtime.runners import build_runner
+
+            runner, notes = build_runner(self, self.config, graph_factory=self._graph_factory)
         self.runner = runner
         self.notes.extend(notes)
         if self.loop_graphs is not None:
             from .runtime.loop_graph import LoopGraphCache
 
             self.loop_graphs = LoopGraphCache(self.config.max_graphs, self._graph_factory)
-        return self
 
     def _control_images(self, control_image, scale, start, end, guess_mode):
         """generate(control_image=...) as float32 images in [0, 1] ((k, C, H, W); (k, K, C, H, W) for K ControlNets),

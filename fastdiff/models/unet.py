@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from ..errors import BadArgumentError
 from .conv_bias import conv_without_bias, is_pointwise, pixel_rows, pointwise_conv, pointwise_linear
+from .freeu import freeu_join
 from .layers import Attention as AttentionCore
 from .layers import GEGLU, GroupNorm, LayerNorm, timestep_embedding
 from .linear_stack import LinearStacks, Projected, project, stacked_output
@@ -399,10 +400,12 @@ class UpBlock(nn.Module):
         self.resnets = nn.ModuleList(resnets)
         self.attentions = nn.ModuleList(attentions) if attentions is not None else None
         self.upsamplers = nn.ModuleList([upsample]) if upsample is not None else None
+        self.freeu: Optional[tuple] = None  # (b, s): FreeU's factors of this block (fastdiff.models.freeu)
 
     def forward(self, h, skips, temb, context=None, upsample_size=None):
         for i, resnet in enumerate(self.resnets):
-            h = resnet(torch.cat([h, skips.pop()], dim=1), temb)  # (B, C_out, H, W)
+            h, skip = freeu_join(h, skips.pop(), self.freeu)
+            h = resnet(torch.cat([h, skip], dim=1), temb)  # (B, C_out, H, W)
             if self.attentions is not None:
                 h = self.attentions[i](h, context)
         if self.upsamplers is not None:

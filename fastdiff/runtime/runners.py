@@ -12,7 +12,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..errors import BackendUnavailableError
+from ..errors import BackendUnavailableError, BadArgumentError
 from ..models.layers import set_backend, set_sdpa_backend
 from .config import COMPILE_MODES_WITHOUT_GRAPHS, OptimizeConfig
 
@@ -142,6 +142,9 @@ def build_runner(pipe, config: OptimizeConfig, graph_factory=None) -> tuple[Call
             runner = lambda x, *a, **k: inner(x.contiguous(memory_format=torch.channels_last), *a, **k)  # noqa: E731
         if config.cudnn_benchmark:
             runner = CudnnBenchmark(runner)
+    elif any(getattr(b, "freeu", None) for b in getattr(pipe.model, "up_blocks", ())):  # (export backends below)
+        raise BadArgumentError(f"backend {backend!r}: the network runs FreeU (FFTs an exported graph does not hold); "
+                               f"pipe.disable_freeu() first, or keep an eager / triton / compile backend")
     elif backend == "onnxruntime":
         try:
             from .onnxruntime_runner import OnnxRuntimeRunner
