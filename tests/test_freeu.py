@@ -59,3 +59,19 @@ def test_freeu_after_a_captured_loop_captures_anew_and_is_refused_where_it_canno
     eager.disable_freeu().optimize(backend="onnxruntime")
     with pytest.raises(BadArgumentError, match="enable_freeu\\(\\): this pipeline runs an exported onnxruntime"):
         eager.enable_freeu(**FREEU)
+
+
+def test_cli_generate_freeu(tmp_path):
+    from safetensors.torch import load_file
+
+    from test_cli import fastdiff as run_cli
+
+    _, pipe = sd_pipelines(str(tmp_path))
+    r = run_cli("generate", str(tmp_path / "pipe"), "--prompt", "a red cat", "--freeu", "0.9", "0.2", "1.5", "1.6",
+                "--steps", "2", "--n", "1", "--output-latents", "out.safetensors", "--no-progress", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    want = pipe.enable_freeu(**FREEU).generate(prompt="a red cat", seeds=[0], steps=2, progress=False)
+    assert rel_err(load_file(str(tmp_path / "out.safetensors"))["latents"], want) <= 1e-5
+    r = run_cli("generate", "arch:tiny-dit", "--freeu", "0.9", "0.2", "1.5", "1.6", "--steps", "1", "--class", "1",
+                "--output-latents", "x.safetensors", cwd=tmp_path)
+    assert r.returncode == 2 and "FreeU scales a text UNet" in r.stderr

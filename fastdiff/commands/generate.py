@@ -98,6 +98,8 @@ def register(sub) -> None:
                    help="add a textual inversion embedding (diffusers' .bin / .safetensors, A1111's .pt, SDXL's "
                         "clip_l / clip_g pair) to the text encoders, as TOKEN (default: the file's own); repeat for "
                         "several")
+    p.add_argument("--freeu", type=float, nargs=4, default=None, metavar=("S1", "S2", "B1", "B2"),
+                   help="FreeU on a text UNet, as diffusers' enable_freeu (SD 1.5: 0.9 0.2 1.5 1.6)")
     p.add_argument("--mask", default=None, metavar="MASK.png",
                    help="with --image: inpaint; white repaints, black keeps (read in grayscale, at --image's size). "
                         "An inpainting UNet reads it; any other model has the kept part pasted back after each step")
@@ -426,6 +428,8 @@ def run(args) -> int:
         raise BadArgumentError(f"--control-image: this model is driven by {getattr(control, 'count', None) or 1} "
                                f"ControlNet(s): expected one --control-image COND.png each, found "
                                f"{len(args.control_image or [])}")
+    if args.freeu is not None:
+        pipe.enable_freeu(*args.freeu)
     if args.vae_tiling:
         if pipe.vae is None:
             raise BadArgumentError(f"--vae-tiling: {args.model} has no VAE to tile (pass --vae FOLDER)")
