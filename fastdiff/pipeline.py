@@ -62,6 +62,7 @@ class Pipeline(ControlNetMixin, ImageInputsMixin):
         self.controlnet = None  # a fastdiff.models.controlnet.ControlNet driving the UNet (set_controlnet)
         self._graph_factory = None  # optimize()'s, kept for set_controlnet's rebuild of the runner
         self._optimize_notes: list[str] = []  # the last optimize()'s notes among self.notes (the next replaces them)
+        self._encoders_cast = False  # whether the last optimize() cast the text encoders to its dtype
         self.config = None
         self.update_impl = "torch"  # how the samplers' state update runs (OptimizeConfig.sampler_update_impl)
         self.notes: list[str] = list(spec.notes)
@@ -248,8 +249,11 @@ class Pipeline(ControlNetMixin, ImageInputsMixin):
         # this config's notes replace the last one's (the loader's stay)
         self.notes = [n for n in self.notes if n not in self._optimize_notes] + notes
         self._optimize_notes = notes
-        if self.prompt_encoder is not None:  # the text encoders follow the network's precision (as pipe.to)
+        # the text encoders follow a precision asked for (as pipe.to), and come back with the network from one an
+        # earlier config cast them to (an export backend's fp16 over a float32 network)
+        if self.prompt_encoder is not None and (config.dtype is not None or self._encoders_cast):
             self.prompt_encoder.to(dtype=self._network_dtype())
+        self._encoders_cast = config.dtype is not None
         self.loop_graphs = None
         capturable = graph_factory is not None or (self.device.type == "cuda" and torch.cuda.is_available())
         if config.cuda_graphs and config.graph_scope == "loop" and capturable and config.backend != "onnxruntime":

@@ -500,3 +500,14 @@ def _check_loads_as_diffusers(diffusers, folder):
     x, t, y = torch.randn(2, 4, 128, 128, generator=g), torch.tensor([10, 900]), torch.tensor([1, 7])
     with torch.no_grad():
         assert rel_err(pipe.model(x, t, class_labels=y), ref(x, timestep=t, class_labels=y).sample) <= 1e-5
+
+
+def test_official_dit_samples_without_clipping_as_its_sample_py():
+    """An official DiT checkpoint loaded with no scheduler= ran diffusers' DDPM default, clip_sample=True: its latents
+    were clamped to [-1, 1] (official sample.py: clip_denoised=False); CFG guides channels 0..2 whatever learn_sigma
+    (official forward_with_cfg); the arch: presets' DDIM does not clip either."""
+    pipe = fastdiff.load(fixture("dit", "dit_tiny.pt"), num_heads=4)
+    assert pipe.spec.scheduler["clip_sample"] is False and pipe.spec.guided_channels == 3
+    out = pipe.generate(seeds=[0], class_labels=[1], steps=4, progress=False)
+    assert float(out.abs().max()) > 1.5
+    assert fastdiff.load("arch:tiny-dit").spec.scheduler["clip_sample"] is False

@@ -251,3 +251,23 @@ def test_a_lightning_ckpt_loads_without_lightning_and_runs_none_of_its_code(tmp_
     torch.save({"state_dict": state, "callbacks": {"x": Evil()}}, str(evil))
     with pytest.raises(UnsafeCheckpointError):
         fastdiff.load(str(evil))
+
+
+def test_guided_diffusion_size_from_its_levels_and_a_half_width_first_level_refused(tmp_path):
+    """ADM's create_model picks channel_mult by image size: the level count gives the default size (it was always 64),
+    with a note; a first level narrower than model_channels (OpenAI's 512x512 model) is refused by name (it was a
+    shape mismatch)."""
+    from conftest import fixture_path
+
+    from fastdiff.errors import UnsupportedConfigError
+
+    path = fixture_path("guided_diffusion", "model.pt")
+    pipe = fastdiff.load(path, head_channels=16)
+    levels = len(pipe.model.config.block_out_channels)
+    assert any(f"from its {levels} levels" in n for n in pipe.spec.notes)
+    sd = torch.load(path, weights_only=True)
+    width = sd["input_blocks.0.0.weight"].shape[0]
+    sd["time_embed.0.weight"] = torch.randn(sd["time_embed.0.weight"].shape[0], 2 * width)
+    torch.save(sd, str(tmp_path / "half.pt"))
+    with pytest.raises(UnsupportedConfigError, match="channel_mult"):
+        fastdiff.load(str(tmp_path / "half.pt"), head_channels=16)

@@ -457,7 +457,7 @@ def test_a_failed_optimize_changes_nothing_and_notes_are_the_last_configs(monkey
     pipe.optimize(dtype="bf16")
     assert not any("fuse_conditioning" in n for n in pipe.notes)
     pipe.optimize(dtype="fp32")
-    assert any("rounded to bfloat16 by an earlier optimize()" in n for n in pipe.notes)
+    assert any("the weights are bfloat16, and a cast up keeps their rounding" in n for n in pipe.notes)
 
 
 def test_an_export_backend_then_eager_brings_the_text_encoders_and_controlnet_back(tmp_path):
@@ -486,3 +486,9 @@ def test_an_export_backend_then_eager_brings_the_text_encoders_and_controlnet_ba
     fresh.set_controlnet(net)
     kw = dict(prompt="a cat", seeds=[1], steps=2, control_image=torch.rand(1, 3, 16, 16), progress=False)
     assert rel_err(pipe.generate(**kw), fresh.generate(**kw)) <= 1e-5
+    # an optimize() that casts nothing leaves the encoders as they are (it re-read them in the network's precision)
+    half = fastdiff.load(str(tmp_path / "pipe"), dtype=torch.float16)
+    states = half.encode_prompt("a cat")["encoder_hidden_states"]
+    half.optimize()
+    assert half.prompt_encoder._parts is not None and torch.equal(half.encode_prompt("a cat")["encoder_hidden_states"],
+                                                                  states)

@@ -124,3 +124,38 @@ def test_cli_generate_reads_textual_inversions(tmp_path):
     r = run_cli("generate", str(tmp_path / "pipe"), "--prompt", "a cat", "--textual-inversion", "nope.bin:<t>",
                 "--steps", "1", "--output-latents", "x.safetensors", cwd=tmp_path)
     assert r.returncode == 2 and "--textual-inversion: expected an embedding file[:TOKEN]" in r.stderr
+
+
+def test_a_refused_pair_adds_nothing_and_the_callers_tensor_stays_its_own(tmp_path):
+    """An SDXL pair whose second half does not fit is refused whole (its first half was added, and the token taken);
+    the vectors are copied (a caller zeroing its tensor changed the tokens at the next reload)."""
+    ref = _sdxl_pipe(str(tmp_path))
+    pipe = fastdiff.load(_save(ref, str(tmp_path / "pipe")))
+    with pytest.raises(BadArgumentError, match="5 wide and text_encoder_2's token embeddings 4"):
+        pipe.load_textual_inversion({"clip_l": _vectors(2, 8), "clip_g": _vectors(2, 5)}, token="<toy>")
+    assert pipe.prompt_encoder.embeddings == []
+    vectors = _vectors(2, 8, 3)
+    pipe.load_textual_inversion({"clip_l": vectors, "clip_g": _vectors(2, 4)}, token="<toy>")
+    before = pipe.encode_prompt(PROMPTS)["encoder_hidden_states"]
+    vectors.mul_(0)
+    pipe.prompt_encoder.to(dtype=torch.float64)
+    pipe.prompt_encoder.to(dtype=torch.float32)  # (read again, the tokens added again)
+    assert rel_err(pipe.encode_prompt(PROMPTS)["encoder_hidden_states"], before) <= 1e-6
+
+
+def test_a_concept_folder_and_a_safetensors_file_of_any_name(tmp_path):
+    """diffusers' concept folder (learned_embeds.bin, sd-concepts-library's layout) and a safetensors file named
+    .bin load as diffusers loads them."""
+    ref, pipe = sd_pipelines(str(tmp_path))
+    (tmp_path / "concept").mkdir()
+    torch.save({"<toy>": _vectors(2, 16)}, str(tmp_path / "concept" / "learned_embeds.bin"))
+    save_file({"<cup>": _vectors(1, 16, 5)}, str(tmp_path / "cup.bin"))
+    for source in (str(tmp_path / "concept"), str(tmp_path / "cup.bin")):
+        ref.load_textual_inversion(source)
+        pipe.load_textual_inversion(source)
+    prompts = ["a <toy> and a <cup>", "the <cup> dog"]
+    want = ref.encode_prompt(prompts, "cpu", 1, False)[0]
+    assert rel_err(pipe.encode_prompt(prompts)["encoder_hidden_states"], want) <= 1e-5
+    with pytest.raises(CheckpointError, match="a folder without learned_embeds.safetensors or learned_embeds.bin"):
+        pipe.load_textual_inversion(str(tmp_path))
+

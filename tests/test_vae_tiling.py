@@ -127,9 +127,12 @@ def test_half_precision_tiles_blend_as_diffusers_rounds_them():
     ref, vae = ref.half(), vae.half()
     ref.enable_tiling()
     vae.enable_tiling()
-    ref.tile_latent_min_size = vae.tile_latent_min_size = 6
-    z = torch.randn(1, 4, 13, 11, generator=torch.Generator().manual_seed(4))
+    # (a pair whose strides agree, 24 / 12 at the scale of 2: 12 / 6 would keep 9 pixels a tile for a stride of 8, a
+    # larger image than the latents', in diffusers as here)
+    ref.tile_sample_min_size, ref.tile_latent_min_size = 24, 12
+    vae.tile_sample_min_size, vae.tile_latent_min_size = 24, 12
+    z = torch.randn(1, 4, 29, 23, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         want = ref.decode(z.half()).sample.float().clamp(-1, 1)
         got = vae.decode(z * ref.config.scaling_factor)
-    assert vae.tile_latent_min_size == 6 and torch.equal(got, want)
+    assert vae.tile_latent_min_size == 12 and got.shape == (1, 3, 58, 46) and torch.equal(got, want)

@@ -362,15 +362,16 @@ def _read_any(path: str, *, variant=None, num_heads=None, head_channels=None, at
 
         if is_guided_diffusion_state_dict(state):
             from .diffusers_folder import spec_for
-            from .presets import DIT_SCHEDULER
+            from .presets import ADM_SCHEDULER
 
             cfg = guided_diffusion_config(state, num_heads=num_heads, head_channels=head_channels)
-            spec = spec_for("unet", cfg, DIT_SCHEDULER, source=f"guided-diffusion checkpoint {path}")
+            spec = spec_for("unet", cfg, ADM_SCHEDULER, source=f"guided-diffusion checkpoint {path}")
             order = attention_order or "legacy"
             spec.notes.append("guided-diffusion: 64 channels per head unless num_heads= is given; linear betas "
                               "assumed (pass scheduler= for the cosine-schedule models); "
                               f"{order} attention order (attention_order='new' for use_new_attention_order "
-                              f"models)")
+                              f"models); default size {cfg.sample_size} px from its {len(cfg.block_out_channels)} "
+                              f"levels, as ADM's create_model pairs them (height= / width= for another)")
             return "unet", cfg, convert_guided_diffusion(state, cfg, order), spec, None
         from .edm import edm_config_from_state_dict, edm_spec, is_edm_state_dict
 
@@ -379,10 +380,15 @@ def _read_any(path: str, *, variant=None, num_heads=None, head_channels=None, at
             native = {k[len("model."):] if k.startswith("model.") else k: v for k, v in state.items()}
             return "edm", cfg, native, edm_spec(cfg, source=f"EDM checkpoint {path}"), None
         if is_official_dit_state_dict(state):
+            from ..spec import DEFAULT_SCHEDULER
+
             cfg, state, notes = load_official_dit(path, num_heads=num_heads)
-            spec = spec_for("dit", cfg, None, source=f"official DiT checkpoint {path}")
+            # the official diffusion (DDPM betas) without clipping: DiT's latents are not in [-1, 1]
+            # (sample.py: clip_denoised=False)
+            spec = spec_for("dit", cfg, dict(DEFAULT_SCHEDULER, clip_sample=False),
+                            source=f"official DiT checkpoint {path}")
             spec.notes.extend(notes)
-            spec.guided_channels = 3 if spec.learned_variance else None  # official forward_with_cfg
+            spec.guided_channels = 3  # official forward_with_cfg guides channels 0..2, whatever learn_sigma
             return "dit", cfg, state, spec, None
         raise UnknownFormatError(_unknown(path, f"a torch file whose keys start {sorted(state)[:6]}"))
     if ext == ".pkl":  # NVlabs/edm (and StyleGAN-family) networks ship as pickles of their own code

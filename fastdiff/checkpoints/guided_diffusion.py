@@ -34,6 +34,11 @@ def is_guided_diffusion_state_dict(state: dict) -> bool:
             and not any(".transformer_blocks." in k for k in state))
 
 
+# ADM's create_model picks channel_mult by image_size: its level count tells the size a checkpoint was trained at
+# (4 levels: 64, also improved-diffusion's 32; a default only: generate takes any height / width)
+ADM_IMAGE_SIZES = {4: 64, 5: 128, 6: 256}
+
+
 def guided_diffusion_config(state: dict, num_heads: Optional[int] = None,
                             head_channels: Optional[int] = None) -> UNetConfig:
     sd = RequiredKeys(state, "a guided-diffusion UNet")
@@ -77,9 +82,16 @@ def guided_diffusion_config(state: dict, num_heads: Optional[int] = None,
                 "heads", setting, model="guided-diffusion UNet",
                 supported=f"heads that divide every attention level's channels {sorted(set(channels))}: pass "
                           f"head_channels= (ADM num_head_channels) or num_heads= (ADM num_heads) as trained")
+    width = sd["input_blocks.0.0.weight"].shape[0]  # ADM's model_channels: its input conv and timestep sinusoid
+    if width != channels[0] or sd["time_embed.0.weight"].shape[1] != channels[0]:
+        raise UnsupportedConfigError(
+            "channel_mult", f"{channels[0] / width:g} at the first level", model="guided-diffusion UNet",
+            supported="1 (model_channels wide at the first level; OpenAI's 512x512 model starts at 0.5, which the "
+                      "native UNet does not build)")
     classes = sd["label_emb.weight"].shape[0] if "label_emb.weight" in sd else None
     return UNetConfig.from_diffusers(dict(
-        sample_size=64, in_channels=sd["input_blocks.0.0.weight"].shape[1], out_channels=sd["out.2.weight"].shape[0],
+        sample_size=ADM_IMAGE_SIZES.get(levels, 64), in_channels=sd["input_blocks.0.0.weight"].shape[1],
+        out_channels=sd["out.2.weight"].shape[0],
         block_out_channels=channels, layers_per_block=res_per_level,
         down_block_types=["AttnDownBlock2D" if a else "ResnetDownsampleBlock2D" for a in attn],
         up_block_types=["AttnUpBlock2D" if a else "ResnetUpsampleBlock2D" for a in reversed(attn)],

@@ -35,8 +35,13 @@ FLUX_SCHNELL_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num
 # noise, the network takes t in [0, 1] and predicts data - noise. load(path, scheduler=SIT_SCHEDULER) reads them.
 SIT_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 1.0,
                  "flow_time_convention": "sit"}
+# guided-diffusion's pixel models: the same betas, x0 clipped to [-1, 1] (its samplers' clip_denoised=True)
+ADM_SCHEDULER = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.0001,
+                 "beta_end": 0.02, "beta_schedule": "linear", "prediction_type": "epsilon", "clip_sample": True}
+# (DiT's latents are not in [-1, 1]: no clipping, as the official sample.py (clip_denoised=False) and the DiT-XL-2
+# folders' scheduler_config.json)
 DIT_SCHEDULER = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.0001,
-                 "beta_end": 0.02, "beta_schedule": "linear", "prediction_type": "epsilon"}
+                 "beta_end": 0.02, "beta_schedule": "linear", "prediction_type": "epsilon", "clip_sample": False}
 
 
 def _unet_arch(make_config, scheduler, **spec_kw):
@@ -114,10 +119,10 @@ def _arch_table():
         "sd15-unet": _unet_arch(unet_config.sd15_config, SD_SCHEDULER),
         "sdxl-unet": _unet_arch(unet_config.sdxl_config, SDXL_SCHEDULER),
         "sd21-unet": _unet_arch(unet_config.sd21_config, SD_V_SCHEDULER),
-        "ddpm-cifar10": _unet_arch(unet_config.ddpm_cifar10_config, DIT_SCHEDULER),
+        "ddpm-cifar10": _unet_arch(unet_config.ddpm_cifar10_config, ADM_SCHEDULER),
         "dit-xl-2-256": _dit_arch("DiT-XL/2", 256),
         "dit-xl-2-512": _dit_arch("DiT-XL/2", 512),
-        "tiny-unet": _unet_arch(tiny_unet, DIT_SCHEDULER),
+        "tiny-unet": _unet_arch(tiny_unet, ADM_SCHEDULER),
         "tiny-sd-unet": _unet_arch(tiny_sd, SD_SCHEDULER),
         "tiny-sdxl-unet": _unet_arch(tiny_sdxl, SDXL_SCHEDULER),
         "tiny-dit": _dit_arch("DiT-S/2", 64, hidden_size=64, depth=2, num_heads=4, num_classes=10),

@@ -28,7 +28,7 @@ from ..errors import BadArgumentError, CheckpointError
 from .cache import DEFAULT_MAX_BYTES, EncodingCache
 from .text_parts import (TextPart, clip_outputs, collecting_notes, encoder_config, encoder_class_name, load_part,
                          t5_states)
-from .textual_inversion import SDXL_KEYS, add_tokens, read_embeddings, token_and_vectors
+from .textual_inversion import SDXL_KEYS, add_tokens, check_tokens, read_embeddings, token_and_vectors
 
 # family -> (tokenizer folder, encoder folder, required?, max tokens (None: the tokenizer's own))
 FAMILY_PARTS = {
@@ -161,8 +161,10 @@ class PromptEncoder:
         added = {}
         with self._lock:
             parts = self.parts
-            for enc, one in jobs:
-                name, vectors = token_and_vectors(one, token)
+            named = [(enc, *token_and_vectors(one, token)) for enc, one in jobs]
+            for enc, name, vectors in named:  # (all checked before any is added: a refused pair adds nothing)
+                check_tokens(parts[enc], name, vectors)
+            for enc, name, vectors in named:
                 add_tokens(parts[enc], name, vectors)
                 self.embeddings.append((enc, name, vectors))
                 added.setdefault(enc, {})[name] = vectors.shape[0]

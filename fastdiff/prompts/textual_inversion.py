@@ -20,6 +20,7 @@ import torch
 from ..errors import BadArgumentError, CheckpointError
 
 SDXL_KEYS = {"clip_l": "text_encoder", "clip_g": "text_encoder_2"}  # SDXL embeddings: one tensor per encoder
+CONCEPT_FILES = ("learned_embeds.safetensors", "learned_embeds.bin")  # a diffusers concept folder's, in that order
 
 
 def read_embeddings(source) -> dict:
@@ -30,13 +31,21 @@ def read_embeddings(source) -> dict:
         raise BadArgumentError(f"textual inversion: expected a file path, a state dict or a tensor, found "
                                f"{type(source).__name__}")
     path = os.fspath(source)
+    if os.path.isdir(path):  # a diffusers concept folder (sd-concepts-library's layout)
+        found = [os.path.join(path, f) for f in CONCEPT_FILES if os.path.isfile(os.path.join(path, f))]
+        if not found:
+            raise CheckpointError(f"{path}: a folder without {' or '.join(CONCEPT_FILES)}")
+        path = found[0]
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such textual inversion file")
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
 
-            return load_file(path)
+    try:  # safetensors first, whatever the name (diffusers tries it so), then a tensors-only pickle
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError):
+        pass
+    try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # (a damaged file, or a pickle holding more than tensors and plain values)
         raise CheckpointError(f"{path}: not a readable textual inversion embedding ({type(e).__name__}: "
@@ -67,7 +76,7 @@ def token_and_vectors(state, token: Optional[str]) -> tuple[str, torch.Tensor]:
             0 in vectors.shape:
         raise BadArgumentError(f"textual inversion {token!r}: expected a (d,) or (n, d) float tensor, found "
                                f"{tuple(vectors.shape) if torch.is_tensor(vectors) else type(vectors).__name__}")
-    vectors = vectors.detach().float().reshape(-1, vectors.shape[-1])
+    vectors = vectors.detach().float().reshape(-1, vectors.shape[-1]).clone()  # (ours: re-added on every reload)
     if not bool(torch.isfinite(vectors).all()):
         raise BadArgumentError(f"textual inversion {token!r}: NaN or inf in its vectors")
     return token, vectors
@@ -78,19 +87,25 @@ def token_names(token: str, n: int) -> list[str]:
     return [token] + [f"{token}_{i}" for i in range(1, n)]
 
 
-def add_tokens(part, token: str, vectors: torch.Tensor) -> None:
-    """``vectors`` (n, d) as new tokens of ``part``'s tokenizer with their rows in its encoder's input embeddings."""
-    tokenizer, encoder = part.tokenizer, part.encoder
-    width = encoder.get_input_embeddings().weight.shape[-1]
+def check_tokens(part, token: str, vectors: torch.Tensor) -> None:
+    """Refuse what ``add_tokens`` could not add whole: vectors of another width than ``part``'s token embeddings,
+    token names its tokenizer already has."""
+    width = part.encoder.get_input_embeddings().weight.shape[-1]
     if vectors.shape[-1] != width:
         raise BadArgumentError(f"textual inversion {token!r}: its vectors are {vectors.shape[-1]} wide and "
                                f"{part.name}'s token embeddings {width}; for SDXL, clip_l goes to text_encoder, "
                                f"clip_g to text_encoder_2")
-    names = token_names(token, vectors.shape[0])
-    taken = [t for t in names if t in tokenizer.get_vocab()]
+    taken = [t for t in token_names(token, vectors.shape[0]) if t in part.tokenizer.get_vocab()]
     if taken:
         raise BadArgumentError(f"textual inversion: {taken} already in {part.name}'s tokenizer; pick another token "
                                f"(or pipe.unload_textual_inversion())")
+
+
+def add_tokens(part, token: str, vectors: torch.Tensor) -> None:
+    """``vectors`` (n, d) as new tokens of ``part``'s tokenizer with their rows in its encoder's input embeddings."""
+    check_tokens(part, token, vectors)
+    tokenizer, encoder = part.tokenizer, part.encoder
+    names = token_names(token, vectors.shape[0])
     with torch.no_grad():
         encoder.resize_token_embeddings(len(tokenizer) + len(names))
         weight = encoder.get_input_embeddings().weight
@@ -113,4 +128,5 @@ def expand_prompt(prompt: str, tokenizer) -> str:
     return prompt
 
 
-__all__ = ["read_embeddings", "token_and_vectors", "token_names", "add_tokens", "expand_prompt", "SDXL_KEYS"]
+__all__ = ["read_embeddings", "token_and_vectors", "token_names", "check_tokens", "add_tokens", "expand_prompt",
+           "SDXL_KEYS", "CONCEPT_FILES"]

@@ -25,8 +25,9 @@ def prepare_model(model: torch.nn.Module, config: OptimizeConfig, device: torch.
     if config.torch_dtype is not None:
         now = next(model.parameters()).dtype
         if now.is_floating_point and torch.finfo(config.torch_dtype).bits > torch.finfo(now).bits:
-            notes.append(f"dtype {config.dtype}: the weights were rounded to {str(now).replace('torch.', '')} by an "
-                         f"earlier optimize(); load the checkpoint again for its full precision")
+            notes.append(f"dtype {config.dtype}: the weights are {str(now).replace('torch.', '')}, and a cast up keeps "
+                         f"their rounding (load the checkpoint again in {config.dtype} for any precision it has "
+                         f"beyond that)")
         model = model.to(config.torch_dtype)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
