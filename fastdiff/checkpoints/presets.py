@@ -35,9 +35,10 @@ FLUX_SCHNELL_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num
 # noise, the network takes t in [0, 1] and predicts data - noise. load(path, scheduler=SIT_SCHEDULER) reads them.
 SIT_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 1.0,
                  "flow_time_convention": "sit"}
-# guided-diffusion's pixel models: the same betas, x0 clipped to [-1, 1] (its samplers' clip_denoised=True)
+# guided-diffusion's pixel models: the same betas, x0 clipped to [-1, 1] by DDIMScheduler's default clip_sample
+# (its samplers' clip_denoised=True); samplers named in generate() run unclipped, as diffusers' other schedulers
 ADM_SCHEDULER = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.0001,
-                 "beta_end": 0.02, "beta_schedule": "linear", "prediction_type": "epsilon", "clip_sample": True}
+                 "beta_end": 0.02, "beta_schedule": "linear", "prediction_type": "epsilon"}
 # (DiT's latents are not in [-1, 1]: no clipping, as the official sample.py (clip_denoised=False) and the DiT-XL-2
 # folders' scheduler_config.json)
 DIT_SCHEDULER = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.0001,
