@@ -27,7 +27,7 @@ import time
 import traceback
 
 from .bench_diffusers import _bench_diffusers
-from .bench_inputs import _conditioning, bench_controlnet
+from .bench_inputs import _conditioning, bench_controlnet, image_pixels
 from .bench_report import (_check_output, _json_report, _one_line, _plot, _plot_extensions, _ratios, _row_line,
                            _row_stats, _save_figure, _write_json, format_table)
 from .generate import add_load_arguments, load_options
@@ -255,11 +255,6 @@ class _CountCalls:
         return self.fn(*a, **k)
 
 
-def _pixels(pipe) -> int:
-    """Image pixels per latent pixel: the pipe's VAE's (an inpainting network's image is in pixels)."""
-    return pipe.vae.downscale if getattr(pipe, "vae", None) is not None else 8
-
-
 def _bench_fastdiff(args, label: str, backend: str, switches: dict, batches, device, log, on_row=None,
                     note: str | None = None) -> list[dict]:
     """Rows for one fastdiff variant (``note`` added to each): every row passed to ``on_row`` when it is made."""
@@ -298,7 +293,7 @@ def _bench_fastdiff(args, label: str, backend: str, switches: dict, batches, dev
         row = dict(base, batch=b, optimize_s=optimize_s, notes=list(pipe.notes))
         try:
             cond = _conditioning(pipe.spec, b, args.cfg, args.seed, device, pipe._network_dtype(),
-                                 control=pipe._control_format(), pixels=_pixels(pipe))
+                                 control=pipe._control_format(), pixels=image_pixels(pipe))
             kw = dict(n=b, steps=args.steps, sampler=args.sampler, schedule=args.schedule, cfg_scale=args.cfg,
                       seed=args.seed, progress=False, class_labels=cond["labels"],
                       encoder_hidden_states=cond["states"],

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import traceback
 
-from .bench_inputs import _conditioning, bench_controlnet
+from .bench_inputs import _conditioning, bench_controlnet, image_pixels
 from .bench_report import _one_line, _row_line, _row_stats
 from .generate import load_options
 
@@ -388,7 +388,7 @@ def _bench_diffusers(args, pipe_source, compare, batches, device, log, on_row=No
             row = dict(impl=impl, batch=b, scheduler=type(scheduler).__name__, notes=notes_c)
             try:
                 cond = _conditioning(spec, b, args.cfg, args.seed, device, dtype, control=net,
-                                     pixels=8 if pipe.vae is None else pipe.vae.downscale)
+                                     pixels=image_pixels(pipe))
                 if args.cfg != 1.0 and spec.num_classes and cond["null_labels"] is None:
                     raise ValueError("cfg != 1 needs a null class label")
                 fn = lambda: _diffusers_generate(runner, scheduler, spec, b, args.steps, args.cfg, cond,  # noqa: E731

@@ -4,6 +4,13 @@ image, all drawn from the run's seed."""
 from __future__ import annotations
 
 
+def image_pixels(pipe) -> int:
+    """Image pixels per latent pixel: the pipe's VAE's (an inpainting network's image is in pixels), else SDXL's 8."""
+    from ..text_time import VAE_SCALE_FACTOR
+
+    return pipe.vae.downscale if getattr(pipe, "vae", None) is not None else VAE_SCALE_FACTOR
+
+
 def _conditioning(spec, b: int, cfg: float, seed: int, device, dtype, control=None, pixels: int = 8):
     """dict of (labels, null_labels, states, negative_states, text_embeds, negative_text_embeds, control_image,
     image, mask) for batch b (None where not used; SDXL-style models get random pooled embeddings and their default

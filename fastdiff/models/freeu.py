@@ -32,14 +32,12 @@ def freeu_join(h: torch.Tensor, skip: torch.Tensor, factors: Optional[tuple]) ->
     return torch.cat([h[:, :half] * b, h[:, half:]], dim=1), fourier_filter(skip, s)
 
 
-def set_freeu(model, s1: float = 0.0, s2: float = 0.0, b1: float = 0.0, b2: float = 0.0) -> int:
+def set_freeu(model, s1: float = 0.0, s2: float = 0.0, b1: float = 0.0, b2: float = 0.0) -> None:
     """Give the first two up blocks of ``model`` (a text UNet) their FreeU factors ((b1, s1), (b2, s2)); all four
-    non-zero to enable, as diffusers reads them (any zero: off). Returns the blocks changed."""
+    non-zero to enable, as diffusers reads them (any zero: off)."""
     on = all((s1, s2, b1, b2))
-    blocks = list(model.up_blocks)
-    for i, block in enumerate(blocks):
+    for i, block in enumerate(model.up_blocks):
         block.freeu = ((b1, s1) if i == 0 else (b2, s2) if i == 1 else None) if on else None
-    return min(len(blocks), 2) if on else 0
 
 
 __all__ = ["fourier_filter", "freeu_join", "set_freeu"]

@@ -88,11 +88,8 @@ class PromptEncoder:
         with self._lock:
             device = torch.device(device) if device is not None else self._where[0]
             new_dtype = dtype or self._where[1]
-            if self._parts is not None and new_dtype != self._where[1]:
-                self._parts = self._probe = None  # (the probe's views would keep the old weights alive)
-            if (device, new_dtype) != self._where:
-                self.cache.clear()  # encodings made elsewhere, or in another precision
-                self._probe = None  # (its views would keep the weights' old copies alive)
+            if (device, new_dtype) != self._where:  # encodings made elsewhere, or in another precision
+                self._forget(reload=new_dtype != self._where[1])
             self._where = (device, new_dtype)
             for part in (self._parts or {}).values():
                 part.encoder.to(device)
@@ -175,15 +172,23 @@ class PromptEncoder:
         """Drop the added tokens: the tokenizers and encoders are read again from their folders on the next prompt."""
         with self._lock:
             if self.embeddings:
-                self.embeddings, self._parts, self._probe = [], None, None
-                self.cache.clear()
+                self.embeddings = []
+                self._forget(reload=True)
 
     def clear_loras(self) -> None:
         """Drop the merged LoRAs: the encoders are read again from their folders on the next prompt."""
         with self._lock:
             if self.loras:
-                self.loras, self._parts, self._probe = [], None, None
-                self.cache.clear()
+                self.loras = []
+                self._forget(reload=True)
+
+    def _forget(self, reload: bool) -> None:
+        """Drop the cached encodings and the weights' probe (its views would keep old weights alive); ``reload``:
+        the loaded encoders too, read again from their folders on the next prompt."""
+        self.cache.clear()
+        self._probe = None
+        if reload:
+            self._parts = None
 
     def max_clip_skip(self) -> Optional[int]:
         """The largest clip_skip the CLIP encoders' depth allows (None: clip_skip does not apply)."""
