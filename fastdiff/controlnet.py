@@ -47,6 +47,9 @@ class ControlWindow(Denoiser):
     def predict_at(self, x, sigma: float, control_keep=None, **cond):
         return self.inner.predict_at(x, sigma, **self._kept(control_keep, cond))
 
+    def predict_variance_at(self, x, sigma: float, control_keep=None, **cond):
+        return self.inner.predict_variance_at(x, sigma, **self._kept(control_keep, cond))
+
     def _kept(self, keep, cond: dict) -> dict:
         if keep is None:
             return cond

@@ -75,6 +75,14 @@ class Denoiser:
         s = torch.full((x.shape[0],), float(sigma), dtype=torch.float32, device=x.device)
         return self.predict(x, s, **cond)
 
+    def predict_variance_at(self, x: torch.Tensor, sigma: float, **cond):
+        """(x0, v): ``predict_at``'s x0 and the network's learned-variance channels v (float32, x's shape; values in
+        [-1, 1] for guided-diffusion / DiT networks): what DDPM with a learned variance (diffusers' ``variance_type``
+        "learned_range") samples its noise from. Adapters of networks without such channels refuse."""
+        raise BadArgumentError(f"variance: a learned variance needs a discrete-time network that predicts one "
+                               f"(2 x the latent channels: eps, then the variance values); {type(self).__name__} "
+                               f"has none")
+
     def c_skip(self, sigma):
         """x0 = c_skip * x + c_out * network_output (sigma a float or a tensor): lets guidance_rescale
         work in the network-output space."""
@@ -88,6 +96,12 @@ class Denoiser:
 
     def denoise_at(self, x: torch.Tensor, sigma: float, **cond) -> torch.Tensor:
         return self.postprocess(self.predict_at(x, sigma, **cond))
+
+    def denoise_variance_at(self, x: torch.Tensor, sigma: float, **cond):
+        """(postprocessed x0, learned-variance channels): ``predict_variance_at`` with x0 clipped as ``denoise_at``
+        clips it."""
+        x0, v = self.predict_variance_at(x, sigma, **cond)
+        return self.postprocess(x0), v
 
 
 def _model_dtype(model, dtype):
@@ -279,12 +293,28 @@ class DiscreteDenoiser(Denoiser):
             c = self._coeffs[sigma] = (t, c_in, c_skip, c_out)
         return c
 
-    def predict_at(self, x, sigma: float, **cond):
+    def _network_at(self, x, sigma: float, **cond):
+        """The network's raw output at one host sigma, and that sigma's (c_skip, c_out)."""
         t, c_in, c_skip, c_out = self._host_coeffs(float(sigma))
         ts = cached_timesteps(self._timestep_tensors, t, x)
         inp = x * c_in
-        out = self.model(inp if inp.dtype == self.dtype else inp.to(self.dtype), ts, **cond)
-        out = _to_state(_split_learned_variance(out, x.shape[1]), x)
+        return self.model(inp if inp.dtype == self.dtype else inp.to(self.dtype), ts, **cond), c_skip, c_out
+
+    def predict_at(self, x, sigma: float, **cond):
+        out, c_skip, c_out = self._network_at(x, sigma, **cond)
+        return self._x0(x, _to_state(_split_learned_variance(out, x.shape[1]), x), c_skip, c_out)
+
+    def predict_variance_at(self, x, sigma: float, **cond):
+        out, c_skip, c_out = self._network_at(x, sigma, **cond)
+        c = x.shape[1]
+        if out.shape[1] != 2 * c:
+            raise BadArgumentError(f"variance: a learned variance needs a network of {2 * c} output channels (eps, "
+                                   f"then the variance values), found {out.shape[1]}")
+        return self._x0(x, _to_state(out[:, :c], x), c_skip, c_out), _to_state(out[:, c:], x)
+
+    @staticmethod
+    def _x0(x, out, c_skip: float, c_out: float):
+        """x0 = c_skip x + c_out out, in as few launches as the coefficients allow."""
         if c_skip == 1.0:
             return torch.add(x, out, alpha=c_out)
         if c_skip == 0.0:
@@ -430,6 +460,17 @@ class CFGDenoiser(Denoiser):
         x0_u, x0_c = self.inner.predict_at(torch.cat([x, x]), sigma, **self._stack(cond, uncond)).chunk(2)
         return self._guide(x, x0_u, x0_c, float(self.c_skip(float(sigma))), w, guidance_rescale)
 
+    def predict_variance_at(self, x, sigma: float, uncond: Optional[dict] = None, guidance_scale=None,
+                            guidance_rescale=None, **cond):
+        """The guided x0, and the conditional pass's variance channels (as official DiT's sample.py keeps the
+        conditional half's, and diffusers' UnCLIP / Kandinsky pipelines the text pass's)."""
+        w = self._scale(guidance_scale)
+        if w is None:
+            return self.inner.predict_variance_at(x, sigma, **cond)
+        x0, v = self.inner.predict_variance_at(torch.cat([x, x]), sigma, **self._stack(cond, uncond))
+        x0_u, x0_c = x0.chunk(2)
+        return self._guide(x, x0_u, x0_c, float(self.c_skip(float(sigma))), w, guidance_rescale), v.chunk(2)[1]
+
     def _scale(self, per_call):
         """This call's w: the per-sample (B,) tensor it was given, else the fixed scale; None for no guidance."""
         if per_call is not None:
@@ -518,3 +559,7 @@ class FoldedCFGDenoiser(Denoiser):
 
     def predict_at(self, x, sigma: float, uncond: Optional[dict] = None, guidance_scale=None, **cond):
         return self.inner.predict_at(x, sigma, **self._folded(x, cond, uncond, guidance_scale))
+
+    def predict_variance_at(self, x, sigma: float, uncond: Optional[dict] = None, guidance_scale=None, **cond):
+        # (the folded graph's variance channels are its conditional pass's: export/onnx.py)
+        return self.inner.predict_variance_at(x, sigma, **self._folded(x, cond, uncond, guidance_scale))

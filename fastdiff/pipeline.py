@@ -386,7 +386,11 @@ class Pipeline(ControlNetMixin, ImageInputsMixin):
         if sampler == "tcd":
             from .scheduler_config import tcd_named_plan
             return tcd_named_plan(sigmas, ac, denoiser_options)
-        return SamplingPlan("named", sampler, sigmas, {}, "discrete", denoiser_options,
+        options = {}
+        variance = self.spec.scheduler.get("variance_type")
+        if sampler == "ddpm" and variance in ("learned_range", "learned"):  # the network's own variance
+            options["variance"] = variance
+        return SamplingPlan("named", sampler, sigmas, options, "discrete", denoiser_options,
                             init_noise_sigma=math.sqrt(1 + s0 * s0))
 
     def alphas_cumprod(self) -> torch.Tensor:

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from .consistency import sample_lcm, sample_tcd
+from .ddpm import sample_ddpm
 from .dpmpp_singlestep import sample_dpmpp_2s_ancestral, sample_dpmpp_sde
 from .errors import BadArgumentError
 from .linear_multistep import sample_deis, sample_lms, sample_plms
@@ -91,35 +92,6 @@ def sample_ddim(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=No
             x = torch.add(x, noise(i, x), alpha=up * s_noise)   # fresh noise, std sigma_t(eta)
         if s_to != s_next:
             x = x * math.sqrt((1 + s_next ** 2) / (1 + s_to ** 2))
-        x = _after(after_step, x, s_next, i == len(sig) - 2)
-    return x
-
-
-@torch.no_grad()
-def sample_ddpm(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=None, after_step=None,
-                variance: str = "fixed_small", s_noise: float = 1.0, final_noise: bool = False):
-    """Ancestral DDPM sampling (Ho et al. 2020, eq. 6-7) on any grid: sample the posterior
-    q(x_{t'} | x_t, x0 = D(x_t)). ``variance``: "fixed_small" (posterior variance, beta~) or
-    "fixed_large" (beta_t), diffusers' ``variance_type``. ``final_noise`` (fixed_large only): also add
-    noise of std sqrt(beta_t) on the step to sigma = 0, as diffusers does when the last timestep is > 0."""
-    if variance not in ("fixed_small", "fixed_large"):
-        raise BadArgumentError(f"variance: expected 'fixed_small' or 'fixed_large', found {variance!r}")
-    x, sig, extra, noise = _setup(x, sigmas, extra_args, noise)
-    for i in range(len(sig) - 1):
-        s, s_next = sig[i], sig[i + 1]
-        denoised = _call(denoiser, x, s, extra)
-        _cb(callback, x, i, s, s, denoised)
-        if s_next == 0:
-            x = denoised
-            if final_noise and variance == "fixed_large":
-                x = x + noise(i, x) * (s_noise * s / math.sqrt(1 + s ** 2))
-            x = _after(after_step, x, s_next, i == len(sig) - 2)
-            continue
-        down, up = _ancestral(s, s_next, 1.0)
-        x = torch.lerp(denoised, x, down / s)         # posterior mean: x0 + sigma_down * eps
-        if variance == "fixed_large":                 # std sqrt(beta_t), in sigma units
-            up = math.sqrt((s ** 2 - s_next ** 2) * (1 + s_next ** 2) / (1 + s ** 2))
-        x = torch.add(x, noise(i, x), alpha=up * s_noise)
         x = _after(after_step, x, s_next, i == len(sig) - 2)
     return x
 

@@ -53,7 +53,10 @@ _COMMON = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_sc
                flow_time_convention="diffusers",  # fastdiff's key: "sit" for SiT-convention flow networks
                # fastdiff's key: "linspace" where the pipeline hands FlowMatchEuler sigmas = linspace(1, 1/n, n)
                # (diffusers' FluxPipeline) instead of letting set_timesteps space them
-               flow_pipeline_sigmas=None)
+               flow_pipeline_sigmas=None,
+               # fastdiff's key: "guided-diffusion" spaces DDPM's timesteps as guided-diffusion's space_timesteps
+               # (what official DiT / ADM sampling runs; diffusers' 'linspace' rounds differently at half-way ties)
+               timestep_respacing=None)
 
 # Per-class defaults that differ from _COMMON (diffusers 0.3x-0.4x signatures).
 _DEFAULTS = {
@@ -149,6 +152,9 @@ def plan_from_scheduler_config(config: dict, num_inference_steps: int, class_nam
     if c["flow_pipeline_sigmas"] is not None and name != "FlowMatchEulerDiscreteScheduler":
         raise UnsupportedConfigError("flow_pipeline_sigmas", c["flow_pipeline_sigmas"], model=name,
                                      supported="None (fastdiff's key for FlowMatchEulerDiscreteScheduler only)")
+    if c["timestep_respacing"] is not None and name != "DDPMScheduler":
+        raise UnsupportedConfigError("timestep_respacing", c["timestep_respacing"], model=name,
+                                     supported="None (fastdiff's key for DDPMScheduler only)")
     if mu is not None:
         if not c["use_dynamic_shifting"]:
             raise BadArgumentError(f"mu: {name} without use_dynamic_shifting takes no mu, found {mu!r}")
@@ -330,12 +336,16 @@ def _ddim(c: _Config, n: int) -> SamplingPlan:
 def _ddpm(c: _Config, n: int) -> SamplingPlan:
     ac = _alphas_cumprod(c, exact_zero_snr=True)
     table = _table(ac)
-    ts = _indexed_timesteps(c, n)
-    variance = c.choice("variance_type", ("fixed_small", "fixed_small_log", "fixed_large"))
+    if c.choice("timestep_respacing", (None, "guided-diffusion")):
+        ts = schedules.respaced_timesteps(n, c["num_train_timesteps"])
+    else:
+        ts = _indexed_timesteps(c, n)
+    # (fixed_small_log draws what fixed_small draws; the learned ones read the network's variance channels)
+    variance = c.choice("variance_type", ("fixed_small", "fixed_small_log", "fixed_large", "learned_range", "learned"))
     sigmas = _grid(table[ts], 0.0)
     dopts = _discrete(c, ac, timestep_rounding="round", **_threshold_opts(c, True))
-    options = dict(variance="fixed_large" if variance == "fixed_large" else "fixed_small")
-    if variance == "fixed_large" and ts[-1] > 0:       # diffusers adds noise whenever t > 0
+    options = dict(variance="fixed_small" if variance == "fixed_small_log" else variance)
+    if options["variance"] != "fixed_small" and ts[-1] > 0:  # diffusers adds noise whenever t > 0
         options["final_noise"] = True
     return _vp_plan(c.name, "ddpm", sigmas, options, dopts)
 

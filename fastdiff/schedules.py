@@ -179,6 +179,23 @@ def get_timesteps(spacing: str, steps: int, num_train_timesteps: int = 1000, ste
     return ts.copy().astype(np.int64 if integer else np.float32)
 
 
+def respaced_timesteps(steps: int, num_train_timesteps: int = 1000) -> np.ndarray:
+    """Decreasing timesteps of guided-diffusion's ``space_timesteps(T, [steps])`` (official DiT's ``sample.py`` and
+    ADM's ``image_sample.py`` respace so): a stride of (T - 1) / (steps - 1) accumulated in floating point and
+    rounded half to even at each step. diffusers' 'linspace' multiplies instead and differs at some half-way ties
+    (21 steps of 1000: 499 here, 500 there)."""
+    _check_steps(steps)
+    if steps > num_train_timesteps:
+        raise BadArgumentError(f"steps: guided-diffusion's respacing takes at most {num_train_timesteps} steps "
+                               f"(the training timesteps), found {steps}")
+    stride = (num_train_timesteps - 1) / (steps - 1) if steps > 1 else 1
+    taken, at = [], 0.0
+    for _ in range(steps):
+        taken.append(round(at))
+        at += stride
+    return np.array(taken[::-1], dtype=np.int64)
+
+
 def sigmas_at_timesteps(alphas_cumprod: torch.Tensor, timesteps) -> np.ndarray:
     """sigma at (possibly fractional) timesteps: linear interpolation of the float32 sigma table, as
     diffusers' ``np.interp``; returned as float32 values (what diffusers stores) in a float64 array."""

@@ -182,3 +182,19 @@ def test_a_unet_with_text_and_a_class_table_exports_both_inputs(tmp_path, null_c
                                                  "uncond_encoder_hidden_states", "guidance_scale"]
     assert res.max_abs_err < 1e-4
     assert rel_err(fastdiff.load(res.path).generate(**kw), eager.generate(**kw)) <= 1e-5
+
+
+@pytest.mark.parametrize("cfg_folded", [False, True])
+def test_learned_variance_ddpm_through_a_graph(cfg_folded, tmp_path):
+    """DDPM with the learned variance reads the graph's variance channels (a CFG-folded graph's are its conditional
+    pass's, as eager CFG keeps them): equal to eager."""
+    from fastdiff.export.onnx import export_onnx
+
+    pipe = fastdiff.load("arch:tiny-dit")
+    path = str(tmp_path / "dit.onnx")
+    export_onnx(pipe, pipe.spec, path, cfg_folded=cfg_folded, progress=False)
+    graph = fastdiff.load(path)
+    kw = dict(KW, sampler="ddpm", variance="learned_range", steps=4)
+    ref = pipe.generate(**kw)
+    assert rel_err(graph.generate(**kw), ref) <= 1e-5
+    assert rel_err(pipe.generate(**dict(kw, variance="fixed_small")), ref) > 1e-3

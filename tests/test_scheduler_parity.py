@@ -70,6 +70,10 @@ CASES = [
     ("DDIMScheduler", 10, dict(steps_offset=1, thresholding=True, prediction_type="sample")),
     ("DDPMScheduler", 12, {}),
     ("DDPMScheduler", 12, dict(variance_type="fixed_large", timestep_spacing="trailing")),
+    # a learned variance (guided-diffusion / DiT's learn_sigma): the network's second half of channels; 'trailing'
+    # ends at t > 0, where diffusers still adds noise (beta~ clamped to 1e-20)
+    ("DDPMScheduler", 12, dict(variance_type="learned_range")),
+    ("DDPMScheduler", 9, dict(variance_type="learned_range", timestep_spacing="trailing")),
     ("EulerDiscreteScheduler", 10, {}),
     ("EulerDiscreteScheduler", 10, dict(use_karras_sigmas=True, prediction_type="v_prediction", **SD)),
     ("EulerDiscreteScheduler", 9, dict(timestep_spacing="leading", steps_offset=1, final_sigmas_type="sigma_min")),
@@ -230,7 +234,7 @@ def test_class_name_from_config_json_key():
     ({"_class_name": "EulerDiscreteScheduler", "use_karras_sigmas": True, "use_beta_sigmas": True}, "use_beta_sigmas"),
     ({"_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "sde-dpmsolver"}, "algorithm_type"),
     ({"_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "dpmsolver"}, "final_sigmas_type"),
-    ({"_class_name": "DDPMScheduler", "variance_type": "learned_range"}, "variance_type"),
+    ({"_class_name": "DDPMScheduler", "variance_type": "fixed_large_log"}, "variance_type"),  # (diffusers: NaN)
     ({"_class_name": "EulerDiscreteScheduler", "beta_schedule": "sigmoid"}, "beta_schedule"),  # (DDPM's only)
     ({"_class_name": "UniPCMultistepScheduler", "solver_p": {"x": 1}}, "solver_p"),
     ({"_class_name": "EulerDiscreteScheduler", "timestep_spacing": "middle"}, "timestep_spacing"),

@@ -366,6 +366,8 @@ def _read_any(path: str, *, variant=None, num_heads=None, head_channels=None, at
 
             cfg = guided_diffusion_config(state, num_heads=num_heads, head_channels=head_channels)
             spec = spec_for("unet", cfg, ADM_SCHEDULER, source=f"guided-diffusion checkpoint {path}")
+            if spec.learned_variance:  # learn_sigma: ADM's p_sample draws from the learned range (sampler="ddpm")
+                spec.scheduler["variance_type"] = "learned_range"
             order = attention_order or "legacy"
             spec.notes.append("guided-diffusion: 64 channels per head unless num_heads= is given; linear betas "
                               "assumed (pass scheduler= for the cosine-schedule models); "
@@ -383,10 +385,12 @@ def _read_any(path: str, *, variant=None, num_heads=None, head_channels=None, at
             from ..spec import DEFAULT_SCHEDULER
 
             cfg, state, notes = load_official_dit(path, num_heads=num_heads)
-            # the official diffusion (DDPM betas) without clipping: DiT's latents are not in [-1, 1]
-            # (sample.py: clip_denoised=False)
-            spec = spec_for("dit", cfg, dict(DEFAULT_SCHEDULER, clip_sample=False),
-                            source=f"official DiT checkpoint {path}")
+            # the official diffusion as sample.py runs it: DDPM betas without clipping (DiT's latents are not in
+            # [-1, 1]: clip_denoised=False), guided-diffusion's respacing, and the learned variance of learn_sigma
+            official = dict(DEFAULT_SCHEDULER, clip_sample=False, timestep_respacing="guided-diffusion")
+            if cfg.learn_sigma:
+                official["variance_type"] = "learned_range"
+            spec = spec_for("dit", cfg, official, source=f"official DiT checkpoint {path}")
             spec.notes.extend(notes)
             spec.guided_channels = 3  # official forward_with_cfg guides channels 0..2, whatever learn_sigma
             return "dit", cfg, state, spec, None

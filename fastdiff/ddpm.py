@@ -1,0 +1,92 @@
+"""Ancestral DDPM sampling (Ho et al. 2020, eq. 6-7), with a fixed or a learned variance.
+
+Each step samples the posterior q(x_{t'} | x_t, x0 = D(x_t)) on any grid, in sigma units (x = x0 + sigma * eps).
+Its mean is the same for every variance; the noise's std is diffusers' ``DDPMScheduler._get_variance``:
+
+* ``fixed_small``: the posterior variance beta~ = (1 - a') / (1 - a) * beta (a, a' the alphas_cumprod of t, t';
+  beta = 1 - a / a', the step's own beta on a respaced grid);
+* ``fixed_large``: beta;
+* ``learned_range`` (Nichol & Dhariwal 2021, eq. 15; guided-diffusion and DiT networks with ``learn_sigma``): the
+  network's variance channels v in [-1, 1] interpolate log-linearly, log var = f log beta + (1 - f) log beta~ with
+  f = (v + 1) / 2, beta~ clamped to 1e-20 as diffusers does (the step to t' = 0 has beta~ = 0). guided-diffusion's
+  ``p_sample`` is the same draw with the table computed in float64, which the host arithmetic here is too;
+* ``learned``: v is the variance itself (diffusers' reading; its std is sqrt(v)).
+
+The variances are variance-preserving ones; the state is x_vp * sqrt(1 + sigma'^2), so each std is scaled by that.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .errors import BadArgumentError
+from .sampler_base import _after, _ancestral, _call, _cb, _setup
+
+VARIANCES = ("fixed_small", "fixed_large", "learned_range", "learned")
+
+
+def _log_variances(s: float, s_next: float):
+    """(log beta~, log beta) of the step s -> s_next, in the variance-preserving frame (float64 on the host)."""
+    beta = (s * s - s_next * s_next) / (1 + s * s)                      # 1 - a / a'
+    posterior = s_next * s_next / (1 + s_next * s_next) / (s * s / (1 + s * s)) * beta  # (1 - a') / (1 - a) beta
+    return math.log(max(posterior, 1e-20)), math.log(beta)
+
+
+def learned_std(v: torch.Tensor, variance: str, s: float, s_next: float) -> torch.Tensor:
+    """The noise's std (sigma units) for the network's variance channels ``v`` on the step s -> s_next."""
+    frame = math.sqrt(1 + s_next * s_next)
+    if variance == "learned":
+        return v.sqrt() * frame
+    lo, hi = _log_variances(s, s_next)
+    # std = exp(0.5 (lo + (v + 1) / 2 (hi - lo))) * frame, as one multiply-add and an exp
+    a = 0.25 * (hi - lo)
+    return torch.exp(v * a + (0.5 * lo + a + math.log(frame)))
+
+
+def _call_variance(denoiser, x, sigma: float, extra: dict):
+    at = getattr(denoiser, "denoise_variance_at", None)
+    if at is None:
+        raise BadArgumentError(f"variance: a learned variance needs a fastdiff Denoiser (its denoise_variance_at), "
+                               f"found {type(denoiser).__name__}")
+    x0, v = at(x, sigma, **extra)
+    return x0.to(x.dtype), v.to(x.dtype)
+
+
+@torch.no_grad()
+def sample_ddpm(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=None, after_step=None,
+                variance: str = "fixed_small", s_noise: float = 1.0, final_noise: bool = False):
+    """Ancestral DDPM sampling. ``variance``: "fixed_small", "fixed_large", "learned_range" or "learned" (diffusers'
+    ``variance_type``; the learned ones read the network's variance channels). ``final_noise``: also add noise on
+    the step to sigma = 0 (beta = 1 - a there, beta~ = 0), as diffusers does when the last timestep is > 0 (a
+    fixed_small step adds none)."""
+    if variance not in VARIANCES:
+        raise BadArgumentError(f"variance: expected one of {VARIANCES}, found {variance!r}")
+    learned = variance.startswith("learned")
+    x, sig, extra, noise = _setup(x, sigmas, extra_args, noise)
+    for i in range(len(sig) - 1):
+        s, s_next = sig[i], sig[i + 1]
+        if learned:
+            denoised, v = _call_variance(denoiser, x, s, extra)
+        else:
+            denoised = _call(denoiser, x, s, extra)
+        _cb(callback, x, i, s, s, denoised)
+        last = i == len(sig) - 2
+        if s_next == 0:
+            x = denoised
+            if final_noise and variance != "fixed_small":
+                std = learned_std(v, variance, s, 0.0) if learned else s / math.sqrt(1 + s ** 2)
+                x = x + noise(i, x) * (std * s_noise)
+            x = _after(after_step, x, s_next, last)
+            continue
+        down, up = _ancestral(s, s_next, 1.0)
+        x = torch.lerp(denoised, x, down / s)         # posterior mean: x0 + sigma_down * eps
+        if learned:
+            x = torch.addcmul(x, noise(i, x), learned_std(v, variance, s, s_next), value=s_noise)
+        else:
+            if variance == "fixed_large":             # std sqrt(beta_t), in sigma units
+                up = math.sqrt((s ** 2 - s_next ** 2) * (1 + s_next ** 2) / (1 + s ** 2))
+            x = torch.add(x, noise(i, x), alpha=up * s_noise)
+        x = _after(after_step, x, s_next, last)
+    return x

@@ -1,0 +1,229 @@
+"""DDPM with a learned variance (guided-diffusion / DiT ``learn_sigma`` networks; diffusers' ``variance_type``
+"learned_range" / "learned"), and guided-diffusion's respacing.
+
+The references: diffusers' ``DDPMScheduler`` (its "learned" reading; "learned_range" is in test_scheduler_parity),
+and a float64 transcription of guided-diffusion's respaced ``p_sample`` (``SpacedDiffusion``: the kept timesteps'
+betas, the clipped posterior log-variance, the learned-range interpolation), which is what official DiT's
+``sample.py`` runs. Both draw the same noise as fastdiff (``NoiseSource``), step by step.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import fastdiff
+from fastdiff.denoiser import CFGDenoiser, DiscreteDenoiser, EDMDenoiser
+from fastdiff.errors import BadArgumentError
+from fastdiff.noise import NoiseSource
+from fastdiff.samplers import sample_ddpm
+from fastdiff.scheduler_config import plan_from_scheduler_config
+from fastdiff.schedules import get_timesteps, make_alphas_cumprod, respaced_timesteps
+from test_scheduler_parity import SEEDS, SHAPE, TinyNet, run_fastdiff
+from test_sampler_order import single_thread  # noqa: F401  (autouse fixture)
+
+
+def _official_space_timesteps(T: int, count: int) -> list:
+    """guided-diffusion's ``space_timesteps(T, [count])``, one section: the kept timesteps as a sorted list."""
+    stride = (T - 1) / (count - 1) if count > 1 else 1
+    cur, taken = 0.0, set()
+    for _ in range(count):
+        taken.add(round(cur))
+        cur += stride
+    return sorted(taken)
+
+
+@pytest.mark.parametrize("n", [1, 2, 10, 21, 23, 250, 999, 1000])
+def test_respaced_timesteps_are_guided_diffusions(n):
+    ts = respaced_timesteps(n, 1000)
+    assert ts.tolist() == _official_space_timesteps(1000, n)[::-1]
+    if n == 21:  # where diffusers' 'linspace' (np.linspace(...).round()) keeps another timestep
+        assert ts.tolist() != get_timesteps("linspace", n, 1000).tolist()
+
+
+def test_respacing_key_is_ddpms_only():
+    with pytest.raises(fastdiff.errors.UnsupportedConfigError, match="timestep_respacing"):
+        plan_from_scheduler_config({"_class_name": "DDIMScheduler", "timestep_respacing": "guided-diffusion"}, 10)
+    with pytest.raises(fastdiff.errors.UnsupportedConfigError, match="timestep_respacing"):
+        plan_from_scheduler_config({"_class_name": "DDPMScheduler", "timestep_respacing": "ddim"}, 10)
+
+
+class _PositiveVariance(torch.nn.Module):
+    """TinyNet with its variance channels made positive (diffusers' "learned" takes their square root)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = TinyNet(3, 6)
+
+    def forward(self, x, t, **kw):
+        out = self.net(x, t)
+        return torch.cat([out[:, :3], 0.02 * torch.sigmoid(out[:, 3:])], dim=1)
+
+
+def test_learned_matches_diffusers():
+    diffusers = pytest.importorskip("diffusers")
+    from test_scheduler_parity import run_diffusers
+
+    model = _PositiveVariance()
+    sched = diffusers.DDPMScheduler(variance_type="learned")
+    ref = run_diffusers(sched, model, 10)
+    got = run_fastdiff(dict(sched.config), "DDPMScheduler", model, 10)
+    assert torch.isfinite(ref).all()
+    assert float((got - ref).abs().max() / ref.abs().max()) <= 1e-5
+    fixed = run_fastdiff(dict(sched.config, variance_type="fixed_small"), "DDPMScheduler", model, 10)
+    assert float((fixed - ref).abs().max() / ref.abs().max()) > 1e-2  # the variance channels were read
+
+
+@torch.no_grad()
+def _guided_diffusion_p_sample_loop(model, steps: int, seeds, shape, timestep_map=None):
+    """A float64 transcription of guided-diffusion's respaced DDPM (learned range, no clipping): returns the sample
+    and the timesteps the network was given. ``model(x_vp, t) -> (eps, v)``."""
+    T = 1000
+    betas = np.linspace(1e-4, 0.02, T, dtype=np.float64)  # get_named_beta_schedule("linear", 1000)
+    alphas_cumprod = np.cumprod(1.0 - betas)
+    use = _official_space_timesteps(T, steps) if timestep_map is None else timestep_map
+    last, new_betas = 1.0, []
+    for i, ac in enumerate(alphas_cumprod):
+        if i in use:
+            new_betas.append(1 - ac / last)
+            last = ac
+    b = np.array(new_betas)
+    acp = np.cumprod(1 - b)
+    acp_prev = np.append(1.0, acp[:-1])
+    post_var = b * (1 - acp_prev) / (1 - acp)
+    post_log_var = np.log(np.append(post_var[1], post_var[1:])) if len(b) > 1 else np.log(post_var)
+    coef1 = b * np.sqrt(acp_prev) / (1 - acp)
+    coef2 = (1 - acp_prev) * np.sqrt(1 - b) / (1 - acp)
+    src = NoiseSource(seeds)
+    x = src.randn(shape).double()
+    fed = []
+    for k, i in enumerate(reversed(range(len(b)))):
+        fed.append(use[i])
+        eps, v = model(x.float(), use[i])
+        eps, v = eps.double(), v.double()
+        frac = (v + 1) / 2
+        log_var = frac * math.log(b[i]) + (1 - frac) * post_log_var[i]
+        x0 = math.sqrt(1 / acp[i]) * x - math.sqrt(1 / acp[i] - 1) * eps
+        mean = coef1[i] * x0 + coef2[i] * x
+        if i > 0:
+            x = mean + torch.exp(0.5 * log_var) * src(k, x.float()).double()
+        else:
+            x = mean
+    return x, fed
+
+
+class _Bounded(torch.nn.Module):
+    """A stand-in whose samples stay bounded without clipping: eps close to the (unit) noisy input, the variance
+    values in [-1, 1] as a learn_sigma network's."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = TinyNet(3, 6)
+
+    def forward(self, x, t, **kw):
+        out = self.net(x, t)
+        return torch.cat([x + 0.2 * torch.tanh(out[:, :3]), torch.tanh(out[:, 3:])], dim=1)
+
+
+@pytest.mark.parametrize("steps", [10, 21])
+def test_matches_guided_diffusion_p_sample(steps):
+    net = _Bounded()
+    fed = []
+
+    def recording(x, t, **kw):
+        fed.append(float(t.reshape(-1)[0]))
+        return net(x, t)
+
+    def split(x, t):
+        out = net(x, torch.tensor([float(t)]))
+        return out[:, :3], out[:, 3:]
+
+    ref, ref_fed = _guided_diffusion_p_sample_loop(split, steps, SEEDS, SHAPE)
+    config = {"_class_name": "DDPMScheduler", "variance_type": "learned_range", "clip_sample": False,
+              "timestep_respacing": "guided-diffusion"}
+    got = run_fastdiff(config, "DDPMScheduler", recording, steps)
+    assert fed == [float(t) for t in ref_fed]
+    assert float((got - ref.float()).abs().max() / ref.abs().max()) <= 1e-4
+
+
+def _class_net():
+    """A DiT-shaped stand-in: (B, 4, H, W) -> (B, 8, H, W), every channel depending on the class label."""
+    conv = TinyNet(4, 8)
+
+    def net(x, t, class_labels=None):
+        return conv(x, t) * (1 + 0.1 * class_labels.float().reshape(-1, 1, 1, 1))
+    return net
+
+
+@torch.no_grad()
+def test_cfg_keeps_the_conditional_variance():
+    """Guidance mixes x0; the variance comes from the conditional pass (official DiT's sample.py, diffusers'
+    UnCLIP / Kandinsky)."""
+    net = _class_net()
+    ac = make_alphas_cumprod("linear", 1000, 1e-4, 0.02)
+    inner = DiscreteDenoiser(net, ac)
+    cfg = CFGDenoiser(inner, guidance_scale=3.0, guided_channels=3)
+    x = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(0))
+    cond, uncond = torch.tensor([1, 2]), torch.tensor([9, 9])
+    s = float(inner.sigmas[500])
+    x0, v = cfg.predict_variance_at(x, s, class_labels=cond, uncond={"class_labels": uncond})
+    torch.testing.assert_close(x0, cfg.predict_at(x, s, class_labels=cond, uncond={"class_labels": uncond}))
+    _, v_cond = inner.predict_variance_at(x, s, class_labels=cond)
+    _, v_uncond = inner.predict_variance_at(x, s, class_labels=uncond)
+    torch.testing.assert_close(v, v_cond)
+    assert float((v - v_uncond).abs().max()) > 1e-3
+
+
+def test_learned_variance_refusals():
+    ac = make_alphas_cumprod("linear", 1000, 1e-4, 0.02)
+    x = torch.randn(1, 3, 4, 4)
+    plain = DiscreteDenoiser(TinyNet(3), ac)  # eps only
+    with pytest.raises(BadArgumentError, match="6 output channels"):
+        sample_ddpm(plain, x, [10.0, 1.0, 0.0], variance="learned_range")
+    with pytest.raises(BadArgumentError, match="learned variance"):
+        sample_ddpm(EDMDenoiser(TinyNet(3, 6)), x, [10.0, 1.0, 0.0], variance="learned_range")
+    with pytest.raises(BadArgumentError, match="Denoiser"):
+        sample_ddpm(lambda x, s: x * 0, x, [10.0, 1.0, 0.0], variance="learned_range")
+    with pytest.raises(BadArgumentError, match="variance"):
+        sample_ddpm(plain, x, [10.0, 1.0, 0.0], variance="fixed_large_log")
+
+
+def test_named_ddpm_reads_the_specs_learned_variance():
+    """A guided-diffusion / DiT network with learn_sigma: sampler='ddpm' draws from its learned range unless told
+    otherwise."""
+    pipe = fastdiff.load("arch:tiny-dit")
+    assert pipe.spec.learned_variance
+    pipe.spec.scheduler["variance_type"] = "learned_range"
+    assert pipe.plan(5, "ddpm").options == {"variance": "learned_range"}
+    assert pipe.plan(5, "ddpm", variance="fixed_small").options == {"variance": "fixed_small"}
+    a = pipe.generate(seeds=[3], class_labels=[1], steps=5, sampler="ddpm", progress=False)
+    b = pipe.generate(seeds=[3], class_labels=[1], steps=5, sampler="ddpm", variance="fixed_small", progress=False)
+    assert torch.isfinite(a).all() and float((a - b).abs().max()) > 1e-4
+
+
+# --- the official DiT fixture --------------------------------------------------------------------------------------
+
+def test_official_dit_default_is_its_sample_py():
+    """An official DiT checkpoint's default run is sample.py's: DDPM on guided-diffusion's respaced timesteps,
+    its learned variance (the conditional pass's), CFG on channels 0..2, no clipping."""
+    from test_dit import fixture
+
+    pipe = fastdiff.load(fixture("dit", "dit_tiny.pt"), num_heads=4)
+    plan = pipe.plan(21)
+    assert (plan.sampler, plan.options["variance"]) == ("ddpm", "learned_range")
+    scale, labels, seed, null = 4.0, [3, 7], [11, 12], pipe.spec.null_class
+    net = pipe.model
+
+    def forward_with_cfg(x, t):  # official DiT's forward_with_cfg, then the conditional half
+        b = x.shape[0]
+        ts = torch.full((2 * b,), float(t))
+        out = net(torch.cat([x, x]), ts, class_labels=torch.tensor(labels + [null] * b))
+        cond, uncond = out[:b], out[b:]
+        eps = torch.cat([uncond[:, :3] + scale * (cond[:, :3] - uncond[:, :3]), cond[:, 3:4]], dim=1)
+        return eps, cond[:, 4:]
+
+    with torch.no_grad():
+        ref, _ = _guided_diffusion_p_sample_loop(forward_with_cfg, 21, seed, (4, 8, 8))
+        got = pipe.generate(seeds=seed, class_labels=labels, cfg_scale=scale, steps=21, progress=False)
+    assert float((got - ref.float()).abs().max() / ref.abs().max()) <= 1e-4
