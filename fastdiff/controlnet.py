@@ -80,9 +80,9 @@ def evaluations(plan) -> int:
 def _count_evaluations(plan, noise_source) -> int:
     count = [0]
 
-    def zeros(x, t, **kw):
+    def zeros(x, t, **kw):  # (twice the channels: a learned-variance sampler reads the second half; others drop it)
         count[0] += 1
-        return torch.zeros_like(x)
+        return x.new_zeros((x.shape[0], 2 * x.shape[1]) + tuple(x.shape[2:]))
 
     x = torch.zeros(1, 1, 1, 1)
     plan.sample(plan.make_denoiser(zeros, dtype=torch.float32), x, extra_args={}, noise=noise_source([0], "cpu"))

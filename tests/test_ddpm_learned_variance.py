@@ -200,6 +200,8 @@ def test_named_ddpm_reads_the_specs_learned_variance():
     a = pipe.generate(seeds=[3], class_labels=[1], steps=5, sampler="ddpm", progress=False)
     b = pipe.generate(seeds=[3], class_labels=[1], steps=5, sampler="ddpm", variance="fixed_small", progress=False)
     assert torch.isfinite(a).all() and float((a - b).abs().max()) > 1e-4
+    from fastdiff.controlnet import evaluations  # (what a ControlNet's step window and the bench count)
+    assert evaluations(pipe.plan(5, "ddpm")) == 5
 
 
 # --- the official DiT fixture --------------------------------------------------------------------------------------

@@ -38,15 +38,9 @@ class QualityRow:
 
 def count_nfe(pipe, sampler: str, steps: int) -> int:
     """Denoiser evaluations of ``sampler`` with ``steps`` steps on this pipeline's grid (a dry run)."""
-    plan = pipe.plan(steps, sampler)
-    calls = [0]
+    from ..controlnet import evaluations
 
-    def counting(x, sigma, **cond):
-        calls[0] += 1
-        return torch.zeros_like(x)
-
-    plan.sample(counting, torch.zeros(1, 1), noise=lambda i, like: torch.zeros_like(like))
-    return calls[0]
+    return evaluations(pipe.plan(steps, sampler))
 
 
 def steps_for_nfe(pipe, sampler: str, nfe: int) -> Optional[int]:
