@@ -1,6 +1,7 @@
 """fastdiff.load: format detection, diffusers folders, the fastdiff format, and bad input."""
 
 import json
+import math
 import os
 import pickle
 
@@ -253,13 +254,20 @@ def test_a_lightning_ckpt_loads_without_lightning_and_runs_none_of_its_code(tmp_
         fastdiff.load(str(evil))
 
 
-def test_guided_diffusion_size_from_its_levels_and_a_half_width_first_level_refused(tmp_path):
-    """ADM's create_model picks channel_mult by image size: the level count gives the default size (it was always 64),
-    with a note; a first level narrower than model_channels (OpenAI's 512x512 model) is refused by name (it was a
-    shape mismatch)."""
-    from conftest import fixture_path
+def _adm_timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """guided-diffusion's ``timestep_embedding`` (nn.py): cos then sin, max period 10000."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)
+    args = t[:, None].float() * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
-    from fastdiff.errors import UnsupportedConfigError
+
+def test_guided_diffusion_size_from_its_levels_and_a_half_width_first_level(tmp_path):
+    """ADM's create_model picks channel_mult by image size: the level count gives the default size (it was always 64),
+    with a note. A first level narrower than model_channels (OpenAI's 512x512 model: channel_mult 0.5, 1, 1, 2, 2,
+    4, 4) loads: its timestep sinusoid is model_channels wide. The reference: the fixture's network (equal to the
+    official one) with its time embedding replaced by the official embedding of the widened weights."""
+    from conftest import fixture_path
 
     path = fixture_path("guided_diffusion", "model.pt")
     pipe = fastdiff.load(path, head_channels=16)
@@ -267,7 +275,26 @@ def test_guided_diffusion_size_from_its_levels_and_a_half_width_first_level_refu
     assert any(f"from its {levels} levels" in n for n in pipe.spec.notes)
     sd = torch.load(path, weights_only=True)
     width = sd["input_blocks.0.0.weight"].shape[0]
-    sd["time_embed.0.weight"] = torch.randn(sd["time_embed.0.weight"].shape[0], 2 * width)
+    w1 = torch.randn(sd["time_embed.0.weight"].shape[0], 2 * width, generator=torch.Generator().manual_seed(0)) * 0.1
+    sd["time_embed.0.weight"] = w1  # model_channels = 2 x the first level's width
     torch.save(sd, str(tmp_path / "half.pt"))
-    with pytest.raises(UnsupportedConfigError, match="channel_mult"):
-        fastdiff.load(str(tmp_path / "half.pt"), head_channels=16)
+    half = fastdiff.load(str(tmp_path / "half.pt"), head_channels=16)
+    assert half.model.config.time_proj_dim == 2 * width
+
+    t, y = torch.tensor([3, 640]), torch.tensor([1, 0])
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+
+    def official_time_embed(module, inputs, output):  # time_embed = Linear, SiLU, Linear on the wide sinusoid
+        h = torch.nn.functional.silu(_adm_timestep_embedding(t, 2 * width) @ w1.T + sd["time_embed.0.bias"])
+        return h @ sd["time_embed.2.weight"].T + sd["time_embed.2.bias"]
+
+    with torch.no_grad():
+        got = half.model(x, t, class_labels=y)
+        hook = pipe.model.time_embedding.register_forward_hook(official_time_embed)
+        try:
+            want = pipe.model(x, t, class_labels=y)
+        finally:
+            hook.remove()
+        plain = pipe.model(x, t, class_labels=y)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)
+    assert float((got - plain).abs().max()) > 1e-3  # the embedding matters

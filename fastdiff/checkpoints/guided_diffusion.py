@@ -36,7 +36,7 @@ def is_guided_diffusion_state_dict(state: dict) -> bool:
 
 # ADM's create_model picks channel_mult by image_size: its level count tells the size a checkpoint was trained at
 # (4 levels: 64, also improved-diffusion's 32; a default only: generate takes any height / width)
-ADM_IMAGE_SIZES = {4: 64, 5: 128, 6: 256}
+ADM_IMAGE_SIZES = {4: 64, 5: 128, 6: 256, 7: 512}
 
 
 def guided_diffusion_config(state: dict, num_heads: Optional[int] = None,
@@ -82,14 +82,15 @@ def guided_diffusion_config(state: dict, num_heads: Optional[int] = None,
                 "heads", setting, model="guided-diffusion UNet",
                 supported=f"heads that divide every attention level's channels {sorted(set(channels))}: pass "
                           f"head_channels= (ADM num_head_channels) or num_heads= (ADM num_heads) as trained")
-    width = sd["input_blocks.0.0.weight"].shape[0]  # ADM's model_channels: its input conv and timestep sinusoid
-    if width != channels[0] or sd["time_embed.0.weight"].shape[1] != channels[0]:
-        raise UnsupportedConfigError(
-            "channel_mult", f"{channels[0] / width:g} at the first level", model="guided-diffusion UNet",
-            supported="1 (model_channels wide at the first level; OpenAI's 512x512 model starts at 0.5, which the "
-                      "native UNet does not build)")
+    width = sd["input_blocks.0.0.weight"].shape[0]  # ADM's input conv: int(channel_mult[0] * model_channels)
+    if width != channels[0]:
+        raise CheckpointError(f"guided-diffusion UNet: the input conv makes {width} channels and the first level "
+                              f"takes {channels[0]}; ADM builds them equal")
+    # the timestep sinusoid is model_channels wide: the first level's width unless channel_mult[0] != 1 (OpenAI's
+    # 512 px model: 0.5)
+    model_channels = sd["time_embed.0.weight"].shape[1]
     classes = sd["label_emb.weight"].shape[0] if "label_emb.weight" in sd else None
-    return UNetConfig.from_diffusers(dict(
+    cfg = UNetConfig.from_diffusers(dict(
         sample_size=ADM_IMAGE_SIZES.get(levels, 64), in_channels=sd["input_blocks.0.0.weight"].shape[1],
         out_channels=sd["out.2.weight"].shape[0],
         block_out_channels=channels, layers_per_block=res_per_level,
@@ -100,6 +101,10 @@ def guided_diffusion_config(state: dict, num_heads: Optional[int] = None,
         num_class_embeds=classes, time_embedding_dim=sd["time_embed.0.weight"].shape[0],
         flip_sin_to_cos=True, freq_shift=0,
     ), "UNet2DModel")
+    if model_channels != channels[0]:
+        cfg.time_proj_dim = model_channels
+        cfg.validate()
+    return cfg
 
 
 ATTENTION_ORDERS = ("legacy", "new")

@@ -451,8 +451,8 @@ class UNet(LinearStacks, nn.Module):
             self.time_proj = nn.Embedding(c.num_train_timesteps, ch[0])
             t_in = ch[0]
         else:
-            self.time_proj = SinusoidalTimesteps(ch[0], c.flip_sin_to_cos, c.freq_shift)
-            t_in = ch[0]
+            t_in = c.time_proj_dim or ch[0]
+            self.time_proj = SinusoidalTimesteps(t_in, c.flip_sin_to_cos, c.freq_shift)
         self.time_embedding = TimestepEmbedding(t_in, temb_dim)
         self.class_embedding = None
         if c.class_embed_type is None and c.num_class_embeds is not None:

@@ -73,6 +73,9 @@ class UNetConfig:
     conv_out_kernel: int = 3
     downsample_type: str = "conv"  # "resnet": a ResnetBlock that average-pools (ADM resblock_updown)
     upsample_type: str = "conv"  # "resnet": a ResnetBlock that upsamples (nearest)
+    # fastdiff's field: the sinusoid's width where it is not the first level's (guided-diffusion's timestep_embedding
+    # is model_channels wide; OpenAI's 512 px model starts at half that width). None: block_out_channels[0]
+    time_proj_dim: Optional[int] = None
     extra: dict = field(default_factory=dict)  # diffusers fields kept for round trips, no effect
 
     def to_dict(self) -> dict:
@@ -136,6 +139,11 @@ class UNetConfig:
             positive(name, getattr(self, name))
         if self.num_class_embeds is not None:
             positive("num_class_embeds", self.num_class_embeds)
+        if self.time_proj_dim is not None:
+            positive("time_proj_dim", self.time_proj_dim)
+            if self.time_embedding_type != "positional" or self.time_proj_dim % 2:
+                raise UnsupportedConfigError("time_proj_dim", self.time_proj_dim, model="UNet",
+                                             supported="an even width, with time_embedding_type='positional'")
         for name in ("transformer_layers_per_block", "reverse_transformer_layers_per_block"):
             value = getattr(self, name)
             flat = [] if value is None else [value] if not isinstance(value, (list, tuple)) else [
