@@ -67,9 +67,9 @@ def evaluations(plan) -> int:
     """How many network evaluations ``plan`` makes: its sampler run once on a 1x1 state with a network of zeros
     (a few ms of host time: counted once per sampler, grid and options)."""
     from .noise import NoiseSource
-    from .pipeline import _freeze
+    from .utils.keys import freeze
 
-    key = (plan.sampler, tuple(plan.sigmas.tolist()), _freeze(plan.options))
+    key = (plan.sampler, tuple(plan.sigmas.tolist()), freeze(plan.options))
     if key not in _EVALUATIONS:
         if len(_EVALUATIONS) >= 256:
             _EVALUATIONS.clear()

@@ -200,7 +200,7 @@ def test_loop_graph_key_tells_sampler_functions_apart():
 def test_freeze_keys_tensors_by_their_values():
     import torch
 
-    from fastdiff.pipeline import _freeze
+    from fastdiff.utils.keys import freeze as _freeze
 
     t = torch.tensor([1.0, 2.0, 3.0])
     assert _freeze(t) == _freeze(t.clone()) and _freeze(t) != _freeze(t.flip(0))  # same sums, other order
@@ -228,7 +228,7 @@ def test_loop_graph_keys_numpy_options_and_partials_by_value():
         clip = functools.partial(torch.clamp, min=-0.5, max=0.5)
         assert rel_err(loop.generate(clip_x0=clip, **kw), eager.generate(clip_x0=clip, **kw)) <= 1e-6
     assert loop.loop_graphs.captures == 3
-    from fastdiff.pipeline import _freeze
+    from fastdiff.utils.keys import freeze as _freeze
 
     assert _freeze(np.arange(3.0)) != _freeze(np.arange(3.0).astype(np.float32))
 

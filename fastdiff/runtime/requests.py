@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..errors import BadArgumentError
-from ..pipeline import _freeze
+from ..utils.keys import by_identity, freeze
 from ..utils.checks import finite_host_values
 
 
@@ -128,16 +128,15 @@ NO_KEY = object()  # option_key of a value no key can be made of (None is an opt
 
 
 def option_key(value):
-    """A hashable key of one option by value (``pipeline._freeze``); a callable whose closure holds something
+    """A hashable key of one option by value (``utils.keys.freeze``); a callable whose closure holds something
     unhashable by identity, as before; ``NO_KEY`` for a value no key can be made of."""
-    from ..pipeline import _by_identity
 
     try:
-        key = _freeze(value)
+        key = freeze(value)
         hash(key)
         return key
     except (TypeError, RuntimeError, ValueError):  # (an unhashable leaf; a sparse tensor's bytes)
-        return ("callable", _by_identity(value)) if callable(value) else NO_KEY
+        return ("callable", by_identity(value)) if callable(value) else NO_KEY
 
 
 def group_key(r: Request) -> tuple:

@@ -1,0 +1,156 @@
+"""``Pipeline.plan``: the sampling plan of a run, from the checkpoint's scheduler config or a named sampler and
+sigma grid (a mixin of ``fastdiff.pipeline.Pipeline``; plans are cached per pipeline)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+import torch
+
+from .errors import BadArgumentError, UnsupportedConfigError
+from .spec import is_flow_scheduler
+from .utils.keys import freeze
+
+_LEADING_DEFAULT = ("heun", "edm", "plms")  # samplers whose default grid on discrete-time models is "leading"
+_SIGMA_MAX_CAP = 80.0  # EDM's sigma_max: the top of continuous (karras / exponential / uniform) grids
+
+
+class PlansMixin:
+    """What ``Pipeline`` plans with: its ``spec`` (scheduler config, prediction type, sizes) and a ``_plans``
+    cache."""
+
+    def plan(self, steps: int, sampler: Optional[str] = None, schedule: Optional[str] = None, *,
+             size: Optional[tuple] = None, **options):
+        """The SamplingPlan for these settings: the checkpoint's scheduler config, or a named sampler.
+
+        ``options`` are the sampler's keyword options (``eta``, ``order``, ``s_churn``, ...), checked
+        against what the chosen sampler accepts. ``size``: the latent (height, width), default the model's
+        sample size; it matters only to a flow-matching scheduler with ``use_dynamic_shifting``.
+        """
+        from .sampling import SAMPLERS, SCHEDULES, check_options
+
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise BadArgumentError(f"steps: expected a positive integer, found {steps!r}")
+        if sampler is not None and sampler not in SAMPLERS:
+            raise BadArgumentError(f"sampler: expected one of {sorted(SAMPLERS)}, found {sampler!r}")
+        if schedule is not None and schedule not in SCHEDULES:
+            raise BadArgumentError(f"schedule: expected one of {list(SCHEDULES)}, found {schedule!r}")
+        mu = self._dynamic_shift_mu(size)
+        key = (steps, sampler, schedule, mu, self.spec.prediction_type, freeze(dict(self.spec.scheduler or {})))
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._base_plan(steps, sampler, schedule, mu)
+            if len(self._plans) >= 64:
+                self._plans.clear()
+            self._plans[key] = plan
+        check_options(plan.sampler, options)
+        # a copy that owns its mutable parts: callers may edit it without touching the cached plan
+        return dataclasses.replace(plan, options={**plan.options, **options}, sigmas=plan.sigmas.clone(),
+                                   denoiser_options={k: dict(v) if isinstance(v, dict) else v
+                                                     for k, v in plan.denoiser_options.items()})
+
+    def _dynamic_shift_mu(self, size: Optional[tuple]) -> Optional[float]:
+        """A flow-matching scheduler's resolution shift (``use_dynamic_shifting``): the ``mu`` diffusers' Flux / SD3
+        pipelines compute from the image's token count ((height / patch) * (width / patch)); None otherwise."""
+        from .flow import dynamic_shift_mu
+
+        s = self.spec.scheduler or {}
+        if self.spec.prediction_type != "flow_prediction" or not s.get("use_dynamic_shifting"):
+            return None
+        h, w = self.spec.sample_size if size is None else size
+        # (Flux packs 2x2 latent patches into tokens before its patch-size-1 embedder)
+        patch = 2 if self.spec.kind == "flux" else int(self.spec.model_config.get("patch_size") or 1)
+
+        def setting(key, default):  # (diffusers' signature allows None for these)
+            return default if s.get(key) is None else s[key]
+        return dynamic_shift_mu((h // patch) * (w // patch), int(setting("base_image_seq_len", 256)),
+                                int(setting("max_image_seq_len", 4096)), float(setting("base_shift", 0.5)),
+                                float(setting("max_shift", 1.15)))
+
+    def _base_plan(self, steps: int, sampler: Optional[str], schedule: Optional[str], mu: Optional[float] = None):
+        from .sampling import get_sigmas, plan_from_scheduler_config
+        from .scheduler_config import DISTILLED_SAMPLERS, SUPPORTED_SCHEDULERS, SamplingPlan
+        from .schedules import SPACINGS
+
+        flow = self.spec.prediction_type == "flow_prediction"
+        if flow != is_flow_scheduler(self.spec.scheduler) and self.spec.prediction_type != "edm":
+            raise UnsupportedConfigError("prediction_type", self.spec.prediction_type,
+                                         supported="flow_prediction with a flow-matching scheduler (FlowMatch*, "
+                                         "use_flow_sigmas), and only with one", model="ModelSpec")
+        if sampler is None and self.spec.prediction_type == "edm":
+            sampler = "edm"  # EDM's own 2nd-order Heun sampler on the Karras grid (its published setting)
+        train_steps = int(self.spec.scheduler.get("num_train_timesteps", 1000))
+        cls = self.spec.scheduler.get("_class_name")
+        if sampler is not None and sampler == DISTILLED_SAMPLERS.get(cls) and schedule is None:
+            sampler = None  # an LCM / TCD checkpoint's own sampler: at the timesteps it was distilled on
+        if sampler is None and schedule is None and cls in SUPPORTED_SCHEDULERS:
+            if steps > train_steps:
+                raise BadArgumentError(f"steps: expected at most {train_steps} (the training timesteps), found {steps}")
+            plan = plan_from_scheduler_config(self.spec.scheduler, steps, mu=mu)
+        elif flow:  # named samplers on the model's own flow time grid, each in its frame
+            from .flow_schedulers import named_flow_plan
+            plan = named_flow_plan(self.spec.scheduler, steps, sampler or "euler", schedule, mu)
+        else:
+            # no supported scheduler class (SASolver, ...): DDIM on the same schedule and spacing
+            sampler = sampler or ("ddim" if sampler is None and schedule is None else "dpmpp_2m")
+            plan = self._named_plan(steps, sampler, schedule, train_steps, get_sigmas, SamplingPlan, SPACINGS)
+        return plan
+
+    def _named_plan(self, steps, sampler, schedule, train_steps, get_sigmas, SamplingPlan, spacings):
+        from .scheduler_config import continuous_model_options
+
+        # EDM-preconditioned networks: an EDM checkpoint, or a diffusers folder whose scheduler is EDM's or a
+        # consistency model's (its sigma range and preconditioning, not a beta table)
+        continuous = continuous_model_options(self.spec.scheduler)
+        if self.spec.prediction_type == "edm" or continuous is not None:
+            if sampler == "tcd":
+                raise BadArgumentError("sampler 'tcd' needs a discrete-time model (its steps land on training "
+                                       "timesteps); this network takes continuous noise levels (EDM preconditioning)")
+            grid = {} if continuous is None else {k: continuous[k] for k in ("sigma_min", "sigma_max", "rho")}
+            sigmas = get_sigmas(schedule or "karras", steps, **grid)
+            dopts = {} if continuous is None else continuous["denoiser_options"]
+            return SamplingPlan("named", sampler, sigmas, {}, "edm", dopts, init_noise_sigma=float(sigmas[0]))
+        # Default grid: the training timesteps with the checkpoint's spacing. Heun-type samplers take
+        # "leading" spacing (starting one stride below T): their trapezoidal correction breaks on a first
+        # step spanning orders of magnitude, as from t=999 of a cosine schedule (sigma ~ 2e4) to t=749. So
+        # does PLMS (its warm-up is such a trapezoid; its Adams-Bashforth weights assume even steps). One step
+        # has no correction (the step to sigma = 0 is Euler's) and would start "leading" at t=0, not from noise:
+        # it takes the checkpoint's spacing (digits, 1 step: digits-FD 7.5 instead of 54).
+        leading = sampler in _LEADING_DEFAULT and steps > 1
+        schedule = schedule or ("leading" if leading else self.spec.scheduler.get("timestep_spacing", "leading"))
+        if schedule in spacings and steps > train_steps:
+            raise BadArgumentError(f"steps: schedule {schedule!r} spaces the {train_steps} training timesteps: "
+                                   f"expected at most {train_steps} steps, found {steps}")
+        ac = self.alphas_cumprod()
+        table_max = float(((1 - ac[-1]) / ac[-1]) ** 0.5)
+        # Continuous grids start no higher than EDM's sigma_max = 80 (SNR 1.6e-4: pure noise already);
+        # above it a cosine schedule's tail would only spend steps on noise.
+        sigma_max = min(table_max, _SIGMA_MAX_CAP) if schedule not in spacings else None
+        sigmas = get_sigmas(schedule, steps, alphas_cumprod=ac, sigma_max=sigma_max,
+                            steps_offset=int(self.spec.scheduler.get("steps_offset", 0)))
+        s0 = float(sigmas[0])
+        denoiser_options = dict(alphas_cumprod=ac, prediction_type=self.spec.prediction_type)
+        if self.spec.scheduler.get("clip_sample"):  # data lives in [-clip, clip]: clip the denoised x0
+            denoiser_options["clip_sample"] = float(self.spec.scheduler.get("clip_sample_range", 1.0))
+        if sampler == "tcd":
+            from .scheduler_config import tcd_named_plan
+            return tcd_named_plan(sigmas, ac, denoiser_options)
+        options = {}
+        variance = self.spec.scheduler.get("variance_type")
+        if sampler == "ddpm" and variance in ("learned_range", "learned"):  # the network's own variance
+            options["variance"] = variance
+        return SamplingPlan("named", sampler, sigmas, options, "discrete", denoiser_options,
+                            init_noise_sigma=math.sqrt(1 + s0 * s0))
+
+    def alphas_cumprod(self) -> torch.Tensor:
+        from .schedules import make_alphas_cumprod
+
+        s = self.spec.scheduler
+        return make_alphas_cumprod(s.get("beta_schedule", "linear"), int(s.get("num_train_timesteps", 1000)),
+                                   float(s.get("beta_start", 1e-4)), float(s.get("beta_end", 0.02)),
+                                   s.get("trained_betas"), bool(s.get("rescale_betas_zero_snr", False)))
+
+    def _train_steps(self) -> int:
+        return int(self.spec.scheduler.get("num_train_timesteps", 1000))
