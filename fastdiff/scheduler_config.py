@@ -54,8 +54,9 @@ _COMMON = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_sc
                # fastdiff's key: "linspace" where the pipeline hands FlowMatchEuler sigmas = linspace(1, 1/n, n)
                # (diffusers' FluxPipeline) instead of letting set_timesteps space them
                flow_pipeline_sigmas=None,
-               # fastdiff's key: "guided-diffusion" spaces DDPM's timesteps as guided-diffusion's space_timesteps
-               # (what official DiT / ADM sampling runs; diffusers' 'linspace' rounds differently at half-way ties)
+               # fastdiff's key: "guided-diffusion" / "guided-diffusion-ddim" space DDPM's / DDIM's timesteps as
+               # guided-diffusion's space_timesteps with "N" / "ddimN" (what official DiT / ADM sampling runs;
+               # diffusers' 'linspace' rounds differently at half-way ties, its 'leading' strides T // N)
                timestep_respacing=None)
 
 # Per-class defaults that differ from _COMMON (diffusers 0.3x-0.4x signatures).
@@ -152,9 +153,9 @@ def plan_from_scheduler_config(config: dict, num_inference_steps: int, class_nam
     if c["flow_pipeline_sigmas"] is not None and name != "FlowMatchEulerDiscreteScheduler":
         raise UnsupportedConfigError("flow_pipeline_sigmas", c["flow_pipeline_sigmas"], model=name,
                                      supported="None (fastdiff's key for FlowMatchEulerDiscreteScheduler only)")
-    if c["timestep_respacing"] is not None and name != "DDPMScheduler":
+    if c["timestep_respacing"] is not None and name not in ("DDPMScheduler", "DDIMScheduler"):
         raise UnsupportedConfigError("timestep_respacing", c["timestep_respacing"], model=name,
-                                     supported="None (fastdiff's key for DDPMScheduler only)")
+                                     supported="None (fastdiff's key for DDPMScheduler and DDIMScheduler only)")
     if mu is not None:
         if not c["use_dynamic_shifting"]:
             raise BadArgumentError(f"mu: {name} without use_dynamic_shifting takes no mu, found {mu!r}")
@@ -315,18 +316,38 @@ def _indexed_timesteps(c: _Config, n: int) -> np.ndarray:
     return ts
 
 
+RESPACINGS = ("guided-diffusion", "guided-diffusion-ddim")
+
+
+def _respaced(c: _Config, n: int):
+    """The timesteps of fastdiff's ``timestep_respacing`` key (guided-diffusion's ``space_timesteps`` with "N" or
+    "ddimN"), or None where the config's own spacing applies."""
+    how = c.choice("timestep_respacing", (None,) + RESPACINGS)
+    if how is None:
+        return None
+    return schedules.respaced_timesteps(n, c["num_train_timesteps"], ddim=how == "guided-diffusion-ddim")
+
+
 def _ddim(c: _Config, n: int) -> SamplingPlan:
     ac = _alphas_cumprod(c, exact_zero_snr=True)
     table = _table(ac)
     T = c["num_train_timesteps"]
-    ts = _indexed_timesteps(c, n)
-    prev = ts - T // n                                 # diffusers' DDIM always steps to t - T // N
+    ts = _respaced(c, n)
+    respaced = ts is not None
+    if respaced:                                       # guided-diffusion steps to the next kept timestep
+        prev = np.append(ts[1:], -1)
+    else:
+        ts = _indexed_timesteps(c, n)
+        prev = ts - T // n                             # diffusers' DDIM always steps to t - T // N
     final = 0.0 if c["set_alpha_to_one"] else table[0]
     to = _f32([table[p] if p >= 0 else final for p in prev])
     sigmas = _grid(table[ts], to[-1])
     options = dict(eta=0.0)
     if not np.array_equal(to, sigmas.numpy()[1:]):
         options["sigmas_to"] = to.tolist()
+    if respaced:  # guided-diffusion's ddim_sample: x0 clipped in the denoiser, eps recomputed from it
+        return _vp_plan(c.name, "ddim", sigmas, options,
+                        _discrete(c, ac, timestep_rounding="round", **_threshold_opts(c, True)))
     clip = make_x0_postprocess(**_threshold_opts(c, True))
     if clip is not None:                               # clip x0, keep the network's eps (diffusers default)
         options["clip_x0"] = clip
@@ -336,9 +357,8 @@ def _ddim(c: _Config, n: int) -> SamplingPlan:
 def _ddpm(c: _Config, n: int) -> SamplingPlan:
     ac = _alphas_cumprod(c, exact_zero_snr=True)
     table = _table(ac)
-    if c.choice("timestep_respacing", (None, "guided-diffusion")):
-        ts = schedules.respaced_timesteps(n, c["num_train_timesteps"])
-    else:
+    ts = _respaced(c, n)
+    if ts is None:
         ts = _indexed_timesteps(c, n)
     # (fixed_small_log draws what fixed_small draws; the learned ones read the network's variance channels)
     variance = c.choice("variance_type", ("fixed_small", "fixed_small_log", "fixed_large", "learned_range", "learned"))

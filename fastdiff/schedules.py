@@ -179,15 +179,27 @@ def get_timesteps(spacing: str, steps: int, num_train_timesteps: int = 1000, ste
     return ts.copy().astype(np.int64 if integer else np.float32)
 
 
-def respaced_timesteps(steps: int, num_train_timesteps: int = 1000) -> np.ndarray:
+def respaced_timesteps(steps: int, num_train_timesteps: int = 1000, *, ddim: bool = False) -> np.ndarray:
     """Decreasing timesteps of guided-diffusion's ``space_timesteps(T, [steps])`` (official DiT's ``sample.py`` and
     ADM's ``image_sample.py`` respace so): a stride of (T - 1) / (steps - 1) accumulated in floating point and
     rounded half to even at each step. diffusers' 'linspace' multiplies instead and differs at some half-way ties
-    (21 steps of 1000: 499 here, 500 there)."""
+    (21 steps of 1000: 499 here, 500 there).
+
+    ``ddim``: ``space_timesteps(T, "ddim<steps>")``, ``range(0, T, stride)`` with the smallest integer stride that
+    gives exactly ``steps`` timesteps (diffusers' 'leading' strides T // steps: 30 of 1000 is stride 34 here, 33
+    there); refused, as guided-diffusion refuses it, where no stride does."""
     _check_steps(steps)
-    if steps > num_train_timesteps:
-        raise BadArgumentError(f"steps: guided-diffusion's respacing takes at most {num_train_timesteps} steps "
-                               f"(the training timesteps), found {steps}")
+    T = num_train_timesteps
+    if steps > T:
+        raise BadArgumentError(f"steps: guided-diffusion's respacing takes at most {T} steps (the training "
+                               f"timesteps), found {steps}")
+    if ddim:
+        stride = next((i for i in range(1, T) if len(range(0, T, i)) == steps), None)
+        if stride is None:
+            raise BadArgumentError(f"steps: guided-diffusion's 'ddim{steps}' respacing needs an integer stride "
+                                   f"giving exactly {steps} of the {T} timesteps, and none does; expected another "
+                                   f"count, or a named sampler (sampler='ddim': diffusers' spacing)")
+        return np.arange(0, T, stride, dtype=np.int64)[::-1].copy()
     stride = (num_train_timesteps - 1) / (steps - 1) if steps > 1 else 1
     taken, at = [], 0.0
     for _ in range(steps):

@@ -365,7 +365,9 @@ def _read_any(path: str, *, variant=None, num_heads=None, head_channels=None, at
             from .presets import ADM_SCHEDULER
 
             cfg = guided_diffusion_config(state, num_heads=num_heads, head_channels=head_channels)
-            spec = spec_for("unet", cfg, ADM_SCHEDULER, source=f"guided-diffusion checkpoint {path}")
+            # image_sample.py's DDIM ("ddimN" respacing: eps recomputed from the clipped x0)
+            spec = spec_for("unet", cfg, dict(ADM_SCHEDULER, timestep_respacing="guided-diffusion-ddim"),
+                            source=f"guided-diffusion checkpoint {path}")
             if spec.learned_variance:  # learn_sigma: ADM's p_sample draws from the learned range (sampler="ddpm")
                 spec.scheduler["variance_type"] = "learned_range"
             order = attention_order or "legacy"

@@ -1,5 +1,5 @@
 """DDPM with a learned variance (guided-diffusion / DiT ``learn_sigma`` networks; diffusers' ``variance_type``
-"learned_range" / "learned"), and guided-diffusion's respacing.
+"learned_range" / "learned"), and guided-diffusion's respacing ("N" and "ddimN") and DDIM.
 
 The references: diffusers' ``DDPMScheduler`` (its "learned" reading; "learned_range" is in test_scheduler_parity),
 and a float64 transcription of guided-diffusion's respaced ``p_sample`` (``SpacedDiffusion``: the kept timesteps'
@@ -42,11 +42,68 @@ def test_respaced_timesteps_are_guided_diffusions(n):
         assert ts.tolist() != get_timesteps("linspace", n, 1000).tolist()
 
 
-def test_respacing_key_is_ddpms_only():
+def _official_ddim_stride_timesteps(T: int, count: int) -> list:
+    """guided-diffusion's ``space_timesteps(T, "ddim<count>")``: the smallest stride giving exactly ``count``."""
+    for i in range(1, T):
+        if len(range(0, T, i)) == count:
+            return list(range(0, T, i))
+    raise ValueError(count)
+
+
+@pytest.mark.parametrize("n", [2, 3, 7, 10, 30, 1000])
+def test_ddim_respacing_is_guided_diffusions(n):
+    assert respaced_timesteps(n, 1000, ddim=True).tolist() == _official_ddim_stride_timesteps(1000, n)[::-1]
+    if n == 30:  # diffusers' 'leading' strides 1000 // 30 = 33; guided-diffusion needs 34 for exactly 30
+        assert respaced_timesteps(n, 1000, ddim=True).tolist() != get_timesteps("leading", n, 1000).tolist()
+    with pytest.raises(BadArgumentError, match="ddim999.*sampler='ddim'"):
+        respaced_timesteps(999, 1000, ddim=True)
+
+
+def test_respacing_key_is_ddpms_and_ddims_only():
     with pytest.raises(fastdiff.errors.UnsupportedConfigError, match="timestep_respacing"):
-        plan_from_scheduler_config({"_class_name": "DDIMScheduler", "timestep_respacing": "guided-diffusion"}, 10)
+        plan_from_scheduler_config({"_class_name": "EulerDiscreteScheduler", "timestep_respacing": "guided-diffusion"},
+                                   10)
     with pytest.raises(fastdiff.errors.UnsupportedConfigError, match="timestep_respacing"):
         plan_from_scheduler_config({"_class_name": "DDPMScheduler", "timestep_respacing": "ddim"}, 10)
+
+
+@torch.no_grad()
+def _guided_diffusion_ddim_loop(model, timesteps: list, x: torch.Tensor, clip: bool):
+    """A float64 transcription of guided-diffusion's ``ddim_sample_loop`` (eta 0) on the kept ``timesteps``
+    (ascending): x0 from eps (clipped to [-1, 1] with ``clip_denoised``), eps recomputed from that x0, then
+    x' = sqrt(a') x0 + sqrt(1 - a') eps; a' = 1 after the last step."""
+    betas = np.linspace(1e-4, 0.02, 1000, dtype=np.float64)
+    ac_full = np.cumprod(1.0 - betas)
+    acp = ac_full[timesteps]
+    x = x.double()
+    for i in reversed(range(len(timesteps))):
+        a, a_prev = acp[i], (acp[i - 1] if i > 0 else 1.0)
+        eps = model(x.float(), timesteps[i]).double()
+        x0 = math.sqrt(1 / a) * x - math.sqrt(1 / a - 1) * eps
+        if clip:
+            x0 = x0.clamp(-1, 1)
+        eps = (math.sqrt(1 / a) * x - x0) / math.sqrt(1 / a - 1)
+        x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
+    return x
+
+
+@pytest.mark.parametrize("steps,clip", [(30, True), (7, False)])
+def test_respaced_ddim_matches_guided_diffusion(steps, clip):
+    """DDIMScheduler with timestep_respacing="guided-diffusion-ddim": guided-diffusion's ddim_sample_loop (what a
+    guided-diffusion checkpoint runs by default), its clipped x0 giving the eps of the step."""
+    net = TinyNet(3)
+    x = torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(5))
+    ref = _guided_diffusion_ddim_loop(lambda x, t: net(x, torch.tensor([float(t)])),
+                                      _official_ddim_stride_timesteps(1000, steps), x, clip)
+    plan = plan_from_scheduler_config({"_class_name": "DDIMScheduler", "clip_sample": clip,
+                                       "timestep_respacing": "guided-diffusion-ddim"}, steps)
+    got = plan.sample(plan.make_denoiser(net), x)  # (VP latents in and out, as a diffusers pipeline's)
+    assert float((got - ref.float()).abs().max() / ref.abs().max()) <= 1e-4
+    if clip:  # diffusers' DDIM keeps the network's eps after clipping x0: another run
+        diffusers_like = plan_from_scheduler_config({"_class_name": "DDIMScheduler", "clip_sample": True,
+                                                     "timestep_spacing": "leading"}, steps)
+        other = diffusers_like.sample(diffusers_like.make_denoiser(net), x)
+        assert float((other - ref.float()).abs().max() / ref.abs().max()) > 1e-3
 
 
 class _PositiveVariance(torch.nn.Module):
@@ -229,3 +286,15 @@ def test_official_dit_default_is_its_sample_py():
         ref, _ = _guided_diffusion_p_sample_loop(forward_with_cfg, 21, seed, (4, 8, 8))
         got = pipe.generate(seeds=seed, class_labels=labels, cfg_scale=scale, steps=21, progress=False)
     assert float((got - ref.float()).abs().max() / ref.abs().max()) <= 1e-4
+
+
+def test_guided_diffusion_default_is_its_ddim_sample_loop():
+    """A guided-diffusion checkpoint with no sampler runs image_sample.py's DDIM ("ddimN", x0 clipped, eps from it):
+    the fixture's linear-schedule run (clip_denoised=True)."""
+    from conftest import fixture_path
+    from safetensors.torch import load_file
+
+    ref = load_file(fixture_path("guided_diffusion", "reference.safetensors"))
+    pipe = fastdiff.load(fixture_path("guided_diffusion", "model.pt"), head_channels=16)
+    out = pipe.generate(latents=ref["ddim_noise"], class_labels=ref["ddim_y"], steps=10, progress=False)
+    torch.testing.assert_close(out, ref["ddim_linear_sample"], rtol=0, atol=3e-4)
