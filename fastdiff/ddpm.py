@@ -9,7 +9,8 @@ Its mean is the same for every variance; the noise's std is diffusers' ``DDPMSch
 * ``learned_range`` (Nichol & Dhariwal 2021, eq. 15; guided-diffusion and DiT networks with ``learn_sigma``): the
   network's variance channels v in [-1, 1] interpolate log-linearly, log var = f log beta + (1 - f) log beta~ with
   f = (v + 1) / 2, beta~ clamped to 1e-20 as diffusers does (the step to t' = 0 has beta~ = 0). guided-diffusion's
-  ``p_sample`` is the same draw with the table computed in float64, which the host arithmetic here is too;
+  ``p_sample`` is the same draw (its table in float64; here the float32 alphas_cumprod of diffusers, each step's
+  arithmetic in float64 on the host: the two agree to about 1e-6);
 * ``learned``: v is the variance itself (diffusers' reading; its std is sqrt(v)).
 
 The variances are variance-preserving ones; the state is x_vp * sqrt(1 + sigma'^2), so each std is scaled by that.

@@ -76,7 +76,7 @@ class Denoiser:
         return self.predict(x, s, **cond)
 
     def predict_variance_at(self, x: torch.Tensor, sigma: float, **cond):
-        """(x0, v): ``predict_at``'s x0 and the network's learned-variance channels v (float32, x's shape; values in
+        """(x0, v): ``predict_at``'s x0 and the network's learned-variance channels v (float32, x's shape; nominally in
         [-1, 1] for guided-diffusion / DiT networks): what DDPM with a learned variance (diffusers' ``variance_type``
         "learned_range") samples its noise from. Adapters of networks without such channels refuse."""
         raise BadArgumentError(f"variance: a learned variance needs a discrete-time network that predicts one "

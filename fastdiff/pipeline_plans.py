@@ -85,6 +85,10 @@ class PlansMixin:
         cls = self.spec.scheduler.get("_class_name")
         if sampler is not None and sampler == DISTILLED_SAMPLERS.get(cls) and schedule is None:
             sampler = None  # an LCM / TCD checkpoint's own sampler: at the timesteps it was distilled on
+        if sampler == "ddpm" and schedule is None and self.spec.scheduler.get("timestep_respacing"):
+            # an official DiT / guided-diffusion checkpoint: p_sample on guided-diffusion's respaced timesteps
+            config = dict(self.spec.scheduler, _class_name="DDPMScheduler", timestep_respacing="guided-diffusion")
+            return plan_from_scheduler_config(config, steps)
         if sampler is None and schedule is None and cls in SUPPORTED_SCHEDULERS:
             if steps > train_steps:
                 raise BadArgumentError(f"steps: expected at most {train_steps} (the training timesteps), found {steps}")
@@ -138,9 +142,10 @@ class PlansMixin:
             from .scheduler_config import tcd_named_plan
             return tcd_named_plan(sigmas, ac, denoiser_options)
         options = {}
-        variance = self.spec.scheduler.get("variance_type")
-        if sampler == "ddpm" and variance in ("learned_range", "learned"):  # the network's own variance
-            options["variance"] = variance
+        if sampler == "ddpm":  # a learn_sigma network's own variance, unless its scheduler config names a fixed one
+            variance = self.spec.scheduler.get("variance_type")
+            if variance in ("learned_range", "learned") or (variance is None and self.spec.learned_variance):
+                options["variance"] = variance or "learned_range"
         return SamplingPlan("named", sampler, sigmas, options, "discrete", denoiser_options,
                             init_noise_sigma=math.sqrt(1 + s0 * s0))
 

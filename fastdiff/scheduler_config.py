@@ -97,6 +97,8 @@ _DEFAULTS = {
                                   upscale_mode="bicubic"),
 }
 SUPPORTED_SCHEDULERS = tuple(_DEFAULTS)
+# the config keys fastdiff reads and diffusers does not know (a diffusers scheduler is built without them)
+FASTDIFF_KEYS = ("flow_time_convention", "flow_pipeline_sigmas", "timestep_respacing")
 
 
 # schedulers of networks with EDM preconditioning (continuous sigma in, no training-timestep table)
@@ -360,11 +362,12 @@ def _ddpm(c: _Config, n: int) -> SamplingPlan:
     ts = _respaced(c, n)
     if ts is None:
         ts = _indexed_timesteps(c, n)
-    # (fixed_small_log draws what fixed_small draws; the learned ones read the network's variance channels)
-    variance = c.choice("variance_type", ("fixed_small", "fixed_small_log", "fixed_large", "learned_range", "learned"))
+    # (fixed_small_log and None draw what fixed_small draws; the learned ones read the network's variance channels)
+    variance = c.choice("variance_type", ("fixed_small", "fixed_small_log", "fixed_large", "learned_range", "learned",
+                                          None))
     sigmas = _grid(table[ts], 0.0)
     dopts = _discrete(c, ac, timestep_rounding="round", **_threshold_opts(c, True))
-    options = dict(variance="fixed_small" if variance == "fixed_small_log" else variance)
+    options = dict(variance="fixed_small" if variance in ("fixed_small_log", None) else variance)
     if options["variance"] != "fixed_small" and ts[-1] > 0:  # diffusers adds noise whenever t > 0
         options["final_noise"] = True
     return _vp_plan(c.name, "ddpm", sigmas, options, dopts)

@@ -124,3 +124,29 @@ def test_bench_with_a_controlnet_times_the_same_networks_on_both_sides(arch, tmp
         assert [row["status"] for row in rows["results"] + rows["compare"]] == ["ok", "ok"]
         r = run_cli("bench", "arch:tiny-dit", "--controlnet", "random", cwd=tmp_path)
         assert r.returncode == 2 and "a ControlNet drives a text-conditioned UNet" in r.stderr
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "ddpm"])
+def test_official_dit_bench_builds_its_diffusers_scheduler(sampler):
+    """An official DiT checkpoint's scheduler carries a learned variance and fastdiff's respacing key: diffusers' side
+    is built without them (its loop drops the variance channels; DPM-Solver told to read them failed on 4 vs 3
+    channels), and its run is the same as diffusers' DDPM / DPM-Solver on fixed variances."""
+    from types import SimpleNamespace
+
+    from conftest import fixture_path
+
+    from fastdiff.commands.bench_diffusers import _diffusers_generate, _diffusers_sampler, _import_diffusers
+    from fastdiff.commands.bench_diffusers import build_diffusers_model
+    from fastdiff.commands.bench_inputs import _conditioning
+
+    pipe = fastdiff.load(fixture_path("dit", "dit_tiny.pt"), num_heads=4)
+    spec = pipe.spec
+    assert spec.scheduler["variance_type"] == "learned_range" and spec.scheduler["timestep_respacing"]
+    scheduler, _ = _diffusers_sampler(SimpleNamespace(sampler=sampler, schedule=None), spec, _import_diffusers())
+    assert getattr(scheduler.config, "variance_type", None) in (None, "fixed_small")
+    assert "timestep_respacing" not in scheduler.config
+    model, _ = build_diffusers_model(pipe)
+    cond = _conditioning(spec, 2, 4.0, 0, "cpu", torch.float32)
+    with torch.no_grad():
+        out = _diffusers_generate(model, scheduler, spec, 2, 3, 4.0, cond, "cpu", torch.float32, 0)
+    assert out.shape == (2, 4, 8, 8) and torch.isfinite(out).all()

@@ -246,13 +246,14 @@ def test_learned_variance_refusals():
         sample_ddpm(plain, x, [10.0, 1.0, 0.0], variance="fixed_large_log")
 
 
-def test_named_ddpm_reads_the_specs_learned_variance():
-    """A guided-diffusion / DiT network with learn_sigma: sampler='ddpm' draws from its learned range unless told
-    otherwise."""
+def test_named_ddpm_reads_the_networks_learned_variance():
+    """A network with learn_sigma: sampler='ddpm' draws from its learned range unless told otherwise (an option, or
+    a scheduler config that names a fixed variance)."""
     pipe = fastdiff.load("arch:tiny-dit")
-    assert pipe.spec.learned_variance
-    pipe.spec.scheduler["variance_type"] = "learned_range"
+    assert pipe.spec.learned_variance and "variance_type" not in pipe.spec.scheduler
     assert pipe.plan(5, "ddpm").options == {"variance": "learned_range"}
+    fixed = fastdiff.load("arch:tiny-dit", scheduler={"_class_name": "DDPMScheduler", "variance_type": "fixed_large"})
+    assert fixed.plan(5, "ddpm").options == {}
     assert pipe.plan(5, "ddpm", variance="fixed_small").options == {"variance": "fixed_small"}
     a = pipe.generate(seeds=[3], class_labels=[1], steps=5, sampler="ddpm", progress=False)
     b = pipe.generate(seeds=[3], class_labels=[1], steps=5, sampler="ddpm", variance="fixed_small", progress=False)
@@ -298,3 +299,24 @@ def test_guided_diffusion_default_is_its_ddim_sample_loop():
     pipe = fastdiff.load(fixture_path("guided_diffusion", "model.pt"), head_channels=16)
     out = pipe.generate(latents=ref["ddim_noise"], class_labels=ref["ddim_y"], steps=10, progress=False)
     torch.testing.assert_close(out, ref["ddim_linear_sample"], rtol=0, atol=3e-4)
+
+
+def test_named_ddpm_on_official_checkpoints_is_their_p_sample():
+    """sampler="ddpm" on an official DiT / guided-diffusion checkpoint: p_sample on guided-diffusion's respaced
+    timesteps, x0 clipped where the official sampling clips it (guided-diffusion's clip_denoised=True; DiT's False)."""
+    from conftest import fixture_path
+
+    dit = fastdiff.load(fixture_path("dit", "dit_tiny.pt"), num_heads=4)
+    assert dit.plan(10, "ddpm").sigmas.tolist() == dit.plan(10).sigmas.tolist()
+    gd = fastdiff.load(fixture_path("guided_diffusion", "model.pt"), head_channels=16)
+    plan = gd.plan(10, "ddpm")
+    assert plan.options["variance"] == "learned_range" and plan.denoiser_options["clip_sample"] == 1.0
+    fed = []
+    net = _Bounded()
+
+    def recording(x, t, **kw):
+        fed.append(int(t.reshape(-1)[0]))
+        return net(x, t)
+
+    plan.sample(plan.make_denoiser(recording), torch.randn(1, *SHAPE), noise=NoiseSource([0]))
+    assert fed == _official_space_timesteps(1000, 10)[::-1]

@@ -365,11 +365,11 @@ def _read_any(path: str, *, variant=None, num_heads=None, head_channels=None, at
             from .presets import ADM_SCHEDULER
 
             cfg = guided_diffusion_config(state, num_heads=num_heads, head_channels=head_channels)
-            # image_sample.py's DDIM ("ddimN" respacing: eps recomputed from the clipped x0)
-            spec = spec_for("unet", cfg, dict(ADM_SCHEDULER, timestep_respacing="guided-diffusion-ddim"),
-                            source=f"guided-diffusion checkpoint {path}")
-            if spec.learned_variance:  # learn_sigma: ADM's p_sample draws from the learned range (sampler="ddpm")
-                spec.scheduler["variance_type"] = "learned_range"
+            # image_sample.py's DDIM ("ddimN" respacing: eps recomputed from the clipped x0; clip_denoised=True);
+            # sampler="ddpm": its p_sample, from the learned range of learn_sigma (else FIXED_LARGE)
+            spec = spec_for("unet", cfg, dict(ADM_SCHEDULER, timestep_respacing="guided-diffusion-ddim",
+                                              clip_sample=True), source=f"guided-diffusion checkpoint {path}")
+            spec.scheduler["variance_type"] = "learned_range" if spec.learned_variance else "fixed_large"
             order = attention_order or "legacy"
             spec.notes.append("guided-diffusion: 64 channels per head unless num_heads= is given; linear betas "
                               "assumed (pass scheduler= for the cosine-schedule models); "
@@ -389,9 +389,8 @@ def _read_any(path: str, *, variant=None, num_heads=None, head_channels=None, at
             cfg, state, notes = load_official_dit(path, num_heads=num_heads)
             # the official diffusion as sample.py runs it: DDPM betas without clipping (DiT's latents are not in
             # [-1, 1]: clip_denoised=False), guided-diffusion's respacing, and the learned variance of learn_sigma
-            official = dict(DEFAULT_SCHEDULER, clip_sample=False, timestep_respacing="guided-diffusion")
-            if cfg.learn_sigma:
-                official["variance_type"] = "learned_range"
+            official = dict(DEFAULT_SCHEDULER, clip_sample=False, timestep_respacing="guided-diffusion",
+                            variance_type="learned_range" if cfg.learn_sigma else "fixed_large")  # (create_diffusion)
             spec = spec_for("dit", cfg, official, source=f"official DiT checkpoint {path}")
             spec.notes.extend(notes)
             spec.guided_channels = 3  # official forward_with_cfg guides channels 0..2, whatever learn_sigma

@@ -170,7 +170,11 @@ def _diffusers_sampler(args, spec, schedulers):
         cls, kw = schedulers["dpmpp_2m"]
         note = f"no matching diffusers scheduler for {args.sampler!r}: diffusers runs DPMSolverMultistepScheduler"
     kw, grid_note = _diffusers_grid(args.schedule, kw, spec)
-    sched_cfg = {k: v for k, v in spec.scheduler.items() if not k.startswith("_")}
+    from ..scheduler_config import FASTDIFF_KEYS
+
+    # (the loop drops a learned variance's channels: a scheduler told to read them would find none)
+    sched_cfg = {k: v for k, v in spec.scheduler.items()
+                 if not k.startswith("_") and k not in FASTDIFF_KEYS and k != "variance_type"}
     return cls.from_config(sched_cfg, **kw), "; ".join(n for n in (note, grid_note) if n) or None
 
 
@@ -198,7 +202,10 @@ def _diffusers_flow_sampler(args, spec):
     swap them in) for dpmpp_2m / unipc."""
     from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
-    sched_cfg = {k: v for k, v in spec.scheduler.items() if not k.startswith("_") and not k.startswith("flow_")}
+    from ..scheduler_config import FASTDIFF_KEYS
+
+    sched_cfg = {k: v for k, v in spec.scheduler.items()
+                 if not k.startswith(("_", "flow_")) and k not in FASTDIFF_KEYS}
     solvers = {"dpmpp_2m": DPMSolverMultistepScheduler, "unipc": UniPCMultistepScheduler}
     if args.sampler in solvers and spec.kind != "flux":  # (FluxPipeline hands FlowMatchEuler its own grid)
         return solvers[args.sampler](use_flow_sigmas=True, prediction_type="flow_prediction",
