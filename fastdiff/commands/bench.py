@@ -4,7 +4,8 @@
         --compare diffusers,compile --json sd15.json --plot sd15.png
 
 What is measured: one ``pipe.generate`` call (noise, the whole sampling loop, CFG included; no decoding; an
-inpainting UNet's call also encodes its masked image: a random image and a centred mask, at strength 1)
+inpainting network's call (SD / SDXL inpainting UNets, FLUX.1 Fill) also encodes its masked image: a random image
+and a centred mask, at strength 1)
 with its result on the host's side of a device synchronisation. Per backend and batch: the first call
 timed on its own (compilation / graph capture / kernel JIT show up as ``warm-up overhead`` = first call
 minus a steady call), ``--warmup - 1`` more untimed calls, then ``--repeat`` timed calls (CUDA events on
@@ -421,10 +422,9 @@ def run(args) -> int:
     if spec.latent_control:  # (its every call needs a control image: FLUX.1 dev's speed plus a wider input layer)
         raise BadArgumentError(f"{args.model}: a FLUX.1 Depth / Canny transformer; the latency bench times "
                                f"text-to-image generation: bench FLUX.1 dev")
-    if spec.inpainting and (spec.kind != "unet" or probe.vae is None or probe.vae.encoder is None):
-        raise BadArgumentError(f"{args.model}: an inpainting network " + (
-            "other than a UNet (FLUX.1 Fill): bench FLUX.1 dev" if spec.kind != "unet" else
-            "without a VAE encoder, which its masked image needs (pass --vae FOLDER)"))
+    if spec.inpainting and (probe.vae is None or probe.vae.encoder is None):
+        raise BadArgumentError(f"{args.model}: an inpainting network without a VAE encoder, which its masked image "
+                               f"needs (pass --vae FOLDER)")
     probe.plan(args.steps, args.sampler, args.schedule)
     # an exported graph (.onnx) has no PyTorch network to count
     n_params = sum(p.numel() for p in probe.model.parameters()) if probe.model is not None else 0

@@ -215,9 +215,35 @@ def _diffusers_flow_sampler(args, spec):
     return FlowMatchEulerDiscreteScheduler.from_config(sched_cfg), note
 
 
-def _diffusers_flux_generate(model, scheduler, spec, b, steps, cfg, cond, device, dtype, seed):
+def _pack(x):
+    """FluxPipeline._pack_latents: (B, C, h, w) -> (B, h/2 * w/2, 4C), each 2x2 patch's channels together."""
+    b, c, h, w = x.shape
+    return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), 4 * c)
+
+
+def _vae_latents(vae, pixels, generator):
+    """A posterior draw of [-1, 1] ``pixels`` from ``generator``, shifted and scaled (FLUX.1's VAE latents)."""
+    z = vae.encode(pixels.to(vae.dtype)).latent_dist.sample(generator)
+    return (z - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
+
+
+def _diffusers_fill_inputs(vae, image, mask, generator, size):
+    """FluxFillPipeline's extra input (B, h/2 * w/2, 4C + 4 f^2) at strength 1: the masked image's latents, then
+    the pixel mask's f x f block per latent pixel (f: the VAE's pixels per latent pixel), both packed."""
+    import torch
+
+    b, (h, w) = image.shape[0], size
+    f = image.shape[-1] // w
+    masked = _vae_latents(vae, (image * 2 - 1) * (1 - mask), generator)
+    blocks = mask[:, 0].reshape(b, h, f, w, f).permute(0, 2, 4, 1, 3).reshape(b, f * f, h, w)
+    return torch.cat([_pack(masked), _pack(blocks.to(masked))], dim=-1)
+
+
+def _diffusers_flux_generate(model, scheduler, spec, b, steps, cfg, cond, device, dtype, seed, vae=None):
     """FluxPipeline's loop: packed latents, position ids, its sigma grid shifted by the resolution's mu, timestep /
-    1000 and the guidance input; true CFG (cfg != 1) as one stacked batch."""
+    1000 and the guidance input; true CFG (cfg != 1) as one stacked batch. FLUX.1 Fill with its ``vae``:
+    FluxFillPipeline's at strength 1 (the image encoded first, as its prepare_latents does; then the noise; then the
+    masked image, whose latents and mask join the latents at every step; guidance 30)."""
     import numpy as np
     import torch
 
@@ -225,8 +251,11 @@ def _diffusers_flux_generate(model, scheduler, spec, b, steps, cfg, cond, device
 
     g = torch.Generator(device="cpu").manual_seed(seed)
     h, w, c = *spec.sample_size, spec.in_channels
+    if spec.inpainting:  # (at strength 1 the image's latents are unused; their draw is not)
+        _vae_latents(vae, cond["image"] * 2 - 1, g)
     x = torch.randn((b, c, h, w), generator=g).to(device)
-    latents = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), 4 * c)
+    latents = _pack(x)
+    fill = None if not spec.inpainting else _diffusers_fill_inputs(vae, cond["image"], cond["mask"], g, (h, w))
     rows, cols = torch.meshgrid(torch.arange(h // 2), torch.arange(w // 2), indexing="ij")
     img_ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3).float().to(device)
     txt_ids = torch.zeros(cond["states"].shape[1], 3, device=device)
@@ -238,9 +267,13 @@ def _diffusers_flux_generate(model, scheduler, spec, b, steps, cfg, cond, device
     ctx = torch.cat([cond["states"], cond["negative_states"]]) if guided else cond["states"]
     pooled = torch.cat([cond["text_embeds"], cond["negative_text_embeds"]]) if guided else cond["text_embeds"]
     n = ctx.shape[0]
-    guidance = torch.full((n,), 3.5, device=device) if spec.guidance_input else None
+    guidance = torch.full((n,), 30.0 if spec.inpainting else 3.5, device=device) if spec.guidance_input else None
+    if fill is not None:
+        fill = (torch.cat([fill, fill]) if guided else fill).to(dtype)
     for t in scheduler.timesteps:
         x_in = torch.cat([latents, latents]) if guided else latents
+        if fill is not None:
+            x_in = torch.cat([x_in.to(dtype), fill], dim=2)
         out = model(hidden_states=x_in.to(dtype), timestep=t.expand(n).to(dtype) / 1000, guidance=guidance,
                     pooled_projections=pooled, encoder_hidden_states=ctx, txt_ids=txt_ids, img_ids=img_ids).sample
         out = out.float()
@@ -280,7 +313,7 @@ def _diffusers_generate(model, scheduler, spec, b, steps, cfg, cond, device, dty
     import torch
 
     if spec.kind == "flux":
-        return _diffusers_flux_generate(model, scheduler, spec, b, steps, cfg, cond, device, dtype, seed)
+        return _diffusers_flux_generate(model, scheduler, spec, b, steps, cfg, cond, device, dtype, seed, vae)
 
     g = torch.Generator(device="cpu").manual_seed(seed)
     h, w = spec.sample_size
