@@ -377,29 +377,37 @@ def test_flux_fill_inpaints_as_diffusers(tmp_path, strength, guidance):
     assert rel_err(got, pipe.generate(image=images.flip(0), mask_image=masks, **kw)) > 1e-3
 
 
-def test_bench_times_flux_fill_against_its_pipelines_loop(tmp_path):
-    """``fastdiff bench`` of FLUX.1 Fill: a random image and a centred mask; the bench's diffusers loop equals
-    FluxFillPipeline at strength 1 (one generator: the image's posterior, which prepare_latents draws even though
-    the noise replaces it, the start noise, then the masked image's posterior; guidance 30), and both sides run."""
+@pytest.mark.parametrize("kind", ["fill", "depth"])
+def test_bench_times_flux_fill_and_depth_against_their_pipelines_loops(tmp_path, kind):
+    """``fastdiff bench`` of FLUX.1 Fill (a random image and a centred mask) and Depth / Canny (a random control
+    image): the bench's diffusers loop equals FluxFillPipeline at strength 1 (one generator: the image's posterior,
+    which prepare_latents draws even though the noise replaces it, the start noise, then the masked image's posterior;
+    guidance 30) / FluxControlPipeline (the control image's posterior, then the noise; guidance 3.5), and both sides
+    run."""
     import json
 
     from fastdiff.commands.bench_diffusers import _diffusers_generate, build_diffusers_model, diffusers_vae
     from fastdiff.commands.bench_inputs import _conditioning, image_pixels
     from test_cli import fastdiff as run_cli
 
-    pipe, ref = _fill_pair(tmp_path / "model")
+    pipe, ref = (_fill_pair if kind == "fill" else _control_pair)(tmp_path / "model")
     spec = pipe.spec
     spec.sample_size = (8, 8)  # (the loop's check at 16 x 16 pixels; the bench below runs the folder's size)
-    cond = _conditioning(spec, 2, 1.0, 0, "cpu", torch.float32, pixels=image_pixels(pipe))
-    assert cond["image"].shape == (2, 3, 16, 16) and 0 < float(cond["mask"].mean()) < 1
+    cond = _conditioning(spec, 2, 1.0, 0, "cpu", torch.float32, pixels=image_pixels(pipe),
+                         control=pipe._control_format())
     with torch.no_grad():
         transformer, _ = build_diffusers_model(pipe)
         scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(ref.scheduler.config)
         got = _diffusers_generate(transformer, scheduler, spec, 2, 4, 1.0, cond, "cpu", torch.float32, 0,
                                   vae=diffusers_vae(pipe.vae))
-    want = ref(image=cond["image"], mask_image=cond["mask"], prompt_embeds=cond["states"],
-               pooled_prompt_embeds=cond["text_embeds"], num_inference_steps=4, height=16, width=16,
-               generator=torch.Generator().manual_seed(0), output_type="latent").images
+    kw = dict(prompt_embeds=cond["states"], pooled_prompt_embeds=cond["text_embeds"], num_inference_steps=4,
+              height=16, width=16, generator=torch.Generator().manual_seed(0), output_type="latent")
+    if kind == "fill":
+        assert cond["image"].shape == (2, 3, 16, 16) and 0 < float(cond["mask"].mean()) < 1
+        want = ref(image=cond["image"], mask_image=cond["mask"], **kw).images
+    else:
+        assert cond["control_image"].shape == (2, 3, 16, 16) and cond["image"] is None
+        want = ref(control_image=cond["control_image"], **kw).images
     assert rel_err(got, want) <= 1e-5
     r = run_cli("bench", str(tmp_path / "model"), "--compare", "diffusers", "--steps", "2", "--repeat", "1",
                 "--warmup", "1", "--json", "out.json", cwd=tmp_path)

@@ -5,7 +5,7 @@
 
 What is measured: one ``pipe.generate`` call (noise, the whole sampling loop, CFG included; no decoding; an
 inpainting network's call (SD / SDXL inpainting UNets, FLUX.1 Fill) also encodes its masked image: a random image
-and a centred mask, at strength 1)
+and a centred mask, at strength 1; FLUX.1 Depth / Canny's, a random control image)
 with its result on the host's side of a device synchronisation. Per backend and batch: the first call
 timed on its own (compilation / graph capture / kernel JIT show up as ``warm-up overhead`` = first call
 minus a steady call), ``--warmup - 1`` more untimed calls, then ``--repeat`` timed calls (CUDA events on
@@ -419,12 +419,11 @@ def run(args) -> int:
     if getattr(probe._control_format(), "count", None):
         raise BadArgumentError(f"{args.model}: driven by several ControlNets; the bench times one (pass --controlnet "
                                f"FOLDER with the base model)")
-    if spec.latent_control:  # (its every call needs a control image: FLUX.1 dev's speed plus a wider input layer)
-        raise BadArgumentError(f"{args.model}: a FLUX.1 Depth / Canny transformer; the latency bench times "
-                               f"text-to-image generation: bench FLUX.1 dev")
-    if spec.inpainting and (probe.vae is None or probe.vae.encoder is None):
+    if (spec.inpainting or spec.latent_control) and (probe.vae is None or probe.vae.encoder is None):
         raise BadArgumentError(f"{args.model}: an inpainting network without a VAE encoder, which its masked image "
-                               f"needs (pass --vae FOLDER)")
+                               f"needs (pass --vae FOLDER)" if spec.inpainting else
+                               f"{args.model}: a FLUX.1 Depth / Canny transformer without a VAE encoder, which its "
+                               f"control image needs (pass --vae FOLDER)")
     probe.plan(args.steps, args.sampler, args.schedule)
     # an exported graph (.onnx) has no PyTorch network to count
     n_params = sum(p.numel() for p in probe.model.parameters()) if probe.model is not None else 0

@@ -241,9 +241,10 @@ def _diffusers_fill_inputs(vae, image, mask, generator, size):
 
 def _diffusers_flux_generate(model, scheduler, spec, b, steps, cfg, cond, device, dtype, seed, vae=None):
     """FluxPipeline's loop: packed latents, position ids, its sigma grid shifted by the resolution's mu, timestep /
-    1000 and the guidance input; true CFG (cfg != 1) as one stacked batch. FLUX.1 Fill with its ``vae``:
-    FluxFillPipeline's at strength 1 (the image encoded first, as its prepare_latents does; then the noise; then the
-    masked image, whose latents and mask join the latents at every step; guidance 30)."""
+    1000 and the guidance input; true CFG (cfg != 1) as one stacked batch. With the ``vae``: FLUX.1 Fill as
+    FluxFillPipeline at strength 1 (the image encoded first, as its prepare_latents does; then the noise; then the
+    masked image, whose latents and mask join the latents at every step; guidance 30), FLUX.1 Depth / Canny as
+    FluxControlPipeline (the control image's latents, drawn before the noise, join the latents at every step)."""
     import numpy as np
     import torch
 
@@ -251,11 +252,15 @@ def _diffusers_flux_generate(model, scheduler, spec, b, steps, cfg, cond, device
 
     g = torch.Generator(device="cpu").manual_seed(seed)
     h, w, c = *spec.sample_size, spec.in_channels
+    extra = None
+    if spec.latent_control:  # (a tensor control image is encoded as it is: FluxControlPipeline does not normalise)
+        extra = _pack(_vae_latents(vae, cond["control_image"], g))
     if spec.inpainting:  # (at strength 1 the image's latents are unused; their draw is not)
         _vae_latents(vae, cond["image"] * 2 - 1, g)
     x = torch.randn((b, c, h, w), generator=g).to(device)
     latents = _pack(x)
-    fill = None if not spec.inpainting else _diffusers_fill_inputs(vae, cond["image"], cond["mask"], g, (h, w))
+    if spec.inpainting:
+        extra = _diffusers_fill_inputs(vae, cond["image"], cond["mask"], g, (h, w))
     rows, cols = torch.meshgrid(torch.arange(h // 2), torch.arange(w // 2), indexing="ij")
     img_ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3).float().to(device)
     txt_ids = torch.zeros(cond["states"].shape[1], 3, device=device)
@@ -268,12 +273,12 @@ def _diffusers_flux_generate(model, scheduler, spec, b, steps, cfg, cond, device
     pooled = torch.cat([cond["text_embeds"], cond["negative_text_embeds"]]) if guided else cond["text_embeds"]
     n = ctx.shape[0]
     guidance = torch.full((n,), 30.0 if spec.inpainting else 3.5, device=device) if spec.guidance_input else None
-    if fill is not None:
-        fill = (torch.cat([fill, fill]) if guided else fill).to(dtype)
+    if extra is not None:
+        extra = (torch.cat([extra, extra]) if guided else extra).to(dtype)
     for t in scheduler.timesteps:
         x_in = torch.cat([latents, latents]) if guided else latents
-        if fill is not None:
-            x_in = torch.cat([x_in.to(dtype), fill], dim=2)
+        if extra is not None:
+            x_in = torch.cat([x_in.to(dtype), extra], dim=2)
         out = model(hidden_states=x_in.to(dtype), timestep=t.expand(n).to(dtype) / 1000, guidance=guidance,
                     pooled_projections=pooled, encoder_hidden_states=ctx, txt_ids=txt_ids, img_ids=img_ids).sample
         out = out.float()
@@ -389,7 +394,8 @@ def _bench_diffusers(args, pipe_source, compare, batches, device, log, on_row=No
         model, note = build_diffusers_model(pipe)
         dtype = DTYPES[args.dtype] if args.dtype else pipe.dtype  # (the checkpoint's precision, as fastdiff's)
         model = model.to(device=device, dtype=dtype)
-        vae = None if not pipe.spec.inpainting else diffusers_vae(pipe.vae).to(device)  # (float32, as fastdiff's)
+        encodes = pipe.spec.inpainting or pipe.spec.latent_control  # (float32, as fastdiff's)
+        vae = diffusers_vae(pipe.vae).to(device) if encodes else None
         controlnet = None
         net = bench_controlnet(pipe, args.controlnet, args.seed)
         if net is not None:  # the same ControlNet in diffusers' class
@@ -427,7 +433,8 @@ def _bench_diffusers(args, pipe_source, compare, batches, device, log, on_row=No
             log(f"  {impl:12s} batch {b} ...")
             row = dict(impl=impl, batch=b, scheduler=type(scheduler).__name__, notes=notes_c)
             try:
-                cond = _conditioning(spec, b, args.cfg, args.seed, device, dtype, control=net,
+                control = net if net is not None else pipe._control_format() if spec.latent_control else None
+                cond = _conditioning(spec, b, args.cfg, args.seed, device, dtype, control=control,
                                      pixels=image_pixels(pipe))
                 if args.cfg != 1.0 and spec.num_classes and cond["null_labels"] is None:
                     raise ValueError("cfg != 1 needs a null class label")
