@@ -14,6 +14,8 @@ from .spec import is_flow_scheduler
 from .utils.keys import freeze
 
 _LEADING_DEFAULT = ("heun", "edm", "plms")  # samplers whose default grid on discrete-time models is "leading"
+# named samplers that run an official DiT / guided-diffusion checkpoint's own sampling: (scheduler, respacing)
+_RESPACED = {"ddpm": ("DDPMScheduler", "guided-diffusion"), "ddim": ("DDIMScheduler", "guided-diffusion-ddim")}
 _SIGMA_MAX_CAP = 80.0  # EDM's sigma_max: the top of continuous (karras / exponential / uniform) grids
 
 
@@ -85,10 +87,12 @@ class PlansMixin:
         cls = self.spec.scheduler.get("_class_name")
         if sampler is not None and sampler == DISTILLED_SAMPLERS.get(cls) and schedule is None:
             sampler = None  # an LCM / TCD checkpoint's own sampler: at the timesteps it was distilled on
-        if sampler == "ddpm" and schedule is None and self.spec.scheduler.get("timestep_respacing"):
-            # an official DiT / guided-diffusion checkpoint: p_sample on guided-diffusion's respaced timesteps
-            config = dict(self.spec.scheduler, _class_name="DDPMScheduler", timestep_respacing="guided-diffusion")
-            return plan_from_scheduler_config(config, steps)
+        if sampler in _RESPACED and schedule is None and self.spec.scheduler.get("timestep_respacing"):
+            # an official DiT / guided-diffusion checkpoint: its p_sample / ddim_sample on guided-diffusion's
+            # respaced timesteps ("N" / "ddimN")
+            cls, respacing = _RESPACED[sampler]
+            return plan_from_scheduler_config(dict(self.spec.scheduler, _class_name=cls, timestep_respacing=respacing),
+                                              steps)
         if sampler is None and schedule is None and cls in SUPPORTED_SCHEDULERS:
             if steps > train_steps:
                 raise BadArgumentError(f"steps: expected at most {train_steps} (the training timesteps), found {steps}")
@@ -142,12 +146,21 @@ class PlansMixin:
             from .scheduler_config import tcd_named_plan
             return tcd_named_plan(sigmas, ac, denoiser_options)
         options = {}
-        if sampler == "ddpm":  # a learn_sigma network's own variance, unless its scheduler config names a fixed one
-            variance = self.spec.scheduler.get("variance_type")
-            if variance in ("learned_range", "learned") or (variance is None and self.spec.learned_variance):
-                options["variance"] = variance or "learned_range"
+        if sampler == "ddpm":
+            options = self._named_ddpm_variance()
         return SamplingPlan("named", sampler, sigmas, options, "discrete", denoiser_options,
                             init_noise_sigma=math.sqrt(1 + s0 * s0))
+
+    def _named_ddpm_variance(self) -> dict:
+        """A named ddpm's variance: the one the scheduler config names (a DDPMScheduler's absent one is diffusers'
+        fixed_small), else a learn_sigma network's learned range."""
+        s = self.spec.scheduler
+        variance = s.get("variance_type")
+        if variance is None and s.get("_class_name") == "DDPMScheduler":
+            variance = "fixed_small"
+        if variance is None and self.spec.learned_variance:
+            variance = "learned_range"
+        return {"variance": variance} if variance in ("learned_range", "learned", "fixed_large") else {}
 
     def alphas_cumprod(self) -> torch.Tensor:
         from .schedules import make_alphas_cumprod

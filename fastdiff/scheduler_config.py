@@ -323,11 +323,14 @@ RESPACINGS = ("guided-diffusion", "guided-diffusion-ddim")
 
 def _respaced(c: _Config, n: int):
     """The timesteps of fastdiff's ``timestep_respacing`` key (guided-diffusion's ``space_timesteps`` with "N" or
-    "ddimN"), or None where the config's own spacing applies."""
+    "ddimN"), or None where the config's own spacing applies. "ddimN" for a count no integer stride gives (1, 37,
+    60, ... of 1000) is "N", which image_sample.py's DDIM runs as well (``--timestep_respacing 60 --use_ddim``)."""
     how = c.choice("timestep_respacing", (None,) + RESPACINGS)
     if how is None:
         return None
-    return schedules.respaced_timesteps(n, c["num_train_timesteps"], ddim=how == "guided-diffusion-ddim")
+    T = c["num_train_timesteps"]
+    ddim = how == "guided-diffusion-ddim" and schedules.ddim_stride(n, T) is not None
+    return schedules.respaced_timesteps(n, T, ddim=ddim)
 
 
 def _ddim(c: _Config, n: int) -> SamplingPlan:
@@ -341,7 +344,7 @@ def _ddim(c: _Config, n: int) -> SamplingPlan:
     else:
         ts = _indexed_timesteps(c, n)
         prev = ts - T // n                             # diffusers' DDIM always steps to t - T // N
-    final = 0.0 if c["set_alpha_to_one"] else table[0]
+    final = 0.0 if c["set_alpha_to_one"] or respaced else table[0]  # (guided-diffusion ends at alpha 1)
     to = _f32([table[p] if p >= 0 else final for p in prev])
     sigmas = _grid(table[ts], to[-1])
     options = dict(eta=0.0)

@@ -179,6 +179,12 @@ def get_timesteps(spacing: str, steps: int, num_train_timesteps: int = 1000, ste
     return ts.copy().astype(np.int64 if integer else np.float32)
 
 
+def ddim_stride(steps: int, num_train_timesteps: int = 1000) -> Optional[int]:
+    """The smallest integer stride whose ``range(0, T, stride)`` holds exactly ``steps`` timesteps (guided-diffusion's
+    "ddimN"), or None where none does (1, 37, 60, ... of 1000)."""
+    return next((i for i in range(1, num_train_timesteps) if len(range(0, num_train_timesteps, i)) == steps), None)
+
+
 def respaced_timesteps(steps: int, num_train_timesteps: int = 1000, *, ddim: bool = False) -> np.ndarray:
     """Decreasing timesteps of guided-diffusion's ``space_timesteps(T, [steps])`` (official DiT's ``sample.py`` and
     ADM's ``image_sample.py`` respace so): a stride of (T - 1) / (steps - 1) accumulated in floating point and
@@ -194,7 +200,7 @@ def respaced_timesteps(steps: int, num_train_timesteps: int = 1000, *, ddim: boo
         raise BadArgumentError(f"steps: guided-diffusion's respacing takes at most {T} steps (the training "
                                f"timesteps), found {steps}")
     if ddim:
-        stride = next((i for i in range(1, T) if len(range(0, T, i)) == steps), None)
+        stride = ddim_stride(steps, T)
         if stride is None:
             raise BadArgumentError(f"steps: guided-diffusion's 'ddim{steps}' respacing needs an integer stride "
                                    f"giving exactly {steps} of the {T} timesteps, and none does; expected another "

@@ -253,7 +253,9 @@ def test_named_ddpm_reads_the_networks_learned_variance():
     assert pipe.spec.learned_variance and "variance_type" not in pipe.spec.scheduler
     assert pipe.plan(5, "ddpm").options == {"variance": "learned_range"}
     fixed = fastdiff.load("arch:tiny-dit", scheduler={"_class_name": "DDPMScheduler", "variance_type": "fixed_large"})
-    assert fixed.plan(5, "ddpm").options == {}
+    assert fixed.plan(5, "ddpm").options == fixed.plan(5).options == {"variance": "fixed_large"}
+    plain = fastdiff.load("arch:tiny-dit", scheduler={"_class_name": "DDPMScheduler"})  # diffusers' fixed_small
+    assert plain.plan(5, "ddpm").options == {} and plain.plan(5).options == {"variance": "fixed_small"}
     assert pipe.plan(5, "ddpm", variance="fixed_small").options == {"variance": "fixed_small"}
     a = pipe.generate(seeds=[3], class_labels=[1], steps=5, sampler="ddpm", progress=False)
     b = pipe.generate(seeds=[3], class_labels=[1], steps=5, sampler="ddpm", variance="fixed_small", progress=False)
@@ -320,3 +322,58 @@ def test_named_ddpm_on_official_checkpoints_is_their_p_sample():
 
     plan.sample(plan.make_denoiser(recording), torch.randn(1, *SHAPE), noise=NoiseSource([0]))
     assert fed == _official_space_timesteps(1000, 10)[::-1]
+
+
+def test_ddim_respacing_without_a_stride_is_image_samples_n_respacing():
+    """'ddimN' for a count no integer stride gives: guided-diffusion's "N" respacing, which its image_sample.py runs
+    with DDIM too (--timestep_respacing 60 --use_ddim); the respaced run always ends at alpha 1 (set_alpha_to_one
+    False does not leave a last step from sigma(0) to itself)."""
+    for steps in (1, 37, 60):
+        plan = plan_from_scheduler_config({"_class_name": "DDIMScheduler",
+                                           "timestep_respacing": "guided-diffusion-ddim"}, steps)
+        n = plan_from_scheduler_config({"_class_name": "DDPMScheduler", "timestep_respacing": "guided-diffusion"},
+                                       steps)
+        assert plan.sigmas.tolist() == n.sigmas.tolist() and plan.steps == steps
+    plan = plan_from_scheduler_config({"_class_name": "DDIMScheduler", "set_alpha_to_one": False,
+                                       "timestep_respacing": "guided-diffusion-ddim"}, 10)
+    assert float(plan.sigmas[-1]) == 0.0 and "sigmas_to" not in plan.options
+
+
+def test_guided_diffusion_named_samplers():
+    """On a guided-diffusion checkpoint, sampler="ddim" is its default run (image_sample.py's DDIM, eta included);
+    other named samplers run unclipped, as on any other model."""
+    from conftest import fixture_path
+
+    gd = fastdiff.load(fixture_path("guided_diffusion", "model.pt"), head_channels=16)
+    for steps in (7, 30):
+        assert gd.plan(steps, "ddim").sigmas.tolist() == gd.plan(steps).sigmas.tolist()
+    assert gd.plan(7, "ddim", eta=0.5).options["eta"] == 0.5
+    for name in ("euler", "dpmpp_2m", "heun"):
+        assert gd.plan(10, name).denoiser_options.get("clip_sample") is None
+
+
+def test_cosine_preset_is_the_fixtures_cosine_run():
+    """scheduler=GUIDED_DIFFUSION_COSINE_SCHEDULER (what the load note names for the cosine-schedule models) gives
+    image_sample.py's DDIM on the cosine betas: the fixture's main run (clip_denoised=True)."""
+    from conftest import fixture_path
+    from safetensors.torch import load_file
+
+    from fastdiff.checkpoints.presets import GUIDED_DIFFUSION_COSINE_SCHEDULER
+
+    ref = load_file(fixture_path("guided_diffusion", "reference.safetensors"))
+    pipe = fastdiff.load(fixture_path("guided_diffusion", "model.pt"), head_channels=16,
+                         scheduler=GUIDED_DIFFUSION_COSINE_SCHEDULER)
+    assert any("GUIDED_DIFFUSION_COSINE_SCHEDULER" in n for n in pipe.spec.notes)
+    out = pipe.generate(latents=ref["ddim_noise"], class_labels=ref["ddim_y"], steps=10, progress=False)
+    torch.testing.assert_close(out, ref["ddim_sample"], rtol=0, atol=1e-4)
+
+
+def test_cli_scheduler_presets():
+    from types import SimpleNamespace
+
+    from fastdiff.checkpoints.presets import GUIDED_DIFFUSION_COSINE_SCHEDULER, SIT_SCHEDULER
+    from fastdiff.commands.generate import load_options
+
+    assert load_options(SimpleNamespace(scheduler="guided-diffusion-cosine"))["scheduler"] == \
+        GUIDED_DIFFUSION_COSINE_SCHEDULER
+    assert load_options(SimpleNamespace(scheduler="sit"))["scheduler"] == SIT_SCHEDULER

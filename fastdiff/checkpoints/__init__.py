@@ -362,17 +362,17 @@ def _read_any(path: str, *, variant=None, num_heads=None, head_channels=None, at
 
         if is_guided_diffusion_state_dict(state):
             from .diffusers_folder import spec_for
-            from .presets import ADM_SCHEDULER
+            from .presets import GUIDED_DIFFUSION_SCHEDULER
 
             cfg = guided_diffusion_config(state, num_heads=num_heads, head_channels=head_channels)
-            # image_sample.py's DDIM ("ddimN" respacing: eps recomputed from the clipped x0; clip_denoised=True);
-            # sampler="ddpm": its p_sample, from the learned range of learn_sigma (else FIXED_LARGE)
-            spec = spec_for("unet", cfg, dict(ADM_SCHEDULER, timestep_respacing="guided-diffusion-ddim",
-                                              clip_sample=True), source=f"guided-diffusion checkpoint {path}")
+            # image_sample.py's DDIM; sampler="ddpm": its p_sample, from the learned range of learn_sigma (else
+            # FIXED_LARGE)
+            spec = spec_for("unet", cfg, GUIDED_DIFFUSION_SCHEDULER, source=f"guided-diffusion checkpoint {path}")
             spec.scheduler["variance_type"] = "learned_range" if spec.learned_variance else "fixed_large"
             order = attention_order or "legacy"
             spec.notes.append("guided-diffusion: 64 channels per head unless num_heads= is given; linear betas "
-                              "assumed (pass scheduler= for the cosine-schedule models); "
+                              "assumed (cosine-schedule models: scheduler=fastdiff.checkpoints.presets."
+                              "GUIDED_DIFFUSION_COSINE_SCHEDULER, --scheduler guided-diffusion-cosine); "
                               f"{order} attention order (attention_order='new' for use_new_attention_order "
                               f"models); default size {cfg.sample_size} px from its {len(cfg.block_out_channels)} "
                               f"levels, as ADM's create_model pairs them (height= / width= for another)")

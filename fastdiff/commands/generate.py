@@ -183,9 +183,10 @@ def add_load_arguments(p) -> None:
                    help="a latent model's image decoder: a diffusers AutoencoderKL folder (e.g. sd-vae-ft-ema for DiT); "
                         "default: the one the checkpoint carries (a pipeline's vae/, a single file's "
                         "first_stage_model); 'none' loads none")
-    g.add_argument("--scheduler", default=None, metavar="CONFIG|sit",
-                   help="a diffusers scheduler_config.json (file or folder) in place of the checkpoint's, or 'sit' "
-                        "for a SiT checkpoint (an official-DiT file trained as a flow: willisma/SiT)")
+    g.add_argument("--scheduler", default=None, metavar="CONFIG|sit|guided-diffusion-cosine",
+                   help="a diffusers scheduler_config.json (file or folder) in place of the checkpoint's; 'sit' for a "
+                        "SiT checkpoint (an official-DiT file trained as a flow: willisma/SiT); "
+                        "'guided-diffusion-cosine' for a cosine-schedule guided-diffusion checkpoint")
 
 
 def load_options(args) -> dict:
@@ -199,9 +200,9 @@ def load_options(args) -> dict:
     if text_encoder is not None:
         options["text_encoder"] = False if text_encoder.lower() == "none" else text_encoder
     scheduler = getattr(args, "scheduler", None)
-    if scheduler == "sit":
-        from ..checkpoints.presets import SIT_SCHEDULER
-        options["scheduler"] = dict(SIT_SCHEDULER)
+    if scheduler in ("sit", "guided-diffusion-cosine"):
+        from ..checkpoints.presets import GUIDED_DIFFUSION_COSINE_SCHEDULER, SIT_SCHEDULER
+        options["scheduler"] = dict(SIT_SCHEDULER if scheduler == "sit" else GUIDED_DIFFUSION_COSINE_SCHEDULER)
     elif scheduler is not None:
         from ..scheduler_config import load_scheduler_config
         options["scheduler"] = load_scheduler_config(scheduler)
