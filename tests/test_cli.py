@@ -524,3 +524,26 @@ def test_argparse_errors_are_one_line_too(tmp_path, args, match):
     """Bad arguments exit with status 2 and one line, argparse's own (a bad value, a missing flag) as well."""
     r = fastdiff(*args, cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and match in r.stderr, r.stderr
+
+
+def test_generate_sampler_options(tmp_path):
+    """--sampler-option KEY=VALUE hands the sampler its keyword options (Python literals, else strings): the output
+    is generate()'s with them; a wrong option, a generate() argument or a malformed pair is one line on stderr."""
+    import torch
+    from safetensors.torch import load_file
+
+    import fastdiff as fd
+
+    r = fastdiff("generate", "arch:tiny-dit", "--sampler", "ddpm", "--steps", "3", "--n", "1", "--class", "1",
+                 "--sampler-option", "variance=fixed_large", "--sampler-option", "s_noise=0.5", "--output-latents",
+                 "lat.safetensors", "--no-progress", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    pipe = fd.load("arch:tiny-dit")
+    want = pipe.generate(seeds=[0], class_labels=[1], steps=3, sampler="ddpm", variance="fixed_large", s_noise=0.5,
+                         progress=False)
+    assert torch.equal(load_file(str(tmp_path / "lat.safetensors"))["latents"], want)
+    for option, message in (("bogus=1", "unknown option(s) ['bogus']"), ("steps=3", "an argument of generate()"),
+                            ("eta", "expected KEY=VALUE")):
+        r = fastdiff("generate", "arch:tiny-dit", "--sampler", "ddpm", "--steps", "1", "--class", "1",
+                     "--sampler-option", option, "--output-latents", "x.safetensors", "--no-progress", cwd=tmp_path)
+        assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

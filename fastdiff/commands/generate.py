@@ -11,6 +11,7 @@ Shows the sampling progress bar, then one line of timings:
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import sys
@@ -41,6 +42,10 @@ def register(sub) -> None:
     p.add_argument("--sampler", choices=samplers, default=None,
                    help="sampler (default: the checkpoint's scheduler config; DDIM on its schedule where fastdiff has "
                         "no counterpart of that scheduler)")
+    p.add_argument("--sampler-option", dest="sampler_options", action="append", type=_sampler_option, default=None,
+                   metavar="KEY=VALUE",
+                   help="a sampler option, repeatable (eta=0.5, s_churn=1, order=3, variance=learned_range, ...): "
+                        "what the sampler's Python keyword takes; VALUE is read as a Python literal, else a string")
     p.add_argument("--steps", type=int, default=20, metavar="N", help="sampling steps (default 20)")
     p.add_argument("--schedule", choices=schedules, default=None,
                    help="sigma / timestep grid (default: the checkpoint's own timestep spacing)")
@@ -189,6 +194,32 @@ def add_load_arguments(p) -> None:
                         "'guided-diffusion-cosine' for a cosine-schedule guided-diffusion checkpoint")
 
 
+def _sampler_option(text: str) -> tuple:
+    """``KEY=VALUE`` as (key, value): VALUE a Python literal (0.5, 3, True, [1, 2]; true / false too), else the
+    string itself (``variance=learned_range``)."""
+    import ast
+
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE with KEY a sampler option's name, found {text!r}")
+    raw = raw.strip()
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = {"true": True, "false": False}.get(raw.lower(), raw)
+    return key, value
+
+
+def _generate_parameters() -> frozenset:
+    import inspect
+
+    from ..pipeline import Pipeline
+
+    return frozenset(k for k, p in inspect.signature(Pipeline.generate).parameters.items()
+                     if p.kind is not p.VAR_KEYWORD and k != "self")
+
+
 def load_options(args) -> dict:
     """The fastdiff.load keywords given on the command line (``add_load_arguments``)."""
     names = ("num_heads", "head_channels", "attention_order", "prediction_type")
@@ -321,8 +352,6 @@ def _validate(args) -> None:
 
 def _mode(value: str):
     """--control-mode N or 'none' (a plain ControlNet beside a Union one)."""
-    import argparse
-
     if value.lower() == "none":
         return None
     try:
@@ -482,6 +511,11 @@ def run(args) -> int:
         inputs["mask_image"] = _read_image(args.mask, "--mask")
     if args.padding_mask_crop is not None:  # (generate() pastes the crop back into PIL images)
         inputs.update(padding_mask_crop=args.padding_mask_crop, output_type="pil")
+    for key, value in args.sampler_options or ():
+        if key in _generate_parameters():  # (generate's own arguments have flags of their own)
+            raise BadArgumentError(f"--sampler-option {key}=...: {key!r} is an argument of generate(), not a sampler "
+                                   f"option; expected a sampler's option (eta, s_churn, order, variance, ...)")
+        inputs[key] = value
     if args.control_image is not None:
         images = [_read_image(path, "--control-image") for path in args.control_image]
         inputs.update(control_image=images if len(images) > 1 else images[0],
