@@ -17,6 +17,7 @@ import torch
 from .errors import BadArgumentError, UnsupportedConfigError
 from .pipeline_control import ControlNetMixin
 from .pipeline_images import ImageInputsMixin
+from .pipeline_ip_adapter import IPAdapterMixin
 from .pipeline_plans import PlansMixin
 from .prompts.encoder import EXTRA_PROMPTS
 from .spec import ModelSpec
@@ -30,7 +31,7 @@ OUTPUT_TYPES = ("tensor", "np", "pil")
 KNOWN_REGION = "known_region"
 
 
-class Pipeline(PlansMixin, ControlNetMixin, ImageInputsMixin):
+class Pipeline(PlansMixin, ControlNetMixin, ImageInputsMixin, IPAdapterMixin):
     def __init__(self, model: Optional[torch.nn.Module], spec: ModelSpec, device="cpu", runner=None, vae=None,
                  prompt_encoder=None):
         """model: the native network (None for an artifact-only pipeline, e.g. a loaded .onnx file, whose
@@ -124,6 +125,9 @@ class Pipeline(PlansMixin, ControlNetMixin, ImageInputsMixin):
         if self.prompt_encoder is not None and self.prompt_encoder.loras:
             raise BadArgumentError("save(): the text encoders carry a merged LoRA, and a save copies their folders "
                                    "as they are on disk; save before load_lora(), or after unload_lora()")
+        if getattr(self.model, "ip_projection", None) is not None:
+            raise BadArgumentError("save(): an IP-Adapter is loaded (its weights are not the checkpoint's); save "
+                                   "before load_ip_adapter(), or after unload_ip_adapter()")
         if self.prompt_encoder is not None and self.prompt_encoder.embeddings:
             raise BadArgumentError("save(): the tokenizers carry textual inversion tokens, and a save copies their "
                                    "folders as they are on disk; save before load_textual_inversion(), or after "
@@ -279,7 +283,8 @@ class Pipeline(PlansMixin, ControlNetMixin, ImageInputsMixin):
                  controlnet_conditioning_scale: Optional[float] = None, control_guidance_start: float = 0.0,
                  control_guidance_end: float = 1.0, guess_mode: bool = False,
                  denoising_end: Optional[float] = None, denoising_start: Optional[float] = None,
-                 padding_mask_crop: Optional[int] = None, control_mode=None, control_mask=None, **sampler_options):
+                 padding_mask_crop: Optional[int] = None, control_mode=None, control_mask=None,
+                 ip_adapter_image=None, ip_adapter_image_embeds=None, **sampler_options):
         """Sample ``n`` images (latents for latent models).
 
         sampler / schedule: a fastdiff sampler name (``dpmpp_2m``, ``unipc``, ``ddim``, ...) and sigma
@@ -353,6 +358,10 @@ class Pipeline(PlansMixin, ControlNetMixin, ImageInputsMixin):
             image's size, read as ``mask_image`` is), as StableDiffusion3ControlNetInpaintingPipeline's: the
             ControlNet reads the control image with its masked pixels black, encoded, and the inverted mask; the
             sample starts from noise, and nothing is pasted back.
+        ip_adapter_image / ip_adapter_image_embeds: the image prompt of a loaded IP-Adapter (``load_ip_adapter``):
+            an image (PIL, array or a preprocessed tensor, as diffusers' ``ip_adapter_image``) or a list of them (their
+            tokens one after another) for every sample; or CLIP image embeddings (D,), (N, D) or (B, N, D) (one per
+            sample). The unconditional pass of guidance reads zero embeddings, as diffusers'.
         denoising_end / denoising_start: SDXL's ensemble of expert denoisers, as diffusers' SDXL pipelines
             (``fastdiff.experts``): with ``denoising_end`` the run stops after the steps whose training timestep is
             >= round(T (1 - end)) and returns its state (diffusers' noisy latents), not x0; with
@@ -457,6 +466,11 @@ class Pipeline(PlansMixin, ControlNetMixin, ImageInputsMixin):
             **({} if self.vae is None else dict(scale=self.vae.downscale)))  # (default ids in the VAE's pixels)
         cond.update(added)
         uncond.update(added_uncond)
+        image_embeds = self._ip_adapter_embeds(ip_adapter_image, ip_adapter_image_embeds, b)
+        if image_embeds is not None:  # an IP-Adapter's image prompt; the unconditional pass's: zeros (diffusers')
+            cond["image_embeds"] = image_embeds
+            if guided:
+                uncond["image_embeds"] = torch.zeros_like(image_embeds)
         # (both CFG passes share it; FluxImg2Img / FluxInpaintPipeline default to 7, FluxPipeline to 3.5)
         cond.update(guidance_conditioning(self.spec, b, guidance, self.device,
                                           edits=images is not None or self._latent_controlnet() == "flux"))

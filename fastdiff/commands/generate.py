@@ -103,6 +103,15 @@ def register(sub) -> None:
                    help="add a textual inversion embedding (diffusers' .bin / .safetensors, A1111's .pt, SDXL's "
                         "clip_l / clip_g pair) to the text encoders, as TOKEN (default: the file's own); repeat for "
                         "several")
+    p.add_argument("--ip-adapter", default=None, metavar="FILE",
+                   help="an IP-Adapter's weights (h94/IP-Adapter's ip-adapter_sd15 / _sdxl .safetensors or .bin), its "
+                        "image encoder in image_encoder/ beside the file (or in --ip-adapter-encoder FOLDER)")
+    p.add_argument("--ip-adapter-encoder", default=None, metavar="FOLDER",
+                   help="the IP-Adapter's image encoder (a CLIPVisionModelWithProjection folder)")
+    p.add_argument("--ip-adapter-image", action="append", default=None, metavar="IMG.png",
+                   help="the image prompt of --ip-adapter (repeat for several: their tokens one after another)")
+    p.add_argument("--ip-adapter-scale", type=float, default=1.0, metavar="S",
+                   help="the image prompt's weight (default 1)")
     p.add_argument("--freeu", type=float, nargs=4, default=None, metavar=("S1", "S2", "B1", "B2"),
                    help="FreeU on a text UNet, as diffusers' enable_freeu (SD 1.5: 0.9 0.2 1.5 1.6)")
     p.add_argument("--mask", default=None, metavar="MASK.png",
@@ -460,6 +469,12 @@ def run(args) -> int:
                                f"{len(args.control_image or [])}")
     if args.freeu is not None:
         pipe.enable_freeu(*args.freeu)
+    if args.ip_adapter is not None:
+        encoder = args.ip_adapter_encoder
+        pipe.load_ip_adapter(args.ip_adapter, scale=args.ip_adapter_scale,
+                             **({} if encoder is None else dict(image_encoder_folder=os.path.abspath(encoder))))
+    elif args.ip_adapter_image is not None or args.ip_adapter_encoder is not None:
+        raise BadArgumentError("--ip-adapter-image / --ip-adapter-encoder: given, but no --ip-adapter FILE")
     if args.vae_tiling:
         if pipe.vae is None:
             raise BadArgumentError(f"--vae-tiling: {args.model} has no VAE to tile (pass --vae FOLDER)")
@@ -511,6 +526,9 @@ def run(args) -> int:
         inputs["mask_image"] = _read_image(args.mask, "--mask")
     if args.padding_mask_crop is not None:  # (generate() pastes the crop back into PIL images)
         inputs.update(padding_mask_crop=args.padding_mask_crop, output_type="pil")
+    if args.ip_adapter_image is not None:
+        images = [_read_image(path, "--ip-adapter-image") for path in args.ip_adapter_image]
+        inputs["ip_adapter_image"] = images if len(images) > 1 else images[0]
     for key, value in args.sampler_options or ():
         if key in _generate_parameters():  # (generate's own arguments have flags of their own)
             raise BadArgumentError(f"--sampler-option {key}=...: {key!r} is an argument of generate(), not a sampler "

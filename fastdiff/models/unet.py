@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from ..errors import BadArgumentError
 from .conv_bias import conv_without_bias, is_pointwise, pixel_rows, pointwise_conv, pointwise_linear
 from .freeu import freeu_join
+from .ip_adapter import ImageTokens, image_tokens
 from .layers import Attention as AttentionCore
 from .layers import GEGLU, GroupNorm, LayerNorm, timestep_embedding
 from .linear_stack import LinearStacks, Projected, project, stacked_output
@@ -198,10 +199,13 @@ class MultiHeadAttention(LinearStacks, nn.Module):
         # layers' weights then view; fastdiff.models.fuse.fuse_qkv).
         self._init_stacks()
         self.kv_index = None  # this layer's part of the stacked key / value projections (UNet "cross_kv" stack)
+        self.ip = None  # an IP-Adapter's image branch (fastdiff.models.ip_adapter.IPAttention), when one is loaded
 
     def forward(self, x, context=None):
         b = x.shape[0]
-        kv = None
+        kv = image = None
+        if isinstance(context, ImageTokens):  # an image prompt's tokens beside the text states
+            image, context = context.tokens, context.states
         if isinstance(context, Projected):  # the text states, with every cross-attention's k | v from one matmul
             kv = None if self.kv_index is None else context.parts[self.kv_index]  # (B, M, 2 * inner), strided rows
             context = context.states
@@ -213,7 +217,11 @@ class MultiHeadAttention(LinearStacks, nn.Module):
         else:
             ctx = x if context is None else context
             q, k, v = self._heads(self.to_q(x)), self._heads(self.to_k(ctx)), self._heads(self.to_v(ctx))
-        return self._attend(b, q, k, v)
+        o = self._attend(b, q, k, v)  # (B, N, inner)
+        if image is not None and self.ip is not None:  # + scale * attention to the image tokens (IP-Adapter)
+            o = o + self.ip.scale * self._attend(b, q, self._heads(self.ip.to_k_ip(image)),
+                                                 self._heads(self.ip.to_v_ip(image)))
+        return self.to_out[0](o)  # (B, N, query_dim)
 
     def stack_layers(self, name: str):
         """q, k, v of a self-attention (one input; cross-attention's k / v read the text states instead)."""
@@ -226,12 +234,12 @@ class MultiHeadAttention(LinearStacks, nn.Module):
         return t.view(t.shape[0], -1, self.heads, self.head_dim).transpose(1, 2)
 
     def _attend(self, b, q, k, v):
+        """(B, H, N, d) q and (B, H, M, d) k / v -> (B, N, inner), before the output projection."""
         if self.upcast and q.dtype in (torch.float16, torch.bfloat16):
             o = self.core(q.float(), k.float(), v.float()).to(q.dtype)
         else:
             o = self.core(q, k, v)  # (B, H, N, d)
-        o = o.transpose(1, 2).reshape(b, -1, self.heads * self.head_dim)  # (B, N, inner)
-        return self.to_out[0](o)  # (B, N, query_dim)
+        return o.transpose(1, 2).reshape(b, -1, self.heads * self.head_dim)  # (B, N, inner)
 
 
 class SpatialSelfAttention(MultiHeadAttention):
@@ -442,6 +450,7 @@ class UNet(LinearStacks, nn.Module):
         groups, eps, cond = c.norm_num_groups, c.norm_eps, c.conditional
 
         # Embeddings --------------------------------------------------------------------------
+        self.ip_projection = None  # an IP-Adapter's image projection (fastdiff.models.ip_adapter), when loaded
         self.conv_in = nn.Conv2d(c.in_channels, ch[0], c.conv_in_kernel, padding=(c.conv_in_kernel - 1) // 2)
         if c.time_embedding_type == "fourier":
             size = temb_dim // 2 if cond else ch[0]
@@ -589,18 +598,21 @@ class UNet(LinearStacks, nn.Module):
 
     # ----------------------------------------------------------------------------------------------
     def forward(self, x, timestep, class_labels=None, encoder_hidden_states=None, text_embeds=None, time_ids=None,
-                image_latents=None, down_residuals=None, mid_residual=None):
+                image_latents=None, down_residuals=None, mid_residual=None, image_embeds=None):
         """x (B, C, H, W); timestep scalar / (B,); class_labels (B,); encoder_hidden_states (B, L, D);
         text_embeds (B, P) and time_ids (B, N): SDXL's pooled text and micro-conditioning (diffusers passes
         them as ``added_cond_kwargs``); image_latents (B, K, H, W): input channels after x's (an inpainting UNet's
         mask and masked-image latents, which diffusers' pipelines concatenate to the latents); down_residuals (one
         per skip connection, each its shape) and mid_residual (the middle block's output shape): a ControlNet's
         outputs, added to the skips and the middle (diffusers' ``down_block_additional_residuals`` /
-        ``mid_block_additional_residual``)."""
+        ``mid_block_additional_residual``); image_embeds (B, D) or (B, N, D): an image prompt's CLIP embeddings for
+        a loaded IP-Adapter (diffusers' ``added_cond_kwargs["image_embeds"]``)."""
         c = self.config
         if image_latents is not None:
             x = torch.cat([x, image_latents.to(x.dtype)], dim=1)  # (B, C + K, H, W)
         t, emb, ctx = self._conditioning(x, timestep, class_labels, encoder_hidden_states, text_embeds, time_ids)
+        if image_embeds is not None:  # the IP-Adapter's image tokens (B, N * T, D) travel with the text states
+            ctx = ImageTokens(ctx, image_tokens(self, image_embeds, x.dtype))
         h, skips = self._down_and_middle(self.conv_in(self._centered(x)), emb, ctx)
         if down_residuals is not None:
             if len(down_residuals) != len(skips):

@@ -27,6 +27,8 @@ def freeze(value):
         flat = value.detach().reshape(-1).cpu().contiguous()
         digest = hashlib.sha256(flat.view(torch.uint8).numpy().tobytes()).hexdigest()
         return ("tensor", tuple(value.shape), str(value.dtype), str(value.device), digest)
+    if _is_pil_image(value):  # (an Engine request's image prompt: equal pictures are one key)
+        return ("pil", value.mode, value.size, hashlib.sha256(value.tobytes()).hexdigest())
     if isinstance(value, functools.partial):  # an equal partial made afresh is the same key
         return ("partial", freeze(value.func), freeze(value.args), freeze(value.keywords))
     if inspect.ismethod(value):
@@ -49,3 +51,8 @@ def by_identity(obj):
     except TypeError:
         return ("id", id(obj))
     return obj
+
+
+def _is_pil_image(value) -> bool:
+    """A PIL image, without importing Pillow for a value that cannot be one."""
+    return type(value).__module__.startswith("PIL.") and hasattr(value, "tobytes") and hasattr(value, "mode")

@@ -1,0 +1,158 @@
+"""IP-Adapter (Ye et al. 2023) on a text UNet, as diffusers' ``load_ip_adapter`` runs it.
+
+An image prompt joins the text prompt through decoupled cross-attention: a CLIP vision embedding (B, D) is projected
+to a few tokens (``ImageProjection``: Linear to tokens x width, then LayerNorm), and every cross-attention adds
+``scale * attention(q, to_k_ip(tokens), to_v_ip(tokens))`` to its text attention before its output projection
+(diffusers' ``IPAdapterAttnProcessor2_0``). The UNet takes the embedding as ``image_embeds=`` and projects it itself,
+as diffusers' ``encoder_hid_proj`` does; the tokens travel to the attention layers beside the text states
+(``ImageTokens``).
+
+Weights: the original file layout (``{"image_proj": {proj.*, norm.*}, "ip_adapter": {"1.to_k_ip.weight", ...}}``, or a
+safetensors file with those prefixes). Its cross-attention layers are numbered 1, 3, 5, ... in diffusers'
+``attn_processors`` order: the down blocks', then the up blocks', then the middle block's. Only the base adapter (a
+linear image projection, 4 tokens: ip-adapter_sd15, ip-adapter_sdxl, ...) is read; the Plus / Full Face / Face ID
+projections are refused by name.
+
+The scale is a buffer: ``set_scale`` changes it in place, so captured graphs and compiled models take a new scale
+with nothing recaptured.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..errors import BadArgumentError, CheckpointError, StateDictMismatchError
+
+
+class ImageTokens:
+    """The cross-attention context with an image prompt's tokens (B, T, D) beside the text states (a tensor, or
+    the UNet's ``Projected`` text states)."""
+
+    __slots__ = ("states", "tokens")
+
+    def __init__(self, states, tokens: torch.Tensor):
+        self.states, self.tokens = states, tokens
+
+
+class ImageProjection(nn.Module):
+    """diffusers ``ImageProjection``: (B, D) CLIP image embeddings -> (B, T, width) tokens."""
+
+    def __init__(self, embed_dim: int, width: int, tokens: int):
+        super().__init__()
+        self.tokens = tokens
+        self.proj = nn.Linear(embed_dim, width * tokens)
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, embeds: torch.Tensor) -> torch.Tensor:
+        b = embeds.shape[0]
+        return self.norm(self.proj(embeds.reshape(b, -1)).reshape(b, self.tokens, -1))  # (B, T, width)
+
+
+class IPAttention(nn.Module):
+    """A cross-attention's image branch: to_k_ip / to_v_ip (no bias) and the adapter's scale."""
+
+    def __init__(self, context_dim: int, inner: int):
+        super().__init__()
+        self.to_k_ip = nn.Linear(context_dim, inner, bias=False)
+        self.to_v_ip = nn.Linear(context_dim, inner, bias=False)
+        self.register_buffer("scale", torch.ones(()), persistent=False)
+
+
+def cross_attentions(unet) -> list:
+    """The UNet's cross-attention layers in diffusers' ``attn_processors`` order (down, up, then middle blocks)."""
+    from .unet import MultiHeadAttention
+
+    layers = []
+    for part in (unet.down_blocks, unet.up_blocks, [unet.mid_block] if unet.mid_block is not None else []):
+        for block in part:
+            layers.extend(m for m in block.modules() if isinstance(m, MultiHeadAttention) and m.is_cross)
+    return layers
+
+
+def split_state_dict(state: dict) -> dict:
+    """{"image_proj": {...}, "ip_adapter": {...}} from the nested layout or a flat one with those prefixes."""
+    if "image_proj" in state and "ip_adapter" in state and all(isinstance(state[k], dict) for k in
+                                                               ("image_proj", "ip_adapter")):
+        return {"image_proj": dict(state["image_proj"]), "ip_adapter": dict(state["ip_adapter"])}
+    out = {"image_proj": {}, "ip_adapter": {}}
+    for key, value in state.items():
+        part, _, rest = key.partition(".")
+        if part in out and rest:
+            out[part][rest] = value
+    if not out["image_proj"] or not out["ip_adapter"]:
+        raise CheckpointError(f"IP-Adapter: expected image_proj.* and ip_adapter.* weights, found keys "
+                              f"{sorted(state)[:6]}")
+    return out
+
+
+def attach(unet, state: dict) -> None:
+    """Give ``unet`` the adapter of ``state`` (``split_state_dict``'s layout): its image projection and every
+    cross-attention's image branch, checked against the UNet's widths before anything is attached."""
+    proj = state["image_proj"]
+    if set(proj) != {"proj.weight", "proj.bias", "norm.weight", "norm.bias"}:
+        kind = ("IP-Adapter Plus" if any(k.startswith(("latents", "layers", "proj_in")) for k in proj) else
+                "IP-Adapter Full Face / Face ID" if any(k.startswith(("proj.0", "proj.3", "perceiver")) for k in proj)
+                else "an IP-Adapter of another kind")
+        raise BadArgumentError(f"load_ip_adapter(): {kind} (image_proj keys {sorted(proj)[:4]}); fastdiff reads the "
+                               f"base IP-Adapter (a linear image projection: proj.weight, norm.weight)")
+    layers = cross_attentions(unet)
+    width = proj["norm.weight"].shape[0]
+    tokens, rem = divmod(proj["proj.weight"].shape[0], width)
+    context_dims = {m.to_k.in_features for m in layers}
+    if rem or context_dims != {width}:
+        raise CheckpointError(f"IP-Adapter: image tokens {width} wide, and this UNet's cross-attention reads "
+                              f"{sorted(context_dims)}-wide text states (another base model's adapter)")
+    wanted = {f"{2 * i + 1}.to_{kv}_ip.weight": (m.heads * m.head_dim, width)
+              for i, m in enumerate(layers) for kv in "kv"}
+    given = state["ip_adapter"]
+    missing, unexpected = sorted(set(wanted) - set(given)), sorted(set(given) - set(wanted))
+    wrong = sorted(k for k in set(wanted) & set(given) if tuple(given[k].shape) != wanted[k])
+    if missing or unexpected or wrong:  # (another base model's adapter: other layers or widths)
+        raise StateDictMismatchError(missing, unexpected, [(k, wanted[k], tuple(given[k].shape)) for k in wrong],
+                                     model=f"this UNet's {len(layers)} cross-attention layers")
+    ref = next(unet.parameters())
+    projection = ImageProjection(proj["proj.weight"].shape[1], width, tokens)
+    projection.load_state_dict(proj)
+    unet.ip_projection = projection.to(ref.device, ref.dtype)
+    for i, m in enumerate(layers):
+        branch = IPAttention(width, m.heads * m.head_dim)
+        branch.to_k_ip.weight.data.copy_(given[f"{2 * i + 1}.to_k_ip.weight"])
+        branch.to_v_ip.weight.data.copy_(given[f"{2 * i + 1}.to_v_ip.weight"])
+        m.ip = branch.to(ref.device, ref.dtype)
+
+
+def detach(unet) -> None:
+    unet.ip_projection = None
+    for m in cross_attentions(unet):
+        m.ip = None
+
+
+def set_scale(unet, scale: float) -> None:
+    for m in cross_attentions(unet):
+        if m.ip is not None:
+            m.ip.scale.fill_(scale)
+
+
+def attached(unet) -> bool:
+    return getattr(unet, "ip_projection", None) is not None
+
+
+def image_tokens(unet, embeds: Optional[torch.Tensor], dtype: torch.dtype):
+    """The adapter's tokens (B, N * T, width) for ``embeds`` (B, D), or (B, N, D) for N images (diffusers' layout:
+    each image projected to its T tokens, the images' tokens one after another)."""
+    if embeds is None:
+        return None
+    if not attached(unet):
+        raise BadArgumentError("image_embeds: given, but this UNet has no IP-Adapter (pipe.load_ip_adapter)")
+    if embeds.dim() == 2:
+        embeds = embeds[:, None]
+    if embeds.dim() != 3 or embeds.shape[-1] != unet.ip_projection.proj.in_features:
+        raise BadArgumentError(f"image_embeds: expected (B, {unet.ip_projection.proj.in_features}) or (B, N, "
+                               f"{unet.ip_projection.proj.in_features}) CLIP image embeddings, found "
+                               f"{tuple(embeds.shape)}")
+    b, n = embeds.shape[:2]
+    tokens = unet.ip_projection(embeds.reshape(b * n, -1).to(dtype))  # (B * N, T, width)
+    return tokens.reshape(b, n * tokens.shape[1], tokens.shape[2])

@@ -1,0 +1,162 @@
+"""``Pipeline.load_ip_adapter``: an image prompt for a text UNet, as diffusers' ``IPAdapterMixin`` (a mixin of
+``fastdiff.pipeline.Pipeline``).
+
+The adapter's weights go into the UNet (``fastdiff.models.ip_adapter``); the image is encoded by a CLIP vision model
+with projection (transformers' ``CLIPVisionModelWithProjection``, from the adapter folder's ``image_encoder/``, as
+diffusers loads it) after transformers' ``CLIPImageProcessor`` (diffusers' default ``feature_extractor``: the
+encoder's image size). The unconditional pass of classifier-free guidance gets zero embeddings (diffusers'
+``encode_image``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from .errors import BadArgumentError
+from .utils.checks import finite_number
+
+
+class IPAdapterMixin:
+    """What ``Pipeline`` needs: ``model``, ``spec``, ``config``, ``device``, ``_network_dtype()``."""
+
+    image_encoder = None
+    _image_processor = None
+
+    def load_ip_adapter(self, path, weight_name: Optional[str] = None, subfolder: str = "",
+                        image_encoder_folder: Optional[str] = "image_encoder", scale: float = 1.0) -> "IPAdapterMixin":
+        """Load an IP-Adapter, as diffusers' ``load_ip_adapter(path, subfolder, weight_name, image_encoder_folder)``:
+        ``path`` a folder (with ``subfolder`` / ``weight_name``: a .safetensors or .bin file), a file, or a loaded
+        state dict; its image encoder from ``<path>/<subfolder>/<image_encoder_folder>`` (a folder name with a "/"
+        is taken from ``path`` itself, as diffusers does; None: no encoder, only ``ip_adapter_image_embeds=`` then).
+        Replaces an adapter loaded before. The base IP-Adapter (ip-adapter_sd15, ip-adapter_sdxl, ...) is read."""
+        from .models import ip_adapter
+        from .models.unet import UNet
+
+        self._require_model("load_ip_adapter()")
+        if not isinstance(self.model, UNet) or not self.model.config.conditional:
+            raise BadArgumentError(f"load_ip_adapter(): an IP-Adapter drives a text UNet's cross-attention, and this "
+                                   f"model is a {self.spec.kind} {type(self.model).__name__}")
+        if self.config is not None and self.config.backend in ("onnxruntime", "tensorrt"):
+            raise BadArgumentError(f"load_ip_adapter(): this pipeline runs an exported {self.config.backend} graph, "
+                                   f"which has no image-prompt input; use the eager / triton / compile backends")
+        scale = finite_number("scale", scale)
+        state = ip_adapter.split_state_dict(_read_weights(path, subfolder, weight_name))
+        encoder, processor = None, None
+        if image_encoder_folder is not None and not isinstance(path, dict):
+            encoder, processor = _image_encoder(path, subfolder, image_encoder_folder, self.device,
+                                                self._network_dtype())
+        ip_adapter.attach(self.model, state)  # (checked against the UNet before anything changes)
+        ip_adapter.set_scale(self.model, scale)
+        self.image_encoder, self._image_processor = encoder, processor
+        self._rebuild_runner()  # (compiled models and captured graphs ran the network without the branch)
+        return self
+
+    def set_ip_adapter_scale(self, scale: float) -> None:
+        """The image prompt's weight (diffusers' ``set_ip_adapter_scale``): a buffer the layers read, changed in
+        place (captured graphs and compiled models take it as it is)."""
+        from .models import ip_adapter
+
+        if self.model is None or not ip_adapter.attached(self.model):
+            raise BadArgumentError("set_ip_adapter_scale(): no IP-Adapter is loaded (pipe.load_ip_adapter)")
+        ip_adapter.set_scale(self.model, finite_number("scale", scale))
+
+    def unload_ip_adapter(self) -> None:
+        """Remove the adapter and its image encoder (diffusers' ``unload_ip_adapter``)."""
+        from .models import ip_adapter
+
+        if self.model is not None and ip_adapter.attached(self.model):
+            ip_adapter.detach(self.model)
+            self.image_encoder = self._image_processor = None
+            self._rebuild_runner()
+
+    def _ip_adapter_embeds(self, image, embeds, b: int) -> Optional[torch.Tensor]:
+        """generate(ip_adapter_image= / ip_adapter_image_embeds=) as (b, N, D) CLIP image embeddings, or None."""
+        from .models import ip_adapter
+
+        loaded = self.model is not None and ip_adapter.attached(self.model)
+        if image is None and embeds is None:
+            if loaded:
+                raise BadArgumentError("ip_adapter_image: an IP-Adapter is loaded: expected an image (or "
+                                       "ip_adapter_image_embeds), found none; unload_ip_adapter() to run without")
+            return None
+        if not loaded:
+            raise BadArgumentError("ip_adapter_image: given, but no IP-Adapter is loaded (pipe.load_ip_adapter)")
+        if image is not None and embeds is not None:
+            raise BadArgumentError("ip_adapter_image and ip_adapter_image_embeds: expected one of them, found both")
+        if image is not None:
+            embeds = self._encode_ip_image(image)[None]  # (1, N, D): every sample's
+        if not torch.is_tensor(embeds) or embeds.dim() not in (1, 2, 3) or not embeds.is_floating_point():
+            raise BadArgumentError(f"ip_adapter_image_embeds: expected a float tensor (D,), (N, D) or (B, N, D) of "
+                                   f"CLIP image embeddings, found "
+                                   f"{tuple(embeds.shape) if torch.is_tensor(embeds) else type(embeds).__name__}")
+        if not torch.isfinite(embeds).all():
+            raise BadArgumentError("ip_adapter_image_embeds: expected finite values, found NaN or inf")
+        embeds = embeds.reshape((1,) * (3 - embeds.dim()) + tuple(embeds.shape))  # (B or 1, N, D)
+        if embeds.shape[0] not in (1, b):
+            raise BadArgumentError(f"ip_adapter_image_embeds: expected 1 or {b} (one per sample) rows, found "
+                                   f"{embeds.shape[0]}")
+        return embeds.to(self.device, torch.float32).expand(b, -1, -1)
+
+    @torch.no_grad()
+    def _encode_ip_image(self, image) -> torch.Tensor:
+        """(N, D) image embeddings of one image or a list of them (diffusers: their tokens are concatenated)."""
+        if self.image_encoder is None:
+            raise BadArgumentError("ip_adapter_image: the IP-Adapter was loaded without an image encoder "
+                                   "(image_encoder_folder=None); pass ip_adapter_image_embeds=")
+        if torch.is_tensor(image):  # preprocessed pixels, as diffusers hands a tensor to the encoder
+            pixels = image if image.dim() == 4 else image[None]
+        else:
+            images = list(image) if isinstance(image, (list, tuple)) else [image]
+            if not images:
+                raise BadArgumentError("ip_adapter_image: expected an image or a list of images, found an empty list")
+            pixels = self._image_processor(images, return_tensors="pt").pixel_values
+        encoder = self.image_encoder
+        param = next(encoder.parameters())
+        return encoder(pixels.to(param.device, param.dtype)).image_embeds.float()  # (N, D)
+
+
+def _read_weights(path, subfolder: str, weight_name: Optional[str]) -> dict:
+    """The adapter's state dict from a state dict, a file or a folder (safetensors read first; .bin files with
+    ``torch.load(weights_only=True)``: no pickle code runs)."""
+    from .checkpoints.io import read_weights
+
+    if isinstance(path, dict):
+        return path
+    if not isinstance(path, (str, os.PathLike)):
+        raise BadArgumentError(f"load_ip_adapter(): expected a path or a state dict, found {type(path).__name__}")
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        folder = os.path.join(path, subfolder)
+        if weight_name is None:
+            names = sorted(f for f in os.listdir(folder) if f.endswith((".safetensors", ".bin"))) \
+                if os.path.isdir(folder) else []
+            if len(names) != 1:
+                raise BadArgumentError(f"load_ip_adapter(): expected weight_name= (the adapter file in {folder}), "
+                                       f"found {names or 'no weight files'}")
+            weight_name = names[0]
+        path = os.path.join(folder, weight_name)
+    if not os.path.isfile(path):
+        raise BadArgumentError(f"load_ip_adapter(): expected an IP-Adapter file, found no file at {path!r}")
+    return read_weights(path)
+
+
+def _image_encoder(path, subfolder: str, folder: str, device, dtype):
+    """(transformers' CLIPVisionModelWithProjection, a CLIPImageProcessor at its image size), from diffusers'
+    place for them."""
+    try:
+        from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+    except ImportError as e:  # pragma: no cover - transformers comes with the text extra
+        raise BadArgumentError("load_ip_adapter(): the image encoder needs transformers (pip install "
+                               "'fastdiff[text]')") from e
+    base = os.path.dirname(path) if os.path.isfile(path) else path
+    where = os.path.join(base, subfolder, folder) if "/" not in folder else os.path.join(base, folder)
+    if not os.path.isdir(where):
+        raise BadArgumentError(f"load_ip_adapter(): expected the image encoder (a CLIPVisionModelWithProjection "
+                               f"folder) at {where!r}, found none; pass image_encoder_folder= (or None, then "
+                               f"ip_adapter_image_embeds=)")
+    encoder = CLIPVisionModelWithProjection.from_pretrained(where, use_safetensors=None).to(device, dtype).eval()
+    size = encoder.config.image_size
+    return encoder, CLIPImageProcessor(size=size, crop_size=size)

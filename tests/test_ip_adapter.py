@@ -1,0 +1,259 @@
+"""IP-Adapter (``pipe.load_ip_adapter``) against diffusers' ``load_ip_adapter`` on the same tiny SD pipeline, a
+tiny CLIP vision encoder and random adapter weights; in captured loops; refused where it cannot run."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import fastdiff
+from fastdiff.errors import BadArgumentError, StateDictMismatchError
+from helpers import rel_err
+from test_graph_scopes import FakeGraph
+from test_prompts import sd_pipelines
+
+diffusers = pytest.importorskip("diffusers", reason="diffusers' load_ip_adapter is the reference")
+transformers = pytest.importorskip("transformers", reason="the image encoder is transformers' CLIP vision model")
+
+EMBED = 10  # the image encoder's projection width
+
+
+def _adapter(folder: str, unet, seed: int = 7, image_encoder: bool = True) -> str:
+    """An IP-Adapter folder as h94/IP-Adapter lays one out: ``ip.safetensors`` (image_proj.* / ip_adapter.* keys,
+    random) and ``image_encoder/`` (a tiny CLIPVisionModelWithProjection)."""
+    from safetensors.torch import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    cross = unet.config.cross_attention_dim
+    weights = {"image_proj.proj.weight": torch.randn(4 * cross, EMBED, generator=g) * 0.3,
+               "image_proj.proj.bias": torch.randn(4 * cross, generator=g) * 0.1,
+               "image_proj.norm.weight": 1 + torch.randn(cross, generator=g) * 0.1,
+               "image_proj.norm.bias": torch.randn(cross, generator=g) * 0.1}
+    names = [n for n in unet.attn_processors if not n.endswith("attn1.processor")]  # diffusers' order
+    for i, name in enumerate(names):
+        block = name.split(".")
+        inner = dict(unet.named_modules())[".".join(block[:-1])].to_k.out_features
+        for kv in "kv":
+            weights[f"ip_adapter.{2 * i + 1}.to_{kv}_ip.weight"] = torch.randn(inner, cross, generator=g) * 0.3
+    save_file(weights, os.path.join(folder, "ip.safetensors"))
+    if image_encoder:
+        config = transformers.CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                               num_attention_heads=2, image_size=32, patch_size=8,
+                                               projection_dim=EMBED)
+        torch.manual_seed(seed)
+        transformers.CLIPVisionModelWithProjection(config).eval().save_pretrained(
+            os.path.join(folder, "image_encoder"))
+    return folder
+
+
+def _image(seed=5, size=40):
+    from PIL import Image
+
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size + 8, 3), dtype=np.uint8))
+
+
+def _latents(b=2, seed=3):
+    return torch.randn(b, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp("ip"))
+    ref, pipe = sd_pipelines(folder)
+    adapter = _adapter(os.path.join(folder, "adapter"), ref.unet)
+    return ref, pipe, adapter
+
+
+@pytest.mark.parametrize("cfg", [1.0, 4.0])
+def test_ip_adapter_equals_diffusers(pair, cfg):
+    """The image prompt through diffusers' own loader and pipeline, and through fastdiff's: the same latents, at two
+    scales; the image reaches the result; unload restores the plain run."""
+    ref, pipe, adapter = pair
+    prompt, image = "a photo of a red cat", _image()
+    kw = dict(num_inference_steps=3, guidance_scale=cfg, output_type="latent", num_images_per_prompt=2)
+    plain = pipe.generate(prompt=prompt, latents=_latents(), steps=3, cfg_scale=cfg, progress=False)
+    ref.load_ip_adapter(adapter, subfolder="", weight_name="ip.safetensors", image_encoder_folder="image_encoder")
+    pipe.load_ip_adapter(adapter, weight_name="ip.safetensors")
+    try:
+        for scale in (1.0, 0.6):
+            ref.set_ip_adapter_scale(scale)
+            pipe.set_ip_adapter_scale(scale)
+            want = ref(prompt, latents=_latents(), ip_adapter_image=image, **kw).images
+            got = pipe.generate(prompt=prompt, latents=_latents(), steps=3, cfg_scale=cfg, ip_adapter_image=image,
+                                progress=False)
+            assert rel_err(got, want) <= 1e-5 and rel_err(got, plain) > 1e-3
+        other = pipe.generate(prompt=prompt, latents=_latents(), steps=3, cfg_scale=cfg, progress=False,
+                              ip_adapter_image=_image(seed=9))
+        assert rel_err(other, got) > 1e-4
+        # embeddings given directly, one per sample: the same as the image's for every sample
+        embeds = pipe._encode_ip_image(image)
+        same = pipe.generate(prompt=prompt, latents=_latents(), steps=3, cfg_scale=cfg, progress=False,
+                             ip_adapter_image_embeds=torch.cat([embeds, embeds])[:, None])
+        assert rel_err(same, got) <= 1e-6
+    finally:
+        ref.unload_ip_adapter()
+        pipe.unload_ip_adapter()
+    assert torch.equal(pipe.generate(prompt=prompt, latents=_latents(), steps=3, cfg_scale=cfg, progress=False),
+                       plain)
+
+
+def test_sdxl_ip_adapter_equals_diffusers(tmp_path):
+    """SDXL (ip-adapter_sdxl's layout): the same image branch on every cross-attention of its deeper blocks."""
+    from test_prompts import _save, _sdxl_pipe
+
+    ref = _sdxl_pipe(str(tmp_path))
+    pipe = fastdiff.load(_save(ref, str(tmp_path / "pipe")))
+    adapter = _adapter(str(tmp_path / "adapter"), ref.unet)
+    ref.load_ip_adapter(adapter, subfolder="", weight_name="ip.safetensors", image_encoder_folder="image_encoder")
+    pipe.load_ip_adapter(adapter, weight_name="ip.safetensors", scale=0.8)
+    ref.set_ip_adapter_scale(0.8)
+    want = ref("a red cat", latents=_latents(), num_inference_steps=3, guidance_scale=4.0, height=64, width=64,
+               output_type="latent", num_images_per_prompt=2, ip_adapter_image=_image()).images
+    got = pipe.generate(prompt="a red cat", latents=_latents(), steps=3, cfg_scale=4.0, ip_adapter_image=_image(),
+                        progress=False)
+    assert rel_err(got, want) <= 1e-5
+
+
+def test_ip_adapter_in_a_captured_loop_takes_a_new_scale_without_recapture(tmp_path):
+    ref, eager = sd_pipelines(str(tmp_path))
+    adapter = _adapter(str(tmp_path / "adapter"), ref.unet)
+    graphed = fastdiff.load(str(tmp_path / "pipe")).optimize(cuda_graphs=True, graph_scope="loop",
+                                                            batch_buckets=(2,), graph_factory=FakeGraph)
+    for p in (eager, graphed):
+        p.load_ip_adapter(adapter, weight_name="ip.safetensors")
+    kw = dict(prompt="a red cat", seeds=[1, 2], steps=3, cfg_scale=3.0, ip_adapter_image=_image(), progress=False)
+    first = graphed.generate(**kw)
+    assert rel_err(first, eager.generate(**kw)) <= 1e-5
+    captured = graphed.loop_graphs.captures
+    for p in (eager, graphed):
+        p.set_ip_adapter_scale(0.3)
+    second = graphed.generate(**kw)
+    assert graphed.loop_graphs.captures == captured == 1 and rel_err(second, first) > 1e-4
+    assert rel_err(second, eager.generate(**kw)) <= 1e-5
+
+
+def test_ip_adapter_refusals(pair, tmp_path):
+    ref, pipe, adapter = pair
+    with pytest.raises(BadArgumentError, match="IP-Adapter drives a text UNet"):
+        fastdiff.load("arch:tiny-dit").load_ip_adapter(adapter, weight_name="ip.safetensors")
+    with pytest.raises(BadArgumentError, match="no IP-Adapter is loaded"):
+        pipe.generate(prompt="a cat", steps=1, ip_adapter_image=_image(), progress=False)
+    with pytest.raises(BadArgumentError, match="no IP-Adapter is loaded"):
+        pipe.set_ip_adapter_scale(0.5)
+    with pytest.raises(BadArgumentError, match="expected weight_name="):
+        open(os.path.join(adapter, "other.bin"), "wb").close()
+        try:
+            pipe.load_ip_adapter(adapter)
+        finally:
+            os.remove(os.path.join(adapter, "other.bin"))
+    with pytest.raises(BadArgumentError, match="expected the image encoder"):
+        pipe.load_ip_adapter(adapter, weight_name="ip.safetensors", image_encoder_folder="missing")
+    other = _adapter(str(tmp_path / "wide"), ref.unet)
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(os.path.join(other, "ip.safetensors"))
+    plus = {k: v for k, v in state.items() if not k.startswith("image_proj.")}
+    plus["image_proj.latents"] = torch.zeros(1, 16, 16)
+    save_file(plus, os.path.join(other, "plus.safetensors"))
+    with pytest.raises(BadArgumentError, match="IP-Adapter Plus"):
+        pipe.load_ip_adapter(other, weight_name="plus.safetensors")
+    state.pop("ip_adapter.3.to_k_ip.weight")
+    save_file(state, os.path.join(other, "short.safetensors"))
+    with pytest.raises(StateDictMismatchError, match="1 missing key.*3.to_k_ip.weight"):
+        pipe.load_ip_adapter(other, weight_name="short.safetensors")
+    assert pipe.model.ip_projection is None  # nothing attached by the refused loads
+
+    pipe.load_ip_adapter(adapter, weight_name="ip.safetensors", image_encoder_folder=None)
+    try:
+        with pytest.raises(BadArgumentError, match="expected an image .* found none"):
+            pipe.generate(prompt="a cat", steps=1, progress=False)
+        with pytest.raises(BadArgumentError, match="without an image encoder"):
+            pipe.generate(prompt="a cat", steps=1, ip_adapter_image=_image(), progress=False)
+        with pytest.raises(BadArgumentError, match="expected 1 or 2 .* rows"):
+            pipe.generate(prompt="a cat", seeds=[1, 2], steps=1, progress=False,
+                          ip_adapter_image_embeds=torch.zeros(3, 1, EMBED))
+        with pytest.raises(BadArgumentError, match="CLIP image embeddings"):
+            pipe.generate(prompt="a cat", steps=1, progress=False, ip_adapter_image_embeds=torch.zeros(1, 1, 7))
+        with pytest.raises(BadArgumentError, match="an IP-Adapter is loaded"):
+            pipe.save(str(tmp_path / "saved"))
+        pytest.importorskip("onnxruntime", reason="the onnxruntime backend")
+        with pytest.raises(BadArgumentError, match="an IP-Adapter is loaded, and an exported graph"):
+            pipe.optimize(backend="onnxruntime")
+    finally:
+        pipe.unload_ip_adapter()
+
+
+def test_ip_adapter_with_a_controlnet_equals_diffusers(tmp_path):
+    """With a ControlNet: the image prompt reaches the UNet, the ControlNet reads the text alone (diffusers'
+    StableDiffusionControlNetPipeline with load_ip_adapter)."""
+    from PIL import Image
+
+    from test_controlnet import _controlnet, _image as control_image, _reference
+    from test_prompts import DDIM, _save, _unet
+
+    unet, controlnet = _unet(16), _controlnet()
+    sd = diffusers.StableDiffusionPipeline(vae=None, text_encoder=None, tokenizer=None, unet=unet,
+                                           scheduler=diffusers.DDIMScheduler(**DDIM), safety_checker=None,
+                                           feature_extractor=None, requires_safety_checker=False)
+    folder = _save(sd, str(tmp_path / "pipe"))
+    controlnet.save_pretrained(str(tmp_path / "cn"))
+    adapter = _adapter(str(tmp_path / "adapter"), unet)
+    ref = _reference((folder, None, unet, controlnet), diffusers.DDIMScheduler(**DDIM))
+    ref.load_ip_adapter(adapter, subfolder="", weight_name="ip.safetensors", image_encoder_folder="image_encoder")
+    pipe = fastdiff.load(folder).set_controlnet(str(tmp_path / "cn"))
+    pipe.load_ip_adapter(adapter, weight_name="ip.safetensors")
+    g = torch.Generator().manual_seed(5)
+    cond, uncond = torch.randn(1, 7, 16, generator=g), torch.randn(1, 7, 16, generator=g)
+    control = Image.fromarray(control_image())
+    want = ref(prompt_embeds=cond, negative_prompt_embeds=uncond, image=control, latents=_latents(),
+               num_inference_steps=3, guidance_scale=3.0, output_type="latent", num_images_per_prompt=2,
+               ip_adapter_image=_image()).images
+    got = pipe.generate(encoder_hidden_states=cond.expand(2, -1, -1), negative_encoder_hidden_states=uncond.expand(
+        2, -1, -1), control_image=control, latents=_latents(), steps=3, cfg_scale=3.0, ip_adapter_image=_image(),
+        progress=False)
+    assert rel_err(got, want) <= 1e-5
+
+
+def test_cli_generate_with_an_ip_adapter(pair, tmp_path):
+    from safetensors.torch import load_file
+
+    from test_cli import fastdiff as run_cli
+
+    ref, pipe, adapter = pair
+    _image().save(tmp_path / "prompt.png")
+    root = os.path.dirname(adapter)
+    r = run_cli("generate", os.path.join(root, "pipe"), "--prompt", "a red cat", "--cfg", "3", "--steps", "2",
+                "--n", "1", "--ip-adapter", os.path.join(adapter, "ip.safetensors"), "--ip-adapter-image",
+                "prompt.png", "--ip-adapter-scale", "0.5", "--output-latents", "lat.safetensors", "--no-progress",
+                cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    api = fastdiff.load(os.path.join(root, "pipe"))
+    api.load_ip_adapter(os.path.join(adapter, "ip.safetensors"), scale=0.5)
+    from PIL import Image
+
+    want = api.generate(prompt="a red cat", cfg_scale=3, steps=2, seeds=[0], progress=False,
+                        ip_adapter_image=Image.open(tmp_path / "prompt.png"))
+    assert torch.equal(load_file(str(tmp_path / "lat.safetensors"))["latents"], want)
+    r = run_cli("generate", os.path.join(root, "pipe"), "--prompt", "a red cat", "--steps", "1", "--ip-adapter-image",
+                "prompt.png", "--output-latents", "x.safetensors", "--no-progress", cwd=tmp_path)
+    assert r.returncode == 2 and "no --ip-adapter FILE" in r.stderr
+
+
+def test_the_engine_serves_an_image_prompt(pair):
+    """Engine requests with an image prompt (one image object: one batch) equal their solo runs."""
+    ref, pipe, adapter = pair
+    image = _image()
+    pipe.load_ip_adapter(adapter, weight_name="ip.safetensors")
+    try:
+        with fastdiff.Engine(pipe, max_batch=4, max_wait_ms=50) as engine:
+            futures = [engine.submit(seed=s, prompt="a red cat", steps=2, cfg_scale=3.0, ip_adapter_image=image)
+                       for s in (4, 5, 6)]
+            results = [f.result(timeout=120) for f in futures]
+        for s, got in zip((4, 5, 6), results):
+            want = pipe.generate(seeds=[s], prompt="a red cat", steps=2, cfg_scale=3.0, ip_adapter_image=image,
+                                 progress=False)[0]
+            assert rel_err(got, want) <= 1e-5
+    finally:
+        pipe.unload_ip_adapter()
