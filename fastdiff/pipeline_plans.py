@@ -91,8 +91,11 @@ class PlansMixin:
             # an official DiT / guided-diffusion checkpoint: its p_sample / ddim_sample on guided-diffusion's
             # respaced timesteps ("N" / "ddimN")
             cls, respacing = _RESPACED[sampler]
-            return plan_from_scheduler_config(dict(self.spec.scheduler, _class_name=cls, timestep_respacing=respacing),
-                                              steps)
+            config = dict(self.spec.scheduler, _class_name=cls, timestep_respacing=respacing)
+            if sampler == "ddpm" and config.get("variance_type") is None:  # (a scheduler= preset names none)
+                # guided-diffusion's: LEARNED_RANGE with learn_sigma, else FIXED_LARGE (sigma_small=False)
+                config["variance_type"] = "learned_range" if self.spec.learned_variance else "fixed_large"
+            return plan_from_scheduler_config(config, steps)
         if sampler is None and schedule is None and cls in SUPPORTED_SCHEDULERS:
             if steps > train_steps:
                 raise BadArgumentError(f"steps: expected at most {train_steps} (the training timesteps), found {steps}")

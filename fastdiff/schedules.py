@@ -204,7 +204,7 @@ def respaced_timesteps(steps: int, num_train_timesteps: int = 1000, *, ddim: boo
         if stride is None:
             raise BadArgumentError(f"steps: guided-diffusion's 'ddim{steps}' respacing needs an integer stride "
                                    f"giving exactly {steps} of the {T} timesteps, and none does; expected another "
-                                   f"count, or a named sampler (sampler='ddim': diffusers' spacing)")
+                                   f"count (the 'N' respacing takes any)")
         return np.arange(0, T, stride, dtype=np.int64)[::-1].copy()
     stride = (num_train_timesteps - 1) / (steps - 1) if steps > 1 else 1
     taken, at = [], 0.0

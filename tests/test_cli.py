@@ -542,8 +542,16 @@ def test_generate_sampler_options(tmp_path):
     want = pipe.generate(seeds=[0], class_labels=[1], steps=3, sampler="ddpm", variance="fixed_large", s_noise=0.5,
                          progress=False)
     assert torch.equal(load_file(str(tmp_path / "lat.safetensors"))["latents"], want)
-    for option, message in (("bogus=1", "unknown option(s) ['bogus']"), ("steps=3", "an argument of generate()"),
-                            ("eta", "expected KEY=VALUE")):
-        r = fastdiff("generate", "arch:tiny-dit", "--sampler", "ddpm", "--steps", "1", "--class", "1",
-                     "--sampler-option", option, "--output-latents", "x.safetensors", "--no-progress", cwd=tmp_path)
+    for options, message in ((["bogus=1"], "'bogus' is no sampler's option"), (["size=4"], "no sampler's option"),
+                             (["eta"], "expected KEY=VALUE"), (["clip_x0=1"], "takes a Python function"),
+                             (["sigmas_to=[0.5, 'a']"], "expected a list of numbers"),
+                             (["s_noise=1", "s_noise=0.5"], "given twice"),
+                             (["eta=0.5"], "sampler 'ddpm': unknown option(s) ['eta']")):
+        args = [a for o in options for a in ("--sampler-option", o)]
+        r = fastdiff("generate", "arch:tiny-dit", "--sampler", "ddpm", "--steps", "1", "--class", "1", *args,
+                     "--output-latents", "x.safetensors", "--no-progress", cwd=tmp_path)
         assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    r = fastdiff("generate", "arch:tiny-dit", "--sampler", "edm", "--steps", "2", "--class", "1", "--sampler-option",
+                 "s_tmax=inf", "--sampler-option", "s_churn=0.5", "--output-latents", "x.safetensors", "--no-progress",
+                 cwd=tmp_path)
+    assert r.returncode == 0, r.stderr

@@ -366,6 +366,9 @@ def test_cosine_preset_is_the_fixtures_cosine_run():
     assert any("GUIDED_DIFFUSION_COSINE_SCHEDULER" in n for n in pipe.spec.notes)
     out = pipe.generate(latents=ref["ddim_noise"], class_labels=ref["ddim_y"], steps=10, progress=False)
     torch.testing.assert_close(out, ref["ddim_sample"], rtol=0, atol=1e-4)
+    # the preset names no variance: sampler="ddpm" is still p_sample's, from the learned range
+    plan = pipe.plan(10, "ddpm")
+    assert plan.options["variance"] == "learned_range" and plan.denoiser_options["clip_sample"] == 1.0
 
 
 def test_cli_scheduler_presets():

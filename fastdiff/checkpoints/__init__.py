@@ -371,8 +371,9 @@ def _read_any(path: str, *, variant=None, num_heads=None, head_channels=None, at
             spec.scheduler["variance_type"] = "learned_range" if spec.learned_variance else "fixed_large"
             order = attention_order or "legacy"
             spec.notes.append("guided-diffusion: 64 channels per head unless num_heads= is given; linear betas "
-                              "assumed (cosine-schedule models: scheduler=fastdiff.checkpoints.presets."
-                              "GUIDED_DIFFUSION_COSINE_SCHEDULER, --scheduler guided-diffusion-cosine); "
+                              "unless scheduler= says otherwise (cosine-schedule models: scheduler=fastdiff."
+                              "checkpoints.presets.GUIDED_DIFFUSION_COSINE_SCHEDULER, --scheduler "
+                              "guided-diffusion-cosine); "
                               f"{order} attention order (attention_order='new' for use_new_attention_order "
                               f"models); default size {cfg.sample_size} px from its {len(cfg.block_out_channels)} "
                               f"levels, as ADM's create_model pairs them (height= / width= for another)")

@@ -41,7 +41,7 @@ ADM_SCHEDULER = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "b
                  "beta_end": 0.02, "beta_schedule": "linear", "prediction_type": "epsilon"}
 # what a guided-diffusion checkpoint samples with by default: image_sample.py's DDIM ("ddimN" respacing, or "N" where
 # no stride gives N; x0 clipped by DDIMScheduler's default and eps recomputed from it), linear betas; and the same for
-# the cosine-schedule models (improved-diffusion, ImageNet 64): load(path, scheduler=GUIDED_DIFFUSION_COSINE_SCHEDULER)
+# the 1000-step cosine-schedule models (ADM's ImageNet 64): load(path, scheduler=GUIDED_DIFFUSION_COSINE_SCHEDULER)
 GUIDED_DIFFUSION_SCHEDULER = dict(ADM_SCHEDULER, timestep_respacing="guided-diffusion-ddim")
 GUIDED_DIFFUSION_COSINE_SCHEDULER = dict(GUIDED_DIFFUSION_SCHEDULER, beta_schedule="squaredcos_cap_v2")
 # (DiT's latents are not in [-1, 1]: no clipping, as the official sample.py (clip_denoised=False) and the DiT-XL-2

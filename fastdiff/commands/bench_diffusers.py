@@ -241,7 +241,8 @@ def _diffusers_fill_inputs(vae, image, mask, generator, size):
 
 def _diffusers_flux_generate(model, scheduler, spec, b, steps, cfg, cond, device, dtype, seed, vae=None):
     """FluxPipeline's loop: packed latents, position ids, its sigma grid shifted by the resolution's mu, timestep /
-    1000 and the guidance input; true CFG (cfg != 1) as one stacked batch. With the ``vae``: FLUX.1 Fill as
+    1000 and the guidance input; true CFG (cfg != 1) as one stacked batch (FluxPipeline's true_cfg_scale makes two
+    calls: the same arithmetic; FluxFillPipeline and FluxControlPipeline have none). With the ``vae``: FLUX.1 Fill as
     FluxFillPipeline at strength 1 (the image encoded first, as its prepare_latents does; then the noise; then the
     masked image, whose latents and mask join the latents at every step; guidance 30), FLUX.1 Depth / Canny as
     FluxControlPipeline (the control image's latents, drawn before the noise, join the latents at every step)."""
@@ -417,6 +418,9 @@ def _bench_diffusers(args, pipe_source, compare, batches, device, log, on_row=No
         return [dict(impl=i, batch=b, status=status, reason=f"diffusers model not built: {_one_line(e)}")
                 for i in impls for b in batches]
     notes = [n for n in (note, snote) if n]
+    if args.cfg != 1.0 and (spec.inpainting or spec.latent_control) and spec.kind == "flux":
+        notes.append("FluxFillPipeline / FluxControlPipeline have no true CFG: the loop guides as FluxPipeline's "
+                     "true_cfg_scale, in one stacked batch")
     rows = []
     for impl in impls:
         runner, control_runner = model, controlnet

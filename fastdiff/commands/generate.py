@@ -212,12 +212,33 @@ def _sampler_option(text: str) -> tuple:
     key = key.strip()
     if not sep or not key.isidentifier():
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE with KEY a sampler option's name, found {text!r}")
+    kinds = _option_kinds()
+    if key not in kinds:
+        raise argparse.ArgumentTypeError(f"{key!r} is no sampler's option; expected one of {sorted(kinds)}")
+    if "Callable" in kinds[key]:
+        raise argparse.ArgumentTypeError(f"{key!r} takes a Python function: the Python API's generate({key}=...) "
+                                         f"only")
     raw = raw.strip()
+    words = {"true": True, "false": False, "none": None, "inf": math.inf, "-inf": -math.inf, "nan": math.nan}
     try:
         value = ast.literal_eval(raw)
     except (ValueError, SyntaxError):
-        value = {"true": True, "false": False}.get(raw.lower(), raw)
+        value = words.get(raw.lower(), raw)
+    if "Sequence" in kinds[key] and value is not None and not (
+            isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                     for v in value)):
+        raise argparse.ArgumentTypeError(f"{key}: expected a list of numbers ([1, 2.5, ...]), found {raw!r}")
     return key, value
+
+
+def _option_kinds() -> dict:
+    """{option: its annotation} over every sampler (the keys --sampler-option takes)."""
+    from ..sampling import SAMPLERS, _option_annotations
+
+    kinds = {}
+    for name in SAMPLERS:
+        kinds.update(_option_annotations(name))
+    return kinds
 
 
 def _generate_parameters() -> frozenset:
@@ -533,6 +554,8 @@ def run(args) -> int:
         if key in _generate_parameters():  # (generate's own arguments have flags of their own)
             raise BadArgumentError(f"--sampler-option {key}=...: {key!r} is an argument of generate(), not a sampler "
                                    f"option; expected a sampler's option (eta, s_churn, order, variance, ...)")
+        if key in inputs:
+            raise BadArgumentError(f"--sampler-option {key}: given twice; expected one value")
         inputs[key] = value
     if args.control_image is not None:
         images = [_read_image(path, "--control-image") for path in args.control_image]
