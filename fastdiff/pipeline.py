@@ -252,6 +252,8 @@ class Pipeline(PlansMixin, ControlNetMixin, ImageInputsMixin, IPAdapterMixin):
         # earlier config cast them to (an export backend's fp16 over a float32 network)
         if self.prompt_encoder is not None and (config.dtype is not None or self._encoders_cast):
             self.prompt_encoder.to(dtype=self._network_dtype())
+        if self.image_encoder is not None and (config.dtype is not None or self._encoders_cast):
+            self.image_encoder.to(dtype=self._network_dtype())  # (an IP-Adapter's, as diffusers' pipeline dtype)
         self._encoders_cast = config.dtype is not None
         self.loop_graphs = None
         capturable = graph_factory is not None or (self.device.type == "cuda" and torch.cuda.is_available())
@@ -360,8 +362,9 @@ class Pipeline(PlansMixin, ControlNetMixin, ImageInputsMixin, IPAdapterMixin):
             sample starts from noise, and nothing is pasted back.
         ip_adapter_image / ip_adapter_image_embeds: the image prompt of a loaded IP-Adapter (``load_ip_adapter``):
             an image (PIL, array or a preprocessed tensor, as diffusers' ``ip_adapter_image``) or a list of them (their
-            tokens one after another) for every sample; or CLIP image embeddings (D,), (N, D) or (B, N, D) (one per
-            sample). The unconditional pass of guidance reads zero embeddings, as diffusers'.
+            tokens one after another) for every sample, the unconditional pass on zero embeddings (diffusers'); or CLIP
+            image embeddings: a tensor (D,), (N, D) or (B, N, D) (one per sample), the unconditional pass on zeros,
+            or diffusers' form, a list of one tensor, under guidance [negative, positive] stacked on the batch.
         denoising_end / denoising_start: SDXL's ensemble of expert denoisers, as diffusers' SDXL pipelines
             (``fastdiff.experts``): with ``denoising_end`` the run stops after the steps whose training timestep is
             >= round(T (1 - end)) and returns its state (diffusers' noisy latents), not x0; with
@@ -466,11 +469,11 @@ class Pipeline(PlansMixin, ControlNetMixin, ImageInputsMixin, IPAdapterMixin):
             **({} if self.vae is None else dict(scale=self.vae.downscale)))  # (default ids in the VAE's pixels)
         cond.update(added)
         uncond.update(added_uncond)
-        image_embeds = self._ip_adapter_embeds(ip_adapter_image, ip_adapter_image_embeds, b)
-        if image_embeds is not None:  # an IP-Adapter's image prompt; the unconditional pass's: zeros (diffusers')
-            cond["image_embeds"] = image_embeds
+        image_embeds = self._ip_adapter_embeds(ip_adapter_image, ip_adapter_image_embeds, b, guided)
+        if image_embeds is not None:  # an IP-Adapter's image prompt (the unconditional pass's: zeros, or given)
+            cond["image_embeds"] = image_embeds[0]
             if guided:
-                uncond["image_embeds"] = torch.zeros_like(image_embeds)
+                uncond["image_embeds"] = image_embeds[1]
         # (both CFG passes share it; FluxImg2Img / FluxInpaintPipeline default to 7, FluxPipeline to 3.5)
         cond.update(guidance_conditioning(self.spec, b, guidance, self.device,
                                           edits=images is not None or self._latent_controlnet() == "flux"))

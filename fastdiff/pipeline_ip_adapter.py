@@ -20,18 +20,21 @@ from .utils.checks import finite_number
 
 
 class IPAdapterMixin:
-    """What ``Pipeline`` needs: ``model``, ``spec``, ``config``, ``device``, ``_network_dtype()``."""
+    """What ``Pipeline`` needs: ``model``, ``spec``, ``config``, ``device``, ``_network_dtype()``,
+    ``_rebuild_runner()``."""
 
     image_encoder = None
     _image_processor = None
 
-    def load_ip_adapter(self, path, weight_name: Optional[str] = None, subfolder: str = "",
-                        image_encoder_folder: Optional[str] = "image_encoder", scale: float = 1.0) -> "IPAdapterMixin":
+    def load_ip_adapter(self, path, subfolder: str = "", weight_name: Optional[str] = None,
+                        image_encoder_folder: Optional[str] = "image_encoder", *,
+                        scale: float = 1.0) -> "IPAdapterMixin":
         """Load an IP-Adapter, as diffusers' ``load_ip_adapter(path, subfolder, weight_name, image_encoder_folder)``:
         ``path`` a folder (with ``subfolder`` / ``weight_name``: a .safetensors or .bin file), a file, or a loaded
         state dict; its image encoder from ``<path>/<subfolder>/<image_encoder_folder>`` (a folder name with a "/"
-        is taken from ``path`` itself, as diffusers does; None: no encoder, only ``ip_adapter_image_embeds=`` then).
-        Replaces an adapter loaded before. The base IP-Adapter (ip-adapter_sd15, ip-adapter_sdxl, ...) is read."""
+        is taken from ``path`` itself, as diffusers does; None: no encoder, only ``ip_adapter_image_embeds=`` then;
+        a state dict keeps the encoder loaded before, as diffusers keeps its registered one). Replaces an adapter
+        loaded before. The base IP-Adapter (ip-adapter_sd15, ip-adapter_sdxl, ...) is read."""
         from .models import ip_adapter
         from .models.unet import UNet
 
@@ -42,26 +45,34 @@ class IPAdapterMixin:
         if self.config is not None and self.config.backend in ("onnxruntime", "tensorrt"):
             raise BadArgumentError(f"load_ip_adapter(): this pipeline runs an exported {self.config.backend} graph, "
                                    f"which has no image-prompt input; use the eager / triton / compile backends")
-        scale = finite_number("scale", scale)
+        scale = _scale(scale)
         state = ip_adapter.split_state_dict(_read_weights(path, subfolder, weight_name))
+        width = ip_adapter.check(self.model, state)  # (the kind and the widths, before an encoder is read)
         encoder, processor = None, None
-        if image_encoder_folder is not None and not isinstance(path, dict):
+        if isinstance(path, dict):
+            encoder, processor = self.image_encoder, self._image_processor
+        elif image_encoder_folder is not None:
             encoder, processor = _image_encoder(path, subfolder, image_encoder_folder, self.device,
                                                 self._network_dtype())
-        ip_adapter.attach(self.model, state)  # (checked against the UNet before anything changes)
+        if encoder is not None and encoder.config.projection_dim != width:
+            raise BadArgumentError(f"load_ip_adapter(): the image encoder makes {encoder.config.projection_dim}-wide "
+                                   f"embeddings and the adapter projects {width}-wide ones (another adapter's "
+                                   f"encoder)")
+        ip_adapter.attach(self.model, state)
         ip_adapter.set_scale(self.model, scale)
         self.image_encoder, self._image_processor = encoder, processor
         self._rebuild_runner()  # (compiled models and captured graphs ran the network without the branch)
         return self
 
-    def set_ip_adapter_scale(self, scale: float) -> None:
-        """The image prompt's weight (diffusers' ``set_ip_adapter_scale``): a buffer the layers read, changed in
-        place (captured graphs and compiled models take it as it is)."""
+    def set_ip_adapter_scale(self, scale) -> None:
+        """The image prompt's weight (diffusers' ``set_ip_adapter_scale``: a number, or a list of one for the one
+        adapter): a buffer the layers read, changed in place (captured graphs and compiled models take it as it
+        is). InstantStyle's per-block dicts are not read."""
         from .models import ip_adapter
 
         if self.model is None or not ip_adapter.attached(self.model):
             raise BadArgumentError("set_ip_adapter_scale(): no IP-Adapter is loaded (pipe.load_ip_adapter)")
-        ip_adapter.set_scale(self.model, finite_number("scale", scale))
+        ip_adapter.set_scale(self.model, _scale(scale))
 
     def unload_ip_adapter(self) -> None:
         """Remove the adapter and its image encoder (diffusers' ``unload_ip_adapter``)."""
@@ -72,8 +83,9 @@ class IPAdapterMixin:
             self.image_encoder = self._image_processor = None
             self._rebuild_runner()
 
-    def _ip_adapter_embeds(self, image, embeds, b: int) -> Optional[torch.Tensor]:
-        """generate(ip_adapter_image= / ip_adapter_image_embeds=) as (b, N, D) CLIP image embeddings, or None."""
+    def _ip_adapter_embeds(self, image, embeds, b: int, guided: bool) -> Optional[tuple]:
+        """generate(ip_adapter_image= / ip_adapter_image_embeds=) as (b, N, D) CLIP image embeddings and those of the
+        unconditional pass (zeros, as diffusers' encode_image; diffusers' list form brings its own), or None."""
         from .models import ip_adapter
 
         loaded = self.model is not None and ip_adapter.attached(self.model)
@@ -86,18 +98,30 @@ class IPAdapterMixin:
             raise BadArgumentError("ip_adapter_image: given, but no IP-Adapter is loaded (pipe.load_ip_adapter)")
         if image is not None and embeds is not None:
             raise BadArgumentError("ip_adapter_image and ip_adapter_image_embeds: expected one of them, found both")
+        negative = None
         if image is not None:
             embeds = self._encode_ip_image(image)[None]  # (1, N, D): every sample's
-        if not torch.is_tensor(embeds) or embeds.dim() not in (1, 2, 3) or not embeds.is_floating_point():
-            raise BadArgumentError(f"ip_adapter_image_embeds: expected a float tensor (D,), (N, D) or (B, N, D) of "
-                                   f"CLIP image embeddings, found "
-                                   f"{tuple(embeds.shape) if torch.is_tensor(embeds) else type(embeds).__name__}")
-        if not torch.isfinite(embeds).all():
-            raise BadArgumentError("ip_adapter_image_embeds: expected finite values, found NaN or inf")
-        embeds = embeds.reshape((1,) * (3 - embeds.dim()) + tuple(embeds.shape))  # (B or 1, N, D)
-        if embeds.shape[0] not in (1, b):
-            raise BadArgumentError(f"ip_adapter_image_embeds: expected 1 or {b} (one per sample) rows, found "
-                                   f"{embeds.shape[0]}")
+        elif isinstance(embeds, (list, tuple)):  # diffusers' form: one tensor per adapter, [negative, positive]
+            if len(embeds) != 1:
+                raise BadArgumentError(f"ip_adapter_image_embeds: one IP-Adapter is loaded: expected a list of one "
+                                       f"tensor (diffusers' form), found {len(embeds)}")
+            embeds = _embeds_tensor(embeds[0])
+            if guided:
+                if embeds.shape[0] % 2:
+                    raise BadArgumentError(f"ip_adapter_image_embeds: with guidance diffusers' form stacks the "
+                                           f"negative and positive embeddings: expected an even batch, found "
+                                           f"{embeds.shape[0]}")
+                negative, embeds = embeds.chunk(2)
+        embeds = self._per_sample(_embeds_tensor(embeds), b)
+        negative = torch.zeros_like(embeds) if negative is None else self._per_sample(negative, b)
+        return embeds, negative
+
+    def _per_sample(self, embeds: torch.Tensor, b: int) -> torch.Tensor:
+        """(B or 1, N, D) embeddings as (b, N, D) float32 on the pipeline's device, their width checked."""
+        width = self.model.ip_projection.proj.in_features
+        if embeds.shape[0] not in (1, b) or embeds.shape[1] == 0 or embeds.shape[2] != width:
+            raise BadArgumentError(f"ip_adapter_image_embeds: expected (1 or {b} samples, N >= 1 images, {width}) "
+                                   f"CLIP image embeddings, found {tuple(embeds.shape)}")
         return embeds.to(self.device, torch.float32).expand(b, -1, -1)
 
     @torch.no_grad()
@@ -105,17 +129,43 @@ class IPAdapterMixin:
         """(N, D) image embeddings of one image or a list of them (diffusers: their tokens are concatenated)."""
         if self.image_encoder is None:
             raise BadArgumentError("ip_adapter_image: the IP-Adapter was loaded without an image encoder "
-                                   "(image_encoder_folder=None); pass ip_adapter_image_embeds=")
-        if torch.is_tensor(image):  # preprocessed pixels, as diffusers hands a tensor to the encoder
-            pixels = image if image.dim() == 4 else image[None]
+                                   "(image_encoder_folder=None, or from a state dict); pass ip_adapter_image_embeds=")
+        images = list(image) if isinstance(image, (list, tuple)) else [image]
+        if not images:
+            raise BadArgumentError("ip_adapter_image: expected an image or a list of images, found an empty list")
+        tensors = [torch.is_tensor(i) for i in images]
+        if all(tensors):  # preprocessed pixels, as diffusers hands tensors to the encoder
+            pixels = torch.cat([i if i.dim() == 4 else i[None] for i in images])
+            if pixels.dim() != 4 or pixels.shape[0] == 0:
+                raise BadArgumentError(f"ip_adapter_image: expected (3, H, W) or (N, 3, H, W) pixel tensors, found "
+                                       f"{tuple(pixels.shape)}")
+        elif any(tensors):
+            raise BadArgumentError("ip_adapter_image: expected images or pixel tensors, found a list of both")
         else:
-            images = list(image) if isinstance(image, (list, tuple)) else [image]
-            if not images:
-                raise BadArgumentError("ip_adapter_image: expected an image or a list of images, found an empty list")
             pixels = self._image_processor(images, return_tensors="pt").pixel_values
         encoder = self.image_encoder
         param = next(encoder.parameters())
         return encoder(pixels.to(param.device, param.dtype)).image_embeds.float()  # (N, D)
+
+
+def _scale(scale) -> float:
+    """diffusers' scale of one adapter: a number, or a list of one."""
+    if isinstance(scale, (list, tuple)) and len(scale) == 1:
+        scale = scale[0]
+    if isinstance(scale, dict):
+        raise BadArgumentError("scale: per-block scales (InstantStyle's dicts) are not read; expected one number")
+    return finite_number("scale", scale)
+
+
+def _embeds_tensor(embeds) -> torch.Tensor:
+    """ip_adapter_image_embeds (D,), (N, D) or (B, N, D) as a (B or 1, N, D) float tensor, finite."""
+    if not torch.is_tensor(embeds) or embeds.dim() not in (1, 2, 3) or not embeds.is_floating_point():
+        raise BadArgumentError(f"ip_adapter_image_embeds: expected a float tensor (D,), (N, D) or (B, N, D) of CLIP "
+                               f"image embeddings, found "
+                               f"{tuple(embeds.shape) if torch.is_tensor(embeds) else type(embeds).__name__}")
+    if not torch.isfinite(embeds).all():
+        raise BadArgumentError("ip_adapter_image_embeds: expected finite values, found NaN or inf")
+    return embeds.reshape((1,) * (3 - embeds.dim()) + tuple(embeds.shape))
 
 
 def _read_weights(path, subfolder: str, weight_name: Optional[str]) -> dict:

@@ -171,10 +171,10 @@ def test_ip_adapter_refusals(pair, tmp_path):
             pipe.generate(prompt="a cat", steps=1, progress=False)
         with pytest.raises(BadArgumentError, match="without an image encoder"):
             pipe.generate(prompt="a cat", steps=1, ip_adapter_image=_image(), progress=False)
-        with pytest.raises(BadArgumentError, match="expected 1 or 2 .* rows"):
+        with pytest.raises(BadArgumentError, match="expected \\(1 or 2 samples, N >= 1 images, 10\\)"):
             pipe.generate(prompt="a cat", seeds=[1, 2], steps=1, progress=False,
                           ip_adapter_image_embeds=torch.zeros(3, 1, EMBED))
-        with pytest.raises(BadArgumentError, match="CLIP image embeddings"):
+        with pytest.raises(BadArgumentError, match="found \\(1, 1, 7\\)"):
             pipe.generate(prompt="a cat", steps=1, progress=False, ip_adapter_image_embeds=torch.zeros(1, 1, 7))
         with pytest.raises(BadArgumentError, match="an IP-Adapter is loaded"):
             pipe.save(str(tmp_path / "saved"))
@@ -239,6 +239,21 @@ def test_cli_generate_with_an_ip_adapter(pair, tmp_path):
     r = run_cli("generate", os.path.join(root, "pipe"), "--prompt", "a red cat", "--steps", "1", "--ip-adapter-image",
                 "prompt.png", "--output-latents", "x.safetensors", "--no-progress", cwd=tmp_path)
     assert r.returncode == 2 and "no --ip-adapter FILE" in r.stderr
+    for flags, message in ((["--ip-adapter-scale", "0.3"], "--ip-adapter-scale: given, but no --ip-adapter FILE"),
+                           (["--ip-adapter", os.path.join(adapter, "ip.safetensors")],
+                            "--ip-adapter: expected --ip-adapter-image")):
+        r = run_cli("generate", os.path.join(root, "pipe"), "--prompt", "a red cat", "--steps", "1", *flags,
+                    "--output-latents", "x.safetensors", "--no-progress", cwd=tmp_path)
+        assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_the_image_encoder_follows_the_networks_precision(tmp_path):
+    ref, pipe = sd_pipelines(str(tmp_path))
+    pipe.load_ip_adapter(_adapter(str(tmp_path / "adapter"), ref.unet), weight_name="ip.safetensors")
+    pipe.optimize(dtype="bf16")
+    assert next(pipe.image_encoder.parameters()).dtype == torch.bfloat16
+    got = pipe.generate(prompt="a red cat", steps=1, ip_adapter_image=_image(), progress=False)
+    assert torch.isfinite(got).all()
 
 
 def test_the_engine_serves_an_image_prompt(pair):
@@ -257,3 +272,58 @@ def test_the_engine_serves_an_image_prompt(pair):
             assert rel_err(got, want) <= 1e-5
     finally:
         pipe.unload_ip_adapter()
+
+
+def test_ip_adapter_review_fixes(pair, tmp_path):
+    """diffusers' argument order and list forms (scale [s], embeddings [negative; positive] under guidance, a list of
+    pixel tensors fed to the encoder as they are); the encoder's width checked at load; a state dict keeps the loaded
+    encoder; palette images keyed by what they show."""
+    from PIL import Image
+
+    from fastdiff.utils.keys import freeze
+
+    ref, pipe, adapter = pair
+    root = os.path.dirname(adapter)
+    pipe.load_ip_adapter(root, "adapter", "ip.safetensors")  # (path, subfolder, weight_name), as diffusers
+    ref.load_ip_adapter(root, "adapter", "ip.safetensors")
+    try:
+        ref.set_ip_adapter_scale([0.7])
+        pipe.set_ip_adapter_scale([0.7])
+        with pytest.raises(BadArgumentError, match="per-block scales"):
+            pipe.set_ip_adapter_scale({"up": {"block_0": [0.0, 1.0]}})
+        g = torch.Generator().manual_seed(1)
+        embeds = [torch.randn(2, 1, EMBED, generator=g)]  # diffusers' form: [negative, positive]
+        kw = dict(num_inference_steps=2, guidance_scale=3.0, output_type="latent", num_images_per_prompt=2)
+        want = ref("a red cat", latents=_latents(), ip_adapter_image_embeds=embeds, **kw).images
+        got = pipe.generate(prompt="a red cat", latents=_latents(), steps=2, cfg_scale=3.0,
+                            ip_adapter_image_embeds=embeds, progress=False)
+        assert rel_err(got, want) <= 1e-5
+        pixels = torch.rand(3, 32, 32, generator=g)
+        want = ref("a red cat", latents=_latents(), ip_adapter_image=[pixels[None]], **kw).images
+        got = pipe.generate(prompt="a red cat", latents=_latents(), steps=2, cfg_scale=3.0,
+                            ip_adapter_image=[pixels], progress=False)
+        assert rel_err(got, want) <= 1e-5
+        with pytest.raises(BadArgumentError, match="found a list of both"):
+            pipe.generate(prompt="a red cat", steps=1, ip_adapter_image=[pixels, _image()], progress=False)
+        with pytest.raises(BadArgumentError, match="N >= 1 images"):
+            pipe.generate(prompt="a red cat", steps=1, ip_adapter_image_embeds=torch.zeros(1, 0, EMBED),
+                          progress=False)
+        from safetensors.torch import load_file
+
+        state = load_file(os.path.join(adapter, "ip.safetensors"))
+        pipe.load_ip_adapter(state)  # a state dict: the encoder loaded before stays
+        assert pipe.image_encoder is not None
+    finally:
+        ref.unload_ip_adapter()
+        pipe.unload_ip_adapter()
+    other = _adapter(str(tmp_path / "other"), ref.unet)
+    config = transformers.CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                           num_attention_heads=2, image_size=32, patch_size=8, projection_dim=12)
+    transformers.CLIPVisionModelWithProjection(config).save_pretrained(os.path.join(other, "image_encoder"))
+    with pytest.raises(BadArgumentError, match="makes 12-wide embeddings and the adapter projects 10-wide"):
+        pipe.load_ip_adapter(other, weight_name="ip.safetensors")
+    a = Image.new("P", (4, 4))
+    b = a.copy()
+    a.putpalette([255, 0, 0] * 256)
+    b.putpalette([0, 0, 255] * 256)
+    assert freeze(a) != freeze(b) and freeze(a) == freeze(a.copy())

@@ -110,7 +110,7 @@ def register(sub) -> None:
                    help="the IP-Adapter's image encoder (a CLIPVisionModelWithProjection folder)")
     p.add_argument("--ip-adapter-image", action="append", default=None, metavar="IMG.png",
                    help="the image prompt of --ip-adapter (repeat for several: their tokens one after another)")
-    p.add_argument("--ip-adapter-scale", type=float, default=1.0, metavar="S",
+    p.add_argument("--ip-adapter-scale", type=float, default=None, metavar="S",
                    help="the image prompt's weight (default 1)")
     p.add_argument("--freeu", type=float, nargs=4, default=None, metavar=("S1", "S2", "B1", "B2"),
                    help="FreeU on a text UNet, as diffusers' enable_freeu (SD 1.5: 0.9 0.2 1.5 1.6)")
@@ -491,11 +491,17 @@ def run(args) -> int:
     if args.freeu is not None:
         pipe.enable_freeu(*args.freeu)
     if args.ip_adapter is not None:
+        if args.ip_adapter_image is None:
+            raise BadArgumentError("--ip-adapter: expected --ip-adapter-image IMG.png (the image prompt), found none")
         encoder = args.ip_adapter_encoder
-        pipe.load_ip_adapter(args.ip_adapter, scale=args.ip_adapter_scale,
+        pipe.load_ip_adapter(args.ip_adapter, scale=1.0 if args.ip_adapter_scale is None else args.ip_adapter_scale,
                              **({} if encoder is None else dict(image_encoder_folder=os.path.abspath(encoder))))
-    elif args.ip_adapter_image is not None or args.ip_adapter_encoder is not None:
-        raise BadArgumentError("--ip-adapter-image / --ip-adapter-encoder: given, but no --ip-adapter FILE")
+    else:
+        given = [f for f, v in (("--ip-adapter-image", args.ip_adapter_image),
+                                ("--ip-adapter-encoder", args.ip_adapter_encoder),
+                                ("--ip-adapter-scale", args.ip_adapter_scale)) if v is not None]
+        if given:
+            raise BadArgumentError(f"{given[0]}: given, but no --ip-adapter FILE")
     if args.vae_tiling:
         if pipe.vae is None:
             raise BadArgumentError(f"--vae-tiling: {args.model} has no VAE to tile (pass --vae FOLDER)")

@@ -88,9 +88,9 @@ def split_state_dict(state: dict) -> dict:
     return out
 
 
-def attach(unet, state: dict) -> None:
-    """Give ``unet`` the adapter of ``state`` (``split_state_dict``'s layout): its image projection and every
-    cross-attention's image branch, checked against the UNet's widths before anything is attached."""
+def check(unet, state: dict) -> int:
+    """Refuse an adapter of ``state`` (``split_state_dict``'s layout) that does not fit ``unet`` (another kind of
+    adapter, another base model's); returns the width of the image embeddings it projects."""
     proj = state["image_proj"]
     if set(proj) != {"proj.weight", "proj.bias", "norm.weight", "norm.bias"}:
         kind = ("IP-Adapter Plus" if any(k.startswith(("latents", "layers", "proj_in")) for k in proj) else
@@ -113,6 +113,16 @@ def attach(unet, state: dict) -> None:
     if missing or unexpected or wrong:  # (another base model's adapter: other layers or widths)
         raise StateDictMismatchError(missing, unexpected, [(k, wanted[k], tuple(given[k].shape)) for k in wrong],
                                      model=f"this UNet's {len(layers)} cross-attention layers")
+    return proj["proj.weight"].shape[1]
+
+
+def attach(unet, state: dict) -> None:
+    """Give ``unet`` the adapter of ``state`` (checked first): its image projection and every cross-attention's
+    image branch."""
+    check(unet, state)
+    proj, given, layers = state["image_proj"], state["ip_adapter"], cross_attentions(unet)
+    width = proj["norm.weight"].shape[0]
+    tokens = proj["proj.weight"].shape[0] // width
     ref = next(unet.parameters())
     projection = ImageProjection(proj["proj.weight"].shape[1], width, tokens)
     projection.load_state_dict(proj)
@@ -149,7 +159,7 @@ def image_tokens(unet, embeds: Optional[torch.Tensor], dtype: torch.dtype):
         raise BadArgumentError("image_embeds: given, but this UNet has no IP-Adapter (pipe.load_ip_adapter)")
     if embeds.dim() == 2:
         embeds = embeds[:, None]
-    if embeds.dim() != 3 or embeds.shape[-1] != unet.ip_projection.proj.in_features:
+    if embeds.dim() != 3 or embeds.shape[-1] != unet.ip_projection.proj.in_features or embeds.shape[1] == 0:
         raise BadArgumentError(f"image_embeds: expected (B, {unet.ip_projection.proj.in_features}) or (B, N, "
                                f"{unet.ip_projection.proj.in_features}) CLIP image embeddings, found "
                                f"{tuple(embeds.shape)}")

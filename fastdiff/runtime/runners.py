@@ -114,7 +114,7 @@ def build_runner(pipe, config: OptimizeConfig, graph_factory=None) -> tuple[Call
     check_backend(backend, device)
     if backend in ("onnxruntime", "tensorrt") and getattr(pipe.model, "ip_projection", None) is not None:
         raise BadArgumentError(f"backend {backend!r}: an IP-Adapter is loaded, and an exported graph has no image "
-                               f"prompt input; unload_ip_adapter() first, or use eager / triton / compile")
+                               f"prompt input; use the eager / triton / compile backends")
     # whether CUDA graphs will really capture (they pad to buckets themselves); else static-shape runners
     # need BucketPadded
     graphs_apply = config.cuda_graphs and backend != "onnxruntime" and (

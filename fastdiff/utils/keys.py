@@ -27,8 +27,11 @@ def freeze(value):
         flat = value.detach().reshape(-1).cpu().contiguous()
         digest = hashlib.sha256(flat.view(torch.uint8).numpy().tobytes()).hexdigest()
         return ("tensor", tuple(value.shape), str(value.dtype), str(value.device), digest)
-    if _is_pil_image(value):  # (an Engine request's image prompt: equal pictures are one key)
-        return ("pil", value.mode, value.size, hashlib.sha256(value.tobytes()).hexdigest())
+    if _is_pil_image(value):  # (an Engine request's image prompt: equal pictures are one key; a palette is part)
+        palette = value.getpalette()
+        return ("pil", value.mode, value.size, hashlib.sha256(value.tobytes()).hexdigest(),
+                None if palette is None else hashlib.sha256(bytes(palette)).hexdigest(),
+                freeze(value.info.get("transparency")))
     if isinstance(value, functools.partial):  # an equal partial made afresh is the same key
         return ("partial", freeze(value.func), freeze(value.args), freeze(value.keywords))
     if inspect.ismethod(value):
