@@ -35,7 +35,7 @@ class IPAdapterMixin:
         is taken from ``path`` itself, as diffusers does; None: no encoder, only ``ip_adapter_image_embeds=`` then;
         a state dict keeps the encoder loaded before, as diffusers keeps its registered one). Replaces an adapter
         loaded before. The base IP-Adapter (ip-adapter_sd15, ip-adapter_sdxl, ...) is read."""
-        from .models import ip_adapter
+        from .models import ip_adapter, ip_resampler
         from .models.unet import UNet
 
         self._require_model("load_ip_adapter()")
@@ -54,10 +54,12 @@ class IPAdapterMixin:
         elif image_encoder_folder is not None:
             encoder, processor = _image_encoder(path, subfolder, image_encoder_folder, self.device,
                                                 self._network_dtype())
-        if encoder is not None and encoder.config.projection_dim != width:
-            raise BadArgumentError(f"load_ip_adapter(): the image encoder makes {encoder.config.projection_dim}-wide "
-                                   f"embeddings and the adapter projects {width}-wide ones (another adapter's "
-                                   f"encoder)")
+        plus = ip_resampler.is_plus(state["image_proj"])  # (Plus reads the encoder's hidden states, not its embeds)
+        made = None if encoder is None else encoder.config.hidden_size if plus else encoder.config.projection_dim
+        if made is not None and made != width:
+            raise BadArgumentError(f"load_ip_adapter(): the image encoder makes {made}-wide "
+                                   f"{'hidden states' if plus else 'embeddings'} and the adapter projects {width}-wide "
+                                   f"ones (another adapter's encoder)")
         ip_adapter.attach(self.model, state)
         ip_adapter.set_scale(self.model, scale)
         self.image_encoder, self._image_processor = encoder, processor
@@ -100,33 +102,52 @@ class IPAdapterMixin:
             raise BadArgumentError("ip_adapter_image and ip_adapter_image_embeds: expected one of them, found both")
         negative = None
         if image is not None:
-            embeds = self._encode_ip_image(image)[None]  # (1, N, D): every sample's
+            embeds, negative = (e[None] for e in self._encode_ip_image(image))  # (1, N, ...): every sample's
         elif isinstance(embeds, (list, tuple)):  # diffusers' form: one tensor per adapter, [negative, positive]
             if len(embeds) != 1:
                 raise BadArgumentError(f"ip_adapter_image_embeds: one IP-Adapter is loaded: expected a list of one "
                                        f"tensor (diffusers' form), found {len(embeds)}")
-            embeds = _embeds_tensor(embeds[0])
+            embeds = self._embeds_tensor(embeds[0])
             if guided:
                 if embeds.shape[0] % 2:
                     raise BadArgumentError(f"ip_adapter_image_embeds: with guidance diffusers' form stacks the "
                                            f"negative and positive embeddings: expected an even batch, found "
                                            f"{embeds.shape[0]}")
                 negative, embeds = embeds.chunk(2)
-        embeds = self._per_sample(_embeds_tensor(embeds), b)
+        embeds = self._per_sample(self._embeds_tensor(embeds), b)
         negative = torch.zeros_like(embeds) if negative is None else self._per_sample(negative, b)
         return embeds, negative
 
+    def _embeds_tensor(self, embeds) -> torch.Tensor:
+        """ip_adapter_image_embeds as a (B or 1, N, D) float tensor ((B or 1, N, S, E) for Plus), finite; the
+        sample and image axes may be left out."""
+        from .models.ip_adapter import image_rank
+
+        rank = image_rank(self.model)
+        shapes = "(D,), (N, D) or (B, N, D)" if rank == 1 else "(S, E), (N, S, E) or (B, N, S, E) (Plus)"
+        if not torch.is_tensor(embeds) or not rank <= embeds.dim() <= rank + 2 or not embeds.is_floating_point():
+            raise BadArgumentError(f"ip_adapter_image_embeds: expected a float tensor {shapes} of CLIP image "
+                                   f"features, found "
+                                   f"{tuple(embeds.shape) if torch.is_tensor(embeds) else type(embeds).__name__}")
+        if not torch.isfinite(embeds).all():
+            raise BadArgumentError("ip_adapter_image_embeds: expected finite values, found NaN or inf")
+        return embeds.reshape((1,) * (rank + 2 - embeds.dim()) + tuple(embeds.shape))
+
     def _per_sample(self, embeds: torch.Tensor, b: int) -> torch.Tensor:
-        """(B or 1, N, D) embeddings as (b, N, D) float32 on the pipeline's device, their width checked."""
-        width = self.model.ip_projection.proj.in_features
-        if embeds.shape[0] not in (1, b) or embeds.shape[1] == 0 or embeds.shape[2] != width:
-            raise BadArgumentError(f"ip_adapter_image_embeds: expected (1 or {b} samples, N >= 1 images, {width}) "
-                                   f"CLIP image embeddings, found {tuple(embeds.shape)}")
-        return embeds.to(self.device, torch.float32).expand(b, -1, -1)
+        """(B or 1, N, ...) image features as (b, N, ...) float32 on the pipeline's device, their width checked."""
+        from .models.ip_adapter import image_width
+
+        width = image_width(self.model)
+        if embeds.shape[0] not in (1, b) or embeds.shape[1] == 0 or embeds.shape[-1] != width:
+            raise BadArgumentError(f"ip_adapter_image_embeds: expected (1 or {b} samples, N >= 1 images, ..., "
+                                   f"{width}) CLIP image features, found {tuple(embeds.shape)}")
+        return embeds.to(self.device, torch.float32).expand(b, *embeds.shape[1:])
 
     @torch.no_grad()
-    def _encode_ip_image(self, image) -> torch.Tensor:
-        """(N, D) image embeddings of one image or a list of them (diffusers: their tokens are concatenated)."""
+    def _encode_ip_image(self, image) -> tuple:
+        """(N, D) image embeddings of one image or a list of them (diffusers: their tokens are concatenated), and
+        the unconditional pass's: zeros; for Plus, (N, S, E) penultimate hidden states and those of a black image
+        (diffusers' encode_image with output_hidden_states)."""
         if self.image_encoder is None:
             raise BadArgumentError("ip_adapter_image: the IP-Adapter was loaded without an image encoder "
                                    "(image_encoder_folder=None, or from a state dict); pass ip_adapter_image_embeds=")
@@ -143,9 +164,17 @@ class IPAdapterMixin:
             raise BadArgumentError("ip_adapter_image: expected images or pixel tensors, found a list of both")
         else:
             pixels = self._image_processor(images, return_tensors="pt").pixel_values
+        from .models.ip_adapter import image_rank
+
         encoder = self.image_encoder
         param = next(encoder.parameters())
-        return encoder(pixels.to(param.device, param.dtype)).image_embeds.float()  # (N, D)
+        pixels = pixels.to(param.device, param.dtype)
+        if image_rank(self.model) == 2:  # Plus
+            def states(p):
+                return encoder(p, output_hidden_states=True).hidden_states[-2].float()  # (N, S, E)
+            return states(pixels), states(torch.zeros_like(pixels))
+        embeds = encoder(pixels).image_embeds.float()  # (N, D)
+        return embeds, torch.zeros_like(embeds)
 
 
 def _scale(scale) -> float:
@@ -155,17 +184,6 @@ def _scale(scale) -> float:
     if isinstance(scale, dict):
         raise BadArgumentError("scale: per-block scales (InstantStyle's dicts) are not read; expected one number")
     return finite_number("scale", scale)
-
-
-def _embeds_tensor(embeds) -> torch.Tensor:
-    """ip_adapter_image_embeds (D,), (N, D) or (B, N, D) as a (B or 1, N, D) float tensor, finite."""
-    if not torch.is_tensor(embeds) or embeds.dim() not in (1, 2, 3) or not embeds.is_floating_point():
-        raise BadArgumentError(f"ip_adapter_image_embeds: expected a float tensor (D,), (N, D) or (B, N, D) of CLIP "
-                               f"image embeddings, found "
-                               f"{tuple(embeds.shape) if torch.is_tensor(embeds) else type(embeds).__name__}")
-    if not torch.isfinite(embeds).all():
-        raise BadArgumentError("ip_adapter_image_embeds: expected finite values, found NaN or inf")
-    return embeds.reshape((1,) * (3 - embeds.dim()) + tuple(embeds.shape))
 
 
 def _read_weights(path, subfolder: str, weight_name: Optional[str]) -> dict:

@@ -9,9 +9,10 @@ as diffusers' ``encoder_hid_proj`` does; the tokens travel to the attention laye
 
 Weights: the original file layout (``{"image_proj": {proj.*, norm.*}, "ip_adapter": {"1.to_k_ip.weight", ...}}``, or a
 safetensors file with those prefixes). Its cross-attention layers are numbered 1, 3, 5, ... in diffusers'
-``attn_processors`` order: the down blocks', then the up blocks', then the middle block's. Only the base adapter (a
-linear image projection, 4 tokens: ip-adapter_sd15, ip-adapter_sdxl, ...) is read; the Plus / Full Face / Face ID
-projections are refused by name.
+``attn_processors`` order: the down blocks', then the up blocks', then the middle block's. The base adapter (a
+linear image projection, 4 tokens: ip-adapter_sd15, ip-adapter_sdxl, ...) and IP-Adapter Plus (a resampler over the
+encoder's hidden states: ``fastdiff.models.ip_resampler``) are read; the Full Face / Face ID projections are refused
+by name.
 
 The scale is a buffer: ``set_scale`` changes it in place, so captured graphs and compiled models take a new scale
 with nothing recaptured.
@@ -90,17 +91,22 @@ def split_state_dict(state: dict) -> dict:
 
 def check(unet, state: dict) -> int:
     """Refuse an adapter of ``state`` (``split_state_dict``'s layout) that does not fit ``unet`` (another kind of
-    adapter, another base model's); returns the width of the image embeddings it projects."""
+    adapter, another base model's); returns the width of the image features it projects (the encoder's projected
+    embedding; Plus: its hidden states')."""
+    from .ip_resampler import is_plus
+
     proj = state["image_proj"]
-    if set(proj) != {"proj.weight", "proj.bias", "norm.weight", "norm.bias"}:
-        kind = ("IP-Adapter Plus" if any(k.startswith(("latents", "layers", "proj_in")) for k in proj) else
-                "IP-Adapter Full Face / Face ID" if any(k.startswith(("proj.0", "proj.3", "perceiver")) for k in proj)
+    if is_plus(proj):
+        width, rem, embed = proj["proj_out.weight"].shape[0], 0, proj["proj_in.weight"].shape[1]
+    elif set(proj) == {"proj.weight", "proj.bias", "norm.weight", "norm.bias"}:
+        width = proj["norm.weight"].shape[0]
+        rem, embed = proj["proj.weight"].shape[0] % width, proj["proj.weight"].shape[1]
+    else:
+        kind = ("IP-Adapter Full Face / Face ID" if any(k.startswith(("proj.0", "proj.3", "perceiver")) for k in proj)
                 else "an IP-Adapter of another kind")
         raise BadArgumentError(f"load_ip_adapter(): {kind} (image_proj keys {sorted(proj)[:4]}); fastdiff reads the "
-                               f"base IP-Adapter (a linear image projection: proj.weight, norm.weight)")
+                               f"base IP-Adapter (a linear image projection) and IP-Adapter Plus (a resampler)")
     layers = cross_attentions(unet)
-    width = proj["norm.weight"].shape[0]
-    tokens, rem = divmod(proj["proj.weight"].shape[0], width)
     context_dims = {m.to_k.in_features for m in layers}
     if rem or context_dims != {width}:
         raise CheckpointError(f"IP-Adapter: image tokens {width} wide, and this UNet's cross-attention reads "
@@ -113,19 +119,24 @@ def check(unet, state: dict) -> int:
     if missing or unexpected or wrong:  # (another base model's adapter: other layers or widths)
         raise StateDictMismatchError(missing, unexpected, [(k, wanted[k], tuple(given[k].shape)) for k in wrong],
                                      model=f"this UNet's {len(layers)} cross-attention layers")
-    return proj["proj.weight"].shape[1]
+    return embed
 
 
 def attach(unet, state: dict) -> None:
     """Give ``unet`` the adapter of ``state`` (checked first): its image projection and every cross-attention's
     image branch."""
+    from .ip_resampler import Resampler, is_plus
+
     check(unet, state)
     proj, given, layers = state["image_proj"], state["ip_adapter"], cross_attentions(unet)
-    width = proj["norm.weight"].shape[0]
-    tokens = proj["proj.weight"].shape[0] // width
+    if is_plus(proj):
+        projection = Resampler.from_state_dict(proj)
+        width = projection.proj_out.out_features
+    else:
+        width = proj["norm.weight"].shape[0]
+        projection = ImageProjection(proj["proj.weight"].shape[1], width, proj["proj.weight"].shape[0] // width)
+        projection.load_state_dict(proj)
     ref = next(unet.parameters())
-    projection = ImageProjection(proj["proj.weight"].shape[1], width, tokens)
-    projection.load_state_dict(proj)
     unet.ip_projection = projection.to(ref.device, ref.dtype)
     for i, m in enumerate(layers):
         branch = IPAttention(width, m.heads * m.head_dim)
@@ -150,19 +161,31 @@ def attached(unet) -> bool:
     return getattr(unet, "ip_projection", None) is not None
 
 
+def image_rank(unet) -> int:
+    """The rank of one image's features the projection reads: 1 (an embedding (D,)), 2 for Plus ((S, E) states)."""
+    return 1 if isinstance(unet.ip_projection, ImageProjection) else 2
+
+
+def image_width(unet) -> int:
+    p = unet.ip_projection
+    return p.proj.in_features if isinstance(p, ImageProjection) else p.in_features
+
+
 def image_tokens(unet, embeds: Optional[torch.Tensor], dtype: torch.dtype):
-    """The adapter's tokens (B, N * T, width) for ``embeds`` (B, D), or (B, N, D) for N images (diffusers' layout:
-    each image projected to its T tokens, the images' tokens one after another)."""
+    """The adapter's tokens (B, N * T, width) for N images' features (B, N, D) ((B, N, S, E) for Plus; the N axis
+    may be left out for one image): each image projected to its T tokens, the images' tokens one after another
+    (diffusers' layout)."""
     if embeds is None:
         return None
     if not attached(unet):
         raise BadArgumentError("image_embeds: given, but this UNet has no IP-Adapter (pipe.load_ip_adapter)")
-    if embeds.dim() == 2:
+    rank, width = image_rank(unet), image_width(unet)
+    if embeds.dim() == rank + 1:
         embeds = embeds[:, None]
-    if embeds.dim() != 3 or embeds.shape[-1] != unet.ip_projection.proj.in_features or embeds.shape[1] == 0:
-        raise BadArgumentError(f"image_embeds: expected (B, {unet.ip_projection.proj.in_features}) or (B, N, "
-                               f"{unet.ip_projection.proj.in_features}) CLIP image embeddings, found "
-                               f"{tuple(embeds.shape)}")
+    if embeds.dim() != rank + 2 or embeds.shape[-1] != width or embeds.shape[1] == 0:
+        shape = "D" if rank == 1 else "S, E"
+        raise BadArgumentError(f"image_embeds: expected (B, N, {shape}) image features with the last {width} wide, "
+                               f"found {tuple(embeds.shape)}")
     b, n = embeds.shape[:2]
-    tokens = unet.ip_projection(embeds.reshape(b * n, -1).to(dtype))  # (B * N, T, width)
+    tokens = unet.ip_projection(embeds.reshape((b * n,) + tuple(embeds.shape[2:])).to(dtype))  # (B * N, T, width)
     return tokens.reshape(b, n * tokens.shape[1], tokens.shape[2])
