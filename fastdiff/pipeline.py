@@ -362,9 +362,11 @@ class Pipeline(PlansMixin, ControlNetMixin, ImageInputsMixin, IPAdapterMixin):
             sample starts from noise, and nothing is pasted back.
         ip_adapter_image / ip_adapter_image_embeds: the image prompt of a loaded IP-Adapter (``load_ip_adapter``):
             an image (PIL, array or a preprocessed tensor, as diffusers' ``ip_adapter_image``) or a list of them (their
-            tokens one after another) for every sample, the unconditional pass on zero embeddings (diffusers'); or CLIP
-            image embeddings: a tensor (D,), (N, D) or (B, N, D) (one per sample), the unconditional pass on zeros,
-            or diffusers' form, a list of one tensor, under guidance [negative, positive] stacked on the batch.
+            tokens one after another) for every sample, the unconditional pass on zero embeddings (diffusers'; IP-Adapter
+            Plus: a black image's hidden states); or CLIP image features: a tensor (D,), (N, D) or (B, N, D) (one per
+            sample; Plus: the penultimate hidden states (S, E), (N, S, E) or (B, N, S, E)), the unconditional pass as
+            for an image, or diffusers' form, a list of one tensor, under guidance [negative, positive] stacked on the
+            batch.
         denoising_end / denoising_start: SDXL's ensemble of expert denoisers, as diffusers' SDXL pipelines
             (``fastdiff.experts``): with ``denoising_end`` the run stops after the steps whose training timestep is
             >= round(T (1 - end)) and returns its state (diffusers' noisy latents), not x0; with

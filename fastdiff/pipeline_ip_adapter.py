@@ -34,8 +34,9 @@ class IPAdapterMixin:
         state dict; its image encoder from ``<path>/<subfolder>/<image_encoder_folder>`` (a folder name with a "/"
         is taken from ``path`` itself, as diffusers does; None: no encoder, only ``ip_adapter_image_embeds=`` then;
         a state dict keeps the encoder loaded before, as diffusers keeps its registered one). Replaces an adapter
-        loaded before. The base IP-Adapter (ip-adapter_sd15, ip-adapter_sdxl, ...) is read."""
-        from .models import ip_adapter, ip_resampler
+        loaded before. The base IP-Adapter (ip-adapter_sd15, ip-adapter_sdxl, ...) and IP-Adapter Plus
+        (ip-adapter-plus_*: a resampler over the encoder's hidden states) are read."""
+        from .models import ip_adapter
         from .models.unet import UNet
 
         self._require_model("load_ip_adapter()")
@@ -47,20 +48,21 @@ class IPAdapterMixin:
                                    f"which has no image-prompt input; use the eager / triton / compile backends")
         scale = _scale(scale)
         state = ip_adapter.split_state_dict(_read_weights(path, subfolder, weight_name))
-        width = ip_adapter.check(self.model, state)  # (the kind and the widths, before an encoder is read)
+        projection = ip_adapter.check(self.model, state)  # (the kind and the widths, before an encoder is read)
+        width = ip_adapter.projection_sizes(projection)[0]
         encoder, processor = None, None
         if isinstance(path, dict):
             encoder, processor = self.image_encoder, self._image_processor
         elif image_encoder_folder is not None:
             encoder, processor = _image_encoder(path, subfolder, image_encoder_folder, self.device,
                                                 self._network_dtype())
-        plus = ip_resampler.is_plus(state["image_proj"])  # (Plus reads the encoder's hidden states, not its embeds)
+        plus = not isinstance(projection, ip_adapter.ImageProjection)  # (Plus reads hidden states, not embeds)
         made = None if encoder is None else encoder.config.hidden_size if plus else encoder.config.projection_dim
         if made is not None and made != width:
             raise BadArgumentError(f"load_ip_adapter(): the image encoder makes {made}-wide "
                                    f"{'hidden states' if plus else 'embeddings'} and the adapter projects {width}-wide "
                                    f"ones (another adapter's encoder)")
-        ip_adapter.attach(self.model, state)
+        ip_adapter.attach(self.model, state, projection)
         ip_adapter.set_scale(self.model, scale)
         self.image_encoder, self._image_processor = encoder, processor
         self._rebuild_runner()  # (compiled models and captured graphs ran the network without the branch)
@@ -107,15 +109,22 @@ class IPAdapterMixin:
             if len(embeds) != 1:
                 raise BadArgumentError(f"ip_adapter_image_embeds: one IP-Adapter is loaded: expected a list of one "
                                        f"tensor (diffusers' form), found {len(embeds)}")
-            embeds = self._embeds_tensor(embeds[0])
+            embeds_given = embeds[0]
+            embeds = self._embeds_tensor(embeds_given)
             if guided:
                 if embeds.shape[0] % 2:
+                    shape = "(2B, N, D)" if ip_adapter.image_rank(self.model) == 1 else "(2B, N, S, E)"
                     raise BadArgumentError(f"ip_adapter_image_embeds: with guidance diffusers' form stacks the "
-                                           f"negative and positive embeddings: expected an even batch, found "
-                                           f"{embeds.shape[0]}")
+                                           f"negative and positive features: expected {shape}, found "
+                                           f"{tuple(embeds_given.shape)}")
                 negative, embeds = embeds.chunk(2)
         embeds = self._per_sample(self._embeds_tensor(embeds), b)
-        negative = torch.zeros_like(embeds) if negative is None else self._per_sample(negative, b)
+        if negative is not None:
+            negative = self._per_sample(negative, b)
+        elif ip_adapter.image_rank(self.model) == 2 and guided:  # Plus: a black image's states, as encode_image
+            negative = self._black_image_states().expand_as(embeds)
+        else:
+            negative = torch.zeros_like(embeds)
         return embeds, negative
 
     def _embeds_tensor(self, embeds) -> torch.Tensor:
@@ -142,6 +151,19 @@ class IPAdapterMixin:
             raise BadArgumentError(f"ip_adapter_image_embeds: expected (1 or {b} samples, N >= 1 images, ..., "
                                    f"{width}) CLIP image features, found {tuple(embeds.shape)}")
         return embeds.to(self.device, torch.float32).expand(b, *embeds.shape[1:])
+
+    @torch.no_grad()
+    def _black_image_states(self) -> torch.Tensor:
+        """(S, E) penultimate hidden states of a black image: IP-Adapter Plus's unconditional input (diffusers'
+        encode_image encodes zeros like the image)."""
+        if self.image_encoder is None:
+            raise BadArgumentError("ip_adapter_image_embeds: IP-Adapter Plus's unconditional pass reads a black "
+                                   "image's encoding, and no image encoder is loaded; pass diffusers' form "
+                                   "[negative; positive] (a list of one tensor) or ip_adapter_image=")
+        param = next(self.image_encoder.parameters())
+        size = self.image_encoder.config.image_size
+        black = torch.zeros(1, 3, size, size, device=param.device, dtype=param.dtype)
+        return self.image_encoder(black, output_hidden_states=True).hidden_states[-2][0].float().to(self.device)
 
     @torch.no_grad()
     def _encode_ip_image(self, image) -> tuple:
@@ -179,7 +201,10 @@ class IPAdapterMixin:
 
 def _scale(scale) -> float:
     """diffusers' scale of one adapter: a number, or a list of one."""
-    if isinstance(scale, (list, tuple)) and len(scale) == 1:
+    if isinstance(scale, (list, tuple)):
+        if len(scale) != 1:
+            raise BadArgumentError(f"scale: one IP-Adapter is loaded: expected a number or a list of one, found "
+                                   f"{len(scale)} values")
         scale = scale[0]
     if isinstance(scale, dict):
         raise BadArgumentError("scale: per-block scales (InstantStyle's dicts) are not read; expected one number")

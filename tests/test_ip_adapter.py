@@ -376,3 +376,32 @@ def test_ip_adapter_plus_equals_diffusers(tmp_path, cfg):
     plain = fastdiff.load(str(tmp_path / "pipe")).generate(prompt="a red cat", latents=_latents(), steps=3,
                                                            cfg_scale=cfg, progress=False)
     assert rel_err(got, plain) > 1e-3
+
+
+def test_ip_adapter_plus_features_and_malformed_files(tmp_path):
+    """Plus given its hidden states directly: the unconditional pass reads a black image's, as the image's run does;
+    malformed projection weights and a scale list of two are one clear line each."""
+    from safetensors.torch import load_file, save_file
+
+    from fastdiff.errors import CheckpointError
+
+    ref, pipe = sd_pipelines(str(tmp_path))
+    adapter = _plus_adapter(str(tmp_path / "adapter"), ref.unet)
+    pipe.load_ip_adapter(adapter, weight_name="plus.safetensors")
+    kw = dict(prompt="a red cat", latents=_latents(), steps=2, cfg_scale=4.0, progress=False)
+    states, _ = pipe._encode_ip_image(_image())
+    assert rel_err(pipe.generate(ip_adapter_image_embeds=states, **kw),
+                   pipe.generate(ip_adapter_image=_image(), **kw)) <= 1e-6
+    with pytest.raises(BadArgumentError, match="expected a number or a list of one, found 2 values"):
+        pipe.set_ip_adapter_scale([0.4, 0.5])
+    with pytest.raises(BadArgumentError, match=r"expected \(2B, N, S, E\)"):
+        pipe.generate(ip_adapter_image_embeds=[states], **kw)
+    state = load_file(os.path.join(adapter, "plus.safetensors"))
+    for change in ({"image_proj.latents": torch.zeros(4, 16)}, {"image_proj.layers.0.1.1.weight": None},
+                   {"image_proj.layers.a.0.to_q.weight": torch.zeros(64, 16)}):
+        broken = {k: v for k, v in state.items() if change.get(k, 1) is not None}
+        broken.update({k: v for k, v in change.items() if v is not None})
+        save_file(broken, os.path.join(adapter, "broken.safetensors"))
+        with pytest.raises(CheckpointError, match="IP-Adapter: malformed image_proj weights") as e:
+            pipe.load_ip_adapter(adapter, weight_name="broken.safetensors")
+        assert "\n" not in str(e.value)

@@ -104,7 +104,7 @@ def register(sub) -> None:
                         "clip_l / clip_g pair) to the text encoders, as TOKEN (default: the file's own); repeat for "
                         "several")
     p.add_argument("--ip-adapter", default=None, metavar="FILE",
-                   help="an IP-Adapter's weights (h94/IP-Adapter's ip-adapter_sd15 / _sdxl .safetensors or .bin), its "
+                   help="an IP-Adapter's weights (h94/IP-Adapter's ip-adapter_* / ip-adapter-plus_* .safetensors or .bin), its "
                         "image encoder in image_encoder/ beside the file (or in --ip-adapter-encoder FOLDER)")
     p.add_argument("--ip-adapter-encoder", default=None, metavar="FOLDER",
                    help="the IP-Adapter's image encoder (a CLIPVisionModelWithProjection folder)")

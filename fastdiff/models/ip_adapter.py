@@ -89,53 +89,68 @@ def split_state_dict(state: dict) -> dict:
     return out
 
 
-def check(unet, state: dict) -> int:
-    """Refuse an adapter of ``state`` (``split_state_dict``'s layout) that does not fit ``unet`` (another kind of
-    adapter, another base model's); returns the width of the image features it projects (the encoder's projected
-    embedding; Plus: its hidden states')."""
-    from .ip_resampler import is_plus
+def build_projection(proj: dict) -> nn.Module:
+    """The image projection of an adapter's ``image_proj`` weights (the base adapter's, or Plus's resampler); a
+    malformed file is one clear line (CheckpointError)."""
+    from .ip_resampler import Resampler, is_plus
 
-    proj = state["image_proj"]
-    if is_plus(proj):
-        width, rem, embed = proj["proj_out.weight"].shape[0], 0, proj["proj_in.weight"].shape[1]
-    elif set(proj) == {"proj.weight", "proj.bias", "norm.weight", "norm.bias"}:
-        width = proj["norm.weight"].shape[0]
-        rem, embed = proj["proj.weight"].shape[0] % width, proj["proj.weight"].shape[1]
-    else:
+    if not is_plus(proj) and set(proj) != {"proj.weight", "proj.bias", "norm.weight", "norm.bias"}:
         kind = ("IP-Adapter Full Face / Face ID" if any(k.startswith(("proj.0", "proj.3", "perceiver")) for k in proj)
                 else "an IP-Adapter of another kind")
         raise BadArgumentError(f"load_ip_adapter(): {kind} (image_proj keys {sorted(proj)[:4]}); fastdiff reads the "
                                f"base IP-Adapter (a linear image projection) and IP-Adapter Plus (a resampler)")
+    try:
+        if is_plus(proj):
+            return Resampler.from_state_dict(proj)
+        width = proj["norm.weight"].shape[0]
+        rows, embed = proj["proj.weight"].shape
+        if rows % width:
+            raise ValueError(f"proj.weight's {rows} rows are no whole number of {width}-wide tokens")
+        projection = ImageProjection(embed, width, rows // width)
+        projection.load_state_dict(proj)
+        return projection
+    except (KeyError, IndexError, ValueError, RuntimeError) as e:  # (a missing key, a tensor of another rank / size)
+        if isinstance(e, CheckpointError):
+            raise
+        detail = str(e).strip().splitlines()[-1].strip() if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"IP-Adapter: malformed image_proj weights ({type(e).__name__}: {detail})") from e
+
+
+def projection_sizes(projection: nn.Module) -> tuple:
+    """(the width of the image features it reads, the width of the tokens it makes)."""
+    if isinstance(projection, ImageProjection):
+        return projection.proj.in_features, projection.norm.normalized_shape[0]
+    return projection.in_features, projection.proj_out.out_features
+
+
+def check(unet, state: dict) -> nn.Module:
+    """Refuse an adapter of ``state`` (``split_state_dict``'s layout) that does not fit ``unet`` (another kind of
+    adapter, another base model's, malformed weights); returns its image projection, built."""
+    projection = build_projection(state["image_proj"])
+    width = projection_sizes(projection)[1]
     layers = cross_attentions(unet)
     context_dims = {m.to_k.in_features for m in layers}
-    if rem or context_dims != {width}:
+    if context_dims != {width}:
         raise CheckpointError(f"IP-Adapter: image tokens {width} wide, and this UNet's cross-attention reads "
                               f"{sorted(context_dims)}-wide text states (another base model's adapter)")
     wanted = {f"{2 * i + 1}.to_{kv}_ip.weight": (m.heads * m.head_dim, width)
               for i, m in enumerate(layers) for kv in "kv"}
     given = state["ip_adapter"]
     missing, unexpected = sorted(set(wanted) - set(given)), sorted(set(given) - set(wanted))
-    wrong = sorted(k for k in set(wanted) & set(given) if tuple(given[k].shape) != wanted[k])
+    wrong = sorted(k for k in set(wanted) & set(given) if tuple(getattr(given[k], "shape", ())) != wanted[k])
     if missing or unexpected or wrong:  # (another base model's adapter: other layers or widths)
-        raise StateDictMismatchError(missing, unexpected, [(k, wanted[k], tuple(given[k].shape)) for k in wrong],
+        raise StateDictMismatchError(missing, unexpected,
+                                     [(k, wanted[k], tuple(getattr(given[k], "shape", ()))) for k in wrong],
                                      model=f"this UNet's {len(layers)} cross-attention layers")
-    return embed
+    return projection
 
 
-def attach(unet, state: dict) -> None:
-    """Give ``unet`` the adapter of ``state`` (checked first): its image projection and every cross-attention's
-    image branch."""
-    from .ip_resampler import Resampler, is_plus
-
-    check(unet, state)
-    proj, given, layers = state["image_proj"], state["ip_adapter"], cross_attentions(unet)
-    if is_plus(proj):
-        projection = Resampler.from_state_dict(proj)
-        width = projection.proj_out.out_features
-    else:
-        width = proj["norm.weight"].shape[0]
-        projection = ImageProjection(proj["proj.weight"].shape[1], width, proj["proj.weight"].shape[0] // width)
-        projection.load_state_dict(proj)
+def attach(unet, state: dict, projection: Optional[nn.Module] = None) -> None:
+    """Give ``unet`` the adapter of ``state`` (checked first, unless its built ``projection`` is given): its image
+    projection and every cross-attention's image branch."""
+    projection = check(unet, state) if projection is None else projection
+    width = projection_sizes(projection)[1]
+    given, layers = state["ip_adapter"], cross_attentions(unet)
     ref = next(unet.parameters())
     unet.ip_projection = projection.to(ref.device, ref.dtype)
     for i, m in enumerate(layers):
@@ -167,8 +182,7 @@ def image_rank(unet) -> int:
 
 
 def image_width(unet) -> int:
-    p = unet.ip_projection
-    return p.proj.in_features if isinstance(p, ImageProjection) else p.in_features
+    return projection_sizes(unet.ip_projection)[0]
 
 
 def image_tokens(unet, embeds: Optional[torch.Tensor], dtype: torch.dtype):

@@ -61,8 +61,11 @@ class Resampler(nn.Module):
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "Resampler":
+        """(KeyError / IndexError / ValueError on a malformed file: ``ip_adapter.build_projection`` words them)"""
         depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("layers."))
         q = state["layers.0.0.to_q.weight"]
+        if q.shape[0] % HEAD_DIM:
+            raise ValueError(f"layers.0.0.to_q.weight's {q.shape[0]} rows are no whole number of {HEAD_DIM}-wide heads")
         net = cls(embed_dim=state["proj_in.weight"].shape[1], hidden=state["latents"].shape[2],
                   width=state["proj_out.weight"].shape[0], queries=state["latents"].shape[1], depth=depth,
                   heads=q.shape[0] // HEAD_DIM, ff=state["layers.0.1.1.weight"].shape[0])
