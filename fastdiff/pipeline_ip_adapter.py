@@ -88,8 +88,9 @@ class IPAdapterMixin:
             self._rebuild_runner()
 
     def _ip_adapter_embeds(self, image, embeds, b: int, guided: bool) -> Optional[tuple]:
-        """generate(ip_adapter_image= / ip_adapter_image_embeds=) as (b, N, D) CLIP image embeddings and those of the
-        unconditional pass (zeros, as diffusers' encode_image; diffusers' list form brings its own), or None."""
+        """generate(ip_adapter_image= / ip_adapter_image_embeds=) as (b, N, ...) CLIP image features and those of the
+        unconditional pass (as diffusers' encode_image: zeros, Plus a black image's states; diffusers' list form
+        brings its own), or None."""
         from .models import ip_adapter
 
         loaded = self.model is not None and ip_adapter.attached(self.model)
@@ -105,7 +106,9 @@ class IPAdapterMixin:
         negative = None
         if image is not None:
             embeds, negative = (e[None] for e in self._encode_ip_image(image))  # (1, N, ...): every sample's
-        elif isinstance(embeds, (list, tuple)):  # diffusers' form: one tensor per adapter, [negative, positive]
+        elif not isinstance(embeds, (list, tuple)):
+            embeds = self._embeds_tensor(embeds)
+        else:  # diffusers' form: one tensor per adapter, [negative, positive]
             if len(embeds) != 1:
                 raise BadArgumentError(f"ip_adapter_image_embeds: one IP-Adapter is loaded: expected a list of one "
                                        f"tensor (diffusers' form), found {len(embeds)}")
@@ -118,7 +121,7 @@ class IPAdapterMixin:
                                            f"negative and positive features: expected {shape}, found "
                                            f"{tuple(embeds_given.shape)}")
                 negative, embeds = embeds.chunk(2)
-        embeds = self._per_sample(self._embeds_tensor(embeds), b)
+        embeds = self._per_sample(embeds, b)
         if negative is not None:
             negative = self._per_sample(negative, b)
         elif ip_adapter.image_rank(self.model) == 2 and guided:  # Plus: a black image's states, as encode_image

@@ -170,12 +170,18 @@ def _diffusers_sampler(args, spec, schedulers):
         cls, kw = schedulers["dpmpp_2m"]
         note = f"no matching diffusers scheduler for {args.sampler!r}: diffusers runs DPMSolverMultistepScheduler"
     kw, grid_note = _diffusers_grid(args.schedule, kw, spec)
+    # (the loop drops a learned variance's channels: a scheduler told to read them would find none)
+    sched_cfg = _diffusers_keys(spec, "variance_type")
+    return cls.from_config(sched_cfg, **kw), "; ".join(n for n in (note, grid_note) if n) or None
+
+
+def _diffusers_keys(spec, *dropped: str) -> dict:
+    """The spec's scheduler config as a diffusers scheduler reads it: no private keys, none of fastdiff's own, and
+    none starting with ``dropped``."""
     from ..scheduler_config import FASTDIFF_KEYS
 
-    # (the loop drops a learned variance's channels: a scheduler told to read them would find none)
-    sched_cfg = {k: v for k, v in spec.scheduler.items()
-                 if not k.startswith("_") and k not in FASTDIFF_KEYS and k != "variance_type"}
-    return cls.from_config(sched_cfg, **kw), "; ".join(n for n in (note, grid_note) if n) or None
+    return {k: v for k, v in spec.scheduler.items()
+            if not k.startswith(("_",) + dropped) and k not in FASTDIFF_KEYS}
 
 
 def _diffusers_grid(schedule, kw: dict, spec) -> tuple:
@@ -202,10 +208,7 @@ def _diffusers_flow_sampler(args, spec):
     swap them in) for dpmpp_2m / unipc."""
     from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
-    from ..scheduler_config import FASTDIFF_KEYS
-
-    sched_cfg = {k: v for k, v in spec.scheduler.items()
-                 if not k.startswith(("_", "flow_")) and k not in FASTDIFF_KEYS}
+    sched_cfg = _diffusers_keys(spec, "flow_")
     solvers = {"dpmpp_2m": DPMSolverMultistepScheduler, "unipc": UniPCMultistepScheduler}
     if args.sampler in solvers and spec.kind != "flux":  # (FluxPipeline hands FlowMatchEuler its own grid)
         return solvers[args.sampler](use_flow_sigmas=True, prediction_type="flow_prediction",
@@ -213,12 +216,6 @@ def _diffusers_flow_sampler(args, spec):
     note = None if args.sampler in (None, "euler") else (
         f"no matching diffusers flow scheduler for {args.sampler!r}: diffusers runs FlowMatchEulerDiscreteScheduler")
     return FlowMatchEulerDiscreteScheduler.from_config(sched_cfg), note
-
-
-def _pack(x):
-    """FluxPipeline._pack_latents: (B, C, h, w) -> (B, h/2 * w/2, 4C), each 2x2 patch's channels together."""
-    b, c, h, w = x.shape
-    return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), 4 * c)
 
 
 def _vae_latents(vae, pixels, generator):
@@ -232,11 +229,13 @@ def _diffusers_fill_inputs(vae, image, mask, generator, size):
     the pixel mask's f x f block per latent pixel (f: the VAE's pixels per latent pixel), both packed."""
     import torch
 
+    from ..models.flux import pack
+
     b, (h, w) = image.shape[0], size
     f = image.shape[-1] // w
     masked = _vae_latents(vae, (image * 2 - 1) * (1 - mask), generator)
     blocks = mask[:, 0].reshape(b, h, f, w, f).permute(0, 2, 4, 1, 3).reshape(b, f * f, h, w)
-    return torch.cat([_pack(masked), _pack(blocks.to(masked))], dim=-1)
+    return torch.cat([pack(masked), pack(blocks.to(masked))], dim=-1)
 
 
 def _diffusers_flux_generate(model, scheduler, spec, b, steps, cfg, cond, device, dtype, seed, vae=None):
@@ -250,16 +249,17 @@ def _diffusers_flux_generate(model, scheduler, spec, b, steps, cfg, cond, device
     import torch
 
     from ..flow import dynamic_shift_mu
+    from ..models.flux import pack
 
     g = torch.Generator(device="cpu").manual_seed(seed)
     h, w, c = *spec.sample_size, spec.in_channels
     extra = None
     if spec.latent_control:  # (a tensor control image is encoded as it is: FluxControlPipeline does not normalise)
-        extra = _pack(_vae_latents(vae, cond["control_image"], g))
+        extra = pack(_vae_latents(vae, cond["control_image"], g))
     if spec.inpainting:  # (at strength 1 the image's latents are unused; their draw is not)
         _vae_latents(vae, cond["image"] * 2 - 1, g)
     x = torch.randn((b, c, h, w), generator=g).to(device)
-    latents = _pack(x)
+    latents = pack(x)
     if spec.inpainting:
         extra = _diffusers_fill_inputs(vae, cond["image"], cond["mask"], g, (h, w))
     rows, cols = torch.meshgrid(torch.arange(h // 2), torch.arange(w // 2), indexing="ij")

@@ -110,8 +110,6 @@ def build_projection(proj: dict) -> nn.Module:
         projection.load_state_dict(proj)
         return projection
     except (KeyError, IndexError, ValueError, RuntimeError) as e:  # (a missing key, a tensor of another rank / size)
-        if isinstance(e, CheckpointError):
-            raise
         detail = str(e).strip().splitlines()[-1].strip() if str(e).strip() else type(e).__name__
         raise CheckpointError(f"IP-Adapter: malformed image_proj weights ({type(e).__name__}: {detail})") from e
 
