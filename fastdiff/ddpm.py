@@ -14,6 +14,10 @@ Its mean is the same for every variance; the noise's std is diffusers' ``DDPMSch
 * ``learned``: v is the variance itself (diffusers' reading; its std is sqrt(v)).
 
 The variances are variance-preserving ones; the state is x_vp * sqrt(1 + sigma'^2), so each std is scaled by that.
+
+Classifier guidance (``fastdiff.classifier_guidance``: a denoiser with ``mean_guidance``) moves the posterior mean by
+the variance times the classifier's gradient, guided-diffusion's ``condition_mean``: var_vp g, in the state's frame
+var_vp sqrt(1 + sigma'^2) g = std^2 / sqrt(1 + sigma'^2) g.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import math
 
 import torch
 
+from .classifier_guidance import guided_variance_last_step
 from .errors import BadArgumentError
 from .sampler_base import _after, _ancestral, _call, _cb, _setup
 
@@ -65,29 +70,43 @@ def sample_ddpm(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=No
     if variance not in VARIANCES:
         raise BadArgumentError(f"variance: expected one of {VARIANCES}, found {variance!r}")
     learned = variance.startswith("learned")
+    guidance = getattr(denoiser, "mean_guidance", None)  # classifier guidance, on the posterior mean
+    if guidance is not None:
+        denoiser = denoiser.inner
     x, sig, extra, noise = _setup(x, sigmas, extra_args, noise)
     for i in range(len(sig) - 1):
         s, s_next = sig[i], sig[i + 1]
         if learned:
             denoised, v = _call_variance(denoiser, x, s, extra)
         else:
+            v = None
             denoised = _call(denoiser, x, s, extra)
         _cb(callback, x, i, s, s, denoised)
+        grad = None if guidance is None else guidance.gradient(x, s)  # at x_t, before the step
         last = i == len(sig) - 2
         if s_next == 0:
             x = denoised
+            if grad is not None:  # (the mean moves on the last step too, by guided-diffusion's variance at t = 0)
+                lo_prev = _log_variances(sig[i - 1], s)[0] if i > 0 else None
+                x = x + grad * guided_variance_last_step(variance, lo_prev, _log_variances(s, 0.0)[1], v)
             if final_noise and variance != "fixed_small":
                 std = learned_std(v, variance, s, 0.0) if learned else s / math.sqrt(1 + s ** 2)
                 x = x + noise(i, x) * (std * s_noise)
             x = _after(after_step, x, s_next, last)
             continue
         down, up = _ancestral(s, s_next, 1.0)
-        x = torch.lerp(denoised, x, down / s)         # posterior mean: x0 + sigma_down * eps
+        x = torch.lerp(denoised, x, down / s)  # posterior mean: x0 + sigma_down * eps
         if learned:
-            x = torch.addcmul(x, noise(i, x), learned_std(v, variance, s, s_next), value=s_noise)
+            std = learned_std(v, variance, s, s_next)
         else:
             if variance == "fixed_large":             # std sqrt(beta_t), in sigma units
                 up = math.sqrt((s ** 2 - s_next ** 2) * (1 + s_next ** 2) / (1 + s ** 2))
-            x = torch.add(x, noise(i, x), alpha=up * s_noise)
+            std = up
+        if grad is not None:                          # mean + var_vp g, in the state's frame
+            x = x + grad * (std * std / math.sqrt(1 + s_next ** 2))
+        if learned:
+            x = torch.addcmul(x, noise(i, x), std, value=s_noise)
+        else:
+            x = torch.add(x, noise(i, x), alpha=std * s_noise)
         x = _after(after_step, x, s_next, last)
     return x

@@ -15,6 +15,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .errors import BadArgumentError, UnsupportedConfigError
+from .pipeline_classifier import ClassifierMixin
 from .pipeline_control import ControlNetMixin
 from .pipeline_images import ImageInputsMixin
 from .pipeline_ip_adapter import IPAdapterMixin
@@ -31,7 +32,7 @@ OUTPUT_TYPES = ("tensor", "np", "pil")
 KNOWN_REGION = "known_region"
 
 
-class Pipeline(PlansMixin, ControlNetMixin, ImageInputsMixin, IPAdapterMixin):
+class Pipeline(PlansMixin, ControlNetMixin, ImageInputsMixin, IPAdapterMixin, ClassifierMixin):
     def __init__(self, model: Optional[torch.nn.Module], spec: ModelSpec, device="cpu", runner=None, vae=None,
                  prompt_encoder=None):
         """model: the native network (None for an artifact-only pipeline, e.g. a loaded .onnx file, whose
@@ -286,7 +287,8 @@ class Pipeline(PlansMixin, ControlNetMixin, ImageInputsMixin, IPAdapterMixin):
                  control_guidance_end: float = 1.0, guess_mode: bool = False,
                  denoising_end: Optional[float] = None, denoising_start: Optional[float] = None,
                  padding_mask_crop: Optional[int] = None, control_mode=None, control_mask=None,
-                 ip_adapter_image=None, ip_adapter_image_embeds=None, **sampler_options):
+                 ip_adapter_image=None, ip_adapter_image_embeds=None, classifier_scale: Optional[float] = None,
+                 **sampler_options):
         """Sample ``n`` images (latents for latent models).
 
         sampler / schedule: a fastdiff sampler name (``dpmpp_2m``, ``unipc``, ``ddim``, ...) and sigma
@@ -375,6 +377,11 @@ class Pipeline(PlansMixin, ControlNetMixin, ImageInputsMixin, IPAdapterMixin):
             Samplers with one network evaluation per step; with a mask (a regular UNet's refiner takes the base's
             latents and the mask in pixels), and with a ControlNet (a base run, or inpainting: diffusers' SDXL
             ControlNet and ControlNet inpainting pipelines), not with padding_mask_crop.
+        classifier_scale: classifier guidance's strength with a loaded noisy-image classifier (``load_classifier``:
+            guided-diffusion's, as its classifier_sample.py; default the one given there): steers each sample to its
+            ``class_labels`` (which an unconditional model leaves to the classifier). DDPM conditions its posterior
+            mean, every other sampler its x0 (guided-diffusion's DDIM); it runs eagerly (a captured loop,
+            ``graph_scope="loop"``, is not used).
         output_type: ``tensor`` (B, C, H, W) float32 in the model's range (latents for a latent model), ``np``
             uint8 (B, H, W, C), ``pil`` a list of PIL images (1 or 3 channels); a latent model with a VAE decoder
             (``pipe.vae``) is decoded for ``np`` / ``pil``.
@@ -463,7 +470,11 @@ class Pipeline(PlansMixin, ControlNetMixin, ImageInputsMixin, IPAdapterMixin):
                                                                          negative_prompt_3))),
             clip_skip, max_sequence_length, encoder_hidden_states, negative_encoder_hidden_states, text_embeds,
             negative_text_embeds)
-        cond, uncond = self._conditioning(b, class_labels, encoder_hidden_states, negative_encoder_hidden_states,
+        if classifier_scale is not None and self.classifier is None:
+            raise BadArgumentError("classifier_scale: no classifier is loaded (pipe.load_classifier)")
+        steer = self._classifier_labels(class_labels, b)  # a classifier's labels (an unconditional model's alone)
+        cond, uncond = self._conditioning(b, None if steer is not None and self.spec.num_classes is None
+                                          else class_labels, encoder_hidden_states, negative_encoder_hidden_states,
                                           guided)
         added, added_uncond = text_time_conditioning(
             self.spec, b, (h, w), guided, self.device, self._network_dtype(), text_embeds=text_embeds,
@@ -479,7 +490,7 @@ class Pipeline(PlansMixin, ControlNetMixin, ImageInputsMixin, IPAdapterMixin):
         # (both CFG passes share it; FluxImg2Img / FluxInpaintPipeline default to 7, FluxPipeline to 3.5)
         cond.update(guidance_conditioning(self.spec, b, guidance, self.device,
                                           edits=images is not None or self._latent_controlnet() == "flux"))
-        denoiser = plan.make_denoiser(self.runner, dtype=self._network_dtype())
+        denoiser = base = plan.make_denoiser(self.runner, dtype=self._network_dtype())
         blends = masks is not None and not self.spec.inpainting  # a regular model: the image pasted back per step
         if control is not None and self.spec.latent_control:  # FLUX.1 Depth / Canny: the posteriors, then the noise
             if blends and self.vae is not None:  # FluxControlInpaintPipeline encodes the (unread) masked image first
@@ -500,8 +511,9 @@ class Pipeline(PlansMixin, ControlNetMixin, ImageInputsMixin, IPAdapterMixin):
             denoiser = ControlWindow(denoiser)
         extra = dict(cond)
         denoiser = self._guided(denoiser, extra, uncond, guided, cfg_scales, rescales)
+        denoiser = self._classifier_guided(denoiser, base, steer, classifier_scale)
 
-        if self.loop_graphs is not None and callback is not None:
+        if self.loop_graphs is not None and callback is not None and steer is None:
             raise BadArgumentError("callback: a captured sampling loop (graph_scope='loop') runs no Python per "
                                    "step; use graph_scope='step' to get per-step callbacks")
         if images is not None:  # the posterior draws come first, then the start noise (diffusers' order)
@@ -601,7 +613,8 @@ class Pipeline(PlansMixin, ControlNetMixin, ImageInputsMixin, IPAdapterMixin):
 
         try:
             with update_impl(self.update_impl):  # the samplers' state update: torch or one fused kernel
-                if self.loop_graphs is not None:
+                # (classifier guidance differentiates its classifier: it runs eagerly, the network per step)
+                if self.loop_graphs is not None and getattr(denoiser, "mean_guidance", None) is None:
                     x = self._sample_loop_graph(plan, denoiser, latents, extra, noise, guided)
                     if bar is not None:
                         bar.update(plan.steps)

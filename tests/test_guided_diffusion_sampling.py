@@ -67,22 +67,26 @@ def test_respacing_key_is_ddpms_and_ddims_only():
         plan_from_scheduler_config({"_class_name": "DDPMScheduler", "timestep_respacing": "ddim"}, 10)
 
 
-@torch.no_grad()
-def _guided_diffusion_ddim_loop(model, timesteps: list, x: torch.Tensor, clip: bool):
+def _guided_diffusion_ddim_loop(model, timesteps: list, x: torch.Tensor, clip: bool, cond_fn=None):
     """A float64 transcription of guided-diffusion's ``ddim_sample_loop`` (eta 0) on the kept ``timesteps``
     (ascending): x0 from eps (clipped to [-1, 1] with ``clip_denoised``), eps recomputed from that x0, then
-    x' = sqrt(a') x0 + sqrt(1 - a') eps; a' = 1 after the last step."""
+    x' = sqrt(a') x0 + sqrt(1 - a') eps; a' = 1 after the last step. ``cond_fn(x, t)``: classifier guidance's
+    gradient, by ``condition_score`` (eps - sqrt(1 - a) g, x0 from that eps, not clipped again)."""
     betas = np.linspace(1e-4, 0.02, 1000, dtype=np.float64)
     ac_full = np.cumprod(1.0 - betas)
     acp = ac_full[timesteps]
     x = x.double()
     for i in reversed(range(len(timesteps))):
         a, a_prev = acp[i], (acp[i - 1] if i > 0 else 1.0)
-        eps = model(x.float(), timesteps[i]).double()
+        with torch.no_grad():
+            eps = model(x.float(), timesteps[i]).double()
         x0 = math.sqrt(1 / a) * x - math.sqrt(1 / a - 1) * eps
         if clip:
             x0 = x0.clamp(-1, 1)
         eps = (math.sqrt(1 / a) * x - x0) / math.sqrt(1 / a - 1)
+        if cond_fn is not None:
+            eps = eps - math.sqrt(1 - a) * cond_fn(x.float(), timesteps[i]).double()
+            x0 = math.sqrt(1 / a) * x - math.sqrt(1 / a - 1) * eps
         x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
     return x
 
@@ -132,10 +136,10 @@ def test_learned_matches_diffusers():
     assert float((fixed - ref).abs().max() / ref.abs().max()) > 1e-2  # the variance channels were read
 
 
-@torch.no_grad()
-def _guided_diffusion_p_sample_loop(model, steps: int, seeds, shape, timestep_map=None):
-    """A float64 transcription of guided-diffusion's respaced DDPM (learned range, no clipping): returns the sample
-    and the timesteps the network was given. ``model(x_vp, t) -> (eps, v)``."""
+def _guided_diffusion_p_sample_loop(model, steps: int, seeds, shape, timestep_map=None, clip=False, cond_fn=None):
+    """A float64 transcription of guided-diffusion's respaced DDPM (learned range; x0 clipped with ``clip``): returns
+    the sample and the timesteps the network was given. ``model(x_vp, t) -> (eps, v)``; ``cond_fn(x, t)``: classifier
+    guidance's gradient, by ``condition_mean`` (mean + variance g, the last step's too)."""
     T = 1000
     betas = np.linspace(1e-4, 0.02, T, dtype=np.float64)  # get_named_beta_schedule("linear", 1000)
     alphas_cumprod = np.cumprod(1.0 - betas)
@@ -157,12 +161,17 @@ def _guided_diffusion_p_sample_loop(model, steps: int, seeds, shape, timestep_ma
     fed = []
     for k, i in enumerate(reversed(range(len(b)))):
         fed.append(use[i])
-        eps, v = model(x.float(), use[i])
+        with torch.no_grad():
+            eps, v = model(x.float(), use[i])
         eps, v = eps.double(), v.double()
         frac = (v + 1) / 2
         log_var = frac * math.log(b[i]) + (1 - frac) * post_log_var[i]
         x0 = math.sqrt(1 / acp[i]) * x - math.sqrt(1 / acp[i] - 1) * eps
+        if clip:
+            x0 = x0.clamp(-1, 1)
         mean = coef1[i] * x0 + coef2[i] * x
+        if cond_fn is not None:
+            mean = mean + torch.exp(log_var) * cond_fn(x.float(), use[i]).double()
         if i > 0:
             x = mean + torch.exp(0.5 * log_var) * src(k, x.float()).double()
         else:

@@ -396,6 +396,12 @@ def _read_any(path: str, *, variant=None, num_heads=None, head_channels=None, at
             spec.notes.extend(notes)
             spec.guided_channels = 3  # official forward_with_cfg guides channels 0..2, whatever learn_sigma
             return "dit", cfg, state, spec, None
+        from .guided_classifier import is_guided_classifier_state_dict
+
+        if is_guided_classifier_state_dict(state):
+            raise UnknownFormatError(f"{path}: a guided-diffusion noisy-image classifier (EncoderUNetModel), not a "
+                                     f"denoising network: load the diffusion model, then pipe.load_classifier({path!r}) "
+                                     f"(--classifier on the command line) for classifier guidance")
         raise UnknownFormatError(_unknown(path, f"a torch file whose keys start {sorted(state)[:6]}"))
     if ext == ".pkl":  # NVlabs/edm (and StyleGAN-family) networks ship as pickles of their own code
         raise UnsafeCheckpointError(

@@ -57,6 +57,14 @@ def guided_diffusion_config(state: dict, num_heads: Optional[int] = None,
     if n_in - 1 != levels * res_per_level + levels - 1 or res_per_level < 1:
         raise CheckpointError(f"guided-diffusion UNet: cannot infer levels from {n_in} input / {out_blocks} output "
                               f"blocks")
+    return adm_config(sd, levels, res_per_level, num_heads, head_channels, "guided-diffusion UNet",
+                      out_channels=sd["out.2.weight"].shape[0])
+
+
+def adm_config(sd: RequiredKeys, levels: int, res_per_level: int, num_heads: Optional[int],
+               head_channels: Optional[int], what: str, out_channels: int) -> UNetConfig:
+    """The native UNet config of ADM's input blocks, middle block (and their mirror) once the level count and the
+    ResBlocks per level are known: channels and attention per level, scale-shift norms, heads, embeddings."""
     channels, attn = [], []
     for lvl in range(levels):
         first = 1 + lvl * (res_per_level + 1)
@@ -64,9 +72,9 @@ def guided_diffusion_config(state: dict, num_heads: Optional[int] = None,
         attn.append(f"input_blocks.{first}.1.qkv.weight" in sd)
     if any("op.weight" in k for k in sd if k.startswith("input_blocks.")) or any(
             re.match(r"output_blocks\.\d+\.\d+\.conv\.weight", k) for k in sd):
-        raise CheckpointError("guided-diffusion UNet with conv resampling (resblock_updown=False): not supported yet")
+        raise CheckpointError(f"{what} with conv resampling (resblock_updown=False): not supported yet")
     if "middle_block.1.qkv.weight" not in sd:
-        raise CheckpointError("guided-diffusion UNet without a middle attention block: not supported")
+        raise CheckpointError(f"{what} without a middle attention block: not supported")
     scale_shift = sd["input_blocks.1.0.emb_layers.1.weight"].shape[0] == 2 * channels[0]
     if num_heads is not None and head_channels is None:  # ADM num_head_channels=-1: a fixed head count
         heads_dim = [c // num_heads for c in channels]
@@ -79,12 +87,12 @@ def guided_diffusion_config(state: dict, num_heads: Optional[int] = None,
             setting = f"num_heads={num_heads}" if by_count else \
                 f"head_channels={heads_dim}" + (" (the default)" if head_channels is None else "")
             raise UnsupportedConfigError(
-                "heads", setting, model="guided-diffusion UNet",
+                "heads", setting, model=what,
                 supported=f"heads that divide every attention level's channels {sorted(set(channels))}: pass "
                           f"head_channels= (ADM num_head_channels) or num_heads= (ADM num_heads) as trained")
     width = sd["input_blocks.0.0.weight"].shape[0]  # ADM's input conv: int(channel_mult[0] * model_channels)
     if width != channels[0]:
-        raise CheckpointError(f"guided-diffusion UNet: the input conv makes {width} channels and the first level "
+        raise CheckpointError(f"{what}: the input conv makes {width} channels and the first level "
                               f"takes {channels[0]}; ADM builds them equal")
     # the timestep sinusoid is model_channels wide: the first level's width unless channel_mult[0] != 1 (OpenAI's
     # 512 px model: 0.5)
@@ -92,7 +100,7 @@ def guided_diffusion_config(state: dict, num_heads: Optional[int] = None,
     classes = sd["label_emb.weight"].shape[0] if "label_emb.weight" in sd else None
     cfg = UNetConfig.from_diffusers(dict(
         sample_size=ADM_IMAGE_SIZES.get(levels, 64), in_channels=sd["input_blocks.0.0.weight"].shape[1],
-        out_channels=sd["out.2.weight"].shape[0],
+        out_channels=out_channels,
         block_out_channels=channels, layers_per_block=res_per_level,
         down_block_types=["AttnDownBlock2D" if a else "ResnetDownsampleBlock2D" for a in attn],
         up_block_types=["AttnUpBlock2D" if a else "ResnetUpsampleBlock2D" for a in reversed(attn)],
@@ -110,87 +118,103 @@ def guided_diffusion_config(state: dict, num_heads: Optional[int] = None,
 ATTENTION_ORDERS = ("legacy", "new")
 
 
-def convert_guided_diffusion(state: dict, config: UNetConfig, attention_order: str = "legacy") -> dict[str, torch.Tensor]:
-    """ADM keys -> native keys. attention_order: "legacy" (QKVAttentionLegacy: qkv output channels
-    ordered (head, q|k|v, channel)) or "new" (QKVAttention, ``use_new_attention_order``: (q|k|v, head,
-    channel))."""
-    if attention_order not in ATTENTION_ORDERS:
-        raise BadArgumentError(f"attention_order: expected one of {ATTENTION_ORDERS}, found {attention_order!r}")
-    sd = RequiredKeys(state, "a guided-diffusion UNet")
-    n = len(config.block_out_channels)
-    per = config.layers_per_block
-    head_dims = config.per_block(config.attention_head_dim, "attention_head_dim")
-    out: dict[str, torch.Tensor] = {}
-    used: set[str] = set()
+class ADMKeys:
+    """ADM keys -> native keys, a block at a time (the UNet's and the classifier's converters share it); ``finish``
+    refuses what no block read. attention_order: "legacy" (QKVAttentionLegacy: qkv output channels ordered (head,
+    q|k|v, channel)) or "new" (QKVAttention, ``use_new_attention_order``: (q|k|v, head, channel))."""
 
-    def put(new, old, value=None):
-        out[new] = sd[old] if value is None else value
-        used.add(old)
+    def __init__(self, state: dict, what: str, attention_order: str = "legacy", prefix: str = ""):
+        if attention_order not in ATTENTION_ORDERS:
+            raise BadArgumentError(f"attention_order: expected one of {ATTENTION_ORDERS}, found {attention_order!r}")
+        self.sd = RequiredKeys(state, what)
+        self.what, self.order, self.prefix = what, attention_order, prefix
+        self.out: dict[str, torch.Tensor] = {}
+        self.used: set[str] = set()
 
-    def resnet(src, dst):
-        for k in [k for k in sd if k.startswith(src + ".")]:
+    def put(self, new: str, old: str, value=None) -> None:
+        self.out[self.prefix + new] = self.sd[old] if value is None else value
+        self.used.add(old)
+
+    def resnet(self, src: str, dst: str) -> None:
+        for k in [k for k in self.sd if k.startswith(src + ".")]:
             rest = k[len(src) + 1:]
             for old, new in _RESNET.items():
                 if rest.startswith(old + "."):
                     rest = new + rest[len(old):]
                     break
-            put(f"{dst}.{rest}", k)
+            self.put(f"{dst}.{rest}", k)
 
-    def attention(src, dst, head_dim):
+    def attention(self, src: str, dst: str, head_dim: int) -> None:
+        sd = self.sd
         w, b = sd[f"{src}.qkv.weight"][..., 0], sd[f"{src}.qkv.bias"]  # (3C, C), (3C,)
         c = w.shape[1]
         heads = c // head_dim
         if not heads or c % head_dim or w.shape[0] != 3 * c:  # the levels inferred from the keys do not fit
             shape = tuple(sd[f"{src}.qkv.weight"].shape)
-            raise CheckpointError(f"guided-diffusion UNet: {src}.qkv.weight of shape {shape} does not split into "
-                                  f"q, k, v of heads of {head_dim} channels (expected (3C, C, 1) with C a multiple of "
+            raise CheckpointError(f"{self.what}: {src}.qkv.weight of shape {shape} does not split into q, k, v of "
+                                  f"heads of {head_dim} channels (expected (3C, C, 1) with C a multiple of "
                                   f"{head_dim}): a block is missing, head_channels= / num_heads= are not the "
-                                  f"trained ones, or the file is not an ADM UNet")
-        if attention_order == "new":  # (3, heads, head_dim): bring to the legacy (heads, 3, head_dim) layout
+                                  f"trained ones, or the file is not an ADM network")
+        if self.order == "new":  # (3, heads, head_dim): bring to the legacy (heads, 3, head_dim) layout
             w = w.reshape(3, heads, head_dim, c).transpose(0, 1)
             b = b.reshape(3, heads, head_dim).transpose(0, 1)
         w = w.reshape(heads, 3, head_dim, c)
         b = b.reshape(heads, 3, head_dim)
         for i, name in enumerate(("to_q", "to_k", "to_v")):
-            put(f"{dst}.{name}.weight", f"{src}.qkv.weight", w[:, i].reshape(heads * head_dim, c).contiguous())
-            put(f"{dst}.{name}.bias", f"{src}.qkv.bias", b[:, i].reshape(heads * head_dim).contiguous())
-        put(f"{dst}.to_out.0.weight", f"{src}.proj_out.weight", sd[f"{src}.proj_out.weight"][..., 0].contiguous())
-        put(f"{dst}.to_out.0.bias", f"{src}.proj_out.bias")
-        put(f"{dst}.group_norm.weight", f"{src}.norm.weight")
-        put(f"{dst}.group_norm.bias", f"{src}.norm.bias")
+            self.put(f"{dst}.{name}.weight", f"{src}.qkv.weight", w[:, i].reshape(heads * head_dim, c).contiguous())
+            self.put(f"{dst}.{name}.bias", f"{src}.qkv.bias", b[:, i].reshape(heads * head_dim).contiguous())
+        self.put(f"{dst}.to_out.0.weight", f"{src}.proj_out.weight", sd[f"{src}.proj_out.weight"][..., 0].contiguous())
+        self.put(f"{dst}.to_out.0.bias", f"{src}.proj_out.bias")
+        self.put(f"{dst}.group_norm.weight", f"{src}.norm.weight")
+        self.put(f"{dst}.group_norm.bias", f"{src}.norm.bias")
 
-    put("conv_in.weight", "input_blocks.0.0.weight")
-    put("conv_in.bias", "input_blocks.0.0.bias")
-    for i, name in ((0, "linear_1"), (2, "linear_2")):
-        put(f"time_embedding.{name}.weight", f"time_embed.{i}.weight")
-        put(f"time_embedding.{name}.bias", f"time_embed.{i}.bias")
-    if "label_emb.weight" in sd:
-        put("class_embedding.weight", "label_emb.weight")
-    for lvl in range(n):
-        for j in range(per):
-            k = 1 + lvl * (per + 1) + j
-            resnet(f"input_blocks.{k}.0", f"down_blocks.{lvl}.resnets.{j}")
-            if f"input_blocks.{k}.1.qkv.weight" in sd:
-                attention(f"input_blocks.{k}.1", f"down_blocks.{lvl}.attentions.{j}", head_dims[lvl])
-        if lvl < n - 1:
-            resnet(f"input_blocks.{1 + lvl * (per + 1) + per}.0", f"down_blocks.{lvl}.downsamplers.0")
-    resnet("middle_block.0", "mid_block.resnets.0")
-    attention("middle_block.1", "mid_block.attentions.0", head_dims[-1])
-    resnet("middle_block.2", "mid_block.resnets.1")
+    def encoder(self, config: UNetConfig) -> None:
+        """The input convolution, the time (and class) embedding, the input blocks and the middle block: ADM's
+        ``UNetModel`` down to its middle, and its ``EncoderUNetModel`` (the noisy-image classifier) but the head."""
+        sd, n, per = self.sd, len(config.block_out_channels), config.layers_per_block
+        head_dims = config.per_block(config.attention_head_dim, "attention_head_dim")
+        self.put("conv_in.weight", "input_blocks.0.0.weight")
+        self.put("conv_in.bias", "input_blocks.0.0.bias")
+        for i, name in ((0, "linear_1"), (2, "linear_2")):
+            self.put(f"time_embedding.{name}.weight", f"time_embed.{i}.weight")
+            self.put(f"time_embedding.{name}.bias", f"time_embed.{i}.bias")
+        if "label_emb.weight" in sd:
+            self.put("class_embedding.weight", "label_emb.weight")
+        for lvl in range(n):
+            for j in range(per):
+                k = 1 + lvl * (per + 1) + j
+                self.resnet(f"input_blocks.{k}.0", f"down_blocks.{lvl}.resnets.{j}")
+                if f"input_blocks.{k}.1.qkv.weight" in sd:
+                    self.attention(f"input_blocks.{k}.1", f"down_blocks.{lvl}.attentions.{j}", head_dims[lvl])
+            if lvl < n - 1:
+                self.resnet(f"input_blocks.{1 + lvl * (per + 1) + per}.0", f"down_blocks.{lvl}.downsamplers.0")
+        self.resnet("middle_block.0", "mid_block.resnets.0")
+        self.attention("middle_block.1", "mid_block.attentions.0", head_dims[-1])
+        self.resnet("middle_block.2", "mid_block.resnets.1")
+
+    def finish(self) -> dict[str, torch.Tensor]:
+        leftover = sorted(set(self.sd) - self.used)
+        if leftover:
+            raise CheckpointError(f"{self.what}: {len(leftover)} tensor(s) with no native counterpart: {leftover[:5]}")
+        return self.out
+
+
+def convert_guided_diffusion(state: dict, config: UNetConfig, attention_order: str = "legacy") -> dict[str, torch.Tensor]:
+    """ADM keys -> native keys (attention_order: ``ADMKeys``')."""
+    keys = ADMKeys(state, "guided-diffusion UNet", attention_order)
+    sd, n, per = keys.sd, len(config.block_out_channels), config.layers_per_block
+    head_dims = config.per_block(config.attention_head_dim, "attention_head_dim")
+    keys.encoder(config)
     for lvl in range(n):
         for j in range(per + 1):
             k = lvl * (per + 1) + j
-            resnet(f"output_blocks.{k}.0", f"up_blocks.{lvl}.resnets.{j}")
+            keys.resnet(f"output_blocks.{k}.0", f"up_blocks.{lvl}.resnets.{j}")
             has_attn = f"output_blocks.{k}.1.qkv.weight" in sd
             if has_attn:
-                attention(f"output_blocks.{k}.1", f"up_blocks.{lvl}.attentions.{j}", head_dims[n - 1 - lvl])
+                keys.attention(f"output_blocks.{k}.1", f"up_blocks.{lvl}.attentions.{j}", head_dims[n - 1 - lvl])
             if j == per and lvl < n - 1:
-                resnet(f"output_blocks.{k}.{2 if has_attn else 1}", f"up_blocks.{lvl}.upsamplers.0")
+                keys.resnet(f"output_blocks.{k}.{2 if has_attn else 1}", f"up_blocks.{lvl}.upsamplers.0")
     for i, name in ((0, "conv_norm_out"), (2, "conv_out")):
-        put(f"{name}.weight", f"out.{i}.weight")
-        put(f"{name}.bias", f"out.{i}.bias")
-    leftover = sorted(set(sd) - used)
-    if leftover:
-        raise CheckpointError(f"guided-diffusion UNet: {len(leftover)} tensor(s) with no native counterpart: "
-                              f"{leftover[:5]}")
-    return out
+        keys.put(f"{name}.weight", f"out.{i}.weight")
+        keys.put(f"{name}.bias", f"out.{i}.bias")
+    return keys.finish()
