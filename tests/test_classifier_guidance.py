@@ -303,3 +303,21 @@ def test_official_guided_diffusion_checkpoint_with_a_classifier(sampler):
     plain = pipe.generate(classifier_scale=0.0, **kw)
     assert float((ref.float() - plain).abs().max()) > 1e-2
     assert float((got - ref.float()).abs().max()) <= 1e-4 * float(ref.abs().max())
+
+
+def test_cli_generate_with_a_classifier(tmp_path):
+    from safetensors.torch import load_file
+
+    from test_cli import fastdiff as run_cli
+
+    path = str(tmp_path / "cls.pt")
+    torch.save(official(seed=11, num_head_channels=64).state_dict(), path)  # (the CLI's heads: create_classifier's 64)
+    r = run_cli("generate", "arch:tiny-unet", "--class", "3", "8", "--classifier", path, "--classifier-scale", "4",
+                "--steps", "3", "--output-latents", "out.safetensors", "--no-progress", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    pipe = fastdiff.load("arch:tiny-unet").load_classifier(path, scale=4.0)
+    want = pipe.generate(class_labels=[3, 8], seed=0, n=2, steps=3, progress=False)
+    torch.testing.assert_close(load_file(str(tmp_path / "out.safetensors"))["latents"], want, rtol=1e-4, atol=1e-4)
+    r = run_cli("generate", "arch:tiny-unet", "--classifier-scale", "4", "--steps", "1", "--output-latents",
+                "x.safetensors", "--no-progress", cwd=tmp_path)
+    assert r.returncode == 2 and "--classifier-scale: given, but no --classifier FILE" in r.stderr

@@ -112,6 +112,11 @@ def register(sub) -> None:
                    help="the image prompt of --ip-adapter (repeat for several: their tokens one after another)")
     p.add_argument("--ip-adapter-scale", type=float, default=None, metavar="S",
                    help="the image prompt's weight (default 1)")
+    p.add_argument("--classifier", default=None, metavar="FILE",
+                   help="classifier guidance (guided-diffusion's classifier_sample.py): a noisy-image classifier "
+                        "(its 64x64_classifier.pt ... 512x512_classifier.pt) steers each image to its --class")
+    p.add_argument("--classifier-scale", type=float, default=None, metavar="S",
+                   help="the classifier's strength (guided-diffusion's --classifier_scale; default 1)")
     p.add_argument("--freeu", type=float, nargs=4, default=None, metavar=("S1", "S2", "B1", "B2"),
                    help="FreeU on a text UNet, as diffusers' enable_freeu (SD 1.5: 0.9 0.2 1.5 1.6)")
     p.add_argument("--mask", default=None, metavar="MASK.png",
@@ -502,6 +507,11 @@ def run(args) -> int:
                                 ("--ip-adapter-scale", args.ip_adapter_scale)) if v is not None]
         if given:
             raise BadArgumentError(f"{given[0]}: given, but no --ip-adapter FILE")
+    if args.classifier is not None:  # (64 channels per head, legacy attention order: create_classifier's, whatever
+        # the model's)
+        pipe.load_classifier(args.classifier, scale=1.0 if args.classifier_scale is None else args.classifier_scale)
+    elif args.classifier_scale is not None:
+        raise BadArgumentError("--classifier-scale: given, but no --classifier FILE")
     if args.vae_tiling:
         if pipe.vae is None:
             raise BadArgumentError(f"--vae-tiling: {args.model} has no VAE to tile (pass --vae FOLDER)")
