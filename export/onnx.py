@@ -125,7 +125,8 @@ def cond_inputs(cond: Optional[str], spec: ModelSpec, control=None) -> list[str]
     text input as ``uncond_<name>``; the unconditional class label is the graph's own null class). A UNet with
     both text and a class table takes both; one exported with its ControlNet (``control``: ``control_format``'s
     dict) the control inputs."""
-    image = (["image_latents"] if spec.inpainting or spec.latent_control else []) + control_inputs(control)
+    image = (["image_latents"] if spec.inpainting or spec.latent_control or spec.low_res_channels else []) + \
+        control_inputs(control)
     if cond == "class":
         return ["class_labels"] + image
     if cond == "text":

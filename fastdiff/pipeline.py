@@ -321,6 +321,9 @@ class Pipeline(PlansMixin, ControlNetMixin, ImageInputsMixin, IPAdapterMixin, Cl
         latents: the initial unit-normal noise (B, C, H, W), as diffusers' ``latents=`` (a torch tensor or a
             NumPy array); it fixes the batch (``n`` may only repeat it) and, by default, the size.
         height / width: in latent pixels (default: the model's sample size).
+        image on a super-resolution model (``spec.low_res_channels``: guided-diffusion's upsamplers): the
+            low-resolution image(s) to upsample (read as below; any size), which the network reads upsampled bilinearly
+            to the output size, as guided-diffusion's super_res_sample.py; no strength or mask.
         image / strength: image-to-image (SDEdit), as diffusers' img2img pipelines: the image (one, or one per sample;
             PIL, NumPy uint8 / [0, 1] floats, or tensors in [0, 1]; see ``fastdiff.img2img``) is encoded by the VAE's
             encoder (a pixel model takes it as it is), noised to the grid's sigma at ``strength`` (0-1; default the
@@ -408,6 +411,9 @@ class Pipeline(PlansMixin, ControlNetMixin, ImageInputsMixin, IPAdapterMixin, Cl
             image, mask_image = crop.image, crop.mask
             control_image = None if control_image is None else crop.control(control_image)
         latents = _as_latents(latents)
+        low_res = None  # a super-resolution network's images to upsample, (k, C, h, w) in [0, 1]
+        if self.spec.low_res_channels:
+            low_res, image = self._low_res_images(image, strength, mask_image), None
         # (k, C, H, W): images in [0, 1], or (given_latents) a latent model's latents as generate() returns them
         images, given_latents = self._img2img_images(image, strength, latents)
         # (k, 1, H, W) of 0 / 1, for inpainting (a refiner's from a base run's latents too)
@@ -423,8 +429,9 @@ class Pipeline(PlansMixin, ControlNetMixin, ImageInputsMixin, IPAdapterMixin, Cl
                     raise BadArgumentError(f"control_image / image: the control image fixes the latent size to "
                                            f"{height}x{width} and the image to {images.shape[2] // f}x"
                                            f"{images.shape[3] // f}; expected one size")
-        if images is not None and images.shape[0] > 1 and n == 1 and seeds is None:
-            n = images.shape[0]  # one sample per image
+        given_images = images if low_res is None else low_res
+        if given_images is not None and given_images.shape[0] > 1 and n == 1 and seeds is None:
+            n = given_images.shape[0]  # one sample per image
         if isinstance(prompt, (list, tuple)) and len(prompt) > 1 and n == 1 and seeds is None and latents is None:
             n = len(prompt)  # one sample per prompt, as diffusers' pipelines
         seeds = self._seeds(n, seed, seeds, latents)
@@ -482,6 +489,8 @@ class Pipeline(PlansMixin, ControlNetMixin, ImageInputsMixin, IPAdapterMixin, Cl
             **({} if self.vae is None else dict(scale=self.vae.downscale)))  # (default ids in the VAE's pixels)
         cond.update(added)
         uncond.update(added_uncond)
+        if low_res is not None:  # (b, C, h, w) in [-1, 1], shared by both CFG passes
+            cond["image_latents"] = self._upsampled(low_res, b, (h, w))
         image_embeds = self._ip_adapter_embeds(ip_adapter_image, ip_adapter_image_embeds, b, guided)
         if image_embeds is not None:  # an IP-Adapter's image prompt (the unconditional pass's: zeros, or given)
             cond["image_embeds"] = image_embeds[0]

@@ -17,6 +17,30 @@ class ImageInputsMixin:
     """The ``_img2img*``, ``_inpaint_masks``, ``_clean_latents`` and ``_check_experts`` helpers of
     ``Pipeline.generate``."""
 
+    def _low_res_images(self, image, strength, mask_image) -> torch.Tensor:
+        """A super-resolution network's (``spec.low_res_channels``) low-resolution images: float32 (k, C, h, w) in
+        [0, 1], any size (generate upsamples them to the output's)."""
+        from .img2img import unit_images
+
+        if image is None:
+            raise BadArgumentError("image: this is a super-resolution model (its network reads a low-resolution image "
+                                   "beside the sample): expected image= (the image to upsample), found None")
+        if strength is not None or mask_image is not None:
+            raise BadArgumentError(f"{'strength' if strength is not None else 'mask_image'}: a super-resolution "
+                                   f"model's image is its conditioning, not a start to edit; expected image= alone")
+        return unit_images(image, self.spec.low_res_channels)
+
+    def _upsampled(self, low_res: torch.Tensor, b: int, size: tuple) -> torch.Tensor:
+        """(b, C, H, W) in [-1, 1] in the network's dtype: the low-resolution images (one, or one per sample)
+        upsampled bilinearly to the sample ``size``, as guided-diffusion's ``SuperResModel.forward``."""
+        import torch.nn.functional as F
+
+        if low_res.shape[0] not in (1, b):
+            raise BadArgumentError(f"image: expected {one_or(b, 'low-resolution images')} (one per sample), found "
+                                   f"{low_res.shape[0]}")
+        up = F.interpolate(low_res.to(self.device) * 2 - 1, size=tuple(size), mode="bilinear")  # (k, C, H, W)
+        return up.expand(b, -1, -1, -1).to(self._network_dtype())
+
     def _img2img_images(self, image, strength, latents) -> tuple:
         """generate(image=...)'s (images, given_latents): float32 (k, C, H, W) images in [0, 1], checked against what
         encodes them; or, as diffusers' img2img pipelines take a tensor with the latent channel count, a latent

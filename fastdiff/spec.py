@@ -66,6 +66,9 @@ class ModelSpec:
         latents (``image_latents``; ``fastdiff.inpaint``): SD / SDXL inpainting UNets the mask at the latents' size,
         then the latents (1 + in_channels channels); FLUX.1 Fill (``kind == "flux"``) the latents, then the mask in
         pixels, each latent pixel's f x f mask pixels as channels (``image_latents_channels`` in all).
+    low_res_channels: a super-resolution network (guided-diffusion's ``SuperResModel``: its 64 -> 256 and 128 -> 512
+        upsamplers): beside its ``in_channels`` it takes a low-resolution image of that many channels in [-1, 1],
+        upsampled bilinearly to the sample size (``image_latents``; ``generate(image=LOW_RES)``); None otherwise.
     """
 
     kind: str
@@ -83,6 +86,7 @@ class ModelSpec:
     guidance_input: bool = False
     guided_channels: Optional[int] = None
     inpainting: bool = False
+    low_res_channels: Optional[int] = None
     source: str = ""
     notes: list = field(default_factory=list)
 
@@ -115,7 +119,10 @@ class ModelSpec:
 
     @property
     def image_latents_channels(self) -> int:
-        """An inpainting network's ``image_latents`` channels (see ``inpainting``)."""
+        """An inpainting network's ``image_latents`` channels (see ``inpainting``), or a super-resolution network's
+        low-resolution image's (``low_res_channels``)."""
+        if self.low_res_channels:
+            return self.low_res_channels
         if self.kind == "flux":  # FLUX.1 Fill: the transformer's packed input beyond the latents', unpacked
             c = self.model_config
             return c["in_channels"] // 4 - (c.get("out_channels") or c["in_channels"]) // 4
@@ -154,7 +161,8 @@ class ModelSpec:
             kw["time_ids"] = torch.tensor([default_time_ids(self.time_ids_dim, *self.sample_size)]).expand(batch, -1)
         if self.guidance_input:
             kw["guidance"] = torch.full((batch,), 3.5)
-        if self.inpainting or self.latent_control:  # the mask and the masked image's latents, at the sample size
+        # the mask and the masked image's latents (a super-resolution network's upsampled image), at the sample size
+        if self.inpainting or self.latent_control or self.low_res_channels:
             kw["image_latents"] = torch.randn(batch, self.image_latents_channels, *self.sample_size,
                                               generator=generator)
         return kw

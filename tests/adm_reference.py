@@ -1,6 +1,6 @@
-"""A transcription of openai/guided-diffusion's noisy-image classifier (``guided_diffusion/unet.py``:
-``EncoderUNetModel`` and the blocks it builds, at commit 22e0df8), the reference the classifier loader and classifier
-guidance are tested against. Parameter names are the official ones, so its ``state_dict()`` is a checkpoint as
+"""A transcription of openai/guided-diffusion's networks (``guided_diffusion/unet.py`` at commit 22e0df8: the
+noisy-image classifier ``EncoderUNetModel``, the ``UNetModel`` and its ``SuperResModel``, and the blocks they build),
+the reference the ADM loaders, classifier guidance and super-resolution are tested against. Parameter names are the official ones, so its ``state_dict()`` is a checkpoint as
 ``classifier_train.py`` saves one. Written from the paper's code for testing only; fastdiff never imports it."""
 
 import math
@@ -27,13 +27,13 @@ def timestep_embedding(timesteps, dim, max_period=10000):
 
 
 class ResBlock(nn.Module):
-    def __init__(self, channels, emb_channels, out_channels=None, use_scale_shift_norm=False, down=False):
+    def __init__(self, channels, emb_channels, out_channels=None, use_scale_shift_norm=False, down=False, up=False):
         super().__init__()
         self.out_channels = out_channels or channels
         self.use_scale_shift_norm = use_scale_shift_norm
         self.in_layers = nn.Sequential(normalization(channels), nn.SiLU(),
                                        nn.Conv2d(channels, self.out_channels, 3, padding=1))
-        self.down = down
+        self.down, self.up = down, up
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, (2 if use_scale_shift_norm else 1)
                                                              * self.out_channels))
         self.out_layers = nn.Sequential(normalization(self.out_channels), nn.SiLU(), nn.Dropout(0.0),
@@ -42,9 +42,11 @@ class ResBlock(nn.Module):
             nn.Conv2d(channels, self.out_channels, 1)
 
     def forward(self, x, emb):
-        if self.down:
+        if self.down or self.up:
             h = self.in_layers[:-1](x)
-            h, x = F.avg_pool2d(h, 2), F.avg_pool2d(x, 2)
+            resample = (lambda t: F.avg_pool2d(t, 2)) if self.down else \
+                (lambda t: F.interpolate(t, scale_factor=2, mode="nearest"))
+            h, x = resample(h), resample(x)
             h = self.in_layers[-1](h)
         else:
             h = self.in_layers(x)
@@ -80,9 +82,10 @@ def _new_attention(qkv, heads):
 
 
 class AttentionBlock(nn.Module):
-    def __init__(self, channels, num_head_channels, new_order=False):
+    def __init__(self, channels, num_head_channels, new_order=False, num_heads=None):
         super().__init__()
-        self.heads, self.new_order = channels // num_head_channels, new_order
+        self.heads = num_heads if num_head_channels == -1 else channels // num_head_channels
+        self.new_order = new_order
         self.norm = normalization(channels)
         self.qkv = nn.Conv1d(channels, channels * 3, 1)
         self.proj_out = nn.Conv1d(channels, channels, 1)
@@ -172,6 +175,75 @@ class EncoderUNetModel(nn.Module):
             results.append(h.mean(dim=(2, 3)))
             return self.out(torch.cat(results, dim=-1))
         return self.out(h)
+
+
+class UNetModel(nn.Module):
+    """ADM's UNet with ``resblock_updown=True`` (every released guided-diffusion model)."""
+
+    def __init__(self, image_size, in_channels, model_channels, out_channels, num_res_blocks, attention_resolutions,
+                 channel_mult, num_classes=None, num_heads=1, num_head_channels=-1, use_scale_shift_norm=True,
+                 use_new_attention_order=False):
+        super().__init__()
+        self.model_channels, self.num_classes = model_channels, num_classes
+        ted = model_channels * 4
+        self.time_embed = nn.Sequential(nn.Linear(model_channels, ted), nn.SiLU(), nn.Linear(ted, ted))
+        if num_classes is not None:
+            self.label_emb = nn.Embedding(num_classes, ted)
+        attn = lambda c: AttentionBlock(c, num_head_channels, use_new_attention_order, num_heads)  # noqa: E731
+        ch = input_ch = int(channel_mult[0] * model_channels)
+        self.input_blocks = nn.ModuleList([Seq(nn.Conv2d(in_channels, ch, 3, padding=1))])
+        chans, ds = [ch], 1
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                layers = [ResBlock(ch, ted, int(mult * model_channels), use_scale_shift_norm)]
+                ch = int(mult * model_channels)
+                if ds in attention_resolutions:
+                    layers.append(attn(ch))
+                self.input_blocks.append(Seq(*layers))
+                chans.append(ch)
+            if level != len(channel_mult) - 1:
+                self.input_blocks.append(Seq(ResBlock(ch, ted, ch, use_scale_shift_norm, down=True)))
+                chans.append(ch)
+                ds *= 2
+        self.middle_block = Seq(ResBlock(ch, ted, ch, use_scale_shift_norm), attn(ch),
+                                ResBlock(ch, ted, ch, use_scale_shift_norm))
+        self.output_blocks = nn.ModuleList([])
+        for level, mult in list(enumerate(channel_mult))[::-1]:
+            for i in range(num_res_blocks + 1):
+                layers = [ResBlock(ch + chans.pop(), ted, int(model_channels * mult), use_scale_shift_norm)]
+                ch = int(model_channels * mult)
+                if ds in attention_resolutions:
+                    layers.append(attn(ch))
+                if level and i == num_res_blocks:
+                    layers.append(ResBlock(ch, ted, ch, use_scale_shift_norm, up=True))
+                    ds //= 2
+                self.output_blocks.append(Seq(*layers))
+        self.out = nn.Sequential(normalization(ch), nn.SiLU(), nn.Conv2d(input_ch, out_channels, 3, padding=1))
+
+    def forward(self, x, timesteps, y=None):
+        hs = []
+        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
+        if self.num_classes is not None:
+            emb = emb + self.label_emb(y)
+        h = x
+        for module in self.input_blocks:
+            h = module(h, emb)
+            hs.append(h)
+        h = self.middle_block(h, emb)
+        for module in self.output_blocks:
+            h = module(torch.cat([h, hs.pop()], dim=1), emb)
+        return self.out(h)
+
+
+class SuperResModel(UNetModel):
+    """ADM's upsampler: the UNet on [x, the low-resolution image upsampled bilinearly to x's size]."""
+
+    def __init__(self, image_size, in_channels, *args, **kwargs):
+        super().__init__(image_size, in_channels * 2, *args, **kwargs)
+
+    def forward(self, x, timesteps, low_res=None, **kwargs):
+        upsampled = F.interpolate(low_res, x.shape[2:], mode="bilinear")
+        return super().forward(torch.cat([x, upsampled], dim=1), timesteps, **kwargs)
 
 
 def randomized(model: nn.Module, seed: int) -> nn.Module:

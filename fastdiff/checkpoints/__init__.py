@@ -368,6 +368,11 @@ def _read_any(path: str, *, variant=None, num_heads=None, head_channels=None, at
             # image_sample.py's DDIM; sampler="ddpm": its p_sample, from the learned range of learn_sigma (else
             # FIXED_LARGE)
             spec = spec_for("unet", cfg, GUIDED_DIFFUSION_SCHEDULER, source=f"guided-diffusion checkpoint {path}")
+            if cfg.in_channels == 6 and cfg.out_channels in (3, 6):  # a SuperResModel: RGB + the upsampled low-res
+                spec.in_channels, spec.low_res_channels = 3, 3
+                spec.learned_variance = cfg.out_channels == 6
+                spec.notes.append("guided-diffusion super-resolution model (6 input channels: the sample and its "
+                                  "low-resolution image, upsampled bilinearly): generate(image=LOW_RES), --image")
             spec.scheduler["variance_type"] = "learned_range" if spec.learned_variance else "fixed_large"
             order = attention_order or "legacy"
             spec.notes.append("guided-diffusion: 64 channels per head unless num_heads= is given; linear betas "

@@ -303,8 +303,8 @@ def _bench_fastdiff(args, label: str, backend: str, switches: dict, batches, dev
                           text_embeds=cond["text_embeds"],
                           negative_text_embeds=cond["negative_text_embeds"] if args.cfg != 1.0 else None)),
                       **({} if cond["control_image"] is None else dict(control_image=cond["control_image"])),
-                      **({} if cond["image"] is None else dict(image=cond["image"], mask_image=cond["mask"],
-                                                               strength=1.0)))
+                      **({} if cond["image"] is None else dict(image=cond["image"]) if cond["mask"] is None
+                         else dict(image=cond["image"], mask_image=cond["mask"], strength=1.0)))
             counter = _CountCalls(pipe.runner)
 
             def first_call():  # the true first call: timed as such, and counts the network evaluations

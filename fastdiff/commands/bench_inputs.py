@@ -28,6 +28,10 @@ def _conditioning(spec, b: int, cfg: float, seed: int, device, dtype, control=No
         mask = torch.zeros(b, 1, f * h, f * w)
         mask[:, :, f * h // 4: 3 * f * h // 4, f * w // 4: 3 * f * w // 4] = 1.0  # white repaints: the centre
         cond["mask"] = mask.to(device)
+    if spec.low_res_channels:  # a super-resolution model: a random image at a quarter of the size, to upsample
+        (h, w) = spec.sample_size
+        g = torch.Generator().manual_seed(seed + 4)
+        cond["image"] = torch.rand(b, spec.low_res_channels, max(1, h // 4), max(1, w // 4), generator=g).to(device)
     if control is not None:
         (h, w), f = spec.sample_size, control.image_downscale
         g = torch.Generator().manual_seed(seed + 2)

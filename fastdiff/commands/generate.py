@@ -73,7 +73,9 @@ def register(sub) -> None:
     p.add_argument("--image", default=None, metavar="IN.png",
                    help="image-to-image (SDEdit): start from this image (any format Pillow reads; its size is the "
                         "output's, a multiple of the VAE's 8 pixels per latent pixel), noised to --strength; or a "
-                        "LATENTS.safetensors a run wrote with --output-latents, taken as latents")
+                        "LATENTS.safetensors a run wrote with --output-latents, taken as latents. A super-resolution "
+                        "model (guided-diffusion's upsamplers) upsamples it instead, to the model's size or --height / "
+                        "--width")
     p.add_argument("--controlnet", action="append", default=None, metavar="FOLDER",
                    help="drive the network with a ControlNet (a diffusers ControlNetModel folder for an SD / SDXL "
                         "UNet, SD3ControlNetModel for SD3, FluxControlNetModel for FLUX.1); needs --control-image; "
@@ -354,9 +356,6 @@ def _validate(args) -> None:
         raise BadArgumentError("--strength: given without --image (it is image-to-image's)")
     if args.denoising_start is not None and args.image is None:
         raise BadArgumentError("--denoising-start: given without --image LATENTS.safetensors (a base run's latents)")
-    if args.image is not None and (args.height is not None or args.width is not None) and (
-            args.padding_mask_crop is None):
-        raise BadArgumentError("--height / --width: the --image fixes the size")
     if args.mask is not None and args.image is None:
         raise BadArgumentError("--mask: given without --image; inpainting repaints part of an image")
     if args.padding_mask_crop is not None and args.mask is None:
@@ -518,6 +517,9 @@ def run(args) -> int:
         pipe.vae.enable_tiling()
     t_load = time.perf_counter() - t0
     spec = pipe.spec
+    if args.image is not None and (args.height is not None or args.width is not None) and (
+            args.padding_mask_crop is None) and not spec.low_res_channels:  # (a super-resolution model's output
+        raise BadArgumentError("--height / --width: the --image fixes the size")  # size is its own)
 
     decoded = spec.in_channels not in (1, 3) and pipe.vae is not None  # latents, and a VAE to decode them
     is_image = spec.in_channels in (1, 3) or decoded

@@ -210,6 +210,8 @@ def _conditioning(spec) -> str:
             "3.5; 7 with an image to edit or inpaint)"))
     if spec.inpainting:
         parts.append("image and mask_image (an inpainting network)")
+    if spec.low_res_channels:
+        parts.append("image (the low-resolution image a super-resolution network upsamples)")
     return ", ".join(parts) or "nothing (unconditional)"
 
 

@@ -223,7 +223,12 @@ class Engine:
                 raise BadArgumentError("control_mask: given without control_image (an SD3 inpainting ControlNet's "
                                        "mask of its control image)")
             inpainting = getattr(getattr(self.pipe, "spec", None), "inpainting", False)  # (needs image and mask)
-            if image is not None or strength is not None or mask_image is not None or inpainting:
+            if getattr(getattr(self.pipe, "spec", None), "low_res_channels", None):  # a super-resolution model's
+                low_res = self.pipe._low_res_images(image, strength, mask_image)  # image to upsample (any size)
+                if low_res.shape[0] != 1:
+                    raise BadArgumentError(f"image: expected one image per request, found {low_res.shape[0]}")
+                image_rows = {**(image_rows or {}), "image": low_res[0].clone()}
+            elif image is not None or strength is not None or mask_image is not None or inpainting:
                 rows, strength, height, width = self._image_request(image, strength, mask_image, steps, height, width,
                                                                     options.get("denoising_start") is not None)
                 image_rows = {**(image_rows or {}), **rows}

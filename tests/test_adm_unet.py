@@ -1,0 +1,164 @@
+"""guided-diffusion's UNetModel and its SuperResModel (the 64 -> 256 / 128 -> 512 upsamplers) against a transcription of
+the official code (``adm_reference``): the loader, and super-resolution sampling (``generate(image=LOW_RES)``), with no
+fixture needed."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastdiff
+from adm_reference import SuperResModel, UNetModel, randomized
+from fastdiff.errors import BadArgumentError
+from fastdiff.noise import NoiseSource
+from test_sampler_order import single_thread  # noqa: F401  (autouse fixture)
+
+BASE = dict(image_size=16, in_channels=3, model_channels=32, out_channels=6, num_res_blocks=2,
+            attention_resolutions=(2, 4), channel_mult=(1, 1, 2), num_head_channels=16)
+
+
+def _save(model, tmp_path, name="model.pt") -> str:
+    path = str(tmp_path / name)
+    torch.save(model.state_dict(), path)
+    return path
+
+
+@pytest.mark.parametrize("kw,load_kw", [
+    (dict(num_classes=10), dict(head_channels=16)),
+    (dict(use_new_attention_order=True, num_heads=2, num_head_channels=-1), dict(num_heads=2, attention_order="new")),
+    (dict(channel_mult=(0.5, 1, 2), model_channels=64, out_channels=3), dict(head_channels=16)),
+], ids=["class-conditional", "new-order-num-heads", "half-width-first-level"])
+def test_unet_matches_official(kw, load_kw, tmp_path):
+    ref = randomized(UNetModel(**dict(BASE, **kw)), 1)
+    pipe = fastdiff.load(_save(ref, tmp_path), **load_kw)
+    assert pipe.spec.low_res_channels is None and pipe.spec.in_channels == 3
+    assert pipe.spec.learned_variance == (ref.out[-1].out_channels == 6)
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([3, 900])
+    y = torch.tensor([1, 7]) if "num_classes" in kw else None
+    with torch.no_grad():
+        want = ref(x, t, y)
+        got = pipe.model(x, t, class_labels=y)
+    assert float(want.abs().max()) > 0.1
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)
+
+
+@pytest.fixture
+def upsampler(tmp_path):
+    ref = randomized(SuperResModel(**dict(BASE, num_classes=10)), 2)
+    return ref, fastdiff.load(_save(ref, tmp_path, "64_256_upsampler.pt"), head_channels=16)
+
+
+def test_upsampler_loads_as_a_super_resolution_model(upsampler):
+    ref, pipe = upsampler
+    spec = pipe.spec
+    assert (spec.in_channels, spec.low_res_channels, spec.learned_variance) == (3, 3, True)
+    assert any("super-resolution" in n for n in pipe.notes)
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    low = torch.rand(2, 3, 5, 7, generator=torch.Generator().manual_seed(2)) * 2 - 1  # (any size, odd too)
+    t, y = torch.tensor([10, 500]), torch.tensor([2, 3])
+    up = F.interpolate(low, (16, 16), mode="bilinear")
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.model(x, t, class_labels=y, image_latents=up), ref(x, t, low_res=low, y=y),
+                                   rtol=1e-5, atol=2e-5)
+
+
+def test_generate_upsamples_the_image_as_super_res_sample(upsampler):
+    """generate(image=LOW_RES): the network reads the image in [-1, 1] upsampled bilinearly to the output size beside
+    each step's sample (super_res_sample.py's model_kwargs["low_res"]); one image per sample or one for all."""
+    ref, pipe = upsampler
+    low = torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(3))  # [0, 1], as generate() takes images
+    labels, seeds = [4, 1], [7, 8]
+    got = pipe.generate(image=low, class_labels=labels, seeds=seeds, steps=5, height=16, width=16, progress=False)
+    assert got.shape == (2, 3, 16, 16)
+
+    plan = pipe.plan(5, size=(16, 16))
+    y = torch.tensor(labels)
+
+    def official(x, t, class_labels=None):  # (its low_res in [-1, 1]: super_res_sample.py's / 127.5 - 1)
+        return ref(x, t.expand(x.shape[0]), low_res=low * 2 - 1, y=class_labels)
+
+    src = NoiseSource(seeds)
+    with torch.no_grad():
+        want = plan.sample(plan.make_denoiser(official), src.randn((3, 16, 16)), noise=src,
+                           extra_args=dict(class_labels=y))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # another image gives another sample; one image serves every sample
+    other = pipe.generate(image=1 - low, class_labels=labels, seeds=seeds, steps=5, height=16, width=16,
+                          progress=False)
+    assert float((other - got).abs().max()) > 1e-2
+    shared = pipe.generate(image=low[:1], class_labels=labels, seeds=seeds, steps=5, height=16, width=16,
+                           progress=False)
+    torch.testing.assert_close(shared[0], got[0], rtol=1e-4, atol=1e-4)
+    # one sample per image by default
+    assert pipe.generate(image=low, class_labels=labels, steps=2, height=16, width=16, progress=False).shape[0] == 2
+
+
+def test_super_resolution_refusals(upsampler):
+    _, pipe = upsampler
+    kw = dict(class_labels=[1], steps=2, height=16, width=16, progress=False)
+    with pytest.raises(BadArgumentError, match="super-resolution model.*expected image="):
+        pipe.generate(**kw)
+    low = torch.rand(1, 3, 4, 4)
+    with pytest.raises(BadArgumentError, match="strength"):
+        pipe.generate(image=low, strength=0.5, **kw)
+    with pytest.raises(BadArgumentError, match="mask_image"):
+        pipe.generate(image=low, mask_image=torch.ones(1, 1, 4, 4), **kw)
+    with pytest.raises(BadArgumentError, match="one per sample"):
+        pipe.generate(image=torch.rand(3, 3, 4, 4), seeds=[1, 2], class_labels=[1, 2], steps=2, height=16,
+                      width=16, progress=False)
+
+
+def test_engine_batches_super_resolution_requests(upsampler):
+    _, pipe = upsampler
+    lows = [torch.rand(3, 4, 4, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    with fastdiff.Engine(pipe, max_batch=4, max_wait_ms=50) as engine:
+        futures = [engine.submit(seed=i, class_label=i, image=low, steps=3) for i, low in enumerate(lows)]
+        bad = engine.submit(seed=9, class_label=1, steps=3)  # (no image: fails alone)
+        got = [f.result(timeout=120) for f in futures]
+        with pytest.raises(BadArgumentError, match="expected image="):
+            bad.result(timeout=60)
+    for i, (low, out) in enumerate(zip(lows, got)):
+        solo = pipe.generate(seeds=[i], class_labels=[i], image=low[None], steps=3, progress=False)[0]
+        torch.testing.assert_close(out, solo, rtol=1e-4, atol=1e-4)
+
+
+def test_upsampler_survives_save_and_onnx_export(upsampler, tmp_path):
+    """The fastdiff format and an exported ONNX graph keep the low-resolution input (``image_latents``): both
+    upsample as the eager model does."""
+    _, pipe = upsampler
+    low = torch.rand(1, 3, 4, 4, generator=torch.Generator().manual_seed(5))
+    kw = dict(image=low, class_labels=[6], seeds=[3], steps=3, height=16, width=16, progress=False)
+    want = pipe.generate(**kw)
+    saved = fastdiff.load(pipe.save(str(tmp_path / "saved")))
+    assert saved.spec.low_res_channels == 3
+    torch.testing.assert_close(saved.generate(**kw), want)
+    pytest.importorskip("onnxruntime", reason="the exported graph runs on ONNX Runtime")
+    pytest.importorskip("onnx", reason="the exporter needs onnx")
+    from fastdiff.export.onnx import export_onnx
+
+    path = str(tmp_path / "upsampler.onnx")
+    export_onnx(pipe, pipe.spec, path, progress=False, height=16, width=16)
+    graph = fastdiff.load(path)
+    assert graph.spec.low_res_channels == 3
+    torch.testing.assert_close(graph.generate(**kw), want, rtol=1e-4, atol=1e-4)
+
+
+def test_cli_upsamples_an_image(upsampler, tmp_path):
+    import numpy as np
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from test_cli import fastdiff as run_cli
+
+    ref, _ = upsampler
+    path = _save(ref, tmp_path, "up.pt")
+    pixels = (np.random.default_rng(0).random((4, 4, 3)) * 255).astype(np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "low.png")
+    r = run_cli("generate", path, "--head-channels", "16", "--image", "low.png", "--class", "5", "--n", "1",
+                "--steps", "2", "--height", "16", "--width", "16", "--output-latents", "out.safetensors",
+                "--no-progress", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    pipe = fastdiff.load(path, head_channels=16)
+    want = pipe.generate(image=Image.open(tmp_path / "low.png"), class_labels=[5], seed=0, steps=2, height=16,
+                         width=16, progress=False)
+    torch.testing.assert_close(load_file(str(tmp_path / "out.safetensors"))["latents"], want)
