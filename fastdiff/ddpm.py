@@ -23,6 +23,7 @@ var_vp sqrt(1 + sigma'^2) g = std^2 / sqrt(1 + sigma'^2) g.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
@@ -62,11 +63,14 @@ def _call_variance(denoiser, x, sigma: float, extra: dict):
 
 @torch.no_grad()
 def sample_ddpm(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=None, after_step=None,
-                variance: str = "fixed_small", s_noise: float = 1.0, final_noise: bool = False):
+                variance: str = "fixed_small", s_noise: float = 1.0, final_noise: bool = False,
+                sigma_before: Optional[float] = None):
     """Ancestral DDPM sampling. ``variance``: "fixed_small", "fixed_large", "learned_range" or "learned" (diffusers'
     ``variance_type``; the learned ones read the network's variance channels). ``final_noise``: also add noise on
     the step to sigma = 0 (beta = 1 - a there, beta~ = 0), as diffusers does when the last timestep is > 0 (a
-    fixed_small step adds none)."""
+    fixed_small step adds none). ``sigma_before``: the grid's sigma before ``sigmas[0]`` when this is the tail of a
+    longer grid (``SamplingPlan.from_step``): classifier guidance's last step reads the variance of the step before
+    it, as guided-diffusion's ``posterior_variance[1]``."""
     if variance not in VARIANCES:
         raise BadArgumentError(f"variance: expected one of {VARIANCES}, found {variance!r}")
     learned = variance.startswith("learned")
@@ -87,7 +91,8 @@ def sample_ddpm(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=No
         if s_next == 0:
             x = denoised
             if grad is not None:  # (the mean moves on the last step too, by guided-diffusion's variance at t = 0)
-                lo_prev = _log_variances(sig[i - 1], s)[0] if i > 0 else None
+                before = sig[i - 1] if i > 0 else sigma_before
+                lo_prev = None if before is None else _log_variances(before, s)[0]
                 x = x + grad * guided_variance_last_step(variance, lo_prev, _log_variances(s, 0.0)[1], v)
             if final_noise and variance != "fixed_small":
                 std = learned_std(v, variance, s, 0.0) if learned else s / math.sqrt(1 + s ** 2)

@@ -71,6 +71,8 @@ class SamplingPlan:
                 if len(value) not in (self.steps, self.steps + 1):
                     raise BadArgumentError(f"{name}: expected one value per step ({self.steps}), found {len(value)}")
                 options[name] = list(value)[t_start:]
+        if self.sampler == "ddpm" and options.get("sigma_before") is None:  # (classifier guidance's last step reads
+            options["sigma_before"] = float(self.sigmas[t_start - 1])  # the variance of the step before it)
         if options.get("disable_corrector"):  # UniPC's step indices, counted from the slice's first step
             options["disable_corrector"] = [i - t_start for i in options["disable_corrector"] if i >= t_start]
         # diffusers' singlestep DPM-Solver keeps the whole run's order of each step, lowered where outputs are missing

@@ -76,6 +76,10 @@ def test_classifier_keys_and_refusals(tmp_path):
     torch.save(state, path)
     with pytest.raises(FastdiffError, match="load_classifier"):
         fastdiff.load(path)
+    spatial = str(tmp_path / "spatial.pt")  # (its head's out.2.weight is also an ADM UNet's key)
+    torch.save(official(pool="spatial").state_dict(), spatial)
+    with pytest.raises(FastdiffError, match="load_classifier"):
+        fastdiff.load(spatial)
     # the attention pooling fixes the image size
     ours = build_classifier(state, head_channels=16)
     with pytest.raises(BadArgumentError, match="expected 16x16 images"):
@@ -136,6 +140,53 @@ def test_ddpm_is_guided_diffusions_condition_mean(steps):
     got = plan.sample(_guided(plan, net, ours_cls, scale), src.randn(SHAPE), noise=src)
     assert float((ref - plain).abs().max()) > 1e-2  # the guidance moved the sample
     assert float((got - ref.float()).abs().max() / ref.abs().max()) <= 1e-4
+
+
+class _Constant(ClassifierGuidance):
+    """g = ``value`` everywhere: large enough that the last step's shift (variance ~1e-4 x g) shows."""
+
+    value = 50.0
+
+    def gradient(self, x, sigma):
+        return torch.full_like(x, self.value)
+
+
+@pytest.mark.parametrize("variance", ["learned_range", "fixed_small", "fixed_large"])
+def test_ddpm_condition_mean_every_step_and_the_last(variance):
+    """Each variance's condition_mean against the transcription, the t = 0 step's variance included (0 for
+    fixed_small, posterior_variance[1] for fixed_large and as the learned range's lower end); a sliced plan's last
+    step reads the variance of the step before it (``sigma_before``)."""
+    net = _Bounded()
+
+    def split(x, t):
+        out = net(x, torch.tensor([float(t)]))
+        return out[:, :3], out[:, 3:]
+
+    steps = 10
+    ref, _ = _guided_diffusion_p_sample_loop(split, steps, SEEDS, SHAPE, clip=True, variance=variance,
+                                             cond_fn=lambda x, t: torch.full_like(x, _Constant.value))
+    plan = plan_from_scheduler_config({"_class_name": "DDPMScheduler", "variance_type": variance,
+                                       "timestep_respacing": "guided-diffusion"}, steps)
+    base = plan.make_denoiser(net)
+    src = NoiseSource(SEEDS)
+    got = plan.sample(ClassifierGuidedDenoiser(base, _Constant(None, LABELS, 1.0, base)), src.randn(SHAPE),
+                      noise=src)
+    assert float((got - ref.float()).abs().max() / ref.abs().max()) <= 1e-5
+    # the last step alone (img2img's slice): its shift is guided-diffusion's t = 0 variance times g
+    last = plan.from_step(steps - 1)
+    assert last.options["sigma_before"] == float(plan.sigmas[-3])
+    x = torch.randn(2, *SHAPE)
+    zero = lambda i, like: torch.zeros_like(like)  # noqa: E731
+    shift = last.sample(ClassifierGuidedDenoiser(base, _Constant(None, LABELS, 1.0, base)), x, noise=zero) - \
+        last.sample(base, x, noise=zero)
+    if variance == "fixed_large":  # posterior_variance[1]: the step from t1 to t0's
+        s1, s0 = float(plan.sigmas[-3]), float(plan.sigmas[-2])
+        beta = (s1 * s1 - s0 * s0) / (1 + s1 * s1)
+        want = s0 * s0 / (1 + s0 * s0) / (s1 * s1 / (1 + s1 * s1)) * beta * _Constant.value
+        torch.testing.assert_close(shift, torch.full_like(shift, want), rtol=1e-4, atol=1e-7)
+        assert want > 1e-3
+    elif variance == "fixed_small":
+        assert float(shift.abs().max()) == 0.0
 
 
 @pytest.mark.parametrize("variance", ["fixed_small", "fixed_large"])

@@ -136,10 +136,13 @@ def test_learned_matches_diffusers():
     assert float((fixed - ref).abs().max() / ref.abs().max()) > 1e-2  # the variance channels were read
 
 
-def _guided_diffusion_p_sample_loop(model, steps: int, seeds, shape, timestep_map=None, clip=False, cond_fn=None):
-    """A float64 transcription of guided-diffusion's respaced DDPM (learned range; x0 clipped with ``clip``): returns
-    the sample and the timesteps the network was given. ``model(x_vp, t) -> (eps, v)``; ``cond_fn(x, t)``: classifier
-    guidance's gradient, by ``condition_mean`` (mean + variance g, the last step's too)."""
+def _guided_diffusion_p_sample_loop(model, steps: int, seeds, shape, timestep_map=None, clip=False, cond_fn=None,
+                                    variance="learned_range"):
+    """A float64 transcription of guided-diffusion's respaced DDPM (x0 clipped with ``clip``): returns the sample and
+    the timesteps the network was given. ``model(x_vp, t) -> (eps, v)`` (v unread by the fixed variances);
+    ``cond_fn(x, t)``: classifier guidance's gradient, by ``condition_mean`` (mean + variance g, the last step's too);
+    ``variance``: "learned_range", "fixed_small" (posterior_variance, its log clipped) or "fixed_large"
+    (append(posterior_variance[1], betas[1:]))."""
     T = 1000
     betas = np.linspace(1e-4, 0.02, T, dtype=np.float64)  # get_named_beta_schedule("linear", 1000)
     alphas_cumprod = np.cumprod(1.0 - betas)
@@ -164,14 +167,22 @@ def _guided_diffusion_p_sample_loop(model, steps: int, seeds, shape, timestep_ma
         with torch.no_grad():
             eps, v = model(x.float(), use[i])
         eps, v = eps.double(), v.double()
-        frac = (v + 1) / 2
-        log_var = frac * math.log(b[i]) + (1 - frac) * post_log_var[i]
+        if variance == "learned_range":
+            frac = (v + 1) / 2
+            log_var = frac * math.log(b[i]) + (1 - frac) * post_log_var[i]
+            var = torch.exp(log_var)
+        elif variance == "fixed_small":
+            var, log_var = post_var[i], post_log_var[i]
+        else:
+            var = post_var[1] if i == 0 else b[i]
+            log_var = math.log(var)
+        log_var = torch.as_tensor(log_var, dtype=torch.float64)
         x0 = math.sqrt(1 / acp[i]) * x - math.sqrt(1 / acp[i] - 1) * eps
         if clip:
             x0 = x0.clamp(-1, 1)
         mean = coef1[i] * x0 + coef2[i] * x
         if cond_fn is not None:
-            mean = mean + torch.exp(log_var) * cond_fn(x.float(), use[i]).double()
+            mean = mean + var * cond_fn(x.float(), use[i]).double()
         if i > 0:
             x = mean + torch.exp(0.5 * log_var) * src(k, x.float()).double()
         else:

@@ -29,8 +29,10 @@ _RESNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time
 
 
 def is_guided_diffusion_state_dict(state: dict) -> bool:
-    """openai UNetModel keys without spatial transformers (those are ldm / Stable Diffusion UNets)."""
+    """openai UNetModel keys without spatial transformers (those are ldm / Stable Diffusion UNets); output blocks (a
+    noisy-image classifier, whose spatial head also stores ``out.2.weight``, has none)."""
     return ("input_blocks.0.0.weight" in state and "time_embed.0.weight" in state and "out.2.weight" in state
+            and any(k.startswith("output_blocks.") for k in state)
             and not any(".transformer_blocks." in k for k in state))
 
 
