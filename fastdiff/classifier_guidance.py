@@ -37,14 +37,18 @@ class ClassifierGuidance:
         labels: (B,) int64 classes to steer each sample to.
         scale: guided-diffusion's ``classifier_scale`` (one, or a (B,) tensor: one per sample).
         timesteps: the network's ``DiscreteDenoiser``: the classifier reads the timestep the network reads.
+        largest_label: the largest of ``labels`` when known on the host: checked against the logits' width (a label
+            past it would index out of range, on a GPU a device-side assert).
     """
 
-    def __init__(self, classifier, labels: torch.Tensor, scale, timesteps: DiscreteDenoiser):
+    def __init__(self, classifier, labels: torch.Tensor, scale, timesteps: DiscreteDenoiser,
+                 largest_label: Optional[int] = None):
         if not isinstance(timesteps, DiscreteDenoiser):
             raise BadArgumentError(f"classifier guidance: a noisy-image classifier reads a DDPM training timestep, "
                                    f"and this model's denoiser is a {type(timesteps).__name__}; expected a "
                                    f"discrete-time (DDPM-schedule) model such as guided-diffusion's")
         self.classifier, self.labels, self.scale, self.timesteps = classifier, labels, scale, timesteps
+        self.largest_label = largest_label
         self._timestep_tensors: dict = {}
         params = getattr(classifier, "parameters", None)
         first = next(iter(params()), None) if callable(params) else None
@@ -67,9 +71,18 @@ class ClassifierGuidance:
         if labels.shape != (x.shape[0],):
             raise BadArgumentError(f"classifier guidance: expected {x.shape[0]} labels (one per sample), found "
                                    f"{tuple(labels.shape)}")
-        with torch.enable_grad():
-            x_t = (x * c_in).detach().to(self.dtype).requires_grad_(True)
+        # (under torch.inference_mode a run's tensors are inference tensors, which autograd cannot save: the
+        # classifier's pass leaves that mode and works on copies)
+        inference = torch.is_inference_mode_enabled()
+        with torch.inference_mode(False), torch.enable_grad():
+            x_t = (x * c_in).to(self.dtype)
+            x_t = (x_t.clone() if inference else x_t.detach()).requires_grad_(True)
+            if inference:
+                ts, labels = ts.clone(), labels.clone()
             logits = self.classifier(x_t, ts)  # (B, classes)
+            if self.largest_label is not None and self.largest_label >= logits.shape[-1]:
+                raise BadArgumentError(f"class_labels: expected labels in [0, {logits.shape[-1] - 1}] (the "
+                                       f"classifier's {logits.shape[-1]} classes), found {self.largest_label}")
             log_probs = F.log_softmax(logits.float(), dim=-1)
             selected = log_probs.gather(1, labels[:, None])  # (B, 1)
             (grad,) = torch.autograd.grad(selected.sum(), x_t)

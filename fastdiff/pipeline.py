@@ -24,7 +24,7 @@ from .prompts.encoder import EXTRA_PROMPTS
 from .spec import ModelSpec
 from .state_update import update_impl
 from .text_time import guidance_conditioning, text_time_conditioning
-from .utils.checks import finite_host_values, finite_number, one_or
+from .utils.checks import finite_host_values, finite_number, integer_labels, one_or
 from .utils.keys import freeze
 
 OUTPUT_TYPES = ("tensor", "np", "pil")
@@ -739,25 +739,8 @@ class Pipeline(PlansMixin, ControlNetMixin, ImageInputsMixin, IPAdapterMixin, Cl
                     raise BadArgumentError(f"class_labels: this model is class-conditional ({spec.num_classes} "
                                            f"classes, no null label): expected {b} labels, found None")
                 class_labels = [spec.null_class] * b
-            # host labels (a list, a CPU tensor) are checked before they move: no device read back then;
-            # labels already on the device cost one read per call (never inside the sampling loop)
-            on_host = not (torch.is_tensor(class_labels) and class_labels.device.type != "cpu")
-            try:
-                raw = torch.as_tensor(class_labels, device="cpu" if on_host else None)
-            except (TypeError, ValueError, RuntimeError):
-                raw = None
-            # 1.5 or True would be truncated to a label silently; a float tensor of whole numbers is fine
-            if raw is None or raw.dtype == torch.bool or raw.is_complex() or (
-                    raw.is_floating_point() and not (torch.isfinite(raw).all() and torch.equal(raw, raw.round()))):
-                raise BadArgumentError(f"class_labels: expected integer labels (a list, an array or a tensor), found "
-                                       f"{class_labels!r}")
-            labels = raw.to(torch.long).reshape(-1)
-            if labels.numel() == 1 and b > 1:
-                labels = labels.expand(b)
-            if labels.numel() != b:
-                raise BadArgumentError(f"class_labels: expected {b} labels (one per sample), found {labels.numel()}")
+            labels, lo, hi = integer_labels(class_labels, b)
             top = spec.label_bound
-            lo, hi = torch.stack(torch.aminmax(labels)).tolist()
             labels = labels.to(self.device)
             if lo < 0 or hi >= top:
                 raise BadArgumentError(f"class_labels: expected labels in [0, {top - 1}] ({spec.num_classes} classes"
@@ -790,7 +773,9 @@ class Pipeline(PlansMixin, ControlNetMixin, ImageInputsMixin, IPAdapterMixin, Cl
         elif ctx is not None:
             raise BadArgumentError("encoder_hidden_states were given, but this model has no cross-attention")
         if guided and not uncond:
-            raise BadArgumentError("cfg_scale != 1 needs a conditional model (class labels or text states)")
+            raise BadArgumentError("cfg_scale != 1 needs a conditional model (class labels or text states)"
+                                   + (": this one is unconditional, and its class_labels steer the classifier alone"
+                                      if self.classifier is not None else ""))
         return cond, uncond
 
     def _states(self, t, b, name):

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from .errors import BadArgumentError, CheckpointError
-from .utils.checks import finite_number
+from .utils.checks import finite_number, integer_labels
 
 
 class ClassifierMixin:
@@ -54,9 +54,11 @@ class ClassifierMixin:
         if not callable(classifier):
             raise BadArgumentError(f"set_classifier(): expected a module classifier(x_t, t) -> logits, found "
                                    f"{type(classifier).__name__}")
-        if self.spec.kind not in ("unet", "dit"):
+        if self.spec.kind not in ("unet", "dit") or self.plan(1).denoiser_kind != "discrete":
             raise BadArgumentError(f"set_classifier(): classifier guidance reads a DDPM-schedule network's timesteps, "
-                                   f"and this is a {self.spec.kind} model")
+                                   f"and this is a {self.spec.kind} model"
+                                   + ("" if self.spec.kind not in ("unet", "dit") else
+                                      f" sampled in continuous time ({self.spec.prediction_type})"))
         config = getattr(classifier, "config", None)
         wants = getattr(getattr(config, "encoder", None), "in_channels", None)
         if wants is not None and wants != self.spec.in_channels:
@@ -71,38 +73,33 @@ class ClassifierMixin:
         self.classifier, self.classifier_scale = None, 1.0
         return self
 
-    def _classifier_labels(self, class_labels, b: int) -> Optional[torch.Tensor]:
-        """The (b,) int64 labels the classifier steers to (generate's ``class_labels``), or None without a
-        classifier; checked against its class count."""
+    def _classifier_labels(self, class_labels, b: int) -> Optional[tuple]:
+        """(the (b,) int64 labels the classifier steers to (generate's ``class_labels``), the largest), or None without
+        a classifier; checked against its class count (a classifier without a config: against its logits' width, in
+        ``ClassifierGuidance``)."""
         if self.classifier is None:
             return None
         if class_labels is None:
             raise BadArgumentError("class_labels: a classifier is loaded (load_classifier): expected the class of "
                                    "each sample to steer to, found None")
-        on_host = not (torch.is_tensor(class_labels) and class_labels.device.type != "cpu")
-        labels = torch.as_tensor(class_labels, device="cpu" if on_host else None).reshape(-1)
-        if labels.is_floating_point() or labels.dtype == torch.bool:
-            raise BadArgumentError(f"class_labels: expected integer labels, found {labels.dtype}")
-        labels = labels.to(torch.int64)
-        if labels.numel() == 1:
-            labels = labels.expand(b)
-        if labels.numel() != b:
-            raise BadArgumentError(f"class_labels: expected {b} labels (one per sample), found {labels.numel()}")
+        labels, lo, hi = integer_labels(class_labels, b)
         classes = getattr(getattr(self.classifier, "config", None), "num_classes", None)
-        if classes is not None and on_host and (int(labels.min()) < 0 or int(labels.max()) >= classes):
-            raise BadArgumentError(f"class_labels: expected labels in [0, {classes - 1}] (the classifier's "
-                                   f"{classes} classes), found {labels.tolist()}")
-        return labels.to(self.device)
+        if lo < 0 or (classes is not None and hi >= classes):
+            raise BadArgumentError(f"class_labels: expected labels in [0, {classes - 1 if classes else '...'}] (the "
+                                   f"classifier's {classes or 'class'} classes), found {lo if lo < 0 else hi}")
+        return labels.to(self.device), hi
 
-    def _classifier_guided(self, denoiser, base, labels: Optional[torch.Tensor], scale):
+    def _classifier_guided(self, denoiser, base, steer: Optional[tuple], scale):
         """``denoiser`` with classifier guidance (``base``: the network's own DiscreteDenoiser, whose timesteps the
-        classifier reads), or as it is without a classifier."""
-        if labels is None:
+        classifier reads; ``steer``: ``_classifier_labels``'), or as it is without a classifier."""
+        if steer is None:
             return denoiser
         from .classifier_guidance import ClassifierGuidance, ClassifierGuidedDenoiser
 
         scale = self.classifier_scale if scale is None else _scale(scale)
-        return ClassifierGuidedDenoiser(denoiser, ClassifierGuidance(self.classifier, labels, scale, base))
+        labels, top = steer
+        return ClassifierGuidedDenoiser(denoiser, ClassifierGuidance(self.classifier, labels, scale, base,
+                                                                     largest_label=top))
 
 
 def _scale(scale) -> float:

@@ -25,6 +25,7 @@ class IPAdapterMixin:
 
     image_encoder = None
     _image_processor = None
+    _black_states = None  # (encoder, its dtype / device / size, (S, E) states): IP-Adapter Plus's unconditional input
 
     def load_ip_adapter(self, path, subfolder: str = "", weight_name: Optional[str] = None,
                         image_encoder_folder: Optional[str] = "image_encoder", *,
@@ -84,7 +85,7 @@ class IPAdapterMixin:
 
         if self.model is not None and ip_adapter.attached(self.model):
             ip_adapter.detach(self.model)
-            self.image_encoder = self._image_processor = None
+            self.image_encoder = self._image_processor = self._black_states = None
             self._rebuild_runner()
 
     def _ip_adapter_embeds(self, image, embeds, b: int, guided: bool) -> Optional[tuple]:
@@ -165,8 +166,16 @@ class IPAdapterMixin:
                                    "[negative; positive] (a list of one tensor) or ip_adapter_image=")
         param = next(self.image_encoder.parameters())
         size = self.image_encoder.config.image_size
+        # one encoder pass per encoder, dtype and device, not one per generate call (the key changes when optimize()
+        # casts the encoder, or another adapter's encoder loads)
+        key = (param.dtype, param.device, size, self.device)
+        cached = self._black_states  # (encoder, key, states)
+        if cached is not None and cached[0] is self.image_encoder and cached[1] == key:
+            return cached[1]
         black = torch.zeros(1, 3, size, size, device=param.device, dtype=param.dtype)
-        return self.image_encoder(black, output_hidden_states=True).hidden_states[-2][0].float().to(self.device)
+        states = self.image_encoder(black, output_hidden_states=True).hidden_states[-2][0].float().to(self.device)
+        self._black_states = (self.image_encoder, key, states)
+        return states
 
     @torch.no_grad()
     def _encode_ip_image(self, image) -> tuple:

@@ -314,6 +314,40 @@ def test_pipeline_classifier_refusals(classifier_file):
         fastdiff.load("arch:tiny-unet").load_classifier(classifier_file, head_channels=16, scale=float("nan"))
 
 
+def test_classifier_labels_and_modes(classifier_file):
+    """Labels are read as for a class model (whole-number floats; anything else one clear line), checked against the
+    classifier's classes (a module without a config: against its logits); a run under torch.inference_mode is the
+    run outside it; a continuous-time model is refused when the classifier is set."""
+    pipe = fastdiff.load("arch:tiny-unet").load_classifier(classifier_file, head_channels=16)
+    kw = dict(seeds=[1, 2], steps=3, progress=False)
+    want = pipe.generate(class_labels=[3, 8], **kw)
+    torch.testing.assert_close(pipe.generate(class_labels=torch.tensor([3.0, 8.0]), **kw), want)
+    with torch.inference_mode():
+        torch.testing.assert_close(pipe.generate(class_labels=[3, 8], **kw), want)
+    for bad, match in (("cat", "integer labels"), ([1, None], "integer labels"), ([1.5, 2], "integer labels"),
+                       ([-1, 2], r"\[0, 9\].*found -1")):
+        with pytest.raises(BadArgumentError, match=match):
+            pipe.generate(class_labels=bad, **kw)
+    with pytest.raises(BadArgumentError, match="unconditional, and its class_labels steer the classifier alone"):
+        pipe.generate(class_labels=[3, 8], cfg_scale=2.0, **kw)
+
+    class Bare(torch.nn.Module):  # a classifier without a config: 10 classes known from its logits only
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(10, 3))
+
+        def forward(self, x, t):
+            return x.mean((2, 3)) @ self.w.T
+
+    pipe.set_classifier(Bare(), scale=2.0)
+    assert torch.isfinite(pipe.generate(class_labels=[9, 0], **kw)).all()
+    for bad, found in (([12, 0], "found 12"), ([-1, 0], "found -1")):
+        with pytest.raises(BadArgumentError, match=found):
+            pipe.generate(class_labels=bad, **kw)
+    with pytest.raises(BadArgumentError, match="continuous time"):
+        fastdiff.load("builtin:digits_flow").set_classifier(Bare())
+
+
 def test_engine_batches_classifier_guided_requests(classifier_file):
     pipe = fastdiff.load("arch:tiny-unet").load_classifier(classifier_file, head_channels=16)
     with fastdiff.Engine(pipe, max_batch=4, max_wait_ms=50) as engine:
