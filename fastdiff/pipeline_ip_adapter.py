@@ -171,7 +171,7 @@ class IPAdapterMixin:
         key = (param.dtype, param.device, size, self.device)
         cached = self._black_states  # (encoder, key, states)
         if cached is not None and cached[0] is self.image_encoder and cached[1] == key:
-            return cached[1]
+            return cached[2]
         black = torch.zeros(1, 3, size, size, device=param.device, dtype=param.dtype)
         states = self.image_encoder(black, output_hidden_states=True).hidden_states[-2][0].float().to(self.device)
         self._black_states = (self.image_encoder, key, states)

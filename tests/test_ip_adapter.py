@@ -390,8 +390,14 @@ def test_ip_adapter_plus_features_and_malformed_files(tmp_path):
     pipe.load_ip_adapter(adapter, weight_name="plus.safetensors")
     kw = dict(prompt="a red cat", latents=_latents(), steps=2, cfg_scale=4.0, progress=False)
     states, _ = pipe._encode_ip_image(_image())
-    assert rel_err(pipe.generate(ip_adapter_image_embeds=states, **kw),
-                   pipe.generate(ip_adapter_image=_image(), **kw)) <= 1e-6
+    calls = []
+    pipe.image_encoder.register_forward_hook(lambda module, args, out: calls.append(1))
+    direct = pipe.generate(ip_adapter_image_embeds=states, **kw)
+    assert len(calls) == 1  # the black image's states
+    assert rel_err(direct, pipe.generate(ip_adapter_image=_image(), **kw)) <= 1e-6
+    before = len(calls)
+    assert torch.equal(pipe.generate(ip_adapter_image_embeds=states, **kw), direct)
+    assert len(calls) == before  # cached: no encoder pass for the second run
     with pytest.raises(BadArgumentError, match="expected a number or a list of one, found 2 values"):
         pipe.set_ip_adapter_scale([0.4, 0.5])
     with pytest.raises(BadArgumentError, match=r"expected \(2B, N, S, E\)"):
