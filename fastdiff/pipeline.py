@@ -381,8 +381,9 @@ class Pipeline(PlansMixin, ControlNetMixin, ImageInputsMixin, IPAdapterMixin, Cl
             latents and the mask in pixels), and with a ControlNet (a base run, or inpainting: diffusers' SDXL
             ControlNet and ControlNet inpainting pipelines), not with padding_mask_crop.
         classifier_scale: classifier guidance's strength with a loaded noisy-image classifier (``load_classifier``:
-            guided-diffusion's, as its classifier_sample.py; default the one given there): steers each sample to its
-            ``class_labels`` (which an unconditional model leaves to the classifier). DDPM conditions its posterior
+            guided-diffusion's, as its classifier_sample.py; default the one given there; one, or one per sample as
+            ``cfg_scale``; 0 everywhere: no classifier pass): steers each sample to its ``class_labels`` (which an
+            unconditional model leaves to the classifier). DDPM conditions its posterior
             mean, every other sampler its x0 (guided-diffusion's DDIM); it runs eagerly (a captured loop,
             ``graph_scope="loop"``, is not used).
         output_type: ``tensor`` (B, C, H, W) float32 in the model's range (latents for a latent model), ``np``
@@ -520,9 +521,10 @@ class Pipeline(PlansMixin, ControlNetMixin, ImageInputsMixin, IPAdapterMixin, Cl
             denoiser = ControlWindow(denoiser)
         extra = dict(cond)
         denoiser = self._guided(denoiser, extra, uncond, guided, cfg_scales, rescales)
-        denoiser = self._classifier_guided(denoiser, base, steer, classifier_scale)
+        denoiser = self._classifier_guided(denoiser, base, steer, None if classifier_scale is None else
+                                           _per_sample_numbers("classifier_scale", classifier_scale, b))
 
-        if self.loop_graphs is not None and callback is not None and steer is None:
+        if self.loop_graphs is not None and callback is not None and getattr(denoiser, "mean_guidance", None) is None:
             raise BadArgumentError("callback: a captured sampling loop (graph_scope='loop') runs no Python per "
                                    "step; use graph_scope='step' to get per-step callbacks")
         if images is not None:  # the posterior draws come first, then the start noise (diffusers' order)

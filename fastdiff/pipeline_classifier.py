@@ -89,14 +89,18 @@ class ClassifierMixin:
                                    f"classifier's {classes or 'class'} classes), found {lo if lo < 0 else hi}")
         return labels.to(self.device), hi
 
-    def _classifier_guided(self, denoiser, base, steer: Optional[tuple], scale):
+    def _classifier_guided(self, denoiser, base, steer: Optional[tuple], scales: Optional[list]):
         """``denoiser`` with classifier guidance (``base``: the network's own DiscreteDenoiser, whose timesteps the
-        classifier reads; ``steer``: ``_classifier_labels``'), or as it is without a classifier."""
+        classifier reads; ``steer``: ``_classifier_labels``'; ``scales``: one per sample, None for the pipeline's),
+        or as it is without a classifier or at scale 0 everywhere (the unguided run, with no classifier pass)."""
         if steer is None:
             return denoiser
         from .classifier_guidance import ClassifierGuidance, ClassifierGuidedDenoiser
 
-        scale = self.classifier_scale if scale is None else _scale(scale)
+        scales = [self.classifier_scale] * len(steer[0]) if scales is None else scales
+        if not any(scales):
+            return denoiser
+        scale = scales[0] if len(set(scales)) == 1 else torch.tensor(scales, dtype=torch.float32, device=self.device)
         labels, top = steer
         return ClassifierGuidedDenoiser(denoiser, ClassifierGuidance(self.classifier, labels, scale, base,
                                                                      largest_label=top))

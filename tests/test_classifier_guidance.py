@@ -348,14 +348,38 @@ def test_classifier_labels_and_modes(classifier_file):
         fastdiff.load("builtin:digits_flow").set_classifier(Bare())
 
 
+def test_per_sample_scales_and_scale_zero(classifier_file):
+    """classifier_scale per sample (as cfg_scale): each sample equals its run at its own scale; 0 everywhere is the
+    unguided run with no classifier pass."""
+    pipe = fastdiff.load("arch:tiny-unet").load_classifier(classifier_file, head_channels=16, scale=3.0)
+    kw = dict(seeds=[1, 2], class_labels=[3, 8], steps=3, progress=False)
+    mixed = pipe.generate(classifier_scale=[0.0, 6.0], **kw)
+    plain = fastdiff.load("arch:tiny-unet").generate(seeds=[1, 2], steps=3, progress=False)
+    torch.testing.assert_close(mixed[0], plain[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(mixed[1], pipe.generate(classifier_scale=6.0, **kw)[1], rtol=1e-4, atol=1e-4)
+    calls = []
+    pipe.classifier.register_forward_hook(lambda module, args, out: calls.append(1))
+    torch.testing.assert_close(pipe.generate(classifier_scale=[0, 0], **kw), plain)
+    assert not calls
+    with pytest.raises(BadArgumentError, match="classifier_scale"):
+        pipe.generate(classifier_scale=[1.0, 2.0, 3.0], **kw)
+
+
 def test_engine_batches_classifier_guided_requests(classifier_file):
-    pipe = fastdiff.load("arch:tiny-unet").load_classifier(classifier_file, head_channels=16)
-    with fastdiff.Engine(pipe, max_batch=4, max_wait_ms=50) as engine:
-        futures = [engine.submit(seed=s, class_label=c, steps=4, classifier_scale=2.0) for s, c in ((1, 3), (2, 5))]
+    """Requests of different classifier scales (and the pipeline's default) share a batch, each equal to its solo
+    run; a scale without a classifier fails its own request."""
+    pipe = fastdiff.load("arch:tiny-unet").load_classifier(classifier_file, head_channels=16, scale=3.0)
+    asks = ((1, 3, 2.0), (2, 5, None), (3, 7, 8.0))
+    with fastdiff.Engine(pipe, max_batch=4, max_wait_ms=500) as engine:
+        futures = [engine.submit(seed=s, class_label=c, steps=4, classifier_scale=k) for s, c, k in asks]
         got = [f.result(timeout=60) for f in futures]
-    for (s, c), out in zip(((1, 3), (2, 5)), got):
-        solo = pipe.generate(seeds=[s], class_labels=[c], steps=4, classifier_scale=2.0, progress=False)[0]
+        assert engine.stats()["batch_size_hist"] == {3: 1}
+    for (s, c, k), out in zip(asks, got):
+        solo = pipe.generate(seeds=[s], class_labels=[c], steps=4, classifier_scale=k, progress=False)[0]
         torch.testing.assert_close(out, solo, rtol=1e-4, atol=1e-4)
+    with fastdiff.Engine(fastdiff.load("arch:tiny-unet")) as engine:
+        with pytest.raises(BadArgumentError, match="no classifier is loaded"):
+            engine.submit(seed=1, classifier_scale=2.0, steps=2).result(timeout=60)
 
 
 @pytest.mark.parametrize("sampler", [None, "ddpm"])

@@ -57,8 +57,8 @@ from ..errors import BadArgumentError, FastdiffError
 from ..pipeline import check_seed
 from ..prompts.encoder import EXTRA_PROMPTS
 from ..utils.checks import finite_number
-from .requests import (NO_KEY, Request, as_int, check_name, check_row, check_states, group_key, option_key, own_copy,
-                       own_option, rescales_of)
+from .requests import (NO_KEY, Request, as_int, check_name, check_row, check_states, classifier_scales_of, group_key,
+                       option_key, own_copy, own_option, rescales_of)
 
 __all__ = ["Engine", "EngineClosedError"]
 
@@ -167,7 +167,8 @@ class Engine:
                schedule=None, text_embeds=None, negative_text_embeds=None, time_ids=None, negative_time_ids=None,
                guidance=None, prompt: Optional[str] = None, negative_prompt: Optional[str] = None,
                image=None, strength: Optional[float] = None, mask_image=None, control_image=None,
-               control_mask=None, guidance_rescale: Optional[float] = None, **options) -> concurrent.futures.Future:
+               control_mask=None, guidance_rescale: Optional[float] = None, classifier_scale: Optional[float] = None,
+               **options) -> concurrent.futures.Future:
         """Queue one sample; the Future resolves to a (C, H, W) tensor.
 
         Thread-safe. Defaults are ``Pipeline.generate``'s (``sampler=None`` / ``schedule=None``: the
@@ -188,6 +189,9 @@ class Engine:
         options (``controlnet_conditioning_scale``, ``guess_mode``, ...) go in ``options``.
         ``guidance_rescale``: this request's (``Pipeline.generate``'s, per sample): requests of different values
         share a batch, as of different ``cfg_scale``.
+        ``classifier_scale``: this request's classifier guidance strength, with a classifier loaded
+        (``Pipeline.load_classifier``; None: the pipeline's), per sample as ``cfg_scale``: requests of different values
+        share a batch.
         ``options``: further ``generate`` keywords shared by a batch (sampler options such as ``eta``, ...); values
         must be hashable, and only requests with equal options batch.
         A request that fails validation returns an already failed Future (the error is
@@ -239,7 +243,7 @@ class Engine:
                          guidance=None if guidance is None else [finite_number("guidance", guidance)])
             req = self._make_request(fut, seed, class_label, encoder_hidden_states, negative_encoder_hidden_states,
                                      steps, sampler, cfg_scale, height, width, schedule, options, added, image_rows,
-                                     guidance_rescale)
+                                     guidance_rescale, classifier_scale)
         except Exception as e:  # a bad request (or a prompt its text encoders could not encode) fails alone
             with self._cv:
                 if self._closed:
@@ -436,7 +440,8 @@ class Engine:
     # ------------------------------------------------------------------------------------ internals
 
     def _make_request(self, fut, seed, class_label, ehs, nehs, steps, sampler, cfg_scale, height, width,
-                      schedule, options, added, image_rows=None, guidance_rescale=None) -> Request:
+                      schedule, options, added, image_rows=None, guidance_rescale=None,
+                      classifier_scale=None) -> Request:
         seed = check_seed(as_int("seed", seed))  # what Pipeline.generate takes
         class_label = as_int("class_label", class_label, minimum=0, allow_none=True)
         top = getattr(getattr(self.pipe, "spec", None), "label_bound", None)  # None: generate() checks it
@@ -465,6 +470,10 @@ class Engine:
         cfg_scale = finite_number("cfg_scale", cfg_scale)
         if guidance_rescale is not None:
             guidance_rescale = finite_number("guidance_rescale", guidance_rescale)
+        if classifier_scale is not None:
+            classifier_scale = finite_number("classifier_scale", classifier_scale)
+            if getattr(self.pipe, "classifier", None) is None:
+                raise BadArgumentError("classifier_scale: no classifier is loaded (pipe.load_classifier)")
         sampler = check_name("sampler", sampler, "fastdiff.samplers", "SAMPLERS")
         schedule = check_name("schedule", schedule, "fastdiff.schedules", "SCHEDULES")
         ehs = own_copy(check_states("encoder_hidden_states", ehs))
@@ -480,7 +489,8 @@ class Engine:
         added = {k: own_copy(check_row(k, v)) for k, v in added.items() if v is not None}
         if image_rows is not None:  # (C, H, W) each, stacked into generate(image=(B, C, H, W)) like the rows above
             added.update(image_rows)
-        req = Request(seed, class_label, ehs, nehs, cfg_scale, params, added, (), fut, guidance_rescale)
+        req = Request(seed, class_label, ehs, nehs, cfg_scale, params, added, (), fut, guidance_rescale,
+                      classifier_scale)
         req.key = group_key(req)
         return req
 
@@ -560,7 +570,7 @@ class Engine:
             cfg_scale=[r.cfg_scale for r in reqs], class_labels=labels, encoder_hidden_states=ehs,
             negative_encoder_hidden_states=nehs, height=p["height"], width=p["width"], output_type="tensor",
             progress=False, **{k: torch.stack([r.added[k] for r in reqs]) for k in reqs[0].added},
-            **rescales_of(reqs), **dict(p["options"]))
+            **rescales_of(reqs), **classifier_scales_of(reqs, self.pipe), **dict(p["options"]))
         if not torch.is_tensor(out) or out.dim() < 1 or out.shape[0] != len(reqs):
             found = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
             raise FastdiffError(f"pipe.generate: expected a tensor with {len(reqs)} samples on dim 0, found {found}")

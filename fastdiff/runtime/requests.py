@@ -30,6 +30,7 @@ class Request:
     key: tuple
     future: concurrent.futures.Future
     guidance_rescale: Optional[float] = None  # per sample as cfg_scale (None: not given, 0 in a batch with others)
+    classifier_scale: Optional[float] = None  # per sample as cfg_scale (None: the pipeline's)
     t_submit: float = field(default_factory=time.perf_counter)
     in_flight: bool = False         # taken by the worker and counted in Engine._in_flight
 
@@ -158,3 +159,13 @@ def rescales_of(reqs: List[Request]) -> dict:
     if all(v is None for v in given):
         return {}  # (a pipe of the Engine's protocol need not take it)
     return {"guidance_rescale": [0.0 if v is None else v for v in given]}
+
+
+def classifier_scales_of(reqs: List[Request], pipe) -> dict:
+    """generate's ``classifier_scale``, one per sample, where a request of the batch gave one (the pipeline's
+    ``classifier_scale`` for the others)."""
+    given = [r.classifier_scale for r in reqs]
+    if all(v is None for v in given):
+        return {}  # (a pipe of the Engine's protocol need not take it)
+    default = getattr(pipe, "classifier_scale", 1.0)
+    return {"classifier_scale": [default if v is None else v for v in given]}
