@@ -115,6 +115,24 @@ class AttentionPool2d(nn.Module):
         return self.c_proj(x)[:, :, 0]
 
 
+class Downsample(nn.Module):  # conv_resample=True
+    def __init__(self, channels):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.op(x)
+
+
+class Upsample(nn.Module):  # conv_resample=True
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
 class Seq(nn.Sequential):  # TimestepEmbedSequential
     def forward(self, x, emb):
         for layer in self:
@@ -123,11 +141,12 @@ class Seq(nn.Sequential):  # TimestepEmbedSequential
 
 
 class EncoderUNetModel(nn.Module):
-    """ADM's classifier with ``resblock_updown=True`` (as ``create_classifier`` builds every released one)."""
+    """ADM's classifier (``resblock_updown=True``, as ``create_classifier`` builds every released one, or strided-conv
+    downsampling)."""
 
     def __init__(self, image_size, in_channels, model_channels, out_channels, num_res_blocks, attention_resolutions,
                  channel_mult, num_head_channels=64, use_scale_shift_norm=True, use_new_attention_order=False,
-                 pool="attention"):
+                 pool="attention", resblock_updown=True):
         super().__init__()
         self.model_channels, self.pool = model_channels, pool
         ted = model_channels * 4
@@ -144,7 +163,8 @@ class EncoderUNetModel(nn.Module):
                 self.input_blocks.append(Seq(*layers))
                 feature_size += ch
             if level != len(channel_mult) - 1:
-                self.input_blocks.append(Seq(ResBlock(ch, ted, ch, use_scale_shift_norm, down=True)))
+                self.input_blocks.append(Seq(ResBlock(ch, ted, ch, use_scale_shift_norm, down=True)
+                                             if resblock_updown else Downsample(ch)))
                 ds *= 2
                 feature_size += ch
         self.middle_block = Seq(ResBlock(ch, ted, ch, use_scale_shift_norm),
@@ -178,11 +198,12 @@ class EncoderUNetModel(nn.Module):
 
 
 class UNetModel(nn.Module):
-    """ADM's UNet with ``resblock_updown=True`` (every released guided-diffusion model)."""
+    """ADM's UNet: ``resblock_updown=True`` (every released guided-diffusion model) or conv resampling (script_util's
+    default, improved-diffusion's only way)."""
 
     def __init__(self, image_size, in_channels, model_channels, out_channels, num_res_blocks, attention_resolutions,
                  channel_mult, num_classes=None, num_heads=1, num_head_channels=-1, use_scale_shift_norm=True,
-                 use_new_attention_order=False):
+                 use_new_attention_order=False, resblock_updown=True):
         super().__init__()
         self.model_channels, self.num_classes = model_channels, num_classes
         ted = model_channels * 4
@@ -202,7 +223,8 @@ class UNetModel(nn.Module):
                 self.input_blocks.append(Seq(*layers))
                 chans.append(ch)
             if level != len(channel_mult) - 1:
-                self.input_blocks.append(Seq(ResBlock(ch, ted, ch, use_scale_shift_norm, down=True)))
+                self.input_blocks.append(Seq(ResBlock(ch, ted, ch, use_scale_shift_norm, down=True)
+                                             if resblock_updown else Downsample(ch)))
                 chans.append(ch)
                 ds *= 2
         self.middle_block = Seq(ResBlock(ch, ted, ch, use_scale_shift_norm), attn(ch),
@@ -215,7 +237,8 @@ class UNetModel(nn.Module):
                 if ds in attention_resolutions:
                     layers.append(attn(ch))
                 if level and i == num_res_blocks:
-                    layers.append(ResBlock(ch, ted, ch, use_scale_shift_norm, up=True))
+                    layers.append(ResBlock(ch, ted, ch, use_scale_shift_norm, up=True) if resblock_updown
+                                  else Upsample(ch))
                     ds //= 2
                 self.output_blocks.append(Seq(*layers))
         self.out = nn.Sequential(normalization(ch), nn.SiLU(), nn.Conv2d(input_ch, out_channels, 3, padding=1))

@@ -26,7 +26,11 @@ def _save(model, tmp_path, name="model.pt") -> str:
     (dict(num_classes=10), dict(head_channels=16)),
     (dict(use_new_attention_order=True, num_heads=2, num_head_channels=-1), dict(num_heads=2, attention_order="new")),
     (dict(channel_mult=(0.5, 1, 2), model_channels=64, out_channels=3), dict(head_channels=16)),
-], ids=["class-conditional", "new-order-num-heads", "half-width-first-level"])
+    (dict(resblock_updown=False, num_classes=10), dict(head_channels=16)),
+    (dict(resblock_updown=False, use_scale_shift_norm=False, channel_mult=(1, 2), attention_resolutions=(2,)),
+     dict(head_channels=16)),
+], ids=["class-conditional", "new-order-num-heads", "half-width-first-level", "conv-resampling",
+        "conv-resampling-no-scale-shift"])
 def test_unet_matches_official(kw, load_kw, tmp_path):
     ref = randomized(UNetModel(**dict(BASE, **kw)), 1)
     pipe = fastdiff.load(_save(ref, tmp_path), **load_kw)

@@ -39,6 +39,7 @@ def _grad(model, x, t, y):
     dict(pool="attention", use_new_attention_order=True, use_scale_shift_norm=False),
     dict(pool="attention", channel_mult=(0.5, 1, 2)),  # OpenAI's 512 px layout (a first level at half width)
     dict(pool="attention", image_size=24, num_res_blocks=1, channel_mult=(1, 2)),  # odd map: 12x12 tokens
+    dict(pool="adaptive", resblock_updown=False),  # strided-conv downsampling
 ], ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
 def test_classifier_matches_official(kw):
     ref = official(**kw)

@@ -50,8 +50,8 @@ def guided_diffusion_config(state: dict, num_heads: Optional[int] = None,
     # Output blocks = levels * (num_res_blocks + 1), and every level but the last ends in an upsampling
     # ResBlock stored beside the block's ResBlock (output_blocks.K.1 or .2 with in_layers): count them.
     out_blocks = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("output_blocks."))
-    upsamplers = {int(k.split(".")[1]) for k in sd
-                  if re.match(r"output_blocks\.\d+\.[12]\.in_layers\.0\.weight", k)}
+    upsamplers = {int(k.split(".")[1]) for k in sd  # (an upsampling ResBlock, or with resblock_updown=False a conv)
+                  if re.match(r"output_blocks\.\d+\.[12]\.(in_layers\.0|conv)\.weight", k)}
     levels = len(upsamplers) + 1
     if out_blocks % levels:
         raise CheckpointError(f"guided-diffusion UNet: {out_blocks} output blocks do not split into {levels} levels")
@@ -72,9 +72,15 @@ def adm_config(sd: RequiredKeys, levels: int, res_per_level: int, num_heads: Opt
         first = 1 + lvl * (res_per_level + 1)
         channels.append(sd[f"input_blocks.{first}.0.out_layers.3.weight"].shape[0])
         attn.append(f"input_blocks.{first}.1.qkv.weight" in sd)
-    if any("op.weight" in k for k in sd if k.startswith("input_blocks.")) or any(
-            re.match(r"output_blocks\.\d+\.\d+\.conv\.weight", k) for k in sd):
-        raise CheckpointError(f"{what} with conv resampling (resblock_updown=False): not supported yet")
+    # resblock_updown=False (script_util's default): strided 3x3 convs down, nearest x2 + a 3x3 conv up, diffusers'
+    # Downsample2D / Upsample2D; resblock_updown=True: the ResBlocks of diffusers' "resnet" resampling
+    conv_down = [re.match(r"input_blocks\.\d+\.0\.op\.weight", k) is not None for k in sd]
+    conv_up = [re.match(r"output_blocks\.\d+\.[12]\.conv\.weight", k) is not None for k in sd]
+    conv = any(conv_down) or any(conv_up)
+    if conv and sum(conv_down) != levels - 1:
+        raise CheckpointError(f"{what}: {sum(conv_down)} strided-conv downsamplers (input_blocks.K.0.op) for "
+                              f"{levels} levels; expected {levels - 1} (conv_resample=False, average pooling, is not "
+                              f"supported)")
     if "middle_block.1.qkv.weight" not in sd:
         raise CheckpointError(f"{what} without a middle attention block: not supported")
     scale_shift = sd["input_blocks.1.0.emb_layers.1.weight"].shape[0] == 2 * channels[0]
@@ -104,9 +110,12 @@ def adm_config(sd: RequiredKeys, levels: int, res_per_level: int, num_heads: Opt
         sample_size=ADM_IMAGE_SIZES.get(levels, 64), in_channels=sd["input_blocks.0.0.weight"].shape[1],
         out_channels=out_channels,
         block_out_channels=channels, layers_per_block=res_per_level,
-        down_block_types=["AttnDownBlock2D" if a else "ResnetDownsampleBlock2D" for a in attn],
-        up_block_types=["AttnUpBlock2D" if a else "ResnetUpsampleBlock2D" for a in reversed(attn)],
-        downsample_type="resnet", upsample_type="resnet", norm_num_groups=32, attn_norm_num_groups=32,
+        down_block_types=["AttnDownBlock2D" if a else "DownBlock2D" if conv else "ResnetDownsampleBlock2D"
+                          for a in attn],
+        up_block_types=["AttnUpBlock2D" if a else "UpBlock2D" if conv else "ResnetUpsampleBlock2D"
+                        for a in reversed(attn)],
+        downsample_type="conv" if conv else "resnet", upsample_type="conv" if conv else "resnet",
+        norm_num_groups=32, attn_norm_num_groups=32,
         attention_head_dim=heads_dim, resnet_time_scale_shift="scale_shift" if scale_shift else "default",
         num_class_embeds=classes, time_embedding_dim=sd["time_embed.0.weight"].shape[0],
         flip_sin_to_cos=True, freq_shift=0,
@@ -145,6 +154,15 @@ class ADMKeys:
                     rest = new + rest[len(old):]
                     break
             self.put(f"{dst}.{rest}", k)
+
+    def resample(self, src: str, dst: str) -> None:
+        """A resampling layer: a ResBlock (resblock_updown) or a conv (``op`` going down, ``conv`` going up)."""
+        for name in ("op", "conv"):
+            if f"{src}.{name}.weight" in self.sd:
+                self.put(f"{dst}.conv.weight", f"{src}.{name}.weight")
+                self.put(f"{dst}.conv.bias", f"{src}.{name}.bias")
+                return
+        self.resnet(src, dst)
 
     def attention(self, src: str, dst: str, head_dim: int) -> None:
         sd = self.sd
@@ -189,7 +207,7 @@ class ADMKeys:
                 if f"input_blocks.{k}.1.qkv.weight" in sd:
                     self.attention(f"input_blocks.{k}.1", f"down_blocks.{lvl}.attentions.{j}", head_dims[lvl])
             if lvl < n - 1:
-                self.resnet(f"input_blocks.{1 + lvl * (per + 1) + per}.0", f"down_blocks.{lvl}.downsamplers.0")
+                self.resample(f"input_blocks.{1 + lvl * (per + 1) + per}.0", f"down_blocks.{lvl}.downsamplers.0")
         self.resnet("middle_block.0", "mid_block.resnets.0")
         self.attention("middle_block.1", "mid_block.attentions.0", head_dims[-1])
         self.resnet("middle_block.2", "mid_block.resnets.1")
@@ -215,7 +233,7 @@ def convert_guided_diffusion(state: dict, config: UNetConfig, attention_order: s
             if has_attn:
                 keys.attention(f"output_blocks.{k}.1", f"up_blocks.{lvl}.attentions.{j}", head_dims[n - 1 - lvl])
             if j == per and lvl < n - 1:
-                keys.resnet(f"output_blocks.{k}.{2 if has_attn else 1}", f"up_blocks.{lvl}.upsamplers.0")
+                keys.resample(f"output_blocks.{k}.{2 if has_attn else 1}", f"up_blocks.{lvl}.upsamplers.0")
     for i, name in ((0, "conv_norm_out"), (2, "conv_out")):
         keys.put(f"{name}.weight", f"out.{i}.weight")
         keys.put(f"{name}.bias", f"out.{i}.bias")
