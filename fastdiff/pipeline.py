@@ -323,7 +323,8 @@ class Pipeline(PlansMixin, ControlNetMixin, ImageInputsMixin, IPAdapterMixin, Cl
         height / width: in latent pixels (default: the model's sample size).
         image on a super-resolution model (``spec.low_res_channels``: guided-diffusion's upsamplers): the
             low-resolution image(s) to upsample (read as below; any size), which the network reads upsampled bilinearly
-            to the output size, as guided-diffusion's super_res_sample.py; no strength or mask.
+            to the output size (default: 4x the image, as both released upsamplers), as guided-diffusion's
+            super_res_sample.py; no strength, mask or crop.
         image / strength: image-to-image (SDEdit), as diffusers' img2img pipelines: the image (one, or one per sample;
             PIL, NumPy uint8 / [0, 1] floats, or tensors in [0, 1]; see ``fastdiff.img2img``) is encoded by the VAE's
             encoder (a pixel model takes it as it is), noised to the grid's sigma at ``strength`` (0-1; default the
@@ -399,6 +400,10 @@ class Pipeline(PlansMixin, ControlNetMixin, ImageInputsMixin, IPAdapterMixin, Cl
             raise BadArgumentError(f"output_type={output_type!r}: images of a latent model ({self.spec.in_channels} "
                                    f"channels) come from a VAE, and this pipeline has none (fastdiff.load(..., "
                                    f"vae='AutoencoderKL folder')); output_type='tensor' returns the latents")
+        low_res = None  # a super-resolution network's images to upsample, (k, C, h, w) in [0, 1]
+        if self.spec.low_res_channels:
+            low_res, image = self._low_res_images(image, strength, mask_image, denoising_start=denoising_start,
+                                                  padding_mask_crop=padding_mask_crop), None
         crop = None  # padding_mask_crop: the crop inpainted in place of the image, then pasted back
         if padding_mask_crop is not None:
             from .mask_crop import crop_to_mask
@@ -412,9 +417,6 @@ class Pipeline(PlansMixin, ControlNetMixin, ImageInputsMixin, IPAdapterMixin, Cl
             image, mask_image = crop.image, crop.mask
             control_image = None if control_image is None else crop.control(control_image)
         latents = _as_latents(latents)
-        low_res = None  # a super-resolution network's images to upsample, (k, C, h, w) in [0, 1]
-        if self.spec.low_res_channels:
-            low_res, image = self._low_res_images(image, strength, mask_image), None
         # (k, C, H, W): images in [0, 1], or (given_latents) a latent model's latents as generate() returns them
         images, given_latents = self._img2img_images(image, strength, latents)
         # (k, 1, H, W) of 0 / 1, for inpainting (a refiner's from a base run's latents too)
@@ -449,6 +451,8 @@ class Pipeline(PlansMixin, ControlNetMixin, ImageInputsMixin, IPAdapterMixin, Cl
         guided = any(scale != 1.0 for scale in cfg_scales)
         if latents is not None and height is None and width is None:
             height, width = int(latents.shape[2]), int(latents.shape[3])  # the latents fix the size
+        elif low_res is not None and height is None and width is None:  # (both released upsamplers: 4x)
+            height, width = 4 * int(low_res.shape[2]), 4 * int(low_res.shape[3])
         h, w = self._size(height, width)
         shape = (self.spec.in_channels, h, w)
         plan = self.plan(steps, sampler, schedule, size=(h, w), **sampler_options)

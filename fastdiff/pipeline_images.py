@@ -17,17 +17,19 @@ class ImageInputsMixin:
     """The ``_img2img*``, ``_inpaint_masks``, ``_clean_latents`` and ``_check_experts`` helpers of
     ``Pipeline.generate``."""
 
-    def _low_res_images(self, image, strength, mask_image) -> torch.Tensor:
+    def _low_res_images(self, image, strength, mask_image, **edits) -> torch.Tensor:
         """A super-resolution network's (``spec.low_res_channels``) low-resolution images: float32 (k, C, h, w) in
-        [0, 1], any size (generate upsamples them to the output's)."""
+        [0, 1], any size (generate upsamples them to the output's). ``edits``: generate's other image-editing
+        arguments (denoising_start, padding_mask_crop), refused."""
         from .img2img import unit_images
 
         if image is None:
             raise BadArgumentError("image: this is a super-resolution model (its network reads a low-resolution image "
                                    "beside the sample): expected image= (the image to upsample), found None")
-        if strength is not None or mask_image is not None:
-            raise BadArgumentError(f"{'strength' if strength is not None else 'mask_image'}: a super-resolution "
-                                   f"model's image is its conditioning, not a start to edit; expected image= alone")
+        given = [k for k, v in dict(strength=strength, mask_image=mask_image, **edits).items() if v is not None]
+        if given:
+            raise BadArgumentError(f"{given[0]}: a super-resolution model's image is its conditioning, not a start to "
+                                   f"edit; expected image= alone")
         return unit_images(image, self.spec.low_res_channels)
 
     def _upsampled(self, low_res: torch.Tensor, b: int, size: tuple) -> torch.Tensor:

@@ -116,13 +116,16 @@ def test_engine_batches_super_resolution_requests(upsampler):
     _, pipe = upsampler
     lows = [torch.rand(3, 4, 4, generator=torch.Generator().manual_seed(i)) for i in range(3)]
     with fastdiff.Engine(pipe, max_batch=4, max_wait_ms=50) as engine:
-        futures = [engine.submit(seed=i, class_label=i, image=low, steps=3) for i, low in enumerate(lows)]
+        # (DDIM: DDPM's clipped, learned-range draws turn batch-size rounding into 1e-4 differences)
+        futures = [engine.submit(seed=i, class_label=i, image=low, steps=3, sampler="ddim")
+                   for i, low in enumerate(lows)]
         bad = engine.submit(seed=9, class_label=1, steps=3)  # (no image: fails alone)
         got = [f.result(timeout=120) for f in futures]
         with pytest.raises(BadArgumentError, match="expected image="):
             bad.result(timeout=60)
     for i, (low, out) in enumerate(zip(lows, got)):
-        solo = pipe.generate(seeds=[i], class_labels=[i], image=low[None], steps=3, progress=False)[0]
+        solo = pipe.generate(seeds=[i], class_labels=[i], image=low[None], steps=3, sampler="ddim",
+                             progress=False)[0]
         torch.testing.assert_close(out, solo, rtol=1e-4, atol=1e-4)
 
 
@@ -166,3 +169,51 @@ def test_cli_upsamples_an_image(upsampler, tmp_path):
     want = pipe.generate(image=Image.open(tmp_path / "low.png"), class_labels=[5], seed=0, steps=2, height=16,
                          width=16, progress=False)
     torch.testing.assert_close(load_file(str(tmp_path / "out.safetensors"))["latents"], want)
+
+
+def test_upsampler_defaults_are_super_res_samples(upsampler):
+    """With no size, the output is 4x the image (both released upsamplers); with no sampler, super_res_sample.py's
+    p_sample_loop: DDPM on the respaced timesteps, the learned range, x0 clipped."""
+    _, pipe = upsampler
+    plan = pipe.plan(25)
+    assert (plan.sampler, plan.options["variance"], plan.denoiser_options["clip_sample"]) == \
+        ("ddpm", "learned_range", 1.0)
+    out = pipe.generate(image=torch.rand(1, 3, 4, 6), class_labels=[1], steps=2, progress=False)
+    assert out.shape == (1, 3, 16, 24)
+    for kw, name in ((dict(denoising_start=0.5), "denoising_start"), (dict(padding_mask_crop=2), "padding_mask_crop")):
+        with pytest.raises(BadArgumentError, match=f"{name}: a super-resolution model's image is its conditioning"):
+            pipe.generate(image=torch.rand(1, 3, 4, 4), class_labels=[1], steps=2, progress=False, **kw)
+
+
+def test_six_channel_models_and_released_head_counts(tmp_path, monkeypatch):
+    """super_res=False loads a 6-input-channel ADM as a plain model; a layout of a released checkpoint trained with a
+    head count (128x128_diffusion.pt, 64_256_upsampler.pt) loads with it, which 64 channels per head would split
+    otherwise without an error."""
+    from fastdiff.checkpoints import guided_diffusion
+
+    plain = randomized(UNetModel(**dict(BASE, in_channels=6, out_channels=6)), 4)
+    pipe = fastdiff.load(_save(plain, tmp_path, "six.pt"), head_channels=16, super_res=False)
+    assert (pipe.spec.in_channels, pipe.spec.low_res_channels) == (6, None)
+    assert pipe.generate(n=1, steps=2, progress=False).shape == (1, 6, 64, 64)
+    with pytest.raises(BadArgumentError, match="super_res=True"):
+        fastdiff.load(_save(randomized(UNetModel(**BASE), 4), tmp_path, "three.pt"), head_channels=16,
+                      super_res=True)
+    with pytest.raises(BadArgumentError, match="super_res= does not apply"):
+        fastdiff.load("arch:tiny-unet", super_res=False)
+
+    heads = randomized(SuperResModel(**dict(BASE, model_channels=64, num_heads=4, num_head_channels=-1,
+                                            num_classes=10)), 5)
+    path = _save(heads, tmp_path, "heads.pt")
+    x, t, y = torch.randn(1, 3, 16, 16), torch.tensor([300]), torch.tensor([2])
+    low = torch.rand(1, 3, 4, 4) * 2 - 1
+    up = F.interpolate(low, (16, 16), mode="bilinear")
+    with torch.no_grad():
+        want = heads(x, t, low_res=low, y=y)
+        split64 = fastdiff.load(path).model(x, t, class_labels=y, image_latents=up)  # 1, 1, 2 heads: not the trained
+        assert float((split64 - want).abs().max()) > 1e-3
+        monkeypatch.setitem(guided_diffusion._RELEASED_NUM_HEADS, ((64, 64, 128), 6), (4, "a released upsampler"))
+        pipe = fastdiff.load(path)
+        assert any("a released upsampler" in n and "num_heads=4" in n for n in pipe.notes)
+        torch.testing.assert_close(pipe.model(x, t, class_labels=y, image_latents=up), want, rtol=1e-5, atol=2e-5)
+        pinned = fastdiff.load(path, head_channels=64)  # (an explicit split wins)
+        assert float((pinned.model(x, t, class_labels=y, image_latents=up) - want).abs().max()) > 1e-3

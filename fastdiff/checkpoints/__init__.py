@@ -42,7 +42,7 @@ SUPPORTED_FORMATS = (
 def load(path: str, device="cpu", dtype: Optional[torch.dtype] = None, *, variant: Optional[str] = None,
          num_heads: Optional[int] = None, head_channels: Optional[int] = None,
          prediction_type: Optional[str] = None, scheduler: Optional[dict] = None,
-         attention_order: Optional[str] = None, vae=None, text_encoder=None):
+         attention_order: Optional[str] = None, vae=None, text_encoder=None, super_res: Optional[bool] = None):
     """Load a checkpoint into fastdiff's native model and return a ``Pipeline``.
 
     device / dtype: where and in which precision the network lives (sampler state stays float32).
@@ -52,6 +52,9 @@ def load(path: str, device="cpu", dtype: Optional[torch.dtype] = None, *, varian
     prediction_type / scheduler: override what the checkpoint says (or the DDPM default it assumes).
     attention_order: guided-diffusion checkpoints only: ``"legacy"`` (default) or ``"new"`` for models
         trained with ``use_new_attention_order`` (the weights cannot tell the two apart).
+    super_res: guided-diffusion checkpoints only: whether a 6-input-channel UNet is a super-resolution model (RGB and
+        the low-resolution image, its ``SuperResModel``); None (default): it is (the released upsamplers'; ADM samples
+        RGB); False: a plain 6-channel model.
     vae: the latent model's image decoder: None takes the one the checkpoint carries (a pipeline folder's
         ``vae/``, a single file's ``first_stage_model``); a path to a diffusers AutoencoderKL folder (e.g.
         stabilityai/sd-vae-ft-ema for DiT) takes that one; False loads none.
@@ -67,8 +70,10 @@ def load(path: str, device="cpu", dtype: Optional[torch.dtype] = None, *, varian
         raise BadArgumentError(f"load() expects a path or 'builtin:NAME' / 'arch:NAME', found {type(path).__name__}")
     path = os.path.expanduser(os.fspath(path))
     device, dtype = _check_load_args(device, dtype, num_heads, head_channels, scheduler)
+    if super_res is not None and not isinstance(super_res, bool):
+        raise BadArgumentError(f"super_res: expected True, False or None, found {super_res!r}")
     source_options = dict(variant=variant, num_heads=num_heads, head_channels=head_channels,
-                          attention_order=attention_order)
+                          attention_order=attention_order, super_res=super_res)
     if path.startswith(("arch:", "builtin:")) or path.lower().endswith(".onnx"):
         _refuse_options(source_options, (), path)
     if path.startswith("arch:"):
@@ -95,7 +100,7 @@ def load(path: str, device="cpu", dtype: Optional[torch.dtype] = None, *, varian
 
     kind, cfg, state, spec, found_vae = _read_any(path, variant=variant, num_heads=num_heads,
                                                   head_channels=head_channels, attention_order=attention_order,
-                                                  read_vae=vae is None)
+                                                  read_vae=vae is None, super_res=super_res)
     from .fastdiff_format import is_fastdiff_folder
 
     source = str(spec.source)
@@ -132,7 +137,7 @@ def load(path: str, device="cpu", dtype: Optional[torch.dtype] = None, *, varian
 # the loading options each source reads (by the first word of ModelSpec.source); any other given option is
 # refused rather than silently ignored
 _SOURCE_OPTIONS = {
-    "guided-diffusion": ("num_heads", "head_channels", "attention_order"),
+    "guided-diffusion": ("num_heads", "head_channels", "attention_order", "super_res"),
     "Stable": ("num_heads",),  # Stable Diffusion single file
     "official": ("num_heads",),  # official DiT checkpoint
     "diffusers": ("variant",),
@@ -203,6 +208,7 @@ def _refuse_options(given: dict, accepted, path: str, kind: Optional[str] = None
     if refused:
         where = {"num_heads": "official DiT, Stable Diffusion single files and guided-diffusion",
                  "head_channels": "guided-diffusion", "attention_order": "guided-diffusion",
+                 "super_res": "guided-diffusion",
                  "variant": "diffusers folders"}
         raise BadArgumentError(f"{refused[0]}= does not apply to {path} ({kind or 'no checkpoint to read it'}); it "
                                f"applies to {where[refused[0]]} checkpoints")
@@ -279,7 +285,7 @@ def _override_sampling(spec, scheduler: Optional[dict], prediction_type: Optiona
 
 
 def _read_any(path: str, *, variant=None, num_heads=None, head_channels=None, attention_order=None,
-              read_vae: bool = True):
+              read_vae: bool = True, super_res: Optional[bool] = None):
     """(kind, native config, native state dict, ModelSpec, the VAE decoder it carries or None) for any supported
     source; ``read_vae=False`` (the caller brings its own, or none) reads no VAE."""
     vae_of = _own_vae if read_vae else (lambda spec, read: None)
@@ -362,20 +368,36 @@ def _read_any(path: str, *, variant=None, num_heads=None, head_channels=None, at
 
         if is_guided_diffusion_state_dict(state):
             from .diffusers_folder import spec_for
-            from .presets import GUIDED_DIFFUSION_SCHEDULER
+            from .guided_diffusion import released_num_heads
+            from .presets import GUIDED_DIFFUSION_SCHEDULER, GUIDED_DIFFUSION_SUPER_RES_SCHEDULER
 
-            cfg = guided_diffusion_config(state, num_heads=num_heads, head_channels=head_channels)
+            released = released_num_heads(state) if num_heads is None and head_channels is None else None
+            cfg = guided_diffusion_config(state, num_heads=num_heads or (released and released[0]),
+                                          head_channels=head_channels)
+            sr = cfg.in_channels == 6 and cfg.out_channels in (3, 6) and super_res is not False  # a SuperResModel
             # image_sample.py's DDIM; sampler="ddpm": its p_sample, from the learned range of learn_sigma (else
-            # FIXED_LARGE)
-            spec = spec_for("unet", cfg, GUIDED_DIFFUSION_SCHEDULER, source=f"guided-diffusion checkpoint {path}")
-            if cfg.in_channels == 6 and cfg.out_channels in (3, 6):  # a SuperResModel: RGB + the upsampled low-res
+            # FIXED_LARGE); an upsampler: super_res_sample.py's p_sample_loop
+            spec = spec_for("unet", cfg, GUIDED_DIFFUSION_SUPER_RES_SCHEDULER if sr else GUIDED_DIFFUSION_SCHEDULER,
+                            source=f"guided-diffusion checkpoint {path}")
+            if released:
+                spec.notes.append(f"taken as OpenAI's {released[1]} (its layout): num_heads={released[0]}, as trained "
+                                  f"(head_channels= / num_heads= for another split)")
+            if sr:  # RGB + the low-resolution image upsampled to the sample size
                 spec.in_channels, spec.low_res_channels = 3, 3
                 spec.learned_variance = cfg.out_channels == 6
                 spec.notes.append("guided-diffusion super-resolution model (6 input channels: the sample and its "
-                                  "low-resolution image, upsampled bilinearly): generate(image=LOW_RES), --image")
+                                  "low-resolution image, upsampled bilinearly; super_res=False for a plain 6-channel "
+                                  "model): generate(image=LOW_RES), --image; the output defaults to 4x the image "
+                                  "(both released upsamplers'); sampled as super_res_sample.py (DDPM on the respaced "
+                                  "timesteps, x0 clipped; its README runs 250 steps)")
+            elif super_res:
+                raise BadArgumentError(f"super_res=True: {path} takes {cfg.in_channels} input channels and returns "
+                                       f"{cfg.out_channels}; a guided-diffusion upsampler takes 6 (RGB and the "
+                                       f"low-resolution image) and returns 3, or 6 with learn_sigma")
             spec.scheduler["variance_type"] = "learned_range" if spec.learned_variance else "fixed_large"
             order = attention_order or "legacy"
-            spec.notes.append("guided-diffusion: 64 channels per head unless num_heads= is given; linear betas "
+            spec.notes.append("guided-diffusion: 64 channels per head unless num_heads= is given (or the layout is a "
+                              "released num_heads model's); linear betas "
                               "unless scheduler= says otherwise (cosine-schedule models: scheduler=fastdiff."
                               "checkpoints.presets.GUIDED_DIFFUSION_COSINE_SCHEDULER, --scheduler "
                               "guided-diffusion-cosine); "

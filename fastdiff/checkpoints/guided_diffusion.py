@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from ..errors import BadArgumentError, CheckpointError, UnsupportedConfigError
+from ..errors import BadArgumentError, CheckpointError, FastdiffError, UnsupportedConfigError
 from ..models.unet import UNetConfig
 from .common import RequiredKeys
 
@@ -39,6 +39,27 @@ def is_guided_diffusion_state_dict(state: dict) -> bool:
 # ADM's create_model picks channel_mult by image_size: its level count tells the size a checkpoint was trained at
 # (4 levels: 64, also improved-diffusion's 32; a default only: generate takes any height / width)
 ADM_IMAGE_SIZES = {4: 64, 5: 128, 6: 256, 7: 512}
+
+
+# OpenAI's released checkpoints trained with a head count (num_heads=4, num_head_channels=-1), which the weights
+# cannot tell from 64 channels per head (both split their channels): the levels' channels and the input channels
+# that identify each file
+_RELEASED_NUM_HEADS = {
+    ((256, 256, 512, 768, 1024), 3): (4, "128x128_diffusion.pt"),
+    ((192, 192, 384, 384, 768, 768), 6): (4, "64_256_upsampler.pt"),
+}
+
+
+def released_num_heads(state: dict) -> Optional[tuple]:
+    """(num_heads, file name) when ``state`` has the layout of a released guided-diffusion checkpoint trained with a
+    head count, else None."""
+    if "input_blocks.0.0.weight" not in state:
+        return None
+    try:
+        cfg = guided_diffusion_config(state, head_channels=1)  # (any split: only the levels' channels are read)
+    except FastdiffError:  # (what the loader itself then reports)
+        return None
+    return _RELEASED_NUM_HEADS.get((tuple(cfg.block_out_channels), cfg.in_channels))
 
 
 def guided_diffusion_config(state: dict, num_heads: Optional[int] = None,

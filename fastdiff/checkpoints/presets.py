@@ -44,6 +44,10 @@ ADM_SCHEDULER = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "b
 # the 1000-step cosine-schedule models (ADM's ImageNet 64): load(path, scheduler=GUIDED_DIFFUSION_COSINE_SCHEDULER)
 GUIDED_DIFFUSION_SCHEDULER = dict(ADM_SCHEDULER, timestep_respacing="guided-diffusion-ddim")
 GUIDED_DIFFUSION_COSINE_SCHEDULER = dict(GUIDED_DIFFUSION_SCHEDULER, beta_schedule="squaredcos_cap_v2")
+# guided-diffusion's upsamplers: super_res_sample.py's p_sample_loop (DDPM on the respaced "N" timesteps; x0 clipped by
+# DDPMScheduler's default clip_sample), whatever its --use_ddim says
+GUIDED_DIFFUSION_SUPER_RES_SCHEDULER = dict(ADM_SCHEDULER, _class_name="DDPMScheduler",
+                                            timestep_respacing="guided-diffusion")
 # (DiT's latents are not in [-1, 1]: no clipping, as the official sample.py (clip_denoised=False) and the DiT-XL-2
 # folders' scheduler_config.json)
 DIT_SCHEDULER = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.0001,

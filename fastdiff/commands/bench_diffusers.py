@@ -331,6 +331,11 @@ def _diffusers_generate(model, scheduler, spec, b, steps, cfg, cond, device, dty
     if spec.inpainting:  # (b, 1 + C, h, w), the same for both CFG passes
         extra = _diffusers_inpaint_inputs(vae, cond["image"], cond["mask"], (h, w), g).to(dtype)
         extra = torch.cat([extra, extra]) if guided else extra
+    elif spec.low_res_channels:  # guided-diffusion's upsamplers: the image in [-1, 1], bilinear to the sample size
+        import torch.nn.functional as F
+
+        extra = F.interpolate(cond["image"].to(device) * 2 - 1, (h, w), mode="bilinear").to(dtype)
+        extra = torch.cat([extra, extra]) if guided else extra
     kw = {}
     if cond["labels"] is not None:
         kw["class_labels"] = torch.cat([cond["labels"], cond["null_labels"]]) if guided else cond["labels"]

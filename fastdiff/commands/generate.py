@@ -194,6 +194,8 @@ def add_load_arguments(p) -> None:
                    help="channels per attention head instead (guided-diffusion's num_head_channels)")
     g.add_argument("--attention-order", choices=("legacy", "new"), default=None,
                    help="guided-diffusion: 'new' for models trained with use_new_attention_order")
+    g.add_argument("--no-super-res", dest="super_res", action="store_const", const=False, default=None,
+                   help="guided-diffusion: a 6-input-channel UNet is a plain 6-channel model, not an upsampler")
     g.add_argument("--prediction-type", choices=("epsilon", "v_prediction", "sample", "flow_prediction"),
                    default=None, help="what the network predicts, where the checkpoint does not say (default: its "
                                       "config; flow_prediction: a flow-matching network)")
@@ -259,7 +261,7 @@ def _generate_parameters() -> frozenset:
 
 def load_options(args) -> dict:
     """The fastdiff.load keywords given on the command line (``add_load_arguments``)."""
-    names = ("num_heads", "head_channels", "attention_order", "prediction_type")
+    names = ("num_heads", "head_channels", "attention_order", "prediction_type", "super_res")
     options = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
     vae = getattr(args, "vae", None)
     if vae is not None:

@@ -217,7 +217,8 @@ _INPUT_KINDS = {"control_image": (_CONTROLLED, "(B, 3, fH, fW), or an SD3 / FLUX
                 "control_guess": (_CONTROLLED, "(B,)"), "encoder_hidden_states": ("text-conditioned", "(B, L, D)"),
                 "text_embeds": ("conditioned on a pooled text embedding", "(B, P)"),
                 "time_ids": ("SDXL-style", "(B, N)"), "guidance": ("guidance-distilled (Flux dev)", "(B,)"),
-                "image_latents": ("an inpainting network (FLUX.1 Depth / Canny: the control latents)", "(B, K, H, W)")}
+                "image_latents": ("an inpainting network (FLUX.1 Depth / Canny: the control latents; a guided-diffusion "
+                                  "upsampler: its low-resolution image)", "(B, K, H, W)")}
 
 
 def build_feeds(input_names, spec, x: torch.Tensor, timestep, class_labels=None, encoder_hidden_states=None,
