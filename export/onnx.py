@@ -353,6 +353,8 @@ def _example_inputs(spec, io, batch, h, w, device, seed=0, tokens=7):
             v = 8.0 * torch.randint(4, 160, (batch, spec.time_ids_dim), generator=g)
         elif name == "guidance":  # Flux dev's strengths, varied per row
             v = torch.linspace(1.5, 4.5, batch)
+        elif name == "image_latents" and spec.low_res_channels:  # an upscaler's image in [-1, 1]
+            v = torch.rand(batch, spec.low_res_channels, h, w, generator=g) * 2 - 1
         elif name == "image_latents":  # a 0 / 1 mask and latents (FLUX.1 Fill: latents, then the mask's channels)
             mask = (torch.rand(batch, spec.image_latents_channels - spec.in_channels, h, w, generator=g) > 0.5).float()
             latents = torch.randn(batch, spec.in_channels, h, w, generator=g)

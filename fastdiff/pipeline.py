@@ -288,7 +288,7 @@ class Pipeline(PlansMixin, ControlNetMixin, ImageInputsMixin, IPAdapterMixin, Cl
                  denoising_end: Optional[float] = None, denoising_start: Optional[float] = None,
                  padding_mask_crop: Optional[int] = None, control_mode=None, control_mask=None,
                  ip_adapter_image=None, ip_adapter_image_embeds=None, classifier_scale: Optional[float] = None,
-                 **sampler_options):
+                 noise_level: Optional[int] = None, **sampler_options):
         """Sample ``n`` images (latents for latent models).
 
         sampler / schedule: a fastdiff sampler name (``dpmpp_2m``, ``unipc``, ``ddim``, ...) and sigma
@@ -324,7 +324,9 @@ class Pipeline(PlansMixin, ControlNetMixin, ImageInputsMixin, IPAdapterMixin, Cl
         image on a super-resolution model (``spec.low_res_channels``: guided-diffusion's upsamplers): the
             low-resolution image(s) to upsample (read as below; any size), which the network reads upsampled bilinearly
             to the output size (default: 4x the image, as both released upsamplers), as guided-diffusion's
-            super_res_sample.py; no strength, mask or crop.
+            super_res_sample.py; no strength, mask or crop. On Stable Diffusion's x4 upscaler (a
+            StableDiffusionUpscalePipeline folder): the image to upscale, its latents the image's size, the image noised
+            to ``noise_level`` (default 20) as that pipeline does.
         image / strength: image-to-image (SDEdit), as diffusers' img2img pipelines: the image (one, or one per sample;
             PIL, NumPy uint8 / [0, 1] floats, or tensors in [0, 1]; see ``fastdiff.img2img``) is encoded by the VAE's
             encoder (a pixel model takes it as it is), noised to the grid's sigma at ``strength`` (0-1; default the
@@ -451,14 +453,18 @@ class Pipeline(PlansMixin, ControlNetMixin, ImageInputsMixin, IPAdapterMixin, Cl
         guided = any(scale != 1.0 for scale in cfg_scales)
         if latents is not None and height is None and width is None:
             height, width = int(latents.shape[2]), int(latents.shape[3])  # the latents fix the size
-        elif low_res is not None and height is None and width is None:  # (both released upsamplers: 4x)
-            height, width = 4 * int(low_res.shape[2]), 4 * int(low_res.shape[3])
+        elif low_res is not None and height is None and width is None:  # (guided-diffusion's upsamplers: 4x; SD's
+            f = 1 if self.spec.low_res_noise else 4  # upscaler's latents: the image's size)
+            height, width = f * int(low_res.shape[2]), f * int(low_res.shape[3])
         h, w = self._size(height, width)
         shape = (self.spec.in_channels, h, w)
         plan = self.plan(steps, sampler, schedule, size=(h, w), **sampler_options)
         experts = self._check_experts(plan, denoising_end, denoising_start, images, strength, control, crop,
                                       masks is not None, given_latents)
         noise = NoiseSource(seeds, self.device)
+        level = self._noise_level(noise_level, class_labels)  # an upscaler's noise level: its class label
+        # (an upscaler's image noise is drawn before the start noise)
+        low_res_input = None if low_res is None else self._low_res_input(low_res, b, (h, w), noise, level)
         pure_noise = False  # inpainting at strength 1: diffusers starts from noise alone, the image unencoded
         if images is not None and denoising_start is not None:  # a refiner: from the first step below the cutoff
             plan = plan.from_step(experts.start_index(plan, denoising_start, self._train_steps()))
@@ -485,17 +491,19 @@ class Pipeline(PlansMixin, ControlNetMixin, ImageInputsMixin, IPAdapterMixin, Cl
         if classifier_scale is not None and self.classifier is None:
             raise BadArgumentError("classifier_scale: no classifier is loaded (pipe.load_classifier)")
         steer = self._classifier_labels(class_labels, b)  # a classifier's labels (an unconditional model's alone)
+        if level is not None:  # (the same label for both CFG passes)
+            class_labels = [level] * b
         cond, uncond = self._conditioning(b, None if steer is not None and self.spec.num_classes is None
                                           else class_labels, encoder_hidden_states, negative_encoder_hidden_states,
-                                          guided)
+                                          guided, shared_labels=level is not None)
         added, added_uncond = text_time_conditioning(
             self.spec, b, (h, w), guided, self.device, self._network_dtype(), text_embeds=text_embeds,
             negative_text_embeds=negative_text_embeds, time_ids=time_ids, negative_time_ids=negative_time_ids,
             **({} if self.vae is None else dict(scale=self.vae.downscale)))  # (default ids in the VAE's pixels)
         cond.update(added)
         uncond.update(added_uncond)
-        if low_res is not None:  # (b, C, h, w) in [-1, 1], shared by both CFG passes
-            cond["image_latents"] = self._upsampled(low_res, b, (h, w))
+        if low_res_input is not None:  # (b, C, h, w), shared by both CFG passes
+            cond["image_latents"] = low_res_input
         image_embeds = self._ip_adapter_embeds(ip_adapter_image, ip_adapter_image_embeds, b, guided)
         if image_embeds is not None:  # an IP-Adapter's image prompt (the unconditional pass's: zeros, or given)
             cond["image_embeds"] = image_embeds[0]
@@ -716,8 +724,9 @@ class Pipeline(PlansMixin, ControlNetMixin, ImageInputsMixin, IPAdapterMixin, Cl
                                        f"{top * p} latent pixels per side, found {h}x{w}")
         return h, w
 
-    def _conditioning(self, b, class_labels, ctx, neg_ctx, guided: bool):
-        """(cond, uncond) keyword dicts for the network."""
+    def _conditioning(self, b, class_labels, ctx, neg_ctx, guided: bool, shared_labels: bool = False):
+        """(cond, uncond) keyword dicts for the network; ``shared_labels``: both CFG passes read the class labels (an
+        upscaler's noise level), not the null label."""
         spec = self.spec
         cond, uncond = {}, {}
         out_channels = getattr(getattr(self.model, "config", None), "out_channels", None)
@@ -753,7 +762,7 @@ class Pipeline(PlansMixin, ControlNetMixin, ImageInputsMixin, IPAdapterMixin, Cl
                                        + (f", {spec.null_class} = unconditional" if spec.null_class is not None else "")
                                        + f"), found {lo if lo < 0 else hi}")
             cond["class_labels"] = labels
-            if guided:
+            if guided and not shared_labels:  # (keys absent from uncond are shared by both passes)
                 if spec.null_class is None:
                     raise BadArgumentError("cfg_scale != 1 needs an unconditional label, but this model has none")
                 uncond["class_labels"] = torch.full_like(labels, spec.null_class)

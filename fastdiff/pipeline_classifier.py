@@ -59,6 +59,8 @@ class ClassifierMixin:
                                    f"and this is a {self.spec.kind} model"
                                    + ("" if self.spec.kind not in ("unet", "dit") else
                                       f" sampled in continuous time ({self.spec.prediction_type})"))
+        if self.spec.low_res_noise is not None:
+            raise BadArgumentError("set_classifier(): an upscaler's class input is its noise level, not a class")
         config = getattr(classifier, "config", None)
         wants = getattr(getattr(config, "encoder", None), "in_channels", None)
         if wants is not None and wants != self.spec.in_channels:

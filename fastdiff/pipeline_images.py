@@ -7,6 +7,8 @@ pieces that need no Pipeline).
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from .errors import BadArgumentError
@@ -32,16 +34,49 @@ class ImageInputsMixin:
                                    f"edit; expected image= alone")
         return unit_images(image, self.spec.low_res_channels)
 
-    def _upsampled(self, low_res: torch.Tensor, b: int, size: tuple) -> torch.Tensor:
-        """(b, C, H, W) in [-1, 1] in the network's dtype: the low-resolution images (one, or one per sample)
-        upsampled bilinearly to the sample ``size``, as guided-diffusion's ``SuperResModel.forward``."""
+    def _low_res_input(self, low_res: torch.Tensor, b: int, size: tuple, noise, noise_level: int) -> torch.Tensor:
+        """What the network reads beside its sample, (b, C, H, W) in the network's dtype, from the low-resolution
+        images (one, or one per sample) in [0, 1]: guided-diffusion's upsamplers, the image in [-1, 1] upsampled
+        bilinearly to the sample ``size`` (``SuperResModel.forward``); an upscaler that noises its image
+        (``spec.low_res_noise``: StableDiffusionUpscalePipeline), the image in [-1, 1] at the latents' size, noised
+        to ``noise_level`` by its low_res_scheduler with noise each sample draws from its generator (before its start
+        noise, in diffusers' order)."""
         import torch.nn.functional as F
+
+        from .schedules import make_alphas_cumprod
 
         if low_res.shape[0] not in (1, b):
             raise BadArgumentError(f"image: expected {one_or(b, 'low-resolution images')} (one per sample), found "
                                    f"{low_res.shape[0]}")
-        up = F.interpolate(low_res.to(self.device) * 2 - 1, size=tuple(size), mode="bilinear")  # (k, C, H, W)
-        return up.expand(b, -1, -1, -1).to(self._network_dtype())
+        x = low_res.to(self.device) * 2 - 1  # (k, C, h, w)
+        if self.spec.low_res_noise is None:
+            return F.interpolate(x, size=tuple(size), mode="bilinear").expand(b, -1, -1, -1).to(self._network_dtype())
+        if tuple(x.shape[2:]) != tuple(size):
+            raise BadArgumentError(f"height / width: an upscaler's latents are its image's size, {x.shape[2]}x"
+                                   f"{x.shape[3]}; found {size[0]}x{size[1]}")
+        c = self.spec.low_res_noise["scheduler"]
+        ac = make_alphas_cumprod(c.get("beta_schedule", "linear"), c.get("num_train_timesteps", 1000),
+                                 c.get("beta_start", 1e-4), c.get("beta_end", 0.02), c.get("trained_betas"))
+        a = ac[noise_level].to(self.device)  # (float32, as diffusers' add_noise)
+        eps = noise.randn(tuple(x.shape[1:]))  # (b, C, h, w)
+        return (a ** 0.5 * x.expand(b, -1, -1, -1) + (1 - a) ** 0.5 * eps).to(self._network_dtype())
+
+    def _noise_level(self, noise_level, class_labels) -> Optional[int]:
+        """An upscaler's noise level (``spec.low_res_noise``; default 20, diffusers'), checked; None for other
+        models, which take none."""
+        if self.spec.low_res_noise is None:
+            if noise_level is not None:
+                raise BadArgumentError("noise_level: only an upscaler that noises its low-resolution image takes one "
+                                       "(Stable Diffusion's x4 upscaler)")
+            return None
+        if class_labels is not None:
+            raise BadArgumentError("class_labels: an upscaler's class input is its noise level; pass noise_level=")
+        top = self.spec.low_res_noise["max_noise_level"]
+        level = 20 if noise_level is None else noise_level
+        if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level <= top:
+            raise BadArgumentError(f"noise_level: expected an integer in [0, {top}] (the pipeline's max_noise_level), "
+                                   f"found {noise_level!r}")
+        return level
 
     def _img2img_images(self, image, strength, latents) -> tuple:
         """generate(image=...)'s (images, given_latents): float32 (k, C, H, W) images in [0, 1], checked against what

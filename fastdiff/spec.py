@@ -68,7 +68,12 @@ class ModelSpec:
         pixels, each latent pixel's f x f mask pixels as channels (``image_latents_channels`` in all).
     low_res_channels: a super-resolution network (guided-diffusion's ``SuperResModel``: its 64 -> 256 and 128 -> 512
         upsamplers): beside its ``in_channels`` it takes a low-resolution image of that many channels in [-1, 1],
-        upsampled bilinearly to the sample size (``image_latents``; ``generate(image=LOW_RES)``); None otherwise.
+        upsampled bilinearly to the sample size (``image_latents``; ``generate(image=LOW_RES)``); diffusers' Stable
+        Diffusion x4 upscaler: its image, at the latents' size; None otherwise.
+    low_res_noise: an upscaler that noises its low-resolution image first (diffusers' ``StableDiffusionUpscalePipeline``:
+        {"scheduler": its ``low_res_scheduler`` config, "max_noise_level": the pipeline's}): the image is noised to
+        ``generate(noise_level=)`` by that DDPM schedule, and the level is the network's class label (both CFG
+        passes'); None otherwise.
     """
 
     kind: str
@@ -87,6 +92,7 @@ class ModelSpec:
     guided_channels: Optional[int] = None
     inpainting: bool = False
     low_res_channels: Optional[int] = None
+    low_res_noise: Optional[dict] = None
     source: str = ""
     notes: list = field(default_factory=list)
 

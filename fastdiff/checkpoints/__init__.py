@@ -310,6 +310,13 @@ def _read_any(path: str, *, variant=None, num_heads=None, head_channels=None, at
 
             vae_dir = os.path.join(path, "vae")
             vae = vae_of(spec, lambda: _vae_folder_any_variant(vae_dir, variant)) if is_vae_folder(vae_dir) else None
+            if vae is not None and spec.low_res_noise:  # (StableDiffusionUpscalePipeline sets it so)
+                from .diffusers_folder import UPSCALER_SCALING_FACTOR
+
+                if vae.config.scaling_factor != UPSCALER_SCALING_FACTOR:
+                    spec.notes.append(f"vae: scaling_factor {vae.config.scaling_factor} read as "
+                                      f"{UPSCALER_SCALING_FACTOR}, as diffusers' StableDiffusionUpscalePipeline does")
+                    vae.config.scaling_factor = UPSCALER_SCALING_FACTOR
             return kind, cfg, state, spec, vae
         raise UnknownFormatError(_unknown(path, f"a folder holding {sorted(os.listdir(path))[:10]}"))
 

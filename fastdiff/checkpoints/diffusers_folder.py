@@ -169,6 +169,32 @@ def pipeline_scheduler_rewrites(pipeline_class: Optional[str], scheduler: Option
     return {**scheduler, **changed}, notes
 
 
+# the latent scaling diffusers' StableDiffusionUpscalePipeline gives its VAE whatever vae/config.json says
+UPSCALER_SCALING_FACTOR = 0.08333
+
+
+def _upscaler_spec(folder: str, index: dict, cfg, spec) -> None:
+    """Stable Diffusion's x4 upscaler (``StableDiffusionUpscalePipeline``): the UNet takes its latents and the
+    low-resolution image at the latents' size, noised by the folder's ``low_res_scheduler`` to a noise level that is
+    also its class label."""
+    path = os.path.join(folder, "low_res_scheduler", "scheduler_config.json")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{folder}: a StableDiffusionUpscalePipeline folder needs low_res_scheduler/"
+                              f"scheduler_config.json (the schedule that noises the low-resolution image); not found")
+    extra = cfg.in_channels - cfg.out_channels
+    if extra <= 0 or not cfg.num_class_embeds:
+        raise CheckpointError(f"{folder}: a StableDiffusionUpscalePipeline's UNet takes its latents and the image "
+                              f"(in_channels > out_channels) and the noise level as a class label (num_class_embeds); "
+                              f"found in_channels {cfg.in_channels}, out_channels {cfg.out_channels}, num_class_embeds "
+                              f"{cfg.num_class_embeds}")
+    spec.in_channels, spec.low_res_channels = cfg.out_channels, extra
+    spec.learned_variance = False
+    spec.low_res_noise = {"scheduler": read_json(path), "max_noise_level": int(index.get("max_noise_level", 350))}
+    top = spec.low_res_noise["max_noise_level"]
+    spec.notes.append(f"Stable Diffusion upscaler: generate(image=LOW_RES, prompt=..., noise_level=0..{top}, default "
+                      f"20) samples latents of the image's size, which the VAE decodes to the upscaled image")
+
+
 def load_pipeline_folder(folder: str, variant: Optional[str] = None):
     """(kind, config, state, spec) from a diffusers pipeline folder."""
     for sub in ("unet", "transformer"):
@@ -185,6 +211,8 @@ def load_pipeline_folder(folder: str, variant: Optional[str] = None):
     scheduler, rewritten = pipeline_scheduler_rewrites(index.get("_class_name"), scheduler)
     spec = spec_for(kind, cfg, scheduler, source=f"diffusers pipeline {folder}")
     spec.notes.extend(rewritten)
+    if index.get("_class_name") == "StableDiffusionUpscalePipeline":
+        _upscaler_spec(folder, index, cfg, spec)
     if spec.time_ids_dim is not None and index:
         # SDXL's refiner pipeline says it takes the aesthetic score: 5 time ids, whatever its widths suggest
         aesthetic = index.get("requires_aesthetics_score")

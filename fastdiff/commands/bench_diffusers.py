@@ -331,13 +331,24 @@ def _diffusers_generate(model, scheduler, spec, b, steps, cfg, cond, device, dty
     if spec.inpainting:  # (b, 1 + C, h, w), the same for both CFG passes
         extra = _diffusers_inpaint_inputs(vae, cond["image"], cond["mask"], (h, w), g).to(dtype)
         extra = torch.cat([extra, extra]) if guided else extra
-    elif spec.low_res_channels:  # guided-diffusion's upsamplers: the image in [-1, 1], bilinear to the sample size
-        import torch.nn.functional as F
+    elif spec.low_res_channels:  # guided-diffusion's upsamplers: the image in [-1, 1], bilinear to the sample size;
+        import torch.nn.functional as F  # SD's upscaler: at the latents' size, noised to level 20 (its pipeline's)
 
-        extra = F.interpolate(cond["image"].to(device) * 2 - 1, (h, w), mode="bilinear").to(dtype)
+        extra = F.interpolate(cond["image"].to(device) * 2 - 1, (h, w), mode="bilinear")
+        if spec.low_res_noise:
+            import diffusers
+
+            low = diffusers.DDPMScheduler.from_config({k: v for k, v in spec.low_res_noise["scheduler"].items()
+                                                       if not k.startswith("_")})
+            level = torch.tensor([20], device=device)
+            extra = low.add_noise(extra, torch.randn(extra.shape, generator=g).to(device), level)
+            kw_labels = level.expand(2 * b if guided else b)
+        extra = extra.to(dtype)
         extra = torch.cat([extra, extra]) if guided else extra
     kw = {}
-    if cond["labels"] is not None:
+    if spec.low_res_noise:  # (the noise level, both passes' class label)
+        kw["class_labels"] = kw_labels
+    elif cond["labels"] is not None:
         kw["class_labels"] = torch.cat([cond["labels"], cond["null_labels"]]) if guided else cond["labels"]
     if cond["states"] is not None:
         kw["encoder_hidden_states"] = (torch.cat([cond["states"], cond["negative_states"]]) if guided

@@ -28,16 +28,17 @@ def _conditioning(spec, b: int, cfg: float, seed: int, device, dtype, control=No
         mask = torch.zeros(b, 1, f * h, f * w)
         mask[:, :, f * h // 4: 3 * f * h // 4, f * w // 4: 3 * f * w // 4] = 1.0  # white repaints: the centre
         cond["mask"] = mask.to(device)
-    if spec.low_res_channels:  # a super-resolution model: a random image at a quarter of the size, to upsample
-        (h, w) = spec.sample_size
+    if spec.low_res_channels:  # a super-resolution model: a random image at a quarter of the size, to upsample (an
+        (h, w) = spec.sample_size  # upscaler's latents: the image's size)
+        f = 1 if spec.low_res_noise else 4
         g = torch.Generator().manual_seed(seed + 4)
-        cond["image"] = torch.rand(b, spec.low_res_channels, max(1, h // 4), max(1, w // 4), generator=g).to(device)
+        cond["image"] = torch.rand(b, spec.low_res_channels, max(1, h // f), max(1, w // f), generator=g).to(device)
     if control is not None:
         (h, w), f = spec.sample_size, control.image_downscale
         g = torch.Generator().manual_seed(seed + 2)
         image = torch.rand(b, control.conditioning_channels, f * h, f * w, generator=g)
         cond["control_image"] = image.to(device, dtype)
-    if spec.num_classes:
+    if spec.num_classes and not spec.low_res_noise:  # (an upscaler's class input is its noise level)
         cond["labels"] = torch.arange(b, device=device) % spec.num_classes
         if spec.null_class is not None:
             cond["null_labels"] = torch.full((b,), spec.null_class, device=device, dtype=torch.long)

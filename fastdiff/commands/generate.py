@@ -114,6 +114,9 @@ def register(sub) -> None:
                    help="the image prompt of --ip-adapter (repeat for several: their tokens one after another)")
     p.add_argument("--ip-adapter-scale", type=float, default=None, metavar="S",
                    help="the image prompt's weight (default 1)")
+    p.add_argument("--noise-level", type=int, default=None, metavar="L",
+                   help="Stable Diffusion's x4 upscaler: how much noise its --image gets first (default 20, as "
+                        "diffusers' StableDiffusionUpscalePipeline)")
     p.add_argument("--classifier", default=None, metavar="FILE",
                    help="classifier guidance (guided-diffusion's classifier_sample.py): a noisy-image classifier "
                         "(its 64x64_classifier.pt ... 512x512_classifier.pt) steers each image to its --class")
@@ -594,6 +597,8 @@ def run(args) -> int:
     sync(device)
     t_opt = time.perf_counter() - t0
 
+    if args.noise_level is not None:
+        inputs["noise_level"] = args.noise_level
     t0 = time.perf_counter()
     inputs.setdefault("output_type", "tensor")
     x = pipe.generate(n=args.n, steps=args.steps, sampler=args.sampler, schedule=args.schedule, cfg_scale=args.cfg,

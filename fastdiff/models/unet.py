@@ -287,13 +287,24 @@ class _GEGLU(nn.Module):
         return self.act(self.proj(x))  # (B, N, 2 * inner) -> (B, N, inner)
 
 
-class TransformerBlock(nn.Module):
-    """diffusers ``BasicTransformerBlock`` (layer_norm): self-attn, cross-attn, GEGLU feed-forward."""
+def _states(context):
+    """The text states of a cross-attention's context, without the stacked projections or image tokens the second
+    attention reads (``Projected`` / ``ImageTokens``): what an ``only_cross`` first attention attends to."""
+    if isinstance(context, ImageTokens):
+        context = context.states
+    return context.states if isinstance(context, Projected) else context
 
-    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int, upcast: bool):
+
+class TransformerBlock(nn.Module):
+    """diffusers ``BasicTransformerBlock`` (layer_norm): self-attn, cross-attn, GEGLU feed-forward. ``only_cross``:
+    the first attention attends to the text states too (diffusers' ``only_cross_attention``)."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int, upcast: bool, only_cross: bool = False):
         super().__init__()
+        self.only_cross = only_cross
         self.norm1 = LayerNorm(dim)
-        self.attn1 = MultiHeadAttention(dim, heads, head_dim, upcast=upcast)
+        self.attn1 = MultiHeadAttention(dim, heads, head_dim, context_dim=context_dim if only_cross else None,
+                                        upcast=upcast)
         self.norm2 = LayerNorm(dim)
         self.attn2 = MultiHeadAttention(dim, heads, head_dim, context_dim=context_dim, upcast=upcast)
         self.norm3 = LayerNorm(dim)
@@ -301,7 +312,8 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x, context):
         # each attention's residual is added by the LayerNorm after it (one pass on the Triton path)
-        x, h = self.norm2(x, residual=self.attn1(self.norm1(x)))  # (B, N, D) each
+        first = self.attn1(self.norm1(x), _states(context) if self.only_cross else None)  # (B, N, D)
+        x, h = self.norm2(x, residual=first)  # (B, N, D) each
         x, h = self.norm3(x, residual=self.attn2(h, context))  # (B, N, D) each
         return x + self.ff(h)  # (B, N, D)
 
@@ -314,14 +326,14 @@ class SpatialTransformer(nn.Module):
     """
 
     def __init__(self, ch: int, heads: int, head_dim: int, depth: int, context_dim: int, groups: int,
-                 linear_projection: bool, upcast: bool):
+                 linear_projection: bool, upcast: bool, only_cross: bool = False):
         super().__init__()
         inner = heads * head_dim
         self.linear_projection = linear_projection
         self.norm = GroupNorm(groups, ch, eps=1e-6)
         self.proj_in = nn.Linear(ch, inner) if linear_projection else nn.Conv2d(ch, inner, 1)
         self.transformer_blocks = nn.ModuleList(
-            [TransformerBlock(inner, heads, head_dim, context_dim, upcast) for _ in range(depth)])
+            [TransformerBlock(inner, heads, head_dim, context_dim, upcast, only_cross) for _ in range(depth)])
         self.proj_out = nn.Linear(inner, ch) if linear_projection else nn.Conv2d(inner, ch, 1)
         self.fuse_conv_bias = False  # OptimizeConfig.fuse_conv_bias: 1x1 projections as GEMMs (channels-last)
 
@@ -492,10 +504,13 @@ class UNet(LinearStacks, nn.Module):
         def resnet(i_ch, o_ch, scale=1.0):
             return ResnetBlock(i_ch, o_ch, block_temb, groups, eps, c.resnet_time_scale_shift, scale)
 
+        # (diffusers' UNetMidBlock2DCrossAttn never reads only_cross_attention: its transformers self-attend first)
+        only_cross = c.per_block(c.only_cross_attention, "only_cross_attention")
+
         def attention(kind, o_ch, i, depth_i=1, norm_groups=groups, rescale=1.0):
             if kind == "cross":
                 return SpatialTransformer(o_ch, heads[i], o_ch // heads[i], depth_i, ctx_dims[i], groups,
-                                          c.use_linear_projection, c.upcast_attention)
+                                          c.use_linear_projection, c.upcast_attention, bool(only_cross[i]))
             hd = head_dims[i] if head_dims[i] is not None else o_ch
             return SpatialSelfAttention(o_ch, o_ch // hd, hd, norm_groups, eps, rescale)
 

@@ -69,6 +69,11 @@ class UNetConfig:
     reverse_transformer_layers_per_block: Optional[Sequence] = None
     use_linear_projection: bool = False
     upcast_attention: bool = False
+    # the down / up blocks' transformers' first attention also attends to the text states (one bool or one per block):
+    # SD's x4 upscaler. (mid_block_only_cross_attention: only UNetMidBlock2DSimpleCrossAttn, which fastdiff refuses,
+    # reads it)
+    only_cross_attention: Union[bool, Sequence[bool]] = False
+    mid_block_only_cross_attention: Optional[bool] = None
     conv_in_kernel: int = 3
     conv_out_kernel: int = 3
     downsample_type: str = "conv"  # "resnet": a ResnetBlock that average-pools (ADM resblock_updown)
@@ -285,15 +290,14 @@ _DIFFUSERS_DEFAULTS = {
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=1280,
         transformer_layers_per_block=1, reverse_transformer_layers_per_block=None, attention_head_dim=8,
-        num_attention_heads=None, use_linear_projection=False, upcast_attention=False,
+        num_attention_heads=None, use_linear_projection=False, upcast_attention=False, only_cross_attention=False,
+        mid_block_only_cross_attention=None,
         time_embedding_act_fn=None, projection_class_embeddings_input_dim=None, class_embeddings_concat=False,
         conv_in_kernel=3, conv_out_kernel=3, addition_embed_type=None, addition_time_embed_dim=None,
     ),
 }
 # Fields fastdiff only supports at one value (anything else would be a different network).
 _MUST_BE = {
-    "only_cross_attention": (False,),
-    "mid_block_only_cross_attention": (None, False),
     "dual_cross_attention": (False,),
     "encoder_hid_dim": (None,),
     "encoder_hid_dim_type": (None,),

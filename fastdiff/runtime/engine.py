@@ -232,8 +232,11 @@ class Engine:
                 if low_res.shape[0] != 1:
                     raise BadArgumentError(f"image: expected one image per request, found {low_res.shape[0]}")
                 image_rows = {**(image_rows or {}), "image": low_res[0].clone()}
-                if height is None and width is None:  # (generate's default: 4x the image)
-                    height, width = 4 * low_res.shape[2], 4 * low_res.shape[3]
+                upscaler = getattr(self.pipe.spec, "low_res_noise", None) is not None  # (SD's x4 upscaler)
+                self.pipe._noise_level(options.get("noise_level"), class_label)  # (checked here: one request fails)
+                if height is None and width is None:  # (generate's default: 4x the image; an upscaler's latents:
+                    f = 1 if upscaler else 4  # the image's size)
+                    height, width = f * low_res.shape[2], f * low_res.shape[3]
             elif image is not None or strength is not None or mask_image is not None or inpainting:
                 rows, strength, height, width = self._image_request(image, strength, mask_image, steps, height, width,
                                                                     options.get("denoising_start") is not None)
