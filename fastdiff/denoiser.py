@@ -182,13 +182,15 @@ class DiscreteDenoiser(Denoiser):
             A zero-terminal-SNR table is not monotonic, and a Karras grid's top sigma may sit a rounding error
             below the table's last entry: the inverse alone would not give diffusers' timesteps there.
         dtype: the network's dtype (default: its parameters' dtype, else float32).
+        timestep_scale: the network reads timestep * timestep_scale (improved-diffusion's ``rescale_timesteps``:
+            1000 / T).
     """
 
     def __init__(self, model, alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon", *,
                  timestep_rounding: Optional[str] = None, interpolation: str = "log",
                  timestep_type: str = "discrete", clip_sample: Optional[float] = None, thresholding: bool = False,
                  dynamic_thresholding_ratio: float = 0.995, sample_max_value: float = 1.0,
-                 timesteps: Optional[dict] = None, dtype: Optional[torch.dtype] = None):
+                 timesteps: Optional[dict] = None, dtype: Optional[torch.dtype] = None, timestep_scale: float = 1.0):
         if prediction_type not in PREDICTION_TYPES:
             raise BadArgumentError(f"prediction_type: expected one of {PREDICTION_TYPES}, found {prediction_type!r}")
         if timestep_rounding not in (None, "round", "floor"):
@@ -202,6 +204,7 @@ class DiscreteDenoiser(Denoiser):
         self.timestep_rounding = timestep_rounding
         self.interpolation = interpolation
         self.timestep_type = timestep_type
+        self.timestep_scale = float(timestep_scale)
         self.timesteps = {float(k): float(v) for k, v in (timesteps or {}).items()}
         self.dtype = _model_dtype(model, dtype)
         self.postprocess_x0 = make_x0_postprocess(clip_sample, thresholding, dynamic_thresholding_ratio,
@@ -228,7 +231,7 @@ class DiscreteDenoiser(Denoiser):
         log_table, table = self._table(sigma.device)
         s = sigma.to(table.dtype)
         if self.timestep_type == "continuous":
-            return 0.25 * s.log()
+            return 0.25 * s.log() * self.timestep_scale
         n = table.shape[0]
         if self.interpolation == "log":
             ref, key = log_table, s.clamp(min=1e-10).log()
@@ -249,7 +252,7 @@ class DiscreteDenoiser(Denoiser):
             keys, values = self._timestep_table(s.device, s.dtype)
             i = torch.searchsorted(keys, s.contiguous()).clamp(max=keys.numel() - 1)
             t = torch.where(keys[i] == s, values[i], t)
-        return t
+        return t * self.timestep_scale if self.timestep_scale != 1.0 else t
 
     def _timestep_table(self, device: torch.device, dtype: torch.dtype):
         """The ``timesteps`` map as sorted (sigma, timestep) tensors on ``device``."""
@@ -290,7 +293,7 @@ class DiscreteDenoiser(Denoiser):
             c_in = 1 / math.sqrt(sigma * sigma + 1)
             c_skip, c_out = {"epsilon": (1.0, -sigma), "v_prediction": (c_in * c_in, -sigma * c_in),
                              "sample": (0.0, 1.0)}[self.prediction_type]
-            c = self._coeffs[sigma] = (t, c_in, c_skip, c_out)
+            c = self._coeffs[sigma] = (t * self.timestep_scale, c_in, c_skip, c_out)
         return c
 
     def _network_at(self, x, sigma: float, **cond):

@@ -57,7 +57,10 @@ _COMMON = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_sc
                # fastdiff's key: "guided-diffusion" / "guided-diffusion-ddim" space DDPM's / DDIM's timesteps as
                # guided-diffusion's space_timesteps with "N" / "ddimN" (what official DiT / ADM sampling runs;
                # diffusers' 'linspace' rounds differently at half-way ties, its 'leading' strides T // N)
-               timestep_respacing=None)
+               timestep_respacing=None,
+               # fastdiff's key: the network reads timestep * timestep_scale (improved-diffusion's rescale_timesteps:
+               # 1000 / num_train_timesteps, its 4000-step models' 0.25); discrete-time schedulers only
+               timestep_scale=None)
 
 # Per-class defaults that differ from _COMMON (diffusers 0.3x-0.4x signatures).
 _DEFAULTS = {
@@ -98,7 +101,7 @@ _DEFAULTS = {
 }
 SUPPORTED_SCHEDULERS = tuple(_DEFAULTS)
 # the config keys fastdiff reads and diffusers does not know (a diffusers scheduler is built without them)
-FASTDIFF_KEYS = ("flow_time_convention", "flow_pipeline_sigmas", "timestep_respacing")
+FASTDIFF_KEYS = ("flow_time_convention", "flow_pipeline_sigmas", "timestep_respacing", "timestep_scale")
 
 
 # schedulers of networks with EDM preconditioning (continuous sigma in, no training-timestep table)
@@ -249,6 +252,13 @@ def _table(ac) -> np.ndarray:
 def _discrete(c: _Config, ac, **kw) -> dict:
     opts = dict(alphas_cumprod=ac, prediction_type=c.choice("prediction_type", ("epsilon", "v_prediction", "sample")))
     opts.update(kw)
+    scale = c["timestep_scale"]
+    if scale is not None:
+        scale = finite_number("timestep_scale", scale)
+        if scale <= 0:
+            raise BadArgumentError(f"timestep_scale: expected a positive number, found {scale}")
+        if scale != 1.0:
+            opts["timestep_scale"] = scale
     return opts
 
 

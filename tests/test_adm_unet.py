@@ -217,3 +217,42 @@ def test_six_channel_models_and_released_head_counts(tmp_path, monkeypatch):
         torch.testing.assert_close(pipe.model(x, t, class_labels=y, image_latents=up), want, rtol=1e-5, atol=2e-5)
         pinned = fastdiff.load(path, head_channels=64)  # (an explicit split wins)
         assert float((pinned.model(x, t, class_labels=y, image_latents=up) - want).abs().max()) > 1e-3
+
+
+def test_improved_diffusion_checkpoint_samples_as_its_image_sample(tmp_path):
+    """openai/improved-diffusion's networks are ADM's with conv resampling and a head count; its 4000-step cosine
+    models (scheduler=IMPROVED_DIFFUSION_SCHEDULER, --scheduler improved-diffusion) sample as its image_sample.py:
+    p_sample on the respaced timesteps, x0 clipped, the learned range, the network reading t * 1000 / 4000."""
+    from fastdiff.checkpoints.presets import IMPROVED_DIFFUSION_SCHEDULER
+    from fastdiff.schedules import make_alphas_cumprod
+    from test_guided_diffusion_sampling import _cosine_betas, _guided_diffusion_p_sample_loop
+
+    ref = randomized(UNetModel(**dict(BASE, resblock_updown=False, num_heads=4, num_head_channels=-1)), 6)
+    pipe = fastdiff.load(_save(ref, tmp_path, "cifar10_uncond.pt"), num_heads=4,
+                         scheduler=IMPROVED_DIFFUSION_SCHEDULER)
+    plan = pipe.plan(10)
+    assert (plan.sampler, plan.options["variance"], plan.denoiser_options["timestep_scale"]) == \
+        ("ddpm", "learned_range", 0.25)
+    fed = []
+
+    def split(x, t):
+        fed.append(float(t))
+        with torch.no_grad():
+            out = ref(x, torch.full((x.shape[0],), float(t)))
+        return out[:, :3], out[:, 3:]
+
+    # the algorithm on fastdiff's table (diffusers' float32 alphas_cumprod), and the official float64 one: 4000 cosine
+    # steps put alphas_cumprod at 1.5e-10 at the top, whose float32 rounding shows where x0 meets the clipping
+    ac = make_alphas_cumprod("squaredcos_cap_v2", 4000).double()
+    table = (1 - ac / torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])).numpy()
+    got = pipe.generate(seeds=[3, 4], steps=10, height=16, width=16, progress=False)
+    for betas, tol in ((table, 2e-5), (_cosine_betas(4000), 2e-3)):
+        fed.clear()
+        want, _ = _guided_diffusion_p_sample_loop(split, 10, [3, 4], (3, 16, 16), clip=True, betas=betas,
+                                                  timestep_scale=0.25)
+        assert fed[0] == 3999 * 0.25 and fed[-1] == 0.0
+        assert float((got - want.float()).abs().max()) <= tol * float(want.abs().max())
+    unscaled = fastdiff.load(_save(ref, tmp_path, "again.pt"), num_heads=4,
+                             scheduler=dict(IMPROVED_DIFFUSION_SCHEDULER, timestep_scale=None))
+    assert float((unscaled.generate(seeds=[3, 4], steps=10, height=16, width=16, progress=False) - got).abs().max()) \
+        > 1e-3  # (the scale reaches the network)

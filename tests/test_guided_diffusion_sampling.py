@@ -136,15 +136,23 @@ def test_learned_matches_diffusers():
     assert float((fixed - ref).abs().max() / ref.abs().max()) > 1e-2  # the variance channels were read
 
 
+def _cosine_betas(T: int) -> np.ndarray:
+    """improved-diffusion's get_named_beta_schedule("cosine", T): betas_for_alpha_bar, max_beta 0.999, float64."""
+    f = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+    return np.array([min(1 - f((i + 1) / T) / f(i / T), 0.999) for i in range(T)], dtype=np.float64)
+
+
 def _guided_diffusion_p_sample_loop(model, steps: int, seeds, shape, timestep_map=None, clip=False, cond_fn=None,
-                                    variance="learned_range"):
+                                    variance="learned_range", betas=None, timestep_scale=1.0):
     """A float64 transcription of guided-diffusion's respaced DDPM (x0 clipped with ``clip``): returns the sample and
     the timesteps the network was given. ``model(x_vp, t) -> (eps, v)`` (v unread by the fixed variances);
     ``cond_fn(x, t)``: classifier guidance's gradient, by ``condition_mean`` (mean + variance g, the last step's too);
     ``variance``: "learned_range", "fixed_small" (posterior_variance, its log clipped) or "fixed_large"
-    (append(posterior_variance[1], betas[1:]))."""
-    T = 1000
-    betas = np.linspace(1e-4, 0.02, T, dtype=np.float64)  # get_named_beta_schedule("linear", 1000)
+    (append(posterior_variance[1], betas[1:])); ``betas``: the training schedule (default the linear 1000 steps);
+    ``timestep_scale``: the network reads t * scale (improved-diffusion's rescale_timesteps)."""
+    if betas is None:
+        betas = np.linspace(1e-4, 0.02, 1000, dtype=np.float64)  # get_named_beta_schedule("linear", 1000)
+    T = len(betas)
     alphas_cumprod = np.cumprod(1.0 - betas)
     use = _official_space_timesteps(T, steps) if timestep_map is None else timestep_map
     last, new_betas = 1.0, []
@@ -165,7 +173,7 @@ def _guided_diffusion_p_sample_loop(model, steps: int, seeds, shape, timestep_ma
     for k, i in enumerate(reversed(range(len(b)))):
         fed.append(use[i])
         with torch.no_grad():
-            eps, v = model(x.float(), use[i])
+            eps, v = model(x.float(), use[i] * timestep_scale)
         eps, v = eps.double(), v.double()
         if variance == "learned_range":
             frac = (v + 1) / 2
@@ -400,3 +408,6 @@ def test_cli_scheduler_presets():
     assert load_options(SimpleNamespace(scheduler="guided-diffusion-cosine"))["scheduler"] == \
         GUIDED_DIFFUSION_COSINE_SCHEDULER
     assert load_options(SimpleNamespace(scheduler="sit"))["scheduler"] == SIT_SCHEDULER
+    from fastdiff.checkpoints.presets import IMPROVED_DIFFUSION_SCHEDULER
+
+    assert load_options(SimpleNamespace(scheduler="improved-diffusion"))["scheduler"] == IMPROVED_DIFFUSION_SCHEDULER

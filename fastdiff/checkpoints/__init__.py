@@ -251,7 +251,12 @@ def _override_sampling(spec, scheduler: Optional[dict], prediction_type: Optiona
     if scheduler is not None:
         from ..scheduler_config import unsupported_scheduler_note
 
+        # a respaced scheduler (guided-diffusion's family: fastdiff's timestep_respacing key) that names no variance
+        # keeps the checkpoint's (a learn_sigma network's learned range)
+        own_variance = (spec.scheduler or {}).get("variance_type")
         spec.scheduler = dict(scheduler)
+        if own_variance and spec.scheduler.get("timestep_respacing") and "variance_type" not in spec.scheduler:
+            spec.scheduler["variance_type"] = own_variance
         note = unsupported_scheduler_note(spec.scheduler)
         if note:  # (as a folder's own scheduler config says it)
             spec.notes.append(note)

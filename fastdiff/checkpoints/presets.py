@@ -44,6 +44,12 @@ ADM_SCHEDULER = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "b
 # the 1000-step cosine-schedule models (ADM's ImageNet 64): load(path, scheduler=GUIDED_DIFFUSION_COSINE_SCHEDULER)
 GUIDED_DIFFUSION_SCHEDULER = dict(ADM_SCHEDULER, timestep_respacing="guided-diffusion-ddim")
 GUIDED_DIFFUSION_COSINE_SCHEDULER = dict(GUIDED_DIFFUSION_SCHEDULER, beta_schedule="squaredcos_cap_v2")
+# openai/improved-diffusion's 4000-step cosine models (its CIFAR-10 and ImageNet 64 releases): image_sample.py's
+# p_sample_loop (DDPM on the respaced timesteps, x0 clipped), the network reading t * 1000 / 4000 (rescale_timesteps);
+# the checkpoint's learned range or fixed variance is kept. Its 1000-step models run GUIDED_DIFFUSION_SCHEDULER.
+IMPROVED_DIFFUSION_SCHEDULER = dict(ADM_SCHEDULER, _class_name="DDPMScheduler", num_train_timesteps=4000,
+                                    beta_schedule="squaredcos_cap_v2", timestep_respacing="guided-diffusion",
+                                    timestep_scale=0.25)
 # guided-diffusion's upsamplers: super_res_sample.py's p_sample_loop (DDPM on the respaced "N" timesteps; x0 clipped by
 # DDPMScheduler's default clip_sample), whatever its --use_ddim says
 GUIDED_DIFFUSION_SUPER_RES_SCHEDULER = dict(ADM_SCHEDULER, _class_name="DDPMScheduler",

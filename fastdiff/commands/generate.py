@@ -188,6 +188,11 @@ def default_device(device=None):
     return dev
 
 
+# --scheduler's named presets (fastdiff.checkpoints.presets)
+SCHEDULER_PRESETS = {"sit": "SIT_SCHEDULER", "guided-diffusion-cosine": "GUIDED_DIFFUSION_COSINE_SCHEDULER",
+                     "improved-diffusion": "IMPROVED_DIFFUSION_SCHEDULER"}
+
+
 def add_load_arguments(p) -> None:
     """The fastdiff.load options the weights of some formats cannot say (generate, export and bench)."""
     g = p.add_argument_group("loading (what some checkpoints cannot say)")
@@ -209,10 +214,11 @@ def add_load_arguments(p) -> None:
                    help="a latent model's image decoder: a diffusers AutoencoderKL folder (e.g. sd-vae-ft-ema for DiT); "
                         "default: the one the checkpoint carries (a pipeline's vae/, a single file's "
                         "first_stage_model); 'none' loads none")
-    g.add_argument("--scheduler", default=None, metavar="CONFIG|sit|guided-diffusion-cosine",
+    g.add_argument("--scheduler", default=None, metavar="CONFIG|" + "|".join(SCHEDULER_PRESETS),
                    help="a diffusers scheduler_config.json (file or folder) in place of the checkpoint's; 'sit' for a "
                         "SiT checkpoint (an official-DiT file trained as a flow: willisma/SiT); "
-                        "'guided-diffusion-cosine' for a cosine-schedule guided-diffusion checkpoint")
+                        "'guided-diffusion-cosine' for a cosine-schedule guided-diffusion checkpoint; "
+                        "'improved-diffusion' for openai/improved-diffusion's 4000-step cosine models")
 
 
 def _sampler_option(text: str) -> tuple:
@@ -273,9 +279,9 @@ def load_options(args) -> dict:
     if text_encoder is not None:
         options["text_encoder"] = False if text_encoder.lower() == "none" else text_encoder
     scheduler = getattr(args, "scheduler", None)
-    if scheduler in ("sit", "guided-diffusion-cosine"):
-        from ..checkpoints.presets import GUIDED_DIFFUSION_COSINE_SCHEDULER, SIT_SCHEDULER
-        options["scheduler"] = dict(SIT_SCHEDULER if scheduler == "sit" else GUIDED_DIFFUSION_COSINE_SCHEDULER)
+    if scheduler in SCHEDULER_PRESETS:
+        from ..checkpoints import presets
+        options["scheduler"] = dict(getattr(presets, SCHEDULER_PRESETS[scheduler]))
     elif scheduler is not None:
         from ..scheduler_config import load_scheduler_config
         options["scheduler"] = load_scheduler_config(scheduler)
