@@ -466,6 +466,9 @@ def export_onnx(pipe_or_model, spec: Optional[ModelSpec], path: str, *, opset: i
         if cond is None:
             raise BadArgumentError("cfg_folded=True needs a conditional model (text or class labels); this one "
                                    "is unconditional")
+        if spec.low_res_noise:  # (its class label, the noise level, is both passes': not folded in yet)
+            raise BadArgumentError("cfg_folded=True: an upscaler's class label is its noise level, shared by both "
+                                   "passes, which a CFG-folded graph does not take yet; export without cfg_folded")
         if spec.num_classes and spec.null_class is None:
             raise BadArgumentError("cfg_folded=True for a class-conditional model needs spec.null_class (the "
                                    "unconditional label); this model has none")

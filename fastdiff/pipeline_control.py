@@ -71,6 +71,8 @@ class ControlNetMixin:
         from .models.controlnet import controlnet_family
 
         self._require_model("set_controlnet()")
+        if controlnet is not None and self.spec.low_res_noise is not None:  # (no diffusers pipeline runs one there)
+            raise BadArgumentError("set_controlnet: an upscaler (StableDiffusionUpscalePipeline) takes no ControlNet")
         if controlnet is not None:
             family = controlnet_family(self.model)  # (its ControlNet class, their sum, the fit check)
             if family is None:

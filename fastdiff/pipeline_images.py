@@ -43,7 +43,7 @@ class ImageInputsMixin:
         noise, in diffusers' order)."""
         import torch.nn.functional as F
 
-        from .schedules import make_alphas_cumprod
+        from .schedules import EXACT_ZERO_SNR_FLOOR, make_alphas_cumprod
 
         if low_res.shape[0] not in (1, b):
             raise BadArgumentError(f"image: expected {one_or(b, 'low-resolution images')} (one per sample), found "
@@ -54,9 +54,14 @@ class ImageInputsMixin:
         if tuple(x.shape[2:]) != tuple(size):
             raise BadArgumentError(f"height / width: an upscaler's latents are its image's size, {x.shape[2]}x"
                                    f"{x.shape[3]}; found {size[0]}x{size[1]}")
+        if self.vae is not None:  # (diffusers shrinks the image to them; the upscaled image is the VAE's multiple)
+            from .img2img import check_whole_pixels
+
+            check_whole_pixels(x, self.vae.downscale, "image", "the VAE's")
         c = self.spec.low_res_noise["scheduler"]
         ac = make_alphas_cumprod(c.get("beta_schedule", "linear"), c.get("num_train_timesteps", 1000),
-                                 c.get("beta_start", 1e-4), c.get("beta_end", 0.02), c.get("trained_betas"))
+                                 c.get("beta_start", 1e-4), c.get("beta_end", 0.02), c.get("trained_betas"),
+                                 bool(c.get("rescale_betas_zero_snr", False)), zero_snr_floor=EXACT_ZERO_SNR_FLOOR)
         a = ac[noise_level].to(self.device)  # (float32, as diffusers' add_noise)
         eps = noise.randn(tuple(x.shape[1:]))  # (b, C, h, w)
         return (a ** 0.5 * x.expand(b, -1, -1, -1) + (1 - a) ** 0.5 * eps).to(self._network_dtype())

@@ -41,6 +41,9 @@ class IPAdapterMixin:
         from .models.unet import UNet
 
         self._require_model("load_ip_adapter()")
+        if self.spec.low_res_noise is not None:  # (diffusers' upscale pipeline has no image-prompt input either)
+            raise BadArgumentError("load_ip_adapter(): an upscaler (StableDiffusionUpscalePipeline) takes no image "
+                                   "prompt")
         if not isinstance(self.model, UNet) or not self.model.config.conditional:
             raise BadArgumentError(f"load_ip_adapter(): an IP-Adapter drives a text UNet's cross-attention, and this "
                                    f"model is a {self.spec.kind} {type(self.model).__name__}")

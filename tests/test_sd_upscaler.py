@@ -179,3 +179,36 @@ def test_cli_and_bench_upscale(upscaler, tmp_path):
     r = run_cli("bench", folder, "--steps", "2", "--batch", "1", "--compare", "diffusers", "--repeat", "2",
                 cwd=tmp_path, timeout=300)
     assert r.returncode == 0 and "diffusers" in r.stdout, r.stderr
+
+
+def test_upscaler_refusals_and_vae(upscaler, tmp_path):
+    """Images that do not span whole VAE pixels, an IP-Adapter, a ControlNet and a CFG-folded export are refused
+    with their reasons; a VAE given with vae= is read at 0.08333 too; a zero-terminal-SNR low_res_scheduler is
+    diffusers'."""
+    ref, pipe = upscaler
+    with pytest.raises(BadArgumentError, match="multiples of 4"):
+        pipe.generate(prompt="a cat", image=torch.rand(1, 3, 10, 10), steps=1, progress=False)
+    with pytest.raises(BadArgumentError, match="takes no image prompt"):
+        pipe.load_ip_adapter({})
+    with pytest.raises(BadArgumentError, match="takes no ControlNet"):
+        pipe.set_controlnet(str(tmp_path))
+    pytest.importorskip("onnx", reason="the exporter needs onnx")
+    from fastdiff.export.onnx import export_onnx
+
+    with pytest.raises(BadArgumentError, match="noise level, shared by both passes"):
+        export_onnx(pipe, pipe.spec, str(tmp_path / "x.onnx"), cfg_folded=True, progress=False)
+    folder = str(tmp_path / "pipe")
+    ref.save_pretrained(folder)
+    again = fastdiff.load(folder, vae=os.path.join(folder, "vae"))
+    assert again.vae.config.scaling_factor == 0.08333
+    zero = diffusers_pipeline("StableDiffusionUpscalePipeline")(
+        **{**ref.components, "low_res_scheduler": diffusers.DDPMScheduler(beta_schedule="scaled_linear",
+                                                                          rescale_betas_zero_snr=True)})
+    zero.set_progress_bar_config(disable=True)
+    zero.save_pretrained(str(tmp_path / "zero"))
+    ours = fastdiff.load(str(tmp_path / "zero"))
+    images, seeds = _images(), [5, 6]
+    want = zero(PROMPTS, image=images, num_inference_steps=2, guidance_scale=1.0, noise_level=80,
+                generator=[torch.Generator().manual_seed(s) for s in seeds], output_type="latent").images
+    got = ours.generate(prompt=PROMPTS, image=images, steps=2, noise_level=80, seeds=seeds, progress=False)
+    assert rel_err(got, want) <= 1e-5

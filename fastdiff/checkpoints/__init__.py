@@ -95,7 +95,7 @@ def load(path: str, device="cpu", dtype: Optional[torch.dtype] = None, *, varian
 
         spec = read_onnx_spec(path)
         return Pipeline(None, spec, device=device, runner=OnnxRuntimeRunner(path, device=device, spec=spec),
-                        vae=_pick_vae(vae, None, device),
+                        vae=_upscaler_vae(_pick_vae(vae, None, device), spec),
                         prompt_encoder=_pick_prompt_encoder(text_encoder, None, spec, device, dtype))
 
     kind, cfg, state, spec, found_vae = _read_any(path, variant=variant, num_heads=num_heads,
@@ -113,7 +113,7 @@ def load(path: str, device="cpu", dtype: Optional[torch.dtype] = None, *, varian
     model = build_model(kind, cfg)
     strict_load(model, state, name=f"{kind.upper()} from {path}", dtype=dtype, device=device, notes=spec.notes)
     own_folder = path if os.path.isdir(path) else None
-    pipe = Pipeline(model.eval(), spec, device=device, vae=_pick_vae(vae, found_vae, device),
+    pipe = Pipeline(model.eval(), spec, device=device, vae=_upscaler_vae(_pick_vae(vae, found_vae, device), spec),
                     prompt_encoder=_pick_prompt_encoder(text_encoder, own_folder, spec, device, dtype, variant))
     from .controlnet import controlnet_folders, unattachable
 
@@ -142,6 +142,18 @@ _SOURCE_OPTIONS = {
     "official": ("num_heads",),  # official DiT checkpoint
     "diffusers": ("variant",),
 }
+
+
+def _upscaler_vae(vae, spec):
+    """An upscaler's VAE (``spec.low_res_noise``) at 0.08333, whatever its config says: diffusers'
+    StableDiffusionUpscalePipeline sets every VAE it is given so."""
+    from .diffusers_folder import UPSCALER_SCALING_FACTOR
+
+    if vae is not None and spec.low_res_noise and vae.config.scaling_factor != UPSCALER_SCALING_FACTOR:
+        spec.notes.append(f"vae: scaling_factor {vae.config.scaling_factor} read as {UPSCALER_SCALING_FACTOR}, as "
+                          f"diffusers' StableDiffusionUpscalePipeline does")
+        vae.config.scaling_factor = UPSCALER_SCALING_FACTOR
+    return vae
 
 
 def _pick_vae(requested, found, device):
@@ -315,13 +327,6 @@ def _read_any(path: str, *, variant=None, num_heads=None, head_channels=None, at
 
             vae_dir = os.path.join(path, "vae")
             vae = vae_of(spec, lambda: _vae_folder_any_variant(vae_dir, variant)) if is_vae_folder(vae_dir) else None
-            if vae is not None and spec.low_res_noise:  # (StableDiffusionUpscalePipeline sets it so)
-                from .diffusers_folder import UPSCALER_SCALING_FACTOR
-
-                if vae.config.scaling_factor != UPSCALER_SCALING_FACTOR:
-                    spec.notes.append(f"vae: scaling_factor {vae.config.scaling_factor} read as "
-                                      f"{UPSCALER_SCALING_FACTOR}, as diffusers' StableDiffusionUpscalePipeline does")
-                    vae.config.scaling_factor = UPSCALER_SCALING_FACTOR
             return kind, cfg, state, spec, vae
         raise UnknownFormatError(_unknown(path, f"a folder holding {sorted(os.listdir(path))[:10]}"))
 

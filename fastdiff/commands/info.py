@@ -194,7 +194,10 @@ def _vae(pipe) -> str:
 def _conditioning(spec) -> str:
     """What generate() needs besides seeds, in its own argument names."""
     parts = []
-    if spec.num_classes:
+    if spec.low_res_noise:  # (its class label is the noise level)
+        parts.append(f"image (the low-resolution image, at the latents' size) and noise_level (0.."
+                     f"{spec.low_res_noise['max_noise_level']}, default 20)")
+    elif spec.num_classes:
         parts.append(f"class_labels ({spec.num_classes} classes"
                      + (f", {spec.null_class} = unconditional)" if spec.null_class is not None else ")"))
     if spec.cross_attention_dim:
@@ -210,7 +213,7 @@ def _conditioning(spec) -> str:
             "3.5; 7 with an image to edit or inpaint)"))
     if spec.inpainting:
         parts.append("image and mask_image (an inpainting network)")
-    if spec.low_res_channels:
+    if spec.low_res_channels and not spec.low_res_noise:
         parts.append("image (the low-resolution image a super-resolution network upsamples)")
     return ", ".join(parts) or "nothing (unconditional)"
 

@@ -63,13 +63,15 @@ class IPAttention(nn.Module):
 
 
 def cross_attentions(unet) -> list:
-    """The UNet's cross-attention layers in diffusers' ``attn_processors`` order (down, up, then middle blocks)."""
-    from .unet import MultiHeadAttention
+    """The UNet's cross-attention layers in diffusers' ``attn_processors`` order (down, up, then middle blocks): every
+    transformer's second attention (an ``only_cross_attention`` first one reads the text too, but diffusers gives it
+    no image branch)."""
+    from .unet import TransformerBlock
 
     layers = []
     for part in (unet.down_blocks, unet.up_blocks, [unet.mid_block] if unet.mid_block is not None else []):
         for block in part:
-            layers.extend(m for m in block.modules() if isinstance(m, MultiHeadAttention) and m.is_cross)
+            layers.extend(m.attn2 for m in block.modules() if isinstance(m, TransformerBlock))
     return layers
 
 
