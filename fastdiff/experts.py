@@ -60,7 +60,8 @@ def latents_scale(plan, sigma: float) -> float:
 def step_timesteps(plan) -> list:
     """The training timestep of each step's start, as the network is handed it (diffusers' ``scheduler.timesteps``)."""
     denoiser = plan.make_denoiser(None, dtype=torch.float32)
-    return [denoiser._host_coeffs(float(s))[0] for s in plan.sigmas[:-1]]
+    scale = getattr(denoiser, "timestep_scale", 1.0)  # (in training steps: the cutoffs count those)
+    return [denoiser._host_coeffs(float(s))[0] / scale for s in plan.sigmas[:-1]]
 
 
 def cutoff(fraction: float, train_steps: int) -> int:

@@ -143,6 +143,9 @@ class PlansMixin:
                             steps_offset=int(self.spec.scheduler.get("steps_offset", 0)))
         s0 = float(sigmas[0])
         denoiser_options = dict(alphas_cumprod=ac, prediction_type=self.spec.prediction_type)
+        scale = self.spec.scheduler.get("timestep_scale")
+        if scale is not None and float(scale) != 1.0:  # (improved-diffusion's rescale_timesteps: every sampler's)
+            denoiser_options["timestep_scale"] = float(scale)
         if self.spec.scheduler.get("clip_sample"):  # data lives in [-clip, clip]: clip the denoised x0
             denoiser_options["clip_sample"] = float(self.spec.scheduler.get("clip_sample_range", 1.0))
         if sampler == "tcd":

@@ -158,6 +158,10 @@ def plan_from_scheduler_config(config: dict, num_inference_steps: int, class_nam
     if c["flow_pipeline_sigmas"] is not None and name != "FlowMatchEulerDiscreteScheduler":
         raise UnsupportedConfigError("flow_pipeline_sigmas", c["flow_pipeline_sigmas"], model=name,
                                      supported="None (fastdiff's key for FlowMatchEulerDiscreteScheduler only)")
+    if c["timestep_scale"] not in (None, 1, 1.0) and (name in CONTINUOUS_SCHEDULERS or is_flow_scheduler(
+            dict(c, _class_name=name))):
+        raise UnsupportedConfigError("timestep_scale", c["timestep_scale"], model=name,
+                                     supported="None (fastdiff's key for discrete-time schedulers only)")
     if c["timestep_respacing"] is not None and name not in ("DDPMScheduler", "DDIMScheduler"):
         raise UnsupportedConfigError("timestep_respacing", c["timestep_respacing"], model=name,
                                      supported="None (fastdiff's key for DDPMScheduler and DDIMScheduler only)")

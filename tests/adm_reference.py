@@ -115,22 +115,25 @@ class AttentionPool2d(nn.Module):
         return self.c_proj(x)[:, :, 0]
 
 
-class Downsample(nn.Module):  # conv_resample=True
-    def __init__(self, channels):
+class Downsample(nn.Module):
+    def __init__(self, channels, use_conv=True):
         super().__init__()
-        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1) if use_conv else nn.AvgPool2d(2)
 
     def forward(self, x):
         return self.op(x)
 
 
-class Upsample(nn.Module):  # conv_resample=True
-    def __init__(self, channels):
+class Upsample(nn.Module):
+    def __init__(self, channels, use_conv=True):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        if use_conv:
+            self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.use_conv = use_conv
 
     def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+        x = F.interpolate(x, scale_factor=2, mode="nearest")
+        return self.conv(x) if self.use_conv else x
 
 
 class Seq(nn.Sequential):  # TimestepEmbedSequential
@@ -203,7 +206,7 @@ class UNetModel(nn.Module):
 
     def __init__(self, image_size, in_channels, model_channels, out_channels, num_res_blocks, attention_resolutions,
                  channel_mult, num_classes=None, num_heads=1, num_head_channels=-1, use_scale_shift_norm=True,
-                 use_new_attention_order=False, resblock_updown=True):
+                 use_new_attention_order=False, resblock_updown=True, conv_resample=True):
         super().__init__()
         self.model_channels, self.num_classes = model_channels, num_classes
         ted = model_channels * 4
@@ -224,7 +227,7 @@ class UNetModel(nn.Module):
                 chans.append(ch)
             if level != len(channel_mult) - 1:
                 self.input_blocks.append(Seq(ResBlock(ch, ted, ch, use_scale_shift_norm, down=True)
-                                             if resblock_updown else Downsample(ch)))
+                                             if resblock_updown else Downsample(ch, conv_resample)))
                 chans.append(ch)
                 ds *= 2
         self.middle_block = Seq(ResBlock(ch, ted, ch, use_scale_shift_norm), attn(ch),
@@ -238,7 +241,7 @@ class UNetModel(nn.Module):
                     layers.append(attn(ch))
                 if level and i == num_res_blocks:
                     layers.append(ResBlock(ch, ted, ch, use_scale_shift_norm, up=True) if resblock_updown
-                                  else Upsample(ch))
+                                  else Upsample(ch, conv_resample))
                     ds //= 2
                 self.output_blocks.append(Seq(*layers))
         self.out = nn.Sequential(normalization(ch), nn.SiLU(), nn.Conv2d(input_ch, out_channels, 3, padding=1))

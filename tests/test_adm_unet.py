@@ -252,7 +252,42 @@ def test_improved_diffusion_checkpoint_samples_as_its_image_sample(tmp_path):
                                                   timestep_scale=0.25)
         assert fed[0] == 3999 * 0.25 and fed[-1] == 0.0
         assert float((got - want.float()).abs().max()) <= tol * float(want.abs().max())
+    # every sampler and grid reads the scaled timesteps (t <= 3999 * 0.25); SDXL-style cutoffs count training steps
+    for sampler, schedule in (("euler", None), ("dpmpp_2m", "karras"), ("ddim", "trailing"), ("ddpm", "karras")):
+        fed.clear()
+        named = pipe.plan(6, sampler, schedule)
+        assert named.denoiser_options["timestep_scale"] == 0.25
+        named.sample(named.make_denoiser(lambda x, t, **kw: torch.cat(split(x, t.reshape(-1)[0]), dim=1)),
+                     torch.randn(1, 3, 16, 16))
+        assert max(fed) <= 3999 * 0.25
+    from fastdiff import experts
+
+    assert experts.steps_until(plan, 0.5, 4000) in (4, 5, 6)  # (t >= 2000 of 10 respaced steps)
     unscaled = fastdiff.load(_save(ref, tmp_path, "again.pt"), num_heads=4,
                              scheduler=dict(IMPROVED_DIFFUSION_SCHEDULER, timestep_scale=None))
     assert float((unscaled.generate(seeds=[3, 4], steps=10, height=16, width=16, progress=False) - got).abs().max()) \
         > 1e-3  # (the scale reaches the network)
+
+
+def test_conv_resampling_defaults_and_refusals(tmp_path):
+    """A conv-resampling model (script_util's defaults) assumes num_heads=4; improved-diffusion's CIFAR-10 layout
+    defaults to 32 px; average-pool resampling is refused by name; timestep_scale is refused where nothing reads it."""
+    from fastdiff.errors import CheckpointError, UnsupportedConfigError
+    from fastdiff.scheduler_config import plan_from_scheduler_config
+
+    ref = randomized(UNetModel(**dict(BASE, model_channels=64, resblock_updown=False, num_heads=4,
+                                      num_head_channels=-1)), 7)
+    pipe = fastdiff.load(_save(ref, tmp_path, "heads.pt"))
+    assert any("num_heads=4 assumed" in n for n in pipe.notes)
+    x, t = torch.randn(1, 3, 16, 16), torch.tensor([500])
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.model(x, t), ref(x, t), rtol=1e-5, atol=2e-5)
+    cifar = randomized(UNetModel(**dict(BASE, channel_mult=(1, 2, 2, 2), resblock_updown=False, num_heads=4,
+                                        num_head_channels=-1)), 8)
+    assert fastdiff.load(_save(cifar, tmp_path, "cifar.pt")).spec.sample_size == (32, 32)
+    pooled = randomized(UNetModel(**dict(BASE, resblock_updown=False, conv_resample=False)), 9)
+    with pytest.raises(CheckpointError, match="average-pool resampling"):
+        fastdiff.load(_save(pooled, tmp_path, "pooled.pt"), head_channels=16)
+    for name in ("FlowMatchEulerDiscreteScheduler", "EDMEulerScheduler"):
+        with pytest.raises(UnsupportedConfigError, match="timestep_scale"):
+            plan_from_scheduler_config({"_class_name": name, "timestep_scale": 0.25}, 4)

@@ -385,17 +385,23 @@ def _read_any(path: str, *, variant=None, num_heads=None, head_channels=None, at
 
         if is_guided_diffusion_state_dict(state):
             from .diffusers_folder import spec_for
-            from .guided_diffusion import released_num_heads
+            from .guided_diffusion import conv_resampling, released_num_heads
             from .presets import GUIDED_DIFFUSION_SCHEDULER, GUIDED_DIFFUSION_SUPER_RES_SCHEDULER
 
             released = released_num_heads(state) if num_heads is None and head_channels is None else None
-            cfg = guided_diffusion_config(state, num_heads=num_heads or (released and released[0]),
-                                          head_channels=head_channels)
+            # conv resampling: a model of script_util's defaults (guided-diffusion's, improved-diffusion's), whose
+            # num_heads=4 is a better guess than the released resblock_updown models' 64 channels per head
+            by_default = num_heads is None and head_channels is None and not released and conv_resampling(state)
+            cfg = guided_diffusion_config(state, num_heads=num_heads or (released and released[0]) or
+                                          (4 if by_default else None), head_channels=head_channels)
             sr = cfg.in_channels == 6 and cfg.out_channels in (3, 6) and super_res is not False  # a SuperResModel
             # image_sample.py's DDIM; sampler="ddpm": its p_sample, from the learned range of learn_sigma (else
             # FIXED_LARGE); an upsampler: super_res_sample.py's p_sample_loop
             spec = spec_for("unet", cfg, GUIDED_DIFFUSION_SUPER_RES_SCHEDULER if sr else GUIDED_DIFFUSION_SCHEDULER,
                             source=f"guided-diffusion checkpoint {path}")
+            if by_default:
+                spec.notes.append("conv resampling (resblock_updown=False): script_util's default num_heads=4 assumed "
+                                  "(num_heads= / head_channels= for another split)")
             if released:
                 spec.notes.append(f"taken as OpenAI's {released[1]} (its layout): num_heads={released[0]}, as trained "
                                   f"(head_channels= / num_heads= for another split)")

@@ -46,8 +46,14 @@ ADM_IMAGE_SIZES = {4: 64, 5: 128, 6: 256, 7: 512}
 # that identify each file
 _RELEASED_NUM_HEADS = {
     ((256, 256, 512, 768, 1024), 3): (4, "128x128_diffusion.pt"),
-    ((192, 192, 384, 384, 768, 768), 6): (4, "64_256_upsampler.pt"),
+    ((192, 192, 384, 384, 768, 768), 6): (4, "64_256_upsampler.pt (improved-diffusion's upsample_cond_500K.pt too)"),
 }
+
+
+def conv_resampling(state: dict) -> bool:
+    """Whether an ADM state dict resamples with convolutions (``resblock_updown=False``: script_util's default, and
+    improved-diffusion's only way)."""
+    return any(re.match(r"input_blocks\.\d+\.0\.op\.weight", k) for k in state)
 
 
 def released_num_heads(state: dict) -> Optional[tuple]:
@@ -66,6 +72,10 @@ def guided_diffusion_config(state: dict, num_heads: Optional[int] = None,
                             head_channels: Optional[int] = None) -> UNetConfig:
     sd = RequiredKeys(state, "a guided-diffusion UNet")
     n_in = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("input_blocks."))
+    weightless = sorted(set(range(n_in)) - {int(k.split(".")[1]) for k in sd if k.startswith("input_blocks.")})
+    if weightless:  # (an average-pooling Downsample: conv_resample=False)
+        raise CheckpointError(f"guided-diffusion UNet: input block(s) {weightless} hold no weights: average-pool "
+                              f"resampling (conv_resample=False) is not supported; strided convs and ResBlocks are")
     # a downsampling input block holds one ResBlock and nothing else, with no skip / resample weights of
     # its own: find them as the blocks whose ResBlock keeps the channel count and that close a level.
     # Output blocks = levels * (num_res_blocks + 1), and every level but the last ends in an upsampling
@@ -127,8 +137,11 @@ def adm_config(sd: RequiredKeys, levels: int, res_per_level: int, num_heads: Opt
     # 512 px model: 0.5)
     model_channels = sd["time_embed.0.weight"].shape[1]
     classes = sd["label_emb.weight"].shape[0] if "label_emb.weight" in sd else None
+    size = ADM_IMAGE_SIZES.get(levels, 64)
+    if levels == 4 and [c // channels[0] for c in channels] == [1, 2, 2, 2] and channels[0] * 2 == channels[1]:
+        size = 32  # (improved-diffusion's create_model pairs channel_mult (1, 2, 2, 2) with 32 px: its CIFAR-10 models)
     cfg = UNetConfig.from_diffusers(dict(
-        sample_size=ADM_IMAGE_SIZES.get(levels, 64), in_channels=sd["input_blocks.0.0.weight"].shape[1],
+        sample_size=size, in_channels=sd["input_blocks.0.0.weight"].shape[1],
         out_channels=out_channels,
         block_out_channels=channels, layers_per_block=res_per_level,
         down_block_types=["AttnDownBlock2D" if a else "DownBlock2D" if conv else "ResnetDownsampleBlock2D"

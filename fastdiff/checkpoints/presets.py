@@ -44,9 +44,14 @@ ADM_SCHEDULER = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "b
 # the 1000-step cosine-schedule models (ADM's ImageNet 64): load(path, scheduler=GUIDED_DIFFUSION_COSINE_SCHEDULER)
 GUIDED_DIFFUSION_SCHEDULER = dict(ADM_SCHEDULER, timestep_respacing="guided-diffusion-ddim")
 GUIDED_DIFFUSION_COSINE_SCHEDULER = dict(GUIDED_DIFFUSION_SCHEDULER, beta_schedule="squaredcos_cap_v2")
-# openai/improved-diffusion's 4000-step cosine models (its CIFAR-10 and ImageNet 64 releases): image_sample.py's
-# p_sample_loop (DDPM on the respaced timesteps, x0 clipped), the network reading t * 1000 / 4000 (rescale_timesteps);
-# the checkpoint's learned range or fixed variance is kept. Its 1000-step models run GUIDED_DIFFUSION_SCHEDULER.
+# openai/improved-diffusion's 4000-step cosine models trained with rescale_timesteps (cifar10_uncond*,
+# imagenet64_uncond*): image_sample.py's p_sample_loop (DDPM on the respaced timesteps, x0 clipped), the network
+# reading t * 1000 / 4000; the checkpoint's learned range or fixed variance is kept. imagenet64_cond_270M_250K.pt was
+# trained without rescaling: dict(IMPROVED_DIFFUSION_SCHEDULER, timestep_scale=None); upsample_cond_500K.pt on
+# 4000 linear steps with improved-diffusion's betas scaled by 1000 / T: dict(IMPROVED_DIFFUSION_SCHEDULER,
+# beta_schedule="linear", beta_start=2.5e-5, beta_end=0.005, timestep_scale=None). Its 1000-step models:
+# GUIDED_DIFFUSION_SCHEDULER with sampler="ddpm" (image_sample.py's p_sample). Its image_sample.py runs every
+# training step unless --timestep_respacing says otherwise: steps=4000 for that run.
 IMPROVED_DIFFUSION_SCHEDULER = dict(ADM_SCHEDULER, _class_name="DDPMScheduler", num_train_timesteps=4000,
                                     beta_schedule="squaredcos_cap_v2", timestep_respacing="guided-diffusion",
                                     timestep_scale=0.25)
