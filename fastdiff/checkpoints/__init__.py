@@ -380,54 +380,13 @@ def _read_any(path: str, *, variant=None, num_heads=None, head_channels=None, at
             spec.notes.append("SD3 single file: 64 channels per head and 1024x1024 (128x128 latents) assumed, as in "
                               "every SD3 / 3.5 release; FlowMatchEuler with shift 3")
             return "mmdit", cfg, convert_sd3(state, cfg), spec, vae_of(spec, lambda: _single_file_vae(state, spec))
-        from .guided_diffusion import (convert_guided_diffusion, guided_diffusion_config,
-                                       is_guided_diffusion_state_dict)
+        from .guided_diffusion import is_guided_diffusion_state_dict
 
         if is_guided_diffusion_state_dict(state):
-            from .diffusers_folder import spec_for
-            from .guided_diffusion import conv_resampling, released_num_heads
-            from .presets import GUIDED_DIFFUSION_SCHEDULER, GUIDED_DIFFUSION_SUPER_RES_SCHEDULER
+            from .guided_diffusion_spec import read_guided_diffusion
 
-            released = released_num_heads(state) if num_heads is None and head_channels is None else None
-            # conv resampling: a model of script_util's defaults (guided-diffusion's, improved-diffusion's), whose
-            # num_heads=4 is a better guess than the released resblock_updown models' 64 channels per head
-            by_default = num_heads is None and head_channels is None and not released and conv_resampling(state)
-            cfg = guided_diffusion_config(state, num_heads=num_heads or (released and released[0]) or
-                                          (4 if by_default else None), head_channels=head_channels)
-            sr = cfg.in_channels == 6 and cfg.out_channels in (3, 6) and super_res is not False  # a SuperResModel
-            # image_sample.py's DDIM; sampler="ddpm": its p_sample, from the learned range of learn_sigma (else
-            # FIXED_LARGE); an upsampler: super_res_sample.py's p_sample_loop
-            spec = spec_for("unet", cfg, GUIDED_DIFFUSION_SUPER_RES_SCHEDULER if sr else GUIDED_DIFFUSION_SCHEDULER,
-                            source=f"guided-diffusion checkpoint {path}")
-            if by_default:
-                spec.notes.append("conv resampling (resblock_updown=False): script_util's default num_heads=4 assumed "
-                                  "(num_heads= / head_channels= for another split)")
-            if released:
-                spec.notes.append(f"taken as OpenAI's {released[1]} (its layout): num_heads={released[0]}, as trained "
-                                  f"(head_channels= / num_heads= for another split)")
-            if sr:  # RGB + the low-resolution image upsampled to the sample size
-                spec.in_channels, spec.low_res_channels = 3, 3
-                spec.learned_variance = cfg.out_channels == 6
-                spec.notes.append("guided-diffusion super-resolution model (6 input channels: the sample and its "
-                                  "low-resolution image, upsampled bilinearly; super_res=False for a plain 6-channel "
-                                  "model): generate(image=LOW_RES), --image; the output defaults to 4x the image "
-                                  "(both released upsamplers'); sampled as super_res_sample.py (DDPM on the respaced "
-                                  "timesteps, x0 clipped; its README runs 250 steps)")
-            elif super_res:
-                raise BadArgumentError(f"super_res=True: {path} takes {cfg.in_channels} input channels and returns "
-                                       f"{cfg.out_channels}; a guided-diffusion upsampler takes 6 (RGB and the "
-                                       f"low-resolution image) and returns 3, or 6 with learn_sigma")
-            spec.scheduler["variance_type"] = "learned_range" if spec.learned_variance else "fixed_large"
-            order = attention_order or "legacy"
-            spec.notes.append("guided-diffusion: 64 channels per head unless num_heads= is given (or the layout is a "
-                              "released num_heads model's); linear betas "
-                              "unless scheduler= says otherwise (cosine-schedule models: scheduler=fastdiff."
-                              "checkpoints.presets.GUIDED_DIFFUSION_COSINE_SCHEDULER, --scheduler "
-                              "guided-diffusion-cosine); "
-                              f"{order} attention order (attention_order='new' for use_new_attention_order "
-                              f"models); default size {cfg.sample_size} px from its {len(cfg.block_out_channels)} "
-                              f"levels, as ADM's create_model pairs them (height= / width= for another)")
-            return "unet", cfg, convert_guided_diffusion(state, cfg, order), spec, None
+            return ("unet", *read_guided_diffusion(state, path, num_heads=num_heads, head_channels=head_channels,
+                                                   attention_order=attention_order, super_res=super_res), None)
         from .edm import edm_config_from_state_dict, edm_spec, is_edm_state_dict
 
         if is_edm_state_dict(state):
