@@ -76,8 +76,14 @@ class ImageInputsMixin:
             return None
         if class_labels is not None:
             raise BadArgumentError("class_labels: an upscaler's class input is its noise level; pass noise_level=")
+        import numbers
+
         top = self.spec.low_res_noise["max_noise_level"]
         level = 20 if noise_level is None else noise_level
+        if torch.is_tensor(level) and level.numel() == 1 and not level.is_floating_point():
+            level = level.item()  # (diffusers takes a 0-d tensor or a NumPy integer too)
+        if isinstance(level, numbers.Integral) and not isinstance(level, bool):
+            level = int(level)
         if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level <= top:
             raise BadArgumentError(f"noise_level: expected an integer in [0, {top}] (the pipeline's max_noise_level), "
                                    f"found {noise_level!r}")

@@ -212,3 +212,13 @@ def test_upscaler_refusals_and_vae(upscaler, tmp_path):
                 generator=[torch.Generator().manual_seed(s) for s in seeds], output_type="latent").images
     got = ours.generate(prompt=PROMPTS, image=images, steps=2, noise_level=80, seeds=seeds, progress=False)
     assert rel_err(got, want) <= 1e-5
+
+
+def test_noise_level_takes_integer_scalars(upscaler):
+    import numpy as np
+
+    _, pipe = upscaler
+    kw = dict(prompt=PROMPTS[:1], image=_images(1), steps=1, seeds=[2], progress=False)
+    want = pipe.generate(noise_level=30, **kw)
+    for level in (np.int64(30), torch.tensor(30)):
+        assert torch.equal(pipe.generate(noise_level=level, **kw), want)

@@ -172,7 +172,12 @@ def _diffusers_sampler(args, spec, schedulers):
     kw, grid_note = _diffusers_grid(args.schedule, kw, spec)
     # (the loop drops a learned variance's channels: a scheduler told to read them would find none)
     sched_cfg = _diffusers_keys(spec, "variance_type")
-    return cls.from_config(sched_cfg, **kw), "; ".join(n for n in (note, grid_note) if n) or None
+    from ..scheduler_config import FASTDIFF_KEYS
+
+    own = [k for k in FASTDIFF_KEYS if spec.scheduler.get(k) is not None]
+    own_note = (f"diffusers' scheduler has no {', '.join(own)} (fastdiff's keys): its loop runs without them, the same "
+                f"network work per step") if own else None
+    return cls.from_config(sched_cfg, **kw), "; ".join(n for n in (note, grid_note, own_note) if n) or None
 
 
 def _diffusers_keys(spec, *dropped: str) -> dict:

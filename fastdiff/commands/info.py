@@ -140,6 +140,10 @@ def model_ops(model: str, backend: str, kernel_ops: str = "measured", **load_opt
                 "default_sampler": plan.sampler, "denoiser": plan.denoiser_kind}
     if plan.denoiser_kind == "flow":
         sampling["frame"] = plan.denoiser_options["frame"]
+    # what the official scripts' runs add (fastdiff's scheduler keys, a learned or fixed DDPM variance)
+    for key in ("timestep_respacing", "timestep_scale", "variance_type"):
+        if pipe.spec.scheduler.get(key) is not None:
+            sampling[key] = pipe.spec.scheduler[key]
     ops = {} if pipe.model is None else op_backends(pipe.model)
     report = {"model": model, "device": str(device), "backend": chosen, "ops": ops,
               "sampling": sampling, "conditioning": _conditioning(pipe.spec) + _control(pipe), "vae": _vae(pipe),
@@ -264,7 +268,8 @@ def run(args) -> int:
         m = report["model_ops"]
         s = m["sampling"]
         frame = f", {s['frame']} frame" if "frame" in s else ""
-        print(f"{m['model']}: predicts {s['prediction_type']}, scheduler {s['scheduler']}; generate() with no "
+        extra = "".join(f", {k} {s[k]}" for k in ("timestep_respacing", "timestep_scale", "variance_type") if k in s)
+        print(f"{m['model']}: predicts {s['prediction_type']}, scheduler {s['scheduler']}{extra}; generate() with no "
               f"sampler runs {s['default_sampler']} ({s['denoiser']} denoiser{frame})")
         print(f"{m['model']} takes: {m['conditioning']}")
         print(f"{m['model']} VAE: {m['vae']}")
