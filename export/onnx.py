@@ -22,7 +22,7 @@ Graph interface (what ONNX diffusion pipelines expect)::
     time_ids              (B, N)        float32, SDXL-style UNets only
     image_latents         (B, K, H, W) inpainting networks only: the mask and the masked image's latents (K = 1 + C,
                           FLUX.1 Fill's C + f*f: ModelSpec.image_latents_channels); a guided-diffusion upsampler's
-                          low-resolution image, upsampled (K = 3)
+                          low-resolution image, upsampled (K = 3); Stable Diffusion's x4 upscaler's noised image
     control_image         (B, 3, fH, fW) a UNet exported with its ControlNet (``pipe.set_controlnet``): the image
     control_scale         (B,) float32   in [0, 1] (f: the ControlNet's downscale, 8 for SD), each sample's scale
     control_guess         (B,) float32   (0 outside the step window) and 1 for guess mode's weighting

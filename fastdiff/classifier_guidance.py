@@ -7,11 +7,12 @@ sampling in one of guided-diffusion's two ways:
 
 * ``condition_score`` (Algorithm 2; guided-diffusion's DDIM, and here every sampler but DDPM): eps' = eps -
   sqrt(1 - a) g. In sigma units (x = x0 + sigma eps, sqrt(1 - a) = sigma c_in, c_in = 1 / sqrt(1 + sigma^2)) that is
-  x0' = x0 + sigma^2 c_in g, after x0 is clipped (guided-diffusion conditions the clipped prediction):
+  x0' = x0 + sigma^2 c_in g, after x0 is clipped where the run clips (guided-diffusion conditions the clipped
+  prediction):
   ``ClassifierGuidedDenoiser``, any sampler's denoiser;
 * ``condition_mean`` (Algorithm 1; guided-diffusion's ``p_sample``, ``sample_ddpm`` here): the posterior mean moves by
   its variance times g, mean' = mean + var g, on every step, the last one too (where no noise is added):
-  ``ClassifierGuidedDenoiser.mean_guidance``, read by ``fastdiff.ddpm.sample_ddpm``.
+  ``ClassifierGuidedDenoiser.guidance``, read by ``fastdiff.ddpm.sample_ddpm``.
 
 The classifier runs eagerly with autograd on (a captured sampling loop cannot hold its backward pass); the
 denoising network is not differentiated.
@@ -19,13 +20,12 @@ denoising network is not differentiated.
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from .denoiser import DiscreteDenoiser, Denoiser, _bcast, cached_timesteps
+from .denoiser import DiscreteDenoiser, Denoiser, _bcast, _model_dtype, cached_timesteps
 from .errors import BadArgumentError
 
 
@@ -36,36 +36,34 @@ class ClassifierGuidance:
         classifier: ``classifier(x_t, t) -> logits (B, classes)`` (``fastdiff.models.adm_classifier``).
         labels: (B,) int64 classes to steer each sample to.
         scale: guided-diffusion's ``classifier_scale`` (one, or a (B,) tensor: one per sample).
-        timesteps: the network's ``DiscreteDenoiser``: the classifier reads the timestep the network reads.
+        base: the network's ``DiscreteDenoiser``: the classifier reads the timestep (and the input scaling) the
+            network reads.
         largest_label: the largest of ``labels`` when known on the host: checked against the logits' width (a label
             past it would index out of range, on a GPU a device-side assert).
     """
 
-    def __init__(self, classifier, labels: torch.Tensor, scale, timesteps: DiscreteDenoiser,
+    def __init__(self, classifier, labels: torch.Tensor, scale, base: DiscreteDenoiser,
                  largest_label: Optional[int] = None):
-        if not isinstance(timesteps, DiscreteDenoiser):
+        if not isinstance(base, DiscreteDenoiser):
             raise BadArgumentError(f"classifier guidance: a noisy-image classifier reads a DDPM training timestep, "
-                                   f"and this model's denoiser is a {type(timesteps).__name__}; expected a "
+                                   f"and this model's denoiser is a {type(base).__name__}; expected a "
                                    f"discrete-time (DDPM-schedule) model such as guided-diffusion's")
-        self.classifier, self.labels, self.scale, self.timesteps = classifier, labels, scale, timesteps
+        self.classifier, self.labels, self.scale, self.base = classifier, labels, scale, base
         self.largest_label = largest_label
         self._timestep_tensors: dict = {}
-        params = getattr(classifier, "parameters", None)
-        first = next(iter(params()), None) if callable(params) else None
-        self.dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
+        self.dtype = _model_dtype(classifier, None)
 
     def c_in(self, sigma: float) -> float:
-        return 1 / math.sqrt(float(sigma) ** 2 + 1)
+        return self.base._host_coeffs(float(sigma))[1]
 
     def gradient(self, x: torch.Tensor, sigma) -> torch.Tensor:
         """g at one host sigma (a float) or per-sample sigmas (a (B,) tensor)."""
         if isinstance(sigma, (int, float)):
-            t = self.timesteps._host_coeffs(float(sigma))[0]
+            t, c_in = self.base._host_coeffs(float(sigma))[:2]
             ts = cached_timesteps(self._timestep_tensors, t, x)
-            c_in = self.c_in(sigma)
         else:
             sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(x.shape[0])
-            ts = self.timesteps.sigma_to_t(sigma).to(torch.float32)
+            ts = self.base.sigma_to_t(sigma).to(torch.float32)
             c_in = _bcast((sigma * sigma + 1).rsqrt(), x)
         labels = self.labels.to(x.device)
         if labels.shape != (x.shape[0],):
@@ -94,13 +92,13 @@ class ClassifierGuidance:
 
 class ClassifierGuidedDenoiser(Denoiser):
     """``inner`` (any fastdiff denoiser: plain, CFG, a ControlNet window) with classifier guidance's
-    ``condition_score``: x0' = x0 + sigma^2 c_in g, x0 the inner denoiser's clipped prediction. DDPM reads
-    ``mean_guidance`` instead and conditions its posterior mean (``condition_mean``)."""
+    ``condition_score``: x0' = x0 + sigma^2 c_in g, x0 the inner denoiser's prediction (clipped where it clips). DDPM reads
+    ``guidance`` instead and conditions its posterior mean (``condition_mean``)."""
 
     postprocess_x0 = None  # (the inner denoiser clips; the conditioned x0 is not clipped again, as guided-diffusion)
 
     def __init__(self, inner: Denoiser, guidance: ClassifierGuidance):
-        self.inner, self.mean_guidance = inner, guidance
+        self.inner, self.guidance = inner, guidance
 
     def c_skip(self, sigma):
         return self.inner.c_skip(sigma)
@@ -108,31 +106,20 @@ class ClassifierGuidedDenoiser(Denoiser):
     def predict_at(self, x, sigma: float, **cond):
         s = float(sigma)
         x0 = self.inner.denoise_at(x, s, **cond)
-        return torch.add(x0, self.mean_guidance.gradient(x, s), alpha=s * s * self.mean_guidance.c_in(s))
+        return torch.add(x0, self.guidance.gradient(x, s), alpha=s * s * self.guidance.c_in(s))
 
     def predict(self, x, sigma, **cond):
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
         if sigma.ndim == 0:
             sigma = sigma.expand(x.shape[0])
         s = _bcast(sigma, x)
-        return self.inner(x, sigma, **cond) + self.mean_guidance.gradient(x, sigma) * (s * s * (s * s + 1).rsqrt())
+        return self.inner(x, sigma, **cond) + self.guidance.gradient(x, sigma) * (s * s * (s * s + 1).rsqrt())
 
     def predict_variance_at(self, x, sigma: float, **cond):
         raise BadArgumentError("classifier guidance: a learned variance is read by DDPM, which conditions its "
-                               "posterior mean (read mean_guidance and call the inner denoiser)")
+                               "posterior mean (read guidance and call the inner denoiser)")
 
 
-def guided_variance_last_step(variance: str, lo_prev: Optional[float], log_beta: float, v=None):
-    """guided-diffusion's variance at its last step (t = 0), which ``condition_mean`` multiplies the gradient by:
-    its clipped posterior log-variance there is the step before's (``posterior_log_variance_clipped[0] =
-    log(posterior_variance[1])``), its FIXED_LARGE variance the same, its FIXED_SMALL one 0. ``lo_prev``: that log
-    posterior variance (None for a one-step run, which has no step before: the clamp of 1e-20 stands in);
-    ``log_beta``: log of the last step's beta."""
-    lo = math.log(1e-20) if lo_prev is None else lo_prev
-    if variance == "fixed_small":
-        return 0.0
-    if variance == "fixed_large":
-        return math.exp(lo)
-    if variance == "learned":
-        return v
-    return torch.exp(lo + (v + 1) * 0.5 * (log_beta - lo))  # learned_range: exp(f log beta + (1 - f) lo)
+def classifier_guided(denoiser) -> bool:
+    """Whether a run's denoiser is classifier-guided (it then runs eagerly: a captured loop holds no backward pass)."""
+    return isinstance(denoiser, ClassifierGuidedDenoiser)

@@ -15,7 +15,7 @@ Its mean is the same for every variance; the noise's std is diffusers' ``DDPMSch
 
 The variances are variance-preserving ones; the state is x_vp * sqrt(1 + sigma'^2), so each std is scaled by that.
 
-Classifier guidance (``fastdiff.classifier_guidance``: a denoiser with ``mean_guidance``) moves the posterior mean by
+Classifier guidance (``fastdiff.classifier_guidance``: a denoiser with ``guidance``) moves the posterior mean by
 the variance times the classifier's gradient, guided-diffusion's ``condition_mean``: var_vp g, in the state's frame
 var_vp sqrt(1 + sigma'^2) g = std^2 / sqrt(1 + sigma'^2) g.
 """
@@ -27,7 +27,6 @@ from typing import Optional
 
 import torch
 
-from .classifier_guidance import guided_variance_last_step
 from .errors import BadArgumentError
 from .sampler_base import _after, _ancestral, _call, _cb, _setup
 
@@ -46,10 +45,30 @@ def learned_std(v: torch.Tensor, variance: str, s: float, s_next: float) -> torc
     frame = math.sqrt(1 + s_next * s_next)
     if variance == "learned":
         return v.sqrt() * frame
-    lo, hi = _log_variances(s, s_next)
-    # std = exp(0.5 (lo + (v + 1) / 2 (hi - lo))) * frame, as one multiply-add and an exp
+    return _range_std(v, *_log_variances(s, s_next), frame)
+
+
+def _range_std(v: torch.Tensor, lo: float, hi: float, frame: float) -> torch.Tensor:
+    """The learned range's std times ``frame``: exp(0.5 (lo + (v + 1) / 2 (hi - lo))) * frame, as one multiply-add and
+    an exp (log variances lo, hi: beta~'s and beta's)."""
     a = 0.25 * (hi - lo)
     return torch.exp(v * a + (0.5 * lo + a + math.log(frame)))
+
+
+def _last_step_variance(variance: str, lo_prev: Optional[float], s: float, v=None):
+    """guided-diffusion's variance at its last step (t = 0), which classifier guidance's ``condition_mean``
+    multiplies the gradient by: its clipped posterior log-variance there is the step before's
+    (``posterior_log_variance_clipped[0] = log(posterior_variance[1])``), its FIXED_LARGE variance the same, its
+    FIXED_SMALL one 0. ``lo_prev``: that log posterior variance (None for a one-step run, which has no step before:
+    the clamp of 1e-20 stands in)."""
+    lo = math.log(1e-20) if lo_prev is None else lo_prev
+    if variance == "fixed_small":
+        return 0.0
+    if variance == "fixed_large":
+        return math.exp(lo)
+    if variance == "learned":
+        return v
+    return _range_std(v, lo, _log_variances(s, 0.0)[1], 1.0) ** 2  # learned_range: exp(f log beta + (1 - f) lo)
 
 
 def _call_variance(denoiser, x, sigma: float, extra: dict):
@@ -74,7 +93,7 @@ def sample_ddpm(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=No
     if variance not in VARIANCES:
         raise BadArgumentError(f"variance: expected one of {VARIANCES}, found {variance!r}")
     learned = variance.startswith("learned")
-    guidance = getattr(denoiser, "mean_guidance", None)  # classifier guidance, on the posterior mean
+    guidance = getattr(denoiser, "guidance", None)  # classifier guidance, on the posterior mean
     if guidance is not None:
         denoiser = denoiser.inner
     x, sig, extra, noise = _setup(x, sigmas, extra_args, noise)
@@ -93,7 +112,7 @@ def sample_ddpm(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=No
             if grad is not None:  # (the mean moves on the last step too, by guided-diffusion's variance at t = 0)
                 before = sig[i - 1] if i > 0 else sigma_before
                 lo_prev = None if before is None else _log_variances(before, s)[0]
-                x = x + grad * guided_variance_last_step(variance, lo_prev, _log_variances(s, 0.0)[1], v)
+                x = x + grad * _last_step_variance(variance, lo_prev, s, v)
             if final_noise and variance != "fixed_small":
                 std = learned_std(v, variance, s, 0.0) if learned else s / math.sqrt(1 + s ** 2)
                 x = x + noise(i, x) * (std * s_noise)

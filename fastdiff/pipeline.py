@@ -14,6 +14,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from .classifier_guidance import classifier_guided
 from .errors import BadArgumentError, UnsupportedConfigError
 from .pipeline_classifier import ClassifierMixin
 from .pipeline_control import ControlNetMixin
@@ -453,8 +454,8 @@ class Pipeline(PlansMixin, ControlNetMixin, ImageInputsMixin, IPAdapterMixin, Cl
         guided = any(scale != 1.0 for scale in cfg_scales)
         if latents is not None and height is None and width is None:
             height, width = int(latents.shape[2]), int(latents.shape[3])  # the latents fix the size
-        elif low_res is not None and height is None and width is None:  # (guided-diffusion's upsamplers: 4x; SD's
-            f = 1 if self.spec.low_res_noise else 4  # upscaler's latents: the image's size)
+        elif low_res is not None and height is None and width is None:
+            f = self.spec.low_res_upscale
             height, width = f * int(low_res.shape[2]), f * int(low_res.shape[3])
         h, w = self._size(height, width)
         shape = (self.spec.in_channels, h, w)
@@ -536,7 +537,7 @@ class Pipeline(PlansMixin, ControlNetMixin, ImageInputsMixin, IPAdapterMixin, Cl
         denoiser = self._classifier_guided(denoiser, base, steer, None if classifier_scale is None else
                                            _per_sample_numbers("classifier_scale", classifier_scale, b))
 
-        if self.loop_graphs is not None and callback is not None and getattr(denoiser, "mean_guidance", None) is None:
+        if self.loop_graphs is not None and callback is not None and not classifier_guided(denoiser):
             raise BadArgumentError("callback: a captured sampling loop (graph_scope='loop') runs no Python per "
                                    "step; use graph_scope='step' to get per-step callbacks")
         if images is not None:  # the posterior draws come first, then the start noise (diffusers' order)
@@ -637,7 +638,7 @@ class Pipeline(PlansMixin, ControlNetMixin, ImageInputsMixin, IPAdapterMixin, Cl
         try:
             with update_impl(self.update_impl):  # the samplers' state update: torch or one fused kernel
                 # (classifier guidance differentiates its classifier: it runs eagerly, the network per step)
-                if self.loop_graphs is not None and getattr(denoiser, "mean_guidance", None) is None:
+                if self.loop_graphs is not None and not classifier_guided(denoiser):
                     x = self._sample_loop_graph(plan, denoiser, latents, extra, noise, guided)
                     if bar is not None:
                         bar.update(plan.steps)

@@ -22,7 +22,7 @@ from .utils.checks import finite_number, integer_labels
 
 
 class ClassifierMixin:
-    """What ``Pipeline`` needs: ``spec``, ``device``, ``loop_graphs``."""
+    """What ``Pipeline`` needs: ``spec``, ``device``, ``plan``."""
 
     classifier = None
     classifier_scale = 1.0
@@ -35,8 +35,13 @@ class ClassifierMixin:
         or a loaded dict) for classifier guidance at ``scale``. head_channels (default 64, as ADM's
         ``create_classifier``) / num_heads / attention_order: as ``fastdiff.load`` takes them for ADM UNets;
         layers_per_block: ADM's ``classifier_depth`` when the keys leave it open. float32 unless ``dtype``."""
+        from .checkpoints import check_load_args
         from .checkpoints.guided_classifier import build_classifier, is_guided_classifier_state_dict
 
+        _, dtype = check_load_args(self.device, dtype, num_heads, head_channels, None)  # (as fastdiff.load checks)
+        if layers_per_block is not None and (isinstance(layers_per_block, bool) or not isinstance(layers_per_block, int)
+                                             or layers_per_block < 1):
+            raise BadArgumentError(f"layers_per_block: expected a positive int, found {layers_per_block!r}")
         state = path if isinstance(path, dict) else _read(path)
         if not is_guided_classifier_state_dict(state):
             raise CheckpointError(f"load_classifier(): expected a guided-diffusion classifier (EncoderUNetModel: "

@@ -43,7 +43,7 @@ class ImageInputsMixin:
         noise, in diffusers' order)."""
         import torch.nn.functional as F
 
-        from .schedules import EXACT_ZERO_SNR_FLOOR, make_alphas_cumprod
+        from .schedules import EXACT_ZERO_SNR_FLOOR, alphas_cumprod_of
 
         if low_res.shape[0] not in (1, b):
             raise BadArgumentError(f"image: expected {one_or(b, 'low-resolution images')} (one per sample), found "
@@ -58,10 +58,8 @@ class ImageInputsMixin:
             from .img2img import check_whole_pixels
 
             check_whole_pixels(x, self.vae.downscale, "image", "the VAE's")
-        c = self.spec.low_res_noise["scheduler"]
-        ac = make_alphas_cumprod(c.get("beta_schedule", "linear"), c.get("num_train_timesteps", 1000),
-                                 c.get("beta_start", 1e-4), c.get("beta_end", 0.02), c.get("trained_betas"),
-                                 bool(c.get("rescale_betas_zero_snr", False)), zero_snr_floor=EXACT_ZERO_SNR_FLOOR)
+        # (a DDPMScheduler: a zero terminal SNR keeps its 0)
+        ac = alphas_cumprod_of(self.spec.low_res_noise["scheduler"], zero_snr_floor=EXACT_ZERO_SNR_FLOOR)
         a = ac[noise_level].to(self.device)  # (float32, as diffusers' add_noise)
         eps = noise.randn(tuple(x.shape[1:]))  # (b, C, h, w)
         return (a ** 0.5 * x.expand(b, -1, -1, -1) + (1 - a) ** 0.5 * eps).to(self._network_dtype())
@@ -78,15 +76,18 @@ class ImageInputsMixin:
             raise BadArgumentError("class_labels: an upscaler's class input is its noise level; pass noise_level=")
         import numbers
 
+        from .checkpoints.diffusers_folder import UPSCALER_NOISE_LEVEL
+
         top = self.spec.low_res_noise["max_noise_level"]
-        level = 20 if noise_level is None else noise_level
+        level = UPSCALER_NOISE_LEVEL if noise_level is None else noise_level
         if torch.is_tensor(level) and level.numel() == 1 and not level.is_floating_point():
             level = level.item()  # (diffusers takes a 0-d tensor or a NumPy integer too)
         if isinstance(level, numbers.Integral) and not isinstance(level, bool):
             level = int(level)
         if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level <= top:
             raise BadArgumentError(f"noise_level: expected an integer in [0, {top}] (the pipeline's max_noise_level), "
-                                   f"found {noise_level!r}")
+                                   f"found {noise_level!r}" + (f" (the default, {level}, is above it)"
+                                                               if noise_level is None else ""))
         return level
 
     def _img2img_images(self, image, strength, latents) -> tuple:

@@ -110,7 +110,9 @@ class PlansMixin:
         return plan
 
     def _named_plan(self, steps, sampler, schedule, train_steps, get_sigmas, SamplingPlan, spacings):
-        from .scheduler_config import continuous_model_options
+        from .scheduler_config import continuous_model_options, timestep_scale_of
+
+        timestep_scale_of(self.spec.scheduler)  # (refused where no training timestep is fed)
 
         # EDM-preconditioned networks: an EDM checkpoint, or a diffusers folder whose scheduler is EDM's or a
         # consistency model's (its sigma range and preconditioning, not a beta table)
@@ -143,9 +145,9 @@ class PlansMixin:
                             steps_offset=int(self.spec.scheduler.get("steps_offset", 0)))
         s0 = float(sigmas[0])
         denoiser_options = dict(alphas_cumprod=ac, prediction_type=self.spec.prediction_type)
-        scale = self.spec.scheduler.get("timestep_scale")
-        if scale is not None and float(scale) != 1.0:  # (improved-diffusion's rescale_timesteps: every sampler's)
-            denoiser_options["timestep_scale"] = float(scale)
+        scale = timestep_scale_of(self.spec.scheduler)  # (improved-diffusion's rescale_timesteps: every sampler's)
+        if scale is not None:
+            denoiser_options["timestep_scale"] = scale
         if self.spec.scheduler.get("clip_sample"):  # data lives in [-clip, clip]: clip the denoised x0
             denoiser_options["clip_sample"] = float(self.spec.scheduler.get("clip_sample_range", 1.0))
         if sampler == "tcd":
@@ -169,12 +171,9 @@ class PlansMixin:
         return {"variance": variance} if variance in ("learned_range", "learned", "fixed_large") else {}
 
     def alphas_cumprod(self) -> torch.Tensor:
-        from .schedules import make_alphas_cumprod
+        from .schedules import alphas_cumprod_of
 
-        s = self.spec.scheduler
-        return make_alphas_cumprod(s.get("beta_schedule", "linear"), int(s.get("num_train_timesteps", 1000)),
-                                   float(s.get("beta_start", 1e-4)), float(s.get("beta_end", 0.02)),
-                                   s.get("trained_betas"), bool(s.get("rescale_betas_zero_snr", False)))
+        return alphas_cumprod_of(self.spec.scheduler)
 
     def _train_steps(self) -> int:
         return int(self.spec.scheduler.get("num_train_timesteps", 1000))

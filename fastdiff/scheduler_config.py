@@ -158,10 +158,7 @@ def plan_from_scheduler_config(config: dict, num_inference_steps: int, class_nam
     if c["flow_pipeline_sigmas"] is not None and name != "FlowMatchEulerDiscreteScheduler":
         raise UnsupportedConfigError("flow_pipeline_sigmas", c["flow_pipeline_sigmas"], model=name,
                                      supported="None (fastdiff's key for FlowMatchEulerDiscreteScheduler only)")
-    if c["timestep_scale"] not in (None, 1, 1.0) and (name in CONTINUOUS_SCHEDULERS or is_flow_scheduler(
-            dict(c, _class_name=name))):
-        raise UnsupportedConfigError("timestep_scale", c["timestep_scale"], model=name,
-                                     supported="None (fastdiff's key for discrete-time schedulers only)")
+    timestep_scale_of(dict(c, _class_name=name))
     if c["timestep_respacing"] is not None and name not in ("DDPMScheduler", "DDIMScheduler"):
         raise UnsupportedConfigError("timestep_respacing", c["timestep_respacing"], model=name,
                                      supported="None (fastdiff's key for DDPMScheduler and DDIMScheduler only)")
@@ -256,14 +253,27 @@ def _table(ac) -> np.ndarray:
 def _discrete(c: _Config, ac, **kw) -> dict:
     opts = dict(alphas_cumprod=ac, prediction_type=c.choice("prediction_type", ("epsilon", "v_prediction", "sample")))
     opts.update(kw)
-    scale = c["timestep_scale"]
+    scale = timestep_scale_of(dict(c, _class_name=c.name))
     if scale is not None:
-        scale = finite_number("timestep_scale", scale)
-        if scale <= 0:
-            raise BadArgumentError(f"timestep_scale: expected a positive number, found {scale}")
-        if scale != 1.0:
-            opts["timestep_scale"] = scale
+        opts["timestep_scale"] = scale
     return opts
+
+
+def timestep_scale_of(config: dict) -> Optional[float]:
+    """fastdiff's ``timestep_scale`` key of a scheduler config (the network reads timestep * scale): None for none or
+    1; a positive number; refused on the schedulers that feed no training timestep (flow matching, EDM, consistency
+    models), where it would be ignored."""
+    scale = config.get("timestep_scale")
+    if scale is None:
+        return None
+    name = config.get("_class_name")
+    if name in CONTINUOUS_SCHEDULERS or is_flow_scheduler(config):
+        raise UnsupportedConfigError("timestep_scale", scale, model=name or "scheduler",
+                                     supported="None (fastdiff's key for discrete-time schedulers only)")
+    scale = finite_number("timestep_scale", scale)
+    if scale <= 0:
+        raise BadArgumentError(f"timestep_scale: expected a positive number, found {scale}")
+    return None if scale == 1.0 else scale
 
 
 def _timestep_map(sigmas, timesteps) -> dict:

@@ -98,6 +98,15 @@ def make_alphas_cumprod(beta_schedule: str = "linear", num_train_timesteps: int 
     return ac
 
 
+
+def alphas_cumprod_of(config: dict, zero_snr_floor: float = ZERO_SNR_FLOOR) -> torch.Tensor:
+    """``make_alphas_cumprod`` of a diffusers scheduler config's training schedule (its absent keys diffusers'
+    defaults: 1000 linear betas from 1e-4 to 0.02)."""
+    return make_alphas_cumprod(config.get("beta_schedule", "linear"), int(config.get("num_train_timesteps", 1000)),
+                               float(config.get("beta_start", 1e-4)), float(config.get("beta_end", 0.02)),
+                               config.get("trained_betas"), bool(config.get("rescale_betas_zero_snr", False)),
+                               zero_snr_floor=zero_snr_floor)
+
 def sigmas_from_alphas_cumprod(alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """sigma_t for every training timestep t (increasing in t), float64 copies of diffusers' float32 values."""
     ac = alphas_cumprod.detach().to("cpu", torch.float32)

@@ -135,6 +135,12 @@ class ModelSpec:
         return self.in_channels + 1
 
     @property
+    def low_res_upscale(self) -> int:
+        """Output pixels (latent pixels for the SD upscaler) per low-resolution image pixel by default: 4 for
+        guided-diffusion's upsamplers (both released ones upsample 4x), 1 for an upscaler whose VAE upsamples."""
+        return 1 if self.low_res_noise else 4
+
+    @property
     def latent_control(self) -> bool:
         """FLUX.1 Depth / Canny: beside its latents the network takes its control image's VAE latents
         (``image_latents``, in_channels more channels), as FluxControlPipeline gives them."""

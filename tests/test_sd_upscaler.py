@@ -61,8 +61,8 @@ def _images(k=2, size=8, seed=4):
 
 
 def test_only_cross_attention_unet_equals_diffusers():
-    """The transformers' first attention reads the text states too (per block, and as one bool: the mid block's as
-    well); the class embedding reads the noise level."""
+    """The transformers' first attention reads the text states too (per block, or as one bool; diffusers'
+    UNetMidBlock2DCrossAttn never reads it); the class embedding reads the noise level."""
     from fastdiff.models.unet import UNet
     from fastdiff.models.unet_config import UNetConfig
 
@@ -120,13 +120,14 @@ def test_upscaler_noise_level_and_refusals(upscaler):
 def test_engine_batches_upscaler_requests(upscaler):
     _, pipe = upscaler
     images = _images(3)
-    with fastdiff.Engine(pipe, max_batch=4, max_wait_ms=300) as engine:
+    with fastdiff.Engine(pipe, max_batch=4, max_wait_ms=500) as engine:
         futures = [engine.submit(seed=i, prompt=PROMPTS[i % 2], image=images[i], steps=2, noise_level=30)
                    for i in range(3)]
         bad = engine.submit(seed=9, prompt=PROMPTS[0], image=images[0], steps=2, class_label=1)
         got = [f.result(timeout=120) for f in futures]
         with pytest.raises(BadArgumentError, match="class input is its noise level"):
             bad.result(timeout=60)
+        assert max(engine.stats()["batch_size_hist"]) > 1  # (they shared a generate call)
     for i, out in enumerate(got):
         solo = pipe.generate(seeds=[i], prompt=PROMPTS[i % 2], image=images[i:i + 1], steps=2, noise_level=30,
                              progress=False)[0]
@@ -222,3 +223,14 @@ def test_noise_level_takes_integer_scalars(upscaler):
     want = pipe.generate(noise_level=30, **kw)
     for level in (np.int64(30), torch.tensor(30)):
         assert torch.equal(pipe.generate(noise_level=level, **kw), want)
+
+
+def test_default_noise_level_above_the_maximum(upscaler):
+    _, pipe = upscaler
+    saved = pipe.spec.low_res_noise
+    pipe.spec.low_res_noise = dict(saved, max_noise_level=10)
+    try:
+        with pytest.raises(BadArgumentError, match=r"found None \(the default, 20, is above it\)"):
+            pipe.generate(prompt=PROMPTS[:1], image=_images(1), steps=1, progress=False)
+    finally:
+        pipe.spec.low_res_noise = saved

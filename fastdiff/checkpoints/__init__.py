@@ -69,7 +69,7 @@ def load(path: str, device="cpu", dtype: Optional[torch.dtype] = None, *, varian
     if not isinstance(path, (str, os.PathLike)):
         raise BadArgumentError(f"load() expects a path or 'builtin:NAME' / 'arch:NAME', found {type(path).__name__}")
     path = os.path.expanduser(os.fspath(path))
-    device, dtype = _check_load_args(device, dtype, num_heads, head_channels, scheduler)
+    device, dtype = check_load_args(device, dtype, num_heads, head_channels, scheduler)
     if super_res is not None and not isinstance(super_res, bool):
         raise BadArgumentError(f"super_res: expected True, False or None, found {super_res!r}")
     source_options = dict(variant=variant, num_heads=num_heads, head_channels=head_channels,
@@ -226,7 +226,7 @@ def _refuse_options(given: dict, accepted, path: str, kind: Optional[str] = None
                                f"applies to {where[refused[0]]} checkpoints")
 
 
-def _check_load_args(device, dtype, num_heads, head_channels, scheduler):
+def check_load_args(device, dtype, num_heads, head_channels, scheduler):
     """(device, dtype) as torch objects, after checking every loading argument's type and value."""
     for name, v in (("num_heads", num_heads), ("head_channels", head_channels)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
@@ -265,7 +265,10 @@ def _override_sampling(spec, scheduler: Optional[dict], prediction_type: Optiona
 
         # a respaced scheduler (guided-diffusion's family: fastdiff's timestep_respacing key) that names no variance
         # keeps the checkpoint's (a learn_sigma network's learned range)
+        from ..scheduler_config import timestep_scale_of
+
         own_variance = (spec.scheduler or {}).get("variance_type")
+        timestep_scale_of(scheduler)  # (a bad or unread value refused at load, not at the first generate)
         spec.scheduler = dict(scheduler)
         if own_variance and spec.scheduler.get("timestep_respacing") and "variance_type" not in spec.scheduler:
             spec.scheduler["variance_type"] = own_variance

@@ -169,8 +169,10 @@ def pipeline_scheduler_rewrites(pipeline_class: Optional[str], scheduler: Option
     return {**scheduler, **changed}, notes
 
 
-# the latent scaling diffusers' StableDiffusionUpscalePipeline gives its VAE whatever vae/config.json says
+# the latent scaling diffusers' StableDiffusionUpscalePipeline gives its VAE whatever vae/config.json says, and its
+# default noise level
 UPSCALER_SCALING_FACTOR = 0.08333
+UPSCALER_NOISE_LEVEL = 20
 
 
 def _upscaler_spec(folder: str, index: dict, cfg, spec) -> None:
@@ -192,7 +194,8 @@ def _upscaler_spec(folder: str, index: dict, cfg, spec) -> None:
     spec.low_res_noise = {"scheduler": read_json(path), "max_noise_level": int(index.get("max_noise_level", 350))}
     top = spec.low_res_noise["max_noise_level"]
     spec.notes.append(f"Stable Diffusion upscaler: generate(image=LOW_RES, prompt=..., noise_level=0..{top}, default "
-                      f"20) samples latents of the image's size, which the VAE decodes to the upscaled image")
+                      f"{UPSCALER_NOISE_LEVEL}) samples latents of the image's size, which the VAE decodes to the "
+                      f"upscaled image")
 
 
 def load_pipeline_folder(folder: str, variant: Optional[str] = None):

@@ -5,7 +5,8 @@ The input blocks are the UNet's (``guided_diffusion.ADMKeys``). What the keys do
 count per level: ADM's downsampling ResBlock (``resblock_updown``) has the keys of any other. The input blocks are
 levels x (ResBlocks + 1) long; a split is kept when every level's downsampling block keeps its channels and holds
 no attention, every later ResBlock of a level keeps its channels, and a level's blocks all have attention or none.
-The released classifiers (depth 2) split one way only; a file that splits several ways is refused, naming
+A strided conv (``op``, conv resampling) marks a downsampling block, and no other. The released classifiers (depth
+4 at 64 px, 2 otherwise) split one way only; a file that splits several ways is refused, naming
 ``layers_per_block=``. The head count: 64 channels per head (``create_classifier``'s ``num_head_channels=64``).
 """
 
@@ -51,9 +52,11 @@ def _splits(sd, blocks: int) -> list:
         for lvl in range(levels):
             first = 1 + lvl * (per + 1)
             has_attn = f"input_blocks.{first}.1.qkv.weight" in sd
+            ok &= f"input_blocks.{first}.0.op.weight" not in sd  # (a strided conv: a downsampling block)
             for j in range(1, per):
                 k = first + j
                 ok &= f"input_blocks.{k}.0.skip_connection.weight" not in sd
+                ok &= f"input_blocks.{k}.0.op.weight" not in sd
                 ok &= (f"input_blocks.{k}.1.qkv.weight" in sd) == has_attn
             if lvl < levels - 1:  # the downsampling block: one ResBlock, channels kept
                 down = first + per

@@ -42,11 +42,12 @@ ADM_IMAGE_SIZES = {4: 64, 5: 128, 6: 256, 7: 512}
 
 
 # OpenAI's released checkpoints trained with a head count (num_heads=4, num_head_channels=-1), which the weights
-# cannot tell from 64 channels per head (both split their channels): the levels' channels and the input channels
-# that identify each file
+# cannot tell from 64 channels per head (both split their channels): the levels' channels, the input channels and
+# the levels with attention identify each file (128_512_upsampler.pt has 64_256's widths, attention at 32 and 16 only,
+# and 64 channels per head)
 _RELEASED_NUM_HEADS = {
-    ((256, 256, 512, 768, 1024), 3): (4, "128x128_diffusion.pt"),
-    ((192, 192, 384, 384, 768, 768), 6): (4, "64_256_upsampler.pt (improved-diffusion's upsample_cond_500K.pt too)"),
+    ((256, 256, 512, 768, 1024), 3, (False, False, True, True, True)): (4, "128x128_diffusion.pt"),
+    ((192, 192, 384, 384, 768, 768), 6, (False, False, False, True, True, True)): (4, "64_256_upsampler.pt"),
 }
 
 
@@ -65,7 +66,8 @@ def released_num_heads(state: dict) -> Optional[tuple]:
         cfg = guided_diffusion_config(state, head_channels=1)  # (any split: only the levels' channels are read)
     except FastdiffError:  # (what the loader itself then reports)
         return None
-    return _RELEASED_NUM_HEADS.get((tuple(cfg.block_out_channels), cfg.in_channels))
+    attention = tuple(t.startswith("Attn") for t in cfg.down_block_types)
+    return _RELEASED_NUM_HEADS.get((tuple(cfg.block_out_channels), cfg.in_channels, attention))
 
 
 def guided_diffusion_config(state: dict, num_heads: Optional[int] = None,

@@ -47,12 +47,12 @@ def read_guided_diffusion(state: dict, path: str, *, num_heads: Optional[int] = 
                                f"low-resolution image) and returns 3, or 6 with learn_sigma")
     spec.scheduler["variance_type"] = "learned_range" if spec.learned_variance else "fixed_large"
     order = attention_order or "legacy"
-    spec.notes.append("guided-diffusion: 64 channels per head unless num_heads= is given (or the layout is a "
-                      "released num_heads model's); linear betas "
-                      "unless scheduler= says otherwise (cosine-schedule models: scheduler=fastdiff."
-                      "checkpoints.presets.GUIDED_DIFFUSION_COSINE_SCHEDULER, --scheduler "
-                      "guided-diffusion-cosine); "
-                      f"{order} attention order (attention_order='new' for use_new_attention_order "
-                      f"models); default size {cfg.sample_size} px from its {len(cfg.block_out_channels)} "
-                      f"levels, as ADM's create_model pairs them (height= / width= for another)")
+    heads = ("" if by_default or released or num_heads or head_channels else
+             "64 channels per head unless num_heads= / head_channels= is given; ")
+    spec.notes.append(f"guided-diffusion: {heads}linear betas unless scheduler= says otherwise (cosine-schedule "
+                      f"models: scheduler=fastdiff.checkpoints.presets.GUIDED_DIFFUSION_COSINE_SCHEDULER, --scheduler "
+                      f"guided-diffusion-cosine); {order} attention order (attention_order='new' for "
+                      f"use_new_attention_order models); default size {cfg.sample_size} px from its "
+                      f"{len(cfg.block_out_channels)} levels, as ADM's create_model pairs them (height= / width= for "
+                      f"another)")
     return cfg, convert_guided_diffusion(state, cfg, order), spec

@@ -337,7 +337,7 @@ def _diffusers_generate(model, scheduler, spec, b, steps, cfg, cond, device, dty
         extra = _diffusers_inpaint_inputs(vae, cond["image"], cond["mask"], (h, w), g).to(dtype)
         extra = torch.cat([extra, extra]) if guided else extra
     elif spec.low_res_channels:  # guided-diffusion's upsamplers: the image in [-1, 1], bilinear to the sample size;
-        import torch.nn.functional as F  # SD's upscaler: at the latents' size, noised to level 20 (its pipeline's)
+        import torch.nn.functional as F  # SD's upscaler: at the latents' size, noised to its pipeline's default level
 
         extra = F.interpolate(cond["image"].to(device) * 2 - 1, (h, w), mode="bilinear")
         if spec.low_res_noise:
@@ -345,7 +345,9 @@ def _diffusers_generate(model, scheduler, spec, b, steps, cfg, cond, device, dty
 
             low = diffusers.DDPMScheduler.from_config({k: v for k, v in spec.low_res_noise["scheduler"].items()
                                                        if not k.startswith("_")})
-            level = torch.tensor([20], device=device)
+            from ..checkpoints.diffusers_folder import UPSCALER_NOISE_LEVEL
+
+            level = torch.tensor([UPSCALER_NOISE_LEVEL], device=device)
             extra = low.add_noise(extra, torch.randn(extra.shape, generator=g).to(device), level)
             kw_labels = level.expand(2 * b if guided else b)
         extra = extra.to(dtype)

@@ -13,7 +13,8 @@ def image_pixels(pipe) -> int:
 
 def _conditioning(spec, b: int, cfg: float, seed: int, device, dtype, control=None, pixels: int = 8):
     """dict of (labels, null_labels, states, negative_states, text_embeds, negative_text_embeds, control_image,
-    image, mask) for batch b (None where not used; SDXL-style models get random pooled embeddings and their default
+    image, mask) for batch b (None where not used; ``image``: an inpainting network's, or a super-resolution model's
+    low-resolution image; SDXL-style models get random pooled embeddings and their default
     time ids; ``control``: what drives the network (``conditioning_channels``, ``image_downscale``): a random control
     image in [0, 1]; an inpainting network: a random image in [0, 1] and a mask repainting its centre, ``pixels``
     image pixels per latent pixel)."""
@@ -28,9 +29,8 @@ def _conditioning(spec, b: int, cfg: float, seed: int, device, dtype, control=No
         mask = torch.zeros(b, 1, f * h, f * w)
         mask[:, :, f * h // 4: 3 * f * h // 4, f * w // 4: 3 * f * w // 4] = 1.0  # white repaints: the centre
         cond["mask"] = mask.to(device)
-    if spec.low_res_channels:  # a super-resolution model: a random image at a quarter of the size, to upsample (an
-        (h, w) = spec.sample_size  # upscaler's latents: the image's size)
-        f = 1 if spec.low_res_noise else 4
+    if spec.low_res_channels:  # a super-resolution model: a random image its default upscale below the sample size
+        (h, w), f = spec.sample_size, spec.low_res_upscale
         g = torch.Generator().manual_seed(seed + 4)
         cond["image"] = torch.rand(b, spec.low_res_channels, max(1, h // f), max(1, w // f), generator=g).to(device)
     if control is not None:

@@ -74,8 +74,9 @@ def register(sub) -> None:
                    help="image-to-image (SDEdit): start from this image (any format Pillow reads; its size is the "
                         "output's, a multiple of the VAE's 8 pixels per latent pixel), noised to --strength; or a "
                         "LATENTS.safetensors a run wrote with --output-latents, taken as latents. A super-resolution "
-                        "model (guided-diffusion's upsamplers) upsamples it instead, to the model's size or --height / "
-                        "--width")
+                        "model upsamples it instead: guided-diffusion's upsamplers 4x by default (or to --height / "
+                        "--width), Stable Diffusion's x4 upscaler from latents of the image's size (its VAE's 4x; "
+                        "--noise-level)")
     p.add_argument("--controlnet", action="append", default=None, metavar="FOLDER",
                    help="drive the network with a ControlNet (a diffusers ControlNetModel folder for an SD / SDXL "
                         "UNet, SD3ControlNetModel for SD3, FluxControlNetModel for FLUX.1); needs --control-image; "

@@ -199,8 +199,10 @@ def _conditioning(spec) -> str:
     """What generate() needs besides seeds, in its own argument names."""
     parts = []
     if spec.low_res_noise:  # (its class label is the noise level)
+        from ..checkpoints.diffusers_folder import UPSCALER_NOISE_LEVEL
+
         parts.append(f"image (the low-resolution image, at the latents' size) and noise_level (0.."
-                     f"{spec.low_res_noise['max_noise_level']}, default 20)")
+                     f"{spec.low_res_noise['max_noise_level']}, default {UPSCALER_NOISE_LEVEL})")
     elif spec.num_classes:
         parts.append(f"class_labels ({spec.num_classes} classes"
                      + (f", {spec.null_class} = unconditional)" if spec.null_class is not None else ")"))

@@ -99,10 +99,6 @@ class ADMClassifier(nn.Module):
             self.head_norm = GroupNorm(32, width, 1e-5, activation="silu") if c.pool == "spatial_v2" else None
             self.head_out = nn.Linear(width, c.num_classes)
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.encoder.conv_in.weight.dtype
-
     def forward(self, x, timestep):
         enc, pool, size = self.encoder, self.config.pool, self.config.image_size
         if pool == "attention" and tuple(x.shape[2:]) != (size, size):  # (its positional embedding's pixels)

@@ -287,14 +287,6 @@ class _GEGLU(nn.Module):
         return self.act(self.proj(x))  # (B, N, 2 * inner) -> (B, N, inner)
 
 
-def _states(context):
-    """The text states of a cross-attention's context, without the stacked projections or image tokens the second
-    attention reads (``Projected`` / ``ImageTokens``): what an ``only_cross`` first attention attends to."""
-    if isinstance(context, ImageTokens):
-        context = context.states
-    return context.states if isinstance(context, Projected) else context
-
-
 class TransformerBlock(nn.Module):
     """diffusers ``BasicTransformerBlock`` (layer_norm): self-attn, cross-attn, GEGLU feed-forward. ``only_cross``:
     the first attention attends to the text states too (diffusers' ``only_cross_attention``)."""
@@ -312,7 +304,8 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x, context):
         # each attention's residual is added by the LayerNorm after it (one pass on the Triton path)
-        first = self.attn1(self.norm1(x), _states(context) if self.only_cross else None)  # (B, N, D)
+        # (an only_cross first attention reads the text states: not the second's stacked k / v, nor image tokens)
+        first = self.attn1(self.norm1(x), context if self.only_cross else None)  # (B, N, D)
         x, h = self.norm2(x, residual=first)  # (B, N, D) each
         x, h = self.norm3(x, residual=self.attn2(h, context))  # (B, N, D) each
         return x + self.ff(h)  # (B, N, D)

@@ -183,7 +183,9 @@ class Engine:
         ``image`` / ``strength``: image-to-image (``Pipeline.generate(image=...)``), one image per request, checked
         and converted here; requests of one strength and size batch together, each with its own image.
         ``mask_image``: an inpainting network's mask of this request (``Pipeline.generate(mask_image=...)``), with its
-        image.
+        image. On a super-resolution model (``spec.low_res_channels``) ``image`` is the low-resolution image to
+        upsample (the size defaults to generate's: 4x it, or for Stable Diffusion's x4 upscaler latents of its size);
+        requests of one image size batch together; the upscaler's ``noise_level`` goes in ``options``.
         ``control_image``: this request's ControlNet image, for a pipeline with a ControlNet (``set_controlnet``); it
         fixes the size; ``control_mask``: an SD3 inpainting ControlNet's mask of this request. The ControlNet's other
         options (``controlnet_conditioning_scale``, ``guess_mode``, ...) go in ``options``.
@@ -232,10 +234,9 @@ class Engine:
                 if low_res.shape[0] != 1:
                     raise BadArgumentError(f"image: expected one image per request, found {low_res.shape[0]}")
                 image_rows = {**(image_rows or {}), "image": low_res[0].clone()}
-                upscaler = getattr(self.pipe.spec, "low_res_noise", None) is not None  # (SD's x4 upscaler)
                 self.pipe._noise_level(options.get("noise_level"), class_label)  # (checked here: one request fails)
-                if height is None and width is None:  # (generate's default: 4x the image; an upscaler's latents:
-                    f = 1 if upscaler else 4  # the image's size)
+                if height is None and width is None:  # (generate's default size)
+                    f = self.pipe.spec.low_res_upscale
                     height, width = f * low_res.shape[2], f * low_res.shape[3]
             elif image is not None or strength is not None or mask_image is not None or inpainting:
                 rows, strength, height, width = self._image_request(image, strength, mask_image, steps, height, width,

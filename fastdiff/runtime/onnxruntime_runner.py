@@ -218,7 +218,8 @@ _INPUT_KINDS = {"control_image": (_CONTROLLED, "(B, 3, fH, fW), or an SD3 / FLUX
                 "text_embeds": ("conditioned on a pooled text embedding", "(B, P)"),
                 "time_ids": ("SDXL-style", "(B, N)"), "guidance": ("guidance-distilled (Flux dev)", "(B,)"),
                 "image_latents": ("an inpainting network (FLUX.1 Depth / Canny: the control latents; a guided-diffusion "
-                                  "upsampler: its low-resolution image)", "(B, K, H, W)")}
+                                  "upsampler: its low-resolution image, upsampled; Stable Diffusion's x4 upscaler: "
+                                  "its noised image)", "(B, K, H, W)")}
 
 
 def build_feeds(input_names, spec, x: torch.Tensor, timestep, class_labels=None, encoder_hidden_states=None,
