@@ -246,8 +246,8 @@ class _CFGGraphModule(_GraphModule):
         t2 = torch.cat([t, t], dim=0)  # (2B,)
         own = _own_uncond(self.names)  # their uncond_ counterparts follow, in the same order
         uncond = dict(zip(own, rest[n:n + len(own)]))
-        if "class_labels" in self.names:  # the unconditional pass's label: the null class
-            uncond["class_labels"] = torch.full_like(cond["class_labels"], self.null_class)
+        if "class_labels" in self.names and self.null_class is not None:  # the unconditional pass's: the null class
+            uncond["class_labels"] = torch.full_like(cond["class_labels"], self.null_class)  # (None: both passes')
         both = {k: torch.cat([cond[k], uncond.get(k, cond[k])], dim=0) for k in self.names}  # (2B, ...); shared: twice
         out = self._run(x2, t2, both).float()  # (2B, C_out, H, W)
         c, u = out[:b], out[b:]  # 2 x (B, C_out, H, W)
@@ -466,10 +466,8 @@ def export_onnx(pipe_or_model, spec: Optional[ModelSpec], path: str, *, opset: i
         if cond is None:
             raise BadArgumentError("cfg_folded=True needs a conditional model (text or class labels); this one "
                                    "is unconditional")
-        if spec.low_res_noise:  # (its class label, the noise level, is both passes': not folded in yet)
-            raise BadArgumentError("cfg_folded=True: an upscaler's class label is its noise level, shared by both "
-                                   "passes, which a CFG-folded graph does not take yet; export without cfg_folded")
-        if spec.num_classes and spec.null_class is None:
+        if spec.num_classes and spec.null_class is None and not spec.low_res_noise:  # (an upscaler's class label,
+            # the noise level, is both passes')
             raise BadArgumentError("cfg_folded=True for a class-conditional model needs spec.null_class (the "
                                    "unconditional label); this model has none")
     out_ch = _out_channels(model, spec)
@@ -687,8 +685,8 @@ def reference_output(model: nn.Module, spec: ModelSpec, io: dict, feeds: dict) -
         c = run({k: feeds[k] for k in names})
         if not io["cfg_folded"]:
             return c
-        u = run({k: torch.full_like(feeds[k], io["null_class"]) if k == "class_labels"
-                 else feeds[k if k in SHARED_INPUTS else "uncond_" + k] for k in names})
+        u = run({k: torch.full_like(feeds[k], io["null_class"]) if k == "class_labels" and io["null_class"] is not None
+                 else feeds[k if k in SHARED_INPUTS or k == "class_labels" else "uncond_" + k] for k in names})
         g = io["guided_channels"]
         s = feeds["guidance_scale"].float().reshape(-1, 1, 1, 1)
         return torch.cat([u[:, :g] + s * (c[:, :g] - u[:, :g]), c[:, g:]], dim=1)
