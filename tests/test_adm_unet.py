@@ -131,6 +131,17 @@ def test_engine_batches_super_resolution_requests(upsampler):
         solo = pipe.generate(seeds=[i], class_labels=[i], image=low[None], steps=3, sampler="ddim",
                              progress=False)[0]
         torch.testing.assert_close(out, solo, rtol=1e-4, atol=1e-4)
+    # images of other sizes share a batch for one output size (each upsampled at submit)
+    mixed = [torch.rand(3, s, s, generator=torch.Generator().manual_seed(s)) for s in (4, 8, 5)]
+    with fastdiff.Engine(pipe, max_batch=4, max_wait_ms=500) as engine:
+        futures = [engine.submit(seed=i, class_label=i, image=low, steps=2, sampler="ddim", height=16, width=16)
+                   for i, low in enumerate(mixed)]
+        got = [f.result(timeout=120) for f in futures]
+        assert max(engine.stats()["batch_size_hist"]) > 1
+    for i, (low, out) in enumerate(zip(mixed, got)):
+        solo = pipe.generate(seeds=[i], class_labels=[i], image=low[None], steps=2, sampler="ddim", height=16,
+                             width=16, progress=False)[0]
+        torch.testing.assert_close(out, solo, rtol=1e-4, atol=1e-4)
 
 
 def test_upsampler_survives_save_and_onnx_export(upsampler, tmp_path):

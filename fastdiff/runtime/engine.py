@@ -185,7 +185,8 @@ class Engine:
         ``mask_image``: an inpainting network's mask of this request (``Pipeline.generate(mask_image=...)``), with its
         image. On a super-resolution model (``spec.low_res_channels``) ``image`` is the low-resolution image to
         upsample (the size defaults to generate's: 4x it, or for Stable Diffusion's x4 upscaler latents of its size);
-        requests of one image size batch together; the upscaler's ``noise_level`` goes in ``options``.
+        guided-diffusion upsampler requests of one output size batch together whatever their images' sizes (each is
+        upsampled here), the upscaler's of one image size; its ``noise_level`` goes in ``options``.
         ``control_image``: this request's ControlNet image, for a pipeline with a ControlNet (``set_controlnet``); it
         fixes the size; ``control_mask``: an SD3 inpainting ControlNet's mask of this request. The ControlNet's other
         options (``controlnet_conditioning_scale``, ``guess_mode``, ...) go in ``options``.
@@ -233,11 +234,15 @@ class Engine:
                 low_res = self.pipe._low_res_images(image, strength, mask_image)  # image to upsample (any size)
                 if low_res.shape[0] != 1:
                     raise BadArgumentError(f"image: expected one image per request, found {low_res.shape[0]}")
-                image_rows = {**(image_rows or {}), "image": low_res[0].clone()}
                 self.pipe._noise_level(options.get("noise_level"), class_label)  # (checked here: one request fails)
                 if height is None and width is None:  # (generate's default size)
                     f = self.pipe.spec.low_res_upscale
                     height, width = f * low_res.shape[2], f * low_res.shape[3]
+                if self.pipe.spec.low_res_noise is None:  # guided-diffusion's upsamplers: the image upsampled here to
+                    # the output size (generate's bilinear resize then keeps it), so that images of any size batch
+                    height, width = self.pipe._size(height, width)
+                    low_res = torch.nn.functional.interpolate(low_res, size=(height, width), mode="bilinear")
+                image_rows = {**(image_rows or {}), "image": low_res[0].clone()}
             elif image is not None or strength is not None or mask_image is not None or inpainting:
                 rows, strength, height, width = self._image_request(image, strength, mask_image, steps, height, width,
                                                                     options.get("denoising_start") is not None)
