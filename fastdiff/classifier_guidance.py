@@ -92,8 +92,8 @@ class ClassifierGuidance:
 
 class ClassifierGuidedDenoiser(Denoiser):
     """``inner`` (any fastdiff denoiser: plain, CFG, a ControlNet window) with classifier guidance's
-    ``condition_score``: x0' = x0 + sigma^2 c_in g, x0 the inner denoiser's prediction (clipped where it clips). DDPM reads
-    ``guidance`` instead and conditions its posterior mean (``condition_mean``)."""
+    ``condition_score``: x0' = x0 + sigma^2 c_in g, x0 the inner denoiser's prediction (clipped where it clips).
+    DDPM reads ``guidance`` instead and conditions its posterior mean (``condition_mean``)."""
 
     postprocess_x0 = None  # (the inner denoiser clips; the conditioned x0 is not clipped again, as guided-diffusion)
 
