@@ -29,7 +29,7 @@ class IPAdapterMixin:
 
     def load_ip_adapter(self, path, subfolder: str = "", weight_name: Optional[str] = None,
                         image_encoder_folder: Optional[str] = "image_encoder", *,
-                        scale: float = 1.0) -> "IPAdapterMixin":
+                        scale=1.0) -> "IPAdapterMixin":
         """Load an IP-Adapter, as diffusers' ``load_ip_adapter(path, subfolder, weight_name, image_encoder_folder)``:
         ``path`` a folder (with ``subfolder`` / ``weight_name``: a .safetensors or .bin file), a file, or a loaded
         state dict; its image encoder from ``<path>/<subfolder>/<image_encoder_folder>`` (a folder name with a "/"
@@ -37,7 +37,7 @@ class IPAdapterMixin:
         a state dict keeps the encoder loaded before, as diffusers keeps its registered one). Replaces an adapter
         loaded before. The base IP-Adapter (ip-adapter_sd15, ip-adapter_sdxl, ...) and IP-Adapter Plus
         (ip-adapter-plus_*: a resampler over the encoder's hidden states) are read."""
-        from .models import ip_adapter
+        from .models import ip_adapter, ip_adapter_scales
         from .models.unet import UNet
 
         self._require_model("load_ip_adapter()")
@@ -51,6 +51,7 @@ class IPAdapterMixin:
             raise BadArgumentError(f"load_ip_adapter(): this pipeline runs an exported {self.config.backend} graph, "
                                    f"which has no image-prompt input; use the eager / triton / compile backends")
         scale = _scale(scale)
+        ip_adapter_scales.check(self.model, scale)  # (a per-block dict that does not fit: before anything changes)
         state = ip_adapter.split_state_dict(_read_weights(path, subfolder, weight_name))
         projection = ip_adapter.check(self.model, state)  # (the kind and the widths, before an encoder is read)
         width = ip_adapter.projection_sizes(projection)[0]
@@ -73,9 +74,10 @@ class IPAdapterMixin:
         return self
 
     def set_ip_adapter_scale(self, scale) -> None:
-        """The image prompt's weight (diffusers' ``set_ip_adapter_scale``: a number, or a list of one for the one
-        adapter): a buffer the layers read, changed in place (captured graphs and compiled models take it as it
-        is). InstantStyle's per-block dicts are not read."""
+        """The image prompt's weight, as diffusers' ``set_ip_adapter_scale``: a number, or InstantStyle's per-block
+        dict (``{"up": {"block_0": [0.0, 1.0, 0.0]}}``: the image prompt in those attention layers alone, 0 in the
+        others; the grammar in ``fastdiff.models.ip_adapter_scales``), or a list of one of them for the one adapter.
+        A buffer every layer reads, changed in place: captured graphs and compiled models take it as it is."""
         from .models import ip_adapter
 
         if self.model is None or not ip_adapter.attached(self.model):
@@ -214,16 +216,15 @@ class IPAdapterMixin:
         return embeds, torch.zeros_like(embeds)
 
 
-def _scale(scale) -> float:
-    """diffusers' scale of one adapter: a number, or a list of one."""
+def _scale(scale):
+    """diffusers' scale of one adapter: a number or InstantStyle's per-block dict, or a list of one of them (checked
+    against the UNet when it is set: ``fastdiff.models.ip_adapter_scales``)."""
     if isinstance(scale, (list, tuple)):
         if len(scale) != 1:
-            raise BadArgumentError(f"scale: one IP-Adapter is loaded: expected a number or a list of one, found "
-                                   f"{len(scale)} values")
+            raise BadArgumentError(f"scale: one IP-Adapter is loaded: expected a number, a per-block dict or a list "
+                                   f"of one, found {len(scale)} values")
         scale = scale[0]
-    if isinstance(scale, dict):
-        raise BadArgumentError("scale: per-block scales (InstantStyle's dicts) are not read; expected one number")
-    return finite_number("scale", scale)
+    return scale if isinstance(scale, dict) else finite_number("scale", scale)
 
 
 def _read_weights(path, subfolder: str, weight_name: Optional[str]) -> dict:

@@ -147,6 +147,60 @@ def test_sdxl_ip_adapter_equals_diffusers(tmp_path):
     assert rel_err(got, want) <= 1e-5
 
 
+@pytest.mark.parametrize("scale", [{"up": {"block_0": [0.0, 1.0]}},  # InstantStyle's "style only" shape
+                                   {"down": 0.7, "mid": [0.4], "up": {"block_0": [1.5]}},
+                                   [{"down": {"block_1": [2.0]}, "up": 0.5}]])
+def test_per_block_scales_equal_diffusers(pair, scale):
+    """InstantStyle's per-block dicts (diffusers' grammar: parts and blocks left out get 0, a list of one fills a
+    block): every layer's scale as diffusers sets its processor's, and the same latents as diffusers' pipeline."""
+    from fastdiff.models import ip_adapter
+
+    ref, pipe, adapter = pair
+    prompt, image = "a photo of a red cat", _image()
+    ref.load_ip_adapter(adapter, subfolder="", weight_name="ip.safetensors", image_encoder_folder="image_encoder")
+    pipe.load_ip_adapter(adapter, weight_name="ip.safetensors")
+    try:
+        uniform = pipe.generate(prompt=prompt, latents=_latents(), steps=3, cfg_scale=4.0, ip_adapter_image=image,
+                                progress=False)
+        ref.set_ip_adapter_scale(scale)
+        pipe.set_ip_adapter_scale(scale)
+        want_scales = [p.scale[0] for n, p in ref.unet.attn_processors.items() if not n.endswith("attn1.processor")]
+        assert ip_adapter.scales(pipe.model) == pytest.approx(want_scales) and len(set(want_scales)) > 1
+        want = ref(prompt, latents=_latents(), ip_adapter_image=image, num_inference_steps=3, guidance_scale=4.0,
+                   output_type="latent", num_images_per_prompt=2).images
+        got = pipe.generate(prompt=prompt, latents=_latents(), steps=3, cfg_scale=4.0, ip_adapter_image=image,
+                            progress=False)
+        assert rel_err(got, want) <= 1e-5 and rel_err(got, uniform) > 1e-4
+    finally:
+        ref.unload_ip_adapter()
+        pipe.unload_ip_adapter()
+
+
+def test_per_block_scales_that_do_not_fit_are_refused_and_change_nothing(pair):
+    """Blocks without attention layers (diffusers ignores them silently), unknown parts, wrong list lengths, nested
+    lists and NaN: one clear error each, the scales as they were; at load, before the adapter is attached."""
+    from fastdiff.models import ip_adapter
+
+    ref, pipe, adapter = pair
+    with pytest.raises(BadArgumentError, match=r"\['block_0'\] name no down block .*\['block_1'\]"):
+        pipe.load_ip_adapter(adapter, weight_name="ip.safetensors", scale={"down": {"block_0": 1.0}})
+    assert not ip_adapter.attached(pipe.model)
+    pipe.load_ip_adapter(adapter, weight_name="ip.safetensors", scale=0.25)
+    try:
+        for bad, match in [({"up": {"block_1": 1.0}}, r"name no up block with attention layers"),
+                           ({"middle": 1.0}, r"keys 'down', 'mid' and 'up'.*\['middle'\]"),
+                           ({"up": {"block_0": [1.0, 0.0, 1.0]}}, r"a list of 2 \(one per attention layer"),
+                           ({"mid": [1.0, 2.0]}, r"scale\['mid'\]: expected a number or a list of 1"),
+                           ({"up": {"block_0": [[1.0], [0.0]]}}, r"expected numbers"),
+                           ({"down": float("nan")}, r"expected a finite number"),
+                           ([{"up": 1.0}, 0.5], r"one IP-Adapter is loaded")]:
+            with pytest.raises(BadArgumentError, match=match):
+                pipe.set_ip_adapter_scale(bad)
+            assert ip_adapter.scales(pipe.model) == [0.25] * 4
+    finally:
+        pipe.unload_ip_adapter()
+
+
 def test_ip_adapter_in_a_captured_loop_takes_a_new_scale_without_recapture(tmp_path):
     ref, eager = sd_pipelines(str(tmp_path))
     adapter = _adapter(str(tmp_path / "adapter"), ref.unet)
@@ -163,6 +217,11 @@ def test_ip_adapter_in_a_captured_loop_takes_a_new_scale_without_recapture(tmp_p
     second = graphed.generate(**kw)
     assert graphed.loop_graphs.captures == captured == 1 and rel_err(second, first) > 1e-4
     assert rel_err(second, eager.generate(**kw)) <= 1e-5
+    for p in (eager, graphed):  # InstantStyle's per-block scales: the same buffers, per layer
+        p.set_ip_adapter_scale({"up": {"block_0": [0.0, 1.0]}})
+    third = graphed.generate(**kw)
+    assert graphed.loop_graphs.captures == 1 and rel_err(third, second) > 1e-4
+    assert rel_err(third, eager.generate(**kw)) <= 1e-5
 
 
 def test_ip_adapter_refusals(pair, tmp_path):
@@ -267,12 +326,27 @@ def test_cli_generate_with_an_ip_adapter(pair, tmp_path):
     want = api.generate(prompt="a red cat", cfg_scale=3, steps=2, seeds=[0], progress=False,
                         ip_adapter_image=Image.open(tmp_path / "prompt.png"))
     assert torch.equal(load_file(str(tmp_path / "lat.safetensors"))["latents"], want)
+    style = '{"up": {"block_0": [0.0, 1.0]}}'  # InstantStyle's per-block scales as JSON
+    r = run_cli("generate", os.path.join(root, "pipe"), "--prompt", "a red cat", "--cfg", "3", "--steps", "2",
+                "--n", "1", "--ip-adapter", os.path.join(adapter, "ip.safetensors"), "--ip-adapter-image",
+                "prompt.png", "--ip-adapter-scale", style, "--output-latents", "style.safetensors", "--no-progress",
+                cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    api.set_ip_adapter_scale({"up": {"block_0": [0.0, 1.0]}})
+    styled = api.generate(prompt="a red cat", cfg_scale=3, steps=2, seeds=[0], progress=False,
+                          ip_adapter_image=Image.open(tmp_path / "prompt.png"))
+    assert torch.equal(load_file(str(tmp_path / "style.safetensors"))["latents"], styled)
+    assert rel_err(styled, want) > 1e-4
     r = run_cli("generate", os.path.join(root, "pipe"), "--prompt", "a red cat", "--steps", "1", "--ip-adapter-image",
                 "prompt.png", "--output-latents", "x.safetensors", "--no-progress", cwd=tmp_path)
     assert r.returncode == 2 and "no --ip-adapter FILE" in r.stderr
     for flags, message in ((["--ip-adapter-scale", "0.3"], "--ip-adapter-scale: given, but no --ip-adapter FILE"),
                            (["--ip-adapter", os.path.join(adapter, "ip.safetensors")],
-                            "--ip-adapter: expected --ip-adapter-image")):
+                            "--ip-adapter: expected --ip-adapter-image"),
+                           (["--ip-adapter-scale", "{up: 1}"], "expected a number or a JSON object"),
+                           (["--ip-adapter", os.path.join(adapter, "ip.safetensors"), "--ip-adapter-image",
+                             "prompt.png", "--ip-adapter-scale", '{"up": {"block_1": 1}}'],
+                            "name no up block with attention layers")):
         r = run_cli("generate", os.path.join(root, "pipe"), "--prompt", "a red cat", "--steps", "1", *flags,
                     "--output-latents", "x.safetensors", "--no-progress", cwd=tmp_path)
         assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
@@ -320,8 +394,6 @@ def test_ip_adapter_review_fixes(pair, tmp_path):
     try:
         ref.set_ip_adapter_scale([0.7])
         pipe.set_ip_adapter_scale([0.7])
-        with pytest.raises(BadArgumentError, match="per-block scales"):
-            pipe.set_ip_adapter_scale({"up": {"block_0": [0.0, 1.0]}})
         g = torch.Generator().manual_seed(1)
         embeds = [torch.randn(2, 1, EMBED, generator=g)]  # diffusers' form: [negative, positive]
         kw = dict(num_inference_steps=2, guidance_scale=3.0, output_type="latent", num_images_per_prompt=2)
@@ -398,7 +470,7 @@ def test_ip_adapter_plus_features_and_malformed_files(tmp_path):
     before = len(calls)
     assert torch.equal(pipe.generate(ip_adapter_image_embeds=states, **kw), direct)
     assert len(calls) == before  # cached: no encoder pass for the second run
-    with pytest.raises(BadArgumentError, match="expected a number or a list of one, found 2 values"):
+    with pytest.raises(BadArgumentError, match="a per-block dict or a list of one, found 2 values"):
         pipe.set_ip_adapter_scale([0.4, 0.5])
     with pytest.raises(BadArgumentError, match=r"expected \(2B, N, S, E\)"):
         pipe.generate(ip_adapter_image_embeds=[states], **kw)

@@ -113,8 +113,9 @@ def register(sub) -> None:
                    help="the IP-Adapter's image encoder (a CLIPVisionModelWithProjection folder)")
     p.add_argument("--ip-adapter-image", action="append", default=None, metavar="IMG.png",
                    help="the image prompt of --ip-adapter (repeat for several: their tokens one after another)")
-    p.add_argument("--ip-adapter-scale", type=float, default=None, metavar="S",
-                   help="the image prompt's weight (default 1)")
+    p.add_argument("--ip-adapter-scale", type=_ip_adapter_scale, default=None, metavar="S",
+                   help="the image prompt's weight (default 1), or InstantStyle's per-block scales as JSON, e.g. "
+                        "'{\"up\": {\"block_0\": [0.0, 1.0, 0.0]}}' (diffusers' set_ip_adapter_scale dict)")
     p.add_argument("--noise-level", type=int, default=None, metavar="L",
                    help="Stable Diffusion's x4 upscaler: how much noise its --image gets first (default 20, as "
                         "diffusers' StableDiffusionUpscalePipeline)")
@@ -421,6 +422,17 @@ def _read_latents(path: str):
         raise BadArgumentError(f"--image: expected a 'latents' tensor in {path!r} (what --output-latents writes), "
                                f"found {sorted(tensors)}")
     return tensors["latents"]
+
+
+def _ip_adapter_scale(text: str):
+    """--ip-adapter-scale: a number, or a JSON object of per-block scales (checked against the UNet at load)."""
+    import json
+
+    try:
+        return float(text) if not text.lstrip().startswith("{") else json.loads(text)
+    except ValueError as e:  # (json.JSONDecodeError is a ValueError)
+        raise argparse.ArgumentTypeError(f"expected a number or a JSON object of per-block scales, found "
+                                         f"{text!r} ({e})") from None
 
 
 def _read_image(path: str, flag: str = "--image"):

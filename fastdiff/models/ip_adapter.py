@@ -14,8 +14,9 @@ linear image projection, 4 tokens: ip-adapter_sd15, ip-adapter_sdxl, ...) and IP
 encoder's hidden states: ``fastdiff.models.ip_resampler``) are read; the Full Face / Face ID projections are refused
 by name.
 
-The scale is a buffer: ``set_scale`` changes it in place, so captured graphs and compiled models take a new scale
-with nothing recaptured.
+The scale is a buffer in every layer: ``set_scale`` changes it in place (one number, or InstantStyle's per-block
+dict: ``fastdiff.models.ip_adapter_scales``), so captured graphs and compiled models take a new scale with nothing
+recaptured.
 """
 
 from __future__ import annotations
@@ -62,17 +63,26 @@ class IPAttention(nn.Module):
         self.register_buffer("scale", torch.ones(()), persistent=False)
 
 
-def cross_attentions(unet) -> list:
-    """The UNet's cross-attention layers in diffusers' ``attn_processors`` order (down, up, then middle blocks): every
+def named_cross_attentions(unet) -> list:
+    """(name, layer) of the UNet's cross-attention layers in diffusers' ``attn_processors`` order (down, up, then
+    middle blocks), named as diffusers names them ("down_blocks.1.attentions.0.transformer_blocks.0.attn2"): every
     transformer's second attention (an ``only_cross_attention`` first one reads the text too, but diffusers gives it
     no image branch)."""
     from .unet import TransformerBlock
 
+    blocks = [(f"down_blocks.{i}", b) for i, b in enumerate(unet.down_blocks)]
+    blocks += [(f"up_blocks.{i}", b) for i, b in enumerate(unet.up_blocks)]
+    blocks += [("mid_block", unet.mid_block)] if unet.mid_block is not None else []
     layers = []
-    for part in (unet.down_blocks, unet.up_blocks, [unet.mid_block] if unet.mid_block is not None else []):
-        for block in part:
-            layers.extend(m.attn2 for m in block.modules() if isinstance(m, TransformerBlock))
+    for base, block in blocks:
+        layers.extend((f"{base}.{name}.attn2", m.attn2) for name, m in block.named_modules()
+                      if isinstance(m, TransformerBlock))
     return layers
+
+
+def cross_attentions(unet) -> list:
+    """The UNet's cross-attention layers (``named_cross_attentions``' order)."""
+    return [m for _, m in named_cross_attentions(unet)]
 
 
 def split_state_dict(state: dict) -> dict:
@@ -166,10 +176,20 @@ def detach(unet) -> None:
         m.ip = None
 
 
-def set_scale(unet, scale: float) -> None:
-    for m in cross_attentions(unet):
+def set_scale(unet, scale) -> None:
+    """The image prompt's weight in every layer: one number, or InstantStyle's per-block dict
+    (``fastdiff.models.ip_adapter_scales``), written into the layers' buffers in place."""
+    from .ip_adapter_scales import layer_scales
+
+    layers = named_cross_attentions(unet)
+    for (_, m), value in zip(layers, layer_scales(unet, scale, layers)):
         if m.ip is not None:
-            m.ip.scale.fill_(scale)
+            m.ip.scale.fill_(value)
+
+
+def scales(unet) -> list:
+    """Every image branch's scale, in ``cross_attentions`` order."""
+    return [float(m.ip.scale) for m in cross_attentions(unet) if m.ip is not None]
 
 
 def attached(unet) -> bool:
