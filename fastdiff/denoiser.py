@@ -30,6 +30,7 @@ import torch
 
 from .errors import BadArgumentError
 from .utils.layout import is_dense, same_layout
+from .utils.trees import zip_tensors
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -490,7 +491,12 @@ class CFGDenoiser(Denoiser):
         for k in uncond:
             if k not in cond:
                 raise BadArgumentError(f"uncond: expected keys among the conditioning {sorted(cond)}, found {k!r}")
-        return {k: torch.cat([uncond.get(k, v), v]) if torch.is_tensor(v) else v for k, v in cond.items()}
+        def pair(c, u):  # a tensor, or a tuple of them (several IP-Adapters' features)
+            if isinstance(c, tuple):
+                return zip_tensors(lambda ci, ui: torch.cat([ui, ci]), c, u)
+            return torch.cat([u, c]) if torch.is_tensor(c) else c
+
+        return {k: pair(v, uncond.get(k, v)) for k, v in cond.items()}
 
     def _guide(self, x, x0_u, x0_c, c_skip, w, phi=None):
         k = self.guided_channels

@@ -27,6 +27,7 @@ from .state_update import update_impl
 from .text_time import guidance_conditioning, text_time_conditioning
 from .utils.checks import finite_host_values, finite_number, integer_labels, one_or
 from .utils.keys import freeze
+from .utils.trees import map_tensors
 
 OUTPUT_TYPES = ("tensor", "np", "pil")
 # the conditioning entry that carries a regular model's inpainting (``_sample_plan``); never a network input
@@ -660,16 +661,16 @@ class Pipeline(PlansMixin, ControlNetMixin, ImageInputsMixin, IPAdapterMixin, Cl
         b, top = latents.shape[0], self.config.batch_buckets[-1]
         if b > top:
             parts = [self._sample_loop_graph(plan, denoiser, latents[i:i + top],
-                                             _map_tree(extra, lambda t, i=i: _rows(t, i, top, b)),
+                                             map_tensors(lambda t, i=i: _rows(t, i, top, b), extra),
                                              noise.subset(i, i + top), guided) for i in range(0, b, top)]
             return torch.cat(parts)
         bucket = bucket_for(b, self.config.batch_buckets)
-        padded = _map_tree(extra, lambda t: pad_to(t, bucket))
+        padded = map_tensors(lambda t: pad_to(t, bucket), extra)
         # everything that fixes the captured arithmetic: grid, sampler and its options, denoiser, shapes, and
         # the kernels of the state update
         key = (bucket, tuple(latents.shape[1:]), plan.scheduler, plan.sampler, tuple(plan.sigmas.tolist()),
                freeze(plan.options), plan.denoiser_kind, freeze(plan.denoiser_options), plan.init_noise_sigma,
-               plan.output_scale, guided, freeze(_map_tree(padded, lambda t: (tuple(t.shape), t.dtype))),
+               plan.output_scale, guided, freeze(map_tensors(lambda t: (tuple(t.shape), t.dtype), padded)),
                self.update_impl)
 
         # used only if this call captures: the loop's warm-up run teaches it the network calls
@@ -859,11 +860,6 @@ def check_seed(seed: int) -> int:
     if not 0 <= seed < 2**63:
         raise BadArgumentError(f"seed: expected an integer in [0, 2**63), found {seed}")
     return seed
-
-
-def _map_tree(d: dict, fn):
-    return {k: (_map_tree(v, fn) if isinstance(v, dict) else fn(v) if torch.is_tensor(v) else v)
-            for k, v in d.items()}
 
 
 def _as_latents(latents) -> Optional[torch.Tensor]:

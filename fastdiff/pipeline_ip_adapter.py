@@ -5,18 +5,20 @@ The adapter's weights go into the UNet (``fastdiff.models.ip_adapter``); the ima
 with projection (transformers' ``CLIPVisionModelWithProjection``, from the adapter folder's ``image_encoder/``, as
 diffusers loads it) after transformers' ``CLIPImageProcessor`` (diffusers' default ``feature_extractor``: the
 encoder's image size). The unconditional pass of classifier-free guidance gets zero embeddings (diffusers'
-``encode_image``).
+``encode_image``; a black image's hidden states for IP-Adapter Plus).
+
+Several adapters load together (lists, as diffusers' ``load_ip_adapter``): every cross-attention adds each adapter's
+scaled image attention; they share the first adapter's image encoder, and ``ip_adapter_image`` is then a list with
+one image (or list of images) per adapter.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 
 from .errors import BadArgumentError
-from .utils.checks import finite_number
 
 
 class IPAdapterMixin:
@@ -27,16 +29,19 @@ class IPAdapterMixin:
     _image_processor = None
     _black_states = None  # (encoder, its dtype / device / size, (S, E) states): IP-Adapter Plus's unconditional input
 
-    def load_ip_adapter(self, path, subfolder: str = "", weight_name: Optional[str] = None,
-                        image_encoder_folder: Optional[str] = "image_encoder", *,
-                        scale=1.0) -> "IPAdapterMixin":
-        """Load an IP-Adapter, as diffusers' ``load_ip_adapter(path, subfolder, weight_name, image_encoder_folder)``:
+    def load_ip_adapter(self, path, subfolder="", weight_name=None,
+                        image_encoder_folder: Optional[str] = "image_encoder", *, scale=1.0) -> "IPAdapterMixin":
+        """Load IP-Adapters, as diffusers' ``load_ip_adapter(path, subfolder, weight_name, image_encoder_folder)``:
         ``path`` a folder (with ``subfolder`` / ``weight_name``: a .safetensors or .bin file), a file, or a loaded
-        state dict; its image encoder from ``<path>/<subfolder>/<image_encoder_folder>`` (a folder name with a "/"
-        is taken from ``path`` itself, as diffusers does; None: no encoder, only ``ip_adapter_image_embeds=`` then;
-        a state dict keeps the encoder loaded before, as diffusers keeps its registered one). Replaces an adapter
-        loaded before. The base IP-Adapter (ip-adapter_sd15, ip-adapter_sdxl, ...) and IP-Adapter Plus
-        (ip-adapter-plus_*: a resampler over the encoder's hidden states) are read."""
+        state dict; several adapters as lists (a list of one, or one value, repeated: ``load_ip_adapter(FOLDER,
+        "models", ["ip-adapter_sd15.safetensors", "ip-adapter-plus_sd15.safetensors"])``). The image encoder is read
+        from the first adapter's ``<path>/<subfolder>/<image_encoder_folder>`` (a folder name with a "/" is taken
+        from ``path`` itself, as diffusers does; None: no encoder, only ``ip_adapter_image_embeds=`` then; a state
+        dict keeps the encoder loaded before, as diffusers keeps its registered one) and serves every adapter.
+        Replaces the adapters loaded before. The base IP-Adapter (ip-adapter_sd15, ip-adapter_sdxl, ...) and
+        IP-Adapter Plus (ip-adapter-plus_*: a resampler over the encoder's hidden states) are read. ``scale``: as
+        ``set_ip_adapter_scale``."""
+        from . import ip_adapter_files as files
         from .models import ip_adapter, ip_adapter_scales
         from .models.unet import UNet
 
@@ -50,39 +55,40 @@ class IPAdapterMixin:
         if self.config is not None and self.config.backend in ("onnxruntime", "tensorrt"):
             raise BadArgumentError(f"load_ip_adapter(): this pipeline runs an exported {self.config.backend} graph, "
                                    f"which has no image-prompt input; use the eager / triton / compile backends")
-        scale = _scale(scale)
-        ip_adapter_scales.check(self.model, scale)  # (a per-block dict that does not fit: before anything changes)
-        state = ip_adapter.split_state_dict(_read_weights(path, subfolder, weight_name))
-        projection = ip_adapter.check(self.model, state)  # (the kind and the widths, before an encoder is read)
-        width = ip_adapter.projection_sizes(projection)[0]
+        sources = files.adapter_sources(path, subfolder, weight_name)
+        scales = files.scales_per_adapter(scale, len(sources))
+        for s in scales:  # (a per-block dict that does not fit: before anything changes)
+            ip_adapter_scales.check(self.model, s)
+        states = [ip_adapter.split_state_dict(files.read_adapter_weights(*source)) for source in sources]
+        # (the kinds and the widths, before an encoder is read)
+        projections = [ip_adapter.check(self.model, state) for state in states]
+        first = sources[0]
         encoder, processor = None, None
-        if isinstance(path, dict):
+        if isinstance(first[0], dict):
             encoder, processor = self.image_encoder, self._image_processor
         elif image_encoder_folder is not None:
-            encoder, processor = _image_encoder(path, subfolder, image_encoder_folder, self.device,
-                                                self._network_dtype())
-        plus = not isinstance(projection, ip_adapter.ImageProjection)  # (Plus reads hidden states, not embeds)
-        made = None if encoder is None else encoder.config.hidden_size if plus else encoder.config.projection_dim
-        if made is not None and made != width:
-            raise BadArgumentError(f"load_ip_adapter(): the image encoder makes {made}-wide "
-                                   f"{'hidden states' if plus else 'embeddings'} and the adapter projects {width}-wide "
-                                   f"ones (another adapter's encoder)")
-        ip_adapter.attach(self.model, state, projection)
-        ip_adapter.set_scale(self.model, scale)
+            encoder, processor = files.image_encoder(first[0], first[1], image_encoder_folder, self.device,
+                                                     self._network_dtype())
+        for i, projection in enumerate(projections):
+            _check_encoder(encoder, projection, i, len(projections))
+        ip_adapter.attach(self.model, states, projections)
+        ip_adapter.set_scale(self.model, scales)
         self.image_encoder, self._image_processor = encoder, processor
-        self._rebuild_runner()  # (compiled models and captured graphs ran the network without the branch)
+        self._rebuild_runner()  # (compiled models and captured graphs ran the network without the branches)
         return self
 
     def set_ip_adapter_scale(self, scale) -> None:
         """The image prompt's weight, as diffusers' ``set_ip_adapter_scale``: a number, or InstantStyle's per-block
         dict (``{"up": {"block_0": [0.0, 1.0, 0.0]}}``: the image prompt in those attention layers alone, 0 in the
-        others; the grammar in ``fastdiff.models.ip_adapter_scales``), or a list of one of them for the one adapter.
-        A buffer every layer reads, changed in place: captured graphs and compiled models take it as it is."""
+        others; the grammar in ``fastdiff.models.ip_adapter_scales``); with several adapters a list of one per
+        adapter (one value serves them all). A buffer every layer reads, changed in place: captured graphs and
+        compiled models take it as it is."""
+        from .ip_adapter_files import scales_per_adapter
         from .models import ip_adapter
 
         if self.model is None or not ip_adapter.attached(self.model):
             raise BadArgumentError("set_ip_adapter_scale(): no IP-Adapter is loaded (pipe.load_ip_adapter)")
-        ip_adapter.set_scale(self.model, _scale(scale))
+        ip_adapter.set_scale(self.model, scales_per_adapter(scale, ip_adapter.adapter_count(self.model)))
 
     def unload_ip_adapter(self) -> None:
         """Remove the adapter and its image encoder (diffusers' ``unload_ip_adapter``)."""
@@ -96,69 +102,89 @@ class IPAdapterMixin:
     def _ip_adapter_embeds(self, image, embeds, b: int, guided: bool) -> Optional[tuple]:
         """generate(ip_adapter_image= / ip_adapter_image_embeds=) as (b, N, ...) CLIP image features and those of the
         unconditional pass (as diffusers' encode_image: zeros, Plus a black image's states; diffusers' list form
-        brings its own), or None."""
+        brings its own), or None; with several adapters, tuples of those, one per adapter."""
         from .models import ip_adapter
 
-        loaded = self.model is not None and ip_adapter.attached(self.model)
+        count = ip_adapter.adapter_count(self.model) if self.model is not None else 0
         if image is None and embeds is None:
-            if loaded:
+            if count:
                 raise BadArgumentError("ip_adapter_image: an IP-Adapter is loaded: expected an image (or "
                                        "ip_adapter_image_embeds), found none; unload_ip_adapter() to run without")
             return None
-        if not loaded:
+        if not count:
             raise BadArgumentError("ip_adapter_image: given, but no IP-Adapter is loaded (pipe.load_ip_adapter)")
         if image is not None and embeds is not None:
             raise BadArgumentError("ip_adapter_image and ip_adapter_image_embeds: expected one of them, found both")
-        negative = None
-        if image is not None:
-            embeds, negative = (e[None] for e in self._encode_ip_image(image))  # (1, N, ...): every sample's
+        if image is not None:  # (1, N, ...): every sample's
+            pairs = [tuple(e[None] for e in self._encode_ip_image(one, i))
+                     for i, one in enumerate(_per_adapter(image, count))]
         elif not isinstance(embeds, (list, tuple)):
-            embeds = self._embeds_tensor(embeds)
-        else:  # diffusers' form: one tensor per adapter, [negative, positive]
-            if len(embeds) != 1:
-                raise BadArgumentError(f"ip_adapter_image_embeds: one IP-Adapter is loaded: expected a list of one "
-                                       f"tensor (diffusers' form), found {len(embeds)}")
-            embeds_given = embeds[0]
-            embeds = self._embeds_tensor(embeds_given)
-            if guided:
-                if embeds.shape[0] % 2:
-                    shape = "(2B, N, D)" if ip_adapter.image_rank(self.model) == 1 else "(2B, N, S, E)"
-                    raise BadArgumentError(f"ip_adapter_image_embeds: with guidance diffusers' form stacks the "
-                                           f"negative and positive features: expected {shape}, found "
-                                           f"{tuple(embeds_given.shape)}")
-                negative, embeds = embeds.chunk(2)
-        embeds = self._per_sample(embeds, b)
-        if negative is not None:
-            negative = self._per_sample(negative, b)
-        elif ip_adapter.image_rank(self.model) == 2 and guided:  # Plus: a black image's states, as encode_image
-            negative = self._black_image_states().expand_as(embeds)
-        else:
-            negative = torch.zeros_like(embeds)
+            if count > 1:
+                raise BadArgumentError(f"ip_adapter_image_embeds: {count} IP-Adapters are loaded: expected a list of "
+                                       f"{count} tensors (diffusers' form), found one tensor")
+            pairs = [(self._embeds_tensor(embeds, 0), None)]
+        else:  # diffusers' form: one tensor per adapter, [negative; positive] under guidance
+            if len(embeds) != count:
+                loaded = "one IP-Adapter is" if count == 1 else f"{count} IP-Adapters are"
+                raise BadArgumentError(f"ip_adapter_image_embeds: {loaded} loaded: expected a list of {count} "
+                                       f"tensor{'s' if count > 1 else ''} (diffusers' form), found {len(embeds)}")
+            pairs = [self._listed_embeds(e, i, guided) for i, e in enumerate(embeds)]
+        both = [self._with_negative(i, positive, negative, b, guided)
+                for i, (positive, negative) in enumerate(pairs)]
+        if count == 1:
+            return both[0]
+        return tuple(p for p, _ in both), tuple(n for _, n in both)
+
+    def _listed_embeds(self, given, adapter: int, guided: bool) -> tuple:
+        """(positive, negative or None) of one adapter's tensor in diffusers' list form."""
+        from .models.ip_adapter import image_rank
+
+        embeds = self._embeds_tensor(given, adapter)
+        if not guided:
+            return embeds, None
+        if embeds.shape[0] % 2:
+            shape = "(2B, N, D)" if image_rank(self.model, adapter) == 1 else "(2B, N, S, E)"
+            raise BadArgumentError(f"ip_adapter_image_embeds: with guidance diffusers' form stacks the negative and "
+                                   f"positive features: expected {shape}, found {tuple(given.shape)}")
+        negative, embeds = embeds.chunk(2)
         return embeds, negative
 
-    def _embeds_tensor(self, embeds) -> torch.Tensor:
+    def _with_negative(self, adapter: int, embeds, negative, b: int, guided: bool) -> tuple:
+        """One adapter's (b, N, ...) features and the unconditional pass's: given, a black image's states (Plus,
+        guided), or zeros."""
+        from .models.ip_adapter import image_rank
+
+        embeds = self._per_sample(embeds, b, adapter)
+        if negative is not None:
+            return embeds, self._per_sample(negative, b, adapter)
+        if image_rank(self.model, adapter) == 2 and guided:  # Plus: a black image's states, as encode_image
+            return embeds, self._black_image_states().expand_as(embeds)
+        return embeds, torch.zeros_like(embeds)
+
+    def _embeds_tensor(self, embeds, adapter: int) -> torch.Tensor:
         """ip_adapter_image_embeds as a (B or 1, N, D) float tensor ((B or 1, N, S, E) for Plus), finite; the
         sample and image axes may be left out."""
         from .models.ip_adapter import image_rank
 
-        rank = image_rank(self.model)
+        rank = image_rank(self.model, adapter)
         shapes = "(D,), (N, D) or (B, N, D)" if rank == 1 else "(S, E), (N, S, E) or (B, N, S, E) (Plus)"
         if not torch.is_tensor(embeds) or not rank <= embeds.dim() <= rank + 2 or not embeds.is_floating_point():
             raise BadArgumentError(f"ip_adapter_image_embeds: expected a float tensor {shapes} of CLIP image "
-                                   f"features, found "
+                                   f"features{_which(adapter, self.model)}, found "
                                    f"{tuple(embeds.shape) if torch.is_tensor(embeds) else type(embeds).__name__}")
         if not torch.isfinite(embeds).all():
             raise BadArgumentError("ip_adapter_image_embeds: expected finite values, found NaN or inf")
         return embeds.reshape((1,) * (rank + 2 - embeds.dim()) + tuple(embeds.shape))
 
-    def _per_sample(self, embeds: torch.Tensor, b: int) -> torch.Tensor:
+    def _per_sample(self, embeds: torch.Tensor, b: int, adapter: int) -> torch.Tensor:
         """(B or 1, N, ...) image features as (b, N, ...) float32 on the pipeline's device, their width checked."""
         from .models.ip_adapter import image_width
 
-        width = image_width(self.model)
+        width = image_width(self.model, adapter)
         if embeds.shape[0] not in (1, b) or embeds.shape[1] == 0 or embeds.shape[-1] != width:
             raise BadArgumentError(f"ip_adapter_image_embeds: expected (1 or {b} samples, N >= 1 images, ..., "
-                                   f"{width}) CLIP image features, found {tuple(embeds.shape)}")
+                                   f"{width}) CLIP image features{_which(adapter, self.model)}, found "
+                                   f"{tuple(embeds.shape)}")
         return embeds.to(self.device, torch.float32).expand(b, *embeds.shape[1:])
 
     @torch.no_grad()
@@ -183,10 +209,10 @@ class IPAdapterMixin:
         return states
 
     @torch.no_grad()
-    def _encode_ip_image(self, image) -> tuple:
+    def _encode_ip_image(self, image, adapter: int = 0) -> tuple:
         """(N, D) image embeddings of one image or a list of them (diffusers: their tokens are concatenated), and
-        the unconditional pass's: zeros; for Plus, (N, S, E) penultimate hidden states and those of a black image
-        (diffusers' encode_image with output_hidden_states)."""
+        the unconditional pass's: zeros; for an IP-Adapter Plus, (N, S, E) penultimate hidden states and those of a
+        black image (diffusers' encode_image with output_hidden_states)."""
         if self.image_encoder is None:
             raise BadArgumentError("ip_adapter_image: the IP-Adapter was loaded without an image encoder "
                                    "(image_encoder_folder=None, or from a state dict); pass ip_adapter_image_embeds=")
@@ -208,7 +234,7 @@ class IPAdapterMixin:
         encoder = self.image_encoder
         param = next(encoder.parameters())
         pixels = pixels.to(param.device, param.dtype)
-        if image_rank(self.model) == 2:  # Plus
+        if image_rank(self.model, adapter) == 2:  # Plus
             def states(p):
                 return encoder(p, output_hidden_states=True).hidden_states[-2].float()  # (N, S, E)
             return states(pixels), states(torch.zeros_like(pixels))
@@ -216,56 +242,38 @@ class IPAdapterMixin:
         return embeds, torch.zeros_like(embeds)
 
 
-def _scale(scale):
-    """diffusers' scale of one adapter: a number or InstantStyle's per-block dict, or a list of one of them (checked
-    against the UNet when it is set: ``fastdiff.models.ip_adapter_scales``)."""
-    if isinstance(scale, (list, tuple)):
-        if len(scale) != 1:
-            raise BadArgumentError(f"scale: one IP-Adapter is loaded: expected a number, a per-block dict or a list "
-                                   f"of one, found {len(scale)} values")
-        scale = scale[0]
-    return scale if isinstance(scale, dict) else finite_number("scale", scale)
+def _per_adapter(image, count: int) -> list:
+    """ip_adapter_image as one entry (an image or a list of images) per adapter: for one adapter the image, a list
+    of images, or diffusers' list of one list; for several, diffusers' list of one entry per adapter."""
+    if count == 1:
+        nested = isinstance(image, (list, tuple)) and len(image) == 1 and isinstance(image[0], (list, tuple))
+        return [image[0] if nested else image]
+    if not isinstance(image, (list, tuple)) or len(image) != count:
+        found = f"a list of {len(image)}" if isinstance(image, (list, tuple)) else "one image"
+        raise BadArgumentError(f"ip_adapter_image: {count} IP-Adapters are loaded: expected a list of {count} (an "
+                               f"image or a list of images for each adapter, diffusers' form), found {found}")
+    return list(image)
 
 
-def _read_weights(path, subfolder: str, weight_name: Optional[str]) -> dict:
-    """The adapter's state dict from a state dict, a file or a folder (safetensors read first; .bin files with
-    ``torch.load(weights_only=True)``: no pickle code runs)."""
-    from .checkpoints.io import read_weights
+def _which(adapter: int, unet) -> str:
+    from .models.ip_adapter import adapter_count
 
-    if isinstance(path, dict):
-        return path
-    if not isinstance(path, (str, os.PathLike)):
-        raise BadArgumentError(f"load_ip_adapter(): expected a path or a state dict, found {type(path).__name__}")
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        folder = os.path.join(path, subfolder)
-        if weight_name is None:
-            names = sorted(f for f in os.listdir(folder) if f.endswith((".safetensors", ".bin"))) \
-                if os.path.isdir(folder) else []
-            if len(names) != 1:
-                raise BadArgumentError(f"load_ip_adapter(): expected weight_name= (the adapter file in {folder}), "
-                                       f"found {names or 'no weight files'}")
-            weight_name = names[0]
-        path = os.path.join(folder, weight_name)
-    if not os.path.isfile(path):
-        raise BadArgumentError(f"load_ip_adapter(): expected an IP-Adapter file, found no file at {path!r}")
-    return read_weights(path)
+    return f" for IP-Adapter {adapter}" if adapter_count(unet) > 1 else ""
 
 
-def _image_encoder(path, subfolder: str, folder: str, device, dtype):
-    """(transformers' CLIPVisionModelWithProjection, a CLIPImageProcessor at its image size), from diffusers'
-    place for them."""
-    try:
-        from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
-    except ImportError as e:  # pragma: no cover - transformers comes with the text extra
-        raise BadArgumentError("load_ip_adapter(): the image encoder needs transformers (pip install "
-                               "'fastdiff[text]')") from e
-    base = os.path.dirname(path) if os.path.isfile(path) else path
-    where = os.path.join(base, subfolder, folder) if "/" not in folder else os.path.join(base, folder)
-    if not os.path.isdir(where):
-        raise BadArgumentError(f"load_ip_adapter(): expected the image encoder (a CLIPVisionModelWithProjection "
-                               f"folder) at {where!r}, found none; pass image_encoder_folder= (or None, then "
-                               f"ip_adapter_image_embeds=)")
-    encoder = CLIPVisionModelWithProjection.from_pretrained(where, use_safetensors=None).to(device, dtype).eval()
-    size = encoder.config.image_size
-    return encoder, CLIPImageProcessor(size=size, crop_size=size)
+def _check_encoder(encoder, projection, adapter: int, count: int) -> None:
+    """The encoder makes what the adapter's projection reads (the base adapter: projected embeddings; Plus: hidden
+    states), in its width; else another adapter's encoder (several adapters share the first one's)."""
+    from .models import ip_adapter
+
+    if encoder is None:
+        return
+    width = ip_adapter.projection_sizes(projection)[0]
+    plus = not isinstance(projection, ip_adapter.ImageProjection)  # (Plus reads hidden states, not embeds)
+    made = encoder.config.hidden_size if plus else encoder.config.projection_dim
+    if made != width:
+        which = f"adapter {adapter} projects" if count > 1 else "the adapter projects"
+        shared = " (several adapters share the first one's encoder, as in diffusers)" if count > 1 else ""
+        raise BadArgumentError(f"load_ip_adapter(): the image encoder makes {made}-wide "
+                               f"{'hidden states' if plus else 'embeddings'} and {which} {width}-wide ones "
+                               f"(another adapter's encoder){shared}")

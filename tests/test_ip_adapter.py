@@ -470,7 +470,7 @@ def test_ip_adapter_plus_features_and_malformed_files(tmp_path):
     before = len(calls)
     assert torch.equal(pipe.generate(ip_adapter_image_embeds=states, **kw), direct)
     assert len(calls) == before  # cached: no encoder pass for the second run
-    with pytest.raises(BadArgumentError, match="a per-block dict or a list of one, found 2 values"):
+    with pytest.raises(BadArgumentError, match="a per-block dict or a list of 1 \\(one per adapter\\), found 2 values"):
         pipe.set_ip_adapter_scale([0.4, 0.5])
     with pytest.raises(BadArgumentError, match=r"expected \(2B, N, S, E\)"):
         pipe.generate(ip_adapter_image_embeds=[states], **kw)

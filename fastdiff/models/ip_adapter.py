@@ -30,8 +30,8 @@ from ..errors import BadArgumentError, CheckpointError, StateDictMismatchError
 
 
 class ImageTokens:
-    """The cross-attention context with an image prompt's tokens (B, T, D) beside the text states (a tensor, or
-    the UNet's ``Projected`` text states)."""
+    """The cross-attention context with the image prompt's tokens beside the text states (a tensor, or the UNet's
+    ``Projected`` text states): ``tokens`` a tuple of (B, T, D) tensors, one per loaded adapter."""
 
     __slots__ = ("states", "tokens")
 
@@ -155,19 +155,22 @@ def check(unet, state: dict) -> nn.Module:
     return projection
 
 
-def attach(unet, state: dict, projection: Optional[nn.Module] = None) -> None:
-    """Give ``unet`` the adapter of ``state`` (checked first, unless its built ``projection`` is given): its image
-    projection and every cross-attention's image branch."""
-    projection = check(unet, state) if projection is None else projection
-    width = projection_sizes(projection)[1]
-    given, layers = state["ip_adapter"], cross_attentions(unet)
+def attach(unet, states: list, projections: Optional[list] = None) -> None:
+    """Give ``unet`` the adapters of ``states`` (one or several, each checked first unless its built projection is in
+    ``projections``): their image projections (``unet.ip_projection``, one per adapter) and every cross-attention's
+    image branches (``layer.ip``, one per adapter; diffusers' ``IPAdapterAttnProcessor2_0`` with several)."""
+    projections = [check(unet, state) for state in states] if projections is None else projections
+    layers = cross_attentions(unet)
     ref = next(unet.parameters())
-    unet.ip_projection = projection.to(ref.device, ref.dtype)
+    unet.ip_projection = nn.ModuleList(projections).to(ref.device, ref.dtype)
     for i, m in enumerate(layers):
-        branch = IPAttention(width, m.heads * m.head_dim)
-        branch.to_k_ip.weight.data.copy_(given[f"{2 * i + 1}.to_k_ip.weight"])
-        branch.to_v_ip.weight.data.copy_(given[f"{2 * i + 1}.to_v_ip.weight"])
-        m.ip = branch.to(ref.device, ref.dtype)
+        branches = []
+        for state, projection in zip(states, projections):
+            branch = IPAttention(projection_sizes(projection)[1], m.heads * m.head_dim)
+            branch.to_k_ip.weight.data.copy_(state["ip_adapter"][f"{2 * i + 1}.to_k_ip.weight"])
+            branch.to_v_ip.weight.data.copy_(state["ip_adapter"][f"{2 * i + 1}.to_v_ip.weight"])
+            branches.append(branch)
+        m.ip = nn.ModuleList(branches).to(ref.device, ref.dtype)
 
 
 def detach(unet) -> None:
@@ -176,50 +179,70 @@ def detach(unet) -> None:
         m.ip = None
 
 
-def set_scale(unet, scale) -> None:
-    """The image prompt's weight in every layer: one number, or InstantStyle's per-block dict
-    (``fastdiff.models.ip_adapter_scales``), written into the layers' buffers in place."""
+def set_scale(unet, scales: list) -> None:
+    """Every adapter's weight in every layer (``scales``: one per adapter, each a number or InstantStyle's per-block
+    dict: ``fastdiff.models.ip_adapter_scales``), written into the layers' buffers in place; all checked before
+    any is written."""
     from .ip_adapter_scales import layer_scales
 
     layers = named_cross_attentions(unet)
-    for (_, m), value in zip(layers, layer_scales(unet, scale, layers)):
-        if m.ip is not None:
-            m.ip.scale.fill_(value)
+    if len(scales) != adapter_count(unet):
+        raise BadArgumentError(f"scale: expected one per loaded IP-Adapter ({adapter_count(unet)}), found "
+                               f"{len(scales)}")
+    per_adapter = [layer_scales(unet, scale, layers) for scale in scales]
+    for i, values in enumerate(per_adapter):
+        for (_, m), value in zip(layers, values):
+            m.ip[i].scale.fill_(value)
 
 
-def scales(unet) -> list:
-    """Every image branch's scale, in ``cross_attentions`` order."""
-    return [float(m.ip.scale) for m in cross_attentions(unet) if m.ip is not None]
+def scales(unet, adapter: int = 0) -> list:
+    """One adapter's scale in every layer, in ``cross_attentions`` order."""
+    return [float(m.ip[adapter].scale) for m in cross_attentions(unet) if m.ip is not None]
 
 
 def attached(unet) -> bool:
     return getattr(unet, "ip_projection", None) is not None
 
 
-def image_rank(unet) -> int:
-    """The rank of one image's features the projection reads: 1 (an embedding (D,)), 2 for Plus ((S, E) states)."""
-    return 1 if isinstance(unet.ip_projection, ImageProjection) else 2
+def adapter_count(unet) -> int:
+    return len(unet.ip_projection) if attached(unet) else 0
 
 
-def image_width(unet) -> int:
-    return projection_sizes(unet.ip_projection)[0]
+def image_rank(unet, adapter: int = 0) -> int:
+    """The rank of one image's features an adapter's projection reads: 1 (an embedding (D,)), 2 for Plus ((S, E)
+    states)."""
+    return 1 if isinstance(unet.ip_projection[adapter], ImageProjection) else 2
 
 
-def image_tokens(unet, embeds: Optional[torch.Tensor], dtype: torch.dtype):
-    """The adapter's tokens (B, N * T, width) for N images' features (B, N, D) ((B, N, S, E) for Plus; the N axis
-    may be left out for one image): each image projected to its T tokens, the images' tokens one after another
-    (diffusers' layout)."""
+def image_width(unet, adapter: int = 0) -> int:
+    return projection_sizes(unet.ip_projection[adapter])[0]
+
+
+def image_tokens(unet, embeds, dtype: torch.dtype) -> Optional[tuple]:
+    """Every adapter's tokens (B, N * T, width), as a tuple, for its N images' features (B, N, D) ((B, N, S, E) for
+    Plus; the N axis may be left out for one image): each image projected to its T tokens, the images' tokens one
+    after another (diffusers' layout). ``embeds``: one tensor for one adapter, or a list / tuple of one per adapter
+    (diffusers' ``image_embeds`` list)."""
     if embeds is None:
         return None
     if not attached(unet):
         raise BadArgumentError("image_embeds: given, but this UNet has no IP-Adapter (pipe.load_ip_adapter)")
-    rank, width = image_rank(unet), image_width(unet)
+    embeds = list(embeds) if isinstance(embeds, (list, tuple)) else [embeds]
+    if len(embeds) != adapter_count(unet):
+        raise BadArgumentError(f"image_embeds: expected one tensor per loaded IP-Adapter ({adapter_count(unet)}), "
+                               f"found {len(embeds)}")
+    return tuple(_adapter_tokens(unet, i, e, dtype) for i, e in enumerate(embeds))
+
+
+def _adapter_tokens(unet, adapter: int, embeds: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    rank, width = image_rank(unet, adapter), image_width(unet, adapter)
     if embeds.dim() == rank + 1:
         embeds = embeds[:, None]
     if embeds.dim() != rank + 2 or embeds.shape[-1] != width or embeds.shape[1] == 0:
         shape = "D" if rank == 1 else "S, E"
-        raise BadArgumentError(f"image_embeds: expected (B, N, {shape}) image features with the last {width} wide, "
-                               f"found {tuple(embeds.shape)}")
+        raise BadArgumentError(f"image_embeds: expected (B, N, {shape}) image features with the last {width} wide "
+                               f"for IP-Adapter {adapter}, found {tuple(embeds.shape)}")
     b, n = embeds.shape[:2]
-    tokens = unet.ip_projection(embeds.reshape((b * n,) + tuple(embeds.shape[2:])).to(dtype))  # (B * N, T, width)
+    projection = unet.ip_projection[adapter]
+    tokens = projection(embeds.reshape((b * n,) + tuple(embeds.shape[2:])).to(dtype))  # (B * N, T, width)
     return tokens.reshape(b, n * tokens.shape[1], tokens.shape[2])

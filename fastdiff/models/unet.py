@@ -199,7 +199,7 @@ class MultiHeadAttention(LinearStacks, nn.Module):
         # layers' weights then view; fastdiff.models.fuse.fuse_qkv).
         self._init_stacks()
         self.kv_index = None  # this layer's part of the stacked key / value projections (UNet "cross_kv" stack)
-        self.ip = None  # an IP-Adapter's image branch (fastdiff.models.ip_adapter.IPAttention), when one is loaded
+        self.ip = None  # IP-Adapters' image branches (ModuleList of fastdiff.models.ip_adapter.IPAttention), if loaded
 
     def forward(self, x, context=None):
         b = x.shape[0]
@@ -218,9 +218,10 @@ class MultiHeadAttention(LinearStacks, nn.Module):
             ctx = x if context is None else context
             q, k, v = self._heads(self.to_q(x)), self._heads(self.to_k(ctx)), self._heads(self.to_v(ctx))
         o = self._attend(b, q, k, v)  # (B, N, inner)
-        if image is not None and self.ip is not None:  # + scale * attention to the image tokens (IP-Adapter)
-            o = o + self.ip.scale * self._attend(b, q, self._heads(self.ip.to_k_ip(image)),
-                                                 self._heads(self.ip.to_v_ip(image)))
+        if image is not None and self.ip is not None:  # + scale * attention to each adapter's tokens (IP-Adapter)
+            for branch, tokens in zip(self.ip, image):
+                o = o + branch.scale * self._attend(b, q, self._heads(branch.to_k_ip(tokens)),
+                                                    self._heads(branch.to_v_ip(tokens)))
         return self.to_out[0](o)  # (B, N, query_dim)
 
     def stack_layers(self, name: str):
@@ -455,7 +456,7 @@ class UNet(LinearStacks, nn.Module):
         groups, eps, cond = c.norm_num_groups, c.norm_eps, c.conditional
 
         # Embeddings --------------------------------------------------------------------------
-        self.ip_projection = None  # an IP-Adapter's image projection (fastdiff.models.ip_adapter), when loaded
+        self.ip_projection = None  # IP-Adapters' image projections (ModuleList: fastdiff.models.ip_adapter), if loaded
         self.conv_in = nn.Conv2d(c.in_channels, ch[0], c.conv_in_kernel, padding=(c.conv_in_kernel - 1) // 2)
         if c.time_embedding_type == "fourier":
             size = temb_dim // 2 if cond else ch[0]
@@ -614,12 +615,13 @@ class UNet(LinearStacks, nn.Module):
         per skip connection, each its shape) and mid_residual (the middle block's output shape): a ControlNet's
         outputs, added to the skips and the middle (diffusers' ``down_block_additional_residuals`` /
         ``mid_block_additional_residual``); image_embeds (B, D) or (B, N, D): an image prompt's CLIP embeddings for
-        a loaded IP-Adapter (diffusers' ``added_cond_kwargs["image_embeds"]``)."""
+        a loaded IP-Adapter ((B, N, S, E) hidden states for Plus), or a list of one such tensor per loaded adapter
+        (diffusers' ``added_cond_kwargs["image_embeds"]``)."""
         c = self.config
         if image_latents is not None:
             x = torch.cat([x, image_latents.to(x.dtype)], dim=1)  # (B, C + K, H, W)
         t, emb, ctx = self._conditioning(x, timestep, class_labels, encoder_hidden_states, text_embeds, time_ids)
-        if image_embeds is not None:  # the IP-Adapter's image tokens (B, N * T, D) travel with the text states
+        if image_embeds is not None:  # each IP-Adapter's image tokens (B, N * T, D) travel with the text states
             ctx = ImageTokens(ctx, image_tokens(self, image_embeds, x.dtype))
         h, skips = self._down_and_middle(self.conv_in(self._centered(x)), emb, ctx)
         if down_residuals is not None:

@@ -18,6 +18,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ..errors import BadArgumentError
+from ..utils.trees import map_tensors, zip_tensors
 
 
 def bucket_for(n: int, buckets: Sequence[int]) -> int:
@@ -35,9 +36,12 @@ def network_buckets(request_buckets: Sequence[int]) -> tuple:
     return tuple(sorted({int(b) for b in request_buckets} | {2 * int(b) for b in request_buckets}))
 
 
-def pad_to(t: Optional[torch.Tensor], n: int) -> Optional[torch.Tensor]:
-    """Pad dim 0 up to n by repeating the last row (real values: no NaN / inf paths in padded rows)."""
-    if t is None or t.shape[0] == n:
+def pad_to(t, n: int):
+    """Pad dim 0 up to n by repeating the last row (real values: no NaN / inf paths in padded rows); a tuple of
+    tensors (several IP-Adapters' features) tensor by tensor."""
+    if t is None or not torch.is_tensor(t):
+        return map_tensors(lambda u: pad_to(u, n), t)
+    if t.shape[0] == n:
         return t
     extra = t[-1:].expand(n - t.shape[0], *t.shape[1:])
     return torch.cat([t, extra], dim=0)
@@ -123,7 +127,7 @@ class GraphedNetwork(BucketPadded):
     def signature(bucket: int, x: torch.Tensor, timestep, class_labels, encoder_hidden_states, *added,
                   names: tuple = ()) -> tuple:
         def sig(t):
-            return None if t is None else (tuple(t.shape[1:]), t.dtype)
+            return None if t is None else map_tensors(lambda u: (tuple(u.shape[1:]), u.dtype), t)
         return (bucket, tuple(x.shape[1:]), x.dtype, str(x.device), sig(timestep), sig(class_labels),
                 sig(encoder_hidden_states)) + tuple((name, sig(t)) for name, t in zip(names, added))
 
@@ -135,7 +139,7 @@ class GraphedNetwork(BucketPadded):
         key = self.signature(bucket, *inputs, names=names)
         entry = self.graphs.get(key)
         if entry is None:
-            static = [None if t is None else t.clone() for t in inputs]
+            static = [map_tensors(torch.clone, t) for t in inputs]
             graph = self.graph_factory(lambda *a: _invoke(self.network, list(a), names), static, pool=self.pool)
             self.pool = getattr(graph, "pool", self.pool)
             self.captures += 1
@@ -147,8 +151,7 @@ class GraphedNetwork(BucketPadded):
             self.graphs.move_to_end(key)
         graph, static = entry
         for buf, t in zip(static, inputs):
-            if buf is not None:
-                buf.copy_(t)
+            zip_tensors(lambda b, u: b.copy_(u), buf, t)
         return graph.replay().clone()  # cloned: the next replay overwrites the static output
 
 
@@ -161,6 +164,8 @@ def _as_batch(timestep, n: int, device) -> torch.Tensor:
 
 
 def _rows(t, i: int, step: int):
-    if t is None or not torch.is_tensor(t) or t.dim() == 0 or t.shape[0] == 1:
+    if t is not None and not torch.is_tensor(t):  # (a tuple of tensors)
+        return map_tensors(lambda u: _rows(u, i, step), t)
+    if t is None or t.dim() == 0 or t.shape[0] == 1:
         return t
     return t[i:i + step]

@@ -19,6 +19,8 @@ from typing import Callable, Optional
 
 import torch
 
+from ..utils.trees import map_tensors, zip_tensors
+
 
 class RecordedNoise:
     """A sampler ``noise(step_index, like)`` source that serves pre-filled static buffers in order."""
@@ -112,14 +114,8 @@ class LoopGraphCache:
 
 
 def _clone_tree(d):
-    if isinstance(d, dict):
-        return {k: _clone_tree(v) for k, v in d.items()}
-    return d.clone() if torch.is_tensor(d) else d
+    return map_tensors(torch.clone, d)
 
 
 def _copy_tree(dst, src):
-    for k, v in src.items():
-        if isinstance(v, dict):
-            _copy_tree(dst[k], v)
-        elif torch.is_tensor(v):
-            dst[k].copy_(v)
+    zip_tensors(lambda b, u: b.copy_(u), dst, src)
