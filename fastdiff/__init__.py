@@ -32,6 +32,7 @@ _LAZY = {
     "schedules": ("fastdiff.schedules", None),
     "UNet": ("fastdiff.models.unet", "UNet"),
     "DiT": ("fastdiff.models.dit", "DiT"),
+    "ip_adapter_mask": ("fastdiff.ip_adapter_masks", "ip_adapter_mask"),
 }
 
 

@@ -27,9 +27,11 @@ def adapter_sources(path, subfolder, weight_name) -> list:
     return [tuple(v[i] if len(v) > 1 else v[0] for v in lists.values()) for i in range(count)]
 
 
-def scales_per_adapter(scale, count: int) -> list:
-    """One scale per adapter (a number or InstantStyle's per-block dict each, checked against the UNet later): a list
-    of ``count`` (diffusers' form), or one value for all of them."""
+def scales_per_adapter(scale, count: int) -> tuple:
+    """(layer scales, image scales): one scale per adapter (a list of ``count``, diffusers' form, or one value for all
+    of them), each a number or InstantStyle's per-block dict (checked against the UNet later) for its layers, or a
+    list of numbers, one per masked image (diffusers' ``[[0.7, 0.5]]``: ``fastdiff.ip_adapter_masks``), whose layers
+    then read 1; image scales: per adapter that tuple or None."""
     if isinstance(scale, (list, tuple)):
         if len(scale) != count:
             loaded = "one IP-Adapter is" if count == 1 else f"{count} IP-Adapters are"
@@ -38,7 +40,17 @@ def scales_per_adapter(scale, count: int) -> list:
         scales = list(scale)
     else:
         scales = [scale] * count
-    return [s if isinstance(s, dict) else finite_number("scale", s) for s in scales]
+    layers, images = [], []
+    for s in scales:
+        if isinstance(s, (list, tuple)):  # one per masked image
+            if not s:
+                raise BadArgumentError("scale: expected one scale per masked image, found an empty list")
+            images.append(tuple(finite_number("scale", v) for v in s))
+            layers.append(1.0)
+        else:
+            images.append(None)
+            layers.append(s if isinstance(s, dict) else finite_number("scale", s))
+    return layers, tuple(images)
 
 
 def read_adapter_weights(path, subfolder: str, weight_name: Optional[str]) -> dict:

@@ -289,7 +289,8 @@ class Pipeline(PlansMixin, ControlNetMixin, ImageInputsMixin, IPAdapterMixin, Cl
                  control_guidance_end: float = 1.0, guess_mode: bool = False,
                  denoising_end: Optional[float] = None, denoising_start: Optional[float] = None,
                  padding_mask_crop: Optional[int] = None, control_mode=None, control_mask=None,
-                 ip_adapter_image=None, ip_adapter_image_embeds=None, classifier_scale: Optional[float] = None,
+                 ip_adapter_image=None, ip_adapter_image_embeds=None, ip_adapter_masks=None,
+                 classifier_scale: Optional[float] = None,
                  noise_level: Optional[int] = None, **sampler_options):
         """Sample ``n`` images (latents for latent models).
 
@@ -376,7 +377,12 @@ class Pipeline(PlansMixin, ControlNetMixin, ImageInputsMixin, IPAdapterMixin, Cl
             Plus: a black image's hidden states); or CLIP image features: a tensor (D,), (N, D) or (B, N, D) (one per
             sample; Plus: the penultimate hidden states (S, E), (N, S, E) or (B, N, S, E)), the unconditional pass as
             for an image, or diffusers' form, a list of one tensor, under guidance [negative, positive] stacked on the
-            batch.
+            batch. With several adapters loaded: a list with one entry per adapter (an image or a list of images;
+            diffusers' list form of the features).
+        ip_adapter_masks: where each image prompt acts (diffusers' ``cross_attention_kwargs["ip_adapter_masks"]``):
+            per adapter None or its (1, N, H, W) masks (one per image; ``fastdiff.ip_adapter_mask`` makes them from
+            mask images, as diffusers' ``IPAdapterMaskProcessor``) or the mask images themselves; a tensor for one
+            adapter. Each masked image gets its own attention, weighted by its mask in every layer.
         denoising_end / denoising_start: SDXL's ensemble of expert denoisers, as diffusers' SDXL pipelines
             (``fastdiff.experts``): with ``denoising_end`` the run stops after the steps whose training timestep is
             >= round(T (1 - end)) and returns its state (diffusers' noisy latents), not x0; with
@@ -511,6 +517,11 @@ class Pipeline(PlansMixin, ControlNetMixin, ImageInputsMixin, IPAdapterMixin, Cl
             cond["image_embeds"] = image_embeds[0]
             if guided:
                 uncond["image_embeds"] = image_embeds[1]
+            image_masks = self._ip_adapter_masks(ip_adapter_masks, image_embeds[0], b, (h, w))
+            if image_masks is not None:  # (both CFG passes read them, as diffusers' cross_attention_kwargs)
+                cond["image_masks"] = image_masks
+        elif ip_adapter_masks is not None:
+            raise BadArgumentError("ip_adapter_masks: given, but no image prompt (ip_adapter_image) runs")
         # (both CFG passes share it; FluxImg2Img / FluxInpaintPipeline default to 7, FluxPipeline to 3.5)
         cond.update(guidance_conditioning(self.spec, b, guidance, self.device,
                                           edits=images is not None or self._latent_controlnet() == "flux"))

@@ -28,6 +28,7 @@ class IPAdapterMixin:
     image_encoder = None
     _image_processor = None
     _black_states = None  # (encoder, its dtype / device / size, (S, E) states): IP-Adapter Plus's unconditional input
+    _ip_image_scales = ()  # per adapter None or its per-image scales (weights of its masked images)
 
     def load_ip_adapter(self, path, subfolder="", weight_name=None,
                         image_encoder_folder: Optional[str] = "image_encoder", *, scale=1.0) -> "IPAdapterMixin":
@@ -56,7 +57,7 @@ class IPAdapterMixin:
             raise BadArgumentError(f"load_ip_adapter(): this pipeline runs an exported {self.config.backend} graph, "
                                    f"which has no image-prompt input; use the eager / triton / compile backends")
         sources = files.adapter_sources(path, subfolder, weight_name)
-        scales = files.scales_per_adapter(scale, len(sources))
+        scales, image_scales = files.scales_per_adapter(scale, len(sources))
         for s in scales:  # (a per-block dict that does not fit: before anything changes)
             ip_adapter_scales.check(self.model, s)
         states = [ip_adapter.split_state_dict(files.read_adapter_weights(*source)) for source in sources]
@@ -73,6 +74,7 @@ class IPAdapterMixin:
             _check_encoder(encoder, projection, i, len(projections))
         ip_adapter.attach(self.model, states, projections)
         ip_adapter.set_scale(self.model, scales)
+        self._ip_image_scales = image_scales
         self.image_encoder, self._image_processor = encoder, processor
         self._rebuild_runner()  # (compiled models and captured graphs ran the network without the branches)
         return self
@@ -81,14 +83,16 @@ class IPAdapterMixin:
         """The image prompt's weight, as diffusers' ``set_ip_adapter_scale``: a number, or InstantStyle's per-block
         dict (``{"up": {"block_0": [0.0, 1.0, 0.0]}}``: the image prompt in those attention layers alone, 0 in the
         others; the grammar in ``fastdiff.models.ip_adapter_scales``); with several adapters a list of one per
-        adapter (one value serves them all). A buffer every layer reads, changed in place: captured graphs and
-        compiled models take it as it is."""
+        adapter (one value serves them all); an adapter's list of numbers is one scale per masked image
+        (``generate(ip_adapter_masks=)``, diffusers' ``[[0.7, 0.5]]``). A buffer every layer reads, changed in
+        place: captured graphs and compiled models take it as it is."""
         from .ip_adapter_files import scales_per_adapter
         from .models import ip_adapter
 
         if self.model is None or not ip_adapter.attached(self.model):
             raise BadArgumentError("set_ip_adapter_scale(): no IP-Adapter is loaded (pipe.load_ip_adapter)")
-        ip_adapter.set_scale(self.model, scales_per_adapter(scale, ip_adapter.adapter_count(self.model)))
+        scales, self._ip_image_scales = scales_per_adapter(scale, ip_adapter.adapter_count(self.model))
+        ip_adapter.set_scale(self.model, scales)
 
     def unload_ip_adapter(self) -> None:
         """Remove the adapter and its image encoder (diffusers' ``unload_ip_adapter``)."""
@@ -97,6 +101,7 @@ class IPAdapterMixin:
         if self.model is not None and ip_adapter.attached(self.model):
             ip_adapter.detach(self.model)
             self.image_encoder = self._image_processor = self._black_states = None
+            self._ip_image_scales = ()
             self._rebuild_runner()
 
     def _ip_adapter_embeds(self, image, embeds, b: int, guided: bool) -> Optional[tuple]:
@@ -134,6 +139,17 @@ class IPAdapterMixin:
         if count == 1:
             return both[0]
         return tuple(p for p, _ in both), tuple(n for _, n in both)
+
+    def _ip_adapter_masks(self, masks, embeds, b: int, latent_size: tuple) -> Optional[tuple]:
+        """generate(ip_adapter_masks=) for the image prompt's features ``embeds`` (a tensor, or one per adapter):
+        per adapter None or (b, N, H, W) masks (``fastdiff.ip_adapter_masks``), or None."""
+        from .ip_adapter_masks import VAE_GRID, prepare_masks
+        from .models.ip_adapter import attention_sizes
+
+        features = list(embeds) if isinstance(embeds, tuple) else [embeds]
+        f = self.vae.downscale if self.vae is not None else VAE_GRID
+        return prepare_masks(masks, [e.shape[1] for e in features], b, (f * latent_size[0], f * latent_size[1]),
+                             attention_sizes(self.model, *latent_size), self.device, self._ip_image_scales)
 
     def _listed_embeds(self, given, adapter: int, guided: bool) -> tuple:
         """(positive, negative or None) of one adapter's tensor in diffusers' list form."""

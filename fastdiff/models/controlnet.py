@@ -207,7 +207,8 @@ class ControlledUNet(nn.Module):
         return self.unet.config
 
     def forward(self, x, timestep, class_labels=None, encoder_hidden_states=None, text_embeds=None, time_ids=None,
-                image_latents=None, control_image=None, control_scale=None, control_guess=None, image_embeds=None):
+                image_latents=None, control_image=None, control_scale=None, control_guess=None, image_embeds=None,
+                image_masks=None):
         if control_image is None or control_scale is None:
             raise BadArgumentError("this network is driven by a ControlNet: expected control_image and "
                                    "control_scale, found " + ("neither" if control_image is None and control_scale
@@ -219,7 +220,7 @@ class ControlledUNet(nn.Module):
         # (an IP-Adapter's image prompt reaches the UNet alone, as diffusers' ControlNet pipelines hand it)
         return self.unet(x, timestep, class_labels=class_labels, encoder_hidden_states=encoder_hidden_states,
                          text_embeds=text_embeds, time_ids=time_ids, image_latents=image_latents,
-                         down_residuals=down, mid_residual=mid, image_embeds=image_embeds)
+                         down_residuals=down, mid_residual=mid, image_embeds=image_embeds, image_masks=image_masks)
 
 
 def check_fits(controlnet: ControlNet, unet: UNet) -> None:

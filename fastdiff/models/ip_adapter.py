@@ -31,12 +31,68 @@ from ..errors import BadArgumentError, CheckpointError, StateDictMismatchError
 
 class ImageTokens:
     """The cross-attention context with the image prompt's tokens beside the text states (a tensor, or the UNet's
-    ``Projected`` text states): ``tokens`` a tuple of (B, T, D) tensors, one per loaded adapter."""
+    ``Projected`` text states): ``tokens`` a tuple of (B, N * T, D) tensors, one per loaded adapter; ``masks`` a tuple
+    of the same length, each None or the adapter's (B, N, H, W) masks (``fastdiff.ip_adapter_masks``)."""
 
-    __slots__ = ("states", "tokens")
+    __slots__ = ("states", "tokens", "masks")
 
-    def __init__(self, states, tokens: torch.Tensor):
+    def __init__(self, states, tokens: tuple, masks: Optional[tuple] = None):
         self.states, self.tokens = states, tokens
+        self.masks = (None,) * len(tokens) if masks is None else masks
+
+
+def add_image_attention(layer, o: torch.Tensor, q: torch.Tensor, image: "ImageTokens") -> torch.Tensor:
+    """``o`` (B, Q, inner), the layer's text attention, plus each adapter's scaled attention to its image tokens
+    (diffusers' ``IPAdapterAttnProcessor2_0``): one attention over all the adapter's tokens, or with masks one per
+    image, each weighted by its mask downsampled to the layer's Q queries."""
+    b = q.shape[0]
+    for branch, tokens, masks in zip(layer.ip, image.tokens, image.masks):
+        if masks is None:
+            o = o + branch.scale * layer._attend(b, q, layer._heads(branch.to_k_ip(tokens)),
+                                                 layer._heads(branch.to_v_ip(tokens)))
+            continue
+        per_image = tokens.reshape(b, masks.shape[1], -1, tokens.shape[-1])  # (B, N, T, D)
+        for i in range(masks.shape[1]):
+            a = layer._attend(b, q, layer._heads(branch.to_k_ip(per_image[:, i])),
+                              layer._heads(branch.to_v_ip(per_image[:, i])))  # (B, Q, inner)
+            o = o + branch.scale * (a * queries_mask(masks[:, i:i + 1], a.shape[1]).to(a.dtype))
+    return o
+
+
+def mask_cells(height: int, width: int, queries: int) -> tuple:
+    """(rows, cols) of the cells an (height, width) mask is downsampled to for a layer of ``queries`` queries
+    (diffusers' rule: rows from the aspect ratio, one more where they do not divide the queries); rows * cols may
+    miss ``queries`` when the mask's aspect ratio is not the layer's."""
+    import math
+
+    rows = max(1, int(math.sqrt(queries / (width / height))))
+    rows += int(queries % rows != 0)
+    return rows, queries // rows
+
+
+def attention_sizes(unet, height: int, width: int) -> list:
+    """The (rows, cols) of the latent grid at every level of ``unet`` that holds attention layers, for latents of
+    ``height`` x ``width`` (each downsampling halves, rounding up)."""
+    sizes, h, w = [], height, width
+    for i, block in enumerate(unet.down_blocks):
+        if block.attentions is not None:
+            sizes.append((h, w))
+        if i < len(unet.down_blocks) - 1:
+            h, w = (h + 1) // 2, (w + 1) // 2
+    if getattr(unet.mid_block, "attentions", None) is not None:
+        sizes.append((h, w))
+    return sizes
+
+
+def queries_mask(mask: torch.Tensor, queries: int) -> torch.Tensor:
+    """(B, 1, H, W) mask -> (B, Q, 1) weights of a layer's Q queries, as diffusers'
+    ``IPAdapterMaskProcessor.downsample``: bicubic to the mask's aspect ratio at about Q cells, the cells' count padded
+    with zeros or cut to Q where the aspect ratios differ."""
+    rows, cols = mask_cells(mask.shape[-2], mask.shape[-1], queries)
+    m = torch.nn.functional.interpolate(mask, size=(rows, cols), mode="bicubic").flatten(1)  # (B, rows * cols)
+    if m.shape[1] < queries:
+        m = torch.nn.functional.pad(m, (0, queries - m.shape[1]))
+    return m[:, :queries, None]
 
 
 class ImageProjection(nn.Module):
@@ -232,6 +288,24 @@ def image_tokens(unet, embeds, dtype: torch.dtype) -> Optional[tuple]:
         raise BadArgumentError(f"image_embeds: expected one tensor per loaded IP-Adapter ({adapter_count(unet)}), "
                                f"found {len(embeds)}")
     return tuple(_adapter_tokens(unet, i, e, dtype) for i, e in enumerate(embeds))
+
+
+def image_context(unet, states, embeds, masks, dtype: torch.dtype) -> ImageTokens:
+    """The text states with every adapter's tokens (``image_tokens``) and masks: None, or one per adapter (a tensor
+    for one adapter), each None or (B, N, H, W) with N the adapter's images."""
+    tokens = image_tokens(unet, embeds, dtype)
+    if masks is None:
+        return ImageTokens(states, tokens)
+    masks = tuple(masks) if isinstance(masks, (list, tuple)) else (masks,)
+    if len(masks) != len(tokens):
+        raise BadArgumentError(f"image_masks: expected one entry (None or a tensor) per loaded IP-Adapter "
+                               f"({len(tokens)}), found {len(masks)}")
+    for i, (m, t, e) in enumerate(zip(masks, tokens, embeds if isinstance(embeds, (list, tuple)) else [embeds])):
+        images = e.shape[1] if e.dim() == image_rank(unet, i) + 2 else 1
+        if m is not None and (m.dim() != 4 or m.shape[0] != t.shape[0] or m.shape[1] != images):
+            raise BadArgumentError(f"image_masks: expected ({t.shape[0]}, {images}, H, W) masks for IP-Adapter {i} "
+                                   f"(one per image), found {tuple(m.shape)}")
+    return ImageTokens(states, tokens, masks)
 
 
 def _adapter_tokens(unet, adapter: int, embeds: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from ..errors import BadArgumentError
 from .conv_bias import conv_without_bias, is_pointwise, pixel_rows, pointwise_conv, pointwise_linear
 from .freeu import freeu_join
-from .ip_adapter import ImageTokens, image_tokens
+from .ip_adapter import ImageTokens, add_image_attention, image_context
 from .layers import Attention as AttentionCore
 from .layers import GEGLU, GroupNorm, LayerNorm, timestep_embedding
 from .linear_stack import LinearStacks, Projected, project, stacked_output
@@ -205,7 +205,7 @@ class MultiHeadAttention(LinearStacks, nn.Module):
         b = x.shape[0]
         kv = image = None
         if isinstance(context, ImageTokens):  # an image prompt's tokens beside the text states
-            image, context = context.tokens, context.states
+            image, context = context, context.states
         if isinstance(context, Projected):  # the text states, with every cross-attention's k | v from one matmul
             kv = None if self.kv_index is None else context.parts[self.kv_index]  # (B, M, 2 * inner), strided rows
             context = context.states
@@ -219,9 +219,7 @@ class MultiHeadAttention(LinearStacks, nn.Module):
             q, k, v = self._heads(self.to_q(x)), self._heads(self.to_k(ctx)), self._heads(self.to_v(ctx))
         o = self._attend(b, q, k, v)  # (B, N, inner)
         if image is not None and self.ip is not None:  # + scale * attention to each adapter's tokens (IP-Adapter)
-            for branch, tokens in zip(self.ip, image):
-                o = o + branch.scale * self._attend(b, q, self._heads(branch.to_k_ip(tokens)),
-                                                    self._heads(branch.to_v_ip(tokens)))
+            o = add_image_attention(self, o, q, image)
         return self.to_out[0](o)  # (B, N, query_dim)
 
     def stack_layers(self, name: str):
@@ -607,7 +605,7 @@ class UNet(LinearStacks, nn.Module):
 
     # ----------------------------------------------------------------------------------------------
     def forward(self, x, timestep, class_labels=None, encoder_hidden_states=None, text_embeds=None, time_ids=None,
-                image_latents=None, down_residuals=None, mid_residual=None, image_embeds=None):
+                image_latents=None, down_residuals=None, mid_residual=None, image_embeds=None, image_masks=None):
         """x (B, C, H, W); timestep scalar / (B,); class_labels (B,); encoder_hidden_states (B, L, D);
         text_embeds (B, P) and time_ids (B, N): SDXL's pooled text and micro-conditioning (diffusers passes
         them as ``added_cond_kwargs``); image_latents (B, K, H, W): input channels after x's (an inpainting UNet's
@@ -616,13 +614,14 @@ class UNet(LinearStacks, nn.Module):
         outputs, added to the skips and the middle (diffusers' ``down_block_additional_residuals`` /
         ``mid_block_additional_residual``); image_embeds (B, D) or (B, N, D): an image prompt's CLIP embeddings for
         a loaded IP-Adapter ((B, N, S, E) hidden states for Plus), or a list of one such tensor per loaded adapter
-        (diffusers' ``added_cond_kwargs["image_embeds"]``)."""
+        (diffusers' ``added_cond_kwargs["image_embeds"]``); image_masks: None, or per adapter None or (B, N, H, W)
+        masks of its N images (diffusers' ``cross_attention_kwargs["ip_adapter_masks"]``)."""
         c = self.config
         if image_latents is not None:
             x = torch.cat([x, image_latents.to(x.dtype)], dim=1)  # (B, C + K, H, W)
         t, emb, ctx = self._conditioning(x, timestep, class_labels, encoder_hidden_states, text_embeds, time_ids)
         if image_embeds is not None:  # each IP-Adapter's image tokens (B, N * T, D) travel with the text states
-            ctx = ImageTokens(ctx, image_tokens(self, image_embeds, x.dtype))
+            ctx = image_context(self, ctx, image_embeds, image_masks, x.dtype)
         h, skips = self._down_and_middle(self.conv_in(self._centered(x)), emb, ctx)
         if down_residuals is not None:
             if len(down_residuals) != len(skips):

@@ -1,0 +1,182 @@
+"""IP-Adapter masks (diffusers' ``cross_attention_kwargs={"ip_adapter_masks": ...}``) and per-image scales, against
+diffusers' pipeline and ``IPAdapterMaskProcessor``; in captured graphs; refused where they do not fit."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import fastdiff
+from fastdiff.errors import BadArgumentError
+from helpers import rel_err
+from test_graph_scopes import FakeGraph
+from test_ip_adapter import _adapter, _image, _plus_adapter, diffusers
+from test_prompts import sd_pipelines
+
+
+def _mask_images(width=96, height=64, seed=0):
+    """Two mask images (left and right, soft edges near 0.5 so that the binarization is tested) of another size than
+    the output."""
+    from PIL import Image
+
+    x = np.linspace(0, 1, width)[None, :].repeat(height, 0)
+    noise = np.random.default_rng(seed).normal(0, 0.05, (height, width))
+    left = np.clip(1.2 - 1.6 * x + noise, 0, 1)
+    return [Image.fromarray((left * 255).astype(np.uint8)), Image.fromarray(((1 - left) * 255).astype(np.uint8))]
+
+
+def _latents(b=2, seed=3, size=(8, 12)):
+    return torch.randn(b, 4, *size, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def masked(tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp("ipmask"))
+    ref, pipe = sd_pipelines(folder)
+    plus = _plus_adapter(os.path.join(folder, "plus"), ref.unet)
+    base = _adapter(os.path.join(folder, "base"), ref.unet, seed=11, image_encoder=False)
+    return ref, pipe, plus, base
+
+
+@pytest.mark.parametrize("size", [(None, None), (40, 60), (33, 71)])
+def test_ip_adapter_mask_equals_diffusers_processor(size):
+    from diffusers.image_processor import IPAdapterMaskProcessor
+
+    images = _mask_images(width=90, height=70)
+    want = IPAdapterMaskProcessor().preprocess(images, height=size[0], width=size[1])
+    got = fastdiff.ip_adapter_mask(images, *size)
+    assert got.shape == (1, 2) + tuple(want.shape[2:]) and torch.equal(got[0], want[:, 0])
+    assert 0 < float(got.mean()) < 1  # (both values occur)
+
+
+@pytest.mark.parametrize("cfg", [1.0, 4.0])
+def test_masked_images_with_per_image_scales_equal_diffusers(masked, cfg):
+    """One adapter, two images, each in its half (per-image scales, diffusers' [[0.7, 0.4]]); non-square latents
+    whose aspect the masks share. Then two adapters: Plus masked, the base adapter unmasked (None)."""
+    ref, pipe, plus, base = masked
+    masks = fastdiff.ip_adapter_mask(_mask_images(), 64, 96)
+    images = [[_image(seed=5), _image(seed=6)]]
+    kw = dict(num_inference_steps=3, guidance_scale=cfg, output_type="latent", num_images_per_prompt=2, height=64,
+              width=96)
+    ref.load_ip_adapter(plus, subfolder="", weight_name="plus.safetensors", image_encoder_folder="image_encoder")
+    pipe.load_ip_adapter(plus, weight_name="plus.safetensors")
+    try:
+        for scale in ([[0.7, 0.4]], 0.8):
+            ref.set_ip_adapter_scale(scale)
+            pipe.set_ip_adapter_scale(scale)
+            want = ref("a red cat", latents=_latents(), ip_adapter_image=images,
+                       cross_attention_kwargs={"ip_adapter_masks": [masks]}, **kw).images
+            got = pipe.generate(prompt="a red cat", latents=_latents(), steps=3, cfg_scale=cfg, progress=False,
+                                ip_adapter_image=images, ip_adapter_masks=[masks])
+            assert rel_err(got, want) <= 1e-5
+        unmasked = pipe.generate(prompt="a red cat", latents=_latents(), steps=3, cfg_scale=cfg, progress=False,
+                                 ip_adapter_image=images)
+        assert rel_err(unmasked, got) > 1e-4
+        # mask images straight to generate: made at the output's size, as the processor makes them
+        assert torch.equal(pipe.generate(prompt="a red cat", latents=_latents(), steps=3, cfg_scale=cfg,
+                                         progress=False, ip_adapter_image=images,
+                                         ip_adapter_masks=[_mask_images()]), got)
+    finally:
+        ref.unload_ip_adapter()
+        pipe.unload_ip_adapter()
+    weights = ["plus.safetensors", "ip.safetensors"]
+    ref.load_ip_adapter([plus, base], subfolder="", weight_name=weights, image_encoder_folder="image_encoder")
+    pipe.load_ip_adapter([plus, base], weight_name=weights)
+    try:
+        scale = [[0.6, 0.9], 0.5]
+        ref.set_ip_adapter_scale(scale)
+        pipe.set_ip_adapter_scale(scale)
+        images = [[_image(seed=5), _image(seed=6)], _image(seed=7)]
+        want = ref("a red cat", latents=_latents(), ip_adapter_image=images,
+                   cross_attention_kwargs={"ip_adapter_masks": [masks, None]}, **kw).images
+        got = pipe.generate(prompt="a red cat", latents=_latents(), steps=3, cfg_scale=cfg, progress=False,
+                            ip_adapter_image=images, ip_adapter_masks=[masks, None])
+        assert rel_err(got, want) <= 1e-5
+    finally:
+        ref.unload_ip_adapter()
+        pipe.unload_ip_adapter()
+
+
+def test_masks_of_another_aspect_are_padded_as_diffusers_pads_them(masked):
+    """Tall masks (16 x 80) on 8 x 12 latents: the downsampled cells (11 x 2) do not cover the attention layers' 4 x 6
+    queries; diffusers pads them with zeros (and warns), fastdiff too. Square masks there map to 4 x 6 cells: no
+    warning."""
+    import warnings
+
+    ref, pipe, plus, base = masked
+    masks = fastdiff.ip_adapter_mask(_mask_images(width=64), 80, 16)
+    kw = dict(num_inference_steps=2, guidance_scale=3.0, output_type="latent", num_images_per_prompt=2, height=64,
+              width=96)
+    ref.load_ip_adapter(base, subfolder="", weight_name="ip.safetensors", image_encoder_folder=None)
+    pipe.load_ip_adapter(base, weight_name="ip.safetensors", image_encoder_folder=None)
+    try:
+        embeds = torch.randn(1, 2, 10, generator=torch.Generator().manual_seed(4))
+        with pytest.warns(UserWarning, match="aspect ratio"):
+            want = ref("a red cat", latents=_latents(), ip_adapter_image_embeds=[torch.cat([embeds * 0, embeds])],
+                       cross_attention_kwargs={"ip_adapter_masks": [masks]}, **kw).images
+        with pytest.warns(UserWarning, match="aspect ratio"):
+            got = pipe.generate(prompt="a red cat", latents=_latents(), steps=2, cfg_scale=3.0, progress=False,
+                                ip_adapter_image_embeds=embeds, ip_adapter_masks=masks)
+        assert rel_err(got, want) <= 1e-5
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            pipe.generate(prompt="a red cat", latents=_latents(), steps=1, progress=False,
+                          ip_adapter_image_embeds=embeds,
+                          ip_adapter_masks=fastdiff.ip_adapter_mask(_mask_images(width=64), 64, 64))
+    finally:
+        ref.unload_ip_adapter()
+        pipe.unload_ip_adapter()
+
+
+@pytest.mark.parametrize("scope", ["step", "loop"])
+def test_masks_in_captured_graphs(masked, scope):
+    """Masks are conditioning tensors: padded to the bucket, copied into the static buffers; other masks and other
+    per-image scales replay the same graph and equal the eager run."""
+    ref, eager, plus, base = masked
+    graphed = fastdiff.load(os.path.join(os.path.dirname(plus), "pipe"))
+    graphed.optimize(cuda_graphs=True, graph_scope=scope, batch_buckets=(4,), graph_factory=FakeGraph)
+    for p in (eager, graphed):
+        p.load_ip_adapter(plus, weight_name="plus.safetensors")
+    try:
+        graphs = graphed.loop_graphs if scope == "loop" else graphed.runner
+        left, right = fastdiff.ip_adapter_mask(_mask_images(), 64, 96)[0]
+        for masks, scale in (((left, right), [[0.7, 0.4]]), ((right, left), [[0.2, 1.1]])):
+            for p in (eager, graphed):
+                p.set_ip_adapter_scale(scale)
+            kw = dict(prompt="a red cat", seeds=[1, 2, 3], steps=2, cfg_scale=3.0, progress=False, height=64,
+                      width=96, ip_adapter_image=[[_image(seed=5), _image(seed=6)]],
+                      ip_adapter_masks=torch.stack(masks)[None])
+            assert rel_err(graphed.generate(**kw), eager.generate(**kw)) <= 1e-5
+        assert graphs.captures == 1
+    finally:
+        eager.unload_ip_adapter()
+
+
+def test_mask_refusals(masked):
+    ref, pipe, plus, base = masked
+    masks = fastdiff.ip_adapter_mask(_mask_images(), 64, 96)
+    kw = dict(prompt="a red cat", steps=1, progress=False, height=64, width=96)
+    with pytest.raises(BadArgumentError, match="ip_adapter_masks: given, but no image prompt"):
+        pipe.generate(ip_adapter_masks=masks, **kw)
+    pipe.load_ip_adapter(plus, weight_name="plus.safetensors", scale=[[0.5, 0.5]])
+    try:
+        two = [[_image(seed=5), _image(seed=6)]]
+        with pytest.raises(BadArgumentError, match=r"one scale per image .* expected its masks, found none"):
+            pipe.generate(ip_adapter_image=two, **kw)
+        with pytest.raises(BadArgumentError, match=r"expected float masks \(1, 1, H, W\) for IP-Adapter 0"):
+            pipe.generate(ip_adapter_image=_image(), ip_adapter_masks=masks, **kw)
+        with pytest.raises(BadArgumentError, match=r"one entry \(masks or None\) per loaded IP-Adapter \(1\), found 2"):
+            pipe.generate(ip_adapter_image=two, ip_adapter_masks=[masks, masks], **kw)
+        with pytest.raises(BadArgumentError, match="expected finite values"):
+            pipe.generate(ip_adapter_image=two, ip_adapter_masks=masks * float("nan"), **kw)
+        pipe.set_ip_adapter_scale([[0.5, 0.5, 0.5]])
+        with pytest.raises(BadArgumentError, match="3 per-image scales and 2 images"):
+            pipe.generate(ip_adapter_image=two, ip_adapter_masks=masks, **kw)
+        with pytest.raises(BadArgumentError, match="one scale per masked image, found an empty list"):
+            pipe.set_ip_adapter_scale([[]])
+    finally:
+        pipe.unload_ip_adapter()
+    with pytest.raises(BadArgumentError, match="expected PIL images or arrays"):
+        fastdiff.ip_adapter_mask([torch.ones(8, 8)])
+    assert diffusers is not None
