@@ -361,20 +361,25 @@ def test_the_image_encoder_follows_the_networks_precision(tmp_path):
     assert torch.isfinite(got).all()
 
 
+def engine_equals_solo_runs(pipe, **image_prompt) -> dict:
+    """Three Engine requests with one image prompt equal their solo runs; the Engine's stats."""
+    with fastdiff.Engine(pipe, max_batch=4, max_wait_ms=50) as engine:
+        futures = [engine.submit(seed=s, prompt="a red cat", steps=2, cfg_scale=3.0, **image_prompt)
+                   for s in (4, 5, 6)]
+        results = [f.result(timeout=120) for f in futures]
+    for s, got in zip((4, 5, 6), results):
+        want = pipe.generate(seeds=[s], prompt="a red cat", steps=2, cfg_scale=3.0, progress=False,
+                             **image_prompt)[0]
+        assert rel_err(got, want) <= 1e-5
+    return engine.stats()
+
+
 def test_the_engine_serves_an_image_prompt(pair):
     """Engine requests with an image prompt (one image object: one batch) equal their solo runs."""
     ref, pipe, adapter = pair
-    image = _image()
     pipe.load_ip_adapter(adapter, weight_name="ip.safetensors")
     try:
-        with fastdiff.Engine(pipe, max_batch=4, max_wait_ms=50) as engine:
-            futures = [engine.submit(seed=s, prompt="a red cat", steps=2, cfg_scale=3.0, ip_adapter_image=image)
-                       for s in (4, 5, 6)]
-            results = [f.result(timeout=120) for f in futures]
-        for s, got in zip((4, 5, 6), results):
-            want = pipe.generate(seeds=[s], prompt="a red cat", steps=2, cfg_scale=3.0, ip_adapter_image=image,
-                                 progress=False)[0]
-            assert rel_err(got, want) <= 1e-5
+        engine_equals_solo_runs(pipe, ip_adapter_image=_image())
     finally:
         pipe.unload_ip_adapter()
 

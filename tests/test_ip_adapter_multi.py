@@ -12,7 +12,8 @@ import fastdiff
 from fastdiff.errors import BadArgumentError
 from helpers import rel_err
 from test_graph_scopes import FakeGraph
-from test_ip_adapter import _adapter, _image, _latents, _plus_adapter, diffusers  # noqa: F401 (diffusers: the skip)
+from test_ip_adapter import diffusers  # noqa: F401 (its skip: diffusers is the reference)
+from test_ip_adapter import _adapter, _image, _latents, _plus_adapter, engine_equals_solo_runs
 from test_prompts import sd_pipelines
 
 WEIGHTS = ["plus.safetensors", "ip.safetensors"]
@@ -91,18 +92,10 @@ def test_two_adapters_in_captured_graphs(two, scope):
 
 def test_the_engine_batches_two_adapters_requests(two):
     ref, pipe, folders = two
-    images = [_image(seed=5), _image(seed=6)]
     _load(pipe, folders)
     try:
-        with fastdiff.Engine(pipe, max_batch=4, max_wait_ms=50) as engine:
-            futures = [engine.submit(seed=s, prompt="a red cat", steps=2, cfg_scale=3.0, ip_adapter_image=images)
-                       for s in (4, 5, 6)]
-            results = [f.result(timeout=120) for f in futures]
-        assert max(engine.stats()["batch_size_hist"]) > 1  # (batched: the image lists are equal)
-        for s, got in zip((4, 5, 6), results):
-            want = pipe.generate(seeds=[s], prompt="a red cat", steps=2, cfg_scale=3.0, ip_adapter_image=images,
-                                 progress=False)[0]
-            assert rel_err(got, want) <= 1e-5
+        stats = engine_equals_solo_runs(pipe, ip_adapter_image=[_image(seed=5), _image(seed=6)])
+        assert max(stats["batch_size_hist"]) > 1  # (batched: the image lists are equal)
     finally:
         pipe.unload_ip_adapter()
 
