@@ -491,8 +491,8 @@ class CFGDenoiser(Denoiser):
         for k in uncond:
             if k not in cond:
                 raise BadArgumentError(f"uncond: expected keys among the conditioning {sorted(cond)}, found {k!r}")
-        def pair(c, u):  # a tensor, or a tuple of them (several IP-Adapters' features)
-            if isinstance(c, tuple):
+        def pair(c, u):  # a tensor, or a tuple / list of them (several IP-Adapters' features)
+            if isinstance(c, (tuple, list)):
                 return zip_tensors(lambda ci, ui: torch.cat([ui, ci]), c, u)
             return torch.cat([u, c]) if torch.is_tensor(c) else c
 

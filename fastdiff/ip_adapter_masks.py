@@ -24,29 +24,27 @@ VAE_GRID = 8  # IPAdapterMaskProcessor's vae_scale_factor: sizes round down to i
 
 
 def ip_adapter_mask(images, height: Optional[int] = None, width: Optional[int] = None) -> torch.Tensor:
-    """(1, N, H, W) float masks, 0 or 1, of N mask images (PIL images or (H, W) / (H, W, C) arrays): grayscale,
-    resized with Lanczos to ``height`` x ``width`` (default: the first image's size) rounded down to multiples of 8,
+    """(1, N, H, W) float masks, 0 or 1, of N mask images (PIL images of any mode): resized with Lanczos to
+    ``height`` x ``width`` (default: the first image's size) rounded down to multiples of 8, then made grayscale,
     white from 0.5 up (diffusers' ``IPAdapterMaskProcessor().preprocess(images, height, width)`` reshaped to one
-    adapter's (1, N, H, W))."""
+    adapter's (1, N, H, W)). Masks already as arrays: pass a (1, N, H, W) float tensor to ``generate``."""
     from PIL import Image
 
     images = list(images) if isinstance(images, (list, tuple)) else [images]
     if not images:
         raise BadArgumentError("ip_adapter_mask: expected a mask image or a list of them, found an empty list")
-    pictures = []
     for image in images:
-        if isinstance(image, np.ndarray):
-            array = image if image.dtype == np.uint8 else (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
-            image = Image.fromarray(array.squeeze(-1) if array.ndim == 3 and array.shape[-1] == 1 else array)
         if not isinstance(image, Image.Image):
-            raise BadArgumentError(f"ip_adapter_mask: expected PIL images or arrays, found {type(image).__name__}")
-        pictures.append(image.convert("L"))
-    w, h = pictures[0].size
+            raise BadArgumentError(f"ip_adapter_mask: expected PIL images (or, to generate, a (1, N, H, W) float "
+                                   f"tensor of masks), found {type(image).__name__}")
+    w, h = images[0].size
     w, h = (width or w) // VAE_GRID * VAE_GRID, (height or h) // VAE_GRID * VAE_GRID
     if h <= 0 or w <= 0:
         raise BadArgumentError(f"ip_adapter_mask: expected a size of at least {VAE_GRID} x {VAE_GRID}, found "
-                               f"{height or pictures[0].size[1]} x {width or pictures[0].size[0]}")
-    arrays = [np.asarray(p.resize((w, h), resample=Image.LANCZOS), dtype=np.float32) / 255.0 for p in pictures]
+                               f"{height or images[0].size[1]} x {width or images[0].size[0]}")
+    # resized in the image's own mode, then grayscale (the processor's order: RGB(A) resamples per channel)
+    arrays = [np.asarray(i.resize((w, h), resample=Image.LANCZOS).convert("L"), dtype=np.float32) / 255.0
+              for i in images]
     masks = torch.from_numpy(np.stack(arrays))[None]  # (1, N, H, W)
     return (masks >= 0.5).float()
 
@@ -66,10 +64,12 @@ def prepare_masks(masks, counts: list, b: int, size: tuple, grids: list, device,
                                    f"(set_ip_adapter_scale), which weights masked images: expected its masks, found "
                                    f"none")
         return None
-    if torch.is_tensor(masks) and masks.dim() == 4 and masks.shape[1] == 1 and adapters > 1:
-        masks = list(masks[:, None])  # diffusers' older form: (adapters, 1, H, W), one image each
+    if torch.is_tensor(masks) and masks.dim() == 4 and adapters > 1:
+        masks = list(masks[:, None])  # diffusers' stacked form: (adapters, N, H, W), split per adapter
     elif torch.is_tensor(masks) or not isinstance(masks, (list, tuple)):
         masks = [masks]
+    elif adapters == 1 and len(masks) > 1 and all(_is_image(m) for m in masks):
+        masks = [list(masks)]  # one adapter's mask images, as ip_adapter_image takes its images
     if len(masks) != adapters:
         raise BadArgumentError(f"ip_adapter_masks: expected one entry (masks or None) per loaded IP-Adapter "
                                f"({adapters}), found {len(masks)}")
@@ -106,3 +106,9 @@ def _adapter_masks(m: torch.Tensor, adapter: int, count: int, b: int, size: tupl
     if scales is not None:
         m = m * torch.tensor(scales, dtype=torch.float32, device=device)[None, :, None, None]
     return m.expand(b, *m.shape[1:])
+
+
+def _is_image(value) -> bool:
+    from PIL import Image
+
+    return isinstance(value, Image.Image)

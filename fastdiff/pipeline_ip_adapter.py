@@ -37,8 +37,9 @@ class IPAdapterMixin:
         state dict; several adapters as lists (a list of one, or one value, repeated: ``load_ip_adapter(FOLDER,
         "models", ["ip-adapter_sd15.safetensors", "ip-adapter-plus_sd15.safetensors"])``). The image encoder is read
         from the first adapter's ``<path>/<subfolder>/<image_encoder_folder>`` (a folder name with a "/" is taken
-        from ``path`` itself, as diffusers does; None: no encoder, only ``ip_adapter_image_embeds=`` then; a state
-        dict keeps the encoder loaded before, as diffusers keeps its registered one) and serves every adapter.
+        from ``path`` itself, as diffusers does; None: none, only ``ip_adapter_image_embeds=`` then) and serves every
+        adapter; an encoder loaded before that makes what these adapters read stays (as diffusers keeps its
+        registered one, a state dict or ``image_encoder_folder=None`` too).
         Replaces the adapters loaded before. The base IP-Adapter (ip-adapter_sd15, ip-adapter_sdxl, ...) and
         IP-Adapter Plus (ip-adapter-plus_*: a resampler over the encoder's hidden states) are read. ``scale``: as
         ``set_ip_adapter_scale``."""
@@ -64,10 +65,11 @@ class IPAdapterMixin:
         # (the kinds and the widths, before an encoder is read)
         projections = [ip_adapter.check(self.model, state) for state in states]
         first = sources[0]
-        encoder, processor = None, None
-        if isinstance(first[0], dict):
-            encoder, processor = self.image_encoder, self._image_processor
-        elif image_encoder_folder is not None:
+        # the loaded encoder stays where it serves these adapters (diffusers keeps its registered one); else the
+        # first adapter's folder's is read
+        encoder, processor = self.image_encoder, self._image_processor
+        fits = encoder is not None and all(_encoder_fits(encoder, p) for p in projections)
+        if not fits and image_encoder_folder is not None and not isinstance(first[0], dict):
             encoder, processor = files.image_encoder(first[0], first[1], image_encoder_folder, self.device,
                                                      self._network_dtype())
         for i, projection in enumerate(projections):
@@ -91,8 +93,9 @@ class IPAdapterMixin:
 
         if self.model is None or not ip_adapter.attached(self.model):
             raise BadArgumentError("set_ip_adapter_scale(): no IP-Adapter is loaded (pipe.load_ip_adapter)")
-        scales, self._ip_image_scales = scales_per_adapter(scale, ip_adapter.adapter_count(self.model))
-        ip_adapter.set_scale(self.model, scales)
+        scales, image_scales = scales_per_adapter(scale, ip_adapter.adapter_count(self.model))
+        ip_adapter.set_scale(self.model, scales)  # (checks every dict first: a refused call changes nothing)
+        self._ip_image_scales = image_scales
 
     def unload_ip_adapter(self) -> None:
         """Remove the adapter and its image encoder (diffusers' ``unload_ip_adapter``)."""
@@ -158,8 +161,9 @@ class IPAdapterMixin:
         embeds = self._embeds_tensor(given, adapter)
         if not guided:
             return embeds, None
-        if embeds.shape[0] % 2:
-            shape = "(2B, N, D)" if image_rank(self.model, adapter) == 1 else "(2B, N, S, E)"
+        rank = image_rank(self.model, adapter)
+        if embeds.shape[0] % 2 or given.dim() != rank + 2:  # (diffusers: 3-d / 4-d tensors there)
+            shape = "(2B, N, D)" if rank == 1 else "(2B, N, S, E)"
             raise BadArgumentError(f"ip_adapter_image_embeds: with guidance diffusers' form stacks the negative and "
                                    f"positive features: expected {shape}, found {tuple(given.shape)}")
         negative, embeds = embeds.chunk(2)
@@ -277,19 +281,29 @@ def _which(adapter: int, unet) -> str:
     return f" for IP-Adapter {adapter}" if adapter_count(unet) > 1 else ""
 
 
-def _check_encoder(encoder, projection, adapter: int, count: int) -> None:
+def _encoder_fits(encoder, projection) -> bool:
     """The encoder makes what the adapter's projection reads (the base adapter: projected embeddings; Plus: hidden
-    states), in its width; else another adapter's encoder (several adapters share the first one's)."""
+    states), in its width."""
     from .models import ip_adapter
 
-    if encoder is None:
-        return
-    width = ip_adapter.projection_sizes(projection)[0]
     plus = not isinstance(projection, ip_adapter.ImageProjection)  # (Plus reads hidden states, not embeds)
     made = encoder.config.hidden_size if plus else encoder.config.projection_dim
-    if made != width:
-        which = f"adapter {adapter} projects" if count > 1 else "the adapter projects"
-        shared = " (several adapters share the first one's encoder, as in diffusers)" if count > 1 else ""
-        raise BadArgumentError(f"load_ip_adapter(): the image encoder makes {made}-wide "
-                               f"{'hidden states' if plus else 'embeddings'} and {which} {width}-wide ones "
-                               f"(another adapter's encoder){shared}")
+    return made == ip_adapter.projection_sizes(projection)[0]
+
+
+def _check_encoder(encoder, projection, adapter: int, count: int) -> None:
+    """A clear error where the encoder does not make what the adapter reads (another adapter's encoder; several
+    adapters share one)."""
+    from .models import ip_adapter
+
+    if encoder is None or _encoder_fits(encoder, projection):
+        return
+    width = ip_adapter.projection_sizes(projection)[0]
+    plus = not isinstance(projection, ip_adapter.ImageProjection)
+    made = encoder.config.hidden_size if plus else encoder.config.projection_dim
+    which = f"adapter {adapter} projects" if count > 1 else "the adapter projects"
+    shared = " (several adapters share the first one's encoder, as in diffusers)" if count > 1 else ""
+    raise BadArgumentError(f"load_ip_adapter(): the image encoder makes {made}-wide "
+                           f"{'hidden states' if plus else 'embeddings'} and {which} {width}-wide ones "
+                           f"(another adapter's encoder){shared}; pass its image_encoder_folder=, or "
+                           f"unload_ip_adapter() first")

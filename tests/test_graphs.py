@@ -142,3 +142,32 @@ def test_loop_graph_cache_is_bounded_and_shares_one_memory_pool():
     assert cache.captures == 4 and list(cache.entries) == [("c",), ("b",)]
     first_pool = made[0][1].pool
     assert made[0][0] is None and all(pool is first_pool for pool, _ in made[1:])
+
+
+def _net_with_parts(x, t, class_labels=None, encoder_hidden_states=None, parts=None):
+    """x plus the sum of each part's rows (None parts skipped): several IP-Adapters' features travel like this."""
+    out = x * 1.0
+    for p in parts:
+        if p is not None:
+            out = out + p.sum(dim=tuple(range(1, p.dim())))[:, None]
+    return out
+
+
+@pytest.mark.parametrize("kind", [tuple, list])
+def test_tuple_and_list_conditioning_is_padded_chunked_and_copied_per_tensor(kind):
+    """A conditioning value that is a tuple (or list) of tensors, None entries kept: padded to the bucket, chunked
+    beyond the largest one, copied into its own static buffers (a second call with other values replays the same
+    graph and reads them), and stacked tensor by tensor for CFG."""
+    from fastdiff.denoiser import CFGDenoiser
+
+    g = GraphedNetwork(_net_with_parts, buckets=(2, 4), graph_factory=FakeGraph)
+    for seed in (0, 1):
+        gen = torch.Generator().manual_seed(seed)
+        x, parts = torch.randn(3, 5, generator=gen), kind([None, torch.randn(3, 2, 4, generator=gen)])
+        assert torch.allclose(g(x, torch.zeros(3), parts=parts), _net_with_parts(x, None, parts=parts))
+        big = torch.randn(7, 5, generator=gen), kind([torch.randn(7, 3, generator=gen), None])
+        assert torch.allclose(g(big[0], torch.zeros(7), parts=big[1]), _net_with_parts(big[0], None, parts=big[1]))
+    assert g.captures == 2  # bucket 4, once per layout of the parts (which entry is None): the second seed replayed
+    u, c = kind([torch.zeros(2, 3), None]), kind([torch.ones(2, 3), None])
+    stacked = CFGDenoiser._stack({"parts": c}, {"parts": u})["parts"]
+    assert stacked[1] is None and torch.equal(stacked[0], torch.cat([torch.zeros(2, 3), torch.ones(2, 3)]))

@@ -39,15 +39,49 @@ def masked(tmp_path_factory):
     return ref, pipe, plus, base
 
 
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "1", "P"])
 @pytest.mark.parametrize("size", [(None, None), (40, 60), (33, 71)])
-def test_ip_adapter_mask_equals_diffusers_processor(size):
+def test_ip_adapter_mask_equals_diffusers_processor(size, mode):
+    """Every image mode resized in its own mode, then grayscale (the processor's order: RGB channels and RGBA's
+    premultiplied alpha resample apart, "1" / "P" with PIL's nearest), then binarized."""
     from diffusers.image_processor import IPAdapterMaskProcessor
+    from PIL import Image
 
     images = _mask_images(width=90, height=70)
+    if mode == "RGBA":  # (a transparent band: the alpha weighs the resampling)
+        images = [Image.merge("RGBA", (i, i.transpose(Image.FLIP_LEFT_RIGHT), i, i.transpose(Image.FLIP_TOP_BOTTOM)))
+                  for i in images]
+    elif mode == "RGB":
+        images = [Image.merge("RGB", (i, i.transpose(Image.FLIP_LEFT_RIGHT), i)) for i in images]
+    else:
+        images = [i.convert(mode) for i in images]
     want = IPAdapterMaskProcessor().preprocess(images, height=size[0], width=size[1])
     got = fastdiff.ip_adapter_mask(images, *size)
     assert got.shape == (1, 2) + tuple(want.shape[2:]) and torch.equal(got[0], want[:, 0])
     assert 0 < float(got.mean()) < 1  # (both values occur)
+
+
+@pytest.mark.parametrize("down", [dict(downsample_padding=1), dict(downsample_padding=0),
+                                  dict(down_block_types=("ResnetDownsampleBlock2D", "CrossAttnDownBlock2D"))])
+def test_attention_sizes_are_the_layers_query_counts(down):
+    """The grids the aspect check reads are the ones the cross-attention layers see, on odd latents (7 x 9): a padded
+    conv rounds up, an unpadded one and a ResBlock's pooling round down."""
+    from fastdiff.models.ip_adapter import attention_sizes
+    from fastdiff.models.unet import UNet
+    from fastdiff.models.unet_config import UNetConfig
+
+    config = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=8, attention_head_dim=4,
+                  norm_num_groups=8)
+    config.update(down)
+    unet = UNet(UNetConfig.from_diffusers(config, "UNet2DConditionModel")).eval()
+    queries = []
+    for layer in fastdiff.models.ip_adapter.cross_attentions(unet):
+        layer.register_forward_hook(lambda module, args, out: queries.append(out.shape[1]))
+    with torch.no_grad():
+        unet(torch.randn(1, 4, 7, 9), torch.tensor([10]), encoder_hidden_states=torch.randn(1, 5, 8))
+    assert {h * w for h, w in attention_sizes(unet, 7, 9)} == set(queries)
 
 
 @pytest.mark.parametrize("cfg", [1.0, 4.0])
@@ -73,10 +107,12 @@ def test_masked_images_with_per_image_scales_equal_diffusers(masked, cfg):
         unmasked = pipe.generate(prompt="a red cat", latents=_latents(), steps=3, cfg_scale=cfg, progress=False,
                                  ip_adapter_image=images)
         assert rel_err(unmasked, got) > 1e-4
-        # mask images straight to generate: made at the output's size, as the processor makes them
-        assert torch.equal(pipe.generate(prompt="a red cat", latents=_latents(), steps=3, cfg_scale=cfg,
-                                         progress=False, ip_adapter_image=images,
-                                         ip_adapter_masks=[_mask_images()]), got)
+        # mask images straight to generate: made at the output's size, as the processor makes them; for one
+        # adapter its list of mask images as they are too (as ip_adapter_image takes its images)
+        for images_given in ([_mask_images()], _mask_images()):
+            assert torch.equal(pipe.generate(prompt="a red cat", latents=_latents(), steps=3, cfg_scale=cfg,
+                                             progress=False, ip_adapter_image=images,
+                                             ip_adapter_masks=images_given), got)
     finally:
         ref.unload_ip_adapter()
         pipe.unload_ip_adapter()
@@ -93,6 +129,14 @@ def test_masked_images_with_per_image_scales_equal_diffusers(masked, cfg):
         got = pipe.generate(prompt="a red cat", latents=_latents(), steps=3, cfg_scale=cfg, progress=False,
                             ip_adapter_image=images, ip_adapter_masks=[masks, None])
         assert rel_err(got, want) <= 1e-5
+        # diffusers' stacked form (adapters, N, H, W): both adapters masked, the second's image with the first mask
+        images[1] = [_image(seed=7), _image(seed=8)]
+        want = ref("a red cat", latents=_latents(), ip_adapter_image=images,
+                   cross_attention_kwargs={"ip_adapter_masks": torch.cat([masks, masks])}, **kw).images
+        pipe.set_ip_adapter_scale([[0.6, 0.9], [0.5, 0.3]])
+        got = pipe.generate(prompt="a red cat", latents=_latents(), steps=3, cfg_scale=cfg, progress=False,
+                            ip_adapter_image=images, ip_adapter_masks=torch.cat([masks, masks]))
+        ref.set_ip_adapter_scale([[0.6, 0.9], [0.5, 0.3]])
     finally:
         ref.unload_ip_adapter()
         pipe.unload_ip_adapter()
@@ -156,7 +200,7 @@ def test_masks_in_captured_graphs(masked, scope):
 def test_mask_refusals(masked):
     ref, pipe, plus, base = masked
     masks = fastdiff.ip_adapter_mask(_mask_images(), 64, 96)
-    kw = dict(prompt="a red cat", steps=1, progress=False, height=64, width=96)
+    kw = dict(prompt="a red cat", steps=1, progress=False, height=64, width=96, seeds=[0])
     with pytest.raises(BadArgumentError, match="ip_adapter_masks: given, but no image prompt"):
         pipe.generate(ip_adapter_masks=masks, **kw)
     pipe.load_ip_adapter(plus, weight_name="plus.safetensors", scale=[[0.5, 0.5]])
@@ -170,6 +214,10 @@ def test_mask_refusals(masked):
             pipe.generate(ip_adapter_image=two, ip_adapter_masks=[masks, masks], **kw)
         with pytest.raises(BadArgumentError, match="expected finite values"):
             pipe.generate(ip_adapter_image=two, ip_adapter_masks=masks * float("nan"), **kw)
+        before = pipe.generate(ip_adapter_image=two, ip_adapter_masks=masks, **kw)
+        with pytest.raises(BadArgumentError, match="name no up block"):  # refused: the per-image scales stay
+            pipe.set_ip_adapter_scale({"up": {"block_1": 1.0}})
+        assert torch.equal(pipe.generate(ip_adapter_image=two, ip_adapter_masks=masks, **kw), before)
         pipe.set_ip_adapter_scale([[0.5, 0.5, 0.5]])
         with pytest.raises(BadArgumentError, match="3 per-image scales and 2 images"):
             pipe.generate(ip_adapter_image=two, ip_adapter_masks=masks, **kw)
@@ -177,6 +225,7 @@ def test_mask_refusals(masked):
             pipe.set_ip_adapter_scale([[]])
     finally:
         pipe.unload_ip_adapter()
-    with pytest.raises(BadArgumentError, match="expected PIL images or arrays"):
-        fastdiff.ip_adapter_mask([torch.ones(8, 8)])
+    for array in (torch.ones(8, 8), np.ones((1, 2, 8, 8), np.float32)):
+        with pytest.raises(BadArgumentError, match=r"expected PIL images \(or, to generate, a \(1, N, H, W\) float"):
+            fastdiff.ip_adapter_mask([array])
     assert diffusers is not None

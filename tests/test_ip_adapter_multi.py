@@ -140,3 +140,23 @@ def test_two_adapters_refusals(two, tmp_path):
         pipe.load_ip_adapter([other, folders[0]], weight_name=["ip.safetensors", "plus.safetensors"],
                              image_encoder_folder="narrow")
     assert not ip_adapter.attached(pipe.model)
+
+
+def test_a_loaded_encoder_that_serves_the_new_adapters_stays(two):
+    """As diffusers keeps its registered encoder: reloading with image_encoder_folder=None, or from a folder without
+    an encoder, keeps the one loaded (it makes what both adapters read), and images still run."""
+    ref, pipe, folders = two
+    kw = dict(prompt="a red cat", steps=1, progress=False)
+    _load(pipe, folders)
+    try:
+        encoder = pipe.image_encoder
+        pipe.load_ip_adapter(folders[1], weight_name="ip.safetensors", image_encoder_folder=None)
+        assert pipe.image_encoder is encoder
+        assert torch.isfinite(pipe.generate(ip_adapter_image=_image(), **kw)).all()
+        pipe.load_ip_adapter(folders[1], weight_name="ip.safetensors")  # (no image_encoder/ there)
+        assert pipe.image_encoder is encoder
+    finally:
+        pipe.unload_ip_adapter()
+    assert pipe.image_encoder is None
+    with pytest.raises(BadArgumentError, match="expected the image encoder"):  # none loaded, none there
+        pipe.load_ip_adapter(folders[1], weight_name="ip.safetensors")

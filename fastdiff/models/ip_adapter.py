@@ -72,13 +72,18 @@ def mask_cells(height: int, width: int, queries: int) -> tuple:
 
 def attention_sizes(unet, height: int, width: int) -> list:
     """The (rows, cols) of the latent grid at every level of ``unet`` that holds attention layers, for latents of
-    ``height`` x ``width`` (each downsampling halves, rounding up)."""
+    ``height`` x ``width`` (a padded strided conv halves rounding up; an unpadded one, or a ResBlock's average pool,
+    rounding down)."""
+    from .unet import Downsample
+
     sizes, h, w = [], height, width
-    for i, block in enumerate(unet.down_blocks):
+    for block in unet.down_blocks:
         if block.attentions is not None:
             sizes.append((h, w))
-        if i < len(unet.down_blocks) - 1:
-            h, w = (h + 1) // 2, (w + 1) // 2
+        if block.downsamplers is not None:
+            down = block.downsamplers[0]
+            up = int(isinstance(down, Downsample) and down.padding == 1)
+            h, w = (h + up) // 2, (w + up) // 2
     if getattr(unet.mid_block, "attentions", None) is not None:
         sizes.append((h, w))
     return sizes

@@ -93,6 +93,7 @@ class BucketPadded:
             return torch.cat(parts, dim=0)
         bucket = bucket_for(n, self.buckets)
         timestep = _as_batch(timestep, n, x.device)
+        added = {k: tuple(v) if isinstance(v, list) else v for k, v in added.items()}  # (hashable graph keys)
         names = tuple(sorted(k for k, v in added.items() if v is not None))
         inputs = [pad_to(t, bucket) for t in (x, timestep, class_labels, encoder_hidden_states)]
         inputs += [pad_to(added[k], bucket) for k in names]
