@@ -5,7 +5,7 @@ The adapter's weights go into the UNet (``fastdiff.models.ip_adapter``); the ima
 with projection (transformers' ``CLIPVisionModelWithProjection``, from the adapter folder's ``image_encoder/``, as
 diffusers loads it) after transformers' ``CLIPImageProcessor`` (diffusers' default ``feature_extractor``: the
 encoder's image size). The unconditional pass of classifier-free guidance gets zero embeddings (diffusers'
-``encode_image``; a black image's hidden states for IP-Adapter Plus).
+``encode_image``; a black image's hidden states for IP-Adapter Plus and Full Face, which read hidden states).
 
 Several adapters load together (lists, as diffusers' ``load_ip_adapter``): every cross-attention adds each adapter's
 scaled image attention; they share the first adapter's image encoder, and ``ip_adapter_image`` is then a list with
@@ -40,8 +40,9 @@ class IPAdapterMixin:
         from ``path`` itself, as diffusers does; None: none, only ``ip_adapter_image_embeds=`` then) and serves every
         adapter; an encoder loaded before that makes what these adapters read stays (as diffusers keeps its
         registered one, a state dict or ``image_encoder_folder=None`` too).
-        Replaces the adapters loaded before. The base IP-Adapter (ip-adapter_sd15, ip-adapter_sdxl, ...) and
-        IP-Adapter Plus (ip-adapter-plus_*: a resampler over the encoder's hidden states) are read. ``scale``: as
+        Replaces the adapters loaded before. The base IP-Adapter (ip-adapter_sd15, ip-adapter_sdxl, ...),
+        IP-Adapter Plus (ip-adapter-plus_*: a resampler over the encoder's hidden states) and IP-Adapter Full Face
+        (ip-adapter-full-face_sd15: an MLP over every hidden state) are read. ``scale``: as
         ``set_ip_adapter_scale``."""
         from . import ip_adapter_files as files
         from .models import ip_adapter, ip_adapter_scales
@@ -177,7 +178,7 @@ class IPAdapterMixin:
         embeds = self._per_sample(embeds, b, adapter)
         if negative is not None:
             return embeds, self._per_sample(negative, b, adapter)
-        if image_rank(self.model, adapter) == 2 and guided:  # Plus: a black image's states, as encode_image
+        if image_rank(self.model, adapter) == 2 and guided:  # Plus / Full Face: a black image's states
             return embeds, self._black_image_states().expand_as(embeds)
         return embeds, torch.zeros_like(embeds)
 
@@ -187,7 +188,7 @@ class IPAdapterMixin:
         from .models.ip_adapter import image_rank
 
         rank = image_rank(self.model, adapter)
-        shapes = "(D,), (N, D) or (B, N, D)" if rank == 1 else "(S, E), (N, S, E) or (B, N, S, E) (Plus)"
+        shapes = "(D,), (N, D) or (B, N, D)" if rank == 1 else "(S, E), (N, S, E) or (B, N, S, E) (Plus, Full Face)"
         if not torch.is_tensor(embeds) or not rank <= embeds.dim() <= rank + 2 or not embeds.is_floating_point():
             raise BadArgumentError(f"ip_adapter_image_embeds: expected a float tensor {shapes} of CLIP image "
                                    f"features{_which(adapter, self.model)}, found "
@@ -254,7 +255,7 @@ class IPAdapterMixin:
         encoder = self.image_encoder
         param = next(encoder.parameters())
         pixels = pixels.to(param.device, param.dtype)
-        if image_rank(self.model, adapter) == 2:  # Plus
+        if image_rank(self.model, adapter) == 2:  # Plus / Full Face: hidden states
             def states(p):
                 return encoder(p, output_hidden_states=True).hidden_states[-2].float()  # (N, S, E)
             return states(pixels), states(torch.zeros_like(pixels))
@@ -286,7 +287,7 @@ def _encoder_fits(encoder, projection) -> bool:
     states), in its width."""
     from .models import ip_adapter
 
-    plus = not isinstance(projection, ip_adapter.ImageProjection)  # (Plus reads hidden states, not embeds)
+    plus = not isinstance(projection, ip_adapter.ImageProjection)  # (Plus / Full Face read hidden states)
     made = encoder.config.hidden_size if plus else encoder.config.projection_dim
     return made == ip_adapter.projection_sizes(projection)[0]
 

@@ -247,7 +247,7 @@ def test_ip_adapter_refusals(pair, tmp_path):
     face = {k: v for k, v in state.items() if not k.startswith("image_proj.")}
     face.update({"image_proj.proj.0.weight": torch.zeros(8, 10), "image_proj.norm.weight": torch.ones(16)})
     save_file(face, os.path.join(other, "face.safetensors"))
-    with pytest.raises(BadArgumentError, match="IP-Adapter Full Face / Face ID"):
+    with pytest.raises(BadArgumentError, match=r"IP-Adapter Face ID \(its LoRA and face embeddings\)"):
         pipe.load_ip_adapter(other, weight_name="face.safetensors")
     state.pop("ip_adapter.3.to_k_ip.weight")
     save_file(state, os.path.join(other, "short.safetensors"))
@@ -488,3 +488,43 @@ def test_ip_adapter_plus_features_and_malformed_files(tmp_path):
         with pytest.raises(CheckpointError, match="IP-Adapter: malformed image_proj weights") as e:
             pipe.load_ip_adapter(adapter, weight_name="broken.safetensors")
         assert "\n" not in str(e.value)
+
+
+def _full_face_adapter(folder: str, unet, seed: int = 12) -> str:
+    """An IP-Adapter Full Face file (ip-adapter-full-face_sd15's layout: image_proj.proj.0 / .2 Linear layers and
+    .3 LayerNorm over the encoder's 16-wide hidden states), beside the base adapter's folder and encoder."""
+    from safetensors.torch import load_file, save_file
+
+    _adapter(folder, unet, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    cross, hidden = unet.config.cross_attention_dim, 16
+    weights = {k: v for k, v in load_file(os.path.join(folder, "ip.safetensors")).items()
+               if k.startswith("ip_adapter.")}
+    weights.update({"image_proj.proj.0.weight": torch.randn(hidden, hidden, generator=g) * 0.3,
+                    "image_proj.proj.0.bias": torch.randn(hidden, generator=g) * 0.1,
+                    "image_proj.proj.2.weight": torch.randn(cross, hidden, generator=g) * 0.3,
+                    "image_proj.proj.2.bias": torch.randn(cross, generator=g) * 0.1,
+                    "image_proj.proj.3.weight": 1 + torch.randn(cross, generator=g) * 0.1,
+                    "image_proj.proj.3.bias": torch.randn(cross, generator=g) * 0.1})
+    save_file(weights, os.path.join(folder, "full.safetensors"))
+    return folder
+
+
+@pytest.mark.parametrize("cfg", [1.0, 4.0])
+def test_ip_adapter_full_face_equals_diffusers(tmp_path, cfg):
+    """IP-Adapter Full Face: every hidden state of the image (17 tokens here) through its MLP; the unconditional
+    pass on a black image's states, as diffusers' encode_image gives it."""
+    ref, pipe = sd_pipelines(str(tmp_path))
+    folder = _full_face_adapter(str(tmp_path / "full"), ref.unet)
+    ref.load_ip_adapter(folder, subfolder="", weight_name="full.safetensors", image_encoder_folder="image_encoder")
+    pipe.load_ip_adapter(folder, weight_name="full.safetensors", scale=0.7)
+    ref.set_ip_adapter_scale(0.7)
+    kw = dict(num_inference_steps=3, guidance_scale=cfg, output_type="latent", num_images_per_prompt=2)
+    want = ref("a red cat", latents=_latents(), ip_adapter_image=_image(), **kw).images
+    got = pipe.generate(prompt="a red cat", latents=_latents(), steps=3, cfg_scale=cfg, ip_adapter_image=_image(),
+                        progress=False)
+    assert rel_err(got, want) <= 1e-5
+    pipe.set_ip_adapter_scale(0.0)  # (the image prompt's share is in the result)
+    plain = pipe.generate(prompt="a red cat", latents=_latents(), steps=3, cfg_scale=cfg, ip_adapter_image=_image(),
+                          progress=False)
+    assert rel_err(plain, got) > 1e-4

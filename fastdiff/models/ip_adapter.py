@@ -10,9 +10,9 @@ as diffusers' ``encoder_hid_proj`` does; the tokens travel to the attention laye
 Weights: the original file layout (``{"image_proj": {proj.*, norm.*}, "ip_adapter": {"1.to_k_ip.weight", ...}}``, or a
 safetensors file with those prefixes). Its cross-attention layers are numbered 1, 3, 5, ... in diffusers'
 ``attn_processors`` order: the down blocks', then the up blocks', then the middle block's. The base adapter (a
-linear image projection, 4 tokens: ip-adapter_sd15, ip-adapter_sdxl, ...) and IP-Adapter Plus (a resampler over the
-encoder's hidden states: ``fastdiff.models.ip_resampler``) are read; the Full Face / Face ID projections are refused
-by name.
+linear image projection, 4 tokens: ip-adapter_sd15, ip-adapter_sdxl, ...), IP-Adapter Plus (a resampler over the
+encoder's hidden states: ``fastdiff.models.ip_resampler``) and IP-Adapter Full Face (an MLP over every hidden state)
+are read; the Face ID projections (which come with a LoRA and read face-recognition embeddings) are refused by name.
 
 The scale is a buffer in every layer: ``set_scale`` changes it in place (one number, or InstantStyle's per-block
 dict: ``fastdiff.models.ip_adapter_scales``), so captured graphs and compiled models take a new scale with nothing
@@ -114,6 +114,22 @@ class ImageProjection(nn.Module):
         return self.norm(self.proj(embeds.reshape(b, -1)).reshape(b, self.tokens, -1))  # (B, T, width)
 
 
+class FullImageProjection(nn.Module):
+    """diffusers ``IPAdapterFullImageProjection`` (IP-Adapter Full Face, ip-adapter-full-face_sd15): every one of the
+    encoder's (B, S, E) penultimate hidden states through Linear, GELU, Linear and LayerNorm -> (B, S, width) tokens.
+    Weights ``proj.0`` / ``proj.2`` / ``proj.3`` (the LayerNorm), as the released file names them."""
+
+    FILE_KEYS = frozenset(f"proj.{i}.{p}" for i in (0, 2, 3) for p in ("weight", "bias"))
+
+    def __init__(self, embed_dim: int, width: int):
+        super().__init__()
+        self.proj = nn.Sequential(nn.Linear(embed_dim, embed_dim), nn.GELU(), nn.Linear(embed_dim, width),
+                                  nn.LayerNorm(width))
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        return self.proj(states)  # (B, S, width)
+
+
 class IPAttention(nn.Module):
     """A cross-attention's image branch: to_k_ip / to_v_ip (no bias) and the adapter's scale."""
 
@@ -167,14 +183,21 @@ def build_projection(proj: dict) -> nn.Module:
     malformed file is one clear line (CheckpointError)."""
     from .ip_resampler import Resampler, is_plus
 
-    if not is_plus(proj) and set(proj) != {"proj.weight", "proj.bias", "norm.weight", "norm.bias"}:
-        kind = ("IP-Adapter Full Face / Face ID" if any(k.startswith(("proj.0", "proj.3", "perceiver")) for k in proj)
+    full = set(proj) == FullImageProjection.FILE_KEYS
+    if not is_plus(proj) and not full and set(proj) != {"proj.weight", "proj.bias", "norm.weight", "norm.bias"}:
+        kind = ("IP-Adapter Face ID (its LoRA and face embeddings)" if any(k.startswith(("proj.0", "perceiver"))
+                                                                           for k in proj)
                 else "an IP-Adapter of another kind")
         raise BadArgumentError(f"load_ip_adapter(): {kind} (image_proj keys {sorted(proj)[:4]}); fastdiff reads the "
-                               f"base IP-Adapter (a linear image projection) and IP-Adapter Plus (a resampler)")
+                               f"base IP-Adapter (a linear image projection), IP-Adapter Plus (a resampler) and "
+                               f"IP-Adapter Full Face (an MLP over the hidden states)")
     try:
         if is_plus(proj):
             return Resampler.from_state_dict(proj)
+        if full:
+            projection = FullImageProjection(proj["proj.0.weight"].shape[1], proj["proj.3.weight"].shape[0])
+            projection.load_state_dict(proj)
+            return projection
         width = proj["norm.weight"].shape[0]
         rows, embed = proj["proj.weight"].shape
         if rows % width:
@@ -191,6 +214,8 @@ def projection_sizes(projection: nn.Module) -> tuple:
     """(the width of the image features it reads, the width of the tokens it makes)."""
     if isinstance(projection, ImageProjection):
         return projection.proj.in_features, projection.norm.normalized_shape[0]
+    if isinstance(projection, FullImageProjection):
+        return projection.proj[0].in_features, projection.proj[2].out_features
     return projection.in_features, projection.proj_out.out_features
 
 
@@ -270,8 +295,8 @@ def adapter_count(unet) -> int:
 
 
 def image_rank(unet, adapter: int = 0) -> int:
-    """The rank of one image's features an adapter's projection reads: 1 (an embedding (D,)), 2 for Plus ((S, E)
-    states)."""
+    """The rank of one image's features an adapter's projection reads: 1 (an embedding (D,)), 2 for Plus and Full
+    Face ((S, E) hidden states)."""
     return 1 if isinstance(unet.ip_projection[adapter], ImageProjection) else 2
 
 
