@@ -229,3 +229,43 @@ def test_mask_refusals(masked):
         with pytest.raises(BadArgumentError, match=r"expected PIL images \(or, to generate, a \(1, N, H, W\) float"):
             fastdiff.ip_adapter_mask([array])
     assert diffusers is not None
+
+
+def test_cli_two_adapters_with_masks(masked, tmp_path):
+    """`fastdiff generate` with two --ip-adapter files: one --ip-adapter-image per adapter (the first's two images
+    comma-separated), per-adapter scales (JSON per-image scales for the masked one), --ip-adapter-mask per adapter
+    ('none' for the second): the API's result."""
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from test_cli import fastdiff as run_cli
+
+    ref, pipe, plus, base = masked
+    for i, image in enumerate([_image(seed=5), _image(seed=6), _image(seed=7)]):
+        image.save(tmp_path / f"i{i}.png")
+    for i, mask in enumerate(_mask_images()):
+        mask.convert("RGB").save(tmp_path / f"m{i}.png")
+    root = os.path.dirname(plus)
+    r = run_cli("generate", os.path.join(root, "pipe"), "--prompt", "a red cat", "--cfg", "3", "--steps", "2", "--n",
+                "1", "--height", "64", "--width", "96",
+                "--ip-adapter", os.path.join(plus, "plus.safetensors"), "--ip-adapter", os.path.join(base,
+                                                                                                     "ip.safetensors"),
+                "--ip-adapter-encoder", os.path.join(plus, "image_encoder"),
+                "--ip-adapter-image", "i0.png,i1.png", "--ip-adapter-image", "i2.png",
+                "--ip-adapter-scale", "[0.7, 0.4]", "--ip-adapter-scale", "0.5",
+                "--ip-adapter-mask", "m0.png,m1.png", "--ip-adapter-mask", "none",
+                "--output-latents", "lat.safetensors", "--no-progress", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    api = fastdiff.load(os.path.join(root, "pipe"))
+    api.load_ip_adapter([os.path.join(plus, "plus.safetensors"), os.path.join(base, "ip.safetensors")],
+                        scale=[[0.7, 0.4], 0.5])
+    opened = [Image.open(tmp_path / f"i{i}.png").convert("RGB") for i in range(3)]
+    masks = [Image.open(tmp_path / f"m{i}.png").convert("RGB") for i in range(2)]
+    want = api.generate(prompt="a red cat", cfg_scale=3, steps=2, seeds=[0], height=64, width=96, progress=False,
+                        ip_adapter_image=[opened[:2], opened[2]], ip_adapter_masks=[masks, None])
+    assert torch.equal(load_file(str(tmp_path / "lat.safetensors"))["latents"], want)
+    r = run_cli("generate", os.path.join(root, "pipe"), "--prompt", "a red cat", "--steps", "1",
+                "--ip-adapter", os.path.join(plus, "plus.safetensors"), "--ip-adapter", os.path.join(base,
+                                                                                                     "ip.safetensors"),
+                "--ip-adapter-image", "i0.png", "--output-latents", "x.safetensors", "--no-progress", cwd=tmp_path)
+    assert r.returncode == 2 and "expected one --ip-adapter-image each" in r.stderr, r.stderr

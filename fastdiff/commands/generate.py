@@ -17,6 +17,8 @@ import os
 import sys
 import time
 
+from . import generate_ip_adapter
+
 DEFAULT_MODEL = "builtin:digits"
 
 
@@ -106,16 +108,7 @@ def register(sub) -> None:
                    help="add a textual inversion embedding (diffusers' .bin / .safetensors, A1111's .pt, SDXL's "
                         "clip_l / clip_g pair) to the text encoders, as TOKEN (default: the file's own); repeat for "
                         "several")
-    p.add_argument("--ip-adapter", default=None, metavar="FILE",
-                   help="an IP-Adapter's weights (h94/IP-Adapter's ip-adapter_* / ip-adapter-plus_* .safetensors or .bin), its "
-                        "image encoder in image_encoder/ beside the file (or in --ip-adapter-encoder FOLDER)")
-    p.add_argument("--ip-adapter-encoder", default=None, metavar="FOLDER",
-                   help="the IP-Adapter's image encoder (a CLIPVisionModelWithProjection folder)")
-    p.add_argument("--ip-adapter-image", action="append", default=None, metavar="IMG.png",
-                   help="the image prompt of --ip-adapter (repeat for several: their tokens one after another)")
-    p.add_argument("--ip-adapter-scale", type=_ip_adapter_scale, default=None, metavar="S",
-                   help="the image prompt's weight (default 1), or InstantStyle's per-block scales as JSON, e.g. "
-                        "'{\"up\": {\"block_0\": [0.0, 1.0, 0.0]}}' (diffusers' set_ip_adapter_scale dict)")
+    generate_ip_adapter.add_arguments(p)
     p.add_argument("--noise-level", type=int, default=None, metavar="L",
                    help="Stable Diffusion's x4 upscaler: how much noise its --image gets first (default 20, as "
                         "diffusers' StableDiffusionUpscalePipeline)")
@@ -424,17 +417,6 @@ def _read_latents(path: str):
     return tensors["latents"]
 
 
-def _ip_adapter_scale(text: str):
-    """--ip-adapter-scale: a number, or a JSON object of per-block scales (checked against the UNet at load)."""
-    import json
-
-    try:
-        return float(text) if not text.lstrip().startswith("{") else json.loads(text)
-    except ValueError as e:  # (json.JSONDecodeError is a ValueError)
-        raise argparse.ArgumentTypeError(f"expected a number or a JSON object of per-block scales, found "
-                                         f"{text!r} ({e})") from None
-
-
 def _read_image(path: str, flag: str = "--image"):
     """--image (or --mask) as a PIL image (read fully now: the file may change while sampling)."""
     from PIL import Image, ImageOps, UnidentifiedImageError
@@ -518,18 +500,7 @@ def run(args) -> int:
                                f"{len(args.control_image or [])}")
     if args.freeu is not None:
         pipe.enable_freeu(*args.freeu)
-    if args.ip_adapter is not None:
-        if args.ip_adapter_image is None:
-            raise BadArgumentError("--ip-adapter: expected --ip-adapter-image IMG.png (the image prompt), found none")
-        encoder = args.ip_adapter_encoder
-        pipe.load_ip_adapter(args.ip_adapter, scale=1.0 if args.ip_adapter_scale is None else args.ip_adapter_scale,
-                             **({} if encoder is None else dict(image_encoder_folder=os.path.abspath(encoder))))
-    else:
-        given = [f for f, v in (("--ip-adapter-image", args.ip_adapter_image),
-                                ("--ip-adapter-encoder", args.ip_adapter_encoder),
-                                ("--ip-adapter-scale", args.ip_adapter_scale)) if v is not None]
-        if given:
-            raise BadArgumentError(f"{given[0]}: given, but no --ip-adapter FILE")
+    generate_ip_adapter.load(pipe, args)
     if args.classifier is not None:  # (64 channels per head, legacy attention order: create_classifier's, whatever
         # the model's)
         pipe.load_classifier(args.classifier, scale=1.0 if args.classifier_scale is None else args.classifier_scale)
@@ -589,9 +560,7 @@ def run(args) -> int:
         inputs["mask_image"] = _read_image(args.mask, "--mask")
     if args.padding_mask_crop is not None:  # (generate() pastes the crop back into PIL images)
         inputs.update(padding_mask_crop=args.padding_mask_crop, output_type="pil")
-    if args.ip_adapter_image is not None:
-        images = [_read_image(path, "--ip-adapter-image") for path in args.ip_adapter_image]
-        inputs["ip_adapter_image"] = images if len(images) > 1 else images[0]
+    inputs.update(generate_ip_adapter.inputs(args, _read_image))
     for key, value in args.sampler_options or ():
         if key in _generate_parameters():  # (generate's own arguments have flags of their own)
             raise BadArgumentError(f"--sampler-option {key}=...: {key!r} is an argument of generate(), not a sampler "
