@@ -29,6 +29,7 @@ class IPAdapterMixin:
     _image_processor = None
     _black_states = None  # (encoder, its dtype / device / size, (S, E) states): IP-Adapter Plus's unconditional input
     _ip_image_scales = ()  # per adapter None or its per-image scales (weights of its masked images)
+    _face_id_loras = frozenset()  # keys of the Face ID LoRAs merged into the network (each merged once)
 
     def load_ip_adapter(self, path, subfolder="", weight_name=None,
                         image_encoder_folder: Optional[str] = "image_encoder", *, scale=1.0) -> "IPAdapterMixin":
@@ -70,7 +71,8 @@ class IPAdapterMixin:
         # first adapter's folder's is read
         encoder, processor = self.image_encoder, self._image_processor
         fits = encoder is not None and all(_encoder_fits(encoder, p) for p in projections)
-        if not fits and image_encoder_folder is not None and not isinstance(first[0], dict):
+        wanted = not all(ip_adapter.is_face_id(p) for p in projections)  # (Face ID reads face embeddings alone)
+        if not fits and wanted and image_encoder_folder is not None and not isinstance(first[0], dict):
             encoder, processor = files.image_encoder(first[0], first[1], image_encoder_folder, self.device,
                                                      self._network_dtype())
         for i, projection in enumerate(projections):
@@ -78,9 +80,27 @@ class IPAdapterMixin:
         ip_adapter.attach(self.model, states, projections)
         ip_adapter.set_scale(self.model, scales)
         self._ip_image_scales = image_scales
+        self._merge_face_id_loras(states)
         self.image_encoder, self._image_processor = encoder, processor
         self._rebuild_runner()  # (compiled models and captured graphs ran the network without the branches)
         return self
+
+    def _merge_face_id_loras(self, states: list) -> None:
+        """Merge the Face ID LoRAs of ``states`` not merged yet (``fastdiff.models.ip_faceid``: as ``load_lora``,
+        scale 1; diffusers loads each as a PEFT adapter once and keeps it), kept for ``unload_lora``."""
+        from .lora import merge
+        from .models.ip_faceid import lora_pairs
+        from .utils.keys import freeze
+
+        # (after unload_lora put every weight back, none is merged any more)
+        merged = set(self._face_id_loras) if self._lora_saved else set()
+        for state in states:
+            pairs = lora_pairs(self.model, state["ip_adapter"])
+            key = freeze([(layer.down, layer.up) for _, layer in pairs]) if pairs else None
+            if pairs and key not in merged:
+                merge(pairs, 1.0, self._lora_saved)
+                merged.add(key)
+        self._face_id_loras = frozenset(merged)
 
     def set_ip_adapter_scale(self, scale) -> None:
         """The image prompt's weight, as diffusers' ``set_ip_adapter_scale``: a number, or InstantStyle's per-block
@@ -234,6 +254,11 @@ class IPAdapterMixin:
         """(N, D) image embeddings of one image or a list of them (diffusers: their tokens are concatenated), and
         the unconditional pass's: zeros; for an IP-Adapter Plus, (N, S, E) penultimate hidden states and those of a
         black image (diffusers' encode_image with output_hidden_states)."""
+        from .models.ip_adapter import is_face_id
+
+        if is_face_id(self.model.ip_projection[adapter]):
+            raise BadArgumentError("ip_adapter_image: IP-Adapter Face ID reads a face-recognition embedding "
+                                   "(insightface's, as diffusers' Face ID pipelines): expected ip_adapter_image_embeds")
         if self.image_encoder is None:
             raise BadArgumentError("ip_adapter_image: the IP-Adapter was loaded without an image encoder "
                                    "(image_encoder_folder=None, or from a state dict); pass ip_adapter_image_embeds=")
@@ -284,10 +309,12 @@ def _which(adapter: int, unet) -> str:
 
 def _encoder_fits(encoder, projection) -> bool:
     """The encoder makes what the adapter's projection reads (the base adapter: projected embeddings; Plus: hidden
-    states), in its width."""
+    states), in its width; Face ID reads no encoder's output."""
     from .models import ip_adapter
 
-    plus = not isinstance(projection, ip_adapter.ImageProjection)  # (Plus / Full Face read hidden states)
+    if ip_adapter.is_face_id(projection):
+        return True
+    plus = ip_adapter.reads_hidden_states(projection)  # (Plus / Full Face read hidden states)
     made = encoder.config.hidden_size if plus else encoder.config.projection_dim
     return made == ip_adapter.projection_sizes(projection)[0]
 
@@ -300,7 +327,7 @@ def _check_encoder(encoder, projection, adapter: int, count: int) -> None:
     if encoder is None or _encoder_fits(encoder, projection):
         return
     width = ip_adapter.projection_sizes(projection)[0]
-    plus = not isinstance(projection, ip_adapter.ImageProjection)
+    plus = ip_adapter.reads_hidden_states(projection)
     made = encoder.config.hidden_size if plus else encoder.config.projection_dim
     which = f"adapter {adapter} projects" if count > 1 else "the adapter projects"
     shared = " (several adapters share the first one's encoder, as in diffusers)" if count > 1 else ""

@@ -11,8 +11,9 @@ Weights: the original file layout (``{"image_proj": {proj.*, norm.*}, "ip_adapte
 safetensors file with those prefixes). Its cross-attention layers are numbered 1, 3, 5, ... in diffusers'
 ``attn_processors`` order: the down blocks', then the up blocks', then the middle block's. The base adapter (a
 linear image projection, 4 tokens: ip-adapter_sd15, ip-adapter_sdxl, ...), IP-Adapter Plus (a resampler over the
-encoder's hidden states: ``fastdiff.models.ip_resampler``) and IP-Adapter Full Face (an MLP over every hidden state)
-are read; the Face ID projections (which come with a LoRA and read face-recognition embeddings) are refused by name.
+encoder's hidden states: ``fastdiff.models.ip_resampler``), IP-Adapter Full Face (an MLP over every hidden state)
+and IP-Adapter Face ID (``fastdiff.models.ip_faceid``: a face embedding's MLP, and a LoRA) are read; Face ID Plus is
+refused by name.
 
 The scale is a buffer in every layer: ``set_scale`` changes it in place (one number, or InstantStyle's per-block
 dict: ``fastdiff.models.ip_adapter_scales``), so captured graphs and compiled models take a new scale with nothing
@@ -181,19 +182,22 @@ def split_state_dict(state: dict) -> dict:
 def build_projection(proj: dict) -> nn.Module:
     """The image projection of an adapter's ``image_proj`` weights (the base adapter's, or Plus's resampler); a
     malformed file is one clear line (CheckpointError)."""
+    from .ip_faceid import FaceIDProjection, is_faceid
     from .ip_resampler import Resampler, is_plus
 
     full = set(proj) == FullImageProjection.FILE_KEYS
-    if not is_plus(proj) and not full and set(proj) != {"proj.weight", "proj.bias", "norm.weight", "norm.bias"}:
-        kind = ("IP-Adapter Face ID (its LoRA and face embeddings)" if any(k.startswith(("proj.0", "perceiver"))
-                                                                           for k in proj)
-                else "an IP-Adapter of another kind")
+    known = is_plus(proj) or full or is_faceid(proj)
+    if not known and set(proj) != {"proj.weight", "proj.bias", "norm.weight", "norm.bias"}:
+        kind = ("IP-Adapter Face ID Plus (a perceiver over CLIP hidden states and the face embedding)"
+                if any(k.startswith("perceiver") for k in proj) else "an IP-Adapter of another kind")
         raise BadArgumentError(f"load_ip_adapter(): {kind} (image_proj keys {sorted(proj)[:4]}); fastdiff reads the "
-                               f"base IP-Adapter (a linear image projection), IP-Adapter Plus (a resampler) and "
-                               f"IP-Adapter Full Face (an MLP over the hidden states)")
+                               f"base IP-Adapter (a linear image projection), IP-Adapter Plus (a resampler), "
+                               f"IP-Adapter Full Face (an MLP over the hidden states) and IP-Adapter Face ID")
     try:
         if is_plus(proj):
             return Resampler.from_state_dict(proj)
+        if is_faceid(proj):
+            return FaceIDProjection.from_state_dict(proj)
         if full:
             projection = FullImageProjection(proj["proj.0.weight"].shape[1], proj["proj.3.weight"].shape[0])
             projection.load_state_dict(proj)
@@ -216,6 +220,10 @@ def projection_sizes(projection: nn.Module) -> tuple:
         return projection.proj.in_features, projection.norm.normalized_shape[0]
     if isinstance(projection, FullImageProjection):
         return projection.proj[0].in_features, projection.proj[2].out_features
+    from .ip_faceid import FaceIDProjection
+
+    if isinstance(projection, FaceIDProjection):
+        return projection.in_features, projection.width
     return projection.in_features, projection.proj_out.out_features
 
 
@@ -229,9 +237,12 @@ def check(unet, state: dict) -> nn.Module:
     if context_dims != {width}:
         raise CheckpointError(f"IP-Adapter: image tokens {width} wide, and this UNet's cross-attention reads "
                               f"{sorted(context_dims)}-wide text states (another base model's adapter)")
+    from .ip_faceid import is_lora_key, lora_pairs
+
     wanted = {f"{2 * i + 1}.to_{kv}_ip.weight": (m.heads * m.head_dim, width)
               for i, m in enumerate(layers) for kv in "kv"}
-    given = state["ip_adapter"]
+    lora_pairs(unet, state["ip_adapter"])  # (Face ID's LoRA, checked here: merged by the pipeline)
+    given = {k: v for k, v in state["ip_adapter"].items() if not is_lora_key(k)}
     missing, unexpected = sorted(set(wanted) - set(given)), sorted(set(given) - set(wanted))
     wrong = sorted(k for k in set(wanted) & set(given) if tuple(getattr(given[k], "shape", ())) != wanted[k])
     if missing or unexpected or wrong:  # (another base model's adapter: other layers or widths)
@@ -295,9 +306,22 @@ def adapter_count(unet) -> int:
 
 
 def image_rank(unet, adapter: int = 0) -> int:
-    """The rank of one image's features an adapter's projection reads: 1 (an embedding (D,)), 2 for Plus and Full
-    Face ((S, E) hidden states)."""
-    return 1 if isinstance(unet.ip_projection[adapter], ImageProjection) else 2
+    """The rank of one image's features an adapter's projection reads: 1 (an embedding (D,): the base adapter's CLIP
+    image embedding, Face ID's face embedding), 2 for Plus and Full Face ((S, E) hidden states)."""
+    return 2 if reads_hidden_states(unet.ip_projection[adapter]) else 1
+
+
+def reads_hidden_states(projection: nn.Module) -> bool:
+    """Whether a projection reads the encoder's hidden states (Plus, Full Face), not an embedding."""
+    from .ip_faceid import FaceIDProjection
+
+    return not isinstance(projection, (ImageProjection, FaceIDProjection))
+
+
+def is_face_id(projection: nn.Module) -> bool:
+    from .ip_faceid import FaceIDProjection
+
+    return isinstance(projection, FaceIDProjection)
 
 
 def image_width(unet, adapter: int = 0) -> int:
