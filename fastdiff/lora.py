@@ -18,7 +18,9 @@ Files (safetensors only; a folder means its ``pytorch_lora_weights.safetensors``
   mapped through the single-file reader's renaming); FLUX.1 files in BFL's layout (``lora_unet_double_blocks_...``,
   ``fastdiff.lora_flux``).
 
-Not read: DoRA (``use_dora``), LoKr / LoHa, and ``.bin`` pickles.
+DoRA (PEFT's ``use_dora``: ``lora_magnitude_vector`` keys) merges as PEFT's merge does: W + scale * update, each
+output row rescaled to its magnitude over the norm of (the weight before any merge + the update). Not read: kohya /
+LyCORIS DoRA (``dora_scale``), LoKr / LoHa, and ``.bin`` pickles.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ class LoraLayer:
     up: torch.Tensor  # (out, rank) or (out, rank, 1, 1)
     alpha: Optional[float] = None
     rslora: bool = False  # PEFT's rank-stabilized scaling: alpha / sqrt(rank)
+    magnitude: Optional[torch.Tensor] = None  # DoRA's per-output-row magnitudes ((out,), or (1, out, 1, 1) for a conv)
 
     @property
     def rank(self) -> int:
@@ -72,6 +75,9 @@ class LoraLayer:
                 self.down.dim() > 2 and len(shape) > 2 and tuple(self.down.shape[1:]) != tuple(shape[1:])):
             raise CheckpointError(f"LoRA: an update of {update} (up {tuple(self.up.shape)}, down "
                                   f"{tuple(self.down.shape)}) for a weight of {tuple(shape)}")
+        if self.magnitude is not None and self.magnitude.numel() != int(shape[0]):
+            raise CheckpointError(f"LoRA: DoRA magnitudes {tuple(self.magnitude.shape)} for a weight of "
+                                  f"{tuple(shape)}: expected one per output row ({int(shape[0])})")
 
     def delta(self, shape: torch.Size) -> torch.Tensor:
         """The float32 update of a weight of ``shape``."""
@@ -128,7 +134,7 @@ def _header_metadata(path: str) -> dict:
 def _read_peft(state: dict, metadata: dict) -> dict:
     layers, seen = {}, set()
     for key in state:
-        m = re.fullmatch(r"(.+?)\.(.+)\.(lora_A|lora_B|alpha)(\.weight)?", key)
+        m = re.fullmatch(r"(.+?)\.(.+)\.(lora_A|lora_B|alpha|lora_magnitude_vector)(\.weight)?", key)
         if m is None or m.group(1) not in NETWORK_PREFIXES + TEXT_PREFIXES:
             raise UnsupportedConfigError("LoRA key", key, supported="diffusers / PEFT keys (unet. / transformer. / "
                                          "text_encoder*. + <module>.lora_A.weight / lora_B.weight) or kohya keys "
@@ -141,14 +147,24 @@ def _read_peft(state: dict, metadata: dict) -> dict:
         if down is None or up is None:
             raise CheckpointError(f"LoRA: {prefix}.{module} has lora_{'A' if down is None else 'B'}.weight missing")
         config = configs[prefix]
-        if config.get("use_dora"):
-            raise UnsupportedConfigError("use_dora", True, supported="plain LoRA (DoRA's magnitude vectors are not "
-                                         "merged)", model=f"LoRA for {prefix}")
+        magnitude = _dora_magnitude(state, f"{prefix}.{module}")
+        if config.get("use_dora") and magnitude is None:
+            raise CheckpointError(f"LoRA: {prefix}.{module}: use_dora is set and its lora_magnitude_vector is "
+                                  f"missing (DoRA's magnitudes; PEFT would start them from the base weight's norms)")
         alpha = state.get(f"{prefix}.{module}.alpha")
         alpha = _alpha(alpha, f"{prefix}.{module}.alpha") if alpha is not None else _metadata_alpha(config, module)
         part = "network" if prefix in NETWORK_PREFIXES else prefix
-        layers[(part, module)] = LoraLayer(down, up, alpha, rslora=bool(config.get("use_rslora")))
+        layers[(part, module)] = LoraLayer(down, up, alpha, rslora=bool(config.get("use_rslora")),
+                                           magnitude=magnitude)
     return layers
+
+
+def _dora_magnitude(state: dict, name: str) -> Optional[torch.Tensor]:
+    """A module's DoRA magnitudes (PEFT's ``lora_magnitude_vector``, with or without ``.weight``), or None."""
+    for key in (f"{name}.lora_magnitude_vector", f"{name}.lora_magnitude_vector.weight"):
+        if key in state:
+            return state[key]
+    return None
 
 
 def _metadata_alpha(config: dict, module: str) -> Optional[float]:
@@ -177,6 +193,10 @@ def _alpha(value, name: str) -> float:
 
 
 def _read_kohya(state: dict) -> dict:
+    dora = sorted(k for k in state if k.endswith(".dora_scale"))
+    if dora:  # (LyCORIS normalizes DoRA by input column, PEFT by output row: merged as neither, better refused)
+        raise UnsupportedConfigError("LoRA key", dora[0], supported="kohya LoRA without DoRA (dora_scale); DoRA in "
+                                     "diffusers / PEFT files (lora_magnitude_vector) is read")
     layers = {}
     names = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in state}
     for name in sorted(names):
@@ -264,7 +284,16 @@ def merge(pairs: list, scale: float, saved: Optional[dict] = None) -> None:
         w = target.weight
         if saved is not None and id(w) not in saved:
             saved[id(w)] = (w, w.detach().to("cpu", copy=True))
-        w.add_((layer.delta(w.shape) * scale).to(w.device, w.dtype))
+        delta = layer.delta(w.shape) * scale
+        if layer.magnitude is None:
+            w.add_(delta.to(w.device, w.dtype))
+            continue
+        # DoRA (PEFT's merge): each output row of W + delta rescaled to its magnitude, the norms taken of the
+        # weight before any LoRA merged into it (PEFT's unmerged base weight) plus this update
+        base = (saved[id(w)][1] if saved is not None else w.detach()).to(w.device, torch.float32)
+        norms = (base + delta.to(w.device)).flatten(1).norm(dim=1)  # (out,)
+        factor = layer.magnitude.to(w.device, torch.float32).reshape(-1) / norms
+        w.copy_((factor.view(-1, *[1] * (w.dim() - 1)) * (w.float() + delta.to(w.device))).to(w.dtype))
 
 
 @torch.no_grad()

@@ -114,6 +114,38 @@ def test_a_diffusers_lora_equals_load_lora_weights_and_fuse_lora(parts, scale):
     assert torch.equal(pipe.generate(prompt=PROMPTS, latents=latents, **GEN), plain)
 
 
+@pytest.mark.parametrize("scale", [1.0, 0.6])
+def test_a_dora_lora_equals_diffusers_fused_weights(parts, tmp_path, scale):
+    """DoRA (PEFT's use_dora: lora_magnitude_vector per output row; linear and conv layers): the merged weights and
+    the latents of diffusers' load_lora_weights + fuse_lora(lora_scale=scale); unload puts the weights back."""
+    folder, unet = parts[0], parts[1]
+    state, config = _adapter(unet, ["to_q", "to_out.0", "conv1", "proj_in"], r=2, alpha=4, seed=3, use_dora=True)
+    g = torch.Generator().manual_seed(5)
+    for name, layer in unet.named_modules():
+        if f"{name}.lora_A.weight" in state:  # magnitudes near each row's norm, so that the rescale shows
+            w = layer.weight
+            magnitude = w.flatten(1).norm(dim=1) * (1 + 0.3 * torch.randn(w.shape[0], generator=g))
+            state[f"{name}.lora_magnitude_vector"] = magnitude if w.dim() == 2 else magnitude.view(1, -1, 1, 1)
+    lora = str(tmp_path / "dora")
+    diffusers.StableDiffusionPipeline.save_lora_weights(lora, unet_lora_layers=state,
+                                                        unet_lora_adapter_metadata=config.to_dict())
+    latents = _latents()
+    pipe = fastdiff.load(folder)
+    plain = pipe.generate(prompt=PROMPTS, latents=latents, **GEN)
+    pipe.load_lora(lora, scale=scale)
+    ref = _fused_reference(parts, lora, scale)
+    fused = {k.replace(".base_layer.", "."): v for k, v in ref.unet.state_dict().items() if "lora_" not in k}
+    changed = 0
+    for k, v in pipe.model.state_dict().items():
+        if k in fused:
+            assert rel_err(v, fused[k]) <= 1e-6, k
+            changed += not torch.equal(v, unet.state_dict()[k])
+    assert changed == len(state) // 3  # (every DoRA layer, nothing else)
+    assert rel_err(pipe.generate(prompt=PROMPTS, latents=latents, **GEN), _want(ref, latents)) <= 1e-5
+    pipe.unload_lora()
+    assert torch.equal(pipe.generate(prompt=PROMPTS, latents=latents, **GEN), plain)
+
+
 def test_without_metadata_the_alpha_is_the_rank(parts, tmp_path):
     """A file with no lora_adapter_metadata (and no .alpha keys): scale 1 per layer, as diffusers reads it."""
     from safetensors.torch import save_file
@@ -293,8 +325,12 @@ def test_what_load_lora_refuses(parts, tmp_path):
     dora_state, dora_config = _adapter(parts[1], ["to_q"], r=2, alpha=2, seed=3, use_dora=True)
     diffusers.StableDiffusionPipeline.save_lora_weights(str(tmp_path / "dora"), unet_lora_layers=dora_state,
                                                         unet_lora_adapter_metadata=dora_config.to_dict())
-    with pytest.raises(UnsupportedConfigError, match="use_dora"):
+    with pytest.raises(CheckpointError, match="use_dora is set and its lora_magnitude_vector is missing"):
         pipe.load_lora(str(tmp_path / "dora"))
+    kohya_dora = {"lora_unet_x.lora_down.weight": torch.zeros(2, 4), "lora_unet_x.lora_up.weight": torch.zeros(4, 2),
+                  "lora_unet_x.dora_scale": torch.ones(1, 4)}
+    with pytest.raises(UnsupportedConfigError, match="dora_scale"):
+        pipe.load_lora(kohya_dora)
     pipe.load_lora(lora)
     with pytest.raises(BadArgumentError, match="save\\(\\): the text encoders carry a merged LoRA"):
         pipe.save(str(tmp_path / "saved"))
