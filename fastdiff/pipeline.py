@@ -130,7 +130,8 @@ class Pipeline(PlansMixin, ControlNetMixin, ImageInputsMixin, IPAdapterMixin, Cl
                                    "as they are on disk; save before load_lora(), or after unload_lora()")
         if getattr(self.model, "ip_projection", None) is not None:
             raise BadArgumentError("save(): an IP-Adapter is loaded (its weights are not the checkpoint's); save "
-                                   "before load_ip_adapter(), or after unload_ip_adapter()")
+                                   "before load_ip_adapter(), or after unload_ip_adapter() (a Face ID adapter's "
+                                   "LoRA stays merged, as load_lora's do, until unload_lora())")
         if self.prompt_encoder is not None and self.prompt_encoder.embeddings:
             raise BadArgumentError("save(): the tokenizers carry textual inversion tokens, and a save copies their "
                                    "folders as they are on disk; save before load_textual_inversion(), or after "
@@ -174,6 +175,7 @@ class Pipeline(PlansMixin, ControlNetMixin, ImageInputsMixin, IPAdapterMixin, Cl
             raise BadArgumentError(f"unload_lora(): this pipeline runs an exported {self.config.backend} graph, which "
                                    f"holds the merged weights; unload_lora() first, then optimize()")
         restore(self._lora_saved)
+        self._face_id_loras = frozenset()  # (an IP-Adapter Face ID's LoRA went too: merged again at its next load)
         if self.prompt_encoder is not None:
             self.prompt_encoder.clear_loras()
 

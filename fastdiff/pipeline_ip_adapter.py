@@ -66,6 +66,7 @@ class IPAdapterMixin:
         states = [ip_adapter.split_state_dict(files.read_adapter_weights(*source)) for source in sources]
         # (the kinds and the widths, before an encoder is read)
         projections = [ip_adapter.check(self.model, state) for state in states]
+        face_id_loras = self._face_id_loras_to_merge(states)
         first = sources[0]
         # the loaded encoder stays where it serves these adapters (diffusers keeps its registered one); else the
         # first adapter's folder's is read
@@ -80,27 +81,37 @@ class IPAdapterMixin:
         ip_adapter.attach(self.model, states, projections)
         ip_adapter.set_scale(self.model, scales)
         self._ip_image_scales = image_scales
-        self._merge_face_id_loras(states)
+        self._merge_face_id_loras(face_id_loras)
         self.image_encoder, self._image_processor = encoder, processor
         self._rebuild_runner()  # (compiled models and captured graphs ran the network without the branches)
         return self
 
-    def _merge_face_id_loras(self, states: list) -> None:
-        """Merge the Face ID LoRAs of ``states`` not merged yet (``fastdiff.models.ip_faceid``: as ``load_lora``,
-        scale 1; diffusers loads each as a PEFT adapter once and keeps it), kept for ``unload_lora``."""
-        from .lora import merge
+    def _face_id_loras_to_merge(self, states: list) -> list:
+        """[(key, pairs)] of the Face ID LoRAs of ``states`` not merged yet (``fastdiff.models.ip_faceid``), checked
+        before anything changes. A new one while another Face ID's LoRA stays merged is refused (that one leaves the
+        weights only with ``unload_lora``; diffusers then keeps one LoRA of its own choosing)."""
         from .models.ip_faceid import lora_pairs
         from .utils.keys import freeze
 
-        # (after unload_lora put every weight back, none is merged any more)
-        merged = set(self._face_id_loras) if self._lora_saved else set()
+        wanted = []
         for state in states:
             pairs = lora_pairs(self.model, state["ip_adapter"])
-            key = freeze([(layer.down, layer.up) for _, layer in pairs]) if pairs else None
-            if pairs and key not in merged:
-                merge(pairs, 1.0, self._lora_saved)
-                merged.add(key)
-        self._face_id_loras = frozenset(merged)
+            if pairs:
+                wanted.append((freeze([(layer.down, layer.up) for _, layer in pairs]), pairs))
+        todo = [(key, pairs) for key, pairs in wanted if key not in self._face_id_loras]
+        if todo and set(self._face_id_loras) - {key for key, _ in wanted}:
+            raise BadArgumentError("load_ip_adapter(): another IP-Adapter Face ID's LoRA is merged into the weights; "
+                                   "unload_lora() first (it removes every merged LoRA), then load these adapters")
+        return todo
+
+    def _merge_face_id_loras(self, todo: list) -> None:
+        """Merge them as ``load_lora(scale=1)`` would (diffusers: a PEFT adapter at weight 1), kept for
+        ``unload_lora``; several adapters' LoRAs add up (diffusers keeps the last one active)."""
+        from .lora import merge
+
+        for key, pairs in todo:
+            merge(pairs, 1.0, self._lora_saved)
+        self._face_id_loras = frozenset(self._face_id_loras | {key for key, _ in todo})
 
     def set_ip_adapter_scale(self, scale) -> None:
         """The image prompt's weight, as diffusers' ``set_ip_adapter_scale``: a number, or InstantStyle's per-block

@@ -343,7 +343,7 @@ def test_cli_generate_with_an_ip_adapter(pair, tmp_path):
     for flags, message in ((["--ip-adapter-scale", "0.3"], "--ip-adapter-scale: given, but no --ip-adapter FILE"),
                            (["--ip-adapter", os.path.join(adapter, "ip.safetensors")],
                             "--ip-adapter: expected --ip-adapter-image"),
-                           (["--ip-adapter-scale", "{up: 1}"], "expected a number or a JSON object"),
+                           (["--ip-adapter-scale", "{up: 1}"], "expected a number, or JSON"),
                            (["--ip-adapter", os.path.join(adapter, "ip.safetensors"), "--ip-adapter-image",
                              "prompt.png", "--ip-adapter-scale", '{"up": {"block_1": 1}}'],
                             "name no up block with attention layers")):

@@ -105,9 +105,41 @@ def test_face_id_lora_merges_once_and_stays_until_unload_lora(face):
         assert torch.equal(pipe.generate(**kw), plain)
         pipe.load_ip_adapter(folder, weight_name="faceid.safetensors")  # (merged again after unload_lora)
         assert torch.equal(pipe.generate(ip_adapter_image_embeds=_embeds(), **kw), once)
+        # unload_lora, another LoRA, then Face ID again: its LoRA merges anew (on top of the other)
+        pipe.unload_ip_adapter()
+        pipe.unload_lora()
+        other = _face_id_adapter(os.path.join(os.path.dirname(folder), "other"), ref.unet, seed=30)
+        from safetensors.torch import load_file
+        from fastdiff.models.ip_faceid import is_lora_key
+
+        lora = {f"unet.{k}": v for k, v in _peft_lora(load_file(os.path.join(other, "faceid.safetensors")),
+                                                       ref.unet).items()}
+        pipe.load_lora(lora)
+        with_other = pipe.generate(**kw)
+        pipe.load_ip_adapter(folder, weight_name="faceid.safetensors")
+        both = pipe.generate(ip_adapter_image_embeds=_embeds(), **kw)
+        assert rel_err(both, once) > 1e-4 and rel_err(both, with_other) > 1e-4
+        # another Face ID adapter while this one's LoRA is merged: refused, nothing changed
+        with pytest.raises(BadArgumentError, match="another IP-Adapter Face ID's LoRA is merged"):
+            pipe.load_ip_adapter(other, weight_name="faceid.safetensors")
+        assert torch.equal(pipe.generate(ip_adapter_image_embeds=_embeds(), **kw), both)
+        assert is_lora_key("0.to_q_lora.down.weight") and not is_lora_key("1.to_k_ip.weight")
     finally:
         pipe.unload_ip_adapter()
         pipe.unload_lora()
+
+
+def _peft_lora(face_id_state: dict, unet) -> dict:
+    """A Face ID file's LoRA as a plain LoRA in PEFT names (lora_A / lora_B per attention projection)."""
+    names = [n[:-len(".processor")] for n in unet.attn_processors]
+    out = {}
+    for key, value in face_id_state.items():
+        parts = key.split(".")
+        if len(parts) == 5 and parts[2].endswith("_lora"):
+            layer = parts[2][:-len("_lora")]
+            layer = "to_out.0" if layer == "to_out" else layer
+            out[f"{names[int(parts[1])]}.{layer}.lora_{'A' if parts[3] == 'down' else 'B'}.weight"] = value
+    return out
 
 
 def test_face_id_refusals(face, tmp_path):
@@ -132,3 +164,24 @@ def test_face_id_refusals(face, tmp_path):
     with pytest.raises(BadArgumentError, match="IP-Adapter Face ID Plus"):
         pipe.load_ip_adapter(str(tmp_path / "plus.safetensors"))
     assert pipe.model.ip_projection is None and not pipe._lora_saved  # (nothing attached or merged)
+
+
+def test_cli_face_id_with_embeds(face, tmp_path):
+    """`fastdiff generate --ip-adapter FACEID --ip-adapter-embeds FACE.safetensors`: the API's result."""
+    from safetensors.torch import load_file, save_file
+
+    import fastdiff
+    from test_cli import fastdiff as run_cli
+
+    ref, pipe, folder = face
+    save_file({"embeds": _embeds()[0]}, str(tmp_path / "face.safetensors"))
+    root = os.path.dirname(folder)
+    r = run_cli("generate", os.path.join(root, "pipe"), "--prompt", "a red cat", "--cfg", "3", "--steps", "2", "--n",
+                "1", "--ip-adapter", os.path.join(folder, "faceid.safetensors"), "--ip-adapter-embeds",
+                "face.safetensors", "--output-latents", "lat.safetensors", "--no-progress", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    api = fastdiff.load(os.path.join(root, "pipe"))
+    api.load_ip_adapter(os.path.join(folder, "faceid.safetensors"))
+    want = api.generate(prompt="a red cat", cfg_scale=3, steps=2, seeds=[0], progress=False,
+                        ip_adapter_image_embeds=_embeds()[0])
+    assert torch.equal(load_file(str(tmp_path / "lat.safetensors"))["latents"], want)

@@ -264,8 +264,24 @@ def test_cli_two_adapters_with_masks(masked, tmp_path):
     want = api.generate(prompt="a red cat", cfg_scale=3, steps=2, seeds=[0], height=64, width=96, progress=False,
                         ip_adapter_image=[opened[:2], opened[2]], ip_adapter_masks=[masks, None])
     assert torch.equal(load_file(str(tmp_path / "lat.safetensors"))["latents"], want)
-    r = run_cli("generate", os.path.join(root, "pipe"), "--prompt", "a red cat", "--steps", "1",
-                "--ip-adapter", os.path.join(plus, "plus.safetensors"), "--ip-adapter", os.path.join(base,
-                                                                                                     "ip.safetensors"),
-                "--ip-adapter-image", "i0.png", "--output-latents", "x.safetensors", "--no-progress", cwd=tmp_path)
-    assert r.returncode == 2 and "expected one --ip-adapter-image each" in r.stderr, r.stderr
+    # one adapter: repeated flags (paths as they are), a JSON list once: that adapter's per-image scales
+    r = run_cli("generate", os.path.join(root, "pipe"), "--prompt", "a red cat", "--cfg", "3", "--steps", "2", "--n",
+                "1", "--height", "64", "--width", "96", "--ip-adapter", os.path.join(plus, "plus.safetensors"),
+                "--ip-adapter-image", "i0.png", "--ip-adapter-image", "i1.png", "--ip-adapter-scale", "[0.7, 0.4]",
+                "--ip-adapter-mask", "m0.png", "--ip-adapter-mask", "m1.png", "--output-latents", "one.safetensors",
+                "--no-progress", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    api.load_ip_adapter(os.path.join(plus, "plus.safetensors"), scale=[[0.7, 0.4]])
+    want = api.generate(prompt="a red cat", cfg_scale=3, steps=2, seeds=[0], height=64, width=96, progress=False,
+                        ip_adapter_image=opened[:2], ip_adapter_masks=[masks])
+    assert torch.equal(load_file(str(tmp_path / "one.safetensors"))["latents"], want)
+    two = ["--ip-adapter", os.path.join(plus, "plus.safetensors"), "--ip-adapter", os.path.join(base, "ip.safetensors")]
+    for flags, message in ((two + ["--ip-adapter-image", "i0.png"], "expected one --ip-adapter-image each"),
+                           (["--ip-adapter", os.path.join(plus, "plus.safetensors"), "--ip-adapter-image", "i0.png",
+                             "--ip-adapter-mask", "none"], "'none' marks an adapter without masks"),
+                           (two + ["--ip-adapter-image", "i0.png", "--ip-adapter-image", "i1.png",
+                                   "--ip-adapter-mask", "m0.png,none", "--ip-adapter-mask", "none"],
+                            "'none' stands for a whole adapter's masks")):
+        r = run_cli("generate", os.path.join(root, "pipe"), "--prompt", "a red cat", "--steps", "1", *flags,
+                    "--output-latents", "x.safetensors", "--no-progress", cwd=tmp_path)
+        assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

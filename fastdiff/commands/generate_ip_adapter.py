@@ -1,10 +1,10 @@
 """``fastdiff generate``'s IP-Adapter flags: one adapter or several, their image prompts, scales and masks.
 
 One adapter: ``--ip-adapter FILE --ip-adapter-image A.png [--ip-adapter-image B.png ...]`` (repeated images: their
-tokens one after another). Several: repeat ``--ip-adapter``; the k-th ``--ip-adapter-image`` is the k-th adapter's
-prompt, several images of one adapter comma-separated (``A.png,B.png``). ``--ip-adapter-scale`` once (every adapter)
-or once per adapter; ``--ip-adapter-mask`` as the images (one mask per image, ``none`` for an adapter without
-masks).
+tokens one after another; paths taken as they are). Several: repeat ``--ip-adapter``; the k-th ``--ip-adapter-image``
+is the k-th adapter's prompt, several images of one adapter comma-separated (``A.png,B.png``).
+``--ip-adapter-scale`` once (every adapter) or once per adapter; ``--ip-adapter-mask`` as the images (one mask per
+image; with several adapters ``none`` for an adapter without masks).
 """
 
 from __future__ import annotations
@@ -26,14 +26,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the image prompt of --ip-adapter (one adapter: repeat for several images, their tokens one "
                         "after another; several adapters: once per adapter, in their order, an adapter's images "
                         "comma-separated)")
+    p.add_argument("--ip-adapter-embeds", default=None, metavar="EMBEDS.safetensors",
+                   help="one adapter's image features in place of --ip-adapter-image: a safetensors file holding one "
+                        "tensor, (N, D) / (B, N, D) embeddings (IP-Adapter Face ID: insightface's face embeddings) or "
+                        "(N, S, E) hidden states (Plus, Full Face); the unconditional pass as for an image")
     p.add_argument("--ip-adapter-scale", action="append", type=_scale, default=None, metavar="S",
                    help="the image prompt's weight (default 1), or InstantStyle's per-block scales as JSON, e.g. "
                         "'{\"up\": {\"block_0\": [0.0, 1.0, 0.0]}}' (diffusers' set_ip_adapter_scale dict), or a "
                         "JSON list of one scale per masked image; once for every adapter, or once per adapter")
     p.add_argument("--ip-adapter-mask", action="append", default=None, metavar="MASK.png",
-                   help="where the image prompt acts (white), one mask per --ip-adapter-image (diffusers' "
-                        "ip_adapter_masks); several adapters: once per adapter, comma-separated, 'none' for an adapter "
-                        "without masks")
+                   help="where the image prompt acts (white), one mask per image of --ip-adapter-image, given as the "
+                        "images are (diffusers' ip_adapter_masks); several adapters: once per adapter, comma-separated, "
+                        "'none' for an adapter without masks")
 
 
 def _scale(text: str):
@@ -43,39 +47,54 @@ def _scale(text: str):
     try:
         return float(text) if not text.lstrip().startswith(("{", "[")) else json.loads(text)
     except ValueError as e:  # (json.JSONDecodeError is a ValueError)
-        raise argparse.ArgumentTypeError(f"expected a number or a JSON object of per-block scales, found "
-                                         f"{text!r} ({e})") from None
+        raise argparse.ArgumentTypeError(f"expected a number, or JSON: a per-block object or a list of per-image "
+                                         f"scales, found {text!r} ({e})") from None
 
 
 def load(pipe, args) -> None:
     """Load the adapters the flags name (or refuse IP-Adapter flags given without one)."""
     if args.ip_adapter is None:
         given = [f for f, v in (("--ip-adapter-image", args.ip_adapter_image),
+                                ("--ip-adapter-embeds", args.ip_adapter_embeds),
                                 ("--ip-adapter-encoder", args.ip_adapter_encoder),
                                 ("--ip-adapter-scale", args.ip_adapter_scale),
                                 ("--ip-adapter-mask", args.ip_adapter_mask)) if v is not None]
         if given:
             raise BadArgumentError(f"{given[0]}: given, but no --ip-adapter FILE")
         return
-    if args.ip_adapter_image is None:
-        raise BadArgumentError("--ip-adapter: expected --ip-adapter-image IMG.png (the image prompt), found none")
     count = len(args.ip_adapter)
+    if (args.ip_adapter_image is None) == (args.ip_adapter_embeds is None):
+        raise BadArgumentError(f"--ip-adapter: expected --ip-adapter-image IMG.png (the image prompt) or "
+                               f"--ip-adapter-embeds, found {'both' if args.ip_adapter_image else 'neither'}")
+    if args.ip_adapter_embeds is not None and count > 1:
+        raise BadArgumentError(f"--ip-adapter-embeds: one adapter's features; {count} --ip-adapter given: expected "
+                               f"--ip-adapter-image (or the Python API's ip_adapter_image_embeds list)")
+    for flag, values in (("--ip-adapter-image", args.ip_adapter_image), ("--ip-adapter-mask", args.ip_adapter_mask)):
+        if count > 1 and values is not None and len(values) != count:  # (before anything loads)
+            raise BadArgumentError(f"{flag}: {count} --ip-adapter given: expected one {flag} each (an adapter's "
+                                   f"images comma-separated), found {len(values)}")
+    _check_none(args.ip_adapter_mask or [], count)
     scales = args.ip_adapter_scale or [1.0]
     if len(scales) not in (1, count):
         raise BadArgumentError(f"--ip-adapter-scale: expected one for every adapter or one per adapter ({count}), "
                                f"found {len(scales)}")
     encoder = args.ip_adapter_encoder
+    # (one scale per adapter, always as a list: a JSON list given once is one adapter's per-image scales)
     pipe.load_ip_adapter(args.ip_adapter if count > 1 else args.ip_adapter[0],
-                         scale=scales if len(scales) > 1 else scales[0],
+                         scale=scales if len(scales) == count else scales * count,
                          **({} if encoder is None else dict(image_encoder_folder=os.path.abspath(encoder))))
 
 
 def inputs(args, read_image) -> dict:
-    """generate()'s ip_adapter_image / ip_adapter_masks of the flags (``read_image(path, flag)``: a PIL image)."""
-    if args.ip_adapter_image is None:
+    """generate()'s ip_adapter_image (or ip_adapter_image_embeds) / ip_adapter_masks of the flags
+    (``read_image(path, flag)``: a PIL image)."""
+    if args.ip_adapter_image is None and args.ip_adapter_embeds is None:
         return {}
     count = len(args.ip_adapter or [None])
-    out = {"ip_adapter_image": _per_adapter(args.ip_adapter_image, count, "--ip-adapter-image", read_image)}
+    if args.ip_adapter_embeds is not None:
+        out = {"ip_adapter_image_embeds": _read_embeds(args.ip_adapter_embeds)}
+    else:
+        out = {"ip_adapter_image": _per_adapter(args.ip_adapter_image, count, "--ip-adapter-image", read_image)}
     if args.ip_adapter_mask is not None:
         masks = _per_adapter(args.ip_adapter_mask, count, "--ip-adapter-mask", read_image)
         out["ip_adapter_masks"] = masks if count > 1 else [masks if isinstance(masks, list) else [masks]]
@@ -83,20 +102,44 @@ def inputs(args, read_image) -> dict:
 
 
 def _per_adapter(values: list, count: int, flag: str, read_image):
-    """One adapter: its images (one, or a list); several: one entry per adapter, each an image, a list of them, or
-    None (``none``: masks only)."""
-    def read(path):
-        return None if flag == "--ip-adapter-mask" and path == "none" else read_image(path, flag)
-
+    """One adapter: its images (one, or a list: the repeated flags, paths as they are); several: one entry per
+    adapter, each an image, a list of them (comma-separated), or None (masks: ``none``)."""
     if count == 1:
-        paths = [p for value in values for p in value.split(",")]
-        images = [read(p) for p in paths]
+        images = [read_image(path, flag) for path in values]
         return images if len(images) > 1 else images[0]
     if len(values) != count:
         raise BadArgumentError(f"{flag}: {count} --ip-adapter given: expected one {flag} each (an adapter's images "
                                f"comma-separated), found {len(values)}")
     entries = []
     for value in values:
-        images = [read(p) for p in value.split(",")]
+        if flag == "--ip-adapter-mask" and value == "none":
+            entries.append(None)
+            continue
+        images = [read_image(path, flag) for path in value.split(",")]
         entries.append(images if len(images) > 1 else images[0])
     return entries
+
+
+def _check_none(masks: list, count: int) -> None:
+    """'none' (an adapter without masks) only as a whole --ip-adapter-mask among several adapters."""
+    if count == 1 and "none" in masks:
+        raise BadArgumentError("--ip-adapter-mask: 'none' marks an adapter without masks among several --ip-adapter; "
+                               "with one adapter leave the flag out")
+    for value in masks:
+        if count > 1 and value != "none" and "none" in value.split(","):
+            raise BadArgumentError(f"--ip-adapter-mask: 'none' stands for a whole adapter's masks, found it among "
+                                   f"{value!r}")
+
+
+def _read_embeds(path: str):
+    """--ip-adapter-embeds: the one tensor of a safetensors file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(path)
+    except (OSError, SafetensorError) as e:
+        raise BadArgumentError(f"--ip-adapter-embeds: could not read {path!r} as safetensors ({e})") from e
+    if len(tensors) != 1:
+        raise BadArgumentError(f"--ip-adapter-embeds: expected one tensor in {path!r}, found {sorted(tensors)}")
+    return next(iter(tensors.values()))
