@@ -530,3 +530,46 @@ def test_cudnn_benchmark_in_captured_graphs_equals_eager(scope):
         cudnn_benchmark=True, channels_last=True, cuda_graphs=True, graph_scope=scope, batch_buckets=(2, 4))
     assert rel_err(pipe.generate(**kw), want) <= 2e-2
     assert torch.backends.cudnn.benchmark == before
+
+
+def _two_random_ip_adapters(unet, embed: int = 8) -> list:
+    """Two base IP-Adapter state dicts (random, 4 tokens each) that fit ``unet``'s cross-attention layers."""
+    from fastdiff.models.ip_adapter import cross_attentions
+
+    layers, states = cross_attentions(unet), []
+    width = layers[0].to_k.in_features
+    for seed in (1, 2):
+        g = torch.Generator().manual_seed(seed)
+        proj = {"proj.weight": torch.randn(4 * width, embed, generator=g) * 0.3,
+                "proj.bias": torch.randn(4 * width, generator=g) * 0.1,
+                "norm.weight": 1 + torch.randn(width, generator=g) * 0.1, "norm.bias": torch.zeros(width)}
+        branches = {f"{2 * i + 1}.to_{kv}_ip.weight": torch.randn(m.heads * m.head_dim, width, generator=g) * 0.3
+                    for i, m in enumerate(layers) for kv in "kv"}
+        states.append({"image_proj": proj, "ip_adapter": branches})
+    return states
+
+
+@needs_compiled_triton
+@pytest.mark.parametrize("scope", ["step", "loop"])
+def test_cuda_graph_replay_with_two_ip_adapters_and_masks(scope):
+    """Two IP-Adapters (their features a tuple of tensors, masks for one) through real CUDA graphs: equal to eager;
+    other images and masks replay the captured graph."""
+    eager = fastdiff.load("arch:tiny-sd-unet", device="cuda")
+    graphed = fastdiff.load("arch:tiny-sd-unet", device="cuda").optimize(cuda_graphs=True, graph_scope=scope,
+                                                                          batch_buckets=(4,))
+    states = _two_random_ip_adapters(eager.model)
+    for p in (eager, graphed):
+        p.load_ip_adapter(states, scale=[[0.7, 0.4], 0.5])
+    g = torch.Generator().manual_seed(3)
+    text = torch.randn(3, 5, eager.model.config.cross_attention_dim, generator=g)
+    for attempt in range(2):
+        embeds = [torch.randn(1, 2, 8, generator=g), torch.randn(1, 1, 8, generator=g)]
+        masks = (torch.rand(1, 2, 64, 64, generator=g) > 0.5).float()
+        kw = dict(seeds=[1, 2, 3], steps=3, cfg_scale=3.0, progress=False, encoder_hidden_states=text,
+                  negative_encoder_hidden_states=torch.zeros_like(text),
+                  ip_adapter_image_embeds=[torch.cat([torch.zeros_like(e), e]) for e in embeds],
+                  ip_adapter_masks=[masks, None])
+        want, got = eager.generate(**kw), graphed.generate(**kw)
+        assert rel_err(got, want) <= 1e-4
+        captures = graphed.loop_graphs.captures if scope == "loop" else graphed.runner.captures
+        assert captures == 1, attempt  # (the second attempt replayed the first's graph)
