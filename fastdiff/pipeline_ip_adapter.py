@@ -98,7 +98,8 @@ class IPAdapterMixin:
             pairs = lora_pairs(self.model, state["ip_adapter"])
             if pairs:
                 wanted.append((freeze([(layer.down, layer.up) for _, layer in pairs]), pairs))
-        todo = [(key, pairs) for key, pairs in wanted if key not in self._face_id_loras]
+        # (one adapter listed twice merges its LoRA once)
+        todo = list({key: pairs for key, pairs in wanted if key not in self._face_id_loras}.items())
         if todo and set(self._face_id_loras) - {key for key, _ in wanted}:
             raise BadArgumentError("load_ip_adapter(): another IP-Adapter Face ID's LoRA is merged into the weights; "
                                    "unload_lora() first (it removes every merged LoRA), then load these adapters")

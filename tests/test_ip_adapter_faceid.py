@@ -98,6 +98,11 @@ def test_face_id_lora_merges_once_and_stays_until_unload_lora(face):
         once = pipe.generate(ip_adapter_image_embeds=_embeds(), **kw)
         pipe.load_ip_adapter(folder, weight_name="faceid.safetensors")
         assert torch.equal(pipe.generate(ip_adapter_image_embeds=_embeds(), **kw), once)
+        pipe.unload_lora()
+        pipe.load_ip_adapter([folder, folder], weight_name="faceid.safetensors", scale=[1.0, 0.0])  # (listed twice)
+        assert torch.equal(pipe.generate(ip_adapter_image_embeds=[torch.cat([torch.zeros_like(_embeds()), _embeds()])]
+                                         * 2, **kw), once)  # (its LoRA merged once)
+        pipe.load_ip_adapter(folder, weight_name="faceid.safetensors")
         pipe.unload_ip_adapter()
         lora_only = pipe.generate(**kw)
         assert rel_err(lora_only, plain) > 1e-4

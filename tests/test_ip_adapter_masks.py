@@ -275,6 +275,19 @@ def test_cli_two_adapters_with_masks(masked, tmp_path):
     want = api.generate(prompt="a red cat", cfg_scale=3, steps=2, seeds=[0], height=64, width=96, progress=False,
                         ip_adapter_image=opened[:2], ip_adapter_masks=[masks])
     assert torch.equal(load_file(str(tmp_path / "one.safetensors"))["latents"], want)
+    # the base adapter's features from a file, no image encoder beside it (none needed: zeros for the negative)
+    from safetensors.torch import save_file
+
+    embeds = torch.randn(1, 2, 10, generator=torch.Generator().manual_seed(9))
+    save_file({"embeds": embeds}, str(tmp_path / "e.safetensors"))
+    r = run_cli("generate", os.path.join(root, "pipe"), "--prompt", "a red cat", "--cfg", "3", "--steps", "2", "--n",
+                "1", "--ip-adapter", os.path.join(base, "ip.safetensors"), "--ip-adapter-embeds", "e.safetensors",
+                "--output-latents", "e_out.safetensors", "--no-progress", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    api.load_ip_adapter(os.path.join(base, "ip.safetensors"), image_encoder_folder=None)
+    want = api.generate(prompt="a red cat", cfg_scale=3, steps=2, seeds=[0], progress=False,
+                        ip_adapter_image_embeds=embeds)
+    assert torch.equal(load_file(str(tmp_path / "e_out.safetensors"))["latents"], want)
     two = ["--ip-adapter", os.path.join(plus, "plus.safetensors"), "--ip-adapter", os.path.join(base, "ip.safetensors")]
     for flags, message in ((two + ["--ip-adapter-image", "i0.png"], "expected one --ip-adapter-image each"),
                            (["--ip-adapter", os.path.join(plus, "plus.safetensors"), "--ip-adapter-image", "i0.png",

@@ -4,7 +4,8 @@ One adapter: ``--ip-adapter FILE --ip-adapter-image A.png [--ip-adapter-image B.
 tokens one after another; paths taken as they are). Several: repeat ``--ip-adapter``; the k-th ``--ip-adapter-image``
 is the k-th adapter's prompt, several images of one adapter comma-separated (``A.png,B.png``).
 ``--ip-adapter-scale`` once (every adapter) or once per adapter; ``--ip-adapter-mask`` as the images (one mask per
-image; with several adapters ``none`` for an adapter without masks).
+image; with several adapters ``none`` for an adapter without masks). ``--ip-adapter-embeds`` gives one adapter's
+features in place of images (IP-Adapter Face ID's face embeddings).
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from ..errors import BadArgumentError
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ip-adapter", action="append", default=None, metavar="FILE",
                    help="an IP-Adapter's weights (h94/IP-Adapter's ip-adapter_* / ip-adapter-plus_* / "
-                        "ip-adapter-full-face_* .safetensors or .bin), its image encoder in image_encoder/ beside the "
-                        "first file (or in --ip-adapter-encoder FOLDER); repeat for several adapters")
+                        "ip-adapter-full-face_* .safetensors or .bin, or IP-Adapter-FaceID's ip-adapter-faceid_* with "
+                        "--ip-adapter-embeds), its image encoder in image_encoder/ beside the first file (or in "
+                        "--ip-adapter-encoder FOLDER); repeat for several adapters")
     p.add_argument("--ip-adapter-encoder", default=None, metavar="FOLDER",
                    help="the IP-Adapter's image encoder (a CLIPVisionModelWithProjection folder)")
     p.add_argument("--ip-adapter-image", action="append", default=None, metavar="IMG.png",
@@ -35,9 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "'{\"up\": {\"block_0\": [0.0, 1.0, 0.0]}}' (diffusers' set_ip_adapter_scale dict), or a "
                         "JSON list of one scale per masked image; once for every adapter, or once per adapter")
     p.add_argument("--ip-adapter-mask", action="append", default=None, metavar="MASK.png",
-                   help="where the image prompt acts (white), one mask per image of --ip-adapter-image, given as the "
-                        "images are (diffusers' ip_adapter_masks); several adapters: once per adapter, comma-separated, "
-                        "'none' for an adapter without masks")
+                   help="where the image prompt acts (white), one mask per image (of --ip-adapter-image, or per N "
+                        "of --ip-adapter-embeds), given as the images are (diffusers' ip_adapter_masks); several "
+                        "adapters: once per adapter, comma-separated, 'none' for an adapter without masks")
 
 
 def _scale(text: str):
@@ -78,11 +80,16 @@ def load(pipe, args) -> None:
     if len(scales) not in (1, count):
         raise BadArgumentError(f"--ip-adapter-scale: expected one for every adapter or one per adapter ({count}), "
                                f"found {len(scales)}")
-    encoder = args.ip_adapter_encoder
+    folder = None if args.ip_adapter_encoder is None else os.path.abspath(args.ip_adapter_encoder)
+    first = os.path.abspath(args.ip_adapter[0])
+    beside = os.path.join(first if os.path.isdir(first) else os.path.dirname(first), "image_encoder")
+    if folder is None and args.ip_adapter_embeds is not None and not os.path.isdir(beside):
+        encoder = dict(image_encoder_folder=None)  # (features given: an encoder only for Plus's black image)
+    else:
+        encoder = {} if folder is None else dict(image_encoder_folder=folder)
     # (one scale per adapter, always as a list: a JSON list given once is one adapter's per-image scales)
     pipe.load_ip_adapter(args.ip_adapter if count > 1 else args.ip_adapter[0],
-                         scale=scales if len(scales) == count else scales * count,
-                         **({} if encoder is None else dict(image_encoder_folder=os.path.abspath(encoder))))
+                         scale=scales if len(scales) == count else scales * count, **encoder)
 
 
 def inputs(args, read_image) -> dict:
