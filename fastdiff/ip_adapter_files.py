@@ -19,11 +19,11 @@ def adapter_sources(path, subfolder, weight_name) -> list:
     if any(not v for v in lists.values()):
         empty = next(k for k, v in lists.items() if not v)
         raise BadArgumentError(f"load_ip_adapter(): {empty}: expected a value or a non-empty list, found an empty list")
-    count = max(len(v) for v in lists.values())
-    wrong = {k: len(v) for k, v in lists.items() if len(v) not in (1, count)}
-    if wrong:
+    lengths = {k: len(v) for k, v in lists.items()}
+    count = max(lengths.values())
+    if any(n not in (1, count) for n in lengths.values()):
         raise BadArgumentError(f"load_ip_adapter(): expected lists of one length (one entry per adapter) or of one, "
-                               f"found lengths {dict({k: len(v) for k, v in lists.items()})}")
+                               f"found lengths {lengths}")
     return [tuple(v[i] if len(v) > 1 else v[0] for v in lists.values()) for i in range(count)]
 
 

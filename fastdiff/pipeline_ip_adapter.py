@@ -319,28 +319,30 @@ def _which(adapter: int, unet) -> str:
     return f" for IP-Adapter {adapter}" if adapter_count(unet) > 1 else ""
 
 
-def _encoder_fits(encoder, projection) -> bool:
-    """The encoder makes what the adapter's projection reads (the base adapter: projected embeddings; Plus: hidden
-    states), in its width; Face ID reads no encoder's output."""
+def _encoder_output(encoder, projection) -> Optional[tuple]:
+    """(width the encoder makes, width the adapter reads, whether those are hidden states) where they differ, else
+    None: the base adapter reads projected embeddings, Plus / Full Face hidden states; Face ID no encoder output."""
     from .models import ip_adapter
 
     if ip_adapter.is_face_id(projection):
-        return True
-    plus = ip_adapter.reads_hidden_states(projection)  # (Plus / Full Face read hidden states)
+        return None
+    plus = ip_adapter.reads_hidden_states(projection)
     made = encoder.config.hidden_size if plus else encoder.config.projection_dim
-    return made == ip_adapter.projection_sizes(projection)[0]
+    width = ip_adapter.projection_sizes(projection)[0]
+    return None if made == width else (made, width, plus)
+
+
+def _encoder_fits(encoder, projection) -> bool:
+    return _encoder_output(encoder, projection) is None
 
 
 def _check_encoder(encoder, projection, adapter: int, count: int) -> None:
     """A clear error where the encoder does not make what the adapter reads (another adapter's encoder; several
     adapters share one)."""
-    from .models import ip_adapter
-
-    if encoder is None or _encoder_fits(encoder, projection):
+    mismatch = None if encoder is None else _encoder_output(encoder, projection)
+    if mismatch is None:
         return
-    width = ip_adapter.projection_sizes(projection)[0]
-    plus = ip_adapter.reads_hidden_states(projection)
-    made = encoder.config.hidden_size if plus else encoder.config.projection_dim
+    made, width, plus = mismatch
     which = f"adapter {adapter} projects" if count > 1 else "the adapter projects"
     shared = " (several adapters share the first one's encoder, as in diffusers)" if count > 1 else ""
     raise BadArgumentError(f"load_ip_adapter(): the image encoder makes {made}-wide "

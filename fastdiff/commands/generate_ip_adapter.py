@@ -114,10 +114,7 @@ def _per_adapter(values: list, count: int, flag: str, read_image):
     if count == 1:
         images = [read_image(path, flag) for path in values]
         return images if len(images) > 1 else images[0]
-    if len(values) != count:
-        raise BadArgumentError(f"{flag}: {count} --ip-adapter given: expected one {flag} each (an adapter's images "
-                               f"comma-separated), found {len(values)}")
-    entries = []
+    entries = []  # (one value per adapter: load() checked the counts)
     for value in values:
         if flag == "--ip-adapter-mask" and value == "none":
             entries.append(None)
