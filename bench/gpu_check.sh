@@ -26,11 +26,12 @@
 #   dit-new       DiT variants with every op on Triton and with per-layer tuning, beside triton+loop, in a process of
 #                 their own (the TMA attention and the one-pass residual + norm ran there in run 4; now defaults)
 #   sd15          the same for arch:sd15-unet (64x64 latents, 77 text tokens, cfg 7.5), channels-last
-#   sd15-new      SD1.5 variants whose kernels have not run in the UNet on a GPU yet (Triton pointer / TMA attention,
-#                 residual + LayerNorm, every op, tuning), beside triton+loop+cl, in a process of their own
+#   sd15-new      SD1.5's defaults since run 6 (every op on Triton) beside run 5's (+sdpa+noresln+noupd), the TMA
+#                 attention, SDPA's, torch's update and per-layer tuning, in a process of their own
 #   sd15-cudnn    SD1.5 triton+loop+cl with and without cudnn_benchmark, each in a process of its own
 #   dit-vs-compile / sd15-vs-compile   fastdiff triton+loop, diffusers eager and
 #                 torch.compile(diffusers model, mode="max-autotune"), in one run
+#   sd15-vs-compile-ro   the same with mode="reduce-overhead" (no autotuning)
 #   dit-autotune / sd15-autotune   fastdiff compile+loop+autotune (Inductor's autotuned GEMMs under
 #                 fastdiff's loop graph) vs diffusers eager
 #   dit-compile   fastdiff's compile backend (+ loop graphs) vs diffusers eager
@@ -58,7 +59,7 @@ ROOT=$(pwd)
 START=$(date +%s)
 BUDGET=${FASTDIFF_GPU_BUDGET_S:-480}     # seconds for everything, summary included
 DEADLINE=$((START + BUDGET))
-STAGES=" ${FASTDIFF_GPU_STAGES:-cuda-ext tests kernels gn-sweep attn-split launch profile dit dit-new sd15 sd15-new sd15-cudnn dit-vs-compile dit-autotune sd15-vs-compile sd15-autotune dit-compile sd15-compile sd15-controlnet sdxl sd3 flux} "
+STAGES=" ${FASTDIFF_GPU_STAGES:-cuda-ext tests kernels gn-sweep attn-split launch profile dit dit-new sd15 sd15-new sd15-cudnn dit-vs-compile dit-autotune sd15-vs-compile sd15-vs-compile-ro sd15-autotune dit-compile sd15-compile sd15-controlnet sdxl sd3 flux} "
 RESULTS=${FASTDIFF_GPU_OUT:-$ROOT/gpu_out}
 mkdir -p "$RESULTS"
 RESULTS=$(cd "$RESULTS" && pwd)   # absolute: the bench steps run from /tmp
@@ -272,7 +273,7 @@ wants dit-new && bench_e2e dit-xl-2-256-new "$DIT" 4 150 \
 wants sd15 && bench_e2e sd15-unet "$SD" 7.5 300 \
     "${FASTDIFF_GPU_SD_VARIANTS:-eager+cl,eager+loop+cl,triton+step+cl,triton+loop+cl,triton+loop+cl+nocond,triton+loop+cl+noconvbias,triton+loop+cl+upd}" diffusers
 wants sd15-new && bench_e2e sd15-unet-new "$SD" 7.5 240 \
-    "${FASTDIFF_GPU_SD_NEW_VARIANTS:-triton+loop+cl,triton+loop+cl+tattn,triton+loop+cl+tma,triton+loop+cl+resln,triton+loop+cl+allk,triton+loop+cl+tune}" ""
+    "${FASTDIFF_GPU_SD_NEW_VARIANTS:-triton+loop+cl,triton+loop+cl+sdpa+noresln+noupd,triton+loop+cl+tma,triton+loop+cl+sdpa,triton+loop+cl+noupd,triton+loop+cl+tune}" ""
 # cudnn_benchmark against the same variant without it, each in a process of its own: cuDNN's plan cache ignores
 # the benchmark flag, so in one process whichever ran first would choose the convolutions' plans for both
 wants sd15-cudnn && bench_e2e sd15-unet-cudnn-off "$SD" 7.5 120 triton+loop+cl ""
@@ -287,6 +288,9 @@ wants dit-vs-compile && bench_e2e dit-xl-2-256-vs-compile "$DIT" 4 480 \
     "${FASTDIFF_GPU_DIT_COMPILE_VARIANTS:-triton+loop}" diffusers,compile
 wants sd15-vs-compile && bench_e2e sd15-unet-vs-compile "$SD" 7.5 520 \
     "${FASTDIFF_GPU_SD_COMPILE_VARIANTS:-triton+loop+cl}" diffusers,compile
+# the same against torch.compile(mode="reduce-overhead"): no autotuning, about 150 s on an H200 (run 6b)
+wants sd15-vs-compile-ro && bench_e2e sd15-unet-vs-compile-ro "$SD" 7.5 240 \
+    "${FASTDIFF_GPU_SD_COMPILE_VARIANTS:-triton+loop+cl}" diffusers,compile "--compile-mode reduce-overhead"
 # fastdiff's compile backend with Inductor's GEMM autotuning under its own loop graph: the same GEMM kernels as
 # the compiled diffusers model, so next to the stage above it shows what the captured loop adds. After the
 # -vs-compile stage, Inductor's on-disk autotuning cache already holds the GEMM shapes the two models share.

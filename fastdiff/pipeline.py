@@ -249,7 +249,7 @@ class Pipeline(PlansMixin, ControlNetMixin, ImageInputsMixin, IPAdapterMixin, Cl
         self.runner, notes = build_runner(self, config, graph_factory=graph_factory)
         self._graph_factory = graph_factory  # (kept once the runner is built: set_controlnet rebuilds with it)
         self.config = config
-        self.update_impl = config.sampler_update_impl(self.device)
+        self.update_impl = config.sampler_update_impl(self.device, self.model)
         # this config's notes replace the last one's (the loader's stay)
         self.notes = [n for n in self.notes if n not in self._optimize_notes] + notes
         self._optimize_notes = notes

@@ -65,3 +65,19 @@ def test_gpu_check_smoke_run_on_tiny_models(tmp_path):
     timings = json.loads((device_out / "inductor_autotune" / "timings.json").read_text())
     assert timings == {"systemhash": '{"cache": {}}'}
 
+
+
+def test_every_variant_the_script_names_parses():
+    """Each stage's default variant list (``${FASTDIFF_GPU_*_VARIANTS:-...}``) is what ``fastdiff bench --backends``
+    accepts: a switch renamed or dropped would otherwise surface only on a GPU, as a failed step."""
+    import re
+
+    from fastdiff.commands.bench import parse_backend_variants
+
+    script = (ROOT / "bench" / "gpu_check.sh").read_text()
+    lists = re.findall(r"\$\{FASTDIFF_GPU_\w+_VARIANTS:-([^}]+)\}", script)
+    assert len(lists) >= 6, lists
+    labels = [label for text in lists for label, _, _ in parse_backend_variants(text)]
+    # run 5's UNet defaults, measured beside run 6's: every switch that takes one back
+    assert "triton+loop+cl+sdpa+noresln+noupd" in labels
+    assert "--compile-mode reduce-overhead" in script

@@ -168,15 +168,18 @@ VARIANT_SWITCHES = {
     # DiT: each residual and the adaLN norm after it in one Triton kernel (the default since run 4) ...
     "resnorm": dict(kernel_ops={"adaln_modulate": "triton"}),
     "pair": dict(kernel_ops={"adaln_modulate": "triton_pair"}),  # ... or the residual's kernel, then the norm's
-    # SD: each attention's residual and the LayerNorm after it in one Triton kernel (default: torch)
+    # SD: each attention's residual and the LayerNorm after it in one Triton kernel (the default since run 6) ...
     "resln": dict(kernel_ops={"layer_norm": "triton"}),
+    "noresln": dict(kernel_ops={"layer_norm": "torch"}),  # ... or torch's add, then its layer_norm
     "allk": dict(kernel_ops="all"),  # every fused op on its Triton kernel (not the measured per-op table)
     "tune": dict(kernel_ops="tune"),  # every fused layer measures its implementations on its first call
     "gnext": dict(kernel_ops={"group_norm": "cuda_ext"}),  # GroupNorm from the CUDA C++ extension
     "gnrows": dict(kernel_ops={"group_norm": "triton_rows"}),  # GroupNorm's "rows" strategy (three launches)
     "geglu": dict(kernel_ops={"geglu": "triton"}),  # SD's feed-forward GEGLU as one Triton kernel (default on CUDA)
     "nogeglu": dict(kernel_ops={"geglu": "torch"}),  # ... as torch's chunk + gelu + mul
-    "upd": dict(kernel_ops={"sampler_update": "triton"}),  # the samplers' fused state update on Triton
+    # the samplers' fused state update on Triton (a UNet's default on CUDA since run 6) ... or torch's
+    "upd": dict(kernel_ops={"sampler_update": "triton"}),
+    "noupd": dict(kernel_ops={"sampler_update": "torch"}),
     "updext": dict(kernel_ops={"sampler_update": "cuda_ext"}),  # ... from the CUDA C++ extension
     # backend "compile" only: Inductor autotunes every GEMM (fastdiff's graphs replace Inductor's own)
     "autotune": dict(compile_mode="max-autotune"),
@@ -184,7 +187,7 @@ VARIANT_SWITCHES = {
     "efficient": dict(sdpa_backend="efficient"),
     # attention through TMA descriptors (Hopper+; a DiT's default on CUDA since run 4)
     "tma": dict(kernel_ops={"attention": "triton_tma"}),
-    "tattn": dict(kernel_ops={"attention": "triton"}),  # attention on the Triton pointer kernel
+    "tattn": dict(kernel_ops={"attention": "triton"}),  # attention on the Triton pointer kernel (a UNet's, run 6)
     "sdpa": dict(kernel_ops={"attention": "torch"}),  # attention on torch's SDPA (its own backend choice)
     "cudnnbench": dict(cudnn_benchmark=True),  # cuDNN times its convolution algorithms per new shape
 }

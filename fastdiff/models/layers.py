@@ -30,10 +30,10 @@ BACKENDS = ("native", "triton")
 # 154.4 ms); adaLN 3.6x, and each residual with the adaLN norm after it in one pass ("triton") 3.7-4.1x torch,
 # end to end DiT-XL/2 39.7 against 41.4 ms for the two kernels ("triton_pair"; run 4); GEGLU 2.2-2.6x torch;
 # attention: SDPA (cuDNN on Hopper) beat the Triton kernels at SD's D=40 (self 159.6 vs 173.6 us, cross 15.1
-# vs 17.4 us) and SD2's self D=64, so SDPA here; DiT-XL/2's D=72 takes the TMA kernel (its model table,
-# ``MODEL_GPU_OPS``). ``sampler_update`` is not a layer: it is the multistep samplers' state update
+# vs 17.4 us) and SD2's self D=64, so SDPA here; DiT-XL/2's D=72 takes the TMA kernel, and an SD UNet the pointer
+# kernel for its graphs' host time (their model tables, ``MODEL_GPU_OPS``). ``sampler_update`` is not a layer: it is the multistep samplers' state update
 # (``fastdiff.state_update``): Triton 2.4-2.9x torch per update, but end to end within noise (DiT 42.9 vs
-# 43.1 ms, SD1.5 146.2 vs 145.9 ms), so torch. Values: "triton", "torch", "cuda_ext" (GroupNorm: the optional
+# 43.1 ms, SD1.5 146.2 vs 145.9 ms), so torch (a UNet's table takes it with its attention). Values: "triton", "torch", "cuda_ext" (GroupNorm: the optional
 # CUDA C++ extension for channels-last inputs, Triton where it does not apply; sampler_update: its fused update
 # kernel), or "triton_rows" (GroupNorm: the Triton kernels' "rows" strategy, three launches over contiguous
 # rows).
@@ -43,17 +43,30 @@ GPU_DEFAULT_OPS = {
     "adaln_modulate": "triton",
     "sampler_update": "torch",
     "geglu": "triton",  # SD's feed-forward activation: 2.2-2.7x torch; SD1.5 end to end 147.6 vs 154.4 ms (run 3)
-    # SD's transformer LayerNorms, each with the residual before it: torch until the one-pass kernel ("triton",
-    # written after run 3) is measured on a GPU
-    "layer_norm": "torch",
+    # SD's transformer LayerNorms, each with the residual before it, in one pass: SD1.5 end to end 124.4 against
+    # 128.9 ms for torch's add + layer_norm (H200, run 6, one process; ``+resln``)
+    "layer_norm": "triton",
 }
 # Per model class: the ops whose measured winner on that model's shapes differs from the table above.
 # DiT-XL/2 (attention over 256 tokens, head dim 72; H200, run 4): the TMA kernel 7.4 us against SDPA's 9.5
 # (cuDNN) per call, and end to end 39.6 against 41.4 ms; per-layer tuning chose it too. Graphs without cuDNN's
 # attention also replay for 7.5 instead of 246 us of host time per step. Where TMA cannot run (before Hopper,
 # fp32) the layer takes the pointer kernel, which ran DiT-XL/2 as fast end to end (``+allk``, 37.5 ms).
+# SD UNets (SD1.5 at 512 px, H200, run 6, one process): SDPA picks cuDNN's attention, whose graph nodes cost
+# 2.4 ms of host time per replayed step (2487 us against 38 us with the Triton pointer kernel), for 1050
+# against 1233 us of device time per network call. With every op on Triton (attention, the one-pass LayerNorm
+# and the samplers' fused update: ``+allk``) SD1.5 ran 126.1 against 128.9 ms end to end and replayed a step
+# for 29.7 us of host time, the launch goal of 30 us; the LayerNorm alone (``+resln``) ran 124.4 ms but kept
+# cuDNN's 2410 us. So a UNet takes that measured set: the host stays free (an Engine's other requests, other
+# GPUs) for 1.7 ms (1.4%) per image against the fastest single-stream set. ``+sdpa`` (``kernel_ops=
+# {"attention": "torch"}``) takes the attention back. Not measured at SD2's, SDXL's or guided-diffusion's
+# ADM's (the same class) head dim 64, where SDPA's kernel led by more (runs 2-3), nor the TMA kernel (``+tma``:
+# 129.2 ms, 41.9 us) with the LayerNorm.
+_UNET_GPU_OPS = {"attention": "triton", "sampler_update": "triton"}
 MODEL_GPU_OPS = {
     "DiT": {"attention": "triton_tma"},
+    "UNet": _UNET_GPU_OPS,
+    "ControlledUNet": _UNET_GPU_OPS,  # (a UNet and its ControlNet, captured as one network)
 }
 
 

@@ -199,11 +199,12 @@ class OptimizeConfig:
             return {**measured, **{op: "tune" for op in LAYER_OPS}}
         return measured if self.kernel_ops == "measured" else {**measured, **self.kernel_ops}
 
-    def sampler_update_impl(self, device: torch.device) -> str:
-        """How the samplers' state update runs: the kernel table's choice with backend="triton", else torch."""
+    def sampler_update_impl(self, device: torch.device, model: Optional[torch.nn.Module] = None) -> str:
+        """How the samplers' state update runs: the kernel table's choice (``model``'s class's on a GPU) with
+        backend="triton", else torch."""
         if self.backend != "triton":
             return "torch"
-        ops = self.op_choices(device)
+        ops = self.op_choices(device, model)
         return "triton" if ops is None else ops.get("sampler_update", "triton")
 
     @property

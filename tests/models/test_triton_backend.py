@@ -98,11 +98,18 @@ def test_measured_defaults_per_model_and_weight_fusions_by_device():
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     dit, unet = fastdiff.load("arch:tiny-dit").model, fastdiff.load("arch:tiny-sd-unet").model
     assert gpu_default_ops(dit) == {**GPU_DEFAULT_OPS, "attention": "triton_tma"}
-    assert gpu_default_ops(unet) == GPU_DEFAULT_OPS and GPU_DEFAULT_OPS["attention"] == "torch"
+    # a UNet: the Triton attention and fused state update, their graphs' host time (run 6)
+    assert gpu_default_ops(unet) == {**GPU_DEFAULT_OPS, "attention": "triton", "sampler_update": "triton"}
+    assert GPU_DEFAULT_OPS["attention"] == "torch" and GPU_DEFAULT_OPS["sampler_update"] == "torch"
     assert GPU_DEFAULT_OPS["adaln_modulate"] == "triton"  # the one-pass residual + norm (run 4)
+    assert GPU_DEFAULT_OPS["layer_norm"] == "triton"  # SD's one-pass residual + LayerNorm (run 6)
     config = OptimizeConfig(backend="triton")
     assert config.op_choices(cuda, dit)["attention"] == "triton_tma"
-    assert config.op_choices(cuda, unet)["attention"] == "torch"
+    assert config.op_choices(cuda, unet)["attention"] == "triton"
+    assert config.sampler_update_impl(cuda, unet) == "triton" and config.sampler_update_impl(cuda, dit) == "torch"
+    assert OptimizeConfig(backend="triton", kernel_ops={"sampler_update": "torch"}).sampler_update_impl(cuda, unet) \
+        == "torch"
+    assert OptimizeConfig(backend="eager").sampler_update_impl(cuda, unet) == "torch"
     assert OptimizeConfig(backend="triton", kernel_ops={"attention": "torch"}).op_choices(cuda, dit)["attention"] \
         == "torch"  # an explicit choice wins over the model's table
     set_backend(dit, "triton", ops=config.op_choices(cuda, dit))
