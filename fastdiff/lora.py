@@ -18,9 +18,13 @@ Files (safetensors only; a folder means its ``pytorch_lora_weights.safetensors``
   mapped through the single-file reader's renaming); FLUX.1 files in BFL's layout (``lora_unet_double_blocks_...``,
   ``fastdiff.lora_flux``).
 
+* LyCORIS in kohya's names: LoCon (kohya's keys, a convolution's Tucker core in ``lora_mid.weight``), LoHa
+  (``hada_*``) and LoKr (``lokr_*``; ``fastdiff.lora_lycoris``), as LyCORIS's modules compute them.
+
 DoRA (PEFT's ``use_dora``: ``lora_magnitude_vector`` keys) merges as PEFT's merge does: W + scale * update, each
 output row rescaled to its magnitude over the norm of (the weight before any merge + the update). Not read: kohya /
-LyCORIS DoRA (``dora_scale``), LoKr / LoHa, and ``.bin`` pickles.
+LyCORIS DoRA (``dora_scale``), LyCORIS's other algorithms (OFT, BOFT, (IA)^3, GLoRA, full), LyCORIS layers of FLUX.1
+in BFL's layout, and ``.bin`` pickles.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ class LoraLayer:
     alpha: Optional[float] = None
     rslora: bool = False  # PEFT's rank-stabilized scaling: alpha / sqrt(rank)
     magnitude: Optional[torch.Tensor] = None  # DoRA's per-output-row magnitudes ((out,), or (1, out, 1, 1) for a conv)
+    mid: Optional[torch.Tensor] = None  # LyCORIS LoCon's Tucker core (rank, rank, k, k): down (rank, in), up (out, rank)
 
     @property
     def rank(self) -> int:
@@ -65,6 +70,9 @@ class LoraLayer:
         if self.up.dim() < 2 or self.down.dim() < 2:
             raise CheckpointError(f"LoRA: expected up (out, rank) and down (rank, in) matrices, found up "
                                   f"{tuple(self.up.shape)} and down {tuple(self.down.shape)}")
+        if self.mid is not None:
+            self._check_mid(shape)
+            return
         if self.up.shape[1] != self.rank or math.prod(self.up.shape[2:]) != 1:
             raise CheckpointError(f"LoRA: up {tuple(self.up.shape)} and down {tuple(self.down.shape)} disagree on the "
                                   f"rank")
@@ -79,12 +87,26 @@ class LoraLayer:
             raise CheckpointError(f"LoRA: DoRA magnitudes {tuple(self.magnitude.shape)} for a weight of "
                                   f"{tuple(shape)}: expected one per output row ({int(shape[0])})")
 
+    def _check_mid(self, shape: torch.Size) -> None:
+        mid = self.mid
+        if mid.dim() < 3 or math.prod(self.up.shape[1:]) != mid.shape[0] or self.rank != mid.shape[1]:
+            raise CheckpointError(f"LoRA: lora_mid {tuple(mid.shape)} (a Tucker core (rank, rank, k, k)) does not fit "
+                                  f"up {tuple(self.up.shape)} and down {tuple(self.down.shape)}")
+        update = (int(self.up.shape[0]), math.prod(self.down.shape[1:]), *mid.shape[2:])  # (out, in, k, k)
+        if tuple(update) != tuple(shape):
+            raise CheckpointError(f"LoRA: an update of {update} (up {tuple(self.up.shape)}, lora_mid "
+                                  f"{tuple(mid.shape)}, down {tuple(self.down.shape)}) for a weight of {tuple(shape)}")
+        if self.magnitude is not None:
+            raise CheckpointError("LoRA: DoRA magnitudes with a Tucker core (lora_mid)")
+
     def delta(self, shape: torch.Size) -> torch.Tensor:
         """The float32 update of a weight of ``shape``."""
         self.check(shape)
         alpha = float(self.rank if self.alpha is None else self.alpha)
         factor = alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
         up, down = self.up.float().flatten(1), self.down.float().flatten(1)  # (out, r), (r, in * k * k)
+        if self.mid is not None:  # (the core's kernels between the two 1x1 factors)
+            return torch.einsum("n m ..., i n, m j -> i j ...", self.mid.float(), up, down) * factor
         return ((up @ down) * factor).reshape(shape)
 
 
@@ -197,22 +219,52 @@ def _read_kohya(state: dict) -> dict:
     if dora:  # (LyCORIS normalizes DoRA by input column, PEFT by output row: merged as neither, better refused)
         raise UnsupportedConfigError("LoRA key", dora[0], supported="kohya LoRA without DoRA (dora_scale); DoRA in "
                                      "diffusers / PEFT files (lora_magnitude_vector) is read")
+    grouped: dict = {}  # {kohya module name: {key suffix: tensor}} (the names hold no dots)
+    for key, value in state.items():
+        name, _, suffix = key.partition(".")
+        grouped.setdefault(name, {})[suffix] = value
     layers = {}
-    names = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in state}
-    for name in sorted(names):
+    for name in sorted(grouped):
         prefix = next((p for p in sorted(KOHYA_PREFIXES, key=len, reverse=True) if name.startswith(p + "_")), None)
-        down, up = state.get(f"{name}.lora_down.weight"), state.get(f"{name}.lora_up.weight")
-        if prefix is None or down is None or up is None:
-            raise UnsupportedConfigError("LoRA key", name, supported="kohya keys lora_unet_* / lora_te*_* with "
-                                         "lora_down.weight, lora_up.weight and alpha (LoKr / LoHa are not read)")
-        alpha = state.get(f"{name}.alpha")
-        layer = LoraLayer(down, up, None if alpha is None else _alpha(alpha, f"{name}.alpha"))
+        keys = dict(grouped[name])
+        alpha = keys.pop("alpha", None)
+        layer = _kohya_layer(name, keys, None if alpha is None else _alpha(alpha, f"{name}.alpha"))
+        if prefix is None or layer is None:
+            raise UnsupportedConfigError("LoRA key", name, supported=KOHYA_KINDS)
         module, part = name[len(prefix) + 1:], KOHYA_PREFIXES[prefix]
         if part == "network" and is_bfl_name(module):  # FLUX.1 in BFL's layout: diffusers' layers, fused ones split
+            if not isinstance(layer, LoraLayer) or layer.mid is not None:
+                raise UnsupportedConfigError("LoRA key", name, supported="lora_down / lora_up for FLUX.1 layers in "
+                                             "BFL's layout (LyCORIS's LoHa / LoKr / Tucker cores are not split)")
             layers.update({(part, target): sub for target, sub in bfl_layers(module, layer)})
         else:  # the module, dots as underscores: resolved against the part's own module names when merged
             layers[(part, "~" + module)] = layer
     return layers
+
+
+KOHYA_KINDS = ("kohya keys lora_unet_* / lora_te*_* with lora_down.weight, lora_up.weight (lora_mid.weight) and "
+               "alpha, or LyCORIS's LoHa (hada_*) / LoKr (lokr_*)")
+LORA_SUFFIXES = ("lora_down.weight", "lora_up.weight", "lora_mid.weight")
+
+
+def _kohya_layer(name: str, keys: dict, alpha: Optional[float]):
+    """One kohya module's layer from its tensors ({key suffix: tensor}, alpha taken out): a LoRA (LoCon), a LoHa or a
+    LoKr; None for none of them. A key that none of them reads is refused by name (it would be lost)."""
+    from .lora_lycoris import lycoris_layer
+
+    if "lora_down.weight" in keys or "lora_up.weight" in keys:
+        down, up = keys.get("lora_down.weight"), keys.get("lora_up.weight")
+        if down is None or up is None:
+            raise CheckpointError(f"LoRA: {name} has lora_{'down' if down is None else 'up'}.weight missing")
+        layer, known = LoraLayer(down, up, alpha, mid=keys.get("lora_mid.weight")), LORA_SUFFIXES
+    else:
+        layer = lycoris_layer(name, keys, alpha)
+        known = layer.KEYS if layer is not None else ()
+    unread = sorted(set(keys) - set(known))
+    if layer is not None and unread:
+        raise UnsupportedConfigError("LoRA key", f"{name}.{unread[0]}", supported=KOHYA_KINDS + ", one kind per "
+                                     "module")
+    return layer
 
 
 def layer_names(module: torch.nn.Module) -> dict:

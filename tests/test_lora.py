@@ -312,7 +312,10 @@ def test_what_load_lora_refuses(parts, tmp_path):
          "the network has no layer 'input_blocks_40_1_proj_in'$"),
         ({f"unet.{module}.lora_A.weight": unet_state[first]}, CheckpointError, "lora_B.weight missing"),
         ({"vae.decoder.conv_in.lora_A.weight": torch.zeros(2, 4)}, UnsupportedConfigError, "LoRA key"),
-        ({"lora_unet_x.hada_w1_a": torch.zeros(2, 4)}, UnsupportedConfigError, "LoKr / LoHa"),
+        ({"lora_unet_x.hada_w1_a": torch.zeros(2, 4)}, CheckpointError, "a LoHa layer without hada_w1_b"),
+        ({"lora_unet_x.lora_down.weight": torch.zeros(2, 4), "lora_unet_x.lora_up.weight": torch.zeros(4, 2),
+          "lora_unet_x.lora_extra.weight": torch.zeros(1)}, UnsupportedConfigError, "lora_unet_x.lora_extra.weight"),
+        ({"lora_unet_x.lora_down.weight": torch.zeros(2, 4)}, CheckpointError, "lora_up.weight missing"),
     ]
     for state, error, match in cases:
         with pytest.raises(error, match=match):

@@ -1,0 +1,181 @@
+"""LyCORIS LoHa and LoKr layers in kohya-style files (``lora_unet_<module>.hada_w1_a`` ..., ``.lokr_w1`` ...):
+the update each adds to its layer's weight, as LyCORIS's modules compute it in training and ComfyUI / AUTOMATIC1111
+merge it (diffusers does not read these files).
+
+* LoHa: ``scale * (w1_a @ w1_b) * (w2_a @ w2_b)`` (a Hadamard product of two low-rank matrices). A convolution's
+  factors may come through Tucker cores (``hada_t1`` / ``hada_t2``: (rank, rank, k, k), with w*_a (rank, out) and
+  w*_b (rank, in)). ``scale`` = alpha / rank (``hada_w1_b``'s rows), 1 without an alpha.
+* LoKr: ``scale * kron(w1, w2)``: w1 is ``lokr_w1`` or ``lokr_w1_a @ lokr_w1_b``; w2 is ``lokr_w2``, ``lokr_w2_a @
+  lokr_w2_b``, or its Tucker form (``lokr_t2`` with w2_a (rank, out), w2_b (rank, in)). A convolution's w1 multiplies
+  whole kernels of w2. ``scale`` = alpha / rank, the rank of a decomposed half (w2's where both are); 1 where
+  neither half is decomposed (LyCORIS then trains without an alpha) or the file has no alpha.
+
+Both have the interface of ``fastdiff.lora.LoraLayer`` that merging uses: ``check(shape)``, ``delta(shape)`` and
+``magnitude`` (None: no DoRA).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar, Optional
+
+import torch
+
+from .errors import CheckpointError
+
+LOHA_KEYS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
+LOKR_KEYS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+
+
+def _tucker(core: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """A Tucker-factored kernel: core (rank, rank, k, k), a (rank, out), b (rank, in) -> (out, in, k, k)."""
+    return torch.einsum("i j ..., j r, i p -> p r ...", core.float(), b.float(), a.float())
+
+
+def _tucker_shape(core: torch.Tensor, a: torch.Tensor, b: torch.Tensor, what: str) -> tuple:
+    if core.dim() < 3 or a.dim() != 2 or b.dim() != 2 or tuple(core.shape[:2]) != (a.shape[0], b.shape[0]):
+        raise CheckpointError(f"LyCORIS: {what}: expected a Tucker core (rank, rank, k, k) with a (rank, out) and b "
+                              f"(rank, in), found {tuple(core.shape)}, {tuple(a.shape)} and {tuple(b.shape)}")
+    return (int(a.shape[1]), int(b.shape[1]), *core.shape[2:])
+
+
+def _product_shape(a: torch.Tensor, b: torch.Tensor, what: str) -> tuple:
+    """The shape of a @ b.flatten(1) (a: (out, rank), b: (rank, in...)), or a clear error."""
+    if a.dim() < 2 or b.dim() < 2 or math.prod(a.shape[1:]) != b.shape[0]:
+        raise CheckpointError(f"LyCORIS: {what}: expected (out, rank) and (rank, in) factors, found "
+                              f"{tuple(a.shape)} and {tuple(b.shape)}")
+    return (int(a.shape[0]), math.prod(b.shape[1:]))
+
+
+def _fits(update: tuple, shape: torch.Size, what: str) -> None:
+    """An update of shape ``update`` adds to a weight of ``shape``: the same output rows and inputs per row; a
+    convolution-shaped update only to a convolution of its kernel."""
+    fits = len(shape) >= 2 and update[0] == shape[0] and math.prod(update[1:]) == math.prod(shape[1:])
+    if not fits or (len(update) > 2 and tuple(update) != tuple(shape)):
+        raise CheckpointError(f"LyCORIS: {what}: an update of {tuple(update)} for a weight of {tuple(shape)}")
+
+
+def _scale(alpha: Optional[float], rank: Optional[int]) -> float:
+    return 1.0 if alpha is None or rank is None else alpha / rank
+
+
+@dataclass
+class LoHaLayer:
+    """One layer's LoHa update (the ``hada_*`` tensors of one module)."""
+    w1_a: torch.Tensor
+    w1_b: torch.Tensor
+    w2_a: torch.Tensor
+    w2_b: torch.Tensor
+    t1: Optional[torch.Tensor] = None
+    t2: Optional[torch.Tensor] = None
+    alpha: Optional[float] = None
+    magnitude = None  # (no DoRA: LyCORIS's dora_scale is refused where the file is read)
+    KEYS: ClassVar[tuple] = LOHA_KEYS  # (the key suffixes it reads)
+
+    def _half_shape(self, a, b, t, what) -> tuple:
+        return _tucker_shape(t, a, b, what) if t is not None else _product_shape(a, b, what)
+
+    def check(self, shape: torch.Size) -> None:
+        if (self.t1 is None) != (self.t2 is None):
+            raise CheckpointError("LyCORIS: LoHa: expected both Tucker cores (hada_t1, hada_t2) or neither")
+        first = self._half_shape(self.w1_a, self.w1_b, self.t1, "LoHa hada_w1_a / hada_w1_b")
+        second = self._half_shape(self.w2_a, self.w2_b, self.t2, "LoHa hada_w2_a / hada_w2_b")
+        if first != second:
+            raise CheckpointError(f"LyCORIS: LoHa: its two halves disagree: {first} and {second}")
+        _fits(first, shape, "LoHa")
+
+    def _half(self, a, b, t) -> torch.Tensor:
+        return _tucker(t, a, b) if t is not None else a.float().flatten(1) @ b.float().flatten(1)
+
+    def delta(self, shape: torch.Size) -> torch.Tensor:
+        """The float32 update of a weight of ``shape``."""
+        self.check(shape)
+        rank = int(self.w1_b.shape[0])
+        update = self._half(self.w1_a, self.w1_b, self.t1) * self._half(self.w2_a, self.w2_b, self.t2)
+        return (update * _scale(self.alpha, rank)).reshape(shape)
+
+
+@dataclass
+class LoKrLayer:
+    """One layer's LoKr update (the ``lokr_*`` tensors of one module): each half given whole or decomposed."""
+    w1: Optional[torch.Tensor] = None
+    w1_a: Optional[torch.Tensor] = None
+    w1_b: Optional[torch.Tensor] = None
+    w2: Optional[torch.Tensor] = None
+    w2_a: Optional[torch.Tensor] = None
+    w2_b: Optional[torch.Tensor] = None
+    t2: Optional[torch.Tensor] = None
+    alpha: Optional[float] = None
+    magnitude = None
+    KEYS: ClassVar[tuple] = LOKR_KEYS
+
+    def _halves_given(self) -> None:
+        for half, whole, a, b in (("w1", self.w1, self.w1_a, self.w1_b), ("w2", self.w2, self.w2_a, self.w2_b)):
+            if (whole is None) == (a is None or b is None) or (a is None) != (b is None):
+                raise CheckpointError(f"LyCORIS: LoKr: expected lokr_{half}, or lokr_{half}_a and lokr_{half}_b")
+        if self.t2 is not None and self.w2 is not None:
+            raise CheckpointError("LyCORIS: LoKr: lokr_t2 (a Tucker core) without lokr_w2_a / lokr_w2_b")
+
+    def _shapes(self) -> tuple:
+        self._halves_given()
+        if self.w1 is not None:
+            if self.w1.dim() != 2:
+                raise CheckpointError(f"LyCORIS: LoKr: expected lokr_w1 (a, b), found {tuple(self.w1.shape)}")
+            first = tuple(self.w1.shape)
+        else:
+            first = _product_shape(self.w1_a, self.w1_b, "LoKr lokr_w1_a / lokr_w1_b")
+        if self.w2 is not None:
+            second = tuple(self.w2.shape)
+        elif self.t2 is not None:
+            second = _tucker_shape(self.t2, self.w2_a, self.w2_b, "LoKr lokr_t2 / lokr_w2_a / lokr_w2_b")
+        else:
+            second = _product_shape(self.w2_a, self.w2_b, "LoKr lokr_w2_a / lokr_w2_b")
+        if len(second) < 2:
+            raise CheckpointError(f"LyCORIS: LoKr: expected a matrix or kernels for w2, found {second}")
+        return first, second
+
+    def check(self, shape: torch.Size) -> None:
+        first, second = self._shapes()
+        update = (first[0] * second[0], first[1] * second[1], *second[2:])  # kron's shape
+        _fits(update, shape, "LoKr")
+
+    @property
+    def rank(self) -> Optional[int]:
+        """The rank of the decomposed half (w2's first, as ComfyUI reads it), None where neither is."""
+        if self.w2 is None:
+            return int(self.w2_b.shape[0])
+        return None if self.w1 is not None else int(self.w1_b.shape[0])
+
+    def delta(self, shape: torch.Size) -> torch.Tensor:
+        """The float32 update of a weight of ``shape``."""
+        self.check(shape)
+        w1 = self.w1.float() if self.w1 is not None else self.w1_a.float() @ self.w1_b.float()
+        if self.w2 is not None:
+            w2 = self.w2.float()
+        elif self.t2 is not None:
+            w2 = _tucker(self.t2, self.w2_a, self.w2_b)
+        else:
+            w2 = self.w2_a.float() @ self.w2_b.float().flatten(1)
+        w1 = w1.reshape(*w1.shape, *[1] * (w2.dim() - 2))  # (a convolution's: one factor per kernel of w2)
+        # (kron needs contiguous operands: an einsum's result may not be)
+        return (torch.kron(w1.contiguous(), w2.contiguous()) * _scale(self.alpha, self.rank)).reshape(shape)
+
+
+def lycoris_layer(name: str, keys: dict, alpha: Optional[float]):
+    """The LoHa or LoKr layer of kohya module ``name`` from its tensors ``keys`` ({suffix: tensor}), or None when
+    it has neither kind's keys."""
+    if any(k in keys for k in LOHA_KEYS):
+        missing = [k for k in LOHA_KEYS[:4] if k not in keys]
+        if missing:
+            raise CheckpointError(f"LyCORIS: {name}: a LoHa layer without {', '.join(missing)}")
+        return LoHaLayer(*(keys[k] for k in LOHA_KEYS[:4]), t1=keys.get("hada_t1"), t2=keys.get("hada_t2"),
+                         alpha=alpha)
+    if any(k in keys for k in LOKR_KEYS):
+        layer = LoKrLayer(**{k[len("lokr_"):]: keys.get(k) for k in LOKR_KEYS}, alpha=alpha)
+        layer._halves_given()  # (a half missing is the file's fault: said where it is read)
+        return layer
+    return None
+
+
+__all__ = ["LoHaLayer", "LoKrLayer", "lycoris_layer", "LOHA_KEYS", "LOKR_KEYS"]

@@ -1,0 +1,181 @@
+"""LyCORIS files (LoCon with Tucker cores, LoHa, LoKr in kohya's names) merged by ``pipe.load_lora``, against LyCORIS's
+own modules: the merged layer computes what LyCORIS's module computes around the original layer (its forward is
+what the file was trained with), one layer at a time and end to end through a diffusers pipeline whose layers
+LyCORIS wraps."""
+
+import copy
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fastdiff
+from fastdiff.errors import CheckpointError, UnsupportedConfigError
+from fastdiff.lora import read_lora
+from helpers import rel_err
+
+lycoris = pytest.importorskip("lycoris", reason="LyCORIS's modules are the reference (pip install lycoris-lora)")
+
+
+def _module(algo: str, name: str, layer: nn.Module, rank: int, alpha: float, multiplier: float = 1.0,
+            seed: int = 0, **options):
+    """LyCORIS's ``algo`` module around ``layer`` (applied: ``layer`` now runs it), every parameter random (LyCORIS
+    starts one factor at zero, which would test nothing)."""
+    from lycoris.modules.locon import LoConModule
+    from lycoris.modules.loha import LohaModule
+    from lycoris.modules.lokr import LokrModule
+
+    cls = {"locon": LoConModule, "loha": LohaModule, "lokr": LokrModule}[algo]
+    module = cls(name, layer, multiplier=multiplier, lora_dim=rank, alpha=alpha, **options)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    module.apply_to()
+    return module
+
+
+def _state(modules) -> dict:
+    """The file LyCORIS writes for ``modules``: ``<lora name>.<tensor>`` (alpha included)."""
+    return {f"{m.lora_name}.{k}": v.detach().clone() for m in modules for k, v in m.state_dict().items()
+            if k != "scalar"}
+
+
+LAYERS = {  # (layer, input)
+    "linear": (lambda: nn.Linear(12, 20), (3, 12)),
+    "conv3x3": (lambda: nn.Conv2d(8, 12, 3, padding=1), (2, 8, 6, 6)),
+    "conv1x1": (lambda: nn.Conv2d(8, 12, 1), (2, 8, 5, 5)),
+    # (wide enough for LoKr to decompose both halves at rank 2)
+    "linear_wide": (lambda: nn.Linear(48, 64), (3, 48)),
+    "conv_wide": (lambda: nn.Conv2d(32, 48, 3, padding=1), (2, 32, 5, 5)),
+}
+CASES = [  # (algo, layer, LyCORIS options)
+    ("locon", "linear", {}), ("locon", "conv3x3", {}), ("locon", "conv3x3", dict(use_tucker=True)),
+    ("loha", "linear", {}), ("loha", "conv3x3", {}), ("loha", "conv3x3", dict(use_tucker=True)),
+    ("loha", "conv1x1", {}),
+    ("lokr", "linear", dict(factor=4)), ("lokr", "linear_wide", dict(factor=8, decompose_both=True)),
+    ("lokr", "linear", dict(factor=2, full_matrix=True)), ("lokr", "conv3x3", dict(factor=4)),
+    ("lokr", "conv_wide", dict(factor=8, use_tucker=True, decompose_both=True)), ("lokr", "conv1x1", dict(factor=2)),
+]
+
+
+@pytest.mark.parametrize("algo,kind,options", CASES, ids=lambda v: str(v) if not isinstance(v, dict) else
+                         "-".join(f"{k}={x}" for k, x in v.items()) or "plain")
+@pytest.mark.parametrize("scale", [1.0, 0.6])
+def test_each_layer_kind_merges_to_what_lycoris_computes(algo, kind, options, scale):
+    make, shape = LAYERS[kind]
+    torch.manual_seed(1)
+    layer = make()
+    original = copy.deepcopy(layer)
+    module = _module(algo, "lora_unet_x", layer, rank=2, alpha=3.0, multiplier=scale, **options)
+    x = torch.randn(shape)
+    want = layer(x)  # (LyCORIS's forward: the original layer plus its update)
+    (name, entry), = read_lora(_state([module])).items()
+    assert name == ("network", "~x")
+    merged = copy.deepcopy(original)
+    with torch.no_grad():
+        merged.weight.add_(entry.delta(merged.weight.shape) * scale)
+    assert rel_err(merged(x), want) <= 1e-5
+    assert rel_err(want, original(x)) > 1e-2  # (the update is not negligible)
+
+
+def test_the_kinds_lycoris_leaves_out_are_what_it_writes():
+    """The test above covers LyCORIS's layouts: Tucker cores, LoKr's whole and decomposed halves."""
+    torch.manual_seed(2)
+    keys = {}
+    for algo, kind, options in CASES:
+        keys[(algo, kind, str(options))] = set(_module(algo, "lora_unet_x", LAYERS[kind][0](), 2, 3.0,
+                                                       **options).state_dict())
+    assert "lora_mid.weight" in keys[("locon", "conv3x3", str(dict(use_tucker=True)))]
+    assert {"hada_t1", "hada_t2"} <= keys[("loha", "conv3x3", str(dict(use_tucker=True)))]
+    assert "lokr_w1" in keys[("lokr", "linear", str(dict(factor=4)))]
+    assert {"lokr_w1_a", "lokr_w2_a"} <= keys[("lokr", "linear_wide", str(dict(factor=8, decompose_both=True)))]
+    assert {"lokr_w1", "lokr_w2"} <= keys[("lokr", "linear", str(dict(factor=2, full_matrix=True)))]
+    assert "lokr_t2" in keys[("lokr", "conv_wide", str(dict(factor=8, use_tucker=True, decompose_both=True)))]
+
+
+UNET_LAYERS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.2", "conv1", "conv2", "time_emb_proj"]
+TEXT_LAYERS = ["q_proj", "v_proj", "fc1"]
+
+
+@pytest.fixture(scope="module")
+def pipeline_folder(tmp_path_factory):
+    pytest.importorskip("diffusers", reason="a diffusers pipeline runs LyCORIS's modules (the reference)")
+    from test_lora import _reference
+    from test_prompts import _save, _unet
+    from tiny_text import clip_encoder
+
+    root = str(tmp_path_factory.mktemp("lycoris"))
+    unet, text_encoder = _unet(16), clip_encoder(16)
+    return _save(_reference(root, unet, text_encoder), os.path.join(root, "pipe")), unet, text_encoder
+
+
+@pytest.mark.parametrize("algo,conv_options", [("loha", dict(use_tucker=True)), ("lokr", dict(factor=4)),
+                                               ("locon", dict(use_tucker=True))])
+def test_a_lycoris_file_equals_diffusers_running_lycoris_modules(pipeline_folder, algo, conv_options):
+    """Every UNet and text-encoder layer a file names (kohya's module names) takes its update: the latents equal a
+    diffusers pipeline whose layers LyCORIS's modules wrap, at a LoRA scale of 0.7."""
+    from test_lora import _reference, _want
+    from test_prompts import PROMPTS, _latents
+
+    folder, unet, text_encoder = pipeline_folder
+    unet, text_encoder = copy.deepcopy(unet), copy.deepcopy(text_encoder)
+    modules = []
+    for prefix, model, targets in (("lora_unet", unet, UNET_LAYERS), ("lora_te", text_encoder, TEXT_LAYERS)):
+        for i, (name, layer) in enumerate(list(model.named_modules())):
+            if any(name == t or name.endswith("." + t) for t in targets):
+                options = conv_options if isinstance(layer, nn.Conv2d) else (
+                    dict(factor=4) if algo == "lokr" else {})
+                modules.append(_module(algo, f"{prefix}_{name.replace('.', '_')}", layer, rank=2, alpha=1.5,
+                                       multiplier=0.7, seed=i, **options))
+    assert len(modules) > 20
+    latents = _latents()
+    want = _want(_reference(os.path.dirname(folder), unet, text_encoder), latents)
+    pipe = fastdiff.load(folder)
+    pipe.load_lora(_state(modules), scale=0.7)
+    got = pipe.generate(prompt=PROMPTS, latents=latents, steps=3, cfg_scale=3.0, progress=False)
+    assert rel_err(got, want) <= 1e-4
+    plain = fastdiff.load(folder).generate(prompt=PROMPTS, latents=latents, steps=3, cfg_scale=3.0, progress=False)
+    assert rel_err(plain, want) > 1e-2
+
+
+def test_what_is_refused_by_name():
+    w = torch.randn(4, 2)
+    cases = [
+        ({"lora_unet_x.hada_w1_a": w}, CheckpointError, "without hada_w1_b"),
+        ({"lora_unet_x.lokr_w1": torch.randn(2, 2)}, CheckpointError, "lokr_w2"),
+        ({"lora_unet_x.lokr_w1": torch.randn(2, 2), "lora_unet_x.lokr_t1": torch.randn(2, 2, 3, 3),
+          "lora_unet_x.lokr_w2": torch.randn(2, 2)}, UnsupportedConfigError, "lokr_t1"),
+        ({"lora_unet_x.oft_blocks": torch.randn(2, 4, 4), "lora_unet_x.alpha": torch.tensor(1.0)},
+         UnsupportedConfigError, "lora_unet_x"),
+        ({"lora_unet_x.lora_down.weight": torch.randn(2, 4), "lora_unet_x.lora_up.weight": w,
+          "lora_unet_x.hada_w1_a": w}, UnsupportedConfigError, "hada_w1_a"),
+        ({"lora_unet_double_blocks_0_img_attn_qkv.hada_w1_a": w, "lora_unet_double_blocks_0_img_attn_qkv.hada_w1_b":
+          w.T, "lora_unet_double_blocks_0_img_attn_qkv.hada_w2_a": w,
+          "lora_unet_double_blocks_0_img_attn_qkv.hada_w2_b": w.T}, UnsupportedConfigError, "BFL"),
+    ]
+    for state, error, match in cases:
+        with pytest.raises(error, match=match):
+            read_lora(state)
+
+
+def test_shapes_that_do_not_fit_are_refused_before_anything_merges():
+    pipe = fastdiff.load("arch:tiny-sd-unet")
+    before = {k: v.clone() for k, v in pipe.model.state_dict().items()}
+    name = next(n for n, m in pipe.model.named_modules() if n.endswith("to_q"))
+    width = dict(pipe.model.named_modules())[name].weight.shape
+    good = {f"lora_unet_{name.replace('.', '_')}.hada_{k}": v for k, v in (
+        ("w1_a", torch.randn(width[0], 2)), ("w1_b", torch.randn(2, width[1])), ("w2_a", torch.randn(width[0], 2)),
+        ("w2_b", torch.randn(2, width[1])))}
+    bad_kron = {"lora_unet_conv_in.lokr_w1": torch.randn(3, 3), "lora_unet_conv_in.lokr_w2": torch.randn(5, 5)}
+    with pytest.raises(CheckpointError, match="LoKr: an update of"):
+        pipe.load_lora({**good, **bad_kron})
+    halves = dict(good)
+    halves[f"lora_unet_{name.replace('.', '_')}.hada_w2_b"] = torch.randn(2, width[1] + 1)
+    with pytest.raises(CheckpointError, match="halves disagree"):
+        pipe.load_lora(halves)
+    assert all(torch.equal(v, before[k]) for k, v in pipe.model.state_dict().items())
+    pipe.load_lora(good)
+    assert not all(torch.equal(v, before[k]) for k, v in pipe.model.state_dict().items())
