@@ -22,9 +22,9 @@ Files (safetensors only; a folder means its ``pytorch_lora_weights.safetensors``
   (``hada_*``) and LoKr (``lokr_*``; ``fastdiff.lora_lycoris``), as LyCORIS's modules compute them.
 
 DoRA (PEFT's ``use_dora``: ``lora_magnitude_vector`` keys) merges as PEFT's merge does: W + scale * update, each
-output row rescaled to its magnitude over the norm of (the weight before any merge + the update). Not read: kohya /
-LyCORIS DoRA (``dora_scale``), LyCORIS's other algorithms (OFT, BOFT, (IA)^3, GLoRA, full), LyCORIS layers of FLUX.1
-in BFL's layout, and ``.bin`` pickles.
+output row rescaled to its magnitude over the norm of (the weight before any merge + the update); LyCORIS's DoRA
+(``dora_scale``, kohya's names) as LyCORIS computes it (``fastdiff.lora_lycoris.dora_merged``). Not read: LyCORIS's
+other algorithms (OFT, BOFT, (IA)^3, GLoRA, full), LyCORIS layers of FLUX.1 in BFL's layout, and ``.bin`` pickles.
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ class LoraLayer:
     rslora: bool = False  # PEFT's rank-stabilized scaling: alpha / sqrt(rank)
     magnitude: Optional[torch.Tensor] = None  # DoRA's per-output-row magnitudes ((out,), or (1, out, 1, 1) for a conv)
     mid: Optional[torch.Tensor] = None  # LyCORIS LoCon's Tucker core (rank, rank, k, k): down (rank, in), up (out, rank)
+    dora_scale: Optional[torch.Tensor] = None  # LyCORIS's DoRA (fastdiff.lora_lycoris.dora_merged)
 
     @property
     def rank(self) -> int:
@@ -70,6 +71,10 @@ class LoraLayer:
         if self.up.dim() < 2 or self.down.dim() < 2:
             raise CheckpointError(f"LoRA: expected up (out, rank) and down (rank, in) matrices, found up "
                                   f"{tuple(self.up.shape)} and down {tuple(self.down.shape)}")
+        if self.dora_scale is not None:
+            from .lora_lycoris import dora_axis
+
+            dora_axis(self.dora_scale, shape)
         if self.mid is not None:
             self._check_mid(shape)
             return
@@ -215,10 +220,6 @@ def _alpha(value, name: str) -> float:
 
 
 def _read_kohya(state: dict) -> dict:
-    dora = sorted(k for k in state if k.endswith(".dora_scale"))
-    if dora:  # (LyCORIS normalizes DoRA by input column, PEFT by output row: merged as neither, better refused)
-        raise UnsupportedConfigError("LoRA key", dora[0], supported="kohya LoRA without DoRA (dora_scale); DoRA in "
-                                     "diffusers / PEFT files (lora_magnitude_vector) is read")
     grouped: dict = {}  # {kohya module name: {key suffix: tensor}} (the names hold no dots)
     for key, value in state.items():
         name, _, suffix = key.partition(".")
@@ -227,27 +228,27 @@ def _read_kohya(state: dict) -> dict:
     for name in sorted(grouped):
         prefix = next((p for p in sorted(KOHYA_PREFIXES, key=len, reverse=True) if name.startswith(p + "_")), None)
         keys = dict(grouped[name])
-        alpha = keys.pop("alpha", None)
-        layer = _kohya_layer(name, keys, None if alpha is None else _alpha(alpha, f"{name}.alpha"))
+        alpha, dora_scale = keys.pop("alpha", None), keys.pop("dora_scale", None)
+        layer = _kohya_layer(name, keys, None if alpha is None else _alpha(alpha, f"{name}.alpha"), dora_scale)
         if prefix is None or layer is None:
             raise UnsupportedConfigError("LoRA key", name, supported=KOHYA_KINDS)
         module, part = name[len(prefix) + 1:], KOHYA_PREFIXES[prefix]
         if part == "network" and is_bfl_name(module):  # FLUX.1 in BFL's layout: diffusers' layers, fused ones split
-            if not isinstance(layer, LoraLayer) or layer.mid is not None:
+            if not isinstance(layer, LoraLayer) or layer.mid is not None or layer.dora_scale is not None:
                 raise UnsupportedConfigError("LoRA key", name, supported="lora_down / lora_up for FLUX.1 layers in "
-                                             "BFL's layout (LyCORIS's LoHa / LoKr / Tucker cores are not split)")
+                                             "BFL's layout (LyCORIS's LoHa / LoKr / Tucker cores / DoRA are not split)")
             layers.update({(part, target): sub for target, sub in bfl_layers(module, layer)})
         else:  # the module, dots as underscores: resolved against the part's own module names when merged
             layers[(part, "~" + module)] = layer
     return layers
 
 
-KOHYA_KINDS = ("kohya keys lora_unet_* / lora_te*_* with lora_down.weight, lora_up.weight (lora_mid.weight) and "
-               "alpha, or LyCORIS's LoHa (hada_*) / LoKr (lokr_*)")
+KOHYA_KINDS = ("kohya keys lora_unet_* / lora_te*_* with lora_down.weight, lora_up.weight (lora_mid.weight), alpha "
+               "(and dora_scale), or LyCORIS's LoHa (hada_*) / LoKr (lokr_*)")
 LORA_SUFFIXES = ("lora_down.weight", "lora_up.weight", "lora_mid.weight")
 
 
-def _kohya_layer(name: str, keys: dict, alpha: Optional[float]):
+def _kohya_layer(name: str, keys: dict, alpha: Optional[float], dora_scale: Optional[torch.Tensor] = None):
     """One kohya module's layer from its tensors ({key suffix: tensor}, alpha taken out): a LoRA (LoCon), a LoHa or a
     LoKr; None for none of them. A key that none of them reads is refused by name (it would be lost)."""
     from .lora_lycoris import lycoris_layer
@@ -256,9 +257,10 @@ def _kohya_layer(name: str, keys: dict, alpha: Optional[float]):
         down, up = keys.get("lora_down.weight"), keys.get("lora_up.weight")
         if down is None or up is None:
             raise CheckpointError(f"LoRA: {name} has lora_{'down' if down is None else 'up'}.weight missing")
-        layer, known = LoraLayer(down, up, alpha, mid=keys.get("lora_mid.weight")), LORA_SUFFIXES
+        layer = LoraLayer(down, up, alpha, mid=keys.get("lora_mid.weight"), dora_scale=dora_scale)
+        known = LORA_SUFFIXES
     else:
-        layer = lycoris_layer(name, keys, alpha)
+        layer = lycoris_layer(name, keys, alpha, dora_scale)
         known = layer.KEYS if layer is not None else ()
     unread = sorted(set(keys) - set(known))
     if layer is not None and unread:
@@ -336,6 +338,11 @@ def merge(pairs: list, scale: float, saved: Optional[dict] = None) -> None:
         w = target.weight
         if saved is not None and id(w) not in saved:
             saved[id(w)] = (w, w.detach().to("cpu", copy=True))
+        if layer.dora_scale is not None:  # LyCORIS's DoRA: the whole update, then the rescale
+            from .lora_lycoris import dora_merged
+
+            w.copy_(dora_merged(w.float(), layer.delta(w.shape).to(w.device), layer.dora_scale, scale).to(w.dtype))
+            continue
         delta = layer.delta(w.shape) * scale
         if layer.magnitude is None:
             w.add_(delta.to(w.device, w.dtype))

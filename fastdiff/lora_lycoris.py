@@ -10,8 +10,14 @@ merge it (diffusers does not read these files).
   whole kernels of w2. ``scale`` = alpha / rank, the rank of a decomposed half (w2's where both are); 1 where
   neither half is decomposed (LyCORIS then trains without an alpha) or the file has no alpha.
 
-Both have the interface of ``fastdiff.lora.LoraLayer`` that merging uses: ``check(shape)``, ``delta(shape)`` and
-``magnitude`` (None: no DoRA).
+LyCORIS's DoRA (``dora_scale``, any of the three kinds, LoCon's too): the weight plus the whole update, rescaled to
+``dora_scale`` over its norm (+ float32's eps) per output row, or per input column where ``dora_scale`` is
+(1, in, ...) (``wd_on_out=False``, and LyCORIS's older files) (``dora_merged``). At a LoRA scale of 1 that is
+LyCORIS's forward; another scale moves the weight that part of the way from the original to it, as ComfyUI does
+(LyCORIS's own multiplier rescales the factor instead, and keeps the whole update at 0).
+
+Both have the interface of ``fastdiff.lora.LoraLayer`` that merging uses: ``check(shape)``, ``delta(shape)``,
+``magnitude`` (PEFT's DoRA: None here) and ``dora_scale``.
 """
 
 from __future__ import annotations
@@ -56,6 +62,29 @@ def _fits(update: tuple, shape: torch.Size, what: str) -> None:
         raise CheckpointError(f"LyCORIS: {what}: an update of {tuple(update)} for a weight of {tuple(shape)}")
 
 
+def dora_axis(dora_scale: torch.Tensor, shape: torch.Size) -> int:
+    """The axis LyCORIS's DoRA normalizes a weight of ``shape`` along: 0 (a norm per output row: ``dora_scale``
+    (out, 1, ...)) or 1 (per input column: (1, in, ...)); a clear error for anything else."""
+    if len(shape) >= 2 and dora_scale.dim() == len(shape) and math.prod(dora_scale.shape[2:]) == 1:
+        if tuple(dora_scale.shape[:2]) == (shape[0], 1):
+            return 0
+        if tuple(dora_scale.shape[:2]) == (1, shape[1]):
+            return 1
+    raise CheckpointError(f"LyCORIS: dora_scale {tuple(dora_scale.shape)} for a weight of {tuple(shape)}: expected "
+                          f"one per output row ({shape[0]}, 1, ...) or per input column (1, {shape[1]}, ...)")
+
+
+def dora_merged(weight: torch.Tensor, delta: torch.Tensor, dora_scale: torch.Tensor, scale: float) -> torch.Tensor:
+    """LyCORIS's DoRA of ``weight`` (float32) with its whole ``delta``, at a LoRA ``scale`` (see the module's
+    docstring)."""
+    axis = dora_axis(dora_scale, weight.shape)
+    merged = weight + delta
+    norms = merged.transpose(0, axis).flatten(1).norm(dim=1)  # (rows or columns,)
+    norms = norms.view(-1, *[1] * (weight.dim() - 1)).transpose(0, axis) + torch.finfo(torch.float32).eps
+    dora = merged * (dora_scale.to(weight.device, torch.float32) / norms)
+    return weight + scale * (dora - weight)
+
+
 def _scale(alpha: Optional[float], rank: Optional[int]) -> float:
     return 1.0 if alpha is None or rank is None else alpha / rank
 
@@ -70,7 +99,8 @@ class LoHaLayer:
     t1: Optional[torch.Tensor] = None
     t2: Optional[torch.Tensor] = None
     alpha: Optional[float] = None
-    magnitude = None  # (no DoRA: LyCORIS's dora_scale is refused where the file is read)
+    dora_scale: Optional[torch.Tensor] = None  # LyCORIS's DoRA: (out, 1, ...) or (1, in, ...)
+    magnitude = None  # (PEFT's DoRA: never in these files)
     KEYS: ClassVar[tuple] = LOHA_KEYS  # (the key suffixes it reads)
 
     def _half_shape(self, a, b, t, what) -> tuple:
@@ -84,6 +114,8 @@ class LoHaLayer:
         if first != second:
             raise CheckpointError(f"LyCORIS: LoHa: its two halves disagree: {first} and {second}")
         _fits(first, shape, "LoHa")
+        if self.dora_scale is not None:
+            dora_axis(self.dora_scale, shape)
 
     def _half(self, a, b, t) -> torch.Tensor:
         return _tucker(t, a, b) if t is not None else a.float().flatten(1) @ b.float().flatten(1)
@@ -107,6 +139,7 @@ class LoKrLayer:
     w2_b: Optional[torch.Tensor] = None
     t2: Optional[torch.Tensor] = None
     alpha: Optional[float] = None
+    dora_scale: Optional[torch.Tensor] = None
     magnitude = None
     KEYS: ClassVar[tuple] = LOKR_KEYS
 
@@ -139,6 +172,8 @@ class LoKrLayer:
         first, second = self._shapes()
         update = (first[0] * second[0], first[1] * second[1], *second[2:])  # kron's shape
         _fits(update, shape, "LoKr")
+        if self.dora_scale is not None:
+            dora_axis(self.dora_scale, shape)
 
     @property
     def rank(self) -> Optional[int]:
@@ -162,7 +197,7 @@ class LoKrLayer:
         return (torch.kron(w1.contiguous(), w2.contiguous()) * _scale(self.alpha, self.rank)).reshape(shape)
 
 
-def lycoris_layer(name: str, keys: dict, alpha: Optional[float]):
+def lycoris_layer(name: str, keys: dict, alpha: Optional[float], dora_scale: Optional[torch.Tensor] = None):
     """The LoHa or LoKr layer of kohya module ``name`` from its tensors ``keys`` ({suffix: tensor}), or None when
     it has neither kind's keys."""
     if any(k in keys for k in LOHA_KEYS):
@@ -170,12 +205,12 @@ def lycoris_layer(name: str, keys: dict, alpha: Optional[float]):
         if missing:
             raise CheckpointError(f"LyCORIS: {name}: a LoHa layer without {', '.join(missing)}")
         return LoHaLayer(*(keys[k] for k in LOHA_KEYS[:4]), t1=keys.get("hada_t1"), t2=keys.get("hada_t2"),
-                         alpha=alpha)
+                         alpha=alpha, dora_scale=dora_scale)
     if any(k in keys for k in LOKR_KEYS):
-        layer = LoKrLayer(**{k[len("lokr_"):]: keys.get(k) for k in LOKR_KEYS}, alpha=alpha)
+        layer = LoKrLayer(**{k[len("lokr_"):]: keys.get(k) for k in LOKR_KEYS}, alpha=alpha, dora_scale=dora_scale)
         layer._halves_given()  # (a half missing is the file's fault: said where it is read)
         return layer
     return None
 
 
-__all__ = ["LoHaLayer", "LoKrLayer", "lycoris_layer", "LOHA_KEYS", "LOKR_KEYS"]
+__all__ = ["LoHaLayer", "LoKrLayer", "lycoris_layer", "dora_axis", "dora_merged", "LOHA_KEYS", "LOKR_KEYS"]

@@ -330,9 +330,10 @@ def test_what_load_lora_refuses(parts, tmp_path):
                                                         unet_lora_adapter_metadata=dora_config.to_dict())
     with pytest.raises(CheckpointError, match="use_dora is set and its lora_magnitude_vector is missing"):
         pipe.load_lora(str(tmp_path / "dora"))
-    kohya_dora = {"lora_unet_x.lora_down.weight": torch.zeros(2, 4), "lora_unet_x.lora_up.weight": torch.zeros(4, 2),
-                  "lora_unet_x.dora_scale": torch.ones(1, 4)}
-    with pytest.raises(UnsupportedConfigError, match="dora_scale"):
+    kohya = "lora_unet_" + module.replace(".", "_")
+    kohya_dora = {f"{kohya}.lora_down.weight": unet_state[f"{module}.lora_A.weight"],
+                  f"{kohya}.lora_up.weight": unet_state[f"{module}.lora_B.weight"], f"{kohya}.dora_scale": torch.ones(3)}
+    with pytest.raises(CheckpointError, match="dora_scale \\(3,\\) for a weight of"):  # (LyCORIS's DoRA: its shape)
         pipe.load_lora(kohya_dora)
     pipe.load_lora(lora)
     with pytest.raises(BadArgumentError, match="save\\(\\): the text encoders carry a merged LoRA"):

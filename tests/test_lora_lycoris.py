@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fastdiff
+import fastdiff.lora
 from fastdiff.errors import CheckpointError, UnsupportedConfigError
 from fastdiff.lora import read_lora
 from helpers import rel_err
@@ -79,6 +80,37 @@ def test_each_layer_kind_merges_to_what_lycoris_computes(algo, kind, options, sc
         merged.weight.add_(entry.delta(merged.weight.shape) * scale)
     assert rel_err(merged(x), want) <= 1e-5
     assert rel_err(want, original(x)) > 1e-2  # (the update is not negligible)
+
+
+DORA_CASES = [("locon", "linear", {}), ("locon", "conv3x3", dict(use_tucker=True)), ("loha", "conv3x3", {}),
+              ("lokr", "linear_wide", dict(factor=8, decompose_both=True)), ("lokr", "conv3x3", dict(factor=4))]
+
+
+@pytest.mark.parametrize("algo,kind,options", DORA_CASES, ids=lambda v: str(v) if not isinstance(v, dict) else
+                         "-".join(f"{k}={x}" for k, x in v.items()) or "plain")
+@pytest.mark.parametrize("on_out", [True, False])
+def test_lycoris_dora_merges_to_what_lycoris_computes(algo, kind, options, on_out):
+    """LyCORIS's DoRA (``dora_scale``, a norm per output row or per input column): at a LoRA scale of 1 the merged
+    layer computes LyCORIS's forward; at 0.6 it is 60% of the way from the original layer to it."""
+    make, shape = LAYERS[kind]
+    torch.manual_seed(3)
+    layer = make()
+    original = copy.deepcopy(layer)
+    module = _module(algo, "lora_unet_x", layer, rank=2, alpha=3.0, weight_decompose=True, wd_on_out=on_out,
+                     **options)
+    state = _state([module])
+    assert state["lora_unet_x.dora_scale"].shape[:2] == ((layer.weight.shape[0], 1) if on_out else
+                                                         (1, layer.weight.shape[1]))
+    x = torch.randn(shape)
+    with torch.no_grad():
+        want, before = layer(x), original(x)
+    entry = read_lora(state)[("network", "~x")]
+    for scale in (1.0, 0.6):
+        merged = copy.deepcopy(original)
+        fastdiff.lora.merge(fastdiff.lora.targets({"~x": entry}, nn.ModuleDict({"x": merged}), "test"), scale)
+        with torch.no_grad():
+            assert rel_err(merged(x), before + scale * (want - before)) <= 1e-5, scale
+    assert rel_err(want, before) > 1e-2
 
 
 def test_the_kinds_lycoris_leaves_out_are_what_it_writes():
