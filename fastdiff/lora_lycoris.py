@@ -14,7 +14,8 @@ LyCORIS's DoRA (``dora_scale``, any of the three kinds, LoCon's too): the weight
 ``dora_scale`` over its norm (+ float32's eps) per output row, or per input column where ``dora_scale`` is
 (1, in, ...) (``wd_on_out=False``, and LyCORIS's older files) (``dora_merged``). At a LoRA scale of 1 that is
 LyCORIS's forward; another scale moves the weight that part of the way from the original to it, as ComfyUI does
-(LyCORIS's own multiplier rescales the factor instead, and keeps the whole update at 0).
+(LyCORIS's own multiplier rescales the factor instead, and keeps the whole update at 0). (ComfyUI's per-row case
+divides by the original weight's norms, not by those of the weight plus the update that LyCORIS trained with.)
 
 Both have the interface of ``fastdiff.lora.LoraLayer`` that merging uses: ``check(shape)``, ``delta(shape)``,
 ``magnitude`` (PEFT's DoRA: None here) and ``dora_scale``.
