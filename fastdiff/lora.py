@@ -18,8 +18,9 @@ Files (safetensors only; a folder means its ``pytorch_lora_weights.safetensors``
   mapped through the single-file reader's renaming); FLUX.1 files in BFL's layout (``lora_unet_double_blocks_...``,
   ``fastdiff.lora_flux``).
 
-* LyCORIS in kohya's names: LoCon (kohya's keys, a convolution's Tucker core in ``lora_mid.weight``), LoHa
-  (``hada_*``) and LoKr (``lokr_*``; ``fastdiff.lora_lycoris``), as LyCORIS's modules compute them.
+* LyCORIS in kohya's names (or ``lycoris_<module>``, LyCORIS's own wrapper around the network): LoCon (kohya's keys,
+  a convolution's Tucker core in ``lora_mid.weight``), LoHa (``hada_*``) and LoKr (``lokr_*``;
+  ``fastdiff.lora_lycoris``), as LyCORIS's modules compute them.
 
 DoRA (PEFT's ``use_dora``: ``lora_magnitude_vector`` keys) merges as PEFT's merge does: W + scale * update, each
 output row rescaled to its magnitude over the norm of (the weight before any merge + the update); LyCORIS's DoRA
@@ -46,7 +47,8 @@ WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_we
 NETWORK_PREFIXES = ("unet", "transformer")
 TEXT_PREFIXES = ("text_encoder", "text_encoder_2", "text_encoder_3")
 KOHYA_PREFIXES = {"lora_unet": "network", "lora_te": "text_encoder", "lora_te1": "text_encoder",
-                  "lora_te2": "text_encoder_2"}
+                  "lora_te2": "text_encoder_2",
+                  "lycoris": "network"}  # (LyCORIS's own wrapper around one network: SD3 / FLUX.1 trainers write it)
 
 
 @dataclass
@@ -227,10 +229,12 @@ def _read_kohya(state: dict) -> dict:
     layers = {}
     for name in sorted(grouped):
         prefix = next((p for p in sorted(KOHYA_PREFIXES, key=len, reverse=True) if name.startswith(p + "_")), None)
+        if prefix is None:
+            raise UnsupportedConfigError("LoRA key", name, supported=KOHYA_KINDS)
         keys = dict(grouped[name])
         alpha, dora_scale = keys.pop("alpha", None), keys.pop("dora_scale", None)
         layer = _kohya_layer(name, keys, None if alpha is None else _alpha(alpha, f"{name}.alpha"), dora_scale)
-        if prefix is None or layer is None:
+        if layer is None:
             raise UnsupportedConfigError("LoRA key", name, supported=KOHYA_KINDS)
         module, part = name[len(prefix) + 1:], KOHYA_PREFIXES[prefix]
         if part == "network" and is_bfl_name(module):  # FLUX.1 in BFL's layout: diffusers' layers, fused ones split
@@ -243,8 +247,8 @@ def _read_kohya(state: dict) -> dict:
     return layers
 
 
-KOHYA_KINDS = ("kohya keys lora_unet_* / lora_te*_* with lora_down.weight, lora_up.weight (lora_mid.weight), alpha "
-               "(and dora_scale), or LyCORIS's LoHa (hada_*) / LoKr (lokr_*)")
+KOHYA_KINDS = ("kohya keys lora_unet_* / lora_te*_* / lycoris_* with lora_down.weight, lora_up.weight "
+               "(lora_mid.weight), alpha (and dora_scale), or LyCORIS's LoHa (hada_*) / LoKr (lokr_*)")
 LORA_SUFFIXES = ("lora_down.weight", "lora_up.weight", "lora_mid.weight")
 
 
@@ -325,7 +329,11 @@ def targets(layers: dict, module: torch.nn.Module, part: str) -> list:
     out = []
     for name, layer in layers.items():
         target = resolve(table, name, part)
-        layer.check(target.weight.shape)
+        try:
+            layer.check(target.weight.shape)
+        except CheckpointError as e:  # (which of a file's hundreds of layers)
+            shown = name[1:] if name.startswith("~") else name
+            raise CheckpointError(f"{part}'s layer {shown!r}: {e}") from None
         out.append((target, layer))
     return out
 

@@ -8,7 +8,9 @@ merge it (diffusers does not read these files).
 * LoKr: ``scale * kron(w1, w2)``: w1 is ``lokr_w1`` or ``lokr_w1_a @ lokr_w1_b``; w2 is ``lokr_w2``, ``lokr_w2_a @
   lokr_w2_b``, or its Tucker form (``lokr_t2`` with w2_a (rank, out), w2_b (rank, in)). A convolution's w1 multiplies
   whole kernels of w2. ``scale`` = alpha / rank, the rank of a decomposed half (w2's where both are); 1 where
-  neither half is decomposed (LyCORIS then trains without an alpha) or the file has no alpha.
+  neither half is decomposed (LyCORIS then trains without an alpha) or the file has no alpha. (One layout differs
+  from LyCORIS's training forward, as in ComfyUI, AUTOMATIC1111 and LyCORIS's own reload: both halves whole and
+  ``rs_lora``, trained at a scale of sqrt(rank) that the file does not record.)
 
 LyCORIS's DoRA (``dora_scale``, any of the three kinds, LoCon's too): the weight plus the whole update, rescaled to
 ``dora_scale`` over its norm (+ float32's eps) per output row, or per input column where ``dora_scale`` is
@@ -57,9 +59,11 @@ def _product_shape(a: torch.Tensor, b: torch.Tensor, what: str) -> tuple:
 
 def _fits(update: tuple, shape: torch.Size, what: str) -> None:
     """An update of shape ``update`` adds to a weight of ``shape``: the same output rows and inputs per row; a
-    convolution-shaped update only to a convolution of its kernel."""
+    convolution-shaped update only to a convolution of its kernel, or a 1x1 one to a linear weight (older SD 2.x
+    files' proj_in / proj_out, as kohya's LoRAs and ComfyUI take them)."""
     fits = len(shape) >= 2 and update[0] == shape[0] and math.prod(update[1:]) == math.prod(shape[1:])
-    if not fits or (len(update) > 2 and tuple(update) != tuple(shape)):
+    kernel = len(update) > 2 and (len(shape) > 2 or math.prod(update[2:]) != 1)
+    if not fits or (kernel and tuple(update) != tuple(shape)):
         raise CheckpointError(f"LyCORIS: {what}: an update of {tuple(update)} for a weight of {tuple(shape)}")
 
 
@@ -209,7 +213,10 @@ def lycoris_layer(name: str, keys: dict, alpha: Optional[float], dora_scale: Opt
                          alpha=alpha, dora_scale=dora_scale)
     if any(k in keys for k in LOKR_KEYS):
         layer = LoKrLayer(**{k[len("lokr_"):]: keys.get(k) for k in LOKR_KEYS}, alpha=alpha, dora_scale=dora_scale)
-        layer._halves_given()  # (a half missing is the file's fault: said where it is read)
+        try:  # (a half missing is the file's fault: said where it is read)
+            layer._halves_given()
+        except CheckpointError as e:
+            raise CheckpointError(f"{e} ({name})") from None
         return layer
     return None
 

@@ -51,6 +51,8 @@ LAYERS = {  # (layer, input)
     # (wide enough for LoKr to decompose both halves at rank 2)
     "linear_wide": (lambda: nn.Linear(48, 64), (3, 48)),
     "conv_wide": (lambda: nn.Conv2d(32, 48, 3, padding=1), (2, 32, 5, 5)),
+    "linear_odd": (lambda: nn.Linear(15, 21), (3, 15)),
+    "conv_odd": (lambda: nn.Conv2d(9, 15, (1, 3), padding=(0, 1)), (2, 9, 4, 5)),
 }
 CASES = [  # (algo, layer, LyCORIS options)
     ("locon", "linear", {}), ("locon", "conv3x3", {}), ("locon", "conv3x3", dict(use_tucker=True)),
@@ -59,6 +61,11 @@ CASES = [  # (algo, layer, LyCORIS options)
     ("lokr", "linear", dict(factor=4)), ("lokr", "linear_wide", dict(factor=8, decompose_both=True)),
     ("lokr", "linear", dict(factor=2, full_matrix=True)), ("lokr", "conv3x3", dict(factor=4)),
     ("lokr", "conv_wide", dict(factor=8, use_tucker=True, decompose_both=True)), ("lokr", "conv1x1", dict(factor=2)),
+    # (w1 decomposed, w2 whole; rs_lora folded into the file's alpha; odd and prime channel counts)
+    ("lokr", "linear_wide", dict(factor=8, decompose_both=True, unbalanced_factorization=True)),
+    ("lokr", "linear_wide", dict(factor=8, rs_lora=True)), ("loha", "linear", dict(rs_lora=True)),
+    ("locon", "conv3x3", dict(rs_lora=True)), ("lokr", "linear_odd", dict(factor=-1)), ("loha", "conv_odd", {}),
+    ("lokr", "conv_odd", dict(factor=3)), ("locon", "conv_odd", dict(use_tucker=True)),
 ]
 
 
@@ -177,7 +184,9 @@ def test_what_is_refused_by_name():
     w = torch.randn(4, 2)
     cases = [
         ({"lora_unet_x.hada_w1_a": w}, CheckpointError, "without hada_w1_b"),
-        ({"lora_unet_x.lokr_w1": torch.randn(2, 2)}, CheckpointError, "lokr_w2"),
+        ({"lora_unet_x.lokr_w1": torch.randn(2, 2)}, CheckpointError, "lokr_w2.*\\(lora_unet_x\\)"),
+        ({"lora_unet_y.lora_down.weight": torch.randn(2, 4), "lora_unet_y.lora_up.weight": w,
+          "lora_x.lokr_w1": torch.randn(2, 2)}, UnsupportedConfigError, "'lora_x'"),  # (the prefix first)
         ({"lora_unet_x.lokr_w1": torch.randn(2, 2), "lora_unet_x.lokr_t1": torch.randn(2, 2, 3, 3),
           "lora_unet_x.lokr_w2": torch.randn(2, 2)}, UnsupportedConfigError, "lokr_t1"),
         ({"lora_unet_x.oft_blocks": torch.randn(2, 4, 4), "lora_unet_x.alpha": torch.tensor(1.0)},
@@ -193,6 +202,24 @@ def test_what_is_refused_by_name():
             read_lora(state)
 
 
+def test_lycoris_own_wrapper_names_and_a_1x1_update_on_a_linear_layer():
+    """``lycoris_<module>`` keys (LyCORIS's wrapper around one network) merge as ``lora_unet_<module>`` ones; a LoKr
+    whose w2 is a 1x1 kernel merges into a linear layer (older SD 2.x files' proj_in / proj_out)."""
+    torch.manual_seed(4)
+    name = next(n for n, _ in fastdiff.load("arch:tiny-sd-unet").model.named_modules() if n.endswith("to_q"))
+    layer = dict(fastdiff.load("arch:tiny-sd-unet").model.named_modules())[name]
+    out, inp = layer.weight.shape
+    tensors = {"lokr_w1": torch.randn(2, 2), "lokr_w2": torch.randn(out // 2, inp // 2, 1, 1),
+               "alpha": torch.tensor(2.0)}
+    merged = []
+    for prefix in ("lora_unet", "lycoris"):
+        pipe = fastdiff.load("arch:tiny-sd-unet")
+        pipe.load_lora({f"{prefix}_{name.replace('.', '_')}.{k}": v for k, v in tensors.items()}, scale=0.5)
+        merged.append(dict(pipe.model.named_modules())[name].weight.detach().clone())
+    want = layer.weight + 0.5 * torch.kron(tensors["lokr_w1"], tensors["lokr_w2"][..., 0, 0])
+    assert torch.equal(merged[0], merged[1]) and rel_err(merged[0], want) <= 1e-6
+
+
 def test_shapes_that_do_not_fit_are_refused_before_anything_merges():
     pipe = fastdiff.load("arch:tiny-sd-unet")
     before = {k: v.clone() for k, v in pipe.model.state_dict().items()}
@@ -202,7 +229,7 @@ def test_shapes_that_do_not_fit_are_refused_before_anything_merges():
         ("w1_a", torch.randn(width[0], 2)), ("w1_b", torch.randn(2, width[1])), ("w2_a", torch.randn(width[0], 2)),
         ("w2_b", torch.randn(2, width[1])))}
     bad_kron = {"lora_unet_conv_in.lokr_w1": torch.randn(3, 3), "lora_unet_conv_in.lokr_w2": torch.randn(5, 5)}
-    with pytest.raises(CheckpointError, match="LoKr: an update of"):
+    with pytest.raises(CheckpointError, match="the network's layer 'conv_in': LyCORIS: LoKr: an update of"):
         pipe.load_lora({**good, **bad_kron})
     halves = dict(good)
     halves[f"lora_unet_{name.replace('.', '_')}.hada_w2_b"] = torch.randn(2, width[1] + 1)
