@@ -236,10 +236,10 @@ fi
 if wants profile; then
     step profile_dit 90 $PY bench/profile_network.py "${FASTDIFF_GPU_DIT:-arch:dit-xl-2-256}" --json "$RESULTS/profile_dit.json"
     step profile_sd15 120 $PY bench/profile_network.py "${FASTDIFF_GPU_SD:-arch:sd15-unet}" --json "$RESULTS/profile_sd15.json"
-    # the same with the attention on Triton's pointer kernel instead of SDPA (cuDNN), whose graph nodes cost SD1.5
-    # 2.7 ms of launch per step in run 5: what the attention's device time becomes
-    step profile_sd15_tattn 120 $PY bench/profile_network.py "${FASTDIFF_GPU_SD:-arch:sd15-unet}" --switches tattn \
-        --json "$RESULTS/profile_sd15_tattn.json"
+    # the same with the attention on SDPA (cuDNN on Hopper) instead of the UNet's default Triton pointer kernel
+    # (since run 6: cuDNN's graph nodes cost SD1.5 2.4 ms of launch per step): the device time that choice gives up
+    step profile_sd15_sdpa 120 $PY bench/profile_network.py "${FASTDIFF_GPU_SD:-arch:sd15-unet}" --switches sdpa \
+        --json "$RESULTS/profile_sd15_sdpa.json"
 fi
 
 # --- 6. end-to-end against diffusers ---------------------------------------------------------------
@@ -271,7 +271,7 @@ wants dit && bench_e2e dit-xl-2-256 "$DIT" 4 150 \
 wants dit-new && bench_e2e dit-xl-2-256-new "$DIT" 4 150 \
     "${FASTDIFF_GPU_DIT_NEW_VARIANTS:-triton+loop,triton+loop+allk,triton+loop+tune}" ""
 wants sd15 && bench_e2e sd15-unet "$SD" 7.5 300 \
-    "${FASTDIFF_GPU_SD_VARIANTS:-eager+cl,eager+loop+cl,triton+step+cl,triton+loop+cl,triton+loop+cl+nocond,triton+loop+cl+noconvbias,triton+loop+cl+upd}" diffusers
+    "${FASTDIFF_GPU_SD_VARIANTS:-eager+cl,eager+loop+cl,triton+step+cl,triton+loop+cl,triton+loop+cl+nocond,triton+loop+cl+noconvbias,triton+loop+cl+noupd}" diffusers
 wants sd15-new && bench_e2e sd15-unet-new "$SD" 7.5 240 \
     "${FASTDIFF_GPU_SD_NEW_VARIANTS:-triton+loop+cl,triton+loop+cl+sdpa+noresln+noupd,triton+loop+cl+tma,triton+loop+cl+sdpa,triton+loop+cl+noupd,triton+loop+cl+tune}" ""
 # cudnn_benchmark against the same variant without it, each in a process of its own: cuDNN's plan cache ignores
@@ -289,8 +289,14 @@ wants dit-vs-compile && bench_e2e dit-xl-2-256-vs-compile "$DIT" 4 480 \
 wants sd15-vs-compile && bench_e2e sd15-unet-vs-compile "$SD" 7.5 520 \
     "${FASTDIFF_GPU_SD_COMPILE_VARIANTS:-triton+loop+cl}" diffusers,compile
 # the same against torch.compile(mode="reduce-overhead"): no autotuning, about 150 s on an H200 (run 6b)
-wants sd15-vs-compile-ro && bench_e2e sd15-unet-vs-compile-ro "$SD" 7.5 240 \
-    "${FASTDIFF_GPU_SD_COMPILE_VARIANTS:-triton+loop+cl}" diffusers,compile "--compile-mode reduce-overhead"
+if wants sd15-vs-compile-ro; then
+    if [ -n "$COMPARE" ]; then
+        bench_e2e sd15-unet-vs-compile-ro "$SD" 7.5 240 "${FASTDIFF_GPU_SD_COMPILE_VARIANTS:-triton+loop+cl}" \
+            diffusers,compile "--compile-mode reduce-overhead"
+    else
+        note sd15-unet-vs-compile-ro "skipped: no diffusers (it compiles diffusers' UNet)"
+    fi
+fi
 # fastdiff's compile backend with Inductor's GEMM autotuning under its own loop graph: the same GEMM kernels as
 # the compiled diffusers model, so next to the stage above it shows what the captured loop adds. After the
 # -vs-compile stage, Inductor's on-disk autotuning cache already holds the GEMM shapes the two models share.

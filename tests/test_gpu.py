@@ -278,7 +278,7 @@ def test_gpu_defaults_equal_eager(arch):
     """optimize() with the measured defaults on CUDA (run 4): a DiT precomputes its adaLN modulation in the loop
     graph and runs its attention on the TMA kernel (the pointer kernel before Hopper), each residual and its norm
     in one pass; a UNet stacks its conditioning projections and, channels-last, moves its convolution biases
-    (run 5). Samples equal eager sampling."""
+    (run 5), and runs its attention, LayerNorms and state update on Triton (run 6). Samples equal eager sampling."""
     from fastdiff.models.layers import op_backends
     from fastdiff.models.unet import ResnetBlock
     from helpers import perturb_
@@ -302,6 +302,9 @@ def test_gpu_defaults_equal_eager(arch):
     else:
         assert pipe.model.temb_weight is not None and pipe.model.cross_kv_weight is not None
         assert all(m.fuse_conv_bias for m in pipe.model.modules() if isinstance(m, ResnetBlock))
+        # (run 6: the Triton attention, the one-pass residual + LayerNorm and the fused state update)
+        assert op_backends(pipe.model) == {"GroupNorm": "triton", "Attention": "triton", "GEGLU": "triton",
+                                           "LayerNorm": "triton"} and pipe.update_impl == "triton"
     assert rel_err(pipe.generate(**kw), eager.generate(**kw)) <= 2e-2
 
 

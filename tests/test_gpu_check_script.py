@@ -44,7 +44,7 @@ def test_gpu_check_smoke_run_on_tiny_models(tmp_path):
     summary = stdout[stdout.index("fastdiff GPU check summary"):]
     assert "0 step(s) failed or timed out" in summary, summary
     steps = dict(line.split("\t")[:2] for line in (out / "summary.tsv").read_text().splitlines())
-    for name in ("dit-xl-2-256", "profile_dit", "profile_sd15", "profile_sd15_tattn"):
+    for name in ("dit-xl-2-256", "profile_dit", "profile_sd15", "profile_sd15_sdpa"):
         assert steps[name] == "ok", steps
     report = json.loads((out / "dit-xl-2-256.json").read_text())
     assert report["complete"] is True
@@ -55,7 +55,7 @@ def test_gpu_check_smoke_run_on_tiny_models(tmp_path):
     assert {p.name for p in device_out.iterdir()} >= {"gpu_results.tgz", "summary.tsv", "summary.txt"}
     with tarfile.open(device_out / "gpu_results.tgz") as tar:
         names = tar.getnames()
-    assert "gpu_out/dit-xl-2-256.json" in names and "gpu_out/profile_sd15_tattn.json" in names
+    assert "gpu_out/dit-xl-2-256.json" in names and "gpu_out/profile_sd15_sdpa.json" in names
     assert not any(n.startswith("gpu_out/inductor/") for n in names)
     # the tuning results in the tarball and, from the watcher, straight in the device tool's folder
     assert {"gpu_out/inductor_autotune/timings.json", "gpu_out/inductor_autotune/best_configs.json"} <= set(names)

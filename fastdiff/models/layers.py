@@ -62,18 +62,18 @@ GPU_DEFAULT_OPS = {
 # {"attention": "torch"}``) takes the attention back. Not measured at SD2's, SDXL's or guided-diffusion's
 # ADM's (the same class) head dim 64, where SDPA's kernel led by more (runs 2-3), nor the TMA kernel (``+tma``:
 # 129.2 ms, 41.9 us) with the LayerNorm.
-_UNET_GPU_OPS = {"attention": "triton", "sampler_update": "triton"}
+# (A subclass takes its parent's table: a ControlNet, captured in one graph with its UNet, the UNet's.)
 MODEL_GPU_OPS = {
     "DiT": {"attention": "triton_tma"},
-    "UNet": _UNET_GPU_OPS,
-    "ControlledUNet": _UNET_GPU_OPS,  # (a UNet and its ControlNet, captured as one network)
+    "UNet": {"attention": "triton", "sampler_update": "triton"},
 }
 
 
 def gpu_default_ops(model: Optional[nn.Module] = None) -> dict:
-    """The measured per-op table for ``model`` on a GPU: ``GPU_DEFAULT_OPS`` with its class's entries in
-    ``MODEL_GPU_OPS``."""
-    return {**GPU_DEFAULT_OPS, **MODEL_GPU_OPS.get(type(model).__name__, {})}
+    """The measured per-op table for ``model`` on a GPU: ``GPU_DEFAULT_OPS`` with the entries in ``MODEL_GPU_OPS``
+    of its class, or of the nearest parent class that has some."""
+    own = next((MODEL_GPU_OPS[c.__name__] for c in type(model).__mro__ if c.__name__ in MODEL_GPU_OPS), {})
+    return {**GPU_DEFAULT_OPS, **own}
 
 
 # what each op may run on (OptimizeConfig.kernel_ops values)

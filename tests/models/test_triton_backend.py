@@ -107,6 +107,9 @@ def test_measured_defaults_per_model_and_weight_fusions_by_device():
     assert config.op_choices(cuda, dit)["attention"] == "triton_tma"
     assert config.op_choices(cuda, unet)["attention"] == "triton"
     assert config.sampler_update_impl(cuda, unet) == "triton" and config.sampler_update_impl(cuda, dit) == "torch"
+    from fastdiff.models.controlnet import ControlNet  # (a subclass: its UNet's table, captured with it)
+
+    assert gpu_default_ops(ControlNet.from_unet(unet)) == gpu_default_ops(unet)
     assert OptimizeConfig(backend="triton", kernel_ops={"sampler_update": "torch"}).sampler_update_impl(cuda, unet) \
         == "torch"
     assert OptimizeConfig(backend="eager").sampler_update_impl(cuda, unet) == "torch"
