@@ -283,8 +283,8 @@ def test_info_shows_each_fused_layers_path_for_a_model(tmp_path):
 
 
 def test_info_model_ops_follow_optimize_on_a_gpu(monkeypatch):
-    """On CUDA `fastdiff info MODEL` reports what optimize(backend="triton") runs: the measured per-op table
-    (attention on torch's SDPA), unless --kernel-ops all."""
+    """On CUDA `fastdiff info MODEL` reports what optimize(backend="triton") runs: the measured per-op table (a
+    UNet's attention on the Triton pointer kernel since run 6, a DiT's on the TMA kernel), unless --kernel-ops all."""
     import torch
 
     import fastdiff
@@ -294,9 +294,10 @@ def test_info_model_ops_follow_optimize_on_a_gpu(monkeypatch):
     monkeypatch.setattr("fastdiff.commands.generate.load_pipeline",
                         lambda model, device: fastdiff.load(model))  # the weights stay on the CPU
     measured = info.model_ops("arch:tiny-sd-unet", "triton")
-    assert measured["device"] == "cuda" and measured["ops"]["Attention"] == "native"
-    assert measured["ops"]["GroupNorm"] == "triton"
-    assert info.model_ops("arch:tiny-sd-unet", "triton", "all")["ops"]["Attention"] == "triton"
+    assert measured["device"] == "cuda" and measured["ops"]["Attention"] == "triton"
+    assert measured["ops"]["GroupNorm"] == "triton" and measured["ops"]["LayerNorm"] == "triton"
+    assert info.model_ops("arch:tiny-dit", "triton")["ops"]["Attention"] == "triton_tma"
+    assert info.model_ops("arch:tiny-dit", "triton", "all")["ops"]["Attention"] == "triton"
 
 
 def test_info_names_the_cuda_and_cudnn_torch_was_built_with():
