@@ -179,8 +179,13 @@ class MultiHeadAttention(LinearStacks, nn.Module):
 
     forward(x (B, N, query_dim), context (B, M, context_dim) or None) -> (B, N, query_dim).
     ``upcast`` computes the attention in float32 when the inputs are half precision (SD 2.x
-    ``upcast_attention``).
+    ``upcast_attention``) on torch's path. The Triton kernels take the half-precision inputs as they are: they
+    hold the scores and the softmax in float32 already (what the upcast is for), and float32 inputs would put
+    their dots on the exact, slow path, off the tensor cores. (diffusers' SDPA processor never upcasts.)
     """
+
+    # the attention implementations that accumulate the scores and the softmax in float32 themselves
+    SOFTMAX_IN_FLOAT32 = ("triton", "triton_tma")
 
     STACKS = ("qkv",)
 
@@ -234,7 +239,8 @@ class MultiHeadAttention(LinearStacks, nn.Module):
 
     def _attend(self, b, q, k, v):
         """(B, H, N, d) q and (B, H, M, d) k / v -> (B, N, inner), before the output projection."""
-        if self.upcast and q.dtype in (torch.float16, torch.bfloat16):
+        if (self.upcast and q.dtype in (torch.float16, torch.bfloat16)
+                and self.core.backend not in self.SOFTMAX_IN_FLOAT32):
             o = self.core(q.float(), k.float(), v.float()).to(q.dtype)
         else:
             o = self.core(q, k, v)  # (B, H, N, d)

@@ -125,3 +125,29 @@ def test_measured_defaults_per_model_and_weight_fusions_by_device():
     assert weight_fusions(unet, OptimizeConfig(fuse_conditioning=False, fuse_qkv=False), cuda) == \
         dict(qkv=False, adaln=False, conditioning=False)
     assert weight_fusions(dit, OptimizeConfig(fuse_conditioning=True), cpu)["conditioning"]  # forced: a note later
+
+
+@pytest.mark.parametrize("backend,want", [("native", torch.float32), ("triton", torch.float16),
+                                          ("triton_tma", torch.float16)])
+def test_upcast_attention_reaches_torch_only(backend, want):
+    """SD 2.x's upcast_attention: torch's SDPA gets float32 inputs; the Triton kernels (scores and softmax in
+    float32 already) the half-precision ones, which keeps their dots on the tensor cores."""
+    from fastdiff.models.unet import MultiHeadAttention
+
+    attn = MultiHeadAttention(16, heads=2, head_dim=8, upcast=True)
+    attn.core.set_backend(backend)
+    seen = []
+
+    def record(q, k, v, scale=None):
+        seen.append(q.dtype)
+        return q.clone()
+
+    for name in ("forward_native", "forward_triton", "forward_triton_tma"):
+        setattr(attn.core, name, record)
+    q = k = v = torch.randn(1, 2, 5, 8, dtype=torch.float16)
+    out = attn._attend(1, q, k, v)
+    assert seen == [want] and out.dtype == torch.float16 and out.shape == (1, 5, 16)
+    attn.upcast = False
+    seen.clear()
+    attn._attend(1, q, k, v)
+    assert seen == [torch.float16]
