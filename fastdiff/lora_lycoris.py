@@ -108,7 +108,8 @@ class LoHaLayer:
     magnitude = None  # (PEFT's DoRA: never in these files)
     KEYS: ClassVar[tuple] = LOHA_KEYS  # (the key suffixes it reads)
 
-    def _half_shape(self, a, b, t, what) -> tuple:
+    @staticmethod
+    def _half_shape(a, b, t, what) -> tuple:
         return _tucker_shape(t, a, b, what) if t is not None else _product_shape(a, b, what)
 
     def check(self, shape: torch.Size) -> None:
@@ -122,7 +123,8 @@ class LoHaLayer:
         if self.dora_scale is not None:
             dora_axis(self.dora_scale, shape)
 
-    def _half(self, a, b, t) -> torch.Tensor:
+    @staticmethod
+    def _half(a, b, t) -> torch.Tensor:
         return _tucker(t, a, b) if t is not None else a.float().flatten(1) @ b.float().flatten(1)
 
     def delta(self, shape: torch.Size) -> torch.Tensor:

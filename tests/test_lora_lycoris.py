@@ -69,8 +69,11 @@ CASES = [  # (algo, layer, LyCORIS options)
 ]
 
 
-@pytest.mark.parametrize("algo,kind,options", CASES, ids=lambda v: str(v) if not isinstance(v, dict) else
-                         "-".join(f"{k}={x}" for k, x in v.items()) or "plain")
+def _case_id(value) -> str:
+    return str(value) if not isinstance(value, dict) else "-".join(f"{k}={x}" for k, x in value.items()) or "plain"
+
+
+@pytest.mark.parametrize("algo,kind,options", CASES, ids=_case_id)
 @pytest.mark.parametrize("scale", [1.0, 0.6])
 def test_each_layer_kind_merges_to_what_lycoris_computes(algo, kind, options, scale):
     make, shape = LAYERS[kind]
@@ -93,8 +96,7 @@ DORA_CASES = [("locon", "linear", {}), ("locon", "conv3x3", dict(use_tucker=True
               ("lokr", "linear_wide", dict(factor=8, decompose_both=True)), ("lokr", "conv3x3", dict(factor=4))]
 
 
-@pytest.mark.parametrize("algo,kind,options", DORA_CASES, ids=lambda v: str(v) if not isinstance(v, dict) else
-                         "-".join(f"{k}={x}" for k, x in v.items()) or "plain")
+@pytest.mark.parametrize("algo,kind,options", DORA_CASES, ids=_case_id)
 @pytest.mark.parametrize("on_out", [True, False])
 def test_lycoris_dora_merges_to_what_lycoris_computes(algo, kind, options, on_out):
     """LyCORIS's DoRA (``dora_scale``, a norm per output row or per input column): at a LoRA scale of 1 the merged
@@ -120,7 +122,7 @@ def test_lycoris_dora_merges_to_what_lycoris_computes(algo, kind, options, on_ou
     assert rel_err(want, before) > 1e-2
 
 
-def test_the_kinds_lycoris_leaves_out_are_what_it_writes():
+def test_the_cases_cover_every_layout_lycoris_writes():
     """The test above covers LyCORIS's layouts: Tucker cores, LoKr's whole and decomposed halves."""
     torch.manual_seed(2)
     keys = {}
@@ -206,8 +208,8 @@ def test_lycoris_own_wrapper_names_and_a_1x1_update_on_a_linear_layer():
     """``lycoris_<module>`` keys (LyCORIS's wrapper around one network) merge as ``lora_unet_<module>`` ones; a LoKr
     whose w2 is a 1x1 kernel merges into a linear layer (older SD 2.x files' proj_in / proj_out)."""
     torch.manual_seed(4)
-    name = next(n for n, _ in fastdiff.load("arch:tiny-sd-unet").model.named_modules() if n.endswith("to_q"))
-    layer = dict(fastdiff.load("arch:tiny-sd-unet").model.named_modules())[name]
+    name, layer = next((n, m) for n, m in fastdiff.load("arch:tiny-sd-unet").model.named_modules()
+                       if n.endswith("to_q"))
     out, inp = layer.weight.shape
     tensors = {"lokr_w1": torch.randn(2, 2), "lokr_w2": torch.randn(out // 2, inp // 2, 1, 1),
                "alpha": torch.tensor(2.0)}
