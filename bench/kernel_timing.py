@@ -23,6 +23,8 @@ import sys
 
 import torch
 
+from fastdiff.utils.cuda_streams import side_stream
+
 PER_GRAPH = 10  # calls per captured graph
 
 
@@ -47,13 +49,13 @@ def _event_time(run) -> float:
 
 
 def capture_graph(body) -> torch.cuda.CUDAGraph:
-    stream = torch.cuda.Stream()
+    stream = side_stream()  # fastdiff's one side stream: a fresh one per capture kept a cuBLAS workspace each
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # warm-up outside the graph (allocator, autotuning)
         body()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, stream=stream):
         body()
     return graph
 

@@ -39,6 +39,8 @@ from typing import Callable, Optional
 
 import torch
 
+from ..utils.cuda_streams import CAPTURE_LOCK, side_stream
+
 CALLS_PER_GRAPH = 5
 REPLAYS = 10
 MARGIN = 0.03  # a candidate must beat the fallback by more than 3%
@@ -51,17 +53,18 @@ def graph_device_time(fn: Callable[[], object]) -> float:
     """Median device seconds of one ``fn()`` call, replayed from a CUDA graph of ``CALLS_PER_GRAPH`` calls."""
     for _ in range(2):  # compile, autotune, allocate outside the graph
         fn()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    if not _pool:
-        _pool.append(torch.cuda.graph_pool_handle())
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=_pool[0], stream=side, capture_error_mode="thread_local"):
-        for _ in range(CALLS_PER_GRAPH):
+    with CAPTURE_LOCK:
+        side = side_stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
             fn()
+        torch.cuda.current_stream().wait_stream(side)
+        if not _pool:
+            _pool.append(torch.cuda.graph_pool_handle())
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=_pool[0], stream=side, capture_error_mode="thread_local"):
+            for _ in range(CALLS_PER_GRAPH):
+                fn()
     times = []
     for _ in range(REPLAYS):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -18,6 +18,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ..errors import BadArgumentError
+from ..utils.cuda_streams import CAPTURE_LOCK, side_stream
 from ..utils.trees import map_tensors, zip_tensors
 
 
@@ -51,18 +52,19 @@ class CudaGraph:
     """torch.cuda.CUDAGraph capture of ``fn(*static_inputs) -> static_output`` (the real factory)."""
 
     def __init__(self, fn: Callable, static_inputs: list, pool=None, warmup: int = 2):
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm-up outside the graph (allocator, cuDNN / Triton autotune)
-            for _ in range(warmup):
-                fn(*static_inputs)
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        # thread_local: the capture must not fail because another thread allocates or syncs meanwhile (an
-        # Engine client encoding its prompt, a second thread on a shared pipe); "global" (the default) would
-        # turn their CUDA calls into capture errors
-        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
-            self.output = fn(*static_inputs)
+        with CAPTURE_LOCK:
+            stream = side_stream()  # one per device: a fresh stream per capture kept a cuBLAS workspace each
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):  # warm-up outside the graph (allocator, cuDNN / Triton autotune)
+                for _ in range(warmup):
+                    fn(*static_inputs)
+            torch.cuda.current_stream().wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            # thread_local: the capture must not fail because another thread allocates or syncs meanwhile (an
+            # Engine client encoding its prompt, a second thread on a shared pipe); "global" (the default) would
+            # turn their CUDA calls into capture errors
+            with torch.cuda.graph(self.graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
+                self.output = fn(*static_inputs)
         self.pool = self.graph.pool()
 
     def replay(self):
