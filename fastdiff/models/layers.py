@@ -368,6 +368,11 @@ class Attention(FusedOp):
     op = "attention"
     # None: SDPA picks its backend; else one of SDPA_BACKENDS, pinned with torch.nn.attention.sdpa_kernel
     sdpa_backend: Optional[str] = None
+    # SD 2.x's upcast_attention: torch's SDPA ("native", "sdpa_*") on float32 copies of half-precision inputs. Not
+    # the Triton kernels: they hold the scores and the softmax in float32 already (what the upcast
+    # is for), and float32 inputs would put their dots on the exact, slow path, off the tensor cores. Applied per
+    # backend, so kernel_ops="tune" times each candidate as it would run. (diffusers' SDPA processor never upcasts.)
+    upcast: bool = False
 
     def forward_native(self, q, k, v, scale: Optional[float] = None):
         if self.sdpa_backend is None:
@@ -387,10 +392,13 @@ class Attention(FusedOp):
                 f"SDPA backend {name!r} cannot run attention of shape {tuple(q.shape)} x "
                 f"{tuple(k.shape)} {q.dtype} on {q.device}: {str(e).strip().splitlines()[0]}") from e
 
-    def run_backend(self, backend: str, *args, **kwargs):
+    def run_backend(self, backend: str, q, k, v, scale: Optional[float] = None):
+        torch_path = backend == "native" or backend.startswith("sdpa_")
+        if self.upcast and torch_path and q.dtype in (torch.float16, torch.bfloat16):
+            return self.run_backend(backend, q.float(), k.float(), v.float(), scale).to(q.dtype)
         if backend.startswith("sdpa_"):  # kernel_ops {"attention": "sdpa_flash"}, or a tuned choice
-            return self.forward_sdpa(backend[len("sdpa_"):], *args, **kwargs)
-        return super().run_backend(backend, *args, **kwargs)
+            return self.forward_sdpa(backend[len("sdpa_"):], q, k, v, scale)
+        return super().run_backend(backend, q, k, v, scale)
 
     def tune_candidates(self, backends, args, kwargs):
         # SDPA's pinned kernels are worth timing on a GPU, where flash / memory-efficient / cuDNN differ and
@@ -445,7 +453,7 @@ class Attention(FusedOp):
         return supported(q, k, v)[0]
 
     def tune_key(self) -> tuple:
-        return (self.sdpa_backend,)
+        return (self.sdpa_backend, self.upcast)  # (with the upcast torch's candidates run in float32)
 
 
 class ModulatedLayerNorm(FusedOp):

@@ -179,13 +179,8 @@ class MultiHeadAttention(LinearStacks, nn.Module):
 
     forward(x (B, N, query_dim), context (B, M, context_dim) or None) -> (B, N, query_dim).
     ``upcast`` computes the attention in float32 when the inputs are half precision (SD 2.x
-    ``upcast_attention``) on torch's path. The Triton kernels take the half-precision inputs as they are: they
-    hold the scores and the softmax in float32 already (what the upcast is for), and float32 inputs would put
-    their dots on the exact, slow path, off the tensor cores. (diffusers' SDPA processor never upcasts.)
+    ``upcast_attention``) on torch's path only (the core's ``upcast``: see ``fastdiff.models.layers.Attention``).
     """
-
-    # the attention implementations that accumulate the scores and the softmax in float32 themselves
-    SOFTMAX_IN_FLOAT32 = ("triton", "triton_tma")
 
     STACKS = ("qkv",)
 
@@ -193,13 +188,14 @@ class MultiHeadAttention(LinearStacks, nn.Module):
                  qkv_bias: bool = False, upcast: bool = False):
         super().__init__()
         inner = heads * head_dim
-        self.heads, self.head_dim, self.upcast = heads, head_dim, upcast
+        self.heads, self.head_dim = heads, head_dim
         self.is_cross = context_dim is not None  # keys / values from the text states (the UNet's "cross_kv" stack)
         self.to_q = nn.Linear(query_dim, inner, bias=qkv_bias)
         self.to_k = nn.Linear(context_dim or query_dim, inner, bias=qkv_bias)
         self.to_v = nn.Linear(context_dim or query_dim, inner, bias=qkv_bias)
         self.to_out = nn.ModuleList([nn.Linear(inner, query_dim)])
         self.core = AttentionCore()
+        self.upcast = upcast
         # Self-attention's q | k | v projections as one (stack "qkv": qkv_weight / qkv_bias, which the three
         # layers' weights then view; fastdiff.models.fuse.fuse_qkv).
         self._init_stacks()
@@ -237,13 +233,17 @@ class MultiHeadAttention(LinearStacks, nn.Module):
         """(B, N, inner) -> (B, H, N, d) view."""
         return t.view(t.shape[0], -1, self.heads, self.head_dim).transpose(1, 2)
 
+    @property
+    def upcast(self) -> bool:
+        return self.core.upcast
+
+    @upcast.setter
+    def upcast(self, value: bool) -> None:
+        self.core.upcast = bool(value)
+
     def _attend(self, b, q, k, v):
         """(B, H, N, d) q and (B, H, M, d) k / v -> (B, N, inner), before the output projection."""
-        if (self.upcast and q.dtype in (torch.float16, torch.bfloat16)
-                and self.core.backend not in self.SOFTMAX_IN_FLOAT32):
-            o = self.core(q.float(), k.float(), v.float()).to(q.dtype)
-        else:
-            o = self.core(q, k, v)  # (B, H, N, d)
+        o = self.core(q, k, v)  # (B, H, N, d)
         return o.transpose(1, 2).reshape(b, -1, self.heads * self.head_dim)  # (B, N, inner)
 
 

@@ -217,3 +217,42 @@ def test_a_capture_after_the_warm_up_replays_the_measured_choice(timer, monkeypa
     m(*args)
     m(torch.randn(4, 3, 8), torch.randn(4, 8), torch.randn(4, 8))  # a new problem: the fallback
     assert ran == ["triton", "native"]
+
+
+def test_tuning_an_upcast_attention_times_each_candidate_as_it_runs(monkeypatch):
+    """SD 2.x's upcast_attention casts for torch's SDPA only: under kernel_ops="tune" torch's candidate is timed on
+    float32 copies and the Triton one on the half-precision inputs (the cast used to come before the choice, so
+    every candidate was timed, and the Triton one chosen ran, in float32)."""
+    from fastdiff.models.unet import MultiHeadAttention
+
+    op_tuning.clear()
+    seen = []
+
+    def record(name):
+        def run(self, q, k, v, scale=None):
+            seen.append((name, q.dtype))
+            return q.clone()
+        return run
+
+    def timer(fn, backend, module):
+        fn()
+        return {"native": 2.0, "triton": 1.0}[backend]
+
+    monkeypatch.setattr(op_tuning, "TIMER", timer)
+    monkeypatch.setattr(op_tuning, "candidates", lambda module, args, kwargs: ["native", "triton"])
+    attn = MultiHeadAttention(16, heads=2, head_dim=8, upcast=True)
+    attn.core.set_backend("tune")
+    for name in ("native", "triton"):
+        monkeypatch.setattr(type(attn.core), "forward_" + name, record(name))
+    q = k = v = torch.randn(1, 2, 5, 8, dtype=torch.float16)
+    try:
+        out = attn._attend(1, q, k, v)
+        assert seen == [("native", torch.float32), ("triton", torch.float16), ("triton", torch.float16)]
+        assert out.dtype == torch.float16
+        assert attn.core.tune_choices and set(attn.core.tune_choices.values()) == {"triton"}
+        seen.clear()
+        attn.upcast = False  # another problem: measured again, torch's candidate now in half precision
+        attn._attend(1, q, k, v)
+        assert seen[0] == ("native", torch.float16)
+    finally:
+        op_tuning.clear()
