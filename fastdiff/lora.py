@@ -19,13 +19,14 @@ Files (safetensors only; a folder means its ``pytorch_lora_weights.safetensors``
   ``fastdiff.lora_flux``).
 
 * LyCORIS in kohya's names (or ``lycoris_<module>``, LyCORIS's own wrapper around the network): LoCon (kohya's keys,
-  a convolution's Tucker core in ``lora_mid.weight``), LoHa (``hada_*``) and LoKr (``lokr_*``;
-  ``fastdiff.lora_lycoris``), as LyCORIS's modules compute them.
+  a convolution's Tucker core in ``lora_mid.weight``), LoHa (``hada_*``), LoKr (``lokr_*``), full (``diff`` /
+  ``diff_b``: the bias is updated too) and (IA)^3 (``weight`` / ``on_input``: a factor per channel that scales the
+  weight) (``fastdiff.lora_lycoris``), as LyCORIS's modules compute them.
 
 DoRA (PEFT's ``use_dora``: ``lora_magnitude_vector`` keys) merges as PEFT's merge does: W + scale * update, each
 output row rescaled to its magnitude over the norm of (the weight before any merge + the update); LyCORIS's DoRA
 (``dora_scale``, kohya's names) as LyCORIS computes it (``fastdiff.lora_lycoris.dora_merged``). Not read: LyCORIS's
-other algorithms (OFT, BOFT, (IA)^3, GLoRA, full), LyCORIS layers of FLUX.1 in BFL's layout, and ``.bin`` pickles.
+other algorithms (OFT, BOFT, GLoRA), LyCORIS layers of FLUX.1 in BFL's layout, and ``.bin`` pickles.
 """
 
 from __future__ import annotations
@@ -248,7 +249,8 @@ def _read_kohya(state: dict) -> dict:
 
 
 KOHYA_KINDS = ("kohya keys lora_unet_* / lora_te*_* / lycoris_* with lora_down.weight, lora_up.weight "
-               "(lora_mid.weight), alpha (and dora_scale), or LyCORIS's LoHa (hada_*) / LoKr (lokr_*)")
+               "(lora_mid.weight), alpha (and dora_scale), or LyCORIS's LoHa (hada_*) / LoKr (lokr_*) / full "
+               "(diff, diff_b) / (IA)^3 (weight, on_input)")
 LORA_SUFFIXES = ("lora_down.weight", "lora_up.weight", "lora_mid.weight")
 
 
@@ -331,6 +333,8 @@ def targets(layers: dict, module: torch.nn.Module, part: str) -> list:
         target = resolve(table, name, part)
         try:
             layer.check(target.weight.shape)
+            if hasattr(layer, "check_bias"):  # (LyCORIS's full: an update of the bias too)
+                layer.check_bias(getattr(target, "bias", None))
         except CheckpointError as e:  # (which of a file's hundreds of layers)
             shown = name[1:] if name.startswith("~") else name
             raise CheckpointError(f"{part}'s layer {shown!r}: {e}") from None
@@ -346,12 +350,19 @@ def merge(pairs: list, scale: float, saved: Optional[dict] = None) -> None:
         w = target.weight
         if saved is not None and id(w) not in saved:
             saved[id(w)] = (w, w.detach().to("cpu", copy=True))
+        bias_delta = layer.bias_delta() if hasattr(layer, "bias_delta") else None
+        if bias_delta is not None:  # (LyCORIS's full)
+            b = target.bias
+            if saved is not None and id(b) not in saved:
+                saved[id(b)] = (b, b.detach().to("cpu", copy=True))
+            b.add_((bias_delta * scale).to(b.device, b.dtype).reshape(b.shape))
         if layer.dora_scale is not None:  # LyCORIS's DoRA: the whole update, then the rescale
             from .lora_lycoris import dora_merged
 
             w.copy_(dora_merged(w.float(), layer.delta(w.shape).to(w.device), layer.dora_scale, scale).to(w.dtype))
             continue
-        delta = layer.delta(w.shape) * scale
+        # ((IA)^3's update scales the weight: it reads the weight as it stands, earlier merges included)
+        delta = (layer.delta_of(w) if hasattr(layer, "delta_of") else layer.delta(w.shape)) * scale
         if layer.magnitude is None:
             w.add_(delta.to(w.device, w.dtype))
             continue

@@ -35,6 +35,8 @@ from .errors import CheckpointError
 
 LOHA_KEYS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 LOKR_KEYS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+FULL_KEYS = ("diff", "diff_b")
+IA3_KEYS = ("weight", "on_input")
 
 
 def _tucker(core: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -204,9 +206,75 @@ class LoKrLayer:
         return (torch.kron(w1.contiguous(), w2.contiguous()) * _scale(self.alpha, self.rank)).reshape(shape)
 
 
+@dataclass
+class FullLayer:
+    """LyCORIS's full fine-tune of one layer (``diff``, and ``diff_b`` where the layer has a bias): the whole update,
+    as trained (no rank, no alpha)."""
+    diff: torch.Tensor  # the weight's shape
+    diff_b: Optional[torch.Tensor] = None  # (out,)
+    dora_scale = None
+    magnitude = None
+    KEYS: ClassVar[tuple] = FULL_KEYS
+
+    def check(self, shape: torch.Size) -> None:
+        _fits(tuple(self.diff.shape), shape, "full (diff)")
+
+    def check_bias(self, bias: Optional[torch.Tensor]) -> None:
+        if self.diff_b is None:
+            return
+        if bias is None:
+            raise CheckpointError(f"LyCORIS: full: diff_b {tuple(self.diff_b.shape)} for a layer without a bias")
+        if self.diff_b.numel() != bias.numel():
+            raise CheckpointError(f"LyCORIS: full: diff_b {tuple(self.diff_b.shape)} for a bias of "
+                                  f"{tuple(bias.shape)}")
+
+    def delta(self, shape: torch.Size) -> torch.Tensor:
+        self.check(shape)
+        return self.diff.float().reshape(shape)
+
+    def bias_delta(self) -> Optional[torch.Tensor]:
+        return None if self.diff_b is None else self.diff_b.float().reshape(-1)
+
+
+@dataclass
+class IA3Layer:
+    """LyCORIS's (IA)^3 of one layer (``weight``: one factor per input or output channel; ``on_input``: which):
+    the weight times (1 + scale * factor) along that axis, as LyCORIS's forward computes it (the bias stays)."""
+    factors: torch.Tensor  # (channels,), or (1, channels, 1, ...) for a convolution
+    on_input: bool
+    dora_scale = None
+    magnitude = None
+    KEYS: ClassVar[tuple] = IA3_KEYS
+
+    def check(self, shape: torch.Size) -> None:
+        axis = 1 if self.on_input else 0
+        if len(shape) < 2 or self.factors.numel() != int(shape[axis]):
+            raise CheckpointError(f"LyCORIS: (IA)^3: {self.factors.numel()} factors for the "
+                                  f"{'input' if self.on_input else 'output'} channels of a weight of {tuple(shape)}")
+
+    def delta_of(self, weight: torch.Tensor) -> torch.Tensor:
+        """The float32 update of ``weight`` (it scales the weight: unlike the other kinds it reads it)."""
+        self.check(weight.shape)
+        axis = 1 if self.on_input else 0
+        view = [1] * weight.dim()
+        view[axis] = -1
+        return weight.float() * self.factors.to(weight.device, torch.float32).reshape(view)
+
+
 def lycoris_layer(name: str, keys: dict, alpha: Optional[float], dora_scale: Optional[torch.Tensor] = None):
-    """The LoHa or LoKr layer of kohya module ``name`` from its tensors ``keys`` ({suffix: tensor}), or None when
-    it has neither kind's keys."""
+    """The LoHa, LoKr, full or (IA)^3 layer of kohya module ``name`` from its tensors ``keys`` ({suffix: tensor}),
+    or None when it has no kind's keys. (Full and (IA)^3 layers have no alpha: LyCORIS writes none.)"""
+    if "diff" in keys or "diff_b" in keys or ("weight" in keys and "on_input" in keys):
+        if dora_scale is not None:
+            raise CheckpointError(f"LyCORIS: {name}: dora_scale beside a full or (IA)^3 layer (LyCORIS trains none)")
+        if "on_input" in keys:
+            on_input = keys["on_input"]
+            if on_input.numel() != 1 or float(on_input) not in (0.0, 1.0):
+                raise CheckpointError(f"LyCORIS: {name}.on_input: expected 0 or 1, found {on_input.tolist()}"[:200])
+            return IA3Layer(keys["weight"], bool(float(on_input)))
+        if "diff" not in keys:
+            raise CheckpointError(f"LyCORIS: {name}: a full layer's diff_b without its diff")
+        return FullLayer(keys["diff"], keys.get("diff_b"))
     if any(k in keys for k in LOHA_KEYS):
         missing = [k for k in LOHA_KEYS[:4] if k not in keys]
         if missing:
@@ -223,4 +291,5 @@ def lycoris_layer(name: str, keys: dict, alpha: Optional[float], dora_scale: Opt
     return None
 
 
-__all__ = ["LoHaLayer", "LoKrLayer", "lycoris_layer", "dora_axis", "dora_merged", "LOHA_KEYS", "LOKR_KEYS"]
+__all__ = ["LoHaLayer", "LoKrLayer", "FullLayer", "IA3Layer", "lycoris_layer", "dora_axis", "dora_merged",
+           "LOHA_KEYS", "LOKR_KEYS", "FULL_KEYS", "IA3_KEYS"]

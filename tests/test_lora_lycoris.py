@@ -1,4 +1,4 @@
-"""LyCORIS files (LoCon with Tucker cores, LoHa, LoKr in kohya's names) merged by ``pipe.load_lora``, against LyCORIS's
+"""LyCORIS files (LoCon with Tucker cores, LoHa, LoKr, full, (IA)^3 in kohya's names) merged by ``pipe.load_lora``, against LyCORIS's
 own modules: the merged layer computes what LyCORIS's module computes around the original layer (its forward is
 what the file was trained with), one layer at a time and end to end through a diffusers pipeline whose layers
 LyCORIS wraps."""
@@ -24,11 +24,13 @@ def _module(algo: str, name: str, layer: nn.Module, rank: int, alpha: float, mul
             seed: int = 0, **options):
     """LyCORIS's ``algo`` module around ``layer`` (applied: ``layer`` now runs it), every parameter random (LyCORIS
     starts one factor at zero, which would test nothing)."""
+    from lycoris.modules.full import FullModule
+    from lycoris.modules.ia3 import IA3Module
     from lycoris.modules.locon import LoConModule
     from lycoris.modules.loha import LohaModule
     from lycoris.modules.lokr import LokrModule
 
-    cls = {"locon": LoConModule, "loha": LohaModule, "lokr": LokrModule}[algo]
+    cls = {"locon": LoConModule, "loha": LohaModule, "lokr": LokrModule, "full": FullModule, "ia3": IA3Module}[algo]
     module = cls(name, layer, multiplier=multiplier, lora_dim=rank, alpha=alpha, **options)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -66,6 +68,10 @@ CASES = [  # (algo, layer, LyCORIS options)
     ("lokr", "linear_wide", dict(factor=8, rs_lora=True)), ("loha", "linear", dict(rs_lora=True)),
     ("locon", "conv3x3", dict(rs_lora=True)), ("lokr", "linear_odd", dict(factor=-1)), ("loha", "conv_odd", {}),
     ("lokr", "conv_odd", dict(factor=3)), ("locon", "conv_odd", dict(use_tucker=True)),
+    # (full: the weight's and the bias's whole updates; (IA)^3: a factor per output or input channel)
+    ("full", "linear", {}), ("full", "conv3x3", {}), ("full", "conv_odd", {}),
+    ("ia3", "linear", {}), ("ia3", "linear_odd", dict(train_on_input=True)), ("ia3", "conv3x3", {}),
+    ("ia3", "conv_odd", dict(train_on_input=True)),
 ]
 
 
@@ -86,9 +92,9 @@ def test_each_layer_kind_merges_to_what_lycoris_computes(algo, kind, options, sc
     (name, entry), = read_lora(_state([module])).items()
     assert name == ("network", "~x")
     merged = copy.deepcopy(original)
+    fastdiff.lora.merge(fastdiff.lora.targets({"~x": entry}, nn.ModuleDict({"x": merged}), "test"), scale)
     with torch.no_grad():
-        merged.weight.add_(entry.delta(merged.weight.shape) * scale)
-    assert rel_err(merged(x), want) <= 1e-5
+        assert rel_err(merged(x), want) <= 1e-5
     assert rel_err(want, original(x)) > 1e-2  # (the update is not negligible)
 
 
@@ -135,6 +141,8 @@ def test_the_cases_cover_every_layout_lycoris_writes():
     assert {"lokr_w1_a", "lokr_w2_a"} <= keys[("lokr", "linear_wide", str(dict(factor=8, decompose_both=True)))]
     assert {"lokr_w1", "lokr_w2"} <= keys[("lokr", "linear", str(dict(factor=2, full_matrix=True)))]
     assert "lokr_t2" in keys[("lokr", "conv_wide", str(dict(factor=8, use_tucker=True, decompose_both=True)))]
+    assert keys[("full", "conv3x3", "{}")] == {"diff", "diff_b"}
+    assert keys[("ia3", "linear", "{}")] == {"weight", "on_input"}
 
 
 UNET_LAYERS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.2", "conv1", "conv2", "time_emb_proj"]
@@ -154,7 +162,8 @@ def pipeline_folder(tmp_path_factory):
 
 
 @pytest.mark.parametrize("algo,conv_options", [("loha", dict(use_tucker=True)), ("lokr", dict(factor=4)),
-                                               ("locon", dict(use_tucker=True))])
+                                               ("locon", dict(use_tucker=True)), ("full", {}),
+                                               ("ia3", dict(train_on_input=True))])
 def test_a_lycoris_file_equals_diffusers_running_lycoris_modules(pipeline_folder, algo, conv_options):
     """Every UNet and text-encoder layer a file names (kohya's module names) takes its update: the latents equal a
     diffusers pipeline whose layers LyCORIS's modules wrap, at a LoRA scale of 0.7."""
@@ -240,3 +249,39 @@ def test_shapes_that_do_not_fit_are_refused_before_anything_merges():
     assert all(torch.equal(v, before[k]) for k, v in pipe.model.state_dict().items())
     pipe.load_lora(good)
     assert not all(torch.equal(v, before[k]) for k, v in pipe.model.state_dict().items())
+
+
+def test_a_full_update_of_the_bias_is_undone_by_unload_and_refused_without_a_bias():
+    """LyCORIS's full layers update the bias too (``diff_b``): ``unload_lora`` puts weight and bias back; a
+    ``diff_b`` for a layer without a bias, (IA)^3 factors of the wrong count, a bad ``on_input`` or a ``dora_scale``
+    beside either kind are refused, before anything merges."""
+    pipe = fastdiff.load("arch:tiny-sd-unet")
+    before = {k: v.clone() for k, v in pipe.model.state_dict().items()}
+    layers = dict(pipe.model.named_modules())
+    name = next(n for n, m in layers.items() if n.endswith("to_out.0"))  # (a linear layer with a bias)
+    layer, key = layers[name], f"lora_unet_{name.replace('.', '_')}"
+    diff, diff_b = torch.randn_like(layer.weight), torch.randn_like(layer.bias)
+    pipe.load_lora({f"{key}.diff": diff, f"{key}.diff_b": diff_b}, scale=0.5)
+    assert rel_err(layer.weight, before[name + ".weight"] + 0.5 * diff) <= 1e-6
+    assert rel_err(layer.bias, before[name + ".bias"] + 0.5 * diff_b) <= 1e-6
+    pipe.unload_lora()
+    assert all(torch.equal(v, before[k]) for k, v in pipe.model.state_dict().items())
+
+    no_bias = next(n for n, m in layers.items() if n.endswith("to_q"))
+    q_key, q = f"lora_unet_{no_bias.replace('.', '_')}", layers[no_bias]
+    assert q.bias is None
+    with pytest.raises(CheckpointError, match="to_q.*diff_b .* for a layer without a bias"):
+        pipe.load_lora({f"{key}.diff": diff, f"{key}.diff_b": diff_b, f"{q_key}.diff": torch.randn_like(q.weight),
+                        f"{q_key}.diff_b": torch.randn(q.weight.shape[0])})
+    with pytest.raises(CheckpointError, match=r"\(IA\)\^3: 3 factors for the output channels"):
+        pipe.load_lora({f"{q_key}.weight": torch.randn(3), f"{q_key}.on_input": torch.tensor(0)})
+    assert all(torch.equal(v, before[k]) for k, v in pipe.model.state_dict().items())
+    for state, match in (({"lora_unet_x.weight": torch.randn(3), "lora_unet_x.on_input": torch.tensor(2)},
+                          "on_input: expected 0 or 1"),
+                         ({"lora_unet_x.diff": torch.randn(3, 3), "lora_unet_x.dora_scale": torch.randn(3, 1)},
+                          "dora_scale beside a full or \\(IA\\)\\^3 layer"),
+                         ({"lora_unet_x.diff_b": torch.randn(3)}, "diff_b without its diff")):
+        with pytest.raises(CheckpointError, match=match):
+            read_lora(state)
+    with pytest.raises(UnsupportedConfigError, match="lora_unet_x"):  # (IA)^3's factors without on_input
+        read_lora({"lora_unet_x.weight": torch.randn(3)})
