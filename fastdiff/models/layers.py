@@ -453,7 +453,9 @@ class Attention(FusedOp):
         return supported(q, k, v)[0]
 
     def tune_key(self) -> tuple:
-        return (self.sdpa_backend, self.upcast)  # (with the upcast torch's candidates run in float32)
+        # (with the upcast torch's candidates run in float32: another problem; without it the key of a cache written
+        # before the upcast moved here)
+        return (self.sdpa_backend, "upcast") if self.upcast else (self.sdpa_backend,)
 
 
 class ModulatedLayerNorm(FusedOp):

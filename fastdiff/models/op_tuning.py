@@ -161,7 +161,9 @@ def choose(module, args: tuple, kwargs: dict) -> str:
         module.__dict__["tune_untuned"] = True  # reported by op_backends
         return module.tune_fallback
     if known is None:
-        with _lock:  # one measurement at a time (and once per problem)
+        # one measurement at a time (and once per problem); the capture lock first, as a graph capture whose warm-up
+        # meets a new problem takes them, so that a measurement and a capture in two threads cannot wait on each other
+        with CAPTURE_LOCK, _lock:
             known = _choices.get(key)
             if known is None:
                 known = _choices[key] = _measure(module, args, kwargs, tensors[0].device)

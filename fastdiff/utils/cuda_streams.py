@@ -18,7 +18,8 @@ _streams: dict = {}  # device index -> torch.cuda.Stream
 _lock = threading.Lock()
 # Held around each warm-up + capture on the side stream: another thread's warm-up kernels queued on that stream
 # while it captures would land in its graph. Re-entrant: per-layer tuning captures its timing graphs from inside a
-# model call that a graph capture is warming up.
+# model call that a graph capture is warming up. Taken before op_tuning's own lock (fastdiff.models.op_tuning.choose),
+# never after it: two threads taking them in opposite orders would wait on each other for ever.
 CAPTURE_LOCK = threading.RLock()
 
 

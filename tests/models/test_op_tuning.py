@@ -254,5 +254,6 @@ def test_tuning_an_upcast_attention_times_each_candidate_as_it_runs(monkeypatch)
         attn.upcast = False  # another problem: measured again, torch's candidate now in half precision
         attn._attend(1, q, k, v)
         assert seen[0] == ("native", torch.float16)
+        assert attn.core.tune_key() == (None,)  # (without the upcast: the key a cache written before it holds)
     finally:
         op_tuning.clear()
