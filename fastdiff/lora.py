@@ -20,13 +20,14 @@ Files (safetensors only; a folder means its ``pytorch_lora_weights.safetensors``
 
 * LyCORIS in kohya's names (or ``lycoris_<module>``, LyCORIS's own wrapper around the network): LoCon (kohya's keys,
   a convolution's Tucker core in ``lora_mid.weight``), LoHa (``hada_*``), LoKr (``lokr_*``), full (``diff`` /
-  ``diff_b``: the bias is updated too) and (IA)^3 (``weight`` / ``on_input``: a factor per channel that scales the
-  weight) (``fastdiff.lora_lycoris``), as LyCORIS's modules compute them.
+  ``diff_b``: the bias is updated too), (IA)^3 (``weight`` / ``on_input``: a factor per channel that scales the
+  weight) and OFT / BOFT (``oft_blocks``: rotations of the weight's output rows) (``fastdiff.lora_lycoris``), as
+  LyCORIS's modules compute them.
 
 DoRA (PEFT's ``use_dora``: ``lora_magnitude_vector`` keys) merges as PEFT's merge does: W + scale * update, each
 output row rescaled to its magnitude over the norm of (the weight before any merge + the update); LyCORIS's DoRA
 (``dora_scale``, kohya's names) as LyCORIS computes it (``fastdiff.lora_lycoris.dora_merged``). Not read: LyCORIS's
-other algorithms (OFT, BOFT, GLoRA), LyCORIS layers of FLUX.1 in BFL's layout, and ``.bin`` pickles.
+GLoRA, LyCORIS layers of FLUX.1 in BFL's layout, and ``.bin`` pickles.
 """
 
 from __future__ import annotations
@@ -250,7 +251,7 @@ def _read_kohya(state: dict) -> dict:
 
 KOHYA_KINDS = ("kohya keys lora_unet_* / lora_te*_* / lycoris_* with lora_down.weight, lora_up.weight "
                "(lora_mid.weight), alpha (and dora_scale), or LyCORIS's LoHa (hada_*) / LoKr (lokr_*) / full "
-               "(diff, diff_b) / (IA)^3 (weight, on_input)")
+               "(diff, diff_b) / (IA)^3 (weight, on_input) / OFT, BOFT (oft_blocks, rescale)")
 LORA_SUFFIXES = ("lora_down.weight", "lora_up.weight", "lora_mid.weight")
 
 
@@ -361,8 +362,8 @@ def merge(pairs: list, scale: float, saved: Optional[dict] = None) -> None:
 
             w.copy_(dora_merged(w.float(), layer.delta(w.shape).to(w.device), layer.dora_scale, scale).to(w.dtype))
             continue
-        # ((IA)^3's update scales the weight: it reads the weight as it stands, earlier merges included)
-        delta = (layer.delta_of(w) if hasattr(layer, "delta_of") else layer.delta(w.shape)) * scale
+        # ((IA)^3's and OFT's updates scale / turn the weight: they read it as it stands, earlier merges included)
+        delta = layer.update_of(w, scale) if hasattr(layer, "update_of") else layer.delta(w.shape) * scale
         if layer.magnitude is None:
             w.add_(delta.to(w.device, w.dtype))
             continue

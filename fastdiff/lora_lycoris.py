@@ -1,6 +1,6 @@
-"""LyCORIS LoHa and LoKr layers in kohya-style files (``lora_unet_<module>.hada_w1_a`` ..., ``.lokr_w1`` ...):
-the update each adds to its layer's weight, as LyCORIS's modules compute it in training and ComfyUI / AUTOMATIC1111
-merge it (diffusers does not read these files).
+"""LyCORIS LoHa, LoKr, full, (IA)^3 and OFT / BOFT layers in kohya-style files (``lora_unet_<module>.hada_w1_a``,
+``.lokr_w1``, ``.diff``, ``.on_input``, ``.oft_blocks`` ...): the update each makes to its layer's weight, as
+LyCORIS's modules compute it in training and ComfyUI / AUTOMATIC1111 merge it (diffusers does not read these files).
 
 * LoHa: ``scale * (w1_a @ w1_b) * (w2_a @ w2_b)`` (a Hadamard product of two low-rank matrices). A convolution's
   factors may come through Tucker cores (``hada_t1`` / ``hada_t2``: (rank, rank, k, k), with w*_a (rank, out) and
@@ -19,8 +19,12 @@ LyCORIS's forward; another scale moves the weight that part of the way from the 
 (LyCORIS's own multiplier rescales the factor instead, and keeps the whole update at 0). (ComfyUI's per-row case
 divides by the original weight's norms, not by those of the weight plus the update that LyCORIS trained with.)
 
-Both have the interface of ``fastdiff.lora.LoraLayer`` that merging uses: ``check(shape)``, ``delta(shape)``,
-``magnitude`` (PEFT's DoRA: None here) and ``dora_scale``.
+* Full: ``scale * diff`` (and ``scale * diff_b`` on the bias). (IA)^3: the weight times ``1 + scale * factor`` per
+  output or input channel. OFT / BOFT: the output rows turned by block rotations (``OFTLayer``). Neither has a DoRA.
+
+Each has the interface of ``fastdiff.lora.LoraLayer`` that merging uses: ``check(shape)``, ``delta(shape)``,
+``magnitude`` (PEFT's DoRA: None here) and ``dora_scale``; (IA)^3 and OFT, whose update reads the weight, give
+``update_of(weight, scale)`` instead of ``delta``, and full layers ``check_bias`` / ``bias_delta`` as well.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ LOHA_KEYS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "had
 LOKR_KEYS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 FULL_KEYS = ("diff", "diff_b")
 IA3_KEYS = ("weight", "on_input")
+OFT_KEYS = ("oft_blocks", "rescale")
 
 
 def _tucker(core: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -252,18 +257,93 @@ class IA3Layer:
             raise CheckpointError(f"LyCORIS: (IA)^3: {self.factors.numel()} factors for the "
                                   f"{'input' if self.on_input else 'output'} channels of a weight of {tuple(shape)}")
 
-    def delta_of(self, weight: torch.Tensor) -> torch.Tensor:
-        """The float32 update of ``weight`` (it scales the weight: unlike the other kinds it reads it)."""
+    def update_of(self, weight: torch.Tensor, scale: float) -> torch.Tensor:
+        """The float32 update of ``weight`` at LoRA ``scale`` (it scales the weight: unlike the additive kinds it
+        reads it)."""
         self.check(weight.shape)
         axis = 1 if self.on_input else 0
         view = [1] * weight.dim()
         view[axis] = -1
-        return weight.float() * self.factors.to(weight.device, torch.float32).reshape(view)
+        return weight.float() * self.factors.to(weight.device, torch.float32).reshape(view) * scale
+
+
+@dataclass
+class OFTLayer:
+    """LyCORIS's OFT of one layer (``oft_blocks``; ``alpha``: the constraint; ``rescale``: optional per-row factors):
+    the weight's output rows turned by orthogonal blocks, as LyCORIS's forward computes it.
+
+    Each block's rotation is the Cayley transform R = (I + Q)(I - Q)^-1 of Q = B - B^T, with Q scaled down to a norm
+    of alpha * out where it is larger (alpha 0 or none: no constraint). Diagonal OFT (blocks (n, b, b), n * b = out):
+    each group of b rows becomes (scale * (R - I) + I)^T of them. Butterfly OFT (``BOFT``, blocks (m, n, b, b)): m
+    stages, stage i pairing rows 2^i * b / 2 apart into blocks of b and turning each by scale * (R - I) + I. Then
+    each row times ``rescale``."""
+    blocks: torch.Tensor  # (n, b, b), or (m, n, b, b) for BOFT
+    alpha: Optional[float] = None
+    rescale: Optional[torch.Tensor] = None  # (out, 1, ...)
+    dora_scale = None
+    magnitude = None
+    KEYS: ClassVar[tuple] = OFT_KEYS
+
+    def check(self, shape: torch.Size) -> None:
+        blocks = self.blocks
+        if blocks.dim() not in (3, 4) or blocks.shape[-1] != blocks.shape[-2]:
+            raise CheckpointError(f"LyCORIS: OFT: expected oft_blocks (n, b, b) or BOFT's (m, n, b, b), found "
+                                  f"{tuple(blocks.shape)}")
+        n, b = int(blocks.shape[-3]), int(blocks.shape[-1])
+        # (BOFT's last stage pairs rows 2^(m-1) * b / 2 apart: the rows must hold whole pairs of such spans)
+        unpaired = blocks.dim() == 4 and (b % 2 or n * b % (2 ** (int(blocks.shape[0]) - 1) * b))
+        if len(shape) < 2 or n * b != int(shape[0]) or unpaired:
+            raise CheckpointError(f"LyCORIS: OFT: blocks {tuple(blocks.shape)} for a weight of {tuple(shape)} (expected "
+                                  f"n * b = {int(shape[0]) if len(shape) else '?'} output rows)")
+        if self.rescale is not None and self.rescale.numel() != int(shape[0]):
+            raise CheckpointError(f"LyCORIS: OFT: rescale {tuple(self.rescale.shape)} for {int(shape[0])} output rows")
+
+    def _rotations(self, device) -> torch.Tensor:
+        """The blocks' Cayley rotations, float32."""
+        q = self.blocks.to(device, torch.float32)
+        q = q - q.transpose(-1, -2)
+        limit = (self.alpha or 0.0) * self.rows
+        norm = torch.linalg.norm(q) + 1e-8
+        if limit > 0 and norm > limit:
+            q = q * (limit / norm)
+        eye = torch.eye(q.shape[-1], device=device)
+        return (eye + q) @ torch.linalg.inv(eye - q)
+
+    @property
+    def rows(self) -> int:
+        return int(self.blocks.shape[-3] * self.blocks.shape[-1])
+
+    def update_of(self, weight: torch.Tensor, scale: float) -> torch.Tensor:
+        """The float32 update of ``weight`` at LoRA ``scale`` (the rotations read the weight itself)."""
+        self.check(weight.shape)
+        w = weight.float()
+        r = self._rotations(w.device)
+        eye = torch.eye(r.shape[-1], device=w.device)
+        turn = scale * (r - eye) + eye  # (the scale moves each rotation toward the identity, as LyCORIS does)
+        rest = w.shape[1:]
+        if r.dim() == 3:  # diagonal: block k's rows -> turn_k^T @ them
+            out = torch.einsum("k n m, k n ... -> k m ...", turn, w.reshape(r.shape[0], r.shape[1], *rest))
+        else:
+            out = w
+            b = r.shape[-1]
+            for i in range(r.shape[0]):  # stage i: rows 2^i * b / 2 apart, in blocks of b
+                span = 2 ** i * (b // 2)
+                out = out.unflatten(0, (-1, 2, span)).transpose(1, 2).flatten(0, 2).unflatten(0, (-1, b))
+                out = torch.einsum("k i j, k j ... -> k i ...", turn[i], out)
+                out = out.flatten(0, 1).unflatten(0, (-1, span, 2)).transpose(1, 2).flatten(0, 2)
+        out = out.reshape(w.shape)
+        if self.rescale is not None:
+            out = out * self.rescale.to(w.device, torch.float32).reshape(-1, *[1] * (w.dim() - 1))
+        return out - w
 
 
 def lycoris_layer(name: str, keys: dict, alpha: Optional[float], dora_scale: Optional[torch.Tensor] = None):
-    """The LoHa, LoKr, full or (IA)^3 layer of kohya module ``name`` from its tensors ``keys`` ({suffix: tensor}),
-    or None when it has no kind's keys. (Full and (IA)^3 layers have no alpha: LyCORIS writes none.)"""
+    """The LoHa, LoKr, full, (IA)^3 or OFT / BOFT layer of kohya module ``name`` from its tensors ``keys`` ({suffix:
+    tensor}), or None when it has no kind's keys. (Full and (IA)^3 layers have no alpha: LyCORIS writes none.)"""
+    if "oft_blocks" in keys:
+        if dora_scale is not None:
+            raise CheckpointError(f"LyCORIS: {name}: dora_scale beside an OFT layer (LyCORIS trains none)")
+        return OFTLayer(keys["oft_blocks"], alpha, keys.get("rescale"))
     if "diff" in keys or "diff_b" in keys or ("weight" in keys and "on_input" in keys):
         if dora_scale is not None:
             raise CheckpointError(f"LyCORIS: {name}: dora_scale beside a full or (IA)^3 layer (LyCORIS trains none)")
@@ -291,5 +371,5 @@ def lycoris_layer(name: str, keys: dict, alpha: Optional[float], dora_scale: Opt
     return None
 
 
-__all__ = ["LoHaLayer", "LoKrLayer", "FullLayer", "IA3Layer", "lycoris_layer", "dora_axis", "dora_merged",
-           "LOHA_KEYS", "LOKR_KEYS", "FULL_KEYS", "IA3_KEYS"]
+__all__ = ["LoHaLayer", "LoKrLayer", "FullLayer", "IA3Layer", "OFTLayer", "lycoris_layer", "dora_axis",
+           "dora_merged", "LOHA_KEYS", "LOKR_KEYS", "FULL_KEYS", "IA3_KEYS", "OFT_KEYS"]

@@ -24,13 +24,18 @@ def _module(algo: str, name: str, layer: nn.Module, rank: int, alpha: float, mul
             seed: int = 0, **options):
     """LyCORIS's ``algo`` module around ``layer`` (applied: ``layer`` now runs it), every parameter random (LyCORIS
     starts one factor at zero, which would test nothing)."""
+    from lycoris.modules.boft import ButterflyOFTModule
+    from lycoris.modules.diag_oft import DiagOFTModule
     from lycoris.modules.full import FullModule
     from lycoris.modules.ia3 import IA3Module
     from lycoris.modules.locon import LoConModule
     from lycoris.modules.loha import LohaModule
     from lycoris.modules.lokr import LokrModule
 
-    cls = {"locon": LoConModule, "loha": LohaModule, "lokr": LokrModule, "full": FullModule, "ia3": IA3Module}[algo]
+    cls = {"locon": LoConModule, "loha": LohaModule, "lokr": LokrModule, "full": FullModule, "ia3": IA3Module,
+           "oft": DiagOFTModule, "boft": ButterflyOFTModule}[algo]
+    options = dict(options)
+    rank = options.pop("lora_dim", rank)  # (a case's own: OFT's blocks wider than 2)
     module = cls(name, layer, multiplier=multiplier, lora_dim=rank, alpha=alpha, **options)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -55,6 +60,7 @@ LAYERS = {  # (layer, input)
     "conv_wide": (lambda: nn.Conv2d(32, 48, 3, padding=1), (2, 32, 5, 5)),
     "linear_odd": (lambda: nn.Linear(15, 21), (3, 15)),
     "conv_odd": (lambda: nn.Conv2d(9, 15, (1, 3), padding=(0, 1)), (2, 9, 4, 5)),
+    "conv_32": (lambda: nn.Conv2d(6, 32, 3, padding=1), (2, 6, 4, 4)),  # (BOFT's butterfly: 2^k rows)
 }
 CASES = [  # (algo, layer, LyCORIS options)
     ("locon", "linear", {}), ("locon", "conv3x3", {}), ("locon", "conv3x3", dict(use_tucker=True)),
@@ -72,6 +78,11 @@ CASES = [  # (algo, layer, LyCORIS options)
     ("full", "linear", {}), ("full", "conv3x3", {}), ("full", "conv_odd", {}),
     ("ia3", "linear", {}), ("ia3", "linear_odd", dict(train_on_input=True)), ("ia3", "conv3x3", {}),
     ("ia3", "conv_odd", dict(train_on_input=True)),
+    # (OFT: blocks of the output rows, constrained or not, rescaled or not; BOFT: butterfly stages of them)
+    ("oft", "linear", {}), ("oft", "conv3x3", dict(rescaled=True)), ("oft", "linear_wide", dict(constraint=1e-3)),
+    ("oft", "conv1x1", {}), ("boft", "linear_wide", {}), ("boft", "conv_32", dict(rescaled=True)),
+    ("boft", "linear_wide", dict(constraint=1e-3)), ("oft", "linear_wide", dict(lora_dim=8)),
+    ("boft", "linear_wide", dict(lora_dim=8)), ("boft", "conv_32", dict(lora_dim=4)),
 ]
 
 
@@ -143,6 +154,8 @@ def test_the_cases_cover_every_layout_lycoris_writes():
     assert "lokr_t2" in keys[("lokr", "conv_wide", str(dict(factor=8, use_tucker=True, decompose_both=True)))]
     assert keys[("full", "conv3x3", "{}")] == {"diff", "diff_b"}
     assert keys[("ia3", "linear", "{}")] == {"weight", "on_input"}
+    assert keys[("oft", "conv3x3", str(dict(rescaled=True)))] == {"oft_blocks", "rescale", "alpha"}
+    assert keys[("boft", "linear_wide", str(dict(lora_dim=8)))] == {"oft_blocks", "alpha"}
 
 
 UNET_LAYERS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.2", "conv1", "conv2", "time_emb_proj"]
@@ -163,7 +176,7 @@ def pipeline_folder(tmp_path_factory):
 
 @pytest.mark.parametrize("algo,conv_options", [("loha", dict(use_tucker=True)), ("lokr", dict(factor=4)),
                                                ("locon", dict(use_tucker=True)), ("full", {}),
-                                               ("ia3", dict(train_on_input=True))])
+                                               ("ia3", dict(train_on_input=True)), ("oft", dict(rescaled=True))])
 def test_a_lycoris_file_equals_diffusers_running_lycoris_modules(pipeline_folder, algo, conv_options):
     """Every UNet and text-encoder layer a file names (kohya's module names) takes its update: the latents equal a
     diffusers pipeline whose layers LyCORIS's modules wrap, at a LoRA scale of 0.7."""
@@ -200,8 +213,11 @@ def test_what_is_refused_by_name():
           "lora_x.lokr_w1": torch.randn(2, 2)}, UnsupportedConfigError, "'lora_x'"),  # (the prefix first)
         ({"lora_unet_x.lokr_w1": torch.randn(2, 2), "lora_unet_x.lokr_t1": torch.randn(2, 2, 3, 3),
           "lora_unet_x.lokr_w2": torch.randn(2, 2)}, UnsupportedConfigError, "lokr_t1"),
-        ({"lora_unet_x.oft_blocks": torch.randn(2, 4, 4), "lora_unet_x.alpha": torch.tensor(1.0)},
+        ({"lora_unet_x.a1.weight": torch.randn(2, 4), "lora_unet_x.a2.weight": torch.randn(4, 2),  # (GLoRA)
+          "lora_unet_x.b1.weight": torch.randn(2, 4), "lora_unet_x.b2.weight": torch.randn(4, 2)},
          UnsupportedConfigError, "lora_unet_x"),
+        ({"lora_unet_x.oft_blocks": torch.randn(2, 4, 4), "lora_unet_x.dora_scale": torch.randn(8, 1)},
+         CheckpointError, "dora_scale beside an OFT layer"),
         ({"lora_unet_x.lora_down.weight": torch.randn(2, 4), "lora_unet_x.lora_up.weight": w,
           "lora_unet_x.hada_w1_a": w}, UnsupportedConfigError, "hada_w1_a"),
         ({"lora_unet_double_blocks_0_img_attn_qkv.hada_w1_a": w, "lora_unet_double_blocks_0_img_attn_qkv.hada_w1_b":
@@ -253,8 +269,8 @@ def test_shapes_that_do_not_fit_are_refused_before_anything_merges():
 
 def test_a_full_update_of_the_bias_is_undone_by_unload_and_refused_without_a_bias():
     """LyCORIS's full layers update the bias too (``diff_b``): ``unload_lora`` puts weight and bias back; a
-    ``diff_b`` for a layer without a bias, (IA)^3 factors of the wrong count, a bad ``on_input`` or a ``dora_scale``
-    beside either kind are refused, before anything merges."""
+    ``diff_b`` for a layer without a bias, (IA)^3 factors of the wrong count, OFT blocks that do not tile the rows,
+    a bad ``on_input`` or a ``dora_scale`` beside either kind are refused, before anything merges."""
     pipe = fastdiff.load("arch:tiny-sd-unet")
     before = {k: v.clone() for k, v in pipe.model.state_dict().items()}
     layers = dict(pipe.model.named_modules())
@@ -275,6 +291,12 @@ def test_a_full_update_of_the_bias_is_undone_by_unload_and_refused_without_a_bia
                         f"{q_key}.diff_b": torch.randn(q.weight.shape[0])})
     with pytest.raises(CheckpointError, match=r"\(IA\)\^3: 3 factors for the output channels"):
         pipe.load_lora({f"{q_key}.weight": torch.randn(3), f"{q_key}.on_input": torch.tensor(0)})
+    rows = q.weight.shape[0]
+    for blocks, match in ((torch.randn(rows // 2 + 1, 2, 2), "OFT: blocks .*expected n \\* b"),
+                          (torch.randn(5, rows // 4, 4, 4), "OFT: blocks"),  # (5 stages: the last pairs rows 32 apart)
+                          (torch.randn(rows, 2, 3), "expected oft_blocks")):
+        with pytest.raises(CheckpointError, match=match):
+            pipe.load_lora({f"{q_key}.oft_blocks": blocks})
     assert all(torch.equal(v, before[k]) for k, v in pipe.model.state_dict().items())
     for state, match in (({"lora_unet_x.weight": torch.randn(3), "lora_unet_x.on_input": torch.tensor(2)},
                           "on_input: expected 0 or 1"),
