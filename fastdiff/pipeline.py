@@ -292,7 +292,7 @@ class Pipeline(PlansMixin, ControlNetMixin, ImageInputsMixin, IPAdapterMixin, Cl
                  denoising_end: Optional[float] = None, denoising_start: Optional[float] = None,
                  padding_mask_crop: Optional[int] = None, control_mode=None, control_mask=None,
                  ip_adapter_image=None, ip_adapter_image_embeds=None, ip_adapter_masks=None,
-                 classifier_scale: Optional[float] = None,
+                 ip_adapter_clip_embeds=None, classifier_scale: Optional[float] = None,
                  noise_level: Optional[int] = None, **sampler_options):
         """Sample ``n`` images (latents for latent models).
 
@@ -380,7 +380,12 @@ class Pipeline(PlansMixin, ControlNetMixin, ImageInputsMixin, IPAdapterMixin, Cl
             sample; Plus: the penultimate hidden states (S, E), (N, S, E) or (B, N, S, E)), the unconditional pass as
             for an image, or diffusers' form, a list of one tensor, under guidance [negative, positive] stacked on the
             batch. With several adapters loaded: a list with one entry per adapter (an image or a list of images;
-            diffusers' list form of the features).
+            diffusers' list form of the features). IP-Adapter Face ID Plus takes both: the face embedding as
+            ``ip_adapter_image_embeds`` and the face crop as ``ip_adapter_image`` (encoded to its hidden states), or
+            its hidden states as ``ip_adapter_clip_embeds`` (``fastdiff.ip_faceid_plus_inputs``).
+        ip_adapter_clip_embeds: IP-Adapter Face ID Plus's precomputed CLIP penultimate hidden states of the face crop
+            ((S, E), (N, S, E) or (B, N, S, E); diffusers' ``clip_embeds``, negatives first, beside embeddings in
+            diffusers' list form under guidance), in place of ``ip_adapter_image``.
         ip_adapter_masks: where each image prompt acts (diffusers' ``cross_attention_kwargs["ip_adapter_masks"]``):
             per adapter None or its (1, N, H, W) masks (one per image; ``fastdiff.ip_adapter_mask`` makes them from
             mask images, as diffusers' ``IPAdapterMaskProcessor``) or the mask images themselves; a tensor for one
@@ -514,7 +519,8 @@ class Pipeline(PlansMixin, ControlNetMixin, ImageInputsMixin, IPAdapterMixin, Cl
         uncond.update(added_uncond)
         if low_res_input is not None:  # (b, C, h, w), shared by both CFG passes
             cond["image_latents"] = low_res_input
-        image_embeds = self._ip_adapter_embeds(ip_adapter_image, ip_adapter_image_embeds, b, guided)
+        image_embeds = self._ip_adapter_embeds(ip_adapter_image, ip_adapter_image_embeds, b, guided,
+                                               ip_adapter_clip_embeds)
         if image_embeds is not None:  # an IP-Adapter's image prompt (the unconditional pass's: zeros, or given)
             cond["image_embeds"] = image_embeds[0]
             if guided:

@@ -5,7 +5,9 @@ The adapter's weights go into the UNet (``fastdiff.models.ip_adapter``); the ima
 with projection (transformers' ``CLIPVisionModelWithProjection``, from the adapter folder's ``image_encoder/``, as
 diffusers loads it) after transformers' ``CLIPImageProcessor`` (diffusers' default ``feature_extractor``: the
 encoder's image size). The unconditional pass of classifier-free guidance gets zero embeddings (diffusers'
-``encode_image``; a black image's hidden states for IP-Adapter Plus and Full Face, which read hidden states).
+``encode_image``; a black image's hidden states for IP-Adapter Plus and Full Face, which read hidden states). Face ID
+reads a face embedding alone; Face ID Plus a face embedding and the face crop's hidden states
+(``fastdiff.ip_faceid_plus_inputs``).
 
 Several adapters load together (lists, as diffusers' ``load_ip_adapter``): every cross-attention adds each adapter's
 scaled image attention; they share the first adapter's image encoder, and ``ip_adapter_image`` is then a list with
@@ -32,7 +34,9 @@ class IPAdapterMixin:
     _face_id_loras = frozenset()  # keys of the Face ID LoRAs merged into the network (each merged once)
 
     def load_ip_adapter(self, path, subfolder="", weight_name=None,
-                        image_encoder_folder: Optional[str] = "image_encoder", *, scale=1.0) -> "IPAdapterMixin":
+                        image_encoder_folder: Optional[str] = "image_encoder", *, scale=1.0,
+                        faceid_shortcut: Optional[bool] = None, faceid_shortcut_scale: float = 1.0
+                        ) -> "IPAdapterMixin":
         """Load IP-Adapters, as diffusers' ``load_ip_adapter(path, subfolder, weight_name, image_encoder_folder)``:
         ``path`` a folder (with ``subfolder`` / ``weight_name``: a .safetensors or .bin file), a file, or a loaded
         state dict; several adapters as lists (a list of one, or one value, repeated: ``load_ip_adapter(FOLDER,
@@ -43,8 +47,16 @@ class IPAdapterMixin:
         registered one, a state dict or ``image_encoder_folder=None`` too).
         Replaces the adapters loaded before. The base IP-Adapter (ip-adapter_sd15, ip-adapter_sdxl, ...),
         IP-Adapter Plus (ip-adapter-plus_*: a resampler over the encoder's hidden states) and IP-Adapter Full Face
-        (ip-adapter-full-face_sd15: an MLP over every hidden state) are read. ``scale``: as
-        ``set_ip_adapter_scale``."""
+        (ip-adapter-full-face_sd15: an MLP over every hidden state), IP-Adapter Face ID (ip-adapter-faceid_*: a face
+        embedding's MLP and a LoRA, merged) and Face ID Plus / Plus v2 (ip-adapter-faceid-plus_sd15,
+        ip-adapter-faceid-plusv2_sd15 / _sdxl: a perceiver over the face crop's hidden states with the face
+        embedding's tokens as queries, and the same LoRA; ``generate`` then takes both:
+        ``fastdiff.ip_faceid_plus_inputs``) are read. ``scale``: as ``set_ip_adapter_scale``.
+        faceid_shortcut / faceid_shortcut_scale: Face ID Plus v2's shortcut (out = ID tokens + scale * perceiver
+        output; diffusers' ``image_projection_layers[i].shortcut`` / ``.shortcut_scale``, the original's ``shortcut=``
+        / ``s_scale=``). Plus and Plus v2 files hold the same keys: None turns it on for a file whose name holds
+        "plusv2" (h94's names) and leaves it off otherwise (a state dict: off, diffusers' default); True / False for
+        every Face ID Plus adapter loaded."""
         from . import ip_adapter_files as files
         from .models import ip_adapter, ip_adapter_scales
         from .models.unet import UNet
@@ -66,6 +78,7 @@ class IPAdapterMixin:
         states = [ip_adapter.split_state_dict(files.read_adapter_weights(*source)) for source in sources]
         # (the kinds and the widths, before an encoder is read)
         projections = [ip_adapter.check(self.model, state) for state in states]
+        _set_shortcuts(projections, sources, faceid_shortcut, faceid_shortcut_scale)
         face_id_loras = self._face_id_loras_to_merge(states)
         first = sources[0]
         # the loaded encoder stays where it serves these adapters (diffusers keeps its registered one); else the
@@ -140,13 +153,21 @@ class IPAdapterMixin:
             self._ip_image_scales = ()
             self._rebuild_runner()
 
-    def _ip_adapter_embeds(self, image, embeds, b: int, guided: bool) -> Optional[tuple]:
-        """generate(ip_adapter_image= / ip_adapter_image_embeds=) as (b, N, ...) CLIP image features and those of the
-        unconditional pass (as diffusers' encode_image: zeros, Plus a black image's states; diffusers' list form
-        brings its own), or None; with several adapters, tuples of those, one per adapter."""
+    def _ip_adapter_embeds(self, image, embeds, b: int, guided: bool, clip_embeds=None) -> Optional[tuple]:
+        """generate(ip_adapter_image= / ip_adapter_image_embeds= / ip_adapter_clip_embeds=) as (b, N, ...) CLIP image
+        features and those of the unconditional pass (as diffusers' encode_image: zeros, Plus a black image's states;
+        diffusers' list form brings its own), or None; with several adapters, tuples of those, one per adapter. With
+        a Face ID Plus adapter loaded: ``fastdiff.ip_faceid_plus_inputs``."""
         from .models import ip_adapter
 
         count = ip_adapter.adapter_count(self.model) if self.model is not None else 0
+        if count and any(ip_adapter.is_face_id_plus(p) for p in self.model.ip_projection):
+            from .ip_faceid_plus_inputs import features
+
+            return features(self, image, embeds, clip_embeds, b, guided)
+        if clip_embeds is not None:
+            raise BadArgumentError("ip_adapter_clip_embeds: the CLIP hidden states of IP-Adapter Face ID Plus's face "
+                                   "crop, and no Face ID Plus adapter is loaded")
         if image is None and embeds is None:
             if count:
                 raise BadArgumentError("ip_adapter_image: an IP-Adapter is loaded: expected an image (or "
@@ -159,22 +180,24 @@ class IPAdapterMixin:
         if image is not None:  # (1, N, ...): every sample's
             pairs = [tuple(e[None] for e in self._encode_ip_image(one, i))
                      for i, one in enumerate(_per_adapter(image, count))]
-        elif not isinstance(embeds, (list, tuple)):
+        else:
+            pairs = self._given_embeds(embeds, count, guided)
+        return _per_adapter_result([self._with_negative(i, positive, negative, b, guided)
+                                    for i, (positive, negative) in enumerate(pairs)])
+
+    def _given_embeds(self, embeds, count: int, guided: bool) -> list:
+        """[(positive, negative or None)] per adapter of ip_adapter_image_embeds: one tensor (one adapter), or
+        diffusers' form, one tensor per adapter, [negative; positive] under guidance."""
+        if not isinstance(embeds, (list, tuple)):
             if count > 1:
                 raise BadArgumentError(f"ip_adapter_image_embeds: {count} IP-Adapters are loaded: expected a list of "
                                        f"{count} tensors (diffusers' form), found one tensor")
-            pairs = [(self._embeds_tensor(embeds, 0), None)]
-        else:  # diffusers' form: one tensor per adapter, [negative; positive] under guidance
-            if len(embeds) != count:
-                loaded = "one IP-Adapter is" if count == 1 else f"{count} IP-Adapters are"
-                raise BadArgumentError(f"ip_adapter_image_embeds: {loaded} loaded: expected a list of {count} "
-                                       f"tensor{'s' if count > 1 else ''} (diffusers' form), found {len(embeds)}")
-            pairs = [self._listed_embeds(e, i, guided) for i, e in enumerate(embeds)]
-        both = [self._with_negative(i, positive, negative, b, guided)
-                for i, (positive, negative) in enumerate(pairs)]
-        if count == 1:
-            return both[0]
-        return tuple(p for p, _ in both), tuple(n for _, n in both)
+            return [(self._embeds_tensor(embeds, 0), None)]
+        if len(embeds) != count:
+            loaded = "one IP-Adapter is" if count == 1 else f"{count} IP-Adapters are"
+            raise BadArgumentError(f"ip_adapter_image_embeds: {loaded} loaded: expected a list of {count} "
+                                   f"tensor{'s' if count > 1 else ''} (diffusers' form), found {len(embeds)}")
+        return [self._listed_embeds(e, i, guided) for i, e in enumerate(embeds)]
 
     def _ip_adapter_masks(self, masks, embeds, b: int, latent_size: tuple) -> Optional[tuple]:
         """generate(ip_adapter_masks=) for the image prompt's features ``embeds`` (a tensor, or one per adapter):
@@ -245,9 +268,9 @@ class IPAdapterMixin:
         """(S, E) penultimate hidden states of a black image: IP-Adapter Plus's unconditional input (diffusers'
         encode_image encodes zeros like the image)."""
         if self.image_encoder is None:
-            raise BadArgumentError("ip_adapter_image_embeds: IP-Adapter Plus's unconditional pass reads a black "
-                                   "image's encoding, and no image encoder is loaded; pass diffusers' form "
-                                   "[negative; positive] (a list of one tensor) or ip_adapter_image=")
+            raise BadArgumentError("ip_adapter_image_embeds: IP-Adapter Plus's (and Face ID Plus's) unconditional "
+                                   "pass reads a black image's encoding, and no image encoder is loaded; pass "
+                                   "diffusers' form [negative; positive] (a list of one tensor) or ip_adapter_image=")
         param = next(self.image_encoder.parameters())
         size = self.image_encoder.config.image_size
         # one encoder pass per encoder, dtype and device, not one per generate call (the key changes when optimize()
@@ -264,8 +287,8 @@ class IPAdapterMixin:
     @torch.no_grad()
     def _encode_ip_image(self, image, adapter: int = 0) -> tuple:
         """(N, D) image embeddings of one image or a list of them (diffusers: their tokens are concatenated), and
-        the unconditional pass's: zeros; for an IP-Adapter Plus, (N, S, E) penultimate hidden states and those of a
-        black image (diffusers' encode_image with output_hidden_states)."""
+        the unconditional pass's: zeros; for an IP-Adapter Plus, Full Face or Face ID Plus (its face crops), (N, S, E)
+        penultimate hidden states and those of a black image (diffusers' encode_image with output_hidden_states)."""
         from .models.ip_adapter import is_face_id
 
         if is_face_id(self.model.ip_projection[adapter]):
@@ -287,17 +310,41 @@ class IPAdapterMixin:
             raise BadArgumentError("ip_adapter_image: expected images or pixel tensors, found a list of both")
         else:
             pixels = self._image_processor(images, return_tensors="pt").pixel_values
-        from .models.ip_adapter import image_rank
+        from .models.ip_adapter import reads_hidden_states
 
         encoder = self.image_encoder
         param = next(encoder.parameters())
         pixels = pixels.to(param.device, param.dtype)
-        if image_rank(self.model, adapter) == 2:  # Plus / Full Face: hidden states
+        if reads_hidden_states(self.model.ip_projection[adapter]):  # Plus / Full Face / Face ID Plus: hidden states
             def states(p):
                 return encoder(p, output_hidden_states=True).hidden_states[-2].float()  # (N, S, E)
             return states(pixels), states(torch.zeros_like(pixels))
         embeds = encoder(pixels).image_embeds.float()  # (N, D)
         return embeds, torch.zeros_like(embeds)
+
+
+def _set_shortcuts(projections: list, sources: list, shortcut: Optional[bool], scale: float) -> None:
+    """Every Face ID Plus projection's shortcut (``load_ip_adapter``'s faceid_shortcut rule)."""
+    import os
+
+    from .models.ip_adapter import is_face_id_plus
+    from .utils.checks import finite_number
+
+    plus = [(p, source) for p, source in zip(projections, sources) if is_face_id_plus(p)]
+    if not plus and (shortcut is not None or scale != 1.0):
+        raise BadArgumentError("load_ip_adapter(): faceid_shortcut / faceid_shortcut_scale: given, and none of these "
+                               "adapters is IP-Adapter Face ID Plus")
+    scale = finite_number("faceid_shortcut_scale", scale)
+    for projection, (path, _, weight_name) in plus:
+        name = weight_name or (os.path.basename(os.fspath(path)) if isinstance(path, (str, os.PathLike)) else "")
+        projection.set_shortcut("plusv2" in str(name).lower() if shortcut is None else bool(shortcut), scale)
+
+
+def _per_adapter_result(both: list) -> tuple:
+    """(positive, negative) per adapter -> one adapter's pair, or (positives, negatives) tuples of several."""
+    if len(both) == 1:
+        return both[0]
+    return tuple(p for p, _ in both), tuple(n for _, n in both)
 
 
 def _per_adapter(image, count: int) -> list:
@@ -321,14 +368,16 @@ def _which(adapter: int, unet) -> str:
 
 def _encoder_output(encoder, projection) -> Optional[tuple]:
     """(width the encoder makes, width the adapter reads, whether those are hidden states) where they differ, else
-    None: the base adapter reads projected embeddings, Plus / Full Face hidden states; Face ID no encoder output."""
+    None: the base adapter reads projected embeddings, Plus / Full Face / Face ID Plus hidden states; Face ID no
+    encoder output."""
     from .models import ip_adapter
 
     if ip_adapter.is_face_id(projection):
         return None
     plus = ip_adapter.reads_hidden_states(projection)
     made = encoder.config.hidden_size if plus else encoder.config.projection_dim
-    width = ip_adapter.projection_sizes(projection)[0]
+    face_plus = ip_adapter.is_face_id_plus(projection)  # (its hidden states beside the face embedding)
+    width = projection.clip_dim if face_plus else ip_adapter.projection_sizes(projection)[0]
     return None if made == width else (made, width, plus)
 
 

@@ -163,11 +163,11 @@ def test_face_id_refusals(face, tmp_path):
     save_file(state, str(tmp_path / "short.safetensors"))
     with pytest.raises(StateDictMismatchError, match=r"1 missing key.*0\.to_q_lora\.up\.weight"):
         pipe.load_ip_adapter(str(tmp_path / "short.safetensors"))
-    plus = {k: v for k, v in state.items() if not k.startswith("image_proj.")}
-    plus["image_proj.perceiver_resampler.proj_in.weight"] = torch.zeros(4, 4)
-    save_file(plus, str(tmp_path / "plus.safetensors"))
-    with pytest.raises(BadArgumentError, match="IP-Adapter Face ID Plus"):
-        pipe.load_ip_adapter(str(tmp_path / "plus.safetensors"))
+    other = {k: v for k, v in state.items() if not k.startswith("image_proj.")}
+    other["image_proj.mapping.weight"] = torch.zeros(4, 4)  # (Face ID Plus: tests/test_ip_adapter_faceid_plus.py)
+    save_file(other, str(tmp_path / "other.safetensors"))
+    with pytest.raises(BadArgumentError, match="an IP-Adapter of another kind"):
+        pipe.load_ip_adapter(str(tmp_path / "other.safetensors"))
     assert pipe.model.ip_projection is None and not pipe._lora_saved  # (nothing attached or merged)
 
 

@@ -11,9 +11,10 @@ Weights: the original file layout (``{"image_proj": {proj.*, norm.*}, "ip_adapte
 safetensors file with those prefixes). Its cross-attention layers are numbered 1, 3, 5, ... in diffusers'
 ``attn_processors`` order: the down blocks', then the up blocks', then the middle block's. The base adapter (a
 linear image projection, 4 tokens: ip-adapter_sd15, ip-adapter_sdxl, ...), IP-Adapter Plus (a resampler over the
-encoder's hidden states: ``fastdiff.models.ip_resampler``), IP-Adapter Full Face (an MLP over every hidden state)
-and IP-Adapter Face ID (``fastdiff.models.ip_faceid``: a face embedding's MLP, and a LoRA) are read; Face ID Plus is
-refused by name.
+encoder's hidden states: ``fastdiff.models.ip_resampler``), IP-Adapter Full Face (an MLP over every hidden state),
+IP-Adapter Face ID (``fastdiff.models.ip_faceid``: a face embedding's MLP, and a LoRA) and Face ID Plus / Plus v2
+(``fastdiff.models.ip_faceid_plus``: a perceiver over the face crop's hidden states with the face embedding's tokens
+as queries, and the same LoRA) are read.
 
 The scale is a buffer in every layer: ``set_scale`` changes it in place (one number, or InstantStyle's per-block
 dict: ``fastdiff.models.ip_adapter_scales``), so captured graphs and compiled models take a new scale with nothing
@@ -183,21 +184,23 @@ def build_projection(proj: dict) -> nn.Module:
     """The image projection of an adapter's ``image_proj`` weights (the base adapter's, or Plus's resampler); a
     malformed file is one clear line (CheckpointError)."""
     from .ip_faceid import FaceIDProjection, is_faceid
+    from .ip_faceid_plus import FaceIDPlusProjection, is_faceid_plus
     from .ip_resampler import Resampler, is_plus
 
     full = set(proj) == FullImageProjection.FILE_KEYS
-    known = is_plus(proj) or full or is_faceid(proj)
+    known = is_plus(proj) or full or is_faceid(proj) or is_faceid_plus(proj)
     if not known and set(proj) != {"proj.weight", "proj.bias", "norm.weight", "norm.bias"}:
-        kind = ("IP-Adapter Face ID Plus (a perceiver over CLIP hidden states and the face embedding)"
-                if any(k.startswith("perceiver") for k in proj) else "an IP-Adapter of another kind")
-        raise BadArgumentError(f"load_ip_adapter(): {kind} (image_proj keys {sorted(proj)[:4]}); fastdiff reads the "
-                               f"base IP-Adapter (a linear image projection), IP-Adapter Plus (a resampler), "
-                               f"IP-Adapter Full Face (an MLP over the hidden states) and IP-Adapter Face ID")
+        raise BadArgumentError(f"load_ip_adapter(): an IP-Adapter of another kind (image_proj keys "
+                               f"{sorted(proj)[:4]}); fastdiff reads the base IP-Adapter (a linear image projection), "
+                               f"IP-Adapter Plus (a resampler), IP-Adapter Full Face (an MLP over the hidden states), "
+                               f"IP-Adapter Face ID and Face ID Plus (perceiver_resampler.* keys)")
     try:
         if is_plus(proj):
             return Resampler.from_state_dict(proj)
         if is_faceid(proj):
             return FaceIDProjection.from_state_dict(proj)
+        if is_faceid_plus(proj):
+            return FaceIDPlusProjection.from_state_dict(proj)
         if full:
             projection = FullImageProjection(proj["proj.0.weight"].shape[1], proj["proj.3.weight"].shape[0])
             projection.load_state_dict(proj)
@@ -224,7 +227,7 @@ def projection_sizes(projection: nn.Module) -> tuple:
 
     if isinstance(projection, FaceIDProjection):
         return projection.in_features, projection.width
-    return projection.in_features, projection.proj_out.out_features
+    return projection.in_features, projection.proj_out.out_features  # (Plus; Face ID Plus: its face embedding)
 
 
 def check(unet, state: dict) -> nn.Module:
@@ -307,21 +310,31 @@ def adapter_count(unet) -> int:
 
 def image_rank(unet, adapter: int = 0) -> int:
     """The rank of one image's features an adapter's projection reads: 1 (an embedding (D,): the base adapter's CLIP
-    image embedding, Face ID's face embedding), 2 for Plus and Full Face ((S, E) hidden states)."""
-    return 2 if reads_hidden_states(unet.ip_projection[adapter]) else 1
+    image embedding, Face ID's face embedding, Face ID Plus's packed embedding and hidden states), 2 for Plus and Full
+    Face ((S, E) hidden states)."""
+    projection = unet.ip_projection[adapter]
+    return 2 if reads_hidden_states(projection) and not is_face_id_plus(projection) else 1
 
 
 def reads_hidden_states(projection: nn.Module) -> bool:
-    """Whether a projection reads the encoder's hidden states (Plus, Full Face), not an embedding."""
+    """Whether a projection reads the encoder's hidden states (Plus, Full Face, Face ID Plus beside its face
+    embedding), not an embedding."""
     from .ip_faceid import FaceIDProjection
 
     return not isinstance(projection, (ImageProjection, FaceIDProjection))
 
 
 def is_face_id(projection: nn.Module) -> bool:
+    """Plain Face ID (a face embedding alone: no image encoder)."""
     from .ip_faceid import FaceIDProjection
 
     return isinstance(projection, FaceIDProjection)
+
+
+def is_face_id_plus(projection: nn.Module) -> bool:
+    from .ip_faceid_plus import FaceIDPlusProjection
+
+    return isinstance(projection, FaceIDPlusProjection)
 
 
 def image_width(unet, adapter: int = 0) -> int:
@@ -364,13 +377,17 @@ def image_context(unet, states, embeds, masks, dtype: torch.dtype) -> ImageToken
 
 def _adapter_tokens(unet, adapter: int, embeds: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     rank, width = image_rank(unet, adapter), image_width(unet, adapter)
+    projection = unet.ip_projection[adapter]
     if embeds.dim() == rank + 1:
         embeds = embeds[:, None]
-    if embeds.dim() != rank + 2 or embeds.shape[-1] != width or embeds.shape[1] == 0:
+    plus = is_face_id_plus(projection)
+    fits = projection.check_packed(embeds.shape[-1]) if plus else embeds.shape[-1] == width
+    if embeds.dim() != rank + 2 or not fits or embeds.shape[1] == 0:
         shape = "D" if rank == 1 else "S, E"
-        raise BadArgumentError(f"image_embeds: expected (B, N, {shape}) image features with the last {width} wide "
+        last = (f"{width} + S * {projection.clip_dim} wide (Face ID Plus: the face embedding and the flattened hidden "
+                f"states, fastdiff.models.ip_faceid_plus.pack)" if plus else f"{width} wide")
+        raise BadArgumentError(f"image_embeds: expected (B, N, {shape}) image features with the last {last} "
                                f"for IP-Adapter {adapter}, found {tuple(embeds.shape)}")
     b, n = embeds.shape[:2]
-    projection = unet.ip_projection[adapter]
     tokens = projection(embeds.reshape((b * n,) + tuple(embeds.shape[2:])).to(dtype))  # (B * N, T, width)
     return tokens.reshape(b, n * tokens.shape[1], tokens.shape[2])

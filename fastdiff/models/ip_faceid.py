@@ -8,7 +8,7 @@ the CLIP image encoder plays no part), projected to a few tokens by an MLP (``im
 transformer's self-attention, then its cross-attention), which diffusers loads as the PEFT adapter ``faceid_0`` at
 weight 1: here it merges into the weights as ``Pipeline.load_lora(scale=1)`` would (``fastdiff.lora``), and stays
 until ``unload_lora()``, as diffusers keeps its adapter after ``unload_ip_adapter``. Face ID Plus (a perceiver over
-CLIP hidden states beside the face embedding) is refused by name.
+CLIP hidden states beside the face embedding, and this LoRA) is ``fastdiff.models.ip_faceid_plus``.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from torch import nn
 HEAD_DIM = 64  # IP-Adapter Plus's (diffusers reads the head count as to_q's width / 64)
 
 
-class _Block(nn.Module):
+class PerceiverBlock(nn.Module):
     def __init__(self, width: int, heads: int, ff: int):
         super().__init__()
         inner = heads * HEAD_DIM
@@ -53,7 +53,7 @@ class Resampler(nn.Module):
         self.proj_in = nn.Linear(embed_dim, hidden)
         self.proj_out = nn.Linear(hidden, width)
         self.norm_out = nn.LayerNorm(width)
-        self.layers = nn.ModuleList([_Block(hidden, heads, ff) for _ in range(depth)])
+        self.layers = nn.ModuleList([PerceiverBlock(hidden, heads, ff) for _ in range(depth)])
 
     @property
     def in_features(self) -> int:
