@@ -62,6 +62,12 @@ def read_adapter_weights(path, subfolder: str, weight_name: Optional[str]) -> di
         return path
     if not isinstance(path, (str, os.PathLike)):
         raise BadArgumentError(f"load_ip_adapter(): expected a path or a state dict, found {type(path).__name__}")
+    return read_weights(adapter_file(path, subfolder, weight_name))
+
+
+def adapter_file(path, subfolder: str, weight_name: Optional[str]) -> str:
+    """The adapter file a path names: the file itself, or a folder's ``subfolder/weight_name`` (its one weight file
+    without a ``weight_name``)."""
     path = os.fspath(path)
     if os.path.isdir(path):
         folder = os.path.join(path, subfolder)
@@ -75,7 +81,7 @@ def read_adapter_weights(path, subfolder: str, weight_name: Optional[str]) -> di
         path = os.path.join(folder, weight_name)
     if not os.path.isfile(path):
         raise BadArgumentError(f"load_ip_adapter(): expected an IP-Adapter file, found no file at {path!r}")
-    return read_weights(path)
+    return path
 
 
 def image_encoder(path, subfolder: str, folder: str, device, dtype):

@@ -327,6 +327,7 @@ def _set_shortcuts(projections: list, sources: list, shortcut: Optional[bool], s
     """Every Face ID Plus projection's shortcut (``load_ip_adapter``'s faceid_shortcut rule)."""
     import os
 
+    from .ip_adapter_files import adapter_file
     from .models.ip_adapter import is_face_id_plus
     from .utils.checks import finite_number
 
@@ -335,9 +336,11 @@ def _set_shortcuts(projections: list, sources: list, shortcut: Optional[bool], s
         raise BadArgumentError("load_ip_adapter(): faceid_shortcut / faceid_shortcut_scale: given, and none of these "
                                "adapters is IP-Adapter Face ID Plus")
     scale = finite_number("faceid_shortcut_scale", scale)
-    for projection, (path, _, weight_name) in plus:
-        name = weight_name or (os.path.basename(os.fspath(path)) if isinstance(path, (str, os.PathLike)) else "")
-        projection.set_shortcut("plusv2" in str(name).lower() if shortcut is None else bool(shortcut), scale)
+    for projection, (path, subfolder, weight_name) in plus:
+        # (the file's own name: a folder's one weight file too)
+        name = os.path.basename(adapter_file(path, subfolder, weight_name)) if isinstance(path, (str, os.PathLike)) \
+            else ""
+        projection.set_shortcut("plusv2" in name.lower() if shortcut is None else bool(shortcut), scale)
 
 
 def _per_adapter_result(both: list) -> tuple:

@@ -228,3 +228,20 @@ def test_sdxl_face_id_plus_v2_equals_diffusers(tmp_path):
     got = pipe.generate(prompt="a red cat", latents=_latents(), steps=3, cfg_scale=4.0, progress=False,
                         ip_adapter_image_embeds=e, ip_adapter_image=face)
     assert rel_err(got, want) <= 1e-4
+
+
+def test_the_v2_shortcut_follows_the_file_name_a_folder_holds(plus, tmp_path):
+    """A folder with one adapter file and no weight_name: the file's own name decides the shortcut ("plusv2": on)."""
+    import shutil
+
+    ref, pipe, folder = plus
+    for i, (name, want) in enumerate(((NAME, True), ("ip-adapter-faceid-plus_sd15.safetensors", False))):
+        alone = tmp_path / f"adapter{i}"  # (a folder name that says nothing)
+        alone.mkdir()
+        shutil.copy(os.path.join(folder, NAME), alone / name)
+        pipe.load_ip_adapter(str(alone), image_encoder_folder=None)
+        try:
+            assert pipe.model.ip_projection[0].shortcut is want, name
+        finally:
+            pipe.unload_ip_adapter()
+            pipe.unload_lora()
