@@ -362,8 +362,13 @@ def merge(pairs: list, scale: float, saved: Optional[dict] = None) -> None:
 
             w.copy_(dora_merged(w.float(), layer.delta(w.shape).to(w.device), layer.dora_scale, scale).to(w.dtype))
             continue
-        # ((IA)^3's and OFT's updates scale / turn the weight: they read it as it stands, earlier merges included)
-        delta = layer.update_of(w, scale) if hasattr(layer, "update_of") else layer.delta(w.shape) * scale
+        if hasattr(layer, "update_of"):  # ((IA)^3, OFT: an update that scales / turns the weight)
+            # of the weight before any LoRA merged into it (the copy kept): several files then add up in any order, as
+            # LyCORIS's modules stacked on one layer and AUTOMATIC1111 compute them
+            base = saved[id(w)][1].to(w.device) if saved is not None else w.detach()
+            delta = layer.update_of(base, scale)
+        else:
+            delta = layer.delta(w.shape) * scale
         if layer.magnitude is None:
             w.add_(delta.to(w.device, w.dtype))
             continue

@@ -307,3 +307,28 @@ def test_a_full_update_of_the_bias_is_undone_by_unload_and_refused_without_a_bia
             read_lora(state)
     with pytest.raises(UnsupportedConfigError, match="lora_unet_x"):  # (IA)^3's factors without on_input
         read_lora({"lora_unet_x.weight": torch.randn(3)})
+
+
+@pytest.mark.parametrize("first,second", [("ia3", "ia3"), ("locon", "oft"), ("oft", "locon"), ("oft", "boft"),
+                                          ("ia3", "loha")])
+def test_two_files_on_one_layer_add_up_as_lycoris_stacks_them(first, second):
+    """Two files merged into one layer, in either order, equal LyCORIS's two modules stacked on it: each update of the
+    original weight ((IA)^3's and OFT's read the weight, and read it before any merge, as LyCORIS and AUTOMATIC1111
+    do); ``restore`` then gives the layer back exactly."""
+    torch.manual_seed(0)
+    layer = nn.Linear(12, 32)
+    original = copy.deepcopy(layer)
+    modules = [_module(algo, "lora_unet_x", layer, 2, 2.0, multiplier=0.8, seed=seed, lora_dim=4)
+               for seed, algo in ((1, first), (2, second))]  # (the second wraps the first's forward)
+    x = torch.randn(3, 12)
+    with torch.no_grad():
+        want = layer(x)
+    for order in (modules, modules[::-1]):
+        merged, saved = copy.deepcopy(original), {}
+        for module in order:
+            entry = read_lora(_state([module]))[("network", "~x")]
+            fastdiff.lora.merge(fastdiff.lora.targets({"~x": entry}, nn.ModuleDict({"x": merged}), "test"), 0.8, saved)
+        with torch.no_grad():
+            assert rel_err(merged(x), want) <= 1e-5
+        fastdiff.lora.restore(saved)
+        assert torch.equal(merged.weight, original.weight) and torch.equal(merged.bias, original.bias)
