@@ -245,3 +245,31 @@ def test_the_v2_shortcut_follows_the_file_name_a_folder_holds(plus, tmp_path):
         finally:
             pipe.unload_ip_adapter()
             pipe.unload_lora()
+
+
+def test_cli_face_id_plus_takes_the_embeddings_and_the_crop(plus, tmp_path):
+    """`fastdiff generate --ip-adapter PLUSV2 --ip-adapter-embeds FACE.safetensors --ip-adapter-image CROP.png`: the
+    API's result; the two flags together are refused for another kind by the pipeline, naming them."""
+    from safetensors.torch import load_file, save_file
+
+    import fastdiff
+    from test_cli import fastdiff as run_cli
+
+    ref, pipe, folder = plus
+    save_file({"embeds": _embeds()[0]}, str(tmp_path / "face.safetensors"))
+    _image(seed=6).save(tmp_path / "crop.png")
+    root = os.path.dirname(folder)
+    common = ("generate", os.path.join(root, "pipe"), "--prompt", "a red cat", "--cfg", "3", "--steps", "2", "--n",
+              "1", "--ip-adapter-embeds", "face.safetensors", "--ip-adapter-image", "crop.png", "--no-progress",
+              "--output-latents", "lat.safetensors")
+    r = run_cli(*common, "--ip-adapter", os.path.join(folder, NAME), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    from PIL import Image
+
+    api = fastdiff.load(os.path.join(root, "pipe"))
+    api.load_ip_adapter(os.path.join(folder, NAME))
+    want = api.generate(prompt="a red cat", cfg_scale=3, steps=2, seeds=[0], progress=False,
+                        ip_adapter_image_embeds=_embeds()[0], ip_adapter_image=Image.open(tmp_path / "crop.png"))
+    assert rel_err(load_file(str(tmp_path / "lat.safetensors"))["latents"], want) <= 1e-6
+    r = run_cli(*common, "--ip-adapter", os.path.join(folder, "faceid.safetensors"), cwd=tmp_path)
+    assert r.returncode != 0 and "expected one of them, found both" in r.stderr

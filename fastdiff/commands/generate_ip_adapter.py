@@ -5,7 +5,8 @@ tokens one after another; paths taken as they are). Several: repeat ``--ip-adapt
 is the k-th adapter's prompt, several images of one adapter comma-separated (``A.png,B.png``).
 ``--ip-adapter-scale`` once (every adapter) or once per adapter; ``--ip-adapter-mask`` as the images (one mask per
 image; with several adapters ``none`` for an adapter without masks). ``--ip-adapter-embeds`` gives one adapter's
-features in place of images (IP-Adapter Face ID's face embeddings).
+features in place of images (IP-Adapter Face ID's face embeddings); IP-Adapter Face ID Plus takes both: the face
+embeddings and the face crop (``--ip-adapter-image``).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ip-adapter-embeds", default=None, metavar="EMBEDS.safetensors",
                    help="one adapter's image features in place of --ip-adapter-image: a safetensors file holding one "
                         "tensor, (N, D) / (B, N, D) embeddings (IP-Adapter Face ID: insightface's face embeddings) or "
-                        "(N, S, E) hidden states (Plus, Full Face); the unconditional pass as for an image")
+                        "(N, S, E) hidden states (Plus, Full Face); the unconditional pass as for an image. IP-Adapter "
+                        "Face ID Plus takes the face embeddings here and the face crop as --ip-adapter-image")
     p.add_argument("--ip-adapter-scale", action="append", type=_scale, default=None, metavar="S",
                    help="the image prompt's weight (default 1), or InstantStyle's per-block scales as JSON, e.g. "
                         "'{\"up\": {\"block_0\": [0.0, 1.0, 0.0]}}' (diffusers' set_ip_adapter_scale dict), or a "
@@ -65,9 +67,9 @@ def load(pipe, args) -> None:
             raise BadArgumentError(f"{given[0]}: given, but no --ip-adapter FILE")
         return
     count = len(args.ip_adapter)
-    if (args.ip_adapter_image is None) == (args.ip_adapter_embeds is None):
-        raise BadArgumentError(f"--ip-adapter: expected --ip-adapter-image IMG.png (the image prompt) or "
-                               f"--ip-adapter-embeds, found {'both' if args.ip_adapter_image else 'neither'}")
+    if args.ip_adapter_image is None and args.ip_adapter_embeds is None:
+        raise BadArgumentError("--ip-adapter: expected --ip-adapter-image IMG.png (the image prompt) or "
+                               "--ip-adapter-embeds (both for IP-Adapter Face ID Plus), found neither")
     if args.ip_adapter_embeds is not None and count > 1:
         raise BadArgumentError(f"--ip-adapter-embeds: one adapter's features; {count} --ip-adapter given: expected "
                                f"--ip-adapter-image (or the Python API's ip_adapter_image_embeds list)")
@@ -83,7 +85,7 @@ def load(pipe, args) -> None:
     folder = None if args.ip_adapter_encoder is None else os.path.abspath(args.ip_adapter_encoder)
     first = os.path.abspath(args.ip_adapter[0])
     beside = os.path.join(first if os.path.isdir(first) else os.path.dirname(first), "image_encoder")
-    if folder is None and args.ip_adapter_embeds is not None and not os.path.isdir(beside):
+    if folder is None and args.ip_adapter_image is None and not os.path.isdir(beside):
         encoder = dict(image_encoder_folder=None)  # (features given: an encoder only for Plus's black image)
     else:
         encoder = {} if folder is None else dict(image_encoder_folder=folder)
@@ -98,10 +100,11 @@ def inputs(args, read_image) -> dict:
     if args.ip_adapter_image is None and args.ip_adapter_embeds is None:
         return {}
     count = len(args.ip_adapter or [None])
+    out = {}  # (both for Face ID Plus: the face embeddings and the crop; the pipeline refuses both for another kind)
     if args.ip_adapter_embeds is not None:
-        out = {"ip_adapter_image_embeds": _read_embeds(args.ip_adapter_embeds)}
-    else:
-        out = {"ip_adapter_image": _per_adapter(args.ip_adapter_image, count, "--ip-adapter-image", read_image)}
+        out["ip_adapter_image_embeds"] = _read_embeds(args.ip_adapter_embeds)
+    if args.ip_adapter_image is not None:
+        out["ip_adapter_image"] = _per_adapter(args.ip_adapter_image, count, "--ip-adapter-image", read_image)
     if args.ip_adapter_mask is not None:
         masks = _per_adapter(args.ip_adapter_mask, count, "--ip-adapter-mask", read_image)
         out["ip_adapter_masks"] = masks if count > 1 else [masks if isinstance(masks, list) else [masks]]
