@@ -273,3 +273,33 @@ def test_cli_face_id_plus_takes_the_embeddings_and_the_crop(plus, tmp_path):
     assert rel_err(load_file(str(tmp_path / "lat.safetensors"))["latents"], want) <= 1e-6
     r = run_cli(*common, "--ip-adapter", os.path.join(folder, "faceid.safetensors"), cwd=tmp_path)
     assert r.returncode != 0 and "expected one of them, found both" in r.stderr
+
+
+def test_face_id_plus_beside_a_base_adapter_equals_diffusers(plus):
+    """Two adapters, a base IP-Adapter and Face ID Plus v2, guided: per-adapter lists (the base adapter's features,
+    the face embeddings; the crop as an image or as CLIP states for the second only) equal diffusers' run."""
+    ref, pipe, folder = plus
+    e, face, img = _embeds(), _image(seed=6), _image(seed=11)
+    ref.load_ip_adapter(folder, subfolder="", weight_name=["ip.safetensors", NAME], image_encoder_folder="image_encoder")
+    pipe.load_ip_adapter(folder, weight_name=["ip.safetensors", NAME], scale=[0.6, 0.7])
+    try:
+        ref.set_ip_adapter_scale([0.6, 0.7])
+        base2, states2 = ref.prepare_ip_adapter_image_embeds([img, face], None, "cpu", 2, True)
+        layer = ref.unet.encoder_hid_proj.image_projection_layers[1]
+        layer.clip_embeds, layer.shortcut = states2, True
+        faces = torch.cat([torch.zeros_like(e), e])  # (diffusers' list form: the negative first)
+        want = ref("a red cat", ip_adapter_image_embeds=[base2, faces], latents=_latents(), num_inference_steps=3,
+                   guidance_scale=4.0, output_type="latent", num_images_per_prompt=2).images
+        base1, states1 = ref.prepare_ip_adapter_image_embeds([img, face], None, "cpu", 1, True)
+        run = dict(prompt="a red cat", latents=_latents(), steps=3, cfg_scale=4.0, progress=False,
+                   ip_adapter_image_embeds=[base1, faces])
+        got = pipe.generate(ip_adapter_image=[None, face], **run)
+        assert rel_err(got, want) <= 1e-4
+        assert rel_err(pipe.generate(ip_adapter_clip_embeds=[None, states1], **run), got) <= 1e-5
+        other = pipe.generate(ip_adapter_image=[None, _image(seed=9)], **run)
+        assert rel_err(other, got) > 1e-4  # (the second adapter's crop counts)
+    finally:
+        ref.unload_ip_adapter()
+        ref.unload_lora_weights()
+        pipe.unload_ip_adapter()
+        pipe.unload_lora()
