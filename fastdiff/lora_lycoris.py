@@ -290,11 +290,14 @@ class OFTLayer:
             raise CheckpointError(f"LyCORIS: OFT: expected oft_blocks (n, b, b) or BOFT's (m, n, b, b), found "
                                   f"{tuple(blocks.shape)}")
         n, b = int(blocks.shape[-3]), int(blocks.shape[-1])
-        # (BOFT's last stage pairs rows 2^(m-1) * b / 2 apart: the rows must hold whole pairs of such spans)
-        unpaired = blocks.dim() == 4 and (b % 2 or n * b % (2 ** (int(blocks.shape[0]) - 1) * b))
-        if len(shape) < 2 or n * b != int(shape[0]) or unpaired:
+        if len(shape) < 2 or n * b != int(shape[0]):
             raise CheckpointError(f"LyCORIS: OFT: blocks {tuple(blocks.shape)} for a weight of {tuple(shape)} (expected "
                                   f"n * b = {int(shape[0]) if len(shape) else '?'} output rows)")
+        # (BOFT's last stage pairs rows 2^(m-1) * b / 2 apart: the rows must hold whole pairs of such spans)
+        if blocks.dim() == 4 and (b % 2 or n * b % (2 ** (int(blocks.shape[0]) - 1) * b)):
+            raise CheckpointError(f"LyCORIS: BOFT: blocks {tuple(blocks.shape)}: expected an even block size b and "
+                                  f"n * b rows a multiple of 2^(m-1) * b (the last stage's pairs), found b = {b} and "
+                                  f"{n * b} rows")
         if self.rescale is not None and self.rescale.numel() != int(shape[0]):
             raise CheckpointError(f"LyCORIS: OFT: rescale {tuple(self.rescale.shape)} for {int(shape[0])} output rows")
 

@@ -340,7 +340,12 @@ def _set_shortcuts(projections: list, sources: list, shortcut: Optional[bool], s
         # (the file's own name: a folder's one weight file too)
         name = os.path.basename(adapter_file(path, subfolder, weight_name)) if isinstance(path, (str, os.PathLike)) \
             else ""
-        projection.set_shortcut("plusv2" in name.lower() if shortcut is None else bool(shortcut), scale)
+        on = "plusv2" in name.lower() if shortcut is None else bool(shortcut)
+        if not on and scale != 1.0:  # (a scale the adapter would never use)
+            raise BadArgumentError(f"load_ip_adapter(): faceid_shortcut_scale={scale} with the shortcut off (file "
+                                   f"{name or 'a state dict'!r}: no 'plusv2' in its name); expected "
+                                   f"faceid_shortcut=True beside it")
+        projection.set_shortcut(on, scale)
 
 
 def _per_adapter_result(both: list) -> tuple:

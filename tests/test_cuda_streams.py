@@ -113,6 +113,9 @@ class _Recorder:
             monkeypatch.setattr(torch.cuda, name, value, raising=False)
         monkeypatch.setattr(cuda_streams, "_streams", {0: self.side})
         monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        from fastdiff.models import op_tuning
+
+        monkeypatch.setattr(op_tuning, "_pool", [])  # (the stand-in pool handle must not outlive the test)
 
 
 def test_graph_captures_and_tuning_graphs_warm_up_and_capture_on_the_side_stream(monkeypatch):

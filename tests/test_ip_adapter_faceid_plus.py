@@ -245,6 +245,9 @@ def test_the_v2_shortcut_follows_the_file_name_a_folder_holds(plus, tmp_path):
         finally:
             pipe.unload_ip_adapter()
             pipe.unload_lora()
+    with pytest.raises(BadArgumentError, match="faceid_shortcut_scale=0.5 with the shortcut off"):
+        pipe.load_ip_adapter(str(alone), image_encoder_folder=None, faceid_shortcut_scale=0.5)
+    assert pipe.model.ip_projection is None
 
 
 def test_cli_face_id_plus_takes_the_embeddings_and_the_crop(plus, tmp_path):

@@ -1,4 +1,4 @@
-"""LyCORIS files (LoCon with Tucker cores, LoHa, LoKr, full, (IA)^3 in kohya's names) merged by ``pipe.load_lora``, against LyCORIS's
+"""LyCORIS files (LoCon with Tucker cores, LoHa, LoKr, full, (IA)^3, OFT / BOFT in kohya's names) merged by ``pipe.load_lora``, against LyCORIS's
 own modules: the merged layer computes what LyCORIS's module computes around the original layer (its forward is
 what the file was trained with), one layer at a time and end to end through a diffusers pipeline whose layers
 LyCORIS wraps."""
@@ -293,7 +293,8 @@ def test_a_full_update_of_the_bias_is_undone_by_unload_and_refused_without_a_bia
         pipe.load_lora({f"{q_key}.weight": torch.randn(3), f"{q_key}.on_input": torch.tensor(0)})
     rows = q.weight.shape[0]
     for blocks, match in ((torch.randn(rows // 2 + 1, 2, 2), "OFT: blocks .*expected n \\* b"),
-                          (torch.randn(5, rows // 4, 4, 4), "OFT: blocks"),  # (5 stages: the last pairs rows 32 apart)
+                          (torch.randn(5, rows // 4, 4, 4), "BOFT: blocks .*a multiple of 2\\^\\(m-1\\) \\* b"),
+                          (torch.randn(2, rows, 1, 1), "BOFT: .*even block size"),  # (blocks of one row)
                           (torch.randn(rows, 2, 3), "expected oft_blocks")):
         with pytest.raises(CheckpointError, match=match):
             pipe.load_lora({f"{q_key}.oft_blocks": blocks})

@@ -416,7 +416,7 @@ class Attention(FusedOp):
         from fastdiff.kernels.attention import MAX_HEAD_DIM
 
         if q.shape[-1] > MAX_HEAD_DIM:
-            return self.forward_native(q, k, v, scale)
+            return self.run_backend("native", q, k, v, scale)  # (torch's path: SD 2.x's upcast too)
         return attention(q, k, v, scale=scale)
 
     def forward_triton_tma(self, q, k, v, scale: Optional[float] = None):

@@ -280,3 +280,4 @@ def clear() -> None:
     """Forget every measurement (a new device, or tests)."""
     with _lock:
         _choices.clear()
+        _pool.clear()  # (a pool of the device measured so far)

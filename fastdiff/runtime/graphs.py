@@ -52,9 +52,9 @@ class CudaGraph:
     """torch.cuda.CUDAGraph capture of ``fn(*static_inputs) -> static_output`` (the real factory)."""
 
     def __init__(self, fn: Callable, static_inputs: list, pool=None, warmup: int = 2):
-        with CAPTURE_LOCK:
-            # one per device (a fresh stream per capture kept a cuBLAS workspace each), the inputs' device's
-            stream = side_stream(next((t.device for t in static_inputs if torch.is_tensor(t) and t.is_cuda), None))
+        device = next((t.device for t in static_inputs if torch.is_tensor(t) and t.is_cuda), None)
+        with CAPTURE_LOCK, torch.cuda.device(device):  # (the inputs' device, current for every call below)
+            stream = side_stream()  # one per device: a fresh stream per capture kept a cuBLAS workspace each
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):  # warm-up outside the graph (allocator, cuDNN / Triton autotune)
                 for _ in range(warmup):

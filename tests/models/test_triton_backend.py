@@ -151,3 +151,18 @@ def test_upcast_attention_reaches_torch_only(backend, want):
     seen.clear()
     attn._attend(1, q, k, v)
     assert seen == [torch.float16]
+
+
+def test_upcast_holds_for_heads_too_wide_for_the_triton_kernel():
+    """Heads wider than the Triton kernel holds run on torch's SDPA from the Triton backend: with SD 2.x's
+    upcast_attention, on float32 copies as torch's path always is."""
+    from fastdiff.kernels.attention import MAX_HEAD_DIM
+    from fastdiff.models.unet import MultiHeadAttention
+
+    d = MAX_HEAD_DIM + 8
+    attn = MultiHeadAttention(d, heads=1, head_dim=d, upcast=True)
+    attn.core.set_backend("triton")
+    seen = []
+    attn.core.forward_native = lambda q, k, v, scale=None: seen.append(q.dtype) or q.clone()
+    q = torch.randn(1, 1, 3, d, dtype=torch.float16)
+    assert attn._attend(1, q, q, q).dtype == torch.float16 and seen == [torch.float32]
