@@ -21,13 +21,13 @@ Files (safetensors only; a folder means its ``pytorch_lora_weights.safetensors``
 * LyCORIS in kohya's names (or ``lycoris_<module>``, LyCORIS's own wrapper around the network): LoCon (kohya's keys,
   a convolution's Tucker core in ``lora_mid.weight``), LoHa (``hada_*``), LoKr (``lokr_*``), full (``diff`` /
   ``diff_b``: the bias is updated too), (IA)^3 (``weight`` / ``on_input``: a factor per channel that scales the
-  weight) and OFT / BOFT (``oft_blocks``: rotations of the weight's output rows) (``fastdiff.lora_lycoris``), as
-  LyCORIS's modules compute them.
+  weight), OFT / BOFT (``oft_blocks``: rotations of the weight's output rows) and GLoRA (``a1`` / ``a2`` / ``b1`` /
+  ``b2``) (``fastdiff.lora_lycoris``), as LyCORIS's modules compute them.
 
 DoRA (PEFT's ``use_dora``: ``lora_magnitude_vector`` keys) merges as PEFT's merge does: W + scale * update, each
 output row rescaled to its magnitude over the norm of (the weight before any merge + the update); LyCORIS's DoRA
 (``dora_scale``, kohya's names) as LyCORIS computes it (``fastdiff.lora_lycoris.dora_merged``). Not read: LyCORIS's
-GLoRA, LyCORIS layers of FLUX.1 in BFL's layout, and ``.bin`` pickles.
+LyCORIS layers of FLUX.1 in BFL's layout, and ``.bin`` pickles.
 """
 
 from __future__ import annotations
@@ -251,7 +251,8 @@ def _read_kohya(state: dict) -> dict:
 
 KOHYA_KINDS = ("kohya keys lora_unet_* / lora_te*_* / lycoris_* with lora_down.weight, lora_up.weight "
                "(lora_mid.weight), alpha (and dora_scale), or LyCORIS's LoHa (hada_*) / LoKr (lokr_*) / full "
-               "(diff, diff_b) / (IA)^3 (weight, on_input) / OFT, BOFT (oft_blocks, rescale)")
+               "(diff, diff_b) / (IA)^3 (weight, on_input) / OFT, BOFT (oft_blocks, rescale) / GLoRA (a1.weight, "
+               "a2.weight, b1.weight, b2.weight)")
 LORA_SUFFIXES = ("lora_down.weight", "lora_up.weight", "lora_mid.weight")
 
 
@@ -362,7 +363,7 @@ def merge(pairs: list, scale: float, saved: Optional[dict] = None) -> None:
 
             w.copy_(dora_merged(w.float(), layer.delta(w.shape).to(w.device), layer.dora_scale, scale).to(w.dtype))
             continue
-        if hasattr(layer, "update_of"):  # ((IA)^3, OFT: an update that scales / turns the weight)
+        if hasattr(layer, "update_of"):  # ((IA)^3, OFT, GLoRA: an update that reads the weight)
             # of the weight before any LoRA merged into it (the copy kept): several files then add up in any order, as
             # LyCORIS's modules stacked on one layer and AUTOMATIC1111 compute them
             base = saved[id(w)][1].to(w.device) if saved is not None else w.detach()

@@ -1,6 +1,7 @@
-"""LyCORIS LoHa, LoKr, full, (IA)^3 and OFT / BOFT layers in kohya-style files (``lora_unet_<module>.hada_w1_a``,
-``.lokr_w1``, ``.diff``, ``.on_input``, ``.oft_blocks`` ...): the update each makes to its layer's weight, as
-LyCORIS's modules compute it in training and ComfyUI / AUTOMATIC1111 merge it (diffusers does not read these files).
+"""LyCORIS LoHa, LoKr, full, (IA)^3, OFT / BOFT and GLoRA layers in kohya-style files
+(``lora_unet_<module>.hada_w1_a``, ``.lokr_w1``, ``.diff``, ``.on_input``, ``.oft_blocks``, ``.a1.weight`` ...):
+the update each makes to its layer's weight, as LyCORIS's modules compute it in training and ComfyUI /
+AUTOMATIC1111 merge it (diffusers does not read these files).
 
 * LoHa: ``scale * (w1_a @ w1_b) * (w2_a @ w2_b)`` (a Hadamard product of two low-rank matrices). A convolution's
   factors may come through Tucker cores (``hada_t1`` / ``hada_t2``: (rank, rank, k, k), with w*_a (rank, out) and
@@ -20,10 +21,12 @@ LyCORIS's forward; another scale moves the weight that part of the way from the 
 divides by the original weight's norms, not by those of the weight plus the update that LyCORIS trained with.)
 
 * Full: ``scale * diff`` (and ``scale * diff_b`` on the bias). (IA)^3: the weight times ``1 + scale * factor`` per
-  output or input channel. OFT / BOFT: the output rows turned by block rotations (``OFTLayer``). Neither has a DoRA.
+  output or input channel. OFT / BOFT: the output rows turned by block rotations (``OFTLayer``). GLoRA: ``scale *
+  alpha / rank * (W a1 a2 + b1 b2)`` (``GLoRALayer``; like LoKr's, a ``rs_lora`` factor is not in the file). None
+  of these has a DoRA.
 
 Each has the interface of ``fastdiff.lora.LoraLayer`` that merging uses: ``check(shape)``, ``delta(shape)``,
-``magnitude`` (PEFT's DoRA: None here) and ``dora_scale``; (IA)^3 and OFT, whose update reads the weight, give
+``magnitude`` (PEFT's DoRA: None here) and ``dora_scale``; (IA)^3, OFT and GLoRA, whose update reads the weight, give
 ``update_of(weight, scale)`` instead of ``delta``, and full layers ``check_bias`` / ``bias_delta`` as well.
 """
 
@@ -42,6 +45,7 @@ LOKR_KEYS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_
 FULL_KEYS = ("diff", "diff_b")
 IA3_KEYS = ("weight", "on_input")
 OFT_KEYS = ("oft_blocks", "rescale")
+GLORA_KEYS = ("a1.weight", "a2.weight", "b1.weight", "b2.weight")
 
 
 def _tucker(core: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -340,9 +344,58 @@ class OFTLayer:
         return out - w
 
 
+@dataclass
+class GLoRALayer:
+    """LyCORIS's GLoRA of one layer: ``scale * alpha / rank * (W a1 a2 + b1 b2)``, W the weight, a1 (in, rank) and a2
+    (rank, in) acting on its input channels (a convolution's a1 / a2 are 1x1 kernels), b1 (out, rank) and b2 (rank,
+    in, k, k) a LoRA, as LyCORIS's forward computes it."""
+    a1: torch.Tensor
+    a2: torch.Tensor
+    b1: torch.Tensor
+    b2: torch.Tensor
+    alpha: Optional[float] = None
+    dora_scale = None
+    magnitude = None
+    KEYS: ClassVar[tuple] = GLORA_KEYS
+
+    @property
+    def rank(self) -> int:
+        return int(self.a2.shape[0])
+
+    def check(self, shape: torch.Size) -> None:
+        if len(shape) < 2:
+            raise CheckpointError(f"LyCORIS: GLoRA for a weight of {tuple(shape)}")
+        inp, rank = int(shape[1]), self.rank
+        want = {"a1": (inp, rank), "a2": (rank, inp), "b1": (int(shape[0]), rank),
+                "b2": (rank, math.prod(shape[1:]))}
+        for name, expected in want.items():
+            t = getattr(self, name)
+            found = (int(t.shape[0]), math.prod(t.shape[1:])) if t.dim() >= 2 else tuple(t.shape)
+            if found != expected or (name != "b2" and math.prod(t.shape[2:]) != 1):
+                raise CheckpointError(f"LyCORIS: GLoRA: {name}.weight {tuple(t.shape)} for a weight of {tuple(shape)} "
+                                      f"(expected {expected[0]} x {expected[1]}{' x k x k' if name == 'b2' else ''})")
+        if self.b2.dim() > 2 and len(shape) > 2 and tuple(self.b2.shape[1:]) != tuple(shape[1:]):
+            raise CheckpointError(f"LyCORIS: GLoRA: b2.weight {tuple(self.b2.shape)} for a weight of {tuple(shape)}")
+
+    def update_of(self, weight: torch.Tensor, scale: float) -> torch.Tensor:
+        """The float32 update of ``weight`` at LoRA ``scale`` (its first term reads the weight)."""
+        self.check(weight.shape)
+        w = weight.float()
+        a1, a2 = (t.to(w.device, torch.float32).flatten(1) for t in (self.a1, self.a2))  # (in, rank), (rank, in)
+        wa = torch.einsum("o i ..., i j -> o j ...", torch.einsum("o i ..., i r -> o r ...", w, a1), a2)
+        wb = (self.b1.to(w.device, torch.float32).flatten(1) @ self.b2.to(w.device, torch.float32).flatten(1))
+        return (wa + wb.reshape(w.shape)) * (_scale(self.alpha, self.rank) * scale)
+
+
 def lycoris_layer(name: str, keys: dict, alpha: Optional[float], dora_scale: Optional[torch.Tensor] = None):
     """The LoHa, LoKr, full, (IA)^3 or OFT / BOFT layer of kohya module ``name`` from its tensors ``keys`` ({suffix:
     tensor}), or None when it has no kind's keys. (Full and (IA)^3 layers have no alpha: LyCORIS writes none.)"""
+    if any(k in keys for k in GLORA_KEYS):
+        missing = [k for k in GLORA_KEYS if k not in keys]
+        if missing or dora_scale is not None:
+            raise CheckpointError(f"LyCORIS: {name}: a GLoRA layer " + (f"without {', '.join(missing)}" if missing
+                                                                        else "with a dora_scale (LyCORIS trains none)"))
+        return GLoRALayer(*(keys[k] for k in GLORA_KEYS), alpha=alpha)
     if "oft_blocks" in keys:
         if dora_scale is not None:
             raise CheckpointError(f"LyCORIS: {name}: dora_scale beside an OFT layer (LyCORIS trains none)")
@@ -374,5 +427,5 @@ def lycoris_layer(name: str, keys: dict, alpha: Optional[float], dora_scale: Opt
     return None
 
 
-__all__ = ["LoHaLayer", "LoKrLayer", "FullLayer", "IA3Layer", "OFTLayer", "lycoris_layer", "dora_axis",
-           "dora_merged", "LOHA_KEYS", "LOKR_KEYS", "FULL_KEYS", "IA3_KEYS", "OFT_KEYS"]
+__all__ = ["LoHaLayer", "LoKrLayer", "FullLayer", "IA3Layer", "OFTLayer", "GLoRALayer", "lycoris_layer",
+           "dora_axis", "dora_merged", "LOHA_KEYS", "LOKR_KEYS", "FULL_KEYS", "IA3_KEYS", "OFT_KEYS", "GLORA_KEYS"]

@@ -1,4 +1,4 @@
-"""LyCORIS files (LoCon with Tucker cores, LoHa, LoKr, full, (IA)^3, OFT / BOFT in kohya's names) merged by ``pipe.load_lora``, against LyCORIS's
+"""LyCORIS files (LoCon with Tucker cores, LoHa, LoKr, full, (IA)^3, OFT / BOFT, GLoRA in kohya's names) merged by ``pipe.load_lora``, against LyCORIS's
 own modules: the merged layer computes what LyCORIS's module computes around the original layer (its forward is
 what the file was trained with), one layer at a time and end to end through a diffusers pipeline whose layers
 LyCORIS wraps."""
@@ -27,13 +27,14 @@ def _module(algo: str, name: str, layer: nn.Module, rank: int, alpha: float, mul
     from lycoris.modules.boft import ButterflyOFTModule
     from lycoris.modules.diag_oft import DiagOFTModule
     from lycoris.modules.full import FullModule
+    from lycoris.modules.glora import GLoRAModule
     from lycoris.modules.ia3 import IA3Module
     from lycoris.modules.locon import LoConModule
     from lycoris.modules.loha import LohaModule
     from lycoris.modules.lokr import LokrModule
 
     cls = {"locon": LoConModule, "loha": LohaModule, "lokr": LokrModule, "full": FullModule, "ia3": IA3Module,
-           "oft": DiagOFTModule, "boft": ButterflyOFTModule}[algo]
+           "oft": DiagOFTModule, "boft": ButterflyOFTModule, "glora": GLoRAModule}[algo]
     options = dict(options)
     rank = options.pop("lora_dim", rank)  # (a case's own: OFT's blocks wider than 2)
     module = cls(name, layer, multiplier=multiplier, lora_dim=rank, alpha=alpha, **options)
@@ -83,6 +84,8 @@ CASES = [  # (algo, layer, LyCORIS options)
     ("oft", "conv1x1", {}), ("boft", "linear_wide", {}), ("boft", "conv_32", dict(rescaled=True)),
     ("boft", "linear_wide", dict(constraint=1e-3)), ("oft", "linear_wide", dict(lora_dim=8)),
     ("boft", "linear_wide", dict(lora_dim=8)), ("boft", "conv_32", dict(lora_dim=4)),
+    # (GLoRA: W a1 a2 + b1 b2)
+    ("glora", "linear", {}), ("glora", "conv3x3", {}), ("glora", "conv_odd", {}), ("glora", "linear_odd", {}),
 ]
 
 
@@ -156,6 +159,7 @@ def test_the_cases_cover_every_layout_lycoris_writes():
     assert keys[("ia3", "linear", "{}")] == {"weight", "on_input"}
     assert keys[("oft", "conv3x3", str(dict(rescaled=True)))] == {"oft_blocks", "rescale", "alpha"}
     assert keys[("boft", "linear_wide", str(dict(lora_dim=8)))] == {"oft_blocks", "alpha"}
+    assert keys[("glora", "conv3x3", "{}")] == {"a1.weight", "a2.weight", "b1.weight", "b2.weight", "alpha"}
 
 
 UNET_LAYERS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.2", "conv1", "conv2", "time_emb_proj"]
@@ -176,7 +180,8 @@ def pipeline_folder(tmp_path_factory):
 
 @pytest.mark.parametrize("algo,conv_options", [("loha", dict(use_tucker=True)), ("lokr", dict(factor=4)),
                                                ("locon", dict(use_tucker=True)), ("full", {}),
-                                               ("ia3", dict(train_on_input=True)), ("oft", dict(rescaled=True))])
+                                               ("ia3", dict(train_on_input=True)), ("oft", dict(rescaled=True)),
+                                               ("glora", {})])
 def test_a_lycoris_file_equals_diffusers_running_lycoris_modules(pipeline_folder, algo, conv_options):
     """Every UNet and text-encoder layer a file names (kohya's module names) takes its update: the latents equal a
     diffusers pipeline whose layers LyCORIS's modules wrap, at a LoRA scale of 0.7."""
@@ -214,7 +219,8 @@ def test_what_is_refused_by_name():
         ({"lora_unet_x.lokr_w1": torch.randn(2, 2), "lora_unet_x.lokr_t1": torch.randn(2, 2, 3, 3),
           "lora_unet_x.lokr_w2": torch.randn(2, 2)}, UnsupportedConfigError, "lokr_t1"),
         ({"lora_unet_x.a1.weight": torch.randn(2, 4), "lora_unet_x.a2.weight": torch.randn(4, 2),  # (GLoRA)
-          "lora_unet_x.b1.weight": torch.randn(2, 4), "lora_unet_x.b2.weight": torch.randn(4, 2)},
+          "lora_unet_x.b1.weight": torch.randn(2, 4)}, CheckpointError, "a GLoRA layer without b2.weight"),
+        ({"lora_unet_x.w_norm": torch.randn(4), "lora_unet_x.b_norm": torch.randn(4)},  # (LyCORIS's norm layers)
          UnsupportedConfigError, "lora_unet_x"),
         ({"lora_unet_x.oft_blocks": torch.randn(2, 4, 4), "lora_unet_x.dora_scale": torch.randn(8, 1)},
          CheckpointError, "dora_scale beside an OFT layer"),
@@ -270,7 +276,8 @@ def test_shapes_that_do_not_fit_are_refused_before_anything_merges():
 def test_a_full_update_of_the_bias_is_undone_by_unload_and_refused_without_a_bias():
     """LyCORIS's full layers update the bias too (``diff_b``): ``unload_lora`` puts weight and bias back; a
     ``diff_b`` for a layer without a bias, (IA)^3 factors of the wrong count, OFT blocks that do not tile the rows,
-    a bad ``on_input`` or a ``dora_scale`` beside either kind are refused, before anything merges."""
+    GLoRA factors of the wrong width, a bad ``on_input`` or a ``dora_scale`` beside these kinds are refused, before
+    anything merges."""
     pipe = fastdiff.load("arch:tiny-sd-unet")
     before = {k: v.clone() for k, v in pipe.model.state_dict().items()}
     layers = dict(pipe.model.named_modules())
@@ -298,6 +305,10 @@ def test_a_full_update_of_the_bias_is_undone_by_unload_and_refused_without_a_bia
                           (torch.randn(rows, 2, 3), "expected oft_blocks")):
         with pytest.raises(CheckpointError, match=match):
             pipe.load_lora({f"{q_key}.oft_blocks": blocks})
+    glora = {"a1.weight": torch.randn(rows, 2), "a2.weight": torch.randn(2, rows), "b1.weight": torch.randn(rows, 2),
+             "b2.weight": torch.randn(2, rows + 1)}
+    with pytest.raises(CheckpointError, match=r"GLoRA: b2.weight \(2, 33\) for a weight of \(32, 32\)"):
+        pipe.load_lora({f"{q_key}.{k}": v for k, v in glora.items()})
     assert all(torch.equal(v, before[k]) for k, v in pipe.model.state_dict().items())
     for state, match in (({"lora_unet_x.weight": torch.randn(3), "lora_unet_x.on_input": torch.tensor(2)},
                           "on_input: expected 0 or 1"),
@@ -311,7 +322,7 @@ def test_a_full_update_of_the_bias_is_undone_by_unload_and_refused_without_a_bia
 
 
 @pytest.mark.parametrize("first,second", [("ia3", "ia3"), ("locon", "oft"), ("oft", "locon"), ("oft", "boft"),
-                                          ("ia3", "loha")])
+                                          ("ia3", "loha"), ("glora", "ia3")])
 def test_two_files_on_one_layer_add_up_as_lycoris_stacks_them(first, second):
     """Two files merged into one layer, in either order, equal LyCORIS's two modules stacked on it: each update of the
     original weight ((IA)^3's and OFT's read the weight, and read it before any merge, as LyCORIS and AUTOMATIC1111
