@@ -21,8 +21,8 @@ Files (safetensors only; a folder means its ``pytorch_lora_weights.safetensors``
 * LyCORIS in kohya's names (or ``lycoris_<module>``, LyCORIS's own wrapper around the network): LoCon (kohya's keys,
   a convolution's Tucker core in ``lora_mid.weight``), LoHa (``hada_*``), LoKr (``lokr_*``), full (``diff`` /
   ``diff_b``: the bias is updated too), (IA)^3 (``weight`` / ``on_input``: a factor per channel that scales the
-  weight), OFT / BOFT (``oft_blocks``: rotations of the weight's output rows) and GLoRA (``a1`` / ``a2`` / ``b1`` /
-  ``b2``) (``fastdiff.lora_lycoris``), as LyCORIS's modules compute them.
+  weight), OFT / BOFT (``oft_blocks``: rotations of the weight's output rows), GLoRA (``a1`` / ``a2`` / ``b1`` /
+  ``b2``) and norm layers' (``w_norm`` / ``b_norm``) (``fastdiff.lora_lycoris``), as LyCORIS's modules compute them.
 
 DoRA (PEFT's ``use_dora``: ``lora_magnitude_vector`` keys) merges as PEFT's merge does: W + scale * update, each
 output row rescaled to its magnitude over the norm of (the weight before any merge + the update); LyCORIS's DoRA
@@ -252,7 +252,7 @@ def _read_kohya(state: dict) -> dict:
 KOHYA_KINDS = ("kohya keys lora_unet_* / lora_te*_* / lycoris_* with lora_down.weight, lora_up.weight "
                "(lora_mid.weight), alpha (and dora_scale), or LyCORIS's LoHa (hada_*) / LoKr (lokr_*) / full "
                "(diff, diff_b) / (IA)^3 (weight, on_input) / OFT, BOFT (oft_blocks, rescale) / GLoRA (a1.weight, "
-               "a2.weight, b1.weight, b2.weight)")
+               "a2.weight, b1.weight, b2.weight) / norm (w_norm, b_norm)")
 LORA_SUFFIXES = ("lora_down.weight", "lora_up.weight", "lora_mid.weight")
 
 

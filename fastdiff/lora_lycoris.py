@@ -22,8 +22,9 @@ divides by the original weight's norms, not by those of the weight plus the upda
 
 * Full: ``scale * diff`` (and ``scale * diff_b`` on the bias). (IA)^3: the weight times ``1 + scale * factor`` per
   output or input channel. OFT / BOFT: the output rows turned by block rotations (``OFTLayer``). GLoRA: ``scale *
-  alpha / rank * (W a1 a2 + b1 b2)`` (``GLoRALayer``; like LoKr's, a ``rs_lora`` factor is not in the file). None
-  of these has a DoRA.
+  alpha / rank * (W a1 a2 + b1 b2)`` (``GLoRALayer``; like LoKr's, a ``rs_lora`` factor is not in the file). A
+  GroupNorm's / LayerNorm's ``w_norm`` / ``b_norm``: ``scale *`` each on its weight and bias. None of these has a
+  DoRA.
 
 Each has the interface of ``fastdiff.lora.LoraLayer`` that merging uses: ``check(shape)``, ``delta(shape)``,
 ``magnitude`` (PEFT's DoRA: None here) and ``dora_scale``; (IA)^3, OFT and GLoRA, whose update reads the weight, give
@@ -46,6 +47,7 @@ FULL_KEYS = ("diff", "diff_b")
 IA3_KEYS = ("weight", "on_input")
 OFT_KEYS = ("oft_blocks", "rescale")
 GLORA_KEYS = ("a1.weight", "a2.weight", "b1.weight", "b2.weight")
+NORM_KEYS = ("w_norm", "b_norm")
 
 
 def _tucker(core: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -224,6 +226,7 @@ class FullLayer:
     dora_scale = None
     magnitude = None
     KEYS: ClassVar[tuple] = FULL_KEYS
+    KIND: ClassVar[str] = "full"  # (for the errors: the kind, and the name of its bias's tensor)
 
     def check(self, shape: torch.Size) -> None:
         _fits(tuple(self.diff.shape), shape, "full (diff)")
@@ -231,11 +234,11 @@ class FullLayer:
     def check_bias(self, bias: Optional[torch.Tensor]) -> None:
         if self.diff_b is None:
             return
+        what = f"LyCORIS: {self.KIND}: {self.KEYS[1]} {tuple(self.diff_b.shape)}"
         if bias is None:
-            raise CheckpointError(f"LyCORIS: full: diff_b {tuple(self.diff_b.shape)} for a layer without a bias")
+            raise CheckpointError(f"{what} for a layer without a bias")
         if self.diff_b.numel() != bias.numel():
-            raise CheckpointError(f"LyCORIS: full: diff_b {tuple(self.diff_b.shape)} for a bias of "
-                                  f"{tuple(bias.shape)}")
+            raise CheckpointError(f"{what} for a bias of {tuple(bias.shape)}")
 
     def delta(self, shape: torch.Size) -> torch.Tensor:
         self.check(shape)
@@ -243,6 +246,19 @@ class FullLayer:
 
     def bias_delta(self) -> Optional[torch.Tensor]:
         return None if self.diff_b is None else self.diff_b.float().reshape(-1)
+
+
+@dataclass
+class NormLayer(FullLayer):
+    """LyCORIS's update of a GroupNorm / LayerNorm (``w_norm``, ``b_norm``): ``scale *`` each, added to its weight and
+    bias."""
+    KEYS: ClassVar[tuple] = NORM_KEYS
+    KIND: ClassVar[str] = "norm"
+
+    def check(self, shape: torch.Size) -> None:
+        if self.diff.numel() != math.prod(shape) or len(shape) != 1:
+            raise CheckpointError(f"LyCORIS: norm: w_norm {tuple(self.diff.shape)} for a weight of {tuple(shape)} "
+                                  f"(expected a GroupNorm's / LayerNorm's (channels,))")
 
 
 @dataclass
@@ -390,6 +406,11 @@ class GLoRALayer:
 def lycoris_layer(name: str, keys: dict, alpha: Optional[float], dora_scale: Optional[torch.Tensor] = None):
     """The LoHa, LoKr, full, (IA)^3 or OFT / BOFT layer of kohya module ``name`` from its tensors ``keys`` ({suffix:
     tensor}), or None when it has no kind's keys. (Full and (IA)^3 layers have no alpha: LyCORIS writes none.)"""
+    if "w_norm" in keys or "b_norm" in keys:
+        if "w_norm" not in keys or dora_scale is not None:
+            raise CheckpointError(f"LyCORIS: {name}: a norm layer " + ("without w_norm" if "w_norm" not in keys else
+                                                                       "with a dora_scale (LyCORIS trains none)"))
+        return NormLayer(keys["w_norm"], keys.get("b_norm"))
     if any(k in keys for k in GLORA_KEYS):
         missing = [k for k in GLORA_KEYS if k not in keys]
         if missing or dora_scale is not None:
@@ -427,5 +448,6 @@ def lycoris_layer(name: str, keys: dict, alpha: Optional[float], dora_scale: Opt
     return None
 
 
-__all__ = ["LoHaLayer", "LoKrLayer", "FullLayer", "IA3Layer", "OFTLayer", "GLoRALayer", "lycoris_layer",
-           "dora_axis", "dora_merged", "LOHA_KEYS", "LOKR_KEYS", "FULL_KEYS", "IA3_KEYS", "OFT_KEYS", "GLORA_KEYS"]
+__all__ = ["LoHaLayer", "LoKrLayer", "FullLayer", "NormLayer", "IA3Layer", "OFTLayer", "GLoRALayer", "lycoris_layer",
+           "dora_axis", "dora_merged", "LOHA_KEYS", "LOKR_KEYS", "FULL_KEYS", "NORM_KEYS", "IA3_KEYS", "OFT_KEYS",
+           "GLORA_KEYS"]

@@ -32,9 +32,11 @@ def _module(algo: str, name: str, layer: nn.Module, rank: int, alpha: float, mul
     from lycoris.modules.locon import LoConModule
     from lycoris.modules.loha import LohaModule
     from lycoris.modules.lokr import LokrModule
+    from lycoris.modules.norms import NormModule
 
     cls = {"locon": LoConModule, "loha": LohaModule, "lokr": LokrModule, "full": FullModule, "ia3": IA3Module,
-           "oft": DiagOFTModule, "boft": ButterflyOFTModule, "glora": GLoRAModule}[algo]
+           "oft": DiagOFTModule, "boft": ButterflyOFTModule, "glora": GLoRAModule,
+           "norm": NormModule}[algo]
     options = dict(options)
     rank = options.pop("lora_dim", rank)  # (a case's own: OFT's blocks wider than 2)
     module = cls(name, layer, multiplier=multiplier, lora_dim=rank, alpha=alpha, **options)
@@ -164,6 +166,8 @@ def test_the_cases_cover_every_layout_lycoris_writes():
 
 UNET_LAYERS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.2", "conv1", "conv2", "time_emb_proj"]
 TEXT_LAYERS = ["q_proj", "v_proj", "fc1"]
+UNET_NORMS = ["norm1", "norm2", "norm3", "norm"]  # (resnets' GroupNorms, transformer blocks' LayerNorms)
+TEXT_NORMS = ["layer_norm1", "layer_norm2"]
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +185,7 @@ def pipeline_folder(tmp_path_factory):
 @pytest.mark.parametrize("algo,conv_options", [("loha", dict(use_tucker=True)), ("lokr", dict(factor=4)),
                                                ("locon", dict(use_tucker=True)), ("full", {}),
                                                ("ia3", dict(train_on_input=True)), ("oft", dict(rescaled=True)),
-                                               ("glora", {})])
+                                               ("glora", {}), ("norm", {})])
 def test_a_lycoris_file_equals_diffusers_running_lycoris_modules(pipeline_folder, algo, conv_options):
     """Every UNet and text-encoder layer a file names (kohya's module names) takes its update: the latents equal a
     diffusers pipeline whose layers LyCORIS's modules wrap, at a LoRA scale of 0.7."""
@@ -191,7 +195,9 @@ def test_a_lycoris_file_equals_diffusers_running_lycoris_modules(pipeline_folder
     folder, unet, text_encoder = pipeline_folder
     unet, text_encoder = copy.deepcopy(unet), copy.deepcopy(text_encoder)
     modules = []
-    for prefix, model, targets in (("lora_unet", unet, UNET_LAYERS), ("lora_te", text_encoder, TEXT_LAYERS)):
+    layers = (("lora_unet", unet, UNET_NORMS), ("lora_te", text_encoder, TEXT_NORMS)) if algo == "norm" else (
+        ("lora_unet", unet, UNET_LAYERS), ("lora_te", text_encoder, TEXT_LAYERS))
+    for prefix, model, targets in layers:
         for i, (name, layer) in enumerate(list(model.named_modules())):
             if any(name == t or name.endswith("." + t) for t in targets):
                 options = conv_options if isinstance(layer, nn.Conv2d) else (
@@ -220,8 +226,7 @@ def test_what_is_refused_by_name():
           "lora_unet_x.lokr_w2": torch.randn(2, 2)}, UnsupportedConfigError, "lokr_t1"),
         ({"lora_unet_x.a1.weight": torch.randn(2, 4), "lora_unet_x.a2.weight": torch.randn(4, 2),  # (GLoRA)
           "lora_unet_x.b1.weight": torch.randn(2, 4)}, CheckpointError, "a GLoRA layer without b2.weight"),
-        ({"lora_unet_x.w_norm": torch.randn(4), "lora_unet_x.b_norm": torch.randn(4)},  # (LyCORIS's norm layers)
-         UnsupportedConfigError, "lora_unet_x"),
+        ({"lora_unet_x.b_norm": torch.randn(4)}, CheckpointError, "a norm layer without w_norm"),
         ({"lora_unet_x.oft_blocks": torch.randn(2, 4, 4), "lora_unet_x.dora_scale": torch.randn(8, 1)},
          CheckpointError, "dora_scale beside an OFT layer"),
         ({"lora_unet_x.lora_down.weight": torch.randn(2, 4), "lora_unet_x.lora_up.weight": w,
@@ -344,3 +349,35 @@ def test_two_files_on_one_layer_add_up_as_lycoris_stacks_them(first, second):
             assert rel_err(merged(x), want) <= 1e-5
         fastdiff.lora.restore(saved)
         assert torch.equal(merged.weight, original.weight) and torch.equal(merged.bias, original.bias)
+
+
+@pytest.mark.parametrize("norm,shape", [(lambda: nn.GroupNorm(4, 12), (2, 12, 3, 3)),
+                                        (lambda: nn.LayerNorm(10), (3, 5, 10))], ids=["group_norm", "layer_norm"])
+@pytest.mark.parametrize("scale", [1.0, 0.6])
+def test_a_norm_layer_update_merges_to_what_lycoris_computes(norm, shape, scale):
+    """LyCORIS's norm-layer updates (``w_norm`` / ``b_norm`` of a GroupNorm or LayerNorm) on weight and bias."""
+    from lycoris.modules.norms import NormModule
+
+    torch.manual_seed(5)
+    layer = norm()
+    with torch.no_grad():
+        layer.weight.normal_(1, 0.1), layer.bias.normal_(0, 0.1)
+    original = copy.deepcopy(layer)
+    module = NormModule("lora_unet_x", layer, multiplier=scale)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape) * 0.3)
+    module.apply_to()
+    x = torch.randn(shape)
+    with torch.no_grad():
+        want = layer(x)
+    state = _state([module])
+    assert set(state) == {"lora_unet_x.w_norm", "lora_unet_x.b_norm"}
+    merged, saved = copy.deepcopy(original), {}
+    entry = read_lora(state)[("network", "~x")]
+    fastdiff.lora.merge(fastdiff.lora.targets({"~x": entry}, nn.ModuleDict({"x": merged}), "test"), scale, saved)
+    with torch.no_grad():
+        assert rel_err(merged(x), want) <= 1e-5
+        assert rel_err(want, original(x)) > 1e-2
+    fastdiff.lora.restore(saved)
+    assert torch.equal(merged.weight, original.weight) and torch.equal(merged.bias, original.bias)
