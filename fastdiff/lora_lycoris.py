@@ -1,5 +1,5 @@
-"""LyCORIS LoHa, LoKr, full, (IA)^3, OFT / BOFT and GLoRA layers in kohya-style files
-(``lora_unet_<module>.hada_w1_a``, ``.lokr_w1``, ``.diff``, ``.on_input``, ``.oft_blocks``, ``.a1.weight`` ...):
+"""LyCORIS LoHa, LoKr, full, (IA)^3, OFT / BOFT, GLoRA and norm layers in kohya-style files
+(``lora_unet_<module>.hada_w1_a``, ``.lokr_w1``, ``.diff``, ``.on_input``, ``.oft_blocks``, ``.a1.weight``, ``.w_norm``):
 the update each makes to its layer's weight, as LyCORIS's modules compute it in training and ComfyUI /
 AUTOMATIC1111 merge it (diffusers does not read these files).
 
@@ -28,7 +28,7 @@ divides by the original weight's norms, not by those of the weight plus the upda
 
 Each has the interface of ``fastdiff.lora.LoraLayer`` that merging uses: ``check(shape)``, ``delta(shape)``,
 ``magnitude`` (PEFT's DoRA: None here) and ``dora_scale``; (IA)^3, OFT and GLoRA, whose update reads the weight, give
-``update_of(weight, scale)`` instead of ``delta``, and full layers ``check_bias`` / ``bias_delta`` as well.
+``update_of(weight, scale)`` instead of ``delta``, and full and norm layers ``check_bias`` / ``bias_delta`` as well.
 """
 
 from __future__ import annotations
