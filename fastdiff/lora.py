@@ -16,7 +16,7 @@ Files (safetensors only; a folder means its ``pytorch_lora_weights.safetensors``
   ``lora_te_`` / ``lora_te1_`` / ``lora_te2_`` for the text encoders. Module names in diffusers' layout (SD 1.x /
   2.x), or in the original LDM layout (SDXL's ``input_blocks_...`` / ``middle_block_...`` / ``output_blocks_...``,
   mapped through the single-file reader's renaming); FLUX.1 files in BFL's layout (``lora_unet_double_blocks_...``,
-  ``fastdiff.lora_flux``).
+  ``fastdiff.lora_flux``). kohya's own OFT (``networks.oft``): ``oft_unet_<module>.oft_blocks`` / ``.alpha``.
 
 * LyCORIS in kohya's names (or ``lycoris_<module>``, LyCORIS's own wrapper around the network): LoCon (kohya's keys,
   a convolution's Tucker core in ``lora_mid.weight``), LoHa (``hada_*``), LoKr (``lokr_*``), full (``diff`` /
@@ -50,7 +50,8 @@ NETWORK_PREFIXES = ("unet", "transformer")
 TEXT_PREFIXES = ("text_encoder", "text_encoder_2", "text_encoder_3")
 KOHYA_PREFIXES = {"lora_unet": "network", "lora_te": "text_encoder", "lora_te1": "text_encoder",
                   "lora_te2": "text_encoder_2",
-                  "lycoris": "network"}  # (LyCORIS's own wrapper around one network: SD3 / FLUX.1 trainers write it)
+                  "lycoris": "network",  # (LyCORIS's own wrapper around one network: SD3 / FLUX.1 trainers write it)
+                  "oft_unet": "network"}  # (kohya's own OFT, sd-scripts' networks.oft: UNet layers only)
 
 
 @dataclass
@@ -235,7 +236,9 @@ def _read_kohya(state: dict) -> dict:
             raise UnsupportedConfigError("LoRA key", name, supported=KOHYA_KINDS)
         keys = dict(grouped[name])
         alpha, dora_scale = keys.pop("alpha", None), keys.pop("dora_scale", None)
-        layer = _kohya_layer(name, keys, None if alpha is None else _alpha(alpha, f"{name}.alpha"), dora_scale)
+        alpha = None if alpha is None else _alpha(alpha, f"{name}.alpha")
+        layer = _kohya_oft_layer(name, keys, alpha, dora_scale) if prefix == "oft_unet" else \
+            _kohya_layer(name, keys, alpha, dora_scale)
         if layer is None:
             raise UnsupportedConfigError("LoRA key", name, supported=KOHYA_KINDS)
         module, part = name[len(prefix) + 1:], KOHYA_PREFIXES[prefix]
@@ -252,7 +255,8 @@ def _read_kohya(state: dict) -> dict:
 KOHYA_KINDS = ("kohya keys lora_unet_* / lora_te*_* / lycoris_* with lora_down.weight, lora_up.weight "
                "(lora_mid.weight), alpha (and dora_scale), or LyCORIS's LoHa (hada_*) / LoKr (lokr_*) / full "
                "(diff, diff_b) / (IA)^3 (weight, on_input) / OFT, BOFT (oft_blocks, rescale) / GLoRA (a1.weight, "
-               "a2.weight, b1.weight, b2.weight) / norm (w_norm, b_norm)")
+               "a2.weight, b1.weight, b2.weight) / norm (w_norm, b_norm); kohya's OFT: oft_unet_* with oft_blocks, "
+               "alpha")
 LORA_SUFFIXES = ("lora_down.weight", "lora_up.weight", "lora_mid.weight")
 
 
@@ -275,6 +279,23 @@ def _kohya_layer(name: str, keys: dict, alpha: Optional[float], dora_scale: Opti
         raise UnsupportedConfigError("LoRA key", f"{name}.{unread[0]}", supported=KOHYA_KINDS + ", one kind per "
                                      "module")
     return layer
+
+
+def _kohya_oft_layer(name: str, keys: dict, alpha: Optional[float], dora_scale: Optional[torch.Tensor]):
+    """kohya's own OFT layer (``oft_unet_<module>.oft_blocks`` (n, b, b) and ``.alpha``, the constraint): its
+    output rows turned by the blocks' rotations, the bias untouched, as sd-scripts' ``OFTModule`` computes it."""
+    from .lora_lycoris import OFTLayer
+
+    unread = sorted(set(keys) - {"oft_blocks"}) + (["dora_scale"] if dora_scale is not None else [])
+    if unread or "oft_blocks" not in keys:
+        raise UnsupportedConfigError("LoRA key", f"{name}.{unread[0] if unread else '(no oft_blocks)'}",
+                                     supported="kohya's OFT (oft_unet_*): oft_blocks and alpha")
+    if keys["oft_blocks"].dim() != 3:
+        raise CheckpointError(f"LoRA: {name}.oft_blocks: kohya's OFT has blocks (n, b, b), found "
+                              f"{tuple(keys['oft_blocks'].shape)}")
+    if alpha is None:  # (sd-scripts writes it and cannot load a file without it)
+        raise CheckpointError(f"LoRA: {name}: kohya's OFT without its alpha (the constraint)")
+    return OFTLayer(keys["oft_blocks"], alpha, always_constrained=True)
 
 
 def layer_names(module: torch.nn.Module) -> dict:

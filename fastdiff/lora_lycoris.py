@@ -296,10 +296,12 @@ class OFTLayer:
     of alpha * out where it is larger (alpha 0 or none: no constraint). Diagonal OFT (blocks (n, b, b), n * b = out):
     each group of b rows becomes (scale * (R - I) + I)^T of them. Butterfly OFT (``BOFT``, blocks (m, n, b, b)): m
     stages, stage i pairing rows 2^i * b / 2 apart into blocks of b and turning each by scale * (R - I) + I. Then
-    each row times ``rescale``."""
+    each row times ``rescale``. kohya's own OFT (sd-scripts' ``networks.oft``, ``oft_unet_*`` files) is the diagonal
+    kind with ``always_constrained``: there the limit holds whatever alpha is (an alpha of 0: no rotation)."""
     blocks: torch.Tensor  # (n, b, b), or (m, n, b, b) for BOFT
     alpha: Optional[float] = None
     rescale: Optional[torch.Tensor] = None  # (out, 1, ...)
+    always_constrained: bool = False
     dora_scale = None
     magnitude = None
     KEYS: ClassVar[tuple] = OFT_KEYS
@@ -326,9 +328,11 @@ class OFTLayer:
         q = self.blocks.to(device, torch.float32)
         q = q - q.transpose(-1, -2)
         limit = (self.alpha or 0.0) * self.rows
-        norm = torch.linalg.norm(q) + 1e-8
-        if limit > 0 and norm > limit:
-            q = q * (limit / norm)
+        norm = torch.linalg.norm(q)
+        if self.always_constrained:  # (kohya's form of the same limit)
+            q = q * ((torch.clamp(norm, max=limit) + 1e-8) / (norm + 1e-8))
+        elif limit > 0 and norm + 1e-8 > limit:
+            q = q * (limit / (norm + 1e-8))
         eye = torch.eye(q.shape[-1], device=device)
         return (eye + q) @ torch.linalg.inv(eye - q)
 
