@@ -26,8 +26,8 @@ Files (safetensors only; a folder means its ``pytorch_lora_weights.safetensors``
 
 DoRA (PEFT's ``use_dora``: ``lora_magnitude_vector`` keys) merges as PEFT's merge does: W + scale * update, each
 output row rescaled to its magnitude over the norm of (the weight before any merge + the update); LyCORIS's DoRA
-(``dora_scale``, kohya's names) as LyCORIS computes it (``fastdiff.lora_lycoris.dora_merged``). Not read: LyCORIS's
-LyCORIS layers of FLUX.1 in BFL's layout, and ``.bin`` pickles.
+(``dora_scale``, kohya's names) as LyCORIS computes it (``fastdiff.lora_lycoris.dora_merged``). Not read: LyCORIS
+layers of FLUX.1 in BFL's layout, and ``.bin`` pickles.
 """
 
 from __future__ import annotations
