@@ -32,6 +32,12 @@ def _reference(folder, unet, text_encoder):
     return ref
 
 
+def tiny_pipeline_folder(root: str) -> tuple:
+    """A tiny SD pipeline saved in ``root``/pipe, with its diffusers UNet and text encoder (the references')."""
+    unet, text_encoder = _unet(16), clip_encoder(16)
+    return _save(_reference(root, unet, text_encoder), os.path.join(root, "pipe")), unet, text_encoder
+
+
 def _adapter(model, targets, r, alpha, seed, **extra):
     """A LoRA state for ``model`` in PEFT's names (random up and down weights on every layer whose name ends in one
     of ``targets``: Linear, or Conv2d with a kxk down and a 1x1 up), and its PEFT config."""
@@ -60,9 +66,8 @@ def parts(tmp_path_factory):
     saver = diffusers.StableDiffusionPipeline.save_lora_weights
     if "unet_lora_adapter_metadata" not in inspect.signature(saver).parameters:
         pytest.skip(f"diffusers {diffusers.__version__} writes no LoRA metadata (the alphas these files carry)")
-    root = str(tmp_path_factory.mktemp("lora"))
-    unet, text_encoder = _unet(16), clip_encoder(16)
-    folder = _save(_reference(root, unet, text_encoder), os.path.join(root, "pipe"))
+    folder, unet, text_encoder = tiny_pipeline_folder(str(tmp_path_factory.mktemp("lora")))
+    root = os.path.dirname(folder)
     unet_state, unet_config = _adapter(unet, UNET_TARGETS, r=4, alpha=8, seed=1)
     text_state, text_config = _adapter(text_encoder, TEXT_TARGETS, r=2, alpha=3, seed=2,
                                        alpha_pattern={"fc2": 5})

@@ -81,13 +81,9 @@ def test_each_layer_merges_to_what_kohyas_module_computes(kind, num_blocks, alph
 @pytest.fixture(scope="module")
 def pipeline_folder(tmp_path_factory):
     pytest.importorskip("diffusers", reason="a diffusers pipeline runs the reference modules")
-    from test_lora import _reference
-    from test_prompts import _save, _unet
-    from tiny_text import clip_encoder
+    from test_lora import tiny_pipeline_folder
 
-    root = str(tmp_path_factory.mktemp("kohya_oft"))
-    unet, text_encoder = _unet(16), clip_encoder(16)
-    return _save(_reference(root, unet, text_encoder), os.path.join(root, "pipe")), unet, text_encoder
+    return tiny_pipeline_folder(str(tmp_path_factory.mktemp("kohya_oft")))
 
 
 # what sd-scripts' OFTNetwork wraps with enable_all_linear and enable_conv: every Linear / Conv2d inside the

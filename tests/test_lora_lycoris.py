@@ -173,13 +173,9 @@ TEXT_NORMS = ["layer_norm1", "layer_norm2"]
 @pytest.fixture(scope="module")
 def pipeline_folder(tmp_path_factory):
     pytest.importorskip("diffusers", reason="a diffusers pipeline runs LyCORIS's modules (the reference)")
-    from test_lora import _reference
-    from test_prompts import _save, _unet
-    from tiny_text import clip_encoder
+    from test_lora import tiny_pipeline_folder
 
-    root = str(tmp_path_factory.mktemp("lycoris"))
-    unet, text_encoder = _unet(16), clip_encoder(16)
-    return _save(_reference(root, unet, text_encoder), os.path.join(root, "pipe")), unet, text_encoder
+    return tiny_pipeline_folder(str(tmp_path_factory.mktemp("lycoris")))
 
 
 @pytest.mark.parametrize("algo,conv_options", [("loha", dict(use_tucker=True)), ("lokr", dict(factor=4)),
