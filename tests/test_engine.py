@@ -366,6 +366,34 @@ def test_tensor_options_are_copied_at_submit_and_batch_by_value():
 
 
 
+def test_a_pil_image_option_is_copied_at_submit():
+    """An image prompt given as a PIL image is the request's as submitted: a caller that draws on its image after
+    submit changes neither that request nor a batch-mate that gave the image as it was (the batch runs the first
+    request's options)."""
+    from PIL import Image
+
+    class WithImage(FakePipeline):
+        def generate(self, ip_adapter_image=None, **kw):
+            out = FakePipeline.generate(self, **kw)
+            if ip_adapter_image is None:  # (the hold's requests)
+                return out
+            return out * float(ip_adapter_image[0].getpixel((0, 0))[0])
+
+    pipe = WithImage()
+    with Engine(pipe, max_batch=2, max_wait_ms=60_000) as engine:
+        hold = _held(engine, pipe, n=2)
+        buffer = Image.new("RGB", (4, 4), (10, 10, 10))
+        first = engine.submit(seed=1, steps=2, ip_adapter_image=[buffer])
+        buffer.paste((200, 200, 200), (0, 0, 4, 4))  # reused by the caller: the queued request keeps its 10s
+        second = engine.submit(seed=2, steps=2, ip_adapter_image=[Image.new("RGB", (4, 4), (10, 10, 10))])
+        pipe.gate.set()
+        hold.result(TIMEOUT)
+        outs = [first.result(TIMEOUT), second.result(TIMEOUT)]
+    for s, out in zip((1, 2), outs):
+        torch.testing.assert_close(out, _solo(dict(seed=s, steps=2)) * 10.0, atol=1e-5, rtol=0)
+    assert [c["seeds"] for c in pipe.calls if 1 in c["seeds"]] == [[1, 2]]  # equal pictures: one batch
+
+
 def test_options_inside_dicts_and_namedtuples_are_copied_and_closures_keep_working():
     """Tensors inside a dict or a namedtuple option are copied too; a function option whose closure holds something
     unhashable is keyed by identity (as before options were keyed by value); a set is refused by name."""

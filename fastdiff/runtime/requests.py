@@ -110,11 +110,16 @@ def _states_key(states: Optional[torch.Tensor]):
 
 
 def own_option(value):
-    """A ``submit`` option as the request keeps it: tensors and arrays (DDIM's ``sigmas_to``, say) copied, inside
-    lists and tuples too."""
+    """A ``submit`` option as the request keeps it: tensors, arrays (DDIM's ``sigmas_to``, say) and PIL images (an
+    image prompt, a mask: keyed by their pixels, so a caller that draws on its image after ``submit`` would change
+    the request, and its batch-mates', which run the first request's options) copied, inside lists and tuples too."""
+    from ..utils.keys import is_pil_image
+
     if torch.is_tensor(value):
         return value.detach().clone()
     if isinstance(value, np.ndarray):
+        return value.copy()
+    if is_pil_image(value):
         return value.copy()
     if isinstance(value, dict):
         return {k: own_option(v) for k, v in value.items()}

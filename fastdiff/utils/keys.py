@@ -27,7 +27,7 @@ def freeze(value):
         flat = value.detach().reshape(-1).cpu().contiguous()
         digest = hashlib.sha256(flat.view(torch.uint8).numpy().tobytes()).hexdigest()
         return ("tensor", tuple(value.shape), str(value.dtype), str(value.device), digest)
-    if _is_pil_image(value):  # (an Engine request's image prompt: equal pictures are one key; a palette is part)
+    if is_pil_image(value):  # (an Engine request's image prompt: equal pictures are one key; a palette is part)
         palette = value.getpalette()
         return ("pil", value.mode, value.size, hashlib.sha256(value.tobytes()).hexdigest(),
                 None if palette is None else hashlib.sha256(bytes(palette)).hexdigest(),
@@ -56,6 +56,6 @@ def by_identity(obj):
     return obj
 
 
-def _is_pil_image(value) -> bool:
+def is_pil_image(value) -> bool:
     """A PIL image, without importing Pillow for a value that cannot be one."""
     return type(value).__module__.startswith("PIL.") and hasattr(value, "tobytes") and hasattr(value, "mode")
