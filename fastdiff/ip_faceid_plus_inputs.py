@@ -17,6 +17,9 @@ With several adapters loaded, every adapter's features come through ``ip_adapter
 form, and ``ip_adapter_image`` / ``ip_adapter_clip_embeds`` are lists with one entry per adapter: the Face ID Plus
 adapters' faces (or states), None for the others. The two parts are packed into one tensor per image
 (``fastdiff.models.ip_faceid_plus.pack``), the form the UNet reads.
+
+A mixin of ``IPAdapterMixin`` (``fastdiff.pipeline_ip_adapter``), whose helpers it shares: ``_given_embeds``,
+``_with_negative``, ``_encode_ip_image`` and ``_black_image_states``.
 """
 
 from __future__ import annotations
@@ -26,45 +29,85 @@ import torch
 from .errors import BadArgumentError
 
 
-def features(pipe, image, embeds, clip_embeds, b: int, guided: bool) -> tuple:
-    """(positive, negative) (b, N, ...) features of every adapter (a pair of tuples for several), Face ID Plus ones
-    packed."""
-    from .models.ip_adapter import adapter_count, is_face_id_plus
-    from .models.ip_faceid_plus import pack
-    from .pipeline_ip_adapter import _per_adapter_result
+class FaceIDPlusInputs:
+    """``generate``'s image prompt with a Face ID Plus adapter among those loaded."""
 
-    count = adapter_count(pipe.model)
-    plus = [is_face_id_plus(p) for p in pipe.model.ip_projection]
-    if embeds is None:
-        raise BadArgumentError("ip_adapter_image_embeds: IP-Adapter Face ID Plus reads a face-recognition embedding "
-                               "(insightface's) beside the face crop's CLIP hidden states: expected "
-                               "ip_adapter_image_embeds, and ip_adapter_image or ip_adapter_clip_embeds; found no "
-                               "ip_adapter_image_embeds")
-    if (image is None) == (clip_embeds is None):
-        raise BadArgumentError(f"ip_adapter_image / ip_adapter_clip_embeds: IP-Adapter Face ID Plus reads the face "
-                               f"crop's CLIP penultimate hidden states: expected one of them (the face image, encoded "
-                               f"here, or its states), found {'both' if image is not None else 'neither'}")
-    listed = isinstance(embeds, (list, tuple))
-    pairs = pipe._given_embeds(embeds, count, guided)
-    given = _per_adapter_entries("ip_adapter_image" if image is not None else "ip_adapter_clip_embeds",
-                                 image if image is not None else clip_embeds, plus)
-    out = []
-    for i, ((positive, negative), entry) in enumerate(zip(pairs, given)):
-        positive, negative = pipe._with_negative(i, positive, negative, b, guided)  # (b, N, D) each
-        if not plus[i]:
-            out.append((positive, negative))
-            continue
-        if image is not None:
-            states, black = (e[None] for e in pipe._encode_ip_image(entry, i))  # (1, N, S, E) each
-        else:
-            states, black = _given_states(pipe, entry, i, listed and guided)
-        states = _per_sample(pipe, states, b, positive.shape[1], i)
-        if black is None:  # (the unconditional pass's: a black image's; unread without guidance)
-            black = (pipe._black_image_states()[None, None].expand(1, states.shape[1], -1, -1) if guided
-                     else torch.zeros_like(states))
-        black = _per_sample(pipe, black, b, positive.shape[1], i)
-        out.append((pack(positive, states), pack(negative, black)))
-    return _per_adapter_result(out)
+    def _face_id_plus_features(self, image, embeds, clip_embeds, b: int, guided: bool) -> tuple:
+        """(positive, negative) (b, N, ...) features of every adapter (a pair of tuples for several), Face ID Plus
+        ones packed."""
+        from .models.ip_adapter import adapter_count, is_face_id_plus
+        from .models.ip_faceid_plus import pack
+
+        count = adapter_count(self.model)
+        plus = [is_face_id_plus(p) for p in self.model.ip_projection]
+        if embeds is None:
+            raise BadArgumentError("ip_adapter_image_embeds: IP-Adapter Face ID Plus reads a face-recognition "
+                                   "embedding (insightface's) beside the face crop's CLIP hidden states: expected "
+                                   "ip_adapter_image_embeds, and ip_adapter_image or ip_adapter_clip_embeds; found "
+                                   "no ip_adapter_image_embeds")
+        if (image is None) == (clip_embeds is None):
+            raise BadArgumentError(f"ip_adapter_image / ip_adapter_clip_embeds: IP-Adapter Face ID Plus reads the "
+                                   f"face crop's CLIP penultimate hidden states: expected one of them (the face "
+                                   f"image, encoded here, or its states), found "
+                                   f"{'both' if image is not None else 'neither'}")
+        listed = isinstance(embeds, (list, tuple))
+        pairs = self._given_embeds(embeds, count, guided)
+        given = _per_adapter_entries("ip_adapter_image" if image is not None else "ip_adapter_clip_embeds",
+                                     image if image is not None else clip_embeds, plus)
+        out = []
+        for i, ((positive, negative), entry) in enumerate(zip(pairs, given)):
+            positive, negative = self._with_negative(i, positive, negative, b, guided)  # (b, N, D) each
+            if not plus[i]:
+                out.append((positive, negative))
+                continue
+            if image is not None:
+                states, black = (e[None] for e in self._encode_ip_image(entry, i))  # (1, N, S, E) each
+            else:
+                states, black = self._face_crop_states(entry, i, listed and guided)
+            states = self._face_states_per_sample(states, b, positive.shape[1], i)
+            if black is None:  # (the unconditional pass's: a black image's; unread without guidance)
+                black = (self._black_image_states()[None, None].expand(1, states.shape[1], -1, -1) if guided
+                         else torch.zeros_like(states))
+            black = self._face_states_per_sample(black, b, positive.shape[1], i)
+            out.append((pack(positive, states), pack(negative, black)))
+        return self._per_adapter_result(out)
+
+    @staticmethod
+    def _per_adapter_result(both: list) -> tuple:
+        """(positive, negative) per adapter -> one adapter's pair, or (positives, negatives) tuples of several."""
+        if len(both) == 1:
+            return both[0]
+        return tuple(p for p, _ in both), tuple(n for _, n in both)
+
+    def _face_crop_states(self, states, adapter: int, stacked: bool) -> tuple:
+        """(positive, negative or None) of ip_adapter_clip_embeds, (B or 1, N, S, E); ``stacked``: diffusers' tensor,
+        [negative; positive] on the batch."""
+        which = f" for IP-Adapter {adapter}" if len(self.model.ip_projection) > 1 else ""
+        if not torch.is_tensor(states) or not 2 <= states.dim() <= 4 or not states.is_floating_point():
+            raise BadArgumentError(f"ip_adapter_clip_embeds: expected a float tensor (S, E), (N, S, E) or "
+                                   f"(B, N, S, E) of the face crop's CLIP hidden states{which}, found "
+                                   f"{tuple(states.shape) if torch.is_tensor(states) else type(states).__name__}")
+        if not torch.isfinite(states).all():
+            raise BadArgumentError("ip_adapter_clip_embeds: expected finite values, found NaN or inf")
+        if not stacked:
+            return states.reshape((1,) * (4 - states.dim()) + tuple(states.shape)), None
+        if states.dim() != 4 or states.shape[0] % 2:
+            raise BadArgumentError(f"ip_adapter_clip_embeds: with guidance and ip_adapter_image_embeds in diffusers' "
+                                   f"list form, diffusers' clip_embeds stack the negative and positive states: "
+                                   f"expected (2B, N, S, E){which}, found {tuple(states.shape)}")
+        negative, positive = states.chunk(2)
+        return positive, negative
+
+    def _face_states_per_sample(self, states: torch.Tensor, b: int, images: int, adapter: int) -> torch.Tensor:
+        """(B or 1, N or 1, S, E) hidden states as (b, N, S, E) float32 on the pipeline's device, checked against the
+        face embeddings' N images and the adapter's width."""
+        width = self.model.ip_projection[adapter].clip_dim
+        if states.shape[0] not in (1, b) or states.shape[1] != images or states.shape[-1] != width \
+                or states.shape[2] == 0:
+            raise BadArgumentError(f"ip_adapter_clip_embeds / ip_adapter_image: expected the face crop's CLIP "
+                                   f"hidden states as (1 or {b} samples, {images} images (one per face embedding), "
+                                   f"S, {width}), found {tuple(states.shape)}")
+        return states.to(self.device, torch.float32).expand(b, images, *states.shape[2:])
 
 
 def _per_adapter_entries(name: str, given, plus: list) -> list:
@@ -82,35 +125,3 @@ def _per_adapter_entries(name: str, given, plus: list) -> list:
             raise BadArgumentError(f"{name}: expected {'an entry' if is_plus else 'None'} for IP-Adapter {i} ({why}), "
                                    f"found {'none' if entry is None else type(entry).__name__}")
     return list(given)
-
-
-def _given_states(pipe, states, adapter: int, stacked: bool) -> tuple:
-    """(positive, negative or None) of ip_adapter_clip_embeds, (B or 1, N, S, E); ``stacked``: diffusers' tensor,
-    [negative; positive] on the batch."""
-    which = f" for IP-Adapter {adapter}" if len(pipe.model.ip_projection) > 1 else ""
-    if not torch.is_tensor(states) or not 2 <= states.dim() <= 4 or not states.is_floating_point():
-        raise BadArgumentError(f"ip_adapter_clip_embeds: expected a float tensor (S, E), (N, S, E) or (B, N, S, E) of "
-                               f"the face crop's CLIP hidden states{which}, found "
-                               f"{tuple(states.shape) if torch.is_tensor(states) else type(states).__name__}")
-    if not torch.isfinite(states).all():
-        raise BadArgumentError("ip_adapter_clip_embeds: expected finite values, found NaN or inf")
-    if not stacked:
-        return states.reshape((1,) * (4 - states.dim()) + tuple(states.shape)), None
-    if states.dim() != 4 or states.shape[0] % 2:
-        raise BadArgumentError(f"ip_adapter_clip_embeds: with guidance and ip_adapter_image_embeds in diffusers' list "
-                               f"form, diffusers' clip_embeds stack the negative and positive states: expected "
-                               f"(2B, N, S, E){which}, found {tuple(states.shape)}")
-    negative, positive = states.chunk(2)
-    return positive, negative
-
-
-def _per_sample(pipe, states: torch.Tensor, b: int, images: int, adapter: int) -> torch.Tensor:
-    """(B or 1, N or 1, S, E) hidden states as (b, N, S, E) float32 on the pipeline's device, checked against the
-    face embeddings' N images and the adapter's width."""
-    width = pipe.model.ip_projection[adapter].clip_dim
-    if states.shape[0] not in (1, b) or states.shape[1] != images or states.shape[-1] != width \
-            or states.shape[2] == 0:
-        raise BadArgumentError(f"ip_adapter_clip_embeds / ip_adapter_image: expected the face crop's CLIP hidden "
-                               f"states as (1 or {b} samples, {images} images (one per face embedding), S, {width}), "
-                               f"found {tuple(states.shape)}")
-    return states.to(pipe.device, torch.float32).expand(b, images, *states.shape[2:])

@@ -21,9 +21,10 @@ from typing import Optional
 import torch
 
 from .errors import BadArgumentError
+from .ip_faceid_plus_inputs import FaceIDPlusInputs
 
 
-class IPAdapterMixin:
+class IPAdapterMixin(FaceIDPlusInputs):
     """What ``Pipeline`` needs: ``model``, ``spec``, ``config``, ``device``, ``_network_dtype()``,
     ``_rebuild_runner()``."""
 
@@ -162,9 +163,7 @@ class IPAdapterMixin:
 
         count = ip_adapter.adapter_count(self.model) if self.model is not None else 0
         if count and any(ip_adapter.is_face_id_plus(p) for p in self.model.ip_projection):
-            from .ip_faceid_plus_inputs import features
-
-            return features(self, image, embeds, clip_embeds, b, guided)
+            return self._face_id_plus_features(image, embeds, clip_embeds, b, guided)
         if clip_embeds is not None:
             raise BadArgumentError("ip_adapter_clip_embeds: the CLIP hidden states of IP-Adapter Face ID Plus's face "
                                    "crop, and no Face ID Plus adapter is loaded")
@@ -182,7 +181,7 @@ class IPAdapterMixin:
                      for i, one in enumerate(_per_adapter(image, count))]
         else:
             pairs = self._given_embeds(embeds, count, guided)
-        return _per_adapter_result([self._with_negative(i, positive, negative, b, guided)
+        return self._per_adapter_result([self._with_negative(i, positive, negative, b, guided)
                                     for i, (positive, negative) in enumerate(pairs)])
 
     def _given_embeds(self, embeds, count: int, guided: bool) -> list:
@@ -346,13 +345,6 @@ def _set_shortcuts(projections: list, sources: list, shortcut: Optional[bool], s
                                    f"{name or 'a state dict'!r}: no 'plusv2' in its name); expected "
                                    f"faceid_shortcut=True beside it")
         projection.set_shortcut(on, scale)
-
-
-def _per_adapter_result(both: list) -> tuple:
-    """(positive, negative) per adapter -> one adapter's pair, or (positives, negatives) tuples of several."""
-    if len(both) == 1:
-        return both[0]
-    return tuple(p for p, _ in both), tuple(n for _, n in both)
 
 
 def _per_adapter(image, count: int) -> list:
