@@ -444,16 +444,18 @@ def export_onnx(pipe_or_model, spec: Optional[ModelSpec], path: str, *, opset: i
         raise BadArgumentError(f"dtype must be one of {tuple(DTYPES)}, found {dtype!r}")
     if fp16_io and dtype != "fp16":
         raise BadArgumentError("fp16_io=True needs dtype='fp16' (an fp32 graph has fp32 inputs/outputs)")
-    if not isinstance(batch, int) or batch < 1:
-        raise BadArgumentError(f"batch must be a positive int, found {batch!r}")
+    for name, value in (("batch", batch), ("height", height), ("width", width)):
+        if (value is not None or name == "batch") and not positive_int(value):
+            raise BadArgumentError(f"{name} must be a positive int{'' if name == 'batch' else ' or None'}, found "
+                                   f"{value!r}")
     if spec.kind not in ("unet", "dit", "mmdit", "flux"):
         raise UnsupportedConfigError("kind", spec.kind, supported=["unet", "dit", "mmdit", "flux"], model="ONNX exporter")
     from fastdiff.utils.atomic import check_file_path, usual_permissions
 
     path = os.fspath(path)
     parent = check_file_path(path)  # a folder, a missing or unwritable one: refused before any work
-    h = int(height or spec.sample_size[0])
-    w = int(width or spec.sample_size[1])
+    h = int(spec.sample_size[0] if height is None else height)
+    w = int(spec.sample_size[1] if width is None else width)
     if spec.kind == "dit":
         if dynamic_hw:
             raise BadArgumentError("dynamic_hw=True is not possible for a DiT: its position table fixes the "
@@ -487,6 +489,7 @@ def export_onnx(pipe_or_model, spec: Optional[ModelSpec], path: str, *, opset: i
             wrapper = _CFGGraphModule(ref_model, names, compute, io_dtype, io["guided_channels"], spec.null_class)
         else:
             wrapper = _GraphModule(ref_model, names, compute, io_dtype)
+        modes = {m: m.training for m in ref_model.modules()}  # (put back after: ref_model may be the caller's)
         wrapper.eval()
         # Trace at batch >= 2 so that nothing batch-1 specific (an expand of a size-1 axis) is baked in.
         trace_b = max(batch, 2) if dynamic_batch else batch
@@ -513,6 +516,10 @@ def export_onnx(pipe_or_model, spec: Optional[ModelSpec], path: str, *, opset: i
 
             bar.set("validate")
             proto = onnx.load(raw)  # pulls in any external data torch wrote
+            # the exporter drops an input the graph never reads (a pooling ControlNet's control_guess): the stored
+            # interface lists the graph's own
+            kept = {i.name for i in proto.graph.input}
+            io["inputs"] = [entry for entry in io["inputs"] if entry[0] in kept]
             # a graph traced at a fixed height / width other than the spec's runs at that size only: its stored
             # spec says so, so a pipeline loaded from it samples at the size the graph takes
             stored = spec if dynamic_hw or (h, w) == tuple(spec.sample_size) else \
@@ -540,35 +547,57 @@ def export_onnx(pipe_or_model, spec: Optional[ModelSpec], path: str, *, opset: i
             bar.update()
 
             bar.set("write")
-            files = [path]
+            files = [path] + ([path + ".data"] if use_ext else [])
             if use_ext:
-                # the previous graph out of the way, then data, then graph: an interruption leaves the previous export
-                # (its graph put back while its weights are still there) or no graph, never the previous graph beside
-                # the new weights (set aside in a folder of its own: a graph named previous.onnx must not land on the
-                # staged one)
-                aside = os.path.join(tmp, "previous", os.path.basename(path))
-                try:
-                    if os.path.exists(path):
-                        os.makedirs(os.path.dirname(aside), exist_ok=True)
-                        os.replace(path, aside)
-                    usual_permissions(os.path.join(tmp, data_name), 0o666)  # (onnx writes it owner-only)
-                    os.replace(os.path.join(tmp, data_name), path + ".data")
-                except BaseException:
-                    if os.path.exists(aside) and not os.path.exists(path):
-                        os.replace(aside, path)
-                    raise
-                files.append(path + ".data")
-            usual_permissions(staged, 0o666)
-            os.replace(staged, path)
+                _install_with_data(staged, os.path.join(tmp, data_name), path, os.path.join(tmp, "previous"))
+            else:
+                usual_permissions(staged, 0o666)
+                os.replace(staged, path)
             if not use_ext and os.path.exists(path + ".data"):
                 with contextlib.suppress(OSError):  # a stale data file of an earlier large export, once no graph
                     os.remove(path + ".data")       # at the path needs it
             bar.update()
     finally:
         bar.close()
+        for m, training in (modes if "modes" in locals() else {}).items():
+            m.training = training
     size = sum(os.path.getsize(f) for f in files)
     return ExportResult(path=path, size_bytes=size, seconds=time.perf_counter() - t_start, max_abs_err=max_abs,
                         max_rel_err=max_rel, check_note=note, files=files, io=io)
+
+
+def positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _install_with_data(staged: str, staged_data: str, path: str, aside_dir: str) -> None:
+    """A graph and its external-data file into place. Two renames cannot be one atomic step, so the previous export
+    (graph and data) is first set aside, in a folder of its own (a graph named previous.onnx must not land on the
+    staged one): an interruption at any point puts both of its files back, and neither the previous graph beside
+    the new weights nor a lone data file is ever left."""
+    from fastdiff.utils.atomic import usual_permissions
+
+    os.makedirs(aside_dir, exist_ok=True)
+    old_graph, old_data = os.path.join(aside_dir, "graph"), os.path.join(aside_dir, "data")
+    new_data_in = False
+    try:
+        if os.path.exists(path):
+            os.replace(path, old_graph)
+        if os.path.exists(path + ".data"):
+            os.replace(path + ".data", old_data)
+        usual_permissions(staged_data, 0o666)  # (onnx writes it owner-only)
+        os.replace(staged_data, path + ".data")
+        new_data_in = True
+        usual_permissions(staged, 0o666)
+        os.replace(staged, path)
+    except BaseException:
+        if os.path.exists(old_data):  # (over the new weights, if they moved in)
+            os.replace(old_data, path + ".data")
+        elif new_data_in:  # the new weights, without their graph
+            os.remove(path + ".data")
+        if os.path.exists(old_graph):
+            os.replace(old_graph, path)
+        raise
 
 
 def _torch_export(module, args, f, opset, names, dynamic_axes, output_names=("out_sample",)):
@@ -632,7 +661,14 @@ def _read_metadata(path_or_bytes) -> dict:
     import onnx
 
     if isinstance(path_or_bytes, (bytes, bytearray)):
-        proto = onnx.load_from_string(bytes(path_or_bytes))
+        try:
+            proto = onnx.load_from_string(bytes(path_or_bytes))
+        except Exception as e:
+            raise CorruptCheckpointError(f"expected an ONNX model, found {len(path_or_bytes)} bytes in memory onnx "
+                                         f"cannot parse ({e.__class__.__name__}): damaged, or not ONNX") from e
+        if not proto.graph.node and not proto.metadata_props:
+            raise CorruptCheckpointError(f"expected an ONNX model, found {len(path_or_bytes)} bytes in memory holding "
+                                         f"no graph: empty or truncated")
     else:
         path = os.fspath(path_or_bytes)
         if not os.path.isfile(path):
@@ -654,13 +690,29 @@ def read_onnx_spec(path_or_bytes) -> ModelSpec:
     if META_SPEC not in meta:
         raise BadArgumentError("expected an ONNX model exported by fastdiff (metadata_props "
                                f"'{META_SPEC}'), found metadata keys {sorted(meta)}")
-    return ModelSpec.from_dict(json.loads(meta[META_SPEC]))
+    stored = _metadata_json(meta, META_SPEC)
+    try:
+        return ModelSpec.from_dict(stored)
+    except (TypeError, KeyError, ValueError) as e:
+        raise CorruptCheckpointError(f"ONNX metadata {META_SPEC!r}: expected the model spec fastdiff wrote, found "
+                                     f"one that does not read ({e.__class__.__name__}: {e})") from e
 
 
 def read_onnx_io(path_or_bytes) -> dict:
     """The graph interface stored by ``export_onnx`` (inputs, dtypes, cfg_folded, ...), or {}."""
     meta = _read_metadata(path_or_bytes)
-    return json.loads(meta[META_IO]) if META_IO in meta else {}
+    return _metadata_json(meta, META_IO) if META_IO in meta else {}
+
+
+def _metadata_json(meta: dict, key: str) -> dict:
+    try:
+        value = json.loads(meta[key])
+    except json.JSONDecodeError as e:
+        raise CorruptCheckpointError(f"ONNX metadata {key!r}: expected the JSON object fastdiff wrote, found text "
+                                     f"that does not parse ({e})") from e
+    if not isinstance(value, dict):
+        raise CorruptCheckpointError(f"ONNX metadata {key!r}: expected a JSON object, found {type(value).__name__}")
+    return value
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -135,13 +135,18 @@ def make_profiles(onnx_path: str, batch=None, height=None, width=None, sequence=
         if control and ranges[axis] is not None:
             ranges["control_" + axis] = tuple(v * control["image_downscale"] for v in ranges[axis])
     profiles, dynamic = {}, set()
-    for name, dims in onnx_input_dims(onnx_path).items():
+    dims_of = onnx_input_dims(onnx_path)
+    fixed = (dims_of.get("sample") or [None])[0]
+    # timestep / guidance_scale: (1,) or one per sample, and the runners send one per sample: up to the graph's own
+    # batch where it fixed one
+    per_sample = (1, fixed, fixed) if isinstance(fixed, int) and fixed > 0 else (1, b[1], b[2])
+    for name, dims in dims_of.items():
         mins, opts, maxs = [], [], []
         for i, d in enumerate(dims):
             if isinstance(d, int) and d > 0:
                 r = (d, d, d)
-            elif isinstance(d, str) and d.endswith("_batch"):  # timestep / guidance_scale: (1,) or (B,)
-                r = (1, b[1], b[2])
+            elif isinstance(d, str) and d.endswith("_batch"):
+                r = per_sample
             elif d in ranges and ranges[d] is not None:
                 r = ranges[d]
                 dynamic.add(d)
@@ -150,7 +155,7 @@ def make_profiles(onnx_path: str, batch=None, height=None, width=None, sequence=
                                        f"(--height / --width for a dynamic-resolution graph)")
             mins.append(r[0]), opts.append(r[1]), maxs.append(r[2])
         profiles[name] = (tuple(mins), tuple(opts), tuple(maxs))
-    if sequence is not None and not any(d == "sequence" for dims in onnx_input_dims(onnx_path).values() for d in dims):
+    if sequence is not None and not any(d == "sequence" for dims in dims_of.values() for d in dims):
         raise BadArgumentError(f"sequence: a text-length profile given ({sequence}), found a graph with no text input")
     given = {"batch": batch is not None, "height": True, "width": True}
     for axis in ("batch", "height", "width"):  # a range over an axis the graph fixed would be silently one size

@@ -678,6 +678,14 @@ def test_a_pooling_controlnet_guides_the_conditional_pass_only(parts, tmp_path):
 
     export_onnx(pipe, None, str(exported), progress=False, check=False)
     assert rel_err(fastdiff.load(str(exported)).generate(control_image=image, **kw), want) <= 1e-5
+    # the stored interface is the graph's own: the exporter drops control_guess, which a pooling ControlNet never
+    # reads (a runtime feeding the metadata's inputs got "Invalid input name")
+    import onnx
+    from fastdiff.export.onnx import read_onnx_io
+
+    graph_inputs = [i.name for i in onnx.load(str(exported)).graph.input]
+    assert [n for n, _ in read_onnx_io(str(exported))["inputs"]] == graph_inputs
+    assert "control_guess" not in graph_inputs and "control_scale" in graph_inputs
 
 
 def test_control_tensors_are_read_as_they_are_and_nested_lists_are_per_sample(parts, tmp_path):

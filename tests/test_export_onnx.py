@@ -318,43 +318,43 @@ def test_interrupted_export_keeps_the_previous_file(pipes, tmp_path, monkeypatch
     assert os.listdir(tmp_path) == ["model.onnx"]
 
 
-def test_an_interrupted_overwrite_never_pairs_the_old_graph_with_new_weights(pipes, tmp_path, monkeypatch):
-    """Overwriting an external-data export: interrupted between its two renames, the folder holds no graph (or the
-    previous pair), never the previous graph beside the new weights."""
-    path = str(tmp_path / "ext.onnx")
-    export_onnx(pipes["arch:tiny-dit"], None, path, external_data=True, check=False, progress=False)
-    real_replace, seen = os.replace, []
-
-    def replace(src, dst):
-        seen.append(dst)
-        if dst == path and len(seen) > 1:  # the new graph's rename, after the data's
-            raise KeyboardInterrupt("simulated interruption")
-        real_replace(src, dst)
-
-    monkeypatch.setattr(os, "replace", replace)
-    with pytest.raises(KeyboardInterrupt):
-        export_onnx(pipes["arch:tiny-unet"], None, path, external_data=True, check=False, progress=False)
-    assert path + ".data" in seen  # the interruption came after the new weights were in place
-    assert sorted(os.listdir(tmp_path)) == ["ext.onnx.data"]  # no graph at the path: nothing loads them wrongly
-
-
-def test_an_overwrite_interrupted_before_its_weights_move_keeps_the_previous_export(pipes, tmp_path, monkeypatch):
-    """Interrupted while the new weights move into place, the previous graph comes back beside its own weights (it
-    was deleted with the staging folder before: a review)."""
+@pytest.mark.parametrize("interrupted_at", [1, 2, 3, 4])
+def test_an_interrupted_overwrite_keeps_the_previous_export(pipes, tmp_path, monkeypatch, interrupted_at):
+    """Overwriting an external-data export takes four renames (the previous graph and data aside, the new data and
+    graph in): interrupted at any of them, the previous graph and weights are back, byte for byte (a review: at the
+    last one the previous graph was lost with the staging folder and its weights overwritten)."""
     path = str(tmp_path / "ext.onnx")
     export_onnx(pipes["arch:tiny-dit"], None, path, external_data=True, check=False, progress=False)
     before = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
-    real_replace = os.replace
+    real_replace, seen = os.replace, []
 
     def replace(src, dst):
-        if dst == path + ".data":
-            raise KeyboardInterrupt("simulated interruption")
+        if path in (os.fspath(src), os.fspath(dst)) or path + ".data" in (os.fspath(src), os.fspath(dst)):
+            seen.append((src, dst))
+            if len(seen) == interrupted_at:
+                raise KeyboardInterrupt("simulated interruption")
         real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", replace)
     with pytest.raises(KeyboardInterrupt):
         export_onnx(pipes["arch:tiny-unet"], None, path, external_data=True, check=False, progress=False)
     assert {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)} == before
+
+
+def test_a_first_external_data_export_interrupted_leaves_nothing(pipes, tmp_path, monkeypatch):
+    """With no previous export, an interruption between the data's rename and the graph's leaves no lone weights."""
+    path = str(tmp_path / "ext.onnx")
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if os.fspath(dst) == path:
+            raise KeyboardInterrupt("simulated interruption")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        export_onnx(pipes["arch:tiny-dit"], None, path, external_data=True, check=False, progress=False)
+    assert os.listdir(tmp_path) == []
 
 
 def test_overwriting_an_external_data_export_named_previous_onnx(pipes, tmp_path):
@@ -393,10 +393,51 @@ def test_bad_input(pipes, tmp_path):
     # a module with a spec that does not fit it: the trace fails and says so
     with pytest.raises(UnsupportedConfigError, match="torch.onnx.export failed"):
         export_onnx(torch.nn.Linear(2, 2), pipe.spec, str(tmp_path / "a.onnx"), progress=False)
+    for name, value in (("batch", True), ("batch", 0), ("height", 0), ("height", -4), ("width", 3.7)):
+        with pytest.raises(BadArgumentError, match=f"{name} must be a positive int"):
+            export_onnx(pipe, None, str(tmp_path / "a.onnx"), progress=False, **{name: value})
     assert os.listdir(tmp_path) == []
     with pytest.raises(BadArgumentError, match="no such ONNX file"):
         OnnxRuntimeRunner(str(tmp_path / "nope.onnx"), device="cpu")
     assert issubclass(BadArgumentError, FastdiffError)
+
+
+def test_export_leaves_the_callers_model_in_its_mode(pipes, tmp_path):
+    """The export traces in eval mode; a model the caller had in training mode stays so (a review: it came back in
+    eval mode)."""
+    model = pipes["arch:tiny-dit"].model
+    model.train()
+    try:
+        export_onnx(pipes["arch:tiny-dit"], None, str(tmp_path / "a.onnx"), check=False, progress=False)
+        assert model.training and all(m.training for m in model.modules())
+    finally:
+        model.eval()
+    export_onnx(pipes["arch:tiny-dit"], None, str(tmp_path / "b.onnx"), check=False, progress=False)
+    assert not any(m.training for m in model.modules())
+
+
+def test_damaged_bytes_and_metadata_are_corrupt_checkpoints(exported, tmp_path):
+    """Bytes that are no ONNX model, and fastdiff metadata that does not parse, are CorruptCheckpointErrors (they were
+    protobuf's DecodeError and json's JSONDecodeError)."""
+    import onnx
+
+    from fastdiff.errors import CorruptCheckpointError
+
+    for content in (b"", b"\x00\xffnot an onnx file at all" * 4):
+        with pytest.raises(CorruptCheckpointError, match=f"found {len(content)} bytes in memory"):
+            read_onnx_spec(content)
+        with pytest.raises(CorruptCheckpointError, match="in memory"):
+            OnnxRuntimeRunner(content, device="cpu")
+    for key, text in (("fastdiff.spec", "{not json"), ("fastdiff.io", "[1, 2"), ("fastdiff.spec", '{"kind": 3, '
+                                                                                                    '"bogus": 1}')):
+        proto = onnx.load(exported["arch:tiny-dit"][0].path)
+        next(p for p in proto.metadata_props if p.key == key).value = text
+        path = str(tmp_path / "damaged.onnx")
+        onnx.save_model(proto, path)
+        with pytest.raises(FastdiffError, match=f"ONNX metadata '{key}'|bogus"):
+            read_onnx_spec(path) if key == "fastdiff.spec" else read_onnx_io(path)
+        with pytest.raises(FastdiffError):
+            fastdiff.load(path)
 
 
 def test_unwritable_folder(pipes, tmp_path, monkeypatch):

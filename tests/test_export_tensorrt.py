@@ -96,6 +96,13 @@ def test_a_range_over_a_fixed_axis_is_refused(graphs, tmp_path):
     with pytest.raises(BadArgumentError, match="batch: a MIN:OPT:MAX range .1:2:4. needs a dynamic batch"):
         make_profiles(static, batch="1:2:4")
     assert make_profiles(static)["sample"][0][0] == 2  # no batch asked for: the graph's own
+    # the runners send one timestep per sample: the graph's batch of them fits its profile (review: it read 1:1:4)
+    assert make_profiles(static)["timestep"] == ((1,), (2,), (2,))
+    static8 = str(tmp_path / "static8.onnx")
+    export_onnx(fastdiff.load("arch:tiny-dit"), None, static8, dynamic_batch=False, batch=8, cfg_folded=True,
+                check=False, progress=False)
+    assert {n: p[2] for n, p in make_profiles(static8).items() if n in ("timestep", "guidance_scale")} == {
+        "timestep": (8,), "guidance_scale": (8,)}
     assert make_profiles(graphs["arch:tiny-sd-unet"], height=8, width=8)["sample"][2][0] == 4  # the default 1:1:4
     with pytest.raises(BadArgumentError, match="a text-length profile given .* found a graph with no text input"):
         make_profiles(static, sequence="1:16:32")

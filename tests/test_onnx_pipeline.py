@@ -25,6 +25,33 @@ def test_load_onnx_and_sample(tmp_path):
         onnx_pipe.save(str(tmp_path / "again"))
 
 
+def test_load_onnx_takes_the_sampling_overrides(tmp_path):
+    """prediction_type= and scheduler= apply to a loaded graph as to any checkpoint (a review: they were silently
+    ignored); dtype= may name the graph's own precision only."""
+    import torch
+
+    from fastdiff.export.onnx import export_onnx
+
+    pipe = fastdiff.load("arch:tiny-sd-unet")
+    path = str(tmp_path / "sd.onnx")
+    export_onnx(pipe, pipe.spec, path, check=False, progress=False)
+    states = torch.randn(1, 7, 32, generator=torch.Generator().manual_seed(0))
+    kw = dict(seeds=[1], steps=3, progress=False, encoder_hidden_states=states)
+    v = fastdiff.load(path, prediction_type="v_prediction")
+    assert v.spec.prediction_type == "v_prediction"
+    assert rel_err(v.generate(**kw), fastdiff.load("arch:tiny-sd-unet", prediction_type="v_prediction").generate(
+        **kw)) <= 1e-5
+    ddim = dict(_class_name="DDIMScheduler", beta_schedule="linear", beta_start=0.001, beta_end=0.02,
+                num_train_timesteps=1000)
+    assert rel_err(fastdiff.load(path, scheduler=ddim).generate(**kw),
+                   fastdiff.load("arch:tiny-sd-unet", scheduler=ddim).generate(**kw)) <= 1e-5
+    with pytest.raises(BadArgumentError, match="prediction_type: expected"):
+        fastdiff.load(path, prediction_type="bogus")
+    with pytest.raises(BadArgumentError, match="exported in fp32"):
+        fastdiff.load(path, dtype="fp16")
+    assert fastdiff.load(path, dtype=torch.float32).spec == pipe.spec
+
+
 def test_optimize_onnxruntime_backend_equals_eager():
     eager = fastdiff.load("arch:tiny-dit")
     ort = fastdiff.load("arch:tiny-dit").optimize(backend="onnxruntime")

@@ -285,6 +285,9 @@ def test_fp16_export_of_a_vae_that_needs_float32_is_refused(tmp_path):
     pipe = fastdiff.load("arch:tiny-dit", vae=str(tmp_path / "vae"))
     with pytest.raises(BadArgumentError, match="force_upcast"):
         export_vae_onnx(pipe, str(tmp_path / "x.onnx"), dtype="fp16")
+    for name, value in (("batch", 0), ("batch", -1), ("batch", True), ("height", 0), ("width", 2.5)):
+        with pytest.raises(BadArgumentError, match=f"{name} must be a positive int"):
+            export_vae_onnx(pipe, str(tmp_path / "x.onnx"), **{name: value})
     assert not (tmp_path / "x.onnx").exists()
 
 

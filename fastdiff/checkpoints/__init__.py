@@ -94,6 +94,8 @@ def load(path: str, device="cpu", dtype: Optional[torch.dtype] = None, *, varian
         from ..export.onnx import read_onnx_spec
 
         spec = read_onnx_spec(path)
+        _check_graph_dtype(path, dtype)
+        _override_sampling(spec, scheduler, prediction_type)
         return Pipeline(None, spec, device=device, runner=OnnxRuntimeRunner(path, device=device, spec=spec),
                         vae=_upscaler_vae(_pick_vae(vae, None, device), spec),
                         prompt_encoder=_pick_prompt_encoder(text_encoder, None, spec, device, dtype))
@@ -213,6 +215,20 @@ def _pick_prompt_encoder(requested, own_folder, spec, device, dtype, variant=Non
                                   f"{', '.join(m + '/' for m in missing_parts(folder, family))} (each with its "
                                   f"tokenizer folder), found none")
     return None if found is None else found.to(device, dtype or torch.float32)
+
+
+def _check_graph_dtype(path: str, dtype) -> None:
+    """An exported graph runs in the precision it was exported in: ``dtype=`` (which also sets the text encoders')
+    may name that one, not another."""
+    if dtype is None:
+        return
+    from ..export.onnx import read_onnx_io
+    from ..runtime.config import DTYPES
+
+    exported = read_onnx_io(path).get("dtype", "fp32")
+    if DTYPES.get(exported) != dtype:
+        raise BadArgumentError(f"dtype={dtype}: {path} is a graph exported in {exported}, which it runs in; expected "
+                               f"dtype=None or {DTYPES.get(exported)} (export again for another precision)")
 
 
 def _refuse_options(given: dict, accepted, path: str, kind: Optional[str] = None) -> None:
