@@ -17,7 +17,14 @@ from fastdiff.errors import CheckpointError, UnsupportedConfigError
 from fastdiff.lora import read_lora
 from helpers import rel_err
 
-lycoris = pytest.importorskip("lycoris", reason="LyCORIS's modules are the reference (pip install lycoris-lora)")
+try:
+    import lycoris  # noqa: E402
+    import lycoris.modules  # noqa: E402,F401
+except ImportError:
+    pytest.skip("LyCORIS's modules are the reference (pip install lycoris-lora)", allow_module_level=True)
+except Exception as e:  # pragma: no cover - lycoris-lora 4.1 registers custom ops torch < 2.6 cannot read
+    pytest.skip(f"lycoris-lora does not import with torch {torch.__version__}: {type(e).__name__}: "
+                f"{str(e).splitlines()[0][:120]}", allow_module_level=True)
 
 
 def _module(algo: str, name: str, layer: nn.Module, rank: int, alpha: float, multiplier: float = 1.0,
