@@ -103,7 +103,9 @@ def read_torch_file(path: str, map_location: str = "cpu") -> object:
             raise CorruptCheckpointError(f"{path} is {_size(path)} bytes: too short to be a torch checkpoint")
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
-            return torch.load(path, map_location=map_location, weights_only=True, mmap=_mmap_ok(path))
+            # (read into memory, not mapped: a mapped file's pages stay the tensors' storage, so a model assigned
+            # them would change when the file is saved over, a training run's checkpoint say, and fault if it shrank)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=False)
     except pickle.UnpicklingError as e:
         # a real pickle naming a class or function the weights-only reader will not build ("Unsupported global:
         # GLOBAL x", "unsupported GLOBAL posix.system whose module posix is blocked"); any other refusal is a
@@ -271,10 +273,6 @@ def _non_tensor_entry(obj) -> Optional[str]:
         if not isinstance(v, torch.Tensor):
             return f"{k!r}: a {type(v).__name__}"
     return None
-
-
-def _mmap_ok(path: str) -> bool:
-    return zipfile.is_zipfile(path)
 
 
 def _size(path: str) -> Optional[int]:

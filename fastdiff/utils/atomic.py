@@ -68,6 +68,7 @@ def atomic_dir(path: str):
     """Yield a temp folder; on success it replaces ``path`` (an old folder there is removed last)."""
     parent = _check_parent(path)
     tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(os.path.normpath(path)) + "-", dir=parent)
+    old = None
     try:
         yield tmp
         usual_permissions(tmp, 0o777)
@@ -76,13 +77,17 @@ def atomic_dir(path: str):
                 usual_permissions(os.path.join(root, d), 0o777)
             for f in files:
                 usual_permissions(os.path.join(root, f), 0o666)
-        old = None
         if os.path.exists(path):
             old = tempfile.mkdtemp(prefix=".old-", dir=parent)
             os.replace(path, os.path.join(old, "x"))
         os.replace(tmp, path)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
+        # (interrupted between the two renames: the previous folder goes back where it was)
+        if old is not None and os.path.exists(os.path.join(old, "x")) and not os.path.exists(path):
+            os.replace(os.path.join(old, "x"), path)
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
         raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
