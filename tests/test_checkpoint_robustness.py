@@ -342,3 +342,130 @@ def test_a_loaded_torch_file_can_be_saved_over(tmp_path):
     assert all(torch.equal(v, before[k]) for k, v in pipe.model.state_dict().items())
     torch.save({"x": torch.zeros(1)}, path)  # a shorter file
     assert torch.isfinite(pipe.generate(seeds=[1], class_labels=[0], steps=2, progress=False)).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# from a review of the loaders (each loaded silently, or failed with a raw Python error, before)
+# ---------------------------------------------------------------------------------------------------------------
+
+def _dit_state():
+    return fastdiff.load("arch:tiny-dit").model.state_dict()
+
+
+def test_which_weights_of_a_training_checkpoint_were_read_is_noted(tmp_path):
+    sd = _dit_state()
+    torch.save({"ema": sd, "model": {k: v * 2 for k, v in sd.items()}}, tmp_path / "both.pt")
+    torch.save({"model": sd}, tmp_path / "model.pt")
+    both, model = (fastdiff.load(str(tmp_path / n), num_heads=2).spec.notes for n in ("both.pt", "model.pt"))
+    assert "the checkpoint's 'ema' weights were loaded (its 'model' not)" in both
+    assert "the checkpoint has no 'ema' weights: its 'model' (training) weights were loaded" in model
+
+
+def test_a_state_dict_with_keys_that_are_no_names_is_corrupt(tmp_path):
+    torch.save({**_dit_state(), 1: torch.zeros(1)}, tmp_path / "keys.pt")
+    with pytest.raises(CorruptCheckpointError, match="keys are parameter names .* found the key 1 .int."):
+        fastdiff.load(str(tmp_path / "keys.pt"))
+
+
+def test_a_damaged_record_of_a_torch_zip_is_corrupt(tmp_path):
+    """torch.load does not check the records' CRC-32: bytes changed in place (not cut short) loaded as altered
+    weights."""
+    import zipfile
+
+    path = tmp_path / "dit.pt"
+    torch.save(_dit_state(), path)
+    with zipfile.ZipFile(path) as z:
+        info = max(z.infolist(), key=lambda i: i.file_size)
+    data = bytearray(path.read_bytes())
+    start = info.header_offset + 30 + len(info.filename) + len(info.extra) + info.file_size // 2
+    data[start:start + 8] = bytes(b ^ 0xFF for b in data[start:start + 8])
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpointError, match="does not match its CRC-32"):
+        fastdiff.load(str(path), num_heads=2)
+
+
+def test_a_cast_that_overflows_the_asked_dtype_is_refused(tmp_path):
+    sd = _dit_state()
+    name = next(k for k, v in sd.items() if v.is_floating_point() and v.dim() == 2)
+    sd[name] = sd[name].clone()
+    sd[name][0, 0] = 1e5  # finite in float32, beyond float16's 65504
+    torch.save(sd, tmp_path / "big.pt")
+    with pytest.raises(fastdiff.errors.BadArgumentError, match=f"dtype=torch.float16: .*{name}"):
+        fastdiff.load(str(tmp_path / "big.pt"), num_heads=2, dtype=torch.float16)
+    assert fastdiff.load(str(tmp_path / "big.pt"), num_heads=2, dtype=torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_a_string_where_a_boolean_goes_is_refused(tmp_path):
+    from fastdiff.checkpoints.controlnet import controlnet_config
+    from fastdiff.checkpoints.dit import dit_config_from_diffusers
+    from fastdiff.errors import UnsupportedConfigError
+
+    dit = dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=2,
+               sample_size=8, patch_size=2, num_embeds_ada_norm=10)
+    with pytest.raises(UnsupportedConfigError, match="'attention_bias' = 'false'"):
+        dit_config_from_diffusers({**dit, "attention_bias": "false"})
+    unet = dict(block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                cross_attention_dim=32, norm_num_groups=8, layers_per_block=1, attention_head_dim=8)
+    controlnet_config(unet)
+    with pytest.raises(UnsupportedConfigError, match="'global_pool_conditions' = 'false'"):
+        controlnet_config({**unet, "global_pool_conditions": "false"})
+
+
+def test_an_attention_tensor_named_in_both_diffusers_layouts_is_refused():
+    from fastdiff.checkpoints.diffusers_unet import convert_diffusers_unet
+
+    t = torch.zeros(2, 2)
+    assert set(convert_diffusers_unet({"mid_block.attentions.0.query.weight": t})) == {
+        "mid_block.attentions.0.to_q.weight"}
+    with pytest.raises(CheckpointError, match="current and pre-0.14 names"):
+        convert_diffusers_unet({"mid_block.attentions.0.query.weight": t, "mid_block.attentions.0.to_q.weight": t})
+
+
+@pytest.mark.parametrize("change,error", [(dict(num_train_timesteps="1000"), "'num_train_timesteps' = '1000'"),
+                                          (dict(beta_end="0.02"), "'beta_end' = '0.02'"),
+                                          (dict(clip_sample="false"), "'clip_sample' = 'false'")])
+def test_a_scheduler_config_with_a_value_of_the_wrong_type_is_refused_at_load(tmp_path, change, error):
+    """They loaded, then generate() failed with torch's TypeError (or read "false" as True)."""
+    from fastdiff.errors import UnsupportedConfigError
+
+    ddim = dict(_class_name="DDIMScheduler", beta_schedule="linear", num_train_timesteps=1000)
+    with pytest.raises(UnsupportedConfigError, match=error):
+        fastdiff.load("arch:tiny-unet", scheduler={**ddim, **change})
+
+
+def test_a_pipeline_folders_scheduler_config_is_checked_at_load(tmp_path):
+    """A pipeline folder's scheduler_config.json: wrong types refused, a typo'd key and a choice no plan takes noted
+    (diffusers ignores unknown keys; with sampler= the model still samples)."""
+    import re
+
+    from fastdiff.errors import UnsupportedConfigError
+
+    src = str(tmp_path / "pipe")
+    pipe = diffusers.DDPMPipeline(unet=perturb_(diffusers.UNet2DModel(**TINY).eval(), seed=1),
+                                  scheduler=diffusers.DDIMScheduler())
+    pipe.save_pretrained(src)
+    config_path = os.path.join(src, "scheduler", "scheduler_config.json")
+    config = json.loads(open(config_path).read())
+    for change, expect in ((dict(beta_shedule="linear"), "keys no scheduler reads .* \\['beta_shedule'\\]"),
+                           (dict(timestep_spacing="middle"), "cannot run as it is: .*'timestep_spacing' = 'middle'")):
+        with open(config_path, "w") as f:
+            json.dump({**config, **change}, f)
+        notes = fastdiff.load(src).spec.notes
+        assert any(re.search(expect, n) for n in notes), notes
+    with open(config_path, "w") as f:
+        json.dump({**config, "steps_offset": "1"}, f)
+    with pytest.raises(UnsupportedConfigError, match="'steps_offset' = '1'"):
+        fastdiff.load(src)
+
+
+def test_keys_of_no_single_file_part_and_its_ema_weights_are_noted(tmp_path):
+    from fastdiff.checkpoints.ldm import single_file_notes
+
+    state = {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1), "first_stage_model.x": torch.zeros(1),
+             "cond_stage_model.y": torch.zeros(1), "betas": torch.zeros(1), "model_ema.decay": torch.zeros(1),
+             "control_model.input_blocks.0.0.weight": torch.zeros(1), "junk": torch.zeros(1)}
+    notes = single_file_notes(state)
+    assert any("EMA weights too (model_ema.*)" in n for n in notes)
+    assert any("control_model.* (1), junk" in n for n in notes)
+    assert single_file_notes({k: v for k, v in state.items() if k not in ("model_ema.decay", "control_model."
+                                                                          "input_blocks.0.0.weight", "junk")}) == []

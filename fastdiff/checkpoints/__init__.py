@@ -283,8 +283,11 @@ def _override_sampling(spec, scheduler: Optional[dict], prediction_type: Optiona
         # keeps the checkpoint's (a learn_sigma network's learned range)
         from ..scheduler_config import timestep_scale_of
 
+        from ..scheduler_checks import check_scheduler_config
+
         own_variance = (spec.scheduler or {}).get("variance_type")
-        timestep_scale_of(scheduler)  # (a bad or unread value refused at load, not at the first generate)
+        spec.notes.extend(check_scheduler_config(scheduler))  # (bad values refused at load, not at the first generate)
+        timestep_scale_of(scheduler)
         spec.scheduler = dict(scheduler)
         if own_variance and spec.scheduler.get("timestep_respacing") and "variance_type" not in spec.scheduler:
             spec.scheduler["variance_type"] = own_variance
@@ -353,10 +356,11 @@ def _read_any(path: str, *, variant=None, num_heads=None, head_channels=None, at
     if ext in (".pt", ".pth", ".ckpt", ".bin", ".safetensors"):
         from .dit import is_official_dit_state_dict, load_official_dit
         from .io import pick_state_dict, read_safetensors, read_torch_file
-        from .ldm import convert_ldm_unet, is_ldm_state_dict, ldm_unet_config
+        from .ldm import convert_ldm_unet, is_ldm_state_dict, ldm_unet_config, single_file_notes
 
         obj = read_safetensors(path) if ext == ".safetensors" else read_torch_file(path)
-        state = pick_state_dict(obj, prefer=("ema", "model", "state_dict"), source=path)
+        picked: list = []  # (which entry of a training checkpoint was read: a note of the spec)
+        state = pick_state_dict(obj, prefer=("ema", "model", "state_dict"), source=path, notes=picked)
         if is_ldm_state_dict(state):
             from .diffusers_folder import spec_for
             from .presets import SD_SCHEDULER, SD_V_SCHEDULER, SDXL_SCHEDULER
@@ -373,6 +377,7 @@ def _read_any(path: str, *, variant=None, num_heads=None, head_channels=None, at
                             source=f"Stable Diffusion single file {path}")
             spec.notes.append("single-file UNet: heads inferred (SD1: 8, SD2 / SDXL: 64 per head) unless num_heads= is "
                               "given; " + why)
+            spec.notes.extend(picked + single_file_notes(state))
             return "unet", cfg, convert_ldm_unet(state, cfg), spec, vae_of(spec, lambda: _single_file_vae(state, spec))
         from .flux_single import convert_flux_single, flux_single_config, is_flux_state_dict
         from .sd3 import convert_sd3, is_sd3_state_dict, sd3_config
@@ -388,6 +393,7 @@ def _read_any(path: str, *, variant=None, num_heads=None, head_channels=None, at
                               + ("dev (guidance input): FlowMatchEuler with dynamic shifting" if cfg.guidance_embeds
                                  else "schnell (no guidance input): FlowMatchEuler, shift 1")
                               + "; its VAE ships apart: pass vae=")
+            spec.notes.extend(picked)
             return "flux", cfg, convert_flux_single(state, cfg), spec, None
 
         if is_sd3_state_dict(state):
@@ -398,20 +404,25 @@ def _read_any(path: str, *, variant=None, num_heads=None, head_channels=None, at
             spec = spec_for("mmdit", cfg, SD3_SCHEDULER, source=f"Stable Diffusion 3 single file {path}")
             spec.notes.append("SD3 single file: 64 channels per head and 1024x1024 (128x128 latents) assumed, as in "
                               "every SD3 / 3.5 release; FlowMatchEuler with shift 3")
+            spec.notes.extend(picked)
             return "mmdit", cfg, convert_sd3(state, cfg), spec, vae_of(spec, lambda: _single_file_vae(state, spec))
         from .guided_diffusion import is_guided_diffusion_state_dict
 
         if is_guided_diffusion_state_dict(state):
             from .guided_diffusion_spec import read_guided_diffusion
 
-            return ("unet", *read_guided_diffusion(state, path, num_heads=num_heads, head_channels=head_channels,
-                                                   attention_order=attention_order, super_res=super_res), None)
+            cfg, native, spec = read_guided_diffusion(state, path, num_heads=num_heads, head_channels=head_channels,
+                                                      attention_order=attention_order, super_res=super_res)
+            spec.notes.extend(picked)
+            return "unet", cfg, native, spec, None
         from .edm import edm_config_from_state_dict, edm_spec, is_edm_state_dict
 
         if is_edm_state_dict(state):
             cfg = edm_config_from_state_dict(state)
             native = {k[len("model."):] if k.startswith("model.") else k: v for k, v in state.items()}
-            return "edm", cfg, native, edm_spec(cfg, source=f"EDM checkpoint {path}"), None
+            spec = edm_spec(cfg, source=f"EDM checkpoint {path}")
+            spec.notes.extend(picked)
+            return "edm", cfg, native, spec, None
         if is_official_dit_state_dict(state):
             from ..spec import DEFAULT_SCHEDULER
 

@@ -92,8 +92,21 @@ def strict_load(model: nn.Module, state: dict[str, torch.Tensor], name: str = "m
     if dtype is not None or device is not None:
         state = {k: v.to(device=device, dtype=dtype if (dtype is not None and v.is_floating_point()) else v.dtype)
                  for k, v in state.items()}
+    if asked is not None and asked != torch.float32:  # (a weight beyond a narrower dtype's range casts to inf)
+        _check_cast_range(state, asked, name)
     model.load_state_dict(state, strict=True, assign=True)
     return model
+
+
+def _check_cast_range(state: dict, dtype: torch.dtype, name: str) -> None:
+    """The weights cast to ``dtype`` (the caller's choice) all finite: a value beyond its range became infinite."""
+    from ..errors import BadArgumentError
+
+    over = [k for k, v in state.items() if v.dtype == dtype and v.numel() and not bool(torch.isfinite(
+        torch.stack(torch.aminmax(v))).all())]
+    if over:
+        raise BadArgumentError(f"dtype={dtype}: {name} has weights beyond its range ({len(over)} tensor(s): "
+                               f"{over[:3]}), which the cast made infinite; load in float32 (or bfloat16)")
 
 
 class RequiredKeys(Mapping):

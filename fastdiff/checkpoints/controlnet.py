@@ -31,6 +31,9 @@ def controlnet_config(config: dict) -> tuple[UNetConfig, dict]:
         raise UnsupportedConfigError("_class_name", config.get("_class_name"), supported=[CLASS_NAME],
                                      model="a ControlNet folder")
     own = {k: config.get(k, v) for k, v in CONTROLNET_FIELDS.items()}
+    if not isinstance(own["global_pool_conditions"], bool):  # (a string "false" would read as True)
+        raise UnsupportedConfigError("global_pool_conditions", own["global_pool_conditions"],
+                                     supported="true or false", model="a ControlNet folder")
     unet = {k: v for k, v in config.items() if k not in CONTROLNET_FIELDS}
     n = len(unet.get("block_out_channels", (320, 640, 1280, 1280)))
     # (no up path: the UNet config needs one to validate, and the ControlNet builds none)

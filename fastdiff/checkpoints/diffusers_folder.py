@@ -209,10 +209,14 @@ def load_pipeline_folder(folder: str, variant: Optional[str] = None):
                               f"UNet / DiT config.json; found {sorted(os.listdir(folder))}")
     sched_path = os.path.join(folder, "scheduler", "scheduler_config.json")
     scheduler = read_json(sched_path) if os.path.isfile(sched_path) else None
+    from ..scheduler_checks import check_scheduler_config
+
+    scheduler_notes = check_scheduler_config(scheduler) if scheduler is not None else []
     index_path = os.path.join(folder, "model_index.json")
     index = read_json(index_path) if os.path.isfile(index_path) else {}
     scheduler, rewritten = pipeline_scheduler_rewrites(index.get("_class_name"), scheduler)
     spec = spec_for(kind, cfg, scheduler, source=f"diffusers pipeline {folder}")
+    spec.notes.extend(scheduler_notes)
     spec.notes.extend(rewritten)
     if index.get("_class_name") == "StableDiffusionUpscalePipeline":
         _upscaler_spec(folder, index, cfg, spec)

@@ -99,14 +99,14 @@ def load_official_dit(path: str, num_heads: Optional[int] = None) -> tuple[DiTCo
         obj = read_safetensors(path)
     else:
         obj = read_torch_file(path)
-    sd = pick_state_dict(obj, prefer=("ema", "model"), source=path)
+    notes = []
+    sd = pick_state_dict(obj, prefer=("ema", "model"), source=path, notes=notes)
     if not is_official_dit_state_dict(sd):
         raise UnknownFormatError(f"{path} is not an official DiT checkpoint: expected keys "
                                  f"{list(_OFFICIAL_MARKERS)}, found {sorted(sd)[:8]}...")
     if num_heads is None:
         num_heads = _heads_from_train_args(obj)
     cfg = official_dit_config_from_state_dict(sd, num_heads=num_heads)
-    notes = []
     if num_heads is None and cfg.hidden_size not in OFFICIAL_HEADS_BY_HIDDEN:
         notes.append(f"num_heads guessed as {cfg.num_heads} (width {cfg.hidden_size} is no official preset's and the "
                      f"weights do not store it): pass num_heads= if the model was trained with another")
@@ -194,6 +194,8 @@ def dit_config_from_diffusers(config: dict, state_dict: Optional[dict] = None) -
         v = cfg[k]
         if (v is not None or k != "out_channels") and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise UnsupportedConfigError(k, v, supported="a positive int", model="DiT")
+    if not isinstance(cfg["attention_bias"], bool):  # (bool("false") is True)
+        raise UnsupportedConfigError("attention_bias", cfg["attention_bias"], supported="true or false", model="DiT")
     if isinstance(cfg["norm_eps"], bool) or not isinstance(cfg["norm_eps"], (int, float)) or not cfg["norm_eps"] > 0:
         raise UnsupportedConfigError("norm_eps", cfg["norm_eps"], supported="a positive number", model="DiT")
     in_ch, sample, patch = cfg["in_channels"], cfg["sample_size"], cfg["patch_size"]

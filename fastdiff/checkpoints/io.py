@@ -101,6 +101,8 @@ def read_torch_file(path: str, map_location: str = "cpu") -> object:
             head = f.read(2)
         if len(head) < 2:
             raise CorruptCheckpointError(f"{path} is {_size(path)} bytes: too short to be a torch checkpoint")
+    else:
+        _check_zip_records(path)
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             # (read into memory, not mapped: a mapped file's pages stay the tensors' storage, so a model assigned
@@ -131,6 +133,20 @@ def read_torch_file(path: str, map_location: str = "cpu") -> object:
                                      f"{_own_words(e)}") from e
     except Exception as e:  # truncated archives, text, HTML, random bytes: whatever the unpickler trips on
         raise _not_a_checkpoint(path, e) from e
+
+
+def _check_zip_records(path: str) -> None:
+    """Every record of a torch zip archive against its CRC-32 (torch.load does not check them: a damaged download
+    whose bytes changed, not its length, would load with altered weights)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, RuntimeError) as e:  # (RuntimeError: an encrypted record)
+        raise CorruptCheckpointError(f"cannot read torch checkpoint {path} ({_size(path)} bytes) as a zip archive: "
+                                     f"{e}") from e
+    if bad is not None:
+        raise CorruptCheckpointError(f"{path}: the record {bad!r} does not match its CRC-32: the file is damaged "
+                                     f"(download it again)")
 
 
 def _sniff(path: str) -> Optional[str]:
@@ -241,12 +257,13 @@ def read_sharded(folder: str, index_file: str) -> dict[str, torch.Tensor]:
 
 
 def pick_state_dict(obj, prefer: tuple[str, ...] = ("ema", "model", "state_dict"),
-                    source: str = "the checkpoint") -> dict[str, torch.Tensor]:
+                    source: str = "the checkpoint", notes: Optional[list] = None) -> dict[str, torch.Tensor]:
     """The tensor dict inside a (training) checkpoint: a plain state dict, or the first of ``prefer`` present. A
     preferred entry that is there but holds something else is refused (never silently passed over for the next:
-    ``ema`` falling back to ``model`` would load the training weights)."""
+    ``ema`` falling back to ``model`` would load the training weights). ``notes`` gets a line naming the entry read
+    and the other weights left (a train.py checkpoint's ``ema`` over its ``model``)."""
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return obj
+        return _string_keys(obj, source)
     if isinstance(obj, dict):
         for k in prefer:
             if k not in obj:
@@ -255,12 +272,26 @@ def pick_state_dict(obj, prefer: tuple[str, ...] = ("ema", "model", "state_dict"
             bad = _non_tensor_entry(v)
             if bad is not None:
                 raise CorruptCheckpointError(f"{source}: expected {k!r} to hold a state dict of tensors, found {bad}")
-            return v
+            left = [o for o in obj if o != k and _non_tensor_entry(obj[o]) is None]
+            if notes is not None and left:
+                notes.append(f"the checkpoint's {k!r} weights were loaded (its {', '.join(map(repr, left))} not)")
+            elif notes is not None and k == "model" and "ema" in prefer:
+                notes.append("the checkpoint has no 'ema' weights: its 'model' (training) weights were loaded")
+            return _string_keys(v, source)
         bad = _non_tensor_entry(obj)
         raise CorruptCheckpointError(f"{source}: expected a state dict of tensors or a checkpoint with one of "
                                      f"{prefer}, found {bad} among keys {list(obj)[:8]}")
     raise CorruptCheckpointError(f"{source}: expected a state dict of tensors or a checkpoint with one of {prefer}, "
                                  f"found a {type(obj).__name__}")
+
+
+def _string_keys(state: dict, source: str) -> dict:
+    """``state`` once every key is a string (a state dict's are parameter names)."""
+    odd = next((k for k in state if not isinstance(k, str)), None)
+    if odd is not None:
+        raise CorruptCheckpointError(f"{source}: expected a state dict whose keys are parameter names (strings), "
+                                     f"found the key {odd!r} ({type(odd).__name__})")
+    return state
 
 
 def _non_tensor_entry(obj) -> Optional[str]:

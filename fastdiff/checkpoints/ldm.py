@@ -42,6 +42,40 @@ def _unet_keys(state: dict) -> RequiredKeys:
                         "a Stable Diffusion single-file UNet", PREFIX)
 
 
+# What a Stable Diffusion single file holds beside its UNet: the VAE, the text encoders (ldm's cond_stage_model, sgm's
+# conditioner), the EMA copy, sgm's denoiser sigmas, old textual-inversion managers, and LatentDiffusion's schedule
+# buffers (its betas and what it derives from them)
+SINGLE_FILE_PARTS = ("first_stage_model", "cond_stage_model", "conditioner", "model_ema", "denoiser",
+                     "embedding_manager")
+SCHEDULE_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+                    "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
+                    "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
+                    "posterior_mean_coef1", "posterior_mean_coef2", "logvar", "lvlb_weights", "scale_factor")
+
+
+def single_file_notes(state: dict) -> list[str]:
+    """Notes on what a single file holds that the load did not use: its EMA weights (diffusers' from_single_file
+    reads the non-EMA UNet too, and warns), and keys of no part a single file has (a ControlNet's, say)."""
+    if not any(k.startswith(PREFIX) for k in state):
+        return []  # (a bare UNet state dict)
+    notes = []
+    if any(k.startswith("model_ema.") for k in state):
+        notes.append("the file holds EMA weights too (model_ema.*): its non-EMA UNet (model.diffusion_model.*) was "
+                     "loaded, as diffusers' from_single_file does")
+    other: dict = {}
+    for k in state:
+        head = k.split(".", 1)[0]
+        if k.startswith(PREFIX) or head in SINGLE_FILE_PARTS or k in SCHEDULE_BUFFERS:
+            continue
+        group = head + (".*" if "." in k else "")
+        other[group] = other.get(group, 0) + 1
+    if other:
+        shown = ", ".join(f"{g} ({n})" for g, n in sorted(other.items())[:6])
+        notes.append(f"keys of no Stable Diffusion part were not read: {shown}"
+                     + (f" and {len(other) - 6} more groups" if len(other) > 6 else ""))
+    return notes
+
+
 def ldm_unet_config(state: dict, num_heads: Optional[int] = None) -> UNetConfig:
     """Infer the UNet2DConditionModel config of an ldm UNet from its tensors."""
     sd = _unet_keys(state)
