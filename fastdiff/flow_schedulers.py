@@ -130,8 +130,9 @@ def solver_flow_plan(c: _Config, n: int, sampler: str, options: dict) -> Samplin
     c.choice("prediction_type", ("flow_prediction",))
     for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas"):
         c.refuse_true(k)                               # diffusers mixes their VP sigmas with the flow alphas
-    c.choice("time_shift_type", ("exponential",) if c.name != "UniPCMultistepScheduler" else
-             ("exponential", "linear"))
+    if c["use_dynamic_shifting"]:  # (diffusers reads time_shift_type for the dynamic shift only)
+        c.choice("time_shift_type", ("exponential",) if c.name != "UniPCMultistepScheduler" else
+                 ("exponential", "linear"))
     T = int(c["num_train_timesteps"])
     if c.name == "UniPCMultistepScheduler":
         _check_mu(c)

@@ -303,9 +303,16 @@ def sigma_conversion(c: _Config):
     return keys[0][len("use_"):-len("_sigmas")] if keys else None
 
 
+# solvers whose use_dynamic_shifting acts only with use_flow_sigmas: diffusers ignores it on a beta schedule (UniPC
+# raises there instead, asking for mu)
+_SHIFTING_NEEDS_FLOW = ("DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "DEISMultistepScheduler")
+
+
 def _sigma_grid_kind(c: _Config):
     """None (the spacing's own sigmas), "karras", "exponential" or "beta", for a beta-schedule scheduler."""
-    c.refuse_true("use_lu_lambdas", "use_flow_sigmas", "use_dynamic_shifting")
+    c.refuse_true("use_lu_lambdas", "use_flow_sigmas")
+    if c.name not in _SHIFTING_NEEDS_FLOW:
+        c.refuse_true("use_dynamic_shifting")
     return sigma_conversion(c)
 
 

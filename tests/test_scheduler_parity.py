@@ -181,6 +181,14 @@ CASES = [
     ("LCMScheduler", 6, dict(prediction_type="v_prediction", rescale_betas_zero_snr=True, original_inference_steps=100)),
     ("LCMScheduler", 3, dict(timestep_scaling=1.0, clip_sample=True, beta_schedule="linear", beta_start=1e-4,
                              beta_end=0.02)),
+    # options these classes take and ignore where they do not apply (fastdiff refused them: a fuzzing review)
+    ("DPMSolverMultistepScheduler", 7, dict(use_dynamic_shifting=True, beta_schedule="scaled_linear")),
+    ("DPMSolverSinglestepScheduler", 7, dict(use_dynamic_shifting=True)),
+    ("DEISMultistepScheduler", 7, dict(use_dynamic_shifting=True)),
+    ("DPMSolverMultistepScheduler", 7, dict(use_flow_sigmas=True, prediction_type="flow_prediction",
+                                            time_shift_type="linear", flow_shift=3.0)),
+    ("DEISMultistepScheduler", 7, dict(use_flow_sigmas=True, prediction_type="flow_prediction",
+                                       time_shift_type="linear", flow_shift=3.0)),
 ]
 
 
