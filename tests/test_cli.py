@@ -556,3 +556,82 @@ def test_generate_sampler_options(tmp_path):
                  "s_tmax=inf", "--sampler-option", "s_churn=0.5", "--output-latents", "x.safetensors", "--no-progress",
                  cwd=tmp_path)
     assert r.returncode == 0, r.stderr
+
+
+def test_cli_review_fixes_outputs(tmp_path):
+    """From a review of the command line: a legal 240-byte file name was a traceback after the run (the temp name
+    grew past 255 bytes); /proc passed os.access as root; -o "" wrote out.png; export wrote ONNX under any
+    extension."""
+    long = "r" * 240 + ".json"
+    r = fastdiff("bench", "arch:tiny-unet", "--steps", "1", "--repeat", "1", "--warmup", "1", "--json", long,
+                 cwd=tmp_path)
+    assert r.returncode == 0 and json.loads((tmp_path / long).read_text())["complete"], r.stderr
+    for argv, match in ((["bench", "arch:tiny-unet", "--steps", "1", "--json", "r" * 260 + ".json"],
+                         "expected a file name of at most"),
+                        (["generate", "arch:tiny-unet", "--steps", "1", "-o", ""], "found an empty one"),
+                        (["export", "arch:tiny-unet", "--format", "onnx", "-o", "x.engine"],
+                         "expected a .onnx file name for --format onnx"),
+                        (["export", "arch:tiny-unet", "--format", "onnx", "-o", "noext"], "expected a .onnx")) + ((
+                            (["bench", "arch:tiny-unet", "--steps", "1", "--json", "/proc/x.json"],
+                             "no file can be made in /proc"),) if os.path.isdir("/proc") else ()):
+        r = fastdiff(*argv, cwd=tmp_path)
+        assert r.returncode == 2 and match in r.stderr and "Traceback" not in r.stderr, (argv, r.stderr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [long]
+
+
+def test_a_failed_png_write_leaves_the_latents_file_as_it_was(tmp_path, monkeypatch):
+    """Every output is written to a temp name and renamed once all are written (the latents file was replaced
+    before the PNG failed)."""
+    from PIL import Image
+
+    from fastdiff.cli import main
+
+    keep = tmp_path / "keep.safetensors"
+    keep.write_bytes(b"previous")
+
+    def failing_save(self, *a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Image.Image, "save", failing_save)
+    assert main(["generate", "arch:tiny-unet", "--steps", "1", "--no-progress", "--output-latents", str(keep), "-o",
+                 str(tmp_path / "o.png")]) == 2  # ("cannot write the output: disk full")
+    assert keep.read_bytes() == b"previous" and sorted(p.name for p in tmp_path.iterdir()) == ["keep.safetensors"]
+
+
+def test_cli_review_fixes_inputs(tmp_path):
+    """A 16-bit grayscale PNG is read (scaled to 8 bits) as its 8-bit twin; a pixel model's --output-latents file
+    given back as --image is its [-1, 1] samples, whatever their sign; a LoRA file whose name ends in ':0.5' is
+    that file."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    rng = np.random.default_rng(0)
+    eight = rng.integers(0, 256, (16, 16)).astype(np.uint8)
+    Image.fromarray(eight, mode="L").save(tmp_path / "i8.png")
+    Image.fromarray(eight.astype(np.uint16) * 257).save(tmp_path / "i16.png")  # (16-bit grayscale PNG)
+    assert Image.open(tmp_path / "i16.png").mode.startswith("I")
+    common = ("generate", "arch:tiny-unet", "--steps", "2", "--strength", "0.5", "--no-progress", "--seed", "3")
+    outs = []
+    for name in ("i8.png", "i16.png"):
+        r = fastdiff(*common, "--image", name, "-o", f"from_{name}", cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        outs.append(np.asarray(Image.open(tmp_path / f"from_{name}")))
+    assert np.array_equal(outs[0], outs[1])
+    # a pixel model's latents file (3 channels here), all positive: the same as its PNG, not read as [0, 1]
+    sample = torch.full((1, 3, 16, 16), 0.5)
+    save_file({"latents": sample}, str(tmp_path / "lat.safetensors"))
+    Image.fromarray(np.full((16, 16, 3), round((0.5 + 1) * 127.5), np.uint8)).save(tmp_path / "lat.png")
+    pngs = []
+    for name in ("lat.safetensors", "lat.png"):
+        r = fastdiff(*common, "--image", name, "-o", f"o_{name}.png", cwd=tmp_path)
+        assert r.returncode == 0 and "UserWarning" not in r.stderr, r.stderr
+        pngs.append(np.asarray(Image.open(tmp_path / f"o_{name}.png")).astype(int))
+    assert np.abs(pngs[0] - pngs[1]).max() <= 1
+    from fastdiff.commands.generate import _lora_args
+
+    odd = tmp_path / "a:0.5"
+    odd.write_bytes(b"x")
+    assert _lora_args([str(odd)]) == [(str(odd), 1.0)]
+    assert _lora_args([f"{odd}:0.25"]) == [(str(odd), 0.25)]

@@ -116,6 +116,9 @@ def export_model(model: str, output: str, *, format: str = "onnx", dtype=None, f
     from fastdiff.utils.atomic import check_file_path
 
     check_file_path(output)  # an unwritable / missing folder fails before loading the model
+    suffix = ".engine" if format == "tensorrt" else ".onnx"
+    if not str(output).lower().endswith(suffix):  # (fastdiff.load / info / generate tell artifacts by it)
+        raise BadArgumentError(f"-o/--output: expected a {suffix} file name for --format {format}, found {output!r}")
 
     import fastdiff
     from fastdiff.export.onnx import export_onnx

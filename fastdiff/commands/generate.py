@@ -136,8 +136,11 @@ def register(sub) -> None:
                    help="SDXL's ensemble of experts, the refiner: start where the fraction F is done, from "
                         "--image LATENTS.safetensors (a base run's --output-latents), unnoised")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="seed of image 0; image i uses S+i (default 0)")
-    p.add_argument("--height", type=int, default=None, metavar="H", help="sample height (default: the model's)")
-    p.add_argument("--width", type=int, default=None, metavar="W", help="sample width (default: the model's)")
+    p.add_argument("--height", type=int, default=None, metavar="H",
+                   help="sample height in the network's own pixels: a latent model's latents, the image being that "
+                        "times the VAE's factor (8 for SD: --height 64 makes 512 pixels); default: the model's")
+    p.add_argument("--width", type=int, default=None, metavar="W",
+                   help="sample width, as --height (default: the model's)")
     p.add_argument("--backend", choices=backends, default=None,
                    help="runtime backend; asked for explicitly it must run here or the command fails "
                         "(default: eager)")
@@ -337,6 +340,8 @@ def _validate(args) -> None:
         if v is not None and v < 1:
             raise BadArgumentError(f"--{name}: expected a positive integer, found {v}")
     args.output_given = args.output is not None
+    if args.output == "":
+        raise BadArgumentError("-o/--output: expected a .png file name, found an empty one")
     args.output = args.output or "out.png"
     if not args.output.lower().endswith(".png"):
         raise BadArgumentError(f"-o/--output: expected a .png file name, found {args.output!r}")
@@ -426,9 +431,21 @@ def _read_image(path: str, flag: str = "--image"):
     try:
         with Image.open(path) as im:
             im.load()
-            return ImageOps.exif_transpose(im)  # upright, as viewers and diffusers' load_image show it (a copy)
+            return _eight_bit(ImageOps.exif_transpose(im))  # upright, as viewers and diffusers' load_image show it
     except (OSError, UnidentifiedImageError) as e:
         raise BadArgumentError(f"{flag}: could not read {path!r} as an image ({e})") from e
+
+
+def _eight_bit(image):
+    """A 16-bit grayscale PNG's pixels (Pillow's modes I;16* and I) scaled to 8 bits: generate() takes 8-bit PIL
+    images (Pillow's own convert() would clip them at 255), and a command line has no other way to give one."""
+    if image.mode not in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        return image
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.asarray(image, dtype=np.float64)
+    return Image.fromarray(np.clip(np.rint(pixels * (255 / 65535)), 0, 255).astype(np.uint8), mode="L")
 
 
 def _lora_args(values: list) -> list:
@@ -438,8 +455,9 @@ def _lora_args(values: list) -> list:
     out = []
     for value in values:
         path, _, scale = value.rpartition(":")
-        try:
-            out.append((path, float(scale)) if path else (value, 1.0))
+        try:  # (a file whose own name ends in ":<number>" is that file, at scale 1)
+            out.append((path, float(scale)) if path and not os.path.exists(os.path.expanduser(value))
+                       else (value, 1.0))
         except ValueError:
             out.append((value, 1.0))
         if not os.path.exists(os.path.expanduser(out[-1][0])):
@@ -552,6 +570,10 @@ def run(args) -> int:
         inputs["guidance"] = args.guidance
     if args.image is not None:
         image = _read_latents(args.image) if args.image.endswith(".safetensors") else _read_image(args.image)
+        if args.image.endswith(".safetensors") and spec.in_channels in (1, 3) and pipe.vae is None:
+            # a pixel model's samples, as --output-latents writes them, in [-1, 1]: generate() reads tensors as
+            # images in [0, 1] (in [-1, 1] only when a value is negative, with a warning)
+            image = (image.float().clamp(-1, 1) + 1) / 2
         inputs.update(image=image, strength=args.strength)
     for name in ("denoising_end", "denoising_start"):
         if getattr(args, name) is not None:
@@ -624,27 +646,32 @@ def _signed_pixels(pictures: list):
 
 
 def _write_outputs(args, x, images, is_image: bool) -> list:
-    """Write the latents file (``x``) and / or the PNG(s) (``images`` in [-1, 1]); returns the paths written."""
+    """Write the latents file (``x``) and / or the PNG(s) (``images`` in [-1, 1]); returns the paths written. Every
+    file is written to a temp name first and renamed only once all are written: a write that fails (or is
+    interrupted) leaves the earlier files of the run unwritten, not an old PNG beside new latents."""
+    import contextlib
+
     import torch
 
     from ..utils.atomic import atomic_path
 
     written = []
-    if args.output_latents is not None:
-        from safetensors.torch import save_file
+    with contextlib.ExitStack() as stack:  # (each atomic_path renames its file as the stack closes)
+        if args.output_latents is not None:
+            from safetensors.torch import save_file
 
-        with atomic_path(args.output_latents, suffix=".safetensors") as tmp:
+            tmp = stack.enter_context(atomic_path(args.output_latents, suffix=".safetensors"))
             save_file({"latents": x.detach().float().cpu().contiguous()}, tmp,
                       metadata={"source": str(args.model), "steps": str(args.steps), "seed": str(args.seed)})
-        written.append(args.output_latents)
-    if is_image:
-        from PIL import Image
+            written.append(args.output_latents)
+        if is_image:
+            from PIL import Image
 
-        imgs = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        mode = lambda a: a[..., 0] if a.shape[-1] == 1 else a  # noqa: E731
-        pictures = imgs if args.separate else [make_grid(imgs, grid_columns(len(imgs)))]
-        for path, picture in zip(png_paths(args), pictures):
-            with atomic_path(path, suffix=".png") as tmp:  # an interrupted write leaves no truncated PNG
+            imgs = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+            mode = lambda a: a[..., 0] if a.shape[-1] == 1 else a  # noqa: E731
+            pictures = imgs if args.separate else [make_grid(imgs, grid_columns(len(imgs)))]
+            for path, picture in zip(png_paths(args), pictures):
+                tmp = stack.enter_context(atomic_path(path, suffix=".png"))  # (no truncated PNG, ever)
                 Image.fromarray(mode(picture)).save(tmp, format="PNG")
-            written.append(path)
+                written.append(path)
     return written

@@ -33,7 +33,28 @@ def check_file_path(path: str) -> str:
         raise BadArgumentError(f"cannot write {path}: expected a file path, found a folder")
     if path and path.endswith((os.sep, "/")):
         raise BadArgumentError(f"cannot write {path}: expected a file path, found a path ending in a separator")
-    return _check_parent(path)
+    parent = _check_parent(path)
+    _probe(path, parent)
+    return parent
+
+
+def _probe(path: str, parent: str) -> None:
+    """What os.access cannot tell (root passes it everywhere): a file can be made in ``parent`` (no /proc, no
+    read-only mount), and the name is one the filesystem takes, before any work whose result would be lost."""
+    try:
+        limit = os.pathconf(parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    if len(os.fsencode(os.path.basename(path))) > limit:
+        raise BadArgumentError(f"cannot write {path}: expected a file name of at most {limit} bytes, found "
+                               f"{len(os.fsencode(os.path.basename(path)))}")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".probe-", dir=parent)
+    except OSError as e:
+        raise BadArgumentError(f"cannot write {path}: no file can be made in {parent} ({e.strerror or e})") from None
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.remove(probe)
 
 
 def _umask() -> int:
@@ -51,7 +72,8 @@ def usual_permissions(path: str, mode: int) -> None:
 def atomic_path(path: str, suffix: str = ""):
     """Yield a temp file path; on success it is renamed onto ``path``, on failure removed."""
     parent = check_file_path(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", suffix=suffix, dir=parent)
+    # (the name cut short in the temp prefix: a legal 255-byte name plus ".tmp-" and mkstemp's letters is not)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path)[:64] + "-", suffix=suffix, dir=parent)
     os.close(fd)
     try:
         yield tmp
@@ -67,7 +89,7 @@ def atomic_path(path: str, suffix: str = ""):
 def atomic_dir(path: str):
     """Yield a temp folder; on success it replaces ``path`` (an old folder there is removed last)."""
     parent = _check_parent(path)
-    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(os.path.normpath(path)) + "-", dir=parent)
+    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(os.path.normpath(path))[:64] + "-", dir=parent)
     old = None
     try:
         yield tmp
