@@ -6,7 +6,7 @@ from __future__ import annotations
 import numbers
 
 from .errors import FastdiffError, UnsupportedConfigError
-from .scheduler_config import _CLASS_KEYS, _COMMON, _DEFAULTS, plan_from_scheduler_config
+from .scheduler_config import _CLASS_KEYS, _COMMON, _DEFAULTS, effective_config, plan_from_scheduler_config
 
 # keys of diffusers 0.42's other scheduler classes (fastdiff runs none of those): a config may carry them
 KNOWN_OTHER_KEYS = frozenset((
@@ -49,9 +49,13 @@ def check_scheduler_config(config: dict) -> list:
     notes = []
     if config.get("_class_name") in _DEFAULTS:
         # (a choice the plan refuses is a note, not an error: the model still samples with sampler= and a schedule)
-        mu = 0.0 if config.get("use_dynamic_shifting") else None
+        effective = effective_config(config) or {}
+        # the identity shift where the class takes one (a resolution's own comes at generate()): exp(0), or 1 / 1
+        mu = (1.0 if effective.get("time_shift_type") == "linear" else 0.0) if effective.get(
+            "use_dynamic_shifting") else None
+        steps = min(4, config.get("original_inference_steps") or 4)  # (LCM: no more steps than it was distilled at)
         try:
-            plan_from_scheduler_config(config, 4, mu=mu)
+            plan_from_scheduler_config(config, max(1, steps), mu=mu)
         except FastdiffError as e:
             notes.append(f"the scheduler config cannot run as it is: {e}")
         except (TypeError, ValueError, ArithmeticError) as e:  # (a value of the right type the plan cannot use)

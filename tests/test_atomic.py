@@ -52,3 +52,16 @@ def test_a_failure_while_writing_keeps_the_previous_folder_and_a_success_replace
     with atomic_dir(path) as tmp:
         _write(tmp)
     assert sorted(os.listdir(tmp_path)) == ["saved"] and (tmp_path / "saved" / "weights").read_text() == "new"
+
+
+def test_a_long_name_of_many_byte_characters_is_written(tmp_path):
+    """The temp name's copy of the target's is cut at 64 bytes, not characters (64 emoji are 256 bytes: a legal
+    252-byte name failed after the run)."""
+    from fastdiff.utils.atomic import atomic_path, check_file_path
+
+    path = str(tmp_path / ("\U0001F600" * 62 + ".png"))
+    check_file_path(path)
+    with atomic_path(path, suffix=".png") as tmp:
+        with open(tmp, "w") as f:
+            f.write("x")
+    assert open(path).read() == "x" and len(os.listdir(tmp_path)) == 1

@@ -384,6 +384,19 @@ def test_a_damaged_record_of_a_torch_zip_is_corrupt(tmp_path):
         fastdiff.load(str(path), num_heads=2)
 
 
+def test_a_torch_file_saved_without_crcs_loads(tmp_path):
+    """torch.serialization.set_crc32_options(False) writes every record's CRC-32 as 0 (a documented option): such a
+    file is read, not refused as damaged (a review of the CRC check)."""
+    if not hasattr(torch.serialization, "set_crc32_options"):
+        pytest.skip(f"torch {torch.__version__} has no set_crc32_options")
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save(_dit_state(), tmp_path / "nocrc.pt")
+    finally:
+        torch.serialization.set_crc32_options(True)
+    assert fastdiff.load(str(tmp_path / "nocrc.pt"), num_heads=2).spec.kind == "dit"
+
+
 def test_a_cast_that_overflows_the_asked_dtype_is_refused(tmp_path):
     sd = _dit_state()
     name = next(k for k, v in sd.items() if v.is_floating_point() and v.dim() == 2)
@@ -431,6 +444,18 @@ def test_a_scheduler_config_with_a_value_of_the_wrong_type_is_refused_at_load(tm
     ddim = dict(_class_name="DDIMScheduler", beta_schedule="linear", num_train_timesteps=1000)
     with pytest.raises(UnsupportedConfigError, match=error):
         fastdiff.load("arch:tiny-unet", scheduler={**ddim, **change})
+
+
+def test_the_load_check_of_a_scheduler_config_notes_nothing_that_runs():
+    """The check's trial plan: the identity shift for a linear dynamic shift (mu 0 made NaN times), no mu for a class
+    that drops use_dynamic_shifting, no more steps than an LCM config was distilled at (a review)."""
+    from fastdiff.scheduler_checks import check_scheduler_config
+
+    for config in ({"_class_name": "EulerDiscreteScheduler", "use_dynamic_shifting": True},
+                   {"_class_name": "FlowMatchEulerDiscreteScheduler", "use_dynamic_shifting": True,
+                    "time_shift_type": "linear"},
+                   {"_class_name": "LCMScheduler", "original_inference_steps": 2}):
+        assert check_scheduler_config(config) == [], config
 
 
 def test_a_pipeline_folders_scheduler_config_is_checked_at_load(tmp_path):

@@ -570,10 +570,12 @@ def run(args) -> int:
         inputs["guidance"] = args.guidance
     if args.image is not None:
         image = _read_latents(args.image) if args.image.endswith(".safetensors") else _read_image(args.image)
-        if args.image.endswith(".safetensors") and spec.in_channels in (1, 3) and pipe.vae is None:
+        if args.image.endswith(".safetensors") and spec.in_channels in (1, 3) and pipe.vae is None and \
+                -1 <= float(image.min()) and float(image.max()) <= 1:
             # a pixel model's samples, as --output-latents writes them, in [-1, 1]: generate() reads tensors as
-            # images in [0, 1] (in [-1, 1] only when a value is negative, with a warning)
-            image = (image.float().clamp(-1, 1) + 1) / 2
+            # images in [0, 1] (in [-1, 1] only when a value is negative, with a warning); a state beyond [-1, 1]
+            # (a --denoising-end run's) goes as it is, and generate() says what it expects
+            image = (image.float() + 1) / 2
         inputs.update(image=image, strength=args.strength)
     for name in ("denoising_end", "denoising_start"):
         if getattr(args, name) is not None:

@@ -68,12 +68,17 @@ def usual_permissions(path: str, mode: int) -> None:
     os.chmod(path, mode & ~_umask())
 
 
+def _short(name: str) -> str:
+    """``name``'s first 64 bytes (a filesystem counts bytes: 64 characters of emoji are 256)."""
+    return os.fsdecode(os.fsencode(name)[:64])
+
+
 @contextlib.contextmanager
 def atomic_path(path: str, suffix: str = ""):
     """Yield a temp file path; on success it is renamed onto ``path``, on failure removed."""
     parent = check_file_path(path)
     # (the name cut short in the temp prefix: a legal 255-byte name plus ".tmp-" and mkstemp's letters is not)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path)[:64] + "-", suffix=suffix, dir=parent)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + _short(os.path.basename(path)) + "-", suffix=suffix, dir=parent)
     os.close(fd)
     try:
         yield tmp
@@ -89,7 +94,7 @@ def atomic_path(path: str, suffix: str = ""):
 def atomic_dir(path: str):
     """Yield a temp folder; on success it replaces ``path`` (an old folder there is removed last)."""
     parent = _check_parent(path)
-    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(os.path.normpath(path))[:64] + "-", dir=parent)
+    tmp = tempfile.mkdtemp(prefix=".tmp-" + _short(os.path.basename(os.path.normpath(path))) + "-", dir=parent)
     old = None
     try:
         yield tmp
