@@ -309,7 +309,7 @@ def test_conv_resampling_defaults_and_refusals(tmp_path):
             plan_from_scheduler_config({"_class_name": name, "timestep_scale": 0.25}, 4)
     # a bad value, or one no run reads, is refused at load (named samplers read the key too)
     for scheduler, error in ((dict(_class_name="DDPMScheduler", timestep_scale=-1.0), BadArgumentError),
-                             (dict(_class_name="DDPMScheduler", timestep_scale="0.25"), BadArgumentError),
+                             (dict(_class_name="DDPMScheduler", timestep_scale="0.25"), UnsupportedConfigError),
                              (dict(_class_name="FlowMatchEulerDiscreteScheduler", timestep_scale=0.25),
                               UnsupportedConfigError)):
         with pytest.raises(error, match="timestep_scale"):

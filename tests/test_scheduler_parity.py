@@ -200,6 +200,9 @@ def test_matches_diffusers(cls, steps, cfg):
     model = TinyNet(3, out)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        missing = sorted(set(cfg) - set(inspect.signature(getattr(diffusers, cls).__init__).parameters))
+        if missing:
+            pytest.skip(f"diffusers {diffusers.__version__}'s {cls} takes no {missing}")
         sched = getattr(diffusers, cls)(**cfg)
         config = dict(sched.config)                   # what a scheduler_config.json holds
         ref = run_diffusers(sched, model, steps)
