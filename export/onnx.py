@@ -444,10 +444,9 @@ def export_onnx(pipe_or_model, spec: Optional[ModelSpec], path: str, *, opset: i
         raise BadArgumentError(f"dtype must be one of {tuple(DTYPES)}, found {dtype!r}")
     if fp16_io and dtype != "fp16":
         raise BadArgumentError("fp16_io=True needs dtype='fp16' (an fp32 graph has fp32 inputs/outputs)")
-    for name, value in (("batch", batch), ("height", height), ("width", width)):
-        if (value is not None or name == "batch") and not positive_int(value):
-            raise BadArgumentError(f"{name} must be a positive int{'' if name == 'batch' else ' or None'}, found "
-                                   f"{value!r}")
+    from fastdiff.utils.checks import export_sizes
+
+    export_sizes(batch, height, width)
     if spec.kind not in ("unet", "dit", "mmdit", "flux"):
         raise UnsupportedConfigError("kind", spec.kind, supported=["unet", "dit", "mmdit", "flux"], model="ONNX exporter")
     from fastdiff.utils.atomic import check_file_path, usual_permissions
@@ -477,6 +476,7 @@ def export_onnx(pipe_or_model, spec: Optional[ModelSpec], path: str, *, opset: i
                   dynamic_batch=dynamic_batch, dynamic_hw=dynamic_hw, out_channels=out_ch)
 
     bar = _Progress(progress, total=4, desc=f"export {os.path.basename(path)}")
+    modes: dict = {}  # (each module's train / eval mode, put back after: the traced model may be the caller's)
     try:
         compute = DTYPES[dtype]
         device = next(iter(model.parameters()), torch.empty(0)).device
@@ -489,7 +489,7 @@ def export_onnx(pipe_or_model, spec: Optional[ModelSpec], path: str, *, opset: i
             wrapper = _CFGGraphModule(ref_model, names, compute, io_dtype, io["guided_channels"], spec.null_class)
         else:
             wrapper = _GraphModule(ref_model, names, compute, io_dtype)
-        modes = {m: m.training for m in ref_model.modules()}  # (put back after: ref_model may be the caller's)
+        modes.update((m, m.training) for m in ref_model.modules())
         wrapper.eval()
         # Trace at batch >= 2 so that nothing batch-1 specific (an expand of a size-1 axis) is baked in.
         trace_b = max(batch, 2) if dynamic_batch else batch
@@ -559,15 +559,11 @@ def export_onnx(pipe_or_model, spec: Optional[ModelSpec], path: str, *, opset: i
             bar.update()
     finally:
         bar.close()
-        for m, training in (modes if "modes" in locals() else {}).items():
+        for m, training in modes.items():
             m.training = training
     size = sum(os.path.getsize(f) for f in files)
     return ExportResult(path=path, size_bytes=size, seconds=time.perf_counter() - t_start, max_abs_err=max_abs,
                         max_rel_err=max_rel, check_note=note, files=files, io=io)
-
-
-def positive_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def _install_with_data(staged: str, staged_data: str, path: str, aside_dir: str) -> None:

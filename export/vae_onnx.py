@@ -24,8 +24,9 @@ import torch
 import torch.nn as nn
 
 from fastdiff.errors import BadArgumentError
+from fastdiff.utils.checks import export_sizes
 
-from .onnx import DTYPES, OPSETS, ExportResult, _native_ops, _torch_export, positive_int
+from .onnx import DTYPES, OPSETS, ExportResult, _native_ops, _torch_export
 
 META_VAE = "fastdiff.vae"
 
@@ -58,10 +59,7 @@ def export_vae_onnx(pipe_or_vae, path: str, *, opset: int = 17, dtype: str = "fp
     if dtype == "fp16" and vae.config.force_upcast:
         raise BadArgumentError("export_vae_onnx: dtype 'fp16' for a VAE whose config sets force_upcast (its decoder "
                                "overflows in half precision; diffusers decodes it in float32): export fp32")
-    for name, value in (("batch", batch), ("height", height), ("width", width)):
-        if (value is not None or name == "batch") and not positive_int(value):
-            raise BadArgumentError(f"export_vae_onnx: {name} must be a positive int"
-                                   f"{'' if name == 'batch' else ' or None'}, found {value!r}")
+    export_sizes(batch, height, width, where="export_vae_onnx: ")
     spec = getattr(pipe_or_vae, "spec", None)
     h = int(height if height is not None else spec.sample_size[0] if spec is not None else 32)
     w = int(width if width is not None else spec.sample_size[1] if spec is not None else 32)

@@ -16,6 +16,17 @@ def finite_number(name: str, value) -> float:
     return float(value)
 
 
+def export_sizes(batch, height, width, where: str = "") -> None:
+    """An export's traced batch (a positive int) and height / width (positive ints, or None: the model's own), else
+    a BadArgumentError naming the argument (a bool is no size; 0 would fall back to the model's size unsaid)."""
+    for name, value in (("batch", batch), ("height", height), ("width", width)):
+        if value is None and name != "batch":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise BadArgumentError(f"{where}{name} must be a positive int{'' if name == 'batch' else ' or None'}, "
+                                   f"found {value!r}")
+
+
 def finite_host_values(name: str, t) -> None:
     """A BadArgumentError when host tensor ``t`` holds NaN or inf (a NaN input makes an all-NaN sample, no error);
     a tensor already on a device is not read back (no sync)."""
