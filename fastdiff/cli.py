@@ -48,7 +48,9 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
-        parser.print_help()
+        # No subcommand is a usage error: the help goes to stderr, as argparse's own errors do, so a script
+        # piping stdout gets nothing it could mistake for a result.
+        parser.print_help(sys.stderr)
         return 2
     try:
         return int(args.func(args) or 0)

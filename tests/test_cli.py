@@ -224,6 +224,12 @@ def test_bad_arguments_exit_2_one_line(tmp_path, args, needle):
     assert "error" in lines[0]
 
 
+def test_bare_command_is_a_usage_error_on_stderr(tmp_path):
+    r = fastdiff(cwd=tmp_path)
+    assert r.returncode == 2 and r.stdout == ""
+    assert "generate" in r.stderr and "usage" in r.stderr
+
+
 def test_help_explains_options(tmp_path):
     r = fastdiff("--help", cwd=tmp_path)
     assert r.returncode == 0

@@ -50,6 +50,8 @@ def test_bench_quality_cli(tmp_path):
     data = json.loads(out.read_text())
     assert {row["sampler"] for row in data["rows"]} == {"ddim", "dpmpp_2m"}
     assert "class accuracy" in r.stdout
+    # the per-cell progress lines go to stderr: stdout holds the table once, not each row twice
+    assert "NFE   2" in r.stderr and "NFE   2" not in r.stdout
 
 
 def test_quality_table_on_a_flow_model_skips_what_it_refuses():

@@ -506,7 +506,7 @@ def run_quality(args) -> int:
     rows = quality_table(pipe, samplers, nfes, per_class=args.per_class, cfg_scale=cfg, seed=args.seed,
                          progress=lambda r: print(f"  {r.sampler:<16} NFE {r.nfe_budget:>3} ({r.steps} steps): "
                                                   f"digits-FD {r.digits_fd:7.2f}  accuracy {r.accuracy:.3f}  "
-                                                  f"{r.seconds:6.1f}s", flush=True))
+                                                  f"{r.seconds:6.1f}s", file=sys.stderr, flush=True))
     print(f"quality of {args.model}: {args.per_class * 10} guided samples per cell (cfg {cfg}), seeds from "
           f"{args.seed}")
     print(format_table(rows))
