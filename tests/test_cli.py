@@ -65,6 +65,18 @@ def test_generate_latent_model_needs_output_latents(tmp_path):
     assert tuple(load_file(str(tmp_path / "lat.safetensors"))["latents"].shape) == (2, 4, 8, 8)
 
 
+def test_latents_file_names_in_any_case(tmp_path):
+    """-o takes X.PNG; --output-latents and --image take X.SAFETENSORS alike (written, then read back as latents,
+    not handed to Pillow)."""
+    r = fastdiff("generate", "arch:tiny-unet", "--steps", "1", "--n", "1", "-o", "A.PNG", "--output-latents",
+                 "L.SAFETENSORS", "--no-progress", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "L.SAFETENSORS").is_file() and (tmp_path / "A.PNG").is_file()
+    r = fastdiff("generate", "arch:tiny-unet", "--steps", "2", "--n", "1", "--image", "L.SAFETENSORS",
+                 "--strength", "0.5", "-o", "b.png", "--no-progress", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+
+
 def test_bench_backend_variants_and_host_time(tmp_path):
     """'+'-switches become OptimizeConfig fields; each row reports the host time per step."""
     r = fastdiff("bench", "arch:tiny-unet", "--backends", "eager,eager+loop+cl", "--steps", "2", "--repeat", "2",

@@ -345,7 +345,7 @@ def _validate(args) -> None:
     args.output = args.output or "out.png"
     if not args.output.lower().endswith(".png"):
         raise BadArgumentError(f"-o/--output: expected a .png file name, found {args.output!r}")
-    if args.output_latents is not None and not args.output_latents.endswith(".safetensors"):
+    if args.output_latents is not None and not args.output_latents.lower().endswith(".safetensors"):
         raise BadArgumentError(f"--output-latents: expected a .safetensors file name, found {args.output_latents!r}")
     # every file this run may write, checked before any sampling (a folder in the way, a missing one)
     for flag, path in [("-o/--output", p) for p in png_paths(args)] + [("--output-latents", args.output_latents)]:
@@ -569,8 +569,9 @@ def run(args) -> int:
     if args.guidance is not None:
         inputs["guidance"] = args.guidance
     if args.image is not None:
-        image = _read_latents(args.image) if args.image.endswith(".safetensors") else _read_image(args.image)
-        if args.image.endswith(".safetensors") and spec.in_channels in (1, 3) and pipe.vae is None and \
+        is_tensor_file = args.image.lower().endswith(".safetensors")  # (as -o takes X.PNG: any case)
+        image = _read_latents(args.image) if is_tensor_file else _read_image(args.image)
+        if is_tensor_file and spec.in_channels in (1, 3) and pipe.vae is None and \
                 -1 <= float(image.min()) and float(image.max()) <= 1:
             # a pixel model's samples, as --output-latents writes them, in [-1, 1]: generate() reads tensors as
             # images in [0, 1] (in [-1, 1] only when a value is negative, with a warning); a state beyond [-1, 1]
