@@ -443,7 +443,8 @@ def export_onnx(pipe_or_model, spec: Optional[ModelSpec], path: str, *, opset: i
     if dtype not in DTYPES:
         raise BadArgumentError(f"dtype must be one of {tuple(DTYPES)}, found {dtype!r}")
     if fp16_io and dtype != "fp16":
-        raise BadArgumentError("fp16_io=True needs dtype='fp16' (an fp32 graph has fp32 inputs/outputs)")
+        raise BadArgumentError("fp16_io=True (--fp16-io) needs dtype='fp16' (--dtype fp16): an fp32 graph has fp32 "
+                               "inputs / outputs")
     from fastdiff.utils.checks import export_sizes
 
     export_sizes(batch, height, width)
@@ -457,19 +458,19 @@ def export_onnx(pipe_or_model, spec: Optional[ModelSpec], path: str, *, opset: i
     w = int(spec.sample_size[1] if width is None else width)
     if spec.kind == "dit":
         if dynamic_hw:
-            raise BadArgumentError("dynamic_hw=True is not possible for a DiT: its position table fixes the "
+            raise BadArgumentError("dynamic_hw=True (--dynamic-hw) is not possible for a DiT: its position table fixes the "
                                    f"resolution ({spec.sample_size[0]}x{spec.sample_size[1]})")
         if (h, w) != tuple(spec.sample_size):
             raise BadArgumentError(f"a DiT exports at its own resolution {spec.sample_size[0]}x{spec.sample_size[1]}, "
-                                   f"found height={h} width={w}")
+                                   f"found height={h} width={w} (--height / --width)")
     cond = conditioning(model, spec)
     if cfg_folded:
         if cond is None:
-            raise BadArgumentError("cfg_folded=True needs a conditional model (text or class labels); this one "
+            raise BadArgumentError("cfg_folded=True (--cfg-folded) needs a conditional model (text or class labels); this one "
                                    "is unconditional")
         if spec.num_classes and spec.null_class is None and not spec.low_res_noise:  # (an upscaler's class label,
             # the noise level, is both passes')
-            raise BadArgumentError("cfg_folded=True for a class-conditional model needs spec.null_class (the "
+            raise BadArgumentError("cfg_folded=True (--cfg-folded) for a class-conditional model needs spec.null_class (the "
                                    "unconditional label); this model has none")
     out_ch = _out_channels(model, spec)
     io = graph_io(model, spec, cfg_folded=cfg_folded, fp16_io=fp16_io, dtype=dtype,

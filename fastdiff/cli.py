@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 
 COMMANDS = ("generate", "export", "bench", "info")
@@ -20,6 +21,25 @@ class _OneLineErrors(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# generate()'s keywords whose flag's name is not the keyword's own with dashes (its parser's dest)
+KEYWORD_DESTS = {"cfg_scale": "cfg"}
+
+
+def name_flags(message: str, subparser: argparse.ArgumentParser) -> str:
+    """An API error as the command line's: the first mention of each keyword that a flag of this subcommand sets
+    gets the flag after it (``cfg_scale != 1`` -> ``cfg_scale (--cfg) != 1``), so a CLI user sees what to change.
+    Only keywords with an underscore (or listed in KEYWORD_DESTS) are matched: plain words like ``height`` are
+    their flag's name already, and would match ordinary prose."""
+    flags = {a.dest: a.option_strings[-1] for a in subparser._actions if a.option_strings and a.dest != "help"}
+    words = {kw: flags[dest] for kw, dest in KEYWORD_DESTS.items() if dest in flags}
+    words.update({dest: flag for dest, flag in flags.items() if "_" in dest})
+    for kw, flag in words.items():
+        if flag in message:  # the message names the flag already
+            continue
+        message = re.sub(rf"(?<![-\w.]){re.escape(kw)}(?!\w)", lambda m: f"{m.group(0)} ({flag})", message, count=1)
+    return message
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _subparsers(parser: argparse.ArgumentParser):
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+
+
 def main(argv=None) -> int:
     from .errors import FastdiffError
 
@@ -55,7 +79,8 @@ def main(argv=None) -> int:
     try:
         return int(args.func(args) or 0)
     except FastdiffError as e:
-        print(f"fastdiff {args.command}: error: {e}", file=sys.stderr)
+        subparser = _subparsers(parser).choices[args.command]
+        print(f"fastdiff {args.command}: error: {name_flags(str(e), subparser)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"fastdiff {args.command}: interrupted", file=sys.stderr)

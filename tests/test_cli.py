@@ -653,3 +653,25 @@ def test_cli_review_fixes_inputs(tmp_path):
     odd.write_bytes(b"x")
     assert _lora_args([str(odd)]) == [(str(odd), 1.0)]
     assert _lora_args([f"{odd}:0.25"]) == [(str(odd), 0.25)]
+
+
+def test_api_errors_name_the_flag_to_change():
+    """An error raised by generate() names its keyword; the command line adds the flag that sets it (the first
+    mention only, never inside a longer name, never where the flag is named already)."""
+    from fastdiff.cli import _subparsers, build_parser, name_flags
+
+    generate = _subparsers(build_parser()).choices["generate"]
+    assert name_flags("cfg_scale != 1 needs a conditional model; cfg_scale is", generate) == \
+        "cfg_scale (--cfg) != 1 needs a conditional model; cfg_scale is"
+    assert name_flags("class_labels: expected labels in [0, 9]", generate) == \
+        "class_labels (--class): expected labels in [0, 9]"
+    assert name_flags("denoising_end: 0.99 leaves no step to run", generate) == \
+        "denoising_end (--denoising-end): 0.99 leaves no step to run"
+    for untouched in ("--denoising-end: given twice", "negative_cfg_scale_x is not a flag", "pipe.cfg_scale is set",
+                      "height/width: this DiT takes 8x8 latents only"):
+        assert name_flags(untouched, generate) == untouched
+
+
+def test_an_api_error_reaches_the_user_with_its_flag(tmp_path):
+    r = fastdiff("generate", "arch:tiny-unet", "--steps", "1", "--cfg", "2", cwd=tmp_path)
+    assert r.returncode == 2 and "cfg_scale (--cfg) != 1 needs a conditional model" in r.stderr, r.stderr

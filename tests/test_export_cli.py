@@ -52,7 +52,8 @@ def test_export_tensorrt_unavailable_is_one_line(tmp_path):
     (["--format", "onnx", "-o", "/nonexistent-folder/x.onnx"], "expected an existing folder"),
     (["--format", "onnx", "--batch", "8:1", "-o", "x.onnx"], "--batch"),
     (["--format", "onnx", "--dtype", "bf16", "-o", "x.onnx"], "bf16"),
-    (["--format", "onnx", "--cfg-folded", "-o", "x.onnx"], "unconditional"),
+    (["--format", "onnx", "--cfg-folded", "-o", "x.onnx"], "(--cfg-folded) needs a conditional model"),
+    (["--format", "onnx", "--fp16-io", "-o", "x.onnx"], "(--fp16-io) needs dtype='fp16' (--dtype fp16)"),
 ])
 def test_export_bad_arguments_exit_2(tmp_path, monkeypatch, capsys, args, needle):
     """In-process (same code path as the console script; a subprocess per case would mostly time imports)."""
