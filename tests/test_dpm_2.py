@@ -1,6 +1,6 @@
-"""DPM-Solver-2 (``dpm_2``) and its ancestral form against float64 transcriptions of k-diffusion's
-``sample_dpm_2`` / ``sample_dpm_2_ancestral`` (crowsonkb/k-diffusion, sampling.py), fed the same noise.
-diffusers' KDPM2 schedulers: ``test_scheduler_parity.py``."""
+"""DPM-Solver-2 (``dpm_2``) and its ancestral form: the plan's midpoints and refusals. Against k-diffusion's own
+``sample_dpm_2`` / ``sample_dpm_2_ancestral``: ``test_k_diffusion_parity.py``; diffusers' KDPM2 schedulers:
+``test_scheduler_parity.py``."""
 
 import math
 
@@ -9,7 +9,7 @@ import torch
 
 from fastdiff.errors import BadArgumentError
 from fastdiff.samplers import sample_dpm_2, sample_dpm_2_ancestral
-from helpers import denoise_at as D, smooth_denoiser as denoiser
+from helpers import smooth_denoiser as denoiser
 
 SIGMAS = [14.6, 7.0, 3.1, 1.4, 0.6, 0.25, 0.09, 0.029, 0.0]
 
@@ -18,56 +18,6 @@ def setup():
     torch.manual_seed(2)
     x = torch.randn(2, 3, 4, 4, dtype=torch.float64) * SIGMAS[0]
     return x, [torch.randn(2, 3, 4, 4, dtype=torch.float64) for _ in SIGMAS]
-
-
-def k_dpm_2(x, churn, draws):
-    n = len(SIGMAS) - 1
-    for i in range(n):
-        gamma = min(churn["s_churn"] / n, 2 ** 0.5 - 1) if churn["s_tmin"] <= SIGMAS[i] <= churn["s_tmax"] else 0.0
-        s_hat = SIGMAS[i] * (gamma + 1)
-        if gamma > 0:
-            x = x + draws[i] * churn["s_noise"] * math.sqrt(s_hat ** 2 - SIGMAS[i] ** 2)
-        d = (x - D(x, s_hat)) / s_hat
-        if SIGMAS[i + 1] == 0:
-            x = x + d * (SIGMAS[i + 1] - s_hat)
-        else:
-            s_mid = math.exp((math.log(s_hat) + math.log(SIGMAS[i + 1])) / 2)
-            x_2 = x + d * (s_mid - s_hat)
-            d_2 = (x_2 - D(x_2, s_mid)) / s_mid
-            x = x + d_2 * (SIGMAS[i + 1] - s_hat)
-    return x
-
-
-def k_dpm_2_ancestral(x, eta, draws):
-    for i in range(len(SIGMAS) - 1):
-        s, s_next = SIGMAS[i], SIGMAS[i + 1]
-        up = min(s_next, eta * math.sqrt(s_next ** 2 * (s ** 2 - s_next ** 2) / s ** 2))
-        down = math.sqrt(s_next ** 2 - up ** 2)
-        d = (x - D(x, s)) / s
-        if down == 0:
-            x = x + d * (down - s)
-        else:
-            s_mid = math.exp((math.log(s) + math.log(down)) / 2)
-            x_2 = x + d * (s_mid - s)
-            d_2 = (x_2 - D(x_2, s_mid)) / s_mid
-            x = x + d_2 * (down - s)
-            x = x + draws[i] * up
-    return x
-
-
-@pytest.mark.parametrize("churn", [dict(s_churn=0.0, s_tmin=0.0, s_tmax=math.inf, s_noise=1.0),
-                                   dict(s_churn=5.0, s_tmin=0.1, s_tmax=5.0, s_noise=1.003)])
-def test_dpm_2_equals_k_diffusion(churn):
-    x, draws = setup()
-    got = sample_dpm_2(denoiser, x.clone(), SIGMAS, noise=lambda i, like: draws[i], **churn)
-    torch.testing.assert_close(got, k_dpm_2(x.clone(), churn, draws), rtol=1e-12, atol=1e-12)
-
-
-@pytest.mark.parametrize("eta", [1.0, 0.5])
-def test_dpm_2_ancestral_equals_k_diffusion(eta):
-    x, draws = setup()
-    got = sample_dpm_2_ancestral(denoiser, x.clone(), SIGMAS, eta=eta, noise=lambda i, like: draws[i])
-    torch.testing.assert_close(got, k_dpm_2_ancestral(x.clone(), eta, draws), rtol=1e-12, atol=1e-12)
 
 
 def test_explicit_midpoints_are_used():

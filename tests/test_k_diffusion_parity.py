@@ -75,8 +75,6 @@ def run_both(kd_sampler, name, kd_opts, fd_opts, sigmas=SIGMAS, noise_cls=StepNo
     ("euler", "sample_euler", {}),
     ("heun", "sample_heun", {}),
     ("dpm_2", "sample_dpm_2", {}),
-    ("lms", "sample_lms", {}),
-    ("lms", "sample_lms", dict(order=3)),
     ("dpmpp_2m", "sample_dpmpp_2m", {}),
     ("dpmpp_sde", "sample_dpmpp_sde", dict(eta=0.0)),
     ("dpmpp_2s_ancestral", "sample_dpmpp_2s_ancestral", dict(eta=0.0)),
@@ -110,25 +108,51 @@ def test_ancestral_and_sde_samplers_equal_k_diffusion_given_the_same_noise(kd, n
 
 
 def test_dpmpp_sde_equals_k_diffusion_given_its_brownian_increments(kd):
-    """k-diffusion's DPM++ SDE takes two increments of one Brownian motion per step (over [sigma_s, sigma] and
-    [sigma', sigma]); fastdiff draws z1, z2 and joins them (``joined_increment``). Fed k-diffusion the joined
-    increments, its run is fastdiff's."""
-    from fastdiff.dpmpp_singlestep import joined_increment
+    """k-diffusion's DPM++ SDE takes two increments of one Brownian motion per step, over [sigma_s, sigma] and then
+    [sigma', sigma] (its noise sampler's two calls); fastdiff draws z1, z2 per step and joins them. Fed k-diffusion
+    those increments, joined here as Brownian motion has them, its run is fastdiff's."""
 
     class BrownianNoise(StepNoise):
         def k_diffusion(self, sigma, sigma_next):
             i = self.step_of(sigma)
-            z1, z2 = self.take(i), None
-            if self.calls[i] == 1:
-                self.pending = (z1, float(sigma_next))  # the first call: the increment to sigma_s
-                return z1
-            z1, s_mid = self.pending
+            if i not in self.calls:  # the first call: the increment over [sigma_s, sigma], normalised
+                self.s_mid = float(sigma_next)
+                return self.take(i)
             self.calls[i] = 2
-            return joined_increment(z1, self.draws[i][1], self.sigmas[i], s_mid, float(sigma_next))
+            a, mid, b = float(sigma), self.s_mid, float(sigma_next)
+            z1, z2 = self.draws[i]
+            return (math.sqrt(a - mid) * z1 + math.sqrt(mid - b) * z2) / math.sqrt(a - b)
 
     for opts in (dict(), dict(eta=0.5, s_noise=0.9), dict(r=0.3)):
-        got, want, _ = run_both(kd.sample_dpmpp_sde, "dpmpp_sde", opts, opts, noise_cls=BrownianNoise)
+        got, want, (kd_calls, fd_calls) = run_both(kd.sample_dpmpp_sde, "dpmpp_sde", opts, opts,
+                                                   noise_cls=BrownianNoise)
+        assert kd_calls == fd_calls
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+LMS_GRIDS = {
+    "to_zero": SIGMAS,
+    "to_sigma_min": [9.0, 5.5, 2.0, 1.2, 0.5, 0.2, 0.0292],  # SD's leading grid ends at alphas_cumprod[0]
+    "two_steps": [6.0, 1.0, 0.0],
+}
+
+
+@pytest.mark.parametrize("order", [1, 2, 4, 5])
+@pytest.mark.parametrize("grid", sorted(LMS_GRIDS))
+def test_lms_equals_k_diffusion_on_grids(kd, grid, order):
+    """(k-diffusion integrates its Lagrange weights with scipy's quad, epsrel 1e-4: exact for these polynomials.)"""
+    got, want, _ = run_both(kd.sample_lms, "lms", dict(order=order), dict(order=order), sigmas=LMS_GRIDS[grid])
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_lms_high_order_on_a_long_grid_stays_exact(kd):
+    """Order 6 over 200 Karras steps from sigma 80: short steps far from 0 made monomial-basis weights lose every
+    digit (an order-8, 1000-step run was off by 100%); fastdiff builds them in the step's own unit."""
+    from fastdiff.schedules import get_sigmas_karras
+
+    sigmas = get_sigmas_karras(200, 0.03, 80.0).tolist()
+    got, want, _ = run_both(kd.sample_lms, "lms", dict(order=6), dict(order=6), sigmas=sigmas)
+    torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-8)
 
 
 class RandnLikeFeed:

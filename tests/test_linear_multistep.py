@@ -1,7 +1,6 @@
-"""PLMS and LMS against float64 transcriptions of the implementations users compare with: Stable Diffusion's
-``PLMSSampler`` (CompVis/latent-diffusion, in the variance-preserving frame) and k-diffusion's ``sample_lms``
-(its Lagrange weights integrated numerically, here by Gauss-Legendre quadrature). diffusers' PNDM and LMS
-schedulers are checked in ``test_scheduler_parity.py``."""
+"""PLMS against a float64 transcription of Stable Diffusion's ``PLMSSampler`` (CompVis/latent-diffusion, in the
+variance-preserving frame), the LMS / DEIS weights, and their edge cases. LMS against k-diffusion's own
+``sample_lms``: ``test_k_diffusion_parity.py``; diffusers' PNDM and LMS schedulers: ``test_scheduler_parity.py``."""
 
 import math
 
@@ -63,51 +62,6 @@ def test_plms_equals_stable_diffusions_plms_sampler(grid):
     x = start(sigmas[0])
     got = sample_plms(denoiser, x.clone(), torch.tensor(sigmas, dtype=torch.float64))
     torch.testing.assert_close(got, ldm_plms(x.clone(), sigmas), rtol=1e-10, atol=1e-10)
-
-
-def k_diffusion_lms(x, sigmas, order):
-    """k-diffusion ``sample_lms``: weights = integrals of the Lagrange basis (here 20-point Gauss-Legendre)."""
-    nodes, wts = np.polynomial.legendre.leggauss(20)
-
-    def coeff(cur, i, j):
-        lo, hi = sigmas[i], sigmas[i + 1]
-        taus = (hi - lo) / 2 * nodes + (hi + lo) / 2
-
-        def basis(tau):
-            prod = 1.0
-            for k in range(cur):
-                if k != j:
-                    prod *= (tau - sigmas[i - k]) / (sigmas[i - j] - sigmas[i - k])
-            return prod
-        return float((hi - lo) / 2 * sum(w * basis(t) for w, t in zip(wts, taus)))
-
-    ds = []
-    for i in range(len(sigmas) - 1):
-        d = (x - denoiser(x, torch.full((x.shape[0],), sigmas[i], dtype=torch.float64))) / sigmas[i]
-        ds = (ds + [d])[-order:]
-        cur = min(i + 1, order)
-        x = x + sum(coeff(cur, i, j) * dj for j, dj in enumerate(reversed(ds)))
-    return x
-
-
-@pytest.mark.parametrize("order", [1, 2, 4, 5])
-@pytest.mark.parametrize("grid", sorted(GRIDS))
-def test_lms_equals_k_diffusion(grid, order):
-    sigmas = GRIDS[grid]
-    x = start(sigmas[0])
-    got = sample_lms(denoiser, x.clone(), sigmas, order=order)
-    torch.testing.assert_close(got, k_diffusion_lms(x.clone(), sigmas, order), rtol=1e-10, atol=1e-10)
-
-
-def test_lms_high_order_on_a_long_grid_stays_exact():
-    """Order 6 over 200 Karras steps from sigma 80: short steps far from 0 made the monomial-basis weights
-    lose every digit (an order-8, 1000-step run was off by 100%); they are built in the step's own unit."""
-    from fastdiff.schedules import get_sigmas_karras
-
-    sigmas = get_sigmas_karras(200, 0.03, 80.0).tolist()
-    x = start(sigmas[0])
-    got = sample_lms(denoiser, x.clone(), sigmas, order=6)
-    torch.testing.assert_close(got, k_diffusion_lms(x.clone(), sigmas, 6), rtol=1e-8, atol=1e-8)
 
 
 @pytest.mark.parametrize("grid", [[10.0, 0.0, 0.0], [10.0, 3.0, 0.0, 0.0]])
