@@ -27,15 +27,24 @@ class _OneLineErrors(argparse.ArgumentParser):
 KEYWORD_DESTS = {"cfg_scale": "cfg"}
 
 
-def name_flags(message: str, subparser: argparse.ArgumentParser) -> str:
-    """An API error as the command line's: the first mention of each keyword that a flag of this subcommand sets
-    gets the flag after it (``cfg_scale != 1`` -> ``cfg_scale (--cfg) != 1``), so a CLI user sees what to change.
-    Only keywords with an underscore (or listed in KEYWORD_DESTS) are matched: plain words like ``height`` are
-    their flag's name already, and would match ordinary prose."""
+def generate_keywords() -> set:
+    """The keywords of ``Pipeline.generate``, which ``generate`` and ``bench`` call (its errors name them)."""
+    import inspect
+
+    from .pipeline import Pipeline
+
+    return set(inspect.signature(Pipeline.generate).parameters) - {"self"}
+
+
+def name_flags(message: str, subparser: argparse.ArgumentParser, keywords: set) -> str:
+    """An API error as the command line's: the first mention of each of ``keywords`` (the API's parameters) that a
+    flag of this subcommand sets gets the flag after it (``cfg_scale != 1`` -> ``cfg_scale (--cfg) != 1``), so a
+    CLI user sees what to change. Only keywords with an underscore are matched (or those in KEYWORD_DESTS): plain
+    words like ``height`` are their flag's name already, and would match ordinary prose."""
     flags = {a.dest: a.option_strings[-1] for a in subparser._actions if a.option_strings and a.dest != "help"}
-    words = {kw: flags[dest] for kw, dest in KEYWORD_DESTS.items() if dest in flags}
-    words.update({dest: flag for dest, flag in flags.items() if "_" in dest})
-    for kw, flag in words.items():
+    words = {kw: flags[KEYWORD_DESTS.get(kw, kw)] for kw in keywords
+             if KEYWORD_DESTS.get(kw, kw) in flags and ("_" in kw or kw in KEYWORD_DESTS)}
+    for kw, flag in sorted(words.items()):
         if flag in message:  # the message names the flag already
             continue
         message = re.sub(rf"(?<![-\w.]){re.escape(kw)}(?!\w)", lambda m: f"{m.group(0)} ({flag})", message, count=1)
@@ -79,8 +88,10 @@ def main(argv=None) -> int:
     try:
         return int(args.func(args) or 0)
     except FastdiffError as e:
-        subparser = _subparsers(parser).choices[args.command]
-        print(f"fastdiff {args.command}: error: {name_flags(str(e), subparser)}", file=sys.stderr)
+        message = str(e)
+        if args.command in ("generate", "bench"):  # (they call Pipeline.generate, whose errors name its keywords)
+            message = name_flags(message, _subparsers(parser).choices[args.command], generate_keywords())
+        print(f"fastdiff {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"fastdiff {args.command}: interrupted", file=sys.stderr)

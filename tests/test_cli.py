@@ -658,18 +658,23 @@ def test_cli_review_fixes_inputs(tmp_path):
 def test_api_errors_name_the_flag_to_change():
     """An error raised by generate() names its keyword; the command line adds the flag that sets it (the first
     mention only, never inside a longer name, never where the flag is named already)."""
-    from fastdiff.cli import _subparsers, build_parser, name_flags
+    from fastdiff.cli import _subparsers, build_parser, generate_keywords, name_flags
 
     generate = _subparsers(build_parser()).choices["generate"]
-    assert name_flags("cfg_scale != 1 needs a conditional model; cfg_scale is", generate) == \
+    keywords = generate_keywords()
+
+    def named(message):
+        return name_flags(message, generate, keywords)
+
+    assert named("cfg_scale != 1 needs a conditional model; cfg_scale is") == \
         "cfg_scale (--cfg) != 1 needs a conditional model; cfg_scale is"
-    assert name_flags("class_labels: expected labels in [0, 9]", generate) == \
-        "class_labels (--class): expected labels in [0, 9]"
-    assert name_flags("denoising_end: 0.99 leaves no step to run", generate) == \
+    assert named("class_labels: expected labels in [0, 9]") == "class_labels (--class): expected labels in [0, 9]"
+    assert named("denoising_end: 0.99 leaves no step to run") == \
         "denoising_end (--denoising-end): 0.99 leaves no step to run"
     for untouched in ("--denoising-end: given twice", "negative_cfg_scale_x is not a flag", "pipe.cfg_scale is set",
-                      "height/width: this DiT takes 8x8 latents only"):
-        assert name_flags(untouched, generate) == untouched
+                      "height/width: this DiT takes 8x8 latents only",
+                      "text_encoder reads prompt"):  # (a component's name, not generate()'s keyword)
+        assert named(untouched) == untouched
 
 
 def test_an_api_error_reaches_the_user_with_its_flag(tmp_path):

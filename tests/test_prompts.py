@@ -801,5 +801,5 @@ def test_cli_takes_second_prompts(sdxl, tmp_path):
     assert rel_err(load_file(str(tmp_path / "lat.safetensors"))["latents"], want) <= 1e-6
     r = _cli("generate", folder, "--prompt", "a cat", "--prompt-3", "a dog", "--output-latents", "x.safetensors",
              cwd=tmp_path)
-    assert r.returncode == 2 and "prompt_3: no text encoder of this sdxl model reads it" in r.stderr
+    assert r.returncode == 2 and "prompt_3 (--prompt-3): no text encoder of this sdxl model reads it" in r.stderr
     assert "Traceback" not in r.stderr
