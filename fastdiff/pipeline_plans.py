@@ -133,7 +133,9 @@ class PlansMixin:
         # it takes the checkpoint's spacing (digits, 1 step: digits-FD 7.5 instead of 54).
         leading = sampler in _LEADING_DEFAULT and steps > 1
         schedule = schedule or ("leading" if leading else self.spec.scheduler.get("timestep_spacing", "leading"))
-        if schedule in spacings and steps > train_steps:
+        from .comfy_schedules import TABLE_SCHEDULES
+
+        if (schedule in spacings or schedule in TABLE_SCHEDULES) and steps > train_steps:
             raise BadArgumentError(f"steps: schedule {schedule!r} spaces the {train_steps} training timesteps: "
                                    f"expected at most {train_steps} steps, found {steps}")
         ac = self.alphas_cumprod()

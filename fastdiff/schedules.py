@@ -252,10 +252,19 @@ def get_sigmas(schedule: str, steps: int, *, sigma_min: Optional[float] = None, 
                final: str = "zero") -> torch.Tensor:
     """A sigma grid by name (k-diffusion / ComfyUI / diffusers vocabulary).
 
-    ``karras | exponential | uniform`` need a sigma range: ``sigma_min``/``sigma_max``, else the range of
-    ``alphas_cumprod``, else EDM's 0.002..80. ``leading | trailing | linspace`` need ``alphas_cumprod``
-    (discrete-time models): sigma at diffusers' integer timesteps.
+    ``karras | exponential | uniform | kl_optimal`` need a sigma range: ``sigma_min``/``sigma_max``, else the range
+    of ``alphas_cumprod``, else EDM's 0.002..80. ``leading | trailing | linspace`` need ``alphas_cumprod``
+    (discrete-time models): sigma at diffusers' integer timesteps; so do ComfyUI's ``simple | sgm_uniform |
+    ddim_uniform | beta`` (``fastdiff.comfy_schedules``), which pick from or interpolate the training table.
     """
+    from .comfy_schedules import TABLE_SCHEDULES, kl_optimal_sigmas, table_sigmas
+
+    if schedule in TABLE_SCHEDULES:
+        if alphas_cumprod is None:
+            raise BadArgumentError(f"schedule {schedule!r} picks from the training sigma table: expected "
+                                   f"alphas_cumprod (a discrete-time model), found None")
+        _check_steps(steps)
+        return _finish(table_sigmas(schedule, steps, alphas_cumprod), final)
     if schedule in SPACINGS:
         if alphas_cumprod is None:
             raise BadArgumentError(f"schedule {schedule!r} spaces training timesteps: expected alphas_cumprod, "
@@ -275,10 +284,15 @@ def get_sigmas(schedule: str, steps: int, *, sigma_min: Optional[float] = None, 
         return get_sigmas_exponential(steps, sigma_min, sigma_max, final)
     if schedule == "uniform":
         return get_sigmas_uniform(steps, sigma_min, sigma_max, alphas_cumprod, final)
+    if schedule == "kl_optimal":
+        _check_steps(steps)
+        return _finish(kl_optimal_sigmas(steps, sigma_min, sigma_max), final)
     raise BadArgumentError(f"schedule: expected one of {SCHEDULES}, found {schedule!r}")
 
 
-SCHEDULES = ("karras", "exponential", "uniform") + SPACINGS
+# (the ComfyUI names after diffusers' spacings: fastdiff.comfy_schedules)
+SCHEDULES = ("karras", "exponential", "uniform") + SPACINGS + ("simple", "sgm_uniform", "ddim_uniform", "beta",
+                                                               "kl_optimal")
 
 
 def _check_range(schedule: str, sigma_min, sigma_max, rho) -> None:

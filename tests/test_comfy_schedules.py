@@ -1,0 +1,134 @@
+"""ComfyUI's named schedules (``simple``, ``sgm_uniform``, ``ddim_uniform``, ``beta``, ``kl_optimal``) against a
+transcription of ComfyUI's ``comfy/samplers.py`` scheduler functions over its ``ModelSamplingDiscrete`` (ComfyUI is
+no pip package): the grids, the step counts they give, and the pipeline running them."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fastdiff.errors import BadArgumentError
+from fastdiff.schedules import get_sigmas, make_alphas_cumprod
+
+
+class ComfyModelSampling:
+    """ComfyUI's ModelSamplingDiscrete for SD (ldm's "linear" betas 0.00085..0.012, computed in float64; the sigma
+    buffers kept in float32): ``sigma(t)`` interpolates log sigma, ``timestep(sigma)`` is the nearest entry."""
+
+    def __init__(self):
+        betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+        ac = torch.cumprod(1 - betas, 0)
+        sigmas = ((1 - ac) / ac) ** 0.5
+        self.sigmas, self.log_sigmas = sigmas.float(), sigmas.log().float()
+        self.sigma_min, self.sigma_max = self.sigmas[0], self.sigmas[-1]
+
+    def timestep(self, sigma):
+        return (sigma.log() - self.log_sigmas[:, None]).abs().argmin(dim=0).view(sigma.shape)
+
+    def sigma(self, t):
+        t = torch.clamp(t.float(), min=0, max=len(self.sigmas) - 1)
+        low, high, w = t.floor().long(), t.ceil().long(), t.frac()
+        return ((1 - w) * self.log_sigmas[low] + w * self.log_sigmas[high]).exp()
+
+
+def comfy_grid(name: str, steps: int, s: ComfyModelSampling) -> torch.Tensor:
+    """comfy/samplers.py's simple_scheduler, normal_scheduler(sgm=True), ddim_scheduler, beta_scheduler and
+    kl_optimal_scheduler, as ComfyUI computes them (float32)."""
+    if name == "simple":
+        stride = len(s.sigmas) / steps
+        return torch.FloatTensor([float(s.sigmas[-(1 + int(x * stride))]) for x in range(steps)] + [0.0])
+    if name == "sgm_uniform":
+        timesteps = torch.linspace(s.timestep(s.sigma_max), s.timestep(s.sigma_min), steps + 1)[:-1]
+        return torch.FloatTensor([float(s.sigma(t)) for t in timesteps] + [0.0])
+    if name == "ddim_uniform":
+        sigs, x, stride = [0.0], 1, max(len(s.sigmas) // steps, 1)
+        while x < len(s.sigmas):
+            sigs.append(float(s.sigmas[x]))
+            x += stride
+        return torch.FloatTensor(sigs[::-1])
+    if name == "beta":
+        from scipy import stats
+
+        ts = np.rint(stats.beta.ppf(1 - np.linspace(0, 1, steps, endpoint=False), 0.6, 0.6) * (len(s.sigmas) - 1))
+        sigs, last = [], -1
+        for t in ts:
+            if t != last:
+                sigs.append(float(s.sigmas[int(t)]))
+            last = t
+        return torch.FloatTensor(sigs + [0.0])
+    if name == "kl_optimal":
+        ramp = torch.arange(steps, dtype=torch.float).div_(steps - 1)
+        sigmas = ramp.new_zeros(steps + 1)
+        sigmas[:-1] = (ramp * math.atan(float(s.sigma_min)) + (1 - ramp) * math.atan(float(s.sigma_max))).tan_()
+        return sigmas
+    raise ValueError(name)
+
+
+SD_AC = make_alphas_cumprod("scaled_linear", 1000, 0.00085, 0.012)
+
+
+@pytest.mark.parametrize("steps", [2, 4, 7, 20, 33, 50])
+@pytest.mark.parametrize("name", ["simple", "sgm_uniform", "ddim_uniform", "beta", "kl_optimal"])
+def test_grids_equal_comfyui(name, steps):
+    if name == "beta":
+        pytest.importorskip("scipy", reason="schedule 'beta' takes the Beta distribution's quantiles from scipy")
+    want = comfy_grid(name, steps, ComfyModelSampling()).double()
+    got = get_sigmas(name, steps, alphas_cumprod=SD_AC)
+    assert got.dtype == torch.float64 and len(got) == len(want)  # (ddim_uniform at 7 steps: 8, as ComfyUI)
+    # (2e-5: the tables themselves differ by up to 1.3e-5 at their low end, fastdiff's alphas_cumprod being diffusers'
+    # float32 product where ComfyUI's is float64)
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=0)
+    assert bool((got[:-1] > got[1:]).all())  # decreasing, no zero-length step
+
+
+def test_the_step_counts_comfyui_gives():
+    """ddim_uniform can take a step more than asked, beta fewer (two quantiles on one timestep): as ComfyUI."""
+    assert len(get_sigmas("ddim_uniform", 7, alphas_cumprod=SD_AC)) - 1 == 8
+    pytest.importorskip("scipy", reason="schedule 'beta' takes the Beta distribution's quantiles from scipy")
+    got = get_sigmas("beta", 400, alphas_cumprod=SD_AC)
+    assert len(got) - 1 < 400
+    torch.testing.assert_close(got, comfy_grid("beta", 400, ComfyModelSampling()).double(), rtol=2e-5, atol=0)
+
+
+def test_kl_optimal_at_one_step_and_on_a_given_range():
+    """One step is sigma_max then 0 (ComfyUI's formula divides by zero there); an EDM range is taken as given."""
+    torch.testing.assert_close(get_sigmas("kl_optimal", 1, sigma_min=0.002, sigma_max=80.0),
+                               torch.tensor([80.0, 0.0], dtype=torch.float64))
+    grid = get_sigmas("kl_optimal", 5, sigma_min=0.002, sigma_max=80.0)
+    angles = torch.atan(grid[:-1])
+    torch.testing.assert_close(angles[:-1] - angles[1:], (angles[:1] - angles[1:2]).expand(4))  # even in arctan
+    assert float(grid[0]) == pytest.approx(80.0) and float(grid[-2]) == pytest.approx(0.002)
+
+
+@pytest.mark.parametrize("name", ["simple", "sgm_uniform", "ddim_uniform", "beta"])
+def test_table_schedules_need_a_training_table(name):
+    with pytest.raises(BadArgumentError, match=f"schedule '{name}' picks from the training sigma table"):
+        get_sigmas(name, 4, sigma_min=0.002, sigma_max=80.0)
+
+
+@pytest.mark.parametrize("name", ["simple", "sgm_uniform", "ddim_uniform", "beta", "kl_optimal"])
+def test_a_pipeline_runs_the_named_grid(name):
+    """generate(schedule=...) walks exactly that grid (the callback sees each step's sigma)."""
+    import fastdiff
+
+    if name == "beta":
+        pytest.importorskip("scipy", reason="schedule 'beta' takes the Beta distribution's quantiles from scipy")
+    pipe = fastdiff.load("arch:tiny-unet")
+    seen = []
+    pipe.generate(n=1, steps=5, schedule=name, sampler="euler", seed=0, progress=False,
+                  callback=lambda info: seen.append(float(info["sigma"])))
+    want = get_sigmas(name, 5, alphas_cumprod=pipe.alphas_cumprod())
+    if name == "kl_optimal":  # (a range schedule: SD-like tables top out below the pipeline's cap of 80)
+        want = get_sigmas(name, 5, alphas_cumprod=pipe.alphas_cumprod(), sigma_max=min(80.0, float(want[0])))
+    torch.testing.assert_close(torch.tensor(seen, dtype=torch.float64), want[:-1], rtol=1e-6, atol=0)
+
+
+def test_refused_where_they_cannot_apply():
+    import fastdiff
+
+    pipe = fastdiff.load("arch:tiny-unet")
+    with pytest.raises(BadArgumentError, match="expected at most 1000 steps"):
+        pipe.generate(n=1, steps=1001, schedule="simple", progress=False)
