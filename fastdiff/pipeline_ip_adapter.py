@@ -198,6 +198,27 @@ class IPAdapterMixin(FaceIDPlusInputs):
                                    f"tensor{'s' if count > 1 else ''} (diffusers' form), found {len(embeds)}")
         return [self._listed_embeds(e, i, guided) for i, e in enumerate(embeds)]
 
+    def ip_adapter_embeds_list(self, positives: list, guided: bool) -> list:
+        """diffusers' list form of ``ip_adapter_image_embeds`` (one tensor per loaded adapter) from each adapter's
+        image features alone ((B or 1, N, D), Plus / Full Face (B or 1, N, S, E)): under guidance each becomes
+        [negative; positive], the negative what generate() makes for an image prompt (zeros; Plus / Full Face a black
+        image's hidden states); without it the features as they are. (One tensor for one adapter needs none of this:
+        generate() takes the features alone there. The command line's --ip-adapter-embeds, once per adapter.)"""
+        from .models.ip_adapter import adapter_count
+
+        count = adapter_count(self.model) if self.model is not None else 0
+        if len(positives) != count:
+            raise BadArgumentError(f"ip_adapter_image_embeds: {count} IP-Adapter(s) loaded: expected the features of "
+                                   f"each, found {len(positives)}")
+        out = []
+        for i, given in enumerate(positives):
+            embeds = self._embeds_tensor(given, i)
+            if guided:
+                embeds, negative = self._with_negative(i, embeds, None, embeds.shape[0], True)
+                embeds = torch.cat([negative, embeds])
+            out.append(embeds)
+        return out
+
     def _ip_adapter_masks(self, masks, embeds, b: int, latent_size: tuple) -> Optional[tuple]:
         """generate(ip_adapter_masks=) for the image prompt's features ``embeds`` (a tensor, or one per adapter):
         per adapter None or (b, N, H, W) masks (``fastdiff.ip_adapter_masks``), or None."""

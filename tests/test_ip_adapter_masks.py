@@ -288,13 +288,58 @@ def test_cli_two_adapters_with_masks(masked, tmp_path):
     want = api.generate(prompt="a red cat", cfg_scale=3, steps=2, seeds=[0], progress=False,
                         ip_adapter_image_embeds=embeds)
     assert torch.equal(load_file(str(tmp_path / "e_out.safetensors"))["latents"], want)
+    # two adapters' features, one file each in the adapters' order: the API's list, their negatives zeros as for images
+    other = torch.randn(1, 2, 10, generator=torch.Generator().manual_seed(10))
+    save_file({"embeds": other}, str(tmp_path / "e2.safetensors"))
+    r = run_cli("generate", os.path.join(root, "pipe"), "--prompt", "a red cat", "--cfg", "3", "--steps", "2", "--n",
+                "1", "--ip-adapter", os.path.join(base, "ip.safetensors"), "--ip-adapter", os.path.join(base,
+                                                                                                   "ip.safetensors"),
+                "--ip-adapter-embeds", "e.safetensors", "--ip-adapter-embeds", "e2.safetensors",
+                "--ip-adapter-scale", "0.5", "--ip-adapter-scale", "0.8",
+                "--output-latents", "e_two.safetensors", "--no-progress", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    api.load_ip_adapter([os.path.join(base, "ip.safetensors")] * 2, scale=[0.5, 0.8], image_encoder_folder=None)
+    want = api.generate(prompt="a red cat", cfg_scale=3, steps=2, seeds=[0], progress=False,
+                        ip_adapter_image_embeds=[torch.cat([torch.zeros_like(embeds), embeds]),
+                                                 torch.cat([torch.zeros_like(other), other])])
+    assert torch.equal(load_file(str(tmp_path / "e_two.safetensors"))["latents"], want)
+    swapped = api.generate(prompt="a red cat", cfg_scale=3, steps=2, seeds=[0], progress=False,
+                           ip_adapter_image_embeds=[torch.cat([torch.zeros_like(other), other]),
+                                                    torch.cat([torch.zeros_like(embeds), embeds])])
+    assert not torch.equal(swapped, want)  # (each file reaches its own adapter)
     two = ["--ip-adapter", os.path.join(plus, "plus.safetensors"), "--ip-adapter", os.path.join(base, "ip.safetensors")]
     for flags, message in ((two + ["--ip-adapter-image", "i0.png"], "expected one --ip-adapter-image each"),
                            (["--ip-adapter", os.path.join(plus, "plus.safetensors"), "--ip-adapter-image", "i0.png",
                              "--ip-adapter-mask", "none"], "'none' marks an adapter without masks"),
                            (two + ["--ip-adapter-image", "i0.png", "--ip-adapter-image", "i1.png",
                                    "--ip-adapter-mask", "m0.png,none", "--ip-adapter-mask", "none"],
-                            "'none' stands for a whole adapter's masks")):
+                            "'none' stands for a whole adapter's masks"),
+                           (two + ["--ip-adapter-embeds", "e.safetensors"], "expected one --ip-adapter-embeds each"),
+                           (two + ["--ip-adapter-embeds", "e.safetensors", "--ip-adapter-embeds", "e.safetensors",
+                                   "--ip-adapter-image", "i0.png", "--ip-adapter-image", "i1.png"],
+                            "features for every adapter or images for every adapter")):
         r = run_cli("generate", os.path.join(root, "pipe"), "--prompt", "a red cat", "--steps", "1", *flags,
                     "--output-latents", "x.safetensors", "--no-progress", cwd=tmp_path)
         assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_the_list_form_from_features_alone_equals_the_images(masked):
+    """``ip_adapter_embeds_list``: each adapter's features alone, completed with the unconditional pass generate()
+    makes for images (Plus: a black image's hidden states; the base adapter: zeros), give the images' samples; without
+    guidance the features as they are."""
+    ref, pipe, plus, base = masked
+    root = os.path.dirname(plus)
+    api = fastdiff.load(os.path.join(root, "pipe"))
+    api.load_ip_adapter([os.path.join(plus, "plus.safetensors"), os.path.join(base, "ip.safetensors")],
+                        image_encoder_folder=os.path.join(plus, "image_encoder"), scale=[0.7, 0.6])
+    images = [_image(seed=5), _image(seed=7)]
+    positives = [api._encode_ip_image(image, i)[0][None] for i, image in enumerate(images)]
+    kw = dict(prompt="a red cat", steps=2, seeds=[0], progress=False)
+    for cfg in (3.0, 1.0):
+        want = api.generate(cfg_scale=cfg, ip_adapter_image=images, **kw)
+        listed = api.ip_adapter_embeds_list(positives, guided=cfg != 1.0)
+        assert [e.shape[0] for e in listed] == [2 if cfg != 1.0 else 1] * 2
+        got = api.generate(cfg_scale=cfg, ip_adapter_image_embeds=listed, **kw)
+        assert rel_err(got, want) <= 1e-6
+    with pytest.raises(BadArgumentError, match="2 IP-Adapter"):
+        api.ip_adapter_embeds_list(positives[:1], guided=True)

@@ -585,7 +585,7 @@ def run(args) -> int:
         inputs["mask_image"] = _read_image(args.mask, "--mask")
     if args.padding_mask_crop is not None:  # (generate() pastes the crop back into PIL images)
         inputs.update(padding_mask_crop=args.padding_mask_crop, output_type="pil")
-    inputs.update(generate_ip_adapter.inputs(args, _read_image))
+    inputs.update(generate_ip_adapter.inputs(args, _read_image, pipe))
     for key, value in args.sampler_options or ():
         if key in _generate_parameters():  # (generate's own arguments have flags of their own)
             raise BadArgumentError(f"--sampler-option {key}=...: {key!r} is an argument of generate(), not a sampler "

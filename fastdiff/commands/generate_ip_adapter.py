@@ -4,9 +4,10 @@ One adapter: ``--ip-adapter FILE --ip-adapter-image A.png [--ip-adapter-image B.
 tokens one after another; paths taken as they are). Several: repeat ``--ip-adapter``; the k-th ``--ip-adapter-image``
 is the k-th adapter's prompt, several images of one adapter comma-separated (``A.png,B.png``).
 ``--ip-adapter-scale`` once (every adapter) or once per adapter; ``--ip-adapter-mask`` as the images (one mask per
-image; with several adapters ``none`` for an adapter without masks). ``--ip-adapter-embeds`` gives one adapter's
-features in place of images (IP-Adapter Face ID's face embeddings); IP-Adapter Face ID Plus takes both: the face
-embeddings and the face crop (``--ip-adapter-image``).
+image; with several adapters ``none`` for an adapter without masks). ``--ip-adapter-embeds`` gives an adapter's
+features in place of images (IP-Adapter Face ID's face embeddings), once per adapter with several (features for every
+adapter or images for every adapter, as diffusers); IP-Adapter Face ID Plus takes both: the face embeddings and the
+face crop (``--ip-adapter-image``).
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the image prompt of --ip-adapter (one adapter: repeat for several images, their tokens one "
                         "after another; several adapters: once per adapter, in their order, an adapter's images "
                         "comma-separated)")
-    p.add_argument("--ip-adapter-embeds", default=None, metavar="EMBEDS.safetensors",
-                   help="one adapter's image features in place of --ip-adapter-image: a safetensors file holding one "
+    p.add_argument("--ip-adapter-embeds", action="append", default=None, metavar="EMBEDS.safetensors",
+                   help="an adapter's image features in place of --ip-adapter-image (several adapters: once per "
+                        "adapter, in their order): a safetensors file holding one "
                         "tensor, (N, D) / (B, N, D) embeddings (IP-Adapter Face ID: insightface's face embeddings) or "
                         "(N, S, E) hidden states (Plus, Full Face); the unconditional pass as for an image. IP-Adapter "
                         "Face ID Plus takes the face embeddings here and the face crop as --ip-adapter-image")
@@ -70,9 +72,12 @@ def load(pipe, args) -> None:
     if args.ip_adapter_image is None and args.ip_adapter_embeds is None:
         raise BadArgumentError("--ip-adapter: expected --ip-adapter-image IMG.png (the image prompt) or "
                                "--ip-adapter-embeds (both for IP-Adapter Face ID Plus), found neither")
-    if args.ip_adapter_embeds is not None and count > 1:
-        raise BadArgumentError(f"--ip-adapter-embeds: one adapter's features; {count} --ip-adapter given: expected "
-                               f"--ip-adapter-image (or the Python API's ip_adapter_image_embeds list)")
+    if args.ip_adapter_embeds is not None and len(args.ip_adapter_embeds) != count:
+        raise BadArgumentError(f"--ip-adapter-embeds: {count} --ip-adapter given: expected one --ip-adapter-embeds "
+                               f"each (a file of that adapter's features), found {len(args.ip_adapter_embeds)}")
+    if args.ip_adapter_embeds is not None and args.ip_adapter_image is not None and count > 1:
+        raise BadArgumentError("--ip-adapter-embeds and --ip-adapter-image: several adapters take features for every "
+                               "adapter or images for every adapter (diffusers' pipelines), found both")
     for flag, values in (("--ip-adapter-image", args.ip_adapter_image), ("--ip-adapter-mask", args.ip_adapter_mask)):
         if count > 1 and values is not None and len(values) != count:  # (before anything loads)
             raise BadArgumentError(f"{flag}: {count} --ip-adapter given: expected one {flag} each (an adapter's "
@@ -94,15 +99,18 @@ def load(pipe, args) -> None:
                          scale=scales if len(scales) == count else scales * count, **encoder)
 
 
-def inputs(args, read_image) -> dict:
+def inputs(args, read_image, pipe=None) -> dict:
     """generate()'s ip_adapter_image (or ip_adapter_image_embeds) / ip_adapter_masks of the flags
-    (``read_image(path, flag)``: a PIL image)."""
+    (``read_image(path, flag)``: a PIL image; ``pipe``: the loaded pipeline, which completes several adapters'
+    features with their unconditional pass, diffusers' list form)."""
     if args.ip_adapter_image is None and args.ip_adapter_embeds is None:
         return {}
     count = len(args.ip_adapter or [None])
     out = {}  # (both for Face ID Plus: the face embeddings and the crop; the pipeline refuses both for another kind)
-    if args.ip_adapter_embeds is not None:
-        out["ip_adapter_image_embeds"] = _read_embeds(args.ip_adapter_embeds)
+    if args.ip_adapter_embeds is not None:  # (one file per adapter: load() checked the count)
+        embeds = [_read_embeds(path) for path in args.ip_adapter_embeds]
+        out["ip_adapter_image_embeds"] = embeds[0] if count == 1 else \
+            pipe.ip_adapter_embeds_list(embeds, guided=args.cfg != 1.0)
     if args.ip_adapter_image is not None:
         out["ip_adapter_image"] = _per_adapter(args.ip_adapter_image, count, "--ip-adapter-image", read_image)
     if args.ip_adapter_mask is not None:
