@@ -11,9 +11,13 @@ the steps whose timestep is >= cutoff, the refiner those below it. The state han
 scheduler holds (``latents_scale``: the variance-preserving latents of DDIM / DPM-Solver / UniPC / DEIS / DDPM,
 x0 + sigma eps for the Euler family and LMS), and the refiner reads it in its own scheduler's frame.
 
-Samplers taking one network evaluation per step only (diffusers' first-order schedulers): the two-stage ones
-(Heun, KDPM2, DPM-Solver SDE) cut a step in two, and PNDM, singlestep DPM-Solver, LCM and TCD plan their steps
-from the run's end; those are refused by name. A ControlNet's step window spans the whole grid, and inpainting runs
+Samplers taking one network evaluation per step (diffusers' first-order schedulers), and the two-stage Heun and
+KDPM2 (``heun``, ``dpm_2``), whose diffusers schedulers list each step's two stages as timesteps of their own
+(``stage_entries``): a cutoff between a step's stages ends a base run after that step's first stage, an Euler step
+(to the next sigma; KDPM2: to the step's midpoint), and its refiner takes that state as the state at the step's
+start, running the step whole again (diffusers' img2img adds one timestep where the count below the cutoff is even).
+The ancestral / SDE two-stage ones (KDPM2 ancestral, DPM-Solver SDE), PNDM, singlestep DPM-Solver, LCM and TCD
+(which plan their steps from the run's end) are refused by name. A ControlNet's step window spans the whole grid, and inpainting runs
 blend as diffusers' SDXL inpainting pipeline does (``fastdiff.pipeline``).
 """
 
@@ -29,7 +33,10 @@ from .errors import BadArgumentError
 # fastdiff samplers that reproduce diffusers' first-order schedulers (one evaluation per step, no end-of-run plan
 # beyond what SamplingPlan.to_step keeps)
 EXPERT_SAMPLERS = frozenset({"ddim", "ddpm", "euler", "euler_ancestral", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde",
-                             "dpmpp_3m_sde", "unipc", "deis", "lms"})
+                             "dpmpp_3m_sde", "unipc", "deis", "lms", "heun", "dpm_2"})
+# samplers whose diffusers schedulers (Heun, KDPM2) take two timesteps per step: the step's start, then the next
+# step's start (Heun) or the step's midpoint (KDPM2); a run's last step, to sigma 0, one
+TWO_STAGE_SAMPLERS = frozenset({"heun", "dpm_2"})
 # diffusers schedulers whose latents are x0 + sigma eps (the others hold the variance-preserving x / sqrt(1 + s^2))
 VE_FRAME_SCHEDULERS = frozenset({"EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "LMSDiscreteScheduler",
                                  "HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
@@ -64,27 +71,67 @@ def step_timesteps(plan) -> list:
     return [denoiser._host_coeffs(float(s))[0] / scale for s in plan.sigmas[:-1]]
 
 
+def stage_entries(plan) -> list:
+    """diffusers' ``scheduler.timesteps`` of a plan as (timestep, step, first stage?): one entry per step, or for the
+    two-stage samplers each step's first stage and its second (the next step's timestep for Heun, the midpoint's for
+    KDPM2), but for a last step to sigma 0 (one stage)."""
+    starts = step_timesteps(plan)
+    if plan.sampler not in TWO_STAGE_SAMPLERS:
+        return [(t, k, True) for k, t in enumerate(starts)]
+    if plan.sampler == "dpm_2":
+        from .samplers import midpoint_sigma
+
+        denoiser = plan.make_denoiser(None, dtype=torch.float32)
+        scale = getattr(denoiser, "timestep_scale", 1.0)
+        given = plan.options.get("sigmas_mid")
+        sig = [float(s) for s in plan.sigmas]
+        mids = [float(given[k]) if given is not None else midpoint_sigma(sig[k], sig[k + 1])
+                for k in range(plan.steps - 1)]
+        seconds = [denoiser._host_coeffs(m)[0] / scale for m in mids]
+    else:
+        seconds = starts[1:]
+    entries = []
+    for k, t in enumerate(starts):
+        entries.append((t, k, True))
+        if k < plan.steps - 1 or float(plan.sigmas[-1]) != 0:
+            entries.append((seconds[k] if k < len(seconds) else 0.0, k, False))
+    return entries
+
+
 def cutoff(fraction: float, train_steps: int) -> int:
     return int(round(train_steps - fraction * train_steps))
 
 
-def steps_until(plan, fraction: float, train_steps: int) -> int:
-    """How many of the plan's steps a base run with ``denoising_end=fraction`` takes (timestep >= cutoff)."""
-    k = sum(t >= cutoff(fraction, train_steps) for t in step_timesteps(plan))
-    if k == 0:
+def steps_until(plan, fraction: float, train_steps: int) -> tuple:
+    """(whole steps, whether the next step's first stage runs too) of a base run with ``denoising_end=fraction``:
+    diffusers runs the timesteps >= cutoff, which for a two-stage sampler may end between a step's stages."""
+    c = cutoff(fraction, train_steps)
+    entries = stage_entries(plan)
+    count = sum(t >= c for t, _, _ in entries)
+    if count == 0:
         raise BadArgumentError(f"denoising_end: {fraction} leaves no step to run (the first step's timestep is below "
-                               f"the cutoff {cutoff(fraction, train_steps)})")
-    return k
+                               f"the cutoff {c})")
+    _, step, first = entries[count - 1]
+    if first and plan.sampler in TWO_STAGE_SAMPLERS and count < len(entries):
+        return step, True
+    return step + 1, False
 
 
 def start_index(plan, fraction: float, train_steps: int) -> int:
-    """The step a refiner run with ``denoising_start=fraction`` starts at (the first timestep < cutoff)."""
-    left = sum(t < cutoff(fraction, train_steps) for t in step_timesteps(plan))
+    """The step a refiner run with ``denoising_start=fraction`` starts at: the first timestep < cutoff; for a
+    two-stage sampler (diffusers' order 2) one timestep earlier where the count below the cutoff is even, which
+    lands on a step's first stage (the step the base run stopped in)."""
+    c = cutoff(fraction, train_steps)
+    entries = stage_entries(plan)
+    left = sum(t < c for t, _, _ in entries)
     if left == 0:
         raise BadArgumentError(f"denoising_start: {fraction} leaves no step to run (no timestep below the cutoff "
-                               f"{cutoff(fraction, train_steps)})")
-    return plan.steps - left
+                               f"{c})")
+    if plan.sampler in TWO_STAGE_SAMPLERS and left % 2 == 0:
+        left += 1
+    _, step, first = entries[max(len(entries) - left, 0)]
+    return step
 
 
-__all__ = ["EXPERT_SAMPLERS", "VE_FRAME_SCHEDULERS", "check_fraction", "check_plan", "latents_scale",
-           "step_timesteps", "steps_until", "start_index"]
+__all__ = ["EXPERT_SAMPLERS", "TWO_STAGE_SAMPLERS", "VE_FRAME_SCHEDULERS", "check_fraction", "check_plan",
+           "latents_scale", "stage_entries", "step_timesteps", "steps_until", "start_index"]

@@ -495,8 +495,8 @@ class Pipeline(PlansMixin, ControlNetMixin, ImageInputsMixin, IPAdapterMixin, Cl
                 raise BadArgumentError(f"latents: expected shape {(b,) + shape}, found {tuple(latents.shape)}")
         window_plan = plan  # (a ControlNet's step window spans the grid before a base run's cut, as diffusers')
         if denoising_end is not None:  # a base run: the steps down to the cutoff, handing on its state
-            k = experts.steps_until(plan, denoising_end, self._train_steps())
-            plan = plan.to_step(k) if k < plan.steps else plan
+            k, first_stage = experts.steps_until(plan, denoising_end, self._train_steps())
+            plan = plan.to_first_stage(k) if first_stage else plan.to_step(k) if k < plan.steps else plan
 
         encoder_hidden_states, negative_encoder_hidden_states, text_embeds, negative_text_embeds = self._text_arguments(
             b, guided, prompt, negative_prompt, dict(zip(EXTRA_PROMPTS, (prompt_2, prompt_3, negative_prompt_2,

@@ -136,9 +136,12 @@ def sample_euler_ancestral(denoiser, x, sigmas, *, extra_args=None, noise=None, 
 
 @torch.no_grad()
 def sample_edm(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=None, after_step=None,
-               s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0):
+               s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0,
+               stop_after_first_stage: bool = False):
     """EDM's stochastic sampler (Karras et al. 2022, Algorithm 2): churn, Euler step, 2nd-order
-    (trapezoidal) correction except on the step to sigma = 0. With s_churn=0 it is deterministic Heun."""
+    (trapezoidal) correction except on the step to sigma = 0. With s_churn=0 it is deterministic Heun.
+    ``stop_after_first_stage``: the last step is its Euler stage alone (diffusers' Heun cut mid-step by an SDXL
+    base run's ``denoising_end``: ``fastdiff.experts``)."""
     x, sig, extra, noise = _setup(x, sigmas, extra_args, noise)
     n = len(sig) - 1
     for i in range(n):
@@ -148,7 +151,7 @@ def sample_edm(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=Non
         _cb(callback, x, i, s, s_hat, denoised)
         # Euler step with d = (x - denoised) / sigma_hat (dx/dsigma at sigma_hat)
         x_next = torch.lerp(denoised, x, s_next / s_hat)
-        if s_next != 0:                               # apply 2nd-order correction
+        if s_next != 0 and not (stop_after_first_stage and i == n - 1):  # apply 2nd-order correction
             x_next = _after(after_step, x_next, s_next, False)
             denoised_2 = _call(denoiser, x_next, s_next, extra)
             # trapezoid x + (d + d_2) / 2 * dt, with d_2 = (x_next - denoised_2) / sigma_next
@@ -160,20 +163,24 @@ def sample_edm(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=Non
 
 
 @torch.no_grad()
-def sample_heun(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=None, after_step=None):
-    """Heun's 2nd-order method (EDM without churn); the step to sigma = 0 is a plain Euler step."""
+def sample_heun(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=None, after_step=None,
+                stop_after_first_stage: bool = False):
+    """Heun's 2nd-order method (EDM without churn); the step to sigma = 0 is a plain Euler step, and so is the last
+    step with ``stop_after_first_stage`` (``sample_edm``)."""
     return sample_edm(denoiser, x, sigmas, extra_args=extra_args, noise=noise, callback=callback,
-                      after_step=after_step)
+                      after_step=after_step, stop_after_first_stage=stop_after_first_stage)
 
 
 @torch.no_grad()
 def sample_dpm_2(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=None, after_step=None,
                  s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0,
-                 sigmas_mid: Optional[Sequence[float]] = None):
+                 sigmas_mid: Optional[Sequence[float]] = None, stop_after_first_stage: bool = False):
     """DPM-Solver-2 as k-diffusion's ``sample_dpm_2`` (diffusers' ``KDPM2DiscreteScheduler``): a midpoint
     method on the probability-flow ODE, the midpoint at the geometric mean of sigma and sigma'; the step to
     sigma = 0 is a plain Euler step. Optional churn as in ``sample_euler``. ``sigmas_mid[i]``: step i's
-    midpoint when given (a scheduler plan's exact values)."""
+    midpoint when given (a scheduler plan's exact values). ``stop_after_first_stage``: the last step is its Euler
+    half step alone, to the grid's last sigma (there, the step's midpoint: diffusers' KDPM2 cut mid-step by an
+    SDXL base run's ``denoising_end``, ``fastdiff.experts``)."""
     x, sig, extra, noise = _setup(x, sigmas, extra_args, noise)
     n = len(sig) - 1
     mids = _check_mids(sigmas_mid, n)
@@ -182,6 +189,9 @@ def sample_dpm_2(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=N
         x, s_hat = _churn(x, i, s, n, noise, s_churn, s_tmin, s_tmax, s_noise)
         denoised = _call(denoiser, x, s_hat, extra)
         _cb(callback, x, i, s, s_hat, denoised)
+        if stop_after_first_stage and i == n - 1:  # Euler to the midpoint, which the grid ends at
+            x = _after(after_step, torch.lerp(denoised, x, s_next / s_hat), s_next, True)
+            continue
         x = _midpoint_step(denoiser, x, denoised, s_hat, s_next, extra, mids[i] if mids and s_hat == s else None,
                            after=(after_step, s_next))
         x = _after(after_step, x, s_next, i == n - 1)

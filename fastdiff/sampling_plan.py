@@ -122,6 +122,25 @@ class SamplingPlan:
         return dataclasses.replace(self, sigmas=self.sigmas[:k + 1].clone(), options=options,
                                    output_scale=latents_scale(self, s))
 
+    def to_first_stage(self, k: int) -> "SamplingPlan":
+        """The plan's first ``k`` steps and step k's first stage, an Euler step (to sigmas[k + 1]; a KDPM2 plan's to
+        the step's midpoint): a base run of SDXL's ensemble whose cutoff falls between the stages of a two-stage
+        scheduler's step, as diffusers stops its loop there (``fastdiff.experts.steps_until``)."""
+        from .samplers import midpoint_sigma
+
+        if not 0 <= k < self.steps - 1:
+            raise BadArgumentError(f"k: expected 0 <= k < {self.steps - 1}, found {k}")
+        whole = self.to_step(k + 1)
+        options = dict(whole.options, stop_after_first_stage=True)
+        sigmas = whole.sigmas.clone()
+        if self.sampler == "dpm_2":  # (the Euler stage ends at the step's midpoint)
+            mids = options.get("sigmas_mid")
+            sigmas[-1] = float(mids[k]) if mids is not None else midpoint_sigma(float(sigmas[-2]), float(sigmas[-1]))
+        from .experts import latents_scale
+
+        return dataclasses.replace(whole, sigmas=sigmas, options=options,
+                                   output_scale=latents_scale(self, float(sigmas[-1])))
+
     @property
     def time_frame(self) -> bool:
         """The samplers run a flow model on its time grid (x_t = (1 - t) x0 + t eps), not in x = x0 + sigma eps."""

@@ -56,6 +56,11 @@ CASES = {
     "ddim": ("DDIMScheduler", dict(clip_sample=False), 10, 0.7),
     "unipc": ("UniPCMultistepScheduler", {}, 9, 0.75),
     "lms": ("LMSDiscreteScheduler", {}, 10, 0.7),
+    # two-stage: Heun's cut always falls between a step's stages (its timesteps repeat); KDPM2's between them (0.7:
+    # after the first stage, to the midpoint) or after a whole step (0.6), as the midpoint's timestep lies
+    "heun": ("HeunDiscreteScheduler", {}, 6, 0.7),
+    "kdpm2_mid_step": ("KDPM2DiscreteScheduler", {}, 6, 0.7),
+    "kdpm2_whole_step": ("KDPM2DiscreteScheduler", {}, 6, 0.6),
 }
 
 
@@ -90,10 +95,12 @@ def test_a_middle_expert_takes_both_ends_as_diffusers(tmp_path):
     assert rel_err(got, want) <= 1e-5
 
 
-def test_a_cut_run_in_a_captured_loop_equals_eager(tmp_path):
+@pytest.mark.parametrize("cls", ["EulerAncestralDiscreteScheduler", "KDPM2DiscreteScheduler"])
+def test_a_cut_run_in_a_captured_loop_equals_eager(tmp_path, cls):
+    """(KDPM2 at 8 steps: 0.7 stops after a whole step, 0.5 after a step's first stage: two loops, each its own grid.)"""
     from test_graph_scopes import FakeGraph
 
-    pipe, _, _ = _experts(tmp_path, "EulerAncestralDiscreteScheduler")
+    pipe, _, _ = _experts(tmp_path, cls)
     graphed = fastdiff.load(str(tmp_path)).optimize(cuda_graphs=True, graph_scope="loop", batch_buckets=(2,),
                                                     graph_factory=FakeGraph)
     kw = dict(steps=8, cfg_scale=5.0, seeds=SEEDS, progress=False, time_ids=IDS, **_text_kwargs(_embeddings(), True))
@@ -157,7 +164,7 @@ def test_controlnet_inpainting_experts_equal_the_sdxl_controlnet_inpaint_pipelin
     assert rel_err(got, want) <= 1e-5
 
 
-@pytest.mark.parametrize("name", ["euler", "euler_ancestral", "dpmpp_2m", "ddim"])
+@pytest.mark.parametrize("name", ["euler", "euler_ancestral", "dpmpp_2m", "ddim", "heun", "kdpm2_mid_step"])
 def test_inpainting_base_and_refiner_hand_over_as_diffusers(tmp_path, name):
     """StableDiffusionXLInpaintPipeline with denoising_end, then with denoising_start from the base's latents and
     the same mask (in pixels): the base's last blend pastes the image's clean latents on its noisy state, and the
@@ -216,7 +223,7 @@ def test_an_inpainting_unet_base_run_equals_diffusers(tmp_path):
     (dict(denoising_end=0.5, image=Image.new("RGB", (16, 16), "gray"), mask_image=Image.new("L", (16, 16), 255),
           padding_mask_crop=2, output_type="pil"),
      "denoising_end: with padding_mask_crop is not implemented"),
-    (dict(denoising_end=0.5, sampler="heun"), "sampler 'heun' .* is not implemented"),
+    (dict(denoising_end=0.5, sampler="dpm_2_ancestral"), "sampler 'dpm_2_ancestral' .* is not implemented"),
     (dict(denoising_end=0.95, sampler="dpmpp_2m", order=3, lower_order_final=True, steps=10),
      "third-order dpmpp_2m cut one step short"),
     (dict(denoising_end=0.01), "leaves no step to run"),
