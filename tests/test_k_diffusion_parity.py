@@ -279,3 +279,29 @@ def test_a_comfyui_style_run_equals_k_diffusion_end_to_end(kd):
     got = SAMPLERS["euler_ancestral"](ours, x * kd_sig[0], kd_sig, noise=lambda i, like: noise.draws[i][0])
     torch.testing.assert_close(got, want, rtol=1e-6, atol=3e-6)
     assert math.isfinite(float(got.abs().max()))
+
+
+def test_a_guided_diffusion_network_wrapper_equals_k_diffusion():
+    """An ADM network (guided-diffusion: eps and learned-variance channels) as k-diffusion's OpenAIDenoiser reads it
+    (float32 schedule, the variance half dropped) and as fastdiff's DiscreteDenoiser does."""
+    from types import SimpleNamespace
+
+    from fastdiff.denoiser import DiscreteDenoiser
+    from fastdiff.schedules import make_alphas_cumprod
+
+    external = k_diffusion_ref.load("external")
+    ac = make_alphas_cumprod("linear", 1000)  # (guided-diffusion's linear schedule)
+
+    def adm(x, t, y=None):  # (B, 2C, H, W): eps, then the variance interpolation values
+        t = t.reshape(-1, 1, 1, 1).to(x.dtype)
+        eps = torch.cos(x * 0.9 - t / 300.0) * 0.8 + (0 if y is None else y.reshape(-1, 1, 1, 1) * 0.01)
+        return torch.cat([eps, torch.tanh(x + t / 1000.0)], dim=1)
+
+    ref = external.OpenAIDenoiser(adm, SimpleNamespace(alphas_cumprod=ac.double().numpy()))
+    ours = DiscreteDenoiser(adm, ac, "epsilon", dtype=torch.float64)
+    x = torch.randn(3, 3, 4, 4, generator=torch.Generator().manual_seed(6), dtype=torch.float64) * 2
+    y = torch.tensor([1, 5, 9])
+    sigma = torch.tensor([0.3, 4.2, 80.0], dtype=torch.float64)
+    got, want = ours(x, sigma, y=y), ref(x, sigma, y=y)
+    assert got.shape == x.shape
+    torch.testing.assert_close(got, want.double(), rtol=1e-5, atol=1e-5)
