@@ -24,7 +24,14 @@ class _OneLineErrors(argparse.ArgumentParser):
 
 
 # generate()'s keywords whose flag's name is not the keyword's own with dashes (its parser's dest)
-KEYWORD_DESTS = {"cfg_scale": "cfg"}
+KEYWORD_DESTS = {"cfg_scale": "cfg", "mask_image": "mask", "controlnet_conditioning_scale": "controlnet_scale",
+                 "control_guidance_start": "control_start", "control_guidance_end": "control_end",
+                 "ip_adapter_image_embeds": "ip_adapter_embeds", "ip_adapter_masks": "ip_adapter_mask"}
+# a keyword is named as a word of the message: after its start, a space or an opening bracket, before a space, a
+# colon, a comma, a closing bracket or the end; never inside a quoted value, a path or a call (``name=``)
+_WORD = r"(?:(?<=^)|(?<=[\s(\[])){}(?=[\s:,;)\]]|$)"
+# a quoted value: from a quote that follows no letter (not a possessive, "diffusers' form") to the next closing one
+_QUOTED = r"(?<!\w)'[^']*'(?!\w)|(?<!\w)\"[^\"]*\"(?!\w)"
 
 
 def generate_keywords() -> set:
@@ -47,7 +54,12 @@ def name_flags(message: str, subparser: argparse.ArgumentParser, keywords: set) 
     for kw, flag in sorted(words.items()):
         if flag in message:  # the message names the flag already
             continue
-        message = re.sub(rf"(?<![-\w.]){re.escape(kw)}(?!\w)", lambda m: f"{m.group(0)} ({flag})", message, count=1)
+        quoted = [m.span() for m in re.finditer(_QUOTED, message)]
+        for match in re.finditer(_WORD.format(re.escape(kw)), message):
+            if any(a < match.start() < b for a, b in quoted):
+                continue  # (inside a quoted value: a file name, a user's string)
+            message = f"{message[:match.end()]} ({flag}){message[match.end():]}"
+            break
     return message
 
 

@@ -210,9 +210,17 @@ class IPAdapterMixin(FaceIDPlusInputs):
         if len(positives) != count:
             raise BadArgumentError(f"ip_adapter_image_embeds: {count} IP-Adapter(s) loaded: expected the features of "
                                    f"each, found {len(positives)}")
+        from .models.ip_adapter import image_rank
+
         out = []
         for i, given in enumerate(positives):
             embeds = self._embeds_tensor(given, i)
+            if guided and image_rank(self.model, i) == 2 and self.image_encoder is None:
+                raise BadArgumentError(f"ip_adapter_image_embeds{_which(i, self.model)}: the unconditional pass of an "
+                                       f"IP-Adapter Plus / Full Face reads a black image's encoding, and no image "
+                                       f"encoder is loaded: load one (load_ip_adapter(..., image_encoder_folder=); "
+                                       f"the command line's --ip-adapter-encoder FOLDER), or give diffusers' list form "
+                                       f"with the negatives in it")
             if guided:
                 embeds, negative = self._with_negative(i, embeds, None, embeds.shape[0], True)
                 embeds = torch.cat([negative, embeds])

@@ -671,9 +671,19 @@ def test_api_errors_name_the_flag_to_change():
     assert named("class_labels: expected labels in [0, 9]") == "class_labels (--class): expected labels in [0, 9]"
     assert named("denoising_end: 0.99 leaves no step to run") == \
         "denoising_end (--denoising-end): 0.99 leaves no step to run"
+    assert named("mask_image: expected; controlnet_conditioning_scale, control_guidance_start") == \
+        "mask_image (--mask): expected; controlnet_conditioning_scale (--controlnet-scale), control_guidance_start " \
+        "(--control-start)"
+    # a possessive is no quote: the keyword after it is named
+    assert named("with guidance diffusers' form stacks them: ip_adapter_masks x") == \
+        "with guidance diffusers' form stacks them: ip_adapter_masks (--ip-adapter-mask) x"
     for untouched in ("--denoising-end: given twice", "negative_cfg_scale_x is not a flag", "pipe.cfg_scale is set",
                       "height/width: this DiT takes 8x8 latents only",
-                      "text_encoder reads prompt"):  # (a component's name, not generate()'s keyword)
+                      "text_encoder reads prompt",  # (a component's name, not generate()'s keyword)
+                      # file names and quoted values, paths, calls
+                      "--image: could not read 'control_image.png' as an image", "found 'class_labels'",
+                      'found "negative_prompt"', "cannot write negative_prompt/x/out.png", "pass ip_adapter_image=",
+                      "found class_labels.png"):
         assert named(untouched) == untouched
 
 

@@ -132,3 +132,20 @@ def test_refused_where_they_cannot_apply():
     pipe = fastdiff.load("arch:tiny-unet")
     with pytest.raises(BadArgumentError, match="expected at most 1000 steps"):
         pipe.generate(n=1, steps=1001, schedule="simple", progress=False)
+
+
+def test_the_engine_checks_strength_against_the_grids_steps():
+    """ComfyUI's beta grid holds fewer steps than asked (400 -> 387): a strength that leaves none of them fails its
+    own request at submit, as generate() would refuse it, not its batch later."""
+    import fastdiff
+
+    pytest.importorskip("scipy", reason="schedule 'beta' takes the Beta distribution's quantiles from scipy")
+    pipe = fastdiff.load("arch:tiny-unet")
+    image = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(BadArgumentError, match="strength"):
+        pipe.generate(n=1, steps=400, schedule="beta", image=image, strength=1 / 399, progress=False)
+    with fastdiff.Engine(pipe, max_batch=2, max_wait_ms=1) as engine:
+        refused = engine.submit(seed=0, steps=400, schedule="beta", image=image, strength=1 / 399)
+        assert refused.done() and isinstance(refused.exception(), BadArgumentError)
+        kept = engine.submit(seed=0, steps=400, schedule="uniform", image=image, strength=1 / 399)
+        assert kept.result(timeout=300).shape == (3, 16, 16)

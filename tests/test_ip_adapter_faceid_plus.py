@@ -306,3 +306,39 @@ def test_face_id_plus_beside_a_base_adapter_equals_diffusers(plus):
         ref.unload_lora_weights()
         pipe.unload_ip_adapter()
         pipe.unload_lora()
+
+
+def test_cli_face_id_plus_beside_a_base_adapter(plus, tmp_path):
+    """`--ip-adapter BASE --ip-adapter PLUSV2 --ip-adapter-embeds B --ip-adapter-embeds FACE --ip-adapter-image none
+    --ip-adapter-image CROP`: the API's run with the list form (the base adapter's negative zeros, Face ID Plus's
+    face embeddings' zeros) and the crop for the second adapter only."""
+    from PIL import Image
+    from safetensors.torch import load_file, save_file
+
+    import fastdiff
+    from test_cli import fastdiff as run_cli
+
+    ref, pipe, folder = plus
+    root = os.path.dirname(folder)
+    api = fastdiff.load(os.path.join(root, "pipe"))
+    api.load_ip_adapter(folder, weight_name=["ip.safetensors", NAME])
+    base = api._encode_ip_image(_image(seed=11), 0)[0][None].contiguous()  # (1, 1, D): the base adapter's features
+    save_file({"embeds": base}, str(tmp_path / "base.safetensors"))
+    save_file({"embeds": _embeds()[0]}, str(tmp_path / "face.safetensors"))
+    _image(seed=6).save(tmp_path / "crop.png")
+    two = ["--ip-adapter", os.path.join(folder, "ip.safetensors"), "--ip-adapter", os.path.join(folder, NAME),
+           "--ip-adapter-embeds", "base.safetensors", "--ip-adapter-embeds", "face.safetensors"]
+    r = run_cli("generate", os.path.join(root, "pipe"), "--prompt", "a red cat", "--cfg", "3", "--steps", "2", "--n",
+                "1", *two, "--ip-adapter-image", "none", "--ip-adapter-image", "crop.png", "--no-progress",
+                "--output-latents", "lat.safetensors", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    faces = _embeds()[0].reshape(1, 1, -1)
+    want = api.generate(prompt="a red cat", cfg_scale=3, steps=2, seeds=[0], progress=False,
+                        ip_adapter_image_embeds=[torch.cat([torch.zeros_like(base), base]),
+                                                 torch.cat([torch.zeros_like(faces), faces])],
+                        ip_adapter_image=[None, Image.open(tmp_path / "crop.png")])
+    assert rel_err(load_file(str(tmp_path / "lat.safetensors"))["latents"], want) <= 1e-6
+    r = run_cli("generate", os.path.join(root, "pipe"), "--prompt", "a red cat", "--steps", "1",
+                "--ip-adapter", os.path.join(folder, NAME), "--ip-adapter-image", "none",
+                "--output-latents", "x.safetensors", "--no-progress", cwd=tmp_path)
+    assert r.returncode == 2 and "'none' marks an adapter that takes its features alone" in r.stderr

@@ -1,6 +1,7 @@
 """fastdiff's samplers, sigma grids and discrete-model wrapper against k-diffusion's own code (the pip package
 ``k-diffusion``, loaded by ``k_diffusion_ref``), which ComfyUI and AUTOMATIC1111 run: a k-diffusion user gets the
-same samples from fastdiff by the same names.
+same samples from fastdiff by the same names (on grids ending at sigma 0; on one ending above it, dpmpp_2m /
+dpmpp_2m_sde take diffusers' first-order last step unless ``lower_order_final=False``).
 
 Every run is float64 on an analytic denoiser, both sides fed the same noise: k-diffusion's ``noise_sampler(sigma,
 sigma_next)`` and ``torch.randn_like`` (the churn of euler / heun / dpm_2) give the draw fastdiff's
@@ -85,6 +86,23 @@ def test_deterministic_samplers_equal_k_diffusion(kd, name, kd_name, opts):
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("name,kd_name,opts", [("dpmpp_2m", "sample_dpmpp_2m", {}),
+                                               ("dpmpp_2m_sde", "sample_dpmpp_2m_sde", dict(eta=0.0)),
+                                               ("dpmpp_2m_sde", "sample_dpmpp_2m_sde", dict(solver_type="heun"))])
+def test_multistep_samplers_on_a_grid_ending_above_zero(kd, name, kd_name, opts):
+    """A grid that stops short of sigma 0 (ComfyUI's split sigmas, a refiner hand-over): k-diffusion keeps the
+    second order to the end. fastdiff's dpmpp_2m / dpmpp_2m_sde by name take diffusers' last-step first order
+    (``lower_order_final=True``, its default, which differs only where the grid does not end at 0); with
+    ``lower_order_final=False`` they are k-diffusion's."""
+    grid = [14.6, 7.0, 3.1, 1.4, 0.6, 0.03]
+    got, want, (kd_calls, fd_calls) = run_both(getattr(kd, kd_name), name, opts, dict(opts, lower_order_final=False),
+                                               sigmas=grid)
+    assert kd_calls == fd_calls
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    default, _, _ = run_both(getattr(kd, kd_name), name, opts, opts, sigmas=grid)
+    assert float((default - want).abs().max()) > 1e-3  # (the default's first-order last step: another result)
+
+
 @pytest.mark.parametrize("name,kd_name,opts", [
     ("euler_ancestral", "sample_euler_ancestral", {}),
     ("euler_ancestral", "sample_euler_ancestral", dict(eta=0.5, s_noise=0.9)),
@@ -101,9 +119,10 @@ def test_ancestral_and_sde_samplers_equal_k_diffusion_given_the_same_noise(kd, n
     got, want, (kd_calls, fd_calls) = run_both(getattr(kd, kd_name), name, opts, opts)
     assert kd_calls == fd_calls  # the same draws taken, step by step
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    # (the noise is really in the result: the same run with other draws lands elsewhere)
-    other = SAMPLERS[name](analytic_denoiser, want.new_zeros(want.shape) + 1, torch.tensor(SIGMAS, dtype=torch.float64),
-                           **opts)
+    # (the noise is really in the result: the same start with other draws lands elsewhere)
+    sig = torch.tensor(SIGMAS, dtype=torch.float64)
+    x = torch.randn(2, 3, 5, 5, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * sig[0]
+    other = SAMPLERS[name](analytic_denoiser, x, sig, noise=lambda i, like: torch.randn_like(like), **opts)
     assert float((other - want).abs().max()) > 1e-2
 
 

@@ -6,8 +6,8 @@ is the k-th adapter's prompt, several images of one adapter comma-separated (``A
 ``--ip-adapter-scale`` once (every adapter) or once per adapter; ``--ip-adapter-mask`` as the images (one mask per
 image; with several adapters ``none`` for an adapter without masks). ``--ip-adapter-embeds`` gives an adapter's
 features in place of images (IP-Adapter Face ID's face embeddings), once per adapter with several (features for every
-adapter or images for every adapter, as diffusers); IP-Adapter Face ID Plus takes both: the face embeddings and the
-face crop (``--ip-adapter-image``).
+adapter, as diffusers, or images for every adapter); IP-Adapter Face ID Plus takes both: the face embeddings and the
+face crop (``--ip-adapter-image``; beside other adapters ``none`` for those, which take their features alone).
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ip-adapter-image", action="append", default=None, metavar="IMG.png",
                    help="the image prompt of --ip-adapter (one adapter: repeat for several images, their tokens one "
                         "after another; several adapters: once per adapter, in their order, an adapter's images "
-                        "comma-separated)")
+                        "comma-separated; with --ip-adapter-embeds, a Face ID Plus adapter's face crop, 'none' for "
+                        "the others)")
     p.add_argument("--ip-adapter-embeds", action="append", default=None, metavar="EMBEDS.safetensors",
                    help="an adapter's image features in place of --ip-adapter-image (several adapters: once per "
                         "adapter, in their order): a safetensors file holding one "
@@ -75,9 +76,11 @@ def load(pipe, args) -> None:
     if args.ip_adapter_embeds is not None and len(args.ip_adapter_embeds) != count:
         raise BadArgumentError(f"--ip-adapter-embeds: {count} --ip-adapter given: expected one --ip-adapter-embeds "
                                f"each (a file of that adapter's features), found {len(args.ip_adapter_embeds)}")
-    if args.ip_adapter_embeds is not None and args.ip_adapter_image is not None and count > 1:
-        raise BadArgumentError("--ip-adapter-embeds and --ip-adapter-image: several adapters take features for every "
-                               "adapter or images for every adapter (diffusers' pipelines), found both")
+    if args.ip_adapter_image is not None and "none" in args.ip_adapter_image and (
+            count == 1 or args.ip_adapter_embeds is None):
+        raise BadArgumentError("--ip-adapter-image: 'none' marks an adapter that takes its features alone, among "
+                               "several --ip-adapter with --ip-adapter-embeds (IP-Adapter Face ID Plus's crop beside "
+                               "them)")
     for flag, values in (("--ip-adapter-image", args.ip_adapter_image), ("--ip-adapter-mask", args.ip_adapter_mask)):
         if count > 1 and values is not None and len(values) != count:  # (before anything loads)
             raise BadArgumentError(f"{flag}: {count} --ip-adapter given: expected one {flag} each (an adapter's "
@@ -127,7 +130,7 @@ def _per_adapter(values: list, count: int, flag: str, read_image):
         return images if len(images) > 1 else images[0]
     entries = []  # (one value per adapter: load() checked the counts)
     for value in values:
-        if flag == "--ip-adapter-mask" and value == "none":
+        if value == "none":  # (an adapter without masks; one whose features come alone, load() checked)
             entries.append(None)
             continue
         images = [read_image(path, flag) for path in value.split(",")]

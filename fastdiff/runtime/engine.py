@@ -245,7 +245,8 @@ class Engine:
                 image_rows = {**(image_rows or {}), "image": low_res[0].clone()}
             elif image is not None or strength is not None or mask_image is not None or inpainting:
                 rows, strength, height, width = self._image_request(image, strength, mask_image, steps, height, width,
-                                                                    options.get("denoising_start") is not None)
+                                                                    options.get("denoising_start") is not None,
+                                                                    sampler, schedule)
                 image_rows = {**(image_rows or {}), **rows}
                 if strength is not None:
                     options = {**options, "strength": strength}  # (shared by a batch: its grid starts there)
@@ -296,11 +297,13 @@ class Engine:
         # the queue notifies those too (the worker does it for those it takes)
         fut.set_running_or_notify_cancel()
 
-    def _image_request(self, image, strength, mask_image, steps, height, width, refines: bool = False):
+    def _image_request(self, image, strength, mask_image, steps, height, width, refines: bool = False,
+                       sampler=None, schedule=None):
         """One request's rows for generate(): its image (C, H, W) in [0, 1] (or latents, as generate() takes them),
         and its mask (1, H, W) when it inpaints; its strength (the model's default for None, so that both batch
         together; None for a refiner run, ``refines``, which denoising_start places) and the latent size it fixes; a
-        strength that leaves no step fails now."""
+        strength that leaves no step of the run's grid fails now (a grid may hold other than ``steps`` steps:
+        ComfyUI's ddim_uniform / beta schedules)."""
         pipe = self.pipe
         images, given_latents = pipe._img2img_images(image, strength, None)  # (k, C, H, W)
         masks = pipe._inpaint_masks(mask_image, images, given_latents, refiner=refines)  # (k, 1, H, W) or None
@@ -309,8 +312,8 @@ class Engine:
                 raise BadArgumentError(f"{name}: expected one {name.split('_')[-1]} per request, found {rows.shape[0]}")
         _, height, width = pipe._img2img_size(images, 1, height, width, given_latents)
         if not refines:
-            strength, _ = pipe._img2img_strength(strength, as_int("steps", steps, minimum=1),
-                                                 inpaints=masks is not None)
+            grid_steps = pipe.plan(as_int("steps", steps, minimum=1), sampler, schedule, size=(height, width)).steps
+            strength, _ = pipe._img2img_strength(strength, grid_steps, inpaints=masks is not None)
         rows = {"image": images[0].clone()}
         if masks is not None:
             rows["mask_image"] = masks[0].clone()
