@@ -32,6 +32,7 @@ import torch
 
 from .consistency import sample_lcm, sample_tcd
 from .ddpm import sample_ddpm
+from .dpm_fast import sample_dpm_fast
 from .dpmpp_singlestep import sample_dpmpp_2s_ancestral, sample_dpmpp_sde
 from .errors import BadArgumentError
 from .linear_multistep import sample_deis, sample_lms, sample_plms
@@ -43,7 +44,7 @@ __all__ = [
     "SAMPLERS", "sample_ddim", "sample_ddpm", "sample_euler", "sample_euler_ancestral", "sample_heun",
     "sample_dpmpp_2m", "sample_dpmpp_3m", "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde", "sample_dpm_solver",
     "sample_unipc", "sample_edm", "sample_plms", "sample_lms", "sample_lcm", "sample_dpm_2",
-    "sample_dpm_2_ancestral", "sample_deis", "sample_dpmpp_sde", "sample_dpmpp_2s_ancestral", "sample_tcd",
+    "sample_dpm_2_ancestral", "sample_deis", "sample_dpmpp_sde", "sample_dpmpp_2s_ancestral", "sample_tcd", "sample_dpm_fast",
     "invert_ddim",
 ]
 
@@ -606,6 +607,7 @@ SAMPLERS = {
     "dpmpp_sde": sample_dpmpp_sde,
     "dpmpp_2s_ancestral": sample_dpmpp_2s_ancestral,
     "tcd": sample_tcd,
+    "dpm_fast": sample_dpm_fast,
 }
 
 # Multistep solvers whose ``lower_order_final`` looks at the whole run's step count (diffusers' ``len(timesteps) <

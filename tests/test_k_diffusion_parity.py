@@ -10,6 +10,7 @@ sigma_next)`` and ``torch.randn_like`` (the churn of euler / heun / dpm_2) give 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 
@@ -324,3 +325,64 @@ def test_a_guided_diffusion_network_wrapper_equals_k_diffusion():
     got, want = ours(x, sigma, y=y), ref(x, sigma, y=y)
     assert got.shape == x.shape
     torch.testing.assert_close(got, want.double(), rtol=1e-5, atol=1e-5)
+
+
+@contextlib.contextmanager
+def float64_default():
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
+@pytest.mark.parametrize("nfe", [1, 2, 3, 4, 5, 6, 7, 10, 12])
+@pytest.mark.parametrize("end", ["zero", "sigma_min"])
+def test_dpm_fast_equals_k_diffusion(kd, nfe, end):
+    """DPM-Solver-fast: k-diffusion's sample_dpm_fast over (sigma_min, sigma_max, nfe) as ComfyUI's wrapper reads a
+    grid (sigma_min the last nonzero sigma), against fastdiff's over that grid (k-diffusion's step times made float64,
+    the default dtype of its torch.tensor(sigma))."""
+    from fastdiff.dpm_fast import dpm_fast_orders
+    from fastdiff.schedules import get_sigmas_karras
+
+    assert sum(dpm_fast_orders(nfe)) == nfe
+    grid = get_sigmas_karras(nfe, 0.0292, 14.61, final=end)
+    sigma_min = float(grid[-1]) if end == "sigma_min" else float(grid[-2])
+    x = torch.randn(2, 3, 5, 5, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * float(grid[0])
+    # (a one-step grid to 0 has equal ends: its one evaluation moves nothing, in k-diffusion too)
+    with float64_default():
+        want = kd.sample_dpm_fast(analytic_denoiser, x.clone(), sigma_min, float(grid[0]), nfe, disable=True)
+    calls = []
+
+    def counted(x, sigma, **kw):
+        calls.append(1)
+        return analytic_denoiser(x, sigma, **kw)
+
+    got = SAMPLERS["dpm_fast"](counted, x.clone(), grid)
+    assert len(calls) == nfe
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("opts", [dict(eta=1.0), dict(eta=0.5, s_noise=0.9)])
+def test_dpm_fast_ancestral_equals_k_diffusion(kd, opts):
+    from fastdiff.schedules import get_sigmas_karras
+
+    grid = get_sigmas_karras(9, 0.0292, 14.61)
+    x = torch.randn(2, 3, 5, 5, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * float(grid[0])
+    steps = 4  # (9 evaluations: orders 3, 3, 2, 1)
+    draws = [torch.randn(2, 3, 5, 5, generator=torch.Generator().manual_seed(20 + i), dtype=torch.float64)
+             for i in range(steps)]
+    taken = []
+
+    def noise_sampler(sigma, sigma_next):
+        taken.append(1)
+        return draws[len(taken) - 1]
+
+    with float64_default():
+        want = kd.sample_dpm_fast(analytic_denoiser, x.clone(), float(grid[-2]), float(grid[0]), 9, disable=True,
+                                  noise_sampler=noise_sampler, **opts)
+    got = SAMPLERS["dpm_fast"](analytic_denoiser, x.clone(), grid, noise=lambda i, like: draws[i], **opts)
+    assert len(taken) == steps
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert float((got - SAMPLERS["dpm_fast"](analytic_denoiser, x.clone(), grid)).abs().max()) > 1e-2
