@@ -83,6 +83,8 @@ UNET_CONFIG = {"_class_name": "UNet2DConditionModel", "block_out_channels": [32,
     ("in_channels", -1, "positive"),                  # was a RuntimeError (negative dimension)
     ("attention_head_dim", None, "head count"),       # was a TypeError while building
     ("norm_eps", 0, "positive"),
+    # (a model-fuzzing reviewer: it loaded, then every call was a shape error, in diffusers too)
+    ("class_embeddings_concat", True, "without a class embedding"),
 ])
 def test_a_malformed_unet_config_names_the_field(field, value, needle):
     from fastdiff.models.unet import UNet, UNetConfig
@@ -91,6 +93,28 @@ def test_a_malformed_unet_config_names_the_field(field, value, needle):
     with pytest.raises(UnsupportedConfigError, match=f"'{field}'") as e:
         UNetConfig.from_diffusers({**UNET_CONFIG, field: value})
     assert needle in str(e.value)
+
+
+def test_class_embeddings_concat_with_an_addition_embedding_is_refused():
+    from fastdiff.models.unet import UNetConfig
+
+    sdxl_like = {**UNET_CONFIG, "addition_embed_type": "text_time", "addition_time_embed_dim": 8,
+                 "projection_class_embeddings_input_dim": 48 + 6 * 8, "num_class_embeds": 3}
+    assert UNetConfig.from_diffusers(dict(sdxl_like))
+    with pytest.raises(UnsupportedConfigError, match="'class_embeddings_concat'.*addition_embed_type 'text_time'"):
+        UNetConfig.from_diffusers({**sdxl_like, "class_embeddings_concat": True})
+
+
+def test_a_controlnet_with_simple_projection_is_refused_by_name():
+    """diffusers' ControlNetModel builds no class embedding for it (no branch): refused by name, not a key mismatch."""
+    from fastdiff.checkpoints.controlnet import controlnet_config
+
+    config = {**UNET_CONFIG, "_class_name": "ControlNetModel", "class_embed_type": "simple_projection",
+              "projection_class_embeddings_input_dim": 5}
+    config.pop("up_block_types")
+    with pytest.raises(UnsupportedConfigError, match="'class_embed_type' = 'simple_projection'.*builds no class"):
+        controlnet_config(config)
+    assert controlnet_config({**config, "class_embed_type": "projection"})
 
 
 @pytest.mark.parametrize("make,field,value", [

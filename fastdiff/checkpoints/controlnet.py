@@ -34,6 +34,11 @@ def controlnet_config(config: dict) -> tuple[UNetConfig, dict]:
     if not isinstance(own["global_pool_conditions"], bool):  # (a string "false" would read as True)
         raise UnsupportedConfigError("global_pool_conditions", own["global_pool_conditions"],
                                      supported="true or false", model="a ControlNet folder")
+    if config.get("class_embed_type") == "simple_projection":  # (diffusers' ControlNetModel has no branch for it and
+        # silently builds no class embedding; a folder saying so was hardly meant that way)
+        raise UnsupportedConfigError("class_embed_type", "simple_projection", model="a ControlNet folder",
+                                     supported="None, 'timestep', 'identity' or 'projection' (diffusers' "
+                                               "ControlNetModel builds no class embedding for 'simple_projection')")
     unet = {k: v for k, v in config.items() if k not in CONTROLNET_FIELDS}
     n = len(unet.get("block_out_channels", (320, 640, 1280, 1280)))
     # (no up path: the UNet config needs one to validate, and the ControlNet builds none)

@@ -505,11 +505,12 @@ class UNet(LinearStacks, nn.Module):
         # (diffusers' UNetMidBlock2DCrossAttn never reads only_cross_attention: its transformers self-attend first)
         only_cross = c.per_block(c.only_cross_attention, "only_cross_attention")
 
-        def attention(kind, o_ch, i, depth_i=1, norm_groups=groups, rescale=1.0):
+        def attention(kind, o_ch, i, depth_i=1, norm_groups=groups, rescale=1.0, head_i=None):
             if kind == "cross":
                 return SpatialTransformer(o_ch, heads[i], o_ch // heads[i], depth_i, ctx_dims[i], groups,
                                           c.use_linear_projection, c.upcast_attention, bool(only_cross[i]))
-            hd = head_dims[i] if head_dims[i] is not None else o_ch
+            head_i = i if head_i is None else head_i
+            hd = head_dims[head_i] if head_dims[head_i] is not None else o_ch
             return SpatialSelfAttention(o_ch, o_ch // hd, hd, norm_groups, eps, rescale)
 
         # Down path ---------------------------------------------------------------------------
@@ -568,7 +569,9 @@ class UNet(LinearStacks, nn.Module):
                     d_up = up_depth[i] if up_depth is not None else [depth[bi][0]] * nl
                     if attn_kind == "cross" and len(d_up) != nl:
                         d_up = [d_up[0]] * nl
-                    attns = [attention(attn_kind, out_ch, bi, d_up[j]) for j in range(nl)]
+                    # (diffusers' up loop reverses the heads, context widths and depths, but hands AttnUpBlock2D the
+                    # down-order attention_head_dim[i])
+                    attns = [attention(attn_kind, out_ch, bi, d_up[j], head_i=i) for j in range(nl)]
                 up = None
                 if i < n - 1:
                     resnet_up = kind == "ResnetUpsampleBlock2D" or (c.upsample_type == "resnet" and attn_kind == "self")

@@ -189,6 +189,16 @@ class UNetConfig:
         allowed_c = (None, "timestep", "identity") + (("projection", "simple_projection") if self.conditional else ())
         if self.class_embed_type not in allowed_c:
             raise UnsupportedConfigError("class_embed_type", self.class_embed_type, supported=list(allowed_c))
+        if self.class_embeddings_concat and self.class_embed_type is None and self.num_class_embeds is None:
+            raise UnsupportedConfigError("class_embeddings_concat", True, model="UNet",
+                                         supported="False without a class embedding (num_class_embeds / "
+                                                   "class_embed_type): there is none to concatenate, and the resnets' "
+                                                   "time projections would read twice the time embedding's width")
+        if self.class_embeddings_concat and self.addition_embed_type is not None:
+            raise UnsupportedConfigError("class_embeddings_concat", True, model="UNet",
+                                         supported=f"False with addition_embed_type {self.addition_embed_type!r} "
+                                                   f"(its embedding would be added to the twice-as-wide "
+                                                   f"concatenation; diffusers cannot run it either)")
         if self.norm_num_groups is None:
             raise UnsupportedConfigError("norm_num_groups", None, supported="an integer group count")
         uses_cross = any("CrossAttn" in t for t in tuple(self.down_block_types) + tuple(self.up_block_types)) or (

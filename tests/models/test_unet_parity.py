@@ -52,6 +52,17 @@ COND_CONFIGS = {
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=8,
         attention_head_dim=2, transformer_layers_per_block=2, num_class_embeds=5, norm_num_groups=8,
         resnet_time_scale_shift="scale_shift", time_embedding_act_fn="silu", flip_sin_to_cos=False, freq_shift=1),
+    # self-attention up blocks with per-block head widths: diffusers hands up block i the down-order width
+    # attention_head_dim[i] (a reviewer's fuzzing found the reversed one taken: 2 heads against 8, 3.6e-2 off)
+    "attn-up-head-dim-list": dict(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=8, attention_head_dim=[16, 4], norm_num_groups=4),
+    "attn-down-and-up-head-dim-list": dict(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32, 32), layers_per_block=1,
+        down_block_types=("AttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "AttnUpBlock2D"),
+        cross_attention_dim=8, attention_head_dim=[4, 8, 16], norm_num_groups=4),
 }
 
 
