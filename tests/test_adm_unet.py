@@ -278,7 +278,7 @@ def test_improved_diffusion_checkpoint_samples_as_its_image_sample(tmp_path):
         assert max(fed) <= 3999 * 0.25
     from fastdiff import experts
 
-    assert experts.steps_until(plan, 0.5, 4000) == 5  # (t >= 2000 of 10 respaced steps: 3999 ... 2222)
+    assert experts.steps_until(plan, 0.5, 4000) == (5, False)  # (t >= 2000 of 10 respaced steps: 3999 ... 2222)
     unscaled = fastdiff.load(_save(ref, tmp_path, "again.pt"), num_heads=4,
                              scheduler=dict(IMPROVED_DIFFUSION_SCHEDULER, timestep_scale=None))
     assert float((unscaled.generate(seeds=[3, 4], steps=10, height=16, width=16, progress=False) - got).abs().max()) \

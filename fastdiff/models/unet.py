@@ -569,9 +569,11 @@ class UNet(LinearStacks, nn.Module):
                     d_up = up_depth[i] if up_depth is not None else [depth[bi][0]] * nl
                     if attn_kind == "cross" and len(d_up) != nl:
                         d_up = [d_up[0]] * nl
-                    # (diffusers' up loop reverses the heads, context widths and depths, but hands AttnUpBlock2D the
-                    # down-order attention_head_dim[i])
-                    attns = [attention(attn_kind, out_ch, bi, d_up[j], head_i=i) for j in range(nl)]
+                    # (UNet2DConditionModel's up loop reverses the heads, context widths and depths, but hands
+                    # AttnUpBlock2D the down-order attention_head_dim[i]; a UNet2DModel's one width is every level's,
+                    # and the per-level widths of guided-diffusion's networks go by level)
+                    attns = [attention(attn_kind, out_ch, bi, d_up[j], head_i=i if c.conditional else bi)
+                             for j in range(nl)]
                 up = None
                 if i < n - 1:
                     resnet_up = kind == "ResnetUpsampleBlock2D" or (c.upsample_type == "resnet" and attn_kind == "self")
