@@ -52,7 +52,7 @@ def name_flags(message: str, subparser: argparse.ArgumentParser, keywords: set) 
     words = {kw: flags[KEYWORD_DESTS.get(kw, kw)] for kw in keywords
              if KEYWORD_DESTS.get(kw, kw) in flags and ("_" in kw or kw in KEYWORD_DESTS)}
     for kw, flag in sorted(words.items()):
-        if flag in message:  # the message names the flag already
+        if re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", message):  # the message names the flag already
             continue
         quoted = [m.span() for m in re.finditer(_QUOTED, message)]
         for match in re.finditer(_WORD.format(re.escape(kw)), message):

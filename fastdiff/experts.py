@@ -124,7 +124,7 @@ def start_index(plan, fraction: float, train_steps: int) -> int:
     c = cutoff(fraction, train_steps)
     entries = stage_entries(plan)
     left = sum(t < c for t, _, _ in entries)
-    if left == 0:
+    if left == 0 and plan.sampler not in TWO_STAGE_SAMPLERS:  # (a two-stage one runs its last timestep: the "+1")
         raise BadArgumentError(f"denoising_start: {fraction} leaves no step to run (no timestep below the cutoff "
                                f"{c})")
     if plan.sampler in TWO_STAGE_SAMPLERS and left % 2 == 0:

@@ -138,8 +138,10 @@ class SamplingPlan:
             sigmas[-1] = float(mids[k]) if mids is not None else midpoint_sigma(float(sigmas[-2]), float(sigmas[-1]))
         from .experts import latents_scale
 
+        # (the refiner reruns step k from this state, reading it in its frame at sigmas[k]: a named plan's VP latents
+        # are scaled there, so that the two factors cancel; diffusers' Heun / KDPM2 hand on x itself either way)
         return dataclasses.replace(whole, sigmas=sigmas, options=options,
-                                   output_scale=latents_scale(self, float(sigmas[-1])))
+                                   output_scale=latents_scale(self, float(self.sigmas[k])))
 
     @property
     def time_frame(self) -> bool:

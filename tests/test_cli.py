@@ -674,6 +674,9 @@ def test_api_errors_name_the_flag_to_change():
     assert named("mask_image: expected; controlnet_conditioning_scale, control_guidance_start") == \
         "mask_image (--mask): expected; controlnet_conditioning_scale (--controlnet-scale), control_guidance_start " \
         "(--control-start)"
+    # a longer flag that starts like the keyword's is not the keyword's flag
+    assert named("class_labels: expected labels (see --classifier-scale)") == \
+        "class_labels (--class): expected labels (see --classifier-scale)"
     # a possessive is no quote: the keyword after it is named
     assert named("with guidance diffusers' form stacks them: ip_adapter_masks x") == \
         "with guidance diffusers' form stacks them: ip_adapter_masks (--ip-adapter-mask) x"

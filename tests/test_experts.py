@@ -81,6 +81,42 @@ def test_base_and_refiner_hand_over_as_diffusers(tmp_path, name):
     assert rel_err(pipe.generate(image=got, denoising_start=cut, **kw), want) <= 1e-5
 
 
+@pytest.mark.parametrize("sampler,cls,cut", [("heun", "HeunDiscreteScheduler", 0.7),
+                                             ("dpm_2", "KDPM2DiscreteScheduler", 0.7)])
+def test_a_named_two_stage_sampler_hands_over_as_its_scheduler_does(tmp_path, sampler, cls, cut):
+    """sampler="heun" / "dpm_2" by name on an Euler-config pipeline, cut mid-step: the base hands on the state in the
+    named plan's frame at the rerun step's start, and the pair's result is that of the same pair on the scheduler's
+    own config (a reviewer found the named pair's state handed on 1.23x too large)."""
+    pipe, _, _ = _experts(tmp_path / "euler", "EulerDiscreteScheduler")
+    own, _, _ = _experts(tmp_path / "own", cls)
+    kw = dict(steps=6, cfg_scale=5.0, seeds=SEEDS, progress=False, time_ids=IDS, **_text_kwargs(_embeddings(), True))
+    assert experts_first_stage(own, cut)  # (the cut falls between a step's stages)
+    named = pipe.generate(image=pipe.generate(denoising_end=cut, sampler=sampler, **kw), denoising_start=cut,
+                          sampler=sampler, **kw)
+    reference = own.generate(image=own.generate(denoising_end=cut, **kw), denoising_start=cut, **kw)
+    assert rel_err(named, reference) <= 1e-5
+
+
+def experts_first_stage(pipe, cut) -> bool:
+    from fastdiff import experts
+
+    return experts.steps_until(pipe.plan(6), cut, 1000)[1]
+
+
+@pytest.mark.parametrize("cls", ["HeunDiscreteScheduler", "KDPM2DiscreteScheduler"])
+def test_a_two_stage_refiner_at_the_very_end_runs_the_last_timestep_as_diffusers(tmp_path, cls):
+    """denoising_start=0.999 leaves no timestep below the cutoff; diffusers' order-2 rule adds one: the last step."""
+    pipe, base, refiner = _experts(tmp_path, cls)
+    e = _embeddings()
+    start = base(num_inference_steps=6, guidance_scale=5.0, generator=_generators(), output_type="latent", height=16,
+                 width=16, denoising_end=0.6, **{k: v.clone() for k, v in e.items()}).images
+    want = refiner(image=start.clone(), num_inference_steps=6, guidance_scale=5.0, generator=_generators(),
+                   output_type="latent", denoising_start=0.999, **{k: v.clone() for k, v in e.items()}).images
+    got = pipe.generate(image=start, denoising_start=0.999, steps=6, cfg_scale=5.0, seeds=SEEDS, progress=False,
+                        time_ids=IDS, **_text_kwargs(e, True))
+    assert rel_err(got, want) <= 1e-5 and rel_err(got, start) > 1e-3
+
+
 def test_a_middle_expert_takes_both_ends_as_diffusers(tmp_path):
     """SDXL img2img with denoising_start and denoising_end: the steps between both cutoffs, from the latents given."""
     pipe, base, refiner = _experts(tmp_path, "DPMSolverMultistepScheduler")

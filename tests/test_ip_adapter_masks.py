@@ -316,6 +316,9 @@ def test_cli_two_adapters_with_masks(masked, tmp_path):
                             "'none' stands for a whole adapter's masks"),
                            (two + ["--ip-adapter-embeds", "e.safetensors"], "expected one --ip-adapter-embeds each"),
                            (two + ["--ip-adapter-embeds", "e.safetensors", "--ip-adapter-embeds", "e.safetensors",
+                                   "--ip-adapter-image", "i0.png,none", "--ip-adapter-image", "none"],
+                            "'none' stands for a whole adapter's images"),
+                           (two + ["--ip-adapter-embeds", "e.safetensors", "--ip-adapter-embeds", "e.safetensors",
                                    "--ip-adapter-image", "i0.png", "--ip-adapter-image", "i1.png"],
                             "ip_adapter_image (--ip-adapter-image) and ip_adapter_image_embeds (--ip-adapter-embeds): "
                             "expected one of them, found both")):

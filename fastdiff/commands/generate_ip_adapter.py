@@ -86,6 +86,10 @@ def load(pipe, args) -> None:
             raise BadArgumentError(f"{flag}: {count} --ip-adapter given: expected one {flag} each (an adapter's "
                                    f"images comma-separated), found {len(values)}")
     _check_none(args.ip_adapter_mask or [], count)
+    for value in args.ip_adapter_image or []:  # ('none' stands for a whole adapter's images, as for masks)
+        if count > 1 and value != "none" and "none" in value.split(","):
+            raise BadArgumentError(f"--ip-adapter-image: 'none' stands for a whole adapter's images (one that takes its "
+                                   f"features alone), found it among {value!r}")
     scales = args.ip_adapter_scale or [1.0]
     if len(scales) not in (1, count):
         raise BadArgumentError(f"--ip-adapter-scale: expected one for every adapter or one per adapter ({count}), "
