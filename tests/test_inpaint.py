@@ -228,7 +228,7 @@ def test_cli_generate_inpaints_an_image(tmp_path):
     assert torch.equal(load_file(str(tmp_path / "lat.safetensors"))["latents"], want)
     for args, message in [(("--mask", "mask.png"), "--mask: given without --image"),
                           (("--image", "in.png", "--mask", "missing.png"), "--mask: expected an image file"),
-                          (("--image", "in.png"), "image / mask_image: this is an inpainting network")]:
+                          (("--image", "in.png"), "image / mask_image (--mask): this is an inpainting network")]:
         r = run_cli("generate", folder, *args, "--steps", "2", "--n", "1", "--output-latents", "x.safetensors",
                     cwd=tmp_path)
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
