@@ -458,20 +458,20 @@ def export_onnx(pipe_or_model, spec: Optional[ModelSpec], path: str, *, opset: i
     w = int(spec.sample_size[1] if width is None else width)
     if spec.kind == "dit":
         if dynamic_hw:
-            raise BadArgumentError("dynamic_hw=True (--dynamic-hw) is not possible for a DiT: its position table fixes the "
-                                   f"resolution ({spec.sample_size[0]}x{spec.sample_size[1]})")
+            raise BadArgumentError("dynamic_hw=True (--dynamic-hw) is not possible for a DiT: its position table "
+                                   f"fixes the resolution ({spec.sample_size[0]}x{spec.sample_size[1]})")
         if (h, w) != tuple(spec.sample_size):
             raise BadArgumentError(f"a DiT exports at its own resolution {spec.sample_size[0]}x{spec.sample_size[1]}, "
                                    f"found height={h} width={w} (--height / --width)")
     cond = conditioning(model, spec)
     if cfg_folded:
         if cond is None:
-            raise BadArgumentError("cfg_folded=True (--cfg-folded) needs a conditional model (text or class labels); this one "
-                                   "is unconditional")
+            raise BadArgumentError("cfg_folded=True (--cfg-folded) needs a conditional model (text or class "
+                                   "labels); this one is unconditional")
         if spec.num_classes and spec.null_class is None and not spec.low_res_noise:  # (an upscaler's class label,
             # the noise level, is both passes')
-            raise BadArgumentError("cfg_folded=True (--cfg-folded) for a class-conditional model needs spec.null_class (the "
-                                   "unconditional label); this model has none")
+            raise BadArgumentError("cfg_folded=True (--cfg-folded) for a class-conditional model needs "
+                                   "spec.null_class (the unconditional label); this model has none")
     out_ch = _out_channels(model, spec)
     io = graph_io(model, spec, cfg_folded=cfg_folded, fp16_io=fp16_io, dtype=dtype,
                   dynamic_batch=dynamic_batch, dynamic_hw=dynamic_hw, out_channels=out_ch)

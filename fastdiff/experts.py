@@ -17,8 +17,8 @@ KDPM2 (``heun``, ``dpm_2``), whose diffusers schedulers list each step's two sta
 (to the next sigma; KDPM2: to the step's midpoint), and its refiner takes that state as the state at the step's
 start, running the step whole again (diffusers' img2img adds one timestep where the count below the cutoff is even).
 The ancestral / SDE two-stage ones (KDPM2 ancestral, DPM-Solver SDE), PNDM, singlestep DPM-Solver, LCM and TCD
-(which plan their steps from the run's end) are refused by name. A ControlNet's step window spans the whole grid, and inpainting runs
-blend as diffusers' SDXL inpainting pipeline does (``fastdiff.pipeline``).
+(which plan their steps from the run's end) are refused by name. A ControlNet's step window spans the whole grid,
+and inpainting runs blend as diffusers' SDXL inpainting pipeline does (``fastdiff.pipeline``).
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ import torch
 
 from .errors import BadArgumentError
 
-# fastdiff samplers that reproduce diffusers' first-order schedulers (one evaluation per step, no end-of-run plan
-# beyond what SamplingPlan.to_step keeps)
+# fastdiff samplers that reproduce diffusers' schedulers a cut can stop: the first-order ones (one evaluation per
+# step, no end-of-run plan beyond what SamplingPlan.to_step keeps) and the two-stage Heun / KDPM2
 EXPERT_SAMPLERS = frozenset({"ddim", "ddpm", "euler", "euler_ancestral", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde",
                              "dpmpp_3m_sde", "unipc", "deis", "lms", "heun", "dpm_2"})
 # samplers whose diffusers schedulers (Heun, KDPM2) take two timesteps per step: the step's start, then the next
@@ -66,9 +66,14 @@ def latents_scale(plan, sigma: float) -> float:
 
 def step_timesteps(plan) -> list:
     """The training timestep of each step's start, as the network is handed it (diffusers' ``scheduler.timesteps``)."""
+    return _timesteps_at(plan, plan.sigmas[:-1])
+
+
+def _timesteps_at(plan, sigmas) -> list:
+    """The training timestep the plan's network is handed at each of ``sigmas``."""
     denoiser = plan.make_denoiser(None, dtype=torch.float32)
     scale = getattr(denoiser, "timestep_scale", 1.0)  # (in training steps: the cutoffs count those)
-    return [denoiser._host_coeffs(float(s))[0] / scale for s in plan.sigmas[:-1]]
+    return [denoiser._host_coeffs(float(s))[0] / scale for s in sigmas]
 
 
 def stage_entries(plan) -> list:
@@ -81,13 +86,10 @@ def stage_entries(plan) -> list:
     if plan.sampler == "dpm_2":
         from .samplers import midpoint_sigma
 
-        denoiser = plan.make_denoiser(None, dtype=torch.float32)
-        scale = getattr(denoiser, "timestep_scale", 1.0)
         given = plan.options.get("sigmas_mid")
         sig = [float(s) for s in plan.sigmas]
-        mids = [float(given[k]) if given is not None else midpoint_sigma(sig[k], sig[k + 1])
-                for k in range(plan.steps - 1)]
-        seconds = [denoiser._host_coeffs(m)[0] / scale for m in mids]
+        seconds = _timesteps_at(plan, [float(given[k]) if given is not None else midpoint_sigma(sig[k], sig[k + 1])
+                                       for k in range(plan.steps - 1)])
     else:
         seconds = starts[1:]
     entries = []
@@ -129,8 +131,7 @@ def start_index(plan, fraction: float, train_steps: int) -> int:
                                f"{c})")
     if plan.sampler in TWO_STAGE_SAMPLERS and left % 2 == 0:
         left += 1
-    _, step, first = entries[max(len(entries) - left, 0)]
-    return step
+    return entries[max(len(entries) - left, 0)][1]
 
 
 __all__ = ["EXPERT_SAMPLERS", "TWO_STAGE_SAMPLERS", "VE_FRAME_SCHEDULERS", "check_fraction", "check_plan",

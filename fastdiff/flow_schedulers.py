@@ -186,8 +186,8 @@ def named_flow_plan(config: dict, steps: int, sampler: str, schedule: Optional[s
     frame = frame_for(sampler)
     if schedule not in NAMED_SCHEDULES:
         raise BadArgumentError(f"schedule {schedule!r} on a flow-matching model: expected one of "
-                               f"{[s for s in NAMED_SCHEDULES if s]} (respaced in flow time; the others are grids of discrete-time "
-                               f"models' training tables or of EDM sigma ranges)")
+                               f"{[s for s in NAMED_SCHEDULES if s]} (respaced in flow time; the others are grids "
+                               f"of discrete-time models' training tables or of EDM sigma ranges)")
     name = "FlowMatchEulerDiscreteScheduler"
     keys = ("num_train_timesteps", "use_dynamic_shifting", "time_shift_type", "shift_terminal", "flow_time_convention")
     own = {k: config[k] for k in keys if config.get(k) is not None}

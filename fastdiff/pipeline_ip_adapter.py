@@ -204,14 +204,12 @@ class IPAdapterMixin(FaceIDPlusInputs):
         [negative; positive], the negative what generate() makes for an image prompt (zeros; Plus / Full Face a black
         image's hidden states); without it the features as they are. (One tensor for one adapter needs none of this:
         generate() takes the features alone there. The command line's --ip-adapter-embeds, once per adapter.)"""
-        from .models.ip_adapter import adapter_count
+        from .models.ip_adapter import adapter_count, image_rank
 
         count = adapter_count(self.model) if self.model is not None else 0
         if len(positives) != count:
             raise BadArgumentError(f"ip_adapter_image_embeds: {count} IP-Adapter(s) loaded: expected the features of "
                                    f"each, found {len(positives)}")
-        from .models.ip_adapter import image_rank
-
         out = []
         for i, given in enumerate(positives):
             embeds = self._embeds_tensor(given, i)

@@ -44,7 +44,8 @@ __all__ = [
     "SAMPLERS", "sample_ddim", "sample_ddpm", "sample_euler", "sample_euler_ancestral", "sample_heun",
     "sample_dpmpp_2m", "sample_dpmpp_3m", "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde", "sample_dpm_solver",
     "sample_unipc", "sample_edm", "sample_plms", "sample_lms", "sample_lcm", "sample_dpm_2",
-    "sample_dpm_2_ancestral", "sample_deis", "sample_dpmpp_sde", "sample_dpmpp_2s_ancestral", "sample_tcd", "sample_dpm_fast",
+    "sample_dpm_2_ancestral", "sample_deis", "sample_dpmpp_sde", "sample_dpmpp_2s_ancestral", "sample_tcd",
+    "sample_dpm_fast",
     "invert_ddim",
 ]
 

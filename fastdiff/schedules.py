@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from .comfy_schedules import RANGE_SCHEDULES, TABLE_SCHEDULES, kl_optimal_sigmas, table_sigmas
 from .errors import BadArgumentError
 
 # EDM (Karras et al. 2022) defaults.
@@ -257,8 +258,6 @@ def get_sigmas(schedule: str, steps: int, *, sigma_min: Optional[float] = None, 
     (discrete-time models): sigma at diffusers' integer timesteps; so do ComfyUI's ``simple | sgm_uniform |
     ddim_uniform | beta`` (``fastdiff.comfy_schedules``), which pick from or interpolate the training table.
     """
-    from .comfy_schedules import TABLE_SCHEDULES, kl_optimal_sigmas, table_sigmas
-
     if schedule in TABLE_SCHEDULES:
         if alphas_cumprod is None:
             raise BadArgumentError(f"schedule {schedule!r} picks from the training sigma table: expected "
@@ -291,8 +290,7 @@ def get_sigmas(schedule: str, steps: int, *, sigma_min: Optional[float] = None, 
 
 
 # (the ComfyUI names after diffusers' spacings: fastdiff.comfy_schedules)
-SCHEDULES = ("karras", "exponential", "uniform") + SPACINGS + ("simple", "sgm_uniform", "ddim_uniform", "beta",
-                                                               "kl_optimal")
+SCHEDULES = ("karras", "exponential", "uniform") + SPACINGS + TABLE_SCHEDULES + RANGE_SCHEDULES
 
 
 def _check_range(schedule: str, sigma_min, sigma_max, rho) -> None:

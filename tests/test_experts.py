@@ -133,7 +133,8 @@ def test_a_middle_expert_takes_both_ends_as_diffusers(tmp_path):
 
 @pytest.mark.parametrize("cls", ["EulerAncestralDiscreteScheduler", "KDPM2DiscreteScheduler"])
 def test_a_cut_run_in_a_captured_loop_equals_eager(tmp_path, cls):
-    """(KDPM2 at 8 steps: 0.7 stops after a whole step, 0.5 after a step's first stage: two loops, each its own grid.)"""
+    """(KDPM2 at 8 steps: 0.7 stops after a whole step, 0.5 after a step's first stage: two loops, each its own
+    grid.)"""
     from test_graph_scopes import FakeGraph
 
     pipe, _, _ = _experts(tmp_path, cls)

@@ -86,10 +86,8 @@ def load(pipe, args) -> None:
             raise BadArgumentError(f"{flag}: {count} --ip-adapter given: expected one {flag} each (an adapter's "
                                    f"images comma-separated), found {len(values)}")
     _check_none(args.ip_adapter_mask or [], count)
-    for value in args.ip_adapter_image or []:  # ('none' stands for a whole adapter's images, as for masks)
-        if count > 1 and value != "none" and "none" in value.split(","):
-            raise BadArgumentError(f"--ip-adapter-image: 'none' stands for a whole adapter's images (one that takes its "
-                                   f"features alone), found it among {value!r}")
+    _check_none(args.ip_adapter_image or [], count, "--ip-adapter-image", "images (one that takes its features "
+                                                                          "alone)")
     scales = args.ip_adapter_scale or [1.0]
     if len(scales) not in (1, count):
         raise BadArgumentError(f"--ip-adapter-scale: expected one for every adapter or one per adapter ({count}), "
@@ -142,15 +140,15 @@ def _per_adapter(values: list, count: int, flag: str, read_image):
     return entries
 
 
-def _check_none(masks: list, count: int) -> None:
-    """'none' (an adapter without masks) only as a whole --ip-adapter-mask among several adapters."""
-    if count == 1 and "none" in masks:
+def _check_none(values: list, count: int, flag: str = "--ip-adapter-mask", what: str = "masks") -> None:
+    """'none' (an adapter without masks) only as a whole --ip-adapter-mask among several adapters; for
+    --ip-adapter-image (load() checks where it may stand at all) only as a whole value."""
+    if count == 1 and flag == "--ip-adapter-mask" and "none" in values:
         raise BadArgumentError("--ip-adapter-mask: 'none' marks an adapter without masks among several --ip-adapter; "
                                "with one adapter leave the flag out")
-    for value in masks:
+    for value in values:
         if count > 1 and value != "none" and "none" in value.split(","):
-            raise BadArgumentError(f"--ip-adapter-mask: 'none' stands for a whole adapter's masks, found it among "
-                                   f"{value!r}")
+            raise BadArgumentError(f"{flag}: 'none' stands for a whole adapter's {what}, found it among {value!r}")
 
 
 def _read_embeds(path: str):
