@@ -743,6 +743,10 @@ class Pipeline(PlansMixin, ControlNetMixin, ImageInputsMixin, IPAdapterMixin, Cl
             if h % p or w % p or max(h, w) > top * p:
                 raise BadArgumentError(f"height/width: this MMDiT takes multiples of its patch size {p} up to "
                                        f"{top * p} latent pixels per side, found {h}x{w}")
+        from .models.unet import UNet, level_sizes
+
+        if isinstance(self.model, UNet):  # a level too small for its downsampling: said here, not by torch's conv
+            level_sizes(self.model, h, w)
         return h, w
 
     def _conditioning(self, b, class_labels, ctx, neg_ctx, guided: bool, shared_labels: bool = False):

@@ -130,3 +130,24 @@ def test_a_malformed_dit_or_edm_config_names_the_field(make, field, value):
     assert cls.from_dict(base)
     with pytest.raises(UnsupportedConfigError, match=f"'{field}'"):
         cls.from_dict({**base, field: value})
+
+
+@pytest.mark.parametrize("padding,down_type,side", [(0, "conv", 4), (1, "resnet", 3)])
+def test_latents_too_small_for_a_unets_levels_are_named(tmp_path, padding, down_type, side):
+    """An unpadded strided conv or a ResBlock's average pool needs a 2x2 grid: below it generate() names the smallest
+    latent size the network takes (torch's own error names a padded convolution or a pool); at it, it runs."""
+    import torch
+    from diffusers import UNet2DModel
+
+    from fastdiff.errors import BadArgumentError
+
+    UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=[8, 16, 16], layers_per_block=1,
+                down_block_types=["DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"],
+                up_block_types=["AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"], norm_num_groups=4,
+                attention_head_dim=8, downsample_padding=padding, downsample_type=down_type).save_pretrained(tmp_path)
+    pipe = fastdiff.load(str(tmp_path), scheduler={"_class_name": "DDIMScheduler"})
+    with pytest.raises(BadArgumentError, match=f"at least {side} latent pixels per side, found {side - 1}x{side + 2}"):
+        pipe.generate(seed=1, steps=1, height=side - 1, width=side + 2, progress=False)
+    with pytest.raises(RuntimeError):  # the rule is torch's: one pixel less fails inside the network itself
+        pipe.model(torch.randn(1, 3, side - 1, side - 1), 10)
+    assert pipe.generate(seed=1, steps=1, height=side, width=side, progress=False).shape == (1, 3, side, side)

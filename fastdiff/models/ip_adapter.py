@@ -74,21 +74,12 @@ def mask_cells(height: int, width: int, queries: int) -> tuple:
 
 def attention_sizes(unet, height: int, width: int) -> list:
     """The (rows, cols) of the latent grid at every level of ``unet`` that holds attention layers, for latents of
-    ``height`` x ``width`` (a padded strided conv halves rounding up; an unpadded one, or a ResBlock's average pool,
-    rounding down)."""
-    from .unet import Downsample
+    ``height`` x ``width`` (``fastdiff.models.unet.level_sizes``)."""
+    from .unet import level_sizes
 
-    sizes, h, w = [], height, width
-    for block in unet.down_blocks:
-        if block.attentions is not None:
-            sizes.append((h, w))
-        if block.downsamplers is not None:
-            down = block.downsamplers[0]
-            up = int(isinstance(down, Downsample) and down.padding == 1)
-            h, w = (h + up) // 2, (w + up) // 2
-    if getattr(unet.mid_block, "attentions", None) is not None:
-        sizes.append((h, w))
-    return sizes
+    blocks = list(unet.down_blocks) + [unet.mid_block]
+    return [size for block, size in zip(blocks, level_sizes(unet, height, width))
+            if getattr(block, "attentions", None) is not None]
 
 
 def queries_mask(mask: torch.Tensor, queries: int) -> torch.Tensor:

@@ -717,6 +717,40 @@ class UNet(LinearStacks, nn.Module):
         return emb + self.add_embedding(added.to(emb.dtype))
 
 
+def level_sizes(unet, height: int, width: int) -> list:
+    """The (rows, cols) of the latent grid entering each of ``unet``'s down blocks, then its middle block, for latents
+    of ``height`` x ``width`` (a padded strided conv halves rounding up; an unpadded one, or a ResBlock's average pool,
+    rounding down). BadArgumentError where a level is too small for its downsampling (torch's own error would name
+    a padded convolution or a pool, not the latent size)."""
+    sizes, failed = _walk_levels(unet, height, width)
+    if failed is not None:
+        side = next(s for s in range(2, 2 ** len(unet.down_blocks) + 2) if _walk_levels(unet, s, s)[1] is None)
+        down = unet.down_blocks[failed].downsamplers[0]
+        how = "an unpadded strided convolution" if isinstance(down, Downsample) else "average pooling"
+        raise BadArgumentError(f"height/width: this UNet's down block {failed} halves the latent grid by {how}, which "
+                               f"needs at least 2x2 there: at least {side} latent pixels per side, found "
+                               f"{height}x{width}")
+    return sizes
+
+
+def _walk_levels(unet, h: int, w: int) -> tuple:
+    """(the grid sizes ``level_sizes`` returns, the index of the first down block whose downsampling the grid is too
+    small for, or None)."""
+    sizes = []
+    for i, block in enumerate(unet.down_blocks):
+        sizes.append((h, w))
+        if block.downsamplers is None:
+            continue
+        down = block.downsamplers[0]
+        if isinstance(down, Downsample) and down.padding == 1:  # (h + 2 - 3) // 2 + 1
+            h, w = (h + 1) // 2, (w + 1) // 2
+        elif min(h, w) < 2:  # a 3x3 kernel over the grid padded right / bottom by one, or a 2x2 pool
+            return sizes, i
+        else:
+            h, w = h // 2, w // 2
+    return sizes + [(h, w)], None
+
+
 def _shape(t) -> Optional[tuple]:
     return None if t is None else tuple(t.shape)
 
