@@ -11,14 +11,25 @@ ComfyUI's images:
 * ``kl_optimal``: evenly spaced in arctan(sigma) between the range's ends (AUTOMATIC1111's "KL Optimal", Align Your
   Steps' KL-optimal grid); any model with a sigma range.
 
-ComfyUI's ``normal`` is fastdiff's ``uniform``, and ``karras`` / ``exponential`` are k-diffusion's, as in fastdiff.
-The table-based four need a discrete-time model's training table (``alphas_cumprod``). Each returns the decreasing
-sigmas WITHOUT the final entry (``schedules._finish`` appends it), as float64 values of ComfyUI's float32 table.
+* ``normal``: evenly spaced model timesteps, the end one included: on a discrete-time model fastdiff's ``uniform``
+  (an alias), on a sigma-range (EDM) model the exponential grid (ComfyUI's ``ModelSamplingContinuousEDM`` spaces
+  0.25 log sigma).
+
+``karras`` / ``exponential`` are k-diffusion's, as in fastdiff. The table-based four need a discrete-time model's
+training table (``alphas_cumprod``), or a flow-matching model's table of times (``flow_sigmas``). Each returns the
+decreasing sigmas WITHOUT the final entry (``schedules._finish`` appends it), as float64 values of ComfyUI's float32
+table.
+
+On a flow-matching model ComfyUI's "sigma" is the flow time t, and its table holds the model's shifted times at
+u = 1/N, 2/N, ..., 1 (``ModelSamplingDiscreteFlow``: SD3 and most flow models, N = 1000; ``ModelSamplingFlux``:
+FLUX.1, N = 10000). ``normal`` and ``sgm_uniform`` space the table's range evenly and shift those times once more, as
+ComfyUI's ``normal_scheduler`` does (its timestep is the shifted time, times a multiplier).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import numpy as np
 import torch
@@ -26,7 +37,9 @@ import torch
 from .errors import BackendUnavailableError
 
 TABLE_SCHEDULES = ("simple", "sgm_uniform", "ddim_uniform", "beta")
-RANGE_SCHEDULES = ("kl_optimal",)
+RANGE_SCHEDULES = ("kl_optimal", "normal")
+FLOW_SCHEDULES = TABLE_SCHEDULES + RANGE_SCHEDULES  # (all of them on a flow model's table of times)
+FLUX_TABLE_SIZE = 10000  # ComfyUI's ModelSamplingFlux; its ModelSamplingDiscreteFlow holds 1000 times
 BETA_ALPHA = BETA_BETA = 0.6  # ComfyUI's defaults for its "beta" scheduler
 
 
@@ -40,14 +53,36 @@ def _table(alphas_cumprod: torch.Tensor) -> np.ndarray:
 def table_sigmas(schedule: str, n: int, alphas_cumprod: torch.Tensor) -> np.ndarray:
     table = _table(alphas_cumprod)
     T = len(table)
-    if schedule == "simple":
-        stride = T / n
-        return np.array([table[-(1 + int(x * stride))] for x in range(n)])
     if schedule == "sgm_uniform":
         t = np.linspace(T - 1, 0, n + 1)[:-1]
         return np.exp(np.interp(t, np.arange(T), np.log(table)))
+    return _pick(schedule, n, table)
+
+
+def flow_sigmas(schedule: str, n: int, shift: Callable[[np.ndarray], np.ndarray], size: int) -> np.ndarray:
+    """ComfyUI's ``schedule`` over a flow-matching model's table of ``size`` times (``shift`` maps the even times
+    u in (0, 1] to the model's): decreasing flow times, without the final 0."""
+    table = _float32(shift(np.arange(1, size + 1) / size))
+    if schedule in ("normal", "sgm_uniform"):  # even in the shifted time between the table's ends, shifted again
+        u = np.linspace(table[-1], table[0], n + 1)[:-1] if schedule == "sgm_uniform" else \
+            np.linspace(table[-1], table[0], n)
+        return _float32(shift(u))
+    if schedule == "kl_optimal":
+        return kl_optimal_sigmas(n, float(table[0]), float(table[-1]))
+    return _pick(schedule, n, table)
+
+
+def _float32(values) -> np.ndarray:
+    return np.asarray(values, dtype=np.float64).astype(np.float32).astype(np.float64)
+
+
+def _pick(schedule: str, n: int, table: np.ndarray) -> np.ndarray:
+    """``simple``, ``ddim_uniform`` or ``beta``: entries of an increasing ``table``, from the top."""
+    if schedule == "simple":
+        stride = len(table) / n
+        return np.array([table[-(1 + int(x * stride))] for x in range(n)])
     if schedule == "ddim_uniform":
-        stride = max(T // n, 1)
+        stride = max(len(table) // n, 1)
         return table[1::stride][::-1].copy()
     if schedule == "beta":
         return _beta_sigmas(n, table)

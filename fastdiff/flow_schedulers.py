@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from . import schedules
+from .comfy_schedules import FLOW_SCHEDULES, flow_sigmas
 from .errors import BadArgumentError, UnsupportedConfigError
 from .flow import TIME_CONVENTIONS, frame_for, shift_times, stretch_to_terminal, t_to_sigma, time_shift
 from .scheduler_config import (_COMMON, _DEFAULTS, SamplingPlan, _alphas_cumprod, _Config, _f32, _table,
@@ -164,11 +165,12 @@ def solver_flow_plan(c: _Config, n: int, sampler: str, options: dict) -> Samplin
 # named samplers on a flow-matching model (the Pipeline's sampler= / schedule= path)
 # --------------------------------------------------------------------------------------------------
 
-NAMED_SCHEDULES = (None, "uniform", "karras", "exponential")
+TABLE_PICKS = ("simple", "ddim_uniform", "beta")  # (entries of the table: at most one step per entry)
+NAMED_SCHEDULES = (None, "uniform", "karras", "exponential") + FLOW_SCHEDULES
 
 
 def named_flow_plan(config: dict, steps: int, sampler: str, schedule: Optional[str] = None,
-                    mu: Optional[float] = None) -> SamplingPlan:
+                    mu: Optional[float] = None, table_size: int = 1000) -> SamplingPlan:
     """``sampler`` on a flow-matching model, in its frame (``fastdiff.flow.frame_for``), with the model's own shift
     (``shift``, or the solvers' ``flow_shift``), dynamic shifting and ``shift_terminal``, on the grid that suits
     the frame ("uniform", the default; "karras" / "exponential" respace its range in the frame's own units):
@@ -181,13 +183,17 @@ def named_flow_plan(config: dict, steps: int, sampler: str, schedule: Optional[s
       shift(1 / T). From t = 1 the first step would be infinite in lambda; on FlowMatchEuler's grid dpmpp_2m
       scored 1.6 at 4 steps on builtin:digits_flow, 0.86 here (and 2x the error on Gaussian data).
 
+    ComfyUI's schedules (``simple``, ``normal``, ``sgm_uniform``, ``ddim_uniform``, ``beta``, ``kl_optimal``) take the
+    model's shift over ComfyUI's table of ``table_size`` times (``fastdiff.comfy_schedules.flow_sigmas``; FLUX.1:
+    10000) in either frame; a grid from t = 1 is sigma = infinity (``INFINITE_SIGMA``) in the sigma frame.
+
     ``generate()`` with no sampler follows the model's scheduler config instead, exactly as diffusers does.
     """
     frame = frame_for(sampler)
     if schedule not in NAMED_SCHEDULES:
         raise BadArgumentError(f"schedule {schedule!r} on a flow-matching model: expected one of "
-                               f"{[s for s in NAMED_SCHEDULES if s]} (respaced in flow time; the others are grids "
-                               f"of discrete-time models' training tables or of EDM sigma ranges)")
+                               f"{[s for s in NAMED_SCHEDULES if s]} (in flow time; leading / trailing / linspace space "
+                               f"a discrete-time model's training timesteps)")
     name = "FlowMatchEulerDiscreteScheduler"
     keys = ("num_train_timesteps", "use_dynamic_shifting", "time_shift_type", "shift_terminal", "flow_time_convention")
     own = {k: config[k] for k in keys if config.get(k) is not None}
@@ -196,6 +202,8 @@ def named_flow_plan(config: dict, steps: int, sampler: str, schedule: Optional[s
     c.mu = mu
     _check_mu(c)
     T = int(c["num_train_timesteps"])
+    if schedule in FLOW_SCHEDULES:
+        return _comfy_flow_plan(c, steps, sampler, frame, schedule, table_size)
     if frame == "t":
         t = np.linspace(1, 0, steps + 1)[:-1]
     else:
@@ -209,5 +217,29 @@ def named_flow_plan(config: dict, steps: int, sampler: str, schedule: Optional[s
         s = convert_sigmas(schedule, steps, t_to_sigma(t[-1]), t_to_sigma(t[0]))
         t = s / (1 + s)
     t32 = torch.from_numpy(np.asarray(t, dtype=np.float64)).to(torch.float32)
+    times, timesteps = np.append(t32.double().numpy(), 0.0), (t32 * T).double().numpy()
+    return flow_plan("named", sampler, times, frame, {}, timesteps, num_train_timesteps=T, **_convention(c))
+
+
+def _comfy_flow_plan(c: _Config, steps: int, sampler: str, frame: str, schedule: str, size: int) -> SamplingPlan:
+    """``named_flow_plan`` on one of ComfyUI's schedules: the model's own shift (its ``shift`` / ``flow_shift``, or
+    the resolution's ``mu``, as ComfyUI's ModelSamplingSD3 / ModelSamplingFlux nodes set it) over ComfyUI's table."""
+    if c["shift_terminal"]:  # (it rescales a whole grid by its last time: no table of ComfyUI's has it)
+        raise UnsupportedConfigError("shift_terminal", c["shift_terminal"], supported=[None],
+                                     model=f"schedule {schedule!r} (ComfyUI's, over its table of shifted times)")
+    if steps > size and schedule in TABLE_PICKS:
+        raise BadArgumentError(f"steps: schedule {schedule!r} picks from ComfyUI's {size} flow times: expected at "
+                               f"most {size} steps, found {steps}")
+    if c["use_dynamic_shifting"]:
+        kind = c["time_shift_type"]
+
+        def shift(u):
+            return time_shift(u, c.mu, kind)
+    else:
+        def shift(u):
+            return shift_times(u, float(c["shift"]))
+    t = flow_sigmas(schedule, steps, shift, size)
+    T = int(c["num_train_timesteps"])
+    t32 = torch.from_numpy(t).to(torch.float32)
     times, timesteps = np.append(t32.double().numpy(), 0.0), (t32 * T).double().numpy()
     return flow_plan("named", sampler, times, frame, {}, timesteps, num_train_timesteps=T, **_convention(c))

@@ -102,7 +102,11 @@ class PlansMixin:
             plan = plan_from_scheduler_config(self.spec.scheduler, steps, mu=mu)
         elif flow:  # named samplers on the model's own flow time grid, each in its frame
             from .flow_schedulers import named_flow_plan
-            plan = named_flow_plan(self.spec.scheduler, steps, sampler or "euler", schedule, mu)
+            from .comfy_schedules import FLUX_TABLE_SIZE
+
+            # (ComfyUI's schedules: FLUX.1's table of 10000 times, every other flow model's 1000)
+            plan = named_flow_plan(self.spec.scheduler, steps, sampler or "euler", schedule, mu,
+                                   table_size=FLUX_TABLE_SIZE if self.spec.kind == "flux" else 1000)
         else:
             # no supported scheduler class (SASolver, ...): DDIM on the same schedule and spacing
             sampler = sampler or ("ddim" if sampler is None and schedule is None else "dpmpp_2m")

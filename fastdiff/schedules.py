@@ -257,7 +257,10 @@ def get_sigmas(schedule: str, steps: int, *, sigma_min: Optional[float] = None, 
     of ``alphas_cumprod``, else EDM's 0.002..80. ``leading | trailing | linspace`` need ``alphas_cumprod``
     (discrete-time models): sigma at diffusers' integer timesteps; so do ComfyUI's ``simple | sgm_uniform |
     ddim_uniform | beta`` (``fastdiff.comfy_schedules``), which pick from or interpolate the training table.
+    ComfyUI's ``normal`` is ``uniform`` with a training table, else (an EDM model) ``exponential``.
     """
+    if schedule == "normal":
+        schedule = "uniform" if alphas_cumprod is not None else "exponential"
     if schedule in TABLE_SCHEDULES:
         if alphas_cumprod is None:
             raise BadArgumentError(f"schedule {schedule!r} picks from the training sigma table: expected "

@@ -34,9 +34,50 @@ class ComfyModelSampling:
         return ((1 - w) * self.log_sigmas[low] + w * self.log_sigmas[high]).exp()
 
 
-def comfy_grid(name: str, steps: int, s: ComfyModelSampling) -> torch.Tensor:
-    """comfy/samplers.py's simple_scheduler, normal_scheduler(sgm=True), ddim_scheduler, beta_scheduler and
-    kl_optimal_scheduler, as ComfyUI computes them (float32)."""
+class ComfyFlowSampling:
+    """ComfyUI's ModelSamplingDiscreteFlow (SD3 and most flow models: 1000 times shifted by time_snr_shift, the
+    timestep t * 1000) or, with ``flux=True``, ModelSamplingFlux (10000 times through flux_time_shift at ``shift``
+    = mu, the timestep t itself), float32 as ComfyUI holds them."""
+
+    def __init__(self, shift: float, flux: bool = False):
+        self.shift, self.flux = shift, flux
+        self.multiplier = 1.0 if flux else 1000.0
+        size = 10000 if flux else 1000
+        self.sigmas = self.sigma(torch.arange(1, size + 1, 1) / size * self.multiplier)
+        self.sigma_min, self.sigma_max = self.sigmas[0], self.sigmas[-1]
+
+    def timestep(self, sigma):
+        return sigma * self.multiplier
+
+    def sigma(self, timestep):
+        t = timestep / self.multiplier
+        if self.flux:  # flux_time_shift(mu, 1.0, t)
+            return math.exp(self.shift) / (math.exp(self.shift) + (1 / t - 1) ** 1.0)
+        return t if self.shift == 1.0 else self.shift * t / (1 + (self.shift - 1) * t)  # time_snr_shift
+
+
+class ComfyEDMSampling:
+    """ComfyUI's ModelSamplingContinuousEDM: 1000 log-even sigmas, the timestep 0.25 log sigma."""
+
+    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0):
+        self.sigmas = torch.linspace(math.log(sigma_min), math.log(sigma_max), 1000).exp()
+        self.sigma_min, self.sigma_max = self.sigmas[0], self.sigmas[-1]
+
+    def timestep(self, sigma):
+        return 0.25 * sigma.log()
+
+    def sigma(self, timestep):
+        return (timestep / 0.25).exp()
+
+
+def comfy_grid(name: str, steps: int, s) -> torch.Tensor:
+    """comfy/samplers.py's simple_scheduler, normal_scheduler (sgm=False / True), ddim_scheduler, beta_scheduler and
+    kl_optimal_scheduler over a model sampling ``s``, as ComfyUI computes them (float32)."""
+    if name == "normal":
+        start, end = s.timestep(s.sigma_max), s.timestep(s.sigma_min)
+        if math.isclose(float(s.sigma(end)), 0, abs_tol=0.00001):
+            raise NotImplementedError("a table ending at sigma 0 (ComfyUI takes a step more, no zero appended)")
+        return torch.FloatTensor([float(s.sigma(t)) for t in torch.linspace(start, end, steps)] + [0.0])
     if name == "simple":
         stride = len(s.sigmas) / steps
         return torch.FloatTensor([float(s.sigmas[-(1 + int(x * stride))]) for x in range(steps)] + [0.0])
@@ -149,3 +190,59 @@ def test_the_engine_checks_strength_against_the_grids_steps():
         assert refused.done() and isinstance(refused.exception(), BadArgumentError)
         kept = engine.submit(seed=0, steps=400, schedule="uniform", image=image, strength=1 / 399)
         assert kept.result(timeout=300).shape == (3, 16, 16)
+
+
+@pytest.mark.parametrize("steps", [2, 5, 20])
+def test_normal_is_uniform_on_a_table_and_exponential_on_an_edm_range(steps):
+    """ComfyUI's normal: fastdiff's uniform over a discrete model's table, the exponential grid over an EDM
+    model's sigma range (ComfyUI spaces its timestep 0.25 log sigma evenly)."""
+    torch.testing.assert_close(get_sigmas("normal", steps, alphas_cumprod=SD_AC),
+                               get_sigmas("uniform", steps, alphas_cumprod=SD_AC))
+    torch.testing.assert_close(get_sigmas("normal", steps, alphas_cumprod=SD_AC),
+                               comfy_grid("normal", steps, ComfyModelSampling()).double(), rtol=2e-5, atol=0)
+    torch.testing.assert_close(get_sigmas("normal", steps, sigma_min=0.002, sigma_max=80.0),
+                               comfy_grid("normal", steps, ComfyEDMSampling()).double(), rtol=2e-6, atol=0)
+
+
+FLOW_NAMES = ["simple", "normal", "sgm_uniform", "ddim_uniform", "beta", "kl_optimal"]
+
+
+@pytest.mark.parametrize("steps", [1, 4, 7, 28])
+@pytest.mark.parametrize("name", FLOW_NAMES)
+@pytest.mark.parametrize("arch", ["tiny-sd3", "tiny-flux"])
+def test_flow_grids_equal_comfyui(arch, name, steps):
+    """On a flow model the grids are ComfyUI's over its table of the model's shifted times: SD3 (shift 3, 1000
+    times, ModelSamplingDiscreteFlow) and FLUX.1 (the resolution's mu, 10000 times, ModelSamplingFlux as its
+    ModelSamplingFlux node sets it from the image size), as the t-frame samplers walk them and, in t / (1 - t),
+    the sigma-frame ones."""
+    import fastdiff
+    from fastdiff.flow import INFINITE_SIGMA
+
+    if name == "beta":
+        pytest.importorskip("scipy", reason="schedule 'beta' takes the Beta distribution's quantiles from scipy")
+    pipe = fastdiff.load(f"arch:{arch}")
+    size = (16, 24)
+    if arch == "tiny-flux":
+        model = ComfyFlowSampling(pipe._dynamic_shift_mu(size), flux=True)
+    else:
+        model = ComfyFlowSampling(float(pipe.spec.scheduler["shift"]))
+    want = comfy_grid(name, steps, model).double()
+    if name == "kl_optimal" and steps == 1:  # (ComfyUI's formula divides by zero: NaN; fastdiff's is [t_max, 0])
+        want = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    got = pipe.plan(steps, "euler", name, size=size).sigmas
+    assert len(got) == len(want)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    sigma = pipe.plan(steps, "dpmpp_2m", name, size=size).sigmas
+    assert (float(sigma[0]) == INFINITE_SIGMA) == (float(want[0]) == 1.0)  # (t = 1: pure noise, sigma infinite)
+    torch.testing.assert_close(sigma / (1 + sigma), want, rtol=1e-6, atol=1e-7)
+
+
+def test_flow_schedules_refuse_what_comfyui_has_no_table_for():
+    from fastdiff.errors import UnsupportedConfigError
+    from fastdiff.flow_schedulers import named_flow_plan
+
+    with pytest.raises(UnsupportedConfigError, match="shift_terminal"):
+        named_flow_plan({"shift": 3.0, "shift_terminal": 0.1}, 6, "euler", "simple")
+    with pytest.raises(BadArgumentError, match="expected at most 1000 steps"):
+        named_flow_plan({"shift": 3.0}, 1001, "euler", "simple")
+    assert len(named_flow_plan({"shift": 3.0}, 1001, "euler", "normal").sigmas) == 1002

@@ -153,7 +153,7 @@ def test_named_grids():
     torch.testing.assert_close(named_flow_plan({"flow_shift": 3.0}, 7, "unipc").sigmas, dpm.sigmas)
     karras = named_flow_plan({"shift": 3.0}, 7, "heun", "karras")
     assert float(karras.sigmas[0]) == 1.0 and float(karras.sigmas[-2]) == pytest.approx(float(got.sigmas[-2]))
-    with pytest.raises(BadArgumentError, match="respaced in flow time; the others are grids of discrete-time"):
+    with pytest.raises(BadArgumentError, match="leading / trailing / linspace space a discrete-time model"):
         named_flow_plan({}, 7, "euler", "trailing")
 
 
@@ -179,10 +179,13 @@ def make_folder(tmp_path, unet, scheduler):
 
 
 @torch.no_grad()
-def diffusers_loop(unet, scheduler, steps, seeds, mu=None):
+def diffusers_loop(unet, scheduler, steps, seeds, mu=None, sigmas=None):
     from diffusers.utils.torch_utils import randn_tensor
 
-    scheduler.set_timesteps(steps, **({} if mu is None else {"mu": mu}))
+    if sigmas is not None:  # a grid of flow times given as it is (the scheduler's shift 1)
+        scheduler.set_timesteps(sigmas=sigmas)
+    else:
+        scheduler.set_timesteps(steps, **({} if mu is None else {"mu": mu}))
     x = randn_tensor((len(seeds), 3, 8, 8), generator=[torch.Generator().manual_seed(s) for s in seeds])
     for t in scheduler.timesteps:
         x = scheduler.step(unet(x, t).sample, t, x).prev_sample
@@ -235,6 +238,31 @@ def test_named_samplers_on_a_flow_folder(flow_unet, tmp_path):
             assert float((out - ref).abs().max()) < 0.1 * float(ref.abs().max()), sampler
     with pytest.raises(BadArgumentError, match="tcd"):
         pipe.generate(seeds=[1], steps=4, sampler="tcd", progress=False)
+
+
+@pytest.mark.parametrize("schedule", ["simple", "normal", "beta"])
+def test_euler_on_comfyuis_schedules_is_flowmatch_euler_on_that_grid(flow_unet, tmp_path, schedule):
+    """ComfyUI's "euler" + a schedule on a flow model (shift 3): diffusers' FlowMatchEuler stepping the same flow
+    times (its set_timesteps(sigmas=...) at shift 1) gives the same samples; ComfyUI's Euler on a CONST model is
+    that step. The grid itself is checked against ComfyUI's code in tests/test_comfy_schedules.py."""
+    import diffusers
+
+    import fastdiff
+
+    if schedule == "beta":
+        pytest.importorskip("scipy", reason="schedule 'beta' takes the Beta distribution's quantiles from scipy")
+    pipe = fastdiff.load(make_folder(tmp_path, flow_unet, diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)))
+    grid = pipe.plan(6, "euler", schedule).sigmas
+    assert float(grid[0]) == 1.0 and float(grid[-1]) == 0.0
+    want = diffusers_loop(flow_unet, diffusers.FlowMatchEulerDiscreteScheduler(shift=1.0), None, [5, 6],
+                          sigmas=grid[:-1].float().numpy())
+    got = pipe.generate(seeds=[5, 6], steps=6, sampler="euler", schedule=schedule, progress=False)
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
+    other = pipe.generate(seeds=[5, 6], steps=6, sampler="euler", progress=False)  # (the grids differ: so do these)
+    assert float((other - got).abs().max()) > 1e-3
+    for sampler in ("dpmpp_2m", "euler_ancestral", "heun"):  # from t = 1 in either frame: finite
+        assert torch.isfinite(pipe.generate(seeds=[5], steps=6, sampler=sampler, schedule=schedule,
+                                            progress=False)).all(), sampler
 
 
 def test_prediction_type_override_gives_a_flow_scheduler():
