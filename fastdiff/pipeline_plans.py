@@ -104,9 +104,11 @@ class PlansMixin:
             from .flow_schedulers import named_flow_plan
             from .comfy_schedules import FLUX_TABLE_SIZE
 
-            # (ComfyUI's schedules: FLUX.1's table of 10000 times, every other flow model's 1000)
+            # (ComfyUI's schedules: FLUX.1 dev's and its variants' table of 10000 times, ModelSamplingFlux; every
+            # other flow model's 1000, schnell's included: ComfyUI runs it as a plain unshifted flow)
+            flux_dev = self.spec.kind == "flux" and bool(self.spec.scheduler.get("use_dynamic_shifting"))
             plan = named_flow_plan(self.spec.scheduler, steps, sampler or "euler", schedule, mu,
-                                   table_size=FLUX_TABLE_SIZE if self.spec.kind == "flux" else 1000)
+                                   table_size=FLUX_TABLE_SIZE if flux_dev else 1000)
         else:
             # no supported scheduler class (SASolver, ...): DDIM on the same schedule and spacing
             sampler = sampler or ("ddim" if sampler is None and schedule is None else "dpmpp_2m")

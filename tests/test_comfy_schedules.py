@@ -209,21 +209,28 @@ FLOW_NAMES = ["simple", "normal", "sgm_uniform", "ddim_uniform", "beta", "kl_opt
 
 @pytest.mark.parametrize("steps", [1, 4, 7, 28])
 @pytest.mark.parametrize("name", FLOW_NAMES)
-@pytest.mark.parametrize("arch", ["tiny-sd3", "tiny-flux"])
+@pytest.mark.parametrize("arch", ["tiny-sd3", "tiny-flux", "tiny-flux-schnell"])
 def test_flow_grids_equal_comfyui(arch, name, steps):
     """On a flow model the grids are ComfyUI's over its table of the model's shifted times: SD3 (shift 3, 1000
-    times, ModelSamplingDiscreteFlow) and FLUX.1 (the resolution's mu, 10000 times, ModelSamplingFlux as its
-    ModelSamplingFlux node sets it from the image size), as the t-frame samplers walk them and, in t / (1 - t),
-    the sigma-frame ones."""
+    times, ModelSamplingDiscreteFlow), FLUX.1 dev (the resolution's mu, 10000 times, ModelSamplingFlux as its
+    ModelSamplingFlux node sets it from the image size) and schnell (1000 unshifted times: ComfyUI's FluxSchnell
+    is a plain flow model), as the t-frame samplers walk them and, in t / (1 - t), the sigma-frame ones."""
     import fastdiff
     from fastdiff.flow import INFINITE_SIGMA
 
     if name == "beta":
         pytest.importorskip("scipy", reason="schedule 'beta' takes the Beta distribution's quantiles from scipy")
-    pipe = fastdiff.load(f"arch:{arch}")
+    if arch == "tiny-flux-schnell":  # (FLUX.1 schnell's scheduler config)
+        pipe = fastdiff.load("arch:tiny-flux", scheduler={"_class_name": "FlowMatchEulerDiscreteScheduler",
+                                                          "num_train_timesteps": 1000, "shift": 1.0,
+                                                          "use_dynamic_shifting": False})
+    else:
+        pipe = fastdiff.load(f"arch:{arch}")
     size = (16, 24)
     if arch == "tiny-flux":
         model = ComfyFlowSampling(pipe._dynamic_shift_mu(size), flux=True)
+    elif arch == "tiny-flux-schnell":
+        model = ComfyFlowSampling(1.0)
     else:
         model = ComfyFlowSampling(float(pipe.spec.scheduler["shift"]))
     want = comfy_grid(name, steps, model).double()
