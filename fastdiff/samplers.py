@@ -30,6 +30,8 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from .comfy_samplers import (sample_er_sde, sample_gradient_estimation, sample_ipndm, sample_ipndm_v,
+                             sample_res_multistep, sample_res_multistep_ancestral)
 from .consistency import sample_lcm, sample_tcd
 from .ddpm import sample_ddpm
 from .dpm_fast import sample_dpm_fast
@@ -45,7 +47,8 @@ __all__ = [
     "sample_dpmpp_2m", "sample_dpmpp_3m", "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde", "sample_dpm_solver",
     "sample_unipc", "sample_edm", "sample_plms", "sample_lms", "sample_lcm", "sample_dpm_2",
     "sample_dpm_2_ancestral", "sample_deis", "sample_dpmpp_sde", "sample_dpmpp_2s_ancestral", "sample_tcd",
-    "sample_dpm_fast",
+    "sample_dpm_fast", "sample_ipndm", "sample_ipndm_v", "sample_gradient_estimation", "sample_res_multistep",
+    "sample_res_multistep_ancestral", "sample_er_sde",
     "invert_ddim",
 ]
 
@@ -609,6 +612,13 @@ SAMPLERS = {
     "dpmpp_2s_ancestral": sample_dpmpp_2s_ancestral,
     "tcd": sample_tcd,
     "dpm_fast": sample_dpm_fast,
+    # ComfyUI's own (fastdiff.comfy_samplers)
+    "ipndm": sample_ipndm,
+    "ipndm_v": sample_ipndm_v,
+    "gradient_estimation": sample_gradient_estimation,
+    "res_multistep": sample_res_multistep,
+    "res_multistep_ancestral": sample_res_multistep_ancestral,
+    "er_sde": sample_er_sde,
 }
 
 # Multistep solvers whose ``lower_order_final`` looks at the whole run's step count (diffusers' ``len(timesteps) <
@@ -617,4 +627,4 @@ COUNTS_ALL_STEPS = frozenset({"dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "dpmpp_3m_
 
 # Samplers that draw noise (the others are deterministic given x).
 STOCHASTIC = frozenset({"ddpm", "euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde", "lcm", "dpm_2_ancestral",
-                        "dpmpp_sde", "dpmpp_2s_ancestral", "tcd"})
+                        "dpmpp_sde", "dpmpp_2s_ancestral", "tcd", "res_multistep_ancestral", "er_sde"})

@@ -1,0 +1,233 @@
+"""Samplers ComfyUI's KSampler lists beyond k-diffusion's own, by its names (``comfy/k_diffusion/sampling.py``):
+
+* ``ipndm``: improved PNDM (Zhang & Chen 2023, DEIS paper; zju-pi's diff-solvers): Adams-Bashforth of orders 1-4 on
+  the slope d = (x - D) / sigma with the fixed (equal-step) coefficients, whatever the grid's spacing.
+* ``ipndm_v``: the same with the variable-step Adams-Bashforth coefficients of the grid's own spacing.
+* ``gradient_estimation``: Euler plus a gradient-estimation correction (Permenter & Yuan 2024, "Interpreting and
+  improving diffusion models from an optimization perspective"): the step's slope d + (gamma - 1)(d - d_prev),
+  gamma = ``ge_gamma`` (2).
+* ``res_multistep``: the second-order multistep RES solver (Zhang et al. 2023, "Improved order analysis and design
+  of exponential integrator for diffusion models sampling", arXiv 2308.02157) on the data prediction, in
+  lambda = -log(sigma); ``res_multistep_ancestral``: the same down to each step's ancestral sigma_down, then fresh
+  noise of std sigma_up (``eta``, 1).
+* ``er_sde``: the extended reverse-time SDE solver (Cui et al. 2023, "Elucidating the solution space of extended
+  reverse-time SDE for diffusion models", arXiv 2309.06169; VP ER-SDE-Solver-3), with its default noise scale
+  function lambda (e^(lambda^0.3) + 10) and 200-point integrals of it.
+
+Each ends with x = D at a step to sigma 0 (``ipndm`` / ``ipndm_v`` / ``gradient_estimation`` / ``er_sde``; RES's
+Euler step lands there too). Every coefficient is a host float worked out from the grid before the network runs; the
+loops never read the device. ComfyUI's CFG++ variants (``*_cfg_pp``) need the unconditional prediction apart from the
+guided one, which fastdiff's guidance does not hand to a sampler: not provided.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from .sampler_base import _after, _ancestral, _call, _cb, _setup
+
+__all__ = ["sample_ipndm", "sample_ipndm_v", "sample_gradient_estimation", "sample_res_multistep",
+           "sample_res_multistep_ancestral", "sample_er_sde"]
+
+# the equal-step Adams-Bashforth weights of the current slope and the past ones, newest first
+_ADAMS_BASHFORTH = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12),
+                    4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
+
+
+def _check_order(max_order: int) -> None:
+    from .errors import BadArgumentError
+
+    if max_order not in _ADAMS_BASHFORTH:
+        raise BadArgumentError(f"max_order: expected 1, 2, 3 or 4, found {max_order!r}")
+
+
+def _variable_weights(sig: list, i: int, order: int) -> tuple:
+    """iPNDM-v's weights at step i (of the slopes at sigma_i, sigma_(i-1), ...): the variable-step Adams-Bashforth
+    coefficients for the grid's spacings h_n = sigma_(i+1) - sigma_i, h_(n-1) = sigma_i - sigma_(i-1), ..."""
+    if order == 1:
+        return (1.0,)
+    h = sig[i + 1] - sig[i]
+    h1 = sig[i] - sig[i - 1]
+    c1, c2 = (2 + h / h1) / 2, -(h / h1) / 2
+    if order == 2:
+        return c1, c2
+    h2 = sig[i - 1] - sig[i - 2]
+    temp = (1 - h / (3 * (h + h1)) * (h * (h + h1)) / (h1 * (h1 + h2))) / 2
+    if order == 3:
+        return c1 + temp, c2 - (1 + h1 / h2) * temp, temp * h1 / h2
+    h3 = sig[i - 2] - sig[i - 3]
+    ratio = h1 * (h1 + h2) / (h2 * (h2 + h3))
+    temp2 = ((1 - h / (3 * (h + h1))) / 2 + (1 - h / (2 * (h + h1))) * h / (6 * (h + h1 + h2))) \
+        * (h * (h + h1) * (h + h1 + h2)) / (h1 * (h1 + h2) * (h1 + h2 + h3))
+    return (c1 + temp + temp2,
+            c2 - (1 + h1 / h2) * temp - (1 + h1 / h2 + ratio) * temp2,
+            temp * h1 / h2 + (h1 / h2 + ratio * (1 + h2 / h3)) * temp2,
+            -temp2 * ratio * h1 / h2)
+
+
+def _adams(denoiser, x, sigmas, extra_args, callback, after_step, max_order: int, variable: bool):
+    _check_order(max_order)
+    x, sig, extra, _ = _setup(x, sigmas, extra_args, None)
+    slopes: list = []  # the past slopes, newest last (at most max_order - 1)
+    n = len(sig) - 1
+    for i in range(n):
+        s, s_next = sig[i], sig[i + 1]
+        denoised = _call(denoiser, x, s, extra)
+        _cb(callback, x, i, s, s, denoised)
+        d = (x - denoised) / s  # (B, ...)
+        order = min(max_order, i + 1)
+        if s_next == 0:
+            x = denoised
+        else:
+            weights = _variable_weights(sig, i, order) if variable else _ADAMS_BASHFORTH[order]
+            slope = d * weights[0]
+            for w, past in zip(weights[1:], reversed(slopes)):
+                slope = torch.add(slope, past, alpha=w)
+            x = torch.add(x, slope, alpha=s_next - s)
+        slopes = (slopes + [d])[-(max_order - 1):] if max_order > 1 else []
+        x = _after(after_step, x, s_next, i == n - 1)
+    return x
+
+
+@torch.no_grad()
+def sample_ipndm(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=None, after_step=None,
+                 max_order: int = 4):
+    """iPNDM: Adams-Bashforth on the slope with equal-step weights, of order min(max_order, step + 1)."""
+    return _adams(denoiser, x, sigmas, extra_args, callback, after_step, max_order, variable=False)
+
+
+@torch.no_grad()
+def sample_ipndm_v(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=None, after_step=None,
+                   max_order: int = 4):
+    """iPNDM-v: Adams-Bashforth on the slope with the grid's variable-step weights."""
+    return _adams(denoiser, x, sigmas, extra_args, callback, after_step, max_order, variable=True)
+
+
+@torch.no_grad()
+def sample_gradient_estimation(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=None, after_step=None,
+                               ge_gamma: float = 2.0):
+    """Euler with the gradient estimate d + (ge_gamma - 1)(d - d_prev) from the second step on."""
+    x, sig, extra, _ = _setup(x, sigmas, extra_args, None)
+    n, old_d = len(sig) - 1, None
+    for i in range(n):
+        s, s_next = sig[i], sig[i + 1]
+        denoised = _call(denoiser, x, s, extra)
+        _cb(callback, x, i, s, s, denoised)
+        d = (x - denoised) / s
+        if s_next == 0:
+            x = denoised
+        else:
+            x = torch.add(x, d, alpha=s_next - s)
+            if old_d is not None:
+                x = torch.add(x, d - old_d, alpha=(ge_gamma - 1) * (s_next - s))
+        old_d = d
+        x = _after(after_step, x, s_next, i == n - 1)
+    return x
+
+
+def _phi_weights(h: float, c2: float) -> tuple:
+    """RES's second-order weights (b1, b2) of the current and the previous data prediction over lambda-step h, the
+    previous point at c2 * h: phi_1(-h) - phi_2(-h) / c2 and phi_2(-h) / c2 (phi_1(z) = (e^z - 1) / z, phi_2(z) =
+    (phi_1(z) - 1) / z); a zero c2 (a zero-length step) or h gives the first-order weights."""
+    if h == 0:
+        return 0.0, 0.0
+    phi1 = math.expm1(-h) / -h
+    phi2 = (phi1 - 1) / -h
+    if c2 == 0:
+        return phi1, 0.0
+    return phi1 - phi2 / c2, phi2 / c2
+
+
+@torch.no_grad()
+def sample_res_multistep(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=None, after_step=None,
+                         eta: float = 0.0, s_noise: float = 1.0):
+    """Second-order multistep RES (see the module doc); ``eta`` > 0 is ``res_multistep_ancestral``'s step."""
+    x, sig, extra, noise = _setup(x, sigmas, extra_args, noise)
+    n, old_denoised, old_down = len(sig) - 1, None, None
+    for i in range(n):
+        s, s_next = sig[i], sig[i + 1]
+        denoised = _call(denoiser, x, s, extra)
+        down, up = _ancestral(s, s_next, eta)
+        _cb(callback, x, i, s, s, denoised)
+        if down == 0 or old_denoised is None:  # Euler to sigma_down
+            x = torch.add(x, (x - denoised) / s, alpha=down - s)
+        else:
+            t, t_next = -math.log(s), -math.log(down)
+            h = t_next - t
+            b1, b2 = _phi_weights(h, (math.log(old_down) - math.log(sig[i - 1])) / h if h else 0.0)
+            x = torch.add(x * math.exp(-h), denoised, alpha=h * b1)
+            x = torch.add(x, old_denoised, alpha=h * b2)
+        if up > 0:
+            x = torch.add(x, noise(i, x), alpha=up * s_noise)
+        old_denoised, old_down = denoised, down
+        x = _after(after_step, x, s_next, i == n - 1)
+    return x
+
+
+@torch.no_grad()
+def sample_res_multistep_ancestral(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=None,
+                                   after_step=None, eta: float = 1.0, s_noise: float = 1.0):
+    """Ancestral RES: ``sample_res_multistep`` with eta = 1 by default."""
+    return sample_res_multistep(denoiser, x, sigmas, extra_args=extra_args, noise=noise, callback=callback,
+                                after_step=after_step, eta=eta, s_noise=s_noise)
+
+
+_ER_POINTS = 200  # the integrals' sample count (ER-SDE-Solver's reference code and ComfyUI's)
+
+
+def _er_noise_scale(lam):
+    """ER-SDE's default noise scale function lambda (e^(lambda^0.3) + 10) (float or array; infinite where
+    e^(lambda^0.3) overflows: a grid from pure noise)."""
+    with np.errstate(over="ignore"):
+        return lam * (np.exp(np.power(lam, 0.3)) + 10.0)
+
+
+def _er_integrals(lam_s: float, lam_t: float) -> tuple:
+    """ER-SDE-Solver-3's integrals of 1 / scale and (lambda - lambda_s) / scale over [lambda_t, lambda_s], as its
+    reference code sums them (200 left points from lambda_t up)."""
+    step = -(lam_t - lam_s) / _ER_POINTS
+    pos = lam_t + np.arange(_ER_POINTS, dtype=np.float64) * step
+    scaled = _er_noise_scale(pos)
+    return float(np.sum(1 / scaled) * step), float(np.sum((pos - lam_s) / scaled) * step)
+
+
+@torch.no_grad()
+def sample_er_sde(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=None, after_step=None,
+                  s_noise: float = 1.0, max_stage: int = 3):
+    """ER-SDE-Solver of stage min(max_stage, step + 1) (1-3), its noise from ``noise`` (see the module doc)."""
+    from .errors import BadArgumentError
+
+    if max_stage not in (1, 2, 3):
+        raise BadArgumentError(f"max_stage: expected 1, 2 or 3, found {max_stage!r}")
+    x, sig, extra, noise = _setup(x, sigmas, extra_args, noise)
+    n = len(sig) - 1
+    old_denoised = old_dd = None
+    for i in range(n):
+        lam_s, lam_t = sig[i], sig[i + 1]  # (the variance-exploding frame: ER-SDE's lambda is sigma itself)
+        denoised = _call(denoiser, x, lam_s, extra)
+        _cb(callback, x, i, lam_s, lam_s, denoised)
+        stage = min(max_stage, i + 1)
+        if lam_t == 0:
+            x = denoised
+        else:
+            r = float(_er_noise_scale(lam_t) / _er_noise_scale(lam_s))  # (0 from pure noise)
+            x = torch.add(x * r, denoised, alpha=1 - r)
+            if stage >= 2:
+                dt = lam_t - lam_s
+                s1, s_u = _er_integrals(lam_s, lam_t)
+                scale_t = float(_er_noise_scale(lam_t))
+                dd = (denoised - old_denoised) / (lam_s - sig[i - 1])
+                x = torch.add(x, dd, alpha=dt + s1 * scale_t)
+                if stage >= 3:
+                    du = (dd - old_dd) / ((lam_s - sig[i - 2]) / 2)
+                    x = torch.add(x, du, alpha=dt ** 2 / 2 + s_u * scale_t)
+                old_dd = dd
+            spread = lam_t ** 2 - lam_s ** 2 * r ** 2
+            if s_noise > 0 and spread > 0:
+                x = torch.add(x, noise(i, x), alpha=s_noise * math.sqrt(spread))
+        old_denoised = denoised
+        x = _after(after_step, x, lam_t, i == n - 1)
+    return x

@@ -1,0 +1,193 @@
+"""A float64 transcription of the samplers in ComfyUI's ``comfy/k_diffusion/sampling.py`` that k-diffusion lacks
+(``sample_ipndm``, ``sample_ipndm_v``, ``sample_gradient_estimation``, ``res_multistep``, ``sample_er_sde``), for
+models whose half log-SNR is -log(sigma) (ComfyUI's EPS / V / EDM model samplings: no flow offset), the test's
+reference: ComfyUI is no pip package. Written step by step as ComfyUI's code reads, tensors and all, ``model(x,
+sigma * s_in)`` the denoiser, ``noise_sampler(sigma, sigma_next)`` the draws."""
+
+from __future__ import annotations
+
+import torch
+
+
+def to_d(x, sigma, denoised):
+    return (x - denoised) / sigma
+
+
+def ancestral_step(sigma_from, sigma_to, eta=1.0):
+    if not eta:
+        return sigma_to, 0.0
+    sigma_up = min(sigma_to, eta * (sigma_to ** 2 * (sigma_from ** 2 - sigma_to ** 2) / sigma_from ** 2) ** 0.5)
+    sigma_down = (sigma_to ** 2 - sigma_up ** 2) ** 0.5
+    return sigma_down, sigma_up
+
+
+def ipndm(model, x, sigmas, max_order=4):
+    s_in = x.new_ones([x.shape[0]])
+    x_next, buffer = x, []
+    for i in range(len(sigmas) - 1):
+        t_cur, t_next = sigmas[i], sigmas[i + 1]
+        x_cur = x_next
+        denoised = model(x_cur, t_cur * s_in)
+        d_cur = (x_cur - denoised) / t_cur
+        order = min(max_order, i + 1)
+        if t_next == 0:
+            x_next = denoised
+        elif order == 1:
+            x_next = x_cur + (t_next - t_cur) * d_cur
+        elif order == 2:
+            x_next = x_cur + (t_next - t_cur) * (3 * d_cur - buffer[-1]) / 2
+        elif order == 3:
+            x_next = x_cur + (t_next - t_cur) * (23 * d_cur - 16 * buffer[-1] + 5 * buffer[-2]) / 12
+        else:
+            x_next = x_cur + (t_next - t_cur) * (55 * d_cur - 59 * buffer[-1] + 37 * buffer[-2]
+                                                 - 9 * buffer[-3]) / 24
+        if len(buffer) == max_order - 1:
+            for k in range(max_order - 2):
+                buffer[k] = buffer[k + 1]
+            buffer[-1] = d_cur
+        else:
+            buffer.append(d_cur)
+    return x_next
+
+
+def ipndm_v(model, x, sigmas, max_order=4):
+    s_in = x.new_ones([x.shape[0]])
+    x_next, t_steps, buffer = x, sigmas, []
+    for i in range(len(sigmas) - 1):
+        t_cur, t_next = sigmas[i], sigmas[i + 1]
+        x_cur = x_next
+        denoised = model(x_cur, t_cur * s_in)
+        d_cur = (x_cur - denoised) / t_cur
+        order = min(max_order, i + 1)
+        if t_next == 0:
+            x_next = denoised
+        elif order == 1:
+            x_next = x_cur + (t_next - t_cur) * d_cur
+        elif order == 2:
+            h_n, h_n_1 = t_next - t_cur, t_cur - t_steps[i - 1]
+            coeff1 = (2 + (h_n / h_n_1)) / 2
+            coeff2 = -(h_n / h_n_1) / 2
+            x_next = x_cur + (t_next - t_cur) * (coeff1 * d_cur + coeff2 * buffer[-1])
+        elif order == 3:
+            h_n, h_n_1, h_n_2 = t_next - t_cur, t_cur - t_steps[i - 1], t_steps[i - 1] - t_steps[i - 2]
+            temp = (1 - h_n / (3 * (h_n + h_n_1)) * (h_n * (h_n + h_n_1)) / (h_n_1 * (h_n_1 + h_n_2))) / 2
+            coeff1 = (2 + (h_n / h_n_1)) / 2 + temp
+            coeff2 = -(h_n / h_n_1) / 2 - (1 + h_n_1 / h_n_2) * temp
+            coeff3 = temp * h_n_1 / h_n_2
+            x_next = x_cur + (t_next - t_cur) * (coeff1 * d_cur + coeff2 * buffer[-1] + coeff3 * buffer[-2])
+        else:
+            h_n, h_n_1 = t_next - t_cur, t_cur - t_steps[i - 1]
+            h_n_2, h_n_3 = t_steps[i - 1] - t_steps[i - 2], t_steps[i - 2] - t_steps[i - 3]
+            temp1 = (1 - h_n / (3 * (h_n + h_n_1)) * (h_n * (h_n + h_n_1)) / (h_n_1 * (h_n_1 + h_n_2))) / 2
+            temp2 = ((1 - h_n / (3 * (h_n + h_n_1))) / 2 + (1 - h_n / (2 * (h_n + h_n_1))) * h_n
+                     / (6 * (h_n + h_n_1 + h_n_2))) * (h_n * (h_n + h_n_1) * (h_n + h_n_1 + h_n_2)) \
+                / (h_n_1 * (h_n_1 + h_n_2) * (h_n_1 + h_n_2 + h_n_3))
+            coeff1 = (2 + (h_n / h_n_1)) / 2 + temp1 + temp2
+            coeff2 = -(h_n / h_n_1) / 2 - (1 + h_n_1 / h_n_2) * temp1 \
+                - (1 + (h_n_1 / h_n_2) + (h_n_1 * (h_n_1 + h_n_2) / (h_n_2 * (h_n_2 + h_n_3)))) * temp2
+            coeff3 = temp1 * h_n_1 / h_n_2 + ((h_n_1 / h_n_2) + (h_n_1 * (h_n_1 + h_n_2)
+                                                                 / (h_n_2 * (h_n_2 + h_n_3))) * (1 + h_n_2 / h_n_3)) * temp2
+            coeff4 = -temp2 * (h_n_1 * (h_n_1 + h_n_2) / (h_n_2 * (h_n_2 + h_n_3))) * h_n_1 / h_n_2
+            x_next = x_cur + (t_next - t_cur) * (coeff1 * d_cur + coeff2 * buffer[-1] + coeff3 * buffer[-2]
+                                                 + coeff4 * buffer[-3])
+        if len(buffer) == max_order - 1:
+            for k in range(max_order - 2):
+                buffer[k] = buffer[k + 1]
+            buffer[-1] = d_cur
+        else:
+            buffer.append(d_cur)
+    return x_next
+
+
+def gradient_estimation(model, x, sigmas, ge_gamma=2.0):
+    s_in = x.new_ones([x.shape[0]])
+    old_d = None
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in)
+        d = to_d(x, sigmas[i], denoised)
+        dt = sigmas[i + 1] - sigmas[i]
+        if sigmas[i + 1] == 0:
+            x = denoised
+        else:
+            x = x + d * dt
+            if i >= 1:
+                x = x + (ge_gamma - 1) * (d - old_d) * dt
+        old_d = d
+    return x
+
+
+def res_multistep(model, x, sigmas, noise_sampler, eta=0.0, s_noise=1.0):
+    s_in = x.new_ones([x.shape[0]])
+
+    def sigma_fn(t):
+        return t.neg().exp()
+
+    def t_fn(sigma):
+        return sigma.log().neg()
+
+    def phi1_fn(t):
+        return torch.expm1(t) / t
+
+    def phi2_fn(t):
+        return (phi1_fn(t) - 1.0) / t
+
+    old_sigma_down = old_denoised = None
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in)
+        sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas[i + 1], eta=eta)
+        if sigma_down == 0 or old_denoised is None:
+            d = to_d(x, sigmas[i], denoised)
+            x = x + d * (sigma_down - sigmas[i])
+        else:
+            t, t_old, t_next, t_prev = t_fn(sigmas[i]), t_fn(old_sigma_down), t_fn(sigma_down), t_fn(sigmas[i - 1])
+            h = t_next - t
+            c2 = (t_prev - t_old) / h
+            phi1_val, phi2_val = phi1_fn(-h), phi2_fn(-h)
+            b1 = torch.nan_to_num(phi1_val - phi2_val / c2, nan=0.0)
+            b2 = torch.nan_to_num(phi2_val / c2, nan=0.0)
+            x = sigma_fn(h) * x + h * (b1 * denoised + b2 * old_denoised)
+        if sigmas[i + 1] > 0:
+            x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
+        old_denoised, old_sigma_down = denoised, sigma_down
+    return x
+
+
+def er_sde(model, x, sigmas, noise_sampler, s_noise=1.0, max_stage=3):
+    s_in = x.new_ones([x.shape[0]])
+
+    def noise_scaler(v):
+        return v * ((v ** 0.3).exp() + 10.0)
+
+    num_integration_points = 200.0
+    point_indice = torch.arange(0, num_integration_points, dtype=torch.float64)
+    er_lambdas = sigmas.log().neg().neg().exp()  # exp(-half_log_snr), half_log_snr = -log(sigma)
+    old_denoised = old_denoised_d = None
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in)
+        stage_used = min(max_stage, i + 1)
+        if sigmas[i + 1] == 0:
+            x = denoised
+        else:
+            er_lambda_s, er_lambda_t = er_lambdas[i], er_lambdas[i + 1]
+            alpha_s, alpha_t = sigmas[i] / er_lambda_s, sigmas[i + 1] / er_lambda_t
+            r_alpha = alpha_t / alpha_s
+            r = noise_scaler(er_lambda_t) / noise_scaler(er_lambda_s)
+            x = r_alpha * r * x + alpha_t * (1 - r) * denoised
+            if stage_used >= 2:
+                dt = er_lambda_t - er_lambda_s
+                lambda_step_size = -dt / num_integration_points
+                lambda_pos = er_lambda_t + point_indice * lambda_step_size
+                scaled_pos = noise_scaler(lambda_pos)
+                s = torch.sum(1 / scaled_pos) * lambda_step_size
+                denoised_d = (denoised - old_denoised) / (er_lambda_s - er_lambdas[i - 1])
+                x = x + alpha_t * (dt + s * noise_scaler(er_lambda_t)) * denoised_d
+                if stage_used >= 3:
+                    s_u = torch.sum((lambda_pos - er_lambda_s) / scaled_pos) * lambda_step_size
+                    denoised_u = (denoised_d - old_denoised_d) / ((er_lambda_s - er_lambdas[i - 2]) / 2)
+                    x = x + alpha_t * ((dt ** 2) / 2 + s_u * noise_scaler(er_lambda_t)) * denoised_u
+                old_denoised_d = denoised_d
+            if s_noise > 0:
+                x = x + alpha_t * noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * (
+                    er_lambda_t ** 2 - er_lambda_s ** 2 * r ** 2).sqrt().nan_to_num(nan=0.0)
+        old_denoised = denoised
+    return x

@@ -1,0 +1,144 @@
+"""ComfyUI's own samplers (``fastdiff.comfy_samplers``: ipndm, ipndm_v, gradient_estimation, res_multistep and its
+ancestral form, er_sde) against a float64 transcription of ComfyUI's code (``comfy_samplers_ref``), on the analytic
+denoiser and per-step draws of the k-diffusion parity tests; then on a pipeline, a flow model and in the sampler
+option checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import comfy_samplers_ref as ref
+from fastdiff.errors import BadArgumentError
+from fastdiff.samplers import SAMPLERS, STOCHASTIC
+from helpers import rel_err
+from test_k_diffusion_parity import SIGMAS, StepNoise, analytic_denoiser
+
+UNEVEN = [80.0, 31.0, 9.5, 4.0, 1.1, 0.52, 0.2, 0.07, 0.01]  # (ends above 0: no final denoising step)
+
+
+def start(sigmas):
+    return torch.randn(2, 3, 5, 5, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * sigmas[0]
+
+
+def run_both(name, reference, sigmas, fd_opts=None, ref_opts=None, noisy=False):
+    sig = torch.tensor(sigmas, dtype=torch.float64)
+    x = start(sig)
+    noise_ref, noise_fd = StepNoise(sig, x), StepNoise(sig, x)
+    extra = dict(noise_sampler=noise_ref.k_diffusion) if noisy else {}
+    want = reference(analytic_denoiser, x.clone(), sig, **extra, **(ref_opts or {}))
+    got = SAMPLERS[name](analytic_denoiser, x.clone(), sig, noise=noise_fd.fastdiff, **(fd_opts or {}))
+    return got, want, x
+
+
+@pytest.mark.parametrize("sigmas", [SIGMAS, UNEVEN, SIGMAS[:3] + [0.0], [14.6, 0.0]])
+@pytest.mark.parametrize("name,reference,opts", [
+    ("ipndm", ref.ipndm, {}),
+    ("ipndm", ref.ipndm, dict(max_order=2)),
+    ("ipndm_v", ref.ipndm_v, {}),
+    ("ipndm_v", ref.ipndm_v, dict(max_order=3)),
+    ("gradient_estimation", ref.gradient_estimation, {}),
+    ("gradient_estimation", ref.gradient_estimation, dict(ge_gamma=1.5)),
+    ("res_multistep", ref.res_multistep, {}),
+])
+def test_deterministic_samplers_equal_comfyui(name, reference, opts, sigmas):
+    noisy = reference is ref.res_multistep
+    got, want, x = run_both(name, reference, sigmas, opts, opts, noisy=noisy)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert float((got - x).abs().max()) > 0.1  # (it moved)
+
+
+@pytest.mark.parametrize("sigmas", [SIGMAS, UNEVEN])
+@pytest.mark.parametrize("name,reference,fd_opts,ref_opts", [
+    ("res_multistep_ancestral", ref.res_multistep, {}, dict(eta=1.0)),
+    ("res_multistep_ancestral", ref.res_multistep, dict(eta=0.5, s_noise=0.8), dict(eta=0.5, s_noise=0.8)),
+    ("er_sde", ref.er_sde, {}, {}),
+    ("er_sde", ref.er_sde, dict(max_stage=2, s_noise=0.7), dict(max_stage=2, s_noise=0.7)),
+    ("er_sde", ref.er_sde, dict(max_stage=1), dict(max_stage=1)),
+    ("er_sde", ref.er_sde, dict(s_noise=0.0), dict(s_noise=0.0)),
+])
+def test_stochastic_samplers_equal_comfyui(name, reference, fd_opts, ref_opts, sigmas):
+    """Both fed the same draw per step; the draws count (another set moves the sample) but where s_noise is 0."""
+    got, want, x = run_both(name, reference, sigmas, fd_opts, ref_opts, noisy=True)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    sig = torch.tensor(sigmas, dtype=torch.float64)
+    other = SAMPLERS[name](analytic_denoiser, x.clone(), sig, noise=lambda i, like: torch.randn(
+        like.shape, generator=torch.Generator().manual_seed(90 + i), dtype=like.dtype), **fd_opts)
+    moved = float((other - got).abs().max())
+    assert moved == 0 if fd_opts.get("s_noise", 1) == 0 else moved > 1e-3
+
+
+def test_the_orders_are_what_they_claim():
+    """With D = 0 the ODE's path is linear in sigma (dx/dsigma = x / sigma): every consistent method lands on
+    x * sigma_end / sigma_start exactly (ipndm_v up to order 3: see below). On a curved path (x0 = sin(sigma)) the
+    multistep ones beat Euler at 40 Karras steps."""
+    sig = torch.tensor([10.0, 6.0, 3.5, 2.0, 1.2, 0.7, 0.4], dtype=torch.float64)
+    x = start(sig)
+    for name, opts in [("ipndm", {}), ("ipndm_v", dict(max_order=3)), ("gradient_estimation", {}),
+                       ("res_multistep", {})]:
+        out = SAMPLERS[name](lambda x, s: torch.zeros_like(x), x.clone(), sig, **opts)
+        torch.testing.assert_close(out, x * 0.04, rtol=1e-10, atol=1e-10)
+    # ComfyUI's (zju-pi's) order-4 variable-step weights do not sum to 1 on an uneven grid (on an even one they are
+    # 57/24, -65/24, 43/24, -11/24, not Adams-Bashforth's 55/24, -59/24, 37/24, -9/24): reproduced, as ComfyUI runs it
+    from fastdiff.comfy_samplers import _variable_weights
+
+    assert sum(_variable_weights(sig.tolist(), 3, 4)) == pytest.approx(1.00079, abs=1e-5)
+    torch.testing.assert_close(torch.tensor(_variable_weights([7.0, 6.0, 5.0, 4.0, 3.0], 3, 4), dtype=torch.float64) * 24,
+                               torch.tensor([57.0, -65.0, 43.0, -11.0], dtype=torch.float64))
+
+    def curved(x, s):  # x0 = sin(sigma): the path of dx/dsigma = (x - sin(sigma)) / sigma
+        return torch.sin(s).reshape(-1, 1, 1, 1).expand_as(x)
+
+    from fastdiff.schedules import get_sigmas_karras
+
+    def error(name, steps, **opts):
+        grid = get_sigmas_karras(steps, 0.4, 10.0, final="sigma_min")
+        return float((SAMPLERS[name](curved, x[:1].clone(), grid, **opts) - exact).abs().max())
+
+    exact = SAMPLERS["euler"](curved, x[:1].clone(), get_sigmas_karras(8000, 0.4, 10.0, final="sigma_min"))
+    euler = error("euler", 40)  # (observed 8e-3 at 40 steps, halving with twice the steps)
+    assert error("euler", 20) / euler == pytest.approx(2.0, rel=0.1)
+    assert error("res_multistep", 40) < euler / 5 and error("ipndm_v", 40, max_order=3) < euler / 5
+    assert error("ipndm_v", 40) < euler / 4 and error("ipndm", 40) < euler / 4
+
+
+def test_registered_stochastic_and_in_the_flow_frames():
+    from fastdiff.flow import frame_for
+
+    assert {"res_multistep_ancestral", "er_sde"} <= STOCHASTIC and "res_multistep" not in STOCHASTIC
+    assert [frame_for(s) for s in ("ipndm", "ipndm_v", "gradient_estimation")] == ["t"] * 3  # (as ComfyUI runs them)
+    assert [frame_for(s) for s in ("res_multistep", "res_multistep_ancestral", "er_sde")] == ["sigma"] * 3
+
+
+@pytest.mark.parametrize("name", ["ipndm", "ipndm_v", "gradient_estimation", "res_multistep",
+                                  "res_multistep_ancestral", "er_sde"])
+def test_pipelines_run_them_and_a_batch_equals_single_runs(name):
+    """On a UNet and a flow model (from t = 1: sigma infinity in the sigma frame): finite, and a sample depends on
+    its own seed only."""
+    import fastdiff
+
+    for arch in ("arch:tiny-unet", "arch:tiny-sd3"):
+        pipe = fastdiff.load(arch)
+        kw = {}
+        if pipe.spec.cross_attention_dim:
+            kw = dict(encoder_hidden_states=torch.randn(1, 4, pipe.spec.cross_attention_dim,
+                                                        generator=torch.Generator().manual_seed(0)),
+                      text_embeds=torch.zeros(1, pipe.spec.text_embeds_dim))
+        both = pipe.generate(seeds=[3, 4], steps=5, sampler=name, progress=False, **kw)
+        one = pipe.generate(seeds=[4], steps=5, sampler=name, progress=False, **kw)
+        assert torch.isfinite(both).all(), (arch, name)
+        assert rel_err(both[1:], one) <= 1e-5, (arch, name)
+
+
+def test_bad_options_are_refused():
+    import fastdiff
+
+    pipe = fastdiff.load("arch:tiny-unet")
+    with pytest.raises(BadArgumentError, match="max_order: expected 1, 2, 3 or 4"):
+        pipe.generate(seed=1, steps=3, sampler="ipndm", max_order=5, progress=False)
+    with pytest.raises(BadArgumentError, match="max_stage: expected 1, 2 or 3"):
+        pipe.generate(seed=1, steps=3, sampler="er_sde", max_stage=0, progress=False)
+    with pytest.raises(BadArgumentError, match="must be >= 0"):
+        pipe.generate(seed=1, steps=3, sampler="res_multistep_ancestral", eta=-1.0, progress=False)
+    with pytest.raises(BadArgumentError, match="unknown option"):
+        pipe.generate(seed=1, steps=3, sampler="gradient_estimation", eta=1.0, progress=False)
