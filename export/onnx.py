@@ -42,11 +42,18 @@ An SD3 / FLUX.1 transformer exported with its ControlNet(s) takes instead (metad
     control_encoder_hidden_states, control_text_embeds   FLUX.1: the text its ControlNet reads (the pass's own, or
                           the conditional text under true CFG)
 
+A UNet exported with IP-Adapters loaded (metadata ``ip_adapters``: count, feature ranks and widths, layers) takes::
+
+    image_embeds_<k>      (B, N, D) or (B, N, S, E)  adapter k's features of N images (Plus / Full Face: hidden
+                          states; Face ID Plus: (B, N, D + S * E) packed), N (and S) symbolic
+    ip_scales             (K * L,) float32  every adapter's scale in each of the L cross-attention layers, adapter by
+                          adapter (``fastdiff.models.ip_adapter.scale_vector``): both CFG passes'
+
 CFG-folded graph (``cfg_folded=True``): the same inputs plus ``uncond_encoder_hidden_states`` (and, for
 SDXL-style UNets, ``uncond_text_embeds`` / ``uncond_time_ids``; class models use the spec's null class
 inside) and ``guidance_scale`` ((1,) or (B,) float32); ``guidance``, ``image_latents``, ``control_image``,
-``control_guess``, ``control_mode`` and a FLUX.1 ControlNet's text serve both passes (``uncond_control_scale`` is
-guess mode's 0);
+``control_guess``, ``control_mode``, ``ip_scales`` and a FLUX.1 ControlNet's text serve both passes
+(``uncond_control_scale`` is guess mode's 0; ``uncond_image_embeds_<k>``: the negative image features);
 cond and uncond run as ONE batch of 2B inside and ``out_sample`` is the guided output: channels
 ``[:g]`` are ``uncond + s * (cond - uncond)`` (g = spec.guided_channels, or the eps channels of a
 learned-variance model), the remaining (variance) channels are the conditional pass's.
@@ -121,13 +128,14 @@ def conditioning(model: nn.Module, spec: ModelSpec) -> Optional[str]:
     return None
 
 
-def cond_inputs(cond: Optional[str], spec: ModelSpec, control=None) -> list[str]:
+def cond_inputs(cond: Optional[str], spec: ModelSpec, control=None, ip=None) -> list[str]:
     """The graph's conditional inputs after sample and timestep, in order (a CFG-folded text graph repeats each
     text input as ``uncond_<name>``; the unconditional class label is the graph's own null class). A UNet with
     both text and a class table takes both; one exported with its ControlNet (``control``: ``control_format``'s
-    dict) the control inputs."""
+    dict) the control inputs; one with IP-Adapters (``ip``: ``ip_adapter_format``'s dict) each adapter's image
+    features and the adapters' scales."""
     image = (["image_latents"] if spec.inpainting or spec.latent_control or spec.low_res_channels else []) + \
-        control_inputs(control)
+        control_inputs(control) + ip_inputs(ip)
     if cond == "class":
         return ["class_labels"] + image
     if cond == "text":
@@ -135,6 +143,39 @@ def cond_inputs(cond: Optional[str], spec: ModelSpec, control=None) -> list[str]
                 + (["time_ids"] if spec.time_ids_dim else []) + (["guidance"] if spec.guidance_input else [])
                 + (["class_labels"] if spec.num_classes else []) + image)
     return image
+
+
+def ip_inputs(ip) -> list[str]:
+    """The inputs of a UNet exported with its IP-Adapters (``ip_adapter_format``'s dict, or None): ``image_embeds_<k>``
+    per adapter, then ``ip_scales``."""
+    return [] if not ip else [f"image_embeds_{k}" for k in range(ip["count"])] + ["ip_scales"]
+
+
+def ip_adapter_format(model: nn.Module) -> Optional[dict]:
+    """A UNet's loaded IP-Adapters as a graph reads them (None without any): their ``count``, each one's feature
+    ``ranks`` (1: (B, N, D) embeddings, 2: (B, N, S, E) hidden states), its ``widths`` (D, or E; Face ID Plus: its
+    face embedding's, the packed hidden states following) and the cross-attention ``layers`` each scale covers."""
+    from fastdiff.models import ip_adapter as ipa
+
+    if not ipa.attached(model):
+        return None
+    count = ipa.adapter_count(model)
+    widths = []
+    for k in range(count):
+        projection = model.ip_projection[k]
+        widths.append(projection.id_dim if ipa.is_face_id_plus(projection) else
+                      ipa.image_width(model, k) if ipa.image_rank(model, k) == 1 else projection_in_width(projection))
+    return {"count": count, "ranks": [ipa.image_rank(model, k) for k in range(count)], "widths": widths,
+            "packed": [ipa.is_face_id_plus(model.ip_projection[k]) for k in range(count)],
+            "clip_widths": [getattr(model.ip_projection[k], "clip_dim", None) for k in range(count)],
+            "layers": len(ipa.cross_attentions(model))}
+
+
+def projection_in_width(projection: nn.Module) -> int:
+    """E, the width of each hidden state a Plus / Full Face projection reads."""
+    from fastdiff.models.ip_adapter import projection_sizes
+
+    return projection_sizes(projection)[0]
 
 
 def control_inputs(control) -> list[str]:
@@ -158,7 +199,7 @@ def _own_uncond(names: list) -> list:
 # inputs both CFG passes share (no uncond_ counterpart): Flux dev's distilled-guidance strength, an inpainting
 # network's mask and masked-image latents, a ControlNet's image and guess-mode flags
 SHARED_INPUTS = ("guidance", "image_latents", "control_image", "control_guess", "control_mode",
-                 "control_encoder_hidden_states", "control_text_embeds")
+                 "control_encoder_hidden_states", "control_text_embeds", "ip_scales")
 CONTROL_INPUTS = ("control_image", "control_scale", "control_guess")  # a UNet exported with its ControlNet
 
 
@@ -209,6 +250,22 @@ def _guided_channels(spec: ModelSpec, out_channels: int) -> int:
     return spec.in_channels if spec.learned_variance else out_channels
 
 
+def call_network(model: nn.Module, x, t, conds: dict, dtype: torch.dtype):
+    """``model(x, t, **conds)`` with the graph's inputs as the native model takes them: the float inputs in
+    ``dtype``; ``image_embeds_<k>`` as the ``image_embeds`` list (one tensor for one adapter) and ``ip_scales`` as
+    every layer's adapter scales (``fastdiff.models.ip_adapter.scales_from``)."""
+    kw = {k: v.to(dtype) if k in _NETWORK_DTYPE_INPUTS else v for k, v in conds.items()
+          if not k.startswith("image_embeds_") and k != "ip_scales"}
+    embeds = [conds[k].to(dtype) for k in sorted((k for k in conds if k.startswith("image_embeds_")),
+                                                  key=lambda k: int(k.rsplit("_", 1)[1]))]
+    if not embeds:
+        return model(x, t, **kw)
+    from fastdiff.models.ip_adapter import scales_from
+
+    with scales_from(model, conds["ip_scales"].float()):
+        return model(x, t, image_embeds=embeds[0] if len(embeds) == 1 else embeds, **kw)
+
+
 class _GraphModule(nn.Module):
     """The traced function: IO casts around the native model (its own forward, unchanged)."""
 
@@ -218,8 +275,7 @@ class _GraphModule(nn.Module):
         self.compute_dtype, self.io_dtype = compute_dtype, io_dtype
 
     def _run(self, x, t, conds: dict):
-        kw = {k: v.to(self.compute_dtype) if k in _NETWORK_DTYPE_INPUTS else v for k, v in conds.items()}
-        return self.model(x, t, **kw)
+        return call_network(self.model, x, t, conds, self.compute_dtype)
 
     def forward(self, sample, timestep, *conds):
         b = sample.shape[0]
@@ -248,7 +304,9 @@ class _CFGGraphModule(_GraphModule):
         uncond = dict(zip(own, rest[n:n + len(own)]))
         if "class_labels" in self.names and self.null_class is not None:  # the unconditional pass's: the null class
             uncond["class_labels"] = torch.full_like(cond["class_labels"], self.null_class)  # (None: both passes')
-        both = {k: torch.cat([cond[k], uncond.get(k, cond[k])], dim=0) for k in self.names}  # (2B, ...); shared: twice
+        # (2B, ...); shared: twice (the adapters' scales, one per layer, not per sample: once)
+        both = {k: cond[k] if k == "ip_scales" else torch.cat([cond[k], uncond.get(k, cond[k])], dim=0)
+                for k in self.names}
         out = self._run(x2, t2, both).float()  # (2B, C_out, H, W)
         c, u = out[:b], out[b:]  # 2 x (B, C_out, H, W)
         g = self.guided
@@ -269,8 +327,9 @@ def graph_io(model: nn.Module, spec: ModelSpec, *, cfg_folded: bool, fp16_io: bo
              "class_labels": "int64", "guidance": "float32", "image_latents": io_dtype, "control_image": io_dtype,
              "control_scale": "float32", "control_guess": "float32", "control_mode": "int64",
              "control_encoder_hidden_states": io_dtype, "control_text_embeds": io_dtype}
-    control = control_format(model)
-    names = cond_inputs(cond, spec, control)
+    control, ip = control_format(model), ip_adapter_format(model)
+    names = cond_inputs(cond, spec, control, ip)
+    kinds.update({n: io_dtype for n in ip_inputs(ip)}, ip_scales="float32")
     inputs += [[n, kinds[n]] for n in names]
     if cfg_folded:
         inputs += [["uncond_" + n, kinds[n]] for n in _own_uncond(names)]
@@ -280,7 +339,7 @@ def graph_io(model: nn.Module, spec: ModelSpec, *, cfg_folded: bool, fp16_io: bo
         "fp16_io": bool(fp16_io), "cfg_folded": bool(cfg_folded), "dynamic_batch": bool(dynamic_batch),
         "dynamic_hw": bool(dynamic_hw), "out_channels": int(out_channels),
         "guided_channels": _guided_channels(spec, out_channels) if cfg_folded else None,
-        "null_class": spec.null_class, "control": control,
+        "null_class": spec.null_class, "control": control, "ip_adapters": ip,
     }
 
 
@@ -383,6 +442,11 @@ def _example_inputs(spec, io, batch, h, w, device, seed=0, tokens=7):
             v = torch.randint(0, max(int(spec.num_classes or 1), 1), (batch,), generator=g)
         elif name == "guidance_scale":
             v = torch.full((1,), 4.0)
+        elif name.startswith(("image_embeds_", "uncond_image_embeds_")):  # two images each (no N = 1 baked in)
+            k = int(name.rsplit("_", 1)[1])
+            v = torch.randn(batch, 2, *_ip_feature_shape(io["ip_adapters"], k), generator=g)
+        elif name == "ip_scales":  # every layer's its own
+            v = torch.linspace(1.2, 0.3, io["ip_adapters"]["count"] * io["ip_adapters"]["layers"])
         else:  # pragma: no cover - graph_io names only the above
             raise AssertionError(name)
         if dt == "float16":
@@ -391,10 +455,27 @@ def _example_inputs(spec, io, batch, h, w, device, seed=0, tokens=7):
     return feeds
 
 
+def _ip_feature_shape(ip: dict, k: int) -> tuple:
+    """One example image's features for adapter k: (D,), (S, E) hidden states (3 of them: no S baked in), or Face ID
+    Plus's packed face embedding and 3 hidden states."""
+    if ip["packed"][k]:
+        return (ip["widths"][k] + 3 * ip["clip_widths"][k],)
+    return (3, ip["widths"][k]) if ip["ranks"][k] == 2 else (ip["widths"][k],)
+
+
 def _dynamic_axes(io, dynamic_batch, dynamic_hw):
     axes = {}
     for name, _ in io["inputs"] + io["outputs"]:
         a = {}
+        if name.startswith(("image_embeds_", "uncond_image_embeds_")):  # (B, N, ...): any count of images
+            k = int(name.rsplit("_", 1)[1])
+            a = ({0: "batch"} if dynamic_batch else {}) | {1: f"images_{k}"}
+            if io["ip_adapters"]["ranks"][k] == 2 or io["ip_adapters"]["packed"][k]:
+                a[2] = f"image_states_{k}"  # (the hidden states' count; Face ID Plus: its packed width)
+            axes[name] = a
+            continue
+        if name == "ip_scales":
+            continue
         if name in ("sample", "out_sample", "image_latents", "control_image"):
             if dynamic_batch:
                 a[0] = "batch"
@@ -485,7 +566,7 @@ def export_onnx(pipe_or_model, spec: Optional[ModelSpec], path: str, *, opset: i
         if next(iter(model.parameters()), torch.empty(0)).dtype != compute:
             ref_model = copy.deepcopy(model).to(compute)  # never change the caller's model
         io_dtype = torch.float16 if io["inputs"][0][1] == "float16" else torch.float32
-        names = cond_inputs(cond, spec, io["control"])
+        names = cond_inputs(cond, spec, io["control"], io["ip_adapters"])
         if cfg_folded:
             wrapper = _CFGGraphModule(ref_model, names, compute, io_dtype, io["guided_channels"], spec.null_class)
         else:
@@ -727,8 +808,7 @@ def reference_output(model: nn.Module, spec: ModelSpec, io: dict, feeds: dict) -
     def run(conds: dict):
         x = feeds["sample"].to(dev, dt)
         t = feeds["timestep"].reshape(-1).expand(x.shape[0]).to(dev)
-        kw = {k: v.to(dev, dt) if k in _NETWORK_DTYPE_INPUTS else v.to(dev) for k, v in conds.items()}
-        return model(x, t, **kw).float().cpu()
+        return call_network(model, x, t, {k: v.to(dev) for k, v in conds.items()}, dt).float().cpu()
 
     with torch.no_grad(), _native_ops(model):
         c = run({k: feeds[k] for k in names})

@@ -559,8 +559,8 @@ class FoldedCFGDenoiser(Denoiser):
         for k, v in uncond.items():
             if k not in cond:
                 raise BadArgumentError(f"uncond: expected keys among the conditioning {sorted(cond)}, found {k!r}")
-            if k not in _FOLDED_INSIDE and torch.is_tensor(v):
-                out["uncond_" + k] = v
+            if k not in _FOLDED_INSIDE and (torch.is_tensor(v) or isinstance(v, (list, tuple))):
+                out["uncond_" + k] = v  # (a list: several IP-Adapters' image features)
         return out
 
     def predict(self, x, sigma, uncond: Optional[dict] = None, guidance_scale=None, **cond):

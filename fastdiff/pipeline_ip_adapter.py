@@ -69,9 +69,9 @@ class IPAdapterMixin(FaceIDPlusInputs):
         if not isinstance(self.model, UNet) or not self.model.config.conditional:
             raise BadArgumentError(f"load_ip_adapter(): an IP-Adapter drives a text UNet's cross-attention, and this "
                                    f"model is a {self.spec.kind} {type(self.model).__name__}")
-        if self.config is not None and self.config.backend in ("onnxruntime", "tensorrt"):
-            raise BadArgumentError(f"load_ip_adapter(): this pipeline runs an exported {self.config.backend} graph, "
-                                   f"which has no image-prompt input; use the eager / triton / compile backends")
+        if self.config is not None and self.config.backend == "tensorrt":  # (onnxruntime: exported again, below)
+            raise BadArgumentError("load_ip_adapter(): this pipeline runs a TensorRT engine, which has no image-prompt "
+                                   "input; use the onnxruntime / eager / triton / compile backends")
         sources = files.adapter_sources(path, subfolder, weight_name)
         scales, image_scales = files.scales_per_adapter(scale, len(sources))
         for s in scales:  # (a per-block dict that does not fit: before anything changes)

@@ -268,9 +268,6 @@ def test_ip_adapter_refusals(pair, tmp_path):
             pipe.generate(prompt="a cat", steps=1, progress=False, ip_adapter_image_embeds=torch.zeros(1, 1, 7))
         with pytest.raises(BadArgumentError, match="an IP-Adapter is loaded"):
             pipe.save(str(tmp_path / "saved"))
-        pytest.importorskip("onnxruntime", reason="the onnxruntime backend")
-        with pytest.raises(BadArgumentError, match="an IP-Adapter is loaded, and an exported graph"):
-            pipe.optimize(backend="onnxruntime")
     finally:
         pipe.unload_ip_adapter()
 

@@ -23,6 +23,7 @@ recaptured.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -284,6 +285,29 @@ def set_scale(unet, scales: list) -> None:
     for i, values in enumerate(per_adapter):
         for (_, m), value in zip(layers, values):
             m.ip[i].scale.fill_(value)
+
+
+def scale_vector(unet) -> torch.Tensor:
+    """Every adapter's scale in every layer as one (K * L,) float32 tensor, adapter by adapter (``cross_attentions``
+    order within each): what an exported graph takes as its ``ip_scales`` input. Stacked where the buffers live:
+    nothing is read back to the host."""
+    layers = cross_attentions(unet)
+    return torch.stack([m.ip[k].scale.reshape(()).float() for k in range(adapter_count(unet)) for m in layers])
+
+
+@contextlib.contextmanager
+def scales_from(unet, vector: torch.Tensor):
+    """Every layer's adapter scales read from ``vector`` (``scale_vector``'s layout) inside the block, the buffers put
+    back after: an exported graph traces them as an input, so a scale set later needs no new export."""
+    layers = cross_attentions(unet)
+    saved = [(m.ip[k], m.ip[k].scale) for k in range(adapter_count(unet)) for m in layers]
+    try:
+        for j, (branch, _) in enumerate(saved):
+            branch.scale = vector[j]
+        yield
+    finally:
+        for branch, value in saved:
+            branch.scale = value
 
 
 def scales(unet, adapter: int = 0) -> list:

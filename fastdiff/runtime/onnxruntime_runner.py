@@ -246,6 +246,7 @@ def build_feeds(input_names, spec, x: torch.Tensor, timestep, class_labels=None,
         feeds["class_labels"] = _per_sample("class_labels", torch.as_tensor(class_labels, device=x.device), b).expand(b)
     elif class_labels is not None:
         raise BadArgumentError("this graph has no class_labels input, but class_labels were given")
+    added = _image_prompt_feeds(feeds, names, added)
     unknown = sorted(set(added) - {p + n for n in _PASSED_INPUTS[1:] for p in ("", "uncond_")})
     if unknown:
         raise BadArgumentError(f"unexpected graph argument(s) {unknown}; expected among class_labels, "
@@ -270,6 +271,41 @@ def build_feeds(input_names, spec, x: torch.Tensor, timestep, class_labels=None,
         raise BadArgumentError("guidance_scale / uncond_* inputs given, but this graph is not CFG-folded (export "
                                "with cfg_folded=True)")
     return feeds
+
+
+def _image_prompt_feeds(feeds: dict, names: set, added: dict) -> dict:
+    """IP-Adapter inputs into ``feeds``: ``image_embeds`` (one tensor, or one per adapter) and its ``uncond_`` form
+    as ``image_embeds_<k>``, ``ip_scales`` as given (``fastdiff.models.ip_adapter.scale_vector``); returns the other
+    arguments. A graph exported without adapters refuses them, one with them needs them; masks are refused (the
+    graph has no mask input)."""
+    added = dict(added)
+    if any(added.pop(k, None) is not None for k in ("image_masks", "uncond_image_masks")):
+        raise BadArgumentError("image_masks: IP-Adapter masks under an exported (ONNX Runtime / TensorRT) graph are not "
+                               "supported (the graph has no mask input); run the eager / triton / compile backends")
+    count = sum(1 for n in names if n.startswith("image_embeds_"))
+    scales = added.pop("ip_scales", None)
+    for prefix in ("", "uncond_"):
+        embeds = added.pop(prefix + "image_embeds", None)
+        if embeds is None:
+            if count and (prefix == "" or "guidance_scale" in names):
+                raise BadArgumentError(f"this graph was exported with {count} IP-Adapter(s): expected {prefix}"
+                                       f"image_embeds (one (B, N, ...) tensor of image features per adapter), found "
+                                       f"None")
+            continue
+        embeds = list(embeds) if isinstance(embeds, (list, tuple)) else [embeds]
+        if len(embeds) != count:
+            raise BadArgumentError(f"{prefix}image_embeds: this graph takes {count} IP-Adapter(s)' image features, "
+                                   f"found {len(embeds)}" + (" (export it with the pipeline's IP-Adapters loaded)"
+                                                             if not count else ""))
+        feeds.update((f"{prefix}image_embeds_{k}", e) for k, e in enumerate(embeds))
+    if count:
+        if scales is None:
+            raise BadArgumentError("this graph was exported with IP-Adapters: expected ip_scales (every layer's "
+                                   "adapter scales, fastdiff.models.ip_adapter.scale_vector), found None")
+        feeds["ip_scales"] = scales
+    elif scales is not None:
+        raise BadArgumentError("this graph has no ip_scales input (no IP-Adapter), but ip_scales was given")
+    return added
 
 
 def cast_input(value, device, dtype: torch.dtype) -> torch.Tensor:

@@ -112,9 +112,9 @@ def build_runner(pipe, config: OptimizeConfig, graph_factory=None) -> tuple[Call
     device = pipe.device
     backend = config.backend
     check_backend(backend, device)
-    if backend in ("onnxruntime", "tensorrt") and getattr(pipe.model, "ip_projection", None) is not None:
-        raise BadArgumentError(f"backend {backend!r}: an IP-Adapter is loaded, and an exported graph has no image "
-                               f"prompt input; use the eager / triton / compile backends")
+    if backend == "tensorrt" and getattr(pipe.model, "ip_projection", None) is not None:
+        raise BadArgumentError("backend 'tensorrt': an IP-Adapter is loaded, and fastdiff's TensorRT engines have "
+                               "no image prompt profile yet; use the onnxruntime / eager / triton / compile backends")
     # whether CUDA graphs will really capture (they pad to buckets themselves); else static-shape runners
     # need BucketPadded
     graphs_apply = config.cuda_graphs and backend != "onnxruntime" and (
@@ -161,6 +161,8 @@ def build_runner(pipe, config: OptimizeConfig, graph_factory=None) -> tuple[Call
         # every size the eager model takes (a DiT's position table fixes its own)
         runner = OnnxRuntimeRunner.from_pipeline(pipe, device=device, dtype=dtype, threads=threads,
                                                  dynamic_hw=pipe.spec.kind != "dit")
+        if getattr(pipe.model, "ip_projection", None) is not None:  # (the graph takes the adapters' features)
+            runner = ImagePromptScales(runner, pipe.model)
     elif backend == "tensorrt":
         runner = _tensorrt_runner(pipe, config)
         if not graphs_apply:  # the engine's profile covers network batches up to twice the largest bucket
@@ -187,6 +189,25 @@ def build_runner(pipe, config: OptimizeConfig, graph_factory=None) -> tuple[Call
                                     graph_factory=graph_factory)
         # graph_scope="loop" is applied by the Pipeline around the whole sampling loop.
     return runner, notes
+
+
+class ImagePromptScales:
+    """An exported graph with IP-Adapter inputs, fed the pipeline's current adapter scales at every call
+    (``fastdiff.models.ip_adapter.scale_vector``: the model's buffers, stacked where they live), so that
+    ``set_ip_adapter_scale`` after ``optimize`` needs no new export. Anything else is the wrapped runner's."""
+
+    def __init__(self, runner, model):
+        self.runner, self.model = runner, model
+
+    def __call__(self, x, timestep, *args, **kwargs):
+        from ..models.ip_adapter import scale_vector
+
+        if kwargs.get("image_embeds") is not None:
+            kwargs["ip_scales"] = scale_vector(self.model).to(x.device)
+        return self.runner(x, timestep, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.runner, name)
 
 
 class CudnnBenchmark:
