@@ -22,8 +22,9 @@ table.
 
 On a flow-matching model ComfyUI's "sigma" is the flow time t, and its table holds the model's shifted times at
 u = 1/N, 2/N, ..., 1 (``ModelSamplingDiscreteFlow``: SD3 and most flow models, N = 1000; ``ModelSamplingFlux``:
-FLUX.1 dev and its variants, N = 10000; schnell is a plain unshifted flow there, N = 1000). ``normal`` and ``sgm_uniform`` space the table's range evenly and shift those times once more, as
-ComfyUI's ``normal_scheduler`` does (its timestep is the shifted time, times a multiplier).
+FLUX.1 dev and its variants, N = 10000; schnell is a plain unshifted flow there, N = 1000). ``normal`` and
+``sgm_uniform`` space the table's range evenly and shift those times once more, as ComfyUI's ``normal_scheduler``
+does (its timestep is the shifted time, times a multiplier).
 """
 
 from __future__ import annotations

@@ -192,8 +192,8 @@ def named_flow_plan(config: dict, steps: int, sampler: str, schedule: Optional[s
     frame = frame_for(sampler)
     if schedule not in NAMED_SCHEDULES:
         raise BadArgumentError(f"schedule {schedule!r} on a flow-matching model: expected one of "
-                               f"{[s for s in NAMED_SCHEDULES if s]} (in flow time; leading / trailing / linspace space "
-                               f"a discrete-time model's training timesteps)")
+                               f"{[s for s in NAMED_SCHEDULES if s]} (in flow time; leading / trailing / linspace "
+                               f"space a discrete-time model's training timesteps)")
     name = "FlowMatchEulerDiscreteScheduler"
     keys = ("num_train_timesteps", "use_dynamic_shifting", "time_shift_type", "shift_terminal", "flow_time_convention")
     own = {k: config[k] for k in keys if config.get(k) is not None}

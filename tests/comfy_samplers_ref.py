@@ -21,7 +21,9 @@ def ancestral_step(sigma_from, sigma_to, eta=1.0):
     return sigma_down, sigma_up
 
 
-def ipndm(model, x, sigmas, max_order=4):
+def _ipndm_loop(model, x, sigmas, max_order, update):
+    """The two iPNDM samplers' shared loop: ``update(i, order, x_cur, t_cur, t_next, d_cur, buffer)`` takes a step of
+    order 2-4 (the Euler and denoising steps, and the slope buffer, as both ComfyUI functions keep them)."""
     s_in = x.new_ones([x.shape[0]])
     x_next, buffer = x, []
     for i in range(len(sigmas) - 1):
@@ -34,13 +36,8 @@ def ipndm(model, x, sigmas, max_order=4):
             x_next = denoised
         elif order == 1:
             x_next = x_cur + (t_next - t_cur) * d_cur
-        elif order == 2:
-            x_next = x_cur + (t_next - t_cur) * (3 * d_cur - buffer[-1]) / 2
-        elif order == 3:
-            x_next = x_cur + (t_next - t_cur) * (23 * d_cur - 16 * buffer[-1] + 5 * buffer[-2]) / 12
         else:
-            x_next = x_cur + (t_next - t_cur) * (55 * d_cur - 59 * buffer[-1] + 37 * buffer[-2]
-                                                 - 9 * buffer[-3]) / 24
+            x_next = update(i, order, x_cur, t_cur, t_next, d_cur, buffer)
         if len(buffer) == max_order - 1:
             for k in range(max_order - 2):
                 buffer[k] = buffer[k + 1]
@@ -50,31 +47,33 @@ def ipndm(model, x, sigmas, max_order=4):
     return x_next
 
 
+def ipndm(model, x, sigmas, max_order=4):
+    def update(i, order, x_cur, t_cur, t_next, d_cur, buffer):
+        if order == 2:
+            return x_cur + (t_next - t_cur) * (3 * d_cur - buffer[-1]) / 2
+        if order == 3:
+            return x_cur + (t_next - t_cur) * (23 * d_cur - 16 * buffer[-1] + 5 * buffer[-2]) / 12
+        return x_cur + (t_next - t_cur) * (55 * d_cur - 59 * buffer[-1] + 37 * buffer[-2] - 9 * buffer[-3]) / 24
+
+    return _ipndm_loop(model, x, sigmas, max_order, update)
+
+
 def ipndm_v(model, x, sigmas, max_order=4):
-    s_in = x.new_ones([x.shape[0]])
-    x_next, t_steps, buffer = x, sigmas, []
-    for i in range(len(sigmas) - 1):
-        t_cur, t_next = sigmas[i], sigmas[i + 1]
-        x_cur = x_next
-        denoised = model(x_cur, t_cur * s_in)
-        d_cur = (x_cur - denoised) / t_cur
-        order = min(max_order, i + 1)
-        if t_next == 0:
-            x_next = denoised
-        elif order == 1:
-            x_next = x_cur + (t_next - t_cur) * d_cur
-        elif order == 2:
+    t_steps = sigmas
+
+    def update(i, order, x_cur, t_cur, t_next, d_cur, buffer):
+        if order == 2:
             h_n, h_n_1 = t_next - t_cur, t_cur - t_steps[i - 1]
             coeff1 = (2 + (h_n / h_n_1)) / 2
             coeff2 = -(h_n / h_n_1) / 2
-            x_next = x_cur + (t_next - t_cur) * (coeff1 * d_cur + coeff2 * buffer[-1])
+            return x_cur + (t_next - t_cur) * (coeff1 * d_cur + coeff2 * buffer[-1])
         elif order == 3:
             h_n, h_n_1, h_n_2 = t_next - t_cur, t_cur - t_steps[i - 1], t_steps[i - 1] - t_steps[i - 2]
             temp = (1 - h_n / (3 * (h_n + h_n_1)) * (h_n * (h_n + h_n_1)) / (h_n_1 * (h_n_1 + h_n_2))) / 2
             coeff1 = (2 + (h_n / h_n_1)) / 2 + temp
             coeff2 = -(h_n / h_n_1) / 2 - (1 + h_n_1 / h_n_2) * temp
             coeff3 = temp * h_n_1 / h_n_2
-            x_next = x_cur + (t_next - t_cur) * (coeff1 * d_cur + coeff2 * buffer[-1] + coeff3 * buffer[-2])
+            return x_cur + (t_next - t_cur) * (coeff1 * d_cur + coeff2 * buffer[-1] + coeff3 * buffer[-2])
         else:
             h_n, h_n_1 = t_next - t_cur, t_cur - t_steps[i - 1]
             h_n_2, h_n_3 = t_steps[i - 1] - t_steps[i - 2], t_steps[i - 2] - t_steps[i - 3]
@@ -85,18 +84,13 @@ def ipndm_v(model, x, sigmas, max_order=4):
             coeff1 = (2 + (h_n / h_n_1)) / 2 + temp1 + temp2
             coeff2 = -(h_n / h_n_1) / 2 - (1 + h_n_1 / h_n_2) * temp1 \
                 - (1 + (h_n_1 / h_n_2) + (h_n_1 * (h_n_1 + h_n_2) / (h_n_2 * (h_n_2 + h_n_3)))) * temp2
-            coeff3 = temp1 * h_n_1 / h_n_2 + ((h_n_1 / h_n_2) + (h_n_1 * (h_n_1 + h_n_2)
-                                                                 / (h_n_2 * (h_n_2 + h_n_3))) * (1 + h_n_2 / h_n_3)) * temp2
+            ratio = h_n_1 * (h_n_1 + h_n_2) / (h_n_2 * (h_n_2 + h_n_3))
+            coeff3 = temp1 * h_n_1 / h_n_2 + ((h_n_1 / h_n_2) + ratio * (1 + h_n_2 / h_n_3)) * temp2
             coeff4 = -temp2 * (h_n_1 * (h_n_1 + h_n_2) / (h_n_2 * (h_n_2 + h_n_3))) * h_n_1 / h_n_2
-            x_next = x_cur + (t_next - t_cur) * (coeff1 * d_cur + coeff2 * buffer[-1] + coeff3 * buffer[-2]
-                                                 + coeff4 * buffer[-3])
-        if len(buffer) == max_order - 1:
-            for k in range(max_order - 2):
-                buffer[k] = buffer[k + 1]
-            buffer[-1] = d_cur
-        else:
-            buffer.append(d_cur)
-    return x_next
+            return x_cur + (t_next - t_cur) * (coeff1 * d_cur + coeff2 * buffer[-1] + coeff3 * buffer[-2]
+                                               + coeff4 * buffer[-3])
+
+    return _ipndm_loop(model, x, sigmas, max_order, update)
 
 
 def gradient_estimation(model, x, sigmas, ge_gamma=2.0):

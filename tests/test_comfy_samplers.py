@@ -83,8 +83,8 @@ def test_the_orders_are_what_they_claim():
     from fastdiff.comfy_samplers import _variable_weights
 
     assert sum(_variable_weights(sig.tolist(), 3, 4)) == pytest.approx(1.00079, abs=1e-5)
-    torch.testing.assert_close(torch.tensor(_variable_weights([7.0, 6.0, 5.0, 4.0, 3.0], 3, 4), dtype=torch.float64) * 24,
-                               torch.tensor([57.0, -65.0, 43.0, -11.0], dtype=torch.float64))
+    even = torch.tensor(_variable_weights([7.0, 6.0, 5.0, 4.0, 3.0], 3, 4), dtype=torch.float64)
+    torch.testing.assert_close(even * 24, torch.tensor([57.0, -65.0, 43.0, -11.0], dtype=torch.float64))
 
     def curved(x, s):  # x0 = sin(sigma): the path of dx/dsigma = (x - sin(sigma)) / sigma
         return torch.sin(s).reshape(-1, 1, 1, 1).expand_as(x)

@@ -153,7 +153,7 @@ def test_named_grids():
     torch.testing.assert_close(named_flow_plan({"flow_shift": 3.0}, 7, "unipc").sigmas, dpm.sigmas)
     karras = named_flow_plan({"shift": 3.0}, 7, "heun", "karras")
     assert float(karras.sigmas[0]) == 1.0 and float(karras.sigmas[-2]) == pytest.approx(float(got.sigmas[-2]))
-    with pytest.raises(BadArgumentError, match="leading / trailing / linspace space a discrete-time model"):
+    with pytest.raises(BadArgumentError, match="leading / trailing / linspace space a discrete-time"):
         named_flow_plan({}, 7, "euler", "trailing")
 
 

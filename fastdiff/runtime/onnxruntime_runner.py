@@ -280,8 +280,9 @@ def _image_prompt_feeds(feeds: dict, names: set, added: dict) -> dict:
     graph has no mask input)."""
     added = dict(added)
     if any(added.pop(k, None) is not None for k in ("image_masks", "uncond_image_masks")):
-        raise BadArgumentError("image_masks: IP-Adapter masks under an exported (ONNX Runtime / TensorRT) graph are not "
-                               "supported (the graph has no mask input); run the eager / triton / compile backends")
+        raise BadArgumentError("image_masks: IP-Adapter masks under an exported (ONNX Runtime / TensorRT) graph are "
+                               "not supported (the graph has no mask input); run the eager / triton / compile "
+                               "backends")
     count = sum(1 for n in names if n.startswith("image_embeds_"))
     scales = added.pop("ip_scales", None)
     for prefix in ("", "uncond_"):
