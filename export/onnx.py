@@ -116,13 +116,13 @@ def conditioning(model: nn.Module, spec: ModelSpec) -> Optional[str]:
     """"text" (encoder_hidden_states), "class" (class_labels) or None (unconditional)."""
     if spec.kind == "dit":
         return "class"
-    if spec.cross_attention_dim is not None:
-        return "text"
     cfg = getattr(model, "config", None)
     cet = getattr(cfg, "class_embed_type", None)
-    if cet is not None:
+    if cet is not None:  # (a text UNet's too: generate() feeds it no class labels either)
         raise UnsupportedConfigError("class_embed_type", cet, supported="None (an nn.Embedding class table)",
                                      model="ONNX export of the UNet")
+    if spec.cross_attention_dim is not None:
+        return "text"
     if spec.num_classes:
         return "class"
     return None
@@ -372,6 +372,8 @@ def _unpack(pipe_or_model, spec):
 
 def _out_channels(model, spec) -> int:
     cfg = getattr(model, "config", None)
+    if spec.kind == "flux":  # (its config counts packed channels; the graph returns the unpacked latents)
+        return int(cfg.latent_channels)
     oc = getattr(cfg, "out_channels", None)
     if isinstance(oc, int):
         return oc
@@ -401,8 +403,9 @@ def _example_inputs(spec, io, batch, h, w, device, seed=0, tokens=7):
     for name, dt in io["inputs"]:
         if name == "sample":
             v = torch.randn(batch, spec.in_channels, h, w, generator=g)
-        elif name == "timestep":
-            v = torch.linspace(999, 1, batch)
+        elif name == "timestep":  # (a learned table's: within its rows, which may be fewer than 1000)
+            top = int((spec.model_config or {}).get("num_train_timesteps") or 1000) - 1 if dt == "int64" else 999
+            v = torch.linspace(top, 1, batch)
             v = v.round().long() if dt == "int64" else v + 0.25
         elif name in ("encoder_hidden_states", "uncond_encoder_hidden_states"):
             v = torch.randn(batch, tokens, spec.cross_attention_dim, generator=g)

@@ -545,3 +545,33 @@ def test_replacing_an_external_data_export_with_a_plain_one_never_strands_the_gr
                                                      f"its path") as e:
         OnnxRuntimeRunner(graph, device="cpu")
     assert len(str(e.value)) < 600  # the graph's bytes are not in the message
+
+
+def test_export_review_fixes(tmp_path):
+    """A learned timestep table of 100 rows traces with timesteps inside it; a text UNet with a class embedding and
+    a bf16 onnxruntime backend are refused by name."""
+    import diffusers
+
+    from helpers import rel_err
+
+    diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=[16, 32], layers_per_block=1,
+                          down_block_types=["DownBlock2D", "AttnDownBlock2D"], norm_num_groups=8,
+                          up_block_types=["AttnUpBlock2D", "UpBlock2D"], time_embedding_type="learned",
+                          num_train_timesteps=100).save_pretrained(tmp_path / "learned" / "unet")
+    diffusers.DDPMScheduler(num_train_timesteps=100).save_pretrained(tmp_path / "learned" / "scheduler")
+    pipe = fastdiff.load(str(tmp_path / "learned"))
+    res = export_onnx(pipe, None, str(tmp_path / "learned.onnx"), progress=False)
+    assert res.max_rel_err < 1e-5
+    ort = fastdiff.load(str(tmp_path / "learned")).optimize(backend="onnxruntime")
+    kw = dict(seeds=[1, 2], steps=4, sampler="ddim", progress=False)
+    assert rel_err(ort.generate(**kw), pipe.generate(**kw)) <= 1e-5
+
+    diffusers.UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=[16, 32],
+                                   layers_per_block=1, down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+                                   up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"], cross_attention_dim=8,
+                                   attention_head_dim=4, norm_num_groups=8,
+                                   class_embed_type="timestep").save_pretrained(tmp_path / "cet")
+    with pytest.raises(UnsupportedConfigError, match="class_embed_type"):
+        export_onnx(fastdiff.load(str(tmp_path / "cet")), None, str(tmp_path / "cet.onnx"), progress=False)
+    with pytest.raises(BadArgumentError, match="backend 'onnxruntime': dtype 'bf16'"):
+        fastdiff.load("arch:tiny-dit").optimize(backend="onnxruntime", dtype="bf16")

@@ -477,6 +477,10 @@ def test_flux_fill_and_control_through_onnx_runtime_and_a_captured_loop_equal_ea
     want = eager.generate(**kw)
     ort = fastdiff.load(str(tmp_path)).optimize(backend="onnxruntime")
     assert rel_err(ort.generate(**kw), want) <= 1e-5
+    # the output is the unpacked latents (the config's out_channels counts packed ones): the stored interface and
+    # the declared output say so (ONNX Runtime's CUDA IO binding allocates the output by them)
+    channels = eager.spec.in_channels
+    assert ort.runner.io["out_channels"] == channels == ort.runner.session.get_outputs()[0].shape[1] == 4
     graphed = fastdiff.load(str(tmp_path)).optimize(cuda_graphs=True, graph_scope="loop", batch_buckets=(2,),
                                                     graph_factory=FakeGraph)
     assert rel_err(graphed.generate(**kw), want) <= 1e-5

@@ -154,6 +154,9 @@ def build_runner(pipe, config: OptimizeConfig, graph_factory=None) -> tuple[Call
             from .onnxruntime_runner import OnnxRuntimeRunner
         except ImportError as e:
             raise BackendUnavailableError(f"backend 'onnxruntime' was requested but {e}") from e
+        if config.dtype == "bf16":
+            raise BadArgumentError("backend 'onnxruntime': dtype 'bf16' is not available (fastdiff exports fp32 or "
+                                   "fp16 graphs); ask for dtype='fp16' or 'fp32', or none (a bf16 model runs as fp32)")
         # the model's own precision when none is asked for (ONNX has no bfloat16 graphs here: bf16 runs as fp32)
         dtype = config.dtype or ("fp16" if pipe._network_dtype() == torch.float16 else "fp32")
         # on the CPU, ONNX Runtime gets the same thread budget as torch (no oversubscription)
