@@ -27,7 +27,7 @@ import math
 import numpy as np
 import torch
 
-from .sampler_base import _after, _ancestral, _call, _cb, _setup
+from .sampler_base import _after, _ancestral, _call, _call_pair, _cb, _setup
 
 __all__ = ["sample_ipndm", "sample_ipndm_v", "sample_gradient_estimation", "sample_res_multistep",
            "sample_res_multistep_ancestral", "sample_er_sde"]
@@ -110,17 +110,23 @@ def sample_ipndm_v(denoiser, x, sigmas, *, extra_args=None, noise=None, callback
 def sample_gradient_estimation(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=None, after_step=None,
                                ge_gamma: float = 2.0):
     """Euler with the gradient estimate d + (ge_gamma - 1)(d - d_prev) from the second step on."""
+    return gradient_estimation(denoiser, x, sigmas, extra_args, callback, after_step, ge_gamma, cfg_pp=False)
+
+
+def gradient_estimation(denoiser, x, sigmas, extra_args, callback, after_step, ge_gamma: float, cfg_pp: bool):
+    """``sample_gradient_estimation``; with ``cfg_pp`` its CFG++ form (``fastdiff.cfg_pp``): the slope toward the
+    unconditional x0, the step from the guided one."""
     x, sig, extra, _ = _setup(x, sigmas, extra_args, None)
     n, old_d = len(sig) - 1, None
     for i in range(n):
         s, s_next = sig[i], sig[i + 1]
-        denoised = _call(denoiser, x, s, extra)
+        denoised, uncond = _call_pair(denoiser, x, s, extra) if cfg_pp else (_call(denoiser, x, s, extra),) * 2
         _cb(callback, x, i, s, s, denoised)
-        d = (x - denoised) / s
+        d = (x - uncond) / s
         if s_next == 0:
             x = denoised
         else:
-            x = torch.add(x, d, alpha=s_next - s)
+            x = torch.add(denoised, d, alpha=s_next) if cfg_pp else torch.add(x, d, alpha=s_next - s)
             if old_d is not None:
                 x = torch.add(x, d - old_d, alpha=(ge_gamma - 1) * (s_next - s))
         old_d = d
@@ -145,24 +151,34 @@ def _phi_weights(h: float, c2: float) -> tuple:
 def sample_res_multistep(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=None, after_step=None,
                          eta: float = 0.0, s_noise: float = 1.0):
     """Second-order multistep RES (see the module doc); ``eta`` > 0 is ``res_multistep_ancestral``'s step."""
+    return res_multistep(denoiser, x, sigmas, extra_args, noise, callback, after_step, eta, s_noise, cfg_pp=False)
+
+
+def res_multistep(denoiser, x, sigmas, extra_args, noise, callback, after_step, eta: float, s_noise: float,
+                  cfg_pp: bool):
+    """``sample_res_multistep``; with ``cfg_pp`` its CFG++ form (``fastdiff.cfg_pp``): the state moved by the
+    guidance (guided - unconditional x0) first, the multistep update on the unconditional x0s."""
     x, sig, extra, noise = _setup(x, sigmas, extra_args, noise)
     n, old_denoised, old_down = len(sig) - 1, None, None
     for i in range(n):
         s, s_next = sig[i], sig[i + 1]
-        denoised = _call(denoiser, x, s, extra)
+        denoised, uncond = _call_pair(denoiser, x, s, extra) if cfg_pp else (_call(denoiser, x, s, extra),) * 2
         down, up = _ancestral(s, s_next, eta)
         _cb(callback, x, i, s, s, denoised)
         if down == 0 or old_denoised is None:  # Euler to sigma_down
-            x = torch.add(x, (x - denoised) / s, alpha=down - s)
+            d = (x - uncond) / s
+            x = torch.add(denoised, d, alpha=down) if cfg_pp else torch.add(x, d, alpha=down - s)
         else:
             t, t_next = -math.log(s), -math.log(down)
             h = t_next - t
             b1, b2 = _phi_weights(h, (math.log(old_down) - math.log(sig[i - 1])) / h if h else 0.0)
-            x = torch.add(x * math.exp(-h), denoised, alpha=h * b1)
+            if cfg_pp:
+                x = x + (denoised - uncond)
+            x = torch.add(x * math.exp(-h), uncond, alpha=h * b1)
             x = torch.add(x, old_denoised, alpha=h * b2)
         if up > 0:
             x = torch.add(x, noise(i, x), alpha=up * s_noise)
-        old_denoised, old_down = denoised, down
+        old_denoised, old_down = uncond, down
         x = _after(after_step, x, s_next, i == n - 1)
     return x
 
@@ -171,8 +187,7 @@ def sample_res_multistep(denoiser, x, sigmas, *, extra_args=None, noise=None, ca
 def sample_res_multistep_ancestral(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=None,
                                    after_step=None, eta: float = 1.0, s_noise: float = 1.0):
     """Ancestral RES: ``sample_res_multistep`` with eta = 1 by default."""
-    return sample_res_multistep(denoiser, x, sigmas, extra_args=extra_args, noise=noise, callback=callback,
-                                after_step=after_step, eta=eta, s_noise=s_noise)
+    return res_multistep(denoiser, x, sigmas, extra_args, noise, callback, after_step, eta, s_noise, cfg_pp=False)
 
 
 _ER_POINTS = 200  # the integrals' sample count (ER-SDE-Solver's reference code and ComfyUI's)

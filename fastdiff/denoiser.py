@@ -464,6 +464,18 @@ class CFGDenoiser(Denoiser):
         x0_u, x0_c = self.inner.predict_at(torch.cat([x, x]), sigma, **self._stack(cond, uncond)).chunk(2)
         return self._guide(x, x0_u, x0_c, float(self.c_skip(float(sigma))), w, guidance_rescale)
 
+    def denoise_pair_at(self, x, sigma: float, uncond: Optional[dict] = None, guidance_scale=None,
+                        guidance_rescale=None, **cond):
+        """(the guided x0, the unconditional pass's x0), both post-processed: what the CFG++ samplers step with
+        (``fastdiff.cfg_pp``). Unguided (a fixed scale of 1), the conditional x0 twice."""
+        w = self._scale(guidance_scale)
+        if w is None:
+            x0 = self.denoise_at(x, sigma, **cond)
+            return x0, x0
+        x0_u, x0_c = self.inner.predict_at(torch.cat([x, x]), sigma, **self._stack(cond, uncond)).chunk(2)
+        guided = self._guide(x, x0_u, x0_c, float(self.c_skip(float(sigma))), w, guidance_rescale)
+        return self.postprocess(guided), self.postprocess(x0_u)
+
     def predict_variance_at(self, x, sigma: float, uncond: Optional[dict] = None, guidance_scale=None,
                             guidance_rescale=None, **cond):
         """The guided x0, and the conditional pass's variance channels (as official DiT's sample.py keeps the

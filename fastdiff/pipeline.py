@@ -465,7 +465,11 @@ class Pipeline(PlansMixin, ControlNetMixin, ImageInputsMixin, IPAdapterMixin, Cl
                 masks = masks.expand(b, -1, -1, -1)
         cfg_scales = _per_sample_numbers("cfg_scale", cfg_scale, b)
         rescales = _per_sample_numbers("guidance_rescale", guidance_rescale, b)
-        guided = any(scale != 1.0 for scale in cfg_scales)
+        from .cfg_pp import CFG_PP_SAMPLERS, guides
+
+        # (a CFG++ sampler steps with the unconditional prediction at any scale: where the model has one to give)
+        cfg_pp = isinstance(sampler, str) and sampler in CFG_PP_SAMPLERS
+        guided = any(guides(sampler if self._has_uncond() else None, scale) for scale in cfg_scales)
         if latents is not None and height is None and width is None:
             height, width = int(latents.shape[2]), int(latents.shape[3])  # the latents fix the size
         elif low_res is not None and height is None and width is None:
@@ -556,6 +560,10 @@ class Pipeline(PlansMixin, ControlNetMixin, ImageInputsMixin, IPAdapterMixin, Cl
         denoiser = self._guided(denoiser, extra, uncond, guided, cfg_scales, rescales)
         denoiser = self._classifier_guided(denoiser, base, steer, None if classifier_scale is None else
                                            _per_sample_numbers("classifier_scale", classifier_scale, b))
+        if cfg_pp and guided and getattr(denoiser, "denoise_pair_at", None) is None:
+            raise BadArgumentError(f"sampler {sampler!r} (CFG++) steps with the unconditional prediction apart from the "
+                                   f"guided one: not under a CFG-folded graph (which returns the guided output only) or "
+                                   f"with classifier guidance")
 
         if self.loop_graphs is not None and callback is not None and not classifier_guided(denoiser):
             raise BadArgumentError("callback: a captured sampling loop (graph_scope='loop') runs no Python per "
@@ -802,8 +810,8 @@ class Pipeline(PlansMixin, ControlNetMixin, ImageInputsMixin, IPAdapterMixin, Cl
             cond["encoder_hidden_states"] = ctx
             if guided:
                 if neg_ctx is None:
-                    raise BadArgumentError("cfg_scale != 1 on a text model needs negative_encoder_hidden_states "
-                                           "(the encoded empty / negative prompt)")
+                    raise BadArgumentError("cfg_scale != 1 (or a CFG++ sampler) on a text model needs "
+                                           "negative_encoder_hidden_states (the encoded empty / negative prompt)")
                 neg_ctx = self._states(neg_ctx, b, "negative_encoder_hidden_states")
                 if neg_ctx.shape[1] != ctx.shape[1]:  # CFG stacks both into one network batch
                     raise BadArgumentError(f"negative_encoder_hidden_states: expected the token count of "
@@ -817,6 +825,11 @@ class Pipeline(PlansMixin, ControlNetMixin, ImageInputsMixin, IPAdapterMixin, Cl
                                    + (": this one is unconditional, and its class_labels steer the classifier alone"
                                       if self.classifier is not None else ""))
         return cond, uncond
+
+    def _has_uncond(self) -> bool:
+        """Whether the model has an unconditional input to guide from: text states, or a class table with a null
+        label."""
+        return bool(self.spec.cross_attention_dim) or (bool(self.spec.num_classes) and self.spec.null_class is not None)
 
     def _states(self, t, b, name):
         t = torch.as_tensor(t)

@@ -63,6 +63,18 @@ def _call(denoiser, x, sigma: float, extra: dict) -> torch.Tensor:
     return denoiser(x, s, **extra).to(x.dtype)
 
 
+def _call_pair(denoiser, x, sigma: float, extra: dict) -> tuple:
+    """(guided x0, the unconditional pass's x0) at a host sigma, for the CFG++ samplers: a guiding denoiser's
+    ``denoise_pair_at`` (``fastdiff.denoiser.CFGDenoiser``); any other denoiser's x0 twice (no guidance: the
+    conditional pass is the only one)."""
+    at = getattr(denoiser, "denoise_pair_at", None)
+    if at is None:
+        d = _call(denoiser, x, sigma, extra)
+        return d, d
+    guided, uncond = at(x, sigma, **extra)
+    return guided.to(x.dtype), uncond.to(x.dtype)
+
+
 def _cb(callback, x, i, sigma, sigma_hat, denoised):
     if callback is not None:
         callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma_hat, "denoised": denoised})

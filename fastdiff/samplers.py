@@ -30,6 +30,9 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from .cfg_pp import (sample_dpmpp_2m_cfg_pp, sample_dpmpp_2s_ancestral_cfg_pp, sample_euler_ancestral_cfg_pp,
+                     sample_euler_cfg_pp, sample_gradient_estimation_cfg_pp, sample_res_multistep_ancestral_cfg_pp,
+                     sample_res_multistep_cfg_pp)
 from .comfy_samplers import (sample_er_sde, sample_gradient_estimation, sample_ipndm, sample_ipndm_v,
                              sample_res_multistep, sample_res_multistep_ancestral)
 from .consistency import sample_lcm, sample_tcd
@@ -48,7 +51,9 @@ __all__ = [
     "sample_unipc", "sample_edm", "sample_plms", "sample_lms", "sample_lcm", "sample_dpm_2",
     "sample_dpm_2_ancestral", "sample_deis", "sample_dpmpp_sde", "sample_dpmpp_2s_ancestral", "sample_tcd",
     "sample_dpm_fast", "sample_ipndm", "sample_ipndm_v", "sample_gradient_estimation", "sample_res_multistep",
-    "sample_res_multistep_ancestral", "sample_er_sde",
+    "sample_res_multistep_ancestral", "sample_er_sde", "sample_euler_cfg_pp", "sample_euler_ancestral_cfg_pp",
+    "sample_dpmpp_2m_cfg_pp", "sample_dpmpp_2s_ancestral_cfg_pp", "sample_res_multistep_cfg_pp",
+    "sample_res_multistep_ancestral_cfg_pp", "sample_gradient_estimation_cfg_pp",
     "invert_ddim",
 ]
 
@@ -619,6 +624,14 @@ SAMPLERS = {
     "res_multistep": sample_res_multistep,
     "res_multistep_ancestral": sample_res_multistep_ancestral,
     "er_sde": sample_er_sde,
+    # CFG++ (fastdiff.cfg_pp): they step with the unconditional prediction apart from the guided one
+    "euler_cfg_pp": sample_euler_cfg_pp,
+    "euler_ancestral_cfg_pp": sample_euler_ancestral_cfg_pp,
+    "dpmpp_2m_cfg_pp": sample_dpmpp_2m_cfg_pp,
+    "dpmpp_2s_ancestral_cfg_pp": sample_dpmpp_2s_ancestral_cfg_pp,
+    "res_multistep_cfg_pp": sample_res_multistep_cfg_pp,
+    "res_multistep_ancestral_cfg_pp": sample_res_multistep_ancestral_cfg_pp,
+    "gradient_estimation_cfg_pp": sample_gradient_estimation_cfg_pp,
 }
 
 # Multistep solvers whose ``lower_order_final`` looks at the whole run's step count (diffusers' ``len(timesteps) <
@@ -627,4 +640,5 @@ COUNTS_ALL_STEPS = frozenset({"dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "dpmpp_3m_
 
 # Samplers that draw noise (the others are deterministic given x).
 STOCHASTIC = frozenset({"ddpm", "euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde", "lcm", "dpm_2_ancestral",
-                        "dpmpp_sde", "dpmpp_2s_ancestral", "tcd", "res_multistep_ancestral", "er_sde"})
+                        "dpmpp_sde", "dpmpp_2s_ancestral", "tcd", "res_multistep_ancestral", "er_sde",
+                        "euler_ancestral_cfg_pp", "dpmpp_2s_ancestral_cfg_pp", "res_multistep_ancestral_cfg_pp"})

@@ -185,3 +185,124 @@ def er_sde(model, x, sigmas, noise_sampler, s_noise=1.0, max_stage=3):
                     er_lambda_t ** 2 - er_lambda_s ** 2 * r ** 2).sqrt().nan_to_num(nan=0.0)
         old_denoised = denoised
     return x
+
+
+# CFG++ (ComfyUI's *_cfg_pp, for models whose alpha is 1: EPS / V / EDM): ``model(x, sigma)`` returns the guided x0
+# and the unconditional one, as ComfyUI's post-CFG hook hands ``uncond_denoised`` to the sampler
+
+def euler_ancestral_cfg_pp(model, x, sigmas, noise_sampler, eta=1.0, s_noise=1.0):
+    s_in = x.new_ones([x.shape[0]])
+    for i in range(len(sigmas) - 1):
+        denoised, uncond_denoised = model(x, sigmas[i] * s_in)
+        if sigmas[i + 1] == 0:
+            x = denoised
+        else:
+            d = to_d(x, sigmas[i], uncond_denoised)
+            sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas[i + 1], eta=eta)
+            x = denoised + sigma_down * d
+            if eta > 0 and s_noise > 0:
+                x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
+    return x
+
+
+def dpmpp_2m_cfg_pp(model, x, sigmas):
+    s_in = x.new_ones([x.shape[0]])
+
+    def t_fn(sigma):
+        return sigma.log().neg()
+
+    old_uncond_denoised = None
+    for i in range(len(sigmas) - 1):
+        denoised, uncond_denoised = model(x, sigmas[i] * s_in)
+        t, t_next = t_fn(sigmas[i]), t_fn(sigmas[i + 1])
+        h = t_next - t
+        if old_uncond_denoised is None or sigmas[i + 1] == 0:
+            denoised_mix = -torch.exp(-h) * uncond_denoised
+        else:
+            h_last = t - t_fn(sigmas[i - 1])
+            r = h_last / h
+            denoised_mix = -torch.exp(-h) * uncond_denoised - torch.expm1(-h) * (1 / (2 * r)) * (
+                denoised - old_uncond_denoised)
+        x = denoised + denoised_mix + torch.exp(-h) * x
+        old_uncond_denoised = uncond_denoised
+    return x
+
+
+def dpmpp_2s_ancestral_cfg_pp(model, x, sigmas, noise_sampler, eta=1.0, s_noise=1.0):
+    s_in = x.new_ones([x.shape[0]])
+
+    def sigma_fn(t):
+        return t.neg().exp()
+
+    def t_fn(sigma):
+        return sigma.log().neg()
+
+    for i in range(len(sigmas) - 1):
+        denoised, uncond_denoised = model(x, sigmas[i] * s_in)
+        guidance_vector = denoised - uncond_denoised
+        sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas[i + 1], eta=eta)
+        if sigma_down == 0:
+            d = to_d(x, sigmas[i], uncond_denoised)
+            x = x + d * (sigma_down - sigmas[i])
+        else:
+            t, t_next = t_fn(sigmas[i]), t_fn(sigma_down)
+            h = t_next - t
+            s = t + h / 2
+            x_2 = (sigma_fn(s) / sigma_fn(t)) * x - (-h / 2).expm1() * uncond_denoised
+            _, uncond_denoised_2 = model(x_2, sigma_fn(s) * s_in)
+            x = (sigma_fn(t_next) / sigma_fn(t)) * x - (-h).expm1() * uncond_denoised_2
+        if sigmas[i + 1] > 0:
+            x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
+        x = x + guidance_vector
+    return x
+
+
+def res_multistep_cfg_pp(model, x, sigmas, noise_sampler, eta=0.0, s_noise=1.0):
+    s_in = x.new_ones([x.shape[0]])
+
+    def t_fn(sigma):
+        return sigma.log().neg()
+
+    def phi1_fn(t):
+        return torch.expm1(t) / t
+
+    def phi2_fn(t):
+        return (phi1_fn(t) - 1.0) / t
+
+    old_sigma_down = old_denoised = None
+    for i in range(len(sigmas) - 1):
+        denoised, uncond_denoised = model(x, sigmas[i] * s_in)
+        sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas[i + 1], eta=eta)
+        if sigma_down == 0 or old_denoised is None:
+            d = to_d(x, sigmas[i], uncond_denoised)
+            x = denoised + d * sigma_down
+        else:
+            t, t_old, t_next, t_prev = t_fn(sigmas[i]), t_fn(old_sigma_down), t_fn(sigma_down), t_fn(sigmas[i - 1])
+            h = t_next - t
+            c2 = (t_prev - t_old) / h
+            phi1_val, phi2_val = phi1_fn(-h), phi2_fn(-h)
+            b1 = torch.nan_to_num(phi1_val - phi2_val / c2, nan=0.0)
+            b2 = torch.nan_to_num(phi2_val / c2, nan=0.0)
+            x = x + (denoised - uncond_denoised)
+            x = (-h).exp() * x + h * (b1 * uncond_denoised + b2 * old_denoised)
+        if sigmas[i + 1] > 0:
+            x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
+        old_denoised, old_sigma_down = uncond_denoised, sigma_down
+    return x
+
+
+def gradient_estimation_cfg_pp(model, x, sigmas, ge_gamma=2.0):
+    s_in = x.new_ones([x.shape[0]])
+    old_d = None
+    for i in range(len(sigmas) - 1):
+        denoised, uncond_denoised = model(x, sigmas[i] * s_in)
+        d = to_d(x, sigmas[i], uncond_denoised)
+        dt = sigmas[i + 1] - sigmas[i]
+        if sigmas[i + 1] == 0:
+            x = denoised
+        else:
+            x = denoised + d * sigmas[i + 1]
+            if i >= 1:
+                x = x + (ge_gamma - 1) * (d - old_d) * dt
+        old_d = d
+    return x

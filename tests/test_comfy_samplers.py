@@ -142,3 +142,99 @@ def test_bad_options_are_refused():
         pipe.generate(seed=1, steps=3, sampler="res_multistep_ancestral", eta=-1.0, progress=False)
     with pytest.raises(BadArgumentError, match="unknown option"):
         pipe.generate(seed=1, steps=3, sampler="gradient_estimation", eta=1.0, progress=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# CFG++ (fastdiff.cfg_pp)
+# --------------------------------------------------------------------------------------------------
+
+def uncond_denoiser(x, sigma, **_):
+    """A second analytic x0, the unconditional pass's stand-in."""
+    s = sigma.reshape(-1, *([1] * (x.dim() - 1)))
+    return torch.tanh(0.7 * x / (1 + s ** 2).sqrt()) * 0.8 - 0.1
+
+
+class PairDenoiser:
+    """What CFGDenoiser.denoise_pair_at gives the CFG++ samplers: (uncond + w (cond - uncond), uncond)."""
+
+    def __init__(self, w=1.7):
+        self.w = w
+
+    def pair(self, x, sigma):
+        c, u = analytic_denoiser(x, sigma), uncond_denoiser(x, sigma)
+        return u + self.w * (c - u), u
+
+    def denoise_pair_at(self, x, sigma: float, **_):
+        return self.pair(x, torch.full((x.shape[0],), sigma, dtype=x.dtype))
+
+
+@pytest.mark.parametrize("sigmas", [SIGMAS, UNEVEN])
+@pytest.mark.parametrize("name,reference,fd_opts,ref_opts", [
+    ("euler_cfg_pp", ref.euler_ancestral_cfg_pp, {}, dict(eta=0.0, s_noise=0.0)),
+    ("euler_ancestral_cfg_pp", ref.euler_ancestral_cfg_pp, {}, {}),
+    ("euler_ancestral_cfg_pp", ref.euler_ancestral_cfg_pp, dict(eta=0.6, s_noise=0.9), dict(eta=0.6, s_noise=0.9)),
+    ("dpmpp_2m_cfg_pp", ref.dpmpp_2m_cfg_pp, {}, None),
+    ("dpmpp_2s_ancestral_cfg_pp", ref.dpmpp_2s_ancestral_cfg_pp, {}, {}),
+    ("dpmpp_2s_ancestral_cfg_pp", ref.dpmpp_2s_ancestral_cfg_pp, dict(eta=0.0), dict(eta=0.0)),
+    ("res_multistep_cfg_pp", ref.res_multistep_cfg_pp, {}, {}),
+    ("res_multistep_ancestral_cfg_pp", ref.res_multistep_cfg_pp, {}, dict(eta=1.0)),
+    ("gradient_estimation_cfg_pp", ref.gradient_estimation_cfg_pp, {}, None),
+])
+def test_cfg_pp_samplers_equal_comfyui(name, reference, fd_opts, ref_opts, sigmas):
+    """Fed ComfyUI's pair (the guided x0 and the unconditional one) and the same draws; the unconditional x0 counts
+    (with it equal to the guided one, a CFG++ sampler is its plain form, and the results differ)."""
+    sig = torch.tensor(sigmas, dtype=torch.float64)
+    x = start(sig)
+    pair = PairDenoiser()
+    noise_ref, noise_fd = StepNoise(sig, x), StepNoise(sig, x)
+    extra = {} if ref_opts is None else dict(noise_sampler=noise_ref.k_diffusion, **ref_opts)
+    want = reference(pair.pair, x.clone(), sig, **extra)
+    got = SAMPLERS[name](pair, x.clone(), sig, noise=noise_fd.fastdiff, **fd_opts)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    plain = SAMPLERS[name](analytic_denoiser, x.clone(), sig, noise=StepNoise(sig, x).fastdiff, **fd_opts)
+    assert float((plain - got).abs().max()) > 1e-3
+
+
+def test_cfg_pp_on_plain_denoisers_is_the_plain_sampler():
+    """With no unconditional prediction apart (an unguided run), euler_cfg_pp is Euler, and the others their plain
+    samplers where ComfyUI's have one."""
+    sig = torch.tensor(SIGMAS, dtype=torch.float64)
+    x = start(sig)
+    for name, plain, opts in [("euler_cfg_pp", "euler", {}), ("dpmpp_2m_cfg_pp", "dpmpp_2m", {}),
+                              ("res_multistep_cfg_pp", "res_multistep", {}),
+                              ("gradient_estimation_cfg_pp", "gradient_estimation", {})]:
+        torch.testing.assert_close(SAMPLERS[name](analytic_denoiser, x.clone(), sig, **opts),
+                                   SAMPLERS[plain](analytic_denoiser, x.clone(), sig, **opts), rtol=1e-10,
+                                   atol=1e-10)
+
+
+def test_pipelines_run_cfg_pp_with_the_unconditional_pass_at_any_scale(tmp_path):
+    """On a class model the unconditional pass runs at cfg 1 too (ComfyUI's), so euler_cfg_pp at 1 is not Euler; a
+    batch equals its single runs; the Engine serves it; a CFG-folded graph and an unconditional model behave."""
+    import fastdiff
+
+    dit = fastdiff.load("arch:tiny-dit")
+    kw = dict(seeds=[3, 4], class_labels=[1, 2], steps=4, progress=False)
+    at_one = dit.generate(sampler="euler_cfg_pp", cfg_scale=1.0, **kw)
+    assert rel_err(at_one, dit.generate(sampler="euler", cfg_scale=1.0, **kw)) > 1e-3
+    both = dit.generate(sampler="dpmpp_2m_cfg_pp", cfg_scale=[1.5, 0.8], **kw)
+    one = dit.generate(seeds=[4], class_labels=[2], steps=4, sampler="dpmpp_2m_cfg_pp", cfg_scale=0.8,
+                       progress=False)
+    assert rel_err(both[1:], one) <= 1e-5
+    with fastdiff.Engine(dit, max_batch=4, max_wait_ms=50) as engine:
+        futures = [engine.submit(seed=s, class_label=c, steps=4, sampler="euler_cfg_pp", cfg_scale=g)
+                   for s, c, g in [(3, 1, 1.0), (4, 2, 1.0), (5, 2, 2.0)]]
+        got = [f.result(timeout=120) for f in futures]
+    assert rel_err(got[1][None], dit.generate(seeds=[4], class_labels=[2], steps=4, sampler="euler_cfg_pp",
+                                              progress=False)) <= 1e-5
+    unet = fastdiff.load("arch:tiny-unet")  # (no unconditional input: the plain sampler)
+    plain = dict(seeds=[3], steps=4, progress=False)
+    # (the same step, arranged otherwise: x0 + sigma' d against x + (sigma' - sigma) d)
+    assert rel_err(unet.generate(sampler="euler_cfg_pp", **plain), unet.generate(sampler="euler", **plain)) <= 1e-6
+    pytest.importorskip("onnxruntime", reason="a CFG-folded graph runs on ONNX Runtime")
+    from fastdiff.export.onnx import export_onnx
+
+    export_onnx(dit, None, str(tmp_path / "dit.onnx"), cfg_folded=True, progress=False)
+    folded = fastdiff.load(str(tmp_path / "dit.onnx"))
+    with pytest.raises(BadArgumentError, match="CFG\\+\\+.*CFG-folded graph"):
+        folded.generate(sampler="euler_cfg_pp", cfg_scale=1.5, **kw)

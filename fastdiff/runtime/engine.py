@@ -214,7 +214,7 @@ class Engine:
             if text_options and prompt is None:  # (they shape a prompt's encoding: alone, they would fail the batch)
                 raise BadArgumentError(f"{' / '.join(text_options)}: given without prompt=; they apply to encoding it")
             if prompt is not None or negative_prompt is not None:
-                text = self._encode_prompt(prompt, negative_prompt, cfg_scale, options, extra_prompts,
+                text = self._encode_prompt(prompt, negative_prompt, cfg_scale, sampler, options, extra_prompts,
                                            dict(encoder_hidden_states=encoder_hidden_states, text_embeds=text_embeds,
                                                 negative_encoder_hidden_states=negative_encoder_hidden_states,
                                                 negative_text_embeds=negative_text_embeds))
@@ -337,7 +337,7 @@ class Engine:
             rows["control_mask"] = masks[0].clone()
         return rows, height, width
 
-    def _encode_prompt(self, prompt, negative_prompt, cfg_scale, options: dict, extra_prompts: dict,
+    def _encode_prompt(self, prompt, negative_prompt, cfg_scale, sampler, options: dict, extra_prompts: dict,
                        given: dict) -> dict:
         """One request's text tensors (rows, as submit takes them) from its prompt."""
         if prompt is None or not isinstance(prompt, str):
@@ -349,7 +349,9 @@ class Engine:
         stray = sorted(k for k, v in given.items() if v is not None)
         if stray:
             raise BadArgumentError(f"prompt: expected a prompt or encoded text, not both; found prompt and {stray}")
-        guided = finite_number("cfg_scale", cfg_scale) != 1.0
+        from ..cfg_pp import guides
+
+        guided = guides(sampler, finite_number("cfg_scale", cfg_scale))  # (a CFG++ sampler's: at scale 1 too)
         text = self.pipe.encode_prompt(prompt, negative_prompt, guided=guided, clip_skip=options.pop("clip_skip", None),
                                        max_sequence_length=options.pop("max_sequence_length", None), **extra_prompts)
         return {k: v[0] for k, v in text.items()}
