@@ -346,6 +346,10 @@ def _indexed_timesteps(c: _Config, n: int) -> np.ndarray:
         raise BadArgumentError(f"steps: {n} {c['timestep_spacing']!r} steps with steps_offset {c['steps_offset']} reach "
                                f"timestep {int(ts.max())}, past the {T} training timesteps of {c.name} (0..{T - 1}); "
                                f"expected fewer steps")
+    if ts.size and int(ts.min()) < 0:  # (diffusers' arange(T, 0, -T / n) holds n + 1 entries for some n)
+        raise BadArgumentError(f"steps: {n} {c['timestep_spacing']!r} steps of {T} training timesteps give diffusers' "
+                               f"{c.name} {len(ts)} timesteps ending at {int(ts.min())}, where it indexes its table "
+                               f"from the end (a last step back to the top noise level); expected another step count")
     return ts
 
 
@@ -487,8 +491,8 @@ def _multistep_sigmas(c: _Config, n: int, ac, *, singlestep: bool):
                                  last_timestep=last)
     kind = _sigma_grid_kind(c)
     final = c.choice("final_sigmas_type", schedules.FINAL_SIGMAS)
-    if kind is None:
-        sig, rounding = table[ts], "round"
+    if kind is None:  # (a timestep of -1, trailing spacing's extra entry at some counts: np.interp clamps it to t = 0)
+        sig, rounding = table[np.maximum(ts, 0)], "round"
         last_sigma = table[0]
         steps_t = ts
     else:

@@ -189,6 +189,12 @@ CASES = [
                                             time_shift_type="linear", flow_shift=3.0)),
     ("DEISMultistepScheduler", 7, dict(use_flow_sigmas=True, prediction_type="flow_prediction",
                                        time_shift_type="linear", flow_shift=3.0)),
+    # trailing spacing where diffusers' arange holds n + 1 timesteps, the last -1 (np.interp clamps its sigma to
+    # t = 0's; fastdiff's table lookup wrapped to the top noise level: a fuzzing review)
+    ("DPMSolverMultistepScheduler", 61, dict(timestep_spacing="trailing")),
+    ("DPMSolverMultistepScheduler", 7, dict(timestep_spacing="trailing", num_train_timesteps=1200)),
+    ("UniPCMultistepScheduler", 61, dict(timestep_spacing="trailing")),
+    ("DEISMultistepScheduler", 61, dict(timestep_spacing="trailing")),
 ]
 
 
@@ -357,6 +363,10 @@ def test_leading_steps_past_the_table_are_refused_where_diffusers_indexes_it(cls
         plan_from_scheduler_config(cfg, 1000, class_name=cls)
     assert plan_from_scheduler_config(cfg, 999, class_name=cls).steps == 999
     assert plan_from_scheduler_config(cfg, 1000, class_name="EulerDiscreteScheduler").steps == 1000
+    # trailing spacing at 61 of 1000: diffusers' timesteps end at -1, which these index from the end (a last step
+    # back to the top noise level): refused by name
+    with pytest.raises(BadArgumentError, match="62 timesteps ending at -1"):
+        plan_from_scheduler_config(dict(timestep_spacing="trailing", skip_prk_steps=True), 61, class_name=cls)
 
 
 @pytest.mark.parametrize("eta,steps,cfg", [(0.0, 6, {}), (1.0, 6, {}),
