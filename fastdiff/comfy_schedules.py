@@ -15,6 +15,11 @@ ComfyUI's images:
   (an alias), on a sigma-range (EDM) model the exponential grid (ComfyUI's ``ModelSamplingContinuousEDM`` spaces
   0.25 log sigma).
 
+* ``ays`` / ``ays_sd1`` / ``ays_sdxl``: Align Your Steps (Sabour et al. 2024), NVIDIA's optimised 10-step sigma lists
+  for SD 1.x and SDXL, log-linearly interpolated to other step counts, the last level replaced by 0 (ComfyUI's
+  ``AlignYourStepsScheduler``); ``ays`` takes SDXL's for an SDXL-style UNet, SD 1.x's otherwise. Their sigmas are
+  SD's own range (0.0292 .. 14.6146): the Pipeline refuses them on a model of another range.
+
 ``karras`` / ``exponential`` are k-diffusion's, as in fastdiff. The table-based four need a discrete-time model's
 training table (``alphas_cumprod``), or a flow-matching model's table of times (``flow_sigmas``). Each returns the
 decreasing sigmas WITHOUT the final entry (``schedules._finish`` appends it), as float64 values of ComfyUI's float32
@@ -39,6 +44,14 @@ from .errors import BackendUnavailableError
 
 TABLE_SCHEDULES = ("simple", "sgm_uniform", "ddim_uniform", "beta")
 RANGE_SCHEDULES = ("kl_optimal", "normal")
+AYS_SCHEDULES = ("ays", "ays_sd1", "ays_sdxl")
+# NVIDIA's published 10-step lists (research.nvidia.com/labs/toronto-ai/AlignYourSteps/howto.html), as ComfyUI holds them
+AYS_NOISE_LEVELS = {
+    "ays_sd1": (14.6146412293, 6.4745760956, 3.8636745985, 2.6946151520, 1.8841921177, 1.3943805092, 0.9642583904,
+                0.6523686016, 0.3977456272, 0.1515232662, 0.0291671582),
+    "ays_sdxl": (14.6146412293, 6.3184485287, 3.7681790315, 2.1811480769, 1.3405244945, 0.8620721141, 0.5550693289,
+                 0.3798540708, 0.2332364134, 0.1114188177, 0.0291671582),
+}
 FLOW_SCHEDULES = TABLE_SCHEDULES + RANGE_SCHEDULES  # (all of them on a flow model's table of times)
 FLUX_TABLE_SIZE = 10000  # ComfyUI's ModelSamplingFlux; its ModelSamplingDiscreteFlow holds 1000 times
 BETA_ALPHA = BETA_BETA = 0.6  # ComfyUI's defaults for its "beta" scheduler
@@ -100,6 +113,17 @@ def _beta_sigmas(n: int, table: np.ndarray) -> np.ndarray:
     timesteps = np.rint(stats.beta.ppf(quantiles, BETA_ALPHA, BETA_BETA) * (len(table) - 1)).astype(np.int64)
     keep = np.concatenate([[True], timesteps[1:] != timesteps[:-1]])  # (a repeat would be a zero-length step)
     return table[timesteps[keep]]
+
+
+def ays_sigmas(schedule: str, n: int) -> np.ndarray:
+    """Align Your Steps' list for ``schedule`` ("ays" is SD 1.x's) at ``n`` steps: the 11 levels log-linearly
+    interpolated to n + 1 where n is not 10 (even in the list's index), the last one dropped (ComfyUI sets it to 0:
+    ``schedules._finish`` appends the final sigma)."""
+    levels = np.asarray(AYS_NOISE_LEVELS["ays_sd1" if schedule == "ays" else schedule], dtype=np.float64)
+    if n + 1 != len(levels):
+        grid = np.linspace(0, 1, len(levels))
+        levels = np.exp(np.interp(np.linspace(0, 1, n + 1), grid, np.log(levels[::-1])))[::-1]
+    return levels[:n].copy()
 
 
 def kl_optimal_sigmas(n: int, sigma_min: float, sigma_max: float) -> np.ndarray:

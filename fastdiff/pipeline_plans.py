@@ -115,7 +115,23 @@ class PlansMixin:
             plan = self._named_plan(steps, sampler, schedule, train_steps, get_sigmas, SamplingPlan, SPACINGS)
         return plan
 
+    def _ays_schedule(self, schedule: str, ac) -> str:
+        """Align Your Steps' list for this model (``ays``: SDXL's for an SDXL-style UNet), refused where the model's
+        sigma range is not SD's (the lists are absolute sigmas: elsewhere they would not start from noise)."""
+        from .comfy_schedules import AYS_NOISE_LEVELS
+
+        lo, hi = (float(((1 - a) / a) ** 0.5) for a in (ac[0], ac[-1]))
+        top, bottom = AYS_NOISE_LEVELS["ays_sd1"][0], AYS_NOISE_LEVELS["ays_sd1"][-1]
+        if abs(hi / top - 1) > 0.01 or abs(lo / bottom - 1) > 0.01:
+            raise BadArgumentError(f"schedule {schedule!r}: Align Your Steps' lists are SD 1.x / SDXL's sigmas "
+                                   f"({bottom:.4f} .. {top:.4f}); this model's training table spans {lo:.4f} .. "
+                                   f"{hi:.4f}")
+        if schedule == "ays":
+            return "ays_sdxl" if self.spec.time_ids_dim else "ays_sd1"
+        return schedule
+
     def _named_plan(self, steps, sampler, schedule, train_steps, get_sigmas, SamplingPlan, spacings):
+        from .comfy_schedules import AYS_SCHEDULES
         from .scheduler_config import continuous_model_options, timestep_scale_of
 
         timestep_scale_of(self.spec.scheduler)  # (refused where no training timestep is fed)
@@ -128,6 +144,9 @@ class PlansMixin:
                 raise BadArgumentError("sampler 'tcd' needs a discrete-time model (its steps land on training "
                                        "timesteps); this network takes continuous noise levels (EDM preconditioning)")
             grid = {} if continuous is None else {k: continuous[k] for k in ("sigma_min", "sigma_max", "rho")}
+            if schedule in AYS_SCHEDULES:
+                raise BadArgumentError(f"schedule {schedule!r}: Align Your Steps' lists are SD 1.x / SDXL's sigmas "
+                                       f"(0.0292 .. 14.6146); this network takes EDM's continuous noise levels")
             sigmas = get_sigmas(schedule or "karras", steps, **grid)
             dopts = {} if continuous is None else continuous["denoiser_options"]
             return SamplingPlan("named", sampler, sigmas, {}, "edm", dopts, init_noise_sigma=float(sigmas[0]))
@@ -146,6 +165,8 @@ class PlansMixin:
                                    f"expected at most {train_steps} steps, found {steps}")
         ac = self.alphas_cumprod()
         table_max = float(((1 - ac[-1]) / ac[-1]) ** 0.5)
+        if schedule in AYS_SCHEDULES:
+            schedule = self._ays_schedule(schedule, ac)
         # Continuous grids start no higher than EDM's sigma_max = 80 (SNR 1.6e-4: pure noise already);
         # above it a cosine schedule's tail would only spend steps on noise.
         sigma_max = min(table_max, _SIGMA_MAX_CAP) if schedule not in spacings else None

@@ -22,7 +22,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .comfy_schedules import RANGE_SCHEDULES, TABLE_SCHEDULES, kl_optimal_sigmas, table_sigmas
+from .comfy_schedules import (AYS_SCHEDULES, RANGE_SCHEDULES, TABLE_SCHEDULES, ays_sigmas, kl_optimal_sigmas,
+                              table_sigmas)
 from .errors import BadArgumentError
 
 # EDM (Karras et al. 2022) defaults.
@@ -257,10 +258,14 @@ def get_sigmas(schedule: str, steps: int, *, sigma_min: Optional[float] = None, 
     of ``alphas_cumprod``, else EDM's 0.002..80. ``leading | trailing | linspace`` need ``alphas_cumprod``
     (discrete-time models): sigma at diffusers' integer timesteps; so do ComfyUI's ``simple | sgm_uniform |
     ddim_uniform | beta`` (``fastdiff.comfy_schedules``), which pick from or interpolate the training table.
-    ComfyUI's ``normal`` is ``uniform`` with a training table, else (an EDM model) ``exponential``.
+    ComfyUI's ``normal`` is ``uniform`` with a training table, else (an EDM model) ``exponential``; ``ays`` /
+    ``ays_sd1`` / ``ays_sdxl`` are Align Your Steps' fixed lists (SD's sigma range).
     """
     if schedule == "normal":
         schedule = "uniform" if alphas_cumprod is not None else "exponential"
+    if schedule in AYS_SCHEDULES:  # (fixed lists: SD's sigma range, whatever the model's)
+        _check_steps(steps)
+        return _finish(ays_sigmas(schedule, steps), final)
     if schedule in TABLE_SCHEDULES:
         if alphas_cumprod is None:
             raise BadArgumentError(f"schedule {schedule!r} picks from the training sigma table: expected "
@@ -293,7 +298,7 @@ def get_sigmas(schedule: str, steps: int, *, sigma_min: Optional[float] = None, 
 
 
 # (the ComfyUI names after diffusers' spacings: fastdiff.comfy_schedules)
-SCHEDULES = ("karras", "exponential", "uniform") + SPACINGS + TABLE_SCHEDULES + RANGE_SCHEDULES
+SCHEDULES = ("karras", "exponential", "uniform") + SPACINGS + TABLE_SCHEDULES + RANGE_SCHEDULES + AYS_SCHEDULES
 
 
 def _check_range(schedule: str, sigma_min, sigma_max, rho) -> None:

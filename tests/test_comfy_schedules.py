@@ -253,3 +253,45 @@ def test_flow_schedules_refuse_what_comfyui_has_no_table_for():
     with pytest.raises(BadArgumentError, match="expected at most 1000 steps"):
         named_flow_plan({"shift": 3.0}, 1001, "euler", "simple")
     assert len(named_flow_plan({"shift": 3.0}, 1001, "euler", "normal").sigmas) == 1002
+
+
+def comfy_ays(model_type: str, steps: int) -> torch.Tensor:
+    """ComfyUI's AlignYourStepsScheduler.get_sigmas (comfy_extras/nodes_align_your_steps.py) at denoise 1."""
+    levels = {"SD1": [14.6146412293, 6.4745760956, 3.8636745985, 2.6946151520, 1.8841921177, 1.3943805092,
+                      0.9642583904, 0.6523686016, 0.3977456272, 0.1515232662, 0.0291671582],
+              "SDXL": [14.6146412293, 6.3184485287, 3.7681790315, 2.1811480769, 1.3405244945, 0.8620721141,
+                       0.5550693289, 0.3798540708, 0.2332364134, 0.1114188177, 0.0291671582]}[model_type][:]
+    if steps + 1 != len(levels):
+        xs, ys = np.linspace(0, 1, len(levels)), np.log(levels[::-1])
+        levels = np.exp(np.interp(np.linspace(0, 1, steps + 1), xs, ys))[::-1].copy()
+    levels = levels[-(steps + 1):]
+    levels[-1] = 0
+    return torch.FloatTensor(levels)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 5, 10, 11, 25, 40])
+@pytest.mark.parametrize("name,model_type", [("ays", "SD1"), ("ays_sd1", "SD1"), ("ays_sdxl", "SDXL")])
+def test_align_your_steps_equals_comfyui(name, model_type, steps):
+    torch.testing.assert_close(get_sigmas(name, steps), comfy_ays(model_type, steps).double(), rtol=1e-6, atol=0)
+
+
+def test_align_your_steps_on_pipelines():
+    """``ays`` takes SDXL's list on an SDXL-style UNet and SD 1.x's on another; refused on a model of another sigma
+    range (a DDPM table, an EDM network, a flow model)."""
+    import fastdiff
+
+    for arch, model_type in (("tiny-sd-unet", "SD1"), ("tiny-sdxl-unet", "SDXL")):
+        plan = fastdiff.load(f"arch:{arch}").plan(12, "euler", "ays")
+        torch.testing.assert_close(plan.sigmas, comfy_ays(model_type, 12).double(), rtol=1e-6, atol=0)
+    assert not torch.equal(comfy_ays("SD1", 12), comfy_ays("SDXL", 12))
+    for arch, match in (("tiny-unet", "this model's training table spans 0.0100 .. 157.4073"),
+                        ("tiny-sd3", "schedule 'ays' on a flow-matching model")):
+        with pytest.raises(BadArgumentError, match=match):
+            fastdiff.load(f"arch:{arch}").plan(8, "euler", "ays")
+    edm = fastdiff.load("arch:tiny-unet", scheduler={"_class_name": "EDMEulerScheduler", "sigma_min": 0.002,
+                                                     "sigma_max": 80.0, "sigma_data": 0.5})
+    with pytest.raises(BadArgumentError, match="this network takes EDM's continuous noise levels"):
+        edm.plan(8, "euler", "ays")
+    # (ComfyUI's normal on an EDM model: even in its timestep 0.25 log sigma, the exponential grid)
+    torch.testing.assert_close(edm.plan(8, "euler", "normal").sigmas, get_sigmas("exponential", 8, sigma_min=0.002,
+                                                                                 sigma_max=80.0))
