@@ -142,7 +142,7 @@ def _phi_weights(h: float, c2: float) -> tuple:
         return 0.0, 0.0
     phi1 = math.expm1(-h) / -h
     phi2 = (phi1 - 1) / -h
-    if c2 == 0:
+    if c2 == 0 or math.isinf(c2):
         return phi1, 0.0
     return phi1 - phi2 / c2, phi2 / c2
 
@@ -165,13 +165,16 @@ def res_multistep(denoiser, x, sigmas, extra_args, noise, callback, after_step, 
         denoised, uncond = _call_pair(denoiser, x, s, extra) if cfg_pp else (_call(denoiser, x, s, extra),) * 2
         down, up = _ancestral(s, s_next, eta)
         _cb(callback, x, i, s, s, denoised)
-        if down == 0 or old_denoised is None:  # Euler to sigma_down
-            d = (x - uncond) / s
-            x = torch.add(denoised, d, alpha=down) if cfg_pp else torch.add(x, d, alpha=down - s)
+        if down == 0 or old_denoised is None:  # Euler to sigma_down, as D + (sigma_down / sigma)(x - D): exact from
+            # a flow model's t = 1 (sigma 1e10), where x + (x - D)(sigma_down - sigma) / sigma cancels to noise
+            x = torch.add(denoised, x - uncond, alpha=down / s)
         else:
             t, t_next = -math.log(s), -math.log(down)
             h = t_next - t
-            b1, b2 = _phi_weights(h, (math.log(old_down) - math.log(sig[i - 1])) / h if h else 0.0)
+            # (a previous step down to sigma 0 (eta > 1, or from sigma 1e10): its lambda is infinite, c2 too, and the
+            # second-order weight vanishes, as in ComfyUI's tensor arithmetic)
+            c2 = -math.inf if old_down == 0 else (math.log(old_down) - math.log(sig[i - 1])) / h if h else 0.0
+            b1, b2 = _phi_weights(h, c2)
             if cfg_pp:
                 x = x + (denoised - uncond)
             x = torch.add(x * math.exp(-h), uncond, alpha=h * b1)

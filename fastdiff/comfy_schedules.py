@@ -11,6 +11,8 @@ ComfyUI's images:
 * ``kl_optimal``: evenly spaced in arctan(sigma) between the range's ends (AUTOMATIC1111's "KL Optimal", Align Your
   Steps' KL-optimal grid); any model with a sigma range.
 
+* ``linear_quadratic``: Mochi's schedule (genmoai's ``infer.py``): the first half of the steps linear in 1 - sigma /
+  sigma_max up to 0.025, the rest quadratic to 1, times the model's sigma_max (ComfyUI's, on any model).
 * ``normal``: evenly spaced model timesteps, the end one included: on a discrete-time model fastdiff's ``uniform``
   (an alias), on a sigma-range (EDM) model the exponential grid (ComfyUI's ``ModelSamplingContinuousEDM`` spaces
   0.25 log sigma).
@@ -43,7 +45,7 @@ import torch
 from .errors import BackendUnavailableError
 
 TABLE_SCHEDULES = ("simple", "sgm_uniform", "ddim_uniform", "beta")
-RANGE_SCHEDULES = ("kl_optimal", "normal")
+RANGE_SCHEDULES = ("kl_optimal", "normal", "linear_quadratic")
 AYS_SCHEDULES = ("ays", "ays_sd1", "ays_sdxl")
 # NVIDIA's published 10-step lists (research.nvidia.com/labs/toronto-ai/AlignYourSteps/howto.html), as ComfyUI holds them
 AYS_NOISE_LEVELS = {
@@ -83,6 +85,8 @@ def flow_sigmas(schedule: str, n: int, shift: Callable[[np.ndarray], np.ndarray]
         return _float32(shift(u))
     if schedule == "kl_optimal":
         return kl_optimal_sigmas(n, float(table[0]), float(table[-1]))
+    if schedule == "linear_quadratic":
+        return linear_quadratic_sigmas(n, float(table[-1]))
     return _pick(schedule, n, table)
 
 
@@ -124,6 +128,22 @@ def ays_sigmas(schedule: str, n: int) -> np.ndarray:
         grid = np.linspace(0, 1, len(levels))
         levels = np.exp(np.interp(np.linspace(0, 1, n + 1), grid, np.log(levels[::-1])))[::-1]
     return levels[:n].copy()
+
+
+def linear_quadratic_sigmas(n: int, sigma_max: float, threshold_noise: float = 0.025) -> np.ndarray:
+    """Mochi's linear-quadratic grid times ``sigma_max``, without its final 0: n // 2 steps linear in the "noise done"
+    1 - sigma / sigma_max from 0 to ``threshold_noise``, then a quadratic through 1 at step n that joins it with the
+    same slope (one step: sigma_max alone)."""
+    if n == 1:
+        return np.array([sigma_max])
+    lin = n // 2
+    quad = n - lin
+    diff = lin - threshold_noise * n
+    a = diff / (lin * quad ** 2)
+    b = threshold_noise / lin - 2 * diff / quad ** 2
+    c = a * lin ** 2
+    done = [i * threshold_noise / lin for i in range(lin)] + [a * i * i + b * i + c for i in range(lin, n)]
+    return (1.0 - np.asarray(done, dtype=np.float64)) * sigma_max
 
 
 def kl_optimal_sigmas(n: int, sigma_min: float, sigma_max: float) -> np.ndarray:

@@ -30,11 +30,12 @@ from .scheduler_config import (_COMMON, _DEFAULTS, SamplingPlan, _alphas_cumprod
 
 
 def flow_plan(name: str, sampler: str, times, frame: str, options: dict, timesteps, *,
-              num_train_timesteps: int, **denoiser_options) -> SamplingPlan:
+              num_train_timesteps: int, start_scale: Optional[float] = None, **denoiser_options) -> SamplingPlan:
     """A plan on flow time grid ``times`` (float32 values, the last one where sampling ends) in ``frame``.
 
-    The latents are x_t at times[0] (diffusers starts from pure noise whatever times[0] is); the output is x_t at
-    times[-1]. ``timesteps``: what the network is fed at each time but the last."""
+    The latents are x_t at times[0] (diffusers starts from pure noise whatever times[0] is; ``start_scale``: x_t is
+    that times the latents instead, ComfyUI's empty-latent start); the output is x_t at times[-1]. ``timesteps``: what
+    the network is fed at each time but the last."""
     times = [float(t) for t in times]
     if denoiser_options.get("time_convention", "diffusers") == "sit":  # the network's own time: 1 - t, unscaled
         timesteps = [1 - t for t in times[:-1]]
@@ -47,6 +48,8 @@ def flow_plan(name: str, sampler: str, times, frame: str, options: dict, timeste
     dopts = dict(frame=frame, num_train_timesteps=num_train_timesteps,
                  timesteps={s: float(ts) for s, ts in zip(sigmas, timesteps)}, **denoiser_options)
     init, out = (1.0, 1.0) if frame == "t" else (1 + sigmas[0], 1 / (1 + sigmas[-1]))
+    if start_scale is not None:  # (x_t = start_scale * latents: in the sigma frame divided by 1 - t0 = 1 / (1 + sigma0))
+        init = start_scale * init
     return SamplingPlan(name, sampler, torch.tensor(sigmas, dtype=torch.float64), options, "flow", dopts,
                         init_noise_sigma=init, output_scale=out)
 
@@ -184,8 +187,9 @@ def named_flow_plan(config: dict, steps: int, sampler: str, schedule: Optional[s
       scored 1.6 at 4 steps on builtin:digits_flow, 0.86 here (and 2x the error on Gaussian data).
 
     ComfyUI's schedules (``simple``, ``normal``, ``sgm_uniform``, ``ddim_uniform``, ``beta``, ``kl_optimal``) take the
-    model's shift over ComfyUI's table of ``table_size`` times (``fastdiff.comfy_schedules.flow_sigmas``; FLUX.1:
-    10000) in either frame; a grid from t = 1 is sigma = infinity (``INFINITE_SIGMA``) in the sigma frame.
+    model's shift over ComfyUI's table of ``table_size`` times (``fastdiff.comfy_schedules.flow_sigmas``; FLUX.1
+    dev: 10000) in either frame, the latents starting as ComfyUI's empty latent (x_t = t0 * noise); in the sigma
+    frame a grid from t = 1 starts at the shifted 1 - 1e-4 instead (ComfyUI's ``offset_first_sigma_for_snr``).
 
     ``generate()`` with no sampler follows the model's scheduler config instead, exactly as diffusers does.
     """
@@ -239,7 +243,18 @@ def _comfy_flow_plan(c: _Config, steps: int, sampler: str, frame: str, schedule:
         def shift(u):
             return shift_times(u, float(c["shift"]))
     t = flow_sigmas(schedule, steps, shift, size)
+    # ComfyUI starts an empty latent at x_t = t0 * noise (pure noise only where the grid starts at t = 1: ddim_uniform's
+    # starts below)
+    start = float(np.float32(t[0]))
+    if frame == "sigma" and start >= 1:  # (ComfyUI's offset_first_sigma_for_snr: t = 1 is sigma = infinity, where
+        # the exponential integrators' and DPM fast's eps forms lose every digit in float32)
+        t = t.copy()
+        t[0] = float(shift(np.float64(1 - FIRST_TIME_OFFSET)))
     T = int(c["num_train_timesteps"])
     t32 = torch.from_numpy(t).to(torch.float32)
     times, timesteps = np.append(t32.double().numpy(), 0.0), (t32 * T).double().numpy()
-    return flow_plan("named", sampler, times, frame, {}, timesteps, num_train_timesteps=T, **_convention(c))
+    return flow_plan("named", sampler, times, frame, {}, timesteps, num_train_timesteps=T, start_scale=start,
+                     **_convention(c))
+
+
+FIRST_TIME_OFFSET = 1e-4  # ComfyUI's percent_offset: a sigma-frame grid from t = 1 starts at the shifted 1 - 1e-4

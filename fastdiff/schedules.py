@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .comfy_schedules import (AYS_SCHEDULES, RANGE_SCHEDULES, TABLE_SCHEDULES, ays_sigmas, kl_optimal_sigmas,
-                              table_sigmas)
+                              linear_quadratic_sigmas, table_sigmas)
 from .errors import BadArgumentError
 
 # EDM (Karras et al. 2022) defaults.
@@ -254,7 +254,7 @@ def get_sigmas(schedule: str, steps: int, *, sigma_min: Optional[float] = None, 
                final: str = "zero") -> torch.Tensor:
     """A sigma grid by name (k-diffusion / ComfyUI / diffusers vocabulary).
 
-    ``karras | exponential | uniform | kl_optimal`` need a sigma range: ``sigma_min``/``sigma_max``, else the range
+    ``karras | exponential | uniform | kl_optimal | linear_quadratic`` need a sigma range: ``sigma_min``/``sigma_max``, else the range
     of ``alphas_cumprod``, else EDM's 0.002..80. ``leading | trailing | linspace`` need ``alphas_cumprod``
     (discrete-time models): sigma at diffusers' integer timesteps; so do ComfyUI's ``simple | sgm_uniform |
     ddim_uniform | beta`` (``fastdiff.comfy_schedules``), which pick from or interpolate the training table.
@@ -294,6 +294,9 @@ def get_sigmas(schedule: str, steps: int, *, sigma_min: Optional[float] = None, 
     if schedule == "kl_optimal":
         _check_steps(steps)
         return _finish(kl_optimal_sigmas(steps, sigma_min, sigma_max), final)
+    if schedule == "linear_quadratic":
+        _check_steps(steps)
+        return _finish(linear_quadratic_sigmas(steps, sigma_max), final)
     raise BadArgumentError(f"schedule: expected one of {SCHEDULES}, found {schedule!r}")
 
 

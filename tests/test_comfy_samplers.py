@@ -52,6 +52,8 @@ def test_deterministic_samplers_equal_comfyui(name, reference, opts, sigmas):
 @pytest.mark.parametrize("name,reference,fd_opts,ref_opts", [
     ("res_multistep_ancestral", ref.res_multistep, {}, dict(eta=1.0)),
     ("res_multistep_ancestral", ref.res_multistep, dict(eta=0.5, s_noise=0.8), dict(eta=0.5, s_noise=0.8)),
+    # (eta > 1: a step's sigma_down is 0 before the last; the next step's second-order weight vanishes, as ComfyUI's)
+    ("res_multistep_ancestral", ref.res_multistep, dict(eta=1.2), dict(eta=1.2)),
     ("er_sde", ref.er_sde, {}, {}),
     ("er_sde", ref.er_sde, dict(max_stage=2, s_noise=0.7), dict(max_stage=2, s_noise=0.7)),
     ("er_sde", ref.er_sde, dict(max_stage=1), dict(max_stage=1)),
@@ -66,6 +68,30 @@ def test_stochastic_samplers_equal_comfyui(name, reference, fd_opts, ref_opts, s
         like.shape, generator=torch.Generator().manual_seed(90 + i), dtype=like.dtype), **fd_opts)
     moved = float((other - got).abs().max())
     assert moved == 0 if fd_opts.get("s_noise", 1) == 0 else moved > 1e-3
+
+
+@pytest.mark.parametrize("name,opts", [("res_multistep", {}), ("res_multistep_ancestral", {}),
+                                       ("res_multistep_cfg_pp", {}), ("er_sde", {})])
+def test_float32_from_a_huge_first_sigma_keeps_its_digits(name, opts):
+    """From sigma 1e10 (a flow model's t = 1 in the sigma frame) the float32 run stays with the float64 one: the
+    first step is written as D + (sigma' / sigma)(x - D), which does not cancel."""
+    def scaled(x, sigma, **_):  # (the analytic x0 of its input scaled to unit variance: no sin(3e10) in float32)
+        s = sigma.reshape(-1, *([1] * (x.dim() - 1)))
+        return analytic_denoiser(x / (1 + s ** 2).sqrt(), torch.zeros_like(sigma))
+
+    sig = torch.tensor([1e10, 9.0, 3.0, 1.0, 0.3, 0.0], dtype=torch.float64)
+    x = start(sig)
+    draws = [torch.randn(x.shape, generator=torch.Generator().manual_seed(40 + i), dtype=torch.float64)
+             for i in range(len(sig))]
+    if name == "res_multistep_cfg_pp":
+        pair = PairDenoiser()
+        pair.pair = lambda x, s: (scaled(x, s), 0.9 * scaled(x, s))
+        denoiser = pair
+    else:
+        denoiser = scaled
+    outs = [SAMPLERS[name](denoiser, x.to(dtype), sig, noise=lambda i, like: draws[i].to(like.dtype), **opts)
+            for dtype in (torch.float64, torch.float32)]
+    assert float((outs[1].double() - outs[0]).abs().max()) < 1e-4
 
 
 def test_the_orders_are_what_they_claim():

@@ -239,9 +239,16 @@ def test_flow_grids_equal_comfyui(arch, name, steps):
     got = pipe.plan(steps, "euler", name, size=size).sigmas
     assert len(got) == len(want)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
-    sigma = pipe.plan(steps, "dpmpp_2m", name, size=size).sigmas
-    assert (float(sigma[0]) == INFINITE_SIGMA) == (float(want[0]) == 1.0)  # (t = 1: pure noise, sigma infinite)
+    plan = pipe.plan(steps, "dpmpp_2m", name, size=size)
+    sigma = plan.sigmas
+    if float(want[0]) == 1.0:  # (t = 1 is sigma infinity: the sigma frame starts at ComfyUI's percent_to_sigma(1e-4))
+        want = want.clone()
+        want[0] = float(model.sigma(torch.tensor((1 - 1e-4) * model.multiplier, dtype=torch.float64)))
+    assert float(sigma[0]) < INFINITE_SIGMA
     torch.testing.assert_close(sigma / (1 + sigma), want, rtol=1e-6, atol=1e-7)
+    # the latents start as ComfyUI's empty latent does: x_t = t0 * noise at the grid's own first time
+    t0 = float(pipe.plan(steps, "euler", name, size=size).sigmas[0])
+    assert plan.init_noise_sigma == pytest.approx(t0 * (1 + float(sigma[0])), rel=1e-6)
 
 
 def test_flow_schedules_refuse_what_comfyui_has_no_table_for():
@@ -295,3 +302,34 @@ def test_align_your_steps_on_pipelines():
     # (ComfyUI's normal on an EDM model: even in its timestep 0.25 log sigma, the exponential grid)
     torch.testing.assert_close(edm.plan(8, "euler", "normal").sigmas, get_sigmas("exponential", 8, sigma_min=0.002,
                                                                                  sigma_max=80.0))
+
+
+def comfy_linear_quadratic(steps: int, sigma_max: float, threshold_noise=0.025) -> torch.Tensor:
+    """comfy/samplers.py's linear_quadratic_schedule (from genmoai's Mochi infer.py)."""
+    if steps == 1:
+        schedule = [1.0, 0.0]
+    else:
+        linear_steps = steps // 2
+        linear = [i * threshold_noise / linear_steps for i in range(linear_steps)]
+        diff = linear_steps - threshold_noise * steps
+        quadratic_steps = steps - linear_steps
+        quadratic_coef = diff / (linear_steps * quadratic_steps ** 2)
+        linear_coef = threshold_noise / linear_steps - 2 * diff / (quadratic_steps ** 2)
+        const = quadratic_coef * (linear_steps ** 2)
+        quadratic = [quadratic_coef * (i ** 2) + linear_coef * i + const for i in range(linear_steps, steps)]
+        schedule = [1.0 - x for x in linear + quadratic + [1.0]]
+    return torch.FloatTensor(schedule) * torch.tensor(sigma_max, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 8, 25])
+def test_linear_quadratic_equals_comfyui(steps):
+    """On a discrete model (times its top sigma), an EDM range and a flow model (times t = 1)."""
+    import fastdiff
+
+    sd_top = float(ComfyModelSampling().sigma_max)
+    torch.testing.assert_close(get_sigmas("linear_quadratic", steps, alphas_cumprod=SD_AC),
+                               comfy_linear_quadratic(steps, sd_top).double(), rtol=2e-5, atol=1e-7)
+    torch.testing.assert_close(get_sigmas("linear_quadratic", steps, sigma_min=0.002, sigma_max=80.0),
+                               comfy_linear_quadratic(steps, 80.0).double(), rtol=1e-6, atol=1e-7)
+    plan = fastdiff.load("arch:tiny-sd3").plan(steps, "euler", "linear_quadratic")
+    torch.testing.assert_close(plan.sigmas, comfy_linear_quadratic(steps, 1.0).double(), rtol=1e-6, atol=1e-7)
