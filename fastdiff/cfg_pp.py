@@ -24,7 +24,8 @@ import torch
 from .comfy_samplers import gradient_estimation, res_multistep
 from .sampler_base import _after, _ancestral, _call_pair, _cb, _setup
 
-__all__ = ["CFG_PP_SAMPLERS", "guides", "sample_euler_cfg_pp", "sample_euler_ancestral_cfg_pp", "sample_dpmpp_2m_cfg_pp",
+__all__ = ["CFG_PP_SAMPLERS", "guides", "sample_euler_cfg_pp", "sample_euler_ancestral_cfg_pp",
+           "sample_dpmpp_2m_cfg_pp",
            "sample_dpmpp_2s_ancestral_cfg_pp", "sample_res_multistep_cfg_pp", "sample_res_multistep_ancestral_cfg_pp",
            "sample_gradient_estimation_cfg_pp"]
 
@@ -69,10 +70,12 @@ def sample_dpmpp_2m_cfg_pp(denoiser, x, sigmas, *, extra_args=None, noise=None, 
         _cb(callback, x, i, s, s, denoised)
         if s_next == 0:  # (e^-h = 0)
             x = denoised
+        elif s_next == s:  # (a zero-length step: nothing moves, as plain dpmpp_2m)
+            pass
         else:
             h = math.log(s) - math.log(s_next)
             x = torch.add(denoised, x - uncond, alpha=math.exp(-h))
-            if old_uncond is not None:
+            if old_uncond is not None and sig[i - 1] != s:  # (after a zero-length step: first order)
                 r = (math.log(sig[i - 1]) - math.log(s)) / h
                 x = torch.add(x, denoised - old_uncond, alpha=-math.expm1(-h) / (2 * r))
         old_uncond = uncond

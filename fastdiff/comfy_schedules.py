@@ -47,7 +47,8 @@ from .errors import BackendUnavailableError
 TABLE_SCHEDULES = ("simple", "sgm_uniform", "ddim_uniform", "beta")
 RANGE_SCHEDULES = ("kl_optimal", "normal", "linear_quadratic")
 AYS_SCHEDULES = ("ays", "ays_sd1", "ays_sdxl")
-# NVIDIA's published 10-step lists (research.nvidia.com/labs/toronto-ai/AlignYourSteps/howto.html), as ComfyUI holds them
+# NVIDIA's published 10-step lists (research.nvidia.com/labs/toronto-ai/AlignYourSteps/howto.html), as ComfyUI
+# holds them
 AYS_NOISE_LEVELS = {
     "ays_sd1": (14.6146412293, 6.4745760956, 3.8636745985, 2.6946151520, 1.8841921177, 1.3943805092, 0.9642583904,
                 0.6523686016, 0.3977456272, 0.1515232662, 0.0291671582),
@@ -127,7 +128,7 @@ def ays_sigmas(schedule: str, n: int) -> np.ndarray:
     if n + 1 != len(levels):
         grid = np.linspace(0, 1, len(levels))
         levels = np.exp(np.interp(np.linspace(0, 1, n + 1), grid, np.log(levels[::-1])))[::-1]
-    return levels[:n].copy()
+    return _float32(levels[:n])  # (ComfyUI's FloatTensor)
 
 
 def linear_quadratic_sigmas(n: int, sigma_max: float, threshold_noise: float = 0.025) -> np.ndarray:

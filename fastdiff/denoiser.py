@@ -474,6 +474,9 @@ class CFGDenoiser(Denoiser):
             return x0, x0
         x0_u, x0_c = self.inner.predict_at(torch.cat([x, x]), sigma, **self._stack(cond, uncond)).chunk(2)
         guided = self._guide(x, x0_u, x0_c, float(self.c_skip(float(sigma))), w, guidance_rescale)
+        k = self.guided_channels
+        if k is not None:  # (unguided channels keep the conditional x0 on both sides: their plain step)
+            x0_u = torch.cat([x0_u[:, :k], x0_c[:, k:]], dim=1)
         return self.postprocess(guided), self.postprocess(x0_u)
 
     def predict_variance_at(self, x, sigma: float, uncond: Optional[dict] = None, guidance_scale=None,

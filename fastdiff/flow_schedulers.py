@@ -48,7 +48,7 @@ def flow_plan(name: str, sampler: str, times, frame: str, options: dict, timeste
     dopts = dict(frame=frame, num_train_timesteps=num_train_timesteps,
                  timesteps={s: float(ts) for s, ts in zip(sigmas, timesteps)}, **denoiser_options)
     init, out = (1.0, 1.0) if frame == "t" else (1 + sigmas[0], 1 / (1 + sigmas[-1]))
-    if start_scale is not None:  # (x_t = start_scale * latents: in the sigma frame divided by 1 - t0 = 1 / (1 + sigma0))
+    if start_scale is not None:  # (x_t = start_scale * latents; in the sigma frame over 1 - t0 = 1 / (1 + sigma0))
         init = start_scale * init
     return SamplingPlan(name, sampler, torch.tensor(sigmas, dtype=torch.float64), options, "flow", dopts,
                         init_noise_sigma=init, output_scale=out)

@@ -465,11 +465,10 @@ class Pipeline(PlansMixin, ControlNetMixin, ImageInputsMixin, IPAdapterMixin, Cl
                 masks = masks.expand(b, -1, -1, -1)
         cfg_scales = _per_sample_numbers("cfg_scale", cfg_scale, b)
         rescales = _per_sample_numbers("guidance_rescale", guidance_rescale, b)
-        from .cfg_pp import CFG_PP_SAMPLERS, guides
+        from .cfg_pp import CFG_PP_SAMPLERS
 
-        # (a CFG++ sampler steps with the unconditional prediction at any scale: where the model has one to give)
         cfg_pp = isinstance(sampler, str) and sampler in CFG_PP_SAMPLERS
-        guided = any(guides(sampler if self._has_uncond() else None, scale) for scale in cfg_scales)
+        guided = any(self.guides(sampler, scale) for scale in cfg_scales)
         if latents is not None and height is None and width is None:
             height, width = int(latents.shape[2]), int(latents.shape[3])  # the latents fix the size
         elif low_res is not None and height is None and width is None:
@@ -561,9 +560,9 @@ class Pipeline(PlansMixin, ControlNetMixin, ImageInputsMixin, IPAdapterMixin, Cl
         denoiser = self._classifier_guided(denoiser, base, steer, None if classifier_scale is None else
                                            _per_sample_numbers("classifier_scale", classifier_scale, b))
         if cfg_pp and guided and getattr(denoiser, "denoise_pair_at", None) is None:
-            raise BadArgumentError(f"sampler {sampler!r} (CFG++) steps with the unconditional prediction apart from the "
-                                   f"guided one: not under a CFG-folded graph (which returns the guided output only) or "
-                                   f"with classifier guidance")
+            raise BadArgumentError(f"sampler {sampler!r} (CFG++) steps with the unconditional prediction apart from "
+                                   f"the guided one: not under a CFG-folded graph (which returns the guided output "
+                                   f"only) or with classifier guidance")
 
         if self.loop_graphs is not None and callback is not None and not classifier_guided(denoiser):
             raise BadArgumentError("callback: a captured sampling loop (graph_scope='loop') runs no Python per "
@@ -826,10 +825,15 @@ class Pipeline(PlansMixin, ControlNetMixin, ImageInputsMixin, IPAdapterMixin, Cl
                                       if self.classifier is not None else ""))
         return cond, uncond
 
-    def _has_uncond(self) -> bool:
-        """Whether the model has an unconditional input to guide from: text states, or a class table with a null
-        label."""
-        return bool(self.spec.cross_attention_dim) or (bool(self.spec.num_classes) and self.spec.null_class is not None)
+    def guides(self, sampler, cfg_scale: float) -> bool:
+        """Whether a run of ``sampler`` at ``cfg_scale`` makes the unconditional pass (classifier-free guidance): at
+        any scale but 1, and at 1 too for a CFG++ sampler where the model has an unconditional input (text states,
+        or a class table with a null label) to give it. The CLI, ``bench`` and the Engine ask the same."""
+        from .cfg_pp import guides
+
+        has_uncond = bool(self.spec.cross_attention_dim) or (bool(self.spec.num_classes)
+                                                             and self.spec.null_class is not None)
+        return guides(sampler if has_uncond else None, cfg_scale)
 
     def _states(self, t, b, name):
         t = torch.as_tensor(t)

@@ -65,7 +65,8 @@ def text_time_conditioning(spec: ModelSpec, b: int, size: tuple[int, int], guide
     uncond = {}
     if guided:
         if negative_text_embeds is None:
-            raise BadArgumentError("cfg_scale != 1 on a model with a pooled text input needs negative_text_embeds "
+            raise BadArgumentError("cfg_scale != 1 (or a CFG++ sampler) on a model with a pooled text input needs "
+                                   "negative_text_embeds "
                                    "(the pooled embedding of the empty / negative prompt; zeros where diffusers' "
                                    "force_zeros_for_empty_prompt applies)")
         uncond["text_embeds"] = _pooled(negative_text_embeds, spec, b, "negative_text_embeds", device, dtype)

@@ -264,3 +264,40 @@ def test_pipelines_run_cfg_pp_with_the_unconditional_pass_at_any_scale(tmp_path)
     folded = fastdiff.load(str(tmp_path / "dit.onnx"))
     with pytest.raises(BadArgumentError, match="CFG\\+\\+.*CFG-folded graph"):
         folded.generate(sampler="euler_cfg_pp", cfg_scale=1.5, **kw)
+
+
+def test_one_guidance_rule_for_generate_the_engine_and_the_cli():
+    """``pipe.guides``: the unconditional pass at cfg != 1, and at 1 for a CFG++ sampler where the model has an
+    unconditional input; the Engine groups requests by it (a model without one never batches cfg 1 with cfg 2)."""
+    import fastdiff
+
+    dit, unet = fastdiff.load("arch:tiny-dit"), fastdiff.load("arch:tiny-unet")
+    assert dit.guides("euler_cfg_pp", 1.0) and not dit.guides("euler", 1.0) and dit.guides("euler", 2.0)
+    assert not unet.guides("euler_cfg_pp", 1.0) and unet.guides("euler_cfg_pp", 2.0)
+    for pipe, label, same in ((dit, 1, True), (unet, None, False)):
+        with fastdiff.Engine(pipe) as engine:
+            keys = [engine._make_request(None, 1, label, None, None, 4, "euler_cfg_pp", g, None, None, None, {},
+                                         {}).key for g in (1.0, 2.0)]
+        assert (keys[0] == keys[1]) == same
+
+
+def test_unguided_channels_keep_the_conditional_x0_on_both_sides():
+    """With guided_channels (official DiT: the variance channels are the conditional pass's), the unconditional x0
+    handed to a CFG++ step holds the conditional one beyond them: their step is the plain one."""
+    from fastdiff.denoiser import CFGDenoiser, Denoiser
+
+    class Scaled(Denoiser):  # x0 = x * c, c per row: the conditional rows 2, the unconditional 0.5
+        def c_skip(self, sigma):
+            return 0.0
+
+        def predict_at(self, x, sigma, c=None):
+            return x * c.reshape(-1, 1, 1, 1)
+
+    cfg = CFGDenoiser(Scaled(), None, guided_channels=2)
+    x = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(0))
+    guided, uncond = cfg.denoise_pair_at(x, 1.0, c=torch.full((2,), 2.0), uncond=dict(c=torch.full((2,), 0.5)),
+                                         guidance_scale=torch.full((2,), 3.0))
+    torch.testing.assert_close(uncond[:, :2], 0.5 * x[:, :2])
+    torch.testing.assert_close(uncond[:, 2:], 2.0 * x[:, 2:])
+    torch.testing.assert_close(guided[:, :2], (0.5 + 3 * 1.5) * x[:, :2])
+    torch.testing.assert_close(guided[:, 2:], 2.0 * x[:, 2:])

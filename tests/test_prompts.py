@@ -342,6 +342,16 @@ def test_cli_generates_from_a_prompt_as_the_api_does(sd, tmp_path):
     want = fastdiff.load(folder).generate(2, prompt="a red cat", negative_prompt="a dog", cfg_scale=3.0, steps=3,
                                           seed=7, progress=False)
     assert torch.equal(got, want)
+    # a CFG++ sampler runs the unconditional pass at --cfg 1 too: the negative prompt counts there (and in bench)
+    r = _cli("generate", folder, "--prompt", "a red cat", "--negative-prompt", "a dog", "--sampler", "euler_cfg_pp",
+             "--n", "1", "--steps", "3", "--seed", "7", "--output-latents", "pp.safetensors", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    want = fastdiff.load(folder).generate(prompt="a red cat", negative_prompt="a dog", sampler="euler_cfg_pp", steps=3,
+                                          seed=7, progress=False)
+    assert torch.equal(load_file(str(tmp_path / "pp.safetensors"))["latents"], want)
+    r = _cli("bench", folder, "--sampler", "euler_cfg_pp", "--steps", "2", "--batch", "1", "--backends", "eager",
+             "--repeat", "1", "--warmup", "1", cwd=tmp_path)
+    assert r.returncode == 0 and "failed" not in r.stdout + r.stderr, r.stdout + r.stderr
 
 
 def test_cli_prompt_errors_are_one_line(sd, tmp_path):

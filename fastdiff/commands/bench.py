@@ -296,15 +296,16 @@ def _bench_fastdiff(args, label: str, backend: str, switches: dict, batches, dev
         log(f"  {label:12s} batch {b} ...")
         row = dict(base, batch=b, optimize_s=optimize_s, notes=list(pipe.notes))
         try:
+            guided = pipe.guides(args.sampler, args.cfg)  # (a CFG++ sampler's unconditional pass: at --cfg 1 too)
             cond = _conditioning(pipe.spec, b, args.cfg, args.seed, device, pipe._network_dtype(),
                                  control=pipe._control_format(), pixels=image_pixels(pipe))
             kw = dict(n=b, steps=args.steps, sampler=args.sampler, schedule=args.schedule, cfg_scale=args.cfg,
                       seed=args.seed, progress=False, class_labels=cond["labels"],
                       encoder_hidden_states=cond["states"],
-                      negative_encoder_hidden_states=cond["negative_states"] if args.cfg != 1.0 else None,
+                      negative_encoder_hidden_states=cond["negative_states"] if guided else None,
                       **({} if cond["text_embeds"] is None else dict(
                           text_embeds=cond["text_embeds"],
-                          negative_text_embeds=cond["negative_text_embeds"] if args.cfg != 1.0 else None)),
+                          negative_text_embeds=cond["negative_text_embeds"] if guided else None)),
                       **({} if cond["control_image"] is None else dict(control_image=cond["control_image"])),
                       **({} if cond["image"] is None else dict(image=cond["image"]) if cond["mask"] is None
                          else dict(image=cond["image"], mask_image=cond["mask"], strength=1.0)))

@@ -555,8 +555,9 @@ def run(args) -> int:
                 f"or use the Python API (pipe.generate(encoder_hidden_states=...))")
         if args.prompt is None:
             raise BadArgumentError("--prompt: this model is text-conditioned: expected a prompt, found none")
-        if args.negative_prompt is not None and args.cfg == 1.0:
-            raise BadArgumentError("--negative-prompt: given, but --cfg 1 runs no unconditional pass; pass --cfg G")
+        if args.negative_prompt is not None and not pipe.guides(args.sampler, args.cfg):
+            raise BadArgumentError("--negative-prompt: given, but --cfg 1 runs no unconditional pass; pass --cfg G "
+                                   "(or a CFG++ sampler, which runs one at --cfg 1 too)")
         inputs = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, clip_skip=args.clip_skip,
                       **{name: getattr(args, name) for name in EXTRA_PROMPTS})
     else:

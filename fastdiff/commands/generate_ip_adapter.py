@@ -115,7 +115,7 @@ def inputs(args, read_image, pipe=None) -> dict:
     if args.ip_adapter_embeds is not None:  # (one file per adapter: load() checked the count)
         embeds = [_read_embeds(path) for path in args.ip_adapter_embeds]
         out["ip_adapter_image_embeds"] = embeds[0] if count == 1 else \
-            pipe.ip_adapter_embeds_list(embeds, guided=args.cfg != 1.0)
+            pipe.ip_adapter_embeds_list(embeds, guided=pipe.guides(args.sampler, args.cfg))
     if args.ip_adapter_image is not None:
         out["ip_adapter_image"] = _per_adapter(args.ip_adapter_image, count, "--ip-adapter-image", read_image)
     if args.ip_adapter_mask is not None:

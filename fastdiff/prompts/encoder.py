@@ -220,9 +220,10 @@ class PromptEncoder:
         if negative_prompt is not None and not guided:
             raise BadArgumentError("negative_prompt: given, but cfg_scale == 1 runs no unconditional pass")
         if guided and negative_prompt is None and self.family == "flux":
-            raise BadArgumentError("negative_prompt: cfg_scale != 1 on FLUX.1 is true classifier-free guidance, which "
-                                   "FluxPipeline runs only against a negative prompt: expected one (\"\" for the "
-                                   "empty prompt), found None. FLUX.1 dev's distilled strength is guidance=")
+            raise BadArgumentError("negative_prompt: cfg_scale != 1 (or a CFG++ sampler) on FLUX.1 is true "
+                                   "classifier-free guidance, which FluxPipeline runs only against a negative prompt: "
+                                   "expected one (\"\" for the empty prompt), found None. FLUX.1 dev's distilled "
+                                   "strength is guidance=")
         # slot -> texts, as the pipelines pick them (`prompt_2 or prompt`: an empty string falls back too)
         positive = {1: prompt, 2: prompt_2 or prompt, 3: prompt_3 or prompt}
         if negative_prompt is not None:  # ([] or 0 would read as "" below)

@@ -349,9 +349,8 @@ class Engine:
         stray = sorted(k for k, v in given.items() if v is not None)
         if stray:
             raise BadArgumentError(f"prompt: expected a prompt or encoded text, not both; found prompt and {stray}")
-        from ..cfg_pp import guides
-
-        guided = guides(sampler, finite_number("cfg_scale", cfg_scale))  # (a CFG++ sampler's: at scale 1 too)
+        cfg_scale = finite_number("cfg_scale", cfg_scale)  # (a CFG++ sampler's unconditional pass: at scale 1 too)
+        guided = self.pipe.guides(sampler, cfg_scale) if hasattr(self.pipe, "guides") else cfg_scale != 1.0
         text = self.pipe.encode_prompt(prompt, negative_prompt, guided=guided, clip_skip=options.pop("clip_skip", None),
                                        max_sequence_length=options.pop("max_sequence_length", None), **extra_prompts)
         return {k: v[0] for k, v in text.items()}
@@ -500,8 +499,11 @@ class Engine:
             if nehs.shape != ehs.shape:
                 raise BadArgumentError(f"negative_encoder_hidden_states: expected the shape of encoder_hidden_states "
                                        f"{tuple(ehs.shape)}, found {tuple(nehs.shape)}")
+        # guided: whether generate() makes the unconditional pass for it (cfg != 1, or a CFG++ sampler where the model
+        # has an unconditional input): requests that differ there never share a batch
+        guided = self.pipe.guides(sampler, cfg_scale) if hasattr(self.pipe, "guides") else cfg_scale != 1.0
         params = dict(steps=steps, sampler=sampler, schedule=schedule, height=height,
-                      width=width, options=options, options_key=options_key)
+                      width=width, options=options, options_key=options_key, guided=guided)
         added = {k: own_copy(check_row(k, v)) for k, v in added.items() if v is not None}
         if image_rows is not None:  # (C, H, W) each, stacked into generate(image=(B, C, H, W)) like the rows above
             added.update(image_rows)

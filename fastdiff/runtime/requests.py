@@ -13,7 +13,6 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
-from ..cfg_pp import guides
 from ..errors import BadArgumentError
 from ..utils.keys import by_identity, freeze
 from ..utils.checks import finite_host_values
@@ -153,7 +152,7 @@ def group_key(r: Request) -> tuple:
     sampler = ("callable", id(sampler)) if callable(sampler) else sampler
     schedule = p["schedule"]
     schedule = ("callable", id(schedule)) if callable(schedule) else schedule
-    return (p["height"], p["width"], p["steps"], sampler, schedule, guides(p["sampler"], r.cfg_scale),
+    return (p["height"], p["width"], p["steps"], sampler, schedule, p.get("guided", r.cfg_scale != 1.0),
             r.class_label is None, _states_key(r.encoder_hidden_states),
             _states_key(r.negative_encoder_hidden_states), p["options_key"],
             tuple((k, _states_key(v)) for k, v in sorted(r.added.items())))
