@@ -93,24 +93,31 @@ def ipndm_v(model, x, sigmas, max_order=4):
     return _ipndm_loop(model, x, sigmas, max_order, update)
 
 
-def gradient_estimation(model, x, sigmas, ge_gamma=2.0):
+def gradient_estimation(model, x, sigmas, ge_gamma=2.0, cfg_pp=False):
+    """ComfyUI's ``sample_gradient_estimation``; with ``cfg_pp`` ``model`` returns (denoised, uncond_denoised)."""
     s_in = x.new_ones([x.shape[0]])
     old_d = None
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i] * s_in)
-        d = to_d(x, sigmas[i], denoised)
+        denoised, uncond_denoised = denoised if cfg_pp else (denoised, None)
+        d = to_d(x, sigmas[i], uncond_denoised if cfg_pp else denoised)
         dt = sigmas[i + 1] - sigmas[i]
         if sigmas[i + 1] == 0:
             x = denoised
         else:
-            x = x + d * dt
+            x = denoised + d * sigmas[i + 1] if cfg_pp else x + d * dt
             if i >= 1:
                 x = x + (ge_gamma - 1) * (d - old_d) * dt
         old_d = d
     return x
 
 
-def res_multistep(model, x, sigmas, noise_sampler, eta=0.0, s_noise=1.0):
+def gradient_estimation_cfg_pp(model, x, sigmas, ge_gamma=2.0):
+    return gradient_estimation(model, x, sigmas, ge_gamma=ge_gamma, cfg_pp=True)
+
+
+def res_multistep(model, x, sigmas, noise_sampler, eta=0.0, s_noise=1.0, cfg_pp=False):
+    """ComfyUI's ``res_multistep``; with ``cfg_pp`` ``model`` returns (denoised, uncond_denoised)."""
     s_in = x.new_ones([x.shape[0]])
 
     def sigma_fn(t):
@@ -128,10 +135,15 @@ def res_multistep(model, x, sigmas, noise_sampler, eta=0.0, s_noise=1.0):
     old_sigma_down = old_denoised = None
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i] * s_in)
+        denoised, uncond_denoised = denoised if cfg_pp else (denoised, None)
         sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas[i + 1], eta=eta)
         if sigma_down == 0 or old_denoised is None:
-            d = to_d(x, sigmas[i], denoised)
-            x = x + d * (sigma_down - sigmas[i])
+            if cfg_pp:
+                d = to_d(x, sigmas[i], uncond_denoised)
+                x = denoised + d * sigma_down
+            else:
+                d = to_d(x, sigmas[i], denoised)
+                x = x + d * (sigma_down - sigmas[i])
         else:
             t, t_old, t_next, t_prev = t_fn(sigmas[i]), t_fn(old_sigma_down), t_fn(sigma_down), t_fn(sigmas[i - 1])
             h = t_next - t
@@ -139,11 +151,19 @@ def res_multistep(model, x, sigmas, noise_sampler, eta=0.0, s_noise=1.0):
             phi1_val, phi2_val = phi1_fn(-h), phi2_fn(-h)
             b1 = torch.nan_to_num(phi1_val - phi2_val / c2, nan=0.0)
             b2 = torch.nan_to_num(phi2_val / c2, nan=0.0)
-            x = sigma_fn(h) * x + h * (b1 * denoised + b2 * old_denoised)
+            if cfg_pp:
+                x = x + (denoised - uncond_denoised)
+                x = sigma_fn(h) * x + h * (b1 * uncond_denoised + b2 * old_denoised)
+            else:
+                x = sigma_fn(h) * x + h * (b1 * denoised + b2 * old_denoised)
         if sigmas[i + 1] > 0:
             x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
-        old_denoised, old_sigma_down = denoised, sigma_down
+        old_denoised, old_sigma_down = (uncond_denoised if cfg_pp else denoised), sigma_down
     return x
+
+
+def res_multistep_cfg_pp(model, x, sigmas, noise_sampler, eta=0.0, s_noise=1.0):
+    return res_multistep(model, x, sigmas, noise_sampler, eta=eta, s_noise=s_noise, cfg_pp=True)
 
 
 def er_sde(model, x, sigmas, noise_sampler, s_noise=1.0, max_stage=3):
@@ -254,55 +274,4 @@ def dpmpp_2s_ancestral_cfg_pp(model, x, sigmas, noise_sampler, eta=1.0, s_noise=
         if sigmas[i + 1] > 0:
             x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
         x = x + guidance_vector
-    return x
-
-
-def res_multistep_cfg_pp(model, x, sigmas, noise_sampler, eta=0.0, s_noise=1.0):
-    s_in = x.new_ones([x.shape[0]])
-
-    def t_fn(sigma):
-        return sigma.log().neg()
-
-    def phi1_fn(t):
-        return torch.expm1(t) / t
-
-    def phi2_fn(t):
-        return (phi1_fn(t) - 1.0) / t
-
-    old_sigma_down = old_denoised = None
-    for i in range(len(sigmas) - 1):
-        denoised, uncond_denoised = model(x, sigmas[i] * s_in)
-        sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas[i + 1], eta=eta)
-        if sigma_down == 0 or old_denoised is None:
-            d = to_d(x, sigmas[i], uncond_denoised)
-            x = denoised + d * sigma_down
-        else:
-            t, t_old, t_next, t_prev = t_fn(sigmas[i]), t_fn(old_sigma_down), t_fn(sigma_down), t_fn(sigmas[i - 1])
-            h = t_next - t
-            c2 = (t_prev - t_old) / h
-            phi1_val, phi2_val = phi1_fn(-h), phi2_fn(-h)
-            b1 = torch.nan_to_num(phi1_val - phi2_val / c2, nan=0.0)
-            b2 = torch.nan_to_num(phi2_val / c2, nan=0.0)
-            x = x + (denoised - uncond_denoised)
-            x = (-h).exp() * x + h * (b1 * uncond_denoised + b2 * old_denoised)
-        if sigmas[i + 1] > 0:
-            x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
-        old_denoised, old_sigma_down = uncond_denoised, sigma_down
-    return x
-
-
-def gradient_estimation_cfg_pp(model, x, sigmas, ge_gamma=2.0):
-    s_in = x.new_ones([x.shape[0]])
-    old_d = None
-    for i in range(len(sigmas) - 1):
-        denoised, uncond_denoised = model(x, sigmas[i] * s_in)
-        d = to_d(x, sigmas[i], uncond_denoised)
-        dt = sigmas[i + 1] - sigmas[i]
-        if sigmas[i + 1] == 0:
-            x = denoised
-        else:
-            x = denoised + d * sigmas[i + 1]
-            if i >= 1:
-                x = x + (ge_gamma - 1) * (d - old_d) * dt
-        old_d = d
     return x
