@@ -10,6 +10,9 @@
   of exponential integrator for diffusion models sampling", arXiv 2308.02157) on the data prediction, in
   lambda = -log(sigma); ``res_multistep_ancestral``: the same down to each step's ancestral sigma_down, then fresh
   noise of std sigma_up (``eta``, 1).
+* ``heunpp2``: Heun++ (Carzit's sd-webui-samplers-scheduler): each step's slope a weighted mean of the slopes at
+  its start and at the next one or two grid points (reached by Euler predictions), the weights the next sigmas over
+  2 or 3 times the grid's first; Heun's at the second-to-last step, Euler's at the last; EDM's churn as ``euler``'s.
 * ``er_sde``: the extended reverse-time SDE solver (Cui et al. 2023, "Elucidating the solution space of extended
   reverse-time SDE for diffusion models", arXiv 2309.06169; VP ER-SDE-Solver-3), with its default noise scale
   function lambda (e^(lambda^0.3) + 10) and 200-point integrals of it.
@@ -30,7 +33,7 @@ import torch
 from .sampler_base import _after, _ancestral, _call, _call_pair, _cb, _setup
 
 __all__ = ["sample_ipndm", "sample_ipndm_v", "sample_gradient_estimation", "sample_res_multistep",
-           "sample_res_multistep_ancestral", "sample_er_sde"]
+           "sample_res_multistep_ancestral", "sample_heunpp2", "sample_er_sde"]
 
 # the equal-step Adams-Bashforth weights of the current slope and the past ones, newest first
 _ADAMS_BASHFORTH = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12),
@@ -191,6 +194,40 @@ def sample_res_multistep_ancestral(denoiser, x, sigmas, *, extra_args=None, nois
                                    after_step=None, eta: float = 1.0, s_noise: float = 1.0):
     """Ancestral RES: ``sample_res_multistep`` with eta = 1 by default."""
     return res_multistep(denoiser, x, sigmas, extra_args, noise, callback, after_step, eta, s_noise, cfg_pp=False)
+
+
+@torch.no_grad()
+def sample_heunpp2(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=None, after_step=None,
+                   s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0):
+    """Heun++ (see the module doc): up to three network evaluations a step."""
+    from .samplers import _churn
+
+    x, sig, extra, noise = _setup(x, sigmas, extra_args, noise)
+    n, end = len(sig) - 1, sig[-1]
+    for i in range(n):
+        s, s_next = sig[i], sig[i + 1]
+        x, s_hat = _churn(x, i, s, n, noise, s_churn, s_tmin, s_tmax, s_noise)
+        denoised = _call(denoiser, x, s_hat, extra)
+        _cb(callback, x, i, s, s_hat, denoised)
+        d = (x - denoised) / s_hat
+        dt = s_next - s_hat
+        if s_next == end:  # Euler
+            x = torch.add(x, d, alpha=dt)
+        else:
+            x_2 = _after(after_step, torch.add(x, d, alpha=dt), s_next, False)
+            d_2 = (x_2 - _call(denoiser, x_2, s_next, extra)) / s_next
+            if sig[i + 2] == end:  # Heun, weighted by sigma' / (2 sigma_0)
+                w2 = s_next / (2 * sig[0])
+                slope = d * (1 - w2) + d_2 * w2
+            else:  # Heun++: one more Euler prediction, to the grid point after
+                s_3 = sig[i + 2]
+                x_3 = _after(after_step, torch.add(x_2, d_2, alpha=s_3 - s_next), s_3, False)
+                d_3 = (x_3 - _call(denoiser, x_3, s_3, extra)) / s_3
+                w2, w3 = s_next / (3 * sig[0]), s_3 / (3 * sig[0])
+                slope = d * (1 - w2 - w3) + d_2 * w2 + d_3 * w3
+            x = torch.add(x, slope, alpha=dt)
+        x = _after(after_step, x, s_next, i == n - 1)
+    return x
 
 
 _ER_POINTS = 200  # the integrals' sample count (ER-SDE-Solver's reference code and ComfyUI's)

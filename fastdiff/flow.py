@@ -38,7 +38,8 @@ INFINITE_SIGMA = 1e10  # t = 1 in the sigma frame (t = 1 - 1e-10 to float64; 1.0
 TIME_CONVENTIONS = ("diffusers", "sit")
 
 # samplers that integrate a polynomial in sigma: the t frame (where d is the velocity); every other one: sigma frame
-T_FRAME_SAMPLERS = ("euler", "heun", "edm", "dpm_2", "lms", "plms", "ipndm", "ipndm_v", "gradient_estimation")
+T_FRAME_SAMPLERS = ("euler", "heun", "edm", "dpm_2", "lms", "plms", "ipndm", "ipndm_v", "gradient_estimation",
+                    "heunpp2")
 # (dpm_2_ancestral runs in the sigma frame: its ancestral noise needs it. Its midpoint step, a polynomial in sigma,
 # diverges from t = 1 (sigma = infinity), which the named sigma-frame grid never starts at.)
 REFUSED = {

@@ -33,7 +33,7 @@ import torch
 from .cfg_pp import (sample_dpmpp_2m_cfg_pp, sample_dpmpp_2s_ancestral_cfg_pp, sample_euler_ancestral_cfg_pp,
                      sample_euler_cfg_pp, sample_gradient_estimation_cfg_pp, sample_res_multistep_ancestral_cfg_pp,
                      sample_res_multistep_cfg_pp)
-from .comfy_samplers import (sample_er_sde, sample_gradient_estimation, sample_ipndm, sample_ipndm_v,
+from .comfy_samplers import (sample_er_sde, sample_gradient_estimation, sample_heunpp2, sample_ipndm, sample_ipndm_v,
                              sample_res_multistep, sample_res_multistep_ancestral)
 from .consistency import sample_lcm, sample_tcd
 from .ddpm import sample_ddpm
@@ -51,7 +51,7 @@ __all__ = [
     "sample_unipc", "sample_edm", "sample_plms", "sample_lms", "sample_lcm", "sample_dpm_2",
     "sample_dpm_2_ancestral", "sample_deis", "sample_dpmpp_sde", "sample_dpmpp_2s_ancestral", "sample_tcd",
     "sample_dpm_fast", "sample_ipndm", "sample_ipndm_v", "sample_gradient_estimation", "sample_res_multistep",
-    "sample_res_multistep_ancestral", "sample_er_sde", "sample_euler_cfg_pp", "sample_euler_ancestral_cfg_pp",
+    "sample_res_multistep_ancestral", "sample_heunpp2", "sample_er_sde", "sample_euler_cfg_pp", "sample_euler_ancestral_cfg_pp",
     "sample_dpmpp_2m_cfg_pp", "sample_dpmpp_2s_ancestral_cfg_pp", "sample_res_multistep_cfg_pp",
     "sample_res_multistep_ancestral_cfg_pp", "sample_gradient_estimation_cfg_pp",
     "invert_ddim",
@@ -623,6 +623,7 @@ SAMPLERS = {
     "gradient_estimation": sample_gradient_estimation,
     "res_multistep": sample_res_multistep,
     "res_multistep_ancestral": sample_res_multistep_ancestral,
+    "heunpp2": sample_heunpp2,
     "er_sde": sample_er_sde,
     # CFG++ (fastdiff.cfg_pp): they step with the unconditional prediction apart from the guided one
     "euler_cfg_pp": sample_euler_cfg_pp,

@@ -137,7 +137,7 @@ def test_registered_stochastic_and_in_the_flow_frames():
 
 
 @pytest.mark.parametrize("name", ["ipndm", "ipndm_v", "gradient_estimation", "res_multistep",
-                                  "res_multistep_ancestral", "er_sde"])
+                                  "res_multistep_ancestral", "er_sde", "heunpp2"])
 def test_pipelines_run_them_and_a_batch_equals_single_runs(name):
     """On a UNet and a flow model (from t = 1: sigma infinity in the sigma frame): finite, and a sample depends on
     its own seed only."""
@@ -301,3 +301,18 @@ def test_unguided_channels_keep_the_conditional_x0_on_both_sides():
     torch.testing.assert_close(uncond[:, 2:], 2.0 * x[:, 2:])
     torch.testing.assert_close(guided[:, :2], (0.5 + 3 * 1.5) * x[:, :2])
     torch.testing.assert_close(guided[:, 2:], 2.0 * x[:, 2:])
+
+
+@pytest.mark.parametrize("sigmas", [SIGMAS, UNEVEN, SIGMAS[:3] + [0.0], [14.6, 0.0]])
+@pytest.mark.parametrize("opts", [{}, dict(s_churn=2.0, s_noise=0.9), dict(s_churn=5.0, s_tmin=0.5, s_tmax=8.0)])
+def test_heunpp2_equals_comfyui(sigmas, opts):
+    """Heun++ against ComfyUI's code, churn included (the same draw per step on both sides)."""
+    sig = torch.tensor(sigmas, dtype=torch.float64)
+    x = start(sig)
+    draws = [torch.randn(x.shape, generator=torch.Generator().manual_seed(70 + i), dtype=torch.float64)
+             for i in range(len(sig))]
+    want = ref.heunpp2(analytic_denoiser, x.clone(), sig, draws=lambda i: draws[i], **opts)
+    got = SAMPLERS["heunpp2"](analytic_denoiser, x.clone(), sig, noise=lambda i, like: draws[i], **opts)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    if len(sig) > 3 and not opts:  # (not Heun's: the third evaluation and the weights count)
+        assert float((got - SAMPLERS["heun"](analytic_denoiser, x.clone(), sig)).abs().max()) > 1e-3
