@@ -13,6 +13,11 @@
 * ``heunpp2``: Heun++ (Carzit's sd-webui-samplers-scheduler): each step's slope a weighted mean of the slopes at
   its start and at the next one or two grid points (reached by Euler predictions), the weights the next sigmas over
   2 or 3 times the grid's first; Heun's at the second-to-last step, Euler's at the last; EDM's churn as ``euler``'s.
+* ``seeds_2`` / ``seeds_3``: SEEDS (Gonzalez et al. 2023, "SEEDS: exponential SDE solvers for fast high-quality
+  sampling from diffusion models", arXiv 2305.14267), stochastic exponential Runge-Kutta of 2 and 3 stages on the
+  data prediction in lambda (``eta``, ``s_noise``; seeds_2's ``r`` and ``solver_type`` "phi_1" / "phi_2", seeds_3's
+  ``r_1`` / ``r_2``), fresh noise at every stage carried through the step; ``exp_heun_2_x0`` (seeds_2 at r = 1,
+  eta 0, "phi_2": the exponential Heun method) and ``exp_heun_2_x0_sde`` (the same with noise).
 * ``er_sde``: the extended reverse-time SDE solver (Cui et al. 2023, "Elucidating the solution space of extended
   reverse-time SDE for diffusion models", arXiv 2309.06169; VP ER-SDE-Solver-3), with its default noise scale
   function lambda (e^(lambda^0.3) + 10) and 200-point integrals of it.
@@ -33,7 +38,8 @@ import torch
 from .sampler_base import _after, _ancestral, _call, _call_pair, _cb, _setup
 
 __all__ = ["sample_ipndm", "sample_ipndm_v", "sample_gradient_estimation", "sample_res_multistep",
-           "sample_res_multistep_ancestral", "sample_heunpp2", "sample_er_sde"]
+           "sample_res_multistep_ancestral", "sample_heunpp2", "sample_er_sde", "sample_seeds_2", "sample_seeds_3",
+           "sample_exp_heun_2_x0", "sample_exp_heun_2_x0_sde"]
 
 # the equal-step Adams-Bashforth weights of the current slope and the past ones, newest first
 _ADAMS_BASHFORTH = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12),
@@ -286,3 +292,132 @@ def sample_er_sde(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=
         old_denoised = denoised
         x = _after(after_step, x, lam_t, i == n - 1)
     return x
+
+
+# --------------------------------------------------------------------------------------------------
+# SEEDS (stochastic exponential Runge-Kutta on the data prediction; lambda = -log sigma)
+# --------------------------------------------------------------------------------------------------
+
+def _phi_1(h: float) -> float:
+    """h phi_1(h) = e^h - 1."""
+    return math.expm1(h)
+
+
+def _phi_2(h: float) -> float:
+    """h phi_2(h) = (e^h - 1 - h) / h."""
+    return (math.expm1(h) - h) / h
+
+
+def _seeds_stage(x, s, s_to, h_frac: float, eta: float, weighted):
+    """x carried from sigma s to s_to over lambda-step h_frac: (s_to / s) e^(-h_frac eta) x plus the data prediction
+    ``weighted`` (a combination of x0s) times 1 - e^(-h_frac (1 + eta))."""
+    return torch.add(x * (s_to / s * math.exp(-h_frac * eta)), weighted, alpha=-_phi_1(-h_frac * (eta + 1)))
+
+
+class _StageNoise:
+    """SEEDS' noise through a step's stages: each stage's draw joins the earlier ones decayed (one Brownian path),
+    added to x scaled by the stage's sigma."""
+
+    def __init__(self, noise, i: int, eta: float, s_noise: float):
+        self.noise, self.i, self.eta, self.s_noise = noise, i, eta, s_noise
+        self.carried = None
+        self.on = eta > 0 and s_noise > 0
+
+    def add(self, x, sigma: float, segment: float):
+        """``segment``: the stage's lambda-span times -1 (the decay exponent of what came before)."""
+        if not self.on:
+            return x
+        factor = segment * self.eta
+        fresh = self.noise(self.i, x) * math.sqrt(-math.expm1(2 * factor))
+        self.carried = fresh if self.carried is None else torch.add(fresh, self.carried, alpha=math.exp(factor))
+        return torch.add(x, self.carried, alpha=sigma * self.s_noise)
+
+
+@torch.no_grad()
+def sample_seeds_2(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=None, after_step=None,
+                   eta: float = 1.0, s_noise: float = 1.0, r: float = 0.5, solver_type: str = "phi_1"):
+    """SEEDS-2 (see the module doc)."""
+    from .errors import BadArgumentError
+
+    if solver_type not in ("phi_1", "phi_2"):
+        raise BadArgumentError(f"solver_type: expected 'phi_1' or 'phi_2', found {solver_type!r}")
+    if not 0 < r <= 1:
+        raise BadArgumentError(f"r: expected the intermediate point's fraction of the step in (0, 1], found {r!r}")
+    x, sig, extra, noise = _setup(x, sigmas, extra_args, noise)
+    n = len(sig) - 1
+    for i in range(n):
+        s, s_next = sig[i], sig[i + 1]
+        denoised = _call(denoiser, x, s, extra)
+        _cb(callback, x, i, s, s, denoised)
+        if s_next == 0 or s_next == s:  # (the data prediction; a zero-length step moves nothing)
+            x = _after(after_step, denoised if s_next == 0 else x, s_next, i == n - 1)
+            continue
+        h = math.log(s) - math.log(s_next)
+        h_eta = h * (eta + 1)
+        s_1 = s * math.exp(-r * h)
+        stages = _StageNoise(noise, i, eta, s_noise)
+        x_2 = stages.add(_seeds_stage(x, s, s_1, r * h, eta, denoised), s_1, -r * h)
+        denoised_2 = _call(denoiser, _after(after_step, x_2, s_1, False), s_1, extra)
+        if solver_type == "phi_1":
+            x = _seeds_stage(x, s, s_next, h, eta, torch.lerp(denoised, denoised_2, 1 / (2 * r)))
+        else:
+            b2 = _phi_2(-h_eta) / r
+            b1 = _phi_1(-h_eta) - b2
+            x = torch.add(x * (s_next / s * math.exp(-h * eta)), denoised, alpha=-b1)
+            x = torch.add(x, denoised_2, alpha=-b2)
+        x = stages.add(x, s_next, (r - 1) * h)
+        x = _after(after_step, x, s_next, i == n - 1)
+    return x
+
+
+@torch.no_grad()
+def sample_seeds_3(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=None, after_step=None,
+                   eta: float = 1.0, s_noise: float = 1.0, r_1: float = 1 / 3, r_2: float = 2 / 3):
+    """SEEDS-3 (see the module doc)."""
+    from .errors import BadArgumentError
+
+    if not 0 < r_1 < r_2 <= 1:
+        raise BadArgumentError(f"r_1 / r_2: expected 0 < r_1 < r_2 <= 1 (the stages' fractions of the step), found "
+                               f"{r_1!r} / {r_2!r}")
+    x, sig, extra, noise = _setup(x, sigmas, extra_args, noise)
+    n = len(sig) - 1
+    for i in range(n):
+        s, s_next = sig[i], sig[i + 1]
+        denoised = _call(denoiser, x, s, extra)
+        _cb(callback, x, i, s, s, denoised)
+        if s_next == 0 or s_next == s:  # (the data prediction; a zero-length step moves nothing)
+            x = _after(after_step, denoised if s_next == 0 else x, s_next, i == n - 1)
+            continue
+        h = math.log(s) - math.log(s_next)
+        h_eta = h * (eta + 1)
+        s_1, s_2 = s * math.exp(-r_1 * h), s * math.exp(-r_2 * h)
+        stages = _StageNoise(noise, i, eta, s_noise)
+        x_2 = stages.add(_seeds_stage(x, s, s_1, r_1 * h, eta, denoised), s_1, -r_1 * h)
+        denoised_2 = _call(denoiser, _after(after_step, x_2, s_1, False), s_1, extra)
+        a3_2 = r_2 / r_1 * _phi_2(-r_2 * h_eta)
+        a3_1 = _phi_1(-r_2 * h_eta) - a3_2
+        x_3 = torch.add(x * (s_2 / s * math.exp(-r_2 * h * eta)), denoised, alpha=-a3_1)
+        x_3 = stages.add(torch.add(x_3, denoised_2, alpha=-a3_2), s_2, (r_1 - r_2) * h)
+        denoised_3 = _call(denoiser, _after(after_step, x_3, s_2, False), s_2, extra)
+        b3 = _phi_2(-h_eta) / r_2
+        b1 = _phi_1(-h_eta) - b3
+        x = torch.add(x * (s_next / s * math.exp(-h * eta)), denoised, alpha=-b1)
+        x = stages.add(torch.add(x, denoised_3, alpha=-b3), s_next, (r_2 - 1) * h)
+        x = _after(after_step, x, s_next, i == n - 1)
+    return x
+
+
+@torch.no_grad()
+def sample_exp_heun_2_x0(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=None, after_step=None,
+                         solver_type: str = "phi_2"):
+    """The exponential Heun method on the data prediction: ``sample_seeds_2`` at r = 1 without noise."""
+    return sample_seeds_2(denoiser, x, sigmas, extra_args=extra_args, noise=noise, callback=callback,
+                          after_step=after_step, eta=0.0, s_noise=0.0, r=1.0, solver_type=solver_type)
+
+
+@torch.no_grad()
+def sample_exp_heun_2_x0_sde(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=None, after_step=None,
+                             eta: float = 1.0, s_noise: float = 1.0, solver_type: str = "phi_2"):
+    """The stochastic exponential Heun method: ``sample_seeds_2`` at r = 1."""
+    return sample_seeds_2(denoiser, x, sigmas, extra_args=extra_args, noise=noise, callback=callback,
+                          after_step=after_step, eta=eta, s_noise=s_noise, r=1.0, solver_type=solver_type)

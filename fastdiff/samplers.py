@@ -33,8 +33,9 @@ import torch
 from .cfg_pp import (sample_dpmpp_2m_cfg_pp, sample_dpmpp_2s_ancestral_cfg_pp, sample_euler_ancestral_cfg_pp,
                      sample_euler_cfg_pp, sample_gradient_estimation_cfg_pp, sample_res_multistep_ancestral_cfg_pp,
                      sample_res_multistep_cfg_pp)
-from .comfy_samplers import (sample_er_sde, sample_gradient_estimation, sample_heunpp2, sample_ipndm, sample_ipndm_v,
-                             sample_res_multistep, sample_res_multistep_ancestral)
+from .comfy_samplers import (sample_er_sde, sample_exp_heun_2_x0, sample_exp_heun_2_x0_sde, sample_gradient_estimation,
+                             sample_heunpp2, sample_ipndm, sample_ipndm_v, sample_res_multistep,
+                             sample_res_multistep_ancestral, sample_seeds_2, sample_seeds_3)
 from .consistency import sample_lcm, sample_tcd
 from .ddpm import sample_ddpm
 from .dpm_fast import sample_dpm_fast
@@ -51,7 +52,8 @@ __all__ = [
     "sample_unipc", "sample_edm", "sample_plms", "sample_lms", "sample_lcm", "sample_dpm_2",
     "sample_dpm_2_ancestral", "sample_deis", "sample_dpmpp_sde", "sample_dpmpp_2s_ancestral", "sample_tcd",
     "sample_dpm_fast", "sample_ipndm", "sample_ipndm_v", "sample_gradient_estimation", "sample_res_multistep",
-    "sample_res_multistep_ancestral", "sample_heunpp2", "sample_er_sde", "sample_euler_cfg_pp", "sample_euler_ancestral_cfg_pp",
+    "sample_res_multistep_ancestral", "sample_heunpp2", "sample_er_sde", "sample_seeds_2", "sample_seeds_3",
+    "sample_exp_heun_2_x0", "sample_exp_heun_2_x0_sde", "sample_euler_cfg_pp", "sample_euler_ancestral_cfg_pp",
     "sample_dpmpp_2m_cfg_pp", "sample_dpmpp_2s_ancestral_cfg_pp", "sample_res_multistep_cfg_pp",
     "sample_res_multistep_ancestral_cfg_pp", "sample_gradient_estimation_cfg_pp",
     "invert_ddim",
@@ -625,6 +627,10 @@ SAMPLERS = {
     "res_multistep_ancestral": sample_res_multistep_ancestral,
     "heunpp2": sample_heunpp2,
     "er_sde": sample_er_sde,
+    "seeds_2": sample_seeds_2,
+    "seeds_3": sample_seeds_3,
+    "exp_heun_2_x0": sample_exp_heun_2_x0,
+    "exp_heun_2_x0_sde": sample_exp_heun_2_x0_sde,
     # CFG++ (fastdiff.cfg_pp): they step with the unconditional prediction apart from the guided one
     "euler_cfg_pp": sample_euler_cfg_pp,
     "euler_ancestral_cfg_pp": sample_euler_ancestral_cfg_pp,
@@ -641,5 +647,6 @@ COUNTS_ALL_STEPS = frozenset({"dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "dpmpp_3m_
 
 # Samplers that draw noise (the others are deterministic given x).
 STOCHASTIC = frozenset({"ddpm", "euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde", "lcm", "dpm_2_ancestral",
-                        "dpmpp_sde", "dpmpp_2s_ancestral", "tcd", "res_multistep_ancestral", "er_sde",
+                        "dpmpp_sde", "dpmpp_2s_ancestral", "tcd", "res_multistep_ancestral", "er_sde", "seeds_2",
+                        "seeds_3", "exp_heun_2_x0_sde",
                         "euler_ancestral_cfg_pp", "dpmpp_2s_ancestral_cfg_pp", "res_multistep_ancestral_cfg_pp"})

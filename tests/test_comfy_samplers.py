@@ -71,7 +71,7 @@ def test_stochastic_samplers_equal_comfyui(name, reference, fd_opts, ref_opts, s
 
 
 @pytest.mark.parametrize("name,opts", [("res_multistep", {}), ("res_multistep_ancestral", {}),
-                                       ("res_multistep_cfg_pp", {}), ("er_sde", {})])
+                                       ("res_multistep_cfg_pp", {}), ("er_sde", {}), ("seeds_2", {}), ("seeds_3", {})])
 def test_float32_from_a_huge_first_sigma_keeps_its_digits(name, opts):
     """From sigma 1e10 (a flow model's t = 1 in the sigma frame) the float32 run stays with the float64 one: the
     first step is written as D + (sigma' / sigma)(x - D), which does not cancel."""
@@ -131,13 +131,15 @@ def test_the_orders_are_what_they_claim():
 def test_registered_stochastic_and_in_the_flow_frames():
     from fastdiff.flow import frame_for
 
-    assert {"res_multistep_ancestral", "er_sde"} <= STOCHASTIC and "res_multistep" not in STOCHASTIC
+    assert {"res_multistep_ancestral", "er_sde", "seeds_2", "seeds_3", "exp_heun_2_x0_sde"} <= STOCHASTIC
+    assert not {"res_multistep", "exp_heun_2_x0", "heunpp2"} & STOCHASTIC
     assert [frame_for(s) for s in ("ipndm", "ipndm_v", "gradient_estimation")] == ["t"] * 3  # (as ComfyUI runs them)
     assert [frame_for(s) for s in ("res_multistep", "res_multistep_ancestral", "er_sde")] == ["sigma"] * 3
 
 
 @pytest.mark.parametrize("name", ["ipndm", "ipndm_v", "gradient_estimation", "res_multistep",
-                                  "res_multistep_ancestral", "er_sde", "heunpp2"])
+                                  "res_multistep_ancestral", "er_sde", "heunpp2", "seeds_2", "seeds_3",
+                                  "exp_heun_2_x0"])
 def test_pipelines_run_them_and_a_batch_equals_single_runs(name):
     """On a UNet and a flow model (from t = 1: sigma infinity in the sigma frame): finite, and a sample depends on
     its own seed only."""
@@ -168,6 +170,10 @@ def test_bad_options_are_refused():
         pipe.generate(seed=1, steps=3, sampler="res_multistep_ancestral", eta=-1.0, progress=False)
     with pytest.raises(BadArgumentError, match="unknown option"):
         pipe.generate(seed=1, steps=3, sampler="gradient_estimation", eta=1.0, progress=False)
+    with pytest.raises(BadArgumentError, match="solver_type: expected 'phi_1' or 'phi_2'"):
+        pipe.generate(seed=1, steps=3, sampler="seeds_2", solver_type="midpoint", progress=False)
+    with pytest.raises(BadArgumentError, match="expected 0 < r_1 < r_2 <= 1"):
+        pipe.generate(seed=1, steps=3, sampler="seeds_3", r_1=0.7, r_2=0.5, progress=False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -316,3 +322,38 @@ def test_heunpp2_equals_comfyui(sigmas, opts):
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     if len(sig) > 3 and not opts:  # (not Heun's: the third evaluation and the weights count)
         assert float((got - SAMPLERS["heun"](analytic_denoiser, x.clone(), sig)).abs().max()) > 1e-3
+
+
+class InOrder:
+    """Draws taken in call order on both sides (SEEDS draws at every stage: up to three a step)."""
+
+    def __init__(self, like, count=40):
+        self.draws = [torch.randn(like.shape, generator=torch.Generator().manual_seed(80 + k), dtype=like.dtype)
+                      for k in range(count)]
+        self.taken = 0
+
+    def __call__(self, *_):
+        self.taken += 1
+        return self.draws[self.taken - 1]
+
+
+@pytest.mark.parametrize("sigmas", [SIGMAS, UNEVEN])
+@pytest.mark.parametrize("name,reference,fd_opts,ref_opts", [
+    ("seeds_2", ref.seeds_2, {}, {}),
+    ("seeds_2", ref.seeds_2, dict(solver_type="phi_2", r=0.4, eta=0.7, s_noise=0.9),
+     dict(solver_type="phi_2", r=0.4, eta=0.7, s_noise=0.9)),
+    ("seeds_2", ref.seeds_2, dict(eta=0.0), dict(eta=0.0)),
+    ("seeds_3", ref.seeds_3, {}, {}),
+    ("seeds_3", ref.seeds_3, dict(r_1=0.25, r_2=0.6, eta=0.5), dict(r_1=0.25, r_2=0.6, eta=0.5)),
+    ("exp_heun_2_x0", ref.seeds_2, {}, dict(eta=0.0, s_noise=0.0, r=1.0, solver_type="phi_2")),
+    ("exp_heun_2_x0_sde", ref.seeds_2, {}, dict(r=1.0, solver_type="phi_2")),
+])
+def test_seeds_equal_comfyui(name, reference, fd_opts, ref_opts, sigmas):
+    sig = torch.tensor(sigmas, dtype=torch.float64)
+    x = start(sig)
+    noise_ref, noise_fd = InOrder(x), InOrder(x)
+    want = reference(analytic_denoiser, x.clone(), sig, noise_ref, **ref_opts)
+    got = SAMPLERS[name](analytic_denoiser, x.clone(), sig, noise=noise_fd, **fd_opts)
+    assert noise_fd.taken == noise_ref.taken
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert float((got - x).abs().max()) > 0.1
