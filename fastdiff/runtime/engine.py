@@ -337,6 +337,12 @@ class Engine:
             rows["control_mask"] = masks[0].clone()
         return rows, height, width
 
+    def _guides(self, sampler, cfg_scale: float) -> bool:
+        """Whether generate() makes the unconditional pass for a request (``Pipeline.guides``: cfg != 1, or a CFG++
+        sampler where the model has an unconditional input); a pipe without that rule: cfg != 1."""
+        guides = getattr(self.pipe, "guides", None)
+        return guides(sampler, cfg_scale) if guides is not None else cfg_scale != 1.0
+
     def _encode_prompt(self, prompt, negative_prompt, cfg_scale, sampler, options: dict, extra_prompts: dict,
                        given: dict) -> dict:
         """One request's text tensors (rows, as submit takes them) from its prompt."""
@@ -349,8 +355,7 @@ class Engine:
         stray = sorted(k for k, v in given.items() if v is not None)
         if stray:
             raise BadArgumentError(f"prompt: expected a prompt or encoded text, not both; found prompt and {stray}")
-        cfg_scale = finite_number("cfg_scale", cfg_scale)  # (a CFG++ sampler's unconditional pass: at scale 1 too)
-        guided = self.pipe.guides(sampler, cfg_scale) if hasattr(self.pipe, "guides") else cfg_scale != 1.0
+        guided = self._guides(sampler, finite_number("cfg_scale", cfg_scale))
         text = self.pipe.encode_prompt(prompt, negative_prompt, guided=guided, clip_skip=options.pop("clip_skip", None),
                                        max_sequence_length=options.pop("max_sequence_length", None), **extra_prompts)
         return {k: v[0] for k, v in text.items()}
@@ -499,9 +504,7 @@ class Engine:
             if nehs.shape != ehs.shape:
                 raise BadArgumentError(f"negative_encoder_hidden_states: expected the shape of encoder_hidden_states "
                                        f"{tuple(ehs.shape)}, found {tuple(nehs.shape)}")
-        # guided: whether generate() makes the unconditional pass for it (cfg != 1, or a CFG++ sampler where the model
-        # has an unconditional input): requests that differ there never share a batch
-        guided = self.pipe.guides(sampler, cfg_scale) if hasattr(self.pipe, "guides") else cfg_scale != 1.0
+        guided = self._guides(sampler, cfg_scale)  # (requests that differ there never share a batch)
         params = dict(steps=steps, sampler=sampler, schedule=schedule, height=height,
                       width=width, options=options, options_key=options_key, guided=guided)
         added = {k: own_copy(check_row(k, v)) for k, v in added.items() if v is not None}
