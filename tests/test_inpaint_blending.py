@@ -159,8 +159,13 @@ def test_every_sampler_hands_each_steps_state_through_after_step(name):
     assert len([c for c in calls if not c[1]]) >= len(grid) - 2 and calls[-1] == (grid[-1], True)
     assert [c for c in calls if c[1]] == [calls[-1]]
     # (diffusers' two-stage schedulers' midpoints at the step's end sigma; dpmpp_2s_ancestral's at its own, which at
-    # eta = 1 is the step's end too)
-    assert all(any(abs(sigma - g) <= 1e-9 * g for g in grid) for sigma, _ in calls)
+    # eta = 1 is the step's end too; SEEDS' stages, which no diffusers scheduler has, at their own noise levels, where
+    # the known region is pasted as ComfyUI blends it at every network call: inside the step)
+    on_grid = [any(abs(sigma - g) <= 1e-9 * g for g in grid) for sigma, _ in calls]
+    if name in ("seeds_2", "seeds_3"):
+        assert all(grid[-1] <= sigma <= grid[0] for sigma, _ in calls) and sum(on_grid) >= len(grid) - 1
+    else:
+        assert all(on_grid)
     # every state handed on before the end is what the next network evaluation reads
     assert all(any(t is h for t in seen) for h in handed[:-1])
 
