@@ -333,6 +333,28 @@ class _StageNoise:
         return torch.add(x, self.carried, alpha=sigma * self.s_noise)
 
 
+def _seeds_run(denoiser, x, sigmas, extra_args, noise, callback, after_step, eta: float, s_noise: float, stages):
+    """The SEEDS loop: each step from sigma s to s' > 0 runs ``stages(call, x, s, s', h, D, noise)`` (h: the step in
+    lambda, D the x0 at s; ``call(x, sigma)``: the network on a stage's state, handed through ``after_step`` first);
+    a step to 0 lands on D, a zero-length one moves nothing."""
+    x, sig, extra, noise = _setup(x, sigmas, extra_args, noise)
+    n = len(sig) - 1
+    for i in range(n):
+        s, s_next = sig[i], sig[i + 1]
+        denoised = _call(denoiser, x, s, extra)
+        _cb(callback, x, i, s, s, denoised)
+        if s_next != 0 and s_next != s:
+            def call(state, sigma):
+                return _call(denoiser, _after(after_step, state, sigma, False), sigma, extra)
+
+            h = math.log(s) - math.log(s_next)
+            x = stages(call, x, s, s_next, h, denoised, _StageNoise(noise, i, eta, s_noise))
+        elif s_next == 0:
+            x = denoised
+        x = _after(after_step, x, s_next, i == n - 1)
+    return x
+
+
 @torch.no_grad()
 def sample_seeds_2(denoiser, x, sigmas, *, extra_args=None, noise=None, callback=None, after_step=None,
                    eta: float = 1.0, s_noise: float = 1.0, r: float = 0.5, solver_type: str = "phi_1"):
@@ -343,21 +365,10 @@ def sample_seeds_2(denoiser, x, sigmas, *, extra_args=None, noise=None, callback
         raise BadArgumentError(f"solver_type: expected 'phi_1' or 'phi_2', found {solver_type!r}")
     if not 0 < r <= 1:
         raise BadArgumentError(f"r: expected the intermediate point's fraction of the step in (0, 1], found {r!r}")
-    x, sig, extra, noise = _setup(x, sigmas, extra_args, noise)
-    n = len(sig) - 1
-    for i in range(n):
-        s, s_next = sig[i], sig[i + 1]
-        denoised = _call(denoiser, x, s, extra)
-        _cb(callback, x, i, s, s, denoised)
-        if s_next == 0 or s_next == s:  # (the data prediction; a zero-length step moves nothing)
-            x = _after(after_step, denoised if s_next == 0 else x, s_next, i == n - 1)
-            continue
-        h = math.log(s) - math.log(s_next)
-        h_eta = h * (eta + 1)
-        s_1 = s * math.exp(-r * h)
-        stages = _StageNoise(noise, i, eta, s_noise)
-        x_2 = stages.add(_seeds_stage(x, s, s_1, r * h, eta, denoised), s_1, -r * h)
-        denoised_2 = _call(denoiser, _after(after_step, x_2, s_1, False), s_1, extra)
+
+    def stages(call, x, s, s_next, h, denoised, noise):
+        h_eta, s_1 = h * (eta + 1), s * math.exp(-r * h)
+        denoised_2 = call(noise.add(_seeds_stage(x, s, s_1, r * h, eta, denoised), s_1, -r * h), s_1)
         if solver_type == "phi_1":
             x = _seeds_stage(x, s, s_next, h, eta, torch.lerp(denoised, denoised_2, 1 / (2 * r)))
         else:
@@ -365,9 +376,9 @@ def sample_seeds_2(denoiser, x, sigmas, *, extra_args=None, noise=None, callback
             b1 = _phi_1(-h_eta) - b2
             x = torch.add(x * (s_next / s * math.exp(-h * eta)), denoised, alpha=-b1)
             x = torch.add(x, denoised_2, alpha=-b2)
-        x = stages.add(x, s_next, (r - 1) * h)
-        x = _after(after_step, x, s_next, i == n - 1)
-    return x
+        return noise.add(x, s_next, (r - 1) * h)
+
+    return _seeds_run(denoiser, x, sigmas, extra_args, noise, callback, after_step, eta, s_noise, stages)
 
 
 @torch.no_grad()
@@ -379,32 +390,21 @@ def sample_seeds_3(denoiser, x, sigmas, *, extra_args=None, noise=None, callback
     if not 0 < r_1 < r_2 <= 1:
         raise BadArgumentError(f"r_1 / r_2: expected 0 < r_1 < r_2 <= 1 (the stages' fractions of the step), found "
                                f"{r_1!r} / {r_2!r}")
-    x, sig, extra, noise = _setup(x, sigmas, extra_args, noise)
-    n = len(sig) - 1
-    for i in range(n):
-        s, s_next = sig[i], sig[i + 1]
-        denoised = _call(denoiser, x, s, extra)
-        _cb(callback, x, i, s, s, denoised)
-        if s_next == 0 or s_next == s:  # (the data prediction; a zero-length step moves nothing)
-            x = _after(after_step, denoised if s_next == 0 else x, s_next, i == n - 1)
-            continue
-        h = math.log(s) - math.log(s_next)
+
+    def stages(call, x, s, s_next, h, denoised, noise):
         h_eta = h * (eta + 1)
         s_1, s_2 = s * math.exp(-r_1 * h), s * math.exp(-r_2 * h)
-        stages = _StageNoise(noise, i, eta, s_noise)
-        x_2 = stages.add(_seeds_stage(x, s, s_1, r_1 * h, eta, denoised), s_1, -r_1 * h)
-        denoised_2 = _call(denoiser, _after(after_step, x_2, s_1, False), s_1, extra)
+        denoised_2 = call(noise.add(_seeds_stage(x, s, s_1, r_1 * h, eta, denoised), s_1, -r_1 * h), s_1)
         a3_2 = r_2 / r_1 * _phi_2(-r_2 * h_eta)
         a3_1 = _phi_1(-r_2 * h_eta) - a3_2
         x_3 = torch.add(x * (s_2 / s * math.exp(-r_2 * h * eta)), denoised, alpha=-a3_1)
-        x_3 = stages.add(torch.add(x_3, denoised_2, alpha=-a3_2), s_2, (r_1 - r_2) * h)
-        denoised_3 = _call(denoiser, _after(after_step, x_3, s_2, False), s_2, extra)
+        denoised_3 = call(noise.add(torch.add(x_3, denoised_2, alpha=-a3_2), s_2, (r_1 - r_2) * h), s_2)
         b3 = _phi_2(-h_eta) / r_2
         b1 = _phi_1(-h_eta) - b3
         x = torch.add(x * (s_next / s * math.exp(-h * eta)), denoised, alpha=-b1)
-        x = stages.add(torch.add(x, denoised_3, alpha=-b3), s_next, (r_2 - 1) * h)
-        x = _after(after_step, x, s_next, i == n - 1)
-    return x
+        return noise.add(torch.add(x, denoised_3, alpha=-b3), s_next, (r_2 - 1) * h)
+
+    return _seeds_run(denoiser, x, sigmas, extra_args, noise, callback, after_step, eta, s_noise, stages)
 
 
 @torch.no_grad()

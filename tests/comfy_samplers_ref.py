@@ -323,6 +323,29 @@ def _ei_h_phi_2(h):
     return (torch.expm1(h) - h) / h
 
 
+def _seeds_first_stage(x, sigmas, i, r, eta, s_noise, noise_sampler, denoised, inject_noise):
+    """Both ComfyUI SEEDS functions' step prelude and first stage (their lines, shared here): (h, h_eta, alpha_t, the
+    first stage's state and sigma, its noise)."""
+    lambda_s, lambda_t = sigmas[i].log().neg(), sigmas[i + 1].log().neg()
+    h = lambda_t - lambda_s
+    h_eta = h * (eta + 1)
+    lambda_s_1 = torch.lerp(lambda_s, lambda_t, r)
+    sigma_s_1 = lambda_s_1.neg().exp()
+    alpha_s_1 = sigma_s_1 * lambda_s_1.exp()
+    alpha_t = sigmas[i + 1] * lambda_t.exp()
+    x_2 = sigma_s_1 / sigmas[i] * (-r * h * eta).exp() * x - alpha_s_1 * _ei_h_phi_1(-r * h_eta) * denoised
+    sde_noise = None
+    if inject_noise:
+        sde_noise = (-2 * r * h * eta).expm1().neg().sqrt() * noise_sampler(sigmas[i], sigma_s_1)
+        x_2 = x_2 + sde_noise * sigma_s_1 * s_noise
+    return h, h_eta, alpha_t, x_2, sigma_s_1, sde_noise
+
+
+def _carry_noise(sde_noise, segment_factor, noise_sampler, sigma_from, sigma_to):
+    sde_noise = sde_noise * segment_factor.exp()
+    return sde_noise + segment_factor.mul(2).expm1().neg().sqrt() * noise_sampler(sigma_from, sigma_to)
+
+
 def seeds_2(model, x, sigmas, noise_sampler, eta=1.0, s_noise=1.0, r=0.5, solver_type="phi_1"):
     """ComfyUI's ``sample_seeds_2`` for alpha = 1 models (half log-SNR -log sigma, no flow offset)."""
     s_in = x.new_ones([x.shape[0]])
@@ -333,17 +356,8 @@ def seeds_2(model, x, sigmas, noise_sampler, eta=1.0, s_noise=1.0, r=0.5, solver
         if sigmas[i + 1] == 0:
             x = denoised
             continue
-        lambda_s, lambda_t = sigmas[i].log().neg(), sigmas[i + 1].log().neg()
-        h = lambda_t - lambda_s
-        h_eta = h * (eta + 1)
-        lambda_s_1 = torch.lerp(lambda_s, lambda_t, r)
-        sigma_s_1 = lambda_s_1.neg().exp()
-        alpha_s_1 = sigma_s_1 * lambda_s_1.exp()
-        alpha_t = sigmas[i + 1] * lambda_t.exp()
-        x_2 = sigma_s_1 / sigmas[i] * (-r * h * eta).exp() * x - alpha_s_1 * _ei_h_phi_1(-r * h_eta) * denoised
-        if inject_noise:
-            sde_noise = (-2 * r * h * eta).expm1().neg().sqrt() * noise_sampler(sigmas[i], sigma_s_1)
-            x_2 = x_2 + sde_noise * sigma_s_1 * s_noise
+        h, h_eta, alpha_t, x_2, sigma_s_1, sde_noise = _seeds_first_stage(x, sigmas, i, r, eta, s_noise,
+                                                                           noise_sampler, denoised, inject_noise)
         denoised_2 = model(x_2, sigma_s_1 * s_in)
         if solver_type == "phi_1":
             denoised_d = torch.lerp(denoised, denoised_2, fac)
@@ -353,9 +367,7 @@ def seeds_2(model, x, sigmas, noise_sampler, eta=1.0, s_noise=1.0, r=0.5, solver
             b1 = _ei_h_phi_1(-h_eta) - b2
             x = sigmas[i + 1] / sigmas[i] * (-h * eta).exp() * x - alpha_t * (b1 * denoised + b2 * denoised_2)
         if inject_noise:
-            segment_factor = (r - 1) * h * eta
-            sde_noise = sde_noise * segment_factor.exp()
-            sde_noise = sde_noise + segment_factor.mul(2).expm1().neg().sqrt() * noise_sampler(sigma_s_1, sigmas[i + 1])
+            sde_noise = _carry_noise(sde_noise, (r - 1) * h * eta, noise_sampler, sigma_s_1, sigmas[i + 1])
             x = x + sde_noise * sigmas[i + 1] * s_noise
     return x
 
@@ -369,35 +381,23 @@ def seeds_3(model, x, sigmas, noise_sampler, eta=1.0, s_noise=1.0, r_1=1. / 3, r
         if sigmas[i + 1] == 0:
             x = denoised
             continue
-        lambda_s, lambda_t = sigmas[i].log().neg(), sigmas[i + 1].log().neg()
-        h = lambda_t - lambda_s
-        h_eta = h * (eta + 1)
-        lambda_s_1 = torch.lerp(lambda_s, lambda_t, r_1)
-        lambda_s_2 = torch.lerp(lambda_s, lambda_t, r_2)
-        sigma_s_1, sigma_s_2 = lambda_s_1.neg().exp(), lambda_s_2.neg().exp()
-        alpha_s_1 = sigma_s_1 * lambda_s_1.exp()
+        h, h_eta, alpha_t, x_2, sigma_s_1, sde_noise = _seeds_first_stage(x, sigmas, i, r_1, eta, s_noise,
+                                                                           noise_sampler, denoised, inject_noise)
+        lambda_s_2 = torch.lerp(sigmas[i].log().neg(), sigmas[i + 1].log().neg(), r_2)
+        sigma_s_2 = lambda_s_2.neg().exp()
         alpha_s_2 = sigma_s_2 * lambda_s_2.exp()
-        alpha_t = sigmas[i + 1] * lambda_t.exp()
-        x_2 = sigma_s_1 / sigmas[i] * (-r_1 * h * eta).exp() * x - alpha_s_1 * _ei_h_phi_1(-r_1 * h_eta) * denoised
-        if inject_noise:
-            sde_noise = (-2 * r_1 * h * eta).expm1().neg().sqrt() * noise_sampler(sigmas[i], sigma_s_1)
-            x_2 = x_2 + sde_noise * sigma_s_1 * s_noise
         denoised_2 = model(x_2, sigma_s_1 * s_in)
         a3_2 = r_2 / r_1 * _ei_h_phi_2(-r_2 * h_eta)
         a3_1 = _ei_h_phi_1(-r_2 * h_eta) - a3_2
         x_3 = sigma_s_2 / sigmas[i] * (-r_2 * h * eta).exp() * x - alpha_s_2 * (a3_1 * denoised + a3_2 * denoised_2)
         if inject_noise:
-            segment_factor = (r_1 - r_2) * h * eta
-            sde_noise = sde_noise * segment_factor.exp()
-            sde_noise = sde_noise + segment_factor.mul(2).expm1().neg().sqrt() * noise_sampler(sigma_s_1, sigma_s_2)
+            sde_noise = _carry_noise(sde_noise, (r_1 - r_2) * h * eta, noise_sampler, sigma_s_1, sigma_s_2)
             x_3 = x_3 + sde_noise * sigma_s_2 * s_noise
         denoised_3 = model(x_3, sigma_s_2 * s_in)
         b3 = _ei_h_phi_2(-h_eta) / r_2
         b1 = _ei_h_phi_1(-h_eta) - b3
         x = sigmas[i + 1] / sigmas[i] * (-h * eta).exp() * x - alpha_t * (b1 * denoised + b3 * denoised_3)
         if inject_noise:
-            segment_factor = (r_2 - 1) * h * eta
-            sde_noise = sde_noise * segment_factor.exp()
-            sde_noise = sde_noise + segment_factor.mul(2).expm1().neg().sqrt() * noise_sampler(sigma_s_2, sigmas[i + 1])
+            sde_noise = _carry_noise(sde_noise, (r_2 - 1) * h * eta, noise_sampler, sigma_s_2, sigmas[i + 1])
             x = x + sde_noise * sigmas[i + 1] * s_noise
     return x
