@@ -22,10 +22,10 @@
   reverse-time SDE for diffusion models", arXiv 2309.06169; VP ER-SDE-Solver-3), with its default noise scale
   function lambda (e^(lambda^0.3) + 10) and 200-point integrals of it.
 
-Each ends with x = D at a step to sigma 0 (``ipndm`` / ``ipndm_v`` / ``gradient_estimation`` / ``er_sde``; RES's
-Euler step lands there too). Every coefficient is a host float worked out from the grid before the network runs; the
-loops never read the device. ComfyUI's CFG++ variants (``*_cfg_pp``) need the unconditional prediction apart from the
-guided one, which fastdiff's guidance does not hand to a sampler: not provided.
+Each ends with x = D at a step to sigma 0 (RES's and Heun++'s Euler steps land there too). Every coefficient is a host
+float worked out from the grid before the network runs; the loops never read the device. ComfyUI's CFG++ variants
+(``*_cfg_pp``) are in ``fastdiff.cfg_pp``: ``res_multistep`` and ``gradient_estimation`` here take their ``cfg_pp``
+flag, as ComfyUI's own functions do.
 """
 
 from __future__ import annotations
