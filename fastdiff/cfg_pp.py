@@ -6,9 +6,9 @@
 Where classifier-free guidance steps from x toward the guided x0 along the guided noise, CFG++ lands on the guided
 x0 and re-noises with the *unconditional* prediction's noise: Euler's step is x' = D_guided + sigma' (x - D_uncond) /
 sigma. Every step needs both predictions apart, which ``CFGDenoiser.denoise_pair_at`` returns from its one batched
-call (``sampler_base._call_pair``). As in ComfyUI, the unconditional pass runs at any scale, 1 included (the Pipeline
-guides whenever one of these samplers is asked for); with no unconditional input at all (an unconditional model),
-both predictions are the conditional one and the samplers are their plain forms. The guidance scale is the usual
+call (``sampler_base._call_pair``). As in ComfyUI, the unconditional pass runs at any scale, 1 included
+(``Pipeline.guides``, which the Engine, the CLI and ``bench`` ask too); with no unconditional input at all (an
+unconditional model), both predictions are the conditional one and the samplers are their plain forms. The guidance scale is the usual
 one (CFG++'s lambda is ComfyUI's cfg: small values, 0.5-2, are typical).
 
 The steps are written for the variance-exploding state (x = x0 + sigma eps); on a flow-matching model they run in
@@ -25,9 +25,8 @@ from .comfy_samplers import gradient_estimation, res_multistep
 from .sampler_base import _after, _ancestral, _call_pair, _cb, _setup
 
 __all__ = ["CFG_PP_SAMPLERS", "guides", "sample_euler_cfg_pp", "sample_euler_ancestral_cfg_pp",
-           "sample_dpmpp_2m_cfg_pp",
-           "sample_dpmpp_2s_ancestral_cfg_pp", "sample_res_multistep_cfg_pp", "sample_res_multistep_ancestral_cfg_pp",
-           "sample_gradient_estimation_cfg_pp"]
+           "sample_dpmpp_2m_cfg_pp", "sample_dpmpp_2s_ancestral_cfg_pp", "sample_res_multistep_cfg_pp",
+           "sample_res_multistep_ancestral_cfg_pp", "sample_gradient_estimation_cfg_pp"]
 
 
 @torch.no_grad()
