@@ -8,8 +8,8 @@ x0 and re-noises with the *unconditional* prediction's noise: Euler's step is x'
 sigma. Every step needs both predictions apart, which ``CFGDenoiser.denoise_pair_at`` returns from its one batched
 call (``sampler_base._call_pair``). As in ComfyUI, the unconditional pass runs at any scale, 1 included
 (``Pipeline.guides``, which the Engine, the CLI and ``bench`` ask too); with no unconditional input at all (an
-unconditional model), both predictions are the conditional one and the samplers are their plain forms. The guidance scale is the usual
-one (CFG++'s lambda is ComfyUI's cfg: small values, 0.5-2, are typical).
+unconditional model), both predictions are the conditional one and the samplers are their plain forms. The guidance
+scale is the usual one (CFG++'s lambda is ComfyUI's cfg: small values, 0.5-2, are typical).
 
 The steps are written for the variance-exploding state (x = x0 + sigma eps); on a flow-matching model they run in
 the sigma frame (``fastdiff.flow``), where ComfyUI's rectified-flow forms of the Euler ones are the same arithmetic.
